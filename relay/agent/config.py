@@ -1,0 +1,190 @@
+"""The agent's configuration file, typed and validated at load time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal, cast
+
+from relay.config import (
+    RESERVED_SERVICE_NAMES,
+    Address,
+    Backoff,
+    Reader,
+    TlsFiles,
+    TunnelLimits,
+    check_ae_title,
+    check_host,
+    check_name,
+    open_config,
+    read_backoff,
+    read_limits,
+    read_log_level,
+    read_tls,
+)
+
+__all__ = [
+    "DEFAULT_MOVE_LISTEN",
+    "AgentConfig",
+    "PacsConfig",
+    "PkiFiles",
+    "ServiceConfig",
+    "load_agent_config",
+]
+
+Retrieve = Literal["get", "move"]
+
+
+# Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
+DEFAULT_MOVE_LISTEN = Address("127.0.0.1", 0)
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """The PACS the agent queries and retrieves from.
+
+    `retrieve` "move" makes the agent ask the PACS for a C-MOVE to `move_ae_title`, which
+    the agent's own storage SCP answers on `move_listen` (the PACS must know that AE
+    title and address). With "get", `move_listen` is None unless set. `timeout` is
+    seconds for connecting and for each DIMSE reply.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "RELAY"
+    retrieve: Retrieve = "get"
+    move_ae_title: str = "RELAYAGENT"
+    move_listen: Address | None = DEFAULT_MOVE_LISTEN
+    timeout: float = 30.0
+
+    @property
+    def address(self) -> Address:
+        """The PACS's DICOM endpoint."""
+        return Address(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A TCP service inside the hospital that devices may reach by `name`.
+
+    With `compress`, both ends (agent and workstation) zstd-compress the service's
+    streams; the gateway passes bytes on either way.
+    """
+
+    name: str
+    address: Address
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class PkiFiles:
+    """The site CA that signs device certificates (its key never leaves the agent)."""
+
+    ca_cert: Path
+    ca_key: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `relay agent` needs; see config/agent.yaml for the keys.
+
+    `pki` None: the agent neither enrolls nor renews devices. `pacs` None: no DICOM,
+    only `services`. `state_dir` is resolved but not created (the agent creates it).
+    Durations are seconds.
+    """
+
+    path: Path
+    site: str
+    gateways: tuple[Address, ...]
+    tls: TlsFiles
+    pki: PkiFiles | None
+    state_dir: Path
+    metrics_listen: Address | None
+    pacs: PacsConfig | None
+    services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
+    limits: TunnelLimits = field(default_factory=TunnelLimits)
+    reconnect: Backoff = field(default_factory=Backoff)
+    resolve_interval: float = 30.0
+    compression_level: int = 3
+    drain_grace: float = 30.0
+    log_level: str = "info"
+
+
+def _read_pacs(r: Reader) -> PacsConfig | None:
+    s = r.optional_section("pacs")
+    if s is None:
+        return None
+    retrieve = cast(Retrieve, s.choice("retrieve", ("get", "move"), "get"))
+    if retrieve == "move":
+        move_listen: Address | None = s.address("move_listen", DEFAULT_MOVE_LISTEN, listen=True)
+    else:
+        move_listen = s.optional_address("move_listen", listen=True)
+    return PacsConfig(
+        ae_title=s.text("ae_title", check=check_ae_title),
+        host=s.text("host", check=check_host),
+        port=s.integer("port", lo=1, hi=65535),
+        calling_ae_title=s.text("calling_ae_title", "RELAY", check=check_ae_title),
+        retrieve=retrieve,
+        move_ae_title=s.text("move_ae_title", "RELAYAGENT", check=check_ae_title),
+        move_listen=move_listen,
+        timeout=s.duration("timeout", 30.0, hi=3600.0, above_lo=True),
+    )
+
+
+def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
+    s = r.section("services")
+    services: dict[str, ServiceConfig] = {}
+    for name in s.present_keys():
+        try:
+            check_name(name, "a service name")
+        except ValueError as exc:
+            raise s.error(name, str(exc)) from None
+        if name in RESERVED_SERVICE_NAMES:
+            raise s.error(name, f"{name!r} is reserved for the DICOM stream target")
+        if isinstance(s.raw(name), dict):
+            entry = s.section(name)
+            service = ServiceConfig(
+                name, entry.address("address"), entry.boolean("compress", False)
+            )
+        else:
+            service = ServiceConfig(name, s.address(name))
+        services[name] = service
+    return MappingProxyType(services)
+
+
+def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Load and check an agent config file; raises relay.config.ConfigError."""
+    r = open_config(path)
+    site = r.text("site", check=lambda v: check_name(v, "a site name"))
+    gateways = r.addresses("gateways", min_len=1)
+    tls = read_tls(r)
+    pki_section = r.optional_section("pki")
+    pki = None
+    if pki_section is not None:
+        pki = PkiFiles(
+            ca_cert=pki_section.existing_file("ca_cert"),
+            ca_key=pki_section.existing_file("ca_key"),
+        )
+    config = AgentConfig(
+        path=Path(os.path.abspath(path)),
+        site=site,
+        gateways=gateways,
+        tls=tls,
+        pki=pki,
+        state_dir=r.path("state_dir"),
+        metrics_listen=r.optional_address("metrics_listen", listen=True),
+        pacs=_read_pacs(r),
+        services=_read_services(r),
+        limits=read_limits(r),
+        reconnect=read_backoff(r),
+        resolve_interval=r.duration("resolve_interval", 30.0, lo=1.0, hi=86400.0),
+        compression_level=r.integer("compression_level", 3, lo=1, hi=19),
+        drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
+        log_level=read_log_level(r),
+    )
+    r.done()
+    return config

@@ -1,0 +1,168 @@
+"""The workstation's configuration file, typed and validated at load time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from relay.config import (
+    RESERVED_SERVICE_NAMES,
+    Address,
+    Backoff,
+    ConfigError,
+    Reader,
+    TlsFiles,
+    TunnelLimits,
+    check_ae_title,
+    check_name,
+    open_config,
+    parse_address,
+    read_backoff,
+    read_limits,
+    read_log_level,
+)
+
+__all__ = [
+    "IDENTITY_FILES",
+    "DicomNodeConfig",
+    "WorkstationConfig",
+    "load_workstation_config",
+]
+
+# What `relay enroll` and `relay pki issue` write into the identity directory.
+IDENTITY_FILES = ("device.crt", "device.key", "ca.crt")
+
+_LOOPBACK_ONLY = (
+    "must be a loopback address (127.0.0.1, [::1] or localhost): whoever reaches it "
+    "reaches the hospital with this device's identity"
+)
+
+
+@dataclass(frozen=True)
+class DicomNodeConfig:
+    """The local DICOM node that viewers talk to.
+
+    `destinations` maps C-MOVE destination AE titles to DICOM nodes on this PC.
+    """
+
+    listen: Address
+    ae_title: str = "RELAY"
+    destinations: Mapping[str, Address] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class WorkstationConfig:
+    """Everything `relay workstation` needs; see config/workstation.yaml for the keys.
+
+    `dicom` None: no local DICOM node. `forward` maps a local listen address to the
+    name of a service the agent allows. Durations are seconds.
+    """
+
+    path: Path
+    gateway: Address
+    identity_dir: Path
+    metrics_listen: Address | None
+    dicom: DicomNodeConfig | None
+    forward: Mapping[Address, str] = field(default_factory=lambda: MappingProxyType({}))
+    limits: TunnelLimits = field(default_factory=TunnelLimits)
+    reconnect: Backoff = field(default_factory=Backoff)
+    drain_grace: float = 30.0
+    log_level: str = "info"
+
+    def identity_files(self) -> TlsFiles:
+        """The device's certificate, key and the pinned site CA in `identity_dir`."""
+        cert, key, ca = (self.identity_dir / name for name in IDENTITY_FILES)
+        return TlsFiles(cert=cert, key=key, ca=ca)
+
+
+def _read_identity_dir(r: Reader) -> Path:
+    directory = r.path("identity_dir")
+    for name in IDENTITY_FILES:
+        if not (directory / name).is_file():
+            raise r.error(
+                "identity_dir",
+                f"{name} not found in {directory} (enroll first: relay enroll CODE "
+                f"--dir {directory})",
+            )
+    return directory
+
+
+def _check_loopback(s: Reader, name: str, address: Address) -> Address:
+    if not address.is_loopback:
+        raise s.error(name, f"{_LOOPBACK_ONLY}, got {address}")
+    return address
+
+
+def _read_dicom(r: Reader) -> DicomNodeConfig | None:
+    s = r.optional_section("dicom")
+    if s is None:
+        return None
+    listen = _check_loopback(s, "listen", s.address("listen", listen=True))
+    ae_title = s.text("ae_title", "RELAY", check=check_ae_title)
+    d = s.section("destinations")
+    destinations: dict[str, Address] = {}
+    for title in d.present_keys():
+        try:
+            check_ae_title(title)
+        except ValueError as exc:
+            raise d.error(title, str(exc)) from None
+        destinations[title] = d.address(title)
+    return DicomNodeConfig(listen, ae_title, MappingProxyType(destinations))
+
+
+def _read_forward(r: Reader) -> Mapping[Address, str]:
+    s = r.section("forward")
+    forward: dict[Address, str] = {}
+    for text in s.present_keys():
+        try:
+            address = parse_address(text, allow_port_zero=True)
+        except ValueError as exc:
+            raise s.error(text, str(exc)) from None
+        _check_loopback(s, text, address)
+        if address in forward:
+            raise s.error(text, f"{address} is forwarded twice")
+        service = s.text(text, check=lambda v: check_name(v, "a service name"))
+        if service in RESERVED_SERVICE_NAMES:
+            raise s.error(text, f"{service!r} is not a TCP service; use the dicom: section")
+        forward[address] = service
+    return MappingProxyType(forward)
+
+
+def _check_listeners_distinct(r: Reader, config: WorkstationConfig) -> None:
+    """Two listeners on one fixed port would fail only at start-up: say which keys."""
+    seen: dict[Address, str] = {}
+    listeners: list[tuple[str, Address | None]] = [("metrics_listen", config.metrics_listen)]
+    if config.dicom is not None:
+        listeners.append(("dicom.listen", config.dicom.listen))
+    listeners += [(f'forward["{a}"]', a) for a in config.forward]
+    for key, address in listeners:
+        if address is None or address.port == 0:
+            continue
+        if address in seen:
+            raise ConfigError(r.file, key, f"{address} is also used by {seen[address]}")
+        seen[address] = key
+
+
+def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
+    """Load and check a workstation config file; raises relay.config.ConfigError."""
+    r = open_config(path)
+    gateway = r.address("gateway")
+    identity_dir = _read_identity_dir(r)
+    config = WorkstationConfig(
+        path=Path(os.path.abspath(path)),
+        gateway=gateway,
+        identity_dir=identity_dir,
+        metrics_listen=r.optional_address("metrics_listen", listen=True),
+        dicom=_read_dicom(r),
+        forward=_read_forward(r),
+        limits=read_limits(r),
+        reconnect=read_backoff(r),
+        drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
+        log_level=read_log_level(r),
+    )
+    r.done()
+    _check_listeners_distinct(r, config)
+    return config
