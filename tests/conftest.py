@@ -1,0 +1,34 @@
+"""Shared test policy: real third-party tools skip locally when missing, fail in CI.
+
+``require_tools`` comes from ``interop.harness.tools``; the plugin below makes the
+``netns``, ``orthanc`` and ``orthanc_module`` fixtures available to every test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import pytest
+from interop.harness.tools import in_ci, require_tools
+
+pytest_plugins = ["pytester", "interop.harness.fixtures"]
+
+__all__ = ["require_tools"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """With CI=true an ``interop`` test may not skip, whatever skipped it: it fails."""
+    report = yield
+    if (
+        report.skipped
+        and in_ci()
+        and item.get_closest_marker("interop") is not None
+        and not hasattr(report, "wasxfail")
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"interop test skipped while CI=true (mandatory in CI): {reason}"
+    return report

@@ -1,0 +1,1 @@
+"""Interop tests against real DCMTK and Orthanc; the reusable harness is ``interop.harness``."""
