@@ -1,0 +1,44 @@
+"""The sans-I/O relay protocol: frames, flow control and the multiplexing state machine."""
+
+from relay.proto.errors import (
+    ErrorCode,
+    FlowControlError,
+    LinkClosedError,
+    ProtocolError,
+    StreamStateError,
+)
+from relay.proto.events import (
+    ConnectionTerminated,
+    ControlReceived,
+    CreditAvailable,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from relay.proto.frames import VERSION
+from relay.proto.mux import Connection, LinkSettings
+
+__all__ = [
+    "VERSION",
+    "Connection",
+    "ConnectionTerminated",
+    "ControlReceived",
+    "CreditAvailable",
+    "DataReceived",
+    "ErrorCode",
+    "Event",
+    "FlowControlError",
+    "GoAwayReceived",
+    "LinkClosedError",
+    "LinkSettings",
+    "PongReceived",
+    "ProtocolError",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "StreamStateError",
+]

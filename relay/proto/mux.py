@@ -1,0 +1,503 @@
+"""The multiplexing state machine: bytes and time in, events and bytes out.
+
+`Connection` knows nothing of sockets, asyncio or clocks (time is an argument), in the
+manner of h2 and aioquic. The same class serves both ends of a link; `client=True` for the
+side that dialled (odd stream ids), False for the side that accepted (even ids).
+
+The application drives it with `receive_data(data, now)` and the `send_*`/`open_stream`
+calls, and after each call writes `data_to_send()` to its transport. Received data
+is credit the peer spent; it comes back only through `acknowledge_received_data`, so
+an application that stops reading stops its peer, and a buffer never grows past a window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from relay.proto import frames as fr
+from relay.proto.errors import (
+    ErrorCode,
+    FlowControlError,
+    LinkClosedError,
+    ProtocolError,
+    StreamStateError,
+)
+from relay.proto.events import (
+    ConnectionTerminated,
+    ControlReceived,
+    CreditAvailable,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+from relay.proto.flow import ReceiveWindow, SendWindow
+from relay.proto.frames import Flags, FrameType, Setting
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """What this side announces and enforces. Windows should cover the bandwidth-delay
+    product of the path (100 Mbit/s at 40 ms is 500 KB), or throughput is capped."""
+
+    stream_window: int = 1024 * 1024
+    link_window: int = 16 * 1024 * 1024
+    max_frame: int = 64 * 1024
+    max_streams: int = 256
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+
+    def __post_init__(self) -> None:
+        if not fr.MIN_MAX_FRAME <= self.max_frame <= fr.MAX_MAX_FRAME:
+            raise ValueError(f"max_frame must be {fr.MIN_MAX_FRAME}..{fr.MAX_MAX_FRAME}")
+        if not fr.DEFAULT_STREAM_WINDOW <= self.stream_window <= fr.MAX_WINDOW:
+            raise ValueError(f"stream_window must be {fr.DEFAULT_STREAM_WINDOW}..{fr.MAX_WINDOW}")
+        if not max(fr.DEFAULT_LINK_WINDOW, self.stream_window) <= self.link_window <= fr.MAX_WINDOW:
+            raise ValueError("link_window must be at least stream_window and 64 KiB")
+        if not 1 <= self.max_streams <= 65535:
+            raise ValueError("max_streams must be 1..65535")
+        if not 0 < self.keepalive_interval < self.keepalive_timeout:
+            raise ValueError("keepalive_interval must be positive and below keepalive_timeout")
+
+
+class _Stream:
+    __slots__ = ("id", "local_closed", "recv", "remote_closed", "send", "unacked")
+
+    def __init__(self, stream_id: int, send_credit: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.send = SendWindow(send_credit)
+        self.recv = ReceiveWindow.of(recv_window)
+        self.unacked = 0  # delivered to the application, not yet acknowledged
+        self.local_closed = False
+        self.remote_closed = False
+
+
+class Connection:
+    """One side of one link. Not thread-safe; owned by one task or callback chain."""
+
+    def __init__(self, *, client: bool, settings: LinkSettings | None = None, now: float) -> None:
+        self.settings = settings or LinkSettings()
+        self.client = client
+        self._next_id = 1 if client else 2
+        self._highest_remote_id = 0
+        self._streams: dict[int, _Stream] = {}
+        self._remote_open = 0
+        self._closed_unacked: dict[int, int] = {}
+        self._peer_stream_window = fr.DEFAULT_STREAM_WINDOW
+        self._peer_max_frame = fr.DEFAULT_MAX_FRAME
+        self._peer_max_streams = fr.DEFAULT_MAX_STREAMS
+        self._send_link = SendWindow(fr.DEFAULT_LINK_WINDOW)
+        self._recv_link = ReceiveWindow.of(self.settings.link_window)
+        self._decoder = fr.FrameDecoder(self.settings.max_frame)
+        self._settings_received = False
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.terminated: ConnectionTerminated | None = None
+        self._last_received = now
+        self._ping_sent_at: float | None = None
+        self._ping_counter = 0
+        self.rtt: float | None = None
+        self._out: list[bytes | memoryview] = [
+            fr.encode_settings(
+                {
+                    Setting.STREAM_WINDOW: self.settings.stream_window,
+                    Setting.LINK_WINDOW: self.settings.link_window,
+                    Setting.MAX_FRAME: self.settings.max_frame,
+                    Setting.MAX_STREAMS: self.settings.max_streams,
+                }
+            )
+        ]
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def peer_max_frame(self) -> int:
+        return self._peer_max_frame
+
+    def send_credit(self, stream_id: int) -> int:
+        """Bytes the application may pass to send_data() on this stream right now."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed or self.terminated:
+            return 0
+        return min(stream.send.credit, self._send_link.credit)
+
+    def can_open_stream(self) -> bool:
+        local_open = len(self._streams) - self._remote_open
+        return (
+            self.terminated is None
+            and not self.goaway_sent
+            and not self.goaway_received
+            and local_open < self._peer_max_streams
+            and self._next_id <= fr.MAX_STREAM_ID
+        )
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    # ------------------------------------------------------------------ output
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the peer since the last call."""
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ app -> peer
+
+    def open_stream(self, headers: Mapping[str, str]) -> int:
+        if self.terminated or self.goaway_sent or self.goaway_received:
+            raise LinkClosedError("link is closing: no new streams")
+        if not self.can_open_stream():
+            raise StreamStateError(f"peer allows {self._peer_max_streams} concurrent streams")
+        block = fr.encode_headers(headers)  # ValueError for bad headers, before any state
+        if len(block) > self._peer_max_frame:
+            raise ValueError("header block larger than the peer's frame limit")
+        stream_id = self._next_id
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(
+            stream_id, self._peer_stream_window, self.settings.stream_window
+        )
+        self._out.append(fr.encode(FrameType.OPEN, 0, stream_id, block))
+        return stream_id
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Queue data (split into frames); raises FlowControlError beyond send_credit()."""
+        stream = self._sendable(stream_id)
+        size = len(data)
+        if size > stream.send.credit or size > self._send_link.credit:
+            raise FlowControlError(
+                f"stream {stream_id}: {size} bytes exceeds credit {self.send_credit(stream_id)}"
+            )
+        stream.send.spend(size)
+        self._send_link.spend(size)
+        step = self._peer_max_frame
+        out = self._out
+        if size <= step:
+            fin = Flags.FIN if end_stream else 0
+            out.append(fr.encode_header(FrameType.DATA, fin, stream_id, size))
+            out.append(data)
+        else:
+            view = memoryview(data)
+            for offset in range(0, size, step):
+                chunk = view[offset : offset + step]
+                last = offset + step >= size
+                fin = Flags.FIN if (end_stream and last) else 0
+                out.append(fr.encode_header(FrameType.DATA, fin, stream_id, len(chunk)))
+                out.append(chunk)  # joined (copied) in data_to_send
+        if end_stream:
+            stream.local_closed = True
+            self._forget_if_done(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: the peer sees StreamEnded after the data sent so far."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
+        """Abort a stream. Idempotent; its unread data's credit goes back to the link."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self.terminated:
+            return
+        self._drop(stream)
+        self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
+
+    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
+        """The application consumed `size` bytes of the stream: return that credit."""
+        if size <= 0 or self.terminated:
+            return
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            size = min(size, stream.unacked)
+            stream.unacked -= size
+            grant = stream.recv.consume(size)
+            if grant and not stream.remote_closed:
+                self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, grant))
+        elif stream_id in self._closed_unacked:
+            left = self._closed_unacked[stream_id]
+            size = min(size, left)
+            if left == size:
+                del self._closed_unacked[stream_id]
+            else:
+                self._closed_unacked[stream_id] = left - size
+        else:
+            return
+        self._return_link_credit(size)
+
+    def send_control(self, kind: str, body: bytes) -> None:
+        if self.terminated:
+            raise LinkClosedError("link is closed")
+        frame = fr.encode_control(kind, body)
+        if len(frame) - fr.HEADER_SIZE > self._peer_max_frame:
+            raise ValueError(f"control message larger than {self._peer_max_frame} bytes")
+        self._out.append(frame)
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Refuse new streams from now on; streams already open may finish."""
+        if self.goaway_sent or self.terminated:
+            return
+        self.goaway_sent = True
+        self._out.append(fr.encode_goaway(self._highest_remote_id, code, reason))
+
+    # ------------------------------------------------------------------ time
+
+    def next_timer(self) -> float | None:
+        """When handle_timer() must next be called (absolute time), or None."""
+        if self.terminated:
+            return None
+        dead = self._last_received + self.settings.keepalive_timeout
+        if self._ping_sent_at is not None:
+            return dead
+        return min(dead, self._last_received + self.settings.keepalive_interval)
+
+    def handle_timer(self, now: float) -> list[Event]:
+        if self.terminated:
+            return []
+        if now >= self._last_received + self.settings.keepalive_timeout:
+            return self._terminate(ErrorCode.KEEPALIVE_TIMEOUT, "peer silent", remote=False)
+        idle_since = self._last_received + self.settings.keepalive_interval
+        if self._ping_sent_at is None and now >= idle_since:
+            self._ping_sent_at = now
+            self._ping_counter += 1
+            payload = self._ping_counter.to_bytes(8, "big")
+            self._out.append(fr.encode(FrameType.PING, 0, 0, payload))
+        return []
+
+    # ------------------------------------------------------------------ peer -> app
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes from the transport; returns what happened."""
+        if self.terminated:
+            return []
+        self._last_received = now
+        events: list[Event] = []
+        try:
+            with contextlib.closing(self._decoder.feed(data)) as frames:
+                for frame in frames:
+                    self._handle(frame, now, events)
+        except ProtocolError as exc:
+            events += self._terminate(exc.code, str(exc), remote=False)
+        return events
+
+    def receive_eof(self) -> list[Event]:
+        """The transport closed. Every stream is reset; the link is over."""
+        if self.terminated:
+            return []
+        code = ErrorCode.NO_ERROR if self.goaway_received else ErrorCode.INTERNAL_ERROR
+        reason = "peer closed the link" if self.goaway_received else "link lost"
+        return self._terminate(code, reason, remote=True, send_goaway=False)
+
+    # ------------------------------------------------------------------ internals
+
+    def _sendable(self, stream_id: int) -> _Stream:
+        if self.terminated:
+            raise LinkClosedError("link is closed")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamStateError(f"stream {stream_id} is not open")
+        if stream.local_closed:
+            raise StreamStateError(f"stream {stream_id} is half-closed")
+        return stream
+
+    def _is_local(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.client
+
+    def _was_open(self, stream_id: int) -> bool:
+        """True for a stream id that existed once and is closed now."""
+        if self._is_local(stream_id):
+            return stream_id < self._next_id
+        return stream_id <= self._highest_remote_id
+
+    def _return_link_credit(self, size: int) -> None:
+        grant = self._recv_link.consume(size)
+        if grant:
+            self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
+
+    def _drop(self, stream: _Stream) -> None:
+        """Forget a reset stream; the application discards its unread data."""
+        del self._streams[stream.id]
+        if not self._is_local(stream.id):
+            self._remote_open -= 1
+        if stream.unacked:
+            self._return_link_credit(stream.unacked)
+
+    def _forget_if_done(self, stream: _Stream) -> None:
+        """A stream closed in both directions: keep only its unread byte count."""
+        if stream.local_closed and stream.remote_closed:
+            del self._streams[stream.id]
+            if not self._is_local(stream.id):
+                self._remote_open -= 1
+            if stream.unacked:
+                self._closed_unacked[stream.id] = stream.unacked
+
+    def _terminate(
+        self, code: int, reason: str, *, remote: bool, send_goaway: bool = True
+    ) -> list[Event]:
+        if send_goaway and not self.goaway_sent:
+            self.goaway_sent = True
+            self._out.append(fr.encode_goaway(self._highest_remote_id, code, reason))
+        events: list[Event] = [
+            StreamReset(sid, code or ErrorCode.INTERNAL_ERROR, remote=False)
+            for sid in self._streams
+        ]
+        self._streams.clear()
+        self._closed_unacked.clear()
+        self._remote_open = 0
+        self.terminated = ConnectionTerminated(code, reason, remote)
+        events.append(self.terminated)
+        return events
+
+    def _handle(self, frame: fr.Frame, now: float, events: list[Event]) -> None:
+        ftype = frame.type
+        if not self._settings_received and ftype != FrameType.SETTINGS:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "first frame must be SETTINGS")
+        if ftype == FrameType.DATA:
+            self._on_data(frame, events)
+        elif ftype == FrameType.WINDOW_UPDATE:
+            self._on_window_update(frame, events)
+        elif ftype == FrameType.OPEN:
+            self._on_open(frame, events)
+        elif ftype == FrameType.RESET:
+            self._on_reset(frame, events)
+        elif ftype == FrameType.PING:
+            self._on_ping(frame, now, events)
+        elif ftype == FrameType.SETTINGS:
+            self._on_settings(frame)
+        elif ftype == FrameType.GOAWAY:
+            self._on_goaway(frame, events)
+        elif ftype == FrameType.CONTROL:
+            if frame.stream_id:
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTROL on a stream")
+            kind, body = fr.decode_control(frame.payload)
+            events.append(ControlReceived(kind, body))
+        # Unknown frame types are ignored, so that later versions can add optional ones.
+
+    def _stream_frame(self, frame: fr.Frame) -> _Stream | None:
+        """The open stream a frame is for; None if it was closed; error if never opened."""
+        if frame.stream_id == 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"frame type {frame.type} on stream 0")
+        stream = self._streams.get(frame.stream_id)
+        if stream is None and not self._was_open(frame.stream_id):
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"frame for unopened stream {frame.stream_id}"
+            )
+        return stream
+
+    def _on_data(self, frame: fr.Frame, events: list[Event]) -> None:
+        size = len(frame.payload)
+        if not self._recv_link.receive(size):
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "link window exceeded")
+        stream = self._stream_frame(frame)
+        if stream is None or stream.remote_closed:
+            # Closed or reset meanwhile: the bytes are dropped, their link credit returned.
+            if stream is not None:
+                self.reset_stream(stream.id, ErrorCode.STREAM_CLOSED)
+                events.append(StreamReset(stream.id, ErrorCode.STREAM_CLOSED, remote=False))
+            self._return_link_credit(size)
+            return
+        if not stream.recv.receive(size):
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream.id} window exceeded")
+        if size:
+            stream.unacked += size
+            events.append(DataReceived(stream.id, frame.payload))
+        if frame.flags & Flags.FIN:
+            stream.remote_closed = True
+            events.append(StreamEnded(stream.id))
+            self._forget_if_done(stream)
+
+    def _on_window_update(self, frame: fr.Frame, events: list[Event]) -> None:
+        increment = fr.decode_u32(frame.payload, "WINDOW_UPDATE")
+        if increment == 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+        if frame.stream_id == 0:
+            if not self._send_link.grant(increment):
+                raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "link window overflow")
+            events.append(CreditAvailable(0))
+            return
+        stream = self._stream_frame(frame)
+        if stream is None:
+            return
+        if not stream.send.grant(increment):
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream.id} window overflow")
+        if not stream.local_closed:
+            events.append(CreditAvailable(stream.id))
+
+    def _on_open(self, frame: fr.Frame, events: list[Event]) -> None:
+        stream_id = frame.stream_id
+        if stream_id == 0 or self._is_local(stream_id) or stream_id <= self._highest_remote_id:
+            raise ProtocolError(
+                ErrorCode.PROTOCOL_ERROR, f"OPEN with bad or reused stream id {stream_id}"
+            )
+        self._highest_remote_id = stream_id
+        try:
+            headers = fr.decode_headers(frame.payload)
+        except (ValueError, UnicodeDecodeError):
+            self._out.append(fr.encode_u32(FrameType.RESET, stream_id, ErrorCode.HEADERS_TOO_LARGE))
+            return
+        if self.goaway_sent or self._remote_open >= self.settings.max_streams:
+            self._out.append(fr.encode_u32(FrameType.RESET, stream_id, ErrorCode.REFUSED_STREAM))
+            return
+        self._streams[stream_id] = _Stream(
+            stream_id, self._peer_stream_window, self.settings.stream_window
+        )
+        self._remote_open += 1
+        events.append(StreamOpened(stream_id, headers))
+
+    def _on_reset(self, frame: fr.Frame, events: list[Event]) -> None:
+        code = fr.decode_u32(frame.payload, "RESET")
+        stream = self._stream_frame(frame)
+        if stream is None:
+            return
+        self._drop(stream)
+        events.append(StreamReset(stream.id, code, remote=True))
+
+    def _on_ping(self, frame: fr.Frame, now: float, events: list[Event]) -> None:
+        if frame.stream_id or len(frame.payload) != 8:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING must be 8 bytes on stream 0")
+        if not frame.flags & Flags.ACK:
+            self._out.append(fr.encode(FrameType.PING, Flags.ACK, 0, frame.payload))
+            return
+        expected = self._ping_counter.to_bytes(8, "big")
+        if self._ping_sent_at is not None and frame.payload == expected:
+            self.rtt = now - self._ping_sent_at
+            self._ping_sent_at = None
+            events.append(PongReceived(self.rtt))
+
+    def _on_settings(self, frame: fr.Frame) -> None:
+        if frame.stream_id or self._settings_received:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SETTINGS only once, on stream 0")
+        self._settings_received = True
+        values = fr.decode_settings(frame.payload)
+        window = values.get(Setting.STREAM_WINDOW, fr.DEFAULT_STREAM_WINDOW)
+        link = values.get(Setting.LINK_WINDOW, fr.DEFAULT_LINK_WINDOW)
+        max_frame = values.get(Setting.MAX_FRAME, fr.DEFAULT_MAX_FRAME)
+        max_streams = values.get(Setting.MAX_STREAMS, fr.DEFAULT_MAX_STREAMS)
+        if not fr.DEFAULT_STREAM_WINDOW <= window <= fr.MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"bad STREAM_WINDOW {window}")
+        if not fr.DEFAULT_LINK_WINDOW <= link <= fr.MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"bad LINK_WINDOW {link}")
+        if not fr.MIN_MAX_FRAME <= max_frame <= fr.MAX_MAX_FRAME:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"bad MAX_FRAME {max_frame}")
+        delta = window - self._peer_stream_window
+        for stream in self._streams.values():
+            stream.send.credit += delta
+        self._peer_stream_window = window
+        self._send_link.credit += link - fr.DEFAULT_LINK_WINDOW
+        self._peer_max_frame = max_frame
+        self._peer_max_streams = max_streams
+
+    def _on_goaway(self, frame: fr.Frame, events: list[Event]) -> None:
+        if frame.stream_id:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+        last, code, reason = fr.decode_goaway(frame.payload)
+        self.goaway_received = True
+        for stream_id in [s for s in self._streams if self._is_local(s) and s > last]:
+            self._drop(self._streams[stream_id])
+            events.append(StreamReset(stream_id, ErrorCode.REFUSED_STREAM, remote=True))
+        events.append(GoAwayReceived(last, code, reason))
