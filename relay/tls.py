@@ -4,7 +4,7 @@ Everything is TLS 1.3 and ALPN-named. The server context asks for a client certi
 but does not require one (CERT_OPTIONAL), because enrollment arrives without one on its
 own ALPN; a certificate that *is* presented is always verified against the site CA during
 the handshake. After the handshake the caller checks the ALPN, then `peer_identity()` and
-`refusal_for_identity()` for the tunnel ALPN. An unknown ALPN is not fatal in OpenSSL
+`refusal_for_identity()` for the tunnel ALPNs (one per role: device, agent). An unknown ALPN is not fatal in OpenSSL
 (the handshake completes with no protocol selected): the caller refuses it.
 
 Servers run the handshake with `accept_tls()` (not plain transport + loop.start_tls,
@@ -27,7 +27,11 @@ from typing import Final, TypeVar
 from relay.identity import Identity, identity_from_der
 from relay.pki import PkiError, load_cert, trust_domain_of_ca
 
-ALPN_TUNNEL: Final = "dmzrelay/1"
+# One ALPN per endpoint, so that a certificate of one role offered on the other's endpoint
+# is refused (an agent process started with a device certificate, say).
+ALPN_DEVICE: Final = "dmzrelay-device/1"
+ALPN_AGENT: Final = "dmzrelay-agent/1"
+TUNNEL_ALPNS: Final = {ALPN_DEVICE: "device", ALPN_AGENT: "agent"}
 ALPN_ENROLL: Final = "dmzrelay-enroll/1"
 
 #: Handshake failure reasons returned by `classify_handshake_error`.
@@ -94,12 +98,12 @@ def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx.num_tickets = 0
     _load_chain(ctx, cert, key)
     _load_ca(ctx, ca)
-    ctx.set_alpn_protocols([ALPN_TUNNEL, ALPN_ENROLL])
+    ctx.set_alpn_protocols([ALPN_DEVICE, ALPN_AGENT, ALPN_ENROLL])
     return ctx
 
 
 def client_context(
-    cert: Path | None, key: Path | None, ca: Path, alpn: str = ALPN_TUNNEL
+    cert: Path | None, key: Path | None, ca: Path, alpn: str = ALPN_DEVICE
 ) -> ssl.SSLContext:
     """A dialer's context: TLS 1.3, the server verified against `ca` only (no system roots).
 

@@ -61,7 +61,7 @@ class World:
         gw = self.site.gateway
         return tls.server_context(gw.cert, gw.key, self.site.ca)
 
-    def client_ctx(self, pair: Pair | None, alpn: str = tls.ALPN_TUNNEL) -> ssl.SSLContext:
+    def client_ctx(self, pair: Pair | None, alpn: str = tls.ALPN_DEVICE) -> ssl.SSLContext:
         if pair is None:
             return tls.client_context(None, None, self.site.ca, alpn=alpn)
         return tls.client_context(pair.cert, pair.key, self.site.ca, alpn=alpn)
@@ -137,7 +137,7 @@ paths = pytest.mark.parametrize(("kind", "mode"), SERVER_PATHS)
 def test_device_certificate_is_accepted(kind: LoopKind, mode: ServerMode, world: World) -> None:
     out = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(world.device)))
     assert out.server_error is None and out.client_error is None
-    assert out.server_alpn == out.client_alpn == tls.ALPN_TUNNEL
+    assert out.server_alpn == out.client_alpn == tls.ALPN_DEVICE
     ident = tls.peer_identity(out.server_ssl_object)
     assert ident == Identity.device(TD, "main", "ws1")
     assert tls.refusal_for_identity(ident, TD, {"device"}) is None
