@@ -4,8 +4,9 @@ Everything is TLS 1.3 and ALPN-named. The server context asks for a client certi
 but does not require one (CERT_OPTIONAL), because enrollment arrives without one on its
 own ALPN; a certificate that *is* presented is always verified against the site CA during
 the handshake. After the handshake the caller checks the ALPN, then `peer_identity()` and
-`refusal_for_identity()` for the tunnel ALPNs (one per role: device, agent). An unknown ALPN is not fatal in OpenSSL
-(the handshake completes with no protocol selected): the caller refuses it.
+`refusal_for_identity()` for the tunnel ALPNs (one per role: device, agent). An unknown
+ALPN is not fatal in OpenSSL (the handshake completes with no protocol selected): the
+caller refuses it.
 
 Servers run the handshake with `accept_tls()` (not plain transport + loop.start_tls,
 which loses the ClientHello under uvloop), and feed failures to

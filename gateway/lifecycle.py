@@ -1,0 +1,70 @@
+"""Drain on SIGTERM, reload on SIGHUP.
+
+Draining stops accepting, sends goaway on every link (devices then reconnect to another
+gateway; agents stop expecting streams here), lets spliced streams finish within the
+grace period, then closes what is left. Reloading swaps the TLS context and the limits
+used for new links; links already up keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.config import load_gateway_config
+from gateway.server import GatewayServer
+from relay.config import ConfigError
+from relay.proto import ErrorCode
+from relay.tls import TlsConfigError, server_context, trust_domain_of
+
+log = logging.getLogger(__name__)
+POLL = 0.05
+
+
+async def drain(server: GatewayServer, grace: float) -> None:
+    loop = asyncio.get_running_loop()
+    server.metrics.draining.set(1)
+    await server.stop_accepting()
+    links = server.links.all()
+    log.info("draining", extra={"links": len(links), "grace_s": grace})
+    for link in links:
+        link.goaway(ErrorCode.SHUTDOWN, "gateway shutting down")
+    deadline = loop.time() + grace
+    # Polling is simplest here: streams end in many places, and this runs once per process.
+    while loop.time() < deadline and _streams_open(server):  # noqa: ASYNC110
+        await asyncio.sleep(POLL)
+    left = _streams_open(server)
+    if left:
+        log.warning("grace period over, closing streams", extra={"streams": left})
+    for link in server.links.all():
+        link.close(ErrorCode.SHUTDOWN, "gateway shutting down")
+    closing = [link.wait_closed() for link in server.links.all()]
+    if closing:
+        await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=2.0)
+    for link in server.links.all():
+        link.abort()
+
+
+def _streams_open(server: GatewayServer) -> int:
+    return sum(link.conn.open_streams for link in server.links.all())
+
+
+def reload(server: GatewayServer) -> bool:
+    """Re-read the config file and certificates; on any error keep the running ones."""
+    path = server.config.path
+    try:
+        config = load_gateway_config(path)
+        if config.listen != server.config.listen:
+            log.warning("listen address changes need a restart; keeping the old one")
+        context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        trust_domain = trust_domain_of(config.tls.ca)
+    except (ConfigError, TlsConfigError, OSError, ValueError) as exc:
+        server.metrics.reloads.labels("error").inc()
+        log.error("reload failed, keeping the running configuration", extra={"error": str(exc)})
+        return False
+    server.config = config.__class__(**{**config.__dict__, "listen": server.config.listen})
+    server.ssl_context = context
+    server.trust_domain = trust_domain
+    server.metrics.reloads.labels("ok").inc()
+    log.info("reloaded configuration and certificates")
+    return True

@@ -1,0 +1,46 @@
+"""The gateway's Prometheus metrics. Labels are roles, sites, reasons and codes: bounded
+sets that carry no patient data (sites and roles come from CA-signed certificates)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.links = Gauge(
+            "relay_links", "Authenticated tunnel links open", ["role", "site"], registry=r
+        )
+        self.handshakes = Counter(
+            "relay_handshakes_total", "TLS handshakes by result", ["result"], registry=r
+        )
+        self.refusals = Counter(
+            "relay_refusals_total", "Connections refused, by reason", ["reason"], registry=r
+        )
+        self.streams = Counter(
+            "relay_streams_total", "Device streams by outcome", ["site", "outcome"], registry=r
+        )
+        self.streams_open = Gauge(
+            "relay_streams_open", "Spliced streams open", ["site"], registry=r
+        )
+        self.stream_resets = Counter(
+            "relay_stream_resets_total", "Stream resets passed on, by code", ["code"], registry=r
+        )
+        self.bytes = Counter(
+            "relay_bytes_total",
+            "Payload bytes relayed (opaque, as sent by the ends)",
+            ["direction"],
+            registry=r,
+        )
+        self.revocations = Gauge(
+            "relay_revoked_devices", "Revoked devices known to this gateway", registry=r
+        )
+        self.draining = Gauge("relay_draining", "1 while the gateway drains", registry=r)
+        self.reloads = Counter(
+            "relay_reloads_total",
+            "Configuration reloads (SIGHUP) by result",
+            ["result"],
+            registry=r,
+        )

@@ -1,0 +1,93 @@
+"""Which agent link serves a device's stream, and the splice that joins them.
+
+Routing is by site only: a device of site B can never reach an agent of site A, because
+the site comes from the device's certificate, not from anything the device sends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.metrics import GatewayMetrics
+from gateway.splice import Splice
+from relay.aio import Link, Stream
+from relay.proto import ErrorCode, LinkClosedError, StreamStateError
+
+log = logging.getLogger(__name__)
+
+# Headers the gateway sets on streams it opens towards an agent; a device may not set them.
+RESERVED_PREFIX = "x-relay-"
+HEADER_DEVICE = "x-relay-device"
+HEADER_SITE = "x-relay-site"
+
+
+class Router:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        self._agents: dict[str, list[Link]] = {}
+
+    def add_agent(self, site: str, link: Link) -> None:
+        self._agents.setdefault(site, []).append(link)
+
+    def remove_agent(self, site: str, link: Link) -> None:
+        links = self._agents.get(site, [])
+        if link in links:
+            links.remove(link)
+        if not links:
+            self._agents.pop(site, None)
+
+    def agent_links(self, site: str | None = None) -> list[Link]:
+        if site is not None:
+            return list(self._agents.get(site, ()))
+        return [link for links in self._agents.values() for link in links]
+
+    def sites(self) -> list[str]:
+        return sorted(self._agents)
+
+    def _pick(self, site: str) -> Link | None:
+        """The least-loaded agent link of the site that still takes streams."""
+        usable = [link for link in self._agents.get(site, ()) if link.conn.can_open_stream()]
+        return min(usable, key=lambda link: link.conn.open_streams, default=None)
+
+    def route(self, site: str, device_uri: str, stream: Stream) -> None:
+        """Splice a device's new stream to an agent of its site, or reset it with a code."""
+        agent = self._pick(site)
+        if agent is None:
+            self._refuse(stream, site, ErrorCode.NO_ROUTE, "no_route")
+            return
+        headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
+        headers[HEADER_DEVICE] = device_uri
+        headers[HEADER_SITE] = site
+        try:
+            upstream = agent.open_stream(headers)
+        except ValueError:
+            self._refuse(stream, site, ErrorCode.HEADERS_TOO_LARGE, "bad_headers")
+            return
+        except (LinkClosedError, StreamStateError):
+            self._refuse(stream, site, ErrorCode.NO_ROUTE, "no_route")
+            return
+        m = self.metrics
+        m.streams.labels(site, "routed").inc()
+        gauge = m.streams_open.labels(site)
+        gauge.inc()
+        log.debug(
+            "stream routed",
+            extra={
+                "device": device_uri,
+                "stream": stream.stream_id,
+                "agent_stream": upstream.stream_id,
+                "target": stream.headers.get("target", ""),
+            },
+        )
+        Splice(
+            stream,
+            upstream,
+            upstream=m.bytes.labels("device_to_agent"),
+            downstream=m.bytes.labels("agent_to_device"),
+            on_reset=lambda code: m.stream_resets.labels(ErrorCode.name_of(code)).inc(),
+            on_done=gauge.dec,
+        )
+
+    def _refuse(self, stream: Stream, site: str, code: ErrorCode, outcome: str) -> None:
+        stream.reset(code)
+        self.metrics.streams.labels(site, outcome).inc()

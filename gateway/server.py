@@ -1,0 +1,211 @@
+"""The gateway's one TLS port: accept, handshake, authenticate, attach links.
+
+Every connection is checked in this order, each failure counted by reason and logged
+without payload: capacity, TLS handshake (certificate chain, expiry, TLS 1.3), ALPN
+(one per endpoint role), identity (exactly one SPIFFE URI SAN, our trust domain, the role
+that belongs on that endpoint), revocation. Only then does the link speak the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router
+from relay.aio import Link, link_settings
+from relay.identity import Identity, IdentityError
+from relay.proto import ErrorCode
+from relay.tls import (
+    ALPN_ENROLL,
+    TUNNEL_ALPNS,
+    accept_tls,
+    classify_handshake_error,
+    peer_identity,
+    refusal_for_identity,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Registry:
+    """Live links by role, for routing, revocation, draining and metrics."""
+
+    agents: set[Link] = field(default_factory=set)
+    devices: dict[str, set[Link]] = field(default_factory=dict)
+
+    def all(self) -> list[Link]:
+        return [*self.agents, *(link for links in self.devices.values() for link in links)]
+
+    def __len__(self) -> int:
+        return len(self.agents) + sum(len(v) for v in self.devices.values())
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        ssl_context: ssl.SSLContext,
+        trust_domain: str,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.ssl_context = ssl_context
+        self.trust_domain = trust_domain
+        self.metrics = metrics
+        self.router = Router(metrics)
+        self.links = Registry()
+        self.revoked: set[str] = set()  # device SPIFFE URIs, memory only
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.port: int | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        addr = self.config.listen
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.create_server((addr.host, addr.port), family=family, backlog=1024)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        log.info("gateway listening", extra={"listen": f"{addr.host}:{self.port}"})
+
+    @property
+    def listening(self) -> bool:
+        return self._accept_task is not None and not self._accept_task.done()
+
+    async def stop_accepting(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+    # -- accept path
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.1)
+                continue
+            if len(self.links) + len(self._handshakes) >= self.config.max_links:
+                self._refuse_early(conn, "capacity")
+                continue
+            task = loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _refuse_early(self, conn: socket.socket, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.close()
+        self._refused(reason, None)
+
+    def _refused(self, reason: str, peer: str | None, identity: Identity | None = None) -> None:
+        self.metrics.refusals.labels(reason).inc()
+        log.warning(
+            "connection refused",
+            extra={"reason": reason, "peer": peer or "", "identity": str(identity or "")},
+        )
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        try:
+            host, port = conn.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        settings = link_settings(self.config.limits)
+        try:
+            transport, link = await accept_tls(
+                conn,
+                self.ssl_context,
+                lambda: Link(client=False, settings=settings, autostart=False),
+                handshake_timeout=self.config.handshake_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.metrics.handshakes.labels("failed").inc()
+            self._refused(classify_handshake_error(exc), peer)
+            return
+        self.metrics.handshakes.labels("ok").inc()
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        if alpn == ALPN_ENROLL:
+            # Enrollment is served by a later version; refuse clearly rather than hang.
+            transport.abort()
+            self._refused("enrollment_unavailable", peer)
+            return
+        role = TUNNEL_ALPNS.get(alpn or "")
+        if role is None:
+            transport.abort()
+            self._refused("alpn", peer)
+            return
+        try:
+            identity = peer_identity(ssl_object)
+        except IdentityError:
+            transport.abort()
+            self._refused("bad_certificate", peer)
+            return
+        reason = refusal_for_identity(identity, self.trust_domain, {role})
+        if reason is None and identity is not None and identity.uri in self.revoked:
+            reason = "revoked"
+        if reason is not None or identity is None:
+            transport.abort()
+            self._refused(reason or "no_certificate", peer, identity)
+            return
+        self._attach(link, identity, peer)
+
+    def _attach(self, link: Link, identity: Identity, peer: str) -> None:
+        site = identity.site or ""
+        link.peer = identity
+        link.name = f"{identity.role}:{site}/{identity.name}@{peer}"
+        gauge = self.metrics.links.labels(identity.role, site)
+        if identity.role == "agent":
+            link.on_stream = lambda stream: stream.reset(ErrorCode.FORBIDDEN)
+            self.links.agents.add(link)
+            self.router.add_agent(site, link)
+        else:
+            uri = identity.uri
+            link.on_stream = lambda stream: self.router.route(site, uri, stream)
+            self.links.devices.setdefault(uri, set()).add(link)
+        gauge.inc()
+        log.info("link up", extra={"identity": identity.uri, "peer": peer})
+        link.closed.add_done_callback(lambda _: self._detach(link, identity, peer))
+        link.start()
+
+    def _detach(self, link: Link, identity: Identity, peer: str) -> None:
+        site = identity.site or ""
+        self.metrics.links.labels(identity.role, site).dec()
+        if identity.role == "agent":
+            self.links.agents.discard(link)
+            self.router.remove_agent(site, link)
+        else:
+            links = self.links.devices.get(identity.uri, set())
+            links.discard(link)
+            if not links:
+                self.links.devices.pop(identity.uri, None)
+        code = link.conn.terminated.code if link.conn.terminated else 0
+        log.info(
+            "link down",
+            extra={"identity": identity.uri, "peer": peer, "code": ErrorCode.name_of(code)},
+        )

@@ -1,0 +1,70 @@
+"""`relay gateway`: wire config, TLS, server, admin listener and signals together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.config import GatewayConfig, load_gateway_config
+from gateway.lifecycle import drain, reload
+from gateway.metrics import GatewayMetrics
+from gateway.server import GatewayServer
+from relay.admin import AdminServer
+from relay.logs import setup_logging
+from relay.runtime import run_loop
+from relay.tls import server_context, trust_domain_of
+
+log = logging.getLogger(__name__)
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    started: Callable[[GatewayServer], None] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    metrics = GatewayMetrics()
+    context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
+    server = GatewayServer(config, context, trust_domain_of(config.tls.ca), metrics)
+    await server.start()
+    admin: AdminServer | None = None
+    if config.metrics_listen is not None:
+
+        def ready() -> tuple[bool, str]:
+            if not server.listening:
+                return False, "not listening"
+            return True, f"listening; agent links for sites: {','.join(server.router.sites())}"
+
+        admin = AdminServer(config.metrics_listen, metrics.registry, ready)
+        await admin.start()
+    if handle_signals:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload, server)
+    if started is not None:
+        started(server)
+    try:
+        await stop.wait()
+        await drain(server, server.config.drain_grace)
+    finally:
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        await server.stop_accepting()
+        if admin is not None:
+            await admin.stop()
+        log.info("gateway stopped")
+
+
+def run(config_path: Path) -> int:
+    config = load_gateway_config(config_path)
+    setup_logging("gateway", config.log_level)
+    run_loop(run_gateway(config))
+    return 0
