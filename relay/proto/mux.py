@@ -368,7 +368,7 @@ class Connection:
         elif ftype == FrameType.PING:
             self._on_ping(frame, now, events)
         elif ftype == FrameType.SETTINGS:
-            self._on_settings(frame)
+            self._on_settings(frame, events)
         elif ftype == FrameType.GOAWAY:
             self._on_goaway(frame, events)
         elif ftype == FrameType.CONTROL:
@@ -469,7 +469,7 @@ class Connection:
             self._ping_sent_at = None
             events.append(PongReceived(self.rtt))
 
-    def _on_settings(self, frame: fr.Frame) -> None:
+    def _on_settings(self, frame: fr.Frame, events: list[Event]) -> None:
         if frame.stream_id or self._settings_received:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "SETTINGS only once, on stream 0")
         self._settings_received = True
@@ -491,6 +491,8 @@ class Connection:
         self._send_link.credit += link - fr.DEFAULT_LINK_WINDOW
         self._peer_max_frame = max_frame
         self._peer_max_streams = max_streams
+        if delta or link != fr.DEFAULT_LINK_WINDOW:
+            events.append(CreditAvailable(0))  # windows grew: blocked senders may go on
 
     def _on_goaway(self, frame: fr.Frame, events: list[Event]) -> None:
         if frame.stream_id:

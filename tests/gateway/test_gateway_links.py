@@ -1,0 +1,283 @@
+"""The gateway in-process, with real TLS links from agent- and device-shaped clients.
+
+Covers routing by site, splicing, half-close, concurrency, and every refusal: each one
+must be counted in relay_refusals_total with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer
+from gateway.service import run_gateway
+from pki_helpers import HOST, Pair, SitePki, make_pki
+from relay import tls
+from relay.aio import Link, Stream
+from relay.config import Address, TlsFiles, TunnelLimits
+from relay.identity import Identity
+from relay.proto import ErrorCode, LinkSettings
+from relay.streams import StreamReset
+
+WAIT = 10.0
+SETTINGS = LinkSettings()
+
+
+@dataclass
+class World:
+    pki: SitePki
+    server: GatewayServer
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    def refusals(self, reason: str) -> float:
+        value = self.server.metrics.registry.get_sample_value(
+            "relay_refusals_total", {"reason": reason}
+        )
+        return value or 0.0
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    site_pki = make_pki(tmp_path / "pki")
+    config = GatewayConfig(
+        path=tmp_path / "gateway.yaml",
+        listen=Address(HOST, 0),
+        metrics_listen=None,
+        tls=TlsFiles(site_pki.gateway.cert, site_pki.gateway.key, site_pki.ca),
+        limits=TunnelLimits(),
+        drain_grace=1.0,
+        handshake_timeout=5.0,
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[GatewayServer] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_gateway(config, stop=stop, started=started.set_result, handle_signals=False)
+    )
+    server = await asyncio.wait_for(started, WAIT)
+    yield World(site_pki, server)
+    stop.set()
+    await asyncio.wait_for(task, WAIT)
+
+
+async def echo(stream: Stream) -> None:
+    with contextlib.suppress(StreamReset):
+        while data := await stream.read():
+            await stream.write(data)
+        await stream.write_eof()
+
+
+async def connect(
+    world: World, pair: Pair | None, alpn: str, *, serve: bool = False, ca: Path | None = None
+) -> Link:
+    loop = asyncio.get_running_loop()
+    ctx = tls.client_context(
+        pair.cert if pair else None, pair.key if pair else None, ca or world.pki.ca, alpn
+    )
+
+    def on_stream(stream: Stream) -> None:
+        loop.create_task(echo(stream))
+
+    _, link = await loop.create_connection(
+        lambda: Link(client=True, settings=SETTINGS, on_stream=on_stream if serve else None),
+        HOST,
+        world.port,
+        ssl=ctx,
+        server_hostname=HOST,
+    )
+    return link
+
+
+async def wait_for_agents(world: World, site: str, count: int = 1) -> None:
+    for _ in range(200):
+        if len(world.server.router.agent_links(site)) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("agent link never registered")
+
+
+async def roundtrip(link: Link, payload: bytes) -> bytes:
+    stream = link.open_stream({"target": "tcp:echo"})
+
+    async def send() -> None:
+        await stream.write(payload)
+        await stream.write_eof()
+
+    sender = asyncio.create_task(send())
+    parts = []
+    while chunk := await stream.read(1 << 20):
+        parts.append(chunk)
+    await sender
+    return b"".join(parts)
+
+
+async def test_device_stream_reaches_agent_of_its_site(world: World) -> None:
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    await wait_for_agents(world, "main")
+    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    payload = os.urandom(3_000_000)
+    got = await asyncio.wait_for(roundtrip(device, payload), WAIT)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    sample = world.server.metrics.registry.get_sample_value(
+        "relay_bytes_total", {"direction": "device_to_agent"}
+    )
+    assert sample == len(payload)
+    device.close()
+    agent.close()
+
+
+async def test_twenty_concurrent_streams(world: World) -> None:
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    await wait_for_agents(world, "main")
+    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    payloads = [os.urandom(200_000 + i) for i in range(20)]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(roundtrip(device, p) for p in payloads)), WAIT
+    )
+    assert results == payloads
+    device.close()
+    agent.close()
+
+
+async def test_half_close_passes_through(world: World) -> None:
+    """The device half-closes first and still receives everything the agent sends after."""
+    loop = asyncio.get_running_loop()
+    late = b"reply after your EOF"
+
+    async def reply_after_eof(stream: Stream) -> None:
+        assert await stream.read() == b"question"
+        assert await stream.read() == b""
+        await stream.write(late)
+        await stream.write_eof()
+
+    ctx = tls.client_context(world.pki.agent.cert, world.pki.agent.key, world.pki.ca, tls.ALPN_AGENT)
+    _, agent = await loop.create_connection(
+        lambda: Link(
+            client=True,
+            settings=SETTINGS,
+            on_stream=lambda s: loop.create_task(reply_after_eof(s)) and None,
+        ),
+        HOST,
+        world.port,
+        ssl=ctx,
+        server_hostname=HOST,
+    )
+    await wait_for_agents(world, "main")
+    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    stream = device.open_stream({"target": "tcp:x"})
+    await stream.write(b"question")
+    await stream.write_eof()
+    assert await asyncio.wait_for(stream.read(), WAIT) == late
+    assert await asyncio.wait_for(stream.read(), WAIT) == b""
+    agent.close()
+    device.close()
+
+
+async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Path) -> None:
+    other = world.pki.issue("b-ws", Identity.device(world.pki.trust_domain, "siteb", "ws9"))
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    await wait_for_agents(world, "main")
+    device_b = await connect(world, other, tls.ALPN_DEVICE)
+    stream = device_b.open_stream({"target": "tcp:echo"})
+    with pytest.raises(StreamReset) as info:
+        await asyncio.wait_for(stream.read(), WAIT)
+    assert info.value.code == ErrorCode.NO_ROUTE
+    assert world.server.metrics.registry.get_sample_value(
+        "relay_streams_total", {"site": "siteb", "outcome": "no_route"}
+    ) == 1.0
+    device_b.close()
+    agent.close()
+
+
+async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> None:
+    loop = asyncio.get_running_loop()
+    seen: asyncio.Future[dict[str, str]] = loop.create_future()
+
+    def on_stream(stream: Stream) -> None:
+        seen.set_result(dict(stream.headers))
+        stream.reset(ErrorCode.CANCEL)
+
+    ctx = tls.client_context(world.pki.agent.cert, world.pki.agent.key, world.pki.ca, tls.ALPN_AGENT)
+    _, agent = await loop.create_connection(
+        lambda: Link(client=True, settings=SETTINGS, on_stream=on_stream),
+        HOST,
+        world.port,
+        ssl=ctx,
+        server_hostname=HOST,
+    )
+    await wait_for_agents(world, "main")
+    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device.open_stream({"target": "tcp:x", "x-relay-device": "spiffe://evil/device/main/boss"})
+    headers = await asyncio.wait_for(seen, WAIT)
+    assert headers["x-relay-device"] == "spiffe://hospital.test/device/main/ws1"
+    assert headers["x-relay-site"] == "main"
+    assert headers["target"] == "tcp:x"
+    device.close()
+    agent.close()
+
+
+async def expect_refused(world: World, reason: str, link_factory: object) -> None:
+    before = world.refusals(reason)
+    try:
+        link = await link_factory  # type: ignore[misc]
+    except (OSError, ConnectionError, asyncio.TimeoutError):
+        pass  # refused during the handshake, as the client saw it
+    else:
+        await asyncio.wait_for(link.wait_closed(), WAIT)
+    for _ in range(200):
+        if world.refusals(reason) > before:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no refusal counted for {reason}")
+
+
+async def test_device_certificate_on_agent_endpoint_is_refused(world: World) -> None:
+    await expect_refused(
+        world, "wrong_role", connect(world, world.pki.device("ws1"), tls.ALPN_AGENT)
+    )
+    assert world.server.router.agent_links() == []
+
+
+async def test_agent_certificate_on_device_endpoint_is_refused(world: World) -> None:
+    await expect_refused(world, "wrong_role", connect(world, world.pki.agent, tls.ALPN_DEVICE))
+
+
+async def test_expired_certificate_is_refused(world: World) -> None:
+    expired = world.pki.device(
+        "old", lifetime=timedelta(hours=1), not_before=datetime.now(UTC) - timedelta(days=2)
+    )
+    await expect_refused(world, "expired", connect(world, expired, tls.ALPN_DEVICE))
+
+
+async def test_certificate_of_another_ca_is_refused(world: World, tmp_path: Path) -> None:
+    stranger = make_pki(tmp_path / "other", trust_domain="hospital.test")
+    pair = stranger.device("ws1")
+    # The client trusts our gateway's CA but presents a certificate from another CA.
+    await expect_refused(world, "unknown_ca", connect(world, pair, tls.ALPN_DEVICE))
+
+
+async def test_no_certificate_is_refused(world: World) -> None:
+    await expect_refused(world, "no_certificate", connect(world, None, tls.ALPN_DEVICE))
+
+
+async def test_unknown_alpn_is_refused(world: World) -> None:
+    await expect_refused(
+        world, "alpn", connect(world, world.pki.device("ws1"), "something-else/1")
+    )
+
+
+async def test_revoked_device_is_refused(world: World) -> None:
+    world.server.revoked.add(Identity.device("hospital.test", "main", "ws1").uri)
+    await expect_refused(world, "revoked", connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE))
