@@ -16,11 +16,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pki_helpers import HOST, Pair, SitePki, make_pki
 
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
-from pki_helpers import HOST, Pair, SitePki, make_pki
 from relay import tls
 from relay.aio import Link, Stream
 from relay.config import Address, TlsFiles, TunnelLimits
@@ -87,8 +87,12 @@ async def connect(
         pair.cert if pair else None, pair.key if pair else None, ca or world.pki.ca, alpn
     )
 
+    tasks: set[asyncio.Task[None]] = set()
+
     def on_stream(stream: Stream) -> None:
-        loop.create_task(echo(stream))
+        task = loop.create_task(echo(stream))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     _, link = await loop.create_connection(
         lambda: Link(client=True, settings=SETTINGS, on_stream=on_stream if serve else None),
@@ -162,7 +166,8 @@ async def test_half_close_passes_through(world: World) -> None:
         await stream.write(late)
         await stream.write_eof()
 
-    ctx = tls.client_context(world.pki.agent.cert, world.pki.agent.key, world.pki.ca, tls.ALPN_AGENT)
+    agent_pair = world.pki.agent
+    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, tls.ALPN_AGENT)
     _, agent = await loop.create_connection(
         lambda: Link(
             client=True,
@@ -194,9 +199,12 @@ async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Pa
     with pytest.raises(StreamReset) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
-    assert world.server.metrics.registry.get_sample_value(
-        "relay_streams_total", {"site": "siteb", "outcome": "no_route"}
-    ) == 1.0
+    assert (
+        world.server.metrics.registry.get_sample_value(
+            "relay_streams_total", {"site": "siteb", "outcome": "no_route"}
+        )
+        == 1.0
+    )
     device_b.close()
     agent.close()
 
@@ -209,7 +217,8 @@ async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> Non
         seen.set_result(dict(stream.headers))
         stream.reset(ErrorCode.CANCEL)
 
-    ctx = tls.client_context(world.pki.agent.cert, world.pki.agent.key, world.pki.ca, tls.ALPN_AGENT)
+    agent_pair = world.pki.agent
+    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, tls.ALPN_AGENT)
     _, agent = await loop.create_connection(
         lambda: Link(client=True, settings=SETTINGS, on_stream=on_stream),
         HOST,
@@ -232,7 +241,7 @@ async def expect_refused(world: World, reason: str, link_factory: object) -> Non
     before = world.refusals(reason)
     try:
         link = await link_factory  # type: ignore[misc]
-    except (OSError, ConnectionError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, ConnectionError):
         pass  # refused during the handshake, as the client saw it
     else:
         await asyncio.wait_for(link.wait_closed(), WAIT)
@@ -273,9 +282,7 @@ async def test_no_certificate_is_refused(world: World) -> None:
 
 
 async def test_unknown_alpn_is_refused(world: World) -> None:
-    await expect_refused(
-        world, "alpn", connect(world, world.pki.device("ws1"), "something-else/1")
-    )
+    await expect_refused(world, "alpn", connect(world, world.pki.device("ws1"), "something-else/1"))
 
 
 async def test_revoked_device_is_refused(world: World) -> None:
