@@ -1,0 +1,221 @@
+"""Three real processes from the CLI (`relay gateway|agent|workstation`) on loopback.
+
+The test process plays the hospital's TCP services (behind the agent) and the user's
+client (in front of the workstation's forwarded ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY = [sys.executable, "-m", "relay.cli"]
+HOST = "127.0.0.1"
+WAIT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def relay_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RELAY, *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd or ROOT
+    )
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        out.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def signal(self, sig: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.popen is None:
+            return None
+        self.signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Chain:
+    """PKI, configs and processes for one site `main` (and a device of site `siteb`)."""
+
+    tmp: Path
+    services: dict[str, tuple[int, bool]]  # name -> (port, compress)
+    gateway_port: int = field(default_factory=free_port)
+    metrics: dict[str, int] = field(default_factory=dict)
+    forwards: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def setup(self) -> None:
+        pki = self.tmp / "pki"
+        for args in (
+            ("pki", "init", "--dir", str(pki), "--trust-domain", "hospital.test",
+             "--site", "main", "--gateway-name", f"localhost,{HOST}"),
+            ("pki", "issue", "--dir", str(pki), "--site", "main", "--device", "ws1",
+             "--out", str(self.tmp / "ws1")),
+            ("pki", "issue", "--dir", str(pki), "--site", "siteb", "--device", "wsb",
+             "--out", str(self.tmp / "wsb")),
+        ):  # fmt: skip
+            done = relay_cli(*args)
+            assert done.returncode == 0, done.stderr
+        for role in ("gateway", "agent", "ws1", "wsb"):
+            self.metrics[role] = free_port()
+        self.forwards = {name: free_port() for name in self.services}
+        limits = "limits: {keepalive_interval: 1s, keepalive_timeout: 3s}\n"
+        (self.tmp / "gateway.yaml").write_text(
+            f"listen: {HOST}:{self.gateway_port}\n"
+            f"metrics_listen: {HOST}:{self.metrics['gateway']}\n"
+            "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
+            "drain_grace: 2s\n" + limits
+        )
+        services = "".join(
+            f"  {name}: {{address: '{HOST}:{port}', compress: {str(compress).lower()}}}\n"
+            for name, (port, compress) in self.services.items()
+        )
+        (self.tmp / "agent.yaml").write_text(
+            "site: main\n"
+            f"gateways: ['{HOST}:{self.gateway_port}']\n"
+            "tls: {cert: pki/agent.crt, key: pki/agent.key, ca: pki/ca.crt}\n"
+            "state_dir: state/\n"
+            f"metrics_listen: {HOST}:{self.metrics['agent']}\n"
+            "reconnect: {initial: 0.1s, max: 1s}\n"
+            "drain_grace: 2s\n"
+            "services:\n" + services + limits
+        )
+        for ws in ("ws1", "wsb"):
+            forward = ", ".join(
+                f'"{HOST}:{port + (0 if ws == "ws1" else 1000)}": {name}'
+                for name, port in self.forwards.items()
+            )
+            (self.tmp / f"{ws}.yaml").write_text(
+                f"gateway: {HOST}:{self.gateway_port}\n"
+                f"identity_dir: {ws}/\n"
+                f"metrics_listen: {HOST}:{self.metrics[ws]}\n"
+                "reconnect: {initial: 0.1s, max: 1s}\n"
+                "drain_grace: 2s\n"
+                f"forward: {{{forward}}}\n" + limits
+            )
+        for role, conf in (
+            ("gateway", "gateway"),
+            ("agent", "agent"),
+            ("ws1", "workstation"),
+            ("wsb", "workstation"),
+        ):
+            self.procs[role] = Proc(
+                role,
+                [*RELAY, conf, "--config", str(self.tmp / f"{role}.yaml")],
+                self.tmp / f"{role}.log",
+            )
+
+    def forward_port(self, service: str, ws: str = "ws1") -> int:
+        return self.forwards[service] + (0 if ws == "ws1" else 1000)
+
+    def start(self, *roles: str) -> None:
+        for role in roles or ("gateway", "agent", "ws1"):
+            self.procs[role].start()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {n}\n{p.output()[-4000:]}" for n, p in self.procs.items())
+
+
+@contextlib.contextmanager
+def running_chain(tmp: Path, services: dict[str, tuple[int, bool]]) -> Iterator[Chain]:
+    chain = Chain(tmp, services)
+    chain.setup()
+    try:
+        yield chain
+    finally:
+        chain.stop_all()
+
+
+async def open_forward(
+    chain: Chain, service: str, ws: str = "ws1", within: float = WAIT
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a forwarded port, retrying while the processes come up."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(HOST, chain.forward_port(service, ws))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+            continue
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+
+async def echo_once(chain: Chain, service: str, payload: bytes, ws: str = "ws1") -> bytes:
+    reader, writer = await open_forward(chain, service, ws)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        return await reader.read(-1)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def until_echo_works(chain: Chain, service: str, within: float = WAIT) -> None:
+    """The chain is up when a forwarded echo round trip succeeds."""
+    deadline = time.monotonic() + within
+    probe = os.urandom(64)
+    while True:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, TimeoutError):
+            if await asyncio.wait_for(echo_once(chain, service, probe), 5.0) == probe:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("chain never came up\n" + chain.logs())
+        await asyncio.sleep(0.2)
