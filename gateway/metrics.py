@@ -34,6 +34,12 @@ class GatewayMetrics:
             ["direction"],
             registry=r,
         )
+        self.enrollments = Counter(
+            "relay_enrollments_total",
+            "Enrollment attempts seen by the gateway, by result",
+            ["result"],
+            registry=r,
+        )
         self.revocations = Gauge(
             "relay_revoked_devices", "Revoked devices known to this gateway", registry=r
         )

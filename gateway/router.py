@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 RESERVED_PREFIX = "x-relay-"
 HEADER_DEVICE = "x-relay-device"
 HEADER_SITE = "x-relay-site"
+HEADER_PEER = "x-relay-peer"  # the source address of an enrollment attempt
 
 
 class Router:
@@ -49,14 +50,17 @@ class Router:
         usable = [link for link in self._agents.get(site, ()) if link.conn.can_open_stream()]
         return min(usable, key=lambda link: link.conn.open_streams, default=None)
 
-    def route(self, site: str, device_uri: str, stream: Stream) -> None:
-        """Splice a device's new stream to an agent of its site, or reset it with a code."""
+    def route(self, site: str, stream: Stream, origin: dict[str, str]) -> None:
+        """Splice a new stream to an agent of `site`, or reset it with a code.
+
+        `origin` are the x-relay-* headers the gateway vouches for (device, peer).
+        """
         agent = self._pick(site)
         if agent is None:
             self._refuse(stream, site, ErrorCode.NO_ROUTE, "no_route")
             return
         headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
-        headers[HEADER_DEVICE] = device_uri
+        headers.update(origin)
         headers[HEADER_SITE] = site
         try:
             upstream = agent.open_stream(headers)
@@ -73,7 +77,7 @@ class Router:
         log.debug(
             "stream routed",
             extra={
-                "device": device_uri,
+                "origin": origin.get(HEADER_DEVICE) or origin.get(HEADER_PEER, ""),
                 "stream": stream.stream_id,
                 "agent_stream": upstream.stream_id,
                 "target": stream.headers.get("target", ""),

@@ -16,8 +16,9 @@ import ssl
 from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
+from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
-from gateway.router import Router
+from gateway.router import HEADER_DEVICE, Router
 from relay.aio import Link, link_settings
 from relay.identity import Identity, IdentityError
 from relay.proto import ErrorCode
@@ -62,6 +63,7 @@ class GatewayServer:
         self.router = Router(metrics)
         self.links = Registry()
         self.revoked: set[str] = set()  # device SPIFFE URIs, memory only
+        self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -151,9 +153,12 @@ class GatewayServer:
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if alpn == ALPN_ENROLL:
-            # Enrollment is served by a later version; refuse clearly rather than hang.
-            transport.abort()
-            self._refused("enrollment_unavailable", peer)
+            host = peer.rsplit(":", 1)[0]
+            if not self.enrollment.admit(host, asyncio.get_running_loop().time()):
+                transport.abort()
+                self._refused("rate_limited", peer)
+                return
+            self.enrollment.attach(link, host)
             return
         role = TUNNEL_ALPNS.get(alpn or "")
         if role is None:
@@ -186,7 +191,8 @@ class GatewayServer:
             self.router.add_agent(site, link)
         else:
             uri = identity.uri
-            link.on_stream = lambda stream: self.router.route(site, uri, stream)
+            origin = {HEADER_DEVICE: uri}
+            link.on_stream = lambda stream: self.router.route(site, stream, origin)
             self.links.devices.setdefault(uri, set()).add(link)
         gauge.inc()
         log.info("link up", extra={"identity": identity.uri, "peer": peer})

@@ -1,0 +1,68 @@
+"""Enrollment links: TLS without a client certificate, one stream, passed to an agent.
+
+The gateway only checks the shape (ALPN, one `enroll` stream naming a site it has an
+agent for) and rate-limits attempts per source address; the agent judges the code and
+the CSR. Nothing is stored: the attempt lives as long as its link, at most LINK_LIFETIME.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimiter
+from gateway.router import HEADER_PEER, Router
+from relay.aio import Link, Stream
+from relay.proto import ErrorCode
+
+log = logging.getLogger(__name__)
+
+LINK_LIFETIME = 30.0  # seconds an enrollment link may stay open
+ATTEMPTS_PER_MINUTE = 10
+BURST = 5
+MAX_OPEN = 100  # concurrent enrollment links
+_SITE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class EnrollmentDesk:
+    def __init__(self, router: Router, metrics: GatewayMetrics) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.limiter = RateLimiter(rate=ATTEMPTS_PER_MINUTE / 60.0, burst=BURST)
+        self.open = 0
+
+    def admit(self, host: str, now: float) -> bool:
+        allowed = self.open < MAX_OPEN and self.limiter.allow(host, now)
+        if not allowed:
+            self.metrics.enrollments.labels("rate_limited").inc()
+        return allowed
+
+    def attach(self, link: Link, host: str) -> None:
+        link.name = f"enroll@{host}"
+        streams_seen = 0
+
+        def on_stream(stream: Stream) -> None:
+            nonlocal streams_seen
+            streams_seen += 1
+            site = stream.headers.get("site", "")
+            if streams_seen > 1 or stream.headers.get("target") != "enroll":
+                self._refuse(stream, "bad_request", ErrorCode.FORBIDDEN)
+            elif not _SITE.fullmatch(site) or not self.router.agent_links(site):
+                self._refuse(stream, "no_route", ErrorCode.NO_ROUTE)
+            else:
+                self.metrics.enrollments.labels("forwarded").inc()
+                self.router.route(site, stream, {HEADER_PEER: host})
+
+        link.on_stream = on_stream
+        self.open += 1
+        link.closed.add_done_callback(lambda _: self._closed())
+        link.loop.call_later(LINK_LIFETIME, link.close, ErrorCode.NO_ERROR, "enrollment time over")
+        link.start()
+
+    def _closed(self) -> None:
+        self.open -= 1
+
+    def _refuse(self, stream: Stream, result: str, code: ErrorCode) -> None:
+        self.metrics.enrollments.labels(result).inc()
+        stream.reset(code)
