@@ -1,0 +1,210 @@
+"""Helpers for tests of the two end processes: an in-process gateway, configs, TCP services.
+
+Everything runs on 127.0.0.1 with real TLS and certificates from relay.pki.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from pki_helpers import HOST, SitePki
+
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer
+from gateway.service import run_gateway
+from relay.agent.config import AgentConfig, PacsConfig, ServiceConfig
+from relay.config import Address, Backoff, TlsFiles, TunnelLimits
+from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
+
+WAIT = 10.0
+FAST = Backoff(initial=0.02, maximum=0.2)  # reconnect quickly in tests
+LIMITS = TunnelLimits(keepalive_interval=2.0, keepalive_timeout=6.0)
+
+TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class GatewayHandle:
+    server: GatewayServer
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, WAIT)
+
+
+async def start_gateway(pki: SitePki, tmp: Path, port: int = 0) -> GatewayHandle:
+    config = GatewayConfig(
+        path=tmp / "gateway.yaml",
+        listen=Address(HOST, port),
+        metrics_listen=None,
+        tls=TlsFiles(pki.gateway.cert, pki.gateway.key, pki.ca),
+        limits=LIMITS,
+        drain_grace=0.5,
+        handshake_timeout=5.0,
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[GatewayServer] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_gateway(config, stop=stop, started=started.set_result, handle_signals=False)
+    )
+    server = await asyncio.wait_for(started, WAIT)
+    return GatewayHandle(server, stop, task)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(pki: SitePki, tmp: Path, port: int = 0) -> AsyncIterator[GatewayHandle]:
+    handle = await start_gateway(pki, tmp, port)
+    try:
+        yield handle
+    finally:
+        if not handle.task.done():
+            await handle.shutdown()
+
+
+def agent_config(
+    pki: SitePki,
+    tmp: Path,
+    gateway_ports: list[int],
+    services: dict[str, tuple[int, bool]],
+    *,
+    pacs: PacsConfig | None = None,
+    drain_grace: float = 2.0,
+    resolve_interval: float = 30.0,
+    gateway_host: str = HOST,
+) -> AgentConfig:
+    return AgentConfig(
+        path=tmp / "agent.yaml",
+        site=pki.site,
+        gateways=tuple(Address(gateway_host, p) for p in gateway_ports),
+        tls=TlsFiles(pki.agent.cert, pki.agent.key, pki.ca),
+        pki=None,
+        state_dir=tmp / "state",
+        metrics_listen=None,
+        pacs=pacs,
+        services=MappingProxyType(
+            {
+                name: ServiceConfig(name, Address(HOST, port), compress)
+                for name, (port, compress) in services.items()
+            }
+        ),
+        limits=LIMITS,
+        reconnect=FAST,
+        resolve_interval=resolve_interval,
+        drain_grace=drain_grace,
+    )
+
+
+def device_identity_dir(pki: SitePki, tmp: Path, name: str = "ws1") -> Path:
+    """OUTDIR/device.crt device.key ca.crt, as `relay pki issue` writes them."""
+    pair = pki.device(name)
+    directory = tmp / f"identity-{name}"
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key, ca = (directory / n for n in IDENTITY_FILES)
+    cert.write_bytes(pair.cert.read_bytes())
+    key.write_bytes(pair.key.read_bytes())
+    key.chmod(0o600)
+    ca.write_bytes(pki.ca.read_bytes())
+    return directory
+
+
+def workstation_config(
+    identity_dir: Path,
+    tmp: Path,
+    gateway_port: int,
+    forward: dict[int, str] | None = None,
+    *,
+    drain_grace: float = 2.0,
+) -> WorkstationConfig:
+    return WorkstationConfig(
+        path=tmp / "workstation.yaml",
+        gateway=Address(HOST, gateway_port),
+        identity_dir=identity_dir,
+        metrics_listen=None,
+        dicom=None,
+        forward=MappingProxyType(
+            {Address(HOST, port): service for port, service in (forward or {}).items()}
+        ),
+        limits=LIMITS,
+        reconnect=FAST,
+        drain_grace=drain_grace,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then half-close back (a TCP service that honours half-close)."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    writer.close()
+
+
+@dataclass
+class TcpService:
+    server: asyncio.Server
+    connections: int = 0
+    handler_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def tcp_service(handler: TcpHandler = echo_handler) -> AsyncIterator[TcpService]:
+    service: TcpService
+
+    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        service.connections += 1
+        await handler(reader, writer)
+
+    server = await asyncio.start_server(wrapped, HOST, 0)
+    service = TcpService(server)
+    try:
+        yield service
+    finally:
+        server.close()
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = WAIT) -> None:
+    """Poll a condition (bounded): for states that have no event to wait on."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polling is the point here
+            await asyncio.sleep(0.01)
+
+
+async def tcp_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Connect, send, half-close, read until EOF."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()
