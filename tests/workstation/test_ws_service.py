@@ -1,0 +1,126 @@
+"""The workstation as a process, and the DICOM wiring of both ends through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ends_helpers import (
+    WAIT,
+    agent_config,
+    device_identity_dir,
+    free_port,
+    running_gateway,
+    tcp_exchange,
+    tcp_service,
+    wait_until,
+    workstation_config,
+)
+from pki_helpers import HOST, make_pki
+from test_ws_forward import workstation_up
+
+from relay.agent.config import PacsConfig
+from relay.agent.service import run_agent
+from relay.config import Address
+from relay.workstation.config import DicomNodeConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(pki, tmp_path)
+    async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
+        stop = asyncio.Event()
+        a_config = agent_config(pki, tmp_path, [gw.port], {"echo": (echo.port, True)})
+        agent = asyncio.create_task(
+            run_agent(a_config, stop=stop, handlers={}, handle_signals=False)
+        )
+        fwd = free_port()
+        config = tmp_path / "workstation.yaml"
+        config.write_text(
+            f"gateway: {HOST}:{gw.port}\n"
+            f"identity_dir: {identity}\n"
+            f'forward: {{"{HOST}:{fwd}": echo}}\n'
+            "reconnect: {initial: 0.05s, max: 0.5s}\n"
+            "drain_grace: 1s\n"
+        )
+        log = tmp_path / "ws.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay.cli", "workstation", "--config", str(config),
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            )  # fmt: skip
+        try:
+            await wait_until(lambda: gw.server.router.sites() == ["main"], within=30)
+            await wait_until(lambda: len(gw.server.links.devices) == 1, within=30)
+            payload = b"through a real workstation process " * 1000
+            assert await asyncio.wait_for(tcp_exchange(fwd, payload), WAIT) == payload
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proc.wait(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            stop.set()
+            await asyncio.wait_for(agent, WAIT)
+        assert code == 0, log.read_text()
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        messages = [e["msg"] for e in entries]
+        assert "link up" in messages and "workstation stopped" in messages
+        assert all(payload[:20].decode() not in line for line in log.read_text().splitlines())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
+    """Both ends' DICOM wiring: the node uses Tunnel.open_stream, the agent the dicom handler."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from relay.dicom.embedded_pacs import EmbeddedPacs
+
+    pki = make_pki(tmp_path / "pki")
+    pacs = EmbeddedPacs(ae_title="RELAYPACS")
+    pacs.start()
+    try:
+        async with running_gateway(pki, tmp_path) as gw:
+            a_config = dataclasses.replace(
+                agent_config(pki, tmp_path, [gw.port], {}),
+                pacs=PacsConfig("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
+            )
+            stop = asyncio.Event()
+            agent = asyncio.create_task(run_agent(a_config, stop=stop, handle_signals=False))
+            node_port = free_port()
+            w_config = dataclasses.replace(
+                workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port),
+                dicom=DicomNodeConfig(Address(HOST, node_port), "RELAY"),
+            )
+            try:
+                async with workstation_up(w_config) as (ws, _, _):
+                    await wait_until(lambda: gw.server.router.sites() == ["main"])
+                    await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+
+                    def echo() -> int:
+                        viewer = AE(ae_title="VIEWER")
+                        viewer.add_requested_context(Verification)
+                        assoc = viewer.associate(HOST, node_port, ae_title="RELAY")
+                        assert assoc.is_established
+                        try:
+                            status = assoc.send_c_echo()
+                            return int(status.Status)
+                        finally:
+                            assoc.release()
+
+                    assert await asyncio.wait_for(asyncio.to_thread(echo), 30) == 0x0000
+                    assert ws.tunnel.stats.opened >= 1
+            finally:
+                stop.set()
+                await asyncio.wait_for(agent, WAIT)
+    finally:
+        pacs.stop()

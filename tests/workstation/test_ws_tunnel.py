@@ -1,0 +1,120 @@
+"""The workstation's Tunnel: bounded waits for the link, NO_ROUTE retries and their limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from ends_helpers import (
+    WAIT,
+    agent_config,
+    device_identity_dir,
+    free_port,
+    running_gateway,
+    tcp_service,
+    wait_until,
+    workstation_config,
+)
+from pki_helpers import make_pki
+from test_ws_forward import agent_up
+
+from relay.proto import ErrorCode
+from relay.streams import StreamReset
+from relay.workstation.config import WorkstationConfig
+from relay.workstation.service import Workstation
+from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+
+
+@contextlib.asynccontextmanager
+async def linked(config: WorkstationConfig) -> AsyncIterator[Workstation]:
+    ws = Workstation(config)
+    await ws.start()
+    try:
+        yield ws
+    finally:
+        await ws.shutdown(0.5)
+
+
+async def read_all(stream: RoutedStream) -> bytes:
+    parts = []
+    while chunk := await stream.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def test_no_link_means_tunnel_unavailable_within_the_timeout(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, free_port())
+    async with linked(config) as ws:
+        with pytest.raises(TunnelUnavailable):
+            await asyncio.wait_for(ws.tunnel.open_stream({"target": "tcp:x"}, timeout=0.3), WAIT)
+        assert ws.tunnel.stats.unavailable == 1
+        assert ws.kept.stats.last_error == "connect"
+
+
+async def test_no_route_after_the_deadline_reaches_the_caller(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with linked(config) as ws:
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            stream = await ws.tunnel.open_stream({"target": "tcp:x"}, timeout=0.5)
+            await stream.write(b"request")
+            with pytest.raises(StreamReset) as info:
+                await asyncio.wait_for(stream.read(), WAIT)
+            assert info.value.code == ErrorCode.NO_ROUTE
+            assert stream.attempts >= 2  # it did retry, within the deadline
+
+
+async def test_beyond_the_replay_limit_no_route_is_not_retried(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with linked(config) as ws:
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            tunnel = Tunnel(ws.kept, replay_limit=10)
+            stream = await tunnel.open_stream({"target": "tcp:x"}, timeout=WAIT)
+            with contextlib.suppress(StreamReset):
+                await stream.write(b"more than ten bytes")  # the copy is dropped
+            with pytest.raises(StreamReset) as info:
+                await asyncio.wait_for(stream.read(), WAIT)
+            assert info.value.code == ErrorCode.NO_ROUTE
+            assert tunnel.stats.rerouted == 0 and stream.attempts == 1
+
+
+async def test_other_resets_are_not_retried(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with agent_up(agent_config(pki, tmp_path, [gw.port], {})), linked(config) as ws:
+            await wait_until(lambda: gw.server.router.sites() == ["main"])
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            stream = await ws.tunnel.open_stream({"target": "tcp:unknown"})
+            await stream.write(b"x")
+            with pytest.raises(StreamReset) as info:
+                await asyncio.wait_for(stream.read(), WAIT)
+            assert info.value.code == ErrorCode.FORBIDDEN
+            assert ws.tunnel.stats.rerouted == 0
+
+
+async def test_replay_includes_the_half_close(tmp_path: Path) -> None:
+    """Request and EOF written before any route exists; both arrive once it does."""
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with linked(config) as ws:
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            stream = await ws.tunnel.open_stream({"target": "tcp:echo"}, timeout=WAIT)
+            await stream.write(b"part one, ")
+            await stream.write(b"part two")
+            await stream.write_eof()
+            reader = asyncio.create_task(read_all(stream))
+            await wait_until(lambda: ws.tunnel.stats.rerouted >= 1)
+            a_config = agent_config(pki, tmp_path, [gw.port], {"echo": (echo.port, False)})
+            async with agent_up(a_config):
+                assert await asyncio.wait_for(reader, WAIT) == b"part one, part two"
+            assert stream.confirmed
+            assert echo.connections == 1
