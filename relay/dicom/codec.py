@@ -1,0 +1,657 @@
+"""Message codec for DICOM over one relay stream, shared by the agent and the workstation.
+
+A stream carries length-prefixed typed messages (layout in PROTOCOL-DICOM.md). The codec is
+sans-I/O: `MessageCodec.encode()` turns a message into the bytes to write and `decode()` turns
+one received payload back into a message; `read_payload()` / `write_message()` are the only
+helpers that touch a stream. Every size is bounded by `DicomLimits` before memory is spent on
+it, and bodies are zstd-compressed unless their transfer syntax is already compressed or the
+data does not shrink.
+
+This module imports zstandard but never pydicom or pynetdicom, so that it stays cheap to load
+and easy to fuzz.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Final, Literal, Protocol
+
+import zstandard
+
+from relay.streams import ByteStream
+
+VERSION: Final = 1
+
+_PREFIX = struct.Struct(">I")  # payload length
+_FIXED = struct.Struct(">BBBH")  # version, type, flags, header length
+FLAG_ZSTD: Final = 0x01
+_KNOWN_FLAGS: Final = FLAG_ZSTD
+
+MAX_COUNT: Final = 0xFFFF  # DIMSE sub-operation counts are US
+MAX_UID: Final = 64
+MAX_AE: Final = 16
+
+# Bodies smaller than this are not worth a zstd frame header.
+MIN_COMPRESS: Final = 256
+
+
+class DicomProtocolError(ValueError):
+    """A message this codec refuses to encode or decode: malformed, too large, wrong version."""
+
+
+class MessageType(IntEnum):
+    REQUEST = 1
+    PENDING = 2
+    INSTANCE = 3
+    FINAL = 4
+    CANCEL = 5
+    ERROR = 6
+
+
+@dataclass(frozen=True)
+class DicomLimits:
+    """Every size the DICOM layer accepts; a peer cannot make us allocate more."""
+
+    max_message: int = 512 * 1024 * 1024  # one payload on the wire (compressed form)
+    max_dataset: int = 512 * 1024 * 1024  # one dataset once decompressed
+    max_header: int = 16 * 1024  # JSON header of one message
+    max_list: int = 1024  # entries in a list field (failed UIDs, SOP classes)
+    max_text: int = 1024  # characters in a free-text field (comments, reasons)
+    queue_depth: int = 4  # instances in flight between a pynetdicom thread and asyncio
+
+    def __post_init__(self) -> None:
+        for name in ("max_message", "max_dataset", "max_header", "max_list", "max_text"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DicomLimits.{name} must be positive")
+        if self.max_header > 0xFFFF:
+            raise ValueError("DicomLimits.max_header cannot exceed 65535 (u16 on the wire)")
+        if self.queue_depth < 1:
+            raise ValueError("DicomLimits.queue_depth must be at least 1")
+
+
+Op = Literal["echo", "find", "retrieve", "store"]
+Root = Literal["", "patient", "study"]
+_OPS: Final = ("echo", "find", "retrieve", "store")
+_ROOTS: Final = ("", "patient", "study")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The one request that opens a DICOM stream (workstation -> agent).
+
+    `dataset` is the query/retrieve identifier (find, retrieve) or the instance (store),
+    encoded in `transfer_syntax`. A viewer's C-GET and C-MOVE both become `retrieve`: how the
+    instances reach the viewer is the workstation's business, how they leave the PACS is the
+    agent's (its `retrieve: get|move` setting).
+    """
+
+    op: Op
+    root: Root = ""
+    transfer_syntax: str = ""
+    dataset: bytes = b""
+    sop_class: str = ""
+    sop_instance: str = ""
+    priority: int = 0
+    move_originator_ae: str = ""
+    move_originator_id: int | None = None
+    calling_ae: str = ""  # the viewer's AE title, for the audit trail
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A pending response: a C-FIND match (dataset) or retrieve progress (counts).
+
+    The first Pending of a retrieve may also announce what the agent learned by querying
+    the PACS first: the SOP classes and transfer syntaxes that will arrive.
+    """
+
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    transfer_syntax: str = ""
+    dataset: bytes = b""
+    sop_classes: tuple[str, ...] = ()
+    transfer_syntaxes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One retrieved instance: the PACS's dataset bytes, in the PACS's transfer syntax."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    dataset: bytes
+
+
+@dataclass(frozen=True)
+class FinalResponse:
+    """The last message of an operation: DIMSE status, reason text and final counts."""
+
+    status: int
+    comment: str = ""
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    failed_instances: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The viewer sent C-CANCEL (workstation -> agent)."""
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """A protocol-level error; the sender closes the stream after it."""
+
+    reason: str
+
+
+Message = Request | Pending | Instance | FinalResponse | Cancel | ErrorMessage
+
+# Transfer syntaxes whose bodies zstd cannot usefully shrink: JPEG, JPEG-LS, JPEG 2000,
+# HTJ2K, JPIP, MPEG-2/4, HEVC (all under 1.2.840.10008.1.2.4.), RLE, deflate, and
+# Deflated Image Frame Compression.
+_COMPRESSED_TS_PREFIXES: Final = ("1.2.840.10008.1.2.4.",)
+_COMPRESSED_TS: Final = frozenset(
+    {
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
+    }
+)
+
+
+def is_precompressed(transfer_syntax: str) -> bool:
+    """True when the dataset's pixel data (or the whole dataset) is already compressed."""
+    return transfer_syntax in _COMPRESSED_TS or transfer_syntax.startswith(_COMPRESSED_TS_PREFIXES)
+
+
+class ByteCounter(Protocol):
+    """Where the codec reports raw and on-the-wire bytes (see relay.dicom.stats)."""
+
+    def bytes_transferred(self, direction: str, raw: int, wire: int) -> None: ...
+
+
+@dataclass
+class CodecCounters:
+    """Raw (uncompressed) and wire bytes through one codec, for metrics and tests."""
+
+    sent_raw: int = 0
+    sent_wire: int = 0
+    received_raw: int = 0
+    received_wire: int = 0
+    compressed_messages: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, direction: str, raw: int, wire: int, compressed: bool) -> None:
+        with self._lock:
+            if direction == "out":
+                self.sent_raw += raw
+                self.sent_wire += wire
+            else:
+                self.received_raw += raw
+                self.received_wire += wire
+            if compressed:
+                self.compressed_messages += 1
+
+
+class MessageCodec:
+    """Encodes and decodes messages; thread-safe (zstd contexts are per thread)."""
+
+    def __init__(
+        self,
+        limits: DicomLimits | None = None,
+        *,
+        level: int = 3,
+        stats: ByteCounter | None = None,
+    ) -> None:
+        if not -7 <= level <= 22:
+            raise ValueError("zstd level must be between -7 and 22")
+        self.limits = limits or DicomLimits()
+        self.level = level
+        self.counters = CodecCounters()
+        self._stats = stats
+        self._local = threading.local()
+
+    # -- zstd -------------------------------------------------------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+        if c is None:
+            c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            self._local.c = c
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d: zstandard.ZstdDecompressor | None = getattr(self._local, "d", None)
+        if d is None:
+            d = zstandard.ZstdDecompressor()
+            self._local.d = d
+        return d
+
+    def _maybe_compress(self, body: bytes, transfer_syntax: str) -> tuple[bytes, bool]:
+        if len(body) < MIN_COMPRESS or is_precompressed(transfer_syntax):
+            return body, False
+        packed = self._compressor().compress(body)
+        if len(packed) >= len(body):
+            return body, False  # does not shrink: send as is
+        return packed, True
+
+    def _decompress(self, packed: bytes | memoryview) -> bytes:
+        limit = self.limits.max_dataset
+        try:
+            size = zstandard.frame_content_size(packed)
+        except zstandard.ZstdError as exc:
+            raise DicomProtocolError(f"bad zstd frame: {exc}") from None
+        if size < 0:
+            raise DicomProtocolError("zstd frame without content size")
+        if size > limit:
+            raise DicomProtocolError(f"dataset of {size} bytes exceeds limit {limit}")
+        try:
+            # Streaming, so memory follows the real output, not the size the frame claims.
+            dobj = self._decompressor().decompressobj()
+            out = dobj.decompress(packed)
+        except zstandard.ZstdError as exc:
+            raise DicomProtocolError(f"bad zstd frame: {exc}") from None
+        if not dobj.eof or dobj.unused_data:
+            raise DicomProtocolError("zstd body is not exactly one frame")
+        if len(out) != size:
+            raise DicomProtocolError("zstd frame shorter than its declared size")
+        return bytes(out)
+
+    # -- encode -----------------------------------------------------------------------
+
+    def encode(self, msg: Message) -> bytes:
+        """The bytes to write for `msg`: length prefix, fixed header, JSON header, body."""
+        try:
+            mtype, header, body, ts = _to_wire(msg, self.limits)
+        except DicomProtocolError:
+            raise
+        except ValueError as exc:
+            raise DicomProtocolError(str(exc)) from None
+        if len(body) > self.limits.max_dataset:
+            raise DicomProtocolError(
+                f"dataset of {len(body)} bytes exceeds limit {self.limits.max_dataset}"
+            )
+        hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(hbytes) > self.limits.max_header:
+            raise DicomProtocolError(
+                f"header of {len(hbytes)} bytes exceeds limit {self.limits.max_header}"
+            )
+        wire_body, compressed = self._maybe_compress(body, ts)
+        flags = FLAG_ZSTD if compressed else 0
+        length = _FIXED.size + len(hbytes) + len(wire_body)
+        if length > self.limits.max_message:
+            raise DicomProtocolError(
+                f"message of {length} bytes exceeds limit {self.limits.max_message}"
+            )
+        out = b"".join(
+            (
+                _PREFIX.pack(length),
+                _FIXED.pack(VERSION, mtype, flags, len(hbytes)),
+                hbytes,
+                wire_body,
+            )
+        )
+        raw = len(out) - len(wire_body) + len(body)
+        self._count("out", raw, len(out), compressed)
+        return out
+
+    # -- decode -----------------------------------------------------------------------
+
+    def check_length(self, length: int) -> None:
+        """Refuse a length prefix before reading the payload it announces."""
+        if length < _FIXED.size:
+            raise DicomProtocolError(f"message length {length} shorter than its header")
+        if length > self.limits.max_message:
+            raise DicomProtocolError(
+                f"message of {length} bytes exceeds limit {self.limits.max_message}"
+            )
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> Message:
+        """One message from its payload (the bytes after the length prefix)."""
+        view = memoryview(payload)
+        self.check_length(len(view))
+        version, mtype, flags, hlen = _FIXED.unpack_from(view, 0)
+        if version != VERSION:
+            raise DicomProtocolError(f"unsupported DICOM stream version {version}")
+        if flags & ~_KNOWN_FLAGS:
+            raise DicomProtocolError(f"unknown flags 0x{flags:02x}")
+        if hlen > self.limits.max_header:
+            raise DicomProtocolError(
+                f"header of {hlen} bytes exceeds limit {self.limits.max_header}"
+            )
+        start = _FIXED.size
+        if start + hlen > len(view):
+            raise DicomProtocolError("header runs past the end of the message")
+        try:
+            header = json.loads(bytes(view[start : start + hlen]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DicomProtocolError(f"bad header: {exc}") from None
+        if not isinstance(header, dict):
+            raise DicomProtocolError("header is not a JSON object")
+        wire_body = view[start + hlen :]
+        compressed = bool(flags & FLAG_ZSTD)
+        if compressed:
+            body = self._decompress(wire_body)
+        else:
+            if len(wire_body) > self.limits.max_dataset:
+                raise DicomProtocolError(
+                    f"dataset of {len(wire_body)} bytes exceeds limit {self.limits.max_dataset}"
+                )
+            body = bytes(wire_body)
+        try:
+            kind = MessageType(mtype)
+        except ValueError:
+            raise DicomProtocolError(f"unknown message type {mtype}") from None
+        msg = _from_wire(kind, header, body, self.limits)
+        raw = _PREFIX.size + len(view) - len(wire_body) + len(body)
+        self._count("in", raw, _PREFIX.size + len(view), compressed)
+        return msg
+
+    def decode_frame(self, data: bytes) -> Message:
+        """One message from a whole frame (length prefix included), for tests and tools."""
+        if len(data) < _PREFIX.size:
+            raise DicomProtocolError("truncated length prefix")
+        (length,) = _PREFIX.unpack_from(data, 0)
+        self.check_length(length)
+        if len(data) != _PREFIX.size + length:
+            raise DicomProtocolError("frame length does not match its prefix")
+        return self.decode(memoryview(data)[_PREFIX.size :])
+
+    def _count(self, direction: str, raw: int, wire: int, compressed: bool) -> None:
+        self.counters.add(direction, raw, wire, compressed)
+        if self._stats is not None:
+            self._stats.bytes_transferred(direction, raw, wire)
+
+
+# -- stream helpers -------------------------------------------------------------------
+
+
+async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | None:
+    """The next message payload, or None on a clean end of stream between messages.
+
+    Raises DicomProtocolError for a stream that ends inside a message or announces one
+    larger than the limit; StreamReset passes through.
+    """
+    prefix = bytearray()
+    while len(prefix) < _PREFIX.size:
+        chunk = await stream.read(_PREFIX.size - len(prefix))
+        if not chunk:
+            if prefix:
+                raise DicomProtocolError("stream ended inside a length prefix")
+            return None
+        prefix += chunk
+    (length,) = _PREFIX.unpack(prefix)
+    codec.check_length(length)
+    buf = bytearray(length)
+    view = memoryview(buf)
+    have = 0
+    while have < length:
+        chunk = await stream.read(min(length - have, 1 << 20))
+        if not chunk:
+            raise DicomProtocolError(f"stream ended after {have} of {length} message bytes")
+        view[have : have + len(chunk)] = chunk
+        have += len(chunk)
+    return buf
+
+
+async def read_message(stream: ByteStream, codec: MessageCodec) -> Message | None:
+    """The next decoded message, or None on a clean end of stream."""
+    payload = await read_payload(stream, codec)
+    return None if payload is None else codec.decode(payload)
+
+
+async def write_message(stream: ByteStream, codec: MessageCodec, msg: Message) -> None:
+    await stream.write(codec.encode(msg))
+
+
+# -- header mapping -------------------------------------------------------------------
+
+
+def _to_wire(msg: Message, limits: DicomLimits) -> tuple[int, dict[str, Any], bytes, str]:
+    """(type, header, body, transfer syntax of the body) after validating `msg`."""
+    header: dict[str, Any] = {}
+    if isinstance(msg, Request):
+        _check_request(msg, limits)
+        header["op"] = msg.op
+        _put(header, "root", msg.root)
+        _put(header, "ts", msg.transfer_syntax)
+        _put(header, "cls", msg.sop_class)
+        _put(header, "iuid", msg.sop_instance)
+        if msg.priority:
+            header["prio"] = msg.priority
+        _put(header, "mae", msg.move_originator_ae)
+        if msg.move_originator_id is not None:
+            header["mid"] = msg.move_originator_id
+        _put(header, "cae", msg.calling_ae)
+        return MessageType.REQUEST, header, msg.dataset, msg.transfer_syntax
+    if isinstance(msg, Pending):
+        _check_counts(msg.remaining, msg.completed, msg.failed, msg.warning)
+        _check_uid(msg.transfer_syntax, "transfer_syntax", empty_ok=True)
+        _check_uids(msg.sop_classes, "sop_classes", limits)
+        _check_uids(msg.transfer_syntaxes, "transfer_syntaxes", limits)
+        _put_counts(header, msg.remaining, msg.completed, msg.failed, msg.warning)
+        _put(header, "ts", msg.transfer_syntax)
+        if msg.sop_classes:
+            header["classes"] = list(msg.sop_classes)
+        if msg.transfer_syntaxes:
+            header["tss"] = list(msg.transfer_syntaxes)
+        return MessageType.PENDING, header, msg.dataset, msg.transfer_syntax
+    if isinstance(msg, Instance):
+        _check_uid(msg.sop_class, "sop_class")
+        _check_uid(msg.sop_instance, "sop_instance")
+        _check_uid(msg.transfer_syntax, "transfer_syntax")
+        header = {"cls": msg.sop_class, "iuid": msg.sop_instance, "ts": msg.transfer_syntax}
+        return MessageType.INSTANCE, header, msg.dataset, msg.transfer_syntax
+    if isinstance(msg, FinalResponse):
+        _check_int(msg.status, "status", 0, 0xFFFF)
+        _check_text(msg.comment, "comment", limits)
+        _check_counts(msg.remaining, msg.completed, msg.failed, msg.warning)
+        _check_uids(msg.failed_instances, "failed_instances", limits)
+        header["status"] = msg.status
+        _put(header, "comment", msg.comment)
+        _put_counts(header, msg.remaining, msg.completed, msg.failed, msg.warning)
+        if msg.failed_instances:
+            header["failed_uids"] = list(msg.failed_instances)
+        return MessageType.FINAL, header, b"", ""
+    if isinstance(msg, Cancel):
+        return MessageType.CANCEL, header, b"", ""
+    if isinstance(msg, ErrorMessage):
+        _check_text(msg.reason, "reason", limits)
+        header["reason"] = msg.reason
+        return MessageType.ERROR, header, b"", ""
+    raise TypeError(f"not a DICOM stream message: {msg!r}")
+
+
+def _from_wire(
+    kind: MessageType, header: Mapping[str, Any], body: bytes, limits: DicomLimits
+) -> Message:
+    if kind is MessageType.REQUEST:
+        op = _get_str(header, "op", limits)
+        root = _get_str(header, "root", limits)
+        if op not in _OPS:
+            raise DicomProtocolError(f"unknown operation {op!r}")
+        if root not in _ROOTS:
+            raise DicomProtocolError(f"unknown query root {root!r}")
+        req = Request(
+            op=op,  # type: ignore[arg-type]  # checked against _OPS above
+            root=root,  # type: ignore[arg-type]
+            transfer_syntax=_get_str(header, "ts", limits),
+            dataset=body,
+            sop_class=_get_str(header, "cls", limits),
+            sop_instance=_get_str(header, "iuid", limits),
+            priority=_get_int(header, "prio", 0, 2) or 0,
+            move_originator_ae=_get_str(header, "mae", limits),
+            move_originator_id=_get_int(header, "mid", 0, 0xFFFF),
+            calling_ae=_get_str(header, "cae", limits),
+        )
+        _wrap(_check_request, req, limits)
+        return req
+    if kind is MessageType.PENDING:
+        pending = Pending(
+            remaining=_get_int(header, "rem", 0, MAX_COUNT),
+            completed=_get_int(header, "ok", 0, MAX_COUNT),
+            failed=_get_int(header, "fail", 0, MAX_COUNT),
+            warning=_get_int(header, "warn", 0, MAX_COUNT),
+            transfer_syntax=_get_str(header, "ts", limits),
+            dataset=body,
+            sop_classes=_get_strs(header, "classes", limits),
+            transfer_syntaxes=_get_strs(header, "tss", limits),
+        )
+        _wrap(_check_uid, pending.transfer_syntax, "transfer_syntax", empty_ok=True)
+        _wrap(_check_uids, pending.sop_classes, "sop_classes", limits)
+        _wrap(_check_uids, pending.transfer_syntaxes, "transfer_syntaxes", limits)
+        return pending
+    if kind is MessageType.INSTANCE:
+        inst = Instance(
+            sop_class=_get_str(header, "cls", limits),
+            sop_instance=_get_str(header, "iuid", limits),
+            transfer_syntax=_get_str(header, "ts", limits),
+            dataset=body,
+        )
+        for name in ("sop_class", "sop_instance", "transfer_syntax"):
+            _wrap(_check_uid, getattr(inst, name), name)
+        return inst
+    _no_body(kind, body)
+    if kind is MessageType.FINAL:
+        status = _get_int(header, "status", 0, 0xFFFF)
+        if status is None:
+            raise DicomProtocolError("final response without status")
+        final = FinalResponse(
+            status=status,
+            comment=_get_str(header, "comment", limits),
+            remaining=_get_int(header, "rem", 0, MAX_COUNT),
+            completed=_get_int(header, "ok", 0, MAX_COUNT),
+            failed=_get_int(header, "fail", 0, MAX_COUNT),
+            warning=_get_int(header, "warn", 0, MAX_COUNT),
+            failed_instances=_get_strs(header, "failed_uids", limits),
+        )
+        _wrap(_check_uids, final.failed_instances, "failed_instances", limits)
+        return final
+    if kind is MessageType.CANCEL:
+        return Cancel()
+    return ErrorMessage(reason=_get_str(header, "reason", limits))
+
+
+def _no_body(kind: MessageType, body: bytes) -> None:
+    if body:
+        raise DicomProtocolError(f"{kind.name} message with a body")
+
+
+def _wrap(check: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        check(*args, **kwargs)
+    except ValueError as exc:
+        raise DicomProtocolError(str(exc)) from None
+
+
+def _put(header: dict[str, Any], key: str, value: str) -> None:
+    if value:
+        header[key] = value
+
+
+def _put_counts(
+    header: dict[str, Any], rem: int | None, ok: int | None, fail: int | None, warn: int | None
+) -> None:
+    for key, value in (("rem", rem), ("ok", ok), ("fail", fail), ("warn", warn)):
+        if value is not None:
+            header[key] = value
+
+
+def _get_str(header: Mapping[str, Any], key: str, limits: DicomLimits) -> str:
+    value = header.get(key, "")
+    if not isinstance(value, str):
+        raise DicomProtocolError(f"header field {key!r} is not a string")
+    if len(value) > limits.max_text:
+        raise DicomProtocolError(f"header field {key!r} longer than {limits.max_text}")
+    return value
+
+
+def _get_int(header: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = header.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise DicomProtocolError(f"header field {key!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _get_strs(header: Mapping[str, Any], key: str, limits: DicomLimits) -> tuple[str, ...]:
+    value = header.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DicomProtocolError(f"header field {key!r} is not a list of strings")
+    if len(value) > limits.max_list:
+        raise DicomProtocolError(f"header field {key!r} has more than {limits.max_list} items")
+    return tuple(value)
+
+
+def _check_int(value: int, name: str, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+
+
+def _check_counts(*counts: int | None) -> None:
+    for count in counts:
+        if count is not None:
+            _check_int(count, "sub-operation count", 0, MAX_COUNT)
+
+
+def _check_text(value: str, name: str, limits: DicomLimits) -> None:
+    if len(value) > limits.max_text:
+        raise ValueError(f"{name} longer than {limits.max_text} characters")
+
+
+_UID_CHARS: Final = frozenset("0123456789.")
+
+
+def _check_uid(value: str, name: str, *, empty_ok: bool = False) -> None:
+    if not value:
+        if empty_ok:
+            return
+        raise ValueError(f"{name} is empty")
+    if len(value) > MAX_UID or not set(value) <= _UID_CHARS:
+        raise ValueError(f"{name} is not a DICOM UID: {value[:80]!r}")
+
+
+def _check_uids(values: Sequence[str], name: str, limits: DicomLimits) -> None:
+    if len(values) > limits.max_list:
+        raise ValueError(f"{name} has more than {limits.max_list} items")
+    for v in values:
+        _check_uid(v, name)
+
+
+def _check_request(req: Request, limits: DicomLimits) -> None:
+    if req.op not in _OPS:
+        raise ValueError(f"unknown operation {req.op!r}")
+    if req.root not in _ROOTS:
+        raise ValueError(f"unknown query root {req.root!r}")
+    if req.op in ("find", "retrieve") and not req.root:
+        raise ValueError(f"{req.op} request without a query root")
+    if req.op != "echo":
+        _check_uid(req.transfer_syntax, "transfer_syntax")
+    else:
+        _check_uid(req.transfer_syntax, "transfer_syntax", empty_ok=True)
+    if req.op == "store":
+        _check_uid(req.sop_class, "sop_class")
+        _check_uid(req.sop_instance, "sop_instance")
+    else:
+        _check_uid(req.sop_class, "sop_class", empty_ok=True)
+        _check_uid(req.sop_instance, "sop_instance", empty_ok=True)
+    _check_int(req.priority, "priority", 0, 2)
+    if req.move_originator_id is not None:
+        _check_int(req.move_originator_id, "move_originator_id", 0, 0xFFFF)
+    for name in ("move_originator_ae", "calling_ae"):
+        value = getattr(req, name)
+        if len(value) > MAX_AE:
+            raise ValueError(f"{name} longer than {MAX_AE} characters")
+    _check_text(req.calling_ae, "calling_ae", limits)
