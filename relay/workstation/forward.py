@@ -23,12 +23,20 @@ from relay.config import Address
 from relay.tcpforward import SpliceStats, abort_socket, splice, tune_socket
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
 
-__all__ = ["MAX_CONNECTIONS", "ForwardStats", "Forwarder"]
+__all__ = ["MAX_CONNECTIONS", "ForwardListenError", "ForwardStats", "Forwarder"]
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS: Final = 256  # forwarded connections at once, all ports together
 OPEN_TIMEOUT: Final = 10.0  # how long a new connection waits for a routed stream
+
+
+class ForwardListenError(OSError):
+    """A forwarded address cannot be listened on (taken, not local); names the address."""
+
+    def __init__(self, address: Address, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot listen on {address}: {cause.strerror or cause}")
+        self.address = address
 
 
 @dataclass
@@ -75,11 +83,14 @@ class Forwarder:
         """Listen on every forwarded address (fails if one is taken: config error)."""
         try:
             for address, service in self.forwards.items():
-                server = await asyncio.start_server(
-                    functools.partial(self._accepted, service=service),
-                    address.host,
-                    address.port,
-                )
+                try:
+                    server = await asyncio.start_server(
+                        functools.partial(self._accepted, service=service),
+                        address.host,
+                        address.port,
+                    )
+                except OSError as exc:
+                    raise ForwardListenError(address, exc) from None
                 self._servers.append(server)
                 host, port = server.sockets[0].getsockname()[:2]
                 self.bound[address] = Address(str(host), int(port))

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from relay.aio import link_settings
 from relay.backoff import ExponentialBackoff, Uniform
+from relay.config import ConfigError
 from relay.dialer import KeptLink
 from relay.logs import setup_logging
 from relay.proto import ErrorCode
 from relay.runtime import run_loop
 from relay.tls import ALPN_DEVICE, client_context
 from relay.workstation.config import WorkstationConfig, load_workstation_config
-from relay.workstation.forward import Forwarder
+from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
 
 __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
@@ -52,8 +53,11 @@ class Workstation:
         self.forwarder = Forwarder(self.tunnel, config.forward, compression_level=COMPRESSION_LEVEL)
 
     async def start(self) -> None:
-        """Listen locally first (a taken port is a start-up error), then dial."""
-        await self.forwarder.start()
+        """Listen locally first (a taken port is a start-up error naming the key), then dial."""
+        try:
+            await self.forwarder.start()
+        except ForwardListenError as exc:
+            raise ConfigError(self.config.path, f'forward."{exc.address}"', str(exc)) from None
         self.kept.start()
 
     async def shutdown(self, grace: float) -> None:

@@ -241,3 +241,21 @@ def test_nodelay_on_accepted_sockets() -> None:
         server.close()
 
     asyncio.run(scenario())
+
+
+async def test_a_taken_forward_port_names_the_key(tmp_path: Path) -> None:
+    from relay.config import ConfigError
+
+    pki = make_pki(tmp_path / "pki")
+    blocker = await asyncio.start_server(lambda r, w: None, HOST, 0)
+    taken = blocker.sockets[0].getsockname()[1]
+    config = workstation_config(
+        device_identity_dir(pki, tmp_path), tmp_path, free_port(), {taken: "echo"}
+    )
+    try:
+        with pytest.raises(ConfigError) as info:
+            await run_workstation(config, handle_signals=False)
+    finally:
+        blocker.close()
+    assert info.value.key == f'forward."{HOST}:{taken}"'
+    assert "workstation.yaml" in str(info.value)
