@@ -100,7 +100,8 @@ async def dial(
             )
     except TimeoutError:
         raise DialError("timeout", f"{address}: no TLS link within {timeout}s") from None
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError) as exc:
+        # Reset or aborted mid-handshake is the peer refusing TLS, not an unreachable host.
         reason = classify_handshake_error(exc)
         raise DialError(reason, f"{address}: TLS handshake failed ({reason}): {exc}") from None
     except OSError as exc:
@@ -232,6 +233,12 @@ class KeptLink:
                 )
                 await asyncio.sleep(delay)
                 continue
+            except Exception as exc:  # a bug must not end the supervision: log, back off
+                self.stats.failures += 1
+                self.stats.last_error = "internal"
+                log.exception("dial crashed", extra={**self._log, "error": str(exc)})
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
             await self._serve(link, lost, mark_lost)
 
     async def _serve(
@@ -248,9 +255,12 @@ class KeptLink:
         self.up.set()
         since = loop.time()
         log.info("link up", extra={**self._log, "peer": str(link.peer)})
-        if self.on_up is not None:
-            self.on_up(link)
         try:
+            if self.on_up is not None:
+                try:
+                    self.on_up(link)
+                except Exception:
+                    log.exception("on_up callback failed", extra=self._log)
             await lost
         finally:
             if self.link is link:
