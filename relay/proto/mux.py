@@ -202,8 +202,15 @@ class Connection:
 
     def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
         """Abort a stream. Idempotent; its unread data's credit goes back to the link."""
+        if self.terminated:
+            return
         stream = self._streams.get(stream_id)
-        if stream is None or self.terminated:
+        if stream is None:
+            # Closed both ways already: nothing to tell the peer, but unread data's
+            # credit must still come back.
+            unread = self._closed_unacked.pop(stream_id, 0)
+            if unread:
+                self._return_link_credit(unread)
             return
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
@@ -458,8 +465,10 @@ class Connection:
         events.append(StreamReset(stream.id, code, remote=True))
 
     def _on_ping(self, frame: fr.Frame, now: float, events: list[Event]) -> None:
-        if frame.stream_id or len(frame.payload) != 8:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING must be 8 bytes on stream 0")
+        if frame.stream_id:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+        if len(frame.payload) != 8:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
         if not frame.flags & Flags.ACK:
             self._out.append(fr.encode(FrameType.PING, Flags.ACK, 0, frame.payload))
             return

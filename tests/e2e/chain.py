@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,14 +63,14 @@ class Proc:
         assert self.popen is not None
         return self.popen.pid
 
-    def signal(self, sig: int) -> None:
+    def send_signal(self, sig: int) -> None:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.popen is None:
             return None
-        self.signal(sig)
+        self.send_signal(sig)
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:

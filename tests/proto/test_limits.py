@@ -323,12 +323,6 @@ def test_ping_of_the_wrong_size_terminates_the_link(size: int) -> None:
     assert end is not None and end.code in (ErrorCode.FRAME_SIZE_ERROR, ErrorCode.PROTOCOL_ERROR)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay.proto: a PING whose payload is not 8 bytes terminates with PROTOCOL_ERROR; "
-    "every other wrong-length frame (SETTINGS, WINDOW_UPDATE, RESET, GOAWAY, CONTROL) gives "
-    "FRAME_SIZE_ERROR, as does HTTP/2 for PING (RFC 9113 section 6.7)",
-)
 def test_ping_of_the_wrong_size_is_a_frame_size_error() -> None:
     conn = raw_peer()
     assert_terminated(conn, conn.receive_data(ping(bytes(7)), 1.0), ErrorCode.FRAME_SIZE_ERROR)

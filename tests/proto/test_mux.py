@@ -311,12 +311,6 @@ def test_link_credit_returns_for_a_stream_closed_with_data_unread(closer: str) -
     assert link.client.open_streams == link.server.open_streams == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay.proto bug: reset_stream() on a stream closed both ways (FIN sent and "
-    "received) with unread data is a no-op, so the unread bytes' link credit stays in "
-    "_closed_unacked forever; its docstring promises that credit goes back to the link",
-)
 def test_reset_after_graceful_close_returns_unread_link_credit() -> None:
     link = _ready(SMALL, SMALL)
     sid = link.client.open_stream({"t": "x"})
