@@ -1,0 +1,221 @@
+"""Presentation contexts, query models and socket options shared by every pynetdicom AE here.
+
+An association requestor may propose at most 128 presentation contexts, and an acceptor
+picks one transfer syntax per context, so an instance can only travel unchanged if a
+context for its exact (SOP class, transfer syntax) pair was proposed. `storage_proposals()`
+spends the 128 slots on what the relay knows will come (the agent's survey of the study),
+one transfer syntax per context, before falling back to common classes and syntaxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+MAX_CONTEXTS: Final = 128  # PS3.8: presentation context IDs are odd numbers 1..255
+
+MODELS: Final[dict[tuple[str, str], str]] = {
+    ("patient", "find"): PatientRootQueryRetrieveInformationModelFind,
+    ("patient", "get"): PatientRootQueryRetrieveInformationModelGet,
+    ("patient", "move"): PatientRootQueryRetrieveInformationModelMove,
+    ("study", "find"): StudyRootQueryRetrieveInformationModelFind,
+    ("study", "get"): StudyRootQueryRetrieveInformationModelGet,
+    ("study", "move"): StudyRootQueryRetrieveInformationModelMove,
+}
+_MODEL_KEYS: Final = {uid: key for key, uid in MODELS.items()}
+
+
+def model_key(model_uid: str) -> tuple[str, str] | None:
+    """(root, operation) for a Patient Root or Study Root Q/R SOP class UID."""
+    return _MODEL_KEYS.get(str(model_uid))
+
+
+STORAGE_CLASSES: Final[tuple[str, ...]] = tuple(
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+)
+
+# What a radiology PACS mostly holds, most common first: the fallback when the agent could
+# not survey the study before retrieving it.
+COMMON_STORAGE: Final[tuple[str, ...]] = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.1",  # CR Image
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography - For Presentation
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame
+    "1.2.840.10008.5.1.4.1.1.128",  # PET Image
+    "1.2.840.10008.5.1.4.1.1.20",  # NM Image
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray - For Processing
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+)
+
+UNCOMPRESSED: Final[tuple[str, ...]] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+# Transfer syntaxes proposed in their own context, in order of how often PACS store them.
+_PROPOSAL_ORDER: Final[tuple[str, ...]] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    JPEG2000,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+ALL_TS: Final[tuple[str, ...]] = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
+
+
+def storage_proposals(
+    sop_classes: Sequence[str],
+    transfer_syntaxes: Sequence[str] = (),
+    *,
+    budget: int = MAX_CONTEXTS,
+) -> list[PresentationContext]:
+    """Up to `budget` storage contexts, one transfer syntax each.
+
+    The SOP classes come first in the order given (the survey's, then the common ones),
+    and for each round the next transfer syntax: the announced ones first, then explicit
+    and implicit little endian, then the compressed syntaxes PACS use most. A round that
+    does not fit whole is cut, so every class gets its most likely syntaxes first.
+    """
+    classes = _unique(sop_classes) or list(COMMON_STORAGE)
+    syntaxes = _unique([*transfer_syntaxes, *_PROPOSAL_ORDER])
+    out: list[PresentationContext] = []
+    for ts in syntaxes:
+        for sop in classes:
+            if len(out) >= budget:
+                return out
+            out.append(build_context(sop, [ts]))
+    return out
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in items:
+        if item:
+            seen.setdefault(str(item), None)
+    return list(seen)
+
+
+class SharedContext(PresentationContext):
+    """A supported presentation context that pynetdicom can copy cheaply.
+
+    pynetdicom deep-copies an acceptor's supported contexts for every association; for all
+    storage classes with every transfer syntax that took 0.24 s per association here
+    (8,000 UID objects). UIDs are immutable, so a copy only needs its own list of them.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContext:
+        new = copy.copy(self)
+        new._transfer_syntax = list(self._transfer_syntax)
+        return new
+
+
+def supported(
+    abstract_syntax: str,
+    transfer_syntaxes: Sequence[str] = ALL_TS,
+    *,
+    scu_role: bool | None = None,
+    scp_role: bool | None = None,
+) -> PresentationContext:
+    cx = SharedContext()
+    cx.abstract_syntax = abstract_syntax
+    cx.transfer_syntax = list(transfer_syntaxes)
+    cx.scu_role = scu_role
+    cx.scp_role = scp_role
+    return cx
+
+
+def scp_contexts(*, storage_role_selection: bool, extra: Sequence[str] = ()) -> list[Any]:
+    """What our SCPs accept: Verification, `extra` (Q/R models), and every storage class.
+
+    With `storage_role_selection`, a peer may propose the SCP role for storage (a C-GET
+    SCU receiving sub-operations), as PS3.7 role selection allows.
+    """
+    out = [supported(str(Verification)), *(supported(uid) for uid in extra)]
+    scp_role, scu_role = (True, False) if storage_role_selection else (None, None)
+    out += [supported(sop, scp_role=scp_role, scu_role=scu_role) for sop in STORAGE_CLASSES]
+    return out
+
+
+def set_nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY, or some DICOM stacks stall ~40 ms a message."""
+    sock = getattr(getattr(event.assoc, "dul", None), "socket", None)
+    raw = getattr(sock, "socket", None)
+    if isinstance(raw, socket.socket):
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+NODELAY: Final = (evt.EVT_CONN_OPEN, set_nodelay)
+
+
+def parse_address(value: str | tuple[str, int], what: str = "address") -> tuple[str, int]:
+    """(host, port) from "host:port" or a pair; IPv6 as "[::1]:104"."""
+    if isinstance(value, tuple):
+        host, port = value
+    else:
+        text = value.strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"{what} must be host:port, not {value!r}")
+        port = int(port_text)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+    if not host or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be host:port, not {value!r}")
+    return host, int(port)
