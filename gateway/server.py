@@ -113,7 +113,7 @@ class GatewayServer:
             if len(self.links) + len(self._handshakes) >= self.config.max_links:
                 self._refuse_early(conn, "capacity")
                 continue
-            task = loop.create_task(self._handshake(conn))
+            task = loop.create_task(self._admit(conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
@@ -128,6 +128,18 @@ class GatewayServer:
             "connection refused",
             extra={"reason": reason, "peer": peer or "", "identity": str(identity or "")},
         )
+
+    async def _admit(self, conn: socket.socket) -> None:
+        """One connection's way in; a bug here is logged, never left unretrieved."""
+        try:
+            await self._handshake(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.refusals.labels("internal_error").inc()
+            log.exception("admitting a connection failed")
+            with contextlib.suppress(OSError):
+                conn.close()
 
     async def _handshake(self, conn: socket.socket) -> None:
         try:

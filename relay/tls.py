@@ -23,7 +23,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 from relay.identity import Identity, identity_from_der
 from relay.pki import PkiError, load_cert, trust_domain_of_ca
@@ -152,7 +152,8 @@ async def accept_tls(
     if transport.get_extra_info("ssl_object") is None:  # lost while completing
         transport.abort()
         raise ConnectionResetError("connection lost during the TLS handshake")
-    return transport, protocol
+    # uvloop hands back its own SSL protocol object; the application protocol is behind it.
+    return transport, cast(_P, transport.get_protocol())
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Identity | None:
