@@ -22,12 +22,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.admin import AdminServer
 from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.streams import StreamDispatcher, TargetHandler
 from relay.aio import Stream, link_settings
 from relay.backoff import ExponentialBackoff, Uniform
 from relay.config import Address
 from relay.dialer import KeptLink
+from relay.endmetrics import EndMetrics, Sources
 from relay.logs import setup_logging
 from relay.proto import ErrorCode
 from relay.runtime import run_loop
@@ -72,6 +74,7 @@ class Agent:
         handlers: Mapping[str, TargetHandler] | None = None,
         resolver: Resolver = resolve_all,
         rng: Uniform | None = None,
+        metrics: EndMetrics | None = None,
     ) -> None:
         self.config = config
         self.ctx = client_context(config.tls.cert, config.tls.key, config.tls.ca, alpn=ALPN_AGENT)
@@ -87,8 +90,24 @@ class Agent:
         self._resolve_retry = ExponentialBackoff(1.0, config.resolve_interval, rng=rng)
         self._resolve_task: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        stats = self.dispatcher.stats
+        self.metrics = metrics or _agent_metrics(config)
+        self.metrics.collector.sources = Sources(
+            links=self.links.values,
+            codecs=lambda: (stats.codec,),
+            streams=lambda: stats.streams,
+            refusals=lambda: stats.refused,
+            certificate=lambda: config.tls.cert,
+        )
 
     # -- metrics
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready with at least one gateway link (the PACS check is the DICOM handler's)."""
+        up = self.links_up
+        if not up:
+            return False, "no gateway link"
+        return True, f"{up} gateway link(s) up"
 
     @property
     def links_up(self) -> int:
@@ -207,7 +226,9 @@ class Agent:
 
 
 @contextlib.asynccontextmanager
-async def default_handlers(config: AgentConfig) -> AsyncIterator[dict[str, TargetHandler]]:
+async def default_handlers(
+    config: AgentConfig, metrics: EndMetrics | None = None
+) -> AsyncIterator[dict[str, TargetHandler]]:
     """The handlers of non-TCP targets: `dicom` when a PACS is configured and the DICOM
     package is available. Owns their lifetime (e.g. the C-MOVE storage SCP)."""
     handlers: dict[str, TargetHandler] = {}
@@ -224,7 +245,7 @@ async def default_handlers(config: AgentConfig) -> AsyncIterator[dict[str, Targe
     target = dataclasses.replace(
         PacsTarget.from_config(config.pacs), compression_level=config.compression_level
     )
-    dicom = DicomAgent(target)
+    dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     await dicom.start()
 
     async def serve_dicom(stream: Stream) -> None:
@@ -264,14 +285,19 @@ async def run_agent(
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
+        metrics = _agent_metrics(config)
         if handlers is None:
-            handlers = await stack.enter_async_context(default_handlers(config))
-        agent = Agent(config, handlers=handlers, resolver=resolver)
+            handlers = await stack.enter_async_context(default_handlers(config, metrics))
+        agent = Agent(config, handlers=handlers, resolver=resolver, metrics=metrics)
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
             await agent.start()
+            if config.metrics_listen is not None:
+                admin = AdminServer(config.metrics_listen, metrics.registry, agent.readiness)
+                await admin.start()
+                stack.push_async_callback(admin.stop)
             log.info(
                 "agent started",
                 extra={"site": config.site, "gateways": ",".join(map(str, config.gateways))},
@@ -284,6 +310,12 @@ async def run_agent(
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
             await agent.shutdown(config.drain_grace)
+
+
+def _agent_metrics(config: AgentConfig) -> EndMetrics:
+    """Created before the Agent so that the DICOM handler can report into it; the Agent
+    then binds its own sources to it."""
+    return EndMetrics("agent", config.site, Sources(links=lambda: ()))
 
 
 def run(config_path: Path) -> int:

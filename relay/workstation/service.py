@@ -15,11 +15,15 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from relay.admin import AdminServer
 from relay.aio import link_settings
 from relay.backoff import ExponentialBackoff, Uniform
 from relay.config import ConfigError
 from relay.dialer import KeptLink
+from relay.endmetrics import EndMetrics, Sources
+from relay.identity import identity_from_certificate
 from relay.logs import setup_logging
+from relay.pki import load_cert
 from relay.proto import ErrorCode
 from relay.runtime import run_loop
 from relay.tls import ALPN_DEVICE, client_context
@@ -51,6 +55,26 @@ class Workstation:
         )
         self.tunnel = Tunnel(self.kept, rng=rng)
         self.forwarder = Forwarder(self.tunnel, config.forward, compression_level=COMPRESSION_LEVEL)
+        stats = self.forwarder.stats
+        self.metrics = EndMetrics(
+            "workstation",
+            identity_from_certificate(load_cert(files.cert)).site or "",
+            Sources(
+                links=lambda: (self.kept,),
+                codecs=lambda: (stats.codec,),
+                streams=lambda: {f"tcp:{k}": v for k, v in stats.connections.items()},
+                refusals=lambda: {
+                    "no_stream": sum(stats.failed.values()),
+                    "capacity": stats.refused,
+                },
+                certificate=lambda: files.cert,
+            ),
+        )
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.kept.up.is_set():
+            return True, "gateway link up"
+        return False, f"no gateway link ({self.kept.stats.last_error or 'connecting'})"
 
     async def start(self) -> None:
         """Listen locally first (a taken port is a start-up error naming the key), then dial."""
@@ -70,7 +94,9 @@ class Workstation:
 
 
 @contextlib.asynccontextmanager
-async def dicom_node(config: WorkstationConfig, tunnel: Tunnel) -> AsyncIterator[object | None]:
+async def dicom_node(
+    config: WorkstationConfig, tunnel: Tunnel, metrics: EndMetrics | None = None
+) -> AsyncIterator[object | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
         yield None
@@ -83,6 +109,7 @@ async def dicom_node(config: WorkstationConfig, tunnel: Tunnel) -> AsyncIterator
         listen=(dicom.listen.host, dicom.listen.port),
         ae_title=dicom.ae_title,
         destinations={title: (a.host, a.port) for title, a in dicom.destinations.items()},
+        stats=metrics.dicom if metrics is not None else None,
     )
     await node.start()
     try:
@@ -111,7 +138,15 @@ async def run_workstation(
             stack.push_async_callback(workstation.shutdown, config.drain_grace)
             await workstation.start()
             if with_dicom:
-                await stack.enter_async_context(dicom_node(config, workstation.tunnel))
+                await stack.enter_async_context(
+                    dicom_node(config, workstation.tunnel, workstation.metrics)
+                )
+            if config.metrics_listen is not None:
+                admin = AdminServer(
+                    config.metrics_listen, workstation.metrics.registry, workstation.readiness
+                )
+                await admin.start()
+                stack.push_async_callback(admin.stop)
             log.info("workstation started", extra={"gateway": str(config.gateway)})
             if started is not None:
                 started(workstation)

@@ -208,3 +208,40 @@ async def test_gateway_restart_reconnects_both_ends(chain: Chain) -> None:
     await asyncio.sleep(1.0)
     gateway.start()
     await until_echo_works(chain, "echo", within=30)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{want}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_metrics_of_all_three_roles_move_with_traffic(chain: Chain) -> None:
+    before = {role: await scrape(chain, role) for role in ("gateway", "agent", "ws1")}
+    payload = b"compressible " * 50_000
+    assert await asyncio.wait_for(echo_once(chain, "zecho", payload), 30) == payload
+    after = {role: await scrape(chain, role) for role in ("gateway", "agent", "ws1")}
+
+    gw = after["gateway"]
+    assert sample(gw, "relay_links", role="agent", site="main") == 1
+    assert sample(gw, "relay_links", role="device", site="main") == 1
+    moved = sample(gw, "relay_bytes_total", direction="agent_to_device") - sample(
+        before["gateway"], "relay_bytes_total", direction="agent_to_device"
+    )
+    assert 0 < moved < len(payload) // 10  # compressed by the agent: the gateway saw less
+
+    agent = after["agent"]
+    assert sample(agent, "relay_links", role="gateway", site="main") == 1
+    assert sample(agent, "relay_streams_total", target="tcp:zecho") >= 1
+    sent_raw = sample(agent, "relay_bytes_total", direction="sent", stage="raw")
+    sent_wire = sample(agent, "relay_bytes_total", direction="sent", stage="compressed")
+    assert sent_raw >= len(payload) > sent_wire > 0
+    assert sample(agent, "relay_certificate_expiry_timestamp_seconds", role="agent") > 0
+
+    ws = after["ws1"]
+    assert sample(ws, "relay_links", role="gateway", site="main") == 1
+    assert sample(ws, "relay_bytes_total", direction="received", stage="raw") >= len(payload)
