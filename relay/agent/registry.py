@@ -1,0 +1,528 @@
+"""The agent's device registry: enrollment tokens, devices and their certificates, in SQLite.
+
+One file, `state_dir/registry.sqlite3`, shared by the running agent and the `relay token`
+and `relay device` commands. It is safe for them to write at the same time:
+
+- WAL journal mode, so readers never block the writer and the writer never blocks them;
+- `busy_timeout`, so a writer waits for another's (millisecond) transaction instead of
+  failing with "database is locked";
+- every operation is its own short transaction, and every read-modify-write starts with
+  BEGIN IMMEDIATE (the write lock is taken before reading), so e.g. two redemptions of
+  the same token cannot both succeed.
+
+Time is always passed in (timezone-aware datetimes); nothing here reads a clock. Every
+table is bounded: old tokens and old certificate rows are pruned, open tokens and
+devices are capped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from relay.agent.tokens import hash_secret, new_secret, new_token_id, secret_matches
+from relay.config import check_name
+
+__all__ = [
+    "BUSY_TIMEOUT",
+    "MAX_DEVICES",
+    "MAX_OPEN_TOKENS",
+    "MAX_TTL",
+    "REGISTRY_FILE",
+    "DeviceRow",
+    "RedeemStatus",
+    "Redeemed",
+    "Registry",
+    "RegistryError",
+    "RevocationWatcher",
+    "RevokeResult",
+]
+
+REGISTRY_FILE: Final = "registry.sqlite3"
+SCHEMA_VERSION: Final = 1
+BUSY_TIMEOUT: Final = 5.0  # seconds a writer waits for another's transaction
+MAX_TTL: Final = timedelta(days=30)
+MAX_OPEN_TOKENS: Final = 1000  # unused, unexpired tokens at once
+MAX_DEVICES: Final = 100_000
+KEEP_CERTIFICATES: Final = 20  # certificate rows kept per device (the newest)
+#: Used or expired tokens are deleted this long after they stopped being usable.
+TOKEN_RETENTION: Final = timedelta(days=30)
+#: touch() writes last_seen at most this often per device (streams are frequent).
+TOUCH_INTERVAL: Final = 60.0
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    device TEXT NOT NULL,
+    site TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_device ON tokens (device);
+CREATE TABLE IF NOT EXISTS devices (
+    name TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    enrolled_at REAL,
+    revoked_at REAL,
+    last_seen REAL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_device ON certificates (device, not_after);
+"""
+
+
+class RegistryError(Exception):
+    """The registry cannot do what was asked; str() is one line naming the file."""
+
+
+class RedeemStatus(enum.StrEnum):
+    """The outcome of presenting a token. Values are stable (metrics, audit)."""
+
+    OK = "ok"
+    UNKNOWN = "unknown"  # no such token id
+    FORGED = "forged"  # the secret does not match
+    EXPIRED = "expired"
+    REUSED = "reused"  # already redeemed once
+    WRONG_DEVICE = "wrong_device"  # issued for another device name
+    REVOKED = "revoked"  # the device was revoked after the token was made
+
+
+@dataclass(frozen=True)
+class Redeemed:
+    """The result of `Registry.redeem_token`. `device`/`site` are the token's (if known)."""
+
+    status: RedeemStatus
+    token_id: str
+    device: str | None = None
+    site: str | None = None
+    expires_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RedeemStatus.OK
+
+
+class RevokeResult(enum.StrEnum):
+    REVOKED = "revoked"  # newly revoked, known device
+    REVOKED_UNKNOWN = "revoked_unknown"  # newly revoked, name never seen before
+    ALREADY = "already"  # was revoked already
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device as `relay device list` shows it (latest certificate included)."""
+
+    name: str
+    site: str
+    enrolled_at: datetime | None
+    revoked_at: datetime | None
+    last_seen: datetime | None
+    serial: str | None  # of the newest certificate (hex)
+    not_after: datetime | None  # of the newest certificate
+    certificates: int
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def _ts(when: datetime) -> float:
+    if when.tzinfo is None:
+        raise ValueError("timezone-aware datetime required (use datetime.now(UTC))")
+    return when.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, dt.UTC)
+
+
+def _check_device(name: str) -> str:
+    try:
+        return check_name(name, "a device name")
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def serial_hex(serial: int | str) -> str:
+    """A certificate serial as lowercase hex without leading zeros (how rows store it)."""
+    if isinstance(serial, int):
+        if serial < 0:
+            raise ValueError("negative serial")
+        return format(serial, "x")
+    text = serial.lower().removeprefix("0x").lstrip("0") or "0"
+    int(text, 16)  # ValueError if not hex
+    return text
+
+
+class Registry:
+    """The registry of one site. Methods are thread-safe and each is one transaction.
+
+    Blocking (SQLite): an asyncio caller runs them with `asyncio.to_thread` if it cares
+    about a few milliseconds, or inline otherwise.
+    """
+
+    def __init__(self, path: Path, *, site: str, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.path = Path(path)
+        self.site = check_name(site, "a site name")
+        self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}
+        try:
+            if not self.path.exists():
+                # Create it 0600 before SQLite does (with the umask's mode): it lists devices.
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.close(fd)
+            self._db = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"{self.path}: cannot open the registry ({exc})") from None
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RegistryError(f"{self.path}: cannot switch the registry to WAL mode")
+            # NORMAL in WAL mode: a power loss may lose the last transactions, never
+            # corrupt the file; a crash of the process loses nothing.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            with self._write():
+                version = self._db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RegistryError(
+                        f"{self.path}: registry schema {version} is newer than this relay "
+                        f"understands ({SCHEMA_VERSION}); upgrade relay"
+                    )
+                # Statement by statement: executescript() would COMMIT our transaction.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise RegistryError(f"{self.path}: not a usable registry ({exc})") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes the write lock before any read."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._busy(exc) from None
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise self._busy(exc) from None
+
+    def _busy(self, exc: sqlite3.OperationalError) -> RegistryError:
+        return RegistryError(f"{self.path}: registry busy or unwritable ({exc})")
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        """Serialize this object's use across threads; map SQLite errors to one line."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise RegistryError(f"{self.path}: {exc}") from None
+
+    # -- tokens
+
+    def create_token(self, device: str, ttl: timedelta, now: datetime) -> tuple[str, bytes]:
+        """A new one-time token for `device`: (token id, secret). Only a hash is stored.
+
+        Refuses a revoked device name (its identity stays revoked at every gateway; enroll
+        the PC under a new name), a TTL outside (0, MAX_TTL], and more than
+        MAX_OPEN_TOKENS open tokens. Prunes tokens that have been dead for a while.
+        """
+        _check_device(device)
+        if not timedelta(0) < ttl <= MAX_TTL:
+            raise RegistryError(f"the code lifetime must be above 0 and at most {MAX_TTL}")
+        t = _ts(now)
+        token_id, secret = new_token_id(), new_secret()
+        with self._op(), self._write() as db:
+            horizon = t - TOKEN_RETENTION.total_seconds()
+            db.execute(
+                "DELETE FROM tokens WHERE expires_at < ? OR (used_at IS NOT NULL AND used_at < ?)",
+                (horizon, horizon),
+            )
+            row = db.execute("SELECT revoked_at FROM devices WHERE name = ?", (device,)).fetchone()
+            if row is not None and row[0] is not None:
+                raise RegistryError(
+                    f"device {device!r} is revoked; enroll the PC under a new device name"
+                )
+            (open_tokens,) = db.execute(
+                "SELECT COUNT(*) FROM tokens WHERE used_at IS NULL AND expires_at > ?", (t,)
+            ).fetchone()
+            if open_tokens >= MAX_OPEN_TOKENS:
+                raise RegistryError(
+                    f"{self.path}: {open_tokens} enrollment codes are still open "
+                    f"(limit {MAX_OPEN_TOKENS}); wait for them to expire"
+                )
+            db.execute(
+                "INSERT INTO tokens (id, secret_hash, device, site, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token_id,
+                    hash_secret(token_id, secret),
+                    device,
+                    self.site,
+                    t,
+                    t + ttl.total_seconds(),
+                ),
+            )
+        return token_id, secret
+
+    def redeem_token(self, token_id: str, secret: bytes, device: str, now: datetime) -> Redeemed:
+        """Check a presented token and, if it is good, mark it used in the same transaction.
+
+        The secret is checked before anything else, so that without it one learns nothing
+        about a token (expired, used, which device) beyond whether its id exists. A
+        refused attempt does not consume the token.
+        """
+        t = _ts(now)
+        with self._op(), self._write() as db:
+            row = db.execute(
+                "SELECT secret_hash, device, site, expires_at, used_at FROM tokens WHERE id = ?",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                return Redeemed(RedeemStatus.UNKNOWN, token_id)
+            stored_hash, token_device, site, expires_at, used_at = row
+            if not secret_matches(token_id, secret, bytes(stored_hash)):
+                return Redeemed(RedeemStatus.FORGED, token_id)
+            result = Redeemed(RedeemStatus.OK, token_id, token_device, site, _dt(expires_at))
+            if used_at is not None:
+                return _with_status(result, RedeemStatus.REUSED)
+            if t >= expires_at:
+                return _with_status(result, RedeemStatus.EXPIRED)
+            if device != token_device:
+                return _with_status(result, RedeemStatus.WRONG_DEVICE)
+            revoked = db.execute(
+                "SELECT revoked_at FROM devices WHERE name = ?", (token_device,)
+            ).fetchone()
+            if revoked is not None and revoked[0] is not None:
+                return _with_status(result, RedeemStatus.REVOKED)
+            db.execute("UPDATE tokens SET used_at = ? WHERE id = ?", (t, token_id))
+            return result
+
+    # -- devices and certificates
+
+    def record_certificate(
+        self,
+        device: str,
+        serial: int | str,
+        not_before: datetime,
+        not_after: datetime,
+        now: datetime,
+    ) -> None:
+        """Remember a certificate issued to `device` (creating the device if new).
+
+        Sets enrolled_at on the first certificate. Keeps the newest KEEP_CERTIFICATES
+        rows per device.
+        """
+        _check_device(device)
+        serial_text = serial_hex(serial)
+        t = _ts(now)
+        with self._op(), self._write() as db:
+            self._ensure_device(db, device)
+            db.execute(
+                "UPDATE devices SET enrolled_at = ? WHERE name = ? AND enrolled_at IS NULL",
+                (t, device),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO certificates"
+                " (serial, device, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?)",
+                (serial_text, device, _ts(not_before), _ts(not_after), t),
+            )
+            db.execute(
+                "DELETE FROM certificates WHERE device = ? AND serial NOT IN ("
+                " SELECT serial FROM certificates WHERE device = ?"
+                " ORDER BY not_after DESC, issued_at DESC LIMIT ?)",
+                (device, device, KEEP_CERTIFICATES),
+            )
+
+    def _ensure_device(self, db: sqlite3.Connection, device: str) -> bool:
+        """Insert the device row if missing; True if it was created."""
+        if db.execute("SELECT 1 FROM devices WHERE name = ?", (device,)).fetchone():
+            return False
+        (count,) = db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        if count >= MAX_DEVICES:
+            raise RegistryError(f"{self.path}: the registry holds {MAX_DEVICES} devices already")
+        db.execute("INSERT INTO devices (name, site) VALUES (?, ?)", (device, self.site))
+        return True
+
+    def revoke(self, device: str, now: datetime) -> RevokeResult:
+        """Revoke `device` for good, and delete its unused tokens.
+
+        A name never seen is revoked too (it may be a device issued offline that has not
+        connected yet); the result says so, so the CLI can warn about a typo.
+        """
+        _check_device(device)
+        t = _ts(now)
+        with self._op(), self._write() as db:
+            created = self._ensure_device(db, device)
+            row = db.execute("SELECT revoked_at FROM devices WHERE name = ?", (device,)).fetchone()
+            if row[0] is not None:
+                return RevokeResult.ALREADY
+            db.execute("UPDATE devices SET revoked_at = ? WHERE name = ?", (t, device))
+            db.execute("DELETE FROM tokens WHERE device = ? AND used_at IS NULL", (device,))
+            return RevokeResult.REVOKED_UNKNOWN if created else RevokeResult.REVOKED
+
+    def is_revoked(self, device: str) -> bool:
+        with self._op():
+            row = self._db.execute(
+                "SELECT revoked_at FROM devices WHERE name = ?", (device,)
+            ).fetchone()
+        return row is not None and row[0] is not None
+
+    def revoked_devices(self) -> list[str]:
+        """Names of all revoked devices, sorted."""
+        with self._op():
+            rows = self._db.execute(
+                "SELECT name FROM devices WHERE revoked_at IS NOT NULL ORDER BY name"
+            ).fetchall()
+        return [name for (name,) in rows]
+
+    def touch(self, device: str, now: datetime) -> bool:
+        """Record that `device` was seen; writes at most every TOUCH_INTERVAL per device.
+
+        Returns True if it wrote. Creates the device row if missing (a device issued
+        offline with `relay pki issue` appears in `relay device list` once it connects).
+        """
+        _check_device(device)
+        t = _ts(now)
+        last = self._touched.get(device)
+        if last is not None and 0 <= t - last < TOUCH_INTERVAL:
+            return False
+        with self._op(), self._write() as db:
+            self._ensure_device(db, device)
+            db.execute(
+                "UPDATE devices SET last_seen = ? WHERE name = ? AND"
+                " (last_seen IS NULL OR last_seen < ?)",
+                (t, device, t),
+            )
+            if len(self._touched) >= 4096:
+                self._touched.clear()
+            self._touched[device] = t
+        return True
+
+    def get_device(self, name: str) -> DeviceRow | None:
+        rows = self._devices("WHERE d.name = ?", (name,))
+        return rows[0] if rows else None
+
+    def list_devices(self) -> list[DeviceRow]:
+        """All devices, sorted by name."""
+        return self._devices("", ())
+
+    def _devices(self, where: str, args: tuple[object, ...]) -> list[DeviceRow]:
+        query = (
+            "SELECT d.name, d.site, d.enrolled_at, d.revoked_at, d.last_seen,"
+            " (SELECT c.serial FROM certificates c WHERE c.device = d.name"
+            "  ORDER BY c.not_after DESC, c.issued_at DESC LIMIT 1),"
+            " (SELECT MAX(c.not_after) FROM certificates c WHERE c.device = d.name),"
+            " (SELECT COUNT(*) FROM certificates c WHERE c.device = d.name)"
+            f" FROM devices d {where} ORDER BY d.name"
+        )
+        with self._op():
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            DeviceRow(
+                name=name,
+                site=site,
+                enrolled_at=_dt(enrolled),
+                revoked_at=_dt(revoked),
+                last_seen=_dt(seen),
+                serial=serial,
+                not_after=_dt(not_after),
+                certificates=count,
+            )
+            for name, site, enrolled, revoked, seen, serial, not_after, count in rows
+        ]
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits: cheap polling."""
+        with self._op():
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(version)
+
+
+def _with_status(result: Redeemed, status: RedeemStatus) -> Redeemed:
+    return Redeemed(status, result.token_id, result.device, result.site, result.expires_at)
+
+
+class RevocationWatcher:
+    """Notices devices revoked by anyone (the CLI is another process), for pushing.
+
+    `poll()` is cheap when nothing changed (one PRAGMA); the agent calls it every half
+    second or so and sends what it returns to every gateway as an incremental update.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._version: int | None = None
+        self._known: set[str] = set()
+
+    def snapshot(self) -> list[str]:
+        """All revoked names now; resets what poll() compares against."""
+        self._version = self.registry.data_version()
+        names = self.registry.revoked_devices()
+        self._known = set(names)
+        return names
+
+    def poll(self) -> list[str]:
+        """Names revoked since the last snapshot()/poll() (sorted; empty if none)."""
+        version = self.registry.data_version()
+        if version == self._version:
+            return []
+        self._version = version
+        names = self.registry.revoked_devices()
+        new = sorted(set(names) - self._known)
+        self._known = set(names)
+        return new
+
+    def note_local_change(self) -> None:
+        """Call after revoking through the same Registry object: data_version only moves
+        for other connections' commits, so force the next poll() to look."""
+        self._version = None

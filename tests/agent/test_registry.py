@@ -1,0 +1,278 @@
+"""The device registry: token life cycle, revocation, last seen, and concurrent writers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay.agent import registry as registry_module
+from relay.agent.registry import (
+    MAX_TTL,
+    REGISTRY_FILE,
+    RedeemStatus,
+    Registry,
+    RegistryError,
+    RevocationWatcher,
+    RevokeResult,
+)
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+DAY = timedelta(days=1)
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Iterator[Registry]:
+    with Registry(tmp_path / REGISTRY_FILE, site="main") as r:
+        yield r
+
+
+def test_file_is_private_and_in_wal_mode(tmp_path: Path, reg: Registry) -> None:
+    mode = stat.S_IMODE(os.stat(tmp_path / REGISTRY_FILE).st_mode)
+    assert mode == 0o600
+    (journal,) = reg._db.execute("PRAGMA journal_mode").fetchone()
+    assert journal == "wal"
+
+
+def test_token_redeemed_once(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    first = reg.redeem_token(token_id, secret, "ws1", T0 + timedelta(minutes=5))
+    assert first.ok and first.device == "ws1" and first.site == "main"
+    again = reg.redeem_token(token_id, secret, "ws1", T0 + timedelta(minutes=6))
+    assert again.status is RedeemStatus.REUSED
+
+
+def test_only_the_hash_is_stored(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    (stored,) = reg._db.execute(
+        "SELECT secret_hash FROM tokens WHERE id = ?", (token_id,)
+    ).fetchone()
+    assert secret not in bytes(stored)
+    raw = (reg.path).read_bytes() + reg.path.with_name(reg.path.name + "-wal").read_bytes()
+    assert secret not in raw
+
+
+def test_unknown_and_forged(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    assert reg.redeem_token("0" * 16, secret, "ws1", T0).status is RedeemStatus.UNKNOWN
+    forged = reg.redeem_token(token_id, b"\x00" * 20, "ws1", T0)
+    assert forged.status is RedeemStatus.FORGED
+    assert forged.device is None  # nothing learned without the secret
+    assert reg.redeem_token(token_id, secret, "ws1", T0).ok  # forgery did not burn it
+
+
+def test_expiry_boundary(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", timedelta(hours=1), T0)
+    just_before = T0 + timedelta(hours=1) - timedelta(microseconds=1000)
+    # Refusals do not consume the token, so the same token can probe both sides.
+    expired = reg.redeem_token(token_id, secret, "ws1", T0 + timedelta(hours=1))
+    assert expired.status is RedeemStatus.EXPIRED
+    assert expired.expires_at == T0 + timedelta(hours=1)
+    assert reg.redeem_token(token_id, secret, "ws1", just_before).ok
+
+
+def test_wrong_device_does_not_consume(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    wrong = reg.redeem_token(token_id, secret, "ws2", T0)
+    assert wrong.status is RedeemStatus.WRONG_DEVICE and wrong.device == "ws1"
+    assert reg.redeem_token(token_id, secret, "ws1", T0).ok
+
+
+def test_ttl_limits_and_naive_times(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="lifetime"):
+        reg.create_token("ws1", timedelta(0), T0)
+    with pytest.raises(RegistryError, match="lifetime"):
+        reg.create_token("ws1", MAX_TTL + timedelta(seconds=1), T0)
+    with pytest.raises(ValueError, match="timezone"):
+        reg.create_token("ws1", DAY, datetime(2030, 1, 1))
+    with pytest.raises(RegistryError, match="device name"):
+        reg.create_token("bad name", DAY, T0)
+
+
+def test_open_tokens_are_capped(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "MAX_OPEN_TOKENS", 3)
+    for i in range(3):
+        reg.create_token(f"ws{i}", DAY, T0)
+    with pytest.raises(RegistryError, match="still open"):
+        reg.create_token("ws9", DAY, T0)
+    # Once they expire, there is room again.
+    reg.create_token("ws9", DAY, T0 + 2 * DAY)
+
+
+def test_dead_tokens_are_pruned(reg: Registry) -> None:
+    reg.create_token("ws1", timedelta(hours=1), T0)
+    reg.create_token("ws2", DAY, T0 + 40 * DAY)
+    (count,) = reg._db.execute("SELECT COUNT(*) FROM tokens").fetchone()
+    assert count == 1
+
+
+def test_revocation(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    reg.record_certificate("ws1", 0xABC, T0, T0 + 30 * DAY, T0)
+    assert reg.revoke("ws1", T0 + DAY) is RevokeResult.REVOKED
+    assert reg.revoke("ws1", T0 + DAY) is RevokeResult.ALREADY
+    assert reg.is_revoked("ws1") and not reg.is_revoked("ws2")
+    assert reg.revoke("typo", T0) is RevokeResult.REVOKED_UNKNOWN
+    assert reg.revoked_devices() == ["typo", "ws1"]
+    # Its open codes are gone, and no new one can be made.
+    assert reg.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.UNKNOWN
+    with pytest.raises(RegistryError, match="revoked"):
+        reg.create_token("ws1", DAY, T0)
+
+
+def test_token_of_a_device_revoked_meanwhile(reg: Registry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0)
+    # Revoke through SQL (as an older version might): the check at redemption still holds.
+    reg._db.execute("INSERT INTO devices (name, site, revoked_at) VALUES ('ws1', 'main', 1)")
+    assert reg.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.REVOKED
+
+
+def test_certificates_and_listing(reg: Registry) -> None:
+    reg.record_certificate("ws1", 0x10, T0, T0 + 30 * DAY, T0)
+    reg.record_certificate("ws1", "0x0020", T0 + 20 * DAY, T0 + 50 * DAY, T0 + 20 * DAY)
+    reg.touch("ws1", T0 + 21 * DAY)
+    reg.touch("offline", T0)  # a device issued offline shows up once seen
+    rows = {r.name: r for r in reg.list_devices()}
+    ws1 = rows["ws1"]
+    assert ws1.serial == "20" and ws1.not_after == T0 + 50 * DAY
+    assert ws1.enrolled_at == T0 and ws1.certificates == 2
+    assert ws1.last_seen == T0 + 21 * DAY and not ws1.revoked
+    assert rows["offline"].enrolled_at is None and rows["offline"].serial is None
+    assert reg.get_device("nobody") is None
+
+
+def test_certificate_rows_are_bounded(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "KEEP_CERTIFICATES", 3)
+    for i in range(10):
+        start = T0 + i * DAY
+        reg.record_certificate("ws1", i + 1, start, start + 30 * DAY, start)
+    row = reg.get_device("ws1")
+    assert row is not None and row.certificates == 3 and row.serial == "a"
+
+
+def test_touch_is_throttled(reg: Registry) -> None:
+    assert reg.touch("ws1", T0)
+    assert not reg.touch("ws1", T0 + timedelta(seconds=30))
+    assert reg.touch("ws1", T0 + timedelta(seconds=61))
+    row = reg.get_device("ws1")
+    assert row is not None and row.last_seen == T0 + timedelta(seconds=61)
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    with Registry(path, site="main") as first:
+        token_id, secret = first.create_token("ws1", DAY, T0)
+        first.revoke("old", T0)
+    with Registry(path, site="main") as second:
+        assert second.redeem_token(token_id, secret, "ws1", T0).ok
+        assert second.revoked_devices() == ["old"]
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RegistryError, match=str(path)):
+        Registry(path, site="main")
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    Registry(path, site="main").close()
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(RegistryError, match="newer"):
+        Registry(path, site="main")
+
+
+def test_concurrent_redemptions_only_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    with Registry(path, site="main") as setup:
+        token_id, secret = setup.create_token("ws1", DAY, T0)
+    results: list[RedeemStatus] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        with Registry(path, site="main") as own:  # one connection each, like processes
+            barrier.wait()
+            results.append(own.redeem_token(token_id, secret, "ws1", T0).status)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted([RedeemStatus.OK] + [RedeemStatus.REUSED] * 7)
+
+
+_WRITER = """
+import datetime as dt, sys
+from pathlib import Path
+from relay.agent.registry import Registry
+path, prefix, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+t0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+with Registry(path, site="main") as reg:
+    for i in range(n):
+        name = f"{prefix}{i}"
+        tid, secret = reg.create_token(name, dt.timedelta(days=1), t0)
+        assert reg.redeem_token(tid, secret, name, t0).ok
+        end = t0 + dt.timedelta(days=30)
+        reg.record_certificate(name, f"{prefix}{i:04x}".encode().hex(), t0, end, t0)
+        reg.touch(name, t0)
+        if i % 10 == 0:
+            reg.revoke(name, t0)
+"""
+
+
+def test_two_processes_and_this_one_write_at_once(tmp_path: Path) -> None:
+    """The agent and the CLI write at the same time: nothing fails, nothing is lost."""
+    path = tmp_path / REGISTRY_FILE
+    Registry(path, site="main").close()
+    n = 60
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), prefix, str(n)],
+            stderr=subprocess.PIPE,
+        )
+        for prefix in ("a", "b")
+    ]
+    with Registry(path, site="main") as local:
+        for i in range(n):
+            local.touch(f"c{i}", T0)
+            local.revoke(f"r{i}", T0)
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    with Registry(path, site="main") as check:
+        rows = {r.name: r for r in check.list_devices()}
+        assert len(rows) == 4 * n
+        assert all(rows[f"a{i}"].certificates == 1 for i in range(n))
+        revoked = check.revoked_devices()
+        assert len(revoked) == n + 2 * (n // 10)
+
+
+def test_watcher_sees_revocations_from_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    with Registry(path, site="main") as agent, Registry(path, site="main") as cli:
+        cli.revoke("early", T0)
+        watcher = RevocationWatcher(agent)
+        assert watcher.snapshot() == ["early"]
+        assert watcher.poll() == []
+        cli.revoke("ws1", T0)
+        cli.touch("ws2", T0)
+        assert watcher.poll() == ["ws1"]
+        assert watcher.poll() == []
+        agent.revoke("ws3", T0)  # same connection: data_version does not move
+        watcher.note_local_change()
+        assert watcher.poll() == ["ws3"]
