@@ -1,0 +1,299 @@
+"""A copy of the audit trail as RFC 5424 syslog over TLS (RFC 5425), for a SIEM.
+
+Format (RFC 5424), one message per audit event:
+
+    <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - BOM{json}
+
+PRI is facility 10 (authpriv, security/authorization messages) * 8 + a severity from
+the event's outcome (success: notice; minor failure: warning; serious: error; major:
+critical). MSGID is the event kind. Over TLS each message is framed by octet counting
+(RFC 5425 section 4.3): "LEN SP MSG".
+
+The sender never blocks the agent: events wait in a bounded queue, and when it is full
+(the collector is away for long) new events are dropped and counted. The audit file is
+the record of reference; syslog is a best-effort copy: a message whose write is known
+to have failed is sent again after reconnecting (so a collector may see it twice), but
+syslog over TLS has no acknowledgements, so one written just as the collector dies
+can be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import re
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from relay.agent.audit import AuditEvent, Outcome
+from relay.backoff import ExponentialBackoff
+from relay.config import Address
+
+__all__ = [
+    "FACILITY_AUTHPRIV",
+    "MAX_MESSAGE_BYTES",
+    "SyslogSender",
+    "SyslogStats",
+    "client_context",
+    "format_rfc5424",
+    "octet_frame",
+    "severity_for",
+]
+
+FACILITY_AUTHPRIV: Final = 10
+#: RFC 5425 receivers must accept 2 KiB and should accept 8 KiB; ours are usually < 2 KiB.
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+_BOM: Final = b"\xef\xbb\xbf"
+_PRINTUSASCII: Final = re.compile(r"[!-~]+")
+_SEVERITY: Final = {
+    Outcome.SUCCESS: 5,  # notice
+    Outcome.MINOR_FAILURE: 4,  # warning
+    Outcome.SERIOUS_FAILURE: 3,  # error
+    Outcome.MAJOR_FAILURE: 2,  # critical
+}
+
+
+def severity_for(outcome: Outcome) -> int:
+    return _SEVERITY.get(outcome, 5)
+
+
+def _header_field(value: str | None, limit: int) -> str:
+    """An RFC 5424 header field: PRINTUSASCII, at most `limit`, or NILVALUE '-'."""
+    if not value:
+        return "-"
+    cleaned = "".join(c if "!" <= c <= "~" else "_" for c in value)[:limit]
+    return cleaned if _PRINTUSASCII.fullmatch(cleaned) else "-"
+
+
+def format_rfc5424(
+    message: str,
+    *,
+    at: datetime,
+    severity: int,
+    facility: int = FACILITY_AUTHPRIV,
+    hostname: str | None = None,
+    app_name: str = "dmzrelay",
+    procid: str | None = None,
+    msgid: str | None = None,
+) -> bytes:
+    """One RFC 5424 message (no framing). MSG is UTF-8 with the BOM, as RFC 5424 asks."""
+    if not 0 <= facility <= 23 or not 0 <= severity <= 7:
+        raise ValueError("facility 0-23 and severity 0-7")
+    if at.tzinfo is None:
+        raise ValueError("timezone-aware time required")
+    stamp = at.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    header = " ".join(
+        (
+            f"<{facility * 8 + severity}>1",
+            stamp,
+            _header_field(hostname, 255),
+            _header_field(app_name, 48),
+            _header_field(procid, 128),
+            _header_field(msgid, 32),
+            "-",  # STRUCTURED-DATA: none; the JSON is the message
+        )
+    )
+    return header.encode("ascii") + b" " + _BOM + message.encode("utf-8")
+
+
+def octet_frame(message: bytes) -> bytes:
+    """RFC 5425 octet-counting framing: MSG-LEN SP SYSLOG-MSG."""
+    return str(len(message)).encode("ascii") + b" " + message
+
+
+@dataclass
+class SyslogStats:
+    sent: int = 0
+    dropped: int = 0  # queue full
+    oversized: int = 0  # larger than max_message
+    errors: int = 0  # connect or write failures
+
+
+class SyslogSender:
+    """Sends framed messages to one collector over TLS; an AuditSink for AuditLog.
+
+    `emit()`/`submit()` must be called from the event loop's thread. Call `start()` in
+    the loop, `close()` at shutdown (it flushes what it can within its timeout).
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        queue_size: int = 1000,
+        max_message: int = MAX_MESSAGE_BYTES,
+        connect_timeout: float = 10.0,
+        write_timeout: float = 10.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        hostname: str | None = None,
+        app_name: str = "dmzrelay",
+    ) -> None:
+        if queue_size < 1 or max_message < 64:
+            raise ValueError("queue_size >= 1 and max_message >= 64 required")
+        self.address = address
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname if server_hostname is not None else address.host
+        self.queue_size = queue_size
+        self.max_message = max_message
+        self.connect_timeout = connect_timeout
+        self.write_timeout = write_timeout
+        self.hostname = hostname if hostname is not None else socket.gethostname()
+        self.app_name = app_name
+        self.procid = str(os.getpid())
+        self.stats = SyslogStats()
+        self._queue: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()  # set whenever the queue becomes empty
+        self._backoff = ExponentialBackoff(retry_initial, retry_max)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- producing
+
+    def emit(self, event: AuditEvent, line: str) -> None:
+        """AuditSink: format the event's JSON line and queue it."""
+        message = format_rfc5424(
+            line,
+            at=event.at,
+            severity=severity_for(event.outcome),
+            hostname=self.hostname,
+            app_name=self.app_name,
+            procid=self.procid,
+            msgid=event.kind,
+        )
+        self.submit(message)
+
+    def submit(self, message: bytes) -> bool:
+        """Queue one RFC 5424 message; False (and counted) if dropped."""
+        if len(message) > self.max_message:
+            self.stats.oversized += 1
+            return False
+        if len(self._queue) >= self.queue_size:
+            self.stats.dropped += 1
+            return False
+        self._queue.append(octet_frame(message))
+        self._ready.set()
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- sending
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109 - flush deadline
+        """Try to flush within `timeout`, then stop."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    if self._queue:
+                        self._drained.clear()
+                        await self._drained.wait()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._disconnect()
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            if self._writer is not None and not self._alive():
+                self._disconnect()  # the collector went away since the last write
+            if self._writer is None:
+                try:
+                    await self._connect()
+                except (OSError, ssl.SSLError, TimeoutError):
+                    self.stats.errors += 1
+                    await asyncio.sleep(self._backoff.next_delay())
+                    continue
+                self._backoff.reset()
+            writer = self._writer
+            assert writer is not None
+            frame = self._queue[0]
+            try:
+                writer.write(frame)
+                async with asyncio.timeout(self.write_timeout):
+                    await writer.drain()
+            except (OSError, ssl.SSLError, TimeoutError):
+                self.stats.errors += 1
+                self._disconnect()
+                await asyncio.sleep(self._backoff.next_delay())
+                continue
+            await asyncio.sleep(0)  # let a write error (EPIPE, reset) reach the protocol
+            if not self._alive():
+                # Written into a dead connection: send it again on the next one (a
+                # collector may see a message twice, never miss one we know failed).
+                self.stats.errors += 1
+                self._disconnect()
+                continue
+            if self._queue and self._queue[0] is frame:
+                self._queue.popleft()
+            self.stats.sent += 1
+            if not self._queue:
+                self._drained.set()
+
+    async def _connect(self) -> None:
+        async with asyncio.timeout(self.connect_timeout):
+            reader, writer = await asyncio.open_connection(
+                self.address.host,
+                self.address.port,
+                ssl=self.ssl_context,
+                server_hostname=self.server_hostname,
+            )
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A collector sends nothing back (RFC 5425); the reader only tells us when the
+        # connection is gone: the TLS transport's is_closing() does not (Python 3.11).
+        self._reader = reader
+        self._writer = writer
+
+    def _alive(self) -> bool:
+        writer, reader = self._writer, self._reader
+        return (
+            writer is not None
+            and reader is not None
+            and not writer.is_closing()
+            and not reader.at_eof()
+            and reader.exception() is None
+        )
+
+    def _disconnect(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+        self._writer = self._reader = None
+
+
+def client_context(
+    ca: os.PathLike[str] | str,
+    cert: os.PathLike[str] | str | None = None,
+    key: os.PathLike[str] | str | None = None,
+) -> ssl.SSLContext:
+    """A TLS client context for the collector: verified against `ca`, TLS 1.2+.
+
+    (A SIEM is not ours: it may not speak TLS 1.3, so 1.2 is allowed here.)
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
+    return ctx
