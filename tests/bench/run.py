@@ -1,0 +1,95 @@
+"""`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
+
+    python -m tests.bench.run [throughput] [memory] [handshakes] [--quick] [--no-write]
+
+With no names, all three run (about 5 minutes on 2 cores). `--quick` is a smoke run
+(short windows, one run each, few links) whose numbers are not written unless
+`--write` is also given. Logs of every process go to a temporary directory, kept
+(and printed) only when a benchmark fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from tests.bench import handshakes, memory, throughput
+from tests.bench.procs import BenchError, raise_nofile
+from tests.bench.report import DOC, Section, write_section
+from tests.bench.targets import make_pki
+
+NAMES: Final = ("throughput", "memory", "handshakes")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(NAMES)}")
+    parser.add_argument("--quick", action="store_true", help="smoke run; does not write")
+    parser.add_argument("--write", action="store_true", help="write results even with --quick")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--links", type=int, default=2000, help="idle links (memory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    names = args.names or list(NAMES)
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        _parser().error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(NAMES)}")
+    quick = args.quick
+    write = (args.write or not quick) and not args.no_write
+    raise_nofile()
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    failed = False
+    try:
+        bench_pki = make_pki(workdir / "pki")
+        jobs: dict[str, Callable[[], Section]] = {
+            "throughput": lambda: throughput.run(
+                workdir,
+                bench_pki,
+                runs=1 if quick else 3,
+                warmup=1.0 if quick else 2.0,
+                duration=2.0 if quick else 10.0,
+                patience=0.0 if quick else 15.0,
+            ),
+            "memory": lambda: memory.run(workdir, bench_pki, links=200 if quick else args.links),
+            "handshakes": lambda: handshakes.run(
+                workdir,
+                bench_pki,
+                runs=1 if quick else 3,
+                warmup=1.0 if quick else 2.0,
+                duration=2.0 if quick else 10.0,
+                patience=0.0 if quick else 15.0,
+            ),
+        }
+        for name in names:
+            started = time.monotonic()
+            print(f"== {name}", flush=True)
+            try:
+                section = jobs[name]()
+            except BenchError as exc:
+                print(f"{name} FAILED: {exc}", file=sys.stderr, flush=True)
+                failed = True
+                continue
+            print(section.render(), flush=True)
+            print(f"({name}: {time.monotonic() - started:.0f} s)", flush=True)
+            if write:
+                write_section(section)
+                print(f"wrote {DOC}", flush=True)
+    finally:
+        if failed:
+            print(f"process logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
