@@ -192,7 +192,10 @@ class EmbeddedPacs:
         send_delay: float = 0.0,
         timeout: float = 30.0,
         max_associations: int = 16,
+        require_called_aet: bool = False,
     ) -> None:
+        """`require_called_aet` makes it reject associations addressed to another AE title
+        (as strict PACS do); `send_delay` slows every sent instance (for cancel tests)."""
         rawds.install()
         self.store: InstanceStore = store if store is not None else MemoryStore()
         self.ae_title = ae_title
@@ -202,6 +205,7 @@ class EmbeddedPacs:
         self.send_delay = send_delay
         self.timeout = timeout
         self.max_associations = max_associations
+        self.require_called_aet = require_called_aet
         self.events = PacsEvents()
         self._server: Any = None
 
@@ -221,6 +225,7 @@ class EmbeddedPacs:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = 0
+        ae.require_called_aet = self.require_called_aet
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(ae, name, self.timeout)
         ae.connection_timeout = self.timeout

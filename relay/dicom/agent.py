@@ -1,0 +1,216 @@
+"""Agent side of DICOM through the relay: serve one stream against the PACS.
+
+`serve_dicom_stream()` reads the one request on a stream, runs it as a `PacsOperation` on a
+thread (pynetdicom blocks), and writes what that thread produces to the stream as it comes.
+Meanwhile it listens to the stream: a Cancel message sends C-CANCEL to the PACS; a reset or
+an early end of the stream aborts the PACS association. Every wait is bounded: the PACS by
+`pacs.timeout`, the workstation reading our output by `pacs.stall_timeout`.
+
+`DicomAgent` bundles that with the long-lived C-MOVE receiver for `retrieve: move`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from relay.dicom import status as st
+from relay.dicom.bridge import Channel, ChannelClosed
+from relay.dicom.codec import (
+    Cancel,
+    DicomLimits,
+    DicomProtocolError,
+    ErrorMessage,
+    FinalResponse,
+    MessageCodec,
+    Request,
+    read_message,
+    write_message,
+)
+from relay.dicom.move_receiver import MoveReceiver
+from relay.dicom.pacs_ops import PacsOperation, PacsTarget
+from relay.dicom.stats import DicomStats, NullStats
+from relay.streams import ByteStream, StreamReset
+
+log = logging.getLogger(__name__)
+
+RESET_CANCEL = 0x8  # reset code used when we abandon a stream (relay.proto's CANCEL)
+
+
+@dataclass(frozen=True)
+class OperationSummary:
+    """What happened on one stream, for the audit trail (PS3.15) and logs."""
+
+    op: str  # echo, find, get, move, store, or "invalid"
+    status: int
+    comment: str
+    seconds: float
+    instances: int = 0
+    calling_ae: str = ""
+    cancelled: bool = False
+    request: Request | None = None
+
+
+async def serve_dicom_stream(
+    stream: ByteStream,
+    pacs: PacsTarget,
+    *,
+    stats: DicomStats | None = None,
+    limits: DicomLimits | None = None,
+    move_receiver: MoveReceiver | None = None,
+) -> OperationSummary:
+    """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done."""
+    stats = stats or NullStats()
+    codec = MessageCodec(limits, level=pacs.compression_level, stats=stats)
+    started = time.monotonic()
+
+    def summary(op: str, status: int, comment: str, **kw: object) -> OperationSummary:
+        return OperationSummary(op, status, comment, time.monotonic() - started, **kw)  # type: ignore[arg-type]
+
+    try:
+        async with asyncio.timeout(pacs.timeout):
+            msg = await read_message(stream, codec)
+    except (DicomProtocolError, TimeoutError) as exc:
+        reason = str(exc) or "no request within the timeout"
+        await _refuse(stream, codec, reason)
+        return summary("invalid", st.RELAY_PROTOCOL, reason)
+    except StreamReset:
+        return summary("invalid", st.LINK_LOST, "stream reset before the request")
+    if msg is None:
+        with contextlib.suppress(StreamReset):
+            await stream.write_eof()
+        return summary("invalid", st.LINK_LOST, "stream closed before the request")
+    if not isinstance(msg, Request):
+        reason = f"expected a request, got {type(msg).__name__}"
+        await _refuse(stream, codec, reason)
+        return summary("invalid", st.RELAY_PROTOCOL, reason)
+
+    loop = asyncio.get_running_loop()
+    out: Channel[bytes] = Channel(loop, codec.limits.queue_depth)
+    op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver)
+    thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
+    thread.start()
+    watcher = asyncio.create_task(_watch(stream, codec, op, out))
+    try:
+        await _pump(stream, out, op, pacs.stall_timeout)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if op.final is None:
+            op.abort()
+        out.abort("stream finished")
+        await asyncio.to_thread(thread.join, pacs.timeout + pacs.stall_timeout)
+    final = op.final or FinalResponse(st.LINK_LOST, "operation did not finish")
+    return summary(
+        op.op_name,
+        final.status,
+        final.comment,
+        instances=op.instances,
+        calling_ae=msg.calling_ae,
+        cancelled=op.cancel_sent.is_set(),
+        request=msg,
+    )
+
+
+async def _pump(
+    stream: ByteStream, out: Channel[bytes], op: PacsOperation, stall_timeout: float
+) -> None:
+    """Write what the operation produces, in order; end the stream after the final."""
+    try:
+        while True:
+            try:
+                frame = await out.get()
+            except ChannelClosed:
+                break
+            async with asyncio.timeout(stall_timeout):
+                await stream.write(frame)
+        async with asyncio.timeout(stall_timeout):
+            await stream.write_eof()
+    except (StreamReset, TimeoutError) as exc:
+        log.info("DICOM stream ended early (%s): aborting the PACS operation", type(exc).__name__)
+        op.abort()
+        out.abort("stream lost")
+        if isinstance(exc, TimeoutError):
+            stream.reset(RESET_CANCEL)
+
+
+async def _watch(
+    stream: ByteStream, codec: MessageCodec, op: PacsOperation, out: Channel[bytes]
+) -> None:
+    """Read what the workstation sends during the operation: only Cancel is expected."""
+    try:
+        while True:
+            msg = await read_message(stream, codec)
+            if isinstance(msg, Cancel):
+                await asyncio.to_thread(op.cancel)
+                continue
+            if msg is None and op.final is not None:
+                return  # the workstation closed after our final: normal end
+            # An early end, or anything but Cancel: the workstation has given up.
+            log.info("workstation abandoned the DICOM operation")
+            op.abort()
+            out.abort("workstation gone")
+            return
+    except (StreamReset, DicomProtocolError):
+        op.abort()
+        out.abort("stream lost")
+
+
+async def _refuse(stream: ByteStream, codec: MessageCodec, reason: str) -> None:
+    """Tell the workstation why, then close; never raises."""
+    try:
+        async with asyncio.timeout(5):
+            await write_message(stream, codec, ErrorMessage(reason[: codec.limits.max_text]))
+            await write_message(
+                stream, codec, FinalResponse(st.RELAY_PROTOCOL, reason[: codec.limits.max_text])
+            )
+            await stream.write_eof()
+    except (StreamReset, TimeoutError, DicomProtocolError):
+        stream.reset(RESET_CANCEL)
+
+
+class DicomAgent:
+    """The agent's DICOM service: serves streams, owns the C-MOVE receiver if configured."""
+
+    def __init__(
+        self,
+        pacs: PacsTarget,
+        *,
+        stats: DicomStats | None = None,
+        limits: DicomLimits | None = None,
+    ) -> None:
+        self.pacs = pacs
+        self.stats = stats or NullStats()
+        self.limits = limits or DicomLimits()
+        self.move_receiver: MoveReceiver | None = None
+
+    async def start(self) -> None:
+        if self.pacs.retrieve == "move" and self.move_receiver is None:
+            assert self.pacs.move_listen is not None  # PacsTarget checks it
+            receiver = MoveReceiver(
+                self.pacs.move_ae_title,
+                self.pacs.move_listen,
+                timeout=self.pacs.timeout,
+                stall_timeout=self.pacs.stall_timeout,
+            )
+            await asyncio.to_thread(receiver.start)
+            self.move_receiver = receiver
+
+    async def stop(self) -> None:
+        if self.move_receiver is not None:
+            await asyncio.to_thread(self.move_receiver.stop)
+            self.move_receiver = None
+
+    async def serve(self, stream: ByteStream) -> OperationSummary:
+        return await serve_dicom_stream(
+            stream,
+            self.pacs,
+            stats=self.stats,
+            limits=self.limits,
+            move_receiver=self.move_receiver,
+        )

@@ -1,0 +1,494 @@
+"""The workstation's local DICOM node: what viewers talk to, relayed to the agent.
+
+A pynetdicom AE on loopback accepts C-ECHO, C-FIND, C-GET and C-MOVE (Patient Root and
+Study Root, all levels), C-STORE and C-CANCEL. Each viewer request becomes one relay stream
+(`open_stream(headers)`), and results come back as they arrive:
+
+- C-FIND matches are passed on one by one.
+- C-GET: the agent's instances are sent as C-STORE sub-operations on the viewer's own
+  association, with the PACS's dataset bytes unchanged when the viewer accepted that
+  transfer syntax (see `rawds`); pending responses carry the counts as they change.
+- C-MOVE: the same, delivered by C-STORE to the destination AE from `destinations`
+  (an unknown AE gets 0xA801). The PACS never connects to the workstation.
+- C-STORE from the viewer (an upload) is checked and forwarded to the PACS.
+- C-CANCEL from the viewer is forwarded; the agent cancels at the PACS.
+
+If the relay drops mid-retrieval the viewer's operation ends with a failure status and
+failed counts (never success for a partial retrieval), and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from relay.dicom import contexts, rawds
+from relay.dicom import status as st
+from relay.dicom.codec import (
+    VERSION,
+    DicomLimits,
+    FinalResponse,
+    Instance,
+    MessageCodec,
+    Pending,
+    Request,
+)
+from relay.dicom.session import OpenStream, Session, SessionEnded
+from relay.dicom.stats import DicomStats, NullStats
+
+log = logging.getLogger(__name__)
+
+_POLL: Final = 0.1  # how often a waiting handler looks for the viewer's C-CANCEL
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment and code not in (st.SUCCESS, st.PENDING, st.CANCEL):
+        ds.ErrorComment = comment[:64]  # LO
+    return ds
+
+
+def _failed_list(uids: tuple[str, ...] | list[str]) -> Dataset:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = list(uids)
+    return ds
+
+
+class DicomNode:
+    """The local DICOM node of the workstation; `await start()`, `await stop()`."""
+
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        listen: str | tuple[str, int] = ("127.0.0.1", 11112),
+        ae_title: str = "RELAY",
+        destinations: Mapping[str, str | tuple[str, int]] | None = None,
+        max_associations: int = 8,
+        timeout: float = 120.0,
+        stats: DicomStats | None = None,
+        limits: DicomLimits | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """`timeout` bounds every wait on the agent (a silent agent fails the operation
+        after that long) and on the viewer; `headers` are added to each stream's headers."""
+        rawds.install()
+        if not 1 <= len(ae_title.strip()) <= 16:
+            raise ValueError("dicom.ae_title must be 1 to 16 characters")
+        if max_associations < 1:
+            raise ValueError("max_associations must be at least 1")
+        self.open_stream = open_stream
+        self._loop = loop
+        self.listen = contexts.parse_address(listen, "dicom.listen")
+        self.ae_title = ae_title.strip()
+        self.destinations = {
+            k.strip(): contexts.parse_address(v, f"dicom.destinations.{k}")
+            for k, v in (destinations or {}).items()
+        }
+        self.max_associations = max_associations
+        self.timeout = timeout
+        self.stats: DicomStats = stats or NullStats()
+        self.limits = limits or DicomLimits()
+        self.codec = MessageCodec(self.limits, stats=self.stats)
+        self.headers = {"target": "dicom", "dicom-version": str(VERSION), **(headers or {})}
+        self._ae: AE | None = None
+        self._server: Any = None
+        self._sessions: set[Session] = set()
+        self._sessions_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the node listens (the real port once started, if 0 was asked)."""
+        if self._server is None:
+            return self.listen
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "DicomNode not started"
+        return self._loop
+
+    async def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = 0
+        ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = self.timeout
+        ae.network_timeout = self.timeout + 60  # the viewer is silent while we wait on the agent
+        handlers: list[Any] = [
+            contexts.NODELAY,
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._ae = ae
+        supported = contexts.scp_contexts(
+            storage_role_selection=True, extra=list(contexts.MODELS.values())
+        )
+        self._server = await asyncio.to_thread(
+            ae.start_server, self.listen, block=False, evt_handlers=handlers, contexts=supported
+        )
+        log.info("DICOM node %s listening on %s:%d", self.ae_title, *self.address)
+
+    async def stop(self) -> None:
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for s in sessions:
+            s.abort_now()
+        if self._ae is not None:
+            await asyncio.to_thread(self._ae.shutdown)
+            self._ae = None
+            self._server = None
+
+    async def __aenter__(self) -> DicomNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- sessions -----------------------------------------------------------------
+
+    def _session(self, request: Request) -> Session:
+        session = Session(
+            self.loop,
+            self.open_stream,
+            self.headers,
+            request,
+            self.codec,
+            open_timeout=self.timeout,
+            on_done=self._forget,
+        )
+        with self._sessions_lock:
+            self._sessions.add(session)
+        session.start()
+        return session
+
+    def _forget(self, session: Session) -> None:
+        with self._sessions_lock:
+            self._sessions.discard(session)
+
+    def _unary(self, request: Request) -> FinalResponse:
+        """A request with one final answer (echo, store), from a handler thread."""
+        session = self._session(request)
+        try:
+            return session.next_final(self.timeout)
+        except SessionEnded as exc:
+            return FinalResponse(exc.status, exc.reason)
+        finally:
+            session.close()
+
+    # -- handlers (pynetdicom threads) --------------------------------------------
+
+    def _on_echo(self, event: Any) -> Dataset:
+        started = time.monotonic()
+        final = self._unary(Request(op="echo", calling_ae=_calling(event)))
+        code = st.for_echo(final.status)
+        self.stats.operation_done("echo", code, time.monotonic() - started)
+        return _status(code, final.comment)
+
+    def _on_store(self, event: Any) -> Dataset:
+        """An upload from the viewer, forwarded to the PACS."""
+        started = time.monotonic()
+        req = event.request
+        ts = str(event.context.transfer_syntax)
+        data = req.DataSet.getvalue()
+        sop_class, sop_instance = str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID)
+        if len(data) > self.limits.max_dataset:
+            final = FinalResponse(st.STORE_OUT_OF_RESOURCES, "dataset larger than the relay limit")
+        else:
+            try:
+                rawds.check_instance(data, ts, sop_class, sop_instance)
+            except rawds.MalformedDataset as exc:
+                final = FinalResponse(st.STORE_CANNOT_UNDERSTAND, f"malformed dataset: {exc}")
+            else:
+                final = self._unary(
+                    Request(
+                        op="store",
+                        transfer_syntax=ts,
+                        dataset=data,
+                        sop_class=sop_class,
+                        sop_instance=sop_instance,
+                        priority=int(req.Priority or 0),
+                        move_originator_ae=str(
+                            req.MoveOriginatorApplicationEntityTitle or ""
+                        ).strip()[:16],
+                        move_originator_id=req.MoveOriginatorMessageID,
+                        calling_ae=_calling(event),
+                    )
+                )
+        code = st.for_store(final.status)
+        self.stats.operation_done("store", code, time.monotonic() - started)
+        return _status(code, final.comment)
+
+    def _request_for(self, event: Any, op: str) -> Request | Dataset:
+        key = contexts.model_key(str(event.request.AffectedSOPClassUID))
+        if key is None:
+            return _status(0x0122 if op == "find" else st.RELAY_UNSUPPORTED,
+                           "unsupported query model")  # fmt: skip
+        identifier = event.request.Identifier
+        data = identifier.getvalue() if identifier is not None else b""
+        return Request(
+            op=op,  # type: ignore[arg-type]
+            root=key[0],  # type: ignore[arg-type]
+            transfer_syntax=str(event.context.transfer_syntax),
+            dataset=data,
+            priority=int(event.request.Priority or 0),
+            calling_ae=_calling(event),
+        )
+
+    def _on_find(self, event: Any) -> Iterator[tuple[Dataset | int, Dataset | None]]:
+        started = time.monotonic()
+        request = self._request_for(event, "find")
+        if isinstance(request, Dataset):
+            yield request, None
+            return
+        session = self._session(request)
+        waiter = _Waiter(session, event, self.timeout)
+        code = st.SUCCESS
+        try:
+            while True:
+                msg = waiter.next()
+                if isinstance(msg, FinalResponse):
+                    code = msg.status
+                    yield _status(msg.status, msg.comment), None
+                    return
+                if isinstance(msg, Pending) and msg.dataset:
+                    if waiter.cancelled:
+                        continue  # the viewer no longer wants matches; wait for the end
+                    try:
+                        match = rawds.decode_dataset(msg.dataset, msg.transfer_syntax)
+                    except Exception as exc:
+                        code = st.RELAY_PROTOCOL
+                        yield _status(code, f"bad match from the agent: {exc}"), None
+                        return
+                    yield 0xFF00, match
+                elif isinstance(msg, Instance):
+                    code = st.RELAY_PROTOCOL
+                    yield _status(code, "unexpected instance in a C-FIND"), None
+                    return
+        except SessionEnded as exc:
+            code = exc.status
+            yield _status(exc.status, waiter.reason(exc)), None
+        finally:
+            session.close()
+            self.stats.operation_done("find", code, time.monotonic() - started)
+
+    def _on_get(self, event: Any) -> Iterator[Any]:
+        request = self._request_for(event, "retrieve")
+        if isinstance(request, Dataset):
+            yield 1
+            yield request, None
+            return
+        yield from _Retrieval(self, event, request, None).run()
+
+    def _on_move(self, event: Any) -> Iterator[Any]:
+        dest_name = str(event.move_destination or "").strip()
+        destination = self.destinations.get(dest_name)
+        if destination is None:
+            log.warning("C-MOVE to unknown destination %r refused", dest_name)
+            self.stats.operation_done("move", st.MOVE_DESTINATION_UNKNOWN, 0.0)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
+            return
+        request = self._request_for(event, "retrieve")
+        if isinstance(request, Dataset):
+            yield destination[0], destination[1], {"contexts": [build_context(Verification)]}
+            yield 1
+            yield request, None
+            return
+        yield from _Retrieval(self, event, request, destination).run()
+
+
+def _calling(event: Any) -> str:
+    with contextlib.suppress(Exception):
+        return str(event.assoc.requestor.ae_title).strip()[:16]
+    return ""
+
+
+class _Waiter:
+    """Waits for the agent's next message while watching the viewer (cancel, abort, time)."""
+
+    def __init__(self, session: Session, event: Any, timeout: float) -> None:
+        self.session = session
+        self.event = event
+        self.timeout = timeout
+        self.cancelled = False
+
+    def check_cancel(self) -> bool:
+        """True once the viewer has sent C-CANCEL; the first time, tell the agent."""
+        if not self.cancelled and self.event.is_cancelled:
+            log.info("viewer cancelled; cancelling at the agent")
+            self.cancelled = True
+            self.session.cancel()
+        return self.cancelled
+
+    def next(self) -> Any:
+        idle_since = time.monotonic()
+        while True:
+            self.check_cancel()
+            try:
+                return self.session.next(_POLL)
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if not self.event.assoc.is_established:
+                raise SessionEnded(st.LINK_LOST, "viewer association ended")
+            if now - idle_since > self.timeout:
+                raise SessionEnded(st.LINK_LOST, f"no response from the agent in {self.timeout}s")
+
+    def reason(self, exc: SessionEnded) -> str:
+        return self.session.error_reason or exc.reason
+
+
+class _Retrieval:
+    """The C-GET / C-MOVE handler body: counts first, then instances, then the end."""
+
+    def __init__(
+        self,
+        node: DicomNode,
+        event: Any,
+        request: Request,
+        destination: tuple[str, int] | None,
+    ) -> None:
+        self.node = node
+        self.event = event
+        self.request = request
+        self.destination = destination
+        self.op = "move" if destination else "get"
+        self.buffered: deque[Instance] = deque()
+        self.total: int | None = None
+        self.end: FinalResponse | None = None
+        self.delivered = 0
+        self.classes: dict[str, None] = {}
+        self.syntaxes: dict[str, None] = {}
+        self.code = st.SUCCESS
+
+    def run(self) -> Iterator[Any]:
+        started = time.monotonic()
+        session = self.node._session(self.request)
+        waiter = _Waiter(session, self.event, self.node.timeout)
+        try:
+            yield from self._run(waiter)
+        finally:
+            session.close()
+            self.node.stats.operation_done(self.op, self.code, time.monotonic() - started)
+
+    def _take(self, waiter: _Waiter) -> None:
+        """Read one message into our state."""
+        try:
+            msg = waiter.next()
+        except SessionEnded as exc:
+            self.end = FinalResponse(exc.status, waiter.reason(exc)[: self.node.limits.max_text])
+            return
+        if isinstance(msg, Instance):
+            self.buffered.append(msg)
+            self.classes.setdefault(msg.sop_class, None)
+            self.syntaxes.setdefault(msg.transfer_syntax, None)
+        elif isinstance(msg, Pending):
+            self.classes.update(dict.fromkeys(msg.sop_classes))
+            self.syntaxes.update(dict.fromkeys(msg.transfer_syntaxes))
+            counts = [c for c in (msg.remaining, msg.completed, msg.failed, msg.warning)
+                      if c is not None]  # fmt: skip
+            if self.total is None and msg.remaining is not None:
+                self.total = sum(counts)
+        elif isinstance(msg, FinalResponse):
+            self.end = msg
+
+    def _run(self, waiter: _Waiter) -> Iterator[Any]:
+        depth = self.node.limits.queue_depth
+        # 1. Learn how many sub-operations there will be (pynetdicom needs it up front).
+        while self.total is None and self.end is None:
+            self._take(waiter)
+            if self.total is None and len(self.buffered) > depth:
+                self.end = FinalResponse(st.NO_COUNTS, "the PACS gave no sub-operation counts")
+        if self.total is None and self.end is not None and _ok(self.end.status):
+            done = [self.end.completed, self.end.failed, self.end.warning]
+            self.total = max(len(self.buffered), sum(c for c in done if c is not None))
+        # 2. For a C-MOVE, know the SOP classes and syntaxes before associating.
+        if self.destination is not None:
+            while (
+                self.end is None and not self.buffered and not self.syntaxes and (self.total or 0)
+            ):
+                self._take(waiter)
+            cxs = contexts.storage_proposals(list(self.classes), list(self.syntaxes))
+            yield (
+                self.destination[0],
+                self.destination[1],
+                {
+                    "contexts": cxs,
+                    "evt_handlers": [contexts.NODELAY],
+                },
+            )
+        # 3. A failure before any count: one notional sub-operation, so that pynetdicom
+        #    sends our failure status instead of "Success, 0 sub-operations".
+        if not self.total:
+            if self.end is not None and not _ok(self.end.status):
+                self.code = self.end.status
+                yield 1
+                yield (
+                    _status(self.end.status, self.end.comment),
+                    _failed_list(self.end.failed_instances),
+                )
+                return
+            self.code = st.SUCCESS
+            yield 0
+            return
+        yield self.total
+        # 4. Instances as they come; after a C-CANCEL, none, until the agent's end.
+        while True:
+            if waiter.check_cancel():
+                self.buffered.clear()
+            while self.buffered and self.delivered < self.total:
+                inst = self.buffered.popleft()
+                self.delivered += 1
+                self.node.stats.instance_relayed(len(inst.dataset))
+                yield (
+                    0xFF00,
+                    rawds.EncodedDataset(
+                        inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.dataset
+                    ),
+                )
+            self.buffered.clear()  # more than announced: pynetdicom could not count them
+            if self.end is not None:
+                break
+            self._take(waiter)
+        # 5. The end: never success unless everything announced was delivered.
+        end = self.end
+        remaining = self.total - self.delivered
+        failed = _failed_list(end.failed_instances)
+        if end.status == st.CANCEL or waiter.cancelled:
+            self.code = st.CANCEL
+            yield _status(st.CANCEL), failed
+        elif remaining <= 0:
+            # Every sub-operation was handed over: pynetdicom reports their outcome itself.
+            self.code = st.SUCCESS
+        elif _ok(end.status):
+            self.code = st.WARNING_SUBOPS
+            comment = end.comment or "fewer instances than announced"
+            yield _status(st.WARNING_SUBOPS, comment), failed
+        else:
+            self.code = end.status
+            yield _status(end.status, end.comment), failed
+
+
+def _ok(code: int) -> bool:
+    """Success or warning: the operation ran; failure statuses (and cancel) are not ok."""
+    return code == st.SUCCESS or 0xB000 <= code <= 0xBFFF or code == 0x0001

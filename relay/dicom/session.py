@@ -1,0 +1,205 @@
+"""One relayed DICOM operation at the workstation: stream I/O on the loop, consumed by a thread.
+
+pynetdicom calls the workstation's handlers on its own threads and expects them to block;
+the relay stream lives on the event loop. A `Session` opens the stream and writes the
+request on the loop, then copies each received message payload into a bounded `Channel`.
+The handler thread takes payloads out and decodes them (zstd work stays off the loop). When
+the handler is slow (the viewer is slow), the channel fills, the loop stops reading, tunnel
+credit stops, and the agent and then the PACS wait: memory stays at a few instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from relay.dicom import status as st
+from relay.dicom.bridge import Channel, ChannelClosed
+from relay.dicom.codec import (
+    Cancel,
+    DicomProtocolError,
+    ErrorMessage,
+    FinalResponse,
+    Message,
+    MessageCodec,
+    MessageType,
+    Request,
+    read_payload,
+    write_message,
+)
+from relay.streams import ByteStream, StreamReset
+
+log = logging.getLogger(__name__)
+
+OpenStream = Callable[[Mapping[str, str]], Awaitable[ByteStream]]
+RESET_CANCEL = 0x8
+
+
+class SessionEnded(Exception):
+    """The stream ended without a final response: `status` and `reason` say why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Session:
+    """A request on its own stream; thread-side `next()`, `cancel()` and `close()`."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        open_stream: OpenStream,
+        headers: Mapping[str, str],
+        request: Request,
+        codec: MessageCodec,
+        *,
+        open_timeout: float,
+        on_done: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.codec = codec
+        self.request = request
+        self.inbox: Channel[bytearray] = Channel(loop, codec.limits.queue_depth)
+        self._open_stream = open_stream
+        self._headers = dict(headers)
+        self._open_timeout = open_timeout
+        self._stream: ByteStream | None = None
+        self._end: SessionEnded | None = None
+        self._final_seen = False
+        self._closed = False
+        self._on_done = on_done
+        self._task: asyncio.Future[None] | None = None
+        self.error_reason = ""
+
+    # -- loop side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Schedule the stream on the loop (callable from any thread)."""
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self.loop)  # type: ignore[assignment]
+
+    async def _run(self) -> None:
+        reason = SessionEnded(st.LINK_LOST, "relay stream ended before the final response")
+        try:
+            try:
+                async with asyncio.timeout(self._open_timeout):
+                    stream = await self._open_stream(self._headers)
+                    self._stream = stream
+                    await write_message(stream, self.codec, self.request)
+            except (TimeoutError, StreamReset, OSError, ConnectionError) as exc:
+                reason = SessionEnded(st.LINK_LOST, f"relay link unavailable: {_why(exc)}")
+                return
+            except Exception as exc:  # the tunnel refused the stream, or similar
+                reason = SessionEnded(st.LINK_LOST, f"relay link unavailable: {_why(exc)}")
+                return
+            if self._closed:
+                stream.reset(RESET_CANCEL)
+                return
+            while True:
+                payload = await read_payload(stream, self.codec)
+                if payload is None:
+                    return
+                if len(payload) > 1 and payload[1] == MessageType.FINAL:
+                    self._final_seen = True
+                await self.inbox.put(payload)
+                if self._final_seen:
+                    return
+        except StreamReset as exc:
+            reason = SessionEnded(st.LINK_LOST, f"relay stream reset (code {exc.code})")
+        except DicomProtocolError as exc:
+            reason = SessionEnded(st.RELAY_PROTOCOL, f"bad message from the agent: {exc}")
+            if self._stream is not None:
+                self._stream.reset(RESET_CANCEL)
+        except ChannelClosed:
+            pass  # the handler is gone; close() resets the stream
+        except Exception as exc:
+            log.exception("DICOM session failed")
+            reason = SessionEnded(st.LINK_LOST, f"relay error: {_why(exc)}")
+        finally:
+            self._end = reason
+            self.inbox.close("stream ended")
+
+    async def _send(self, msg: Message) -> None:
+        stream = self._stream
+        if stream is None or self._closed:
+            return
+        with contextlib.suppress(StreamReset, DicomProtocolError):
+            async with asyncio.timeout(self._open_timeout):
+                await write_message(stream, self.codec, msg)
+
+    async def _finish(self, clean: bool) -> None:
+        stream = self._stream
+        if stream is not None:
+            if clean:
+                try:
+                    async with asyncio.timeout(self._open_timeout):
+                        await stream.write_eof()
+                except (StreamReset, TimeoutError):
+                    stream.reset(RESET_CANCEL)
+            else:
+                stream.reset(RESET_CANCEL)
+        if self._task is not None:
+            self._task.cancel()
+        self.inbox.abort("session closed")
+        if self._on_done is not None:
+            self._on_done(self)
+
+    # -- thread side ----------------------------------------------------------------
+
+    def next(self, timeout: float) -> Message:
+        """The next message; TimeoutError if none within `timeout`; SessionEnded at the end."""
+        try:
+            payload = self.inbox.get_sync(timeout)
+        except ChannelClosed:
+            raise self._end or SessionEnded(st.LINK_LOST, "relay stream ended") from None
+        try:
+            msg = self.codec.decode(payload)
+        except DicomProtocolError as exc:
+            raise SessionEnded(st.RELAY_PROTOCOL, f"bad message from the agent: {exc}") from None
+        if isinstance(msg, ErrorMessage):
+            self.error_reason = msg.reason
+        return msg
+
+    def next_final(self, timeout: float) -> FinalResponse:
+        """Skip to the final response (for echo and store), within `timeout` overall."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SessionEnded(st.LINK_LOST, "no response from the agent in time")
+            try:
+                msg = self.next(left)
+            except TimeoutError:
+                continue
+            if isinstance(msg, FinalResponse):
+                return msg
+
+    def cancel(self) -> None:
+        """Ask the agent to C-CANCEL at the PACS."""
+        with contextlib.suppress(RuntimeError):
+            asyncio.run_coroutine_threadsafe(self._send(Cancel()), self.loop)
+
+    def close(self) -> None:
+        """End the session: a clean half-close after the final, a reset otherwise."""
+        if self._closed:
+            return
+        self._closed = True
+        clean = self._final_seen and len(self.inbox) == 0
+        with contextlib.suppress(RuntimeError):  # loop closed: nothing left to clean
+            asyncio.run_coroutine_threadsafe(self._finish(clean), self.loop)
+
+    def abort_now(self) -> None:
+        """From the loop (node shutdown): reset at once."""
+        self._closed = True
+        if self._stream is not None:
+            self._stream.reset(RESET_CANCEL)
+        self.inbox.abort("node stopping")
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,447 @@
+"""The agent side against the embedded PACS, driven message by message over a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from relay.dicom import rawds, samples
+from relay.dicom import status as st
+from relay.dicom.agent import DicomAgent, OperationSummary, serve_dicom_stream
+from relay.dicom.codec import (
+    Cancel,
+    DicomLimits,
+    ErrorMessage,
+    FinalResponse,
+    Instance,
+    Message,
+    MessageCodec,
+    Pending,
+    Request,
+    read_message,
+    write_message,
+)
+from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
+from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.samples import encode_dataset
+from relay.dicom.stats import DicomCounters
+from relay.streams import ByteStream, StreamReset, pipe
+
+from .helpers import EXPLICIT, query
+
+CT = samples.make_study(5, rows=64, cols=64)
+MR = samples.make_study(3, modality="MR", rows=32, cols=32)
+CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
+MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore(CT + MR)) as p:
+        yield p
+
+
+def target(pacs: EmbeddedPacs, **kw: object) -> PacsTarget:
+    base = PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def ident(level: str, **keys: str) -> bytes:
+    return encode_dataset(query(level, **keys), EXPLICIT)
+
+
+def retrieve(level: str = "STUDY", root: str = "study", **keys: str) -> Request:
+    return Request(op="retrieve", root=root, transfer_syntax=EXPLICIT, dataset=ident(level, **keys))  # type: ignore[arg-type]
+
+
+class Workstation:
+    """The workstation end of one stream, by hand."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.codec = MessageCodec()
+
+    async def send(self, msg: Message) -> None:
+        await write_message(self.stream, self.codec, msg)
+
+    async def recv(self) -> Message | None:
+        return await asyncio.wait_for(read_message(self.stream, self.codec), 20)
+
+    async def all(self) -> list[Message]:
+        out = []
+        while (m := await self.recv()) is not None:
+            out.append(m)
+        await self.stream.write_eof()
+        return out
+
+
+async def run(
+    pacs_target: PacsTarget, request: Request | None, **kw: object
+) -> tuple[list[Message], OperationSummary]:
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, pacs_target, **kw))  # type: ignore[arg-type]
+    ws = Workstation(a)
+    if request is not None:
+        await ws.send(request)
+    msgs = await ws.all()
+    return msgs, await asyncio.wait_for(server, 20)
+
+
+def final_of(msgs: list[Message]) -> FinalResponse:
+    assert isinstance(msgs[-1], FinalResponse), msgs[-1]
+    assert sum(isinstance(m, FinalResponse) for m in msgs) == 1
+    return msgs[-1]
+
+
+async def test_echo(pacs: EmbeddedPacs) -> None:
+    msgs, summary = await run(target(pacs), Request(op="echo"))
+    assert msgs == [FinalResponse(0)]
+    assert (summary.op, summary.status) == ("echo", 0)
+
+
+@pytest.mark.parametrize("root", ["patient", "study"])
+async def test_find_streams_every_match(pacs: EmbeddedPacs, root: str) -> None:
+    req = Request(
+        op="find",
+        root=root,  # type: ignore[arg-type]
+        transfer_syntax=EXPLICIT,
+        dataset=ident("STUDY", PatientID="", StudyInstanceUID="", PatientName=""),
+    )
+    msgs, _ = await run(target(pacs), req)
+    assert final_of(msgs).status == 0
+    matches = [
+        rawds.decode_dataset(m.dataset, m.transfer_syntax) for m in msgs if isinstance(m, Pending)
+    ]
+    assert {str(m.StudyInstanceUID) for m in matches} == {CT_STUDY, MR_STUDY}
+    assert {str(m.PatientName) for m in matches} == {"DOE^JANE", "ROE^RICHARD"}
+
+
+async def test_find_at_image_level(pacs: EmbeddedPacs) -> None:
+    series = str(rawds.decode_dataset(CT[0].data, EXPLICIT).SeriesInstanceUID)
+    req = Request(
+        op="find",
+        root="study",
+        transfer_syntax=EXPLICIT,
+        dataset=ident(
+            "IMAGE", StudyInstanceUID=CT_STUDY, SeriesInstanceUID=series, SOPInstanceUID=""
+        ),
+    )
+    msgs, _ = await run(target(pacs), req)
+    uids = {
+        str(rawds.decode_dataset(m.dataset, EXPLICIT).SOPInstanceUID)
+        for m in msgs
+        if isinstance(m, Pending)
+    }
+    assert uids == {i.sop_instance for i in CT}
+
+
+async def test_get_announces_counts_then_streams_the_pacs_bytes(pacs: EmbeddedPacs) -> None:
+    stats = DicomCounters()
+    msgs, summary = await run(target(pacs), retrieve(StudyInstanceUID=CT_STUDY), stats=stats)
+    first = msgs[0]
+    assert isinstance(first, Pending)
+    assert first.remaining == 5 and first.sop_classes == (samples.CT_IMAGE_STORAGE,)
+    instances = [m for m in msgs if isinstance(m, Instance)]
+    assert [(i.sop_instance, i.transfer_syntax, i.dataset) for i in instances] == [
+        (i.sop_instance, i.transfer_syntax, i.data) for i in CT
+    ]
+    final = final_of(msgs)
+    assert (final.status, final.completed, final.failed) == (0, 5, 0)
+    assert (summary.op, summary.status, summary.instances) == ("get", 0, 5)
+    assert stats.instances == 5 and stats.operations[("get", "success")] == 1
+    assert stats.raw_bytes["out"] > stats.wire_bytes["out"] > 0  # zstd did something
+
+
+async def test_get_by_patient_in_patient_root(pacs: EmbeddedPacs) -> None:
+    msgs, _ = await run(target(pacs), retrieve("PATIENT", "patient", PatientID="RELAY0002"))
+    assert {m.sop_instance for m in msgs if isinstance(m, Instance)} == {i.sop_instance for i in MR}
+    assert final_of(msgs).status == 0
+
+
+async def test_get_without_survey_still_works(pacs: EmbeddedPacs) -> None:
+    msgs, _ = await run(target(pacs, survey=False), retrieve(StudyInstanceUID=MR_STUDY))
+    assert len([m for m in msgs if isinstance(m, Instance)]) == 3
+    pendings = [m for m in msgs if isinstance(m, Pending)]
+    assert (
+        pendings and pendings[0].remaining == 2 and pendings[0].completed == 1
+    )  # the PACS's counts
+    assert final_of(msgs).status == 0
+
+
+async def test_get_of_an_unknown_study(pacs: EmbeddedPacs) -> None:
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID="1.2.3.4.5.6"))
+    assert not any(isinstance(m, Instance) for m in msgs)
+    final = final_of(msgs)
+    assert final.status == 0 and not final.completed
+
+
+async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
+    port = free_port()
+    pacs.destinations["RELAYMOVE"] = ("127.0.0.1", port)
+    agent = DicomAgent(
+        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", port))
+    )
+    await agent.start()
+    try:
+        a, b = pipe()
+        server = asyncio.create_task(agent.serve(b))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=CT_STUDY))
+        msgs = await ws.all()
+        summary = await server
+    finally:
+        await agent.stop()
+    assert isinstance(msgs[0], Pending) and msgs[0].remaining == 5
+    got = {m.sop_instance: m.dataset for m in msgs if isinstance(m, Instance)}
+    assert got == {i.sop_instance: i.data for i in CT}
+    assert final_of(msgs).status == 0
+    assert (summary.op, summary.instances) == ("move", 5)
+
+
+async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
+    port = free_port()
+    agent = DicomAgent(
+        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", port))
+    )
+    await agent.start()
+    try:
+        from pynetdicom import build_context
+
+        from .helpers import scu
+
+        inst = CT[0]
+
+        def push() -> int:
+            assoc = scu().associate(
+                "127.0.0.1", port, contexts=[build_context(inst.sop_class, [EXPLICIT])]
+            )
+            ds = rawds.EncodedDataset(inst.sop_class, inst.sop_instance, EXPLICIT, inst.data)
+            status = int(assoc.send_c_store(ds).Status)
+            assoc.release()
+            return status
+
+        assert await asyncio.to_thread(push) == st.STORE_NOT_AUTHORIZED
+    finally:
+        await agent.stop()
+
+
+async def test_store_upload_reaches_the_pacs(pacs: EmbeddedPacs) -> None:
+    new = samples.make_study(1, rows=32, cols=32, seed=11)[0]
+    req = Request(
+        op="store",
+        transfer_syntax=EXPLICIT,
+        dataset=new.data,
+        sop_class=new.sop_class,
+        sop_instance=new.sop_instance,
+    )
+    msgs, summary = await run(target(pacs), req)
+    assert msgs == [FinalResponse(0)]
+    assert pacs.instance_bytes(new.sop_instance) == new.data
+    assert summary.op == "store"
+
+
+async def test_malformed_upload_is_refused_before_the_pacs(pacs: EmbeddedPacs) -> None:
+    new = samples.make_study(1, rows=32, cols=32, seed=12)[0]
+    req = Request(
+        op="store",
+        transfer_syntax=EXPLICIT,
+        dataset=new.data[:-7],
+        sop_class=new.sop_class,
+        sop_instance=new.sop_instance,
+    )
+    msgs, _ = await run(target(pacs), req)
+    assert final_of(msgs).status == st.STORE_CANNOT_UNDERSTAND
+    assert not pacs.has(new.sop_instance)
+    assert pacs.events.stores == 0
+
+
+async def test_pacs_down_fails_fast_with_a_reason() -> None:
+    port = free_port()  # nothing listens there
+    t = PacsTarget(ae_title="NOPE", host="127.0.0.1", port=port, timeout=3)
+    for req, code in [
+        (Request(op="echo"), st.PROCESSING_FAILURE),
+        (retrieve(StudyInstanceUID="1.2.3"), st.PACS_UNREACHABLE),
+        (
+            Request(
+                op="find",
+                root="study",
+                transfer_syntax=EXPLICIT,
+                dataset=ident("STUDY", StudyInstanceUID=""),
+            ),
+            st.PACS_UNREACHABLE,
+        ),
+    ]:
+        msgs, _ = await asyncio.wait_for(run(t, req), 15)
+        final = final_of(msgs)
+        assert final.status == code
+        assert "unreachable" in final.comment
+
+
+async def test_association_rejected() -> None:
+    with EmbeddedPacs(MemoryStore(CT), require_called_aet=True) as strict:
+        t = PacsTarget(ae_title="WRONGAE", host="127.0.0.1", port=strict.port, timeout=5)
+        msgs, _ = await run(t, retrieve(StudyInstanceUID=CT_STUDY))
+    final = final_of(msgs)
+    assert final.status == st.PACS_REFUSED and "rejected" in final.comment
+
+
+async def test_cancel_reaches_the_pacs() -> None:
+    study = samples.make_study(30, rows=32, cols=32, seed=21)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.03) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        got = 0
+        while got < 2:
+            if isinstance(await ws.recv(), Instance):
+                got += 1
+        await ws.send(Cancel())
+        msgs = await ws.all()
+        summary = await asyncio.wait_for(server, 20)
+        assert slow.events.cancels == 1
+        assert slow.events.instances_sent < 30
+    final = final_of(msgs)
+    assert final.status == st.CANCEL
+    assert summary.cancelled
+
+
+async def test_stream_reset_mid_retrieval_aborts_the_pacs_operation() -> None:
+    study = samples.make_study(30, rows=32, cols=32, seed=22)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.02) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        while not isinstance(await ws.recv(), Instance):
+            pass
+        a.reset(8)
+        summary = await asyncio.wait_for(server, 20)
+        sent = slow.events.instances_sent
+        await asyncio.sleep(0.3)
+        assert slow.events.instances_sent <= sent + 1  # the PACS stopped sending
+    assert summary.status == st.LINK_LOST
+    assert sent < 30
+
+
+async def test_workstation_closing_early_abandons_the_operation() -> None:
+    study = samples.make_study(30, rows=32, cols=32, seed=23)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.02) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        await a.write_eof()
+        summary = await asyncio.wait_for(server, 20)
+        assert slow.events.instances_sent < 30
+    assert summary.status == st.LINK_LOST
+
+
+async def test_malformed_instance_from_the_pacs_is_counted_failed_not_relayed() -> None:
+    bad = CT[2]
+    store = MemoryStore(CT[:2] + CT[3:])
+    broken = bad.data[:-50]
+    store.add(bad.sop_class, bad.sop_instance, EXPLICIT, broken)
+    with EmbeddedPacs(store) as p:
+        msgs, _summary = await run(target(p), retrieve(StudyInstanceUID=CT_STUDY))
+    relayed = {m.sop_instance for m in msgs if isinstance(m, Instance)}
+    assert bad.sop_instance not in relayed and len(relayed) == 4
+    final = final_of(msgs)
+    assert final.status == st.WARNING_SUBOPS and final.failed == 1 and final.completed == 4
+    assert bad.sop_instance in final.failed_instances
+
+
+async def test_garbage_request_gets_an_error_and_a_failure(pacs: EmbeddedPacs) -> None:
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+    await a.write(b"\x00\x00\x00\x07\x09\x01\x00\x00\x00xx")
+    ws = Workstation(a)
+    msgs = await ws.all()
+    summary = await server
+    assert isinstance(msgs[0], ErrorMessage) and "version" in msgs[0].reason
+    assert final_of(msgs).status == st.RELAY_PROTOCOL
+    assert summary.op == "invalid"
+
+
+async def test_a_request_must_come_first_and_in_time(pacs: EmbeddedPacs) -> None:
+    msgs, _ = await run(target(pacs), Cancel())  # type: ignore[arg-type]
+    assert isinstance(msgs[0], ErrorMessage) and final_of(msgs).status == st.RELAY_PROTOCOL
+    _a, b = pipe()
+    summary = await asyncio.wait_for(serve_dicom_stream(b, target(pacs, timeout=0.3)), 10)
+    assert summary.status == st.RELAY_PROTOCOL
+
+
+@pytest.mark.parametrize("data", [b"\x08\x00\x52\x00CS\xff\xff", b"garbage!!", b""])
+async def test_undecodable_identifier_never_reaches_the_pacs(
+    pacs: EmbeddedPacs, data: bytes
+) -> None:
+    req = Request(op="find", root="study", transfer_syntax=EXPLICIT, dataset=data)
+    msgs, _ = await run(target(pacs), req)
+    final = final_of(msgs)
+    assert final.status == st.BAD_IDENTIFIER and "identifier" in final.comment
+    assert pacs.events.finds == 0 and pacs.events.associations == 0
+
+
+async def test_backpressure_keeps_the_pacs_few_instances_ahead() -> None:
+    study = samples.make_study(40, rows=128, cols=128, seed=24)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    depth = 2
+    with EmbeddedPacs(MemoryStore(study)) as p:
+        a, b = pipe(limit=16 * 1024)
+        server = asyncio.create_task(
+            serve_dicom_stream(b, target(p), limits=DicomLimits(queue_depth=depth))
+        )
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        received = 0
+        while received < 3:
+            if isinstance(await ws.recv(), Instance):
+                received += 1
+        await asyncio.sleep(0.5)  # a slow viewer: let the PACS run ahead as far as it can
+        ahead = p.events.instances_sent - received
+        # channel (depth) + one blocked in the C-STORE handler + one in the pipe + one in
+        # the middle of being handed over: never the whole study.
+        assert ahead <= depth + 3, ahead
+        msgs = await ws.all()
+        await server
+    assert received + len([m for m in msgs if isinstance(m, Instance)]) == 40
+
+
+async def test_first_instance_arrives_while_the_pacs_is_still_sending() -> None:
+    study = samples.make_study(12, rows=32, cols=32, seed=25)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.05) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        while not isinstance(await ws.recv(), Instance):
+            pass
+        assert slow.events.instances_sent < 12
+        await ws.all()
+        await server
+
+
+async def test_reset_of_the_pump_side_is_handled(pacs: EmbeddedPacs) -> None:
+    """The workstation resets before reading anything: serve returns, nothing leaks."""
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+    await write_message(a, MessageCodec(), retrieve(StudyInstanceUID=CT_STUDY))
+    a.reset(8)
+    summary = await asyncio.wait_for(server, 20)
+    assert summary.status in (st.LINK_LOST, 0)
+    with pytest.raises(StreamReset):
+        await a.read()

@@ -1,0 +1,413 @@
+"""The workstation's DICOM node through the whole in-process chain, with a pynetdicom viewer.
+
+(The same paths with real DCMTK tools are in test_chain_dcmtk.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import rawds, samples
+from relay.dicom import status as st
+from relay.dicom.codec import VERSION, DicomLimits
+from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
+from relay.dicom.node import DicomNode
+from relay.dicom.pacs_ops import PacsTarget
+
+from . import viewer
+from .chain import Chain, until
+from .helpers import EXPLICIT, capturing_scp, query, quirky_instance
+
+CT = samples.make_study(6, rows=64, cols=64)
+MR = samples.make_study(3, modality="MR", rows=32, cols=32)
+QUIRKY = quirky_instance()
+CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
+MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
+QUIRKY_STUDY = str(rawds.decode_dataset(QUIRKY.data, EXPLICIT).StudyInstanceUID)
+CLASSES = [samples.CT_IMAGE_STORAGE, samples.MR_IMAGE_STORAGE]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore([*CT, *MR, QUIRKY])) as p:
+        yield p
+
+
+def pacs_target(p: EmbeddedPacs, timeout: float = 10) -> PacsTarget:
+    return PacsTarget(ae_title=p.ae_title, host="127.0.0.1", port=p.port, timeout=timeout)
+
+
+@pytest.fixture
+async def chain(pacs: EmbeddedPacs) -> AsyncIterator[Chain]:
+    c = Chain(pacs_target(pacs))
+    await c.start()
+    yield c
+    await c.stop()
+
+
+async def test_echo_goes_to_the_pacs(chain: Chain, pacs: EmbeddedPacs) -> None:
+    status = await asyncio.to_thread(viewer.echo, chain.port)
+    assert status.Status == 0
+    assert pacs.events.echoes == 1
+    assert chain.headers == [{"target": "dicom", "dicom-version": str(VERSION)}]
+
+
+async def test_find_equals_a_direct_query(chain: Chain, pacs: EmbeddedPacs) -> None:
+    ident = query("STUDY", StudyInstanceUID="", PatientName="", StudyDate="", ModalitiesInStudy="")
+    relayed, final = await asyncio.to_thread(viewer.find, chain.port, ident)
+    direct, _ = await asyncio.to_thread(viewer.find, pacs.port, ident)
+    assert final.Status == 0
+    assert sorted(map(str, relayed)) == sorted(map(str, direct))
+    assert len(relayed) == 3
+
+
+async def test_get_delivers_the_pacs_bytes_with_counts_as_they_change(chain: Chain) -> None:
+    result = await asyncio.to_thread(
+        viewer.get, chain.port, query("STUDY", StudyInstanceUID=CT_STUDY), classes=CLASSES
+    )
+    assert result.received == {i.sop_instance: (EXPLICIT, i.data) for i in CT}
+    assert result.final.Status == 0
+    assert (
+        result.final.NumberOfCompletedSuboperations,
+        result.final.NumberOfFailedSuboperations,
+    ) == (6, 0)
+    assert [int(s.NumberOfRemainingSuboperations) for s in result.pending] == [5, 4, 3, 2, 1, 0]
+    assert [int(s.NumberOfCompletedSuboperations) for s in result.pending] == [1, 2, 3, 4, 5, 6]
+    await chain.settle()
+    assert chain.node_stats.instances == 6 and chain.agent_stats.instances == 6
+    assert chain.node_stats.operations[("get", "success")] == 1
+
+
+async def test_get_keeps_bytes_that_pydicom_would_rewrite(chain: Chain) -> None:
+    result = await asyncio.to_thread(
+        viewer.get, chain.port, query("STUDY", StudyInstanceUID=QUIRKY_STUDY), classes=CLASSES
+    )
+    assert result.received == {QUIRKY.sop_instance: (EXPLICIT, QUIRKY.data)}
+
+
+async def test_move_is_delivered_to_the_configured_destination(pacs: EmbeddedPacs) -> None:
+    with capturing_scp("VIEWERSCP") as (captured, port):
+        c = Chain(pacs_target(pacs), destinations={"VIEWERSCP": ("127.0.0.1", port)})
+        await c.start()
+        try:
+            statuses = await asyncio.to_thread(
+                viewer.move, c.port, query("STUDY", StudyInstanceUID=MR_STUDY), "VIEWERSCP"
+            )
+        finally:
+            await c.stop()
+    assert statuses[-1].Status == 0 and statuses[-1].NumberOfCompletedSuboperations == 3
+    assert captured.by_uid() == {i.sop_instance: (EXPLICIT, i.data) for i in MR}
+    assert pacs.events.moves == 0  # the agent retrieved with C-GET; the PACS never dialled us
+
+
+async def test_move_to_an_unknown_destination_is_a801(chain: Chain, pacs: EmbeddedPacs) -> None:
+    statuses = await asyncio.to_thread(
+        viewer.move, chain.port, query("STUDY", StudyInstanceUID=MR_STUDY), "NOSUCHAE"
+    )
+    assert statuses[-1].Status == st.MOVE_DESTINATION_UNKNOWN
+    assert chain.headers == []  # nothing was asked of the agent
+    assert pacs.events.gets == 0
+
+
+async def test_upload_reaches_the_pacs(chain: Chain, pacs: EmbeddedPacs) -> None:
+    new = samples.make_study(1, rows=32, cols=32, seed=31)[0]
+    status = await asyncio.to_thread(
+        viewer.store, chain.port, new.sop_class, new.sop_instance, new.data
+    )
+    assert status.Status == 0
+    assert pacs.instance_bytes(new.sop_instance) == new.data
+
+
+async def test_malformed_upload_is_refused_at_the_workstation(
+    chain: Chain, pacs: EmbeddedPacs
+) -> None:
+    new = samples.make_study(1, rows=32, cols=32, seed=32)[0]
+    status = await asyncio.to_thread(
+        viewer.store, chain.port, new.sop_class, new.sop_instance, new.data[:-20]
+    )
+    assert status.Status == st.STORE_CANNOT_UNDERSTAND
+    assert "malformed" in str(status.get("ErrorComment", ""))
+    assert chain.headers == [] and not pacs.has(new.sop_instance)
+
+
+async def test_unknown_study_gets_no_instances_and_no_failure(chain: Chain) -> None:
+    result = await asyncio.to_thread(
+        viewer.get, chain.port, query("STUDY", StudyInstanceUID="1.2.3.4.5.6.7"), classes=CLASSES
+    )
+    assert result.received == {}
+    assert result.final.Status == 0
+    assert int(result.final.get("NumberOfCompletedSuboperations", 0)) == 0
+
+
+async def test_pacs_down_gives_failure_statuses_quickly() -> None:
+    port = free_port()
+    c = Chain(PacsTarget(ae_title="GONE", host="127.0.0.1", port=port, timeout=3))
+    await c.start()
+    try:
+        echo = await asyncio.wait_for(asyncio.to_thread(viewer.echo, c.port), 20)
+        _, find_final = await asyncio.wait_for(
+            asyncio.to_thread(viewer.find, c.port, query("STUDY", StudyInstanceUID="")), 20
+        )
+        got = await asyncio.wait_for(
+            asyncio.to_thread(
+                viewer.get, c.port, query("STUDY", StudyInstanceUID=CT_STUDY), classes=CLASSES
+            ),
+            20,
+        )
+    finally:
+        await c.stop()
+    assert echo.Status == st.PROCESSING_FAILURE
+    assert find_final.Status == st.PACS_UNREACHABLE
+    assert got.final.Status == st.PACS_UNREACHABLE and got.received == {}
+    assert "unreachable" in str(got.final.get("ErrorComment", ""))
+
+
+async def test_tunnel_down_gives_failure_statuses(pacs: EmbeddedPacs) -> None:
+    c = Chain(pacs_target(pacs), link_up=False)
+    await c.start()
+    try:
+        echo = await asyncio.to_thread(viewer.echo, c.port)
+        _, find_final = await asyncio.to_thread(
+            viewer.find, c.port, query("STUDY", StudyInstanceUID="")
+        )
+        got = await asyncio.to_thread(
+            viewer.get, c.port, query("STUDY", StudyInstanceUID=CT_STUDY), classes=CLASSES
+        )
+        new = CT[0]
+        stored = await asyncio.to_thread(
+            viewer.store, c.port, new.sop_class, new.sop_instance, new.data
+        )
+    finally:
+        await c.stop()
+    assert echo.Status == st.PROCESSING_FAILURE
+    assert find_final.Status == st.LINK_LOST
+    assert got.final.Status == st.LINK_LOST
+    assert stored.Status == st.STORE_OUT_OF_RESOURCES
+
+
+async def test_tunnel_dropped_mid_retrieval_never_reports_success() -> None:
+    study = samples.make_study(20, rows=128, cols=128, seed=33)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study)) as p:
+        c = Chain(pacs_target(p), drop_after=len(study[0].data) * 4)
+        await c.start()
+        try:
+            result = await asyncio.wait_for(
+                asyncio.to_thread(
+                    viewer.get, c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES
+                ),
+                30,
+            )
+            await c.settle()
+        finally:
+            await c.stop()
+    final = result.final
+    assert final.Status == st.LINK_LOST
+    completed = int(final.NumberOfCompletedSuboperations)
+    failed = int(final.NumberOfFailedSuboperations)
+    assert 0 < len(result.received) == completed < 20
+    assert completed + failed == 20
+    # what did arrive is intact
+    by_uid = {i.sop_instance: i.data for i in study}
+    assert all(data == by_uid[uid] for uid, (_, data) in result.received.items())
+    assert c.summaries and c.summaries[0].status == st.LINK_LOST
+
+
+async def test_viewer_cancel_cancels_at_the_pacs() -> None:
+    study = samples.make_study(40, rows=32, cols=32, seed=34)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.03) as p:
+        c = Chain(pacs_target(p))
+        await c.start()
+        try:
+            model = __import__("relay.dicom.contexts", fromlist=["MODELS"]).MODELS[("study", "get")]
+
+            def cancel_after_two(assoc: Any, n: int, status: Dataset) -> None:
+                if n == 1:
+                    assoc.send_c_cancel(9, query_model=model)
+
+            result = await asyncio.to_thread(
+                viewer.get,
+                c.port,
+                query("STUDY", StudyInstanceUID=uid),
+                classes=CLASSES,
+                on_pending=cancel_after_two,
+                msg_id=9,
+            )
+            await c.settle()
+        finally:
+            await c.stop()
+        assert p.events.cancels == 1
+        assert p.events.instances_sent < 40
+    assert result.final.Status == st.CANCEL
+    assert len(result.received) < 40
+    assert c.summaries[0].cancelled
+
+
+async def test_viewer_cancel_of_a_find() -> None:
+    many = [
+        samples.make_study(
+            1, rows=8, cols=8, seed=100 + i, spec=samples.StudySpec(patient_id=f"P{i:03d}")
+        )[0]
+        for i in range(30)
+    ]
+    with EmbeddedPacs(MemoryStore(many)) as p:
+        c = Chain(pacs_target(p))
+        await c.start()
+        try:
+            from pynetdicom import build_context
+
+            from relay.dicom.contexts import MODELS
+
+            from .helpers import scu
+
+            model = MODELS[("study", "find")]
+
+            def run() -> list[int]:
+                assoc = scu("VIEWER").associate(
+                    "127.0.0.1", c.port, contexts=[build_context(model)]
+                )
+                codes = []
+                for n, (status, _m) in enumerate(
+                    assoc.send_c_find(
+                        query("STUDY", StudyInstanceUID="", PatientID=""), model, msg_id=5
+                    )
+                ):
+                    codes.append(int(status.Status))
+                    if n == 0:
+                        assoc.send_c_cancel(5, query_model=model)
+                assoc.release()
+                return codes
+
+            codes = await asyncio.to_thread(run)
+        finally:
+            await c.stop()
+    # The PACS may have answered everything before the cancel arrived; if it did not, the
+    # operation ends as cancelled. Either way it ends, and never with a failure.
+    assert codes[-1] in (st.CANCEL, st.SUCCESS)
+    assert codes.count(st.PENDING) <= 30
+
+
+async def test_syntax_the_viewer_did_not_accept_fails_that_sub_operation_only() -> None:
+    jpeg = "1.2.840.10008.1.2.4.50"
+    base = samples.make_study(2, rows=16, cols=16, seed=35)
+    fake = samples.EncodedInstance(base[1].sop_class, base[1].sop_instance, jpeg, base[1].data)
+    uid = str(rawds.decode_dataset(base[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore([base[0], fake])) as p:
+        c = Chain(pacs_target(p))
+        await c.start()
+        try:
+            result = await asyncio.to_thread(
+                viewer.get, c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES
+            )
+        finally:
+            await c.stop()
+    assert set(result.received) == {base[0].sop_instance}
+    assert result.final.Status == st.WARNING_SUBOPS
+    assert int(result.final.NumberOfFailedSuboperations) == 1
+
+
+async def test_association_limit(pacs: EmbeddedPacs) -> None:
+    study = samples.make_study(10, rows=16, cols=16, seed=36)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.1) as slow:
+
+        async def open_never(headers: Any) -> Any:
+            raise ConnectionError
+
+        c = Chain(pacs_target(slow))
+        node = DicomNode(c.open_stream, listen=("127.0.0.1", 0), max_associations=1, timeout=20)
+        await node.start()
+        try:
+            busy = asyncio.create_task(
+                asyncio.to_thread(
+                    viewer.get,
+                    node.address[1],
+                    query("STUDY", StudyInstanceUID=uid),
+                    classes=CLASSES,
+                )
+            )
+            await until(lambda: slow.events.instances_sent > 0)
+
+            def second() -> bool:
+                from pynetdicom import build_context
+                from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+                from .helpers import scu
+
+                assoc = scu().associate(
+                    "127.0.0.1", node.address[1], contexts=[build_context(Verification)]
+                )
+                ok = bool(assoc.is_established)
+                if ok:
+                    assoc.release()
+                return ok
+
+            assert not await asyncio.to_thread(second)
+            result = await busy
+            assert result.final.Status == 0
+        finally:
+            await node.stop()
+            await c.stop()
+
+
+async def test_stopping_the_node_mid_retrieval_does_not_hang() -> None:
+    study = samples.make_study(30, rows=16, cols=16, seed=37)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.05) as slow:
+        c = Chain(pacs_target(slow))
+        await c.start()
+        done = threading.Event()
+
+        def run() -> viewer.GetResult | None:
+            try:
+                return viewer.get(c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES)
+            except Exception:
+                return None
+            finally:
+                done.set()
+
+        task = asyncio.create_task(asyncio.to_thread(run))
+        await until(lambda: slow.events.instances_sent >= 2)
+        await asyncio.wait_for(c.stop(), 30)
+        result = await asyncio.wait_for(task, 30)
+    assert done.is_set()
+    # aborted (no final status), failed, or partial: never a complete success
+    assert result is None or "Status" not in result.final or result.final.Status != 0
+
+
+async def test_node_settings_are_checked() -> None:
+    async def never(headers: Any) -> Any:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="ae_title"):
+        DicomNode(never, ae_title="")
+    with pytest.raises(ValueError, match="destinations"):
+        DicomNode(never, destinations={"X": "nohostport"})
+    with pytest.raises(ValueError, match="max_associations"):
+        DicomNode(never, max_associations=0)
+
+
+async def test_queue_depth_limit_is_used(pacs: EmbeddedPacs) -> None:
+    c = Chain(pacs_target(pacs), limits=DicomLimits(queue_depth=1))
+    await c.start()
+    try:
+        result = await asyncio.to_thread(
+            viewer.get, c.port, query("STUDY", StudyInstanceUID=CT_STUDY), classes=CLASSES
+        )
+    finally:
+        await c.stop()
+    assert len(result.received) == 6 and result.final.Status == 0
