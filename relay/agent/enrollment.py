@@ -1,0 +1,355 @@
+"""The agent's side of `relay enroll`: judge the code and the CSR, sign, record, audit.
+
+The exchange on one stream (target `enroll`, opened by the PC over the gateway's
+enrollment ALPN; messages framed by relay.framed_json):
+
+1. agent -> PC  {"v": 1, "ca_pem": "..."}                    at once, before any secret
+2. PC -> agent  {"v": 1, "token_id", "secret", "device", "csr_pem"}   at most 16 KiB
+3. agent -> PC  {"v": 1, "status": "ok", "cert_pem", "ca_pem"}
+             or {"v": 1, "status": "refused", "reason": "<one line>"}
+
+The CA comes first so that the PC can check, before it sends the secret, that the CA
+matches the fingerprint pinned in its code and that the gateway's TLS certificate was
+issued by it: a man in the middle gets nothing it could replay.
+
+Every attempt ends in one audit event and one EnrollOutcome (for the caller's metrics).
+A refused attempt never consumes the code; only a successful one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from relay import pki
+from relay.agent.audit import AuditLog, Outcome
+from relay.agent.registry import Redeemed, RedeemStatus, Registry, RegistryError, serial_hex
+from relay.agent.tokens import CodeError, check_token_id, decode_secret
+from relay.framed_json import MessageError, MessageTooLarge, read_message, write_message
+from relay.identity import Identity, IdentityError
+from relay.proto import ErrorCode
+from relay.streams import ByteStream, StreamReset
+
+__all__ = [
+    "ENROLL_TARGET",
+    "EXCHANGE_TIMEOUT",
+    "HEADER_PEER",
+    "MAX_REQUEST",
+    "EnrollOutcome",
+    "RequestRefused",
+    "csr_identity_uri",
+    "load_csr",
+    "serve_enroll_stream",
+    "sign_device",
+]
+
+log = logging.getLogger(__name__)
+
+ENROLL_TARGET: Final = "enroll"
+HEADER_PEER: Final = "x-relay-peer"  # set by the gateway: the PC's source address
+HEADER_DEVICE: Final = "x-relay-device"
+PROTOCOL_VERSION: Final = 1
+MAX_REQUEST: Final = 16 * 1024
+MAX_CSR_PEM: Final = 8 * 1024
+#: The whole exchange, agent side; below the gateway's 30 s enrollment link lifetime.
+EXCHANGE_TIMEOUT: Final = 20.0
+
+
+@dataclass(frozen=True)
+class EnrollOutcome:
+    """How an attempt ended. `result` is one of relay.revocation.ENROLL_RESULTS."""
+
+    result: str
+    message: str
+    device: str | None = None
+    serial: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "ok"
+
+
+class RequestRefused(Exception):
+    """A request refused with a result code (metrics) and a one-line message (the PC)."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+        self.message = message
+
+
+def load_csr(pem: object) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
+    """Parse and check a CSR (PEM text): its self-signature and its P-256 key.
+
+    Raises RequestRefused ("bad_csr" or "malformed") with a one-line message.
+    """
+    if not isinstance(pem, str) or not pem.strip():
+        raise RequestRefused("malformed", "the request carries no CSR")
+    if len(pem) > MAX_CSR_PEM:
+        raise RequestRefused("bad_csr", f"the CSR is larger than {MAX_CSR_PEM} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise RequestRefused("bad_csr", "malformed CSR (not a PEM certificate request)") from None
+    try:
+        public_key = pki.check_csr(csr)
+    except pki.PkiError as exc:
+        raise RequestRefused("bad_csr", str(exc)) from None
+    return csr, public_key
+
+
+def csr_identity_uri(csr: x509.CertificateSigningRequest) -> str | None:
+    """The CSR's single URI SAN, or None if it has none or several."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else None
+
+
+def sign_device(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    identity: Identity,
+    *,
+    lifetime: timedelta,
+    now: datetime,
+) -> x509.Certificate:
+    """A device certificate valid from a little before `now` until `now + lifetime`.
+
+    The start is backdated for clock skew by pki.BACKDATE, but by at most a tenth of
+    the lifetime, so that short test lifetimes (seconds) still make sense.
+    """
+    backdate = min(pki.BACKDATE, lifetime / 10)
+    return pki.issue_certificate(
+        ca_key, ca_cert, public_key, identity, lifetime + backdate, not_before=now - backdate
+    )
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _field(request: dict[str, object], name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str):
+        raise RequestRefused("malformed", f"malformed request: {name!r} is missing or not text")
+    return value
+
+
+_REDEEM_MESSAGES: Final = {
+    RedeemStatus.UNKNOWN: ("unknown", "unknown enrollment code (not issued by this site)"),
+    RedeemStatus.FORGED: ("forged", "the enrollment code is not valid (wrong secret)"),
+    RedeemStatus.REUSED: ("reused", "this enrollment code was already used; ask IT for a new one"),
+    RedeemStatus.REVOKED: (
+        "revoked",
+        "this device is revoked; ask IT to enroll it under a new name",
+    ),
+}
+
+
+def _redeem_refusal(redeemed: Redeemed, device: str) -> RequestRefused:
+    if redeemed.status is RedeemStatus.EXPIRED:
+        when = redeemed.expires_at.isoformat(timespec="seconds") if redeemed.expires_at else "?"
+        return RequestRefused(
+            "expired", f"this enrollment code expired at {when}; ask IT for a new one"
+        )
+    if redeemed.status is RedeemStatus.WRONG_DEVICE:
+        return RequestRefused(
+            "wrong_device",
+            f"this enrollment code was issued for device {redeemed.device!r}, not {device!r}",
+        )
+    result, message = _REDEEM_MESSAGES[redeemed.status]
+    return RequestRefused(result, message)
+
+
+async def serve_enroll_stream(
+    stream: ByteStream,
+    *,
+    registry: Registry,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    site: str,
+    lifetime: timedelta,
+    audit: AuditLog,
+    now: Callable[[], datetime],
+    timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
+) -> EnrollOutcome:
+    """Serve one enrollment stream to its end; never raises for anything the PC does.
+
+    `now` is the clock (timezone-aware). The CSR must ask for exactly
+    spiffe://TD/device/SITE/DEVICE, where TD is the CA's trust domain, SITE ours and
+    DEVICE the device name the code was issued for.
+    """
+    peer = stream.headers.get(HEADER_PEER) or None
+    claimed = "unknown"
+    token_id: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            if stream.headers.get(HEADER_DEVICE):
+                # An enrolled device's own link: enrollment is for PCs without an identity.
+                raise RequestRefused("malformed", "enrollment is not available on a device link")
+            await write_message(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
+            try:
+                request = await read_message(stream, limit=MAX_REQUEST)
+            except MessageTooLarge as exc:
+                raise RequestRefused(
+                    "oversized", f"the request is larger than {exc.limit} bytes"
+                ) from None
+            except MessageError as exc:
+                raise RequestRefused("malformed", f"malformed request: {exc}") from None
+            if request.get("v") != PROTOCOL_VERSION:
+                raise RequestRefused("malformed", "unsupported enrollment request version")
+            device = _field(request, "device")
+            claimed = device[:64]
+            try:
+                token_id = check_token_id(request.get("token_id"))
+                secret = decode_secret(_field(request, "secret"))
+                identity = Identity.device(pki.trust_domain_of_ca(ca_cert), site, device)
+            except (CodeError, IdentityError, pki.PkiError) as exc:
+                raise RequestRefused("malformed", f"malformed request: {exc}") from None
+            claimed = identity.uri
+            csr, public_key = load_csr(request.get("csr_pem"))
+            asked = csr_identity_uri(csr)
+            if asked != identity.uri:
+                raise RequestRefused(
+                    "wrong_identity",
+                    f"the CSR asks for another identity ({asked or 'none'}, expected "
+                    f"{identity.uri})",
+                )
+            redeemed = await asyncio.to_thread(
+                registry.redeem_token, token_id, secret, device, now()
+            )
+            if not redeemed.ok:
+                raise _redeem_refusal(redeemed, device)
+            issued_at = now()
+            cert = sign_device(
+                ca_key, ca_cert, public_key, identity, lifetime=lifetime, now=issued_at
+            )
+            serial = serial_hex(cert.serial_number)
+            await asyncio.to_thread(
+                registry.record_certificate,
+                device,
+                serial,
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+                issued_at,
+            )
+            audit.enrollment(
+                now=issued_at,
+                device=identity.uri,
+                token_id=token_id,
+                peer=peer,
+                outcome=Outcome.SUCCESS,
+                description=f"certificate issued, valid until {cert.not_valid_after_utc}",
+                serial=serial,
+            )
+            await write_message(
+                stream,
+                {
+                    "v": PROTOCOL_VERSION,
+                    "status": "ok",
+                    "cert_pem": _pem(cert),
+                    "ca_pem": _pem(ca_cert),
+                },
+            )
+            await stream.write_eof()
+            log.info("device enrolled", extra={"device": identity.uri, "serial": serial})
+            return EnrollOutcome("ok", "enrolled", identity.uri, serial)
+    except RequestRefused as refusal:
+        return await _refuse(
+            stream,
+            audit=audit,
+            now=now,
+            refusal=refusal,
+            claimed=claimed,
+            token_id=token_id,
+            peer=peer,
+        )
+    except TimeoutError:
+        return await _refuse(
+            stream,
+            audit=audit,
+            now=now,
+            refusal=RequestRefused("timeout", "the enrollment took too long"),
+            claimed=claimed,
+            token_id=token_id,
+            peer=peer,
+            answer=False,
+        )
+    except StreamReset:
+        outcome = RequestRefused("aborted", "the PC or the gateway aborted the enrollment")
+        return await _refuse(
+            stream,
+            audit=audit,
+            now=now,
+            refusal=outcome,
+            claimed=claimed,
+            token_id=token_id,
+            peer=peer,
+            answer=False,
+        )
+    except (RegistryError, pki.PkiError) as exc:
+        log.error("enrollment failed", extra={"error": str(exc)})
+        outcome = RequestRefused(
+            "internal", "the agent could not complete the enrollment; try again"
+        )
+        return await _refuse(
+            stream,
+            audit=audit,
+            now=now,
+            refusal=outcome,
+            claimed=claimed,
+            token_id=token_id,
+            peer=peer,
+            severe=True,
+        )
+
+
+async def _refuse(
+    stream: ByteStream,
+    *,
+    audit: AuditLog,
+    now: Callable[[], datetime],
+    refusal: RequestRefused,
+    claimed: str,
+    token_id: str | None,
+    peer: str | None,
+    answer: bool = True,
+    severe: bool = False,
+) -> EnrollOutcome:
+    audit.enrollment(
+        now=now(),
+        device=claimed,
+        token_id=token_id,
+        peer=peer,
+        outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
+        description=f"{refusal.result}: {refusal.message}",
+    )
+    log.warning(
+        "enrollment refused",
+        extra={"result": refusal.result, "device": claimed, "peer": peer or ""},
+    )
+    if answer:
+        try:
+            async with asyncio.timeout(5.0):
+                await write_message(
+                    stream,
+                    {"v": PROTOCOL_VERSION, "status": "refused", "reason": refusal.message},
+                )
+                await stream.write_eof()
+        except (StreamReset, TimeoutError, OSError):
+            pass
+    else:
+        stream.reset(ErrorCode.CANCEL)
+    return EnrollOutcome(refusal.result, refusal.message, claimed)

@@ -1,0 +1,316 @@
+"""The agent's side of enrollment, over an in-memory stream: every bad case of issue 4."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pki_helpers import SitePki, make_pki
+
+from relay import pki
+from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
+from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.tokens import encode_secret
+from relay.framed_json import encode_message, read_message, write_message
+from relay.identity import Identity, identity_from_certificate
+from relay.revocation import ENROLL_RESULTS
+from relay.streams import ByteStream, pipe
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+WAIT = 10.0
+
+
+@dataclass
+class Clock:
+    now: datetime = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Agent:
+    site: SitePki
+    registry: Registry
+    audit: AuditLog
+    clock: Clock = field(default_factory=Clock)
+
+    def token(self, device: str = "ws1", ttl: timedelta = timedelta(hours=24)) -> tuple[str, bytes]:
+        return self.registry.create_token(device, ttl, self.clock())
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.audit.path)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[Agent]:
+    site = make_pki(tmp_path / "pki")
+    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+        audit = AuditLog(
+            tmp_path / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main", site="main"
+        )
+        yield Agent(site, registry, audit)
+
+
+def identity(name: str = "ws1", site: str = "main", td: str = "hospital.test") -> Identity:
+    return Identity.device(td, site, name)
+
+
+def csr_pem(key: Any, ident: Identity) -> str:
+    return pki.make_csr(key, ident).public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def serve(agent: Agent, stream: ByteStream, **kwargs: Any) -> EnrollOutcome:
+    return await serve_enroll_stream(
+        stream,
+        registry=agent.registry,
+        ca_key=agent.site.ca_key,
+        ca_cert=agent.site.ca_cert,
+        site="main",
+        lifetime=timedelta(days=30),
+        audit=agent.audit,
+        now=agent.clock,
+        **kwargs,
+    )
+
+
+async def exchange(
+    agent: Agent,
+    request: dict[str, Any] | bytes,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> tuple[EnrollOutcome, dict[str, Any] | None]:
+    """Play the PC: read the CA, send `request` (a message, or raw bytes), read the answer."""
+    pc, agent_end = pipe({"target": "enroll", "x-relay-peer": "203.0.113.9", **(headers or {})})
+    task = asyncio.create_task(serve(agent, agent_end, **kwargs))
+    answer: dict[str, Any] | None = None
+    async with asyncio.timeout(WAIT):
+        hello = await read_message(pc)
+        assert (
+            hello["ca_pem"] == agent.site.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+        )
+        if isinstance(request, bytes):
+            await pc.write(request)
+        else:
+            await write_message(pc, request, limit=1 << 20)
+        await pc.write_eof()
+        answer = await read_message(pc)
+        assert await pc.read() == b""  # the agent closed its side
+        outcome = await task
+    return outcome, answer
+
+
+def request(
+    token: tuple[str, bytes], device: str = "ws1", csr_for: Identity | None = None, key: Any = None
+) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "token_id": token[0],
+        "secret": encode_secret(token[1]),
+        "device": device,
+        "csr_pem": csr_pem(key or pki.generate_key(), csr_for or identity(device)),
+    }
+
+
+def assert_refused(
+    agent: Agent, outcome: EnrollOutcome, answer: dict[str, Any] | None, result: str, text: str
+) -> None:
+    assert outcome.result == result and result in ENROLL_RESULTS
+    assert answer is not None and answer["status"] == "refused"
+    reason = answer["reason"]
+    assert text in reason and "\n" not in reason and len(reason) < 300
+    event = agent.events()[-1]
+    assert event["kind"] == "enrollment"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 4
+    assert event["EventIdentification"]["EventOutcomeDescription"].startswith(result)
+    assert event["ActiveParticipant"][0]["NetworkAccessPointID"] == "203.0.113.9"
+
+
+async def test_enrollment_signs_records_and_audits(agent: Agent) -> None:
+    token = agent.token()
+    key = pki.generate_key()
+    outcome, answer = await exchange(agent, request(token, key=key))
+    assert outcome.ok and outcome.device == identity().uri
+    assert answer is not None and answer["status"] == "ok"
+    cert = x509.load_pem_x509_certificate(answer["cert_pem"].encode())
+    cert.verify_directly_issued_by(agent.site.ca_cert)
+    assert identity_from_certificate(cert) == identity()
+    assert cert.public_key() == key.public_key()
+    assert cert.not_valid_before_utc == T0 - pki.BACKDATE
+    assert cert.not_valid_after_utc == T0 + timedelta(days=30)
+    row = agent.registry.get_device("ws1")
+    assert row is not None and row.serial == format(cert.serial_number, "x")
+    assert row.enrolled_at == T0
+    event = agent.events()[-1]
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert event["ActiveParticipant"][0]["UserID"] == identity().uri
+    assert event["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == row.serial
+
+
+async def test_reused_code(agent: Agent) -> None:
+    token = agent.token()
+    first, _ = await exchange(agent, request(token))
+    assert first.ok
+    outcome, answer = await exchange(agent, request(token))
+    assert_refused(agent, outcome, answer, "reused", "already used")
+
+
+async def test_expired_code(agent: Agent) -> None:
+    token = agent.token(ttl=timedelta(hours=1))
+    agent.clock.now = T0 + timedelta(hours=1)
+    outcome, answer = await exchange(agent, request(token))
+    assert_refused(agent, outcome, answer, "expired", "expired at 2030-01-01T13:00:00")
+
+
+async def test_forged_code(agent: Agent) -> None:
+    token_id, _ = agent.token()
+    outcome, answer = await exchange(agent, request((token_id, b"\x01" * 20)))
+    assert_refused(agent, outcome, answer, "forged", "not valid")
+
+
+async def test_unknown_code(agent: Agent) -> None:
+    outcome, answer = await exchange(agent, request(("0" * 16, b"\x01" * 20)))
+    assert_refused(agent, outcome, answer, "unknown", "unknown enrollment code")
+
+
+async def test_code_for_another_device_name(agent: Agent) -> None:
+    token = agent.token("ws1")
+    outcome, answer = await exchange(agent, request(token, device="ws2"))
+    assert_refused(agent, outcome, answer, "wrong_device", "issued for device 'ws1', not 'ws2'")
+    retry, _ = await exchange(agent, request(token))  # the code was not spent
+    assert retry.ok
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [identity("ws2"), identity("ws1", site="other"), identity("ws1", td="evil.test")],
+)
+async def test_csr_asking_for_another_identity(agent: Agent, asked: Identity) -> None:
+    token = agent.token()
+    outcome, answer = await exchange(agent, request(token, csr_for=asked))
+    assert_refused(agent, outcome, answer, "wrong_identity", "CSR asks for another identity")
+    assert answer is not None and asked.uri in answer["reason"]
+    assert agent.registry.get_device("ws1") is None  # nothing issued
+    retry, _ = await exchange(agent, request(token))
+    assert retry.ok
+
+
+async def test_csr_without_identity(agent: Agent) -> None:
+    key = pki.generate_key()
+    bare = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws1")]))
+        .sign(key, hashes.SHA256())
+    )
+    req = request(agent.token())
+    req["csr_pem"] = bare.public_bytes(serialization.Encoding.PEM).decode()
+    outcome, answer = await exchange(agent, req)
+    assert_refused(agent, outcome, answer, "wrong_identity", "(none, expected")
+
+
+async def test_oversized_request_is_refused_from_its_header(agent: Agent) -> None:
+    token = agent.token()
+    # Only the length header: the agent must refuse without waiting for the body.
+    outcome, answer = await exchange(agent, struct.pack(">I", MAX_REQUEST + 1))
+    assert_refused(agent, outcome, answer, "oversized", "larger than 16384 bytes")
+    big = request(token)
+    big["csr_pem"] += " " * MAX_REQUEST
+    outcome, answer = await exchange(agent, big)
+    assert_refused(agent, outcome, answer, "oversized", "larger than")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "result", "text"),
+    [
+        (lambda r: r.update(csr_pem="garbage"), "bad_csr", "malformed CSR"),
+        (lambda r: r.update(csr_pem=""), "malformed", "no CSR"),
+        (lambda r: r.update(csr_pem=1), "malformed", "no CSR"),
+        (lambda r: r.update(csr_pem="x" * 9000), "bad_csr", "larger than"),
+        (lambda r: r.pop("device"), "malformed", "'device'"),
+        (lambda r: r.update(device="bad name"), "malformed", "invalid device name"),
+        (lambda r: r.update(secret="!!"), "malformed", "malformed secret"),
+        (lambda r: r.update(token_id="nope"), "malformed", "malformed token id"),
+        (lambda r: r.update(v=2), "malformed", "version"),
+    ],
+)
+async def test_malformed_requests(agent: Agent, mutate: Any, result: str, text: str) -> None:
+    req = request(agent.token())
+    mutate(req)
+    outcome, answer = await exchange(agent, req)
+    assert_refused(agent, outcome, answer, result, text)
+
+
+async def test_not_json(agent: Agent) -> None:
+    body = b"{not json"
+    outcome, answer = await exchange(agent, struct.pack(">I", len(body)) + body)
+    assert_refused(agent, outcome, answer, "malformed", "not UTF-8 JSON")
+
+
+async def test_csr_with_a_bad_signature(agent: Agent) -> None:
+    req = request(agent.token())
+    other = request(agent.token(), key=pki.generate_key())
+    csr = x509.load_pem_x509_csr(req["csr_pem"].encode())
+    other_csr = x509.load_pem_x509_csr(other["csr_pem"].encode())
+    # Same request info, another key's signature: well formed, but not self-signed.
+    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
+    sig, other_sig = csr.signature, other_csr.signature
+    if len(sig) == len(other_sig):
+        i = bytes(der).rindex(sig)
+        der[i : i + len(sig)] = other_sig
+    else:
+        der[-5] ^= 0x01
+    tampered = x509.load_der_x509_csr(bytes(der))
+    req["csr_pem"] = tampered.public_bytes(serialization.Encoding.PEM).decode()
+    outcome, answer = await exchange(agent, req)
+    assert outcome.result == "bad_csr"
+    assert answer is not None and ("signature" in answer["reason"] or "CSR" in answer["reason"])
+
+
+async def test_csr_with_another_curve(agent: Agent) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    req = request(agent.token())
+    req["csr_pem"] = csr_pem(key, identity())
+    outcome, answer = await exchange(agent, req)
+    assert_refused(agent, outcome, answer, "bad_csr", "P-256")
+
+
+async def test_refused_on_a_device_link(agent: Agent) -> None:
+    token = agent.token()
+    pc, agent_end = pipe({"target": "enroll", "x-relay-device": identity("x").uri})
+    outcome = await serve(agent, agent_end)
+    assert outcome.result == "malformed"
+    answer = await read_message(pc)
+    assert answer["status"] == "refused" and "device link" in str(answer["reason"])
+    assert agent.registry.redeem_token(token[0], token[1], "ws1", T0).ok  # untouched
+
+
+async def test_silent_pc_times_out(agent: Agent) -> None:
+    pc, agent_end = pipe({"target": "enroll"})
+    outcome = await serve(agent, agent_end, timeout=0.05)
+    assert outcome.result == "timeout"
+    assert agent.events()[-1]["EventIdentification"]["EventOutcomeIndicator"] == 4
+    with pytest.raises(Exception, match="reset"):
+        while await pc.read():
+            pass
+
+
+async def test_pc_that_aborts(agent: Agent) -> None:
+    pc, agent_end = pipe({"target": "enroll"})
+    task = asyncio.create_task(serve(agent, agent_end))
+    await read_message(pc)
+    await pc.write(encode_message({"v": 1})[:3])
+    pc.reset(7)
+    outcome = await asyncio.wait_for(task, WAIT)
+    assert outcome.result == "aborted"
