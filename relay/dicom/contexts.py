@@ -118,6 +118,38 @@ _PROPOSAL_ORDER: Final[tuple[str, ...]] = (
 
 ALL_TS: Final[tuple[str, ...]] = tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 
+_LOSSLESS_COMPRESSED: Final = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.5",  # RLE
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+)
+
+# pynetdicom, as association acceptor, takes the first of *its* transfer syntaxes that the
+# requestor proposed, so the order of a supported context is a preference.
+#
+# Towards viewers: uncompressed first. pynetdicom can convert between uncompressed
+# syntaxes, never out of a compressed one, so an uncompressed context can take any
+# uncompressed instance (byte-identical when the syntax matches, the common case), while a
+# compressed context can only take instances already in exactly that syntax.
+VIEWER_PREFERENCE: Final[tuple[str, ...]] = (
+    *UNCOMPRESSED,
+    *(ts for ts in ALL_TS if ts not in UNCOMPRESSED),
+)
+# Towards the PACS (the C-MOVE receiver): lossless compressed first, since a PACS offers a
+# compressed syntax when it holds the instance that way (its bytes, and fewer of them);
+# then uncompressed; lossy syntaxes last, so that we never ask for a lossy version of an
+# instance the PACS also offers losslessly.
+PACS_PREFERENCE: Final[tuple[str, ...]] = (
+    *_LOSSLESS_COMPRESSED,
+    *UNCOMPRESSED,
+    *(ts for ts in ALL_TS if ts not in _LOSSLESS_COMPRESSED and ts not in UNCOMPRESSED),
+)
+
 
 def storage_proposals(
     sop_classes: Sequence[str],
@@ -180,15 +212,23 @@ def supported(
     return cx
 
 
-def scp_contexts(*, storage_role_selection: bool, extra: Sequence[str] = ()) -> list[Any]:
-    """What our SCPs accept: Verification, `extra` (Q/R models), and every storage class.
+def scp_contexts(
+    *,
+    storage_role_selection: bool,
+    extra: Sequence[str] = (),
+    preference: Sequence[str] = VIEWER_PREFERENCE,
+) -> list[Any]:
+    """What our SCPs accept: Verification, `extra` (Q/R models), and every storage class
+    with every transfer syntax, in order of `preference`.
 
     With `storage_role_selection`, a peer may propose the SCP role for storage (a C-GET
     SCU receiving sub-operations), as PS3.7 role selection allows.
     """
     out = [supported(str(Verification)), *(supported(uid) for uid in extra)]
     scp_role, scu_role = (True, False) if storage_role_selection else (None, None)
-    out += [supported(sop, scp_role=scp_role, scu_role=scu_role) for sop in STORAGE_CLASSES]
+    out += [
+        supported(sop, preference, scp_role=scp_role, scu_role=scu_role) for sop in STORAGE_CLASSES
+    ]
     return out
 
 

@@ -58,7 +58,9 @@ class MoveReceiver:
             (self.host, self._port),
             block=False,
             evt_handlers=[contexts.NODELAY, (evt.EVT_C_STORE, self._on_store)],
-            contexts=contexts.scp_contexts(storage_role_selection=False),
+            contexts=contexts.scp_contexts(
+                storage_role_selection=False, preference=contexts.PACS_PREFERENCE
+            ),
         )
 
     def stop(self) -> None:

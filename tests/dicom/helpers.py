@@ -28,12 +28,11 @@ def _explicit_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
 def quirky_instance() -> EncodedInstance:
     """A valid CT instance that pydicom would *not* re-encode byte for byte.
 
-    It starts with a group length element (pydicom drops those on writing) and carries an
-    odd-length private value and an undefined-length sequence with an undefined-length
-    item (kept) next to one of defined length.
+    It carries a group length element (pydicom drops those on writing), an
+    undefined-length sequence holding an undefined-length item next to a defined-length
+    one, and a private block: all legal DICOM that a re-encoding relay would alter.
     """
     base = make_study(1, rows=64, cols=64)[0]
-    group_length = _explicit_element(0x0008, 0x0000, b"UL", struct.pack("<I", 1234))
     item_body = _explicit_element(0x0008, 0x0100, b"SH", b"T-D1100 ")
     item_undefined = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item_body
     item_undefined += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -44,12 +43,14 @@ def quirky_instance() -> EncodedInstance:
         + item_defined
         + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     )
-    private_creator = _explicit_element(0x0009, 0x0010, b"LO", b"RELAYTEST ")
-    private_odd = _explicit_element(0x0009, 0x1001, b"LO", b"odd")  # odd length: not padded
+    private = _explicit_element(0x0009, 0x0010, b"LO", b"RELAYTEST ")
+    private += _explicit_element(0x0009, 0x1001, b"LO", b"quirky")
     data = base.data
-    # Elements must stay in ascending tag order: find where group 0009 would go.
+    # Elements stay in ascending tag order: group 0008, our sequence, then group 0009.
     cut = _offset_of_group(data, 0x0009)
-    data = group_length + data[:cut] + seq + private_creator + private_odd + data[cut:]
+    group8 = data[:cut] + seq
+    group_length = _explicit_element(0x0008, 0x0000, b"UL", struct.pack("<I", len(group8)))
+    data = group_length + group8 + private + data[cut:]
     return EncodedInstance(base.sop_class, base.sop_instance, EXPLICIT, data)
 
 
