@@ -275,8 +275,8 @@ def _check_renewed(
         raise RenewalError(f"the renewed certificate is for {identity.uri}")
     if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
         raise RenewalError("the renewed certificate is not valid now (check the clocks)")
-    if cert.not_valid_after_utc <= current.cert.not_valid_after_utc:
-        raise RenewalError("the renewed certificate does not outlast the current one")
+    if cert.not_valid_after_utc < current.cert.not_valid_after_utc:
+        raise RenewalError("the renewed certificate ends before the current one")
 
 
 async def renewal_loop(

@@ -1,0 +1,271 @@
+"""Everything the running agent does about device trust, behind one object.
+
+`DeviceAuthority` owns the site CA (key and certificate), the registry, the audit log and
+the certificate lifetime, and offers exactly what the agent's links need:
+
+- `serve_enroll(stream)` / `serve_renew(stream)`: target handlers for `enroll` and
+  `renew` streams (they also tell the gateway the enrollment result, for its metrics);
+- `revocation_snapshot()`: the "revoke" bodies to send first on every new gateway link;
+- `poll_revocations()`: incremental "revoke" bodies for devices revoked since the last
+  call (by `relay device revoke` in another process), to send on every link;
+- `record_refusal(body, reporter)`: audit a link refusal reported by a gateway;
+- `touch(device_uri)`: the device's last-seen time, on each stream it opens.
+
+Time comes from `now` (a clock function) so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from relay import pki
+from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
+from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
+from relay.agent.registry import REGISTRY_FILE, Registry, RegistryError, RevocationWatcher
+from relay.identity import Identity, IdentityError, parse_spiffe_uri
+from relay.proto import LinkClosedError
+from relay.renewal import RenewOutcome, serve_renew_stream
+from relay.revocation import (
+    KIND_ENROLL_RESULT,
+    RevocationError,
+    decode_refusal,
+    encode_enroll_result,
+    encode_revocations,
+)
+from relay.streams import ByteStream
+
+__all__ = ["DEFAULT_DEVICE_LIFETIME", "DeviceAuthority"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEVICE_LIFETIME: Final = pki.DEVICE_LIFETIME
+
+
+def _utcnow() -> datetime:
+    return datetime.now(dt.UTC)
+
+
+def load_ca_pair(
+    ca_cert: Path, ca_key: Path
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA certificate and key from the agent's `pki:` section, checked to match."""
+    cert = pki.load_cert(ca_cert)
+    key = pki.load_key(ca_key)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    cert_key = cert.public_key()
+    if not isinstance(cert_key, ec.EllipticCurvePublicKey) or cert_key.public_bytes(
+        serialization.Encoding.DER, spki
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise pki.PkiError(f"{ca_key} does not match {ca_cert}")
+    return key, cert
+
+
+class DeviceAuthority:
+    """The agent's enrollment, renewal, revocation and audit duties for one site."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        ca_key: ec.EllipticCurvePrivateKey,
+        ca_cert: x509.Certificate,
+        registry: Registry,
+        audit: AuditLog,
+        lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.site = site
+        self.ca_key = ca_key
+        self.ca_cert = ca_cert
+        self.trust_domain = pki.trust_domain_of_ca(ca_cert)
+        self.registry = registry
+        self.audit = audit
+        self.lifetime = lifetime
+        self.now = now
+        self.identity = Identity.agent(self.trust_domain, site)
+        self._watcher = RevocationWatcher(registry)
+        self._watcher.snapshot()  # poll_revocations() reports what changes from now on
+        self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
+        self.renewals: dict[str, int] = {}
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        site: str,
+        state_dir: Path,
+        ca_cert: Path,
+        ca_key: Path,
+        lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
+        audit_settings: AuditSettings | None = None,
+        audit_sink: AuditSink | None = None,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> DeviceAuthority:
+        """From the agent's config: `pki.ca_cert`, `pki.ca_key`, `state_dir` (created 0700).
+
+        Raises pki.PkiError or RegistryError with one line naming the file.
+        """
+        key, cert = load_ca_pair(ca_cert, ca_key)
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot create state_dir {state_dir}: {exc.strerror}") from None
+        settings = audit_settings or AuditSettings()
+        identity = Identity.agent(pki.trust_domain_of_ca(cert), site)
+        audit = AuditLog(
+            state_dir / AUDIT_FILE,
+            source_id=identity.uri,
+            site=site,
+            max_bytes=settings.max_bytes,
+            keep=settings.keep,
+            sink=audit_sink,
+        )
+        registry = Registry(state_dir / REGISTRY_FILE, site=site)
+        return cls(
+            site=site,
+            ca_key=key,
+            ca_cert=cert,
+            registry=registry,
+            audit=audit,
+            lifetime=lifetime,
+            now=now,
+        )
+
+    def close(self) -> None:
+        self.registry.close()
+
+    # -- streams
+
+    async def serve_enroll(self, stream: ByteStream) -> EnrollOutcome:
+        """Target handler for `enroll`; reports the result to the gateway that carried it."""
+        outcome = await serve_enroll_stream(
+            stream,
+            registry=self.registry,
+            ca_key=self.ca_key,
+            ca_cert=self.ca_cert,
+            site=self.site,
+            lifetime=self.lifetime,
+            audit=self.audit,
+            now=self.now,
+        )
+        self.enrollments[outcome.result] = self.enrollments.get(outcome.result, 0) + 1
+        link = getattr(stream, "link", None)  # a relay.aio.Stream knows its link
+        send = getattr(link, "send_control", None)
+        if send is not None:
+            with contextlib.suppress(LinkClosedError, ValueError):
+                send(KIND_ENROLL_RESULT, encode_enroll_result(outcome.result))
+        return outcome
+
+    async def serve_renew(self, stream: ByteStream) -> RenewOutcome:
+        """Target handler for `renew` (the gateway adds x-relay-device)."""
+        outcome = await serve_renew_stream(
+            stream,
+            registry=self.registry,
+            ca_key=self.ca_key,
+            ca_cert=self.ca_cert,
+            site=self.site,
+            lifetime=self.lifetime,
+            audit=self.audit,
+            now=self.now,
+        )
+        self.renewals[outcome.result] = self.renewals.get(outcome.result, 0) + 1
+        return outcome
+
+    def touch(self, device_uri: str) -> None:
+        """Last seen for the device behind a stream's x-relay-device (throttled writes)."""
+        try:
+            identity = parse_spiffe_uri(device_uri)
+        except IdentityError:
+            return
+        if identity.role != "device" or identity.site != self.site:
+            return
+        try:
+            self.registry.touch(identity.name, self.now())
+        except RegistryError as exc:
+            log.warning("cannot record last seen", extra={"error": str(exc)})
+
+    # -- revocation
+
+    def _uri(self, name: str) -> str:
+        return Identity.device(self.trust_domain, self.site, name).uri
+
+    def revocation_snapshot(self) -> list[bytes]:
+        """Bodies of a full "revoke" list: send them, in order, first on every new link.
+
+        Independent of poll_revocations(): a device revoked just before a link comes up
+        is in this list and also in the next incremental push (harmless twice).
+        """
+        names = self.registry.revoked_devices()
+        return encode_revocations([self._uri(n) for n in names], full=True)
+
+    def poll_revocations(self) -> list[bytes]:
+        """Bodies of an incremental "revoke" for devices revoked since the last call
+        (empty if none); audits each as pushed. Cheap when nothing changed."""
+        names = self._watcher.poll()
+        if not names:
+            return []
+        at = self.now()
+        for name in names:
+            self.audit.revocation(
+                now=at,
+                device=self._uri(name),
+                actor=self.identity.uri,
+                description=f"revocation of {name} pushed to the gateways",
+            )
+        return encode_revocations([self._uri(n) for n in names], full=False)
+
+    def revoke(self, name: str) -> list[bytes]:
+        """Revoke in-process (an admin API of the agent); returns bodies to push."""
+        self.registry.revoke(name, self.now())
+        self._watcher.note_local_change()
+        return self.poll_revocations()
+
+    # -- refusals reported by gateways
+
+    def record_refusal(self, body: bytes, reporter: str) -> bool:
+        """Audit a "refusal" control message from gateway `reporter`; False if malformed."""
+        try:
+            refusal = decode_refusal(body)
+        except RevocationError as exc:
+            log.warning("malformed refusal report", extra={"error": str(exc)})
+            return False
+        description = refusal.reason
+        if refusal.suppressed:
+            description += f" ({refusal.suppressed} similar refusals not reported)"
+        self.audit.auth_refused(
+            now=self.now(),
+            identity=refusal.identity or None,
+            peer=refusal.peer or None,
+            reason=description,
+            reporter=reporter,
+            outcome=Outcome.MINOR_FAILURE,
+        )
+        return True
+
+    async def run_revocation_push(
+        self, send_all: Callable[[list[bytes]], None], interval: float = 0.5
+    ) -> None:
+        """Poll the registry every `interval` seconds and push new revocations with
+        `send_all(bodies)` (which sends each body as a "revoke" control on every link).
+        Runs until cancelled; registry errors are logged and retried. Polling runs
+        inline: unchanged, it is one PRAGMA (microseconds)."""
+        while True:
+            try:
+                bodies = self.poll_revocations()
+            except RegistryError as exc:
+                log.warning("revocation poll failed", extra={"error": str(exc)})
+                bodies = []
+            if bodies:
+                send_all(bodies)
+            await asyncio.sleep(interval)

@@ -1,0 +1,231 @@
+"""DeviceAuthority: the agent's trust duties, wired through the real gateway on 127.0.0.1.
+
+Enrollment from a PC, then renewal over the new device's own link (the gateway adds
+x-relay-device), last seen, revocation bodies for the gateways, refusal reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ends_helpers import running_gateway
+from pki_helpers import HOST, SitePki, make_pki
+
+from relay import pki, tls
+from relay.agent.audit import AUDIT_FILE, read_events
+from relay.agent.authority import DeviceAuthority
+from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.tokens import EnrollmentCode
+from relay.aio import Link, Stream
+from relay.config import Address
+from relay.dialer import dial
+from relay.enroll import enroll
+from relay.proto import LinkSettings
+from relay.renewal import renew
+from relay.revocation import (
+    KIND_ENROLL_RESULT,
+    Refusal,
+    RevocationAssembler,
+    RevocationList,
+    decode_enroll_result,
+    decode_revocations,
+    encode_refusal,
+)
+
+WAIT = 10.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(dt.UTC)
+
+
+def open_authority(site: SitePki, state: Path, **kwargs: Any) -> DeviceAuthority:
+    return DeviceAuthority.open(
+        site="main",
+        state_dir=state,
+        ca_cert=site.directory / "ca.crt",
+        ca_key=site.directory / "ca.key",
+        **kwargs,
+    )
+
+
+def test_open_creates_state_and_checks_the_ca(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state" / "deep")
+    assert (tmp_path / "state" / "deep" / REGISTRY_FILE).exists()
+    assert authority.identity.uri == "spiffe://hospital.test/agent/main"
+    authority.close()
+    other = make_pki(tmp_path / "other")
+    with pytest.raises(pki.PkiError, match="does not match"):
+        DeviceAuthority.open(
+            site="main",
+            state_dir=tmp_path / "s2",
+            ca_cert=site.directory / "ca.crt",
+            ca_key=other.directory / "ca.key",
+        )
+
+
+@contextlib.asynccontextmanager
+async def link_to(
+    port: int,
+    ctx: Any,
+    alpn: str,
+    *,
+    on_stream: Callable[[Stream], None] | None = None,
+    on_control: Callable[[str, bytes], None] | None = None,
+) -> AsyncIterator[Link]:
+    link = await dial(
+        Address(HOST, port),
+        ctx,
+        LinkSettings(),
+        alpn=alpn,
+        name=alpn,
+        timeout=WAIT,
+        on_stream=on_stream,
+        on_control=on_control,
+    )
+    try:
+        yield link
+    finally:
+        link.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(link.wait_closed(), WAIT)
+
+
+async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    tasks: list[asyncio.Task[Any]] = []
+
+    def on_stream(stream: Stream) -> None:  # the agent's dispatch, reduced to our targets
+        device = stream.headers.get("x-relay-device")
+        if device:
+            authority.touch(device)
+        handler = {"enroll": authority.serve_enroll, "renew": authority.serve_renew}
+        tasks.append(asyncio.create_task(handler[stream.headers["target"]](stream)))
+
+    async with running_gateway(site, tmp_path) as gateway:
+        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
+        async with link_to(gateway.port, agent_ctx, tls.ALPN_AGENT, on_stream=on_stream):
+            token_id, secret = authority.registry.create_token("ws1", timedelta(hours=1), utcnow())
+            code = EnrollmentCode(
+                Address(HOST, gateway.port),
+                pki.ca_fingerprint(site.ca_cert),
+                "main",
+                "ws1",
+                token_id,
+                secret,
+            ).encode()
+            out = tmp_path / "identity"
+            await enroll(code, out, timeout=WAIT)
+            first = pki.load_cert(out / "device.crt")
+
+            device_ctx = tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
+            async with link_to(gateway.port, device_ctx, tls.ALPN_DEVICE) as device_link:
+                assert await renew(device_link.open_stream, out, now=utcnow, force=True)
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert [o.result for o in outcomes] == ["ok", "ok"]
+    assert authority.enrollments == {"ok": 1} and authority.renewals == {"ok": 1}
+    second = pki.load_cert(out / "device.crt")
+    assert second.serial_number != first.serial_number
+    row = authority.registry.get_device("ws1")
+    assert row is not None and row.certificates == 2 and row.last_seen is not None
+    kinds = [e["kind"] for e in read_events(tmp_path / "state" / AUDIT_FILE)]
+    assert kinds == ["enrollment", "renewal"]
+    authority.close()
+
+
+async def test_enroll_result_is_reported_on_the_link(tmp_path: Path) -> None:
+    """serve_enroll sends the result as a control message on the stream's link."""
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    received: list[str] = []
+
+    class FakeLink:
+        def send_control(self, kind: str, body: bytes) -> None:
+            assert kind == KIND_ENROLL_RESULT
+            received.append(decode_enroll_result(body))
+
+    from relay.streams import pipe
+
+    pc, agent_end = pipe({"target": "enroll"})
+    agent_end.link = FakeLink()  # type: ignore[attr-defined]
+    await pc.write_eof()
+    outcome = await authority.serve_enroll(agent_end)
+    assert outcome.result == "malformed" and received == ["malformed"]
+    authority.close()
+
+
+def test_revocations_for_the_gateways(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    (tmp_path / "state").mkdir()
+    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+        cli.revoke("old", utcnow())
+    authority = open_authority(site, tmp_path / "state")
+    # A new link gets the full list; a gateway applies it for the agent's site.
+    gateway_view = RevocationList("hospital.test")
+    assembler = RevocationAssembler()
+    for body in authority.revocation_snapshot():
+        update = assembler.feed(decode_revocations(body))
+        if update is not None:
+            gateway_view.apply("main", update)
+    assert gateway_view.has_snapshot("main")
+    assert gateway_view.is_revoked("spiffe://hospital.test/device/main/old")
+    assert authority.poll_revocations() == []  # "old" predates the authority
+
+    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+        cli.revoke("ws1", utcnow())  # `relay device revoke ws1` in another process
+    (body,) = authority.poll_revocations()
+    update = decode_revocations(body)
+    assert not update.full and update.devices == ("spiffe://hospital.test/device/main/ws1",)
+    assert gateway_view.apply("main", update) == ["spiffe://hospital.test/device/main/ws1"]
+    assert authority.poll_revocations() == []
+    (in_process,) = authority.revoke("ws2")
+    assert decode_revocations(in_process).devices == ("spiffe://hospital.test/device/main/ws2",)
+    pushed = [e for e in read_events(tmp_path / "state" / AUDIT_FILE) if e["kind"] == "revocation"]
+    assert len(pushed) == 2
+    authority.close()
+
+
+async def test_push_loop_sends_new_revocations(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    sent: asyncio.Queue[list[bytes]] = asyncio.Queue()
+    task = asyncio.create_task(authority.run_revocation_push(sent.put_nowait, interval=0.01))
+    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+        cli.revoke("ws9", utcnow())
+    bodies = await asyncio.wait_for(sent.get(), WAIT)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert decode_revocations(bodies[0]).devices == ("spiffe://hospital.test/device/main/ws9",)
+    authority.close()
+
+
+def test_refusal_reports_are_audited(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    body = encode_refusal(
+        Refusal("revoked", "spiffe://hospital.test/device/main/ws1", "203.0.113.9:4000", 2)
+    )
+    assert authority.record_refusal(body, reporter="spiffe://hospital.test/gateway/gw1")
+    assert not authority.record_refusal(b"garbage", reporter="gw")
+    (event,) = read_events(tmp_path / "state" / AUDIT_FILE)
+    assert event["kind"] == "auth_refused"
+    assert event["EventIdentification"]["EventOutcomeDescription"] == (
+        "revoked (2 similar refusals not reported)"
+    )
+    device, reporter = event["ActiveParticipant"]
+    assert device["NetworkAccessPointID"] == "203.0.113.9"
+    assert reporter["UserID"] == "spiffe://hospital.test/gateway/gw1"
+    authority.touch("not a uri")  # ignored, no error
+    authority.touch("spiffe://hospital.test/device/other/x")  # other site: ignored
+    assert authority.registry.list_devices() == []
+    authority.close()
