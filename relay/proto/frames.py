@@ -218,29 +218,52 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def _header(self, data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int, int]:
+        version, ftype, flags, stream_id, length = HEADER.unpack_from(data, pos)
+        if version != VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION, f"frame version {version}, expected {VERSION}"
+            )
+        if length > self.max_payload:
+            raise ProtocolError(
+                ErrorCode.FRAME_SIZE_ERROR,
+                f"frame of {length} bytes exceeds the limit of {self.max_payload}",
+            )
+        return ftype, flags, stream_id, length
+
     def feed(self, data: bytes) -> Generator[Frame, None, None]:
-        """Yield every complete frame; keep the remainder. Raises ProtocolError."""
-        buf = self._buf
-        buf += data
+        """Yield every complete frame; keep the remainder. Raises ProtocolError.
+
+        Payloads are copied once, straight out of `data`; only a frame that straddles two
+        reads goes through the internal buffer.
+        """
+        view = memoryview(data)
+        end = len(view)
         pos = 0
-        end = len(buf)
+        buf = self._buf
         try:
+            if buf:  # finish the frame begun by an earlier read
+                if len(buf) < HEADER_SIZE:
+                    pos = min(HEADER_SIZE - len(buf), end)
+                    buf += view[:pos]
+                    if len(buf) < HEADER_SIZE:
+                        return
+                ftype, flags, stream_id, length = self._header(buf, 0)
+                take = min(HEADER_SIZE + length - len(buf), end - pos)
+                buf += view[pos : pos + take]
+                pos += take
+                if len(buf) < HEADER_SIZE + length:
+                    return
+                payload = bytes(memoryview(buf)[HEADER_SIZE:])
+                buf.clear()
+                yield Frame(ftype, flags, stream_id, payload)
             while end - pos >= HEADER_SIZE:
-                version, ftype, flags, stream_id, length = HEADER.unpack_from(buf, pos)
-                if version != VERSION:
-                    raise ProtocolError(
-                        ErrorCode.UNSUPPORTED_VERSION,
-                        f"frame version {version}, expected {VERSION}",
-                    )
-                if length > self.max_payload:
-                    raise ProtocolError(
-                        ErrorCode.FRAME_SIZE_ERROR,
-                        f"frame of {length} bytes exceeds the limit of {self.max_payload}",
-                    )
+                ftype, flags, stream_id, length = self._header(view, pos)
                 if end - pos - HEADER_SIZE < length:
                     break
                 start = pos + HEADER_SIZE
                 pos = start + length
-                yield Frame(ftype, flags, stream_id, bytes(buf[start:pos]))
+                yield Frame(ftype, flags, stream_id, view[start:pos].tobytes())
         finally:
-            del buf[:pos]
+            if pos < end:
+                buf += view[pos:]
