@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping
 from typing import Final
 
-from relay.streams import ByteStream, StreamReset, read_exactly
+from relay.streams import ByteStream, read_exactly
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -82,8 +82,3 @@ async def read_message(stream: ByteStream, *, limit: int = DEFAULT_LIMIT) -> dic
     if not isinstance(value, dict):
         raise MessageError("malformed message (not a JSON object)")
     return value
-
-
-def reset_message(exc: StreamReset) -> str:
-    """A one-line description of a reset stream, for error messages."""
-    return f"the stream was reset (code {exc.code})"

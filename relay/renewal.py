@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from relay import pki
 from relay.framed_json import MessageError, MessageTooLarge, read_message, write_message
 from relay.identity import Identity, IdentityError, identity_from_certificate, parse_spiffe_uri
-from relay.proto import ErrorCode, LinkClosedError
+from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 from relay.streams import ByteStream, StreamReset
 
 if TYPE_CHECKING:
@@ -207,8 +207,9 @@ async def renew(
 ) -> bool:
     """Renew the certificate in `identity_dir` if it is due (or `force`); True if renewed.
 
-    Raises RenewalError (refused, bad answer, files), StreamReset or LinkClosedError
-    (the link failed: retry later). The files are untouched unless it succeeds.
+    Raises RenewalError (refused, bad answer, files), StreamReset, LinkClosedError or
+    StreamStateError (the link failed or is full: retry later). The files are untouched
+    unless it succeeds.
     """
     current = _load_current(identity_dir)
     if not force and not renewal_due(
@@ -324,7 +325,7 @@ async def renewal_loop(
             continue
         try:
             await renew(opener, identity_dir, now=now, force=True)
-        except (RenewalError, StreamReset, LinkClosedError, OSError) as exc:
+        except (RenewalError, StreamReset, LinkClosedError, StreamStateError, OSError) as exc:
             report(str(exc))
             await sleep(backoff)
             continue
