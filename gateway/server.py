@@ -16,12 +16,14 @@ import ssl
 from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig
+from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
 from gateway.router import HEADER_DEVICE, Router
 from relay.aio import Link, link_settings
 from relay.identity import Identity, IdentityError
 from relay.proto import ErrorCode
+from relay.revocation import RevocationList
 from relay.tls import (
     ALPN_ENROLL,
     TUNNEL_ALPNS,
@@ -62,7 +64,8 @@ class GatewayServer:
         self.metrics = metrics
         self.router = Router(metrics)
         self.links = Registry()
-        self.revoked: set[str] = set()  # device SPIFFE URIs, memory only
+        self.revoked = RevocationList(trust_domain)  # memory only, relearned from agents
+        self.refusal_reporter = RefusalReporter(self.router)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -128,6 +131,9 @@ class GatewayServer:
             "connection refused",
             extra={"reason": reason, "peer": peer or "", "identity": str(identity or "")},
         )
+        if identity is not None and identity.trust_domain == self.trust_domain:
+            now = asyncio.get_running_loop().time()
+            self.refusal_reporter.report(reason, identity, peer or "", now)
 
     async def _admit(self, conn: socket.socket) -> None:
         """One connection's way in; a bug here is logged, never left unretrieved."""
@@ -199,8 +205,16 @@ class GatewayServer:
         gauge = self.metrics.links.labels(identity.role, site)
         if identity.role == "agent":
             link.on_stream = lambda stream: stream.reset(ErrorCode.FORBIDDEN)
+            # Routed to only once its revocation snapshot has arrived (AgentControl).
+            link.on_control = AgentControl(
+                link,
+                site,
+                router=self.router,
+                revoked=self.revoked,
+                metrics=self.metrics,
+                close_device=self.close_device,
+            )
             self.links.agents.add(link)
-            self.router.add_agent(site, link)
         else:
             uri = identity.uri
             origin = {HEADER_DEVICE: uri}
@@ -210,6 +224,12 @@ class GatewayServer:
         log.info("link up", extra={"identity": identity.uri, "peer": peer})
         link.closed.add_done_callback(lambda _: self._detach(link, identity, peer))
         link.start()
+
+    def close_device(self, uri: str) -> None:
+        """Close every live link of a revoked device at once."""
+        for link in list(self.links.devices.get(uri, ())):
+            link.close(ErrorCode.REVOKED, "device revoked")
+            link.loop.call_later(1.0, link.abort)  # if it does not read its goaway
 
     def _detach(self, link: Link, identity: Identity, peer: str) -> None:
         site = identity.site or ""

@@ -26,6 +26,7 @@ from relay.aio import Link, Stream
 from relay.config import Address, TlsFiles, TunnelLimits
 from relay.identity import Identity
 from relay.proto import ErrorCode, LinkSettings
+from relay.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
 from relay.streams import StreamReset
 
 WAIT = 10.0
@@ -101,7 +102,15 @@ async def connect(
         ssl=ctx,
         server_hostname=HOST,
     )
+    if alpn == tls.ALPN_AGENT and serve:
+        announce(link)
     return link
+
+
+def announce(agent: Link, revoked: tuple[str, ...] = (), *, full: bool = True) -> None:
+    """What a real agent sends first: its site's revocation list."""
+    for body in encode_revocations(revoked, full=full):
+        agent.send_control(KIND_REVOKE, body)
 
 
 async def wait_for_agents(world: World, site: str, count: int = 1) -> None:
@@ -179,6 +188,7 @@ async def test_half_close_passes_through(world: World) -> None:
         ssl=ctx,
         server_hostname=HOST,
     )
+    announce(agent)
     await wait_for_agents(world, "main")
     device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
     stream = device.open_stream({"target": "tcp:x"})
@@ -226,6 +236,7 @@ async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> Non
         ssl=ctx,
         server_hostname=HOST,
     )
+    announce(agent)
     await wait_for_agents(world, "main")
     device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
     device.open_stream({"target": "tcp:x", "x-relay-device": "spiffe://evil/device/main/boss"})
@@ -285,6 +296,58 @@ async def test_unknown_alpn_is_refused(world: World) -> None:
     await expect_refused(world, "alpn", connect(world, world.pki.device("ws1"), "something-else/1"))
 
 
-async def test_revoked_device_is_refused(world: World) -> None:
-    world.server.revoked.add(Identity.device("hospital.test", "main", "ws1").uri)
+async def test_agent_is_routed_to_only_after_its_revocation_snapshot(world: World) -> None:
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=False)
+    agent.on_stream = lambda stream: stream.reset(ErrorCode.CANCEL)
+    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    await asyncio.sleep(0.2)
+    assert world.server.router.agent_links("main") == []
+    stream = device.open_stream({"target": "tcp:echo"})
+    with pytest.raises(StreamReset) as info:
+        await asyncio.wait_for(stream.read(), WAIT)
+    assert info.value.code == ErrorCode.NO_ROUTE
+    announce(agent)
+    await wait_for_agents(world, "main")
+    device.close()
+    agent.close()
+
+
+async def test_revocation_closes_live_links_refuses_new_ones_and_is_reported(
+    world: World,
+) -> None:
+    loop = asyncio.get_running_loop()
+    reports: asyncio.Queue[bytes] = asyncio.Queue()
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent.on_control = lambda kind, body: reports.put_nowait(body) if kind == KIND_REFUSAL else None
+    await wait_for_agents(world, "main")
+    victim = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    bystander = await connect(world, world.pki.device("ws2"), tls.ALPN_DEVICE)
+    assert await asyncio.wait_for(roundtrip(victim, b"before"), WAIT) == b"before"
+
+    uri = Identity.device("hospital.test", "main", "ws1").uri
+    started = loop.time()
+    announce(agent, (uri,), full=False)
+    closed = await asyncio.wait_for(victim.wait_closed(), WAIT)
+    assert loop.time() - started < 2.0, "revocation must close live links at once"
+    assert closed is not None
+    assert world.server.metrics.registry.get_sample_value("relay_revoked_devices") == 1.0
+
     await expect_refused(world, "revoked", connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE))
+    report = decode_refusal(await asyncio.wait_for(reports.get(), WAIT))
+    assert (report.reason, report.identity) == ("revoked", uri)
+    assert await asyncio.wait_for(roundtrip(bystander, b"still fine"), WAIT) == b"still fine"
+
+    # A fresh snapshot without the device lets it in again (the agent's list is the truth).
+    announce(agent, ())
+    again = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    assert await asyncio.wait_for(roundtrip(again, b"back"), WAIT) == b"back"
+    for link in (again, bystander, agent):
+        link.close()
+
+
+async def test_agent_revoking_another_sites_device_is_disconnected(world: World) -> None:
+    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    await wait_for_agents(world, "main")
+    announce(agent, (Identity.device("hospital.test", "other", "x").uri,), full=False)
+    await asyncio.wait_for(agent.wait_closed(), WAIT)
+    assert world.server.router.agent_links("main") == []

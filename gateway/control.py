@@ -1,0 +1,116 @@
+"""Control messages between the gateway and its agents.
+
+From an agent: `revoke` (full snapshot on link-up, then increments) and `enroll-result`.
+To the agents of a site: `refusal`, when the gateway refused a link that claimed an
+identity of that site, rate-limited so a flood of bad handshakes cannot flood agents.
+Revocations live in memory only; a restarted gateway relearns them from each agent's
+snapshot before it routes that agent's site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import RateLimiter
+from gateway.router import Router
+from relay.aio import Link
+from relay.identity import Identity
+from relay.proto import ErrorCode, LinkClosedError
+from relay.revocation import (
+    KIND_ENROLL_RESULT,
+    KIND_REFUSAL,
+    KIND_REVOKE,
+    Refusal,
+    RevocationAssembler,
+    RevocationError,
+    RevocationList,
+    decode_enroll_result,
+    decode_revocations,
+    encode_refusal,
+)
+
+log = logging.getLogger(__name__)
+
+REFUSALS_PER_SECOND = 5.0
+REFUSAL_BURST = 20
+
+
+class AgentControl:
+    """Handles the control messages of one agent link of `site`."""
+
+    def __init__(
+        self,
+        link: Link,
+        site: str,
+        *,
+        router: Router,
+        revoked: RevocationList,
+        metrics: GatewayMetrics,
+        close_device: Callable[[str], None],
+    ) -> None:
+        self.link = link
+        self.site = site
+        self.router = router
+        self.revoked = revoked
+        self.metrics = metrics
+        self.close_device = close_device
+        self.assembler = RevocationAssembler()
+        self.routed = False
+
+    def __call__(self, kind: str, body: bytes) -> None:
+        try:
+            if kind == KIND_REVOKE:
+                self._on_revoke(body)
+            elif kind == KIND_ENROLL_RESULT:
+                self.metrics.enrollments.labels(decode_enroll_result(body)).inc()
+            else:
+                log.debug("unknown control message ignored", extra={"kind": kind})
+        except (RevocationError, ValueError) as exc:
+            log.error(
+                "agent sent a bad control message; closing its link",
+                extra={"site": self.site, "kind": kind, "error": str(exc)},
+            )
+            self.link.close(ErrorCode.PROTOCOL_ERROR, "bad control message")
+
+    def _on_revoke(self, body: bytes) -> None:
+        update = self.assembler.feed(decode_revocations(body))
+        if update is None:
+            return
+        for uri in self.revoked.apply(self.site, update):
+            log.info("device revoked", extra={"identity": uri})
+            self.close_device(uri)
+        self.metrics.revocations.set(len(self.revoked))
+        if update.full and not self.routed:
+            # Only now may the site's device streams go to this agent link.
+            self.routed = True
+            self.router.add_agent(self.site, self.link)
+
+
+class RefusalReporter:
+    """Tells the agents of a site about refused links that claimed one of its identities."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.limiter = RateLimiter(REFUSALS_PER_SECOND, REFUSAL_BURST, max_keys=1000)
+        self.suppressed: dict[str, int] = {}
+
+    def report(self, reason: str, identity: Identity | None, peer: str, now: float) -> None:
+        site = identity.site if identity is not None else None
+        if site is None or identity is None:
+            return
+        if not self.limiter.allow(site, now):
+            self.suppressed[site] = self.suppressed.get(site, 0) + 1
+            return
+        try:
+            body = encode_refusal(
+                Refusal(reason, identity.uri, peer[:64], self.suppressed.pop(site, 0))
+            )
+        except RevocationError:
+            return
+        for link in self.router.agent_links(site):
+            try:
+                link.send_control(KIND_REFUSAL, body)
+            except (LinkClosedError, ValueError):
+                continue
