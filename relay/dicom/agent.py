@@ -26,7 +26,10 @@ from relay.dicom.codec import (
     DicomProtocolError,
     ErrorMessage,
     FinalResponse,
+    Instance,
+    Message,
     MessageCodec,
+    Pending,
     Request,
     read_message,
     write_message,
@@ -34,11 +37,13 @@ from relay.dicom.codec import (
 from relay.dicom.move_receiver import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation, PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
+from relay.proto.errors import ErrorCode
 from relay.streams import ByteStream, StreamReset
 
 log = logging.getLogger(__name__)
 
-RESET_CANCEL = 0x8  # reset code used when we abandon a stream (relay.proto's CANCEL)
+RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
+_OFFLOAD = 64 * 1024  # bodies at least this big are encoded on a worker thread
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,13 @@ async def serve_dicom_stream(
         return summary("invalid", st.RELAY_PROTOCOL, reason)
 
     loop = asyncio.get_running_loop()
-    out: Channel[bytes] = Channel(loop, codec.limits.queue_depth)
+    out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
     op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver)
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
     thread.start()
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
     try:
-        await _pump(stream, out, op, pacs.stall_timeout)
+        await _pump(stream, codec, out, op, pacs.stall_timeout)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -118,29 +123,38 @@ async def serve_dicom_stream(
 
 
 async def _pump(
-    stream: ByteStream, out: Channel[bytes], op: PacsOperation, stall_timeout: float
+    stream: ByteStream,
+    codec: MessageCodec,
+    out: Channel[Message],
+    op: PacsOperation,
+    stall_timeout: float,
 ) -> None:
-    """Write what the operation produces, in order; end the stream after the final."""
+    """Encode and write what the operation produces, in order; end the stream after it."""
     try:
         while True:
             try:
-                frame = await out.get()
+                msg = await out.get()
             except ChannelClosed:
                 break
+            if isinstance(msg, (Instance, Pending)) and len(msg.dataset) >= _OFFLOAD:
+                # zstd releases the GIL: compress off the loop, alongside the PACS transfer.
+                frame = await asyncio.to_thread(codec.encode, msg)
+            else:
+                frame = codec.encode(msg)
             async with asyncio.timeout(stall_timeout):
                 await stream.write(frame)
         async with asyncio.timeout(stall_timeout):
             await stream.write_eof()
-    except (StreamReset, TimeoutError) as exc:
+    except (StreamReset, TimeoutError, DicomProtocolError) as exc:
         log.info("DICOM stream ended early (%s): aborting the PACS operation", type(exc).__name__)
         op.abort()
         out.abort("stream lost")
-        if isinstance(exc, TimeoutError):
+        if not isinstance(exc, StreamReset):
             stream.reset(RESET_CANCEL)
 
 
 async def _watch(
-    stream: ByteStream, codec: MessageCodec, op: PacsOperation, out: Channel[bytes]
+    stream: ByteStream, codec: MessageCodec, op: PacsOperation, out: Channel[Message]
 ) -> None:
     """Read what the workstation sends during the operation: only Cancel is expected."""
     try:

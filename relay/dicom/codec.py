@@ -270,6 +270,28 @@ class MessageCodec:
 
     # -- encode -----------------------------------------------------------------------
 
+    def validate(self, msg: Message) -> None:
+        """Raise DicomProtocolError if `msg` could not be encoded (no compression work)."""
+        try:
+            _, header, body, _ = _to_wire(msg, self.limits)
+        except DicomProtocolError:
+            raise
+        except ValueError as exc:
+            raise DicomProtocolError(str(exc)) from None
+        if len(body) > self.limits.max_dataset:
+            raise DicomProtocolError(
+                f"dataset of {len(body)} bytes exceeds limit {self.limits.max_dataset}"
+            )
+        if _FIXED.size + len(body) > self.limits.max_message:
+            raise DicomProtocolError(
+                f"message of {len(body)} bytes exceeds limit {self.limits.max_message}"
+            )
+        hlen = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+        if hlen > self.limits.max_header:
+            raise DicomProtocolError(
+                f"header of {hlen} bytes exceeds limit {self.limits.max_header}"
+            )
+
     def encode(self, msg: Message) -> bytes:
         """The bytes to write for `msg`: length prefix, fixed header, JSON header, body."""
         try:

@@ -35,6 +35,7 @@ from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
     MAX_COUNT,
+    DicomProtocolError,
     FinalResponse,
     Instance,
     Message,
@@ -129,7 +130,7 @@ class PacsOperation:
         pacs: PacsTarget,
         request: Request,
         codec: MessageCodec,
-        out: Channel[bytes],
+        out: Channel[Message],
         *,
         stats: DicomStats | None = None,
         move_receiver: Any = None,
@@ -208,10 +209,14 @@ class PacsOperation:
         self.out.close("operation finished")
 
     def _emit(self, msg: Message) -> None:
+        """Queue `msg` for the stream, blocking while the channel is full.
+
+        Messages are encoded (compressed) on the stream side, so that compressing one
+        instance overlaps with the PACS sending the next.
+        """
         if self._aborted.is_set():
             raise ChannelClosed("aborted")
-        frame = self.codec.encode(msg)
-        self.out.put_sync(frame, self.pacs.stall_timeout)
+        self.out.put_sync(msg, self.pacs.stall_timeout)
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.pacs.calling_ae_title)
@@ -386,8 +391,15 @@ class PacsOperation:
             log.warning("malformed instance from the PACS refused: %s", exc)
             self.malformed += 1
             return st.STORE_CANNOT_UNDERSTAND
+        msg = Instance(sop_class, sop_instance, ts, data)
         try:
-            self._emit(Instance(sop_class, sop_instance, ts, data))
+            self.codec.validate(msg)
+        except DicomProtocolError as exc:
+            log.warning("instance from the PACS not relayable: %s", exc)
+            self.malformed += 1
+            return st.STORE_OUT_OF_RESOURCES
+        try:
+            self._emit(msg)
         except (ChannelClosed, TimeoutError):
             self._aborted.set()
             self._cancel.set()

@@ -30,12 +30,13 @@ from relay.dicom.codec import (
     read_payload,
     write_message,
 )
+from relay.proto.errors import ErrorCode
 from relay.streams import ByteStream, StreamReset
 
 log = logging.getLogger(__name__)
 
 OpenStream = Callable[[Mapping[str, str]], Awaitable[ByteStream]]
-RESET_CANCEL = 0x8
+RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
 
 
 class SessionEnded(Exception):

@@ -37,8 +37,8 @@ class DroppingStream:
         data = await self.inner.read(max_bytes)
         self.seen += len(data)
         if self.seen > self.limit:
-            self.inner.reset(7)
-            raise StreamReset(7, "tunnel dropped (test)")
+            self.inner.reset(2)
+            raise StreamReset(2, "tunnel dropped (test)")
         return data
 
     async def write(self, data: bytes) -> None:

@@ -327,7 +327,7 @@ async def test_stream_reset_mid_retrieval_aborts_the_pacs_operation() -> None:
         await ws.send(retrieve(StudyInstanceUID=uid))
         while not isinstance(await ws.recv(), Instance):
             pass
-        a.reset(8)
+        a.reset(7)
         summary = await asyncio.wait_for(server, 20)
         sent = slow.events.instances_sent
         await asyncio.sleep(0.3)
@@ -440,7 +440,7 @@ async def test_reset_of_the_pump_side_is_handled(pacs: EmbeddedPacs) -> None:
     a, b = pipe()
     server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
     await write_message(a, MessageCodec(), retrieve(StudyInstanceUID=CT_STUDY))
-    a.reset(8)
+    a.reset(7)
     summary = await asyncio.wait_for(server, 20)
     assert summary.status in (st.LINK_LOST, 0)
     with pytest.raises(StreamReset):

@@ -370,3 +370,13 @@ def test_zstd_body_must_be_exactly_one_whole_frame() -> None:
         codec.decode(trailing)
     with pytest.raises(DicomProtocolError):
         codec.decode(frame[4:-5])
+
+
+def test_validate_checks_without_compressing() -> None:
+    codec = MessageCodec(DicomLimits(max_dataset=100))
+    codec.validate(_instance(b"x" * 100))
+    with pytest.raises(DicomProtocolError, match="exceeds limit"):
+        codec.validate(_instance(b"x" * 101))
+    with pytest.raises(DicomProtocolError, match="sop_instance"):
+        codec.validate(Instance("1.2", "1.2.3 ", EXPLICIT, b""))
+    assert codec.counters.sent_wire == 0
