@@ -118,6 +118,7 @@ class Pending:
     dataset: bytes = b""
     sop_classes: tuple[str, ...] = ()
     transfer_syntaxes: tuple[str, ...] = ()
+    estimate: bool = False  # counts from the agent's survey, not from the PACS
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,8 @@ def _to_wire(msg: Message, limits: DicomLimits) -> tuple[int, dict[str, Any], by
             header["classes"] = list(msg.sop_classes)
         if msg.transfer_syntaxes:
             header["tss"] = list(msg.transfer_syntaxes)
+        if msg.estimate:
+            header["est"] = True
         return MessageType.PENDING, header, msg.dataset, msg.transfer_syntax
     if isinstance(msg, Instance):
         _check_uid(msg.sop_class, "sop_class")
@@ -529,6 +532,7 @@ def _from_wire(
             dataset=body,
             sop_classes=_get_strs(header, "classes", limits),
             transfer_syntaxes=_get_strs(header, "tss", limits),
+            estimate=_get_bool(header, "est"),
         )
         _wrap(_check_uid, pending.transfer_syntax, "transfer_syntax", empty_ok=True)
         _wrap(_check_uids, pending.sop_classes, "sop_classes", limits)
@@ -605,6 +609,13 @@ def _get_int(header: Mapping[str, Any], key: str, low: int, high: int) -> int | 
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise DicomProtocolError(f"header field {key!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _get_bool(header: Mapping[str, Any], key: str) -> bool:
+    value = header.get(key, False)
+    if not isinstance(value, bool):
+        raise DicomProtocolError(f"header field {key!r} is not a boolean")
     return value
 
 

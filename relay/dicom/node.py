@@ -374,7 +374,8 @@ class _Retrieval:
         self.destination = destination
         self.op = "move" if destination else "get"
         self.buffered: deque[Instance] = deque()
-        self.total: int | None = None
+        self.total: int | None = None  # the PACS's count of sub-operations
+        self.estimate: int | None = None  # the agent's survey, until the PACS says
         self.end: FinalResponse | None = None
         self.delivered = 0
         self.classes: dict[str, None] = {}
@@ -407,7 +408,11 @@ class _Retrieval:
             self.syntaxes.update(dict.fromkeys(msg.transfer_syntaxes))
             counts = [c for c in (msg.remaining, msg.completed, msg.failed, msg.warning)
                       if c is not None]  # fmt: skip
-            if self.total is None and msg.remaining is not None:
+            if msg.remaining is None:
+                return
+            if msg.estimate:
+                self.estimate = sum(counts)
+            elif self.total is None:
                 self.total = sum(counts)
         elif isinstance(msg, FinalResponse):
             self.end = msg
@@ -415,10 +420,16 @@ class _Retrieval:
     def _run(self, waiter: _Waiter) -> Iterator[Any]:
         depth = self.node.limits.queue_depth
         # 1. Learn how many sub-operations there will be (pynetdicom needs it up front).
+        #    The PACS's own count comes with its first pending response, right after the
+        #    first instance; the survey's estimate is only the fallback, since a study can
+        #    grow between the survey and the retrieve.
         while self.total is None and self.end is None:
             self._take(waiter)
             if self.total is None and len(self.buffered) > depth:
-                self.end = FinalResponse(st.NO_COUNTS, "the PACS gave no sub-operation counts")
+                if self.estimate is not None:
+                    self.total = max(self.estimate, len(self.buffered))
+                else:
+                    self.end = FinalResponse(st.NO_COUNTS, "the PACS gave no sub-operation counts")
         if self.total is None and self.end is not None and _ok(self.end.status):
             done = [self.end.completed, self.end.failed, self.end.warning]
             self.total = max(len(self.buffered), sum(c for c in done if c is not None))
@@ -452,34 +463,38 @@ class _Retrieval:
             yield 0
             return
         yield self.total
-        # 4. Instances as they come; after a C-CANCEL, none, until the agent's end.
+        # 4. Instances as they come; after a C-CANCEL, none, until the agent's end. The
+        #    last announced instance waits for that end: pynetdicom closes the operation by
+        #    itself once every announced sub-operation is done, so only while one is held
+        #    back can a bad end, or more instances than announced, still be reported.
+        overflow = False
         while True:
             if waiter.check_cancel():
                 self.buffered.clear()
-            while self.buffered and self.delivered < self.total:
-                inst = self.buffered.popleft()
-                self.delivered += 1
-                self.node.stats.instance_relayed(len(inst.dataset))
-                yield (
-                    0xFF00,
-                    rawds.EncodedDataset(
-                        inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.dataset
-                    ),
-                )
-            self.buffered.clear()  # more than announced: pynetdicom could not count them
+            while self.buffered and self.delivered < self.total - 1:
+                yield self._deliver(self.buffered.popleft())
+            if self.delivered + len(self.buffered) > self.total:
+                overflow = True
+                break
             if self.end is not None:
                 break
             self._take(waiter)
         # 5. The end: never success unless everything announced was delivered.
-        end = self.end
-        remaining = self.total - self.delivered
+        end = self.end or FinalResponse(st.WARNING_SUBOPS)
         failed = _failed_list(end.failed_instances)
-        if end.status == st.CANCEL or waiter.cancelled:
+        if waiter.cancelled or end.status == st.CANCEL:
             self.code = st.CANCEL
             yield _status(st.CANCEL), failed
-        elif remaining <= 0:
-            # Every sub-operation was handed over: pynetdicom reports their outcome itself.
+        elif overflow:
+            self.code = st.WARNING_SUBOPS
+            yield (
+                _status(st.WARNING_SUBOPS, "the PACS sent more instances than it announced"),
+                failed,
+            )
+        elif self.buffered and self.delivered + len(self.buffered) == self.total:
+            # Everything announced has arrived intact, whatever happened afterwards.
             self.code = st.SUCCESS
+            yield self._deliver(self.buffered.popleft())
         elif _ok(end.status):
             self.code = st.WARNING_SUBOPS
             comment = end.comment or "fewer instances than announced"
@@ -487,6 +502,14 @@ class _Retrieval:
         else:
             self.code = end.status
             yield _status(end.status, end.comment), failed
+
+    def _deliver(self, inst: Instance) -> tuple[int, rawds.EncodedDataset]:
+        self.delivered += 1
+        self.node.stats.instance_relayed(len(inst.dataset))
+        ds = rawds.EncodedDataset(
+            inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.dataset
+        )
+        return 0xFF00, ds
 
 
 def _ok(code: int) -> bool:

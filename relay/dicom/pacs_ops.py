@@ -548,6 +548,7 @@ class PacsOperation:
                     warning=0,
                     sop_classes=tuple(survey.sop_classes[:limit]),
                     transfer_syntaxes=tuple(survey.transfer_syntaxes[:limit]),
+                    estimate=True,
                 )
             )
         return survey

@@ -82,6 +82,7 @@ messages: s.SearchStrategy[Message] = s.one_of(
         dataset=datasets,
         sop_classes=s.lists(uids, max_size=5).map(tuple),
         transfer_syntaxes=s.lists(uids, max_size=5).map(tuple),
+        estimate=s.booleans(),
     ),
     s.builds(Instance, sop_class=uids, sop_instance=uids, transfer_syntax=uids, dataset=datasets),
     s.builds(
