@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
@@ -43,6 +44,10 @@ from relay.streams import ByteStream, StreamReset
 log = logging.getLogger(__name__)
 
 RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
+_AUDIT_KEYS = (
+    "QueryRetrieveLevel", "PatientID", "AccessionNumber",
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+)  # fmt: skip
 _OFFLOAD = 64 * 1024  # bodies at least this big are encoded on a worker thread
 
 
@@ -58,6 +63,24 @@ class OperationSummary:
     calling_ae: str = ""
     cancelled: bool = False
     request: Request | None = None
+
+    def keys(self) -> dict[str, str]:
+        """What the request was about, for the audit trail (PS3.15): level and UIDs.
+
+        Patient identifiers appear here; they belong in the agent's audit log only.
+        """
+        req = self.request
+        if req is None:
+            return {}
+        if req.op == "store":
+            return {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_instance}
+        if req.op == "echo" or not req.dataset:
+            return {}
+        try:
+            ds = rawds.decode_dataset(req.dataset, req.transfer_syntax)
+            return {kw: str(ds.get(kw, ""))[:1024] for kw in _AUDIT_KEYS if ds.get(kw)}
+        except Exception:
+            return {}
 
 
 async def serve_dicom_stream(

@@ -158,6 +158,7 @@ async def test_get_announces_counts_then_streams_the_pacs_bytes(pacs: EmbeddedPa
     final = final_of(msgs)
     assert (final.status, final.completed, final.failed) == (0, 5, 0)
     assert (summary.op, summary.status, summary.instances) == ("get", 0, 5)
+    assert summary.keys() == {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": CT_STUDY}
     assert stats.instances == 5 and stats.operations[("get", "success")] == 1
     assert stats.raw_bytes["out"] > stats.wire_bytes["out"] > 0  # zstd did something
 
@@ -248,6 +249,7 @@ async def test_store_upload_reaches_the_pacs(pacs: EmbeddedPacs) -> None:
     assert msgs == [FinalResponse(0)]
     assert pacs.instance_bytes(new.sop_instance) == new.data
     assert summary.op == "store"
+    assert summary.keys()["SOPInstanceUID"] == new.sop_instance
 
 
 async def test_malformed_upload_is_refused_before_the_pacs(pacs: EmbeddedPacs) -> None:
