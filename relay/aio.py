@@ -243,6 +243,7 @@ class Link(asyncio.Protocol):
         self._timer_at: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol
 
@@ -327,6 +328,7 @@ class Link(asyncio.Protocol):
         """Goaway then close the transport once what is queued is written."""
         with contextlib.suppress(LinkClosedError):
             self.goaway(code, reason)
+        self._flush_now()  # the goaway goes out before the close
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         elif self.transport is None:
@@ -342,6 +344,17 @@ class Link(asyncio.Protocol):
         return await asyncio.shield(self.closed)
 
     def flush(self) -> None:
+        """Write what the core has queued, once per loop iteration.
+
+        Splicing calls this per frame and per acknowledgement; coalescing makes that one
+        `transport.write` (one TLS record batch, one send(2)) per link per iteration.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         transport = self.transport
         if transport is None or self._prestart is not None:
             return

@@ -15,6 +15,7 @@ from relay.backoff import ExponentialBackoff
 from relay.config import Address
 from relay.dialer import DialError, KeptLink, dial
 from relay.proto import ErrorCode, LinkSettings
+from relay.revocation import KIND_REVOKE, encode_revocations
 
 SETTINGS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
 
@@ -52,7 +53,10 @@ async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> Non
         )
         assert link.peer.role == "gateway"
         await wait_until(lambda: len(gw.server.links.agents) == 1)
-        assert gw.server.router.sites() == ["main"]
+        assert gw.server.router.sites() == []  # not routed before its revocation snapshot
+        for body in encode_revocations((), full=True):
+            link.send_control(KIND_REVOKE, body)
+        await wait_until(lambda: gw.server.router.sites() == ["main"])
         link.close()
         await asyncio.wait_for(link.wait_closed(), WAIT)
 

@@ -37,6 +37,7 @@ from relay.dialer import dial
 from relay.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
 from relay.identity import Identity, identity_from_certificate
 from relay.proto import ErrorCode, LinkSettings
+from relay.revocation import KIND_REVOKE, encode_revocations
 
 WAIT = 10.0
 
@@ -317,6 +318,8 @@ async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], Non
         timeout=WAIT,
         on_stream=on_stream,
     )
+    for body in encode_revocations((), full=True):  # as a real agent does on link-up
+        link.send_control(KIND_REVOKE, body)
     try:
         yield link
     finally:
@@ -362,6 +365,10 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
             # No agent linked yet: the gateway has no route for the site.
             await expect_error(code, tmp_path / "early", "no link to the agent")
             async with agent_link(site, gateway.port, on_stream):
+                for _ in range(500):
+                    if gateway.server.router.sites() == ["main"]:
+                        break
+                    await asyncio.sleep(0.01)
                 cert_path = await enroll(code, tmp_path / "out", timeout=WAIT)
                 outcome = await asyncio.wait_for(tasks[0], WAIT)
             assert outcome.ok

@@ -113,7 +113,9 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
 
     async with running_gateway(site, tmp_path) as gateway:
         agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
-        async with link_to(gateway.port, agent_ctx, tls.ALPN_AGENT, on_stream=on_stream):
+        async with link_to(gateway.port, agent_ctx, tls.ALPN_AGENT, on_stream=on_stream) as agent:
+            for body in authority.revocation_snapshot():  # as the agent does on link-up
+                agent.send_control("revoke", body)
             token_id, secret = authority.registry.create_token("ws1", timedelta(hours=1), utcnow())
             code = EnrollmentCode(
                 Address(HOST, gateway.port),
