@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, cast
 
+from relay.agent.audit import AuditSettings, read_audit_settings
 from relay.config import (
     RESERVED_SERVICE_NAMES,
     Address,
@@ -27,6 +28,7 @@ from relay.config import (
 )
 
 __all__ = [
+    "DEFAULT_DEVICE_LIFETIME",
     "DEFAULT_MOVE_LISTEN",
     "AgentConfig",
     "PacsConfig",
@@ -36,6 +38,13 @@ __all__ = [
 ]
 
 Retrieve = Literal["get", "move"]
+
+
+# Device certificates issued at enrollment and renewal (DESIGN section 2: short-lived).
+DEFAULT_DEVICE_LIFETIME = 30 * 86400.0
+# Seconds-long lifetimes exist for tests of renewal; a year is the longest we issue.
+MIN_DEVICE_LIFETIME = 1.0
+MAX_DEVICE_LIFETIME = 366 * 86400.0
 
 
 # Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
@@ -82,10 +91,12 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class PkiFiles:
-    """The site CA that signs device certificates (its key never leaves the agent)."""
+    """The site CA that signs device certificates (its key never leaves the agent), and
+    the lifetime of the certificates it issues (seconds; renewed at two thirds)."""
 
     ca_cert: Path
     ca_key: Path
+    device_lifetime: float = DEFAULT_DEVICE_LIFETIME
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ class AgentConfig:
     compression_level: int = 3
     drain_grace: float = 30.0
     log_level: str = "info"
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
 
 def _read_pacs(r: Reader) -> PacsConfig | None:
@@ -168,6 +180,12 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
         pki = PkiFiles(
             ca_cert=pki_section.existing_file("ca_cert"),
             ca_key=pki_section.existing_file("ca_key"),
+            device_lifetime=pki_section.duration(
+                "device_lifetime",
+                DEFAULT_DEVICE_LIFETIME,
+                lo=MIN_DEVICE_LIFETIME,
+                hi=MAX_DEVICE_LIFETIME,
+            ),
         )
     config = AgentConfig(
         path=Path(os.path.abspath(path)),
@@ -185,6 +203,7 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
         compression_level=r.integer("compression_level", 3, lo=1, hi=19),
         drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
         log_level=read_log_level(r),
+        audit=read_audit_settings(r),
     )
     r.done()
     return config
