@@ -6,6 +6,13 @@ e.g. the pods of a Kubernetes headless Service), re-resolving every `resolve_int
 to add links for new addresses and drain those of vanished ones. Streams arriving on
 any link go to one `StreamDispatcher`.
 
+Device trust (docs/ENROLLMENT.md section 8): every new gateway link first carries the
+site's full revocation list (empty without `pki:`), because a gateway routes nothing to
+a link before it has that list. With `pki:`, a `DeviceAuthority` serves the `enroll`
+and `renew` stream targets, records each device's last-seen time, pushes revocations
+made by `relay device revoke` to every live link, and audits the refusals gateways
+report (optionally copying the audit trail to syslog over TLS).
+
 SIGTERM/SIGINT: goaway on every link (no new streams), wait for streams in flight up to
 `drain_grace`, close, exit 0.
 """
@@ -15,33 +22,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+from relay import pki
 from relay.admin import AdminServer
+from relay.agent.authority import DeviceAuthority
 from relay.agent.config import AgentConfig, load_agent_config
-from relay.agent.streams import StreamDispatcher, TargetHandler
-from relay.aio import Stream, link_settings
+from relay.agent.registry import RegistryError
+from relay.agent.streams import HEADER_DEVICE, StreamDispatcher, TargetHandler
+from relay.agent.syslog import SyslogSender
+from relay.agent.syslog import client_context as syslog_context
+from relay.aio import Link, Stream, link_settings
 from relay.backoff import ExponentialBackoff, Uniform
-from relay.config import Address
+from relay.config import Address, ConfigError
 from relay.dialer import KeptLink
 from relay.endmetrics import EndMetrics, Sources
 from relay.logs import setup_logging
-from relay.proto import ErrorCode
+from relay.proto import ErrorCode, LinkClosedError
+from relay.revocation import (
+    KIND_REFUSAL,
+    KIND_REVOKE,
+    RevocationError,
+    decode_refusal,
+    encode_revocations,
+)
 from relay.runtime import run_loop
 from relay.tls import ALPN_AGENT, client_context
 
-__all__ = ["Agent", "Resolver", "default_handlers", "resolve_all", "run", "run_agent"]
+__all__ = [
+    "Agent",
+    "Resolver",
+    "default_handlers",
+    "open_authority",
+    "resolve_all",
+    "run",
+    "run_agent",
+]
 
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 TARGET_DICOM = "dicom"
+TARGET_ENROLL = "enroll"
+TARGET_RENEW = "renew"
 RETIRE_POLL = 0.1
+REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
 
 
 async def resolve_all(host: str, port: int) -> list[str]:
@@ -75,12 +107,18 @@ class Agent:
         resolver: Resolver = resolve_all,
         rng: Uniform | None = None,
         metrics: EndMetrics | None = None,
+        authority: DeviceAuthority | None = None,
     ) -> None:
         self.config = config
         self.ctx = client_context(config.tls.cert, config.tls.key, config.tls.ca, alpn=ALPN_AGENT)
         self.settings = link_settings(config.limits)
+        self.authority = authority
+        targets = dict(handlers or {})
+        if authority is not None:
+            targets[TARGET_ENROLL] = authority.serve_enroll
+            targets[TARGET_RENEW] = authority.serve_renew
         self.dispatcher = StreamDispatcher(
-            config.services, handlers=handlers, compression_level=config.compression_level
+            config.services, handlers=targets, compression_level=config.compression_level
         )
         self.links: dict[_Key, KeptLink] = {}
         self.resolver = resolver
@@ -89,7 +127,9 @@ class Agent:
         self.resolve_failures = 0
         self._resolve_retry = ExponentialBackoff(1.0, config.resolve_interval, rng=rng)
         self._resolve_task: asyncio.Task[None] | None = None
+        self._push_task: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.refusals_reported = 0  # "refusal" reports received from gateways
         stats = self.dispatcher.stats
         self.metrics = metrics or _agent_metrics(config)
         self.metrics.collector.sources = Sources(
@@ -120,9 +160,16 @@ class Agent:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Resolve once (links start dialling at once), then keep re-resolving."""
+        """Resolve once (links start dialling at once), then keep re-resolving; with a
+        DeviceAuthority, also push new revocations to every link."""
+        loop = asyncio.get_running_loop()
+        if self.authority is not None and self._push_task is None:
+            self._push_task = loop.create_task(
+                self.authority.run_revocation_push(self.send_revocations, REVOCATION_POLL),
+                name="revocation push",
+            )
         ok = await self.resolve()
-        self._resolve_task = asyncio.get_running_loop().create_task(self._resolve_loop(ok))
+        self._resolve_task = loop.create_task(self._resolve_loop(ok))
 
     async def _resolve_loop(self, ok: bool) -> None:
         while True:
@@ -180,6 +227,7 @@ class Agent:
             backoff=ExponentialBackoff.from_config(self.config.reconnect, rng=self.rng),
             server_hostname=hostname,
             on_stream=self._on_stream,
+            on_up=self._on_link_up,
         )
         self.links[key] = kept
         kept.start()
@@ -205,15 +253,88 @@ class Agent:
             await kept.close()
 
     def _on_stream(self, stream: Stream) -> None:
+        device = stream.headers.get(HEADER_DEVICE)
+        if device and self.authority is not None:
+            self.authority.touch(device)  # one SQLite write a minute per device at most
         self.dispatcher.on_stream(stream)
+
+    # -- device trust on the links
+
+    def revocation_snapshot(self) -> list[bytes]:
+        """The full "revoke" list for a new link: the registry's, or an empty one."""
+        if self.authority is not None:
+            return self.authority.revocation_snapshot()
+        return encode_revocations([], full=True)
+
+    def _on_link_up(self, link: Link) -> None:
+        """First thing on a new gateway link: the full revocation list. The gateway routes
+        this site's devices to the link only once it has it."""
+        # Set here, not at dial: this callback knows which link (and gateway) it is. The
+        # gateway sends controls only to links it routes, i.e. after our snapshot.
+        link.on_control = functools.partial(self._on_control, link)
+        try:
+            bodies = self.revocation_snapshot()
+        except (RegistryError, RevocationError) as exc:
+            # Without the list the gateway would never route to us; closing makes the
+            # link retry (with backoff) until the registry is readable again.
+            log.error(
+                "cannot read the revocation list; closing the link",
+                extra={"link": link.name, "error": str(exc)},
+            )
+            link.close(ErrorCode.INTERNAL_ERROR, "revocation list unavailable")
+            return
+        with contextlib.suppress(LinkClosedError):
+            for body in bodies:
+                link.send_control(KIND_REVOKE, body)
+
+    def send_revocations(self, bodies: list[bytes]) -> None:
+        """Send incremental "revoke" bodies on every live gateway link."""
+        sent = 0
+        for kept in list(self.links.values()):
+            for link in list(kept.links):
+                try:
+                    for body in bodies:
+                        link.send_control(KIND_REVOKE, body)
+                except (LinkClosedError, ValueError):
+                    continue  # closing: its replacement starts with a full snapshot
+                sent += 1
+        log.info("revocations pushed", extra={"messages": len(bodies), "links": sent})
+
+    def _on_control(self, link: Link, kind: str, body: bytes) -> None:
+        if kind != KIND_REFUSAL:
+            log.debug("unknown control message ignored", extra={"kind": kind[:64]})
+            return
+        self.refusals_reported += 1
+        reporter = str(link.peer) if link.peer is not None else link.name
+        if self.authority is not None:
+            self.authority.record_refusal(body, reporter=reporter)
+            return
+        try:  # no audit trail without pki: at least the log says who was refused
+            refusal = decode_refusal(body)
+        except RevocationError as exc:
+            log.warning("malformed refusal report", extra={"error": str(exc)})
+            return
+        log.warning(
+            "a gateway refused a link of this site",
+            extra={
+                "gateway": reporter,
+                "reason": refusal.reason,
+                "identity": refusal.identity,
+                "peer": refusal.peer,
+                "suppressed": refusal.suppressed,
+            },
+        )
+
+    # -- shutdown
 
     async def shutdown(self, grace: float) -> None:
         """Goaway everywhere, let streams finish within `grace`, close every link."""
-        if self._resolve_task is not None:
-            self._resolve_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resolve_task
-            self._resolve_task = None
+        for task in (self._resolve_task, self._push_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._resolve_task = self._push_task = None
         log.info("agent draining", extra={"links": len(self.links), "grace_s": grace})
         for kept in self.links.values():
             kept.goaway(ErrorCode.SHUTDOWN, "agent shutting down")
@@ -280,15 +401,19 @@ async def run_agent(
 ) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `config.drain_grace`.
 
-    `handlers` replaces the default target handlers (DICOM when `pacs:` is set).
+    `handlers` replaces the default target handlers (DICOM when `pacs:` is set); with
+    `pki:` the `enroll` and `renew` targets are added to them.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
+        authority = await stack.enter_async_context(open_authority(config))
         metrics = _agent_metrics(config)
         if handlers is None:
             handlers = await stack.enter_async_context(default_handlers(config, metrics))
-        agent = Agent(config, handlers=handlers, resolver=resolver, metrics=metrics)
+        agent = Agent(
+            config, handlers=handlers, resolver=resolver, metrics=metrics, authority=authority
+        )
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -310,6 +435,59 @@ async def run_agent(
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
             await agent.shutdown(config.drain_grace)
+
+
+@contextlib.asynccontextmanager
+async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority | None]:
+    """The DeviceAuthority of `pki:` (None without it), with its optional syslog copy.
+
+    A CA pair that does not load or match, or a state_dir that cannot be used, is a
+    ConfigError naming the file and key. Closes the registry, then flushes syslog.
+    """
+    if config.pki is None:
+        if config.audit.syslog is not None:
+            log.warning("audit.syslog is set but pki: is not; this agent writes no audit events")
+        yield None
+        return
+    sender: SyslogSender | None = None
+    syslog = config.audit.syslog
+    if syslog is not None:
+        try:
+            ctx = syslog_context(syslog.ca, syslog.cert, syslog.key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(config.path, "audit.syslog", str(exc)) from None
+        sender = SyslogSender(syslog.address, ctx, queue_size=syslog.queue)
+    try:
+        authority = DeviceAuthority.open(
+            site=config.site,
+            state_dir=config.state_dir,
+            ca_cert=config.pki.ca_cert,
+            ca_key=config.pki.ca_key,
+            lifetime=timedelta(seconds=config.pki.device_lifetime),
+            audit_settings=config.audit,
+            audit_sink=sender,
+        )
+    except pki.PkiError as exc:
+        raise ConfigError(config.path, "pki", str(exc)) from None
+    except RegistryError as exc:
+        raise ConfigError(config.path, "state_dir", str(exc)) from None
+    if sender is not None:
+        sender.start()
+    log.info(
+        "device authority ready",
+        extra={
+            "site": config.site,
+            "state_dir": str(config.state_dir),
+            "device_lifetime_s": config.pki.device_lifetime,
+            "syslog": str(syslog.address) if syslog is not None else "",
+        },
+    )
+    try:
+        yield authority
+    finally:
+        authority.close()
+        if sender is not None:
+            await sender.close()
 
 
 def _agent_metrics(config: AgentConfig) -> EndMetrics:
