@@ -4,6 +4,11 @@ The link is supervised (relay.dialer.KeptLink: reconnects with jittered backoff)
 `Tunnel` opens streams over it for the port forwards and, when `dicom:` is configured,
 the local DICOM node. SIGTERM/SIGINT: stop accepting local connections, goaway, let
 open ones finish within `drain_grace`, close, exit 0.
+
+The device certificate renews itself over the live link once two thirds of its
+lifetime have passed (relay.renewal). The link is kept: the new identity is handed to
+the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
+crash interrupted is completed before the identity is loaded.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from relay.dialer import KeptLink
 from relay.endmetrics import EndMetrics, Sources
 from relay.identity import identity_from_certificate
 from relay.logs import setup_logging
-from relay.pki import load_cert
+from relay.pki import PkiError, load_cert
 from relay.proto import ErrorCode
+from relay.renewal import OpenStream, complete_pending_renewal, renewal_loop
 from relay.runtime import run_loop
-from relay.tls import ALPN_DEVICE, client_context
+from relay.tls import ALPN_DEVICE, TlsConfigError, client_context
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
@@ -43,6 +49,12 @@ class Workstation:
 
     def __init__(self, config: WorkstationConfig, *, rng: Uniform | None = None) -> None:
         self.config = config
+        try:
+            finished = complete_pending_renewal(config.identity_dir)
+        except OSError as exc:
+            raise ConfigError(config.path, "identity_dir", f"{exc.strerror or exc}") from None
+        if finished is not None:
+            log.warning("an interrupted certificate renewal was " + finished)
         files = config.identity_files()
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
         self.kept = KeptLink(
@@ -54,6 +66,9 @@ class Workstation:
             backoff=ExponentialBackoff.from_config(config.reconnect, rng=rng),
         )
         self.tunnel = Tunnel(self.kept, rng=rng)
+        self.renewals = 0
+        self.renewal_failures = 0
+        self._renewal_task: asyncio.Task[None] | None = None
         self.forwarder = Forwarder(self.tunnel, config.forward, compression_level=COMPRESSION_LEVEL)
         stats = self.forwarder.stats
         self.metrics = EndMetrics(
@@ -83,9 +98,51 @@ class Workstation:
         except ForwardListenError as exc:
             raise ConfigError(self.config.path, f'forward."{exc.address}"', str(exc)) from None
         self.kept.start()
+        if self._renewal_task is None:
+            self._renewal_task = asyncio.get_running_loop().create_task(
+                renewal_loop(
+                    self._current_opener,
+                    self.config.identity_dir,
+                    on_renewed=self._renewed,
+                    on_error=self._renewal_failed,
+                ),
+                name="certificate renewal",
+            )
+
+    # -- renewal
+
+    def _current_opener(self) -> OpenStream | None:
+        """Renewal rides the live link (the gateway vouches for our identity on it)."""
+        link = self.kept.link
+        if link is None or not self.kept.up.is_set() or link.is_closing:
+            return None
+        return link.open_stream
+
+    def _renewed(self) -> None:
+        """New files are in place: the next dial presents them; the live link stays."""
+        self.renewals += 1
+        files = self.config.identity_files()
+        try:
+            ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+        except (TlsConfigError, PkiError, OSError, ValueError) as exc:
+            # The files were checked before they were installed; keep dialling with the
+            # old context (still valid for a third of its lifetime) and say so.
+            self.renewal_failures += 1
+            log.error("cannot load the renewed identity", extra={"error": str(exc)})
+            return
+        self.ctx = ctx
+        self.kept.ctx = ctx
+
+    def _renewal_failed(self, message: str) -> None:
+        self.renewal_failures += 1
 
     async def shutdown(self, grace: float) -> None:
         log.info("workstation draining", extra={"grace_s": grace})
+        if self._renewal_task is not None:
+            self._renewal_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal_task
+            self._renewal_task = None
         await self.forwarder.stop_accepting()
         self.kept.goaway(ErrorCode.SHUTDOWN, "workstation shutting down")
         await self.forwarder.drain(grace)
