@@ -59,6 +59,33 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
     return run(Path(args.config))
 
 
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from relay.agent.admin_cli import token_create
+
+    return token_create(Path(args.config), args.device, args.ttl, args.gateway)
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from relay.enroll import run_enroll
+
+    code: str = args.code
+    if code == "-":  # from stdin: keeps the secret out of the process list and history
+        code = sys.stdin.readline().strip()
+    return run_enroll(code, Path(args.dir), device=args.device)
+
+
+def _cmd_device_list(args: argparse.Namespace) -> int:
+    from relay.agent.admin_cli import device_list
+
+    return device_list(Path(args.config), as_json=args.json)
+
+
+def _cmd_device_revoke(args: argparse.Namespace) -> int:
+    from relay.agent.admin_cli import device_revoke
+
+    return device_revoke(Path(args.config), args.name)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run
 
@@ -99,6 +126,44 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(role, help=f"run the {role}")
         cmd.add_argument("--config", required=True)
         cmd.set_defaults(func=func)
+
+    token = sub.add_parser("token", help="one-time enrollment codes (on the agent's machine)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser(
+        "create", help="print a one-time enrollment code for a device, alone on stdout"
+    )
+    create.add_argument("--config", required=True, help="the agent's config file")
+    create.add_argument("--device", required=True, help="the device name the code is for")
+    create.add_argument("--ttl", default="24h", help="how long the code stays valid (default 24h)")
+    create.add_argument(
+        "--gateway",
+        metavar="HOST:PORT",
+        help="the gateway address PCs dial (default: the agent's first gateways entry)",
+    )
+    create.set_defaults(func=_cmd_token_create)
+
+    enroll = sub.add_parser("enroll", help="enroll this PC with a code from IT")
+    enroll.add_argument(
+        "code", metavar="CODE", help="the enrollment code, or - to read it from stdin"
+    )
+    enroll.add_argument(
+        "--dir", required=True, help="where to write device.crt, device.key and ca.crt"
+    )
+    enroll.add_argument("--device", help="the device name (default: the one in the code)")
+    enroll.set_defaults(func=_cmd_enroll)
+
+    device = sub.add_parser("device", help="list or revoke enrolled devices")
+    device_sub = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    listing = device_sub.add_parser("list", help="the agent's device registry")
+    listing.add_argument("--config", required=True, help="the agent's config file")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(func=_cmd_device_list)
+    revoke = device_sub.add_parser(
+        "revoke", help="revoke a device for good; the agent closes its links everywhere"
+    )
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("--config", required=True, help="the agent's config file")
+    revoke.set_defaults(func=_cmd_device_revoke)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")
     demo.add_argument("--dir", help="where to keep the demo's certificates and configs")
