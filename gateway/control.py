@@ -97,16 +97,16 @@ class RefusalReporter:
         self.suppressed: dict[str, int] = {}
 
     def report(self, reason: str, identity: Identity | None, peer: str, now: float) -> None:
+        """To the agents of the identity's site; without an identity (an enrollment
+        attempt turned away before it named a site), to every agent."""
         site = identity.site if identity is not None else None
-        if site is None or identity is None:
+        key = site or "*"
+        if not self.limiter.allow(key, now):
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
             return
-        if not self.limiter.allow(site, now):
-            self.suppressed[site] = self.suppressed.get(site, 0) + 1
-            return
+        uri = identity.uri if identity is not None else ""
         try:
-            body = encode_refusal(
-                Refusal(reason, identity.uri, peer[:64], self.suppressed.pop(site, 0))
-            )
+            body = encode_refusal(Refusal(reason, uri, peer[:64], self.suppressed.pop(key, 0)))
         except RevocationError:
             return
         for link in self.router.agent_links(site):

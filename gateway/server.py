@@ -172,9 +172,11 @@ class GatewayServer:
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if alpn == ALPN_ENROLL:
             host = peer.rsplit(":", 1)[0]
-            if not self.enrollment.admit(host, asyncio.get_running_loop().time()):
+            now = asyncio.get_running_loop().time()
+            if not self.enrollment.admit(host, now):
                 transport.abort()
                 self._refused("rate_limited", peer)
+                self.refusal_reporter.report("rate_limited", None, peer, now)
                 return
             self.enrollment.attach(link, host)
             return

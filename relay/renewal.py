@@ -280,6 +280,9 @@ def _check_renewed(
         raise RenewalError("the renewed certificate ends before the current one")
 
 
+MIN_RETRY = 1.0  # seconds between failed renewal attempts, at least
+
+
 async def renewal_loop(
     current_opener: Callable[[], OpenStream | None],
     identity_dir: Path,
@@ -318,7 +321,9 @@ async def renewal_loop(
         if wait > 0:
             await sleep(min(wait, max_sleep))
             continue
-        backoff = min(retry, max(0.05, (not_after - t).total_seconds() / 10))
+        # A tenth of what is left, but never below MIN_RETRY: an expired certificate
+        # (left < 0) must not make the loop spin while the gateway refuses the PC.
+        backoff = min(retry, max(MIN_RETRY, (not_after - t).total_seconds() / 10))
         opener = current_opener()
         if opener is None:
             await sleep(backoff)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from relay import pki
 from relay.admin import AdminServer
+from relay.agent.audit import AuditLog
 from relay.agent.authority import DeviceAuthority
 from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.registry import RegistryError
@@ -348,7 +349,9 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def default_handlers(
-    config: AgentConfig, metrics: EndMetrics | None = None
+    config: AgentConfig,
+    metrics: EndMetrics | None = None,
+    audit: AuditLog | None = None,
 ) -> AsyncIterator[dict[str, TargetHandler]]:
     """The handlers of non-TCP targets: `dicom` when a PACS is configured and the DICOM
     package is available. Owns their lifetime (e.g. the C-MOVE storage SCP)."""
@@ -369,8 +372,16 @@ async def default_handlers(
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     await dicom.start()
 
+    from relay.agent.dicom_audit import DicomAuditor
+
+    auditor = DicomAuditor(audit) if audit is not None else None
+
     async def serve_dicom(stream: Stream) -> None:
-        summary = await dicom.serve(stream)
+        device = stream.headers.get("x-relay-device", "")
+        begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
+        summary = await dicom.serve(stream, on_request=begin)
+        if auditor is not None:
+            auditor.end(device, summary)
         log.info(
             "dicom operation",
             extra={
@@ -410,7 +421,8 @@ async def run_agent(
         authority = await stack.enter_async_context(open_authority(config))
         metrics = _agent_metrics(config)
         if handlers is None:
-            handlers = await stack.enter_async_context(default_handlers(config, metrics))
+            audit = authority.audit if authority is not None else None
+            handlers = await stack.enter_async_context(default_handlers(config, metrics, audit))
         agent = Agent(
             config, handlers=handlers, resolver=resolver, metrics=metrics, authority=authority
         )

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.dicom import rawds
@@ -90,8 +91,13 @@ async def serve_dicom_stream(
     stats: DicomStats | None = None,
     limits: DicomLimits | None = None,
     move_receiver: MoveReceiver | None = None,
+    on_request: Callable[[OperationSummary], None] | None = None,
 ) -> OperationSummary:
-    """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done."""
+    """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
+
+    `on_request` sees the request as soon as it is read, before the PACS is contacted
+    (the audit trail's "transfer begins").
+    """
     stats = stats or NullStats()
     codec = MessageCodec(limits, level=pacs.compression_level, stats=stats)
     started = time.monotonic()
@@ -120,6 +126,8 @@ async def serve_dicom_stream(
     loop = asyncio.get_running_loop()
     out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
     op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver)
+    if on_request is not None:
+        on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
     thread.start()
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
@@ -243,11 +251,16 @@ class DicomAgent:
             await asyncio.to_thread(self.move_receiver.stop)
             self.move_receiver = None
 
-    async def serve(self, stream: ByteStream) -> OperationSummary:
+    async def serve(
+        self,
+        stream: ByteStream,
+        on_request: Callable[[OperationSummary], None] | None = None,
+    ) -> OperationSummary:
         return await serve_dicom_stream(
             stream,
             self.pacs,
             stats=self.stats,
             limits=self.limits,
             move_receiver=self.move_receiver,
+            on_request=on_request,
         )

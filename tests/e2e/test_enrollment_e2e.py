@@ -301,6 +301,14 @@ def test_too_many_attempts_from_one_address(site: Site, ws_ok: Enrolled) -> None
     one_line_refusal(done, RATE_LIMITED)
     assert site.gateway_metric("ga", "relay_enrollments", result="rate_limited") > limited
     assert site.gateway_metric("ga", "relay_refusals", reason="rate_limited") > refused
+    # The gateway reports the flood to the agents, which audit it (no site is known yet).
+    for _ in range(50):
+        refusals = [e for e in site.audit() if e["kind"] == "auth_refused"]
+        if any("rate_limited" in str(e) for e in refusals):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no auth_refused audit event for the rate-limited attempts")
 
 
 # --- 4. revocation --------------------------------------------------------------------
