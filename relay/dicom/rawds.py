@@ -50,6 +50,10 @@ class EncodedDataset(Dataset):
     """
 
     def __init__(self, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes):
+        # Without the hook pynetdicom would encode only the two UIDs below and the peer
+        # would store an empty instance with a success status: make sure it is in place
+        # in every process that sends one (the agent's C-STORE path had no other caller).
+        install()
         super().__init__()
         self.SOPClassUID = UID(sop_class)
         self.SOPInstanceUID = UID(sop_instance)
