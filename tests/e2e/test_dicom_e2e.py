@@ -1,0 +1,451 @@
+"""Issue 3 end to end: DCMTK against `relay workstation`, through real processes to a PACS.
+
+The chain is what runs in production: `relay gateway`, `relay agent` (with `pacs:`) and
+`relay workstation` (with `dicom:`) started from the CLI over real TLS on loopback; the
+PACS is relay.dicom's EmbeddedPacs in a process of its own, holding the demo's CT and MR
+studies. Every answer the viewer gets through the relay is compared with the answer of
+the same DCMTK tool asked of the PACS directly. storescp, which binds every address, runs
+in a network namespace and is reached through a forwarder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dicom_chain import (
+    HOST,
+    PACS_AE,
+    DicomChain,
+    NsForwarder,
+    PacsProcess,
+    dataset_bytes,
+    match_elements,
+    running_dicom_chain,
+)
+from interop.harness import DicomNode, NetNS, dcmtk, require_tools
+
+from relay.dicom import samples
+
+pytestmark = pytest.mark.interop
+
+TIMEOUT = 60.0  # seconds for one DCMTK run
+CT_PATIENT = samples.CT_STUDY.patient_id
+MR_PATIENT = samples.MR_STUDY.patient_id
+RSS_LIMIT_KB = 300 * 1024
+# At least 1 GiB of dataset bytes: SyntheticStudy.of_size estimates 2 KiB of header per
+# instance, a little more than it writes, so ask for some more.
+BIG_STUDY_BYTES = (1 << 30) + (8 << 20)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsProcess]:
+    require_tools("echoscu", "findscu", "getscu", "movescu", "storescu")
+    server = PacsProcess(tmp_path_factory.mktemp("pacs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def viewer() -> Iterator[NsForwarder]:
+    """The workstation's C-MOVE destination STORESCP: a forwarder to a storescp in a netns."""
+    forwarder = NsForwarder()
+    yield forwarder
+    forwarder.close()
+
+
+@pytest.fixture(scope="module")
+def chain(
+    pacs: PacsProcess, viewer: NsForwarder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DicomChain]:
+    c = DicomChain(
+        tmp_path_factory.mktemp("chain"), pacs.port, destinations={"STORESCP": viewer.port}
+    )
+    with running_dicom_chain(c):
+        yield c
+
+
+def direct(pacs: PacsProcess) -> DicomNode:
+    return DicomNode(HOST, pacs.port, PACS_AE)
+
+
+@pytest.fixture(scope="module")
+def uids(pacs: PacsProcess) -> dict[str, str]:
+    """CT and MR study UIDs, the MR series and one MR image, as the PACS reports them."""
+    found = dcmtk.findscu(direct(pacs), "STUDY", {"PatientID": ""}, timeout=TIMEOUT)
+    by_patient = dict(zip(found.values("PatientID"), found.values("StudyInstanceUID"), strict=True))
+    series = dcmtk.findscu(
+        direct(pacs), "SERIES", {"StudyInstanceUID": by_patient[MR_PATIENT]}, timeout=TIMEOUT
+    ).values("SeriesInstanceUID")
+    images = dcmtk.findscu(
+        direct(pacs),
+        "IMAGE",
+        {"StudyInstanceUID": by_patient[MR_PATIENT], "SeriesInstanceUID": series[0]},
+        timeout=TIMEOUT,
+    ).values("SOPInstanceUID")
+    return {
+        "CT": by_patient[CT_PATIENT],
+        "MR": by_patient[MR_PATIENT],
+        "MR_SERIES": series[0],
+        "MR_IMAGE": sorted(images)[0],
+    }
+
+
+def fill(keys: dict[str, str], uids: dict[str, str]) -> dict[str, str]:
+    return {k: uids.get(v, v) for k, v in keys.items()}
+
+
+def wait_for(predicate: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_echoscu_reaches_the_pacs(chain: DicomChain, pacs: PacsProcess) -> None:
+    before = pacs.events().get("echoes", 0)
+    result = dcmtk.echoscu(chain.node, timeout=TIMEOUT)
+    assert result.ok and result.status == "Success"
+    assert wait_for(lambda: pacs.events().get("echoes", 0) > before)
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys"),
+    [
+        ("study", "STUDY", {"PatientName": "", "PatientID": "", "StudyDate": "",
+                            "StudyDescription": "", "AccessionNumber": "",
+                            "ModalitiesInStudy": "", "NumberOfStudyRelatedInstances": ""}),
+        ("patient", "PATIENT", {"PatientName": "", "PatientBirthDate": "", "PatientSex": ""}),
+        ("patient", "STUDY", {"PatientID": MR_PATIENT, "StudyDescription": ""}),
+        ("study", "STUDY", {"PatientName": "DOE*", "StudyDate": "20240101-20240131"}),
+        ("study", "SERIES", {"StudyInstanceUID": "CT", "Modality": "", "SeriesNumber": "",
+                             "NumberOfSeriesRelatedInstances": ""}),
+        ("study", "IMAGE", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES",
+                            "InstanceNumber": "", "SOPClassUID": ""}),
+    ],
+    ids=["study", "patient-root", "patient-root-study", "wildcard-range", "series", "image"],
+)  # fmt: skip
+def test_findscu_equals_a_direct_query(  # noqa: PLR0917
+    chain: DicomChain,
+    pacs: PacsProcess,
+    uids: dict[str, str],
+    model: dcmtk.Model,
+    level: dcmtk.Level,
+    keys: dict[str, str],
+) -> None:
+    keys = fill(keys, uids)
+    relayed = dcmtk.findscu(chain.node, level, keys, model=model, timeout=TIMEOUT)
+    straight = dcmtk.findscu(direct(pacs), level, keys, model=model, timeout=TIMEOUT)
+    assert relayed.status == straight.status == "Success"
+    assert len(relayed.matches) == len(straight.matches) > 0
+    assert sorted(map(match_elements, relayed.matches)) == sorted(
+        map(match_elements, straight.matches)
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys", "count"),
+    [
+        ("study", "STUDY", {"StudyInstanceUID": "CT"}, 40),
+        ("study", "SERIES", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES"}, 24),
+        ("study", "IMAGE", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES",
+                            "SOPInstanceUID": "MR_IMAGE"}, 1),
+        ("patient", "PATIENT", {"PatientID": CT_PATIENT}, 40),
+    ],
+    ids=["study", "series", "image", "patient-root"],
+)  # fmt: skip
+def test_getscu_receives_the_pacs_bytes(  # noqa: PLR0917
+    chain: DicomChain,
+    pacs: PacsProcess,
+    uids: dict[str, str],
+    tmp_path: Path,
+    model: dcmtk.Model,
+    level: dcmtk.Level,
+    keys: dict[str, str],
+    count: int,
+) -> None:
+    keys = fill(keys, uids)
+    got = dcmtk.getscu(chain.node, tmp_path / "relay", level, keys, model=model,
+                       extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    want = dcmtk.getscu(direct(pacs), tmp_path / "direct", level, keys, model=model,
+                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    assert got.status == "Success"
+    assert got.suboperations.get("Completed") == want.suboperations.get("Completed") == count
+    assert got.suboperations.get("Failed") == 0
+    assert len(got.files) == count
+    assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
+
+
+def test_retrievals_are_compressed_between_the_ends(
+    chain: DicomChain, uids: dict[str, str], tmp_path: Path
+) -> None:
+    """The agent sends zstd; the workstation hands the viewer the raw bytes."""
+    sent = 'direction="sent",stage="{}"'
+    before = chain.metric("agent", "relay_bytes_total", sent.format("raw"))
+    dcmtk.getscu(chain.node, tmp_path / "g", "STUDY", {"StudyInstanceUID": uids["CT"]},
+                 timeout=TIMEOUT)  # fmt: skip
+    raw = chain.metric("agent", "relay_bytes_total", sent.format("raw"))
+    wire = chain.metric("agent", "relay_bytes_total", sent.format("compressed"))
+    received = chain.metric("ws", "relay_bytes_total", 'direction="received",stage="raw"')
+    assert raw - before > 40 * 512 * 512 * 2
+    assert 0 < wire < raw
+    assert received >= raw - before
+
+
+def test_movescu_delivers_to_the_configured_destination(
+    chain: DicomChain,
+    pacs: PacsProcess,
+    viewer: NsForwarder,
+    uids: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    keys = {"StudyInstanceUID": uids["MR"]}
+    with (
+        NetNS() as ns,
+        dcmtk.storescp(tmp_path / "dest", ns=ns, ae_title="STORESCP", extra_args=["+B"]) as scp,
+    ):
+        viewer.target(ns, scp.port)
+        try:
+            result = dcmtk.movescu(chain.node, "STORESCP", "STUDY", keys, timeout=TIMEOUT)
+            files = scp.wait_for_files(24, timeout=30)
+        finally:
+            viewer.target(None, None)
+    want = dcmtk.getscu(direct(pacs), tmp_path / "direct", "STUDY", keys, extra_args=["+B"],
+                        timeout=TIMEOUT)  # fmt: skip
+    assert result.ok and result.status == "Success"
+    assert len(files) == 24
+    assert sorted(map(dataset_bytes, files)) == sorted(map(dataset_bytes, want.files))
+
+
+def test_movescu_to_an_unknown_destination_is_a801(chain: DicomChain, uids: dict[str, str]) -> None:
+    result = dcmtk.movescu(chain.node, "NOSUCHAE", "STUDY", {"StudyInstanceUID": uids["MR"]},
+                           timeout=TIMEOUT, check=False)  # fmt: skip
+    assert not result.ok
+    assert "MoveDestinationUnknown" in (result.status or "") or "a801" in result.output.lower()
+
+
+def test_unknown_study_matches_and_retrieves_nothing(chain: DicomChain, tmp_path: Path) -> None:
+    keys = {"StudyInstanceUID": "1.2.826.0.1.3680043.10.1341.999.1"}
+    found = dcmtk.findscu(chain.node, "STUDY", keys, timeout=TIMEOUT)
+    got = dcmtk.getscu(chain.node, tmp_path / "g", "STUDY", keys, timeout=TIMEOUT, check=False)
+    assert found.status == "Success" and found.matches == ()
+    assert got.files == ()
+    assert got.suboperations.get("Completed", 0) == 0
+    assert got.status is not None and not got.status.startswith("Pending")
+
+
+def test_storescu_upload_lands_in_the_pacs(
+    chain: DicomChain, pacs: PacsProcess, tmp_path: Path
+) -> None:
+    spec = samples.StudySpec(patient_name="UPLOAD^KEY^IMAGES", patient_id="RELAYUP01")
+    new = samples.make_study(3, spec=spec, rows=64, cols=64, seed=4242)
+    paths = []
+    for i, inst in enumerate(new):
+        path = tmp_path / "up" / f"{i}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(inst.file_bytes())
+        paths.append(path)
+    stores_before = pacs.events().get("stores", 0)
+    result = dcmtk.storescu(chain.node, paths, timeout=TIMEOUT)
+    assert result.ok
+    found = dcmtk.findscu(direct(pacs), "STUDY", {"PatientID": "RELAYUP01"}, timeout=TIMEOUT)
+    assert len(found.matches) == 1
+    study = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+    back = dcmtk.getscu(direct(pacs), tmp_path / "back", "STUDY", study, extra_args=["+B"],
+                        timeout=TIMEOUT)  # fmt: skip
+    assert sorted(map(dataset_bytes, back.files)) == sorted(inst.data for inst in new)
+    assert wait_for(lambda: pacs.events().get("stores", 0) >= stores_before + 3)
+
+
+# -- bad cases, each on a chain of its own ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsProcess]:
+    """The demo studies again, 50 ms per sent instance: operations last long enough to
+    interrupt them."""
+    require_tools("echoscu", "getscu", "movescu")
+    server = PacsProcess(tmp_path_factory.mktemp("slow-pacs"), send_delay=0.05).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_viewer() -> Iterator[NsForwarder]:
+    forwarder = NsForwarder()
+    yield forwarder
+    forwarder.close()
+
+
+@pytest.fixture(scope="module")
+def slow_chain(
+    slow_pacs: PacsProcess, slow_viewer: NsForwarder, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DicomChain]:
+    c = DicomChain(
+        tmp_path_factory.mktemp("slow-chain"),
+        slow_pacs.port,
+        destinations={"STORESCP": slow_viewer.port},
+    )
+    with running_dicom_chain(c):
+        yield c
+
+
+def test_viewer_cancel_cancels_at_the_pacs(
+    slow_chain: DicomChain, slow_pacs: PacsProcess, slow_viewer: NsForwarder, tmp_path: Path
+) -> None:
+    found = dcmtk.findscu(direct(slow_pacs), "STUDY", {"PatientID": MR_PATIENT}, timeout=TIMEOUT)
+    keys = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+    before = slow_pacs.events()
+    with (
+        NetNS() as ns,
+        dcmtk.storescp(tmp_path / "dest", ns=ns, ae_title="STORESCP") as scp,
+    ):
+        slow_viewer.target(ns, scp.port)
+        try:
+            result = dcmtk.movescu(slow_chain.node, "STORESCP", "STUDY", keys,
+                                   extra_args=["--cancel", "3"], timeout=TIMEOUT,
+                                   check=False)  # fmt: skip
+        finally:
+            slow_viewer.target(None, None)
+        received = len(scp.files())
+    assert result.status is not None and "Cancel" in result.status, result.output[-2000:]
+    assert wait_for(lambda: slow_pacs.events().get("cancels", 0) > before.get("cancels", 0))
+    sent = slow_pacs.events()["instances_sent"] - before.get("instances_sent", 0)
+    assert sent < 24 and received < 24
+
+
+def test_tunnel_dropped_mid_retrieval_fails_the_retrieval(
+    slow_chain: DicomChain, slow_pacs: PacsProcess, tmp_path: Path
+) -> None:
+    """SIGKILL the gateway while getscu receives: getscu ends in failure, never success,
+    with only complete instances on disk; once the gateway is back, the same C-GET works."""
+    found = dcmtk.findscu(direct(slow_pacs), "STUDY", {"PatientID": CT_PATIENT}, timeout=TIMEOUT)
+    keys = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+    out = tmp_path / "relay"
+    out.mkdir()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(dcmtk.getscu, slow_chain.node, out, "STUDY", keys,
+                             extra_args=["+B"], timeout=TIMEOUT, check=False)  # fmt: skip
+        assert wait_for(lambda: len(list(out.iterdir())) >= 3, within=30), "no instance arrived"
+        os.kill(slow_chain.pid("gateway"), signal.SIGKILL)
+        killed = time.monotonic()
+        result = future.result(timeout=TIMEOUT + 10)
+        ended = time.monotonic() - killed
+    print(f"\ngetscu ended {ended:.2f} s after the gateway was killed: {result.status}, "
+          f"{result.suboperations}")  # fmt: skip
+    assert not result.ok
+    assert result.status is not None and not result.status.startswith(("Success", "Warning"))
+    completed = result.suboperations.get("Completed", 0)
+    assert completed < 40
+    assert result.suboperations.get("Failed", 0) > 0 or "Fail" in result.status
+    want = dcmtk.getscu(direct(slow_pacs), tmp_path / "direct", "STUDY", keys,
+                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    pacs_bytes = set(map(dataset_bytes, want.files))
+    intact = [path for path in result.files if dataset_bytes(path) in pacs_bytes]
+    assert len(intact) >= completed  # what was reported complete is complete and intact
+
+    slow_chain.procs["gateway"].popen.wait(5)  # type: ignore[union-attr]
+    slow_chain.start("gateway")
+    slow_chain.wait_ready()
+    again = dcmtk.getscu(slow_chain.node, tmp_path / "again", "STUDY", keys, extra_args=["+B"],
+                         timeout=TIMEOUT)  # fmt: skip
+    assert again.suboperations.get("Completed") == 40
+    assert sorted(map(dataset_bytes, again.files)) == sorted(pacs_bytes)
+
+
+def test_pacs_down_is_a_failure_status_within_a_bounded_time(
+    tmp_path: Path,
+) -> None:
+    require_tools("echoscu", "findscu", "getscu")
+    server = PacsProcess(tmp_path / "pacs", data="none").start()
+    try:
+        c = DicomChain(tmp_path / "chain", server.port, pacs_timeout="3s")
+        with running_dicom_chain(c):
+            server.stop()
+            timings = {}
+            results = {}
+            for name, run in (
+                ("echo", lambda: dcmtk.echoscu(c.node, timeout=30, check=False)),
+                ("find", lambda: dcmtk.findscu(c.node, "STUDY", {}, timeout=30, check=False)),
+                ("get", lambda: dcmtk.getscu(c.node, tmp_path / "g", "STUDY",
+                                              {"StudyInstanceUID": "1.2.3.4"}, timeout=30,
+                                              check=False)),
+            ):  # fmt: skip
+                start = time.monotonic()
+                results[name] = run()
+                timings[name] = round(time.monotonic() - start, 2)
+    finally:
+        server.stop()
+    print(f"\nPACS down: {timings}")
+    for name, result in results.items():
+        assert not result.ok, (name, result.output)
+        assert result.status is not None and not result.status.startswith("Success"), name
+    assert results["get"].files == ()  # type: ignore[attr-defined]
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def _getscu_ignore(node: DicomNode, study_uid: str) -> dcmtk.ToolResult:
+    argv = [
+        "getscu", "-v", "-S", "--ignore", "-pdu", "131072",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+        "-aec", node.ae_title, node.host, str(node.port),
+    ]  # fmt: skip
+    return dcmtk.run_tool(argv, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_1gb_study_keeps_agent_and_workstation_memory_bounded(tmp_path: Path) -> None:
+    """Each role in its own process, RSS sampled from /proc during a 1 GB C-GET."""
+    require_tools("getscu", "echoscu")
+    study = samples.SyntheticStudy.of_size(BIG_STUDY_BYTES)
+    server = PacsProcess(tmp_path / "pacs", data="none", synthetic_bytes=BIG_STUDY_BYTES)
+    server.start()
+    try:
+        c = DicomChain(tmp_path / "chain", server.port)
+        with running_dicom_chain(c):
+            roles = ("agent", "ws1", "gateway")
+            peak = dict.fromkeys(roles, 0)
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.is_set():
+                    for role in roles:
+                        peak[role] = max(peak[role], c.rss_kb(role))
+                    time.sleep(0.05)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            start = time.monotonic()
+            sampler.start()
+            try:
+                result = _getscu_ignore(c.node, study.spec.study_uid)
+            finally:
+                done.set()
+                sampler.join(5)
+            took = time.monotonic() - start
+            raw = c.metric("agent", "relay_bytes_total", 'direction="sent",stage="raw"')
+            wire = c.metric("agent", "relay_bytes_total", 'direction="sent",stage="compressed"')
+    finally:
+        server.stop()
+    subops = result.suboperations
+    print(
+        f"\n1 GB C-GET through processes: {study.count} instances in {took:.1f} s; "
+        f"peak RSS agent {peak['agent'] >> 10} MiB, workstation {peak['ws1'] >> 10} MiB, "
+        f"gateway {peak['gateway'] >> 10} MiB; agent sent {int(raw) >> 20} MiB raw as "
+        f"{int(wire) >> 20} MiB compressed"
+    )
+    assert (subops.get("Completed"), subops.get("Failed")) == (study.count, 0), result.output[
+        -2000:
+    ]
+    assert raw >= 1 << 30
+    assert peak["agent"] < RSS_LIMIT_KB
+    assert peak["ws1"] < RSS_LIMIT_KB
