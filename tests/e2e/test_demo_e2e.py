@@ -1,0 +1,150 @@
+"""`relay demo` as a user runs it: one command, the whole chain, what to run, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chain import ROOT
+from dicom_chain import dataset_bytes
+from interop.harness import dcmtk, require_tools
+
+from relay import demo
+
+START_TIMEOUT = 90.0  # seconds until demo.json appears (PKI, three roles, the PACS, a C-ECHO)
+STOP_TIMEOUT = 40.0  # seconds for a clean stop: each role drains for at most 5 s
+
+
+@dataclass
+class RunningDemo:
+    popen: subprocess.Popen[bytes]
+    directory: Path
+    out: Path
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.directory / "demo.json").read_text())
+        return data
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+            raise AssertionError(f"relay demo did not stop\n{self.output()}") from None
+
+
+def start_demo(tmp: Path) -> RunningDemo:
+    directory = tmp / "demo-state"
+    out = tmp / "demo.out"
+    with out.open("wb") as f:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "demo", "--dir", str(directory)],
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+    running = RunningDemo(popen, directory, out)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not (directory / "demo.json").exists():
+        if popen.poll() is not None or time.monotonic() > deadline:
+            running.stop(signal.SIGKILL)
+            raise AssertionError(f"relay demo did not come up\n{running.output()}")
+        time.sleep(0.1)
+    return running
+
+
+@pytest.fixture
+def running_demo(tmp_path: Path) -> Iterator[RunningDemo]:
+    running = start_demo(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        for pid in running.summary["pids"].values():  # nothing left behind, even on failure
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_demo_runs_the_chain_and_stops_cleanly(running_demo: RunningDemo) -> None:
+    summary = running_demo.summary
+    port = summary["ports"]["dicom"]
+    assert demo.echo_through(port)  # viewer -> workstation -> gateway -> agent -> PACS
+    assert set(summary["pids"]) == {"gateway", "agent", "workstation"}
+    assert set(summary["studies"]) == {"CT", "MR"}
+    text = running_demo.output()
+    assert f"echoscu -aec RELAY 127.0.0.1 {port}" in text
+    assert f"StudyInstanceUID={summary['studies']['CT']}" in text
+    for role in ("gateway", "agent", "workstation"):
+        assert f"http://127.0.0.1:{summary['ports'][role + '_metrics']}/metrics" in text
+
+    assert running_demo.stop(signal.SIGINT) == 0  # Ctrl-C
+    assert "stopped cleanly" in running_demo.output()
+    assert not any(_alive(pid) for pid in summary["pids"].values())
+    for name in ("gateway", "agent", "workstation"):
+        log = (running_demo.directory / "logs" / f"{name}.log").read_text()
+        assert f'"msg":"{name} stopped"' in log.replace(": ", ":"), log[-2000:]
+
+
+@pytest.mark.interop
+def test_the_printed_dcmtk_commands_work(running_demo: RunningDemo, tmp_path: Path) -> None:
+    """Run echoscu, findscu and getscu exactly as the demo prints them (getscu's output
+    directory aside)."""
+    require_tools("echoscu", "findscu", "getscu")
+    lines = [line.strip() for line in running_demo.output().splitlines()]
+    commands = {
+        name: shlex.split(next(line for line in lines if line.startswith(name + " ")))
+        for name in ("echoscu", "findscu", "getscu")
+    }
+    out = tmp_path / "get"
+    out.mkdir()
+    getscu = commands["getscu"]
+    getscu[getscu.index("-od") + 1] = str(out)
+    echo = dcmtk.run_tool(commands["echoscu"], timeout=60)
+    assert echo.returncode == 0, echo.output
+    find = dcmtk.run_tool([*commands["findscu"][:1], "-v", *commands["findscu"][1:]], timeout=60)
+    assert find.returncode == 0 and "DOE^JANE" in find.output and "ROE^RICHARD" in find.output
+    get = dcmtk.run_tool([*getscu[:1], "-v", *getscu[1:]], timeout=60)
+    assert get.ok, get.output
+    files = sorted(out.iterdir())
+    assert len(files) == 40  # the demo's CT series
+    assert all(dataset_bytes(path).startswith(b"\x08\x00") for path in files)
+    assert re.search(r"Completed Suboperations\s*:\s*40", get.output)
+
+
+def test_a_directory_the_demo_did_not_make_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert demo.run(tmp_path) == 2
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_directory_in_use_by_a_running_demo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / demo.MARKER).write_text(f"{os.getppid()}\n")  # a live process: "running"
+    (tmp_path / "gateway.yaml").write_text("x")
+    assert demo.run(tmp_path) == 2
+    assert (tmp_path / "gateway.yaml").exists()
