@@ -370,15 +370,16 @@ def test_pacs_down_is_a_failure_status_within_a_bounded_time(
         c = DicomChain(tmp_path / "chain", server.port, pacs_timeout="3s")
         with running_dicom_chain(c):
             server.stop()
-            timings = {}
-            results = {}
-            for name, run in (
+            timings: dict[str, float] = {}
+            results: dict[str, dcmtk.ToolResult] = {}
+            runs: list[tuple[str, Callable[[], dcmtk.ToolResult]]] = [
                 ("echo", lambda: dcmtk.echoscu(c.node, timeout=30, check=False)),
                 ("find", lambda: dcmtk.findscu(c.node, "STUDY", {}, timeout=30, check=False)),
                 ("get", lambda: dcmtk.getscu(c.node, tmp_path / "g", "STUDY",
                                               {"StudyInstanceUID": "1.2.3.4"}, timeout=30,
                                               check=False)),
-            ):  # fmt: skip
+            ]  # fmt: skip
+            for name, run in runs:
                 start = time.monotonic()
                 results[name] = run()
                 timings[name] = round(time.monotonic() - start, 2)
