@@ -3,7 +3,11 @@
 Draining stops accepting, sends goaway on every link (devices then reconnect to another
 gateway; agents stop expecting streams here), lets spliced streams finish within the
 grace period, then closes what is left. Reloading swaps the TLS context and the limits
-used for new links; links already up keep theirs.
+used for new links; links already up keep theirs. A reloaded certificate must be signed
+by the new CA bundle, be valid now and stay a gateway certificate of the same trust
+domain (relay.reloading); otherwise, or if anything fails to load, the running
+configuration stays (one error line, `relay_reloads_total{result="error"}`). The
+listeners need a restart to move; a reload keeps them and says so.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import logging
 from gateway.config import load_gateway_config
 from gateway.server import GatewayServer
 from relay.config import ConfigError
+from relay.pki import PkiError
 from relay.proto import ErrorCode
+from relay.reloading import ReloadError, check_own_certificate, keep_restart_only, set_log_level
 from relay.tls import TlsConfigError, server_context, trust_domain_of
 
 log = logging.getLogger(__name__)
 POLL = 0.05
+RESTART_ONLY = ("listen", "metrics_listen")  # bound once at start-up
 
 
 async def drain(server: GatewayServer, grace: float) -> None:
@@ -53,18 +60,30 @@ def reload(server: GatewayServer) -> bool:
     """Re-read the config file and certificates; on any error keep the running ones."""
     path = server.config.path
     try:
-        config = load_gateway_config(path)
-        if config.listen != server.config.listen:
-            log.warning("listen address changes need a restart; keeping the old one")
-        context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        config, restart = keep_restart_only(server.config, load_gateway_config(path), RESTART_ONLY)
         trust_domain = trust_domain_of(config.tls.ca)
-    except (ConfigError, TlsConfigError, OSError, ValueError) as exc:
+        if trust_domain != server.trust_domain:
+            # Every device and agent certificate names the running one: they would all
+            # be refused. A new trust domain is a new deployment: restart.
+            raise ReloadError(
+                f"{config.tls.ca}: trust domain {trust_domain!r}, running with "
+                f"{server.trust_domain!r} (restart to change it)"
+            )
+        check_own_certificate(config.tls.cert, config.tls.ca, role="gateway")
+        context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
+    except (ConfigError, ReloadError, TlsConfigError, PkiError, OSError, ValueError) as exc:
         server.metrics.reloads.labels("error").inc()
         log.error("reload failed, keeping the running configuration", extra={"error": str(exc)})
         return False
-    server.config = config.__class__(**{**config.__dict__, "listen": server.config.listen})
+    if config.log_level != server.config.log_level:
+        set_log_level(config.log_level)
+    server.config = config
     server.ssl_context = context
-    server.trust_domain = trust_domain
     server.metrics.reloads.labels("ok").inc()
+    if restart:
+        log.warning(
+            "reloaded; these settings need a restart and keep their running values",
+            extra={"keys": ",".join(restart)},
+        )
     log.info("reloaded configuration and certificates")
     return True
