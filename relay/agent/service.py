@@ -15,6 +15,14 @@ report (optionally copying the audit trail to syslog over TLS).
 
 SIGTERM/SIGINT: goaway on every link (no new streams), wait for streams in flight up to
 `drain_grace`, close, exit 0.
+
+SIGHUP (`Agent.reload`): re-read the config file and the TLS files. A new certificate,
+key or CA bundle goes to every link supervisor for its next dial; links that are up stay
+up. The service allow-list, compression level, gateways (re-resolved at once), limits and
+backoff of new links, drain grace, resolve interval and log level take effect; the keys
+in RESTART_ONLY keep their running values and are logged as needing a restart. Anything
+that does not load or check out keeps the whole running configuration: one error line,
+counted in `relay_reloads_total{result="error"}`.
 """
 
 from __future__ import annotations
@@ -47,6 +55,13 @@ from relay.dialer import KeptLink
 from relay.endmetrics import EndMetrics, Sources
 from relay.logs import setup_logging
 from relay.proto import ErrorCode, LinkClosedError
+from relay.reloading import (
+    ReloadCounter,
+    ReloadError,
+    check_own_certificate,
+    keep_restart_only,
+    set_log_level,
+)
 from relay.revocation import (
     KIND_REFUSAL,
     KIND_REVOKE,
@@ -55,7 +70,7 @@ from relay.revocation import (
     encode_revocations,
 )
 from relay.runtime import run_loop
-from relay.tls import ALPN_AGENT, client_context
+from relay.tls import ALPN_AGENT, TlsConfigError, client_context
 
 __all__ = [
     "Agent",
@@ -75,6 +90,9 @@ TARGET_ENROLL = "enroll"
 TARGET_RENEW = "renew"
 RETIRE_POLL = 0.1
 REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
+# Read once at start-up (listeners, the PACS handler, the registry, the audit trail): a
+# reload keeps their running values and says that changing them needs a restart.
+RESTART_ONLY = ("site", "pki", "state_dir", "metrics_listen", "pacs", "audit")
 
 
 async def resolve_all(host: str, port: int) -> list[str]:
@@ -138,8 +156,10 @@ class Agent:
             codecs=lambda: (stats.codec,),
             streams=lambda: stats.streams,
             refusals=lambda: stats.refused,
-            certificate=lambda: config.tls.cert,
+            certificate=lambda: self.config.tls.cert,  # a reload may point elsewhere
         )
+        self.reloads = ReloadCounter()
+        self.metrics.registry.register(self.reloads)
 
     # -- metrics
 
@@ -326,6 +346,63 @@ class Agent:
             },
         )
 
+    # -- reload (SIGHUP)
+
+    def reload(self) -> bool:
+        """Re-read the config file and TLS files; apply what is safe, keep links up.
+
+        On any error the running configuration stays as it was (one error line, counted).
+        """
+        try:
+            new = load_agent_config(self.config.path)
+            new, restart = keep_restart_only(self.config, new, RESTART_ONLY)
+            tls = new.tls
+            check_own_certificate(tls.cert, tls.ca, role="agent", site=self.config.site)
+            ctx = client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
+            settings = link_settings(new.limits)
+        except (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError) as exc:
+            self.reloads.record(False)
+            log.error(
+                "reload failed; keeping the running configuration and certificates",
+                extra={"config": str(self.config.path), "error": str(exc)},
+            )
+            return False
+        old, self.config = self.config, new
+        self.ctx, self.settings = ctx, settings
+        for kept in self.links.values():  # their next dial; the link that is up stays
+            kept.ctx = ctx
+            kept.settings = settings
+            if new.reconnect != old.reconnect:
+                kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
+        self.dispatcher.services = new.services  # new streams; those open go on
+        self.dispatcher.compression_level = new.compression_level
+        if new.log_level != old.log_level:
+            set_log_level(new.log_level)
+        if new.gateways != old.gateways:
+            self._restart_resolving()
+        self.reloads.record(True)
+        if restart:
+            log.warning(
+                "reloaded; these settings need a restart and keep their running values",
+                extra={"keys": ",".join(restart)},
+            )
+        log.info(
+            "reloaded configuration and certificates",
+            extra={"links": len(self.links), "services": len(new.services)},
+        )
+        return True
+
+    def _restart_resolving(self) -> None:
+        """The gateway list changed: resolve now (then on the usual interval)."""
+        if self._resolve_task is None:  # not started, or shutting down
+            return
+        self._resolve_task.cancel()  # safe: resolve() changes nothing before its last await
+
+        async def resolve_now() -> None:
+            await self._resolve_loop(await self.resolve())
+
+        self._resolve_task = asyncio.get_running_loop().create_task(resolve_now())
+
     # -- shutdown
 
     async def shutdown(self, grace: float) -> None:
@@ -410,7 +487,9 @@ async def run_agent(
     started: Callable[[Agent], None] | None = None,
     handle_signals: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `config.drain_grace`.
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `drain_grace`.
+
+    SIGHUP reloads (`Agent.reload`) while it runs.
 
     `handlers` replaces the default target handlers (DICOM when `pacs:` is set); with
     `pki:` the `enroll` and `renew` targets are added to them.
@@ -429,6 +508,7 @@ async def run_agent(
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, agent.reload)
         try:
             await agent.start()
             if config.metrics_listen is not None:
@@ -446,7 +526,8 @@ async def run_agent(
             if handle_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)
-            await agent.shutdown(config.drain_grace)
+                loop.remove_signal_handler(signal.SIGHUP)
+            await agent.shutdown(agent.config.drain_grace)  # as last reloaded
 
 
 @contextlib.asynccontextmanager

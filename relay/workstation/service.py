@@ -9,6 +9,13 @@ The device certificate renews itself over the live link once two thirds of its
 lifetime have passed (relay.renewal). The link is kept: the new identity is handed to
 the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
 crash interrupted is completed before the identity is loaded.
+
+SIGHUP (`Workstation.reload`): re-read the config file and the identity files. The new
+certificate, key and CA go to the link supervisor for its next dial (the link that is up
+stays up), with the new limits and backoff; drain grace and log level apply at once. The
+keys in RESTART_ONLY keep their running values and are logged as needing a restart.
+Files that do not load or check out keep everything as it was: one error line, counted
+in `relay_reloads_total{result="error"}`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,13 @@ from relay.identity import identity_from_certificate
 from relay.logs import setup_logging
 from relay.pki import PkiError, load_cert
 from relay.proto import ErrorCode
+from relay.reloading import (
+    ReloadCounter,
+    ReloadError,
+    check_own_certificate,
+    keep_restart_only,
+    set_log_level,
+)
 from relay.renewal import OpenStream, complete_pending_renewal, renewal_loop
 from relay.runtime import run_loop
 from relay.tls import ALPN_DEVICE, TlsConfigError, client_context
@@ -42,6 +56,9 @@ __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
 log = logging.getLogger(__name__)
 
 COMPRESSION_LEVEL = 3
+# Read once at start-up (the dialled address, local listeners, the renewal loop's
+# directory): a reload keeps their running values and says that they need a restart.
+RESTART_ONLY = ("gateway", "identity_dir", "metrics_listen", "dicom", "forward")
 
 
 class Workstation:
@@ -57,6 +74,8 @@ class Workstation:
             log.warning("an interrupted certificate renewal was " + finished)
         files = config.identity_files()
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+        self.identity = identity_from_certificate(load_cert(files.cert))
+        self.rng = rng
         self.kept = KeptLink(
             config.gateway,
             self.ctx,
@@ -73,7 +92,7 @@ class Workstation:
         stats = self.forwarder.stats
         self.metrics = EndMetrics(
             "workstation",
-            identity_from_certificate(load_cert(files.cert)).site or "",
+            self.identity.site or "",
             Sources(
                 links=lambda: (self.kept,),
                 codecs=lambda: (stats.codec,),
@@ -85,6 +104,8 @@ class Workstation:
                 certificate=lambda: files.cert,
             ),
         )
+        self.reloads = ReloadCounter()
+        self.metrics.registry.register(self.reloads)
 
     def readiness(self) -> tuple[bool, str]:
         if self.kept.up.is_set():
@@ -136,6 +157,49 @@ class Workstation:
     def _renewal_failed(self, message: str) -> None:
         self.renewal_failures += 1
 
+    # -- reload (SIGHUP)
+
+    def reload(self) -> bool:
+        """Re-read the config file and identity files; apply what is safe, keep the link.
+
+        On any error the running configuration stays as it was (one error line, counted).
+        """
+        try:
+            new = load_workstation_config(self.config.path)
+            new, restart = keep_restart_only(self.config, new, RESTART_ONLY)
+            files = new.identity_files()
+            check_own_certificate(
+                files.cert,
+                files.ca,
+                role="device",
+                site=self.identity.site,
+                name=self.identity.name,
+            )
+            ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+            settings = link_settings(new.limits)
+        except (ConfigError, ReloadError, TlsConfigError, PkiError, OSError, ValueError) as exc:
+            self.reloads.record(False)
+            log.error(
+                "reload failed; keeping the running configuration and certificates",
+                extra={"config": str(self.config.path), "error": str(exc)},
+            )
+            return False
+        old, self.config = self.config, new
+        self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
+        self.kept.settings = settings
+        if new.reconnect != old.reconnect:
+            self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
+        if new.log_level != old.log_level:
+            set_log_level(new.log_level)
+        self.reloads.record(True)
+        if restart:
+            log.warning(
+                "reloaded; these settings need a restart and keep their running values",
+                extra={"keys": ",".join(restart)},
+            )
+        log.info("reloaded configuration and certificates")
+        return True
+
     async def shutdown(self, grace: float) -> None:
         log.info("workstation draining", extra={"grace_s": grace})
         if self._renewal_task is not None:
@@ -183,16 +247,21 @@ async def run_workstation(
     handle_signals: bool = True,
     with_dicom: bool = True,
 ) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `config.drain_grace`."""
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `drain_grace`.
+
+    SIGHUP reloads (`Workstation.reload`) while it runs.
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     workstation = Workstation(config)
     if handle_signals:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, workstation.reload)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_callback(workstation.shutdown, config.drain_grace)
+            # The drain grace as last reloaded, read when the drain starts.
+            stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
             await workstation.start()
             if with_dicom:
                 await stack.enter_async_context(
@@ -212,6 +281,7 @@ async def run_workstation(
         if handle_signals:
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 def run(config_path: Path) -> int:
