@@ -9,11 +9,19 @@ from __future__ import annotations
 from collections.abc import Generator
 
 import pytest
+from hypothesis import HealthCheck, settings
 from interop.harness.tools import in_ci, require_tools
 
 pytest_plugins = ["pytester", "interop.harness.fixtures"]
 
 __all__ = ["require_tools"]
+
+# No property test is timed: these machines are shared and noisy, and speed is measured
+# in tests/bench. Hypothesis's per-example deadline would turn load into flaky failures.
+settings.register_profile(
+    "relay", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("relay")
 
 
 @pytest.hookimpl(wrapper=True)
