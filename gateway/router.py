@@ -26,6 +26,7 @@ class Router:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
         self._agents: dict[str, list[Link]] = {}
+        self._turns: dict[str, int] = {}
 
     def add_agent(self, site: str, link: Link) -> None:
         self._agents.setdefault(site, []).append(link)
@@ -36,6 +37,7 @@ class Router:
             links.remove(link)
         if not links:
             self._agents.pop(site, None)
+            self._turns.pop(site, None)
 
     def agent_links(self, site: str | None = None) -> list[Link]:
         if site is not None:
@@ -46,9 +48,14 @@ class Router:
         return sorted(self._agents)
 
     def _pick(self, site: str) -> Link | None:
-        """The least-loaded agent link of the site that still takes streams."""
+        """The least-loaded agent link of the site that still takes streams; ties go round
+        robin, so short streams one after another are spread over the site's agents."""
         usable = [link for link in self._agents.get(site, ()) if link.conn.can_open_stream()]
-        return min(usable, key=lambda link: link.conn.open_streams, default=None)
+        if not usable:
+            return None
+        turn = self._turns[site] = (self._turns.get(site, 0) + 1) % len(usable)
+        rotated = usable[turn:] + usable[:turn]
+        return min(rotated, key=lambda link: link.conn.open_streams)
 
     def route(self, site: str, stream: Stream, origin: dict[str, str]) -> None:
         """Splice a new stream to an agent of `site`, or reset it with a code.

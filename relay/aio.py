@@ -244,6 +244,7 @@ class Link(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self._flush_scheduled = False
+        self._closed_by_us: tuple[int, str] | None = None
 
     # -- asyncio.Protocol
 
@@ -283,7 +284,10 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._prestart = None
-        self._dispatch(self.conn.receive_eof())
+        if self._closed_by_us is not None:
+            self._dispatch(self.conn.close_locally(*self._closed_by_us))
+        else:
+            self._dispatch(self.conn.receive_eof())
         self._finish()
 
     def pause_writing(self) -> None:
@@ -329,6 +333,8 @@ class Link(asyncio.Protocol):
         with contextlib.suppress(LinkClosedError):
             self.goaway(code, reason)
         self._flush_now()  # the goaway goes out before the close
+        if self._closed_by_us is None:
+            self._closed_by_us = (code, reason or "closed by this side")
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         elif self.transport is None:

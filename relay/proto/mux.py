@@ -292,6 +292,13 @@ class Connection:
             events += self._terminate(exc.code, str(exc), remote=False)
         return events
 
+    def close_locally(self, code: int, reason: str) -> list[Event]:
+        """This side closed the transport on purpose (after its goaway): every stream is
+        reset, and the link ends with the caller's code rather than as a lost link."""
+        if self.terminated:
+            return []
+        return self._terminate(code, reason, remote=False, send_goaway=False)
+
     def receive_eof(self) -> list[Event]:
         """The transport closed. Every stream is reset; the link is over."""
         if self.terminated:
