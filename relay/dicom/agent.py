@@ -33,6 +33,7 @@ from relay.dicom.codec import (
     MessageCodec,
     Pending,
     Request,
+    Skip,
     read_message,
     write_message,
 )
@@ -122,10 +123,28 @@ async def serve_dicom_stream(
         reason = f"expected a request, got {type(msg).__name__}"
         await _refuse(stream, codec, reason)
         return summary("invalid", st.RELAY_PROTOCOL, reason)
+    skip: frozenset[str] = frozenset()
+    if msg.resume:
+        # A resumed retrieve: the instances the viewer already has come next.
+        try:
+            async with asyncio.timeout(pacs.timeout):
+                extra = await read_message(stream, codec)
+        except (DicomProtocolError, TimeoutError) as exc:
+            reason = str(exc) or "no skip list within the timeout"
+            await _refuse(stream, codec, reason)
+            return summary("invalid", st.RELAY_PROTOCOL, reason)
+        except StreamReset:
+            return summary("invalid", st.LINK_LOST, "stream reset before the skip list")
+        if not isinstance(extra, Skip):
+            reason = f"expected the skip list, got {type(extra).__name__}"
+            await _refuse(stream, codec, reason)
+            return summary("invalid", st.RELAY_PROTOCOL, reason)
+        skip = frozenset(extra.uids)
+        log.info("resuming a retrieve: %d instances already delivered", len(skip))
 
     loop = asyncio.get_running_loop()
     out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
-    op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver)
+    op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip)
     if on_request is not None:
         on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)

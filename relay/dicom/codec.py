@@ -51,6 +51,7 @@ class MessageType(IntEnum):
     FINAL = 4
     CANCEL = 5
     ERROR = 6
+    SKIP = 7
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,17 @@ class DicomLimits:
     max_list: int = 1024  # entries in a list field (failed UIDs, SOP classes)
     max_text: int = 1024  # characters in a free-text field (comments, reasons)
     queue_depth: int = 4  # instances in flight between a pynetdicom thread and asyncio
+    max_skip: int = MAX_COUNT  # SOP Instance UIDs in one SKIP message (a resumed retrieve)
 
     def __post_init__(self) -> None:
-        for name in ("max_message", "max_dataset", "max_header", "max_list", "max_text"):
+        for name in (
+            "max_message",
+            "max_dataset",
+            "max_header",
+            "max_list",
+            "max_text",
+            "max_skip",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DicomLimits.{name} must be positive")
         if self.max_header > 0xFFFF:
@@ -100,6 +109,7 @@ class Request:
     move_originator_ae: str = ""
     move_originator_id: int | None = None
     calling_ae: str = ""  # the viewer's AE title, for the audit trail
+    resume: bool = False  # a resumed retrieve: one SKIP message follows this request
 
 
 @dataclass(frozen=True)
@@ -150,13 +160,21 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Skip:
+    """Instances the viewer already has (workstation -> agent, right after a resumed
+    retrieve's request): the agent retrieves again but does not send these."""
+
+    uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ErrorMessage:
     """A protocol-level error; the sender closes the stream after it."""
 
     reason: str
 
 
-Message = Request | Pending | Instance | FinalResponse | Cancel | ErrorMessage
+Message = Request | Pending | Instance | FinalResponse | Cancel | ErrorMessage | Skip
 
 # Transfer syntaxes whose bodies zstd cannot usefully shrink: JPEG, JPEG-LS, JPEG 2000,
 # HTJ2K, JPIP, MPEG-2/4, HEVC (all under 1.2.840.10008.1.2.4.), RLE, deflate, and
@@ -457,6 +475,8 @@ def _to_wire(msg: Message, limits: DicomLimits) -> tuple[int, dict[str, Any], by
         if msg.move_originator_id is not None:
             header["mid"] = msg.move_originator_id
         _put(header, "cae", msg.calling_ae)
+        if msg.resume:
+            header["resume"] = True
         return MessageType.REQUEST, header, msg.dataset, msg.transfer_syntax
     if isinstance(msg, Pending):
         _check_counts(msg.remaining, msg.completed, msg.failed, msg.warning)
@@ -491,6 +511,15 @@ def _to_wire(msg: Message, limits: DicomLimits) -> tuple[int, dict[str, Any], by
         return MessageType.FINAL, header, b"", ""
     if isinstance(msg, Cancel):
         return MessageType.CANCEL, header, b"", ""
+    if isinstance(msg, Skip):
+        if len(msg.uids) > limits.max_skip:
+            raise ValueError(f"skip list has more than {limits.max_skip} UIDs")
+        for uid in msg.uids:
+            _check_uid(uid, "skipped SOP Instance UID")
+        header["n"] = len(msg.uids)
+        # One UID per line; "" is not a compressed syntax, so zstd shrinks it (UIDs of a
+        # study share long prefixes): tens of thousands of UIDs fit in a few hundred KiB.
+        return MessageType.SKIP, header, "\n".join(msg.uids).encode("ascii"), ""
     if isinstance(msg, ErrorMessage):
         _check_text(msg.reason, "reason", limits)
         header["reason"] = msg.reason
@@ -519,6 +548,7 @@ def _from_wire(
             move_originator_ae=_get_str(header, "mae", limits),
             move_originator_id=_get_int(header, "mid", 0, 0xFFFF),
             calling_ae=_get_str(header, "cae", limits),
+            resume=_get_bool(header, "resume"),
         )
         _wrap(_check_request, req, limits)
         return req
@@ -548,6 +578,8 @@ def _from_wire(
         for name in ("sop_class", "sop_instance", "transfer_syntax"):
             _wrap(_check_uid, getattr(inst, name), name)
         return inst
+    if kind is MessageType.SKIP:
+        return _skip_from_wire(header, body, limits)
     _no_body(kind, body)
     if kind is MessageType.FINAL:
         status = _get_int(header, "status", 0, 0xFFFF)
@@ -567,6 +599,21 @@ def _from_wire(
     if kind is MessageType.CANCEL:
         return Cancel()
     return ErrorMessage(reason=_get_str(header, "reason", limits))
+
+
+def _skip_from_wire(header: Mapping[str, Any], body: bytes, limits: DicomLimits) -> Skip:
+    count = _get_int(header, "n", 0, limits.max_skip)
+    if count is None:
+        raise DicomProtocolError("skip message without a count")
+    try:
+        uids = tuple(body.decode("ascii").split("\n")) if body else ()
+    except UnicodeDecodeError:
+        raise DicomProtocolError("skip list is not ASCII") from None
+    if len(uids) != count:
+        raise DicomProtocolError(f"skip list has {len(uids)} UIDs, header says {count}")
+    for uid in uids:
+        _wrap(_check_uid, uid, "skipped SOP Instance UID")
+    return Skip(uids)
 
 
 def _no_body(kind: MessageType, body: bytes) -> None:
@@ -688,3 +735,5 @@ def _check_request(req: Request, limits: DicomLimits) -> None:
         if len(value) > MAX_AE:
             raise ValueError(f"{name} longer than {MAX_AE} characters")
     _check_text(req.calling_ae, "calling_ae", limits)
+    if req.resume and req.op != "retrieve":
+        raise ValueError("only a retrieve can be resumed")

@@ -13,8 +13,15 @@ Study Root, all levels), C-STORE and C-CANCEL. Each viewer request becomes one r
 - C-STORE from the viewer (an upload) is checked and forwarded to the PACS.
 - C-CANCEL from the viewer is forwarded; the agent cancels at the PACS.
 
-If the relay drops mid-retrieval the viewer's operation ends with a failure status and
-failed counts (never success for a partial retrieval), and every wait is bounded.
+If the relay drops mid-retrieval (the link is lost, or the stream is reset for a
+link-level reason), a C-GET or C-MOVE is resumed: the node opens a new stream (the tunnel
+reconnects, possibly to another gateway behind a load balancer) and sends the request
+again with the SOP Instance UIDs the viewer already has (a `Skip` message); the agent
+retrieves again and sends only the others. The viewer's association stays up and sees
+each instance once. An instance cut by the drop was never decoded, so it is fetched again
+whole. If no stream carries the retrieve on within `resume_window` seconds, the operation
+ends with a failure status and failed counts (never success for a partial retrieval), and
+every wait is bounded. A DICOM failure from the PACS is reported, never resumed.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -39,9 +47,11 @@ from relay.dicom.codec import (
     DicomLimits,
     FinalResponse,
     Instance,
+    Message,
     MessageCodec,
     Pending,
     Request,
+    Skip,
 )
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
@@ -49,6 +59,9 @@ from relay.dicom.stats import DicomStats, NullStats
 log = logging.getLogger(__name__)
 
 _POLL: Final = 0.1  # how often a waiting handler looks for the viewer's C-CANCEL
+RESUME_WINDOW: Final = 30.0  # how long a broken retrieve may take to find a new stream
+MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
+_RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -81,9 +94,15 @@ class DicomNode:
         stats: DicomStats | None = None,
         limits: DicomLimits | None = None,
         headers: Mapping[str, str] | None = None,
+        resume_window: float = RESUME_WINDOW,
     ) -> None:
         """`timeout` bounds every wait on the agent (a silent agent fails the operation
-        after that long) and on the viewer; `headers` are added to each stream's headers."""
+        after that long) and on the viewer; `headers` are added to each stream's headers;
+        `resume_window` bounds how long a retrieve whose stream broke waits for a new one
+        (0 disables resuming)."""
+        if resume_window < 0:
+            raise ValueError("resume_window must not be negative")
+        self.resume_window = resume_window
         rawds.install()
         if not 1 <= len(ae_title.strip()) <= 16:
             raise ValueError("dicom.ae_title must be 1 to 16 characters")
@@ -167,15 +186,22 @@ class DicomNode:
 
     # -- sessions -----------------------------------------------------------------
 
-    def _session(self, request: Request) -> Session:
+    def _session(
+        self,
+        request: Request,
+        *,
+        follow: Sequence[Message] = (),
+        open_timeout: float | None = None,
+    ) -> Session:
         session = Session(
             self.loop,
             self.open_stream,
             self.headers,
             request,
             self.codec,
-            open_timeout=self.timeout,
+            open_timeout=self.timeout if open_timeout is None else open_timeout,
             on_done=self._forget,
+            follow=follow,
         )
         with self._sessions_lock:
             self._sessions.add(session)
@@ -381,15 +407,19 @@ class _Retrieval:
         self.classes: dict[str, None] = {}
         self.syntaxes: dict[str, None] = {}
         self.code = st.SUCCESS
+        self.seen: set[str] = set()  # every intact instance received: delivered or buffered
+        self.resumes = 0
+        self.resume_deadline: float | None = None  # set while a broken stream is replaced
+        self.answered = False  # the agent has said something: the retrieve had begun
+        self.skipped: frozenset[str] = frozenset()  # what the current stream must not bring
 
     def run(self) -> Iterator[Any]:
         started = time.monotonic()
-        session = self.node._session(self.request)
-        waiter = _Waiter(session, self.event, self.node.timeout)
+        waiter = _Waiter(self.node._session(self.request), self.event, self.node.timeout)
         try:
             yield from self._run(waiter)
         finally:
-            session.close()
+            waiter.session.close()
             self.node.stats.operation_done(self.op, self.code, time.monotonic() - started)
 
     def _take(self, waiter: _Waiter) -> None:
@@ -397,9 +427,20 @@ class _Retrieval:
         try:
             msg = waiter.next()
         except SessionEnded as exc:
+            if self._resume(waiter, exc):
+                return
             self.end = FinalResponse(exc.status, waiter.reason(exc)[: self.node.limits.max_text])
             return
+        self.answered = True
         if isinstance(msg, Instance):
+            if msg.sop_instance in self.skipped:
+                log.warning("instance the agent was told to skip; not delivered again")
+                return
+            self.resume_deadline = None  # progress: a later break gets a whole window
+            if len(self.seen) < self.node.limits.max_skip:
+                self.seen.add(msg.sop_instance)
+            else:
+                self.resumes = MAX_RESUMES  # too many to list: a break can no longer resume
             self.buffered.append(msg)
             self.classes.setdefault(msg.sop_class, None)
             self.syntaxes.setdefault(msg.transfer_syntax, None)
@@ -416,6 +457,45 @@ class _Retrieval:
                 self.total = sum(counts)
         elif isinstance(msg, FinalResponse):
             self.end = msg
+
+    def _resume(self, waiter: _Waiter, exc: SessionEnded) -> bool:
+        """After the stream broke: carry on over a new one if we may; False to give up.
+
+        Returns once a new session is started (whether it works is seen on the next read),
+        or with False when the break is not the relay's fault, the first stream never got
+        an answer, the viewer cancelled or left,
+        everything announced is already here, or the resume window has passed.
+        """
+        node = self.node
+        if not exc.resumable or node.resume_window <= 0 or self.resumes >= MAX_RESUMES:
+            return False
+        if not self.answered:
+            return False  # never reached the agent: the tunnel already waited its own time
+        if waiter.cancelled or (self.total is not None and len(self.seen) >= self.total):
+            return False
+        now = time.monotonic()
+        if self.resume_deadline is None:
+            self.resume_deadline = now + node.resume_window
+            log.warning("retrieve interrupted (%s); resuming with %d instances already "
+                        "received", exc.reason, len(self.seen))  # fmt: skip
+        pause = min(_RESUME_PAUSE[1], _RESUME_PAUSE[0] * 2 ** min(self.resumes, 8))
+        while time.monotonic() < min(now + pause, self.resume_deadline):
+            if waiter.check_cancel() or not self.event.assoc.is_established:
+                return False
+            time.sleep(_POLL)
+        left = self.resume_deadline - time.monotonic()
+        if left <= 0:
+            log.warning("retrieve not resumed within %.0f s", node.resume_window)
+            return False
+        waiter.session.close()
+        self.resumes += 1
+        self.skipped = frozenset(self.seen)
+        waiter.session = node._session(
+            replace(self.request, resume=True),
+            follow=(Skip(tuple(self.skipped)),),
+            open_timeout=min(left, node.timeout),
+        )
+        return True
 
     def _run(self, waiter: _Waiter) -> Iterator[Any]:
         depth = self.node.limits.queue_depth

@@ -134,8 +134,13 @@ class PacsOperation:
         *,
         stats: DicomStats | None = None,
         move_receiver: Any = None,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
+        """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
+        taken from the PACS (which counts them as done) but not sent on."""
         self.pacs = pacs
+        self.skip = skip
+        self.skipped = 0
         self.request = request
         self.codec = codec
         self.out = out
@@ -385,6 +390,9 @@ class PacsOperation:
         """
         if self._aborted.is_set():
             return st.STORE_OUT_OF_RESOURCES
+        if sop_instance in self.skip:
+            self.skipped += 1
+            return st.SUCCESS  # delivered before the resume: the PACS counts it as done
         try:
             rawds.check_instance(data, ts, sop_class, sop_instance)
         except rawds.MalformedDataset as exc:

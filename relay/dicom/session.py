@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final
 
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
@@ -39,13 +40,32 @@ OpenStream = Callable[[Mapping[str, str]], Awaitable[ByteStream]]
 RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
 
 
-class SessionEnded(Exception):
-    """The stream ended without a final response: `status` and `reason` say why."""
+# Resets that say something about the request or the device, not about the path: a
+# retrieve is not resumed after these (CANCEL is also what the agent sends when it gives up).
+NOT_RESUMABLE: Final = frozenset(
+    {
+        ErrorCode.CANCEL,
+        ErrorCode.FORBIDDEN,
+        ErrorCode.REVOKED,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.HEADERS_TOO_LARGE,
+        ErrorCode.LIMIT_EXCEEDED,
+    }
+)
 
-    def __init__(self, status: int, reason: str) -> None:
+
+class SessionEnded(Exception):
+    """The stream ended without a final response: `status` and `reason` say why.
+
+    `resumable` is True when the relay path failed (the link dropped, a stream reset with
+    a link-level code, no stream could be opened): trying again may succeed.
+    """
+
+    def __init__(self, status: int, reason: str, *, resumable: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.resumable = resumable
 
 
 class Session:
@@ -61,8 +81,11 @@ class Session:
         *,
         open_timeout: float,
         on_done: Callable[[Session], None] | None = None,
+        follow: Sequence[Message] = (),
     ) -> None:
+        """`follow`: messages written right after the request (a resumed retrieve's Skip)."""
         self.loop = loop
+        self._follow = tuple(follow)
         self.codec = codec
         self.request = request
         self.inbox: Channel[bytearray] = Channel(loop, codec.limits.queue_depth)
@@ -91,8 +114,19 @@ class Session:
                     stream = await self._open_stream(self._headers)
                     self._stream = stream
                     await write_message(stream, self.codec, self.request)
-            except (TimeoutError, StreamReset, OSError, ConnectionError) as exc:
-                reason = SessionEnded(st.LINK_LOST, f"relay link unavailable: {_why(exc)}")
+                    for extra in self._follow:
+                        await write_message(stream, self.codec, extra)
+            except StreamReset as exc:
+                reason = SessionEnded(
+                    st.LINK_LOST,
+                    f"relay link unavailable: {_why(exc)}",
+                    resumable=exc.code not in NOT_RESUMABLE,
+                )
+                return
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                reason = SessionEnded(
+                    st.LINK_LOST, f"relay link unavailable: {_why(exc)}", resumable=True
+                )
                 return
             except Exception as exc:  # the tunnel refused the stream, or similar
                 reason = SessionEnded(st.LINK_LOST, f"relay link unavailable: {_why(exc)}")
@@ -110,7 +144,11 @@ class Session:
                 if self._final_seen:
                     return
         except StreamReset as exc:
-            reason = SessionEnded(st.LINK_LOST, f"relay stream reset (code {exc.code})")
+            reason = SessionEnded(
+                st.LINK_LOST,
+                f"relay stream reset (code {exc.code})",
+                resumable=exc.code not in NOT_RESUMABLE,
+            )
         except DicomProtocolError as exc:
             reason = SessionEnded(st.RELAY_PROTOCOL, f"bad message from the agent: {exc}")
             if self._stream is not None:

@@ -67,6 +67,9 @@ class Chain:
     node_timeout: float = 30.0
     limits: DicomLimits | None = None
     drop_after: int | None = None  # bytes read by the workstation before the link drops
+    drop_streams: int | None = None  # how many streams drop (None: every one)
+    resume_window: float = 30.0
+    max_streams: int | None = None  # later opens fail as if the link never came back
     link_up: bool = True
     move_receiver: MoveReceiver | None = None
     pipe_limit: int = 256 * 1024
@@ -79,13 +82,16 @@ class Chain:
 
     async def open_stream(self, headers: Mapping[str, str]) -> ByteStream:
         self.headers.append(dict(headers))
-        if not self.link_up:
+        if not self.link_up or (
+            self.max_streams is not None and len(self.headers) > self.max_streams
+        ):
             raise ConnectionError("no link to the gateway (test)")
         a, b = pipe(headers, limit=self.pipe_limit)
         task = asyncio.create_task(self._serve(b))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if self.drop_after is not None:
+        dropped = self.drop_streams is None or len(self.headers) <= self.drop_streams
+        if self.drop_after is not None and dropped:
             return DroppingStream(a, self.drop_after)
         return a
 
@@ -108,6 +114,7 @@ class Chain:
             timeout=self.node_timeout,
             stats=self.node_stats,
             limits=self.limits,
+            resume_window=self.resume_window,
         )
         await self.node.start()
         return self.node

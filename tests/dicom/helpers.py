@@ -119,6 +119,7 @@ def capturing_scp(
         block=False,
         evt_handlers=[contexts.NODELAY, (evt.EVT_C_STORE, on_store)],
     )
+    assert server is not None
     try:
         yield captured, int(server.server_address[1])
     finally:

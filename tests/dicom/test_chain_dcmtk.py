@@ -366,11 +366,11 @@ async def test_unknown_study(chain: Chain, tmp_path: Path) -> None:
     assert result.status in ("Success", None) or "Fail" in result.status
 
 
-async def test_tunnel_drop_mid_retrieval_ends_in_failure(tmp_path: Path) -> None:
+async def test_tunnel_drop_without_resume_ends_in_failure(tmp_path: Path) -> None:
     study = samples.make_study(30, rows=256, cols=256, seed=45)
     uid = _attr(study[0], "StudyInstanceUID")
     with EmbeddedPacs(MemoryStore(study)) as p:
-        c = Chain(target(p), drop_after=len(study[0].data) * 5)
+        c = Chain(target(p), drop_after=len(study[0].data) * 5, resume_window=0)
         await c.start()
         try:
             result = await asyncio.to_thread(

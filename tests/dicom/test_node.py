@@ -199,10 +199,11 @@ async def test_tunnel_down_gives_failure_statuses(pacs: EmbeddedPacs) -> None:
 
 
 async def test_tunnel_dropped_mid_retrieval_never_reports_success() -> None:
+    """Without resuming (test_resume.py has the resumed case)."""
     study = samples.make_study(20, rows=128, cols=128, seed=33)
     uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
     with EmbeddedPacs(MemoryStore(study)) as p:
-        c = Chain(pacs_target(p), drop_after=len(study[0].data) * 4)
+        c = Chain(pacs_target(p), drop_after=len(study[0].data) * 4, resume_window=0)
         await c.start()
         try:
             result = await asyncio.wait_for(

@@ -48,9 +48,11 @@ def find(port: int, ident: Dataset, root: str = "study") -> tuple[list[Dataset],
         "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
     )
     assert assoc.is_established
-    matches, final = [], Dataset()
+    matches: list[Dataset] = []
+    final = Dataset()
     for status, match in assoc.send_c_find(ident, model):
         if status and status.Status in (0xFF00, 0xFF01):
+            assert match is not None
             matches.append(match)
         else:
             final = status

@@ -322,25 +322,40 @@ def test_viewer_cancel_cancels_at_the_pacs(
     assert sent < 24 and received < 24
 
 
-def test_tunnel_dropped_mid_retrieval_fails_the_retrieval(
+RESUME_WINDOW = 30.0  # relay.dicom.node.RESUME_WINDOW, the workstation's default
+
+
+def _study_keys(pacs: PacsProcess) -> dict[str, str]:
+    found = dcmtk.findscu(direct(pacs), "STUDY", {"PatientID": CT_PATIENT}, timeout=TIMEOUT)
+    return {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+
+
+def _restart_gateway(chain: DicomChain) -> None:
+    chain.procs["gateway"].popen.wait(5)  # type: ignore[union-attr]
+    chain.start("gateway")
+
+
+def test_tunnel_that_does_not_come_back_fails_the_retrieval(
     slow_chain: DicomChain, slow_pacs: PacsProcess, tmp_path: Path
 ) -> None:
-    """SIGKILL the gateway while getscu receives: getscu ends in failure, never success,
-    with only complete instances on disk; once the gateway is back, the same C-GET works."""
-    found = dcmtk.findscu(direct(slow_pacs), "STUDY", {"PatientID": CT_PATIENT}, timeout=TIMEOUT)
-    keys = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+    """SIGKILL the gateway while getscu receives and keep it down: the workstation tries to
+    resume for its resume window, then getscu ends in failure (never success, never a
+    hang), with only complete instances on disk; once the gateway is back, C-GET works."""
+    keys = _study_keys(slow_pacs)
     out = tmp_path / "relay"
     out.mkdir()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(dcmtk.getscu, slow_chain.node, out, "STUDY", keys,
-                             extra_args=["+B"], timeout=TIMEOUT, check=False)  # fmt: skip
+                             extra_args=["+B"], timeout=TIMEOUT + RESUME_WINDOW,
+                             check=False)  # fmt: skip
         assert wait_for(lambda: len(list(out.iterdir())) >= 3, within=30), "no instance arrived"
         os.kill(slow_chain.pid("gateway"), signal.SIGKILL)
         killed = time.monotonic()
-        result = future.result(timeout=TIMEOUT + 10)
+        result = future.result(timeout=TIMEOUT + RESUME_WINDOW + 10)
         ended = time.monotonic() - killed
     print(f"\ngetscu ended {ended:.2f} s after the gateway was killed: {result.status}, "
           f"{result.suboperations}")  # fmt: skip
+    assert ended < RESUME_WINDOW + 20
     assert not result.ok
     assert result.status is not None and not result.status.startswith(("Success", "Warning"))
     completed = result.suboperations.get("Completed", 0)
@@ -352,13 +367,43 @@ def test_tunnel_dropped_mid_retrieval_fails_the_retrieval(
     intact = [path for path in result.files if dataset_bytes(path) in pacs_bytes]
     assert len(intact) >= completed  # what was reported complete is complete and intact
 
-    slow_chain.procs["gateway"].popen.wait(5)  # type: ignore[union-attr]
-    slow_chain.start("gateway")
+    _restart_gateway(slow_chain)
     slow_chain.wait_ready()
     again = dcmtk.getscu(slow_chain.node, tmp_path / "again", "STUDY", keys, extra_args=["+B"],
                          timeout=TIMEOUT)  # fmt: skip
     assert again.suboperations.get("Completed") == 40
     assert sorted(map(dataset_bytes, again.files)) == sorted(pacs_bytes)
+
+
+def test_tunnel_dropped_mid_retrieval_is_resumed(
+    slow_chain: DicomChain, slow_pacs: PacsProcess, tmp_path: Path
+) -> None:
+    """SIGKILL the gateway while getscu receives, start it again a moment later: the
+    workstation reconnects and resumes, and getscu gets every instance exactly once."""
+    slow_chain.wait_ready()
+    keys = _study_keys(slow_pacs)
+    out = tmp_path / "relay"
+    out.mkdir()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(dcmtk.getscu, slow_chain.node, out, "STUDY", keys,
+                             extra_args=["+B"], timeout=TIMEOUT + RESUME_WINDOW,
+                             check=False)  # fmt: skip
+        assert wait_for(lambda: len(list(out.iterdir())) >= 3, within=30), "no instance arrived"
+        os.kill(slow_chain.pid("gateway"), signal.SIGKILL)
+        before_restart = len(list(out.iterdir()))
+        time.sleep(1.0)
+        _restart_gateway(slow_chain)
+        result = future.result(timeout=TIMEOUT + RESUME_WINDOW + 10)
+    print(f"\ngetscu after a gateway restart: {result.status}, {result.suboperations}, "
+          f"{before_restart} instances before the kill")  # fmt: skip
+    assert result.ok, result.output[-3000:]
+    assert result.status is not None and result.status.startswith("Success")
+    assert result.suboperations.get("Completed") == 40
+    assert result.suboperations.get("Failed", 0) == 0
+    want = dcmtk.getscu(direct(slow_pacs), tmp_path / "direct", "STUDY", keys,
+                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    assert len(result.files) == 40  # getscu writes one file per instance: none twice
+    assert sorted(map(dataset_bytes, result.files)) == sorted(map(dataset_bytes, want.files))
 
 
 def test_pacs_down_is_a_failure_status_within_a_bounded_time(
