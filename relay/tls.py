@@ -142,7 +142,7 @@ async def accept_tls(
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
-        transport, protocol = await loop.connect_accepted_socket(
+        transport, _ = await loop.connect_accepted_socket(
             protocol_factory, sock, ssl=ctx, ssl_handshake_timeout=handshake_timeout
         )
     except BaseException:

@@ -212,7 +212,7 @@ def findscu(
     The level's unique key is always requested. Matches come from ``findscu --extract``
     (one rsp*.dcm per response, read back with pydicom), not from parsing log text.
     """
-    from pydicom import dcmread  # noqa: PLC0415  (pydicom only when used)
+    from pydicom import dcmread
 
     with tempfile.TemporaryDirectory(prefix="dmzr-findscu-") as out:
         argv = [

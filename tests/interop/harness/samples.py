@@ -54,9 +54,9 @@ def write_ct_series(
     are generated unless given. Files are ``out_dir/CT<n>.dcm`` (``out_dir`` is created).
     """
     # Imported here, not at the top: see the module docstring.
-    import pydicom  # noqa: PLC0415
-    from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415
-    from pydicom.uid import UID, generate_uid  # noqa: PLC0415
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, generate_uid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_instance_uid or generate_uid()
@@ -130,7 +130,7 @@ def write_ct_series(
 def fingerprint(path: Path) -> tuple[str, str]:
     """(SOP Instance UID, SHA-256 of the pixel data): equal for the same image, whatever
     file meta or transfer-syntax-neutral re-encoding a hop may have applied."""
-    from pydicom import dcmread  # noqa: PLC0415
+    from pydicom import dcmread
 
     ds = dcmread(path)
     return str(ds.SOPInstanceUID), hashlib.sha256(ds.PixelData).hexdigest()
