@@ -20,10 +20,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 REPO: Final = Path(__file__).resolve().parents[2]
 VENV_BIN: Final = Path(sys.executable).parent
@@ -31,6 +31,7 @@ HOST: Final = "127.0.0.1"
 #: File descriptors a benchmark process may hold (the hard limit caps it).
 NOFILE_WANTED: Final = 65536
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -81,7 +82,26 @@ def other_load(ours: Sequence[Process], seconds: float = 1.0) -> float:
     return max(0.0, system_busy_seconds() - busy - (sum(p.cpu() for p in ours) - mine)) / seconds
 
 
-def wait_for_quiet(limit: float = 0.3, patience: float = 60.0) -> float:
+QUIET_LIMIT: Final = 0.3  # cores of other load under which a measurement counts as clean
+
+
+def quietest(measure: Callable[[], T], load: Callable[[T], float], tries: int) -> T:
+    """Run `measure` until its window had under QUIET_LIMIT cores of other load, at most
+    `tries` times; return the sample with the least other load."""
+    best: T | None = None
+    for _ in range(max(1, tries)):
+        if best is not None:
+            print(f"  (other load {load(best):.2f} cores: measuring again)", flush=True)
+        sample = measure()
+        if best is None or load(sample) < load(best):
+            best = sample
+        if load(best) < QUIET_LIMIT:
+            break
+    assert best is not None
+    return best
+
+
+def wait_for_quiet(limit: float = QUIET_LIMIT, patience: float = 60.0) -> float:
     """Wait (up to `patience` s) until other processes use under `limit` cores; returns it."""
     deadline = time.monotonic() + patience
     while True:

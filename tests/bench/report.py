@@ -13,6 +13,7 @@ import platform
 import re
 import ssl
 import statistics
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -44,6 +45,33 @@ def loop_name() -> str:
         return "asyncio"
 
 
+def code_version() -> str:
+    """The commit measured, and any uncommitted change to the product's code."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "relay", "gateway"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "commit unknown"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    if changed:
+        return f"commit {head} + uncommitted changes to {', '.join(changed)}"
+    return f"commit {head}"
+
+
 def machine_line(extra: Sequence[str] = ()) -> str:
     """Date, machine, CPU, cores, Python, loop (and more) on one line."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -56,6 +84,7 @@ def machine_line(extra: Sequence[str] = ()) -> str:
         f"loop {loop_name()}",
         ssl.OPENSSL_VERSION,
         *extra,
+        code_version(),
     ]
     return "Run: " + " · ".join(parts)
 

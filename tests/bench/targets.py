@@ -68,6 +68,17 @@ class Gateway:
     port: int
     metrics_port: int
 
+    def routes(self, site: str = SITE) -> bool:
+        """Whether the gateway routes `site` (an agent link that sent its snapshot), per
+        /readyz ("... agent links for sites: a,b")."""
+        url = f"http://{HOST}:{self.metrics_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                body = resp.read(65536).decode(errors="replace")
+        except OSError:
+            return False
+        return site in body.rpartition("sites:")[2].strip().split(",")
+
     def links(self, role: str = "device") -> float:
         return scrape(self.metrics_port).get(f'relay_links{{role="{role}",site="{SITE}"}}', 0.0)
 

@@ -4,7 +4,9 @@
 (`ready` once it is set up, replies to commands) and reads one command a line on stdin:
 `stats` (counters and the time they were read, CLOCK_MONOTONIC, which all processes
 share) or `stop`. It exits by itself when stdin closes or after `max_seconds`, so nothing
-outlives a benchmark. Async workers run under uvloop, like the gateway.
+outlives a benchmark. Workers that speak the relay protocol run the way the product's
+roles do (relay.runtime.run_loop: uvloop and its malloc tuning); the baseline TLS server
+runs under plain uvloop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import uvloop
 from relay import tls
 from relay.aio import Link, Stream
 from relay.proto import Connection, LinkSettings
+from relay.revocation import KIND_REVOKE, encode_revocations
+from relay.runtime import run_loop
 from tests.bench.procs import HOST, raise_nofile
 
 CHUNK: Final = 64 * 1024  # what senders hand to the transport/stream per call
@@ -147,6 +151,10 @@ async def link_sink(args: dict[str, Any], counters: Counters) -> None:
         ),
         CONNECT_TIMEOUT,
     )
+    # Like an agent: the site's revocation snapshot (here: nothing revoked) comes first;
+    # the gateway routes the site's streams to this link only after it.
+    for body in encode_revocations((), full=True):
+        link.send_control(KIND_REVOKE, body)
     emit("ready")
     await link.wait_closed()
 
@@ -388,8 +396,10 @@ def main(argv: list[str]) -> int:
     try:
         if role in BLOCKING_ROLES:
             BLOCKING_ROLES[role](args, counters)
+        elif role == "tls-server":
+            uvloop.run(ASYNC_ROLES[role](args, counters))  # the bare baseline
         else:
-            uvloop.run(ASYNC_ROLES[role](args, counters))
+            run_loop(ASYNC_ROLES[role](args, counters))  # as the product's roles run
     except Exception as exc:
         emit("error", message=f"{role}: {exc!r}")
         raise
