@@ -265,6 +265,45 @@ def test_storescu_upload_lands_in_the_pacs(
     assert wait_for(lambda: pacs.events().get("stores", 0) >= stores_before + 3)
 
 
+def test_a_patient_name_canary_never_reaches_the_gateways_output(
+    chain: DicomChain, pacs: PacsProcess, tmp_path: Path
+) -> None:
+    """Issue 5's privacy test: a study whose patient name is a unique canary goes up,
+    is queried and retrieved through the relay; the gateway never shows it anywhere."""
+    canary = f"CANARY{os.urandom(6).hex().upper()}^PRIVACY"
+    patient_id = f"CAN{os.urandom(4).hex().upper()}"
+    spec = samples.StudySpec(patient_name=canary, patient_id=patient_id)
+    study = samples.make_study(4, spec=spec, rows=64, cols=64, seed=777)
+    paths = []
+    for i, inst in enumerate(study):
+        path = tmp_path / "canary" / f"{i}.dcm"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(inst.file_bytes())
+        paths.append(path)
+    gateway_dir = chain.tmp / "state"  # the gateway has no state; nothing may appear here
+    before = sorted(p.name for p in chain.tmp.iterdir())
+    assert dcmtk.storescu(chain.node, paths, timeout=TIMEOUT).ok
+    keys = {"PatientID": patient_id, "PatientName": "", "StudyInstanceUID": ""}
+    found = dcmtk.findscu(chain.node, "STUDY", keys, timeout=TIMEOUT)
+    assert found.values("PatientName") == [canary]  # the canary did travel through the relay
+    study_uid = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+    got = dcmtk.getscu(chain.node, tmp_path / "got", "STUDY", study_uid, timeout=TIMEOUT)
+    assert len(got.files) == 4
+    status, metrics_text = chain.http_get(chain.ports["gateway_metrics"], "/metrics")
+    assert status == 200
+    logged = chain.procs["gateway"].output()
+    for form in (canary, canary.split("^", maxsplit=1)[0], patient_id):
+        assert form not in logged
+        assert form not in metrics_text
+    # The gateway writes no file: the test directory holds only what existed plus state
+    # the agent keeps (its state_dir), never anything of the gateway's.
+    after = sorted(p.name for p in chain.tmp.iterdir())
+    assert set(after) - set(before) <= {gateway_dir.name}
+    gw_fds = Path(f"/proc/{chain.pid('gateway')}/fd")
+    opened = {os.path.realpath(p) for p in gw_fds.iterdir()}
+    assert not {f for f in opened if f.startswith(str(tmp_path))}
+
+
 # -- bad cases, each on a chain of its own ---------------------------------------------
 
 
