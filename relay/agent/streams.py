@@ -27,6 +27,7 @@ from relay.aio import Stream
 from relay.codec import CodecStats, CodecStream, offers_zstd
 from relay.proto import ErrorCode
 from relay.streams import ByteStream, StreamReset
+from relay.tasks import drain_tasks
 from relay.tcpforward import SpliceStats, abort_socket, splice, tune_socket
 
 __all__ = [
@@ -214,15 +215,7 @@ class StreamDispatcher:
         """Refuse new streams, let the ones in flight finish within `grace` seconds, then
         cancel the rest (their streams are reset). Returns how many were cancelled."""
         self._closing = True
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        left = set(self._tasks)
-        for task in left:
-            task.cancel()
-        if left:
-            log.warning("grace period over, cancelling streams", extra={"streams": len(left)})
-            await asyncio.gather(*left, return_exceptions=True)
-        return len(left)
+        return await drain_tasks(self._tasks, grace, "streams")
 
     async def close(self) -> None:
         """Cancel everything now."""

@@ -20,6 +20,7 @@ from typing import Final
 
 from relay.codec import CODEC_HEADER, CODEC_ZSTD, CodecStats, CodecStream
 from relay.config import Address
+from relay.tasks import drain_tasks
 from relay.tcpforward import SpliceStats, abort_socket, splice, tune_socket
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
 
@@ -176,15 +177,7 @@ class Forwarder:
     async def drain(self, grace: float) -> int:
         """Stop accepting; let open connections finish within `grace`; cancel the rest."""
         await self.stop_accepting()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        left = set(self._tasks)
-        for task in left:
-            task.cancel()
-        if left:
-            log.warning("grace period over, closing forwarded connections", extra={"n": len(left)})
-            await asyncio.gather(*left, return_exceptions=True)
-        return len(left)
+        return await drain_tasks(self._tasks, grace, "forwarded connections")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
