@@ -79,6 +79,7 @@ def reload(server: GatewayServer) -> bool:
         set_log_level(config.log_level)
     server.config = config
     server.ssl_context = context
+    server.note_certificate()
     server.metrics.reloads.labels("ok").inc()
     if restart:
         log.warning(

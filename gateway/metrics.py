@@ -43,6 +43,12 @@ class GatewayMetrics:
         self.revocations = Gauge(
             "relay_revoked_devices", "Revoked devices known to this gateway", registry=r
         )
+        self.certificate_expiry = Gauge(
+            "relay_certificate_expiry_timestamp_seconds",
+            "When this process's own certificate expires (Unix time)",
+            ["role"],
+            registry=r,
+        )
         self.draining = Gauge("relay_draining", "1 while the gateway drains", registry=r)
         self.reloads = Counter(
             "relay_reloads_total",

@@ -22,6 +22,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.router import HEADER_DEVICE, Router
 from relay.aio import Link, link_settings
 from relay.identity import Identity, IdentityError
+from relay.pki import PkiError, load_cert
 from relay.proto import ErrorCode
 from relay.revocation import RevocationList
 from relay.tls import (
@@ -74,7 +75,14 @@ class GatewayServer:
 
     # -- lifecycle
 
+    def note_certificate(self) -> None:
+        """Export when our own certificate expires (alerting renews it in time)."""
+        with contextlib.suppress(PkiError, OSError, ValueError):
+            expiry = load_cert(self.config.tls.cert).not_valid_after_utc.timestamp()
+            self.metrics.certificate_expiry.labels("gateway").set(expiry)
+
     async def start(self) -> None:
+        self.note_certificate()
         addr = self.config.listen
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.create_server((addr.host, addr.port), family=family, backlog=1024)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from pki_helpers import HOST, Pair, SitePki, make_pki
 
 from gateway.config import GatewayConfig
@@ -149,6 +150,14 @@ async def test_device_stream_reaches_agent_of_its_site(world: World) -> None:
     assert sample == len(payload)
     device.close()
     agent.close()
+
+
+async def test_own_certificate_expiry_is_exported(world: World) -> None:
+    expiry = world.server.metrics.registry.get_sample_value(
+        "relay_certificate_expiry_timestamp_seconds", {"role": "gateway"}
+    )
+    cert = x509.load_pem_x509_certificate(world.pki.gateway.cert.read_bytes())
+    assert expiry == cert.not_valid_after_utc.timestamp()
 
 
 async def test_twenty_concurrent_streams(world: World) -> None:
