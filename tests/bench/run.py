@@ -1,9 +1,10 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
-    python -m tests.bench.run [throughput] [memory] [handshakes] [--quick] [--no-write]
+    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [--quick] [--no-write]
 
-With no names, all three run: about 6 minutes on a quiet 2-core machine, up to ~30 on
-a busy one (a run with other load is repeated, at most 3 times). `--quick` is a smoke run
+With no names, all four run: about 6 minutes for the first three on a quiet 2-core
+machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
+and 7-10 more for wan (DICOM across an emulated WAN, issue 3). `--quick` is a smoke run
 (short windows, one run each, few links) whose numbers are not written unless
 `--write` is also given. Logs of every process go to a temporary directory, kept
 (and printed) only when a benchmark fails.
@@ -20,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tests.bench import handshakes, memory, throughput
+from tests.bench import handshakes, memory, throughput, wan
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
 
-NAMES: Final = ("throughput", "memory", "handshakes")
+NAMES: Final = ("throughput", "memory", "handshakes", "wan")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 patience=0.0 if quick else 20.0,
                 tries=1 if quick else 3,
             ),
+            "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
         }
         for name in names:
             started = time.monotonic()
