@@ -209,8 +209,10 @@ class Stream:
 class Link(asyncio.Protocol):
     """A multiplexed link over one (TLS) transport.
 
-    Create it, hand it to the loop as a protocol (or call `start(transport)` after a
-    manual `loop.start_tls`), then open streams or receive them through `on_stream`.
+    Create it and hand it to the loop as a protocol. A server creates it with
+    `autostart=False` (relay.tls.accept_tls) and calls `start()` once the peer's identity
+    is accepted; bytes that arrive before are held (at most PRESTART_LIMIT). Then open
+    streams, or receive them through `on_stream`.
     """
 
     def __init__(
