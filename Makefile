@@ -2,35 +2,43 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per set of extras: `make demo` installs only the product and the demo extra.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: all install demo test test-fast lint bench clean
 
 all: test
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e '.[demo]'
+	touch $@
 
-demo: $(STAMP)
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e '.[demo,test]'
+	touch $@ $(DEMO_STAMP)
+
+install: $(TEST_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/relay demo
 
-lint: $(STAMP)
-	$(BIN)/ruff check relay gateway tests
-	$(BIN)/ruff format --check relay gateway
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check relay gateway relay_dev tests
+	$(BIN)/ruff format --check relay gateway relay_dev tests
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -q -x -m "not slow and not interop" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 clean:

@@ -1,6 +1,6 @@
 """The gateway's configuration file, typed and validated at load time.
 
-Imports `relay.config` only: the gateway never pulls in DICOM or compression code.
+Imports `relay.ops.config` only: the gateway never pulls in DICOM or compression code.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.config import (
+from relay.ops.config import (
     Address,
     TlsFiles,
     TunnelLimits,
@@ -42,7 +42,7 @@ class GatewayConfig:
 
 
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
-    """Load and check a gateway config file; raises relay.config.ConfigError."""
+    """Load and check a gateway config file; raises relay.ops.config.ConfigError."""
     r = open_config(path)
     listen = r.address("listen", listen=True)
     metrics_listen = r.optional_address("metrics_listen", listen=True)

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.router import Router
-from relay.aio import Link
-from relay.identity import Identity
+from relay.net.aio import Link
 from relay.proto import ErrorCode, LinkClosedError
-from relay.revocation import (
+from relay.trust.identity import Identity
+from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
     KIND_REFUSAL,
     KIND_REVOKE,

@@ -13,7 +13,7 @@ import re
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.router import HEADER_PEER, Router
-from relay.aio import Link, Stream
+from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode
 
 log = logging.getLogger(__name__)

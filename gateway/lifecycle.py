@@ -5,7 +5,7 @@ gateway; agents stop expecting streams here), lets spliced streams finish within
 grace period, then closes what is left. Reloading swaps the TLS context and the limits
 used for new links; links already up keep theirs. A reloaded certificate must be signed
 by the new CA bundle, be valid now and stay a gateway certificate of the same trust
-domain (relay.reloading); otherwise, or if anything fails to load, the running
+domain (relay.ops.reloading); otherwise, or if anything fails to load, the running
 configuration stays (one error line, `relay_reloads_total{result="error"}`). The
 listeners need a restart to move; a reload keeps them and says so.
 """
@@ -17,11 +17,11 @@ import logging
 
 from gateway.config import load_gateway_config
 from gateway.server import GatewayServer
-from relay.config import ConfigError
-from relay.pki import PkiError
+from relay.net.tls import TlsConfigError, server_context, trust_domain_of
+from relay.ops.config import ConfigError
+from relay.ops.reloading import ReloadError, check_own_certificate, keep_restart_only, set_log_level
 from relay.proto import ErrorCode
-from relay.reloading import ReloadError, check_own_certificate, keep_restart_only, set_log_level
-from relay.tls import TlsConfigError, server_context, trust_domain_of
+from relay.trust.pki import PkiError
 
 log = logging.getLogger(__name__)
 POLL = 0.05

@@ -10,7 +10,7 @@ import logging
 
 from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
-from relay.aio import Link, Stream
+from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 
 log = logging.getLogger(__name__)

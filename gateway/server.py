@@ -20,12 +20,8 @@ from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
 from gateway.router import HEADER_DEVICE, Router
-from relay.aio import Link, link_settings
-from relay.identity import Identity, IdentityError
-from relay.pki import PkiError, load_cert
-from relay.proto import ErrorCode
-from relay.revocation import RevocationList
-from relay.tls import (
+from relay.net.aio import Link, link_settings
+from relay.net.tls import (
     ALPN_ENROLL,
     TUNNEL_ALPNS,
     accept_tls,
@@ -33,6 +29,10 @@ from relay.tls import (
     peer_identity,
     refusal_for_identity,
 )
+from relay.proto import ErrorCode
+from relay.trust.identity import Identity, IdentityError
+from relay.trust.pki import PkiError, load_cert
+from relay.trust.revocation import RevocationList
 
 log = logging.getLogger(__name__)
 

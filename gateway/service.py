@@ -12,10 +12,10 @@ from gateway.config import GatewayConfig, load_gateway_config
 from gateway.lifecycle import drain, reload
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
-from relay.admin import AdminServer
-from relay.logs import setup_logging
-from relay.runtime import run_loop
-from relay.tls import server_context, trust_domain_of
+from relay.net.tls import server_context, trust_domain_of
+from relay.ops.http import AdminServer
+from relay.ops.logs import setup_logging
+from relay.ops.runtime import run_loop
 
 log = logging.getLogger(__name__)
 

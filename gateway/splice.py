@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from relay.aio import Stream
+from relay.net.aio import Stream
 
 
 class _Direction:

@@ -14,17 +14,17 @@ from datetime import timedelta
 from pathlib import Path
 
 from relay import __version__
-from relay.config import ConfigError, parse_duration
-from relay.identity import IdentityError
-from relay.pki import PkiError
-from relay.tls import TlsConfigError
+from relay.net.tls import TlsConfigError
+from relay.ops.config import ConfigError, parse_duration
+from relay.trust.identity import IdentityError
+from relay.trust.pki import PkiError
 
 # Errors a user can fix: one line on stderr, exit status 2, no traceback.
 USER_ERRORS = (ConfigError, PkiError, TlsConfigError, IdentityError, ValueError, OSError)
 
 
 def _cmd_pki_init(args: argparse.Namespace) -> int:
-    from relay.pki import init_pki
+    from relay.trust.pki import init_pki
 
     names = [n.strip() for n in args.gateway_name.split(",") if n.strip()]
     init_pki(Path(args.dir), args.trust_domain, args.site, names)
@@ -33,7 +33,7 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_pki_issue(args: argparse.Namespace) -> int:
-    from relay.pki import issue_device
+    from relay.trust.pki import issue_device
 
     lifetime = timedelta(seconds=parse_duration(args.lifetime))
     issue_device(Path(args.dir), args.site, args.device, Path(args.out), lifetime)
@@ -66,7 +66,7 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from relay.enroll import run_enroll
+    from relay.trust.enroll import run_enroll
 
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
@@ -87,7 +87,7 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from relay.demo import run
+    from relay_dev.demo import run
 
     code: int = run(Path(args.dir) if args.dir else None)
     return code

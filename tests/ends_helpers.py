@@ -1,6 +1,6 @@
 """Helpers for tests of the two end processes: an in-process gateway, configs, TCP services.
 
-Everything runs on 127.0.0.1 with real TLS and certificates from relay.pki.
+Everything runs on 127.0.0.1 with real TLS and certificates from relay.trust.pki.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
 from relay.agent.config import AgentConfig, PacsConfig, ServiceConfig
-from relay.config import Address, Backoff, TlsFiles, TunnelLimits
+from relay.ops.config import Address, Backoff, TlsFiles, TunnelLimits
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
 
 WAIT = 10.0

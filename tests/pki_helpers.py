@@ -19,8 +19,9 @@ from typing import Any, Literal, TypeVar, cast
 
 import uvloop
 
-from relay import pki, tls
-from relay.identity import Identity
+from relay.net import tls
+from relay.trust import pki
+from relay.trust.identity import Identity
 
 LoopKind = Literal["asyncio", "uvloop"]
 LOOP_KINDS: tuple[LoopKind, ...] = ("asyncio", "uvloop")
@@ -147,7 +148,7 @@ def _record_success(outcome: Outcome, transport: asyncio.BaseTransport) -> None:
 async def _serve_accept_tls(
     listener: socket.socket, ctx: ssl.SSLContext, hs_timeout: float, outcome: Outcome
 ) -> None:
-    """The recommended gateway path: accept, then relay.tls.accept_tls."""
+    """The recommended gateway path: accept, then relay.net.tls.accept_tls."""
     loop = asyncio.get_running_loop()
     sock, _ = await asyncio.wait_for(loop.sock_accept(listener), WAIT)
     try:

@@ -30,9 +30,9 @@ from pki_helpers import SitePki, make_pki
 
 from gateway.config import load_gateway_config
 from gateway.metrics import GatewayMetrics
-from relay import tls
 from relay.agent.config import load_agent_config
-from relay.config import parse_duration
+from relay.net import tls
+from relay.ops.config import parse_duration
 from relay.workstation.config import load_workstation_config
 
 ROOT = Path(__file__).resolve().parents[1]

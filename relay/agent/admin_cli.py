@@ -22,13 +22,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from relay import pki
 from relay.agent.audit import AUDIT_FILE, AuditLog
 from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.registry import REGISTRY_FILE, DeviceRow, Registry, RegistryError, RevokeResult
-from relay.agent.tokens import CodeError, EnrollmentCode
-from relay.config import Address, ConfigError, parse_address, parse_duration
-from relay.identity import Identity, IdentityError
+from relay.ops.config import Address, ConfigError, parse_address, parse_duration
+from relay.trust import pki
+from relay.trust.codes import CodeError, EnrollmentCode
+from relay.trust.identity import Identity, IdentityError
 
 __all__ = ["DEFAULT_TTL", "device_list", "device_revoke", "open_state", "token_create"]
 

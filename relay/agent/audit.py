@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from relay.config import Address, Reader
+    from relay.ops.config import Address, Reader
 
 __all__ = [
     "AUDIT_FILE",
@@ -722,7 +722,7 @@ def read_audit_settings(r: Reader) -> AuditSettings:
         return AuditSettings()
 
     def max_size(value: object) -> int:
-        from relay.config import parse_size
+        from relay.ops.config import parse_size
 
         size = parse_size(value)
         if not MAX_LINE_BYTES <= size <= 1 << 40:

@@ -29,21 +29,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay import pki
 from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, Registry, RegistryError, RevocationWatcher
-from relay.identity import Identity, IdentityError, parse_spiffe_uri
+from relay.net.bytestream import ByteStream
 from relay.proto import LinkClosedError
-from relay.renewal import RenewOutcome, serve_renew_stream
-from relay.revocation import (
+from relay.trust import pki
+from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
+from relay.trust.renewal import RenewOutcome, serve_renew_stream
+from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
     RevocationError,
     decode_refusal,
     encode_enroll_result,
     encode_revocations,
 )
-from relay.streams import ByteStream
 
 __all__ = ["DEFAULT_DEVICE_LIFETIME", "DeviceAuthority"]
 
@@ -160,7 +160,7 @@ class DeviceAuthority:
             now=self.now,
         )
         self.enrollments[outcome.result] = self.enrollments.get(outcome.result, 0) + 1
-        link = getattr(stream, "link", None)  # a relay.aio.Stream knows its link
+        link = getattr(stream, "link", None)  # a relay.net.aio.Stream knows its link
         send = getattr(link, "send_control", None)
         if send is not None:
             with contextlib.suppress(LinkClosedError, ValueError):

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Literal, cast
 
 from relay.agent.audit import AuditSettings, read_audit_settings
-from relay.config import (
+from relay.ops.config import (
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
@@ -169,7 +169,7 @@ def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
 
 
 def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
-    """Load and check an agent config file; raises relay.config.ConfigError."""
+    """Load and check an agent config file; raises relay.ops.config.ConfigError."""
     r = open_config(path)
     site = r.text("site", check=lambda v: check_name(v, "a site name"))
     gateways = r.addresses("gateways", min_len=1)

@@ -1,7 +1,7 @@
 """The agent's side of `relay enroll`: judge the code and the CSR, sign, record, audit.
 
 The exchange on one stream (target `enroll`, opened by the PC over the gateway's
-enrollment ALPN; messages framed by relay.framed_json):
+enrollment ALPN; messages framed by relay.net.jsonframes):
 
 1. agent -> PC  {"v": 1, "ca_pem": "..."}                    at once, before any secret
 2. PC -> agent  {"v": 1, "token_id", "secret", "device", "csr_pem"}   at most 16 KiB
@@ -29,14 +29,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay import pki
 from relay.agent.audit import AuditLog, Outcome
 from relay.agent.registry import Redeemed, RedeemStatus, Registry, RegistryError, serial_hex
-from relay.agent.tokens import CodeError, check_token_id, decode_secret
-from relay.framed_json import MessageError, MessageTooLarge, read_message, write_message
-from relay.identity import Identity, IdentityError
+from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.jsonframes import MessageError, MessageTooLarge, read_message, write_message
 from relay.proto import ErrorCode
-from relay.streams import ByteStream, StreamReset
+from relay.trust import pki
+from relay.trust.codes import CodeError, check_token_id, decode_secret
+from relay.trust.identity import Identity, IdentityError
 
 __all__ = [
     "ENROLL_TARGET",
@@ -65,7 +65,7 @@ EXCHANGE_TIMEOUT: Final = 20.0
 
 @dataclass(frozen=True)
 class EnrollOutcome:
-    """How an attempt ended. `result` is one of relay.revocation.ENROLL_RESULTS."""
+    """How an attempt ended. `result` is one of relay.trust.revocation.ENROLL_RESULTS."""
 
     result: str
     message: str

@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from relay.agent.tokens import hash_secret, new_secret, new_token_id, secret_matches
-from relay.config import check_name
+from relay.ops.config import check_name
+from relay.trust.codes import hash_secret, new_secret, new_token_id, secret_matches
 
 __all__ = [
     "BUSY_TIMEOUT",

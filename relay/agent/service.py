@@ -1,6 +1,6 @@
 """`relay agent`: dial out to every address of every gateway and serve the streams.
 
-The hospital opens no inbound port: the agent keeps one supervised link (relay.dialer)
+The hospital opens no inbound port: the agent keeps one supervised link (relay.net.dialer)
 to each address that each configured gateway name resolves to (all A and AAAA records,
 e.g. the pods of a Kubernetes headless Service), re-resolving every `resolve_interval`
 to add links for new addresses and drain those of vanished ones. Streams arriving on
@@ -39,38 +39,38 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from relay import pki
-from relay.admin import AdminServer
 from relay.agent.audit import AuditLog
 from relay.agent.authority import DeviceAuthority
 from relay.agent.config import AgentConfig, load_agent_config
+from relay.agent.dispatch import HEADER_DEVICE, StreamDispatcher, TargetHandler
 from relay.agent.registry import RegistryError
-from relay.agent.streams import HEADER_DEVICE, StreamDispatcher, TargetHandler
 from relay.agent.syslog import SyslogSender
 from relay.agent.syslog import client_context as syslog_context
-from relay.aio import Link, Stream, link_settings
-from relay.backoff import ExponentialBackoff, Uniform
-from relay.config import Address, ConfigError
-from relay.dialer import KeptLink
-from relay.endmetrics import EndMetrics, Sources
-from relay.logs import setup_logging
-from relay.proto import ErrorCode, LinkClosedError
-from relay.reloading import (
+from relay.net.aio import Link, Stream, link_settings
+from relay.net.backoff import ExponentialBackoff, Uniform
+from relay.net.dialer import KeptLink
+from relay.net.tls import ALPN_AGENT, TlsConfigError, client_context
+from relay.ops.config import Address, ConfigError
+from relay.ops.http import AdminServer
+from relay.ops.logs import setup_logging
+from relay.ops.metrics import EndMetrics, Sources
+from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
     check_own_certificate,
     keep_restart_only,
     set_log_level,
 )
-from relay.revocation import (
+from relay.ops.runtime import run_loop
+from relay.proto import ErrorCode, LinkClosedError
+from relay.trust import pki
+from relay.trust.revocation import (
     KIND_REFUSAL,
     KIND_REVOKE,
     RevocationError,
     decode_refusal,
     encode_revocations,
 )
-from relay.runtime import run_loop
-from relay.tls import ALPN_AGENT, TlsConfigError, client_context
 
 __all__ = [
     "Agent",

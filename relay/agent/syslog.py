@@ -32,8 +32,8 @@ from datetime import datetime
 from typing import Final
 
 from relay.agent.audit import AuditEvent, Outcome
-from relay.backoff import ExponentialBackoff
-from relay.config import Address
+from relay.net.backoff import ExponentialBackoff
+from relay.ops.config import Address
 
 __all__ = [
     "FACILITY_AUTHPRIV",

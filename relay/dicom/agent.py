@@ -40,8 +40,8 @@ from relay.dicom.codec import (
 from relay.dicom.move_receiver import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation, PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
+from relay.net.bytestream import ByteStream, StreamReset
 from relay.proto.errors import ErrorCode
-from relay.streams import ByteStream, StreamReset
 
 log = logging.getLogger(__name__)
 

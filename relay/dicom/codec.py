@@ -23,7 +23,7 @@ from typing import Any, Final, Literal, Protocol
 
 import zstandard
 
-from relay.streams import ByteStream
+from relay.net.bytestream import ByteStream
 
 VERSION: Final = 1
 

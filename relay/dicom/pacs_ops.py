@@ -43,7 +43,7 @@ from relay.dicom.codec import (
     Pending,
     Request,
 )
-from relay.dicom.samples import encode_dataset
+from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomStats, NullStats
 
 log = logging.getLogger(__name__)

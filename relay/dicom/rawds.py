@@ -25,8 +25,10 @@ from typing import Final
 
 import pynetdicom.association
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom.filewriter import write_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 _EncodeFn = Callable[..., bytes | None]
 _lock = threading.Lock()
@@ -273,3 +275,15 @@ def check_instance(data: bytes, transfer_syntax: str, sop_class: str, sop_instan
         got = seen.get(key)
         if got is not None and got != expected:
             raise MalformedDataset(f"dataset {key} {got!r} differs from the command's")
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """The dataset's bytes in an uncompressed transfer syntax (no file meta)."""
+    implicit, little, deflated = ts_encoding(transfer_syntax)
+    if deflated:
+        raise ValueError("encode_dataset does not deflate")
+    fp = DicomBytesIO()
+    fp.is_little_endian = little
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return bytes(fp.getvalue())

@@ -31,8 +31,8 @@ from relay.dicom.codec import (
     read_payload,
     write_message,
 )
+from relay.net.bytestream import ByteStream, StreamReset
 from relay.proto.errors import ErrorCode
-from relay.streams import ByteStream, StreamReset
 
 log = logging.getLogger(__name__)
 

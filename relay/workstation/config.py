@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from relay.config import (
+from relay.ops.config import (
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
@@ -147,7 +147,7 @@ def _check_listeners_distinct(r: Reader, config: WorkstationConfig) -> None:
 
 
 def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
-    """Load and check a workstation config file; raises relay.config.ConfigError."""
+    """Load and check a workstation config file; raises relay.ops.config.ConfigError."""
     r = open_config(path)
     gateway = r.address("gateway")
     identity_dir = _read_identity_dir(r)

@@ -1,10 +1,10 @@
 """Local TCP ports forwarded to the agent's services (`forward:` in the workstation config).
 
 Each accepted connection becomes one stream ``{"target": "tcp:<service>", "codec":
-"zstd"}`` spliced with the socket (relay.tcpforward). We always offer zstd; the agent
+"zstd"}`` spliced with the socket (relay.net.tcpsplice). We always offer zstd; the agent
 compresses its direction if the service is configured so, and we compress ours once an
 earlier stream to the same service came back compressed (the per-service cache below,
-learned from the agent's marker byte, see relay.codec).
+learned from the agent's marker byte, see relay.net.compression).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from relay.codec import CODEC_HEADER, CODEC_ZSTD, CodecStats, CodecStream
-from relay.config import Address
-from relay.tasks import drain_tasks
-from relay.tcpforward import SpliceStats, abort_socket, splice, tune_socket
+from relay.net.compression import CODEC_HEADER, CODEC_ZSTD, CodecStats, CodecStream
+from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
+from relay.ops.config import Address
+from relay.ops.tasks import drain_tasks
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
 
 __all__ = ["MAX_CONNECTIONS", "ForwardListenError", "ForwardStats", "Forwarder"]

@@ -1,12 +1,12 @@
 """`relay workstation`: one link to the gateway with the device identity, and what uses it.
 
-The link is supervised (relay.dialer.KeptLink: reconnects with jittered backoff); the
+The link is supervised (relay.net.dialer.KeptLink: reconnects with jittered backoff); the
 `Tunnel` opens streams over it for the port forwards and, when `dicom:` is configured,
 the local DICOM node. SIGTERM/SIGINT: stop accepting local connections, goaway, let
 open ones finish within `drain_grace`, close, exit 0.
 
 The device certificate renews itself over the live link once two thirds of its
-lifetime have passed (relay.renewal). The link is kept: the new identity is handed to
+lifetime have passed (relay.trust.renewal). The link is kept: the new identity is handed to
 the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
 crash interrupted is completed before the identity is loaded.
 
@@ -27,26 +27,26 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from relay.admin import AdminServer
-from relay.aio import link_settings
-from relay.backoff import ExponentialBackoff, Uniform
-from relay.config import ConfigError
-from relay.dialer import KeptLink
-from relay.endmetrics import EndMetrics, Sources
-from relay.identity import identity_from_certificate
-from relay.logs import setup_logging
-from relay.pki import PkiError, load_cert
-from relay.proto import ErrorCode
-from relay.reloading import (
+from relay.net.aio import link_settings
+from relay.net.backoff import ExponentialBackoff, Uniform
+from relay.net.dialer import KeptLink
+from relay.net.tls import ALPN_DEVICE, TlsConfigError, client_context
+from relay.ops.config import ConfigError
+from relay.ops.http import AdminServer
+from relay.ops.logs import setup_logging
+from relay.ops.metrics import EndMetrics, Sources
+from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
     check_own_certificate,
     keep_restart_only,
     set_log_level,
 )
-from relay.renewal import OpenStream, complete_pending_renewal, renewal_loop
-from relay.runtime import run_loop
-from relay.tls import ALPN_DEVICE, TlsConfigError, client_context
+from relay.ops.runtime import run_loop
+from relay.proto import ErrorCode
+from relay.trust.identity import identity_from_certificate
+from relay.trust.pki import PkiError, load_cert
+from relay.trust.renewal import OpenStream, complete_pending_renewal, renewal_loop
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel

@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from relay.aio import Stream
-from relay.backoff import ExponentialBackoff, Uniform
-from relay.dialer import KeptLink
+from relay.net.aio import Stream
+from relay.net.backoff import ExponentialBackoff, Uniform
+from relay.net.bytestream import StreamReset
+from relay.net.dialer import KeptLink
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
-from relay.streams import StreamReset
 
 __all__ = [
     "DEFAULT_OPEN_TIMEOUT",

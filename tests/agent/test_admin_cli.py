@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from pki_helpers import SitePki, make_pki
 
-from relay import pki
 from relay.agent.admin_cli import device_list, device_revoke, token_create
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.registry import REGISTRY_FILE, Registry
-from relay.agent.tokens import parse_code
-from relay.config import Address
+from relay.ops.config import Address
+from relay.trust import pki
+from relay.trust.codes import parse_code
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 

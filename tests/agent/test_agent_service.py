@@ -21,13 +21,13 @@ from ends_helpers import (
     wait_until,
 )
 from pki_helpers import HOST, SitePki, make_pki, run
-from test_agent_streams import device_link, read_all
+from test_dispatch import device_link, read_all
 
 from relay.agent.config import AgentConfig
+from relay.agent.dispatch import TargetHandler
 from relay.agent.service import Agent, resolve_all, run_agent
-from relay.agent.streams import TargetHandler
+from relay.net.bytestream import StreamReset
 from relay.proto import ErrorCode
-from relay.streams import StreamReset
 
 ROOT = Path(__file__).resolve().parents[2]
 

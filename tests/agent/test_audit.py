@@ -40,7 +40,7 @@ from relay.agent.syslog import (
     octet_frame,
     severity_for,
 )
-from relay.config import Address, open_config
+from relay.ops.config import Address, open_config
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 AGENT = "spiffe://hospital.test/agent/main"

@@ -18,18 +18,19 @@ import pytest
 from ends_helpers import running_gateway
 from pki_helpers import HOST, SitePki, make_pki
 
-from relay import pki, tls
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
 from relay.agent.registry import REGISTRY_FILE, Registry
-from relay.agent.tokens import EnrollmentCode
-from relay.aio import Link, Stream
-from relay.config import Address
-from relay.dialer import dial
-from relay.enroll import enroll
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.dialer import dial
+from relay.ops.config import Address
 from relay.proto import LinkSettings
-from relay.renewal import renew
-from relay.revocation import (
+from relay.trust import pki
+from relay.trust.codes import EnrollmentCode
+from relay.trust.enroll import enroll
+from relay.trust.renewal import renew
+from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
     Refusal,
     RevocationAssembler,
@@ -155,7 +156,7 @@ async def test_enroll_result_is_reported_on_the_link(tmp_path: Path) -> None:
             assert kind == KIND_ENROLL_RESULT
             received.append(decode_enroll_result(body))
 
-    from relay.streams import pipe
+    from relay.net.bytestream import pipe
 
     pc, agent_end = pipe({"target": "enroll"})
     agent_end.link = FakeLink()  # type: ignore[attr-defined]

@@ -18,15 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pki_helpers import SitePki, make_pki
 
-from relay import pki
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, Registry
-from relay.agent.tokens import encode_secret
-from relay.framed_json import encode_message, read_message, write_message
-from relay.identity import Identity, identity_from_certificate
-from relay.revocation import ENROLL_RESULTS
-from relay.streams import ByteStream, pipe
+from relay.net.bytestream import ByteStream, pipe
+from relay.net.jsonframes import encode_message, read_message, write_message
+from relay.trust import pki
+from relay.trust.codes import encode_secret
+from relay.trust.identity import Identity, identity_from_certificate
+from relay.trust.revocation import ENROLL_RESULTS
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 WAIT = 10.0

@@ -2,7 +2,7 @@
 
 Under uvloop, `loop.connect_accepted_socket(factory, sock, ssl=ctx)` returns uvloop's
 internal SSLProtocol as the protocol, not the one `factory` made (the stdlib loop returns
-the application protocol). `relay.tls.accept_tls` passes that return value on, so the
+the application protocol). `relay.net.tls.accept_tls` passes that return value on, so the
 real gateway process (which runs under uvloop) fails every link with
 "'uvloop.loop.SSLProtocol' object has no attribute 'peer'". The in-process gateway tests
 use the default loop and do not see it.
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from relay import tls
+from relay.net import tls
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 _original_accept_tls = tls.accept_tls
@@ -52,7 +52,7 @@ async def accept_tls_fixed(
 
 
 def accept_tls_is_broken(cert: Path, key: Path) -> bool:
-    """Whether relay.tls.accept_tls, under uvloop, returns a protocol other than its own."""
+    """Whether relay.net.tls.accept_tls, under uvloop, returns a protocol other than its own."""
 
     async def probe() -> bool:
         with socket.create_server(("127.0.0.1", 0)) as listener:

@@ -7,7 +7,7 @@ accepted the link: the gateway sends its SETTINGS only after checking the certif
 ALPN and identity), then close. Servers, each a single process with one thread:
 
 - gateway: `relay gateway`.
-- baseline/python: a minimal uvloop TLS server with relay.tls.server_context that
+- baseline/python: a minimal uvloop TLS server with relay.net.tls.server_context that
   greets each connection with a SETTINGS frame after the handshake, and does nothing else.
 - baseline/haproxy: HAProxy (`nbthread 1`) terminating mTLS (`verify required`) and
   answering a one-line HTTP request itself (`http-request return`), which the clients send

@@ -167,7 +167,7 @@ def run(workdir: Path, bench_pki: BenchPki, *, links: int) -> Section:
         "KB = 1000 bytes.",
         "Every link presents the same device certificate (the gateway keeps a set of links "
         "per device, so this is legitimate); each is a full mTLS handshake. The baseline "
-        "uses relay.tls.server_context too, with the same client certificate.",
+        "uses relay.net.tls.server_context too, with the same client certificate.",
         "Clients run in a separate process. 'RSS after they closed' shows how much the "
         "allocator keeps after the links are gone.",
     ]

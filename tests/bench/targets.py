@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from relay import pki
+from relay.trust import pki
 from tests.bench.gateway_shim import accept_tls_is_broken
 from tests.bench.procs import (
     HOST,
@@ -124,7 +124,7 @@ def _shim_needed(cert: Path, key: Path) -> bool:
 
 
 def gateway_needs_shim(bench_pki: BenchPki) -> bool:
-    """Whether the uvloop accept_tls bug (see gateway_shim) is still in relay.tls."""
+    """Whether the uvloop accept_tls bug (see gateway_shim) is still in relay.net.tls."""
     return _shim_needed(*bench_pki.pair("gateway"))
 
 
@@ -137,7 +137,7 @@ def gateway_command(bench_pki: BenchPki) -> list[str]:
 
 SHIM_NOTE: Final = (
     "**The gateway ran through tests/bench/gateway_shim.py**: `relay gateway` under uvloop "
-    "fails every link because `relay.tls.accept_tls` returns uvloop's internal SSLProtocol "
+    "fails every link because `relay.net.tls.accept_tls` returns uvloop's internal SSLProtocol "
     "instead of the `Link` (uvloop's `connect_accepted_socket(ssl=...)` returns its own "
     "protocol). The shim replaces only `accept_tls` with a version that keeps the factory's "
     "protocol; everything else is the gateway's own code. The benchmark probes for the bug "

@@ -34,7 +34,7 @@ from typing import Final
 
 import zstandard
 
-from relay.dicom.samples import make_study
+from relay_dev.samples import make_study
 from tests.bench.procs import BenchError, ProcessGroup, raise_nofile, wait_for_quiet
 from tests.bench.report import DOC, Section, machine_line, median, write_section
 from tests.bench.targets import SHIM_NOTE, BenchPki, gateway_needs_shim, make_pki

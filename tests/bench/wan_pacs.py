@@ -18,8 +18,8 @@ import sys
 import threading
 from typing import Final
 
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
-from relay.dicom.samples import CT_STUDY, make_study
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from relay_dev.samples import CT_STUDY, make_study
 from tests.bench.procs import HOST
 
 DEFAULT_AE: Final = "RELAYPACS"

@@ -5,7 +5,7 @@
 `stats` (counters and the time they were read, CLOCK_MONOTONIC, which all processes
 share) or `stop`. It exits by itself when stdin closes or after `max_seconds`, so nothing
 outlives a benchmark. Workers that speak the relay protocol run the way the product's
-roles do (relay.runtime.run_loop: uvloop and its malloc tuning); the baseline TLS server
+roles do (relay.ops.runtime.run_loop: uvloop and its malloc tuning); the baseline TLS server
 runs under plain uvloop.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, Final, cast
 
 import uvloop
 
-from relay import tls
-from relay.aio import Link, Stream
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.ops.runtime import run_loop
 from relay.proto import Connection, LinkSettings
-from relay.revocation import KIND_REVOKE, encode_revocations
-from relay.runtime import run_loop
+from relay.trust.revocation import KIND_REVOKE, encode_revocations
 from tests.bench.procs import HOST, raise_nofile
 
 CHUNK: Final = 64 * 1024  # what senders hand to the transport/stream per call
@@ -349,7 +349,7 @@ async def handshake_client(args: dict[str, Any], counters: Counters) -> None:
 
 
 async def tls_server(args: dict[str, Any], counters: Counters) -> None:
-    """The baseline: a minimal uvloop TLS server with relay.tls.server_context.
+    """The baseline: a minimal uvloop TLS server with relay.net.tls.server_context.
 
     mode `idle` holds connections; mode `hello` greets each one with the gateway's own
     first bytes (a SETTINGS frame) once the handshake is done, like a link that starts.

@@ -18,7 +18,7 @@ from relay.dicom.move_receiver import MoveReceiver
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_ops import PacsTarget
 from relay.dicom.stats import DicomCounters
-from relay.streams import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamReset, pipe
 
 
 class DroppingStream:

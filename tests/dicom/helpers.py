@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from relay.dicom import contexts
-from relay.dicom.samples import CT_IMAGE_STORAGE, EncodedInstance, encode_dataset, make_study
+from relay.dicom.rawds import encode_dataset
+from relay_dev.samples import CT_IMAGE_STORAGE, EncodedInstance, make_study
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.agent import DicomAgent, OperationSummary, serve_dicom_stream
 from relay.dicom.codec import (
@@ -25,11 +25,12 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
 from relay.dicom.pacs_ops import PacsTarget
-from relay.dicom.samples import encode_dataset
+from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomCounters
-from relay.streams import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from .helpers import EXPLICIT, query
 

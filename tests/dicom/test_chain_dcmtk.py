@@ -19,9 +19,10 @@ from interop.harness.netns import NetNS
 from interop.harness.tools import require_root
 from pynetdicom.dsutils import split_dataset
 
-from relay.dicom import rawds, samples
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
+from relay.dicom import rawds
 from relay.dicom.pacs_ops import PacsTarget
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from .chain import Chain
 from .helpers import EXPLICIT, capturing_scp, quirky_instance

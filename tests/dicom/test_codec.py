@@ -33,7 +33,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.stats import DicomCounters
-from relay.streams import StreamReset, pipe
+from relay.net.bytestream import StreamReset, pipe
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"

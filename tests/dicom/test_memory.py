@@ -16,9 +16,9 @@ import time
 import pytest
 from interop.harness import dcmtk
 
-from relay.dicom import samples
-from relay.dicom.embedded_pacs import EmbeddedPacs, SyntheticStore
 from relay.dicom.pacs_ops import PacsTarget
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, SyntheticStore
 
 from .chain import Chain
 

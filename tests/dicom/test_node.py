@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import VERSION, DicomLimits
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_ops import PacsTarget
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from . import viewer
 from .chain import Chain, until

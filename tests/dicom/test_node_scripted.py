@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 
-from relay.dicom import samples
 from relay.dicom import status as st
 from relay.dicom.codec import (
     FinalResponse,
@@ -23,7 +22,8 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.node import DicomNode
-from relay.streams import ByteStream, pipe
+from relay.net.bytestream import ByteStream, pipe
+from relay_dev import samples
 
 from . import viewer
 from .helpers import EXPLICIT, query
@@ -190,7 +190,7 @@ async def test_a_silent_agent_times_out() -> None:
 
 async def test_find_passes_matches_and_the_final_status() -> None:
     match = query("STUDY", StudyInstanceUID="1.2.3", PatientName="DOE^JANE")
-    from relay.dicom.samples import encode_dataset
+    from relay.dicom.rawds import encode_dataset
 
     script = playing(
         Pending(transfer_syntax=EXPLICIT, dataset=encode_dataset(match)),

@@ -16,9 +16,10 @@ import pytest
 from interop.harness import Orthanc, dcmtk
 from pynetdicom.dsutils import split_dataset
 
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
 from relay.dicom.agent import DicomAgent
 from relay.dicom.pacs_ops import PacsTarget
+from relay_dev import samples
 
 from .chain import Chain
 from .forward import IntoNamespace, OutOfNamespace

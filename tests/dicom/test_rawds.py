@@ -11,8 +11,9 @@ from hypothesis import strategies as s
 from pynetdicom import build_context
 
 from relay.dicom import rawds
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
-from relay.dicom.samples import encode_dataset, make_study
+from relay.dicom.rawds import encode_dataset
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from relay_dev.samples import make_study
 
 from .helpers import EXPLICIT, IMPLICIT, capturing_scp, implicit_instance, quirky_instance, scu
 

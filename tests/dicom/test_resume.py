@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
     DicomLimits,
@@ -29,11 +29,12 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_ops import PacsTarget
+from relay.net.bytestream import ByteStream, pipe
 from relay.proto.errors import ErrorCode
-from relay.streams import ByteStream, pipe
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from . import viewer
 from .chain import Chain

@@ -44,7 +44,7 @@ LIMITS = "limits: {keepalive_interval: 1s, keepalive_timeout: 3s}\n"
 class PacsProcess:
     """EmbeddedPacs in a child process (this file as a script); `events()` reads its counters.
 
-    `data`: "demo" (relay.dicom.samples.demo_studies: a CT and an MR study) or "none";
+    `data`: "demo" (relay_dev.samples.demo_studies: a CT and an MR study) or "none";
     `synthetic_bytes`: also a generated study of at least that size (SyntheticStore, never
     held in memory); `send_delay`: seconds before each sent instance.
     """
@@ -111,8 +111,8 @@ def _serve_pacs(args: argparse.Namespace) -> int:
     """The PACS process: serve until SIGTERM, writing the port once it listens."""
     import logging
 
-    from relay.dicom.embedded_pacs import EmbeddedPacs, MemoryStore, SyntheticStore
-    from relay.dicom.samples import SyntheticStudy, demo_studies
+    from relay_dev.pacs import EmbeddedPacs, MemoryStore, SyntheticStore
+    from relay_dev.samples import SyntheticStudy, demo_studies
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
     store: Any
@@ -177,7 +177,7 @@ class DicomChain:
         return int(self.ns.free_port()) if self.ns is not None else free_port()
 
     def setup(self) -> DicomChain:
-        from relay.pki import init_pki, issue_device
+        from relay.trust.pki import init_pki, issue_device
 
         init_pki(self.tmp / "pki", "hospital.test", "main", ["localhost", HOST])
         issue_device(self.tmp / "pki", "main", "ws1", self.tmp / "ws1", timedelta(days=1))

@@ -6,7 +6,7 @@ of them (`relay agent`, with `pki:`), workstations started on identities written
 `relay enroll`, and an echo service (a thread of the test process) behind the agent.
 
 Run as a script, this module is a crafted enrollment client: `relay enroll`'s own code
-path (relay.enroll.run_enroll: stderr and exit status included) with one piece swapped
+path (relay.trust.enroll.run_enroll: stderr and exit status included) with one piece swapped
 for a misbehaving one, since the real CLI cannot be made to send a bad request:
 
     python enroll_chain.py wrong_identity|oversized|malformed_csr CODE OUTDIR
@@ -36,8 +36,8 @@ from chain import HOST, RELAY, ROOT, Proc, free_port, relay_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.agent.audit import AUDIT_FILE, read_events
-from relay.agent.tokens import EnrollmentCode, parse_code
-from relay.config import Address
+from relay.ops.config import Address
+from relay.trust.codes import EnrollmentCode, parse_code
 
 T = TypeVar("T")
 
@@ -443,7 +443,7 @@ def crafted_argv(mode: str, code: str, out: Path) -> list[str]:
 
 
 def serial_of(identity_dir: Path) -> str | None:
-    from relay import pki
+    from relay.trust import pki
 
     try:
         return format(pki.load_cert(identity_dir / "device.crt").serial_number, "x")
@@ -468,13 +468,13 @@ def running_site(
 
 def _crafted(mode: str, code: str, out: str) -> int:
     """relay enroll with one piece replaced; see the module docstring."""
-    import relay.enroll
-    from relay import pki
-    from relay.framed_json import write_message
-    from relay.identity import Identity
+    import relay.trust.enroll
+    from relay.net.jsonframes import write_message
+    from relay.trust import pki
+    from relay.trust.identity import Identity
 
     make_csr = pki.make_csr
-    patch_pki, patch_enroll = vars(pki), vars(relay.enroll)
+    patch_pki, patch_enroll = vars(pki), vars(relay.trust.enroll)
     if mode == "wrong_identity":
 
         def other_csr(key: Any, identity: Identity) -> Any:
@@ -501,7 +501,7 @@ def _crafted(mode: str, code: str, out: str) -> int:
         patch_enroll["write_message"] = padded
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    return relay.enroll.run_enroll(code, Path(out), timeout=20.0)
+    return relay.trust.enroll.run_enroll(code, Path(out), timeout=20.0)
 
 
 if __name__ == "__main__":

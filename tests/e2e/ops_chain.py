@@ -27,7 +27,8 @@ from chain import HOST, RELAY, ROOT, Proc, free_port
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay import pki, tls
+from relay.net import tls
+from relay.trust import pki
 
 __all__ = [
     "DRAIN_GRACE",

@@ -20,7 +20,7 @@ from chain import ROOT
 from dicom_chain import dataset_bytes
 from interop.harness import dcmtk, require_tools
 
-from relay import demo
+from relay_dev import demo
 
 START_TIMEOUT = 90.0  # seconds until demo.json appears (PKI, three roles, the PACS, a C-ECHO)
 STOP_TIMEOUT = 40.0  # seconds for a clean stop: each role drains for at most 5 s

@@ -31,7 +31,7 @@ from dicom_chain import (
 )
 from interop.harness import DicomNode, NetNS, dcmtk, require_tools
 
-from relay.dicom import samples
+from relay_dev import samples
 
 pytestmark = pytest.mark.interop
 

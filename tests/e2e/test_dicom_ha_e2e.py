@@ -30,7 +30,8 @@ from dicom_chain import (
 )
 from interop.harness import DicomNode, NetNS, dcmtk, require_tools
 
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
+from relay_dev import samples
 
 pytestmark = pytest.mark.interop
 

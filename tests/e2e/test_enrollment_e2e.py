@@ -46,7 +46,7 @@ from enroll_chain import (
     wait_for,
 )
 
-from relay import pki
+from relay.trust import pki
 
 REVOCATION_BOUND = 2.0  # seconds, from the issue
 RENEWAL_LIFETIME = "6s"  # renewed every ~4 s

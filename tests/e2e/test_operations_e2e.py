@@ -48,7 +48,7 @@ from ops_chain import (
     written_files,
 )
 
-from relay import pki
+from relay.trust import pki
 
 MiB = 1 << 20
 SLACK = 3.0  # seconds a drain may take beyond its grace period (process exit, logging)

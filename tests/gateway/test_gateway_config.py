@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gateway.config import GatewayConfig, load_gateway_config
-from relay.config import Address, ConfigError, TlsFiles, TunnelLimits
+from relay.ops.config import Address, ConfigError, TlsFiles, TunnelLimits
 
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_FILES = ("ca.crt", "gateway.crt", "gateway.key")
@@ -163,4 +163,4 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.splitlines()
     assert out[0] == "[]"
-    assert out[1] == "['gateway', 'gateway.config', 'relay', 'relay.config']"
+    assert out[1] == "['gateway', 'gateway.config', 'relay', 'relay.ops.config']"

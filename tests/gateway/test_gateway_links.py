@@ -22,13 +22,13 @@ from pki_helpers import HOST, Pair, SitePki, make_pki
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
-from relay import tls
-from relay.aio import Link, Stream
-from relay.config import Address, TlsFiles, TunnelLimits
-from relay.identity import Identity
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import StreamReset
+from relay.ops.config import Address, TlsFiles, TunnelLimits
 from relay.proto import ErrorCode, LinkSettings
-from relay.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
-from relay.streams import StreamReset
+from relay.trust.identity import Identity
+from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
 
 WAIT = 10.0
 SETTINGS = LinkSettings()

@@ -11,7 +11,7 @@ from pathlib import Path
 from pki_helpers import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "relay.dicom", "relay.codec")
+FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "relay.dicom", "relay.net.compression")
 FORBIDDEN_CALLS = {"open", "write_text", "write_bytes", "mkdir", "touch", "unlink", "rename"}
 
 
@@ -23,7 +23,7 @@ def test_running_gateway_loads_no_dicom_or_compression_code(tmp_path: Path) -> N
         from pathlib import Path
         from gateway.config import GatewayConfig
         from gateway.service import run_gateway
-        from relay.config import Address, TlsFiles
+        from relay.ops.config import Address, TlsFiles
         import relay.cli  # the console script's module, as `relay gateway` loads it
 
         async def main():
@@ -55,7 +55,7 @@ def test_running_gateway_loads_no_dicom_or_compression_code(tmp_path: Path) -> N
     bad = sorted(
         m for m in loaded if m.split(".")[0] in FORBIDDEN_MODULES or m in FORBIDDEN_MODULES
     )
-    bad += sorted(m for m in loaded if m.startswith(("relay.dicom", "relay.codec")))
+    bad += sorted(m for m in loaded if m.startswith(("relay.dicom", "relay.net.compression")))
     assert bad == []
 
 

@@ -17,7 +17,8 @@ import pytest
 from e2e.dicom_chain import DicomChain, dataset_bytes, match_elements, running_dicom_chain
 
 from interop.harness import Orthanc, SampleSeries, dcmtk, write_ct_series
-from relay.dicom import rawds, samples
+from relay.dicom import rawds
+from relay_dev import samples
 
 pytestmark = pytest.mark.interop
 

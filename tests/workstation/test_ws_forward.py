@@ -222,7 +222,7 @@ async def test_drain_lets_a_forwarded_connection_finish(tmp_path: Path) -> None:
 
 
 def test_nodelay_on_accepted_sockets() -> None:
-    from relay.tcpforward import tune_socket
+    from relay.net.tcpsplice import tune_socket
 
     async def scenario() -> None:
         accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -244,7 +244,7 @@ def test_nodelay_on_accepted_sockets() -> None:
 
 
 async def test_a_taken_forward_port_names_the_key(tmp_path: Path) -> None:
-    from relay.config import ConfigError
+    from relay.ops.config import ConfigError
 
     pki = make_pki(tmp_path / "pki")
     blocker = await asyncio.start_server(lambda r, w: None, HOST, 0)

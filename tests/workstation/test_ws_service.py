@@ -27,7 +27,7 @@ from test_ws_forward import workstation_up
 
 from relay.agent.config import PacsConfig
 from relay.agent.service import run_agent
-from relay.config import Address
+from relay.ops.config import Address
 from relay.workstation.config import DicomNodeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from relay.dicom.embedded_pacs import EmbeddedPacs
+    from relay_dev.pacs import EmbeddedPacs
 
     pki = make_pki(tmp_path / "pki")
     pacs = EmbeddedPacs(ae_title="RELAYPACS")

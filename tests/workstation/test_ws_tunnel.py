@@ -21,8 +21,8 @@ from ends_helpers import (
 from pki_helpers import make_pki
 from test_ws_forward import agent_up
 
+from relay.net.bytestream import StreamReset
 from relay.proto import ErrorCode
-from relay.streams import StreamReset
 from relay.workstation.config import WorkstationConfig
 from relay.workstation.service import Workstation
 from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable

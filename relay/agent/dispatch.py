@@ -1,0 +1,223 @@
+"""What the agent does with a stream the gateway opens towards it: dispatch by `target`.
+
+- ``tcp:<service>``: connect to that service of the `services:` allow-list and splice
+  (compressing our direction iff the service says `compress: true` and the opener
+  offered zstd, see relay.net.compression). An unknown service is reset with FORBIDDEN, a failed
+  connect with CONNECT_FAILED.
+- any other target (``dicom``...): the handler registered under that name, if any; no
+  handler means FORBIDDEN. Handlers are plain coroutines taking the stream, so the DICOM
+  code plugs in without this module knowing it.
+
+The gateway adds `x-relay-device` (the device's SPIFFE ID) and `x-relay-site` to every
+stream it routes here; they are logged with the outcome, never any payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from relay.agent.config import ServiceConfig
+from relay.net.aio import Stream
+from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.compression import CodecStats, CodecStream, offers_zstd
+from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
+from relay.ops.tasks import drain_tasks
+from relay.proto import ErrorCode
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "HEADER_DEVICE",
+    "HEADER_SITE",
+    "HEADER_TARGET",
+    "MAX_CONNECTS",
+    "TCP_PREFIX",
+    "DispatchStats",
+    "StreamDispatcher",
+    "TargetHandler",
+]
+
+log = logging.getLogger(__name__)
+
+HEADER_TARGET: Final = "target"
+HEADER_DEVICE: Final = "x-relay-device"
+HEADER_SITE: Final = "x-relay-site"
+TCP_PREFIX: Final = "tcp:"
+MAX_CONNECTS: Final = 64  # TCP connects to services in progress at once
+CONNECT_TIMEOUT: Final = 10.0  # waiting for a connect slot plus the connect itself
+_MAX_LOGGED = 256  # header values are logged truncated
+
+TargetHandler = Callable[[Stream], Awaitable[object]]
+
+
+@dataclass
+class DispatchStats:
+    """Plain counters for the metrics layer. Keys are bounded: service names from the
+    config, registered handler names, and a fixed set of outcomes."""
+
+    streams: Counter[str] = field(default_factory=Counter)  # by target: tcp:<name>, dicom
+    refused: Counter[str] = field(default_factory=Counter)  # by reason
+    outcomes: Counter[str] = field(default_factory=Counter)  # splice results
+    tcp_bytes_in: int = 0  # from services towards devices
+    tcp_bytes_out: int = 0  # from devices towards services
+    codec: CodecStats = field(default_factory=CodecStats)  # raw and compressed bytes
+
+
+class StreamDispatcher:
+    """Serves incoming streams, one task each; `on_stream` is the links' callback."""
+
+    def __init__(
+        self,
+        services: Mapping[str, ServiceConfig],
+        *,
+        handlers: Mapping[str, TargetHandler] | None = None,
+        compression_level: int = 3,
+        max_connects: int = MAX_CONNECTS,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.services = services
+        self.handlers = dict(handlers or {})
+        self.compression_level = compression_level
+        self.connect_timeout = connect_timeout
+        self.stats = DispatchStats()
+        self._connects = asyncio.Semaphore(max_connects)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def active(self) -> int:
+        """Streams being served now."""
+        return len(self._tasks)
+
+    # -- the link callback
+
+    def on_stream(self, stream: Stream) -> None:
+        headers = stream.headers
+        target = headers.get(HEADER_TARGET, "")
+        context = {
+            "stream": stream.stream_id,
+            "link": stream.link.name,
+            "device": headers.get(HEADER_DEVICE, "")[:_MAX_LOGGED],
+            "site": headers.get(HEADER_SITE, "")[:_MAX_LOGGED],
+            "target": target[:_MAX_LOGGED],
+        }
+        if self._closing:
+            self._refuse(stream, ErrorCode.REFUSED_STREAM, "shutting_down", context)
+            return
+        if target.startswith(TCP_PREFIX):
+            service = self.services.get(target[len(TCP_PREFIX) :])
+            if service is None:
+                self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_service", context)
+                return
+            self._spawn(self._serve_tcp(stream, service, context), stream)
+            return
+        handler = self.handlers.get(target)
+        if handler is None:
+            self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_target", context)
+            return
+        self._spawn(self._serve_handler(handler, stream, context), stream)
+
+    def _refuse(
+        self, stream: Stream, code: ErrorCode, reason: str, context: dict[str, object]
+    ) -> None:
+        stream.reset(code)
+        self.stats.refused[reason] += 1
+        log.warning("stream refused", extra={**context, "reason": reason})
+
+    def _spawn(self, coro: Awaitable[None], stream: Stream) -> None:
+        self.stats.streams[stream.headers.get(HEADER_TARGET, "")] += 1
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- serving
+
+    async def _serve_tcp(
+        self, stream: Stream, service: ServiceConfig, context: dict[str, object]
+    ) -> None:
+        address = service.address
+        try:
+            async with asyncio.timeout(self.connect_timeout), self._connects:
+                reader, writer = await asyncio.open_connection(address.host, address.port)
+        except (OSError, TimeoutError) as exc:
+            stream.reset(ErrorCode.CONNECT_FAILED)
+            self.stats.refused["connect_failed"] += 1
+            log.warning(
+                "service connect failed",
+                extra={**context, "service": service.name, "error": str(exc) or "timeout"},
+            )
+            return
+        tune_socket(writer)
+        app: ByteStream = stream
+        if offers_zstd(stream.headers):
+            codec = CodecStream(
+                stream, service.compress, self.compression_level, stats=self.stats.codec
+            )
+            app = codec
+            try:
+                # Eagerly: the workstation learns from this byte whether the service
+                # compresses, before the service says anything.
+                await codec.send_marker()
+            except StreamReset:
+                abort_socket(writer)
+                writer.close()
+                return
+        log.info("stream open", extra={**context, "service": service.name})
+        stats = SpliceStats()
+        try:
+            result = await splice(app, reader, writer, stats=stats)
+        finally:
+            self.stats.tcp_bytes_in += stats.tcp_to_stream
+            self.stats.tcp_bytes_out += stats.stream_to_tcp
+            stream.release()
+        self.stats.outcomes[result.value] += 1
+        log.info(
+            "stream closed",
+            extra={
+                **context,
+                "service": service.name,
+                "outcome": result.value,
+                "code": ErrorCode.name_of(stats.reset_code or 0),
+                "bytes_to_device": stats.tcp_to_stream,
+                "bytes_from_device": stats.stream_to_tcp,
+            },
+        )
+
+    async def _serve_handler(
+        self, handler: TargetHandler, stream: Stream, context: dict[str, object]
+    ) -> None:
+        log.info("stream open", extra=context)
+        try:
+            await handler(stream)
+        except asyncio.CancelledError:
+            stream.reset(ErrorCode.CANCEL)
+            raise
+        except Exception:
+            log.exception("stream handler failed", extra=context)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            self.stats.outcomes["handler_error"] += 1
+            return
+        finally:
+            stream.release()
+        if not stream.local_closed and stream.reset_code is None:
+            stream.reset(ErrorCode.CANCEL)  # the handler left it open: do not leak it
+        self.stats.outcomes["handled"] += 1
+        log.info("stream closed", extra=context)
+
+    # -- shutdown
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new streams, let the ones in flight finish within `grace` seconds, then
+        cancel the rest (their streams are reset). Returns how many were cancelled."""
+        self._closing = True
+        return await drain_tasks(self._tasks, grace, "streams")
+
+    async def close(self) -> None:
+        """Cancel everything now."""
+        with contextlib.suppress(Exception):
+            await self.drain(0.0)

@@ -1,0 +1,460 @@
+"""The one place where sockets meet the protocol core.
+
+`Link` is an asyncio Protocol that owns one `relay.proto.Connection`: it feeds received
+bytes to the core, writes what the core returns, keeps one timer for keepalives, and turns
+core events into `Stream` objects. `Stream` implements `relay.net.bytestream.ByteStream` for the
+ends (agent, workstation); the gateway instead attaches a `StreamListener` and splices
+streams with callbacks, so that no task or buffer exists per stream in the DMZ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast
+
+from relay.net.bytestream import StreamReset
+from relay.ops.config import TunnelLimits
+from relay.proto import (
+    Connection,
+    ConnectionTerminated,
+    ControlReceived,
+    CreditAvailable,
+    DataReceived,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    LinkClosedError,
+    LinkSettings,
+    StreamEnded,
+    StreamOpened,
+)
+from relay.proto import StreamReset as StreamResetEvent
+
+log = logging.getLogger(__name__)
+
+# Transport write buffer: pause writers above HIGH, resume below LOW. A link whose peer
+# stops reading even control frames is aborted at HARD.
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
+WRITE_HARD = 32 * 1024 * 1024
+# Bytes a link accepts before it is started (identity checked): a SETTINGS frame and a
+# little more; anything bigger is a misbehaving peer.
+PRESTART_LIMIT = 256 * 1024
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on the socket under a (TLS) transport: small DICOM messages must not wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class StreamListener(Protocol):
+    """Callback interface for a stream driven without a task (the gateway's splicer)."""
+
+    def on_data(self, stream: Stream, data: bytes) -> None: ...
+    def on_end(self, stream: Stream) -> None: ...
+    def on_credit(self, stream: Stream) -> None: ...
+    def on_reset(self, stream: Stream, code: int) -> None: ...
+
+
+class Stream:
+    """One multiplexed stream. Async methods for the ends; `listener` for the gateway."""
+
+    def __init__(self, link: Link, stream_id: int, headers: Mapping[str, str]) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self._headers = dict(headers)
+        self.listener: StreamListener | None = None
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self.reset_code: int | None = None
+        self.local_closed = False
+        self._readable = asyncio.Event()
+        self._credit = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.stream_id} on {self.link.name}>"
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    # -- events from the link
+
+    def _on_data(self, data: bytes) -> None:
+        if self.reset_code is not None:
+            return  # reset by the application earlier in this batch of events
+        if self.listener is not None:
+            self.listener.on_data(self, data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        if self.reset_code is not None:
+            return
+        self._eof = True
+        if self.listener is not None:
+            self.listener.on_end(self)
+        self._readable.set()
+
+    def _on_credit(self) -> None:
+        if self.listener is not None:
+            self.listener.on_credit(self)
+        self._credit.set()
+
+    def _on_reset(self, code: int) -> None:
+        if self.reset_code is not None:
+            return
+        self.reset_code = code
+        self._buffer.clear()
+        self._buffered = 0
+        if self.listener is not None:
+            self.listener.on_reset(self, code)
+        self._readable.set()
+        self._credit.set()
+
+    # -- non-blocking interface (gateway)
+
+    def send_credit(self) -> int:
+        if self.reset_code is not None or self.local_closed or not self.link.writable:
+            return 0
+        return self.link.conn.send_credit(self.stream_id)
+
+    def send_nowait(self, data: bytes, end_stream: bool = False) -> None:
+        """Send within send_credit(); the caller checked it."""
+        self.link.conn.send_data(self.stream_id, data, end_stream)
+        if end_stream:
+            self.local_closed = True
+        self.link.flush()
+
+    def acknowledge(self, size: int) -> None:
+        """Return credit for `size` bytes that this side has consumed (or passed on)."""
+        self.link.conn.acknowledge_received_data(self.stream_id, size)
+        self.link.flush()
+
+    # -- ByteStream interface (ends)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        while not self._buffer:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = self._buffer.popleft()
+        if len(chunk) > max_bytes:
+            self._buffer.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._buffered -= len(chunk)
+        self.acknowledge(len(chunk))
+        return chunk
+
+    async def write(self, data: bytes) -> None:
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            if self.local_closed:
+                raise StreamReset(ErrorCode.STREAM_CLOSED, "write after write_eof")
+            if self.link.conn.terminated is not None:
+                raise StreamReset(self.link.conn.terminated.code, "link closed")
+            credit = self.send_credit()
+            if credit <= 0:
+                self._credit.clear()
+                if self.link.writable:
+                    await self._credit.wait()
+                else:
+                    await self.link.wait_writable()
+                continue
+            n = min(credit, size - pos)
+            chunk = data if n == size else bytes(memoryview(data)[pos : pos + n])
+            self.send_nowait(chunk)
+            pos += n
+
+    async def write_eof(self) -> None:
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+        if not self.local_closed and self.link.conn.terminated is None:
+            self.send_nowait(b"", end_stream=True)
+
+    def reset(self, code: int = ErrorCode.CANCEL) -> None:
+        if self.reset_code is None:
+            self.link.conn.reset_stream(self.stream_id, code)
+            self.link.flush()
+            self._on_reset(code)
+
+    def release(self) -> None:
+        """Give back credit for data that will never be read (the application is done)."""
+        if self._buffered:
+            size, self._buffered = self._buffered, 0
+            self._buffer.clear()
+            self.acknowledge(size)
+
+
+class Link(asyncio.Protocol):
+    """A multiplexed link over one (TLS) transport.
+
+    Create it and hand it to the loop as a protocol. A server creates it with
+    `autostart=False` (relay.net.tls.accept_tls) and calls `start()` once the peer's identity
+    is accepted; bytes that arrive before are held (at most PRESTART_LIMIT). Then open
+    streams, or receive them through `on_stream`.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        settings: LinkSettings,
+        name: str = "link",
+        on_stream: Callable[[Stream], None] | None = None,
+        on_control: Callable[[str, bytes], None] | None = None,
+        on_goaway: Callable[[int, str], None] | None = None,
+        autostart: bool = True,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.name = name
+        self.conn = Connection(client=client, settings=settings, now=self.loop.time())
+        self.on_stream = on_stream
+        self.on_control = on_control
+        self.on_goaway = on_goaway
+        self.streams: dict[int, Stream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None  # set by the owner: an Identity, for logs and routing
+        self.closed: asyncio.Future[ConnectionTerminated] = self.loop.create_future()
+        self._autostart = autostart
+        self._prestart: list[bytes] | None = [] if not autostart else None
+        self._prestart_size = 0
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._flush_scheduled = False
+        self._closed_by_us: tuple[int, str] | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        if self._autostart:
+            self.start(tr)
+        else:
+            self.transport = tr
+
+    def start(self, transport: asyncio.Transport | None = None) -> None:
+        """Begin speaking the protocol: flush our SETTINGS and feed what arrived meanwhile."""
+        if transport is not None:
+            self.transport = transport
+        assert self.transport is not None
+        set_nodelay(self.transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        pending, self._prestart = self._prestart, None
+        self.flush()
+        for data in pending or ():
+            self.data_received(data)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._prestart is not None:
+            self._prestart.append(data)
+            self._prestart_size += len(data)
+            if self._prestart_size > PRESTART_LIMIT:
+                self.abort()
+            return
+        self.bytes_in += len(data)
+        self._dispatch(self.conn.receive_data(data, self.loop.time()))
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport; connection_lost does the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._prestart = None
+        if self._closed_by_us is not None:
+            self._dispatch(self.conn.close_locally(*self._closed_by_us))
+        else:
+            self._dispatch(self.conn.receive_eof())
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        for stream in list(self.streams.values()):
+            stream._on_credit()
+
+    # -- API
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
+
+    async def wait_writable(self) -> None:
+        await self._writable.wait()
+
+    @property
+    def is_closing(self) -> bool:
+        conn = self.conn
+        return conn.terminated is not None or conn.goaway_sent or conn.goaway_received
+
+    def open_stream(self, headers: Mapping[str, str]) -> Stream:
+        """Open a stream now (no round trip). Raises LinkClosedError / StreamStateError."""
+        stream_id = self.conn.open_stream(headers)
+        stream = Stream(self, stream_id, headers)
+        self.streams[stream_id] = stream
+        self.flush()
+        return stream
+
+    def send_control(self, kind: str, body: bytes) -> None:
+        self.conn.send_control(kind, body)
+        self.flush()
+
+    def goaway(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        self.conn.goaway(code, reason)
+        self.flush()
+
+    def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Goaway then close the transport once what is queued is written."""
+        with contextlib.suppress(LinkClosedError):
+            self.goaway(code, reason)
+        self._flush_now()  # the goaway goes out before the close
+        if self._closed_by_us is None:
+            self._closed_by_us = (code, reason or "closed by this side")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        elif self.transport is None:
+            self._finish()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        else:
+            self._finish()
+
+    async def wait_closed(self) -> ConnectionTerminated:
+        return await asyncio.shield(self.closed)
+
+    def flush(self) -> None:
+        """Write what the core has queued, once per loop iteration.
+
+        Splicing calls this per frame and per acknowledgement; coalescing makes that one
+        `transport.write` (one TLS record batch, one send(2)) per link per iteration.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or self._prestart is not None:
+            return
+        data = self.conn.data_to_send()
+        if data and not transport.is_closing():
+            self.bytes_out += len(data)
+            transport.write(data)
+            if transport.get_write_buffer_size() > WRITE_HARD:
+                log.warning("link %s: peer does not read, aborting", self.name)
+                transport.abort()
+        if self.conn.terminated is not None and not transport.is_closing():
+            transport.close()
+
+    # -- internals
+
+    def _dispatch(self, events: list[Event]) -> None:
+        streams = self.streams
+        for event in events:
+            match event:
+                case DataReceived(stream_id=sid, data=data):
+                    streams[sid]._on_data(data)
+                case CreditAvailable(stream_id=0):
+                    for stream in list(streams.values()):
+                        stream._on_credit()
+                case CreditAvailable(stream_id=sid):
+                    if sid in streams:
+                        streams[sid]._on_credit()
+                case StreamOpened(stream_id=sid, headers=headers):
+                    opened = streams[sid] = Stream(self, sid, headers)
+                    if self.on_stream is None:
+                        opened.reset(ErrorCode.REFUSED_STREAM)
+                    else:
+                        self.on_stream(opened)
+                case StreamEnded(stream_id=sid):
+                    if sid in streams:
+                        streams[sid]._on_end()
+                case StreamResetEvent(stream_id=sid, code=code):
+                    if sid in streams:
+                        streams.pop(sid)._on_reset(code)
+                case ControlReceived(kind=kind, body=body):
+                    if self.on_control is not None:
+                        self.on_control(kind, body)
+                case GoAwayReceived(code=code, reason=reason):
+                    if self.on_goaway is not None:
+                        self.on_goaway(code, reason)
+                case ConnectionTerminated():
+                    if not self.closed.done():
+                        self.closed.set_result(event)
+        # Forget streams the core has closed in both directions.
+        if len(streams) != self.conn.open_streams:
+            for sid in [s for s in streams if not self.conn.is_open(s)]:
+                del streams[sid]
+
+    def _arm_timer(self) -> None:
+        deadline = self.conn.next_timer()
+        if deadline is None:
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._dispatch(self.conn.handle_timer(self.loop.time()))
+        self.flush()
+        self._arm_timer()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream in list(self.streams.values()):
+            stream._on_reset(ErrorCode.INTERNAL_ERROR)
+        self.streams.clear()
+        self._writable.set()
+        if not self.closed.done():
+            self.closed.set_result(
+                self.conn.terminated or ConnectionTerminated(ErrorCode.INTERNAL_ERROR, "lost", True)
+            )
+
+
+def link_settings(limits: TunnelLimits) -> LinkSettings:
+    """The protocol settings a role announces, from its `limits:` config section."""
+    return LinkSettings(
+        stream_window=limits.stream_window,
+        link_window=limits.link_window,
+        max_frame=limits.max_frame,
+        max_streams=limits.max_streams,
+        keepalive_interval=limits.keepalive_interval,
+        keepalive_timeout=limits.keepalive_timeout,
+    )

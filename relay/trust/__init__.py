@@ -1,0 +1,2 @@
+"""Who is who: the PKI, SPIFFE identities, enrollment codes, revocation messages, and the
+device side of enrollment and renewal."""

@@ -1,0 +1,559 @@
+"""The site PKI: one ECDSA P-256 CA per site, and the certificates it issues.
+
+Profile (checked by OpenSSL with X509_V_FLAG_X509_STRICT and by cryptography's RFC 5280
+verifier in the tests):
+
+- CA: self-signed, BasicConstraints CA pathlen 0 (critical), KeyUsage keyCertSign+cRLSign
+  (critical), SKI. The trust domain is stored in the CA certificate as its only URI SAN,
+  `spiffe://TD`; `trust_domain_of_ca()` reads it back, so nothing else needs configuring.
+- Leaf: BasicConstraints CA false (critical), KeyUsage digitalSignature (critical),
+  ExtendedKeyUsage (gateway serverAuth; agent serverAuth+clientAuth, because it may be the
+  server of the end-to-end layer; device clientAuth), exactly one URI SAN with the identity,
+  plus DNS/IP SANs for a gateway, SKI and AKI, a random serial, SHA-256 signature.
+- The CN is informative only (the name); authorization reads the URI SAN.
+
+Private keys are PEM PKCS#8, unencrypted, written with mode 0600 from the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relay.trust.identity import (
+    Identity,
+    IdentityError,
+    certificate_uris,
+    parse_trust_domain_uri,
+    trust_domain_uri,
+)
+
+CA_LIFETIME: Final = timedelta(days=3650)
+SERVER_LIFETIME: Final = timedelta(days=730)  # gateway and agent certificates
+DEVICE_LIFETIME: Final = timedelta(days=30)
+#: Leaf certificates start this long before "now", so small clock skew between the agent
+#: and a device does not make a fresh certificate "not yet valid".
+BACKDATE: Final = timedelta(minutes=5)
+#: Refuse to read PEM files larger than this (a CA bundle of a few certificates is < 10 KB).
+MAX_PEM_BYTES: Final = 1 << 20
+
+CA_CERT: Final = "ca.crt"
+CA_KEY: Final = "ca.key"
+PKI_INIT_FILES: Final = (
+    "ca.crt",
+    "ca.key",
+    "gateway.crt",
+    "gateway.key",
+    "agent.crt",
+    "agent.key",
+)
+
+_DNS_LABEL_RE: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_NAME_UNSAFE_RE: Final = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class PkiError(Exception):
+    """A user-facing PKI failure; the message is one line and names the file if any."""
+
+
+# --- keys and certificates -------------------------------------------------------------
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _now() -> datetime:
+    return datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _check_p256(key: object, what: str) -> None:
+    if not isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) or not (
+        isinstance(key.curve, ec.SECP256R1)
+    ):
+        raise PkiError(f"{what}: expected an ECDSA P-256 key")
+
+
+def create_ca(
+    trust_domain: str, lifetime: timedelta = CA_LIFETIME
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new self-signed site CA whose only URI SAN is `spiffe://TD`."""
+    try:
+        td_uri = trust_domain_uri(trust_domain)
+    except IdentityError as exc:
+        raise PkiError(str(exc)) from None
+    key = generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"DMZ Relay CA {trust_domain}"[:64])])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(td_uri)]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def trust_domain_of_ca(ca_cert: x509.Certificate) -> str:
+    """The trust domain stored in a CA certificate by `create_ca` (its `spiffe://TD` SAN)."""
+    try:
+        uris = certificate_uris(ca_cert)
+        if len(uris) != 1:
+            raise IdentityError(f"expected exactly one URI SAN, found {len(uris)}")
+        return parse_trust_domain_uri(uris[0])
+    except IdentityError as exc:
+        raise PkiError(f"CA certificate carries no trust domain: {exc}") from None
+
+
+def _eku_for(identity: Identity) -> list[x509.ObjectIdentifier]:
+    if identity.role == "gateway":
+        return [ExtendedKeyUsageOID.SERVER_AUTH]
+    if identity.role == "agent":
+        return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def issue_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    identity: Identity,
+    lifetime: timedelta,
+    *,
+    dns_names: Iterable[str] = (),
+    ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+    not_before: datetime | None = None,
+) -> x509.Certificate:
+    """Sign a leaf certificate for `identity` (the one URI SAN) and `public_key`.
+
+    Validity: [not_before, not_before + lifetime] if `not_before` is given (tests use it to
+    make expired certificates); otherwise [now - BACKDATE, now + lifetime]. The end is
+    clamped to the CA's own expiry, so no leaf outlives its issuer.
+    """
+    _check_p256(public_key, "certificate public key")
+    dns_names, ip_addresses = list(dns_names), list(ip_addresses)
+    if identity.role != "gateway" and (dns_names or ip_addresses):
+        raise PkiError("only gateway certificates carry DNS or IP SANs")
+    if not_before is None:
+        now = _now()
+        start, end = now - BACKDATE, now + lifetime
+    else:
+        start = not_before if not_before.tzinfo else not_before.replace(tzinfo=dt.UTC)
+        end = start + lifetime
+    end = min(end, ca_cert.not_valid_after_utc)
+    if end <= start:
+        raise PkiError("certificate would be valid for no time (CA expired or lifetime <= 0)")
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    sans += [x509.DNSName(name) for name in dns_names]
+    sans += [x509.IPAddress(ip) for ip in ip_addresses]
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(_eku_for(identity)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(aki, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> x509.CertificateSigningRequest:
+    """A CSR naming `identity` (the signer must decide the identity itself, not trust this)."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+    """The CSR's public key, once its self-signature and key type are checked.
+
+    The signature proves the requester holds the private key; the CSR's names are
+    ignored by design (the signer takes the identity from the enrollment record).
+    """
+    try:
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, InvalidSignature, TypeError) as exc:
+        raise PkiError(f"unreadable CSR: {exc}") from None
+    if not valid:
+        raise PkiError("CSR signature is invalid")
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise PkiError("CSR key must be ECDSA P-256")
+    _check_p256(public_key, "CSR")
+    return public_key
+
+
+def ca_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, lowercase hex (what enrollment codes pin)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _write_file(path: Path, data: bytes, mode: int, exclusive: bool) -> None:
+    """Write `data` to `path` with `mode` from creation on.
+
+    exclusive: fail if `path` exists (O_EXCL). Otherwise write a temporary file beside it
+    and rename it over `path`, so a reader never sees a half-written key or certificate.
+    """
+    path = Path(path)
+    if exclusive:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise PkiError(f"{path} already exists; refusing to overwrite it") from None
+        except OSError as exc:
+            raise PkiError(f"cannot create {path}: {exc.strerror}") from None
+        target = path
+    else:
+        target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except OSError as exc:
+            raise PkiError(f"cannot create {target}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if target != path:
+            os.replace(target, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise PkiError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey, *, exclusive: bool = False) -> None:
+    """Write an unencrypted PKCS#8 PEM private key, mode 0600 from creation on."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_file(Path(path), pem, 0o600, exclusive)
+
+
+def write_cert(
+    path: Path,
+    cert: x509.Certificate | Sequence[x509.Certificate],
+    *,
+    exclusive: bool = False,
+) -> None:
+    """Write one certificate or a chain/bundle as concatenated PEM, mode 0644."""
+    certs = [cert] if isinstance(cert, x509.Certificate) else list(cert)
+    if not certs:
+        raise PkiError(f"{path}: no certificate to write")
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    _write_file(Path(path), pem, 0o644, exclusive)
+
+
+def _read_pem(path: Path) -> bytes:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PEM_BYTES + 1)
+    except FileNotFoundError:
+        raise PkiError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise PkiError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise PkiError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
+    return data
+
+
+def load_certs(path: Path) -> list[x509.Certificate]:
+    """All certificates of a PEM file (at least one)."""
+    try:
+        certs = x509.load_pem_x509_certificates(_read_pem(path))
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM certificate ({exc})") from None
+    if not certs:
+        raise PkiError(f"{path}: no certificate found")
+    return certs
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """The first certificate of a PEM file."""
+    return load_certs(path)[0]
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted PEM ECDSA P-256 private key."""
+    data = _read_pem(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise PkiError(f"{path}: encrypted private keys are not supported") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise PkiError(f"{path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise PkiError(f"{path}: expected an ECDSA P-256 private key")
+    return key
+
+
+def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """DIR/ca.key and DIR/ca.crt, checked to be a CA and a matching pair."""
+    directory = Path(directory)
+    cert = load_cert(directory / CA_CERT)
+    key = load_key(directory / CA_KEY)
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = bc.ca
+    except (x509.ExtensionNotFound, ValueError):
+        is_ca = False
+    if not is_ca:
+        raise PkiError(f"{directory / CA_CERT}: not a CA certificate")
+    cert_key = cert.public_key()
+    if not isinstance(cert_key, ec.EllipticCurvePublicKey) or _public_der(cert_key) != _public_der(
+        key.public_key()
+    ):
+        raise PkiError(f"{directory / CA_KEY} does not match {directory / CA_CERT}")
+    return key, cert
+
+
+# --- the commands: relay pki init / relay pki issue -------------------------------------
+
+
+def split_host_names(
+    names: Iterable[str],
+) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """Split gateway names into DNS names and IP addresses, validating each."""
+    dns: list[str] = []
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for raw in names:
+        name = raw.strip()
+        bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+        try:
+            ip = ipaddress.ip_address(bare)
+        except ValueError:
+            pass
+        else:
+            if ip not in ips:
+                ips.append(ip)
+            continue
+        host = name.lower().rstrip(".")
+        labels = host.split(".")
+        if not host or len(host) > 253 or not all(_DNS_LABEL_RE.fullmatch(x) for x in labels):
+            raise PkiError(f"invalid gateway name {raw!r}: expected a DNS host name or an IP")
+        if host not in dns:
+            dns.append(host)
+    if not dns and not ips:
+        raise PkiError("at least one gateway name or IP address is required")
+    return dns, ips
+
+
+def _gateway_identity_name(first: str) -> str:
+    """The name in the gateway's SPIFFE ID: its first host name, made SPIFFE-safe (::1)."""
+    bare = first.strip().strip("[]").lower()
+    return _NAME_UNSAFE_RE.sub("-", bare)[:64].strip(".") or "gateway"
+
+
+def _write_pair(
+    out: Path, stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, exclusive: bool
+) -> None:
+    write_key(out / f"{stem}.key", key, exclusive=exclusive)
+    write_cert(out / f"{stem}.crt", cert, exclusive=exclusive)
+
+
+def _issue_gateway(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    trust_domain: str,
+    gateway_names: Sequence[str],
+    lifetime: timedelta,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    names = [n for n in gateway_names if n.strip()]
+    dns, ips = split_host_names(names)
+    identity = Identity.gateway(trust_domain, _gateway_identity_name(names[0]))
+    key = generate_key()
+    cert = issue_certificate(
+        ca_key, ca_cert, key.public_key(), identity, lifetime, dns_names=dns, ip_addresses=ips
+    )
+    return key, cert
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PkiError(f"cannot create directory {directory}: {exc.strerror}") from None
+
+
+def init_pki(
+    directory: Path,
+    trust_domain: str,
+    site: str,
+    gateway_names: Sequence[str],
+    *,
+    ca_lifetime: timedelta = CA_LIFETIME,
+    lifetime: timedelta = SERVER_LIFETIME,
+) -> None:
+    """`relay pki init`: a new site CA, a gateway and an agent certificate in DIR.
+
+    Refuses to touch a directory that already holds any of the six files (above all
+    ca.key: overwriting it would orphan every device). ca.key is created first with
+    O_EXCL, so two concurrent runs cannot both succeed.
+    """
+    directory = Path(directory)
+    existing = [name for name in PKI_INIT_FILES if (directory / name).exists()]
+    if existing:
+        raise PkiError(
+            f"{directory / existing[0]} already exists; refusing to overwrite an existing PKI"
+        )
+    try:
+        agent_identity = Identity.agent(trust_domain, site)
+    except IdentityError as exc:
+        raise PkiError(str(exc)) from None
+    ca_key, ca_cert = create_ca(trust_domain, ca_lifetime)
+    gw_key, gw_cert = _issue_gateway(ca_key, ca_cert, trust_domain, gateway_names, lifetime)
+    agent_key = generate_key()
+    agent_cert = issue_certificate(
+        ca_key, ca_cert, agent_key.public_key(), agent_identity, lifetime
+    )
+    _mkdir(directory)
+    write_key(directory / CA_KEY, ca_key, exclusive=True)
+    write_cert(directory / CA_CERT, ca_cert, exclusive=True)
+    _write_pair(directory, "gateway", gw_key, gw_cert, exclusive=True)
+    _write_pair(directory, "agent", agent_key, agent_cert, exclusive=True)
+
+
+def issue_gateway(
+    directory: Path,
+    gateway_names: Sequence[str],
+    out: Path,
+    lifetime: timedelta = SERVER_LIFETIME,
+) -> None:
+    """Re-issue OUT/gateway.crt gateway.key ca.crt from DIR's CA (renewal, new names)."""
+    ca_key, ca_cert = load_ca(directory)
+    key, cert = _issue_gateway(
+        ca_key, ca_cert, trust_domain_of_ca(ca_cert), gateway_names, lifetime
+    )
+    out = Path(out)
+    _mkdir(out)
+    _write_pair(out, "gateway", key, cert, exclusive=False)
+    write_cert(out / CA_CERT, ca_cert)
+
+
+def issue_agent(
+    directory: Path, site: str, out: Path, lifetime: timedelta = SERVER_LIFETIME
+) -> None:
+    """Re-issue OUT/agent.crt agent.key ca.crt from DIR's CA (renewal)."""
+    ca_key, ca_cert = load_ca(directory)
+    try:
+        identity = Identity.agent(trust_domain_of_ca(ca_cert), site)
+    except IdentityError as exc:
+        raise PkiError(str(exc)) from None
+    key = generate_key()
+    cert = issue_certificate(ca_key, ca_cert, key.public_key(), identity, lifetime)
+    out = Path(out)
+    _mkdir(out)
+    _write_pair(out, "agent", key, cert, exclusive=False)
+    write_cert(out / CA_CERT, ca_cert)
+
+
+def issue_device(
+    directory: Path,
+    site: str,
+    device: str,
+    out: Path,
+    lifetime: timedelta = DEVICE_LIFETIME,
+) -> None:
+    """`relay pki issue`: OUT/device.crt device.key ca.crt, signed offline by DIR's CA.
+
+    The trust domain comes from the CA certificate. Existing files in OUT are replaced
+    atomically (a re-issue), never left half-written.
+    """
+    ca_key, ca_cert = load_ca(directory)
+    try:
+        identity = Identity.device(trust_domain_of_ca(ca_cert), site, device)
+    except IdentityError as exc:
+        raise PkiError(str(exc)) from None
+    key = generate_key()
+    cert = issue_certificate(ca_key, ca_cert, key.public_key(), identity, lifetime)
+    out = Path(out)
+    _mkdir(out)
+    _write_pair(out, "device", key, cert, exclusive=False)
+    write_cert(out / CA_CERT, ca_cert)

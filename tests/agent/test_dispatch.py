@@ -1,0 +1,281 @@
+"""The agent serving streams that a device opens through the real gateway (in-process).
+
+A device-shaped client dials the gateway with a device certificate and opens streams
+with chosen headers; the agent (run_agent) dials the same gateway and serves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from ends_helpers import (
+    WAIT,
+    GatewayHandle,
+    TcpService,
+    agent_config,
+    free_port,
+    running_gateway,
+    tcp_service,
+    wait_until,
+)
+from pki_helpers import HOST, SitePki, make_pki
+
+from relay.agent.config import AgentConfig, ServiceConfig
+from relay.agent.dispatch import TargetHandler
+from relay.agent.service import Agent, run_agent
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
+from relay.net.dialer import dial
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkSettings
+
+SETTINGS = LinkSettings()
+SECRET = b"PAYLOAD-MUST-NOT-BE-LOGGED-7d1f"
+
+
+@dataclass
+class World:
+    pki: SitePki
+    gateway: GatewayHandle
+    agent: Agent
+    echo: TcpService
+    device: Link
+    seen: list[Mapping[str, str]]
+
+    def open(self, headers: Mapping[str, str]) -> Stream:
+        return self.device.open_stream(headers)
+
+
+async def device_link(pki: SitePki, port: int, name: str = "ws1") -> Link:
+    pair = pki.device(name)
+    ctx = tls.client_context(pair.cert, pair.key, pki.ca, alpn=tls.ALPN_DEVICE)
+    return await dial(
+        Address(HOST, port), ctx, SETTINGS, alpn=tls.ALPN_DEVICE, name=name, timeout=WAIT
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    config: AgentConfig, handlers: Mapping[str, TargetHandler] | None = None
+) -> AsyncIterator[Agent]:
+    stop = asyncio.Event()
+    started: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_agent(
+            config,
+            stop=stop,
+            handlers=handlers if handlers is not None else {},
+            started=started.set_result,
+            handle_signals=False,
+        )
+    )
+    agent = await asyncio.wait_for(started, WAIT)
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    pki = make_pki(tmp_path / "pki")
+    seen: list[Mapping[str, str]] = []
+
+    async def dicom(stream: Stream) -> None:
+        seen.append(dict(stream.headers))
+        data = await stream.read()
+        await stream.write(b"dicom handler got " + data)
+        await stream.write_eof()
+
+    async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
+        config = agent_config(
+            pki,
+            tmp_path,
+            [gw.port],
+            {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (free_port(), False)},
+        )
+        async with running_agent(config, {"dicom": dicom}) as agent:
+            await asyncio.wait_for(agent.links[next(iter(agent.links))].up.wait(), WAIT)
+            await wait_until(lambda: gw.server.router.sites() == ["main"])
+            device = await device_link(pki, gw.port)
+            yield World(pki, gw, agent, echo, device, seen)
+            device.close()
+
+
+async def read_all(stream: ByteStream) -> bytes:
+    parts = []
+    while chunk := await stream.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def expect_reset(stream: Stream) -> int:
+    with pytest.raises(StreamReset) as info:
+        async with asyncio.timeout(WAIT):
+            await stream.read()
+    return info.value.code
+
+
+async def test_tcp_service_round_trip_with_half_close(world: World) -> None:
+    stream = world.open({"target": "tcp:echo"})
+    payload = os.urandom(2_000_000)
+    await stream.write(payload)
+    await stream.write_eof()  # the echo service answers everything, then half-closes
+    async with asyncio.timeout(WAIT):
+        got = await read_all(stream)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    assert world.agent.dispatcher.stats.streams["tcp:echo"] == 1
+    await wait_until(lambda: world.agent.dispatcher.stats.outcomes["closed"] == 1)
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "reason"),
+    [
+        ("tcp:nope", ErrorCode.FORBIDDEN, "unknown_service"),
+        ("tcp:", ErrorCode.FORBIDDEN, "unknown_service"),
+        ("smtp", ErrorCode.FORBIDDEN, "unknown_target"),
+        ("", ErrorCode.FORBIDDEN, "unknown_target"),
+        ("tcp:dead", ErrorCode.CONNECT_FAILED, "connect_failed"),
+    ],
+)
+async def test_refusals_carry_a_code(world: World, target: str, code: int, reason: str) -> None:
+    stream = world.open({"target": target})
+    assert await expect_reset(stream) == code
+    await wait_until(lambda: world.agent.dispatcher.stats.refused[reason] == 1)
+
+
+async def test_dicom_without_a_handler_is_forbidden(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = agent_config(pki, tmp_path, [gw.port], {})
+        async with running_agent(config, handlers={}):
+            await wait_until(lambda: gw.server.router.sites() == ["main"])
+            device = await device_link(pki, gw.port)
+            stream = device.open_stream({"target": "dicom"})
+            assert await expect_reset(stream) == ErrorCode.FORBIDDEN
+            device.close()
+
+
+async def test_handler_gets_the_gateways_identity_headers(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    stream = world.open({"target": "dicom", "x-relay-device": "spiffe://forged/device/x/y"})
+    await stream.write(SECRET)
+    await stream.write_eof()
+    async with asyncio.timeout(WAIT):
+        assert await read_all(stream) == b"dicom handler got " + SECRET
+    (headers,) = world.seen
+    # The gateway overwrote the forged header with the certificate's identity.
+    assert headers["x-relay-device"] == "spiffe://hospital.test/device/main/ws1"
+    assert headers["x-relay-site"] == "main"
+    assert headers["target"] == "dicom"
+    opened = [r for r in caplog.records if r.getMessage() == "stream open"]
+    assert any(getattr(r, "device", "") == headers["x-relay-device"] for r in opened)
+    assert all(SECRET.decode() not in r.getMessage() + str(r.__dict__) for r in caplog.records)
+
+
+@pytest.mark.parametrize(("service", "marker"), [("zecho", MARKER_ZSTD), ("echo", MARKER_RAW)])
+async def test_agent_compresses_iff_configured_and_offered(
+    world: World, service: str, marker: int
+) -> None:
+    stream = world.open({"target": f"tcp:{service}", "codec": "zstd"})
+    async with asyncio.timeout(WAIT):
+        assert await stream.read(1) == bytes([marker])  # sent eagerly, before any data
+    stream.reset(ErrorCode.CANCEL)
+    # The whole exchange, with a codec on our side too.
+    fresh = world.open({"target": f"tcp:{service}", "codec": "zstd"})
+    ours = CodecStream(fresh, send_zstd=True)
+    payload = b"compressible text " * 50_000
+    await ours.write(payload)
+    await ours.write_eof()
+    async with asyncio.timeout(WAIT):
+        assert await read_all(ours) == payload
+    assert ours.peer_zstd is (marker == MARKER_ZSTD)
+    if ours.peer_zstd:
+        assert ours.stats.wire_in < ours.stats.raw_in / 10
+    else:
+        assert ours.stats.wire_in == ours.stats.raw_in + 1
+
+
+async def test_no_codec_offer_means_plain_bytes(world: World) -> None:
+    stream = world.open({"target": "tcp:zecho"})  # compress: true, but nothing offered
+    await stream.write(b"plain")
+    await stream.write_eof()
+    async with asyncio.timeout(WAIT):
+        assert await read_all(stream) == b"plain"
+
+
+async def test_twenty_concurrent_streams(world: World) -> None:
+    async def one(i: int) -> None:
+        headers = {"target": "tcp:zecho" if i % 2 else "tcp:echo", "codec": "zstd"}
+        codec = CodecStream(world.open(headers), send_zstd=i % 3 == 0)
+        payload = os.urandom(100_000) + bytes(100_000 + i)
+        await codec.write(payload)
+        await codec.write_eof()
+        assert await read_all(codec) == payload
+
+    async with asyncio.timeout(WAIT * 2):
+        await asyncio.gather(*(one(i) for i in range(20)))
+    assert sum(world.agent.dispatcher.stats.streams.values()) == 20
+
+
+async def test_a_device_reset_closes_the_service_connection(world: World) -> None:
+    closed = asyncio.Event()
+
+    async def holder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        closed.set()
+        writer.close()
+
+    async with tcp_service(holder) as svc:
+        hold = ServiceConfig("hold", Address(HOST, svc.port))
+        world.agent.dispatcher.services = {**world.agent.dispatcher.services, "hold": hold}
+        stream = world.open({"target": "tcp:hold"})
+        await stream.write(b"x")
+        await wait_until(lambda: svc.connections == 1)
+        stream.reset(ErrorCode.CANCEL)
+        await asyncio.wait_for(closed.wait(), WAIT)
+
+
+async def test_connects_are_limited_but_all_served(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most max_connects connects to services in progress; the others wait their turn."""
+    real = asyncio.open_connection
+    now = peak = 0
+
+    async def slow_connect(
+        host: str, port: int, **kwargs: object
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.05)
+        now -= 1
+        return await real(host, port)
+
+    monkeypatch.setattr(asyncio, "open_connection", slow_connect)
+    world.agent.dispatcher._connects = asyncio.Semaphore(2)
+
+    async def one(i: int) -> None:
+        stream = world.open({"target": "tcp:echo"})
+        await stream.write(b"n%d" % i)
+        await stream.write_eof()
+        assert await read_all(stream) == b"n%d" % i
+
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*(one(i) for i in range(6)))
+    assert peak == 2

@@ -1,0 +1,192 @@
+"""Dialling the real gateway (in-process, real TLS on 127.0.0.1), and keeping links up."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from ends_helpers import WAIT, running_gateway, start_gateway, wait_until
+from pki_helpers import HOST, SitePki, make_pki
+
+from relay.net import tls
+from relay.net.aio import Link
+from relay.net.backoff import ExponentialBackoff
+from relay.net.dialer import DialError, KeptLink, dial
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkSettings
+from relay.trust.revocation import KIND_REVOKE, encode_revocations
+
+SETTINGS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> SitePki:
+    return make_pki(tmp_path / "pki")
+
+
+def agent_ctx(pki: SitePki) -> tls.ssl.SSLContext:
+    return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=tls.ALPN_AGENT)
+
+
+def kept(pki: SitePki, port: int) -> KeptLink:
+    return KeptLink(
+        Address(HOST, port),
+        agent_ctx(pki),
+        SETTINGS,
+        alpn=tls.ALPN_AGENT,
+        name="test",
+        backoff=ExponentialBackoff(0.01, 0.1),
+        connect_timeout=5.0,
+    )
+
+
+async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> None:
+    async with running_gateway(pki, tmp_path) as gw:
+        link = await dial(
+            Address(HOST, gw.port),
+            agent_ctx(pki),
+            SETTINGS,
+            alpn=tls.ALPN_AGENT,
+            name="a",
+            timeout=WAIT,
+        )
+        assert link.peer.role == "gateway"
+        await wait_until(lambda: len(gw.server.links.agents) == 1)
+        assert gw.server.router.sites() == []  # not routed before its revocation snapshot
+        for body in encode_revocations((), full=True):
+            link.send_control(KIND_REVOKE, body)
+        await wait_until(lambda: gw.server.router.sites() == ["main"])
+        link.close()
+        await asyncio.wait_for(link.wait_closed(), WAIT)
+
+
+async def test_a_refused_identity_is_a_dial_error_not_a_link(pki: SitePki, tmp_path: Path) -> None:
+    """TLS 1.3: the client handshake succeeds before the gateway refuses the certificate."""
+    device = pki.device("ws1")
+    ctx = tls.client_context(device.cert, device.key, pki.ca, alpn=tls.ALPN_AGENT)
+    async with running_gateway(pki, tmp_path) as gw:
+        with pytest.raises(DialError) as info:
+            await dial(
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+            )
+        assert info.value.reason == "refused"
+
+
+async def test_a_gateway_from_another_ca_is_refused(pki: SitePki, tmp_path: Path) -> None:
+    other = make_pki(tmp_path / "other", trust_domain="other.test")
+    ctx = tls.client_context(pki.agent.cert, pki.agent.key, other.ca, alpn=tls.ALPN_AGENT)
+    async with running_gateway(pki, tmp_path) as gw:
+        with pytest.raises(DialError) as info:
+            await dial(
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+            )
+        assert info.value.reason in ("unknown_ca", "bad_certificate")
+
+
+async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None:
+    async with running_gateway(pki, tmp_path) as gw:
+        with pytest.raises(DialError) as info:
+            await dial(
+                Address(HOST, gw.port),
+                agent_ctx(pki),
+                SETTINGS,
+                alpn=tls.ALPN_AGENT,
+                name="x",
+                timeout=WAIT,
+                server_hostname="not-the-gateway.test",
+            )
+        assert info.value.reason == "bad_certificate"
+        # The name the certificate does carry works for the same address.
+        link = await dial(
+            Address(HOST, gw.port),
+            agent_ctx(pki),
+            SETTINGS,
+            alpn=tls.ALPN_AGENT,
+            name="x",
+            timeout=WAIT,
+            server_hostname="localhost",
+        )
+        link.close()
+
+
+async def test_nothing_listening(pki: SitePki) -> None:
+    with pytest.raises(DialError) as info:
+        await dial(
+            Address(HOST, 1), agent_ctx(pki), SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+        )
+    assert info.value.reason == "connect"
+
+
+async def test_kept_link_survives_a_gateway_restart(pki: SitePki, tmp_path: Path) -> None:
+    before = asyncio.all_tasks()
+    gw = await start_gateway(pki, tmp_path)
+    port = gw.port
+    k = kept(pki, port)
+    k.start()
+    await asyncio.wait_for(k.up.wait(), WAIT)
+    first = k.link
+    assert first is not None and k.stats.connects == 1
+    await gw.shutdown()
+    await wait_until(lambda: not k.up.is_set())
+    assert k.link is None
+    await wait_until(lambda: k.stats.failures >= 2)  # dials while the gateway is down
+    gw = await start_gateway(pki, tmp_path, port)
+    await asyncio.wait_for(k.up.wait(), WAIT)
+    assert k.link is not None and k.link is not first
+    assert (k.stats.connects, k.stats.reconnects) == (2, 1)
+    await k.close()
+    await gw.shutdown()
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() - before - {asyncio.current_task()} == set()
+
+
+async def test_goaway_from_the_gateway_dials_a_replacement(pki: SitePki, tmp_path: Path) -> None:
+    async with running_gateway(pki, tmp_path) as gw:
+        k = kept(pki, gw.port)
+        k.start()
+        await asyncio.wait_for(k.up.wait(), WAIT)
+        old = k.link
+        assert old is not None
+        await wait_until(lambda: len(gw.server.links.agents) == 1)
+        (server_side,) = gw.server.links.agents
+        server_side.goaway(ErrorCode.SHUTDOWN, "test")
+        await wait_until(lambda: k.stats.connects == 2 and k.up.is_set())
+        assert k.stats.goaways == 1
+        assert k.link is not old
+        assert old.conn.goaway_received and not old.closed.done()  # still draining
+        assert old in k.links
+        await k.close()
+        assert all(link.closed.done() for link in (old, k.link or old))
+
+
+async def test_close_sends_goaway_and_stops_dialling(pki: SitePki, tmp_path: Path) -> None:
+    async with running_gateway(pki, tmp_path) as gw:
+        k = kept(pki, gw.port)
+        k.start()
+        await asyncio.wait_for(k.up.wait(), WAIT)
+        await wait_until(lambda: len(gw.server.links.agents) == 1)
+        (server_side,) = gw.server.links.agents
+        link = k.link
+        assert link is not None
+        await k.close()
+        assert link.conn.goaway_sent
+        await asyncio.wait_for(server_side.wait_closed(), WAIT)
+        assert server_side.conn.goaway_received
+        attempts = k.stats.attempts
+        await asyncio.sleep(0.2)
+        assert k.stats.attempts == attempts and not k.up.is_set()
+
+
+async def test_kept_link_keeps_trying_a_dead_address(pki: SitePki) -> None:
+    k = kept(pki, 1)
+    k.start()
+    await wait_until(lambda: k.stats.failures >= 3)
+    assert k.stats.last_error == "connect" and not k.up.is_set()
+    await k.close()
+
+
+def test_link_type_is_the_adapters() -> None:
+    from relay.net.dialer import _DialedLink
+
+    assert issubclass(_DialedLink, Link)

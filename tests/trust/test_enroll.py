@@ -1,0 +1,381 @@
+"""`relay enroll` against real TLS on 127.0.0.1: a stand-in gateway, then the real one.
+
+The stand-in accepts the enrollment ALPN with relay.net.tls.server_context + accept_tls,
+runs a Link and hands the `enroll` stream to the agent's serve_enroll_stream, the way
+the gateway routes it to an agent. The last tests go through the real gateway and an
+agent link, so the wiring is checked too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import socket
+import ssl
+import stat
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from ends_helpers import running_gateway
+from pki_helpers import HOST, SitePki, make_pki
+
+from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
+from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.dialer import dial
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkSettings
+from relay.trust import pki
+from relay.trust.codes import EnrollmentCode, new_secret
+from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
+from relay.trust.identity import Identity, identity_from_certificate
+from relay.trust.revocation import KIND_REVOKE, encode_revocations
+
+WAIT = 10.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(dt.UTC)
+
+
+@dataclass
+class StandIn:
+    """A one-site 'gateway + agent' in one process, for the PC side."""
+
+    site: SitePki
+    registry: Registry
+    audit: AuditLog
+    gateway_cert: Path
+    gateway_key: Path
+    clock: Callable[[], datetime] = utcnow
+    mode: str = "serve"  # serve | no_route | close_after_handshake
+    port: int = 0
+    outcomes: list[EnrollOutcome] = field(default_factory=list)
+    device_identities: list[Identity] = field(default_factory=list)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _sock: socket.socket | None = None
+
+    async def start(self) -> None:
+        self._sock = socket.create_server((HOST, 0))
+        self._sock.setblocking(False)
+        self.port = self._sock.getsockname()[1]
+        self._spawn(self._accept_loop())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = tls.server_context(self.gateway_cert, self.gateway_key, self.site.ca)
+        assert self._sock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            self._spawn(self._handle(conn, ctx))
+
+    async def _handle(self, conn: socket.socket, ctx: ssl.SSLContext) -> None:
+        with contextlib.suppress(Exception):
+            transport, link = await tls.accept_tls(
+                conn,
+                ctx,
+                lambda: Link(client=False, settings=LinkSettings(), autostart=False),
+                handshake_timeout=5.0,
+            )
+            ssl_object = transport.get_extra_info("ssl_object")
+            alpn = ssl_object.selected_alpn_protocol()
+            if alpn == tls.ALPN_DEVICE:  # "the workstation starts with the new identity"
+                identity = tls.peer_identity(ssl_object)
+                assert identity is not None
+                self.device_identities.append(identity)
+                transport.close()
+                return
+            if alpn != tls.ALPN_ENROLL or self.mode == "close_after_handshake":
+                transport.abort()
+                return
+            link.on_stream = self._on_stream
+            link.start()
+            await link.wait_closed()
+
+    def _on_stream(self, stream: Stream) -> None:
+        if self.mode == "no_route":
+            stream.reset(ErrorCode.NO_ROUTE)
+            return
+        self._spawn(self._serve(stream))
+
+    async def _serve(self, stream: Stream) -> None:
+        outcome = await serve_enroll_stream(
+            stream,
+            registry=self.registry,
+            ca_key=self.site.ca_key,
+            ca_cert=self.site.ca_cert,
+            site="main",
+            lifetime=timedelta(days=30),
+            audit=self.audit,
+            now=self.clock,
+        )
+        self.outcomes.append(outcome)
+
+    def code(
+        self,
+        device: str = "ws1",
+        ttl: timedelta = timedelta(hours=1),
+        *,
+        host: str = HOST,
+        fingerprint: str | None = None,
+        secret: bytes | None = None,
+    ) -> str:
+        token_id, real_secret = self.registry.create_token(device, ttl, self.clock())
+        return EnrollmentCode(
+            Address(host, self.port),
+            fingerprint or pki.ca_fingerprint(self.site.ca_cert),
+            "main",
+            device,
+            token_id,
+            secret or real_secret,
+        ).encode()
+
+
+@contextlib.asynccontextmanager
+async def stand_in(
+    tmp: Path, site: SitePki | None = None, gateway_from: SitePki | None = None, **kw: Any
+) -> AsyncIterator[StandIn]:
+    site = site or make_pki(tmp / "pki")
+    gw = gateway_from or site
+    with Registry(tmp / REGISTRY_FILE, site="main") as registry:
+        server = StandIn(
+            site,
+            registry,
+            AuditLog(tmp / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main"),
+            gw.gateway.cert,
+            gw.gateway.key,
+            **kw,
+        )
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+
+async def test_enroll_writes_a_working_identity(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        out = tmp_path / "identity"
+        cert_path = await enroll(server.code(), out, timeout=WAIT)
+        assert cert_path == out / "device.crt"
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(out / "device.key").st_mode) == 0o600
+        cert = pki.load_cert(out / "device.crt")
+        ca = pki.load_cert(out / "ca.crt")
+        assert pki.ca_fingerprint(ca) == pki.ca_fingerprint(server.site.ca_cert)
+        cert.verify_directly_issued_by(ca)
+        assert identity_from_certificate(cert).uri == "spiffe://hospital.test/device/main/ws1"
+        key = pki.load_key(out / "device.key")
+        assert key.public_key() == cert.public_key()
+        # The new identity authenticates a device link (what `relay workstation` does).
+        ctx = tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
+        reader, writer = await asyncio.open_connection(
+            HOST, server.port, ssl=ctx, server_hostname=HOST
+        )
+        await reader.read()
+        writer.close()
+        assert [i.uri for i in server.device_identities] == [identity_from_certificate(cert).uri]
+        assert [o.result for o in server.outcomes] == ["ok"]
+        row = server.registry.get_device("ws1")
+        assert row is not None and row.serial == format(cert.serial_number, "x")
+
+
+async def expect_error(code: str, out: Path, text: str, **kwargs: Any) -> str:
+    with pytest.raises(EnrollError) as info:
+        await enroll(code, out, timeout=WAIT, **kwargs)
+    message = str(info.value)
+    assert text in message, message
+    assert "\n" not in message and len(message) < 400
+    assert not (out / "device.key").exists()
+    return message
+
+
+async def test_reused_code(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        code = server.code()
+        await enroll(code, tmp_path / "first", timeout=WAIT)
+        await expect_error(code, tmp_path / "second", "already used")
+        assert server.outcomes[-1].result == "reused"
+        event = read_events(server.audit.path)[-1]
+        assert event["EventIdentification"]["EventOutcomeIndicator"] == 4
+
+
+async def test_expired_code(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        code = server.code(ttl=timedelta(minutes=5))
+        server.clock = lambda: utcnow() + timedelta(minutes=6)
+        await expect_error(code, tmp_path / "out", "expired at")
+
+
+async def test_forged_code(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        await expect_error(server.code(secret=new_secret()), tmp_path / "out", "not valid")
+        assert server.outcomes[-1].result == "forged"
+
+
+async def test_code_for_another_device_name(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        await expect_error(
+            server.code("ws1"), tmp_path / "out", "issued for device 'ws1', not 'ws2'", device="ws2"
+        )
+
+
+async def test_gateway_certificate_not_from_the_pinned_ca(tmp_path: Path) -> None:
+    """An impostor gateway (another CA) in front of the real agent: no secret leaves."""
+    impostor = make_pki(tmp_path / "impostor", trust_domain="hospital.test")
+    async with stand_in(tmp_path, gateway_from=impostor) as server:
+        code = server.code()
+        message = await expect_error(code, tmp_path / "out", PINNED_CA_MISMATCH)
+        assert message == PINNED_CA_MISMATCH
+        await asyncio.sleep(0)
+        assert all(o.result != "ok" for o in server.outcomes)
+    # The secret never reached the agent: the code is still good.
+    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+        rows = registry._db.execute("SELECT used_at FROM tokens").fetchall()
+        assert rows == [(None,)]
+
+
+async def test_site_ca_not_the_pinned_one(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        code = server.code(fingerprint="00" * 32)
+        message = await expect_error(code, tmp_path / "out", PINNED_CA_MISMATCH)
+        assert "the code pins 0000000000000000" in message
+
+
+async def test_gateway_certificate_for_another_name(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki", gateway_names=("localhost",))  # no 127.0.0.1 SAN
+    async with stand_in(tmp_path, site=site) as server:
+        await expect_error(server.code(), tmp_path / "out", f"not valid for {HOST}")
+
+
+async def test_no_route_to_the_site(tmp_path: Path) -> None:
+    async with stand_in(tmp_path, mode="no_route") as server:
+        await expect_error(server.code(), tmp_path / "out", "no link to the agent of site 'main'")
+
+
+async def test_gateway_closing_at_once(tmp_path: Path) -> None:
+    async with stand_in(tmp_path, mode="close_after_handshake") as server:
+        await expect_error(server.code(), tmp_path / "out", "closed the connection")
+
+
+async def test_nothing_listening(tmp_path: Path) -> None:
+    async with stand_in(tmp_path) as server:
+        code = server.code()
+    await expect_error(code, tmp_path / "out", "cannot reach the gateway")
+
+
+async def test_unwritable_directory_fails_before_spending_the_code(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    async with stand_in(tmp_path) as server:
+        await expect_error(server.code(), blocker / "out", "cannot write to")
+        assert server.outcomes == []
+
+
+async def test_bad_code(tmp_path: Path) -> None:
+    await expect_error("DMZR1-AAAA", tmp_path / "out", "incomplete")
+
+
+def test_run_enroll_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_enroll("nonsense", tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("relay enroll: ")
+
+
+# --- through the real gateway -----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], None]) -> Any:
+    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
+    link = await dial(
+        Address(HOST, port),
+        ctx,
+        LinkSettings(),
+        alpn=tls.ALPN_AGENT,
+        name="agent",
+        timeout=WAIT,
+        on_stream=on_stream,
+    )
+    for body in encode_revocations((), full=True):  # as a real agent does on link-up
+        link.send_control(KIND_REVOKE, body)
+    try:
+        yield link
+    finally:
+        link.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(link.wait_closed(), WAIT)
+
+
+async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    async with running_gateway(site, tmp_path) as gateway:
+        with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+            audit = AuditLog(tmp_path / AUDIT_FILE, source_id="agent")
+            tasks: list[asyncio.Task[EnrollOutcome]] = []
+            seen_headers: list[dict[str, str]] = []
+
+            def on_stream(stream: Stream) -> None:
+                seen_headers.append(dict(stream.headers))
+                tasks.append(
+                    asyncio.create_task(
+                        serve_enroll_stream(
+                            stream,
+                            registry=registry,
+                            ca_key=site.ca_key,
+                            ca_cert=site.ca_cert,
+                            site="main",
+                            lifetime=timedelta(days=30),
+                            audit=audit,
+                            now=utcnow,
+                        )
+                    )
+                )
+
+            token_id, secret = registry.create_token("ws1", timedelta(hours=1), utcnow())
+            code = EnrollmentCode(
+                Address(HOST, gateway.port),
+                pki.ca_fingerprint(site.ca_cert),
+                "main",
+                "ws1",
+                token_id,
+                secret,
+            ).encode()
+            # No agent linked yet: the gateway has no route for the site.
+            await expect_error(code, tmp_path / "early", "no link to the agent")
+            async with agent_link(site, gateway.port, on_stream):
+                for _ in range(500):
+                    if gateway.server.router.sites() == ["main"]:
+                        break
+                    await asyncio.sleep(0.01)
+                cert_path = await enroll(code, tmp_path / "out", timeout=WAIT)
+                outcome = await asyncio.wait_for(tasks[0], WAIT)
+            assert outcome.ok
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            assert identity_from_certificate(cert).name == "ws1"
+            assert seen_headers[0]["x-relay-peer"] == HOST  # the gateway vouches for it
+            assert seen_headers[0]["target"] == "enroll"
+            (event,) = read_events(audit.path)
+            assert event["ActiveParticipant"][0]["NetworkAccessPointID"] == HOST

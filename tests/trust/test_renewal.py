@@ -1,0 +1,549 @@
+"""Certificate renewal: the 2/3 policy, the exchange both ways, crash-safe files, the loop,
+and several renewals over one live TLS link while data flows on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pki_helpers import HOST, SitePki, make_pki
+
+from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, pipe
+from relay.net.jsonframes import read_message, write_message
+from relay.proto import LinkSettings
+from relay.trust import pki
+from relay.trust.identity import Identity, identity_from_certificate
+from relay.trust.renewal import (
+    PENDING_CERT,
+    PENDING_KEY,
+    RenewalError,
+    RenewOutcome,
+    complete_pending_renewal,
+    install,
+    next_renewal_time,
+    renew,
+    renewal_due,
+    renewal_loop,
+    serve_renew_stream,
+)
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+DAY = timedelta(days=1)
+WAIT = 10.0
+
+
+# --- policy ---------------------------------------------------------------------------
+
+
+def test_due_at_two_thirds_exactly() -> None:
+    nb, na = T0, T0 + 30 * DAY
+    assert next_renewal_time(nb, na) == T0 + 20 * DAY
+    assert not renewal_due(nb, na, T0 + 20 * DAY - timedelta(microseconds=1))
+    assert renewal_due(nb, na, T0 + 20 * DAY)
+    assert renewal_due(nb, na, na + DAY)  # expired: still due (and renewable over a live link)
+    assert not renewal_due(nb, na, nb - DAY)
+
+
+def test_short_lifetimes() -> None:
+    nb, na = T0, T0 + timedelta(seconds=3)
+    assert next_renewal_time(nb, na) == T0 + timedelta(seconds=2)
+    assert not renewal_due(nb, na, T0 + timedelta(seconds=1.999))
+    assert renewal_due(nb, na, T0 + timedelta(seconds=2))
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@dataclass
+class Clock:
+    now: datetime = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@dataclass
+class Site:
+    pki: SitePki
+    registry: Registry
+    audit: AuditLog
+    identity_dir: Path
+    clock: Clock = field(default_factory=Clock)
+    lifetime: timedelta = 30 * DAY
+    outcomes: list[RenewOutcome] = field(default_factory=list)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.audit.path)
+
+    async def serve(self, stream: ByteStream) -> RenewOutcome:
+        outcome = await serve_renew_stream(
+            stream,
+            registry=self.registry,
+            ca_key=self.pki.ca_key,
+            ca_cert=self.pki.ca_cert,
+            site="main",
+            lifetime=self.lifetime,
+            audit=self.audit,
+            now=self.clock,
+        )
+        self.outcomes.append(outcome)
+        return outcome
+
+    def opener(self, device: str | None = "spiffe://hospital.test/device/main/ws1") -> Any:
+        """open_stream for renew(): an in-memory stream whose far end the agent serves."""
+
+        def open_stream(headers: Mapping[str, str]) -> ByteStream:
+            seen = dict(headers)
+            if device is not None:
+                seen["x-relay-device"] = device  # what the gateway adds
+            near, far = pipe(seen)
+            asyncio.get_running_loop().create_task(self.serve(far))
+            return near
+
+        return open_stream
+
+
+def write_identity(
+    site: SitePki, directory: Path, name: str, lifetime: timedelta, not_before: datetime = T0
+) -> None:
+    pair = site.device(name, lifetime=lifetime, not_before=not_before)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pair.cert, directory / "device.crt")
+    shutil.copy(pair.key, directory / "device.key")
+    shutil.copy(site.ca, directory / "ca.crt")
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = make_pki(tmp_path / "pki")
+    write_identity(s, tmp_path / "identity", "ws1", 30 * DAY)
+    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+        yield Site(
+            s,
+            registry,
+            AuditLog(tmp_path / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main"),
+            tmp_path / "identity",
+        )
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {n: (directory / n).read_bytes() for n in ("device.crt", "device.key", "ca.crt")}
+
+
+# --- the exchange ---------------------------------------------------------------------
+
+
+async def test_not_due_does_nothing(site: Site) -> None:
+    before = files(site.identity_dir)
+    site.clock.now = T0 + 19 * DAY
+    assert not await renew(site.opener(), site.identity_dir, now=site.clock)
+    assert files(site.identity_dir) == before and site.outcomes == []
+
+
+async def test_renewal_replaces_key_and_certificate(site: Site) -> None:
+    before = files(site.identity_dir)
+    old = pki.load_cert(site.identity_dir / "device.crt")
+    site.clock.now = T0 + 20 * DAY
+    assert await renew(site.opener(), site.identity_dir, now=site.clock)
+    after = files(site.identity_dir)
+    assert after["device.key"] != before["device.key"]
+    assert after["ca.crt"] == before["ca.crt"]
+    cert = pki.load_cert(site.identity_dir / "device.crt")
+    key = pki.load_key(site.identity_dir / "device.key")
+    assert cert.public_key() == key.public_key()
+    assert identity_from_certificate(cert) == identity_from_certificate(old)
+    assert cert.not_valid_after_utc == T0 + 20 * DAY + 30 * DAY
+    assert os.stat(site.identity_dir / "device.key").st_mode & 0o777 == 0o600
+    assert not (site.identity_dir / PENDING_CERT).exists()
+    row = site.registry.get_device("ws1")
+    assert row is not None and row.serial == format(cert.serial_number, "x")
+    (event,) = site.events()
+    assert event["kind"] == "renewal"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert event["ActiveParticipant"][0]["UserID"] == "spiffe://hospital.test/device/main/ws1"
+    assert [o.result for o in site.outcomes] == ["ok"]
+
+
+async def expect_refused(site: Site, opener: Any, text: str, result: str) -> None:
+    before = files(site.identity_dir)
+    site.clock.now = T0 + 25 * DAY
+    with pytest.raises(RenewalError, match=text) as info:
+        await renew(opener, site.identity_dir, now=site.clock)
+    assert "\n" not in str(info.value)
+    assert files(site.identity_dir) == before
+    await asyncio.sleep(0)
+    assert site.outcomes[-1].result == result
+    event = site.events()[-1]
+    assert event["kind"] == "renewal"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 4
+
+
+async def test_revoked_device_is_refused(site: Site) -> None:
+    site.registry.revoke("ws1", T0)
+    await expect_refused(site, site.opener(), "this device is revoked", "revoked")
+
+
+async def test_renewal_needs_a_device_link(site: Site) -> None:
+    await expect_refused(site, site.opener(device=None), "device's own link", "not_device")
+
+
+@pytest.mark.parametrize(
+    "vouched",
+    [
+        "spiffe://hospital.test/device/other/ws1",
+        "spiffe://evil.test/device/main/ws1",
+        "spiffe://hospital.test/agent/main",
+        "garbage",
+    ],
+)
+async def test_only_devices_of_this_site(site: Site, vouched: str) -> None:
+    await expect_refused(site, site.opener(device=vouched), "renewal refused", "not_device")
+
+
+async def test_csr_for_another_identity_is_refused(site: Site) -> None:
+    near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
+    task = asyncio.create_task(site.serve(far))
+    other = pki.make_csr(pki.generate_key(), Identity.device("hospital.test", "main", "ws2"))
+    await write_message(
+        near, {"v": 1, "csr_pem": other.public_bytes(serialization.Encoding.PEM).decode()}
+    )
+    answer = await read_message(near)
+    assert answer["status"] == "refused"
+    assert "another identity" in str(answer["reason"])
+    assert (await task).result == "wrong_identity"
+    assert site.registry.get_device("ws2") is None
+
+
+async def test_oversized_request_is_refused(site: Site) -> None:
+    near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
+    task = asyncio.create_task(site.serve(far))
+    await near.write((1 << 20).to_bytes(4, "big"))
+    answer = await read_message(near)
+    assert answer["status"] == "refused" and "larger than" in str(answer["reason"])
+    assert (await task).result == "oversized"
+
+
+async def test_answer_from_another_ca_is_rejected(site: Site, tmp_path: Path) -> None:
+    """A gateway in the path cannot slip in a certificate of its own making."""
+    rogue = make_pki(tmp_path / "rogue")
+    before = files(site.identity_dir)
+
+    def open_stream(headers: Mapping[str, str]) -> ByteStream:
+        near, far = pipe(headers)
+
+        async def forge() -> None:
+            request = await read_message(far)
+            csr = x509.load_pem_x509_csr(str(request["csr_pem"]).encode())
+            ident = Identity.device("hospital.test", "main", "ws1")
+            public_key = csr.public_key()
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)
+            cert = pki.issue_certificate(
+                rogue.ca_key, rogue.ca_cert, public_key, ident, 30 * DAY, not_before=site.clock()
+            )
+            pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+            await write_message(far, {"v": 1, "status": "ok", "cert_pem": pem, "ca_pem": pem})
+
+        asyncio.get_running_loop().create_task(forge())
+        return near
+
+    site.clock.now = T0 + 21 * DAY
+    with pytest.raises(RenewalError, match="not signed by our CA"):
+        await renew(open_stream, site.identity_dir, now=site.clock)
+    assert files(site.identity_dir) == before
+
+
+async def test_no_answer_in_time(site: Site) -> None:
+    def open_stream(headers: Mapping[str, str]) -> ByteStream:
+        near, _far = pipe(headers)
+        return near
+
+    with pytest.raises(RenewalError, match="no renewal answer"):
+        await renew(open_stream, site.identity_dir, now=site.clock, force=True, timeout=0.05)
+
+
+# --- crash safety ---------------------------------------------------------------------
+
+
+def _new_pair(site: Site) -> tuple[Any, x509.Certificate]:
+    key = pki.generate_key()
+    cert = pki.issue_certificate(
+        site.pki.ca_key,
+        site.pki.ca_cert,
+        key.public_key(),
+        Identity.device("hospital.test", "main", "ws1"),
+        30 * DAY,
+        not_before=T0,
+    )
+    return key, cert
+
+
+def test_install_and_recovery_states(site: Site) -> None:
+    d = site.identity_dir
+    assert complete_pending_renewal(d) is None
+    key, cert = _new_pair(site)
+    install(d, key, cert)
+    assert pki.load_cert(d / "device.crt") == cert and complete_pending_renewal(d) is None
+
+    # Crash after both pending files were written, before any rename.
+    key, cert = _new_pair(site)
+    pki.write_key(d / PENDING_KEY, key)
+    pki.write_cert(d / PENDING_CERT, cert)
+    assert complete_pending_renewal(d) == "completed"
+    assert pki.load_cert(d / "device.crt") == cert
+
+    # Crash between the two renames: new key in place, old certificate, pending cert.
+    key, cert = _new_pair(site)
+    pki.write_key(d / "device.key", key)
+    pki.write_cert(d / PENDING_CERT, cert)
+    assert complete_pending_renewal(d) == "completed"
+    assert pki.load_cert(d / "device.crt") == cert
+
+    # Crash while writing the pending certificate: only the pending key exists.
+    current = files(d)
+    pki.write_key(d / PENDING_KEY, pki.generate_key())
+    assert complete_pending_renewal(d) == "discarded"
+    assert files(d) == current and not (d / PENDING_KEY).exists()
+
+    # A pending certificate that matches no key is dropped, the current pair kept.
+    _, stray = _new_pair(site)
+    pki.write_cert(d / PENDING_CERT, stray)
+    assert complete_pending_renewal(d) == "discarded"
+    assert files(d) == current
+
+
+async def test_renew_completes_an_interrupted_install_first(site: Site) -> None:
+    key, cert = _new_pair(site)
+    pki.write_key(site.identity_dir / "device.key", key)
+    pki.write_cert(site.identity_dir / PENDING_CERT, cert)
+    site.clock.now = T0 + DAY
+    assert not await renew(site.opener(), site.identity_dir, now=site.clock)
+    assert pki.load_cert(site.identity_dir / "device.crt") == cert
+
+
+# --- the loop -------------------------------------------------------------------------
+
+
+async def test_loop_renews_again_and_again(site: Site, tmp_path: Path) -> None:
+    write_identity(site.pki, site.identity_dir, "ws1", timedelta(seconds=30))
+    site.lifetime = timedelta(seconds=30)
+    renewed: list[datetime] = []
+    errors: list[str] = []
+    sleeps: list[float] = []
+    linked = iter([False, True, True, True, True, True, True])
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        site.clock.now += timedelta(seconds=seconds)
+        await asyncio.sleep(0)
+
+    def opener() -> Any:
+        return site.opener() if next(linked, True) else None  # first try: no link yet
+
+    def on_renewed() -> None:
+        renewed.append(site.clock())
+        if len(renewed) == 3:
+            raise asyncio.CancelledError
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(
+            renewal_loop(
+                opener,
+                site.identity_dir,
+                now=site.clock,
+                sleep=fake_sleep,
+                on_renewed=on_renewed,
+                on_error=errors.append,
+            ),
+            WAIT,
+        )
+    assert len(renewed) == 3 and errors == []
+    assert all(s <= 3600 for s in sleeps)
+    cert = pki.load_cert(site.identity_dir / "device.crt")
+    assert cert.not_valid_after_utc > renewed[-1]
+    row = site.registry.get_device("ws1")
+    assert row is not None and row.certificates == 3
+
+
+async def test_loop_reports_refusals_and_retries(site: Site) -> None:
+    site.registry.revoke("ws1", T0)
+    site.clock.now = T0 + 25 * DAY
+    errors: list[str] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        site.clock.now += timedelta(seconds=seconds)
+        if len(errors) >= 2:
+            raise asyncio.CancelledError
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(
+            renewal_loop(
+                site.opener,
+                site.identity_dir,
+                now=site.clock,
+                sleep=fake_sleep,
+                on_error=errors.append,
+            ),
+            WAIT,
+        )
+    assert len(errors) >= 2 and all("revoked" in e for e in errors)
+
+
+# --- over a live TLS link ---------------------------------------------------------------
+
+
+class Vouched:
+    """A stream with the x-relay-device header the gateway would have added."""
+
+    def __init__(self, stream: Stream, device: str) -> None:
+        self._stream = stream
+        self._headers = {**stream.headers, "x-relay-device": device}
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        return await self._stream.read(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.write(data)
+
+    async def write_eof(self) -> None:
+        await self._stream.write_eof()
+
+    def reset(self, code: int) -> None:
+        self._stream.reset(code)
+
+
+@contextlib.asynccontextmanager
+async def device_server(site: Site) -> AsyncIterator[tuple[int, list[Link]]]:
+    """Accepts device links; `renew` streams go to the agent code, others are echoed."""
+    sock = socket.create_server((HOST, 0))
+    sock.setblocking(False)
+    ctx = tls.server_context(site.pki.gateway.cert, site.pki.gateway.key, site.pki.ca)
+    links: list[Link] = []
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def echo(stream: Stream) -> None:
+        while data := await stream.read():
+            await stream.write(data)
+        await stream.write_eof()
+
+    async def accept() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            transport, link = await tls.accept_tls(
+                conn,
+                ctx,
+                lambda: Link(client=False, settings=LinkSettings(), autostart=False),
+                handshake_timeout=5.0,
+            )
+            identity = tls.peer_identity(transport.get_extra_info("ssl_object"))
+            assert identity is not None
+
+            def on_stream(stream: Stream, uri: str = identity.uri) -> None:
+                coro = (
+                    site.serve(Vouched(stream, uri))
+                    if stream.headers.get("target") == "renew"
+                    else echo(stream)
+                )
+                task = asyncio.get_running_loop().create_task(coro)
+                tasks.add(task)
+
+            link.on_stream = on_stream
+            links.append(link)
+            link.start()
+
+    acceptor = asyncio.create_task(accept())
+    try:
+        yield sock.getsockname()[1], links
+    finally:
+        acceptor.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+        sock.close()
+
+
+async def test_link_survives_several_renewals_while_data_flows(site: Site) -> None:
+    """Certificates of 30 s (on a clock the test advances); one link; an echo stream
+    carries data throughout; three renewals happen over that same link."""
+    # Real time here: the TLS handshake checks the certificate against the real clock.
+    site.clock.now = datetime.now(dt.UTC).replace(microsecond=0)
+    write_identity(site.pki, site.identity_dir, "ws1", timedelta(seconds=30), site.clock.now)
+    site.lifetime = timedelta(seconds=30)
+    d = site.identity_dir
+    async with device_server(site) as (port, server_links):
+        ctx = tls.client_context(d / "device.crt", d / "device.key", d / "ca.crt")
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_connection(
+            lambda: Link(client=True, settings=LinkSettings(), name="ws"),
+            HOST,
+            port,
+            ssl=ctx,
+            server_hostname=HOST,
+        )
+        echo = link.open_stream({"target": "tcp:echo"})
+        renewed = asyncio.Event()
+        count = 0
+
+        async def sleep(seconds: float) -> None:
+            site.clock.now += timedelta(seconds=seconds)
+            await asyncio.sleep(0.001)
+
+        def on_renewed() -> None:
+            nonlocal count
+            count += 1
+            if count == 3:
+                renewed.set()
+
+        loop_task = asyncio.create_task(
+            renewal_loop(
+                lambda: link.open_stream, d, now=site.clock, sleep=sleep, on_renewed=on_renewed
+            )
+        )
+        sent = received = b""
+        i = 0
+        async with asyncio.timeout(WAIT):
+            while not renewed.is_set() or i < 50:
+                chunk = (b"%06d" % i) * 500
+                await echo.write(chunk)
+                sent += chunk
+                while len(received) < len(sent):
+                    received += await echo.read()
+                i += 1
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+        await echo.write_eof()
+        assert await echo.read() == b""
+        assert received == sent
+        assert count >= 3
+        assert not link.closed.done() and len(server_links) == 1  # one link all along
+        # The agent may have answered one more that the cancelled loop did not install.
+        assert count <= [o.result for o in site.outcomes].count("ok") <= count + 1
+        assert all(o.ok for o in site.outcomes)
+        link.close()
+        await asyncio.wait_for(link.wait_closed(), WAIT)
+    # The files now hold the latest identity, usable for the next dial.
+    cert = pki.load_cert(d / "device.crt")
+    assert cert.not_valid_after_utc > site.clock() - timedelta(seconds=30)
+    tls.client_context(d / "device.crt", d / "device.key", d / "ca.crt")
