@@ -19,11 +19,9 @@ from gateway.config import GatewayConfig
 from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
-from gateway.router import HEADER_DEVICE, Router
+from gateway.router import Router
 from relay.net.aio import Link, link_settings
 from relay.net.tls import (
-    ALPN_ENROLL,
-    TUNNEL_ALPNS,
     accept_tls,
     classify_handshake_error,
     peer_identity,
@@ -33,6 +31,7 @@ from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.revocation import RevocationList
+from relay.wire import ALPN_ENROLL, HEADER_DEVICE, TUNNEL_ALPNS
 
 log = logging.getLogger(__name__)
 

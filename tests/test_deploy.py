@@ -30,6 +30,7 @@ from pki_helpers import SitePki, make_pki
 
 from gateway.config import load_gateway_config
 from gateway.metrics import GatewayMetrics
+from relay import wire
 from relay.agent.config import load_agent_config
 from relay.net import tls
 from relay.ops.config import parse_duration
@@ -923,7 +924,7 @@ def server_states(sock_path: Path) -> dict[str, tuple[str, str]]:
 def device_handshake(port: int, pki: SitePki) -> tuple[str | None, str]:
     """A device's TLS handshake on `port`: (ALPN chosen, peer URI SAN)."""
     device = pki.device("ws1")
-    ctx = tls.client_context(device.cert, device.key, pki.ca, tls.ALPN_DEVICE)
+    ctx = tls.client_context(device.cert, device.key, pki.ca, wire.ALPN_DEVICE)
     with (
         socket.create_connection((HOST, port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname=HOST) as conn,
@@ -979,7 +980,7 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
         # against the site CA, and its ALPN: HAProxy terminated nothing.
         pki = gateways.pki
         alpn, uri = device_handshake(front, pki)
-        assert alpn == tls.ALPN_DEVICE
+        assert alpn == wire.ALPN_DEVICE
         assert uri.startswith(f"spiffe://{pki.trust_domain}/gateway/")
 
         assert both[0].stop() == 0  # drains (no links) and exits
@@ -990,7 +991,7 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
 
         wait_for("gw1 marked DOWN", gw1_down)
         for _ in range(3):  # every new device goes to the gateway left
-            assert device_handshake(front, pki)[0] == tls.ALPN_DEVICE
+            assert device_handshake(front, pki)[0] == wire.ALPN_DEVICE
     finally:
         haproxy.terminate()
         try:

@@ -37,12 +37,13 @@ from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
 from relay.trust.identity import Identity, IdentityError
+from relay.wire import HEADER_DEVICE, HEADER_PEER, TARGET_ENROLL
 
 __all__ = [
-    "ENROLL_TARGET",
     "EXCHANGE_TIMEOUT",
     "HEADER_PEER",
     "MAX_REQUEST",
+    "TARGET_ENROLL",
     "EnrollOutcome",
     "RequestRefused",
     "csr_identity_uri",
@@ -53,9 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENROLL_TARGET: Final = "enroll"
-HEADER_PEER: Final = "x-relay-peer"  # set by the gateway: the PC's source address
-HEADER_DEVICE: Final = "x-relay-device"
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
 MAX_CSR_PEM: Final = 8 * 1024

@@ -42,14 +42,14 @@ from pathlib import Path
 from relay.agent.audit import AuditLog
 from relay.agent.authority import DeviceAuthority
 from relay.agent.config import AgentConfig, load_agent_config
-from relay.agent.dispatch import HEADER_DEVICE, StreamDispatcher, TargetHandler
+from relay.agent.dispatch import StreamDispatcher, TargetHandler
 from relay.agent.registry import RegistryError
 from relay.agent.syslog import SyslogSender
 from relay.agent.syslog import client_context as syslog_context
 from relay.net.aio import Link, Stream, link_settings
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
-from relay.net.tls import ALPN_AGENT, TlsConfigError, client_context
+from relay.net.tls import TlsConfigError, client_context
 from relay.ops.config import Address, ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -71,6 +71,7 @@ from relay.trust.revocation import (
     decode_refusal,
     encode_revocations,
 )
+from relay.wire import ALPN_AGENT, HEADER_DEVICE, TARGET_DICOM, TARGET_ENROLL, TARGET_RENEW
 
 __all__ = [
     "Agent",
@@ -85,9 +86,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-TARGET_DICOM = "dicom"
-TARGET_ENROLL = "enroll"
-TARGET_RENEW = "renew"
 RETIRE_POLL = 0.1
 REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
 # Read once at start-up (listeners, the PACS handler, the registry, the audit trail): a
@@ -454,7 +452,7 @@ async def default_handlers(
     auditor = DicomAuditor(audit) if audit is not None else None
 
     async def serve_dicom(stream: Stream) -> None:
-        device = stream.headers.get("x-relay-device", "")
+        device = stream.headers.get(HEADER_DEVICE, "")
         begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
         summary = await dicom.serve(stream, on_request=begin)
         if auditor is not None:
@@ -463,7 +461,7 @@ async def default_handlers(
             "dicom operation",
             extra={
                 "stream": stream.stream_id,
-                "device": stream.headers.get("x-relay-device", ""),
+                "device": stream.headers.get(HEADER_DEVICE, ""),
                 "op": summary.op,
                 "status": summary.status,
                 "instances": summary.instances,

@@ -55,6 +55,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
+from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,11 @@ class DicomNode:
         self.stats: DicomStats = stats or NullStats()
         self.limits = limits or DicomLimits()
         self.codec = MessageCodec(self.limits, stats=self.stats)
-        self.headers = {"target": "dicom", "dicom-version": str(VERSION), **(headers or {})}
+        self.headers = {
+            HEADER_TARGET: TARGET_DICOM,
+            HEADER_DICOM_VERSION: str(VERSION),
+            **(headers or {}),
+        }
         self._ae: AE | None = None
         self._server: Any = None
         self._sessions: set[Session] = set()

@@ -33,10 +33,11 @@ import zstandard as zstd
 
 from relay.net.bytestream import ByteStream, StreamReset
 from relay.proto import ErrorCode
+from relay.wire import CODEC_ZSTD, HEADER_CODEC
 
 __all__ = [
-    "CODEC_HEADER",
     "CODEC_ZSTD",
+    "HEADER_CODEC",
     "MARKER_RAW",
     "MARKER_ZSTD",
     "MAX_PIECE_OUTPUT",
@@ -46,8 +47,6 @@ __all__ = [
     "offers_zstd",
 ]
 
-CODEC_HEADER: Final = "codec"
-CODEC_ZSTD: Final = "zstd"
 MARKER_RAW: Final = 0x00
 MARKER_ZSTD: Final = 0x01
 
@@ -65,7 +64,7 @@ _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 def offers_zstd(headers: Mapping[str, str]) -> bool:
     """True if the opener of a stream offered zstd (the `codec: zstd` OPEN header)."""
-    return headers.get(CODEC_HEADER) == CODEC_ZSTD
+    return headers.get(HEADER_CODEC) == CODEC_ZSTD
 
 
 @dataclass

@@ -37,12 +37,13 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from relay.net.aio import Link
 from relay.net.bytestream import StreamReset
 from relay.net.jsonframes import MessageError, read_message, write_message
-from relay.net.tls import ALPN_ENROLL, classify_handshake_error
+from relay.net.tls import classify_handshake_error
 from relay.ops.config import check_name
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode, encode_secret, parse_code
 from relay.trust.identity import Identity, IdentityError, identity_from_certificate
+from relay.wire import ALPN_ENROLL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -264,7 +265,7 @@ async def _exchange(
     out_dir: Path,
     now: Callable[[], datetime],
 ) -> Path:
-    stream = link.open_stream({"target": "enroll", "site": code.site})
+    stream = link.open_stream({HEADER_TARGET: TARGET_ENROLL, HEADER_SITE: code.site})
     try:
         hello = await read_message(stream, limit=MAX_RESPONSE)
     except MessageError as exc:

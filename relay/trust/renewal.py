@@ -50,13 +50,14 @@ from relay.trust.identity import (
     identity_from_certificate,
     parse_spiffe_uri,
 )
+from relay.wire import HEADER_DEVICE, HEADER_TARGET, TARGET_RENEW
 
 if TYPE_CHECKING:
     from relay.agent.audit import AuditLog
     from relay.agent.registry import Registry
 
 __all__ = [
-    "RENEW_TARGET",
+    "TARGET_RENEW",
     "OpenStream",
     "RenewOutcome",
     "RenewalError",
@@ -71,8 +72,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RENEW_TARGET: Final = "renew"
-HEADER_DEVICE: Final = "x-relay-device"
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
 MAX_RESPONSE: Final = 64 * 1024
@@ -223,7 +222,7 @@ async def renew(
         return False
     key = pki.generate_key()
     csr = pki.make_csr(key, current.identity)
-    stream = open_stream({"target": RENEW_TARGET})
+    stream = open_stream({HEADER_TARGET: TARGET_RENEW})
     try:
         async with asyncio.timeout(timeout):
             await write_message(

@@ -30,7 +30,7 @@ from pathlib import Path
 from relay.net.aio import link_settings
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
-from relay.net.tls import ALPN_DEVICE, TlsConfigError, client_context
+from relay.net.tls import TlsConfigError, client_context
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -47,6 +47,7 @@ from relay.proto import ErrorCode
 from relay.trust.identity import identity_from_certificate
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.renewal import OpenStream, complete_pending_renewal, renewal_loop
+from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel

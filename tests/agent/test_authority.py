@@ -18,6 +18,7 @@ import pytest
 from ends_helpers import running_gateway
 from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
 from relay.agent.registry import REGISTRY_FILE, Registry
@@ -113,8 +114,8 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
         tasks.append(asyncio.create_task(handler[stream.headers["target"]](stream)))
 
     async with running_gateway(site, tmp_path) as gateway:
-        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
-        async with link_to(gateway.port, agent_ctx, tls.ALPN_AGENT, on_stream=on_stream) as agent:
+        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
+        async with link_to(gateway.port, agent_ctx, wire.ALPN_AGENT, on_stream=on_stream) as agent:
             for body in authority.revocation_snapshot():  # as the agent does on link-up
                 agent.send_control("revoke", body)
             token_id, secret = authority.registry.create_token("ws1", timedelta(hours=1), utcnow())
@@ -131,7 +132,7 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
             first = pki.load_cert(out / "device.crt")
 
             device_ctx = tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
-            async with link_to(gateway.port, device_ctx, tls.ALPN_DEVICE) as device_link:
+            async with link_to(gateway.port, device_ctx, wire.ALPN_DEVICE) as device_link:
                 assert await renew(device_link.open_stream, out, now=utcnow, force=True)
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert [o.result for o in outcomes] == ["ok", "ok"]

@@ -28,6 +28,7 @@ from ends_helpers import (
 )
 from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.agent.config import AgentConfig, ServiceConfig
 from relay.agent.dispatch import TargetHandler
 from relay.agent.service import Agent, run_agent
@@ -58,9 +59,9 @@ class World:
 
 async def device_link(pki: SitePki, port: int, name: str = "ws1") -> Link:
     pair = pki.device(name)
-    ctx = tls.client_context(pair.cert, pair.key, pki.ca, alpn=tls.ALPN_DEVICE)
+    ctx = tls.client_context(pair.cert, pair.key, pki.ca, alpn=wire.ALPN_DEVICE)
     return await dial(
-        Address(HOST, port), ctx, SETTINGS, alpn=tls.ALPN_DEVICE, name=name, timeout=WAIT
+        Address(HOST, port), ctx, SETTINGS, alpn=wire.ALPN_DEVICE, name=name, timeout=WAIT
     )
 
 

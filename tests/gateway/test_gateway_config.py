@@ -163,4 +163,4 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.splitlines()
     assert out[0] == "[]"
-    assert out[1] == "['gateway', 'gateway.config', 'relay', 'relay.ops.config']"
+    assert out[1] == "['gateway', 'gateway.config', 'relay', 'relay.ops', 'relay.ops.config']"

@@ -9,6 +9,7 @@ import pytest
 from ends_helpers import WAIT, running_gateway, start_gateway, wait_until
 from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.net import tls
 from relay.net.aio import Link
 from relay.net.backoff import ExponentialBackoff
@@ -26,7 +27,7 @@ def pki(tmp_path: Path) -> SitePki:
 
 
 def agent_ctx(pki: SitePki) -> tls.ssl.SSLContext:
-    return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=tls.ALPN_AGENT)
+    return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=wire.ALPN_AGENT)
 
 
 def kept(pki: SitePki, port: int) -> KeptLink:
@@ -34,7 +35,7 @@ def kept(pki: SitePki, port: int) -> KeptLink:
         Address(HOST, port),
         agent_ctx(pki),
         SETTINGS,
-        alpn=tls.ALPN_AGENT,
+        alpn=wire.ALPN_AGENT,
         name="test",
         backoff=ExponentialBackoff(0.01, 0.1),
         connect_timeout=5.0,
@@ -47,7 +48,7 @@ async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> Non
             Address(HOST, gw.port),
             agent_ctx(pki),
             SETTINGS,
-            alpn=tls.ALPN_AGENT,
+            alpn=wire.ALPN_AGENT,
             name="a",
             timeout=WAIT,
         )
@@ -64,22 +65,22 @@ async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> Non
 async def test_a_refused_identity_is_a_dial_error_not_a_link(pki: SitePki, tmp_path: Path) -> None:
     """TLS 1.3: the client handshake succeeds before the gateway refuses the certificate."""
     device = pki.device("ws1")
-    ctx = tls.client_context(device.cert, device.key, pki.ca, alpn=tls.ALPN_AGENT)
+    ctx = tls.client_context(device.cert, device.key, pki.ca, alpn=wire.ALPN_AGENT)
     async with running_gateway(pki, tmp_path) as gw:
         with pytest.raises(DialError) as info:
             await dial(
-                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=wire.ALPN_AGENT, name="x", timeout=WAIT
             )
         assert info.value.reason == "refused"
 
 
 async def test_a_gateway_from_another_ca_is_refused(pki: SitePki, tmp_path: Path) -> None:
     other = make_pki(tmp_path / "other", trust_domain="other.test")
-    ctx = tls.client_context(pki.agent.cert, pki.agent.key, other.ca, alpn=tls.ALPN_AGENT)
+    ctx = tls.client_context(pki.agent.cert, pki.agent.key, other.ca, alpn=wire.ALPN_AGENT)
     async with running_gateway(pki, tmp_path) as gw:
         with pytest.raises(DialError) as info:
             await dial(
-                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=wire.ALPN_AGENT, name="x", timeout=WAIT
             )
         assert info.value.reason in ("unknown_ca", "bad_certificate")
 
@@ -91,7 +92,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
                 Address(HOST, gw.port),
                 agent_ctx(pki),
                 SETTINGS,
-                alpn=tls.ALPN_AGENT,
+                alpn=wire.ALPN_AGENT,
                 name="x",
                 timeout=WAIT,
                 server_hostname="not-the-gateway.test",
@@ -102,7 +103,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
             Address(HOST, gw.port),
             agent_ctx(pki),
             SETTINGS,
-            alpn=tls.ALPN_AGENT,
+            alpn=wire.ALPN_AGENT,
             name="x",
             timeout=WAIT,
             server_hostname="localhost",
@@ -113,7 +114,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
 async def test_nothing_listening(pki: SitePki) -> None:
     with pytest.raises(DialError) as info:
         await dial(
-            Address(HOST, 1), agent_ctx(pki), SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+            Address(HOST, 1), agent_ctx(pki), SETTINGS, alpn=wire.ALPN_AGENT, name="x", timeout=WAIT
         )
     assert info.value.reason == "connect"
 

@@ -31,7 +31,7 @@ from relay.ops.config import (
 )
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEV_FILES = ("ca.crt", "ca.key", "gateway.crt", "gateway.key", "agent.crt", "agent.key")
 DEVICE_FILES = ("device.crt", "device.key", "ca.crt")
 

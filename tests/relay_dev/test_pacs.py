@@ -16,7 +16,6 @@ from relay.dicom import rawds
 from relay.dicom.contexts import MODELS
 from relay_dev import samples
 from relay_dev.pacs import DirectoryStore, EmbeddedPacs, MemoryStore, SyntheticStore
-
 from tests.dicom.helpers import EXPLICIT, capturing_scp, query, scu
 
 CT = samples.make_study(4, rows=32, cols=32)

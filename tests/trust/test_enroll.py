@@ -26,6 +26,7 @@ from cryptography import x509
 from ends_helpers import running_gateway
 from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, Registry
@@ -100,13 +101,13 @@ class StandIn:
             )
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol()
-            if alpn == tls.ALPN_DEVICE:  # "the workstation starts with the new identity"
+            if alpn == wire.ALPN_DEVICE:  # "the workstation starts with the new identity"
                 identity = tls.peer_identity(ssl_object)
                 assert identity is not None
                 self.device_identities.append(identity)
                 transport.close()
                 return
-            if alpn != tls.ALPN_ENROLL or self.mode == "close_after_handshake":
+            if alpn != wire.ALPN_ENROLL or self.mode == "close_after_handshake":
                 transport.abort()
                 return
             link.on_stream = self._on_stream
@@ -309,12 +310,12 @@ def test_run_enroll_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 @contextlib.asynccontextmanager
 async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], None]) -> Any:
-    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
+    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
     link = await dial(
         Address(HOST, port),
         ctx,
         LinkSettings(),
-        alpn=tls.ALPN_AGENT,
+        alpn=wire.ALPN_AGENT,
         name="agent",
         timeout=WAIT,
         on_stream=on_stream,
