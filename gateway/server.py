@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Registry:
+class LinkTable:
     """Live links by role, for routing, revocation, draining and metrics."""
 
     agents: set[Link] = field(default_factory=set)
@@ -63,7 +63,7 @@ class GatewayServer:
         self.trust_domain = trust_domain
         self.metrics = metrics
         self.router = Router(metrics)
-        self.links = Registry()
+        self.links = LinkTable()
         self.revoked = RevocationList(trust_domain)  # memory only, relearned from agents
         self.refusal_reporter = RefusalReporter(self.router)
         self.enrollment = EnrollmentDesk(self.router, metrics)

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, Registry, RegistryError, RevocationWatcher
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry, RegistryError, RevocationWatcher
 from relay.net.bytestream import ByteStream
 from relay.proto import LinkClosedError
 from relay.trust import pki
@@ -80,7 +80,7 @@ class DeviceAuthority:
         site: str,
         ca_key: ec.EllipticCurvePrivateKey,
         ca_cert: x509.Certificate,
-        registry: Registry,
+        registry: DeviceRegistry,
         audit: AuditLog,
         lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
         now: Callable[[], datetime] = _utcnow,
@@ -131,7 +131,7 @@ class DeviceAuthority:
             keep=settings.keep,
             sink=audit_sink,
         )
-        registry = Registry(state_dir / REGISTRY_FILE, site=site)
+        registry = DeviceRegistry(state_dir / REGISTRY_FILE, site=site)
         return cls(
             site=site,
             ca_key=key,

@@ -24,7 +24,7 @@ from typing import Final
 
 from relay.agent.config import ServiceConfig
 from relay.net.aio import Stream
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import CodecStats, CodecStream, offers_zstd
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.tasks import drain_tasks
@@ -160,7 +160,7 @@ class StreamDispatcher:
                 # Eagerly: the workstation learns from this byte whether the service
                 # compresses, before the service says anything.
                 await codec.send_marker()
-            except StreamReset:
+            except StreamResetError:
                 abort_socket(writer)
                 writer.close()
                 return

@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AuditLog, Outcome
-from relay.agent.registry import Redeemed, RedeemStatus, Registry, RegistryError, serial_hex
-from relay.net.bytestream import ByteStream, StreamReset
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_message, write_message
+from relay.agent.registry import DeviceRegistry, Redeemed, RedeemStatus, RegistryError, serial_hex
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
@@ -174,7 +174,7 @@ def _redeem_refusal(redeemed: Redeemed, device: str) -> RequestRefused:
 async def serve_enroll_stream(
     stream: ByteStream,
     *,
-    registry: Registry,
+    registry: DeviceRegistry,
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     site: str,
@@ -197,9 +197,9 @@ async def serve_enroll_stream(
             if stream.headers.get(HEADER_DEVICE):
                 # An enrolled device's own link: enrollment is for PCs without an identity.
                 raise RequestRefused("malformed", "enrollment is not available on a device link")
-            await write_message(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
+            await write_json(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
             try:
-                request = await read_message(stream, limit=MAX_REQUEST)
+                request = await read_json(stream, limit=MAX_REQUEST)
             except MessageTooLarge as exc:
                 raise RequestRefused(
                     "oversized", f"the request is larger than {exc.limit} bytes"
@@ -252,7 +252,7 @@ async def serve_enroll_stream(
                 description=f"certificate issued, valid until {cert.not_valid_after_utc}",
                 serial=serial,
             )
-            await write_message(
+            await write_json(
                 stream,
                 {
                     "v": PROTOCOL_VERSION,
@@ -285,7 +285,7 @@ async def serve_enroll_stream(
             peer=peer,
             answer=False,
         )
-    except StreamReset:
+    except StreamResetError:
         outcome = RequestRefused("aborted", "the PC or the gateway aborted the enrollment")
         return await _refuse(
             stream,
@@ -341,12 +341,12 @@ async def _refuse(
     if answer:
         try:
             async with asyncio.timeout(5.0):
-                await write_message(
+                await write_json(
                     stream,
                     {"v": PROTOCOL_VERSION, "status": "refused", "reason": refusal.message},
                 )
                 await stream.write_eof()
-        except (StreamReset, TimeoutError, OSError):
+        except (StreamResetError, TimeoutError, OSError):
             pass
     else:
         stream.reset(ErrorCode.CANCEL)

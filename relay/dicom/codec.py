@@ -422,7 +422,7 @@ async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | N
     """The next message payload, or None on a clean end of stream between messages.
 
     Raises DicomProtocolError for a stream that ends inside a message or announces one
-    larger than the limit; StreamReset passes through.
+    larger than the limit; StreamResetError passes through.
     """
     prefix = bytearray()
     while len(prefix) < _PREFIX.size:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
-from relay.net.bytestream import StreamReset
+from relay.net.bytestream import StreamResetError
 from relay.ops.config import TunnelLimits
 from relay.proto import (
     Connection,
@@ -32,8 +32,8 @@ from relay.proto import (
     LinkSettings,
     StreamEnded,
     StreamOpened,
+    StreamReset,
 )
-from relay.proto import StreamReset as StreamResetEvent
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Stream:
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buffer:
             if self.reset_code is not None:
-                raise StreamReset(self.reset_code)
+                raise StreamResetError(self.reset_code)
             if self._eof:
                 return b""
             self._readable.clear()
@@ -168,11 +168,11 @@ class Stream:
         pos, size = 0, len(data)
         while pos < size:
             if self.reset_code is not None:
-                raise StreamReset(self.reset_code)
+                raise StreamResetError(self.reset_code)
             if self.local_closed:
-                raise StreamReset(ErrorCode.STREAM_CLOSED, "write after write_eof")
+                raise StreamResetError(ErrorCode.STREAM_CLOSED, "write after write_eof")
             if self.link.conn.terminated is not None:
-                raise StreamReset(self.link.conn.terminated.code, "link closed")
+                raise StreamResetError(self.link.conn.terminated.code, "link closed")
             credit = self.send_credit()
             if credit <= 0:
                 self._credit.clear()
@@ -188,7 +188,7 @@ class Stream:
 
     async def write_eof(self) -> None:
         if self.reset_code is not None:
-            raise StreamReset(self.reset_code)
+            raise StreamResetError(self.reset_code)
         if not self.local_closed and self.link.conn.terminated is None:
             self.send_nowait(b"", end_stream=True)
 
@@ -399,7 +399,7 @@ class Link(asyncio.Protocol):
                 case StreamEnded(stream_id=sid):
                     if sid in streams:
                         streams[sid]._on_end()
-                case StreamResetEvent(stream_id=sid, code=code):
+                case StreamReset(stream_id=sid, code=code):
                     if sid in streams:
                         streams.pop(sid)._on_reset(code)
                 case ControlReceived(kind=kind, body=body):

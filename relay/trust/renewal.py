@@ -40,8 +40,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay.net.bytestream import ByteStream, StreamReset
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_message, write_message
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 from relay.trust import pki
 from relay.trust.identity import (
@@ -54,7 +54,7 @@ from relay.wire import HEADER_DEVICE, HEADER_TARGET, TARGET_RENEW
 
 if TYPE_CHECKING:
     from relay.agent.audit import AuditLog
-    from relay.agent.registry import Registry
+    from relay.agent.registry import DeviceRegistry
 
 __all__ = [
     "TARGET_RENEW",
@@ -211,7 +211,7 @@ async def renew(
 ) -> bool:
     """Renew the certificate in `identity_dir` if it is due (or `force`); True if renewed.
 
-    Raises RenewalError (refused, bad answer, files), StreamReset, LinkClosedError or
+    Raises RenewalError (refused, bad answer, files), StreamResetError, LinkClosedError or
     StreamStateError (the link failed or is full: retry later). The files are untouched
     unless it succeeds.
     """
@@ -225,14 +225,14 @@ async def renew(
     stream = open_stream({HEADER_TARGET: TARGET_RENEW})
     try:
         async with asyncio.timeout(timeout):
-            await write_message(
+            await write_json(
                 stream,
                 {
                     "v": PROTOCOL_VERSION,
                     "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                 },
             )
-            answer = await read_message(stream, limit=MAX_RESPONSE)
+            answer = await read_json(stream, limit=MAX_RESPONSE)
             await stream.write_eof()  # both directions closed: the link forgets the stream
     except TimeoutError:
         stream.reset(ErrorCode.CANCEL)
@@ -334,7 +334,7 @@ async def renewal_loop(
             continue
         try:
             await renew(opener, identity_dir, now=now, force=True)
-        except (RenewalError, StreamReset, LinkClosedError, StreamStateError, OSError) as exc:
+        except (RenewalError, StreamResetError, LinkClosedError, StreamStateError, OSError) as exc:
             report(str(exc))
             await sleep(backoff)
             continue
@@ -362,7 +362,7 @@ class RenewOutcome:
 async def serve_renew_stream(
     stream: ByteStream,
     *,
-    registry: Registry,
+    registry: DeviceRegistry,
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     site: str,
@@ -383,7 +383,7 @@ async def serve_renew_stream(
             if await asyncio.to_thread(registry.is_revoked, identity.name):
                 raise RequestRefused("revoked", "this device is revoked")
             try:
-                request = await read_message(stream, limit=MAX_REQUEST)
+                request = await read_json(stream, limit=MAX_REQUEST)
             except MessageTooLarge as exc:
                 raise RequestRefused(
                     "oversized", f"the request is larger than {exc.limit} bytes"
@@ -421,7 +421,7 @@ async def serve_renew_stream(
                 serial=serial,
                 not_after=cert.not_valid_after_utc,
             )
-            await write_message(
+            await write_json(
                 stream,
                 {
                     "v": PROTOCOL_VERSION,
@@ -436,7 +436,7 @@ async def serve_renew_stream(
         result, message, answer, severe = refusal.result, refusal.message, True, False
     except TimeoutError:
         result, message, answer, severe = "timeout", "the renewal took too long", False, False
-    except StreamReset:
+    except StreamResetError:
         result, message, answer, severe = "aborted", "the device aborted the renewal", False, False
     except (RegistryError, pki.PkiError) as exc:
         log.error("renewal failed", extra={"error": str(exc)})
@@ -456,11 +456,11 @@ async def serve_renew_stream(
     if answer:
         try:
             async with asyncio.timeout(5.0):
-                await write_message(
+                await write_json(
                     stream, {"v": PROTOCOL_VERSION, "status": "refused", "reason": message}
                 )
                 await stream.write_eof()
-        except (StreamReset, TimeoutError, OSError):
+        except (StreamResetError, TimeoutError, OSError):
             pass
     else:
         stream.reset(ErrorCode.CANCEL)

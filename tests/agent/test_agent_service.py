@@ -26,7 +26,7 @@ from test_dispatch import device_link, read_all
 from relay.agent.config import AgentConfig
 from relay.agent.dispatch import TargetHandler
 from relay.agent.service import Agent, resolve_all, run_agent
-from relay.net.bytestream import StreamReset
+from relay.net.bytestream import StreamResetError
 from relay.proto import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(
             (agent_link,) = gw.server.links.agents
             await wait_until(lambda: agent_link.conn.goaway_received)
             refused = device.open_stream({"target": "tcp:slow"})
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(refused.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
             assert not task.done()  # waiting for the stream in flight
@@ -176,7 +176,7 @@ async def test_drain_grace_cuts_streams_that_do_not_finish(pki: SitePki, tmp_pat
             await wait_until(lambda: svc.connections == 1)
             stop.set()
             await asyncio.wait_for(task, WAIT)
-            with pytest.raises(StreamReset):
+            with pytest.raises(StreamResetError):
                 await asyncio.wait_for(stream.read(), WAIT)
             device.close()
 

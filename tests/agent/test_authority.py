@@ -21,7 +21,7 @@ from pki_helpers import HOST, SitePki, make_pki
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
@@ -170,7 +170,7 @@ async def test_enroll_result_is_reported_on_the_link(tmp_path: Path) -> None:
 def test_revocations_for_the_gateways(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     (tmp_path / "state").mkdir()
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("old", utcnow())
     authority = open_authority(site, tmp_path / "state")
     # A new link gets the full list; a gateway applies it for the agent's site.
@@ -184,7 +184,7 @@ def test_revocations_for_the_gateways(tmp_path: Path) -> None:
     assert gateway_view.is_revoked("spiffe://hospital.test/device/main/old")
     assert authority.poll_revocations() == []  # "old" predates the authority
 
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("ws1", utcnow())  # `relay device revoke ws1` in another process
     (body,) = authority.poll_revocations()
     update = decode_revocations(body)
@@ -203,7 +203,7 @@ async def test_push_loop_sends_new_revocations(tmp_path: Path) -> None:
     authority = open_authority(site, tmp_path / "state")
     sent: asyncio.Queue[list[bytes]] = asyncio.Queue()
     task = asyncio.create_task(authority.run_revocation_push(sent.put_nowait, interval=0.01))
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("ws9", utcnow())
     bodies = await asyncio.wait_for(sent.get(), WAIT)
     task.cancel()

@@ -34,7 +34,7 @@ from relay.agent.dispatch import TargetHandler
 from relay.agent.service import Agent, run_agent
 from relay.net import tls
 from relay.net.aio import Link, Stream
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
 from relay.net.dialer import dial
 from relay.ops.config import Address
@@ -122,7 +122,7 @@ async def read_all(stream: ByteStream) -> bytes:
 
 
 async def expect_reset(stream: Stream) -> int:
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         async with asyncio.timeout(WAIT):
             await stream.read()
     return info.value.code

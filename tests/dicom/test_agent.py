@@ -28,7 +28,7 @@ from relay.dicom.codec import (
 from relay.dicom.pacs_ops import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomCounters
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
@@ -446,5 +446,5 @@ async def test_reset_of_the_pump_side_is_handled(pacs: EmbeddedPacs) -> None:
     a.reset(7)
     summary = await asyncio.wait_for(server, 20)
     assert summary.status in (st.LINK_LOST, 0)
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await a.read()

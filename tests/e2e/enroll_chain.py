@@ -469,7 +469,7 @@ def running_site(
 def _crafted(mode: str, code: str, out: str) -> int:
     """relay enroll with one piece replaced; see the module docstring."""
     import relay.trust.enroll
-    from relay.net.jsonframes import write_message
+    from relay.net.jsonframes import write_json
     from relay.trust import pki
     from relay.trust.identity import Identity
 
@@ -496,9 +496,9 @@ def _crafted(mode: str, code: str, out: str) -> int:
         async def padded(stream: Any, message: dict[str, object]) -> None:
             if "csr_pem" in message:
                 message = {**message, "padding": "x" * 20_000}
-            await write_message(stream, message, limit=1 << 20)  # past our own guard
+            await write_json(stream, message, limit=1 << 20)  # past our own guard
 
-        patch_enroll["write_message"] = padded
+        patch_enroll["write_json"] = padded
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return relay.trust.enroll.run_enroll(code, Path(out), timeout=20.0)

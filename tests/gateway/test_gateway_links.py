@@ -25,7 +25,7 @@ from gateway.service import run_gateway
 from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
-from relay.net.bytestream import StreamReset
+from relay.net.bytestream import StreamResetError
 from relay.ops.config import Address, TlsFiles, TunnelLimits
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import Identity
@@ -76,7 +76,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 
 async def echo(stream: Stream) -> None:
-    with contextlib.suppress(StreamReset):
+    with contextlib.suppress(StreamResetError):
         while data := await stream.read():
             await stream.write(data)
         await stream.write_eof()
@@ -216,7 +216,7 @@ async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Pa
     await wait_for_agents(world, "main")
     device_b = await connect(world, other, wire.ALPN_DEVICE)
     stream = device_b.open_stream({"target": "tcp:echo"})
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
     assert (
@@ -313,7 +313,7 @@ async def test_agent_is_routed_to_only_after_its_revocation_snapshot(world: Worl
     await asyncio.sleep(0.2)
     assert world.server.router.agent_links("main") == []
     stream = device.open_stream({"target": "tcp:echo"})
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
     announce(agent)

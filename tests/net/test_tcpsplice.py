@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pki_helpers import LOOP_KINDS, run
 
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.net.compression import CodecStream
 from relay.net.tcpsplice import WRITE_HIGH, SpliceResult, SpliceStats, splice
 from relay.proto import ErrorCode
@@ -190,7 +190,7 @@ async def test_tcp_reset_resets_the_stream() -> None:
             await rig.writer.drain()
             assert await rig.stream.read() == b"hello"
             rst_close(rig.writer)
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await rig.stream.read()
             assert info.value.code == ErrorCode.CANCEL
             assert await rig.task is SpliceResult.TCP_ERROR
@@ -201,7 +201,7 @@ async def test_tcp_reset_while_the_stream_writes() -> None:
     async with listener() as (port, accepted):
         rig = await make_rig(port, accepted)
         rst_close(rig.writer)
-        with pytest.raises(StreamReset):
+        with pytest.raises(StreamResetError):
             async with asyncio.timeout(WAIT):
                 for _ in range(1000):
                     await rig.stream.write(bytes(65536))
@@ -240,7 +240,7 @@ async def test_cancel_resets_the_stream_and_leaves_no_task() -> None:
         rig.task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await rig.task
-        with pytest.raises(StreamReset) as info:
+        with pytest.raises(StreamResetError) as info:
             await rig.stream.read()
         assert info.value.code == ErrorCode.CANCEL
         with pytest.raises(ConnectionResetError):

@@ -29,7 +29,7 @@ from pki_helpers import HOST, SitePki, make_pki
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
@@ -53,7 +53,7 @@ class StandIn:
     """A one-site 'gateway + agent' in one process, for the PC side."""
 
     site: SitePki
-    registry: Registry
+    registry: DeviceRegistry
     audit: AuditLog
     gateway_cert: Path
     gateway_key: Path
@@ -159,7 +159,7 @@ async def stand_in(
 ) -> AsyncIterator[StandIn]:
     site = site or make_pki(tmp / "pki")
     gw = gateway_from or site
-    with Registry(tmp / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp / REGISTRY_FILE, site="main") as registry:
         server = StandIn(
             site,
             registry,
@@ -252,7 +252,7 @@ async def test_gateway_certificate_not_from_the_pinned_ca(tmp_path: Path) -> Non
         await asyncio.sleep(0)
         assert all(o.result != "ok" for o in server.outcomes)
     # The secret never reached the agent: the code is still good.
-    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
         rows = registry._db.execute("SELECT used_at FROM tokens").fetchall()
         assert rows == [(None,)]
 
@@ -333,7 +333,7 @@ async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], Non
 async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     async with running_gateway(site, tmp_path) as gateway:
-        with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+        with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
             audit = AuditLog(tmp_path / AUDIT_FILE, source_id="agent")
             tasks: list[asyncio.Task[EnrollOutcome]] = []
             seen_headers: list[dict[str, str]] = []
