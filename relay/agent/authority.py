@@ -32,11 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry, RegistryError, RevocationWatcher
+from relay.agent.renewal import RenewOutcome, serve_renew_stream
+from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream
 from relay.proto import LinkClosedError
 from relay.trust import pki
 from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
-from relay.trust.renewal import RenewOutcome, serve_renew_stream
 from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
     RevocationError,
@@ -94,6 +95,7 @@ class DeviceAuthority:
         self.lifetime = lifetime
         self.now = now
         self.identity = Identity.agent(self.trust_domain, site)
+        self.signer = Signer(registry, ca_key, ca_cert, site, lifetime, audit, now)
         self._watcher = RevocationWatcher(registry)
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
         self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
@@ -149,16 +151,7 @@ class DeviceAuthority:
 
     async def serve_enroll(self, stream: ByteStream) -> EnrollOutcome:
         """Target handler for `enroll`; reports the result to the gateway that carried it."""
-        outcome = await serve_enroll_stream(
-            stream,
-            registry=self.registry,
-            ca_key=self.ca_key,
-            ca_cert=self.ca_cert,
-            site=self.site,
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.now,
-        )
+        outcome = await serve_enroll_stream(stream, self.signer)
         self.enrollments[outcome.result] = self.enrollments.get(outcome.result, 0) + 1
         link = getattr(stream, "link", None)  # a relay.net.aio.Stream knows its link
         send = getattr(link, "send_control", None)
@@ -169,16 +162,7 @@ class DeviceAuthority:
 
     async def serve_renew(self, stream: ByteStream) -> RenewOutcome:
         """Target handler for `renew` (the gateway adds x-relay-device)."""
-        outcome = await serve_renew_stream(
-            stream,
-            registry=self.registry,
-            ca_key=self.ca_key,
-            ca_cert=self.ca_cert,
-            site=self.site,
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.now,
-        )
+        outcome = await serve_renew_stream(stream, self.signer)
         self.renewals[outcome.result] = self.renewals.get(outcome.result, 0) + 1
         return outcome
 

@@ -21,6 +21,7 @@ from pki_helpers import SitePki, make_pki
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream, pipe
 from relay.net.jsonframes import encode_json, read_json, write_json
 from relay.trust import pki
@@ -75,13 +76,15 @@ def csr_pem(key: Any, ident: Identity) -> str:
 async def serve(agent: Agent, stream: ByteStream, **kwargs: Any) -> EnrollOutcome:
     return await serve_enroll_stream(
         stream,
-        registry=agent.registry,
-        ca_key=agent.site.ca_key,
-        ca_cert=agent.site.ca_cert,
-        site="main",
-        lifetime=timedelta(days=30),
-        audit=agent.audit,
-        now=agent.clock,
+        Signer(
+            agent.registry,
+            agent.site.ca_key,
+            agent.site.ca_cert,
+            "main",
+            timedelta(days=30),
+            agent.audit,
+            agent.clock,
+        ),
         **kwargs,
     )
 

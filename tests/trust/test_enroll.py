@@ -30,6 +30,7 @@ from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
@@ -123,13 +124,15 @@ class StandIn:
     async def _serve(self, stream: Stream) -> None:
         outcome = await serve_enroll_stream(
             stream,
-            registry=self.registry,
-            ca_key=self.site.ca_key,
-            ca_cert=self.site.ca_cert,
-            site="main",
-            lifetime=timedelta(days=30),
-            audit=self.audit,
-            now=self.clock,
+            Signer(
+                self.registry,
+                self.site.ca_key,
+                self.site.ca_cert,
+                "main",
+                timedelta(days=30),
+                self.audit,
+                self.clock,
+            ),
         )
         self.outcomes.append(outcome)
 
@@ -344,13 +347,15 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
                     asyncio.create_task(
                         serve_enroll_stream(
                             stream,
-                            registry=registry,
-                            ca_key=site.ca_key,
-                            ca_cert=site.ca_cert,
-                            site="main",
-                            lifetime=timedelta(days=30),
-                            audit=audit,
-                            now=utcnow,
+                            Signer(
+                                registry,
+                                site.ca_key,
+                                site.ca_cert,
+                                "main",
+                                timedelta(days=30),
+                                audit,
+                                utcnow,
+                            ),
                         )
                     )
                 )

@@ -23,6 +23,8 @@ from pki_helpers import HOST, SitePki, make_pki
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.renewal import RenewOutcome, serve_renew_stream
+from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import ByteStream, pipe
@@ -34,14 +36,12 @@ from relay.trust.renewal import (
     PENDING_CERT,
     PENDING_KEY,
     RenewalError,
-    RenewOutcome,
     complete_pending_renewal,
     install,
     next_renewal_time,
     renew,
     renewal_due,
     renewal_loop,
-    serve_renew_stream,
 )
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -95,13 +95,15 @@ class Site:
     async def serve(self, stream: ByteStream) -> RenewOutcome:
         outcome = await serve_renew_stream(
             stream,
-            registry=self.registry,
-            ca_key=self.pki.ca_key,
-            ca_cert=self.pki.ca_cert,
-            site="main",
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.clock,
+            Signer(
+                self.registry,
+                self.pki.ca_key,
+                self.pki.ca_cert,
+                "main",
+                self.lifetime,
+                self.audit,
+                self.clock,
+            ),
         )
         self.outcomes.append(outcome)
         return outcome
