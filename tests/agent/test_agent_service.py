@@ -25,7 +25,8 @@ from test_dispatch import device_link, read_all
 
 from relay.agent.config import AgentConfig
 from relay.agent.dispatch import TargetHandler
-from relay.agent.service import Agent, resolve_all, run_agent
+from relay.agent.gateways import resolve_all
+from relay.agent.service import Agent, run_agent
 from relay.net.bytestream import StreamResetError
 from relay.proto import ErrorCode
 
@@ -79,7 +80,7 @@ async def test_one_link_to_each_gateway(pki: SitePki, tmp_path: Path) -> None:
     ):
         config = agent_config(pki, tmp_path, [gw1.port, gw2.port], {})
         async with agent_running(config) as (agent, _, _):
-            await wait_until(lambda: agent.links_up == 2)
+            await wait_until(lambda: agent.gateways.up == 2)
             for gw in (gw1, gw2):
                 await wait_until(lambda gw=gw: len(gw.server.links.agents) == 1)
                 # routed once its revocation snapshot arrived
@@ -105,22 +106,22 @@ async def test_links_follow_dns(pki: SitePki, tmp_path: Path) -> None:
     async with running_gateway(pki, tmp_path) as gw:
         config = agent_config(pki, tmp_path, [gw.port], {}, gateway_host="localhost")
         async with agent_running(config, resolver=resolver) as (agent, _, _):
-            await wait_until(lambda: agent.links_up == 1)
-            (first,) = agent.links.values()
+            await wait_until(lambda: agent.gateways.up == 1)
+            (first,) = agent.gateways.links.values()
             assert first.server_hostname == "localhost"  # the certificate name is checked
             answers["localhost"] = [HOST, "127.1"]
-            assert await agent.resolve()
-            await wait_until(lambda: agent.links_up == 2)
+            assert await agent.gateways.resolve()
+            await wait_until(lambda: agent.gateways.up == 2)
             await wait_until(lambda: len(gw.server.links.agents) == 2)
             answers["localhost"] = ["127.1"]
-            assert await agent.resolve()
-            assert first not in agent.links.values()
+            assert await agent.gateways.resolve()
+            assert first not in agent.gateways.links.values()
             await wait_until(lambda: len(gw.server.links.agents) == 1)
             assert not first.links  # the retired link was closed
             # DNS failing must not cut a working link.
             answers["localhost"] = []
-            assert not await agent.resolve()
-            assert agent.links_up == 1 and agent.resolve_failures == 1
+            assert not await agent.gateways.resolve()
+            assert agent.gateways.up == 1 and agent.gateways.resolve_failures == 1
 
 
 async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(

@@ -107,7 +107,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (free_port(), False)},
         )
         async with running_agent(config, {"dicom": dicom}) as agent:
-            await asyncio.wait_for(agent.links[next(iter(agent.links))].up.wait(), WAIT)
+            await asyncio.wait_for(
+                agent.gateways.links[next(iter(agent.gateways.links))].up.wait(), WAIT
+            )
             await wait_until(lambda: gw.server.router.sites() == ["main"])
             device = await device_link(pki, gw.port)
             yield World(pki, gw, agent, echo, device, seen)

@@ -159,13 +159,13 @@ async def test_gateway_restart_then_forwarding_works_again(tmp_path: Path) -> No
             await wait_until(lambda: gw.server.router.sites() == ["main"])
             assert await asyncio.wait_for(tcp_exchange(fwd, b"one"), WAIT) == b"one"
             await gw.shutdown()
-            await wait_until(lambda: not ws.kept.up.is_set() and agent.links_up == 0)
+            await wait_until(lambda: not ws.kept.up.is_set() and agent.gateways.up == 0)
             gw = await start_gateway(pki, tmp_path, port)
             try:
                 await asyncio.wait_for(ws.kept.up.wait(), WAIT)
-                await wait_until(lambda: agent.links_up == 1)
+                await wait_until(lambda: agent.gateways.up == 1)
                 assert await asyncio.wait_for(tcp_exchange(fwd, b"two"), WAIT) == b"two"
-                assert ws.kept.stats.reconnects == 1 and agent.reconnects == 1
+                assert ws.kept.stats.reconnects == 1 and agent.gateways.reconnects == 1
             finally:
                 await gw.shutdown()
 
