@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from pki_helpers import HOST, SitePki
-
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
 from relay.agent.config import AgentConfig, PacsConfig, ServiceConfig
 from relay.ops.config import Address, Backoff, TlsFiles, TunnelLimits
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
+from tests.pki_helpers import HOST, SitePki
 
 WAIT = 10.0
 FAST = Backoff(initial=0.02, maximum=0.2)  # reconnect quickly in tests

@@ -25,8 +25,6 @@ from typing import Any, cast
 
 import pytest
 import yaml
-from interop.harness import require_tools
-from pki_helpers import SitePki, make_pki
 
 from gateway.config import load_gateway_config
 from gateway.metrics import GatewayMetrics
@@ -35,6 +33,8 @@ from relay.agent.config import load_agent_config
 from relay.net import tls
 from relay.ops.config import parse_duration
 from relay.workstation.config import load_workstation_config
+from tests.interop.harness import require_tools
+from tests.pki_helpers import SitePki, make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

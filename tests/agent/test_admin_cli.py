@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pki_helpers import SitePki, make_pki
 
 from relay.agent.admin_cli import device_list, device_revoke, token_create
 from relay.agent.audit import AUDIT_FILE, read_events
@@ -17,6 +16,7 @@ from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.ops.config import Address
 from relay.trust import pki
 from relay.trust.codes import parse_code
+from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -13,15 +14,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
-    WAIT,
-    agent_config,
-    running_gateway,
-    tcp_service,
-    wait_until,
-)
-from pki_helpers import HOST, SitePki, make_pki, run
-from test_dispatch import device_link, read_all
 
 from relay.agent.config import AgentConfig
 from relay.agent.dispatch import TargetHandler
@@ -29,6 +21,15 @@ from relay.agent.gateways import resolve_all
 from relay.agent.service import Agent, run_agent
 from relay.net.bytestream import StreamResetError
 from relay.proto import ErrorCode
+from tests.agent.test_dispatch import device_link, read_all
+from tests.ends_helpers import (
+    WAIT,
+    agent_config,
+    running_gateway,
+    tcp_service,
+    wait_until,
+)
+from tests.pki_helpers import HOST, SitePki, make_pki, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,10 +82,10 @@ async def test_one_link_to_each_gateway(pki: SitePki, tmp_path: Path) -> None:
         config = agent_config(pki, tmp_path, [gw1.port, gw2.port], {})
         async with agent_running(config) as (agent, _, _):
             await wait_until(lambda: agent.gateways.up == 2)
-            for gw in (gw1, gw2):
-                await wait_until(lambda gw=gw: len(gw.server.links.agents) == 1)
+            for server in (gw1.server, gw2.server):
+                await wait_until(functools.partial(lambda s: len(s.links.agents) == 1, server))
                 # routed once its revocation snapshot arrived
-                await wait_until(lambda gw=gw: gw.server.router.sites() == ["main"])
+                await wait_until(functools.partial(lambda s: s.router.sites() == ["main"], server))
 
 
 async def test_links_follow_dns(pki: SitePki, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pki_helpers import HOST, make_pki
 
 from relay.agent.audit import (
     AUDIT_FILE,
@@ -41,6 +40,7 @@ from relay.agent.syslog import (
     severity_for,
 )
 from relay.ops.config import Address, open_config
+from tests.pki_helpers import HOST, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 AGENT = "spiffe://hospital.test/agent/main"

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ends_helpers import running_gateway
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
@@ -40,6 +38,8 @@ from relay.trust.revocation import (
     decode_revocations,
     encode_refusal,
 )
+from tests.ends_helpers import running_gateway
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 WAIT = 10.0
 

@@ -16,17 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
-    WAIT,
-    GatewayHandle,
-    TcpService,
-    agent_config,
-    free_port,
-    running_gateway,
-    tcp_service,
-    wait_until,
-)
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay import wire
 from relay.agent.config import AgentConfig, ServiceConfig
@@ -39,6 +28,17 @@ from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
 from relay.net.dialer import dial
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
+from tests.ends_helpers import (
+    WAIT,
+    GatewayHandle,
+    TcpService,
+    agent_config,
+    free_port,
+    running_gateway,
+    tcp_service,
+    wait_until,
+)
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 SETTINGS = LinkSettings()
 SECRET = b"PAYLOAD-MUST-NOT-BE-LOGGED-7d1f"

@@ -16,7 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from pki_helpers import SitePki, make_pki
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
@@ -28,6 +27,7 @@ from relay.trust import pki
 from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import ENROLL_RESULTS
+from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 WAIT = 10.0

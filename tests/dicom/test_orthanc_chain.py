@@ -13,13 +13,13 @@ import socket
 from pathlib import Path
 
 import pytest
-from interop.harness import Orthanc, dcmtk
 from pynetdicom.dsutils import split_dataset
 
 from relay.dicom import rawds
 from relay.dicom.agent import DicomAgent
 from relay.dicom.pacs_ops import PacsTarget
 from relay_dev import samples
+from tests.interop.harness import Orthanc, dcmtk
 
 from .chain import Chain
 from .forward import IntoNamespace, OutOfNamespace

@@ -32,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chain import HOST, RELAY, ROOT, Proc, free_port, relay_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.ops.config import Address
 from relay.trust.codes import EnrollmentCode, parse_code
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` when run as a script
+
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, free_port, relay_cli
 
 T = TypeVar("T")
 

@@ -10,14 +10,14 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from pki_helpers import HOST, Pair, SitePki, make_pki
 
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
@@ -30,6 +30,7 @@ from relay.ops.config import Address, TlsFiles, TunnelLimits
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import Identity
 from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
+from tests.pki_helpers import HOST, Pair, SitePki, make_pki
 
 WAIT = 10.0
 SETTINGS = LinkSettings()
@@ -185,13 +186,20 @@ async def test_half_close_passes_through(world: World) -> None:
         await stream.write(late)
         await stream.write_eof()
 
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     agent_pair = world.pki.agent
     ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, wire.ALPN_AGENT)
     _, agent = await loop.create_connection(
         lambda: Link(
             client=True,
             settings=SETTINGS,
-            on_stream=lambda s: loop.create_task(reply_after_eof(s)) and None,
+            on_stream=lambda s: spawn(reply_after_eof(s)),
         ),
         HOST,
         world.port,

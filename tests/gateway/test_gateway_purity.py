@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pki_helpers import make_pki
+from tests.pki_helpers import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "relay.dicom", "relay.net.compression")

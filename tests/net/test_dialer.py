@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
-from ends_helpers import WAIT, running_gateway, start_gateway, wait_until
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay import wire
 from relay.net import tls
@@ -17,6 +16,8 @@ from relay.net.dialer import DialError, KeptLink, dial
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from tests.ends_helpers import WAIT, running_gateway, start_gateway, wait_until
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 SETTINGS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
 
@@ -26,7 +27,7 @@ def pki(tmp_path: Path) -> SitePki:
     return make_pki(tmp_path / "pki")
 
 
-def agent_ctx(pki: SitePki) -> tls.ssl.SSLContext:
+def agent_ctx(pki: SitePki) -> ssl.SSLContext:
     return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=wire.ALPN_AGENT)
 
 

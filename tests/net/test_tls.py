@@ -17,7 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from pki_helpers import (
+
+from relay import wire
+from relay.net import tls
+from relay.trust import pki
+from relay.trust.identity import Identity, IdentityError, identity_from_der
+from tests.pki_helpers import (
     HOST,
     ClientFn,
     LoopKind,
@@ -31,11 +36,6 @@ from pki_helpers import (
     run,
     tls_client,
 )
-
-from relay import wire
-from relay.net import tls
-from relay.trust import pki
-from relay.trust.identity import Identity, IdentityError, identity_from_der
 
 TD = "hospital.test"
 

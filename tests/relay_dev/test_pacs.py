@@ -34,9 +34,11 @@ def find(pacs: EmbeddedPacs, root: str, ident: Dataset) -> tuple[list[Dataset], 
     model = MODELS[(root, "find")]
     assoc = scu().associate("127.0.0.1", pacs.port, contexts=[build_context(model)])
     assert assoc.is_established
-    matches, final = [], -1
+    matches: list[Dataset] = []
+    final = -1
     for status, match in assoc.send_c_find(ident, model):
         if status.Status in (0xFF00, 0xFF01):
+            assert match is not None
             matches.append(match)
         else:
             final = int(status.Status)

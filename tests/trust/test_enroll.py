@@ -23,8 +23,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from ends_helpers import running_gateway
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
@@ -41,6 +39,8 @@ from relay.trust.codes import EnrollmentCode, new_secret
 from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from tests.ends_helpers import running_gateway
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 WAIT = 10.0
 

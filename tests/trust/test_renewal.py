@@ -19,7 +19,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
@@ -43,6 +42,7 @@ from relay.trust.renewal import (
     renewal_due,
     renewal_loop,
 )
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 DAY = timedelta(days=1)

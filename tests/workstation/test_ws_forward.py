@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.config import AgentConfig
+from relay.agent.service import Agent, run_agent
+from relay.workstation.config import WorkstationConfig
+from relay.workstation.service import Workstation, run_workstation
+from tests.ends_helpers import (
     WAIT,
     GatewayHandle,
     TcpService,
@@ -26,12 +31,7 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import HOST, SitePki, make_pki
-
-from relay.agent.config import AgentConfig
-from relay.agent.service import Agent, run_agent
-from relay.workstation.config import WorkstationConfig
-from relay.workstation.service import Workstation, run_workstation
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.config import PacsConfig
+from relay.agent.service import run_agent
+from relay.ops.config import Address
+from relay.workstation.config import DicomNodeConfig
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
@@ -22,13 +27,8 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import HOST, make_pki
-from test_ws_forward import workstation_up
-
-from relay.agent.config import PacsConfig
-from relay.agent.service import run_agent
-from relay.ops.config import Address
-from relay.workstation.config import DicomNodeConfig
+from tests.pki_helpers import HOST, make_pki
+from tests.workstation.test_ws_forward import workstation_up
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.net.bytestream import StreamResetError
+from relay.proto import ErrorCode
+from relay.workstation.config import WorkstationConfig
+from relay.workstation.service import Workstation
+from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
@@ -18,14 +24,8 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import make_pki
-from test_ws_forward import agent_up
-
-from relay.net.bytestream import StreamResetError
-from relay.proto import ErrorCode
-from relay.workstation.config import WorkstationConfig
-from relay.workstation.service import Workstation
-from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+from tests.pki_helpers import make_pki
+from tests.workstation.test_ws_forward import agent_up
 
 
 @contextlib.asynccontextmanager
