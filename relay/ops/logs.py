@@ -8,8 +8,9 @@ identifiers at info and quotes decode errors at error, pydicom warns with the of
 value (as a log record and as a Python warning). Unless the role runs at debug,
 `PatientDataFilter`, on the one handler every logger reaches (so also loggers created
 later), drops their records below warning and withholds the text of the others (a few
-fixed messages pass), and any record's exception that went through their code keeps only
-its type. Python warnings are routed into logging so that the filter sees them too.
+fixed messages pass). Any record's exception that went through their code keeps only its
+type, and another library's message about such an exception (asyncio's) is withheld.
+Python warnings are routed into logging so that the filter sees them too.
 At debug everything passes: debug logs may contain patient data (README says so).
 """
 
@@ -26,6 +27,8 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 
 #: Loggers whose records may quote data element values ("py.warnings": captured warnings).
 VALUE_LOGGERS: Final = ("pynetdicom", "pydicom", "py.warnings")
+#: Our own loggers: their messages never hold a value (only an exception's text may).
+OUR_LOGGERS: Final = ("relay", "gateway", "relay_dev")
 #: Packages whose exceptions' text may quote data element values.
 VALUE_PACKAGES: Final = ("pynetdicom", "pydicom")
 WITHHELD: Final = "message withheld: it may quote patient data (log_level debug shows it)"
@@ -87,7 +90,10 @@ class PatientDataFilter(logging.Filter):
                 return True
             self._withhold(record)
         elif record.exc_info is not None and _from_value_package(record.exc_info[1]):
-            self._strip_exception(record)
+            if record.name.split(".", 1)[0] in OUR_LOGGERS:
+                self._strip_exception(record)
+            else:  # asyncio's "Task exception was never retrieved" quotes the exception
+                self._withhold(record)
         return True
 
     @staticmethod
