@@ -543,7 +543,8 @@ class PacsOperation:
         try:
             survey = _survey(assoc, find_model, identifier, self.pacs.timeout, self._cancel)
         except Exception as exc:
-            log.info("survey failed, retrieving without it: %s", exc)
+            # Only the type: pydicom's and pynetdicom's texts may quote the query's values.
+            log.info("survey failed, retrieving without it: %s", type(exc).__name__)
             survey = None
         self.survey = survey
         if survey is not None and survey.count > 0:
