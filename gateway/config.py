@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     Address,
     LinkSettings,
     Reader,
@@ -41,7 +42,7 @@ class GatewayConfig:
     drain_grace: float = 30.0
     handshake_timeout: float = 10.0
     max_links: int = 10000
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
 
 
 def read_gateway_config(r: Reader) -> GatewayConfig:

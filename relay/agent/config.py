@@ -17,6 +17,7 @@ from relay.dicom.pacs_target import (
     Retrieve,
 )
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
@@ -96,7 +97,7 @@ class AgentConfig:
     resolve_interval: float = 30.0
     compression_level: int = 3
     drain_grace: float = 30.0
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
     audit: AuditSettings = field(default_factory=AuditSettings)
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from relay.proto.settings import MAX_STREAMS_RANGE, FieldError, LinkSettings, format_size
 
 __all__ = [
+    "DEFAULT_LOG_LEVEL",
     "LOG_LEVELS",
     "RESERVED_SERVICE_NAMES",
     "Address",
@@ -58,6 +59,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
 
 # Stream targets that are not TCP services: no service may take these names.
 RESERVED_SERVICE_NAMES = frozenset({"dicom"})
@@ -655,4 +657,4 @@ def read_drain_grace(r: Reader, default: float) -> float:
 
 def read_log_level(r: Reader) -> str:
     """`log_level:` debug | info | warning | error (default info)."""
-    return r.choice("log_level", LOG_LEVELS, "info")
+    return r.choice("log_level", LOG_LEVELS, DEFAULT_LOG_LEVEL)

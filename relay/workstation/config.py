@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
@@ -72,7 +73,7 @@ class WorkstationConfig:
     limits: LinkSettings = field(default_factory=LinkSettings)
     reconnect: Backoff = field(default_factory=Backoff)
     drain_grace: float = 30.0
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
 
     def identity_files(self) -> TlsFiles:
         """The device's certificate, key and the pinned site CA in `identity_dir`."""
