@@ -20,7 +20,7 @@ from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
-from relay.net.aio import Link, link_settings
+from relay.net.aio import Link
 from relay.net.tls import (
     accept_tls,
     classify_handshake_error,
@@ -160,7 +160,7 @@ class GatewayServer:
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        settings = link_settings(self.config.limits)
+        settings = self.config.limits
         try:
             transport, link = await accept_tls(
                 conn,

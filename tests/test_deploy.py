@@ -26,7 +26,7 @@ from typing import Any, cast
 import pytest
 import yaml
 
-from gateway.config import load_gateway_config
+from gateway.configfile import load_gateway_config
 from gateway.metrics import GatewayMetrics
 from relay import wire
 from relay.agent.config import load_agent_config

@@ -34,11 +34,8 @@ async def default_handlers(
     # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
     from relay.agent.dicom_audit import DicomAuditor
     from relay.dicom.agent import DicomAgent
-    from relay.dicom.pacs_ops import PacsTarget
 
-    target = dataclasses.replace(
-        PacsTarget.from_config(config.pacs), compression_level=config.compression_level
-    )
+    target = dataclasses.replace(config.pacs, compression_level=config.compression_level)
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     await dicom.start()
 

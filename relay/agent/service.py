@@ -40,7 +40,7 @@ from relay.agent.dispatch import StreamDispatcher, TargetHandler
 from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
 from relay.agent.handlers import default_handlers
 from relay.agent.linktrust import LinkTrust
-from relay.net.aio import Link, Stream, link_settings
+from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
 from relay.net.tls import TlsConfigError, client_context
 from relay.ops.config import ConfigError
@@ -94,7 +94,7 @@ class Agent:
         self.gateways = GatewayLinks(
             config.gateways,
             ctx=client_context(config.tls.cert, config.tls.key, config.tls.ca, alpn=ALPN_AGENT),
-            settings=link_settings(config.limits),
+            settings=config.limits,
             reconnect=config.reconnect,
             resolve_interval=config.resolve_interval,
             drain_grace=config.drain_grace,
@@ -154,7 +154,6 @@ class Agent:
             tls = new.tls
             check_own_certificate(tls.cert, tls.ca, role="agent", site=self.config.site)
             ctx = client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
-            settings = link_settings(new.limits)
         except (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError) as exc:
             self.reloads.record(False)
             log.error(
@@ -166,7 +165,7 @@ class Agent:
         self.gateways.reconfigure(
             gateways=new.gateways,
             ctx=ctx,
-            settings=settings,
+            settings=new.limits,
             reconnect=new.reconnect,
             resolve_interval=new.resolve_interval,
             drain_grace=new.drain_grace,

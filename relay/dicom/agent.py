@@ -38,7 +38,8 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.move_receiver import MoveReceiver
-from relay.dicom.pacs_ops import PacsOperation, PacsTarget
+from relay.dicom.pacs_ops import PacsOperation
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
@@ -255,10 +256,11 @@ class DicomAgent:
 
     async def start(self) -> None:
         if self.pacs.retrieve == "move" and self.move_receiver is None:
-            assert self.pacs.move_listen is not None  # PacsTarget checks it
+            listen = self.pacs.move_listen
+            assert listen is not None  # PacsTarget sets it for retrieve: move
             receiver = MoveReceiver(
                 self.pacs.move_ae_title,
-                self.pacs.move_listen,
+                (listen.host, listen.port),
                 timeout=self.pacs.timeout,
                 stall_timeout=self.pacs.stall_timeout,
             )

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 from relay.net.bytestream import StreamResetError
-from relay.ops.config import TunnelLimits
 from relay.proto import (
     Connection,
     ConnectionTerminated,
@@ -446,15 +445,3 @@ class Link(asyncio.Protocol):
             self.closed.set_result(
                 self.conn.terminated or ConnectionTerminated(ErrorCode.INTERNAL_ERROR, "lost", True)
             )
-
-
-def link_settings(limits: TunnelLimits) -> LinkSettings:
-    """The protocol settings a role announces, from its `limits:` config section."""
-    return LinkSettings(
-        stream_window=limits.stream_window,
-        link_window=limits.link_window,
-        max_frame=limits.max_frame,
-        max_streams=limits.max_streams,
-        keepalive_interval=limits.keepalive_interval,
-        keepalive_timeout=limits.keepalive_timeout,
-    )

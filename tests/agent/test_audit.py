@@ -39,7 +39,8 @@ from relay.agent.syslog import (
     octet_frame,
     severity_for,
 )
-from relay.ops.config import Address, open_config
+from relay.ops.config import Address
+from relay.ops.configfile import open_config
 from tests.pki_helpers import HOST, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)

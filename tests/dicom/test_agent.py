@@ -25,10 +25,11 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomCounters
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
+from relay.ops.config import Address
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
@@ -191,7 +192,9 @@ async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
     port = free_port()
     pacs.destinations["RELAYMOVE"] = ("127.0.0.1", port)
     agent = DicomAgent(
-        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", port))
+        target(
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", port)
+        )
     )
     await agent.start()
     try:
@@ -213,7 +216,9 @@ async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
 async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
     port = free_port()
     agent = DicomAgent(
-        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", port))
+        target(
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", port)
+        )
     )
     await agent.start()
     try:

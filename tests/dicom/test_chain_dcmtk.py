@@ -17,7 +17,7 @@ import pytest
 from pynetdicom.dsutils import split_dataset
 
 from relay.dicom import rawds
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.interop.harness import dcmtk

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, SyntheticStore
 from tests.interop.harness import dcmtk

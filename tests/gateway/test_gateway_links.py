@@ -26,7 +26,7 @@ from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
-from relay.ops.config import Address, TlsFiles, TunnelLimits
+from relay.ops.config import Address, TlsFiles
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import Identity
 from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
@@ -61,7 +61,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         listen=Address(HOST, 0),
         metrics_listen=None,
         tls=TlsFiles(site_pki.gateway.cert, site_pki.gateway.key, site_pki.ca),
-        limits=TunnelLimits(),
+        limits=LinkSettings(),
         drain_grace=1.0,
         handshake_timeout=5.0,
     )

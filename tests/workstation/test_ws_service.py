@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.agent.config import PacsConfig
 from relay.agent.service import run_agent
+from relay.dicom.pacs_target import PacsTarget
 from relay.ops.config import Address
 from relay.workstation.config import DicomNodeConfig
 from tests.ends_helpers import (
@@ -92,7 +92,7 @@ async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
         async with running_gateway(pki, tmp_path) as gw:
             a_config = dataclasses.replace(
                 agent_config(pki, tmp_path, [gw.port], {}),
-                pacs=PacsConfig("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
+                pacs=PacsTarget("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
             )
             stop = asyncio.Event()
             agent = asyncio.create_task(run_agent(a_config, stop=stop, handle_signals=False))
