@@ -25,7 +25,7 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.net.bytestream import pipe
 from relay_dev import samples
