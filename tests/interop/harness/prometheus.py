@@ -157,18 +157,19 @@ class Prometheus:
 
         A scrape under way now may miss what the test just did; with 3, two scrapes that
         started afterwards have stored it: every series it created or moved has two
-        samples since, as rate() and increase() need.
+        samples since, as rate() and increase() need. The last scrape of each target must
+        have succeeded too (a failed one marks its series stale: instant queries miss them).
         """
 
         def scrapes() -> dict[str, float]:
             return {s.labels["instance"]: s.value for s in self.query("count_over_time(up[1d])")}
 
+        def done() -> bool:
+            now = scrapes()
+            return all(now.get(i, 0) >= n + count for i, n in before.items()) and self.targets_up()
+
         before = scrapes()
-        self.wait_until(
-            f"{count} more scrapes of every target",
-            lambda: all(scrapes().get(i, 0) >= n + count for i, n in before.items()),
-            within,
-        )
+        self.wait_until(f"{count} more scrapes of every target", done, within)
 
     def wait_until(self, what: str, check: Callable[[], bool], within: float = 60.0) -> None:
         """Poll `check` (about twice a scrape interval) until true; HarnessError after `within`."""
