@@ -23,7 +23,6 @@ import json
 import re
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.e2e.dicom_chain import HOST, DicomChain, PacsProcess, running_dicom_chain
 
 from .harness import dcmtk, require_tools
 from .harness.prometheus import Prometheus, Sample
@@ -42,9 +43,6 @@ from .harness.promql import (
     substitute,
     vector_selectors,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # dicom_chain, chain
-from dicom_chain import HOST, DicomChain, PacsProcess, running_dicom_chain
 
 pytestmark = pytest.mark.interop
 
