@@ -13,6 +13,7 @@ from gateway.lifecycle import drain, reload
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
 from relay.net.tls import server_context, trust_domain_of
+from relay.ops.binding import listen_errors
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
 from relay.ops.runtime import run_loop
@@ -37,7 +38,8 @@ async def run_gateway(
     metrics = GatewayMetrics()
     context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
     server = GatewayServer(config, context, trust_domain_of(config.tls.ca), metrics)
-    await server.start()
+    with listen_errors(config.path, "listen", config.listen):
+        await server.start()
     admin: AdminServer | None = None
     if config.metrics_listen is not None:
 
@@ -47,7 +49,8 @@ async def run_gateway(
             return True, f"listening; agent links for sites: {','.join(server.router.sites())}"
 
         admin = AdminServer(config.metrics_listen, metrics.registry, ready)
-        await admin.start()
+        with listen_errors(config.path, "metrics_listen", config.metrics_listen):
+            await admin.start()
     if handle_signals:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)

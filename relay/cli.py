@@ -2,7 +2,10 @@
 
 Each subcommand imports only what it needs, so `relay gateway` never loads DICOM or
 compression code. User errors (bad config, bad arguments, PKI problems) print one line
-naming the file and key and exit 2; they never show a traceback.
+naming the file and key and exit 2; they never show a traceback. Anything else is a bug:
+its traceback is printed and the status is 1. So USER_ERRORS holds only our own error
+types, and the OSErrors a user can cause (a --dir that cannot be written, a port that is
+taken) are turned into them where they happen, naming the file or key.
 """
 
 from __future__ import annotations
@@ -14,13 +17,35 @@ from datetime import timedelta
 from pathlib import Path
 
 from relay import __version__
+from relay.agent.registry import RegistryError
 from relay.net.tls import TlsConfigError
 from relay.ops.config import ConfigError, parse_duration
+from relay.trust.codes import CodeError
+from relay.trust.enroll import EnrollError
 from relay.trust.identity import IdentityError
 from relay.trust.pki import PkiError
+from relay_dev.demo import DemoError
 
-# Errors a user can fix: one line on stderr, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, PkiError, TlsConfigError, IdentityError, ValueError, OSError)
+# Errors a user can fix: one line on stderr, exit status 2, no traceback. Our own types
+# only: a ValueError or OSError from inside is a bug and keeps its traceback (status 1).
+USER_ERRORS = (
+    ConfigError,
+    PkiError,
+    TlsConfigError,
+    IdentityError,
+    RegistryError,
+    EnrollError,
+    CodeError,
+    DemoError,
+)
+
+
+def duration(text: str) -> timedelta:
+    """argparse type for --lifetime/--ttl: a bad value is argparse's usage error (exit 2)."""
+    try:
+        return timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_pki_init(args: argparse.Namespace) -> int:
@@ -35,8 +60,7 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
 def _cmd_pki_issue(args: argparse.Namespace) -> int:
     from relay.trust.pki import issue_device
 
-    lifetime = timedelta(seconds=parse_duration(args.lifetime))
-    issue_device(Path(args.dir), args.site, args.device, Path(args.out), lifetime)
+    issue_device(Path(args.dir), args.site, args.device, Path(args.out), args.lifetime)
     print(f"wrote {args.out}/device.crt device.key ca.crt")
     return 0
 
@@ -116,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--site", required=True)
     issue.add_argument("--device", required=True)
     issue.add_argument("--out", required=True)
-    issue.add_argument("--lifetime", default="30d", help="e.g. 30d, 12h (default 30d)")
+    issue.add_argument(
+        "--lifetime", type=duration, default="30d", help="e.g. 30d, 12h (default 30d)"
+    )
     issue.set_defaults(func=_cmd_pki_issue)
 
     for role, func in (
@@ -135,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--config", required=True, help="the agent's config file")
     create.add_argument("--device", required=True, help="the device name the code is for")
-    create.add_argument("--ttl", default="24h", help="how long the code stays valid (default 24h)")
+    create.add_argument(
+        "--ttl", type=duration, default="24h", help="how long the code stays valid (default 24h)"
+    )
     create.add_argument(
         "--gateway",
         metavar="HOST:PORT",

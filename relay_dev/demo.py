@@ -121,6 +121,13 @@ def _pid_alive(pid: int) -> bool:
 def prepare_directory(directory: Path) -> Path:
     """An empty directory that this demo owns; refuses one it did not make, or in use."""
     directory = directory.resolve()
+    try:
+        return _prepare_directory(directory)
+    except OSError as exc:  # --dir not writable, a file in the way...: the user's to fix
+        raise DemoError(f"cannot use {directory}: {exc.strerror or exc}") from None
+
+
+def _prepare_directory(directory: Path) -> Path:
     marker = directory / MARKER
     if directory.exists():
         if not directory.is_dir():

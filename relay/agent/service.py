@@ -43,6 +43,7 @@ from relay.agent.linktrust import LinkTrust
 from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
 from relay.net.tls import TlsConfigError, client_context
+from relay.ops.binding import listen_errors
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -236,7 +237,8 @@ async def run_agent(
             await agent.start()
             if config.metrics_listen is not None:
                 admin = AdminServer(config.metrics_listen, metrics.registry, agent.readiness)
-                await admin.start()
+                with listen_errors(config.path, "metrics_listen", config.metrics_listen):
+                    await admin.start()
                 stack.push_async_callback(admin.stop)
             log.info(
                 "agent started",

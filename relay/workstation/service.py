@@ -30,6 +30,7 @@ from pathlib import Path
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.net.tls import TlsConfigError, client_context
+from relay.ops.binding import listen_errors
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -231,7 +232,8 @@ async def dicom_node(
         destinations={title: (a.host, a.port) for title, a in dicom.destinations.items()},
         stats=metrics.dicom if metrics is not None else None,
     )
-    await node.start()
+    with listen_errors(config.path, "dicom.listen", dicom.listen):
+        await node.start()
     try:
         yield node
     finally:
@@ -270,7 +272,8 @@ async def run_workstation(
                 admin = AdminServer(
                     config.metrics_listen, workstation.metrics.registry, workstation.readiness
                 )
-                await admin.start()
+                with listen_errors(config.path, "metrics_listen", config.metrics_listen):
+                    await admin.start()
                 stack.push_async_callback(admin.stop)
             log.info("workstation started", extra={"gateway": str(config.gateway)})
             if started is not None:

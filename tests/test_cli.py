@@ -1,0 +1,132 @@
+"""`relay` from a real process: user errors are one line and status 2; bugs keep their traceback.
+
+The internal errors are injected into a real `relay` process by replacing one function
+before `relay.cli.main` runs, as an OSError or ValueError from deep inside would arrive.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pki_helpers import make_pki
+
+ROOT = Path(__file__).resolve().parents[1]
+RELAY = [sys.executable, "-m", "relay.cli"]
+HOST = "127.0.0.1"
+
+
+def relay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RELAY, *args], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT
+    )
+
+
+def assert_user_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port held listening by this test for its whole duration."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        port: int = s.getsockname()[1]
+        yield port
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("pki", "issue", "--dir", "x", "--site", "s", "--device", "d", "--out", "o",
+         "--lifetime", "3 fortnights"),
+        ("token", "create", "--config", "x.yaml", "--device", "d", "--ttl=-1h"),
+    ],
+)  # fmt: skip
+def test_bad_duration_is_argparse_usage_error(args: tuple[str, ...]) -> None:
+    done = relay(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "usage: relay" in done.stderr
+    assert "expected a duration" in done.stderr
+
+
+def test_gateway_listen_port_taken_names_file_and_key(tmp_path: Path, taken_port: int) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"listen: {HOST}:{taken_port}\n"
+        f"tls: {{cert: {pki.gateway.cert}, key: {pki.gateway.key}, ca: {pki.ca}}}\n"
+    )
+    done = relay("gateway", "--config", str(config))
+    assert_user_error(done, f"{config}: listen: cannot listen on {HOST}:{taken_port}")
+
+
+def test_gateway_metrics_port_taken_names_file_and_key(tmp_path: Path, taken_port: int) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"listen: {HOST}:0\n"
+        f"metrics_listen: {HOST}:{taken_port}\n"
+        f"tls: {{cert: {pki.gateway.cert}, key: {pki.gateway.key}, ca: {pki.ca}}}\n"
+    )
+    done = relay("gateway", "--config", str(config))
+    assert_user_error(done, f"{config}: metrics_listen: cannot listen on")
+
+
+def test_demo_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+    done = relay("demo", "--dir", str(blocker / "demo"))
+    assert_user_error(done, str(blocker / "demo"))
+
+
+def _with_injected(target: str, error: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run `relay *argv` in a process where `target` (module:function) raises `error`."""
+    module, function = target.split(":")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib
+        module = importlib.import_module({module!r})
+        def broken(*args, **kwargs):
+            raise {error}
+        setattr(module, {function!r}, broken)
+        from relay.cli import main
+        sys.exit(main({list(argv)!r}))
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "error", ["OSError(5, 'injected I/O fault')", "ValueError('injected bug')"]
+)
+def test_internal_error_shows_traceback_and_exits_1(tmp_path: Path, error: str) -> None:
+    done = _with_injected(
+        "relay.trust.pki:init_pki",
+        error,
+        "pki", "init", "--dir", str(tmp_path / "pki"), "--trust-domain", "h.test",
+        "--site", "main", "--gateway-name", "localhost",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "injected" in done.stderr
+    assert "in broken" in done.stderr  # the frame that raised is shown
