@@ -3,7 +3,8 @@
 Every connection is checked in this order, each failure counted by reason and logged
 without payload: capacity, TLS handshake (certificate chain, expiry, TLS 1.3), ALPN
 (one per endpoint role), identity (exactly one SPIFFE URI SAN, our trust domain, the role
-that belongs on that endpoint), revocation. Only then does the link speak the protocol.
+that belongs on that endpoint), revocation. Only then does the link speak the protocol,
+except to a revoked device: it is told so (GOAWAY REVOKED), then the link closes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from relay.trust.revocation import RevocationList
 from relay.wire import ALPN_ENROLL, HEADER_DEVICE, TUNNEL_ALPNS
 
 log = logging.getLogger(__name__)
+
+REVOKED_REASON = "this device was revoked; enroll it again"
+REVOKED_CLOSE_BOUND = 1.0  # seconds a revoked device has to read its GOAWAY
 
 
 @dataclass
@@ -201,11 +205,22 @@ class GatewayServer:
         reason = refusal_for_identity(identity, self.trust_domain, {role})
         if reason is None and identity is not None and identity.uri in self.revoked:
             reason = "revoked"
+        if reason == "revoked":
+            self._refused(reason, peer, identity)
+            self._tell_revoked(link)
+            return
         if reason is not None or identity is None:
             transport.abort()
             self._refused(reason or "no_certificate", peer, identity)
             return
         self._attach(link, identity, peer)
+
+    @staticmethod
+    def _tell_revoked(link: Link) -> None:
+        """Say why instead of dropping the connection: the device stops dialling and tells
+        its user to enroll again. The link never routes; it is aborted if it lingers."""
+        link.start()
+        _close_revoked(link)
 
     def _attach(self, link: Link, identity: Identity, peer: str) -> None:
         site = identity.site or ""
@@ -237,8 +252,7 @@ class GatewayServer:
     def close_device(self, uri: str) -> None:
         """Close every live link of a revoked device at once."""
         for link in list(self.links.devices.get(uri, ())):
-            link.close(ErrorCode.REVOKED, "device revoked")
-            link.loop.call_later(1.0, link.abort)  # if it does not read its goaway
+            _close_revoked(link)
 
     def _detach(self, link: Link, identity: Identity, peer: str) -> None:
         site = identity.site or ""
@@ -256,3 +270,10 @@ class GatewayServer:
             "link down",
             extra={"identity": identity.uri, "peer": peer, "code": ErrorCode.name_of(code)},
         )
+
+
+def _close_revoked(link: Link) -> None:
+    """GOAWAY REVOKED, then close; abort within REVOKED_CLOSE_BOUND if the device does not
+    read it (a stalled reader would otherwise hold the link, and its buffers, for good)."""
+    link.close(ErrorCode.REVOKED, REVOKED_REASON)
+    link.loop.call_later(REVOKED_CLOSE_BOUND, link.abort)

@@ -9,6 +9,11 @@ only starts speaking once it has accepted our identity.
 `KeptLink` supervises one address: dial, serve until the link closes or the gateway sends
 goaway, back off (full jitter, see relay.net.backoff), dial again. After a goaway the old link
 keeps draining its streams while a new one is dialled, so new streams need not wait.
+
+One refusal ends the supervision instead: the gateway's GOAWAY with code REVOKED (at the
+dial or on a live link). Dialling again cannot help a revoked device, so `dial` raises
+`Revoked` and `KeptLink` stops and tells its owner through `on_revoked`; anything else
+that learns of a revocation (a refused session, say) calls `KeptLink.revoked_by_peer`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import IdentityError
 
-__all__ = ["DialError", "KeptLink", "LinkStats", "dial"]
+__all__ = ["DialError", "KeptLink", "LinkStats", "Revoked", "dial"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +48,37 @@ class DialError(Exception):
         self.reason = reason
 
 
+class Revoked(DialError):
+    """The peer says our identity was revoked: the device must be enrolled again.
+
+    `peer_reason` is the peer's own words (bounded by the protocol's GOAWAY reason limit).
+    """
+
+    def __init__(self, message: str, peer_reason: str = "") -> None:
+        super().__init__("revoked", message)
+        self.peer_reason = peer_reason
+
+
 class _DialedLink(Link):
-    """A client link that reports the peer's first bytes: the gateway accepted us."""
+    """A client link that reports the peer's first bytes (the gateway accepted us) and
+    remembers the peer's GOAWAY (a refusal after the handshake carries its code)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        on_goaway: Callable[[int, str], None] | None = kwargs.pop("on_goaway", None)
+        super().__init__(on_goaway=self._goaway_received, **kwargs)
         self.first_data: asyncio.Future[None] = self.loop.create_future()
+        self.peer_goaway: tuple[int, str] | None = None
+        self._then_goaway = on_goaway
+
+    def _goaway_received(self, code: int, reason: str) -> None:
+        if self.peer_goaway is None:
+            self.peer_goaway = (code, reason)
+        if self._then_goaway is not None:
+            self._then_goaway(code, reason)
+
+    @property
+    def revoked(self) -> bool:
+        return self.peer_goaway is not None and self.peer_goaway[0] == ErrorCode.REVOKED
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -122,6 +152,10 @@ async def dial(
         remaining = max(0.001, deadline - loop.time())
         waits: set[asyncio.Future[Any]] = {link.first_data, link.closed}
         done, _ = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if link.revoked:
+            assert link.peer_goaway is not None
+            reason = link.peer_goaway[1]
+            raise Revoked(f"{address}: the gateway refused us: revoked ({reason})", reason)
         if link.first_data.done() and not link.closed.done():
             return link
         if not done:
@@ -165,6 +199,7 @@ class KeptLink:
         on_stream: Callable[[Stream], None] | None = None,
         on_control: Callable[[str, bytes], None] | None = None,
         on_up: Callable[[Link], None] | None = None,
+        on_revoked: Callable[[str], None] | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         self.address = address
@@ -177,6 +212,7 @@ class KeptLink:
         self.on_stream = on_stream
         self.on_control = on_control
         self.on_up = on_up
+        self.on_revoked = on_revoked
         self.connect_timeout = connect_timeout
         self.link: Link | None = None
         self.up = asyncio.Event()
@@ -184,6 +220,7 @@ class KeptLink:
         self.stats = LinkStats()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.revoked: str | None = None  # the peer's reason, once it said we are revoked
 
     def __repr__(self) -> str:
         return f"<KeptLink {self.name} {self.address}>"
@@ -210,6 +247,13 @@ class KeptLink:
                 if not lost.done():
                     lost.set_result(None)
 
+            def goaway_received(
+                code: int, reason: str, mark_lost: Callable[..., None] = mark_lost
+            ) -> None:
+                if code == ErrorCode.REVOKED:
+                    self.revoked_by_peer(reason)
+                mark_lost()
+
             try:
                 link = await dial(
                     self.address,
@@ -221,8 +265,12 @@ class KeptLink:
                     server_hostname=self.server_hostname,
                     on_stream=self.on_stream,
                     on_control=self.on_control,
-                    on_goaway=mark_lost,
+                    on_goaway=goaway_received,
                 )
+            except Revoked as exc:
+                self.stats.failures += 1
+                self.revoked_by_peer(exc.peer_reason)
+                return
             except DialError as exc:
                 self.stats.failures += 1
                 self.stats.last_error = exc.reason
@@ -280,13 +328,39 @@ class KeptLink:
                     "lasted_s": round(lasted, 3),
                 },
             )
-        else:  # goaway: the old link drains on its own while we dial a replacement
+        elif self.revoked is None:  # goaway: the old link drains while we dial a replacement
             self.stats.goaways += 1
             log.info("gateway sent goaway; dialling a new link", extra=self._log)
         if not self._stopping:
             # Even after a goaway: a gateway that keeps sending them must not make us spin.
             # After a long-lived link the backoff was reset, so this is at most `base`.
             await asyncio.sleep(self.backoff.next_delay())
+
+    def revoked_by_peer(self, reason: str) -> None:
+        """The peer says our identity is revoked: stop dialling, tell the owner once.
+
+        Called on the gateway's GOAWAY REVOKED (at the dial or on a live link), and by
+        anything else that learns it (a session refused as revoked). Open links are left
+        to the peer, which closes them.
+        """
+        if self.revoked is not None:
+            return
+        self.revoked = reason or "revoked"
+        self.stats.last_error = "revoked"
+        self._stopping = True
+        self.up.clear()
+        self.link = None
+        if self._task is not None and not self.links and asyncio.current_task() is not self._task:
+            self._task.cancel()  # dialling or backing off: nothing left to do
+        if self.on_revoked is None:
+            log.error(
+                "the peer says this identity is revoked", extra={**self._log, "reason": reason}
+            )
+            return
+        try:
+            self.on_revoked(self.revoked)  # the owner says it, in its own words
+        except Exception:
+            log.exception("on_revoked callback failed", extra=self._log)
 
     def goaway(self, code: int = ErrorCode.SHUTDOWN, reason: str = "shutting down") -> None:
         """Stop dialling and send goaway on every link: no new streams, open ones go on."""

@@ -16,9 +16,11 @@ import contextlib
 import ctypes
 import ctypes.util
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
+
+T = TypeVar("T")
 
 # mallopt(3) parameters
 _M_TRIM_THRESHOLD = -1
@@ -48,6 +50,6 @@ def tune_malloc() -> bool:
     return False
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
     tune_malloc()
-    uvloop.run(main)
+    return uvloop.run(main)

@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
@@ -57,6 +58,9 @@ __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
 log = logging.getLogger(__name__)
 
 COMPRESSION_LEVEL = 3
+# `relay workstation` exit statuses besides 0 (drained), 1 (a bug) and 2 (bad config):
+EXIT_REVOKED = 3  # the gateway says this device is revoked; only a new enrollment helps
+REVOKED_MESSAGE = "this device was revoked by the hospital; enroll it again with `relay enroll`"
 # Read once at start-up (the dialled address, local listeners, the renewal loop's
 # directory): a reload keeps their running values and says that they need a restart.
 RESTART_ONLY = ("gateway", "identity_dir", "metrics_listen", "dicom", "forward")
@@ -84,7 +88,9 @@ class Workstation:
             alpn=ALPN_DEVICE,
             name=f"gateway {config.gateway}",
             backoff=ExponentialBackoff.from_config(config.reconnect, rng=rng),
+            on_revoked=self._revoked,
         )
+        self.revoked = asyncio.Event()  # set once: the run ends with EXIT_REVOKED
         self.tunnel = Tunnel(self.kept, rng=rng)
         self.renewals = 0
         self.renewal_failures = 0
@@ -107,6 +113,10 @@ class Workstation:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+
+    def _revoked(self, reason: str) -> None:
+        log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
+        self.revoked.set()
 
     def readiness(self) -> tuple[bool, str]:
         if self.kept.up.is_set():
@@ -247,10 +257,11 @@ async def run_workstation(
     started: Callable[[Workstation], None] | None = None,
     handle_signals: bool = True,
     with_dicom: bool = True,
-) -> None:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `drain_grace`.
+) -> int:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `drain_grace`; 0.
 
-    SIGHUP reloads (`Workstation.reload`) while it runs.
+    SIGHUP reloads (`Workstation.reload`) while it runs. If the gateway says the device
+    is revoked, stop the same way and return EXIT_REVOKED.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -278,17 +289,31 @@ async def run_workstation(
             log.info("workstation started", extra={"gateway": str(config.gateway)})
             if started is not None:
                 started(workstation)
-            await stop.wait()
+            await _first(stop.wait(), workstation.revoked.wait())
     finally:
         if handle_signals:
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGHUP)
+    return EXIT_REVOKED if workstation.revoked.is_set() else 0
+
+
+async def _first(*waits: Coroutine[Any, Any, object]) -> None:
+    """Return when the first of `waits` does; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run(config_path: Path) -> int:
-    """`relay workstation --config FILE`: load, log JSON, run under uvloop; 0 after a drain."""
+    """`relay workstation --config FILE`: load, log JSON, run under uvloop.
+
+    Exit status 0 after a drain, EXIT_REVOKED once the device is revoked.
+    """
     config = load_workstation_config(config_path)
     setup_logging("workstation", config.log_level)
-    run_loop(run_workstation(config))
-    return 0
+    return run_loop(run_workstation(config))

@@ -10,7 +10,7 @@ turned-away attempt never reaches the agent).
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import shutil
 import signal
@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from relay.trust import pki
+from relay.workstation.service import EXIT_REVOKED, REVOKED_MESSAGE
 from tests.e2e.chain import HOST, RELAY, relay_cli
 from tests.e2e.enroll_chain import (
     RATE_LIMITED,
@@ -39,7 +40,6 @@ from tests.e2e.enroll_chain import (
     enroll_admitted,
     enroll_cli,
     forge,
-    http_get,
     metric,
     retarget,
     running_site,
@@ -351,7 +351,13 @@ def test_revocation_closes_links_within_two_seconds(site: Site, ws_ok: Enrolled)
         assert failed_at is not None and failed_at - revoked_at <= REVOCATION_BOUND, ws
     assert talks["ws-ok"].failed_at is None, talks["ws-ok"].error  # another device carries on
 
-    # Both PCs keep redialling; both gateways refuse them, and the agent audits that.
+    # Both PCs were told why (GOAWAY REVOKED on the live link): each says so in one plain
+    # line and stops dialling, with its own exit status.
+    for ws in ("ws-rev", "ws-rev-b"):
+        assert_stopped_revoked(site, ws)
+
+    # A PC that dials again with the revoked identity is told at once, by either gateway
+    # (at the dial this time), and stops too; the agent audits the refused links.
     def refuses(gateway: str) -> bool:
         return (
             site.gateway_metric(gateway, "relay_refusals", reason="revoked")
@@ -359,7 +365,9 @@ def test_revocation_closes_links_within_two_seconds(site: Site, ws_ok: Enrolled)
         )
 
     for gateway in ("ga", "gb"):
-        wait_for(functools.partial(refuses, gateway), f"{gateway} to refuse", within=10.0)
+        site.add_workstation(f"ws-rev-{gateway}", victim.identity, gateway).start()
+        assert_stopped_revoked(site, f"ws-rev-{gateway}")
+        assert refuses(gateway)
     revocations = [e for e in site.audit() if e["kind"] == "revocation"]
     assert len(revocations) == 2  # by the CLI user, then pushed by the agent
     assert revocations[0]["ActiveParticipant"][0]["UserID"].startswith("cli:")
@@ -383,22 +391,29 @@ def test_revocation_closes_links_within_two_seconds(site: Site, ws_ok: Enrolled)
     site.stop("ga", signal.SIGKILL)
     site.start("ga")
     site.wait_routed("ga")
-    wait_for(
-        lambda: site.gateway_metric("ga", "relay_refusals", reason="revoked") >= 1,
-        "the restarted ga to refuse the revoked device",
-        within=15.0,
-    )
     site.wait_echo("ws-ok")
+    site.start("ws-rev-ga")
+    assert_stopped_revoked(site, "ws-rev-ga")
+    assert site.gateway_metric("ga", "relay_refusals", reason="revoked") == 1
     assert site.gateway_metric("ga", "relay_links", role="device", site=SITE) == 1
-    status, body = http_get(site.ws_metrics("ws-rev"), "/readyz")
-    assert status == 503 and "no gateway link" in body, body
+
+
+def assert_stopped_revoked(site: Site, ws: str) -> None:
+    """`ws` exited EXIT_REVOKED after one plain error line, and dialled no more after it."""
+    proc = site.procs[ws]
+    assert proc.popen is not None
     try:
-        answer = echo_once(site.forward_port("ws-rev"), b"ping", timeout=2.0)
-    except OSError:
-        answer = b""
-    assert answer == b""
-    site.stop("ws-rev")
-    site.stop("ws-rev-b")
+        status = proc.popen.wait(10.0)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{ws} still runs\n{site.logs(ws)}") from None
+    assert status == EXIT_REVOKED, site.logs(ws)
+    lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
+    starts = [i for i, e in enumerate(lines) if e["msg"] == "workstation started"]
+    lines = lines[starts[-1] :]  # this run's (the log file is appended to)
+    errors = [e for e in lines if e["level"] in ("error", "critical")]
+    assert [e["msg"] for e in errors] == [REVOKED_MESSAGE], site.logs(ws)
+    after = lines[lines.index(errors[0]) + 1 :]
+    assert not any(e["msg"] in ("dial failed", "link up") for e in after), site.logs(ws)
 
 
 # --- 3. renewal -----------------------------------------------------------------------

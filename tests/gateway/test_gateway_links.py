@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
 from relay.ops.config import Address, TlsFiles
-from relay.proto import ErrorCode, LinkSettings
+from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust.identity import Identity
 from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
 from tests.pki_helpers import HOST, Pair, SitePki, make_pki
@@ -363,6 +364,76 @@ async def test_revocation_closes_live_links_refuses_new_ones_and_is_reported(
     assert await asyncio.wait_for(roundtrip(again, b"back"), WAIT) == b"back"
     for link in (again, bystander, agent):
         link.close()
+
+
+async def test_revoked_device_that_stops_reading_is_aborted(world: World) -> None:
+    """A revoked device that never reads its GOAWAY (stalled under bulk data) must not keep
+    its gateway link and the buffers behind it: the gateway aborts it (REVOKED_CLOSE_BOUND)."""
+    loop = asyncio.get_running_loop()
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=False)
+    chunk = b"x" * 65536
+    senders: set[asyncio.Task[None]] = set()
+
+    async def flood(stream: Stream) -> None:
+        with contextlib.suppress(StreamResetError, LinkClosedError):
+            while True:
+                await stream.write(chunk)
+
+    def on_stream(stream: Stream) -> None:
+        task = loop.create_task(flood(stream))
+        senders.add(task)
+        task.add_done_callback(senders.discard)
+
+    agent.on_stream = on_stream
+    announce(agent)
+    await wait_for_agents(world, "main")
+
+    # The device's kernel buffer is tiny, so what it does not read stays in the gateway.
+    pair = world.pki.device("ws1")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (HOST, world.port))
+    _, device = await loop.create_connection(
+        lambda: Link(client=True, settings=SETTINGS),
+        sock=sock,
+        ssl=tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_DEVICE),
+        server_hostname=HOST,
+    )
+    streams = [device.open_stream({"target": "tcp:bulk"}) for _ in range(8)]
+    assert await asyncio.wait_for(streams[0].read(), WAIT)  # bulk data flows
+    assert device.transport is not None
+    device.transport.pause_reading()  # from now on the device reads nothing, GOAWAY included
+
+    uri = Identity.device("hospital.test", "main", "ws1").uri
+    (gateway_side,) = world.server.links.devices[uri]
+    assert gateway_side.transport is not None
+    transport = gateway_side.transport
+    for _ in range(int(WAIT / 0.01)):  # the gateway holds data it cannot send
+        if transport.get_write_buffer_size() > 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the gateway never had to buffer for the stalled device")
+
+    revoked_at = loop.time()
+    announce(agent, (uri,), full=False)
+    for _ in range(300):
+        if uri not in world.server.links.devices:
+            break
+        await asyncio.sleep(0.01)
+    gone_after = loop.time() - revoked_at
+    assert uri not in world.server.links.devices, "the stalled revoked link is still there"
+    assert gone_after <= 2.0
+    links = world.server.metrics.registry.get_sample_value(
+        "relay_links", {"role": "device", "site": "main"}
+    )
+    assert links == 0.0
+    device.abort()
+    agent.close()
+    for task in list(senders):
+        task.cancel()
+    await asyncio.gather(*senders, return_exceptions=True)
 
 
 async def test_agent_revoking_another_sites_device_is_disconnected(world: World) -> None:
