@@ -96,7 +96,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
         code = sys.stdin.readline().strip()
-    return run_enroll(code, Path(args.dir), device=args.device)
+    return run_enroll(code, Path(args.dir), device=args.device, force=args.force)
 
 
 def _cmd_device_list(args: argparse.Namespace) -> int:
@@ -108,7 +108,7 @@ def _cmd_device_list(args: argparse.Namespace) -> int:
 def _cmd_device_revoke(args: argparse.Namespace) -> int:
     from relay.agent.admin_cli import device_revoke
 
-    return device_revoke(Path(args.config), args.name)
+    return device_revoke(Path(args.config), args.name, force=args.force)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -179,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dir", required=True, help="where to write device.crt, device.key and ca.crt"
     )
     enroll.add_argument("--device", help="the device name (default: the one in the code)")
+    enroll.add_argument(
+        "--force", action="store_true", help="replace the identity already in --dir"
+    )
     enroll.set_defaults(func=_cmd_enroll)
 
     device = sub.add_parser("device", help="list or revoke enrolled devices")
@@ -192,6 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("name", metavar="NAME")
     revoke.add_argument("--config", required=True, help="the agent's config file")
+    revoke.add_argument(
+        "--force",
+        action="store_true",
+        help="revoke a name the registry does not know (a device issued offline)",
+    )
     revoke.set_defaults(func=_cmd_device_revoke)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")

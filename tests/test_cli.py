@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from pki_helpers import make_pki
 
+from relay.ops.config import Address
+from relay.trust.codes import EnrollmentCode, new_secret, new_token_id
+
 ROOT = Path(__file__).resolve().parents[1]
 RELAY = [sys.executable, "-m", "relay.cli"]
 HOST = "127.0.0.1"
@@ -130,3 +133,23 @@ def test_internal_error_shows_traceback_and_exits_1(tmp_path: Path, error: str) 
     assert "Traceback (most recent call last)" in done.stderr
     assert "injected" in done.stderr
     assert "in broken" in done.stderr  # the frame that raised is shown
+
+
+def test_enroll_refuses_to_replace_an_identity_without_force(tmp_path: Path) -> None:
+    """Refused before anything is dialled or spent; with --force it goes on (and here
+    fails to reach the gateway, since nothing listens there)."""
+    with socket.socket() as s:  # a port nothing listens on (bound, never listening)
+        s.bind((HOST, 0))
+        closed: int = s.getsockname()[1]
+        code = EnrollmentCode(
+            Address(HOST, closed), "ab" * 32, "main", "ws1", new_token_id(), new_secret()
+        ).encode()
+        identity = tmp_path / "identity"
+        identity.mkdir()
+        (identity / "device.crt").write_text("the certificate in use\n")
+        done = relay("enroll", code, "--dir", str(identity))
+        assert_user_error(done, "already holds an identity (device.crt)", "--force")
+        assert (identity / "device.crt").read_text() == "the certificate in use\n"
+        done = relay("enroll", code, "--dir", str(identity), "--force")
+        assert_user_error(done, f"{HOST}:{closed}")
+        assert "already holds" not in done.stderr

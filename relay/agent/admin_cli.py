@@ -6,7 +6,9 @@ reaches the gateways through the running agent, which notices the registry chang
 within a second (relay.agent.registry.RevocationWatcher) and pushes it.
 
 Each function returns the process exit status: 0 done, 1 nothing to do (already
-revoked), 2 a user error printed as one line on stderr.
+revoked), 2 a user error printed as one line on stderr (a name the registry does not know
+is one for `device revoke`: a typo must not look like success; `--force` revokes it anyway,
+for a device issued offline that never connected).
 """
 
 from __future__ import annotations
@@ -212,15 +214,25 @@ def device_revoke(
     config_path: Path,
     name: str,
     *,
+    force: bool = False,
     now: Callable[[], datetime] = _utcnow,
     out: TextIO | None = None,
 ) -> int:
-    """Revoke device `name` for good; the running agent pushes it to every gateway."""
+    """Revoke device `name` for good; the running agent pushes it to every gateway.
+
+    A name the registry does not know is refused unless `force`.
+    """
     command = "device revoke"
     try:
         config = load_agent_config(config_path)
         registry, audit = open_state(config)
         with registry:
+            if not force and registry.get_device(name) is None:
+                return _fail(
+                    command,
+                    f"no device {name!r} in the registry of site {config.site!r} "
+                    "(see `relay device list`); --force revokes the name anyway",
+                )
             at = now()
             result = registry.revoke(name, at)
         trust_domain = pki.trust_domain_of_ca(pki.load_cert(config.tls.ca))
@@ -236,7 +248,7 @@ def device_revoke(
     if result is RevokeResult.REVOKED_UNKNOWN:
         print(
             f"note: {name!r} was not in the registry (never enrolled or seen); "
-            "revoked anyway, check the spelling",
+            "revoked anyway (--force)",
             file=sys.stderr,
         )
     return 0

@@ -134,8 +134,15 @@ def verify_gateway(
         raise EnrollError(f"the certificate at {host} is not a gateway's ({identity.uri})")
 
 
-def _prepare_dir(out_dir: Path) -> None:
-    """Create OUT (0700) and prove it is writable before the code is spent."""
+def _prepare_dir(out_dir: Path, force: bool) -> None:
+    """Create OUT (0700) and prove it is writable before the code is spent; refuse to
+    replace an identity already there unless `force` (it may be the one in use)."""
+    present = [name for name in IDENTITY_FILES if (out_dir / name).exists()]
+    if present and not force:
+        raise EnrollError(
+            f"{out_dir} already holds an identity ({' '.join(present)}); "
+            "pass --force to replace it, or choose another --dir"
+        )
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = out_dir / f".enroll-probe-{os.getpid()}"
@@ -212,12 +219,14 @@ async def enroll(
     *,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - bounds the whole enrollment
     device: str | None = None,
+    force: bool = False,
     now: Callable[[], datetime] = _utcnow,
 ) -> Path:
     """Enroll this PC with `code`; write OUT/device.crt device.key ca.crt; return the cert.
 
     `device` asserts the device name (default: the one in the code); the agent refuses
-    a name the code was not issued for. Raises EnrollError.
+    a name the code was not issued for. An identity already in OUT is refused (before
+    the code is spent) unless `force`. Raises EnrollError.
     """
     try:
         parsed = parse_code(code)
@@ -229,7 +238,7 @@ async def enroll(
     except ValueError as exc:
         raise EnrollError(str(exc)) from None
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir)
+    _prepare_dir(out_dir, force)
     link: Link | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -335,11 +344,18 @@ def _check_issued(
 
 
 def run_enroll(
-    code: str, out_dir: Path, *, device: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    code: str,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    force: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """`relay enroll`: 0 on success (one line on stdout); 2 with one line on stderr."""
     try:
-        cert_path = asyncio.run(enroll(code, Path(out_dir), timeout=timeout, device=device))
+        cert_path = asyncio.run(
+            enroll(code, Path(out_dir), timeout=timeout, device=device, force=force)
+        )
     except EnrollError as exc:
         print(f"relay enroll: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -134,7 +136,9 @@ def test_list_and_revoke(setup: tuple[Path, SitePki], capsys: pytest.CaptureFixt
     assert device_revoke(config, "ws1", out=out) == 0
     assert "revoked spiffe://hospital.test/device/main/ws1" in out.getvalue()
     assert device_revoke(config, "ws1", out=io.StringIO()) == 1
-    assert device_revoke(config, "typo", out=io.StringIO()) == 0
+    assert device_revoke(config, "typo", out=io.StringIO()) == 2  # a typo is no success
+    assert "no device 'typo' in the registry" in capsys.readouterr().err
+    assert device_revoke(config, "typo", force=True, out=io.StringIO()) == 0
     assert "not in the registry" in capsys.readouterr().err
 
     out = io.StringIO()
@@ -148,3 +152,28 @@ def test_list_and_revoke(setup: tuple[Path, SitePki], capsys: pytest.CaptureFixt
     # No new code for a revoked name.
     assert token_create(config, "ws1", out=io.StringIO()) == 2
     assert "revoked" in capsys.readouterr().err
+
+
+def test_revoke_of_an_unknown_name_from_the_cli(setup: tuple[Path, SitePki]) -> None:
+    """`relay device revoke` in a real process: an unknown name is an error (status 2, one
+    line, nothing revoked) unless --force."""
+    config, _ = setup
+
+    def revoke(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay.cli", "device", "revoke", "wsx", "--config",
+             str(config), *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    done = revoke()
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "no device 'wsx'" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    with DeviceRegistry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
+        assert not registry.is_revoked("wsx")
+    done = revoke("--force")
+    assert done.returncode == 0, done.stderr
+    assert "revoked spiffe://hospital.test/device/main/wsx" in done.stdout
+    with DeviceRegistry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
+        assert registry.is_revoked("wsx")

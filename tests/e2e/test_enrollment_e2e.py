@@ -526,3 +526,17 @@ def test_cli_errors_are_one_line(site: Site, tmp_path: Path) -> None:
         assert "\n" not in line and "pki.device_lifetime" in line and str(bad) in line, line
     done = enroll_cli("DMZR1-AAAA", tmp_path / "x")
     one_line_refusal(done)
+
+
+def test_enroll_keeps_an_identity_unless_forced(site: Site, tmp_path: Path) -> None:
+    """An identity already in --dir is refused before the code is spent; --force replaces it."""
+    code = site.token("ws-keep")
+    identity = tmp_path / "identity"
+    identity.mkdir()
+    (identity / "device.key").write_text("the key in use\n")
+    one_line_refusal(enroll_cli(code, identity), "already holds an identity", "--force")
+    assert (identity / "device.key").read_text() == "the key in use\n"
+    done = enroll_admitted(code, identity, "--force")  # the code was not spent
+    assert done.returncode == 0, done.stderr
+    assert serial_of(identity) is not None
+    assert (identity / "device.key").read_text() != "the key in use\n"
