@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,12 +61,26 @@ READY_TIMEOUT = 60.0  # seconds for the whole chain to come up
 STOP_GRACE = 5  # seconds each role may drain (its drain_grace)
 STOP_TIMEOUT = 15.0  # seconds to wait for a role to exit after SIGTERM, then SIGKILL
 ECHO_TIMEOUT = 10.0  # seconds for one C-ECHO through the chain
+START_ATTEMPTS = 3  # a port taken between our probe and a role's bind: start again
+PACS_PORT = 4242
 
 log = logging.getLogger(__name__)
 
 
 class DemoError(Exception):
     """The demo cannot start (directory in use, a role died, the chain never came up)."""
+
+
+class PortTaken(DemoError):
+    """A role could not listen on the port chosen for it (another process took it)."""
+
+    def __init__(self, role: str, port: int) -> None:
+        super().__init__(f"the {role} could not listen on port {port}")
+        self.port = port
+
+
+# What a role says, as its one-line exit (relay.ops.binding), when its port is taken.
+_LISTEN_FAILED = re.compile(r"cannot listen on [^\s:]+:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -81,27 +96,38 @@ class DemoPorts:
     viewer: int = 11113  # where the user's viewer (or storescp) receives C-MOVEs
 
     @classmethod
-    def pick(cls) -> DemoPorts:
+    def pick(cls, pacs: int, avoid: frozenset[int] = frozenset()) -> DemoPorts:
+        """Ports for the roles (the PACS is already listening on `pacs`). A port may be
+        taken before the role binds it: `run` then starts again, avoiding it."""
         return cls(
-            gateway=pick_port(8443),
-            gateway_metrics=pick_port(9101),
-            agent_metrics=pick_port(9102),
-            workstation_metrics=pick_port(9103),
-            dicom=pick_port(11112),
-            pacs=pick_port(4242),
+            gateway=pick_port(8443, avoid),
+            gateway_metrics=pick_port(9101, avoid),
+            agent_metrics=pick_port(9102, avoid),
+            workstation_metrics=pick_port(9103, avoid),
+            dicom=pick_port(11112, avoid),
+            pacs=pacs,
         )
 
 
-def pick_port(preferred: int) -> int:
-    """`preferred` if it is free on 127.0.0.1, else any free port."""
+def pick_port(preferred: int, avoid: frozenset[int] = frozenset()) -> int:
+    """`preferred` if a role could bind it on 127.0.0.1 now, else any free port.
+
+    The probe binds as the roles do, with SO_REUSEADDR, so a port whose last connections
+    are in TIME_WAIT (a demo stopped a moment ago) counts as free and a restart keeps its
+    ports. The port is released again before the role binds it: see PortTaken.
+    """
     for port in (preferred, 0):
+        if port in avoid:
+            continue
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((HOST, port))
             except OSError:
                 continue
             chosen: int = s.getsockname()[1]
-            return chosen
+            if chosen not in avoid:
+                return chosen
     raise DemoError("no free port on 127.0.0.1")
 
 
@@ -277,6 +303,17 @@ def echo_through(port: int, timeout: float = ECHO_TIMEOUT) -> bool:
         assoc.release()
 
 
+def exit_error(role: Role, code: int) -> DemoError:
+    """Why `role` exited: PortTaken if it could not listen (then `run` starts again)."""
+    tail = role.tail()
+    taken = _LISTEN_FAILED.search(tail)
+    if code == 2 and taken is not None:
+        return PortTaken(role.name, int(taken.group(1)))
+    return DemoError(
+        f"the {role.name} exited with status {code}; its log ({role.log_path}) ends with:\n{tail}"
+    )
+
+
 def wait_ready(roles: list[Role], ports: DemoPorts, stop: threading.Event) -> None:
     """Until the workstation and agent are ready and a C-ECHO passes the whole chain."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -288,10 +325,7 @@ def wait_ready(roles: list[Role], ports: DemoPorts, stop: threading.Event) -> No
         for role in roles:
             code = role.exited()
             if code is not None:
-                raise DemoError(
-                    f"the {role.name} exited with status {code}; its log "
-                    f"({role.log_path}) ends with:\n{role.tail()}"
-                )
+                raise exit_error(role, code)
         if all(http_status(url) == 200 for url in urls) and echo_through(ports.dicom):
             return
         if time.monotonic() > deadline:
@@ -303,8 +337,10 @@ def wait_ready(roles: list[Role], ports: DemoPorts, stop: threading.Event) -> No
 # -- the PACS ---------------------------------------------------------------------------
 
 
-def start_pacs(directory: Path, port: int) -> tuple[EmbeddedPacs, dict[str, str]]:
-    """The embedded PACS with the demo studies; returns it and {modality: study UID}."""
+def start_pacs(directory: Path) -> tuple[EmbeddedPacs, dict[str, str]]:
+    """The embedded PACS with the demo studies, listening on PACS_PORT or, if that is
+    taken, on any port (it binds in this process: nothing can take it in between);
+    returns it and {modality: study UID}."""
     from relay_dev.pacs import EmbeddedPacs, MemoryStore
     from relay_dev.samples import demo_studies
 
@@ -316,8 +352,15 @@ def start_pacs(directory: Path, port: int) -> tuple[EmbeddedPacs, dict[str, str]
         logger.setLevel(logging.WARNING)
         logger.propagate = False
     studies = demo_studies()
-    pacs = EmbeddedPacs(MemoryStore(studies), ae_title=PACS_AE, host=HOST, port=port)
-    pacs.start()
+    for port in (PACS_PORT, 0):
+        pacs = EmbeddedPacs(MemoryStore(studies), ae_title=PACS_AE, host=HOST, port=port)
+        try:
+            pacs.start()
+        except OSError:
+            if port == 0:
+                raise
+            continue
+        break
     return pacs, study_uids(studies)
 
 
@@ -429,14 +472,15 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def stop_roles(roles: list[Role]) -> bool:
+def stop_roles(roles: list[Role], *, quiet: bool = False) -> bool:
     """Stop the roles in reverse start order; True if each drained and exited 0."""
     clean = True
     for role in reversed(roles):
         code = role.stop()
         if code not in (0, None) or (code is None and role.popen is not None):
             clean = False
-            _say(f"relay demo: the {role.name} exited with status {code}; see {role.log_path}")
+            if not quiet:
+                _say(f"relay demo: the {role.name} exited with status {code}; see {role.log_path}")
     return clean
 
 
@@ -456,13 +500,40 @@ def supervise(roles: list[Role], stop: threading.Event) -> bool:
     return True
 
 
+def start_roles(root: Path, pacs: int, stop: threading.Event) -> tuple[DemoPorts, list[Role]]:
+    """Configs and the three roles, up and ready; started again (other ports) if a port
+    was taken between the probe and a role's bind, at most START_ATTEMPTS times."""
+    avoid: frozenset[int] = frozenset()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        ports = DemoPorts.pick(pacs, avoid)
+        configs = write_configs(root, ports)
+        roles: list[Role] = []
+        try:
+            for name in ROLES:
+                role = Role(name, configs[name], root / "logs" / f"{name}.log")
+                role.start()
+                roles.append(role)
+            wait_ready(roles, ports, stop)
+            return ports, roles
+        except PortTaken as exc:
+            stop_roles(roles, quiet=True)
+            if attempt == START_ATTEMPTS:
+                raise
+            avoid |= {exc.port}
+            _say(f"relay demo: {exc} (taken meanwhile); starting again on another port")
+        except BaseException:
+            stop_roles(roles)
+            raise
+    raise AssertionError("unreachable")
+
+
 def run(directory: Path | None) -> int:
     """`relay demo [--dir DIR]`: 0 after a clean Ctrl-C/SIGTERM, 1 on failure, 2 on misuse."""
     stop = threading.Event()
     with stop_on_signals(stop):
         try:
             root = prepare_directory(directory or DEFAULT_DIR)
-        except (DemoError, OSError) as exc:
+        except DemoError as exc:
             print(f"relay demo: {exc}", file=sys.stderr)
             return 2
         roles: list[Role] = []
@@ -471,15 +542,10 @@ def run(directory: Path | None) -> int:
         try:
             _say(f"relay demo: making a development PKI and configs in {root}")
             write_pki(root)
-            ports = DemoPorts.pick()
-            configs = write_configs(root, ports)
-            for name in ROLES:
-                role = Role(name, configs[name], root / "logs" / f"{name}.log")
-                role.start()
-                roles.append(role)
-            _say("relay demo: started gateway, agent and workstation; loading the PACS")
-            pacs, uids = start_pacs(root, ports.pacs)
-            wait_ready(roles, ports, stop)
+            _say("relay demo: loading the PACS")
+            pacs, uids = start_pacs(root)
+            _say("relay demo: starting gateway, agent and workstation")
+            ports, roles = start_roles(root, pacs.port, stop)
             if not stop.is_set():
                 write_summary(root, ports, uids, roles)
                 _say(instructions(root, ports, uids))

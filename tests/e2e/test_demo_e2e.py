@@ -7,8 +7,10 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,23 +53,31 @@ class RunningDemo:
             raise AssertionError(f"relay demo did not stop\n{self.output()}") from None
 
 
-def start_demo(tmp: Path) -> RunningDemo:
+def start_demo(tmp: Path, argv: list[str] | None = None, out_name: str = "demo.out") -> RunningDemo:
     directory = tmp / "demo-state"
-    out = tmp / "demo.out"
+    out = tmp / out_name
     with out.open("wb") as f:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "demo", "--dir", str(directory)],
+            (argv or [sys.executable, "-m", "relay.cli", "demo"]) + ["--dir", str(directory)],
             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
             start_new_session=True,
         )  # fmt: skip
     running = RunningDemo(popen, directory, out)
     deadline = time.monotonic() + START_TIMEOUT
-    while not (directory / "demo.json").exists():
+    while _summary_pid(directory) != popen.pid:  # not a previous run's demo.json
         if popen.poll() is not None or time.monotonic() > deadline:
             running.stop(signal.SIGKILL)
             raise AssertionError(f"relay demo did not come up\n{running.output()}")
         time.sleep(0.1)
     return running
+
+
+def _summary_pid(directory: Path) -> int | None:
+    try:
+        pid: int = json.loads((directory / "demo.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid
 
 
 @pytest.fixture
@@ -148,3 +158,70 @@ def test_a_directory_in_use_by_a_running_demo_is_refused(tmp_path: Path) -> None
     (tmp_path / "gateway.yaml").write_text("x")
     assert demo.run(tmp_path) == 2
     assert (tmp_path / "gateway.yaml").exists()
+
+
+PREFERRED = {
+    "gateway": 8443,
+    "gateway_metrics": 9101,
+    "agent_metrics": 9102,
+    "workstation_metrics": 9103,
+    "dicom": 11112,
+    "pacs": 4242,
+}
+
+
+def _listening(port: int) -> bool:
+    """Someone listens on 127.0.0.1:`port` (connections in TIME_WAIT do not count)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_restart_right_after_a_stop_keeps_the_ports(tmp_path: Path) -> None:
+    """A demo's default ports are free unless someone listens there, even while connections
+    of a demo stopped a moment ago are in TIME_WAIT on them (the roles bind with
+    SO_REUSEADDR): so a start, and a restart right after a stop, keep the defaults."""
+    expected = {k: port for k, port in PREFERRED.items() if not _listening(port)}
+    assert expected, "someone listens on every default port of the demo"
+    for run in ("first", "second"):
+        running = start_demo(tmp_path, out_name=f"{run}.out")
+        try:
+            ports = running.summary["ports"]
+        finally:
+            assert running.stop() == 0, running.output()
+        assert {k: ports[k] for k in expected} == expected, run
+
+
+def test_a_port_taken_before_the_role_binds_it_is_replaced(tmp_path: Path) -> None:
+    """The race the probe cannot close: another process takes the gateway's port between
+    the probe and the gateway's bind. The demo starts the roles again on another port."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        script = textwrap.dedent(
+            f"""
+            import sys
+            from relay_dev import demo
+            probe = demo.pick_port
+            def racy(preferred, avoid=frozenset()):
+                # the probe saw {taken} free; someone took it right after
+                if preferred == 8443 and {taken} not in avoid:
+                    return {taken}
+                return probe(preferred, avoid)
+            demo.pick_port = racy
+            from relay.cli import main
+            sys.exit(main(sys.argv[1:]))
+            """
+        )
+        running = start_demo(tmp_path, [sys.executable, "-c", script, "demo"])
+        try:
+            ports = running.summary["ports"]
+            assert ports["gateway"] != taken
+            assert demo.echo_through(ports["dicom"])
+            text = running.output()
+            assert f"could not listen on port {taken}" in text, text
+        finally:
+            assert running.stop() == 0, running.output()
