@@ -1,4 +1,5 @@
-"""The agent's handlers for non-TCP stream targets: `dicom` against the PACS, audited."""
+"""The agent's handlers for non-TCP stream targets: `dicom` against the PACS, audited;
+and the readiness check of that PACS."""
 
 from __future__ import annotations
 
@@ -10,13 +11,30 @@ from collections.abc import AsyncIterator
 from relay.agent.audit import AuditLog
 from relay.agent.config import AgentConfig
 from relay.agent.dispatch import TargetHandler
+from relay.agent.pacs_check import ECHO_TIMEOUT, PacsCheck
 from relay.net.aio import Stream
 from relay.ops.metrics import EndMetrics
 from relay.wire import HEADER_DEVICE, TARGET_DICOM
 
-__all__ = ["default_handlers"]
+__all__ = ["default_handlers", "pacs_check"]
 
 log = logging.getLogger(__name__)
+
+
+def pacs_check(config: AgentConfig) -> PacsCheck | None:
+    """The C-ECHO check of the configured PACS for /readyz, or None without `pacs:`."""
+    if config.pacs is None:
+        return None
+    pacs = config.pacs
+
+    def echo() -> tuple[bool, str]:
+        # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
+        from relay.dicom.pacs_echo import echo_pacs
+        from relay.dicom.pacs_ops import PacsTarget
+
+        return echo_pacs(PacsTarget.from_config(pacs), ECHO_TIMEOUT)
+
+    return PacsCheck(echo)
 
 
 @contextlib.asynccontextmanager

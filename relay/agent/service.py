@@ -31,14 +31,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from relay.agent.authority import DeviceAuthority, open_authority
 from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.dispatch import StreamDispatcher, TargetHandler
 from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
-from relay.agent.handlers import default_handlers
+from relay.agent.handlers import default_handlers, pacs_check
 from relay.agent.linktrust import LinkTrust
 from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
@@ -82,9 +82,11 @@ class Agent:
         rng: Uniform | None = None,
         metrics: EndMetrics | None = None,
         authority: DeviceAuthority | None = None,
+        pacs_ready: Callable[[], Awaitable[tuple[bool, str]]] | None = None,
     ) -> None:
         self.config = config
         self.authority = authority
+        self.pacs_ready = pacs_ready
         targets = dict(handlers or {})
         if authority is not None:
             targets[TARGET_ENROLL] = authority.serve_enroll
@@ -118,12 +120,17 @@ class Agent:
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
 
-    def readiness(self) -> tuple[bool, str]:
-        """Ready with at least one gateway link (the PACS check is the DICOM handler's)."""
+    async def readiness(self) -> tuple[bool, str]:
+        """Ready with at least one gateway link and, with `pacs:`, a PACS that answers
+        C-ECHO (relay.agent.pacs_check: bounded, cached briefly)."""
         up = self.gateways.up
         if not up:
             return False, "no gateway link"
-        return True, f"{up} gateway link(s) up"
+        links = f"{up} gateway link(s) up"
+        if self.pacs_ready is None:
+            return True, links
+        ok, why = await self.pacs_ready()
+        return ok, f"{links}; {why}"
 
     async def start(self) -> None:
         """Start dialling every gateway address; with a DeviceAuthority, also push new
@@ -227,7 +234,12 @@ async def run_agent(
             audit = authority.audit if authority is not None else None
             handlers = await stack.enter_async_context(default_handlers(config, metrics, audit))
         agent = Agent(
-            config, handlers=handlers, resolver=resolver, metrics=metrics, authority=authority
+            config,
+            handlers=handlers,
+            resolver=resolver,
+            metrics=metrics,
+            authority=authority,
+            pacs_ready=pacs_check(config),
         )
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)

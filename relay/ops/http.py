@@ -1,11 +1,13 @@
 """The internal HTTP listener of every role: /metrics, /healthz, /readyz (aiohttp).
 
-It binds a separate, internal address (`metrics_listen`), never the public one.
+It binds a separate, internal address (`metrics_listen`), never the public one. The
+readiness callback may be a coroutine function (the agent asks its PACS, off the loop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -13,13 +15,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.ops.config import Address
 
+Readiness = tuple[bool, str]
+ReadyCheck = Callable[[], Readiness | Awaitable[Readiness]]
+
 
 class AdminServer:
     def __init__(
         self,
         address: Address,
         registry: CollectorRegistry,
-        ready: Callable[[], tuple[bool, str]],
+        ready: ReadyCheck,
     ) -> None:
         self.address = address
         self.registry = registry
@@ -53,5 +58,6 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        ok, why = self.ready()
+        answer = self.ready()
+        ok, why = await answer if inspect.isawaitable(answer) else answer
         return web.Response(status=200 if ok else 503, text=f"{why}\n")
