@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pki_helpers import make_pki
 
 from relay.ops.config import Address
 from relay.trust.codes import EnrollmentCode, new_secret, new_token_id
+from tests.pki_helpers import make_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 RELAY = [sys.executable, "-m", "relay.cli"]

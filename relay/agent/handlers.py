@@ -30,9 +30,8 @@ def pacs_check(config: AgentConfig) -> PacsCheck | None:
     def echo() -> tuple[bool, str]:
         # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
         from relay.dicom.pacs_echo import echo_pacs
-        from relay.dicom.pacs_ops import PacsTarget
 
-        return echo_pacs(PacsTarget.from_config(pacs), ECHO_TIMEOUT)
+        return echo_pacs(pacs, ECHO_TIMEOUT)
 
     return PacsCheck(echo)
 

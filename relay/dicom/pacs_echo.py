@@ -8,7 +8,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom import contexts
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["echo_pacs"]
 

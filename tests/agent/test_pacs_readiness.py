@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
-from ends_helpers import agent_config, running_gateway, wait_until
-from pki_helpers import HOST, SitePki, make_pki
 from prometheus_client import CollectorRegistry
 
-from relay.agent.config import PacsConfig
 from relay.agent.pacs_check import PacsCheck
 from relay.agent.service import Agent, run_agent
 from relay.dicom.pacs_echo import echo_pacs
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.ops.config import Address
 from relay.ops.http import AdminServer
 from relay_dev.pacs import EmbeddedPacs
+from tests.ends_helpers import agent_config, running_gateway, wait_until
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 WAIT = 20.0
 
@@ -56,7 +55,7 @@ async def test_readiness_follows_the_pacs(pki: SitePki, tmp_path: Path, pacs: Em
             tmp_path,
             [gateway.port],
             {},
-            pacs=PacsConfig("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
+            pacs=PacsTarget("RELAYPACS", HOST, pacs.port, timeout=10.0),
         )
         stop = asyncio.Event()
         started: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()

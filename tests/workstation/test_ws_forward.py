@@ -52,7 +52,7 @@ async def agent_up(config: AgentConfig) -> AsyncIterator[Agent]:
 @contextlib.asynccontextmanager
 async def workstation_up(
     config: WorkstationConfig,
-) -> AsyncIterator[tuple[Workstation, asyncio.Event, asyncio.Task[None]]]:
+) -> AsyncIterator[tuple[Workstation, asyncio.Event, asyncio.Task[int]]]:
     stop = asyncio.Event()
     started: asyncio.Future[Workstation] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
