@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from pathlib import Path
 
@@ -192,3 +194,24 @@ def test_link_type_is_the_adapters() -> None:
     from relay.net.dialer import _DialedLink
 
     assert issubclass(_DialedLink, Link)
+
+
+async def test_revoked_by_peer_stops_dialling_and_tells_the_owner_once(pki: SitePki) -> None:
+    """What a session refused as revoked reuses: the supervisor ends, the owner hears once."""
+    told: list[str] = []
+    with socket.socket() as s:  # bound, never listening: every dial fails at once
+        s.bind((HOST, 0))
+        keeper = kept(pki, s.getsockname()[1])
+        keeper.on_revoked = told.append
+        keeper.start()
+        await wait_until(lambda: keeper.stats.failures >= 2)
+        keeper.revoked_by_peer("revoked by the site")
+        keeper.revoked_by_peer("again")
+        assert keeper._task is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(keeper._task, WAIT)
+        assert told == ["revoked by the site"]
+        assert keeper.revoked == "revoked by the site"
+        assert keeper.stats.last_error == "revoked"
+        assert not keeper.up.is_set()
+        await keeper.close()
