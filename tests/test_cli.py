@@ -153,3 +153,18 @@ def test_enroll_refuses_to_replace_an_identity_without_force(tmp_path: Path) -> 
         done = relay("enroll", code, "--dir", str(identity), "--force")
         assert_user_error(done, f"{HOST}:{closed}")
         assert "already holds" not in done.stderr
+
+
+def test_workstation_dicom_port_taken_names_file_and_key(tmp_path: Path, taken_port: int) -> None:
+    pki = make_pki(tmp_path / "pki")
+    done = relay("pki", "issue", "--dir", str(pki.directory), "--site", "main",
+                 "--device", "ws1", "--out", str(tmp_path / "identity"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "workstation.yaml"
+    config.write_text(
+        f"gateway: {HOST}:1\n"
+        "identity_dir: identity/\n"
+        f"dicom: {{listen: '{HOST}:{taken_port}', ae_title: RELAY}}\n"
+    )
+    done = relay("workstation", "--config", str(config))
+    assert_user_error(done, f"{config}: dicom.listen: cannot listen on {HOST}:{taken_port}")
