@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.ops.config import Address
+from relay.ops.listening import announce
 
 
 class AdminServer:
@@ -39,6 +40,8 @@ class AdminServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.address.port
+        for sock in sockets:
+            announce("metrics", sock.getsockname())
 
     async def stop(self) -> None:
         if self._runner is not None:
