@@ -29,7 +29,7 @@ from relay.net.tls import (
     peer_identity,
     refusal_for_identity,
 )
-from relay.ops.listening import announce, inherited_socket
+from relay.ops.listening import announce
 from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
@@ -84,12 +84,10 @@ class GatewayServer:
 
     async def start(self) -> None:
         self.note_certificate()
-        sock = inherited_socket("gateway")
-        if sock is None:
-            addr = self.config.listen
-            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-            sock = socket.create_server((addr.host, addr.port), family=family, backlog=1024)
-            sock.setblocking(False)
+        addr = self.config.listen
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.create_server((addr.host, addr.port), family=family, backlog=1024)
+        sock.setblocking(False)
         self._sock = sock
         self.port = announce("gateway", sock.getsockname()).port
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())

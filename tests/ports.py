@@ -2,13 +2,17 @@
 process bind it later (on a busy machine anyone can take it in between).
 
 - A relay role is configured with port 0 and reports the port it got in its JSON log
-  (relay.ops.listening): `wait_listening` / `await_listening` read that line.
-- A port that must be known before its process runs, or survive a restart of it (the
-  gateway's, which agents and workstations dial), is `reserve`d here, kept for the whole
-  test, and handed to each incarnation of the process as systemd socket activation does
-  (`handover`): the port is never released.
-- `dead_port` is a port where nothing listens and nothing else can start listening while
-  the test runs: a bound socket that never listens (connections to it are refused).
+  (relay.ops.listening): `wait_listening` / `await_listening` read that line. A
+  third-party program that does the same in its own words (Prometheus) is read with
+  `wait_logged_port`.
+- A port that must be known before its process runs, or stay the same across restarts
+  (the gateway's, which agents and workstations dial), is `reserve`d for the whole test:
+  a socket bound with SO_REUSEADDR that never listens. Linux then keeps that port from
+  everyone else (bind(0) and outgoing connections skip it; a bind without SO_REUSEADDR
+  fails), while a server that binds it explicitly with SO_REUSEADDR (ours, HAProxy,
+  DCMTK) can listen on it. While no process listens there, connections are refused.
+- A role running in the test's own process: `announced()` collects the same lines.
+- `dead_port` is such a reservation that nobody listens on: "connection refused".
 """
 
 from __future__ import annotations
@@ -16,30 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
+import logging
+import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
     "HOST",
+    "Announced",
     "Bound",
+    "announced",
     "await_listening",
     "dead_port",
-    "handover",
     "listening_events",
     "reserve",
     "wait_listening",
+    "wait_logged_port",
 ]
 
 HOST = "127.0.0.1"
 WAIT = 30.0
 POLL = 0.02  # seconds between two reads of a log that has not said it yet
-
-_FIRST_FD = 3  # SD_LISTEN_FDS_START
-_PARKING_FD = 200  # the wrapper moves fds here first, so that no move clobbers another
 
 
 class Bound(NamedTuple):
@@ -71,9 +75,9 @@ def listening_events(log: Path, since: int = 0) -> list[dict[str, Any]]:
     return events
 
 
-def _find(log: Path, what: str, since: int, match: Mapping[str, str]) -> Bound | None:
+def _find(log: Path, what: str, since: int, service: str | None) -> Bound | None:
     for entry in listening_events(log, since):
-        if entry.get("what") == what and all(entry.get(k) == v for k, v in match.items()):
+        if entry.get("what") == what and service in (None, entry.get("service")):
             return _parse(str(entry["address"]))
     return None
 
@@ -92,20 +96,20 @@ def wait_listening(
     since: int = 0,
     alive: Callable[[], bool] | None = None,
     within: float = WAIT,
-    **match: str,
+    service: str | None = None,
 ) -> Bound:
     """Where listener `what` of the role that writes `log` is bound, once it says so.
 
-    `since`: a byte offset of the log (a restarted role appends to it); `match`: other
-    fields of the line (`service="echo"` for a forward). Fails fast if `alive()` turns
-    false, and after `within` seconds.
+    `since`: a byte offset of the log (a restarted role appends to it); `service`: the
+    forwarded service, for `what="forward"`. Fails fast if `alive()` turns false, and
+    after `within` seconds.
     """
     deadline = time.monotonic() + within
-    while (found := _find(log, what, since, match)) is None:
+    while (found := _find(log, what, since, service)) is None:
         if (error := _gone(log, what, alive)) is not None:
             raise error
         if time.monotonic() > deadline:
-            raise AssertionError(f"{log}: no 'listening' line for {what} {match}")
+            raise AssertionError(f"{log}: no 'listening' line for {what} {service or ''}")
         time.sleep(POLL)
     return found
 
@@ -117,26 +121,73 @@ async def await_listening(
     since: int = 0,
     alive: Callable[[], bool] | None = None,
     within: float = WAIT,
-    **match: str,
+    service: str | None = None,
 ) -> Bound:
     """`wait_listening` for coroutines: the event loop keeps running meanwhile."""
     deadline = time.monotonic() + within
-    while (found := _find(log, what, since, match)) is None:
+    while (found := _find(log, what, since, service)) is None:
         if (error := _gone(log, what, alive)) is not None:
             raise error
         if time.monotonic() > deadline:
-            raise AssertionError(f"{log}: no 'listening' line for {what} {match}")
+            raise AssertionError(f"{log}: no 'listening' line for {what} {service or ''}")
         await asyncio.sleep(POLL)
     return found
 
 
+def wait_logged_port(
+    log: Path, pattern: str, *, alive: Callable[[], bool] | None = None, within: float = WAIT
+) -> int:
+    """The port in the first line of `log` that matches `pattern` (its group "port")."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + within
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if (found := regex.search(text)) is not None:
+            return int(found.group("port"))
+        if (error := _gone(log, pattern, alive)) is not None:
+            raise error
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log}: no line matches {pattern!r}\n{text[-3000:]}")
+        time.sleep(POLL)
+
+
+class Announced(logging.Handler):
+    """The `listening` lines logged in this process (see `announced`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == "listening":
+            self.events.append(dict(record.__dict__))
+
+    def bound(self, what: str, **match: str) -> Bound:
+        """The last address announced for `what` (and `match`); KeyError if none yet."""
+        for entry in reversed(self.events):
+            if entry.get("what") == what and all(entry.get(k) == v for k, v in match.items()):
+                return _parse(str(entry["address"]))
+        raise KeyError(f"nothing announced for {what} {match}")
+
+
+@contextlib.contextmanager
+def announced() -> Iterator[Announced]:
+    """Collect what roles running in this process announce (relay.ops.listening)."""
+    handler = Announced()
+    logger = logging.getLogger("relay.listening")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 def reserve(host: str = HOST, make: Callable[[], socket.socket] | None = None) -> socket.socket:
-    """A TCP socket bound to a free port of `host`, not listening yet: connections to it
-    are refused until a process it is handed to listens on it. `make` creates the socket
-    elsewhere (inside a network namespace)."""
+    """A port of `host` kept for the caller (see above): close the socket to give it back.
+    `make` creates the socket elsewhere (inside a network namespace)."""
     sock = make() if make is not None else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
     except BaseException:
         sock.close()
@@ -146,32 +197,6 @@ def reserve(host: str = HOST, make: Callable[[], socket.socket] | None = None) -
 
 @contextlib.contextmanager
 def dead_port(host: str = HOST) -> Iterator[int]:
-    """A port where connections are refused for the whole block: it stays bound, and
-    never listens."""
+    """A port where connections are refused for the whole block (reserved, never listened on)."""
     with reserve(host) as sock:
         yield int(sock.getsockname()[1])
-
-
-def handover(
-    argv: Sequence[str], sockets: Mapping[str, socket.socket], env: Mapping[str, str] | None = None
-) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
-    """(argv, env, pass_fds) for Popen: `argv` started with `sockets` as systemd socket
-    activation passes them (fds from 3 on, LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID).
-
-    A bash wrapper moves the fds into place and sets LISTEN_PID to its own pid, which the
-    program keeps (bash execs it; so does `ip netns exec`).
-    """
-    environ = dict(os.environ if env is None else env)
-    if not sockets:
-        return list(argv), environ, ()
-    fds = [sock.fileno() for sock in sockets.values()]
-    park = " ".join(f"{_PARKING_FD + i}<&{fd}" for i, fd in enumerate(fds))
-    place = " ".join(
-        f"{_FIRST_FD + i}<&{_PARKING_FD + i} {_PARKING_FD + i}<&-" for i in range(len(fds))
-    )
-    targets = range(_FIRST_FD, _FIRST_FD + len(fds))
-    close = " ".join(f"{fd}<&-" for fd in fds if fd not in targets)
-    script = f'exec {park}; exec {place} {close}; export LISTEN_PID=$$; exec "$@"'
-    environ["LISTEN_FDS"] = str(len(fds))
-    environ["LISTEN_FDNAMES"] = ":".join(sockets)
-    return ["bash", "-c", script, "relay-handover", *argv], environ, tuple(fds)
