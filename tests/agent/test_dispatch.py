@@ -21,7 +21,6 @@ from ends_helpers import (
     GatewayHandle,
     TcpService,
     agent_config,
-    free_port,
     running_gateway,
     tcp_service,
     wait_until,
@@ -38,6 +37,7 @@ from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
 from relay.net.dialer import dial
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
+from tests.ports import dead_port
 
 SETTINGS = LinkSettings()
 SECRET = b"PAYLOAD-MUST-NOT-BE-LOGGED-7d1f"
@@ -98,19 +98,20 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await stream.write(b"dicom handler got " + data)
         await stream.write_eof()
 
-    async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
-        config = agent_config(
-            pki,
-            tmp_path,
-            [gw.port],
-            {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (free_port(), False)},
-        )
-        async with running_agent(config, {"dicom": dicom}) as agent:
-            await asyncio.wait_for(agent.links[next(iter(agent.links))].up.wait(), WAIT)
-            await wait_until(lambda: gw.server.router.sites() == ["main"])
-            device = await device_link(pki, gw.port)
-            yield World(pki, gw, agent, echo, device, seen)
-            device.close()
+    with dead_port() as dead:  # a service that is down for the whole test
+        async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
+            config = agent_config(
+                pki,
+                tmp_path,
+                [gw.port],
+                {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (dead, False)},
+            )
+            async with running_agent(config, {"dicom": dicom}) as agent:
+                await asyncio.wait_for(agent.links[next(iter(agent.links))].up.wait(), WAIT)
+                await wait_until(lambda: gw.server.router.sites() == ["main"])
+                device = await device_link(pki, gw.port)
+                yield World(pki, gw, agent, echo, device, seen)
+                device.close()
 
 
 async def read_all(stream: ByteStream) -> bytes:

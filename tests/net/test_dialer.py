@@ -16,6 +16,7 @@ from relay.net.dialer import DialError, KeptLink, dial
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from tests.ports import dead_port, reserve
 
 SETTINGS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
 
@@ -111,17 +112,19 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
 
 
 async def test_nothing_listening(pki: SitePki) -> None:
-    with pytest.raises(DialError) as info:
+    with dead_port() as port, pytest.raises(DialError) as info:
         await dial(
-            Address(HOST, 1), agent_ctx(pki), SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
-        )
+            Address(HOST, port), agent_ctx(pki), SETTINGS, alpn=tls.ALPN_AGENT, name="x",
+            timeout=WAIT,
+        )  # fmt: skip
     assert info.value.reason == "connect"
 
 
 async def test_kept_link_survives_a_gateway_restart(pki: SitePki, tmp_path: Path) -> None:
     before = asyncio.all_tasks()
-    gw = await start_gateway(pki, tmp_path)
-    port = gw.port
+    reserved = reserve()  # the gateway's port, the same after its restart
+    port = reserved.getsockname()[1]
+    gw = await start_gateway(pki, tmp_path, port)
     k = kept(pki, port)
     k.start()
     await asyncio.wait_for(k.up.wait(), WAIT)
@@ -137,6 +140,7 @@ async def test_kept_link_survives_a_gateway_restart(pki: SitePki, tmp_path: Path
     assert (k.stats.connects, k.stats.reconnects) == (2, 1)
     await k.close()
     await gw.shutdown()
+    reserved.close()
     await asyncio.sleep(0)
     assert asyncio.all_tasks() - before - {asyncio.current_task()} == set()
 
