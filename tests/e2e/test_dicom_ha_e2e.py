@@ -263,7 +263,8 @@ def test_move_survives_the_death_of_the_workstations_gateway(
                 killed = kill_the_device_gateway(chain)
                 at_kill = len(scp.files())
                 result = future.result(timeout=TIMEOUT + 10)
-            time.sleep(0.5)  # storescp finishes writing its last file
+            # storescp answered every C-STORE; wait until it has written them all
+            assert wait_for(lambda: len(scp.files()) >= len(want), 30), chain.logs()
             files = list(scp.files())
         finally:
             viewer.target(None, None)
