@@ -1,25 +1,29 @@
-"""The gateway's configuration file, typed and validated at load time.
+"""The gateway's configuration: its type and its schema, checked at load time.
 
-Imports `relay.ops.config` only: the gateway never pulls in DICOM or compression code.
+Imports `relay.ops.config` only: the gateway never pulls in DICOM or compression code,
+nor the YAML parser (gateway.configfile reads the file; the CLI hands that loader over).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     Address,
+    LinkSettings,
+    Reader,
     TlsFiles,
-    TunnelLimits,
-    open_config,
+    read_drain_grace,
     read_limits,
     read_log_level,
     read_tls,
 )
 
-__all__ = ["GatewayConfig", "load_gateway_config"]
+__all__ = ["GatewayConfig", "GatewayConfigLoader", "read_gateway_config"]
 
 
 @dataclass(frozen=True)
@@ -34,30 +38,33 @@ class GatewayConfig:
     listen: Address
     metrics_listen: Address | None
     tls: TlsFiles
-    limits: TunnelLimits = field(default_factory=TunnelLimits)
+    limits: LinkSettings = field(default_factory=LinkSettings)
     drain_grace: float = 30.0
     handshake_timeout: float = 10.0
     max_links: int = 10000
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
 
 
-def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
-    """Load and check a gateway config file; raises relay.ops.config.ConfigError."""
-    r = open_config(path)
+def read_gateway_config(r: Reader) -> GatewayConfig:
+    """The gateway's schema, applied to a parsed config file."""
     listen = r.address("listen", listen=True)
     metrics_listen = r.optional_address("metrics_listen", listen=True)
     if metrics_listen == listen and listen.port != 0:
         raise r.error("metrics_listen", f"must differ from listen ({listen})")
-    config = GatewayConfig(
-        path=Path(os.path.abspath(path)),
+    return GatewayConfig(
+        path=Path(os.path.abspath(r.file)),
         listen=listen,
         metrics_listen=metrics_listen,
         tls=read_tls(r),
         limits=read_limits(r),
-        drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
-        handshake_timeout=r.duration("handshake_timeout", 10.0, hi=300.0, above_lo=True),
-        max_links=r.integer("max_links", 10000, lo=1, hi=1_000_000),
+        drain_grace=read_drain_grace(r, GatewayConfig.drain_grace),
+        handshake_timeout=r.duration(
+            "handshake_timeout", GatewayConfig.handshake_timeout, hi=300.0, above_lo=True
+        ),
+        max_links=r.integer("max_links", GatewayConfig.max_links, lo=1, hi=1_000_000),
         log_level=read_log_level(r),
     )
-    r.done()
-    return config
+
+
+# Reads the config file at a path (start-up and SIGHUP): gateway.configfile's.
+GatewayConfigLoader = Callable[[Path], GatewayConfig]

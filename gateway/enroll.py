@@ -12,9 +12,10 @@ import re
 
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
-from gateway.router import HEADER_PEER, Router
+from gateway.router import Router
 from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode
+from relay.wire import HEADER_PEER, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class EnrollmentDesk:
         def on_stream(stream: Stream) -> None:
             nonlocal streams_seen
             streams_seen += 1
-            site = stream.headers.get("site", "")
-            if streams_seen > 1 or stream.headers.get("target") != "enroll":
+            site = stream.headers.get(HEADER_SITE, "")
+            if streams_seen > 1 or stream.headers.get(HEADER_TARGET) != TARGET_ENROLL:
                 self._refuse(stream, "bad_request", ErrorCode.FORBIDDEN)
             elif not _SITE.fullmatch(site) or not self.router.agent_links(site):
                 self._refuse(stream, "no_route", ErrorCode.NO_ROUTE)

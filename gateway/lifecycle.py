@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.config import load_gateway_config
+from gateway.config import GatewayConfigLoader
 from gateway.server import GatewayServer
 from relay.net.tls import TlsConfigError, server_context, trust_domain_of
 from relay.ops.config import ConfigError
@@ -56,11 +56,12 @@ def _streams_open(server: GatewayServer) -> int:
     return sum(link.conn.open_streams for link in server.links.all())
 
 
-def reload(server: GatewayServer) -> bool:
-    """Re-read the config file and certificates; on any error keep the running ones."""
+def reload(server: GatewayServer, load: GatewayConfigLoader) -> bool:
+    """Re-read the config file (through `load`) and certificates; on any error keep the
+    running ones."""
     path = server.config.path
     try:
-        config, restart = keep_restart_only(server.config, load_gateway_config(path), RESTART_ONLY)
+        config, restart = keep_restart_only(server.config, load(path), RESTART_ONLY)
         trust_domain = trust_domain_of(config.tls.ca)
         if trust_domain != server.trust_domain:
             # Every device and agent certificate names the running one: they would all

@@ -12,14 +12,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
 from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
+from relay.wire import HEADER_DEVICE, HEADER_DEVICE_SITE, HEADER_PEER, RESERVED_PREFIX
 
 log = logging.getLogger(__name__)
 
 # Headers the gateway sets on streams it opens towards an agent; a device may not set them.
-RESERVED_PREFIX = "x-relay-"
-HEADER_DEVICE = "x-relay-device"
-HEADER_SITE = "x-relay-site"
-HEADER_PEER = "x-relay-peer"  # the source address of an enrollment attempt
 
 
 class Router:
@@ -68,7 +65,7 @@ class Router:
             return
         headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
         headers.update(origin)
-        headers[HEADER_SITE] = site
+        headers[HEADER_DEVICE_SITE] = site
         try:
             upstream = agent.open_stream(headers)
         except ValueError:

@@ -19,11 +19,9 @@ from gateway.config import GatewayConfig
 from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
 from gateway.metrics import GatewayMetrics
-from gateway.router import HEADER_DEVICE, Router
-from relay.net.aio import Link, link_settings
+from gateway.router import Router
+from relay.net.aio import Link
 from relay.net.tls import (
-    ALPN_ENROLL,
-    TUNNEL_ALPNS,
     accept_tls,
     classify_handshake_error,
     peer_identity,
@@ -34,12 +32,13 @@ from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.revocation import RevocationList
+from relay.wire import ALPN_ENROLL, HEADER_DEVICE, TUNNEL_ALPNS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Registry:
+class LinkTable:
     """Live links by role, for routing, revocation, draining and metrics."""
 
     agents: set[Link] = field(default_factory=set)
@@ -65,7 +64,7 @@ class GatewayServer:
         self.trust_domain = trust_domain
         self.metrics = metrics
         self.router = Router(metrics)
-        self.links = Registry()
+        self.links = LinkTable()
         self.revoked = RevocationList(trust_domain)  # memory only, relearned from agents
         self.refusal_reporter = RefusalReporter(self.router)
         self.enrollment = EnrollmentDesk(self.router, metrics)
@@ -161,7 +160,7 @@ class GatewayServer:
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        settings = link_settings(self.config.limits)
+        settings = self.config.limits
         try:
             transport, link = await accept_tls(
                 conn,

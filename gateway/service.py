@@ -8,7 +8,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.config import GatewayConfig, load_gateway_config
+from gateway.config import GatewayConfig, GatewayConfigLoader
 from gateway.lifecycle import drain, reload
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
@@ -23,11 +23,15 @@ log = logging.getLogger(__name__)
 async def run_gateway(
     config: GatewayConfig,
     *,
+    load: GatewayConfigLoader | None = None,
     stop: asyncio.Event | None = None,
     started: Callable[[GatewayServer], None] | None = None,
     handle_signals: bool = True,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain and return.
+
+    With `handle_signals`, SIGHUP re-reads `config.path` through `load` (None: no reload).
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     metrics = GatewayMetrics()
@@ -47,7 +51,8 @@ async def run_gateway(
     if handle_signals:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reload, server)
+        if load is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload, server, load)
     if started is not None:
         started(server)
     try:
@@ -63,8 +68,9 @@ async def run_gateway(
         log.info("gateway stopped")
 
 
-def run(config_path: Path) -> int:
-    config = load_gateway_config(config_path)
+def run(config_path: Path, load: GatewayConfigLoader) -> int:
+    """`relay gateway`: `load` reads the file (gateway.configfile.load_gateway_config)."""
+    config = load(config_path)
     setup_logging("gateway", config.log_level)
-    run_loop(run_gateway(config))
+    run_loop(run_gateway(config, load=load))
     return 0

@@ -42,9 +42,10 @@ def _cmd_pki_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.configfile import load_gateway_config
     from gateway.service import run
 
-    return run(Path(args.config))
+    return run(Path(args.config), load_gateway_config)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:

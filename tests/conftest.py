@@ -10,9 +10,10 @@ from collections.abc import Generator
 
 import pytest
 from hypothesis import HealthCheck, settings
-from interop.harness.tools import in_ci, require_tools
 
-pytest_plugins = ["pytester", "interop.harness.fixtures"]
+from tests.interop.harness.tools import in_ci, require_tools
+
+pytest_plugins = ["pytester", "tests.interop.harness.fixtures"]
 
 __all__ = ["require_tools"]
 

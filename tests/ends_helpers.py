@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from pki_helpers import HOST, SitePki
-
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
-from relay.agent.config import AgentConfig, PacsConfig, ServiceConfig
-from relay.ops.config import Address, Backoff, TlsFiles, TunnelLimits
+from relay.agent.config import AgentConfig, ServiceConfig
+from relay.dicom.pacs_target import PacsTarget
+from relay.ops.config import Address, Backoff, LinkSettings, TlsFiles
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
 from relay.workstation.service import Workstation
+from tests.pki_helpers import HOST, SitePki
 
 WAIT = 10.0
 FAST = Backoff(initial=0.02, maximum=0.2)  # reconnect quickly in tests
-LIMITS = TunnelLimits(keepalive_interval=2.0, keepalive_timeout=6.0)
+LIMITS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
 
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -81,7 +81,7 @@ def agent_config(
     gateway_ports: list[int],
     services: dict[str, tuple[int, bool]],
     *,
-    pacs: PacsConfig | None = None,
+    pacs: PacsTarget | None = None,
     drain_grace: float = 2.0,
     resolve_interval: float = 30.0,
     gateway_host: str = HOST,

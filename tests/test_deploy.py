@@ -25,15 +25,16 @@ from typing import Any, cast
 
 import pytest
 import yaml
-from interop.harness import require_tools
-from pki_helpers import SitePki, make_pki
 
-from gateway.config import load_gateway_config
+from gateway.configfile import load_gateway_config
 from gateway.metrics import GatewayMetrics
+from relay import wire
 from relay.agent.config import load_agent_config
 from relay.net import tls
 from relay.ops.config import parse_duration
 from relay.workstation.config import load_workstation_config
+from tests.interop.harness import require_tools, unavailable
+from tests.pki_helpers import SitePki, make_pki
 from tests.ports import reserve, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ HOST = "127.0.0.1"
 #: `relay` from this checkout (what the units' /opt/dmz-relay/bin/relay runs).
 RELAY = [sys.executable, "-m", "relay.cli"]
 WAIT = 30.0  # upper bound of every wait below; nothing asserts on time
+#: What a check raises when it cannot run: a skip locally, a failure with CI=true.
+OUTCOMES = (pytest.skip.Exception, pytest.fail.Exception)
 
 # --------------------------------------------------------------------------- metric names
 
@@ -424,9 +427,23 @@ def _mdwe_supported() -> bool:
 
 
 def mdwe(*argv: str) -> list[str]:
+    """`argv` under the launcher; skips locally (fails with CI=true) without PR_SET_MDWE."""
     if not _mdwe_supported():
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux >= 6.3)")
+        unavailable("this kernel has no PR_SET_MDWE (Linux >= 6.3)")
     return [sys.executable, "-c", _MDWE_LAUNCHER, *argv]
+
+
+def test_mdwe_missing_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CI kernel without PR_SET_MDWE fails the MDWE checks; locally they skip."""
+    monkeypatch.setattr(sys.modules[__name__], "_mdwe_supported", lambda: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(OUTCOMES, match="PR_SET_MDWE") as outcome:
+        mdwe("true")
+    assert outcome.type is pytest.fail.Exception  # a skip would escape CI's rule
+    monkeypatch.delenv("CI")
+    with pytest.raises(OUTCOMES, match="PR_SET_MDWE") as outcome:
+        mdwe("true")
+    assert outcome.type is pytest.skip.Exception
 
 
 def test_mdwe_really_refuses_write_execute_memory() -> None:
@@ -816,10 +833,10 @@ def test_agent_manifests(tmp_path: Path) -> None:
     assert {53, config.pacs.port, *(g.port for g in config.gateways)} == egress_ports
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("name", ["gateway", "agent"])
 def test_kustomize_builds(name: str) -> None:
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed (optional: the manifests are checked above)")
+    require_tools("kubectl")
     out = subprocess.run(
         ["kubectl", "kustomize", str(K8S / name)],
         capture_output=True,
@@ -830,6 +847,15 @@ def test_kustomize_builds(name: str) -> None:
     assert out.returncode == 0, out.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout) if d]
     assert "Deployment" in kinds
+
+
+def test_kustomize_check_fails_in_ci_without_kubectl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI must install kubectl: its absence fails the check there instead of skipping it."""
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(OUTCOMES, match="kubectl") as outcome:
+        test_kustomize_builds("gateway")
+    assert outcome.type is pytest.fail.Exception  # a skip would escape CI's rule
 
 
 # --------------------------------------------------------------------------- haproxy
@@ -919,7 +945,7 @@ def server_states(sock_path: Path) -> dict[str, tuple[str, str]]:
 def device_handshake(port: int, pki: SitePki) -> tuple[str | None, str]:
     """A device's TLS handshake on `port`: (ALPN chosen, peer URI SAN)."""
     device = pki.device("ws1")
-    ctx = tls.client_context(device.cert, device.key, pki.ca, tls.ALPN_DEVICE)
+    ctx = tls.client_context(device.cert, device.key, pki.ca, wire.ALPN_DEVICE)
     with (
         socket.create_connection((HOST, port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname=HOST) as conn,
@@ -976,7 +1002,7 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
         # against the site CA, and its ALPN: HAProxy terminated nothing.
         pki = gateways.pki
         alpn, uri = device_handshake(front, pki)
-        assert alpn == tls.ALPN_DEVICE
+        assert alpn == wire.ALPN_DEVICE
         assert uri.startswith(f"spiffe://{pki.trust_domain}/gateway/")
 
         assert both[0].stop() == 0  # drains (no links) and exits
@@ -987,7 +1013,7 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
 
         wait_for("gw1 marked DOWN", gw1_down)
         for _ in range(3):  # every new device goes to the gateway left
-            assert device_handshake(front, pki)[0] == tls.ALPN_DEVICE
+            assert device_handshake(front, pki)[0] == wire.ALPN_DEVICE
     finally:
         haproxy.terminate()
         try:

@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from bench.wanproxy import QUANTUM, WanProxy, parse_delay, parse_rate
+
+from tests.bench.wanproxy import QUANTUM, WanProxy, parse_delay, parse_rate
 
 HOST = "127.0.0.1"
 WAIT = 5.0

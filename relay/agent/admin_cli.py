@@ -24,7 +24,13 @@ from typing import TextIO
 
 from relay.agent.audit import AUDIT_FILE, AuditLog
 from relay.agent.config import AgentConfig, load_agent_config
-from relay.agent.registry import REGISTRY_FILE, DeviceRow, Registry, RegistryError, RevokeResult
+from relay.agent.registry import (
+    REGISTRY_FILE,
+    DeviceRegistry,
+    DeviceRow,
+    RegistryError,
+    RevokeResult,
+)
 from relay.ops.config import Address, ConfigError, parse_address, parse_duration
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode
@@ -64,14 +70,14 @@ def _agent_identity(config: AgentConfig) -> str:
         return f"agent/{config.site}"
 
 
-def open_state(config: AgentConfig) -> tuple[Registry, AuditLog]:
+def open_state(config: AgentConfig) -> tuple[DeviceRegistry, AuditLog]:
     """The registry and audit log of an agent config, creating state_dir (0700) if needed."""
     state = config.state_dir
     try:
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise RegistryError(f"cannot create state_dir {state}: {exc.strerror}") from None
-    registry = Registry(state / REGISTRY_FILE, site=config.site)
+    registry = DeviceRegistry(state / REGISTRY_FILE, site=config.site)
     audit = AuditLog(state / AUDIT_FILE, source_id=_agent_identity(config), site=config.site)
     return registry, audit
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -30,13 +30,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
+from relay.agent.config import AgentConfig
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, Registry, RegistryError, RevocationWatcher
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry, RegistryError, RevocationWatcher
+from relay.agent.renewal import RenewOutcome, serve_renew_stream
+from relay.agent.signer import Signer
+from relay.agent.syslog import SyslogSender
+from relay.agent.syslog import client_context as syslog_context
 from relay.net.bytestream import ByteStream
+from relay.ops.config import ConfigError
 from relay.proto import LinkClosedError
 from relay.trust import pki
 from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
-from relay.trust.renewal import RenewOutcome, serve_renew_stream
 from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
     RevocationError,
@@ -80,7 +85,7 @@ class DeviceAuthority:
         site: str,
         ca_key: ec.EllipticCurvePrivateKey,
         ca_cert: x509.Certificate,
-        registry: Registry,
+        registry: DeviceRegistry,
         audit: AuditLog,
         lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
         now: Callable[[], datetime] = _utcnow,
@@ -94,6 +99,7 @@ class DeviceAuthority:
         self.lifetime = lifetime
         self.now = now
         self.identity = Identity.agent(self.trust_domain, site)
+        self.signer = Signer(registry, ca_key, ca_cert, site, lifetime, audit, now)
         self._watcher = RevocationWatcher(registry)
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
         self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
@@ -131,7 +137,7 @@ class DeviceAuthority:
             keep=settings.keep,
             sink=audit_sink,
         )
-        registry = Registry(state_dir / REGISTRY_FILE, site=site)
+        registry = DeviceRegistry(state_dir / REGISTRY_FILE, site=site)
         return cls(
             site=site,
             ca_key=key,
@@ -149,16 +155,7 @@ class DeviceAuthority:
 
     async def serve_enroll(self, stream: ByteStream) -> EnrollOutcome:
         """Target handler for `enroll`; reports the result to the gateway that carried it."""
-        outcome = await serve_enroll_stream(
-            stream,
-            registry=self.registry,
-            ca_key=self.ca_key,
-            ca_cert=self.ca_cert,
-            site=self.site,
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.now,
-        )
+        outcome = await serve_enroll_stream(stream, self.signer)
         self.enrollments[outcome.result] = self.enrollments.get(outcome.result, 0) + 1
         link = getattr(stream, "link", None)  # a relay.net.aio.Stream knows its link
         send = getattr(link, "send_control", None)
@@ -169,16 +166,7 @@ class DeviceAuthority:
 
     async def serve_renew(self, stream: ByteStream) -> RenewOutcome:
         """Target handler for `renew` (the gateway adds x-relay-device)."""
-        outcome = await serve_renew_stream(
-            stream,
-            registry=self.registry,
-            ca_key=self.ca_key,
-            ca_cert=self.ca_cert,
-            site=self.site,
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.now,
-        )
+        outcome = await serve_renew_stream(stream, self.signer)
         self.renewals[outcome.result] = self.renewals.get(outcome.result, 0) + 1
         return outcome
 
@@ -269,3 +257,56 @@ class DeviceAuthority:
             if bodies:
                 send_all(bodies)
             await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority | None]:
+    """The DeviceAuthority of `pki:` (None without it), with its optional syslog copy.
+
+    A CA pair that does not load or match, or a state_dir that cannot be used, is a
+    ConfigError naming the file and key. Closes the registry, then flushes syslog.
+    """
+    if config.pki is None:
+        if config.audit.syslog is not None:
+            log.warning("audit.syslog is set but pki: is not; this agent writes no audit events")
+        yield None
+        return
+    sender: SyslogSender | None = None
+    syslog = config.audit.syslog
+    if syslog is not None:
+        try:
+            ctx = syslog_context(syslog.ca, syslog.cert, syslog.key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(config.path, "audit.syslog", str(exc)) from None
+        sender = SyslogSender(syslog.address, ctx, queue_size=syslog.queue)
+    try:
+        authority = DeviceAuthority.open(
+            site=config.site,
+            state_dir=config.state_dir,
+            ca_cert=config.pki.ca_cert,
+            ca_key=config.pki.ca_key,
+            lifetime=timedelta(seconds=config.pki.device_lifetime),
+            audit_settings=config.audit,
+            audit_sink=sender,
+        )
+    except pki.PkiError as exc:
+        raise ConfigError(config.path, "pki", str(exc)) from None
+    except RegistryError as exc:
+        raise ConfigError(config.path, "state_dir", str(exc)) from None
+    if sender is not None:
+        sender.start()
+    log.info(
+        "device authority ready",
+        extra={
+            "site": config.site,
+            "state_dir": str(config.state_dir),
+            "device_lifetime_s": config.pki.device_lifetime,
+            "syslog": str(syslog.address) if syslog is not None else "",
+        },
+    )
+    try:
+        yield authority
+    finally:
+        authority.close()
+        if sender is not None:
+            await sender.close()

@@ -7,73 +7,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, cast
+from typing import cast
 
 from relay.agent.audit import AuditSettings, read_audit_settings
+from relay.dicom.pacs_target import (
+    MAX_PACS_TIMEOUT,
+    RETRIEVE_CHOICES,
+    PacsTarget,
+    Retrieve,
+)
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
+    LinkSettings,
     Reader,
     TlsFiles,
-    TunnelLimits,
     check_ae_title,
     check_host,
     check_name,
-    open_config,
     read_backoff,
+    read_drain_grace,
     read_limits,
     read_log_level,
     read_tls,
 )
+from relay.ops.configfile import load_config
 
 __all__ = [
     "DEFAULT_DEVICE_LIFETIME",
-    "DEFAULT_MOVE_LISTEN",
     "AgentConfig",
-    "PacsConfig",
     "PkiFiles",
     "ServiceConfig",
     "load_agent_config",
+    "read_agent_config",
 ]
-
-Retrieve = Literal["get", "move"]
-
 
 # Device certificates issued at enrollment and renewal (DESIGN section 2: short-lived).
 DEFAULT_DEVICE_LIFETIME = 30 * 86400.0
 # Seconds-long lifetimes exist for tests of renewal; a year is the longest we issue.
 MIN_DEVICE_LIFETIME = 1.0
 MAX_DEVICE_LIFETIME = 366 * 86400.0
-
-
-# Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
-DEFAULT_MOVE_LISTEN = Address("127.0.0.1", 0)
-
-
-@dataclass(frozen=True)
-class PacsConfig:
-    """The PACS the agent queries and retrieves from.
-
-    `retrieve` "move" makes the agent ask the PACS for a C-MOVE to `move_ae_title`, which
-    the agent's own storage SCP answers on `move_listen` (the PACS must know that AE
-    title and address). With "get", `move_listen` is None unless set. `timeout` is
-    seconds for connecting and for each DIMSE reply.
-    """
-
-    ae_title: str
-    host: str
-    port: int
-    calling_ae_title: str = "RELAY"
-    retrieve: Retrieve = "get"
-    move_ae_title: str = "RELAYAGENT"
-    move_listen: Address | None = DEFAULT_MOVE_LISTEN
-    timeout: float = 30.0
-
-    @property
-    def address(self) -> Address:
-        """The PACS's DICOM endpoint."""
-        return Address(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -115,35 +90,33 @@ class AgentConfig:
     pki: PkiFiles | None
     state_dir: Path
     metrics_listen: Address | None
-    pacs: PacsConfig | None
+    pacs: PacsTarget | None
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
-    limits: TunnelLimits = field(default_factory=TunnelLimits)
+    limits: LinkSettings = field(default_factory=LinkSettings)
     reconnect: Backoff = field(default_factory=Backoff)
     resolve_interval: float = 30.0
     compression_level: int = 3
     drain_grace: float = 30.0
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
     audit: AuditSettings = field(default_factory=AuditSettings)
 
 
-def _read_pacs(r: Reader) -> PacsConfig | None:
+def _read_pacs(r: Reader) -> PacsTarget | None:
     s = r.optional_section("pacs")
     if s is None:
         return None
-    retrieve = cast(Retrieve, s.choice("retrieve", ("get", "move"), "get"))
-    if retrieve == "move":
-        move_listen: Address | None = s.address("move_listen", DEFAULT_MOVE_LISTEN, listen=True)
-    else:
-        move_listen = s.optional_address("move_listen", listen=True)
-    return PacsConfig(
+    return s.build(
+        PacsTarget,
         ae_title=s.text("ae_title", check=check_ae_title),
         host=s.text("host", check=check_host),
         port=s.integer("port", lo=1, hi=65535),
-        calling_ae_title=s.text("calling_ae_title", "RELAY", check=check_ae_title),
-        retrieve=retrieve,
-        move_ae_title=s.text("move_ae_title", "RELAYAGENT", check=check_ae_title),
-        move_listen=move_listen,
-        timeout=s.duration("timeout", 30.0, hi=3600.0, above_lo=True),
+        calling_ae_title=s.text(
+            "calling_ae_title", PacsTarget.calling_ae_title, check=check_ae_title
+        ),
+        retrieve=cast(Retrieve, s.choice("retrieve", RETRIEVE_CHOICES, PacsTarget.retrieve)),
+        move_ae_title=s.text("move_ae_title", PacsTarget.move_ae_title, check=check_ae_title),
+        move_listen=s.optional_address("move_listen", listen=True),
+        timeout=s.duration("timeout", PacsTarget.timeout, hi=MAX_PACS_TIMEOUT, above_lo=True),
     )
 
 
@@ -160,7 +133,7 @@ def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
         if isinstance(s.raw(name), dict):
             entry = s.section(name)
             service = ServiceConfig(
-                name, entry.address("address"), entry.boolean("compress", False)
+                name, entry.address("address"), entry.boolean("compress", ServiceConfig.compress)
             )
         else:
             service = ServiceConfig(name, s.address(name))
@@ -170,7 +143,11 @@ def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
 
 def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
     """Load and check an agent config file; raises relay.ops.config.ConfigError."""
-    r = open_config(path)
+    return load_config(path, read_agent_config)
+
+
+def read_agent_config(r: Reader) -> AgentConfig:
+    """The agent's schema, applied to a parsed config file."""
     site = r.text("site", check=lambda v: check_name(v, "a site name"))
     gateways = r.addresses("gateways", min_len=1)
     tls = read_tls(r)
@@ -187,8 +164,8 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
                 hi=MAX_DEVICE_LIFETIME,
             ),
         )
-    config = AgentConfig(
-        path=Path(os.path.abspath(path)),
+    return AgentConfig(
+        path=Path(os.path.abspath(r.file)),
         site=site,
         gateways=gateways,
         tls=tls,
@@ -199,11 +176,13 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
         services=_read_services(r),
         limits=read_limits(r),
         reconnect=read_backoff(r),
-        resolve_interval=r.duration("resolve_interval", 30.0, lo=1.0, hi=86400.0),
-        compression_level=r.integer("compression_level", 3, lo=1, hi=19),
-        drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
+        resolve_interval=r.duration(
+            "resolve_interval", AgentConfig.resolve_interval, lo=1.0, hi=86400.0
+        ),
+        compression_level=r.integer(
+            "compression_level", AgentConfig.compression_level, lo=1, hi=19
+        ),
+        drain_grace=read_drain_grace(r, AgentConfig.drain_grace),
         log_level=read_log_level(r),
         audit=read_audit_settings(r),
     )
-    r.done()
-    return config

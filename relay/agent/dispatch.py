@@ -24,19 +24,20 @@ from typing import Final
 
 from relay.agent.config import ServiceConfig
 from relay.net.aio import Stream
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import CodecStats, CodecStream, offers_zstd
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode
+from relay.wire import HEADER_DEVICE, HEADER_DEVICE_SITE, HEADER_TARGET, TCP_TARGET_PREFIX
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "HEADER_DEVICE",
-    "HEADER_SITE",
+    "HEADER_DEVICE_SITE",
     "HEADER_TARGET",
     "MAX_CONNECTS",
-    "TCP_PREFIX",
+    "TCP_TARGET_PREFIX",
     "DispatchStats",
     "StreamDispatcher",
     "TargetHandler",
@@ -44,10 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HEADER_TARGET: Final = "target"
-HEADER_DEVICE: Final = "x-relay-device"
-HEADER_SITE: Final = "x-relay-site"
-TCP_PREFIX: Final = "tcp:"
 MAX_CONNECTS: Final = 64  # TCP connects to services in progress at once
 CONNECT_TIMEOUT: Final = 10.0  # waiting for a connect slot plus the connect itself
 _MAX_LOGGED = 256  # header values are logged truncated
@@ -103,14 +100,14 @@ class StreamDispatcher:
             "stream": stream.stream_id,
             "link": stream.link.name,
             "device": headers.get(HEADER_DEVICE, "")[:_MAX_LOGGED],
-            "site": headers.get(HEADER_SITE, "")[:_MAX_LOGGED],
+            "site": headers.get(HEADER_DEVICE_SITE, "")[:_MAX_LOGGED],
             "target": target[:_MAX_LOGGED],
         }
         if self._closing:
             self._refuse(stream, ErrorCode.REFUSED_STREAM, "shutting_down", context)
             return
-        if target.startswith(TCP_PREFIX):
-            service = self.services.get(target[len(TCP_PREFIX) :])
+        if target.startswith(TCP_TARGET_PREFIX):
+            service = self.services.get(target[len(TCP_TARGET_PREFIX) :])
             if service is None:
                 self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_service", context)
                 return
@@ -163,7 +160,7 @@ class StreamDispatcher:
                 # Eagerly: the workstation learns from this byte whether the service
                 # compresses, before the service says anything.
                 await codec.send_marker()
-            except StreamReset:
+            except StreamResetError:
                 abort_socket(writer)
                 writer.close()
                 return

@@ -22,43 +22,34 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AuditLog, Outcome
-from relay.agent.registry import Redeemed, RedeemStatus, Registry, RegistryError, serial_hex
-from relay.net.bytestream import ByteStream, StreamReset
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_message, write_message
+from relay.agent.registry import Redeemed, RedeemStatus, RegistryError
+from relay.agent.signer import (
+    RequestRefused,
+    Signer,
+    csr_identity_uri,
+    load_csr,
+)
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
 from relay.trust.identity import Identity, IdentityError
+from relay.wire import HEADER_DEVICE, HEADER_PEER
 
-__all__ = [
-    "ENROLL_TARGET",
-    "EXCHANGE_TIMEOUT",
-    "HEADER_PEER",
-    "MAX_REQUEST",
-    "EnrollOutcome",
-    "RequestRefused",
-    "csr_identity_uri",
-    "load_csr",
-    "serve_enroll_stream",
-    "sign_device",
-]
+__all__ = ["EXCHANGE_TIMEOUT", "MAX_REQUEST", "EnrollOutcome", "serve_enroll_stream"]
 
 log = logging.getLogger(__name__)
 
-ENROLL_TARGET: Final = "enroll"
-HEADER_PEER: Final = "x-relay-peer"  # set by the gateway: the PC's source address
-HEADER_DEVICE: Final = "x-relay-device"
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
-MAX_CSR_PEM: Final = 8 * 1024
 #: The whole exchange, agent side; below the gateway's 30 s enrollment link lifetime.
 EXCHANGE_TIMEOUT: Final = 20.0
 
@@ -75,65 +66,6 @@ class EnrollOutcome:
     @property
     def ok(self) -> bool:
         return self.result == "ok"
-
-
-class RequestRefused(Exception):
-    """A request refused with a result code (metrics) and a one-line message (the PC)."""
-
-    def __init__(self, result: str, message: str) -> None:
-        super().__init__(message)
-        self.result = result
-        self.message = message
-
-
-def load_csr(pem: object) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
-    """Parse and check a CSR (PEM text): its self-signature and its P-256 key.
-
-    Raises RequestRefused ("bad_csr" or "malformed") with a one-line message.
-    """
-    if not isinstance(pem, str) or not pem.strip():
-        raise RequestRefused("malformed", "the request carries no CSR")
-    if len(pem) > MAX_CSR_PEM:
-        raise RequestRefused("bad_csr", f"the CSR is larger than {MAX_CSR_PEM} bytes")
-    try:
-        csr = x509.load_pem_x509_csr(pem.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
-        raise RequestRefused("bad_csr", "malformed CSR (not a PEM certificate request)") from None
-    try:
-        public_key = pki.check_csr(csr)
-    except pki.PkiError as exc:
-        raise RequestRefused("bad_csr", str(exc)) from None
-    return csr, public_key
-
-
-def csr_identity_uri(csr: x509.CertificateSigningRequest) -> str | None:
-    """The CSR's single URI SAN, or None if it has none or several."""
-    try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except (x509.ExtensionNotFound, ValueError):
-        return None
-    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if len(uris) == 1 else None
-
-
-def sign_device(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    public_key: ec.EllipticCurvePublicKey,
-    identity: Identity,
-    *,
-    lifetime: timedelta,
-    now: datetime,
-) -> x509.Certificate:
-    """A device certificate valid from a little before `now` until `now + lifetime`.
-
-    The start is backdated for clock skew by pki.BACKDATE, but by at most a tenth of
-    the lifetime, so that short test lifetimes (seconds) still make sense.
-    """
-    backdate = min(pki.BACKDATE, lifetime / 10)
-    return pki.issue_certificate(
-        ca_key, ca_cert, public_key, identity, lifetime + backdate, not_before=now - backdate
-    )
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -175,22 +107,17 @@ def _redeem_refusal(redeemed: Redeemed, device: str) -> RequestRefused:
 
 async def serve_enroll_stream(
     stream: ByteStream,
+    signer: Signer,
     *,
-    registry: Registry,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    site: str,
-    lifetime: timedelta,
-    audit: AuditLog,
-    now: Callable[[], datetime],
     timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
 ) -> EnrollOutcome:
     """Serve one enrollment stream to its end; never raises for anything the PC does.
 
-    `now` is the clock (timezone-aware). The CSR must ask for exactly
+    The CSR must ask for exactly
     spiffe://TD/device/SITE/DEVICE, where TD is the CA's trust domain, SITE ours and
     DEVICE the device name the code was issued for.
     """
+    audit, now, ca_cert = signer.audit, signer.now, signer.ca_cert
     peer = stream.headers.get(HEADER_PEER) or None
     claimed = "unknown"
     token_id: str | None = None
@@ -199,9 +126,9 @@ async def serve_enroll_stream(
             if stream.headers.get(HEADER_DEVICE):
                 # An enrolled device's own link: enrollment is for PCs without an identity.
                 raise RequestRefused("malformed", "enrollment is not available on a device link")
-            await write_message(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
+            await write_json(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
             try:
-                request = await read_message(stream, limit=MAX_REQUEST)
+                request = await read_json(stream, limit=MAX_REQUEST)
             except MessageTooLarge as exc:
                 raise RequestRefused(
                     "oversized", f"the request is larger than {exc.limit} bytes"
@@ -215,7 +142,7 @@ async def serve_enroll_stream(
             try:
                 token_id = check_token_id(request.get("token_id"))
                 secret = decode_secret(_field(request, "secret"))
-                identity = Identity.device(pki.trust_domain_of_ca(ca_cert), site, device)
+                identity = Identity.device(signer.trust_domain, signer.site, device)
             except (CodeError, IdentityError, pki.PkiError) as exc:
                 raise RequestRefused("malformed", f"malformed request: {exc}") from None
             claimed = identity.uri
@@ -228,25 +155,14 @@ async def serve_enroll_stream(
                     f"{identity.uri})",
                 )
             redeemed = await asyncio.to_thread(
-                registry.redeem_token, token_id, secret, device, now()
+                signer.registry.redeem_token, token_id, secret, device, now()
             )
             if not redeemed.ok:
                 raise _redeem_refusal(redeemed, device)
-            issued_at = now()
-            cert = sign_device(
-                ca_key, ca_cert, public_key, identity, lifetime=lifetime, now=issued_at
-            )
-            serial = serial_hex(cert.serial_number)
-            await asyncio.to_thread(
-                registry.record_certificate,
-                device,
-                serial,
-                cert.not_valid_before_utc,
-                cert.not_valid_after_utc,
-                issued_at,
-            )
+            issued = await signer.issue(public_key, identity)
+            cert, serial = issued.cert, issued.serial
             audit.enrollment(
-                now=issued_at,
+                now=issued.issued_at,
                 device=identity.uri,
                 token_id=token_id,
                 peer=peer,
@@ -254,7 +170,7 @@ async def serve_enroll_stream(
                 description=f"certificate issued, valid until {cert.not_valid_after_utc}",
                 serial=serial,
             )
-            await write_message(
+            await write_json(
                 stream,
                 {
                     "v": PROTOCOL_VERSION,
@@ -287,7 +203,7 @@ async def serve_enroll_stream(
             peer=peer,
             answer=False,
         )
-    except StreamReset:
+    except StreamResetError:
         outcome = RequestRefused("aborted", "the PC or the gateway aborted the enrollment")
         return await _refuse(
             stream,
@@ -343,12 +259,12 @@ async def _refuse(
     if answer:
         try:
             async with asyncio.timeout(5.0):
-                await write_message(
+                await write_json(
                     stream,
                     {"v": PROTOCOL_VERSION, "status": "refused", "reason": refusal.message},
                 )
                 await stream.write_eof()
-        except (StreamReset, TimeoutError, OSError):
+        except (StreamResetError, TimeoutError, OSError):
             pass
     else:
         stream.reset(ErrorCode.CANCEL)

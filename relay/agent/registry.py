@@ -38,10 +38,10 @@ __all__ = [
     "MAX_OPEN_TOKENS",
     "MAX_TTL",
     "REGISTRY_FILE",
+    "DeviceRegistry",
     "DeviceRow",
     "RedeemStatus",
     "Redeemed",
-    "Registry",
     "RegistryError",
     "RevocationWatcher",
     "RevokeResult",
@@ -106,7 +106,7 @@ class RedeemStatus(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Redeemed:
-    """The result of `Registry.redeem_token`. `device`/`site` are the token's (if known)."""
+    """The result of `DeviceRegistry.redeem_token`. `device`/`site` are the token's (if known)."""
 
     status: RedeemStatus
     token_id: str
@@ -171,7 +171,7 @@ def serial_hex(serial: int | str) -> str:
     return text
 
 
-class Registry:
+class DeviceRegistry:
     """The registry of one site. Methods are thread-safe and each is one transaction.
 
     Blocking (SQLite): an asyncio caller runs them with `asyncio.to_thread` if it cares
@@ -229,7 +229,7 @@ class Registry:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> Registry:
+    def __enter__(self) -> DeviceRegistry:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -499,7 +499,7 @@ class RevocationWatcher:
     second or so and sends what it returns to every gateway as an incremental update.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: DeviceRegistry) -> None:
         self.registry = registry
         self._version: int | None = None
         self._known: set[str] = set()
@@ -523,6 +523,6 @@ class RevocationWatcher:
         return new
 
     def note_local_change(self) -> None:
-        """Call after revoking through the same Registry object: data_version only moves
+        """Call after revoking through the same DeviceRegistry object: data_version only moves
         for other connections' commits, so force the next poll() to look."""
         self._version = None

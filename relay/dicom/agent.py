@@ -38,9 +38,10 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.move_receiver import MoveReceiver
-from relay.dicom.pacs_ops import PacsOperation, PacsTarget
+from relay.dicom.pacs_ops import PacsOperation
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,10 @@ async def serve_dicom_stream(
         reason = str(exc) or "no request within the timeout"
         await _refuse(stream, codec, reason)
         return summary("invalid", st.RELAY_PROTOCOL, reason)
-    except StreamReset:
+    except StreamResetError:
         return summary("invalid", st.LINK_LOST, "stream reset before the request")
     if msg is None:
-        with contextlib.suppress(StreamReset):
+        with contextlib.suppress(StreamResetError):
             await stream.write_eof()
         return summary("invalid", st.LINK_LOST, "stream closed before the request")
     if not isinstance(msg, Request):
@@ -133,7 +134,7 @@ async def serve_dicom_stream(
             reason = str(exc) or "no skip list within the timeout"
             await _refuse(stream, codec, reason)
             return summary("invalid", st.RELAY_PROTOCOL, reason)
-        except StreamReset:
+        except StreamResetError:
             return summary("invalid", st.LINK_LOST, "stream reset before the skip list")
         if not isinstance(extra, Skip):
             reason = f"expected the skip list, got {type(extra).__name__}"
@@ -195,11 +196,11 @@ async def _pump(
                 await stream.write(frame)
         async with asyncio.timeout(stall_timeout):
             await stream.write_eof()
-    except (StreamReset, TimeoutError, DicomProtocolError) as exc:
+    except (StreamResetError, TimeoutError, DicomProtocolError) as exc:
         log.info("DICOM stream ended early (%s): aborting the PACS operation", type(exc).__name__)
         op.abort()
         out.abort("stream lost")
-        if not isinstance(exc, StreamReset):
+        if not isinstance(exc, StreamResetError):
             stream.reset(RESET_CANCEL)
 
 
@@ -220,7 +221,7 @@ async def _watch(
             op.abort()
             out.abort("workstation gone")
             return
-    except (StreamReset, DicomProtocolError):
+    except (StreamResetError, DicomProtocolError):
         op.abort()
         out.abort("stream lost")
 
@@ -234,7 +235,7 @@ async def _refuse(stream: ByteStream, codec: MessageCodec, reason: str) -> None:
                 stream, codec, FinalResponse(st.RELAY_PROTOCOL, reason[: codec.limits.max_text])
             )
             await stream.write_eof()
-    except (StreamReset, TimeoutError, DicomProtocolError):
+    except (StreamResetError, TimeoutError, DicomProtocolError):
         stream.reset(RESET_CANCEL)
 
 
@@ -255,10 +256,11 @@ class DicomAgent:
 
     async def start(self) -> None:
         if self.pacs.retrieve == "move" and self.move_receiver is None:
-            assert self.pacs.move_listen is not None  # PacsTarget checks it
+            listen = self.pacs.move_listen
+            assert listen is not None  # PacsTarget sets it for retrieve: move
             receiver = MoveReceiver(
                 self.pacs.move_ae_title,
-                self.pacs.move_listen,
+                (listen.host, listen.port),
                 timeout=self.pacs.timeout,
                 stall_timeout=self.pacs.stall_timeout,
             )

@@ -422,7 +422,7 @@ async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | N
     """The next message payload, or None on a clean end of stream between messages.
 
     Raises DicomProtocolError for a stream that ends inside a message or announces one
-    larger than the limit; StreamReset passes through.
+    larger than the limit; StreamResetError passes through.
     """
     prefix = bytearray()
     while len(prefix) < _PREFIX.size:
@@ -700,7 +700,8 @@ def _check_uid(value: str, name: str, *, empty_ok: bool = False) -> None:
             return
         raise ValueError(f"{name} is empty")
     if len(value) > MAX_UID or not set(value) <= _UID_CHARS:
-        raise ValueError(f"{name} is not a DICOM UID: {value[:80]!r}")
+        # Not the value: a UID identifies a patient's study, and this text reaches logs.
+        raise ValueError(f"{name} is not a DICOM UID ({len(value)} characters)")
 
 
 def _check_uids(values: Sequence[str], name: str, limits: DicomLimits) -> None:

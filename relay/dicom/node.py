@@ -56,6 +56,7 @@ from relay.dicom.codec import (
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
+from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,11 @@ class DicomNode:
         self.stats: DicomStats = stats or NullStats()
         self.limits = limits or DicomLimits()
         self.codec = MessageCodec(self.limits, stats=self.stats)
-        self.headers = {"target": "dicom", "dicom-version": str(VERSION), **(headers or {})}
+        self.headers = {
+            HEADER_TARGET: TARGET_DICOM,
+            HEADER_DICOM_VERSION: str(VERSION),
+            **(headers or {}),
+        }
         self._ae: AE | None = None
         self._server: Any = None
         self._sessions: set[Session] = set()

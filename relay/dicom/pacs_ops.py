@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -43,6 +43,7 @@ from relay.dicom.codec import (
     Pending,
     Request,
 )
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomStats, NullStats
 
@@ -50,52 +51,6 @@ log = logging.getLogger(__name__)
 
 _PENDING: Final = (0xFF00, 0xFF01)
 _MAX_SURVEY_QUERIES: Final = 2000
-
-
-@dataclass(frozen=True)
-class PacsTarget:
-    """Where and how the agent talks to the PACS (the `pacs:` config section)."""
-
-    ae_title: str
-    host: str
-    port: int
-    calling_ae_title: str = "RELAY"
-    retrieve: Literal["get", "move"] = "get"
-    timeout: float = 30.0  # every wait on the PACS: connect, association, each response
-    move_ae_title: str = ""  # our storage SCP for retrieve: move (the PACS must know it)
-    move_listen: tuple[str, int] | None = None
-    compression_level: int = 3
-    stall_timeout: float = 120.0  # how long a retrieve may wait for the workstation to read
-    survey: bool = True  # C-FIND the study before retrieving it (counts, SOP classes)
-
-    def __post_init__(self) -> None:
-        if self.retrieve not in ("get", "move"):
-            raise ValueError(f"pacs.retrieve must be get or move, not {self.retrieve!r}")
-        if self.timeout <= 0 or self.stall_timeout <= 0:
-            raise ValueError("pacs timeouts must be positive")
-        if self.retrieve == "move" and (not self.move_ae_title or self.move_listen is None):
-            raise ValueError("pacs.retrieve: move needs move_ae_title and move_listen")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> PacsTarget:
-        """From any object with the `pacs:` keys as attributes (e.g. the agent's PacsConfig)."""
-        listen = getattr(cfg, "move_listen", None)
-        if listen is not None and not isinstance(listen, tuple):
-            listen = contexts.parse_address(str(listen), "pacs.move_listen")
-        values: dict[str, Any] = {
-            "ae_title": cfg.ae_title,
-            "host": cfg.host,
-            "port": int(cfg.port),
-            "move_listen": listen,
-        }
-        for name in (
-            "calling_ae_title", "retrieve", "timeout", "move_ae_title",
-            "compression_level", "stall_timeout", "survey",
-        ):  # fmt: skip
-            value = getattr(cfg, name, None)
-            if value is not None:
-                values[name] = value
-        return cls(**values)
 
 
 _ids = itertools.count(1)
@@ -543,7 +498,8 @@ class PacsOperation:
         try:
             survey = _survey(assoc, find_model, identifier, self.pacs.timeout, self._cancel)
         except Exception as exc:
-            log.info("survey failed, retrieving without it: %s", exc)
+            # Only the type: pydicom's and pynetdicom's texts may quote the query's values.
+            log.info("survey failed, retrieving without it: %s", type(exc).__name__)
             survey = None
         self.survey = survey
         if survey is not None and survey.count > 0:

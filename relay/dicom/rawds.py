@@ -274,7 +274,8 @@ def check_instance(data: bytes, transfer_syntax: str, sop_class: str, sop_instan
     for key, expected in (("sop_class", sop_class), ("sop_instance", sop_instance)):
         got = seen.get(key)
         if got is not None and got != expected:
-            raise MalformedDataset(f"dataset {key} {got!r} differs from the command's")
+            # Not the UIDs: they identify a patient's images, and this text reaches logs.
+            raise MalformedDataset(f"dataset {key} differs from the command's")
 
 
 def encode_dataset(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:

@@ -31,7 +31,7 @@ from relay.dicom.codec import (
     read_payload,
     write_message,
 )
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Session:
                     await write_message(stream, self.codec, self.request)
                     for extra in self._follow:
                         await write_message(stream, self.codec, extra)
-            except StreamReset as exc:
+            except StreamResetError as exc:
                 reason = SessionEnded(
                     st.LINK_LOST,
                     f"relay link unavailable: {_why(exc)}",
@@ -143,7 +143,7 @@ class Session:
                 await self.inbox.put(payload)
                 if self._final_seen:
                     return
-        except StreamReset as exc:
+        except StreamResetError as exc:
             reason = SessionEnded(
                 st.LINK_LOST,
                 f"relay stream reset (code {exc.code})",
@@ -166,7 +166,7 @@ class Session:
         stream = self._stream
         if stream is None or self._closed:
             return
-        with contextlib.suppress(StreamReset, DicomProtocolError):
+        with contextlib.suppress(StreamResetError, DicomProtocolError):
             async with asyncio.timeout(self._open_timeout):
                 await write_message(stream, self.codec, msg)
 
@@ -177,7 +177,7 @@ class Session:
                 try:
                     async with asyncio.timeout(self._open_timeout):
                         await stream.write_eof()
-                except (StreamReset, TimeoutError):
+                except (StreamResetError, TimeoutError):
                     stream.reset(RESET_CANCEL)
             else:
                 stream.reset(RESET_CANCEL)

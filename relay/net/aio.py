@@ -17,8 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
-from relay.net.bytestream import StreamReset
-from relay.ops.config import TunnelLimits
+from relay.net.bytestream import StreamResetError
 from relay.proto import (
     Connection,
     ConnectionTerminated,
@@ -32,8 +31,8 @@ from relay.proto import (
     LinkSettings,
     StreamEnded,
     StreamOpened,
+    StreamReset,
 )
-from relay.proto import StreamReset as StreamResetEvent
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ class Stream:
     async def read(self, max_bytes: int = 65536) -> bytes:
         while not self._buffer:
             if self.reset_code is not None:
-                raise StreamReset(self.reset_code)
+                raise StreamResetError(self.reset_code)
             if self._eof:
                 return b""
             self._readable.clear()
@@ -168,11 +167,11 @@ class Stream:
         pos, size = 0, len(data)
         while pos < size:
             if self.reset_code is not None:
-                raise StreamReset(self.reset_code)
+                raise StreamResetError(self.reset_code)
             if self.local_closed:
-                raise StreamReset(ErrorCode.STREAM_CLOSED, "write after write_eof")
+                raise StreamResetError(ErrorCode.STREAM_CLOSED, "write after write_eof")
             if self.link.conn.terminated is not None:
-                raise StreamReset(self.link.conn.terminated.code, "link closed")
+                raise StreamResetError(self.link.conn.terminated.code, "link closed")
             credit = self.send_credit()
             if credit <= 0:
                 self._credit.clear()
@@ -188,7 +187,7 @@ class Stream:
 
     async def write_eof(self) -> None:
         if self.reset_code is not None:
-            raise StreamReset(self.reset_code)
+            raise StreamResetError(self.reset_code)
         if not self.local_closed and self.link.conn.terminated is None:
             self.send_nowait(b"", end_stream=True)
 
@@ -399,7 +398,7 @@ class Link(asyncio.Protocol):
                 case StreamEnded(stream_id=sid):
                     if sid in streams:
                         streams[sid]._on_end()
-                case StreamResetEvent(stream_id=sid, code=code):
+                case StreamReset(stream_id=sid, code=code):
                     if sid in streams:
                         streams.pop(sid)._on_reset(code)
                 case ControlReceived(kind=kind, body=body):
@@ -446,15 +445,3 @@ class Link(asyncio.Protocol):
             self.closed.set_result(
                 self.conn.terminated or ConnectionTerminated(ErrorCode.INTERNAL_ERROR, "lost", True)
             )
-
-
-def link_settings(limits: TunnelLimits) -> LinkSettings:
-    """The protocol settings a role announces, from its `limits:` config section."""
-    return LinkSettings(
-        stream_window=limits.stream_window,
-        link_window=limits.link_window,
-        max_frame=limits.max_frame,
-        max_streams=limits.max_streams,
-        keepalive_interval=limits.keepalive_interval,
-        keepalive_timeout=limits.keepalive_timeout,
-    )

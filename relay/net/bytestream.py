@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 
-class StreamReset(Exception):
+class StreamResetError(Exception):
     """The stream was aborted by either side; `code` is a `relay.proto.ErrorCode` value."""
 
     def __init__(self, code: int, message: str = "") -> None:
@@ -30,11 +30,11 @@ class ByteStream(Protocol):
         ...
 
     async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to `max_bytes`; b"" once the peer has half-closed. Raises StreamReset."""
+        """Up to `max_bytes`; b"" once the peer has half-closed. Raises StreamResetError."""
         ...
 
     async def write(self, data: bytes) -> None:
-        """Queue `data`, waiting while the peer grants no credit. Raises StreamReset."""
+        """Queue `data`, waiting while the peer grants no credit. Raises StreamResetError."""
         ...
 
     async def write_eof(self) -> None:
@@ -86,7 +86,7 @@ class _PipeEnd:
     async def read(self, max_bytes: int = 65536) -> bytes:
         while True:
             if self._reset is not None:
-                raise StreamReset(self._reset)
+                raise StreamResetError(self._reset)
             if self._inbox:
                 chunk = self._inbox.popleft()
                 if len(chunk) > max_bytes:
@@ -104,7 +104,7 @@ class _PipeEnd:
         view = memoryview(data)
         while view:
             if self._reset is not None:
-                raise StreamReset(self._reset)
+                raise StreamResetError(self._reset)
             room = self._limit - peer._inbox_bytes
             if room <= 0:
                 await self._wait()

@@ -18,7 +18,7 @@ block boundaries (`_FrameScanner`) and fed to the decompressor a few blocks at a
 only when the reader wants more: a zstd block decodes to at most 128 KiB, so one feed
 yields at most `MAX_PIECE_OUTPUT` bytes, and output beyond that (a decoder that does
 not keep the format's promise) resets the stream with LIMIT_EXCEEDED. A frame that asks
-for a window above `MAX_WINDOW` is refused the same way; malformed input resets with
+for a window above `MAX_DECODER_WINDOW` is refused the same way; malformed input resets with
 PROTOCOL_ERROR. A "zstd bomb" therefore costs the reader time, never memory: it is just
 a lot of data delivered at the pace the reader takes it.
 """
@@ -31,28 +31,27 @@ from typing import Final
 
 import zstandard as zstd
 
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto import ErrorCode
+from relay.wire import CODEC_ZSTD, HEADER_CODEC
 
 __all__ = [
-    "CODEC_HEADER",
     "CODEC_ZSTD",
+    "HEADER_CODEC",
     "MARKER_RAW",
     "MARKER_ZSTD",
+    "MAX_DECODER_WINDOW",
     "MAX_PIECE_OUTPUT",
-    "MAX_WINDOW",
     "CodecStats",
     "CodecStream",
     "offers_zstd",
 ]
 
-CODEC_HEADER: Final = "codec"
-CODEC_ZSTD: Final = "zstd"
 MARKER_RAW: Final = 0x00
 MARKER_ZSTD: Final = 0x01
 
 MAX_WINDOW_LOG: Final = 21
-MAX_WINDOW: Final = 1 << MAX_WINDOW_LOG  # decoder memory per compressed direction
+MAX_DECODER_WINDOW: Final = 1 << MAX_WINDOW_LOG  # decoder memory per compressed direction
 MAX_BLOCK: Final = 128 * 1024  # zstd's Block_Maximum_Size: a block never decodes to more
 READ_SIZE: Final = 64 * 1024  # compressed bytes taken from the inner stream at once
 BLOCKS_PER_PIECE: Final = 8
@@ -65,7 +64,7 @@ _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 def offers_zstd(headers: Mapping[str, str]) -> bool:
     """True if the opener of a stream offered zstd (the `codec: zstd` OPEN header)."""
-    return headers.get(CODEC_HEADER) == CODEC_ZSTD
+    return headers.get(HEADER_CODEC) == CODEC_ZSTD
 
 
 @dataclass
@@ -210,7 +209,7 @@ class CodecStream:
         *,
         on_peer_marker: Callable[[bool], None] | None = None,
         stats: CodecStats | None = None,
-        max_window: int = MAX_WINDOW,
+        max_window: int = MAX_DECODER_WINDOW,
         piece_output_limit: int = MAX_PIECE_OUTPUT,
     ) -> None:
         self.inner = inner
@@ -267,7 +266,7 @@ class CodecStream:
         if not data:
             return
         if self._eof_sent:
-            raise StreamReset(ErrorCode.STREAM_CLOSED, "write after write_eof")
+            raise StreamResetError(ErrorCode.STREAM_CLOSED, "write after write_eof")
         if self._compressor is not None:
             payload = self._compressor.compress(data) + self._compressor.flush(
                 zstd.COMPRESSOBJ_FLUSH_BLOCK
@@ -304,7 +303,7 @@ class CodecStream:
         max_bytes = max(1, max_bytes)
         while True:
             if self._reset_code is not None:
-                raise StreamReset(self._reset_code)
+                raise StreamResetError(self._reset_code)
             if self._out_pos < len(self._out):
                 return self._take(max_bytes)
             if self._read_done:
@@ -389,4 +388,4 @@ class CodecStream:
 
     def _fail(self, exc: _CodecError) -> None:
         self.reset(exc.code)
-        raise StreamReset(exc.code, str(exc))
+        raise StreamResetError(exc.code, str(exc))

@@ -19,9 +19,9 @@ __all__ = [
     "DEFAULT_LIMIT",
     "MessageError",
     "MessageTooLarge",
-    "encode_message",
-    "read_message",
-    "write_message",
+    "encode_json",
+    "read_json",
+    "write_json",
 ]
 
 DEFAULT_LIMIT: Final = 16 * 1024
@@ -41,7 +41,7 @@ class MessageTooLarge(MessageError):
         self.limit = limit
 
 
-def encode_message(message: Mapping[str, object], *, limit: int = DEFAULT_LIMIT) -> bytes:
+def encode_json(message: Mapping[str, object], *, limit: int = DEFAULT_LIMIT) -> bytes:
     """The framed bytes of `message`; ValueError if it is larger than `limit`."""
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(body) > limit:
@@ -49,18 +49,18 @@ def encode_message(message: Mapping[str, object], *, limit: int = DEFAULT_LIMIT)
     return _LENGTH.pack(len(body)) + body
 
 
-async def write_message(
+async def write_json(
     stream: ByteStream, message: Mapping[str, object], *, limit: int = DEFAULT_LIMIT
 ) -> None:
-    """Send one message (raises StreamReset if the peer aborted)."""
-    await stream.write(encode_message(message, limit=limit))
+    """Send one message (raises StreamResetError if the peer aborted)."""
+    await stream.write(encode_json(message, limit=limit))
 
 
-async def read_message(stream: ByteStream, *, limit: int = DEFAULT_LIMIT) -> dict[str, object]:
+async def read_json(stream: ByteStream, *, limit: int = DEFAULT_LIMIT) -> dict[str, object]:
     """Receive one message of at most `limit` bytes.
 
     Raises MessageTooLarge from the header alone, MessageError if the stream ends early
-    or the body is not a JSON object, StreamReset if the peer aborted.
+    or the body is not a JSON object, StreamResetError if the peer aborted.
     """
     try:
         header = await read_exactly(stream, _LENGTH.size)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto import ErrorCode
 
 __all__ = ["READ_SIZE", "SpliceResult", "SpliceStats", "abort_socket", "splice", "tune_socket"]
@@ -96,7 +96,7 @@ async def _tcp_to_stream(
                 await stream.write_eof()
                 return
             await stream.write(data)
-        except StreamReset as exc:
+        except StreamResetError as exc:
             raise _StreamGone(exc.code) from None
         stats.tcp_to_stream += len(data)
 
@@ -107,7 +107,7 @@ async def _stream_to_tcp(
     while True:
         try:
             data = await stream.read(read_size)
-        except StreamReset as exc:
+        except StreamResetError as exc:
             raise _StreamGone(exc.code) from None
         try:
             if not data:

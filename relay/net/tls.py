@@ -27,13 +27,10 @@ from typing import Final, TypeVar, cast
 
 from relay.trust.identity import Identity, identity_from_der
 from relay.trust.pki import PkiError, load_cert, trust_domain_of_ca
+from relay.wire import ALPN_AGENT, ALPN_DEVICE, ALPN_ENROLL
 
 # One ALPN per endpoint, so that a certificate of one role offered on the other's endpoint
 # is refused (an agent process started with a device certificate, say).
-ALPN_DEVICE: Final = "dmzrelay-device/1"
-ALPN_AGENT: Final = "dmzrelay-agent/1"
-TUNNEL_ALPNS: Final = {ALPN_DEVICE: "device", ALPN_AGENT: "agent"}
-ALPN_ENROLL: Final = "dmzrelay-enroll/1"
 
 #: Handshake failure reasons returned by `classify_handshake_error`.
 HANDSHAKE_REFUSALS: Final = (

@@ -1,12 +1,14 @@
 """Typed, validated configuration shared by the three roles (gateway, agent, workstation).
 
-Config files are YAML. Every value is checked at load time, so that a typo stops start-up
-with one line that names the file and the dotted key (`config/agent.yaml: pacs.port:
-expected an integer 1-65535, got 'abc'`) instead of failing later, deep inside a link.
-The role loaders (`gateway.config`, `relay.agent.config`, `relay.workstation.config`) read
-through `Reader`, which tracks the dotted key path and rejects keys nobody asked for.
+Every value is checked at load time, so that a typo stops start-up with one line that
+names the file and the dotted key (`config/agent.yaml: pacs.port: expected an integer
+1-65535, got 'abc'`) instead of failing later, deep inside a link. The role schemas
+(`gateway.config`, `relay.agent.config`, `relay.workstation.config`) read a parsed mapping
+through `Reader`, which tracks the dotted key path and rejects keys nobody asked for; each
+section produces the one type the runtime uses (`limits:` is `relay.proto.LinkSettings`).
 
-This module imports only the standard library and PyYAML: the gateway depends on it.
+This module imports only the standard library and relay.proto, never PyYAML: the files
+are parsed by relay.ops.configfile, which the gateway's service does not import.
 """
 
 from __future__ import annotations
@@ -22,29 +24,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
+from relay.proto.settings import MAX_STREAMS_RANGE, FieldError, LinkSettings, format_size
 
 __all__ = [
+    "DEFAULT_LOG_LEVEL",
     "LOG_LEVELS",
-    "MAX_CONFIG_BYTES",
     "RESERVED_SERVICE_NAMES",
     "Address",
     "Backoff",
     "ConfigError",
     "FieldError",
+    "LinkSettings",
     "Reader",
     "TlsFiles",
-    "TunnelLimits",
     "check_ae_title",
     "check_host",
     "check_name",
     "format_duration",
     "format_size",
-    "open_config",
     "parse_address",
     "parse_duration",
     "parse_size",
     "read_backoff",
+    "read_drain_grace",
     "read_limits",
     "read_log_level",
     "read_tls",
@@ -57,12 +59,10 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
 
 # Stream targets that are not TCP services: no service may take these names.
 RESERVED_SERVICE_NAMES = frozenset({"dicom"})
-
-# A config file is a few kilobytes; refuse to parse anything absurd.
-MAX_CONFIG_BYTES = 1 * MiB
 
 
 class ConfigError(Exception):
@@ -126,14 +126,6 @@ def parse_size(value: object) -> int:
         if m and m.group(2).lower() in _SIZE_UNITS:
             return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
     raise ValueError(f"expected a size (65536, 64KiB, 1MiB), got {_show(value)}")
-
-
-def format_size(size: int) -> str:
-    """The shortest exact spelling of `size` that `parse_size` reads back."""
-    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -300,14 +292,6 @@ def check_ae_title(value: object) -> str:
 # --------------------------------------------------------------------------- shared sections
 
 
-class FieldError(ValueError):
-    """An invariant of a config dataclass failed; `field` is its YAML key in that section."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files of one TLS endpoint: its certificate, its key, and the site CA bundle."""
@@ -315,53 +299,6 @@ class TlsFiles:
     cert: Path
     key: Path
     ca: Path
-
-
-@dataclass(frozen=True)
-class TunnelLimits:
-    """Sizes and timers of a tunnel link (see relay/PROTOCOL.md); YAML `limits:`.
-
-    The windows should be at least the bandwidth-delay product of the slowest link that
-    must run at full speed: 1 MiB per stream covers 80 Mbit/s at 100 ms.
-    """
-
-    stream_window: int = 1 * MiB
-    link_window: int = 16 * MiB
-    max_frame: int = 64 * KiB
-    max_streams: int = 256
-    keepalive_interval: float = 15.0
-    keepalive_timeout: float = 45.0
-
-    def __post_init__(self) -> None:
-        for name in ("stream_window", "link_window"):
-            window = getattr(self, name)
-            if not 64 * KiB <= window <= 2**31 - 1:
-                raise FieldError(
-                    name, f"expected a size 64KiB-{2**31 - 1}, got {format_size(window)}"
-                )
-        if self.link_window < self.stream_window:
-            raise FieldError(
-                "link_window",
-                f"must be at least stream_window ({format_size(self.stream_window)}), "
-                f"got {format_size(self.link_window)}",
-            )
-        if not 16 * KiB <= self.max_frame <= 1 * MiB:
-            raise FieldError(
-                "max_frame", f"expected a size 16KiB-1MiB, got {format_size(self.max_frame)}"
-            )
-        if not 1 <= self.max_streams <= 65535:
-            raise FieldError("max_streams", f"expected an integer 1-65535, got {self.max_streams}")
-        if not 0 < self.keepalive_interval <= 86400:
-            raise FieldError(
-                "keepalive_interval",
-                f"expected a duration above 0 and up to 1d, got {self.keepalive_interval}",
-            )
-        if self.keepalive_timeout <= self.keepalive_interval:
-            raise FieldError(
-                "keepalive_timeout",
-                f"must be longer than keepalive_interval ({self.keepalive_interval}s), "
-                f"got {self.keepalive_timeout}s",
-            )
 
 
 @dataclass(frozen=True)
@@ -386,74 +323,10 @@ class Backoff:
             )
 
 
-# --------------------------------------------------------------------------- YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice is an error, not a silent
-    override (YAML merge keys `<<` still override as usual)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable key: SafeLoader reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_error(file: Path, exc: yaml.YAMLError) -> ConfigError:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    kind = (
-        "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
-    )
-    return ConfigError(file, None, f"{where}{kind}: {problem}")
-
-
 def _resolve(base_dir: Path, value: str) -> Path:
     """`value` relative to `base_dir`; `..` folded lexically, symlinks kept (so that a
     reload follows a Kubernetes secret whose symlink was swapped)."""
     return Path(os.path.abspath(base_dir / Path(value).expanduser()))
-
-
-def open_config(path: str | os.PathLike[str]) -> Reader:
-    """Read and parse one config file; its top level must be a mapping."""
-    file = Path(path)
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(file, None, f"cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(file, None, f"larger than {format_size(MAX_CONFIG_BYTES)}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start})") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(file, exc) from None
-    if data is None:
-        raise ConfigError(file, None, "the file is empty; expected a mapping of keys")
-    if not isinstance(data, dict):
-        raise ConfigError(file, None, f"the top level must be a mapping of keys, got {_show(data)}")
-    base_dir = Path(os.path.abspath(file)).parent
-    return Reader(data, file=file, base_dir=base_dir)
 
 
 # --------------------------------------------------------------------------- reader
@@ -492,6 +365,19 @@ class Reader:
                 raise self.error(None, f"keys must be text, got {_show(k)} (quote it)")
         self._used: set[str] = set()
         self._children: list[Reader] = []
+
+    @classmethod
+    def document(cls, data: object, file: str | os.PathLike[str]) -> Reader:
+        """The top level of a parsed config file (it must be a mapping of keys); relative
+        paths in it are relative to the file's directory."""
+        path = Path(file)
+        if data is None:
+            raise ConfigError(path, None, "the file is empty; expected a mapping of keys")
+        if not isinstance(data, dict):
+            raise ConfigError(
+                path, None, f"the top level must be a mapping of keys, got {_show(data)}"
+            )
+        return cls(data, file=path, base_dir=Path(os.path.abspath(path)).parent)
 
     # -- naming and errors
 
@@ -734,16 +620,17 @@ def read_tls(r: Reader, name: str = "tls") -> TlsFiles:
     )
 
 
-def read_limits(r: Reader) -> TunnelLimits:
-    """`limits:`, every sub-key optional."""
+def read_limits(r: Reader) -> LinkSettings:
+    """`limits:`, every sub-key optional; bounds are LinkSettings' own."""
     s = r.section("limits")
-    d = TunnelLimits()
+    d = LinkSettings()
+    low, high = MAX_STREAMS_RANGE
     return s.build(
-        TunnelLimits,
+        LinkSettings,
         stream_window=s.size("stream_window", d.stream_window),
         link_window=s.size("link_window", d.link_window),
         max_frame=s.size("max_frame", d.max_frame),
-        max_streams=s.integer("max_streams", d.max_streams, lo=1, hi=65535),
+        max_streams=s.integer("max_streams", d.max_streams, lo=low, hi=high),
         keepalive_interval=s.duration("keepalive_interval", d.keepalive_interval),
         keepalive_timeout=s.duration("keepalive_timeout", d.keepalive_timeout),
     )
@@ -760,6 +647,14 @@ def read_backoff(r: Reader) -> Backoff:
     )
 
 
+MAX_DRAIN_GRACE = 3600.0
+
+
+def read_drain_grace(r: Reader, default: float) -> float:
+    """`drain_grace:` how long a stopping role lets open streams finish (0s-1h)."""
+    return r.duration("drain_grace", default, hi=MAX_DRAIN_GRACE)
+
+
 def read_log_level(r: Reader) -> str:
     """`log_level:` debug | info | warning | error (default info)."""
-    return r.choice("log_level", LOG_LEVELS, "info")
+    return r.choice("log_level", LOG_LEVELS, DEFAULT_LOG_LEVEL)

@@ -13,7 +13,6 @@ changed so the caller can log that they need a restart. Results are counted in
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from relay.ops import logs
 from relay.trust.identity import Identity, IdentityError, identity_from_certificate
 from relay.trust.pki import PkiError, load_certs, trust_domain_of_ca
 
@@ -141,6 +141,4 @@ def keep_restart_only(running: T, new: T, keys: Sequence[str]) -> tuple[T, list[
 
 def set_log_level(level: str) -> None:
     """Apply a reloaded `log_level` the way relay.ops.logs.setup_logging does at start-up."""
-    root = logging.getLogger()
-    root.setLevel(level.upper())
-    logging.getLogger("pynetdicom").setLevel(max(logging.INFO, root.level))
+    logs.set_level(level)

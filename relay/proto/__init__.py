@@ -20,7 +20,8 @@ from relay.proto.events import (
     StreamReset,
 )
 from relay.proto.frames import VERSION
-from relay.proto.mux import Connection, LinkSettings
+from relay.proto.mux import Connection
+from relay.proto.settings import FieldError, LinkSettings
 
 __all__ = [
     "VERSION",
@@ -31,6 +32,7 @@ __all__ = [
     "DataReceived",
     "ErrorCode",
     "Event",
+    "FieldError",
     "FlowControlError",
     "GoAwayReceived",
     "LinkClosedError",

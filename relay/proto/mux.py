@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from relay.proto import frames as fr
 from relay.proto.errors import (
@@ -38,31 +37,9 @@ from relay.proto.events import (
 )
 from relay.proto.flow import ReceiveWindow, SendWindow
 from relay.proto.frames import Flags, FrameType, Setting
+from relay.proto.settings import LinkSettings
 
-
-@dataclass(frozen=True, slots=True)
-class LinkSettings:
-    """What this side announces and enforces. Windows should cover the bandwidth-delay
-    product of the path (100 Mbit/s at 40 ms is 500 KB), or throughput is capped."""
-
-    stream_window: int = 1024 * 1024
-    link_window: int = 16 * 1024 * 1024
-    max_frame: int = 64 * 1024
-    max_streams: int = 256
-    keepalive_interval: float = 15.0
-    keepalive_timeout: float = 45.0
-
-    def __post_init__(self) -> None:
-        if not fr.MIN_MAX_FRAME <= self.max_frame <= fr.MAX_MAX_FRAME:
-            raise ValueError(f"max_frame must be {fr.MIN_MAX_FRAME}..{fr.MAX_MAX_FRAME}")
-        if not fr.DEFAULT_STREAM_WINDOW <= self.stream_window <= fr.MAX_WINDOW:
-            raise ValueError(f"stream_window must be {fr.DEFAULT_STREAM_WINDOW}..{fr.MAX_WINDOW}")
-        if not max(fr.DEFAULT_LINK_WINDOW, self.stream_window) <= self.link_window <= fr.MAX_WINDOW:
-            raise ValueError("link_window must be at least stream_window and 64 KiB")
-        if not 1 <= self.max_streams <= 65535:
-            raise ValueError("max_streams must be 1..65535")
-        if not 0 < self.keepalive_interval < self.keepalive_timeout:
-            raise ValueError("keepalive_interval must be positive and below keepalive_timeout")
+__all__ = ["Connection", "LinkSettings"]
 
 
 class _Stream:

@@ -35,14 +35,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from relay.net.aio import Link
-from relay.net.bytestream import StreamReset
-from relay.net.jsonframes import MessageError, read_message, write_message
-from relay.net.tls import ALPN_ENROLL, classify_handshake_error
+from relay.net.bytestream import StreamResetError
+from relay.net.jsonframes import MessageError, read_json, write_json
+from relay.net.tls import classify_handshake_error
 from relay.ops.config import check_name
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode, encode_secret, parse_code
 from relay.trust.identity import Identity, IdentityError, identity_from_certificate
+from relay.wire import ALPN_ENROLL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -192,7 +193,7 @@ def _closed_error(code: EnrollmentCode) -> EnrollError:
     )
 
 
-def _stream_error(exc: StreamReset, code: EnrollmentCode) -> EnrollError:
+def _stream_error(exc: StreamResetError, code: EnrollmentCode) -> EnrollError:
     if exc.code == ErrorCode.NO_ROUTE:
         return EnrollError(
             f"the gateway {code.gateway} has no link to the agent of site {code.site!r} "
@@ -240,7 +241,7 @@ async def enroll(
         raise EnrollError(
             f"no answer from the gateway {parsed.gateway} within {timeout:g} s"
         ) from None
-    except StreamReset as exc:
+    except StreamResetError as exc:
         if link is not None and link.closed.done() and exc.code == ErrorCode.INTERNAL_ERROR:
             raise _closed_error(parsed) from None
         raise _stream_error(exc, parsed) from None
@@ -264,9 +265,9 @@ async def _exchange(
     out_dir: Path,
     now: Callable[[], datetime],
 ) -> Path:
-    stream = link.open_stream({"target": "enroll", "site": code.site})
+    stream = link.open_stream({HEADER_TARGET: TARGET_ENROLL, HEADER_SITE: code.site})
     try:
-        hello = await read_message(stream, limit=MAX_RESPONSE)
+        hello = await read_json(stream, limit=MAX_RESPONSE)
     except MessageError as exc:
         if link.conn.terminated is not None or link.closed.done():
             raise _closed_error(code) from None
@@ -279,7 +280,7 @@ async def _exchange(
         raise EnrollError(f"cannot form this device's identity: {exc}") from None
     key = pki.generate_key()
     csr = pki.make_csr(key, identity)
-    await write_message(
+    await write_json(
         stream,
         {
             "v": PROTOCOL_VERSION,
@@ -290,7 +291,7 @@ async def _exchange(
         },
     )
     try:
-        answer = await read_message(stream, limit=MAX_RESPONSE)
+        answer = await read_json(stream, limit=MAX_RESPONSE)
     except MessageError as exc:
         raise EnrollError(f"the site did not answer properly: {exc}") from None
     status = answer.get("status")

@@ -31,34 +31,29 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay.net.bytestream import ByteStream, StreamReset
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_message, write_message
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.jsonframes import MessageError, read_json, write_json
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 from relay.trust import pki
 from relay.trust.identity import (
     Identity,
     IdentityError,
     identity_from_certificate,
-    parse_spiffe_uri,
 )
-
-if TYPE_CHECKING:
-    from relay.agent.audit import AuditLog
-    from relay.agent.registry import Registry
+from relay.wire import HEADER_TARGET, TARGET_RENEW
 
 __all__ = [
-    "RENEW_TARGET",
+    "TARGET_RENEW",
     "OpenStream",
-    "RenewOutcome",
     "RenewalError",
     "complete_pending_renewal",
     "install",
@@ -66,13 +61,10 @@ __all__ = [
     "renew",
     "renewal_due",
     "renewal_loop",
-    "serve_renew_stream",
 ]
 
 log = logging.getLogger(__name__)
 
-RENEW_TARGET: Final = "renew"
-HEADER_DEVICE: Final = "x-relay-device"
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
 MAX_RESPONSE: Final = 64 * 1024
@@ -212,7 +204,7 @@ async def renew(
 ) -> bool:
     """Renew the certificate in `identity_dir` if it is due (or `force`); True if renewed.
 
-    Raises RenewalError (refused, bad answer, files), StreamReset, LinkClosedError or
+    Raises RenewalError (refused, bad answer, files), StreamResetError, LinkClosedError or
     StreamStateError (the link failed or is full: retry later). The files are untouched
     unless it succeeds.
     """
@@ -223,17 +215,17 @@ async def renew(
         return False
     key = pki.generate_key()
     csr = pki.make_csr(key, current.identity)
-    stream = open_stream({"target": RENEW_TARGET})
+    stream = open_stream({HEADER_TARGET: TARGET_RENEW})
     try:
         async with asyncio.timeout(timeout):
-            await write_message(
+            await write_json(
                 stream,
                 {
                     "v": PROTOCOL_VERSION,
                     "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
                 },
             )
-            answer = await read_message(stream, limit=MAX_RESPONSE)
+            answer = await read_json(stream, limit=MAX_RESPONSE)
             await stream.write_eof()  # both directions closed: the link forgets the stream
     except TimeoutError:
         stream.reset(ErrorCode.CANCEL)
@@ -335,149 +327,9 @@ async def renewal_loop(
             continue
         try:
             await renew(opener, identity_dir, now=now, force=True)
-        except (RenewalError, StreamReset, LinkClosedError, StreamStateError, OSError) as exc:
+        except (RenewalError, StreamResetError, LinkClosedError, StreamStateError, OSError) as exc:
             report(str(exc))
             await sleep(backoff)
             continue
         if on_renewed is not None:
             on_renewed()
-
-
-# --- agent side -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RenewOutcome:
-    """How a renewal request ended (`result` is a short stable code, for metrics)."""
-
-    result: str  # ok, not_device, revoked, wrong_identity, bad_csr, oversized, malformed, ...
-    message: str
-    device: str | None = None
-    serial: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.result == "ok"
-
-
-async def serve_renew_stream(
-    stream: ByteStream,
-    *,
-    registry: Registry,
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    site: str,
-    lifetime: timedelta,
-    audit: AuditLog,
-    now: Callable[[], datetime],
-    timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
-) -> RenewOutcome:
-    """Serve one renewal stream; never raises for anything the device does."""
-    from relay.agent.audit import Outcome
-    from relay.agent.enrollment import RequestRefused, csr_identity_uri, load_csr, sign_device
-    from relay.agent.registry import RegistryError, serial_hex
-
-    device_uri = stream.headers.get(HEADER_DEVICE, "")
-    try:
-        async with asyncio.timeout(timeout):
-            identity = _vouched_device(device_uri, ca_cert, site)
-            if await asyncio.to_thread(registry.is_revoked, identity.name):
-                raise RequestRefused("revoked", "this device is revoked")
-            try:
-                request = await read_message(stream, limit=MAX_REQUEST)
-            except MessageTooLarge as exc:
-                raise RequestRefused(
-                    "oversized", f"the request is larger than {exc.limit} bytes"
-                ) from None
-            except MessageError as exc:
-                raise RequestRefused("malformed", f"malformed request: {exc}") from None
-            if request.get("v") != PROTOCOL_VERSION:
-                raise RequestRefused("malformed", "unsupported renewal request version")
-            csr, public_key = load_csr(request.get("csr_pem"))
-            asked = csr_identity_uri(csr)
-            if asked != identity.uri:
-                raise RequestRefused(
-                    "wrong_identity",
-                    f"the CSR asks for another identity ({asked or 'none'}, this link is "
-                    f"{identity.uri})",
-                )
-            issued_at = now()
-            cert = sign_device(
-                ca_key, ca_cert, public_key, identity, lifetime=lifetime, now=issued_at
-            )
-            serial = serial_hex(cert.serial_number)
-            await asyncio.to_thread(
-                registry.record_certificate,
-                identity.name,
-                serial,
-                cert.not_valid_before_utc,
-                cert.not_valid_after_utc,
-                issued_at,
-            )
-            audit.renewal(
-                now=issued_at,
-                device=identity.uri,
-                outcome=Outcome.SUCCESS,
-                description="certificate renewed",
-                serial=serial,
-                not_after=cert.not_valid_after_utc,
-            )
-            await write_message(
-                stream,
-                {
-                    "v": PROTOCOL_VERSION,
-                    "status": "ok",
-                    "cert_pem": cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-                    "ca_pem": ca_cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-                },
-            )
-            await stream.write_eof()
-            return RenewOutcome("ok", "renewed", identity.uri, serial)
-    except RequestRefused as refusal:
-        result, message, answer, severe = refusal.result, refusal.message, True, False
-    except TimeoutError:
-        result, message, answer, severe = "timeout", "the renewal took too long", False, False
-    except StreamReset:
-        result, message, answer, severe = "aborted", "the device aborted the renewal", False, False
-    except (RegistryError, pki.PkiError) as exc:
-        log.error("renewal failed", extra={"error": str(exc)})
-        result, message, answer, severe = (
-            "internal",
-            "the agent could not renew the certificate; it will be retried",
-            True,
-            True,
-        )
-    audit.renewal(
-        now=now(),
-        device=device_uri or "unknown",
-        outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
-        description=f"{result}: {message}",
-    )
-    log.warning("renewal refused", extra={"result": result, "device": device_uri})
-    if answer:
-        try:
-            async with asyncio.timeout(5.0):
-                await write_message(
-                    stream, {"v": PROTOCOL_VERSION, "status": "refused", "reason": message}
-                )
-                await stream.write_eof()
-        except (StreamReset, TimeoutError, OSError):
-            pass
-    else:
-        stream.reset(ErrorCode.CANCEL)
-    return RenewOutcome(result, message, device_uri or None)
-
-
-def _vouched_device(device_uri: str, ca_cert: x509.Certificate, site: str) -> Identity:
-    from relay.agent.enrollment import RequestRefused
-
-    if not device_uri:
-        raise RequestRefused("not_device", "renewal is only available on a device's own link")
-    try:
-        identity = parse_spiffe_uri(device_uri)
-        trust_domain = pki.trust_domain_of_ca(ca_cert)
-    except (IdentityError, pki.PkiError) as exc:
-        raise RequestRefused("not_device", f"unusable device identity: {exc}") from None
-    if identity.role != "device" or identity.trust_domain != trust_domain or identity.site != site:
-        raise RequestRefused("not_device", f"{device_uri} is not a device of this site")
-    return identity

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from relay.trust.identity import IdentityError, parse_spiffe_uri
+from relay.wire import KIND_ENROLL_RESULT, KIND_REFUSAL, KIND_REVOKE
 
 __all__ = [
     "ENROLL_RESULTS",
@@ -58,9 +59,6 @@ __all__ = [
     "encode_revocations",
 ]
 
-KIND_REVOKE: Final = "revoke"
-KIND_REFUSAL: Final = "refusal"
-KIND_ENROLL_RESULT: Final = "enroll-result"
 VERSION: Final = 1
 #: Largest body we produce or accept: fits the protocol's minimum MAX_FRAME (16 KiB)
 #: with the frame header and the kind, so it can be sent before the peer's SETTINGS.

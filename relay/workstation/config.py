@@ -9,27 +9,30 @@ from pathlib import Path
 from types import MappingProxyType
 
 from relay.ops.config import (
+    DEFAULT_LOG_LEVEL,
     RESERVED_SERVICE_NAMES,
     Address,
     Backoff,
     ConfigError,
+    LinkSettings,
     Reader,
     TlsFiles,
-    TunnelLimits,
     check_ae_title,
     check_name,
-    open_config,
     parse_address,
     read_backoff,
+    read_drain_grace,
     read_limits,
     read_log_level,
 )
+from relay.ops.configfile import load_config
 
 __all__ = [
     "IDENTITY_FILES",
     "DicomNodeConfig",
     "WorkstationConfig",
     "load_workstation_config",
+    "read_workstation_config",
 ]
 
 # What `relay enroll` and `relay pki issue` write into the identity directory.
@@ -67,10 +70,10 @@ class WorkstationConfig:
     metrics_listen: Address | None
     dicom: DicomNodeConfig | None
     forward: Mapping[Address, str] = field(default_factory=lambda: MappingProxyType({}))
-    limits: TunnelLimits = field(default_factory=TunnelLimits)
+    limits: LinkSettings = field(default_factory=LinkSettings)
     reconnect: Backoff = field(default_factory=Backoff)
     drain_grace: float = 30.0
-    log_level: str = "info"
+    log_level: str = DEFAULT_LOG_LEVEL
 
     def identity_files(self) -> TlsFiles:
         """The device's certificate, key and the pinned site CA in `identity_dir`."""
@@ -101,7 +104,7 @@ def _read_dicom(r: Reader) -> DicomNodeConfig | None:
     if s is None:
         return None
     listen = _check_loopback(s, "listen", s.address("listen", listen=True))
-    ae_title = s.text("ae_title", "RELAY", check=check_ae_title)
+    ae_title = s.text("ae_title", DicomNodeConfig.ae_title, check=check_ae_title)
     d = s.section("destinations")
     destinations: dict[str, Address] = {}
     for title in d.present_keys():
@@ -148,11 +151,15 @@ def _check_listeners_distinct(r: Reader, config: WorkstationConfig) -> None:
 
 def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
     """Load and check a workstation config file; raises relay.ops.config.ConfigError."""
-    r = open_config(path)
+    return load_config(path, read_workstation_config)
+
+
+def read_workstation_config(r: Reader) -> WorkstationConfig:
+    """The workstation's schema, applied to a parsed config file."""
     gateway = r.address("gateway")
     identity_dir = _read_identity_dir(r)
     config = WorkstationConfig(
-        path=Path(os.path.abspath(path)),
+        path=Path(os.path.abspath(r.file)),
         gateway=gateway,
         identity_dir=identity_dir,
         metrics_listen=r.optional_address("metrics_listen", listen=True),
@@ -160,9 +167,8 @@ def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
         forward=_read_forward(r),
         limits=read_limits(r),
         reconnect=read_backoff(r),
-        drain_grace=r.duration("drain_grace", 30.0, hi=3600.0),
+        drain_grace=read_drain_grace(r, WorkstationConfig.drain_grace),
         log_level=read_log_level(r),
     )
-    r.done()
     _check_listeners_distinct(r, config)
     return config

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from relay.net.compression import CODEC_HEADER, CODEC_ZSTD, CodecStats, CodecStream
+from relay.net.compression import CodecStats, CodecStream
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.config import Address
 from relay.ops.listening import announce
 from relay.ops.tasks import drain_tasks
+from relay.wire import CODEC_ZSTD, HEADER_CODEC, HEADER_TARGET, tcp_target
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
 
 __all__ = ["MAX_CONNECTIONS", "ForwardListenError", "ForwardStats", "Forwarder"]
@@ -127,7 +128,7 @@ class Forwarder:
     ) -> None:
         tune_socket(writer)
         self.stats.connections[service] += 1
-        headers = {"target": f"tcp:{service}", CODEC_HEADER: CODEC_ZSTD}
+        headers = {HEADER_TARGET: tcp_target(service), HEADER_CODEC: CODEC_ZSTD}
         try:
             stream = await self.tunnel.open_stream(headers, timeout=self.open_timeout)
         except TunnelUnavailable as exc:

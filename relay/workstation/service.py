@@ -27,10 +27,9 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from relay.net.aio import link_settings
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
-from relay.net.tls import ALPN_DEVICE, TlsConfigError, client_context
+from relay.net.tls import TlsConfigError, client_context
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -47,6 +46,7 @@ from relay.proto import ErrorCode
 from relay.trust.identity import identity_from_certificate
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.renewal import OpenStream, complete_pending_renewal, renewal_loop
+from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
@@ -79,7 +79,7 @@ class Workstation:
         self.kept = KeptLink(
             config.gateway,
             self.ctx,
-            link_settings(config.limits),
+            config.limits,
             alpn=ALPN_DEVICE,
             name=f"gateway {config.gateway}",
             backoff=ExponentialBackoff.from_config(config.reconnect, rng=rng),
@@ -176,7 +176,6 @@ class Workstation:
                 name=self.identity.name,
             )
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-            settings = link_settings(new.limits)
         except (ConfigError, ReloadError, TlsConfigError, PkiError, OSError, ValueError) as exc:
             self.reloads.record(False)
             log.error(
@@ -186,7 +185,7 @@ class Workstation:
             return False
         old, self.config = self.config, new
         self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
-        self.kept.settings = settings
+        self.kept.settings = new.limits
         if new.reconnect != old.reconnect:
             self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
         if new.log_level != old.log_level:

@@ -21,7 +21,7 @@ from typing import Final
 
 from relay.net.aio import Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
-from relay.net.bytestream import StreamReset
+from relay.net.bytestream import StreamResetError
 from relay.net.dialer import KeptLink
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 
@@ -178,7 +178,7 @@ class RoutedStream:
             stream, generation = self._stream, self._generation
             try:
                 data = await stream.read(max_bytes)
-            except StreamReset as exc:
+            except StreamResetError as exc:
                 if await self._reroute(exc, generation):
                     continue
                 raise
@@ -190,7 +190,7 @@ class RoutedStream:
         stream, generation = self._stream, self._generation
         try:
             await stream.write(data)
-        except StreamReset as exc:
+        except StreamResetError as exc:
             if recorded and await self._reroute(exc, generation):
                 return  # the replay on the new stream included `data`
             raise
@@ -200,7 +200,7 @@ class RoutedStream:
         stream, generation = self._stream, self._generation
         try:
             await stream.write_eof()
-        except StreamReset as exc:
+        except StreamResetError as exc:
             if await self._reroute(exc, generation):
                 return  # the replay ended with the EOF
             raise
@@ -213,7 +213,7 @@ class RoutedStream:
         """Return the credit of unread data (the caller is done reading)."""
         self._stream.release()
 
-    async def _reroute(self, exc: StreamReset, generation: int) -> bool:
+    async def _reroute(self, exc: StreamResetError, generation: int) -> bool:
         """After a retryable reset of attempt `generation`: True once a newer attempt
         carries everything written so far; False if the reset must reach the caller."""
         if exc.code not in RETRY_CODES:
@@ -240,7 +240,7 @@ class RoutedStream:
                         await stream.write(chunk)
                     if self._eof_written:
                         await stream.write_eof()
-                except StreamReset as again:
+                except StreamResetError as again:
                     if again.code in RETRY_CODES:
                         continue
                     self._stream = stream

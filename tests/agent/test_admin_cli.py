@@ -9,14 +9,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pki_helpers import SitePki, make_pki
 
 from relay.agent.admin_cli import device_list, device_revoke, token_create
 from relay.agent.audit import AUDIT_FILE, read_events
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.ops.config import Address
 from relay.trust import pki
 from relay.trust.codes import parse_code
+from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -54,7 +54,7 @@ def test_token_create_prints_the_code_alone(
     assert code.ca_fingerprint == pki.ca_fingerprint(site.ca_cert)
     assert (code.site, code.device) == ("main", "ws1")
     assert "ws1" in err and "2030-01-01T14:00:00" in err
-    with Registry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
         assert registry.redeem_token(code.token_id, code.secret, "ws1", T0).ok
     (event,) = read_events(config.parent / "state" / AUDIT_FILE)
     assert event["kind"] == "token_created"
@@ -110,7 +110,7 @@ def test_list_and_revoke(setup: tuple[Path, SitePki], capsys: pytest.CaptureFixt
     out = io.StringIO()
     assert device_list(config, out=out) == 0
     assert "no devices yet" in out.getvalue()
-    with Registry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
         registry.record_certificate("ws1", 0xBEEF, T0, T0 + timedelta(days=30), T0)
         registry.touch("ws1", T0 + timedelta(hours=1))
         registry.record_certificate("ws2", 0xCAFE, T0, T0 + timedelta(days=1), T0)

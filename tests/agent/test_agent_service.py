@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -13,21 +14,22 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.config import AgentConfig
+from relay.agent.dispatch import TargetHandler
+from relay.agent.gateways import resolve_all
+from relay.agent.service import Agent, run_agent
+from relay.net.bytestream import StreamResetError
+from relay.proto import ErrorCode
+from tests.agent.test_dispatch import device_link, read_all
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     running_gateway,
     tcp_service,
     wait_until,
 )
-from pki_helpers import HOST, SitePki, make_pki, run
-from test_dispatch import device_link, read_all
-
-from relay.agent.config import AgentConfig
-from relay.agent.dispatch import TargetHandler
-from relay.agent.service import Agent, resolve_all, run_agent
-from relay.net.bytestream import StreamReset
-from relay.proto import ErrorCode
+from tests.pki_helpers import HOST, SitePki, make_pki, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,11 +81,11 @@ async def test_one_link_to_each_gateway(pki: SitePki, tmp_path: Path) -> None:
     ):
         config = agent_config(pki, tmp_path, [gw1.port, gw2.port], {})
         async with agent_running(config) as (agent, _, _):
-            await wait_until(lambda: agent.links_up == 2)
-            for gw in (gw1, gw2):
-                await wait_until(lambda gw=gw: len(gw.server.links.agents) == 1)
+            await wait_until(lambda: agent.gateways.up == 2)
+            for server in (gw1.server, gw2.server):
+                await wait_until(functools.partial(lambda s: len(s.links.agents) == 1, server))
                 # routed once its revocation snapshot arrived
-                await wait_until(lambda gw=gw: gw.server.router.sites() == ["main"])
+                await wait_until(functools.partial(lambda s: s.router.sites() == ["main"], server))
 
 
 async def test_links_follow_dns(pki: SitePki, tmp_path: Path) -> None:
@@ -105,22 +107,22 @@ async def test_links_follow_dns(pki: SitePki, tmp_path: Path) -> None:
     async with running_gateway(pki, tmp_path) as gw:
         config = agent_config(pki, tmp_path, [gw.port], {}, gateway_host="localhost")
         async with agent_running(config, resolver=resolver) as (agent, _, _):
-            await wait_until(lambda: agent.links_up == 1)
-            (first,) = agent.links.values()
+            await wait_until(lambda: agent.gateways.up == 1)
+            (first,) = agent.gateways.links.values()
             assert first.server_hostname == "localhost"  # the certificate name is checked
             answers["localhost"] = [HOST, "127.1"]
-            assert await agent.resolve()
-            await wait_until(lambda: agent.links_up == 2)
+            assert await agent.gateways.resolve()
+            await wait_until(lambda: agent.gateways.up == 2)
             await wait_until(lambda: len(gw.server.links.agents) == 2)
             answers["localhost"] = ["127.1"]
-            assert await agent.resolve()
-            assert first not in agent.links.values()
+            assert await agent.gateways.resolve()
+            assert first not in agent.gateways.links.values()
             await wait_until(lambda: len(gw.server.links.agents) == 1)
             assert not first.links  # the retired link was closed
             # DNS failing must not cut a working link.
             answers["localhost"] = []
-            assert not await agent.resolve()
-            assert agent.links_up == 1 and agent.resolve_failures == 1
+            assert not await agent.gateways.resolve()
+            assert agent.gateways.up == 1 and agent.gateways.resolve_failures == 1
 
 
 async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(
@@ -149,7 +151,7 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(
             (agent_link,) = gw.server.links.agents
             await wait_until(lambda: agent_link.conn.goaway_received)
             refused = device.open_stream({"target": "tcp:slow"})
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(refused.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
             assert not task.done()  # waiting for the stream in flight
@@ -176,7 +178,7 @@ async def test_drain_grace_cuts_streams_that_do_not_finish(pki: SitePki, tmp_pat
             await wait_until(lambda: svc.connections == 1)
             stop.set()
             await asyncio.wait_for(task, WAIT)
-            with pytest.raises(StreamReset):
+            with pytest.raises(StreamResetError):
                 await asyncio.wait_for(stream.read(), WAIT)
             device.close()
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pki_helpers import HOST, make_pki
 
 from relay.agent.audit import (
     AUDIT_FILE,
@@ -40,7 +39,9 @@ from relay.agent.syslog import (
     octet_frame,
     severity_for,
 )
-from relay.ops.config import Address, open_config
+from relay.ops.config import Address
+from relay.ops.configfile import open_config
+from tests.pki_helpers import HOST, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 AGENT = "spiffe://hospital.test/agent/main"

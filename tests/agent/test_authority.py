@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ends_helpers import running_gateway
-from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
@@ -39,6 +38,8 @@ from relay.trust.revocation import (
     decode_revocations,
     encode_refusal,
 )
+from tests.ends_helpers import running_gateway
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 WAIT = 10.0
 
@@ -113,8 +114,8 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
         tasks.append(asyncio.create_task(handler[stream.headers["target"]](stream)))
 
     async with running_gateway(site, tmp_path) as gateway:
-        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
-        async with link_to(gateway.port, agent_ctx, tls.ALPN_AGENT, on_stream=on_stream) as agent:
+        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
+        async with link_to(gateway.port, agent_ctx, wire.ALPN_AGENT, on_stream=on_stream) as agent:
             for body in authority.revocation_snapshot():  # as the agent does on link-up
                 agent.send_control("revoke", body)
             token_id, secret = authority.registry.create_token("ws1", timedelta(hours=1), utcnow())
@@ -131,7 +132,7 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
             first = pki.load_cert(out / "device.crt")
 
             device_ctx = tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
-            async with link_to(gateway.port, device_ctx, tls.ALPN_DEVICE) as device_link:
+            async with link_to(gateway.port, device_ctx, wire.ALPN_DEVICE) as device_link:
                 assert await renew(device_link.open_stream, out, now=utcnow, force=True)
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert [o.result for o in outcomes] == ["ok", "ok"]
@@ -169,7 +170,7 @@ async def test_enroll_result_is_reported_on_the_link(tmp_path: Path) -> None:
 def test_revocations_for_the_gateways(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     (tmp_path / "state").mkdir()
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("old", utcnow())
     authority = open_authority(site, tmp_path / "state")
     # A new link gets the full list; a gateway applies it for the agent's site.
@@ -183,7 +184,7 @@ def test_revocations_for_the_gateways(tmp_path: Path) -> None:
     assert gateway_view.is_revoked("spiffe://hospital.test/device/main/old")
     assert authority.poll_revocations() == []  # "old" predates the authority
 
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("ws1", utcnow())  # `relay device revoke ws1` in another process
     (body,) = authority.poll_revocations()
     update = decode_revocations(body)
@@ -202,7 +203,7 @@ async def test_push_loop_sends_new_revocations(tmp_path: Path) -> None:
     authority = open_authority(site, tmp_path / "state")
     sent: asyncio.Queue[list[bytes]] = asyncio.Queue()
     task = asyncio.create_task(authority.run_revocation_push(sent.put_nowait, interval=0.01))
-    with Registry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
         cli.revoke("ws9", utcnow())
     bodies = await asyncio.wait_for(sent.get(), WAIT)
     task.cancel()

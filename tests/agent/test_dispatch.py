@@ -16,7 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay import wire
+from relay.agent.config import AgentConfig, ServiceConfig
+from relay.agent.dispatch import TargetHandler
+from relay.agent.service import Agent, run_agent
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
+from relay.net.dialer import dial
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkSettings
+from tests.ends_helpers import (
     WAIT,
     GatewayHandle,
     TcpService,
@@ -25,18 +37,7 @@ from ends_helpers import (
     tcp_service,
     wait_until,
 )
-from pki_helpers import HOST, SitePki, make_pki
-
-from relay.agent.config import AgentConfig, ServiceConfig
-from relay.agent.dispatch import TargetHandler
-from relay.agent.service import Agent, run_agent
-from relay.net import tls
-from relay.net.aio import Link, Stream
-from relay.net.bytestream import ByteStream, StreamReset
-from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
-from relay.net.dialer import dial
-from relay.ops.config import Address
-from relay.proto import ErrorCode, LinkSettings
+from tests.pki_helpers import HOST, SitePki, make_pki
 from tests.ports import dead_port
 
 SETTINGS = LinkSettings()
@@ -58,9 +59,9 @@ class World:
 
 async def device_link(pki: SitePki, port: int, name: str = "ws1") -> Link:
     pair = pki.device(name)
-    ctx = tls.client_context(pair.cert, pair.key, pki.ca, alpn=tls.ALPN_DEVICE)
+    ctx = tls.client_context(pair.cert, pair.key, pki.ca, alpn=wire.ALPN_DEVICE)
     return await dial(
-        Address(HOST, port), ctx, SETTINGS, alpn=tls.ALPN_DEVICE, name=name, timeout=WAIT
+        Address(HOST, port), ctx, SETTINGS, alpn=wire.ALPN_DEVICE, name=name, timeout=WAIT
     )
 
 
@@ -107,7 +108,9 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
                 {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (dead, False)},
             )
             async with running_agent(config, {"dicom": dicom}) as agent:
-                await asyncio.wait_for(agent.links[next(iter(agent.links))].up.wait(), WAIT)
+                await asyncio.wait_for(
+                    agent.gateways.links[next(iter(agent.gateways.links))].up.wait(), WAIT
+                )
                 await wait_until(lambda: gw.server.router.sites() == ["main"])
                 device = await device_link(pki, gw.port)
                 yield World(pki, gw, agent, echo, device, seen)
@@ -122,7 +125,7 @@ async def read_all(stream: ByteStream) -> bytes:
 
 
 async def expect_reset(stream: Stream) -> int:
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         async with asyncio.timeout(WAIT):
             await stream.read()
     return info.value.code

@@ -16,17 +16,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from pki_helpers import SitePki, make_pki
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream, pipe
-from relay.net.jsonframes import encode_message, read_message, write_message
+from relay.net.jsonframes import encode_json, read_json, write_json
 from relay.trust import pki
 from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import ENROLL_RESULTS
+from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 WAIT = 10.0
@@ -43,7 +44,7 @@ class Clock:
 @dataclass
 class Agent:
     site: SitePki
-    registry: Registry
+    registry: DeviceRegistry
     audit: AuditLog
     clock: Clock = field(default_factory=Clock)
 
@@ -57,7 +58,7 @@ class Agent:
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
     site = make_pki(tmp_path / "pki")
-    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
         audit = AuditLog(
             tmp_path / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main", site="main"
         )
@@ -75,13 +76,15 @@ def csr_pem(key: Any, ident: Identity) -> str:
 async def serve(agent: Agent, stream: ByteStream, **kwargs: Any) -> EnrollOutcome:
     return await serve_enroll_stream(
         stream,
-        registry=agent.registry,
-        ca_key=agent.site.ca_key,
-        ca_cert=agent.site.ca_cert,
-        site="main",
-        lifetime=timedelta(days=30),
-        audit=agent.audit,
-        now=agent.clock,
+        Signer(
+            agent.registry,
+            agent.site.ca_key,
+            agent.site.ca_cert,
+            "main",
+            timedelta(days=30),
+            agent.audit,
+            agent.clock,
+        ),
         **kwargs,
     )
 
@@ -97,16 +100,16 @@ async def exchange(
     task = asyncio.create_task(serve(agent, agent_end, **kwargs))
     answer: dict[str, Any] | None = None
     async with asyncio.timeout(WAIT):
-        hello = await read_message(pc)
+        hello = await read_json(pc)
         assert (
             hello["ca_pem"] == agent.site.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
         )
         if isinstance(request, bytes):
             await pc.write(request)
         else:
-            await write_message(pc, request, limit=1 << 20)
+            await write_json(pc, request, limit=1 << 20)
         await pc.write_eof()
-        answer = await read_message(pc)
+        answer = await read_json(pc)
         assert await pc.read() == b""  # the agent closed its side
         outcome = await task
     return outcome, answer
@@ -291,7 +294,7 @@ async def test_refused_on_a_device_link(agent: Agent) -> None:
     pc, agent_end = pipe({"target": "enroll", "x-relay-device": identity("x").uri})
     outcome = await serve(agent, agent_end)
     assert outcome.result == "malformed"
-    answer = await read_message(pc)
+    answer = await read_json(pc)
     assert answer["status"] == "refused" and "device link" in str(answer["reason"])
     assert agent.registry.redeem_token(token[0], token[1], "ws1", T0).ok  # untouched
 
@@ -309,8 +312,8 @@ async def test_silent_pc_times_out(agent: Agent) -> None:
 async def test_pc_that_aborts(agent: Agent) -> None:
     pc, agent_end = pipe({"target": "enroll"})
     task = asyncio.create_task(serve(agent, agent_end))
-    await read_message(pc)
-    await pc.write(encode_message({"v": 1})[:3])
+    await read_json(pc)
+    await pc.write(encode_json({"v": 1})[:3])
     pc.reset(7)
     outcome = await asyncio.wait_for(task, WAIT)
     assert outcome.result == "aborted"

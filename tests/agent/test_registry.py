@@ -18,8 +18,8 @@ from relay.agent import registry as registry_module
 from relay.agent.registry import (
     MAX_TTL,
     REGISTRY_FILE,
+    DeviceRegistry,
     RedeemStatus,
-    Registry,
     RegistryError,
     RevocationWatcher,
     RevokeResult,
@@ -30,19 +30,19 @@ DAY = timedelta(days=1)
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    with Registry(tmp_path / REGISTRY_FILE, site="main") as r:
+def reg(tmp_path: Path) -> Iterator[DeviceRegistry]:
+    with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as r:
         yield r
 
 
-def test_file_is_private_and_in_wal_mode(tmp_path: Path, reg: Registry) -> None:
+def test_file_is_private_and_in_wal_mode(tmp_path: Path, reg: DeviceRegistry) -> None:
     mode = stat.S_IMODE(os.stat(tmp_path / REGISTRY_FILE).st_mode)
     assert mode == 0o600
     (journal,) = reg._db.execute("PRAGMA journal_mode").fetchone()
     assert journal == "wal"
 
 
-def test_token_redeemed_once(reg: Registry) -> None:
+def test_token_redeemed_once(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     first = reg.redeem_token(token_id, secret, "ws1", T0 + timedelta(minutes=5))
     assert first.ok and first.device == "ws1" and first.site == "main"
@@ -50,7 +50,7 @@ def test_token_redeemed_once(reg: Registry) -> None:
     assert again.status is RedeemStatus.REUSED
 
 
-def test_only_the_hash_is_stored(reg: Registry) -> None:
+def test_only_the_hash_is_stored(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     (stored,) = reg._db.execute(
         "SELECT secret_hash FROM tokens WHERE id = ?", (token_id,)
@@ -60,7 +60,7 @@ def test_only_the_hash_is_stored(reg: Registry) -> None:
     assert secret not in raw
 
 
-def test_unknown_and_forged(reg: Registry) -> None:
+def test_unknown_and_forged(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     assert reg.redeem_token("0" * 16, secret, "ws1", T0).status is RedeemStatus.UNKNOWN
     forged = reg.redeem_token(token_id, b"\x00" * 20, "ws1", T0)
@@ -69,7 +69,7 @@ def test_unknown_and_forged(reg: Registry) -> None:
     assert reg.redeem_token(token_id, secret, "ws1", T0).ok  # forgery did not burn it
 
 
-def test_expiry_boundary(reg: Registry) -> None:
+def test_expiry_boundary(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", timedelta(hours=1), T0)
     just_before = T0 + timedelta(hours=1) - timedelta(microseconds=1000)
     # Refusals do not consume the token, so the same token can probe both sides.
@@ -79,14 +79,14 @@ def test_expiry_boundary(reg: Registry) -> None:
     assert reg.redeem_token(token_id, secret, "ws1", just_before).ok
 
 
-def test_wrong_device_does_not_consume(reg: Registry) -> None:
+def test_wrong_device_does_not_consume(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     wrong = reg.redeem_token(token_id, secret, "ws2", T0)
     assert wrong.status is RedeemStatus.WRONG_DEVICE and wrong.device == "ws1"
     assert reg.redeem_token(token_id, secret, "ws1", T0).ok
 
 
-def test_ttl_limits_and_naive_times(reg: Registry) -> None:
+def test_ttl_limits_and_naive_times(reg: DeviceRegistry) -> None:
     with pytest.raises(RegistryError, match="lifetime"):
         reg.create_token("ws1", timedelta(0), T0)
     with pytest.raises(RegistryError, match="lifetime"):
@@ -97,7 +97,7 @@ def test_ttl_limits_and_naive_times(reg: Registry) -> None:
         reg.create_token("bad name", DAY, T0)
 
 
-def test_open_tokens_are_capped(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_tokens_are_capped(reg: DeviceRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry_module, "MAX_OPEN_TOKENS", 3)
     for i in range(3):
         reg.create_token(f"ws{i}", DAY, T0)
@@ -107,14 +107,14 @@ def test_open_tokens_are_capped(reg: Registry, monkeypatch: pytest.MonkeyPatch) 
     reg.create_token("ws9", DAY, T0 + 2 * DAY)
 
 
-def test_dead_tokens_are_pruned(reg: Registry) -> None:
+def test_dead_tokens_are_pruned(reg: DeviceRegistry) -> None:
     reg.create_token("ws1", timedelta(hours=1), T0)
     reg.create_token("ws2", DAY, T0 + 40 * DAY)
     (count,) = reg._db.execute("SELECT COUNT(*) FROM tokens").fetchone()
     assert count == 1
 
 
-def test_revocation(reg: Registry) -> None:
+def test_revocation(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     reg.record_certificate("ws1", 0xABC, T0, T0 + 30 * DAY, T0)
     assert reg.revoke("ws1", T0 + DAY) is RevokeResult.REVOKED
@@ -128,14 +128,14 @@ def test_revocation(reg: Registry) -> None:
         reg.create_token("ws1", DAY, T0)
 
 
-def test_token_of_a_device_revoked_meanwhile(reg: Registry) -> None:
+def test_token_of_a_device_revoked_meanwhile(reg: DeviceRegistry) -> None:
     token_id, secret = reg.create_token("ws1", DAY, T0)
     # Revoke through SQL (as an older version might): the check at redemption still holds.
     reg._db.execute("INSERT INTO devices (name, site, revoked_at) VALUES ('ws1', 'main', 1)")
     assert reg.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.REVOKED
 
 
-def test_certificates_and_listing(reg: Registry) -> None:
+def test_certificates_and_listing(reg: DeviceRegistry) -> None:
     reg.record_certificate("ws1", 0x10, T0, T0 + 30 * DAY, T0)
     reg.record_certificate("ws1", "0x0020", T0 + 20 * DAY, T0 + 50 * DAY, T0 + 20 * DAY)
     reg.touch("ws1", T0 + 21 * DAY)
@@ -149,7 +149,7 @@ def test_certificates_and_listing(reg: Registry) -> None:
     assert reg.get_device("nobody") is None
 
 
-def test_certificate_rows_are_bounded(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_certificate_rows_are_bounded(reg: DeviceRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry_module, "KEEP_CERTIFICATES", 3)
     for i in range(10):
         start = T0 + i * DAY
@@ -158,7 +158,7 @@ def test_certificate_rows_are_bounded(reg: Registry, monkeypatch: pytest.MonkeyP
     assert row is not None and row.certificates == 3 and row.serial == "a"
 
 
-def test_touch_is_throttled(reg: Registry) -> None:
+def test_touch_is_throttled(reg: DeviceRegistry) -> None:
     assert reg.touch("ws1", T0)
     assert not reg.touch("ws1", T0 + timedelta(seconds=30))
     assert reg.touch("ws1", T0 + timedelta(seconds=61))
@@ -168,10 +168,10 @@ def test_touch_is_throttled(reg: Registry) -> None:
 
 def test_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
-    with Registry(path, site="main") as first:
+    with DeviceRegistry(path, site="main") as first:
         token_id, secret = first.create_token("ws1", DAY, T0)
         first.revoke("old", T0)
-    with Registry(path, site="main") as second:
+    with DeviceRegistry(path, site="main") as second:
         assert second.redeem_token(token_id, secret, "ws1", T0).ok
         assert second.revoked_devices() == ["old"]
 
@@ -180,12 +180,12 @@ def test_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryError, match=str(path)):
-        Registry(path, site="main")
+        DeviceRegistry(path, site="main")
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
-    Registry(path, site="main").close()
+    DeviceRegistry(path, site="main").close()
     import sqlite3
 
     db = sqlite3.connect(path)
@@ -193,18 +193,18 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
     db.commit()
     db.close()
     with pytest.raises(RegistryError, match="newer"):
-        Registry(path, site="main")
+        DeviceRegistry(path, site="main")
 
 
 def test_concurrent_redemptions_only_one_wins(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
-    with Registry(path, site="main") as setup:
+    with DeviceRegistry(path, site="main") as setup:
         token_id, secret = setup.create_token("ws1", DAY, T0)
     results: list[RedeemStatus] = []
     barrier = threading.Barrier(8)
 
     def worker() -> None:
-        with Registry(path, site="main") as own:  # one connection each, like processes
+        with DeviceRegistry(path, site="main") as own:  # one connection each, like processes
             barrier.wait()
             results.append(own.redeem_token(token_id, secret, "ws1", T0).status)
 
@@ -219,10 +219,10 @@ def test_concurrent_redemptions_only_one_wins(tmp_path: Path) -> None:
 _WRITER = """
 import datetime as dt, sys
 from pathlib import Path
-from relay.agent.registry import Registry
+from relay.agent.registry import DeviceRegistry
 path, prefix, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 t0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-with Registry(path, site="main") as reg:
+with DeviceRegistry(path, site="main") as reg:
     for i in range(n):
         name = f"{prefix}{i}"
         tid, secret = reg.create_token(name, dt.timedelta(days=1), t0)
@@ -238,7 +238,7 @@ with Registry(path, site="main") as reg:
 def test_two_processes_and_this_one_write_at_once(tmp_path: Path) -> None:
     """The agent and the CLI write at the same time: nothing fails, nothing is lost."""
     path = tmp_path / REGISTRY_FILE
-    Registry(path, site="main").close()
+    DeviceRegistry(path, site="main").close()
     n = 60
     procs = [
         subprocess.Popen(
@@ -247,14 +247,14 @@ def test_two_processes_and_this_one_write_at_once(tmp_path: Path) -> None:
         )
         for prefix in ("a", "b")
     ]
-    with Registry(path, site="main") as local:
+    with DeviceRegistry(path, site="main") as local:
         for i in range(n):
             local.touch(f"c{i}", T0)
             local.revoke(f"r{i}", T0)
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
-    with Registry(path, site="main") as check:
+    with DeviceRegistry(path, site="main") as check:
         rows = {r.name: r for r in check.list_devices()}
         assert len(rows) == 4 * n
         assert all(rows[f"a{i}"].certificates == 1 for i in range(n))
@@ -264,7 +264,7 @@ def test_two_processes_and_this_one_write_at_once(tmp_path: Path) -> None:
 
 def test_watcher_sees_revocations_from_another_connection(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
-    with Registry(path, site="main") as agent, Registry(path, site="main") as cli:
+    with DeviceRegistry(path, site="main") as agent, DeviceRegistry(path, site="main") as cli:
         cli.revoke("early", T0)
         watcher = RevocationWatcher(agent)
         assert watcher.snapshot() == ["early"]

@@ -26,6 +26,7 @@ from typing import Any, Final, cast
 
 import uvloop
 
+from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.ops.runtime import run_loop
@@ -96,7 +97,7 @@ def settings(args: dict[str, Any]) -> LinkSettings:
 
 
 def client_ctx(args: dict[str, Any], role: str = "device") -> ssl.SSLContext:
-    alpn = tls.ALPN_AGENT if role == "agent" else tls.ALPN_DEVICE
+    alpn = wire.ALPN_AGENT if role == "agent" else wire.ALPN_DEVICE
     cert = args.get(f"{role}_cert")
     key = args.get(f"{role}_key")
     return tls.client_context(

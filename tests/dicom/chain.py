@@ -16,9 +16,9 @@ from relay.dicom.agent import OperationSummary, serve_dicom_stream
 from relay.dicom.codec import DicomLimits
 from relay.dicom.move_receiver import MoveReceiver
 from relay.dicom.node import DicomNode
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomCounters
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 
 
 class DroppingStream:
@@ -38,7 +38,7 @@ class DroppingStream:
         self.seen += len(data)
         if self.seen > self.limit:
             self.inner.reset(2)
-            raise StreamReset(2, "tunnel dropped (test)")
+            raise StreamResetError(2, "tunnel dropped (test)")
         return data
 
     async def write(self, data: bytes) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import socket
 
-from interop.harness.netns import NetNS
+from tests.interop.harness.netns import NetNS
 
 
 async def _splice(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -24,10 +24,11 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomCounters
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
+from relay.ops.config import Address
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ports import dead_port
@@ -184,7 +185,9 @@ async def test_get_of_an_unknown_study(pacs: EmbeddedPacs) -> None:
 
 async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
     agent = DicomAgent(
-        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", 0))
+        target(
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", 0)
+        )
     )
     await agent.start()
     try:
@@ -207,7 +210,9 @@ async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
 
 async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
     agent = DicomAgent(
-        target(pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=("127.0.0.1", 0))
+        target(
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", 0)
+        )
     )
     await agent.start()
     try:
@@ -447,5 +452,5 @@ async def test_reset_of_the_pump_side_is_handled(pacs: EmbeddedPacs) -> None:
     a.reset(7)
     summary = await asyncio.wait_for(server, 20)
     assert summary.status in (st.LINK_LOST, 0)
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await a.read()

@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from interop.harness import dcmtk
-from interop.harness.netns import NetNS
-from interop.harness.tools import require_root
 from pynetdicom.dsutils import split_dataset
 
 from relay.dicom import rawds
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from tests.interop.harness import dcmtk
+from tests.interop.harness.netns import NetNS
+from tests.interop.harness.tools import require_root
 from tests.ports import dead_port
 
 from .chain import Chain
@@ -116,7 +116,7 @@ async def test_echoscu(chain: Chain, pacs: EmbeddedPacs) -> None:
     ],
 )
 async def test_findscu_matches_a_direct_query(
-    chain: Chain, pacs: EmbeddedPacs, model: str, level: str, keys: dict[str, str]
+    chain: Chain, pacs: EmbeddedPacs, model: dcmtk.Model, level: dcmtk.Level, keys: dict[str, str]
 ) -> None:
     relayed = await asyncio.to_thread(
         dcmtk.findscu,
@@ -124,7 +124,7 @@ async def test_findscu_matches_a_direct_query(
         level,
         keys,
         model=model,
-        timeout=TOOL_TIMEOUT,  # type: ignore[arg-type]
+        timeout=TOOL_TIMEOUT,
     )
     straight = await asyncio.to_thread(
         dcmtk.findscu,
@@ -132,7 +132,7 @@ async def test_findscu_matches_a_direct_query(
         level,
         keys,
         model=model,
-        timeout=TOOL_TIMEOUT,  # type: ignore[arg-type]
+        timeout=TOOL_TIMEOUT,
     )
     assert relayed.status == straight.status == "Success"
     assert len(relayed.matches) == len(straight.matches) > 0
@@ -159,7 +159,7 @@ async def test_findscu_matches_a_direct_query(
 async def test_getscu_receives_the_pacs_bytes(
     chain: Chain,
     tmp_path: Path,
-    level: str,
+    level: dcmtk.Level,
     keys: dict[str, str],
     expected: list[samples.EncodedInstance],
 ) -> None:
@@ -168,7 +168,7 @@ async def test_getscu_receives_the_pacs_bytes(
         node_of(chain),
         tmp_path / "get",
         level,
-        keys,  # type: ignore[arg-type]
+        keys,
         extra_args=["+B"],
         timeout=TOOL_TIMEOUT,
     )

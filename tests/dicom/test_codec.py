@@ -33,7 +33,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.stats import DicomCounters
-from relay.net.bytestream import StreamReset, pipe
+from relay.net.bytestream import StreamResetError, pipe
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -358,7 +358,7 @@ async def test_oversized_prefix_is_refused_before_the_body_is_read() -> None:
 async def test_reset_passes_through() -> None:
     a, b = pipe()
     a.reset(3)
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await read_message(b, MessageCodec())
 
 

@@ -14,11 +14,11 @@ import threading
 import time
 
 import pytest
-from interop.harness import dcmtk
 
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, SyntheticStore
+from tests.interop.harness import dcmtk
 
 from .chain import Chain
 

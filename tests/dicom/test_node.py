@@ -17,7 +17,7 @@ from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import VERSION, DicomLimits
 from relay.dicom.node import DicomNode
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ports import dead_port

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from relay.dicom import status as st
 from relay.dicom.codec import (
@@ -53,7 +54,10 @@ def playing(*msgs: Message | bytes, close: bool = True) -> Script:
     return play
 
 
-async def with_agent(script: Script, call: Callable[[int], object], limit: float = 20) -> object:
+T = TypeVar("T")
+
+
+async def with_agent(script: Script, call: Callable[[int], T], limit: float = 20) -> T:
     """Run `call(port)` (a blocking viewer) against a node whose agent plays `script`."""
     requests: list[Request] = []
     tasks: set[asyncio.Task[None]] = set()
@@ -198,6 +202,6 @@ async def test_find_passes_matches_and_the_final_status() -> None:
     )
     matches, final = await with_agent(
         script, lambda port: viewer.find(port, query("STUDY", StudyInstanceUID=""))
-    )  # type: ignore[misc]
+    )
     assert [str(m.PatientName) for m in matches] == ["DOE^JANE"]
     assert final.Status == 0xC311 and final.ErrorComment == "PACS said no"

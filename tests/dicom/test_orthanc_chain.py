@@ -13,13 +13,14 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from interop.harness import Orthanc, dcmtk
 from pynetdicom.dsutils import split_dataset
 
 from relay.dicom import rawds
 from relay.dicom.agent import DicomAgent
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
+from relay.ops.config import Address
 from relay_dev import samples
+from tests.interop.harness import Orthanc, dcmtk
 
 from .chain import Chain
 from .forward import IntoNamespace, OutOfNamespace
@@ -112,7 +113,7 @@ async def test_retrieve_by_move_from_orthanc(orthanc: Orthanc, tmp_path: Path) -
             timeout=20,
             retrieve="move",
             move_ae_title="RELAYMOVE",
-            move_listen=("127.0.0.1", 0),
+            move_listen=Address("127.0.0.1", 0),
         )
         agent = DicomAgent(target)
         await agent.start()

@@ -30,7 +30,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.node import DicomNode
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay.net.bytestream import ByteStream, pipe
 from relay.proto.errors import ErrorCode
 from relay_dev import samples

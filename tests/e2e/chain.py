@@ -20,8 +20,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.ports` from scripts
-
 from tests.ports import Bound, await_listening, reserve, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,10 +27,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `chain` when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` when run as a script
 
-from chain import HOST, RELAY, ROOT, Proc, rss_kb
-
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, rss_kb
 from tests.ports import reserve
 
 WAIT = 45.0  # seconds for processes to come up
@@ -280,7 +279,7 @@ class DicomChain:
     @property
     def node(self) -> Any:
         """The workstation's local DICOM node, as the harness's DCMTK wrappers take it."""
-        from interop.harness import DicomNode
+        from tests.interop.harness import DicomNode
 
         return DicomNode(HOST, self.ports["dicom"], RELAY_AE, self.ns)
 
@@ -324,7 +323,7 @@ class DicomChain:
 
     def wait_ready(self, within: float = WAIT) -> float:
         """Until both ends are ready and a C-ECHO passes the chain; the seconds it took."""
-        from interop.harness import dcmtk
+        from tests.interop.harness import dcmtk
 
         start = time.monotonic()
         deadline = start + within

@@ -32,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from chain import HOST, RELAY, ROOT, Proc, relay_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.ops.config import Address
 from relay.trust.codes import EnrollmentCode, parse_code
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` when run as a script
+
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, relay_cli
 from tests.ports import reserve
 
 T = TypeVar("T")
@@ -480,7 +483,7 @@ def running_site(
 def _crafted(mode: str, code: str, out: str) -> int:
     """relay enroll with one piece replaced; see the module docstring."""
     import relay.trust.enroll
-    from relay.net.jsonframes import write_message
+    from relay.net.jsonframes import write_json
     from relay.trust import pki
     from relay.trust.identity import Identity
 
@@ -507,9 +510,9 @@ def _crafted(mode: str, code: str, out: str) -> int:
         async def padded(stream: Any, message: dict[str, object]) -> None:
             if "csr_pem" in message:
                 message = {**message, "padding": "x" * 20_000}
-            await write_message(stream, message, limit=1 << 20)  # past our own guard
+            await write_json(stream, message, limit=1 << 20)  # past our own guard
 
-        patch_enroll["write_message"] = padded
+        patch_enroll["write_json"] = padded
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return relay.trust.enroll.run_enroll(code, Path(out), timeout=20.0)

@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from pathlib import Path
 
-from chain import HOST, RELAY, ROOT, Proc, forward_hosts
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.net import tls
 from relay.trust import pki
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, forward_hosts
 from tests.ports import Bound, reserve
 
 __all__ = [

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chain import ROOT
-from dicom_chain import dataset_bytes
-from interop.harness import dcmtk, require_tools
 
 from relay_dev import demo
+from tests.e2e.chain import ROOT
+from tests.e2e.dicom_chain import dataset_bytes
+from tests.interop.harness import dcmtk, require_tools
 
 START_TIMEOUT = 90.0  # seconds until demo.json appears (PKI, three roles, the PACS, a C-ECHO)
 STOP_TIMEOUT = 40.0  # seconds for a clean stop: each role drains for at most 5 s

@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dicom_chain import (
+
+from relay_dev import samples
+from tests.e2e.dicom_chain import (
     HOST,
     PACS_AE,
     DicomChain,
@@ -29,9 +31,7 @@ from dicom_chain import (
     match_elements,
     running_dicom_chain,
 )
-from interop.harness import DicomNode, NetNS, dcmtk, require_tools
-
-from relay_dev import samples
+from tests.interop.harness import DicomNode, NetNS, dcmtk, require_tools
 
 pytestmark = pytest.mark.interop
 

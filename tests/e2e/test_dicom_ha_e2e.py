@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dicom_chain import (
+
+from relay.dicom import rawds
+from relay_dev import samples
+from tests.e2e.dicom_chain import (
     HOST,
     PACS_AE,
     DicomChain,
@@ -28,10 +31,7 @@ from dicom_chain import (
     PacsProcess,
     dataset_bytes,
 )
-from interop.harness import DicomNode, NetNS, dcmtk, require_tools
-
-from relay.dicom import rawds
-from relay_dev import samples
+from tests.interop.harness import DicomNode, NetNS, dcmtk, require_tools
 
 pytestmark = pytest.mark.interop
 
@@ -102,7 +102,7 @@ class HaChain(DicomChain):
         (self.tmp / "ws1.yaml").write_text(
             ws.replace(first, f"gateway: {HOST}:{self.ports['haproxy']}\n", 1)
         )
-        from chain import RELAY, Proc
+        from tests.e2e.chain import RELAY, Proc
 
         self.procs["gateway2"] = Proc(
             "gateway2",

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chain import HOST, RELAY, relay_cli
-from enroll_chain import (
+
+from relay.trust import pki
+from tests.e2e.chain import HOST, RELAY, relay_cli
+from tests.e2e.enroll_chain import (
     RATE_LIMITED,
     SITE,
     TRUST_DOMAIN,
@@ -45,8 +47,6 @@ from enroll_chain import (
     token_id,
     wait_for,
 )
-
-from relay.trust import pki
 
 REVOCATION_BOUND = 2.0  # seconds, from the issue
 RENEWAL_LIFETIME = "6s"  # renewed every ~4 s

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from chain import (
+
+from tests.e2e.chain import (
     HOST,
     Chain,
     echo_once,

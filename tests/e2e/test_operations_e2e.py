@@ -21,8 +21,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from interop.harness import require_tools
-from ops_chain import (
+
+from relay.trust import pki
+from tests.e2e.ops_chain import (
     DRAIN_GRACE,
     SITE,
     WAIT,
@@ -46,8 +47,7 @@ from ops_chain import (
     wait_for,
     written_files,
 )
-
-from relay.trust import pki
+from tests.interop.harness import require_tools
 
 MiB = 1 << 20
 SLACK = 3.0  # seconds a drain may take beyond its grace period (process exit, logging)

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import GatewayConfig, load_gateway_config
-from relay.ops.config import Address, ConfigError, TlsFiles, TunnelLimits
+from gateway.config import GatewayConfig
+from gateway.configfile import load_gateway_config
+from relay.ops.config import Address, ConfigError, LinkSettings, TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_FILES = ("ca.crt", "gateway.crt", "gateway.key")
@@ -55,7 +56,7 @@ def test_example_loads(tmp_path: Path) -> None:
     assert config.listen == Address("127.0.0.1", 8443)
     assert config.metrics_listen == Address("127.0.0.1", 9101)
     assert config.tls == TlsFiles(dev / "gateway.crt", dev / "gateway.key", dev / "ca.crt")
-    assert config.limits == TunnelLimits()
+    assert config.limits == LinkSettings()
     assert (config.drain_grace, config.handshake_timeout) == (30.0, 10.0)
     assert (config.max_links, config.log_level) == (10000, "info")
 
@@ -70,7 +71,7 @@ def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
     config = load_gateway_config(path)
     assert config.listen == Address("::1", 0)
     assert config.metrics_listen is None
-    assert config.limits == TunnelLimits()
+    assert config.limits == LinkSettings()
     assert (config.drain_grace, config.handshake_timeout, config.max_links) == (30.0, 10.0, 10000)
     assert config.log_level == "info"
 
@@ -87,7 +88,7 @@ def test_values_parse(tmp_path: Path) -> None:
     config = load_gateway_config(path)
     assert (config.drain_grace, config.handshake_timeout) == (120.0, 2.5)
     assert (config.max_links, config.log_level) == (50, "debug")
-    assert config.limits == TunnelLimits(
+    assert config.limits == LinkSettings(
         max_streams=1000, keepalive_interval=5.0, keepalive_timeout=20.0
     )
 
@@ -163,4 +164,8 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout.splitlines()
     assert out[0] == "[]"
-    assert out[1] == "['gateway', 'gateway.config', 'relay', 'relay.ops.config']"
+    # `limits:` is the protocol core's LinkSettings: the sans-I/O core comes along.
+    proto = ["relay.proto", *(f"relay.proto.{m}" for m in ("errors", "events", "flow", "frames"))]
+    proto += ["relay.proto.mux", "relay.proto.settings"]
+    expected = ["gateway", "gateway.config", "relay", "relay.ops", "relay.ops.config", *proto]
+    assert out[1] == str(sorted(expected))

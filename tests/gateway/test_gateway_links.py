@@ -10,25 +10,27 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from pki_helpers import HOST, Pair, SitePki, make_pki
 
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
+from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
-from relay.net.bytestream import StreamReset
-from relay.ops.config import Address, TlsFiles, TunnelLimits
+from relay.net.bytestream import StreamResetError
+from relay.ops.config import Address, TlsFiles
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import Identity
 from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
+from tests.pki_helpers import HOST, Pair, SitePki, make_pki
 
 WAIT = 10.0
 SETTINGS = LinkSettings()
@@ -59,7 +61,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         listen=Address(HOST, 0),
         metrics_listen=None,
         tls=TlsFiles(site_pki.gateway.cert, site_pki.gateway.key, site_pki.ca),
-        limits=TunnelLimits(),
+        limits=LinkSettings(),
         drain_grace=1.0,
         handshake_timeout=5.0,
     )
@@ -75,7 +77,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 
 async def echo(stream: Stream) -> None:
-    with contextlib.suppress(StreamReset):
+    with contextlib.suppress(StreamResetError):
         while data := await stream.read():
             await stream.write(data)
         await stream.write_eof()
@@ -103,7 +105,7 @@ async def connect(
         ssl=ctx,
         server_hostname=HOST,
     )
-    if alpn == tls.ALPN_AGENT and serve:
+    if alpn == wire.ALPN_AGENT and serve:
         announce(link)
     return link
 
@@ -145,9 +147,9 @@ async def roundtrip(link: Link, payload: bytes) -> bytes:
 
 
 async def test_device_stream_reaches_agent_of_its_site(world: World) -> None:
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
-    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     payload = os.urandom(3_000_000)
     got = await asyncio.wait_for(roundtrip(device, payload), WAIT)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
@@ -168,9 +170,9 @@ async def test_own_certificate_expiry_is_exported(world: World) -> None:
 
 
 async def test_twenty_concurrent_streams(world: World) -> None:
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
-    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     payloads = [os.urandom(200_000 + i) for i in range(20)]
     results = await asyncio.wait_for(
         asyncio.gather(*(roundtrip(device, p) for p in payloads)), WAIT
@@ -191,13 +193,20 @@ async def test_half_close_passes_through(world: World) -> None:
         await stream.write(late)
         await stream.write_eof()
 
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     agent_pair = world.pki.agent
-    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, tls.ALPN_AGENT)
+    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, wire.ALPN_AGENT)
     _, agent = await loop.create_connection(
         lambda: Link(
             client=True,
             settings=SETTINGS,
-            on_stream=lambda s: loop.create_task(reply_after_eof(s)) and None,
+            on_stream=lambda s: spawn(reply_after_eof(s)),
         ),
         HOST,
         world.port,
@@ -206,7 +215,7 @@ async def test_half_close_passes_through(world: World) -> None:
     )
     announce(agent)
     await wait_for_agents(world, "main")
-    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     stream = device.open_stream({"target": "tcp:x"})
     await stream.write(b"question")
     await stream.write_eof()
@@ -218,11 +227,11 @@ async def test_half_close_passes_through(world: World) -> None:
 
 async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Path) -> None:
     other = world.pki.issue("b-ws", Identity.device(world.pki.trust_domain, "siteb", "ws9"))
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
-    device_b = await connect(world, other, tls.ALPN_DEVICE)
+    device_b = await connect(world, other, wire.ALPN_DEVICE)
     stream = device_b.open_stream({"target": "tcp:echo"})
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
     assert (
@@ -244,7 +253,7 @@ async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> Non
         stream.reset(ErrorCode.CANCEL)
 
     agent_pair = world.pki.agent
-    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, tls.ALPN_AGENT)
+    ctx = tls.client_context(agent_pair.cert, agent_pair.key, world.pki.ca, wire.ALPN_AGENT)
     _, agent = await loop.create_connection(
         lambda: Link(client=True, settings=SETTINGS, on_stream=on_stream),
         HOST,
@@ -254,7 +263,7 @@ async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> Non
     )
     announce(agent)
     await wait_for_agents(world, "main")
-    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     device.open_stream({"target": "tcp:x", "x-relay-device": "spiffe://evil/device/main/boss"})
     headers = await asyncio.wait_for(seen, WAIT)
     assert headers["x-relay-device"] == "spiffe://hospital.test/device/main/ws1"
@@ -281,31 +290,31 @@ async def expect_refused(world: World, reason: str, link_factory: object) -> Non
 
 async def test_device_certificate_on_agent_endpoint_is_refused(world: World) -> None:
     await expect_refused(
-        world, "wrong_role", connect(world, world.pki.device("ws1"), tls.ALPN_AGENT)
+        world, "wrong_role", connect(world, world.pki.device("ws1"), wire.ALPN_AGENT)
     )
     assert world.server.router.agent_links() == []
 
 
 async def test_agent_certificate_on_device_endpoint_is_refused(world: World) -> None:
-    await expect_refused(world, "wrong_role", connect(world, world.pki.agent, tls.ALPN_DEVICE))
+    await expect_refused(world, "wrong_role", connect(world, world.pki.agent, wire.ALPN_DEVICE))
 
 
 async def test_expired_certificate_is_refused(world: World) -> None:
     expired = world.pki.device(
         "old", lifetime=timedelta(hours=1), not_before=datetime.now(UTC) - timedelta(days=2)
     )
-    await expect_refused(world, "expired", connect(world, expired, tls.ALPN_DEVICE))
+    await expect_refused(world, "expired", connect(world, expired, wire.ALPN_DEVICE))
 
 
 async def test_certificate_of_another_ca_is_refused(world: World, tmp_path: Path) -> None:
     stranger = make_pki(tmp_path / "other", trust_domain="hospital.test")
     pair = stranger.device("ws1")
     # The client trusts our gateway's CA but presents a certificate from another CA.
-    await expect_refused(world, "unknown_ca", connect(world, pair, tls.ALPN_DEVICE))
+    await expect_refused(world, "unknown_ca", connect(world, pair, wire.ALPN_DEVICE))
 
 
 async def test_no_certificate_is_refused(world: World) -> None:
-    await expect_refused(world, "no_certificate", connect(world, None, tls.ALPN_DEVICE))
+    await expect_refused(world, "no_certificate", connect(world, None, wire.ALPN_DEVICE))
 
 
 async def test_unknown_alpn_is_refused(world: World) -> None:
@@ -313,16 +322,16 @@ async def test_unknown_alpn_is_refused(world: World) -> None:
 
 
 async def test_agent_is_routed_to_only_after_its_revocation_snapshot(world: World) -> None:
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=False)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=False)
     agent.on_stream = lambda stream: stream.reset(ErrorCode.CANCEL)
-    device = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     # Both links are attached (routing would have been set up there, if it did not wait).
     await until(
         lambda: len(world.server.links.agents) == 1 and len(world.server.links.devices) == 1
     )
     assert world.server.router.agent_links("main") == []
     stream = device.open_stream({"target": "tcp:echo"})
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
     announce(agent)
@@ -336,11 +345,11 @@ async def test_revocation_closes_live_links_refuses_new_ones_and_is_reported(
 ) -> None:
     loop = asyncio.get_running_loop()
     reports: asyncio.Queue[bytes] = asyncio.Queue()
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     agent.on_control = lambda kind, body: reports.put_nowait(body) if kind == KIND_REFUSAL else None
     await wait_for_agents(world, "main")
-    victim = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
-    bystander = await connect(world, world.pki.device("ws2"), tls.ALPN_DEVICE)
+    victim = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
+    bystander = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
     assert await asyncio.wait_for(roundtrip(victim, b"before"), WAIT) == b"before"
 
     uri = Identity.device("hospital.test", "main", "ws1").uri
@@ -351,21 +360,23 @@ async def test_revocation_closes_live_links_refuses_new_ones_and_is_reported(
     assert closed is not None
     assert world.server.metrics.registry.get_sample_value("relay_revoked_devices") == 1.0
 
-    await expect_refused(world, "revoked", connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE))
+    await expect_refused(
+        world, "revoked", connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
+    )
     report = decode_refusal(await asyncio.wait_for(reports.get(), WAIT))
     assert (report.reason, report.identity) == ("revoked", uri)
     assert await asyncio.wait_for(roundtrip(bystander, b"still fine"), WAIT) == b"still fine"
 
     # A fresh snapshot without the device lets it in again (the agent's list is the truth).
     announce(agent, ())
-    again = await connect(world, world.pki.device("ws1"), tls.ALPN_DEVICE)
+    again = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
     assert await asyncio.wait_for(roundtrip(again, b"back"), WAIT) == b"back"
     for link in (again, bystander, agent):
         link.close()
 
 
 async def test_agent_revoking_another_sites_device_is_disconnected(world: World) -> None:
-    agent = await connect(world, world.pki.agent, tls.ALPN_AGENT, serve=True)
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
     announce(agent, (Identity.device("hospital.test", "other", "x").uri,), full=False)
     await asyncio.wait_for(agent.wait_closed(), WAIT)

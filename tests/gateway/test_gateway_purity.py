@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pki_helpers import make_pki
+from tests.pki_helpers import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "relay.dicom", "relay.net.compression")
@@ -57,6 +57,30 @@ def test_running_gateway_loads_no_dicom_or_compression_code(tmp_path: Path) -> N
     )
     bad += sorted(m for m in loaded if m.startswith(("relay.dicom", "relay.net.compression")))
     assert bad == []
+
+
+def test_gateway_service_and_config_types_do_not_import_yaml() -> None:
+    """The YAML parser stays out of the DMZ service: only the CLI's loader imports it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import gateway.service, gateway.config, gateway.lifecycle, relay.ops.config
+        print("\\n".join(sorted(sys.modules)))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stdout.split())
+    assert "gateway.service" in loaded
+    assert sorted(m for m in loaded if m == "yaml" or m.startswith("yaml.")) == []
+    assert "relay.ops.configfile" not in loaded
 
 
 def test_gateway_source_neither_imports_payload_code_nor_writes_files() -> None:

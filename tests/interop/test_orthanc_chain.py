@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.dicom_chain import DicomChain, dataset_bytes, match_elements, running_dicom_chain
 
-from interop.harness import Orthanc, SampleSeries, dcmtk, write_ct_series
 from relay.dicom import rawds
 from relay_dev import samples
+from tests.e2e.dicom_chain import DicomChain, dataset_bytes, match_elements, running_dicom_chain
+from tests.interop.harness import Orthanc, SampleSeries, dcmtk, write_ct_series
 
 pytestmark = pytest.mark.interop
 

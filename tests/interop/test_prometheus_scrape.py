@@ -11,19 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.ports import wait_logged_port
-
-from .harness import require_tools
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # ops_chain, chain
-from ops_chain import (
+from tests.e2e.ops_chain import (
     HOST,
     SITE,
     Node,
@@ -34,6 +28,9 @@ from ops_chain import (
     until_echo_works,
     wait_for,
 )
+from tests.ports import wait_logged_port
+
+from .harness import require_tools
 
 pytestmark = pytest.mark.interop
 WAIT = 60.0  # Prometheus's start-up and first scrapes, on a loaded machine

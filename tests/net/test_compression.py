@@ -12,13 +12,13 @@ import zstandard as zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.net.compression import (
     MARKER_RAW,
     MARKER_ZSTD,
     MAX_BLOCK,
+    MAX_DECODER_WINDOW,
     MAX_PIECE_OUTPUT,
-    MAX_WINDOW,
     CodecStream,
     offers_zstd,
 )
@@ -256,10 +256,10 @@ async def test_piece_output_beyond_the_limit_resets() -> None:
     left, right = pipe({"codec": "zstd"})
     reader = CodecStream(right, False, piece_output_limit=MAX_BLOCK // 2)
     await left.write(bomb(4))
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(reader.read(), WAIT)
     assert info.value.code == ErrorCode.LIMIT_EXCEEDED
-    with pytest.raises(StreamReset) as peer:
+    with pytest.raises(StreamResetError) as peer:
         await asyncio.wait_for(left.read(), WAIT)
     assert peer.value.code == ErrorCode.LIMIT_EXCEEDED  # the sender learns why
 
@@ -277,13 +277,13 @@ async def test_large_window_is_refused(header: bytes) -> None:
     left, right = pipe({"codec": "zstd"})
     reader = CodecStream(right, False)
     await left.write(bytes([MARKER_ZSTD]) + header + rle_block(10, last=True))
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(reader.read(), WAIT)
     assert info.value.code == ErrorCode.LIMIT_EXCEEDED
 
 
 async def test_window_at_the_limit_is_accepted() -> None:
-    assert MAX_WINDOW == 1 << 21
+    assert MAX_DECODER_WINDOW == 1 << 21
     left, right = pipe({"codec": "zstd"})
     reader = CodecStream(right, False)
     await left.write(bytes([MARKER_ZSTD]) + frame_header((21 - 10) << 3))
@@ -321,7 +321,7 @@ async def test_malformed_input_resets(wire: bytes, code: ErrorCode) -> None:
     reader = CodecStream(right, False)
     await left.write(wire)
     await left.write_eof()
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         async with asyncio.timeout(WAIT):
             await read_all(reader)
     assert info.value.code == code
@@ -334,7 +334,7 @@ async def test_truncated_frame_is_not_reported_complete() -> None:
     await writer.write(b"complete-looking message")
     await left.write_eof()  # EOF without the frame's end (and checksum)
     assert await asyncio.wait_for(reader.read(), WAIT) == b"complete-looking message"
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(reader.read(), WAIT)
     assert info.value.code == ErrorCode.PROTOCOL_ERROR
 
@@ -350,7 +350,7 @@ async def test_corrupted_payload_fails_the_checksum() -> None:
     await left.write(bytes(wire))
     await left.write_eof()
     reader = CodecStream(right, False)
-    with pytest.raises(StreamReset) as info:
+    with pytest.raises(StreamResetError) as info:
         async with asyncio.timeout(WAIT):
             await read_all(reader)
     assert info.value.code == ErrorCode.PROTOCOL_ERROR
@@ -360,10 +360,10 @@ async def test_write_after_eof_and_reset() -> None:
     left, right = pipe({"codec": "zstd"})
     a = CodecStream(left, True)
     await a.write_eof()
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await a.write(b"late")
     b = CodecStream(right, False)
     b.reset(ErrorCode.CANCEL)
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await b.read()
     assert b.buffered == 0

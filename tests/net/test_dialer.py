@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
-from ends_helpers import WAIT, running_gateway, start_gateway, wait_until
-from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.net import tls
 from relay.net.aio import Link
 from relay.net.backoff import ExponentialBackoff
@@ -16,6 +16,8 @@ from relay.net.dialer import DialError, KeptLink, dial
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from tests.ends_helpers import WAIT, running_gateway, start_gateway, wait_until
+from tests.pki_helpers import HOST, SitePki, make_pki
 from tests.ports import dead_port, reserve
 
 SETTINGS = LinkSettings(keepalive_interval=2.0, keepalive_timeout=6.0)
@@ -26,8 +28,8 @@ def pki(tmp_path: Path) -> SitePki:
     return make_pki(tmp_path / "pki")
 
 
-def agent_ctx(pki: SitePki) -> tls.ssl.SSLContext:
-    return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=tls.ALPN_AGENT)
+def agent_ctx(pki: SitePki) -> ssl.SSLContext:
+    return tls.client_context(pki.agent.cert, pki.agent.key, pki.ca, alpn=wire.ALPN_AGENT)
 
 
 def kept(pki: SitePki, port: int) -> KeptLink:
@@ -35,7 +37,7 @@ def kept(pki: SitePki, port: int) -> KeptLink:
         Address(HOST, port),
         agent_ctx(pki),
         SETTINGS,
-        alpn=tls.ALPN_AGENT,
+        alpn=wire.ALPN_AGENT,
         name="test",
         backoff=ExponentialBackoff(0.01, 0.1),
         connect_timeout=5.0,
@@ -48,7 +50,7 @@ async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> Non
             Address(HOST, gw.port),
             agent_ctx(pki),
             SETTINGS,
-            alpn=tls.ALPN_AGENT,
+            alpn=wire.ALPN_AGENT,
             name="a",
             timeout=WAIT,
         )
@@ -65,22 +67,22 @@ async def test_dial_authenticates_both_ways(pki: SitePki, tmp_path: Path) -> Non
 async def test_a_refused_identity_is_a_dial_error_not_a_link(pki: SitePki, tmp_path: Path) -> None:
     """TLS 1.3: the client handshake succeeds before the gateway refuses the certificate."""
     device = pki.device("ws1")
-    ctx = tls.client_context(device.cert, device.key, pki.ca, alpn=tls.ALPN_AGENT)
+    ctx = tls.client_context(device.cert, device.key, pki.ca, alpn=wire.ALPN_AGENT)
     async with running_gateway(pki, tmp_path) as gw:
         with pytest.raises(DialError) as info:
             await dial(
-                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=wire.ALPN_AGENT, name="x", timeout=WAIT
             )
         assert info.value.reason == "refused"
 
 
 async def test_a_gateway_from_another_ca_is_refused(pki: SitePki, tmp_path: Path) -> None:
     other = make_pki(tmp_path / "other", trust_domain="other.test")
-    ctx = tls.client_context(pki.agent.cert, pki.agent.key, other.ca, alpn=tls.ALPN_AGENT)
+    ctx = tls.client_context(pki.agent.cert, pki.agent.key, other.ca, alpn=wire.ALPN_AGENT)
     async with running_gateway(pki, tmp_path) as gw:
         with pytest.raises(DialError) as info:
             await dial(
-                Address(HOST, gw.port), ctx, SETTINGS, alpn=tls.ALPN_AGENT, name="x", timeout=WAIT
+                Address(HOST, gw.port), ctx, SETTINGS, alpn=wire.ALPN_AGENT, name="x", timeout=WAIT
             )
         assert info.value.reason in ("unknown_ca", "bad_certificate")
 
@@ -92,7 +94,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
                 Address(HOST, gw.port),
                 agent_ctx(pki),
                 SETTINGS,
-                alpn=tls.ALPN_AGENT,
+                alpn=wire.ALPN_AGENT,
                 name="x",
                 timeout=WAIT,
                 server_hostname="not-the-gateway.test",
@@ -103,7 +105,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
             Address(HOST, gw.port),
             agent_ctx(pki),
             SETTINGS,
-            alpn=tls.ALPN_AGENT,
+            alpn=wire.ALPN_AGENT,
             name="x",
             timeout=WAIT,
             server_hostname="localhost",
@@ -114,7 +116,7 @@ async def test_the_gateway_name_is_checked(pki: SitePki, tmp_path: Path) -> None
 async def test_nothing_listening(pki: SitePki) -> None:
     with dead_port() as port, pytest.raises(DialError) as info:
         await dial(
-            Address(HOST, port), agent_ctx(pki), SETTINGS, alpn=tls.ALPN_AGENT, name="x",
+            Address(HOST, port), agent_ctx(pki), SETTINGS, alpn=wire.ALPN_AGENT, name="x",
             timeout=WAIT,
         )  # fmt: skip
     assert info.value.reason == "connect"

@@ -11,15 +11,15 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from pki_helpers import LOOP_KINDS, run
 
-from relay.net.bytestream import ByteStream, StreamReset, pipe
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.net.compression import CodecStream
 from relay.net.tcpsplice import WRITE_HIGH, SpliceResult, SpliceStats, splice
 from relay.proto import ErrorCode
+from tests.pki_helpers import LOOP_KINDS, run
 
 HOST = "127.0.0.1"
 WAIT = 10.0
@@ -37,7 +37,8 @@ def on_both_loops(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[...,
         parameters=[loop_param, *signature.parameters.values()]
     )
     test.__name__, test.__doc__ = fn.__name__, fn.__doc__
-    return pytest.mark.parametrize("loop_kind", LOOP_KINDS)(test)
+    marked: Callable[..., None] = pytest.mark.parametrize("loop_kind", LOOP_KINDS)(test)
+    return marked
 
 
 @dataclass
@@ -203,7 +204,7 @@ async def test_tcp_reset_resets_the_stream() -> None:
             await rig.writer.drain()
             assert await rig.stream.read() == b"hello"
             rst_close(rig.writer)
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await rig.stream.read()
             assert info.value.code == ErrorCode.CANCEL
             assert await rig.task is SpliceResult.TCP_ERROR
@@ -214,7 +215,7 @@ async def test_tcp_reset_while_the_stream_writes() -> None:
     async with listener() as (port, accepted):
         rig = await make_rig(port, accepted)
         rst_close(rig.writer)
-        with pytest.raises(StreamReset):
+        with pytest.raises(StreamResetError):
             async with asyncio.timeout(WAIT):
                 for _ in range(1000):
                     await rig.stream.write(bytes(65536))
@@ -253,7 +254,7 @@ async def test_cancel_resets_the_stream_and_leaves_no_task() -> None:
         rig.task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await rig.task
-        with pytest.raises(StreamReset) as info:
+        with pytest.raises(StreamResetError) as info:
             await rig.stream.read()
         assert info.value.code == ErrorCode.CANCEL
         with pytest.raises(ConnectionResetError):
@@ -268,7 +269,8 @@ async def test_a_client_that_does_not_read_stops_the_stream_writer() -> None:
     """Bounded buffers: the socket's buffer stays near the high-water mark, the writer waits."""
     async with listener() as (port, accepted):
         rig = await make_rig(port, accepted)
-        rig.writer.transport.pause_reading()  # the TCP client stops reading
+        # uvloop's transports do not subclass asyncio.ReadTransport: cast, as relay.net.aio does
+        cast(asyncio.Transport, rig.writer.transport).pause_reading()  # the client stops reading
         total = 200 * 1024 * 1024
 
         async def flood() -> None:

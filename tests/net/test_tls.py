@@ -17,7 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from pki_helpers import (
+
+from relay import wire
+from relay.net import tls
+from relay.trust import pki
+from relay.trust.identity import Identity, IdentityError, identity_from_der
+from tests.pki_helpers import (
     HOST,
     ClientFn,
     LoopKind,
@@ -31,10 +36,6 @@ from pki_helpers import (
     run,
     tls_client,
 )
-
-from relay.net import tls
-from relay.trust import pki
-from relay.trust.identity import Identity, IdentityError, identity_from_der
 
 TD = "hospital.test"
 
@@ -62,7 +63,7 @@ class World:
         gw = self.site.gateway
         return tls.server_context(gw.cert, gw.key, self.site.ca)
 
-    def client_ctx(self, pair: Pair | None, alpn: str = tls.ALPN_DEVICE) -> ssl.SSLContext:
+    def client_ctx(self, pair: Pair | None, alpn: str = wire.ALPN_DEVICE) -> ssl.SSLContext:
         if pair is None:
             return tls.client_context(None, None, self.site.ca, alpn=alpn)
         return tls.client_context(pair.cert, pair.key, self.site.ca, alpn=alpn)
@@ -138,7 +139,7 @@ paths = pytest.mark.parametrize(("kind", "mode"), SERVER_PATHS)
 def test_device_certificate_is_accepted(kind: LoopKind, mode: ServerMode, world: World) -> None:
     out = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(world.device)))
     assert out.server_error is None and out.client_error is None
-    assert out.server_alpn == out.client_alpn == tls.ALPN_DEVICE
+    assert out.server_alpn == out.client_alpn == wire.ALPN_DEVICE
     ident = tls.peer_identity(out.server_ssl_object)
     assert ident == Identity.device(TD, "main", "ws1")
     assert tls.refusal_for_identity(ident, TD, {"device"}) is None
@@ -177,9 +178,9 @@ def test_client_sees_the_gateway_identity_and_accepts_its_dns_name(world: World)
 def test_no_client_certificate_gives_no_identity(
     kind: LoopKind, mode: ServerMode, world: World
 ) -> None:
-    out = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(None, tls.ALPN_ENROLL)))
+    out = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(None, wire.ALPN_ENROLL)))
     assert out.server_error is None and out.client_error is None
-    assert out.server_alpn == out.client_alpn == tls.ALPN_ENROLL
+    assert out.server_alpn == out.client_alpn == wire.ALPN_ENROLL
     assert out.server_peer_der is None
     assert tls.peer_identity(out.server_ssl_object) is None
     assert tls.refusal_for_identity(None, TD, {"device"}) == "no_certificate"

@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from hypothesis.provisional import domains
 
 from relay.agent.config import AgentConfig, load_agent_config
+from relay.dicom.pacs_target import DEFAULT_MOVE_LISTEN, PacsTarget
 from relay.ops.config import (
     Address,
     Backoff,
     ConfigError,
     FieldError,
+    LinkSettings,
     TlsFiles,
-    TunnelLimits,
     check_ae_title,
     format_duration,
     format_size,
@@ -31,7 +32,7 @@ from relay.ops.config import (
 )
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEV_FILES = ("ca.crt", "ca.key", "gateway.crt", "gateway.key", "agent.crt", "agent.key")
 DEVICE_FILES = ("device.crt", "device.key", "ca.crt")
 
@@ -241,8 +242,8 @@ def test_ae_title_refuses(title: object) -> None:
 # --------------------------------------------------------------------------- dataclasses
 
 
-def test_tunnel_limit_defaults() -> None:
-    limits = TunnelLimits()
+def test_link_settings_defaults() -> None:
+    limits = LinkSettings()
     assert limits.stream_window == 1 << 20
     assert limits.link_window == 16 << 20
     assert limits.max_frame == 64 << 10
@@ -265,17 +266,17 @@ def test_tunnel_limit_defaults() -> None:
         ({"keepalive_timeout": 15.0}, "keepalive_timeout"),
     ],
 )
-def test_tunnel_limits_invariants(fields: dict[str, Any], field: str) -> None:
+def test_link_settings_invariants(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(FieldError) as info:
-        TunnelLimits(**fields)
+        LinkSettings(**fields)
     assert info.value.field == field
 
 
-def test_tunnel_limits_edges_accepted() -> None:
-    TunnelLimits(stream_window=64 * 1024, link_window=64 * 1024, max_frame=16 * 1024)
-    TunnelLimits(stream_window=2**31 - 1, link_window=2**31 - 1, max_frame=1 << 20)
-    TunnelLimits(max_streams=1)
-    TunnelLimits(max_streams=65535)
+def test_link_settings_edges_accepted() -> None:
+    LinkSettings(stream_window=64 * 1024, link_window=64 * 1024, max_frame=16 * 1024)
+    LinkSettings(stream_window=2**31 - 1, link_window=2**31 - 1, max_frame=1 << 20)
+    LinkSettings(max_streams=1)
+    LinkSettings(max_streams=65535)
 
 
 def test_backoff_invariants() -> None:
@@ -322,7 +323,7 @@ def test_agent_example_loads(tmp_path: Path) -> None:
     assert config.services["ris-web"].compress is False
     assert config.services["reports"].address == Address("127.0.0.1", 8081)
     assert config.services["reports"].compress is True
-    assert config.limits == TunnelLimits()
+    assert config.limits == LinkSettings()
     assert config.reconnect == Backoff(0.5, 30.0)
     assert (config.resolve_interval, config.compression_level) == (30.0, 3)
     assert (config.drain_grace, config.log_level) == (30.0, "info")
@@ -341,7 +342,7 @@ def test_agent_minimal_config_takes_defaults(tmp_path: Path) -> None:
     assert config.state_dir == Path("/var/lib/relay")
     assert (config.pki, config.pacs, config.metrics_listen) == (None, None, None)
     assert dict(config.services) == {}
-    assert config.limits == TunnelLimits()
+    assert config.limits == LinkSettings()
     assert config.log_level == "info"
 
 
@@ -382,11 +383,57 @@ def test_agent_limits_and_durations_parse(tmp_path: Path) -> None:
         d["resolve_interval"] = "1h"
 
     config = load_agent_config(rewrite(path, change))
-    assert config.limits == TunnelLimits(
+    assert config.limits == LinkSettings(
         stream_window=4 << 20, link_window=64 << 20, max_frame=16 << 10
     )
     assert config.reconnect == Backoff(0.25, 120.0)
     assert config.resolve_interval == 3600.0
+
+
+# --------------------------------------------------------------------------- one type per section
+
+
+def test_agent_pacs_section_is_the_type_the_dicom_agent_uses(tmp_path: Path) -> None:
+    """The file and the code get the same defaults: there is one PACS type."""
+    path = example_tree(tmp_path) / "config" / "agent.yaml"
+    assert load_agent_config(path).pacs == PacsTarget("ORTHANC", "127.0.0.1", 4242)
+    rewrite(path, lambda d: d["pacs"].update(retrieve="move"))
+    loaded = load_agent_config(path).pacs
+    in_code = PacsTarget("ORTHANC", "127.0.0.1", 4242, retrieve="move")
+    assert loaded == in_code
+    assert (in_code.move_ae_title, in_code.move_listen) == ("RELAYAGENT", DEFAULT_MOVE_LISTEN)
+
+
+def test_pacs_target_bounds_name_their_key() -> None:
+    with pytest.raises(FieldError) as info:
+        PacsTarget("ORTHANC", "127.0.0.1", 4242, timeout=0)
+    assert info.value.field == "timeout"
+    with pytest.raises(FieldError) as info:
+        PacsTarget("ORTHANC", "127.0.0.1", 4242, retrieve="move", move_ae_title="")
+    assert info.value.field == "move_ae_title"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fields"),
+    [
+        ("max_frame", "2MiB", {"max_frame": 2 << 20}),
+        ("max_frame", "8KiB", {"max_frame": 8 << 10}),
+        ("keepalive_interval", "2d", {"keepalive_interval": 2 * 86400.0}),
+        ("link_window", "512KiB", {"link_window": 512 << 10}),
+    ],
+)
+def test_limits_section_is_link_settings_with_one_set_of_bounds(
+    tmp_path: Path, key: str, value: str, fields: dict[str, Any]
+) -> None:
+    """What the file refuses, the protocol core refuses, with the same words."""
+    path = example_tree(tmp_path) / "config" / "agent.yaml"
+    assert type(load_agent_config(path).limits) is LinkSettings
+    with pytest.raises(FieldError) as in_code:
+        LinkSettings(**fields)
+    rewrite(path, _set("limits", key, value))
+    with pytest.raises(ConfigError) as in_file:
+        load_agent_config(path)
+    assert (in_file.value.key, in_file.value.message) == (f"limits.{key}", str(in_code.value))
 
 
 def _set(*keys_and_value: Any) -> Callable[[dict[str, Any]], None]:
@@ -599,7 +646,7 @@ def test_workstation_example_loads(tmp_path: Path) -> None:
     assert config.dicom.ae_title == "RELAY"
     assert dict(config.dicom.destinations) == {"VIEWER": Address("127.0.0.1", 11113)}
     assert dict(config.forward) == {Address("127.0.0.1", 18080): "ris-web"}
-    assert config.limits == TunnelLimits()
+    assert config.limits == LinkSettings()
     assert config.reconnect == Backoff()
     assert (config.drain_grace, config.log_level) == (30.0, "info")
 

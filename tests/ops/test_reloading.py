@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pki_helpers import SitePki, make_pki
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
@@ -18,6 +17,7 @@ from relay.ops.reloading import (
     keep_restart_only,
 )
 from relay.trust.identity import Identity
+from tests.pki_helpers import SitePki, make_pki
 
 
 @pytest.fixture

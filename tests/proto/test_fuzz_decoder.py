@@ -13,12 +13,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.harness import raw_peer, terminated
 from relay.proto import frames as fr
 from relay.proto.errors import ErrorCode
 from relay.proto.events import ConnectionTerminated, Event
 from relay.proto.frames import Flags, FrameType
 from relay.proto.mux import Connection
+from tests.proto.harness import raw_peer, terminated
 
 
 def _load_target() -> Callable[[bytes], None]:

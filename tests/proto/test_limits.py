@@ -4,18 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from proto.harness import (
-    assert_terminated,
-    data,
-    decode_all,
-    open_frame,
-    ping,
-    raw_peer,
-    reset,
-    settings,
-    terminated,
-    window_update,
-)
 from relay.proto import frames as fr
 from relay.proto.errors import ErrorCode
 from relay.proto.events import (
@@ -28,6 +16,18 @@ from relay.proto.events import (
 )
 from relay.proto.frames import FrameType
 from relay.proto.mux import Connection, LinkSettings
+from tests.proto.harness import (
+    assert_terminated,
+    data,
+    decode_all,
+    open_frame,
+    ping,
+    raw_peer,
+    reset,
+    settings,
+    terminated,
+    window_update,
+)
 
 WINDOWS = LinkSettings(stream_window=64 * 1024, link_window=100 * 1024, max_frame=16 * 1024)
 

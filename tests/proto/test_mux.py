@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from proto.harness import CLIENT, SERVER, Link, raw_peer, terminated
 from relay.proto import frames as fr
 from relay.proto.errors import (
     ErrorCode,
@@ -26,6 +25,7 @@ from relay.proto.events import (
 )
 from relay.proto.frames import FrameType
 from relay.proto.mux import Connection, LinkSettings
+from tests.proto.harness import CLIENT, SERVER, Link, raw_peer, terminated
 
 SMALL = LinkSettings(stream_window=64 * 1024, link_window=128 * 1024, max_frame=16 * 1024)
 KEEPALIVE = LinkSettings(keepalive_interval=10.0, keepalive_timeout=30.0)

@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from proto.harness import CLIENT, SERVER, Link
 from relay.proto.errors import ErrorCode, FlowControlError, StreamStateError
 from relay.proto.events import (
     ControlReceived,
@@ -42,6 +41,7 @@ from relay.proto.events import (
     StreamReset,
 )
 from relay.proto.mux import LinkSettings
+from tests.proto.harness import CLIENT, SERVER, Link
 
 # Small, unequal windows so that credit runs out often and a mix-up of the two
 # directions' numbers shows. Keepalive pings happen; the timeout never does.

@@ -16,7 +16,6 @@ from relay.dicom import rawds
 from relay.dicom.contexts import MODELS
 from relay_dev import samples
 from relay_dev.pacs import DirectoryStore, EmbeddedPacs, MemoryStore, SyntheticStore
-
 from tests.dicom.helpers import EXPLICIT, capturing_scp, query, scu
 
 CT = samples.make_study(4, rows=32, cols=32)
@@ -35,9 +34,11 @@ def find(pacs: EmbeddedPacs, root: str, ident: Dataset) -> tuple[list[Dataset], 
     model = MODELS[(root, "find")]
     assoc = scu().associate("127.0.0.1", pacs.port, contexts=[build_context(model)])
     assert assoc.is_established
-    matches, final = [], -1
+    matches: list[Dataset] = []
+    final = -1
     for status, match in assoc.send_c_find(ident, model):
         if status.Status in (0xFF00, 0xFF01):
+            assert match is not None
             matches.append(match)
         else:
             final = int(status.Status)

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from ends_helpers import running_gateway
-from pki_helpers import HOST, SitePki, make_pki
 
+from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
@@ -39,6 +39,8 @@ from relay.trust.codes import EnrollmentCode, new_secret
 from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from tests.ends_helpers import running_gateway
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 WAIT = 10.0
 
@@ -52,7 +54,7 @@ class StandIn:
     """A one-site 'gateway + agent' in one process, for the PC side."""
 
     site: SitePki
-    registry: Registry
+    registry: DeviceRegistry
     audit: AuditLog
     gateway_cert: Path
     gateway_key: Path
@@ -100,13 +102,13 @@ class StandIn:
             )
             ssl_object = transport.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol()
-            if alpn == tls.ALPN_DEVICE:  # "the workstation starts with the new identity"
+            if alpn == wire.ALPN_DEVICE:  # "the workstation starts with the new identity"
                 identity = tls.peer_identity(ssl_object)
                 assert identity is not None
                 self.device_identities.append(identity)
                 transport.close()
                 return
-            if alpn != tls.ALPN_ENROLL or self.mode == "close_after_handshake":
+            if alpn != wire.ALPN_ENROLL or self.mode == "close_after_handshake":
                 transport.abort()
                 return
             link.on_stream = self._on_stream
@@ -122,13 +124,15 @@ class StandIn:
     async def _serve(self, stream: Stream) -> None:
         outcome = await serve_enroll_stream(
             stream,
-            registry=self.registry,
-            ca_key=self.site.ca_key,
-            ca_cert=self.site.ca_cert,
-            site="main",
-            lifetime=timedelta(days=30),
-            audit=self.audit,
-            now=self.clock,
+            Signer(
+                self.registry,
+                self.site.ca_key,
+                self.site.ca_cert,
+                "main",
+                timedelta(days=30),
+                self.audit,
+                self.clock,
+            ),
         )
         self.outcomes.append(outcome)
 
@@ -158,7 +162,7 @@ async def stand_in(
 ) -> AsyncIterator[StandIn]:
     site = site or make_pki(tmp / "pki")
     gw = gateway_from or site
-    with Registry(tmp / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp / REGISTRY_FILE, site="main") as registry:
         server = StandIn(
             site,
             registry,
@@ -251,7 +255,7 @@ async def test_gateway_certificate_not_from_the_pinned_ca(tmp_path: Path) -> Non
         await asyncio.sleep(0)
         assert all(o.result != "ok" for o in server.outcomes)
     # The secret never reached the agent: the code is still good.
-    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
         rows = registry._db.execute("SELECT used_at FROM tokens").fetchall()
         assert rows == [(None,)]
 
@@ -309,12 +313,12 @@ def test_run_enroll_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 @contextlib.asynccontextmanager
 async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], None]) -> Any:
-    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, tls.ALPN_AGENT)
+    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
     link = await dial(
         Address(HOST, port),
         ctx,
         LinkSettings(),
-        alpn=tls.ALPN_AGENT,
+        alpn=wire.ALPN_AGENT,
         name="agent",
         timeout=WAIT,
         on_stream=on_stream,
@@ -332,7 +336,7 @@ async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], Non
 async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     async with running_gateway(site, tmp_path) as gateway:
-        with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+        with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
             audit = AuditLog(tmp_path / AUDIT_FILE, source_id="agent")
             tasks: list[asyncio.Task[EnrollOutcome]] = []
             seen_headers: list[dict[str, str]] = []
@@ -343,13 +347,15 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
                     asyncio.create_task(
                         serve_enroll_stream(
                             stream,
-                            registry=registry,
-                            ca_key=site.ca_key,
-                            ca_cert=site.ca_cert,
-                            site="main",
-                            lifetime=timedelta(days=30),
-                            audit=audit,
-                            now=utcnow,
+                            Signer(
+                                registry,
+                                site.ca_key,
+                                site.ca_cert,
+                                "main",
+                                timedelta(days=30),
+                                audit,
+                                utcnow,
+                            ),
                         )
                     )
                 )

@@ -19,14 +19,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pki_helpers import HOST, SitePki, make_pki
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
-from relay.agent.registry import REGISTRY_FILE, Registry
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.renewal import RenewOutcome, serve_renew_stream
+from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import ByteStream, pipe
-from relay.net.jsonframes import read_message, write_message
+from relay.net.jsonframes import read_json, write_json
 from relay.proto import LinkSettings
 from relay.trust import pki
 from relay.trust.identity import Identity, identity_from_certificate
@@ -34,15 +35,14 @@ from relay.trust.renewal import (
     PENDING_CERT,
     PENDING_KEY,
     RenewalError,
-    RenewOutcome,
     complete_pending_renewal,
     install,
     next_renewal_time,
     renew,
     renewal_due,
     renewal_loop,
-    serve_renew_stream,
 )
+from tests.pki_helpers import HOST, SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 DAY = timedelta(days=1)
@@ -82,7 +82,7 @@ class Clock:
 @dataclass
 class Site:
     pki: SitePki
-    registry: Registry
+    registry: DeviceRegistry
     audit: AuditLog
     identity_dir: Path
     clock: Clock = field(default_factory=Clock)
@@ -95,13 +95,15 @@ class Site:
     async def serve(self, stream: ByteStream) -> RenewOutcome:
         outcome = await serve_renew_stream(
             stream,
-            registry=self.registry,
-            ca_key=self.pki.ca_key,
-            ca_cert=self.pki.ca_cert,
-            site="main",
-            lifetime=self.lifetime,
-            audit=self.audit,
-            now=self.clock,
+            Signer(
+                self.registry,
+                self.pki.ca_key,
+                self.pki.ca_cert,
+                "main",
+                self.lifetime,
+                self.audit,
+                self.clock,
+            ),
         )
         self.outcomes.append(outcome)
         return outcome
@@ -134,7 +136,7 @@ def write_identity(
 def site(tmp_path: Path) -> Iterator[Site]:
     s = make_pki(tmp_path / "pki")
     write_identity(s, tmp_path / "identity", "ws1", 30 * DAY)
-    with Registry(tmp_path / REGISTRY_FILE, site="main") as registry:
+    with DeviceRegistry(tmp_path / REGISTRY_FILE, site="main") as registry:
         yield Site(
             s,
             registry,
@@ -221,10 +223,10 @@ async def test_csr_for_another_identity_is_refused(site: Site) -> None:
     near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
     task = asyncio.create_task(site.serve(far))
     other = pki.make_csr(pki.generate_key(), Identity.device("hospital.test", "main", "ws2"))
-    await write_message(
+    await write_json(
         near, {"v": 1, "csr_pem": other.public_bytes(serialization.Encoding.PEM).decode()}
     )
-    answer = await read_message(near)
+    answer = await read_json(near)
     assert answer["status"] == "refused"
     assert "another identity" in str(answer["reason"])
     assert (await task).result == "wrong_identity"
@@ -235,7 +237,7 @@ async def test_oversized_request_is_refused(site: Site) -> None:
     near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
     task = asyncio.create_task(site.serve(far))
     await near.write((1 << 20).to_bytes(4, "big"))
-    answer = await read_message(near)
+    answer = await read_json(near)
     assert answer["status"] == "refused" and "larger than" in str(answer["reason"])
     assert (await task).result == "oversized"
 
@@ -249,7 +251,7 @@ async def test_answer_from_another_ca_is_rejected(site: Site, tmp_path: Path) ->
         near, far = pipe(headers)
 
         async def forge() -> None:
-            request = await read_message(far)
+            request = await read_json(far)
             csr = x509.load_pem_x509_csr(str(request["csr_pem"]).encode())
             ident = Identity.device("hospital.test", "main", "ws1")
             public_key = csr.public_key()
@@ -258,7 +260,7 @@ async def test_answer_from_another_ca_is_rejected(site: Site, tmp_path: Path) ->
                 rogue.ca_key, rogue.ca_cert, public_key, ident, 30 * DAY, not_before=site.clock()
             )
             pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-            await write_message(far, {"v": 1, "status": "ok", "cert_pem": pem, "ca_pem": pem})
+            await write_json(far, {"v": 1, "status": "ok", "cert_pem": pem, "ca_pem": pem})
 
         asyncio.get_running_loop().create_task(forge())
         return near

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.config import AgentConfig
+from relay.agent.service import Agent, run_agent
+from relay.ops.config import Address
+from relay.workstation.config import WorkstationConfig
+from relay.workstation.service import Workstation, run_workstation
+from tests.ends_helpers import (
     WAIT,
     GatewayHandle,
     TcpService,
@@ -27,13 +33,7 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import HOST, SitePki, make_pki
-
-from relay.agent.config import AgentConfig
-from relay.agent.service import Agent, run_agent
-from relay.ops.config import Address
-from relay.workstation.config import WorkstationConfig
-from relay.workstation.service import Workstation, run_workstation
+from tests.pki_helpers import HOST, SitePki, make_pki
 from tests.ports import dead_port, reserve
 
 
@@ -162,13 +162,13 @@ async def test_gateway_restart_then_forwarding_works_again(tmp_path: Path) -> No
             await wait_until(lambda: gw.server.router.sites() == ["main"])
             assert await asyncio.wait_for(tcp_exchange(fwd, b"one"), WAIT) == b"one"
             await gw.shutdown()
-            await wait_until(lambda: not ws.kept.up.is_set() and agent.links_up == 0)
+            await wait_until(lambda: not ws.kept.up.is_set() and agent.gateways.up == 0)
             gw = await start_gateway(pki, tmp_path, port)
             try:
                 await asyncio.wait_for(ws.kept.up.wait(), WAIT)
-                await wait_until(lambda: agent.links_up == 1)
+                await wait_until(lambda: agent.gateways.up == 1)
                 assert await asyncio.wait_for(tcp_exchange(fwd, b"two"), WAIT) == b"two"
-                assert ws.kept.stats.reconnects == 1 and agent.reconnects == 1
+                assert ws.kept.stats.reconnects == 1 and agent.gateways.reconnects == 1
             finally:
                 await gw.shutdown()
                 kept.close()

@@ -11,7 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.service import run_agent
+from relay.dicom.pacs_target import PacsTarget
+from relay.ops.config import Address
+from relay.workstation.config import DicomNodeConfig
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
@@ -21,14 +26,9 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import HOST, make_pki
-from test_ws_forward import workstation_up
-
-from relay.agent.config import PacsConfig
-from relay.agent.service import run_agent
-from relay.ops.config import Address
-from relay.workstation.config import DicomNodeConfig
+from tests.pki_helpers import HOST, make_pki
 from tests.ports import announced, await_listening
+from tests.workstation.test_ws_forward import workstation_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
         async with running_gateway(pki, tmp_path) as gw:
             a_config = dataclasses.replace(
                 agent_config(pki, tmp_path, [gw.port], {}),
-                pacs=PacsConfig("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
+                pacs=PacsTarget("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
             )
             stop = asyncio.Event()
             agent = asyncio.create_task(run_agent(a_config, stop=stop, handle_signals=False))

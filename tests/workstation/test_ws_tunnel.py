@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from ends_helpers import (
+
+from relay.net.bytestream import StreamResetError
+from relay.proto import ErrorCode
+from relay.workstation.config import WorkstationConfig
+from relay.workstation.service import Workstation
+from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
@@ -17,15 +23,9 @@ from ends_helpers import (
     wait_until,
     workstation_config,
 )
-from pki_helpers import make_pki
-from test_ws_forward import agent_up
-
-from relay.net.bytestream import StreamReset
-from relay.proto import ErrorCode
-from relay.workstation.config import WorkstationConfig
-from relay.workstation.service import Workstation
-from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+from tests.pki_helpers import make_pki
 from tests.ports import dead_port
+from tests.workstation.test_ws_forward import agent_up
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +68,7 @@ async def test_no_route_after_the_deadline_reaches_the_caller(tmp_path: Path) ->
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             stream = await ws.tunnel.open_stream({"target": "tcp:x"}, timeout=0.5)
             await stream.write(b"request")
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(stream.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
             assert stream.attempts >= 2  # it did retry, within the deadline
@@ -82,9 +82,9 @@ async def test_beyond_the_replay_limit_no_route_is_not_retried(tmp_path: Path) -
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             tunnel = Tunnel(ws.kept, replay_limit=10)
             stream = await tunnel.open_stream({"target": "tcp:x"}, timeout=WAIT)
-            with contextlib.suppress(StreamReset):
+            with contextlib.suppress(StreamResetError):
                 await stream.write(b"more than ten bytes")  # the copy is dropped
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(stream.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
             assert tunnel.stats.rerouted == 0 and stream.attempts == 1
@@ -99,7 +99,7 @@ async def test_other_resets_are_not_retried(tmp_path: Path) -> None:
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             stream = await ws.tunnel.open_stream({"target": "tcp:unknown"})
             await stream.write(b"x")
-            with pytest.raises(StreamReset) as info:
+            with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(stream.read(), WAIT)
             assert info.value.code == ErrorCode.FORBIDDEN
             assert ws.tunnel.stats.rerouted == 0

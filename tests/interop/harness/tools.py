@@ -27,6 +27,9 @@ INSTALL_HINTS: dict[str, str] = {
     "prometheus": "Prometheus not installed: apt-get install prometheus",
     "promtool": "promtool not installed: apt-get install prometheus",
     "testssl": "testssl.sh not installed: apt-get install testssl.sh",
+    "kubectl": "kubectl not installed: apt-get install kubernetes-client",
+    "systemd-analyze": "systemd not installed: apt-get install systemd",
+    "systemd-sysusers": "systemd not installed: apt-get install systemd",
 }
 
 #: DCMTK (and Orthanc, which is built on it) stall ~40 ms per message without this.

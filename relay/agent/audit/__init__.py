@@ -1,0 +1,38 @@
+"""The agent's audit trail (DICOM PS3.15 events as JSON lines): the event model (`events`),
+the file it is written to (`trail`) and its config section (`settings`)."""
+
+from relay.agent.audit.events import (
+    MAX_LINE_BYTES,
+    AuditEvent,
+    Code,
+    Outcome,
+    Participant,
+    ParticipantObject,
+)
+from relay.agent.audit.settings import AuditSettings, SyslogSettings, read_audit_settings
+from relay.agent.audit.trail import (
+    AUDIT_FILE,
+    DEFAULT_KEEP,
+    DEFAULT_MAX_BYTES,
+    AuditLog,
+    AuditSink,
+    read_events,
+)
+
+__all__ = [
+    "AUDIT_FILE",
+    "DEFAULT_KEEP",
+    "DEFAULT_MAX_BYTES",
+    "MAX_LINE_BYTES",
+    "AuditEvent",
+    "AuditLog",
+    "AuditSettings",
+    "AuditSink",
+    "Code",
+    "Outcome",
+    "Participant",
+    "ParticipantObject",
+    "SyslogSettings",
+    "read_audit_settings",
+    "read_events",
+]

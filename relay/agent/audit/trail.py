@@ -1,0 +1,458 @@
+"""The agent's audit trail on disk: JSON lines, rotated, safe for several writers.
+
+Several processes append to the same file (the agent and the `relay token` / `relay
+device` commands): each event is one write() under an flock, which also serializes
+rotation, so lines never interleave and none is lost at a rotation. The file is mode
+0600 and stays inside the hospital: patient identifiers may appear in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from relay.agent.audit.events import (
+    EV_BEGIN_TRANSFER,
+    EV_INSTANCES_TRANSFERRED,
+    EV_QUERY,
+    EV_SECURITY_ALERT,
+    EV_USER_AUTHENTICATION,
+    ID_CERTIFICATE_SERIAL,
+    ID_ENROLLMENT_TOKEN,
+    ID_NODE,
+    ID_PATIENT_NUMBER,
+    ID_SOP_CLASS_UID,
+    ID_STUDY_UID,
+    MAX_LINE_BYTES,
+    OBJ_PERSON,
+    ROLE_APPLICATION,
+    ROLE_DESTINATION,
+    ROLE_PATIENT,
+    ROLE_REPORT,
+    ROLE_SECURITY_RESOURCE,
+    ROLE_SOURCE,
+    TYPE_LOGIN,
+    TYPE_NODE_AUTHENTICATION,
+    TYPE_USER_SECURITY_ATTRIBUTES,
+    AuditEvent,
+    Code,
+    Outcome,
+    Participant,
+    ParticipantObject,
+    encode_event,
+    iso_time,
+)
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE: Final = "audit.jsonl"
+DEFAULT_MAX_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_KEEP: Final = 10
+
+# kind -> (EventID, EventActionCode, EventTypeCodes): the one table every event follows.
+_KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
+    "enrollment": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGIN,)),
+    "renewal": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
+    "token_created": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
+    "revocation": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
+    "auth_refused": (EV_SECURITY_ALERT, "E", (TYPE_NODE_AUTHENTICATION,)),
+    "query": (EV_QUERY, "E", ()),
+    "transfer_begin": (EV_BEGIN_TRANSFER, "E", ()),
+    # Action R: the agent is not the receiver of the instances.
+    "transfer_end": (EV_INSTANCES_TRANSFERRED, "R", ()),
+}
+
+
+class AuditSink(Protocol):
+    """Somewhere else each event goes (the syslog sender). Must not block."""
+
+    def emit(self, event: AuditEvent, line: str) -> None: ...
+
+
+class AuditLog:
+    """Appends events to `path` (JSON lines), rotating at `max_bytes` and keeping `keep`
+    older files (path.1 newest ... path.KEEP oldest).
+
+    `source_id` identifies this agent (its SPIFFE ID) as the AuditSource and as the
+    agent participant. Writing never raises: a failure is logged and counted in
+    `failures`, because the audit trail must not take the service down with it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        source_id: str,
+        site: str | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        keep: int = DEFAULT_KEEP,
+        sink: AuditSink | None = None,
+    ) -> None:
+        if max_bytes < MAX_LINE_BYTES:
+            raise ValueError(f"max_bytes must be at least {MAX_LINE_BYTES} (one event)")
+        if not 1 <= keep <= 1000:
+            raise ValueError("keep must be 1..1000")
+        self.path = Path(path)
+        self.source_id = source_id
+        self.site = site
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.sink = sink
+        self.written = 0
+        self.failures = 0
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+
+    # -- writing
+
+    def log(self, event: AuditEvent) -> bool:
+        """Append one event; True if it reached the file."""
+        line = encode_event(event, self.source_id, self.site)
+        ok = self._append((line + "\n").encode("utf-8"))
+        if self.sink is not None:
+            try:
+                self.sink.emit(event, line)
+            except Exception:  # a sink must never break auditing to the file
+                log.exception("audit sink failed")
+        return ok
+
+    def _append(self, data: bytes) -> bool:
+        try:
+            lock_fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            return self._failed(exc)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                size = os.stat(self.path).st_size
+            except FileNotFoundError:
+                size = 0
+            if size > 0 and size + len(data) > self.max_bytes:
+                self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return self._failed(exc)
+        finally:
+            os.close(lock_fd)  # releases the flock
+        self.written += 1
+        return True
+
+    def _rotate(self) -> None:
+        """path -> path.1 -> ... -> path.KEEP (the oldest is dropped). Called under flock."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._numbered(self.keep))
+        for n in range(self.keep - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self._numbered(n), self._numbered(n + 1))
+        os.replace(self.path, self._numbered(1))
+
+    def _numbered(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _failed(self, exc: OSError) -> bool:
+        self.failures += 1
+        log.error("cannot write the audit trail", extra={"file": str(self.path), "error": str(exc)})
+        return False
+
+    def _record(
+        self,
+        kind: str,
+        now: datetime,
+        outcome: Outcome,
+        *,
+        participants: Sequence[Participant],
+        objects: Sequence[ParticipantObject] = (),
+        description: str = "",
+    ) -> AuditEvent:
+        """Build the event of `kind` from the table, append it, and return it."""
+        event_id, action, type_codes = _KINDS[kind]
+        event = AuditEvent(
+            kind=kind,
+            event_id=event_id,
+            action=action,
+            at=now,
+            outcome=outcome,
+            description=description,
+            type_codes=type_codes,
+            participants=tuple(participants),
+            objects=tuple(objects),
+        )
+        self.log(event)
+        return event
+
+    # -- the agent's events
+
+    def _agent(self, role: Code | None = None) -> Participant:
+        return Participant(self.source_id, requestor=False, role=role or ROLE_APPLICATION)
+
+    def enrollment(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        token_id: str | None,
+        peer: str | None,
+        outcome: Outcome,
+        description: str = "",
+        serial: str | None = None,
+    ) -> AuditEvent:
+        """A PC presented an enrollment code (User Authentication / Login)."""
+        objects = []
+        if serial is not None:
+            objects.append(_certificate_object(serial, device))
+        if token_id:
+            objects.append(
+                ParticipantObject(token_id, ID_ENROLLMENT_TOKEN, role=ROLE_SECURITY_RESOURCE)
+            )
+        return self._record(
+            "enrollment",
+            now,
+            outcome,
+            description=description,
+            participants=(Participant(device, requestor=True, address=peer), self._agent()),
+            objects=tuple(objects),
+        )
+
+    def renewal(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        outcome: Outcome,
+        description: str = "",
+        serial: str | None = None,
+        not_after: datetime | None = None,
+    ) -> AuditEvent:
+        """A device renewed its certificate over its link (or was refused)."""
+        objects: tuple[ParticipantObject, ...] = ()
+        if serial is not None:
+            details = {"NotAfter": iso_time(not_after)} if not_after is not None else {}
+            objects = (_certificate_object(serial, device, details),)
+        return self._record(
+            "renewal",
+            now,
+            outcome,
+            description=description,
+            participants=(Participant(device, requestor=True), self._agent()),
+            objects=objects,
+        )
+
+    def token_created(
+        self, *, now: datetime, device: str, token_id: str, expires_at: datetime, actor: str
+    ) -> AuditEvent:
+        """IT created an enrollment code for `device`."""
+        return self._record(
+            "token_created",
+            now,
+            Outcome.SUCCESS,
+            description=f"enrollment code for {device}",
+            participants=(Participant(actor, requestor=True), self._agent()),
+            objects=(
+                ParticipantObject(
+                    token_id,
+                    ID_ENROLLMENT_TOKEN,
+                    role=ROLE_SECURITY_RESOURCE,
+                    name=device,
+                    details={"ExpiresAt": iso_time(expires_at)},
+                ),
+            ),
+        )
+
+    def revocation(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        actor: str,
+        outcome: Outcome = Outcome.SUCCESS,
+        description: str = "",
+    ) -> AuditEvent:
+        """A device was revoked (by `actor`: a CLI user, or the agent pushing it)."""
+        return self._record(
+            "revocation",
+            now,
+            outcome,
+            description=description or f"device {device} revoked",
+            participants=(Participant(actor, requestor=True), self._agent()),
+            objects=(ParticipantObject(device, ID_NODE, role=ROLE_SECURITY_RESOURCE),),
+        )
+
+    def auth_refused(
+        self,
+        *,
+        now: datetime,
+        identity: str | None,
+        peer: str | None,
+        reason: str,
+        reporter: str,
+        outcome: Outcome = Outcome.MINOR_FAILURE,
+    ) -> AuditEvent:
+        """A gateway refused a link (Security Alert / Node Authentication). The gateway
+        reports only reason, identity and address: no payload ever reaches here."""
+        return self._record(
+            "auth_refused",
+            now,
+            outcome,
+            description=reason,
+            participants=(
+                Participant(identity or "unknown", requestor=True, address=peer),
+                Participant(reporter, requestor=False, role=ROLE_APPLICATION),
+            ),
+            objects=(ParticipantObject(identity or peer or "unknown", ID_NODE),),
+        )
+
+    def query(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        sop_class_uid: str,
+        outcome: Outcome,
+        query: bytes | None = None,
+        details: Mapping[str, object] | None = None,
+        description: str = "",
+    ) -> AuditEvent:
+        """A C-FIND by `device` (the agent performs it at the PACS).
+
+        `query` is the encoded identifier dataset (stored base64, as PS3.15 asks);
+        `details` e.g. {"QueryRetrieveLevel": "STUDY", "Matches": 12}.
+        """
+        return self._record(
+            "query",
+            now,
+            outcome,
+            description=description,
+            participants=(
+                Participant(device, requestor=True, role=ROLE_SOURCE),
+                self._agent(ROLE_DESTINATION),
+            ),
+            objects=(
+                ParticipantObject(
+                    sop_class_uid,
+                    ID_SOP_CLASS_UID,
+                    role=ROLE_REPORT,
+                    query=query,
+                    details=dict(details or {}),
+                ),
+            ),
+        )
+
+    def transfer_begin(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        study_uid: str,
+        to_device: bool = True,
+        patient_id: str | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> AuditEvent:
+        """Instances of one study start moving between the PACS and `device`."""
+        return self._record(
+            "transfer_begin",
+            now,
+            Outcome.SUCCESS,
+            participants=self._transfer_participants(device, to_device),
+            objects=_study_objects(study_uid, patient_id, details),
+        )
+
+    def transfer_end(
+        self,
+        *,
+        now: datetime,
+        device: str,
+        study_uid: str,
+        outcome: Outcome,
+        completed: int,
+        failed: int = 0,
+        warning: int = 0,
+        to_device: bool = True,
+        patient_id: str | None = None,
+        description: str = "",
+    ) -> AuditEvent:
+        """The end of a transfer, with counts. Action R: the agent is not the receiver."""
+        counts = {"Completed": completed, "Failed": failed, "Warning": warning}
+        return self._record(
+            "transfer_end",
+            now,
+            outcome,
+            description=description,
+            participants=self._transfer_participants(device, to_device),
+            objects=_study_objects(study_uid, patient_id, counts),
+        )
+
+    def _transfer_participants(self, device: str, to_device: bool) -> tuple[Participant, ...]:
+        dev_role, agent_role = (
+            (ROLE_DESTINATION, ROLE_SOURCE) if to_device else (ROLE_SOURCE, ROLE_DESTINATION)
+        )
+        return (
+            Participant(device, requestor=True, role=dev_role),
+            self._agent(agent_role),
+        )
+
+
+def _certificate_object(
+    serial: str, device: str, details: Mapping[str, object] | None = None
+) -> ParticipantObject:
+    return ParticipantObject(
+        serial,
+        ID_CERTIFICATE_SERIAL,
+        role=ROLE_SECURITY_RESOURCE,
+        name=device,
+        details=dict(details or {}),
+    )
+
+
+def _study_objects(
+    study_uid: str, patient_id: str | None, details: Mapping[str, object] | None
+) -> tuple[ParticipantObject, ...]:
+    study = ParticipantObject(
+        study_uid, ID_STUDY_UID, role=ROLE_REPORT, details=dict(details or {})
+    )
+    if patient_id is None:
+        return (study,)
+    patient = ParticipantObject(
+        patient_id, ID_PATIENT_NUMBER, type_code=OBJ_PERSON, role=ROLE_PATIENT
+    )
+    return (study, patient)
+
+
+def read_events(path: Path, *, limit: int = 100_000) -> list[dict[str, Any]]:
+    """The events of `path` and its rotated files, oldest first (for tests and tools).
+
+    A line that is not JSON (a torn write after a crash) is skipped.
+    """
+    path = Path(path)
+    numbered = sorted(
+        (p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+        key=lambda p: int(p.suffix[1:]),
+        reverse=True,
+    )
+    events: list[dict[str, Any]] = []
+    for file in [*numbered, path]:
+        try:
+            text = file.read_text("utf-8")
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                events.append(value)
+                if len(events) >= limit:
+                    return events
+    return events

@@ -1,0 +1,66 @@
+"""The agent's handlers for non-TCP stream targets: `dicom` against the PACS, audited."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+from relay.agent.audit import AuditLog
+from relay.agent.config import AgentConfig
+from relay.agent.dispatch import TargetHandler
+from relay.net.aio import Stream
+from relay.ops.metrics import EndMetrics
+from relay.wire import HEADER_DEVICE, TARGET_DICOM
+
+__all__ = ["default_handlers"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def default_handlers(
+    config: AgentConfig,
+    metrics: EndMetrics | None = None,
+    audit: AuditLog | None = None,
+) -> AsyncIterator[dict[str, TargetHandler]]:
+    """The handlers of non-TCP targets: `dicom` when a PACS is configured and the DICOM
+    package is available. Owns their lifetime (e.g. the C-MOVE storage SCP)."""
+    handlers: dict[str, TargetHandler] = {}
+    if config.pacs is None:
+        yield handlers
+        return
+    # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
+    from relay.agent.dicom_audit import DicomAuditor
+    from relay.dicom.agent import DicomAgent
+
+    target = dataclasses.replace(config.pacs, compression_level=config.compression_level)
+    dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
+    await dicom.start()
+
+    auditor = DicomAuditor(audit) if audit is not None else None
+
+    async def serve_dicom(stream: Stream) -> None:
+        device = stream.headers.get(HEADER_DEVICE, "")
+        begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
+        summary = await dicom.serve(stream, on_request=begin)
+        if auditor is not None:
+            auditor.end(device, summary)
+        log.info(
+            "dicom operation",
+            extra={
+                "stream": stream.stream_id,
+                "device": stream.headers.get(HEADER_DEVICE, ""),
+                "op": summary.op,
+                "status": summary.status,
+                "instances": summary.instances,
+                "seconds": round(summary.seconds, 3),
+            },
+        )
+
+    handlers[TARGET_DICOM] = serve_dicom
+    try:
+        yield handlers
+    finally:
+        await dicom.stop()

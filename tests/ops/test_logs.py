@@ -1,0 +1,200 @@
+"""relay.ops.logs: below debug, no data element value reaches a log line (issue 8).
+
+The records come from the real libraries where they can (pydicom's validation warning and
+its value-quoting exceptions) and otherwise from pynetdicom's own logger names with the
+text pynetdicom writes (its `pretty_dataset` dump of a real dataset).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from pydicom import valuerep
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import pretty_dataset
+
+from relay.ops import logs
+from relay.ops.reloading import set_log_level
+
+
+@dataclass
+class Captured:
+    out: io.StringIO
+
+    def entries(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def text(self) -> str:
+        return self.out.getvalue()
+
+    def clear(self) -> None:
+        self.out.seek(0)
+        self.out.truncate()
+
+
+@pytest.fixture
+def canary() -> str:
+    return f"CANARY{os.urandom(5).hex().upper()}"
+
+
+Start = Callable[[str], Captured]
+
+
+@pytest.fixture
+def setup() -> Iterator[Start]:
+    """setup_logging into a buffer; the process's logging as it was afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
+
+    def start(level: str) -> Captured:
+        out = io.StringIO()
+        logs.setup_logging("agent", level, stream=out)
+        return Captured(out)
+
+    yield start
+    logging.captureWarnings(False)
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logging.getLogger("pynetdicom").setLevel(saved[2])
+
+
+def _query(canary: str) -> Dataset:
+    ds = Dataset()
+    ds.PatientName = f"{canary}^JANE"
+    ds.PatientID = f"ID{canary}"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.1341.42"
+    return ds
+
+
+def _pynetdicom_dump(ds: Dataset, logger: str = "pynetdicom.association") -> None:
+    """What pynetdicom does with every request and response identifier."""
+    log = logging.getLogger(logger)
+    log.info("# Request Identifier")
+    for line in pretty_dataset(ds):
+        log.info(line)
+
+
+def test_dataset_dumps_do_not_reach_an_info_log(setup: Start, canary: str) -> None:
+    captured = setup("info")
+    _pynetdicom_dump(_query(canary))
+    _pynetdicom_dump(_query(canary), "pynetdicom.service_class")
+    logging.getLogger("relay.dicom.node").info("C-FIND answered", extra={"matches": 1})
+    assert canary not in captured.text()
+    assert [e["msg"] for e in captured.entries()] == ["C-FIND answered"]
+
+
+def test_loggers_created_later_are_filtered_too(setup: Start, canary: str) -> None:
+    captured = setup("info")
+    late = logging.getLogger(f"pynetdicom.later{os.urandom(3).hex()}")
+    late.setLevel(logging.DEBUG)  # even a child that lowers its own level
+    late.info("(0010,0010) PN [%s]", canary)
+    late.debug("(0010,0010) PN [%s]", canary)
+    late.error("Failed to decode %s", canary)
+    assert canary not in captured.text()
+    (entry,) = captured.entries()
+    assert entry["level"] == "error" and entry["msg"] == logs.WITHHELD
+    assert entry["source"] == "test_logs.py:" + str(entry["source"]).rsplit(":", 1)[1]
+
+
+def test_library_warnings_and_errors_keep_their_level_not_their_text(
+    setup: Start, canary: str
+) -> None:
+    captured = setup("info")
+    ds = Dataset()
+    ds.StudyInstanceUID = f"1.2.{canary}"  # pydicom: log record and Python warning, both
+    try:
+        valuerep.IS(canary)
+    except ValueError as exc:
+        logging.getLogger("pynetdicom.dimse").error("Received an invalid DIMSE message")
+        logging.getLogger("pynetdicom.dimse").exception(exc)
+    logging.getLogger("pynetdicom.acse").error("Association Aborted")
+    text = captured.text()
+    assert canary not in text
+    entries = captured.entries()
+    by_logger = {(e["logger"], e.get("error")): e for e in entries}
+    assert by_logger[("pydicom", None)]["msg"] == logs.WITHHELD
+    warned = by_logger[("py.warnings", "UserWarning")]
+    assert warned["level"] == "warning" and str(warned["source"]).startswith("valuerep.py:")
+    assert by_logger[("pynetdicom.dimse", "ValueError")]["msg"] == logs.WITHHELD
+    # pynetdicom's fixed messages say what happened, and pass as they are.
+    assert [e["msg"] for e in entries if e["logger"] != "py.warnings"][-3:] == [
+        logs.WITHHELD,
+        logs.WITHHELD,
+        "Association Aborted",
+    ]
+    # A message not on that short list is withheld even if it looks harmless, and one
+    # whose arguments do not format is withheld too (the filter never raises).
+    captured.clear()
+    logging.getLogger("pynetdicom.acse").error("Association Aborted by %s", canary)
+    logging.getLogger("pynetdicom.acse").error("Association %s %s", canary)  # noqa: PLE1206
+    assert [e["msg"] for e in captured.entries()] == [logs.WITHHELD, logs.WITHHELD]
+
+
+def test_our_exceptions_from_pydicom_keep_only_their_type(setup: Start, canary: str) -> None:
+    captured = setup("info")
+    log = logging.getLogger("relay.dicom.pacs_ops")
+    try:
+        valuerep.IS(canary)
+    except ValueError:
+        log.exception("DICOM operation failed")
+    try:
+        raise OSError(f"connect to pacs.local failed ({canary[:6]})")
+    except OSError:
+        log.exception("DICOM operation failed")
+    try:
+        valuerep.IS(canary)
+    except ValueError as exc:  # as asyncio reports a task that died of it
+        logging.getLogger("asyncio").error("Task exception: %r", exc, exc_info=exc)
+    failed, ours = [e for e in captured.entries() if e["logger"] == log.name]
+    (task,) = [e for e in captured.entries() if e["logger"] == "asyncio"]
+    assert task["msg"] == logs.WITHHELD and task["error"] == "ValueError"
+    assert failed["msg"] == "DICOM operation failed"
+    assert failed["error"] == "ValueError (text withheld below debug)"
+    assert canary not in "".join(
+        line for line in captured.text().splitlines() if "OSError" not in line
+    )
+    # An exception that never went through pydicom or pynetdicom keeps its text.
+    assert ours["error"] == f"OSError: connect to pacs.local failed ({canary[:6]})"
+
+
+def test_at_debug_everything_passes_and_a_reload_switches(setup: Start, canary: str) -> None:
+    captured = setup("debug")
+    _pynetdicom_dump(_query(canary))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        Dataset().StudyInstanceUID = f"1.2.{canary}"
+    assert f"[{canary}^JANE]" in captured.text()
+    assert logging.getLogger("pynetdicom").level == logging.INFO  # not its per-PDU noise
+    assert sum(canary in str(e["msg"]) for e in captured.entries()) >= 3
+
+    set_log_level("info")  # a SIGHUP that leaves debug
+    captured.clear()
+    _pynetdicom_dump(_query(canary))
+    Dataset().StudyInstanceUID = f"1.3.{canary}"
+    assert canary not in captured.text()
+    assert logging.getLogger("pynetdicom").level == logging.WARNING
+
+    set_log_level("debug")
+    _pynetdicom_dump(_query(canary))
+    assert f"[{canary}^JANE]" in captured.text()
+
+
+def test_warning_level_drops_library_info_and_keeps_the_rest(setup: Start, canary: str) -> None:
+    captured = setup("warning")
+    _pynetdicom_dump(_query(canary))
+    logging.getLogger("pynetdicom.transport").error(
+        "TCP Initialisation Error: [Errno 111] Connection refused"
+    )
+    logging.getLogger("relay.agent.service").warning("gateway link lost", extra={"code": 7})
+    assert canary not in captured.text()
+    assert [e["msg"] for e in captured.entries()] == [
+        "TCP Initialisation Error: [Errno 111] Connection refused",
+        "gateway link lost",
+    ]
