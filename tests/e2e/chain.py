@@ -58,6 +58,7 @@ class Proc:
     cwd: Path = ROOT
     env: Mapping[str, str] | None = None
     since: int = 0  # the log's size when this incarnation started
+    _bound: dict[tuple[int, str, str | None], Bound] = field(default_factory=dict, repr=False)
 
     def start(self) -> None:
         self.cwd.mkdir(parents=True, exist_ok=True)
@@ -78,9 +79,12 @@ class Proc:
 
     def listening(self, what: str, service: str | None = None) -> Bound:
         """Where this incarnation's listener `what` is bound (waits for its log line)."""
-        return wait_listening(
-            self.log, what, since=self.since, alive=lambda: self.running, service=service
-        )
+        key = (self.since, what, service)
+        if key not in self._bound:
+            self._bound[key] = wait_listening(
+                self.log, what, since=self.since, alive=lambda: self.running, service=service
+            )
+        return self._bound[key]
 
     async def alistening(
         self, what: str, service: str | None = None, within: float = WAIT

@@ -114,8 +114,8 @@ async def scrape_with_prometheus(ops: Ops, tmp_path: Path) -> None:
     async def all_up() -> bool:
         try:
             targets = (await api(port, "targets"))["activeTargets"]
-        except (OSError, TimeoutError, ValueError, IndexError):
-            return False  # not answering yet
+        except (OSError, TimeoutError, ValueError, IndexError, AssertionError):
+            return False  # not answering yet, or 503 until its storage is ready
         return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
     await wait_for(
