@@ -28,6 +28,7 @@ from relay.net.tls import (
     peer_identity,
     refusal_for_identity,
 )
+from relay.ops.listening import announce
 from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
@@ -91,9 +92,8 @@ class GatewayServer:
         sock = socket.create_server((addr.host, addr.port), family=family, backlog=1024)
         sock.setblocking(False)
         self._sock = sock
-        self.port = sock.getsockname()[1]
+        self.port = announce("gateway", sock.getsockname()).port
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-        log.info("gateway listening", extra={"listen": f"{addr.host}:{self.port}"})
 
     @property
     def listening(self) -> bool:

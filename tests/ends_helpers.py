@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +20,7 @@ from relay.agent.config import AgentConfig, ServiceConfig
 from relay.dicom.pacs_target import PacsTarget
 from relay.ops.config import Address, Backoff, LinkSettings, TlsFiles
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
+from relay.workstation.service import Workstation
 from tests.pki_helpers import HOST, SitePki
 
 WAIT = 10.0
@@ -124,7 +125,7 @@ def workstation_config(
     identity_dir: Path,
     tmp: Path,
     gateway_port: int,
-    forward: dict[int, str] | None = None,
+    forward: Mapping[Address, str] | None = None,
     *,
     drain_grace: float = 2.0,
 ) -> WorkstationConfig:
@@ -134,20 +135,26 @@ def workstation_config(
         identity_dir=identity_dir,
         metrics_listen=None,
         dicom=None,
-        forward=MappingProxyType(
-            {Address(HOST, port): service for port, service in (forward or {}).items()}
-        ),
+        forward=MappingProxyType(dict(forward or {})),
         limits=LIMITS,
         reconnect=FAST,
         drain_grace=drain_grace,
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+def forward_zero(*services: str) -> dict[Address, str]:
+    """`forward:` entries on port 0, one loopback address per service (two entries on
+    one host and port 0 would be one key); `forwarded()` says where each listens."""
+    return {Address(f"127.0.0.{i + 1}", 0): service for i, service in enumerate(services)}
+
+
+def forwarded(ws: Workstation, service: str) -> Address:
+    """Where a started workstation forwards `service` (the port it got)."""
+    forwarder = ws.forwarder
+    (address,) = (
+        bound for asked, bound in forwarder.bound.items() if forwarder.forwards[asked] == service
+    )
+    return address
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -196,9 +203,10 @@ async def wait_until(predicate: Callable[[], bool], within: float = WAIT) -> Non
             await asyncio.sleep(0.01)
 
 
-async def tcp_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
-    """Connect, send, half-close, read until EOF."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+async def tcp_exchange(target: int | Address, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Connect (to a port of HOST, or an address), send, half-close, read until EOF."""
+    address = target if isinstance(target, Address) else Address(HOST, target)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         writer.write(payload)

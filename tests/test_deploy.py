@@ -35,6 +35,7 @@ from relay.ops.config import parse_duration
 from relay.workstation.config import load_workstation_config
 from tests.interop.harness import require_tools, unavailable
 from tests.pki_helpers import SitePki, make_pki
+from tests.ports import reserve, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -476,13 +477,6 @@ print("ok")
 # --------------------------------------------------------------------------- real gateways
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -534,14 +528,13 @@ class Gateways:
     def start(self, prefix: Sequence[str] = ()) -> Gateway:
         """Start one (under `prefix`, a launcher) and wait until its /readyz says 200."""
         index = len(self.started)
-        port, metrics_port = free_port(), free_port()
         config = self.tmp / f"gateway{index}.yaml"
         tls_files = {"cert": self.pki.gateway.cert, "key": self.pki.gateway.key, "ca": self.pki.ca}
         config.write_text(
             yaml.safe_dump(
                 {
-                    "listen": f"{HOST}:{port}",
-                    "metrics_listen": f"{HOST}:{metrics_port}",
+                    "listen": f"{HOST}:0",  # it says which ports it got
+                    "metrics_listen": f"{HOST}:0",
                     "tls": {k: str(v) for k, v in tls_files.items()},
                     "drain_grace": "5s",
                 }
@@ -556,6 +549,9 @@ class Gateways:
                 cwd=ROOT,
                 start_new_session=True,
             )
+        alive = lambda: popen.poll() is None  # noqa: E731
+        port = wait_listening(log, "gateway", alive=alive).port
+        metrics_port = wait_listening(log, "metrics", alive=alive).port
         gateway = Gateway(popen, port, metrics_port, log)
         self.started.append(gateway)
         wait_for(f"gateway {index} ready", lambda: gateway.ready() or popen.poll() is not None)
@@ -979,7 +975,8 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
     """TLS reaches the gateways untouched, and /readyz health checks follow them."""
     require_tools("haproxy")
     both = [gateways.start(), gateways.start()]
-    front = free_port()
+    reserved = reserve()  # HAProxy binds it (SO_REUSEADDR); kept for the whole test
+    front = reserved.getsockname()[1]
     config = _haproxy_for_test(tmp_path, front, both)
     sock = tmp_path / "haproxy.sock"
     log = tmp_path / "haproxy.log"
@@ -1024,6 +1021,7 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
         except subprocess.TimeoutExpired:
             haproxy.kill()
             haproxy.wait(WAIT)
+        reserved.close()
 
 
 # --------------------------------------------------------------------------- prometheus

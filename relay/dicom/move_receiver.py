@@ -17,6 +17,7 @@ from pynetdicom import AE, evt
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.pacs_ops import Deliver
+from relay.ops.listening import announce
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class MoveReceiver:
                 storage_role_selection=False, preference=contexts.PACS_PREFERENCE
             ),
         )
+        announce("move", (self.host, self.port), ae_title=self.ae_title)
 
     def stop(self) -> None:
         if self._server is not None:

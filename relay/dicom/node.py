@@ -55,6 +55,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
+from relay.ops.listening import announce
 from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class DicomNode:
         self._server = await asyncio.to_thread(
             ae.start_server, self.listen, block=False, evt_handlers=handlers, contexts=supported
         )
-        log.info("DICOM node %s listening on %s:%d", self.ae_title, *self.address)
+        announce("dicom", self.address, ae_title=self.ae_title)
 
     async def stop(self) -> None:
         with self._sessions_lock:

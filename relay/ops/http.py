@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.ops.config import Address
+from relay.ops.listening import announce
 
 Readiness = tuple[bool, str]
 ReadyCheck = Callable[[], Readiness | Awaitable[Readiness]]
@@ -44,6 +45,8 @@ class AdminServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.address.port
+        for sock in sockets:
+            announce("metrics", sock.getsockname())
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -21,6 +21,7 @@ from typing import Final
 from relay.net.compression import CodecStats, CodecStream
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.config import Address
+from relay.ops.listening import announce
 from relay.ops.tasks import drain_tasks
 from relay.wire import CODEC_ZSTD, HEADER_CODEC, HEADER_TARGET, tcp_target
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
@@ -94,11 +95,8 @@ class Forwarder:
                 except OSError as exc:
                     raise ForwardListenError(address, exc) from None
                 self._servers.append(server)
-                host, port = server.sockets[0].getsockname()[:2]
-                self.bound[address] = Address(str(host), int(port))
-                log.info(
-                    "forwarding",
-                    extra={"listen": str(self.bound[address]), "service": service},
+                self.bound[address] = announce(
+                    "forward", server.sockets[0].getsockname(), service=service
                 )
         except BaseException:
             await self.stop_accepting()

@@ -33,12 +33,12 @@ from tests.ends_helpers import (
     GatewayHandle,
     TcpService,
     agent_config,
-    free_port,
     running_gateway,
     tcp_service,
     wait_until,
 )
 from tests.pki_helpers import HOST, SitePki, make_pki
+from tests.ports import dead_port
 
 SETTINGS = LinkSettings()
 SECRET = b"PAYLOAD-MUST-NOT-BE-LOGGED-7d1f"
@@ -99,21 +99,22 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         await stream.write(b"dicom handler got " + data)
         await stream.write_eof()
 
-    async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
-        config = agent_config(
-            pki,
-            tmp_path,
-            [gw.port],
-            {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (free_port(), False)},
-        )
-        async with running_agent(config, {"dicom": dicom}) as agent:
-            await asyncio.wait_for(
-                agent.gateways.links[next(iter(agent.gateways.links))].up.wait(), WAIT
+    with dead_port() as dead:  # a service that is down for the whole test
+        async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
+            config = agent_config(
+                pki,
+                tmp_path,
+                [gw.port],
+                {"echo": (echo.port, False), "zecho": (echo.port, True), "dead": (dead, False)},
             )
-            await wait_until(lambda: gw.server.router.sites() == ["main"])
-            device = await device_link(pki, gw.port)
-            yield World(pki, gw, agent, echo, device, seen)
-            device.close()
+            async with running_agent(config, {"dicom": dicom}) as agent:
+                await asyncio.wait_for(
+                    agent.gateways.links[next(iter(agent.gateways.links))].up.wait(), WAIT
+                )
+                await wait_until(lambda: gw.server.router.sites() == ["main"])
+                device = await device_link(pki, gw.port)
+                yield World(pki, gw, agent, echo, device, seen)
+                device.close()
 
 
 async def read_all(stream: ByteStream) -> bytes:

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from tests.ports import reserve, wait_listening, wait_logged_port
+
 REPO: Final = Path(__file__).resolve().parents[2]
 VENV_BIN: Final = Path(sys.executable).parent
 HOST: Final = "127.0.0.1"
@@ -119,13 +121,6 @@ def rss_bytes(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_port(port: int, timeout: float, proc: Process | None = None) -> None:
     """Until something accepts TCP on HOST:port (or `proc` exits, or the timeout)."""
     deadline = time.monotonic() + timeout
@@ -187,6 +182,22 @@ class Process:
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
+
+    def listening(self, what: str, timeout: float) -> int:
+        """The port of listener `what` that this relay role reported in its log."""
+        alive = lambda: self.popen.poll() is None  # noqa: E731
+        try:
+            return wait_listening(self.log_path, what, alive=alive, within=timeout).port
+        except AssertionError as exc:
+            raise BenchError(f"{self.name}: {exc}") from None
+
+    def logged_port(self, pattern: str, timeout: float) -> int:
+        """The port in the first line of this process's log that matches `pattern`."""
+        alive = lambda: self.popen.poll() is None  # noqa: E731
+        try:
+            return wait_logged_port(self.log_path, pattern, alive=alive, within=timeout)
+        except AssertionError as exc:
+            raise BenchError(f"{self.name}: {exc}") from None
 
     def log_tail(self, size: int = 2000) -> str:
         with contextlib.suppress(OSError):
@@ -272,6 +283,14 @@ class ProcessGroup:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self._procs: list[Process] = []
+        self._reserved: list[socket.socket] = []
+
+    def reserve(self) -> int:
+        """A port kept for this run (tests.ports.reserve): for programs that cannot
+        take port 0 and say which port they got."""
+        sock = reserve()
+        self._reserved.append(sock)
+        return int(sock.getsockname()[1])
 
     def process(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Process:
         proc = Process(name, argv, self.log_dir, env=env)
@@ -287,6 +306,9 @@ class ProcessGroup:
         for proc in reversed(self._procs):
             proc.stop()
         self._procs.clear()
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
 
     def __enter__(self) -> ProcessGroup:
         return self

@@ -21,7 +21,6 @@ from tests.bench.procs import (
     BenchError,
     Process,
     ProcessGroup,
-    free_port,
     scrape,
     wait_port,
 )
@@ -93,12 +92,11 @@ def start_gateway(
     extra_config: str = "",
 ) -> Gateway:
     """`relay gateway --config FILE` as a real process; returns once /readyz answers."""
-    port, metrics_port = free_port(), free_port()
     cert, key = bench_pki.pair("gateway")
     config = workdir / "gateway.yaml"
     config.write_text(
-        f"listen: {HOST}:{port}\n"
-        f"metrics_listen: {HOST}:{metrics_port}\n"
+        f"listen: {HOST}:0\n"  # it says which ports it got
+        f"metrics_listen: {HOST}:0\n"
         f"tls: {{cert: {cert}, key: {key}, ca: {bench_pki.ca}}}\n"
         "drain_grace: 1s\n"
         "handshake_timeout: 30s\n"
@@ -106,6 +104,8 @@ def start_gateway(
         "log_level: warning\n" + extra_config
     )
     proc = group.process("gateway", [*gateway_command(bench_pki), "--config", str(config)], env=env)
+    port = proc.listening("gateway", START_TIMEOUT)
+    metrics_port = proc.listening("metrics", START_TIMEOUT)
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         try:
@@ -165,7 +165,7 @@ def start_haproxy(
     """
     if shutil.which("haproxy") is None:
         raise BenchError("haproxy is not installed (Debian package haproxy)")
-    port = free_port()
+    port = group.reserve()  # HAProxy binds it with SO_REUSEADDR; kept for the run
     config = workdir / f"{name}.cfg"
     config.write_text(
         "global\n"

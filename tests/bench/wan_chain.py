@@ -31,10 +31,8 @@ from tests.bench.procs import (
     BenchError,
     Process,
     ProcessGroup,
-    free_port,
     scrape,
     system_busy_seconds,
-    wait_port,
 )
 from tests.bench.targets import SITE, BenchPki, Gateway, start_gateway
 from tests.bench.wan_net import Profile, start_proxy
@@ -105,15 +103,14 @@ def _wait_ready(proc: Process, metrics_port: int, timeout: float) -> None:
 def start_hospital(
     group: ProcessGroup, bench_pki: BenchPki, workdir: Path, count: int, knobs: Knobs
 ) -> Hospital:
-    pacs_port = free_port()
     pacs = group.process(
         "pacs",
-        [sys.executable, "-m", "tests.bench.wan_pacs", "--port", str(pacs_port),
+        [sys.executable, "-m", "tests.bench.wan_pacs", "--port", "0",
          "--count", str(count), "--ae-title", PACS_AE, "--seconds", "3600"],
         env=ENV,
     )  # fmt: skip
     gateway = start_gateway(group, bench_pki, workdir, env=ENV, extra_config=_limits_line(knobs))
-    agent_metrics = free_port()
+    pacs_port = pacs.logged_port(r"wan_pacs \S+ on [\d.]+:(?P<port>\d+):", PACS_START_TIMEOUT)
     cert, key = bench_pki.pair("agent")
     config = workdir / "agent.yaml"
     config.write_text(
@@ -121,7 +118,7 @@ def start_hospital(
         f"gateways: ['{HOST}:{gateway.port}']\n"
         f"tls: {{cert: {cert}, key: {key}, ca: {bench_pki.ca}}}\n"
         f"state_dir: {workdir / 'agent-state'}\n"
-        f"metrics_listen: {HOST}:{agent_metrics}\n"
+        f"metrics_listen: {HOST}:0\n"
         f"pacs: {{ae_title: {PACS_AE}, host: {HOST}, port: {pacs_port}, "
         f"calling_ae_title: {NODE_AE}}}\n"
         f"compression_level: {knobs.compression_level}\n"
@@ -131,8 +128,8 @@ def start_hospital(
     )
     agent = group.process("agent", [str(VENV_BIN / "relay"), "agent", "--config", str(config)],
                           env=ENV)  # fmt: skip
+    agent_metrics = agent.listening("metrics", START_TIMEOUT)
     _wait_ready(agent, agent_metrics, START_TIMEOUT)
-    wait_port(pacs_port, PACS_START_TIMEOUT, pacs)
     return Hospital(pacs, pacs_port, gateway, agent, agent_metrics)
 
 
@@ -172,13 +169,12 @@ def start_site(
             group, f"proxy-pacs-{profile.name}", hospital.pacs_port, profile, ENV
         )
         proxies = [gw_proxy, pacs_proxy]
-    node_port, metrics = free_port(), free_port()
     config = workdir / f"workstation-{profile.name}.yaml"
     config.write_text(
         f"gateway: {HOST}:{gateway_port}\n"
         f"identity_dir: {bench_pki.directory / 'device'}\n"
-        f"metrics_listen: {HOST}:{metrics}\n"
-        f"dicom: {{listen: '{HOST}:{node_port}', ae_title: {NODE_AE}}}\n"
+        f"metrics_listen: {HOST}:0\n"
+        f"dicom: {{listen: '{HOST}:0', ae_title: {NODE_AE}}}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"
         "log_level: warning\n" + _limits_line(knobs)
@@ -188,7 +184,8 @@ def start_site(
         [str(VENV_BIN / "relay"), "workstation", "--config", str(config)],
         env=ENV,
     )
-    _wait_ready(ws, metrics, START_TIMEOUT)
+    node_port = ws.listening("dicom", START_TIMEOUT)
+    _wait_ready(ws, ws.listening("metrics", START_TIMEOUT), START_TIMEOUT)
     # The agent link must be routed and the PACS up: C-ECHO both ways until both answer.
     for port, ae in ((node_port, NODE_AE), (direct_port, PACS_AE)):
         echo_until_ok(port, ae, START_TIMEOUT)

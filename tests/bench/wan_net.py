@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from tests.bench.procs import HOST, BenchError, Process, ProcessGroup, free_port, wait_port
+from tests.bench.procs import HOST, BenchError, Process, ProcessGroup
 
 MBIT: Final = 1e6 / 8  # bytes/s in one Mbit/s
 START_TIMEOUT: Final = 20.0
@@ -63,17 +63,17 @@ LOOPBACK: Final = Profile("loopback", None, 0.0)
 def start_proxy(
     group: ProcessGroup, name: str, target_port: int, profile: Profile, env: dict[str, str]
 ) -> tuple[Process, int]:
-    """`python -m tests.bench.wanproxy` from a free port to HOST:target_port; (proc, port)."""
+    """`python -m tests.bench.wanproxy` from port 0 (it prints the port it got) to
+    HOST:target_port; (proc, port)."""
     if profile.rate is None:
         raise ValueError(f"profile {profile.name} has no link to emulate")
-    port = free_port()
     argv = [
         sys.executable, "-m", "tests.bench.wanproxy",
-        "--target", f"{HOST}:{target_port}", "--listen", f"{HOST}:{port}",
+        "--target", f"{HOST}:{target_port}", "--listen", f"{HOST}:0",
         "--delay", f"{profile.rtt / 2}", "--rate", f"{profile.rate}",
     ]  # fmt: skip
     proc = group.process(name, argv, env=env)
-    wait_port(port, START_TIMEOUT, proc)
+    port = proc.logged_port(r"wanproxy [\d.]+:(?P<port>\d+) ->", START_TIMEOUT)
     return proc, port
 
 
@@ -99,7 +99,7 @@ class _Source:
         self._thread.start()
 
     def _serve(self) -> None:
-        """One connection at a time (wait_port's probe comes first), until close()."""
+        """One connection at a time, until close()."""
         block = bytes(_CHUNK)
         try:
             while True:

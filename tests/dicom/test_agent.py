@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -32,19 +31,15 @@ from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.ops.config import Address
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from tests.ports import dead_port
 
+from .chain import until
 from .helpers import EXPLICIT, query
 
 CT = samples.make_study(5, rows=64, cols=64)
 MR = samples.make_study(3, modality="MR", rows=32, cols=32)
 CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
 MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -189,15 +184,15 @@ async def test_get_of_an_unknown_study(pacs: EmbeddedPacs) -> None:
 
 
 async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
-    port = free_port()
-    pacs.destinations["RELAYMOVE"] = ("127.0.0.1", port)
     agent = DicomAgent(
         target(
-            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", port)
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", 0)
         )
     )
     await agent.start()
     try:
+        assert agent.move_receiver is not None  # listening on the port it got
+        pacs.destinations["RELAYMOVE"] = ("127.0.0.1", agent.move_receiver.port)
         a, b = pipe()
         server = asyncio.create_task(agent.serve(b))
         ws = Workstation(a)
@@ -214,14 +209,15 @@ async def test_move_through_the_agents_storage_scp(pacs: EmbeddedPacs) -> None:
 
 
 async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
-    port = free_port()
     agent = DicomAgent(
         target(
-            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", port)
+            pacs, retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", 0)
         )
     )
     await agent.start()
     try:
+        assert agent.move_receiver is not None
+        port = agent.move_receiver.port
         from pynetdicom import build_context
 
         from .helpers import scu
@@ -274,8 +270,11 @@ async def test_malformed_upload_is_refused_before_the_pacs(pacs: EmbeddedPacs) -
 
 
 async def test_pacs_down_fails_fast_with_a_reason() -> None:
-    port = free_port()  # nothing listens there
-    t = PacsTarget(ae_title="NOPE", host="127.0.0.1", port=port, timeout=3)
+    with dead_port() as port:  # nothing listens there, nor can while it is held
+        await _fails_fast(PacsTarget(ae_title="NOPE", host="127.0.0.1", port=port, timeout=3))
+
+
+async def _fails_fast(t: PacsTarget) -> None:
     for req, code in [
         (Request(op="echo"), st.PROCESSING_FAILURE),
         (retrieve(StudyInstanceUID="1.2.3"), st.PACS_UNREACHABLE),
@@ -338,7 +337,9 @@ async def test_stream_reset_mid_retrieval_aborts_the_pacs_operation() -> None:
         a.reset(7)
         summary = await asyncio.wait_for(server, 20)
         sent = slow.events.instances_sent
-        await asyncio.sleep(0.3)
+        # The agent aborted the association: once the PACS has no association left,
+        # nothing can send any more (without the abort it would go on to the end).
+        await until(lambda: not slow._server.active_associations)
         assert slow.events.instances_sent <= sent + 1  # the PACS stopped sending
     assert summary.status == st.LINK_LOST
     assert sent < 30

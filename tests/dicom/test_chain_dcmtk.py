@@ -23,6 +23,7 @@ from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.interop.harness import dcmtk
 from tests.interop.harness.netns import NetNS
 from tests.interop.harness.tools import require_root
+from tests.ports import dead_port
 
 from .chain import Chain
 from .helpers import EXPLICIT, capturing_scp, quirky_instance
@@ -56,12 +57,6 @@ def dataset_bytes(path: Path) -> bytes:
 def _elements(ds: object) -> list[tuple[int, str]]:
     """A C-FIND match as comparable data (the file meta findscu adds differs per file)."""
     return [(int(e.tag), str(e.value)) for e in ds]  # type: ignore[attr-defined]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -328,7 +323,12 @@ async def test_storescu_upload_lands_in_the_pacs(
 
 
 async def test_pacs_down_fails_within_a_bounded_time(tmp_path: Path) -> None:
-    c = Chain(PacsTarget(ae_title="GONE", host="127.0.0.1", port=free_port(), timeout=3))
+    with dead_port() as port:  # held: nothing can listen there during the test
+        await _pacs_down_fails_within_a_bounded_time(port, tmp_path)
+
+
+async def _pacs_down_fails_within_a_bounded_time(port: int, tmp_path: Path) -> None:
+    c = Chain(PacsTarget(ae_title="GONE", host="127.0.0.1", port=port, timeout=3))
     await c.start()
     try:
         echo = await asyncio.to_thread(dcmtk.echoscu, node_of(c), timeout=30, check=False)

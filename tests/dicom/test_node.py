@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from tests.ports import dead_port
 
 from . import viewer
 from .chain import Chain, until
@@ -33,12 +33,6 @@ CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
 MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
 QUIRKY_STUDY = str(rawds.decode_dataset(QUIRKY.data, EXPLICIT).StudyInstanceUID)
 CLASSES = [samples.CT_IMAGE_STORAGE, samples.MR_IMAGE_STORAGE]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -154,7 +148,11 @@ async def test_unknown_study_gets_no_instances_and_no_failure(chain: Chain) -> N
 
 
 async def test_pacs_down_gives_failure_statuses_quickly() -> None:
-    port = free_port()
+    with dead_port() as port:  # held: nothing can listen there during the test
+        await _pacs_down_gives_failure_statuses_quickly(port)
+
+
+async def _pacs_down_gives_failure_statuses_quickly(port: int) -> None:
     c = Chain(PacsTarget(ae_title="GONE", host="127.0.0.1", port=port, timeout=3))
     await c.start()
     try:

@@ -9,7 +9,7 @@ directly: the same matches, the same dataset bytes.
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,6 @@ TIMEOUT = 60.0
 def dataset_bytes(path: Path) -> bytes:
     _meta, offset = split_dataset(path)
     return path.read_bytes()[offset:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load(orthanc: Orthanc, tmp_path: Path) -> None:
@@ -110,12 +104,8 @@ async def test_find_and_get_through_the_relay_equal_orthanc_direct(
 
 async def test_retrieve_by_move_from_orthanc(orthanc: Orthanc, tmp_path: Path) -> None:
     await asyncio.to_thread(load, orthanc, tmp_path)
-    receiver_port = free_port()
-    async with (
-        IntoNamespace(orthanc.ns, orthanc.dicom_port) as port,
-        OutOfNamespace(orthanc.ns, 11150, receiver_port) as ns_port,
-    ):
-        await asyncio.to_thread(orthanc.add_modality, "RELAYMOVE", "127.0.0.1", ns_port)
+    async with contextlib.AsyncExitStack() as stack:
+        port = await stack.enter_async_context(IntoNamespace(orthanc.ns, orthanc.dicom_port))
         target = PacsTarget(
             ae_title=orthanc.ae_title,
             host="127.0.0.1",
@@ -123,34 +113,38 @@ async def test_retrieve_by_move_from_orthanc(orthanc: Orthanc, tmp_path: Path) -
             timeout=20,
             retrieve="move",
             move_ae_title="RELAYMOVE",
-            move_listen=Address("127.0.0.1", receiver_port),
+            move_listen=Address("127.0.0.1", 0),
         )
         agent = DicomAgent(target)
         await agent.start()
+        stack.push_async_callback(agent.stop)
+        assert agent.move_receiver is not None  # listening on the port it got
+        # 11150: fixed, in Orthanc's own namespace, below the ephemeral range
+        ns_port = await stack.enter_async_context(
+            OutOfNamespace(orthanc.ns, 11150, agent.move_receiver.port)
+        )
+        await asyncio.to_thread(orthanc.add_modality, "RELAYMOVE", "127.0.0.1", ns_port)
         c = Chain(target, move_receiver=agent.move_receiver)
         await c.start()
-        try:
-            got = await asyncio.to_thread(
-                dcmtk.getscu,
-                node_of(c),
-                tmp_path / "relay",
-                "STUDY",
-                {"StudyInstanceUID": MR_STUDY},
-                extra_args=["+B"],
-                timeout=TIMEOUT,
-            )
-            want = await asyncio.to_thread(
-                dcmtk.getscu,
-                orthanc.node,
-                tmp_path / "direct",
-                "STUDY",
-                {"StudyInstanceUID": MR_STUDY},
-                extra_args=["+B"],
-                timeout=TIMEOUT,
-            )
-        finally:
-            await c.stop()
-            await agent.stop()
+        stack.push_async_callback(c.stop)
+        got = await asyncio.to_thread(
+            dcmtk.getscu,
+            node_of(c),
+            tmp_path / "relay",
+            "STUDY",
+            {"StudyInstanceUID": MR_STUDY},
+            extra_args=["+B"],
+            timeout=TIMEOUT,
+        )
+        want = await asyncio.to_thread(
+            dcmtk.getscu,
+            orthanc.node,
+            tmp_path / "direct",
+            "STUDY",
+            {"StudyInstanceUID": MR_STUDY},
+            extra_args=["+B"],
+            timeout=TIMEOUT,
+        )
     assert got.status == "Success" and got.suboperations.get("Completed") == len(MR)
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
     assert c.summaries and c.summaries[0].op == "move"

@@ -1,7 +1,9 @@
 """Three real processes from the CLI (`relay gateway|agent|workstation`) on loopback.
 
 The test process plays the hospital's TCP services (behind the agent) and the user's
-client (in front of the workstation's forwarded ports).
+client (in front of the workstation's forwarded ports). Every role listens on port 0 and
+the harness reads the ports from its log (tests.ports); the gateway's port, which the
+others dial and which must survive its restarts, is reserved for the whole test.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.ports import Bound, await_listening, reserve, wait_listening
 
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = [sys.executable, "-m", "relay.cli"]
@@ -24,11 +28,10 @@ HOST = "127.0.0.1"
 WAIT = 30.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+def forward_hosts(services: list[str]) -> dict[str, str]:
+    """A loopback address per forwarded service: each listens on port 0 there (two
+    forwards on one host with port 0 would be the same config key)."""
+    return {name: f"127.0.0.{i + 1}" for i, name in enumerate(services)}
 
 
 def relay_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -46,17 +49,51 @@ def rss_kb(pid: int) -> int:
 
 @dataclass
 class Proc:
+    """A child process logging to `log`."""
+
     name: str
     argv: list[str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    cwd: Path = ROOT
+    env: Mapping[str, str] | None = None
+    since: int = 0  # the log's size when this incarnation started
+    _bound: dict[tuple[int, str, str | None], Bound] = field(default_factory=dict, repr=False)
 
     def start(self) -> None:
-        out = self.log.open("ab")
-        self.popen = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-        )
-        out.close()
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.since = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                env=None if self.env is None else dict(self.env),
+                start_new_session=True,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def listening(self, what: str, service: str | None = None) -> Bound:
+        """Where this incarnation's listener `what` is bound (waits for its log line)."""
+        key = (self.since, what, service)
+        if key not in self._bound:
+            self._bound[key] = wait_listening(
+                self.log, what, since=self.since, alive=lambda: self.running, service=service
+            )
+        return self._bound[key]
+
+    async def alistening(
+        self, what: str, service: str | None = None, within: float = WAIT
+    ) -> Bound:
+        """`listening` for coroutines."""
+        return await await_listening(
+            self.log, what, since=self.since, alive=lambda: self.running, within=within,
+            service=service,
+        )  # fmt: skip
 
     @property
     def pid(self) -> int:
@@ -87,10 +124,12 @@ class Chain:
 
     tmp: Path
     services: dict[str, tuple[int, bool]]  # name -> (port, compress)
-    gateway_port: int = field(default_factory=free_port)
-    metrics: dict[str, int] = field(default_factory=dict)
-    forwards: dict[str, int] = field(default_factory=dict)
+    gateway_socket: socket.socket = field(default_factory=reserve)
     procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def gateway_port(self) -> int:
+        return int(self.gateway_socket.getsockname()[1])
 
     def setup(self) -> None:
         pki = self.tmp / "pki"
@@ -104,13 +143,10 @@ class Chain:
         ):  # fmt: skip
             done = relay_cli(*args)
             assert done.returncode == 0, done.stderr
-        for role in ("gateway", "agent", "ws1", "wsb"):
-            self.metrics[role] = free_port()
-        self.forwards = {name: free_port() for name in self.services}
         limits = "limits: {keepalive_interval: 1s, keepalive_timeout: 3s}\n"
         (self.tmp / "gateway.yaml").write_text(
-            f"listen: {HOST}:{self.gateway_port}\n"
-            f"metrics_listen: {HOST}:{self.metrics['gateway']}\n"
+            f"listen: {HOST}:{self.gateway_port}\n"  # reserved
+            f"metrics_listen: {HOST}:0\n"
             "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
             "drain_grace: 2s\n" + limits
         )
@@ -123,20 +159,18 @@ class Chain:
             f"gateways: ['{HOST}:{self.gateway_port}']\n"
             "tls: {cert: pki/agent.crt, key: pki/agent.key, ca: pki/ca.crt}\n"
             "state_dir: state/\n"
-            f"metrics_listen: {HOST}:{self.metrics['agent']}\n"
+            f"metrics_listen: {HOST}:0\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
             "drain_grace: 2s\n"
             "services:\n" + services + limits
         )
+        hosts = forward_hosts(list(self.services))
+        forward = ", ".join(f'"{hosts[name]}:0": {name}' for name in self.services)
         for ws in ("ws1", "wsb"):
-            forward = ", ".join(
-                f'"{HOST}:{port + (0 if ws == "ws1" else 1000)}": {name}'
-                for name, port in self.forwards.items()
-            )
             (self.tmp / f"{ws}.yaml").write_text(
                 f"gateway: {HOST}:{self.gateway_port}\n"
                 f"identity_dir: {ws}/\n"
-                f"metrics_listen: {HOST}:{self.metrics[ws]}\n"
+                f"metrics_listen: {HOST}:0\n"
                 "reconnect: {initial: 0.1s, max: 1s}\n"
                 "drain_grace: 2s\n"
                 f"forward: {{{forward}}}\n" + limits
@@ -153,8 +187,12 @@ class Chain:
                 self.tmp / f"{role}.log",
             )
 
-    def forward_port(self, service: str, ws: str = "ws1") -> int:
-        return self.forwards[service] + (0 if ws == "ws1" else 1000)
+    def forward(self, service: str, ws: str = "ws1") -> Bound:
+        """Where workstation `ws` forwards `service` (once it has said so)."""
+        return self.procs[ws].listening("forward", service=service)
+
+    def metrics_port(self, role: str) -> int:
+        return self.procs[role].listening("metrics").port
 
     def start(self, *roles: str) -> None:
         for role in roles or ("gateway", "agent", "ws1"):
@@ -163,6 +201,7 @@ class Chain:
     def stop_all(self) -> None:
         for proc in self.procs.values():
             proc.stop()
+        self.gateway_socket.close()
 
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{p.output()[-4000:]}" for n, p in self.procs.items())
@@ -181,19 +220,12 @@ def running_chain(tmp: Path, services: dict[str, tuple[int, bool]]) -> Iterator[
 async def open_forward(
     chain: Chain, service: str, ws: str = "ws1", within: float = WAIT
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a forwarded port, retrying while the processes come up."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection(HOST, chain.forward_port(service, ws))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-            continue
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+    """Connect to a forwarded port, once the workstation has said where it listens."""
+    address = await chain.procs[ws].alistening("forward", service=service, within=within)
+    reader, writer = await asyncio.open_connection(*address)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
 
 
 async def echo_once(chain: Chain, service: str, payload: bytes, ws: str = "ws1") -> bytes:

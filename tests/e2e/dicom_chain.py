@@ -29,7 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` when run as a script
 
-from tests.e2e.chain import HOST, RELAY, ROOT, Proc, free_port, rss_kb
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, rss_kb
+from tests.ports import reserve
 
 WAIT = 45.0  # seconds for processes to come up
 PACS_AE = "RELAYPACS"
@@ -157,8 +158,12 @@ class DicomChain:
 
     With `ns`, every role runs inside that namespace (`ip netns exec`) and every address,
     the PACS's included, is that namespace's loopback. `destinations` are the
-    workstation's C-MOVE destinations (AE title -> port on 127.0.0.1); `retrieve` and
-    `move_port` are the agent's `pacs.retrieve` and `pacs.move_listen` port.
+    workstation's C-MOVE destinations (AE title -> port on 127.0.0.1); `retrieve` is the
+    agent's `pacs.retrieve` (with "move", `move_port()` is where it receives).
+
+    Every listener binds port 0 and `ports[name]` is the port its process reported
+    ("gateway_metrics", "agent_metrics", "ws_metrics", "dicom"); a port the configs name
+    before their processes run ("gateway") is reserved for the whole test (`reserved`).
     """
 
     tmp: Path
@@ -168,31 +173,55 @@ class DicomChain:
     destinations: dict[str, int] = field(default_factory=dict)
     retrieve: str = "get"
     move_ae: str = "RELAYAGENT"
-    move_port: int | None = None
     pacs_timeout: str = "10s"
-    ports: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, socket.socket] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
+    # which process reports which port
+    reporters: dict[str, tuple[str, str]] = field(
+        default_factory=lambda: {
+            "gateway_metrics": ("gateway", "metrics"),
+            "agent_metrics": ("agent", "metrics"),
+            "ws_metrics": ("ws1", "metrics"),
+            "dicom": ("ws1", "dicom"),
+            "move": ("agent", "move"),
+        }
+    )
 
-    def free_port(self) -> int:
-        return int(self.ns.free_port()) if self.ns is not None else free_port()
+    def reserve(self, name: str) -> int:
+        """A socket bound now (in the namespace, with one), kept until `stop_all`."""
+        make = None if self.ns is None else self.ns.socket
+        sock = self.reserved[name] = reserve(make=make)
+        return int(sock.getsockname()[1])
+
+    def port(self, name: str) -> int:
+        """A reserved port, or the one its process reported (waiting for it)."""
+        if name in self.reserved:
+            return int(self.reserved[name].getsockname()[1])
+        proc, what = self.reporters[name]
+        return self.procs[proc].listening(what).port
+
+    @property
+    def ports(self) -> _Ports:
+        return _Ports(self)
+
+    def move_port(self) -> int:
+        """Where the agent receives the PACS's C-MOVE (`retrieve: move`)."""
+        return self.port("move")
 
     def setup(self) -> DicomChain:
         from relay.trust.pki import init_pki, issue_device
 
         init_pki(self.tmp / "pki", "hospital.test", "main", ["localhost", HOST])
         issue_device(self.tmp / "pki", "main", "ws1", self.tmp / "ws1", timedelta(days=1))
-        for name in ("gateway", "gateway_metrics", "agent_metrics", "ws_metrics", "dicom"):
-            self.ports[name] = self.free_port()
-        if self.retrieve == "move" and self.move_port is None:
-            self.move_port = self.free_port()
+        self.reserve("gateway")
         (self.tmp / "gateway.yaml").write_text(
-            f"listen: {HOST}:{self.ports['gateway']}\n"
-            f"metrics_listen: {HOST}:{self.ports['gateway_metrics']}\n"
+            f"listen: {HOST}:{self.ports['gateway']}\n"  # reserved
+            f"metrics_listen: {HOST}:0\n"
             "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
             "drain_grace: 2s\n" + LIMITS
         )
         move = (
-            f", move_ae_title: {self.move_ae}, move_listen: '{HOST}:{self.move_port}'"
+            f", move_ae_title: {self.move_ae}, move_listen: '{HOST}:0'"
             if self.retrieve == "move"
             else ""
         )
@@ -201,7 +230,7 @@ class DicomChain:
             f"gateways: ['{HOST}:{self.ports['gateway']}']\n"
             "tls: {cert: pki/agent.crt, key: pki/agent.key, ca: pki/ca.crt}\n"
             "state_dir: state/\n"
-            f"metrics_listen: {HOST}:{self.ports['agent_metrics']}\n"
+            f"metrics_listen: {HOST}:0\n"
             f"pacs: {{ae_title: {self.pacs_ae}, host: {HOST}, port: {self.pacs_port}, "
             f"calling_ae_title: RELAY, retrieve: {self.retrieve}, "
             f"timeout: {self.pacs_timeout}{move}}}\n"
@@ -212,9 +241,9 @@ class DicomChain:
         (self.tmp / "ws1.yaml").write_text(
             f"gateway: {HOST}:{self.ports['gateway']}\n"
             "identity_dir: ws1/\n"
-            f"metrics_listen: {HOST}:{self.ports['ws_metrics']}\n"
+            f"metrics_listen: {HOST}:0\n"
             "dicom:\n"
-            f"  listen: {HOST}:{self.ports['dicom']}\n"
+            f"  listen: {HOST}:0\n"
             f"  ae_title: {RELAY_AE}\n"
             f"  destinations: {{{dests}}}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
@@ -235,6 +264,8 @@ class DicomChain:
         for role in ("ws1", "agent", "gateway"):
             if role in self.procs:
                 self.procs[role].stop()
+        for sock in self.reserved.values():
+            sock.close()
 
     def pid(self, role: str) -> int:
         return self.procs[role].pid
@@ -305,6 +336,16 @@ class DicomChain:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the chain never came up\n{self.logs()}")
             time.sleep(0.2)
+
+
+class _Ports:
+    """`chain.ports[name]`: `DicomChain.port(name)`."""
+
+    def __init__(self, chain: DicomChain) -> None:
+        self.chain = chain
+
+    def __getitem__(self, name: str) -> int:
+        return self.chain.port(name)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,8 @@ from relay.trust.codes import EnrollmentCode, parse_code
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.*` when run as a script
 
-from tests.e2e.chain import HOST, RELAY, ROOT, Proc, free_port, relay_cli
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, relay_cli
+from tests.ports import reserve
 
 T = TypeVar("T")
 
@@ -261,9 +262,15 @@ def token_id(code: str) -> str:
 
 @dataclass
 class Gateway:
+    """A gateway's TLS port is reserved for the whole test (tests restart gateways;
+    agents and enrollment codes name the port)."""
+
     name: str
-    port: int = field(default_factory=free_port)
-    metrics: int = field(default_factory=free_port)
+    socket: socket.socket = field(default_factory=reserve)
+
+    @property
+    def port(self) -> int:
+        return int(self.socket.getsockname()[1])
 
 
 @dataclass
@@ -275,9 +282,7 @@ class Site:
     gateway_names: tuple[str, ...] = ("ga", "gb")
     pki_dir: Path = field(init=False)
     gateways: dict[str, Gateway] = field(default_factory=dict)
-    agent_metrics: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
-    ws_ports: dict[str, tuple[int, int]] = field(default_factory=dict)  # forward, metrics
     syslog_port: int | None = None  # a collector for the agent's audit copy
     collector: SyslogCollector | None = None
 
@@ -301,8 +306,8 @@ class Site:
         for name in self.gateway_names:
             gw = self.gateways[name] = Gateway(name)
             (self.tmp / f"{name}.yaml").write_text(
-                f"listen: {HOST}:{gw.port}\n"
-                f"metrics_listen: {HOST}:{gw.metrics}\n"
+                f"listen: {HOST}:{gw.port}\n"  # reserved
+                f"metrics_listen: {HOST}:0\n"
                 "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
                 "drain_grace: 1s\n" + LIMITS
             )
@@ -322,7 +327,7 @@ class Site:
             "tls: {cert: pki/agent.crt, key: pki/agent.key, ca: pki/ca.crt}\n"
             f"pki: {{ca_cert: pki/ca.crt, ca_key: pki/ca.key{lifetime}}}\n"
             "state_dir: state/\n"
-            f"metrics_listen: {HOST}:{self.agent_metrics}\n"
+            f"metrics_listen: {HOST}:0\n"
             "drain_grace: 1s\n"
             f"services: {{{ECHO}: '{HOST}:{self.echo_port}'}}\n"
             f"{audit}}}\n" + FAST + LIMITS
@@ -343,6 +348,12 @@ class Site:
     def stop_all(self) -> None:
         for proc in self.procs.values():
             proc.stop()
+        for gw in self.gateways.values():
+            gw.socket.close()
+
+    def metrics_port(self, name: str) -> int:
+        """The metrics port that process `name` reported (since its last start)."""
+        return self.procs[name].listening("metrics").port
 
     def logs(self, *names: str, tail: int = 3000) -> str:
         chosen = names or tuple(self.procs)
@@ -350,7 +361,7 @@ class Site:
 
     def routed(self, gateway: str) -> bool:
         """The gateway routes this site: it has an agent link that sent its snapshot."""
-        status, body = http_get(self.gateways[gateway].metrics, "/readyz")
+        status, body = http_get(self.metrics_port(gateway), "/readyz")
         sites = body.rsplit(":", 1)[-1].split(",")  # "listening; agent links for sites: a,b"
         return status == 200 and SITE in (name.strip() for name in sites)
 
@@ -359,28 +370,28 @@ class Site:
             wait_for(functools.partial(self.routed, name), f"{name} to route site {SITE}")
 
     def gateway_metric(self, gateway: str, name: str, **labels: str) -> float:
-        return metric(self.gateways[gateway].metrics, name, **labels)
+        return metric(self.metrics_port(gateway), name, **labels)
 
     # -- workstations
 
     def add_workstation(self, name: str, identity_dir: Path, gateway: str) -> Proc:
-        forward, metrics = self.ws_ports.setdefault(name, (free_port(), free_port()))
         config = self.tmp / f"{name}.yaml"
         config.write_text(
             f"gateway: {HOST}:{self.gateways[gateway].port}\n"
             f"identity_dir: {identity_dir}\n"
-            f"metrics_listen: {HOST}:{metrics}\n"
+            f"metrics_listen: {HOST}:0\n"
             "drain_grace: 1s\n"
-            f'forward: {{"{HOST}:{forward}": {ECHO}}}\n' + FAST + LIMITS
+            f'forward: {{"{HOST}:0": {ECHO}}}\n' + FAST + LIMITS
         )
         proc = self.procs[name] = self._proc(name, "workstation", config)
         return proc
 
     def forward_port(self, ws: str) -> int:
-        return self.ws_ports[ws][0]
+        """Where workstation `ws` (as last started) forwards the echo service."""
+        return self.procs[ws].listening("forward", service=ECHO).port
 
     def ws_metrics(self, ws: str) -> int:
-        return self.ws_ports[ws][1]
+        return self.metrics_port(ws)
 
     def wait_echo(self, ws: str, within: float = WAIT) -> None:
         port = self.forward_port(ws)

@@ -1,7 +1,9 @@
 """Topologies for the operations tests: real `relay` processes in any number and shape.
 
 `Ops` writes a site PKI and the configs of as many gateways, agents and workstations as a
-test asks for (free ports on 127.0.0.1 only), and starts them from the CLI. The test
+test asks for (127.0.0.x only), and starts them from the CLI. Every role listens on port 0
+and says where in its log (tests.ports); a gateway whose port must be known before it
+runs gets a port reserved for the whole test (tests.ports.reserve). The test
 process plays everything around them: the hospital's TCP services (`serving`), the
 user's client in front of the forwarded ports, a TLS probe that records which client
 certificate a dial presents (`CertProbe`), a switchable TCP proxy (`SwitchProxy`), and
@@ -17,10 +19,9 @@ import hashlib
 import os
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -28,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.net import tls
 from relay.trust import pki
-from tests.e2e.chain import HOST, RELAY, ROOT, Proc, free_port
+from tests.e2e.chain import HOST, RELAY, ROOT, Proc, forward_hosts
+from tests.ports import Bound, reserve
 
 __all__ = [
     "DRAIN_GRACE",
@@ -42,7 +44,6 @@ __all__ = [
     "Upload",
     "echo_once",
     "file_snapshot",
-    "free_port",
     "haproxy_node",
     "http_get",
     "open_forward",
@@ -73,31 +74,29 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @dataclass
 class Node(Proc):
-    """One process (a role, or HAProxy) with its own working directory and ports."""
+    """One process (a role, or HAProxy) with its own working directory; its ports are
+    the ones its current incarnation reported (waiting for them if need be)."""
 
     role: str = ""
     config: Path | None = None
-    cwd: Path = ROOT
-    env: Mapping[str, str] | None = None
-    metrics_port: int = 0
-    listen_port: int = 0  # gateways: the TLS port; workstations: unused
-    forwards: dict[str, int] = field(default_factory=dict)  # workstations: service -> port
-
-    def start(self) -> None:
-        self.cwd.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.cwd,
-                env=None if self.env is None else dict(self.env),
-                start_new_session=True,
-            )
+    services: tuple[str, ...] = ()  # workstations: the services forwarded
+    reserved: socket.socket | None = None  # the port it listens on, when known in advance
 
     @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+    def metrics_port(self) -> int:
+        return self.listening("metrics").port
+
+    @property
+    def listen_port(self) -> int:
+        """A gateway's TLS port (HAProxy's front): reserved, or the one it reported."""
+        if self.reserved is not None:
+            return int(self.reserved.getsockname()[1])
+        return self.listening("gateway").port
+
+    @property
+    def forwards(self) -> dict[str, Bound]:
+        """A workstation's forwards: service -> where it listens."""
+        return {svc: self.listening("forward", service=svc) for svc in self.services}
 
     def wait_exit(self, timeout: float) -> int:
         """The exit status, within `timeout` (TimeoutExpired otherwise)."""
@@ -149,11 +148,14 @@ class Ops:
         log_level: str = "info",
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        reserved: bool = False,
     ) -> Node:
-        port, metrics = free_port(), free_port()
+        """A gateway on port 0; with `reserved`, on a port reserved now (known before
+        it runs, the same after a restart)."""
+        sock = reserve() if reserved else None
         text = (
-            f"listen: {HOST}:{port}\n"
-            f"metrics_listen: {HOST}:{metrics}\n"
+            f"listen: {HOST}:{0 if sock is None else sock.getsockname()[1]}\n"
+            f"metrics_listen: {HOST}:0\n"
             f"tls: {{cert: {self.pki}/gateway.crt, key: {self.pki}/gateway.key, "
             f"ca: {self.pki}/ca.crt}}\n"
             f"drain_grace: {drain_grace}s\n"
@@ -165,8 +167,7 @@ class Ops:
             text,
             cwd=cwd or ROOT,
             env=env,
-            metrics_port=metrics,
-            listen_port=port,
+            reserved=sock,
         )
 
     def agent(
@@ -177,19 +178,15 @@ class Ops:
         services: Sequence[str] | None = None,
         drain_grace: float = DRAIN_GRACE,
     ) -> Node:
-        metrics = free_port()
-        return self._node(
-            name, "agent", self.agent_config(name, gateways, metrics, services, drain_grace),
-            metrics_port=metrics,
-        )  # fmt: skip
+        return self._node(name, "agent", self.agent_config(name, gateways, services, drain_grace))
 
     def agent_config(
         self,
         name: str,
         gateways: Sequence[int],
-        metrics: int,
         services: Sequence[str] | None = None,
         drain_grace: float = DRAIN_GRACE,
+        metrics: str = f"{HOST}:0",
     ) -> str:
         """The text of an agent's config (tests rewrite it for reloads)."""
         chosen = self.services if services is None else {s: self.services[s] for s in services}
@@ -203,7 +200,7 @@ class Ops:
             f"tls: {{cert: {self.pki}/agent.crt, key: {self.pki}/agent.key, "
             f"ca: {self.pki}/ca.crt}}\n"
             f"state_dir: {self.tmp}/{name}-state/\n"
-            f"metrics_listen: {HOST}:{metrics}\n"
+            f"metrics_listen: {metrics}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
             f"drain_grace: {drain_grace}s\n"
             "services:\n" + lines + LIMITS
@@ -220,18 +217,17 @@ class Ops:
     ) -> Node:
         """A workstation with a forward for every service (the agent decides which work)."""
         identity = identity_dir or self.device(device or name)
-        forwards = {svc: free_port() for svc in self.services}
-        metrics = free_port()
-        forward = ", ".join(f'"{HOST}:{port}": {svc}' for svc, port in forwards.items())
+        hosts = forward_hosts(list(self.services))
+        forward = ", ".join(f'"{hosts[svc]}:0": {svc}' for svc in self.services)
         text = (
             f"gateway: {HOST}:{gateway}\n"
             f"identity_dir: {identity}/\n"
-            f"metrics_listen: {HOST}:{metrics}\n"
+            f"metrics_listen: {HOST}:0\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
             f"drain_grace: {drain_grace}s\n"
             f"forward: {{{forward}}}\n" + LIMITS
         )
-        return self._node(name, "workstation", text, metrics_port=metrics, forwards=forwards)
+        return self._node(name, "workstation", text, services=tuple(self.services))
 
     def add(self, node: Node) -> Node:
         """A node that is not a relay role (HAProxy), stopped with the others."""
@@ -250,18 +246,24 @@ class Ops:
             node.send_signal(signal.SIGTERM)
         for node in self.nodes.values():
             node.stop(timeout=15.0)
+        for node in self.nodes.values():
+            if node.reserved is not None:
+                node.reserved.close()
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {n.name}\n{n.output()[-tail:]}" for n in self.nodes.values())
 
 
-def haproxy_node(tmp: Path, front: int, backends: Sequence[Node]) -> Node:
+def haproxy_node(tmp: Path, backends: Sequence[Node]) -> Node:
     """HAProxy as in deploy/haproxy/haproxy.cfg (TCP mode, TLS passed through, /readyz
-    checks), on `front` and free ports, without chroot, user switch, syslog or socket."""
+    checks), without chroot, user switch, syslog or socket. Its front port is reserved
+    here (`.listen_port`). The backends must be running: their ports are the ones they
+    reported."""
     text = HAPROXY_MODEL.read_text()
+    front = reserve()
     gw1, gw2 = backends
     mapping = {
-        "bind 127.0.0.1:8443": f"bind {HOST}:{front}",
+        "bind 127.0.0.1:8443": f"bind {HOST}:{front.getsockname()[1]}",
         "127.0.0.1:18443 check port 19101": f"{HOST}:{gw1.listen_port} check port "
         f"{gw1.metrics_port}",
         "127.0.0.1:28443 check port 29101": f"{HOST}:{gw2.listen_port} check port "
@@ -282,7 +284,10 @@ def haproxy_node(tmp: Path, front: int, backends: Sequence[Node]) -> Node:
         lines.append(line)
     config = tmp / "haproxy.cfg"
     config.write_text("\n".join(lines) + "\n")
-    return Node("haproxy", ["haproxy", "-db", "-f", str(config)], tmp / "haproxy.log", cwd=tmp)
+    return Node(
+        "haproxy", ["haproxy", "-db", "-f", str(config)], tmp / "haproxy.log", cwd=tmp,
+        reserved=front,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- waiting
@@ -426,7 +431,8 @@ async def open_forward(
     deadline = time.monotonic() + within
     while True:
         try:
-            reader, writer = await asyncio.open_connection(HOST, ws.forwards[service])
+            address = await ws.alistening("forward", service=service)
+            reader, writer = await asyncio.open_connection(*address)
         except OSError:
             if time.monotonic() > deadline:
                 raise

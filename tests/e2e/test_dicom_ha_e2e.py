@@ -80,13 +80,12 @@ class HaChain(DicomChain):
 
     def setup(self) -> HaChain:
         super().setup()
-        for name in ("gateway2", "gateway2_metrics", "haproxy"):
-            self.ports[name] = self.free_port()
+        self.reporters["gateway2_metrics"] = ("gateway2", "metrics")
+        for name in ("gateway2", "haproxy"):
+            self.reserve(name)
         text = (self.tmp / "gateway.yaml").read_text()
         (self.tmp / "gateway2.yaml").write_text(
-            text.replace(f":{self.ports['gateway']}\n", f":{self.ports['gateway2']}\n").replace(
-                f":{self.ports['gateway_metrics']}\n", f":{self.ports['gateway2_metrics']}\n"
-            )
+            text.replace(f":{self.ports['gateway']}\n", f":{self.ports['gateway2']}\n")
         )
         agent = (self.tmp / "agent.yaml").read_text()
         one = f"gateways: ['{HOST}:{self.ports['gateway']}']"
@@ -110,7 +109,11 @@ class HaChain(DicomChain):
             [*RELAY, "gateway", "--config", str(self.tmp / "gateway2.yaml")],
             self.tmp / "gateway2.log",
         )
-        haproxy_config(
+        return self
+
+    def start_all(self) -> None:
+        self.start("gateway", "gateway2", "agent")
+        haproxy_config(  # the gateways' metrics ports: the ones they reported
             self.tmp,
             self.ports["haproxy"],
             [
@@ -118,22 +121,19 @@ class HaChain(DicomChain):
                 (self.ports["gateway2"], self.ports["gateway2_metrics"]),
             ],
         )
-        return self
-
-    def start_all(self) -> None:
-        self.start("gateway", "gateway2", "agent")
-        self.haproxy = subprocess.Popen(
-            ["haproxy", "-db", "-f", str(self.tmp / "haproxy.cfg")],
-            stdout=(self.tmp / "haproxy.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.tmp / "haproxy.log").open("ab") as log:
+            self.haproxy = subprocess.Popen(
+                ["haproxy", "-db", "-f", str(self.tmp / "haproxy.cfg")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.start("ws1")
 
     def stop_all(self) -> None:
-        super().stop_all()
         if "gateway2" in self.procs:
             self.procs["gateway2"].stop()
+        super().stop_all()
         if self.haproxy is not None:
             self.haproxy.terminate()
             try:
@@ -263,7 +263,8 @@ def test_move_survives_the_death_of_the_workstations_gateway(
                 killed = kill_the_device_gateway(chain)
                 at_kill = len(scp.files())
                 result = future.result(timeout=TIMEOUT + 10)
-            time.sleep(0.5)  # storescp finishes writing its last file
+            # storescp answered every C-STORE; wait until it has written them all
+            assert wait_for(lambda: len(scp.files()) >= len(want), 30), chain.logs()
             files = list(scp.files())
         finally:
             viewer.target(None, None)

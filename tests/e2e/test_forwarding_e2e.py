@@ -16,7 +16,6 @@ from tests.e2e.chain import (
     HOST,
     Chain,
     echo_once,
-    free_port,
     open_forward,
     rss_kb,
     running_chain,
@@ -42,7 +41,7 @@ def expected_digest(total: int) -> str:
 
 
 async def scrape(chain: Chain, role: str) -> str:
-    reader, writer = await asyncio.open_connection(HOST, chain.metrics[role])
+    reader, writer = await asyncio.open_connection(*await chain.procs[role].alistening("metrics"))
     writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
     body = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
@@ -111,7 +110,7 @@ async def services() -> AsyncIterator[Services]:
         "slow": (SLOW, False),
     }
     servers = {
-        name: (await asyncio.start_server(h, HOST, free_port()), compress)
+        name: (await asyncio.start_server(h, HOST, 0), compress)
         for name, (h, compress) in handlers.items()
     }
     yield servers

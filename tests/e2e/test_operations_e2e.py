@@ -34,7 +34,6 @@ from tests.e2e.ops_chain import (
     Upload,
     echo_once,
     file_snapshot,
-    free_port,
     haproxy_node,
     http_get,
     open_forward,
@@ -74,9 +73,10 @@ async def basic(
 ) -> tuple[Node, ...]:
     """One gateway, one agent, one workstation, up and forwarding."""
     gw = ops.gateway(drain_grace=gateway_grace)
+    ops.start(gw)  # first: the others dial the port it reports
     agent = ops.agent("agent", [gw.listen_port], drain_grace=agent_grace)
     ws = ops.workstation("ws", gw.listen_port)
-    ops.start(gw, agent, ws)
+    ops.start(agent, ws)
     await until_echo_works(ws, logs=ops.logs)
     return gw, agent, ws
 
@@ -191,7 +191,7 @@ async def test_every_role_exports_metrics_that_move_and_pass_promtool(ops: Ops) 
 
 
 async def test_health_and_readiness_follow_the_gateway_links(ops: Ops) -> None:
-    gw = ops.gateway()
+    gw = ops.gateway(reserved=True)  # its port is known before it runs
     agent = ops.agent("agent", [gw.listen_port])
     ws = ops.workstation("ws", gw.listen_port)
     ops.start(agent, ws)  # nothing listens on the gateway's port yet
@@ -341,9 +341,10 @@ async def test_agent_reload_next_dial_presents_the_new_certificate_link_stays(
     await probe.start()
     try:
         gw, gw2 = ops.gateway(), ops.gateway("gw2")  # gw2: added to the agent's list later
+        ops.start(gw, gw2)
         agent = ops.agent("agent", [gw.listen_port, probe.port], services=["echo"])
         ws = ops.workstation("ws", gw.listen_port)
-        ops.start(gw, gw2, agent, ws)
+        ops.start(agent, ws)
         await until_echo_works(ws, logs=ops.logs)
         old_serial = serial_of(ops.pki / "agent.crt")
         await wait_for("a dial to the probe", lambda: old_serial in probe.serials)
@@ -360,7 +361,8 @@ async def test_agent_reload_next_dial_presents_the_new_certificate_link_stays(
         # Services and gateways may change on reload; the metrics listener may not.
         assert agent.config is not None
         gateways = [gw.listen_port, probe.port, gw2.listen_port]
-        agent.config.write_text(ops.agent_config("agent", gateways, free_port()))
+        # (a changed metrics_listen is kept as it runs: it needs a restart)
+        agent.config.write_text(ops.agent_config("agent", gateways, metrics="127.0.0.2:0"))
         agent.send_signal(signal.SIGHUP)
         await wait_for("reload ok", lambda: metric_is(agent, 1, "relay_reloads_total", result="ok"))
         await wait_for("a dial with the new certificate", lambda: new_serial in probe.serials)
@@ -400,6 +402,7 @@ async def test_workstation_reload_next_dial_presents_the_new_certificate_link_st
     ops: Ops, tmp_path: Path
 ) -> None:
     gw = ops.gateway()
+    ops.start(gw)
     agent = ops.agent("agent", [gw.listen_port])
     proxy = SwitchProxy(gw.listen_port)  # lets the test steer the workstation's next dial
     probe = CertProbe(ops.pki)
@@ -407,7 +410,7 @@ async def test_workstation_reload_next_dial_presents_the_new_certificate_link_st
     await probe.start()
     try:
         ws = ops.workstation("ws", proxy.port)
-        ops.start(gw, agent, ws)
+        ops.start(agent, ws)
         await until_echo_works(ws, logs=ops.logs)
         reader, writer = await hold_stream(ws)
         reconnects = await metric(ws, "relay_reconnects_total")
@@ -463,9 +466,10 @@ async def test_a_canary_payload_never_reaches_the_gateways_output(ops: Ops, tmp_
     tmpdir.mkdir()
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     gw = ops.gateway(log_level="debug", cwd=cwd, env=env)  # the most it ever logs
+    ops.start(gw)
     agent = ops.agent("agent", [gw.listen_port])
     ws = ops.workstation("ws", gw.listen_port)
-    ops.start(gw, agent, ws)
+    ops.start(agent, ws)
     await until_echo_works(ws, logs=ops.logs)
     before = file_snapshot(cwd), file_snapshot(tmpdir)
 
@@ -493,9 +497,10 @@ async def test_a_canary_payload_never_reaches_the_gateways_output(ops: Ops, tmp_
 
 async def test_two_agents_share_a_site_and_one_dying_leaves_the_other(ops: Ops) -> None:
     gw = ops.gateway()
+    ops.start(gw)
     agents = [ops.agent(f"agent{i}", [gw.listen_port]) for i in (1, 2)]
     ws = ops.workstation("ws", gw.listen_port)
-    ops.start(gw, *agents, ws)
+    ops.start(*agents, ws)
     await wait_for(
         "both agents linked", lambda: metric_is(gw, 2, "relay_links", role="agent", site=SITE)
     )
@@ -530,11 +535,12 @@ async def test_workstation_fails_over_through_haproxy_to_the_other_gateway(
 ) -> None:
     require_tools("haproxy")
     gateways = [ops.gateway("gw1"), ops.gateway("gw2")]
+    ops.start(*gateways)
     agent = ops.agent("agent", [g.listen_port for g in gateways])
-    front = free_port()
-    haproxy = ops.add(haproxy_node(tmp_path, front, gateways))
+    haproxy = ops.add(haproxy_node(tmp_path, gateways))
+    front = haproxy.listen_port
     ws = ops.workstation("ws", front)
-    ops.start(*gateways, agent, haproxy)
+    ops.start(agent, haproxy)
     for g in gateways:
         await wait_for(
             f"the agent linked to {g.name}",

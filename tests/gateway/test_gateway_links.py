@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,6 +115,13 @@ def announce(agent: Link, revoked: tuple[str, ...] = (), *, full: bool = True) -
     """What a real agent sends first: its site's revocation list."""
     for body in encode_revocations(revoked, full=full):
         agent.send_control(KIND_REVOKE, body)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll a condition of the gateway's state (bounded), for states with no event."""
+    async with asyncio.timeout(WAIT):
+        while not condition():  # noqa: ASYNC110 - polling plain state
+            await asyncio.sleep(0.01)
 
 
 async def wait_for_agents(world: World, site: str, count: int = 1) -> None:
@@ -319,7 +326,10 @@ async def test_agent_is_routed_to_only_after_its_revocation_snapshot(world: Worl
     agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=False)
     agent.on_stream = lambda stream: stream.reset(ErrorCode.CANCEL)
     device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
-    await asyncio.sleep(0.2)
+    # Both links are attached (routing would have been set up there, if it did not wait).
+    await until(
+        lambda: len(world.server.links.agents) == 1 and len(world.server.links.devices) == 1
+    )
     assert world.server.router.agent_links("main") == []
     stream = device.open_stream({"target": "tcp:echo"})
     with pytest.raises(StreamResetError) as info:

@@ -30,6 +30,7 @@ CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
 MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
 MR_SERIES = str(rawds.decode_dataset(MR[0].data, EXPLICIT).SeriesInstanceUID)
 MOVE_DESTINATION = "STORESCP"
+SCP_PORT = 11113
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,14 @@ def loaded(
 
 @pytest.fixture(scope="module")
 def scp_port(orthanc_module: Orthanc) -> int:
-    """Where the storescp of the C-MOVE test listens, inside Orthanc's namespace."""
-    return int(orthanc_module.ns.free_port())
+    """Where the storescp of the C-MOVE test listens, inside Orthanc's namespace: a fixed
+    port (storescp cannot take port 0), safe because that namespace is this module's
+    alone and every other socket there is Orthanc's (fixed) or in the ephemeral range."""
+    low, _ = map(int, orthanc_module.ns.run(
+        ["cat", "/proc/sys/net/ipv4/ip_local_port_range"], timeout=10, check=True
+    ).stdout.split())  # fmt: skip
+    assert low > SCP_PORT and SCP_PORT not in (orthanc_module.dicom_port, orthanc_module.http_port)
+    return SCP_PORT
 
 
 @pytest.fixture(scope="module")
@@ -170,18 +177,17 @@ def test_retrieve_by_move_at_the_agent(
         ns=ns,
         retrieve="move",
         move_ae="RELAYAGENT",
-        move_port=int(ns.free_port()),
     )
-    assert c.move_port is not None
-    orthanc_module.add_modality("RELAYAGENT", "127.0.0.1", c.move_port)
     keys = {"StudyInstanceUID": MR_STUDY}
-    try:
-        with running_dicom_chain(c):
+    with running_dicom_chain(c):
+        # The agent's C-MOVE receiver took port 0: Orthanc learns where it is now.
+        orthanc_module.add_modality("RELAYAGENT", "127.0.0.1", c.move_port())
+        try:
             got = dcmtk.getscu(c.node, tmp_path / "relay", "STUDY", keys, extra_args=["+B"],
                                timeout=TIMEOUT)  # fmt: skip
             agent_log = c.procs["agent"].output()
-    finally:
-        orthanc_module.remove_modality("RELAYAGENT")
+        finally:
+            orthanc_module.remove_modality("RELAYAGENT")
     want = dcmtk.getscu(orthanc_module.node, tmp_path / "direct", "STUDY", keys,
                         extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
     assert got.status == "Success" and got.suboperations.get("Completed") == len(MR)

@@ -23,12 +23,12 @@ from tests.e2e.ops_chain import (
     Node,
     Ops,
     echo_once,
-    free_port,
     http_get,
     serving,
     until_echo_works,
     wait_for,
 )
+from tests.ports import wait_logged_port
 
 from .harness import require_tools
 
@@ -75,12 +75,12 @@ async def test_prometheus_scrapes_all_three_roles(tmp_path: Path) -> None:
 
 async def scrape_with_prometheus(ops: Ops, tmp_path: Path) -> None:
     gw = ops.gateway()
+    ops.start(gw)
     agent = ops.agent("agent", [gw.listen_port])
     ws = ops.workstation("ws", gw.listen_port)
-    ops.start(gw, agent, ws)
+    ops.start(agent, ws)
     await until_echo_works(ws, logs=ops.logs)
 
-    port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         prometheus_config(
@@ -98,19 +98,24 @@ async def scrape_with_prometheus(ops: Ops, tmp_path: Path) -> None:
                 "prometheus",
                 f"--config.file={config}",
                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address={HOST}:{port}",
+                f"--web.listen-address={HOST}:0",  # it logs the port it got
             ],
             tmp_path / "prometheus.log",
             cwd=tmp_path,
         )
     )
     prometheus.start()
+    port = wait_logged_port(
+        prometheus.log,
+        r'msg="Listening on" address=\S+:(?P<port>\d+)',
+        alive=lambda: prometheus.running,
+    )
 
     async def all_up() -> bool:
         try:
             targets = (await api(port, "targets"))["activeTargets"]
-        except (OSError, TimeoutError, ValueError, IndexError):
-            return False  # not answering yet
+        except (OSError, TimeoutError, ValueError, IndexError, AssertionError):
+            return False  # not answering yet, or 503 until its storage is ready
         return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
     await wait_for(

@@ -107,6 +107,19 @@ async def write_tcp(writer: asyncio.StreamWriter, data: bytes, step: int = 100_0
     writer.write_eof()
 
 
+def pipe_full(far: ByteStream) -> bool:
+    """The in-memory stream towards the splice holds all it may: its reader stopped."""
+    near: Any = getattr(far, "peer")  # noqa: B009 - relay.net.bytestream's pipe end
+    return bool(near._inbox_bytes >= near._limit)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll a state that has no event to wait on (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():  # noqa: ASYNC110 - polling plain state
+            await asyncio.sleep(0.01)
+
+
 def rst_close(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -266,7 +279,9 @@ async def test_a_client_that_does_not_read_stops_the_stream_writer() -> None:
                 await rig.stream.write(chunk)
 
         writer = asyncio.create_task(flood())
-        await asyncio.sleep(0.5)
+        # Saturated: the splice stopped reading the stream, whose buffer is now full (one
+        # that kept reading would empty it into an ever larger socket buffer instead).
+        await wait_until(lambda: pipe_full(rig.stream))
         assert not writer.done()
         transport_buffer = rig.server_writer.transport.get_write_buffer_size()
         assert transport_buffer <= WRITE_HIGH + 64 * 1024

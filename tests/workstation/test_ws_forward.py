@@ -15,6 +15,7 @@ import pytest
 
 from relay.agent.config import AgentConfig
 from relay.agent.service import Agent, run_agent
+from relay.ops.config import Address
 from relay.workstation.config import WorkstationConfig
 from relay.workstation.service import Workstation, run_workstation
 from tests.ends_helpers import (
@@ -23,7 +24,8 @@ from tests.ends_helpers import (
     TcpService,
     agent_config,
     device_identity_dir,
-    free_port,
+    forward_zero,
+    forwarded,
     running_gateway,
     start_gateway,
     tcp_exchange,
@@ -32,6 +34,7 @@ from tests.ends_helpers import (
     workstation_config,
 )
 from tests.pki_helpers import HOST, SitePki, make_pki
+from tests.ports import dead_port, reserve
 
 
 @contextlib.asynccontextmanager
@@ -72,12 +75,12 @@ class Chain:
     tmp: Path
     gateway: GatewayHandle
     echo: TcpService
-    ports: dict[str, int]  # forwarded service -> local port
     agent_config: AgentConfig
     ws: Workstation
 
-    def port(self, service: str) -> int:
-        return self.ports[service]
+    def port(self, service: str) -> Address:
+        """Where the workstation forwards `service` (port 0 in its config)."""
+        return forwarded(self.ws, service)
 
 
 @pytest.fixture
@@ -86,17 +89,16 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
     async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
         services = {"echo": (echo.port, False), "zecho": (echo.port, True)}
         a_config = agent_config(pki, tmp_path, [gw.port], services)
-        ports = {name: free_port() for name in ("echo", "zecho", "secret")}
         w_config = workstation_config(
             device_identity_dir(pki, tmp_path),
             tmp_path,
             gw.port,
-            {port: name for name, port in ports.items()},
+            forward_zero("echo", "zecho", "secret"),
         )
         async with agent_up(a_config), workstation_up(w_config) as (ws, _, _):
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             await wait_until(lambda: gw.server.router.sites() == ["main"])
-            yield Chain(pki, tmp_path, gw, echo, ports, a_config, ws)
+            yield Chain(pki, tmp_path, gw, echo, a_config, ws)
 
 
 async def test_forward_round_trip_with_half_close(chain: Chain) -> None:
@@ -148,14 +150,15 @@ async def test_a_service_the_agent_does_not_allow_is_reset(chain: Chain) -> None
 async def test_gateway_restart_then_forwarding_works_again(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     async with tcp_service() as echo:
-        gw = await start_gateway(pki, tmp_path)
-        port = gw.port
-        fwd = free_port()
+        kept = reserve()  # the gateway's port, the same after its restart
+        port = kept.getsockname()[1]
+        gw = await start_gateway(pki, tmp_path, port)
         a_config = agent_config(pki, tmp_path, [port], {"echo": (echo.port, False)})
         w_config = workstation_config(
-            device_identity_dir(pki, tmp_path), tmp_path, port, {fwd: "echo"}
+            device_identity_dir(pki, tmp_path), tmp_path, port, forward_zero("echo")
         )
         async with agent_up(a_config) as agent, workstation_up(w_config) as (ws, _, _):
+            fwd = forwarded(ws, "echo")
             await wait_until(lambda: gw.server.router.sites() == ["main"])
             assert await asyncio.wait_for(tcp_exchange(fwd, b"one"), WAIT) == b"one"
             await gw.shutdown()
@@ -168,19 +171,20 @@ async def test_gateway_restart_then_forwarding_works_again(tmp_path: Path) -> No
                 assert ws.kept.stats.reconnects == 1 and agent.gateways.reconnects == 1
             finally:
                 await gw.shutdown()
+                kept.close()
 
 
 async def test_no_route_is_retried_until_the_agent_arrives(tmp_path: Path) -> None:
     """The workstation is linked before the agent: the request waits and then succeeds."""
     pki = make_pki(tmp_path / "pki")
     async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
-        fwd = free_port()
         w_config = workstation_config(
-            device_identity_dir(pki, tmp_path), tmp_path, gw.port, {fwd: "echo"}
+            device_identity_dir(pki, tmp_path), tmp_path, gw.port, forward_zero("echo")
         )
         a_config = agent_config(pki, tmp_path, [gw.port], {"echo": (echo.port, False)})
         async with workstation_up(w_config) as (ws, _, _):
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            fwd = forwarded(ws, "echo")
             exchange = asyncio.create_task(tcp_exchange(fwd, b"early request"))
             await wait_until(lambda: ws.tunnel.stats.rerouted >= 2)  # NO_ROUTE, retried
             assert not exchange.done()
@@ -202,19 +206,20 @@ async def test_drain_lets_a_forwarded_connection_finish(tmp_path: Path) -> None:
         writer.close()
 
     async with running_gateway(pki, tmp_path) as gw, tcp_service(slow) as svc:
-        fwd = free_port()
         a_config = agent_config(pki, tmp_path, [gw.port], {"slow": (svc.port, False)})
         w_config = workstation_config(
-            device_identity_dir(pki, tmp_path), tmp_path, gw.port, {fwd: "slow"}, drain_grace=5
-        )
+            device_identity_dir(pki, tmp_path), tmp_path, gw.port, forward_zero("slow"),
+            drain_grace=5,
+        )  # fmt: skip
         async with agent_up(a_config), workstation_up(w_config) as (ws, stop, task):
+            fwd = forwarded(ws, "slow")
             await wait_until(lambda: gw.server.router.sites() == ["main"])
             exchange = asyncio.create_task(tcp_exchange(fwd, b"work"))
             await wait_until(lambda: svc.connections == 1)
             stop.set()
             await wait_until(lambda: not ws.forwarder._servers)
             with pytest.raises(OSError):
-                await asyncio.open_connection(HOST, fwd)  # no longer accepting
+                await asyncio.open_connection(fwd.host, fwd.port)  # no longer accepting
             assert not task.done()
             release.set()
             assert await asyncio.wait_for(exchange, WAIT) == b"done:work"
@@ -249,11 +254,14 @@ async def test_a_taken_forward_port_names_the_key(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     blocker = await asyncio.start_server(lambda r, w: None, HOST, 0)
     taken = blocker.sockets[0].getsockname()[1]
-    config = workstation_config(
-        device_identity_dir(pki, tmp_path), tmp_path, free_port(), {taken: "echo"}
-    )
     try:
-        with pytest.raises(ConfigError) as info:
+        with dead_port() as nowhere, pytest.raises(ConfigError) as info:
+            config = workstation_config(
+                device_identity_dir(pki, tmp_path),
+                tmp_path,
+                nowhere,
+                {Address(HOST, taken): "echo"},
+            )
             await run_workstation(config, handle_signals=False)
     finally:
         blocker.close()

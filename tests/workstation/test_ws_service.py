@@ -20,7 +20,6 @@ from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
-    free_port,
     running_gateway,
     tcp_exchange,
     tcp_service,
@@ -28,6 +27,7 @@ from tests.ends_helpers import (
     workstation_config,
 )
 from tests.pki_helpers import HOST, make_pki
+from tests.ports import announced, await_listening
 from tests.workstation.test_ws_forward import workstation_up
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +42,11 @@ async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_pat
         agent = asyncio.create_task(
             run_agent(a_config, stop=stop, handlers={}, handle_signals=False)
         )
-        fwd = free_port()
         config = tmp_path / "workstation.yaml"
         config.write_text(
             f"gateway: {HOST}:{gw.port}\n"
             f"identity_dir: {identity}\n"
-            f'forward: {{"{HOST}:{fwd}": echo}}\n'
+            f'forward: {{"{HOST}:0": echo}}\n'
             "reconnect: {initial: 0.05s, max: 0.5s}\n"
             "drain_grace: 1s\n"
         )
@@ -58,6 +57,8 @@ async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_pat
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
             )  # fmt: skip
         try:
+            alive = lambda: proc.returncode is None  # noqa: E731
+            fwd = (await await_listening(log, "forward", service="echo", alive=alive)).port
             await wait_until(lambda: gw.server.router.sites() == ["main"], within=30)
             await wait_until(lambda: len(gw.server.links.devices) == 1, within=30)
             payload = b"through a real workstation process " * 1000
@@ -96,29 +97,30 @@ async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
             )
             stop = asyncio.Event()
             agent = asyncio.create_task(run_agent(a_config, stop=stop, handle_signals=False))
-            node_port = free_port()
             w_config = dataclasses.replace(
                 workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port),
-                dicom=DicomNodeConfig(Address(HOST, node_port), "RELAY"),
+                dicom=DicomNodeConfig(Address(HOST, 0), "RELAY"),
             )
             try:
-                async with workstation_up(w_config) as (ws, _, _):
-                    await wait_until(lambda: gw.server.router.sites() == ["main"])
-                    await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+                with announced() as seen:
+                    async with workstation_up(w_config) as (ws, _, _):
+                        node_port = seen.bound("dicom", ae_title="RELAY").port
+                        await wait_until(lambda: gw.server.router.sites() == ["main"])
+                        await asyncio.wait_for(ws.kept.up.wait(), WAIT)
 
-                    def echo() -> int:
-                        viewer = AE(ae_title="VIEWER")
-                        viewer.add_requested_context(Verification)
-                        assoc = viewer.associate(HOST, node_port, ae_title="RELAY")
-                        assert assoc.is_established
-                        try:
-                            status = assoc.send_c_echo()
-                            return int(status.Status)
-                        finally:
-                            assoc.release()
+                        def echo() -> int:
+                            viewer = AE(ae_title="VIEWER")
+                            viewer.add_requested_context(Verification)
+                            assoc = viewer.associate(HOST, node_port, ae_title="RELAY")
+                            assert assoc.is_established
+                            try:
+                                status = assoc.send_c_echo()
+                                return int(status.Status)
+                            finally:
+                                assoc.release()
 
-                    assert await asyncio.wait_for(asyncio.to_thread(echo), 30) == 0x0000
-                    assert ws.tunnel.stats.opened >= 1
+                        assert await asyncio.wait_for(asyncio.to_thread(echo), 30) == 0x0000
+                        assert ws.tunnel.stats.opened >= 1
             finally:
                 stop.set()
                 await asyncio.wait_for(agent, WAIT)

@@ -18,13 +18,13 @@ from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
-    free_port,
     running_gateway,
     tcp_service,
     wait_until,
     workstation_config,
 )
 from tests.pki_helpers import make_pki
+from tests.ports import dead_port
 from tests.workstation.test_ws_forward import agent_up
 
 
@@ -47,7 +47,12 @@ async def read_all(stream: RoutedStream) -> bytes:
 
 async def test_no_link_means_tunnel_unavailable_within_the_timeout(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
-    config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, free_port())
+    with dead_port() as nowhere:  # no gateway there, nor can one start listening
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, nowhere)
+        await _unavailable_within_the_timeout(config)
+
+
+async def _unavailable_within_the_timeout(config: WorkstationConfig) -> None:
     async with linked(config) as ws:
         with pytest.raises(TunnelUnavailable):
             await asyncio.wait_for(ws.tunnel.open_stream({"target": "tcp:x"}, timeout=0.3), WAIT)

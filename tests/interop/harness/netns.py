@@ -305,11 +305,5 @@ class NetNS:
             raise
         return sock
 
-    def free_port(self) -> int:
-        """A TCP port that is free on loopback in this namespace right now."""
-        with self.listen() as sock:
-            port: int = sock.getsockname()[1]
-        return port
-
 
 __all__ = ["NETNS_DIR", "PREFIX", "NetNS", "list_namespaces", "sweep_stale"]
