@@ -16,11 +16,22 @@ from pathlib import Path
 from relay import __version__
 from relay.net.tls import TlsConfigError
 from relay.ops.config import ConfigError, parse_duration
+from relay.ops.control import ControlError
+from relay.ops.privatefiles import PrivateFileError
 from relay.trust.identity import IdentityError
 from relay.trust.pki import PkiError
 
 # Errors a user can fix: one line on stderr, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, PkiError, TlsConfigError, IdentityError, ValueError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    PkiError,
+    TlsConfigError,
+    IdentityError,
+    PrivateFileError,
+    ControlError,
+    ValueError,
+    OSError,
+)
 
 
 def _cmd_pki_init(args: argparse.Namespace) -> int:
@@ -55,6 +66,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_workstation(args: argparse.Namespace) -> int:
+    if args.action != "run":  # a command to the running workstation
+        from relay.workstation.control import run_command
+
+        return run_command(Path(args.config), args.action, as_json=args.json)
     from relay.workstation.service import run
 
     return run(Path(args.config))
@@ -72,6 +87,10 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
         code = sys.stdin.readline().strip()
+    if args.dir is None:
+        from relay.workstation.config import default_identity_dir
+
+        args.dir = str(default_identity_dir())
     return run_enroll(code, Path(args.dir), device=args.device)
 
 
@@ -119,14 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--lifetime", default="30d", help="e.g. 30d, 12h (default 30d)")
     issue.set_defaults(func=_cmd_pki_issue)
 
-    for role, func in (
-        ("gateway", _cmd_gateway),
-        ("agent", _cmd_agent),
-        ("workstation", _cmd_workstation),
-    ):
+    for role, func in (("gateway", _cmd_gateway), ("agent", _cmd_agent)):
         cmd = sub.add_parser(role, help=f"run the {role}")
         cmd.add_argument("--config", required=True)
         cmd.set_defaults(func=func)
+    ws = sub.add_parser(
+        "workstation",
+        help="run the workstation, or reload|stop|status the one running with --config",
+    )
+    ws.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=("run", "reload", "stop", "status"),
+        help="run (default); reload, stop or status: over the running one's control endpoint",
+    )
+    ws.add_argument("--config", required=True)
+    ws.add_argument("--json", action="store_true", help="reload|stop|status: the answer as JSON")
+    ws.set_defaults(func=_cmd_workstation)
 
     token = sub.add_parser("token", help="one-time enrollment codes (on the agent's machine)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -148,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         "code", metavar="CODE", help="the enrollment code, or - to read it from stdin"
     )
     enroll.add_argument(
-        "--dir", required=True, help="where to write device.crt, device.key and ca.crt"
+        "--dir",
+        help="where to write device.crt, device.key and ca.crt (default: the identity "
+        "directory in the workstation's default state directory, see README)",
     )
     enroll.add_argument("--device", help="the device name (default: the one in the code)")
     enroll.set_defaults(func=_cmd_enroll)

@@ -18,6 +18,7 @@ from gateway.server import GatewayServer
 from gateway.service import run_gateway
 from relay.agent.config import AgentConfig, ServiceConfig
 from relay.dicom.pacs_target import PacsTarget
+from relay.ops import privatefiles
 from relay.ops.config import Address, Backoff, LinkSettings, TlsFiles
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
 from tests.pki_helpers import HOST, SitePki
@@ -115,7 +116,7 @@ def device_identity_dir(pki: SitePki, tmp: Path, name: str = "ws1") -> Path:
     cert, key, ca = (directory / n for n in IDENTITY_FILES)
     cert.write_bytes(pair.cert.read_bytes())
     key.write_bytes(pair.key.read_bytes())
-    key.chmod(0o600)
+    privatefiles.protect(key)
     ca.write_bytes(pki.ca.read_bytes())
     return directory
 

@@ -1,4 +1,9 @@
-"""The workstation's configuration file, typed and validated at load time."""
+"""The workstation's configuration file, typed and validated at load time.
+
+`state_dir` (default: the user's data directory of the platform, via platformdirs) holds
+what the running workstation keeps: the control endpoint's file and, unless
+`identity_dir` says otherwise, the device identity in `state_dir/identity`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+
+import platformdirs
 
 from relay.ops.config import (
     DEFAULT_LOG_LEVEL,
@@ -31,12 +38,28 @@ __all__ = [
     "IDENTITY_FILES",
     "DicomNodeConfig",
     "WorkstationConfig",
+    "default_identity_dir",
+    "default_state_dir",
     "load_workstation_config",
     "read_workstation_config",
 ]
 
 # What `relay enroll` and `relay pki issue` write into the identity directory.
 IDENTITY_FILES = ("device.crt", "device.key", "ca.crt")
+APP_NAME = "dmz-relay"
+
+
+def default_state_dir() -> Path:
+    """The user's data directory for the workstation: ~/.local/share/dmz-relay/workstation
+    (Linux, or $XDG_DATA_HOME), ~/Library/Application Support/dmz-relay/workstation
+    (macOS), %LOCALAPPDATA%\\dmz-relay\\workstation (Windows)."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "workstation"
+
+
+def default_identity_dir() -> Path:
+    """Where `relay enroll` writes and the workstation reads the identity by default."""
+    return default_state_dir() / "identity"
+
 
 _LOOPBACK_ONLY = (
     "must be a loopback address (127.0.0.1, [::1] or localhost): whoever reaches it "
@@ -61,7 +84,8 @@ class WorkstationConfig:
     """Everything `relay workstation` needs; see config/workstation.yaml for the keys.
 
     `dicom` None: no local DICOM node. `forward` maps a local listen address to the
-    name of a service the agent allows. Durations are seconds.
+    name of a service the agent allows. Durations are seconds. The loader always sets
+    `state_dir`; None (embedded in tests) runs no control endpoint.
     """
 
     path: Path
@@ -70,6 +94,7 @@ class WorkstationConfig:
     metrics_listen: Address | None
     dicom: DicomNodeConfig | None
     forward: Mapping[Address, str] = field(default_factory=lambda: MappingProxyType({}))
+    state_dir: Path | None = None  # None: embedded (tests), no control endpoint
     limits: LinkSettings = field(default_factory=LinkSettings)
     reconnect: Backoff = field(default_factory=Backoff)
     drain_grace: float = 30.0
@@ -81,8 +106,8 @@ class WorkstationConfig:
         return TlsFiles(cert=cert, key=key, ca=ca)
 
 
-def _read_identity_dir(r: Reader) -> Path:
-    directory = r.path("identity_dir")
+def _read_identity_dir(r: Reader, state_dir: Path) -> Path:
+    directory = r.path("identity_dir", str(state_dir / "identity"))
     for name in IDENTITY_FILES:
         if not (directory / name).is_file():
             raise r.error(
@@ -157,7 +182,8 @@ def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
 def read_workstation_config(r: Reader) -> WorkstationConfig:
     """The workstation's schema, applied to a parsed config file."""
     gateway = r.address("gateway")
-    identity_dir = _read_identity_dir(r)
+    state_dir = r.path("state_dir", str(default_state_dir()))
+    identity_dir = _read_identity_dir(r, state_dir)
     config = WorkstationConfig(
         path=Path(os.path.abspath(r.file)),
         gateway=gateway,
@@ -169,6 +195,7 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         reconnect=read_backoff(r),
         drain_grace=read_drain_grace(r, WorkstationConfig.drain_grace),
         log_level=read_log_level(r),
+        state_dir=state_dir,
     )
     _check_listeners_distinct(r, config)
     return config
