@@ -40,7 +40,8 @@ test: lint
 # radiologist's Windows PC: no uvloop, no SIGHUP, no loop signal handlers, no chmod in
 # our code (tests/portable/sitecustomize.py; child processes inherit it).
 PORTABLE_TESTS := tests/workstation tests/trust/test_enroll.py tests/trust/test_renewal.py \
-	tests/ops/test_portable.py tests/e2e/test_enrollment_e2e.py tests/e2e/test_forwarding_e2e.py
+	tests/ops/test_portable.py tests/ops/test_control.py tests/e2e/test_enrollment_e2e.py \
+	tests/e2e/test_forwarding_e2e.py
 
 test-portable: $(TEST_STAMP)
 	RELAY_PORTABLE_LANE=1 PYTHONPATH=tests/portable $(BIN)/pytest -q -ra -p no:cacheprovider \

@@ -87,10 +87,6 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
         code = sys.stdin.readline().strip()
-    if args.dir is None:
-        from relay.workstation.config import default_identity_dir
-
-        args.dir = str(default_identity_dir())
     return run_enroll(code, Path(args.dir), device=args.device)
 
 
@@ -177,9 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "code", metavar="CODE", help="the enrollment code, or - to read it from stdin"
     )
     enroll.add_argument(
-        "--dir",
-        help="where to write device.crt, device.key and ca.crt (default: the identity "
-        "directory in the workstation's default state directory, see README)",
+        "--dir", required=True, help="where to write device.crt, device.key and ca.crt"
     )
     enroll.add_argument("--device", help="the device name (default: the one in the code)")
     enroll.set_defaults(func=_cmd_enroll)

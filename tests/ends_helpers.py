@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +122,22 @@ def device_identity_dir(pki: SitePki, tmp: Path, name: str = "ws1") -> Path:
     privatefiles.protect(key)
     ca.write_bytes(pki.ca.read_bytes())
     return directory
+
+
+def write_readable_by_others(path: Path, data: bytes = b"secret") -> None:
+    """Create `path` the way a careless copy would: other users of the PC may read it
+    (mode 0644; on Windows, an entry for BUILTIN\\Users)."""
+    if sys.platform == "win32":
+        path.write_bytes(data)
+        subprocess.run(["icacls", str(path), "/grant", "*S-1-5-32-545:R"], check=True)
+        return
+    old = os.umask(0o022)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    finally:
+        os.umask(old)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def workstation_config(

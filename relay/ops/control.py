@@ -202,7 +202,11 @@ async def call(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
             session.post(url, json=dict(body or {}), headers=headers) as response,
         ):
-            raw = await response.content.read(MAX_RESPONSE + 1)
+            raw = bytearray()
+            async for chunk in response.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_RESPONSE:
+                    break
             status = response.status
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise ControlError(

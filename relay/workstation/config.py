@@ -1,13 +1,16 @@
 """The workstation's configuration file, typed and validated at load time.
 
-`state_dir` (default: the user's data directory of the platform, via platformdirs) holds
-what the running workstation keeps: the control endpoint's file and, unless
-`identity_dir` says otherwise, the device identity in `state_dir/identity`.
+`state_dir` holds what the running workstation keeps (the control endpoint's file; the
+cache of later issues). By default it lies in the user's data directory of the platform
+(platformdirs), one per config file, so that two workstations on one PC (two sites)
+never share one and `relay workstation reload --config FILE` finds the right one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +35,17 @@ from relay.ops.config import (
     read_limits,
     read_log_level,
 )
-from relay.ops.configfile import load_config
+from relay.ops.configfile import load_config, open_config
 
 __all__ = [
     "IDENTITY_FILES",
     "DicomNodeConfig",
     "WorkstationConfig",
-    "default_identity_dir",
     "default_state_dir",
     "load_workstation_config",
     "read_workstation_config",
+    "state_dir_of",
+    "user_data_dir",
 ]
 
 # What `relay enroll` and `relay pki issue` write into the identity directory.
@@ -49,16 +53,19 @@ IDENTITY_FILES = ("device.crt", "device.key", "ca.crt")
 APP_NAME = "dmz-relay"
 
 
-def default_state_dir() -> Path:
-    """The user's data directory for the workstation: ~/.local/share/dmz-relay/workstation
-    (Linux, or $XDG_DATA_HOME), ~/Library/Application Support/dmz-relay/workstation
-    (macOS), %LOCALAPPDATA%\\dmz-relay\\workstation (Windows)."""
-    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / "workstation"
+def user_data_dir() -> Path:
+    """The user's data directory for DMZ Relay: ~/.local/share/dmz-relay (Linux, or
+    $XDG_DATA_HOME/dmz-relay), ~/Library/Application Support/dmz-relay (macOS),
+    %LOCALAPPDATA%\\dmz-relay (Windows)."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
-def default_identity_dir() -> Path:
-    """Where `relay enroll` writes and the workstation reads the identity by default."""
-    return default_state_dir() / "identity"
+def default_state_dir(config_path: str | os.PathLike[str]) -> Path:
+    """`user_data_dir()/workstation/<config name>-<8 hex digits of its absolute path>`."""
+    absolute = os.path.abspath(config_path)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(absolute).stem)[:40] or "config"
+    digest = hashlib.sha256(os.path.normcase(absolute).encode()).hexdigest()[:8]
+    return user_data_dir() / "workstation" / f"{stem}-{digest}"
 
 
 _LOOPBACK_ONLY = (
@@ -106,8 +113,8 @@ class WorkstationConfig:
         return TlsFiles(cert=cert, key=key, ca=ca)
 
 
-def _read_identity_dir(r: Reader, state_dir: Path) -> Path:
-    directory = r.path("identity_dir", str(state_dir / "identity"))
+def _read_identity_dir(r: Reader) -> Path:
+    directory = r.path("identity_dir")
     for name in IDENTITY_FILES:
         if not (directory / name).is_file():
             raise r.error(
@@ -182,8 +189,8 @@ def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
 def read_workstation_config(r: Reader) -> WorkstationConfig:
     """The workstation's schema, applied to a parsed config file."""
     gateway = r.address("gateway")
-    state_dir = r.path("state_dir", str(default_state_dir()))
-    identity_dir = _read_identity_dir(r, state_dir)
+    state_dir = r.path("state_dir", str(default_state_dir(r.file)))
+    identity_dir = _read_identity_dir(r)
     config = WorkstationConfig(
         path=Path(os.path.abspath(r.file)),
         gateway=gateway,
@@ -199,3 +206,9 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
     )
     _check_listeners_distinct(r, config)
     return config
+
+
+def state_dir_of(path: str | os.PathLike[str]) -> Path:
+    """Only the `state_dir` of a config file: how `relay workstation reload|stop|status`
+    finds the running workstation, which judges the rest of the file itself."""
+    return open_config(path).path("state_dir", str(default_state_dir(path)))

@@ -96,11 +96,9 @@ async def control_endpoint(
 
 def run_command(config_path: Path, command: str, *, as_json: bool = False) -> int:
     """`relay workstation reload|stop|status`: 0 done, 1 refused by the workstation."""
-    from relay.workstation.config import load_workstation_config
+    from relay.workstation.config import state_dir_of
 
-    config = load_workstation_config(config_path)
-    assert config.state_dir is not None
-    answer = asyncio.run(control.call(config.state_dir, command))
+    answer = asyncio.run(control.call(state_dir_of(config_path), command))
     if as_json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     if not answer.get("ok"):
