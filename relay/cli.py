@@ -70,6 +70,9 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
         from relay.workstation.control import run_command
 
         return run_command(Path(args.config), args.action, as_json=args.json)
+    if args.log_file:  # no console (a scheduled task, pythonw): JSON lines to a file
+        log = open(args.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        sys.stdout = sys.stderr = log
     from relay.workstation.service import run
 
     return run(Path(args.config))
@@ -151,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ws.add_argument("--config", required=True)
     ws.add_argument("--json", action="store_true", help="reload|stop|status: the answer as JSON")
+    ws.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="run: append the JSON log lines (and any error) to FILE instead of stdout",
+    )
     ws.set_defaults(func=_cmd_workstation)
 
     token = sub.add_parser("token", help="one-time enrollment codes (on the agent's machine)")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay import __version__
 from relay.ops import control, privatefiles
+from relay.ops.config import ConfigError
 
 if TYPE_CHECKING:
     from relay.workstation.service import Workstation
@@ -67,11 +68,15 @@ async def _refuse_a_second_instance(state_dir: Path) -> None:
     )
 
 
-def _prepare(state_dir: Path) -> None:
+def _prepare(config_path: Path, state_dir: Path) -> None:
     """The state directory exists; made private by us when we create it."""
     if state_dir.is_dir():
         return
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot create {state_dir}: {exc.strerror or exc}"
+        raise ConfigError(config_path, "state_dir", message) from None
     privatefiles.protect(state_dir, directory=True)
 
 
@@ -84,7 +89,7 @@ async def control_endpoint(
     if state_dir is None:
         yield None
         return
-    _prepare(state_dir)
+    _prepare(workstation.config.path, state_dir)
     await _refuse_a_second_instance(state_dir)
     server = control.ControlServer(state_dir, handlers(workstation, stop))
     await server.start()
