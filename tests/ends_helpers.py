@@ -126,10 +126,11 @@ def device_identity_dir(pki: SitePki, tmp: Path, name: str = "ws1") -> Path:
 
 def write_readable_by_others(path: Path, data: bytes = b"secret") -> None:
     """Create `path` the way a careless copy would: other users of the PC may read it
-    (mode 0644; on Windows, an entry for BUILTIN\\Users)."""
+    (mode 0644; on Windows, read for BUILTIN\\Users inherited from its directory)."""
     if sys.platform == "win32":
+        grant = "*S-1-5-32-545:(OI)(CI)R"
+        subprocess.run(["icacls", str(path.parent), "/grant", grant], check=True)
         path.write_bytes(data)
-        subprocess.run(["icacls", str(path), "/grant", "*S-1-5-32-545:R"], check=True)
         return
     old = os.umask(0o022)
     try:

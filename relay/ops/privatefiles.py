@@ -32,6 +32,8 @@ def fix_command(path: Path) -> str:
     """What the user runs to make `path` private again, on this platform."""
     if _WINDOWS:  # no inherited entries, and this user alone (by name: cmd or PowerShell)
         user = os.environ.get("USERNAME", "%USERNAME%")
+        if os.environ.get("USERDOMAIN"):
+            user = f"{os.environ['USERDOMAIN']}\\{user}"
         return f'icacls "{path}" /inheritance:r /grant:r "{user}:F"'
     return f"chmod 600 '{path}'"
 
