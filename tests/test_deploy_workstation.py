@@ -12,7 +12,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import yaml
-from test_deploy import parse_unit, single
+
+from tests.test_deploy import parse_unit, single
 
 ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "deploy" / "workstation"

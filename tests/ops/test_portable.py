@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from ends_helpers import write_readable_by_others as _readable_by_others
 
 from relay.ops import privatefiles, runtime, winacl
 from relay.ops.signals import handling_signals
+from tests.ends_helpers import write_readable_by_others as _readable_by_others
 
 LANE = os.environ.get("RELAY_PORTABLE_LANE_ACTIVE") == "1"
 WINDOWS = sys.platform == "win32"

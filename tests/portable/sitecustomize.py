@@ -60,15 +60,14 @@ def _apply() -> None:
     sys.modules["uvloop"] = None  # type: ignore[assignment]  # import uvloop -> ImportError
     if hasattr(signal, "SIGHUP"):
         del signal.SIGHUP
-    for cls in (asyncio.BaseEventLoop, asyncio.AbstractEventLoop):
-        cls.add_signal_handler = _no_signal_handlers  # type: ignore[method-assign]
-        cls.remove_signal_handler = _no_signal_handlers  # type: ignore[method-assign]
+    classes: list[type] = [asyncio.BaseEventLoop, asyncio.AbstractEventLoop]
     if sys.platform != "win32":
         from asyncio import unix_events
 
-        loop_cls = unix_events._UnixSelectorEventLoop
-        loop_cls.add_signal_handler = _no_signal_handlers  # type: ignore[method-assign]
-        loop_cls.remove_signal_handler = _no_signal_handlers  # type: ignore[method-assign]
+        classes.append(unix_events._UnixSelectorEventLoop)
+    for cls in classes:
+        setattr(cls, "add_signal_handler", _no_signal_handlers)  # noqa: B010
+        setattr(cls, "remove_signal_handler", _no_signal_handlers)  # noqa: B010
     for name in ("chmod", "fchmod", "lchmod"):
         if hasattr(os, name):
             setattr(os, name, _guard(f"os.{name}", getattr(os, name)))

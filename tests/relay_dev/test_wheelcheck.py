@@ -84,7 +84,7 @@ def _index_or_skip() -> None:
     try:
         wheelcheck.fetch_json(f"{wheelcheck.INDEX}/pip/json")
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        from interop.harness.tools import unavailable
+        from tests.interop.harness.tools import unavailable
 
         unavailable(f"the package index is not reachable: {exc}")
 

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ends_helpers import (
+
+from relay.agent.service import run_agent
+from relay.ops import control, privatefiles
+from relay.workstation.config import default_state_dir, load_workstation_config, user_data_dir
+from tests.ends_helpers import (
     WAIT,
     agent_config,
     device_identity_dir,
@@ -28,11 +32,7 @@ from ends_helpers import (
     tcp_service,
     write_readable_by_others,
 )
-from pki_helpers import HOST, make_pki
-
-from relay.agent.service import run_agent
-from relay.ops import control, privatefiles
-from relay.workstation.config import default_state_dir, load_workstation_config, user_data_dir
+from tests.pki_helpers import HOST, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOWS = sys.platform == "win32"
