@@ -70,7 +70,8 @@ def check_private(path: Path, what: str = "private key") -> None:
     try:
         if _WINDOWS:
             others = winacl.readers_besides_user(path)
-            detail = "readable by " + ", ".join(others) if others else ""
+            names = ", ".join(winacl.describe(o) for o in others)
+            detail = f"readable by {names}" if others else ""
         else:
             mode = stat.S_IMODE(os.stat(path).st_mode)
             detail = f"mode {mode:04o}, open to group or others" if mode & 0o077 else ""

@@ -20,6 +20,7 @@ __all__ = [
     "Ace",
     "AclError",
     "current_user_sid",
+    "describe",
     "file_sddl",
     "other_readers",
     "parse_sddl_dacl",
@@ -29,6 +30,21 @@ __all__ = [
 
 # Accounts that may read anything anyway: LocalSystem and the Administrators group.
 TRUSTED = frozenset({"SY", "S-1-5-18", "BA", "S-1-5-32-544"})
+# Well-known SDDL aliases, for messages.
+_ALIASES = {
+    "WD": "Everyone",
+    "AU": "Authenticated Users",
+    "BU": "BUILTIN\\Users",
+    "BG": "BUILTIN\\Guests",
+    "IU": "INTERACTIVE",
+    "NU": "NETWORK",
+    "AN": "ANONYMOUS LOGON",
+    "OW": "OWNER RIGHTS",
+    "CO": "CREATOR OWNER",
+    "S-1-1-0": "Everyone",
+    "S-1-5-11": "Authenticated Users",
+    "S-1-5-32-545": "BUILTIN\\Users",
+}
 # Rights that let a trustee read a file's data.
 _READ_CODES = frozenset({"GA", "GR", "FA", "FR", "CC"})  # CC: bit 0x1, FILE_READ_DATA
 _READ_BITS = 0x1 | 0x80000000 | 0x10000000  # FILE_READ_DATA, GENERIC_READ, GENERIC_ALL
@@ -62,6 +78,13 @@ class Ace:
         if self.rights.lower().startswith("0x"):
             return bool(int(self.rights, 16) & _READ_BITS)
         return bool(_READ_CODES & set(_pairs(self.rights)))
+
+
+def describe(trustee: str) -> str:
+    """A trustee of `other_readers` as a person reads it (Everyone, BUILTIN\\Users...)."""
+    if trustee.startswith("owner:"):
+        return f"the owner {describe(trustee.removeprefix('owner:'))}"
+    return _ALIASES.get(trustee, "everyone" if trustee == "*" else trustee)
 
 
 def _pairs(text: str) -> list[str]:

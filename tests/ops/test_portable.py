@@ -159,6 +159,14 @@ def test_another_owner_a_null_dacl_and_a_sacl() -> None:
     assert winacl.other_readers(sddl, USER) == [other]
 
 
+def test_trustees_are_described_for_people() -> None:
+    assert winacl.describe("BU") == "BUILTIN\\Users"
+    assert winacl.describe("S-1-1-0") == "Everyone"
+    assert winacl.describe("owner:BA") == "the owner BA"
+    assert winacl.describe("*") == "everyone"
+    assert winacl.describe(USER) == USER
+
+
 def test_owner_rights_count_as_the_owner() -> None:
     assert winacl.other_readers(f"O:{USER}D:P(A;;FA;;;OW)", USER) == []
     assert winacl.other_readers("O:BUD:P(A;;FA;;;OW)", USER) == ["owner:BU", "OW"]
