@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: all install demo test test-fast lint bench clean
+.PHONY: all install demo test test-fast test-portable lint bench clean
 
 all: test
 
@@ -34,6 +34,18 @@ lint: $(TEST_STAMP)
 
 test: lint
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(MAKE) test-portable
+
+# The workstation's and enrollment's tests again, in processes that look like the
+# radiologist's Windows PC: no uvloop, no SIGHUP, no loop signal handlers, no chmod in
+# our code (tests/portable/sitecustomize.py; child processes inherit it).
+PORTABLE_TESTS := tests/workstation tests/trust/test_enroll.py tests/trust/test_renewal.py \
+	tests/ops/test_portable.py tests/ops/test_control.py tests/e2e/test_enrollment_e2e.py \
+	tests/e2e/test_forwarding_e2e.py
+
+test-portable: $(TEST_STAMP)
+	RELAY_PORTABLE_LANE=1 PYTHONPATH=tests/portable $(BIN)/pytest -q -ra -p no:cacheprovider \
+		$(PYTEST_ARGS) $(wildcard $(PORTABLE_TESTS))
 
 test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -q -x -m "not slow and not interop" $(PYTEST_ARGS)

@@ -20,6 +20,8 @@ from relay import __version__
 from relay.agent.registry import RegistryError
 from relay.net.tls import TlsConfigError
 from relay.ops.config import ConfigError, parse_duration
+from relay.ops.control import ControlError
+from relay.ops.privatefiles import PrivateFileError
 from relay.trust.codes import CodeError
 from relay.trust.enroll import EnrollError
 from relay.trust.identity import IdentityError
@@ -37,6 +39,8 @@ USER_ERRORS = (
     EnrollError,
     CodeError,
     DemoError,
+    PrivateFileError,
+    ControlError,
 )
 
 
@@ -79,6 +83,13 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_workstation(args: argparse.Namespace) -> int:
+    if args.action != "run":  # a command to the running workstation
+        from relay.workstation.control import run_command
+
+        return run_command(Path(args.config), args.action, as_json=args.json)
+    if args.log_file:  # no console (a scheduled task, pythonw): JSON lines to a file
+        log = open(args.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        sys.stdout = sys.stderr = log
     from relay.workstation.service import run
 
     return run(Path(args.config))
@@ -145,14 +156,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     issue.set_defaults(func=_cmd_pki_issue)
 
-    for role, func in (
-        ("gateway", _cmd_gateway),
-        ("agent", _cmd_agent),
-        ("workstation", _cmd_workstation),
-    ):
+    for role, func in (("gateway", _cmd_gateway), ("agent", _cmd_agent)):
         cmd = sub.add_parser(role, help=f"run the {role}")
         cmd.add_argument("--config", required=True)
         cmd.set_defaults(func=func)
+    ws = sub.add_parser(
+        "workstation",
+        help="run the workstation, or reload|stop|status the one running with --config",
+    )
+    ws.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=("run", "reload", "stop", "status"),
+        help="run (default); reload, stop or status: over the running one's control endpoint",
+    )
+    ws.add_argument("--config", required=True)
+    ws.add_argument("--json", action="store_true", help="reload|stop|status: the answer as JSON")
+    ws.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="run: append the JSON log lines (and any error) to FILE instead of stdout",
+    )
+    ws.set_defaults(func=_cmd_workstation)
 
     token = sub.add_parser("token", help="one-time enrollment codes (on the agent's machine)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from gateway.server import GatewayServer
 from gateway.service import run_gateway
 from relay.agent.config import AgentConfig, ServiceConfig
 from relay.dicom.pacs_target import PacsTarget
+from relay.ops import privatefiles
 from relay.ops.config import Address, Backoff, LinkSettings, TlsFiles
 from relay.workstation.config import IDENTITY_FILES, WorkstationConfig
 from relay.workstation.service import Workstation
@@ -116,9 +120,26 @@ def device_identity_dir(pki: SitePki, tmp: Path, name: str = "ws1") -> Path:
     cert, key, ca = (directory / n for n in IDENTITY_FILES)
     cert.write_bytes(pair.cert.read_bytes())
     key.write_bytes(pair.key.read_bytes())
-    key.chmod(0o600)
+    privatefiles.protect(key)
     ca.write_bytes(pki.ca.read_bytes())
     return directory
+
+
+def write_readable_by_others(path: Path, data: bytes = b"secret") -> None:
+    """Create `path` the way a careless copy would: other users of the PC may read it
+    (mode 0644; on Windows, read for BUILTIN\\Users inherited from its directory)."""
+    if sys.platform == "win32":
+        grant = "*S-1-5-32-545:(OI)(CI)R"
+        subprocess.run(["icacls", str(path.parent), "/grant", grant], check=True)
+        path.write_bytes(data)
+        return
+    old = os.umask(0o022)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    finally:
+        os.umask(old)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def workstation_config(

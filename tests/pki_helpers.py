@@ -17,14 +17,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-import uvloop
-
 from relay.net import tls
 from relay.trust import pki
 from relay.trust.identity import Identity
 
+try:
+    import uvloop
+except ImportError:  # the portable lane (tests/portable), as on Windows
+    uvloop = None  # type: ignore[assignment]
+
 LoopKind = Literal["asyncio", "uvloop"]
-LOOP_KINDS: tuple[LoopKind, ...] = ("asyncio", "uvloop")
+LOOP_KINDS: tuple[LoopKind, ...] = ("asyncio", "uvloop") if uvloop is not None else ("asyncio",)
 HOST = "127.0.0.1"
 WAIT = 10.0  # generous upper bound on every wait; never an assertion on time
 

@@ -301,8 +301,8 @@ def test_ends_write_only_their_state_directory(role: str, state_dir: str, tmp_pa
     writable = {key: values(service, key) for key in WRITABLE_KEYS if values(service, key)}
     assert writable == {"StateDirectory": [state_dir]}
     config = load_role_config(role, (DEPLOY / "config" / f"{role}.yaml").read_text(), tmp_path)
-    where = config.state_dir if role == "agent" else config.identity_dir
-    assert where.is_relative_to(tmp_path / "var/lib" / state_dir)
+    where = [config.state_dir] if role == "agent" else [config.identity_dir, config.state_dir]
+    assert all(w.is_relative_to(tmp_path / "var/lib" / state_dir) for w in where), where
 
 
 def test_sysusers_declares_every_unit_user() -> None:

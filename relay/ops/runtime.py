@@ -1,4 +1,4 @@
-"""Running a role's main coroutine: uvloop, and a heap that stops churning.
+"""Running a role's main coroutine: uvloop where it exists, and a heap that stops churning.
 
 uvloop halves the memory of an idle TLS link (its SSL transport does not zero-fill a
 256 KiB buffer per connection as the default loop does) and relays faster.
@@ -8,17 +8,22 @@ relay that allocates and frees 64 KiB-1 MiB buffers all the time then page-fault
 back in (90,000-310,000 minor faults per GB relayed, measured in tests/bench). Raising
 the mmap and trim thresholds keeps those buffers in the heap; at most TRIM_THRESHOLD of
 freed memory stays resident after a burst.
+
+uvloop does not exist on Windows (pyproject leaves it out there): the ends then run on
+the stdlib loop (the Proactor loop on Windows), which every module here supports.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-from collections.abc import Coroutine
+import logging
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import uvloop
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -50,6 +55,19 @@ def tune_malloc() -> bool:
     return False
 
 
+def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """uvloop's loop where it can be imported, else the stdlib's; and which one it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio", asyncio.new_event_loop
+    return "uvloop", uvloop.new_event_loop
+
+
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run a role's main coroutine to the end on the best loop this platform has."""
     tune_malloc()
-    return uvloop.run(main)
+    name, factory = loop_factory()
+    log.debug("event loop", extra={"loop": name})
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

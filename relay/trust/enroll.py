@@ -10,7 +10,8 @@
 4. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
    id and secret, and receive the certificate;
 5. check the certificate (our key, our identity, signed by the pinned CA) and write
-   OUT/device.key (0600), OUT/device.crt and OUT/ca.crt, each atomically.
+   OUT/device.key (private: 0600, or a user-only ACL on Windows), OUT/device.crt and
+   OUT/ca.crt, each atomically.
 
 Every failure is an EnrollError whose str() is one line for the user.
 """
@@ -38,6 +39,7 @@ from relay.net.aio import Link
 from relay.net.bytestream import StreamResetError
 from relay.net.jsonframes import MessageError, read_json, write_json
 from relay.net.tls import classify_handshake_error
+from relay.ops import privatefiles
 from relay.ops.config import check_name
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust import pki
@@ -135,8 +137,9 @@ def verify_gateway(
 
 
 def _prepare_dir(out_dir: Path, force: bool) -> None:
-    """Create OUT (0700) and prove it is writable before the code is spent; refuse to
-    replace an identity already there unless `force` (it may be the one in use)."""
+    """Create OUT (private: 0700, a user-only ACL on Windows) and prove it is writable
+    before the code is spent; refuse to replace an identity already there unless `force`
+    (it may be the one in use)."""
     present = [name for name in IDENTITY_FILES if (out_dir / name).exists()]
     if present and not force:
         raise EnrollError(
@@ -144,13 +147,17 @@ def _prepare_dir(out_dir: Path, force: bool) -> None:
             "pass --force to replace it, or choose another --dir"
         )
     try:
-        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not out_dir.is_dir():
+            out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            privatefiles.protect(out_dir, directory=True)
         probe = out_dir / f".enroll-probe-{os.getpid()}"
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise EnrollError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    except privatefiles.PrivateFileError as exc:
+        raise EnrollError(str(exc)) from None
 
 
 def _load_pem_cert(text: object, what: str) -> x509.Certificate:

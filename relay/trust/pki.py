@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay.ops import privatefiles
 from relay.trust.identity import (
     Identity,
     IdentityError,
@@ -51,6 +52,8 @@ DEVICE_LIFETIME: Final = timedelta(days=30)
 BACKDATE: Final = timedelta(minutes=5)
 #: Refuse to read PEM files larger than this (a CA bundle of a few certificates is < 10 KB).
 MAX_PEM_BYTES: Final = 1 << 20
+#: Keys are written private (relay.ops.privatefiles: 0600, or a user-only ACL on Windows).
+PRIVATE_MODE: Final = 0o600
 
 CA_CERT: Final = "ca.crt"
 CA_KEY: Final = "ca.key"
@@ -273,20 +276,19 @@ def _write_file(path: Path, data: bytes, mode: int, exclusive: bool) -> None:
     and rename it over `path`, so a reader never sees a half-written key or certificate.
     """
     path = Path(path)
-    if exclusive:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except FileExistsError:
-            raise PkiError(f"{path} already exists; refusing to overwrite it") from None
-        except OSError as exc:
-            raise PkiError(f"cannot create {path}: {exc.strerror}") from None
-        target = path
-    else:
-        target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except OSError as exc:
-            raise PkiError(f"cannot create {target}: {exc.strerror}") from None
+    target = path if exclusive else path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        if mode == PRIVATE_MODE:  # user-only by the platform's means (ACL on Windows)
+            fd = privatefiles.create_private(target)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            fd = os.open(target, flags, mode)
+    except FileExistsError:
+        raise PkiError(f"{target} already exists; refusing to overwrite it") from None
+    except privatefiles.PrivateFileError as exc:
+        raise PkiError(str(exc)) from None
+    except OSError as exc:
+        raise PkiError(f"cannot create {target}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -301,13 +303,14 @@ def _write_file(path: Path, data: bytes, mode: int, exclusive: bool) -> None:
 
 
 def write_key(path: Path, key: ec.EllipticCurvePrivateKey, *, exclusive: bool = False) -> None:
-    """Write an unencrypted PKCS#8 PEM private key, mode 0600 from creation on."""
+    """Write an unencrypted PKCS#8 PEM private key, private from creation on (mode 0600;
+    a user-only ACL on Windows)."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_file(Path(path), pem, 0o600, exclusive)
+    _write_file(Path(path), pem, PRIVATE_MODE, exclusive)
 
 
 def write_cert(

@@ -1,12 +1,22 @@
-"""The workstation's configuration file, typed and validated at load time."""
+"""The workstation's configuration file, typed and validated at load time.
+
+`state_dir` holds what the running workstation keeps (the control endpoint's file; the
+cache of later issues). By default it lies in the user's data directory of the platform
+(platformdirs), one per config file, so that two workstations on one PC (two sites)
+never share one and `relay workstation reload --config FILE` finds the right one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+
+import platformdirs
 
 from relay.ops.config import (
     DEFAULT_LOG_LEVEL,
@@ -25,18 +35,38 @@ from relay.ops.config import (
     read_limits,
     read_log_level,
 )
-from relay.ops.configfile import load_config
+from relay.ops.configfile import load_config, open_config
 
 __all__ = [
     "IDENTITY_FILES",
     "DicomNodeConfig",
     "WorkstationConfig",
+    "default_state_dir",
     "load_workstation_config",
     "read_workstation_config",
+    "state_dir_of",
+    "user_data_dir",
 ]
 
 # What `relay enroll` and `relay pki issue` write into the identity directory.
 IDENTITY_FILES = ("device.crt", "device.key", "ca.crt")
+APP_NAME = "dmz-relay"
+
+
+def user_data_dir() -> Path:
+    """The user's data directory for DMZ Relay: ~/.local/share/dmz-relay (Linux, or
+    $XDG_DATA_HOME/dmz-relay), ~/Library/Application Support/dmz-relay (macOS),
+    %LOCALAPPDATA%\\dmz-relay (Windows)."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def default_state_dir(config_path: str | os.PathLike[str]) -> Path:
+    """`user_data_dir()/workstation/<config name>-<8 hex digits of its absolute path>`."""
+    absolute = os.path.abspath(config_path)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(absolute).stem)[:40] or "config"
+    digest = hashlib.sha256(os.path.normcase(absolute).encode()).hexdigest()[:8]
+    return user_data_dir() / "workstation" / f"{stem}-{digest}"
+
 
 _LOOPBACK_ONLY = (
     "must be a loopback address (127.0.0.1, [::1] or localhost): whoever reaches it "
@@ -61,7 +91,8 @@ class WorkstationConfig:
     """Everything `relay workstation` needs; see config/workstation.yaml for the keys.
 
     `dicom` None: no local DICOM node. `forward` maps a local listen address to the
-    name of a service the agent allows. Durations are seconds.
+    name of a service the agent allows. Durations are seconds. The loader always sets
+    `state_dir`; None (embedded in tests) runs no control endpoint.
     """
 
     path: Path
@@ -70,6 +101,7 @@ class WorkstationConfig:
     metrics_listen: Address | None
     dicom: DicomNodeConfig | None
     forward: Mapping[Address, str] = field(default_factory=lambda: MappingProxyType({}))
+    state_dir: Path | None = None  # None: embedded (tests), no control endpoint
     limits: LinkSettings = field(default_factory=LinkSettings)
     reconnect: Backoff = field(default_factory=Backoff)
     drain_grace: float = 30.0
@@ -157,6 +189,7 @@ def load_workstation_config(path: str | os.PathLike[str]) -> WorkstationConfig:
 def read_workstation_config(r: Reader) -> WorkstationConfig:
     """The workstation's schema, applied to a parsed config file."""
     gateway = r.address("gateway")
+    state_dir = r.path("state_dir", str(default_state_dir(r.file)))
     identity_dir = _read_identity_dir(r)
     config = WorkstationConfig(
         path=Path(os.path.abspath(r.file)),
@@ -169,6 +202,13 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         reconnect=read_backoff(r),
         drain_grace=read_drain_grace(r, WorkstationConfig.drain_grace),
         log_level=read_log_level(r),
+        state_dir=state_dir,
     )
     _check_listeners_distinct(r, config)
     return config
+
+
+def state_dir_of(path: str | os.PathLike[str]) -> Path:
+    """Only the `state_dir` of a config file: how `relay workstation reload|stop|status`
+    finds the running workstation, which judges the rest of the file itself."""
+    return open_config(path).path("state_dir", str(default_state_dir(path)))

@@ -2,20 +2,23 @@
 
 The link is supervised (relay.net.dialer.KeptLink: reconnects with jittered backoff); the
 `Tunnel` opens streams over it for the port forwards and, when `dicom:` is configured,
-the local DICOM node. SIGTERM/SIGINT: stop accepting local connections, goaway, let
-open ones finish within `drain_grace`, close, exit 0.
+the local DICOM node. SIGTERM/SIGINT (and Ctrl-Break on Windows; relay.ops.signals), or
+`relay workstation stop`: stop accepting local connections, goaway, let open ones finish
+within `drain_grace`, close, exit 0. The device key must be private (relay.ops.privatefiles):
+a key that others may read stops start-up with one line saying what to run.
 
 The device certificate renews itself over the live link once two thirds of its
 lifetime have passed (relay.trust.renewal). The link is kept: the new identity is handed to
 the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
 crash interrupted is completed before the identity is loaded.
 
-SIGHUP (`Workstation.reload`): re-read the config file and the identity files. The new
-certificate, key and CA go to the link supervisor for its next dial (the link that is up
-stays up), with the new limits and backoff; drain grace and log level apply at once. The
-keys in RESTART_ONLY keep their running values and are logged as needing a restart.
-Files that do not load or check out keep everything as it was: one error line, counted
-in `relay_reloads_total{result="error"}`.
+SIGHUP, or `relay workstation reload` on every platform (the control endpoint,
+relay.workstation.control; `Workstation.reload`): re-read the config file and the
+identity files. The new certificate, key and CA go to the link supervisor for its next
+dial (the link that is up stays up), with the new limits and backoff; drain grace and
+log level apply at once. The keys in RESTART_ONLY keep their running values and are
+logged as needing a restart. Files that do not load or check out keep everything as it
+was: one error line, counted in `relay_reloads_total{result="error"}`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.net.tls import TlsConfigError, client_context
+from relay.ops import privatefiles
 from relay.ops.binding import listen_errors
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
@@ -44,12 +47,14 @@ from relay.ops.reloading import (
     set_log_level,
 )
 from relay.ops.runtime import run_loop
+from relay.ops.signals import handling_signals
 from relay.proto import ErrorCode
 from relay.trust.identity import identity_from_certificate
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.renewal import OpenStream, complete_pending_renewal, renewal_loop
 from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
+from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
 
@@ -63,7 +68,7 @@ EXIT_REVOKED = 3  # the gateway says this device is revoked; only a new enrollme
 REVOKED_MESSAGE = "this device was revoked by the hospital; enroll it again with `relay enroll`"
 # Read once at start-up (the dialled address, local listeners, the renewal loop's
 # directory): a reload keeps their running values and says that they need a restart.
-RESTART_ONLY = ("gateway", "identity_dir", "metrics_listen", "dicom", "forward")
+RESTART_ONLY = ("gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward")
 
 
 class Workstation:
@@ -78,6 +83,7 @@ class Workstation:
         if finished is not None:
             log.warning("an interrupted certificate renewal was " + finished)
         files = config.identity_files()
+        privatefiles.check_private(files.key, "device key")
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
         self.identity = identity_from_certificate(load_cert(files.cert))
         self.rng = rng
@@ -113,6 +119,8 @@ class Workstation:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self.reload_error: str | None = None  # why the last reload failed
+        self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
 
     def _revoked(self, reason: str) -> None:
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
@@ -179,6 +187,7 @@ class Workstation:
             new = load_workstation_config(self.config.path)
             new, restart = keep_restart_only(self.config, new, RESTART_ONLY)
             files = new.identity_files()
+            privatefiles.check_private(files.key, "device key")
             check_own_certificate(
                 files.cert,
                 files.ca,
@@ -187,8 +196,17 @@ class Workstation:
                 name=self.identity.name,
             )
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-        except (ConfigError, ReloadError, TlsConfigError, PkiError, OSError, ValueError) as exc:
+        except (
+            ConfigError,
+            ReloadError,
+            TlsConfigError,
+            PkiError,
+            privatefiles.PrivateFileError,
+            OSError,
+            ValueError,
+        ) as exc:
             self.reloads.record(False)
+            self.reload_error = str(exc)
             log.error(
                 "reload failed; keeping the running configuration and certificates",
                 extra={"config": str(self.config.path), "error": str(exc)},
@@ -202,6 +220,7 @@ class Workstation:
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
         self.reloads.record(True)
+        self.reload_error, self.restart_needed = None, tuple(restart)
         if restart:
             log.warning(
                 "reloaded; these settings need a restart and keep their running values",
@@ -258,43 +277,38 @@ async def run_workstation(
     handle_signals: bool = True,
     with_dicom: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `stop` is set), then drain within `drain_grace`; 0.
+    """Run until a stop signal, `relay workstation stop` (or `stop` is set), then drain
+    within `drain_grace`; 0.
 
-    SIGHUP reloads (`Workstation.reload`) while it runs. If the gateway says the device
-    is revoked, stop the same way and return EXIT_REVOKED.
+    SIGHUP (where it exists) and `relay workstation reload` reload while it runs. If the
+    gateway says the device is revoked, stop the same way and return EXIT_REVOKED.
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     workstation = Workstation(config)
-    if handle_signals:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, workstation.reload)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            # The drain grace as last reloaded, read when the drain starts.
-            stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
-            await workstation.start()
-            if with_dicom:
-                await stack.enter_async_context(
-                    dicom_node(config, workstation.tunnel, workstation.metrics)
-                )
-            if config.metrics_listen is not None:
-                admin = AdminServer(
-                    config.metrics_listen, workstation.metrics.registry, workstation.readiness
-                )
-                with listen_errors(config.path, "metrics_listen", config.metrics_listen):
-                    await admin.start()
-                stack.push_async_callback(admin.stop)
-            log.info("workstation started", extra={"gateway": str(config.gateway)})
-            if started is not None:
-                started(workstation)
-            await _first(stop.wait(), workstation.revoked.wait())
-    finally:
+    async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
-            loop.remove_signal_handler(signal.SIGTERM)
-            loop.remove_signal_handler(signal.SIGINT)
-            loop.remove_signal_handler(signal.SIGHUP)
+            stack.enter_context(handling_signals(loop, stop=stop.set, reload=workstation.reload))
+        # First, so that a second workstation on the same state directory stops here.
+        await stack.enter_async_context(control_endpoint(workstation, stop.set))
+        # The drain grace as last reloaded, read when the drain starts.
+        stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
+        await workstation.start()
+        if with_dicom:
+            await stack.enter_async_context(
+                dicom_node(config, workstation.tunnel, workstation.metrics)
+            )
+        if config.metrics_listen is not None:
+            admin = AdminServer(
+                config.metrics_listen, workstation.metrics.registry, workstation.readiness
+            )
+            with listen_errors(config.path, "metrics_listen", config.metrics_listen):
+                await admin.start()
+            stack.push_async_callback(admin.stop)
+        log.info("workstation started", extra={"gateway": str(config.gateway)})
+        if started is not None:
+            started(workstation)
+        await _first(stop.wait(), workstation.revoked.wait())
     return EXIT_REVOKED if workstation.revoked.is_set() else 0
 
 
@@ -310,7 +324,7 @@ async def _first(*waits: Coroutine[Any, Any, object]) -> None:
 
 
 def run(config_path: Path) -> int:
-    """`relay workstation --config FILE`: load, log JSON, run under uvloop.
+    """`relay workstation --config FILE`: load, log JSON, run (uvloop where it exists).
 
     Exit status 0 after a drain, EXIT_REVOKED once the device is revoked.
     """

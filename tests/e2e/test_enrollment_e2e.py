@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from relay.ops import privatefiles
 from relay.trust import pki
 from relay.workstation.service import EXIT_REVOKED, REVOKED_MESSAGE
 from tests.e2e.chain import HOST, RELAY, relay_cli
@@ -164,7 +165,7 @@ def test_token_enroll_and_the_workstation_works(site: Site, ws_ok: Enrolled) -> 
     out = ws_ok.result.stdout.strip()
     assert out.startswith(f"enrolled as {device_uri('ws-ok')}") and "\n" not in out
     assert ws_ok.result.stderr == ""
-    assert (ws_ok.identity / "device.key").stat().st_mode & 0o777 == 0o600
+    privatefiles.check_private(ws_ok.identity / "device.key")
     assert sorted(p.name for p in ws_ok.identity.iterdir()) == [
         "ca.crt",
         "device.crt",

@@ -672,6 +672,7 @@ WORKSTATION_ERRORS = [
     (_set("dicom", "aetitle", "X"), "dicom.aetitle", "did you mean 'ae_title'"),
     (_drop("gateway"), "gateway", "missing required key"),
     (_drop("identity_dir"), "identity_dir", "missing required key"),
+    (_set("state_dir", 5), "state_dir", "expected a path"),
     (_drop("dicom", "listen"), "dicom.listen", "missing required key"),
     (_set("gateway", "gw.example.org"), "gateway", "no port"),
     (_set("gateway", "127.0.0.1:0"), "gateway", "port 1-65535"),

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import socket
 import ssl
-import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +30,7 @@ from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
+from relay.ops import privatefiles
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust import pki
@@ -183,8 +182,8 @@ async def test_enroll_writes_a_working_identity(tmp_path: Path) -> None:
         out = tmp_path / "identity"
         cert_path = await enroll(server.code(), out, timeout=WAIT)
         assert cert_path == out / "device.crt"
-        assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(out / "device.key").st_mode) == 0o600
+        privatefiles.check_private(out, "identity directory")  # 0700, or a user-only ACL
+        privatefiles.check_private(out / "device.key")  # 0600, or a user-only ACL
         cert = pki.load_cert(out / "device.crt")
         ca = pki.load_cert(out / "ca.crt")
         assert pki.ca_fingerprint(ca) == pki.ca_fingerprint(server.site.ca_cert)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -28,6 +27,7 @@ from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import ByteStream, pipe
 from relay.net.jsonframes import read_json, write_json
+from relay.ops import privatefiles
 from relay.proto import LinkSettings
 from relay.trust import pki
 from relay.trust.identity import Identity, identity_from_certificate
@@ -172,7 +172,7 @@ async def test_renewal_replaces_key_and_certificate(site: Site) -> None:
     assert cert.public_key() == key.public_key()
     assert identity_from_certificate(cert) == identity_from_certificate(old)
     assert cert.not_valid_after_utc == T0 + 20 * DAY + 30 * DAY
-    assert os.stat(site.identity_dir / "device.key").st_mode & 0o777 == 0o600
+    privatefiles.check_private(site.identity_dir / "device.key")
     assert not (site.identity_dir / PENDING_CERT).exists()
     row = site.registry.get_device("ws1")
     assert row is not None and row.serial == format(cert.serial_number, "x")

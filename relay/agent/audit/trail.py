@@ -9,7 +9,6 @@ rotation, so lines never interleave and none is lost at a rotation. The file is 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -17,6 +16,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
+
+try:
+    import fcntl
+except ImportError:  # Windows: the agent runs on Linux; there only the ends' tests load it
+    fcntl = None  # type: ignore[assignment]
 
 from relay.agent.audit.events import (
     EV_BEGIN_TRANSFER,
@@ -128,7 +132,8 @@ class AuditLog:
         except OSError as exc:
             return self._failed(exc)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 size = os.stat(self.path).st_size
             except FileNotFoundError:

@@ -1,0 +1,83 @@
+"""Files that only this user may read (the device key, the control endpoint's secret),
+protected and checked by each platform's own means.
+
+POSIX: mode 0600 (0700 for a directory); a file that group or others may read, write
+or run is refused. Windows: mode bits protect nothing, so the file gets a protected DACL
+with one entry, the current user (relay.ops.winacl); a file that another account than
+the user, SYSTEM or Administrators may read is refused. This is the only module of the
+project that touches POSIX modes (the portable lane of the tests enforces it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import sys
+from pathlib import Path
+
+from relay.ops import winacl
+
+__all__ = ["PrivateFileError", "check_private", "create_private", "fix_command", "protect"]
+
+_WINDOWS = sys.platform == "win32"
+
+
+class PrivateFileError(Exception):
+    """A private file that others may read, or cannot be made private; one line for the
+    user that names the file and what to run."""
+
+
+def fix_command(path: Path) -> str:
+    """What the user runs to make `path` private again, on this platform."""
+    if _WINDOWS:  # no inherited entries, and this user alone (by name: cmd or PowerShell)
+        user = os.environ.get("USERNAME", "%USERNAME%")
+        if os.environ.get("USERDOMAIN"):
+            user = f"{os.environ['USERDOMAIN']}\\{user}"
+        return f'icacls "{path}" /inheritance:r /grant:r "{user}:F"'
+    return f"chmod 600 '{path}'"
+
+
+def protect(path: Path, *, directory: bool = False) -> None:
+    """Make `path` readable and writable by this user only."""
+    try:
+        if _WINDOWS:
+            winacl.restrict_to_user(Path(path), directory=directory)
+        else:
+            os.chmod(path, 0o700 if directory else 0o600)
+    except OSError as exc:
+        raise PrivateFileError(f"cannot make {path} private: {exc.strerror or exc}") from None
+
+
+def create_private(path: Path) -> int:
+    """Create `path` (it must not exist), private before anything is written to it, and
+    return a file descriptor open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    if _WINDOWS:  # os.open's mode only sets the read-only flag there
+        try:
+            protect(path)
+        except PrivateFileError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    return fd
+
+
+def check_private(path: Path, what: str = "private key") -> None:
+    """Raise PrivateFileError unless only this user (and the system) may read `path`."""
+    path = Path(path)
+    try:
+        if _WINDOWS:
+            others = winacl.readers_besides_user(path)
+            names = ", ".join(winacl.describe(o) for o in others)
+            detail = f"readable by {names}" if others else ""
+        else:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            detail = f"mode {mode:04o}, open to group or others" if mode & 0o077 else ""
+    except OSError as exc:
+        raise PrivateFileError(f"cannot check {path}: {exc.strerror or exc}") from None
+    if detail:
+        raise PrivateFileError(
+            f"the {what} {path} is not private ({detail}); to fix it run: {fix_command(path)}"
+        )

@@ -1,0 +1,124 @@
+"""The workstation's commands on its control endpoint (relay.ops.control), and the CLI
+side of them: `relay workstation reload|stop|status --config FILE`.
+
+Later features add their commands here (`prefetch`, `cache-status`, `cache-wipe`): a
+handler takes the request's JSON object and returns the answer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from relay import __version__
+from relay.ops import control, privatefiles
+from relay.ops.config import ConfigError
+
+if TYPE_CHECKING:
+    from relay.workstation.service import Workstation
+
+__all__ = ["COMMANDS", "control_endpoint", "handlers", "run_command"]
+
+COMMANDS = ("reload", "stop", "status")
+PROBE_TIMEOUT = 5.0
+
+
+def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, control.Handler]:
+    async def reload(body: dict[str, Any]) -> dict[str, Any]:
+        ok = workstation.reload()
+        answer: dict[str, Any] = {"ok": ok, "restart_needed": list(workstation.restart_needed)}
+        if not ok:
+            answer["error"] = workstation.reload_error
+        return answer
+
+    async def stop_command(body: dict[str, Any]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(stop)  # after this answer is on its way
+        return {"ok": True, "grace_s": workstation.config.drain_grace}
+
+    async def status(body: dict[str, Any]) -> dict[str, Any]:
+        ready, why = workstation.readiness()
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "version": __version__,
+            "identity": workstation.identity.uri,
+            "gateway": str(workstation.config.gateway),
+            "ready": ready,
+            "why": why,
+        }
+
+    return {"reload": reload, "stop": stop_command, "status": status}
+
+
+async def _refuse_a_second_instance(state_dir: Path) -> None:
+    """Two workstations on one state directory would fight over it: refuse the second."""
+    try:
+        answer = await control.call(state_dir, "status", timeout=PROBE_TIMEOUT)
+    except control.ControlError:
+        return  # none, or a stale file from a process that is gone
+    raise control.ControlError(
+        f"a workstation (pid {answer.get('pid')}) already runs with the state directory "
+        f"{state_dir}; stop it (relay workstation stop --config FILE) or set another state_dir"
+    )
+
+
+def _prepare(config_path: Path, state_dir: Path) -> None:
+    """The state directory exists; made private by us when we create it."""
+    if state_dir.is_dir():
+        return
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot create {state_dir}: {exc.strerror or exc}"
+        raise ConfigError(config_path, "state_dir", message) from None
+    privatefiles.protect(state_dir, directory=True)
+
+
+@contextlib.asynccontextmanager
+async def control_endpoint(
+    workstation: Workstation, stop: Callable[[], object]
+) -> AsyncIterator[control.ControlServer | None]:
+    """Serve the workstation's commands while inside (nothing when it has no state_dir)."""
+    state_dir = workstation.config.state_dir
+    if state_dir is None:
+        yield None
+        return
+    _prepare(workstation.config.path, state_dir)
+    await _refuse_a_second_instance(state_dir)
+    server = control.ControlServer(state_dir, handlers(workstation, stop))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def run_command(config_path: Path, command: str, *, as_json: bool = False) -> int:
+    """`relay workstation reload|stop|status`: 0 done, 1 refused by the workstation."""
+    from relay.workstation.config import state_dir_of
+
+    answer = asyncio.run(control.call(state_dir_of(config_path), command))
+    if as_json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    if not answer.get("ok"):
+        print(f"relay workstation {command}: {answer.get('error', 'failed')}", file=sys.stderr)
+        return 1
+    if as_json:
+        return 0
+    if command == "reload":
+        restart = answer.get("restart_needed") or []
+        extra = f"; these need a restart: {', '.join(restart)}" if restart else ""
+        print(f"reloaded configuration and certificates{extra}")
+    elif command == "stop":
+        print(f"stopping (draining for up to {answer.get('grace_s')} s)")
+    else:
+        state = "ready" if answer.get("ready") else "not ready"
+        who = f"pid {answer.get('pid')}, {answer.get('identity')}"
+        print(f"running, {who}: {state} ({answer.get('why')})")
+    return 0

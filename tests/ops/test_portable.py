@@ -1,0 +1,182 @@
+"""What the ends need of the platform: the loop, signals, private files (and Windows ACLs).
+
+These run in the normal lane and again in the portable lane (tests/portable), where
+uvloop, SIGHUP and loop signal handlers are gone; the Windows-only ones run on the hosted
+Windows runner (.github/workflows/ends-portable.yml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.ops import privatefiles, runtime, winacl
+from relay.ops.signals import handling_signals
+from tests.ends_helpers import write_readable_by_others as _readable_by_others
+
+LANE = os.environ.get("RELAY_PORTABLE_LANE_ACTIVE") == "1"
+WINDOWS = sys.platform == "win32"
+USER = "S-1-5-21-1004336348-1177238915-682003330-1001"
+
+
+def _uvloop_importable() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def test_run_loop_uses_uvloop_only_where_it_can_be_imported() -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+
+    runtime.run_loop(main())
+    name, _ = runtime.loop_factory()
+    if _uvloop_importable():
+        assert (name, seen[0].split(".")[0]) == ("uvloop", "uvloop")
+    else:
+        assert (name, seen[0].split(".")[0]) == ("asyncio", "asyncio")
+    if LANE:
+        assert name == "asyncio"
+
+
+# --- signals ----------------------------------------------------------------------------
+
+
+async def test_ctrl_c_stops_through_whichever_mechanism_exists() -> None:
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    before = signal.getsignal(signal.SIGINT)
+    with handling_signals(loop, stop=stopped.set) as names:
+        assert "SIGINT" in names and "SIGTERM" in names
+        signal.raise_signal(signal.SIGINT)
+        await asyncio.wait_for(stopped.wait(), 10)
+    if LANE or WINDOWS:  # signal.signal handlers: what was there comes back
+        assert signal.getsignal(signal.SIGINT) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here (Windows, the lane)")
+async def test_sighup_reloads_where_it_exists() -> None:
+    reloaded = asyncio.Event()
+    with handling_signals(asyncio.get_running_loop(), stop=lambda: None, reload=reloaded.set):
+        signal.raise_signal(signal.SIGHUP)
+        await asyncio.wait_for(reloaded.wait(), 10)
+
+
+async def test_without_sighup_nothing_is_installed_for_reload() -> None:
+    with handling_signals(asyncio.get_running_loop(), stop=lambda: None, reload=lambda: None) as n:
+        assert ("SIGHUP" in n) == hasattr(signal, "SIGHUP")
+        assert ("SIGBREAK" in n) == WINDOWS  # Ctrl-Break
+    if LANE:
+        assert not hasattr(signal, "SIGHUP")
+
+
+# --- private files ----------------------------------------------------------------------
+
+
+def test_a_private_file_passes_the_check(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    os.close(privatefiles.create_private(path))
+    privatefiles.check_private(path)
+
+
+def test_protect_makes_a_file_private(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    _readable_by_others(path)
+    with pytest.raises(privatefiles.PrivateFileError):
+        privatefiles.check_private(path)
+    privatefiles.protect(path)
+    privatefiles.check_private(path)
+
+
+def test_a_key_others_may_read_is_refused_naming_it_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+    _readable_by_others(path)
+    with pytest.raises(privatefiles.PrivateFileError) as info:
+        privatefiles.check_private(path, "device key")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"the device key {path} is not private" in message
+    assert message.endswith(privatefiles.fix_command(path))
+    assert ("icacls" if WINDOWS else "chmod 600") in message
+
+
+def test_the_fix_command_works(tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+    _readable_by_others(path)
+    command = privatefiles.fix_command(path)
+    shell = ["cmd", "/c", command] if WINDOWS else ["sh", "-c", command]
+    subprocess.run(shell, check=True, capture_output=True)
+    privatefiles.check_private(path)
+
+
+def test_a_private_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    privatefiles.protect(directory, directory=True)
+    privatefiles.check_private(directory, "state directory")
+
+
+# --- Windows ACLs: the judgement, on every platform -------------------------------------
+
+
+def test_the_user_alone_is_private() -> None:
+    assert winacl.other_readers(f"O:{USER}D:P(A;;FA;;;{USER})", USER) == []
+
+
+def test_system_and_administrators_do_not_count() -> None:
+    sddl = f"O:{USER}D:PAI(A;ID;FA;;;SY)(A;ID;FA;;;BA)(A;ID;FA;;;{USER})"
+    assert winacl.other_readers(sddl, USER) == []
+
+
+def test_inherited_users_and_everyone_are_readers() -> None:
+    sddl = f"O:{USER}D:AI(A;ID;0x1200a9;;;BU)(A;;FR;;;WD)(A;ID;FA;;;{USER})"
+    assert winacl.other_readers(sddl, USER) == ["BU", "WD"]
+
+
+def test_rights_that_do_not_read_and_inherit_only_entries_do_not_count() -> None:
+    sddl = f"O:{USER}D:(A;;0x100000;;;WD)(A;OICIIO;FA;;;CO)(D;;FA;;;AU)(A;;FW;;;AU)(A;;FA;;;{USER})"
+    assert winacl.other_readers(sddl, USER) == []
+
+
+def test_another_owner_a_null_dacl_and_a_sacl() -> None:
+    other = "S-1-5-21-1-2-3-1002"
+    assert winacl.other_readers(f"O:{other}D:P(A;;FA;;;{USER})", USER) == [f"owner:{other}"]
+    assert winacl.other_readers(f"O:{USER}D:NO_ACCESS_CONTROL", USER) == ["*"]
+    sddl = f"O:BAD:P(A;;FA;;;{USER})(A;;GA;;;{other})S:AI(AU;SAFA;FA;;;WD)"
+    assert winacl.other_readers(sddl, USER) == [other]
+
+
+def test_trustees_are_described_for_people() -> None:
+    assert winacl.describe("BU") == "BUILTIN\\Users"
+    assert winacl.describe("S-1-1-0") == "Everyone"
+    assert winacl.describe("owner:BA") == "the owner BA"
+    assert winacl.describe("*") == "everyone"
+    assert winacl.describe(USER) == USER
+
+
+def test_owner_rights_count_as_the_owner() -> None:
+    assert winacl.other_readers(f"O:{USER}D:P(A;;FA;;;OW)", USER) == []
+    assert winacl.other_readers("O:BUD:P(A;;FA;;;OW)", USER) == ["owner:BU", "OW"]
+
+
+@pytest.mark.skipif(not WINDOWS, reason="Windows ACLs (the hosted Windows runner)")
+def test_windows_acl_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"secret")
+    winacl.restrict_to_user(path)
+    sddl = winacl.file_sddl(path)
+    assert f"(A;;FA;;;{winacl.current_user_sid()})" in sddl
+    assert winacl.readers_besides_user(path) == []
