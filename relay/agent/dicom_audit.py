@@ -65,6 +65,8 @@ class DicomAuditor:
                 study_uid=keys.get("StudyInstanceUID", ""),
                 outcome=_outcome(summary),
                 completed=summary.instances,
+                failed=summary.failed,
+                warning=summary.warning,
                 to_device=summary.op != "store",
                 patient_id=keys.get("PatientID"),
                 description=f"{summary.op}: status 0x{summary.status:04X} {summary.comment}"[:256],

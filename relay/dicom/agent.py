@@ -62,10 +62,12 @@ class OperationSummary:
     status: int
     comment: str
     seconds: float
-    instances: int = 0
+    instances: int = 0  # completed: sent to the workstation, or (store) stored by the PACS
     calling_ae: str = ""
     cancelled: bool = False
     request: Request | None = None
+    failed: int = 0
+    warning: int = 0
 
     def keys(self) -> dict[str, str]:
         """What the request was about, for the audit trail (PS3.15): level and UIDs.
@@ -76,7 +78,14 @@ class OperationSummary:
         if req is None:
             return {}
         if req.op == "store":
-            return {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_instance}
+            keys = {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_instance}
+            try:
+                found = rawds.check_dataset(
+                    req.dataset, req.transfer_syntax, capture=rawds.AUDIT_TAGS
+                )
+            except rawds.MalformedDataset:
+                return keys
+            return {**{k: v[:1024] for k, v in found.items() if v}, **keys}
         if req.op == "echo" or not req.dataset:
             return {}
         try:
@@ -170,6 +179,8 @@ async def serve_dicom_stream(
         calling_ae=msg.calling_ae,
         cancelled=op.cancel_sent.is_set(),
         request=msg,
+        failed=op.failed,
+        warning=op.warnings,
     )
 
 

@@ -45,7 +45,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
-from relay.dicom.stats import DicomStats, NullStats
+from relay.dicom.stats import DicomStats, NullStats, status_category
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class PacsOperation:
         self.move_receiver = move_receiver
         self.op_name = request.op if request.op != "retrieve" else pacs.retrieve
         self.final: FinalResponse | None = None
-        self.instances = 0
+        self.instances = 0  # completed sub-operations (a store: 1 once the PACS took it)
+        self.failed = 0  # failed sub-operations, as the PACS finally counts them
+        self.warnings = 0
         self.malformed = 0
         self.cancel_sent = threading.Event()
         self._cancel = threading.Event()
@@ -163,10 +165,22 @@ class PacsOperation:
         elif self.request.op == "echo":
             final = FinalResponse(st.for_echo(final.status), final.comment)
         self.final = final
+        self._count_final(final)
         self.stats.operation_done(self.op_name, final.status, time.monotonic() - started)
         with contextlib.suppress(ChannelClosed, TimeoutError):
             self._emit(final)
         self.out.close("operation finished")
+
+    def _count_final(self, final: FinalResponse) -> None:
+        """Failed and warning counts for the audit trail; a store is one sub-operation."""
+        if self.request.op == "store":
+            category = status_category(final.status)
+            self.instances = int(category == "success")
+            self.warnings = int(category == "warning")
+            self.failed = int(category not in ("success", "warning"))
+        elif self.request.op == "retrieve":
+            self.failed = final.failed or 0
+            self.warnings = final.warning or 0
 
     def _emit(self, msg: Message) -> None:
         """Queue `msg` for the stream, blocking while the channel is full.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from io import BytesIO
 from typing import Final
 
@@ -144,14 +144,25 @@ _SEQ_END: Final = 0xFFFEE0DD
 _PIXEL_DATA: Final = 0x7FE00010
 _MAX_DEPTH: Final = 32
 _CAPTURE: Final = {0x00080016: "sop_class", 0x00080018: "sop_instance"}
+# What an audit event names (PS3.15): the patient, the study, the series and the instance.
+AUDIT_TAGS: Final = {
+    0x00100020: "PatientID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+}
 
 
 class _Walker:
     """Walks element headers to check every length fits, without copying values."""
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, buf: bytes, implicit: bool, little: bool, capture: Mapping[int, str] = _CAPTURE
+    ) -> None:
         self.buf = buf
         self.implicit = implicit
+        self.capture = capture
         e = "<" if little else ">"
         self.u16 = struct.Struct(e + "H").unpack_from
         self.u32 = struct.Struct(e + "I").unpack_from
@@ -207,9 +218,9 @@ class _Walker:
                 )
             if vr == b"SQ":
                 self.items(pos, pos + length, depth, False, until_delimiter=False)
-            elif depth == 0 and tag in _CAPTURE:
-                self.captured[_CAPTURE[tag]] = (
-                    buf[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
+            elif depth == 0 and tag in self.capture:
+                self.captured[self.capture[tag]] = (
+                    buf[pos : pos + length].strip(b"\x00 ").decode("utf-8", "replace")
                 )
             pos += length
         if in_item:
@@ -247,13 +258,19 @@ class _Walker:
 
 
 def check_dataset(
-    data: bytes, transfer_syntax: str, *, max_inflated: int = 1 << 30
+    data: bytes,
+    transfer_syntax: str,
+    *,
+    max_inflated: int = 1 << 30,
+    capture: Mapping[int, str] = _CAPTURE,
 ) -> dict[str, str]:
     """Raise MalformedDataset unless `data` is a structurally sound dataset.
 
     Checks every element and item length against the data and the nesting of sequences and
-    encapsulated pixel data, in one pass without copying values. Returns the top-level
-    SOP Class and Instance UIDs it saw (keys "sop_class", "sop_instance").
+    encapsulated pixel data, in one pass without copying values. Returns the text of the
+    top-level elements named in `capture` ({tag: key}) that it saw; by default the SOP
+    Class and Instance UIDs (keys "sop_class", "sop_instance"). Pixel data is never read,
+    so `capture=AUDIT_TAGS` is how an instance's audit keys are found cheaply.
     """
     implicit, little, deflated = ts_encoding(transfer_syntax)
     if deflated:
@@ -263,7 +280,7 @@ def check_dataset(
             raise MalformedDataset(f"bad deflate stream: {exc}") from None
     if not data:
         raise MalformedDataset("empty dataset")
-    walker = _Walker(data, implicit, little)
+    walker = _Walker(data, implicit, little, capture)
     walker.dataset(0, len(data), 0, in_item=False)
     return walker.captured
 
