@@ -8,11 +8,15 @@ pynetdicom viewer is told.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
+import pytest
+
 from relay.dicom import status as st
 from relay.dicom.codec import (
+    DicomLimits,
     FinalResponse,
     Instance,
     Message,
@@ -27,6 +31,7 @@ from relay.net.bytestream import ByteStream, pipe
 from relay_dev import samples
 
 from . import viewer
+from .chain import until
 from .helpers import EXPLICIT, query
 
 STUDY = samples.make_study(4, rows=16, cols=16, seed=61)
@@ -205,3 +210,105 @@ async def test_find_passes_matches_and_the_final_status() -> None:
     )
     assert [str(m.PatientName) for m in matches] == ["DOE^JANE"]
     assert final.Status == 0xC311 and final.ErrorComment == "PACS said no"
+
+
+class _NodeEnd:
+    """The node's end of the stream, telling whether the node is waiting for bytes."""
+
+    def __init__(self, inner: ByteStream) -> None:
+        self.inner = inner
+        self.reading = False
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.inner.headers
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        self.reading = True
+        try:
+            return await self.inner.read(max_bytes)
+        finally:
+            self.reading = False
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.write(data)
+
+    async def write_eof(self) -> None:
+        await self.inner.write_eof()
+
+    def reset(self, code: int) -> None:
+        self.inner.reset(code)
+
+
+@pytest.mark.parametrize("depth", [1, 6])
+async def test_a_slow_viewer_holds_the_agent_at_the_node_s_queue_depth(depth: int) -> None:
+    """The node reads ahead of a slow viewer by its configured queue depth, no more, no less.
+
+    The viewer holds its first C-STORE; the agent writes instances as fast as the stream
+    takes them. Once nothing moves, the agent has written the instance at the viewer,
+    `depth` queued in the node, and the one the node has read and waits to queue; the next
+    one is stuck in the stream (messages are larger than the stream's buffer).
+    """
+    study = samples.make_study(16, rows=16, cols=16, seed=67)
+    held = threading.Event()
+    release = threading.Event()
+    written = 0
+    writing = False
+    ends: list[_NodeEnd] = []
+
+    async def open_stream(headers: Mapping[str, str]) -> ByteStream:
+        a, b = pipe(headers, limit=64)
+        ends.append(_NodeEnd(a))
+
+        async def agent() -> None:
+            nonlocal written, writing
+            codec = MessageCodec()
+            assert isinstance(await read_message(b, codec), Request)
+            counts = Pending(remaining=len(study), completed=0, failed=0, warning=0)
+            await write_message(b, codec, counts)
+            for x in study:
+                writing = True
+                await write_message(
+                    b, codec, Instance(x.sop_class, x.sop_instance, x.transfer_syntax, x.data)
+                )
+                writing = False
+                written += 1
+            await write_message(b, codec, FinalResponse(0, completed=len(study), failed=0))
+            await b.write_eof()
+
+        task = asyncio.create_task(agent())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return ends[-1]
+
+    def slow_viewer() -> None:
+        held.set()
+        assert release.wait(30)
+
+    def stalled() -> bool:
+        return held.is_set() and writing and bool(ends) and not ends[0].reading
+
+    tasks: set[asyncio.Task[None]] = set()
+    node = DicomNode(open_stream, listen=("127.0.0.1", 0), limits=DicomLimits(queue_depth=depth))
+    await node.start()
+    try:
+        call = asyncio.create_task(
+            asyncio.to_thread(
+                viewer.get,
+                node.address[1],
+                query("STUDY", StudyInstanceUID="1.2.3"),
+                classes=CLASSES,
+                before_store=slow_viewer,
+            )
+        )
+        await until(stalled)
+        for _ in range(20):  # let every wake-up already scheduled on the loop run
+            await asyncio.sleep(0)
+        assert stalled()
+        assert written == 1 + depth + 1
+        release.set()
+        result = await asyncio.wait_for(call, 60)
+    finally:
+        release.set()
+        await node.stop()
+    assert len(result.received) == len(study) and result.final.Status == 0

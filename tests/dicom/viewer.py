@@ -70,13 +70,17 @@ def get(
     on_pending: Callable[[Any, int, Dataset], None] | None = None,
     store_status: int = 0,
     msg_id: int = 1,
+    before_store: Callable[[], None] | None = None,
 ) -> GetResult:
-    """C-GET; `on_pending(assoc, n, status)` is called for each response (to cancel, say)."""
+    """C-GET; `on_pending(assoc, n, status)` is called for each response (to cancel, say),
+    `before_store()` at the start of each C-STORE sub-operation (to play a slow viewer)."""
     model = MODELS[(root, "get")]
     result = GetResult()
     lock = threading.Lock()
 
     def on_store(event: Any) -> int:
+        if before_store is not None:
+            before_store()
         req = event.request
         with lock:
             uid = str(req.AffectedSOPInstanceUID)
