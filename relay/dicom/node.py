@@ -9,7 +9,9 @@ Study Root, all levels), C-STORE and C-CANCEL. Each viewer request becomes one r
   association, with the PACS's dataset bytes unchanged when the viewer accepted that
   transfer syntax (see `rawds`); pending responses carry the counts as they change.
 - C-MOVE: the same, delivered by C-STORE to the destination AE from `destinations`
-  (an unknown AE gets 0xA801). The PACS never connects to the workstation.
+  (an unknown AE gets 0xA801). The destination is checked first (`move_check`): one that
+  is known but does not accept an association gets 0xC008 naming it, and the agent is
+  never asked. The PACS never connects to the workstation.
 - C-STORE from the viewer (an upload) is checked and forwarded to the PACS.
 - C-CANCEL from the viewer is forwarded; the agent cancels at the PACS.
 
@@ -40,7 +42,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom import contexts, rawds
+from relay.dicom import contexts, move_check, rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
     VERSION,
@@ -64,6 +66,7 @@ _POLL: Final = 0.1  # how often a waiting handler looks for the viewer's C-CANCE
 RESUME_WINDOW: Final = 30.0  # how long a broken retrieve may take to find a new stream
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
+PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -165,6 +168,7 @@ class DicomNode:
             (evt.EVT_C_STORE, self._on_store),
         ]
         self._ae = ae
+        move_check.register(ae, self._check_move)
         supported = contexts.scp_contexts(
             storage_role_selection=True, extra=list(contexts.MODELS.values())
         )
@@ -270,6 +274,22 @@ class DicomNode:
         code = st.for_store(final.status)
         self.stats.operation_done("store", code, time.monotonic() - started)
         return _status(code, final.comment)
+
+    def _check_move(self, request: Any) -> move_check.Refusal | None:
+        """Before a C-MOVE starts: refuse it if its destination is known but down."""
+        name = str(request.MoveDestination or "").strip()
+        destination = self.destinations.get(name)
+        if destination is None:
+            return None  # unknown: the handler answers 0xA801
+        started = time.monotonic()
+        why = move_check.probe(self.ae_title, name, destination, min(self.timeout, PROBE_TIMEOUT))
+        if why is None:
+            return None
+        host, port = destination
+        log.warning("C-MOVE refused: destination %s at %s:%d %s", name, host, port, why)
+        code = st.MOVE_DESTINATION_UNREACHABLE
+        self.stats.operation_done("move", code, time.monotonic() - started)
+        return move_check.Refusal(code, f"move destination {name} at {host}:{port} {why}")
 
     def _request_for(self, event: Any, op: str) -> Request | Dataset:
         key = contexts.model_key(str(event.request.AffectedSOPClassUID))
@@ -412,11 +432,13 @@ class _Retrieval:
         self.delivered = 0
         self.classes: dict[str, None] = {}
         self.syntaxes: dict[str, None] = {}
-        self.code = st.SUCCESS
         self.seen: set[str] = set()  # every intact instance received: delivered or buffered
         self.resumes = 0
         self.resume_deadline: float | None = None  # set while a broken stream is replaced
         self.answered = False  # the agent has said something: the retrieve had begun
+        # What the metrics count if pynetdicom closes us early (the viewer left, or the
+        # destination of a C-MOVE refused pynetdicom's association): never success.
+        self.code = st.LINK_LOST
         self.skipped: frozenset[str] = frozenset()  # what the current stream must not bring
 
     def run(self) -> Iterator[Any]:
@@ -548,7 +570,12 @@ class _Retrieval:
             self.code = st.SUCCESS
             yield 0
             return
+        if self.destination is not None:
+            # pynetdicom associates with the destination now; if that fails it answers
+            # 0xA801 and closes us here.
+            self.code = st.MOVE_DESTINATION_UNREACHABLE
         yield self.total
+        self.code = st.LINK_LOST
         # 4. Instances as they come; after a C-CANCEL, none, until the agent's end. The
         #    last announced instance waits for that end: pynetdicom closes the operation by
         #    itself once every announced sub-operation is done, so only while one is held

@@ -25,9 +25,10 @@ LINK_LOST: Final = 0xC004  # the relay tunnel dropped before the operation finis
 RELAY_PROTOCOL: Final = 0xC005  # a malformed message between workstation and agent
 RELAY_UNSUPPORTED: Final = 0xC006  # the agent cannot do this (e.g. retrieve: move not set up)
 BAD_IDENTIFIER: Final = 0xC007  # the identifier could not be decoded
+MOVE_DESTINATION_UNREACHABLE: Final = 0xC008  # a known C-MOVE destination does not answer
 NO_COUNTS: Final = 0xA701  # out of resources: unable to calculate number of matches
 SUBOPS_FAILED: Final = 0xA702  # out of resources: unable to perform sub-operations
-MOVE_DESTINATION_UNKNOWN: Final = 0xA801
+MOVE_DESTINATION_UNKNOWN: Final = 0xA801  # not in the node's destinations (PS3.4 C.4.2)
 
 # Verification has no failure range; 0x0110 "Processing failure" is the general status.
 PROCESSING_FAILURE: Final = 0x0110

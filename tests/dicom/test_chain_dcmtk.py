@@ -9,6 +9,7 @@ and is reached through a small forwarder. Every tool runs with TCP_NODELAY=1 and
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -276,6 +277,38 @@ async def test_movescu_unknown_destination_is_a801(chain: Chain) -> None:
     )
     assert "MoveDestinationUnknown" in (result.status or "") or "a801" in result.output.lower()
     assert chain.headers == []
+
+
+async def test_movescu_to_a_configured_destination_that_is_down(pacs: EmbeddedPacs) -> None:
+    """The destination is in the node's config but nothing listens there: movescu gets a
+    failure that says so (0xC008, naming it), not 0xA801, and nothing is retrieved."""
+    with socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = int(down.getsockname()[1])
+        c = Chain(target(pacs), destinations={"DOWNSCP": ("127.0.0.1", port)})
+        await c.start()
+        try:
+            result = await asyncio.to_thread(
+                dcmtk.movescu,
+                node_of(c),
+                "DOWNSCP",
+                "STUDY",
+                {"StudyInstanceUID": MR_STUDY},
+                extra_args=["-d"],  # debug: the response's status code and error comment
+                timeout=TOOL_TIMEOUT,
+                check=False,
+            )
+        finally:
+            await c.stop()
+    out = result.output
+    assert "Move response with error status (Failed: UnableToProcess)" in out, out
+    assert re.search(r"DIMSE Status\s*: 0xc008: Failed: Unable to process", out), out
+    assert re.search(
+        rf"\(0000,0902\) LO \[move destination DOWNSCP at 127.0.0.1:{port} not reachable\]", out
+    ), out
+    assert "MoveDestinationUnknown" not in result.output
+    assert c.headers == [] and pacs.events.gets == 0 and pacs.events.finds == 0
+    assert c.node_stats.operations == {("move", "failure"): 1}
 
 
 async def test_movescu_cancel_cancels_at_the_pacs(tmp_path: Path) -> None:

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom import rawds
 from relay.dicom import status as st
@@ -114,6 +118,64 @@ async def test_move_to_an_unknown_destination_is_a801(chain: Chain, pacs: Embedd
     assert statuses[-1].Status == st.MOVE_DESTINATION_UNKNOWN
     assert chain.headers == []  # nothing was asked of the agent
     assert pacs.events.gets == 0
+
+
+@contextlib.contextmanager
+def not_listening() -> Iterator[int]:
+    """A loopback port that is bound but not listening: connections to it are refused,
+    and no other process can take it while the test runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+async def test_move_to_a_known_destination_that_is_down_is_refused_first(
+    pacs: EmbeddedPacs,
+) -> None:
+    with not_listening() as port:
+        c = Chain(pacs_target(pacs), destinations={"DOWNSCP": ("127.0.0.1", port)})
+        await c.start()
+        try:
+            statuses = await asyncio.to_thread(
+                viewer.move, c.port, query("STUDY", StudyInstanceUID=MR_STUDY), "DOWNSCP"
+            )
+        finally:
+            await c.stop()
+    [final] = statuses
+    assert final.Status == st.MOVE_DESTINATION_UNREACHABLE
+    assert final.ErrorComment == f"move destination DOWNSCP at 127.0.0.1:{port} not reachable"
+    assert c.headers == []  # the agent was never asked to retrieve
+    assert pacs.events.gets == 0 and pacs.events.finds == 0
+    assert c.node_stats.operations == {("move", "failure"): 1}
+    assert c.node_stats.statuses == {("move", st.MOVE_DESTINATION_UNREACHABLE): 1}
+
+
+async def test_a_destination_that_refuses_the_transfer_counts_as_a_failure(
+    pacs: EmbeddedPacs,
+) -> None:
+    """A destination that answers the check (it accepts Verification only) but refuses
+    the storage association: pynetdicom answers 0xA801 itself, and the node's metrics
+    count a failed move, not a success."""
+    ae = AE(ae_title="ECHOONLY")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    assert server is not None
+    try:
+        port = int(server.server_address[1])
+        c = Chain(pacs_target(pacs), destinations={"ECHOONLY": ("127.0.0.1", port)})
+        await c.start()
+        try:
+            statuses = await asyncio.to_thread(
+                viewer.move, c.port, query("STUDY", StudyInstanceUID=MR_STUDY), "ECHOONLY"
+            )
+            await c.settle()
+        finally:
+            await c.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert statuses[-1].Status == st.MOVE_DESTINATION_UNKNOWN  # pynetdicom's own answer
+    assert c.node_stats.operations == {("move", "failure"): 1}
 
 
 async def test_upload_reaches_the_pacs(chain: Chain, pacs: EmbeddedPacs) -> None:
