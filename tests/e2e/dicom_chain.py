@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -439,6 +439,19 @@ def dataset_bytes(path: Path) -> bytes:
 
     _meta, offset = split_dataset(path)
     return path.read_bytes()[offset:]
+
+
+def bytes_by_instance(files: Iterable[Path]) -> dict[str, bytes]:
+    """SOP Instance UID -> dataset bytes of each Part 10 file a DCMTK tool wrote (+B), to
+    compare byte for byte with the instances the PACS holds."""
+    import pydicom
+
+    out: dict[str, bytes] = {}
+    for path in files:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert uid not in out, f"{uid} received twice"
+        out[uid] = dataset_bytes(path)
+    return out
 
 
 def match_elements(ds: Any) -> list[tuple[int, str]]:

@@ -27,6 +27,7 @@ from tests.e2e.dicom_chain import (
     DicomChain,
     NsForwarder,
     PacsProcess,
+    bytes_by_instance,
     dataset_bytes,
     match_elements,
     running_dicom_chain,
@@ -69,6 +70,17 @@ def chain(
     )
     with running_dicom_chain(c):
         yield c
+
+
+@pytest.fixture(scope="module")
+def held() -> dict[str, dict[str, bytes]]:
+    """What the PACS holds (it loads relay_dev.samples.demo_studies(), which is
+    deterministic): study ("CT", "MR") -> SOP Instance UID -> dataset bytes."""
+    out: dict[str, dict[str, bytes]] = {"CT": {}, "MR": {}}
+    for inst in samples.demo_studies():
+        study = "CT" if inst.sop_class == samples.CT_IMAGE_STORAGE else "MR"
+        out[study][inst.sop_instance] = inst.data
+    return out
 
 
 def direct(pacs: PacsProcess) -> DicomNode:
@@ -152,13 +164,14 @@ def test_findscu_equals_a_direct_query(  # noqa: PLR0917
 
 
 @pytest.mark.parametrize(
-    ("model", "level", "keys", "count"),
+    ("model", "level", "keys", "count", "study"),
     [
-        ("study", "STUDY", {"StudyInstanceUID": "CT"}, 40),
-        ("study", "SERIES", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES"}, 24),
+        ("study", "STUDY", {"StudyInstanceUID": "CT"}, 40, "CT"),
+        ("study", "SERIES", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES"}, 24,
+         "MR"),
         ("study", "IMAGE", {"StudyInstanceUID": "MR", "SeriesInstanceUID": "MR_SERIES",
-                            "SOPInstanceUID": "MR_IMAGE"}, 1),
-        ("patient", "PATIENT", {"PatientID": CT_PATIENT}, 40),
+                            "SOPInstanceUID": "MR_IMAGE"}, 1, "MR"),
+        ("patient", "PATIENT", {"PatientID": CT_PATIENT}, 40, "CT"),
     ],
     ids=["study", "series", "image", "patient-root"],
 )  # fmt: skip
@@ -166,13 +179,16 @@ def test_getscu_receives_the_pacs_bytes(  # noqa: PLR0917
     chain: DicomChain,
     pacs: PacsProcess,
     uids: dict[str, str],
+    held: dict[str, dict[str, bytes]],
     tmp_path: Path,
     model: dcmtk.Model,
     level: dcmtk.Level,
     keys: dict[str, str],
     count: int,
+    study: str,
 ) -> None:
     keys = fill(keys, uids)
+    wanted = keys.get("SOPInstanceUID")
     got = dcmtk.getscu(chain.node, tmp_path / "relay", level, keys, model=model,
                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
     want = dcmtk.getscu(direct(pacs), tmp_path / "direct", level, keys, model=model,
@@ -182,6 +198,10 @@ def test_getscu_receives_the_pacs_bytes(  # noqa: PLR0917
     assert got.suboperations.get("Failed") == 0
     assert len(got.files) == count
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
+    # Byte for byte what the PACS holds, instance by instance (not only what DCMTK gets).
+    expected = {u: d for u, d in held[study].items() if wanted in (None, u)}
+    assert len(expected) == count
+    assert bytes_by_instance(got.files) == expected
 
 
 def test_retrievals_are_compressed_between_the_ends(
@@ -200,11 +220,12 @@ def test_retrievals_are_compressed_between_the_ends(
     assert received >= raw - before
 
 
-def test_movescu_delivers_to_the_configured_destination(
+def test_movescu_delivers_to_the_configured_destination(  # noqa: PLR0917
     chain: DicomChain,
     pacs: PacsProcess,
     viewer: NsForwarder,
     uids: dict[str, str],
+    held: dict[str, dict[str, bytes]],
     tmp_path: Path,
 ) -> None:
     keys = {"StudyInstanceUID": uids["MR"]}
@@ -223,6 +244,7 @@ def test_movescu_delivers_to_the_configured_destination(
     assert result.ok and result.status == "Success"
     assert len(files) == 24
     assert sorted(map(dataset_bytes, files)) == sorted(map(dataset_bytes, want.files))
+    assert bytes_by_instance(files) == held["MR"]  # what the PACS holds, byte for byte
 
 
 def test_movescu_to_an_unknown_destination_is_a801(chain: DicomChain, uids: dict[str, str]) -> None:

@@ -17,7 +17,13 @@ import pytest
 
 from relay.dicom import rawds
 from relay_dev import samples
-from tests.e2e.dicom_chain import DicomChain, dataset_bytes, match_elements, running_dicom_chain
+from tests.e2e.dicom_chain import (
+    DicomChain,
+    bytes_by_instance,
+    dataset_bytes,
+    match_elements,
+    running_dicom_chain,
+)
 from tests.interop.harness import Orthanc, SampleSeries, dcmtk, write_ct_series
 
 pytestmark = pytest.mark.interop
@@ -31,6 +37,8 @@ MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
 MR_SERIES = str(rawds.decode_dataset(MR[0].data, EXPLICIT).SeriesInstanceUID)
 MOVE_DESTINATION = "STORESCP"
 SCP_PORT = 11113
+# What Orthanc holds: the files uploaded below, which it stores as they are.
+HELD = {study: {i.sop_instance: i.data for i in insts} for study, insts in (("ct", CT), ("mr", MR))}
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +123,20 @@ def test_findscu_equals_orthanc_direct(
 
 
 @pytest.mark.parametrize(
-    ("keys", "count"),
-    [({"StudyInstanceUID": CT_STUDY}, len(CT)), ({"StudyInstanceUID": MR_STUDY}, len(MR))],
+    ("keys", "count", "study"),
+    [
+        ({"StudyInstanceUID": CT_STUDY}, len(CT), "ct"),
+        ({"StudyInstanceUID": MR_STUDY}, len(MR), "mr"),
+    ],
     ids=["ct", "mr"],
 )
-def test_getscu_receives_orthancs_bytes(
-    chain: DicomChain, orthanc_module: Orthanc, tmp_path: Path, keys: dict[str, str], count: int
+def test_getscu_receives_orthancs_bytes(  # noqa: PLR0917
+    chain: DicomChain,
+    orthanc_module: Orthanc,
+    tmp_path: Path,
+    keys: dict[str, str],
+    count: int,
+    study: str,
 ) -> None:
     got = dcmtk.getscu(chain.node, tmp_path / "relay", "STUDY", keys, extra_args=["+B"],
                        timeout=TIMEOUT)  # fmt: skip
@@ -129,6 +145,7 @@ def test_getscu_receives_orthancs_bytes(
     assert got.status == "Success"
     assert got.suboperations.get("Completed") == want.suboperations.get("Completed") == count
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
+    assert bytes_by_instance(got.files) == HELD[study]  # what Orthanc holds, byte for byte
 
 
 def test_getscu_of_a_dcmtk_written_series(
@@ -155,6 +172,7 @@ def test_movescu_delivers_to_a_storescp_destination(
                         extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
     assert result.ok and result.status == "Success"
     assert sorted(map(dataset_bytes, files)) == sorted(map(dataset_bytes, want.files))
+    assert bytes_by_instance(files) == HELD["ct"]  # what Orthanc holds, byte for byte
 
 
 def test_movescu_to_an_unknown_destination_is_a801(chain: DicomChain) -> None:
