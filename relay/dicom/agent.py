@@ -37,7 +37,7 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.move_receiver import MoveReceiver
+from relay.dicom.intake import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats

@@ -28,6 +28,10 @@ class ChannelClosed(Exception):
         self.reason = reason
 
 
+class Woken(TimeoutError):
+    """A thread's `get_sync` returned early because `wake()` was called: look around."""
+
+
 class Channel(Generic[T]):
     """Bounded FIFO; `put`/`get` for the loop, `put_sync`/`get_sync` for threads."""
 
@@ -38,6 +42,7 @@ class Channel(Generic[T]):
         self._maxsize = maxsize
         self._items: deque[T] = deque()
         self._closed: str | None = None
+        self._wakes = 0
         self._cond = threading.Condition()
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -124,9 +129,11 @@ class Channel(Generic[T]):
                 self._cond.wait(left)
 
     def get_sync(self, timeout: float) -> T:
-        """Block while empty; TimeoutError after `timeout`, ChannelClosed once drained."""
+        """Block while empty; TimeoutError after `timeout`, ChannelClosed once drained,
+        Woken as soon as `wake()` is called (something else needs the waiting thread)."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            wakes = self._wakes
             while True:
                 if self._items:
                     item = self._items.popleft()
@@ -134,12 +141,20 @@ class Channel(Generic[T]):
                     return item
                 if self._closed is not None:
                     raise ChannelClosed(self._closed)
+                if self._wakes != wakes:
+                    raise Woken("woken")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("channel empty")
                 self._cond.wait(left)
 
     # -- either side ----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make a thread waiting in `get_sync` return now (Woken) if nothing is queued."""
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
 
     def close(self, reason: str = "closed") -> None:
         """No more puts; gets drain what is queued, then raise ChannelClosed(reason)."""

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -62,7 +63,12 @@ from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
 
-_POLL: Final = 0.1  # how often a waiting handler looks for the viewer's C-CANCEL
+_POLL: Final = 0.1  # how often a handler pausing between resumes looks at the viewer
+# A handler waiting for the agent is woken by the viewer's C-CANCEL or the end of its
+# association (see DicomNode._wake); it also looks by itself this often, in case a wake-up
+# came a moment before pynetdicom recorded the C-CANCEL.
+_LOOK: Final = 1.0
+_C_CANCEL: Final = 0x0FFF  # Command Field of C-CANCEL-RQ
 RESUME_WINDOW: Final = 30.0  # how long a broken retrieve may take to find a new stream
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
@@ -133,7 +139,9 @@ class DicomNode:
         }
         self._ae: AE | None = None
         self._server: Any = None
-        self._sessions: set[Session] = set()
+        # The sessions of running operations, for stop(); a session leaves the set when
+        # its handler lets go of it (no callback from the session back into the node).
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -161,6 +169,10 @@ class DicomNode:
         ae.network_timeout = self.timeout + 60  # the viewer is silent while we wait on the agent
         handlers: list[Any] = [
             contexts.NODELAY,
+            (evt.EVT_DIMSE_RECV, self._on_dimse),
+            (evt.EVT_ABORTED, self._wake),
+            (evt.EVT_RELEASED, self._wake),
+            (evt.EVT_CONN_CLOSE, self._wake),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
@@ -210,17 +222,12 @@ class DicomNode:
             request,
             self.codec,
             open_timeout=self.timeout if open_timeout is None else open_timeout,
-            on_done=self._forget,
             follow=follow,
         )
         with self._sessions_lock:
             self._sessions.add(session)
         session.start()
         return session
-
-    def _forget(self, session: Session) -> None:
-        with self._sessions_lock:
-            self._sessions.discard(session)
 
     def _unary(self, request: Request) -> FinalResponse:
         """A request with one final answer (echo, store), from a handler thread."""
@@ -233,6 +240,19 @@ class DicomNode:
             session.close()
 
     # -- handlers (pynetdicom threads) --------------------------------------------
+
+    def _on_dimse(self, event: Any) -> None:
+        """A viewer's C-CANCEL: wake the handlers waiting on the agent (they check whose)."""
+        command = getattr(event.message, "command_set", None)
+        if command is not None and command.get("CommandField") == _C_CANCEL:
+            self._wake(event)
+
+    def _wake(self, event: Any) -> None:
+        """Some viewer cancelled or left: every waiting handler looks whether it was its own."""
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.wake()
 
     def _on_echo(self, event: Any) -> Dataset:
         started = time.monotonic()
@@ -397,7 +417,7 @@ class _Waiter:
         while True:
             self.check_cancel()
             try:
-                return self.session.next(_POLL)
+                return self.session.next(_LOOK)
             except TimeoutError:
                 pass
             now = time.monotonic()

@@ -2,9 +2,10 @@
 
 `PacsOperation.run()` performs what a `Request` asks and turns every result into encoded
 stream messages put into a bounded `Channel`: C-FIND matches as they arrive, retrieved
-instances one at a time as the PACS sends them (blocking the PACS's C-STORE while the
-channel is full: backpressure, not buffering), progress counts, and always one final
-response. It never raises: every failure becomes a DIMSE status with a reason.
+instances one at a time as the PACS sends them (through an `Intake`, which blocks the
+PACS's C-STORE while the channel is full: backpressure, not buffering), progress counts,
+and always one final response. It never raises: every failure becomes a DIMSE status
+with a reason.
 
 Before a retrieve it surveys the study with C-FIND down to image level, which tells it the
 number of instances (so the viewer sees counts at once) and their SOP classes (so the
@@ -20,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,14 +36,13 @@ from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
     MAX_COUNT,
-    DicomProtocolError,
     FinalResponse,
-    Instance,
     Message,
     MessageCodec,
     Pending,
     Request,
 )
+from relay.dicom.intake import Intake, MoveReceiver
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomStats, NullStats, status_category
@@ -70,13 +70,6 @@ class Survey:
     transfer_syntaxes: list[str] = field(default_factory=list)
 
 
-class InstanceSink(Exception):
-    """Internal: the stream side is gone, stop taking instances."""
-
-
-Deliver = Callable[[str, str, str, bytes], int]
-
-
 class PacsOperation:
     """One request against the PACS; `run()` on a thread, `cancel()`/`abort()` from anywhere."""
 
@@ -88,14 +81,12 @@ class PacsOperation:
         out: Channel[Message],
         *,
         stats: DicomStats | None = None,
-        move_receiver: Any = None,
+        move_receiver: MoveReceiver | None = None,
         skip: frozenset[str] = frozenset(),
     ) -> None:
         """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
         taken from the PACS (which counts them as done) but not sent on."""
         self.pacs = pacs
-        self.skip = skip
-        self.skipped = 0
         self.request = request
         self.codec = codec
         self.out = out
@@ -103,18 +94,31 @@ class PacsOperation:
         self.move_receiver = move_receiver
         self.op_name = request.op if request.op != "retrieve" else pacs.retrieve
         self.final: FinalResponse | None = None
-        self.instances = 0  # completed sub-operations (a store: 1 once the PACS took it)
+        self._stored = 0  # a store: 1 once the PACS took it
         self.failed = 0  # failed sub-operations, as the PACS finally counts them
         self.warnings = 0
-        self.malformed = 0
         self.cancel_sent = threading.Event()
         self._cancel = threading.Event()
         self._aborted = threading.Event()
+        self.intake = Intake(
+            out,
+            codec,
+            self.stats,
+            stall_timeout=pacs.stall_timeout,
+            aborted=self._aborted,
+            cancel=self._cancel,
+            skip=skip,
+        )
         self._lock = threading.Lock()
         self._assoc: Association | None = None
         self._msg_id = next_message_id()
         self._model = ""
         self.survey: Survey | None = None
+
+    @property
+    def instances(self) -> int:
+        """Completed sub-operations: instances sent on, or (a store) 1 once the PACS took it."""
+        return self.intake.instances + self._stored
 
     # -- control (any thread) -------------------------------------------------------
 
@@ -175,7 +179,7 @@ class PacsOperation:
         """Failed and warning counts for the audit trail; a store is one sub-operation."""
         if self.request.op == "store":
             category = status_category(final.status)
-            self.instances = int(category == "success")
+            self._stored = int(category == "success")
             self.warnings = int(category == "warning")
             self.failed = int(category not in ("success", "warning"))
         elif self.request.op == "retrieve":
@@ -351,50 +355,6 @@ class PacsOperation:
 
     # -- retrieve -----------------------------------------------------------------------
 
-    def deliver(self, sop_class: str, sop_instance: str, ts: str, data: bytes) -> int:
-        """A C-STORE sub-operation from the PACS: check, queue (blocking), answer.
-
-        Returns the status for the PACS. Blocks while the channel is full, which is what
-        slows the PACS down to the pace of the workstation.
-        """
-        if self._aborted.is_set():
-            return st.STORE_OUT_OF_RESOURCES
-        if sop_instance in self.skip:
-            self.skipped += 1
-            return st.SUCCESS  # delivered before the resume: the PACS counts it as done
-        try:
-            rawds.check_instance(data, ts, sop_class, sop_instance)
-        except rawds.MalformedDataset as exc:
-            log.warning("malformed instance from the PACS refused: %s", exc)
-            self.malformed += 1
-            return st.STORE_CANNOT_UNDERSTAND
-        msg = Instance(sop_class, sop_instance, ts, data)
-        try:
-            self.codec.validate(msg)
-        except DicomProtocolError as exc:
-            log.warning("instance from the PACS not relayable: %s", exc)
-            self.malformed += 1
-            return st.STORE_OUT_OF_RESOURCES
-        try:
-            self._emit(msg)
-        except (ChannelClosed, TimeoutError):
-            self._aborted.set()
-            self._cancel.set()
-            return st.STORE_OUT_OF_RESOURCES
-        self.instances += 1
-        self.stats.instance_relayed(len(data))
-        return st.SUCCESS
-
-    def _on_store(self, event: Any) -> int:
-        req = event.request
-        data = req.DataSet.getvalue()
-        return self.deliver(
-            str(req.AffectedSOPClassUID),
-            str(req.AffectedSOPInstanceUID),
-            str(event.context.transfer_syntax),
-            data,
-        )
-
     def _retrieve(self, identifier: Dataset) -> FinalResponse:
         root = self.request.root
         kind = self.pacs.retrieve
@@ -410,7 +370,7 @@ class PacsOperation:
                 return assoc
             try:
                 self._announce(assoc, find_model, identifier)
-                receiver.register(self._msg_id, self.deliver)
+                receiver.register(self._msg_id, self.intake)
                 try:
                     return self._follow(
                         assoc,
@@ -445,7 +405,7 @@ class PacsOperation:
         classes = sorted({str(cx.abstract_syntax) for cx in storage})
         roles = [build_role(sop, scp_role=True) for sop in classes]
         assoc = self._associate(
-            [*base, *storage], ext_neg=roles, handlers=[(evt.EVT_C_STORE, self._on_store)]
+            [*base, *storage], ext_neg=roles, handlers=[(evt.EVT_C_STORE, self.intake.on_store)]
         )
         if isinstance(assoc, FinalResponse):
             return assoc
@@ -463,7 +423,7 @@ class PacsOperation:
     def _follow(
         self, assoc: Association, model: str, responses: Iterator[tuple[Dataset, Any]]
     ) -> FinalResponse:
-        """Relay the PACS's C-GET/C-MOVE responses; sub-operations arrive via deliver()."""
+        """Relay the PACS's C-GET/C-MOVE responses; sub-operations go to the intake."""
         self._model = model
         counts: Counts = (None, None, None, None)
         try:

@@ -80,7 +80,6 @@ class Session:
         codec: MessageCodec,
         *,
         open_timeout: float,
-        on_done: Callable[[Session], None] | None = None,
         follow: Sequence[Message] = (),
     ) -> None:
         """`follow`: messages written right after the request (a resumed retrieve's Skip)."""
@@ -96,7 +95,6 @@ class Session:
         self._end: SessionEnded | None = None
         self._final_seen = False
         self._closed = False
-        self._on_done = on_done
         self._task: asyncio.Future[None] | None = None
         self.error_reason = ""
 
@@ -184,13 +182,12 @@ class Session:
         if self._task is not None:
             self._task.cancel()
         self.inbox.abort("session closed")
-        if self._on_done is not None:
-            self._on_done(self)
 
     # -- thread side ----------------------------------------------------------------
 
     def next(self, timeout: float) -> Message:
-        """The next message; TimeoutError if none within `timeout`; SessionEnded at the end."""
+        """The next message; TimeoutError if none within `timeout` or if woken (`wake()`);
+        SessionEnded at the end."""
         try:
             payload = self.inbox.get_sync(timeout)
         except ChannelClosed:
@@ -216,6 +213,10 @@ class Session:
                 continue
             if isinstance(msg, FinalResponse):
                 return msg
+
+    def wake(self) -> None:
+        """From any thread: make the handler waiting in `next()` look around now."""
+        self.inbox.wake()
 
     def cancel(self) -> None:
         """Ask the agent to C-CANCEL at the PACS."""

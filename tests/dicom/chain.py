@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from relay.dicom.agent import OperationSummary, serve_dicom_stream
 from relay.dicom.codec import DicomLimits
-from relay.dicom.move_receiver import MoveReceiver
+from relay.dicom.intake import MoveReceiver
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomCounters

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from relay.dicom.bridge import Channel, ChannelClosed
+from relay.dicom.bridge import Channel, ChannelClosed, Woken
 
 
 async def test_bound_blocks_a_thread_producer_until_the_loop_consumes() -> None:
@@ -120,3 +120,27 @@ def test_size_must_be_positive() -> None:
             Channel(loop, 0)
     finally:
         loop.close()
+
+
+async def test_wake_releases_a_waiting_thread_consumer_without_an_item() -> None:
+    ch: Channel[int] = Channel(asyncio.get_running_loop(), 2)
+    waiting = threading.Event()
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        waiting.set()
+        try:
+            ch.get_sync(60)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    await asyncio.to_thread(waiting.wait, 10)
+    while not outcome:  # a wake before the consumer waits is not kept: wake until it returns
+        ch.wake()
+        await asyncio.to_thread(t.join, 0.05)
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], Woken)
+    ch.put_sync(5, 1)
+    assert ch.get_sync(1) == 5  # a queued item is returned, not a wake-up

@@ -1,0 +1,37 @@
+"""The DICOM path calls downwards only: no module of relay/dicom calls back into a module
+that called it, on any thread, for a C-GET through the node with the agent retrieving by
+C-GET or by C-MOVE (docs/internals/dicom.md has the measurement and the layers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .path_trace import measure_get
+
+# Which relay.dicom modules may call which (a layer calls only layers below it).
+LAYERS = {
+    "relay.dicom.node": 0,  # workstation end, pynetdicom SCP
+    "relay.dicom.agent": 0,  # agent end, loop side
+    "relay.dicom.session": 1,  # workstation stream, loop side
+    "relay.dicom.pacs_ops": 1,  # agent end, pynetdicom SCU thread
+    "relay.dicom.move_check": 1,
+    "relay.dicom.intake": 2,  # instances from the PACS (C-GET handler, C-MOVE SCP)
+    "relay.dicom.bridge": 3,
+    "relay.dicom.codec": 3,
+    "relay.dicom.contexts": 3,
+    "relay.dicom.rawds": 3,
+    "relay.dicom.stats": 4,
+    "relay.dicom.status": 4,
+}
+
+
+@pytest.mark.parametrize("agent_retrieve", ["get", "move"])
+async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: str) -> None:
+    trace = await measure_get(4, agent_retrieve=agent_retrieve)
+    assert trace.cycles("relay.dicom") == []
+    dicom = trace.modules("relay.dicom")
+    assert dicom <= set(LAYERS), dicom - set(LAYERS)
+    upwards = [(a, b) for a, b in trace.within("relay.dicom") if LAYERS[a] >= LAYERS[b]]
+    assert upwards == []
+    # Outside relay/dicom the DICOM layer only touches the stream it is given.
+    assert trace.modules() - dicom == {"relay.net.bytestream"}
