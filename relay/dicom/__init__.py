@@ -1,7 +1,11 @@
-"""DICOM through the relay: what the agent and the workstation share.
+"""DICOM through the relay: both ends, and what they share.
 
-`codec` is the message layer on a stream (no pydicom); `agent` serves one stream against the
-PACS; `node` is the workstation's local DICOM node; `embedded_pacs` and `samples` are for the
-demo and tests. pynetdicom and pydicom are imported only inside this package, and only by
-the modules that need them, so importing `relay.dicom.codec` stays light.
+The ends: `node` is the workstation's local DICOM node (pynetdicom SCP) with `session`
+(one request's stream, on the loop) and `move_check` (C-MOVE destinations checked first);
+`agent` serves one stream against the PACS with `pacs_ops` (the pynetdicom SCU thread)
+and `intake` (instances from the PACS, and the C-MOVE receiver). Shared: `codec` (the
+messages on a stream, no pydicom), `bridge` (the bounded thread/loop channel), `rawds`,
+`contexts`, `stats`, `status`. Every module calls only the ones below it
+(docs/internals/dicom.md; tests/dicom/test_path.py checks it). pynetdicom and pydicom are
+imported only by the modules that need them, so importing `relay.dicom.codec` stays light.
 """

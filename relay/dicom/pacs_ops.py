@@ -426,6 +426,7 @@ class PacsOperation:
         """Relay the PACS's C-GET/C-MOVE responses; sub-operations go to the intake."""
         self._model = model
         counts: Counts = (None, None, None, None)
+        counted = False  # the workstation has the PACS's count of sub-operations
         try:
             if self._cancel.is_set():
                 self.cancel()
@@ -446,7 +447,12 @@ class PacsOperation:
                     _count(status, "NumberOfWarningSuboperations"),
                 )
                 if code in _PENDING:
-                    self._emit(_pending(counts))
+                    # The first count is all the workstation uses (it counts deliveries
+                    # itself, the final response has the PACS's final counts): later
+                    # pending responses would only double the messages per instance.
+                    if not counted:
+                        self._emit(_pending(counts))
+                        counted = counts[0] is not None
                     continue
                 failed_uids: tuple[str, ...] = ()
                 if ident is not None and "FailedSOPInstanceUIDList" in ident:
