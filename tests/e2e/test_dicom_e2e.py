@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 import threading
 import time
@@ -252,6 +253,28 @@ def test_movescu_to_an_unknown_destination_is_a801(chain: DicomChain, uids: dict
                            timeout=TIMEOUT, check=False)  # fmt: skip
     assert not result.ok
     assert "MoveDestinationUnknown" in (result.status or "") or "a801" in result.output.lower()
+
+
+def test_movescu_to_the_configured_destination_while_it_is_down(
+    chain: DicomChain, pacs: PacsProcess, viewer: NsForwarder, uids: dict[str, str]
+) -> None:
+    """STORESCP is in the workstation's config, but nothing answers behind it: movescu is
+    told so (0xC008, naming it; not 0xA801), the workstation counts a failed move, and the
+    PACS is never asked for the study."""
+    viewer.target(None, None)  # the forwarder closes every connection
+    failed = 'operation="move",status="failure"'
+    before = chain.metric("ws", "relay_dicom_operations_total", failed)
+    pacs_before = pacs.events()
+    result = dcmtk.movescu(chain.node, "STORESCP", "STUDY", {"StudyInstanceUID": uids["MR"]},
+                           extra_args=["-d"], timeout=TIMEOUT, check=False)  # fmt: skip
+    out = result.output
+    assert re.search(r"DIMSE Status\s*: 0xc008: Failed: Unable to process", out), out
+    assert f"[move destination STORESCP at {HOST}:{viewer.port} not reachable]" in out, out
+    assert chain.metric("ws", "relay_dicom_operations_total", failed) == before + 1
+    after = pacs.events()
+    assert [after.get(k, 0) for k in ("finds", "gets", "moves")] == [
+        pacs_before.get(k, 0) for k in ("finds", "gets", "moves")
+    ]
 
 
 def test_unknown_study_matches_and_retrieves_nothing(chain: DicomChain, tmp_path: Path) -> None:
