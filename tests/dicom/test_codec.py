@@ -38,7 +38,9 @@ from relay.net.bytestream import StreamResetError, pipe
 EXPLICIT = "1.2.840.10008.1.2.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
-uids = s.from_regex(r"[12]\.[0-9]{1,8}(\.[0-9]{1,10}){1,5}", fullmatch=True)
+uids = s.from_regex(r"[12]\.[0-9]{1,8}(\.[0-9]{1,10}){1,5}", fullmatch=True).filter(
+    lambda u: len(u) <= 64  # PS3.5 9.1: at most 64 characters
+)
 counts = s.none() | s.integers(0, 0xFFFF)
 texts = s.text(max_size=200)
 datasets = s.binary(max_size=2048) | s.builds(
