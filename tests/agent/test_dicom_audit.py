@@ -17,7 +17,7 @@ from relay.agent.dicom_audit import DicomAuditor
 from relay.dicom import rawds
 from relay.dicom.agent import OperationSummary
 from relay.dicom.codec import Request
-from relay.dicom.pacs_ops import PacsTarget
+from relay.dicom.pacs_target import PacsTarget
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.dicom import viewer
