@@ -3,7 +3,8 @@
 The ends: `node` is the workstation's local DICOM node (pynetdicom SCP) with `session`
 (one request's stream, on the loop) and `move_check` (C-MOVE destinations checked first);
 `agent` serves one stream against the PACS with `pacs_ops` (the pynetdicom SCU thread)
-and `intake` (instances from the PACS, and the C-MOVE receiver). Shared: `codec` (the
+and `intake` (instances from the PACS, and the C-MOVE receiver); `pacs_target` holds the
+`pacs:` settings and `pacs_echo` is the agent's readiness check. Shared: `codec` (the
 messages on a stream, no pydicom), `bridge` (the bounded thread/loop channel), `rawds`,
 `contexts`, `stats`, `status`. Every module calls only the ones below it
 (docs/internals/dicom.md; tests/dicom/test_path.py checks it). pynetdicom and pydicom are

@@ -15,6 +15,7 @@ LAYERS = {
     "relay.dicom.session": 1,  # workstation stream, loop side
     "relay.dicom.pacs_ops": 1,  # agent end, pynetdicom SCU thread
     "relay.dicom.move_check": 1,
+    "relay.dicom.pacs_echo": 1,  # the agent's readiness check (not on this path)
     "relay.dicom.intake": 2,  # instances from the PACS (C-GET handler, C-MOVE SCP)
     "relay.dicom.bridge": 3,
     "relay.dicom.codec": 3,
@@ -22,6 +23,7 @@ LAYERS = {
     "relay.dicom.rawds": 3,
     "relay.dicom.stats": 4,
     "relay.dicom.status": 4,
+    "relay.dicom.pacs_target": 4,  # the `pacs:` settings, a value
 }
 
 
@@ -33,5 +35,10 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
     assert dicom <= set(LAYERS), dicom - set(LAYERS)
     upwards = [(a, b) for a, b in trace.within("relay.dicom") if LAYERS[a] >= LAYERS[b]]
     assert upwards == []
-    # Outside relay/dicom the DICOM layer only touches the stream it is given.
-    assert trace.modules() - dicom == {"relay.net.bytestream"}
+    # Outside relay/dicom the DICOM layer touches the stream it is given and, when it
+    # starts, what announces its listening ports and the settings' address type.
+    assert trace.modules() - dicom <= {
+        "relay.net.bytestream",
+        "relay.ops.listening",
+        "relay.ops.config",
+    }
