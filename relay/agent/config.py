@@ -26,7 +26,6 @@ from relay.ops.config import (
     TlsFiles,
     check_ae_title,
     check_host,
-    check_name,
     read_backoff,
     read_drain_grace,
     read_limits,
@@ -34,6 +33,7 @@ from relay.ops.config import (
     read_tls,
 )
 from relay.ops.configfile import load_config
+from relay.trust.identity import check_name
 
 __all__ = [
     "DEFAULT_DEVICE_LIFETIME",

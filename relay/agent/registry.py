@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-from relay.ops.config import check_name
 from relay.trust.codes import hash_secret, new_secret, new_token_id, secret_matches
+from relay.trust.identity import check_name
 
 __all__ = [
     "BUSY_TIMEOUT",

@@ -39,7 +39,6 @@ __all__ = [
     "TlsFiles",
     "check_ae_title",
     "check_host",
-    "check_name",
     "format_duration",
     "format_size",
     "parse_address",
@@ -264,16 +263,6 @@ def parse_address(
 # --------------------------------------------------------------------------- names
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def check_name(value: object, what: str = "a name") -> str:
-    """A site, device or service name: 1-64 of A-Z a-z 0-9 . _ - (safe in URIs and paths)."""
-    if isinstance(value, str) and _NAME_RE.fullmatch(value) and value not in (".", ".."):
-        return value
-    raise ValueError(f"expected {what} of 1-64 characters A-Z a-z 0-9 . _ -, got {_show(value)}")
-
-
 def check_ae_title(value: object) -> str:
     """A DICOM AE title: 1-16 printable ASCII characters, no backslash, no edge spaces."""
     if (
@@ -447,11 +436,9 @@ class Reader:
         """A string, optionally validated by `check` (check_name, check_ae_title)."""
 
         def convert(value: object) -> str:
-            if check is not None:
-                return check(value)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected text, got {_show(value)}")
-            return value
+            return check(value) if check is not None else value
 
         return self.get(name, convert, default)
 

@@ -29,7 +29,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from relay.ops.config import Address, check_name, parse_address
+from relay.ops.config import Address, parse_address
+from relay.trust.identity import check_name
 
 __all__ = [
     "CODE_PREFIX",

@@ -40,11 +40,10 @@ from relay.net.bytestream import StreamResetError
 from relay.net.jsonframes import MessageError, read_json, write_json
 from relay.net.tls import classify_handshake_error
 from relay.ops import privatefiles
-from relay.ops.config import check_name
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode, encode_secret, parse_code
-from relay.trust.identity import Identity, IdentityError, identity_from_certificate
+from relay.trust.identity import Identity, IdentityError, check_name, identity_from_certificate
 from relay.wire import ALPN_ENROLL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 __all__ = [

@@ -45,10 +45,12 @@ def check_trust_domain(trust_domain: str) -> str:
     return trust_domain
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Return `name` if it is a valid site or device/gateway name ([A-Za-z0-9._-]{1,64}).
+def check_name(name: object, what: str = "name") -> str:
+    """Return `name` if it is a valid site, device, gateway or service name
+    ([A-Za-z0-9._-]{1,64}); the one rule for every name that ends up in an identity, a
+    stream target, a file name or a registry key ('.' and '..' are refused).
 
-    '.' and '..' are refused: names end up in file names and registry keys.
+    Raises IdentityError (a ValueError, so config readers name the key).
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise IdentityError(
@@ -76,7 +78,7 @@ class Identity:
         else:
             if self.site is None:
                 raise IdentityError(f"an {self.role} identity needs a site")
-            check_name(self.site, "site")
+            check_name(self.site, "site name")
             if self.role == "agent" and self.name != self.site:
                 raise IdentityError("an agent identity's name must equal its site")
         check_name(self.name, "device name" if self.role == "device" else "name")

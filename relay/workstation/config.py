@@ -28,7 +28,6 @@ from relay.ops.config import (
     Reader,
     TlsFiles,
     check_ae_title,
-    check_name,
     parse_address,
     read_backoff,
     read_drain_grace,
@@ -36,6 +35,7 @@ from relay.ops.config import (
     read_log_level,
 )
 from relay.ops.configfile import load_config, open_config
+from relay.trust.identity import check_name
 
 __all__ = [
     "IDENTITY_FILES",
