@@ -20,6 +20,10 @@ ALPN_AGENT: Final = "dmzrelay-agent/1"
 """An agent link to a gateway."""
 ALPN_ENROLL: Final = "dmzrelay-enroll/1"
 """A PC without a certificate yet, enrolling through a gateway."""
+ALPN_SESSION: Final = "dmzrelay-session/1"
+"""Inside a `session` stream: the sealed TLS between a device and its site's agent."""
+ALPN_ENROLL_SEAL: Final = "dmzrelay-enroll-seal/1"
+"""Inside an `enroll` stream: the sealed TLS of an enrollment (agent authenticated only)."""
 TUNNEL_ALPNS: Final = {ALPN_DEVICE: "device", ALPN_AGENT: "agent"}
 """ALPN id -> the role whose certificate the link must present."""
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from relay.identity import Identity, IdentityError, identity_from_der
-from relay.tls import classify_handshake_error
+from relay.net.tls import classify_handshake_error
+from relay.trust.identity import Identity, IdentityError, identity_from_der
 
 __all__ = [
     "FAILURE_REASONS",

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from relay.identity import Identity
+from relay.net.tls import _load_ca, _load_chain
 from relay.seal.core import PeerCheck
-from relay.tls import _load_ca, _load_chain
+from relay.trust.identity import Identity
+from relay.wire import ALPN_ENROLL_SEAL, ALPN_SESSION, TARGET_ENROLL, TARGET_SESSION
 
 __all__ = [
     "ALPN_ENROLL_SEAL",
@@ -42,12 +43,6 @@ __all__ = [
     "session_server_context",
 ]
 
-#: Inner ALPNs (the protocol and its version): a different version fails with "version".
-ALPN_SESSION: Final = "dmzrelay-session/1"
-ALPN_ENROLL_SEAL: Final = "dmzrelay-enroll-seal/1"
-#: Outer stream targets a device may open at the gateway (nothing else).
-TARGET_SESSION: Final = "session"
-TARGET_ENROLL: Final = "enroll"
 #: Resumption tickets expire after this (seconds): a reconnect within it skips the
 #: certificate exchange. The agent re-checks revocation on every session, resumed or not.
 TICKET_LIFETIME: Final = 3600

@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from relay.aio import Link, Stream
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream
 from relay.proto import Connection, ErrorCode, LinkSettings
 from relay.seal.core import FAILURE_REASONS, HandshakeComplete, PeerCheck, SealCore, SealLimits
 from relay.seal.transport import SealError, SealTransport
-from relay.streams import ByteStream
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
+from relay.net.bytestream import ByteStream, StreamReset
 from relay.proto import ErrorCode
 from relay.seal.core import (
     HandshakeComplete,
@@ -37,7 +38,6 @@ from relay.seal.core import (
     SessionClosed,
     SessionFailed,
 )
-from relay.streams import ByteStream, StreamReset
 
 __all__ = [
     "READ_SIZE",

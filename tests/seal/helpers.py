@@ -11,7 +11,6 @@ from pathlib import Path
 
 from pki_helpers import Pair, SitePki, make_pki
 
-from relay.identity import Identity
 from relay.seal.core import SealCore, SealEvent, SealLimits
 from relay.seal.policy import (
     ALPN_SESSION,
@@ -20,6 +19,7 @@ from relay.seal.policy import (
     session_client_context,
     session_server_context,
 )
+from relay.trust.identity import Identity
 
 TD = "hospital.test"
 SITE = "main"

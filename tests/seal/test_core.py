@@ -290,7 +290,7 @@ def test_enrollment_core_needs_no_client_certificate(pkis: Pkis) -> None:
 
 
 def test_client_context_without_files_is_a_config_error(pkis: Pkis, tmp_path: Path) -> None:
-    from relay.tls import TlsConfigError
+    from relay.net.tls import TlsConfigError
 
     with pytest.raises(TlsConfigError):
         session_client_context(tmp_path / "no.crt", tmp_path / "no.key", pkis.main.ca)

@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from relay.aio import Link, Stream
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, StreamReset, pipe, read_exactly
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.core import SealCore
 from relay.seal.policy import ALPN_SESSION, agent_check, device_check
 from relay.seal.session import SealedLink, SealStats, establish
 from relay.seal.transport import SealError, SealTransport
-from relay.streams import ByteStream, StreamReset, pipe, read_exactly
 
 from .helpers import SITE, TD, Pkis, make_pkis
 
