@@ -30,6 +30,7 @@ from relay.wire import ALPN_ENROLL_SEAL, ALPN_SESSION, TARGET_ENROLL, TARGET_SES
 __all__ = [
     "ALPN_ENROLL_SEAL",
     "ALPN_SESSION",
+    "ENROLL_HELLO_SEALED",
     "TARGET_ENROLL",
     "TARGET_SESSION",
     "TICKET_LIFETIME",
@@ -43,6 +44,9 @@ __all__ = [
     "session_server_context",
 ]
 
+#: The clear hello of an `enroll` stream (the site CA) says "v": 2 when the rest of the
+#: exchange runs inside TLS; an agent that still says 1 is refused by the PC.
+ENROLL_HELLO_SEALED: Final = 2
 #: Resumption tickets expire after this (seconds): a reconnect within it skips the
 #: certificate exchange. The agent re-checks revocation on every session, resumed or not.
 TICKET_LIFETIME: Final = 3600
@@ -78,13 +82,17 @@ def session_server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-def enroll_client_context(pinned_ca: Path) -> ssl.SSLContext:
-    """`relay enroll`: no certificate; the agent verified against the pinned CA."""
+def enroll_client_context(pinned_ca: Path | str) -> ssl.SSLContext:
+    """`relay enroll`: no certificate; the agent verified against the pinned CA (a file,
+    or the PEM text that matched the code's fingerprint)."""
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ALPN_ENROLL_SEAL)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_TICKET
-    _load_ca(ctx, pinned_ca)
+    if isinstance(pinned_ca, str):
+        ctx.load_verify_locations(cadata=pinned_ca)
+    else:
+        _load_ca(ctx, pinned_ca)
     return ctx
 
 

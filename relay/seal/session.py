@@ -108,6 +108,7 @@ async def establish(
     timeout: float = HANDSHAKE_TIMEOUT,  # noqa: ASYNC109
     stats: SealStats | None = None,
     limits: SealLimits | None = None,
+    link_class: type[Link] = Link,
 ) -> SealedLink:
     """Run the inner handshake on `outer`; return the inner Link, running. Raises SealError
     (its `reason` is metric-safe) and counts the outcome in `stats`."""
@@ -124,7 +125,7 @@ async def establish(
     )
 
     def make_link(hs: HandshakeComplete) -> Link:
-        link = Link(
+        link = link_class(
             client=not server_side,
             settings=settings,
             name=f"{name} {hs.peer or 'anonymous'}",

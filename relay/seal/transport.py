@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from relay.net.bytestream import ByteStream, StreamReset
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto import ErrorCode
 from relay.seal.core import (
     HandshakeComplete,
@@ -38,6 +38,7 @@ from relay.seal.core import (
     SessionClosed,
     SessionFailed,
 )
+from relay.trust.identity import Identity
 
 __all__ = [
     "READ_SIZE",
@@ -46,6 +47,7 @@ __all__ = [
     "WRITE_LOW",
     "SealError",
     "SealTransport",
+    "sealed_peer",
 ]
 
 log = logging.getLogger(__name__)
@@ -285,7 +287,7 @@ class SealTransport(asyncio.Transport):
                 await self._reading.wait()
                 try:
                     data = await self.outer.read(self._read_size)
-                except StreamReset as exc:
+                except StreamResetError as exc:
                     name = ErrorCode.name_of(exc.code)
                     self._handle([SessionFailed("outer_reset", f"outer stream reset ({name})")])
                     break
@@ -298,7 +300,7 @@ class SealTransport(asyncio.Transport):
     async def _linger_then_reset(self) -> None:
         """After the session ended: read the peer's remaining bytes (unread, bounded by
         the outer window) until its half-close, then give up with a reset."""
-        with contextlib.suppress(TimeoutError, StreamReset):
+        with contextlib.suppress(TimeoutError, StreamResetError):
             async with asyncio.timeout(self._linger):
                 while await self.outer.read(self._read_size):
                     pass
@@ -325,7 +327,7 @@ class SealTransport(asyncio.Transport):
                     self._paused = False
                     if self._protocol is not None and not self._lost:
                         self._protocol.resume_writing()
-        except StreamReset as exc:
+        except StreamResetError as exc:
             name = ErrorCode.name_of(exc.code)
             self._handle([SessionFailed("outer_reset", f"outer stream reset ({name})")])
 
@@ -339,3 +341,14 @@ class SealTransport(asyncio.Transport):
             parts.append(part)
             size += len(part)
         return b"".join(parts)
+
+
+def sealed_peer(stream: object) -> Identity | None:
+    """The identity of the device (or agent) at the other end of an inner stream, from the
+    inner TLS certificate; None for a stream that is not inside a sealed session (an
+    outer link's peer is the gateway, which vouches for nobody)."""
+    link = getattr(stream, "link", None)
+    if link is None or not isinstance(getattr(link, "transport", None), SealTransport):
+        return None
+    peer = getattr(link, "peer", None)
+    return peer if isinstance(peer, Identity) else None

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from relay.net.aio import Link, Stream
-from relay.net.bytestream import ByteStream, StreamReset, pipe, read_exactly
+from relay.net.bytestream import ByteStream, StreamResetError, pipe, read_exactly
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.core import SealCore
 from relay.seal.policy import ALPN_SESSION, agent_check, device_check
@@ -142,7 +142,7 @@ async def test_outer_reset_fails_the_session_and_its_streams(pkis: Pkis) -> None
     await s.write(b"hello")
     assert await asyncio.wait_for(s.read(), WAIT) == b"hello"
     a.reset(ErrorCode.NO_ROUTE)  # the gateway (or its link) went away
-    with pytest.raises(StreamReset):
+    with pytest.raises(StreamResetError):
         await asyncio.wait_for(s.read(), WAIT)
     closed = await asyncio.wait_for(device.link.wait_closed(), WAIT)
     assert closed is not None
