@@ -20,7 +20,6 @@ from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_cs
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
 from relay.proto import ErrorCode
-from relay.seal.transport import sealed_peer
 from relay.trust import pki
 from relay.trust.identity import Identity
 from relay.trust.renewal import EXCHANGE_TIMEOUT, MAX_REQUEST, PROTOCOL_VERSION
@@ -47,12 +46,13 @@ class RenewOutcome:
 async def serve_renew_stream(
     stream: ByteStream,
     signer: Signer,
+    peer: Identity | None,
     *,
     timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
 ) -> RenewOutcome:
-    """Serve one renewal stream; never raises for anything the device does."""
+    """Serve one renewal stream for `peer`, the identity that the sealed session's inner
+    TLS authenticated (None: not inside a session). Never raises for what the device does."""
     audit, now = signer.audit, signer.now
-    peer = sealed_peer(stream)  # the inner certificate's identity, never a gateway's word
     device_uri = peer.uri if peer is not None else ""
     try:
         async with asyncio.timeout(timeout):

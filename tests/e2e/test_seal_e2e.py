@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicom_chain import DicomChain, NsForwarder, PacsProcess, running_dicom_chain
-from interop.harness import NetNS, dcmtk, require_tools
-from memscan import scan
 
 from relay_dev import samples
+from tests.e2e.dicom_chain import DicomChain, NsForwarder, PacsProcess, running_dicom_chain
+from tests.e2e.memscan import scan
+from tests.interop.harness import NetNS, dcmtk, require_tools
 
 pytestmark = pytest.mark.interop
 

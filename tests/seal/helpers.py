@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from pki_helpers import Pair, SitePki, make_pki
-
 from relay.seal.core import SealCore, SealEvent, SealLimits
 from relay.seal.policy import (
     ALPN_SESSION,
@@ -20,6 +18,7 @@ from relay.seal.policy import (
     session_server_context,
 )
 from relay.trust.identity import Identity
+from tests.pki_helpers import Pair, SitePki, make_pki
 
 TD = "hospital.test"
 SITE = "main"
