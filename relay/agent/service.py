@@ -119,6 +119,7 @@ class Agent:
             streams=lambda: stats.streams,
             refusals=lambda: stats.refused,
             certificate=lambda: self.config.tls.cert,  # a reload may point elsewhere
+            seal=lambda: self.sessions.stats,
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)

@@ -80,6 +80,27 @@ class _WithHeaders:
         self._inner.reset(code)
 
 
+class _Aborted:
+    """The outer enrollment stream as seen after the PC gave up before its TLS: every
+    read or write fails as an aborted stream, so the enrollment code records it so."""
+
+    def __init__(self, outer: Stream) -> None:
+        self.link = outer.link
+        self.headers = dict(outer.headers)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    async def write(self, data: bytes) -> None:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    async def write_eof(self) -> None:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    def reset(self, code: int) -> None:
+        pass
+
+
 class SessionServer:
     """Serves `session` and `enroll` streams of every gateway link (`on_stream`)."""
 
@@ -249,7 +270,10 @@ class SessionServer:
                 timeout=self.handshake_timeout,
             )
         except SealError as exc:
+            # The PC went no further (say its check of the gateway failed): account for
+            # the attempt like one aborted after the hello, audit and gateway metric.
             log.warning("sealed enrollment failed", extra={"reason": exc.reason})
+            await serve_enroll(_Aborted(outer))
             return
         try:
             await sealed.link.wait_closed()

@@ -149,9 +149,12 @@ class SealCore:
         self._refusal_message = refusal_message
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = ctx.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, session=session
-        )
+        try:
+            self._ssl = ctx.wrap_bio(
+                self._incoming, self._outgoing, server_side=server_side, session=session
+            )
+        except ValueError:  # a ticket of another context: a full handshake instead
+            self._ssl = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
         self.state: State = "handshake"
         self.failure: SessionFailed | None = None
         self.peer: Identity | None = None
@@ -165,6 +168,11 @@ class SealCore:
             self._handshake()  # the ClientHello
 
     # -- API
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context this session was made with (a ticket resumes only with it)."""
+        return self._ssl.context
 
     @property
     def session(self) -> ssl.SSLSession | None:
@@ -244,7 +252,10 @@ class SealCore:
         except ssl.SSLWantReadError:
             return
         except ssl.SSLError as exc:
-            self._fail(events, classify_handshake_error(exc), f"TLS handshake: {exc.reason or exc}")
+            reason = _classify_record_error(exc)
+            if reason != "integrity":
+                reason = classify_handshake_error(exc)
+            self._fail(events, reason, f"TLS handshake: {exc.reason or exc}")
             return
         alpn = self._ssl.selected_alpn_protocol()
         if alpn != self.alpn:
@@ -261,9 +272,9 @@ class SealCore:
         except IdentityError as exc:
             self._refuse(events, "bad_certificate", f"peer certificate: {exc}")
             return
-        reason = self._check_peer(peer)
-        if reason is not None:
-            self._refuse(events, reason, f"peer {peer or 'without a certificate'} refused")
+        refusal = self._check_peer(peer)
+        if refusal is not None:
+            self._refuse(events, refusal, f"peer {peer or 'without a certificate'} refused")
             return
         self.peer = peer
         self.state = "open"

@@ -36,6 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT: Final = 15.0
+BYTE_KEYS: Final = ("plain_in", "plain_out", "sealed_in", "sealed_out")
 _REFUSAL_CODES: Final = {"revoked": ErrorCode.REVOKED}
 
 
@@ -49,15 +50,32 @@ def refusal_goaway(reason: str, detail: str) -> bytes:
 
 @dataclass
 class SealStats:
-    """Counters for the metrics of one end (bounded label sets: results and reasons)."""
+    """Counters for the metrics of one end (bounded label sets: results and reasons).
 
-    open: int = 0
+    Byte counts: `plain_*` before sealing / after opening, `sealed_*` the TLS records on
+    the outer stream; sessions still open are included (read at scrape time).
+    """
+
     handshakes: dict[tuple[str, str], int] = field(default_factory=dict)  # (result, reason)
-    plain_in: int = 0
-    plain_out: int = 0
-    sealed_in: int = 0
-    sealed_out: int = 0
+    live: set[SealCore] = field(default_factory=set)
+    closed_bytes: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("plain_in", "plain_out", "sealed_in", "sealed_out"), 0
+        )
+    )
     setup_seconds: list[float] = field(default_factory=list)  # recent, bounded
+
+    @property
+    def open(self) -> int:
+        return len(self.live)
+
+    def bytes(self) -> dict[str, int]:
+        """plain_in, plain_out, sealed_in, sealed_out over every session, open or not."""
+        total = dict(self.closed_bytes)
+        for core in self.live:
+            for key in total:
+                total[key] += getattr(core, key)
+        return total
 
     def handshake(self, result: str, reason: str = "") -> None:
         if reason and reason not in FAILURE_REASONS:
@@ -79,17 +97,15 @@ class SealedLink:
     handshake: HandshakeComplete
 
     def account(self, stats: SealStats) -> None:
-        """Add this session's byte counts to `stats` once it ends."""
+        """Count this session in `stats` while it is open, and its bytes for good."""
         core = self.transport.core
 
         def done(_: object) -> None:
-            stats.open -= 1
-            stats.plain_in += core.plain_in
-            stats.plain_out += core.plain_out
-            stats.sealed_in += core.sealed_in
-            stats.sealed_out += core.sealed_out
+            stats.live.discard(core)
+            for key in stats.closed_bytes:
+                stats.closed_bytes[key] += getattr(core, key)
 
-        stats.open += 1
+        stats.live.add(core)
         self.transport.finished.add_done_callback(done)
 
 

@@ -125,6 +125,7 @@ class Workstation:
                     "capacity": stats.refused,
                 },
                 certificate=lambda: files.cert,
+                seal=lambda: self.session.seal,
             ),
         )
         self.reloads = ReloadCounter()

@@ -32,9 +32,10 @@ from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings, StreamStateError
+from relay.seal.core import SealCore
 from relay.seal.policy import agent_check
 from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
-from relay.seal.transport import SealError
+from relay.seal.transport import SealError, SealTransport
 from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_SESSION
 
 __all__ = ["SessionKeeper", "SessionStats"]
@@ -102,7 +103,9 @@ class SessionKeeper:
         self.links: set[Link] = set()  # the current session and any still draining
         self.stats = SessionStats()
         self.seal = SealStats()
-        self._tls_session: ssl.SSLSession | None = None
+        # A TLS ticket is only valid with the context that made it (a renewal or a reload
+        # replaces the context): keep the pair.
+        self._ticket: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
         self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -125,7 +128,13 @@ class SessionKeeper:
         while not self._stopping:
             await self.kept.up.wait()
             outer_link = self.kept.link
-            link = await self._open(outer_link) if outer_link is not None else None
+            try:
+                link = await self._open(outer_link) if outer_link is not None else None
+            except Exception:  # a bug must not end the workstation's sessions for good
+                log.exception("opening a session failed unexpectedly")
+                self.stats.failures += 1
+                self.stats.last_error = "session: internal error (see the log)"
+                link = None
             if link is None or outer_link is None:
                 await asyncio.sleep(self.backoff.next_delay())
                 continue
@@ -158,7 +167,7 @@ class SessionKeeper:
                 check_peer=agent_check(self.trust_domain, self.site),
                 settings=self.settings,
                 name="session",
-                session=self._tls_session,
+                session=self._resumable(),
                 timeout=self.handshake_timeout,
                 stats=self.seal,
                 link_class=_SessionLink,
@@ -188,9 +197,7 @@ class SessionKeeper:
                 self._stopping = True
                 self.kept.revoked_by_peer(reason)
             return None
-        session = sealed.transport.core.session
-        if session is not None:
-            self._tls_session = session
+        self._keep_ticket(sealed.transport.core)
         self.stats.opened += 1
         self.links.add(holder)
         holder.closed.add_done_callback(lambda _: self.links.discard(holder))
@@ -214,9 +221,9 @@ class SessionKeeper:
 
     def _retire(self, link: Link) -> None:
         """Close `link` once its streams are done (it takes no new ones from us)."""
-        ticket = getattr(getattr(link.transport, "core", None), "session", None)
-        if isinstance(ticket, ssl.SSLSession):  # issued after the handshake: keep the last
-            self._tls_session = ticket
+        transport = link.transport
+        if isinstance(transport, SealTransport):  # tickets come after the handshake
+            self._keep_ticket(transport.core)
         if link.closed.done():
             return
 
@@ -228,6 +235,16 @@ class SessionKeeper:
         task = asyncio.get_running_loop().create_task(close_when_idle())
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
+
+    def _resumable(self) -> ssl.SSLSession | None:
+        if self._ticket is not None and self._ticket[0] is self.ctx:
+            return self._ticket[1]
+        return None
+
+    def _keep_ticket(self, core: SealCore) -> None:
+        ticket = core.session
+        if ticket is not None:
+            self._ticket = (core.context, ticket)
 
     # -- shutdown
 

@@ -33,9 +33,10 @@ Tamper = Callable[[list[bytes]], list[bytes]]
 class RecordTamper:
     """Applies `attack` once, to the application-data records after the first `skip`."""
 
-    def __init__(self, attack: str, skip: int = 2) -> None:
+    def __init__(self, attack: str, skip: int = 2, *, armed: bool = True) -> None:
         self.attack = attack
         self.skip = skip
+        self.armed = armed  # records pass untouched (and uncounted) until armed
         self.seen = 0
         self.done = False
         self.held: bytes | None = None
@@ -44,7 +45,7 @@ class RecordTamper:
     def __call__(self, data: bytes) -> bytes:
         out: list[bytes] = []
         for record in self.cutter.feed(data):
-            if record[0] != APPLICATION_DATA or self.done:
+            if record[0] != APPLICATION_DATA or self.done or not self.armed:
                 out.append(record)
                 continue
             self.seen += 1

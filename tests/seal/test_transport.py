@@ -101,7 +101,9 @@ async def test_inner_streams_are_multiplexed_inside_the_seal(pkis: Pkis) -> None
     await asyncio.wait_for(device.transport.finished, WAIT)
     assert stats.open == 0
     assert stats.handshakes == {("ok", ""): 1}
-    assert stats.sealed_out > stats.plain_out >= 8 * 200_000
+    counts = stats.bytes()
+    assert counts["sealed_out"] > counts["plain_out"] >= 8 * 200_000
+    assert counts["sealed_in"] > counts["plain_in"] >= 8 * 200_000
 
 
 async def test_a_stalled_inner_stream_does_not_stall_the_others(pkis: Pkis) -> None:
