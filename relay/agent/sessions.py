@@ -205,6 +205,9 @@ class SessionServer:
             if self._closing:
                 link.goaway(ErrorCode.SHUTDOWN, "agent shutting down")
             await link.wait_closed()
+            # The last records (an answer, our close_notify) still have to leave through
+            # the outer stream: the task ends when that stream is done (bounded: linger).
+            await asyncio.shield(sealed.transport.finished)
         finally:
             self.sessions.pop(link, None)
             failure = sealed.transport.failure

@@ -212,8 +212,8 @@ class SessionKeeper:
         while not self._stopping:
             if link.closed.done() or link.goaway_reason is not None or link.is_closing:
                 return
-            if self.kept.link is not outer_link and self.kept.link is not None:
-                return  # a new gateway link: the next session goes there
+            if outer_link.is_closing or self.kept.link is not outer_link:
+                return  # the gateway link is going (goaway) or replaced: the next session
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(WATCH):
                     await asyncio.shield(link.closed)
