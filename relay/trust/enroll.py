@@ -7,9 +7,12 @@
    equals the fingerprint in the code, that the gateway's TLS certificate chains to it
    (RFC 5280 path validation, for the host name or address dialled, at the current time)
    and names a gateway of that trust domain. Only then
-4. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
-   id and secret, and receive the certificate;
-5. check the certificate (our key, our identity, signed by the pinned CA) and write
+4. run TLS 1.3 inside that same stream with the agent (ALPN dmzrelay-enroll-seal/1),
+   the agent authenticated against the CA just pinned (relay.seal): the gateway sees
+   only ciphertext from here on;
+5. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
+   id and secret inside that TLS, and receive the certificate;
+6. check the certificate (our key, our identity, signed by the pinned CA) and write
    OUT/device.key (private: 0600, or a user-only ACL on Windows), OUT/device.crt and
    OUT/ca.crt, each atomically.
 
