@@ -56,11 +56,8 @@ HEADER_DICOM_VERSION: Final = "dicom-version"
 """Version of the DICOM message codec spoken on a `dicom` stream."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
+# (No identity header: the agent knows a device from its sealed session's certificate.)
 RESERVED_PREFIX: Final = "x-relay-"
-HEADER_DEVICE: Final = "x-relay-device"
-"""The device's SPIFFE id, as the gateway authenticated it."""
-HEADER_DEVICE_SITE: Final = "x-relay-site"
-"""The device's site, as the gateway authenticated it."""
 HEADER_PEER: Final = "x-relay-peer"
 """Enrollment: the PC's source address, for the agent's audit trail and rate reports."""
 

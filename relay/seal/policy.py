@@ -33,7 +33,6 @@ __all__ = [
     "ENROLL_HELLO_SEALED",
     "TARGET_ENROLL",
     "TARGET_SESSION",
-    "TICKET_LIFETIME",
     "agent_check",
     "device_check",
     "enroll_agent_check",
@@ -47,9 +46,9 @@ __all__ = [
 #: The clear hello of an `enroll` stream (the site CA) says "v": 2 when the rest of the
 #: exchange runs inside TLS; an agent that still says 1 is refused by the PC.
 ENROLL_HELLO_SEALED: Final = 2
-#: Resumption tickets expire after this (seconds): a reconnect within it skips the
-#: certificate exchange. The agent re-checks revocation on every session, resumed or not.
-TICKET_LIFETIME: Final = 3600
+#: Resumption: the agent issues one TLS 1.3 ticket per session (OpenSSL's default ticket
+#: lifetime, 2 h); a reconnect within it skips the certificate exchange. The agent
+#: re-checks revocation on every session, resumed or not.
 
 
 def _context(protocol: int, alpn: str) -> ssl.SSLContext:

@@ -11,7 +11,7 @@ alternately, `runs` times; medians are reported with the CPU seconds of each rel
 process per GB retrieved. Session set-up time is measured in-process: two SealCores over
 memory, full handshakes and resumed ones, and a session through a real gateway.
 
-    python -m tests.bench.seal [--profiles 100M-40ms,20M-80ms,none] [--runs 3] [--write]
+    python -m tests.bench.seal [--profiles 100M-40ms,20M-80ms,loopback] [--runs 5] [--write]
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def _start(  # noqa: PLR0917 - one call site, all of them needed
 
 
 def measure(workdir: Path, *, runs: int, count: int, profiles: Sequence[Profile]) -> list[Row]:
+    workdir.mkdir(parents=True, exist_ok=True)
     pki = make_pki(workdir / "pki")
     tree = extract(base_commit(), workdir / "unsealed-tree")
     out_dir = _out_dir()
@@ -296,12 +297,21 @@ def render(rows: list[Row], setup: dict[str, float], runs: int, count: int) -> S
                    machine_line(), table, notes)  # fmt: skip
 
 
+def run(workdir: Path, *, runs: int = 5, count: int = DEFAULT_COUNT) -> Section:
+    """For `make bench` (tests/bench/run.py): every profile, the section to write."""
+    profiles = (*PROFILES, LOOPBACK)
+    chosen = [p for p in profiles if p.name in ("100M-40ms", "20M-80ms", "loopback")]
+    setup = setup_times(workdir / "seal-setup-pki")
+    rows = measure(workdir / "seal", runs=runs, count=count, profiles=chosen)
+    return render(rows, setup, runs, count)
+
+
 def main(argv: list[str] | None = None) -> int:
     every = (*PROFILES, LOOPBACK)
     names = [p.name for p in every]
     parser = argparse.ArgumentParser(prog="python -m tests.bench.seal", description=__doc__)
-    parser.add_argument("--profiles", default="100M-40ms,20M-80ms,none")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profiles", default="100M-40ms,20M-80ms,loopback")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
