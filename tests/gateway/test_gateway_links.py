@@ -420,7 +420,7 @@ async def test_revoked_device_that_stops_reading_is_aborted(world: World) -> Non
         ssl=tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_DEVICE),
         server_hostname=HOST,
     )
-    streams = [device.open_stream({"target": "tcp:bulk"}) for _ in range(8)]
+    streams = [device.open_stream({"target": "session"}) for _ in range(8)]
     assert await asyncio.wait_for(streams[0].read(), WAIT)  # bulk data flows
     assert device.transport is not None
     device.transport.pause_reading()  # from now on the device reads nothing, GOAWAY included
