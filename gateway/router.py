@@ -2,17 +2,25 @@
 
 Routing is by site only: a device of site B can never reach an agent of site A, because
 the site comes from the device's certificate, not from anything the device sends.
+
+A device opens nothing but sealed sessions (target `session`, DESIGN.md section 10):
+the request streams travel inside them, end to end between device and agent, where the
+gateway can neither read nor alter them. Any other target from a device is reset with
+FORBIDDEN and counted. Sessions are spread over the site's agent links by device
+(rendezvous hashing), so a device keeps meeting the same agent while the set of links is
+stable (its TLS resumption ticket stays useful), and devices spread evenly.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
 from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
-from relay.wire import HEADER_DEVICE, HEADER_DEVICE_SITE, HEADER_PEER, RESERVED_PREFIX
+from relay.wire import HEADER_PEER, HEADER_TARGET, RESERVED_PREFIX, TARGET_SESSION
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +62,44 @@ class Router:
         rotated = usable[turn:] + usable[:turn]
         return min(rotated, key=lambda link: link.conn.open_streams)
 
-    def route(self, site: str, stream: Stream, origin: dict[str, str]) -> None:
+    def _pick_for(self, site: str, device: str) -> Link | None:
+        """The agent link of `site` that `device` hashes highest with (rendezvous)."""
+        usable = [link for link in self._agents.get(site, ()) if link.conn.can_open_stream()]
+        if not usable:
+            return None
+
+        def weight(link: Link) -> bytes:
+            return hashlib.blake2b(f"{device}|{link.name}".encode(), digest_size=8).digest()
+
+        return max(usable, key=weight)
+
+    def route_session(self, site: str, stream: Stream, device: str) -> None:
+        """A device's stream: a sealed session to an agent of its site, or FORBIDDEN."""
+        if stream.headers.get(HEADER_TARGET) != TARGET_SESSION:
+            self._refuse(stream, site, ErrorCode.FORBIDDEN, "forbidden")
+            return
+        self.route(site, stream, {}, agent=self._pick_for(site, device), origin_name=device)
+
+    def route(
+        self,
+        site: str,
+        stream: Stream,
+        origin: dict[str, str],
+        *,
+        agent: Link | None = None,
+        origin_name: str = "",
+    ) -> None:
         """Splice a new stream to an agent of `site`, or reset it with a code.
 
-        `origin` are the x-relay-* headers the gateway vouches for (device, peer).
+        `origin` are the x-relay-* headers the gateway adds (the enrolling PC's address);
+        the agent bases no identity on them.
         """
-        agent = self._pick(site)
+        agent = agent or self._pick(site)
         if agent is None:
             self._refuse(stream, site, ErrorCode.NO_ROUTE, "no_route")
             return
         headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
         headers.update(origin)
-        headers[HEADER_DEVICE_SITE] = site
         try:
             upstream = agent.open_stream(headers)
         except ValueError:
@@ -81,7 +115,7 @@ class Router:
         log.debug(
             "stream routed",
             extra={
-                "origin": origin.get(HEADER_DEVICE) or origin.get(HEADER_PEER, ""),
+                "origin": origin_name or origin.get(HEADER_PEER, ""),
                 "stream": stream.stream_id,
                 "agent_stream": upstream.stream_id,
                 "target": stream.headers.get("target", ""),

@@ -33,7 +33,7 @@ from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.revocation import RevocationList
-from relay.wire import ALPN_ENROLL, HEADER_DEVICE, TUNNEL_ALPNS
+from relay.wire import ALPN_ENROLL, TUNNEL_ALPNS
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,7 @@ class GatewayServer:
             self.links.agents.add(link)
         else:
             uri = identity.uri
-            origin = {HEADER_DEVICE: uri}
-            link.on_stream = lambda stream: self.router.route(site, stream, origin)
+            link.on_stream = lambda stream: self.router.route_session(site, stream, uri)
             self.links.devices.setdefault(uri, set()).add(link)
         gauge.inc()
         log.info("link up", extra={"identity": identity.uri, "peer": peer})

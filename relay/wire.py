@@ -20,6 +20,10 @@ ALPN_AGENT: Final = "dmzrelay-agent/1"
 """An agent link to a gateway."""
 ALPN_ENROLL: Final = "dmzrelay-enroll/1"
 """A PC without a certificate yet, enrolling through a gateway."""
+ALPN_SESSION: Final = "dmzrelay-session/1"
+"""Inside a `session` stream: the sealed TLS between a device and its site's agent."""
+ALPN_ENROLL_SEAL: Final = "dmzrelay-enroll-seal/1"
+"""Inside an `enroll` stream: the sealed TLS of an enrollment (agent authenticated only)."""
 TUNNEL_ALPNS: Final = {ALPN_DEVICE: "device", ALPN_AGENT: "agent"}
 """ALPN id -> the role whose certificate the link must present."""
 
@@ -52,11 +56,8 @@ HEADER_DICOM_VERSION: Final = "dicom-version"
 """Version of the DICOM message codec spoken on a `dicom` stream."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
+# (No identity header: the agent knows a device from its sealed session's certificate.)
 RESERVED_PREFIX: Final = "x-relay-"
-HEADER_DEVICE: Final = "x-relay-device"
-"""The device's SPIFFE id, as the gateway authenticated it."""
-HEADER_DEVICE_SITE: Final = "x-relay-site"
-"""The device's site, as the gateway authenticated it."""
 HEADER_PEER: Final = "x-relay-peer"
 """Enrollment: the PC's source address, for the agent's audit trail and rate reports."""
 

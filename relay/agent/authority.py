@@ -40,6 +40,7 @@ from relay.agent.syslog import client_context as syslog_context
 from relay.net.bytestream import ByteStream
 from relay.ops.config import ConfigError
 from relay.proto import LinkClosedError
+from relay.seal.transport import sealed_peer
 from relay.trust import pki
 from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
 from relay.trust.revocation import (
@@ -165,13 +166,14 @@ class DeviceAuthority:
         return outcome
 
     async def serve_renew(self, stream: ByteStream) -> RenewOutcome:
-        """Target handler for `renew` (the gateway adds x-relay-device)."""
-        outcome = await serve_renew_stream(stream, self.signer)
+        """Target handler for `renew`, inside a device's sealed session."""
+        # The identity of the session's inner certificate, never a gateway's word.
+        outcome = await serve_renew_stream(stream, self.signer, sealed_peer(stream))
         self.renewals[outcome.result] = self.renewals.get(outcome.result, 0) + 1
         return outcome
 
     def touch(self, device_uri: str) -> None:
-        """Last seen for the device behind a stream's x-relay-device (throttled writes)."""
+        """Last seen for a device (its session's inner certificate; throttled writes)."""
         try:
             identity = parse_spiffe_uri(device_uri)
         except IdentityError:

@@ -8,8 +8,9 @@
   handler means FORBIDDEN. Handlers are plain coroutines taking the stream, so the DICOM
   code plugs in without this module knowing it.
 
-The gateway adds `x-relay-device` (the device's SPIFFE ID) and `x-relay-site` to every
-stream it routes here; they are logged with the outcome, never any payload.
+Streams arrive here from inside a device's sealed session (relay.agent.sessions); the
+device's identity, from the session's inner certificate, is logged with the outcome,
+never any payload.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ from relay.net.compression import CodecStats, CodecStream, offers_zstd
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode
-from relay.wire import HEADER_DEVICE, HEADER_DEVICE_SITE, HEADER_TARGET, TCP_TARGET_PREFIX
+from relay.seal.transport import sealed_peer
+from relay.wire import HEADER_TARGET, TCP_TARGET_PREFIX
 
 __all__ = [
     "CONNECT_TIMEOUT",
-    "HEADER_DEVICE",
-    "HEADER_DEVICE_SITE",
     "HEADER_TARGET",
     "MAX_CONNECTS",
     "TCP_TARGET_PREFIX",
@@ -96,11 +96,11 @@ class StreamDispatcher:
     def on_stream(self, stream: Stream) -> None:
         headers = stream.headers
         target = headers.get(HEADER_TARGET, "")
+        peer = sealed_peer(stream)  # the inner certificate's identity (relay.seal)
         context = {
             "stream": stream.stream_id,
             "link": stream.link.name,
-            "device": headers.get(HEADER_DEVICE, "")[:_MAX_LOGGED],
-            "site": headers.get(HEADER_DEVICE_SITE, "")[:_MAX_LOGGED],
+            "device": peer.uri if peer is not None else "",
             "target": target[:_MAX_LOGGED],
         }
         if self._closing:

@@ -42,7 +42,7 @@ from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
 from relay.trust.identity import Identity, IdentityError
-from relay.wire import HEADER_DEVICE, HEADER_PEER
+from relay.wire import HEADER_PEER
 
 __all__ = ["EXCHANGE_TIMEOUT", "MAX_REQUEST", "EnrollOutcome", "serve_enroll_stream"]
 
@@ -123,9 +123,6 @@ async def serve_enroll_stream(
     token_id: str | None = None
     try:
         async with asyncio.timeout(timeout):
-            if stream.headers.get(HEADER_DEVICE):
-                # An enrolled device's own link: enrollment is for PCs without an identity.
-                raise RequestRefused("malformed", "enrollment is not available on a device link")
             await write_json(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
             try:
                 request = await read_json(stream, limit=MAX_REQUEST)

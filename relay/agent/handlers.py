@@ -14,7 +14,8 @@ from relay.agent.dispatch import TargetHandler
 from relay.agent.pacs_check import ECHO_TIMEOUT, PacsCheck
 from relay.net.aio import Stream
 from relay.ops.metrics import EndMetrics
-from relay.wire import HEADER_DEVICE, TARGET_DICOM
+from relay.seal.transport import sealed_peer
+from relay.wire import TARGET_DICOM
 
 __all__ = ["default_handlers", "pacs_check"]
 
@@ -59,7 +60,8 @@ async def default_handlers(
     auditor = DicomAuditor(audit) if audit is not None else None
 
     async def serve_dicom(stream: Stream) -> None:
-        device = stream.headers.get(HEADER_DEVICE, "")
+        peer = sealed_peer(stream)  # the inner certificate's identity
+        device = peer.uri if peer is not None else ""
         begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
         summary = await dicom.serve(stream, on_request=begin)
         if auditor is not None:
@@ -68,7 +70,7 @@ async def default_handlers(
             "dicom operation",
             extra={
                 "stream": stream.stream_id,
-                "device": stream.headers.get(HEADER_DEVICE, ""),
+                "device": device,
                 "op": summary.op,
                 "status": summary.status,
                 "instances": summary.instances,

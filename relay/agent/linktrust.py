@@ -34,6 +34,7 @@ class LinkTrust:
         self.authority = authority
         self._live_links = live_links
         self.refusals_reported = 0  # "refusal" reports received from gateways
+        self.on_pushed: Callable[[], object] | None = None  # after revocations went out
 
     def snapshot(self) -> list[bytes]:
         """The full "revoke" list for a new link: the registry's, or an empty one."""
@@ -72,6 +73,8 @@ class LinkTrust:
                 continue  # closing: its replacement starts with a full snapshot
             sent += 1
         log.info("revocations pushed", extra={"messages": len(bodies), "links": sent})
+        if self.on_pushed is not None:
+            self.on_pushed()
 
     def _on_control(self, link: Link, kind: str, body: bytes) -> None:
         if kind != KIND_REFUSAL:

@@ -1,7 +1,8 @@
-"""The agent's half of certificate renewal: sign a new certificate for a device's own link.
+"""The agent's half of certificate renewal: sign a new certificate for a device.
 
 The exchange and the device's half are in relay.trust.renewal. The agent signs only for
-the identity the link belongs to, and only if that device is not revoked.
+the identity that the sealed session's inner TLS authenticated (relay.seal: never for
+one a gateway names), and only if that device is not revoked.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
-from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
+from relay.trust.identity import Identity
 from relay.trust.renewal import EXCHANGE_TIMEOUT, MAX_REQUEST, PROTOCOL_VERSION
-from relay.wire import HEADER_DEVICE
 
 __all__ = ["RenewOutcome", "serve_renew_stream"]
 
@@ -46,15 +46,17 @@ class RenewOutcome:
 async def serve_renew_stream(
     stream: ByteStream,
     signer: Signer,
+    peer: Identity | None,
     *,
     timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
 ) -> RenewOutcome:
-    """Serve one renewal stream; never raises for anything the device does."""
+    """Serve one renewal stream for `peer`, the identity that the sealed session's inner
+    TLS authenticated (None: not inside a session). Never raises for what the device does."""
     audit, now = signer.audit, signer.now
-    device_uri = stream.headers.get(HEADER_DEVICE, "")
+    device_uri = peer.uri if peer is not None else ""
     try:
         async with asyncio.timeout(timeout):
-            identity = _vouched_device(device_uri, signer.ca_cert, signer.site)
+            identity = _vouched_device(peer, signer.ca_cert, signer.site)
             if await asyncio.to_thread(signer.registry.is_revoked, identity.name):
                 raise RequestRefused("revoked", "this device is revoked")
             try:
@@ -133,14 +135,15 @@ async def serve_renew_stream(
     return RenewOutcome(result, message, device_uri or None)
 
 
-def _vouched_device(device_uri: str, ca_cert: x509.Certificate, site: str) -> Identity:
-    if not device_uri:
-        raise RequestRefused("not_device", "renewal is only available on a device's own link")
+def _vouched_device(peer: Identity | None, ca_cert: x509.Certificate, site: str) -> Identity:
+    """The device to renew: the one the inner TLS authenticated (the session already
+    checked it against our CA, role and site; checked again here, cheaply)."""
+    if peer is None:
+        raise RequestRefused("not_device", "renewal is only available inside a device's session")
     try:
-        identity = parse_spiffe_uri(device_uri)
         trust_domain = pki.trust_domain_of_ca(ca_cert)
-    except (IdentityError, pki.PkiError) as exc:
-        raise RequestRefused("not_device", f"unusable device identity: {exc}") from None
-    if identity.role != "device" or identity.trust_domain != trust_domain or identity.site != site:
-        raise RequestRefused("not_device", f"{device_uri} is not a device of this site")
-    return identity
+    except pki.PkiError as exc:
+        raise RequestRefused("not_device", f"unusable CA: {exc}") from None
+    if peer.role != "device" or peer.trust_domain != trust_domain or peer.site != site:
+        raise RequestRefused("not_device", f"{peer.uri} is not a device of this site")
+    return peer

@@ -40,6 +40,7 @@ from relay.agent.dispatch import StreamDispatcher, TargetHandler
 from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
 from relay.agent.handlers import default_handlers, pacs_check
 from relay.agent.linktrust import LinkTrust
+from relay.agent.sessions import session_server
 from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
 from relay.net.tls import TlsConfigError, client_context
@@ -56,8 +57,9 @@ from relay.ops.reloading import (
     set_log_level,
 )
 from relay.ops.runtime import run_loop
+from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
-from relay.wire import ALPN_AGENT, HEADER_DEVICE, TARGET_ENROLL, TARGET_RENEW
+from relay.wire import ALPN_AGENT, TARGET_RENEW
 
 __all__ = ["Agent", "agent_metrics", "run", "run_agent"]
 
@@ -89,11 +91,11 @@ class Agent:
         self.pacs_ready = pacs_ready
         targets = dict(handlers or {})
         if authority is not None:
-            targets[TARGET_ENROLL] = authority.serve_enroll
             targets[TARGET_RENEW] = authority.serve_renew
         self.dispatcher = StreamDispatcher(
             config.services, handlers=targets, compression_level=config.compression_level
         )
+        self.sessions = session_server(config, authority, self.dispatcher.on_stream)
         self.gateways = GatewayLinks(
             config.gateways,
             ctx=client_context(config.tls.cert, config.tls.key, config.tls.ca, alpn=ALPN_AGENT),
@@ -107,6 +109,7 @@ class Agent:
             rng=rng,
         )
         self.trust = LinkTrust(authority, self.gateways.live_links)
+        self.trust.on_pushed = self.sessions.close_revoked  # ours to enforce, whatever gateways do
         self._push_task: asyncio.Task[None] | None = None
         stats = self.dispatcher.stats
         self.metrics = metrics or agent_metrics(config)
@@ -116,6 +119,7 @@ class Agent:
             streams=lambda: stats.streams,
             refusals=lambda: stats.refused,
             certificate=lambda: self.config.tls.cert,  # a reload may point elsewhere
+            seal=lambda: self.sessions.stats,
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
@@ -146,10 +150,8 @@ class Agent:
         self.trust.on_link_up(link)
 
     def _on_stream(self, stream: Stream) -> None:
-        device = stream.headers.get(HEADER_DEVICE)
-        if device and self.authority is not None:
-            self.authority.touch(device)  # one SQLite write a minute per device at most
-        self.dispatcher.on_stream(stream)
+        """A gateway opened a stream: a sealed session or enrollment, nothing else."""
+        self.sessions.on_stream(stream)
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config file and TLS files; apply what is safe, keep links up.
@@ -162,6 +164,8 @@ class Agent:
             tls = new.tls
             check_own_certificate(tls.cert, tls.ca, role="agent", site=self.config.site)
             ctx = client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
+            session_ctx = session_server_context(tls.cert, tls.key, tls.ca)
+            enroll_ctx = enroll_server_context(tls.cert, tls.key)
         except (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError) as exc:
             self.reloads.record(False)
             log.error(
@@ -178,6 +182,10 @@ class Agent:
             resolve_interval=new.resolve_interval,
             drain_grace=new.drain_grace,
         )
+        self.sessions.session_ctx = session_ctx  # new sessions; those open go on
+        if self.sessions.enroll_ctx is not None:
+            self.sessions.enroll_ctx = enroll_ctx
+        self.sessions.settings = new.limits
         self.dispatcher.services = new.services  # new streams; those open go on
         self.dispatcher.compression_level = new.compression_level
         if new.log_level != old.log_level:
@@ -203,8 +211,10 @@ class Agent:
                 await self._push_task
             self._push_task = None
         log.info("agent draining", extra={"links": len(self.gateways.links), "grace_s": grace})
+        self.sessions.goaway()  # devices open their next sessions at another agent
         self.gateways.goaway("agent shutting down")
         await self.dispatcher.drain(grace)
+        await self.sessions.close(min(grace, 2.0))
         await self.gateways.close()
         log.info("agent stopped")
 

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from relay.dicom.stats import status_category
 from relay.net.compression import CodecStats
 from relay.net.dialer import KeptLink
+from relay.seal.session import SealStats
 
 # DICOM operation latency buckets, seconds: a C-ECHO over a WAN to a study retrieval.
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -80,6 +81,7 @@ class Sources:
     streams: Callable[[], Mapping[str, int]] = lambda: {}  # by target
     refusals: Callable[[], Mapping[str, int]] = lambda: {}  # streams refused, by reason
     certificate: Callable[[], Path | None] = lambda: None
+    seal: Callable[[], SealStats | None] = lambda: None  # sealed sessions (relay.seal)
 
 
 class EndCollector(Collector):
@@ -95,6 +97,7 @@ class EndCollector(Collector):
         yield from self._streams()
         yield from self._bytes()
         yield from self._dicom()
+        yield from self._sealed()
         expiry = self._certificate_expiry()
         if expiry is not None:
             g = GaugeMetricFamily(
@@ -157,6 +160,33 @@ class EndCollector(Collector):
         family.add_metric(["sent", "compressed"], sent_wire)
         family.add_metric(["received", "raw"], recv_raw)
         family.add_metric(["received", "compressed"], recv_wire)
+        yield family
+
+    def _sealed(self) -> Iterator[Metric]:
+        stats = self.sources.seal()
+        if stats is None:
+            return
+        sessions = GaugeMetricFamily("relay_sessions_open", "Sealed sessions open at this end")
+        sessions.add_metric([], stats.open)
+        yield sessions
+        handshakes = CounterMetricFamily(
+            "relay_session_handshakes",
+            "Inner TLS handshakes of sealed sessions, by result and failure reason",
+            labels=["result", "reason"],
+        )
+        for (result, reason), n in sorted(stats.handshakes.items()):
+            handshakes.add_metric([result, reason], n)
+        yield handshakes
+        counts = stats.bytes()
+        family = CounterMetricFamily(
+            "relay_sealed_bytes",
+            "Session bytes at this end: plain (inside the TLS) and sealed (TLS records)",
+            labels=["direction", "stage"],
+        )
+        family.add_metric(["sent", "plain"], counts["plain_out"])
+        family.add_metric(["sent", "sealed"], counts["sealed_out"])
+        family.add_metric(["received", "plain"], counts["plain_in"])
+        family.add_metric(["received", "sealed"], counts["sealed_in"])
         yield family
 
     def _dicom(self) -> Iterator[Metric]:

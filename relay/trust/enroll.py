@@ -7,9 +7,12 @@
    equals the fingerprint in the code, that the gateway's TLS certificate chains to it
    (RFC 5280 path validation, for the host name or address dialled, at the current time)
    and names a gateway of that trust domain. Only then
-4. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
-   id and secret, and receive the certificate;
-5. check the certificate (our key, our identity, signed by the pinned CA) and write
+4. run TLS 1.3 inside that same stream with the agent (ALPN dmzrelay-enroll-seal/1),
+   the agent authenticated against the CA just pinned (relay.seal): the gateway sees
+   only ciphertext from here on;
+5. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
+   id and secret inside that TLS, and receive the certificate;
+6. check the certificate (our key, our identity, signed by the pinned CA) and write
    OUT/device.key (private: 0600, or a user-only ACL on Windows), OUT/device.crt and
    OUT/ca.crt, each atomically.
 
@@ -35,16 +38,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from relay.net.aio import Link
-from relay.net.bytestream import StreamResetError
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import MessageError, read_json, write_json
 from relay.net.tls import classify_handshake_error
 from relay.ops import privatefiles
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
+from relay.seal.policy import ENROLL_HELLO_SEALED, agent_check, enroll_client_context
+from relay.seal.session import establish
+from relay.seal.transport import SealError
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode, encode_secret, parse_code
 from relay.trust.identity import Identity, IdentityError, check_name, identity_from_certificate
-from relay.wire import ALPN_ENROLL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
+from relay.wire import ALPN_ENROLL, ALPN_ENROLL_SEAL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -280,19 +286,25 @@ async def _exchange(
     out_dir: Path,
     now: Callable[[], datetime],
 ) -> Path:
-    stream = link.open_stream({HEADER_TARGET: TARGET_ENROLL, HEADER_SITE: code.site})
+    outer = link.open_stream({HEADER_TARGET: TARGET_ENROLL, HEADER_SITE: code.site})
     try:
-        hello = await read_json(stream, limit=MAX_RESPONSE)
+        hello = await read_json(outer, limit=MAX_RESPONSE)
     except MessageError as exc:
         if link.conn.terminated is not None or link.closed.done():
             raise _closed_error(code) from None
         raise EnrollError(f"the site did not answer properly: {exc}") from None
+    if hello.get("v") != ENROLL_HELLO_SEALED:
+        raise EnrollError(
+            "the site's agent does not seal enrollment (an older version): "
+            "upgrade the agent, then enroll again"
+        )
     ca = _load_pem_cert(hello.get("ca_pem"), "CA certificate")
     verify_gateway(leaf_der, ca, code.ca_fingerprint, code.gateway.host, now())
     try:
         identity = Identity.device(pki.trust_domain_of_ca(ca), code.site, device)
     except (IdentityError, pki.PkiError) as exc:
         raise EnrollError(f"cannot form this device's identity: {exc}") from None
+    stream = await _seal(outer, ca, identity.trust_domain, code.site)
     key = pki.generate_key()
     csr = pki.make_csr(key, identity)
     await write_json(
@@ -323,6 +335,31 @@ async def _exchange(
     except pki.PkiError as exc:
         raise EnrollError(str(exc)) from None
     return out_dir / "device.crt"
+
+
+async def _seal(outer: ByteStream, ca: x509.Certificate, trust_domain: str, site: str) -> Stream:
+    """TLS inside the enrollment stream, the agent authenticated against the pinned CA;
+    the code's secret and the CSR travel only inside it. Returns the inner stream."""
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    try:
+        sealed = await establish(
+            outer,
+            enroll_client_context(ca_pem),
+            server_side=False,
+            alpn=ALPN_ENROLL_SEAL,
+            check_peer=agent_check(trust_domain, site),
+            settings=LinkSettings(),
+            name="enrollment",
+        )
+    except SealError as exc:
+        raise EnrollError(
+            f"the site's agent could not be authenticated ({exc.reason}): {exc.detail}"
+        ) from None
+    inner = sealed.link.open_stream({HEADER_TARGET: TARGET_ENROLL})
+    hello = await read_json(inner, limit=MAX_RESPONSE)
+    if _load_pem_cert(hello.get("ca_pem"), "CA certificate") != ca:
+        raise EnrollError("the site sent another CA inside the sealed session")
+    return inner
 
 
 def _check_issued(

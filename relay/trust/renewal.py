@@ -3,16 +3,16 @@
 Policy: a certificate is due for renewal once two thirds of its lifetime have passed
 (20 of 30 days by default), leaving a third of the lifetime to retry through outages.
 
-Exchange, on a stream {"target": "renew"} that the workstation opens on its live link
-(the gateway adds `x-relay-device`, the identity it authenticated with TLS):
+Exchange, on a stream {"target": "renew"} that the workstation opens inside its sealed
+session (the agent takes the identity from the session's inner TLS certificate only):
 
     workstation -> agent  {"v": 1, "csr_pem": "..."}              (a fresh key's CSR)
     agent -> workstation  {"v": 1, "status": "ok", "cert_pem": "...", "ca_pem": "..."}
                        or {"v": 1, "status": "refused", "reason": "<one line>"}
 
-The agent signs only for the identity the gateway vouches for, and only if that device
-is not revoked. The workstation checks the new certificate against the CA it already
-has (not the one in the answer: the gateway is in the path), then replaces device.key
+The agent signs only for the identity that the inner TLS authenticated (never for one a
+gateway names), and only if that device is not revoked. The workstation checks the new
+certificate against the CA it already has (not the one in the answer), then replaces device.key
 and device.crt crash-safely (see `install`).
 
 The live link is kept: TLS authenticated it at its handshake and nothing on a link

@@ -49,6 +49,7 @@ from relay.ops.reloading import (
 from relay.ops.runtime import run_loop
 from relay.ops.signals import handling_signals
 from relay.proto import ErrorCode
+from relay.seal.policy import session_client_context
 from relay.trust.identity import identity_from_certificate
 from relay.trust.pki import PkiError, load_cert
 from relay.trust.renewal import OpenStream, complete_pending_renewal, renewal_loop
@@ -56,6 +57,7 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
+from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
 
 __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
@@ -97,7 +99,15 @@ class Workstation:
             on_revoked=self._revoked,
         )
         self.revoked = asyncio.Event()  # set once: the run ends with EXIT_REVOKED
-        self.tunnel = Tunnel(self.kept, rng=rng)
+        self.session = SessionKeeper(
+            self.kept,
+            session_client_context(files.cert, files.key, files.ca),
+            trust_domain=self.identity.trust_domain,
+            site=self.identity.site or "",
+            settings=config.limits,
+            rng=rng,
+        )
+        self.tunnel = Tunnel(self.session, rng=rng)
         self.renewals = 0
         self.renewal_failures = 0
         self._renewal_task: asyncio.Task[None] | None = None
@@ -115,6 +125,7 @@ class Workstation:
                     "capacity": stats.refused,
                 },
                 certificate=lambda: files.cert,
+                seal=lambda: self.session.seal,
             ),
         )
         self.reloads = ReloadCounter()
@@ -127,8 +138,10 @@ class Workstation:
         self.revoked.set()
 
     def readiness(self) -> tuple[bool, str]:
+        if self.session.up.is_set():
+            return True, "sealed session to the agent up"
         if self.kept.up.is_set():
-            return True, "gateway link up"
+            return False, f"no session ({self.session.stats.last_error or 'connecting'})"
         return False, f"no gateway link ({self.kept.stats.last_error or 'connecting'})"
 
     async def start(self) -> None:
@@ -138,6 +151,7 @@ class Workstation:
         except ForwardListenError as exc:
             raise ConfigError(self.config.path, f'forward."{exc.address}"', str(exc)) from None
         self.kept.start()
+        self.session.start()
         if self._renewal_task is None:
             self._renewal_task = asyncio.get_running_loop().create_task(
                 renewal_loop(
@@ -152,9 +166,9 @@ class Workstation:
     # -- renewal
 
     def _current_opener(self) -> OpenStream | None:
-        """Renewal rides the live link (the gateway vouches for our identity on it)."""
-        link = self.kept.link
-        if link is None or not self.kept.up.is_set() or link.is_closing:
+        """Renewal rides the sealed session (the agent knows us from its inner TLS)."""
+        link = self.session.link
+        if link is None or not self.session.up.is_set() or link.is_closing:
             return None
         return link.open_stream
 
@@ -164,6 +178,7 @@ class Workstation:
         files = self.config.identity_files()
         try:
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+            session_ctx = session_client_context(files.cert, files.key, files.ca)
         except (TlsConfigError, PkiError, OSError, ValueError) as exc:
             # The files were checked before they were installed; keep dialling with the
             # old context (still valid for a third of its lifetime) and say so.
@@ -172,6 +187,7 @@ class Workstation:
             return
         self.ctx = ctx
         self.kept.ctx = ctx
+        self.session.ctx = session_ctx  # the next session presents the new certificate
 
     def _renewal_failed(self, message: str) -> None:
         self.renewal_failures += 1
@@ -196,6 +212,7 @@ class Workstation:
                 name=self.identity.name,
             )
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+            session_ctx = session_client_context(files.cert, files.key, files.ca)
         except (
             ConfigError,
             ReloadError,
@@ -215,6 +232,7 @@ class Workstation:
         old, self.config = self.config, new
         self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
         self.kept.settings = new.limits
+        self.session.ctx, self.session.settings = session_ctx, new.limits
         if new.reconnect != old.reconnect:
             self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
         if new.log_level != old.log_level:
@@ -237,8 +255,10 @@ class Workstation:
                 await self._renewal_task
             self._renewal_task = None
         await self.forwarder.stop_accepting()
-        self.kept.goaway(ErrorCode.SHUTDOWN, "workstation shutting down")
+        self.session.stop()  # no new streams; those open finish inside the session
         await self.forwarder.drain(grace)
+        await self.session.close()
+        self.kept.goaway(ErrorCode.SHUTDOWN, "workstation shutting down")
         await self.kept.close()
         log.info("workstation stopped")
 

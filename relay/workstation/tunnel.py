@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
-from relay.net.aio import Stream
+from relay.net.aio import Link, Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.bytestream import StreamResetError
-from relay.net.dialer import KeptLink
+from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 
 __all__ = [
@@ -56,12 +56,29 @@ class TunnelStats:
     unavailable: int = 0  # opens that gave up
 
 
+class LinkSource(Protocol):
+    """Where the Tunnel's streams go: the sealed session (or, in tests, a KeptLink)."""
+
+    up: asyncio.Event
+    link: Link | None
+
+    @property
+    def address(self) -> Address: ...
+
+    @property
+    def stats(self) -> _HasLastError: ...
+
+
+class _HasLastError(Protocol):
+    last_error: str
+
+
 class Tunnel:
     """Streams to the agent over a `KeptLink`; what the forwarder and DICOM node call."""
 
     def __init__(
         self,
-        kept: KeptLink,
+        kept: LinkSource,
         *,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         replay_limit: int = REPLAY_LIMIT,

@@ -20,7 +20,7 @@ from relay.agent.dispatch import TargetHandler
 from relay.agent.gateways import resolve_all
 from relay.agent.service import Agent, run_agent
 from relay.net.bytestream import StreamResetError
-from relay.proto import ErrorCode
+from relay.proto import ErrorCode, LinkClosedError
 from tests.agent.test_dispatch import device_link, read_all
 from tests.ends_helpers import (
     WAIT,
@@ -30,6 +30,7 @@ from tests.ends_helpers import (
     wait_until,
 )
 from tests.pki_helpers import HOST, SitePki, make_pki, run
+from tests.session_helpers import sealed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,7 +143,8 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(
         config = agent_config(pki, tmp_path, [gw.port], {"slow": (svc.port, False)}, drain_grace=5)
         async with agent_running(config) as (agent, stop, task):
             await wait_until(lambda: gw.server.router.sites() == ["main"])
-            device = await device_link(pki, gw.port)
+            outer = await device_link(pki, gw.port)
+            device = await sealed(outer, pki, pki.device("ws1"))
             stream = device.open_stream({"target": "tcp:slow"})
             await stream.write(b"q1")
             await stream.write_eof()
@@ -150,7 +152,10 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_ones(
             stop.set()  # what SIGTERM does
             (agent_link,) = gw.server.links.agents
             await wait_until(lambda: agent_link.conn.goaway_received)
-            refused = device.open_stream({"target": "tcp:slow"})
+            await wait_until(lambda: device.conn.goaway_received)  # the session's own goaway
+            with pytest.raises(LinkClosedError):
+                device.open_stream({"target": "tcp:slow"})
+            refused = outer.open_stream({"target": "session"})  # nor a new session
             with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(refused.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
@@ -172,7 +177,8 @@ async def test_drain_grace_cuts_streams_that_do_not_finish(pki: SitePki, tmp_pat
         config = agent_config(pki, tmp_path, [gw.port], {"s": (svc.port, False)}, drain_grace=0.3)
         async with agent_running(config) as (_, stop, task):
             await wait_until(lambda: gw.server.router.sites() == ["main"])
-            device = await device_link(pki, gw.port)
+            outer = await device_link(pki, gw.port)
+            device = await sealed(outer, pki, pki.device("ws1"))
             stream = device.open_stream({"target": "tcp:s"})
             await stream.write(b"x")
             await wait_until(lambda: svc.connections == 1)
@@ -191,7 +197,8 @@ def test_agent_on_uvloop(pki: SitePki, tmp_path: Path) -> None:
             config = agent_config(pki, tmp_path, [gw.port], {"echo": (echo.port, True)})
             async with agent_running(config):
                 await wait_until(lambda: gw.server.router.sites() == ["main"])
-                device = await device_link(pki, gw.port)
+                outer = await device_link(pki, gw.port)
+                device = await sealed(outer, pki, pki.device("ws1"))
                 stream = device.open_stream({"target": "tcp:echo"})
                 payload = os.urandom(500_000)
                 await stream.write(payload)

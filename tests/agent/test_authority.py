@@ -20,11 +20,13 @@ from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.sessions import SessionServer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.dialer import dial
 from relay.ops.config import Address
 from relay.proto import LinkSettings
+from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
 from relay.trust.codes import EnrollmentCode
 from relay.trust.enroll import enroll
@@ -39,7 +41,8 @@ from relay.trust.revocation import (
     encode_refusal,
 )
 from tests.ends_helpers import running_gateway
-from tests.pki_helpers import HOST, SitePki, make_pki
+from tests.pki_helpers import HOST, Pair, SitePki, make_pki
+from tests.session_helpers import sealed
 
 WAIT = 10.0
 
@@ -105,13 +108,28 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     authority = open_authority(site, tmp_path / "state")
     tasks: list[asyncio.Task[Any]] = []
+    outcomes: list[Any] = []
 
-    def on_stream(stream: Stream) -> None:  # the agent's dispatch, reduced to our targets
-        device = stream.headers.get("x-relay-device")
-        if device:
-            authority.touch(device)
-        handler = {"enroll": authority.serve_enroll, "renew": authority.serve_renew}
-        tasks.append(asyncio.create_task(handler[stream.headers["target"]](stream)))
+    def dispatch(stream: Stream) -> None:  # the agent's dispatch, reduced to renewal
+        assert stream.headers["target"] == "renew"
+        tasks.append(asyncio.create_task(authority.serve_renew(stream)))
+
+    async def serve_enroll(stream: Any) -> None:
+        outcomes.append(await authority.serve_enroll(stream))
+
+    sessions = SessionServer(
+        site="main",
+        trust_domain=site.trust_domain,
+        session_ctx=session_server_context(site.agent.cert, site.agent.key, site.ca),
+        enroll_ctx=enroll_server_context(site.agent.cert, site.agent.key),
+        settings=LinkSettings(),
+        dispatch=dispatch,
+        is_revoked=lambda peer: authority.registry.is_revoked(peer.name),
+        serve_enroll=serve_enroll,
+        ca_pem=site.ca.read_text(),
+        touch=lambda peer: authority.touch(peer.uri),
+    )
+    on_stream = sessions.on_stream
 
     async with running_gateway(site, tmp_path) as gateway:
         agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
@@ -133,8 +151,11 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
 
             device_ctx = tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
             async with link_to(gateway.port, device_ctx, wire.ALPN_DEVICE) as device_link:
-                assert await renew(device_link.open_stream, out, now=utcnow, force=True)
-            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+                pair = Pair(out / "device.crt", out / "device.key")
+                inner = await sealed(device_link, site, pair)
+                assert await renew(inner.open_stream, out, now=utcnow, force=True)
+                inner.close()
+            outcomes += await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert [o.result for o in outcomes] == ["ok", "ok"]
     assert authority.enrollments == {"ok": 1} and authority.renewals == {"ok": 1}
     second = pki.load_cert(out / "device.crt")

@@ -289,16 +289,6 @@ async def test_csr_with_another_curve(agent: Agent) -> None:
     assert_refused(agent, outcome, answer, "bad_csr", "P-256")
 
 
-async def test_refused_on_a_device_link(agent: Agent) -> None:
-    token = agent.token()
-    pc, agent_end = pipe({"target": "enroll", "x-relay-device": identity("x").uri})
-    outcome = await serve(agent, agent_end)
-    assert outcome.result == "malformed"
-    answer = await read_json(pc)
-    assert answer["status"] == "refused" and "device link" in str(answer["reason"])
-    assert agent.registry.redeem_token(token[0], token[1], "ws1", T0).ok  # untouched
-
-
 async def test_silent_pc_times_out(agent: Agent) -> None:
     pc, agent_end = pipe({"target": "enroll"})
     outcome = await serve(agent, agent_end, timeout=0.05)

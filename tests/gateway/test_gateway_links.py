@@ -133,7 +133,7 @@ async def wait_for_agents(world: World, site: str, count: int = 1) -> None:
 
 
 async def roundtrip(link: Link, payload: bytes) -> bytes:
-    stream = link.open_stream({"target": "tcp:echo"})
+    stream = link.open_stream({"target": "session"})
 
     async def send() -> None:
         await stream.write(payload)
@@ -217,7 +217,7 @@ async def test_half_close_passes_through(world: World) -> None:
     announce(agent)
     await wait_for_agents(world, "main")
     device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
-    stream = device.open_stream({"target": "tcp:x"})
+    stream = device.open_stream({"target": "session"})
     await stream.write(b"question")
     await stream.write_eof()
     assert await asyncio.wait_for(stream.read(), WAIT) == late
@@ -231,7 +231,7 @@ async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Pa
     agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
     device_b = await connect(world, other, wire.ALPN_DEVICE)
-    stream = device_b.open_stream({"target": "tcp:echo"})
+    stream = device_b.open_stream({"target": "session"})
     with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
@@ -245,7 +245,10 @@ async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Pa
     agent.close()
 
 
-async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> None:
+async def test_a_device_opens_only_sessions_and_says_nothing_about_itself(world: World) -> None:
+    """Request streams travel inside sealed sessions only; the gateway adds no identity
+    header (the agent takes the device from the session's inner certificate) and strips
+    any x-relay-* header a device sends."""
     loop = asyncio.get_running_loop()
     seen: asyncio.Future[dict[str, str]] = loop.create_future()
 
@@ -265,11 +268,18 @@ async def test_reserved_headers_are_replaced_by_the_gateway(world: World) -> Non
     announce(agent)
     await wait_for_agents(world, "main")
     device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
-    device.open_stream({"target": "tcp:x", "x-relay-device": "spiffe://evil/device/main/boss"})
+    for target in ("dicom", "tcp:x", "renew", "enroll", ""):
+        refused = device.open_stream({"target": target})
+        with pytest.raises(StreamResetError) as info:
+            await asyncio.wait_for(refused.read(), WAIT)
+        assert info.value.code == ErrorCode.FORBIDDEN
+    forbidden = world.server.metrics.registry.get_sample_value(
+        "relay_streams_total", {"site": "main", "outcome": "forbidden"}
+    )
+    assert forbidden == 5.0
+    device.open_stream({"target": "session", "x-relay-device": "spiffe://evil/device/main/boss"})
     headers = await asyncio.wait_for(seen, WAIT)
-    assert headers["x-relay-device"] == "spiffe://hospital.test/device/main/ws1"
-    assert headers["x-relay-site"] == "main"
-    assert headers["target"] == "tcp:x"
+    assert headers == {"target": "session"}
     device.close()
     agent.close()
 
@@ -331,7 +341,7 @@ async def test_agent_is_routed_to_only_after_its_revocation_snapshot(world: Worl
         lambda: len(world.server.links.agents) == 1 and len(world.server.links.devices) == 1
     )
     assert world.server.router.agent_links("main") == []
-    stream = device.open_stream({"target": "tcp:echo"})
+    stream = device.open_stream({"target": "session"})
     with pytest.raises(StreamResetError) as info:
         await asyncio.wait_for(stream.read(), WAIT)
     assert info.value.code == ErrorCode.NO_ROUTE
@@ -410,7 +420,7 @@ async def test_revoked_device_that_stops_reading_is_aborted(world: World) -> Non
         ssl=tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_DEVICE),
         server_hostname=HOST,
     )
-    streams = [device.open_stream({"target": "tcp:bulk"}) for _ in range(8)]
+    streams = [device.open_stream({"target": "session"}) for _ in range(8)]
     assert await asyncio.wait_for(streams[0].read(), WAIT)  # bulk data flows
     assert device.transport is not None
     device.transport.pause_reading()  # from now on the device reads nothing, GOAWAY included

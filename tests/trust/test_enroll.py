@@ -26,13 +26,16 @@ from relay import wire
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.sessions import SessionServer
 from relay.agent.signer import Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream
 from relay.net.dialer import dial
 from relay.ops import privatefiles
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
+from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
 from relay.trust.codes import EnrollmentCode, new_secret
 from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
@@ -118,9 +121,20 @@ class StandIn:
         if self.mode == "no_route":
             stream.reset(ErrorCode.NO_ROUTE)
             return
-        self._spawn(self._serve(stream))
+        # What the agent does with an `enroll` stream: the CA in the clear, then TLS.
+        agent = self.site.agent
+        SessionServer(
+            site="main",
+            trust_domain=self.site.trust_domain,
+            session_ctx=session_server_context(agent.cert, agent.key, self.site.ca),
+            enroll_ctx=enroll_server_context(agent.cert, agent.key),
+            settings=LinkSettings(),
+            dispatch=lambda inner: inner.reset(ErrorCode.FORBIDDEN),
+            serve_enroll=self._serve,
+            ca_pem=self.site.ca.read_text(),
+        ).on_stream(stream)
 
-    async def _serve(self, stream: Stream) -> None:
+    async def _serve(self, stream: ByteStream) -> None:
         outcome = await serve_enroll_stream(
             stream,
             Signer(
@@ -332,6 +346,12 @@ async def agent_link(site: SitePki, port: int, on_stream: Callable[[Stream], Non
             await asyncio.wait_for(link.wait_closed(), WAIT)
 
 
+async def wait_for_task(tasks: list[asyncio.Task[EnrollOutcome]]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not tasks:  # noqa: ASYNC110 - the agent's task is created on its own loop turn
+            await asyncio.sleep(0.01)
+
+
 async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     async with running_gateway(site, tmp_path) as gateway:
@@ -340,24 +360,25 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
             tasks: list[asyncio.Task[EnrollOutcome]] = []
             seen_headers: list[dict[str, str]] = []
 
-            def on_stream(stream: Stream) -> None:
+            async def serve(stream: ByteStream) -> None:
                 seen_headers.append(dict(stream.headers))
-                tasks.append(
-                    asyncio.create_task(
-                        serve_enroll_stream(
-                            stream,
-                            Signer(
-                                registry,
-                                site.ca_key,
-                                site.ca_cert,
-                                "main",
-                                timedelta(days=30),
-                                audit,
-                                utcnow,
-                            ),
-                        )
-                    )
+                signer = Signer(
+                    registry, site.ca_key, site.ca_cert, "main", timedelta(days=30), audit, utcnow
                 )
+                tasks.append(asyncio.ensure_future(serve_enroll_stream(stream, signer)))
+                await tasks[-1]
+
+            agent = site.agent
+            on_stream = SessionServer(
+                site="main",
+                trust_domain=site.trust_domain,
+                session_ctx=session_server_context(agent.cert, agent.key, site.ca),
+                enroll_ctx=enroll_server_context(agent.cert, agent.key),
+                settings=LinkSettings(),
+                dispatch=lambda inner: inner.reset(ErrorCode.FORBIDDEN),
+                serve_enroll=serve,
+                ca_pem=site.ca.read_text(),
+            ).on_stream
 
             token_id, secret = registry.create_token("ws1", timedelta(hours=1), utcnow())
             code = EnrollmentCode(
@@ -376,6 +397,7 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
                         break
                     await asyncio.sleep(0.01)
                 cert_path = await enroll(code, tmp_path / "out", timeout=WAIT)
+                await wait_for_task(tasks)
                 outcome = await asyncio.wait_for(tasks[0], WAIT)
             assert outcome.ok
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

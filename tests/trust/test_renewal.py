@@ -45,6 +45,7 @@ from relay.trust.renewal import (
 from tests.pki_helpers import HOST, SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+WS1 = Identity.device("hospital.test", "main", "ws1")
 DAY = timedelta(days=1)
 WAIT = 10.0
 
@@ -92,7 +93,7 @@ class Site:
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.audit.path)
 
-    async def serve(self, stream: ByteStream) -> RenewOutcome:
+    async def serve(self, stream: ByteStream, peer: Identity | None = WS1) -> RenewOutcome:
         outcome = await serve_renew_stream(
             stream,
             Signer(
@@ -104,19 +105,18 @@ class Site:
                 self.audit,
                 self.clock,
             ),
+            peer,
         )
         self.outcomes.append(outcome)
         return outcome
 
-    def opener(self, device: str | None = "spiffe://hospital.test/device/main/ws1") -> Any:
-        """open_stream for renew(): an in-memory stream whose far end the agent serves."""
+    def opener(self, device: Identity | None = WS1) -> Any:
+        """open_stream for renew(): an in-memory stream whose far end the agent serves,
+        for `device` (what the session's inner TLS authenticated)."""
 
         def open_stream(headers: Mapping[str, str]) -> ByteStream:
-            seen = dict(headers)
-            if device is not None:
-                seen["x-relay-device"] = device  # what the gateway adds
-            near, far = pipe(seen)
-            asyncio.get_running_loop().create_task(self.serve(far))
+            near, far = pipe(headers)
+            asyncio.get_running_loop().create_task(self.serve(far, device))
             return near
 
         return open_stream
@@ -202,26 +202,27 @@ async def test_revoked_device_is_refused(site: Site) -> None:
     await expect_refused(site, site.opener(), "this device is revoked", "revoked")
 
 
-async def test_renewal_needs_a_device_link(site: Site) -> None:
-    await expect_refused(site, site.opener(device=None), "device's own link", "not_device")
+async def test_renewal_needs_a_sealed_session(site: Site) -> None:
+    await expect_refused(site, site.opener(device=None), "device's session", "not_device")
 
 
 @pytest.mark.parametrize(
-    "vouched",
+    "peer",
     [
-        "spiffe://hospital.test/device/other/ws1",
-        "spiffe://evil.test/device/main/ws1",
-        "spiffe://hospital.test/agent/main",
-        "garbage",
+        Identity.device("hospital.test", "other", "ws1"),
+        Identity.device("evil.test", "main", "ws1"),
+        Identity.agent("hospital.test", "main"),
     ],
 )
-async def test_only_devices_of_this_site(site: Site, vouched: str) -> None:
-    await expect_refused(site, site.opener(device=vouched), "renewal refused", "not_device")
+async def test_only_devices_of_this_site(site: Site, peer: Identity) -> None:
+    await expect_refused(site, site.opener(device=peer), "renewal refused", "not_device")
 
 
 async def test_csr_for_another_identity_is_refused(site: Site) -> None:
-    near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
-    task = asyncio.create_task(site.serve(far))
+    near, far = pipe(
+        {"target": "renew", "x-relay-device": "spiffe://hospital.test/device/main/ws2"}
+    )
+    task = asyncio.create_task(site.serve(far))  # a header naming ws2 changes nothing
     other = pki.make_csr(pki.generate_key(), Identity.device("hospital.test", "main", "ws2"))
     await write_json(
         near, {"v": 1, "csr_pem": other.public_bytes(serialization.Encoding.PEM).decode()}
@@ -234,7 +235,7 @@ async def test_csr_for_another_identity_is_refused(site: Site) -> None:
 
 
 async def test_oversized_request_is_refused(site: Site) -> None:
-    near, far = pipe({"x-relay-device": "spiffe://hospital.test/device/main/ws1"})
+    near, far = pipe({"target": "renew"})
     task = asyncio.create_task(site.serve(far))
     await near.write((1 << 20).to_bytes(4, "big"))
     answer = await read_json(near)
@@ -410,30 +411,6 @@ async def test_loop_reports_refusals_and_retries(site: Site) -> None:
 # --- over a live TLS link ---------------------------------------------------------------
 
 
-class Vouched:
-    """A stream with the x-relay-device header the gateway would have added."""
-
-    def __init__(self, stream: Stream, device: str) -> None:
-        self._stream = stream
-        self._headers = {**stream.headers, "x-relay-device": device}
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._headers
-
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        return await self._stream.read(max_bytes)
-
-    async def write(self, data: bytes) -> None:
-        await self._stream.write(data)
-
-    async def write_eof(self) -> None:
-        await self._stream.write_eof()
-
-    def reset(self, code: int) -> None:
-        self._stream.reset(code)
-
-
 @contextlib.asynccontextmanager
 async def device_server(site: Site) -> AsyncIterator[tuple[int, list[Link]]]:
     """Accepts device links; `renew` streams go to the agent code, others are echoed."""
@@ -461,9 +438,9 @@ async def device_server(site: Site) -> AsyncIterator[tuple[int, list[Link]]]:
             identity = tls.peer_identity(transport.get_extra_info("ssl_object"))
             assert identity is not None
 
-            def on_stream(stream: Stream, uri: str = identity.uri) -> None:
+            def on_stream(stream: Stream, peer: Identity = identity) -> None:
                 coro = (
-                    site.serve(Vouched(stream, uri))
+                    site.serve(stream, peer)  # the TLS-authenticated peer, as in a session
                     if stream.headers.get("target") == "renew"
                     else echo(stream)
                 )

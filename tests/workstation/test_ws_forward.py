@@ -186,7 +186,7 @@ async def test_no_route_is_retried_until_the_agent_arrives(tmp_path: Path) -> No
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             fwd = forwarded(ws, "echo")
             exchange = asyncio.create_task(tcp_exchange(fwd, b"early request"))
-            await wait_until(lambda: ws.tunnel.stats.rerouted >= 2)  # NO_ROUTE, retried
+            await wait_until(lambda: ws.session.stats.failures >= 2)  # NO_ROUTE, retried
             assert not exchange.done()
             async with agent_up(a_config):
                 assert await asyncio.wait_for(exchange, WAIT) == b"early request"

@@ -66,7 +66,10 @@ async def test_no_route_after_the_deadline_reaches_the_caller(tmp_path: Path) ->
         config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
         async with linked(config) as ws:
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
-            stream = await ws.tunnel.open_stream({"target": "tcp:x"}, timeout=0.5)
+            # The Tunnel's NO_ROUTE retries, on the raw gateway link: the gateway refuses a
+            # session with NO_ROUTE while the site has no agent.
+            tunnel = Tunnel(ws.kept)
+            stream = await tunnel.open_stream({"target": "session"}, timeout=0.5)
             await stream.write(b"request")
             with pytest.raises(StreamResetError) as info:
                 await asyncio.wait_for(stream.read(), WAIT)
@@ -81,7 +84,7 @@ async def test_beyond_the_replay_limit_no_route_is_not_retried(tmp_path: Path) -
         async with linked(config) as ws:
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
             tunnel = Tunnel(ws.kept, replay_limit=10)
-            stream = await tunnel.open_stream({"target": "tcp:x"}, timeout=WAIT)
+            stream = await tunnel.open_stream({"target": "session"}, timeout=WAIT)
             with contextlib.suppress(StreamResetError):
                 await stream.write(b"more than ten bytes")  # the copy is dropped
             with pytest.raises(StreamResetError) as info:
@@ -105,21 +108,27 @@ async def test_other_resets_are_not_retried(tmp_path: Path) -> None:
             assert ws.tunnel.stats.rerouted == 0
 
 
-async def test_replay_includes_the_half_close(tmp_path: Path) -> None:
-    """Request and EOF written before any route exists; both arrive once it does."""
+async def test_a_request_before_the_agent_waits_for_the_session(tmp_path: Path) -> None:
+    """Request and EOF written before any agent is linked; they go through, once, when
+    the session comes up (the gateway refused the session attempts with NO_ROUTE)."""
     pki = make_pki(tmp_path / "pki")
     async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
         config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
         async with linked(config) as ws:
             await asyncio.wait_for(ws.kept.up.wait(), WAIT)
-            stream = await ws.tunnel.open_stream({"target": "tcp:echo"}, timeout=WAIT)
-            await stream.write(b"part one, ")
-            await stream.write(b"part two")
-            await stream.write_eof()
-            reader = asyncio.create_task(read_all(stream))
-            await wait_until(lambda: ws.tunnel.stats.rerouted >= 1)
+
+            async def request() -> bytes:
+                stream = await ws.tunnel.open_stream({"target": "tcp:echo"}, timeout=WAIT)
+                await stream.write(b"part one, ")
+                await stream.write(b"part two")
+                await stream.write_eof()
+                return await read_all(stream)
+
+            task = asyncio.create_task(request())
+            await wait_until(lambda: ws.session.stats.failures >= 1)
+            assert "no_route" in ws.session.stats.last_error
+            assert not task.done()
             a_config = agent_config(pki, tmp_path, [gw.port], {"echo": (echo.port, False)})
             async with agent_up(a_config):
-                assert await asyncio.wait_for(reader, WAIT) == b"part one, part two"
-            assert stream.confirmed
+                assert await asyncio.wait_for(task, WAIT) == b"part one, part two"
             assert echo.connections == 1

@@ -1,0 +1,337 @@
+"""The agent's end of sealed sessions: what it does with the streams a gateway opens.
+
+A gateway opens only two kinds of stream towards us now:
+
+- ``session``: a device's sealed session. We run the TLS server (device certificate
+  required, checked against the site CA: role device, our site, our trust domain, not
+  revoked in *our* registry) and then the relay/proto Link inside it; its streams go to
+  the `StreamDispatcher` exactly as streams of a gateway link used to. The device's
+  identity is the inner certificate's, and nothing else (relay.seal.transport.sealed_peer).
+- ``enroll``: a PC without a certificate. The site CA goes out in the clear (the PC pins
+  it by the fingerprint in its code), then TLS inside the stream authenticates us to the
+  PC, and the enrollment exchange (code secret, CSR, certificate) runs inside it.
+
+Anything else is refused with FORBIDDEN. Revoking a device closes its live sessions here,
+whatever the gateways do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from relay.agent.authority import DeviceAuthority
+from relay.agent.config import AgentConfig
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.net.jsonframes import write_json
+from relay.net.tls import trust_domain_of
+from relay.ops.tasks import drain_tasks
+from relay.proto import ErrorCode, LinkClosedError, LinkSettings
+from relay.seal.policy import (
+    ENROLL_HELLO_SEALED,
+    device_check,
+    enroll_server_context,
+    no_client_check,
+    session_server_context,
+)
+from relay.seal.session import SealedLink, SealStats, establish
+from relay.seal.transport import SealError
+from relay.trust.identity import Identity
+from relay.wire import (
+    ALPN_ENROLL_SEAL,
+    ALPN_SESSION,
+    HEADER_TARGET,
+    TARGET_ENROLL,
+    TARGET_SESSION,
+)
+
+__all__ = ["SessionServer", "session_server"]
+
+log = logging.getLogger(__name__)
+
+MAX_SESSIONS: Final = 10_000  # sessions served at once (each is one device)
+
+
+class _WithHeaders:
+    """An inner stream seen with a few outer headers (the PC's source address)."""
+
+    def __init__(self, inner: Stream, outer: Stream, extra: Mapping[str, str]) -> None:
+        self._inner = inner
+        self.link = outer.link  # the enrollment result goes to the gateway that carried it
+        self.headers = {**inner.headers, **extra}
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        return await self._inner.read(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        await self._inner.write(data)
+
+    async def write_eof(self) -> None:
+        await self._inner.write_eof()
+
+    def reset(self, code: int) -> None:
+        self._inner.reset(code)
+
+
+class _Aborted:
+    """The outer enrollment stream as seen after the PC gave up before its TLS: every
+    read or write fails as an aborted stream, so the enrollment code records it so."""
+
+    def __init__(self, outer: Stream) -> None:
+        self.link = outer.link
+        self.headers = dict(outer.headers)
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    async def write(self, data: bytes) -> None:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    async def write_eof(self) -> None:
+        raise StreamResetError(ErrorCode.CANCEL, "the PC left before the sealed exchange")
+
+    def reset(self, code: int) -> None:
+        pass
+
+
+class SessionServer:
+    """Serves `session` and `enroll` streams of every gateway link (`on_stream`)."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        trust_domain: str,
+        session_ctx: ssl.SSLContext,
+        enroll_ctx: ssl.SSLContext | None,
+        settings: LinkSettings,
+        dispatch: Callable[[Stream], None],
+        is_revoked: Callable[[Identity], bool] | None = None,
+        serve_enroll: Callable[[ByteStream], Awaitable[object]] | None = None,
+        ca_pem: str = "",
+        touch: Callable[[Identity], None] | None = None,
+        handshake_timeout: float = 15.0,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
+        self.site = site
+        self.trust_domain = trust_domain
+        self.session_ctx = session_ctx
+        self.enroll_ctx = enroll_ctx
+        self.settings = settings
+        self.dispatch = dispatch
+        self.is_revoked = is_revoked
+        self.serve_enroll = serve_enroll
+        self.ca_pem = ca_pem
+        self.touch = touch
+        self.handshake_timeout = handshake_timeout
+        self.max_sessions = max_sessions
+        self.stats = SealStats()
+        self.refused: dict[str, int] = {}
+        self.sessions: dict[Link, Identity] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- the gateway links' callback
+
+    def on_stream(self, outer: Stream) -> None:
+        target = outer.headers.get(HEADER_TARGET, "")
+        if self._closing:
+            self._refuse(outer, ErrorCode.REFUSED_STREAM, "shutting_down")
+        elif target == TARGET_SESSION:
+            if len(self._tasks) >= self.max_sessions:
+                self._refuse(outer, ErrorCode.LIMIT_EXCEEDED, "too_many_sessions")
+                return
+            self._spawn(self._serve_session(outer))
+        elif target == TARGET_ENROLL and self.serve_enroll is not None:
+            self._spawn(self._serve_enroll(outer))
+        else:  # request streams travel inside sessions only
+            self._refuse(outer, ErrorCode.FORBIDDEN, "not_sealed")
+
+    def _refuse(self, outer: Stream, code: ErrorCode, reason: str) -> None:
+        outer.reset(code)
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        log.warning("outer stream refused", extra={"link": outer.link.name, "reason": reason})
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sessions
+
+    async def _serve_session(self, outer: Stream) -> None:
+        def check(peer: Identity | None) -> str | None:
+            return device_check(self.trust_domain, self.site, self.is_revoked)(peer)
+
+        try:
+            sealed = await establish(
+                outer,
+                self.session_ctx,
+                server_side=True,
+                alpn=ALPN_SESSION,
+                check_peer=check,
+                settings=self.settings,
+                name=f"session via {outer.link.name}",
+                on_stream=self._on_inner_stream,
+                timeout=self.handshake_timeout,
+                stats=self.stats,
+            )
+        except SealError as exc:
+            log.warning(
+                "session refused",
+                extra={"link": outer.link.name, "reason": exc.reason, "detail": exc.detail},
+            )
+            return
+        await self._run_session(sealed)
+
+    async def _run_session(self, sealed: SealedLink) -> None:
+        link, peer = sealed.link, sealed.handshake.peer
+        assert peer is not None  # CERT_REQUIRED
+        self.sessions[link] = peer
+        if self.touch is not None:
+            self.touch(peer)
+        log.info(
+            "session open",
+            extra={"device": peer.uri, "resumed": sealed.handshake.resumed, "link": link.name},
+        )
+        try:
+            if self._closing:
+                link.goaway(ErrorCode.SHUTDOWN, "agent shutting down")
+            await link.wait_closed()
+            # The last records (an answer, our close_notify) still have to leave through
+            # the outer stream: the task ends when that stream is done (bounded: linger).
+            await asyncio.shield(sealed.transport.finished)
+        finally:
+            self.sessions.pop(link, None)
+            failure = sealed.transport.failure
+            log.info(
+                "session closed",
+                extra={"device": peer.uri, "reason": failure.reason if failure else "closed"},
+            )
+
+    def _on_inner_stream(self, stream: Stream) -> None:
+        peer = stream.link.peer
+        if self.touch is not None and isinstance(peer, Identity):
+            self.touch(peer)
+        self.dispatch(stream)
+
+    def close_revoked(self) -> int:
+        """Close the sessions of devices revoked since they opened; returns how many."""
+        if self.is_revoked is None:
+            return 0
+        closed = 0
+        for link, peer in list(self.sessions.items()):
+            if self.is_revoked(peer):
+                link.close(ErrorCode.REVOKED, "device revoked")
+                closed += 1
+        if closed:
+            log.warning("sessions of revoked devices closed", extra={"sessions": closed})
+        return closed
+
+    # -- enrollment
+
+    async def _serve_enroll(self, outer: Stream) -> None:
+        assert self.serve_enroll is not None
+        if self.enroll_ctx is None:
+            self._refuse(outer, ErrorCode.FORBIDDEN, "no_enrollment")
+            return
+        try:
+            # The CA is public; the PC checks it against the fingerprint in its code and
+            # then pins it for the TLS that carries the secret.
+            await write_json(outer, {"v": ENROLL_HELLO_SEALED, "ca_pem": self.ca_pem})
+        except StreamResetError:
+            return
+        served: list[asyncio.Task[object]] = []
+        serve_enroll = self.serve_enroll
+
+        def on_stream(inner: Stream) -> None:
+            if served or inner.headers.get(HEADER_TARGET) != TARGET_ENROLL:
+                inner.reset(ErrorCode.FORBIDDEN)
+                return
+            view = _WithHeaders(
+                inner, outer, {k: v for k, v in outer.headers.items() if k.startswith("x-relay-")}
+            )
+            served.append(asyncio.ensure_future(serve_enroll(view)))
+
+        try:
+            sealed = await establish(
+                outer,
+                self.enroll_ctx,
+                server_side=True,
+                alpn=ALPN_ENROLL_SEAL,
+                check_peer=no_client_check,
+                settings=self.settings,
+                name=f"enrollment via {outer.link.name}",
+                on_stream=on_stream,
+                timeout=self.handshake_timeout,
+            )
+        except SealError as exc:
+            # The PC went no further (say its check of the gateway failed): account for
+            # the attempt like one aborted after the hello, audit and gateway metric.
+            log.warning("sealed enrollment failed", extra={"reason": exc.reason})
+            await serve_enroll(_Aborted(outer))
+            return
+        try:
+            await sealed.link.wait_closed()
+        finally:
+            for task in served:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*served, return_exceptions=True)
+
+    # -- shutdown
+
+    def goaway(self) -> None:
+        """No new sessions or inner streams; devices open their next session elsewhere."""
+        self._closing = True
+        for link in list(self.sessions):
+            with contextlib.suppress(LinkClosedError):
+                link.goaway(ErrorCode.SHUTDOWN, "agent shutting down")
+
+    async def close(self, grace: float) -> None:
+        """Close every session (after the inner streams drained) and end their tasks."""
+        self.goaway()
+        for link in list(self.sessions):
+            link.close(ErrorCode.SHUTDOWN, "agent shutting down")
+        await drain_tasks(self._tasks, grace, "sessions")
+
+
+def session_server(
+    config: AgentConfig, authority: DeviceAuthority | None, dispatch: Callable[[Stream], None]
+) -> SessionServer:
+    """The agent's sessions (and, with `pki:`, sealed enrollment) for `config`'s site."""
+    tls = config.tls
+    is_revoked = touch = serve_enroll = None
+    enroll_ctx = None
+    ca_pem = ""
+    if authority is not None:
+        registry = authority.registry
+
+        def is_revoked(peer: Identity) -> bool:
+            return registry.is_revoked(peer.name)
+
+        def touch(peer: Identity) -> None:
+            authority.touch(peer.uri)  # one SQLite write a minute per device at most
+
+        serve_enroll = authority.serve_enroll
+        enroll_ctx = enroll_server_context(tls.cert, tls.key)
+        ca_pem = authority.ca_cert.public_bytes(Encoding.PEM).decode("ascii")
+    return SessionServer(
+        site=config.site,
+        trust_domain=trust_domain_of(tls.ca),
+        session_ctx=session_server_context(tls.cert, tls.key, tls.ca),
+        enroll_ctx=enroll_ctx,
+        settings=config.limits,
+        dispatch=dispatch,
+        is_revoked=is_revoked,
+        serve_enroll=serve_enroll,
+        ca_pem=ca_pem,
+        touch=touch,
+    )

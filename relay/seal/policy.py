@@ -1,0 +1,150 @@
+"""Who may be at the other end of a sealed session, and the TLS contexts that check it.
+
+The inner TLS is between the device and its site's agent; the gateway is not a party.
+The device is the TLS client (it opens the outer `session` stream) and presents its
+device certificate; the agent is the server and presents its agent certificate (which
+carries serverAuth). Both verify the chain against the site CA only, then check the
+SPIFFE identity: same trust domain, the expected role, the same site. The agent also
+refuses revoked devices itself (its registry), whatever the gateway let through.
+
+Enrollment is sealed too: the device has no certificate yet, so the agent's context for
+`dmzrelay-enroll-seal/1` asks for none, and the device authenticates the agent against
+the CA pinned by the enrollment code.
+
+Hostnames are not checked (the agent has no DNS name the device dials): the identity
+check of the URI SAN replaces it, which is stricter (role and site, not just a name).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from relay.net.tls import _load_ca, _load_chain
+from relay.seal.core import PeerCheck
+from relay.trust.identity import Identity
+from relay.wire import ALPN_ENROLL_SEAL, ALPN_SESSION, TARGET_ENROLL, TARGET_SESSION
+
+__all__ = [
+    "ALPN_ENROLL_SEAL",
+    "ALPN_SESSION",
+    "ENROLL_HELLO_SEALED",
+    "TARGET_ENROLL",
+    "TARGET_SESSION",
+    "agent_check",
+    "device_check",
+    "enroll_agent_check",
+    "enroll_client_context",
+    "enroll_server_context",
+    "no_client_check",
+    "session_client_context",
+    "session_server_context",
+]
+
+#: The clear hello of an `enroll` stream (the site CA) says "v": 2 when the rest of the
+#: exchange runs inside TLS; an agent that still says 1 is refused by the PC.
+ENROLL_HELLO_SEALED: Final = 2
+#: Resumption: the agent issues one TLS 1.3 ticket per session (OpenSSL's default ticket
+#: lifetime, 2 h); a reconnect within it skips the certificate exchange. The agent
+#: re-checks revocation on every session, resumed or not.
+
+
+def _context(protocol: int, alpn: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+def session_client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """The device's context: its certificate; the agent verified against the site CA."""
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ALPN_SESSION)
+    ctx.check_hostname = False  # replaced by agent_check (URI SAN: role, site, domain)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_ca(ctx, ca)
+    _load_chain(ctx, cert, key)
+    return ctx
+
+
+def session_server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """The agent's context: a device certificate is required and verified."""
+    ctx = _context(ssl.PROTOCOL_TLS_SERVER, ALPN_SESSION)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.num_tickets = 1
+    _load_ca(ctx, ca)
+    _load_chain(ctx, cert, key)
+    return ctx
+
+
+def enroll_client_context(pinned_ca: Path | str) -> ssl.SSLContext:
+    """`relay enroll`: no certificate; the agent verified against the pinned CA (a file,
+    or the PEM text that matched the code's fingerprint)."""
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ALPN_ENROLL_SEAL)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    if isinstance(pinned_ca, str):
+        ctx.load_verify_locations(cadata=pinned_ca)
+    else:
+        _load_ca(ctx, pinned_ca)
+    return ctx
+
+
+def enroll_server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The agent's enrollment context: no client certificate (the device has none yet)."""
+    ctx = _context(ssl.PROTOCOL_TLS_SERVER, ALPN_ENROLL_SEAL)
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.num_tickets = 0
+    _load_chain(ctx, cert, key)
+    return ctx
+
+
+def _expect(peer: Identity | None, trust_domain: str, role: str, site: str) -> str | None:
+    if peer is None:
+        return "no_certificate"
+    if peer.trust_domain != trust_domain:
+        return "wrong_domain"
+    if peer.role != role:
+        return "wrong_role"
+    if peer.site != site:
+        return "wrong_site"
+    return None
+
+
+def agent_check(trust_domain: str, site: str) -> PeerCheck:
+    """The device's check: the peer is `agent/<our site>` in our trust domain."""
+    return lambda peer: _expect(peer, trust_domain, "agent", site)
+
+
+def device_check(
+    trust_domain: str, site: str, is_revoked: Callable[[Identity], bool] | None = None
+) -> PeerCheck:
+    """The agent's check: `device/<our site>/NAME` in our trust domain, not revoked."""
+
+    def check(peer: Identity | None) -> str | None:
+        reason = _expect(peer, trust_domain, "device", site)
+        if reason is None and peer is not None and is_revoked is not None and is_revoked(peer):
+            return "revoked"
+        return reason
+
+    return check
+
+
+def enroll_agent_check(trust_domain: str) -> PeerCheck:
+    """`relay enroll`: the peer is an agent of the pinned CA's trust domain (any site: the
+    CA pins the site, and the code names the device only)."""
+
+    def check(peer: Identity | None) -> str | None:
+        return _expect(peer, trust_domain, "agent", peer.site or "" if peer else "")
+
+    return check
+
+
+def no_client_check(peer: Identity | None) -> str | None:
+    """The agent's enrollment check: there is no client certificate to check."""
+    return None

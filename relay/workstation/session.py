@@ -1,0 +1,274 @@
+"""The workstation's sealed session: one TLS session with its site's agent, kept up.
+
+`SessionKeeper` opens a `session` stream on the supervised gateway link (relay.net.dialer
+`KeptLink`), runs the TLS client inside it with the device certificate (the agent checked
+against the site CA: role agent, our site, our trust domain) and the relay/proto Link
+inside that. The `Tunnel` opens the request streams (DICOM, TCP forwards, renewal) on
+this inner link exactly as it did on the gateway link before: it sees the same `up`,
+`link`, `address` and `stats.last_error`.
+
+The session is "up" only once the agent's first inner bytes arrive: under TLS 1.3 our
+handshake completes before the agent has checked our certificate, and a refusal (revoked)
+comes as a sealed GOAWAY that we log as the reason.
+
+When the session breaks (gateway or agent gone), a new one is opened on the next link,
+with backoff; the retrievals that broke resume as before (relay.dicom). When the agent
+says goaway (it drains), or the gateway link is replaced, a new session is opened at once
+and the old one closes when its streams are done. Reconnects resume the TLS session
+(ticket) where the agent still knows it: no certificate exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any, Final
+
+from relay.net.aio import Link
+from relay.net.backoff import ExponentialBackoff, Uniform
+from relay.net.dialer import KeptLink
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkClosedError, LinkSettings, StreamStateError
+from relay.seal.core import SealCore
+from relay.seal.policy import agent_check
+from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
+from relay.seal.transport import SealError, SealTransport
+from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_SESSION
+
+__all__ = ["SessionKeeper", "SessionStats"]
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE: Final = 0.05
+RETRY_CAP: Final = 5.0
+WATCH: Final = 0.5  # how often an open session checks that its gateway link is current
+DRAIN_POLL: Final = 0.1
+
+
+@dataclass
+class SessionStats:
+    """What the Tunnel and the metrics read (same names as relay.net.dialer.LinkStats)."""
+
+    attempts: int = 0
+    opened: int = 0
+    failures: int = 0
+    refusals: int = 0  # the agent refused us (revoked, ...)
+    last_error: str = ""
+
+
+class _SessionLink(Link):
+    """The inner link; `first_data` resolves when the agent speaks (it accepted us)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.first_data: asyncio.Future[None] = self.loop.create_future()
+        self.goaway_reason: tuple[int, str] | None = None
+        self.on_goaway = self._goaway
+
+    def _goaway(self, code: int, reason: str) -> None:
+        self.goaway_reason = (code, reason)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.first_data.done():
+            self.first_data.set_result(None)
+
+
+class SessionKeeper:
+    """Keeps one sealed session to the agent over `kept`; see the module docstring."""
+
+    def __init__(
+        self,
+        kept: KeptLink,
+        ctx: ssl.SSLContext,
+        *,
+        trust_domain: str,
+        site: str,
+        settings: LinkSettings,
+        rng: Uniform | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.kept = kept
+        self.ctx = ctx
+        self.trust_domain = trust_domain
+        self.site = site
+        self.settings = settings
+        self.handshake_timeout = handshake_timeout
+        self.backoff = ExponentialBackoff(RETRY_BASE, RETRY_CAP, rng=rng)
+        self.link: Link | None = None
+        self.up = asyncio.Event()
+        self.links: set[Link] = set()  # the current session and any still draining
+        self.stats = SessionStats()
+        self.seal = SealStats()
+        # A TLS ticket is only valid with the context that made it (a renewal or a reload
+        # replaces the context): keep the pair.
+        self._ticket: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def address(self) -> Address:
+        return self.kept.address
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="session")
+
+    @property
+    def open_streams(self) -> int:
+        return sum(link.conn.open_streams for link in self.links)
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self.kept.up.wait()
+            outer_link = self.kept.link
+            try:
+                link = await self._open(outer_link) if outer_link is not None else None
+            except Exception:  # a bug must not end the workstation's sessions for good
+                log.exception("opening a session failed unexpectedly")
+                self.stats.failures += 1
+                self.stats.last_error = "session: internal error (see the log)"
+                link = None
+            if link is None or outer_link is None:
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
+            self.backoff.reset()
+            self.link = link
+            self.up.set()
+            try:
+                await self._watch(link, outer_link)
+            finally:
+                self.up.clear()
+                if self.link is link:
+                    self.link = None
+            self._retire(link)
+
+    async def _open(self, outer_link: Link | None) -> _SessionLink | None:
+        """One attempt: a session on `outer_link`, accepted by the agent; None if not."""
+        assert outer_link is not None
+        self.stats.attempts += 1
+        try:
+            outer = outer_link.open_stream({HEADER_TARGET: TARGET_SESSION})
+        except (LinkClosedError, StreamStateError) as exc:
+            self.stats.last_error = f"gateway link: {exc}"
+            return None
+        try:
+            sealed = await establish(
+                outer,
+                self.ctx,
+                server_side=False,
+                alpn=ALPN_SESSION,
+                check_peer=agent_check(self.trust_domain, self.site),
+                settings=self.settings,
+                name="session",
+                session=self._resumable(),
+                timeout=self.handshake_timeout,
+                stats=self.seal,
+                link_class=_SessionLink,
+            )
+            holder = sealed.link
+            assert isinstance(holder, _SessionLink)
+            first: set[asyncio.Future[Any]] = {holder.first_data, holder.closed}
+            async with asyncio.timeout(self.handshake_timeout):
+                await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        except SealError as exc:
+            self.stats.failures += 1
+            self.stats.last_error = f"session: {exc.reason}: {exc.detail}"
+            log.warning("session failed", extra={"reason": exc.reason, "detail": exc.detail})
+            return None
+        except TimeoutError:
+            self.stats.failures += 1
+            self.stats.last_error = "session: the agent did not answer"
+            sealed.link.abort()
+            return None
+        if holder.goaway_reason is not None or holder.closed.done():
+            code, reason = holder.goaway_reason or (0, "closed")
+            self.stats.refusals += 1
+            self.stats.last_error = f"{ErrorCode.name_of(code)}: {reason}"
+            log.error("the agent refused the session", extra={"reason": reason})
+            sealed.link.abort()
+            if code == ErrorCode.REVOKED:  # the agent's own, sealed verdict: stop for good
+                self._stopping = True
+                self.kept.revoked_by_peer(reason)
+            return None
+        self._keep_ticket(sealed.transport.core)
+        self.stats.opened += 1
+        self.links.add(holder)
+        holder.closed.add_done_callback(lambda _: self.links.discard(holder))
+        log.info(
+            "session open",
+            extra={"agent": str(sealed.handshake.peer), "resumed": sealed.handshake.resumed},
+        )
+        return holder
+
+    async def _watch(self, link: _SessionLink, outer_link: Link) -> None:
+        """Until the session ends, the agent says goaway, or the gateway link changes."""
+        while not self._stopping:
+            if link.closed.done() or link.goaway_reason is not None or link.is_closing:
+                return
+            if outer_link.is_closing or self.kept.link is not outer_link:
+                return  # the gateway link is going (goaway) or replaced: the next session
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WATCH):
+                    await asyncio.shield(link.closed)
+        return
+
+    def _retire(self, link: Link) -> None:
+        """Close `link` once its streams are done (it takes no new ones from us)."""
+        transport = link.transport
+        if isinstance(transport, SealTransport):  # tickets come after the handshake
+            self._keep_ticket(transport.core)
+        if link.closed.done():
+            return
+
+        async def close_when_idle() -> None:
+            while link.conn.open_streams and not link.closed.done():  # noqa: ASYNC110
+                await asyncio.sleep(DRAIN_POLL)
+            link.close()
+
+        task = asyncio.get_running_loop().create_task(close_when_idle())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    def _resumable(self) -> ssl.SSLSession | None:
+        if self._ticket is not None and self._ticket[0] is self.ctx:
+            return self._ticket[1]
+        return None
+
+    def _keep_ticket(self, core: SealCore) -> None:
+        ticket = core.session
+        if ticket is not None:
+            self._ticket = (core.context, ticket)
+
+    # -- shutdown
+
+    def stop(self) -> None:
+        """No new sessions; the current one takes no new streams from the Tunnel."""
+        self._stopping = True
+        self.up.clear()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def close(self, grace: float = 2.0) -> None:
+        self.stop()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for link in list(self.links):
+            link.close(ErrorCode.SHUTDOWN, "workstation shutting down")
+        waits = [link.wait_closed() for link in self.links]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await asyncio.gather(*waits, return_exceptions=True)
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        self.link = None

@@ -1,0 +1,95 @@
+"""The agent's session server: what it accepts from a gateway, and its bound on sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.agent.sessions import SessionServer
+from relay.net.bytestream import StreamResetError, pipe
+from relay.proto import ErrorCode, LinkSettings
+from relay.seal.policy import session_server_context
+from tests.pki_helpers import SitePki, make_pki
+
+
+class _Named:
+    name = "gateway link (test)"
+
+
+class _Outer:
+    """One end of an in-memory pipe, seen as a stream a gateway opened."""
+
+    def __init__(self, end: Any) -> None:
+        self._end = end
+        self.headers = end.headers
+        self.link = _Named()
+        self.stream_id = 2
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        data: bytes = await self._end.read(max_bytes)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._end.write(data)
+
+    async def write_eof(self) -> None:
+        await self._end.write_eof()
+
+    def reset(self, code: int) -> None:
+        self._end.reset(code)
+
+
+def _server(site: SitePki, max_sessions: int = 10) -> SessionServer:
+    agent = site.agent
+    return SessionServer(
+        site="main",
+        trust_domain=site.trust_domain,
+        session_ctx=session_server_context(agent.cert, agent.key, site.ca),
+        enroll_ctx=None,
+        settings=LinkSettings(),
+        dispatch=lambda s: s.reset(ErrorCode.FORBIDDEN),
+        handshake_timeout=0.5,
+        max_sessions=max_sessions,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> SitePki:
+    return make_pki(Path(tmp_path_factory.mktemp("pki")))
+
+
+async def _expect_reset(end: Any) -> int:
+    with pytest.raises(StreamResetError) as info:
+        await asyncio.wait_for(end.read(), 10)
+    return info.value.code
+
+
+@pytest.mark.parametrize("target", ["dicom", "tcp:ris", "renew", "enroll", ""])
+async def test_anything_but_a_session_is_forbidden(site: SitePki, target: str) -> None:
+    server = _server(site)
+    near, far = pipe({"target": target})
+    server.on_stream(_Outer(far))  # type: ignore[arg-type]
+    assert await _expect_reset(near) == ErrorCode.FORBIDDEN
+    assert server.refused == {"not_sealed": 1}
+
+
+async def test_sessions_are_bounded(site: SitePki) -> None:
+    server = _server(site, max_sessions=2)
+    ends = [pipe({"target": "session"}) for _ in range(3)]
+    for _, far in ends:
+        server.on_stream(_Outer(far))  # type: ignore[arg-type]
+    assert await _expect_reset(ends[2][0]) == ErrorCode.LIMIT_EXCEEDED
+    assert server.refused == {"too_many_sessions": 1}
+    await server.close(1.0)  # the two waiting handshakes time out and end
+    assert not server._tasks
+
+
+async def test_no_new_session_while_draining(site: SitePki) -> None:
+    server = _server(site)
+    server.goaway()
+    near, far = pipe({"target": "session"})
+    server.on_stream(_Outer(far))  # type: ignore[arg-type]
+    assert await _expect_reset(near) == ErrorCode.REFUSED_STREAM

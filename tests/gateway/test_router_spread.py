@@ -1,0 +1,52 @@
+"""Sessions are spread over a site's agent links by device (rendezvous hashing)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.open_streams = 0
+
+    def can_open_stream(self) -> bool:
+        return True
+
+
+class _Link:
+    """Just what routing looks at: a name and whether it takes streams."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.conn = _Conn()
+
+
+def _router(names: list[str]) -> tuple[Router, list[Any]]:
+    router = Router(GatewayMetrics())
+    links: list[Any] = [_Link(n) for n in names]
+    for link in links:
+        router.add_agent("main", link)
+    return router, links
+
+
+def test_devices_spread_evenly_and_each_sticks_to_its_agent() -> None:
+    router, _ = _router(["agent@10.0.0.1:5000", "agent@10.0.0.2:5000"])
+    devices = [f"spiffe://td/device/main/ws{i}" for i in range(400)]
+    first = {d: router._pick_for("main", d) for d in devices}
+    counts = Counter(link.name for link in first.values() if link is not None)
+    assert min(counts.values()) >= 150, counts  # about 200 each
+    assert all(router._pick_for("main", d) is first[d] for d in devices)  # sticky
+
+
+def test_losing_an_agent_moves_only_its_devices() -> None:
+    router, links = _router(["a@1", "b@2", "c@3"])
+    devices = [f"spiffe://td/device/main/ws{i}" for i in range(300)]
+    before = {d: router._pick_for("main", d) for d in devices}
+    router.remove_agent("main", links[2])
+    after = {d: router._pick_for("main", d) for d in devices}
+    moved = [d for d in devices if before[d] is not after[d]]
+    assert moved and all(before[d] is links[2] for d in moved)
