@@ -35,9 +35,10 @@ from relay.agent.signer import (
     Signer,
     csr_identity_uri,
     load_csr,
+    read_request,
 )
 from relay.net.bytestream import ByteStream, StreamResetError
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
+from relay.net.jsonframes import write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
@@ -124,16 +125,9 @@ async def serve_enroll_stream(
     try:
         async with asyncio.timeout(timeout):
             await write_json(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
-            try:
-                request = await read_json(stream, limit=MAX_REQUEST)
-            except MessageTooLarge as exc:
-                raise RequestRefused(
-                    "oversized", f"the request is larger than {exc.limit} bytes"
-                ) from None
-            except MessageError as exc:
-                raise RequestRefused("malformed", f"malformed request: {exc}") from None
-            if request.get("v") != PROTOCOL_VERSION:
-                raise RequestRefused("malformed", "unsupported enrollment request version")
+            request = await read_request(
+                stream, limit=MAX_REQUEST, version=PROTOCOL_VERSION, what="enrollment"
+            )
             device = _field(request, "device")
             claimed = device[:64]
             try:

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 
 from relay.agent.audit import Outcome
 from relay.agent.registry import RegistryError
-from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_csr
+from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_csr, read_request
 from relay.net.bytestream import ByteStream, StreamResetError
-from relay.net.jsonframes import MessageError, MessageTooLarge, read_json, write_json
+from relay.net.jsonframes import write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.identity import Identity
@@ -59,16 +59,9 @@ async def serve_renew_stream(
             identity = _vouched_device(peer, signer.ca_cert, signer.site)
             if await asyncio.to_thread(signer.registry.is_revoked, identity.name):
                 raise RequestRefused("revoked", "this device is revoked")
-            try:
-                request = await read_json(stream, limit=MAX_REQUEST)
-            except MessageTooLarge as exc:
-                raise RequestRefused(
-                    "oversized", f"the request is larger than {exc.limit} bytes"
-                ) from None
-            except MessageError as exc:
-                raise RequestRefused("malformed", f"malformed request: {exc}") from None
-            if request.get("v") != PROTOCOL_VERSION:
-                raise RequestRefused("malformed", "unsupported renewal request version")
+            request = await read_request(
+                stream, limit=MAX_REQUEST, version=PROTOCOL_VERSION, what="renewal"
+            )
             csr, public_key = load_csr(request.get("csr_pem"))
             asked = csr_identity_uri(csr)
             if asked != identity.uri:

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AuditLog
 from relay.agent.registry import DeviceRegistry, serial_hex
+from relay.net.bytestream import ByteStream
+from relay.net.jsonframes import MessageError, MessageTooLarge, read_json
 from relay.trust import pki
 from relay.trust.identity import Identity
 
@@ -28,6 +30,7 @@ __all__ = [
     "Signer",
     "csr_identity_uri",
     "load_csr",
+    "read_request",
     "sign_device",
 ]
 
@@ -41,6 +44,22 @@ class RequestRefused(Exception):
         super().__init__(message)
         self.result = result
         self.message = message
+
+
+async def read_request(
+    stream: ByteStream, *, limit: int, version: int, what: str
+) -> dict[str, object]:
+    """One framed JSON request of `version`, at most `limit` bytes; anything else is a
+    RequestRefused ("oversized" or "malformed") naming `what` (enrollment, renewal)."""
+    try:
+        request = await read_json(stream, limit=limit)
+    except MessageTooLarge as exc:
+        raise RequestRefused("oversized", f"the request is larger than {exc.limit} bytes") from None
+    except MessageError as exc:
+        raise RequestRefused("malformed", f"malformed request: {exc}") from None
+    if request.get("v") != version:
+        raise RequestRefused("malformed", f"unsupported {what} request version")
+    return request
 
 
 def load_csr(pem: object) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
