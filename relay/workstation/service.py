@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
@@ -57,6 +57,9 @@ from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from relay.workstation.cache.service import WorkstationCache
 
 __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
 
@@ -97,6 +100,7 @@ class Workstation:
             on_revoked=self._revoked,
         )
         self.revoked = asyncio.Event()  # set once: the run ends with EXIT_REVOKED
+        self.cache: WorkstationCache | None = None  # set by workstation_cache()
         self.tunnel = Tunnel(self.kept, rng=rng)
         self.renewals = 0
         self.renewal_failures = 0
@@ -124,6 +128,8 @@ class Workstation:
 
     def _revoked(self, reason: str) -> None:
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
+        if self.cache is not None:
+            self.cache.wipe("revoked")  # a revoked PC keeps no studies
         self.revoked.set()
 
     def readiness(self) -> tuple[bool, str]:
@@ -244,8 +250,42 @@ class Workstation:
 
 
 @contextlib.asynccontextmanager
+async def workstation_cache(workstation: Workstation) -> AsyncIterator[WorkstationCache | None]:
+    """The study cache (relay.workstation.cache) when the node is on and the cache enabled."""
+    config = workstation.config
+    settings = config.cache_settings()
+    if config.dicom is None or not settings.enabled:
+        yield None
+        return
+    from relay.workstation.cache.control import CacheControlServer
+    from relay.workstation.cache.keys import KeyUnavailable
+    from relay.workstation.cache.service import WorkstationCache
+
+    try:
+        cache = WorkstationCache(
+            settings, config.prefetch, workstation.tunnel.open_stream,
+            lambda: workstation.kept.up, account=f"{workstation.identity} {config.path}",
+        )  # fmt: skip
+        await cache.start()
+    except (KeyUnavailable, OSError) as exc:
+        raise ConfigError(config.path, "cache", str(exc)) from None
+    control = CacheControlServer(settings.dir, cache.handlers())
+    await control.start()
+    workstation.cache = cache
+    workstation.metrics.registry.register(cache.metrics)
+    try:
+        yield cache
+    finally:
+        await control.stop()
+        await cache.stop()
+
+
+@contextlib.asynccontextmanager
 async def dicom_node(
-    config: WorkstationConfig, tunnel: Tunnel, metrics: EndMetrics | None = None
+    config: WorkstationConfig,
+    tunnel: Tunnel,
+    metrics: EndMetrics | None = None,
+    cache: WorkstationCache | None = None,
 ) -> AsyncIterator[object | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
@@ -260,6 +300,7 @@ async def dicom_node(
         ae_title=dicom.ae_title,
         destinations={title: (a.host, a.port) for title, a in dicom.destinations.items()},
         stats=metrics.dicom if metrics is not None else None,
+        cache=cache.server if cache is not None else None,
     )
     with listen_errors(config.path, "dicom.listen", dicom.listen):
         await node.start()
@@ -295,8 +336,9 @@ async def run_workstation(
         stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
         await workstation.start()
         if with_dicom:
+            cache = await stack.enter_async_context(workstation_cache(workstation))
             await stack.enter_async_context(
-                dicom_node(config, workstation.tunnel, workstation.metrics)
+                dicom_node(config, workstation.tunnel, workstation.metrics, cache)
             )
         if config.metrics_listen is not None:
             admin = AdminServer(
