@@ -36,6 +36,7 @@ from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 from relay.workstation.cache.query import SERIES_KEYS, STUDY_KEYS
+from relay.workstation.cache.query import dicom_text as _text
 from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class StudyFetcher:
         found = await self.find("STUDY", keys)
         if not found:
             raise FetchError("the PACS does not know this study")
-        attrs = {k: str(found[0].get(k, "") or "") for k in STUDY_KEYS}
+        attrs = {k: _text(found[0].get(k)) for k in STUDY_KEYS}
         expected_text = attrs.pop("NumberOfStudyRelatedInstances", "")
         expected = int(expected_text) if expected_text.strip().isdigit() else None
         study = self.store.begin(study_uid, attrs, expected, source)
@@ -193,5 +194,5 @@ async def _close(stream: ByteStream, clean: bool) -> None:
 
 def _series_of(msg: Instance) -> tuple[str, dict[str, str]]:
     ds = rawds.decode_dataset(bytes(msg.dataset), msg.transfer_syntax)
-    attrs = {k: str(ds.get(k, "") or "") for k in SERIES_KEYS}
+    attrs = {k: _text(ds.get(k)) for k in SERIES_KEYS}
     return str(ds.get("SeriesInstanceUID", "")), attrs

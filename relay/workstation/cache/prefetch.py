@@ -154,7 +154,7 @@ class Prefetcher:
             uid = str(ds.get("StudyInstanceUID", ""))
             when = (str(ds.get("StudyDate", "") or ""), str(ds.get("StudyTime", "") or ""))
             mods = ds.get("ModalitiesInStudy", "")
-            theirs = set(mods if isinstance(mods, list | tuple) else str(mods).split("\\"))
+            theirs = set(str(mods).split("\\") if isinstance(mods, str) else map(str, mods))
             if uid == study_uid or not uid or when >= mine:
                 continue
             if (

@@ -12,10 +12,11 @@ import fnmatch
 from collections.abc import Iterator, Mapping
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from relay.workstation.cache.store import CachedStudy
 
-__all__ = ["SERIES_KEYS", "STUDY_KEYS", "find_matches", "matches"]
+__all__ = ["SERIES_KEYS", "STUDY_KEYS", "dicom_text", "find_matches", "matches"]
 
 # What the fetcher asks the PACS for at the study level, kept in the (private) index.
 STUDY_KEYS = (
@@ -26,6 +27,15 @@ STUDY_KEYS = (
 SERIES_KEYS = ("Modality", "SeriesNumber", "SeriesDescription", "StationName")
 _IGNORED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _RANGED = {"DA", "TM", "DT"}
+
+
+def dicom_text(value: object) -> str:
+    """A DICOM value as C-FIND text: multiple values joined with a backslash."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _records(study: CachedStudy, level: str) -> Iterator[dict[str, str]]:
@@ -71,7 +81,7 @@ def matches(record: Mapping[str, str], keyword: str, wanted: str, vr: str) -> bo
 def find_matches(studies: list[CachedStudy], identifier: Dataset) -> list[Dataset]:
     """The match datasets for a C-FIND identifier over the complete cached studies."""
     level = str(identifier.get("QueryRetrieveLevel", "STUDY")).strip().upper()
-    keys = [(e.keyword, e.VR, "" if e.value is None else str(e.value)) for e in identifier
+    keys = [(e.keyword, e.VR, dicom_text(e.value)) for e in identifier
             if e.keyword and e.keyword not in _IGNORED]  # fmt: skip
     out: list[Dataset] = []
     seen_patients: set[str] = set()
