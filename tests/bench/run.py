@@ -1,10 +1,11 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
-    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [--quick] [--no-write]
+    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [cache] [--quick] [--no-write]
 
 With no names, all four run: about 6 minutes for the first three on a quiet 2-core
 machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
-and 7-10 more for wan (DICOM across an emulated WAN, issue 3). `--quick` is a smoke run
+and 7-10 more for wan (DICOM across an emulated WAN, issue 3), 2-4 for cache (a
+prefetched study read from the workstation's cache against a direct read, issue 12). `--quick` is a smoke run
 (short windows, one run each, few links) whose numbers are not written unless
 `--write` is also given. Logs of every process go to a temporary directory, kept
 (and printed) only when a benchmark fails.
@@ -21,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tests.bench import handshakes, memory, throughput, wan
+from tests.bench import cache_read, handshakes, memory, throughput, wan
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
 
-NAMES: Final = ("throughput", "memory", "handshakes", "wan")
+NAMES: Final = ("throughput", "memory", "handshakes", "wan", "cache")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 tries=1 if quick else 3,
             ),
             "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
+            "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),
         }
         for name in names:
             started = time.monotonic()
