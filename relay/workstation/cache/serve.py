@@ -20,6 +20,8 @@ from relay.workstation.cache.store import CachedInstance, CacheStore
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SERVE_BUFFER = 256 * 1024 * 1024  # cache.serve_buffer
+
 
 @dataclass(frozen=True)
 class CachedItem:
@@ -46,7 +48,12 @@ class CacheServer:
         store: CacheStore,
         offline: Callable[[], bool],
         refetch: Callable[[str], None],
+        *,
+        serve_buffer: int = DEFAULT_SERVE_BUFFER,
     ) -> None:
+        """`serve_buffer`: a read whose datasets fit is decrypted once and held until sent;
+        a larger one is verified first and decrypted again as it is sent."""
+        self.serve_buffer = serve_buffer
         self.store = store
         self.offline = offline
         self.refetch = refetch
@@ -73,10 +80,15 @@ class CacheServer:
             self.counters.misses += 1
             return None
         started = time.monotonic()
+        hold = sum(i.size for i in chosen) <= self.serve_buffer
+        held: dict[str, bytes] = {}
         for inst in chosen:
-            if not self._intact(study_uid, inst):
+            data = self._intact(study_uid, inst)
+            if data is None:
                 self.counters.misses += 1
                 return None
+            if hold:
+                held[inst.sop_instance] = data
         self.store.touch(study_uid)
         self.counters.hits += 1
         log.info(
@@ -84,7 +96,7 @@ class CacheServer:
             study.label, len(chosen), time.monotonic() - started,
         )  # fmt: skip
         return [
-            CachedItem(i.sop_class, i.sop_instance, i.transfer_syntax, self._reader(i))
+            CachedItem(i.sop_class, i.sop_instance, i.transfer_syntax, self._reader(i, held))
             for i in chosen
         ]
 
@@ -92,9 +104,9 @@ class CacheServer:
         self.counters.offline_finds += 1
         return find_matches(self.store.snapshot(), identifier)
 
-    def _intact(self, study_uid: str, inst: CachedInstance) -> bool:
+    def _intact(self, study_uid: str, inst: CachedInstance) -> bytes | None:
         try:
-            self.store.read(inst)
+            return self.store.read(inst)
         except (SealError, OSError) as exc:
             label = self.store.study(study_uid)
             log.error(
@@ -104,12 +116,13 @@ class CacheServer:
             self.counters.damaged += 1
             self.store.drop_instance(study_uid, inst.sop_instance, "damaged")
             self.refetch(study_uid)
-            return False
-        return True
+            return None
 
-    def _reader(self, inst: CachedInstance) -> Callable[[], bytes]:
+    def _reader(self, inst: CachedInstance, held: dict[str, bytes]) -> Callable[[], bytes]:
         def read() -> bytes:
-            data = self.store.read(inst)
+            data = held.pop(inst.sop_instance, None)
+            if data is None:
+                data = self.store.read(inst)
             self.counters.served_bytes += len(data)
             return data
 

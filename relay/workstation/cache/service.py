@@ -53,7 +53,8 @@ class WorkstationCache:
         self.link_up = link_up
         self.fetcher = StudyFetcher(open_stream, self.store, MessageCodec(DicomLimits()))
         self.prefetcher = Prefetcher(self.fetcher, self.store, prefetch, link_up)
-        self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch)
+        self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch,
+                                  serve_buffer=config.serve_buffer)  # fmt: skip
         self._sweeper: asyncio.Task[None] | None = None
 
     def offline(self) -> bool:

@@ -29,6 +29,7 @@ class CacheConfig:
     max_size: int = DEFAULT_MAX_SIZE
     max_age: float = DEFAULT_MAX_AGE
     key: str = "memory"  # memory | keyring
+    serve_buffer: int = 256 * 1024 * 1024  # a read that fits is decrypted once
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def read_cache(r: Reader) -> CacheConfig:
         max_size=max_size,
         max_age=s.duration("max_age", DEFAULT_MAX_AGE, lo=1.0, above_lo=False),
         key=s.choice("key", ("memory", "keyring"), "memory"),
+        serve_buffer=s.size("serve_buffer", CacheConfig.serve_buffer),
     )
 
 
