@@ -1,14 +1,15 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
-    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [cache] [--quick] [--no-write]
+    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [cache] [--quick]
+                              [--no-write]
 
-With no names, all four run: about 6 minutes for the first three on a quiet 2-core
+With no names, all five run: about 6 minutes for the first three on a quiet 2-core
 machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
 and 7-10 more for wan (DICOM across an emulated WAN, issue 3), 2-4 for cache (a
-prefetched study read from the workstation's cache against a direct read, issue 12). `--quick` is a smoke run
-(short windows, one run each, few links) whose numbers are not written unless
-`--write` is also given. Logs of every process go to a temporary directory, kept
-(and printed) only when a benchmark fails.
+prefetched study read from the workstation's cache against a direct read, issue 12).
+`--quick` is a smoke run (short windows, one run each, few links) whose numbers are not
+written unless `--write` is also given. Logs of every process go to a temporary
+directory, kept (and printed) only when a benchmark fails.
 """
 
 from __future__ import annotations

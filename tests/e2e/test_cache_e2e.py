@@ -167,6 +167,13 @@ def test_prefetched_study_is_served_with_the_link_down(
                 moved_files = scp.wait_for_files(40, timeout=30)
             assert moved.ok and moved.status == "Success"
             assert sorted(map(dataset_bytes, moved_files)) == want_bytes
+
+            shown = cli(chain, "cache", "status")
+            assert shown.returncode == 0 and "study 1" in shown.stdout
+            assert CT.patient_name not in shown.stdout
+            evicted = cli(chain, "cache", "evict", "study 1")
+            assert evicted.returncode == 0, evicted.stderr
+            assert status(chain)["studies"] == [] and files_under(cache_dir / "objects") == []
     finally:
         viewer.close()
 
@@ -204,6 +211,13 @@ def test_tamper_refetch_restart_and_revocation(
         chain.wait_ready()
         assert status(chain)["studies"] == []
         assert list(objects.iterdir()) == []
+
+        # relay cache wipe erases it now.
+        assert cli(chain, "prefetch", ct_uid).returncode == 0
+        assert wait_for(lambda: len(complete(chain)) == 1), chain.logs()
+        wiped = cli(chain, "cache", "wipe")
+        assert wiped.returncode == 0 and "wiped 1" in wiped.stdout
+        assert list(objects.iterdir()) == [] and status(chain)["studies"] == []
 
         # Revocation wipes the cache.
         done = cli(chain, "prefetch", ct_uid)

@@ -89,15 +89,22 @@ class StudyFetcher:
                           dataset=rawds.encode_dataset(ds), calling_ae="RELAYCACHE")  # fmt: skip
         stream = await self.open_stream(self.headers)
         out: list[Dataset] = []
+        dropped = 0
         done = False
         try:
             async with asyncio.timeout(self.timeout):
                 await write_message(stream, self.codec, request)
                 while (msg := await read_message(stream, self.codec)) is not None:
-                    if isinstance(msg, Pending) and msg.dataset and len(out) < MAX_MATCHES:
-                        out.append(rawds.decode_dataset(msg.dataset, msg.transfer_syntax))
+                    if isinstance(msg, Pending) and msg.dataset:
+                        if len(out) < MAX_MATCHES:
+                            out.append(rawds.decode_dataset(msg.dataset, msg.transfer_syntax))
+                        else:
+                            dropped += 1
                     elif isinstance(msg, FinalResponse):
                         done = True
+                        if dropped:
+                            log.warning("a prefetch query matched more than %d studies; "
+                                        "%d ignored", MAX_MATCHES, dropped)  # fmt: skip
                         if msg.status not in (st.SUCCESS,):
                             raise FetchError(f"C-FIND failed at the PACS: 0x{msg.status:04X}")
                         return out
