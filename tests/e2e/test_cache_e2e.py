@@ -9,6 +9,7 @@ are answered from the cache, byte-identical to a direct retrieve from the PACS.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -174,6 +175,9 @@ def test_prefetched_study_is_served_with_the_link_down(
             evicted = cli(chain, "cache", "evict", "study 1")
             assert evicted.returncode == 0, evicted.stderr
             assert status(chain)["studies"] == [] and files_under(cache_dir / "objects") == []
+            assert cli(chain, "prefetch", ct_uid).returncode == 0  # queued: the link is down
+        # A clean stop with the in-memory key erases the cache.
+        assert files_under(cache_dir) == []
     finally:
         viewer.close()
 
@@ -204,8 +208,9 @@ def test_tamper_refetch_restart_and_revocation(
         assert wait_for(lambda: chain.metric("ws", "relay_cache_evictions_total",
                                              'reason="damaged"') == 1)  # fmt: skip
 
-        # Restart with the in-memory key: what the last run left is unreadable, so wiped.
-        chain.procs["ws1"].stop()
+        # A crash with the in-memory key: what that run left is unreadable, so wiped at
+        # the next start.
+        chain.procs["ws1"].stop(signal.SIGKILL)
         assert len(list(objects.iterdir())) == 40  # sealed files, no key anywhere
         chain.procs["ws1"].start()
         chain.wait_ready()
@@ -232,7 +237,8 @@ def test_tamper_refetch_restart_and_revocation(
         proc = chain.procs["ws1"].popen
         assert proc is not None
         assert proc.wait(timeout=30) == 3
-        assert list(objects.iterdir()) == []
+        assert "cache wiped (revoked): 1 studies" in chain.procs["ws1"].output()
+        assert files_under(objects.parent) == []
 
 
 def test_size_cap_and_expiry(pacs: PacsProcess, ct_uid: str, tmp_path: Path) -> None:

@@ -67,11 +67,16 @@ class WorkstationCache:
         log.info("cache ready", extra={"dir": str(self.config.dir), "key": self.key_mode})
 
     async def stop(self) -> None:
+        """Stop fetching; with the key in memory also erase the files (useless once the
+        process ends, and less ciphertext left on the disk); a crash leaves them to the
+        next start's wipe."""
         await self.prefetcher.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.key_mode == "memory":
+            await asyncio.to_thread(self.store.close_temporary)
 
     async def _sweep(self) -> None:
         pause = max(1.0, min(SWEEP, self.config.max_age / 10))

@@ -124,6 +124,15 @@ class CacheStore:
             self.on_drop(reason, n)
         return n
 
+    def close_temporary(self) -> None:
+        """At a clean stop with an in-memory key: erase everything, directories included."""
+        with self._lock:
+            self.studies.clear()
+            self.total = 0
+            self._remove_files()
+        with contextlib.suppress(OSError):
+            self.objects.rmdir()
+
     def _remove_files(self) -> int:
         removed = 0
         for path in [*list(self.objects.glob("*")), self.dir / INDEX_FILE]:
