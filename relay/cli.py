@@ -26,7 +26,6 @@ from relay.trust.codes import CodeError
 from relay.trust.enroll import EnrollError
 from relay.trust.identity import IdentityError
 from relay.trust.pki import PkiError
-from relay.workstation.cache.control import ControlError as CacheControlError
 from relay_dev.demo import DemoError
 
 # Errors a user can fix: one line on stderr, exit status 2, no traceback. Our own types
@@ -42,7 +41,6 @@ USER_ERRORS = (
     DemoError,
     PrivateFileError,
     ControlError,
-    CacheControlError,
 )
 
 

@@ -117,7 +117,11 @@ class WorkstationConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     def cache_settings(self) -> CacheConfig:
-        return self.cache or CacheConfig(dir=default_cache_dir(self.path))
+        if self.cache is not None:
+            return self.cache
+        return CacheConfig(
+            dir=self.state_dir / "cache" if self.state_dir else default_cache_dir(self.path)
+        )
 
     def identity_files(self) -> TlsFiles:
         """The device's certificate, key and the pinned site CA in `identity_dir`."""
@@ -215,7 +219,7 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         drain_grace=read_drain_grace(r, WorkstationConfig.drain_grace),
         log_level=read_log_level(r),
         state_dir=state_dir,
-        cache=read_cache(r),
+        cache=read_cache(r, state_dir),
         prefetch=read_prefetch(r),
     )
     _check_listeners_distinct(r, config)

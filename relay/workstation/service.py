@@ -59,6 +59,7 @@ from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from relay.ops.control import ControlServer
     from relay.workstation.cache.service import WorkstationCache
 
 __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
@@ -250,14 +251,16 @@ class Workstation:
 
 
 @contextlib.asynccontextmanager
-async def workstation_cache(workstation: Workstation) -> AsyncIterator[WorkstationCache | None]:
-    """The study cache (relay.workstation.cache) when the node is on and the cache enabled."""
+async def workstation_cache(
+    workstation: Workstation, endpoint: ControlServer | None = None
+) -> AsyncIterator[WorkstationCache | None]:
+    """The study cache (relay.workstation.cache) when the node is on and the cache enabled;
+    its commands (`relay prefetch`, `relay cache ...`) join the control `endpoint`."""
     config = workstation.config
     settings = config.cache_settings()
     if config.dicom is None or not settings.enabled:
         yield None
         return
-    from relay.workstation.cache.control import CacheControlServer
     from relay.workstation.cache.keys import KeyUnavailable
     from relay.workstation.cache.service import WorkstationCache
 
@@ -269,14 +272,17 @@ async def workstation_cache(workstation: Workstation) -> AsyncIterator[Workstati
         await cache.start()
     except (KeyUnavailable, OSError) as exc:
         raise ConfigError(config.path, "cache", str(exc)) from None
-    control = CacheControlServer(settings.dir, cache.handlers())
-    await control.start()
+    commands = cache.handlers()
+    if endpoint is not None:
+        endpoint.handlers.update(commands)
     workstation.cache = cache
     workstation.metrics.registry.register(cache.metrics)
     try:
         yield cache
     finally:
-        await control.stop()
+        if endpoint is not None:
+            for name in commands:
+                endpoint.handlers.pop(name, None)
         await cache.stop()
 
 
@@ -331,12 +337,12 @@ async def run_workstation(
         if handle_signals:
             stack.enter_context(handling_signals(loop, stop=stop.set, reload=workstation.reload))
         # First, so that a second workstation on the same state directory stops here.
-        await stack.enter_async_context(control_endpoint(workstation, stop.set))
+        endpoint = await stack.enter_async_context(control_endpoint(workstation, stop.set))
         # The drain grace as last reloaded, read when the drain starts.
         stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
         await workstation.start()
         if with_dicom:
-            cache = await stack.enter_async_context(workstation_cache(workstation))
+            cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
             await stack.enter_async_context(
                 dicom_node(config, workstation.tunnel, workstation.metrics, cache)
             )

@@ -33,20 +33,17 @@ FILL_TIMEOUT: Final = 600.0
 
 
 def _cache_status(config: Path) -> dict[str, Any]:
-    from relay.workstation.cache.cli import _dir
-    from relay.workstation.cache.control import call
+    from relay.workstation.cache.cli import call
 
-    reply: dict[str, Any] = call(_dir(config), "cache-status", {})
-    return reply
+    return call(config, "cache-status", {})
 
 
 def _prefetch(config: Path, uid: str) -> float:
     """Queue the study and wait until it is complete; the seconds it took."""
-    from relay.workstation.cache.cli import _dir
-    from relay.workstation.cache.control import call
+    from relay.workstation.cache.cli import call
 
     started = time.monotonic()
-    call(_dir(config), "prefetch", {"studies": [uid]})
+    call(config, "prefetch", {"studies": [uid]})
     while time.monotonic() - started < FILL_TIMEOUT:
         studies = _cache_status(config)["studies"]
         if studies and studies[0]["state"] == "complete":

@@ -11,23 +11,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from relay.workstation.cache.control import call
-from relay.workstation.config import load_workstation_config
+from relay.ops.control import ControlError
 
 
-def _dir(config_path: Path) -> Path:
-    return load_workstation_config(config_path).cache_settings().dir
+def call(config_path: Path, command: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One command on the running workstation's control endpoint (relay.ops.control)."""
+    import asyncio
+
+    from relay.ops import control
+    from relay.workstation.config import state_dir_of
+
+    answer = asyncio.run(control.call(state_dir_of(config_path), command, body))
+    if not answer.get("ok"):
+        raise ControlError(f"{command}: {answer.get('error', 'refused')}")
+    return answer
 
 
 def prefetch(config_path: Path, studies: list[str]) -> int:
-    reply = call(_dir(config_path), "prefetch", {"studies": studies})
+    reply = call(config_path, "prefetch", {"studies": studies})
     print(f"queued {reply['queued']} studies" + (f", {reply['refused']} refused (queue full)"
                                                   if reply["refused"] else ""))  # fmt: skip
     return 0 if not reply["refused"] else 1
 
 
 def status(config_path: Path, *, as_json: bool, names: bool) -> int:
-    reply = call(_dir(config_path), "cache-status", {"names": names})
+    reply = call(config_path, "cache-status", {"names": names})
     if as_json:
         json.dump(reply, sys.stdout, indent=2)
         print()
@@ -67,13 +75,13 @@ def _render(reply: dict[str, Any], names: bool) -> None:
 
 
 def wipe(config_path: Path) -> int:
-    reply = call(_dir(config_path), "cache-wipe", {})
+    reply = call(config_path, "cache-wipe", {})
     print(f"wiped {reply['wiped']} studies")
     return 0
 
 
 def evict(config_path: Path, studies: list[str]) -> int:
-    reply = call(_dir(config_path), "cache-evict", {"studies": studies})
+    reply = call(config_path, "cache-evict", {"studies": studies})
     print(f"evicted {reply['evicted']} studies")
     return 0 if reply["evicted"] == len(studies) else 1
 

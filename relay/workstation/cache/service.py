@@ -16,6 +16,7 @@ from typing import Any
 
 from relay.dicom.codec import DicomLimits, MessageCodec
 from relay.dicom.session import OpenStream
+from relay.ops.control import Handler
 from relay.workstation.cache.fetch import StudyFetcher
 from relay.workstation.cache.keys import KeyMode, forget_master_key, load_master_key
 from relay.workstation.cache.metrics import CacheMetrics
@@ -95,7 +96,7 @@ class WorkstationCache:
     async def cmd_prefetch(self, args: dict[str, Any]) -> dict[str, Any]:
         uids = [str(u) for u in args.get("studies", [])][:1000]
         queued = sum(self.prefetcher.add(u, "command") for u in uids)
-        return {"queued": queued, "refused": len(uids) - queued}
+        return {"ok": True, "queued": queued, "refused": len(uids) - queued}
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         names = bool(args.get("names"))
@@ -118,6 +119,7 @@ class WorkstationCache:
                 entry["study_uid"] = s.uid
             studies.append(entry)
         return {
+            "ok": True,
             "bytes": self.store.total,
             "max_bytes": self.store.max_size,
             "queued": self.prefetcher.queue.qsize(),
@@ -125,15 +127,16 @@ class WorkstationCache:
         }
 
     async def cmd_wipe(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"wiped": await asyncio.to_thread(self.wipe, "wiped")}
+        return {"ok": True, "wiped": await asyncio.to_thread(self.wipe, "wiped")}
 
     async def cmd_evict(self, args: dict[str, Any]) -> dict[str, Any]:
         labels = {str(x) for x in args.get("studies", [])}
         chosen = [s.uid for s in self.store.snapshot() if s.label in labels or s.uid in labels]
-        return {"evicted": await asyncio.to_thread(self.store.evict, chosen, "evicted")}
+        evicted = await asyncio.to_thread(self.store.evict, chosen, "evicted")
+        return {"ok": True, "evicted": evicted}
 
-    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        """In the shape of the `ends` branch's control endpoint (relay.ops.control)."""
+    def handlers(self) -> dict[str, Handler]:
+        """The commands this cache adds to the workstation's control endpoint."""
         return {
             "prefetch": self.cmd_prefetch,
             "cache-status": self.cmd_status,

@@ -89,9 +89,11 @@ def default_cache_dir(config_file: Path) -> Path:
     return Path(platformdirs.user_data_dir("dmz-relay", appauthor=False)) / "cache" / tag
 
 
-def read_cache(r: Reader) -> CacheConfig:
+def read_cache(r: Reader, state_dir: Path | None = None) -> CacheConfig:
+    """`state_dir`: the workstation's own directory; the cache defaults to `cache/` in it."""
     s = r.section("cache")
-    directory = s.path("dir") if s.has("dir") else default_cache_dir(Path(r.file).resolve())
+    default = state_dir / "cache" if state_dir else default_cache_dir(Path(r.file).resolve())
+    directory = s.path("dir") if s.has("dir") else default
     max_size = s.size("max_size", DEFAULT_MAX_SIZE)
     if max_size < 1024 * 1024:
         raise s.error("max_size", "must be at least 1MiB")
