@@ -24,15 +24,13 @@ class CacheMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         c = self.cache
-        studies = c.store.snapshot()
         yield GaugeMetricFamily("relay_cache_bytes", "Sealed bytes on disk in the cache",
                                 value=c.store.total)  # fmt: skip
         yield GaugeMetricFamily("relay_cache_max_bytes", "cache.max_size", value=c.store.max_size)
         g = GaugeMetricFamily("relay_cache_studies", "Studies in the cache by state",
                               labels=["state"])  # fmt: skip
-        g.add_metric(["complete"], sum(s.complete for s in studies))
-        g.add_metric(["filling"], sum(s.filling for s in studies))
-        g.add_metric(["incomplete"], sum(not s.complete and not s.filling for s in studies))
+        for state, n in c.store.states().items():
+            g.add_metric([state], n)
         yield g
         k = c.server.counters
         r = CounterMetricFamily("relay_cache_requests", "C-GET/C-MOVE looked up in the cache",

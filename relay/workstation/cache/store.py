@@ -179,6 +179,14 @@ class CacheStore:
             )
         self._save_index()
 
+    def states(self) -> dict[str, int]:
+        """Studies by state, cheaply (for every metrics scrape)."""
+        out = {"complete": 0, "filling": 0, "incomplete": 0}
+        with self._lock:
+            for s in self.studies.values():
+                out["complete" if s.complete else "filling" if s.filling else "incomplete"] += 1
+        return out
+
     def snapshot(self) -> list[CachedStudy]:
         with self._lock:
             return [

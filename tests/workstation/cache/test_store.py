@@ -115,3 +115,12 @@ def test_a_damaged_instance_makes_the_study_incomplete(tmp_path: Path) -> None:
     study = s.study(UID)
     assert study is not None and not study.complete and len(study.instances) == 1
     assert len(list((tmp_path / "objects").iterdir())) == 1
+
+
+def test_states_count_studies_without_copying_the_index(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    fill(s, "1.1", 1)
+    s.begin("1.2", {}, 3, "test")
+    assert s.states() == {"complete": 1, "filling": 1, "incomplete": 0}
+    s.finish("1.2", complete=True)  # nothing arrived: not complete
+    assert s.states() == {"complete": 1, "filling": 0, "incomplete": 1}
