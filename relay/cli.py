@@ -122,6 +122,23 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
     return device_revoke(Path(args.config), args.name, force=args.force)
 
 
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    from relay.workstation.cache import cli
+
+    return cli.prefetch(Path(args.config), args.studies)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from relay.workstation.cache import cli
+
+    config = Path(args.config)
+    if args.cache_command == "status":
+        return cli.status(config, as_json=args.json, names=args.names)
+    if args.cache_command == "wipe":
+        return cli.wipe(config)
+    return cli.evict(config, args.studies)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from relay_dev.demo import run
 
@@ -227,6 +244,22 @@ def _parser() -> argparse.ArgumentParser:
         help="revoke a name the registry does not know (a device issued offline)",
     )
     revoke.set_defaults(func=_cmd_device_revoke)
+
+    pre = sub.add_parser("prefetch", help="queue studies in the running workstation's cache")
+    pre.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    pre.add_argument("--config", required=True, help="the workstation's config file")
+    pre.set_defaults(func=_cmd_prefetch)
+    cache = sub.add_parser("cache", help="the running workstation's study cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    st = cache_sub.add_parser("status", help="what is cached, filling, how far")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.add_argument("--names", action="store_true", help="show patient names (off by default)")
+    cache_sub.add_parser("wipe", help="erase the cache now")
+    ev = cache_sub.add_parser("evict", help="remove studies (by label or study UID)")
+    ev.add_argument("studies", nargs="+", metavar="STUDY")
+    for action in cache_sub.choices.values():
+        action.add_argument("--config", required=True, help="the workstation's config file")
+        action.set_defaults(func=_cmd_cache)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")
     demo.add_argument("--dir", help="where to keep the demo's certificates and configs")

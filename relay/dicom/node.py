@@ -37,7 +37,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
@@ -75,6 +75,27 @@ _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
 
 
+class CachedInstanceItem(Protocol):
+    """One instance the local cache will serve: its identity and a reader of its bytes."""
+
+    @property
+    def sop_class(self) -> str: ...
+    @property
+    def sop_instance(self) -> str: ...
+    @property
+    def transfer_syntax(self) -> str: ...
+    @property
+    def read(self) -> Any: ...
+
+
+class LocalCache(Protocol):
+    """What the node asks of the workstation's cache (relay.workstation.cache.serve)."""
+
+    def offline(self) -> bool: ...
+    def plan(self, identifier: Dataset) -> Sequence[CachedInstanceItem] | None: ...
+    def find(self, identifier: Dataset) -> list[Dataset]: ...
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -106,6 +127,7 @@ class DicomNode:
         limits: DicomLimits | None = None,
         headers: Mapping[str, str] | None = None,
         resume_window: float = RESUME_WINDOW,
+        cache: LocalCache | None = None,
     ) -> None:
         """`timeout` bounds every wait on the agent (a silent agent fails the operation
         after that long) and on the viewer; `headers` are added to each stream's headers;
@@ -114,6 +136,7 @@ class DicomNode:
         if resume_window < 0:
             raise ValueError("resume_window must not be negative")
         self.resume_window = resume_window
+        self.cache = cache
         rawds.install()
         if not 1 <= len(ae_title.strip()) <= 16:
             raise ValueError("dicom.ae_title must be 1 to 16 characters")
@@ -333,6 +356,9 @@ class DicomNode:
         if isinstance(request, Dataset):
             yield request, None
             return
+        if self.cache is not None and self.cache.offline():
+            yield from self._find_in_cache(event, started)
+            return
         session = self._session(request)
         waiter = _Waiter(session, event, self.timeout)
         code = st.SUCCESS
@@ -364,11 +390,76 @@ class DicomNode:
             session.close()
             self.stats.operation_done("find", code, time.monotonic() - started)
 
+    def _find_in_cache(self, event: Any, started: float) -> Iterator[Any]:
+        """The link is down: answer from the cache's index, and say so in the log."""
+        assert self.cache is not None
+        try:
+            found = self.cache.find(event.identifier)
+        except Exception as exc:
+            log.error("C-FIND from the cache failed: %s", type(exc).__name__)
+            yield _status(0xC000, "relay link down; cache query failed"), None
+            return
+        log.info("C-FIND answered from the cache (relay link down): %d matches", len(found))
+        for match in found:
+            yield 0xFF00, match
+        yield _status(st.SUCCESS), None
+        self.stats.operation_done("find", st.SUCCESS, time.monotonic() - started)
+
+    def _cached(self, event: Any) -> Sequence[CachedInstanceItem] | None:
+        if self.cache is None:
+            return None
+        try:
+            return self.cache.plan(event.identifier)
+        except Exception as exc:  # a cache fault must never cost the viewer its images
+            log.error("cache lookup failed (%s); using the network", type(exc).__name__)
+            return None
+
+    def _serve_cached(
+        self,
+        items: Sequence[CachedInstanceItem],
+        destination: tuple[str, int] | None,
+    ) -> Iterator[Any]:
+        """A complete, verified study from the cache: the PACS's bytes, at disk speed."""
+        started = time.monotonic()
+        op = "move" if destination else "get"
+        if destination is not None:
+            cxs = contexts.storage_proposals(
+                list(dict.fromkeys(i.sop_class for i in items)),
+                list(dict.fromkeys(i.transfer_syntax for i in items)),
+            )
+            yield destination[0], destination[1], {"contexts": cxs,
+                                                   "evt_handlers": [contexts.NODELAY]}  # fmt: skip
+        yield len(items)
+        code = st.SUCCESS
+        for n, item in enumerate(items):
+            try:
+                data = item.read()
+            except Exception as exc:
+                log.error("cache file unreadable while serving (%s)", type(exc).__name__)
+                code = st.WARNING_SUBOPS
+                yield (
+                    _status(code, "cache file damaged while serving"),
+                    _failed_list([i.sop_instance for i in items[n:]]),
+                )
+                break
+            self.stats.instance_relayed(len(data))
+            yield (
+                0xFF00,
+                rawds.EncodedDataset(item.sop_class, item.sop_instance, item.transfer_syntax, data),
+            )
+        elapsed = time.monotonic() - started
+        log.info("%s of %d instances served from the cache in %.3f s", op, len(items), elapsed)
+        self.stats.operation_done(op, code, elapsed)
+
     def _on_get(self, event: Any) -> Iterator[Any]:
         request = self._request_for(event, "retrieve")
         if isinstance(request, Dataset):
             yield 1
             yield request, None
+            return
+        cached = self._cached(event)
+        if cached:
+            yield from self._serve_cached(cached, None)
             return
         yield from _Retrieval(self, event, request, None).run()
 
@@ -385,6 +476,10 @@ class DicomNode:
             yield destination[0], destination[1], {"contexts": [build_context(Verification)]}
             yield 1
             yield request, None
+            return
+        cached = self._cached(event)
+        if cached:
+            yield from self._serve_cached(cached, destination)
             return
         yield from _Retrieval(self, event, request, destination).run()
 

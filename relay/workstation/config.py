@@ -36,6 +36,13 @@ from relay.ops.config import (
 )
 from relay.ops.configfile import load_config, open_config
 from relay.trust.identity import check_name
+from relay.workstation.cache.settings import (
+    CacheConfig,
+    PrefetchConfig,
+    default_cache_dir,
+    read_cache,
+    read_prefetch,
+)
 
 __all__ = [
     "IDENTITY_FILES",
@@ -106,6 +113,15 @@ class WorkstationConfig:
     reconnect: Backoff = field(default_factory=Backoff)
     drain_grace: float = 30.0
     log_level: str = DEFAULT_LOG_LEVEL
+    cache: CacheConfig | None = None  # None: the default (on, platform data dir)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+
+    def cache_settings(self) -> CacheConfig:
+        if self.cache is not None:
+            return self.cache
+        return CacheConfig(
+            dir=self.state_dir / "cache" if self.state_dir else default_cache_dir(self.path)
+        )
 
     def identity_files(self) -> TlsFiles:
         """The device's certificate, key and the pinned site CA in `identity_dir`."""
@@ -203,6 +219,8 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         drain_grace=read_drain_grace(r, WorkstationConfig.drain_grace),
         log_level=read_log_level(r),
         state_dir=state_dir,
+        cache=read_cache(r, state_dir),
+        prefetch=read_prefetch(r),
     )
     _check_listeners_distinct(r, config)
     return config

@@ -1,8 +1,9 @@
 """The workstation's commands on its control endpoint (relay.ops.control), and the CLI
 side of them: `relay workstation reload|stop|status --config FILE`.
 
-Later features add their commands here (`prefetch`, `cache-status`, `cache-wipe`): a
-handler takes the request's JSON object and returns the answer's.
+Other parts add their commands to the running endpoint (the study cache adds `prefetch`,
+`cache-status`, `cache-wipe`, `cache-evict`: relay.workstation.service.workstation_cache);
+a handler takes the request's JSON object and returns the answer's.
 """
 
 from __future__ import annotations

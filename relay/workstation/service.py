@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
@@ -59,6 +59,10 @@ from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from relay.ops.control import ControlServer
+    from relay.workstation.cache.service import WorkstationCache
 
 __all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
 
@@ -107,6 +111,7 @@ class Workstation:
             settings=config.limits,
             rng=rng,
         )
+        self.cache: WorkstationCache | None = None  # set by workstation_cache()
         self.tunnel = Tunnel(self.session, rng=rng)
         self.renewals = 0
         self.renewal_failures = 0
@@ -135,6 +140,8 @@ class Workstation:
 
     def _revoked(self, reason: str) -> None:
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
+        if self.cache is not None:
+            self.cache.wipe("revoked")  # a revoked PC keeps no studies
         self.revoked.set()
 
     def readiness(self) -> tuple[bool, str]:
@@ -264,8 +271,47 @@ class Workstation:
 
 
 @contextlib.asynccontextmanager
+async def workstation_cache(
+    workstation: Workstation, endpoint: ControlServer | None = None
+) -> AsyncIterator[WorkstationCache | None]:
+    """The study cache (relay.workstation.cache) when the node is on and the cache enabled;
+    its commands (`relay prefetch`, `relay cache ...`) join the control `endpoint`."""
+    config = workstation.config
+    settings = config.cache_settings()
+    if config.dicom is None or not settings.enabled:
+        yield None
+        return
+    from relay.workstation.cache.keys import KeyUnavailable
+    from relay.workstation.cache.service import WorkstationCache
+
+    try:
+        cache = WorkstationCache(
+            settings, config.prefetch, workstation.tunnel.open_stream,
+            lambda: workstation.kept.up, account=f"{workstation.identity} {config.path}",
+        )  # fmt: skip
+        await cache.start()
+    except (KeyUnavailable, OSError) as exc:
+        raise ConfigError(config.path, "cache", str(exc)) from None
+    commands = cache.handlers()
+    if endpoint is not None:
+        endpoint.handlers.update(commands)
+    workstation.cache = cache
+    workstation.metrics.registry.register(cache.metrics)
+    try:
+        yield cache
+    finally:
+        if endpoint is not None:
+            for name in commands:
+                endpoint.handlers.pop(name, None)
+        await cache.stop()
+
+
+@contextlib.asynccontextmanager
 async def dicom_node(
-    config: WorkstationConfig, tunnel: Tunnel, metrics: EndMetrics | None = None
+    config: WorkstationConfig,
+    tunnel: Tunnel,
+    metrics: EndMetrics | None = None,
+    cache: WorkstationCache | None = None,
 ) -> AsyncIterator[object | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
@@ -280,6 +326,7 @@ async def dicom_node(
         ae_title=dicom.ae_title,
         destinations={title: (a.host, a.port) for title, a in dicom.destinations.items()},
         stats=metrics.dicom if metrics is not None else None,
+        cache=cache.server if cache is not None else None,
     )
     with listen_errors(config.path, "dicom.listen", dicom.listen):
         await node.start()
@@ -310,13 +357,14 @@ async def run_workstation(
         if handle_signals:
             stack.enter_context(handling_signals(loop, stop=stop.set, reload=workstation.reload))
         # First, so that a second workstation on the same state directory stops here.
-        await stack.enter_async_context(control_endpoint(workstation, stop.set))
+        endpoint = await stack.enter_async_context(control_endpoint(workstation, stop.set))
         # The drain grace as last reloaded, read when the drain starts.
         stack.push_async_callback(lambda: workstation.shutdown(workstation.config.drain_grace))
         await workstation.start()
         if with_dicom:
+            cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
             await stack.enter_async_context(
-                dicom_node(config, workstation.tunnel, workstation.metrics)
+                dicom_node(config, workstation.tunnel, workstation.metrics, cache)
             )
         if config.metrics_listen is not None:
             admin = AdminServer(

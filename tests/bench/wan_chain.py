@@ -158,6 +158,7 @@ def start_site(
     hospital: Hospital,
     profile: Profile,
     knobs: Knobs,
+    extra_config: str = "",
 ) -> Site:
     proxies: list[Process] = []
     gateway_port, direct_port = hospital.gateway.port, hospital.pacs_port
@@ -177,7 +178,7 @@ def start_site(
         f"dicom: {{listen: '{HOST}:0', ae_title: {NODE_AE}}}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"
-        "log_level: warning\n" + _limits_line(knobs)
+        "log_level: warning\n" + _limits_line(knobs) + extra_config
     )
     ws = group.process(
         f"workstation-{profile.name}",

@@ -175,6 +175,8 @@ class DicomChain:
     move_ae: str = "RELAYAGENT"
     pacs_timeout: str = "10s"
     reserved: dict[str, socket.socket] = field(default_factory=dict)
+    ws_extra: str = ""  # more workstation YAML (cache:, prefetch:)
+    agent_extra: str = ""  # more agent YAML (pki: for revocation)
     procs: dict[str, Proc] = field(default_factory=dict)
     # which process reports which port
     reporters: dict[str, tuple[str, str]] = field(
@@ -235,7 +237,7 @@ class DicomChain:
             f"calling_ae_title: RELAY, retrieve: {self.retrieve}, "
             f"timeout: {self.pacs_timeout}{move}}}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
-            "drain_grace: 2s\n" + LIMITS
+            "drain_grace: 2s\n" + LIMITS + self.agent_extra
         )
         dests = ", ".join(f"{ae}: '{HOST}:{port}'" for ae, port in self.destinations.items())
         (self.tmp / "ws1.yaml").write_text(
@@ -247,7 +249,7 @@ class DicomChain:
             f"  ae_title: {RELAY_AE}\n"
             f"  destinations: {{{dests}}}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
-            "drain_grace: 2s\n" + LIMITS
+            "drain_grace: 2s\n" + LIMITS + self.ws_extra
         )
         for role, command in (("gateway", "gateway"), ("agent", "agent"), ("ws1", "workstation")):
             argv = [*RELAY, command, "--config", str(self.tmp / f"{role}.yaml")]

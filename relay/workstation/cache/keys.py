@@ -1,0 +1,60 @@
+"""Where the cache's master key lives: process memory (default) or the OS keyring.
+
+Memory: a restart loses the key, so whatever a previous run left is unreadable and is
+wiped at start: the cache is temporary by construction. Keyring (`cache.key: keyring`):
+the key survives restarts in the user's OS credential store (Windows Credential Manager,
+macOS Keychain, Secret Service), never in a file beside the cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Final, Literal
+
+from relay.workstation.cache.sealing import KEY_BYTES, Sealer
+
+log = logging.getLogger(__name__)
+
+KeyMode = Literal["memory", "keyring"]
+KEYRING_SERVICE: Final = "dmz-relay-cache"
+
+
+class KeyUnavailable(Exception):
+    """The configured key store cannot give or keep a key; one line."""
+
+
+def load_master_key(mode: KeyMode, account: str) -> tuple[bytes, bool]:
+    """The master key and whether it is new (a new key: nothing old is readable)."""
+    if mode == "memory":
+        return Sealer.new_key(), True
+    try:
+        import keyring
+        import keyring.errors
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise KeyUnavailable(f"cache.key: keyring needs the keyring package ({exc})") from None
+    try:
+        stored = keyring.get_password(KEYRING_SERVICE, account)
+        if stored:
+            key = base64.b64decode(stored)
+            if len(key) == KEY_BYTES:
+                return key, False
+            log.error("the cache key in the OS keyring is malformed; starting a new cache")
+        key = Sealer.new_key()
+        keyring.set_password(KEYRING_SERVICE, account, base64.b64encode(key).decode())
+        return key, True
+    except (keyring.errors.KeyringError, ValueError) as exc:
+        raise KeyUnavailable(f"cache.key: keyring: {type(exc).__name__}: {exc}") from None
+
+
+def forget_master_key(mode: KeyMode, account: str) -> None:
+    """Drop a keyring key (after a wipe for revocation); nothing to do in memory mode."""
+    if mode != "keyring":
+        return
+    try:
+        import keyring
+        import keyring.errors
+
+        keyring.delete_password(KEYRING_SERVICE, account)
+    except Exception as exc:
+        log.warning("could not delete the cache key from the keyring: %s", type(exc).__name__)

@@ -1,0 +1,145 @@
+"""The workstation's cache as one object: key, store, serving, fetching, prefetching.
+
+Started with the workstation when `cache.enabled` (the default); wiped on `relay cache
+wipe`, at expiry (a sweep every `SWEEP` seconds at most), and when the device learns it
+was revoked (`wipe("revoked")`, which also forgets a keyring key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relay.dicom.codec import DicomLimits, MessageCodec
+from relay.dicom.session import OpenStream
+from relay.ops.control import Handler
+from relay.workstation.cache.fetch import StudyFetcher
+from relay.workstation.cache.keys import KeyMode, forget_master_key, load_master_key
+from relay.workstation.cache.metrics import CacheMetrics
+from relay.workstation.cache.prefetch import Prefetcher
+from relay.workstation.cache.sealing import Sealer
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.cache.settings import CacheConfig, PrefetchConfig
+from relay.workstation.cache.store import CacheStore
+
+log = logging.getLogger(__name__)
+
+SWEEP = 60.0
+
+
+class WorkstationCache:
+    def __init__(
+        self,
+        config: CacheConfig,
+        prefetch: PrefetchConfig,
+        open_stream: OpenStream,
+        link_up: Callable[[], asyncio.Event],
+        *,
+        account: str,
+    ) -> None:
+        self.config = config
+        self.account = account
+        self.key_mode: KeyMode = "keyring" if config.key == "keyring" else "memory"
+        key, fresh = load_master_key(self.key_mode, account)
+        self.metrics = CacheMetrics(self)
+        self.store = CacheStore(
+            config.dir, Sealer(key), max_size=config.max_size, max_age=config.max_age,
+            persist_index=self.key_mode == "keyring", on_drop=self.metrics.dropped,
+        )  # fmt: skip
+        self._fresh = fresh
+        self.link_up = link_up
+        self.fetcher = StudyFetcher(open_stream, self.store, MessageCodec(DicomLimits()))
+        self.prefetcher = Prefetcher(self.fetcher, self.store, prefetch, link_up)
+        self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch,
+                                  serve_buffer=config.serve_buffer)  # fmt: skip
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def offline(self) -> bool:
+        return not self.link_up().is_set()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.open, fresh_key=self._fresh)
+        self.prefetcher.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="cache expiry")
+        log.info("cache ready", extra={"dir": str(self.config.dir), "key": self.key_mode})
+
+    async def stop(self) -> None:
+        """Stop fetching; with the key in memory also erase the files (useless once the
+        process ends, and less ciphertext left on the disk); a crash leaves them to the
+        next start's wipe."""
+        await self.prefetcher.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.key_mode == "memory":
+            await asyncio.to_thread(self.store.close_temporary)
+
+    async def _sweep(self) -> None:
+        pause = max(1.0, min(SWEEP, self.config.max_age / 10))
+        while True:
+            await asyncio.sleep(pause)
+            await asyncio.to_thread(self.store.purge_expired)
+
+    def wipe(self, reason: str) -> int:
+        n = self.store.wipe(reason)
+        if reason == "revoked":
+            forget_master_key(self.key_mode, self.account)
+        return n
+
+    # -- what `relay prefetch` and `relay cache` ask (control handlers) --------------
+
+    async def cmd_prefetch(self, args: dict[str, Any]) -> dict[str, Any]:
+        uids = [str(u) for u in args.get("studies", [])][:1000]
+        queued = sum(self.prefetcher.add(u, "command") for u in uids)
+        return {"ok": True, "queued": queued, "refused": len(uids) - queued}
+
+    async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        names = bool(args.get("names"))
+        now = time.time()
+        studies = []
+        for s in sorted(self.store.snapshot(), key=lambda s: s.seq):
+            entry: dict[str, Any] = {
+                "label": s.label,
+                "state": "complete" if s.complete else "filling" if s.filling else "incomplete",
+                "instances": len(s.instances),
+                "expected": s.expected,
+                "bytes": s.size,
+                "age_s": round(now - s.created, 1),
+                "source": s.source,
+                "modalities": s.attrs.get("ModalitiesInStudy", ""),
+            }
+            if names:
+                entry["patient"] = s.attrs.get("PatientName", "")
+                entry["description"] = s.attrs.get("StudyDescription", "")
+                entry["study_uid"] = s.uid
+            studies.append(entry)
+        return {
+            "ok": True,
+            "bytes": self.store.total,
+            "max_bytes": self.store.max_size,
+            "queued": self.prefetcher.queue.qsize(),
+            "studies": studies,
+        }
+
+    async def cmd_wipe(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "wiped": await asyncio.to_thread(self.wipe, "wiped")}
+
+    async def cmd_evict(self, args: dict[str, Any]) -> dict[str, Any]:
+        labels = {str(x) for x in args.get("studies", [])}
+        chosen = [s.uid for s in self.store.snapshot() if s.label in labels or s.uid in labels]
+        evicted = await asyncio.to_thread(self.store.evict, chosen, "evicted")
+        return {"ok": True, "evicted": evicted}
+
+    def handlers(self) -> dict[str, Handler]:
+        """The commands this cache adds to the workstation's control endpoint."""
+        return {
+            "prefetch": self.cmd_prefetch,
+            "cache-status": self.cmd_status,
+            "cache-wipe": self.cmd_wipe,
+            "cache-evict": self.cmd_evict,
+        }

@@ -1,0 +1,147 @@
+"""The `cache:` and `prefetch:` sections of the workstation's config (DESIGN.md section 7)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Final
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+from relay.ops.config import GiB, Reader, parse_duration
+
+__all__ = ["CacheConfig", "PrefetchConfig", "PrefetchRule", "read_cache", "read_prefetch"]
+
+DEFAULT_MAX_SIZE: Final = 20 * GiB
+DEFAULT_MAX_AGE: Final = 72 * 3600.0
+MAX_RULES: Final = 64
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`enabled` False: no cache, every request goes to the network."""
+
+    dir: Path
+    enabled: bool = True
+    max_size: int = DEFAULT_MAX_SIZE
+    max_age: float = DEFAULT_MAX_AGE
+    key: str = "memory"  # memory | keyring
+    serve_buffer: int = 256 * 1024 * 1024  # a read that fits is decrypted once
+
+
+@dataclass(frozen=True)
+class PrefetchRule:
+    """A worklist rule: C-FIND criteria at the study level, evaluated every `every` s."""
+
+    name: str
+    every: float
+    match: tuple[tuple[str, str], ...]
+
+    def criteria(self, today: date) -> dict[str, str]:
+        """The C-FIND keys with relative dates resolved against `today`."""
+        out = {}
+        for keyword, value in self.match:
+            vr = dictionary_VR(keyword)
+            out[keyword] = resolve_dates(value, today) if vr == "DA" else value
+        return out
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    priors: int = 2
+    priors_modality: str = "same"  # same | any
+    queue: int = 1000  # studies waiting to be fetched
+    rules: tuple[PrefetchRule, ...] = field(default_factory=tuple)
+
+
+_RELATIVE = re.compile(r"^(today|yesterday)?([+-]\d+)?d?$")
+
+
+def _one_date(text: str, today: date) -> str:
+    text = text.strip().lower()
+    if re.fullmatch(r"\d{8}", text) or text == "":
+        return text
+    m = _RELATIVE.fullmatch(text)
+    if m is None or (m.group(1) is None and m.group(2) is None):
+        raise ValueError(f"not a date: {text!r} (YYYYMMDD, today, yesterday, today-3d, -7d)")
+    base = today - timedelta(days=1) if m.group(1) == "yesterday" else today
+    shift = int(m.group(2) or 0)
+    return (base + timedelta(days=shift)).strftime("%Y%m%d")
+
+
+def resolve_dates(value: str, today: date) -> str:
+    """`today`, `yesterday`, `today-3d`, `-7d..today` (a range) -> DICOM dates."""
+    if ".." in value:
+        low, _, high = value.partition("..")
+        return f"{_one_date(low, today)}-{_one_date(high, today)}"
+    return _one_date(value, today)
+
+
+def default_cache_dir(config_file: Path) -> Path:
+    """The platform's user data dir, one directory per config file (two workstations on
+    one PC must never wipe each other's cache)."""
+    import platformdirs
+
+    tag = hashlib.sha256(str(config_file).encode()).hexdigest()[:12]
+    return Path(platformdirs.user_data_dir("dmz-relay", appauthor=False)) / "cache" / tag
+
+
+def read_cache(r: Reader, state_dir: Path | None = None) -> CacheConfig:
+    """`state_dir`: the workstation's own directory; the cache defaults to `cache/` in it."""
+    s = r.section("cache")
+    default = state_dir / "cache" if state_dir else default_cache_dir(Path(r.file).resolve())
+    directory = s.path("dir") if s.has("dir") else default
+    max_size = s.size("max_size", DEFAULT_MAX_SIZE)
+    if max_size < 1024 * 1024:
+        raise s.error("max_size", "must be at least 1MiB")
+    return CacheConfig(
+        dir=directory,
+        enabled=s.boolean("enabled", True),
+        max_size=max_size,
+        max_age=s.duration("max_age", DEFAULT_MAX_AGE, lo=1.0, above_lo=False),
+        key=s.choice("key", ("memory", "keyring"), "memory"),
+        serve_buffer=s.size("serve_buffer", CacheConfig.serve_buffer),
+    )
+
+
+def _rule(value: object) -> PrefetchRule:
+    if not isinstance(value, dict):
+        raise ValueError("a rule is a mapping {name, every, match}")
+    unknown = set(value) - {"name", "every", "match"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r} in a rule")
+    name = value.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("a rule needs a name")
+    every = parse_duration(value.get("every", "5m"))
+    if every < 10:
+        raise ValueError("every must be at least 10s")
+    match = value.get("match")
+    if not isinstance(match, dict) or not match:
+        raise ValueError("a rule needs match: {DICOM keyword: value}")
+    pairs = []
+    today = date.today()
+    for keyword, raw in match.items():
+        if not isinstance(keyword, str) or tag_for_keyword(keyword) is None:
+            raise ValueError(f"match: {keyword!r} is not a DICOM keyword")
+        text = "\\".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+        if dictionary_VR(keyword) == "DA":
+            resolve_dates(text, today)  # checked now, resolved at each evaluation
+        pairs.append((keyword, text))
+    return PrefetchRule(name, every, tuple(pairs))
+
+
+def read_prefetch(r: Reader) -> PrefetchConfig:
+    s = r.section("prefetch")
+    rules = tuple(s.sequence("rules", _rule))
+    if len(rules) > MAX_RULES:
+        raise s.error("rules", f"at most {MAX_RULES} rules")
+    return PrefetchConfig(
+        priors=s.integer("priors", 2, lo=0, hi=20),
+        priors_modality=s.choice("priors_modality", ("same", "any"), "same"),
+        queue=s.integer("queue", 1000, lo=1, hi=100_000),
+        rules=rules,
+    )

@@ -1,0 +1,347 @@
+"""The cache on disk: sealed instance files, an index in memory, bounded size and age.
+
+Every file under the directory is sealed (relay.workstation.cache.sealing) and named by an
+HMAC; the index (which studies, their patient attributes for C-FIND, sizes, ages) is in
+memory, and is written to disk only sealed (`index` object) when the key outlives the
+process (keyring). Callers are the event loop (fetching) and pynetdicom's threads
+(serving): one lock guards the index; file reads happen outside it.
+
+Bounds: `max_size` counts the sealed bytes on disk; when a new file would pass it, the
+studies read least recently are evicted first (the study being filled last of all). A
+study that alone is larger than the cap is abandoned. `max_age` counts from when a study
+was cached; `purge_expired()` removes older ones. Damage (a file that does not
+authenticate, is missing, or a write that fails, e.g. a full disk) drops that entry with
+one log line; the study is then incomplete and is not served from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from relay.workstation.cache.sealing import OVERHEAD, Sealer, SealError
+
+log = logging.getLogger(__name__)
+
+OBJECTS: Final = "objects"
+INDEX_ID: Final = "index"
+INDEX_FILE: Final = "index.bin"
+MAX_STUDIES: Final = 100_000  # index entries, whatever the sizes
+
+
+@dataclass
+class CachedInstance:
+    sop_class: str
+    sop_instance: str
+    series: str
+    transfer_syntax: str
+    size: int  # sealed bytes on disk
+
+
+@dataclass
+class CachedStudy:
+    """One study in the index; `attrs` hold the C-FIND attributes (patient data)."""
+
+    uid: str
+    attrs: dict[str, str] = field(default_factory=dict)
+    series_attrs: dict[str, dict[str, str]] = field(default_factory=dict)
+    expected: int | None = None  # the PACS's count of instances
+    instances: dict[str, CachedInstance] = field(default_factory=dict)
+    complete: bool = False
+    filling: bool = False
+    source: str = ""
+    created: float = field(default_factory=time.time)
+    last_read: float = field(default_factory=time.time)
+    seq: int = 0  # a patient-free label: "study N"
+
+    @property
+    def size(self) -> int:
+        return sum(i.size for i in self.instances.values())
+
+    @property
+    def label(self) -> str:
+        return f"study {self.seq}"
+
+
+class CacheFull(Exception):
+    """A file does not fit even after evicting every other study."""
+
+
+class CacheStore:
+    """Sealed files in `directory`; `on_drop(reason)` counts every dropped or evicted entry."""
+
+    def __init__(
+        self,
+        directory: Path,
+        sealer: Sealer,
+        *,
+        max_size: int,
+        max_age: float,
+        persist_index: bool = False,
+        on_drop: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.objects = self.dir / OBJECTS
+        self.sealer = sealer
+        self.max_size = max_size
+        self.max_age = max_age
+        self.persist_index = persist_index
+        self.on_drop = on_drop or (lambda reason, n: None)
+        self.studies: dict[str, CachedStudy] = {}
+        self.total = 0
+        self._lock = threading.RLock()
+        self._seq = 0
+
+    # -- start, wipe ---------------------------------------------------------------
+
+    def open(self, *, fresh_key: bool) -> None:
+        """Create the directory; with a fresh key wipe what is there (unreadable anyway)."""
+        self.objects.mkdir(parents=True, exist_ok=True)
+        if fresh_key or not self._load_index():
+            removed = self._remove_files()
+            if removed:
+                log.info("cache: removed %d files a previous run left (unreadable now)", removed)
+        self.purge_expired()
+
+    def wipe(self, reason: str) -> int:
+        """Erase every study and file now; the number of studies erased."""
+        with self._lock:
+            n = len(self.studies)
+            self.studies.clear()
+            self.total = 0
+            self._remove_files()
+        log.warning("cache wiped (%s): %d studies", reason, n)
+        if n:
+            self.on_drop(reason, n)
+        return n
+
+    def close_temporary(self) -> None:
+        """At a clean stop with an in-memory key: erase everything, directories included."""
+        with self._lock:
+            self.studies.clear()
+            self.total = 0
+            self._remove_files()
+        with contextlib.suppress(OSError):
+            self.objects.rmdir()
+
+    def _remove_files(self) -> int:
+        removed = 0
+        for path in [*list(self.objects.glob("*")), self.dir / INDEX_FILE]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        for tmp in self.dir.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return removed
+
+    # -- index -----------------------------------------------------------------------
+
+    def study(self, uid: str) -> CachedStudy | None:
+        with self._lock:
+            return self.studies.get(uid)
+
+    def begin(
+        self, uid: str, attrs: dict[str, str], expected: int | None, source: str
+    ) -> CachedStudy:
+        """The study's index entry, created or refreshed, marked filling."""
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is None:
+                if len(self.studies) >= MAX_STUDIES:
+                    self._evict_one(keep=uid)
+                self._seq += 1
+                study = CachedStudy(uid=uid, source=source, seq=self._seq)
+                self.studies[uid] = study
+            study.attrs.update(attrs)
+            study.expected = expected
+            study.filling = True
+            study.complete = False
+            return study
+
+    def finish(self, uid: str, *, complete: bool) -> None:
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is None:
+                return
+            study.filling = False
+            study.complete = complete and (
+                study.expected is None or len(study.instances) >= study.expected
+            )
+        self._save_index()
+
+    def states(self) -> dict[str, int]:
+        """Studies by state, cheaply (for every metrics scrape)."""
+        out = {"complete": 0, "filling": 0, "incomplete": 0}
+        with self._lock:
+            for s in self.studies.values():
+                out["complete" if s.complete else "filling" if s.filling else "incomplete"] += 1
+        return out
+
+    def snapshot(self) -> list[CachedStudy]:
+        with self._lock:
+            return [
+                CachedStudy(**{**asdict(s), "instances": dict(s.instances)})
+                for s in self.studies.values()
+            ]
+
+    # -- writing -----------------------------------------------------------------------
+
+    def put(self, study_uid: str, inst: CachedInstance, dataset: bytes) -> None:
+        """Seal and write one instance; CacheFull or OSError (entry not added) on failure."""
+        sealed = self.sealer.seal(inst.sop_instance, dataset)
+        inst.size = len(sealed)
+        with self._lock:
+            study = self.studies.get(study_uid)
+            if study is None:
+                raise CacheFull("study no longer in the cache")
+            old = study.instances.get(inst.sop_instance)
+            need = inst.size - (old.size if old else 0)
+            while self.total + need > self.max_size:
+                if not self._evict_one(keep=study_uid):
+                    raise CacheFull(
+                        f"an instance of {inst.size} bytes does not fit in cache.max_size"
+                    )
+        path = self.objects / self.sealer.name(inst.sop_instance)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            tmp.write_bytes(sealed)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        with self._lock:
+            study = self.studies.get(study_uid)
+            if study is None:  # wiped meanwhile
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return
+            old = study.instances.get(inst.sop_instance)
+            self.total += inst.size - (old.size if old else 0)
+            study.instances[inst.sop_instance] = inst
+
+    # -- reading -----------------------------------------------------------------------
+
+    def read(self, inst: CachedInstance) -> bytes:
+        """The instance's dataset bytes; SealError or OSError when the file is damaged."""
+        sealed = (self.objects / self.sealer.name(inst.sop_instance)).read_bytes()
+        return self.sealer.open(inst.sop_instance, sealed)
+
+    def touch(self, uid: str) -> None:
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is not None:
+                study.last_read = time.time()
+
+    def drop_instance(self, study_uid: str, sop_instance: str, reason: str) -> None:
+        """A damaged file: remove it; the study is incomplete until it is fetched again."""
+        with self._lock:
+            study = self.studies.get(study_uid)
+            inst = study.instances.pop(sop_instance, None) if study else None
+            if study is not None:
+                study.complete = False
+            if inst is not None:
+                self.total -= inst.size
+        with contextlib.suppress(OSError):
+            (self.objects / self.sealer.name(sop_instance)).unlink()
+        self.on_drop(reason, 1)
+
+    # -- bounds ---------------------------------------------------------------------------
+
+    def evict(self, uids: Iterable[str], reason: str = "evicted") -> int:
+        n = 0
+        with self._lock:
+            for uid in list(uids):
+                if self._remove_study(uid):
+                    n += 1
+        if n:
+            self.on_drop(reason, n)
+            self._save_index()
+        return n
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._lock:
+            old = [u for u, s in self.studies.items() if now - s.created > self.max_age]
+        n = self.evict(old, "expired")
+        if n:
+            log.info("cache: %d studies expired (cache.max_age)", n)
+        return n
+
+    def _evict_one(self, keep: str) -> bool:
+        """Evict the least recently read study other than `keep`; False if there is none."""
+        candidates = [s for u, s in self.studies.items() if u != keep and not s.filling]
+        candidates = candidates or [s for u, s in self.studies.items() if u != keep]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda s: s.last_read)
+        self._remove_study(victim.uid)
+        log.info("cache: evicted %s (least recently read) for cache.max_size", victim.label)
+        self.on_drop("size", 1)
+        return True
+
+    def _remove_study(self, uid: str) -> bool:
+        study = self.studies.pop(uid, None)
+        if study is None:
+            return False
+        for inst in study.instances.values():
+            self.total -= inst.size
+            with contextlib.suppress(OSError):
+                (self.objects / self.sealer.name(inst.sop_instance)).unlink()
+        return True
+
+    # -- the sealed index (keyring mode only) ------------------------------------------------
+
+    def _save_index(self) -> None:
+        if not self.persist_index:
+            return
+        with self._lock:
+            data = json.dumps(
+                {"seq": self._seq, "studies": [asdict(s) for s in self.studies.values()]}
+            ).encode()
+        sealed = self.sealer.seal(INDEX_ID, data)
+        path = self.dir / INDEX_FILE
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            tmp.write_bytes(sealed)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("cache: cannot write the index (%s)", type(exc).__name__)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _load_index(self) -> bool:
+        if not self.persist_index:
+            return False
+        path = self.dir / INDEX_FILE
+        try:
+            data: dict[str, Any] = json.loads(self.sealer.open(INDEX_ID, path.read_bytes()))
+        except FileNotFoundError:
+            return False
+        except (OSError, SealError, ValueError) as exc:
+            log.error("cache: the index is unreadable (%s); wiping the cache", type(exc).__name__)
+            return False
+        with self._lock:
+            self._seq = int(data.get("seq", 0))
+            for raw in data.get("studies", []):
+                insts = {k: CachedInstance(**v) for k, v in raw.pop("instances").items()}
+                study = CachedStudy(**raw, instances=insts)
+                study.filling = False
+                self.studies[study.uid] = study
+                self.total += study.size
+        return True
+
+
+def sealed_size(plain: int) -> int:
+    """The bytes a dataset of `plain` bytes takes on disk."""
+    return plain + OVERHEAD

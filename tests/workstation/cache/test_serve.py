@@ -1,0 +1,86 @@
+"""What the node gets from the cache: complete studies only, every file verified first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.workstation.cache.sealing import Sealer, SealError
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.cache.store import CachedInstance, CacheStore
+
+STUDY = "1.2.3"
+
+
+def server(tmp_path: Path, *, buffer: int, count: int = 4) -> tuple[CacheServer, list[str]]:
+    store = CacheStore(tmp_path, Sealer(Sealer.new_key()), max_size=1 << 20, max_age=60)
+    store.open(fresh_key=True)
+    store.begin(STUDY, {}, count, "test")
+    for n in range(count):
+        inst = CachedInstance("1.2.840.10008.5.1.4.1.1.2", f"{STUDY}.{n}",
+                              f"{STUDY}.{n % 2}", "1.2.840.10008.1.2.1", 0)  # fmt: skip
+        store.put(STUDY, inst, f"dataset {n}".encode())
+    store.finish(STUDY, complete=True)
+    refetched: list[str] = []
+    return CacheServer(store, lambda: False, refetched.append, serve_buffer=buffer), refetched
+
+
+def ident(level: str = "STUDY", **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    ds.StudyInstanceUID = STUDY
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def corrupt(srv: CacheServer, sop: str) -> None:
+    path = srv.store.objects / srv.store.sealer.name(sop)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_study_series_and_image_levels(tmp_path: Path) -> None:
+    srv, _ = server(tmp_path, buffer=1 << 20)
+    items = srv.plan(ident())
+    assert items is not None and sorted(i.read() for i in items)[0] == b"dataset 0"
+    series = srv.plan(ident("SERIES", SeriesInstanceUID=f"{STUDY}.1"))
+    assert series is not None and {i.sop_instance for i in series} == {f"{STUDY}.1", f"{STUDY}.3"}
+    image = srv.plan(ident("IMAGE", SeriesInstanceUID=f"{STUDY}.1", SOPInstanceUID=f"{STUDY}.3"))
+    assert image is not None and [i.read() for i in image] == [b"dataset 3"]
+    assert srv.plan(ident("IMAGE", SOPInstanceUID="9.9")) is None  # not cached: network
+
+
+def test_a_tampered_file_sends_the_study_to_the_network(tmp_path: Path) -> None:
+    srv, refetched = server(tmp_path, buffer=1 << 20)
+    corrupt(srv, f"{STUDY}.2")
+    assert srv.plan(ident()) is None
+    assert refetched == [STUDY] and srv.counters.damaged == 1
+    study = srv.store.study(STUDY)
+    assert study is not None and not study.complete and f"{STUDY}.2" not in study.instances
+    assert srv.plan(ident()) is None  # incomplete now: not served until refetched
+
+
+def test_an_incomplete_study_is_not_served(tmp_path: Path) -> None:
+    srv, _ = server(tmp_path, buffer=1 << 20)
+    srv.store.begin(STUDY, {}, 5, "test")  # the PACS now counts one more
+    srv.store.finish(STUDY, complete=True)
+    assert srv.plan(ident()) is None
+
+
+@pytest.mark.parametrize("buffer", [0, 1 << 20])
+def test_serve_buffer_decides_whether_a_read_is_decrypted_again(
+    tmp_path: Path, buffer: int
+) -> None:
+    srv, _ = server(tmp_path, buffer=buffer)
+    items = srv.plan(ident())
+    assert items is not None
+    corrupt(srv, items[0].sop_instance)  # after verification, before sending
+    if buffer:
+        assert items[0].read()  # held: what was verified is what is sent
+    else:
+        with pytest.raises(SealError):
+            items[0].read()  # read again: the node ends the operation with a failure

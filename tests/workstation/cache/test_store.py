@@ -1,0 +1,126 @@
+"""The sealed store: no plaintext, tamper detection, key loss, size and age bounds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from relay.workstation.cache.sealing import Sealer, SealError
+from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
+
+UID = "1.2.826.0.1.3680043.10.1341.4242"
+SECRET = b"DOE^CANARY RELAY0042 " * 50
+
+
+def store(tmp_path: Path, *, max_size: int = 1 << 20, max_age: float = 3600.0,
+          key: bytes | None = None, persist: bool = False) -> CacheStore:  # fmt: skip
+    s = CacheStore(tmp_path, Sealer(key or Sealer.new_key()), max_size=max_size,
+                   max_age=max_age, persist_index=persist)  # fmt: skip
+    s.open(fresh_key=key is None)
+    return s
+
+
+def inst(sop: str) -> CachedInstance:
+    return CachedInstance("1.2.840.10008.5.1.4.1.1.2", sop, f"{UID}.9", "1.2.840.10008.1.2.1", 0)
+
+
+def fill(s: CacheStore, study: str, count: int, size: int = 1000) -> None:
+    s.begin(study, {"PatientName": "DOE^CANARY"}, count, "test")
+    for n in range(count):
+        s.put(study, inst(f"{study}.{n}"), SECRET[:size])
+    s.finish(study, complete=True)
+
+
+def test_files_hold_no_plaintext_and_names_reveal_nothing(tmp_path: Path) -> None:
+    s = store(tmp_path, persist=True)
+    fill(s, UID, 3)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 4  # three instances and the sealed index
+    for path in files:
+        assert b"CANARY" not in path.read_bytes() and UID.encode() not in path.read_bytes()
+        assert UID not in path.name
+    study = s.study(UID)
+    assert study is not None and study.complete
+    assert s.read(study.instances[f"{UID}.0"]) == SECRET[:1000]
+
+
+def test_a_flipped_bit_or_a_swapped_file_does_not_authenticate(tmp_path: Path) -> None:
+    sealer = Sealer(Sealer.new_key())
+    a, b = sealer.seal("1.2.3", b"first"), sealer.seal("1.2.4", b"second")
+    assert a[16:32] != sealer.seal("1.2.3", b"first")[16:32]  # a fresh salt each time
+    bad = bytearray(a)
+    bad[-3] ^= 1
+    with pytest.raises(SealError):
+        sealer.open("1.2.3", bytes(bad))
+    with pytest.raises(SealError):
+        sealer.open("1.2.3", b)  # another instance's file under this name
+    with pytest.raises(SealError):
+        Sealer(Sealer.new_key()).open("1.2.3", a)  # a lost key
+
+
+def test_a_new_key_wipes_what_the_last_run_left(tmp_path: Path) -> None:
+    fill(store(tmp_path), UID, 3)
+    assert len(list((tmp_path / "objects").iterdir())) == 3
+    again = store(tmp_path)
+    assert again.studies == {} and list((tmp_path / "objects").iterdir()) == []
+
+
+def test_a_kept_key_reloads_the_sealed_index(tmp_path: Path) -> None:
+    key = Sealer.new_key()
+    fill(store(tmp_path, key=key, persist=True), UID, 2)
+    again = store(tmp_path, key=key, persist=True)
+    study = again.study(UID)
+    assert study is not None and study.complete and len(study.instances) == 2
+    (tmp_path / "index.bin").write_bytes(b"RCv1" + b"\0" * 60)
+    caplog_free = store(tmp_path, key=key, persist=True)
+    assert caplog_free.studies == {} and list((tmp_path / "objects").iterdir()) == []
+
+
+def test_size_cap_evicts_least_recently_read_first(tmp_path: Path) -> None:
+    s = store(tmp_path, max_size=5000)
+    fill(s, "1.1", 2)
+    fill(s, "1.2", 2)
+    s.touch("1.1")  # read most recently: 1.2 goes first
+    fill(s, "1.3", 2)
+    assert set(s.studies) == {"1.1", "1.3"}
+    assert s.total <= 5000
+    assert sum(p.stat().st_size for p in (tmp_path / "objects").iterdir()) == s.total
+
+
+def test_a_study_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
+    s = store(tmp_path, max_size=2500)
+    with pytest.raises(CacheFull):
+        fill(s, "1.1", 3)
+    assert s.total <= 2500
+
+
+def test_expiry_purges(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    s = store(tmp_path, max_age=10.0)
+    fill(s, UID, 2)
+    study = s.study(UID)
+    assert study is not None
+    assert s.purge_expired(now=study.created + 5) == 0
+    with caplog.at_level(logging.INFO):
+        assert s.purge_expired(now=study.created + 11) == 1
+    assert s.studies == {} and list((tmp_path / "objects").iterdir()) == []
+    assert "expired" in caplog.text and "CANARY" not in caplog.text
+
+
+def test_a_damaged_instance_makes_the_study_incomplete(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    fill(s, UID, 2)
+    s.drop_instance(UID, f"{UID}.0", "damaged")
+    study = s.study(UID)
+    assert study is not None and not study.complete and len(study.instances) == 1
+    assert len(list((tmp_path / "objects").iterdir())) == 1
+
+
+def test_states_count_studies_without_copying_the_index(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    fill(s, "1.1", 1)
+    s.begin("1.2", {}, 3, "test")
+    assert s.states() == {"complete": 1, "filling": 1, "incomplete": 0}
+    s.finish("1.2", complete=True)  # nothing arrived: not complete
+    assert s.states() == {"complete": 1, "filling": 0, "incomplete": 1}
