@@ -113,6 +113,29 @@ def trust_domain_uri(trust_domain: str) -> str:
     return SCHEME_PREFIX + check_trust_domain(trust_domain)
 
 
+CA_SITE_SEGMENT: Final = "site"
+
+
+def site_ca_uri(trust_domain: str, site: str) -> str:
+    """The SPIFFE ID a site CA carries: `spiffe://TD/site/SITE` (ties the CA to its site)."""
+    return f"{trust_domain_uri(trust_domain)}/{CA_SITE_SEGMENT}/{check_name(site, 'site')}"
+
+
+def parse_ca_uri(uri: str) -> tuple[str, str | None]:
+    """(trust domain, site) of a CA's URI SAN: `spiffe://TD/site/SITE`, or the legacy
+    `spiffe://TD` (site None)."""
+    domain, path = _split(uri)
+    if path is None:
+        return domain, None
+    segments = path.split("/")
+    if len(segments) != 2 or segments[0] != CA_SITE_SEGMENT:
+        raise IdentityError(f"bad CA ID {uri!r}: expected spiffe://TD/site/SITE")
+    try:
+        return domain, check_name(segments[1], "site")
+    except IdentityError as exc:
+        raise IdentityError(f"{exc} in {uri!r}") from None
+
+
 def _split(uri: str) -> tuple[str, str | None]:
     """Split a spiffe:// URI into (trust domain, path or None), validating the domain."""
     if not isinstance(uri, str):

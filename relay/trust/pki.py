@@ -4,8 +4,10 @@ Profile (checked by OpenSSL with X509_V_FLAG_X509_STRICT and by cryptography's R
 verifier in the tests):
 
 - CA: self-signed, BasicConstraints CA pathlen 0 (critical), KeyUsage keyCertSign+cRLSign
-  (critical), SKI. The trust domain is stored in the CA certificate as its only URI SAN,
-  `spiffe://TD`; `trust_domain_of_ca()` reads it back, so nothing else needs configuring.
+  (critical), SKI. Its only URI SAN, `spiffe://TD/site/SITE`, names the trust domain and
+  the site it issues for (`trust_domain_of_ca()`, `site_of_ca()` read them back), so that a
+  gateway trusting several site CAs refuses a certificate whose site is not its issuer's.
+  CAs made before sites were recorded carry `spiffe://TD` only (site None).
 - Leaf: BasicConstraints CA false (critical), KeyUsage digitalSignature (critical),
   ExtendedKeyUsage (gateway serverAuth; agent serverAuth+clientAuth, because it may be the
   server of the end-to-end layer; device clientAuth), exactly one URI SAN with the identity,
@@ -40,8 +42,8 @@ from relay.trust.identity import (
     Identity,
     IdentityError,
     certificate_uris,
-    parse_trust_domain_uri,
-    trust_domain_uri,
+    parse_ca_uri,
+    site_ca_uri,
 )
 
 CA_LIFETIME: Final = timedelta(days=3650)
@@ -94,11 +96,11 @@ def _check_p256(key: object, what: str) -> None:
 
 
 def create_ca(
-    trust_domain: str, lifetime: timedelta = CA_LIFETIME
+    trust_domain: str, site: str, lifetime: timedelta = CA_LIFETIME
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new self-signed site CA whose only URI SAN is `spiffe://TD`."""
+    """A new self-signed CA of `site`, whose only URI SAN is `spiffe://TD/site/SITE`."""
     try:
-        td_uri = trust_domain_uri(trust_domain)
+        td_uri = site_ca_uri(trust_domain, site)
     except IdentityError as exc:
         raise PkiError(str(exc)) from None
     key = generate_key()
@@ -141,15 +143,46 @@ def create_ca(
     return key, cert
 
 
-def trust_domain_of_ca(ca_cert: x509.Certificate) -> str:
-    """The trust domain stored in a CA certificate by `create_ca` (its `spiffe://TD` SAN)."""
+def _ca_uri(ca_cert: x509.Certificate) -> tuple[str, str | None]:
     try:
         uris = certificate_uris(ca_cert)
         if len(uris) != 1:
             raise IdentityError(f"expected exactly one URI SAN, found {len(uris)}")
-        return parse_trust_domain_uri(uris[0])
+        return parse_ca_uri(uris[0])
     except IdentityError as exc:
         raise PkiError(f"CA certificate carries no trust domain: {exc}") from None
+
+
+def trust_domain_of_ca(ca_cert: x509.Certificate) -> str:
+    """The trust domain stored in a CA certificate by `create_ca` (its URI SAN)."""
+    return _ca_uri(ca_cert)[0]
+
+
+def site_of_ca(ca_cert: x509.Certificate) -> str | None:
+    """The site a CA issues for (`spiffe://TD/site/SITE`), or None for a legacy CA."""
+    return _ca_uri(ca_cert)[1]
+
+
+def key_identifier(cert: x509.Certificate, *, authority: bool) -> bytes | None:
+    """The certificate's Subject (or, with `authority`, Authority) Key Identifier."""
+    kind: type[x509.SubjectKeyIdentifier] | type[x509.AuthorityKeyIdentifier]
+    kind = x509.AuthorityKeyIdentifier if authority else x509.SubjectKeyIdentifier
+    try:
+        value = cert.extensions.get_extension_for_class(kind).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    if isinstance(value, x509.AuthorityKeyIdentifier):
+        return value.key_identifier
+    return value.digest
+
+
+def check_ca_site(ca_cert: x509.Certificate, site: str, what: str) -> None:
+    """Refuse to issue a certificate of `site` from a CA of another site."""
+    ca_site = site_of_ca(ca_cert)
+    if ca_site is not None and ca_site != site:
+        raise PkiError(
+            f"{what}: the CA is the CA of site {ca_site!r}; it cannot issue for site {site!r}"
+        )
 
 
 def _eku_for(identity: Identity) -> list[x509.ObjectIdentifier]:
@@ -490,7 +523,7 @@ def init_pki(
         agent_identity = Identity.agent(trust_domain, site)
     except IdentityError as exc:
         raise PkiError(str(exc)) from None
-    ca_key, ca_cert = create_ca(trust_domain, ca_lifetime)
+    ca_key, ca_cert = create_ca(trust_domain, site, ca_lifetime)
     gw_key, gw_cert = _issue_gateway(ca_key, ca_cert, trust_domain, gateway_names, lifetime)
     agent_key = generate_key()
     agent_cert = issue_certificate(
@@ -525,6 +558,7 @@ def issue_agent(
 ) -> None:
     """Re-issue OUT/agent.crt agent.key ca.crt from DIR's CA (renewal)."""
     ca_key, ca_cert = load_ca(directory)
+    check_ca_site(ca_cert, site, str(directory / CA_CERT))
     try:
         identity = Identity.agent(trust_domain_of_ca(ca_cert), site)
     except IdentityError as exc:
@@ -550,6 +584,7 @@ def issue_device(
     atomically (a re-issue), never left half-written.
     """
     ca_key, ca_cert = load_ca(directory)
+    check_ca_site(ca_cert, site, str(directory / CA_CERT))
     try:
         identity = Identity.device(trust_domain_of_ca(ca_cert), site, device)
     except IdentityError as exc:

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import DNSName, IPAddress
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     PolicyBuilder,
     Store,
@@ -22,7 +22,7 @@ from cryptography.x509.verification import (
 )
 
 from relay.trust import pki
-from relay.trust.identity import Identity, identity_from_certificate
+from relay.trust.identity import Identity, certificate_uris, identity_from_certificate
 from relay.trust.pki import PkiError
 
 TD = "hospital.test"
@@ -210,6 +210,43 @@ def test_issue_device_takes_trust_domain_from_ca(tmp_path: Path) -> None:
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=2) + pki.BACKDATE
 
 
+def test_ca_names_its_site(pki_dir: Path) -> None:
+    ca = pki.load_cert(pki_dir / "ca.crt")
+    assert certificate_uris(ca) == [f"spiffe://{TD}/site/main"]
+    assert (pki.trust_domain_of_ca(ca), pki.site_of_ca(ca)) == (TD, "main")
+    agent = pki.load_cert(pki_dir / "agent.crt")
+    assert pki.key_identifier(agent, authority=True) == pki.key_identifier(ca, authority=False)
+
+
+def test_a_legacy_ca_has_a_trust_domain_and_no_site() -> None:
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = datetime.now(UTC)
+    legacy = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TD}")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    assert (pki.trust_domain_of_ca(legacy), pki.site_of_ca(legacy)) == (TD, None)
+
+
+def test_a_ca_does_not_issue_for_another_site(pki_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="CA of site 'main'; it cannot issue for site 'north'"):
+        pki.issue_device(pki_dir, "north", "ws1", tmp_path / "o")
+    with pytest.raises(PkiError, match="cannot issue for site 'north'"):
+        pki.issue_agent(pki_dir, "north", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_reissue_replaces_files_atomically(pki_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ws1"
     pki.issue_device(pki_dir, "main", "ws1", out)
@@ -256,7 +293,7 @@ def test_issue_gateway_and_agent_renewal(pki_dir: Path, tmp_path: Path) -> None:
 
 
 def test_not_before_makes_expired_certificates() -> None:
-    ca_key, ca_cert = pki.create_ca(TD, timedelta(days=10))
+    ca_key, ca_cert = pki.create_ca(TD, "main", timedelta(days=10))
     key = pki.generate_key()
     start = datetime.now(UTC) - timedelta(days=2)
     cert = pki.issue_certificate(
@@ -272,7 +309,7 @@ def test_not_before_makes_expired_certificates() -> None:
 
 
 def test_leaf_never_outlives_its_ca() -> None:
-    ca_key, ca_cert = pki.create_ca(TD, timedelta(days=1))
+    ca_key, ca_cert = pki.create_ca(TD, "main", timedelta(days=1))
     cert = pki.issue_certificate(
         ca_key,
         ca_cert,
@@ -284,7 +321,7 @@ def test_leaf_never_outlives_its_ca() -> None:
 
 
 def test_only_gateways_get_dns_sans() -> None:
-    ca_key, ca_cert = pki.create_ca(TD)
+    ca_key, ca_cert = pki.create_ca(TD, "main")
     with pytest.raises(PkiError, match="only gateway"):
         pki.issue_certificate(
             ca_key,
@@ -297,7 +334,7 @@ def test_only_gateways_get_dns_sans() -> None:
 
 
 def test_serials_are_random_and_large() -> None:
-    ca_key, ca_cert = pki.create_ca(TD)
+    ca_key, ca_cert = pki.create_ca(TD, "main")
     ident = Identity.device(TD, "main", "ws1")
     serials = {
         pki.issue_certificate(
@@ -319,7 +356,7 @@ def test_csr_round_trip() -> None:
     assert public_key.public_numbers() == key.public_key().public_numbers()
     san = loaded.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [ident.uri]
-    ca_key, ca_cert = pki.create_ca(TD)
+    ca_key, ca_cert = pki.create_ca(TD, "main")
     cert = pki.issue_certificate(ca_key, ca_cert, public_key, ident, timedelta(days=1))
     assert identity_from_certificate(cert) == ident
 
@@ -343,8 +380,8 @@ def test_ca_fingerprint(pki_dir: Path) -> None:
 
 
 def test_write_cert_bundle_round_trip(tmp_path: Path) -> None:
-    _, a = pki.create_ca("a.test")
-    _, b = pki.create_ca("b.test")
+    _, a = pki.create_ca("a.test", "main")
+    _, b = pki.create_ca("b.test", "main")
     pki.write_cert(tmp_path / "bundle.crt", [a, b])
     assert pki.load_certs(tmp_path / "bundle.crt") == [a, b]
     assert pki.load_cert(tmp_path / "bundle.crt") == a
