@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.limits import DeviceLimits, SourceLimits
 from relay.ops.config import (
     DEFAULT_LOG_LEVEL,
     Address,
+    ConfigError,
     LinkSettings,
     Reader,
     TlsFiles,
@@ -22,6 +24,7 @@ from relay.ops.config import (
     read_log_level,
     read_tls,
 )
+from relay.proto.settings import format_size
 
 __all__ = ["GatewayConfig", "GatewayConfigLoader", "read_gateway_config"]
 
@@ -43,6 +46,8 @@ class GatewayConfig:
     handshake_timeout: float = 10.0
     max_links: int = 10000
     log_level: str = DEFAULT_LOG_LEVEL
+    per_device: DeviceLimits = field(default_factory=DeviceLimits)
+    per_source: SourceLimits = field(default_factory=SourceLimits)
 
 
 def read_gateway_config(r: Reader) -> GatewayConfig:
@@ -51,18 +56,54 @@ def read_gateway_config(r: Reader) -> GatewayConfig:
     metrics_listen = r.optional_address("metrics_listen", listen=True)
     if metrics_listen == listen and listen.port != 0:
         raise r.error("metrics_listen", f"must differ from listen ({listen})")
+    limits = read_limits(r)
     return GatewayConfig(
         path=Path(os.path.abspath(r.file)),
         listen=listen,
         metrics_listen=metrics_listen,
         tls=read_tls(r),
-        limits=read_limits(r),
+        limits=limits,
         drain_grace=read_drain_grace(r, GatewayConfig.drain_grace),
         handshake_timeout=r.duration(
             "handshake_timeout", GatewayConfig.handshake_timeout, hi=300.0, above_lo=True
         ),
         max_links=r.integer("max_links", GatewayConfig.max_links, lo=1, hi=1_000_000),
         log_level=read_log_level(r),
+        per_device=read_per_device(r, limits),
+        per_source=read_per_source(r),
+    )
+
+
+def read_per_device(r: Reader, limits: LinkSettings) -> DeviceLimits:
+    """`per_device:`; `buffered` must hold one stream's window in each direction (a slow
+    but honest device queues that much) and stay below the link window (so one device can
+    never hold an agent link's whole window)."""
+    s = r.section("per_device")
+    d = DeviceLimits()
+    found = s.build(
+        DeviceLimits,
+        links=s.integer("links", d.links, lo=1, hi=10_000),
+        streams=s.integer("streams", d.streams, lo=1, hi=65_535),
+        buffered=s.size("buffered", d.buffered),
+        agent_reserve=s.integer("agent_reserve", d.agent_reserve, lo=0, hi=65_535),
+    )
+    low, high = 2 * limits.stream_window, limits.link_window
+    if not low <= found.buffered < high:
+        raise ConfigError(
+            r.file,
+            s.key("buffered"),
+            f"expected at least 2 x limits.stream_window ({format_size(low)}) and below "
+            f"limits.link_window ({format_size(high)}), got {format_size(found.buffered)}",
+        )
+    return found
+
+
+def read_per_source(r: Reader) -> SourceLimits:
+    """`per_source:` what one source address may hold."""
+    s = r.section("per_source")
+    d = SourceLimits()
+    return s.build(
+        SourceLimits, handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000)
     )
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from gateway.casites import load_ca_sites
 from gateway.config import GatewayConfigLoader
 from gateway.server import GatewayServer
-from relay.net.tls import TlsConfigError, server_context, trust_domain_of
+from relay.net.tls import TlsConfigError, server_context
 from relay.ops.config import ConfigError
 from relay.ops.reloading import ReloadError, check_own_certificate, keep_restart_only, set_log_level
 from relay.proto import ErrorCode
@@ -62,7 +63,8 @@ def reload(server: GatewayServer, load: GatewayConfigLoader) -> bool:
     path = server.config.path
     try:
         config, restart = keep_restart_only(server.config, load(path), RESTART_ONLY)
-        trust_domain = trust_domain_of(config.tls.ca)
+        ca_sites = load_ca_sites(config.tls.ca)
+        trust_domain = ca_sites.trust_domain
         if trust_domain != server.trust_domain:
             # Every device and agent certificate names the running one: they would all
             # be refused. A new trust domain is a new deployment: restart.
@@ -78,8 +80,7 @@ def reload(server: GatewayServer, load: GatewayConfigLoader) -> bool:
         return False
     if config.log_level != server.config.log_level:
         set_log_level(config.log_level)
-    server.config = config
-    server.ssl_context = context
+    server.apply_config(config, context, ca_sites)
     server.note_certificate()
     server.metrics.reloads.labels("ok").inc()
     if restart:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from gateway.limits import LIMITS
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -19,6 +21,14 @@ class GatewayMetrics:
         self.refusals = Counter(
             "relay_refusals_total", "Connections refused, by reason", ["reason"], registry=r
         )
+        self.limit_hits = Counter(
+            "relay_limit_hits_total",
+            "Times a per-device or per-source limit refused something, by limit",
+            ["limit"],
+            registry=r,
+        )
+        for limit in LIMITS:
+            self.limit_hits.labels(limit)
         self.streams = Counter(
             "relay_streams_total", "Device streams by outcome", ["site", "outcome"], registry=r
         )

@@ -9,6 +9,10 @@ gateway can neither read nor alter them. Any other target from a device is reset
 FORBIDDEN and counted. Sessions are spread over the site's agent links by device
 (rendezvous hashing), so a device keeps meeting the same agent while the set of links is
 stable (its TLS resumption ticket stays useful), and devices spread evenly.
+
+A device's sessions are counted against its caps (gateway.limits): over its session cap,
+its queued-bytes cap or its share of the agent link, its stream is reset with
+LIMIT_EXCEEDED, never another device's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from gateway.limits import DeviceLedger
 from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
 from relay.net.aio import Link, Stream
@@ -28,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 class Router:
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(self, metrics: GatewayMetrics, devices: DeviceLedger) -> None:
         self.metrics = metrics
+        self.devices = devices
         self._agents: dict[str, list[Link]] = {}
         self._turns: dict[str, int] = {}
 
@@ -78,7 +84,7 @@ class Router:
         if stream.headers.get(HEADER_TARGET) != TARGET_SESSION:
             self._refuse(stream, site, ErrorCode.FORBIDDEN, "forbidden")
             return
-        self.route(site, stream, {}, agent=self._pick_for(site, device), origin_name=device)
+        self.route(site, stream, {}, agent=self._pick_for(site, device), device=device)
 
     def route(
         self,
@@ -87,17 +93,23 @@ class Router:
         origin: dict[str, str],
         *,
         agent: Link | None = None,
-        origin_name: str = "",
+        device: str | None = None,
     ) -> None:
         """Splice a new stream to an agent of `site`, or reset it with a code.
 
         `origin` are the x-relay-* headers the gateway adds (the enrolling PC's address);
-        the agent bases no identity on them.
+        the agent bases no identity on them. `device` (its SPIFFE ID) is whose caps the
+        stream counts against.
         """
         agent = agent or self._pick(site)
         if agent is None:
             self._refuse(stream, site, ErrorCode.NO_ROUTE, "no_route")
             return
+        if device is not None:
+            refusal = self.devices.stream_refusal(device, agent, agent.conn.free_local_streams)
+            if refusal is not None:
+                self._refuse(stream, site, ErrorCode.LIMIT_EXCEEDED, refusal)
+                return
         headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
         headers.update(origin)
         try:
@@ -112,10 +124,20 @@ class Router:
         m.streams.labels(site, "routed").inc()
         gauge = m.streams_open.labels(site)
         gauge.inc()
+        budget = None
+        if device is not None:
+            self.devices.add_stream(device, agent)
+            budget = self.devices.usage(device)
+
+        def on_done() -> None:
+            gauge.dec()
+            if device is not None:
+                self.devices.remove_stream(device, agent)
+
         log.debug(
             "stream routed",
             extra={
-                "origin": origin_name or origin.get(HEADER_PEER, ""),
+                "origin": device or origin.get(HEADER_PEER, ""),
                 "stream": stream.stream_id,
                 "agent_stream": upstream.stream_id,
                 "target": stream.headers.get("target", ""),
@@ -127,7 +149,9 @@ class Router:
             upstream=m.bytes.labels("device_to_agent"),
             downstream=m.bytes.labels("agent_to_device"),
             on_reset=lambda code: m.stream_resets.labels(ErrorCode.name_of(code)).inc(),
-            on_done=gauge.dec,
+            on_done=on_done,
+            budget=budget,
+            over_budget=self.devices.over_buffered,
         )
 
     def _refuse(self, stream: Stream, site: str, code: ErrorCode, outcome: str) -> None:

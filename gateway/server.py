@@ -1,10 +1,13 @@
 """The gateway's one TLS port: accept, handshake, authenticate, attach links.
 
 Every connection is checked in this order, each failure counted by reason and logged
-without payload: capacity, TLS handshake (certificate chain, expiry, TLS 1.3), ALPN
-(one per endpoint role), identity (exactly one SPIFFE URI SAN, our trust domain, the role
-that belongs on that endpoint), revocation. Only then does the link speak the protocol,
-except to a revoked device: it is told so (GOAWAY REVOKED), then the link closes.
+without payload: capacity, handshakes pending from its source address (`per_source`),
+TLS handshake (certificate chain, expiry, TLS 1.3), ALPN (one per endpoint role),
+identity (exactly one SPIFFE URI SAN, our trust domain, the role that belongs on that
+endpoint), issuer (a CA of the identity's own site, gateway.casites), revocation, and
+for a device its link cap (`per_device.links`). Only then does the link speak the
+protocol, except to a revoked device: it is told so (GOAWAY REVOKED), then the link
+closes.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
+from gateway.casites import CaSites
 from gateway.config import GatewayConfig
 from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
+from gateway.limits import DeviceLedger, SourceLedger
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from relay.net.aio import Link
@@ -60,16 +65,20 @@ class GatewayServer:
         self,
         config: GatewayConfig,
         ssl_context: ssl.SSLContext,
-        trust_domain: str,
+        ca_sites: CaSites,
         metrics: GatewayMetrics,
     ) -> None:
         self.config = config
         self.ssl_context = ssl_context
-        self.trust_domain = trust_domain
+        self.ca_sites = ca_sites
+        self.trust_domain = ca_sites.trust_domain
         self.metrics = metrics
-        self.router = Router(metrics)
+        hit = self._limit_hit
+        self.devices = DeviceLedger(config.per_device, hit)
+        self.sources = SourceLedger(config.per_source, hit)
+        self.router = Router(metrics, self.devices)
         self.links = LinkTable()
-        self.revoked = RevocationList(trust_domain)  # memory only, relearned from agents
+        self.revoked = RevocationList(self.trust_domain)  # memory only, relearned from agents
         self.refusal_reporter = RefusalReporter(self.router)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
@@ -78,6 +87,17 @@ class GatewayServer:
         self.port: int | None = None
 
     # -- lifecycle
+
+    def _limit_hit(self, limit: str) -> None:
+        self.metrics.limit_hits.labels(limit).inc()
+
+    def apply_config(self, config: GatewayConfig, context: ssl.SSLContext, ca: CaSites) -> None:
+        """A reloaded configuration, for new links and streams (live ones keep theirs)."""
+        self.config = config
+        self.ssl_context = context
+        self.ca_sites = ca
+        self.devices.limits = config.per_device
+        self.sources.limits = config.per_source
 
     def note_certificate(self) -> None:
         """Export when our own certificate expires (alerting renews it in time)."""
@@ -127,7 +147,11 @@ class GatewayServer:
             if len(self.links) + len(self._handshakes) >= self.config.max_links:
                 self._refuse_early(conn, "capacity")
                 continue
-            task = loop.create_task(self._admit(conn))
+            host = _source_of(conn)
+            if not self.sources.begin(host):
+                self._refuse_early(conn, "source_handshakes")
+                continue
+            task = loop.create_task(self._admit(conn, host))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
@@ -146,10 +170,10 @@ class GatewayServer:
             now = asyncio.get_running_loop().time()
             self.refusal_reporter.report(reason, identity, peer or "", now)
 
-    async def _admit(self, conn: socket.socket) -> None:
+    async def _admit(self, conn: socket.socket, host: str) -> None:
         """One connection's way in; a bug here is logged, never left unretrieved."""
         try:
-            await self._handshake(conn)
+            await self._handshake(conn, host)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -158,12 +182,11 @@ class GatewayServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    async def _handshake(self, conn: socket.socket) -> None:
+    async def _handshake(self, conn: socket.socket, host: str) -> None:
         try:
-            host, port = conn.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            peer = "?"
+            peer = f"{host}:{conn.getpeername()[1]}"
+        except (OSError, IndexError):
+            peer = host
         settings = self.config.limits
         try:
             transport, link = await accept_tls(
@@ -178,6 +201,8 @@ class GatewayServer:
             self.metrics.handshakes.labels("failed").inc()
             self._refused(classify_handshake_error(exc), peer)
             return
+        finally:
+            self.sources.end(host)
         self.metrics.handshakes.labels("ok").inc()
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
@@ -203,12 +228,23 @@ class GatewayServer:
             self._refused("bad_certificate", peer)
             return
         reason = refusal_for_identity(identity, self.trust_domain, {role})
+        if reason is None and identity is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            reason = self.ca_sites.refusal(identity, der)
         if reason is None and identity is not None and identity.uri in self.revoked:
             reason = "revoked"
         if reason == "revoked":
             self._refused(reason, peer, identity)
             self._tell_revoked(link)
             return
+        device_over_cap = (
+            reason is None
+            and role == "device"
+            and identity is not None
+            and not self.devices.add_link(identity.uri)
+        )
+        if device_over_cap:
+            reason = "device_links"
         if reason is not None or identity is None:
             transport.abort()
             self._refused(reason or "no_certificate", peer, identity)
@@ -260,6 +296,7 @@ class GatewayServer:
             self.links.agents.discard(link)
             self.router.remove_agent(site, link)
         else:
+            self.devices.remove_link(identity.uri)
             links = self.links.devices.get(identity.uri, set())
             links.discard(link)
             if not links:
@@ -276,3 +313,11 @@ def _close_revoked(link: Link) -> None:
     read it (a stalled reader would otherwise hold the link, and its buffers, for good)."""
     link.close(ErrorCode.REVOKED, REVOKED_REASON)
     link.loop.call_later(REVOKED_CLOSE_BOUND, link.abort)
+
+
+def _source_of(conn: socket.socket) -> str:
+    """The address a connection comes from (the key of the per-source limits)."""
+    try:
+        return str(conn.getpeername()[0])
+    except (OSError, IndexError):
+        return "?"

@@ -8,11 +8,12 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.casites import load_ca_sites
 from gateway.config import GatewayConfig, GatewayConfigLoader
 from gateway.lifecycle import drain, reload
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
-from relay.net.tls import server_context, trust_domain_of
+from relay.net.tls import server_context
 from relay.ops.binding import listen_errors
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
@@ -37,7 +38,7 @@ async def run_gateway(
     stop = stop or asyncio.Event()
     metrics = GatewayMetrics()
     context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
-    server = GatewayServer(config, context, trust_domain_of(config.tls.ca), metrics)
+    server = GatewayServer(config, context, load_ca_sites(config.tls.ca), metrics)
     with listen_errors(config.path, "listen", config.listen):
         await server.start()
     admin: AdminServer | None = None

@@ -4,6 +4,11 @@ Each direction keeps the chunks that the destination cannot take yet. Credit goe
 to the source only when a chunk has been written to the destination link, so the queue
 of one direction never exceeds the source's stream window: a slow reader slows its
 writer, and nothing piles up in the DMZ.
+
+A device's splices also share one budget (`DeviceUsage.buffered`, both directions of all
+its streams): a chunk that takes it over `per_device.buffered` resets that stream with
+LIMIT_EXCEEDED, so no device can hold more of the gateway's memory, or of an agent
+link's window, than its cap.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
+from gateway.limits import DeviceUsage
 from relay.net.aio import Stream
+from relay.proto import ErrorCode
 
 
 class _Direction:
-    __slots__ = ("bytes", "dst", "eof", "queue", "src")
+    __slots__ = ("bytes", "dst", "eof", "queue", "queued", "src")
 
     def __init__(self, src: Stream, dst: Stream, counter: Counter) -> None:
         self.src = src
         self.dst = dst
         self.queue: deque[bytes] = deque()
+        self.queued = 0  # bytes in `queue`
         self.eof = False
         self.bytes = counter
 
@@ -39,6 +47,8 @@ class Splice:
         downstream: Counter,
         on_reset: Callable[[int], None],
         on_done: Callable[[], None],
+        budget: DeviceUsage | None = None,
+        over_budget: Callable[[DeviceUsage], bool] = lambda _: False,
     ) -> None:
         self._dirs = {
             device: _Direction(device, agent, upstream),
@@ -46,6 +56,8 @@ class Splice:
         }
         self._on_reset = on_reset
         self._on_done = on_done
+        self._budget = budget
+        self._over_budget = over_budget
         self._done = False
         device.listener = self
         agent.listener = self
@@ -55,8 +67,14 @@ class Splice:
     def on_data(self, stream: Stream, data: bytes) -> None:
         d = self._dirs[stream]
         d.queue.append(data)
+        d.queued += len(data)
+        budget = self._budget
+        if budget is not None:
+            budget.buffered += len(data)
         if len(d.queue) == 1:
             self._pump(d)
+        if budget is not None and d.queued and self._over_budget(budget):
+            stream.reset(ErrorCode.LIMIT_EXCEEDED)  # on_reset resets the other side
 
     def on_end(self, stream: Stream) -> None:
         d = self._dirs[stream]
@@ -73,6 +91,7 @@ class Splice:
         if self._done:
             return
         for d in self._dirs.values():
+            self._dequeued(d, d.queued)
             d.queue.clear()
             if d.src is not stream:
                 d.src.reset(code)
@@ -94,12 +113,18 @@ class Splice:
                 queue[0] = chunk[credit:]
                 chunk = chunk[:credit]
             dst.send_nowait(chunk)
+            self._dequeued(d, len(chunk))
             d.src.acknowledge(len(chunk))
             d.bytes.inc(len(chunk))
         if d.eof and not dst.local_closed and dst.reset_code is None:
             dst.send_nowait(b"", end_stream=True)
             if all(x.eof and not x.queue for x in self._dirs.values()):
                 self._finish()
+
+    def _dequeued(self, d: _Direction, size: int) -> None:
+        d.queued -= size
+        if self._budget is not None:
+            self._budget.buffered -= size
 
     def _finish(self) -> None:
         if not self._done:

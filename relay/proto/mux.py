@@ -107,6 +107,12 @@ class Connection:
             return 0
         return min(stream.send.credit, self._send_link.credit)
 
+    @property
+    def free_local_streams(self) -> int:
+        """Streams this side may still open now: the peer's MAX_STREAMS less ours open."""
+        local_open = len(self._streams) - self._remote_open
+        return max(0, self._peer_max_streams - local_open)
+
     def can_open_stream(self) -> bool:
         local_open = len(self._streams) - self._remote_open
         return (

@@ -13,6 +13,7 @@ import yaml
 
 from gateway.config import GatewayConfig
 from gateway.configfile import load_gateway_config
+from gateway.limits import DeviceLimits, SourceLimits
 from relay.ops.config import Address, ConfigError, LinkSettings, TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +94,22 @@ def test_values_parse(tmp_path: Path) -> None:
     )
 
 
+def test_per_device_and_per_source(tmp_path: Path) -> None:
+    path = example(tmp_path)
+    defaults = load_gateway_config(path)
+    assert (defaults.per_device, defaults.per_source) == (DeviceLimits(), SourceLimits())
+    path = edit(
+        path,
+        per_device={"links": 2, "streams": 8, "buffered": "8MiB", "agent_reserve": 16},
+        per_source={"handshakes": 5},
+    )
+    config = load_gateway_config(path)
+    assert config.per_device == DeviceLimits(
+        links=2, streams=8, buffered=8 * 1024 * 1024, agent_reserve=16
+    )
+    assert config.per_source == SourceLimits(handshakes=5)
+
+
 ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"listn": "127.0.0.1:1"}, "listn", "did you mean 'listen'"),
     ({"tls": {**TLS, "chain": "../certs/dev/ca.crt"}}, "tls.chain", "unknown key"),
@@ -110,6 +127,11 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"handshake_timeout": 0}, "handshake_timeout", "above 0s"),
     ({"max_links": "many"}, "max_links", "expected an integer 1-1000000, got 'many'"),
     ({"log_level": "trace"}, "log_level", "expected one of debug, info, warning, error"),
+    ({"per_device": {"links": 0}}, "per_device.links", "expected an integer 1-10000"),
+    ({"per_device": {"sessions": 2}}, "per_device.sessions", "unknown key"),
+    ({"per_device": {"buffered": "1MiB"}}, "per_device.buffered", "2 x limits.stream_window"),
+    ({"per_device": {"buffered": "16MiB"}}, "per_device.buffered", "below limits.link_window"),
+    ({"per_source": {"handshakes": 0}}, "per_source.handshakes", "expected an integer 1-"),
 ]
 
 
@@ -168,4 +190,5 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
     proto = ["relay.proto", *(f"relay.proto.{m}" for m in ("errors", "events", "flow", "frames"))]
     proto += ["relay.proto.mux", "relay.proto.settings"]
     expected = ["gateway", "gateway.config", "relay", "relay.ops", "relay.ops.config", *proto]
+    expected.append("gateway.limits")  # per_device:, per_source: (no I/O)
     assert out[1] == str(sorted(expected))

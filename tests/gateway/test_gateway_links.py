@@ -41,6 +41,7 @@ SETTINGS = LinkSettings()
 class World:
     pki: SitePki
     server: GatewayServer
+    pki_b: SitePki  # a second site's CA, of the same trust domain, in the gateway's bundle
 
     @property
     def port(self) -> int:
@@ -54,17 +55,19 @@ class World:
         return value or 0.0
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@contextlib.asynccontextmanager
+async def start_world(tmp_path: Path, **overrides: Any) -> AsyncIterator[World]:
+    """A gateway in-process; `overrides` are GatewayConfig fields (per_device, ...)."""
     site_pki = make_pki(tmp_path / "pki")
+    site_b = make_pki(tmp_path / "pki-b", site="siteb")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(site_pki.ca.read_bytes() + site_b.ca.read_bytes())
     config = GatewayConfig(
         path=tmp_path / "gateway.yaml",
         listen=Address(HOST, 0),
         metrics_listen=None,
-        tls=TlsFiles(site_pki.gateway.cert, site_pki.gateway.key, site_pki.ca),
-        limits=LinkSettings(),
-        drain_grace=1.0,
-        handshake_timeout=5.0,
+        tls=TlsFiles(site_pki.gateway.cert, site_pki.gateway.key, bundle),
+        **{"limits": LinkSettings(), "drain_grace": 1.0, "handshake_timeout": 5.0, **overrides},
     )
     stop = asyncio.Event()
     started: asyncio.Future[GatewayServer] = asyncio.get_running_loop().create_future()
@@ -72,9 +75,17 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         run_gateway(config, stop=stop, started=started.set_result, handle_signals=False)
     )
     server = await asyncio.wait_for(started, WAIT)
-    yield World(site_pki, server)
-    stop.set()
-    await asyncio.wait_for(task, WAIT)
+    try:
+        yield World(site_pki, server, site_b)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    async with start_world(tmp_path) as found:
+        yield found
 
 
 async def echo(stream: Stream) -> None:
@@ -227,7 +238,7 @@ async def test_half_close_passes_through(world: World) -> None:
 
 
 async def test_no_agent_for_site_resets_with_no_route(world: World, tmp_path: Path) -> None:
-    other = world.pki.issue("b-ws", Identity.device(world.pki.trust_domain, "siteb", "ws9"))
+    other = world.pki_b.device("ws9")
     agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
     device_b = await connect(world, other, wire.ALPN_DEVICE)

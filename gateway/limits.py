@@ -1,0 +1,200 @@
+"""What one device, or one source address, may hold in the gateway (DESIGN.md section 11).
+
+Every enrolled device is a potential attacker, so each has caps: links, open streams
+(sealed sessions and enrollment streams: everything it opens through the gateway), and
+bytes queued in the gateway's splices on its behalf. A source address has a cap on
+connections that have not finished the TLS handshake. `DeviceLedger` and `SourceLedger`
+count; the server, router and splice ask them before they admit, and `LimitHits` counts
+each refusal in `relay_limit_hits_total{limit=...}`.
+
+An agent link's streams are shared fairly: a device may take another stream on an agent
+link only while more than `agent_reserve` of that link's streams are free, unless it has
+none there yet. So one device at its cap leaves the reserve to others, and a device that
+has no session yet always finds one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from relay.proto.settings import FieldError, format_size
+
+__all__ = [
+    "LIMITS",
+    "DeviceLedger",
+    "DeviceLimits",
+    "DeviceUsage",
+    "SourceLedger",
+    "SourceLimits",
+]
+
+#: Values of the `limit` label of relay_limit_hits_total.
+LIMITS: Final = (
+    "device_links",
+    "device_streams",
+    "device_buffered",
+    "agent_share",
+    "source_handshakes",
+)
+
+MiB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLimits:
+    """YAML `per_device:`. Defaults fit a workstation (one link, one sealed session, a
+    renewal or enrollment now and then) with room for reconnects and parallel viewers."""
+
+    links: int = 4
+    streams: int = 32
+    buffered: int = 4 * MiB
+    agent_reserve: int = 64
+
+    def __post_init__(self) -> None:
+        for name, hi in (("links", 10_000), ("streams", 65_535), ("agent_reserve", 65_535)):
+            value = getattr(self, name)
+            low = 0 if name == "agent_reserve" else 1
+            if not low <= value <= hi:
+                raise FieldError(name, f"expected an integer {low}-{hi}, got {value}")
+        if not 64 * 1024 <= self.buffered <= 1 << 31:
+            raise FieldError(
+                "buffered", f"expected a size 64KiB-2GiB, got {format_size(self.buffered)}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLimits:
+    """YAML `per_source:`: connections from one address still in their TLS handshake."""
+
+    handshakes: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.handshakes <= 1_000_000:
+            raise FieldError("handshakes", f"expected an integer 1-1000000, got {self.handshakes}")
+
+
+@dataclass(slots=True)
+class DeviceUsage:
+    """What one device holds now; `buffered` is changed by the splices directly."""
+
+    links: int = 0
+    streams: int = 0
+    buffered: int = 0
+    by_agent: dict[object, int] = field(default_factory=dict)  # agent link -> streams
+
+
+class DeviceLedger:
+    """Links, streams and queued bytes per device identity (its SPIFFE ID).
+
+    An entry lives while the device holds a link or a stream, so the table is bounded by
+    the gateway's `max_links` times `per_device.streams` at worst.
+    """
+
+    def __init__(self, limits: DeviceLimits, hit: Callable[[str], None]) -> None:
+        self.limits = limits
+        self._hit = hit
+        self._devices: dict[str, DeviceUsage] = {}
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def usage(self, device: str) -> DeviceUsage:
+        found = self._devices.get(device)
+        if found is None:
+            found = self._devices[device] = DeviceUsage()
+        return found
+
+    def _forget_if_idle(self, device: str) -> None:
+        usage = self._devices.get(device)
+        if usage is not None and not usage.links and not usage.streams and not usage.buffered:
+            del self._devices[device]
+
+    # -- links
+
+    def add_link(self, device: str) -> bool:
+        """Count a new link of `device`, or False (counted) if it holds its cap already."""
+        usage = self.usage(device)
+        if usage.links >= self.limits.links:
+            self._hit("device_links")
+            self._forget_if_idle(device)
+            return False
+        usage.links += 1
+        return True
+
+    def remove_link(self, device: str) -> None:
+        usage = self._devices.get(device)
+        if usage is not None and usage.links:
+            usage.links -= 1
+            self._forget_if_idle(device)
+
+    # -- streams
+
+    def stream_refusal(self, device: str, agent: object, free: int) -> str | None:
+        """Why `device` may not open one more stream on `agent`, which has `free` stream
+        slots left; None if it may. A refusal is counted."""
+        usage = self.usage(device)
+        reason: str | None = None
+        if usage.streams >= self.limits.streams:
+            reason = "device_streams"
+        elif usage.buffered >= self.limits.buffered:
+            reason = "device_buffered"
+        elif usage.by_agent.get(agent, 0) and free <= self.limits.agent_reserve:
+            reason = "agent_share"
+        if reason is not None:
+            self._hit(reason)
+            self._forget_if_idle(device)
+        return reason
+
+    def add_stream(self, device: str, agent: object) -> None:
+        usage = self.usage(device)
+        usage.streams += 1
+        usage.by_agent[agent] = usage.by_agent.get(agent, 0) + 1
+
+    def remove_stream(self, device: str, agent: object) -> None:
+        usage = self._devices.get(device)
+        if usage is None:
+            return
+        usage.streams -= 1
+        left = usage.by_agent.get(agent, 0) - 1
+        if left > 0:
+            usage.by_agent[agent] = left
+        else:
+            usage.by_agent.pop(agent, None)
+        self._forget_if_idle(device)
+
+    def over_buffered(self, usage: DeviceUsage) -> bool:
+        """True (and counted) when `usage` queues more than the device may."""
+        if usage.buffered > self.limits.buffered:
+            self._hit("device_buffered")
+            return True
+        return False
+
+
+class SourceLedger:
+    """Connections per source address that have not finished the handshake."""
+
+    def __init__(self, limits: SourceLimits, hit: Callable[[str], None]) -> None:
+        self.limits = limits
+        self._hit = hit
+        self._pending: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def begin(self, host: str) -> bool:
+        """Count a handshake from `host`, or False (counted) if it has its cap open."""
+        pending = self._pending.get(host, 0)
+        if pending >= self.limits.handshakes:
+            self._hit("source_handshakes")
+            return False
+        self._pending[host] = pending + 1
+        return True
+
+    def end(self, host: str) -> None:
+        pending = self._pending.get(host, 0) - 1
+        if pending > 0:
+            self._pending[host] = pending
+        else:
+            self._pending.pop(host, None)
