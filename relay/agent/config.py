@@ -74,6 +74,15 @@ class PkiFiles:
     device_lifetime: float = DEFAULT_DEVICE_LIFETIME
 
 
+# The gateway opens one stream on the agent's link for every device session (and request
+# stream) it routes there, so the agent's MAX_STREAMS is the capacity that all devices of
+# the site on that gateway share: 4,096 = 2,000 devices with a session each, room for a
+# renewal or reconnect each, and the gateway's reserve (per_device.agent_reserve, 64).
+# Each idle stream costs the agent a few hundred bytes in the core plus what its handler
+# holds. Raise it with the number of devices per gateway.
+AGENT_LINK_SETTINGS = LinkSettings(max_streams=4096)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything `relay agent` needs; see config/agent.yaml for the keys.
@@ -92,7 +101,7 @@ class AgentConfig:
     metrics_listen: Address | None
     pacs: PacsTarget | None
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
-    limits: LinkSettings = field(default_factory=LinkSettings)
+    limits: LinkSettings = field(default_factory=lambda: AGENT_LINK_SETTINGS)
     reconnect: Backoff = field(default_factory=Backoff)
     resolve_interval: float = 30.0
     compression_level: int = 3
@@ -174,7 +183,7 @@ def read_agent_config(r: Reader) -> AgentConfig:
         metrics_listen=r.optional_address("metrics_listen", listen=True),
         pacs=_read_pacs(r),
         services=_read_services(r),
-        limits=read_limits(r),
+        limits=read_limits(r, AGENT_LINK_SETTINGS),
         reconnect=read_backoff(r),
         resolve_interval=r.duration(
             "resolve_interval", AgentConfig.resolve_interval, lo=1.0, hi=86400.0

@@ -607,10 +607,10 @@ def read_tls(r: Reader, name: str = "tls") -> TlsFiles:
     )
 
 
-def read_limits(r: Reader) -> LinkSettings:
-    """`limits:`, every sub-key optional; bounds are LinkSettings' own."""
+def read_limits(r: Reader, defaults: LinkSettings | None = None) -> LinkSettings:
+    """`limits:`, every sub-key optional (`defaults`: the role's); bounds are LinkSettings'."""
     s = r.section("limits")
-    d = LinkSettings()
+    d = defaults or LinkSettings()
     low, high = MAX_STREAMS_RANGE
     return s.build(
         LinkSettings,

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.provisional import domains
 
-from relay.agent.config import AgentConfig, load_agent_config
+from relay.agent.config import AGENT_LINK_SETTINGS, AgentConfig, load_agent_config
 from relay.dicom.pacs_target import DEFAULT_MOVE_LISTEN, PacsTarget
 from relay.ops.config import (
     Address,
@@ -323,7 +323,7 @@ def test_agent_example_loads(tmp_path: Path) -> None:
     assert config.services["ris-web"].compress is False
     assert config.services["reports"].address == Address("127.0.0.1", 8081)
     assert config.services["reports"].compress is True
-    assert config.limits == LinkSettings()
+    assert config.limits == AGENT_LINK_SETTINGS
     assert config.reconnect == Backoff(0.5, 30.0)
     assert (config.resolve_interval, config.compression_level) == (30.0, 3)
     assert (config.drain_grace, config.log_level) == (30.0, "info")
@@ -342,7 +342,7 @@ def test_agent_minimal_config_takes_defaults(tmp_path: Path) -> None:
     assert config.state_dir == Path("/var/lib/relay")
     assert (config.pki, config.pacs, config.metrics_listen) == (None, None, None)
     assert dict(config.services) == {}
-    assert config.limits == LinkSettings()
+    assert config.limits == AGENT_LINK_SETTINGS
     assert config.log_level == "info"
 
 
@@ -384,7 +384,7 @@ def test_agent_limits_and_durations_parse(tmp_path: Path) -> None:
 
     config = load_agent_config(rewrite(path, change))
     assert config.limits == LinkSettings(
-        stream_window=4 << 20, link_window=64 << 20, max_frame=16 << 10
+        stream_window=4 << 20, link_window=64 << 20, max_frame=16 << 10, max_streams=4096
     )
     assert config.reconnect == Backoff(0.25, 120.0)
     assert config.resolve_interval == 3600.0
