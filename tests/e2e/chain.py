@@ -120,7 +120,8 @@ class Proc:
 
 @dataclass
 class Chain:
-    """PKI, configs and processes for one site `main` (and a device of site `siteb`)."""
+    """PKI, configs and processes for one site `main` (and a device of site `siteb`, whose
+    CA the gateway also trusts, but whose agent never comes)."""
 
     tmp: Path
     services: dict[str, tuple[int, bool]]  # name -> (port, compress)
@@ -138,16 +139,22 @@ class Chain:
              "--site", "main", "--gateway-name", f"localhost,{HOST}"),
             ("pki", "issue", "--dir", str(pki), "--site", "main", "--device", "ws1",
              "--out", str(self.tmp / "ws1")),
-            ("pki", "issue", "--dir", str(pki), "--site", "siteb", "--device", "wsb",
-             "--out", str(self.tmp / "wsb")),
+            ("pki", "init", "--dir", str(self.tmp / "pki-b"), "--trust-domain",
+             "hospital.test", "--site", "siteb", "--gateway-name", HOST),
+            ("pki", "issue", "--dir", str(self.tmp / "pki-b"), "--site", "siteb",
+             "--device", "wsb", "--out", str(self.tmp / "wsb")),
         ):  # fmt: skip
             done = relay_cli(*args)
             assert done.returncode == 0, done.stderr
+        # The gateway trusts both site CAs; wsb checks the gateway against main's CA.
+        main_ca, b_ca = (pki / "ca.crt").read_bytes(), (self.tmp / "pki-b" / "ca.crt").read_bytes()
+        (self.tmp / "bundle.crt").write_bytes(main_ca + b_ca)
+        (self.tmp / "wsb" / "ca.crt").write_bytes(main_ca)
         limits = "limits: {keepalive_interval: 1s, keepalive_timeout: 3s}\n"
         (self.tmp / "gateway.yaml").write_text(
             f"listen: {HOST}:{self.gateway_port}\n"  # reserved
             f"metrics_listen: {HOST}:0\n"
-            "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
+            "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: bundle.crt}\n"
             "drain_grace: 2s\n" + limits
         )
         services = "".join(

@@ -1,0 +1,289 @@
+"""Issue 10 end to end: one device cannot take the gateway down for the others.
+
+Real processes from the CLI (`relay gateway`, `relay agent`, `relay workstation`) and the
+embedded PACS; DCMTK's echoscu and findscu ask the honest workstation `ws1`. The
+attackers are devices of the same site with valid certificates (clients in this test
+process, in a thread of their own) that open streams and sit on them, an address that
+opens connections and never starts TLS, and certificates whose site is not the site of
+the CA that issued them.
+
+The gateway runs with small caps so the test stays small: an agent link of 24 streams,
+12 streams per device, 8 of every agent link kept in reserve, 16 unfinished handshakes
+per address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from relay import wire
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.proto import ErrorCode, LinkSettings
+from relay.trust import pki
+from relay.trust.identity import Identity
+from tests.e2e.chain import Proc
+from tests.e2e.dicom_chain import HOST, LIMITS, DicomChain, PacsProcess, running_dicom_chain
+from tests.interop.harness import dcmtk, require_tools
+
+pytestmark = pytest.mark.interop
+
+TIMEOUT = 60.0
+AGENT_STREAMS = 24
+DEVICE_STREAMS = 12
+RESERVE = 8
+SOURCE_HANDSHAKES = 16
+FLOOD_SOURCE = "127.0.0.2"  # the flood comes from another loopback address than ws1
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsProcess]:
+    require_tools("echoscu", "findscu")
+    server = PacsProcess(tmp_path_factory.mktemp("pacs")).start()
+    yield server
+    server.stop()
+
+
+class HardenedChain(DicomChain):
+    """The DICOM chain with small caps, and a second site CA (`north`) in the gateway's
+    bundle."""
+
+    def setup(self) -> HardenedChain:
+        super().setup()
+        pki.init_pki(self.tmp / "pki-north", "hospital.test", "north", [HOST])
+        bundle = self.tmp / "bundle.crt"
+        bundle.write_bytes(
+            (self.tmp / "pki" / "ca.crt").read_bytes()
+            + (self.tmp / "pki-north" / "ca.crt").read_bytes()
+        )
+        gateway = self.tmp / "gateway.yaml"
+        gateway.write_text(
+            gateway.read_text().replace("ca: pki/ca.crt", "ca: bundle.crt")
+            + f"per_device: {{streams: {DEVICE_STREAMS}, agent_reserve: {RESERVE}}}\n"
+            + f"per_source: {{handshakes: {SOURCE_HANDSHAKES}}}\n"
+        )
+        agent = self.tmp / "agent.yaml"
+        capped = LIMITS.replace("}", f", max_streams: {AGENT_STREAMS}}}")
+        agent.write_text(agent.read_text().replace(LIMITS, capped))
+        return self
+
+    def gateway_metric(self, name: str, labels: str) -> float:
+        return self.metric("gateway", name, labels)
+
+    def hits(self, limit: str) -> float:
+        return self.gateway_metric("relay_limit_hits_total", f'limit="{limit}"')
+
+
+@pytest.fixture(scope="module")
+def chain(pacs: PacsProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HardenedChain]:
+    # Idle DICOM streams are dropped by the agent after pacs.timeout: longer than the test.
+    c = HardenedChain(tmp_path_factory.mktemp("chain"), pacs.port, pacs_timeout="5m")
+    with running_dicom_chain(c):
+        yield c
+
+
+def wait_for(predicate: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        time.sleep(0.05)
+
+
+def echo_and_find(chain: DicomChain, rounds: int) -> None:
+    """The honest radiologist: C-ECHO and C-FIND, each must succeed every time."""
+    for _ in range(rounds):
+        assert dcmtk.echoscu(chain.node, timeout=TIMEOUT).ok
+        found = dcmtk.findscu(chain.node, "STUDY", {"PatientID": ""}, timeout=TIMEOUT)
+        assert len(found.values("PatientID")) == 2  # the demo's CT and MR studies
+
+
+# --------------------------------------------------------------------------- greedy devices
+
+
+class Greedy:
+    """A device with a valid certificate that opens `count` streams and sits on them, in a
+    thread with its own event loop; `held` and `refused` say what the gateway did."""
+
+    def __init__(self, chain: DicomChain, name: str, count: int) -> None:
+        out = chain.tmp / name
+        pki.issue_device(chain.tmp / "pki", "main", name, out, timedelta(days=1))
+        self.files = (out / "device.crt", out / "device.key", out / "ca.crt")
+        self.port = chain.ports["gateway"]
+        self.count = count
+        self.streams: list[Stream] = []
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
+
+    def __enter__(self) -> Greedy:
+        self._thread.start()
+        assert self._opened.wait(30), "the greedy device never linked"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def refused(self) -> int:
+        return sum(s.reset_code == ErrorCode.LIMIT_EXCEEDED for s in list(self.streams))
+
+    @property
+    def held(self) -> int:
+        return sum(s.reset_code is None for s in list(self.streams))
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        cert, key, ca = self.files
+        ctx = tls.client_context(cert, key, ca, wire.ALPN_DEVICE)
+        _, link = await self._loop.create_connection(
+            lambda: Link(client=True, settings=LinkSettings()),
+            HOST,
+            self.port,
+            ssl=ctx,
+            server_hostname=HOST,
+        )
+        self.streams = [link.open_stream({"target": wire.TARGET_DICOM}) for _ in range(self.count)]
+        self._opened.set()
+        await self._stop.wait()
+        link.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(link.wait_closed(), 5)
+
+
+def test_devices_at_their_caps_leave_the_others_working(chain: HardenedChain) -> None:
+    """One device at its stream cap, another at its share of the agent link: ws1's C-ECHO
+    and C-FIND succeed throughout, and each refusal is counted."""
+    streams_before, share_before = chain.hits("device_streams"), chain.hits("agent_share")
+    with Greedy(chain, "greedy1", 30) as first:
+        # The device cap bites first: 12 held, 18 refused.
+        wait_for(lambda: first.refused == 30 - DEVICE_STREAMS, "greedy1 refused over its cap")
+        assert first.held == DEVICE_STREAMS
+        with Greedy(chain, "greedy2", 30) as second:
+            # 12 of 24 agent streams are free; greedy2 may take them down to the reserve.
+            held = AGENT_STREAMS - DEVICE_STREAMS - RESERVE
+            wait_for(lambda: second.refused == 30 - held, "greedy2 refused over its share")
+            assert second.held == held
+            echo_and_find(chain, rounds=3)
+            assert (first.held, second.held) == (DEVICE_STREAMS, held)
+    assert chain.hits("device_streams") - streams_before == 30 - DEVICE_STREAMS
+    assert chain.hits("agent_share") - share_before == 30 - held
+    echo_and_find(chain, rounds=1)
+
+
+# --------------------------------------------------------------------------- handshake flood
+
+
+@contextlib.contextmanager
+def silent_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
+    """`count` TCP connections from FLOOD_SOURCE that never send a byte."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.bind((FLOOD_SOURCE, 0))
+            sock.connect((HOST, port))
+            socks.append(sock)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_handshake_flood_from_one_address_leaves_devices_connecting(
+    chain: HardenedChain,
+) -> None:
+    before = chain.hits("source_handshakes")
+    chain.procs["ws1"].stop()
+    with silent_connections(chain.ports["gateway"], 200):
+        wait_for(
+            lambda: chain.hits("source_handshakes") - before == 200 - SOURCE_HANDSHAKES,
+            "the flood refused beyond its cap",
+        )
+        chain.procs["ws1"].start()  # a legitimate device connects during the flood
+        chain.wait_ready()
+        echo_and_find(chain, rounds=2)
+    refusals = chain.gateway_metric("relay_refusals_total", 'reason="source_handshakes"')
+    assert refusals >= 200 - SOURCE_HANDSHAKES
+
+
+# --------------------------------------------------------------------------- the issuer's site
+
+
+def workstation(chain: DicomChain, name: str, identity_dir: Path) -> Proc:
+    """A `relay workstation` with another identity (no DICOM node)."""
+    config = chain.tmp / f"{name}.yaml"
+    config.write_text(
+        f"gateway: {HOST}:{chain.ports['gateway']}\n"
+        f"identity_dir: {identity_dir}\n"
+        "reconnect: {initial: 0.1s, max: 1s}\n"
+        "drain_grace: 1s\n" + LIMITS
+    )
+    from tests.e2e.chain import RELAY
+
+    return Proc(name, [*RELAY, "workstation", "--config", str(config)], chain.tmp / f"{name}.log")
+
+
+def issue(ca_dir: Path, identity: Identity, out: Path, ca_for_gateway: Path) -> Path:
+    """A device certificate signed by `ca_dir`'s CA whatever the identity's site says."""
+    ca_key, ca_cert = pki.load_ca(ca_dir)
+    key = pki.generate_key()
+    cert = pki.issue_certificate(ca_key, ca_cert, key.public_key(), identity, timedelta(days=1))
+    out.mkdir(parents=True, exist_ok=True)
+    pki.write_key(out / "device.key", key)
+    pki.write_cert(out / "device.crt", cert)
+    (out / "ca.crt").write_bytes(ca_for_gateway.read_bytes())
+    return out
+
+
+def test_a_certificate_of_another_site_is_refused(chain: HardenedChain) -> None:
+    """main's CA mints a device of site north, north's CA one of site main: both refused,
+    while north's own device is linked (two site CAs of one trust domain in the bundle)."""
+    main_ca = chain.tmp / "pki" / "ca.crt"
+    td = "hospital.test"
+    forged = [
+        issue(chain.tmp / "pki", Identity.device(td, "north", "x1"), chain.tmp / "x1", main_ca),
+        issue(
+            chain.tmp / "pki-north", Identity.device(td, "main", "x2"), chain.tmp / "x2", main_ca
+        ),
+    ]
+    own = issue(
+        chain.tmp / "pki-north", Identity.device(td, "north", "n1"), chain.tmp / "n1", main_ca
+    )
+    before = chain.gateway_metric("relay_refusals_total", 'reason="wrong_site"')
+    procs = [workstation(chain, p.name, p) for p in (*forged, own)]
+    try:
+        for proc in procs:
+            proc.start()
+        wait_for(
+            lambda: (
+                chain.gateway_metric("relay_refusals_total", 'reason="wrong_site"') >= before + 2
+            ),
+            "both forged devices refused",
+        )
+        wait_for(
+            lambda: chain.gateway_metric("relay_links", 'role="device",site="north"') == 1,
+            "north's own device linked",
+        )
+        log = chain.procs["gateway"].output()
+        assert '"reason":"wrong_site"' in log
+        assert "spiffe://hospital.test/device/north/x1" in log
+    finally:
+        for proc in procs:
+            proc.stop()
+    echo_and_find(chain, rounds=1)
