@@ -154,6 +154,20 @@ def test_more_streams_than_max_streams_are_refused_and_the_link_survives() -> No
     assert conn.terminated is None
 
 
+def test_free_local_streams_follows_the_peers_max_streams() -> None:
+    """What the gateway's fair share reads: streams this side may still open."""
+    conn = raw_peer(client=False, peer_settings=settings(max_streams=3))
+    conn.receive_data(open_frame(1), 1.0)  # the peer's own streams do not count
+    assert conn.free_local_streams == 3
+    opened = [conn.open_stream({"t": "x"}) for _ in range(2)]
+    assert conn.free_local_streams == 1
+    conn.reset_stream(opened[0], ErrorCode.CANCEL)
+    assert conn.free_local_streams == 2
+    conn.open_stream({"t": "x"})
+    conn.open_stream({"t": "x"})
+    assert (conn.free_local_streams, conn.can_open_stream()) == (0, False)
+
+
 def test_stream_id_of_our_own_parity_is_a_protocol_error() -> None:
     conn = raw_peer(client=False)
     assert_terminated(conn, conn.receive_data(open_frame(2), 1.0), ErrorCode.PROTOCOL_ERROR)
