@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.lifecycle import reload
 from gateway.limits import DeviceLimits, SourceLimits
 from relay import wire
 from relay.net import tls
@@ -120,6 +122,19 @@ async def test_links_per_device(tmp_path: Path) -> None:
         await until(lambda: world.server.devices.usage(pair_uri(world)).links == 2, "relinked")
         for link in (links[1], other, again):
             link.close()
+
+
+async def test_a_reload_changes_the_caps_for_new_links(tmp_path: Path) -> None:
+    async with start_world(tmp_path, per_device=DeviceLimits(links=1)) as world:
+        pair = world.pki.device("ws1")
+        first = await connect(world, pair, wire.ALPN_DEVICE)
+        await expect_refused(world, "device_links", connect(world, pair, wire.ALPN_DEVICE))
+        config = dataclasses.replace(world.server.config, per_device=DeviceLimits(links=2))
+        assert reload(world.server, lambda _: config)
+        second = await connect(world, pair, wire.ALPN_DEVICE)
+        await until(lambda: world.server.devices.usage(pair_uri(world)).links == 2, "2 links")
+        first.close()
+        second.close()
 
 
 def pair_uri(world: World, name: str = "ws1") -> str:
