@@ -41,6 +41,7 @@ AGENT_STREAMS = 24
 DEVICE_STREAMS = 12
 RESERVE = 8
 SOURCE_HANDSHAKES = 16
+DEVICE_LINKS = 4  # the default
 FLOOD_SOURCE = "127.0.0.2"  # the flood comes from another loopback address than ws1
 
 
@@ -148,21 +149,48 @@ class Greedy:
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        cert, key, ca = self.files
-        ctx = tls.client_context(cert, key, ca, wire.ALPN_DEVICE)
-        _, link = await self._loop.create_connection(
-            lambda: Link(client=True, settings=LinkSettings()),
-            HOST,
-            self.port,
-            ssl=ctx,
-            server_hostname=HOST,
-        )
+        link = await dial(self.files, self.port)
         self.streams = [link.open_stream({"target": wire.TARGET_DICOM}) for _ in range(self.count)]
         self._opened.set()
         await self._stop.wait()
         link.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(link.wait_closed(), 5)
+
+
+async def dial(files: tuple[Path, Path, Path], port: int) -> Link:
+    cert, key, ca = files
+    ctx = tls.client_context(cert, key, ca, wire.ALPN_DEVICE)
+    _, link = await asyncio.get_running_loop().create_connection(
+        lambda: Link(client=True, settings=LinkSettings()),
+        HOST,
+        port,
+        ssl=ctx,
+        server_hostname=HOST,
+    )
+    return link
+
+
+def test_links_over_the_device_cap_are_refused(chain: HardenedChain) -> None:
+    out = chain.tmp / "many-links"
+    pki.issue_device(chain.tmp / "pki", "main", "many-links", out, timedelta(days=1))
+    files = (out / "device.crt", out / "device.key", out / "ca.crt")
+    before = chain.hits("device_links")
+
+    async def five_links() -> None:
+        links = [await dial(files, chain.ports["gateway"]) for _ in range(DEVICE_LINKS + 1)]
+        await asyncio.to_thread(
+            wait_for, lambda: chain.hits("device_links") == before + 1, "the fifth refused"
+        )
+        closed = await asyncio.wait_for(links[-1].wait_closed(), TIMEOUT)
+        assert closed is not None
+        assert not any(link.closed.done() for link in links[:-1])
+        for link in links:
+            link.close()
+
+    asyncio.run(five_links())
+    assert chain.gateway_metric("relay_refusals_total", 'reason="device_links"') >= 1
+    echo_and_find(chain, rounds=1)
 
 
 def test_devices_at_their_caps_leave_the_others_working(chain: HardenedChain) -> None:
