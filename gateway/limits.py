@@ -134,7 +134,7 @@ class DeviceLedger:
     def stream_refusal(self, device: str, agent: object, free: int) -> str | None:
         """Why `device` may not open one more stream on `agent`, which has `free` stream
         slots left; None if it may. A refusal is counted."""
-        usage = self.usage(device)
+        usage = self._devices.get(device) or DeviceUsage()  # no entry made by asking
         reason: str | None = None
         if usage.streams >= self.limits.streams:
             reason = "device_streams"
@@ -144,7 +144,6 @@ class DeviceLedger:
             reason = "agent_share"
         if reason is not None:
             self._hit(reason)
-            self._forget_if_idle(device)
         return reason
 
     def add_stream(self, device: str, agent: object) -> None:
