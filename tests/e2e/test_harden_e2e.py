@@ -3,7 +3,7 @@
 Real processes from the CLI (`relay gateway`, `relay agent`, `relay workstation`) and the
 embedded PACS; DCMTK's echoscu and findscu ask the honest workstation `ws1`. The
 attackers are devices of the same site with valid certificates (clients in this test
-process, in a thread of their own) that open streams and sit on them, an address that
+process, in a thread of their own) that open sealed sessions and sit on them, an address that
 opens connections and never starts TLS, and certificates whose site is not the site of
 the CA that issued them.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -29,6 +30,8 @@ from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode, LinkSettings
+from relay.seal.policy import agent_check, session_client_context
+from relay.seal.session import SealedLink, establish
 from relay.trust import pki
 from relay.trust.identity import Identity
 from tests.e2e.chain import Proc
@@ -114,8 +117,9 @@ def echo_and_find(chain: DicomChain, rounds: int) -> None:
 
 
 class Greedy:
-    """A device with a valid certificate that opens `count` streams and sits on them, in a
-    thread with its own event loop; `held` and `refused` say what the gateway did."""
+    """A device with a valid certificate that opens `count` sealed sessions with its agent
+    and sits on them, in a thread with its own event loop; `held` (sessions established)
+    and `refused` (outer streams reset with LIMIT_EXCEEDED) say what the gateway did."""
 
     def __init__(self, chain: DicomChain, name: str, count: int) -> None:
         out = chain.tmp / name
@@ -124,6 +128,7 @@ class Greedy:
         self.port = chain.ports["gateway"]
         self.count = count
         self.streams: list[Stream] = []
+        self.sessions: list[Link] = []
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opened = threading.Event()
@@ -145,18 +150,39 @@ class Greedy:
 
     @property
     def held(self) -> int:
-        return sum(s.reset_code is None for s in list(self.streams))
+        return sum(not link.closed.done() for link in list(self.sessions))
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         link = await dial(self.files, self.port)
-        self.streams = [link.open_stream({"target": wire.TARGET_DICOM}) for _ in range(self.count)]
+        ctx = session_client_context(*self.files)
+        self.streams = [
+            link.open_stream({"target": wire.TARGET_SESSION}) for _ in range(self.count)
+        ]
         self._opened.set()
+        sealed = await asyncio.gather(
+            *(self._establish(stream, ctx) for stream in self.streams), return_exceptions=True
+        )
+        self.sessions = [s.link for s in sealed if isinstance(s, SealedLink)]
         await self._stop.wait()
+        for session in self.sessions:
+            session.abort()
         link.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(link.wait_closed(), 5)
+
+    @staticmethod
+    async def _establish(stream: Stream, ctx: ssl.SSLContext) -> SealedLink:
+        return await establish(
+            stream,
+            ctx,
+            server_side=False,
+            alpn=wire.ALPN_SESSION,
+            check_peer=agent_check("hospital.test", "main"),
+            settings=LinkSettings(),
+            name="greedy",
+        )
 
 
 async def dial(files: tuple[Path, Path, Path], port: int) -> Link:
@@ -201,12 +227,15 @@ def test_devices_at_their_caps_leave_the_others_working(chain: HardenedChain) ->
     with Greedy(chain, "greedy1", 30) as first:
         # The device cap bites first: 12 held, 18 refused.
         wait_for(lambda: first.refused == 30 - DEVICE_STREAMS, "greedy1 refused over its cap")
-        assert first.held == DEVICE_STREAMS
+        wait_for(lambda: first.held == DEVICE_STREAMS, "greedy1's sessions established")
+        # greedy2 may take the agent link's free streams down to the reserve (ws1's
+        # session holds one as well).
+        open_now = chain.gateway_metric("relay_streams_open", 'site="main"')
+        held = int(AGENT_STREAMS - open_now - RESERVE)
+        assert held > 0
         with Greedy(chain, "greedy2", 30) as second:
-            # 12 of 24 agent streams are free; greedy2 may take them down to the reserve.
-            held = AGENT_STREAMS - DEVICE_STREAMS - RESERVE
             wait_for(lambda: second.refused == 30 - held, "greedy2 refused over its share")
-            assert second.held == held
+            wait_for(lambda: second.held == held, "greedy2's sessions established")
             echo_and_find(chain, rounds=3)
             assert (first.held, second.held) == (DEVICE_STREAMS, held)
     assert chain.hits("device_streams") - streams_before == 30 - DEVICE_STREAMS

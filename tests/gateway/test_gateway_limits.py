@@ -146,9 +146,9 @@ async def test_streams_per_device_refuse_that_device_only(tmp_path: Path) -> Non
         agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
         await wait_for_agents(world, "main")
         greedy = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
-        idle = [greedy.open_stream({"target": "tcp:echo"}) for _ in range(4)]
+        idle = [greedy.open_stream({"target": "session"}) for _ in range(4)]
         await until(lambda: world.server.devices.usage(pair_uri(world)).streams == 4, "4 open")
-        over = greedy.open_stream({"target": "tcp:echo"})
+        over = greedy.open_stream({"target": "session"})
         assert await reset_code(over) == ErrorCode.LIMIT_EXCEEDED
         assert hits(world, "device_streams") == 1
         polite = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
@@ -169,16 +169,16 @@ async def test_agent_link_keeps_a_reserve_for_other_devices(tmp_path: Path) -> N
     async with start_world(tmp_path, per_device=limits) as world:
         agent = await agent_with(world, LinkSettings(max_streams=8))
         greedy = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
-        held = [greedy.open_stream({"target": "tcp:echo"}) for _ in range(4)]
+        held = [greedy.open_stream({"target": "session"}) for _ in range(4)]
         await until(lambda: world.server.devices.usage(pair_uri(world)).streams == 4, "4 open")
-        over = greedy.open_stream({"target": "tcp:echo"})
+        over = greedy.open_stream({"target": "session"})
         assert await reset_code(over) == ErrorCode.LIMIT_EXCEEDED
         assert hits(world, "agent_share") == 1
         others = [
             await connect(world, world.pki.device(f"ws{i}"), wire.ALPN_DEVICE) for i in (2, 3)
         ]
         for i, link in enumerate(others, start=2):
-            link.open_stream({"target": "tcp:echo"})
+            link.open_stream({"target": "session"})
             await until(
                 lambda i=i: world.server.devices.usage(pair_uri(world, f"ws{i}")).streams == 1,
                 f"ws{i} routed",
@@ -229,7 +229,7 @@ async def test_bytes_buffered_per_device(tmp_path: Path) -> None:
         stalled = await dial_device(
             world, world.pki.device("ws1"), LinkSettings(stream_window=window)
         )
-        streams = [stalled.open_stream({"target": "tcp:x"}) for _ in range(3)]
+        streams = [stalled.open_stream({"target": "session"}) for _ in range(3)]
         for stream in streams:
             await stream.write(b"send me a lot")
         await until(lambda: hits(world, "device_buffered") >= 1, "budget hit")

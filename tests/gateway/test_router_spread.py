@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from gateway.limits import DeviceLedger, DeviceLimits
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 
@@ -26,7 +27,7 @@ class _Link:
 
 
 def _router(names: list[str]) -> tuple[Router, list[Any]]:
-    router = Router(GatewayMetrics())
+    router = Router(GatewayMetrics(), DeviceLedger(DeviceLimits(), lambda _: None))
     links: list[Any] = [_Link(n) for n in names]
     for link in links:
         router.add_agent("main", link)
