@@ -1,16 +1,17 @@
 """What one device, or one source address, may hold in the gateway (DESIGN.md section 11).
 
 Every enrolled device is a potential attacker, so each has caps: links, open streams
-(sealed sessions and enrollment streams: everything it opens through the gateway), and
+(its sealed sessions: all a device may open through the gateway), and
 bytes queued in the gateway's splices on its behalf. A source address has a cap on
 connections that have not finished the TLS handshake. `DeviceLedger` and `SourceLedger`
-count; the server, router and splice ask them before they admit, and `LimitHits` counts
-each refusal in `relay_limit_hits_total{limit=...}`.
+count; the server, router and splice ask them before they admit, and each refusal is
+counted in `relay_limit_hits_total{limit=...}` (the `hit` callback).
 
 An agent link's streams are shared fairly: a device may take another stream on an agent
 link only while more than `agent_reserve` of that link's streams are free, unless it has
-none there yet. So one device at its cap leaves the reserve to others, and a device that
-has no session yet always finds one.
+none there yet (the router then tries the site's other agent links first). So one device
+at its cap leaves the reserve to others, and a device that has no session yet always
+finds one.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ MiB: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class DeviceLimits:
-    """YAML `per_device:`. Defaults fit a workstation (one link, one sealed session, a
-    renewal or enrollment now and then) with room for reconnects and parallel viewers."""
+    """YAML `per_device:`. Defaults fit a workstation (one link, one sealed session on it)
+    with room for reconnects: a new link, or a new session, before the old one is gone."""
 
     links: int = 4
-    streams: int = 32
+    streams: int = 8
     buffered: int = 4 * MiB
     agent_reserve: int = 64
 
@@ -140,11 +141,17 @@ class DeviceLedger:
             reason = "device_streams"
         elif usage.buffered >= self.limits.buffered:
             reason = "device_buffered"
-        elif usage.by_agent.get(agent, 0) and free <= self.limits.agent_reserve:
+        elif not self.within_share(device, agent, free):
             reason = "agent_share"
         if reason is not None:
             self._hit(reason)
         return reason
+
+    def within_share(self, device: str, agent: object, free: int) -> bool:
+        """Whether `device` may take one more of the `free` streams of `agent` (not counted)."""
+        usage = self._devices.get(device)
+        held = usage.by_agent.get(agent, 0) if usage is not None else 0
+        return not held or free > self.limits.agent_reserve
 
     def add_stream(self, device: str, agent: object) -> None:
         usage = self.usage(device)

@@ -69,7 +69,8 @@ class Router:
         return min(rotated, key=lambda link: link.conn.open_streams)
 
     def _pick_for(self, site: str, device: str) -> Link | None:
-        """The agent link of `site` that `device` hashes highest with (rendezvous)."""
+        """The agent link of `site` that `device` hashes highest with (rendezvous), passing
+        over a link where the device has used up its share while another has room."""
         usable = [link for link in self._agents.get(site, ()) if link.conn.can_open_stream()]
         if not usable:
             return None
@@ -77,7 +78,11 @@ class Router:
         def weight(link: Link) -> bytes:
             return hashlib.blake2b(f"{device}|{link.name}".encode(), digest_size=8).digest()
 
-        return max(usable, key=weight)
+        ranked = sorted(usable, key=weight, reverse=True)
+        for link in ranked:
+            if self.devices.within_share(device, link, link.conn.free_local_streams):
+                return link
+        return ranked[0]  # refused (and counted) by route()
 
     def route_session(self, site: str, stream: Stream, device: str) -> None:
         """A device's stream: a sealed session to an agent of its site, or FORBIDDEN."""
