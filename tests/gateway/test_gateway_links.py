@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 
 from gateway.config import GatewayConfig
+from gateway.limits import DeviceLimits
 from gateway.server import GatewayServer
 from gateway.service import run_gateway
 from relay import wire
@@ -182,6 +183,7 @@ async def test_own_certificate_expiry_is_exported(world: World) -> None:
 
 
 async def test_twenty_concurrent_streams(world: World) -> None:
+    world.server.devices.limits = DeviceLimits(streams=20)  # above the session cap of 8
     agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
     await wait_for_agents(world, "main")
     device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
