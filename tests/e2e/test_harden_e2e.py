@@ -19,6 +19,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
@@ -34,7 +35,7 @@ from relay.seal.policy import agent_check, session_client_context
 from relay.seal.session import SealedLink, establish
 from relay.trust import pki
 from relay.trust.identity import Identity
-from tests.e2e.chain import Proc
+from tests.e2e.chain import RELAY, Proc
 from tests.e2e.dicom_chain import HOST, LIMITS, DicomChain, PacsProcess, running_dicom_chain
 from tests.interop.harness import dcmtk, require_tools
 
@@ -96,8 +97,7 @@ def chain(pacs: PacsProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def wait_for(predicate: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    import time
-
+    """Poll a condition (bounded); the assertion is the condition itself."""
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
@@ -292,8 +292,6 @@ def workstation(chain: DicomChain, name: str, identity_dir: Path) -> Proc:
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n" + LIMITS
     )
-    from tests.e2e.chain import RELAY
-
     return Proc(name, [*RELAY, "workstation", "--config", str(config)], chain.tmp / f"{name}.log")
 
 
