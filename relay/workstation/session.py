@@ -98,7 +98,8 @@ class SessionKeeper:
         self.settings = settings
         self.handshake_timeout = handshake_timeout
         self.backoff = ExponentialBackoff(RETRY_BASE, RETRY_CAP, rng=rng)
-        self.link: Link | None = None
+        self._link: _SessionLink | None = None
+        self._outer: Link | None = None  # the gateway link the current session runs on
         self.up = asyncio.Event()
         self.links: set[Link] = set()  # the current session and any still draining
         self.stats = SessionStats()
@@ -113,6 +114,23 @@ class SessionKeeper:
     @property
     def address(self) -> Address:
         return self.kept.address
+
+    @property
+    def link(self) -> Link | None:
+        """The session new streams go to, or None while there is no usable one.
+
+        Checked at every use, not only by the watcher: between a gateway's (or the agent's)
+        goaway and the watcher's next look, a stream opened on the old session would reach
+        a draining gateway's agent as if nothing had happened.
+        """
+        link, outer = self._link, self._outer
+        if link is None or outer is None or self._stopping:
+            return None
+        if link.closed.done() or link.goaway_reason is not None or link.is_closing:
+            return None
+        if outer.is_closing or self.kept.link is not outer:
+            return None
+        return link
 
     def start(self) -> None:
         if self._task is None:
@@ -139,14 +157,14 @@ class SessionKeeper:
                 await asyncio.sleep(self.backoff.next_delay())
                 continue
             self.backoff.reset()
-            self.link = link
+            self._link, self._outer = link, outer_link
             self.up.set()
             try:
                 await self._watch(link, outer_link)
             finally:
                 self.up.clear()
-                if self.link is link:
-                    self.link = None
+                if self._link is link:
+                    self._link = self._outer = None
             self._retire(link)
 
     async def _open(self, outer_link: Link | None) -> _SessionLink | None:
@@ -271,4 +289,4 @@ class SessionKeeper:
         for task in list(self._drains):
             task.cancel()
         await asyncio.gather(*self._drains, return_exceptions=True)
-        self.link = None
+        self._link = self._outer = None

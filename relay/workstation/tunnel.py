@@ -60,7 +60,9 @@ class LinkSource(Protocol):
     """Where the Tunnel's streams go: the sealed session (or, in tests, a KeptLink)."""
 
     up: asyncio.Event
-    link: Link | None
+
+    @property
+    def link(self) -> Link | None: ...
 
     @property
     def address(self) -> Address: ...

@@ -65,7 +65,7 @@ def test_ci_turns_interop_skips_into_failures(
 ) -> None:
     tests_dir = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("CI", ci)
-    monkeypatch.setenv("PYTHONPATH", str(tests_dir))
+    monkeypatch.setenv("PYTHONPATH", str(tests_dir.parent))  # conftest imports tests.*
     pytester.makeconftest((tests_dir / "conftest.py").read_text())
     pytester.makepyfile(INNER_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
