@@ -28,13 +28,17 @@ from relay.proto.settings import format_size
 
 __all__ = ["GatewayConfig", "GatewayConfigLoader", "read_gateway_config"]
 
+MIN_HEAP_SLACK = 1024 * 1024
+MAX_HEAP_SLACK = 4 * 1024**3
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything `relay gateway` needs; see config/gateway.yaml for the keys.
 
     `metrics_listen` None means no metrics/health listener. `drain_grace` and
-    `handshake_timeout` are seconds.
+    `handshake_timeout` are seconds. `heap_slack`: free heap bytes kept before they are
+    handed back to the kernel (relay.ops.heap).
     """
 
     path: Path
@@ -45,6 +49,7 @@ class GatewayConfig:
     drain_grace: float = 30.0
     handshake_timeout: float = 10.0
     max_links: int = 10000
+    heap_slack: int = 16 * 1024 * 1024
     log_level: str = DEFAULT_LOG_LEVEL
     per_device: DeviceLimits = field(default_factory=DeviceLimits)
     per_source: SourceLimits = field(default_factory=SourceLimits)
@@ -68,6 +73,7 @@ def read_gateway_config(r: Reader) -> GatewayConfig:
             "handshake_timeout", GatewayConfig.handshake_timeout, hi=300.0, above_lo=True
         ),
         max_links=r.integer("max_links", GatewayConfig.max_links, lo=1, hi=1_000_000),
+        heap_slack=_heap_slack(r),
         log_level=read_log_level(r),
         per_device=read_per_device(r, limits),
         per_source=read_per_source(r),
@@ -105,6 +111,13 @@ def read_per_source(r: Reader) -> SourceLimits:
     return s.build(
         SourceLimits, handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000)
     )
+
+
+def _heap_slack(r: Reader) -> int:
+    slack = r.size("heap_slack", GatewayConfig.heap_slack)
+    if not MIN_HEAP_SLACK <= slack <= MAX_HEAP_SLACK:
+        raise r.error("heap_slack", f"expected a size 1MiB-4GiB, got {slack}")
+    return slack
 
 
 # Reads the config file at a path (start-up and SIGHUP): gateway.configfile's.

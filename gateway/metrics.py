@@ -59,6 +59,11 @@ class GatewayMetrics:
             ["role"],
             registry=r,
         )
+        self.heap_trims = Counter(
+            "relay_heap_trims_total",
+            "Times more than heap_slack of free heap was handed back to the kernel",
+            registry=r,
+        )
         self.draining = Gauge("relay_draining", "1 while the gateway drains", registry=r)
         self.reloads = Counter(
             "relay_reloads_total",

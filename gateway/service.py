@@ -15,6 +15,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
 from relay.net.tls import server_context
 from relay.ops.binding import listen_errors
+from relay.ops.heap import keep_trimmed
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
 from relay.ops.runtime import run_loop
@@ -41,6 +42,10 @@ async def run_gateway(
     server = GatewayServer(config, context, load_ca_sites(config.tls.ca), metrics)
     with listen_errors(config.path, "listen", config.listen):
         await server.start()
+    # Handshake floods free memory mid-heap that glibc would otherwise keep (relay.ops.heap).
+    trimmer = loop.create_task(
+        keep_trimmed(config.heap_slack, on_trim=lambda _: metrics.heap_trims.inc())
+    )
     admin: AdminServer | None = None
     if config.metrics_listen is not None:
 
@@ -66,6 +71,7 @@ async def run_gateway(
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        trimmer.cancel()
         await server.stop_accepting()
         if admin is not None:
             await admin.stop()

@@ -60,6 +60,7 @@ def test_example_loads(tmp_path: Path) -> None:
     assert config.limits == LinkSettings()
     assert (config.drain_grace, config.handshake_timeout) == (30.0, 10.0)
     assert (config.max_links, config.log_level) == (10000, "info")
+    assert config.heap_slack == 16 * 1024 * 1024
 
 
 def test_minimal_config_takes_defaults(tmp_path: Path) -> None:
@@ -83,12 +84,14 @@ def test_values_parse(tmp_path: Path) -> None:
         drain_grace="2m",
         handshake_timeout=2.5,
         max_links=50,
+        heap_slack="64MiB",
         log_level="debug",
         limits={"max_streams": 1000, "keepalive_interval": "5s", "keepalive_timeout": "20s"},
     )
     config = load_gateway_config(path)
     assert (config.drain_grace, config.handshake_timeout) == (120.0, 2.5)
     assert (config.max_links, config.log_level) == (50, "debug")
+    assert config.heap_slack == 64 * 1024 * 1024
     assert config.limits == LinkSettings(
         max_streams=1000, keepalive_interval=5.0, keepalive_timeout=20.0
     )
@@ -126,6 +129,8 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"drain_grace": "30 seconds"}, "drain_grace", "expected a duration"),
     ({"handshake_timeout": 0}, "handshake_timeout", "above 0s"),
     ({"max_links": "many"}, "max_links", "expected an integer 1-1000000, got 'many'"),
+    ({"heap_slack": "512KiB"}, "heap_slack", "expected a size 1MiB-4GiB"),
+    ({"heap_slack": "8GiB"}, "heap_slack", "expected a size 1MiB-4GiB"),
     ({"log_level": "trace"}, "log_level", "expected one of debug, info, warning, error"),
     ({"per_device": {"links": 0}}, "per_device.links", "expected an integer 1-10000"),
     ({"per_device": {"sessions": 2}}, "per_device.sessions", "unknown key"),
