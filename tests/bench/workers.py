@@ -220,19 +220,25 @@ def tls_sender(args: dict[str, Any], counters: Counters) -> None:
 
 
 def tls_sink(args: dict[str, Any], counters: Counters) -> None:
-    """Plain TLS (blocking socket) sink, behind HAProxy: reads and discards."""
+    """Plain TLS (blocking socket) sink, behind HAProxy: reads and discards.
+
+    Connections are served one after another: the port probes of a chain of proxies in
+    front (stunnel, HAProxy) reach it as short connections before the sender's.
+    """
     ctx = server_ctx(args)
     listener = socket.create_server((HOST, 0))
     emit("ready", port=listener.getsockname()[1])
     listener.settimeout(CONNECT_TIMEOUT)
-    raw, _ = listener.accept()
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    raw.settimeout(CONNECT_TIMEOUT)
-    sock = ctx.wrap_socket(raw, server_side=True)
-    sock.settimeout(None)
     buf = bytearray(SEND_BUFFER)
-    while n := sock.recv_into(buf):
-        counters.bytes += n
+    while True:
+        raw, _ = listener.accept()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(CONNECT_TIMEOUT)
+        with contextlib.suppress(OSError), raw:
+            sock = ctx.wrap_socket(raw, server_side=True)
+            sock.settimeout(None)
+            while n := sock.recv_into(buf):
+                counters.bytes += n
 
 
 # --- idle links and handshakes ----------------------------------------------------------
