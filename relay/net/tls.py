@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -153,16 +154,28 @@ async def accept_tls(
     return transport, cast(_P, transport.get_protocol())
 
 
+#: Certificates whose identity `peer_identity` remembers (about 1 KB each).
+IDENTITY_CACHE_SIZE: Final = 1024
+
+
+@functools.lru_cache(maxsize=IDENTITY_CACHE_SIZE)
+def _identity_of(der: bytes) -> Identity:
+    return identity_from_der(der)
+
+
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> Identity | None:
     """The verified peer's identity, or None if it sent no certificate.
 
     Raises IdentityError if the certificate (signed by our CA) carries no valid relay
-    SPIFFE ID; count that as "bad_certificate".
+    SPIFFE ID; count that as "bad_certificate". Devices reconnect with the same
+    certificate, and parsing it is ~4% of a gateway handshake: identities are cached by
+    the certificate's DER (bounded LRU; an Identity is immutable, and the chain was
+    verified by this handshake).
     """
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
-    return identity_from_der(der)
+    return _identity_of(der)
 
 
 def refusal_for_identity(

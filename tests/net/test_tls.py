@@ -147,6 +147,17 @@ def test_device_certificate_is_accepted(kind: LoopKind, mode: ServerMode, world:
     assert out.server_ssl_object.version() == "TLSv1.3"
 
 
+def test_identities_are_cached_by_certificate_within_a_bound(world: World) -> None:
+    kind, mode = SERVER_PATHS[0]
+    first = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(world.device)))
+    again = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(world.device)))
+    hits = tls._identity_of.cache_info().hits
+    assert tls.peer_identity(first.server_ssl_object) == Identity.device(TD, "main", "ws1")
+    assert tls.peer_identity(again.server_ssl_object) == Identity.device(TD, "main", "ws1")
+    assert tls._identity_of.cache_info().hits >= hits + 1
+    assert tls._identity_of.cache_info().maxsize == tls.IDENTITY_CACHE_SIZE
+
+
 @paths
 def test_agent_certificate_is_accepted(kind: LoopKind, mode: ServerMode, world: World) -> None:
     out = _go(kind, mode, world.server_ctx(), tls_client(world.client_ctx(world.site.agent)))
