@@ -1,6 +1,7 @@
 """Where the gateway spends its time under load: py-spy against the real gateway process.
 
     python -m tests.bench.profile throughput|handshakes [--seconds 10] [--native]
+                                  [--process gateway|sender|sink]
 
 Starts the same processes as the benchmark, samples the gateway with py-spy (install it
 into the venv by hand: `pip install py-spy`; it is not a project dependency) and prints
@@ -55,11 +56,15 @@ def summarize(collapsed: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def _load(group: ProcessGroup, kind: str, port: int, args: dict[str, object]) -> None:
+def _load(group: ProcessGroup, kind: str, port: int, args: dict[str, object]) -> dict[str, Process]:
+    """Start the load; returns the throughput ends by name (for --process)."""
     if kind == "throughput":
-        group.worker("sink", "link-sink", port=port, **args).expect("ready", 30)
+        sink = group.worker("sink", "link-sink", port=port, **args)
+        sink.expect("ready", 30)
         time.sleep(0.5)
-        group.worker("sender", "link-sender", port=port, **args).expect("ready", 30)
+        sender = group.worker("sender", "link-sender", port=port, **args)
+        sender.expect("ready", 30)
+        return {"sink": sink, "sender": sender}
     else:
         for i in range(2):
             group.worker(
@@ -70,6 +75,7 @@ def _load(group: ProcessGroup, kind: str, port: int, args: dict[str, object]) ->
                 concurrency=16,
                 **args,
             ).expect("ready", 30)
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["throughput", "handshakes"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--native", action="store_true", help="include C frames")
+    parser.add_argument(
+        "--process",
+        choices=["gateway", "sender", "sink"],
+        default="gateway",
+        help="which process to sample (sender and sink: throughput only)",
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if py_spy is None:
@@ -88,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     out = workdir / f"{args.kind}.collapsed"
     with ProcessGroup(workdir) as group:
         gateway = start_gateway(group, bench_pki, workdir)
-        _load(group, args.kind, gateway.port, worker_args(bench_pki, args.seconds + 90))
+        ends = _load(group, args.kind, gateway.port, worker_args(bench_pki, args.seconds + 90))
+        target = gateway.proc if args.process == "gateway" else ends.get(args.process)
+        if target is None:
+            parser.error(f"--process {args.process} needs the throughput load")
         time.sleep(2.0)
-        cmd = [py_spy, "record", "-p", str(gateway.proc.pid), "-d", str(int(args.seconds))]
+        cmd = [py_spy, "record", "-p", str(target.pid), "-d", str(int(args.seconds))]
         cmd += ["-r", "250", "-f", "raw", "-o", str(out)]
         # --nonblocking does not pause the gateway, but cannot read native stacks.
         cmd.append("--native" if args.native else "--nonblocking")

@@ -1,16 +1,16 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
-    python -m tests.bench.run [throughput] [memory] [handshakes] [wan] [seal] [cache]
+    python -m tests.bench.run [throughput] [memory] [handshakes] [load] [wan] [seal] [cache]
                               [--quick] [--no-write]
 
-With no names, all six run: about 6 minutes for the first three on a quiet 2-core
+With no names, all seven run: about 6 minutes for the first three on a quiet 2-core
 machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
-and 7-10 more for wan (DICOM across an emulated WAN, issue 3), about 10 for seal
-(the same retrieval sealed and unsealed, issue 9), 2-4 for cache (a prefetched study read
-from the workstation's cache against a direct read, issue 12). `--quick` is a smoke run
-(short windows, one run each, few links) whose numbers are not written unless `--write`
-is also given. Logs of every process go to a temporary directory, kept (and printed)
-only when a benchmark fails.
+2-4 for load (2,000 devices, DICOM at a rising rate, issue 10), 7-10 more for wan
+(DICOM across an emulated WAN, issue 3), about 10 for seal (the same retrieval sealed and
+unsealed, issue 9), 2-4 for cache (a prefetched study read from the workstation's cache
+against a direct read, issue 12). `--quick` is a smoke run (short windows, one run each,
+few links) whose numbers are not written unless `--write` is also given. Logs of every
+process go to a temporary directory, kept (and printed) only when a benchmark fails.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tests.bench import cache_read, handshakes, memory, seal, throughput, wan
+from tests.bench import cache_read, handshakes, load, memory, seal, throughput, wan
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
 
-NAMES: Final = ("throughput", "memory", "handshakes", "wan", "seal", "cache")
+NAMES: Final = ("throughput", "memory", "handshakes", "load", "wan", "seal", "cache")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                 duration=2.0 if quick else 10.0,
                 patience=0.0 if quick else 20.0,
                 tries=1 if quick else 3,
+            ),
+            "load": lambda: load.run(
+                workdir,
+                bench_pki,
+                links=200 if quick else args.links,
+                active=20 if quick else 200,
+                step=2.0 if quick else 5.0,
             ),
             "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
             "seal": lambda: seal.run(workdir, runs=1 if quick else 5),

@@ -296,6 +296,20 @@ async def idle_links(args: dict[str, Any], counters: Counters) -> None:
     await asyncio.Future()
 
 
+async def dicom_load(args: dict[str, Any], counters: Counters) -> None:
+    """The load benchmark's devices: see tests/bench/loadgen.py (DICOM code loads only here)."""
+    from tests.bench import loadgen
+
+    ctx = client_ctx(args, "device")
+    links = await loadgen.open_links(
+        args, lambda: Link(client=True, settings=settings(args)), ctx, int(args["links"])
+    )
+    counters.open = len(links)
+    emit("ready", opened=len(links))
+    await loadgen.run_steps(links, args, emit)
+    await asyncio.Future()
+
+
 class Handshake(asyncio.Protocol):
     """Send the hello, wait for the server's first bytes (it accepted us), then close."""
 
@@ -383,6 +397,7 @@ ASYNC_ROLES: Final[dict[str, AsyncRole]] = {
     "link-sink-server": link_sink_server,
     "link-sender": link_sender,
     "idle-links": idle_links,
+    "dicom-load": dicom_load,
     "handshake-client": handshake_client,
     "tls-server": tls_server,
 }
