@@ -151,8 +151,8 @@ class Router:
         Splice(
             stream,
             upstream,
-            upstream=m.bytes.labels("device_to_agent"),
-            downstream=m.bytes.labels("agent_to_device"),
+            upstream=m.bytes["device_to_agent"],
+            downstream=m.bytes["agent_to_device"],
             on_reset=lambda code: m.stream_resets.labels(ErrorCode.name_of(code)).inc(),
             on_done=on_done,
             budget=budget,

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import Counter
-
 from gateway.limits import DeviceUsage
+from gateway.metrics import Tally
 from relay.net.aio import Stream
 from relay.proto import ErrorCode
 
@@ -26,7 +25,7 @@ from relay.proto import ErrorCode
 class _Direction:
     __slots__ = ("bytes", "dst", "eof", "queue", "queued", "src")
 
-    def __init__(self, src: Stream, dst: Stream, counter: Counter) -> None:
+    def __init__(self, src: Stream, dst: Stream, counter: Tally) -> None:
         self.src = src
         self.dst = dst
         self.queue: deque[bytes] = deque()
@@ -43,8 +42,8 @@ class Splice:
         device: Stream,
         agent: Stream,
         *,
-        upstream: Counter,
-        downstream: Counter,
+        upstream: Tally,
+        downstream: Tally,
         on_reset: Callable[[int], None],
         on_done: Callable[[], None],
         budget: DeviceUsage | None = None,
@@ -115,7 +114,7 @@ class Splice:
             dst.send_nowait(chunk)
             self._dequeued(d, len(chunk))
             d.src.acknowledge(len(chunk))
-            d.bytes.inc(len(chunk))
+            d.bytes.value += len(chunk)
         if d.eof and not dst.local_closed and dst.reset_code is None:
             dst.send_nowait(b"", end_stream=True)
             if all(x.eof and not x.queue for x in self._dirs.values()):

@@ -238,8 +238,10 @@ class Link(asyncio.Protocol):
         self._autostart = autostart
         self._prestart: list[bytes] | None = [] if not autostart else None
         self._prestart_size = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
+        # Paused by the transport's write buffer; the Event that writers wait on is made
+        # only when one has to (an Event's deque is 760 bytes per idle link).
+        self._paused = False
+        self._resumed: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.bytes_in = 0
@@ -292,10 +294,14 @@ class Link(asyncio.Protocol):
         self._finish()
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._paused = True
+        if self._resumed is not None:
+            self._resumed.clear()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._paused = False
+        if self._resumed is not None:
+            self._resumed.set()
         for stream in list(self.streams.values()):
             stream._on_credit()
 
@@ -303,10 +309,13 @@ class Link(asyncio.Protocol):
 
     @property
     def writable(self) -> bool:
-        return self._writable.is_set()
+        return not self._paused
 
     async def wait_writable(self) -> None:
-        await self._writable.wait()
+        if self._paused:
+            if self._resumed is None:
+                self._resumed = asyncio.Event()
+            await self._resumed.wait()
 
     @property
     def is_closing(self) -> bool:
@@ -440,7 +449,9 @@ class Link(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream._on_reset(ErrorCode.INTERNAL_ERROR)
         self.streams.clear()
-        self._writable.set()
+        self._paused = False
+        if self._resumed is not None:
+            self._resumed.set()
         if not self.closed.done():
             self.closed.set_result(
                 self.conn.terminated or ConnectionTerminated(ErrorCode.INTERNAL_ERROR, "lost", True)
