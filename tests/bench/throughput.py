@@ -34,7 +34,6 @@ from tests.bench.procs import (
     Process,
     ProcessGroup,
     Worker,
-    free_port,
     quietest,
     system_busy_seconds,
     wait_for_quiet,
@@ -144,7 +143,7 @@ def _stunnel_chain(
 ) -> tuple[_Together, int]:
     """stunnel (mTLS in) -> HAProxy (TCP) -> stunnel (TLS out) -> the sink."""
     gw_cert, gw_key = bench_pki.pair("gateway")
-    out_port = free_port()
+    out_port = group.reserve()
     outbound = _stunnel(
         group,
         workdir,
@@ -160,7 +159,7 @@ def _stunnel_chain(
         "  mode tcp\n  bind 127.0.0.1:{port}\n  default_backend be",
         f"  mode tcp\n  server sink 127.0.0.1:{out_port}",
     )
-    in_port = free_port()
+    in_port = group.reserve()
     inbound = _stunnel(
         group,
         workdir,

@@ -13,10 +13,9 @@ import contextlib
 import re
 import socket
 import ssl
-import time
 from pathlib import Path
 
-from tests.e2e.chain import HOST, RELAY, Proc, free_port, relay_cli, rss_kb
+from tests.e2e.chain import HOST, RELAY, Proc, relay_cli, rss_kb
 
 WAVES = 5
 PER_WAVE = 500
@@ -77,19 +76,6 @@ async def timeouts_counted(metrics_port: int) -> int:
     return int(float(found.group(1))) if found else 0
 
 
-async def wait_listening(port: int, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-
-
 async def test_gateway_rss_returns_to_baseline_after_handshake_floods(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     done = relay_cli(
@@ -97,9 +83,8 @@ async def test_gateway_rss_returns_to_baseline_after_handshake_floods(tmp_path: 
         "--site", "main", "--gateway-name", f"localhost,{HOST}",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    port, metrics_port = free_port(), free_port()
     (tmp_path / "gateway.yaml").write_text(
-        f"listen: {HOST}:{port}\nmetrics_listen: {HOST}:{metrics_port}\n"
+        f"listen: {HOST}:0\nmetrics_listen: {HOST}:0\n"  # it says which ports it got
         "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
         f"handshake_timeout: {HANDSHAKE_TIMEOUT}s\nlog_level: error\n"
     )
@@ -109,7 +94,8 @@ async def test_gateway_rss_returns_to_baseline_after_handshake_floods(tmp_path: 
     )  # fmt: skip
     gateway.start()
     try:
-        await wait_listening(port)
+        port = (await gateway.alistening("gateway")).port
+        metrics_port = (await gateway.alistening("metrics")).port
         hello = client_hello()
         sources = [f"127.10.{i}.1" for i in range(SOURCES)]
         # One small wave first, so the baseline includes what any first handshake loads.
