@@ -184,8 +184,10 @@ def run(
         f"certificate, each link a full mTLS handshake); the first {active} of them issue "
         f"requests, in turn, open loop at the step's aggregate rate for {step:g} s: C-ECHO "
         "and study-level C-FIND alternately, one relay stream each "
-        "(relay/dicom/PROTOCOL-DICOM.md), each answered by the agent through its own DICOM "
-        "association with the PACS (a pynetdicom PACS holding 4 instances).",
+        "(relay/dicom/PROTOCOL-DICOM.md) inside the link's sealed session (issue 9: one "
+        "session per requesting link, opened and used once before the first step), each "
+        "answered by the agent through its own DICOM association with the PACS (a "
+        "pynetdicom PACS holding 4 instances).",
         f"Gateway RSS: {idle['gateway'] / MB:.0f} MB idle, "
         f"{idle['gateway_links'] / MB:.0f} MB with the {links} links; agent "
         f"{idle['agent'] / MB:.0f} MB idle. CPU columns: the process's CPU time over "

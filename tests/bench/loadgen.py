@@ -1,12 +1,13 @@
 """The load benchmark's device side: many device links in one process, DICOM at a rising rate.
 
 Run as the `dicom-load` worker (tests/bench/workers.py). It opens `links` device links to
-the gateway (one device certificate, each link a full mTLS handshake), sends
-WARMUP_REQUESTS one at a time (not measured), then for each aggregate rate in `rates`
-issues requests for `step` seconds, open loop (one every 1/rate s, whether or not
-earlier ones finished), from the first `active` links in turn:
-C-ECHO and study-level C-FIND alternately, each one relay stream in the
-relay/dicom/PROTOCOL-DICOM.md codec, as `relay workstation` would send them. A request
+the gateway (one device certificate, each link a full mTLS handshake) and a sealed
+session (issue 9) on each of the first `active` ones, sends one request per session, one
+at a time (not measured), then for each aggregate rate in `rates` issues requests for
+`step` seconds, open loop (one every 1/rate s, whether or not earlier ones finished),
+from the active sessions in turn: C-ECHO and study-level C-FIND alternately, each one
+relay stream in the relay/dicom/PROTOCOL-DICOM.md codec inside the session, as `relay
+workstation` would send them. A request
 counts as ok when its FINAL has status 0x0000 within `timeout` s; anything else is an
 error. Latency is from opening the stream to the FINAL. Events: `step-start` and `step`
 (rate, ok, errors, p50/p99 in ms). It stops after the first step that misses (errors
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -25,12 +27,15 @@ from relay import wire
 from relay.dicom.codec import FinalResponse, MessageCodec, Request
 from relay.dicom.rawds import encode_dataset
 from relay.net.aio import Link, Stream
+from relay.proto import LinkSettings
+from relay.seal.policy import agent_check, session_client_context
+from relay.seal.session import establish
 from tests.bench.procs import HOST
+from tests.bench.targets import SITE, TRUST_DOMAIN
 
 EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
 HEADERS: Final = {wire.HEADER_TARGET: wire.TARGET_DICOM, wire.HEADER_DICOM_VERSION: "1"}
 _PREFIX: Final = 4
-WARMUP_REQUESTS: Final = 20
 
 
 def _find_identifier() -> bytes:
@@ -106,14 +111,39 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def open_sessions(links: list[Link], args: dict[str, Any]) -> list[Link]:
+    """A sealed session (issue 9) to the agent on each link, as `relay workstation` keeps
+    one: requests travel inside it, and the gateway splices its ciphertext."""
+    ctx = session_client_context(
+        Path(args["device_cert"]), Path(args["device_key"]), Path(args["ca"])
+    )
+    gate = asyncio.Semaphore(32)
+
+    async def one(link: Link) -> Link:
+        async with gate:
+            sealed = await establish(
+                link.open_stream({wire.HEADER_TARGET: wire.TARGET_SESSION}),
+                ctx,
+                server_side=False,
+                alpn=wire.ALPN_SESSION,
+                check_peer=agent_check(TRUST_DOMAIN, SITE),
+                settings=LinkSettings(),
+                name="bench-session",
+            )
+            return sealed.link
+
+    return list(await asyncio.gather(*(one(link) for link in links)))
+
+
 async def run_steps(
     links: list[Link], args: dict[str, Any], emit: Any
 ) -> None:  # emit: tests.bench.workers.emit
-    active = links[: max(1, int(args["active"]))]
+    active = await open_sessions(links[: max(1, int(args["active"]))], args)
+    emit("sessions", opened=len(active))
     step, limit = float(args["step"]), float(args["p99_limit_ms"])
     n = 0
     warm = Load(args)  # first associations, imports and caches: not measured
-    for _ in range(WARMUP_REQUESTS):
+    for _ in range(len(active)):  # each session's first request comes before the steps
         await warm.one(active[n % len(active)], n)
         n += 1
     for rate in args["rates"]:
