@@ -15,6 +15,7 @@ import email.policy
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,6 +162,7 @@ def test_concurrent_requests_share_one_series_retrieval(url: str, pacs: PacsProc
     """Three requests for a series not yet retrieved (the first test to touch the MR): the
     PACS sees one C-GET, and each request gets every instance."""
     study, instances = SERIES[MR_SERIES]
+    time.sleep(0.3)  # the PACS writes its counters every 0.1 s: let earlier tests' land
     before = pacs.events().get("gets", 0)
     results: list[int] = []
 
@@ -174,6 +176,7 @@ def test_concurrent_requests_share_one_series_retrieval(url: str, pacs: PacsProc
     for t in threads:
         t.join(TIMEOUT)
     assert results == [len(instances)] * 3
+    time.sleep(0.3)
     assert pacs.events().get("gets", 0) - before == 1
 
 
@@ -280,7 +283,11 @@ def test_stow_lands_in_the_pacs_and_oversize_is_413(
     ident = _ident("IMAGE", SOPInstanceUID=ds.SOPInstanceUID, StudyInstanceUID=MR_STUDY,
                    SeriesInstanceUID=MR_SERIES)  # fmt: skip
     found = pacs_find(pacs, ident)
-    assert len(found) == 1 and pacs.events().get("stores", 0) > before
+    assert len(found) == 1
+    deadline = time.monotonic() + 5  # the PACS writes its counters every 0.1 s
+    while pacs.events().get("stores", 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pacs.events().get("stores", 0) > before
     big = b"\0" * (MAX_UPLOAD + 1)
     r = requests.post(f"{url}/studies", data=big, timeout=TIMEOUT, headers={
         "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})  # fmt: skip

@@ -142,16 +142,11 @@ class Retriever:
             self.flights.move_to_end(key)
             self.shared += 1
             return flight
-        flight = SeriesFlight(study, series)
-        cached = await self._from_cache(flight)
-        if cached:
-            self.flights[key] = flight
-            self._bound(flight)
-            return flight
         if self.running() >= self.max_flights:
             raise UpstreamError(503, f"{self.max_flights} series retrievals already running")
+        # Registered before the first await: a request arriving meanwhile joins this one.
+        flight = SeriesFlight(study, series)
         self.flights[key] = flight
-        self.retrievals += 1
         task = asyncio.get_running_loop().create_task(self._fill(flight), name="series flight")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -168,18 +163,23 @@ class Retriever:
             plan = await asyncio.to_thread(self.cache.plan, ident)
             if plan is None:
                 return False
-            for item in plan:
-                data = await asyncio.to_thread(item.read)
-                flight.add(HeldInstance(item.sop_class, item.sop_instance,
-                                        item.transfer_syntax, data))  # fmt: skip
+            # plan() verified every file; read them all before any reader sees one
+            held = [HeldInstance(i.sop_class, i.sop_instance, i.transfer_syntax,
+                                 await asyncio.to_thread(i.read)) for i in plan]  # fmt: skip
         except Exception as exc:  # a cache fault must never cost the viewer its images
             log.error("cache lookup failed (%s); using the network", type(exc).__name__)
             return False
+        for item in held:
+            flight.add(item)
         flight.from_cache = True
         flight.finish()
         return True
 
     async def _fill(self, flight: SeriesFlight) -> None:
+        if await self._from_cache(flight):
+            self._bound(flight)
+            return
+        self.retrievals += 1
         ident = Dataset()
         ident.QueryRetrieveLevel = "SERIES"
         ident.StudyInstanceUID = flight.study

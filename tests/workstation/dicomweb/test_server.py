@@ -146,6 +146,29 @@ async def test_a_series_is_retrieved_once_for_concurrent_requests(
     assert len(json.loads(results[4][2])) == len(CT)
 
 
+class SlowMissingCache:
+    """A cache that takes its time to say it does not have the series."""
+
+    def plan(self, identifier: Dataset) -> None:
+        import time
+
+        time.sleep(0.2)
+
+    def offline(self) -> bool:
+        return False
+
+
+async def test_requests_arriving_during_the_cache_lookup_join_the_same_flight(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    srv.service.retriever.cache = SlowMissingCache()  # type: ignore[assignment]
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}/metadata"
+    results = await asyncio.gather(*(get(url) for _ in range(3)))
+    assert [r[0] for r in results] == [200] * 3
+    assert source.retrieves == 1
+
+
 async def test_frames_bulk_and_rendered(server: tuple[DicomwebServer, ScriptedSource]) -> None:
     srv, _ = server
     inst = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
