@@ -302,6 +302,18 @@ def _ident(level: str, **keys: str) -> Dataset:
     return ds
 
 
+def test_metrics_count_requests_by_route_and_status(chain: DicomChain) -> None:
+    port = chain.port("ws_metrics")
+    text = requests.get(f"http://{HOST}:{port}/metrics", timeout=TIMEOUT).text
+    assert 'relay_dicomweb_requests_total{route="/dicom-web/studies",status="200"}' in text
+    assert 'relay_dicomweb_requests_total{route="/dicom-web/studies",status="403"}' in text
+    assert "relay_dicomweb_request_duration_seconds_bucket" in text
+    retrievals = [line for line in text.splitlines()
+                  if line.startswith("relay_dicomweb_series_retrievals_total ")]  # fmt: skip
+    assert retrievals and float(retrievals[0].split()[1]) >= 2
+    assert "1.2.826" not in text  # no UIDs in labels
+
+
 def test_unknown_study_is_404_and_a_pacs_down_is_502_with_the_reason(
     url: str, pacs: PacsProcess
 ) -> None:

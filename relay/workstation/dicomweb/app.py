@@ -579,7 +579,7 @@ def build_app(
     """The web application: guards and metrics on every route, DICOMweb under PREFIX,
     then each of `extra_routes(app)` (the viewer)."""
     app = web.Application(
-        middlewares=[_guard(service), _metered(service)],
+        middlewares=[_metered(service), _guard(service)],  # refusals are counted too
         client_max_size=1024 * 1024,  # non-streamed bodies; STOW streams within max_upload
     )
     app[KEY_SERVICE] = service

@@ -23,10 +23,16 @@ MAX_ROUTES = 64  # label values kept (routes are a fixed set; this is a guard)
 
 
 class DicomwebMetrics(Collector):
-    def __init__(self, gauges: Callable[[], dict[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        gauges: Callable[[], dict[str, float]] | None = None,
+        counters: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        """`gauges`/`counters`: name -> (help is the name in words) read at scrape time."""
         self.requests: dict[tuple[str, str], int] = {}
         self.durations: dict[str, list[float]] = {}  # route -> bucket counts + [sum]
         self.gauges = gauges or (lambda: {})
+        self.counters = counters or (lambda: {})
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         if route not in self.durations and len(self.durations) >= MAX_ROUTES:
@@ -56,3 +62,6 @@ class DicomwebMetrics(Collector):
         yield h
         for name, value in self.gauges().items():
             yield GaugeMetricFamily(f"relay_dicomweb_{name}", name.replace("_", " "), value=value)
+        for name, value in self.counters().items():
+            yield CounterMetricFamily(f"relay_dicomweb_{name}", name.replace("_", " "),
+                                      value=value)  # fmt: skip

@@ -125,6 +125,7 @@ class Retriever:
         self.flights: OrderedDict[tuple[str, str], SeriesFlight] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.retrievals = 0  # series retrieved through the agent
+        self.from_cache = 0  # series read from the cache
         self.shared = 0  # requests that joined a flight already there
 
     @property
@@ -172,6 +173,7 @@ class Retriever:
         for item in held:
             flight.add(item)
         flight.from_cache = True
+        self.from_cache += 1
         flight.finish()
         return True
 

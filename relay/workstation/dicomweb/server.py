@@ -54,7 +54,12 @@ class DicomwebServer:
             lambda: {
                 "held_bytes": float(retriever.held),
                 "retrievals_running": float(retriever.running()),
-            }
+            },
+            lambda: {
+                "series_retrievals": float(retriever.retrievals),
+                "series_from_cache": float(retriever.from_cache),
+                "series_shared": float(retriever.shared),
+            },
         )
         self.service = DicomwebService(source, retriever, metrics, config.max_upload)
         self.app = build_app(self.service, extra_routes)
