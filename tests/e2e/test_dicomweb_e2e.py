@@ -14,6 +14,7 @@ import email
 import email.policy
 import io
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,12 +33,17 @@ from relay.dicom import rawds
 from relay.workstation.dicomweb import part10
 from relay.workstation.dicomweb.qido import parse_query
 from relay_dev import samples
+from tests.e2e.chain import RELAY
 from tests.e2e.dicom_chain import HOST, PACS_AE, DicomChain, PacsProcess, running_dicom_chain
 
 pytestmark = pytest.mark.interop
 
 TIMEOUT = 60.0
 MAX_UPLOAD = 2 * 1024 * 1024
+RULE = (
+    "prefetch:\n  priors: 0\n  rules:\n"
+    "    - {name: ct, every: 10s, match: {ModalitiesInStudy: CT, StudyDate: '20000101..today'}}\n"
+)
 HELD = samples.demo_studies()  # what the PACS process holds (it builds the same list)
 BY_UID = {i.sop_instance: i for i in HELD}
 
@@ -73,11 +79,26 @@ def chain(pacs: PacsProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     c = DicomChain(
         tmp_path_factory.mktemp("chain"),
         pacs.port,
-        ws_extra=f"dicomweb:\n  listen: 127.0.0.1:0\n  max_upload: {MAX_UPLOAD}\n",
+        ws_extra=f"dicomweb:\n  listen: 127.0.0.1:0\n  max_upload: {MAX_UPLOAD}\n" + RULE,
     )
     c.reporters["dicomweb"] = ("ws1", "dicomweb")
     with running_dicom_chain(c):
+        # the worklist rule puts the CT in the cache; the MR stays on the network
+        deadline = time.monotonic() + TIMEOUT
+        while not cached_studies(c) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert cached_studies(c) == [CT_STUDY], c.logs()
         yield c
+
+
+def cached_studies(chain: DicomChain) -> list[str]:
+    done = subprocess.run([*RELAY, "cache", "status", "--json", "--names", "--config",
+                           str(chain.tmp / "ws1.yaml")],
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)  # fmt: skip
+    if done.returncode != 0:
+        return []
+    studies = json.loads(done.stdout)["studies"]
+    return [s["study_uid"] for s in studies if s["state"] == "complete"]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +212,11 @@ def multipart(response: requests.Response) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_retrieved_instances_are_the_pacs_bytes(url: str, client: DICOMwebClient) -> None:
+def test_retrieved_instances_are_the_pacs_bytes(
+    url: str, client: DICOMwebClient, chain: DicomChain
+) -> None:
+    """The CT is complete in the cache: served from it, still the PACS's bytes."""
+    port = chain.port("ws_metrics")
     r = requests.get(f"{url}/studies/{CT_STUDY}", timeout=TIMEOUT,
                      headers={"Accept": 'multipart/related; type="application/dicom"'})  # fmt: skip
     assert r.status_code == 200
@@ -204,6 +229,8 @@ def test_retrieved_instances_are_the_pacs_bytes(url: str, client: DICOMwebClient
         meta, offset = part10.split(data)
         got[meta[0x00020003]] = data[offset:]
     assert got == {i.sop_instance: i.data for i in want}  # byte for byte
+    metrics = requests.get(f"http://{HOST}:{port}/metrics", timeout=TIMEOUT).text
+    assert "relay_dicomweb_series_from_cache_total 1.0" in metrics
     # and dicomweb-client reads them as DICOM files
     inst = want[0]
     ds = client.retrieve_instance(CT_STUDY, CT_SERIES, inst.sop_instance)
@@ -310,7 +337,7 @@ def test_metrics_count_requests_by_route_and_status(chain: DicomChain) -> None:
     assert "relay_dicomweb_request_duration_seconds_bucket" in text
     retrievals = [line for line in text.splitlines()
                   if line.startswith("relay_dicomweb_series_retrievals_total ")]  # fmt: skip
-    assert retrievals and float(retrievals[0].split()[1]) >= 2
+    assert retrievals and float(retrievals[0].split()[1]) == 1  # the MR; the CT was cached
     assert "1.2.826" not in text  # no UIDs in labels
 
 
@@ -324,3 +351,19 @@ def test_unknown_study_is_404_and_a_pacs_down_is_502_with_the_reason(
     assert r.status_code == 502, r.text
     assert "PACS" in r.text
     json.dumps(r.text)
+
+
+def test_with_the_link_down_qido_is_answered_from_the_cache(url: str, chain: DicomChain) -> None:
+    chain.procs["gateway"].stop()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if chain.http_get(chain.ports["ws_metrics"], "/readyz")[0] != 200:
+            break
+        time.sleep(0.2)
+    r = requests.get(f"{url}/studies", params={"ModalitiesInStudy": "CT"}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert "cache" in r.headers.get("Warning", "")
+    assert [Dataset.from_json(m).StudyInstanceUID for m in r.json()] == [CT_STUDY]
+    # the cached study stays readable
+    r = requests.get(f"{url}/studies/{CT_STUDY}/series/{CT_SERIES}/metadata", timeout=TIMEOUT)
+    assert r.status_code == 200 and len(r.json()) == len(SERIES[CT_SERIES][1])
