@@ -1,14 +1,15 @@
 """User names and LDAP search filters, built so that no user name can change a filter.
 
 A user name comes from a PC (enrollment) or a login form: it is checked against a narrow
-rule first (letters, digits, `.`, `_`, `-`, `@`; at most 64 characters), and escaped as
+rule first (relay.trust.users: letters, digits, `.`, `_`, `-`, `@`; 64 at most), and escaped as
 RFC 4515 asks (`*`, `(`, `)`, `\\`, NUL) anyway, so a rule widened later stays safe.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Final
+
+from relay.trust.users import MAX_USERNAME, USERNAME_RULE, check_username
 
 __all__ = [
     "MAX_USERNAME",
@@ -20,21 +21,8 @@ __all__ = [
     "user_filter",
 ]
 
-MAX_USERNAME: Final = 64
-_USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-USERNAME_RULE: Final = (
-    "1-64 characters: letters, digits, '.', '_', '-', '@', starting with a letter or digit"
-)
 #: The placeholder in `directory.user_filter`.
 PLACEHOLDER: Final = "{user}"
-
-
-def check_username(value: object) -> str:
-    """The user name, or ValueError naming the rule (one line)."""
-    if not isinstance(value, str) or not _USERNAME_RE.fullmatch(value):
-        shown = repr(value)[:40] if isinstance(value, str) else type(value).__name__
-        raise ValueError(f"not a valid user name ({USERNAME_RULE}): {shown}")
-    return value
 
 
 def escape_filter_value(value: str) -> str:
