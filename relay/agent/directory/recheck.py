@@ -51,7 +51,7 @@ _REASONS: Final = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # a prometheus registry keys its collectors by identity
 class DirectoryMetrics(Collector):
     """`relay_directory_up` (1 after a check that reached the directory, 0 after one that
     did not; absent before the first), `relay_directory_checks_total{result}` and
