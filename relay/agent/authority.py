@@ -173,6 +173,8 @@ class DeviceAuthority:
 
     def close(self) -> None:
         self.registry.close()
+        if self.directory is not None:
+            self.directory.close()
 
     # -- streams
 

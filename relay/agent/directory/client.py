@@ -17,6 +17,7 @@ import logging
 import math
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -117,6 +118,9 @@ class Directory:
     def __init__(self, settings: DirectorySettings) -> None:
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.max_connections)
+        # Its own threads: a slow directory never takes the default executor's threads
+        # (the registry's SQLite calls use those).
+        self._threads = ThreadPoolExecutor(settings.max_connections, "directory")
         # ldap3 packs its socket timeouts as whole seconds (struct 'LL').
         self._seconds = max(1, math.ceil(settings.timeout))
         tls = ldap3.Tls(
@@ -183,7 +187,11 @@ class Directory:
         # The semaphore bounds threads and connections; ldap3's connect and receive
         # timeouts bound how long each holds its slot.
         async with self._slots:
-            return await asyncio.to_thread(job)
+            return await asyncio.get_running_loop().run_in_executor(self._threads, job)
+
+    def close(self) -> None:
+        """Stop the worker threads (an operation under way ends within its timeout)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- blocking, in a worker thread
 
@@ -200,6 +208,8 @@ class Directory:
             raise_exceptions=False,
             read_only=True,
             check_names=True,
+            # Never follow a referral: it would send our credentials to another server.
+            auto_referrals=False,
         )
         try:
             conn.open()
@@ -208,8 +218,11 @@ class Directory:
             conn.bind()
         except (LDAPException, OSError) as exc:
             _close(conn)
+            why = _one_line(exc)
+            if "doesn't match any name" in str(exc):  # ldap3's words; it prints the cert
+                why = f"its TLS certificate is not valid for the name {self.settings.host}"
             raise DirectoryUnavailable(
-                f"cannot use the directory at {self.settings.url}: {_one_line(exc)}"
+                f"cannot use the directory at {self.settings.url}: {why}"
             ) from None
         except DirectoryUnavailable:
             _close(conn)

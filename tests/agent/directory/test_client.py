@@ -17,7 +17,14 @@ from relay.agent.directory import (
     RefusalReason,
     UserStatus,
 )
-from tests.interop.harness.slapd import GROUP, PASSWORDS, Slapd, make_tls, user_dn
+from tests.interop.harness.slapd import (
+    GROUP,
+    PASSWORDS,
+    Slapd,
+    make_tls,
+    start_slapd,
+    user_dn,
+)
 
 from .conftest import directory_section, read_settings
 
@@ -114,12 +121,28 @@ async def test_the_server_certificate_is_checked(
     slapd: Slapd, settings: DirectorySettings, tmp_path: Path
 ) -> None:
     other = make_tls(tmp_path / "other-ca")
-    with pytest.raises(DirectoryUnavailable):
+    with pytest.raises(DirectoryUnavailable, match="certificate verify failed"):
         await Directory(replace(settings, ca=other.ca)).lookup("alice")
-    # The right CA, but a name the certificate does not carry.
-    with pytest.raises(DirectoryUnavailable):
-        await Directory(replace(settings, host="127.0.0.2")).lookup("alice")
     assert await Directory(settings).lookup("alice") is UserStatus.ACTIVE  # as a control
+
+
+@pytest.mark.parametrize("ldaps", [False, True])
+async def test_the_server_name_is_checked(tmp_path: Path, ldaps: bool) -> None:
+    # A certificate for "localhost" only: dialling 127.0.0.1 must fail, by name.
+    server = start_slapd(tmp_path / "slapd", names=("localhost",))
+    try:
+        section = directory_section(server, tmp_path)
+        if ldaps:
+            section.update(url=server.ldaps_url)
+            section.pop("start_tls")
+        settings = read_settings(section, tmp_path)
+        with pytest.raises(DirectoryUnavailable, match=r"not valid for the name 127\.0\.0\.1"):
+            await Directory(settings).lookup("alice")
+        assert await Directory(replace(settings, host="localhost")).lookup("alice") is (
+            UserStatus.ACTIVE
+        )
+    finally:
+        server.close()
 
 
 def test_group_fixture_is_the_configured_group(settings: DirectorySettings) -> None:

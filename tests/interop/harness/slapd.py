@@ -258,12 +258,13 @@ class Slapd:
         self.modify(f"dn: {user_dn(user)}\nchangetype: delete\n")
 
 
-def start_slapd(directory: Path) -> Slapd:
-    """A slapd with the test tree, started; close() it (a fixture does)."""
+def start_slapd(directory: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Slapd:
+    """A slapd with the test tree and a certificate for `names`, started; close() it
+    (a fixture does)."""
     require_tools("slapd", "slapadd", "ldapmodify")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "db").mkdir(mode=0o700)
-    tls = make_tls(directory)
+    tls = make_tls(directory, names)
     (directory / "slapd.conf").write_text(_conf(directory))
     (directory / "tree.ldif").write_text(_tree())
     loaded = subprocess.run(
