@@ -98,7 +98,7 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
 def _cmd_token_create(args: argparse.Namespace) -> int:
     from relay.agent.admin_cli import token_create
 
-    return token_create(Path(args.config), args.device, args.ttl, args.gateway)
+    return token_create(Path(args.config), args.device, args.ttl, args.gateway, user=args.user)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -107,7 +107,14 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
         code = sys.stdin.readline().strip()
-    return run_enroll(code, Path(args.dir), device=args.device, force=args.force)
+    return run_enroll(
+        code,
+        Path(args.dir),
+        device=args.device,
+        force=args.force,
+        password_file=Path(args.password_file) if args.password_file else None,
+        password_stdin=sys.stdin if args.password_stdin else None,
+    )
 
 
 def _cmd_device_list(args: argparse.Namespace) -> int:
@@ -205,6 +212,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", required=True, help="the agent's config file")
     create.add_argument("--device", required=True, help="the device name the code is for")
     create.add_argument(
+        "--user",
+        help="the directory user who will hold the device (required with directory:)",
+    )
+    create.add_argument(
         "--ttl", type=duration, default="24h", help="how long the code stays valid (default 24h)"
     )
     create.add_argument(
@@ -224,6 +235,17 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--device", help="the device name (default: the one in the code)")
     enroll.add_argument(
         "--force", action="store_true", help="replace the identity already in --dir"
+    )
+    secret = enroll.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the directory password from FILE's first line (default: ask)",
+    )
+    secret.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the directory password from the next line of stdin (after CODE if -)",
     )
     enroll.set_defaults(func=_cmd_enroll)
 

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import cast
 
 from relay.agent.audit import AuditSettings, read_audit_settings
+from relay.agent.directory.settings import DirectorySettings, read_directory_settings
 from relay.dicom.pacs_target import (
     MAX_PACS_TIMEOUT,
     RETRIEVE_CHOICES,
@@ -88,8 +89,8 @@ class AgentConfig:
     """Everything `relay agent` needs; see config/agent.yaml for the keys.
 
     `pki` None: the agent neither enrolls nor renews devices. `pacs` None: no DICOM,
-    only `services`. `state_dir` is resolved but not created (the agent creates it).
-    Durations are seconds.
+    only `services`. `directory` None: devices are not bound to directory users.
+    `state_dir` is resolved but not created (the agent creates it). Durations are seconds.
     """
 
     path: Path
@@ -108,6 +109,7 @@ class AgentConfig:
     drain_grace: float = 30.0
     log_level: str = DEFAULT_LOG_LEVEL
     audit: AuditSettings = field(default_factory=AuditSettings)
+    directory: DirectorySettings | None = None
 
 
 def _read_pacs(r: Reader) -> PacsTarget | None:
@@ -194,4 +196,5 @@ def read_agent_config(r: Reader) -> AgentConfig:
         drain_grace=read_drain_grace(r, AgentConfig.drain_grace),
         log_level=read_log_level(r),
         audit=read_audit_settings(r),
+        directory=read_directory_settings(r),
     )

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
 # Read once at start-up (listeners, the PACS handler, the registry, the audit trail): a
 # reload keeps their running values and says that changing them needs a restart.
-RESTART_ONLY = ("site", "pki", "state_dir", "metrics_listen", "pacs", "audit")
+RESTART_ONLY = ("site", "pki", "state_dir", "metrics_listen", "pacs", "audit", "directory")
 
 
 class Agent:
@@ -123,6 +123,9 @@ class Agent:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self._recheck_task: asyncio.Task[None] | None = None
+        if authority is not None and authority.recheck is not None:
+            self.metrics.registry.register(authority.recheck.metrics)
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready with at least one gateway link and, with `pacs:`, a PACS that answers
@@ -143,6 +146,10 @@ class Agent:
             self._push_task = asyncio.get_running_loop().create_task(
                 self.authority.run_revocation_push(self.trust.push, REVOCATION_POLL),
                 name="revocation push",
+            )
+        if self.authority is not None and self.authority.recheck is not None:
+            self._recheck_task = asyncio.get_running_loop().create_task(
+                self.authority.run_directory_recheck(), name="directory re-check"
             )
         await self.gateways.start()
 
@@ -210,6 +217,11 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._push_task
             self._push_task = None
+        if self._recheck_task is not None:
+            self._recheck_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck_task
+            self._recheck_task = None
         log.info("agent draining", extra={"links": len(self.gateways.links), "grace_s": grace})
         self.sessions.goaway()  # devices open their next sessions at another agent
         self.gateways.goaway("agent shutting down")

@@ -178,6 +178,8 @@ class AuditEvent:
     type_codes: Sequence[Code] = ()
     participants: Sequence[Participant] = ()
     objects: Sequence[ParticipantObject] = ()
+    #: The directory user of the device concerned (a device bound at enrollment).
+    user: str | None = None
 
     def to_json(
         self, source_id: str, site: str | None = None, *, with_bulk: bool = True
@@ -202,6 +204,7 @@ class AuditEvent:
             source["AuditEnterpriseSiteID"] = _text(site)
         out: dict[str, object] = {
             "kind": self.kind,
+            **({"user": _text(self.user)} if self.user else {}),
             "EventIdentification": ident,
             "ActiveParticipant": [p.to_json() for p in self.participants[:MAX_PARTICIPANTS]],
             "AuditSourceIdentification": source,
