@@ -129,6 +129,12 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
     return device_revoke(Path(args.config), args.name, force=args.force)
 
 
+def _cmd_it_admin_passwd(args: argparse.Namespace) -> int:
+    from relay.agent.itpages.admin_cli import passwd
+
+    return passwd(Path(args.file), args.user, stdin=sys.stdin if args.password_stdin else None)
+
+
 def _cmd_prefetch(args: argparse.Namespace) -> int:
     from relay.workstation.cache import cli
 
@@ -266,6 +272,16 @@ def _parser() -> argparse.ArgumentParser:
         help="revoke a name the registry does not know (a device issued offline)",
     )
     revoke.set_defaults(func=_cmd_device_revoke)
+
+    it_admin = sub.add_parser("it-admin", help="local IT admins of the agent's IT pages")
+    it_sub = it_admin.add_subparsers(dest="it_command", required=True, metavar="ACTION")
+    pw = it_sub.add_parser("passwd", help="add an IT admin or change their password")
+    pw.add_argument("--file", required=True, help="the agent's it_pages.admins_file")
+    pw.add_argument("--user", required=True, help="the admin's name")
+    pw.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    pw.set_defaults(func=_cmd_it_admin_passwd)
 
     pre = sub.add_parser("prefetch", help="queue studies in the running workstation's cache")
     pre.add_argument("studies", nargs="+", metavar="STUDY_UID")

@@ -37,7 +37,13 @@ from relay.agent.config import AgentConfig
 from relay.agent.directory import Directory
 from relay.agent.directory.recheck import DirectoryMetrics, Recheck
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, DeviceRegistry, RegistryError, RevocationWatcher
+from relay.agent.registry import (
+    REGISTRY_FILE,
+    DeviceRegistry,
+    RegistryError,
+    RevocationWatcher,
+    RevokeResult,
+)
 from relay.agent.renewal import RenewOutcome, serve_renew_stream
 from relay.agent.signer import Signer
 from relay.agent.syslog import SyslogSender
@@ -259,6 +265,17 @@ class DeviceAuthority:
         self.registry.revoke(name, self.now())
         self._watcher.note_local_change()
         return self.poll_revocations()
+
+    def revoke_by(self, name: str, actor: str) -> tuple[RevokeResult, list[bytes]]:
+        """Revoke `name` for `actor` (an IT admin on the IT pages): audited with the actor,
+        then the bodies to push at once. An already revoked device changes nothing."""
+        at = self.now()
+        result = self.registry.revoke(name, at)
+        if result is RevokeResult.ALREADY:
+            return result, []
+        self.audit.revocation(now=at, device=self._uri(name), actor=actor)
+        self._watcher.note_local_change()
+        return result, self.poll_revocations()
 
     # -- refusals reported by gateways
 

@@ -11,6 +11,7 @@ from typing import cast
 
 from relay.agent.audit import AuditSettings, read_audit_settings
 from relay.agent.directory.settings import DirectorySettings, read_directory_settings
+from relay.agent.itpages.settings import ItPagesSettings, read_it_pages_settings
 from relay.dicom.pacs_target import (
     MAX_PACS_TIMEOUT,
     RETRIEVE_CHOICES,
@@ -110,6 +111,7 @@ class AgentConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     audit: AuditSettings = field(default_factory=AuditSettings)
     directory: DirectorySettings | None = None
+    it_pages: ItPagesSettings | None = None
 
 
 def _read_pacs(r: Reader) -> PacsTarget | None:
@@ -175,6 +177,7 @@ def read_agent_config(r: Reader) -> AgentConfig:
                 hi=MAX_DEVICE_LIFETIME,
             ),
         )
+    directory = read_directory_settings(r)
     return AgentConfig(
         path=Path(os.path.abspath(r.file)),
         site=site,
@@ -196,5 +199,8 @@ def read_agent_config(r: Reader) -> AgentConfig:
         drain_grace=read_drain_grace(r, AgentConfig.drain_grace),
         log_level=read_log_level(r),
         audit=read_audit_settings(r),
-        directory=read_directory_settings(r),
+        directory=directory,
+        it_pages=read_it_pages_settings(
+            r, has_directory=directory is not None, has_pki=pki is not None
+        ),
     )

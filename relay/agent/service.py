@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
 # Read once at start-up (listeners, the PACS handler, the registry, the audit trail): a
 # reload keeps their running values and says that changing them needs a restart.
-RESTART_ONLY = ("site", "pki", "state_dir", "metrics_listen", "pacs", "audit", "directory")
+RESTART_ONLY = (
+    "site", "pki", "state_dir", "metrics_listen", "pacs", "audit", "directory", "it_pages",
+)  # fmt: skip
 
 
 class Agent:
@@ -274,6 +276,13 @@ async def run_agent(
                 with listen_errors(config.path, "metrics_listen", config.metrics_listen):
                     await admin.start()
                 stack.push_async_callback(admin.stop)
+            if config.it_pages is not None and authority is not None:
+                from relay.agent.itpages.server import ItPagesServer
+
+                pages = ItPagesServer(config, authority, agent.trust.push, metrics.registry)
+                with listen_errors(config.path, "it_pages.listen", config.it_pages.listen):
+                    await pages.start()
+                stack.push_async_callback(pages.stop)
             log.info(
                 "agent started",
                 extra={"site": config.site, "gateways": ",".join(map(str, config.gateways))},

@@ -44,6 +44,7 @@ from relay.agent.audit.events import (
     ROLE_SECURITY_RESOURCE,
     ROLE_SOURCE,
     TYPE_LOGIN,
+    TYPE_LOGOUT,
     TYPE_NODE_AUTHENTICATION,
     TYPE_USER_SECURITY_ATTRIBUTES,
     AuditEvent,
@@ -68,6 +69,8 @@ _KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
     "token_created": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
     "revocation": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
     "auth_refused": (EV_SECURITY_ALERT, "E", (TYPE_NODE_AUTHENTICATION,)),
+    "it_login": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGIN,)),
+    "it_logout": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGOUT,)),
     "query": (EV_QUERY, "E", ()),
     "transfer_begin": (EV_BEGIN_TRANSFER, "E", ()),
     # Action R: the agent is not the receiver of the instances.
@@ -339,6 +342,30 @@ class AuditLog:
             participants=(Participant(actor, requestor=True), self._agent()),
             objects=(ParticipantObject(device, ID_NODE, role=ROLE_SECURITY_RESOURCE),),
             user=user,
+        )
+
+    def it_login(
+        self, *, now: datetime, admin: str, peer: str | None, outcome: Outcome, description: str
+    ) -> AuditEvent:
+        """An IT admin logged in to the IT pages, or was refused (User Authentication)."""
+        return self._record(
+            "it_login",
+            now,
+            outcome,
+            description=description,
+            participants=(Participant(f"it:{admin}", requestor=True, address=peer), self._agent()),
+        )
+
+    def it_logout(
+        self, *, now: datetime, admin: str, peer: str | None, description: str
+    ) -> AuditEvent:
+        """An IT admin's session ended (logout; expiry is not an event)."""
+        return self._record(
+            "it_logout",
+            now,
+            Outcome.SUCCESS,
+            description=description,
+            participants=(Participant(f"it:{admin}", requestor=True, address=peer), self._agent()),
         )
 
     def auth_refused(
