@@ -131,6 +131,13 @@ def app_config_js(prefix: str = "/dicom-web", options: Mapping[str, Any] | None 
         "maxNumRequests": {"interaction": 100, "thumbnail": 5, "prefetch": 25},
         "showErrorDetails": "always",
         "investigationalUseDialog": {"option": "never"},
+        # load the whole series of what is on screen, not only the slices looked at
+        "studyPrefetcher": {
+            "enabled": True,
+            "displaySetsCount": 2,
+            "maxNumPrefetchRequests": 10,
+            "order": "closest",
+        },
         "defaultDataSourceName": source["sourceName"],
         "dataSources": [source],
     }

@@ -30,6 +30,8 @@ INSTALL_HINTS: dict[str, str] = {
     "kubectl": "kubectl not installed: apt-get install kubernetes-client",
     "systemd-analyze": "systemd not installed: apt-get install systemd",
     "systemd-sysusers": "systemd not installed: apt-get install systemd",
+    "chromium": "Chromium not installed: apt-get install chromium",
+    "chromedriver": "chromedriver not installed: apt-get install chromium-driver",
 }
 
 #: DCMTK (and Orthanc, which is built on it) stall ~40 ms per message without this.
