@@ -12,7 +12,8 @@ unsealed, issue 9), 2-4 for cache (a prefetched study read from the workstation'
 against a direct read, issue 12), 3-6 for viewer (OHIF in headless Chromium opening
 the CT through the relay and from Orthanc's DICOMweb plugin, issue 13). `--quick` is a
 smoke run (short windows, one run each, few links) whose numbers are not written unless
-`--write` is also given. Logs of every process go to a temporary directory, kept (and printed) only when a benchmark fails.
+`--write` is also given. Logs of every process go to a temporary directory, kept (and
+printed) only when a benchmark fails.
 """
 
 from __future__ import annotations
