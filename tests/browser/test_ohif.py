@@ -100,11 +100,12 @@ def test_ohif_lists_the_demo_studies_and_shows_the_ct(
         )
         assert "CT CHEST ABDOMEN PELVIS" in driver.page_source
         driver.get(f"{base}/viewer?StudyInstanceUIDs={uids['CT']}")
-        stats = wait_for(
-            "the CT on the viewport's canvas",
-            lambda: (s := canvas_stats(driver)) and shows_an_image(s) and s,
-            timeout=120,
-        )
+
+        def image_on_canvas() -> dict[str, int] | None:
+            stats = canvas_stats(driver)
+            return stats if shows_an_image(stats) else None
+
+        stats = wait_for("the CT on the viewport's canvas", image_on_canvas, timeout=120)
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "ohif-ct.png"
         driver.save_screenshot(str(shot))
