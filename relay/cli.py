@@ -159,6 +159,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_viewer_install(args: argparse.Namespace) -> int:
+    from relay.workstation.viewer.install import ViewerInstallError, install_viewer
+    from relay.workstation.viewer.pin import OHIF
+
+    tarball = Path(args.tarball) if args.tarball else None
+    try:  # its error type stays out of USER_ERRORS: importing it here keeps the CLI lazy
+        where, fresh = install_viewer(
+            Path(args.dir) if args.dir else None, tarball=tarball, force=args.force
+        )
+    except ViewerInstallError as exc:
+        print(f"relay viewer install: {exc}", file=sys.stderr)
+        return 2
+    state = "installed" if fresh else "already installed"
+    print(f"{OHIF.name} {OHIF.version} {state} in {where}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"relay {__version__}")
@@ -298,6 +315,16 @@ def _parser() -> argparse.ArgumentParser:
     for action in cache_sub.choices.values():
         action.add_argument("--config", required=True, help="the workstation's config file")
         action.set_defaults(func=_cmd_cache)
+
+    viewer = sub.add_parser("viewer", help="the OHIF web viewer the workstation serves")
+    viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True, metavar="ACTION")
+    vinstall = viewer_sub.add_parser(
+        "install", help="download the pinned OHIF release, check its hash, unpack it"
+    )
+    vinstall.add_argument("--dir", help="where to (default: the platform's data directory)")
+    vinstall.add_argument("--tarball", help="a local copy of the npm tarball (offline PCs)")
+    vinstall.add_argument("--force", action="store_true", help="reinstall even if present")
+    vinstall.set_defaults(func=_cmd_viewer_install)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")
     demo.add_argument("--dir", help="where to keep the demo's certificates and configs")
