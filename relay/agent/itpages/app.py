@@ -2,20 +2,27 @@
 
 Every request passes `_guard` (security headers, no caching); every POST is checked for
 its origin (Origin, else Referer, must be this site) and its CSRF token (the session's,
-or for the login form the pre-login cookie's), and refused with 403 otherwise. Pages
-other than /login need a live session: a GET without one goes to /login, a POST without
-one is refused with 403.
+or for the login form the pre-login cookie's), and refused with 403 otherwise (the
+reason logged at debug). Pages other than /login need a live session: a GET without one
+goes to /login, a POST without one is refused with 403. Paths that are no page (a
+browser's /favicon.ico) are 404 without a redirect.
+
+The pre-login token is signed with a per-process key and kept while it is valid: a
+browser that loads /login again (another tab, or a request the page triggers, which
+used to be redirected to /login) keeps the token of the form it already shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import hashlib
 import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
@@ -83,6 +90,23 @@ class ItPages:
     directory: bool  # codes need a user
     metrics: ItPagesMetrics
     now: Callable[[], datetime] = _utcnow
+    login_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    def login_token(self) -> str:
+        """A new pre-login CSRF token: a random nonce and its MAC under `login_key`."""
+        nonce = secrets.token_urlsafe(24)
+        return f"{nonce}.{self._mac(nonce)}"
+
+    def issued(self, token: str | None) -> bool:
+        """`token` is a pre-login token this process made (not one a client chose)."""
+        if token is None or len(token) > 128:
+            return False
+        nonce, dot, mac = token.partition(".")
+        return bool(nonce and dot) and hmac.compare_digest(mac, self._mac(nonce))
+
+    def _mac(self, nonce: str) -> str:
+        digest = hmac.new(self.login_key, nonce.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     @property
     def cookie(self) -> str:
@@ -139,28 +163,51 @@ def _set_cookie(response: web.StreamResponse, it: ItPages, name: str, value: str
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     it = request.app[APP_KEY]
     if request.method == "POST" and not _same_origin(request, it.tls):
-        response: web.StreamResponse = _forbidden("the request did not come from this site")
+        response: web.StreamResponse = _forbidden(
+            request, "the request did not come from this site"
+        )
+    elif request.match_info.http_exception is not None:
+        # no such page (e.g. /favicon.ico): 404/405 as is; a redirect to /login here
+        # would only hand the browser a new login page it never shows
+        response = await handler(request)
     elif request.path == "/login":
         response = await handler(request)
     else:
         session = it.sessions.get(request.cookies.get(it.cookie))
         if session is None:
             if request.method == "POST":
-                response = _forbidden("not logged in (or the session expired)")
+                response = _forbidden(request, "not logged in (or the session expired)")
             else:
                 response = _see_other("/login")
         else:
             if request.method == "POST":
                 form = await request.post()
                 if not _token_ok(form.get("csrf"), session.csrf):
-                    response = _forbidden("missing or wrong CSRF token: reload the page")
+                    why = "missing" if form.get("csrf") is None else "wrong"
+                    response = _forbidden(request, f"{why} CSRF token: reload the page")
                     return _headers(response)
             request[SESSION_KEY] = session
             response = await handler(request)
     return _headers(response)
 
 
-def _forbidden(why: str) -> web.Response:
+def _origin_of(request: web.Request) -> str:
+    return f"Origin {request.headers.get('Origin')!r}, Referer {request.headers.get('Referer')!r}"
+
+
+def _forbidden(request: web.Request, why: str, detail: str = "") -> web.Response:
+    """403 with `why` on the page; at debug also what the request brought (no values
+    of tokens or cookies: only whether they were there)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "IT page %s %s refused: %s (%s; host %r; cookies %s)",
+            request.method,
+            request.path,
+            why,
+            detail or _origin_of(request),
+            request.host,
+            sorted(request.cookies),
+        )
     return _html(views.message_page("Refused", why), 403)
 
 
@@ -177,9 +224,15 @@ def _headers(response: web.StreamResponse) -> web.StreamResponse:
 # -- login and logout
 
 
+def _login_token(request: web.Request, it: ItPages) -> str:
+    """The browser's pre-login token if this process issued it, else a new one."""
+    current = request.cookies.get(it.login_cookie)
+    return current if current is not None and it.issued(current) else it.login_token()
+
+
 async def _login_form(request: web.Request) -> web.StreamResponse:
     it = request.app[APP_KEY]
-    token = secrets.token_urlsafe(32)
+    token = _login_token(request, it)
     response = _html(views.login_page(token, directory=it.directory))
     _set_cookie(response, it, it.login_cookie, token)
     return response
@@ -188,13 +241,20 @@ async def _login_form(request: web.Request) -> web.StreamResponse:
 async def _login(request: web.Request) -> web.StreamResponse:
     it = request.app[APP_KEY]
     form = await request.post()
-    if not _token_ok(form.get("csrf"), request.cookies.get(it.login_cookie)):
-        return _forbidden("missing or wrong CSRF token: reload the login page")
+    cookie = request.cookies.get(it.login_cookie)
+    if not (it.issued(cookie) and _token_ok(form.get("csrf"), cookie)):
+        if cookie is None:
+            why = "no login cookie"
+        elif not it.issued(cookie):
+            why = "a login cookie this process did not issue"
+        else:
+            why = "the login cookie and the form's token differ"
+        return _forbidden(request, "missing or wrong CSRF token: reload the login page", why)
     user = str(form.get("user", ""))[:64].strip()
     password = str(form.get("password", ""))
     peer = _peer(request)
     audit = it.authority.audit
-    token = secrets.token_urlsafe(32)
+    token = _login_token(request, it)
 
     def again(error: str, status: int) -> web.Response:
         response = _html(

@@ -64,7 +64,9 @@ def page(title: str, body: Html, *, user: str | None = None, csrf: str | None = 
         )
     return render(
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        "<title>{title} - relay agent</title><style>{style}</style></head>"
+        "<title>{title} - relay agent</title>"
+        # no icon: else the browser asks for /favicon.ico on every page
+        '<link rel="icon" href="data:,"><style>{style}</style></head>'
         "<body><header><strong>relay agent</strong>{nav}</header>"
         "<main><h1>{title}</h1>{body}</main></body></html>",
         title=title,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -178,6 +179,44 @@ async def test_login_without_its_csrf_token_or_from_another_site_is_refused(
     assert (await browser.post("/login", {**form, "csrf": "forged"})).status == 403
     assert (await browser.post("/login", form, origin="https://evil.example")).status == 403
     assert (await browser.post("/login", form)).status == 303
+
+
+async def test_the_login_form_survives_what_a_browser_loads_meanwhile(
+    pages: Pages, browser: Browser
+) -> None:
+    """Chromium asks for /favicon.ico after the login page; that used to be redirected to
+    /login, whose new pre-login token replaced the cookie of the form on screen, so every
+    login from a real browser was refused for its CSRF token."""
+    _, body = await browser.get("/login")
+    shown = token(body)
+    status, _ = await browser.get("/favicon.ico")
+    assert status == 404
+    status, again = await browser.get("/login")  # a second tab, a reload
+    assert status == 200 and token(again) == shown
+    form = {"csrf": shown, "user": "carol", "password": PASSWORD}
+    assert (await browser.post("/login", form)).status == 303
+
+
+async def test_a_login_cookie_the_agent_did_not_issue_is_refused(
+    pages: Pages, browser: Browser
+) -> None:
+    """Double submit alone would take any cookie a client planted with a matching form
+    field; the pre-login token must carry this process's MAC."""
+    planted = "chosen-by-the-attacker"
+    browser.session.cookie_jar.update_cookies(
+        {pages.it.login_cookie: planted}, response_url=yarl.URL(pages.base)
+    )
+    form = {"csrf": planted, "user": "carol", "password": PASSWORD}
+    assert (await browser.post("/login", form)).status == 403
+    forged_mac = pages.it.login_token().split(".")[0] + ".AAAA"
+    browser.session.cookie_jar.update_cookies(
+        {pages.it.login_cookie: forged_mac}, response_url=yarl.URL(pages.base)
+    )
+    assert (await browser.post("/login", {**form, "csrf": forged_mac})).status == 403
+    status, body = await browser.get("/login")  # a new, issued token replaces it
+    assert status == 200 and token(body) not in (planted, forged_mac)
+    assert pages.it.issued(token(body))
+    assert not pages.audit("it_login")
 
 
 async def test_every_post_needs_the_session_csrf_token_and_this_origin(
