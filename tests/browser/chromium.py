@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,8 +36,9 @@ def require_chromium() -> tuple[str, str]:
 
 
 @contextmanager
-def chromium(profile: Path, *, log: Path | None = None) -> Iterator[Any]:
-    """A headless Chromium (a selenium WebDriver); quit and its driver stopped at exit."""
+def chromium(profile: Path, *, log: Path | None = None, args: Iterable[str] = ()) -> Iterator[Any]:
+    """A headless Chromium (a selenium WebDriver); quit and its driver stopped at exit.
+    `args`: more command-line flags (e.g. trusting a test server's key)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -62,6 +63,8 @@ def chromium(profile: Path, *, log: Path | None = None) -> Iterator[Any]:
         f"--user-data-dir={profile}",
         f"--window-size={WINDOW[0]},{WINDOW[1]}",
     ):
+        options.add_argument(arg)
+    for arg in args:
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=driver_path, log_output=str(log) if log else None)
