@@ -6,6 +6,7 @@ through the agent's revocation path (bodies pushed), the audit trail page, metri
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -247,6 +248,26 @@ async def test_every_post_needs_the_session_csrf_token_and_this_origin(
         assert (await other.post("/codes", {**form, "device": "ws2", "csrf": csrf})).status == 403
     finally:
         await other.close()
+
+
+async def test_refusals_are_logged_at_debug_with_the_reason_but_no_secret(
+    pages: Pages, browser: Browser, caplog: pytest.LogCaptureFixture
+) -> None:
+    await browser.login()
+    csrf = await browser.csrf()
+    session_id = next(iter(pages.it.sessions._sessions))
+    with caplog.at_level(logging.DEBUG, logger="relay.agent.itpages.app"):
+        wrong = csrf[:-1] + ("y" if csrf[-1] != "y" else "z")
+        assert (await browser.post("/codes", {"device": "ws1", "csrf": wrong})).status == 403
+        r = await browser.post("/codes", {"device": "ws1", "csrf": csrf}, origin="null")
+        assert r.status == 403
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "wrong CSRF token" in lines[0] and "did not come from this site" in lines[1]
+    assert "Origin 'null'" in lines[1]
+    assert pages.it.cookie in lines[0]  # which cookies came, by name
+    for line in lines:
+        assert csrf not in line and wrong not in line and session_id not in line
 
 
 async def test_create_a_code_shown_once_with_a_qr_code_and_audited(
