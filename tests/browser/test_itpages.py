@@ -80,11 +80,37 @@ def text_of(driver: Any) -> str:
     return str(driver.find_element(By.TAG_NAME, "body").text)
 
 
+def click_through(driver: Any, element_id: str) -> None:
+    """Click a link or submit button and wait for the next page to have loaded (a form
+    submission's click can return before the navigation has even started)."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    old = driver.find_element(By.TAG_NAME, "html")
+
+    def left() -> bool:
+        try:
+            old.is_enabled()
+        except WebDriverException:  # stale, or chromedriver's "node ... not in the document"
+            return True
+        return False
+
+    def loaded() -> bool:
+        try:
+            return bool(driver.execute_script("return document.readyState") == "complete")
+        except WebDriverException:  # between two documents
+            return False
+
+    by_id(driver, element_id).click()
+    wait_for(f"the page after clicking {element_id}", left, WAIT, poll=0.05)
+    wait_for(f"the page after clicking {element_id} to load", loaded, WAIT, poll=0.05)
+
+
 def log_in(driver: Any, base: str, user: str, password: str) -> None:
     driver.get(base + "/login")
     by_id(driver, "user").send_keys(user)
     by_id(driver, "password").send_keys(password)
-    by_id(driver, "login").click()
+    click_through(driver, "login")
 
 
 def logged_in(driver: Any, base: str) -> None:
@@ -178,12 +204,8 @@ def test_enroll_with_a_code_from_the_pages_then_revoke_it_there(
     by_id(browser, "device").send_keys("pc1")
     by_id(browser, "holder").send_keys("alice")
     Select(by_id(browser, "ttl")).select_by_value("1h")
-    by_id(browser, "create").click()
-
-    def shown_code() -> str:
-        return str(by_id(browser, "code").text).strip()
-
-    code = wait_for("the code", shown_code, WAIT)
+    click_through(browser, "create")
+    code = str(by_id(browser, "code").text).strip()
     assert code.startswith("DMZR1-")
     assert by_id(browser, "qr").find_element("tag name", "svg") is not None
 
@@ -204,10 +226,10 @@ def test_enroll_with_a_code_from_the_pages_then_revoke_it_there(
     row = by_id(browser, "device-pc1")
     assert "alice" in row.find_element("class name", "user").text
     assert row.find_element("class name", "status").text == "active"
-    by_id(browser, "revoke-pc1").click()
+    click_through(browser, "revoke-pc1")
     assert "Revoke device pc1" in text_of(browser)
     clicked = time.monotonic()
-    by_id(browser, "confirm").click()  # returns once the answer page has loaded
+    click_through(browser, "confirm")
     assert "revoked pc1" in by_id(browser, "notice").text
     wait_for("the live connection to be cut", lambda: talk.failed_at is not None, CUT_BOUND)
     assert talk.failed_at is not None
@@ -270,6 +292,7 @@ def test_csrf_and_a_non_admin_are_refused(site: ItSite, browser: Any) -> None:
     browser.get("data:text/html,<p>elsewhere</p>")
     _post_form(browser, base + "/codes", {"device": "forged", "ttl": "1h", "csrf": "x"})
     wait_for("the refusal", lambda: "Refused" in browser.title, WAIT)
+    assert "did not come from this site" in text_of(browser)
     kinds = [e["kind"] for e in site.audit()[before:]]
     assert "token_created" not in kinds, kinds
     assert all(d["name"] != "forged" for d in site.device_list())
