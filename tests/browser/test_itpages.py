@@ -8,7 +8,9 @@ for the logins and real `relay` processes (gateway, agent, `relay enroll`, works
   (confirmation page) and the connection is cut; everything is in the audit trail page;
 - a POST without the page's CSRF token, with a wrong one, or from another site is
   refused with 403 and changes nothing;
-- a directory user who is not an IT admin (alice) cannot log in.
+- a directory user who is not an IT admin (alice) cannot log in;
+- without a directory, on plain HTTP on loopback, a local admin (written by the real
+  `relay it-admin passwd`) logs in, creates a code and logs out.
 
 Skips with the reason (a failure with CI=true) without Chromium, chromedriver, selenium
 or slapd. Browser set-up is tests/browser/chromium.py (shared with the viewer's tests);
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.browser.chromium import chromium, require_chromium, wait_for
-from tests.e2e.chain import HOST
+from tests.e2e.chain import HOST, RELAY
 from tests.e2e.enroll_chain import (
     Conversation,
     EchoServer,
@@ -54,6 +57,7 @@ WAIT = 30.0
 #: A revoked device's live connection is cut within this (issue 4's bound is 2 s; the
 #: IT pages push at once, so this is the browser round trip plus that on a busy machine).
 CUT_BOUND = 5.0
+ANNA = "anna's long IT password"
 
 
 # -- the browser ------------------------------------------------------------------------
@@ -177,6 +181,42 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ItSite]:
         server.close()
 
 
+class LocalSite(Site):
+    """A Site without a directory: IT logs in with a local admins file (written by the
+    real `relay it-admin passwd`), on plain HTTP on loopback."""
+
+    def write_agent_config(self, device_lifetime: str | None = None) -> None:
+        super().write_agent_config(device_lifetime)
+        admins = self.tmp / "it-admins"
+        done = subprocess.run(
+            [*RELAY, "it-admin", "passwd", "--file", str(admins), "--user", "anna",
+             "--password-stdin"],
+            input=ANNA + "\n", capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert ANNA not in admins.read_text()
+        with self.agent_config.open("a") as f:
+            f.write(f"it_pages:\n  listen: {HOST}:0\n  admins_file: {admins}\n")
+
+    @property
+    def pages(self) -> str:
+        return f"http://{HOST}:{self.procs['agent'].listening('it-pages').port}"
+
+
+@pytest.fixture
+def local_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
+    require_chromium()
+    echo = EchoServer()
+    s = LocalSite(tmp_path_factory.mktemp("local"), echo.port, ("ga",))
+    try:
+        s.setup()
+        s.start("ga", "agent")
+        yield s
+    finally:
+        s.stop_all()
+        echo.stop()
+
+
 @pytest.fixture
 def browser(site: ItSite, tmp_path: Path) -> Iterator[Any]:
     trust = f"--ignore-certificate-errors-spki-list={spki_hash(site.pki_dir / 'gateway.crt')}"
@@ -296,3 +336,32 @@ def test_csrf_and_a_non_admin_are_refused(site: ItSite, browser: Any) -> None:
     kinds = [e["kind"] for e in site.audit()[before:]]
     assert "token_created" not in kinds, kinds
     assert all(d["name"] != "forged" for d in site.device_list())
+
+
+def test_a_local_admin_on_plain_http_loopback(local_site: LocalSite, tmp_path: Path) -> None:
+    """Without a directory: the admins file; on loopback without tls: plain cookies
+    (no __Host- prefix, not Secure), still HttpOnly and SameSite=Strict."""
+    base = local_site.pages
+    with chromium(tmp_path / "profile") as driver:
+        log_in(driver, base, "anna", "not anna's password")
+        assert "login refused" in by_id(driver, "error").text
+        log_in(driver, base, "anna", ANNA)
+        logged_in(driver, base)
+        session = {c["name"]: c for c in driver.get_cookies()}["relay-it"]
+        assert not session["secure"] and session["httpOnly"] and session["sameSite"] == "Strict"
+        driver.get(base + "/codes/new")
+        assert not driver.find_elements("id", "holder")  # no directory: no user to bind
+        by_id(driver, "device").send_keys("pc9")
+        click_through(driver, "create")
+        assert by_id(driver, "code").text.strip().startswith("DMZR1-")
+        driver.get(base + "/devices")
+        logout = driver.find_element("css selector", "header form button")
+        old_url = driver.current_url
+        logout.click()
+        wait_for("the login page", lambda: driver.current_url != old_url, WAIT)
+        assert driver.current_url == base + "/login"
+        driver.get(base + "/devices")
+        assert driver.current_url == base + "/login"  # the session is gone
+    kinds = [(e["kind"], e["ActiveParticipant"][0]["UserID"]) for e in local_site.audit()]
+    assert ("token_created", "it:anna") in kinds, kinds
+    assert ("it_logout", "it:anna") in kinds, kinds
