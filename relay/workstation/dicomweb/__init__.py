@@ -22,6 +22,7 @@ For the viewer (and anything else served from the same origin), the contract is:
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,5 +42,8 @@ def viewer_routes(config: DicomwebConfig) -> list[Callable[[Any], None]]:
         if exc.name != "relay.workstation.viewer":
             raise
         return []
-    add = viewer.add_routes
+    add = getattr(viewer, "add_routes", None)
+    if add is None:  # an installer-only viewer package: DICOMweb still runs
+        logging.getLogger(__name__).warning("dicomweb.viewer: no viewer routes to serve")
+        return []
     return [lambda app: add(app, config)]
