@@ -281,6 +281,20 @@ def test_rendered_thumbnail(url: str) -> None:
 
     image = Image.open(io.BytesIO(r.content))
     assert image.format == "JPEG" and max(image.size) == 64
+    # the series and the study: their middle image (by Instance Number), as PNG
+    png = {"Accept": "image/png"}
+    by_number = sorted(SERIES[MR_SERIES][1], key=lambda i: int(_decoded(i).InstanceNumber))
+    middle = by_number[len(by_number) // 2]
+    base = f"{url}/studies/{MR_STUDY}/series/{MR_SERIES}"
+    want = requests.get(f"{base}/instances/{middle.sop_instance}/rendered", headers=png,
+                        timeout=TIMEOUT).content  # fmt: skip
+    assert want[:4] == b"\x89PNG"
+    for what in (f"{base}/rendered", f"{url}/studies/{MR_STUDY}/rendered"):
+        r = requests.get(what, headers=png, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.content == want, what
+    r = requests.get(f"{url}/studies/{MR_STUDY}/thumbnail", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(r.content)).size) == 128
 
 
 def test_dns_rebinding_and_cross_origin_requests_are_refused(url: str, chain: DicomChain) -> None:

@@ -384,10 +384,26 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
 
 
-def _rendered(frame_in_path: bool) -> Any:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        from relay.workstation.dicomweb import render
+def _render_type(request: web.Request) -> str | None:
+    """image/jpeg or image/png from the Accept header (JPEG for anything); None: 406."""
+    from relay.workstation.dicomweb import render
 
+    for r in media.parse_accept(request.headers.get("Accept")):
+        if r.type in render.FORMATS:
+            return r.type
+        if r.type in ("*/*", "image/*"):
+            return "image/jpeg"
+    return None
+
+
+async def _pick_frame(
+    request: web.Request, level: str, frame_in_path: bool
+) -> tuple[HeldInstance, int] | web.Response:
+    """The instance and frame a rendered answer shows: the one named (instance, frame),
+    else the middle image of the series, else of the study's first series with one."""
+    from relay.workstation.dicomweb import thumbs
+
+    if level == "instance":
         number = 1
         if frame_in_path:
             try:
@@ -397,23 +413,45 @@ def _rendered(frame_in_path: bool) -> Any:
             if len(numbers) != 1:
                 return _text(400, "frames: one frame is rendered at a time")
             number = numbers[0]
+        item = await _one(request)
+        return item if isinstance(item, web.Response) else (item, number)
+    service = _service(request)
+    study = _uid(request, "study")
+    series = _uid(request, "series") if level == "series" else None
+    tried = 0
+    try:
+        async for flight in _flights(service, study, series):
+            items = [item async for item in flight.instances()]
+            chosen = await asyncio.to_thread(thumbs.middle_frame, items)
+            if chosen is not None:
+                return chosen
+            tried += 1
+            if tried >= thumbs.MAX_SERIES_TRIED:
+                break
+    except UpstreamError as exc:
+        return _upstream(exc)
+    if tried == 0:
+        return _text(404, f"no such {level}")
+    return _text(404, f"the {level} has no image to render")
+
+
+def _rendered(level: str, frame_in_path: bool = False, thumbnail: bool = False) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from relay.workstation.dicomweb import render, thumbs
+
         try:
             size = render.viewport(request.query.get("viewport"))
         except ValueError as exc:
             return _text(400, f"viewport: {exc}")
-        ranges = media.parse_accept(request.headers.get("Accept"))
-        chosen = "image/jpeg"
-        for r in ranges:
-            if r.type in render.FORMATS:
-                chosen = r.type
-                break
-            if r.type in ("*/*", "image/*"):
-                break
-        else:
+        if size is None and thumbnail:
+            size = thumbs.DEFAULT_THUMBNAIL
+        chosen = _render_type(request)
+        if chosen is None:
             return _text(406, "rendered frames are image/jpeg or image/png")
-        item = await _one(request)
-        if isinstance(item, web.Response):
-            return item
+        picked = await _pick_frame(request, level, frame_in_path)
+        if isinstance(picked, web.Response):
+            return picked
+        item, number = picked
         try:
             body = await asyncio.to_thread(
                 lambda: render.render_frame(item.dataset(), number, chosen, size)
@@ -567,8 +605,11 @@ def _routes(app: web.Application) -> None:
     get(f"{i}/metadata", _metadata(True, True))
     get(f"{i}/frames/{{frames}}", frames_handler)
     get(f"{i}/bulk/{{tag}}", bulk_handler)
-    get(f"{i}/rendered", _rendered(False))
-    get(f"{i}/frames/{{frames}}/rendered", _rendered(True))
+    for base, level in ((s, "study"), (se, "series"), (i, "instance")):
+        get(f"{base}/rendered", _rendered(level))
+        get(f"{base}/thumbnail", _rendered(level, thumbnail=True))
+    get(f"{i}/frames/{{frames}}/rendered", _rendered("instance", frame_in_path=True))
+    get(f"{i}/frames/{{frames}}/thumbnail", _rendered("instance", True, thumbnail=True))
     app.router.add_post(f"{PREFIX}/studies", stow_handler)
     app.router.add_post(s, stow_handler)
 
