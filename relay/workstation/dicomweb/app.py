@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.dicom import status as st
-from relay.workstation.dicomweb import dicomjson, frames, media, part10
+from relay.workstation.dicomweb import dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
@@ -54,6 +54,9 @@ class DicomwebService:
     max_upload: int
     allowed_hosts: frozenset[str] = frozenset()
     base_url: str = ""  # http://127.0.0.1:PORT/dicom-web once listening
+    # HTJ2K encodings at once (CPU-bound, in threads): the other requests keep a core
+    encoders: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    frames_encoded: int = 0
 
 
 # -- middlewares ------------------------------------------------------------------------
@@ -342,22 +345,36 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(item, web.Response):
         return item
     ranges = media.parse_accept(request.headers.get("Accept"))
+    ds = await asyncio.to_thread(item.dataset)
+    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
     try:
-        part = media.negotiate(ranges, True, media.frame_media_type(item.transfer_syntax),
-                               item.transfer_syntax)  # fmt: skip
+        choice = htj2k.choose(ranges, media.frame_media_type(item.transfer_syntax),
+                              item.transfer_syntax, native, htj2k.encodable(ds))  # fmt: skip
     except media.AcceptError as exc:
         return _text(406, str(exc))
+    if choice.encode_to is not None and len(numbers) > htj2k.MAX_FRAMES:
+        return _text(400, f"frames: at most {htj2k.MAX_FRAMES} per HTJ2K request")
 
     def cut() -> list[bytes]:
-        return frames.get_frames(item.dataset(), item.transfer_syntax, numbers)
+        return frames.get_frames(ds, item.transfer_syntax, numbers)
 
     try:
         chunks = await asyncio.to_thread(cut)
     except frames.FrameError as exc:
         return _text(404, str(exc))
+    ts = media.EXPLICIT_LE if native else item.transfer_syntax
+    if choice.encode_to is not None:
+        service = _service(request)
+        try:
+            async with service.encoders:
+                chunks = await asyncio.to_thread(htj2k.encode_frames, ds, chunks)
+        except htj2k.Unsupported as exc:
+            return _text(406, f"cannot serve HTJ2K: {exc}")
+        service.frames_encoded += len(chunks)
+        ts = choice.encode_to
     boundary = media.new_boundary()
-    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
-    ctype = media.part_type_with_ts(part, media.EXPLICIT_LE if native else item.transfer_syntax)
+    part = choice.part_type
+    ctype = media.part_type_with_ts(part, ts)
     body = bytearray()
     for chunk in chunks:
         body += media.part_head(boundary, ctype)

@@ -62,6 +62,7 @@ class DicomwebServer:
                 "series_shared": float(retriever.shared),
                 "series_written_to_cache": float(w.written if (w := retriever.writer) else 0),
                 "cache_write_failures": float(w.failed if (w := retriever.writer) else 0),
+                "frames_encoded_htj2k": float(self.service.frames_encoded),
             },
         )
         self.service = DicomwebService(source, retriever, metrics, config.max_upload)
