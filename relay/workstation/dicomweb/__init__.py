@@ -5,7 +5,9 @@ Modules, one job each: `settings` (the `dicomweb:` keys), `qido` (query paramete
 C-FIND), `media` (Accept negotiation, multipart parts), `dicomjson` (DICOM JSON with
 BulkDataURIs), `frames`, `render` (JPEG/PNG), `part10` (file meta), `guard` (Host and
 Origin checks), `source` (C-FIND/retrieve/C-STORE through the relay), `retrieve` (series
-flights: single-flight, bounded holding), `metrics`, `app` (routes), `server` (lifecycle).
+flights: single-flight, bounded holding), `writethrough` (those series into the disk
+cache), `thumbs` (a series's or study's thumbnail frame), `htj2k` (frames as HTJ2K),
+`metrics`, `app` (routes), `server` (lifecycle).
 
 For the viewer (and anything else served from the same origin), the contract is:
 
