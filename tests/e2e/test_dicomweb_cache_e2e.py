@@ -177,3 +177,32 @@ def test_a_browser_retrieval_is_cached_and_read_with_the_link_cut(
         assert r.status_code == 502, r.text
         time.sleep(0.3)
         assert pacs.events().get("gets", 0) - gets == 1  # the one retrieval in step 1
+
+
+def test_a_full_cache_never_fails_the_browser(pacs: PacsProcess, tmp_path: Path) -> None:
+    """A cache too small for the series (1 MiB; the MR is ~9 MiB): the write-through
+    stops with one log line, the browser still gets every instance, nothing is listed
+    as complete, and the cache stays within its cap."""
+    chain = DicomChain(
+        tmp_path / "c",
+        pacs.port,
+        ws_extra="dicomweb:\n  listen: 127.0.0.1:0\n"
+        "cache: {dir: cache/, max_size: 1MiB}\nprefetch: {priors: 0}\n",
+    )
+    chain.reporters["dicomweb"] = ("ws1", "dicomweb")
+    with running_dicom_chain(chain):
+        client = DICOMwebClient(f"http://{HOST}:{chain.port('dicomweb')}/dicom-web")
+        got = client.retrieve_series(MR_STUDY, MR_SERIES)
+        assert sorted(str(ds.SOPInstanceUID) for ds in got) == sorted(i.sop_instance for i in MR)
+        assert wait_for(
+            lambda: chain.metric("ws", "relay_dicomweb_cache_write_failures_total") == 1
+        ), chain.logs()
+        log = chain.procs["ws1"].output()
+        assert "served from memory" in log
+        assert samples.MR_STUDY.patient_name not in log and MR_STUDY not in log
+        assert all(s["state"] != "complete" for s in cache_status(chain))
+        files = [p for p in (tmp_path / "c" / "cache" / "objects").iterdir() if p.is_file()]
+        assert sum(p.stat().st_size for p in files) <= 1024 * 1024
+        # and again: served (from memory), still whole
+        again = client.retrieve_series(MR_STUDY, MR_SERIES)
+        assert len(again) == len(MR)
