@@ -244,7 +244,7 @@ def test_tamper_refetch_restart_and_revocation(
 def test_size_cap_and_expiry(pacs: PacsProcess, ct_uid: str, tmp_path: Path) -> None:
     mr = study_of(pacs, samples.MR_STUDY.patient_id)
     cap = 21 * 1024 * 1024  # the CT (20.1 MiB sealed) fits, the CT and the MR do not
-    chain = make_chain(tmp_path / "c", pacs, f"max_size: {cap}, max_age: 8s",
+    chain = make_chain(tmp_path / "c", pacs, f"max_size: {cap}, max_age: 15s",
                        "prefetch: {priors: 0}\n")  # fmt: skip
     objects = tmp_path / "c" / "cache" / "objects"
     peak = 0
@@ -264,7 +264,7 @@ def test_size_cap_and_expiry(pacs: PacsProcess, ct_uid: str, tmp_path: Path) -> 
         assert status(chain)["bytes"] <= cap
         assert chain.metric("ws", "relay_cache_evictions_total", 'reason="size"') >= 1
         assert len(complete(chain)) == 1  # the least recently read went
-        # Expiry purges.
-        assert wait_for(lambda: status(chain)["studies"] == [], within=20)
+        # Expiry purges (max_age leaves a loaded machine time to fill both first).
+        assert wait_for(lambda: status(chain)["studies"] == [], within=30)
         assert list(objects.iterdir()) == []
         assert chain.metric("ws", "relay_cache_evictions_total", 'reason="expired"') >= 1
