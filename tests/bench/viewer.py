@@ -20,6 +20,7 @@ the navigation: the first image on screen, and the last of the series' frames re
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -132,7 +133,9 @@ def run(
     workdir: Path, bench_pki: BenchPki, *, runs: int = 3, count: int = DEFAULT_COUNT,
     profile: Profile = PROFILES[0],
 ) -> Section:  # fmt: skip
+    load_before = os.getloadavg()[0]
     results, check = measure(workdir, bench_pki, runs=runs, count=count, profile=profile)
+    load_after = os.getloadavg()[0]
 
     def med(case: str, attr: str) -> float:
         return median([getattr(o, attr) for o in results[case]])
@@ -164,6 +167,13 @@ def run(
         "Frames arrive as WADO-RS /frames responses (imageRendering wadors); 'all images' "
         "is the last of the series' frames received (OHIF's study prefetcher loads the "
         "whole series).",
+        "The relay's workstation starts fetching the study when it serves the page for "
+        "/viewer?StudyInstanceUIDs= (the warm-up, docs/internals/viewer.md), so the series "
+        "crosses the link while OHIF boots; OHIF cannot show a slice before it has the "
+        "whole series' metadata, which through DICOM means the whole series (Orthanc "
+        "answers metadata from its database and sends frames on demand).",
+        f"Machine load: 1-minute load average {load_before:.1f} before the runs and "
+        f"{load_after:.1f} after (2 cores, shared with other work).",
     ]
     return Section("viewer", "OHIF in the browser: opening the CT (issue 13)", machine_line(),
                    table, notes)  # fmt: skip
