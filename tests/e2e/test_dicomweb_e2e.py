@@ -253,6 +253,31 @@ def test_frames_decode_to_the_pacs_pixels(client: DICOMwebClient) -> None:
         assert len(np.unique(pixels)) > 10  # a real image, not a blank
 
 
+def test_frames_as_htj2k_decode_to_the_pacs_pixels(url: str) -> None:
+    """HTJ2K on request (dicomweb-client does not know image/jphc: plain HTTP here)."""
+    import imagecodecs
+
+    accept = 'multipart/related; type="image/jphc"; transfer-syntax=1.2.840.10008.1.2.4.201'
+    native = 0
+    encoded = 0
+    for inst in SERIES[CT_SERIES][1][:3]:
+        base = f"{url}/studies/{CT_STUDY}/series/{CT_SERIES}/instances/{inst.sop_instance}"
+        r = requests.get(f"{base}/frames/1", headers={"Accept": accept}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        [(ctype, stream)] = multipart(r)
+        assert ctype.replace('"', "").startswith(
+            "image/jphc; transfer-syntax=1.2.840.10008.1.2.4.201"
+        )
+        ds = _decoded(inst)
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(inst.transfer_syntax)
+        want = ds.pixel_array
+        assert np.array_equal(imagecodecs.htj2k_decode(stream), want)
+        native += len(ds.PixelData)
+        encoded += len(stream)
+    assert encoded < native  # fewer bytes to the browser
+
+
 def test_metadata_is_complete_with_bulk_data_uris(client: DICOMwebClient) -> None:
     docs = client.retrieve_series_metadata(MR_STUDY, MR_SERIES)
     want = {i.sop_instance: _decoded(i) for i in SERIES[MR_SERIES][1]}
@@ -281,6 +306,20 @@ def test_rendered_thumbnail(url: str) -> None:
 
     image = Image.open(io.BytesIO(r.content))
     assert image.format == "JPEG" and max(image.size) == 64
+    # the series and the study: their middle image (by Instance Number), as PNG
+    png = {"Accept": "image/png"}
+    by_number = sorted(SERIES[MR_SERIES][1], key=lambda i: int(_decoded(i).InstanceNumber))
+    middle = by_number[len(by_number) // 2]
+    base = f"{url}/studies/{MR_STUDY}/series/{MR_SERIES}"
+    want = requests.get(f"{base}/instances/{middle.sop_instance}/rendered", headers=png,
+                        timeout=TIMEOUT).content  # fmt: skip
+    assert want[:4] == b"\x89PNG"
+    for what in (f"{base}/rendered", f"{url}/studies/{MR_STUDY}/rendered"):
+        r = requests.get(what, headers=png, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.content == want, what
+    r = requests.get(f"{url}/studies/{MR_STUDY}/thumbnail", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(r.content)).size) == 128
 
 
 def test_dns_rebinding_and_cross_origin_requests_are_refused(url: str, chain: DicomChain) -> None:

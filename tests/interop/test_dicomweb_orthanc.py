@@ -11,6 +11,7 @@ from __future__ import annotations
 import email
 import email.policy
 import io
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -96,9 +97,7 @@ def _orthanc_file(orthanc: Orthanc, sop_instance: str) -> bytes:
     return data
 
 
-def test_wado_instances_are_orthancs_bytes(
-    url: str, orthanc_module: Orthanc, inside: Callable[[Callable[[], Any]], Any]
-) -> None:
+def _series_bytes(url: str, inside: Callable[[Callable[[], Any]], Any]) -> dict[str, bytes]:
     response = inside(lambda: requests.get(f"{url}/studies/{STUDY}/series/{SERIES}",
                                            timeout=TIMEOUT))  # fmt: skip
     assert response.status_code == 200
@@ -110,10 +109,28 @@ def test_wado_instances_are_orthancs_bytes(
         assert isinstance(data, bytes)
         meta, offset = part10.split(data)
         got[meta[0x00020003]] = data[offset:]
+    return got
+
+
+def test_wado_instances_are_orthancs_bytes(
+    url: str,
+    chain: DicomChain,
+    orthanc_module: Orthanc,
+    inside: Callable[[Callable[[], Any]], Any],
+) -> None:
+    got = _series_bytes(url, inside)
     assert len(got) == len(CT)
     for sop, dataset in got.items():
         stored = _orthanc_file(orthanc_module, sop)
         assert dataset == stored[part10.split(stored)[1] :]  # Orthanc's bytes, exactly
+    # Orthanc's C-GET counts vouch for the series: written through to the cache, and the
+    # next request reads it there
+    deadline = time.monotonic() + TIMEOUT
+    while chain.metric("ws", "relay_dicomweb_series_written_to_cache_total") < 1:
+        assert time.monotonic() < deadline, chain.logs()
+        time.sleep(0.2)
+    assert _series_bytes(url, inside) == got
+    assert chain.metric("ws", "relay_dicomweb_series_from_cache_total") == 1
 
 
 def test_stow_lands_in_orthanc(

@@ -1,6 +1,7 @@
 """What the DICOM node asks of the cache: a verified retrieval plan, or C-FIND matches.
 
-`plan()` serves only a complete study, and only after every file it would send has been
+`plan()` serves only a complete study (or, at series and image level, series complete on
+their own: see CacheStore.finish_series), and only after every file it would send has been
 opened and authenticated: a damaged file drops that entry (one log line), the study goes
 back to the network and is queued to be fetched again, and nothing is half-served.
 """
@@ -65,18 +66,25 @@ class CacheServer:
         if not study_uid or "\\" in study_uid or "*" in study_uid:
             return None
         study = self.store.study(study_uid)
-        if study is None or not study.complete:
-            self.counters.misses += 1
-            return None
         level = str(identifier.get("QueryRetrieveLevel", "STUDY")).strip().upper()
         series = _uids(identifier, "SeriesInstanceUID") if level in ("SERIES", "IMAGE") else None
         sops = _uids(identifier, "SOPInstanceUID") if level == "IMAGE" else None
+        done = dict(study.series_done) if study is not None else {}
+        if study is None or not (
+            study.complete or (series is not None and all(s in done for s in series))
+        ):
+            self.counters.misses += 1
+            return None
         chosen = [
             i
             for i in list(study.instances.values())
             if (series is None or i.series in series) and (sops is None or i.sop_instance in sops)
         ]
-        if not chosen or (sops is not None and len(chosen) < len(sops)):
+        if (
+            not chosen
+            or (sops is not None and len(chosen) < len(sops))
+            or (not study.complete and sops is None and not _all_of(chosen, done))
+        ):
             self.counters.misses += 1
             return None
         started = time.monotonic()
@@ -127,6 +135,14 @@ class CacheServer:
             return data
 
         return read
+
+
+def _all_of(chosen: list[CachedInstance], done: dict[str, int]) -> bool:
+    """Whether `chosen` holds every instance of each complete series it touches."""
+    counts: dict[str, int] = {}
+    for inst in chosen:
+        counts[inst.series] = counts.get(inst.series, 0) + 1
+    return all(n >= done.get(series, n + 1) for series, n in counts.items())
 
 
 def _uids(identifier: Dataset, keyword: str) -> set[str] | None:

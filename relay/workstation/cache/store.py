@@ -12,6 +12,10 @@ study that alone is larger than the cap is abandoned. `max_age` counts from when
 was cached; `purge_expired()` removes older ones. Damage (a file that does not
 authenticate, is missing, or a write that fails, e.g. a full disk) drops that entry with
 one log line; the study is then incomplete and is not served from the cache.
+
+A study is complete when the prefetcher filled it (`finish`). A series can be complete on
+its own (`finish_series`, the DICOMweb server writing a browser's retrieval through): then
+that series is served from the cache even while its study is incomplete.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class CachedStudy:
     expected: int | None = None  # the PACS's count of instances
     instances: dict[str, CachedInstance] = field(default_factory=dict)
     complete: bool = False
+    # series complete on their own (written through by the browser's retrievals): series
+    # UID -> the instances the PACS sent for it; servable while the study is incomplete
+    series_done: dict[str, int] = field(default_factory=dict)
     filling: bool = False
     source: str = ""
     created: float = field(default_factory=time.time)
@@ -168,6 +175,43 @@ class CacheStore:
             study.complete = False
             return study
 
+    def adopt(self, uid: str, attrs: dict[str, str], expected: int | None, source: str) -> None:
+        """The study's index entry for a series written through: created, or its attributes
+        refreshed; never marked filling, and its completeness left alone."""
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is None:
+                if len(self.studies) >= MAX_STUDIES:
+                    self._evict_one(keep=uid)
+                self._seq += 1
+                study = CachedStudy(uid=uid, source=source, seq=self._seq)
+                self.studies[uid] = study
+            study.attrs.update(attrs)
+            if expected is not None:
+                study.expected = expected
+
+    def finish_series(self, uid: str, series: str, count: int) -> bool:
+        """Mark one series complete when `count` (the PACS's) instances of it are here; the
+        study too when every instance it counts is here and each of its series is complete.
+        False when the series is not all here (evicted or dropped meanwhile)."""
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is None or count <= 0:
+                return False
+            have = sum(1 for i in study.instances.values() if i.series == series)
+            if have < count:
+                return False
+            study.series_done[series] = count
+            held = {i.series for i in study.instances.values()}
+            if (
+                study.expected is not None
+                and len(study.instances) >= study.expected
+                and held <= set(study.series_done)
+            ):
+                study.complete = True
+        self._save_index()
+        return True
+
     def finish(self, uid: str, *, complete: bool) -> None:
         with self._lock:
             study = self.studies.get(uid)
@@ -250,6 +294,8 @@ class CacheStore:
             inst = study.instances.pop(sop_instance, None) if study else None
             if study is not None:
                 study.complete = False
+                if inst is not None:
+                    study.series_done.pop(inst.series, None)
             if inst is not None:
                 self.total -= inst.size
         with contextlib.suppress(OSError):
@@ -335,7 +381,7 @@ class CacheStore:
             self._seq = int(data.get("seq", 0))
             for raw in data.get("studies", []):
                 insts = {k: CachedInstance(**v) for k, v in raw.pop("instances").items()}
-                study = CachedStudy(**raw, instances=insts)
+                study = CachedStudy(**raw, instances=insts)  # series_done: {} if absent
                 study.filling = False
                 self.studies[study.uid] = study
                 self.total += study.size

@@ -5,7 +5,9 @@ Modules, one job each: `settings` (the `dicomweb:` keys), `qido` (query paramete
 C-FIND), `media` (Accept negotiation, multipart parts), `dicomjson` (DICOM JSON with
 BulkDataURIs), `frames`, `render` (JPEG/PNG), `part10` (file meta), `guard` (Host and
 Origin checks), `source` (C-FIND/retrieve/C-STORE through the relay), `retrieve` (series
-flights: single-flight, bounded holding), `metrics`, `app` (routes), `server` (lifecycle).
+flights: single-flight, bounded holding), `writethrough` (those series into the disk
+cache), `thumbs` (a series's or study's thumbnail frame), `htj2k` (frames as HTJ2K),
+`metrics`, `app` (routes), `server` (lifecycle).
 
 For the viewer (and anything else served from the same origin), the contract is:
 
@@ -22,6 +24,7 @@ For the viewer (and anything else served from the same origin), the contract is:
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,5 +44,8 @@ def viewer_routes(config: DicomwebConfig) -> list[Callable[[Any], None]]:
         if exc.name != "relay.workstation.viewer":
             raise
         return []
-    add = viewer.add_routes
+    add = getattr(viewer, "add_routes", None)
+    if add is None:  # an installer-only viewer package: DICOMweb still runs
+        logging.getLogger(__name__).warning("dicomweb.viewer: no viewer routes to serve")
+        return []
     return [lambda app: add(app, config)]

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.dicom import status as st
-from relay.workstation.dicomweb import dicomjson, frames, media, part10
+from relay.workstation.dicomweb import dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
@@ -54,6 +54,9 @@ class DicomwebService:
     max_upload: int
     allowed_hosts: frozenset[str] = frozenset()
     base_url: str = ""  # http://127.0.0.1:PORT/dicom-web once listening
+    # HTJ2K encodings at once (CPU-bound, in threads): the other requests keep a core
+    encoders: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    frames_encoded: int = 0
 
 
 # -- middlewares ------------------------------------------------------------------------
@@ -342,22 +345,36 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(item, web.Response):
         return item
     ranges = media.parse_accept(request.headers.get("Accept"))
+    ds = await asyncio.to_thread(item.dataset)
+    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
     try:
-        part = media.negotiate(ranges, True, media.frame_media_type(item.transfer_syntax),
-                               item.transfer_syntax)  # fmt: skip
+        choice = htj2k.choose(ranges, media.frame_media_type(item.transfer_syntax),
+                              item.transfer_syntax, native, htj2k.encodable(ds))  # fmt: skip
     except media.AcceptError as exc:
         return _text(406, str(exc))
+    if choice.encode_to is not None and len(numbers) > htj2k.MAX_FRAMES:
+        return _text(400, f"frames: at most {htj2k.MAX_FRAMES} per HTJ2K request")
 
     def cut() -> list[bytes]:
-        return frames.get_frames(item.dataset(), item.transfer_syntax, numbers)
+        return frames.get_frames(ds, item.transfer_syntax, numbers)
 
     try:
         chunks = await asyncio.to_thread(cut)
     except frames.FrameError as exc:
         return _text(404, str(exc))
+    ts = media.EXPLICIT_LE if native else item.transfer_syntax
+    if choice.encode_to is not None:
+        service = _service(request)
+        try:
+            async with service.encoders:
+                chunks = await asyncio.to_thread(htj2k.encode_frames, ds, chunks)
+        except htj2k.Unsupported as exc:
+            return _text(406, f"cannot serve HTJ2K: {exc}")
+        service.frames_encoded += len(chunks)
+        ts = choice.encode_to
     boundary = media.new_boundary()
-    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
-    ctype = media.part_type_with_ts(part, media.EXPLICIT_LE if native else item.transfer_syntax)
+    part = choice.part_type
+    ctype = media.part_type_with_ts(part, ts)
     body = bytearray()
     for chunk in chunks:
         body += media.part_head(boundary, ctype)
@@ -384,10 +401,26 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
 
 
-def _rendered(frame_in_path: bool) -> Any:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        from relay.workstation.dicomweb import render
+def _render_type(request: web.Request) -> str | None:
+    """image/jpeg or image/png from the Accept header (JPEG for anything); None: 406."""
+    from relay.workstation.dicomweb import render
 
+    for r in media.parse_accept(request.headers.get("Accept")):
+        if r.type in render.FORMATS:
+            return r.type
+        if r.type in ("*/*", "image/*"):
+            return "image/jpeg"
+    return None
+
+
+async def _pick_frame(
+    request: web.Request, level: str, frame_in_path: bool
+) -> tuple[HeldInstance, int] | web.Response:
+    """The instance and frame a rendered answer shows: the one named (instance, frame),
+    else the middle image of the series, else of the study's first series with one."""
+    from relay.workstation.dicomweb import thumbs
+
+    if level == "instance":
         number = 1
         if frame_in_path:
             try:
@@ -397,23 +430,45 @@ def _rendered(frame_in_path: bool) -> Any:
             if len(numbers) != 1:
                 return _text(400, "frames: one frame is rendered at a time")
             number = numbers[0]
+        item = await _one(request)
+        return item if isinstance(item, web.Response) else (item, number)
+    service = _service(request)
+    study = _uid(request, "study")
+    series = _uid(request, "series") if level == "series" else None
+    tried = 0
+    try:
+        async for flight in _flights(service, study, series):
+            items = [item async for item in flight.instances()]
+            chosen = await asyncio.to_thread(thumbs.middle_frame, items)
+            if chosen is not None:
+                return chosen
+            tried += 1
+            if tried >= thumbs.MAX_SERIES_TRIED:
+                break
+    except UpstreamError as exc:
+        return _upstream(exc)
+    if tried == 0:
+        return _text(404, f"no such {level}")
+    return _text(404, f"the {level} has no image to render")
+
+
+def _rendered(level: str, frame_in_path: bool = False, thumbnail: bool = False) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from relay.workstation.dicomweb import render, thumbs
+
         try:
             size = render.viewport(request.query.get("viewport"))
         except ValueError as exc:
             return _text(400, f"viewport: {exc}")
-        ranges = media.parse_accept(request.headers.get("Accept"))
-        chosen = "image/jpeg"
-        for r in ranges:
-            if r.type in render.FORMATS:
-                chosen = r.type
-                break
-            if r.type in ("*/*", "image/*"):
-                break
-        else:
+        if size is None and thumbnail:
+            size = thumbs.DEFAULT_THUMBNAIL
+        chosen = _render_type(request)
+        if chosen is None:
             return _text(406, "rendered frames are image/jpeg or image/png")
-        item = await _one(request)
-        if isinstance(item, web.Response):
-            return item
+        picked = await _pick_frame(request, level, frame_in_path)
+        if isinstance(picked, web.Response):
+            return picked
+        item, number = picked
         try:
             body = await asyncio.to_thread(
                 lambda: render.render_frame(item.dataset(), number, chosen, size)
@@ -567,8 +622,11 @@ def _routes(app: web.Application) -> None:
     get(f"{i}/metadata", _metadata(True, True))
     get(f"{i}/frames/{{frames}}", frames_handler)
     get(f"{i}/bulk/{{tag}}", bulk_handler)
-    get(f"{i}/rendered", _rendered(False))
-    get(f"{i}/frames/{{frames}}/rendered", _rendered(True))
+    for base, level in ((s, "study"), (se, "series"), (i, "instance")):
+        get(f"{base}/rendered", _rendered(level))
+        get(f"{base}/thumbnail", _rendered(level, thumbnail=True))
+    get(f"{i}/frames/{{frames}}/rendered", _rendered("instance", frame_in_path=True))
+    get(f"{i}/frames/{{frames}}/thumbnail", _rendered("instance", True, thumbnail=True))
     app.router.add_post(f"{PREFIX}/studies", stow_handler)
     app.router.add_post(s, stow_handler)
 

@@ -8,8 +8,10 @@ answers stream). Finished series stay in a holding area bounded by `hold_size` b
 than grow memory without bound. At most `max_flights` retrievals run at once (503 above).
 A failed retrieval is forgotten at once, so that the next request tries again.
 
-The holding area is memory only: nothing retrieved for the browser is written to disk
-here (the cache's prefetch fills the cache; a complete cached study is read from it).
+With the cache enabled, a retrieved series is also written through to it
+(relay.workstation.dicomweb.writethrough); once complete there, its memory copy leaves the
+holding area and the next request reads the cache. With the cache disabled the holding
+area is the only copy.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from relay.dicom import rawds
+from relay.dicom.codec import FinalResponse
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError
+from relay.workstation.dicomweb.writethrough import WriteThrough
 
 __all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
 
@@ -62,6 +66,7 @@ class SeriesFlight:
     done: bool = False
     error: UpstreamError | None = None
     from_cache: bool = False
+    final: FinalResponse | None = None  # the retrieve's final response (its counts)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, item: HeldInstance) -> None:
@@ -124,6 +129,7 @@ class Retriever:
         self.max_flights = max_flights
         self.flights: OrderedDict[tuple[str, str], SeriesFlight] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.writer = WriteThrough(cache.store, source, on_complete=self._cached) if cache else None
         self.retrievals = 0  # series retrieved through the agent
         self.from_cache = 0  # series read from the cache
         self.shared = 0  # requests that joined a flight already there
@@ -187,8 +193,11 @@ class Retriever:
         ident.StudyInstanceUID = flight.study
         ident.SeriesInstanceUID = flight.series
         error: UpstreamError | None = None
+        if self.writer is not None:
+            self.writer.start(flight)
+        outcome: list[FinalResponse] = []
         try:
-            async for msg in self.source.retrieve(ident):
+            async for msg in self.source.retrieve(ident, outcome):
                 flight.add(HeldInstance(msg.sop_class, msg.sop_instance,
                                         msg.transfer_syntax, bytes(msg.dataset)))  # fmt: skip
                 self._bound(flight)
@@ -201,7 +210,14 @@ class Retriever:
             error = UpstreamError(502, f"retrieval failed: {type(exc).__name__}")
         if error is not None:
             self._forget(flight)
+        flight.final = outcome[0] if outcome else None
         flight.finish(error)
+
+    def _cached(self, study: str, series: str) -> None:
+        """The series is complete in the disk cache: later requests read it there."""
+        flight = self.flights.get((study, series))
+        if flight is not None and flight.done:
+            self._forget(flight)
 
     def _bound(self, growing: SeriesFlight) -> None:
         """Evict finished series (least recently used first) until the holding fits."""
@@ -224,6 +240,8 @@ class Retriever:
             del self.flights[key]
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

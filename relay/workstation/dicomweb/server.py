@@ -54,11 +54,15 @@ class DicomwebServer:
             lambda: {
                 "held_bytes": float(retriever.held),
                 "retrievals_running": float(retriever.running()),
+                "cache_writes_running": float(w.running() if (w := retriever.writer) else 0),
             },
             lambda: {
                 "series_retrievals": float(retriever.retrievals),
                 "series_from_cache": float(retriever.from_cache),
                 "series_shared": float(retriever.shared),
+                "series_written_to_cache": float(w.written if (w := retriever.writer) else 0),
+                "cache_write_failures": float(w.failed if (w := retriever.writer) else 0),
+                "frames_encoded_htj2k": float(self.service.frames_encoded),
             },
         )
         self.service = DicomwebService(source, retriever, metrics, config.max_upload)

@@ -160,8 +160,11 @@ class DicomSource:
                         raise _failure(msg, "C-FIND")
                     return result
 
-    async def retrieve(self, identifier: Dataset) -> AsyncIterator[Instance]:
-        """The instances of a retrieve identifier as they arrive (the PACS's bytes)."""
+    async def retrieve(
+        self, identifier: Dataset, outcome: list[FinalResponse] | None = None
+    ) -> AsyncIterator[Instance]:
+        """The instances of a retrieve identifier as they arrive (the PACS's bytes); the
+        final response is appended to `outcome` (its counts decide cache completeness)."""
         request = Request(
             op="retrieve",
             root="study",
@@ -176,6 +179,8 @@ class DicomSource:
                     yield msg
                 elif isinstance(msg, FinalResponse):
                     clean[0] = True
+                    if outcome is not None:
+                        outcome.append(msg)
                     if msg.status not in (st.SUCCESS, st.WARNING_SUBOPS) and not (
                         msg.status == st.SUBOPS_FAILED and msg.completed
                     ):

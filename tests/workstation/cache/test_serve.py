@@ -84,3 +84,77 @@ def test_serve_buffer_decides_whether_a_read_is_decrypted_again(
     else:
         with pytest.raises(SealError):
             items[0].read()  # read again: the node ends the operation with a failure
+
+
+def partial(tmp_path: Path) -> CacheServer:
+    """A study of 4 instances in two series, only series .0 (instances 0 and 2) written
+    through; the study's expected count says it has 4."""
+    store = CacheStore(tmp_path, Sealer(Sealer.new_key()), max_size=1 << 20, max_age=60)
+    store.open(fresh_key=True)
+    store.adopt(STUDY, {"PatientID": "P"}, 4, "browser")
+    for n in (0, 2):
+        inst = CachedInstance("1.2.840.10008.5.1.4.1.1.2", f"{STUDY}.{n}", f"{STUDY}.0",
+                              "1.2.840.10008.1.2.1", 0)  # fmt: skip
+        store.put(STUDY, inst, f"dataset {n}".encode())
+    return CacheServer(store, lambda: False, lambda uid: None)
+
+
+def test_a_series_complete_on_its_own_is_served_while_its_study_is_not(tmp_path: Path) -> None:
+    srv = partial(tmp_path)
+    series0 = ident("SERIES", SeriesInstanceUID=f"{STUDY}.0")
+    assert srv.plan(series0) is None  # written, but not yet vouched for
+    assert not srv.store.finish_series(STUDY, f"{STUDY}.0", 3)  # the PACS sent 3: one missing
+    assert srv.plan(series0) is None
+    assert srv.store.finish_series(STUDY, f"{STUDY}.0", 2)
+    study = srv.store.study(STUDY)
+    assert study is not None and not study.complete  # series .1 is not here
+    items = srv.plan(series0)
+    assert items is not None and sorted(i.read() for i in items) == [b"dataset 0", b"dataset 2"]
+    image = srv.plan(ident("IMAGE", SeriesInstanceUID=f"{STUDY}.0", SOPInstanceUID=f"{STUDY}.2"))
+    assert image is not None and [i.read() for i in image] == [b"dataset 2"]
+    assert srv.plan(ident()) is None  # the study level: network
+    assert srv.plan(ident("SERIES", SeriesInstanceUID=f"{STUDY}.1")) is None
+    assert srv.plan(ident("SERIES", SeriesInstanceUID=f"{STUDY}.0\\{STUDY}.1")) is None
+    assert srv.find(ident()) == []  # the offline C-FIND lists complete studies only
+
+
+def test_the_study_becomes_complete_when_each_series_is(tmp_path: Path) -> None:
+    srv = partial(tmp_path)
+    assert srv.store.finish_series(STUDY, f"{STUDY}.0", 2)
+    for n in (1, 3):
+        inst = CachedInstance("1.2.840.10008.5.1.4.1.1.2", f"{STUDY}.{n}", f"{STUDY}.1",
+                              "1.2.840.10008.1.2.1", 0)  # fmt: skip
+        srv.store.put(STUDY, inst, f"dataset {n}".encode())
+    study = srv.store.study(STUDY)
+    assert study is not None and not study.complete
+    assert srv.store.finish_series(STUDY, f"{STUDY}.1", 2)
+    assert study.complete
+    items = srv.plan(ident())
+    assert items is not None and len(items) == 4
+    assert [ds.StudyInstanceUID for ds in srv.find(ident(PatientID="P"))] == [STUDY]
+
+
+def test_a_damaged_file_takes_its_series_out_of_the_cache(tmp_path: Path) -> None:
+    srv = partial(tmp_path)
+    assert srv.store.finish_series(STUDY, f"{STUDY}.0", 2)
+    corrupt(srv, f"{STUDY}.2")
+    series0 = ident("SERIES", SeriesInstanceUID=f"{STUDY}.0")
+    assert srv.plan(series0) is None
+    study = srv.store.study(STUDY)
+    assert study is not None and study.series_done == {}
+    assert srv.plan(series0) is None  # stays out until written again
+
+
+def test_series_done_survives_a_restart_with_a_keyring_key(tmp_path: Path) -> None:
+    key = Sealer.new_key()
+    store = CacheStore(tmp_path, Sealer(key), max_size=1 << 20, max_age=60, persist_index=True)
+    store.open(fresh_key=True)
+    store.adopt(STUDY, {}, 2, "browser")
+    inst = CachedInstance("1.2.840.10008.5.1.4.1.1.2", f"{STUDY}.0", f"{STUDY}.0",
+                          "1.2.840.10008.1.2.1", 0)  # fmt: skip
+    store.put(STUDY, inst, b"dataset 0")
+    assert store.finish_series(STUDY, f"{STUDY}.0", 1)
+    again = CacheStore(tmp_path, Sealer(key), max_size=1 << 20, max_age=60, persist_index=True)
+    again.open(fresh_key=False)
+    study = again.study(STUDY)
+    assert study is not None and study.series_done == {f"{STUDY}.0": 1} and not study.complete

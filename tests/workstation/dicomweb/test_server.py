@@ -39,6 +39,7 @@ class ScriptedSource:
         self.release.set()
         self.stored: list[tuple[str, bytes]] = []
         self.store_status = st.SUCCESS
+        self.final: FinalResponse | None = None  # the retrieve's final (default: success)
 
     async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
         if self.down:
@@ -54,21 +55,30 @@ class ScriptedSource:
             match.StudyInstanceUID = ds.StudyInstanceUID
             match.SeriesInstanceUID = ds.SeriesInstanceUID
             match.SeriesNumber = ds.SeriesNumber
+            if level == "STUDY":
+                match.PatientID = ds.PatientID
+                match.NumberOfStudyRelatedInstances = str(len(CT))
             out.append(match)
             if level != "IMAGE":
                 break
         return FindResult(out[:max_matches], False, len(out) > max_matches)
 
-    async def retrieve(self, identifier: Dataset) -> AsyncIterator[Instance]:
+    async def retrieve(
+        self, identifier: Dataset, outcome: list[FinalResponse] | None = None
+    ) -> AsyncIterator[Instance]:
         self.retrieves += 1
         if self.down:
             raise UpstreamError(502, "the PACS is unreachable: connection refused")
+        sent = 0
         for inst in CT:
             ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
             if ds.SeriesInstanceUID != identifier.SeriesInstanceUID:
                 continue
             await self.release.wait()
+            sent += 1
             yield Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+        if outcome is not None:
+            outcome.append(self.final or FinalResponse(st.SUCCESS, completed=sent, failed=0))
 
     async def store(self, sop_class: str, sop_instance: str, ts: str, data: bytes) -> FinalResponse:
         if self.down:

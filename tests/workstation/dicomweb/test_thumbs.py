@@ -1,0 +1,111 @@
+"""Which frame a series or study thumbnail shows (pure) and the rendered routes that use it
+(over real HTTP, with the scripted source of test_server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from relay.dicom import rawds
+from relay.ops.config import Address
+from relay.workstation.dicomweb import render
+from relay.workstation.dicomweb.retrieve import HeldInstance
+from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.thumbs import DEFAULT_THUMBNAIL, middle_frame
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get
+
+
+@dataclass
+class Item:
+    sop_instance: str
+    transfer_syntax: str
+    data: bytes
+
+
+def item(number: int, *, pixels: bool = True, frames: int = 1) -> Item:
+    base = CT[0]
+    ds = rawds.decode_dataset(base.data, base.transfer_syntax)
+    ds.InstanceNumber = number
+    ds.SOPInstanceUID = f"1.2.3.{number}"
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if not pixels:
+        del ds.PixelData
+    return Item(ds.SOPInstanceUID, base.transfer_syntax, rawds.encode_dataset(ds))
+
+
+def test_the_middle_image_by_instance_number() -> None:
+    items = [item(n) for n in (5, 1, 3, 2, 4)]
+    chosen = middle_frame(items)
+    assert chosen is not None and chosen[0].sop_instance == "1.2.3.3" and chosen[1] == 1
+
+
+def test_instances_without_pixels_are_skipped_and_none_is_none() -> None:
+    items = [item(1), item(2, pixels=False), item(3, pixels=False)]
+    chosen = middle_frame(items)
+    assert chosen is not None and chosen[0].sop_instance == "1.2.3.1"
+    assert middle_frame([item(1, pixels=False)]) is None
+    assert middle_frame([Item("1.2", "1.2.840.10008.1.2.1", b"\xff" * 10)]) is None
+
+
+def test_a_multi_frame_instance_shows_its_middle_frame() -> None:
+    chosen = middle_frame([item(1, frames=5)])
+    assert chosen is not None and chosen[1] == 3
+
+
+def _expected(size: tuple[int, int] | None) -> bytes:
+    by_number = sorted(
+        CT, key=lambda i: int(rawds.decode_dataset(i.data, i.transfer_syntax).InstanceNumber)
+    )
+    mid = by_number[len(by_number) // 2]
+    held = HeldInstance(mid.sop_class, mid.sop_instance, mid.transfer_syntax, mid.data)
+    return render.render_frame(held.dataset(), 1, "image/png", size)
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    async def no_link(headers: Any) -> Any:
+        raise OSError("no link")
+
+    srv = DicomwebServer(DicomwebConfig(Address("127.0.0.1", 0)), no_link)
+    source = ScriptedSource()
+    srv.service.source = source  # type: ignore[assignment]
+    srv.service.retriever.source = source  # type: ignore[assignment]
+    await srv.start()
+    try:
+        yield srv, source
+    finally:
+        await srv.stop()
+
+
+async def test_series_and_study_rendered_and_thumbnails(
+    web: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = web
+    png = {"Accept": "image/png"}
+    series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    status, headers, body = await get(f"{series}/rendered", headers=png)
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert body == _expected(None)
+    status, _, body = await get(f"{srv.url}/studies/{STUDY}/rendered", headers=png)
+    assert status == 200 and body == _expected(None)
+    status, _, body = await get(f"{srv.url}/studies/{STUDY}/thumbnail", headers=png)
+    assert status == 200 and body == _expected(DEFAULT_THUMBNAIL)
+    status, _, body = await get(f"{series}/thumbnail?viewport=32,32", headers=png)
+    assert status == 200 and body == _expected((32, 32))
+    inst = f"{series}/instances/{CT[0].sop_instance}"
+    status, headers, _ = await get(f"{inst}/thumbnail")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    status, _, _ = await get(f"{inst}/frames/1/thumbnail", headers=png)
+    assert status == 200
+    assert source.retrieves == 1  # one series retrieval for all of it
+    assert (await get(f"{series}/rendered", headers={"Accept": "image/gif"}))[0] == 406
+    assert (await get(f"{series}/rendered?viewport=0,9"))[0] == 400
+    assert (await get(f"{srv.url}/studies/1.2.3/rendered"))[0] == 404
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/1.2.3/thumbnail"))[0] == 404
+    source.down = True
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/9.9/rendered"))[0] == 502

@@ -1,0 +1,189 @@
+"""Browser retrievals written through to the encrypted disk cache: the DICOMweb server
+over real HTTP with a real CacheStore on disk and the scripted source of test_server."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import status as st
+from relay.dicom.codec import FinalResponse
+from relay.ops.config import Address
+from relay.workstation.cache.sealing import Sealer
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.cache.store import CacheStore
+from relay.workstation.dicomweb import part10
+from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.writethrough import WriteThrough, complete_by
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, parts
+
+Setup = tuple[DicomwebServer, ScriptedSource, CacheServer, list[bool]]
+
+
+def make_cache(tmp_path: Path, max_size: int = 64 << 20) -> tuple[CacheServer, list[bool]]:
+    store = CacheStore(tmp_path, Sealer(Sealer.new_key()), max_size=max_size, max_age=3600)
+    store.open(fresh_key=True)
+    offline = [False]
+    return CacheServer(store, lambda: offline[0], lambda uid: None), offline
+
+
+async def start(cache: CacheServer) -> tuple[DicomwebServer, ScriptedSource]:
+    config = DicomwebConfig(Address("127.0.0.1", 0), hold_size=4 * 1024 * 1024)
+
+    async def no_link(headers: Any) -> Any:
+        raise OSError("no link")
+
+    srv = DicomwebServer(config, no_link, cache=cache)
+    source = ScriptedSource()
+    srv.service.source = source  # type: ignore[assignment]
+    srv.service.retriever.source = source  # type: ignore[assignment]
+    assert srv.service.retriever.writer is not None
+    srv.service.retriever.writer.source = source  # type: ignore[assignment]
+    await srv.start()
+    return srv, source
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    cache, offline = make_cache(tmp_path)
+    srv, source = await start(cache)
+    try:
+        yield srv, source, cache, offline
+    finally:
+        await srv.stop()
+
+
+def writer(srv: DicomwebServer) -> WriteThrough:
+    assert srv.service.retriever.writer is not None
+    return srv.service.retriever.writer
+
+
+def datasets(headers: dict[str, str], body: bytes) -> list[bytes]:
+    return [p[part10.split(p)[1] :] for _, p in parts(headers, body)]
+
+
+def series_ident() -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = SERIES
+    return ds
+
+
+async def test_a_retrieved_series_is_cached_and_then_read_from_the_cache(setup: Setup) -> None:
+    srv, source, cache, offline = setup
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    status, headers, body = await get(url)
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    await writer(srv).drain()
+    study = cache.store.study(STUDY)
+    assert study is not None and study.series_done == {SERIES: len(CT)}
+    assert study.complete  # its one series is complete, and the PACS counts len(CT)
+    assert study.attrs["PatientID"] and study.source == "browser"
+    assert writer(srv).written == 1 and srv.service.retriever.flights == {}  # memory freed
+    files = list(cache.store.objects.iterdir())
+    assert len(files) == len(CT)
+    assert not any(CT[0].data[-4096:] in f.read_bytes() for f in files)  # sealed on disk
+    # the next request reads the cache: no second retrieval
+    status, headers, body = await get(url)
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    assert source.retrieves == 1 and srv.service.retriever.from_cache == 1
+    # a DICOM viewer's C-GET at series level is planned from the cache too
+    items = cache.plan(series_ident())
+    assert items is not None and sorted(i.read() for i in items) == sorted(i.data for i in CT)
+    # the link cut: still readable, instances, metadata and frames
+    offline[0] = True
+    source.down = True
+    status, headers, body = await get(url)
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    status, _, body = await get(f"{url}/metadata")
+    assert status == 200
+    status, _, _ = await get(f"{url}/instances/{CT[1].sop_instance}/frames/1")
+    assert status == 200
+    assert source.retrieves == 1
+
+
+async def test_a_full_cache_never_fails_the_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache, _ = make_cache(tmp_path, max_size=len(CT[0].data) + 100)  # one instance fits
+    srv, source = await start(cache)
+    try:
+        caplog.set_level(logging.INFO)
+        url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+        status, headers, body = await get(url)
+        assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+        await writer(srv).drain()
+        assert writer(srv).failed == 1 and writer(srv).written == 0
+        assert "served from memory" in caplog.text
+        assert cache.plan(series_ident()) is None  # nothing half-cached is served
+        assert cache.store.total <= cache.store.max_size
+        status, headers, body = await get(url)  # still served, from the holding area
+        assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+        assert source.retrieves == 1
+        assert STUDY not in caplog.text  # no patient data in the log lines
+        assert "DOE" not in caplog.text and "RELAY0001" not in caplog.text
+    finally:
+        await srv.stop()
+
+
+async def test_a_disk_error_never_fails_the_answer(tmp_path: Path) -> None:
+    cache, _ = make_cache(tmp_path)
+    shutil.rmtree(cache.store.objects)
+    cache.store.objects.write_bytes(b"")  # a file where the directory was: every write fails
+    srv, _source = await start(cache)
+    try:
+        url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+        status, headers, body = await get(url)
+        assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+        await writer(srv).drain()
+        assert writer(srv).failed == 1
+        assert cache.plan(series_ident()) is None
+    finally:
+        await srv.stop()
+
+
+async def test_a_retrieve_with_failed_sub_operations_is_not_cached_as_complete(
+    setup: Setup,
+) -> None:
+    srv, source, cache, _ = setup
+    source.final = FinalResponse(st.WARNING_SUBOPS, completed=len(CT), failed=1)
+    status, headers, body = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}")
+    assert status == 200 and len(datasets(headers, body)) == len(CT)
+    await writer(srv).drain()
+    study = cache.store.study(STUDY)
+    assert study is not None and study.series_done == {} and not study.complete
+    assert cache.plan(series_ident()) is None
+    assert writer(srv).written == 0 and writer(srv).failed == 0
+
+
+async def test_a_failed_retrieval_marks_nothing(setup: Setup) -> None:
+    srv, source, cache, _ = setup
+    source.down = True
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}"))[0] == 502
+    await writer(srv).drain()
+    assert cache.plan(series_ident()) is None and writer(srv).written == 0
+
+
+async def test_write_throughs_at_once_are_bounded(setup: Setup) -> None:
+    srv, _source, _, _ = setup
+    writer(srv).max_running = 0
+    status, _, _ = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}")
+    assert status == 200 and writer(srv).skipped == 1 and writer(srv).running() == 0
+
+
+def test_complete_by_the_final_response() -> None:
+    assert complete_by(FinalResponse(st.SUCCESS, completed=3, failed=0), 3)
+    assert complete_by(FinalResponse(st.SUCCESS), 3)  # no counts given: status vouches
+    assert not complete_by(FinalResponse(st.SUCCESS, completed=4, failed=0), 3)
+    assert not complete_by(FinalResponse(st.SUCCESS, completed=3, failed=1), 3)
+    assert not complete_by(FinalResponse(st.WARNING_SUBOPS, completed=3), 3)
+    assert not complete_by(FinalResponse(st.SUCCESS), 0)
+    assert not complete_by(None, 3)
