@@ -9,11 +9,13 @@ series one after another in series-number order (the first one shown arrives fir
 OHIF's own requests join the flights (one retrieval, never two).
 
 Bounded: at most `max_studies` studies warming at once (others named are ignored), at
-most `max_series` series per study, and never more than half the retriever's flight
-slots (OHIF's own requests keep theirs). Only a navigation the user made (the address
-bar, a bookmark, a RIS link: `Sec-Fetch-Site` none or same-origin, or absent) warms up:
-a page of another site that navigates here fetches nothing. Failures are logged at INFO
-without identifiers and cost nothing else: OHIF's requests report their own errors.
+most `max_series` series per study, never more than half the retriever's flight slots
+(OHIF's own requests keep theirs), and no further series once half of `hold_size` is
+held (a warm-up must not evict what the radiologist is reading). Only a navigation the
+user made (the address bar, a bookmark, a RIS link: `Sec-Fetch-Site` none or
+same-origin, or absent) warms up: a page of another site that navigates here fetches
+nothing. Failures are logged at INFO without identifiers and cost nothing else: OHIF's
+requests report their own errors.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class Warmup:
             for series in await self._series(study):
                 retriever = self.service.retriever
                 if self._closed or retriever.running() >= retriever.max_flights // 2:
+                    return
+                if retriever.held >= retriever.hold_size // 2:  # never crowd out what is read
                     return
                 flight = await retriever.series(study, series)
                 self.series_started += 1

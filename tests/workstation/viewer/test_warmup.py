@@ -151,6 +151,21 @@ async def test_the_warmup_leaves_half_the_flight_slots_to_the_viewer(
     source.release.set()
 
 
+async def test_the_warmup_starts_no_series_once_half_the_holding_is_used(
+    server: tuple[DicomwebServer, ScriptedSource, str],
+) -> None:
+    srv, source, base = server
+    retriever = srv.service.retriever
+    other = await retriever.series("1.2.3.98", SERIES)  # a series being read, held
+    async for _ in other.instances():
+        pass
+    retriever.hold_size = 2 * retriever.held  # that series is half of what may be held
+    assert await page(f"{base}/viewer?StudyInstanceUIDs={STUDY}") == 200
+    await until("the warm-up to give way", lambda: not warmup_of(srv)._running)
+    assert warmup_of(srv).series_started == 0 and source.retrieves == 1
+    assert ("1.2.3.98", SERIES) in retriever.flights  # nothing evicted
+
+
 async def test_stopping_cancels_a_warmup_in_flight(tmp_path: Path) -> None:
     config = DicomwebConfig(Address("127.0.0.1", 0), viewer_dir=install(tmp_path))
 
