@@ -93,6 +93,7 @@ class DemoPorts:
     workstation_metrics: int
     dicom: int
     pacs: int
+    dicomweb: int = 8088  # DICOMweb and the OHIF viewer at /, in the browser
     viewer: int = 11113  # where the user's viewer (or storescp) receives C-MOVEs
 
     @classmethod
@@ -106,6 +107,7 @@ class DemoPorts:
             workstation_metrics=pick_port(9103, avoid),
             dicom=pick_port(11112, avoid),
             pacs=pacs,
+            dicomweb=pick_port(8088, avoid),
         )
 
 
@@ -213,7 +215,9 @@ def write_configs(directory: Path, ports: DemoPorts) -> dict[str, Path]:
             "dicom:\n"
             f"  listen: {HOST}:{ports.dicom}\n"
             f"  ae_title: {WORKSTATION_AE}\n"
-            f"  destinations: {{{VIEWER_AE}: '{HOST}:{ports.viewer}'}}\n" + fast
+            f"  destinations: {{{VIEWER_AE}: '{HOST}:{ports.viewer}'}}\n"
+            # the viewer from `relay viewer install` (make demo runs it), in its default dir
+            f"dicomweb: {{listen: '{HOST}:{ports.dicomweb}', viewer: true}}\n" + fast
         ),
     }
     paths = {}
@@ -321,12 +325,14 @@ def wait_ready(roles: list[Role], ports: DemoPorts, stop: threading.Event) -> No
         f"http://{HOST}:{ports.workstation_metrics}/readyz",
         f"http://{HOST}:{ports.agent_metrics}/readyz",
     ]
+    viewer = viewer_url(ports)  # 200, or 503 with the page saying how to install it
     while not stop.is_set():
         for role in roles:
             code = role.exited()
             if code is not None:
                 raise exit_error(role, code)
-        if all(http_status(url) == 200 for url in urls) and echo_through(ports.dicom):
+        ready = all(http_status(url) == 200 for url in urls)
+        if ready and http_status(viewer) in (200, 503) and echo_through(ports.dicom):
             return
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {r.name} ({r.log_path})\n{r.tail(8)}" for r in roles)
@@ -378,6 +384,35 @@ def study_uids(instances: list[EncodedInstance]) -> dict[str, str]:
 # -- what to run ------------------------------------------------------------------------
 
 
+def viewer_url(ports: DemoPorts) -> str:
+    return f"http://{HOST}:{ports.dicomweb}/"
+
+
+def viewer_installed() -> str | None:
+    """The installed OHIF version in the workstation's default viewer dir, or None."""
+    from relay.workstation.viewer.install import default_viewer_dir, installed_release
+
+    marker = installed_release(default_viewer_dir())
+    return None if marker is None else marker.get("version", "?")
+
+
+def browser_lines(ports: DemoPorts, ct: str) -> list[str]:
+    """What to open in a browser: the OHIF viewer and its DICOMweb."""
+    url = viewer_url(ports)
+    version = viewer_installed()
+    lines = [
+        "Read in the browser (the OHIF viewer, served by the workstation on loopback):",
+        f"  open {url}",
+        f"  the CT directly: {url}viewer?StudyInstanceUIDs={ct}",
+    ]
+    if version is None:
+        lines.append("  (the viewer is not installed yet: run `relay viewer install`, then reload)")
+    else:
+        lines.append(f"  (OHIF {version}; answered on loopback names only: {HOST}, localhost)")
+    lines.append(f"  DICOMweb for other clients: {url}dicom-web")
+    return lines
+
+
 def instructions(directory: Path, ports: DemoPorts, uids: dict[str, str]) -> str:
     node = f"-aec {WORKSTATION_AE} {HOST} {ports.dicom}"
     ct, mr = uids.get("CT", "?"), uids.get("MR", "?")
@@ -410,6 +445,8 @@ def instructions(directory: Path, ports: DemoPorts, uids: dict[str, str]) -> str
         f"  {py} getscu {HOST} {ports.dicom} -aec {WORKSTATION_AE} -od {out} "
         f"-k QueryRetrieveLevel=STUDY -k StudyInstanceUID={mr}",
         "",
+        *browser_lines(ports, ct),
+        "",
         "A viewer (Weasis, Horos, OsiriX, MicroDicom, ...): add the DICOM node",
         f"  AE title {WORKSTATION_AE}, host {HOST}, port {ports.dicom}; retrieve with C-GET,",
         f"  or C-MOVE with the viewer's own listener as AE title {VIEWER_AE} "
@@ -441,6 +478,7 @@ def write_summary(
         "ports": asdict(ports),
         "ae_titles": {"workstation": WORKSTATION_AE, "pacs": PACS_AE, "viewer": VIEWER_AE},
         "studies": uids,
+        "viewer": viewer_url(ports),
         "logs": {name: str(directory / "logs" / f"{name}.log") for name in (*ROLES, "pacs")},
     }
     tmp = directory / "demo.json.tmp"

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from relay.workstation.viewer.install import default_viewer_dir, installed_release
 from relay_dev import demo
 from tests.e2e.chain import ROOT
 from tests.e2e.dicom_chain import dataset_bytes
@@ -112,6 +115,7 @@ def test_demo_runs_the_chain_and_stops_cleanly(running_demo: RunningDemo) -> Non
     assert f"StudyInstanceUID={summary['studies']['CT']}" in text
     for role in ("gateway", "agent", "workstation"):
         assert f"http://127.0.0.1:{summary['ports'][role + '_metrics']}/metrics" in text
+    check_the_browser_part(summary, text)
 
     assert running_demo.stop(signal.SIGINT) == 0  # Ctrl-C
     assert "stopped cleanly" in running_demo.output()
@@ -119,6 +123,30 @@ def test_demo_runs_the_chain_and_stops_cleanly(running_demo: RunningDemo) -> Non
     for name in ("gateway", "agent", "workstation"):
         log = (running_demo.directory / "logs" / f"{name}.log").read_text()
         assert f'"msg":"{name} stopped"' in log.replace(": ", ":"), log[-2000:]
+
+
+def check_the_browser_part(summary: dict[str, Any], text: str) -> None:
+    """The printed viewer URL is the workstation's DICOMweb listener: its DICOMweb lists
+    the demo studies; `/` is the viewer or, not installed (this test's data dir is a
+    fresh one), the page saying `relay viewer install`, and the output says so too."""
+    url = summary["viewer"]
+    assert url == f"http://127.0.0.1:{summary['ports']['dicomweb']}/"
+    assert f"open {url}" in text
+    assert f"{url}viewer?StudyInstanceUIDs={summary['studies']['CT']}" in text
+    with urllib.request.urlopen(f"{url}dicom-web/studies", timeout=30) as response:
+        studies = json.loads(response.read())
+    found = {s["0020000D"]["Value"][0] for s in studies}
+    assert found == set(summary["studies"].values())
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            status, page = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, page = exc.code, exc.read()
+    if installed_release(default_viewer_dir()) is None:
+        assert status == 503 and b"relay viewer install" in page
+        assert "not installed yet: run `relay viewer install`" in text
+    else:
+        assert status == 200 and b"<!doctype html>" in page.lower()
 
 
 @pytest.mark.interop
@@ -167,6 +195,7 @@ PREFERRED = {
     "workstation_metrics": 9103,
     "dicom": 11112,
     "pacs": 4242,
+    "dicomweb": 8088,
 }
 
 

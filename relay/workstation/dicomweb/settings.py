@@ -7,6 +7,7 @@ loopback address only; anything else stops start-up naming the file and the key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from relay.ops.config import Address, GiB, MiB, Reader
@@ -28,17 +29,20 @@ _LOOPBACK_ONLY = (
 class DicomwebConfig:
     """`max_upload`: one STOW-RS request body; `hold_size`: instances retrieved for the
     browser and held in memory (series not served from the cache); `timeout`: seconds
-    without progress from the agent before a request fails (504/502)."""
+    without progress from the agent before a request fails (504/502); `viewer_dir`: where
+    the OHIF viewer was installed (None: the platform's data dir; relay.workstation.viewer)."""
 
     listen: Address
     viewer: bool = True
     max_upload: int = DEFAULT_MAX_UPLOAD
     hold_size: int = DEFAULT_HOLD_SIZE
     timeout: float = DEFAULT_TIMEOUT
+    viewer_dir: Path | None = None
 
 
 def read_dicomweb(r: Reader) -> DicomwebConfig | None:
-    """`dicomweb: {listen, viewer, max_upload, hold_size, timeout}`; absent: None."""
+    """`dicomweb: {listen, viewer, viewer_dir, max_upload, hold_size, timeout}`; absent:
+    None. `viewer_dir` is relative to the config file."""
     s = r.optional_section("dicomweb")
     if s is None:
         return None
@@ -46,6 +50,7 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
     if not listen.is_loopback:
         raise s.error("listen", f"{_LOOPBACK_ONLY}, got {listen}")
     viewer = s.boolean("viewer", True)
+    viewer_dir = s.path("viewer_dir") if s.has("viewer_dir") else None
     max_upload = s.size("max_upload", DEFAULT_MAX_UPLOAD)
     if not 1 <= max_upload <= 16 * GiB:
         raise s.error("max_upload", "must be between 1 byte and 16GiB")
@@ -53,4 +58,4 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
     if not 1 * MiB <= hold_size <= 64 * GiB:
         raise s.error("hold_size", "must be between 1MiB and 64GiB")
     timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
-    return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout)
+    return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir)

@@ -1,9 +1,12 @@
-"""The viewer's keys in the workstation's `dicomweb:` section.
+"""The viewer's keys, read with the rest of the workstation's `dicomweb:` section.
 
 dicomweb:
   viewer: true          # serve OHIF at / (default true)
   viewer_dir: DIR       # where `relay viewer install --dir DIR` put it
                         # (default: the platform's data dir, per version)
+
+relay.workstation.dicomweb.settings reads both keys (its reader rejects unknown keys);
+this turns them into where the dist is.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.ops.config import Reader
+from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.viewer.install import default_viewer_dir
 
-__all__ = ["ViewerConfig", "read_viewer"]
+__all__ = ["ViewerConfig", "viewer_config"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,6 @@ class ViewerConfig:
         return self.dir if self.dir is not None else default_viewer_dir()
 
 
-def read_viewer(section: Reader) -> ViewerConfig:
-    """`viewer` and `viewer_dir` of a `dicomweb:` section (relative to the config file)."""
-    enabled = section.boolean("viewer", True)
-    directory = section.path("viewer_dir") if section.has("viewer_dir") else None
-    return ViewerConfig(enabled=enabled, dir=directory)
+def viewer_config(dicomweb: DicomwebConfig) -> ViewerConfig:
+    """The viewer part of a `dicomweb:` section."""
+    return ViewerConfig(enabled=dicomweb.viewer, dir=dicomweb.viewer_dir)

@@ -11,7 +11,9 @@ Static files from the installed dist (relay.workstation.viewer.install), with:
 - COOP/COEP (same-origin, require-corp): cross-origin isolation lets OHIF's workers use
   SharedArrayBuffer, and nothing of another origin can be embedded;
 - without a dist: one log line at start and, for every page, a 503 saying how to install
-  it. DICOMweb works either way.
+  it. DICOMweb works either way;
+- `on_open`: called with the request when the viewer's page is served for a `/viewer`
+  route (the warm-up: relay.workstation.viewer.warmup).
 
 The Host check (DNS rebinding) and the loopback binding are the listener's, not ours.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -167,8 +169,10 @@ class ViewerSite:
         *,
         prefix: str = "/dicom-web",
         options: Mapping[str, Any] | None = None,
+        on_open: Callable[[web.Request], None] | None = None,
     ) -> None:
         self.dist = dist
+        self.on_open = on_open
         self.prefix = prefix.rstrip("/")
         self.config_js = app_config_js(self.prefix, options).encode()
         self._root: Path | None = None
@@ -213,6 +217,8 @@ class ViewerSite:
         index = self._resolve("/index.html")
         if index is None:  # removed under us
             return self._missing()
+        if self.on_open is not None and (path == "/viewer" or path.startswith("/viewer/")):
+            self.on_open(request)
         return self._file(index)
 
     def _resolve(self, path: str) -> Path | None:

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 
 from relay.ops.config import ConfigError, Reader
+from relay.workstation.dicomweb.settings import read_dicomweb
 from relay.workstation.viewer.install import default_viewer_dir
-from relay.workstation.viewer.settings import ViewerConfig, read_viewer
+from relay.workstation.viewer.settings import ViewerConfig, viewer_config
 
 
-def read(data: object, tmp_path: Path) -> ViewerConfig:
-    r = Reader.document({"dicomweb": data}, tmp_path / "ws.yaml")
-    config = read_viewer(r.section("dicomweb"))
-    r.done()
-    return config
+def read(data: dict[str, object], tmp_path: Path) -> ViewerConfig:
+    r = Reader.document({"dicomweb": {"listen": "127.0.0.1:0", **data}}, tmp_path / "ws.yaml")
+    config = read_dicomweb(r)
+    r.done()  # viewer_dir is a known key of the section
+    assert config is not None
+    return viewer_config(config)
 
 
 def test_defaults_serve_the_installed_viewer(tmp_path: Path) -> None:
