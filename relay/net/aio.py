@@ -29,18 +29,30 @@ from relay.proto import (
     GoAwayReceived,
     LinkClosedError,
     LinkSettings,
+    Priority,
     StreamEnded,
     StreamOpened,
     StreamReset,
 )
+from relay.wire import HEADER_PRIORITY
 
 log = logging.getLogger(__name__)
 
-# Transport write buffer: pause writers above HIGH, resume below LOW. A link whose peer
-# stops reading even control frames is aborted at HARD.
-WRITE_HIGH = 1024 * 1024
-WRITE_LOW = 256 * 1024
+# Transport write buffer: the core hands over DATA only while the transport holds at most
+# HIGH (plus one frame), and again once it drained below LOW; so the sending order is
+# decided by the core's scheduler, and urgent bytes wait behind at most HIGH in the
+# transport. 256 KiB is 21 ms at 100 Mbit/s and still keeps a 10 Gbit/s socket busy for
+# a loop iteration (docs/BENCHMARKS.md). A link whose peer stops reading even control
+# frames is aborted at HARD.
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
 WRITE_HARD = 32 * 1024 * 1024
+# DATA a writer may queue in the core beyond what the transport takes: per stream, and in
+# all at its urgency or a more urgent one (so a prefetch filling the queue never blocks a
+# viewer's writer). Bounds the core's memory per link to about URGENCY_LEVELS x QUEUE_LINK;
+# flow-control credit bounds it too. Writers are woken at half of each.
+QUEUE_STREAM = 256 * 1024
+QUEUE_LINK = 512 * 1024
 # Bytes a link accepts before it is started (identity checked): a SETTINGS frame and a
 # little more; anything bigger is a misbehaving peer.
 PRESTART_LIMIT = 256 * 1024
@@ -90,6 +102,15 @@ class Stream:
     def buffered(self) -> int:
         return self._buffered
 
+    @property
+    def priority(self) -> Priority | None:
+        """The stream's priority as the core schedules it (None once closed)."""
+        return self.link.conn.priority(self.stream_id)
+
+    def reprioritise(self, urgency: int, incremental: bool | None = None) -> None:
+        """Change this stream's priority, here and at the peer (see Link.reprioritise)."""
+        self.link.reprioritise(self, urgency, incremental)
+
     # -- events from the link
 
     def _on_data(self, data: bytes) -> None:
@@ -119,6 +140,7 @@ class Stream:
         if self.reset_code is not None:
             return
         self.reset_code = code
+        self.link._queue_blocked.discard(self)
         self._buffer.clear()
         self._buffered = 0
         if self.listener is not None:
@@ -129,9 +151,28 @@ class Stream:
     # -- non-blocking interface (gateway)
 
     def send_credit(self) -> int:
-        if self.reset_code is not None or self.local_closed or not self.link.writable:
+        """Bytes send_nowait() may take now: flow-control credit, less what is already
+        queued in the core (QUEUE_STREAM, QUEUE_LINK). At 0 because of the queue, the
+        stream is woken (`_on_credit`) once the link has sent half of it."""
+        if self.reset_code is not None or self.local_closed:
             return 0
-        return self.link.conn.send_credit(self.stream_id)
+        conn = self.link.conn
+        credit = conn.send_credit(self.stream_id)
+        if credit <= 0:
+            return 0
+        prio = conn.priority(self.stream_id)
+        ahead = conn.queued_ahead_of(prio.urgency) if prio is not None else conn.queued_data
+        room = min(QUEUE_STREAM - conn.queued_on(self.stream_id), QUEUE_LINK - ahead)
+        if room <= 0:
+            self.link._queue_blocked.add(self)
+            return 0
+        return min(credit, room)
+
+    def _queue_drained(self) -> bool:
+        conn = self.link.conn
+        prio = conn.priority(self.stream_id)
+        ahead = conn.queued_ahead_of(prio.urgency) if prio is not None else 0
+        return conn.queued_on(self.stream_id) <= QUEUE_STREAM // 2 and ahead <= QUEUE_LINK // 2
 
     def send_nowait(self, data: bytes, end_stream: bool = False) -> None:
         """Send within send_credit(); the caller checked it."""
@@ -175,10 +216,7 @@ class Stream:
             credit = self.send_credit()
             if credit <= 0:
                 self._credit.clear()
-                if self.link.writable:
-                    await self._credit.wait()
-                else:
-                    await self.link.wait_writable()
+                await self._credit.wait()  # credit, the core's queue drained, or a reset
                 continue
             n = min(credit, size - pos)
             chunk = data if n == size else bytes(memoryview(data)[pos : pos + n])
@@ -248,6 +286,7 @@ class Link(asyncio.Protocol):
         self.bytes_out = 0
         self._flush_scheduled = False
         self._closed_by_us: tuple[int, str] | None = None
+        self._queue_blocked: set[Stream] = set()  # writers waiting for the core's queue
 
     # -- asyncio.Protocol
 
@@ -302,8 +341,7 @@ class Link(asyncio.Protocol):
         self._paused = False
         if self._resumed is not None:
             self._resumed.set()
-        for stream in list(self.streams.values()):
-            stream._on_credit()
+        self.flush()  # the core's queue, in priority order, into the drained transport
 
     # -- API
 
@@ -322,13 +360,31 @@ class Link(asyncio.Protocol):
         conn = self.conn
         return conn.terminated is not None or conn.goaway_sent or conn.goaway_received
 
-    def open_stream(self, headers: Mapping[str, str]) -> Stream:
-        """Open a stream now (no round trip). Raises LinkClosedError / StreamStateError."""
+    def open_stream(self, headers: Mapping[str, str], priority: Priority | None = None) -> Stream:
+        """Open a stream now (no round trip). Raises LinkClosedError / StreamStateError.
+
+        `priority` (default: the `priority` header if any, else u=3 incremental) orders
+        this stream's DATA against the others, in both directions.
+        """
+        if priority is not None:
+            headers = {**headers, HEADER_PRIORITY: priority.field()}
         stream_id = self.conn.open_stream(headers)
         stream = Stream(self, stream_id, headers)
         self.streams[stream_id] = stream
         self.flush()
         return stream
+
+    def reprioritise(self, stream: Stream, urgency: int, incremental: bool | None = None) -> None:
+        """Move a stream to `urgency` (0 first .. 7 last; `incremental` unchanged if None):
+        what it has queued here is reordered at once, and the peer is told with
+        PRIORITY_UPDATE so that its data towards us follows. A closed stream is ignored.
+        Raises ValueError for an urgency outside 0-7."""
+        current = self.conn.priority(stream.stream_id)
+        if current is None:
+            return
+        keep = current.incremental if incremental is None else incremental
+        self.conn.set_priority(stream.stream_id, Priority(urgency, keep))
+        self.flush()
 
     def send_control(self, kind: str, body: bytes) -> None:
         self.conn.send_control(kind, body)
@@ -342,7 +398,7 @@ class Link(asyncio.Protocol):
         """Goaway then close the transport once what is queued is written."""
         with contextlib.suppress(LinkClosedError):
             self.goaway(code, reason)
-        self._flush_now()  # the goaway goes out before the close
+        self._flush_now(everything=True)  # the goaway and queued data before the close
         if self._closed_by_us is None:
             self._closed_by_us = (code, reason or "closed by this side")
         if self.transport is not None and not self.transport.is_closing():
@@ -369,20 +425,35 @@ class Link(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_now)
 
-    def _flush_now(self) -> None:
+    def _flush_now(self, everything: bool = False) -> None:
+        """Control frames always; DATA only up to WRITE_HIGH in the transport (all of it
+        when closing), the rest stays in the core where the scheduler can reorder it."""
         self._flush_scheduled = False
         transport = self.transport
         if transport is None or self._prestart is not None:
             return
-        data = self.conn.data_to_send()
+        conn = self.conn
+        room = None if everything else WRITE_HIGH + 1 - transport.get_write_buffer_size()
+        data = conn.data_to_send(room if room is None else max(room, 0))
         if data and not transport.is_closing():
             self.bytes_out += len(data)
             transport.write(data)
             if transport.get_write_buffer_size() > WRITE_HARD:
                 log.warning("link %s: peer does not read, aborting", self.name)
                 transport.abort()
-        if self.conn.terminated is not None and not transport.is_closing():
+        if conn.terminated is not None and not transport.is_closing():
             transport.close()
+            return
+        if conn.data_pending and not self._paused and not transport.is_closing():
+            self.flush()  # the transport sent straight to the socket: there is room yet
+        if self._queue_blocked:
+            self._wake_queue_blocked()
+
+    def _wake_queue_blocked(self) -> None:
+        blocked = self._queue_blocked
+        for stream in [s for s in blocked if s._queue_drained() or s.reset_code is not None]:
+            blocked.discard(stream)
+            stream._on_credit()
 
     # -- internals
 
@@ -449,6 +520,7 @@ class Link(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream._on_reset(ErrorCode.INTERNAL_ERROR)
         self.streams.clear()
+        self._queue_blocked.clear()
         self._paused = False
         if self._resumed is not None:
             self._resumed.set()

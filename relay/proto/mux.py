@@ -37,9 +37,14 @@ from relay.proto.events import (
 )
 from relay.proto.flow import ReceiveWindow, SendWindow
 from relay.proto.frames import Flags, FrameType, Setting
-from relay.proto.priority import MAX_PRIORITY_FIELD, Priority, Scheduler, parse_priority
+from relay.proto.priority import (
+    HEADER_PRIORITY,
+    MAX_PRIORITY_FIELD,
+    Priority,
+    Scheduler,
+    parse_priority,
+)
 from relay.proto.settings import LinkSettings
-from relay.wire import HEADER_PRIORITY
 
 __all__ = ["Connection", "LinkSettings", "Priority"]
 
@@ -144,6 +149,11 @@ class Connection:
         """DATA payload bytes accepted by send_data() and not yet taken by data_to_send()."""
         return self._sched.queued
 
+    @property
+    def data_pending(self) -> bool:
+        """DATA frames wait for data_to_send() (a bare FIN counts, though it has no bytes)."""
+        return self._sched.pending
+
     def queued_on(self, stream_id: int) -> int:
         """Of queued_data, the bytes of this stream."""
         return self._sched.queued_on(stream_id)
@@ -157,13 +167,14 @@ class Connection:
     def data_to_send(self, limit: int | None = None) -> bytes:
         """What is queued for the peer: every non-DATA frame, then DATA in priority order.
 
-        With `limit`, DATA stops once more than `limit` bytes were taken in all (at most
-        one frame over), and the rest waits for the next call: a caller that asks only
-        for what its transport can take at once keeps the sending order decided here,
-        where all streams are seen, instead of in a buffer below. None takes everything.
+        With `limit`, DATA stops once `limit` bytes were taken in all (at most one frame
+        over; none if control frames reach it), and the rest waits for the next call: a
+        caller that asks only for what its transport can take at once keeps the sending
+        order decided here, where all streams are seen, instead of in a buffer below.
+        None takes everything.
         """
         out, self._out = self._out, []
-        if self._sched.queued or limit is None:
+        if self._sched.pending:
             room = None if limit is None else limit - sum(len(part) for part in out)
             self._sched.pop(room, out)
         return b"".join(out)

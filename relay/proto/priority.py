@@ -21,6 +21,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_PRIORITY",
     "DEFAULT_URGENCY",
+    "HEADER_PRIORITY",
     "MAX_PRIORITY_FIELD",
     "URGENCY_LEVELS",
     "Priority",
@@ -28,6 +29,7 @@ __all__ = [
     "parse_priority",
 ]
 
+HEADER_PRIORITY: Final = "priority"  # the OPEN header; relay.wire.HEADER_PRIORITY is this name
 URGENCY_LEVELS: Final = 8  # urgency 0 (first) .. 7 (last)
 DEFAULT_URGENCY: Final = 3
 MAX_PRIORITY_FIELD: Final = 64  # bytes of a priority field value; PRIORITY_UPDATE payload
@@ -100,8 +102,14 @@ class Scheduler:
         self._rr: list[dict[int, None]] = [{} for _ in range(URGENCY_LEVELS)]
         self._bytes = [0] * URGENCY_LEVELS
         self._total = 0
+        self._frames = 0
 
     # -- inspection
+
+    @property
+    def pending(self) -> bool:
+        """Frames are queued (a bare FIN is a frame without payload bytes)."""
+        return self._frames > 0
 
     @property
     def queued(self) -> int:
@@ -156,6 +164,7 @@ class Scheduler:
         if queue.frames:
             self._unready(stream_id, queue)
         dropped = queue.size
+        self._frames -= len(queue.frames)
         self._bytes[queue.priority.urgency] -= dropped
         self._total -= dropped
         return dropped
@@ -169,6 +178,7 @@ class Scheduler:
             self._head[urgency] = None
             self._bytes[urgency] = 0
         self._total = 0
+        self._frames = 0
 
     # -- data
 
@@ -179,19 +189,20 @@ class Scheduler:
         if not queue.frames:
             self._ready(stream_id, queue)
         queue.frames.append((header, payload))
+        self._frames += 1
         queue.size += size
         self._bytes[queue.priority.urgency] += size
         self._total += size
 
     def pop(self, limit: int | None, out: list[bytes | memoryview]) -> int:
-        """Append frames to `out` in priority order until more than `limit` bytes
+        """Append frames to `out` in priority order until at least `limit` bytes
         (headers included) were taken, or all of them with `limit` None; a frame is never
         split, so `limit` is exceeded by at most one frame. Returns the bytes taken."""
         taken = 0
         for urgency in range(URGENCY_LEVELS):
             fifo, rr = self._fifo[urgency], self._rr[urgency]
             while fifo or rr:
-                if limit is not None and taken > limit:
+                if limit is not None and taken >= limit:
                     return taken
                 if fifo:
                     stream_id = self._head[urgency]
@@ -210,6 +221,7 @@ class Scheduler:
     def _emit(self, stream_id: int, out: list[bytes | memoryview]) -> int:
         queue = self._queues[stream_id]
         header, payload = queue.frames.popleft()
+        self._frames -= 1
         size = len(payload)
         queue.size -= size
         self._bytes[queue.priority.urgency] -= size

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.proto import frames as fr
+from relay.proto import priority
 from relay.proto.errors import ErrorCode
 from relay.proto.events import ConnectionTerminated, DataReceived, StreamOpened
 from relay.proto.frames import FrameType
@@ -56,6 +57,10 @@ def test_parse_priority_keeps_the_default_for_what_is_malformed() -> None:
     base = Priority(6, False)
     assert parse_priority("u=x", base) == base  # a bad update changes nothing
     assert parse_priority("i", base) == Priority(6, True)
+
+
+def test_the_core_and_relay_wire_agree_on_the_header_name() -> None:
+    assert priority.HEADER_PRIORITY == HEADER_PRIORITY == "priority"
 
 
 def test_priority_field_round_trips_and_rejects_bad_urgency() -> None:
@@ -123,10 +128,11 @@ def test_limit_is_exceeded_by_at_most_one_frame_and_the_rest_waits() -> None:
     _queue(sched, 3, 4, size=1000)
     _queue(sched, 1, 4, size=1000)
     frame = fr.HEADER_SIZE + 1000
-    assert _order(sched, limit=0) == [1]
-    assert _order(sched, limit=frame + 1) == [1, 1]  # more than `limit`: two frames
+    assert _order(sched, limit=0) == []
+    assert _order(sched, limit=1) == [1]  # at least `limit`: a whole frame
+    assert _order(sched, limit=frame + 1) == [1, 1]
     _queue(sched, 1, 1, size=1000)  # more urgent data arrives meanwhile: it goes first
-    assert _order(sched, limit=frame * 2 - 1) == [1, 1]
+    assert _order(sched, limit=frame * 2) == [1, 1]
     assert _order(sched) == [3, 3, 3, 3]
 
 
@@ -318,3 +324,16 @@ def test_no_data_leaves_while_a_more_urgent_stream_has_some_queued(
     assert received == sent
     for sid in ids:
         assert server.priority(sid) == client.priority(sid)
+
+
+def test_a_bare_fin_goes_out_under_a_limit() -> None:
+    """A FIN without payload is queued like data: it must not wait for a byte count."""
+    link = _pair()
+    sid = link.client.open_stream({"t": "x"})
+    link.client.data_to_send()
+    link.client.end_stream(sid)
+    assert link.client.queued_data == 0 and link.client.data_pending
+    raw = link.client.data_to_send(limit=1)
+    frames = list(fr.FrameDecoder(fr.MAX_MAX_FRAME).feed(raw))
+    assert [(f.type, f.flags) for f in frames] == [(FrameType.DATA, fr.Flags.FIN)]
+    assert not link.client.data_pending
