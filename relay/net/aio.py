@@ -19,6 +19,7 @@ from typing import Any, Protocol, cast
 
 from relay.net.bytestream import StreamResetError
 from relay.proto import (
+    DEFAULT_PRIORITY,
     Connection,
     ConnectionTerminated,
     ControlReceived,
@@ -53,6 +54,7 @@ WRITE_HARD = 32 * 1024 * 1024
 # flow-control credit bounds it too. Writers are woken at half of each.
 QUEUE_STREAM = 256 * 1024
 QUEUE_LINK = 512 * 1024
+DEFAULT_URGENCY = DEFAULT_PRIORITY.urgency
 # Bytes a link accepts before it is started (identity checked): a SETTINGS frame and a
 # little more; anything bigger is a misbehaving peer.
 PRESTART_LIMIT = 256 * 1024
@@ -287,6 +289,11 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         self._closed_by_us: tuple[int, str] | None = None
         self._queue_blocked: set[Stream] = set()  # writers waiting for the core's queue
+        # Extra receive window for the streams this side opens at the default urgency or
+        # a more urgent one (0: none). The workstation's inner Link sets it, so that a
+        # viewer's stream has more in flight than the buffers below the agent's core hold
+        # and is never held back by credit while a prefetch fills those buffers.
+        self.urgent_window = 0
 
     # -- asyncio.Protocol
 
@@ -371,6 +378,9 @@ class Link(asyncio.Protocol):
         stream_id = self.conn.open_stream(headers)
         stream = Stream(self, stream_id, headers)
         self.streams[stream_id] = stream
+        prio = self.conn.priority(stream_id)
+        if self.urgent_window and prio is not None and prio.urgency <= DEFAULT_URGENCY:
+            self.conn.grow_window(stream_id, self.urgent_window)
         self.flush()
         return stream
 

@@ -257,6 +257,21 @@ class Connection:
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
 
+    def grow_window(self, stream_id: int, extra: int) -> None:
+        """Widen one stream's receive window by `extra` bytes for good (WINDOW_UPDATE),
+        so that a stream that must not wait on credit (a viewer's, behind a full link)
+        has more in flight than the link's buffers hold. Capped at the protocol maximum;
+        a stream not open, or closed for receiving, is ignored."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_closed or self.terminated or extra <= 0:
+            return
+        extra = min(extra, fr.MAX_WINDOW - stream.recv.size)
+        if extra <= 0:
+            return
+        stream.recv.size += extra
+        stream.recv.available += extra
+        self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, extra))
+
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """The application consumed `size` bytes of the stream: return that credit."""
         if size <= 0 or self.terminated:

@@ -337,3 +337,33 @@ def test_a_bare_fin_goes_out_under_a_limit() -> None:
     frames = list(fr.FrameDecoder(fr.MAX_MAX_FRAME).feed(raw))
     assert [(f.type, f.flags) for f in frames] == [(FrameType.DATA, fr.Flags.FIN)]
     assert not link.client.data_pending
+
+
+def test_grow_window_gives_one_stream_more_credit_for_good() -> None:
+    """(Without the harness's model, which holds every stream to the announced window.)"""
+    client = Connection(client=True, settings=SETTINGS, now=0.0)
+    server = Connection(client=False, settings=SETTINGS, now=0.0)
+
+    def exchange() -> list[object]:
+        got: list[object] = list(server.receive_data(client.data_to_send(), 0.0))
+        got += client.receive_data(server.data_to_send(), 0.0)
+        return got
+
+    exchange()
+    sid = client.open_stream({"t": "x"})
+    other = client.open_stream({"t": "x"})
+    exchange()
+    window = server.send_credit(other)
+    client.grow_window(sid, 3 * FRAME)
+    client.grow_window(999, FRAME)  # not open: ignored
+    exchange()
+    assert server.send_credit(sid) == window + 3 * FRAME
+    assert server.send_credit(other) == window
+    # The receiver accepts all of it (no FLOW_CONTROL_ERROR) and returns it as read.
+    server.send_data(sid, b"z" * (window + 3 * FRAME))
+    events = client.receive_data(server.data_to_send(), 0.0)
+    got = sum(len(e.data) for e in events if isinstance(e, DataReceived))
+    assert got == window + 3 * FRAME and client.terminated is None
+    client.acknowledge_received_data(sid, got)
+    exchange()
+    assert server.send_credit(sid) == window + 3 * FRAME
