@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 from relay.net.bytestream import StreamResetError
 from relay.proto import (
     DEFAULT_PRIORITY,
+    URGENCY_LEVELS,
     Connection,
     ConnectionTerminated,
     ControlReceived,
@@ -55,6 +56,12 @@ WRITE_HARD = 32 * 1024 * 1024
 QUEUE_STREAM = 256 * 1024
 QUEUE_LINK = 512 * 1024
 DEFAULT_URGENCY = DEFAULT_PRIORITY.urgency
+# A background stream (urgency above the default) may have at most BACKGROUND_IN_FLIGHT
+# bytes on the way while a more urgent stream sent data within ACTIVE_FOR seconds: the
+# buffers below this Link (the seal's queue, the outer windows at each hop) are FIFO, and
+# what prefetch put there is what a viewer's next bytes wait behind. Otherwise its window.
+BACKGROUND_IN_FLIGHT = 256 * 1024
+ACTIVE_FOR = 0.25
 # Bytes a link accepts before it is started (identity checked): a SETTINGS frame and a
 # little more; anything bigger is a misbehaving peer.
 PRESTART_LIMIT = 256 * 1024
@@ -143,6 +150,7 @@ class Stream:
             return
         self.reset_code = code
         self.link._queue_blocked.discard(self)
+        self.link._background_held.discard(self)
         self._buffer.clear()
         self._buffered = 0
         if self.listener is not None:
@@ -158,7 +166,8 @@ class Stream:
         stream is woken (`_on_credit`) once the link has sent half of it."""
         if self.reset_code is not None or self.local_closed:
             return 0
-        conn = self.link.conn
+        link = self.link
+        conn = link.conn
         credit = conn.send_credit(self.stream_id)
         if credit <= 0:
             return 0
@@ -166,8 +175,13 @@ class Stream:
         ahead = conn.queued_ahead_of(prio.urgency) if prio is not None else conn.queued_data
         room = min(QUEUE_STREAM - conn.queued_on(self.stream_id), QUEUE_LINK - ahead)
         if room <= 0:
-            self.link._queue_blocked.add(self)
+            link._queue_blocked.add(self)
             return 0
+        if prio is not None and prio.urgency > DEFAULT_URGENCY and link.busier(prio.urgency):
+            room = min(room, BACKGROUND_IN_FLIGHT - conn.in_flight(self.stream_id))
+            if room <= 0:
+                link._hold_background(self)
+                return 0
         return min(credit, room)
 
     def _queue_drained(self) -> bool:
@@ -294,6 +308,11 @@ class Link(asyncio.Protocol):
         # viewer's stream has more in flight than the buffers below the agent's core hold
         # and is never held back by credit while a prefetch fills those buffers.
         self.urgent_window = 0
+        # When each urgency last had DATA go out (loop time), from the core's counters.
+        self._emitted_seen: list[int] = []
+        self._active_at: list[float] = []
+        self._background_held: set[Stream] = set()
+        self._background_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
 
@@ -458,6 +477,40 @@ class Link(asyncio.Protocol):
             self.flush()  # the transport sent straight to the socket: there is room yet
         if self._queue_blocked:
             self._wake_queue_blocked()
+        self._note_activity()
+
+    def busier(self, urgency: int) -> bool:
+        """A more urgent stream than `urgency` sent DATA within ACTIVE_FOR seconds."""
+        if not self._active_at:
+            return False
+        horizon = self.loop.time() - ACTIVE_FOR
+        return any(at > horizon for at in self._active_at[:urgency])
+
+    def _note_activity(self) -> None:
+        conn = self.conn
+        if not self._active_at:
+            self._active_at = [float("-inf")] * URGENCY_LEVELS
+            self._emitted_seen = [0] * URGENCY_LEVELS
+        now = None
+        for urgency in range(URGENCY_LEVELS):
+            emitted = conn.emitted(urgency)
+            if emitted != self._emitted_seen[urgency]:
+                self._emitted_seen[urgency] = emitted
+                now = self.loop.time() if now is None else now
+                self._active_at[urgency] = now
+
+    def _hold_background(self, stream: Stream) -> None:
+        """`stream` waits because a more urgent one is busy: look again when that may have
+        ended (credit returned for the stream also wakes it, as any credit does)."""
+        self._background_held.add(stream)
+        if self._background_timer is None:
+            self._background_timer = self.loop.call_later(ACTIVE_FOR, self._release_background)
+
+    def _release_background(self) -> None:
+        self._background_timer = None
+        held, self._background_held = self._background_held, set()
+        for stream in held:
+            stream._on_credit()  # the writer asks send_credit() again, and may wait again
 
     def _wake_queue_blocked(self) -> None:
         blocked = self._queue_blocked
@@ -531,6 +584,10 @@ class Link(asyncio.Protocol):
             stream._on_reset(ErrorCode.INTERNAL_ERROR)
         self.streams.clear()
         self._queue_blocked.clear()
+        self._background_held.clear()
+        if self._background_timer is not None:
+            self._background_timer.cancel()
+            self._background_timer = None
         self._paused = False
         if self._resumed is not None:
             self._resumed.set()

@@ -158,6 +158,19 @@ class Connection:
         """Of queued_data, the bytes of this stream."""
         return self._sched.queued_on(stream_id)
 
+    def emitted(self, urgency: int) -> int:
+        """DATA payload bytes data_to_send() has ever returned at this urgency: a counter
+        the adapter watches to know which urgencies are busy."""
+        return self._sched.emitted[urgency]
+
+    def in_flight(self, stream_id: int) -> int:
+        """Bytes of the stream sent (or queued) that the peer has not yet granted back:
+        what it has on the way or unread, as far as the announced window tells."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, self._peer_stream_window - stream.send.credit)
+
     def queued_ahead_of(self, urgency: int) -> int:
         """Of queued_data, the bytes that a new frame at `urgency` would wait behind."""
         return self._sched.queued_up_to(urgency)

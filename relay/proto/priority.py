@@ -103,6 +103,7 @@ class Scheduler:
         self._bytes = [0] * URGENCY_LEVELS
         self._total = 0
         self._frames = 0
+        self.emitted = [0] * URGENCY_LEVELS  # payload bytes ever emitted, by urgency
 
     # -- inspection
 
@@ -225,6 +226,7 @@ class Scheduler:
         size = len(payload)
         queue.size -= size
         self._bytes[queue.priority.urgency] -= size
+        self.emitted[queue.priority.urgency] += size
         self._total -= size
         out.append(header)
         if size:

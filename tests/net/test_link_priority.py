@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from relay.net import aio
 from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, WRITE_HIGH, Link, Stream
 from relay.proto import LinkSettings, Priority
 from relay.wire import HEADER_PRIORITY
@@ -179,6 +180,55 @@ async def test_priority_is_announced_and_reprioritise_reaches_the_peer() -> None
         stream.reset()
         stream.reprioritise(0)  # closed: ignored
         assert stream.priority is None
+    finally:
+        client.abort()
+        peer.abort()
+        server.close()
+
+
+async def test_background_in_flight_is_capped_while_a_more_urgent_stream_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aio, "ACTIVE_FOR", 3600.0)  # "recently" lasts for the whole test
+    recorder = _Recorder()
+    client, peer, server = await _pair(recorder)
+    assert peer.transport is not None
+    try:
+        background = client.open_stream({"target": "bulk"}, Priority(6))
+        assert background.send_credit() == QUEUE_STREAM  # nothing urgent yet: its queue
+        assert not client.busier(6)
+        urgent = client.open_stream({"target": "viewer"})
+        await urgent.write(b"v" * 1000)
+        await _until(lambda: client.busier(6), "the urgent stream's data went out")
+        assert not client.busier(3)  # only streams less urgent than it are held back
+        peer.transport.pause_reading()  # nothing comes back: in-flight only grows
+        writer = asyncio.create_task(_bulk(background))
+        await _until(lambda: background in client._background_held, "background held")
+        assert client.conn.in_flight(background.stream_id) == aio.BACKGROUND_IN_FLIGHT
+        assert background.send_credit() == 0 and not writer.done()
+        assert urgent.send_credit() > 0  # the urgent one is not capped
+        writer.cancel()
+    finally:
+        client.abort()
+        peer.abort()
+        server.close()
+
+
+async def test_a_held_background_writer_goes_on_once_the_urgent_stream_is_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aio, "ACTIVE_FOR", 0.05)
+    recorder = _Recorder()
+    client, peer, server = await _pair(recorder)
+    assert peer.transport is not None
+    try:
+        urgent = client.open_stream({"target": "viewer"})
+        background = client.open_stream({"target": "bulk"}, Priority(6))
+        peer.transport.pause_reading()
+        await urgent.write(b"v" * 1000)
+        total = 2 * aio.BACKGROUND_IN_FLIGHT
+        await asyncio.wait_for(background.write(bytes(total)), 20)  # released by the timer
+        assert client.conn.in_flight(background.stream_id) == total
     finally:
         client.abort()
         peer.abort()

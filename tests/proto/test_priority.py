@@ -367,3 +367,20 @@ def test_grow_window_gives_one_stream_more_credit_for_good() -> None:
     client.acknowledge_received_data(sid, got)
     exchange()
     assert server.send_credit(sid) == window + 3 * FRAME
+
+
+def test_emitted_counts_by_urgency_and_in_flight_follows_grants() -> None:
+    link = _pair()
+    client = link.client
+    sid = client.open_stream({"t": "x"}, Priority(6))
+    size = SETTINGS.stream_window // 2  # acknowledged at once: more than a quarter window
+    client.send_data(sid, b"x" * size)
+    assert client.in_flight(sid) == size and client.emitted(6) == 0  # queued counts as sent
+    link.flush()
+    assert client.emitted(6) == size and client.emitted(3) == 0
+    link.exchange()
+    link.server.acknowledge_received_data(sid, size)
+    link.flush()
+    link.exchange()
+    assert client.in_flight(sid) == 0
+    assert client.in_flight(999) == 0
