@@ -487,16 +487,17 @@ class Link(asyncio.Protocol):
         return any(at > horizon for at in self._active_at[:urgency])
 
     def _note_activity(self) -> None:
-        conn = self.conn
+        emitted = self.conn.emitted_by_urgency
+        seen = self._emitted_seen
+        if emitted == seen:  # the hot path: one list comparison per flush
+            return
         if not self._active_at:
             self._active_at = [float("-inf")] * URGENCY_LEVELS
-            self._emitted_seen = [0] * URGENCY_LEVELS
-        now = None
+            seen = self._emitted_seen = [0] * URGENCY_LEVELS
+        now = self.loop.time()
         for urgency in range(URGENCY_LEVELS):
-            emitted = conn.emitted(urgency)
-            if emitted != self._emitted_seen[urgency]:
-                self._emitted_seen[urgency] = emitted
-                now = self.loop.time() if now is None else now
+            if emitted[urgency] != seen[urgency]:
+                seen[urgency] = emitted[urgency]
                 self._active_at[urgency] = now
 
     def _hold_background(self, stream: Stream) -> None:

@@ -163,6 +163,11 @@ class Connection:
         the adapter watches to know which urgencies are busy."""
         return self._sched.emitted[urgency]
 
+    @property
+    def emitted_by_urgency(self) -> list[int]:
+        """All of emitted(), indexed by urgency (the core's own list: read, do not keep)."""
+        return self._sched.emitted
+
     def in_flight(self, stream_id: int) -> int:
         """Bytes of the stream sent (or queued) that the peer has not yet granted back:
         what it has on the way or unread, as far as the announced window tells."""
