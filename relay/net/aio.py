@@ -56,6 +56,7 @@ WRITE_HARD = 32 * 1024 * 1024
 QUEUE_STREAM = 256 * 1024
 QUEUE_LINK = 512 * 1024
 DEFAULT_URGENCY = DEFAULT_PRIORITY.urgency
+REFLUSH_DELAY = 0.005  # see _flush_now: only for a transport that never pauses us
 # A background stream (urgency above the default) may have at most BACKGROUND_IN_FLIGHT
 # bytes on the way while a more urgent stream sent data within ACTIVE_FOR seconds: the
 # buffers below this Link (the seal's queue, the outer windows at each hop) are FIFO, and
@@ -474,7 +475,10 @@ class Link(asyncio.Protocol):
             transport.close()
             return
         if conn.data_pending and not self._paused and not transport.is_closing():
-            self.flush()  # the transport sent straight to the socket: there is room yet
+            if data:
+                self.flush()  # the transport sent straight to the socket: there is room yet
+            else:  # over the mark yet not paused (a transport that does not pause): poll
+                self.loop.call_later(REFLUSH_DELAY, self.flush)
         if self._queue_blocked:
             self._wake_queue_blocked()
         self._note_activity()
