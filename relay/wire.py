@@ -54,6 +54,9 @@ HEADER_CODEC: Final = "codec"
 CODEC_ZSTD: Final = "zstd"
 HEADER_DICOM_VERSION: Final = "dicom-version"
 """Version of the DICOM message codec spoken on a `dicom` stream."""
+HEADER_PRIORITY: Final = "priority"
+"""The stream's priority, RFC 9218 syntax (`u=6`, `u=3, i=?0`): urgency 0-7 (lower is
+sent first, default 3) and incremental (default true here). relay/proto/priority.py."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
 # (No identity header: the agent knows a device from its sealed session's certificate.)

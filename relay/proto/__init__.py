@@ -21,9 +21,12 @@ from relay.proto.events import (
 )
 from relay.proto.frames import VERSION
 from relay.proto.mux import Connection
+from relay.proto.priority import DEFAULT_PRIORITY, URGENCY_LEVELS, Priority
 from relay.proto.settings import FieldError, LinkSettings
 
 __all__ = [
+    "DEFAULT_PRIORITY",
+    "URGENCY_LEVELS",
     "VERSION",
     "Connection",
     "ConnectionTerminated",
@@ -38,6 +41,7 @@ __all__ = [
     "LinkClosedError",
     "LinkSettings",
     "PongReceived",
+    "Priority",
     "ProtocolError",
     "StreamEnded",
     "StreamOpened",

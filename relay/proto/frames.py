@@ -56,6 +56,7 @@ class FrameType(IntEnum):
     PING = 0x5
     GOAWAY = 0x6
     CONTROL = 0x7
+    PRIORITY_UPDATE = 0x8  # optional: a peer that predates it ignores it (unknown type)
 
 
 class Flags(IntFlag):

@@ -37,16 +37,26 @@ from relay.proto.events import (
 )
 from relay.proto.flow import ReceiveWindow, SendWindow
 from relay.proto.frames import Flags, FrameType, Setting
+from relay.proto.priority import (
+    HEADER_PRIORITY,
+    MAX_PRIORITY_FIELD,
+    Priority,
+    Scheduler,
+    parse_priority,
+)
 from relay.proto.settings import LinkSettings
 
-__all__ = ["Connection", "LinkSettings"]
+__all__ = ["Connection", "LinkSettings", "Priority"]
 
 
 class _Stream:
-    __slots__ = ("id", "local_closed", "recv", "remote_closed", "send", "unacked")
+    __slots__ = ("id", "local_closed", "priority", "recv", "remote_closed", "send", "unacked")
 
-    def __init__(self, stream_id: int, send_credit: int, recv_window: int) -> None:
+    def __init__(
+        self, stream_id: int, send_credit: int, recv_window: int, priority: Priority
+    ) -> None:
         self.id = stream_id
+        self.priority = priority
         self.send = SendWindow(send_credit)
         self.recv = ReceiveWindow.of(recv_window)
         self.unacked = 0  # delivered to the application, not yet acknowledged
@@ -72,6 +82,9 @@ class Connection:
         self._recv_link = ReceiveWindow.of(self.settings.link_window)
         self._decoder = fr.FrameDecoder(self.settings.max_frame)
         self._settings_received = False
+        # DATA waits here, per stream, until data_to_send() takes it in priority order.
+        self._sched = Scheduler()
+        self._opened = 0  # streams created so far: the FIFO order within an urgency
         self.goaway_sent = False
         self.goaway_received = False
         self.terminated: ConnectionTerminated | None = None
@@ -126,16 +139,71 @@ class Connection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def priority(self, stream_id: int) -> Priority | None:
+        """The stream's current priority, or None for a stream that is not open."""
+        stream = self._streams.get(stream_id)
+        return stream.priority if stream is not None else None
+
+    @property
+    def queued_data(self) -> int:
+        """DATA payload bytes accepted by send_data() and not yet taken by data_to_send()."""
+        return self._sched.queued
+
+    @property
+    def data_pending(self) -> bool:
+        """DATA frames wait for data_to_send() (a bare FIN counts, though it has no bytes)."""
+        return self._sched.pending
+
+    def queued_on(self, stream_id: int) -> int:
+        """Of queued_data, the bytes of this stream."""
+        return self._sched.queued_on(stream_id)
+
+    def emitted(self, urgency: int) -> int:
+        """DATA payload bytes data_to_send() has ever returned at this urgency: a counter
+        the adapter watches to know which urgencies are busy."""
+        return self._sched.emitted[urgency]
+
+    @property
+    def emitted_by_urgency(self) -> list[int]:
+        """All of emitted(), indexed by urgency (the core's own list: read, do not keep)."""
+        return self._sched.emitted
+
+    def in_flight(self, stream_id: int) -> int:
+        """Bytes of the stream sent (or queued) that the peer has not yet granted back:
+        what it has on the way or unread, as far as the announced window tells."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, self._peer_stream_window - stream.send.credit)
+
+    def queued_ahead_of(self, urgency: int) -> int:
+        """Of queued_data, the bytes that a new frame at `urgency` would wait behind."""
+        return self._sched.queued_up_to(urgency)
+
     # ------------------------------------------------------------------ output
 
-    def data_to_send(self) -> bytes:
-        """Everything queued for the peer since the last call."""
+    def data_to_send(self, limit: int | None = None) -> bytes:
+        """What is queued for the peer: every non-DATA frame, then DATA in priority order.
+
+        With `limit`, DATA stops once `limit` bytes were taken in all (at most one frame
+        over; none if control frames reach it), and the rest waits for the next call: a
+        caller that asks only for what its transport can take at once keeps the sending
+        order decided here, where all streams are seen, instead of in a buffer below.
+        None takes everything.
+        """
         out, self._out = self._out, []
+        if self._sched.pending:
+            room = None if limit is None else limit - sum(len(part) for part in out)
+            self._sched.pop(room, out)
         return b"".join(out)
 
     # ------------------------------------------------------------------ app -> peer
 
-    def open_stream(self, headers: Mapping[str, str]) -> int:
+    def open_stream(self, headers: Mapping[str, str], priority: Priority | None = None) -> int:
+        """Open a stream. Its priority is `priority` (sent to the peer as the `priority`
+        header) or else the one the headers carry, or else the default (u=3, i)."""
+        if priority is not None:
+            headers = {**headers, HEADER_PRIORITY: priority.field()}
         if self.terminated or self.goaway_sent or self.goaway_received:
             raise LinkClosedError("link is closing: no new streams")
         if not self.can_open_stream():
@@ -145,11 +213,21 @@ class Connection:
             raise ValueError("header block larger than the peer's frame limit")
         stream_id = self._next_id
         self._next_id += 2
-        self._streams[stream_id] = _Stream(
-            stream_id, self._peer_stream_window, self.settings.stream_window
-        )
+        self._add_stream(stream_id, parse_priority(headers.get(HEADER_PRIORITY)))
         self._out.append(fr.encode(FrameType.OPEN, 0, stream_id, block))
         return stream_id
+
+    def set_priority(self, stream_id: int, priority: Priority) -> None:
+        """Change a stream's priority here and tell the peer (PRIORITY_UPDATE), so both
+        directions of the stream follow it. A stream not open is ignored (it may have
+        just ended); a peer that predates priorities ignores the frame."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self.terminated:
+            return
+        self._apply_priority(stream, priority)
+        self._out.append(
+            fr.encode(FrameType.PRIORITY_UPDATE, 0, stream_id, priority.field().encode("ascii"))
+        )
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """Queue data (split into frames); raises FlowControlError beyond send_credit()."""
@@ -162,19 +240,18 @@ class Connection:
         stream.send.spend(size)
         self._send_link.spend(size)
         step = self._peer_max_frame
-        out = self._out
+        push = self._sched.push
         if size <= step:
             fin = Flags.FIN if end_stream else 0
-            out.append(fr.encode_header(FrameType.DATA, fin, stream_id, size))
-            out.append(data)
+            push(stream_id, fr.encode_header(FrameType.DATA, fin, stream_id, size), data)
         else:
             view = memoryview(data)
             for offset in range(0, size, step):
                 chunk = view[offset : offset + step]
                 last = offset + step >= size
                 fin = Flags.FIN if (end_stream and last) else 0
-                out.append(fr.encode_header(FrameType.DATA, fin, stream_id, len(chunk)))
-                out.append(chunk)  # joined (copied) in data_to_send
+                header = fr.encode_header(FrameType.DATA, fin, stream_id, len(chunk))
+                push(stream_id, header, chunk)  # joined (copied) in data_to_send
         if end_stream:
             stream.local_closed = True
             self._forget_if_done(stream)
@@ -197,6 +274,21 @@ class Connection:
             return
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
+
+    def grow_window(self, stream_id: int, extra: int) -> None:
+        """Widen one stream's receive window by `extra` bytes for good (WINDOW_UPDATE),
+        so that a stream that must not wait on credit (a viewer's, behind a full link)
+        has more in flight than the link's buffers hold. Capped at the protocol maximum;
+        a stream not open, or closed for receiving, is ignored."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_closed or self.terminated or extra <= 0:
+            return
+        extra = min(extra, fr.MAX_WINDOW - stream.recv.size)
+        if extra <= 0:
+            return
+        stream.recv.size += extra
+        stream.recv.available += extra
+        self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, extra))
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """The application consumed `size` bytes of the stream: return that credit."""
@@ -317,8 +409,12 @@ class Connection:
             self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
 
     def _drop(self, stream: _Stream) -> None:
-        """Forget a reset stream; the application discards its unread data."""
+        """Forget a reset stream; the application discards its unread data, and DATA not
+        yet sent is dropped, its link credit kept (the peer never counted it)."""
         del self._streams[stream.id]
+        unsent = self._sched.remove(stream.id)
+        if unsent:
+            self._send_link.credit += unsent
         if not self._is_local(stream.id):
             self._remote_open -= 1
         if stream.unacked:
@@ -328,6 +424,7 @@ class Connection:
         """A stream closed in both directions: keep only its unread byte count."""
         if stream.local_closed and stream.remote_closed:
             del self._streams[stream.id]
+            self._sched.finish(stream.id)
             if not self._is_local(stream.id):
                 self._remote_open -= 1
             if stream.unacked:
@@ -344,6 +441,7 @@ class Connection:
             for sid in self._streams
         ]
         self._streams.clear()
+        self._sched.clear()
         self._closed_unacked.clear()
         self._remote_open = 0
         self.terminated = ConnectionTerminated(code, reason, remote)
@@ -368,6 +466,8 @@ class Connection:
             self._on_settings(frame, events)
         elif ftype == FrameType.GOAWAY:
             self._on_goaway(frame, events)
+        elif ftype == FrameType.PRIORITY_UPDATE:
+            self._on_priority_update(frame)
         elif ftype == FrameType.CONTROL:
             if frame.stream_id:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTROL on a stream")
@@ -440,11 +540,29 @@ class Connection:
         if self.goaway_sent or self._remote_open >= self.settings.max_streams:
             self._out.append(fr.encode_u32(FrameType.RESET, stream_id, ErrorCode.REFUSED_STREAM))
             return
-        self._streams[stream_id] = _Stream(
-            stream_id, self._peer_stream_window, self.settings.stream_window
-        )
+        self._add_stream(stream_id, parse_priority(headers.get(HEADER_PRIORITY)))
         self._remote_open += 1
         events.append(StreamOpened(stream_id, headers))
+
+    def _add_stream(self, stream_id: int, priority: Priority) -> None:
+        self._streams[stream_id] = _Stream(
+            stream_id, self._peer_stream_window, self.settings.stream_window, priority
+        )
+        self._opened += 1
+        self._sched.add(stream_id, priority, self._opened)
+
+    def _apply_priority(self, stream: _Stream, priority: Priority) -> None:
+        stream.priority = priority
+        self._sched.set_priority(stream.id, priority)
+
+    def _on_priority_update(self, frame: fr.Frame) -> None:
+        if len(frame.payload) > MAX_PRIORITY_FIELD:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY_UPDATE too long")
+        stream = self._stream_frame(frame)
+        if stream is None:
+            return  # closed meanwhile
+        # The whole priority is replaced; members missing take the defaults (RFC 9218).
+        self._apply_priority(stream, parse_priority(frame.payload.decode("ascii", "replace")))
 
     def _on_reset(self, frame: fr.Frame, events: list[Event]) -> None:
         code = fr.decode_u32(frame.payload, "RESET")

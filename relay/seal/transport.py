@@ -52,11 +52,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WRITE_HIGH: Final = 1024 * 1024
-WRITE_LOW: Final = 256 * 1024
+# The inner Link sets its own marks (relay.net.aio.WRITE_HIGH/LOW, 256/64 KiB) and keeps
+# the rest of its DATA in its core, where urgent streams can pass: these are defaults only.
+WRITE_HIGH: Final = 256 * 1024
+WRITE_LOW: Final = 64 * 1024
 WRITE_HARD: Final = 8 * 1024 * 1024  # the inner Link pauses at WRITE_HIGH; this is a bug catch
 READ_SIZE: Final = 256 * 1024
-WRITE_BATCH: Final = 256 * 1024  # sealed chunks joined into one outer write
+WRITE_BATCH: Final = 64 * 1024  # sealed chunks joined into one outer write
 LINGER: Final = 5.0  # after our half-close, how long we wait for the peer's before a reset
 
 

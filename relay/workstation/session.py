@@ -37,6 +37,7 @@ from relay.seal.policy import agent_check
 from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
 from relay.seal.transport import SealError, SealTransport
 from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_SESSION
+from relay.workstation import priorities
 
 __all__ = ["SessionKeeper", "SessionStats"]
 
@@ -67,6 +68,7 @@ class _SessionLink(Link):
         self.first_data: asyncio.Future[None] = self.loop.create_future()
         self.goaway_reason: tuple[int, str] | None = None
         self.on_goaway = self._goaway
+        self.urgent_window = priorities.VIEWER_WINDOW
 
     def _goaway(self, code: int, reason: str) -> None:
         self.goaway_reason = (code, reason)

@@ -101,12 +101,18 @@ def _wait_ready(proc: Process, metrics_port: int, timeout: float) -> None:
 
 
 def start_hospital(
-    group: ProcessGroup, bench_pki: BenchPki, workdir: Path, count: int, knobs: Knobs
+    group: ProcessGroup,
+    bench_pki: BenchPki,
+    workdir: Path,
+    count: int,
+    knobs: Knobs,
+    *,
+    pacs_args: tuple[str, ...] = (),
 ) -> Hospital:
     pacs = group.process(
         "pacs",
         [sys.executable, "-m", "tests.bench.wan_pacs", "--port", "0",
-         "--count", str(count), "--ae-title", PACS_AE, "--seconds", "3600"],
+         "--count", str(count), "--ae-title", PACS_AE, "--seconds", "3600", *pacs_args],
         env=ENV,
     )  # fmt: skip
     gateway = start_gateway(group, bench_pki, workdir, env=ENV, extra_config=_limits_line(knobs))

@@ -1,13 +1,15 @@
 """The WAN benchmark's PACS as its own process: relay.dicom's EmbeddedPacs holding one CT study.
 
     python -m tests.bench.wan_pacs --port PORT [--count 200] [--ae-title RELAYPACS]
-        [--seconds 900]
+        [--seconds 900] [--second-count N]
 
 The study (`make_study(count)`: 512x512, 12 bits in 16, Explicit VR Little Endian) is
 generated before the port opens and kept in memory (a MemoryStore), so sending costs the
 PACS no encoding: what the benchmark times is DICOM networking, not sample generation.
 Its Study Instance UID is `study_uid(count)`, which the benchmark computes without
-generating anything. The process exits on SIGTERM/SIGINT or after `--seconds`.
+generating anything. `--second-count N` adds a second study of N slices (seed 1,
+`study_uid(N, seed=1)`): the priority benchmark prefetches one while a viewer reads the
+other. The process exits on SIGTERM/SIGINT or after `--seconds`.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help="CT slices")
     parser.add_argument("--ae-title", default=DEFAULT_AE)
     parser.add_argument("--seconds", type=float, default=900.0, help="exit after this long")
+    parser.add_argument("--second-count", type=int, default=0, help="slices of a 2nd study")
     args = parser.parse_args(argv)
-    if not 1 <= args.count <= 5000:
-        parser.error("--count must be 1-5000 (the study is held in memory)")
+    if not 1 <= args.count + args.second_count <= 5000 or args.second_count < 0:
+        parser.error("--count must be 1-5000 in all (the studies are held in memory)")
     instances = make_study(args.count)
+    if args.second_count:
+        instances += make_study(args.second_count, seed=1)
     total = sum(len(i.data) for i in instances)
     pacs = EmbeddedPacs(MemoryStore(instances), ae_title=args.ae_title, host=HOST, port=args.port)
     stop = threading.Event()

@@ -193,7 +193,7 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
     assert out[0] == "[]"
     # `limits:` is the protocol core's LinkSettings: the sans-I/O core comes along.
     proto = ["relay.proto", *(f"relay.proto.{m}" for m in ("errors", "events", "flow", "frames"))]
-    proto += ["relay.proto.mux", "relay.proto.settings"]
+    proto += ["relay.proto.mux", "relay.proto.priority", "relay.proto.settings"]
     expected = ["gateway", "gateway.config", "relay", "relay.ops", "relay.ops.config", *proto]
     expected.append("gateway.limits")  # per_device:, per_source: (no I/O)
     assert out[1] == str(sorted(expected))

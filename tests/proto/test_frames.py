@@ -38,7 +38,7 @@ def test_header_layout_is_the_documented_bytes() -> None:
 
 def test_frame_type_and_error_code_values_are_fixed() -> None:
     """These numbers are on the wire: renumbering would break every deployed peer."""
-    assert [int(t) for t in FrameType] == list(range(8))
+    assert [int(t) for t in FrameType] == list(range(9))
     codes = {code.name: int(code) for code in ErrorCode}
     assert codes["FLOW_CONTROL_ERROR"] == 3 and codes["REFUSED_STREAM"] == 6
     assert codes["HEADERS_TOO_LARGE"] == 0xB and codes["LIMIT_EXCEEDED"] == 0x10

@@ -34,7 +34,8 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
-from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+from relay.wire import HEADER_DICOM_VERSION, HEADER_PRIORITY, HEADER_TARGET, TARGET_DICOM
+from relay.workstation import priorities
 from relay.workstation.cache.query import SERIES_KEYS, STUDY_KEYS
 from relay.workstation.cache.query import dicom_text as _text
 from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
@@ -58,7 +59,8 @@ class FetchResult:
 
 
 class StudyFetcher:
-    """Runs prefetch queries and retrieves on the relay, into `store`."""
+    """Runs prefetch queries and retrieves on the relay, into `store`, on streams at the
+    background urgency (`priorities.PREFETCH`): a viewer's own requests go first."""
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class StudyFetcher:
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
             HEADER_DICOM_VERSION: str(VERSION),
+            HEADER_PRIORITY: priorities.PREFETCH.field(),
             **(headers or {}),
         }
 

@@ -36,7 +36,8 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
-from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+from relay.wire import HEADER_DICOM_VERSION, HEADER_PRIORITY, HEADER_TARGET, TARGET_DICOM
+from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 
 __all__ = ["DicomSource", "FindResult", "UpstreamError"]
@@ -91,7 +92,12 @@ class DicomSource:
         self.codec = codec
         self.timeout = timeout
         self.cache = cache
-        self.headers = {HEADER_TARGET: TARGET_DICOM, HEADER_DICOM_VERSION: str(VERSION)}
+        # A browser viewer's request is a viewer's own: the default urgency, ahead of prefetch.
+        self.headers = {
+            HEADER_TARGET: TARGET_DICOM,
+            HEADER_DICOM_VERSION: str(VERSION),
+            HEADER_PRIORITY: priorities.VIEWER.field(),
+        }
 
     def offline(self) -> bool:
         return self.cache is not None and self.cache.offline()

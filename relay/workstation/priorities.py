@@ -1,0 +1,25 @@
+"""Which of the workstation's streams go first on the link: the one place that says so.
+
+A viewer's own request (the DICOM node's C-GET/C-MOVE/C-FIND, a browser viewer's
+DICOMweb retrieval) goes at the default urgency; prefetch takes what is left of the link
+at a background urgency (relay/PROTOCOL.md, "Priorities"). The agent sends each stream's
+study data at the urgency the workstation opened it with.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from relay.proto import DEFAULT_PRIORITY, Priority
+
+VIEWER: Final = DEFAULT_PRIORITY
+"""A viewer's own request: u=3 (the default, also what streams without the header get)."""
+PREFETCH: Final = Priority(urgency=6)
+"""Prefetch and its priors: u=6, background; incremental, so studies fill side by side."""
+VIEWER_WINDOW: Final = 3 * 1024 * 1024
+"""Extra receive window of the streams the workstation opens at VIEWER's urgency or above
+(relay.net.aio.Link.urgent_window), on top of `limits.stream_window`. Below the agent's
+inner core wait its seal queue and one outer session window per hop (1 MiB each by
+default): with prefetch filling those, a viewer's stream limited to 1 MiB in flight got
+about 40 % of the link (docs/BENCHMARKS.md); with 4 MiB it has more in flight than they
+hold, so the agent always has its data to send first."""
