@@ -54,6 +54,9 @@ HEADER_CODEC: Final = "codec"
 CODEC_ZSTD: Final = "zstd"
 HEADER_DICOM_VERSION: Final = "dicom-version"
 """Version of the DICOM message codec spoken on a `dicom` stream."""
+HEADER_DICOM_PIXELS: Final = "dicom-pixels"
+"""The pixel codecs a workstation decodes (comma-separated, e.g. `jpegls,htj2k`); without
+it the agent never sends an instance with encoded pixels (relay/dicom/PROTOCOL-DICOM.md)."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
 # (No identity header: the agent knows a device from its sealed session's certificate.)

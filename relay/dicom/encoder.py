@@ -1,0 +1,128 @@
+"""The agent's message encoder: zstd or a pixel codec per instance, on a bounded thread pool.
+
+`StreamEncoder` belongs to one stream. Its `encode()` runs on a worker thread (the codecs
+and zstd release the GIL): for an instance, and when the workstation decodes the codec
+the current `Choice` names, it locates the native pixel data, encodes it, checks that it
+decodes to the same bytes (`relay.codecs.encode` does), and frames it with FLAG_PIXELS;
+anything else is framed as before. Each result carries what it cost, and the loop feeds
+that, and how long each write took, into the rates `relay.codecs.choice` decides from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Final
+
+from relay import codecs
+from relay.codecs import choice as ch
+from relay.dicom.codec import Instance, Message, MessageCodec, PixelPart
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+MIN_PIXELS_BYTES: Final = 16 * 1024  # smaller instances: zstd, not worth a codestream
+
+
+def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One pool per size for the whole process: every stream shares the same CPUs."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dicom-enc")
+            _POOLS[workers] = pool
+        return pool
+
+
+class RateBook:
+    """What the agent learned about codec ratios and speeds, carried across streams."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rates = ch.Rates()
+
+    def start(self) -> ch.Rates:
+        """Rates for a new stream: learned codec rates, the link not measured yet."""
+        with self._lock:
+            return replace(self._rates, link=None)
+
+    def keep(self, rates: ch.Rates) -> None:
+        with self._lock:
+            self._rates = replace(rates, link=None)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A frame to write, and what producing it cost (for the rates)."""
+
+    frame: bytes
+    codec: str  # what it went as: ch.ZSTD, or a pixel codec
+    raw: int
+    cpu: float
+
+
+class StreamEncoder:
+    """Encoding of one stream's messages; `encode` on any thread, the rest on the loop."""
+
+    def __init__(
+        self,
+        codec: MessageCodec,
+        offered: tuple[str, ...],
+        workers: int,
+        book: RateBook | None = None,
+    ) -> None:
+        self.codec = codec
+        self.offered = offered
+        self.workers = workers
+        self.book = book or RateBook()
+        self.rates = self.book.start()
+        self.choice = ch.choose(self.rates, offered, workers)
+        self.counts: dict[str, int] = {}  # instances per codec, for the logs and tests
+
+    def encode(self, msg: Message) -> Encoded:
+        chosen = self.choice.codec
+        started = time.thread_time()
+        if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
+            layout = codecs.find_pixels(
+                msg.dataset, msg.transfer_syntax, max_bytes=self.codec.limits.max_dataset
+            )
+            if layout is not None:
+                enc = codecs.encode(
+                    layout.fmt, memoryview(msg.dataset)[layout.offset : layout.end], chosen
+                )
+                if enc is not None:
+                    frame = self.codec.encode(msg, PixelPart(enc, layout.offset))
+                    return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
+        frame = self.codec.encode(msg)
+        raw = len(msg.dataset) if isinstance(msg, Instance) else 0
+        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started)
+
+    def encoded(self, result: Encoded) -> None:
+        """On the loop: learn from an encoded instance."""
+        if result.raw:
+            self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
+            self.rates = ch.observe_encode(
+                self.rates, result.codec, result.raw, len(result.frame), result.cpu
+            )
+            self._decide()
+
+    def written(self, wire_bytes: int, seconds: float) -> None:
+        """On the loop: a write of `wire_bytes` took `seconds` to be accepted."""
+        self.rates = ch.observe_link(self.rates, wire_bytes, seconds)
+        self._decide()
+
+    def finish(self) -> None:
+        self.book.keep(self.rates)
+
+    def _decide(self) -> None:
+        self.choice = ch.choose(self.rates, self.offered, self.workers)
+
+
+def offered_codecs(header: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The codecs both ends can use: the workstation's `dicom-pixels` list, ours, config."""
+    if not header or not allowed:
+        return ()
+    theirs = {name.strip() for name in header.split(",")}
+    here = codecs.available()
+    return tuple(c for c in allowed if c in theirs and c in here)
