@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # One stamp per set of extras: `make demo` installs only the product and the demo extra.
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
+# The OHIF viewer's dist (`relay viewer install`: pinned version and hash, not committed),
+# in the platform's data dir; made again when the pin changes.
+VIEWER_STAMP := $(VENV)/.installed-viewer
 
 .PHONY: all install demo test test-fast test-portable lint bench clean
 
@@ -22,9 +25,13 @@ $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e '.[demo,test]'
 	touch $@ $(DEMO_STAMP)
 
-install: $(TEST_STAMP)
+$(VIEWER_STAMP): relay/workstation/viewer/pin.py | $(DEMO_STAMP)
+	$(BIN)/relay viewer install
+	touch $@
 
-demo: $(DEMO_STAMP)
+install: $(TEST_STAMP) $(VIEWER_STAMP)
+
+demo: $(DEMO_STAMP) $(VIEWER_STAMP)
 	$(BIN)/relay demo
 
 lint: $(TEST_STAMP)
@@ -32,7 +39,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check relay gateway relay_dev tests
 	$(BIN)/mypy
 
-test: lint
+test: lint $(VIEWER_STAMP)
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 	$(MAKE) test-portable
 
@@ -50,7 +57,7 @@ test-portable: $(TEST_STAMP)
 test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -q -x -m "not slow and not interop" $(PYTEST_ARGS)
 
-bench: $(TEST_STAMP)
+bench: $(TEST_STAMP) $(VIEWER_STAMP)
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
 
 clean:

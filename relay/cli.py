@@ -98,7 +98,7 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
 def _cmd_token_create(args: argparse.Namespace) -> int:
     from relay.agent.admin_cli import token_create
 
-    return token_create(Path(args.config), args.device, args.ttl, args.gateway)
+    return token_create(Path(args.config), args.device, args.ttl, args.gateway, user=args.user)
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -107,7 +107,14 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
         code = sys.stdin.readline().strip()
-    return run_enroll(code, Path(args.dir), device=args.device, force=args.force)
+    return run_enroll(
+        code,
+        Path(args.dir),
+        device=args.device,
+        force=args.force,
+        password_file=Path(args.password_file) if args.password_file else None,
+        password_stdin=sys.stdin if args.password_stdin else None,
+    )
 
 
 def _cmd_device_list(args: argparse.Namespace) -> int:
@@ -120,6 +127,12 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
     from relay.agent.admin_cli import device_revoke
 
     return device_revoke(Path(args.config), args.name, force=args.force)
+
+
+def _cmd_it_admin_passwd(args: argparse.Namespace) -> int:
+    from relay.agent.itpages.admin_cli import passwd
+
+    return passwd(Path(args.file), args.user, stdin=sys.stdin if args.password_stdin else None)
 
 
 def _cmd_prefetch(args: argparse.Namespace) -> int:
@@ -144,6 +157,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     code: int = run(Path(args.dir) if args.dir else None)
     return code
+
+
+def _cmd_viewer_install(args: argparse.Namespace) -> int:
+    from relay.workstation.viewer.install import ViewerInstallError, install_viewer
+    from relay.workstation.viewer.pin import OHIF
+
+    tarball = Path(args.tarball) if args.tarball else None
+    try:  # its error type stays out of USER_ERRORS: importing it here keeps the CLI lazy
+        where, fresh = install_viewer(
+            Path(args.dir) if args.dir else None, tarball=tarball, force=args.force
+        )
+    except ViewerInstallError as exc:
+        print(f"relay viewer install: {exc}", file=sys.stderr)
+        return 2
+    state = "installed" if fresh else "already installed"
+    print(f"{OHIF.name} {OHIF.version} {state} in {where}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", required=True, help="the agent's config file")
     create.add_argument("--device", required=True, help="the device name the code is for")
     create.add_argument(
+        "--user",
+        help="the directory user who will hold the device (required with directory:)",
+    )
+    create.add_argument(
         "--ttl", type=duration, default="24h", help="how long the code stays valid (default 24h)"
     )
     create.add_argument(
@@ -224,6 +258,17 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--device", help="the device name (default: the one in the code)")
     enroll.add_argument(
         "--force", action="store_true", help="replace the identity already in --dir"
+    )
+    secret = enroll.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the directory password from FILE's first line (default: ask)",
+    )
+    secret.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the directory password from the next line of stdin (after CODE if -)",
     )
     enroll.set_defaults(func=_cmd_enroll)
 
@@ -245,6 +290,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     revoke.set_defaults(func=_cmd_device_revoke)
 
+    it_admin = sub.add_parser("it-admin", help="local IT admins of the agent's IT pages")
+    it_sub = it_admin.add_subparsers(dest="it_command", required=True, metavar="ACTION")
+    pw = it_sub.add_parser("passwd", help="add an IT admin or change their password")
+    pw.add_argument("--file", required=True, help="the agent's it_pages.admins_file")
+    pw.add_argument("--user", required=True, help="the admin's name")
+    pw.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    pw.set_defaults(func=_cmd_it_admin_passwd)
+
     pre = sub.add_parser("prefetch", help="queue studies in the running workstation's cache")
     pre.add_argument("studies", nargs="+", metavar="STUDY_UID")
     pre.add_argument("--config", required=True, help="the workstation's config file")
@@ -260,6 +315,16 @@ def _parser() -> argparse.ArgumentParser:
     for action in cache_sub.choices.values():
         action.add_argument("--config", required=True, help="the workstation's config file")
         action.set_defaults(func=_cmd_cache)
+
+    viewer = sub.add_parser("viewer", help="the OHIF web viewer the workstation serves")
+    viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True, metavar="ACTION")
+    vinstall = viewer_sub.add_parser(
+        "install", help="download the pinned OHIF release, check its hash, unpack it"
+    )
+    vinstall.add_argument("--dir", help="where to (default: the platform's data directory)")
+    vinstall.add_argument("--tarball", help="a local copy of the npm tarball (offline PCs)")
+    vinstall.add_argument("--force", action="store_true", help="reinstall even if present")
+    vinstall.set_defaults(func=_cmd_viewer_install)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")
     demo.add_argument("--dir", help="where to keep the demo's certificates and configs")

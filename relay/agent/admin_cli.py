@@ -37,6 +37,7 @@ from relay.ops.config import Address, ConfigError, parse_address, parse_duration
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode
 from relay.trust.identity import Identity, IdentityError
+from relay.trust.users import check_username
 
 __all__ = ["DEFAULT_TTL", "device_list", "device_revoke", "open_state", "token_create"]
 
@@ -80,7 +81,17 @@ def open_state(config: AgentConfig) -> tuple[DeviceRegistry, AuditLog]:
     except OSError as exc:
         raise RegistryError(f"cannot create state_dir {state}: {exc.strerror}") from None
     registry = DeviceRegistry(state / REGISTRY_FILE, site=config.site)
-    audit = AuditLog(state / AUDIT_FILE, source_id=_agent_identity(config), site=config.site)
+
+    def user_of(device_uri: str) -> str | None:
+        name = device_uri.rsplit("/", 1)[-1]
+        return registry.device_user(name) if name else None
+
+    audit = AuditLog(
+        state / AUDIT_FILE,
+        source_id=_agent_identity(config),
+        site=config.site,
+        user_of=user_of if config.directory is not None else None,
+    )
     return registry, audit
 
 
@@ -98,36 +109,57 @@ def token_create(
     ttl: str | float | timedelta | None = None,
     gateway: str | None = None,
     *,
+    user: str | None = None,
     now: Callable[[], datetime] = _utcnow,
     out: TextIO | None = None,
 ) -> int:
     """Create a one-time enrollment code for `device`; print the code alone on stdout.
 
     `gateway` (HOST:PORT) is the address PCs dial; default the agent's first `gateways`
-    entry (often different: PCs use the DMZ's public name).
+    entry (often different: PCs use the DMZ's public name). `user`: the directory user
+    the device will belong to; required with `directory:` (the PC enrolls with that
+    user's password), refused without one.
     """
     command = "token create"
     try:
         config = load_agent_config(config_path)
         if config.pki is None:
             return _fail(command, f"{config.path}: pki: required to issue device certificates")
+        if config.directory is not None and user is None:
+            return _fail(
+                command,
+                f"{config.path} has a directory: --user NAME is required (the directory "
+                "user who will hold the device)",
+            )
+        if config.directory is None and user is not None:
+            return _fail(
+                command, f"{config.path} has no directory: section; --user needs one to check"
+            )
+        if user is not None:
+            check_username(user)
         lifetime = _parse_ttl(ttl)
         address: Address = parse_address(gateway) if gateway else config.gateways[0]
         fingerprint = pki.ca_fingerprint(pki.load_cert(config.pki.ca_cert))
         registry, audit = open_state(config)
         with registry:
             at = now()
-            token_id, secret = registry.create_token(device, lifetime, at)
-        code = EnrollmentCode(address, fingerprint, config.site, device, token_id, secret)
+            token_id, secret = registry.create_token(device, lifetime, at, user=user)
+        code = EnrollmentCode(address, fingerprint, config.site, device, token_id, secret, user)
         audit.token_created(
-            now=at, device=device, token_id=token_id, expires_at=at + lifetime, actor=_actor()
+            now=at,
+            device=device,
+            token_id=token_id,
+            expires_at=at + lifetime,
+            actor=_actor(),
+            user=user,
         )
     except (ConfigError, RegistryError, CodeError, pki.PkiError, ValueError) as exc:
         return _fail(command, exc)
     print(code.encode(), file=out or sys.stdout)
+    holder = f" (directory user {user!r})" if user is not None else ""
     print(
-        f"enrollment code for device {device!r} of site {config.site!r}, via {address}, "
-        f"valid until {(at + lifetime).isoformat()}; single use",
+        f"enrollment code for device {device!r}{holder} of site {config.site!r}, via "
+        f"{address}, valid until {(at + lifetime).isoformat()}; single use",
         file=sys.stderr,
     )
     return 0
@@ -146,10 +178,11 @@ def _status(row: DeviceRow, now: datetime) -> str:
 
 
 def _table(rows: Sequence[DeviceRow], now: datetime) -> str:
-    header = ("DEVICE", "STATUS", "LAST SEEN", "ENROLLED", "CERT EXPIRES", "SERIAL")
+    header = ("DEVICE", "USER", "STATUS", "LAST SEEN", "ENROLLED", "CERT EXPIRES", "SERIAL")
     lines = [
         (
             r.name,
+            r.user or "-",
             _status(r, now),
             _when(r.last_seen),
             _when(r.enrolled_at),
@@ -191,6 +224,7 @@ def device_list(
         data = [
             {
                 "name": r.name,
+                "user": r.user,
                 "site": r.site,
                 "status": _status(r, at),
                 "enrolled_at": _iso(r.enrolled_at),

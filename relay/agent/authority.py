@@ -9,7 +9,10 @@ the certificate lifetime, and offers exactly what the agent's links need:
 - `poll_revocations()`: incremental "revoke" bodies for devices revoked since the last
   call (by `relay device revoke` in another process), to send on every link;
 - `record_refusal(body, reporter)`: audit a link refusal reported by a gateway;
-- `touch(device_uri)`: the device's last-seen time, on each stream it opens.
+- `touch(device_uri)`: the device's last-seen time, on each stream it opens;
+- with a `directory:`, enrollment checks the code's user there, every audit event of a
+  device names its user, and `run_directory_recheck()` revokes the devices of users who
+  left (relay.agent.directory.recheck).
 
 Time comes from `now` (a clock function) so tests can drive it.
 """
@@ -31,8 +34,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, AuditSettings, AuditSink, Outcome
 from relay.agent.config import AgentConfig
+from relay.agent.directory import Directory
+from relay.agent.directory.recheck import DirectoryMetrics, Recheck
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, DeviceRegistry, RegistryError, RevocationWatcher
+from relay.agent.registry import (
+    REGISTRY_FILE,
+    DeviceRegistry,
+    RegistryError,
+    RevocationWatcher,
+    RevokeResult,
+)
 from relay.agent.renewal import RenewOutcome, serve_renew_stream
 from relay.agent.signer import Signer
 from relay.agent.syslog import SyslogSender
@@ -90,6 +101,7 @@ class DeviceAuthority:
         audit: AuditLog,
         lifetime: timedelta = DEFAULT_DEVICE_LIFETIME,
         now: Callable[[], datetime] = _utcnow,
+        directory: Directory | None = None,
     ) -> None:
         self.site = site
         self.ca_key = ca_key
@@ -105,6 +117,20 @@ class DeviceAuthority:
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
         self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
         self.renewals: dict[str, int] = {}
+        self.directory = directory
+        self.recheck: Recheck | None = None
+        if directory is not None:
+            audit.user_of = self.user_of
+            self.recheck = Recheck(
+                directory,
+                registry,
+                audit,
+                agent=self.identity.uri,
+                device_uri=self._uri,
+                now=now,
+                on_revoked=self._watcher.note_local_change,
+                metrics=DirectoryMetrics(),
+            )
 
     @classmethod
     def open(
@@ -118,6 +144,7 @@ class DeviceAuthority:
         audit_settings: AuditSettings | None = None,
         audit_sink: AuditSink | None = None,
         now: Callable[[], datetime] = _utcnow,
+        directory: Directory | None = None,
     ) -> DeviceAuthority:
         """From the agent's config: `pki.ca_cert`, `pki.ca_key`, `state_dir` (created 0700).
 
@@ -147,16 +174,19 @@ class DeviceAuthority:
             audit=audit,
             lifetime=lifetime,
             now=now,
+            directory=directory,
         )
 
     def close(self) -> None:
         self.registry.close()
+        if self.directory is not None:
+            self.directory.close()
 
     # -- streams
 
     async def serve_enroll(self, stream: ByteStream) -> EnrollOutcome:
         """Target handler for `enroll`; reports the result to the gateway that carried it."""
-        outcome = await serve_enroll_stream(stream, self.signer)
+        outcome = await serve_enroll_stream(stream, self.signer, directory=self.directory)
         self.enrollments[outcome.result] = self.enrollments.get(outcome.result, 0) + 1
         link = getattr(stream, "link", None)  # a relay.net.aio.Stream knows its link
         send = getattr(link, "send_control", None)
@@ -184,6 +214,21 @@ class DeviceAuthority:
             self.registry.touch(identity.name, self.now())
         except RegistryError as exc:
             log.warning("cannot record last seen", extra={"error": str(exc)})
+
+    def user_of(self, device_uri: str) -> str | None:
+        """The directory user of one of our devices (for audit events), or None."""
+        try:
+            identity = parse_spiffe_uri(device_uri)
+        except IdentityError:
+            return None
+        if identity.role != "device" or identity.site != self.site:
+            return None
+        return self.registry.device_user(identity.name)
+
+    async def run_directory_recheck(self) -> None:
+        """The directory re-check on its schedule, until cancelled (nothing without one)."""
+        if self.recheck is not None:
+            await self.recheck.run()
 
     # -- revocation
 
@@ -220,6 +265,17 @@ class DeviceAuthority:
         self.registry.revoke(name, self.now())
         self._watcher.note_local_change()
         return self.poll_revocations()
+
+    def revoke_by(self, name: str, actor: str) -> tuple[RevokeResult, list[bytes]]:
+        """Revoke `name` for `actor` (an IT admin on the IT pages): audited with the actor,
+        then the bodies to push at once. An already revoked device changes nothing."""
+        at = self.now()
+        result = self.registry.revoke(name, at)
+        if result is RevokeResult.ALREADY:
+            return result, []
+        self.audit.revocation(now=at, device=self._uri(name), actor=actor)
+        self._watcher.note_local_change()
+        return result, self.poll_revocations()
 
     # -- refusals reported by gateways
 
@@ -269,6 +325,8 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
     ConfigError naming the file and key. Closes the registry, then flushes syslog.
     """
     if config.pki is None:
+        if config.directory is not None:
+            log.warning("directory: is set but pki: is not; this agent enrolls no devices")
         if config.audit.syslog is not None:
             log.warning("audit.syslog is set but pki: is not; this agent writes no audit events")
         yield None
@@ -290,6 +348,7 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
             lifetime=timedelta(seconds=config.pki.device_lifetime),
             audit_settings=config.audit,
             audit_sink=sender,
+            directory=Directory(config.directory) if config.directory is not None else None,
         )
     except pki.PkiError as exc:
         raise ConfigError(config.path, "pki", str(exc)) from None
@@ -304,6 +363,7 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
             "state_dir": str(config.state_dir),
             "device_lifetime_s": config.pki.device_lifetime,
             "syslog": str(syslog.address) if syslog is not None else "",
+            "directory": config.directory.url if config.directory is not None else "",
         },
     )
     try:

@@ -10,6 +10,8 @@ from types import MappingProxyType
 from typing import cast
 
 from relay.agent.audit import AuditSettings, read_audit_settings
+from relay.agent.directory.settings import DirectorySettings, read_directory_settings
+from relay.agent.itpages.settings import ItPagesSettings, read_it_pages_settings
 from relay.dicom.pacs_target import (
     MAX_CODEC_WORKERS,
     MAX_PACS_TIMEOUT,
@@ -91,8 +93,8 @@ class AgentConfig:
     """Everything `relay agent` needs; see config/agent.yaml for the keys.
 
     `pki` None: the agent neither enrolls nor renews devices. `pacs` None: no DICOM,
-    only `services`. `state_dir` is resolved but not created (the agent creates it).
-    Durations are seconds.
+    only `services`. `directory` None: devices are not bound to directory users.
+    `state_dir` is resolved but not created (the agent creates it). Durations are seconds.
     """
 
     path: Path
@@ -111,6 +113,8 @@ class AgentConfig:
     drain_grace: float = 30.0
     log_level: str = DEFAULT_LOG_LEVEL
     audit: AuditSettings = field(default_factory=AuditSettings)
+    directory: DirectorySettings | None = None
+    it_pages: ItPagesSettings | None = None
 
 
 def _read_pacs(r: Reader) -> PacsTarget | None:
@@ -182,6 +186,7 @@ def read_agent_config(r: Reader) -> AgentConfig:
                 hi=MAX_DEVICE_LIFETIME,
             ),
         )
+    directory = read_directory_settings(r)
     return AgentConfig(
         path=Path(os.path.abspath(r.file)),
         site=site,
@@ -203,4 +208,8 @@ def read_agent_config(r: Reader) -> AgentConfig:
         drain_grace=read_drain_grace(r, AgentConfig.drain_grace),
         log_level=read_log_level(r),
         audit=read_audit_settings(r),
+        directory=directory,
+        it_pages=read_it_pages_settings(
+            r, has_directory=directory is not None, has_pki=pki is not None
+        ),
     )

@@ -4,7 +4,8 @@ The exchange on one stream (target `enroll`, opened by the PC over the gateway's
 enrollment ALPN; messages framed by relay.net.jsonframes):
 
 1. agent -> PC  {"v": 1, "ca_pem": "..."}                    at once, before any secret
-2. PC -> agent  {"v": 1, "token_id", "secret", "device", "csr_pem"}   at most 16 KiB
+2. PC -> agent  {"v": 1, "token_id", "secret", "device", "csr_pem"[, "password"]}
+                                                                      at most 16 KiB
 3. agent -> PC  {"v": 1, "status": "ok", "cert_pem", "ca_pem"}
              or {"v": 1, "status": "refused", "reason": "<one line>"}
 
@@ -14,6 +15,13 @@ issued by it: a man in the middle gets nothing it could replay.
 
 Every attempt ends in one audit event and one EnrollOutcome (for the caller's metrics).
 A refused attempt never consumes the code; only a successful one does.
+
+With a directory (`directory:`), every code names a directory user and the request must
+carry that user's password (inside the sealed session, like the secret; never logged
+or audited): the agent checks the code without spending it, binds as the user and
+checks the group, and only then redeems the code. The refusal says one of "wrong
+password", "account disabled", "not in group", "directory unavailable"; the audit event
+names the user and the directory's detail.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay.agent.audit import AuditLog, Outcome
+from relay.agent.directory import Directory, Refusal, RefusalReason
 from relay.agent.registry import Redeemed, RedeemStatus, RegistryError
 from relay.agent.signer import (
     RequestRefused,
@@ -91,6 +100,69 @@ _REDEEM_MESSAGES: Final = {
 }
 
 
+_DIRECTORY_RESULTS: Final = {
+    RefusalReason.WRONG_PASSWORD: "wrong_password",
+    RefusalReason.UNKNOWN_USER: "wrong_password",
+    RefusalReason.DISABLED: "account_disabled",
+    RefusalReason.NOT_IN_GROUP: "not_in_group",
+    RefusalReason.UNAVAILABLE: "directory_unavailable",
+}
+
+
+class UserRefused(RequestRefused):
+    """A refusal for a code's directory user: `detail` (for the audit trail) may say more
+    than the PC is told (e.g. that the user does not exist)."""
+
+    def __init__(self, result: str, message: str, *, user: str, detail: str | None = None) -> None:
+        super().__init__(result, message)
+        self.user = user
+        self.detail = f"user {user}: {detail or message}"
+
+
+async def _check_user(
+    signer: Signer,
+    *,
+    directory: Directory | None,
+    request: dict[str, object],
+    token_id: str,
+    secret: bytes,
+    device: str,
+) -> str | None:
+    """The directory user the code binds the device to, once the directory accepted the
+    password (None: no directory, a code without a user). Spends nothing."""
+    checked = await asyncio.to_thread(
+        signer.registry.redeem_token, token_id, secret, device, signer.now(), consume=False
+    )
+    if not checked.ok:
+        raise _redeem_refusal(checked, device)
+    user = checked.user
+    if directory is None:
+        if user is not None:
+            raise RequestRefused(
+                "directory_unavailable",
+                "directory unavailable (this agent has no directory: configured)",
+            )
+        return None
+    if user is None:
+        raise RequestRefused(
+            "no_user", "this enrollment code names no directory user; ask IT for a new one"
+        )
+    password = request.get("password")
+    if not isinstance(password, str) or not password:
+        raise UserRefused(
+            "password_required",
+            f"this code is for directory user {user!r}: enter the password "
+            "(relay enroll asks for it)",
+            user=user,
+        )
+    result = await directory.authenticate(user, password)
+    if isinstance(result, Refusal):
+        raise UserRefused(
+            _DIRECTORY_RESULTS[result.reason], result.message, user=user, detail=result.detail
+        )
+    return user
+
+
 def _redeem_refusal(redeemed: Redeemed, device: str) -> RequestRefused:
     if redeemed.status is RedeemStatus.EXPIRED:
         when = redeemed.expires_at.isoformat(timespec="seconds") if redeemed.expires_at else "?"
@@ -111,6 +183,7 @@ async def serve_enroll_stream(
     signer: Signer,
     *,
     timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
+    directory: Directory | None = None,
 ) -> EnrollOutcome:
     """Serve one enrollment stream to its end; never raises for anything the PC does.
 
@@ -122,6 +195,7 @@ async def serve_enroll_stream(
     peer = stream.headers.get(HEADER_PEER) or None
     claimed = "unknown"
     token_id: str | None = None
+    user: str | None = None
     try:
         async with asyncio.timeout(timeout):
             await write_json(stream, {"v": PROTOCOL_VERSION, "ca_pem": _pem(ca_cert)})
@@ -145,12 +219,22 @@ async def serve_enroll_stream(
                     f"the CSR asks for another identity ({asked or 'none'}, expected "
                     f"{identity.uri})",
                 )
+            user = await _check_user(
+                signer,
+                directory=directory,
+                request=request,
+                token_id=token_id,
+                secret=secret,
+                device=device,
+            )
             redeemed = await asyncio.to_thread(
                 signer.registry.redeem_token, token_id, secret, device, now()
             )
             if not redeemed.ok:
                 raise _redeem_refusal(redeemed, device)
-            issued = await signer.issue(public_key, identity)
+            if redeemed.user != user:  # the code changed in between: never bind another
+                raise RequestRefused("internal", "the enrollment code changed; try again")
+            issued = await signer.issue(public_key, identity, user)
             cert, serial = issued.cert, issued.serial
             audit.enrollment(
                 now=issued.issued_at,
@@ -158,8 +242,10 @@ async def serve_enroll_stream(
                 token_id=token_id,
                 peer=peer,
                 outcome=Outcome.SUCCESS,
-                description=f"certificate issued, valid until {cert.not_valid_after_utc}",
+                description=f"certificate issued, valid until {cert.not_valid_after_utc}"
+                + (f", bound to directory user {user}" if user else ""),
                 serial=serial,
+                user=user,
             )
             await write_json(
                 stream,
@@ -171,7 +257,10 @@ async def serve_enroll_stream(
                 },
             )
             await stream.write_eof()
-            log.info("device enrolled", extra={"device": identity.uri, "serial": serial})
+            log.info(
+                "device enrolled",
+                extra={"device": identity.uri, "serial": serial, "user": user or ""},
+            )
             return EnrollOutcome("ok", "enrolled", identity.uri, serial)
     except RequestRefused as refusal:
         return await _refuse(
@@ -182,6 +271,7 @@ async def serve_enroll_stream(
             claimed=claimed,
             token_id=token_id,
             peer=peer,
+            user=user,
         )
     except TimeoutError:
         return await _refuse(
@@ -192,6 +282,7 @@ async def serve_enroll_stream(
             claimed=claimed,
             token_id=token_id,
             peer=peer,
+            user=user,
             answer=False,
         )
     except StreamResetError:
@@ -204,6 +295,7 @@ async def serve_enroll_stream(
             claimed=claimed,
             token_id=token_id,
             peer=peer,
+            user=user,
             answer=False,
         )
     except (RegistryError, pki.PkiError) as exc:
@@ -219,6 +311,7 @@ async def serve_enroll_stream(
             claimed=claimed,
             token_id=token_id,
             peer=peer,
+            user=user,
             severe=True,
         )
 
@@ -232,16 +325,21 @@ async def _refuse(
     claimed: str,
     token_id: str | None,
     peer: str | None,
+    user: str | None = None,
     answer: bool = True,
     severe: bool = False,
 ) -> EnrollOutcome:
+    detail = refusal.message
+    if isinstance(refusal, UserRefused):
+        detail, user = refusal.detail, refusal.user
     audit.enrollment(
         now=now(),
         device=claimed,
         token_id=token_id,
         peer=peer,
         outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
-        description=f"{refusal.result}: {refusal.message}",
+        description=f"{refusal.result}: {detail}",
+        user=user,
     )
     log.warning(
         "enrollment refused",

@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 REGISTRY_FILE: Final = "registry.sqlite3"
-SCHEMA_VERSION: Final = 1
+#: 2: tokens.user and devices.user (the directory user a device is bound to).
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT: Final = 5.0  # seconds a writer waits for another's transaction
 MAX_TTL: Final = timedelta(days=30)
 MAX_OPEN_TOKENS: Final = 1000  # unused, unexpired tokens at once
@@ -67,7 +68,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     site TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    used_at REAL
+    used_at REAL,
+    user TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_device ON tokens (device);
 CREATE TABLE IF NOT EXISTS devices (
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS devices (
     site TEXT NOT NULL,
     enrolled_at REAL,
     revoked_at REAL,
-    last_seen REAL
+    last_seen REAL,
+    user TEXT
 );
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY,
@@ -86,6 +89,8 @@ CREATE TABLE IF NOT EXISTS certificates (
 );
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates (device, not_after);
 """
+#: Columns added since schema 1: (table, column, type), added to a registry made before.
+_ADDED_COLUMNS: Final = (("tokens", "user", "TEXT"), ("devices", "user", "TEXT"))
 
 
 class RegistryError(Exception):
@@ -113,6 +118,7 @@ class Redeemed:
     device: str | None = None
     site: str | None = None
     expires_at: datetime | None = None
+    user: str | None = None  # the directory user the token was created for
 
     @property
     def ok(self) -> bool:
@@ -137,6 +143,7 @@ class DeviceRow:
     serial: str | None  # of the newest certificate (hex)
     not_after: datetime | None  # of the newest certificate
     certificates: int
+    user: str | None = None  # the directory user it is bound to
 
     @property
     def revoked(self) -> bool:
@@ -215,6 +222,10 @@ class DeviceRegistry:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+                for table, column, kind in _ADDED_COLUMNS:
+                    present = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                    if column not in present:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -269,8 +280,12 @@ class DeviceRegistry:
 
     # -- tokens
 
-    def create_token(self, device: str, ttl: timedelta, now: datetime) -> tuple[str, bytes]:
+    def create_token(
+        self, device: str, ttl: timedelta, now: datetime, *, user: str | None = None
+    ) -> tuple[str, bytes]:
         """A new one-time token for `device`: (token id, secret). Only a hash is stored.
+
+        `user`: the directory user the device will be bound to (checked at enrollment).
 
         Refuses a revoked device name (its identity stays revoked at every gateway; enroll
         the PC under a new name), a TTL outside (0, MAX_TTL], and more than
@@ -301,8 +316,8 @@ class DeviceRegistry:
                     f"(limit {MAX_OPEN_TOKENS}); wait for them to expire"
                 )
             db.execute(
-                "INSERT INTO tokens (id, secret_hash, device, site, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tokens (id, secret_hash, device, site, created_at, expires_at,"
+                " user) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     token_id,
                     hash_secret(token_id, secret),
@@ -310,12 +325,18 @@ class DeviceRegistry:
                     self.site,
                     t,
                     t + ttl.total_seconds(),
+                    user,
                 ),
             )
         return token_id, secret
 
-    def redeem_token(self, token_id: str, secret: bytes, device: str, now: datetime) -> Redeemed:
+    def redeem_token(
+        self, token_id: str, secret: bytes, device: str, now: datetime, *, consume: bool = True
+    ) -> Redeemed:
         """Check a presented token and, if it is good, mark it used in the same transaction.
+
+        `consume` False only checks (the agent asks the directory before it spends a code
+        bound to a user, then redeems for real: the checks run again then).
 
         The secret is checked before anything else, so that without it one learns nothing
         about a token (expired, used, which device) beyond whether its id exists. A
@@ -324,15 +345,16 @@ class DeviceRegistry:
         t = _ts(now)
         with self._op(), self._write() as db:
             row = db.execute(
-                "SELECT secret_hash, device, site, expires_at, used_at FROM tokens WHERE id = ?",
+                "SELECT secret_hash, device, site, expires_at, used_at, user FROM tokens"
+                " WHERE id = ?",
                 (token_id,),
             ).fetchone()
             if row is None:
                 return Redeemed(RedeemStatus.UNKNOWN, token_id)
-            stored_hash, token_device, site, expires_at, used_at = row
+            stored_hash, token_device, site, expires_at, used_at, user = row
             if not secret_matches(token_id, secret, bytes(stored_hash)):
                 return Redeemed(RedeemStatus.FORGED, token_id)
-            result = Redeemed(RedeemStatus.OK, token_id, token_device, site, _dt(expires_at))
+            result = Redeemed(RedeemStatus.OK, token_id, token_device, site, _dt(expires_at), user)
             if used_at is not None:
                 return _with_status(result, RedeemStatus.REUSED)
             if t >= expires_at:
@@ -344,7 +366,8 @@ class DeviceRegistry:
             ).fetchone()
             if revoked is not None and revoked[0] is not None:
                 return _with_status(result, RedeemStatus.REVOKED)
-            db.execute("UPDATE tokens SET used_at = ? WHERE id = ?", (t, token_id))
+            if consume:
+                db.execute("UPDATE tokens SET used_at = ? WHERE id = ?", (t, token_id))
             return result
 
     # -- devices and certificates
@@ -356,11 +379,14 @@ class DeviceRegistry:
         not_before: datetime,
         not_after: datetime,
         now: datetime,
+        *,
+        user: str | None = None,
     ) -> None:
         """Remember a certificate issued to `device` (creating the device if new).
 
-        Sets enrolled_at on the first certificate. Keeps the newest KEEP_CERTIFICATES
-        rows per device.
+        Sets enrolled_at on the first certificate, and the device's directory `user` when
+        given (enrollment; a renewal keeps it). Keeps the newest KEEP_CERTIFICATES rows
+        per device.
         """
         _check_device(device)
         serial_text = serial_hex(serial)
@@ -371,6 +397,8 @@ class DeviceRegistry:
                 "UPDATE devices SET enrolled_at = ? WHERE name = ? AND enrolled_at IS NULL",
                 (t, device),
             )
+            if user is not None:
+                db.execute("UPDATE devices SET user = ? WHERE name = ?", (user, device))
             db.execute(
                 "INSERT OR REPLACE INTO certificates"
                 " (serial, device, not_before, not_after, issued_at) VALUES (?, ?, ?, ?, ?)",
@@ -425,6 +453,24 @@ class DeviceRegistry:
             ).fetchall()
         return [name for (name,) in rows]
 
+    def device_user(self, device: str) -> str | None:
+        """The directory user `device` is bound to (None: none, or no such device)."""
+        with self._op():
+            row = self._db.execute("SELECT user FROM devices WHERE name = ?", (device,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    def users_with_devices(self) -> dict[str, list[str]]:
+        """Each directory user holding devices not revoked -> those device names (sorted)."""
+        with self._op():
+            rows = self._db.execute(
+                "SELECT user, name FROM devices WHERE user IS NOT NULL AND revoked_at IS NULL"
+                " ORDER BY user, name"
+            ).fetchall()
+        held: dict[str, list[str]] = {}
+        for user, name in rows:
+            held.setdefault(str(user), []).append(str(name))
+        return held
+
     def touch(self, device: str, now: datetime) -> bool:
         """Record that `device` was seen; writes at most every TOUCH_INTERVAL per device.
 
@@ -458,7 +504,7 @@ class DeviceRegistry:
 
     def _devices(self, where: str, args: tuple[object, ...]) -> list[DeviceRow]:
         query = (
-            "SELECT d.name, d.site, d.enrolled_at, d.revoked_at, d.last_seen,"
+            "SELECT d.name, d.site, d.enrolled_at, d.revoked_at, d.last_seen, d.user,"
             " (SELECT c.serial FROM certificates c WHERE c.device = d.name"
             "  ORDER BY c.not_after DESC, c.issued_at DESC LIMIT 1),"
             " (SELECT MAX(c.not_after) FROM certificates c WHERE c.device = d.name),"
@@ -477,8 +523,9 @@ class DeviceRegistry:
                 serial=serial,
                 not_after=_dt(not_after),
                 certificates=count,
+                user=user,
             )
-            for name, site, enrolled, revoked, seen, serial, not_after, count in rows
+            for name, site, enrolled, revoked, seen, user, serial, not_after, count in rows
         ]
 
     def data_version(self) -> int:
@@ -489,7 +536,9 @@ class DeviceRegistry:
 
 
 def _with_status(result: Redeemed, status: RedeemStatus) -> Redeemed:
-    return Redeemed(status, result.token_id, result.device, result.site, result.expires_at)
+    return Redeemed(
+        status, result.token_id, result.device, result.site, result.expires_at, result.user
+    )
 
 
 class RevocationWatcher:

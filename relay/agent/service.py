@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocations
 # Read once at start-up (listeners, the PACS handler, the registry, the audit trail): a
 # reload keeps their running values and says that changing them needs a restart.
-RESTART_ONLY = ("site", "pki", "state_dir", "metrics_listen", "pacs", "audit")
+RESTART_ONLY = (
+    "site", "pki", "state_dir", "metrics_listen", "pacs", "audit", "directory", "it_pages",
+)  # fmt: skip
 
 
 class Agent:
@@ -123,6 +125,9 @@ class Agent:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self._recheck_task: asyncio.Task[None] | None = None
+        if authority is not None and authority.recheck is not None:
+            self.metrics.registry.register(authority.recheck.metrics)
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready with at least one gateway link and, with `pacs:`, a PACS that answers
@@ -143,6 +148,10 @@ class Agent:
             self._push_task = asyncio.get_running_loop().create_task(
                 self.authority.run_revocation_push(self.trust.push, REVOCATION_POLL),
                 name="revocation push",
+            )
+        if self.authority is not None and self.authority.recheck is not None:
+            self._recheck_task = asyncio.get_running_loop().create_task(
+                self.authority.run_directory_recheck(), name="directory re-check"
             )
         await self.gateways.start()
 
@@ -210,6 +219,11 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._push_task
             self._push_task = None
+        if self._recheck_task is not None:
+            self._recheck_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck_task
+            self._recheck_task = None
         log.info("agent draining", extra={"links": len(self.gateways.links), "grace_s": grace})
         self.sessions.goaway()  # devices open their next sessions at another agent
         self.gateways.goaway("agent shutting down")
@@ -262,6 +276,13 @@ async def run_agent(
                 with listen_errors(config.path, "metrics_listen", config.metrics_listen):
                     await admin.start()
                 stack.push_async_callback(admin.stop)
+            if config.it_pages is not None and authority is not None:
+                from relay.agent.itpages.server import ItPagesServer
+
+                pages = ItPagesServer(config, authority, agent.trust.push, metrics.registry)
+                with listen_errors(config.path, "it_pages.listen", config.it_pages.listen):
+                    await pages.start()
+                stack.push_async_callback(pages.stop)
             log.info(
                 "agent started",
                 extra={"site": config.site, "gateways": ",".join(map(str, config.gateways))},

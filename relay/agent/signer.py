@@ -100,15 +100,23 @@ def sign_device(
     *,
     lifetime: timedelta,
     now: datetime,
+    user: str | None = None,
 ) -> x509.Certificate:
-    """A device certificate valid from a little before `now` until `now + lifetime`.
+    """A device certificate valid from a little before `now` until `now + lifetime`,
+    naming its directory `user` (subject UID) if it has one.
 
     The start is backdated for clock skew by pki.BACKDATE, but by at most a tenth of
     the lifetime, so that short test lifetimes (seconds) still make sense.
     """
     backdate = min(pki.BACKDATE, lifetime / 10)
     return pki.issue_certificate(
-        ca_key, ca_cert, public_key, identity, lifetime + backdate, not_before=now - backdate
+        ca_key,
+        ca_cert,
+        public_key,
+        identity,
+        lifetime + backdate,
+        not_before=now - backdate,
+        user=user,
     )
 
 
@@ -119,6 +127,7 @@ class Issued:
     cert: x509.Certificate
     serial: str
     issued_at: datetime
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,14 +146,30 @@ class Signer:
     def trust_domain(self) -> str:
         return pki.trust_domain_of_ca(self.ca_cert)
 
-    async def issue(self, public_key: ec.EllipticCurvePublicKey, identity: Identity) -> Issued:
+    async def issue(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        identity: Identity,
+        user: str | None = None,
+    ) -> Issued:
         """Sign a certificate for `identity` and record it in the registry.
 
-        Raises pki.PkiError or RegistryError (the caller answers "internal").
+        `user`: the directory user enrollment bound the device to; None keeps the one the
+        registry has (a renewal). Raises pki.PkiError or RegistryError (the caller answers
+        "internal").
         """
         issued_at = self.now()
+        bind = user
+        if user is None:
+            user = await asyncio.to_thread(self.registry.device_user, identity.name)
         cert = sign_device(
-            self.ca_key, self.ca_cert, public_key, identity, lifetime=self.lifetime, now=issued_at
+            self.ca_key,
+            self.ca_cert,
+            public_key,
+            identity,
+            lifetime=self.lifetime,
+            now=issued_at,
+            user=user,
         )
         serial = serial_hex(cert.serial_number)
         await asyncio.to_thread(
@@ -154,5 +179,6 @@ class Signer:
             cert.not_valid_before_utc,
             cert.not_valid_after_utc,
             issued_at,
+            user=bind,
         )
-        return Issued(cert, serial, issued_at)
+        return Issued(cert, serial, issued_at, user)

@@ -11,7 +11,13 @@ The base32 payload is a compact binary record (version 1):
     site: u8 length + ASCII    routes the attempt at the gateway
     device: u8 length + ASCII  the device name the code is bound to
     gateway: u8 length + ASCII "host:port" ("[v6]:port") the PC dials
+    user: u8 length + ASCII    version 2 only: the directory user the code is for
     check: 4 bytes             SHA-256 of everything above, truncated
+
+Version 2 is version 1 plus the directory user (`relay token create --user`, an agent
+with `directory:`): it tells `relay enroll` to ask for that user's directory password
+before it dials, and shows whose it is. Codes without a user stay version 1, which
+older PCs read.
 
 Base32 survives e-mail, chat and being read out over the phone (no case or 0/O
 ambiguity that matters, no '+/'), and the checksum turns a paste that lost a few
@@ -31,6 +37,7 @@ from typing import Final
 
 from relay.ops.config import Address, parse_address
 from relay.trust.identity import check_name
+from relay.trust.users import check_username
 
 __all__ = [
     "CODE_PREFIX",
@@ -51,6 +58,7 @@ __all__ = [
 
 CODE_PREFIX: Final = "DMZR1-"
 VERSION: Final = 1
+VERSION_WITH_USER: Final = 2
 TOKEN_ID_BYTES: Final = 8
 SECRET_BYTES: Final = 20
 FINGERPRINT_BYTES: Final = 32
@@ -126,8 +134,14 @@ class EnrollmentCode:
     device: str
     token_id: str
     secret: bytes
+    user: str | None = None  # the directory user (version 2)
 
     def __post_init__(self) -> None:
+        if self.user is not None:
+            try:
+                check_username(self.user)
+            except ValueError as exc:
+                raise CodeError(str(exc)) from None
         if not _FINGERPRINT_RE.fullmatch(self.ca_fingerprint):
             raise CodeError("the CA fingerprint must be 64 lowercase hex digits")
         try:
@@ -144,12 +158,15 @@ class EnrollmentCode:
     def encode(self) -> str:
         """The code as the user sees it: DMZR1-BASE32."""
         parts = [
-            bytes([VERSION]),
+            bytes([VERSION if self.user is None else VERSION_WITH_USER]),
             bytes.fromhex(self.token_id),
             self.secret,
             bytes.fromhex(self.ca_fingerprint),
         ]
-        for text in (self.site, self.device, str(self.gateway)):
+        texts = [self.site, self.device, str(self.gateway)]
+        if self.user is not None:
+            texts.append(self.user)
+        for text in texts:
             raw = text.encode("ascii")
             parts.append(bytes([len(raw)]) + raw)
         record = b"".join(parts)
@@ -200,7 +217,7 @@ def parse_code(text: str) -> EnrollmentCode:
     payload, check = record[:-CHECK_BYTES], record[-CHECK_BYTES:]
     if not hmac.compare_digest(hashlib.sha256(payload).digest()[:CHECK_BYTES], check):
         raise CodeError("the enrollment code is damaged (checksum mismatch): copy it again in full")
-    if payload[0] != VERSION:
+    if payload[0] not in (VERSION, VERSION_WITH_USER):
         raise CodeError(f"enrollment code version {payload[0]} is not supported by this relay")
     pos = 1
     token_id = payload[pos : pos + TOKEN_ID_BYTES].hex()
@@ -212,10 +229,13 @@ def parse_code(text: str) -> EnrollmentCode:
     site, pos = _take_text(payload, pos, "site")
     device, pos = _take_text(payload, pos, "device name")
     gateway_text, pos = _take_text(payload, pos, "gateway address")
+    user: str | None = None
+    if payload[0] == VERSION_WITH_USER:
+        user, pos = _take_text(payload, pos, "user name")
     if pos != len(payload):
         raise CodeError("the enrollment code has trailing data: copy it again exactly")
     try:
         gateway = parse_address(gateway_text)
     except ValueError as exc:
         raise CodeError(f"the enrollment code carries a bad gateway address: {exc}") from None
-    return EnrollmentCode(gateway, fingerprint, site, device, token_id, secret)
+    return EnrollmentCode(gateway, fingerprint, site, device, token_id, secret, user)

@@ -11,7 +11,9 @@
    the agent authenticated against the CA just pinned (relay.seal): the gateway sees
    only ciphertext from here on;
 5. generate the P-256 key (it never leaves the PC), send the CSR with the code's token
-   id and secret inside that TLS, and receive the certificate;
+   id and secret inside that TLS (and, for a code bound to a directory user, that user's
+   password, asked before dialling: getpass, --password-file or --password-stdin),
+   and receive the certificate;
 6. check the certificate (our key, our identity, signed by the pinned CA) and write
    OUT/device.key (private: 0600, or a user-only ACL on Windows), OUT/device.crt and
    OUT/ca.crt, each atomically.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import getpass
 import ipaddress
 import os
 import ssl
@@ -31,7 +34,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, TextIO
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -67,6 +70,8 @@ MAX_REASON: Final = 300
 IDENTITY_FILES: Final = ("device.crt", "device.key", "ca.crt")
 PROTOCOL_VERSION: Final = 1
 PINNED_CA_MISMATCH: Final = "the gateway's certificate is not from the pinned CA"
+#: Longest directory password read from a file, stdin or the terminal (characters).
+MAX_PASSWORD: Final = 1024
 
 
 class EnrollError(Exception):
@@ -233,8 +238,12 @@ async def enroll(
     device: str | None = None,
     force: bool = False,
     now: Callable[[], datetime] = _utcnow,
+    password: str | None = None,
 ) -> Path:
     """Enroll this PC with `code`; write OUT/device.crt device.key ca.crt; return the cert.
+
+    `password`: the directory password of the code's user (sent only inside the sealed
+    session; a code without a user sends none).
 
     `device` asserts the device name (default: the one in the code); the agent refuses
     a name the code was not issued for. An identity already in OUT is refused (before
@@ -256,7 +265,13 @@ async def enroll(
         async with asyncio.timeout(timeout):
             link, leaf_der = await _dial(parsed, timeout)
             cert_path = await _exchange(
-                link, leaf_der=leaf_der, code=parsed, device=name, out_dir=out_dir, now=now
+                link,
+                leaf_der=leaf_der,
+                code=parsed,
+                device=name,
+                out_dir=out_dir,
+                now=now,
+                password=password if parsed.user is not None else None,
             )
     except TimeoutError:
         raise EnrollError(
@@ -285,6 +300,7 @@ async def _exchange(
     device: str,
     out_dir: Path,
     now: Callable[[], datetime],
+    password: str | None = None,
 ) -> Path:
     outer = link.open_stream({HEADER_TARGET: TARGET_ENROLL, HEADER_SITE: code.site})
     try:
@@ -307,16 +323,16 @@ async def _exchange(
     stream = await _seal(outer, ca, identity.trust_domain, code.site)
     key = pki.generate_key()
     csr = pki.make_csr(key, identity)
-    await write_json(
-        stream,
-        {
-            "v": PROTOCOL_VERSION,
-            "token_id": code.token_id,
-            "secret": encode_secret(code.secret),
-            "device": device,
-            "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-        },
-    )
+    request: dict[str, object] = {
+        "v": PROTOCOL_VERSION,
+        "token_id": code.token_id,
+        "secret": encode_secret(code.secret),
+        "device": device,
+        "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+    }
+    if password is not None:
+        request["password"] = password  # inside the sealed session only
+    await write_json(stream, request)
     try:
         answer = await read_json(stream, limit=MAX_RESPONSE)
     except MessageError as exc:
@@ -386,6 +402,41 @@ def _check_issued(
         raise EnrollError(f"the certificate received is for {got.uri}, not {identity.uri}")
 
 
+def read_password(
+    user: str,
+    *,
+    password_file: Path | None = None,
+    stdin: TextIO | None = None,
+) -> str:
+    """The directory password of `user`: the first line of `password_file`, or of
+    `stdin` (--password-stdin), or asked on the terminal (getpass: not echoed; works on
+    Windows too). Never from the command line. Raises EnrollError."""
+    if password_file is not None:
+        try:
+            with password_file.open(encoding="utf-8") as f:
+                text = f.readline(MAX_PASSWORD + 2)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EnrollError(f"cannot read the password file {password_file}: {exc}") from None
+    elif stdin is not None:
+        text = stdin.readline(MAX_PASSWORD + 2)
+    else:
+        if not sys.stdin.isatty():
+            raise EnrollError(
+                f"this code is for directory user {user!r} and there is no terminal to ask "
+                "for the password: use --password-file FILE or --password-stdin"
+            )
+        try:
+            text = getpass.getpass(f"Directory password for {user}: ")
+        except (EOFError, KeyboardInterrupt):
+            raise EnrollError("no password entered") from None
+    password = text.rstrip("\r\n")
+    if not password:
+        raise EnrollError(f"no password given for directory user {user!r}")
+    if len(password) > MAX_PASSWORD:
+        raise EnrollError(f"the password is longer than {MAX_PASSWORD} characters")
+    return password
+
+
 def run_enroll(
     code: str,
     out_dir: Path,
@@ -393,19 +444,34 @@ def run_enroll(
     device: str | None = None,
     force: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
+    password_file: Path | None = None,
+    password_stdin: TextIO | None = None,
 ) -> int:
-    """`relay enroll`: 0 on success (one line on stdout); 2 with one line on stderr."""
+    """`relay enroll`: 0 on success (one line on stdout); 2 with one line on stderr.
+
+    A code bound to a directory user asks for that user's password first (see
+    read_password), before anything is dialled.
+    """
     try:
+        password: str | None = None
+        with contextlib.suppress(CodeError):  # enroll() reports a bad code
+            user = parse_code(code).user
+            if user is not None:
+                password = read_password(user, password_file=password_file, stdin=password_stdin)
         cert_path = asyncio.run(
-            enroll(code, Path(out_dir), timeout=timeout, device=device, force=force)
+            enroll(
+                code, Path(out_dir), timeout=timeout, device=device, force=force, password=password
+            )
         )
     except EnrollError as exc:
         print(f"relay enroll: {exc}", file=sys.stderr)
         return 2
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     identity = identity_from_certificate(cert)
+    user = pki.user_of_certificate(cert)
+    holder = f" for directory user {user}" if user else ""
     print(
-        f"enrolled as {identity.uri}; wrote {out_dir}/device.crt device.key ca.crt "
+        f"enrolled as {identity.uri}{holder}; wrote {out_dir}/device.crt device.key ca.crt "
         f"(valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z, renewed automatically)"
     )
     return 0

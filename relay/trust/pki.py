@@ -45,6 +45,7 @@ from relay.trust.identity import (
     parse_ca_uri,
     site_ca_uri,
 )
+from relay.trust.users import check_username
 
 CA_LIFETIME: Final = timedelta(days=3650)
 SERVER_LIFETIME: Final = timedelta(days=730)  # gateway and agent certificates
@@ -193,6 +194,25 @@ def _eku_for(identity: Identity) -> list[x509.ObjectIdentifier]:
     return [ExtendedKeyUsageOID.CLIENT_AUTH]
 
 
+def _leaf_subject(identity: Identity, user: str | None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]
+    if user is not None:
+        if identity.role != "device":
+            raise PkiError("only device certificates carry a directory user")
+        try:
+            check_username(user)
+        except ValueError as exc:
+            raise PkiError(str(exc)) from None
+        attributes.append(x509.NameAttribute(NameOID.USER_ID, user))
+    return x509.Name(attributes)
+
+
+def user_of_certificate(cert: x509.Certificate) -> str | None:
+    """The directory user a device certificate names (subject UID), or None."""
+    values = cert.subject.get_attributes_for_oid(NameOID.USER_ID)
+    return str(values[0].value) if len(values) == 1 else None
+
+
 def issue_certificate(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -203,8 +223,13 @@ def issue_certificate(
     dns_names: Iterable[str] = (),
     ip_addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
     not_before: datetime | None = None,
+    user: str | None = None,
 ) -> x509.Certificate:
     """Sign a leaf certificate for `identity` (the one URI SAN) and `public_key`.
+
+    `user` (a device's directory user) goes into the subject as UID
+    (0.9.2342.19200300.100.1.1, after the CN): informational, for people and logs that
+    read certificates; the URI SAN stays the identity every check uses.
 
     Validity: [not_before, not_before + lifetime] if `not_before` is given (tests use it to
     make expired certificates); otherwise [now - BACKDATE, now + lifetime]. The end is
@@ -233,7 +258,7 @@ def issue_certificate(
         aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
+        .subject_name(_leaf_subject(identity, user))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())

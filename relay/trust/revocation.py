@@ -87,6 +87,13 @@ ENROLL_RESULTS: Final = frozenset(
         "timeout",
         "aborted",
         "internal",
+        # a code bound to a directory user (agent with `directory:`)
+        "password_required",
+        "wrong_password",
+        "account_disabled",
+        "not_in_group",
+        "directory_unavailable",
+        "no_user",
     }
 )
 

@@ -43,6 +43,7 @@ from relay.workstation.cache.settings import (
     read_cache,
     read_prefetch,
 )
+from relay.workstation.dicomweb.settings import DicomwebConfig, read_dicomweb
 
 __all__ = [
     "IDENTITY_FILES",
@@ -115,6 +116,7 @@ class WorkstationConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     cache: CacheConfig | None = None  # None: the default (on, platform data dir)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    dicomweb: DicomwebConfig | None = None  # None: no DICOMweb server
 
     def cache_settings(self) -> CacheConfig:
         if self.cache is not None:
@@ -188,6 +190,8 @@ def _check_listeners_distinct(r: Reader, config: WorkstationConfig) -> None:
     listeners: list[tuple[str, Address | None]] = [("metrics_listen", config.metrics_listen)]
     if config.dicom is not None:
         listeners.append(("dicom.listen", config.dicom.listen))
+    if config.dicomweb is not None:
+        listeners.append(("dicomweb.listen", config.dicomweb.listen))
     listeners += [(f'forward["{a}"]', a) for a in config.forward]
     for key, address in listeners:
         if address is None or address.port == 0:
@@ -221,6 +225,7 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         state_dir=state_dir,
         cache=read_cache(r, state_dir),
         prefetch=read_prefetch(r),
+        dicomweb=read_dicomweb(r),
     )
     _check_listeners_distinct(r, config)
     return config

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from relay.ops.control import ControlServer
     from relay.workstation.cache.service import WorkstationCache
 
-__all__ = ["Workstation", "dicom_node", "run", "run_workstation"]
+__all__ = ["Workstation", "dicom_node", "dicomweb_server", "run", "run_workstation"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ EXIT_REVOKED = 3  # the gateway says this device is revoked; only a new enrollme
 REVOKED_MESSAGE = "this device was revoked by the hospital; enroll it again with `relay enroll`"
 # Read once at start-up (the dialled address, local listeners, the renewal loop's
 # directory): a reload keeps their running values and says that they need a restart.
-RESTART_ONLY = ("gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward")
+RESTART_ONLY = (
+    "gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward", "dicomweb",
+)  # fmt: skip
 
 
 class Workstation:
@@ -278,7 +280,7 @@ async def workstation_cache(
     its commands (`relay prefetch`, `relay cache ...`) join the control `endpoint`."""
     config = workstation.config
     settings = config.cache_settings()
-    if config.dicom is None or not settings.enabled:
+    if (config.dicom is None and config.dicomweb is None) or not settings.enabled:
         yield None
         return
     from relay.workstation.cache.keys import KeyUnavailable
@@ -336,6 +338,37 @@ async def dicom_node(
         await node.stop()
 
 
+@contextlib.asynccontextmanager
+async def dicomweb_server(
+    config: WorkstationConfig,
+    tunnel: Tunnel,
+    metrics: EndMetrics | None = None,
+    cache: WorkstationCache | None = None,
+) -> AsyncIterator[object | None]:
+    """The DICOMweb server (and the viewer) when `dicomweb:` is configured, else None."""
+    if config.dicomweb is None:
+        yield None
+        return
+    from relay.workstation.dicomweb import viewer_routes
+    from relay.workstation.dicomweb.server import DicomwebServer
+
+    web = config.dicomweb
+    server = DicomwebServer(
+        web, tunnel.open_stream, cache=cache.server if cache is not None else None,
+        extra_routes=viewer_routes(web),
+    )  # fmt: skip
+    with listen_errors(config.path, "dicomweb.listen", web.listen):
+        await server.start()
+    if metrics is not None:
+        metrics.registry.register(server.metrics)
+    try:
+        yield server
+    finally:
+        if metrics is not None:
+            metrics.registry.unregister(server.metrics)
+        await server.stop()
+
+
 async def run_workstation(
     config: WorkstationConfig,
     *,
@@ -365,6 +398,9 @@ async def run_workstation(
             cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
             await stack.enter_async_context(
                 dicom_node(config, workstation.tunnel, workstation.metrics, cache)
+            )
+            await stack.enter_async_context(
+                dicomweb_server(config, workstation.tunnel, workstation.metrics, cache)
             )
         if config.metrics_listen is not None:
             admin = AdminServer(

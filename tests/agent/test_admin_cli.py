@@ -121,6 +121,7 @@ def test_list_and_revoke(setup: tuple[Path, SitePki], capsys: pytest.CaptureFixt
     table = out.getvalue().splitlines()
     assert table[0].split() == [
         "DEVICE",
+        "USER",
         "STATUS",
         "LAST",
         "SEEN",
@@ -129,8 +130,8 @@ def test_list_and_revoke(setup: tuple[Path, SitePki], capsys: pytest.CaptureFixt
         "EXPIRES",
         "SERIAL",
     ]
-    assert table[1].split()[:2] == ["ws1", "active"] and "2030-01-01 13:00" in table[1]
-    assert table[2].split()[:2] == ["ws2", "expired"]
+    assert table[1].split()[:3] == ["ws1", "-", "active"] and "2030-01-01 13:00" in table[1]
+    assert table[2].split()[:3] == ["ws2", "-", "expired"]
 
     out = io.StringIO()
     assert device_revoke(config, "ws1", out=out) == 0

@@ -449,3 +449,19 @@ async def test_untrusted_collector_is_not_sent_to(tmp_path: Path) -> None:
     await sender.close(timeout=0.1)
     await coll.stop()
     assert coll.messages == [] and sender.queued == 1
+
+
+def test_every_event_of_a_bound_device_names_its_user(audit: AuditLog) -> None:
+    dev = "spiffe://hospital.test/device/main/ws1"
+    audit.user_of = lambda uri: "alice" if uri == dev else None
+    audit.query(now=T0, device=dev, sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1",
+                outcome=Outcome.SUCCESS)  # fmt: skip
+    audit.revocation(now=T0, device=dev, actor="cli:it@host")
+    audit.renewal(now=T0, device="spiffe://hospital.test/device/main/ws2", outcome=Outcome.SUCCESS)
+    audit.token_created(
+        now=T0, device="ws3", token_id="00" * 8, expires_at=T0, actor="cli:it", user="bob"
+    )
+    events = read_events(audit.path)
+    assert [e.get("user") for e in events] == ["alice", "alice", None, "bob"]
+    device = events[0]["ActiveParticipant"][0]
+    assert device["UserID"] == dev and device["UserName"] == "alice"

@@ -276,3 +276,40 @@ def test_watcher_sees_revocations_from_another_connection(tmp_path: Path) -> Non
         agent.revoke("ws3", T0)  # same connection: data_version does not move
         watcher.note_local_change()
         assert watcher.poll() == ["ws3"]
+
+
+def test_a_token_for_a_user_binds_the_device(reg: DeviceRegistry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0, user="alice")
+    checked = reg.redeem_token(token_id, secret, "ws1", T0, consume=False)
+    assert checked.ok and checked.user == "alice"
+    spent = reg.redeem_token(token_id, secret, "ws1", T0)  # the check did not spend it
+    assert spent.ok and spent.user == "alice"
+    assert reg.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.REUSED
+    reg.record_certificate("ws1", 1, T0, T0 + DAY, T0, user="alice")
+    reg.record_certificate("ws1", 2, T0, T0 + DAY, T0)  # a renewal keeps the user
+    reg.record_certificate("ws2", 3, T0, T0 + DAY, T0, user="alice")
+    reg.record_certificate("ws3", 4, T0, T0 + DAY, T0)
+    assert reg.device_user("ws1") == "alice" and reg.device_user("ws3") is None
+    assert reg.users_with_devices() == {"alice": ["ws1", "ws2"]}
+    reg.revoke("ws2", T0)
+    assert reg.users_with_devices() == {"alice": ["ws1"]}
+    row = reg.get_device("ws1")
+    assert row is not None and row.user == "alice"
+
+
+def test_a_schema_1_registry_gains_the_user_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    for statement in registry_module._SCHEMA.replace(",\n    user TEXT", "").split(";"):
+        db.execute(statement)
+    db.execute("INSERT INTO devices (name, site) VALUES ('old', 'main')")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with DeviceRegistry(path, site="main") as r:
+        assert r.device_user("old") is None
+        r.record_certificate("old", 1, T0, T0 + DAY, T0, user="bob")
+        assert r.device_user("old") == "bob"
+        assert r._db.execute("PRAGMA user_version").fetchone()[0] == 2

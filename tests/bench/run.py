@@ -1,16 +1,19 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
     python -m tests.bench.run [throughput] [memory] [handshakes] [load] [wan] [seal] [cache]
+                              [viewer]
                               [--quick] [--no-write]
 
-With no names, all seven run: about 6 minutes for the first three on a quiet 2-core
+With no names, all eight run: about 6 minutes for the first three on a quiet 2-core
 machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
 2-4 for load (2,000 devices, DICOM at a rising rate, issue 10), 7-10 more for wan
 (DICOM across an emulated WAN, issue 3), about 10 for seal (the same retrieval sealed and
 unsealed, issue 9), 2-4 for cache (a prefetched study read from the workstation's cache
-against a direct read, issue 12). `--quick` is a smoke run (short windows, one run each,
-few links) whose numbers are not written unless `--write` is also given. Logs of every
-process go to a temporary directory, kept (and printed) only when a benchmark fails.
+against a direct read, issue 12), 3-6 for viewer (OHIF in headless Chromium opening
+the CT through the relay and from Orthanc's DICOMweb plugin, issue 13). `--quick` is a
+smoke run (short windows, one run each, few links) whose numbers are not written unless
+`--write` is also given. Logs of every process go to a temporary directory, kept (and
+printed) only when a benchmark fails.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tests.bench import cache_read, handshakes, load, memory, seal, throughput, wan
+from tests.bench import cache_read, handshakes, load, memory, seal, throughput, viewer, wan
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
 
-NAMES: Final = ("throughput", "memory", "handshakes", "load", "wan", "seal", "cache")
+NAMES: Final = (
+    "throughput", "memory", "handshakes", "load", "wan", "seal", "cache", "viewer",
+)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
             "seal": lambda: seal.run(workdir, runs=1 if quick else 5),
             "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),
+            "viewer": lambda: viewer.run(workdir, bench_pki, runs=1 if quick else 3),
         }
         for name in names:
             started = time.monotonic()

@@ -170,3 +170,23 @@ def test_secret_wire_encoding() -> None:
     for bad in ("", "!!!", encode_secret(b"x" * 10), "A" * 100):
         with pytest.raises(CodeError):
             decode_secret(bad)
+
+
+def _version(text: str) -> int:
+    body = text[len(CODE_PREFIX) :]
+    return base64.b32decode(body + "=" * (-len(body) % 8))[0]
+
+
+def test_a_code_for_a_directory_user_is_version_2() -> None:
+    code = make(user="j.doe")
+    text = code.encode()
+    assert parse_code(text) == code and parse_code(text).user == "j.doe"
+    assert _version(text) == 2
+    plain = make().encode()
+    assert _version(plain) == 1 and parse_code(plain).user is None  # older PCs read it
+
+
+@pytest.mark.parametrize("user", ["", "a b", "x)(uid=*", "-lead", "é"])
+def test_a_bad_user_name_is_refused(user: str) -> None:
+    with pytest.raises(CodeError, match="user name"):
+        make(user=user)

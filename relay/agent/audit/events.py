@@ -16,6 +16,8 @@ Events and codes (PS3.15 A.5.3, CID 403 for the Security Alert type codes):
 | token_created  | 110113 Security Alert                     | 110137 User security Attr. Chg.  |
 | revocation     | 110113 Security Alert                     | 110137 User security Attr. Chg.  |
 | auth_refused   | 110113 Security Alert                     | 110126 Node Authentication       |
+| it_login       | 110114 User Authentication                | 110122 Login                     |
+| it_logout      | 110114 User Authentication                | 110123 Logout                    |
 | query          | 110112 Query                              |                                  |
 | transfer_begin | 110102 Begin Transferring DICOM Instances |                                  |
 | transfer_end   | 110104 DICOM Instances Transferred        |                                  |
@@ -63,6 +65,7 @@ EV_SECURITY_ALERT: Final = Code("110113", "DCM", "Security Alert")
 EV_USER_AUTHENTICATION: Final = Code("110114", "DCM", "User Authentication")
 # EventTypeCode
 TYPE_LOGIN: Final = Code("110122", "DCM", "Login")
+TYPE_LOGOUT: Final = Code("110123", "DCM", "Logout")
 TYPE_NODE_AUTHENTICATION: Final = Code("110126", "DCM", "Node Authentication")
 TYPE_USER_SECURITY_ATTRIBUTES: Final = Code("110137", "DCM", "User security Attributes Changed")
 # RoleIDCode
@@ -178,6 +181,8 @@ class AuditEvent:
     type_codes: Sequence[Code] = ()
     participants: Sequence[Participant] = ()
     objects: Sequence[ParticipantObject] = ()
+    #: The directory user of the device concerned (a device bound at enrollment).
+    user: str | None = None
 
     def to_json(
         self, source_id: str, site: str | None = None, *, with_bulk: bool = True
@@ -202,6 +207,7 @@ class AuditEvent:
             source["AuditEnterpriseSiteID"] = _text(site)
         out: dict[str, object] = {
             "kind": self.kind,
+            **({"user": _text(self.user)} if self.user else {}),
             "EventIdentification": ident,
             "ActiveParticipant": [p.to_json() for p in self.participants[:MAX_PARTICIPANTS]],
             "AuditSourceIdentification": source,

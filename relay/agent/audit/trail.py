@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -43,6 +44,7 @@ from relay.agent.audit.events import (
     ROLE_SECURITY_RESOURCE,
     ROLE_SOURCE,
     TYPE_LOGIN,
+    TYPE_LOGOUT,
     TYPE_NODE_AUTHENTICATION,
     TYPE_USER_SECURITY_ATTRIBUTES,
     AuditEvent,
@@ -67,6 +69,8 @@ _KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
     "token_created": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
     "revocation": (EV_SECURITY_ALERT, "E", (TYPE_USER_SECURITY_ATTRIBUTES,)),
     "auth_refused": (EV_SECURITY_ALERT, "E", (TYPE_NODE_AUTHENTICATION,)),
+    "it_login": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGIN,)),
+    "it_logout": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGOUT,)),
     "query": (EV_QUERY, "E", ()),
     "transfer_begin": (EV_BEGIN_TRANSFER, "E", ()),
     # Action R: the agent is not the receiver of the instances.
@@ -98,6 +102,7 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         keep: int = DEFAULT_KEEP,
         sink: AuditSink | None = None,
+        user_of: Callable[[str], str | None] | None = None,
     ) -> None:
         if max_bytes < MAX_LINE_BYTES:
             raise ValueError(f"max_bytes must be at least {MAX_LINE_BYTES} (one event)")
@@ -109,6 +114,8 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.keep = keep
         self.sink = sink
+        #: device SPIFFE ID -> its directory user (the registry's), for every event.
+        self.user_of = user_of
         self.written = 0
         self.failures = 0
         self._lock_path = self.path.with_name(self.path.name + ".lock")
@@ -180,9 +187,21 @@ class AuditLog:
         participants: Sequence[Participant],
         objects: Sequence[ParticipantObject] = (),
         description: str = "",
+        user: str | None = None,
     ) -> AuditEvent:
-        """Build the event of `kind` from the table, append it, and return it."""
+        """Build the event of `kind` from the table, append it, and return it.
+
+        `user` (else the one `user_of` finds for a device in the event) is the device's
+        directory user: the event's `user`, and the UserName of the device participant.
+        """
         event_id, action, type_codes = _KINDS[kind]
+        if user is None:
+            user = self._user_in(participants, objects)
+        if user is not None:
+            participants = [
+                replace(p, name=user) if _is_device(p.user_id) and p.name is None else p
+                for p in participants
+            ]
         event = AuditEvent(
             kind=kind,
             event_id=event_id,
@@ -193,9 +212,27 @@ class AuditLog:
             type_codes=type_codes,
             participants=tuple(participants),
             objects=tuple(objects),
+            user=user,
         )
         self.log(event)
         return event
+
+    def _user_in(
+        self, participants: Sequence[Participant], objects: Sequence[ParticipantObject]
+    ) -> str | None:
+        if self.user_of is None:
+            return None
+        ids = [p.user_id for p in participants] + [
+            o.object_id for o in objects if o.id_type == ID_NODE
+        ]
+        for uri in ids:
+            if _is_device(uri):
+                try:
+                    return self.user_of(uri)
+                except Exception:  # the audit trail must not fail for a lookup
+                    log.exception("cannot look up the user of a device")
+                    return None
+        return None
 
     # -- the agent's events
 
@@ -212,8 +249,10 @@ class AuditLog:
         outcome: Outcome,
         description: str = "",
         serial: str | None = None,
+        user: str | None = None,
     ) -> AuditEvent:
-        """A PC presented an enrollment code (User Authentication / Login)."""
+        """A PC presented an enrollment code (User Authentication / Login); `user` is
+        the directory user the code was for."""
         objects = []
         if serial is not None:
             objects.append(_certificate_object(serial, device))
@@ -228,6 +267,7 @@ class AuditLog:
             description=description,
             participants=(Participant(device, requestor=True, address=peer), self._agent()),
             objects=tuple(objects),
+            user=user,
         )
 
     def renewal(
@@ -255,9 +295,16 @@ class AuditLog:
         )
 
     def token_created(
-        self, *, now: datetime, device: str, token_id: str, expires_at: datetime, actor: str
+        self,
+        *,
+        now: datetime,
+        device: str,
+        token_id: str,
+        expires_at: datetime,
+        actor: str,
+        user: str | None = None,
     ) -> AuditEvent:
-        """IT created an enrollment code for `device`."""
+        """IT created an enrollment code for `device` (for directory user `user`)."""
         return self._record(
             "token_created",
             now,
@@ -273,6 +320,7 @@ class AuditLog:
                     details={"ExpiresAt": iso_time(expires_at)},
                 ),
             ),
+            user=user,
         )
 
     def revocation(
@@ -283,6 +331,7 @@ class AuditLog:
         actor: str,
         outcome: Outcome = Outcome.SUCCESS,
         description: str = "",
+        user: str | None = None,
     ) -> AuditEvent:
         """A device was revoked (by `actor`: a CLI user, or the agent pushing it)."""
         return self._record(
@@ -292,6 +341,31 @@ class AuditLog:
             description=description or f"device {device} revoked",
             participants=(Participant(actor, requestor=True), self._agent()),
             objects=(ParticipantObject(device, ID_NODE, role=ROLE_SECURITY_RESOURCE),),
+            user=user,
+        )
+
+    def it_login(
+        self, *, now: datetime, admin: str, peer: str | None, outcome: Outcome, description: str
+    ) -> AuditEvent:
+        """An IT admin logged in to the IT pages, or was refused (User Authentication)."""
+        return self._record(
+            "it_login",
+            now,
+            outcome,
+            description=description,
+            participants=(Participant(f"it:{admin}", requestor=True, address=peer), self._agent()),
+        )
+
+    def it_logout(
+        self, *, now: datetime, admin: str, peer: str | None, description: str
+    ) -> AuditEvent:
+        """An IT admin's session ended (logout; expiry is not an event)."""
+        return self._record(
+            "it_logout",
+            now,
+            Outcome.SUCCESS,
+            description=description,
+            participants=(Participant(f"it:{admin}", requestor=True, address=peer), self._agent()),
         )
 
     def auth_refused(
@@ -406,6 +480,10 @@ class AuditLog:
             Participant(device, requestor=True, role=dev_role),
             self._agent(agent_role),
         )
+
+
+def _is_device(uri: str) -> bool:
+    return uri.startswith("spiffe://") and "/device/" in uri
 
 
 def _certificate_object(

@@ -30,6 +30,11 @@ INSTALL_HINTS: dict[str, str] = {
     "kubectl": "kubectl not installed: apt-get install kubernetes-client",
     "systemd-analyze": "systemd not installed: apt-get install systemd",
     "systemd-sysusers": "systemd not installed: apt-get install systemd",
+    "slapd": "OpenLDAP server not installed: apt-get install slapd",
+    "slapadd": "OpenLDAP server not installed: apt-get install slapd",
+    "ldapmodify": "OpenLDAP client tools not installed: apt-get install ldap-utils",
+    "chromium": "Chromium not installed: apt-get install chromium",
+    "chromedriver": "chromedriver not installed: apt-get install chromium-driver",
 }
 
 #: DCMTK (and Orthanc, which is built on it) stall ~40 ms per message without this.

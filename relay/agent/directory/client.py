@@ -1,0 +1,336 @@
+"""The directory client: ldap3 (pure Python, so also on a Windows agent) in worker
+threads, at most `max_connections` at a time, each operation on its own TLS connection
+(ldaps:// or StartTLS, the server's certificate checked against `ca` and its name).
+
+Every network operation is bounded by `timeout` (connect and each answer). Anything
+that keeps the directory from answering is DirectoryUnavailable; a directory that
+answers something we cannot trust (the user or group twice, a group that does not
+exist) is DirectoryError. The re-check changes nothing on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import ldap3
+from ldap3.core.exceptions import LDAPException
+
+from relay.agent.directory.filters import check_username, match_filter, user_filter
+from relay.agent.directory.settings import DirectorySettings
+
+__all__ = [
+    "MAX_PASSWORD",
+    "Directory",
+    "DirectoryError",
+    "DirectoryUnavailable",
+    "DirectoryUser",
+    "Refusal",
+    "RefusalReason",
+    "UserStatus",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Longest password we pass on to the directory (bytes of UTF-8).
+MAX_PASSWORD: Final = 1024
+_NO_SUCH_OBJECT: Final = 32
+_INVALID_CREDENTIALS: Final = 49
+
+
+class DirectoryError(Exception):
+    """The directory answered, but not something to act on; str() is one line."""
+
+
+class DirectoryUnavailable(DirectoryError):
+    """The directory could not be reached, refused our service bind, or timed out."""
+
+
+class RefusalReason(enum.Enum):
+    """Why authenticate() said no. `message` is the line for the user (it never tells
+    an unknown user from a wrong password)."""
+
+    WRONG_PASSWORD = ("wrong_password", "wrong password")
+    UNKNOWN_USER = ("unknown_user", "wrong password")
+    DISABLED = ("disabled", "account disabled")
+    NOT_IN_GROUP = ("not_in_group", "not in group")
+    UNAVAILABLE = ("unavailable", "directory unavailable")
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """authenticate() said no: `reason` for the user, `detail` for the audit trail."""
+
+    reason: RefusalReason
+    detail: str
+
+    @property
+    def message(self) -> str:
+        return self.reason.message
+
+
+@dataclass(frozen=True)
+class DirectoryUser:
+    """A user whose password the directory accepted just now."""
+
+    name: str
+    dn: str
+    in_group: bool  # may hold devices
+    is_admin: bool  # member of admin_group
+
+
+class UserStatus(enum.Enum):
+    """A user's standing at the re-check; anything but ACTIVE loses their devices."""
+
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    DELETED = "deleted"
+    NOT_IN_GROUP = "not_in_group"
+
+
+def _close(conn: ldap3.Connection) -> None:
+    """Unbind and close; a connection that broke half-way may fail to, harmlessly."""
+    with contextlib.suppress(LDAPException, OSError):
+        conn.unbind()
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class Directory:
+    """One configured directory. Thread-safe; each call opens and closes its connections."""
+
+    def __init__(self, settings: DirectorySettings) -> None:
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.max_connections)
+        # Its own threads: a slow directory never takes the default executor's threads
+        # (the registry's SQLite calls use those).
+        self._threads = ThreadPoolExecutor(settings.max_connections, "directory")
+        # ldap3 packs its socket timeouts as whole seconds (struct 'LL').
+        self._seconds = max(1, math.ceil(settings.timeout))
+        tls = ldap3.Tls(
+            validate=ssl.CERT_REQUIRED,
+            ca_certs_file=str(settings.ca) if settings.ca is not None else None,
+            sni=settings.host,
+        )
+        self._server = ldap3.Server(
+            settings.host,
+            port=settings.port,
+            use_ssl=settings.use_ssl,
+            tls=tls if settings.encrypted else None,
+            get_info=ldap3.NONE,
+            connect_timeout=self._seconds,
+        )
+
+    # -- public, async
+
+    async def authenticate(
+        self, user: str, password: str, *, admin: bool = False
+    ) -> DirectoryUser | Refusal:
+        """Bind as `user` with `password`, then check the device group (`admin`: the
+        admin group). Never raises for what the user typed or the directory's state."""
+        try:
+            name = check_username(user)
+        except ValueError as exc:
+            return Refusal(RefusalReason.UNKNOWN_USER, str(exc))
+        if not password:
+            # An empty password would be an "unauthenticated bind" (RFC 4513 5.1.2),
+            # which many servers answer with success.
+            return Refusal(RefusalReason.WRONG_PASSWORD, "empty password")
+        if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD:
+            return Refusal(RefusalReason.WRONG_PASSWORD, "password too long")
+        if admin and self.settings.admin_group is None:
+            return Refusal(RefusalReason.NOT_IN_GROUP, "no directory.admin_group configured")
+        try:
+            return await self._run(lambda: self._authenticate(name, password, admin))
+        except DirectoryError as exc:
+            return Refusal(RefusalReason.UNAVAILABLE, _one_line(exc))
+
+    async def lookup(self, user: str) -> UserStatus:
+        """`user`'s standing now. Raises DirectoryUnavailable / DirectoryError."""
+        try:
+            name = check_username(user)
+        except ValueError:
+            return UserStatus.DELETED  # no such name can exist in the directory
+        return await self._run(lambda: self._lookup(name))
+
+    async def is_admin(self, user: str) -> bool:
+        """Whether `user` exists, is not disabled and is in admin_group now."""
+        if self.settings.admin_group is None:
+            return False
+        try:
+            name = check_username(user)
+        except ValueError:
+            return False
+        return await self._run(lambda: self._is_admin(name))
+
+    async def check(self) -> None:
+        """The service bind alone (for readiness). Raises DirectoryUnavailable."""
+        await self._run(self._check)
+
+    async def _run(self, job: Callable[[], T]) -> T:
+        # The semaphore bounds threads and connections; ldap3's connect and receive
+        # timeouts bound how long each holds its slot.
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, job)
+
+    def close(self) -> None:
+        """Stop the worker threads (an operation under way ends within its timeout)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    # -- blocking, in a worker thread
+
+    def _connect(self, dn: str, password: str) -> ldap3.Connection:
+        """An open, bound connection; DirectoryUnavailable if the server cannot be used
+        for any reason but the credentials (then the result code is left on it)."""
+        conn = ldap3.Connection(
+            self._server,
+            user=dn,
+            password=password,
+            authentication=ldap3.SIMPLE,
+            auto_bind=ldap3.AUTO_BIND_NONE,
+            receive_timeout=self._seconds,
+            raise_exceptions=False,
+            read_only=True,
+            check_names=True,
+            # Never follow a referral: it would send our credentials to another server.
+            auto_referrals=False,
+        )
+        try:
+            conn.open()
+            if self.settings.start_tls and not conn.start_tls():
+                raise DirectoryUnavailable("StartTLS refused by the directory")
+            conn.bind()
+        except (LDAPException, OSError) as exc:
+            _close(conn)
+            why = _one_line(exc)
+            if "doesn't match any name" in str(exc):  # ldap3's words; it prints the cert
+                why = f"its TLS certificate is not valid for the name {self.settings.host}"
+            raise DirectoryUnavailable(
+                f"cannot use the directory at {self.settings.url}: {why}"
+            ) from None
+        except DirectoryUnavailable:
+            _close(conn)
+            raise
+        return conn
+
+    def _service(self) -> ldap3.Connection:
+        conn = self._connect(self.settings.bind_dn, self.settings.bind_password)
+        if not conn.bound:
+            result = conn.result or {}
+            _close(conn)
+            raise DirectoryUnavailable(
+                f"the directory refused the service bind ({result.get('description', '?')})"
+            )
+        return conn
+
+    def _check(self) -> None:
+        _close(self._service())
+
+    def _search(
+        self, conn: ldap3.Connection, base: str, query: str, scope: Any, attributes: list[str]
+    ) -> list[dict[str, Any]] | None:
+        """Entries found, or None when `base` does not exist. DirectoryUnavailable on
+        anything else but success."""
+        try:
+            conn.search(base, query, search_scope=scope, attributes=attributes, size_limit=2)
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"directory search failed: {_one_line(exc)}") from None
+        code = (conn.result or {}).get("result")
+        if code == _NO_SUCH_OBJECT:
+            return None
+        if code not in (0, 4):  # success, sizeLimitExceeded (we asked for 2 at most)
+            description = (conn.result or {}).get("description", code)
+            raise DirectoryUnavailable(f"directory search failed ({description})")
+        return [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+
+    def _find_user(self, conn: ldap3.Connection, name: str) -> str | None:
+        """The user's DN, None if there is none. Two entries: DirectoryError."""
+        query = user_filter(self.settings.user_filter, name)
+        found = self._search(conn, self.settings.user_base, query, ldap3.SUBTREE, ["1.1"])
+        if found is None:
+            raise DirectoryError(f"directory.user_base {self.settings.user_base} does not exist")
+        if len(found) > 1:
+            raise DirectoryError(f"the directory has more than one entry for {name!r}")
+        return str(found[0]["dn"]) if found else None
+
+    def _member(self, conn: ldap3.Connection, group: str, dn: str) -> bool:
+        query = match_filter(self.settings.member_attribute, dn)
+        found = self._search(conn, group, query, ldap3.BASE, ["1.1"])
+        if found is None:
+            raise DirectoryError(f"the group {group} does not exist in the directory")
+        return bool(found)
+
+    def _disabled(self, conn: ldap3.Connection, dn: str) -> bool:
+        if self.settings.disabled_filter is None:
+            return False
+        found = self._search(conn, dn, self.settings.disabled_filter, ldap3.BASE, ["1.1"])
+        return bool(found)
+
+    def _authenticate(self, name: str, password: str, admin: bool) -> DirectoryUser | Refusal:
+        conn = self._service()
+        try:
+            dn = self._find_user(conn, name)
+            if dn is None:
+                return Refusal(RefusalReason.UNKNOWN_USER, f"no user {name!r} in the directory")
+            user_conn = self._connect(dn, password)
+            bound = user_conn.bound
+            code = (user_conn.result or {}).get("result")
+            _close(user_conn)
+            if not bound:
+                if self._disabled(conn, dn):  # a locked account's bind fails too
+                    return Refusal(RefusalReason.DISABLED, f"{dn} matches the disabled filter")
+                if code == _INVALID_CREDENTIALS:
+                    return Refusal(RefusalReason.WRONG_PASSWORD, f"bind as {dn} refused")
+                return Refusal(RefusalReason.WRONG_PASSWORD, f"bind as {dn} refused ({code})")
+            if self._disabled(conn, dn):
+                return Refusal(RefusalReason.DISABLED, f"{dn} matches the disabled filter")
+            in_group = self._member(conn, self.settings.group, dn)
+            admin_group = self.settings.admin_group
+            is_admin = admin_group is not None and self._member(conn, admin_group, dn)
+            if not (is_admin if admin else in_group):
+                wanted = admin_group if admin else self.settings.group
+                return Refusal(RefusalReason.NOT_IN_GROUP, f"{dn} is not a member of {wanted}")
+            return DirectoryUser(name, dn, in_group, is_admin)
+        finally:
+            _close(conn)
+
+    def _lookup(self, name: str) -> UserStatus:
+        conn = self._service()
+        try:
+            dn = self._find_user(conn, name)
+            if dn is None:
+                return UserStatus.DELETED
+            if self._disabled(conn, dn):
+                return UserStatus.DISABLED
+            if not self._member(conn, self.settings.group, dn):
+                return UserStatus.NOT_IN_GROUP
+            return UserStatus.ACTIVE
+        finally:
+            _close(conn)
+
+    def _is_admin(self, name: str) -> bool:
+        assert self.settings.admin_group is not None
+        conn = self._service()
+        try:
+            dn = self._find_user(conn, name)
+            if dn is None or self._disabled(conn, dn):
+                return False
+            return self._member(conn, self.settings.admin_group, dn)
+        finally:
+            _close(conn)

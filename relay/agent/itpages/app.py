@@ -1,0 +1,444 @@
+"""The IT pages as an aiohttp application: login, sessions, CSRF, and the pages.
+
+Every request passes `_guard` (security headers, no caching); every POST is checked for
+its origin (Origin, else Referer, must be this site) and its CSRF token (the session's,
+or for the login form the pre-login cookie's), and refused with 403 otherwise. Pages
+other than /login need a live session: a GET without one goes to /login, a POST without
+one is refused with 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+from urllib.parse import urlsplit
+
+import segno
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from relay.agent.audit import Outcome
+from relay.agent.authority import DeviceAuthority
+from relay.agent.itpages import views
+from relay.agent.itpages.auditview import KINDS, MAX_FILTER_CHARS, AuditFilter, query_audit
+from relay.agent.itpages.auth import Authenticator, LoginLimiter
+from relay.agent.itpages.html import Html
+from relay.agent.itpages.sessions import Session, SessionStore
+from relay.agent.registry import RegistryError, RevokeResult
+from relay.ops.config import Address
+from relay.trust import pki
+from relay.trust.codes import CodeError, EnrollmentCode
+from relay.trust.identity import check_name
+from relay.trust.users import check_username
+
+__all__ = ["ItPages", "ItPagesMetrics", "make_app"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY: Final = 16 * 1024  # every form here is small
+TTLS: Final = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+CSP: Final = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SESSION_KEY: Final = web.RequestKey("session", Session)
+
+
+class ItPagesMetrics:
+    """relay_it_logins_total{result}, relay_it_actions_total{action}, relay_it_sessions."""
+
+    def __init__(self, registry: CollectorRegistry | None, sessions: SessionStore) -> None:
+        self.logins = Counter(
+            "relay_it_logins", "IT page logins by result", ["result"], registry=registry
+        )
+        self.actions = Counter(
+            "relay_it_actions", "IT page actions by kind", ["action"], registry=registry
+        )
+        self.sessions = Gauge("relay_it_sessions", "live IT page sessions", registry=registry)
+        self.sessions.set_function(lambda: len(sessions))
+
+
+def _utcnow() -> datetime:
+    return datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@dataclass
+class ItPages:
+    """What the pages work with (one per agent)."""
+
+    authority: DeviceAuthority
+    push: Callable[[list[bytes]], None]  # revocation bodies to every gateway link
+    authenticator: Authenticator
+    sessions: SessionStore
+    limiter: LoginLimiter
+    gateway: Address  # what new codes tell PCs to dial
+    tls: bool
+    directory: bool  # codes need a user
+    metrics: ItPagesMetrics
+    now: Callable[[], datetime] = _utcnow
+
+    @property
+    def cookie(self) -> str:
+        # __Host-: the browser keeps it only if Secure, Path=/ and no Domain (HTTPS only).
+        return "__Host-relay-it" if self.tls else "relay-it"
+
+    @property
+    def login_cookie(self) -> str:
+        return "__Host-relay-login" if self.tls else "relay-login"
+
+
+APP_KEY: Final = web.AppKey("itpages", ItPages)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _html(body: Html, status: int = 200) -> web.Response:
+    return web.Response(text=body, status=status, content_type="text/html", charset="utf-8")
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _peer(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _same_origin(request: web.Request, tls: bool) -> bool:
+    """The POST comes from a page of this site: Origin, else Referer, names it."""
+    expected = f"{'https' if tls else 'http'}://{request.host}"
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return origin == expected
+    referer = request.headers.get("Referer")
+    if referer is None:
+        return False
+    parts = urlsplit(referer)
+    return f"{parts.scheme}://{parts.netloc}" == expected
+
+
+def _token_ok(presented: object, expected: str | None) -> bool:
+    return (
+        isinstance(presented, str)
+        and expected is not None
+        and hmac.compare_digest(presented.encode(), expected.encode())
+    )
+
+
+def _set_cookie(response: web.StreamResponse, it: ItPages, name: str, value: str) -> None:
+    response.set_cookie(name, value, path="/", secure=it.tls, httponly=True, samesite="Strict")
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    if request.method == "POST" and not _same_origin(request, it.tls):
+        response: web.StreamResponse = _forbidden("the request did not come from this site")
+    elif request.path == "/login":
+        response = await handler(request)
+    else:
+        session = it.sessions.get(request.cookies.get(it.cookie))
+        if session is None:
+            if request.method == "POST":
+                response = _forbidden("not logged in (or the session expired)")
+            else:
+                response = _see_other("/login")
+        else:
+            if request.method == "POST":
+                form = await request.post()
+                if not _token_ok(form.get("csrf"), session.csrf):
+                    response = _forbidden("missing or wrong CSRF token: reload the page")
+                    return _headers(response)
+            request[SESSION_KEY] = session
+            response = await handler(request)
+    return _headers(response)
+
+
+def _forbidden(why: str) -> web.Response:
+    return _html(views.message_page("Refused", why), 403)
+
+
+def _headers(response: web.StreamResponse) -> web.StreamResponse:
+    h = response.headers
+    h["Content-Security-Policy"] = CSP
+    h["X-Content-Type-Options"] = "nosniff"
+    h["X-Frame-Options"] = "DENY"
+    h["Referrer-Policy"] = "same-origin"
+    h["Cache-Control"] = "no-store"
+    return response
+
+
+# -- login and logout
+
+
+async def _login_form(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    token = secrets.token_urlsafe(32)
+    response = _html(views.login_page(token, directory=it.directory))
+    _set_cookie(response, it, it.login_cookie, token)
+    return response
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    form = await request.post()
+    if not _token_ok(form.get("csrf"), request.cookies.get(it.login_cookie)):
+        return _forbidden("missing or wrong CSRF token: reload the login page")
+    user = str(form.get("user", ""))[:64].strip()
+    password = str(form.get("password", ""))
+    peer = _peer(request)
+    audit = it.authority.audit
+    token = secrets.token_urlsafe(32)
+
+    def again(error: str, status: int) -> web.Response:
+        response = _html(
+            views.login_page(token, error=error, user=user, directory=it.directory), status
+        )
+        _set_cookie(response, it, it.login_cookie, token)
+        return response
+
+    if not user or not password:
+        return again("user and password are required", 400)
+    if it.limiter.blocked(peer, user):
+        it.metrics.logins.labels("rate_limited").inc()
+        audit.it_login(
+            now=it.now(),
+            admin=user,
+            peer=peer,
+            outcome=Outcome.MINOR_FAILURE,
+            description="rate_limited: too many failed logins",
+        )
+        return again("too many failed logins: wait a few minutes", 429)
+    result = await it.authenticator.authenticate(user, password)
+    it.metrics.logins.labels(result.result).inc()
+    if result.result == "unavailable":
+        audit.it_login(
+            now=it.now(),
+            admin=user,
+            peer=peer,
+            outcome=Outcome.SERIOUS_FAILURE,
+            description=f"unavailable: {result.detail}",
+        )
+        return again("the login service is unavailable; try again later", 503)
+    if not result.ok:
+        it.limiter.failed(peer, user)
+        audit.it_login(
+            now=it.now(),
+            admin=user,
+            peer=peer,
+            outcome=Outcome.MINOR_FAILURE,
+            description=f"{result.result}: {result.detail}",
+        )
+        log.warning(
+            "IT page login refused", extra={"user": user, "peer": peer, "result": result.result}
+        )
+        return again("login refused: wrong user or password, or not an IT admin", 401)
+    it.limiter.succeeded(user)
+    session = it.sessions.create(result.user)  # a new id at each login: no fixation
+    audit.it_login(
+        now=it.now(),
+        admin=result.user,
+        peer=peer,
+        outcome=Outcome.SUCCESS,
+        description=f"ok: {result.detail}",
+    )
+    response = _see_other("/devices")
+    _set_cookie(response, it, it.cookie, session.id)
+    response.del_cookie(it.login_cookie, path="/")
+    return response
+
+
+async def _logout(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    session = request[SESSION_KEY]
+    it.sessions.drop(session.id)
+    it.metrics.actions.labels("logout").inc()
+    it.authority.audit.it_logout(
+        now=it.now(), admin=session.user, peer=_peer(request), description="logged out"
+    )
+    response = _see_other("/login")
+    response.del_cookie(it.cookie, path="/")
+    return response
+
+
+# -- devices
+
+
+async def _root(request: web.Request) -> web.StreamResponse:
+    return _see_other("/devices")
+
+
+async def _devices(request: web.Request, notice: str = "") -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    rows = await asyncio.to_thread(it.authority.registry.list_devices)
+    return _html(views.devices_page(rows, it.now(), user=s.user, csrf=s.csrf, notice=notice))
+
+
+async def _revoke_form(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    name = request.query.get("device", "")
+    row = it.authority.registry.get_device(name) if name else None
+    if row is None:
+        return _html(
+            views.message_page("Not found", f"no device {name!r}", user=s.user, csrf=s.csrf), 404
+        )
+    return _html(views.revoke_confirm(row, user=s.user, csrf=s.csrf))
+
+
+async def _revoke(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    name = str((await request.post()).get("device", ""))
+    if not name or it.authority.registry.get_device(name) is None:
+        return _html(
+            views.message_page("Not found", f"no device {name!r}", user=s.user, csrf=s.csrf), 404
+        )
+    try:
+        result, bodies = it.authority.revoke_by(name, f"it:{s.user}")
+    except RegistryError as exc:
+        return _html(views.message_page("Error", str(exc), user=s.user, csrf=s.csrf), 500)
+    if bodies:
+        it.push(bodies)  # live links cut now, not at the next registry poll
+    if result is RevokeResult.ALREADY:
+        return await _devices(request, f"device {name} was already revoked")
+    it.metrics.actions.labels("revoke").inc()
+    log.info("device revoked on the IT pages", extra={"device": name, "admin": s.user})
+    return await _devices(request, f"revoked {name}; its links are cut at every gateway")
+
+
+# -- enrollment codes
+
+
+async def _code_form(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    return _html(views.code_form(user=s.user, csrf=s.csrf, directory=it.directory))
+
+
+def qr_svg(text: str) -> Html:
+    """The code as an inline SVG QR code (segno: pure Python, no image library)."""
+    qr = segno.make(text, error="m")
+    return Html(qr.svg_inline(scale=3, title="enrollment code"))
+
+
+async def _code_create(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    form = await request.post()
+    device = str(form.get("device", "")).strip()
+    holder = str(form.get("user", "")).strip() if it.directory else ""
+    ttl = TTLS.get(str(form.get("ttl", "")))
+
+    def error(message: str) -> web.Response:
+        page = views.code_form(
+            user=s.user,
+            csrf=s.csrf,
+            directory=it.directory,
+            error=message,
+            device=device[:63],
+            holder=holder[:64],
+        )
+        return _html(page, 400)
+
+    try:
+        check_name(device, "a device name")
+        if it.directory:
+            check_username(holder)
+    except ValueError as exc:
+        return error(str(exc))
+    if ttl is None:
+        return error("choose how long the code stays valid")
+    authority = it.authority
+    at = it.now()
+    try:
+        token_id, secret = authority.registry.create_token(device, ttl, at, user=holder or None)
+        code = EnrollmentCode(
+            it.gateway,
+            pki.ca_fingerprint(authority.ca_cert),
+            authority.site,
+            device,
+            token_id,
+            secret,
+            holder or None,
+        )
+    except (RegistryError, CodeError) as exc:
+        return error(str(exc))
+    authority.audit.token_created(
+        now=at,
+        device=device,
+        token_id=token_id,
+        expires_at=at + ttl,
+        actor=f"it:{s.user}",
+        user=holder or None,
+    )
+    it.metrics.actions.labels("code_created").inc()
+    text = code.encode()
+    page = views.code_shown(
+        text,
+        qr_svg(text),
+        device=device,
+        holder=holder or None,
+        expires=at + ttl,
+        user=s.user,
+        csrf=s.csrf,
+    )
+    return _html(page)
+
+
+# -- audit trail
+
+
+def _time(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value[:32])
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
+
+
+async def _audit(request: web.Request) -> web.StreamResponse:
+    it = request.app[APP_KEY]
+    s = request[SESSION_KEY]
+    q = request.query
+    kind = q.get("kind", "")
+    try:
+        number = int(q.get("page", "1"))
+    except ValueError:
+        number = 1
+    f = AuditFilter(
+        device=q.get("device", "")[:MAX_FILTER_CHARS].strip(),
+        user=q.get("user", "")[:MAX_FILTER_CHARS].strip(),
+        kind=kind if kind in KINDS else "",
+        since=_time(q.get("since", "")),
+        until=_time(q.get("until", "")),
+        page=number,
+    )
+    result = await asyncio.to_thread(query_audit, it.authority.audit.path, f)
+    it.metrics.actions.labels("audit_view").inc()
+    return _html(views.audit_page(result, f, user=s.user, csrf=s.csrf))
+
+
+def make_app(it: ItPages) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_guard])
+    app[APP_KEY] = it
+    app.router.add_get("/", _root)
+    app.router.add_get("/login", _login_form)
+    app.router.add_post("/login", _login)
+    app.router.add_post("/logout", _logout)
+    app.router.add_get("/devices", _devices)
+    app.router.add_get("/devices/revoke", _revoke_form)
+    app.router.add_post("/devices/revoke", _revoke)
+    app.router.add_get("/codes/new", _code_form)
+    app.router.add_post("/codes", _code_create)
+    app.router.add_get("/audit", _audit)
+    return app

@@ -1,0 +1,96 @@
+"""The IT pages' listener: its own address on the agent's inside (`it_pages.listen`),
+HTTPS with `it_pages.tls` (required off loopback), never anything on the gateway side."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from relay.agent.authority import DeviceAuthority
+from relay.agent.config import AgentConfig
+from relay.agent.itpages.app import ItPages, ItPagesMetrics, make_app
+from relay.agent.itpages.auth import (
+    Authenticator,
+    DirectoryAuthenticator,
+    LocalAuthenticator,
+    LoginLimiter,
+)
+from relay.agent.itpages.sessions import SessionStore
+from relay.agent.itpages.settings import ItPagesSettings
+from relay.ops.config import ConfigError
+from relay.ops.listening import announce
+
+__all__ = ["ItPagesServer", "server_context"]
+
+
+def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
+    """TLS 1.2+ with the configured certificate, or None for plain HTTP (loopback)."""
+    if settings.cert is None or settings.key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.cert, settings.key)
+    return ctx
+
+
+class ItPagesServer:
+    """Built from the agent's config and its DeviceAuthority; `push` sends revocation
+    bodies to every gateway link (the agent's LinkTrust.push)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        authority: DeviceAuthority,
+        push: Callable[[list[bytes]], None],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        settings = config.it_pages
+        assert settings is not None
+        self.settings = settings
+        try:
+            self.ctx = server_context(settings)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(config.path, "it_pages.tls", str(exc)) from None
+        authenticator: Authenticator
+        if settings.admins_file is not None:
+            authenticator = LocalAuthenticator(settings.admins_file)
+        else:
+            assert authority.directory is not None  # the config reader made sure
+            authenticator = DirectoryAuthenticator(authority.directory)
+        sessions = SessionStore(
+            idle=settings.session_idle,
+            max_age=settings.session_max,
+            max_sessions=settings.max_sessions,
+        )
+        self.pages = ItPages(
+            authority=authority,
+            push=push,
+            authenticator=authenticator,
+            sessions=sessions,
+            limiter=LoginLimiter(),
+            gateway=settings.enroll_gateway or config.gateways[0],
+            tls=self.ctx is not None,
+            directory=authority.directory is not None,
+            metrics=ItPagesMetrics(registry, sessions),
+        )
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(make_app(self.pages), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        address = self.settings.listen
+        site = web.TCPSite(self._runner, address.host, address.port, ssl_context=self.ctx)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else address.port
+        for sock in sockets:
+            announce("it-pages", sock.getsockname())
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,589 @@
+"""The DICOMweb routes (aiohttp): QIDO-RS, WADO-RS and STOW-RS under /dicom-web.
+
+`build_app(service, extra_routes=...)` makes the whole web application: the guards
+(Host, Origin, query length) and the metrics as middlewares for every route, DICOMweb
+under PREFIX, and whatever `extra_routes` callables add (the viewer at `/`; see the
+package docstring). Handlers parse, ask `DicomwebService` (the operations), and write;
+multipart answers are written instance by instance as the series arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.multipart import BodyPartReader, MultipartReader
+from pydicom.dataset import Dataset
+
+from relay.dicom import rawds
+from relay.dicom import status as st
+from relay.workstation.dicomweb import dicomjson, frames, media, part10
+from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
+from relay.workstation.dicomweb.metrics import DicomwebMetrics
+from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
+from relay.workstation.dicomweb.retrieve import HeldInstance, Retriever, SeriesFlight
+from relay.workstation.dicomweb.settings import MAX_QUERY
+from relay.workstation.dicomweb.source import DicomSource, UpstreamError, is_uid
+
+__all__ = ["PREFIX", "DicomwebService", "build_app"]
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "/dicom-web"
+DICOM_JSON: Final = "application/dicom+json"
+MAX_STOW_PARTS: Final = 10_000
+KEY_SERVICE: Final = web.AppKey("dicomweb", object)
+ExtraRoutes = Callable[[web.Application], None]
+
+
+@dataclass
+class DicomwebService:
+    """What the handlers use: the operations, the series flights, the limits, the metrics.
+
+    `allowed_hosts` is filled in once the listening port is known."""
+
+    source: DicomSource
+    retriever: Retriever
+    metrics: DicomwebMetrics
+    max_upload: int
+    allowed_hosts: frozenset[str] = frozenset()
+    base_url: str = ""  # http://127.0.0.1:PORT/dicom-web once listening
+
+
+# -- middlewares ------------------------------------------------------------------------
+
+
+def _text(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+
+
+def _guard(service: DicomwebService) -> Any:
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
+        if not host_allowed(request.headers.get("Host"), service.allowed_hosts):
+            return _text(403, "Host header does not name this workstation's loopback address")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.lower() not in allowed_origins(service.allowed_hosts):
+            return _text(403, "cross-origin requests are not allowed")
+        if len(request.query_string) > MAX_QUERY:
+            return _text(414, f"query string longer than {MAX_QUERY} characters")
+        return await handler(request)
+
+    return guard
+
+
+def _metered(service: DicomwebService) -> Any:
+    @web.middleware
+    async def metered(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
+        started = time.monotonic()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            service.metrics.observe(route, status, time.monotonic() - started)
+
+    return metered
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _uid(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not is_uid(value):
+        raise web.HTTPBadRequest(text=f"{name}: not a UID\n")
+    return value
+
+
+def _service(request: web.Request) -> DicomwebService:
+    service = request.app[KEY_SERVICE]
+    assert isinstance(service, DicomwebService)
+    return service
+
+
+def _upstream(exc: UpstreamError) -> web.Response:
+    return _text(exc.http_status, exc.reason)
+
+
+def _base(request: web.Request) -> str:
+    """Our DICOMweb root as the client named it (the Host was checked: a loopback name),
+    with our own address when the client left the port out."""
+    host = request.headers.get("Host", "")
+    if host.rpartition(":")[2].isdigit():
+        return f"http://{host}{PREFIX}"
+    return _service(request).base_url
+
+
+def _json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON,
+                        headers=headers)  # fmt: skip
+
+
+async def _series_of_study(service: DicomwebService, study: str) -> list[str]:
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = study
+    ident.SeriesInstanceUID = None
+    ident.SeriesNumber = None
+    found = await service.source.find(ident, MAX_LIMIT)
+    uids = [str(ds.get("SeriesInstanceUID", "") or "") for ds in found.matches]
+
+    def number(ds: Dataset) -> int:
+        try:
+            return int(ds.get("SeriesNumber") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    order = sorted(range(len(uids)), key=lambda i: number(found.matches[i]))
+    return [uids[i] for i in order if is_uid(uids[i])]
+
+
+async def _flights(
+    service: DicomwebService, study: str, series: str | None
+) -> AsyncIterator[SeriesFlight]:
+    uids = [series] if series is not None else await _series_of_study(service, study)
+    for uid in uids:
+        yield await service.retriever.series(study, uid)
+
+
+async def _instances(
+    service: DicomwebService, study: str, series: str | None, sop: str | None
+) -> AsyncIterator[HeldInstance]:
+    async for flight in _flights(service, study, series):
+        if sop is not None:
+            item = await flight.get(sop)
+            if item is not None:
+                yield item
+            return
+        async for item in flight.instances():
+            yield item
+
+
+async def _first(it: AsyncIterator[HeldInstance]) -> HeldInstance | None:
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _what(series: str | None, sop: str | None) -> str:
+    return "instance" if sop else "series" if series else "study"
+
+
+# -- QIDO-RS ------------------------------------------------------------------------------
+
+
+def _qido(level: str, path_uids: Iterable[tuple[str, str]]) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        service = _service(request)
+        uids = {keyword: _uid(request, name) for name, keyword in path_uids}
+        try:
+            query = parse_query(level, request.query.items(), uids)
+        except QueryError as exc:
+            return _text(400, str(exc))
+        try:
+            found = await service.source.find(query.identifier, query.offset + query.limit)
+        except UpstreamError as exc:
+            return _upstream(exc)
+        headers: dict[str, str] = {}
+        warnings = list(query.warnings)
+        if found.from_cache:
+            warnings.append('299 relay "answered from the cache: the relay link is down"')
+        if found.truncated:
+            warnings.append('299 relay "more matches than the limit; some not returned"')
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
+        page = query.page(found.matches)
+        if not page:
+            return web.Response(status=204, headers=headers)
+        body = await asyncio.to_thread(dicomjson.to_json_list, page)
+        return _json_response(body, headers)
+
+    return handler
+
+
+# -- WADO-RS -----------------------------------------------------------------------------
+
+
+def _retrieve(with_series: bool, with_sop: bool) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        service = _service(request)
+        study = _uid(request, "study")
+        series = _uid(request, "series") if with_series else None
+        sop = _uid(request, "instance") if with_sop else None
+        ranges = media.parse_accept(request.headers.get("Accept"))
+        it = _instances(service, study, series, sop)
+        try:
+            first = await _first(it)
+        except UpstreamError as exc:
+            return _upstream(exc)
+        if first is None:
+            return _text(404, f"no such {_what(series, sop)}")
+        try:
+            part = media.negotiate(ranges, True, ("application/dicom",), first.transfer_syntax)
+        except media.AcceptError as exc:
+            return _text(406, str(exc))
+        boundary = media.new_boundary()
+        response = web.StreamResponse(
+            headers={"Content-Type": media.multipart_type(boundary, part)}
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        item: HeldInstance | None = first
+        while item is not None:
+            ctype = media.part_type_with_ts(part, item.transfer_syntax)
+            await response.write(media.part_head(boundary, ctype))
+            await response.write(part10.wrap(item.sop_class, item.sop_instance,
+                                             item.transfer_syntax, item.data))  # fmt: skip
+            try:
+                item = await _first(it)
+            except UpstreamError as exc:
+                # Nothing half-received is served as complete: no closing delimiter.
+                log.warning("retrieval failed mid-answer: %s", exc.reason)
+                response.force_close()
+                raise ConnectionResetError(exc.reason) from None
+        await response.write(media.closing(boundary))
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def _metadata_of(item: HeldInstance, base: str, study: str, series: str) -> dict[str, Any]:
+    ds = item.dataset()
+    url = f"{base}/studies/{study}/series/{series}/instances/{item.sop_instance}"
+    return dicomjson.to_json(ds, bulk_base=url)
+
+
+def _metadata(with_series: bool, with_sop: bool) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        service = _service(request)
+        study = _uid(request, "study")
+        series = _uid(request, "series") if with_series else None
+        sop = _uid(request, "instance") if with_sop else None
+        base = _base(request)
+        response: web.StreamResponse | None = None
+        try:
+            async for flight in _flights(service, study, series):
+                items: AsyncIterator[HeldInstance] | list[HeldInstance]
+                if sop is not None:
+                    found = await flight.get(sop)
+                    items = [found] if found is not None else []
+                else:
+                    items = flight.instances()
+                async for item in _aiter(items):
+                    doc = await asyncio.to_thread(_metadata_of, item, base, study, flight.series)
+                    if response is None:
+                        response = web.StreamResponse(headers={"Content-Type": DICOM_JSON})
+                        response.enable_chunked_encoding()
+                        await response.prepare(request)
+                        await response.write(b"[")
+                    else:
+                        await response.write(b",")
+                    await response.write(json.dumps(doc).encode())
+        except UpstreamError as exc:
+            if response is None:
+                return _upstream(exc)
+            log.warning("metadata failed mid-answer: %s", exc.reason)
+            response.force_close()
+            raise ConnectionResetError(exc.reason) from None
+        if response is None:
+            return _text(404, f"no such {_what(series, sop)}")
+        await response.write(b"]")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+async def _aiter(
+    items: AsyncIterator[HeldInstance] | list[HeldInstance],
+) -> AsyncIterator[HeldInstance]:
+    if isinstance(items, list):
+        for item in items:
+            yield item
+    else:
+        async for item in items:
+            yield item
+
+
+async def _one(request: web.Request) -> HeldInstance | web.Response:
+    service = _service(request)
+    study, series, sop = (_uid(request, n) for n in ("study", "series", "instance"))
+    try:
+        flight = await service.retriever.series(study, series)
+        item = await flight.get(sop)
+    except UpstreamError as exc:
+        return _upstream(exc)
+    if item is None:
+        return _text(404, "no such instance")
+    return item
+
+
+async def frames_handler(request: web.Request) -> web.StreamResponse:
+    try:
+        numbers = frames.frame_numbers(request.match_info["frames"])
+    except ValueError as exc:
+        return _text(400, f"frames: {exc}")
+    item = await _one(request)
+    if isinstance(item, web.Response):
+        return item
+    ranges = media.parse_accept(request.headers.get("Accept"))
+    try:
+        part = media.negotiate(ranges, True, media.frame_media_type(item.transfer_syntax),
+                               item.transfer_syntax)  # fmt: skip
+    except media.AcceptError as exc:
+        return _text(406, str(exc))
+
+    def cut() -> list[bytes]:
+        return frames.get_frames(item.dataset(), item.transfer_syntax, numbers)
+
+    try:
+        chunks = await asyncio.to_thread(cut)
+    except frames.FrameError as exc:
+        return _text(404, str(exc))
+    boundary = media.new_boundary()
+    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
+    ctype = media.part_type_with_ts(part, media.EXPLICIT_LE if native else item.transfer_syntax)
+    body = bytearray()
+    for chunk in chunks:
+        body += media.part_head(boundary, ctype)
+        body += chunk
+    body += media.closing(boundary)
+    return web.Response(body=bytes(body),
+                        headers={"Content-Type": media.multipart_type(boundary, part)})  # fmt: skip
+
+
+async def bulk_handler(request: web.Request) -> web.StreamResponse:
+    text = request.match_info["tag"]
+    if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        return _text(400, "tag: expected 8 hex digits")
+    item = await _one(request)
+    if isinstance(item, web.Response):
+        return item
+    tag = int(text, 16)
+    value = await asyncio.to_thread(lambda: dicomjson.bulk_value(item.dataset(), tag))
+    if value is None:
+        return _text(404, "no such bulk data")
+    boundary = media.new_boundary()
+    part = "application/octet-stream"
+    body = media.part_head(boundary, part) + value + media.closing(boundary)
+    return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
+
+
+def _rendered(frame_in_path: bool) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        from relay.workstation.dicomweb import render
+
+        number = 1
+        if frame_in_path:
+            try:
+                numbers = frames.frame_numbers(request.match_info["frames"])
+            except ValueError as exc:
+                return _text(400, f"frames: {exc}")
+            if len(numbers) != 1:
+                return _text(400, "frames: one frame is rendered at a time")
+            number = numbers[0]
+        try:
+            size = render.viewport(request.query.get("viewport"))
+        except ValueError as exc:
+            return _text(400, f"viewport: {exc}")
+        ranges = media.parse_accept(request.headers.get("Accept"))
+        chosen = "image/jpeg"
+        for r in ranges:
+            if r.type in render.FORMATS:
+                chosen = r.type
+                break
+            if r.type in ("*/*", "image/*"):
+                break
+        else:
+            return _text(406, "rendered frames are image/jpeg or image/png")
+        item = await _one(request)
+        if isinstance(item, web.Response):
+            return item
+        try:
+            body = await asyncio.to_thread(
+                lambda: render.render_frame(item.dataset(), number, chosen, size)
+            )
+        except render.RenderError as exc:
+            return _text(404 if "past the last" in str(exc) else 406, str(exc))
+        return web.Response(body=body, content_type=chosen)
+
+    return handler
+
+
+# -- STOW-RS ------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_part(part: BodyPartReader, budget: list[int]) -> bytes:
+    out = bytearray()
+    while chunk := await part.read_chunk(256 * 1024):
+        budget[0] -= len(chunk)
+        if budget[0] < 0:
+            raise _TooLarge
+        out += chunk
+    return bytes(out)
+
+
+def _stow_item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
+    ds = Dataset()
+    ds.ReferencedSOPClassUID = sop_class
+    ds.ReferencedSOPInstanceUID = sop_instance
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+async def stow_handler(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    study = _uid(request, "study") if "study" in request.match_info else None
+    length = request.content_length
+    if length is not None and length > service.max_upload:
+        return _text(413, f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)")
+    ctype = request.headers.get("Content-Type", "")
+    if not ctype.lower().startswith("multipart/related"):
+        return _text(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    try:
+        reader = MultipartReader(request.headers, request.content)
+    except (AssertionError, ValueError) as exc:
+        return _text(400, f"Content-Type: {exc}")
+    budget = [service.max_upload]
+    referenced: list[Dataset] = []
+    failed: list[Dataset] = []
+    upstream: list[str] = []
+    parts = 0
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                return _text(400, "nested multipart bodies are not supported")
+            parts += 1
+            if parts > MAX_STOW_PARTS:
+                return _text(413, f"more than {MAX_STOW_PARTS} parts")
+            data = await _read_part(part, budget)
+            if (
+                not part.headers.get("Content-Type", "application/dicom")
+                .lower()
+                .startswith("application/dicom")
+            ):
+                return _text(415, "only application/dicom parts are accepted")
+            try:
+                meta, offset = part10.split(data)
+            except part10.Part10Error as exc:
+                failed.append(_stow_item("", "", FailureReason=st.STORE_CANNOT_UNDERSTAND))
+                log.info("STOW part refused: %s", exc)
+                continue
+            sop_class, sop_instance = meta[0x00020002], meta[0x00020003]
+            ts = meta[0x00020010]
+            dataset = data[offset:]
+            try:
+                rawds.check_instance(dataset, ts, sop_class, sop_instance)
+                if study is not None:
+                    got = str(rawds.decode_dataset(dataset, ts).get("StudyInstanceUID", ""))
+                    if got != study:
+                        failed.append(_stow_item(sop_class, sop_instance, FailureReason=0xA900))
+                        continue
+            except Exception:
+                failed.append(_stow_item(sop_class, sop_instance,
+                                         FailureReason=st.STORE_CANNOT_UNDERSTAND))  # fmt: skip
+                continue
+            try:
+                final = await service.source.store(sop_class, sop_instance, ts, dataset)
+            except UpstreamError as exc:
+                upstream.append(exc.reason)
+                failed.append(_stow_item(sop_class, sop_instance,
+                                         FailureReason=st.STORE_OUT_OF_RESOURCES))  # fmt: skip
+                continue
+            status = st.for_store(final.status)
+            if status == st.SUCCESS or 0xB000 <= status <= 0xBFFF:
+                extra: dict[str, Any] = {}
+                if status != st.SUCCESS:
+                    extra["WarningReason"] = status
+                referenced.append(_stow_item(sop_class, sop_instance, **extra))
+            else:
+                if final.status in (st.PACS_UNREACHABLE, st.PACS_NO_RESPONSE, st.LINK_LOST):
+                    upstream.append(final.comment or f"status 0x{final.status:04X}")
+                failed.append(_stow_item(sop_class, sop_instance, FailureReason=status))
+    except _TooLarge:
+        return _text(413, f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)")
+    except ValueError as exc:
+        return _text(400, f"malformed multipart body: {exc}")
+    if not referenced and not failed:
+        return _text(400, "no instances in the request")
+    if not referenced and failed and len(upstream) == len(failed):
+        return _text(502, f"the PACS could not be reached: {upstream[0]}")
+    doc = Dataset()
+    if study is not None:
+        doc.RetrieveURL = f"{_base(request)}/studies/{study}"
+    if referenced:
+        doc.ReferencedSOPSequence = referenced
+    if failed:
+        doc.FailedSOPSequence = failed
+    status_code = 200 if not failed else 202 if referenced else 409
+    body = dicomjson.to_json(doc)
+    return web.Response(status=status_code, body=json.dumps(body).encode(),
+                        content_type=DICOM_JSON)  # fmt: skip
+
+
+# -- the application ------------------------------------------------------------------------
+
+
+def _routes(app: web.Application) -> None:
+    s = f"{PREFIX}/studies/{{study}}"
+    se = f"{s}/series/{{series}}"
+    i = f"{se}/instances/{{instance}}"
+    get = app.router.add_get
+    get(f"{PREFIX}/studies", _qido("STUDY", ()))
+    get(f"{PREFIX}/series", _qido("SERIES", ()))
+    get(f"{PREFIX}/instances", _qido("IMAGE", ()))
+    get(f"{s}/series", _qido("SERIES", (("study", "StudyInstanceUID"),)))
+    get(f"{s}/instances", _qido("IMAGE", (("study", "StudyInstanceUID"),)))
+    get(f"{se}/instances", _qido("IMAGE", (("study", "StudyInstanceUID"),
+                                            ("series", "SeriesInstanceUID"))))  # fmt: skip
+    get(s, _retrieve(False, False))
+    get(se, _retrieve(True, False))
+    get(i, _retrieve(True, True))
+    get(f"{s}/metadata", _metadata(False, False))
+    get(f"{se}/metadata", _metadata(True, False))
+    get(f"{i}/metadata", _metadata(True, True))
+    get(f"{i}/frames/{{frames}}", frames_handler)
+    get(f"{i}/bulk/{{tag}}", bulk_handler)
+    get(f"{i}/rendered", _rendered(False))
+    get(f"{i}/frames/{{frames}}/rendered", _rendered(True))
+    app.router.add_post(f"{PREFIX}/studies", stow_handler)
+    app.router.add_post(s, stow_handler)
+
+
+def build_app(
+    service: DicomwebService, extra_routes: Iterable[ExtraRoutes] = ()
+) -> web.Application:
+    """The web application: guards and metrics on every route, DICOMweb under PREFIX,
+    then each of `extra_routes(app)` (the viewer)."""
+    app = web.Application(
+        middlewares=[_metered(service), _guard(service)],  # refusals are counted too
+        client_max_size=1024 * 1024,  # non-streamed bodies; STOW streams within max_upload
+    )
+    app[KEY_SERVICE] = service
+    _routes(app)
+    for add in extra_routes:
+        add(app)
+    return app

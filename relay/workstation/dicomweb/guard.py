@@ -1,0 +1,43 @@
+"""What keeps a local web server local: the Host check, the Origin check, bounded requests.
+
+A page on any web site can make the browser send requests to 127.0.0.1; DNS rebinding
+lets it read the answers by naming 127.0.0.1 with its own host name. So every request
+must name the loopback host and our port in its Host header (403 otherwise), and a
+request from another origin (an `Origin` header that is not ours) is refused (403):
+there is no CORS at all, wildcard or not. Query strings are bounded (414).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+__all__ = ["LOOPBACK_NAMES", "allowed_hosts", "allowed_origins", "host_allowed"]
+
+LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(ports: Iterable[int]) -> frozenset[str]:
+    """Every Host header value we answer: the loopback names with our port, or without a
+    port (dicomweb-client leaves it out). What stops DNS rebinding is the name: a
+    rebound page's requests carry its own host name, whatever the port."""
+    hosts = set(LOOPBACK_NAMES)
+    for port in ports:
+        for name in LOOPBACK_NAMES:
+            hosts.add(f"{name}:{port}")
+    return frozenset(hosts)
+
+
+def allowed_origins(hosts: Iterable[str]) -> frozenset[str]:
+    return frozenset(f"http://{h}" for h in hosts)
+
+
+def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a Host header names us (case-insensitive, one trailing dot tolerated)."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host in allowed:
+        return True
+    name, sep, port = host.rpartition(":")
+    return bool(sep) and name.endswith(".") and f"{name[:-1]}:{port}" in allowed

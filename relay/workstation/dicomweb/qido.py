@@ -1,0 +1,195 @@
+"""QIDO-RS query parameters -> one C-FIND identifier (sans-I/O; PS3.18 section 8.3.4).
+
+A query becomes a study-root C-FIND at the level of the URL: the matching keys from the
+parameters (attribute keywords or tags: `PatientName=DOE*`, `0020000D=1.2.3`), the
+URL's own UIDs, and universal keys for the attributes to return (the level's defaults
+from PS3.18 table 6.7.1-2, plus `includefield`). `limit` and `offset` are applied to
+the matches here (C-FIND does not page). Fuzzy matching is off unless asked for; the
+PACS's C-FIND has no fuzzy mode we can ask for, so `fuzzymatching=true` is answered
+without it, with a `Warning: 299` header as PS3.18 says.
+
+Every refusal is a `QueryError` naming the parameter (the HTTP layer answers 400).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+__all__ = [
+    "LEVEL_KEYS",
+    "MAX_LIMIT",
+    "Query",
+    "QueryError",
+    "parse_query",
+]
+
+MAX_LIMIT: Final = 10_000  # matches in one answer (and offset + limit in one C-FIND)
+MAX_PARAMS: Final = 64
+MAX_VALUE: Final = 1024  # characters in one parameter's value
+
+STUDY_KEYS: Final = (
+    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+    "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyID", "StudyDescription", "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)  # fmt: skip
+SERIES_KEYS: Final = (
+    "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID",
+    "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime", "StudyInstanceUID",
+)  # fmt: skip
+INSTANCE_KEYS: Final = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+    "NumberOfFrames", "SeriesInstanceUID", "StudyInstanceUID",
+)  # fmt: skip
+LEVEL_KEYS: Final = {"STUDY": STUDY_KEYS, "SERIES": SERIES_KEYS, "IMAGE": INSTANCE_KEYS}
+# `includefield=all`: C-FIND cannot ask for "everything", so these widen each level.
+ALL_EXTRA: Final = {
+    "STUDY": ("IssuerOfPatientID", "OtherPatientIDs", "InstitutionName", "StudyComments"),
+    "SERIES": ("SeriesDate", "SeriesTime", "BodyPartExamined", "ProtocolName", "StationName",
+               "Laterality", "InstitutionName"),
+    "IMAGE": ("ImageType", "AcquisitionNumber", "ContentDate", "ContentTime",
+              "PhotometricInterpretation", "SamplesPerPixel", "BitsStored", "PixelSpacing",
+              "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
+              "WindowCenter", "WindowWidth"),
+}  # fmt: skip
+_TAG_RE: Final = re.compile(r"[0-9A-Fa-f]{8}")
+_UID_RE: Final = re.compile(r"[0-9.]{1,64}")
+_DATE_RE: Final = re.compile(r"(\d{8})?-?(\d{8})?")
+
+
+class QueryError(ValueError):
+    """A malformed query: `param` names the parameter (the answer is 400)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+@dataclass
+class Query:
+    level: str  # STUDY | SERIES | IMAGE
+    identifier: Dataset
+    limit: int = MAX_LIMIT
+    offset: int = 0
+    fuzzy: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def page(self, matches: list[Dataset]) -> list[Dataset]:
+        return matches[self.offset : self.offset + self.limit]
+
+
+def _keyword(param: str) -> str:
+    """An attribute keyword from a parameter name (a keyword or 8 hex digits)."""
+    if _TAG_RE.fullmatch(param):
+        keyword = keyword_for_tag(Tag(int(param, 16)))
+        if not keyword:
+            raise QueryError(param, "unknown attribute tag")
+        return str(keyword)
+    if "." in param:
+        raise QueryError(param, "sequence matching is not supported")
+    if tag_for_keyword(param) is None:
+        raise QueryError(param, "unknown attribute keyword")
+    return param
+
+
+def _int(param: str, value: str, hi: int) -> int:
+    if not value.isdigit() or len(value) > 9:
+        raise QueryError(param, f"expected a whole number, got {value[:40]!r}")
+    n = int(value)
+    if n > hi:
+        raise QueryError(param, f"must be at most {hi}")
+    return n
+
+
+def _check_value(param: str, keyword: str, value: str) -> str:
+    vr = dictionary_VR(keyword)
+    if vr == "UI":
+        uids = [u.strip() for u in value.replace("\\", ",").split(",")]
+        for uid in uids:
+            if not _UID_RE.fullmatch(uid):
+                raise QueryError(param, "expected UIDs (digits and dots) separated by commas")
+        return "\\".join(uids)
+    if vr == "DA" and value not in ("", "*"):
+        m = _DATE_RE.fullmatch(value)
+        if m is None or not (m.group(1) or m.group(2)):
+            raise QueryError(param, "expected a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    if "\x00" in value or any(ord(c) < 0x20 for c in value):
+        raise QueryError(param, "control characters are not allowed")
+    return value
+
+
+def _field_keywords(param: str, value: str) -> list[str]:
+    out = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if item:
+            out.append(_keyword(item) if item != "all" else "all")
+    return out
+
+
+def parse_query(
+    level: str,
+    params: Iterable[tuple[str, str]],
+    uids: Mapping[str, str],
+) -> Query:
+    """The C-FIND for a QIDO-RS request at `level`, with `uids` from the URL path."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    query = Query(level, identifier)
+    wanted: list[str] = list(LEVEL_KEYS[level])
+    if level != "STUDY" and "StudyInstanceUID" not in uids:
+        wanted += STUDY_KEYS  # /series and /instances: say which study
+    if level == "IMAGE" and "SeriesInstanceUID" not in uids:
+        wanted += SERIES_KEYS
+    matching: dict[str, str] = {}
+    for seen, (param, value) in enumerate(params, 1):
+        if seen > MAX_PARAMS:
+            raise QueryError(param, f"more than {MAX_PARAMS} query parameters")
+        if len(value) > MAX_VALUE:
+            raise QueryError(param, f"value longer than {MAX_VALUE} characters")
+        if param == "limit":
+            query.limit = _int(param, value, MAX_LIMIT)
+        elif param == "offset":
+            query.offset = _int(param, value, MAX_LIMIT)
+        elif param == "fuzzymatching":
+            if value not in ("true", "false"):
+                raise QueryError(param, "expected true or false")
+            query.fuzzy = value == "true"
+            if query.fuzzy:
+                query.warnings.append('299 relay "fuzzymatching not supported; exact matching"')
+        elif param == "includefield":
+            for kw in _field_keywords(param, value):
+                if kw == "all":
+                    wanted += [*STUDY_KEYS, *ALL_EXTRA["STUDY"]]
+                    wanted += [*SERIES_KEYS, *ALL_EXTRA["SERIES"]] if level != "STUDY" else []
+                    wanted += [*INSTANCE_KEYS, *ALL_EXTRA["IMAGE"]] if level == "IMAGE" else []
+                else:
+                    wanted.append(kw)
+        elif param == "orderby":
+            raise QueryError(param, "ordering is not supported")
+        else:
+            keyword = _keyword(param)
+            if keyword in matching:
+                raise QueryError(param, "given twice")
+            matching[keyword] = _check_value(param, keyword, value)
+    if query.offset + query.limit > MAX_LIMIT:
+        query.limit = MAX_LIMIT - query.offset
+    for keyword, value in uids.items():
+        if keyword in matching and matching[keyword] != value:
+            raise QueryError(keyword, "contradicts the UID in the URL")
+        matching[keyword] = value
+    for keyword in dict.fromkeys(wanted):
+        if keyword not in matching and keyword != "QueryRetrieveLevel":
+            setattr(identifier, keyword, None if dictionary_VR(keyword) != "SQ" else [])
+    for keyword, value in matching.items():
+        setattr(identifier, keyword, value)
+    return query

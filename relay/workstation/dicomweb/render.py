@@ -1,0 +1,79 @@
+"""Rendered frames (PS3.18 section 8.3.5.1.4): one frame as image/jpeg or image/png.
+
+For thumbnails and simple viewers. The frame is decoded by pydicom (native data; the
+compressed syntaxes pydicom can decode with the plug-ins installed), the VOI window of
+the dataset is applied (Window Center/Width, else the frame's min..max), and Pillow
+encodes it. Pillow: the maintained standard imaging library for Python, wheels for
+Windows, macOS and Linux, JPEG and PNG built in; nothing else we have encodes either.
+`viewport=W,H` scales down (never up), within MAX_SIDE.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Final
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_voi_lut
+
+__all__ = ["MAX_SIDE", "RenderError", "render_frame", "viewport"]
+
+MAX_SIDE: Final = 4096
+FORMATS: Final = {"image/jpeg": "JPEG", "image/png": "PNG"}
+
+
+class RenderError(ValueError):
+    """The frame cannot be rendered (no pixel data, an undecodable syntax)."""
+
+
+def viewport(text: str | None) -> tuple[int, int] | None:
+    """`viewport=W,H` -> (W, H); ValueError when malformed."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) < 2 or not all(p.strip().isdigit() for p in parts[:2]):
+        raise ValueError("expected viewport=WIDTH,HEIGHT")
+    w, h = (int(p) for p in parts[:2])
+    if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
+        raise ValueError(f"viewport sides are 1 to {MAX_SIDE}")
+    return w, h
+
+
+def render_frame(
+    ds: Dataset, number: int, media_type: str, size: tuple[int, int] | None = None
+) -> bytes:
+    """Frame `number` (1-based) as `media_type` (image/jpeg or image/png)."""
+    if "PixelData" not in ds:
+        raise RenderError("the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not 1 <= number <= count:
+        raise RenderError(f"frame {number} is past the last frame ({count})")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise RenderError(f"cannot decode the pixel data: {type(exc).__name__}") from None
+    frame = arr[number - 1] if count > 1 else arr
+    colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+    if colour:
+        image = Image.fromarray(_to_uint8(frame.astype(np.float64)), "RGB")
+    else:
+        windowed = apply_voi_lut(frame, ds) if "WindowCenter" in ds else frame
+        grey = _to_uint8(np.asarray(windowed, dtype=np.float64))
+        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            grey = 255 - grey
+        image = Image.fromarray(grey, "L")
+    if size is not None:
+        image.thumbnail(size)
+    out = io.BytesIO()
+    image.save(out, FORMATS[media_type])
+    return out.getvalue()
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(scaled, 0, 255).astype(np.uint8)

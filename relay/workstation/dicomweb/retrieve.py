@@ -1,0 +1,233 @@
+"""Series for the browser: from the cache when the study is complete there, else retrieved
+through the agent once, shared by every request that wants it (single-flight).
+
+A `SeriesFlight` collects a series's instances as they arrive; any number of requests
+read it at the same time (`instances()` yields each instance as soon as it is there, so
+answers stream). Finished series stay in a holding area bounded by `hold_size` bytes
+(least recently used first out); a series that alone outgrows it fails with 507 rather
+than grow memory without bound. At most `max_flights` retrievals run at once (503 above).
+A failed retrieval is forgotten at once, so that the next request tries again.
+
+The holding area is memory only: nothing retrieved for the browser is written to disk
+here (the cache's prefetch fills the cache; a complete cached study is read from it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
+
+from relay.dicom import rawds
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.dicomweb.source import DicomSource, UpstreamError
+
+__all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
+
+log = logging.getLogger(__name__)
+
+MAX_FLIGHTS: Final = 8
+
+
+@dataclass
+class HeldInstance:
+    """One instance as the PACS sent it: its dataset bytes and transfer syntax."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    data: bytes
+
+    def dataset(self) -> Dataset:
+        """The decoded dataset, with the transfer syntax where pydicom's pixel code looks."""
+        ds = rawds.decode_dataset(self.data, self.transfer_syntax)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(self.transfer_syntax)
+        return ds
+
+
+@dataclass
+class SeriesFlight:
+    study: str
+    series: str
+    items: list[HeldInstance] = field(default_factory=list)
+    by_uid: dict[str, HeldInstance] = field(default_factory=dict)
+    size: int = 0
+    done: bool = False
+    error: UpstreamError | None = None
+    from_cache: bool = False
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, item: HeldInstance) -> None:
+        if item.sop_instance in self.by_uid:
+            return
+        self.items.append(item)
+        self.by_uid[item.sop_instance] = item
+        self.size += len(item.data)
+        self._wake()
+
+    def finish(self, error: UpstreamError | None = None) -> None:
+        self.done = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def instances(self) -> AsyncIterator[HeldInstance]:
+        """Every instance, as soon as it is there; the flight's error at its end."""
+        i = 0
+        while True:
+            while i < len(self.items):
+                yield self.items[i]
+                i += 1
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return
+            await self._changed.wait()
+
+    async def get(self, sop_instance: str) -> HeldInstance | None:
+        """One instance, waiting for it while the series is arriving; None if not in it."""
+        while True:
+            found = self.by_uid.get(sop_instance)
+            if found is not None:
+                return found
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return None
+            await self._changed.wait()
+
+
+class Retriever:
+    """The series flights and the holding area."""
+
+    def __init__(
+        self,
+        source: DicomSource,
+        cache: CacheServer | None,
+        *,
+        hold_size: int,
+        max_flights: int = MAX_FLIGHTS,
+    ) -> None:
+        self.source = source
+        self.cache = cache
+        self.hold_size = hold_size
+        self.max_flights = max_flights
+        self.flights: OrderedDict[tuple[str, str], SeriesFlight] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.retrievals = 0  # series retrieved through the agent
+        self.from_cache = 0  # series read from the cache
+        self.shared = 0  # requests that joined a flight already there
+
+    @property
+    def held(self) -> int:
+        return sum(f.size for f in self.flights.values())
+
+    def running(self) -> int:
+        return sum(not f.done for f in self.flights.values())
+
+    async def series(self, study: str, series: str) -> SeriesFlight:
+        """The flight of one series: held, from the cache, or a new retrieval."""
+        key = (study, series)
+        flight = self.flights.get(key)
+        if flight is not None:
+            self.flights.move_to_end(key)
+            self.shared += 1
+            return flight
+        if self.running() >= self.max_flights:
+            raise UpstreamError(503, f"{self.max_flights} series retrievals already running")
+        # Registered before the first await: a request arriving meanwhile joins this one.
+        flight = SeriesFlight(study, series)
+        self.flights[key] = flight
+        task = asyncio.get_running_loop().create_task(self._fill(flight), name="series flight")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return flight
+
+    async def _from_cache(self, flight: SeriesFlight) -> bool:
+        if self.cache is None:
+            return False
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = flight.study
+        ident.SeriesInstanceUID = flight.series
+        try:
+            plan = await asyncio.to_thread(self.cache.plan, ident)
+            if plan is None:
+                return False
+            # plan() verified every file; read them all before any reader sees one
+            held = [HeldInstance(i.sop_class, i.sop_instance, i.transfer_syntax,
+                                 await asyncio.to_thread(i.read)) for i in plan]  # fmt: skip
+        except Exception as exc:  # a cache fault must never cost the viewer its images
+            log.error("cache lookup failed (%s); using the network", type(exc).__name__)
+            return False
+        for item in held:
+            flight.add(item)
+        flight.from_cache = True
+        self.from_cache += 1
+        flight.finish()
+        return True
+
+    async def _fill(self, flight: SeriesFlight) -> None:
+        if await self._from_cache(flight):
+            self._bound(flight)
+            return
+        self.retrievals += 1
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = flight.study
+        ident.SeriesInstanceUID = flight.series
+        error: UpstreamError | None = None
+        try:
+            async for msg in self.source.retrieve(ident):
+                flight.add(HeldInstance(msg.sop_class, msg.sop_instance,
+                                        msg.transfer_syntax, bytes(msg.dataset)))  # fmt: skip
+                self._bound(flight)
+                if flight.done:  # failed by _bound: too large
+                    return
+        except UpstreamError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("series retrieval failed")
+            error = UpstreamError(502, f"retrieval failed: {type(exc).__name__}")
+        if error is not None:
+            self._forget(flight)
+        flight.finish(error)
+
+    def _bound(self, growing: SeriesFlight) -> None:
+        """Evict finished series (least recently used first) until the holding fits."""
+        total = self.held
+        for key in list(self.flights):
+            if total <= self.hold_size:
+                return
+            other = self.flights[key]
+            if other is growing or not other.done:
+                continue
+            del self.flights[key]
+            total -= other.size
+        if total > self.hold_size and not growing.done:
+            self._forget(growing)
+            growing.finish(UpstreamError(507, "the series is larger than dicomweb.hold_size"))
+
+    def _forget(self, flight: SeriesFlight) -> None:
+        key = (flight.study, flight.series)
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for flight in self.flights.values():
+            if not flight.done:
+                flight.finish(UpstreamError(503, "the workstation is stopping"))
+        self.flights.clear()

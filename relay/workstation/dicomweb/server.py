@@ -1,0 +1,101 @@
+"""The DICOMweb server's lifecycle: build the operations, listen on loopback, stop.
+
+Started by relay.workstation.service when `dicomweb:` is configured. The listening
+address was checked to be loopback at config load; here it is checked again (a guard
+against embedding callers) and the Host check learns the real port (port 0 in tests).
+Header lines and fields are bounded by aiohttp's parser (`HEADER_LIMITS`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Final
+
+from aiohttp import web
+
+from relay.dicom.codec import DicomLimits, MessageCodec
+from relay.dicom.session import OpenStream
+from relay.ops.config import Address
+from relay.ops.listening import announce
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.dicomweb.app import PREFIX, DicomwebService, ExtraRoutes, build_app
+from relay.workstation.dicomweb.guard import allowed_hosts
+from relay.workstation.dicomweb.metrics import DicomwebMetrics
+from relay.workstation.dicomweb.retrieve import Retriever
+from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.source import DicomSource
+
+__all__ = ["HEADER_LIMITS", "DicomwebServer"]
+
+log = logging.getLogger(__name__)
+
+HEADER_LIMITS: Final = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64}
+
+
+class DicomwebServer:
+    """`start()` listens; `url` is the DICOMweb root once started; `stop()` closes."""
+
+    def __init__(
+        self,
+        config: DicomwebConfig,
+        open_stream: OpenStream,
+        *,
+        cache: CacheServer | None = None,
+        extra_routes: Iterable[ExtraRoutes] = (),
+    ) -> None:
+        if not config.listen.is_loopback:
+            raise ValueError(f"dicomweb.listen must be a loopback address, got {config.listen}")
+        self.config = config
+        source = DicomSource(open_stream, MessageCodec(DicomLimits()), timeout=config.timeout,
+                             cache=cache)  # fmt: skip
+        retriever = Retriever(source, cache, hold_size=config.hold_size)
+        metrics = DicomwebMetrics(
+            lambda: {
+                "held_bytes": float(retriever.held),
+                "retrievals_running": float(retriever.running()),
+            },
+            lambda: {
+                "series_retrievals": float(retriever.retrievals),
+                "series_from_cache": float(retriever.from_cache),
+                "series_shared": float(retriever.shared),
+            },
+        )
+        self.service = DicomwebService(source, retriever, metrics, config.max_upload)
+        self.app = build_app(self.service, extra_routes)
+        self._runner: web.AppRunner | None = None
+        self.address: Address | None = None
+
+    @property
+    def metrics(self) -> DicomwebMetrics:
+        return self.service.metrics
+
+    @property
+    def url(self) -> str:
+        assert self.address is not None
+        return f"http://{self.address}{PREFIX}"
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app, access_log=None, **HEADER_LIMITS)  # type: ignore[arg-type]
+        await runner.setup()
+        listen = self.config.listen
+        host = "127.0.0.1" if listen.host.lower().rstrip(".") == "localhost" else listen.host
+        site = web.TCPSite(runner, host, listen.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        ports = {int(a[1]) for a in runner.addresses}
+        port = next(iter(ports)) if ports else listen.port
+        self.address = Address(host, port)
+        self.service.allowed_hosts = allowed_hosts(ports or {listen.port})
+        self.service.base_url = self.url
+        announce("dicomweb", self.address)
+
+    async def stop(self) -> None:
+        await self.service.retriever.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,56 @@
+"""The `dicomweb:` section of the workstation's config (DESIGN.md sections 7 and 14).
+
+A local web server reaches the hospital with this device's identity, so it listens on a
+loopback address only; anything else stops start-up naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from relay.ops.config import Address, GiB, MiB, Reader
+
+__all__ = ["DicomwebConfig", "read_dicomweb"]
+
+DEFAULT_MAX_UPLOAD: Final = 512 * MiB
+DEFAULT_HOLD_SIZE: Final = 1 * GiB
+DEFAULT_TIMEOUT: Final = 120.0
+MAX_QUERY: Final = 8192  # characters in a query string (URL after `?`)
+
+_LOOPBACK_ONLY = (
+    "must be a loopback address (127.0.0.1, [::1] or localhost): a browser page from "
+    "anywhere else could read studies with this device's identity"
+)
+
+
+@dataclass(frozen=True)
+class DicomwebConfig:
+    """`max_upload`: one STOW-RS request body; `hold_size`: instances retrieved for the
+    browser and held in memory (series not served from the cache); `timeout`: seconds
+    without progress from the agent before a request fails (504/502)."""
+
+    listen: Address
+    viewer: bool = True
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    hold_size: int = DEFAULT_HOLD_SIZE
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def read_dicomweb(r: Reader) -> DicomwebConfig | None:
+    """`dicomweb: {listen, viewer, max_upload, hold_size, timeout}`; absent: None."""
+    s = r.optional_section("dicomweb")
+    if s is None:
+        return None
+    listen = s.address("listen", listen=True)
+    if not listen.is_loopback:
+        raise s.error("listen", f"{_LOOPBACK_ONLY}, got {listen}")
+    viewer = s.boolean("viewer", True)
+    max_upload = s.size("max_upload", DEFAULT_MAX_UPLOAD)
+    if not 1 <= max_upload <= 16 * GiB:
+        raise s.error("max_upload", "must be between 1 byte and 16GiB")
+    hold_size = s.size("hold_size", DEFAULT_HOLD_SIZE)
+    if not 1 * MiB <= hold_size <= 64 * GiB:
+        raise s.error("hold_size", "must be between 1MiB and 64GiB")
+    timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
+    return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout)

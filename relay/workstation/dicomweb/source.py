@@ -1,0 +1,217 @@
+"""DICOM operations for the DICOMweb server: C-FIND, retrieve and C-STORE through the relay.
+
+Each operation is one stream to the agent over the sealed session, spoken with the
+relay's DICOM message codec directly on the event loop (as the cache's StudyFetcher does;
+no pynetdicom on this side). Every wait is bounded by `timeout` without progress. With
+the link down, C-FIND is answered from the cache's index (as the DICOM node does).
+
+Failures become `UpstreamError` with the HTTP status to answer: 502 when the PACS or the
+relay path failed (with the reason), 504 when nothing came in time, 404 for no match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from relay.dicom import rawds
+from relay.dicom import status as st
+from relay.dicom.codec import (
+    VERSION,
+    ErrorMessage,
+    FinalResponse,
+    Instance,
+    MessageCodec,
+    Pending,
+    Request,
+    read_message,
+    write_message,
+)
+from relay.dicom.session import RESET_CANCEL, OpenStream
+from relay.net.bytestream import ByteStream, StreamResetError
+from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+from relay.workstation.cache.serve import CacheServer
+
+__all__ = ["DicomSource", "FindResult", "UpstreamError"]
+
+log = logging.getLogger(__name__)
+
+CALLING_AE: Final = "RELAYWEB"  # the audit trail's name for the browser's requests
+_REASONS: Final = {
+    st.PACS_UNREACHABLE: "the PACS is unreachable",
+    st.PACS_REFUSED: "the PACS refused the association",
+    st.PACS_NO_RESPONSE: "the PACS did not answer",
+    st.LINK_LOST: "the relay link was lost",
+    st.RELAY_UNSUPPORTED: "the agent cannot do this",
+}
+
+
+class UpstreamError(Exception):
+    """An operation failed; `http_status` says how to answer, `reason` why (no patient data)."""
+
+    def __init__(self, http_status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+        self.reason = reason
+
+
+@dataclass
+class FindResult:
+    matches: list[Dataset]
+    from_cache: bool = False
+    truncated: bool = False
+
+
+def _failure(final: FinalResponse, what: str) -> UpstreamError:
+    reason = _REASONS.get(final.status, f"{what} failed with status 0x{final.status:04X}")
+    if final.comment:
+        reason = f"{reason}: {final.comment}"
+    return UpstreamError(502, reason)
+
+
+class DicomSource:
+    """The relay's DICOM operations as coroutines; `cache` answers C-FIND offline."""
+
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        codec: MessageCodec,
+        *,
+        timeout: float,
+        cache: CacheServer | None = None,
+    ) -> None:
+        self.open_stream = open_stream
+        self.codec = codec
+        self.timeout = timeout
+        self.cache = cache
+        self.headers = {HEADER_TARGET: TARGET_DICOM, HEADER_DICOM_VERSION: str(VERSION)}
+
+    def offline(self) -> bool:
+        return self.cache is not None and self.cache.offline()
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, request: Request) -> AsyncIterator[tuple[ByteStream, list[bool]]]:
+        """An open stream with `request` written; the flag list's [0] marks a clean end."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                stream = await self.open_stream(self.headers)
+                await write_message(stream, self.codec, request)
+        except TimeoutError:
+            raise UpstreamError(504, "no relay stream within the timeout") from None
+        except (StreamResetError, OSError, ConnectionError) as exc:
+            raise UpstreamError(502, f"relay link unavailable: {type(exc).__name__}") from None
+        except Exception as exc:  # TunnelUnavailable and kin
+            raise UpstreamError(502, f"relay link unavailable: {exc}") from None
+        clean = [False]
+        try:
+            yield stream, clean
+        finally:
+            await _close(stream, clean[0])
+
+    async def _next(self, stream: ByteStream) -> object:
+        try:
+            async with asyncio.timeout(self.timeout):
+                msg = await read_message(stream, self.codec)
+        except TimeoutError:
+            raise UpstreamError(504, "no answer from the agent within the timeout") from None
+        except StreamResetError as exc:
+            raise UpstreamError(502, f"relay stream reset (code {exc.code})") from None
+        except Exception as exc:
+            raise UpstreamError(502, f"bad message from the agent: {type(exc).__name__}") from None
+        if msg is None:
+            raise UpstreamError(502, "the relay stream ended before the final response")
+        if isinstance(msg, ErrorMessage):
+            raise UpstreamError(502, f"the agent refused: {msg.reason}")
+        return msg
+
+    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+        """A study-root C-FIND; the link down and a cache: the cache's index answers."""
+        if self.offline():
+            assert self.cache is not None
+            found = await asyncio.to_thread(self.cache.find, identifier)
+            return FindResult(found[:max_matches], True, len(found) > max_matches)
+        request = Request(
+            op="find",
+            root="study",
+            transfer_syntax=ExplicitVRLittleEndian,
+            dataset=rawds.encode_dataset(identifier),
+            calling_ae=CALLING_AE,
+        )
+        result = FindResult([])
+        async with self._stream(request) as (stream, clean):
+            while True:
+                msg = await self._next(stream)
+                if isinstance(msg, Pending) and msg.dataset:
+                    if len(result.matches) < max_matches:
+                        ds = rawds.decode_dataset(msg.dataset, msg.transfer_syntax)
+                        result.matches.append(ds)
+                    else:
+                        result.truncated = True
+                elif isinstance(msg, FinalResponse):
+                    clean[0] = True
+                    if msg.status not in (st.SUCCESS, st.CANCEL):
+                        raise _failure(msg, "C-FIND")
+                    return result
+
+    async def retrieve(self, identifier: Dataset) -> AsyncIterator[Instance]:
+        """The instances of a retrieve identifier as they arrive (the PACS's bytes)."""
+        request = Request(
+            op="retrieve",
+            root="study",
+            transfer_syntax=ExplicitVRLittleEndian,
+            dataset=rawds.encode_dataset(identifier),
+            calling_ae=CALLING_AE,
+        )
+        async with self._stream(request) as (stream, clean):
+            while True:
+                msg = await self._next(stream)
+                if isinstance(msg, Instance):
+                    yield msg
+                elif isinstance(msg, FinalResponse):
+                    clean[0] = True
+                    if msg.status not in (st.SUCCESS, st.WARNING_SUBOPS) and not (
+                        msg.status == st.SUBOPS_FAILED and msg.completed
+                    ):
+                        raise _failure(msg, "the retrieve")
+                    return
+
+    async def store(
+        self, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes
+    ) -> FinalResponse:
+        """One C-STORE to the PACS; the final response (failures included) or UpstreamError
+        when the relay path failed."""
+        request = Request(
+            op="store",
+            transfer_syntax=transfer_syntax,
+            dataset=data,
+            sop_class=sop_class,
+            sop_instance=sop_instance,
+            calling_ae=CALLING_AE,
+        )
+        async with self._stream(request) as (stream, clean):
+            while True:
+                msg = await self._next(stream)
+                if isinstance(msg, FinalResponse):
+                    clean[0] = True
+                    return msg
+
+
+async def _close(stream: ByteStream, clean: bool) -> None:
+    """A half-close after the final response; a reset otherwise (the agent gives up)."""
+    if clean:
+        with contextlib.suppress(StreamResetError, OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                await stream.write_eof()
+                return
+    stream.reset(RESET_CANCEL)
+
+
+def is_uid(text: str) -> bool:
+    return 0 < len(text) <= 64 and all(c.isdigit() or c == "." for c in text)

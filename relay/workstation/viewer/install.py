@@ -1,0 +1,237 @@
+"""`relay viewer install`: fetch the pinned OHIF release, check its hash, unpack its dist.
+
+Plain Python (urllib, tarfile), so the radiologist's Windows PC needs no npm. The order
+makes a bad tarball harmless: download to a temporary file (size-bounded) while hashing
+it, compare with the pinned SRI integrity, and only then unpack `package/dist/` into a
+staging directory beside the target (regular files only; no absolute paths, `..`, links or
+devices; bounded in count and bytes), write the marker last and move the staging
+directory into place. Any failure removes the staging directory: there is never a
+half-installed viewer, and an installed one stays as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from relay.workstation.config import user_data_dir
+from relay.workstation.viewer.pin import OHIF, ViewerRelease
+
+__all__ = [
+    "MARKER",
+    "InstallLimits",
+    "ViewerInstallError",
+    "default_viewer_dir",
+    "install_viewer",
+    "installed_release",
+]
+
+MARKER = ".relay-viewer.json"  # written last: its presence means a complete install
+DIST_PREFIX = "package/dist/"
+LICENSE_MEMBER = "package/LICENSE"  # MIT: the notice goes with the copy
+CHUNK = 1 << 16
+DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before the download is given up
+
+
+class ViewerInstallError(Exception):
+    """The viewer could not be installed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class InstallLimits:
+    """Bounds on what a tarball may make us write (the real one: ~50 MB, ~250 files,
+    ~210 MB unpacked)."""
+
+    tarball_bytes: int = 256 << 20
+    dist_bytes: int = 1 << 30
+    dist_files: int = 10_000
+
+
+def default_viewer_dir(release: ViewerRelease = OHIF) -> Path:
+    """Where the viewer goes by default: the platform's data dir, one per version."""
+    return user_data_dir() / "viewer" / f"ohif-{release.version}"
+
+
+def installed_release(directory: Path) -> dict[str, str] | None:
+    """The marker of a complete install in `directory`, or None."""
+    try:
+        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not (directory / "index.html").is_file():
+        return None
+    return {str(k): str(v) for k, v in marker.items()}
+
+
+def _is_current(directory: Path, release: ViewerRelease) -> bool:
+    marker = installed_release(directory)
+    return marker is not None and marker.get("integrity") == release.integrity
+
+
+def _sri_digest(integrity: str) -> bytes:
+    algorithm, _, encoded = integrity.partition("-")
+    if algorithm != "sha512" or not encoded:
+        raise ViewerInstallError(f"unsupported integrity {integrity!r}: expected sha512-...")
+    return base64.b64decode(encoded)
+
+
+def _copy_hashing(source: IO[bytes], sink: IO[bytes], limit: int) -> bytes:
+    digest = hashlib.sha512()
+    total = 0
+    while chunk := source.read(CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise ViewerInstallError(f"the tarball is larger than {limit} bytes: refused")
+        digest.update(chunk)
+        sink.write(chunk)
+    return digest.digest()
+
+
+def _fetch(release: ViewerRelease, tarball: Path | None, sink: IO[bytes], limit: int) -> bytes:
+    """Copy the tarball (a local file, or the registry's) into `sink`; its sha512."""
+    if tarball is not None:
+        try:
+            with tarball.open("rb") as source:
+                return _copy_hashing(source, sink, limit)
+        except OSError as exc:
+            raise ViewerInstallError(f"cannot read {tarball}: {exc.strerror or exc}") from None
+    request = urllib.request.Request(release.tarball, headers={"User-Agent": "dmz-relay"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise ViewerInstallError(f"the tarball is larger than {limit} bytes: refused")
+            return _copy_hashing(response, sink, limit)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise ViewerInstallError(
+            f"cannot download {release.tarball}: {reason} (no internet? copy the file here "
+            "and use `relay viewer install --tarball FILE`)"
+        ) from None
+
+
+def _member_path(name: str) -> str | None:
+    """The path inside dist/ a member is unpacked to; None: not ours (skipped).
+    Raises for anything that could land outside the target."""
+    if name == LICENSE_MEMBER:
+        return "LICENSE"
+    if not name.startswith(DIST_PREFIX):
+        return None
+    relative = name[len(DIST_PREFIX) :].rstrip("/")
+    if not relative:
+        return None
+    parts = relative.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or any(c in part for c in '\\:*?"<>|\0') or part[-1] in ". ":
+            raise ViewerInstallError(f"unsafe path in the tarball: {name!r}: refused")
+    return relative
+
+
+def _unpack(archive: Path, staging: Path, limits: InstallLimits) -> int:
+    files = 0
+    written = 0
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                relative = _member_path(member.name)
+                if relative is None or member.isdir():
+                    continue
+                if not member.isfile():
+                    raise ViewerInstallError(
+                        f"{member.name!r} is a link or device, not a file: refused"
+                    )
+                files += 1
+                if files > limits.dist_files:
+                    raise ViewerInstallError(f"more than {limits.dist_files} files: refused")
+                target = staging.joinpath(*relative.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                if source is None:  # pragma: no cover - isfile() members have data
+                    raise ViewerInstallError(f"{member.name!r} has no data: refused")
+                with source, target.open("xb") as sink:
+                    while chunk := source.read(CHUNK):
+                        written += len(chunk)
+                        if written > limits.dist_bytes:
+                            raise ViewerInstallError(
+                                f"unpacks to more than {limits.dist_bytes} bytes: refused"
+                            )
+                        sink.write(chunk)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, FileExistsError):
+            raise ViewerInstallError(f"the tarball names {exc.filename} twice: refused") from None
+        raise ViewerInstallError(f"the tarball cannot be unpacked: {exc}") from None
+    if not (staging / "index.html").is_file():
+        raise ViewerInstallError("the tarball has no package/dist/index.html: not a built viewer")
+    return files
+
+
+def install_viewer(
+    directory: Path | None = None,
+    *,
+    release: ViewerRelease = OHIF,
+    tarball: Path | None = None,
+    force: bool = False,
+    limits: InstallLimits = InstallLimits(),
+) -> tuple[Path, bool]:
+    """Install `release` into `directory` (default: default_viewer_dir()).
+
+    Returns (directory, whether anything was installed): an install with the same
+    integrity is kept unless `force`. `tarball`: a local copy instead of the registry.
+    """
+    target = Path(directory) if directory is not None else default_viewer_dir(release)
+    if not force and _is_current(target, release):
+        return target, False
+    expected = _sri_digest(release.integrity)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise ViewerInstallError(f"cannot write to {target.parent}: {exc.strerror}") from None
+    try:
+        archive = staging / "download.tgz"
+        with archive.open("wb") as sink:
+            digest = _fetch(release, tarball, sink, limits.tarball_bytes)
+        if digest != expected:
+            actual = base64.b64encode(digest).decode()
+            raise ViewerInstallError(
+                f"the tarball's hash sha512-{actual} is not the pinned {release.integrity} "
+                f"of {release.name} {release.version}: refused (tampered or wrong file)"
+            )
+        dist = staging / "dist"
+        dist.mkdir()
+        _unpack(archive, dist, limits)
+        archive.unlink()
+        marker = {"name": release.name, "version": release.version}
+        marker["integrity"] = release.integrity
+        (dist / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        _swap_in(dist, target, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return target, True
+
+
+def _swap_in(dist: Path, target: Path, staging: Path) -> None:
+    """Move the complete `dist` to `target`; an older install there is replaced."""
+    old = staging / "old"
+    try:
+        if target.exists():
+            os.replace(target, old)
+        os.replace(dist, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # put the old install back
+        raise ViewerInstallError(f"cannot move the viewer to {target}: {exc.strerror}") from None

@@ -1,0 +1,149 @@
+"""The directory client against a real slapd over real TLS (StartTLS and ldaps)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.agent.directory import (
+    Directory,
+    DirectoryError,
+    DirectorySettings,
+    DirectoryUnavailable,
+    DirectoryUser,
+    Refusal,
+    RefusalReason,
+    UserStatus,
+)
+from tests.interop.harness.slapd import (
+    GROUP,
+    PASSWORDS,
+    Slapd,
+    make_tls,
+    start_slapd,
+    user_dn,
+)
+
+from .conftest import directory_section, read_settings
+
+
+def refusal(result: DirectoryUser | Refusal) -> RefusalReason:
+    return refused(result).reason
+
+
+def refused(result: DirectoryUser | Refusal) -> Refusal:
+    assert isinstance(result, Refusal), result
+    return result
+
+
+async def test_a_member_of_the_group_is_authenticated(settings: DirectorySettings) -> None:
+    user = await Directory(settings).authenticate("alice", PASSWORDS["alice"])
+    assert user == DirectoryUser("alice", user_dn("alice"), in_group=True, is_admin=False)
+
+
+async def test_ldaps_and_the_admin_group(slapd: Slapd, tmp_path: Path) -> None:
+    settings = read_settings(
+        directory_section(slapd, tmp_path, url=slapd.ldaps_url, start_tls=None), tmp_path
+    )
+    directory = Directory(settings)
+    carol = await directory.authenticate("carol", PASSWORDS["carol"], admin=True)
+    assert isinstance(carol, DirectoryUser) and carol.is_admin and carol.in_group
+    assert await directory.is_admin("carol")
+    assert not await directory.is_admin("alice")
+    alice = await directory.authenticate("alice", PASSWORDS["alice"], admin=True)
+    assert refusal(alice) is RefusalReason.NOT_IN_GROUP
+
+
+async def test_refusals_name_one_reason(settings: DirectorySettings) -> None:
+    directory = Directory(settings)
+    assert refusal(await directory.authenticate("alice", "nope")) is RefusalReason.WRONG_PASSWORD
+    unknown = refused(await directory.authenticate("mallory", "x"))
+    assert refusal(unknown) is RefusalReason.UNKNOWN_USER
+    assert unknown.message == "wrong password"  # never tells who exists
+    bob = refused(await directory.authenticate("bob", PASSWORDS["bob"]))
+    assert refusal(bob) is RefusalReason.NOT_IN_GROUP and bob.message == "not in group"
+    # An empty password would be an unauthenticated bind, which slapd accepts.
+    assert refusal(await directory.authenticate("alice", "")) is RefusalReason.WRONG_PASSWORD
+
+
+@pytest.mark.parametrize("name", ["*", "alice)(uid=*", "al*", "alice\x00", "(uid=*)", "a" * 65])
+async def test_no_user_name_changes_the_filter(settings: DirectorySettings, name: str) -> None:
+    directory = Directory(settings)
+    assert refusal(await directory.authenticate(name, PASSWORDS["alice"])) is (
+        RefusalReason.UNKNOWN_USER
+    )
+    assert await directory.lookup(name) is UserStatus.DELETED
+
+
+async def test_lookup_follows_the_directory(slapd: Slapd, settings: DirectorySettings) -> None:
+    directory = Directory(settings)
+    assert await directory.lookup("alice") is UserStatus.ACTIVE
+    assert await directory.lookup("bob") is UserStatus.NOT_IN_GROUP
+    assert await directory.lookup("mallory") is UserStatus.DELETED
+    slapd.lock("alice")
+    assert await directory.lookup("alice") is UserStatus.DISABLED
+    assert refusal(await directory.authenticate("alice", PASSWORDS["alice"])) is (
+        RefusalReason.DISABLED
+    )
+    slapd.remove_member("dave")
+    assert await directory.lookup("dave") is UserStatus.NOT_IN_GROUP
+    slapd.delete("carol")
+    assert await directory.lookup("carol") is UserStatus.DELETED
+
+
+async def test_an_outage_is_unavailable_never_a_verdict(
+    slapd: Slapd, settings: DirectorySettings
+) -> None:
+    directory = Directory(replace(settings, timeout=2.0))
+    slapd.kill()
+    with pytest.raises(DirectoryUnavailable):
+        await directory.lookup("alice")
+    result = refused(await directory.authenticate("alice", PASSWORDS["alice"]))
+    assert result.reason is RefusalReason.UNAVAILABLE
+    assert result.message == "directory unavailable"
+
+
+async def test_a_missing_group_is_an_error_not_a_verdict(settings: DirectorySettings) -> None:
+    directory = Directory(replace(settings, group="cn=gone,ou=groups,dc=hospital,dc=test"))
+    with pytest.raises(DirectoryError):
+        await directory.lookup("alice")
+    assert await Directory(settings).lookup("alice") is UserStatus.ACTIVE  # as a control
+
+
+async def test_a_wrong_service_password_is_unavailable(settings: DirectorySettings) -> None:
+    with pytest.raises(DirectoryUnavailable, match="service bind"):
+        await Directory(replace(settings, bind_password="wrong")).lookup("alice")
+
+
+async def test_the_server_certificate_is_checked(
+    slapd: Slapd, settings: DirectorySettings, tmp_path: Path
+) -> None:
+    other = make_tls(tmp_path / "other-ca")
+    with pytest.raises(DirectoryUnavailable, match="certificate verify failed"):
+        await Directory(replace(settings, ca=other.ca)).lookup("alice")
+    assert await Directory(settings).lookup("alice") is UserStatus.ACTIVE  # as a control
+
+
+@pytest.mark.parametrize("ldaps", [False, True])
+async def test_the_server_name_is_checked(tmp_path: Path, ldaps: bool) -> None:
+    # A certificate for "localhost" only: dialling 127.0.0.1 must fail, by name.
+    server = start_slapd(tmp_path / "slapd", names=("localhost",))
+    try:
+        section = directory_section(server, tmp_path)
+        if ldaps:
+            section.update(url=server.ldaps_url)
+            section.pop("start_tls")
+        settings = read_settings(section, tmp_path)
+        with pytest.raises(DirectoryUnavailable, match=r"not valid for the name 127\.0\.0\.1"):
+            await Directory(settings).lookup("alice")
+        assert await Directory(replace(settings, host="localhost")).lookup("alice") is (
+            UserStatus.ACTIVE
+        )
+    finally:
+        server.close()
+
+
+def test_group_fixture_is_the_configured_group(settings: DirectorySettings) -> None:
+    assert settings.group == GROUP

@@ -1,0 +1,307 @@
+"""The IT pages' pieces without a server: sessions and their expiry, the failed-login
+limiter, the scrypt password file, escaping, the audit view's filters and bounds, and the
+`it_pages:` config section's errors. Time is a fake clock everywhere."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.agent.itpages import passwords
+from relay.agent.itpages.admin_cli import passwd
+from relay.agent.itpages.auditview import AuditFilter, query_audit
+from relay.agent.itpages.auth import LocalAuthenticator, LoginLimiter
+from relay.agent.itpages.html import Html, esc, render
+from relay.agent.itpages.sessions import SessionStore
+from relay.agent.itpages.settings import read_it_pages_settings
+from relay.agent.itpages.views import audit_page, code_form, devices_page, login_page
+from relay.agent.registry import DeviceRow
+from relay.ops.config import ConfigError, Reader
+
+FAST = 10  # log2 N for test hashes: the format allows it, the checks take a millisecond
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- sessions
+
+
+def test_session_ids_are_random_and_lookups_restart_the_idle_clock() -> None:
+    clock = Clock()
+    store = SessionStore(idle=60, max_age=600, max_sessions=10, clock=clock)
+    a, b = store.create("carol"), store.create("carol")
+    assert a.id != b.id and a.csrf != b.csrf and len(a.id) >= 40
+    clock.t += 59
+    assert store.get(a.id) is a  # used: idle clock restarts
+    clock.t += 59
+    assert store.get(a.id) is a
+    assert store.get(b.id) is None  # 118 s idle
+    assert store.get("nope") is None and store.get(None) is None
+
+
+def test_absolute_expiry_ends_a_busy_session() -> None:
+    clock = Clock()
+    store = SessionStore(idle=60, max_age=100, max_sessions=10, clock=clock)
+    s = store.create("carol")
+    for _ in range(3):
+        clock.t += 30
+        assert store.get(s.id) is s
+    clock.t += 10  # 100 s after login
+    assert store.get(s.id) is None
+    assert len(store) == 0
+
+
+def test_session_count_is_bounded_and_logout_drops() -> None:
+    clock = Clock()
+    store = SessionStore(idle=60, max_age=600, max_sessions=3, clock=clock)
+    first = store.create("a")
+    others = [store.create(u) for u in "bc"]
+    clock.t += 1
+    store.get(first.id)  # most recently used now
+    store.create("d")  # pushes out the least recently used: b
+    assert len(store) == 3
+    assert store.get(others[0].id) is None and store.get(first.id) is first
+    assert store.drop(first.id) is first
+    assert store.get(first.id) is None
+
+
+# -- the login limiter
+
+
+def test_limiter_blocks_a_user_after_its_failures_and_forgets_them_later() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(max_per_user=3, max_per_source=100, window=60, clock=clock)
+    for i in range(3):
+        assert not limiter.blocked(f"10.0.0.{i}", "Carol")
+        limiter.failed(f"10.0.0.{i}", "carol")
+    assert limiter.blocked("10.9.9.9", "carol")  # from any address, any case
+    assert not limiter.blocked("10.9.9.9", "dave")
+    clock.t += 61
+    assert not limiter.blocked("10.9.9.9", "carol")
+
+
+def test_limiter_blocks_a_source_trying_many_users_and_success_clears_the_user() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(max_per_user=3, max_per_source=5, window=60, clock=clock)
+    for i in range(5):
+        limiter.failed("10.0.0.1", f"user{i}")
+    assert limiter.blocked("10.0.0.1", "someone-new")
+    assert not limiter.blocked("10.0.0.2", "someone-new")
+    limiter.failed("10.0.0.2", "x")
+    limiter.failed("10.0.0.2", "x")
+    limiter.succeeded("x")
+    limiter.failed("10.0.0.3", "x")
+    assert not limiter.blocked("10.0.0.4", "x")
+
+
+def test_limiter_tracks_a_bounded_number_of_keys() -> None:
+    limiter = LoginLimiter(max_keys=50, clock=Clock())
+    for i in range(1000):
+        limiter.failed(f"10.0.{i // 256}.{i % 256}", f"u{i}")
+    assert len(limiter) <= 50
+
+
+# -- the password file
+
+
+def test_password_file_round_trip_and_no_plaintext(tmp_path: Path) -> None:
+    path = tmp_path / "admins"
+    assert passwords.set_password(path, "carol", "correct horse battery", log2_n=FAST)
+    assert not passwords.set_password(path, "carol", "another long secret", log2_n=FAST)
+    passwords.set_password(path, "dave", "dave's long password", log2_n=FAST)
+    text = path.read_text()
+    assert "horse" not in text and "secret" not in text and "dave's" not in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    admins = passwords.read_admins(path)
+    assert set(admins) == {"carol", "dave"}
+    assert passwords.verify_password(admins["carol"], "another long secret")
+    assert not passwords.verify_password(admins["carol"], "correct horse battery")
+    assert not passwords.verify_password(None, "anything at all")
+    # the same password hashes differently each time (salt)
+    assert passwords.hash_password("x" * 12, log2_n=FAST) != passwords.hash_password(
+        "x" * 12, log2_n=FAST
+    )
+
+
+def test_password_file_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "admins"
+    path.write_text("# comment\n\ncarol:plaintext-password\n")
+    with pytest.raises(passwords.PasswordFileError, match=r"admins:3: not an entry"):
+        passwords.read_admins(path)
+    path.write_text("carol:scrypt$30$8$1$AAAA$AAAA\n")  # N = 2^30: refused, not computed
+    with pytest.raises(passwords.PasswordFileError, match=r"admins:1"):
+        passwords.read_admins(path)
+    path.write_bytes(b"x" * (passwords.MAX_FILE_BYTES + 1))
+    with pytest.raises(passwords.PasswordFileError, match="larger than"):
+        passwords.read_admins(path)
+    with pytest.raises(passwords.PasswordFileError, match="cannot read"):
+        passwords.read_admins(tmp_path / "missing")
+    with pytest.raises(ValueError, match="at least 12"):
+        passwords.set_password(tmp_path / "new", "carol", "short")
+    with pytest.raises(ValueError, match="not an admin name"):
+        passwords.set_password(tmp_path / "new", "<carol>", "long enough password")
+
+
+async def test_local_authenticator(tmp_path: Path) -> None:
+    path = tmp_path / "admins"
+    passwords.set_password(path, "carol", "correct horse battery", log2_n=FAST)
+    auth = LocalAuthenticator(path)
+    assert (await auth.authenticate("carol", "correct horse battery")).ok
+    wrong = await auth.authenticate("carol", "correct horse batterY")
+    assert (wrong.result, wrong.detail) == ("refused", "wrong password")
+    assert (await auth.authenticate("mallory", "correct horse battery")).result == "refused"
+    path.write_text("broken\n")
+    assert (await auth.authenticate("carol", "correct horse battery")).result == "unavailable"
+
+
+def test_passwd_command_reads_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    path = tmp_path / "admins"
+    assert passwd(path, "carol", stdin=io.StringIO("a long enough password\n")) == 0
+    assert "added IT admin 'carol'" in capsys.readouterr().out
+    assert passwd(path, "carol", stdin=io.StringIO("short\n")) == 2
+    assert "at least 12" in capsys.readouterr().err
+    admins = passwords.read_admins(path)
+    assert passwords.verify_password(admins["carol"], "a long enough password")
+
+
+# -- escaping
+
+EVIL = '<script>alert("x")</script>&\'"'
+
+
+def test_render_escapes_everything_but_html_built_here() -> None:
+    out = render("<p title={a}>{b}</p>", a=EVIL, b=Html("<b>ok</b>"))
+    assert "<script>" not in out and "&lt;script&gt;" in out and "&quot;" in out
+    assert "&#x27;" in out and "<b>ok</b>" in out
+    assert esc(None) == "" and esc(Html("<i>")) == "<i>"
+
+
+def test_pages_escape_what_users_and_the_audit_trail_bring() -> None:
+    now = dt.datetime(2026, 12, 5, tzinfo=dt.UTC)
+    row = DeviceRow("ws1", "main", now, None, now, "ab", now, 1, user=EVIL)
+    pages = [
+        login_page("tok", user=EVIL, error=EVIL),
+        devices_page([row], now, user=EVIL, csrf="tok", notice=EVIL),
+        code_form(user="carol", csrf="tok", directory=True, error=EVIL, device=EVIL, holder=EVIL),
+    ]
+    event = {
+        "kind": "transfer_end",
+        "user": EVIL,
+        "EventIdentification": {"EventDateTime": EVIL, "EventOutcomeDescription": EVIL},
+        "ActiveParticipant": [{"UserID": EVIL, "UserName": EVIL}],
+        "ParticipantObjectIdentification": [{"ParticipantObjectID": EVIL}],
+    }
+    from relay.agent.itpages.auditview import AuditPage
+
+    pages.append(
+        audit_page(AuditPage([event], 1, False, 1, False), AuditFilter(device=EVIL), user="c",
+                   csrf="tok")
+    )  # fmt: skip
+    for page in pages:
+        assert "<script>" not in page
+        assert "&lt;script&gt;" in page
+
+
+# -- the audit view
+
+
+def _event(i: int, kind: str, device: str, user: str = "") -> str:
+    at = dt.datetime(2026, 12, 1, tzinfo=dt.UTC) + dt.timedelta(hours=i)
+    event = {
+        "kind": kind,
+        "EventIdentification": {"EventDateTime": at.isoformat().replace("+00:00", "Z")},
+        "ActiveParticipant": [{"UserID": f"spiffe://h/device/main/{device}"}],
+        **({"user": user} if user else {}),
+    }
+    return json.dumps(event)
+
+
+def test_audit_view_filters_pages_newest_first_across_rotated_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    lines = [
+        _event(i, "renewal" if i % 2 else "enrollment", f"ws{i % 3}", "alice" if i % 3 else "")
+        for i in range(120)
+    ]
+    (tmp_path / "audit.jsonl.1").write_text("\n".join(lines[:60]) + "\nnot json\n")
+    path.write_text("\n".join(lines[60:]) + "\n")
+    first = query_audit(path, AuditFilter(), page_size=50)
+    assert len(first.events) == 50 and first.has_more
+    assert first.events[0]["EventIdentification"] == json.loads(lines[-1])["EventIdentification"]
+    third = query_audit(path, AuditFilter(page=3), page_size=50)
+    assert len(third.events) == 20 and not third.has_more
+    ws1 = query_audit(path, AuditFilter(device="/ws1", kind="renewal"), page_size=500)
+    assert ws1.events and all(e["kind"] == "renewal" for e in ws1.events)
+    assert all(e["ActiveParticipant"][0]["UserID"].endswith("/ws1") for e in ws1.events)
+    alice = query_audit(path, AuditFilter(user="alice"), page_size=500)
+    assert len(alice.events) == 80
+    since = dt.datetime(2026, 12, 5, tzinfo=dt.UTC)  # hours 96..119
+    recent = query_audit(path, AuditFilter(since=since), page_size=500)
+    assert len(recent.events) == 24
+
+
+def test_audit_view_stops_after_its_scan_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay.agent.itpages import auditview
+
+    monkeypatch.setattr(auditview, "MAX_SCAN", 30)
+    path = tmp_path / "audit.jsonl"
+    path.write_text("\n".join(_event(i, "renewal", "ws1") for i in range(100)) + "\n")
+    result = query_audit(path, AuditFilter(kind="enrollment"))
+    assert result.truncated and result.scanned == 30 and not result.events
+
+
+# -- config
+
+
+def _read(tmp_path: Path, section: object, *, directory: bool = False, pki: bool = True) -> object:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"it_pages": section}))
+    r = Reader.document(yaml.safe_load(path.read_text()), path)
+    settings = read_it_pages_settings(r, has_directory=directory, has_pki=pki)
+    r.done()
+    return settings
+
+
+def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
+    (tmp_path / "c.crt").write_text("x")
+    (tmp_path / "c.key").write_text("x")
+    ok = _read(tmp_path, {"listen": "127.0.0.1:0", "admins_file": "admins"})
+    assert ok is not None
+    cases = [
+        ({"listen": "0.0.0.0:9180", "admins_file": "a"}, {}, "it_pages.tls", "loopback"),
+        ({"listen": "127.0.0.1:0"}, {}, "it_pages.admins_file", "relay it-admin passwd"),
+        ({"listen": "127.0.0.1:0", "admins_file": "a"}, {"directory": True},
+         "it_pages.admins_file", "admin_group"),
+        ({"listen": "127.0.0.1:0", "admins_file": "a"}, {"pki": False}, "it_pages", "pki"),
+        ({"listen": "127.0.0.1:0", "admins_file": "a", "session_idle": "9h"}, {},
+         "it_pages.session_idle", "session_max"),
+        ({"listen": "127.0.0.1:0", "admins_file": "a", "sesion_max": "1h"}, {},
+         "it_pages.sesion_max", "unknown key"),
+        ({"listen": "127.0.0.1:0", "admins_file": "a", "tls": {"cert": "c.crt"}}, {},
+         "it_pages.tls.key", "missing"),
+    ]  # fmt: skip
+    for section, flags, key, words in cases:
+        with pytest.raises(ConfigError) as info:
+            _read(tmp_path, section, **flags)
+        message = str(info.value)
+        assert "agent.yaml" in message and key in message and words in message, message
+    tls = _read(
+        tmp_path, {"listen": "0.0.0.0:9180", "tls": {"cert": "c.crt", "key": "c.key"}},
+        directory=True,
+    )  # fmt: skip
+    assert tls is not None

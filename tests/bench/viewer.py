@@ -1,0 +1,193 @@
+"""Benchmark of issue 13: OHIF in headless Chromium opening the 200-image CT.
+
+The same viewer dist, the same browser, the same emulated link (100 Mbit/s, 40 ms RTT by
+default; tests/bench/wanproxy.py), two ways to the images:
+- relay: the workstation serves the viewer and DICOMweb on loopback; its WAN side is the
+  link to the gateway; the hospital is tests/bench/wan.py's (embedded PACS with the
+  study, gateway, agent). The study cache is wiped before each run (cold reads).
+- direct: Orthanc's own DICOMweb plugin (Debian orthanc-dicomweb) holding the same study
+  in its network namespace, across the same kind of link; the viewer is served locally
+  with Orthanc's documented OHIF settings (tests/bench/viewer_sides.py).
+
+Each run is a fresh browser profile opening `/viewer?StudyInstanceUIDs=...`; runs
+alternate between the two. Times are the page's own (tests/bench/viewer_probe.py), from
+the navigation: the first image on screen, and the last of the series' frames received.
+
+    python -m tests.bench.run viewer             # writes docs/BENCHMARKS.md
+    python -m tests.bench.viewer --runs 1        # prints the section only
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tests.bench.procs import HOST, BenchError, ProcessGroup, raise_nofile
+from tests.bench.report import DOC, Section, machine_line, median, write_section
+from tests.bench.targets import BenchPki, make_pki
+from tests.bench.wan_chain import ENV, Knobs, start_hospital, start_site
+from tests.bench.wan_net import MBIT, PROFILES, Profile, check_link, start_proxy
+from tests.bench.wan_pacs import DEFAULT_COUNT, study_uid
+
+OPEN_TIMEOUT: Final = 600.0  # seconds for one opening of the study
+CASES: Final = ("relay", "direct")
+
+
+@dataclass(frozen=True)
+class Opening:
+    first: float  # seconds from navigation to the first image on screen
+    last: float  # seconds from navigation to the last frame received
+    dicomweb_start: float  # seconds from navigation to the first DICOMweb request
+    frames: int
+    bytes: int
+
+
+def _dist() -> Path:
+    from relay.workstation.viewer.install import default_viewer_dir, installed_release
+
+    dist = default_viewer_dir()
+    if installed_release(dist) is None:
+        raise BenchError(f"no OHIF viewer in {dist}: run `relay viewer install`")
+    return dist
+
+
+def open_study(profile_dir: Path, url: str, count: int) -> Opening:
+    """One fresh headless Chromium opening `url`, until all `count` frames arrived."""
+    from tests.bench.viewer_probe import install_probe, page_state
+    from tests.browser.chromium import chromium
+
+    with chromium(profile_dir) as driver:
+        install_probe(driver)
+        driver.get(url)
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = page_state(driver)
+            if state["frames"] >= count and state["first"] is not None:
+                return Opening(
+                    first=state["first"] / 1000, last=state["last"] / 1000,
+                    dicomweb_start=(state["dicomweb_start"] or 0) / 1000,
+                    frames=state["frames"], bytes=state["bytes"],
+                )  # fmt: skip
+            time.sleep(0.1)
+        raise BenchError(f"{url}: not all {count} frames within {OPEN_TIMEOUT:.0f} s ({state})")
+
+
+def _wipe_cache(config: Path) -> None:
+    from relay.workstation.cache.cli import call
+
+    call(config, "cache-wipe", {})
+
+
+def measure(
+    workdir: Path, bench_pki: BenchPki, *, runs: int, count: int, profile: Profile
+) -> tuple[dict[str, list[Opening]], Any]:
+    from relay_dev.samples import make_study
+    from tests.bench.viewer_sides import ORTHANC_OPTIONS, ViewerFront, orthanc_dicomweb
+    from tests.browser.chromium import require_chromium
+
+    try:
+        require_chromium()
+    except BaseException as exc:  # pytest's skip outside pytest
+        raise BenchError(f"headless Chromium is needed: {exc}") from None
+    dist = _dist()
+    uid = study_uid(count)
+    results: dict[str, list[Opening]] = {case: [] for case in CASES}
+    with ProcessGroup(workdir) as group:
+        hospital = start_hospital(group, bench_pki, workdir, count, Knobs())
+        check = check_link(group, profile, ENV)
+        extra = (
+            f"cache: {{dir: '{workdir / 'ws-cache'}', max_size: 2GiB}}\n"
+            f"dicomweb: {{listen: '{HOST}:0', viewer: true, viewer_dir: '{dist}'}}\n"
+        )
+        site = start_site(
+            group, bench_pki, workdir, hospital=hospital, profile=profile, knobs=Knobs(),
+            extra_config=extra,
+        )  # fmt: skip
+        config = workdir / f"workstation-{profile.name}.yaml"
+        relay_port = site.workstation.listening("dicomweb", 30.0)
+        with orthanc_dicomweb(workdir, make_study(count)) as orthanc_port:
+            _, proxy_port = start_proxy(group, "proxy-orthanc", orthanc_port, profile, ENV)
+            with ViewerFront(dist, proxy_port, ORTHANC_OPTIONS) as front:
+                bases = {"relay": relay_port, "direct": front.port}
+                for i in range(runs):
+                    for case in CASES if i % 2 == 0 else CASES[::-1]:
+                        if case == "relay":
+                            _wipe_cache(config)
+                        url = f"http://{HOST}:{bases[case]}/viewer?StudyInstanceUIDs={uid}"
+                        opening = open_study(workdir / f"chromium-{case}-{i}", url, count)
+                        results[case].append(opening)
+                        print(f"viewer {case}: first image {opening.first:.2f} s, all "
+                              f"{opening.last:.2f} s", flush=True)  # fmt: skip
+    return results, check
+
+
+def run(
+    workdir: Path, bench_pki: BenchPki, *, runs: int = 3, count: int = DEFAULT_COUNT,
+    profile: Profile = PROFILES[0],
+) -> Section:  # fmt: skip
+    results, check = measure(workdir, bench_pki, runs=runs, count=count, profile=profile)
+
+    def med(case: str, attr: str) -> float:
+        return median([getattr(o, attr) for o in results[case]])
+
+    def each(case: str, attr: str) -> str:
+        return ", ".join(f"{getattr(o, attr):.2f}" for o in results[case])
+
+    table = [["OHIF opening the CT", "first image (s)", "all images (s)", "runs: first / all"]]
+    labels = {
+        "relay": "through the relay (workstation DICOMweb, cold cache)",
+        "direct": f"Orthanc's DICOMweb plugin across {profile.label}",
+    }
+    for case in CASES:
+        table.append([labels[case], f"{med(case, 'first'):.2f}", f"{med(case, 'last'):.2f}",
+                      f"{each(case, 'first')} / {each(case, 'last')}"])  # fmt: skip
+    verdicts = []
+    for attr, name in (("first", "first image"), ("last", "all images")):
+        ratio = med("direct", attr) / med("relay", attr)
+        verdict = "meets" if ratio > 1 else "MISSES"
+        verdicts.append(f"{name}: direct/relay = **{ratio:.2f}x** ({verdict} the goal: faster)")
+    notes = [
+        "; ".join(verdicts) + ".",
+        f"{count} CT slices of 512x512 16-bit; link check through the proxy: "
+        f"{check.rate / MBIT:.1f} Mbit/s, RTT {check.rtt * 1000:.1f} ms. Medians of {runs} "
+        "runs each, alternating; a fresh Chromium profile per run.",
+        "Times are from the navigation to /viewer, so both include the viewer's own start "
+        f"from loopback (first DICOMweb request after {med('relay', 'dicomweb_start'):.2f} s "
+        f"(relay) / {med('direct', 'dicomweb_start'):.2f} s (direct), median).",
+        "Frames arrive as WADO-RS /frames responses (imageRendering wadors); 'all images' "
+        "is the last of the series' frames received (OHIF's study prefetcher loads the "
+        "whole series).",
+    ]
+    return Section("viewer", "OHIF in the browser: opening the CT (issue 13)", machine_line(),
+                   table, notes)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.viewer", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT)
+    parser.add_argument("--write", action="store_true", help=f"write the section into {DOC}")
+    args = parser.parse_args(argv)
+    raise_nofile()
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-viewer-"))
+    try:
+        out = run(workdir, make_pki(workdir / "pki"), runs=args.runs, count=args.count)
+    except BenchError as exc:
+        print(f"viewer FAILED: {exc}\nprocess logs kept in {workdir}", file=sys.stderr)
+        return 1
+    print(out.render())
+    if args.write:
+        write_section(out)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

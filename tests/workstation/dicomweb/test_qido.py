@@ -1,0 +1,95 @@
+"""QIDO-RS parameters -> C-FIND identifiers: matching keys, return keys, paging, refusals."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import rawds
+from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
+
+
+def test_matching_parameters_by_keyword_and_by_tag() -> None:
+    q = parse_query(
+        "STUDY",
+        [("PatientName", "DOE*"), ("StudyDate", "20240101-20240131"),
+         ("00080061", "CT"), ("00100020", "PID1")],
+        {},
+    )  # fmt: skip
+    ds = q.identifier
+    assert ds.QueryRetrieveLevel == "STUDY"
+    assert str(ds.PatientName) == "DOE*"
+    assert ds.StudyDate == "20240101-20240131"
+    assert ds.ModalitiesInStudy == "CT"
+    assert ds.PatientID == "PID1"
+    # the default return keys are asked for, empty (universal matching)
+    assert "StudyInstanceUID" in ds and not ds.StudyInstanceUID
+    assert "NumberOfStudyRelatedInstances" in ds
+    assert not q.fuzzy and q.offset == 0 and q.limit == MAX_LIMIT
+    rawds.encode_dataset(ds)  # encodes as a real identifier
+
+
+def test_uids_from_the_path_and_uid_lists() -> None:
+    q = parse_query("IMAGE", [("SOPInstanceUID", "1.2.3,1.2.4")],
+                    {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.9"})  # fmt: skip
+    assert q.identifier.StudyInstanceUID == "1.2"
+    assert q.identifier.SeriesInstanceUID == "1.2.9"
+    assert list(q.identifier.SOPInstanceUID) == ["1.2.3", "1.2.4"]
+    # instance level under a series: series and study attributes are not added
+    assert "Modality" not in q.identifier and "PatientName" not in q.identifier
+
+
+def test_top_level_instances_say_which_study_and_series() -> None:
+    q = parse_query("IMAGE", [], {})
+    assert "PatientName" in q.identifier and "Modality" in q.identifier
+
+
+def test_includefield_adds_keys_and_all_widens() -> None:
+    q = parse_query("STUDY", [("includefield", "00081030,IssuerOfPatientID")], {})
+    assert "IssuerOfPatientID" in q.identifier
+    q = parse_query("SERIES", [("includefield", "all")], {"StudyInstanceUID": "1.2"})
+    assert "BodyPartExamined" in q.identifier and "PatientName" in q.identifier
+
+
+def test_limit_offset_page_the_matches() -> None:
+    q = parse_query("STUDY", [("limit", "2"), ("offset", "1")], {})
+    matches = [Dataset() for _ in range(5)]
+    assert q.page(matches) == matches[1:3]
+
+
+def test_fuzzymatching_true_warns_that_matching_is_exact() -> None:
+    assert parse_query("STUDY", [("fuzzymatching", "false")], {}).warnings == []
+    q = parse_query("STUDY", [("fuzzymatching", "true")], {})
+    assert q.fuzzy and q.warnings and q.warnings[0].startswith("299")
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ([("NoSuchKeyword", "x")], "NoSuchKeyword"),
+        ([("FFFF0001", "x")], "FFFF0001"),
+        ([("limit", "ten")], "limit"),
+        ([("limit", str(MAX_LIMIT + 1))], "limit"),
+        ([("offset", "-1")], "offset"),
+        ([("fuzzymatching", "maybe")], "fuzzymatching"),
+        ([("StudyDate", "2024")], "StudyDate"),
+        ([("StudyInstanceUID", "1.2.abc")], "StudyInstanceUID"),
+        ([("includefield", "Bogus")], "Bogus"),
+        ([("PatientName", "A"), ("PatientName", "B")], "PatientName"),
+        ([("PatientName", "x" * 2000)], "PatientName"),
+        ([("PatientName", "a\nb")], "PatientName"),
+        ([("orderby", "PatientName")], "orderby"),
+        ([("ReferencedStudySequence.StudyInstanceUID", "1")], "ReferencedStudySequence"),
+        ([("limit", "1")] * 100, "limit"),
+    ],
+)
+def test_malformed_queries_name_the_parameter(params: list[tuple[str, str]], named: str) -> None:
+    with pytest.raises(QueryError) as info:
+        parse_query("STUDY", params, {})
+    assert named in info.value.param
+
+
+def test_a_parameter_contradicting_the_path_is_refused() -> None:
+    with pytest.raises(QueryError) as info:
+        parse_query("SERIES", [("StudyInstanceUID", "1.3")], {"StudyInstanceUID": "1.2"})
+    assert info.value.param == "StudyInstanceUID"

@@ -1,0 +1,290 @@
+"""The DICOMweb server over real HTTP on loopback, with a scripted DICOM source in place of
+the relay (the real chain is tests/e2e/test_dicomweb_e2e.py): guards, limits, errors,
+single-flight retrieval, the holding bound, and STOW's response document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import rawds
+from relay.dicom import status as st
+from relay.dicom.codec import FinalResponse, Instance
+from relay.ops.config import Address
+from relay.workstation.dicomweb import media, part10
+from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.source import FindResult, UpstreamError
+from relay_dev import samples
+
+INSTANCES = samples.demo_studies(ct_slices=3, mr_slices=2)
+CT = [i for i in INSTANCES if i.sop_class.endswith(".1.2")]
+STUDY = str(rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax).StudyInstanceUID)
+SERIES = str(rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax).SeriesInstanceUID)
+
+
+class ScriptedSource:
+    """What DicomSource answers, from a list of instances; counts retrievals; can be down."""
+
+    def __init__(self) -> None:
+        self.retrieves = 0
+        self.down = False
+        self.release = asyncio.Event()
+        self.release.set()
+        self.stored: list[tuple[str, bytes]] = []
+        self.store_status = st.SUCCESS
+
+    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+        if self.down:
+            raise UpstreamError(502, "the PACS is unreachable: connection refused")
+        level = identifier.QueryRetrieveLevel
+        out = []
+        for inst in CT:
+            ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
+            if identifier.get("StudyInstanceUID") not in (None, "", ds.StudyInstanceUID):
+                continue
+            match = Dataset()
+            match.QueryRetrieveLevel = level
+            match.StudyInstanceUID = ds.StudyInstanceUID
+            match.SeriesInstanceUID = ds.SeriesInstanceUID
+            match.SeriesNumber = ds.SeriesNumber
+            out.append(match)
+            if level != "IMAGE":
+                break
+        return FindResult(out[:max_matches], False, len(out) > max_matches)
+
+    async def retrieve(self, identifier: Dataset) -> AsyncIterator[Instance]:
+        self.retrieves += 1
+        if self.down:
+            raise UpstreamError(502, "the PACS is unreachable: connection refused")
+        for inst in CT:
+            ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
+            if ds.SeriesInstanceUID != identifier.SeriesInstanceUID:
+                continue
+            await self.release.wait()
+            yield Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+
+    async def store(self, sop_class: str, sop_instance: str, ts: str, data: bytes) -> FinalResponse:
+        if self.down:
+            raise UpstreamError(502, "relay link unavailable")
+        self.stored.append((sop_instance, data))
+        return FinalResponse(self.store_status)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    config = DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * 1024 * 1024,
+                            hold_size=4 * 1024 * 1024)  # fmt: skip
+
+    async def no_link(headers: Any) -> Any:
+        raise OSError("no link")
+
+    srv = DicomwebServer(config, no_link)
+    source = ScriptedSource()
+    srv.service.source = source  # type: ignore[assignment]
+    srv.service.retriever.source = source  # type: ignore[assignment]
+    await srv.start()
+    try:
+        yield srv, source
+    finally:
+        await srv.stop()
+
+
+async def get(url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+def parts(headers: dict[str, str], body: bytes) -> list[tuple[str, bytes]]:
+    import email
+    import email.policy
+
+    head = f"Content-Type: {headers['Content-Type']}\r\n\r\n".encode()
+    msg = email.message_from_bytes(head + body, policy=email.policy.HTTP)
+    out = []
+    for p in msg.iter_parts():
+        payload = p.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((str(p["Content-Type"]), payload))
+    return out
+
+
+async def test_qido_answers_dicom_json(server: tuple[DicomwebServer, ScriptedSource]) -> None:
+    srv, _ = server
+    status, headers, body = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances")
+    assert status == 200 and headers["Content-Type"].startswith("application/dicom+json")
+    assert len(json.loads(body)) == len(CT)
+    status, _, body = await get(f"{srv.url}/studies?PatientName=X&limit=abc")
+    assert status == 400 and b"limit" in body
+    status, _, body = await get(f"{srv.url}/studies?StudyInstanceUID=1.99")
+    assert status == 204 and body == b""  # no match
+
+
+async def test_a_series_is_retrieved_once_for_concurrent_requests(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    source.release.clear()
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    tasks = [asyncio.ensure_future(get(url)) for _ in range(4)]
+    tasks.append(asyncio.ensure_future(get(f"{url}/metadata")))
+    await asyncio.sleep(0.2)
+    source.release.set()
+    results = await asyncio.gather(*tasks)
+    assert source.retrieves == 1
+    for status, headers, body in results[:4]:
+        assert status == 200
+        got = parts(headers, body)
+        assert [p[part10.split(p)[1] :] for _, p in got] == [i.data for i in CT]
+        assert all(ct.startswith("application/dicom; transfer-syntax=") for ct, _ in got)
+    assert len(json.loads(results[4][2])) == len(CT)
+
+
+class SlowMissingCache:
+    """A cache that takes its time to say it does not have the series."""
+
+    def plan(self, identifier: Dataset) -> None:
+        import time
+
+        time.sleep(0.2)
+
+    def offline(self) -> bool:
+        return False
+
+
+async def test_requests_arriving_during_the_cache_lookup_join_the_same_flight(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    srv.service.retriever.cache = SlowMissingCache()  # type: ignore[assignment]
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}/metadata"
+    results = await asyncio.gather(*(get(url) for _ in range(3)))
+    assert [r[0] for r in results] == [200] * 3
+    assert source.retrieves == 1
+
+
+async def test_frames_bulk_and_rendered(server: tuple[DicomwebServer, ScriptedSource]) -> None:
+    srv, _ = server
+    inst = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
+    ohif = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    status, headers, body = await get(f"{inst}/frames/1", headers=ohif)
+    assert status == 200
+    [(ctype, frame)] = parts(headers, body)
+    ds = rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax)
+    assert frame == ds.PixelData
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in ctype.replace('"', "")
+    assert (await get(f"{inst}/frames/2", headers=ohif))[0] == 404
+    assert (await get(f"{inst}/frames/x"))[0] == 400
+    status, headers, body = await get(f"{inst}/bulk/7FE00010")
+    assert status == 200 and parts(headers, body)[0][1] == ds.PixelData
+    status, headers, body = await get(f"{inst}/rendered", headers={"Accept": "image/png"})
+    assert status == 200 and headers["Content-Type"] == "image/png" and body[:4] == b"\x89PNG"
+    status, _, _ = await get(f"{inst}/rendered", headers={"Accept": "image/gif"})
+    assert status == 406
+
+
+async def test_unknown_things_are_404_and_a_pacs_down_is_502_with_the_reason(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/1.2.3"))[0] == 404
+    assert (await get(f"{srv.url}/studies/1.2.3/metadata"))[0] == 404
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/1.2.3"))[0] == 404
+    assert (await get(f"{srv.url}/studies/not-a-uid"))[0] == 400
+    source.down = True
+    status, _, body = await get(f"{srv.url}/studies")
+    assert status == 502 and b"unreachable" in body
+    assert (await get(f"{srv.url}/studies/{STUDY}/series/9.9.9"))[0] == 502
+
+
+async def test_dns_rebinding_cross_origin_and_long_queries_are_refused(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = server
+    port = srv.address.port  # type: ignore[union-attr]
+    status, headers, _ = await get(f"{srv.url}/studies", headers={"Host": f"evil.example:{port}"})
+    assert status == 403
+    status, headers, _ = await get(f"{srv.url}/studies", headers={"Origin": "http://evil.example"})
+    assert status == 403 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = await get(
+        f"{srv.url}/studies", headers={"Origin": f"http://localhost:{port}"}
+    )
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    assert (await get(f"{srv.url}/studies?PatientName={'A' * 9000}"))[0] in (400, 414)
+    assert (await get(f"{srv.url}/studies", headers={"X-Big": "x" * 10000}))[0] == 400
+    assert (await get(f"http://127.0.0.1:{port}/"))[0] == 404  # no listing, no viewer here
+
+
+def stow_body(files: list[bytes], boundary: str = "stowb") -> bytes:
+    out = b"".join(media.part_head(boundary, "application/dicom") + f for f in files)
+    return out + media.closing(boundary)
+
+
+async def post(url: str, body: bytes, boundary: str = "stowb") -> tuple[int, bytes]:
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    async with aiohttp.ClientSession() as s, s.post(url, data=body, headers=headers) as r:
+        return r.status, await r.read()
+
+
+async def test_stow_stores_and_answers_with_the_response_document(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    files = [part10.wrap(i.sop_class, i.sop_instance, i.transfer_syntax, i.data) for i in CT]
+    status, body = await post(f"{srv.url}/studies", stow_body(files))
+    assert status == 200, body
+    doc = Dataset.from_json(json.loads(body))
+    referenced = [x.ReferencedSOPInstanceUID for x in doc.ReferencedSOPSequence]
+    assert referenced == [i.sop_instance for i in CT]
+    assert [d for _, d in source.stored] == [i.data for i in CT]
+    # one bad part among good ones: 202 with a FailedSOPSequence
+    status, body = await post(f"{srv.url}/studies", stow_body([files[0], b"not dicom"]))
+    assert status == 202 and "FailedSOPSequence" in Dataset.from_json(json.loads(body))
+    # the study in the URL must be the instances' study: 409 when none is
+    status, body = await post(f"{srv.url}/studies/1.2.3", stow_body([files[0]]))
+    assert status == 409
+    source.store_status = st.STORE_OUT_OF_RESOURCES
+    assert (await post(f"{srv.url}/studies", stow_body([files[0]])))[0] == 409
+    source.down = True
+    status, body = await post(f"{srv.url}/studies", stow_body([files[0]]))
+    assert status == 502 and b"relay link unavailable" in body
+
+
+async def test_stow_beyond_max_upload_is_413(server: tuple[DicomwebServer, ScriptedSource]) -> None:
+    srv, source = server
+    big = b"\0" * (5 * 1024 * 1024)
+    status, body = await post(f"{srv.url}/studies", stow_body([big]))
+    assert status == 413 and b"max_upload" in body
+    assert source.stored == []
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        yield media.part_head("stowb", "application/dicom")
+        for _ in range(5):
+            yield b"\0" * (1024 * 1024)
+        yield media.closing("stowb")
+
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
+    async with aiohttp.ClientSession() as s, s.post(f"{srv.url}/studies", data=chunks(),
+                                                    headers=headers) as r:  # fmt: skip
+        assert r.status == 413
+    assert source.stored == []
+
+
+async def test_a_series_larger_than_the_holding_area_fails_507(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = server
+    srv.service.retriever.hold_size = len(CT[0].data) + 10  # holds one instance, not three
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    # the first instance was already sent: the answer is cut, never completed
+    for what in (url, f"{url}/metadata"):
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get(what)
+    assert srv.service.retriever.flights == {}  # failed flights are forgotten
+    assert srv.service.retriever.held <= srv.service.retriever.hold_size

@@ -1,0 +1,119 @@
+"""Part 10 wrapping, frames, DICOM JSON with BulkDataURIs, rendering and the Host check."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID
+
+from relay.dicom import rawds
+from relay.workstation.dicomweb import dicomjson, frames, part10, render
+from relay.workstation.dicomweb.guard import allowed_hosts, host_allowed
+from relay_dev import samples
+
+ELE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture(scope="module")
+def ct() -> samples.EncodedInstance:
+    return samples.demo_studies(ct_slices=2, mr_slices=1)[0]
+
+
+def decoded(inst: samples.EncodedInstance) -> Dataset:
+    ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax)
+    return ds
+
+
+def test_part10_wraps_the_exact_dataset_bytes_and_splits_them_back(
+    ct: samples.EncodedInstance,
+) -> None:
+    data = part10.wrap(ct.sop_class, ct.sop_instance, ct.transfer_syntax, ct.data)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.SOPInstanceUID == ct.sop_instance
+    assert ds.file_meta.TransferSyntaxUID == ct.transfer_syntax
+    meta, offset = part10.split(data)
+    assert data[offset:] == ct.data
+    assert meta[0x00020003] == ct.sop_instance
+
+
+TRUNCATED_META = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff"
+
+
+@pytest.mark.parametrize("data", [b"", b"x" * 200, TRUNCATED_META])
+def test_part10_split_refuses_what_is_not_a_part10_file(data: bytes) -> None:
+    with pytest.raises(part10.Part10Error):
+        part10.split(data)
+
+
+def test_native_frames_are_cut_from_the_pixel_data(ct: samples.EncodedInstance) -> None:
+    ds = decoded(ct)
+    [frame] = frames.get_frames(ds, ct.transfer_syntax, [1])
+    assert frame == ds.PixelData
+    pixels = np.frombuffer(frame, dtype=ds.pixel_array.dtype).reshape(ds.Rows, ds.Columns)
+    assert np.array_equal(pixels, ds.pixel_array)
+    with pytest.raises(frames.FrameError):
+        frames.get_frames(ds, ct.transfer_syntax, [2])
+
+
+def test_multiframe_native_and_encapsulated_frames() -> None:
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated = 2, 3, 1, 16
+    ds.NumberOfFrames = 3
+    ds.PixelData = b"".join(bytes([n]) * 12 for n in range(3))
+    assert frames.get_frames(ds, ELE, [3, 1]) == [b"\x02" * 12, b"\x00" * 12]
+    ds.PixelData = encapsulate([b"AAAA", b"BB", b"CCCCCC"])
+    assert frames.get_frames(ds, "1.2.840.10008.1.2.4.50", [2]) == [b"BB"]
+
+
+@pytest.mark.parametrize("text", ["0", "a", "1,,2", "-1", "1" * 12])
+def test_malformed_frame_lists(text: str) -> None:
+    with pytest.raises(ValueError):
+        frames.frame_numbers(text)
+    assert frames.frame_numbers("3, 1") == [3, 1]
+
+
+def test_metadata_has_every_attribute_and_bulk_uris_for_pixel_data(
+    ct: samples.EncodedInstance,
+) -> None:
+    ds = decoded(ct)
+    doc = dicomjson.to_json(ds, bulk_base="http://127.0.0.1:1/dicom-web/x")
+    assert doc["7FE00010"] == {
+        "vr": "OW",
+        "BulkDataURI": "http://127.0.0.1:1/dicom-web/x/bulk/7FE00010",
+    }
+    for elem in ds:
+        assert f"{int(elem.tag):08X}" in doc, elem.keyword
+    back = Dataset.from_json({k: v for k, v in doc.items() if k != "7FE00010"})
+    assert back.PatientName == ds.PatientName and back.Rows == ds.Rows
+    assert dicomjson.bulk_value(ds, 0x7FE00010) == ds.PixelData
+
+
+def test_rendered_frames_are_images_of_the_frame(ct: samples.EncodedInstance) -> None:
+    ds = decoded(ct)
+    png = render.render_frame(ds, 1, "image/png", (64, 64))
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and max(image.size) == 64
+    assert len(np.unique(np.asarray(image))) > 10  # not a uniform picture
+    jpeg = render.render_frame(ds, 1, "image/jpeg")
+    assert Image.open(io.BytesIO(jpeg)).size == (ds.Columns, ds.Rows)
+    with pytest.raises(render.RenderError):
+        render.render_frame(ds, 2, "image/png")
+    with pytest.raises(ValueError):
+        render.viewport("0,10")
+
+
+def test_the_host_header_must_name_loopback() -> None:
+    allowed = allowed_hosts([8042])
+    for ok in ("127.0.0.1:8042", "localhost:8042", "LOCALHOST:8042", "[::1]:8042", "127.0.0.1"):
+        assert host_allowed(ok, allowed), ok
+    for bad in ("evil.example:8042", "127.0.0.1.evil.example:8042", "localhost:8043",
+                "10.0.0.1:8042", "", None, "localhost.evil:8042"):  # fmt: skip
+        assert not host_allowed(bad, allowed), bad

@@ -1,0 +1,195 @@
+"""`relay viewer install`: the hash decides, the unpacking cannot escape, nothing half-done."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.workstation.viewer.install import (
+    MARKER,
+    InstallLimits,
+    ViewerInstallError,
+    default_viewer_dir,
+    install_viewer,
+    installed_release,
+)
+from relay.workstation.viewer.pin import OHIF
+from tests.workstation.viewer.tarballs import INDEX, make_tarball, member, release_for
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name)
+
+
+def test_installs_only_the_dist_and_the_licence(tmp_path: Path) -> None:
+    tgz = make_tarball(tmp_path / "a.tgz", [("package/dist/js/app.js", b"x" * 100_000)])
+    target = tmp_path / "viewer"
+    where, fresh = install_viewer(target, release=release_for(tgz), tarball=tgz)
+    assert (where, fresh) == (target, True)
+    assert (target / "index.html").read_bytes() == INDEX
+    assert (target / "js" / "app.js").read_bytes() == b"x" * 100_000
+    assert (target / "LICENSE").read_bytes() == b"MIT"
+    assert not (target / "package.json").exists()
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "LICENSE", "index.html", "js"]
+    assert installed_release(target) == {
+        "name": "@ohif/app",
+        "version": "0.0.0-test",
+        "integrity": release_for(tgz).integrity,
+    }
+    assert leftovers(tmp_path) == []
+    # the same release again: kept as it is; --force: installed again
+    assert install_viewer(target, release=release_for(tgz), tarball=tgz) == (target, False)
+    assert install_viewer(target, release=release_for(tgz), tarball=tgz, force=True)[1]
+
+
+def test_a_tampered_tarball_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    good = make_tarball(tmp_path / "good.tgz")
+    release = release_for(good)
+    bad = make_tarball(tmp_path / "bad.tgz", [("package/dist/evil.js", b"alert(1)")])
+    target = tmp_path / "viewer"
+    with pytest.raises(ViewerInstallError, match=r"is not the pinned sha512-.*tampered"):
+        install_viewer(target, release=release, tarball=bad)
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_upgrade_keeps_the_installed_viewer(tmp_path: Path) -> None:
+    old = make_tarball(tmp_path / "old.tgz")
+    target = tmp_path / "viewer"
+    install_viewer(target, release=release_for(old), tarball=old)
+    new = make_tarball(tmp_path / "new.tgz", [("package/dist/a.js", b"1")])
+    pin = release_for(old).integrity
+    wrong_pin = dataclasses.replace(release_for(new), version="2", integrity=pin)
+    with pytest.raises(ViewerInstallError, match="tampered"):
+        install_viewer(target, release=wrong_pin, tarball=new, force=True)
+    assert installed_release(target) is not None
+    assert not (target / "a.js").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "why"),
+    [
+        ("package/dist/../../escape.js", tarfile.REGTYPE, "unsafe path"),
+        ("package/dist/a/../../x", tarfile.REGTYPE, "unsafe path"),
+        ("package/dist/C:evil", tarfile.REGTYPE, "unsafe path"),
+        ("package/dist/a\\..\\..\\x", tarfile.REGTYPE, "unsafe path"),
+        ("package/dist/link.js", tarfile.SYMTYPE, "link or device"),
+        ("package/dist/hard.js", tarfile.LNKTYPE, "link or device"),
+        ("package/dist/fifo", tarfile.FIFOTYPE, "link or device"),
+    ],
+)
+def test_members_that_could_escape_are_refused(
+    tmp_path: Path, name: str, kind: bytes, why: str
+) -> None:
+    tgz = tmp_path / "evil.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        member(tar, "package/dist/index.html", INDEX)
+        member(tar, name, b"x" if kind == tarfile.REGTYPE else b"", kind, link="/etc/passwd")
+    target = tmp_path / "sub" / "viewer"
+    with pytest.raises(ViewerInstallError, match=why):
+        install_viewer(target, release=release_for(tgz), tarball=tgz)
+    assert not target.exists()
+    assert not (tmp_path / "escape.js").exists() and not (tmp_path / "sub" / "x").exists()
+    assert leftovers(tmp_path / "sub") == []
+
+
+def test_limits_on_size_and_count_are_enforced(tmp_path: Path) -> None:
+    tgz = make_tarball(
+        tmp_path / "big.tgz", [(f"package/dist/{i}.js", b"0" * 4000) for i in range(5)]
+    )
+    release = release_for(tgz)
+    target = tmp_path / "viewer"
+    cases = [
+        (InstallLimits(tarball_bytes=100), "larger than 100 bytes"),
+        (InstallLimits(dist_bytes=10_000), "more than 10000 bytes"),
+        (InstallLimits(dist_files=3), "more than 3 files"),
+    ]
+    for limits, message in cases:
+        with pytest.raises(ViewerInstallError, match=message):
+            install_viewer(target, release=release, tarball=tgz, limits=limits)
+        assert not target.exists()
+        assert leftovers(tmp_path) == []
+    enough = InstallLimits(dist_files=7)  # 6 in dist/ and the LICENSE
+    install_viewer(target, release=release, tarball=tgz, limits=enough)
+
+
+def test_a_tarball_without_a_built_dist_is_refused(tmp_path: Path) -> None:
+    tgz = make_tarball(tmp_path / "src.tgz", [("package/src/index.js", b"")], index=False)
+    with pytest.raises(ViewerInstallError, match=r"no package/dist/index\.html"):
+        install_viewer(tmp_path / "v", release=release_for(tgz), tarball=tgz)
+    assert not (tmp_path / "v").exists()
+
+
+def test_garbage_is_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(b"not a tarball" * 100)
+    with pytest.raises(ViewerInstallError, match="cannot be unpacked"):
+        install_viewer(tmp_path / "v", release=release_for(junk), tarball=junk)
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on loopback serving the files in tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(www), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", www
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_downloads_over_http_and_checks_what_arrived(
+    tmp_path: Path, registry: tuple[str, Path]
+) -> None:
+    base, www = registry
+    wasm = b"\0asm" + os.urandom(5000)  # incompressible: the tarball is > 5000 bytes
+    tgz = make_tarball(www / "app.tgz", [("package/dist/a.wasm", wasm)])
+    release = release_for(tgz, f"{base}/app.tgz")
+    target = tmp_path / "viewer"
+    assert install_viewer(target, release=release) == (target, True)
+    assert (target / "a.wasm").read_bytes() == wasm
+    with pytest.raises(ViewerInstallError, match="larger than 1000 bytes"):  # Content-Length
+        install_viewer(tmp_path / "v2", release=release, limits=InstallLimits(tarball_bytes=1000))
+    missing = release_for(tgz, f"{base}/gone.tgz")
+    with pytest.raises(ViewerInstallError, match=r"cannot download .*gone\.tgz.*--tarball"):
+        install_viewer(tmp_path / "v3", release=missing)
+    assert not (tmp_path / "v2").exists() and not (tmp_path / "v3").exists()
+
+
+def test_cli_refuses_a_tarball_that_is_not_the_pinned_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tgz = make_tarball(tmp_path / "other.tgz")
+    target = tmp_path / "viewer"
+    code = main(["viewer", "install", "--dir", str(target), "--tarball", str(tgz)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"is not the pinned {OHIF.integrity} of @ohif/app {OHIF.version}" in err
+    assert not target.exists()
+
+
+def test_default_directory_is_per_version_in_the_users_data_dir() -> None:
+    assert default_viewer_dir().name == f"ohif-{OHIF.version}"
+    assert default_viewer_dir().parent.name == "viewer"
