@@ -62,9 +62,7 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     measurement a few instances later moves to the cheaper option.
     """
     max_workers = max(1, max_workers)
-    if not offered:
-        return Choice(ZSTD, 1)
-    if rates.link is None:
+    if offered and rates.link is None:
         best = max(offered, key=lambda c: rates.ratio.get(c, 1.0))
         return Choice(best, max_workers)
     candidates = [ZSTD, *offered]
@@ -72,6 +70,8 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     best_cost, _, best = min(scored)
     if cost(rates, ZSTD, max_workers) <= best_cost * 1.02:  # zstd unless clearly beaten
         best, best_cost = ZSTD, cost(rates, ZSTD, max_workers)
+    # The fewest workers that keep the CPU from being the bottleneck (zstd too: on a fast
+    # link it is what the agent's CPU spends its time on).
     workers = next(w for w in range(1, max_workers + 1)
                    if cost(rates, best, w) <= best_cost * 1.02)  # fmt: skip
     return Choice(best, workers)

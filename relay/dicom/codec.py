@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -384,6 +385,8 @@ class MessageCodec:
             "rl": len(rest),
             "rz": rest_zstd,
             "fl": [len(f) for f in enc.frames],
+            # CRC-32 of the native pixel bytes: the workstation checks what it rebuilt
+            "crc": zlib.crc32(body[at:end]),
         }
         hbytes = json.dumps(header, separators=(",", ":")).encode()
         if len(hbytes) > self.limits.max_header:
@@ -414,10 +417,12 @@ class MessageCodec:
         except ValueError as exc:
             raise DicomProtocolError(f"encoded pixels: {exc}") from None
         at = _get_int(spec, "at", 0, self.limits.max_dataset)
+        crc = _get_int(spec, "crc", 0, 0xFFFFFFFF)
         rest_len = _get_int(spec, "rl", 0, len(wire_body))
         lengths = spec.get("fl")
         if (
             at is None
+            or crc is None
             or rest_len is None
             or not isinstance(spec.get("rz"), bool)
             or not isinstance(lengths, list)
@@ -441,6 +446,8 @@ class MessageCodec:
             values = px.decode(px.EncodedPixels(codec, fmt, tuple(frames)))
         except px.PixelCodecError as exc:
             raise DicomProtocolError(str(exc)) from None
+        if zlib.crc32(values) != crc:
+            raise DicomProtocolError("encoded pixels do not decode to what the agent sent")
         return b"".join((rest[:at], values, rest[at:]))
 
     # -- decode -----------------------------------------------------------------------
