@@ -167,7 +167,9 @@ async def serve_dicom_stream(
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
     try:
         offered = offered_codecs(stream.headers.get(HEADER_DICOM_PIXELS), pacs.allowed_codecs)
-        encoder = StreamEncoder(codec, offered, pacs.codec_workers, rates)
+        encoder = StreamEncoder(
+            codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto"
+        )
         await _pump(stream, codec, out, op, pacs.stall_timeout, encoder)
     finally:
         watcher.cancel()

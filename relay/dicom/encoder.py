@@ -71,13 +71,20 @@ class StreamEncoder:
         offered: tuple[str, ...],
         workers: int,
         book: RateBook | None = None,
+        *,
+        adaptive: bool = True,
     ) -> None:
         self.codec = codec
         self.offered = offered
         self.workers = workers
         self.book = book or RateBook()
         self.rates = self.book.start()
+        # Not adaptive (the config names one codec): that codec for every instance it
+        # can take, whatever the link (fewest bytes, e.g. a metered link).
+        self.adaptive = adaptive or not offered
         self.choice = ch.choose(self.rates, offered, workers)
+        if not self.adaptive:
+            self.choice = ch.Choice(offered[0], workers)
         self.counts: dict[str, int] = {}  # instances per codec, for the logs and tests
 
     def encode(self, msg: Message) -> Encoded:
@@ -116,6 +123,8 @@ class StreamEncoder:
         self.book.keep(self.rates)
 
     def _decide(self) -> None:
+        if not self.adaptive:
+            return
         self.choice = ch.choose(self.rates, self.offered, self.workers)
 
 

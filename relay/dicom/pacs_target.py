@@ -58,8 +58,9 @@ class PacsTarget:
     stall_timeout: float = 120.0
     survey: bool = True
     # Transport codecs for native pixel data (docs/internals/codecs.md): "auto" lets the
-    # agent choose per instance between zstd, JPEG-LS and HTJ2K; "off" is zstd only; a
-    # codec name allows only that one (still never where zstd would be faster).
+    # agent choose per instance between zstd, JPEG-LS and HTJ2K by measured rates; "off"
+    # is zstd only; a codec name sends every instance it can take in that codec, whatever
+    # the link (the fewest bytes; and what the tests use to force a codec).
     pixel_codecs: PixelCodecs = "auto"
     codec_workers: int = 2  # encoder threads shared by all streams
 

@@ -177,6 +177,7 @@ class DicomChain:
     reserved: dict[str, socket.socket] = field(default_factory=dict)
     ws_extra: str = ""  # more workstation YAML (cache:, prefetch:)
     agent_extra: str = ""  # more agent YAML (pki: for revocation)
+    pacs_extra: str = ""  # more keys of the agent's pacs: mapping (", pixel_codecs: htj2k")
     procs: dict[str, Proc] = field(default_factory=dict)
     # which process reports which port
     reporters: dict[str, tuple[str, str]] = field(
@@ -235,7 +236,7 @@ class DicomChain:
             f"metrics_listen: {HOST}:0\n"
             f"pacs: {{ae_title: {self.pacs_ae}, host: {HOST}, port: {self.pacs_port}, "
             f"calling_ae_title: RELAY, retrieve: {self.retrieve}, "
-            f"timeout: {self.pacs_timeout}{move}}}\n"
+            f"timeout: {self.pacs_timeout}{move}{self.pacs_extra}}}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
             "drain_grace: 2s\n" + LIMITS + self.agent_extra
         )
