@@ -9,8 +9,6 @@ cannot round-trip (bits above BitsStored) go as zstd and arrive identical as wel
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tests.e2e.dicom_chain import (
     DicomChain,
     PacsProcess,
     bytes_by_instance,
+    counts_after,
     running_dicom_chain,
 )
 from tests.interop.harness import DicomNode, dcmtk, require_tools
@@ -51,29 +50,8 @@ def chain(
         yield c
 
 
-def codec_counts(chain: DicomChain) -> dict[str, int]:
-    """Instances per codec the agent reported for its streams so far (its INFO log)."""
-    total: dict[str, int] = {}
-    for found in re.findall(r"instances sent per codec: (\{[^}]*\})", chain.logs()):
-        for name, n in re.findall(r"'(\w+)': (\d+)", found):
-            total[name] = total.get(name, 0) + int(n)
-    return total
-
-
-def counts_after(chain: DicomChain, before: dict[str, int], instances: int) -> dict[str, int]:
-    """Instances per codec since `before`, once the agent has logged `instances` more (it
-    logs when its end of the stream is done, which may be just after getscu returns)."""
-    deadline = time.monotonic() + 10
-    while True:
-        now = codec_counts(chain)
-        diff = {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
-        if sum(diff.values()) >= instances or time.monotonic() > deadline:
-            return diff
-        time.sleep(0.05)
-
-
 def _codec(chain: DicomChain) -> str:
-    return "htj2k" if "htj2k" in (chain.tmp / "agent.yaml").read_text() else "jpegls"
+    return chain.pacs_extra.rsplit(" ", 1)[-1]
 
 
 @pytest.mark.parametrize("study", ["CT", "MR"])
@@ -86,7 +64,7 @@ def test_getscu_writes_the_pacs_bytes_with_pixels_encoded(
     direct = DicomNode(HOST, pacs.port, PACS_AE)
     uid = dcmtk.findscu(direct, "STUDY", {"PatientID": patient}, timeout=TIMEOUT).values(
         "StudyInstanceUID")[0]  # fmt: skip
-    before = codec_counts(chain)
+    before = chain.codec_counts()
     got = dcmtk.getscu(chain.node, tmp_path / "relay", "STUDY", {"StudyInstanceUID": uid},
                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
     assert got.status == "Success"
@@ -124,7 +102,7 @@ def test_pixels_that_cannot_round_trip_go_as_zstd_and_arrive_identical(
     assert dcmtk.storescu(direct, paths, timeout=TIMEOUT).ok
     found = dcmtk.findscu(direct, "STUDY", {"PatientID": "RELAYODD1"}, timeout=TIMEOUT)
     keys = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
-    before = codec_counts(chain)
+    before = chain.codec_counts()
     got = dcmtk.getscu(chain.node, tmp_path / "relay", "STUDY", keys, extra_args=["+B"],
                        timeout=TIMEOUT)  # fmt: skip
     assert got.status == "Success"
