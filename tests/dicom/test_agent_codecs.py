@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import cast
 
 import pytest
 
@@ -19,7 +20,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.encoder import offered_codecs
-from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.pacs_target import PacsTarget, PixelCodecs
 from relay.dicom.rawds import encode_dataset
 from relay.net.bytestream import pipe
 from relay.wire import HEADER_DICOM_PIXELS
@@ -38,11 +39,10 @@ def pacs() -> Iterator[EmbeddedPacs]:
         yield p
 
 
-async def get_study(pacs: EmbeddedPacs, headers: dict[str, str], **kw: object) -> list[int]:
+async def get_study(pacs: EmbeddedPacs, headers: dict[str, str], pixel_codecs: str) -> list[int]:
     """Retrieve the study over a pipe with `headers`; the flags of each instance frame."""
-    pacs_target = replace(
-        PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10), **kw
-    )  # type: ignore[arg-type]
+    base = PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
+    pacs_target = replace(base, pixel_codecs=cast(PixelCodecs, pixel_codecs))
     a, b = pipe(headers)
     server = asyncio.create_task(serve_dicom_stream(b, pacs_target))
     codec = MessageCodec()
