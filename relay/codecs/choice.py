@@ -9,8 +9,9 @@ Encode rates include the agent's verification (a decode and a compare).
 
 `Rates` holds the agent's estimates: exponentially weighted averages of what it measures
 (`observe_*`), starting from priors measured on CT (docs/internals/codecs.md). The link
-rate is bytes written per second of time spent blocked in `write` (bytes the stream
-acknowledged), so an idle link reads as fast and a saturated one at its real speed.
+rate is bytes written per second of time spent blocked in `write` (the stream takes bytes
+as the far end acknowledges them), so an idle link reads as fast and a saturated one at its
+real speed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class Rates:
     """What the agent knows: per codec, ratio and rates; the link in wire bytes/s."""
 
     link: float | None = None  # None: nothing measured yet
+    # The link estimate is a ratio of averages: (average bytes per write) / (average
+    # seconds a write was blocked). Writes that the stream took at once (window credit
+    # left) add bytes but no time; an average of per-write speeds would count each of
+    # them as an absurdly fast link and take long to forget it.
+    link_bytes: float = 0.0
+    link_seconds: float = 0.0
     ratio: dict[str, float] = field(default_factory=lambda: dict(PRIOR_RATIO))
     encode: dict[str, float] = field(default_factory=lambda: dict(PRIOR_ENCODE))
     decode: dict[str, float] = field(default_factory=lambda: dict(PRIOR_DECODE))
@@ -81,9 +88,12 @@ def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:
     """A write of `wire_bytes` that took `seconds` to be accepted by the stream."""
     if wire_bytes < 4096:
         return rates  # too small to say anything about the link
-    speed = wire_bytes / max(seconds, 1e-6)
-    link = speed if rates.link is None else _avg(rates.link, speed)
-    return replace(rates, link=link)
+    if rates.link is None:
+        nbytes, secs = float(wire_bytes), max(seconds, 0.0)
+    else:
+        nbytes = _avg(rates.link_bytes, wire_bytes)
+        secs = _avg(rates.link_seconds, max(seconds, 0.0))
+    return replace(rates, link=nbytes / max(secs, 1e-6), link_bytes=nbytes, link_seconds=secs)
 
 
 def observe_encode(rates: Rates, codec: str, raw: int, wire: int, cpu_seconds: float) -> Rates:

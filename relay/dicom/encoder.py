@@ -45,11 +45,11 @@ class RateBook:
     def start(self) -> ch.Rates:
         """Rates for a new stream: learned codec rates, the link not measured yet."""
         with self._lock:
-            return replace(self._rates, link=None)
+            return replace(self._rates, link=None, link_bytes=0.0, link_seconds=0.0)
 
     def keep(self, rates: ch.Rates) -> None:
         with self._lock:
-            self._rates = replace(rates, link=None)
+            self._rates = replace(rates, link=None, link_bytes=0.0, link_seconds=0.0)
 
 
 @dataclass(frozen=True)

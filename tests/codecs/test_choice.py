@@ -70,6 +70,19 @@ def test_link_observations_need_enough_bytes_and_average() -> None:
     assert observe_link(Rates(), 10_000, 0.0).link == 10_000 / 1e-6  # never a division by 0
 
 
+def test_writes_taken_at_once_do_not_hide_a_slow_link() -> None:
+    """A window's worth of writes accepted at once, then the link's real pace: within a
+    dozen writes the estimate is near the real rate (an average of speeds would not be)."""
+    rates = Rates()
+    for _ in range(5):
+        rates = observe_link(rates, 200_000, 0.0)
+    assert rates.link is not None and rates.link > 1e9  # looks fast: nothing blocked yet
+    for _ in range(12):
+        rates = observe_link(rates, 200_000, 0.016)  # 12.5 MB/s: 100 Mbit/s
+    assert rates.link is not None and 12.5e6 <= rates.link < 14e6
+    assert choose(rates, BOTH, 2).codec == "jpegls"
+
+
 def test_encode_observations_ignore_empty_results() -> None:
     rates = Rates()
     assert observe_encode(rates, "htj2k", 0, 10, 1.0) is rates
