@@ -27,13 +27,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from tests.bench import cache_read, handshakes, load, memory, seal, throughput, viewer, wan
+from tests.bench import (
+    cache_read,
+    codecs,
+    handshakes,
+    load,
+    memory,
+    seal,
+    throughput,
+    viewer,
+    wan,
+)
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
 
 NAMES: Final = (
-    "throughput", "memory", "handshakes", "load", "wan", "seal", "cache", "viewer",
+    "throughput", "memory", "handshakes", "load", "wan", "seal", "cache", "viewer", "codecs",
 )  # fmt: skip
 
 
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "seal": lambda: seal.run(workdir, runs=1 if quick else 5),
             "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),
             "viewer": lambda: viewer.run(workdir, bench_pki, runs=1 if quick else 3),
+            "codecs": lambda: codecs.run(ct_count=5 if quick else 20),
         }
         for name in names:
             started = time.monotonic()
