@@ -16,6 +16,7 @@ real speed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -82,6 +83,25 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     workers = next(w for w in range(1, max_workers + 1)
                    if cost(rates, best, w) <= best_cost * 1.02)  # fmt: skip
     return Choice(best, workers)
+
+
+def trial(model: str, measured: Mapping[str, float], phase: int, recheck: int = 5) -> str:
+    """The codec for the next phase of instances: the model's pick, checked against zstd.
+
+    `measured`: raw bytes per second each codec delivered end to end in earlier phases
+    (encoder, link and the workstation included: a workstation short of CPU slows the
+    stream as a slow link would, and only a measurement tells them apart). An image codec
+    the model picks is tried, then zstd, then the faster of the two is kept, with the
+    other tried again every `recheck`-th phase (conditions change).
+    """
+    if model == ZSTD:
+        return ZSTD
+    if model not in measured:
+        return model
+    if ZSTD not in measured:
+        return ZSTD
+    best, other = (model, ZSTD) if measured[model] > measured[ZSTD] else (ZSTD, model)
+    return other if phase % recheck == recheck - 1 else best
 
 
 def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:

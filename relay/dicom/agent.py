@@ -250,7 +250,7 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
             started = time.monotonic()
             async with asyncio.timeout(stall_timeout):
                 await stream.write(result.frame)
-            encoder.written(len(result.frame), time.monotonic() - started)
+            encoder.written(result, time.monotonic() - started)
             slots.release()
         async with asyncio.timeout(stall_timeout):
             await stream.write_eof()

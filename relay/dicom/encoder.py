@@ -23,6 +23,10 @@ from relay.dicom.codec import Instance, Message, MessageCodec, PixelPart
 _POOL_LOCK = threading.Lock()
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
 MIN_PIXELS_BYTES: Final = 16 * 1024  # smaller instances: zstd, not worth a codestream
+# A phase: PHASE_SKIP instances written while the previous phase's bytes drain (they were
+# encoded ahead, or sit in the stream's window), then PHASE_MEASURE timed ones.
+PHASE_SKIP: Final = 4
+PHASE_MEASURE: Final = 8
 
 
 def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -82,10 +86,18 @@ class StreamEncoder:
         # Not adaptive (the config names one codec): that codec for every instance it
         # can take, whatever the link (fewest bytes, e.g. a metered link).
         self.adaptive = adaptive or not offered
-        self.choice = ch.choose(self.rates, offered, workers)
+        self.model = ch.choose(self.rates, offered, workers)
+        self.choice = self.model
         if not self.adaptive:
             self.choice = ch.Choice(offered[0], workers)
         self.counts: dict[str, int] = {}  # instances per codec, for the logs and tests
+        # End-to-end raw bytes/s per codec, measured in phases (choice.trial).
+        self.measured: dict[str, float] = {}
+        self.phase = 0
+        self.phase_codec = self.choice.codec
+        self._phase_writes = 0
+        self._phase_raw = 0
+        self._phase_start = 0.0
 
     def encode(self, msg: Message) -> Encoded:
         chosen = self.choice.codec
@@ -114,10 +126,26 @@ class StreamEncoder:
             )
             self._decide()
 
-    def written(self, wire_bytes: int, seconds: float) -> None:
-        """On the loop: a write of `wire_bytes` took `seconds` to be accepted."""
-        self.rates = ch.observe_link(self.rates, wire_bytes, seconds)
+    def written(self, result: Encoded, seconds: float, now: float | None = None) -> None:
+        """On the loop: the write of `result` took `seconds` to be accepted (ended `now`)."""
+        self.rates = ch.observe_link(self.rates, len(result.frame), seconds)
+        if result.raw and self.adaptive and self.offered:
+            self._phase_step(result.raw, time.monotonic() if now is None else now)
         self._decide()
+
+    def _phase_step(self, raw: int, now: float) -> None:
+        self._phase_writes += 1
+        if self._phase_writes == PHASE_SKIP:
+            self._phase_start, self._phase_raw = now, 0
+        elif self._phase_writes > PHASE_SKIP:
+            self._phase_raw += raw
+        if self._phase_writes < PHASE_SKIP + PHASE_MEASURE:
+            return
+        rate = self._phase_raw / max(now - self._phase_start, 1e-6)
+        old = self.measured.get(self.phase_codec)
+        self.measured[self.phase_codec] = rate if old is None else 0.5 * (old + rate)
+        self.phase += 1
+        self._phase_writes = 0
 
     def finish(self) -> None:
         self.book.keep(self.rates)
@@ -125,7 +153,13 @@ class StreamEncoder:
     def _decide(self) -> None:
         if not self.adaptive:
             return
-        self.choice = ch.choose(self.rates, self.offered, self.workers)
+        self.model = ch.choose(self.rates, self.offered, self.workers)
+        if self._phase_writes == 0:  # a new phase: which codec it tries
+            self.phase_codec = ch.trial(self.model.codec, self.measured, self.phase)
+        if self.phase_codec == self.model.codec:
+            self.choice = self.model
+        else:
+            self.choice = ch.choose(self.rates, (), self.workers)  # zstd, and its workers
 
 
 def offered_codecs(header: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def start_hospital(
         f"state_dir: {workdir / 'agent-state'}\n"
         f"metrics_listen: {HOST}:0\n"
         f"pacs: {{ae_title: {PACS_AE}, host: {HOST}, port: {pacs_port}, "
-        f"calling_ae_title: {NODE_AE}, pixel_codecs: {knobs.pixel_codecs}}}\n"
+        f"calling_ae_title: {NODE_AE}, pixel_codecs: '{knobs.pixel_codecs}'}}\n"
         f"compression_level: {knobs.compression_level}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"

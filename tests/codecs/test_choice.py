@@ -14,6 +14,7 @@ from relay.codecs.choice import (
     cost,
     observe_encode,
     observe_link,
+    trial,
 )
 
 BOTH = ("jpegls", "htj2k")
@@ -111,3 +112,17 @@ def test_never_slower_than_zstd_and_never_more_workers_than_allowed(
     # ... and no option is clearly better than what was chosen
     for codec in (ZSTD, *offered):
         assert cost(rates, got.codec, got.workers) <= cost(rates, codec, max_workers) * 1.03
+
+
+def test_trial_checks_an_image_codec_against_zstd_then_keeps_the_faster() -> None:
+    assert trial(ZSTD, {}, 0) == ZSTD  # the model says zstd: nothing to try
+    assert trial("jpegls", {}, 0) == "jpegls"  # first the model's pick
+    assert trial("jpegls", {"jpegls": 30e6}, 1) == ZSTD  # then zstd, to compare
+    # A slow link: the codec delivers more raw bytes per second; kept, zstd rechecked.
+    fast_codec = {"jpegls": 40e6, ZSTD: 30e6}
+    assert [trial("jpegls", fast_codec, p) for p in range(2, 7)] == [
+        "jpegls", "jpegls", ZSTD, "jpegls", "jpegls"]  # fmt: skip
+    # A busy workstation (or agent): the codec slows the stream; zstd is kept.
+    slow_codec = {"jpegls": 20e6, ZSTD: 30e6}
+    assert [trial("jpegls", slow_codec, p) for p in range(2, 7)] == [
+        ZSTD, ZSTD, "jpegls", ZSTD, ZSTD]  # fmt: skip
