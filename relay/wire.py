@@ -57,6 +57,9 @@ HEADER_DICOM_VERSION: Final = "dicom-version"
 HEADER_PRIORITY: Final = "priority"
 """The stream's priority, RFC 9218 syntax (`u=6`, `u=3, i=?0`): urgency 0-7 (lower is
 sent first, default 3) and incremental (default true here). relay/proto/priority.py."""
+HEADER_DICOM_PIXELS: Final = "dicom-pixels"
+"""The pixel codecs a workstation decodes (comma-separated, e.g. `jpegls,htj2k`); without
+it the agent never sends an instance with encoded pixels (relay/dicom/PROTOCOL-DICOM.md)."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
 # (No identity header: the agent knows a device from its sealed session's certificate.)

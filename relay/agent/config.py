@@ -13,9 +13,12 @@ from relay.agent.audit import AuditSettings, read_audit_settings
 from relay.agent.directory.settings import DirectorySettings, read_directory_settings
 from relay.agent.itpages.settings import ItPagesSettings, read_it_pages_settings
 from relay.dicom.pacs_target import (
+    MAX_CODEC_WORKERS,
     MAX_PACS_TIMEOUT,
+    PIXEL_CODEC_CHOICES,
     RETRIEVE_CHOICES,
     PacsTarget,
+    PixelCodecs,
     Retrieve,
 )
 from relay.ops.config import (
@@ -130,6 +133,12 @@ def _read_pacs(r: Reader) -> PacsTarget | None:
         move_ae_title=s.text("move_ae_title", PacsTarget.move_ae_title, check=check_ae_title),
         move_listen=s.optional_address("move_listen", listen=True),
         timeout=s.duration("timeout", PacsTarget.timeout, hi=MAX_PACS_TIMEOUT, above_lo=True),
+        pixel_codecs=cast(
+            PixelCodecs, s.choice("pixel_codecs", PIXEL_CODEC_CHOICES, PacsTarget.pixel_codecs)
+        ),
+        codec_workers=s.integer(
+            "codec_workers", PacsTarget.codec_workers, lo=1, hi=MAX_CODEC_WORKERS
+        ),
     )
 
 

@@ -37,12 +37,14 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
+from relay.dicom.encoder import Encoded, RateBook, StreamEncoder, offered_codecs, shared_pool
 from relay.dicom.intake import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
+from relay.wire import HEADER_DICOM_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,11 @@ async def serve_dicom_stream(
     limits: DicomLimits | None = None,
     move_receiver: MoveReceiver | None = None,
     on_request: Callable[[OperationSummary], None] | None = None,
+    rates: RateBook | None = None,
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
+
+    `rates`: what earlier streams learned about the pixel codecs (the agent keeps one).
 
     `on_request` sees the request as soon as it is read, before the PACS is contacted
     (the audit trail's "transfer begins").
@@ -161,7 +166,11 @@ async def serve_dicom_stream(
     thread.start()
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
     try:
-        await _pump(stream, codec, out, op, pacs.stall_timeout)
+        offered = offered_codecs(stream.headers.get(HEADER_DICOM_PIXELS), pacs.allowed_codecs)
+        encoder = StreamEncoder(
+            codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto"
+        )
+        await _pump(stream, codec, out, op, pacs.stall_timeout, encoder)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -184,27 +193,65 @@ async def serve_dicom_stream(
     )
 
 
-async def _pump(
+async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
     stream: ByteStream,
     codec: MessageCodec,
     out: Channel[Message],
     op: PacsOperation,
     stall_timeout: float,
+    encoder: StreamEncoder,
 ) -> None:
-    """Encode and write what the operation produces, in order; end the stream after it."""
-    try:
+    """Encode and write what the operation produces, in order; end the stream after it.
+
+    Big messages are encoded on the encoder's pool, up to `encoder.choice.workers` at a
+    time, while earlier ones are written: the pump holds at most `encoder.workers + 1`
+    messages (being encoded, encoded and waiting, being written); before, it held one.
+    """
+    loop = asyncio.get_running_loop()
+    pool = shared_pool(encoder.workers)
+    ready: asyncio.Queue[asyncio.Future[Encoded] | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(encoder.workers + 1)
+
+    async def produce() -> None:
+        running: set[asyncio.Future[Encoded]] = set()
         while True:
+            await slots.acquire()
             try:
                 msg = await out.get()
             except ChannelClosed:
                 break
             if isinstance(msg, (Instance, Pending)) and len(msg.dataset) >= _OFFLOAD:
-                # zstd releases the GIL: compress off the loop, alongside the PACS transfer.
-                frame = await asyncio.to_thread(codec.encode, msg)
+                # zstd and the pixel codecs release the GIL: encode off the loop,
+                # alongside the PACS transfer and the writes of earlier instances, with
+                # as many workers as the current choice wants.
+                running = {f for f in running if not f.done()}
+                while len(running) >= encoder.choice.workers:
+                    _, pending = await asyncio.wait(running, return_when="FIRST_COMPLETED")
+                    running = set(pending)
+                fut = loop.run_in_executor(pool, encoder.encode, msg)
+                running.add(fut)
             else:
-                frame = codec.encode(msg)
+                fut = loop.create_future()
+                try:
+                    fut.set_result(encoder.encode(msg))
+                except DicomProtocolError as exc:
+                    fut.set_exception(exc)
+            await ready.put(fut)
+        await ready.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            fut = await ready.get()
+            if fut is None:
+                break
+            result = await fut
+            encoder.encoded(result)
+            started = time.monotonic()
             async with asyncio.timeout(stall_timeout):
-                await stream.write(frame)
+                await stream.write(result.frame)
+            encoder.written(result, time.monotonic() - started)
+            slots.release()
         async with asyncio.timeout(stall_timeout):
             await stream.write_eof()
     except (StreamResetError, TimeoutError, DicomProtocolError) as exc:
@@ -213,6 +260,13 @@ async def _pump(
         out.abort("stream lost")
         if not isinstance(exc, StreamResetError):
             stream.reset(RESET_CANCEL)
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer
+        encoder.finish()
+        if encoder.counts:
+            log.info("instances sent per codec: %s", encoder.counts)
 
 
 async def _watch(
@@ -264,6 +318,7 @@ class DicomAgent:
         self.stats = stats or NullStats()
         self.limits = limits or DicomLimits()
         self.move_receiver: MoveReceiver | None = None
+        self.rates = RateBook()
 
     async def start(self) -> None:
         if self.pacs.retrieve == "move" and self.move_receiver is None:
@@ -295,4 +350,5 @@ class DicomAgent:
             limits=self.limits,
             move_receiver=self.move_receiver,
             on_request=on_request,
+            rates=self.rates,
         )

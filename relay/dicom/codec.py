@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -23,6 +24,7 @@ from typing import Any, Final, Literal, Protocol
 
 import zstandard
 
+from relay.codecs import pixels as px
 from relay.net.bytestream import ByteStream
 
 VERSION: Final = 1
@@ -30,7 +32,11 @@ VERSION: Final = 1
 _PREFIX = struct.Struct(">I")  # payload length
 _FIXED = struct.Struct(">BBBH")  # version, type, flags, header length
 FLAG_ZSTD: Final = 0x01
-_KNOWN_FLAGS: Final = FLAG_ZSTD
+# An INSTANCE whose pixel data travels as image codestreams (header `px`, layout in
+# PROTOCOL-DICOM.md); sent only to a workstation that listed the codec in `dicom-pixels`.
+FLAG_PIXELS: Final = 0x02
+_KNOWN_FLAGS: Final = FLAG_ZSTD | FLAG_PIXELS
+PIXELS_VERSION: Final = 1
 
 MAX_COUNT: Final = 0xFFFF  # DIMSE sub-operation counts are US
 MAX_UID: Final = 64
@@ -194,6 +200,14 @@ def is_precompressed(transfer_syntax: str) -> bool:
     return transfer_syntax in _COMPRESSED_TS or transfer_syntax.startswith(_COMPRESSED_TS_PREFIXES)
 
 
+@dataclass(frozen=True)
+class PixelPart:
+    """An instance's pixel values as codestreams, and where they sit in its dataset."""
+
+    encoded: px.EncodedPixels
+    offset: int
+
+
 class ByteCounter(Protocol):
     """Where the codec reports raw and on-the-wire bytes (see relay.dicom.stats)."""
 
@@ -311,8 +325,12 @@ class MessageCodec:
                 f"header of {hlen} bytes exceeds limit {self.limits.max_header}"
             )
 
-    def encode(self, msg: Message) -> bytes:
-        """The bytes to write for `msg`: length prefix, fixed header, JSON header, body."""
+    def encode(self, msg: Message, pixels: PixelPart | None = None) -> bytes:
+        """The bytes to write for `msg`: length prefix, fixed header, JSON header, body.
+
+        With `pixels` (an Instance only), the pixel values at `pixels.offset` travel as
+        the codestreams and the rest of the dataset as zstd (FLAG_PIXELS).
+        """
         try:
             mtype, header, body, ts = _to_wire(msg, self.limits)
         except DicomProtocolError:
@@ -323,6 +341,10 @@ class MessageCodec:
             raise DicomProtocolError(
                 f"dataset of {len(body)} bytes exceeds limit {self.limits.max_dataset}"
             )
+        if pixels is not None:
+            if mtype != MessageType.INSTANCE:
+                raise DicomProtocolError("only an instance carries encoded pixels")
+            return self._encode_pixels(header, body, ts, pixels)
         hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(hbytes) > self.limits.max_header:
             raise DicomProtocolError(
@@ -346,6 +368,87 @@ class MessageCodec:
         raw = len(out) - len(wire_body) + len(body)
         self._count("out", raw, len(out), compressed)
         return out
+
+    def _encode_pixels(
+        self, header: dict[str, Any], body: bytes, ts: str, pixels: PixelPart
+    ) -> bytes:
+        enc, at = pixels.encoded, pixels.offset
+        end = at + enc.fmt.nbytes
+        if not 0 <= at <= end <= len(body) or len(enc.frames) > self.limits.max_list:
+            raise DicomProtocolError("encoded pixels do not fit the dataset")
+        rest, rest_zstd = self._maybe_compress(body[:at] + body[end:], ts)
+        header["px"] = {
+            "v": PIXELS_VERSION,
+            "c": enc.codec,
+            "at": at,
+            "f": enc.fmt.to_wire(),
+            "rl": len(rest),
+            "rz": rest_zstd,
+            "fl": [len(f) for f in enc.frames],
+            # CRC-32 of the native pixel bytes: the workstation checks what it rebuilt
+            "crc": zlib.crc32(body[at:end]),
+        }
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        if len(hbytes) > self.limits.max_header:
+            raise DicomProtocolError(
+                f"header of {len(hbytes)} bytes exceeds limit {self.limits.max_header}"
+            )
+        length = _FIXED.size + len(hbytes) + len(rest) + enc.nbytes
+        if length > self.limits.max_message:
+            raise DicomProtocolError(
+                f"message of {length} bytes exceeds limit {self.limits.max_message}"
+            )
+        fixed = _FIXED.pack(VERSION, MessageType.INSTANCE, FLAG_PIXELS, len(hbytes))
+        out = b"".join((_PREFIX.pack(length), fixed, hbytes, rest, *enc.frames))
+        self._count("out", len(out) - len(rest) - enc.nbytes + len(body), len(out), True)
+        return out
+
+    def _decode_pixels(self, header: dict[str, Any], wire_body: memoryview) -> bytes:
+        """The dataset of a FLAG_PIXELS instance, rebuilt byte for byte; bounded."""
+        spec = header.get("px")
+        if not isinstance(spec, dict) or spec.get("v") != PIXELS_VERSION:
+            raise DicomProtocolError("encoded pixels without a known `px` header")
+        codec = spec.get("c")
+        if codec not in px.CODECS:
+            raise DicomProtocolError("encoded pixels in an unknown codec")
+        try:
+            fmt = px.PixelFormat.from_wire(spec.get("f"))
+            fmt.check(self.limits.max_dataset, self.limits.max_list)
+        except ValueError as exc:
+            raise DicomProtocolError(f"encoded pixels: {exc}") from None
+        at = _get_int(spec, "at", 0, self.limits.max_dataset)
+        crc = _get_int(spec, "crc", 0, 0xFFFFFFFF)
+        rest_len = _get_int(spec, "rl", 0, len(wire_body))
+        lengths = spec.get("fl")
+        if (
+            at is None
+            or crc is None
+            or rest_len is None
+            or not isinstance(spec.get("rz"), bool)
+            or not isinstance(lengths, list)
+            or len(lengths) != fmt.frames
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
+            or rest_len + sum(lengths) != len(wire_body)
+        ):
+            raise DicomProtocolError("encoded pixels: lengths do not match the body")
+        rest_wire = wire_body[:rest_len]
+        rest = self._decompress(rest_wire) if spec["rz"] else bytes(rest_wire)
+        if at > len(rest) or len(rest) + fmt.nbytes > self.limits.max_dataset:
+            raise DicomProtocolError(
+                f"dataset of {len(rest) + fmt.nbytes} bytes exceeds limit "
+                f"{self.limits.max_dataset} or pixels outside it"
+            )
+        frames, pos = [], rest_len
+        for n in lengths:
+            frames.append(bytes(wire_body[pos : pos + n]))
+            pos += n
+        try:
+            values = px.decode(px.EncodedPixels(codec, fmt, tuple(frames)))
+        except px.PixelCodecError as exc:
+            raise DicomProtocolError(str(exc)) from None
+        if zlib.crc32(values) != crc:
+            raise DicomProtocolError("encoded pixels do not decode to what the agent sent")
+        return b"".join((rest[:at], values, rest[at:]))
 
     # -- decode -----------------------------------------------------------------------
 
@@ -381,8 +484,12 @@ class MessageCodec:
         if not isinstance(header, dict):
             raise DicomProtocolError("header is not a JSON object")
         wire_body = view[start + hlen :]
-        compressed = bool(flags & FLAG_ZSTD)
-        if compressed:
+        compressed = bool(flags & (FLAG_ZSTD | FLAG_PIXELS))
+        if flags & FLAG_PIXELS:
+            if mtype != MessageType.INSTANCE or flags & FLAG_ZSTD:
+                raise DicomProtocolError("encoded pixels outside a plain instance message")
+            body = self._decode_pixels(header, wire_body)
+        elif flags & FLAG_ZSTD:
             body = self._decompress(wire_body)
         else:
             if len(wire_body) > self.limits.max_dataset:

@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from relay import codecs
 from relay.dicom import contexts, move_check, rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
@@ -59,7 +60,7 @@ from relay.dicom.codec import (
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
-from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+from relay.wire import HEADER_DICOM_PIXELS, HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class DicomNode:
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
             HEADER_DICOM_VERSION: str(VERSION),
+            **_pixel_codecs_header(),
             **(headers or {}),
         }
         self._ae: AE | None = None
@@ -743,3 +745,9 @@ class _Retrieval:
 def _ok(code: int) -> bool:
     """Success or warning: the operation ran; failure statuses (and cancel) are not ok."""
     return code == st.SUCCESS or 0xB000 <= code <= 0xBFFF or code == 0x0001
+
+
+def _pixel_codecs_header() -> dict[str, str]:
+    """Announce the pixel codecs we decode: the agent sends no others (nor any to an old node)."""
+    names = codecs.available()
+    return {HEADER_DICOM_PIXELS: ",".join(names)} if names else {}

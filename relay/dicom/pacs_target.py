@@ -13,13 +13,18 @@ from relay.ops.config import Address, FieldError
 
 __all__ = [
     "DEFAULT_MOVE_LISTEN",
+    "MAX_CODEC_WORKERS",
     "MAX_PACS_TIMEOUT",
+    "PIXEL_CODEC_CHOICES",
     "RETRIEVE_CHOICES",
     "PacsTarget",
     "Retrieve",
 ]
 
 Retrieve = Literal["get", "move"]
+PixelCodecs = Literal["auto", "off", "jpegls", "htj2k"]
+PIXEL_CODEC_CHOICES: Final[tuple[PixelCodecs, ...]] = ("auto", "off", "jpegls", "htj2k")
+MAX_CODEC_WORKERS: Final = 16
 RETRIEVE_CHOICES: Final[tuple[Retrieve, ...]] = ("get", "move")
 
 # Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
@@ -52,12 +57,31 @@ class PacsTarget:
     compression_level: int = 3
     stall_timeout: float = 120.0
     survey: bool = True
+    # Transport codecs for native pixel data (docs/internals/codecs.md): "auto" lets the
+    # agent choose per instance between zstd, JPEG-LS and HTJ2K by measured rates; "off"
+    # is zstd only; a codec name sends every instance it can take in that codec, whatever
+    # the link (the fewest bytes; and what the tests use to force a codec).
+    pixel_codecs: PixelCodecs = "auto"
+    codec_workers: int = 2  # encoder threads shared by all streams
+
+    @property
+    def allowed_codecs(self) -> tuple[str, ...]:
+        if self.pixel_codecs == "off":
+            return ()
+        if self.pixel_codecs == "auto":
+            return ("jpegls", "htj2k")
+        return (self.pixel_codecs,)
 
     def __post_init__(self) -> None:
         if self.retrieve not in RETRIEVE_CHOICES:
             raise FieldError("retrieve", f"expected one of get, move; got {self.retrieve!r}")
         if not 0 < self.timeout <= MAX_PACS_TIMEOUT:
             raise FieldError("timeout", f"expected a duration above 0s to 1h, got {self.timeout}")
+        if self.pixel_codecs not in PIXEL_CODEC_CHOICES:
+            raise FieldError("pixel_codecs", f"expected auto, off, jpegls or htj2k, got "
+                             f"{self.pixel_codecs!r}")  # fmt: skip
+        if not 1 <= self.codec_workers <= MAX_CODEC_WORKERS:
+            raise FieldError("codec_workers", f"expected 1 to {MAX_CODEC_WORKERS}")
         if self.stall_timeout <= 0:
             raise ValueError(f"stall_timeout must be positive, got {self.stall_timeout}")
         if self.retrieve == "move":

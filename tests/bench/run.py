@@ -30,6 +30,7 @@ from typing import Final
 
 from tests.bench import (
     cache_read,
+    codecs,
     handshakes,
     load,
     memory,
@@ -45,6 +46,7 @@ from tests.bench.targets import make_pki
 
 NAMES: Final = (
     "throughput", "memory", "handshakes", "load", "wan", "seal", "cache", "viewer", "priority",
+    "codecs",
 )  # fmt: skip
 
 
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),
             "viewer": lambda: viewer.run(workdir, bench_pki, runs=1 if quick else 3),
             "priority": lambda: priority.run(workdir, bench_pki, runs=1 if quick else 3),
+            "codecs": lambda: codecs.run(ct_count=5 if quick else 20),
         }
         for name in names:
             started = time.monotonic()

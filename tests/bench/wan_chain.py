@@ -52,14 +52,17 @@ _SUBOPS: Final = re.compile(r"Number of (\w+) Suboperations\s*:\s*(\d+)")
 @dataclass(frozen=True)
 class Knobs:
     """Config that the benchmark may vary: `limits` (a YAML flow mapping for the limits:
-    section of all three relay processes) and the agent's zstd level."""
+    section of all three relay processes), the agent's zstd level and its pixel codecs
+    (`pacs.pixel_codecs`: auto, off, jpegls, htj2k; issue 14)."""
 
     limits: str = ""
     compression_level: int = 3
+    pixel_codecs: str = "auto"
 
     def describe(self) -> str:
         parts = [f"limits {self.limits}" if self.limits else "default limits"]
         parts.append(f"compression_level {self.compression_level}")
+        parts.append(f"pixel_codecs {self.pixel_codecs}")
         return ", ".join(parts)
 
 
@@ -126,7 +129,7 @@ def start_hospital(
         f"state_dir: {workdir / 'agent-state'}\n"
         f"metrics_listen: {HOST}:0\n"
         f"pacs: {{ae_title: {PACS_AE}, host: {HOST}, port: {pacs_port}, "
-        f"calling_ae_title: {NODE_AE}}}\n"
+        f"calling_ae_title: {NODE_AE}, pixel_codecs: '{knobs.pixel_codecs}'}}\n"
         f"compression_level: {knobs.compression_level}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"

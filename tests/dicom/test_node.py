@@ -60,7 +60,10 @@ async def test_echo_goes_to_the_pacs(chain: Chain, pacs: EmbeddedPacs) -> None:
     status = await asyncio.to_thread(viewer.echo, chain.port)
     assert status.Status == 0
     assert pacs.events.echoes == 1
-    assert chain.headers == [{"target": "dicom", "dicom-version": str(VERSION)}]
+    # ... and the pixel codecs this workstation decodes (all of them: imagecodecs is there).
+    assert chain.headers == [
+        {"target": "dicom", "dicom-version": str(VERSION), "dicom-pixels": "jpegls,htj2k"}
+    ]
 
 
 async def test_find_equals_a_direct_query(chain: Chain, pacs: EmbeddedPacs) -> None:

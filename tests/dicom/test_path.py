@@ -14,6 +14,7 @@ LAYERS = {
     "relay.dicom.agent": 0,  # agent end, loop side
     "relay.dicom.session": 1,  # workstation stream, loop side
     "relay.dicom.pacs_ops": 1,  # agent end, pynetdicom SCU thread
+    "relay.dicom.encoder": 1,  # agent end, encodes the stream's messages (pool threads)
     "relay.dicom.move_check": 1,
     "relay.dicom.pacs_echo": 1,  # the agent's readiness check (not on this path)
     "relay.dicom.intake": 2,  # instances from the PACS (C-GET handler, C-MOVE SCP)
@@ -36,8 +37,11 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
     upwards = [(a, b) for a, b in trace.within("relay.dicom") if LAYERS[a] >= LAYERS[b]]
     assert upwards == []
     # Outside relay/dicom the DICOM layer touches the stream it is given and, when it
-    # starts, what announces its listening ports and the settings' address type.
+    # starts, what announces its listening ports and the settings' address type; and the
+    # pixel codecs (relay/codecs: which codec, and the codecs themselves).
     assert trace.modules() - dicom <= {
+        "relay.codecs.choice",
+        "relay.codecs.pixels",
         "relay.net.bytestream",
         "relay.ops.listening",
         "relay.ops.config",

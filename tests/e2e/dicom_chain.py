@@ -177,6 +177,7 @@ class DicomChain:
     reserved: dict[str, socket.socket] = field(default_factory=dict)
     ws_extra: str = ""  # more workstation YAML (cache:, prefetch:)
     agent_extra: str = ""  # more agent YAML (pki: for revocation)
+    pacs_extra: str = ""  # more keys of the agent's pacs: mapping (", pixel_codecs: htj2k")
     procs: dict[str, Proc] = field(default_factory=dict)
     # which process reports which port
     reporters: dict[str, tuple[str, str]] = field(
@@ -235,7 +236,7 @@ class DicomChain:
             f"metrics_listen: {HOST}:0\n"
             f"pacs: {{ae_title: {self.pacs_ae}, host: {HOST}, port: {self.pacs_port}, "
             f"calling_ae_title: RELAY, retrieve: {self.retrieve}, "
-            f"timeout: {self.pacs_timeout}{move}}}\n"
+            f"timeout: {self.pacs_timeout}{move}{self.pacs_extra}}}\n"
             "reconnect: {initial: 0.1s, max: 1s}\n"
             "drain_grace: 2s\n" + LIMITS + self.agent_extra
         )
@@ -313,6 +314,14 @@ class DicomChain:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def codec_counts(self) -> dict[str, int]:
+        """Instances per pixel codec the agent reported for its streams (its INFO log)."""
+        total: dict[str, int] = {}
+        for found in re.findall(r"instances sent per codec: (\{[^}]*\})", self.logs()):
+            for name, n in re.findall(r"'(\w+)': (\d+)", found):
+                total[name] = total.get(name, 0) + int(n)
+        return total
+
     def ready(self) -> bool:
         for port in (self.ports["ws_metrics"], self.ports["agent_metrics"]):
             try:
@@ -360,6 +369,18 @@ def running_dicom_chain(chain: DicomChain) -> Iterator[DicomChain]:
         yield chain
     finally:
         chain.stop_all()
+
+
+def counts_after(chain: DicomChain, before: dict[str, int], instances: int) -> dict[str, int]:
+    """Instances per codec since `before`, once the agent has logged `instances` more (it
+    logs when its end of the stream is done, which may be just after getscu returns)."""
+    deadline = time.monotonic() + 10
+    while True:
+        now = chain.codec_counts()
+        diff = {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+        if sum(diff.values()) >= instances or time.monotonic() > deadline:
+            return diff
+        time.sleep(0.05)
 
 
 # -- into a namespace ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from relay_dev import samples
 from tests.e2e.dicom_chain import (
     DicomChain,
     bytes_by_instance,
+    counts_after,
     dataset_bytes,
     match_elements,
     running_dicom_chain,
@@ -158,6 +159,52 @@ def test_getscu_of_a_dcmtk_written_series(
                         extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
     assert len(got.files) == 5
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
+
+
+@pytest.fixture(scope="module", params=["jpegls", "htj2k"])
+def codec_chain(
+    request: pytest.FixtureRequest,
+    orthanc_module: Orthanc,
+    loaded: SampleSeries,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[DicomChain]:
+    """The chain with the agent sending every instance it can in one pixel codec (issue 14)."""
+    c = DicomChain(
+        tmp_path_factory.mktemp("codec-chain"),
+        orthanc_module.dicom_port,
+        pacs_ae=orthanc_module.ae_title,
+        ns=orthanc_module.ns,
+        pacs_extra=f", pixel_codecs: {request.param}",
+    )
+    with running_dicom_chain(c):
+        yield c
+
+
+@pytest.mark.parametrize("study", ["ct", "mr", "dcmtk"])
+def test_getscu_with_encoded_pixels_receives_orthancs_bytes(
+    codec_chain: DicomChain,
+    orthanc_module: Orthanc,
+    loaded: SampleSeries,
+    tmp_path: Path,
+    study: str,
+) -> None:
+    uid = {"ct": CT_STUDY, "mr": MR_STUDY, "dcmtk": loaded.study_instance_uid}[study]
+    keys = {"StudyInstanceUID": uid}
+    before = codec_chain.codec_counts()
+    got = dcmtk.getscu(codec_chain.node, tmp_path / "relay", "STUDY", keys, extra_args=["+B"],
+                       timeout=TIMEOUT)  # fmt: skip
+    want = dcmtk.getscu(orthanc_module.node, tmp_path / "direct", "STUDY", keys,
+                        extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    assert got.status == "Success"
+    assert len(got.files) == len(want.files) > 0
+    assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
+    if study in HELD:
+        assert bytes_by_instance(got.files) == HELD[study]
+    # Our studies' pixels did travel encoded; the harness's 64x64 series (8 KiB instances,
+    # below what is worth a codestream) went as zstd.
+    codec = codec_chain.pacs_extra.rsplit(" ", 1)[-1]
+    sent = counts_after(codec_chain, before, len(got.files))
+    assert sent == {codec if study in HELD else "zstd": len(got.files)}
 
 
 def test_movescu_delivers_to_a_storescp_destination(

@@ -1,0 +1,171 @@
+"""The agent's message encoder: zstd or a pixel codec per instance, on a bounded thread pool.
+
+`StreamEncoder` belongs to one stream. Its `encode()` runs on a worker thread (the codecs
+and zstd release the GIL): for an instance, and when the workstation decodes the codec
+the current `Choice` names, it locates the native pixel data, encodes it, checks that it
+decodes to the same bytes (`relay.codecs.encode` does), and frames it with FLAG_PIXELS;
+anything else is framed as before. Each result carries what it cost, and the loop feeds
+that, and how long each write took, into the rates `relay.codecs.choice` decides from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Final
+
+from relay import codecs
+from relay.codecs import choice as ch
+from relay.dicom.codec import Instance, Message, MessageCodec, PixelPart
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+MIN_PIXELS_BYTES: Final = 16 * 1024  # smaller instances: zstd, not worth a codestream
+# A phase: PHASE_SKIP instances written while the previous phase's bytes drain (they were
+# encoded ahead, or sit in the stream's window), then PHASE_MEASURE timed ones.
+PHASE_SKIP: Final = 4
+PHASE_MEASURE: Final = 8
+
+
+def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """One pool per size for the whole process: every stream shares the same CPUs."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dicom-enc")
+            _POOLS[workers] = pool
+        return pool
+
+
+class RateBook:
+    """What the agent learned about codec ratios and speeds, carried across streams."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rates = ch.Rates()
+
+    def start(self) -> ch.Rates:
+        """Rates for a new stream: learned codec rates, the link not measured yet."""
+        with self._lock:
+            return replace(self._rates, link=None, link_bytes=0.0, link_seconds=0.0)
+
+    def keep(self, rates: ch.Rates) -> None:
+        with self._lock:
+            self._rates = replace(rates, link=None, link_bytes=0.0, link_seconds=0.0)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A frame to write, and what producing it cost (for the rates)."""
+
+    frame: bytes
+    codec: str  # what it went as: ch.ZSTD, or a pixel codec
+    raw: int
+    cpu: float
+
+
+class StreamEncoder:
+    """Encoding of one stream's messages; `encode` on any thread, the rest on the loop."""
+
+    def __init__(
+        self,
+        codec: MessageCodec,
+        offered: tuple[str, ...],
+        workers: int,
+        book: RateBook | None = None,
+        *,
+        adaptive: bool = True,
+    ) -> None:
+        self.codec = codec
+        self.offered = offered
+        self.workers = workers
+        self.book = book or RateBook()
+        self.rates = self.book.start()
+        # Not adaptive (the config names one codec): that codec for every instance it
+        # can take, whatever the link (fewest bytes, e.g. a metered link).
+        self.adaptive = adaptive or not offered
+        self.model = ch.choose(self.rates, offered, workers)
+        self.choice = self.model
+        if not self.adaptive:
+            self.choice = ch.Choice(offered[0], workers)
+        self.counts: dict[str, int] = {}  # instances per codec, for the logs and tests
+        # End-to-end raw bytes/s per codec, measured in phases (choice.trial).
+        self.measured: dict[str, float] = {}
+        self.phase = 0
+        self.phase_codec = self.choice.codec
+        self._phase_writes = 0
+        self._phase_raw = 0
+        self._phase_start = 0.0
+
+    def encode(self, msg: Message) -> Encoded:
+        chosen = self.choice.codec
+        started = time.thread_time()
+        if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
+            layout = codecs.find_pixels(
+                msg.dataset, msg.transfer_syntax, max_bytes=self.codec.limits.max_dataset
+            )
+            if layout is not None:
+                enc = codecs.encode(
+                    layout.fmt, memoryview(msg.dataset)[layout.offset : layout.end], chosen
+                )
+                if enc is not None:
+                    frame = self.codec.encode(msg, PixelPart(enc, layout.offset))
+                    return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
+        frame = self.codec.encode(msg)
+        raw = len(msg.dataset) if isinstance(msg, Instance) else 0
+        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started)
+
+    def encoded(self, result: Encoded) -> None:
+        """On the loop: learn from an encoded instance."""
+        if result.raw:
+            self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
+            self.rates = ch.observe_encode(
+                self.rates, result.codec, result.raw, len(result.frame), result.cpu
+            )
+            self._decide()
+
+    def written(self, result: Encoded, seconds: float, now: float | None = None) -> None:
+        """On the loop: the write of `result` took `seconds` to be accepted (ended `now`)."""
+        self.rates = ch.observe_link(self.rates, len(result.frame), seconds)
+        if result.raw and self.adaptive and self.offered:
+            self._phase_step(result.raw, time.monotonic() if now is None else now)
+        self._decide()
+
+    def _phase_step(self, raw: int, now: float) -> None:
+        self._phase_writes += 1
+        if self._phase_writes == PHASE_SKIP:
+            self._phase_start, self._phase_raw = now, 0
+        elif self._phase_writes > PHASE_SKIP:
+            self._phase_raw += raw
+        if self._phase_writes < PHASE_SKIP + PHASE_MEASURE:
+            return
+        rate = self._phase_raw / max(now - self._phase_start, 1e-6)
+        old = self.measured.get(self.phase_codec)
+        self.measured[self.phase_codec] = rate if old is None else 0.5 * (old + rate)
+        self.phase += 1
+        self._phase_writes = 0
+
+    def finish(self) -> None:
+        self.book.keep(self.rates)
+
+    def _decide(self) -> None:
+        if not self.adaptive:
+            return
+        self.model = ch.choose(self.rates, self.offered, self.workers)
+        if self._phase_writes == 0:  # a new phase: which codec it tries
+            self.phase_codec = ch.trial(self.model.codec, self.measured, self.phase)
+        if self.phase_codec == self.model.codec:
+            self.choice = self.model
+        else:
+            self.choice = ch.choose(self.rates, (), self.workers)  # zstd, and its workers
+
+
+def offered_codecs(header: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """The codecs both ends can use: the workstation's `dicom-pixels` list, ours, config."""
+    if not header or not allowed:
+        return ()
+    theirs = {name.strip() for name in header.split(",")}
+    here = codecs.available()
+    return tuple(c for c in allowed if c in theirs and c in here)

@@ -1,0 +1,128 @@
+"""relay.codecs.choice: the codec and parallelism a stream deserves, from measured rates."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as s
+
+from relay.codecs.choice import (
+    PRIOR_RATIO,
+    ZSTD,
+    Choice,
+    Rates,
+    choose,
+    cost,
+    observe_encode,
+    observe_link,
+    trial,
+)
+
+BOTH = ("jpegls", "htj2k")
+MBIT = 1e6 / 8
+
+
+def test_nothing_offered_means_zstd() -> None:
+    assert choose(Rates(link=1 * MBIT), (), 4) == Choice(ZSTD, 1)
+    assert choose(Rates(), (), 4) == Choice(ZSTD, 4)  # link not measured: the whole pool
+    # A fast link makes zstd the bottleneck: more threads compress alongside.
+    assert choose(Rates(link=10_000 * MBIT), (), 4) == Choice(ZSTD, 4)
+
+
+def test_before_the_link_is_measured_the_best_ratio_goes_first() -> None:
+    assert choose(Rates(), BOTH, 2) == Choice("jpegls", 2)
+    assert choose(Rates(), ("htj2k",), 3) == Choice("htj2k", 3)
+
+
+def test_a_slow_link_takes_the_best_ratio_with_few_workers() -> None:
+    got = choose(Rates(link=20 * MBIT), BOTH, 4)
+    assert got.codec == "jpegls"
+    assert got.workers == 1  # one thread encodes 55 MB/s; the link takes 8 MB/s of raw
+
+
+def test_a_fast_link_stays_with_zstd() -> None:
+    assert choose(Rates(link=1000 * MBIT), BOTH, 2).codec == ZSTD
+    assert choose(Rates(link=10_000 * MBIT), BOTH, 16).codec == ZSTD
+
+
+def test_a_middling_link_takes_the_faster_codec_and_more_workers() -> None:
+    # 400 Mbit/s: JPEG-LS is decoder-bound (120 MB/s), HTJ2K keeps up with the wire.
+    got = choose(Rates(link=400 * MBIT), BOTH, 4)
+    assert got.codec == "htj2k"
+    assert got.workers >= 2
+
+
+def test_what_the_agent_measures_moves_the_choice() -> None:
+    rates = Rates(link=100 * MBIT)
+    assert choose(rates, BOTH, 2).codec == "jpegls"
+    # This PACS's images barely compress with JPEG-LS: several instances say so.
+    for _ in range(10):
+        rates = observe_encode(rates, "jpegls", 1_000_000, 900_000, 0.02)
+    assert rates.ratio["jpegls"] < 1.2
+    assert choose(rates, BOTH, 2).codec == "htj2k"
+
+
+def test_link_observations_need_enough_bytes_and_average() -> None:
+    rates = Rates()
+    assert observe_link(rates, 100, 1.0) is rates  # too small to say anything
+    rates = observe_link(rates, 1_000_000, 1.0)
+    assert rates.link == 1_000_000
+    rates = observe_link(rates, 2_000_000, 1.0)
+    assert rates.link is not None and 1_000_000 < rates.link < 2_000_000
+    assert observe_link(Rates(), 10_000, 0.0).link == 10_000 / 1e-6  # never a division by 0
+
+
+def test_writes_taken_at_once_do_not_hide_a_slow_link() -> None:
+    """A window's worth of writes accepted at once, then the link's real pace: within a
+    dozen writes the estimate is near the real rate (an average of speeds would not be)."""
+    rates = Rates()
+    for _ in range(5):
+        rates = observe_link(rates, 200_000, 0.0)
+    assert rates.link is not None and rates.link > 1e9  # looks fast: nothing blocked yet
+    for _ in range(12):
+        rates = observe_link(rates, 200_000, 0.016)  # 12.5 MB/s: 100 Mbit/s
+    assert rates.link is not None and 12.5e6 <= rates.link < 14e6
+    assert choose(rates, BOTH, 2).codec == "jpegls"
+
+
+def test_encode_observations_ignore_empty_results() -> None:
+    rates = Rates()
+    assert observe_encode(rates, "htj2k", 0, 10, 1.0) is rates
+    assert observe_encode(rates, "htj2k", 10, 0, 1.0) is rates
+    same_speed = observe_encode(rates, "htj2k", 1000, 500, 0.0)
+    assert same_speed.encode == rates.encode and same_speed.ratio["htj2k"] != rates.ratio["htj2k"]
+
+
+rates_st = s.builds(
+    Rates,
+    link=s.floats(1e4, 1e10),
+    ratio=s.fixed_dictionaries({c: s.floats(1.0, 8.0) for c in PRIOR_RATIO}),
+    encode=s.fixed_dictionaries({c: s.floats(1e6, 1e9) for c in PRIOR_RATIO}),
+    decode=s.fixed_dictionaries({c: s.floats(1e6, 1e9) for c in PRIOR_RATIO}),
+)
+
+
+@given(rates_st, s.sampled_from([(), ("jpegls",), ("htj2k",), BOTH]), s.integers(1, 16))
+def test_never_slower_than_zstd_and_never_more_workers_than_allowed(
+    rates: Rates, offered: tuple[str, ...], max_workers: int
+) -> None:
+    got = choose(rates, offered, max_workers)
+    assert got.codec == ZSTD or got.codec in offered
+    assert 1 <= got.workers <= max_workers
+    assert cost(rates, got.codec, got.workers) <= cost(rates, ZSTD, max_workers) * 1.03
+    # ... and no option is clearly better than what was chosen
+    for codec in (ZSTD, *offered):
+        assert cost(rates, got.codec, got.workers) <= cost(rates, codec, max_workers) * 1.03
+
+
+def test_trial_checks_an_image_codec_against_zstd_then_keeps_the_faster() -> None:
+    assert trial(ZSTD, {}, 0) == ZSTD  # the model says zstd: nothing to try
+    assert trial("jpegls", {}, 0) == "jpegls"  # first the model's pick
+    assert trial("jpegls", {"jpegls": 30e6}, 1) == ZSTD  # then zstd, to compare
+    # A slow link: the codec delivers more raw bytes per second; kept, zstd rechecked.
+    fast_codec = {"jpegls": 40e6, ZSTD: 30e6}
+    assert [trial("jpegls", fast_codec, p) for p in range(2, 7)] == [
+        "jpegls", "jpegls", ZSTD, "jpegls", "jpegls"]  # fmt: skip
+    # A busy workstation (or agent): the codec slows the stream; zstd is kept.
+    slow_codec = {"jpegls": 20e6, ZSTD: 30e6}
+    assert [trial("jpegls", slow_codec, p) for p in range(2, 7)] == [
+        ZSTD, ZSTD, "jpegls", ZSTD, ZSTD]  # fmt: skip
