@@ -54,6 +54,11 @@ HEADER_CODEC: Final = "codec"
 CODEC_ZSTD: Final = "zstd"
 HEADER_DICOM_VERSION: Final = "dicom-version"
 """Version of the DICOM message codec spoken on a `dicom` stream."""
+HEADER_DICOM_CONTENT: Final = "dicom-content"
+"""What a `dicom` retrieve stream carries of each instance; absent: everything."""
+DICOM_CONTENT_HEADERS: Final = "headers"
+"""Each instance without its Pixel Data value (relay/dicom/headers_only.py); an agent
+that does not know the header sends full instances, which the workstation notices."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
 # (No identity header: the agent knows a device from its sealed session's certificate.)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.dicom import rawds
+from relay.dicom import headers_only, rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
@@ -43,6 +43,7 @@ from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
+from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ async def serve_dicom_stream(
     thread.start()
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
     try:
-        await _pump(stream, codec, out, op, pacs.stall_timeout)
+        strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
+        await _pump(stream, codec, out, op, pacs.stall_timeout, strip=strip)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -190,14 +192,20 @@ async def _pump(
     out: Channel[Message],
     op: PacsOperation,
     stall_timeout: float,
+    *,
+    strip: bool = False,
 ) -> None:
-    """Encode and write what the operation produces, in order; end the stream after it."""
+    """Encode and write what the operation produces, in order; end the stream after it.
+
+    `strip`: instances go without their Pixel Data value (`dicom-content: headers`)."""
     try:
         while True:
             try:
                 msg = await out.get()
             except ChannelClosed:
                 break
+            if strip and isinstance(msg, Instance):
+                msg = headers_only.strip_instance(msg)
             if isinstance(msg, (Instance, Pending)) and len(msg.dataset) >= _OFFLOAD:
                 # zstd releases the GIL: compress off the loop, alongside the PACS transfer.
                 frame = await asyncio.to_thread(codec.encode, msg)
