@@ -61,6 +61,8 @@ class Opening:
     frames: int
     bytes: int
     other_load: float = 0.0  # cores busy outside the benchmark just before the run
+    metadata: float = 0.0  # seconds to the first series metadata answer received
+    first_asked: float = 0.0  # seconds to the first frame request
 
 
 def _dist() -> Path:
@@ -89,6 +91,8 @@ def open_study(profile_dir: Path, url: str, count: int) -> Opening:
                     first=state["first"] / 1000, last=state["last"] / 1000,
                     dicomweb_start=(state["dicomweb_start"] or 0) / 1000,
                     frames=state["frames"], bytes=state["bytes"],
+                    metadata=(state["metadata_end"] or 0) / 1000,
+                    first_asked=(state["first_frame_asked"] or 0) / 1000,
                 )  # fmt: skip
             time.sleep(0.1)
         raise BenchError(f"{url}: not all {count} frames within {OPEN_TIMEOUT:.0f} s ({state})")
@@ -146,8 +150,9 @@ def measure(
                         opening = dataclasses.replace(opening, other_load=load)
                         results[case].append(opening)
                         print(f"viewer {case}: first image {opening.first:.2f} s, all "
-                              f"{opening.last:.2f} s (other load before: {load:.2f} cores)",
-                              flush=True)  # fmt: skip
+                              f"{opening.last:.2f} s (other load before: {load:.2f} cores; "
+                              f"series metadata at {opening.metadata:.2f} s, first frame "
+                              f"asked at {opening.first_asked:.2f} s)", flush=True)  # fmt: skip
     return results, check
 
 
@@ -192,6 +197,10 @@ def run(
         "Times are from the navigation to /viewer, so both include the viewer's own start "
         f"from loopback (first DICOMweb request after {med('relay', 'dicomweb_start'):.2f} s "
         f"(relay) / {med('direct', 'dicomweb_start'):.2f} s (direct), median).",
+        "On the page's clock (median): the first series metadata answer received at "
+        f"{med('relay', 'metadata'):.2f} s (relay) / {med('direct', 'metadata'):.2f} s "
+        f"(direct); the first frame asked for at {med('relay', 'first_asked'):.2f} s / "
+        f"{med('direct', 'first_asked'):.2f} s.",
         "Frames arrive as WADO-RS /frames responses (imageRendering wadors); 'all images' "
         "is the last of the series' frames received (OHIF's study prefetcher loads the "
         "whole series).",

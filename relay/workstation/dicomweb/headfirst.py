@@ -156,6 +156,7 @@ class HeadFirst:
         ident.SeriesInstanceUID = hs.series
         outcome: list[FinalResponse] = []
         reason = ""
+        started = asyncio.get_running_loop().time()
         try:
             retrieval = cast(  # an async generator: closed early, it resets the stream
                 "AsyncGenerator[Instance, None]",
@@ -192,6 +193,8 @@ class HeadFirst:
             hs.finish(False, reason)
             return
         hs.finish(True)
+        log.info("series headers complete: %d instances, %d KB in %.2f s", len(hs.items),
+                 hs.size // 1024, asyncio.get_running_loop().time() - started)  # fmt: skip
         self._trim()
 
     async def close(self) -> None:
