@@ -15,7 +15,8 @@ Pixel Data value stops the headers retrieval (the stream is reset, the agent abo
 and no headers retrieval is started for `RETRY_OLD_AGENT` seconds.
 
 Bounded: `max_bytes` per series, `max_running` retrievals at once (more: the metadata
-uses the series flight), completed sets kept for `max_kept` series (LRU).
+uses the series flight), completed sets kept for at most `max_kept` series and
+`max_kept_bytes` in all (LRU).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_BYTES: Final = 32 * 1024 * 1024  # headers of one series (a 2,000-slice CT: ~10 MB)
 MAX_RUNNING: Final = 4
 MAX_KEPT: Final = 16
+MAX_KEPT_BYTES: Final = 64 * 1024 * 1024  # all finished sets together
 RETRY_OLD_AGENT: Final = 600.0  # seconds without trying after an agent sent whole instances
 
 
@@ -102,11 +104,13 @@ class HeadFirst:
         max_bytes: int = MAX_BYTES,
         max_running: int = MAX_RUNNING,
         max_kept: int = MAX_KEPT,
+        max_kept_bytes: int = MAX_KEPT_BYTES,
     ) -> None:
         self.source = source
         self.max_bytes = max_bytes
         self.max_running = max_running
         self.max_kept = max_kept
+        self.max_kept_bytes = max_kept_bytes
         self.sets: OrderedDict[tuple[str, str], HeaderSet] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._old_agent_until = 0.0
@@ -143,11 +147,13 @@ class HeadFirst:
         return hs
 
     def _trim(self) -> None:
-        """Forget finished sets beyond `max_kept` (least recently used first)."""
-        finished = [k for k, s in self.sets.items() if s.done]
-        excess = len(self.sets) - self.max_kept
-        for key in finished[: max(excess, 0)]:
-            del self.sets[key]
+        """Forget finished sets (least recently used first) beyond `max_kept` sets or
+        `max_kept_bytes` (running ones are bounded by `max_bytes` each)."""
+        kept = sum(s.size for s in self.sets.values() if s.done)
+        for key in [k for k, s in self.sets.items() if s.done]:
+            if len(self.sets) <= self.max_kept and kept <= self.max_kept_bytes:
+                return
+            kept -= self.sets.pop(key).size
 
     async def _run(self, hs: HeaderSet) -> None:
         ident = Dataset()

@@ -173,6 +173,21 @@ async def test_kept_header_sets_are_bounded(server: Server) -> None:
     assert list(hf.sets) == [(STUDY, "1.2.3.2"), (STUDY, "1.2.3.3")]
 
 
+async def test_kept_header_bytes_are_bounded(server: Server) -> None:
+    srv, _source = server
+    hf = headfirst(srv)
+    first = hf.start(STUDY, SERIES)
+    assert first is not None and await asyncio.wait_for(first.wait(), WAIT)
+    hf.max_kept_bytes = first.size  # room for one series' headers
+    second = hf.start(STUDY, "1.2.3.4.5")  # empty: fits beside the first
+    assert second is not None and await asyncio.wait_for(second.wait(), WAIT)
+    assert set(hf.sets) == {(STUDY, SERIES), (STUDY, "1.2.3.4.5")}
+    hf.max_kept_bytes = first.size - 1  # the first no longer fits: it goes
+    third = hf.start(STUDY, "1.2.3.4.6")
+    assert third is not None and await asyncio.wait_for(third.wait(), WAIT)
+    assert set(hf.sets) == {(STUDY, "1.2.3.4.5"), (STUDY, "1.2.3.4.6")}
+
+
 async def test_the_metrics_count_headers(server: Server) -> None:
     srv, source = server
     source.release.clear()
