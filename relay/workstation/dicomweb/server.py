@@ -70,8 +70,9 @@ class DicomwebServer:
                 "series_headers_unused": float(headfirst.fell_back),
             },
         )
+        used = headfirst if config.headers_first else None
         self.service = DicomwebService(source, retriever, metrics, config.max_upload,
-                                       headfirst=headfirst)  # fmt: skip
+                                       headfirst=used)  # fmt: skip
         self.app = build_app(self.service, extra_routes)
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None

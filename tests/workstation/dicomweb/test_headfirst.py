@@ -12,8 +12,10 @@ from typing import Any
 
 from relay.dicom import status as st
 from relay.dicom.codec import FinalResponse
+from relay.ops.config import Address
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.source import UpstreamError
 
 from .test_server import CT, SERIES, STUDY, ScriptedSource, get, server
@@ -197,3 +199,23 @@ async def test_the_metrics_count_headers(server: Server) -> None:
     assert values["relay_dicomweb_series_headers_retrievals"] == 1
     assert values["relay_dicomweb_series_metadata_from_headers"] == 1
     assert values["relay_dicomweb_series_headers_unused"] == 0
+
+
+async def test_headers_first_off_answers_from_the_flight() -> None:
+    config = DicomwebConfig(Address("127.0.0.1", 0), headers_first=False)
+
+    async def no_link(headers: Any) -> Any:
+        raise OSError("no link")
+
+    srv = DicomwebServer(config, no_link)
+    source = ScriptedSource()
+    srv.service.source = source  # type: ignore[assignment]
+    srv.service.retriever.source = source  # type: ignore[assignment]
+    await srv.start()
+    try:
+        assert srv.service.headfirst is None
+        status, _, body = await asyncio.wait_for(get(url(srv)), WAIT)
+        assert status == 200 and len(json.loads(body)) == len(CT)
+        assert (source.retrieves, source.header_retrieves) == (1, 0)
+    finally:
+        await srv.stop()
