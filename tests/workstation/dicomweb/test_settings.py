@@ -63,6 +63,7 @@ def test_an_unknown_key_is_refused() -> None:
 def test_headers_first_is_on_unless_turned_off() -> None:
     on = read({"listen": "127.0.0.1:8042"})
     off = read({"listen": "127.0.0.1:8042", "headers_first": False})
+    assert isinstance(on, DicomwebConfig) and isinstance(off, DicomwebConfig)
     assert on.headers_first is True and off.headers_first is False
     with pytest.raises(ConfigError, match="headers_first"):
         read({"listen": "127.0.0.1:8042", "headers_first": "sometimes"})
