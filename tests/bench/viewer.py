@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tests.bench.procs import HOST, BenchError, ProcessGroup, raise_nofile, wait_for_quiet
+from tests.bench.procs import (
+    HOST,
+    VENV_BIN,
+    BenchError,
+    ProcessGroup,
+    raise_nofile,
+    wait_for_quiet,
+)
 from tests.bench.report import DOC, Section, machine_line, median, write_section
 from tests.bench.targets import BenchPki, make_pki
 from tests.bench.wan_chain import ENV, Knobs, start_hospital, start_site
@@ -39,7 +46,7 @@ from tests.bench.wan_pacs import DEFAULT_COUNT, study_uid
 
 OPEN_TIMEOUT: Final = 600.0  # seconds for one opening of the study
 QUIET_PATIENCE: Final = 20.0  # seconds to wait for a quiet machine before each run
-CASES: Final = ("relay", "direct")
+CASES: Final = ("relay", "direct", "plain")  # plain: the relay with headers_first off
 FIRST_IMAGE_NOTE: Final = (
     "Headers first (docs/internals/dicomweb.md): the warm-up starts, beside the series' "
     "retrieval, a headers-only retrieval of the same series (the agent sends each "
@@ -131,19 +138,32 @@ def measure(
         )  # fmt: skip
         config = workdir / f"workstation-{profile.name}.yaml"
         relay_port = site.workstation.listening("dicomweb", 30.0)
+        # the baseline in the same run: a second workstation (same link, same device
+        # certificate) with headers first turned off
+        plain_config = workdir / "workstation-plain.yaml"
+        plain_config.write_text(
+            config.read_text()
+            .replace(str(workdir / "ws-cache"), str(workdir / "ws-cache-plain"))
+            .replace("viewer: true,", "viewer: true, headers_first: false,")
+        )
+        plain = group.process("workstation-plain",
+                              [str(VENV_BIN / "relay"), "workstation", "--config",
+                               str(plain_config)], env=ENV)  # fmt: skip
+        plain_port = plain.listening("dicomweb", 30.0)
+        configs = {"relay": config, "plain": plain_config}
         with orthanc_dicomweb(workdir, make_study(count)) as orthanc_port:
             _, proxy_port = start_proxy(group, "proxy-orthanc", orthanc_port, profile, ENV)
             with ViewerFront(dist, proxy_port, ORTHANC_OPTIONS) as front:
-                bases = {"relay": relay_port, "direct": front.port}
+                bases = {"relay": relay_port, "direct": front.port, "plain": plain_port}
                 for case in CASES:  # unmeasured: first starts, lazy imports, OS caches
-                    if case == "relay":
-                        _wipe_cache(config)
+                    if case in configs:
+                        _wipe_cache(configs[case])
                     url = f"http://{HOST}:{bases[case]}/viewer?StudyInstanceUIDs={uid}"
                     open_study(workdir / f"chromium-{case}-warm", url, count)
                 for i in range(runs):
                     for case in CASES if i % 2 == 0 else CASES[::-1]:
-                        if case == "relay":
-                            _wipe_cache(config)
+                        if case in configs:
+                            _wipe_cache(configs[case])
                         load = wait_for_quiet(patience=QUIET_PATIENCE)
                         url = f"http://{HOST}:{bases[case]}/viewer?StudyInstanceUIDs={uid}"
                         opening = open_study(workdir / f"chromium-{case}-{i}", url, count)
@@ -174,6 +194,7 @@ def run(
     labels = {
         "relay": "through the relay (workstation DICOMweb, cold cache)",
         "direct": f"Orthanc's DICOMweb plugin across {profile.label}",
+        "plain": "through the relay, `headers_first: false` (the baseline before this)",
     }
     for case in CASES:
         table.append([labels[case], f"{med(case, 'first'):.2f}", f"{med(case, 'last'):.2f}",
@@ -183,6 +204,8 @@ def run(
         ratio = med("direct", attr) / med("relay", attr)
         verdict = "meets" if ratio > 1 else "MISSES"
         verdicts.append(f"{name}: direct/relay = **{ratio:.2f}x** ({verdict} the goal: faster)")
+        gain = med("plain", attr) / med("relay", attr)
+        verdicts.append(f"{name}: headers first off/on = {gain:.2f}x")
     notes = [
         "; ".join(verdicts) + ".",
         f"{count} CT slices of 512x512 16-bit; link check through the proxy: "
@@ -193,14 +216,16 @@ def run(
         "Other load (cores busy outside the benchmark, in the second before each run, after "
         f"waiting up to {QUIET_PATIENCE:.0f} s for it to fall under 0.3): relay "
         f"{each(case='relay', attr='other_load')}; direct "
-        f"{each(case='direct', attr='other_load')}.",
+        f"{each(case='direct', attr='other_load')}; headers first off "
+        f"{each(case='plain', attr='other_load')}.",
         "Times are from the navigation to /viewer, so both include the viewer's own start "
         f"from loopback (first DICOMweb request after {med('relay', 'dicomweb_start'):.2f} s "
         f"(relay) / {med('direct', 'dicomweb_start'):.2f} s (direct), median).",
         "On the page's clock (median): the first series metadata answer received at "
         f"{med('relay', 'metadata'):.2f} s (relay) / {med('direct', 'metadata'):.2f} s "
-        f"(direct); the first frame asked for at {med('relay', 'first_asked'):.2f} s / "
-        f"{med('direct', 'first_asked'):.2f} s.",
+        f"(direct) / {med('plain', 'metadata'):.2f} s (headers first off); the first frame "
+        f"asked for at {med('relay', 'first_asked'):.2f} s / "
+        f"{med('direct', 'first_asked'):.2f} s / {med('plain', 'first_asked'):.2f} s.",
         "Frames arrive as WADO-RS /frames responses (imageRendering wadors); 'all images' "
         "is the last of the series' frames received (OHIF's study prefetcher loads the "
         "whole series).",
