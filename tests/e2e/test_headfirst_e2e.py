@@ -2,10 +2,14 @@
 
 `relay gateway|agent|workstation` from the CLI over real TLS, the embedded PACS in its own
 process with the demo's CT (40 images of 512x512) and MR; `dicomweb-client` as the
-browser. The series metadata request is answered from the agent's headers-only retrieval
-(the workstation's metrics say so, and the PACS saw that second C-GET); it must equal the
-metadata of the PACS's whole instances, and of the same series once it is all there;
-frames are still the PACS's pixels.
+browser. The series metadata request starts the agent's headers-only retrieval beside the series
+(the PACS sees that second C-GET); the headers must complete (the real agent stripped
+every instance and the counts matched: otherwise the workstation counts them unused), and
+the metadata must equal that of the PACS's whole instances, and of the same series once
+it is all there; frames are still the PACS's pixels. On loopback the series itself may
+arrive first (whichever is complete first answers), so which of the two answered is not
+asserted here: tests/workstation/dicomweb/test_headfirst.py holds the series back to
+show the headers answer, and the viewer benchmark's link shows it in use.
 """
 
 from __future__ import annotations
@@ -75,7 +79,14 @@ def test_series_metadata_from_headers_equals_the_whole_instances(
 
     early = by_uid(client.retrieve_series_metadata(CT_STUDY, CT_SERIES))
 
-    assert chain.metric("ws", "relay_dicomweb_series_metadata_from_headers_total") == 1
+    assert chain.metric("ws", "relay_dicomweb_series_headers_retrievals_total") == 1
+    deadline = time.monotonic() + TIMEOUT  # the headers may finish after the series
+    while time.monotonic() < deadline and not (
+        chain.metric("ws", "relay_dicomweb_series_headers_complete_total")
+        or chain.metric("ws", "relay_dicomweb_series_headers_unused_total")
+    ):
+        time.sleep(0.1)
+    assert chain.metric("ws", "relay_dicomweb_series_headers_complete_total") == 1
     assert chain.metric("ws", "relay_dicomweb_series_headers_unused_total") == 0
     # exactly what the PACS's whole instances make, BulkDataURIs and all
     assert set(early) == {i.sop_instance for i in CT_INSTANCES}
@@ -98,6 +109,6 @@ def test_series_metadata_from_headers_equals_the_whole_instances(
     client.retrieve_series(CT_STUDY, CT_SERIES)  # waits for the flight to finish
     later = by_uid(client.retrieve_series_metadata(CT_STUDY, CT_SERIES))
     assert later == early
-    assert chain.metric("ws", "relay_dicomweb_series_metadata_from_headers_total") == 1
+    assert chain.metric("ws", "relay_dicomweb_series_headers_retrievals_total") == 1
     time.sleep(0.3)
     assert pacs.events().get("gets", 0) - gets == 2  # the series, and its headers

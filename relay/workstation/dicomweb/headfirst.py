@@ -117,6 +117,7 @@ class HeadFirst:
         self.started = 0
         self.answered = 0  # metadata answers made from headers (app.py counts)
         self.fell_back = 0  # headers retrievals that did not complete
+        self.completed = 0  # headers retrievals that did (answering or not)
 
     def running(self) -> int:
         return sum(not s.done for s in self.sets.values())
@@ -198,6 +199,7 @@ class HeadFirst:
             log.info("series headers not used: %s", reason)
             hs.finish(False, reason)
             return
+        self.completed += 1
         hs.finish(True)
         log.info("series headers complete: %d instances, %d KB in %.2f s", len(hs.items),
                  hs.size // 1024, asyncio.get_running_loop().time() - started)  # fmt: skip

@@ -68,6 +68,7 @@ class DicomwebServer:
                 "series_headers_retrievals": float(headfirst.started),
                 "series_metadata_from_headers": float(headfirst.answered),
                 "series_headers_unused": float(headfirst.fell_back),
+                "series_headers_complete": float(headfirst.completed),
             },
         )
         used = headfirst if config.headers_first else None

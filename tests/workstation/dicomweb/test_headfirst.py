@@ -199,6 +199,7 @@ async def test_the_metrics_count_headers(server: Server) -> None:
     assert values["relay_dicomweb_series_headers_retrievals"] == 1
     assert values["relay_dicomweb_series_metadata_from_headers"] == 1
     assert values["relay_dicomweb_series_headers_unused"] == 0
+    assert values["relay_dicomweb_series_headers_complete"] == 1
 
 
 async def test_headers_first_off_answers_from_the_flight() -> None:
