@@ -60,6 +60,11 @@ sent first, default 3) and incremental (default true here). relay/proto/priority
 HEADER_DICOM_PIXELS: Final = "dicom-pixels"
 """The pixel codecs a workstation decodes (comma-separated, e.g. `jpegls,htj2k`); without
 it the agent never sends an instance with encoded pixels (relay/dicom/PROTOCOL-DICOM.md)."""
+HEADER_DICOM_CONTENT: Final = "dicom-content"
+"""What a `dicom` retrieve stream carries of each instance; absent: everything."""
+DICOM_CONTENT_HEADERS: Final = "headers"
+"""Each instance without its Pixel Data value (relay/dicom/headers_only.py); an agent
+that does not know the header sends full instances, which the workstation notices."""
 
 # -- Header keys that only the gateway may set; it strips them from what devices send.
 # (No identity header: the agent knows a device from its sealed session's certificate.)

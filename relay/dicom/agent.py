@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.dicom import rawds
+from relay.dicom import headers_only, rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
@@ -44,7 +44,7 @@ from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
-from relay.wire import HEADER_DICOM_PIXELS
+from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT, HEADER_DICOM_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ async def serve_dicom_stream(
         encoder = StreamEncoder(
             codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto"
         )
-        await _pump(stream, codec, out, op, pacs.stall_timeout, encoder)
+        strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
+        await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -200,8 +201,12 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
     op: PacsOperation,
     stall_timeout: float,
     encoder: StreamEncoder,
+    *,
+    strip: bool = False,
 ) -> None:
     """Encode and write what the operation produces, in order; end the stream after it.
+
+    `strip`: instances go without their Pixel Data value (`dicom-content: headers`).
 
     Big messages are encoded on the encoder's pool, up to `encoder.choice.workers` at a
     time, while earlier ones are written: the pump holds at most `encoder.workers + 1`
@@ -220,6 +225,8 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
                 msg = await out.get()
             except ChannelClosed:
                 break
+            if strip and isinstance(msg, Instance):
+                msg = headers_only.strip_instance(msg)
             if isinstance(msg, (Instance, Pending)) and len(msg.dataset) >= _OFFLOAD:
                 # zstd and the pixel codecs release the GIL: encode off the loop,
                 # alongside the PACS transfer and the writes of earlier instances, with

@@ -49,10 +49,13 @@ for (const e of frames) {
   if (e.responseEnd > 0) done.set(uid, Math.max(done.get(uid) || 0, e.responseEnd));
 }
 const dw = performance.getEntriesByType('resource').filter(e => e.name.includes('/dicom-web'));
+const meta = dw.filter(e => /\\/series\\/[^/]+\\/metadata/.test(e.name) && e.responseEnd > 0);
 return {first: window.__relayFirstImage, frames: done.size,
         dicomweb_start: dw.length ? Math.min(...dw.map(e => e.startTime)) : null,
         last: done.size ? Math.max(...done.values()) : null,
         bytes: frames.reduce((s, e) => s + (e.encodedBodySize || 0), 0),
+        metadata_end: meta.length ? Math.min(...meta.map(e => e.responseEnd)) : null,
+        first_frame_asked: frames.length ? Math.min(...frames.map(e => e.startTime)) : null,
         now: performance.now()};
 """
 

@@ -25,6 +25,7 @@ from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.workstation.dicomweb import dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
+from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
 from relay.workstation.dicomweb.retrieve import HeldInstance, Retriever, SeriesFlight
@@ -57,6 +58,7 @@ class DicomwebService:
     # HTJ2K encodings at once (CPU-bound, in threads): the other requests keep a core
     encoders: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     frames_encoded: int = 0
+    headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
 
 
 # -- middlewares ------------------------------------------------------------------------
@@ -271,6 +273,42 @@ def _metadata_of(item: HeldInstance, base: str, study: str, series: str) -> dict
     return dicomjson.to_json(ds, bulk_base=url)
 
 
+async def _headers_first(
+    service: DicomwebService, study: str, series: str, base: str
+) -> web.Response | None:
+    """A series' metadata from its headers-only retrieval, if that completes before the
+    series flight ends; None: answer from the flight (cached, held, or headers failed)."""
+    headfirst = service.headfirst
+    if headfirst is None:
+        return None
+    try:
+        flight = await service.retriever.series(study, series)
+    except UpstreamError:
+        return None  # the flight path answers with the same error
+    await flight.decided()
+    if flight.done:
+        return None  # from the cache, or held
+    headers = headfirst.start(study, series)
+    if headers is None:
+        return None
+    waits = [asyncio.ensure_future(headers.wait()), asyncio.ensure_future(flight.finished())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if not headers.complete:
+        return None
+    items = list(headers.items)
+
+    def docs() -> bytes:
+        return json.dumps([_metadata_of(i, base, study, series) for i in items]).encode()
+
+    body = await asyncio.to_thread(docs)
+    headfirst.answered += 1
+    return web.Response(body=body, content_type=DICOM_JSON)
+
+
 def _metadata(with_series: bool, with_sop: bool) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         service = _service(request)
@@ -278,6 +316,10 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
         series = _uid(request, "series") if with_series else None
         sop = _uid(request, "instance") if with_sop else None
         base = _base(request)
+        if series is not None and sop is None:
+            early = await _headers_first(service, study, series, base)
+            if early is not None:
+                return early
         response: web.StreamResponse | None = None
         try:
             async for flight in _flights(service, study, series):

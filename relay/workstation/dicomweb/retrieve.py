@@ -67,6 +67,7 @@ class SeriesFlight:
     error: UpstreamError | None = None
     from_cache: bool = False
     final: FinalResponse | None = None  # the retrieve's final response (its counts)
+    retrieving: bool = False  # not in the cache: being retrieved through the agent
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, item: HeldInstance) -> None:
@@ -97,6 +98,20 @@ class SeriesFlight:
                 if self.error is not None:
                     raise self.error
                 return
+            await self._changed.wait()
+
+    def mark_retrieving(self) -> None:
+        self.retrieving = True
+        self._wake()
+
+    async def decided(self) -> None:
+        """Until the flight is done or known to come through the agent (not the cache)."""
+        while not (self.done or self.retrieving):
+            await self._changed.wait()
+
+    async def finished(self) -> None:
+        """Until the flight is done (whatever its outcome)."""
+        while not self.done:
             await self._changed.wait()
 
     async def get(self, sop_instance: str) -> HeldInstance | None:
@@ -188,6 +203,7 @@ class Retriever:
             self._bound(flight)
             return
         self.retrievals += 1
+        flight.mark_retrieving()
         ident = Dataset()
         ident.QueryRetrieveLevel = "SERIES"
         ident.StudyInstanceUID = flight.study

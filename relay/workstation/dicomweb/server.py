@@ -21,6 +21,7 @@ from relay.ops.listening import announce
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.dicomweb.app import PREFIX, DicomwebService, ExtraRoutes, build_app
 from relay.workstation.dicomweb.guard import allowed_hosts
+from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.retrieve import Retriever
 from relay.workstation.dicomweb.settings import DicomwebConfig
@@ -50,6 +51,7 @@ class DicomwebServer:
         source = DicomSource(open_stream, MessageCodec(DicomLimits()), timeout=config.timeout,
                              cache=cache)  # fmt: skip
         retriever = Retriever(source, cache, hold_size=config.hold_size)
+        headfirst = HeadFirst(lambda: retriever.source)  # tests swap the retriever's source
         metrics = DicomwebMetrics(
             lambda: {
                 "held_bytes": float(retriever.held),
@@ -63,9 +65,15 @@ class DicomwebServer:
                 "series_written_to_cache": float(w.written if (w := retriever.writer) else 0),
                 "cache_write_failures": float(w.failed if (w := retriever.writer) else 0),
                 "frames_encoded_htj2k": float(self.service.frames_encoded),
+                "series_headers_retrievals": float(headfirst.started),
+                "series_metadata_from_headers": float(headfirst.answered),
+                "series_headers_unused": float(headfirst.fell_back),
+                "series_headers_complete": float(headfirst.completed),
             },
         )
-        self.service = DicomwebService(source, retriever, metrics, config.max_upload)
+        used = headfirst if config.headers_first else None
+        self.service = DicomwebService(source, retriever, metrics, config.max_upload,
+                                       headfirst=used)  # fmt: skip
         self.app = build_app(self.service, extra_routes)
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
@@ -99,6 +107,8 @@ class DicomwebServer:
         announce("dicomweb", self.address)
 
     async def stop(self) -> None:
+        if self.service.headfirst is not None:
+            await self.service.headfirst.close()
         await self.service.retriever.close()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -38,10 +38,12 @@ class DicomwebConfig:
     hold_size: int = DEFAULT_HOLD_SIZE
     timeout: float = DEFAULT_TIMEOUT
     viewer_dir: Path | None = None
+    headers_first: bool = True  # series metadata from a headers-only retrieval (headfirst.py)
 
 
 def read_dicomweb(r: Reader) -> DicomwebConfig | None:
-    """`dicomweb: {listen, viewer, viewer_dir, max_upload, hold_size, timeout}`; absent:
+    """`dicomweb: {listen, viewer, viewer_dir, max_upload, hold_size, timeout,
+    headers_first}`; absent:
     None. `viewer_dir` is relative to the config file."""
     s = r.optional_section("dicomweb")
     if s is None:
@@ -58,4 +60,6 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
     if not 1 * MiB <= hold_size <= 64 * GiB:
         raise s.error("hold_size", "must be between 1MiB and 64GiB")
     timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
-    return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir)
+    headers_first = s.boolean("headers_first", True)
+    return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir,
+                          headers_first)  # fmt: skip

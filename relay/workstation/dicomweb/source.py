@@ -36,7 +36,14 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
-from relay.wire import HEADER_DICOM_VERSION, HEADER_PRIORITY, HEADER_TARGET, TARGET_DICOM
+from relay.wire import (
+    DICOM_CONTENT_HEADERS,
+    HEADER_DICOM_CONTENT,
+    HEADER_DICOM_VERSION,
+    HEADER_PRIORITY,
+    HEADER_TARGET,
+    TARGET_DICOM,
+)
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 
@@ -103,11 +110,16 @@ class DicomSource:
         return self.cache is not None and self.cache.offline()
 
     @contextlib.asynccontextmanager
-    async def _stream(self, request: Request) -> AsyncIterator[tuple[ByteStream, list[bool]]]:
+    async def _stream(
+        self, request: Request, headers_only: bool = False
+    ) -> AsyncIterator[tuple[ByteStream, list[bool]]]:
         """An open stream with `request` written; the flag list's [0] marks a clean end."""
+        headers = dict(self.headers)
+        if headers_only:
+            headers[HEADER_DICOM_CONTENT] = DICOM_CONTENT_HEADERS
         try:
             async with asyncio.timeout(self.timeout):
-                stream = await self.open_stream(self.headers)
+                stream = await self.open_stream(headers)
                 await write_message(stream, self.codec, request)
         except TimeoutError:
             raise UpstreamError(504, "no relay stream within the timeout") from None
@@ -167,10 +179,15 @@ class DicomSource:
                     return result
 
     async def retrieve(
-        self, identifier: Dataset, outcome: list[FinalResponse] | None = None
+        self,
+        identifier: Dataset,
+        outcome: list[FinalResponse] | None = None,
+        *,
+        headers_only: bool = False,
     ) -> AsyncIterator[Instance]:
         """The instances of a retrieve identifier as they arrive (the PACS's bytes); the
-        final response is appended to `outcome` (its counts decide cache completeness)."""
+        final response is appended to `outcome` (its counts decide cache completeness).
+        `headers_only`: ask the agent to leave each Pixel Data value out (headfirst.py)."""
         request = Request(
             op="retrieve",
             root="study",
@@ -178,7 +195,7 @@ class DicomSource:
             dataset=rawds.encode_dataset(identifier),
             calling_ae=CALLING_AE,
         )
-        async with self._stream(request) as (stream, clean):
+        async with self._stream(request, headers_only) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, Instance):

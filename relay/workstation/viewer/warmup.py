@@ -5,8 +5,10 @@ OHIF's scripts take seconds to start before OHIF asks for the first DICOMweb res
 study's series can be on their way through the relay meanwhile. So when the site serves
 that page, `Warmup.open` starts, in the background, the series flights OHIF will ask for
 (relay.workstation.dicomweb.retrieve): one C-FIND for the study's series, then the
-series one after another in series-number order (the first one shown arrives first).
-OHIF's own requests join the flights (one retrieval, never two).
+series one after another in series-number order (the first one shown arrives first),
+each with its headers-only retrieval (relay.workstation.dicomweb.headfirst), from which
+OHIF's metadata request is answered before the pixels are here. OHIF's own requests join
+the flights (one retrieval, never two).
 
 Bounded: at most `max_studies` studies warming at once (others named are ignored), at
 most `max_series` series per study, never more than half the retriever's flight slots
@@ -30,6 +32,7 @@ from aiohttp import web
 from pydicom.dataset import Dataset
 
 from relay.workstation.dicomweb.app import DicomwebService
+from relay.workstation.dicomweb.retrieve import SeriesFlight
 from relay.workstation.dicomweb.source import UpstreamError, is_uid
 
 __all__ = ["KEY_WARMUP", "Warmup", "study_uids"]
@@ -108,12 +111,23 @@ class Warmup:
                     return
                 flight = await retriever.series(study, series)
                 self.series_started += 1
+                await self._headers(flight)
                 async for _ in flight.instances():  # wait: one series at a time
                     pass
         except UpstreamError as exc:
             log.info("viewer warm-up stopped: %s (%d)", exc.reason, exc.http_status)
         except Exception as exc:  # never let a background fetch take the server down
             log.info("viewer warm-up failed: %s", type(exc).__name__)
+
+    async def _headers(self, flight: SeriesFlight) -> None:
+        """Start the series' headers-only retrieval too (OHIF's metadata request will find
+        it), unless the series comes from the cache or is held."""
+        headfirst = self.service.headfirst
+        if headfirst is None:
+            return
+        await flight.decided()
+        if not flight.done:
+            headfirst.start(flight.study, flight.series)
 
     async def _series(self, study: str) -> list[str]:
         ident = Dataset()

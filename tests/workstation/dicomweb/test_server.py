@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from pydicom.dataset import Dataset
 
+from relay.dicom import headers_only as headers_only_
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import FinalResponse, Instance
@@ -40,6 +41,14 @@ class ScriptedSource:
         self.stored: list[tuple[str, bytes]] = []
         self.store_status = st.SUCCESS
         self.final: FinalResponse | None = None  # the retrieve's final (default: success)
+        # headers-only retrievals (headfirst.py): counted apart, held by their own event
+        self.header_retrieves = 0
+        self.header_release = asyncio.Event()
+        self.header_release.set()
+        self.header_final: FinalResponse | None = None
+        self.header_error: UpstreamError | None = None
+        self.old_agent = False  # ignore headers_only: send whole instances
+        self.header_sent = 0
 
     async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
         if self.down:
@@ -64,21 +73,38 @@ class ScriptedSource:
         return FindResult(out[:max_matches], False, len(out) > max_matches)
 
     async def retrieve(
-        self, identifier: Dataset, outcome: list[FinalResponse] | None = None
+        self,
+        identifier: Dataset,
+        outcome: list[FinalResponse] | None = None,
+        *,
+        headers_only: bool = False,
     ) -> AsyncIterator[Instance]:
-        self.retrieves += 1
+        if headers_only:
+            self.header_retrieves += 1
+        else:
+            self.retrieves += 1
         if self.down:
             raise UpstreamError(502, "the PACS is unreachable: connection refused")
+        release, final = self.release, self.final
+        if headers_only:
+            release, final = self.header_release, self.header_final
         sent = 0
         for inst in CT:
             ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
             if ds.SeriesInstanceUID != identifier.SeriesInstanceUID:
                 continue
-            await self.release.wait()
+            await release.wait()
+            if headers_only and self.header_error is not None:
+                raise self.header_error
             sent += 1
-            yield Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+            msg = Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+            if headers_only and not self.old_agent:
+                msg = headers_only_.strip_instance(msg)  # what the agent does
+            if headers_only:
+                self.header_sent += 1
+            yield msg
         if outcome is not None:
-            outcome.append(self.final or FinalResponse(st.SUCCESS, completed=sent, failed=0))
+            outcome.append(final or FinalResponse(st.SUCCESS, completed=sent, failed=0))
 
     async def store(self, sop_class: str, sop_instance: str, ts: str, data: bytes) -> FinalResponse:
         if self.down:

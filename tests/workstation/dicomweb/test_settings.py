@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.ops.config import ConfigError, Reader
-from relay.workstation.dicomweb.settings import DEFAULT_MAX_UPLOAD, read_dicomweb
+from relay.workstation.dicomweb.settings import DEFAULT_MAX_UPLOAD, DicomwebConfig, read_dicomweb
 
 FILE = Path("ws.yaml")
 
@@ -58,3 +58,12 @@ def test_an_unknown_key_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         reader.done()
     assert "dicomweb.nope" in str(info.value)
+
+
+def test_headers_first_is_on_unless_turned_off() -> None:
+    on = read({"listen": "127.0.0.1:8042"})
+    off = read({"listen": "127.0.0.1:8042", "headers_first": False})
+    assert isinstance(on, DicomwebConfig) and isinstance(off, DicomwebConfig)
+    assert on.headers_first is True and off.headers_first is False
+    with pytest.raises(ConfigError, match="headers_first"):
+        read({"listen": "127.0.0.1:8042", "headers_first": "sometimes"})

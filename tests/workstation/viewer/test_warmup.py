@@ -191,3 +191,22 @@ def test_study_uids_from_the_url() -> None:
     assert study_uids({}) == []
     many = ",".join(f"1.2.{i}" for i in range(100))
     assert len(study_uids({"StudyInstanceUIDs": many})) == 16
+
+
+async def test_the_warm_up_starts_the_headers_and_the_metadata_needs_no_pixels(
+    server: tuple[DicomwebServer, ScriptedSource, str],
+) -> None:
+    srv, source, base = server
+    source.release.clear()  # the pixels never come in this test
+    assert await page(f"{base}/viewer?StudyInstanceUIDs={STUDY}") == 200
+    await until("the warm-up's headers retrieval", lambda: source.header_retrieves == 1)
+    headfirst = srv.service.headfirst
+    assert headfirst is not None
+    async with aiohttp.ClientSession() as session:
+        meta = f"{srv.url}/studies/{STUDY}/series/{SERIES}/metadata"
+        async with session.get(meta) as response:
+            assert response.status == 200
+            docs = json.loads(await response.read())
+    assert len(docs) == len(CT) and headfirst.answered == 1
+    assert (source.retrieves, source.header_retrieves) == (1, 1)  # joined, not repeated
+    source.release.set()
