@@ -585,8 +585,10 @@ def run(directory: Path | None) -> int:
             _say("relay demo: starting gateway, agent and workstation")
             ports, roles = start_roles(root, pacs.port, stop)
             if not stop.is_set():
-                write_summary(root, ports, uids, roles)
+                # What to run is printed before demo.json appears: scripts (and the tests)
+                # take demo.json as the sign that the demo is up and has said so.
                 _say(instructions(root, ports, uids))
+                write_summary(root, ports, uids, roles)
             failed = not supervise(roles, stop)
         except (DemoError, PkiError, OSError) as exc:
             print(f"relay demo: {exc}", file=sys.stderr, flush=True)
