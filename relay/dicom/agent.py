@@ -42,6 +42,7 @@ from relay.dicom.intake import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats, NullStats
+from relay.dicom.survey import StorageMemory
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
 from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT, HEADER_DICOM_PIXELS
@@ -106,10 +107,12 @@ async def serve_dicom_stream(
     move_receiver: MoveReceiver | None = None,
     on_request: Callable[[OperationSummary], None] | None = None,
     rates: RateBook | None = None,
+    memory: StorageMemory | None = None,
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
 
-    `rates`: what earlier streams learned about the pixel codecs (the agent keeps one).
+    `rates`: what earlier streams learned about the pixel codecs (the agent keeps one);
+    `memory`: the SOP classes and syntaxes earlier surveys found at the PACS (likewise).
 
     `on_request` sees the request as soon as it is read, before the PACS is contacted
     (the audit trail's "transfer begins").
@@ -159,7 +162,9 @@ async def serve_dicom_stream(
 
     loop = asyncio.get_running_loop()
     out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
-    op = PacsOperation(pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip)
+    op = PacsOperation(
+        pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip, memory=memory
+    )
     if on_request is not None:
         on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
@@ -326,6 +331,7 @@ class DicomAgent:
         self.limits = limits or DicomLimits()
         self.move_receiver: MoveReceiver | None = None
         self.rates = RateBook()
+        self.memory = StorageMemory()
 
     async def start(self) -> None:
         if self.pacs.retrieve == "move" and self.move_receiver is None:
@@ -358,4 +364,5 @@ class DicomAgent:
             move_receiver=self.move_receiver,
             on_request=on_request,
             rates=self.rates,
+            memory=self.memory,
         )

@@ -1,4 +1,5 @@
-"""Presentation contexts, query models and socket options shared by every pynetdicom AE here.
+"""Presentation contexts, query models, message IDs and socket options shared by every
+pynetdicom AE here.
 
 An association requestor may propose at most 128 presentation contexts, and an acceptor
 picks one transfer syntax per context, so an instance can only travel unchanged if a
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -40,6 +43,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+_ids = itertools.count(1)
+_ids_lock = threading.Lock()
+
+
+def next_message_id() -> int:
+    """Message IDs unique across concurrent operations (C-MOVE sub-operations name them)."""
+    with _ids_lock:
+        return (next(_ids) - 1) % 0xFFFF + 1
+
 
 MAX_CONTEXTS: Final = 128  # PS3.8: presentation context IDs are odd numbers 1..255
 

@@ -29,7 +29,7 @@ from pynetdicom import AE, evt
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
-from relay.dicom.codec import DicomProtocolError, Instance, Message, MessageCodec
+from relay.dicom.codec import MAX_COUNT, DicomProtocolError, Instance, Message, MessageCodec
 from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce
 
@@ -59,6 +59,9 @@ class Intake:
         self.aborted = aborted
         self.cancel = cancel
         self.skip = skip
+        # Sent on, for a second retrieve to pass over; None once more than a retrieve's
+        # sub-operations can count (then there is no second retrieve).
+        self._delivered: set[str] | None = set()
         self.instances = 0
         self.skipped = 0
         self.malformed = 0
@@ -105,8 +108,20 @@ class Intake:
             self.cancel.set()
             return st.STORE_OUT_OF_RESOURCES
         self.instances += 1
+        if self._delivered is not None:
+            self._delivered.add(sop_instance)
+            if len(self._delivered) > MAX_COUNT:
+                self._delivered = None
         self.stats.instance_relayed(len(data))
         return st.SUCCESS
+
+    def pass_over_delivered(self) -> bool:
+        """From now on, take what was already sent on as done without sending it again
+        (the same retrieve, run a second time); False if that list was not kept."""
+        if self._delivered is None:
+            return False
+        self.skip = self.skip | self._delivered
+        return True
 
 
 class MoveReceiver:

@@ -7,22 +7,22 @@ PACS's C-STORE while the channel is full: backpressure, not buffering), progress
 and always one final response. It never raises: every failure becomes a DIMSE status
 with a reason.
 
-Before a retrieve it surveys the study with C-FIND down to image level, which tells it the
-number of instances (so the viewer sees counts at once) and their SOP classes (so the
-storage contexts it proposes for C-GET are the right ones; 128 contexts cannot cover every
-SOP class in every transfer syntax). A PACS that refuses the survey is retrieved from anyway,
-with common SOP classes proposed.
+A retrieve starts at once; the study's survey (relay.dicom.survey: C-FIND down to image
+level, for the viewer's fallback count and the study's SOP classes and syntaxes) runs
+beside it on a second association. A C-GET proposes storage contexts from what this
+PACS's recent studies held plus the common classes; if sub-operations then fail and the
+survey shows the study holds something those contexts could not carry, it retrieves again
+with the study's own contexts, passing over what already came. A PACS that refuses the
+survey is retrieved from anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
+from relay.dicom import survey as survey_mod
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
     MAX_COUNT,
@@ -46,28 +47,11 @@ from relay.dicom.intake import Intake, MoveReceiver
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.stats import DicomStats, NullStats, status_category
+from relay.dicom.survey import StorageMemory, Survey
 
 log = logging.getLogger(__name__)
 
 _PENDING: Final = (0xFF00, 0xFF01)
-_MAX_SURVEY_QUERIES: Final = 2000
-
-
-_ids = itertools.count(1)
-_ids_lock = threading.Lock()
-
-
-def next_message_id() -> int:
-    """Message IDs unique across concurrent operations (C-MOVE sub-operations name them)."""
-    with _ids_lock:
-        return (next(_ids) - 1) % 0xFFFF + 1
-
-
-@dataclass
-class Survey:
-    count: int = 0
-    sop_classes: list[str] = field(default_factory=list)
-    transfer_syntaxes: list[str] = field(default_factory=list)
 
 
 class PacsOperation:
@@ -83,15 +67,18 @@ class PacsOperation:
         stats: DicomStats | None = None,
         move_receiver: MoveReceiver | None = None,
         skip: frozenset[str] = frozenset(),
+        memory: StorageMemory | None = None,
     ) -> None:
         """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
-        taken from the PACS (which counts them as done) but not sent on."""
+        taken from the PACS (which counts them as done) but not sent on. `memory`: what
+        this PACS's recent studies held (the agent keeps one), for a C-GET's contexts."""
         self.pacs = pacs
         self.request = request
         self.codec = codec
         self.out = out
         self.stats: DicomStats = stats or NullStats()
         self.move_receiver = move_receiver
+        self.memory = memory
         self.op_name = request.op if request.op != "retrieve" else pacs.retrieve
         self.final: FinalResponse | None = None
         self._stored = 0  # a store: 1 once the PACS took it
@@ -111,9 +98,10 @@ class PacsOperation:
         )
         self._lock = threading.Lock()
         self._assoc: Association | None = None
-        self._msg_id = next_message_id()
+        self._msg_id = contexts.next_message_id()
         self._model = ""
         self.survey: Survey | None = None
+        self._beside: _Beside | None = None
 
     @property
     def instances(self) -> int:
@@ -123,9 +111,11 @@ class PacsOperation:
     # -- control (any thread) -------------------------------------------------------
 
     def cancel(self) -> None:
-        """The viewer cancelled: send C-CANCEL to the PACS (once)."""
+        """The viewer cancelled: send C-CANCEL to the PACS (once), stop the survey."""
         self._cancel.set()
         with self._lock:
+            if self._beside is not None:
+                self._beside.stop.set()
             assoc = self._assoc
             if assoc is None or not self._model or self.cancel_sent.is_set():
                 return
@@ -144,6 +134,9 @@ class PacsOperation:
         self._cancel.set()
         with self._lock:
             assoc = self._assoc
+            beside = self._beside
+        if beside is not None:
+            beside.stop.set()  # its association ends when the operation's final is queued
         if assoc is not None and assoc.is_established:
             try:
                 assoc.abort()
@@ -212,7 +205,9 @@ class PacsOperation:
         *,
         ext_neg: list[Any] | None = None,
         handlers: list[Any] | None = None,
+        main: bool = True,
     ) -> Association | FinalResponse:
+        """`main`: the operation's association, the one cancel() and abort() act on."""
         ae = self._ae()
         try:
             assoc = ae.associate(
@@ -227,8 +222,9 @@ class PacsOperation:
         except Exception as exc:
             return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
         if assoc.is_established:
-            with self._lock:
-                self._assoc = assoc
+            if main:
+                with self._lock:
+                    self._assoc = assoc
             if self._aborted.is_set():
                 assoc.abort()
                 return FinalResponse(st.LINK_LOST, "relay stream closed")
@@ -361,62 +357,91 @@ class PacsOperation:
         model = contexts.MODELS[(root, kind)]
         find_model = contexts.MODELS[(root, "find")]
         base = [build_context(model), build_context(find_model)]
-        if kind == "move":
-            receiver = self.move_receiver
-            if receiver is None:
-                return FinalResponse(st.RELAY_UNSUPPORTED, "agent has no C-MOVE receiver")
-            assoc = self._associate(base)
-            if isinstance(assoc, FinalResponse):
-                return assoc
-            try:
-                self._announce(assoc, find_model, identifier)
-                receiver.register(self._msg_id, self.intake)
-                try:
-                    return self._follow(
-                        assoc,
-                        model,
-                        assoc.send_c_move(
-                            identifier,
-                            self.pacs.move_ae_title,
-                            model,
-                            msg_id=self._msg_id,
-                            priority=self.request.priority,
-                        ),
-                    )
-                finally:
-                    receiver.unregister(self._msg_id)
-            finally:
-                self._release(assoc)
-        # C-GET: the survey must come first, it decides the storage contexts.
-        survey = None
-        if self.pacs.survey:
-            probe = self._associate([build_context(find_model)])
-            if isinstance(probe, FinalResponse):
-                return probe
-            try:
-                survey = self._announce(probe, find_model, identifier)
-            finally:
-                self._release(probe)
-        storage = contexts.storage_proposals(
-            survey.sop_classes if survey else (),
-            survey.transfer_syntaxes if survey else (),
-            budget=contexts.MAX_CONTEXTS - len(base),
-        )
+        beside = self._survey_beside(find_model, identifier)
+        try:
+            if kind == "move":
+                return self._move(base, model, identifier)
+            final, accepted = self._get(base, model, identifier, self._remembered(len(base)))
+            if not _retry_worthy(final) or beside is None:
+                return final
+            survey = beside.finish(wait=True)
+            if survey is None or not survey_mod.uncovered(survey, accepted):
+                return final
+            if self._cancel.is_set() or self._aborted.is_set():
+                return final
+            if not self.intake.pass_over_delivered():
+                return final  # too many to pass over: a second retrieve would repeat them
+            # Some of the study is in SOP classes or syntaxes the first association could
+            # not carry: again, with the study's own, passing over what already came.
+            log.info("retrieving again with the study's own storage contexts")
+            storage = contexts.storage_proposals(
+                survey.sop_classes, survey.transfer_syntaxes,
+                budget=contexts.MAX_CONTEXTS - len(base),
+            )  # fmt: skip
+            return self._get(base, model, identifier, storage)[0]
+        finally:
+            if beside is not None:
+                beside.finish(wait=False)
+
+    def _remembered(self, used: int) -> list[Any]:
+        """Storage contexts for a C-GET that starts before its survey: what this PACS's
+        recent studies held first, then the common classes and syntaxes."""
+        memory = self.memory
+        classes = [*memory.classes(), *contexts.COMMON_STORAGE] if memory else []
+        syntaxes = memory.syntaxes() if memory else []
+        return contexts.storage_proposals(classes, syntaxes, budget=contexts.MAX_CONTEXTS - used)
+
+    def _get(
+        self, base: list[Any], model: str, identifier: Dataset, storage: list[Any]
+    ) -> tuple[FinalResponse, set[tuple[str, str]]]:
+        """One C-GET; its final response and the (class, syntax) pairs it could carry."""
         classes = sorted({str(cx.abstract_syntax) for cx in storage})
         roles = [build_role(sop, scp_role=True) for sop in classes]
         assoc = self._associate(
             [*base, *storage], ext_neg=roles, handlers=[(evt.EVT_C_STORE, self.intake.on_store)]
         )
         if isinstance(assoc, FinalResponse):
-            return assoc
+            return assoc, set()
+        accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in assoc.accepted_contexts
+            if cx.transfer_syntax
+        }
         try:
-            return self._follow(
+            final = self._follow(
                 assoc,
                 model,
                 assoc.send_c_get(
                     identifier, model, msg_id=self._msg_id, priority=self.request.priority
                 ),
             )
+        finally:
+            self._release(assoc)
+        return final, accepted
+
+    def _move(self, base: list[Any], model: str, identifier: Dataset) -> FinalResponse:
+        receiver = self.move_receiver
+        if receiver is None:
+            return FinalResponse(st.RELAY_UNSUPPORTED, "agent has no C-MOVE receiver")
+        assoc = self._associate(base)
+        if isinstance(assoc, FinalResponse):
+            return assoc
+        try:
+            receiver.register(self._msg_id, self.intake)
+            try:
+                return self._follow(
+                    assoc,
+                    model,
+                    assoc.send_c_move(
+                        identifier,
+                        self.pacs.move_ae_title,
+                        model,
+                        msg_id=self._msg_id,
+                        priority=self.request.priority,
+                    ),
+                )
+            finally:
+                receiver.unregister(self._msg_id)
         finally:
             self._release(assoc)
 
@@ -471,18 +496,38 @@ class PacsOperation:
 
     # -- survey -------------------------------------------------------------------------
 
-    def _announce(self, assoc: Association, find_model: str, identifier: Dataset) -> Survey | None:
-        """Survey the study and tell the workstation what will come, if the PACS lets us."""
+    def _survey_beside(self, find_model: str, identifier: Dataset) -> _Beside | None:
+        """Start the study's survey on its own association and thread, if configured."""
         if not self.pacs.survey:
             return None
+        beside = _Beside(self, find_model, identifier)
+        with self._lock:
+            self._beside = beside
+        beside.start()
+        return beside
+
+    def _announce(
+        self, assoc: Association, find_model: str, identifier: Dataset, stopped: threading.Event
+    ) -> None:
+        """Survey the study and tell the workstation what will come, if the PACS lets us."""
         try:
-            survey = _survey(assoc, find_model, identifier, self.pacs.timeout, self._cancel)
+            survey = survey_mod.walk(
+                assoc,
+                find_model,
+                identifier,
+                timeout=self.pacs.timeout,
+                stopped=stopped,
+            )
         except Exception as exc:
             # Only the type: pydicom's and pynetdicom's texts may quote the query's values.
             log.info("survey failed, retrieving without it: %s", type(exc).__name__)
             survey = None
+        if survey is None or stopped.is_set():
+            return
         self.survey = survey
-        if survey is not None and survey.count > 0:
+        if self.memory is not None:
+            self.memory.remember(survey)
+        if survey.count > 0:
             limit = self.codec.limits.max_list
             self._emit(
                 Pending(
@@ -495,7 +540,76 @@ class PacsOperation:
                     estimate=True,
                 )
             )
-        return survey
+
+
+class _Beside:
+    """One survey running beside its retrieve; `finish()` ends it and returns its result.
+
+    It never outlives its operation: `finish` (always called before the operation's
+    final response is queued) stops it and waits, so its estimate cannot follow the end.
+    """
+
+    def __init__(self, op: PacsOperation, find_model: str, identifier: Dataset) -> None:
+        self.op = op
+        self.find_model = find_model
+        self.identifier = identifier
+        self.stop = threading.Event()
+        self._assoc: Association | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="dicom-survey", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        assoc = self.op._associate([build_context(self.find_model)], main=False)
+        if isinstance(assoc, FinalResponse):
+            log.info("survey skipped: %s", assoc.comment)
+            return
+        with self._lock:
+            self._assoc = assoc
+        try:
+            if not self.stop.is_set():
+                self.op._announce(assoc, self.find_model, self.identifier, self.stop)
+        except (ChannelClosed, TimeoutError):
+            pass  # the stream is gone; the operation sees it too
+        finally:
+            with self._lock:
+                self._assoc = None
+            _end(assoc, abort=self.stop.is_set())
+
+    def finish(self, *, wait: bool) -> Survey | None:
+        """The survey, once done. Without `wait`, stopped first (its association aborted:
+        a C-FIND with thousands of matches would otherwise run on)."""
+        if not wait:
+            self.stop.set()
+            with self._lock:
+                assoc = self._assoc
+            if assoc is not None:
+                _end(assoc, abort=True)
+        self._thread.join(self.op.pacs.timeout + 1)
+        if self._thread.is_alive():  # a PACS that ignores the abort: never wait on it
+            self.stop.set()
+        return self.op.survey
+
+
+def _end(assoc: Association, *, abort: bool) -> None:
+    """Release (or abort) an association that is not the operation's main one."""
+    try:
+        if abort or not assoc.is_established:
+            if assoc.is_established:
+                assoc.abort()
+            with contextlib.suppress(Exception):
+                assoc.dimse.msg_queue.put((None, None))  # wake a reader (see abort())
+        else:
+            assoc.release()
+    except Exception as exc:
+        log.debug("survey association not ended cleanly: %s", exc)
+
+
+def _retry_worthy(final: FinalResponse) -> bool:
+    """A retrieve some of whose sub-operations failed: maybe for want of a context."""
+    return bool(final.failed) and final.status not in (st.LINK_LOST, st.CANCEL)
 
 
 def _count(status: Dataset, keyword: str) -> int | None:
@@ -524,108 +638,3 @@ def _carry(counts: Counts, delivered: int) -> Counts:
     if completed is None:
         return (remaining, delivered, failed, warning)
     return counts
-
-
-_SURVEY_LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-
-
-def _survey(
-    assoc: Association,
-    model: str,
-    identifier: Dataset,
-    timeout: float,
-    cancelled: threading.Event,
-) -> Survey | None:
-    """Walk the retrieve's identifier down to image level with C-FIND; None if not possible."""
-    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-    if level not in _SURVEY_LEVELS:
-        return None
-    deadline = time.monotonic() + timeout
-    budget = [_MAX_SURVEY_QUERIES]
-    patient_id = str(identifier.get("PatientID", "") or "")
-
-    def query(lvl: str, keys: dict[str, str]) -> list[Dataset] | None:
-        if cancelled.is_set() or time.monotonic() > deadline or budget[0] <= 0:
-            return None
-        budget[0] -= 1
-        q = Dataset()
-        q.QueryRetrieveLevel = lvl
-        for kw, value in keys.items():
-            setattr(q, kw, value)
-        out: list[Dataset] = []
-        for status, match in assoc.send_c_find(q, model, msg_id=next_message_id()):
-            if not status:
-                return None
-            code = int(status.Status)
-            if code in _PENDING:
-                if match is not None:
-                    out.append(match)
-                    if len(out) > MAX_COUNT:
-                        return None
-                continue
-            return out if code == 0 else None
-        return None
-
-    def uids(value: Any) -> list[str]:
-        if value is None:
-            return []
-        items = [value] if isinstance(value, str) else list(value)
-        return [str(u) for part in items for u in str(part).split("\\") if str(u).strip()]
-
-    def with_patient(keys: dict[str, str]) -> dict[str, str]:
-        return {"PatientID": patient_id, **keys} if patient_id else keys
-
-    studies: list[str]
-    if level == "PATIENT":
-        if not patient_id:
-            return None
-        found = query("STUDY", {"PatientID": patient_id, "StudyInstanceUID": ""})
-        if found is None:
-            return None
-        studies = [str(m.StudyInstanceUID) for m in found if m.get("StudyInstanceUID")]
-    else:
-        studies = uids(identifier.get("StudyInstanceUID"))
-    series: list[tuple[str, str]] = []
-    if level in ("PATIENT", "STUDY"):
-        for study in studies:
-            found = query("SERIES", with_patient({"StudyInstanceUID": study,
-                                                  "SeriesInstanceUID": ""}))  # fmt: skip
-            if found is None:
-                return None
-            series += [(study, str(m.SeriesInstanceUID)) for m in found
-                       if m.get("SeriesInstanceUID")]  # fmt: skip
-    elif level == "SERIES":
-        if len(studies) != 1:
-            return None
-        series = [(studies[0], s) for s in uids(identifier.get("SeriesInstanceUID"))]
-    survey = Survey()
-    classes: dict[str, None] = {}
-    syntaxes: dict[str, None] = {}
-    image_keys = {"SOPInstanceUID": "", "SOPClassUID": "", "AvailableTransferSyntaxUID": ""}
-    if level == "IMAGE":
-        if len(studies) != 1:
-            return None
-        found_series = uids(identifier.get("SeriesInstanceUID"))
-        if len(found_series) != 1:
-            return None
-        wanted = "\\".join(uids(identifier.get("SOPInstanceUID")))
-        groups = [(studies[0], found_series[0], wanted)]
-    else:
-        groups = [(study, s, "") for study, s in series]
-    for study, s, wanted in groups:
-        keys = with_patient({"StudyInstanceUID": study, "SeriesInstanceUID": s, **image_keys})
-        if wanted:
-            keys["SOPInstanceUID"] = wanted
-        found = query("IMAGE", keys)
-        if found is None:
-            return None
-        survey.count += len(found)
-        for m in found:
-            if m.get("SOPClassUID"):
-                classes.setdefault(str(m.SOPClassUID), None)
-            ts = m.get("AvailableTransferSyntaxUID")
-            if ts:
-                syntaxes.setdefault(str(ts), None)
-    survey.sop_classes = list(classes)
-    survey.transfer_syntaxes = list(syntaxes)
-    return survey

@@ -42,8 +42,8 @@ class PacsTarget:
     unless set. `timeout` is seconds for every wait on the PACS: connect, association,
     each response. The last three fields are not `pacs:` keys: `compression_level` is the
     agent's top-level key, `stall_timeout` bounds how long a retrieve waits for the
-    workstation to read, `survey` C-FINDs a study before retrieving it (counts, SOP
-    classes).
+    workstation to read, `survey` C-FINDs a study beside retrieving it (counts, SOP
+    classes; relay.dicom.survey).
     """
 
     ae_title: str

@@ -18,6 +18,7 @@ LAYERS = {
     "relay.dicom.move_check": 1,
     "relay.dicom.pacs_echo": 1,  # the agent's readiness check (not on this path)
     "relay.dicom.intake": 2,  # instances from the PACS (C-GET handler, C-MOVE SCP)
+    "relay.dicom.survey": 2,  # the study's C-FIND beside a retrieve
     "relay.dicom.bridge": 3,
     "relay.dicom.codec": 3,
     "relay.dicom.contexts": 3,

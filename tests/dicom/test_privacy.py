@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.dicom import pacs_ops, rawds
+from relay.dicom import rawds, survey
 from relay.dicom.agent import serve_dicom_stream
 from relay.dicom.codec import (
     DicomProtocolError,
@@ -68,10 +68,11 @@ async def test_a_failed_survey_is_logged_by_type_only(
     only the type, and the retrieve goes on without the survey."""
     study_uid = str(rawds.decode_dataset(STUDY[0].data, EXPLICIT).StudyInstanceUID)
 
-    def failing_survey(*_: object) -> None:
+    def failing_survey(*_: object, **__: object) -> None:
         raise ValueError(f"Invalid value for VR UI: '{study_uid}'")  # as pydicom words it
 
-    monkeypatch.setattr(pacs_ops, "_survey", failing_survey)
+    monkeypatch.setattr(survey, "walk", failing_survey)
+    pacs.send_delay = 0.3  # the survey runs beside the retrieve: let it get there first
     target = PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
     ident = encode_dataset(query("STUDY", StudyInstanceUID=study_uid), EXPLICIT)
     request = Request(op="retrieve", root="study", transfer_syntax=EXPLICIT, dataset=ident)

@@ -1,0 +1,117 @@
+"""The study survey runs beside the retrieve (relay.dicom.survey): the first instance does
+not wait for it, and what it finds corrects a C-GET whose contexts missed something."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from relay.dicom import rawds, survey
+from relay.dicom.codec import FinalResponse, Instance, Pending
+from relay.dicom.contexts import COMMON_STORAGE
+from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.rawds import encode_dataset
+from relay.dicom.survey import StorageMemory, Survey, uncovered
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+
+from .helpers import EXPLICIT
+from .test_agent import retrieve, run
+
+VL_PHOTO = "1.2.840.10008.5.1.4.1.1.77.1.4"  # not among the common classes
+CT = samples.make_study(4, rows=32, cols=32, seed=7)
+STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
+
+
+def _as_class(inst: samples.EncodedInstance, sop_class: str) -> samples.EncodedInstance:
+    ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
+    ds.SOPClassUID = sop_class
+    return replace(inst, sop_class=sop_class, data=encode_dataset(ds, inst.transfer_syntax))
+
+
+RARE = [*CT[:3], _as_class(CT[3], VL_PHOTO)]
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore(RARE)) as p:
+        yield p
+
+
+def target(pacs: EmbeddedPacs) -> PacsTarget:
+    return PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
+
+
+def test_uncovered_judges_pairs_and_classes() -> None:
+    ct, ts = samples.CT_IMAGE_STORAGE, EXPLICIT
+    found = Survey(count=2, sop_classes=[ct], transfer_syntaxes=[ts], pairs={(ct, ts)})
+    assert not uncovered(found, {(ct, ts)})
+    assert uncovered(found, {(ct, "1.2.840.10008.1.2")})  # the class, not its syntax
+    assert uncovered(Survey(count=1, sop_classes=[VL_PHOTO]), {(ct, ts)})
+    assert not uncovered(Survey(count=1, sop_classes=[ct]), {(ct, "1.2.840.10008.1.2")})
+
+
+def test_storage_memory_is_bounded_most_recent_first() -> None:
+    memory = StorageMemory(max_classes=3, max_syntaxes=2)
+    memory.remember(Survey(sop_classes=["1", "2"], transfer_syntaxes=["a"]))
+    memory.remember(Survey(sop_classes=["3", "4"], transfer_syntaxes=["b", "c"]))
+    assert memory.classes() == ["3", "4", "1"]  # "2" was the oldest
+    assert memory.syntaxes() == ["b", "c"]
+    memory.remember(Survey(sop_classes=["2"]))
+    assert memory.classes() == ["2", "3", "4"]
+
+
+async def test_the_retrieve_does_not_wait_for_the_survey(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A survey that never ends: every instance still comes, and the survey is stopped."""
+    was_stopped = threading.Event()
+
+    def endless(*_: object, stopped: threading.Event, **__: object) -> None:
+        if stopped.wait(30):
+            was_stopped.set()
+
+    monkeypatch.setattr(survey, "walk", endless)
+    with EmbeddedPacs(MemoryStore(CT)) as pacs:
+        msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY))
+    got = [m.sop_instance for m in msgs if isinstance(m, Instance)]
+    assert got == [i.sop_instance for i in CT]
+    assert isinstance(msgs[-1], FinalResponse) and msgs[-1].status == 0
+    assert was_stopped.wait(5)
+    assert not any(isinstance(m, Pending) and m.estimate for m in msgs)
+
+
+async def test_the_survey_estimate_comes_while_a_slow_retrieve_runs(pacs: EmbeddedPacs) -> None:
+    pacs.send_delay = 0.2
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY))
+    (estimate,) = [m for m in msgs if isinstance(m, Pending) and m.estimate]
+    assert estimate.remaining == 4
+    assert set(estimate.sop_classes) == {samples.CT_IMAGE_STORAGE, VL_PHOTO}
+    assert msgs.index(estimate) < len(msgs) - 1  # before the final response
+
+
+async def test_a_class_the_first_contexts_missed_is_retrieved_again_once(
+    pacs: EmbeddedPacs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """VL Photographic is not proposed at first: the PACS fails that sub-operation, the
+    survey shows the class, and a second C-GET brings it (and nothing twice). The agent
+    remembers the class, so the next retrieve proposes it from the start."""
+    assert VL_PHOTO not in COMMON_STORAGE
+    caplog.set_level(logging.INFO, logger="relay.dicom.pacs_ops")
+    memory = StorageMemory()
+    msgs, summary = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
+    got = [m.sop_instance for m in msgs if isinstance(m, Instance)]
+    assert sorted(got) == sorted(i.sop_instance for i in RARE)  # each once
+    final = msgs[-1]
+    assert isinstance(final, FinalResponse)
+    assert (final.status, final.completed, final.failed) == (0, 4, 0)
+    assert summary.status == 0 and pacs.events.gets == 2
+    assert VL_PHOTO in memory.classes()
+    again = [r for r in caplog.records if "retrieving again" in r.getMessage()]
+    assert len(again) == 1
+
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
+    assert len([m for m in msgs if isinstance(m, Instance)]) == 4
+    assert pacs.events.gets == 3  # one C-GET: the remembered class was proposed
