@@ -506,10 +506,10 @@ class PacsOperation:
         beside.start()
         return beside
 
-    def _announce(
+    def _survey(
         self, assoc: Association, find_model: str, identifier: Dataset, stopped: threading.Event
-    ) -> None:
-        """Survey the study and tell the workstation what will come, if the PACS lets us."""
+    ) -> Pending | None:
+        """Survey the study, if the PACS lets us; what to tell the workstation of it."""
         try:
             survey = survey_mod.walk(
                 assoc,
@@ -523,30 +523,29 @@ class PacsOperation:
             log.info("survey failed, retrieving without it: %s", type(exc).__name__)
             survey = None
         if survey is None or stopped.is_set():
-            return
+            return None
         self.survey = survey
         if self.memory is not None:
             self.memory.remember(survey)
-        if survey.count > 0:
-            limit = self.codec.limits.max_list
-            self._emit(
-                Pending(
-                    remaining=min(survey.count, MAX_COUNT),
-                    completed=0,
-                    failed=0,
-                    warning=0,
-                    sop_classes=tuple(survey.sop_classes[:limit]),
-                    transfer_syntaxes=tuple(survey.transfer_syntaxes[:limit]),
-                    estimate=True,
-                )
-            )
+        if survey.count == 0:
+            return None
+        limit = self.codec.limits.max_list
+        return Pending(
+            remaining=min(survey.count, MAX_COUNT),
+            completed=0,
+            failed=0,
+            warning=0,
+            sop_classes=tuple(survey.sop_classes[:limit]),
+            transfer_syntaxes=tuple(survey.transfer_syntaxes[:limit]),
+            estimate=True,
+        )
 
 
 class _Beside:
     """One survey running beside its retrieve; `finish()` ends it and returns its result.
 
-    It never outlives its operation: `finish` (always called before the operation's
-    final response is queued) stops it and waits, so its estimate cannot follow the end.
+    Its estimate cannot follow the operation's final response: `finish` (always called
+    before that is queued) stops it, and nothing is queued once it is stopped.
     """
 
     def __init__(self, op: PacsOperation, find_model: str, identifier: Dataset) -> None:
@@ -569,10 +568,14 @@ class _Beside:
         with self._lock:
             self._assoc = assoc
         try:
+            estimate = None
             if not self.stop.is_set():
-                self.op._announce(assoc, self.find_model, self.identifier, self.stop)
+                estimate = self.op._survey(assoc, self.find_model, self.identifier, self.stop)
+            with self._lock:  # finish() stops us under it: nothing is queued after that
+                if estimate is not None and not self.stop.is_set():
+                    self.op.out.put_sync(estimate, 0)  # an estimate never waits for room
         except (ChannelClosed, TimeoutError):
-            pass  # the stream is gone; the operation sees it too
+            pass  # the stream is gone or full: the estimate is only a fallback
         finally:
             with self._lock:
                 self._assoc = None
@@ -588,7 +591,7 @@ class _Beside:
             if assoc is not None:
                 _end(assoc, abort=True)
         self._thread.join(self.op.pacs.timeout + 1)
-        if self._thread.is_alive():  # a PACS that ignores the abort: never wait on it
+        with self._lock:  # a PACS that ignores the abort: never wait on it again
             self.stop.set()
         return self.op.survey
 
