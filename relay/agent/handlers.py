@@ -50,12 +50,17 @@ async def default_handlers(
         yield handlers
         return
     # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
+    from relay.agent.codec_metrics import PixelCodecMetrics
     from relay.agent.dicom_audit import DicomAuditor
     from relay.dicom.agent import DicomAgent
 
     target = dataclasses.replace(config.pacs, compression_level=config.compression_level)
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     await dicom.start()
+    codec_metrics = PixelCodecMetrics(dicom.rates.tallies)
+    registry = metrics.registry if metrics is not None else None
+    if registry is not None:
+        registry.register(codec_metrics)
 
     auditor = DicomAuditor(audit) if audit is not None else None
 
@@ -82,4 +87,6 @@ async def default_handlers(
     try:
         yield handlers
     finally:
+        if registry is not None:
+            registry.unregister(codec_metrics)
         await dicom.stop()

@@ -39,12 +39,35 @@ def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
         return pool
 
 
+@dataclass
+class CodecTally:
+    """Instances sent in one codec since the agent started, and their bytes."""
+
+    instances: int = 0
+    raw_bytes: int = 0  # the datasets as the PACS sent them
+    wire_bytes: int = 0  # the frames written to the stream
+
+
 class RateBook:
-    """What the agent learned about codec ratios and speeds, carried across streams."""
+    """What the agent learned about codec ratios and speeds, carried across streams, and
+    what it sent in each codec (the `relay_pixel_codec_*` metrics read `tallies`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rates = ch.Rates()
+        self._tallies: dict[str, CodecTally] = {}  # keys: ch.ZSTD and the pixel codecs
+
+    def tally(self, codec: str, raw: int, wire: int) -> None:
+        with self._lock:
+            t = self._tallies.setdefault(codec, CodecTally())
+            t.instances += 1
+            t.raw_bytes += raw
+            t.wire_bytes += wire
+
+    def tallies(self) -> dict[str, CodecTally]:
+        """A copy, for a scrape on another thread."""
+        with self._lock:
+            return {k: replace(v) for k, v in self._tallies.items()}
 
     def start(self) -> ch.Rates:
         """Rates for a new stream: learned codec rates, the link not measured yet."""
@@ -121,6 +144,7 @@ class StreamEncoder:
         """On the loop: learn from an encoded instance."""
         if result.raw:
             self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
+            self.book.tally(result.codec, result.raw, len(result.frame))
             self.rates = ch.observe_encode(
                 self.rates, result.codec, result.raw, len(result.frame), result.cpu
             )

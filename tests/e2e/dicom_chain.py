@@ -315,12 +315,11 @@ class DicomChain:
         return 0.0
 
     def codec_counts(self) -> dict[str, int]:
-        """Instances per pixel codec the agent reported for its streams (its INFO log)."""
-        total: dict[str, int] = {}
-        for found in re.findall(r"instances sent per codec: (\{[^}]*\})", self.logs()):
-            for name, n in re.findall(r"'(\w+)': (\d+)", found):
-                total[name] = total.get(name, 0) + int(n)
-        return total
+        """Instances per transport codec the agent sent (its relay_pixel_codec_* metrics)."""
+        _, body = self.http_get(self.ports["agent_metrics"], "/metrics")
+        found = re.findall(r'^relay_pixel_codec_instances_total\{codec="(\w+)"\} (\S+)$',
+                           body, re.MULTILINE)  # fmt: skip
+        return {codec: int(float(n)) for codec, n in found}
 
     def ready(self) -> bool:
         for port in (self.ports["ws_metrics"], self.ports["agent_metrics"]):
@@ -372,8 +371,8 @@ def running_dicom_chain(chain: DicomChain) -> Iterator[DicomChain]:
 
 
 def counts_after(chain: DicomChain, before: dict[str, int], instances: int) -> dict[str, int]:
-    """Instances per codec since `before`, once the agent has logged `instances` more (it
-    logs when its end of the stream is done, which may be just after getscu returns)."""
+    """Instances per codec since `before`, once the agent has counted `instances` more (it
+    counts as it encodes; a scrape may still come just before the last one)."""
     deadline = time.monotonic() + 10
     while True:
         now = chain.codec_counts()
