@@ -414,20 +414,21 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     service = _service(request)
     if choice.single and choice.encode_to is not None:
         key = (item.sop_instance, numbers[0], choice.encode_to)
-        codestream = service.codestreams.get(key)
-        if codestream is None:
-            try:
-                [raw] = await asyncio.to_thread(frames.get_frames, ds, item.transfer_syntax,
-                                                numbers)  # fmt: skip
-            except frames.FrameError as exc:
-                return _text(404, str(exc))
-            try:
-                async with service.encoders:
-                    [codestream] = await asyncio.to_thread(htj2k.encode_frames, ds, [raw])
-            except htj2k.Unsupported as exc:
-                return _text(406, f"cannot serve HTJ2K: {exc}")
+
+        async def encode() -> bytes:
+            [raw] = await asyncio.to_thread(frames.get_frames, ds, item.transfer_syntax,
+                                            numbers)  # fmt: skip
+            async with service.encoders:
+                [stream] = await asyncio.to_thread(htj2k.encode_frames, ds, [raw])
             service.frames_encoded += 1
-            service.codestreams.put(key, codestream)
+            return stream
+
+        try:
+            codestream = await service.codestreams.obtain(key, encode)
+        except frames.FrameError as exc:
+            return _text(404, str(exc))
+        except htj2k.Unsupported as exc:
+            return _text(406, f"cannot serve HTJ2K: {exc}")
         return _codestream_answer(request, service, codestream, choice.encode_to)
 
     def cut() -> list[bytes]:

@@ -6,12 +6,16 @@ not pay for a second encoding, so each encoded frame is kept here keyed by (SOP 
 UID, frame number, transfer syntax), within `max_entries` and `max_bytes` (the least
 recently used go first; a codestream larger than `max_bytes` alone is not kept). The
 encoder is deterministic, so a frame evicted between the two requests is encoded again
-to the same bytes (test_codestreams checks that); the ETag lets a client check it.
+to the same bytes (test_progressive checks that); the ETag lets a client check it.
+`obtain` encodes a frame once for the requests that want it at the same moment (the
+viewport's first range and the prefetcher's whole frame often coincide).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_ENTRIES", "CodestreamCache", "Key"]
@@ -32,7 +36,9 @@ class CodestreamCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._items: OrderedDict[Key, bytes] = OrderedDict()
+        self._making: dict[Key, asyncio.Future[bytes]] = {}  # one entry per encoding running
         self.bytes = 0
+        self.shared = 0  # requests that waited for another's encoding
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -61,3 +67,37 @@ class CodestreamCache:
             _, dropped = self._items.popitem(last=False)
             self.bytes -= len(dropped)
             self.evictions += 1
+
+    async def obtain(self, key: Key, make: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The kept codestream, else the one being made for another request, else
+        `make()`'s (kept). `make`'s exception reaches every request that waited for it; a
+        request whose maker was cancelled (its client went away) makes its own."""
+        while True:
+            data = self.get(key)
+            if data is not None:
+                return data
+            pending = self._making.get(key)
+            if pending is None:
+                break
+            self.shared += 1
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request itself was cancelled
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._making[key] = future
+        try:
+            data = await make()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning without waiters
+            raise
+        finally:
+            del self._making[key]
+        self.put(key, data)
+        future.set_result(data)
+        return data

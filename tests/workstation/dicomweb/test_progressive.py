@@ -4,6 +4,7 @@ of our RPCL codestream is a lower-resolution image while the whole is the lossle
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -258,3 +259,54 @@ async def test_the_cache_bound_holds_and_an_evicted_frame_comes_back_identical(
     whole = (await get(urls[0]))[2]
     assert a + b == whole  # ...to the same bytes, so the two halves still fit
     assert htj2k.MEDIA_TYPE == "image/jphc"
+
+
+async def test_a_frame_wanted_twice_at_once_is_encoded_once() -> None:
+    cache = CodestreamCache()
+    key = ("sop", 1, RPCL)
+    release = asyncio.Event()
+    made = 0
+
+    async def make() -> bytes:
+        nonlocal made
+        made += 1
+        await release.wait()
+        return b"codestream"
+
+    first = asyncio.ensure_future(cache.obtain(key, make))
+    second = asyncio.ensure_future(cache.obtain(key, make))
+    await asyncio.sleep(0)  # both are waiting now
+    release.set()
+    assert await first == await second == b"codestream"
+    assert made == 1 and cache.shared == 1 and len(cache) == 1
+    assert await cache.obtain(key, make) == b"codestream" and made == 1  # kept
+
+
+async def test_a_failed_or_abandoned_encoding_is_not_kept() -> None:
+    cache = CodestreamCache()
+    key = ("sop", 1, RPCL)
+    release = asyncio.Event()
+
+    async def fail() -> bytes:
+        await release.wait()
+        raise htj2k.Unsupported("no")
+
+    first = asyncio.ensure_future(cache.obtain(key, fail))
+    second = asyncio.ensure_future(cache.obtain(key, fail))
+    await asyncio.sleep(0)
+    release.set()
+    for task in (first, second):  # the error reaches the waiter too
+        with pytest.raises(htj2k.Unsupported):
+            await task
+    assert len(cache) == 0
+    release.clear()
+
+    async def ok() -> bytes:
+        return b"mine"
+
+    abandoned = asyncio.ensure_future(cache.obtain(key, fail))
+    waiter = asyncio.ensure_future(cache.obtain(key, ok))
+    await asyncio.sleep(0)
+    abandoned.cancel()  # the client that started the encoding went away
+    assert await waiter == b"mine"  # the waiter made its own
+    assert len(cache) == 1
