@@ -4,8 +4,9 @@ serving the viewer and its DICOMweb.
 
 The study list must show both demo studies (QIDO-RS through the relay); the CT opened in
 the viewer must put an image on the viewport's canvas (WADO-RS metadata and frames
-through the relay): many grey levels over a wide range, read from the canvas itself. The
-screenshot is kept in tests/browser/artifacts/ (git-ignored); its path is printed.
+through the relay, fetched progressively in byte ranges): many grey levels over a wide
+range, read from the canvas itself. The screenshot is kept in tests/browser/artifacts/
+(git-ignored); its path is printed.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def test_the_viewer_is_served_on_loopback_only_by_name(chain: tuple[DicomChain, 
 def test_ohif_lists_the_demo_studies_and_shows_the_ct(
     chain: tuple[DicomChain, int], tmp_path: Path
 ) -> None:
-    _, port = chain
+    dicom_chain, port = chain
     uids = demo_uids()
     base = f"http://{HOST}:{port}"
     with chromium(tmp_path / "profile", log=tmp_path / "chromedriver.log") as driver:
@@ -112,5 +113,9 @@ def test_ohif_lists_the_demo_studies_and_shows_the_ct(
         print(f"\nscreenshot of OHIF {OHIF.version} showing the CT: {shot}")
         severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert stats["distinct"] >= 32 and stats["max"] - stats["min"] >= 64, stats
+    # through the whole chain the viewer loaded progressively (dicomweb.progressive is on
+    # by default): byte ranges of HTJ2K frames were served (tests/browser/test_progressive.py
+    # has the order of first pass and lossless)
+    assert dicom_chain.metric("ws", "relay_dicomweb_frame_ranges_total") > 0
     assert shot.stat().st_size > 10_000
     assert not [m for m in severe if re.search(r"/dicom-web\S* .*status of 5\d\d", m)], severe

@@ -10,6 +10,7 @@ multipart answers are written instance by instance as the series arrives.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -23,7 +24,8 @@ from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.dicom import status as st
-from relay.workstation.dicomweb import dicomjson, frames, htj2k, media, part10
+from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10
+from relay.workstation.dicomweb.codestreams import CodestreamCache
 from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
@@ -58,6 +60,11 @@ class DicomwebService:
     # HTJ2K encodings at once (CPU-bound, in threads): the other requests keep a core
     encoders: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     frames_encoded: int = 0
+    # encoded frames kept for a viewer's next byte range (codestreams.py), bounded
+    codestreams: CodestreamCache = field(default_factory=CodestreamCache)
+    frame_ranges: int = 0  # 206 answers with one byte range of a codestream
+    frames_whole: int = 0  # bare codestreams answered whole (no Range)
+    frame_ranges_refused: int = 0  # 416
     headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
 
 
@@ -378,6 +385,13 @@ async def _one(request: web.Request) -> HeldInstance | web.Response:
     return item
 
 
+def _frames_accept(request: web.Request) -> str | None:
+    """The Accept of a frames request: the `accept` query parameter (PS3.18 8.3.3.1) in
+    place of the header when given: a viewer that cannot set the header (cornerstone's
+    loader always sends `transfer-syntax=*`) asks for HTJ2K by URL."""
+    return request.query.get("accept") or request.headers.get("Accept")
+
+
 async def frames_handler(request: web.Request) -> web.StreamResponse:
     try:
         numbers = frames.frame_numbers(request.match_info["frames"])
@@ -386,16 +400,36 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     item = await _one(request)
     if isinstance(item, web.Response):
         return item
-    ranges = media.parse_accept(request.headers.get("Accept"))
+    ranges = media.parse_accept(_frames_accept(request))
     ds = await asyncio.to_thread(item.dataset)
     native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
     try:
         choice = htj2k.choose(ranges, media.frame_media_type(item.transfer_syntax),
-                              item.transfer_syntax, native, htj2k.encodable(ds))  # fmt: skip
+                              item.transfer_syntax, native, htj2k.encodable(ds),
+                              one_frame=len(numbers) == 1)  # fmt: skip
     except media.AcceptError as exc:
         return _text(406, str(exc))
     if choice.encode_to is not None and len(numbers) > htj2k.MAX_FRAMES:
         return _text(400, f"frames: at most {htj2k.MAX_FRAMES} per HTJ2K request")
+    service = _service(request)
+    if choice.single and choice.encode_to is not None:
+        key = (item.sop_instance, numbers[0], choice.encode_to)
+
+        async def encode() -> bytes:
+            [raw] = await asyncio.to_thread(frames.get_frames, ds, item.transfer_syntax,
+                                            numbers)  # fmt: skip
+            async with service.encoders:
+                [stream] = await asyncio.to_thread(htj2k.encode_frames, ds, [raw])
+            service.frames_encoded += 1
+            return stream
+
+        try:
+            codestream = await service.codestreams.obtain(key, encode)
+        except frames.FrameError as exc:
+            return _text(404, str(exc))
+        except htj2k.Unsupported as exc:
+            return _text(406, f"cannot serve HTJ2K: {exc}")
+        return _codestream_answer(request, service, codestream, choice.encode_to)
 
     def cut() -> list[bytes]:
         return frames.get_frames(ds, item.transfer_syntax, numbers)
@@ -406,7 +440,6 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         return _text(404, str(exc))
     ts = media.EXPLICIT_LE if native else item.transfer_syntax
     if choice.encode_to is not None:
-        service = _service(request)
         try:
             async with service.encoders:
                 chunks = await asyncio.to_thread(htj2k.encode_frames, ds, chunks)
@@ -424,6 +457,32 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     body += media.closing(boundary)
     return web.Response(body=bytes(body),
                         headers={"Content-Type": media.multipart_type(boundary, part)})  # fmt: skip
+
+
+def _codestream_answer(request: web.Request, service: DicomwebService, codestream: bytes,
+                       syntax: str) -> web.Response:  # fmt: skip
+    """One frame's bare codestream: the whole (200) or the one byte range asked (206),
+    416 for a range past its end (byterange.py)."""
+    total = len(codestream)
+    headers = {
+        "Content-Type": media.part_type_with_ts(htj2k.MEDIA_TYPE, syntax),
+        "Accept-Ranges": "bytes",
+        "ETag": '"' + hashlib.blake2b(codestream, digest_size=12).hexdigest() + '"',
+        "Vary": "Accept",
+    }
+    try:
+        wanted = byterange.parse_range(request.headers.get("Range"), total)
+    except byterange.Unsatisfiable:
+        service.frame_ranges_refused += 1
+        return web.Response(status=416, text=f"the frame has {total} bytes\n",
+                            headers={"Content-Range": f"bytes */{total}"})  # fmt: skip
+    if wanted is None:
+        service.frames_whole += 1
+        return web.Response(body=codestream, headers=headers)
+    first, last = wanted
+    service.frame_ranges += 1
+    headers["Content-Range"] = byterange.content_range(first, last, total)
+    return web.Response(status=206, body=codestream[first : last + 1], headers=headers)
 
 
 async def bulk_handler(request: web.Request) -> web.StreamResponse:

@@ -11,6 +11,9 @@ or 406.
 
 `choose` walks the Accept ranges best first: native when a range accepts the stored
 syntax (OHIF's default `transfer-syntax=*` stays native), HTJ2K when a range asks for it.
+A single-part `image/jphc` range (one frame only) is answered with the bare codestream,
+which is what a progressive viewer fetches in byte ranges (byterange.py, issue 14); its
+syntax is .202 (RPCL) unless the range names another of the three.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pydicom.dataset import Dataset
 
 from relay.workstation.dicomweb.media import AcceptError, MediaRange, negotiate
 
-__all__ = ["HTJ2K", "MAX_FRAMES", "Choice", "Unsupported", "choose", "encode_frames"]
+__all__ = ["HTJ2K", "MAX_FRAMES", "RPCL", "Choice", "Unsupported", "choose", "encode_frames"]
 
 HTJ2K: Final = frozenset({
     "1.2.840.10008.1.2.4.201",  # HTJ2K Image Compression (Lossless Only)
@@ -31,6 +34,7 @@ HTJ2K: Final = frozenset({
     "1.2.840.10008.1.2.4.203",  # HTJ2K Image Compression
 })  # fmt: skip
 MEDIA_TYPE: Final = "image/jphc"
+RPCL: Final = "1.2.840.10008.1.2.4.202"  # what our codestreams are (and a bare one says)
 MAX_FRAMES: Final = 256  # frames one request may have encoded (CPU per request)
 _PART_TYPES: Final = (MEDIA_TYPE, "application/octet-stream")
 
@@ -45,14 +49,26 @@ class Choice:
 
     part_type: str
     encode_to: str | None = None
+    single: bool = False  # the bare codestream of one frame, not a multipart body
+
+
+def _asks_htj2k(r: MediaRange) -> bool:
+    if r.type == MEDIA_TYPE:
+        return r.params.get("transfer-syntax", RPCL) in HTJ2K
+    return r.params.get("transfer-syntax") in HTJ2K
 
 
 def choose(ranges: list[MediaRange], native_types: tuple[str, ...], stored: str,
-           native: bool, encodable: bool) -> Choice:  # fmt: skip
+           native: bool, encodable: bool, *, one_frame: bool = False) -> Choice:  # fmt: skip
     """What to answer a frames request with; AcceptError (406) when nothing fits.
 
-    `native`: the stored syntax is uncompressed; `encodable`: its pixels can be HTJ2K."""
+    `native`: the stored syntax is uncompressed; `encodable`: its pixels can be HTJ2K;
+    `one_frame`: one frame is asked for, so a single-part `image/jphc` range can be met."""
     for r in ranges:
+        if r.type == MEDIA_TYPE:  # single part: only the bare codestream of one frame
+            if one_frame and native and encodable and _asks_htj2k(r):
+                return Choice(MEDIA_TYPE, r.params.get("transfer-syntax", RPCL), single=True)
+            continue
         try:
             return Choice(negotiate([r], True, native_types, stored))
         except AcceptError:
@@ -66,7 +82,7 @@ def choose(ranges: list[MediaRange], native_types: tuple[str, ...], stored: str,
         for part in _PART_TYPES:
             if inner in ("*/*", "image/*", part):
                 return Choice(part, wanted)
-    if native and not encodable and any(r.params.get("transfer-syntax") in HTJ2K for r in ranges):
+    if native and not encodable and any(_asks_htj2k(r) for r in ranges):
         raise AcceptError("this pixel format cannot be encoded as HTJ2K exactly")
     raise AcceptError(
         f"the stored transfer syntax is {stored}; frames are served as stored or, from "

@@ -57,6 +57,7 @@ class DicomwebServer:
                 "held_bytes": float(retriever.held),
                 "retrievals_running": float(retriever.running()),
                 "cache_writes_running": float(w.running() if (w := retriever.writer) else 0),
+                "codestreams_held_bytes": float(self.service.codestreams.bytes),
             },
             lambda: {
                 "series_retrievals": float(retriever.retrievals),
@@ -65,6 +66,9 @@ class DicomwebServer:
                 "series_written_to_cache": float(w.written if (w := retriever.writer) else 0),
                 "cache_write_failures": float(w.failed if (w := retriever.writer) else 0),
                 "frames_encoded_htj2k": float(self.service.frames_encoded),
+                "frame_ranges": float(self.service.frame_ranges),
+                "frame_ranges_refused": float(self.service.frame_ranges_refused),
+                "codestream_hits": float(self.service.codestreams.hits),
                 "series_headers_retrievals": float(headfirst.started),
                 "series_metadata_from_headers": float(headfirst.answered),
                 "series_headers_unused": float(headfirst.fell_back),

@@ -39,11 +39,12 @@ class DicomwebConfig:
     timeout: float = DEFAULT_TIMEOUT
     viewer_dir: Path | None = None
     headers_first: bool = True  # series metadata from a headers-only retrieval (headfirst.py)
+    progressive: bool = True  # the viewer fetches HTJ2K frames in two byte ranges (issue 14)
 
 
 def read_dicomweb(r: Reader) -> DicomwebConfig | None:
     """`dicomweb: {listen, viewer, viewer_dir, max_upload, hold_size, timeout,
-    headers_first}`; absent:
+    headers_first, progressive}`; absent:
     None. `viewer_dir` is relative to the config file."""
     s = r.optional_section("dicomweb")
     if s is None:
@@ -61,5 +62,6 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
         raise s.error("hold_size", "must be between 1MiB and 64GiB")
     timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
     headers_first = s.boolean("headers_first", True)
+    progressive = s.boolean("progressive", True)
     return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir,
-                          headers_first)  # fmt: skip
+                          headers_first, progressive)  # fmt: skip

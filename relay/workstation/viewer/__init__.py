@@ -39,4 +39,9 @@ def add_routes(app: web.Application, config: DicomwebConfig) -> None:
         def on_open(request: web.Request) -> None:
             warmup.open(request.query, request.headers.get("Sec-Fetch-Site"))
 
-    ViewerSite(viewer.dist, prefix=PREFIX, on_open=on_open).add_routes(app)
+    options = None
+    if viewer.progressive:
+        from relay.workstation.viewer.progressive import stack_retrieve_options
+
+        options = {"stackRetrieveOptions": stack_retrieve_options()}
+    ViewerSite(viewer.dist, prefix=PREFIX, options=options, on_open=on_open).add_routes(app)

@@ -4,8 +4,10 @@ dicomweb:
   viewer: true          # serve OHIF at / (default true)
   viewer_dir: DIR       # where `relay viewer install --dir DIR` put it
                         # (default: the platform's data dir, per version)
+  progressive: true     # a lower-resolution first image from an HTJ2K byte range,
+                        # then the lossless rest (viewer/progressive.py; default true)
 
-relay.workstation.dicomweb.settings reads both keys (its reader rejects unknown keys);
+relay.workstation.dicomweb.settings reads these keys (its reader rejects unknown keys);
 this turns them into where the dist is.
 """
 
@@ -24,6 +26,7 @@ __all__ = ["ViewerConfig", "viewer_config"]
 class ViewerConfig:
     enabled: bool = True
     dir: Path | None = None  # None: default_viewer_dir()
+    progressive: bool = True
 
     @property
     def dist(self) -> Path:
@@ -32,4 +35,5 @@ class ViewerConfig:
 
 def viewer_config(dicomweb: DicomwebConfig) -> ViewerConfig:
     """The viewer part of a `dicomweb:` section."""
-    return ViewerConfig(enabled=dicomweb.viewer, dir=dicomweb.viewer_dir)
+    return ViewerConfig(enabled=dicomweb.viewer, dir=dicomweb.viewer_dir,
+                        progressive=dicomweb.progressive)  # fmt: skip

@@ -36,3 +36,10 @@ def test_viewer_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(tmp_path: Path, data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=f"dicomweb.{key}"):
         read(data, tmp_path)
+
+
+def test_progressive_is_on_unless_turned_off(tmp_path: Path) -> None:
+    assert read({}, tmp_path).progressive
+    assert not read({"progressive": False}, tmp_path).progressive
+    with pytest.raises(ConfigError, match=r"dicomweb\.progressive"):
+        read({"progressive": "sometimes"}, tmp_path)
