@@ -14,6 +14,10 @@ from relay.proto import DEFAULT_PRIORITY, Priority
 
 VIEWER: Final = DEFAULT_PRIORITY
 """A viewer's own request: u=3 (the default, also what streams without the header get)."""
+VIEWPORT_NEXT: Final = Priority(urgency=2)
+"""The one instance a browser viewer's viewport waits for while its series is still on the
+way (relay.workstation.dicomweb.retrieve: jump ahead): u=2, before the series' own
+stream at u=3, which carries on behind it."""
 PREFETCH: Final = Priority(urgency=6)
 """Prefetch and its priors: u=6, background; incremental, so studies fill side by side."""
 VIEWER_WINDOW: Final = 3 * 1024 * 1024

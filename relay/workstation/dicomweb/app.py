@@ -372,12 +372,17 @@ async def _aiter(
             yield item
 
 
-async def _one(request: web.Request) -> HeldInstance | web.Response:
+async def _one(request: web.Request, *, viewport: bool = False) -> HeldInstance | web.Response:
+    """The request's instance; `viewport`: the viewer shows it now, so it may be
+    retrieved ahead of its series (retrieve.py, jump ahead)."""
     service = _service(request)
     study, series, sop = (_uid(request, n) for n in ("study", "series", "instance"))
     try:
         flight = await service.retriever.series(study, series)
-        item = await flight.get(sop)
+        if viewport:
+            item = await service.retriever.instance(flight, sop)
+        else:
+            item = await flight.get(sop)
     except UpstreamError as exc:
         return _upstream(exc)
     if item is None:
@@ -397,7 +402,7 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         numbers = frames.frame_numbers(request.match_info["frames"])
     except ValueError as exc:
         return _text(400, f"frames: {exc}")
-    item = await _one(request)
+    item = await _one(request, viewport=byterange.first_chunk(request.headers.get("Range")))
     if isinstance(item, web.Response):
         return item
     ranges = media.parse_accept(_frames_accept(request))

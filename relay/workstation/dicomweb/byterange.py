@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["Unsatisfiable", "content_range", "parse_range"]
+__all__ = ["Unsatisfiable", "content_range", "first_chunk", "parse_range"]
 
 _ONE: Final = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _MAX_DIGITS: Final = 18  # no range of ours has more; longer is not parsed as a number
@@ -49,6 +49,14 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
     if first >= total:
         raise Unsatisfiable(f"bytes={first}- of {total}")
     return first, min(last, total - 1)
+
+
+def first_chunk(header: str | None) -> bool:
+    """Whether `header` asks for a frame's first bytes (`bytes=0-N`): cornerstone's first
+    progressive stage, which only the viewport sends (its prefetcher asks for whole
+    frames), so the image the radiologist is looking at (retrieve.py: jump ahead)."""
+    m = _ONE.match(header or "")
+    return m is not None and m.group(1) == "0" and bool(m.group(2))
 
 
 def content_range(first: int, last: int, total: int) -> str:

@@ -8,6 +8,14 @@ answers stream). Finished series stay in a holding area bounded by `hold_size` b
 than grow memory without bound. At most `max_flights` retrievals run at once (503 above).
 A failed retrieval is forgotten at once, so that the next request tries again.
 
+Jump ahead (issue 14: what the viewer asks for next goes first): a series comes in the
+PACS's order, so the slice a radiologist scrolls to may be far behind. When the viewport
+asks for an instance (`Retriever.instance`) that its series has not brought within
+`JUMP_AFTER`, that one instance is retrieved alone, at `priorities.VIEWPORT_NEXT`, ahead of
+the series' stream, which carries on behind it. At most `MAX_JUMPS` run per series at
+once; the series still brings the instance again later (its bytes cross the link twice:
+the price of not waiting), and the flight keeps the first copy.
+
 With the cache enabled, a retrieved series is also written through to it
 (relay.workstation.dicomweb.writethrough); once complete there, its memory copy leaves the
 holding area and the next request reads the cache. With the cache disabled the holding
@@ -28,6 +36,7 @@ from pydicom.uid import UID
 
 from relay.dicom import rawds
 from relay.dicom.codec import FinalResponse
+from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError
 from relay.workstation.dicomweb.writethrough import WriteThrough
@@ -37,6 +46,8 @@ __all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
 log = logging.getLogger(__name__)
 
 MAX_FLIGHTS: Final = 8
+JUMP_AFTER: Final = 0.2  # s the viewport's instance may wait for its series to bring it
+MAX_JUMPS: Final = 2  # single-instance retrievals ahead of one series, at once
 
 
 @dataclass
@@ -68,6 +79,7 @@ class SeriesFlight:
     from_cache: bool = False
     final: FinalResponse | None = None  # the retrieve's final response (its counts)
     retrieving: bool = False  # not in the cache: being retrieved through the agent
+    jumping: set[str] = field(default_factory=set)  # instances retrieved ahead (<= MAX_JUMPS)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, item: HeldInstance) -> None:
@@ -148,6 +160,8 @@ class Retriever:
         self.retrievals = 0  # series retrieved through the agent
         self.from_cache = 0  # series read from the cache
         self.shared = 0  # requests that joined a flight already there
+        self.jumps = 0  # instances retrieved ahead of their series
+        self.jumps_first = 0  # ... that came before the series brought them
 
     @property
     def held(self) -> int:
@@ -173,6 +187,52 @@ class Retriever:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return flight
+
+    async def instance(self, flight: SeriesFlight, sop_instance: str) -> HeldInstance | None:
+        """One instance the viewport waits for: from its series, or retrieved ahead of it
+        when the series has not brought it within JUMP_AFTER (see the module's text)."""
+        waiting = asyncio.ensure_future(flight.get(sop_instance))
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=JUMP_AFTER)
+            if not done and flight.retrieving and not flight.done:
+                self._jump(flight, sop_instance)
+            return await waiting
+        finally:
+            waiting.cancel()
+
+    def _jump(self, flight: SeriesFlight, sop_instance: str) -> None:
+        if len(flight.jumping) >= MAX_JUMPS or sop_instance in flight.jumping:
+            return
+        flight.jumping.add(sop_instance)
+        self.jumps += 1
+        task = asyncio.get_running_loop().create_task(
+            self._ahead(flight, sop_instance), name="instance ahead"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ahead(self, flight: SeriesFlight, sop_instance: str) -> None:
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID = flight.study
+        ident.SeriesInstanceUID = flight.series
+        ident.SOPInstanceUID = sop_instance
+        try:
+            async for msg in self.source.retrieve(ident, priority=priorities.VIEWPORT_NEXT):
+                if msg.sop_instance != sop_instance or flight.done:
+                    continue  # only what was asked; a finished series has its own copy
+                if sop_instance not in flight.by_uid:
+                    self.jumps_first += 1
+                flight.add(HeldInstance(msg.sop_class, msg.sop_instance,
+                                        msg.transfer_syntax, bytes(msg.dataset)))  # fmt: skip
+                self._bound(flight)
+        except UpstreamError as exc:
+            log.info("instance ahead of its series not retrieved (%d): the series brings it",
+                     exc.http_status)  # fmt: skip
+        except Exception as exc:
+            log.warning("instance ahead of its series failed: %s", type(exc).__name__)
+        finally:
+            flight.jumping.discard(sop_instance)
 
     async def _from_cache(self, flight: SeriesFlight) -> bool:
         if self.cache is None:

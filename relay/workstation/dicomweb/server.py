@@ -63,6 +63,8 @@ class DicomwebServer:
                 "series_retrievals": float(retriever.retrievals),
                 "series_from_cache": float(retriever.from_cache),
                 "series_shared": float(retriever.shared),
+                "instances_ahead": float(retriever.jumps),
+                "instances_ahead_first": float(retriever.jumps_first),
                 "series_written_to_cache": float(w.written if (w := retriever.writer) else 0),
                 "cache_write_failures": float(w.failed if (w := retriever.writer) else 0),
                 "frames_encoded_htj2k": float(self.service.frames_encoded),

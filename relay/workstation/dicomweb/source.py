@@ -36,6 +36,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
+from relay.proto import Priority
 from relay.wire import (
     DICOM_CONTENT_HEADERS,
     HEADER_DICOM_CONTENT,
@@ -111,12 +112,14 @@ class DicomSource:
 
     @contextlib.asynccontextmanager
     async def _stream(
-        self, request: Request, headers_only: bool = False
+        self, request: Request, headers_only: bool = False, priority: Priority | None = None
     ) -> AsyncIterator[tuple[ByteStream, list[bool]]]:
         """An open stream with `request` written; the flag list's [0] marks a clean end."""
         headers = dict(self.headers)
         if headers_only:
             headers[HEADER_DICOM_CONTENT] = DICOM_CONTENT_HEADERS
+        if priority is not None:
+            headers[HEADER_PRIORITY] = priority.field()
         try:
             async with asyncio.timeout(self.timeout):
                 stream = await self.open_stream(headers)
@@ -184,10 +187,12 @@ class DicomSource:
         outcome: list[FinalResponse] | None = None,
         *,
         headers_only: bool = False,
+        priority: Priority | None = None,
     ) -> AsyncIterator[Instance]:
         """The instances of a retrieve identifier as they arrive (the PACS's bytes); the
         final response is appended to `outcome` (its counts decide cache completeness).
-        `headers_only`: ask the agent to leave each Pixel Data value out (headfirst.py)."""
+        `headers_only`: ask the agent to leave each Pixel Data value out (headfirst.py);
+        `priority`: the stream's, when not a viewer's default (priorities.py)."""
         request = Request(
             op="retrieve",
             root="study",
@@ -195,7 +200,7 @@ class DicomSource:
             dataset=rawds.encode_dataset(identifier),
             calling_ae=CALLING_AE,
         )
-        async with self._stream(request, headers_only) as (stream, clean):
+        async with self._stream(request, headers_only, priority) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, Instance):

@@ -18,6 +18,7 @@ from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import FinalResponse, Instance
 from relay.ops.config import Address
+from relay.proto import Priority
 from relay.workstation.dicomweb import media, part10
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
@@ -49,6 +50,7 @@ class ScriptedSource:
         self.header_error: UpstreamError | None = None
         self.old_agent = False  # ignore headers_only: send whole instances
         self.header_sent = 0
+        self.ahead: list[tuple[str, Priority | None]] = []  # IMAGE-level retrievals
 
     async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
         if self.down:
@@ -78,7 +80,15 @@ class ScriptedSource:
         outcome: list[FinalResponse] | None = None,
         *,
         headers_only: bool = False,
+        priority: Priority | None = None,
     ) -> AsyncIterator[Instance]:
+        if identifier.QueryRetrieveLevel == "IMAGE":  # one instance, ahead of its series
+            self.ahead.append((str(identifier.SOPInstanceUID), priority))
+            for inst in CT:
+                if inst.sop_instance == identifier.SOPInstanceUID:
+                    yield Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax,
+                                   inst.data)  # fmt: skip
+            return
         if headers_only:
             self.header_retrieves += 1
         else:
