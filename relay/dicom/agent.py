@@ -162,9 +162,11 @@ async def serve_dicom_stream(
 
     loop = asyncio.get_running_loop()
     out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
+    strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
     op = PacsOperation(
-        pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip, memory=memory
-    )
+        pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip,
+        memory=memory, estimate=not strip,
+    )  # fmt: skip
     if on_request is not None:
         on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
@@ -175,7 +177,6 @@ async def serve_dicom_stream(
         encoder = StreamEncoder(
             codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto"
         )
-        strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
         await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
     finally:
         watcher.cancel()

@@ -12,6 +12,7 @@ against a pynetdicom PACS). So the retrieve starts at once with contexts from
 survey runs on its own association. Only when the retrieve then reports failed
 sub-operations and the survey shows something those contexts did not cover does the
 agent retrieve again with the study's own (`uncovered`), passing over what already came.
+A retrieve that needs no estimate (headers only, one instance) is surveyed only then.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ not wait for it, and what it finds corrects a C-GET whose contexts missed someth
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -11,16 +12,19 @@ from dataclasses import replace
 import pytest
 
 from relay.dicom import rawds, survey
+from relay.dicom.agent import DicomAgent
 from relay.dicom.codec import FinalResponse, Instance, Pending
 from relay.dicom.contexts import COMMON_STORAGE
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.survey import StorageMemory, Survey, uncovered
+from relay.net.bytestream import pipe
+from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from .helpers import EXPLICIT
-from .test_agent import retrieve, run
+from .test_agent import Workstation, retrieve, run
 
 VL_PHOTO = "1.2.840.10008.5.1.4.1.1.77.1.4"  # not among the common classes
 CT = samples.make_study(4, rows=32, cols=32, seed=7)
@@ -115,3 +119,49 @@ async def test_a_class_the_first_contexts_missed_is_retrieved_again_once(
     msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
     assert len([m for m in msgs if isinstance(m, Instance)]) == 4
     assert pacs.events.gets == 3  # one C-GET: the remembered class was proposed
+
+
+async def test_no_survey_for_headers_only_or_one_instance() -> None:
+    """A headers-only retrieve (its reader uses the final counts) and a single instance
+    (the viewport's, retrieved ahead) cost the PACS no C-FIND; a study retrieve for a
+    viewer does, beside it (slowed here, so that the survey finishes first)."""
+    with EmbeddedPacs(MemoryStore(CT)) as pacs:
+        await _no_survey(pacs, DicomAgent(target(pacs)))
+
+
+async def _no_survey(pacs: EmbeddedPacs, agent: DicomAgent) -> None:
+    one = retrieve("IMAGE", StudyInstanceUID=STUDY,
+                   SeriesInstanceUID=str(rawds.decode_dataset(CT[0].data, EXPLICIT)
+                                         .SeriesInstanceUID),
+                   SOPInstanceUID=CT[0].sop_instance)  # fmt: skip
+    for headers, request in (({HEADER_DICOM_CONTENT: DICOM_CONTENT_HEADERS},
+                              retrieve(StudyInstanceUID=STUDY)), ({}, one)):  # fmt: skip
+        a, b = pipe(headers)
+        server = asyncio.create_task(agent.serve(b))
+        ws = Workstation(a)
+        await ws.send(request)
+        msgs = await ws.all()
+        await asyncio.wait_for(server, 20)
+        assert isinstance(msgs[-1], FinalResponse) and msgs[-1].status == 0
+    assert pacs.events.finds == 0 and pacs.events.gets == 2
+    pacs.send_delay = 0.1
+    await run(target(pacs), retrieve(StudyInstanceUID=STUDY))
+    assert pacs.events.finds > 0
+
+
+async def test_a_headers_only_retrieve_surveys_when_its_contexts_missed(
+    pacs: EmbeddedPacs,
+) -> None:
+    """No survey beside it, but after failed sub-operations one is made, and the class
+    the first contexts missed comes in a second C-GET."""
+    a, b = pipe({HEADER_DICOM_CONTENT: DICOM_CONTENT_HEADERS})
+    server = asyncio.create_task(DicomAgent(target(pacs)).serve(b))
+    ws = Workstation(a)
+    await ws.send(retrieve(StudyInstanceUID=STUDY))
+    msgs = await ws.all()
+    await asyncio.wait_for(server, 20)
+    assert sorted(m.sop_instance for m in msgs if isinstance(m, Instance)) == sorted(
+        i.sop_instance for i in RARE
+    )
+    assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == 4
+    assert pacs.events.finds > 0 and pacs.events.gets == 2
