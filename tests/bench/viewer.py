@@ -46,7 +46,8 @@ from tests.bench.wan_pacs import DEFAULT_COUNT, study_uid
 
 OPEN_TIMEOUT: Final = 600.0  # seconds for one opening of the study
 QUIET_PATIENCE: Final = 20.0  # seconds to wait for a quiet machine before each run
-CASES: Final = ("relay", "direct", "plain")  # plain: the relay with headers_first off
+CASES: Final = ("relay", "direct", "plain")  # plain: the relay with PLAIN's settings
+PLAIN: Final = "headers_first: false"  # what the baseline workstation turns off
 FIRST_IMAGE_NOTE: Final = (
     "Headers first (docs/internals/dicomweb.md): the warm-up starts, beside the series' "
     "retrieval, a headers-only retrieval of the same series (the agent sends each "
@@ -112,8 +113,9 @@ def _wipe_cache(config: Path) -> None:
 
 
 def measure(
-    workdir: Path, bench_pki: BenchPki, *, runs: int, count: int, profile: Profile
-) -> tuple[dict[str, list[Opening]], Any]:
+    workdir: Path, bench_pki: BenchPki, *, runs: int, count: int, profile: Profile,
+    plain: str = PLAIN,
+) -> tuple[dict[str, list[Opening]], Any]:  # fmt: skip
     from relay_dev.samples import make_study
     from tests.bench.viewer_sides import ORTHANC_OPTIONS, ViewerFront, orthanc_dicomweb
     from tests.browser.chromium import require_chromium
@@ -144,12 +146,12 @@ def measure(
         plain_config.write_text(
             config.read_text()
             .replace(str(workdir / "ws-cache"), str(workdir / "ws-cache-plain"))
-            .replace("viewer: true,", "viewer: true, headers_first: false,")
+            .replace("viewer: true,", f"viewer: true, {plain},")
         )
-        plain = group.process("workstation-plain",
+        plain_ws = group.process("workstation-plain",
                               [str(VENV_BIN / "relay"), "workstation", "--config",
                                str(plain_config)], env=ENV)  # fmt: skip
-        plain_port = plain.listening("dicomweb", 30.0)
+        plain_port = plain_ws.listening("dicomweb", 30.0)
         configs = {"relay": config, "plain": plain_config}
         with orthanc_dicomweb(workdir, make_study(count)) as orthanc_port:
             _, proxy_port = start_proxy(group, "proxy-orthanc", orthanc_port, profile, ENV)
@@ -178,10 +180,11 @@ def measure(
 
 def run(
     workdir: Path, bench_pki: BenchPki, *, runs: int = 3, count: int = DEFAULT_COUNT,
-    profile: Profile = PROFILES[0],
+    profile: Profile = PROFILES[0], plain: str = PLAIN,
 ) -> Section:  # fmt: skip
     load_before = os.getloadavg()[0]
-    results, check = measure(workdir, bench_pki, runs=runs, count=count, profile=profile)
+    results, check = measure(workdir, bench_pki, runs=runs, count=count, profile=profile,
+                             plain=plain)  # fmt: skip
     load_after = os.getloadavg()[0]
 
     def med(case: str, attr: str) -> float:
@@ -194,7 +197,7 @@ def run(
     labels = {
         "relay": "through the relay (workstation DICOMweb, cold cache)",
         "direct": f"Orthanc's DICOMweb plugin across {profile.label}",
-        "plain": "through the relay, `headers_first: false` (the baseline before this)",
+        "plain": f"through the relay, `{plain}` (the baseline)",
     }
     for case in CASES:
         table.append([labels[case], f"{med(case, 'first'):.2f}", f"{med(case, 'last'):.2f}",
@@ -205,7 +208,7 @@ def run(
         verdict = "meets" if ratio > 1 else "MISSES"
         verdicts.append(f"{name}: direct/relay = **{ratio:.2f}x** ({verdict} the goal: faster)")
         gain = med("plain", attr) / med("relay", attr)
-        verdicts.append(f"{name}: headers first off/on = {gain:.2f}x")
+        verdicts.append(f"{name}: `{plain}` / default = {gain:.2f}x")
     notes = [
         "; ".join(verdicts) + ".",
         f"{count} CT slices of 512x512 16-bit; link check through the proxy: "
@@ -216,14 +219,14 @@ def run(
         "Other load (cores busy outside the benchmark, in the second before each run, after "
         f"waiting up to {QUIET_PATIENCE:.0f} s for it to fall under 0.3): relay "
         f"{each(case='relay', attr='other_load')}; direct "
-        f"{each(case='direct', attr='other_load')}; headers first off "
+        f"{each(case='direct', attr='other_load')}; `{plain}` "
         f"{each(case='plain', attr='other_load')}.",
         "Times are from the navigation to /viewer, so both include the viewer's own start "
         f"from loopback (first DICOMweb request after {med('relay', 'dicomweb_start'):.2f} s "
         f"(relay) / {med('direct', 'dicomweb_start'):.2f} s (direct), median).",
         "On the page's clock (median): the first series metadata answer received at "
         f"{med('relay', 'metadata'):.2f} s (relay) / {med('direct', 'metadata'):.2f} s "
-        f"(direct) / {med('plain', 'metadata'):.2f} s (headers first off); the first frame "
+        f"(direct) / {med('plain', 'metadata'):.2f} s (`{plain}`); the first frame "
         f"asked for at {med('relay', 'first_asked'):.2f} s / "
         f"{med('direct', 'first_asked'):.2f} s / {med('plain', 'first_asked'):.2f} s.",
         "Frames arrive as WADO-RS /frames responses (imageRendering wadors); 'all images' "
@@ -249,12 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.viewer", description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT)
+    parser.add_argument(
+        "--plain",
+        default=PLAIN,
+        help="the baseline workstation's dicomweb settings (YAML flow items)",
+    )
     parser.add_argument("--write", action="store_true", help=f"write the section into {DOC}")
     args = parser.parse_args(argv)
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-viewer-"))
     try:
-        out = run(workdir, make_pki(workdir / "pki"), runs=args.runs, count=args.count)
+        out = run(workdir, make_pki(workdir / "pki"), runs=args.runs, count=args.count,
+                  plain=args.plain)  # fmt: skip
     except BenchError as exc:
         print(f"viewer FAILED: {exc}\nprocess logs kept in {workdir}", file=sys.stderr)
         return 1

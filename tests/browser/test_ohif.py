@@ -47,7 +47,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DicomChain
     chain = DicomChain(
         tmp,
         pacs.port,
-        ws_extra=f"dicomweb: {{listen: '{HOST}:0', viewer: true, viewer_dir: '{VIEWER_DIR}'}}\n",
+        ws_extra=f"dicomweb: {{listen: '{HOST}:0', viewer: true, viewer_dir: '{VIEWER_DIR}', "
+        "progressive: true}\n",
     )
     chain.reporters["dicomweb"] = ("ws1", "dicomweb")
     try:
@@ -113,8 +114,8 @@ def test_ohif_lists_the_demo_studies_and_shows_the_ct(
         print(f"\nscreenshot of OHIF {OHIF.version} showing the CT: {shot}")
         severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert stats["distinct"] >= 32 and stats["max"] - stats["min"] >= 64, stats
-    # through the whole chain the viewer loaded progressively (dicomweb.progressive is on
-    # by default): byte ranges of HTJ2K frames were served (tests/browser/test_progressive.py
+    # through the whole chain the viewer loaded progressively (dicomweb.progressive turned
+    # on above): byte ranges of HTJ2K frames were served (tests/browser/test_progressive.py
     # has the order of first pass and lossless)
     assert dicom_chain.metric("ws", "relay_dicomweb_frame_ranges_total") > 0
     assert shot.stat().st_size > 10_000

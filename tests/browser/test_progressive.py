@@ -184,7 +184,7 @@ def served_viewer(tmp_path: Path) -> Iterator[Served_viewer]:
 
     async def main() -> None:
         gate = Gate()
-        config = DicomwebConfig(Address("127.0.0.1", 0), viewer_dir=VIEWER_DIR)
+        config = DicomwebConfig(Address("127.0.0.1", 0), viewer_dir=VIEWER_DIR, progressive=True)
 
         async def no_link(headers: Any) -> Any:
             raise OSError("no link")

@@ -39,7 +39,10 @@ class DicomwebConfig:
     timeout: float = DEFAULT_TIMEOUT
     viewer_dir: Path | None = None
     headers_first: bool = True  # series metadata from a headers-only retrieval (headfirst.py)
-    progressive: bool = True  # the viewer fetches HTJ2K frames in two byte ranges (issue 14)
+    # The viewer fetches HTJ2K frames in two byte ranges (issue 14). Off by default: the
+    # browser reads the workstation over loopback, where it gained no first image and cost
+    # all images 1.35x (encoding and wasm decoding; docs/BENCHMARKS.md, viewer).
+    progressive: bool = False
 
 
 def read_dicomweb(r: Reader) -> DicomwebConfig | None:
@@ -62,6 +65,6 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
         raise s.error("hold_size", "must be between 1MiB and 64GiB")
     timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
     headers_first = s.boolean("headers_first", True)
-    progressive = s.boolean("progressive", True)
+    progressive = s.boolean("progressive", False)
     return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir,
                           headers_first, progressive)  # fmt: skip

@@ -4,8 +4,8 @@ dicomweb:
   viewer: true          # serve OHIF at / (default true)
   viewer_dir: DIR       # where `relay viewer install --dir DIR` put it
                         # (default: the platform's data dir, per version)
-  progressive: true     # a lower-resolution first image from an HTJ2K byte range,
-                        # then the lossless rest (viewer/progressive.py; default true)
+  progressive: false    # true: a lower-resolution first image from an HTJ2K byte
+                        # range, then the lossless rest (viewer/progressive.py)
 
 relay.workstation.dicomweb.settings reads these keys (its reader rejects unknown keys);
 this turns them into where the dist is.
@@ -26,7 +26,7 @@ __all__ = ["ViewerConfig", "viewer_config"]
 class ViewerConfig:
     enabled: bool = True
     dir: Path | None = None  # None: default_viewer_dir()
-    progressive: bool = True
+    progressive: bool = False
 
     @property
     def dist(self) -> Path:

@@ -38,8 +38,8 @@ def test_bad_values_name_the_key(tmp_path: Path, data: dict[str, object], key: s
         read(data, tmp_path)
 
 
-def test_progressive_is_on_unless_turned_off(tmp_path: Path) -> None:
-    assert read({}, tmp_path).progressive
-    assert not read({"progressive": False}, tmp_path).progressive
+def test_progressive_is_off_unless_turned_on(tmp_path: Path) -> None:
+    assert not read({}, tmp_path).progressive
+    assert read({"progressive": True}, tmp_path).progressive
     with pytest.raises(ConfigError, match=r"dicomweb\.progressive"):
         read({"progressive": "sometimes"}, tmp_path)
