@@ -181,7 +181,7 @@ def test_qido_malformed_is_400_naming_the_parameter(url: str) -> None:
 
 def test_concurrent_requests_share_one_series_retrieval(url: str, pacs: PacsProcess) -> None:
     """Three requests for a series not yet retrieved (the first test to touch the MR): the
-    PACS sees one C-GET for the series and one for its headers (headfirst.py), and each
+    PACS sees one C-GET for the series (headers first is off by default), and each
     request gets every instance."""
     study, instances = SERIES[MR_SERIES]
     time.sleep(0.3)  # the PACS writes its counters every 0.1 s: let earlier tests' land
@@ -199,7 +199,7 @@ def test_concurrent_requests_share_one_series_retrieval(url: str, pacs: PacsProc
         t.join(TIMEOUT)
     assert results == [len(instances)] * 3
     time.sleep(0.3)
-    assert pacs.events().get("gets", 0) - before == 2  # the series, and its headers once
+    assert pacs.events().get("gets", 0) - before == 1  # the series, once
 
 
 def multipart(response: requests.Response) -> list[tuple[str, bytes]]:

@@ -58,8 +58,8 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsProcess]:
 
 @pytest.fixture(scope="module")
 def chain(pacs: PacsProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomChain]:
-    c = DicomChain(tmp_path_factory.mktemp("chain"), pacs.port,
-                   ws_extra="dicomweb:\n  listen: 127.0.0.1:0\n")  # fmt: skip
+    ws_extra = "dicomweb:\n  listen: 127.0.0.1:0\n  headers_first: true\n"
+    c = DicomChain(tmp_path_factory.mktemp("chain"), pacs.port, ws_extra=ws_extra)
     c.reporters["dicomweb"] = ("ws1", "dicomweb")
     with running_dicom_chain(c):
         yield c

@@ -38,7 +38,9 @@ class DicomwebConfig:
     hold_size: int = DEFAULT_HOLD_SIZE
     timeout: float = DEFAULT_TIMEOUT
     viewer_dir: Path | None = None
-    headers_first: bool = True  # series metadata from a headers-only retrieval (headfirst.py)
+    # Series metadata from a headers-only retrieval (headfirst.py). Off by default since
+    # the series' retrieval no longer waits for a survey: it then lost (docs/BENCHMARKS.md).
+    headers_first: bool = False
     # The viewer fetches HTJ2K frames in two byte ranges (issue 14). Off by default: the
     # browser reads the workstation over loopback, where it gained no first image and cost
     # all images 1.35x (encoding and wasm decoding; docs/BENCHMARKS.md, viewer).
@@ -64,7 +66,7 @@ def read_dicomweb(r: Reader) -> DicomwebConfig | None:
     if not 1 * MiB <= hold_size <= 64 * GiB:
         raise s.error("hold_size", "must be between 1MiB and 64GiB")
     timeout = s.duration("timeout", DEFAULT_TIMEOUT, lo=1.0, hi=3600.0)
-    headers_first = s.boolean("headers_first", True)
+    headers_first = s.boolean("headers_first", False)
     progressive = s.boolean("progressive", False)
     return DicomwebConfig(listen, viewer, max_upload, hold_size, timeout, viewer_dir,
                           headers_first, progressive)  # fmt: skip

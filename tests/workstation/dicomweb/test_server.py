@@ -126,7 +126,7 @@ class ScriptedSource:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
     config = DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * 1024 * 1024,
-                            hold_size=4 * 1024 * 1024)  # fmt: skip
+                            hold_size=4 * 1024 * 1024, headers_first=True)  # fmt: skip
 
     async def no_link(headers: Any) -> Any:
         raise OSError("no link")

@@ -60,9 +60,9 @@ def test_an_unknown_key_is_refused() -> None:
     assert "dicomweb.nope" in str(info.value)
 
 
-def test_headers_first_is_on_unless_turned_off() -> None:
-    on = read({"listen": "127.0.0.1:8042"})
-    off = read({"listen": "127.0.0.1:8042", "headers_first": False})
+def test_headers_first_is_off_unless_turned_on() -> None:
+    off = read({"listen": "127.0.0.1:8042"})
+    on = read({"listen": "127.0.0.1:8042", "headers_first": True})
     assert isinstance(on, DicomwebConfig) and isinstance(off, DicomwebConfig)
     assert on.headers_first is True and off.headers_first is False
     with pytest.raises(ConfigError, match="headers_first"):

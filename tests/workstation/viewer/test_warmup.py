@@ -29,7 +29,7 @@ WAIT = 30.0  # seconds: a bound on waiting for a background step, not a measurem
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[DicomwebServer, ScriptedSource, str]]:
     config = DicomwebConfig(Address("127.0.0.1", 0), viewer_dir=install(tmp_path),
-                            hold_size=64 * 1024 * 1024)  # fmt: skip
+                            hold_size=64 * 1024 * 1024, headers_first=True)  # fmt: skip
 
     async def no_link(headers: Any) -> Any:
         raise OSError("no link")
