@@ -49,15 +49,13 @@ QUIET_PATIENCE: Final = 20.0  # seconds to wait for a quiet machine before each 
 CASES: Final = ("relay", "direct", "plain")  # plain: the relay with PLAIN's settings
 PLAIN: Final = "headers_first: true"  # what the baseline workstation does differently
 FIRST_IMAGE_NOTE: Final = (
-    "Headers first (docs/internals/dicomweb.md): the warm-up starts, beside the series' "
-    "retrieval, a headers-only retrieval of the same series (the agent sends each "
-    "instance without its Pixel Data value, a few KB each), and OHIF's series metadata "
-    "request is answered from it once its final response says all came, so the metadata "
-    "no longer waits for the series' pixels (~42 MB zstd of 105 MB: >= 3.4 s at "
-    "100 Mbit/s). The first image then waits only for its own instance in the series "
-    "retrieval (the PACS's order). Before this change (main at c6e0648, 5 runs, quiet "
-    "machine): first image 3.90 s through the relay against 3.56 s from Orthanc (0.91x), "
-    "all images 6.39 s against 9.69 s (1.52x)."
+    "Headers first (`dicomweb.headers_first: true`, docs/internals/dicomweb.md): a "
+    "headers-only retrieval of the series beside its retrieval answers OHIF's metadata "
+    "request. It helped while the agent surveyed each study before its C-GET (main at "
+    "c6e0648: first image 4.09 s with it, 4.75 s without); since the survey runs beside "
+    "the retrieve the series alone is sooner and headers first is off by default. Before "
+    "headers first (c6e0648, 5 runs): first image 3.90 s through the relay against 3.56 s "
+    "from Orthanc (0.91x), all images 6.39 s against 9.69 s (1.52x)."
 )
 
 
