@@ -561,7 +561,7 @@ class _Beside:
     """One survey running beside its retrieve; `finish()` ends it and returns its result.
 
     Its estimate cannot follow the operation's final response: `finish` (always called
-    before that is queued) stops it, and nothing is queued once it is stopped.
+    before that is queued) stops it under the lock the estimate is queued with.
     """
 
     def __init__(self, op: PacsOperation, find_model: str, identifier: Dataset) -> None:
@@ -598,18 +598,18 @@ class _Beside:
             _end(assoc, abort=self.stop.is_set())
 
     def finish(self, *, wait: bool) -> Survey | None:
-        """The survey, once done. Without `wait`, stopped first (its association aborted:
-        a C-FIND with thousands of matches would otherwise run on)."""
-        if not wait:
+        """With `wait`, the survey once done (None if it failed or took longer than the
+        PACS timeout). Without, stopped at once and not waited for: its association is
+        aborted (a C-FIND with thousands of matches would otherwise run on) and it ends on
+        its own thread; one still associating must not hold up the operation's end."""
+        if wait:
+            self._thread.join(self.op.pacs.timeout + 1)
+        with self._lock:  # nothing is queued once stopped
             self.stop.set()
-            with self._lock:
-                assoc = self._assoc
-            if assoc is not None:
-                _end(assoc, abort=True)
-        self._thread.join(self.op.pacs.timeout + 1)
-        with self._lock:  # a PACS that ignores the abort: never wait on it again
-            self.stop.set()
-        return self.op.survey
+            assoc = self._assoc
+        if not wait and assoc is not None:
+            _end(assoc, abort=True)
+        return self.op.survey if wait else None
 
 
 def _end(assoc: Association, *, abort: bool) -> None:
