@@ -96,7 +96,8 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, poll: flo
         time.sleep(poll)
 
 
-CANVAS_STATS_JS = """
+# The RGBA pixels of the largest visible canvas (the viewport) as `data`, its size as `c`.
+VIEWPORT_PIXELS_JS = """
 const canvases = [...document.querySelectorAll('canvas')]
   .filter(c => c.width > 64 && c.height > 64 && c.offsetParent !== null);
 if (!canvases.length) return null;
@@ -106,6 +107,11 @@ copy.width = c.width; copy.height = c.height;
 const ctx = copy.getContext('2d');
 ctx.drawImage(c, 0, 0);
 const data = ctx.getImageData(0, 0, c.width, c.height).data;
+"""
+
+CANVAS_STATS_JS = (
+    VIEWPORT_PIXELS_JS
+    + """
 const seen = new Set(); let min = 255, max = 0;
 for (let y = 0; y < c.height; y += 3) {
   for (let x = 0; x < c.width; x += 3) {
@@ -116,12 +122,29 @@ for (let y = 0; y < c.height; y += 3) {
 }
 return {distinct: seen.size, min: min, max: max, width: c.width, height: c.height};
 """
+)
 
 
 def canvas_stats(driver: Any) -> dict[str, int] | None:
     """Grey-level statistics of the largest visible canvas (the viewport), or None."""
     stats: dict[str, int] | None = driver.execute_script(CANVAS_STATS_JS)
     return stats
+
+
+CANVAS_DIGEST_JS = (
+    VIEWPORT_PIXELS_JS
+    + """
+let h = 0;
+for (let i = 0; i < data.length; i += 4) { h = (h * 31 + data[i]) | 0; }
+return h;
+"""
+)
+
+
+def canvas_digest(driver: Any) -> int | None:
+    """A hash of the viewport's pixels (to see that the image changed), or None."""
+    digest: int | None = driver.execute_script(CANVAS_DIGEST_JS)
+    return digest
 
 
 def shows_an_image(stats: dict[str, int] | None) -> bool:

@@ -37,6 +37,7 @@ from relay.workstation.dicomweb.source import FindResult
 from relay.workstation.viewer.install import installed_release
 from relay.workstation.viewer.progressive import CHUNK_SIZE
 from tests.browser.chromium import (
+    canvas_digest,
     canvas_stats,
     chromium,
     require_chromium,
@@ -157,20 +158,6 @@ class Gate:
 
 Served_viewer = tuple[str, Gate, FakePacs, asyncio.AbstractEventLoop]
 
-CANVAS_DIGEST_JS = """
-const canvases = [...document.querySelectorAll('canvas')]
-  .filter(c => c.width > 64 && c.height > 64 && c.offsetParent !== null);
-if (!canvases.length) return null;
-const c = canvases.reduce((a, b) => (a.width * a.height >= b.width * b.height ? a : b));
-const copy = document.createElement('canvas');
-copy.width = c.width; copy.height = c.height;
-copy.getContext('2d').drawImage(c, 0, 0);
-const data = copy.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-let h = 0;
-for (let i = 0; i < data.length; i += 4) { h = (h * 31 + data[i]) | 0; }
-return h;
-"""
-
 
 @pytest.fixture
 def served_viewer(tmp_path: Path) -> Iterator[Served_viewer]:
@@ -238,7 +225,7 @@ def test_the_viewer_shows_a_prefix_before_the_lossless_frame(
         for s in prefixes:
             assert s.range is not None and s.content_range is not None
             assert s.content_range.startswith(f"bytes 0-{CHUNK_SIZE - 1}/"), s
-        lossy = driver.execute_script(CANVAS_DIGEST_JS)
+        lossy = canvas_digest(driver)
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "ohif-progressive-first.png"))
         wait_for("the viewer to ask for the rest", lambda: gate.held > 0, timeout=60)
@@ -252,7 +239,7 @@ def test_the_viewer_shows_a_prefix_before_the_lossless_frame(
 
         def lossless_on_canvas() -> dict[str, int] | None:
             # the first pass replaced: other pixels, still an image
-            changed = driver.execute_script(CANVAS_DIGEST_JS) not in (None, lossy)
+            changed = canvas_digest(driver) not in (None, lossy)
             return partial_on_canvas() if changed else None
 
         final = wait_for("the lossless image on the canvas", lossless_on_canvas, timeout=60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 import email.policy
 from collections.abc import AsyncIterator
-from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -14,12 +13,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
-from relay.ops.config import Address
 from relay.workstation.dicomweb import htj2k, media
 from relay.workstation.dicomweb.htj2k import Choice, Unsupported, choose, encodable, encode_frames
 from relay.workstation.dicomweb.server import DicomwebServer
-from relay.workstation.dicomweb.settings import DicomwebConfig
-from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
 
 LE = "1.2.840.10008.1.2.1"
 OCTET = ("application/octet-stream",)
@@ -130,18 +127,8 @@ def test_a_frame_of_the_wrong_length_and_too_many_frames_are_refused() -> None:
 
 @pytest.fixture
 async def web() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
-    async def no_link(headers: Any) -> Any:
-        raise OSError("no link")
-
-    srv = DicomwebServer(DicomwebConfig(Address("127.0.0.1", 0)), no_link)
-    source = ScriptedSource()
-    srv.service.source = source  # type: ignore[assignment]
-    srv.service.retriever.source = source  # type: ignore[assignment]
-    await srv.start()
-    try:
-        yield srv, source
-    finally:
-        await srv.stop()
+    async with scripted() as both:
+        yield both
 
 
 def parts(headers: dict[str, str], body: bytes) -> list[tuple[str, bytes]]:

@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 
 from relay.dicom import rawds
-from relay.ops.config import Address
 from relay.workstation.dicomweb import htj2k, media
 from relay.workstation.dicomweb.byterange import Unsatisfiable, content_range, parse_range
 from relay.workstation.dicomweb.codestreams import CodestreamCache
 from relay.workstation.dicomweb.htj2k import Choice, choose, encode_frames
 from relay.workstation.dicomweb.server import DicomwebServer
-from relay.workstation.dicomweb.settings import DicomwebConfig
-from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, get, scripted
 
 LE = "1.2.840.10008.1.2.1"
 RPCL = "1.2.840.10008.1.2.4.202"
@@ -172,18 +170,8 @@ def test_a_single_part_jphc_is_one_frame_of_native_encodable_data_only() -> None
 
 @pytest.fixture
 async def web() -> AsyncIterator[DicomwebServer]:
-    async def no_link(headers: Any) -> Any:
-        raise OSError("no link")
-
-    srv = DicomwebServer(DicomwebConfig(Address("127.0.0.1", 0)), no_link)
-    source = ScriptedSource()
-    srv.service.source = source  # type: ignore[assignment]
-    srv.service.retriever.source = source  # type: ignore[assignment]
-    await srv.start()
-    try:
+    async with scripted() as (srv, _):
         yield srv
-    finally:
-        await srv.stop()
 
 
 def frame_url(srv: DicomwebServer, number: int = 1) -> str:

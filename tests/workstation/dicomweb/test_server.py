@@ -5,6 +5,7 @@ single-flight retrieval, the holding bound, and STOW's response document."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -123,15 +124,16 @@ class ScriptedSource:
         return FinalResponse(self.store_status)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
-    config = DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * 1024 * 1024,
-                            hold_size=4 * 1024 * 1024, headers_first=True)  # fmt: skip
+@contextlib.asynccontextmanager
+async def scripted(
+    config: DicomwebConfig | None = None,
+) -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    """A started DicomwebServer whose DICOM side is a ScriptedSource (no relay link)."""
 
     async def no_link(headers: Any) -> Any:
         raise OSError("no link")
 
-    srv = DicomwebServer(config, no_link)
+    srv = DicomwebServer(config or DicomwebConfig(Address("127.0.0.1", 0)), no_link)
     source = ScriptedSource()
     srv.service.source = source  # type: ignore[assignment]
     srv.service.retriever.source = source  # type: ignore[assignment]
@@ -140,6 +142,14 @@ async def server() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
         yield srv, source
     finally:
         await srv.stop()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    config = DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * 1024 * 1024,
+                            hold_size=4 * 1024 * 1024, headers_first=True)  # fmt: skip
+    async with scripted(config) as both:
+        yield both
 
 
 async def get(url: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:

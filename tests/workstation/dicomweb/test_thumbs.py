@@ -5,18 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from relay.dicom import rawds
-from relay.ops.config import Address
 from relay.workstation.dicomweb import render
 from relay.workstation.dicomweb.retrieve import HeldInstance
 from relay.workstation.dicomweb.server import DicomwebServer
-from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.thumbs import DEFAULT_THUMBNAIL, middle_frame
-from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
 
 
 @dataclass
@@ -68,18 +65,8 @@ def _expected(size: tuple[int, int] | None) -> bytes:
 
 @pytest.fixture
 async def web() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
-    async def no_link(headers: Any) -> Any:
-        raise OSError("no link")
-
-    srv = DicomwebServer(DicomwebConfig(Address("127.0.0.1", 0)), no_link)
-    source = ScriptedSource()
-    srv.service.source = source  # type: ignore[assignment]
-    srv.service.retriever.source = source  # type: ignore[assignment]
-    await srv.start()
-    try:
-        yield srv, source
-    finally:
-        await srv.stop()
+    async with scripted() as both:
+        yield both
 
 
 async def test_series_and_study_rendered_and_thumbnails(
