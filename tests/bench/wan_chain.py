@@ -36,6 +36,7 @@ from tests.bench.procs import (
 )
 from tests.bench.targets import SITE, BenchPki, Gateway, start_gateway
 from tests.bench.wan_net import Profile, start_proxy
+from tests.interop.harness.tools import tool_path
 
 ENV: Final = {"TCP_NODELAY": "1"}
 PACS_AE: Final = "RELAYPACS"
@@ -217,7 +218,7 @@ def echo_until_ok(port: int, ae: str, timeout: float) -> None:
 
 
 def _tool_env() -> dict[str, str]:
-    return {**os.environ, **ENV}
+    return {**os.environ, "PATH": tool_path(), **ENV}  # DCMTK's tools, not pynetdicom's
 
 
 def image_find_seconds(port: int, study_uid: str, tries: int = 3) -> float:
@@ -276,7 +277,7 @@ def retrieve(
     timeout: float,
 ) -> Retrieval:
     """getscu the study from HOST:port (AE `ae`) into `out_dir` (emptied afterwards)."""
-    if shutil.which("getscu") is None:
+    if shutil.which("getscu", path=tool_path()) is None:
         raise BenchError("getscu is not installed (Debian package dcmtk)")
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)

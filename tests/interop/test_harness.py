@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from .harness import dcmtk
 from .harness.netns import NetNS, list_namespaces, sweep_stale
 from .harness.orthanc import Orthanc
 from .harness.samples import SampleSeries, fingerprint
-from .harness.tools import HarnessError, require_root, require_tools
+from .harness.tools import HarnessError, require_root, require_tools, tool_env, tool_path
 
 interop = pytest.mark.interop
 
@@ -33,6 +35,24 @@ def test_require_tools_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(pytest.fail.Exception, match="DCMTK not installed: apt-get install dcmtk"):
         require_tools("findscu")
+
+
+def test_tools_are_never_the_virtualenvs_pynetdicom_scripts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pynetdicom installs `echoscu`, `getscu`... beside our Python; an activated venv puts
+    them first on PATH, and the interop tests would then talk to pynetdicom, not DCMTK."""
+    venv, system = tmp_path / "venv", tmp_path / "system"
+    for place in (venv / "bin", system):
+        place.mkdir(parents=True)
+        (place / "echoscu").write_text("#!/bin/sh\n")
+        (place / "echoscu").chmod(0o755)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(venv / "bin"), str(system)]))
+    assert tool_path() == str(system)
+    assert tool_env()["PATH"] == str(system)
+    assert shutil.which("echoscu", path=tool_path()) == str(system / "echoscu")
 
 
 def test_require_root(monkeypatch: pytest.MonkeyPatch) -> None:

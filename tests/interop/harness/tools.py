@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -57,9 +58,18 @@ def unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def tool_path() -> str:
+    """PATH without this virtualenv's scripts: pynetdicom installs its own `echoscu`,
+    `getscu`, ... there, and an activated venv would run them instead of DCMTK's."""
+    scripts = Path(sys.prefix) / ("Scripts" if os.name == "nt" else "bin")
+    own = sys.prefix != sys.base_prefix
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if not (own and Path(d) == scripts))
+
+
 def require_tools(*names: str) -> None:
-    """Skip (fail in CI) unless every named executable is on PATH."""
-    missing = [name for name in names if shutil.which(name) is None]
+    """Skip (fail in CI) unless every named executable is on PATH (`tool_path`)."""
+    missing = [name for name in names if shutil.which(name, path=tool_path()) is None]
     if missing:
         hints = sorted({INSTALL_HINTS.get(name, f"{name} not installed") for name in missing})
         unavailable("; ".join(hints) + f" (missing: {', '.join(missing)})")
@@ -73,8 +83,10 @@ def require_root() -> None:
 
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a third-party program: ours, plus TCP_NODELAY=1, plus ``extra``."""
+    """The environment for a third-party program: ours with `tool_path()`, plus
+    TCP_NODELAY=1, plus ``extra``."""
     env = dict(os.environ)
+    env["PATH"] = tool_path()
     env.update(NODELAY_ENV)
     if extra:
         env.update(extra)
