@@ -52,6 +52,7 @@ from relay.dicom.survey import StorageMemory, Survey
 log = logging.getLogger(__name__)
 
 _PENDING: Final = (0xFF00, 0xFF01)
+FIRST_CONTEXTS: Final = 64  # storage contexts of a C-GET once the PACS's studies are known
 
 
 class PacsOperation:
@@ -394,11 +395,20 @@ class PacsOperation:
 
     def _remembered(self, used: int) -> list[Any]:
         """Storage contexts for a C-GET that starts before its survey: what this PACS's
-        recent studies held first, then the common classes and syntaxes."""
+        recent studies held first, then the common classes and syntaxes.
+
+        Once those studies are known, at most FIRST_CONTEXTS: each proposed context costs
+        association time at both ends (127 took 40-60 ms against a pynetdicom PACS, before
+        the first instance), and a study that needs one not proposed is retrieved again
+        with its own (`_retrieve`)."""
         memory = self.memory
-        classes = [*memory.classes(), *contexts.COMMON_STORAGE] if memory else []
+        known = memory.classes() if memory else []
+        classes = [*known, *contexts.COMMON_STORAGE] if known else []
         syntaxes = memory.syntaxes() if memory else []
-        return contexts.storage_proposals(classes, syntaxes, budget=contexts.MAX_CONTEXTS - used)
+        budget = contexts.MAX_CONTEXTS - used
+        if known:
+            budget = min(budget, FIRST_CONTEXTS)
+        return contexts.storage_proposals(classes, syntaxes, budget=budget)
 
     def _get(
         self, base: list[Any], model: str, identifier: Dataset, storage: list[Any]

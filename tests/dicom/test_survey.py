@@ -15,6 +15,7 @@ from relay.dicom import rawds, survey
 from relay.dicom.agent import DicomAgent
 from relay.dicom.codec import FinalResponse, Instance, Pending
 from relay.dicom.contexts import COMMON_STORAGE
+from relay.dicom.pacs_ops import FIRST_CONTEXTS
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.survey import StorageMemory, Survey, uncovered
@@ -165,3 +166,19 @@ async def test_a_headers_only_retrieve_surveys_when_its_contexts_missed(
     )
     assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == 4
     assert pacs.events.finds > 0 and pacs.events.gets == 2
+
+
+async def test_once_the_pacs_is_known_the_first_c_get_proposes_fewer_contexts(
+    pacs: EmbeddedPacs,
+) -> None:
+    """Every proposed context costs association time before the first instance: the
+    first retrieve from a PACS proposes broadly, later ones what it held and a few more."""
+    memory = StorageMemory()
+    await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
+    first = max(pacs.events.proposed)
+    assert first > FIRST_CONTEXTS + 2  # nothing known yet: the common classes, broadly
+    del pacs.events.proposed[:]
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
+    assert len([m for m in msgs if isinstance(m, Instance)]) == 4
+    assert max(pacs.events.proposed) <= FIRST_CONTEXTS + 2  # + the Q/R models
+    assert pacs.events.gets == 3  # still one C-GET: what it held was proposed first
