@@ -58,7 +58,7 @@ HEADER_PRIORITY: Final = "priority"
 """The stream's priority, RFC 9218 syntax (`u=6`, `u=3, i=?0`): urgency 0-7 (lower is
 sent first, default 3) and incremental (default true here). relay/proto/priority.py."""
 HEADER_DICOM_PIXELS: Final = "dicom-pixels"
-"""The pixel codecs a workstation decodes (comma-separated, e.g. `jpegls,htj2k`); without
+"""The pixel codecs a workstation decodes (comma-separated, e.g. `jpegls,htj2k,jpegxl`); without
 it the agent never sends an instance with encoded pixels (relay/dicom/PROTOCOL-DICOM.md)."""
 HEADER_DICOM_CONTENT: Final = "dicom-content"
 """What a `dicom` retrieve stream carries of each instance; absent: everything."""

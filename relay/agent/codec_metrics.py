@@ -1,7 +1,7 @@
 """`relay_pixel_codec_*`: what the agent sent in each transport codec (issue 14).
 
 Read at scrape time from the DICOM agent's `RateBook` (relay.dicom never imports
-prometheus_client). The codec label is one of a fixed few: zstd, jpegls, htj2k.
+prometheus_client). The codec label is one of a fixed few: zstd, jpegls, htj2k, jpegxl.
 """
 
 from __future__ import annotations

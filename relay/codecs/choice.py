@@ -2,9 +2,11 @@
 
 Per raw byte, a pipeline of `w` encoder threads feeding a link costs
 max(1 / (w x encode rate), 1 / (ratio x link rate), 1 / decode rate): the slowest of the
-agent's CPU, the wire and the workstation's (single-threaded) decoding. `choose` takes the
-option with the least cost; plain zstd wins ties, so a codec is only picked when it is
-faster, and then the fewest workers that keep the CPU from being the bottleneck.
+agent's CPU, the wire and the workstation's (single-threaded) decoding. `contenders`
+ranks the options by that cost; plain zstd wins ties, so a codec is only a contender when
+it is faster, and `plan` gives the fewest workers that keep the CPU from being the
+bottleneck. The model cannot see CPU the two ends share or other load, so `trial` tries
+the top contenders and zstd in turn and keeps what measured fastest end to end.
 Encode rates include the agent's verification (a decode and a compare).
 
 `Rates` holds the agent's estimates: exponentially weighted averages of what it measures
@@ -24,9 +26,10 @@ ZSTD: Final = "zstd"
 
 # Priors (one core of the development machine, synthetic 512x512 CT, 16-bit): ratio and
 # raw bytes per CPU second, encode (with verification, for the image codecs) and decode.
-PRIOR_RATIO: Final = {ZSTD: 2.5, "jpegls": 3.3, "htj2k": 2.9}
-PRIOR_ENCODE: Final = {ZSTD: 150e6, "jpegls": 55e6, "htj2k": 100e6}
-PRIOR_DECODE: Final = {ZSTD: 800e6, "jpegls": 120e6, "htj2k": 280e6}
+PRIOR_RATIO: Final = {ZSTD: 2.5, "jpegls": 3.3, "htj2k": 2.9, "jpegxl": 3.07}
+PRIOR_ENCODE: Final = {ZSTD: 150e6, "jpegls": 55e6, "htj2k": 100e6, "jpegxl": 110e6}
+PRIOR_DECODE: Final = {ZSTD: 800e6, "jpegls": 120e6, "htj2k": 280e6, "jpegxl": 215e6}
+MAX_CONTENDERS: Final = 2  # image codecs tried against zstd on one stream
 _WEIGHT: Final = 0.3  # of a new measurement in the running average
 
 
@@ -73,35 +76,50 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     if offered and rates.link is None:
         best = max(offered, key=lambda c: rates.ratio.get(c, 1.0))
         return Choice(best, max_workers)
-    candidates = [ZSTD, *offered]
-    scored = [(cost(rates, c, max_workers), i, c) for i, c in enumerate(candidates)]
-    best_cost, _, best = min(scored)
-    if cost(rates, ZSTD, max_workers) <= best_cost * 1.02:  # zstd unless clearly beaten
-        best, best_cost = ZSTD, cost(rates, ZSTD, max_workers)
-    # The fewest workers that keep the CPU from being the bottleneck (zstd too: on a fast
-    # link it is what the agent's CPU spends its time on).
-    workers = next(w for w in range(1, max_workers + 1)
-                   if cost(rates, best, w) <= best_cost * 1.02)  # fmt: skip
-    return Choice(best, workers)
+    ranked = contenders(rates, offered, max_workers, limit=len(offered))
+    return plan(rates, ranked[0], max_workers)
 
 
-def trial(model: str, measured: Mapping[str, float], phase: int, recheck: int = 5) -> str:
-    """The codec for the next phase of instances: the model's pick, checked against zstd.
+def plan(rates: Rates, codec: str, max_workers: int) -> Choice:
+    """`codec` with the fewest workers that keep the CPU from being its bottleneck (zstd
+    too: on a fast link it is what the agent's CPU spends its time on)."""
+    max_workers = max(1, max_workers)
+    best = cost(rates, codec, max_workers)
+    workers = next(w for w in range(1, max_workers + 1) if cost(rates, codec, w) <= best * 1.02)
+    return Choice(codec, workers)
 
-    `measured`: raw bytes per second each codec delivered end to end in earlier phases
-    (encoder, link and the workstation included: a workstation short of CPU slows the
-    stream as a slow link would, and only a measurement tells them apart). An image codec
-    the model picks is tried, then zstd, then the faster of the two is kept, with the
-    other tried again every `recheck`-th phase (conditions change).
+
+def contenders(
+    rates: Rates, offered: tuple[str, ...], max_workers: int, limit: int = MAX_CONTENDERS
+) -> list[str]:
+    """The image codecs the model expects to beat zstd, cheapest first (at most `limit`),
+    then ZSTD; only ZSTD when none is clearly (2%) cheaper."""
+    zstd = cost(rates, ZSTD, max(1, max_workers))
+    scored = sorted((cost(rates, c, max(1, max_workers)), i, c) for i, c in enumerate(offered))
+    better = [c for score, _, c in scored if score * 1.02 < zstd]
+    return [*better[:limit], ZSTD]
+
+
+def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck: int = 5) -> str:
+    """The codec for the next phase of instances: the model's contenders, checked in use.
+
+    `ranked`: `contenders()`, the model's order, ZSTD last. `measured`: raw bytes per
+    second each codec delivered end to end in earlier phases (encoder, link and the
+    workstation included: a workstation short of CPU slows the stream as a slow link
+    would, and only a measurement tells them apart; so does a machine whose CPU the two
+    ends share). Each contender is tried once in order, then the fastest measured is
+    kept, with every `recheck`-th phase given to the others in turn (conditions change).
     """
-    if model == ZSTD:
+    if ranked == [ZSTD]:
         return ZSTD
-    if model not in measured:
-        return model
-    if ZSTD not in measured:
-        return ZSTD
-    best, other = (model, ZSTD) if measured[model] > measured[ZSTD] else (ZSTD, model)
-    return other if phase % recheck == recheck - 1 else best
+    for codec in ranked:
+        if codec not in measured:
+            return codec
+    by_speed = sorted(ranked, key=lambda c: -measured[c])
+    if phase % recheck == recheck - 1:
+        others = by_speed[1:]
+        return others[(phase // recheck) % len(others)]
+    return by_speed[0]
 
 
 def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:

@@ -179,11 +179,13 @@ class StreamEncoder:
             return
         self.model = ch.choose(self.rates, self.offered, self.workers)
         if self._phase_writes == 0:  # a new phase: which codec it tries
-            self.phase_codec = ch.trial(self.model.codec, self.measured, self.phase)
+            ranked = ch.contenders(self.rates, self.offered, self.workers)
+            ranked = [self.model.codec, *(c for c in ranked if c != self.model.codec)]
+            self.phase_codec = ch.trial(ranked, self.measured, self.phase)
         if self.phase_codec == self.model.codec:
             self.choice = self.model
         else:
-            self.choice = ch.choose(self.rates, (), self.workers)  # zstd, and its workers
+            self.choice = ch.plan(self.rates, self.phase_codec, self.workers)
 
 
 def offered_codecs(header: str | None, allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -22,8 +22,8 @@ __all__ = [
 ]
 
 Retrieve = Literal["get", "move"]
-PixelCodecs = Literal["auto", "off", "jpegls", "htj2k"]
-PIXEL_CODEC_CHOICES: Final[tuple[PixelCodecs, ...]] = ("auto", "off", "jpegls", "htj2k")
+PixelCodecs = Literal["auto", "off", "jpegls", "htj2k", "jpegxl"]
+PIXEL_CODEC_CHOICES: Final[tuple[PixelCodecs, ...]] = ("auto", "off", "jpegls", "htj2k", "jpegxl")
 MAX_CODEC_WORKERS: Final = 16
 RETRIEVE_CHOICES: Final[tuple[Retrieve, ...]] = ("get", "move")
 
@@ -58,7 +58,7 @@ class PacsTarget:
     stall_timeout: float = 120.0
     survey: bool = True
     # Transport codecs for native pixel data (docs/internals/codecs.md): "auto" lets the
-    # agent choose per instance between zstd, JPEG-LS and HTJ2K by measured rates; "off"
+    # agent choose per instance between zstd, JPEG-LS, HTJ2K and JPEG XL by measured rates; "off"
     # is zstd only; a codec name sends every instance it can take in that codec, whatever
     # the link (the fewest bytes; and what the tests use to force a codec).
     pixel_codecs: PixelCodecs = "auto"
@@ -69,7 +69,7 @@ class PacsTarget:
         if self.pixel_codecs == "off":
             return ()
         if self.pixel_codecs == "auto":
-            return ("jpegls", "htj2k")
+            return ("jpegls", "htj2k", "jpegxl")
         return (self.pixel_codecs,)
 
     def __post_init__(self) -> None:
@@ -78,7 +78,7 @@ class PacsTarget:
         if not 0 < self.timeout <= MAX_PACS_TIMEOUT:
             raise FieldError("timeout", f"expected a duration above 0s to 1h, got {self.timeout}")
         if self.pixel_codecs not in PIXEL_CODEC_CHOICES:
-            raise FieldError("pixel_codecs", f"expected auto, off, jpegls or htj2k, got "
+            raise FieldError("pixel_codecs", f"expected auto, off, jpegls, htj2k or jpegxl, got "
                              f"{self.pixel_codecs!r}")  # fmt: skip
         if not 1 <= self.codec_workers <= MAX_CODEC_WORKERS:
             raise FieldError("codec_workers", f"expected 1 to {MAX_CODEC_WORKERS}")

@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT)
     parser.add_argument("--limits", default="", help="YAML flow mapping for limits:")
     parser.add_argument("--compression-level", type=int, default=3)
-    parser.add_argument("--pixel-codecs", default="auto", help="auto, off, jpegls or htj2k")
+    parser.add_argument("--pixel-codecs", default="auto", help="auto, off, jpegls, htj2k or jpegxl")
     parser.add_argument("--write", action="store_true", help=f"write the section into {DOC}")
     args = parser.parse_args(argv)
     chosen = [p for p in every if p.name in args.profiles.split(",")]

@@ -11,6 +11,7 @@ from relay.codecs.choice import (
     Choice,
     Rates,
     choose,
+    contenders,
     cost,
     observe_encode,
     observe_link,
@@ -18,6 +19,7 @@ from relay.codecs.choice import (
 )
 
 BOTH = ("jpegls", "htj2k")
+ALL = ("jpegls", "htj2k", "jpegxl")
 MBIT = 1e6 / 8
 
 
@@ -101,7 +103,7 @@ rates_st = s.builds(
 )
 
 
-@given(rates_st, s.sampled_from([(), ("jpegls",), ("htj2k",), BOTH]), s.integers(1, 16))
+@given(rates_st, s.sampled_from([(), ("jpegls",), ("htj2k",), BOTH, ALL]), s.integers(1, 16))
 def test_never_slower_than_zstd_and_never_more_workers_than_allowed(
     rates: Rates, offered: tuple[str, ...], max_workers: int
 ) -> None:
@@ -115,14 +117,37 @@ def test_never_slower_than_zstd_and_never_more_workers_than_allowed(
 
 
 def test_trial_checks_an_image_codec_against_zstd_then_keeps_the_faster() -> None:
-    assert trial(ZSTD, {}, 0) == ZSTD  # the model says zstd: nothing to try
-    assert trial("jpegls", {}, 0) == "jpegls"  # first the model's pick
-    assert trial("jpegls", {"jpegls": 30e6}, 1) == ZSTD  # then zstd, to compare
+    assert trial([ZSTD], {}, 0) == ZSTD  # the model says zstd: nothing to try
+    assert trial(["jpegls", ZSTD], {}, 0) == "jpegls"  # first the model's pick
+    assert trial(["jpegls", ZSTD], {"jpegls": 30e6}, 1) == ZSTD  # then zstd, to compare
     # A slow link: the codec delivers more raw bytes per second; kept, zstd rechecked.
     fast_codec = {"jpegls": 40e6, ZSTD: 30e6}
-    assert [trial("jpegls", fast_codec, p) for p in range(2, 7)] == [
+    assert [trial(["jpegls", ZSTD], fast_codec, p) for p in range(2, 7)] == [
         "jpegls", "jpegls", ZSTD, "jpegls", "jpegls"]  # fmt: skip
     # A busy workstation (or agent): the codec slows the stream; zstd is kept.
     slow_codec = {"jpegls": 20e6, ZSTD: 30e6}
-    assert [trial("jpegls", slow_codec, p) for p in range(2, 7)] == [
+    assert [trial(["jpegls", ZSTD], slow_codec, p) for p in range(2, 7)] == [
         ZSTD, ZSTD, "jpegls", ZSTD, ZSTD]  # fmt: skip
+
+
+def test_trial_tries_each_contender_once_then_rechecks_the_others_in_turn() -> None:
+    ranked = ["jpegls", "jpegxl", ZSTD]
+    assert trial(ranked, {}, 0) == "jpegls"
+    assert trial(ranked, {"jpegls": 30e6}, 1) == "jpegxl"
+    assert trial(ranked, {"jpegls": 30e6, "jpegxl": 35e6}, 2) == ZSTD
+    # The model's favourite was CPU-bound here (both ends share the CPU): the second wins.
+    measured = {"jpegls": 30e6, "jpegxl": 35e6, ZSTD: 32e6}
+    picks = [trial(ranked, measured, p) for p in range(3, 15)]
+    assert picks.count("jpegxl") == 9
+    # Phases 4, 9 and 14 recheck the others in turn, the faster of them first.
+    assert (picks[1], picks[6], picks[11]) == (ZSTD, "jpegls", ZSTD)
+
+
+def test_contenders_are_the_codecs_expected_to_beat_zstd_cheapest_first() -> None:
+    # 100 Mbit/s: every image codec beats zstd on the wire; the two cheapest contend.
+    assert contenders(Rates(link=100 * MBIT), ALL, 2) == ["jpegls", "jpegxl", ZSTD]
+    assert contenders(Rates(link=100 * MBIT), ALL, 2, limit=3) == [
+        "jpegls", "jpegxl", "htj2k", ZSTD]  # fmt: skip
+    # 1 Gbit/s: the image codecs cost more CPU than the wire time they save.
+    assert contenders(Rates(link=1000 * MBIT), ALL, 2) == [ZSTD]
+    assert contenders(Rates(link=100 * MBIT), (), 2) == [ZSTD]

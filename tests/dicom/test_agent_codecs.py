@@ -69,9 +69,9 @@ async def test_a_workstation_that_announces_no_codecs_gets_the_old_framing(
     assert not any(f & FLAG_PIXELS for f in flags)
 
 
-@pytest.mark.parametrize("codec", ["jpegls", "htj2k"])
+@pytest.mark.parametrize("codec", ["jpegls", "htj2k", "jpegxl"])
 async def test_an_announced_codec_carries_every_instance(pacs: EmbeddedPacs, codec: str) -> None:
-    flags = await get_study(pacs, {HEADER_DICOM_PIXELS: "jpegls,htj2k"}, pixel_codecs=codec)
+    flags = await get_study(pacs, {HEADER_DICOM_PIXELS: "jpegls,htj2k,jpegxl"}, pixel_codecs=codec)
     assert flags == [FLAG_PIXELS] * len(CT)
 
 

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from relay.codecs import CODECS
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import VERSION, DicomLimits
@@ -62,7 +63,7 @@ async def test_echo_goes_to_the_pacs(chain: Chain, pacs: EmbeddedPacs) -> None:
     assert pacs.events.echoes == 1
     # ... and the pixel codecs this workstation decodes (all of them: imagecodecs is there).
     assert chain.headers == [
-        {"target": "dicom", "dicom-version": str(VERSION), "dicom-pixels": "jpegls,htj2k"}
+        {"target": "dicom", "dicom-version": str(VERSION), "dicom-pixels": ",".join(CODECS)}
     ]
 
 

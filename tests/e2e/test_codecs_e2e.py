@@ -2,7 +2,7 @@
 
 The chain of tests/e2e/test_dicom_e2e.py (real processes, real TLS on loopback, the
 embedded PACS in its own process) with the agent told to send pixels in one codec
-(`pixel_codecs: jpegls` / `htj2k`: every instance that round-trips, whatever the link).
+(`pixel_codecs: jpegls` / `htj2k` / `jpegxl`: every instance that round-trips, whatever the link).
 getscu through the relay must write exactly the PACS's bytes; instances whose pixels
 cannot round-trip (bits above BitsStored) go as zstd and arrive identical as well.
 """
@@ -39,7 +39,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsProcess]:
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["jpegls", "htj2k"])
+@pytest.fixture(scope="module", params=["jpegls", "htj2k", "jpegxl"])
 def chain(
     request: pytest.FixtureRequest, pacs: PacsProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DicomChain]:

@@ -161,7 +161,7 @@ def test_getscu_of_a_dcmtk_written_series(
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
 
 
-@pytest.fixture(scope="module", params=["jpegls", "htj2k"])
+@pytest.fixture(scope="module", params=["jpegls", "htj2k", "jpegxl"])
 def codec_chain(
     request: pytest.FixtureRequest,
     orthanc_module: Orthanc,
