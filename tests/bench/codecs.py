@@ -117,8 +117,9 @@ def run(ct_count: int = 20) -> Section:
         "encode includes the agent's verification (a decode and a compare) and the framing.",
         "The synthetic studies are a phantom with Gaussian noise: they compress about as "
         "real CT does with zstd (2.5x) but real images differ; pydicom's files are real "
-        "(small) images. JPEG-LS has the best ratio everywhere, HTJ2K is close at about "
-        "twice the speed; both well above zstd on the pixel data.",
+        "(small) images. JPEG-LS has the best ratio on the phantom, HTJ2K is close at about "
+        "twice the speed, JPEG XL (lossless, effort 1) between the two at HTJ2K's speed; "
+        "all well above zstd on the pixel data.",
         "Decode decides the workstation's single-thread ceiling: that, the agent's encode "
         "rate times `codec_workers` and the link's rate times the ratio are the inputs of "
         "relay/codecs/choice.py.",
