@@ -20,6 +20,7 @@ from relay.codecs.pixels import (
     decode,
     encode,
     find_pixels,
+    supports,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "decode",
     "encode",
     "find_pixels",
+    "supports",
 ]
