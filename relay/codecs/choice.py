@@ -100,7 +100,7 @@ def contenders(
     return [*better[:limit], ZSTD]
 
 
-def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck: int = 5) -> str:
+def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck: int = 8) -> str:
     """The codec for the next phase of instances: the model's contenders, checked in use.
 
     `ranked`: `contenders()`, the model's order, ZSTD last. `measured`: raw bytes per
@@ -108,18 +108,19 @@ def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck:
     workstation included: a workstation short of CPU slows the stream as a slow link
     would, and only a measurement tells them apart; so does a machine whose CPU the two
     ends share). Each contender is tried once in order, then the fastest measured is
-    kept, with every `recheck`-th phase given to the others in turn (conditions change).
+    kept, with every `recheck`-th phase given to the other contenders in turn (conditions
+    change). A codec measured earlier stays eligible when the model drops it (its link
+    estimate moves while the stream's windows fill), but is not tried again.
     """
-    if ranked == [ZSTD]:
-        return ZSTD
     for codec in ranked:
         if codec not in measured:
             return codec
-    by_speed = sorted(ranked, key=lambda c: -measured[c])
-    if phase % recheck == recheck - 1:
-        others = by_speed[1:]
+    known = [*ranked, *(c for c in measured if c not in ranked)]
+    best = max(known, key=lambda c: measured[c])
+    others = sorted((c for c in ranked if c != best), key=lambda c: -measured[c])
+    if others and phase % recheck == recheck - 1:
         return others[(phase // recheck) % len(others)]
-    return by_speed[0]
+    return best
 
 
 def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:

@@ -121,6 +121,9 @@ class StreamEncoder:
         self._phase_writes = 0
         self._phase_raw = 0
         self._phase_start = 0.0
+        # The stream's first phase is not measured: its writes fill empty windows, which
+        # flatters whichever codec goes first.
+        self._warming = True
 
     def encode(self, msg: Message) -> Encoded:
         chosen = self.choice.codec
@@ -165,11 +168,14 @@ class StreamEncoder:
             self._phase_raw += raw
         if self._phase_writes < PHASE_SKIP + PHASE_MEASURE:
             return
+        self._phase_writes = 0
+        if self._warming:
+            self._warming = False
+            return
         rate = self._phase_raw / max(now - self._phase_start, 1e-6)
         old = self.measured.get(self.phase_codec)
         self.measured[self.phase_codec] = rate if old is None else 0.5 * (old + rate)
         self.phase += 1
-        self._phase_writes = 0
 
     def finish(self) -> None:
         self.book.keep(self.rates)

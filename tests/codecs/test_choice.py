@@ -122,11 +122,11 @@ def test_trial_checks_an_image_codec_against_zstd_then_keeps_the_faster() -> Non
     assert trial(["jpegls", ZSTD], {"jpegls": 30e6}, 1) == ZSTD  # then zstd, to compare
     # A slow link: the codec delivers more raw bytes per second; kept, zstd rechecked.
     fast_codec = {"jpegls": 40e6, ZSTD: 30e6}
-    assert [trial(["jpegls", ZSTD], fast_codec, p) for p in range(2, 7)] == [
+    assert [trial(["jpegls", ZSTD], fast_codec, p, recheck=5) for p in range(2, 7)] == [
         "jpegls", "jpegls", ZSTD, "jpegls", "jpegls"]  # fmt: skip
     # A busy workstation (or agent): the codec slows the stream; zstd is kept.
     slow_codec = {"jpegls": 20e6, ZSTD: 30e6}
-    assert [trial(["jpegls", ZSTD], slow_codec, p) for p in range(2, 7)] == [
+    assert [trial(["jpegls", ZSTD], slow_codec, p, recheck=5) for p in range(2, 7)] == [
         ZSTD, ZSTD, "jpegls", ZSTD, ZSTD]  # fmt: skip
 
 
@@ -137,10 +137,23 @@ def test_trial_tries_each_contender_once_then_rechecks_the_others_in_turn() -> N
     assert trial(ranked, {"jpegls": 30e6, "jpegxl": 35e6}, 2) == ZSTD
     # The model's favourite was CPU-bound here (both ends share the CPU): the second wins.
     measured = {"jpegls": 30e6, "jpegxl": 35e6, ZSTD: 32e6}
-    picks = [trial(ranked, measured, p) for p in range(3, 15)]
+    picks = [trial(ranked, measured, p, recheck=5) for p in range(3, 15)]
     assert picks.count("jpegxl") == 9
     # Phases 4, 9 and 14 recheck the others in turn, the faster of them first.
     assert (picks[1], picks[6], picks[11]) == (ZSTD, "jpegls", ZSTD)
+    # By default one phase in 8 rechecks.
+    assert [trial(ranked, measured, p) for p in range(3, 19)].count("jpegxl") == 14
+
+
+def test_trial_keeps_a_measured_codec_the_model_has_since_dropped() -> None:
+    # The model's link estimate moved (say, while the stream's windows filled) and it now
+    # expects nothing to beat zstd; the measurements say JPEG XL delivers more: kept, and
+    # only zstd (the model's one contender) is rechecked.
+    measured = {"jpegls": 30e6, "jpegxl": 35e6, ZSTD: 32e6}
+    picks = [trial([ZSTD], measured, p) for p in range(0, 16)]
+    assert set(picks) == {"jpegxl", ZSTD} and picks.count(ZSTD) == 2
+    assert trial([ZSTD], {ZSTD: 32e6}, 7) == ZSTD  # nothing else known: nothing to recheck
+    assert trial([ZSTD], {}, 0) == ZSTD
 
 
 def test_contenders_are_the_codecs_expected_to_beat_zstd_cheapest_first() -> None:
