@@ -44,6 +44,7 @@ from tests.bench.wan_chain import (
     Hospital,
     Knobs,
     Retrieval,
+    Tally,
     image_find_seconds,
     retrieve,
     start_hospital,
@@ -352,6 +353,23 @@ def _cpu_note(res: ProfileResult) -> str:
     )
 
 
+def _codec_note(res: ProfileResult) -> str:
+    """Which transport codecs the agent used in each relay run, and their ratios."""
+    runs = [r.codecs for r in res.runs["relay"] if r.codecs]
+    if not runs:
+        return ""
+
+    def one(codecs: dict[str, Tally]) -> str:
+        return ", ".join(
+            f"{c} {t.instances} ({t.raw / t.wire:.2f}x)" for c, t in codecs.items() if t.wire
+        )
+
+    return (
+        f"Transport codecs at {res.profile.label}, instances (ratio) per relay run "
+        f"(`relay_pixel_codec_*`): {'; '.join(one(c) for c in runs)}."
+    )
+
+
 def _analysis(
     results: Sequence[ProfileResult], knobs: Knobs, zstd: tuple[float, float], find: float
 ) -> list[str]:
@@ -488,6 +506,7 @@ def section(
             f"{_s([r.other_load for r in res.runs['relay']])} cores."
         )
     notes += [_cpu_note(res) for res in results]
+    notes += [n for res in results if (n := _codec_note(res))]
     notes += _analysis(results, knobs, zstd, find)
     notes += FINDINGS
     return Section(

@@ -240,6 +240,33 @@ def image_find_seconds(port: int, study_uid: str, tries: int = 3) -> float:
     return best
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What the agent sent in one transport codec during a retrieval."""
+
+    instances: int
+    raw: float
+    wire: float
+
+
+_CODEC_SAMPLE: Final = re.compile(
+    r'relay_pixel_codec_(instances|raw_bytes|wire_bytes)_total\{codec="(\w+)"\}'
+)
+
+
+def codec_tallies(before: dict[str, float], after: dict[str, float]) -> dict[str, Tally]:
+    """The agent's `relay_pixel_codec_*` counters over a retrieval, by codec."""
+    got: dict[str, dict[str, float]] = {}
+    for key, value in after.items():
+        if m := _CODEC_SAMPLE.fullmatch(key):
+            got.setdefault(m[2], {})[m[1]] = value - before.get(key, 0.0)
+    return {
+        codec: Tally(int(v.get("instances", 0)), v.get("raw_bytes", 0.0), v.get("wire_bytes", 0.0))
+        for codec, v in sorted(got.items())
+        if v.get("instances", 0) > 0
+    }
+
+
 @dataclass
 class Retrieval:
     """One getscu run: when instances completed (seconds after the launch), and costs."""
@@ -254,6 +281,7 @@ class Retrieval:
     compressed: float = 0.0  # agent's compressed bytes sent during the run (relay)
     raw: float = 0.0  # ... and their uncompressed size
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process name
+    codecs: dict[str, Tally] = field(default_factory=dict)  # agent's, by transport codec
     other_load: float = 0.0  # cores used by processes outside the benchmark
 
     @property
@@ -333,6 +361,7 @@ def retrieve(
         compressed=after.get(COMPRESSED, 0.0) - before.get(COMPRESSED, 0.0),
         raw=after.get(RAW, 0.0) - before.get(RAW, 0.0),
         cpu=cpu,
+        codecs=codec_tallies(before, after),
         other_load=max(0.0, busy - sum(cpu.values())) / seconds,
     )
     shutil.rmtree(out_dir, ignore_errors=True)
