@@ -110,7 +110,7 @@ def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck:
     ends share). Each contender is tried once in order, then the fastest measured is
     kept, with every `recheck`-th phase given to the other contenders in turn (conditions
     change). A codec measured earlier stays eligible when the model drops it (its link
-    estimate moves while the stream's windows fill), but is not tried again.
+    estimate swings: docs/internals/codecs.md), but is not tried again.
     """
     for codec in ranked:
         if codec not in measured:
