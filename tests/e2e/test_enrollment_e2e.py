@@ -409,8 +409,10 @@ def assert_stopped_revoked(site: Site, ws: str) -> None:
         raise AssertionError(f"{ws} still runs\n{site.logs(ws)}") from None
     assert status == EXIT_REVOKED, site.logs(ws)
     lines = [json.loads(line) for line in proc.output().splitlines() if line.startswith("{")]
-    starts = [i for i, e in enumerate(lines) if e["msg"] == "workstation started"]
-    lines = lines[starts[-1] :]  # this run's (the log file is appended to)
+    # This run's lines: the log file is appended to, and a refusal at the first dial can be
+    # logged before "workstation started", so the run starts after the previous one's end.
+    stops = [i for i, e in enumerate(lines) if e["msg"] == "workstation stopped"]
+    lines = lines[stops[-2] + 1 :] if len(stops) > 1 else lines
     errors = [e for e in lines if e["level"] in ("error", "critical")]
     assert [e["msg"] for e in errors] == [REVOKED_MESSAGE], site.logs(ws)
     after = lines[lines.index(errors[0]) + 1 :]
