@@ -175,7 +175,7 @@ class PacsEvents:
     cancels: int = 0
     instances_sent: int = 0
     store_failures: int = 0
-    proposed: list[int] = field(default_factory=list)  # contexts proposed, per association
+    most_proposed: int = 0  # the most presentation contexts one association proposed
     cancelled: threading.Event = field(default_factory=threading.Event)
     sending: threading.Event = field(default_factory=threading.Event)
 
@@ -281,7 +281,8 @@ class EmbeddedPacs:
 
     def _on_accepted(self, event: Any) -> None:
         self.events.associations += 1
-        self.events.proposed.append(len(event.assoc.requestor.requested_contexts))
+        proposed = len(event.assoc.requestor.requested_contexts)
+        self.events.most_proposed = max(self.events.most_proposed, proposed)
 
     def _on_echo(self, event: Any) -> int:
         self.events.echoes += 1

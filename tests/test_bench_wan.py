@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from relay.agent.codec_metrics import PixelCodecMetrics
 from relay.dicom.encoder import CodecTally
+from tests.bench.procs import samples_of
 from tests.bench.wan_chain import Tally, codec_tallies
 
 
@@ -13,12 +14,7 @@ def _scrape(tallies: dict[str, CodecTally]) -> dict[str, float]:
     """What tests.bench.procs.scrape makes of the agent's exposition of `tallies`."""
     registry = CollectorRegistry()
     registry.register(PixelCodecMetrics(lambda: tallies))
-    samples: dict[str, float] = {}
-    for line in generate_latest(registry).decode().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return samples_of(generate_latest(registry).decode())
 
 
 def test_codec_tallies_are_the_differences_over_the_retrieval() -> None:

@@ -136,7 +136,11 @@ def wait_port(port: int, timeout: float, proc: Process | None = None) -> None:
 def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
     """Prometheus samples from http://HOST:port/metrics, keyed by `name{labels}` text."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=timeout) as resp:
-        body = resp.read(8 << 20).decode()
+        return samples_of(resp.read(8 << 20).decode())
+
+
+def samples_of(body: str) -> dict[str, float]:
+    """Prometheus text exposition as samples keyed by `name{labels}` text."""
     samples: dict[str, float] = {}
     for line in body.splitlines():
         if line and not line.startswith("#"):
