@@ -1,12 +1,17 @@
-"""Where the gateway spends its time under load: py-spy against the real gateway process.
+"""Where a relay process spends its time under load: py-spy against the real process.
 
     python -m tests.bench.profile throughput|handshakes [--seconds 10] [--native]
                                   [--process gateway|sender|sink]
+    python -m tests.bench.profile wan [--seconds 20] [--link 100M-40ms]
+                                  [--pixel-codecs auto]
 
-Starts the same processes as the benchmark, samples the gateway with py-spy (install it
-into the venv by hand: `pip install py-spy`; it is not a project dependency) and prints
-the functions with the most samples, by own time and by inclusive time. The raw
-collapsed stacks are kept next to the process logs for a flame graph.
+Starts the same processes as the benchmark, samples them with py-spy (install it into the
+venv by hand: `pip install py-spy`; it is not a project dependency) and prints the
+functions with the most samples, by own time and by inclusive time. `throughput` and
+`handshakes` sample the gateway (or one end of the throughput load); `wan` samples the
+agent and the workstation together while getscu retrieves the wan benchmark's study
+through the relay again and again over the emulated link. The raw collapsed stacks are
+kept next to the process logs for a flame graph.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import time
 from pathlib import Path
 
 from tests.bench.procs import VENV_BIN, BenchError, Process, ProcessGroup, raise_nofile
-from tests.bench.targets import make_pki, start_gateway
+from tests.bench.targets import BenchPki, make_pki, start_gateway
 from tests.bench.throughput import worker_args
+from tests.bench.wan_chain import NODE_AE, Knobs, retrieve, start_hospital, start_site
+from tests.bench.wan_net import LOOPBACK, PROFILES
+from tests.bench.wan_pacs import DEFAULT_COUNT, study_uid
 from tests.bench.workers import client_hello_bytes
 
 
@@ -78,9 +86,60 @@ def _load(group: ProcessGroup, kind: str, port: int, args: dict[str, object]) ->
         return {}
 
 
+def _spy(
+    group: ProcessGroup, py_spy: str, target: Process, seconds: float, out: Path, *, native: bool
+) -> Process:
+    """py-spy recording `target` for `seconds` into `out` (collapsed stacks)."""
+    cmd = [py_spy, "record", "-p", str(target.pid), "-d", str(int(seconds))]
+    cmd += ["-r", "250", "-f", "raw", "-o", str(out)]
+    # --nonblocking does not pause the process, but cannot read native stacks.
+    cmd.append("--native" if native else "--nonblocking")
+    return group.process(f"py-spy-{target.name}", cmd)
+
+
+def _wait(spies: list[Process], seconds: float) -> None:
+    for spy in spies:
+        try:
+            spy.popen.wait(seconds + 60)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{spy.name} did not finish") from None
+
+
+def _profile_wan(
+    py_spy: str, workdir: Path, bench_pki: BenchPki, args: argparse.Namespace
+) -> dict[str, Path]:
+    """Sample the agent and the workstation while getscu retrieves through the relay."""
+    profile = next(p for p in (*PROFILES, LOOPBACK) if p.name == args.link)
+    knobs = Knobs(pixel_codecs=args.pixel_codecs)
+    outs = {name: workdir / f"wan-{name}.collapsed" for name in ("agent", "workstation")}
+    getscu_dir = workdir / "getscu"
+    with ProcessGroup(workdir) as group:
+        hospital = start_hospital(group, bench_pki, workdir, DEFAULT_COUNT, knobs)
+        site = start_site(
+            group, bench_pki, workdir, hospital=hospital, profile=profile, knobs=knobs
+        )
+        targets = {"agent": hospital.agent, "workstation": site.workstation}
+        spies = [
+            _spy(group, py_spy, targets[name], args.seconds, out, native=args.native)
+            for name, out in outs.items()
+        ]
+        ends = time.monotonic() + args.seconds
+        retrievals = 0
+        while time.monotonic() < ends:
+            got = retrieve(
+                "relay", site.node_port, NODE_AE, study_uid(DEFAULT_COUNT),
+                out_dir=getscu_dir, ours=[], agent_metrics=None, timeout=300.0,
+            )  # fmt: skip
+            retrievals += 1
+            print(f"retrieval {retrievals}: last instance at {got.last:.2f} s", flush=True)
+        _wait(spies, args.seconds)
+    shutil.rmtree(getscu_dir, ignore_errors=True)
+    return outs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.profile")
-    parser.add_argument("kind", choices=["throughput", "handshakes"])
+    parser.add_argument("kind", choices=["throughput", "handshakes", "wan"])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--native", action="store_true", help="include C frames")
     parser.add_argument(
@@ -89,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         default="gateway",
         help="which process to sample (sender and sink: throughput only)",
     )
+    links = [p.name for p in (*PROFILES, LOOPBACK)]
+    parser.add_argument("--link", choices=links, default=PROFILES[0].name, help="wan only")
+    parser.add_argument("--pixel-codecs", default="auto", help="wan only: pacs.pixel_codecs")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if py_spy is None:
@@ -97,28 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="relay-profile-"))
     bench_pki = make_pki(workdir / "pki")
-    out = workdir / f"{args.kind}.collapsed"
-    with ProcessGroup(workdir) as group:
-        gateway = start_gateway(group, bench_pki, workdir)
-        ends = _load(group, args.kind, gateway.port, worker_args(bench_pki, args.seconds + 90))
-        target = gateway.proc if args.process == "gateway" else ends.get(args.process)
-        if target is None:
-            parser.error(f"--process {args.process} needs the throughput load")
-        time.sleep(2.0)
-        cmd = [py_spy, "record", "-p", str(target.pid), "-d", str(int(args.seconds))]
-        cmd += ["-r", "250", "-f", "raw", "-o", str(out)]
-        # --nonblocking does not pause the gateway, but cannot read native stacks.
-        cmd.append("--native" if args.native else "--nonblocking")
-        spy: Process = group.process("py-spy", cmd)
-        try:
-            spy.popen.wait(args.seconds + 60)
-        except subprocess.TimeoutExpired:
-            raise BenchError("py-spy did not finish") from None
-    if not out.exists():
-        print(f"py-spy wrote nothing; see {workdir}/py-spy.log", file=sys.stderr)
+    if args.kind == "wan":
+        outs = _profile_wan(py_spy, workdir, bench_pki, args)
+    else:
+        outs = {args.process: workdir / f"{args.kind}.collapsed"}
+        with ProcessGroup(workdir) as group:
+            gateway = start_gateway(group, bench_pki, workdir)
+            ends = _load(group, args.kind, gateway.port, worker_args(bench_pki, args.seconds + 90))
+            target = gateway.proc if args.process == "gateway" else ends.get(args.process)
+            if target is None:
+                parser.error(f"--process {args.process} needs the throughput load")
+            time.sleep(2.0)
+            spy = _spy(group, py_spy, target, args.seconds, outs[args.process], native=args.native)
+            _wait([spy], args.seconds)
+    missing = [name for name, out in outs.items() if not out.exists()]
+    if missing:
+        print(f"py-spy wrote nothing for {', '.join(missing)}; see {workdir}", file=sys.stderr)
         return 1
-    print(summarize(out))
-    print(f"\ncollapsed stacks: {out}")
+    for name, out in outs.items():
+        print(f"== {name}\n{summarize(out)}\n\ncollapsed stacks: {out}\n")
     return 0
 
 
