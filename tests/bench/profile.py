@@ -2,7 +2,7 @@
 
     python -m tests.bench.profile throughput|handshakes [--seconds 10] [--native]
                                   [--process gateway|sender|sink]
-    python -m tests.bench.profile wan [--seconds 20] [--link 100M-40ms]
+    python -m tests.bench.profile wan [--seconds 10] [--link 100M-40ms]
                                   [--pixel-codecs auto]
 
 Starts the same processes as the benchmark, samples them with py-spy (install it into the
@@ -130,6 +130,8 @@ def _profile_wan(
                 "relay", site.node_port, NODE_AE, study_uid(DEFAULT_COUNT),
                 out_dir=getscu_dir, ours=[], agent_metrics=None, timeout=300.0,
             )  # fmt: skip
+            if got.completed != DEFAULT_COUNT:
+                raise BenchError(f"retrieval {retrievals + 1}: {got.completed} instances")
             retrievals += 1
             print(f"retrieval {retrievals}: last instance at {got.last:.2f} s", flush=True)
         _wait(spies, args.seconds)
