@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Final
 
 from pynetdicom import AE, evt
 
@@ -34,6 +34,8 @@ from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce
 
 log = logging.getLogger(__name__)
+
+MAX_SEEN: Final = 32  # SOP classes (and syntaxes) an intake notes for the agent's memory
 
 
 class Intake:
@@ -62,6 +64,9 @@ class Intake:
         # Sent on, for a second retrieve to pass over; None once more than a retrieve's
         # sub-operations can count (then there is no second retrieve).
         self._delivered: set[str] | None = set()
+        # What came, for the agent's StorageMemory (bounded like it: a few UIDs each).
+        self._classes: dict[str, None] = {}
+        self._syntaxes: dict[str, None] = {}
         self.instances = 0
         self.skipped = 0
         self.malformed = 0
@@ -108,12 +113,23 @@ class Intake:
             self.cancel.set()
             return st.STORE_OUT_OF_RESOURCES
         self.instances += 1
+        if len(self._classes) < MAX_SEEN:
+            self._classes.setdefault(sop_class, None)
+        if len(self._syntaxes) < MAX_SEEN:
+            self._syntaxes.setdefault(ts, None)
         if self._delivered is not None:
             self._delivered.add(sop_instance)
             if len(self._delivered) > MAX_COUNT:
                 self._delivered = None
         self.stats.instance_relayed(len(data))
         return st.SUCCESS
+
+    def seen_classes(self) -> list[str]:
+        """The SOP classes of the instances sent on, first come first (at most MAX_SEEN)."""
+        return list(self._classes)
+
+    def seen_syntaxes(self) -> list[str]:
+        return list(self._syntaxes)
 
     def pass_over_delivered(self) -> bool:
         """From now on, take what was already sent on as done without sending it again

@@ -9,11 +9,14 @@ with a reason.
 
 A retrieve starts at once; the study's survey (relay.dicom.survey: C-FIND down to image
 level, for the viewer's fallback count and the study's SOP classes and syntaxes) runs
-beside it on a second association. A C-GET proposes storage contexts from what this
-PACS's recent studies held plus the common classes; if sub-operations then fail and the
-survey shows the study holds something those contexts could not carry, it retrieves again
-with the study's own contexts, passing over what already came. A PACS that refuses the
-survey is retrieved from anyway.
+beside it on a second association, once the retrieve's own association is up (the two
+would otherwise compete for the PACS's attention before the first image). A PACS whose
+retrieves have reported their counts is not surveyed for the count: only when a retrieve
+brings none (then at once) or fails sub-operations. A C-GET proposes storage contexts
+from what this PACS's recent studies held plus the common classes; if sub-operations then
+fail and the survey shows the study holds something those contexts could not carry, it
+retrieves again with the study's own contexts, passing over what already came. A PACS
+that refuses the survey is retrieved from anyway.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class PacsOperation:
         self._model = ""
         self.survey: Survey | None = None
         self._beside: _Beside | None = None
+        self._survey_for: tuple[str, Dataset] | None = None  # (find model, identifier)
 
     @property
     def instances(self) -> int:
@@ -363,17 +367,14 @@ class PacsOperation:
         model = contexts.MODELS[(root, kind)]
         find_model = contexts.MODELS[(root, "find")]
         base = [build_context(model), build_context(find_model)]
-        beside = None
-        if self._wants_estimate(identifier):
-            beside = self._survey_beside(find_model, identifier)
+        self._survey_for = (find_model, identifier)
         try:
             if kind == "move":
                 return self._move(base, model, identifier)
             final, accepted = self._get(base, model, identifier, self._remembered(len(base)))
             if not _retry_worthy(final) or not self.pacs.survey:
                 return final
-            if beside is None:  # not surveyed yet: now, on its own association
-                beside = self._survey_beside(find_model, identifier)
+            beside = self._beside or self._survey_beside(find_model, identifier)
             survey = beside.finish(wait=True) if beside is not None else None
             if survey is None or not survey_mod.uncovered(survey, accepted):
                 return final
@@ -390,8 +391,10 @@ class PacsOperation:
             )  # fmt: skip
             return self._get(base, model, identifier, storage)[0]
         finally:
-            if beside is not None:
-                beside.finish(wait=False)
+            if self.memory is not None:
+                self.memory.remember_seen(self.intake.seen_classes(), self.intake.seen_syntaxes())
+            if self._beside is not None:
+                self._beside.finish(wait=False)
 
     def _remembered(self, used: int) -> list[Any]:
         """Storage contexts for a C-GET that starts before its survey: what this PACS's
@@ -421,6 +424,8 @@ class PacsOperation:
         )
         if isinstance(assoc, FinalResponse):
             return assoc, set()
+        if self._wants_estimate():
+            self._survey_now()
         accepted = {
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
             for cx in assoc.accepted_contexts
@@ -428,7 +433,6 @@ class PacsOperation:
         }
         try:
             final = self._follow(
-                assoc,
                 model,
                 assoc.send_c_get(
                     identifier, model, msg_id=self._msg_id, priority=self.request.priority
@@ -445,11 +449,12 @@ class PacsOperation:
         assoc = self._associate(base)
         if isinstance(assoc, FinalResponse):
             return assoc
+        if self._wants_estimate():
+            self._survey_now()
         try:
             receiver.register(self._msg_id, self.intake)
             try:
                 return self._follow(
-                    assoc,
                     model,
                     assoc.send_c_move(
                         identifier,
@@ -464,9 +469,7 @@ class PacsOperation:
         finally:
             self._release(assoc)
 
-    def _follow(
-        self, assoc: Association, model: str, responses: Iterator[tuple[Dataset, Any]]
-    ) -> FinalResponse:
+    def _follow(self, model: str, responses: Iterator[tuple[Dataset, Any]]) -> FinalResponse:
         """Relay the PACS's C-GET/C-MOVE responses; sub-operations go to the intake."""
         self._model = model
         counts: Counts = (None, None, None, None)
@@ -497,6 +500,7 @@ class PacsOperation:
                     if not counted:
                         self._emit(_pending(counts))
                         counted = counts[0] is not None
+                        self._counted(counted)
                     continue
                 failed_uids: tuple[str, ...] = ()
                 if ident is not None and "FailedSOPInstanceUIDList" in ident:
@@ -513,14 +517,36 @@ class PacsOperation:
             self.abort()
             return FinalResponse(st.LINK_LOST, "relay stream closed")
 
+    def _counted(self, given: bool) -> None:
+        """The PACS's first pending response had a count, or not: remember which, and
+        without one, start the survey for the viewer's fallback at once."""
+        if self.memory is not None:
+            self.memory.note_counts(self.pacs.retrieve, given=given)
+        if not given and self._estimate_useful():
+            self._survey_now()
+
     # -- survey -------------------------------------------------------------------------
 
-    def _wants_estimate(self, identifier: Dataset) -> bool:
-        """Whether to survey beside the retrieve: a viewer's count fallback is worth a
-        study's C-FIND (0.4 s of CPU for 200 instances, at the PACS and here), not for
-        a headers-only retrieve or one instance (a viewport's, retrieved ahead)."""
-        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-        return self.estimate and level != "IMAGE"
+    def _wants_estimate(self) -> bool:
+        """Whether to survey beside the retrieve from its start, for the viewer's fallback
+        count: worth a study's C-FIND (0.4 s of CPU for 200 instances, at the PACS and
+        here) unless this PACS's retrieves have been reporting their counts."""
+        if self.memory is not None and self.memory.counts_given(self.pacs.retrieve):
+            return False
+        return self._estimate_useful()
+
+    def _estimate_useful(self) -> bool:
+        """Not for a headers-only retrieve (its reader uses the final counts) or one
+        instance (a viewport's, retrieved ahead)."""
+        if not self.estimate or self._survey_for is None:
+            return False
+        level = str(self._survey_for[1].get("QueryRetrieveLevel", "")).strip().upper()
+        return level != "IMAGE"
+
+    def _survey_now(self) -> None:
+        """Start the survey beside the retrieve, unless one has started."""
+        if self._beside is None and self._survey_for is not None:
+            self._survey_beside(*self._survey_for)
 
     def _survey_beside(self, find_model: str, identifier: Dataset) -> _Beside | None:
         """Start the study's survey on its own association and thread, if configured."""

@@ -12,7 +12,10 @@ against a pynetdicom PACS). So the retrieve starts at once with contexts from
 survey runs on its own association. Only when the retrieve then reports failed
 sub-operations and the survey shows something those contexts did not cover does the
 agent retrieve again with the study's own (`uncovered`), passing over what already came.
-A retrieve that needs no estimate (headers only, one instance) is surveyed only then.
+A retrieve that needs no estimate (headers only, one instance) is surveyed only then, and
+so is one from a PACS whose retrieves have been giving their counts (`StorageMemory`
+remembers): the estimate is only the viewer's fallback, and the C-FIND costs both ends
+CPU. Should such a retrieve come without a count after all, its survey starts then.
 """
 
 from __future__ import annotations
@@ -60,23 +63,42 @@ def uncovered(survey: Survey, accepted: Iterable[tuple[str, str]]) -> bool:
 
 
 class StorageMemory:
-    """The SOP classes and syntaxes recent surveys found at one PACS, most recent first.
+    """What one PACS's recent studies held (SOP classes and syntaxes, most recent first),
+    and whether its retrieves report their counts.
 
-    Bounded (a PACS that holds everything cannot grow it) and thread-safe: surveys finish
-    on operation threads. The agent keeps one per PACS; its contents are UIDs of SOP
-    classes and transfer syntaxes, which identify no patient."""
+    Bounded (a PACS that holds everything cannot grow it) and thread-safe: operations
+    finish on their own threads. The agent keeps one per PACS; its contents are UIDs of
+    SOP classes and transfer syntaxes, which identify no patient."""
 
     def __init__(self, max_classes: int = 32, max_syntaxes: int = 12) -> None:
         self.max_classes = max_classes
         self.max_syntaxes = max_syntaxes
         self._classes: OrderedDict[str, None] = OrderedDict()
         self._syntaxes: OrderedDict[str, None] = OrderedDict()
+        self._counting: set[str] = set()  # retrieve kinds ("get", "move")
         self._lock = threading.Lock()
 
     def remember(self, survey: Survey) -> None:
+        self.remember_seen(survey.sop_classes, survey.transfer_syntaxes)
+
+    def remember_seen(self, classes: Iterable[str], syntaxes: Iterable[str]) -> None:
+        """Classes and syntaxes a survey found, or a retrieve brought (first: most used)."""
         with self._lock:
-            _touch(self._classes, survey.sop_classes, self.max_classes)
-            _touch(self._syntaxes, survey.transfer_syntaxes, self.max_syntaxes)
+            _touch(self._classes, classes, self.max_classes)
+            _touch(self._syntaxes, syntaxes, self.max_syntaxes)
+
+    def note_counts(self, kind: str, *, given: bool) -> None:
+        """Whether the last `kind` retrieve's first pending response counted its
+        sub-operations (then the next ones need no survey for the viewer's count)."""
+        with self._lock:
+            if given:
+                self._counting.add(kind)
+            else:
+                self._counting.discard(kind)
+
+    def counts_given(self, kind: str) -> bool:
+        with self._lock:
+            return kind in self._counting
 
     def classes(self) -> list[str]:
         with self._lock:

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from pydicom.dataset import Dataset
 
-from relay.dicom import rawds, survey
+from relay.dicom import contexts, rawds, survey
 from relay.dicom.agent import DicomAgent
-from relay.dicom.codec import FinalResponse, Instance, Pending
+from relay.dicom.bridge import Channel
+from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Pending
 from relay.dicom.contexts import COMMON_STORAGE
-from relay.dicom.pacs_ops import FIRST_CONTEXTS
+from relay.dicom.pacs_ops import FIRST_CONTEXTS, PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.survey import StorageMemory, Survey, uncovered
@@ -181,3 +183,64 @@ async def test_once_the_pacs_is_known_the_first_c_get_proposes_fewer_contexts(
     assert len([m for m in msgs if isinstance(m, Instance)]) == 4
     assert pacs.events.most_proposed <= FIRST_CONTEXTS + 2  # + the Q/R models
     assert pacs.events.gets == 3  # still one C-GET: what it held was proposed first
+
+
+async def test_a_pacs_whose_retrieves_count_is_not_surveyed_again(pacs: EmbeddedPacs) -> None:
+    """The first retrieve from a PACS is surveyed beside it; once its C-GETs have given
+    their counts, later ones are not (the C-FIND would cost both ends CPU for nothing),
+    and what they bring still teaches the memory its classes."""
+    memory = StorageMemory()
+    pacs.send_delay = 0.05  # the survey finishes while the retrieve runs
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
+    assert any(isinstance(m, Pending) and m.estimate for m in msgs)
+    finds = pacs.events.finds
+    assert finds > 0 and memory.counts_given("get")
+
+    fresh = StorageMemory()
+    fresh.note_counts("get", given=True)
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=fresh)
+    assert len([m for m in msgs if isinstance(m, Instance)]) == 4
+    assert pacs.events.finds > finds  # VL Photographic failed: surveyed after all
+    assert VL_PHOTO in fresh.classes()
+
+    with EmbeddedPacs(MemoryStore(CT)) as plain:
+        msgs, _ = await run(target(plain), retrieve(StudyInstanceUID=STUDY), memory=fresh)
+        assert len([m for m in msgs if isinstance(m, Instance)]) == 4
+        assert not any(isinstance(m, Pending) and m.estimate for m in msgs)
+        assert plain.events.finds == 0
+    assert fresh.classes()[0] == samples.CT_IMAGE_STORAGE
+    assert EXPLICIT in fresh.syntaxes()
+
+
+def _status(code: int, remaining: int | None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if remaining is not None:
+        status.NumberOfRemainingSuboperations = remaining
+        status.NumberOfCompletedSuboperations = 0
+    return status
+
+
+@pytest.mark.parametrize("counted", [True, False])
+async def test_a_retrieve_without_counts_starts_the_survey_at_once(
+    pacs: EmbeddedPacs, counted: bool
+) -> None:
+    """A PACS known to count whose retrieve then gives no count: the survey for the
+    viewer's fallback starts at its first pending response, not at the end."""
+    memory = StorageMemory()
+    memory.note_counts("get", given=True)
+    request = retrieve(StudyInstanceUID=STUDY)
+    out: Channel[Message] = Channel(asyncio.get_running_loop(), 8)
+    op = PacsOperation(target(pacs), request, MessageCodec(), out, memory=memory)
+    identifier = rawds.decode_dataset(request.dataset, request.transfer_syntax)
+    op._survey_for = (contexts.MODELS[("study", "find")], identifier)
+    responses = iter([(_status(0xFF00, 4 if counted else None), None), (_status(0, 0), None)])
+    final = await asyncio.to_thread(op._follow, contexts.MODELS[("study", "get")], responses)
+    assert final.status == 0
+    assert memory.counts_given("get") is counted
+    if counted:
+        assert op._beside is None and pacs.events.finds == 0
+    else:
+        assert op._beside is not None
+        found = await asyncio.to_thread(op._beside.finish, wait=True)
+        assert found is not None and found.count == 4 and pacs.events.finds > 0
