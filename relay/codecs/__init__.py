@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from relay.codecs.pixels import (
     CODECS,
+    PROVEN_CODECS,
     EncodedPixels,
     PixelCodecError,
     PixelFormat,
@@ -20,11 +21,14 @@ from relay.codecs.pixels import (
     decode,
     encode,
     find_pixels,
+    proven,
+    round_trips,
     supports,
 )
 
 __all__ = [
     "CODECS",
+    "PROVEN_CODECS",
     "EncodedPixels",
     "PixelCodecError",
     "PixelFormat",
@@ -33,5 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "find_pixels",
+    "proven",
+    "round_trips",
     "supports",
 ]

@@ -4,7 +4,9 @@ Pure functions over bytes, no I/O and no pydicom (a small element scanner reads 
 tags needed). Samples are encoded at their full allocated width (8 or 16 bits), signed
 ones as offset binary (XOR of the sign bit: order-preserving, so the codec's prediction
 still works), which makes the transform exact by construction; `encode` also decodes its
-own output and compares, and returns None unless the bytes come back identical.
+own output and compares, and returns None unless the bytes come back identical, except
+where the caller skips that for a `proven` codec and format (the agent still checks a
+sample of those; the workstation checks a CRC of every instance).
 
 What is never encoded (the instance then goes as before, zstd on the whole dataset): any
 transfer syntax but implicit/explicit VR little endian, encapsulated or absent pixel
@@ -27,6 +29,8 @@ HTJ2K: Final = "htj2k"
 JPEGXL: Final = "jpegxl"
 CODECS: Final = (JPEGLS, HTJ2K, JPEGXL)
 """Codec names on the wire (the workstation's `dicom-pixels` header lists those it decodes)."""
+PROVEN_CODECS: Final = frozenset({JPEGLS, HTJ2K})
+"""Lossless by construction: on grayscale, `proven` lets the agent skip its check."""
 
 NATIVE_LE: Final = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 _PHOTOMETRIC: Final = frozenset(
@@ -285,12 +289,27 @@ def supports(fmt: PixelFormat, codec: str) -> bool:
     return codec in CODECS and (codec != JPEGXL or fmt.samples == 1)
 
 
-def encode(fmt: PixelFormat, pixels: bytes | memoryview, codec: str) -> EncodedPixels | None:
+def proven(fmt: PixelFormat, codec: str) -> bool:
+    """Whether `codec` is exact on this format by construction, so that an instance may
+    go without the decode-and-compare (the brief's "or the codec is proven exact").
+
+    JPEG-LS (near-lossless distance 0) and reversible HTJ2K (the 5/3 integer wavelet)
+    are lossless by their definitions, and our sample mapping is a bijection; the
+    evidence that the libraries and the mapping hold to it is a property test over any
+    grayscale values (tests/codecs/test_pixels.py). Not JPEG XL (libjxl's effort 1 was
+    caught inexact on RGB), and not colour, where no such test runs.
+    """
+    return codec in PROVEN_CODECS and fmt.samples == 1 and supports(fmt, codec)
+
+
+def encode(
+    fmt: PixelFormat, pixels: bytes | memoryview, codec: str, *, verify: bool = True
+) -> EncodedPixels | None:
     """`pixels` (fmt.nbytes of native samples) as one codestream per frame, or None.
 
-    None when the codec does not take this format (`supports`), fails, or when decoding
-    its output does not give back exactly `pixels`: the caller then sends the instance
-    the old way.
+    None when the codec does not take this format (`supports`), fails, or (with
+    `verify`) when decoding its output does not give back exactly `pixels`: the caller
+    then sends the instance the old way. Without `verify` only for `proven` formats.
     """
     if len(pixels) != fmt.nbytes or not supports(fmt, codec):
         return None
@@ -300,11 +319,19 @@ def encode(fmt: PixelFormat, pixels: bytes | memoryview, codec: str) -> EncodedP
         for index in range(fmt.frames):
             frames.append(_encode_frame(_to_codec(arr[index], fmt), codec))
         out = EncodedPixels(codec, fmt, tuple(frames))
-        if decode(out) != bytes(pixels):
+        if verify and not round_trips(out, pixels):
             return None
     except (PixelCodecError, RuntimeError, ValueError):  # imagecodecs errors are RuntimeErrors
         return None
     return out
+
+
+def round_trips(encoded: EncodedPixels, pixels: bytes | memoryview) -> bool:
+    """Whether `encoded` decodes to exactly `pixels` (the agent's check)."""
+    try:
+        return decode(encoded) == pixels
+    except PixelCodecError:
+        return False
 
 
 def decode(encoded: EncodedPixels) -> bytes:

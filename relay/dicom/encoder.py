@@ -3,14 +3,17 @@
 `StreamEncoder` belongs to one stream. Its `encode()` runs on a worker thread (the codecs
 and zstd release the GIL): for an instance, and when the workstation decodes the codec
 the current `Choice` names, it locates the native pixel data, encodes it, checks that it
-decodes to the same bytes (`relay.codecs.encode` does), and frames it with FLAG_PIXELS;
-anything else is framed as before. Each result carries what it cost, and the loop feeds
-that, and how long each write took, into the rates `relay.codecs.choice` decides from.
+decodes to the same bytes (for a codec `proven` exact on the format, only the first of
+each kind and then one in SPOT_CHECK: `RateBook.needs_check`), and frames it with
+FLAG_PIXELS; anything else is framed as before. Each result carries what it cost, and the
+loop feeds that, and how long each write took, into the rates `relay.codecs.choice`
+decides from.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -22,11 +25,19 @@ from relay.dicom.codec import Instance, Message, MessageCodec, PixelPart
 
 _POOL_LOCK = threading.Lock()
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+log = logging.getLogger(__name__)
+
 MIN_PIXELS_BYTES: Final = 16 * 1024  # smaller instances: zstd, not worth a codestream
+SPOT_CHECK: Final = 16  # a proven codec's instances: every this many is still checked
 # A phase: PHASE_SKIP instances written while the previous phase's bytes drain (they were
 # encoded ahead, or sit in the stream's window), then PHASE_MEASURE timed ones.
 PHASE_SKIP: Final = 4
 PHASE_MEASURE: Final = 8
+# Phases a stream starts with unmeasured, encoding what the model says: the PACS, the
+# windows and the far end take a while to reach their pace, and what goes first would
+# be flattered (one such phase was not enough: 48 MB/s measured for zstd where the link
+# carries 31).
+WARMUP_PHASES: Final = 2
 
 
 def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -56,6 +67,36 @@ class RateBook:
         self._lock = threading.Lock()
         self._rates = ch.Rates()
         self._tallies: dict[str, CodecTally] = {}  # keys: ch.ZSTD and the pixel codecs
+        # Proven codecs per (codec, bits, signed): instances seen, and those disproven.
+        self._spot: dict[tuple[str, int, bool], int] = {}
+        self._disproven: set[tuple[str, int, bool]] = set()
+
+    def needs_check(self, codec: str, fmt: codecs.PixelFormat) -> bool:
+        """Whether this instance's encoding must be decoded and compared before it goes:
+        always for a codec not proven on the format, else the first of each kind and one
+        in SPOT_CHECK after it (a library that broke its promise is caught within a few
+        instances; the workstation's CRC catches each such instance in any case)."""
+        if not codecs.proven(fmt, codec):
+            return True
+        key = (codec, fmt.bits, fmt.signed)  # at most 2 x 2 x 2 keys
+        with self._lock:
+            if key in self._disproven:
+                return True
+            seen = self._spot.get(key, 0)
+            self._spot[key] = seen + 1
+        return seen % SPOT_CHECK == 0
+
+    def disprove(self, codec: str, fmt: codecs.PixelFormat) -> None:
+        """A checked instance did not round-trip: check every one of this kind from now on."""
+        key = (codec, fmt.bits, fmt.signed)
+        with self._lock:
+            if key in self._disproven or not codecs.proven(fmt, codec):
+                return
+            self._disproven.add(key)
+        log.warning(
+            "%s did not round-trip %d-bit %s pixels: checking every such instance from now on",
+            codec, fmt.bits, "signed" if fmt.signed else "unsigned",
+        )  # fmt: skip
 
     def tally(self, codec: str, raw: int, wire: int) -> None:
         with self._lock:
@@ -121,9 +162,7 @@ class StreamEncoder:
         self._phase_writes = 0
         self._phase_raw = 0
         self._phase_start = 0.0
-        # The stream's first phase is not measured: its writes fill empty windows, which
-        # flatters whichever codec goes first.
-        self._warming = True
+        self._warmups = WARMUP_PHASES  # phases left before measuring starts
 
     def encode(self, msg: Message) -> Encoded:
         chosen = self.choice.codec
@@ -133,9 +172,15 @@ class StreamEncoder:
                 msg.dataset, msg.transfer_syntax, max_bytes=self.codec.limits.max_dataset
             )
             if layout is not None:
-                enc = codecs.encode(
-                    layout.fmt, memoryview(msg.dataset)[layout.offset : layout.end], chosen
-                )
+                pixels = memoryview(msg.dataset)[layout.offset : layout.end]
+                enc = codecs.encode(layout.fmt, pixels, chosen, verify=False)
+                if (
+                    enc is not None
+                    and self.book.needs_check(chosen, layout.fmt)
+                    and not codecs.round_trips(enc, pixels)
+                ):
+                    self.book.disprove(chosen, layout.fmt)
+                    enc = None
                 if enc is not None:
                     frame = self.codec.encode(msg, PixelPart(enc, layout.offset))
                     return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
@@ -169,8 +214,8 @@ class StreamEncoder:
         if self._phase_writes < PHASE_SKIP + PHASE_MEASURE:
             return
         self._phase_writes = 0
-        if self._warming:
-            self._warming = False
+        if self._warmups:
+            self._warmups -= 1
             return
         rate = self._phase_raw / max(now - self._phase_start, 1e-6)
         old = self.measured.get(self.phase_codec)
@@ -188,7 +233,7 @@ class StreamEncoder:
             ranked = ch.contenders(self.rates, self.offered, self.workers)
             ranked = [self.model.codec, *(c for c in ranked if c != self.model.codec)]
             self.phase_codec = ch.trial(ranked, self.measured, self.phase)
-        if self.phase_codec == self.model.codec:
+        if self._warmups or self.phase_codec == self.model.codec:
             self.choice = self.model
         else:
             self.choice = ch.plan(self.rates, self.phase_codec, self.workers)

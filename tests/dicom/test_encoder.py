@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from relay.codecs import PixelFormat
 from relay.codecs.choice import ZSTD
-from relay.dicom.codec import MessageCodec
-from relay.dicom.encoder import PHASE_MEASURE, PHASE_SKIP, Encoded, StreamEncoder
+from relay.dicom.codec import Instance, MessageCodec
+from relay.dicom.encoder import (
+    PHASE_MEASURE,
+    PHASE_SKIP,
+    SPOT_CHECK,
+    WARMUP_PHASES,
+    Encoded,
+    RateBook,
+    StreamEncoder,
+)
+from relay_dev import samples
 
 PHASE = PHASE_SKIP + PHASE_MEASURE
 
@@ -23,30 +35,43 @@ def run_phase(enc: StreamEncoder, now: float, seconds_per_instance: float) -> fl
     return now
 
 
-def test_the_first_phase_warms_up_unmeasured() -> None:
-    enc = StreamEncoder(MessageCodec(), ("jpegls",), 2)
-    run_phase(enc, 0.0, 0.001)  # empty windows take the first writes at once
-    assert enc.measured == {} and enc.phase == 0
-    assert enc.counts == {"jpegls": PHASE}
+def warm_up(enc: StreamEncoder, now: float, seconds_per_instance: float) -> float:
+    for _ in range(WARMUP_PHASES):
+        now = run_phase(enc, now, seconds_per_instance)
+    return now
+
+
+def test_the_first_phases_warm_up_unmeasured_on_the_models_choice() -> None:
+    """The first instance goes as what crosses soonest before anything is measured
+    (zstd, against JPEG-LS alone); from its write on, the model's choice for the link
+    it sees, without measuring phases yet (windows filling flatter whatever goes)."""
+    slow = StreamEncoder(MessageCodec(), ("jpegls",), 2)
+    assert slow.choice.codec == ZSTD
+    warm_up(slow, 0.0, 0.05)  # writes block: a slow link
+    assert slow.measured == {} and slow.phase == 0
+    assert slow.counts == {ZSTD: 1, "jpegls": WARMUP_PHASES * PHASE - 1}
+    fast = StreamEncoder(MessageCodec(), ("jpegls",), 2)
+    warm_up(fast, 0.0, 0.0001)  # writes taken at once
+    assert fast.measured == {} and fast.counts == {ZSTD: WARMUP_PHASES * PHASE}
 
 
 def test_a_codec_that_slows_the_stream_gives_way_to_zstd() -> None:
     enc = StreamEncoder(MessageCodec(), ("jpegls",), 2)
     # The link looks slow (writes block long), so the model picks JPEG-LS ...
+    now = warm_up(enc, 0.0, 0.05)
     assert enc.choice.codec == "jpegls"
-    now = run_phase(enc, 0.0, 0.05)  # warming up
     now = run_phase(enc, now, 0.05)  # JPEG-LS: 10 MB/s of raw bytes end to end
     assert enc.measured == {"jpegls": pytest.approx(500_000 / 0.05)}
     assert enc.choice.codec == ZSTD  # ... then zstd is tried
     now = run_phase(enc, now, 0.025)  # zstd: twice as fast (a busy workstation, say)
     assert enc.measured[ZSTD] == pytest.approx(500_000 / 0.025)
     assert enc.choice.codec == ZSTD  # and kept
-    assert enc.counts == {"jpegls": 2 * PHASE, ZSTD: PHASE}
+    assert enc.counts == {"jpegls": (WARMUP_PHASES + 1) * PHASE - 1, ZSTD: PHASE + 1}
 
 
 def test_a_codec_that_speeds_the_stream_up_is_kept() -> None:
     enc = StreamEncoder(MessageCodec(), ("jpegls",), 2)
-    now = run_phase(enc, 0.0, 0.04)  # warming up
+    now = warm_up(enc, 0.0, 0.04)
     now = run_phase(enc, now, 0.04)
     now = run_phase(enc, now, 0.05)  # zstd slower: a slow link
     assert enc.choice.codec == "jpegls"
@@ -59,3 +84,49 @@ def test_a_named_codec_is_never_traded_for_zstd() -> None:
     now = run_phase(enc, 0.0, 0.05)
     run_phase(enc, now, 0.05)
     assert enc.choice.codec == "htj2k" and enc.measured == {}
+
+
+GRAY16 = PixelFormat(rows=64, columns=64, samples=1, bits=16, signed=True, planar=0, frames=1)
+
+
+def test_a_proven_codec_is_checked_first_then_one_instance_in_spot_check() -> None:
+    book = RateBook()
+    checks = [book.needs_check("jpegls", GRAY16) for _ in range(2 * SPOT_CHECK + 1)]
+    assert [i for i, c in enumerate(checks) if c] == [0, SPOT_CHECK, 2 * SPOT_CHECK]
+    eight = replace(GRAY16, bits=8)
+    assert book.needs_check("jpegls", eight)  # another kind: its own first check
+    assert book.needs_check("htj2k", GRAY16)
+    assert all(book.needs_check("jpegxl", GRAY16) for _ in range(3))  # not proven
+    rgb = replace(GRAY16, samples=3, bits=8, signed=False)
+    assert all(book.needs_check("jpegls", rgb) for _ in range(3))
+
+
+def test_a_codec_caught_inexact_is_checked_every_time_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    book = RateBook()
+    book.needs_check("htj2k", GRAY16)
+    book.disprove("htj2k", GRAY16)
+    book.disprove("htj2k", GRAY16)
+    assert all(book.needs_check("htj2k", GRAY16) for _ in range(2 * SPOT_CHECK))
+    assert book.needs_check("jpegls", GRAY16)  # another kind: its own first check
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "htj2k did not round-trip 16-bit signed pixels: checking every such instance from now on"
+    ]
+    book.disprove("jpegxl", GRAY16)  # never proven: nothing to take back, nothing logged
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_checked_or_not_every_instance_decodes_to_the_pacs_bytes() -> None:
+    """The agent's encoder over more instances than one spot-check period: what the
+    workstation's codec rebuilds is each dataset exactly."""
+    codec = MessageCodec()
+    enc = StreamEncoder(codec, ("jpegls",), 1, adaptive=False)
+    study = samples.make_study(SPOT_CHECK + 2, rows=128, cols=128)
+    for inst in study:
+        msg = Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+        result = enc.encode(msg)
+        assert result.codec == "jpegls"
+        got = codec.decode_frame(result.frame)
+        assert isinstance(got, Instance) and got.dataset == inst.data
