@@ -190,7 +190,7 @@ async def test_a_pacs_whose_retrieves_count_is_not_surveyed_again(pacs: Embedded
     their counts, later ones are not (the C-FIND would cost both ends CPU for nothing),
     and what they bring still teaches the memory its classes."""
     memory = StorageMemory()
-    pacs.send_delay = 0.05  # the survey finishes while the retrieve runs
+    pacs.send_delay = 0.2  # the survey finishes while the retrieve runs
     msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=STUDY), memory=memory)
     assert any(isinstance(m, Pending) and m.estimate for m in msgs)
     finds = pacs.events.finds
