@@ -60,21 +60,25 @@ class Rates:
     decode: dict[str, float] = field(default_factory=lambda: dict(PRIOR_DECODE))
 
 
-def cost(rates: Rates, codec: str, workers: int) -> float:
-    """Seconds per raw byte through encoder, link and decoder for `codec`."""
-    encode = 1.0 / (workers * rates.encode.get(codec, PRIOR_ENCODE.get(codec, 1e6)))
+def _stages(rates: Rates, codec: str, link: float | None) -> tuple[float, float, float]:
+    """Seconds per raw byte of one encoder thread, of the link (0 if unknown), and of
+    the decoder, for `codec`."""
+    encode = 1.0 / rates.encode.get(codec, PRIOR_ENCODE.get(codec, 1e6))
     decode = 1.0 / rates.decode.get(codec, PRIOR_DECODE.get(codec, 1e6))
-    link = 0.0
-    if rates.link:
-        link = 1.0 / (rates.ratio.get(codec, 1.0) * rates.link)
-    return max(encode, link, decode)
+    wire = 1.0 / (rates.ratio.get(codec, 1.0) * link) if link else 0.0
+    return encode, wire, decode
+
+
+def cost(rates: Rates, codec: str, workers: int) -> float:
+    """Seconds per raw byte through encoder, link and decoder for `codec` (a pipeline:
+    the slowest stage)."""
+    encode, wire, decode = _stages(rates, codec, rates.link)
+    return max(encode / workers, wire, decode)
 
 
 def latency(rates: Rates, codec: str, link: float) -> float:
     """Seconds per raw byte for one instance alone: encoded, sent, then decoded."""
-    encode = 1.0 / rates.encode.get(codec, PRIOR_ENCODE.get(codec, 1e6))
-    decode = 1.0 / rates.decode.get(codec, PRIOR_DECODE.get(codec, 1e6))
-    return encode + 1.0 / (rates.ratio.get(codec, 1.0) * link) + decode
+    return sum(_stages(rates, codec, link))
 
 
 def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:

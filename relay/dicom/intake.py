@@ -129,6 +129,7 @@ class Intake:
         return list(self._classes)
 
     def seen_syntaxes(self) -> list[str]:
+        """Their transfer syntaxes, likewise."""
         return list(self._syntaxes)
 
     def pass_over_delivered(self) -> bool:
