@@ -50,6 +50,17 @@ class DicomProtocolError(ValueError):
     """A message this codec refuses to encode or decode: malformed, too large, wrong version."""
 
 
+class PixelMismatchError(DicomProtocolError):
+    """An instance's encoded pixels did not decode to what the agent read from the PACS.
+
+    The pixel codec failed at one end, not the stream (its framing and seal held), so the
+    instance can come again without that codec; `codec` names it."""
+
+    def __init__(self, codec: str, reason: str) -> None:
+        super().__init__(reason)
+        self.codec = codec
+
+
 class MessageType(IntEnum):
     REQUEST = 1
     PENDING = 2
@@ -445,9 +456,9 @@ class MessageCodec:
         try:
             values = px.decode(px.EncodedPixels(codec, fmt, tuple(frames)))
         except px.PixelCodecError as exc:
-            raise DicomProtocolError(str(exc)) from None
+            raise PixelMismatchError(codec, str(exc)) from None
         if zlib.crc32(values) != crc:
-            raise DicomProtocolError("encoded pixels do not decode to what the agent sent")
+            raise PixelMismatchError(codec, f"{codec} pixels do not decode to what the agent sent")
         return b"".join((rest[:at], values, rest[at:]))
 
     # -- decode -----------------------------------------------------------------------

@@ -169,6 +169,23 @@ class DicomNode:
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
 
+    def distrust(self, codec: str) -> None:
+        """An instance in `codec` did not decode to the PACS's pixels here: announce the
+        codec no more (until restart), so the retrieve, resumed, and every later one come
+        without it. Which end is at fault is not known; either way the codec is out."""
+        with self._sessions_lock:
+            announced = self.headers.get(HEADER_DICOM_PIXELS, "").split(",")
+            if codec not in announced:
+                return
+            left = ",".join(c for c in announced if c and c != codec)
+            headers = {k: v for k, v in self.headers.items() if k != HEADER_DICOM_PIXELS}
+            self.headers = {**headers, HEADER_DICOM_PIXELS: left} if left else headers
+        log.warning(
+            "an instance's %s pixels did not decode exactly; asking for no more %s",
+            codec,
+            codec,
+        )
+
     # -- lifecycle ----------------------------------------------------------------
 
     @property
@@ -612,9 +629,11 @@ class _Retrieval:
         everything announced is already here, or the resume window has passed.
         """
         node = self.node
+        if exc.failed_codec:
+            node.distrust(exc.failed_codec)
         if not exc.resumable or node.resume_window <= 0 or self.resumes >= MAX_RESUMES:
             return False
-        if not self.answered:
+        if not self.answered and not exc.failed_codec:
             return False  # never reached the agent: the tunnel already waited its own time
         if waiter.cancelled or (self.total is not None and len(self.seen) >= self.total):
             return False

@@ -27,6 +27,7 @@ from relay.dicom.codec import (
     Message,
     MessageCodec,
     MessageType,
+    PixelMismatchError,
     Request,
     read_payload,
     write_message,
@@ -58,14 +59,19 @@ class SessionEnded(Exception):
     """The stream ended without a final response: `status` and `reason` say why.
 
     `resumable` is True when the relay path failed (the link dropped, a stream reset with
-    a link-level code, no stream could be opened): trying again may succeed.
+    a link-level code, no stream could be opened): trying again may succeed. It is also
+    True when an instance's pixels failed to decode exactly (`failed_codec` names the
+    codec): trying again without that codec will.
     """
 
-    def __init__(self, status: int, reason: str, *, resumable: bool = False) -> None:
+    def __init__(
+        self, status: int, reason: str, *, resumable: bool = False, failed_codec: str = ""
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.resumable = resumable
+        self.failed_codec = failed_codec
 
 
 class Session:
@@ -194,6 +200,10 @@ class Session:
             raise self._end or SessionEnded(st.LINK_LOST, "relay stream ended") from None
         try:
             msg = self.codec.decode(payload)
+        except PixelMismatchError as exc:
+            raise SessionEnded(
+                st.RELAY_PROTOCOL, str(exc), resumable=True, failed_codec=exc.codec
+            ) from None
         except DicomProtocolError as exc:
             raise SessionEnded(st.RELAY_PROTOCOL, f"bad message from the agent: {exc}") from None
         if isinstance(msg, ErrorMessage):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
+from relay.codecs import encode, find_pixels
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
@@ -24,6 +25,7 @@ from relay.dicom.codec import (
     Message,
     MessageCodec,
     Pending,
+    PixelPart,
     Request,
     Skip,
     read_message,
@@ -33,6 +35,7 @@ from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
 from relay.net.bytestream import ByteStream, pipe
 from relay.proto.errors import ErrorCode
+from relay.wire import HEADER_DICOM_PIXELS
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
@@ -153,17 +156,19 @@ def inst(i: int) -> Instance:
 class Scripted:
     """Agents that play one script per stream; records each request and skip list."""
 
-    def __init__(self, *scripts: list[Message | int]) -> None:
-        """Each script: messages to write, then an int (reset with that code) or nothing
-        (a clean end)."""
+    def __init__(self, *scripts: list[Message | bytes | int]) -> None:
+        """Each script: messages to write (or frames, as bytes), then an int (reset with
+        that code) or nothing (a clean end)."""
         self.scripts = list(scripts)
         self.requests: list[tuple[Request, Skip | None]] = []
+        self.headers: list[dict[str, str]] = []
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def open_stream(self, headers: Mapping[str, str]) -> ByteStream:
         if not self.scripts:
             raise ConnectionError("no more agents (test)")
         script = self.scripts.pop(0)
+        self.headers.append(dict(headers))
         a, b = pipe(headers)
 
         async def agent() -> None:
@@ -178,6 +183,9 @@ class Scripted:
                     await _drained(a)  # a reset drops unread data: let the node read first
                     b.reset(m)
                     return
+                if isinstance(m, bytes):
+                    await b.write(m)
+                    continue
                 await write_message(b, codec, m)
             await b.write_eof()
 
@@ -263,6 +271,41 @@ async def test_an_agent_giving_up_is_not_resumed() -> None:
     assert len(agents.requests) == 1
     assert result.statuses[-1].Status == st.LINK_LOST
     assert len(result.order) == 2
+
+
+# -- pixels that do not decode exactly: again, without that codec -------------------------
+
+
+def _inexact(i: int, other: int, codec: str = "htj2k") -> bytes:
+    """Instance `i` framed with a pixel codec whose codestream holds instance `other`'s
+    pixels: what a codec that is not exact at one end amounts to (the CRC catches it)."""
+    msg, theirs = inst(i), STUDY[other].data
+    mine, layout = find_pixels(msg.dataset, EXPLICIT), find_pixels(theirs, EXPLICIT)
+    assert mine is not None and layout is not None
+    enc = encode(layout.fmt, theirs[layout.offset : layout.end], codec)
+    assert enc is not None
+    return MessageCodec().encode(msg, PixelPart(enc, mine.offset))
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first instance", "later instance"])
+async def test_pixels_that_do_not_decode_exactly_come_again_without_the_codec(
+    first: bool,
+) -> None:
+    before: list[Message] = [] if first else [inst(0), counts(2, 1)]
+    agents = Scripted(
+        [*before, _inexact(1, 2), inst(2), FinalResponse(0, completed=3)],
+        [*([] if first else [counts(2, 1)]), inst(1), inst(2),
+         *([inst(0)] if first else []), FinalResponse(0, completed=3)],
+    )  # fmt: skip
+    result = await agents.get()
+    assert sorted(result.order) == sorted(STUDY[i].sop_instance for i in range(3))
+    assert all(result.received[u][1] == BY_UID[u] for u in result.order)
+    assert result.statuses[-1].Status == st.SUCCESS
+    (_, _), (again, skip) = agents.requests
+    assert again.resume and skip is not None
+    assert set(skip.uids) == (set() if first else {STUDY[0].sop_instance})
+    assert "htj2k" in agents.headers[0][HEADER_DICOM_PIXELS].split(",")
+    assert "htj2k" not in agents.headers[1].get(HEADER_DICOM_PIXELS, "").split(",")
 
 
 # -- the skip message ---------------------------------------------------------------------
