@@ -1,17 +1,19 @@
 """`make bench`: run the benchmarks of issue 2 and write docs/BENCHMARKS.md.
 
     python -m tests.bench.run [throughput] [memory] [handshakes] [load] [wan] [seal] [cache]
-                              [viewer] [priority]
+                              [viewer] [priority] [codecs] [wan-real-ct]
                               [--quick] [--no-write]
 
-With no names, all nine run: about 6 minutes for the first three on a quiet 2-core
+With no names, all eleven run: about 6 minutes for the first three on a quiet 2-core
 machine, up to ~30 on a busy one (a run with other load is repeated, at most 3 times),
 2-4 for load (2,000 devices, DICOM at a rising rate, issue 10), 7-10 more for wan
 (DICOM across an emulated WAN, issue 3), about 10 for seal (the same retrieval sealed and
 unsealed, issue 9), 2-4 for cache (a prefetched study read from the workstation's cache
 against a direct read, issue 12), 3-6 for viewer (OHIF in headless Chromium opening
 the CT through the relay and from Orthanc's DICOMweb plugin, issue 13), 2-4 for priority
-(a viewer's C-GET alone and while a prefetch fills the link, issue 12). `--quick` is a
+(a viewer's C-GET alone and while a prefetch fills the link, issue 12), seconds for codecs
+(ratio and speed per pixel codec, issue 14) and about 3 for wan-real-ct (the wan
+retrieval, one run per link, with a real CT slice's pixels, issue 14). `--quick` is a
 smoke run (short windows, one run each, few links) whose numbers are not written unless
 `--write` is also given. Logs of every process go to a temporary directory, kept (and
 printed) only when a benchmark fails.
@@ -43,10 +45,12 @@ from tests.bench import (
 from tests.bench.procs import BenchError, raise_nofile
 from tests.bench.report import DOC, Section, write_section
 from tests.bench.targets import make_pki
+from tests.bench.wan_chain import Knobs
+from tests.bench.wan_net import PROFILES
 
 NAMES: Final = (
     "throughput", "memory", "handshakes", "load", "wan", "seal", "cache", "viewer", "priority",
-    "codecs",
+    "codecs", "wan-real-ct",
 )  # fmt: skip
 
 
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 step=2.0 if quick else 5.0,
             ),
             "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
+            "wan-real-ct": lambda: wan.run(
+                workdir, bench_pki, runs=1, profiles=PROFILES, knobs=Knobs(study="real-ct")
+            ),
             "seal": lambda: seal.run(workdir, runs=1 if quick else 5),
             "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),
             "viewer": lambda: viewer.run(workdir, bench_pki, runs=1 if quick else 3),

@@ -54,16 +54,20 @@ _SUBOPS: Final = re.compile(r"Number of (\w+) Suboperations\s*:\s*(\d+)")
 class Knobs:
     """Config that the benchmark may vary: `limits` (a YAML flow mapping for the limits:
     section of all three relay processes), the agent's zstd level and its pixel codecs
-    (`pacs.pixel_codecs`: auto, off, jpegls, htj2k; issue 14)."""
+    (`pacs.pixel_codecs`: auto, off, jpegls, htj2k; issue 14), and the PACS's study
+    (`tests.bench.wan_pacs.STUDIES`: the phantom, or one real CT slice in every instance)."""
 
     limits: str = ""
     compression_level: int = 3
     pixel_codecs: str = "auto"
+    study: str = "phantom"
 
     def describe(self) -> str:
         parts = [f"limits {self.limits}" if self.limits else "default limits"]
         parts.append(f"compression_level {self.compression_level}")
         parts.append(f"pixel_codecs {self.pixel_codecs}")
+        if self.study != "phantom":
+            parts.append(f"study {self.study}")
         return ", ".join(parts)
 
 
@@ -116,7 +120,8 @@ def start_hospital(
     pacs = group.process(
         "pacs",
         [sys.executable, "-m", "tests.bench.wan_pacs", "--port", "0",
-         "--count", str(count), "--ae-title", PACS_AE, "--seconds", "3600", *pacs_args],
+         "--count", str(count), "--ae-title", PACS_AE, "--seconds", "3600",
+         "--study", knobs.study, *pacs_args],
         env=ENV,
     )  # fmt: skip
     gateway = start_gateway(group, bench_pki, workdir, env=ENV, extra_config=_limits_line(knobs))
