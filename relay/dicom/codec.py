@@ -13,6 +13,7 @@ and easy to fuzz.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import threading
@@ -564,10 +565,25 @@ async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | N
     return buf
 
 
-async def read_message(stream: ByteStream, codec: MessageCodec) -> Message | None:
-    """The next decoded message, or None on a clean end of stream."""
+async def read_message(
+    stream: ByteStream, codec: MessageCodec, *, offload: bool = False
+) -> Message | None:
+    """The next decoded message, or None on a clean end of stream.
+
+    `offload`: decode an instance with encoded pixels on a worker thread (the image
+    codecs release the GIL), so that a few milliseconds of decoding per instance never
+    hold up the event loop's other streams."""
     payload = await read_payload(stream, codec)
-    return None if payload is None else codec.decode(payload)
+    if payload is None:
+        return None
+    if offload and has_pixels(payload):
+        return await asyncio.to_thread(codec.decode, payload)
+    return codec.decode(payload)
+
+
+def has_pixels(payload: bytes | bytearray | memoryview) -> bool:
+    """Whether a message payload carries encoded pixels (decoding them takes a while)."""
+    return len(payload) >= _FIXED.size and bool(_FIXED.unpack_from(payload, 0)[2] & FLAG_PIXELS)
 
 
 async def write_message(stream: ByteStream, codec: MessageCodec, msg: Message) -> None:

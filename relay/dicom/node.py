@@ -43,7 +43,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay import codecs
 from relay.dicom import contexts, move_check, rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
@@ -57,10 +56,11 @@ from relay.dicom.codec import (
     Request,
     Skip,
 )
+from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
-from relay.wire import HEADER_DICOM_PIXELS, HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,18 @@ class DicomNode:
         headers: Mapping[str, str] | None = None,
         resume_window: float = RESUME_WINDOW,
         cache: LocalCache | None = None,
+        offer: CodecOffer | None = None,
     ) -> None:
         """`timeout` bounds every wait on the agent (a silent agent fails the operation
         after that long) and on the viewer; `headers` are added to each stream's headers;
         `resume_window` bounds how long a retrieve whose stream broke waits for a new one
-        (0 disables resuming)."""
+        (0 disables resuming); `offer`: the pixel codecs to announce (the workstation's,
+        shared with its other paths)."""
         if resume_window < 0:
             raise ValueError("resume_window must not be negative")
         self.resume_window = resume_window
         self.cache = cache
+        self.offer = offer or CodecOffer()
         rawds.install()
         if not 1 <= len(ae_title.strip()) <= 16:
             raise ValueError("dicom.ae_title must be 1 to 16 characters")
@@ -159,7 +162,6 @@ class DicomNode:
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
             HEADER_DICOM_VERSION: str(VERSION),
-            **_pixel_codecs_header(),
             **(headers or {}),
         }
         self._ae: AE | None = None
@@ -168,23 +170,6 @@ class DicomNode:
         # its handler lets go of it (no callback from the session back into the node).
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
-
-    def distrust(self, codec: str) -> None:
-        """An instance in `codec` did not decode to the PACS's pixels here: announce the
-        codec no more (until restart), so the retrieve, resumed, and every later one come
-        without it. Which end is at fault is not known; either way the codec is out."""
-        with self._sessions_lock:
-            announced = self.headers.get(HEADER_DICOM_PIXELS, "").split(",")
-            if codec not in announced:
-                return
-            left = ",".join(c for c in announced if c and c != codec)
-            headers = {k: v for k, v in self.headers.items() if k != HEADER_DICOM_PIXELS}
-            self.headers = {**headers, HEADER_DICOM_PIXELS: left} if left else headers
-        log.warning(
-            "an instance's %s pixels did not decode exactly; asking for no more %s",
-            codec,
-            codec,
-        )
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -260,7 +245,7 @@ class DicomNode:
         session = Session(
             self.loop,
             self.open_stream,
-            self.headers,
+            {**self.offer.header(), **self.headers},
             request,
             self.codec,
             open_timeout=self.timeout if open_timeout is None else open_timeout,
@@ -630,7 +615,7 @@ class _Retrieval:
         """
         node = self.node
         if exc.failed_codec:
-            node.distrust(exc.failed_codec)
+            node.offer.distrust(exc.failed_codec)
         if not exc.resumable or node.resume_window <= 0 or self.resumes >= MAX_RESUMES:
             return False
         if not self.answered and not exc.failed_codec:
@@ -764,9 +749,3 @@ class _Retrieval:
 def _ok(code: int) -> bool:
     """Success or warning: the operation ran; failure statuses (and cancel) are not ok."""
     return code == st.SUCCESS or 0xB000 <= code <= 0xBFFF or code == 0x0001
-
-
-def _pixel_codecs_header() -> dict[str, str]:
-    """Announce the pixel codecs we decode: the agent sends no others (nor any to an old node)."""
-    names = codecs.available()
-    return {HEADER_DICOM_PIXELS: ",".join(names)} if names else {}

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from relay.dicom.offer import CodecOffer
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.net.tls import TlsConfigError, client_context
@@ -114,6 +115,9 @@ class Workstation:
             rng=rng,
         )
         self.cache: WorkstationCache | None = None  # set by workstation_cache()
+        # The pixel codecs every path announces to the agent; one failing its check at
+        # any path is dropped for all (relay.dicom.offer).
+        self.codec_offer = CodecOffer()
         self.tunnel = Tunnel(self.session, rng=rng)
         self.renewals = 0
         self.renewal_failures = 0
@@ -290,6 +294,7 @@ async def workstation_cache(
         cache = WorkstationCache(
             settings, config.prefetch, workstation.tunnel.open_stream,
             lambda: workstation.kept.up, account=f"{workstation.identity} {config.path}",
+            offer=workstation.codec_offer,
         )  # fmt: skip
         await cache.start()
     except (KeyUnavailable, OSError) as exc:
@@ -314,6 +319,7 @@ async def dicom_node(
     tunnel: Tunnel,
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
+    offer: CodecOffer | None = None,
 ) -> AsyncIterator[object | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
@@ -329,6 +335,7 @@ async def dicom_node(
         destinations={title: (a.host, a.port) for title, a in dicom.destinations.items()},
         stats=metrics.dicom if metrics is not None else None,
         cache=cache.server if cache is not None else None,
+        offer=offer,
     )
     with listen_errors(config.path, "dicom.listen", dicom.listen):
         await node.start()
@@ -344,6 +351,7 @@ async def dicomweb_server(
     tunnel: Tunnel,
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
+    offer: CodecOffer | None = None,
 ) -> AsyncIterator[object | None]:
     """The DICOMweb server (and the viewer) when `dicomweb:` is configured, else None."""
     if config.dicomweb is None:
@@ -355,7 +363,7 @@ async def dicomweb_server(
     web = config.dicomweb
     server = DicomwebServer(
         web, tunnel.open_stream, cache=cache.server if cache is not None else None,
-        extra_routes=viewer_routes(web),
+        extra_routes=viewer_routes(web), offer=offer,
     )  # fmt: skip
     with listen_errors(config.path, "dicomweb.listen", web.listen):
         await server.start()
@@ -396,12 +404,9 @@ async def run_workstation(
         await workstation.start()
         if with_dicom:
             cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
-            await stack.enter_async_context(
-                dicom_node(config, workstation.tunnel, workstation.metrics, cache)
-            )
-            await stack.enter_async_context(
-                dicomweb_server(config, workstation.tunnel, workstation.metrics, cache)
-            )
+            paths = (workstation.tunnel, workstation.metrics, cache, workstation.codec_offer)
+            await stack.enter_async_context(dicom_node(config, *paths))
+            await stack.enter_async_context(dicomweb_server(config, *paths))
         if config.metrics_listen is not None:
             admin = AdminServer(
                 config.metrics_listen, workstation.metrics.registry, workstation.readiness

@@ -21,6 +21,7 @@ LAYERS = {
     "relay.dicom.survey": 2,  # the study's C-FIND beside a retrieve
     "relay.dicom.bridge": 3,
     "relay.dicom.codec": 3,
+    "relay.dicom.offer": 3,  # the pixel codecs the workstation announces
     "relay.dicom.contexts": 3,
     "relay.dicom.rawds": 3,
     "relay.dicom.stats": 4,

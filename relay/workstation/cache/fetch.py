@@ -27,11 +27,13 @@ from relay.dicom.codec import (
     Instance,
     MessageCodec,
     Pending,
+    PixelMismatchError,
     Request,
     Skip,
     read_message,
     write_message,
 )
+from relay.dicom.offer import CodecOffer
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.wire import HEADER_DICOM_VERSION, HEADER_PRIORITY, HEADER_TARGET, TARGET_DICOM
@@ -70,11 +72,14 @@ class StudyFetcher:
         *,
         timeout: float = 120.0,
         headers: Mapping[str, str] | None = None,
+        offer: CodecOffer | None = None,
     ) -> None:
+        """`offer`: the pixel codecs to announce (the workstation's, shared by its paths)."""
         self.open_stream = open_stream
         self.store = store
         self.codec = codec
         self.timeout = timeout
+        self.offer = offer or CodecOffer()
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
             HEADER_DICOM_VERSION: str(VERSION),
@@ -154,7 +159,7 @@ class StudyFetcher:
         request = Request(op="retrieve", root="study", transfer_syntax=ExplicitVRLittleEndian,
                           dataset=rawds.encode_dataset(ident), calling_ae="RELAYCACHE",
                           resume=bool(have))  # fmt: skip
-        stream = await self.open_stream(self.headers)
+        stream = await self.open_stream({**self.offer.header(), **self.headers})
         new_bytes = 0
         done = False
         try:
@@ -163,8 +168,12 @@ class StudyFetcher:
                 if have:
                     await write_message(stream, self.codec, Skip(have))
             while True:
-                async with asyncio.timeout(self.timeout):
-                    msg = await read_message(stream, self.codec)
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        msg = await read_message(stream, self.codec, offload=True)
+                except PixelMismatchError as exc:
+                    self.offer.distrust(exc.codec)  # the next attempt comes without it
+                    raise FetchError(f"an instance failed its pixel check ({exc.codec})") from None
                 if msg is None:
                     raise FetchError("the relay stream ended before the final response")
                 if isinstance(msg, Instance):

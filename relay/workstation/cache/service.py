@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.dicom.codec import DicomLimits, MessageCodec
+from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream
 from relay.ops.control import Handler
 from relay.workstation.cache.fetch import StudyFetcher
@@ -40,7 +41,9 @@ class WorkstationCache:
         link_up: Callable[[], asyncio.Event],
         *,
         account: str,
+        offer: CodecOffer | None = None,
     ) -> None:
+        """`offer`: the pixel codecs the prefetcher announces (the workstation's)."""
         self.config = config
         self.account = account
         self.key_mode: KeyMode = "keyring" if config.key == "keyring" else "memory"
@@ -52,7 +55,9 @@ class WorkstationCache:
         )  # fmt: skip
         self._fresh = fresh
         self.link_up = link_up
-        self.fetcher = StudyFetcher(open_stream, self.store, MessageCodec(DicomLimits()))
+        self.fetcher = StudyFetcher(
+            open_stream, self.store, MessageCodec(DicomLimits()), offer=offer
+        )
         self.prefetcher = Prefetcher(self.fetcher, self.store, prefetch, link_up)
         self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch,
                                   serve_buffer=config.serve_buffer)  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Final
 from aiohttp import web
 
 from relay.dicom.codec import DicomLimits, MessageCodec
+from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream
 from relay.ops.config import Address
 from relay.ops.listening import announce
@@ -44,12 +45,13 @@ class DicomwebServer:
         *,
         cache: CacheServer | None = None,
         extra_routes: Iterable[ExtraRoutes] = (),
+        offer: CodecOffer | None = None,
     ) -> None:
         if not config.listen.is_loopback:
             raise ValueError(f"dicomweb.listen must be a loopback address, got {config.listen}")
         self.config = config
         source = DicomSource(open_stream, MessageCodec(DicomLimits()), timeout=config.timeout,
-                             cache=cache)  # fmt: skip
+                             cache=cache, offer=offer)  # fmt: skip
         retriever = Retriever(source, cache, hold_size=config.hold_size)
         headfirst = HeadFirst(lambda: retriever.source)  # tests swap the retriever's source
         metrics = DicomwebMetrics(

@@ -30,10 +30,12 @@ from relay.dicom.codec import (
     Instance,
     MessageCodec,
     Pending,
+    PixelMismatchError,
     Request,
     read_message,
     write_message,
 )
+from relay.dicom.offer import CodecOffer
 from relay.dicom.session import RESET_CANCEL, OpenStream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto import Priority
@@ -95,11 +97,14 @@ class DicomSource:
         *,
         timeout: float,
         cache: CacheServer | None = None,
+        offer: CodecOffer | None = None,
     ) -> None:
+        """`offer`: the pixel codecs to announce (the workstation's, shared by its paths)."""
         self.open_stream = open_stream
         self.codec = codec
         self.timeout = timeout
         self.cache = cache
+        self.offer = offer or CodecOffer()
         # A browser viewer's request is a viewer's own: the default urgency, ahead of prefetch.
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
@@ -115,7 +120,7 @@ class DicomSource:
         self, request: Request, headers_only: bool = False, priority: Priority | None = None
     ) -> AsyncIterator[tuple[ByteStream, list[bool]]]:
         """An open stream with `request` written; the flag list's [0] marks a clean end."""
-        headers = dict(self.headers)
+        headers = {**self.offer.header(), **self.headers}
         if headers_only:
             headers[HEADER_DICOM_CONTENT] = DICOM_CONTENT_HEADERS
         if priority is not None:
@@ -139,11 +144,14 @@ class DicomSource:
     async def _next(self, stream: ByteStream) -> object:
         try:
             async with asyncio.timeout(self.timeout):
-                msg = await read_message(stream, self.codec)
+                msg = await read_message(stream, self.codec, offload=True)
         except TimeoutError:
             raise UpstreamError(504, "no answer from the agent within the timeout") from None
         except StreamResetError as exc:
             raise UpstreamError(502, f"relay stream reset (code {exc.code})") from None
+        except PixelMismatchError as exc:
+            self.offer.distrust(exc.codec)  # asked again, it comes without the codec
+            raise UpstreamError(502, f"an instance failed its pixel check ({exc.codec})") from None
         except Exception as exc:
             raise UpstreamError(502, f"bad message from the agent: {type(exc).__name__}") from None
         if msg is None:
