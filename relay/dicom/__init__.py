@@ -6,7 +6,8 @@ The ends: `node` is the workstation's local DICOM node (pynetdicom SCP) with `se
 and `intake` (instances from the PACS, and the C-MOVE receiver); `pacs_target` holds the
 `pacs:` settings and `pacs_echo` is the agent's readiness check. Shared: `codec` (the
 messages on a stream, no pydicom), `bridge` (the bounded thread/loop channel), `rawds`,
-`contexts`, `stats`, `status`. Every module calls only the ones below it
-(docs/internals/dicom.md; tests/dicom/test_path.py checks it). pynetdicom and pydicom are
-imported only by the modules that need them, so importing `relay.dicom.codec` stays light.
+`contexts`, `stats`, `status`, and `offer` (the pixel codecs a workstation announces).
+Every module calls only the ones below it (docs/internals/dicom.md; tests/dicom/test_path.py
+checks it). pynetdicom and pydicom are imported only by the modules that need them, so
+importing `relay.dicom.codec` stays light.
 """

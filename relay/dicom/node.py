@@ -141,6 +141,7 @@ class DicomNode:
         self.resume_window = resume_window
         self.cache = cache
         self.offer = offer or CodecOffer()
+        self.offer.load()  # now, not in the viewer's first request (numpy: ~60 ms)
         rawds.install()
         if not 1 <= len(ae_title.strip()) <= 16:
             raise ValueError("dicom.ae_title must be 1 to 16 characters")

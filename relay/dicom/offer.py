@@ -36,6 +36,11 @@ class CodecOffer:
                 self._names = codecs.available()
             return self._names
 
+    def load(self) -> None:
+        """Look the codecs up now (it imports imagecodecs and numpy) rather than on the
+        first request that needs them."""
+        _ = self.names
+
     def header(self) -> dict[str, str]:
         """The stream header announcing the codecs; none when there are none."""
         names = self.names

@@ -12,8 +12,8 @@ unsealed, issue 9), 2-4 for cache (a prefetched study read from the workstation'
 against a direct read, issue 12), 3-6 for viewer (OHIF in headless Chromium opening
 the CT through the relay and from Orthanc's DICOMweb plugin, issue 13), 2-4 for priority
 (a viewer's C-GET alone and while a prefetch fills the link, issue 12), seconds for codecs
-(ratio and speed per pixel codec, issue 14) and about 3 for wan-real-ct (the wan
-retrieval, one run per link, with a real CT slice's pixels, issue 14). `--quick` is a
+(ratio and speed per pixel codec, issue 14) and about 6 for wan-real-ct (the wan
+retrieval on the three links with a real CT slice's pixels, issue 14). `--quick` is a
 smoke run (short windows, one run each, few links) whose numbers are not written unless
 `--write` is also given. Logs of every process go to a temporary directory, kept (and
 printed) only when a benchmark fails.
@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "wan": lambda: wan.run(workdir, bench_pki, runs=1 if quick else 3),
             "wan-real-ct": lambda: wan.run(
-                workdir, bench_pki, runs=1, profiles=PROFILES, knobs=Knobs(study="real-ct")
+                workdir,
+                bench_pki,
+                runs=1 if quick else 3,
+                profiles=PROFILES,
+                knobs=Knobs(study="real-ct"),
             ),
             "seal": lambda: seal.run(workdir, runs=1 if quick else 5),
             "cache": lambda: cache_read.run(workdir, bench_pki, runs=1 if quick else 3),

@@ -105,6 +105,7 @@ class DicomSource:
         self.timeout = timeout
         self.cache = cache
         self.offer = offer or CodecOffer()
+        self.offer.load()  # now, not in the browser's first request (numpy: ~60 ms)
         # A browser viewer's request is a viewer's own: the default urgency, ahead of prefetch.
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
