@@ -250,6 +250,20 @@ class Session:
         self.inbox.abort("node stopping")
 
 
+END_TIMEOUT: Final = 5.0  # seconds a half-close may wait for window credit
+
+
+async def end_stream(stream: ByteStream, clean: bool) -> None:
+    """After the final response, a half-close: the agent takes an early end (a reset) as
+    the workstation giving up, so anything else resets."""
+    if clean:
+        with contextlib.suppress(StreamResetError, OSError, TimeoutError):
+            async with asyncio.timeout(END_TIMEOUT):
+                await stream.write_eof()
+                return
+    stream.reset(RESET_CANCEL)
+
+
 def _why(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -10,7 +10,6 @@ one log line, and the viewer's requests for it go to the network.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -34,8 +33,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.offer import CodecOffer
-from relay.dicom.session import RESET_CANCEL, OpenStream
-from relay.net.bytestream import ByteStream, StreamResetError
+from relay.dicom.session import OpenStream, end_stream
 from relay.wire import HEADER_DICOM_VERSION, HEADER_PRIORITY, HEADER_TARGET, TARGET_DICOM
 from relay.workstation import priorities
 from relay.workstation.cache.query import SERIES_KEYS, STUDY_KEYS
@@ -117,7 +115,7 @@ class StudyFetcher:
                             raise FetchError(f"C-FIND failed at the PACS: 0x{msg.status:04X}")
                         return out
         finally:
-            await _close(stream, done)
+            await end_stream(stream, done)
         raise FetchError("the C-FIND ended without a final response")
 
     async def fill(self, study_uid: str, source: str) -> FetchResult:
@@ -183,7 +181,7 @@ class StudyFetcher:
                     ok = msg.status == st.SUCCESS and not msg.failed
                     return new_bytes, ok
         finally:
-            await _close(stream, done)
+            await end_stream(stream, done)
 
     async def _store(self, study_uid: str, msg: Instance) -> int:
         series, series_attrs = _series_of(msg)
@@ -199,16 +197,6 @@ class StudyFetcher:
         if study is not None and series not in study.series_attrs:
             study.series_attrs[series] = series_attrs
         return len(msg.dataset)
-
-
-async def _close(stream: ByteStream, clean: bool) -> None:
-    """A half-close after the final response (the agent takes an early end as giving up)."""
-    if clean:
-        with contextlib.suppress(StreamResetError, OSError, TimeoutError):
-            async with asyncio.timeout(5):
-                await stream.write_eof()
-                return
-    stream.reset(RESET_CANCEL)
 
 
 def _series_of(msg: Instance) -> tuple[str, dict[str, str]]:

@@ -36,7 +36,7 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.dicom.offer import CodecOffer
-from relay.dicom.session import RESET_CANCEL, OpenStream
+from relay.dicom.session import OpenStream, end_stream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto import Priority
 from relay.wire import (
@@ -140,7 +140,7 @@ class DicomSource:
         try:
             yield stream, clean
         finally:
-            await _close(stream, clean[0])
+            await end_stream(stream, clean[0])
 
     async def _next(self, stream: ByteStream) -> object:
         try:
@@ -243,16 +243,6 @@ class DicomSource:
                 if isinstance(msg, FinalResponse):
                     clean[0] = True
                     return msg
-
-
-async def _close(stream: ByteStream, clean: bool) -> None:
-    """A half-close after the final response; a reset otherwise (the agent gives up)."""
-    if clean:
-        with contextlib.suppress(StreamResetError, OSError, TimeoutError):
-            async with asyncio.timeout(5):
-                await stream.write_eof()
-                return
-    stream.reset(RESET_CANCEL)
 
 
 def is_uid(text: str) -> bool:
