@@ -190,6 +190,7 @@ class DicomNode:
     async def start(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        contexts.check_uids_once()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = 0

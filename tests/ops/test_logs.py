@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import pydicom.config
 import pytest
 from pydicom import valuerep
 from pydicom.dataset import Dataset
@@ -48,8 +49,11 @@ Start = Callable[[str], Captured]
 
 
 @pytest.fixture
-def setup() -> Iterator[Start]:
-    """setup_logging into a buffer; the process's logging as it was afterwards."""
+def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Start]:
+    """setup_logging into a buffer; the process's logging as it was afterwards. pydicom
+    warns as it does for any library user (the relay's DICOM ends turn its reading checks
+    off, relay.dicom.contexts.check_uids_once, and other tests here start those ends)."""
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
 
