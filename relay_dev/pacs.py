@@ -255,6 +255,19 @@ class EmbeddedPacs:
             self._server.server_close()
             self._server = None
 
+    def held(self) -> int:
+        """Associations open now (the tests of the agent's spare association)."""
+        return len(self._server.active_associations) if self._server is not None else 0
+
+    def abort_all(self, *, wait: bool = True) -> None:
+        """Abort every open association, as a PACS does on an idle timeout or a restart;
+        `wait=False` sends the A-ABORTs from threads of their own and returns at once."""
+        for assoc in self._server.active_associations if self._server is not None else []:
+            if wait:
+                assoc.abort()
+            else:
+                threading.Thread(target=assoc.abort, name="pacs-abort", daemon=True).start()
+
     def __enter__(self) -> EmbeddedPacs:
         self.start()
         return self

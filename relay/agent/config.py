@@ -15,6 +15,7 @@ from relay.agent.itpages.settings import ItPagesSettings, read_it_pages_settings
 from relay.dicom.pacs_target import (
     MAX_CODEC_WORKERS,
     MAX_PACS_TIMEOUT,
+    MAX_SPARE_ASSOCIATION,
     PIXEL_CODEC_CHOICES,
     RETRIEVE_CHOICES,
     PacsTarget,
@@ -138,6 +139,9 @@ def _read_pacs(r: Reader) -> PacsTarget | None:
         ),
         codec_workers=s.integer(
             "codec_workers", PacsTarget.codec_workers, lo=1, hi=MAX_CODEC_WORKERS
+        ),
+        spare_association=s.duration(
+            "spare_association", PacsTarget.spare_association, hi=MAX_SPARE_ASSOCIATION
         ),
     )
 

@@ -52,15 +52,20 @@ async def default_handlers(
     # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
     from relay.agent.codec_metrics import PixelCodecMetrics
     from relay.agent.dicom_audit import DicomAuditor
+    from relay.agent.spare_metrics import SpareAssociationMetrics
     from relay.dicom.agent import DicomAgent
 
     target = dataclasses.replace(config.pacs, compression_level=config.compression_level)
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     await dicom.start()
-    codec_metrics = PixelCodecMetrics(dicom.rates.tallies)
+    collectors = (
+        PixelCodecMetrics(dicom.rates.tallies),
+        SpareAssociationMetrics(dicom.spare.counts),
+    )
     registry = metrics.registry if metrics is not None else None
     if registry is not None:
-        registry.register(codec_metrics)
+        for collector in collectors:
+            registry.register(collector)
 
     auditor = DicomAuditor(audit) if audit is not None else None
 
@@ -88,5 +93,6 @@ async def default_handlers(
         yield handlers
     finally:
         if registry is not None:
-            registry.unregister(codec_metrics)
+            for collector in collectors:
+                registry.unregister(collector)
         await dicom.stop()

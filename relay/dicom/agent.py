@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.dicom import headers_only, rawds
+from relay.dicom import contexts, headers_only, rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
@@ -41,6 +41,7 @@ from relay.dicom.encoder import Encoded, RateBook, StreamEncoder, offered_codecs
 from relay.dicom.intake import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomStats, NullStats
 from relay.dicom.survey import StorageMemory
 from relay.net.bytestream import ByteStream, StreamResetError
@@ -108,11 +109,13 @@ async def serve_dicom_stream(
     on_request: Callable[[OperationSummary], None] | None = None,
     rates: RateBook | None = None,
     memory: StorageMemory | None = None,
+    spare: SpareAssociation | None = None,
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
 
     `rates`: what earlier streams learned about the pixel codecs (the agent keeps one);
-    `memory`: the SOP classes and syntaxes earlier surveys found at the PACS (likewise).
+    `memory`: the SOP classes and syntaxes earlier surveys found at the PACS (likewise);
+    `spare`: the association left open by an earlier request (likewise).
 
     `on_request` sees the request as soon as it is read, before the PACS is contacted
     (the audit trail's "transfer begins").
@@ -165,7 +168,7 @@ async def serve_dicom_stream(
     strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
     op = PacsOperation(
         pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip,
-        memory=memory, estimate=not strip,
+        memory=memory, estimate=not strip, spare=spare,
     )  # fmt: skip
     if on_request is not None:
         on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
@@ -333,8 +336,10 @@ class DicomAgent:
         self.move_receiver: MoveReceiver | None = None
         self.rates = RateBook()
         self.memory = StorageMemory()
+        self.spare = SpareAssociation(pacs.spare_association)
 
     async def start(self) -> None:
+        contexts.check_uids_once()
         if self.pacs.retrieve == "move" and self.move_receiver is None:
             listen = self.pacs.move_listen
             assert listen is not None  # PacsTarget sets it for retrieve: move
@@ -348,6 +353,7 @@ class DicomAgent:
             self.move_receiver = receiver
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.spare.close)
         if self.move_receiver is not None:
             await asyncio.to_thread(self.move_receiver.stop)
             self.move_receiver = None
@@ -366,4 +372,5 @@ class DicomAgent:
             on_request=on_request,
             rates=self.rates,
             memory=self.memory,
+            spare=self.spare,
         )

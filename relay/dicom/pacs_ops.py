@@ -17,6 +17,10 @@ from what this PACS's recent studies held plus the common classes; if sub-operat
 fail and the survey shows the study holds something those contexts could not carry, it
 retrieves again with the study's own contexts, passing over what already came. A PACS
 that refuses the survey is retrieved from anyway.
+
+A query or retrieve takes the agent's spare association when there is one
+(relay.dicom.spare: opened after the previous request, `open_spare`), and leaves the next
+one behind when it ends; a spare the PACS had closed is replaced by a new association.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from relay.dicom.codec import (
 from relay.dicom.intake import Intake, MoveReceiver
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
+from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomStats, NullStats, status_category
 from relay.dicom.survey import StorageMemory, Survey
 
@@ -73,13 +78,15 @@ class PacsOperation:
         skip: frozenset[str] = frozenset(),
         memory: StorageMemory | None = None,
         estimate: bool = True,
+        spare: SpareAssociation | None = None,
     ) -> None:
         """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
         taken from the PACS (which counts them as done) but not sent on. `memory`: what
         this PACS's recent studies held (the agent keeps one), for a C-GET's contexts.
         `estimate`: survey beside the retrieve, for the viewer's fallback count; without
         it (a headers-only retrieve, whose reader uses the final counts) the study is
-        surveyed only when a C-GET's contexts may have missed something."""
+        surveyed only when a C-GET's contexts may have missed something. `spare`: the
+        agent's spare association, taken if it suits and refilled at the end."""
         self.pacs = pacs
         self.request = request
         self.codec = codec
@@ -88,6 +95,7 @@ class PacsOperation:
         self.move_receiver = move_receiver
         self.memory = memory
         self.estimate = estimate
+        self.spare = spare
         self.op_name = request.op if request.op != "retrieve" else pacs.retrieve
         self.final: FinalResponse | None = None
         self._stored = 0  # a store: 1 once the PACS took it
@@ -112,6 +120,8 @@ class PacsOperation:
         self.survey: Survey | None = None
         self._beside: _Beside | None = None
         self._survey_for: tuple[str, Dataset] | None = None  # (find model, identifier)
+        self._took_spare = False  # the main association is the spare
+        self._answered = False  # the PACS answered the main association's request
 
     @property
     def instances(self) -> int:
@@ -177,6 +187,17 @@ class PacsOperation:
         with contextlib.suppress(ChannelClosed, TimeoutError):
             self._emit(final)
         self.out.close("operation finished")
+        self._refill(final)
+
+    def _refill(self, final: FinalResponse) -> None:
+        """Leave a spare association for the next query or retrieve (viewers ask in
+        bursts), unless this one could not reach the PACS."""
+        if self.spare is None or self.request.op not in ("find", "retrieve"):
+            return
+        if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED):
+            return
+        pacs, memory = self.pacs, self.memory
+        self.spare.refill(lambda: open_spare(pacs, memory))
 
     def _count_final(self, final: FinalResponse) -> None:
         """Failed and warning counts for the audit trail; a store is one sub-operation."""
@@ -199,16 +220,6 @@ class PacsOperation:
             raise ChannelClosed("aborted")
         self.out.put_sync(msg, self.pacs.stall_timeout)
 
-    def _ae(self) -> AE:
-        ae = AE(ae_title=self.pacs.calling_ae_title)
-        ae.acse_timeout = self.pacs.timeout
-        ae.dimse_timeout = self.pacs.timeout
-        ae.connection_timeout = self.pacs.timeout
-        # While a full channel blocks us, the PACS is silent by design: idle up to the stall.
-        ae.network_timeout = self.pacs.timeout + self.pacs.stall_timeout
-        ae.maximum_pdu_size = 0
-        return ae
-
     def _associate(
         self,
         cxs: Sequence[Any],
@@ -216,21 +227,23 @@ class PacsOperation:
         ext_neg: list[Any] | None = None,
         handlers: list[Any] | None = None,
         main: bool = True,
+        spare_for: str = "",
     ) -> Association | FinalResponse:
-        """`main`: the operation's association, the one cancel() and abort() act on."""
-        ae = self._ae()
-        try:
-            assoc = ae.associate(
-                self.pacs.host,
-                self.pacs.port,
-                contexts=list(cxs),
-                ae_title=self.pacs.ae_title,
-                max_pdu=0,
-                ext_neg=ext_neg,
-                evt_handlers=[contexts.NODELAY, *(handlers or [])],
-            )
-        except Exception as exc:
-            return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
+        """`main`: the operation's association, the one cancel() and abort() act on.
+        `spare_for`: take the spare association if it accepted this abstract syntax."""
+        assoc = self.spare.take(spare_for) if spare_for and self.spare is not None else None
+        if assoc is not None:
+            for event, handler in handlers or []:
+                assoc.bind(event, handler)
+            if not assoc.is_established:  # the PACS ended it just now: associate afresh
+                assoc = None
+        if main:
+            self._took_spare = assoc is not None
+        if assoc is None:
+            try:
+                assoc = _associate(self.pacs, cxs, ext_neg, handlers)
+            except Exception as exc:
+                return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
         if assoc.is_established:
             if main:
                 with self._lock:
@@ -327,7 +340,15 @@ class PacsOperation:
 
     def _find(self, identifier: Dataset) -> FinalResponse:
         model = contexts.MODELS[(self.request.root, "find")]
-        assoc = self._associate([build_context(model)])
+        final = self._find_on(self._associate([build_context(model)], spare_for=model), model,
+                              identifier)  # fmt: skip
+        if self._spare_was_stale(final):
+            final = self._find_on(self._associate([build_context(model)]), model, identifier)
+        return final
+
+    def _find_on(
+        self, assoc: Association | FinalResponse, model: str, identifier: Dataset
+    ) -> FinalResponse:
         if isinstance(assoc, FinalResponse):
             return assoc
         try:
@@ -341,6 +362,7 @@ class PacsOperation:
             for status, match in responses:
                 if not status:
                     return FinalResponse(st.PACS_NO_RESPONSE, "PACS stopped answering C-FIND")
+                self._answered = True
                 code = int(status.Status)
                 if code in _PENDING:
                     if match is not None:
@@ -356,6 +378,8 @@ class PacsOperation:
         except (ChannelClosed, TimeoutError):
             self.abort()
             return FinalResponse(st.LINK_LOST, "relay stream closed")
+        except RuntimeError:  # pynetdicom: the association ended before the request went
+            return FinalResponse(st.PACS_NO_RESPONSE, "the PACS ended the association")
         finally:
             self._release(assoc)
 
@@ -371,7 +395,10 @@ class PacsOperation:
         try:
             if kind == "move":
                 return self._move(base, model, identifier)
-            final, accepted = self._get(base, model, identifier, self._remembered(len(base)))
+            storage = remembered_storage(self.memory, len(base))
+            final, accepted = self._get(base, model, identifier, storage, spare=True)
+            if self._spare_was_stale(final):
+                final, accepted = self._get(base, model, identifier, storage)
             if not _retry_worthy(final) or not self.pacs.survey:
                 return final
             beside = self._beside or self._survey_beside(find_model, identifier)
@@ -396,31 +423,22 @@ class PacsOperation:
             if self._beside is not None:
                 self._beside.finish(wait=False)
 
-    def _remembered(self, used: int) -> list[Any]:
-        """Storage contexts for a C-GET that starts before its survey: what this PACS's
-        recent studies held first, then the common classes and syntaxes.
-
-        Once those studies are known, at most FIRST_CONTEXTS: each proposed context costs
-        association time at both ends (127 took 40-60 ms against a pynetdicom PACS, before
-        the first instance), and a study that needs one not proposed is retrieved again
-        with its own (`_retrieve`)."""
-        memory = self.memory
-        known = memory.classes() if memory else []
-        classes = [*known, *contexts.COMMON_STORAGE] if known else []
-        syntaxes = memory.syntaxes() if memory else []
-        budget = contexts.MAX_CONTEXTS - used
-        if known:
-            budget = min(budget, FIRST_CONTEXTS)
-        return contexts.storage_proposals(classes, syntaxes, budget=budget)
-
     def _get(
-        self, base: list[Any], model: str, identifier: Dataset, storage: list[Any]
+        self,
+        base: list[Any],
+        model: str,
+        identifier: Dataset,
+        storage: list[Any],
+        *,
+        spare: bool = False,
     ) -> tuple[FinalResponse, set[tuple[str, str]]]:
-        """One C-GET; its final response and the (class, syntax) pairs it could carry."""
-        classes = sorted({str(cx.abstract_syntax) for cx in storage})
-        roles = [build_role(sop, scp_role=True) for sop in classes]
+        """One C-GET; its final response and the (class, syntax) pairs it could carry.
+        `spare`: on the spare association if there is one (its own storage contexts)."""
         assoc = self._associate(
-            [*base, *storage], ext_neg=roles, handlers=[(evt.EVT_C_STORE, self.intake.on_store)]
+            [*base, *storage],
+            ext_neg=_scp_roles(storage),
+            handlers=[(evt.EVT_C_STORE, self.intake.on_store)],
+            spare_for=model if spare else "",
         )
         if isinstance(assoc, FinalResponse):
             return assoc, set()
@@ -438,6 +456,8 @@ class PacsOperation:
                     identifier, model, msg_id=self._msg_id, priority=self.request.priority
                 ),
             )
+        except RuntimeError:  # pynetdicom: the association ended before the request went
+            final = FinalResponse(st.PACS_NO_RESPONSE, "the PACS ended the association")
         finally:
             self._release(assoc)
         return final, accepted
@@ -446,7 +466,18 @@ class PacsOperation:
         receiver = self.move_receiver
         if receiver is None:
             return FinalResponse(st.RELAY_UNSUPPORTED, "agent has no C-MOVE receiver")
-        assoc = self._associate(base)
+        final = self._move_on(self._associate(base, spare_for=model), model, identifier, receiver)
+        if self._spare_was_stale(final):
+            final = self._move_on(self._associate(base), model, identifier, receiver)
+        return final
+
+    def _move_on(
+        self,
+        assoc: Association | FinalResponse,
+        model: str,
+        identifier: Dataset,
+        receiver: MoveReceiver,
+    ) -> FinalResponse:
         if isinstance(assoc, FinalResponse):
             return assoc
         if self._wants_estimate():
@@ -466,6 +497,8 @@ class PacsOperation:
                 )
             finally:
                 receiver.unregister(self._msg_id)
+        except RuntimeError:  # pynetdicom: the association ended before the request went
+            return FinalResponse(st.PACS_NO_RESPONSE, "the PACS ended the association")
         finally:
             self._release(assoc)
 
@@ -486,6 +519,7 @@ class PacsOperation:
                         "PACS aborted or stopped answering the retrieve",
                         _carry(counts, self.instances),
                     )
+                self._answered = True
                 code = int(status.Status)
                 counts = (
                     _count(status, "NumberOfRemainingSuboperations"),
@@ -516,6 +550,22 @@ class PacsOperation:
         except (ChannelClosed, TimeoutError):
             self.abort()
             return FinalResponse(st.LINK_LOST, "relay stream closed")
+
+    def _spare_was_stale(self, final: FinalResponse) -> bool:
+        """The spare association had ended at the PACS before our request reached it: no
+        answer and nothing received. Then the request goes again on a new association."""
+        stale = (
+            self._took_spare
+            and not self._answered
+            and final.status == st.PACS_NO_RESPONSE
+            and self.intake.instances == 0
+            and not self._cancel.is_set()
+            and not self._aborted.is_set()
+        )
+        self._took_spare = False
+        if stale:
+            log.info("the spare association had ended; associating again")
+        return stale
 
     def _counted(self, given: bool) -> None:
         """The PACS's first pending response had a count, or not: remember which, and
@@ -646,6 +696,70 @@ class _Beside:
         if not wait and assoc is not None:
             _end(assoc, abort=True)
         return self.op.survey if wait else None
+
+
+def _ae(pacs: PacsTarget) -> AE:
+    ae = AE(ae_title=pacs.calling_ae_title)
+    ae.acse_timeout = pacs.timeout
+    ae.dimse_timeout = pacs.timeout
+    ae.connection_timeout = pacs.timeout
+    # While a full channel blocks us, the PACS is silent by design: idle up to the stall.
+    ae.network_timeout = pacs.timeout + pacs.stall_timeout
+    ae.maximum_pdu_size = 0
+    return ae
+
+
+def _associate(
+    pacs: PacsTarget,
+    cxs: Sequence[Any],
+    ext_neg: list[Any] | None = None,
+    handlers: list[Any] | None = None,
+) -> Association:
+    """Request an association with the PACS (raises if it cannot be reached)."""
+    return _ae(pacs).associate(
+        pacs.host,
+        pacs.port,
+        contexts=list(cxs),
+        ae_title=pacs.ae_title,
+        max_pdu=0,
+        ext_neg=ext_neg,
+        evt_handlers=[contexts.NODELAY, *(handlers or [])],
+    )
+
+
+def _scp_roles(storage: Sequence[Any]) -> list[Any]:
+    """SCP/SCU role selection for a C-GET: we take the storage role for its classes."""
+    classes = sorted({str(cx.abstract_syntax) for cx in storage})
+    return [build_role(sop, scp_role=True) for sop in classes]
+
+
+def remembered_storage(memory: StorageMemory | None, used: int) -> list[Any]:
+    """Storage contexts for a C-GET that starts before its survey: what this PACS's
+    recent studies held first, then the common classes and syntaxes.
+
+    Once those studies are known, at most FIRST_CONTEXTS: each proposed context costs
+    association time at both ends (127 took 40-60 ms against a pynetdicom PACS, before
+    the first instance), and a study that needs one not proposed is retrieved again
+    with its own (`PacsOperation._retrieve`)."""
+    known = memory.classes() if memory else []
+    classes = [*known, *contexts.COMMON_STORAGE] if known else []
+    syntaxes = memory.syntaxes() if memory else []
+    budget = contexts.MAX_CONTEXTS - used
+    if known:
+        budget = min(budget, FIRST_CONTEXTS)
+    return contexts.storage_proposals(classes, syntaxes, budget=budget)
+
+
+def open_spare(pacs: PacsTarget, memory: StorageMemory | None) -> Association | None:
+    """An association for whatever query or retrieve comes next: both roots' find and
+    retrieve models and, for C-GET, the storage contexts a retrieve would propose now."""
+    base = [build_context(contexts.MODELS[(root, op)])
+            for root in ("study", "patient") for op in (pacs.retrieve, "find")]  # fmt: skip
+    storage = remembered_storage(memory, len(base)) if pacs.retrieve == "get" else []
+    assoc = _associate(pacs, [*base, *storage], _scp_roles(storage) or None)
+    if assoc.is_established:
+        return assoc
+    return None
 
 
 def _end(assoc: Association, *, abort: bool) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_MOVE_LISTEN",
     "MAX_CODEC_WORKERS",
     "MAX_PACS_TIMEOUT",
+    "MAX_SPARE_ASSOCIATION",
     "PIXEL_CODEC_CHOICES",
     "RETRIEVE_CHOICES",
     "PacsTarget",
@@ -30,6 +31,9 @@ RETRIEVE_CHOICES: Final[tuple[Retrieve, ...]] = ("get", "move")
 # Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
 DEFAULT_MOVE_LISTEN: Final = Address("127.0.0.1", 0)
 MAX_PACS_TIMEOUT: Final = 3600.0
+# A spare association idles at most this long: PACSes close idle associations (Orthanc
+# after 30 s by default), and one held longer helps no burst of requests.
+MAX_SPARE_ASSOCIATION: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class PacsTarget:
     # the link (the fewest bytes; and what the tests use to force a codec).
     pixel_codecs: PixelCodecs = "auto"
     codec_workers: int = 2  # encoder threads shared by all streams
+    # Seconds an association opened after a request may wait for the next (0: none;
+    # relay.dicom.spare): the next query or retrieve skips associating.
+    spare_association: float = 20.0
 
     @property
     def allowed_codecs(self) -> tuple[str, ...]:
@@ -82,6 +89,8 @@ class PacsTarget:
                              f"{self.pixel_codecs!r}")  # fmt: skip
         if not 1 <= self.codec_workers <= MAX_CODEC_WORKERS:
             raise FieldError("codec_workers", f"expected 1 to {MAX_CODEC_WORKERS}")
+        if not 0 <= self.spare_association <= MAX_SPARE_ASSOCIATION:
+            raise FieldError("spare_association", "expected a duration from 0s to 1m")
         if self.stall_timeout <= 0:
             raise ValueError(f"stall_timeout must be positive, got {self.stall_timeout}")
         if self.retrieve == "move":

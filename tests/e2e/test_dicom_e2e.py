@@ -221,6 +221,27 @@ def test_retrievals_are_compressed_between_the_ends(
     assert received >= raw - before
 
 
+def test_a_retrieve_after_a_query_takes_the_spare_association(
+    chain: DicomChain, uids: dict[str, str], tmp_path: Path
+) -> None:
+    """A viewer's query, then its retrieve: the agent left an association open after the
+    query (relay.dicom.spare), and the retrieve's C-GET runs on it, not on a new one."""
+    spare = 'outcome="{}"'
+    name = "relay_pacs_spare_associations_total"
+    opened = chain.metric("agent", name, spare.format("opened"))
+    found = dcmtk.findscu(chain.node, "STUDY", {"StudyInstanceUID": uids["CT"]}, timeout=TIMEOUT)
+    assert found.status == "Success"
+    deadline = time.monotonic() + 10  # the spare opens on a thread after the query ends
+    while chain.metric("agent", name, spare.format("opened")) == opened:
+        assert time.monotonic() < deadline, "no spare association after the query"
+        time.sleep(0.05)
+    used = chain.metric("agent", name, spare.format("used"))  # the query may have taken one
+    got = dcmtk.getscu(chain.node, tmp_path / "g", "STUDY", {"StudyInstanceUID": uids["CT"]},
+                       timeout=TIMEOUT)  # fmt: skip
+    assert got.status == "Success" and got.suboperations.get("Completed") == 40
+    assert chain.metric("agent", name, spare.format("used")) == used + 1
+
+
 def test_movescu_delivers_to_the_configured_destination(  # noqa: PLR0917
     chain: DicomChain,
     pacs: PacsProcess,

@@ -404,6 +404,21 @@ def test_agent_pacs_section_is_the_type_the_dicom_agent_uses(tmp_path: Path) -> 
     assert (in_code.move_ae_title, in_code.move_listen) == ("RELAYAGENT", DEFAULT_MOVE_LISTEN)
 
 
+def test_agent_spare_association_parses_and_zero_turns_it_off(tmp_path: Path) -> None:
+    path = example_tree(tmp_path) / "config" / "agent.yaml"
+
+    def spare() -> float:
+        pacs = load_agent_config(path).pacs
+        assert pacs is not None
+        return pacs.spare_association
+
+    assert spare() == PacsTarget.spare_association
+    rewrite(path, _set("pacs", "spare_association", "5s"))
+    assert spare() == 5.0
+    rewrite(path, _set("pacs", "spare_association", "0s"))
+    assert spare() == 0.0
+
+
 def test_pacs_target_bounds_name_their_key() -> None:
     with pytest.raises(FieldError) as info:
         PacsTarget("ORTHANC", "127.0.0.1", 4242, timeout=0)
@@ -411,6 +426,9 @@ def test_pacs_target_bounds_name_their_key() -> None:
     with pytest.raises(FieldError) as info:
         PacsTarget("ORTHANC", "127.0.0.1", 4242, retrieve="move", move_ae_title="")
     assert info.value.field == "move_ae_title"
+    with pytest.raises(FieldError) as info:
+        PacsTarget("ORTHANC", "127.0.0.1", 4242, spare_association=61)
+    assert info.value.field == "spare_association"
 
 
 @pytest.mark.parametrize(
@@ -483,6 +501,7 @@ AGENT_ERRORS = [
     (_set("pacs", "calling_ae_title", "A\\B"), "pacs.calling_ae_title", "AE title"),
     (_set("pacs", "retrieve", "fetch"), "pacs.retrieve", "expected one of get, move"),
     (_set("pacs", "timeout", "0s"), "pacs.timeout", "expected a duration above 0s"),
+    (_set("pacs", "spare_association", "2m"), "pacs.spare_association", "expected a duration"),
     (_set("log_level", "verbose"), "log_level", "expected one of debug, info, warning, error"),
     (_set("limits", "max_frame", "64KB"), "limits.max_frame", "expected a size"),
     (_set("limits", "max_frame", "2MiB"), "limits.max_frame", "16KiB-1MiB, got 2MiB"),

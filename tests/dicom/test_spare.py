@@ -1,0 +1,223 @@
+"""The spare association (relay.dicom.spare): opened after a request, taken by the next,
+never more than one, released when idle or unsuited, replaced when the PACS had ended it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from pydicom.uid import UID
+from pynetdicom import _config, build_context
+from pynetdicom.association import Association
+
+from relay.dicom import contexts
+from relay.dicom.agent import DicomAgent
+from relay.dicom.codec import FinalResponse, Instance, Pending, Request
+from relay.dicom.pacs_ops import _associate, open_spare
+from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.spare import OUTCOMES, SpareAssociation
+from relay.dicom.survey import StorageMemory
+from relay.net.bytestream import pipe
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+
+from .helpers import EXPLICIT
+from .test_agent import CT, CT_STUDY, MR, Workstation, ident, retrieve, run, target
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore(CT + MR)) as p:
+        yield p
+
+
+def find() -> Request:
+    return Request(
+        op="find",
+        root="study",
+        transfer_syntax=EXPLICIT,
+        dataset=ident("STUDY", StudyInstanceUID="", PatientName=""),
+    )
+
+
+async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll (bounded): the spare opens and expires on threads of its own."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polling is the point here
+            await asyncio.sleep(0.01)
+
+
+async def through_agent(agent: DicomAgent, request: Request) -> list[object]:
+    a, b = pipe()
+    server = asyncio.create_task(agent.serve(b))
+    ws = Workstation(a)
+    await ws.send(request)
+    msgs = await ws.all()
+    await asyncio.wait_for(server, 20)
+    return list(msgs)
+
+
+async def test_the_next_request_skips_associating(pacs: EmbeddedPacs) -> None:
+    """Through the agent: a find leaves a spare, the next find and then a C-GET take
+    theirs, each leaving the next; the PACS associates once per request, not twice."""
+    agent = DicomAgent(target(pacs))
+    await agent.start()
+    try:
+        msgs = await through_agent(agent, find())
+        assert isinstance(msgs[-1], FinalResponse) and msgs[-1].status == 0
+        await until(lambda: agent.spare.counts()["opened"] == 1)
+        assert pacs.events.associations == 2  # the find's and the spare
+
+        msgs = await through_agent(agent, find())
+        assert len([m for m in msgs if isinstance(m, Pending)]) == 2
+        await until(lambda: agent.spare.counts()["opened"] == 2)
+        assert agent.spare.counts()["used"] == 1
+        assert pacs.events.associations == 3  # the find took the spare: one more, its own
+
+        msgs = await through_agent(agent, retrieve(StudyInstanceUID=CT_STUDY))
+        assert [m.sop_instance for m in msgs if isinstance(m, Instance)] == [
+            i.sop_instance for i in CT
+        ]  # the C-STORE handler is bound on the spare it took
+        assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == len(CT)
+        assert agent.spare.counts()["used"] == 2
+        await until(lambda: agent.spare.counts()["opened"] == 3)
+        assert pacs.held() == 1  # only the spare stays
+    finally:
+        await agent.stop()
+    await until(lambda: pacs.held() == 0)  # stop() released it
+
+
+async def test_an_idle_spare_is_released(pacs: EmbeddedPacs) -> None:
+    spare = SpareAssociation(0.2)
+    await run(target(pacs), find(), spare=spare)
+    await until(lambda: spare.counts()["expired"] == 1)
+    await until(lambda: pacs.held() == 0)
+    before = pacs.events.associations
+    await run(target(pacs), find(), spare=spare)
+    assert spare.counts()["used"] == 0
+    assert pacs.events.associations > before  # associated afresh
+
+
+async def test_never_more_than_one_spare(pacs: EmbeddedPacs) -> None:
+    spare = SpareAssociation(5)
+    pacs_target = target(pacs)
+    for _ in range(3):
+        spare.refill(lambda: open_spare(pacs_target, None))
+    await until(lambda: spare.counts()["opened"] == 1)
+    await asyncio.sleep(0.2)  # a second opener would have associated by now
+    assert pacs.events.associations == 1 and pacs.held() == 1
+    spare.close()
+    spare.refill(lambda: open_spare(pacs_target, None))  # closed: opens no more
+    await until(lambda: pacs.held() == 0)
+    assert spare.counts()["opened"] == 1
+
+
+async def test_a_spare_without_the_needed_context_is_released(pacs: EmbeddedPacs) -> None:
+    """A spare that only carries C-FIND cannot take a C-GET: the retrieve associates with
+    its own contexts and still brings every instance."""
+    pacs_target = target(pacs)
+    spare = SpareAssociation(5)
+    find_model = contexts.MODELS[("study", "find")]
+    spare.refill(lambda: _associate(pacs_target, [build_context(find_model)]))
+    await until(lambda: spare.counts()["opened"] == 1)
+    msgs, _ = await run(pacs_target, retrieve(StudyInstanceUID=CT_STUDY), spare=spare)
+    assert len([m for m in msgs if isinstance(m, Instance)]) == len(CT)
+    assert spare.counts()["unsuited"] == 1 and spare.counts()["used"] == 0
+
+
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed", "in-flight"])
+async def test_a_spare_the_pacs_ended_is_replaced(pacs: EmbeddedPacs, noticed: bool) -> None:
+    """The PACS ends the spare as the request takes it (its idle timeout, a restart):
+    whether the agent notices before its request goes ("noticed") or after (the A-ABORT
+    still on its way, "in-flight": no answer), the request goes on a new association and
+    succeeds, with nothing counted twice."""
+
+    class EndedAtThePacs(SpareAssociation):
+        def take(self, wanted: str) -> Association | None:
+            assoc = super().take(wanted)
+            if assoc is not None:
+                pacs.abort_all(wait=False)
+                deadline = time.monotonic() + 5
+                while noticed and assoc.is_established and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return assoc
+
+    pacs_target = target(pacs)
+    requests = ((find(), None), (retrieve(StudyInstanceUID=CT_STUDY), StorageMemory()))
+    for request, memory in requests:
+        spare = EndedAtThePacs(5)
+        spare.refill(lambda memory=memory: open_spare(pacs_target, memory))  # type: ignore[misc]
+        await until(lambda spare=spare: spare.counts()["opened"] == 1)  # type: ignore[misc]
+        msgs, _ = await run(pacs_target, request, spare=spare)
+        final = msgs[-1]
+        assert isinstance(final, FinalResponse) and final.status == 0, final
+        assert spare.counts()["used"] == 1
+        if request.op == "retrieve":
+            assert len([m for m in msgs if isinstance(m, Instance)]) == len(CT)
+            assert final.completed == len(CT) and final.failed == 0
+        else:
+            assert len([m for m in msgs if isinstance(m, Pending)]) == 2
+        spare.close()
+
+
+async def test_a_spare_already_closed_counts_as_stale(pacs: EmbeddedPacs) -> None:
+    spare = SpareAssociation(5)
+    pacs_target = target(pacs)
+    spare.refill(lambda: open_spare(pacs_target, None))
+    await until(lambda: pacs.held() == 1 and spare.counts()["opened"] == 1)
+    pacs.abort_all()
+    await until(lambda: pacs.held() == 0)
+    await asyncio.sleep(0.1)  # our end sees the A-ABORT
+    msgs, _ = await run(pacs_target, find(), spare=spare)
+    assert isinstance(msgs[-1], FinalResponse) and msgs[-1].status == 0
+    assert spare.counts()["stale"] == 1 and spare.counts()["used"] == 0
+
+
+async def test_zero_seconds_means_no_spare(pacs: EmbeddedPacs) -> None:
+    agent = DicomAgent(target(pacs, spare_association=0))
+    await agent.start()
+    try:
+        await through_agent(agent, find())
+        await asyncio.sleep(0.2)  # a spare would have been opened by now
+        assert pacs.events.associations == 1 and pacs.held() == 0
+        assert not agent.spare.enabled and agent.spare.counts()["opened"] == 0
+    finally:
+        await agent.stop()
+
+
+async def test_no_spare_after_the_pacs_was_unreachable() -> None:
+    with EmbeddedPacs() as gone:
+        pacs_target = PacsTarget(gone.ae_title, "127.0.0.1", gone.port, timeout=5)
+    spare = SpareAssociation(5)
+    msgs, _ = await run(pacs_target, find(), spare=spare)
+    assert isinstance(msgs[-1], FinalResponse) and msgs[-1].status != 0
+    await asyncio.sleep(0.1)
+    assert spare.counts() == dict.fromkeys(OUTCOMES, 0)
+
+
+def test_an_opener_that_fails_is_counted_not_raised() -> None:
+    spare = SpareAssociation(5)
+    done = threading.Event()
+
+    def fails() -> Association | None:
+        done.set()
+        raise OSError("connection refused")
+
+    spare.refill(fails)
+    assert done.wait(5)
+    deadline = time.monotonic() + 5
+    while spare.counts()["failed"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert spare.counts()["failed"] == 1 and spare.take("1.2") is None
+
+
+def test_uids_are_checked_once_and_still_checked() -> None:
+    contexts.check_uids_once()
+    check = _config.VALIDATORS["UI"]
+    contexts.check_uids_once()
+    assert _config.VALIDATORS["UI"] is check  # not wrapped twice
+    assert hasattr(check, "cache_info")
+    assert check(UID("1.2.840.10008.1.2"))[0]
+    assert not check(UID("1.2.x" + "1" * 70))[0]
