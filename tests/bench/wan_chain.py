@@ -46,6 +46,7 @@ START_TIMEOUT: Final = 30.0
 PACS_START_TIMEOUT: Final = 120.0  # generating the study takes seconds on a busy machine
 COMPRESSED: Final = 'relay_bytes_total{direction="sent",stage="compressed"}'
 RAW: Final = 'relay_bytes_total{direction="sent",stage="raw"}'
+SPARE_USED: Final = 'relay_pacs_spare_associations_total{outcome="used"}'
 _STORED: Final = "Sending C-STORE Response"
 _SUBOPS: Final = re.compile(r"Number of (\w+) Suboperations\s*:\s*(\d+)")
 
@@ -288,6 +289,7 @@ class Retrieval:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process name
     codecs: dict[str, Tally] = field(default_factory=dict)  # agent's, by transport codec
     other_load: float = 0.0  # cores used by processes outside the benchmark
+    spare: bool = False  # the agent's C-GET took the association left by the last request
 
     @property
     def first(self) -> float:
@@ -368,6 +370,7 @@ def retrieve(
         cpu=cpu,
         codecs=codec_tallies(before, after),
         other_load=max(0.0, busy - sum(cpu.values())) / seconds,
+        spare=after.get(SPARE_USED, 0.0) > before.get(SPARE_USED, 0.0),
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     if proc.returncode != 0 or not stored or result.failed:
