@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pynetdicom import AE, build_context
+from pynetdicom import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom import contexts
+from relay.dicom.pacs_assoc import associate
 from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["echo_pacs"]
@@ -20,17 +20,8 @@ def echo_pacs(pacs: PacsTarget, timeout: float) -> tuple[bool, str]:
     one short line without patient data.
     """
     where = f"PACS {pacs.ae_title}@{pacs.host}:{pacs.port}"
-    ae = AE(ae_title=pacs.calling_ae_title)
-    for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
-        setattr(ae, name, timeout)
     try:
-        assoc: Any = ae.associate(
-            pacs.host,
-            pacs.port,
-            contexts=[build_context(Verification)],
-            ae_title=pacs.ae_title,
-            evt_handlers=[contexts.NODELAY],
-        )
+        assoc: Any = associate(pacs, [build_context(Verification)], timeout=timeout)
     except Exception as exc:  # pynetdicom raises little, but a readiness probe must not
         return False, f"{where} unreachable ({type(exc).__name__})"
     if not assoc.is_established:

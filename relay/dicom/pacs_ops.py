@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -51,6 +51,7 @@ from relay.dicom.codec import (
     Request,
 )
 from relay.dicom.intake import Intake, MoveReceiver
+from relay.dicom.pacs_assoc import associate, scp_roles
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.spare import SpareAssociation
@@ -196,8 +197,7 @@ class PacsOperation:
             return
         if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED):
             return
-        pacs, memory = self.pacs, self.memory
-        self.spare.refill(lambda: open_spare(pacs, memory))
+        self.spare.refill(self.pacs, *spare_contexts(self.pacs, self.memory))
 
     def _count_final(self, final: FinalResponse) -> None:
         """Failed and warning counts for the audit trail; a store is one sub-operation."""
@@ -241,7 +241,7 @@ class PacsOperation:
             self._took_spare = assoc is not None
         if assoc is None:
             try:
-                assoc = _associate(self.pacs, cxs, ext_neg, handlers)
+                assoc = associate(self.pacs, cxs, ext_neg=ext_neg or (), handlers=handlers or ())
             except Exception as exc:
                 return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
         if assoc.is_established:
@@ -436,7 +436,7 @@ class PacsOperation:
         `spare`: on the spare association if there is one (its own storage contexts)."""
         assoc = self._associate(
             [*base, *storage],
-            ext_neg=_scp_roles(storage),
+            ext_neg=scp_roles(storage),
             handlers=[(evt.EVT_C_STORE, self.intake.on_store)],
             spare_for=model if spare else "",
         )
@@ -698,41 +698,6 @@ class _Beside:
         return self.op.survey if wait else None
 
 
-def _ae(pacs: PacsTarget) -> AE:
-    ae = AE(ae_title=pacs.calling_ae_title)
-    ae.acse_timeout = pacs.timeout
-    ae.dimse_timeout = pacs.timeout
-    ae.connection_timeout = pacs.timeout
-    # While a full channel blocks us, the PACS is silent by design: idle up to the stall.
-    ae.network_timeout = pacs.timeout + pacs.stall_timeout
-    ae.maximum_pdu_size = 0
-    return ae
-
-
-def _associate(
-    pacs: PacsTarget,
-    cxs: Sequence[Any],
-    ext_neg: list[Any] | None = None,
-    handlers: list[Any] | None = None,
-) -> Association:
-    """Request an association with the PACS (raises if it cannot be reached)."""
-    return _ae(pacs).associate(
-        pacs.host,
-        pacs.port,
-        contexts=list(cxs),
-        ae_title=pacs.ae_title,
-        max_pdu=0,
-        ext_neg=ext_neg,
-        evt_handlers=[contexts.NODELAY, *(handlers or [])],
-    )
-
-
-def _scp_roles(storage: Sequence[Any]) -> list[Any]:
-    """SCP/SCU role selection for a C-GET: we take the storage role for its classes."""
-    classes = sorted({str(cx.abstract_syntax) for cx in storage})
-    return [build_role(sop, scp_role=True) for sop in classes]
-
-
 def remembered_storage(memory: StorageMemory | None, used: int) -> list[Any]:
     """Storage contexts for a C-GET that starts before its survey: what this PACS's
     recent studies held first, then the common classes and syntaxes.
@@ -750,16 +715,14 @@ def remembered_storage(memory: StorageMemory | None, used: int) -> list[Any]:
     return contexts.storage_proposals(classes, syntaxes, budget=budget)
 
 
-def open_spare(pacs: PacsTarget, memory: StorageMemory | None) -> Association | None:
-    """An association for whatever query or retrieve comes next: both roots' find and
-    retrieve models and, for C-GET, the storage contexts a retrieve would propose now."""
+def spare_contexts(pacs: PacsTarget, memory: StorageMemory | None) -> tuple[list[Any], list[Any]]:
+    """Contexts (and role selections) of a spare association for whatever query or
+    retrieve comes next: both roots' find and retrieve models and, for C-GET, the storage
+    contexts a retrieve would propose now."""
     base = [build_context(contexts.MODELS[(root, op)])
             for root in ("study", "patient") for op in (pacs.retrieve, "find")]  # fmt: skip
     storage = remembered_storage(memory, len(base)) if pacs.retrieve == "get" else []
-    assoc = _associate(pacs, [*base, *storage], _scp_roles(storage) or None)
-    if assoc.is_established:
-        return assoc
-    return None
+    return [*base, *storage], scp_roles(storage)
 
 
 def _end(assoc: Association, *, abort: bool) -> None:

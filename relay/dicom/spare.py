@@ -8,8 +8,9 @@ association for the next and holds it at most `pacs.spare_association` seconds, 
 releases it. The PACS sees one extra idle association at most, and none once the
 viewers are quiet: a spare is only opened after a request, never on a timer.
 
-Thread-safe: operations take the spare and end on their own threads. The opener (what
-associates, with which contexts) is the caller's: this module holds, times and counts.
+Thread-safe: operations take the spare and end on their own threads. Which contexts a
+spare proposes is the caller's to say (`refill`); this module opens, holds, times and
+counts.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from pynetdicom.association import Association
+
+from relay.dicom.pacs_assoc import associate
+from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["OUTCOMES", "SpareAssociation"]
 
@@ -32,8 +36,6 @@ log = logging.getLogger(__name__)
 # by a request, expired (released unused), stale (the PACS had ended it), unsuited (the
 # PACS had not accepted what the request needed), failed (to open).
 OUTCOMES: Final = ("opened", "used", "expired", "stale", "unsuited", "failed")
-
-Opener = Callable[[], "Association | None"]
 
 
 class SpareAssociation:
@@ -83,13 +85,16 @@ class SpareAssociation:
         _release(assoc)
         return None
 
-    def refill(self, opener: Opener) -> None:
-        """Open a spare on a thread of its own, unless one is held or opening."""
+    def refill(self, pacs: PacsTarget, cxs: Sequence[Any], ext_neg: Sequence[Any] = ()) -> None:
+        """Open a spare proposing `cxs` (and `ext_neg`) on a thread of its own, unless one
+        is held or opening."""
         with self._lock:
             if not self.enabled or self._closed or self._opening or self._assoc is not None:
                 return
             self._opening = True
-        threading.Thread(target=self._open, args=(opener,), name="pacs-spare", daemon=True).start()
+        threading.Thread(
+            target=self._open, args=(pacs, cxs, ext_neg), name="pacs-spare", daemon=True
+        ).start()
 
     def close(self) -> None:
         """Release the spare (the agent is stopping) and open no more."""
@@ -102,11 +107,12 @@ class SpareAssociation:
 
     # -- internals ------------------------------------------------------------------
 
-    def _open(self, opener: Opener) -> None:
+    def _open(self, pacs: PacsTarget, cxs: Sequence[Any], ext_neg: Sequence[Any]) -> None:
+        assoc: Association | None
         try:
-            assoc = opener()
-        except Exception as exc:  # the opener reports; a spare is never worth a crash
-            log.debug("spare association failed: %s", exc)
+            assoc = associate(pacs, cxs, ext_neg=ext_neg)
+        except Exception as exc:  # the request that follows reports; a spare never crashes
+            log.debug("spare association failed: %s", type(exc).__name__)
             assoc = None
         with self._lock:
             self._opening = False

@@ -17,6 +17,7 @@ from relay.dicom.codec import DicomLimits
 from relay.dicom.intake import MoveReceiver
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomCounters
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
 
@@ -72,6 +73,7 @@ class Chain:
     max_streams: int | None = None  # later opens fail as if the link never came back
     link_up: bool = True
     move_receiver: MoveReceiver | None = None
+    spare: SpareAssociation | None = None  # the agent's (relay.dicom.spare)
     pipe_limit: int = 256 * 1024
     summaries: list[OperationSummary] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -102,6 +104,7 @@ class Chain:
             stats=self.agent_stats,
             limits=self.limits,
             move_receiver=self.move_receiver,
+            spare=self.spare,
         )
         self.summaries.append(summary)
 

@@ -150,13 +150,15 @@ def trace() -> Iterator[Trace]:
 
 
 async def measure_get(instances: int = 4, *, agent_retrieve: str = "get") -> Trace:
-    """One C-GET of an `instances`-image study, viewer -> node -> agent -> PACS and back.
+    """One C-GET of an `instances`-image study, viewer -> node -> agent -> PACS and back,
+    twice: the second on the spare association the first left (relay.dicom.spare).
 
     `agent_retrieve`: how the agent takes the study from the PACS, "get" or "move" (then
     through its C-MOVE receiver)."""
     from relay.dicom import rawds
     from relay.dicom.intake import MoveReceiver
     from relay.dicom.pacs_target import PacsTarget
+    from relay.dicom.spare import SpareAssociation
     from relay_dev import samples
     from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
@@ -178,21 +180,32 @@ async def measure_get(instances: int = 4, *, agent_retrieve: str = "get") -> Tra
         target = PacsTarget(
             ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10, **extra
         )
-        chain = Chain(target, move_receiver=receiver)
+        spare = SpareAssociation(10)
+        chain = Chain(target, move_receiver=receiver, spare=spare)
         await chain.start()
+        results = []
         try:
-            result = await asyncio.to_thread(
-                viewer.get,
-                chain.port,
-                query("STUDY", StudyInstanceUID=uid),
-                classes=[samples.CT_IMAGE_STORAGE],
-            )
-            await chain.settle()
+            for _ in range(2):
+                results.append(
+                    await asyncio.to_thread(
+                        viewer.get,
+                        chain.port,
+                        query("STUDY", StudyInstanceUID=uid),
+                        classes=[samples.CT_IMAGE_STORAGE],
+                    )
+                )
+                await chain.settle()
+                async with asyncio.timeout(10):  # the spare opens on a thread of its own
+                    while spare.counts()["opened"] < len(results):  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
         finally:
             await chain.stop()
+            spare.close()
             if receiver is not None:
                 receiver.stop()
-    assert len(result.received) == instances and result.final.Status == 0
+    for result in results:
+        assert len(result.received) == instances and result.final.Status == 0
+    assert spare.counts()["used"] == 1
     return t
 
 

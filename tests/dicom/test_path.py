@@ -19,14 +19,16 @@ LAYERS = {
     "relay.dicom.pacs_echo": 1,  # the agent's readiness check (not on this path)
     "relay.dicom.intake": 2,  # instances from the PACS (C-GET handler, C-MOVE SCP)
     "relay.dicom.survey": 2,  # the study's C-FIND beside a retrieve
-    "relay.dicom.bridge": 3,
-    "relay.dicom.codec": 3,
-    "relay.dicom.offer": 3,  # the pixel codecs the workstation announces
-    "relay.dicom.contexts": 3,
-    "relay.dicom.rawds": 3,
-    "relay.dicom.stats": 4,
-    "relay.dicom.status": 4,
-    "relay.dicom.pacs_target": 4,  # the `pacs:` settings, a value
+    "relay.dicom.spare": 2,  # the association left for the next request
+    "relay.dicom.pacs_assoc": 3,  # requests an association with the PACS
+    "relay.dicom.bridge": 4,
+    "relay.dicom.codec": 4,
+    "relay.dicom.offer": 4,  # the pixel codecs the workstation announces
+    "relay.dicom.contexts": 4,
+    "relay.dicom.rawds": 4,
+    "relay.dicom.stats": 5,
+    "relay.dicom.status": 5,
+    "relay.dicom.pacs_target": 5,  # the `pacs:` settings, a value
 }
 
 

@@ -1,0 +1,55 @@
+"""Requesting an association with the PACS: one place for the agent's AE settings.
+
+Every association the agent opens towards the PACS (a query or retrieve, the survey
+beside it, the spare left for the next request, the readiness C-ECHO) is requested here,
+with TCP_NODELAY and every wait bounded. Blocking: call it on a thread, never the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pynetdicom import AE, build_role
+from pynetdicom.association import Association
+
+from relay.dicom import contexts
+from relay.dicom.pacs_target import PacsTarget
+
+__all__ = ["associate", "scp_roles"]
+
+
+def associate(
+    pacs: PacsTarget,
+    cxs: Sequence[Any],
+    *,
+    ext_neg: Sequence[Any] = (),
+    handlers: Sequence[Any] = (),
+    timeout: float | None = None,
+) -> Association:
+    """Request an association (raises if the PACS cannot be reached; check
+    `is_established`). Waits are bounded by `pacs.timeout`, and silence on an established
+    association by that plus `pacs.stall_timeout` (a full channel blocks the agent, and
+    the PACS then waits on us by design); `timeout` bounds them all instead (a probe)."""
+    ae = AE(ae_title=pacs.calling_ae_title)
+    wait = pacs.timeout if timeout is None else timeout
+    ae.acse_timeout = wait
+    ae.dimse_timeout = wait
+    ae.connection_timeout = wait
+    ae.network_timeout = pacs.timeout + pacs.stall_timeout if timeout is None else timeout
+    ae.maximum_pdu_size = 0
+    return ae.associate(
+        pacs.host,
+        pacs.port,
+        contexts=list(cxs),
+        ae_title=pacs.ae_title,
+        max_pdu=0,
+        ext_neg=list(ext_neg) or None,
+        evt_handlers=[contexts.NODELAY, *handlers],
+    )
+
+
+def scp_roles(storage: Sequence[Any]) -> list[Any]:
+    """SCP/SCU role selection for a C-GET: we take the storage role for its classes."""
+    classes = sorted({str(cx.abstract_syntax) for cx in storage})
+    return [build_role(sop, scp_role=True) for sop in classes]
