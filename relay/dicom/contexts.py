@@ -278,6 +278,10 @@ def parse_address(value: str | tuple[str, int], what: str = "address") -> tuple[
     return host, int(port)
 
 
+# UIDs whose check pynetdicom remembers (check_uids_once): a C-GET's contexts are about 2000.
+MAX_REMEMBERED_UIDS: Final = 4096
+
+
 def check_uids_once() -> None:
     """Check each UID once, not four times: the A-ASSOCIATE-RQ of a viewer that proposes
     every storage class (getscu: 17 KB, 120 contexts) creates some 2000 UIDs, each checked
@@ -294,4 +298,4 @@ def check_uids_once() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     check = _config.VALIDATORS["UI"]
     if not hasattr(check, "cache_info"):
-        _config.VALIDATORS["UI"] = functools.lru_cache(maxsize=4096)(check)
+        _config.VALIDATORS["UI"] = functools.lru_cache(maxsize=MAX_REMEMBERED_UIDS)(check)

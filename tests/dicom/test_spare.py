@@ -210,6 +210,6 @@ def test_uids_are_checked_once_and_still_checked() -> None:
     check = _config.VALIDATORS["UI"]
     contexts.check_uids_once()
     assert _config.VALIDATORS["UI"] is check  # not wrapped twice
-    assert hasattr(check, "cache_info")
+    assert check.cache_info().maxsize == contexts.MAX_REMEMBERED_UIDS  # type: ignore[attr-defined]
     assert check(UID("1.2.840.10008.1.2"))[0]
     assert not check(UID("1.2.x" + "1" * 70))[0]
