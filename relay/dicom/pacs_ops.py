@@ -19,7 +19,7 @@ retrieves again with the study's own contexts, passing over what already came. A
 that refuses the survey is retrieved from anyway.
 
 A query or retrieve takes the agent's spare association when there is one
-(relay.dicom.spare: opened after the previous request, `open_spare`), and leaves the next
+(relay.dicom.spare: opened after the previous request, `spare_contexts`), and leaves the next
 one behind when it ends; a spare the PACS had closed is replaced by a new association.
 """
 
