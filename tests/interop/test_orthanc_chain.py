@@ -10,6 +10,7 @@ the same matches, the same dataset bytes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,6 +148,28 @@ def test_getscu_receives_orthancs_bytes(  # noqa: PLR0917
     assert got.suboperations.get("Completed") == want.suboperations.get("Completed") == count
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
     assert bytes_by_instance(got.files) == HELD[study]  # what Orthanc holds, byte for byte
+
+
+def test_a_retrieve_after_a_query_runs_on_the_spare_association(
+    chain: DicomChain, tmp_path: Path
+) -> None:
+    """Orthanc accepts the agent's spare association (both roots' query and retrieve
+    models and the storage contexts, with the SCP role), and a C-GET that follows a
+    query runs on it and brings Orthanc's bytes (relay.dicom.spare)."""
+    name, outcome = "relay_pacs_spare_associations_total", 'outcome="{}"'
+    opened = chain.metric("agent", name, outcome.format("opened"))
+    found = dcmtk.findscu(chain.node, "STUDY", {"StudyInstanceUID": CT_STUDY}, timeout=TIMEOUT)
+    assert found.status == "Success" and len(found.matches) == 1
+    deadline = time.monotonic() + 10  # the spare opens on a thread after the query ends
+    while chain.metric("agent", name, outcome.format("opened")) == opened:
+        assert time.monotonic() < deadline, "no spare association after the query"
+        time.sleep(0.05)
+    used = chain.metric("agent", name, outcome.format("used"))
+    got = dcmtk.getscu(chain.node, tmp_path, "STUDY", {"StudyInstanceUID": CT_STUDY},
+                       extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    assert got.status == "Success" and got.suboperations.get("Completed") == len(CT)
+    assert bytes_by_instance(got.files) == HELD["ct"]
+    assert chain.metric("agent", name, outcome.format("used")) == used + 1
 
 
 def test_getscu_of_a_dcmtk_written_series(
