@@ -315,27 +315,38 @@ class MessageCodec:
 
     # -- encode -----------------------------------------------------------------------
 
-    def validate(self, msg: Message) -> None:
-        """Raise DicomProtocolError if `msg` could not be encoded (no compression work)."""
+    def _wire_parts(self, msg: Message) -> tuple[int, dict[str, Any], bytes, str]:
+        """`_to_wire` with its errors as DicomProtocolError, the dataset within limits."""
         try:
-            _, header, body, _ = _to_wire(msg, self.limits)
+            parts = _to_wire(msg, self.limits)
         except DicomProtocolError:
             raise
         except ValueError as exc:
             raise DicomProtocolError(str(exc)) from None
+        body = parts[2]
         if len(body) > self.limits.max_dataset:
             raise DicomProtocolError(
                 f"dataset of {len(body)} bytes exceeds limit {self.limits.max_dataset}"
             )
+        return parts
+
+    def _header_bytes(self, header: dict[str, Any]) -> bytes:
+        """The JSON header as written, within its limit."""
+        hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(hbytes) > self.limits.max_header:
+            raise DicomProtocolError(
+                f"header of {len(hbytes)} bytes exceeds limit {self.limits.max_header}"
+            )
+        return hbytes
+
+    def validate(self, msg: Message) -> None:
+        """Raise DicomProtocolError if `msg` could not be encoded (no compression work)."""
+        _, header, body, _ = self._wire_parts(msg)
         if _FIXED.size + len(body) > self.limits.max_message:
             raise DicomProtocolError(
                 f"message of {len(body)} bytes exceeds limit {self.limits.max_message}"
             )
-        hlen = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
-        if hlen > self.limits.max_header:
-            raise DicomProtocolError(
-                f"header of {hlen} bytes exceeds limit {self.limits.max_header}"
-            )
+        self._header_bytes(header)
 
     def encode(self, msg: Message, pixels: PixelPart | None = None) -> bytes:
         """The bytes to write for `msg`: length prefix, fixed header, JSON header, body.
@@ -343,25 +354,12 @@ class MessageCodec:
         With `pixels` (an Instance only), the pixel values at `pixels.offset` travel as
         the codestreams and the rest of the dataset as zstd (FLAG_PIXELS).
         """
-        try:
-            mtype, header, body, ts = _to_wire(msg, self.limits)
-        except DicomProtocolError:
-            raise
-        except ValueError as exc:
-            raise DicomProtocolError(str(exc)) from None
-        if len(body) > self.limits.max_dataset:
-            raise DicomProtocolError(
-                f"dataset of {len(body)} bytes exceeds limit {self.limits.max_dataset}"
-            )
+        mtype, header, body, ts = self._wire_parts(msg)
         if pixels is not None:
             if mtype != MessageType.INSTANCE:
                 raise DicomProtocolError("only an instance carries encoded pixels")
             return self._encode_pixels(header, body, ts, pixels)
-        hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(hbytes) > self.limits.max_header:
-            raise DicomProtocolError(
-                f"header of {len(hbytes)} bytes exceeds limit {self.limits.max_header}"
-            )
+        hbytes = self._header_bytes(header)
         wire_body, compressed = self._maybe_compress(body, ts)
         flags = FLAG_ZSTD if compressed else 0
         length = _FIXED.size + len(hbytes) + len(wire_body)
@@ -400,11 +398,7 @@ class MessageCodec:
             # CRC-32 of the native pixel bytes: the workstation checks what it rebuilt
             "crc": zlib.crc32(body[at:end]),
         }
-        hbytes = json.dumps(header, separators=(",", ":")).encode()
-        if len(hbytes) > self.limits.max_header:
-            raise DicomProtocolError(
-                f"header of {len(hbytes)} bytes exceeds limit {self.limits.max_header}"
-            )
+        hbytes = self._header_bytes(header)
         length = _FIXED.size + len(hbytes) + len(rest) + enc.nbytes
         if length > self.limits.max_message:
             raise DicomProtocolError(
