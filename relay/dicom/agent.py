@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from relay.dicom import contexts, headers_only, rawds
 from relay.dicom import status as st
@@ -99,6 +100,43 @@ class OperationSummary:
             return {}
 
 
+@dataclass(frozen=True)
+class Refused:
+    """What a stream that did not start with what it must got: status and reason."""
+
+    status: int
+    reason: str
+
+
+_First = TypeVar("_First", Request, Skip)
+
+
+async def _expect(
+    stream: ByteStream, codec: MessageCodec, within: float, kind: type[_First], what: str
+) -> _First | Refused:
+    """The next message, which must be a `kind` (the request, the skip list), within
+    `within` seconds; anything else is refused on the stream (where it can still be
+    heard)."""
+    try:
+        async with asyncio.timeout(within):
+            msg = await read_message(stream, codec)
+    except (DicomProtocolError, TimeoutError) as exc:
+        reason = str(exc) or f"no {what} within the timeout"
+        await _refuse(stream, codec, reason)
+        return Refused(st.RELAY_PROTOCOL, reason)
+    except StreamResetError:
+        return Refused(st.LINK_LOST, f"stream reset before the {what}")
+    if msg is None:
+        with contextlib.suppress(StreamResetError):
+            await stream.write_eof()
+        return Refused(st.LINK_LOST, f"stream closed before the {what}")
+    if not isinstance(msg, kind):
+        reason = f"expected the {what}, got {type(msg).__name__}"
+        await _refuse(stream, codec, reason)
+        return Refused(st.RELAY_PROTOCOL, reason)
+    return msg
+
+
 async def serve_dicom_stream(
     stream: ByteStream,
     pacs: PacsTarget,
@@ -127,39 +165,15 @@ async def serve_dicom_stream(
     def summary(op: str, status: int, comment: str, **kw: object) -> OperationSummary:
         return OperationSummary(op, status, comment, time.monotonic() - started, **kw)  # type: ignore[arg-type]
 
-    try:
-        async with asyncio.timeout(pacs.timeout):
-            msg = await read_message(stream, codec)
-    except (DicomProtocolError, TimeoutError) as exc:
-        reason = str(exc) or "no request within the timeout"
-        await _refuse(stream, codec, reason)
-        return summary("invalid", st.RELAY_PROTOCOL, reason)
-    except StreamResetError:
-        return summary("invalid", st.LINK_LOST, "stream reset before the request")
-    if msg is None:
-        with contextlib.suppress(StreamResetError):
-            await stream.write_eof()
-        return summary("invalid", st.LINK_LOST, "stream closed before the request")
-    if not isinstance(msg, Request):
-        reason = f"expected a request, got {type(msg).__name__}"
-        await _refuse(stream, codec, reason)
-        return summary("invalid", st.RELAY_PROTOCOL, reason)
+    msg = await _expect(stream, codec, pacs.timeout, Request, "request")
+    if isinstance(msg, Refused):
+        return summary("invalid", msg.status, msg.reason)
     skip: frozenset[str] = frozenset()
     if msg.resume:
         # A resumed retrieve: the instances the viewer already has come next.
-        try:
-            async with asyncio.timeout(pacs.timeout):
-                extra = await read_message(stream, codec)
-        except (DicomProtocolError, TimeoutError) as exc:
-            reason = str(exc) or "no skip list within the timeout"
-            await _refuse(stream, codec, reason)
-            return summary("invalid", st.RELAY_PROTOCOL, reason)
-        except StreamResetError:
-            return summary("invalid", st.LINK_LOST, "stream reset before the skip list")
-        if not isinstance(extra, Skip):
-            reason = f"expected the skip list, got {type(extra).__name__}"
-            await _refuse(stream, codec, reason)
-            return summary("invalid", st.RELAY_PROTOCOL, reason)
+        extra = await _expect(stream, codec, pacs.timeout, Skip, "skip list")
+        if isinstance(extra, Refused):
+            return summary("invalid", extra.status, extra.reason)
         skip = frozenset(extra.uids)
         log.info("resuming a retrieve: %d instances already delivered", len(skip))
 

@@ -393,6 +393,31 @@ async def test_a_request_must_come_first_and_in_time(pacs: EmbeddedPacs) -> None
     assert summary.status == st.RELAY_PROTOCOL
 
 
+async def test_a_resumed_retrieve_must_bring_its_skip_list(pacs: EmbeddedPacs) -> None:
+    """After a request with `resume`, the skip list comes next: anything else is refused
+    with the relay-protocol status, and a stream that ends there is a lost link; the PACS
+    is never asked."""
+    resumed = replace(retrieve(StudyInstanceUID=CT_STUDY), resume=True)
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+    ws = Workstation(a)
+    await ws.send(resumed)
+    await ws.send(Cancel())
+    msgs = await ws.all()
+    summary = await asyncio.wait_for(server, 20)
+    assert isinstance(msgs[0], ErrorMessage) and "skip list" in msgs[0].reason
+    assert summary.status == st.RELAY_PROTOCOL
+
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+    ws = Workstation(a)
+    await ws.send(resumed)
+    await a.write_eof()
+    summary = await asyncio.wait_for(server, 20)
+    assert (summary.status, summary.comment) == (st.LINK_LOST, "stream closed before the skip list")
+    assert pacs.events.associations == 0
+
+
 @pytest.mark.parametrize("data", [b"\x08\x00\x52\x00CS\xff\xff", b"garbage!!", b""])
 async def test_undecodable_identifier_never_reaches_the_pacs(
     pacs: EmbeddedPacs, data: bytes
