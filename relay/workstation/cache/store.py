@@ -162,14 +162,7 @@ class CacheStore:
     ) -> CachedStudy:
         """The study's index entry, created or refreshed, marked filling."""
         with self._lock:
-            study = self.studies.get(uid)
-            if study is None:
-                if len(self.studies) >= MAX_STUDIES:
-                    self._evict_one(keep=uid)
-                self._seq += 1
-                study = CachedStudy(uid=uid, source=source, seq=self._seq)
-                self.studies[uid] = study
-            study.attrs.update(attrs)
+            study = self._entry(uid, attrs, source)
             study.expected = expected
             study.filling = True
             study.complete = False
@@ -179,16 +172,22 @@ class CacheStore:
         """The study's index entry for a series written through: created, or its attributes
         refreshed; never marked filling, and its completeness left alone."""
         with self._lock:
-            study = self.studies.get(uid)
-            if study is None:
-                if len(self.studies) >= MAX_STUDIES:
-                    self._evict_one(keep=uid)
-                self._seq += 1
-                study = CachedStudy(uid=uid, source=source, seq=self._seq)
-                self.studies[uid] = study
-            study.attrs.update(attrs)
+            study = self._entry(uid, attrs, source)
             if expected is not None:
                 study.expected = expected
+
+    def _entry(self, uid: str, attrs: dict[str, str], source: str) -> CachedStudy:
+        """The study's entry (under the lock), made if new (the index bounded at
+        MAX_STUDIES), with `attrs` merged in."""
+        study = self.studies.get(uid)
+        if study is None:
+            if len(self.studies) >= MAX_STUDIES:
+                self._evict_one(keep=uid)
+            self._seq += 1
+            study = CachedStudy(uid=uid, source=source, seq=self._seq)
+            self.studies[uid] = study
+        study.attrs.update(attrs)
+        return study
 
     def finish_series(self, uid: str, series: str, count: int) -> bool:
         """Mark one series complete when `count` (the PACS's) instances of it are here; the
