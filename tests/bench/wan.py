@@ -599,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", default="", help="YAML flow mapping for limits:")
     parser.add_argument("--compression-level", type=int, default=3)
     parser.add_argument("--pixel-codecs", default="auto", help="auto, off, jpegls, htj2k or jpegxl")
+    parser.add_argument(
+        "--spare-association", default="", help="pacs.spare_association, e.g. 0s (none)"
+    )
     parser.add_argument("--study", choices=STUDIES, default="phantom", help="the CT's pixels")
     parser.add_argument("--write", action="store_true", help=f"write the section into {DOC}")
     args = parser.parse_args(argv)
@@ -607,7 +610,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no profile among {args.profiles!r}")
     raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    knobs = Knobs(args.limits, args.compression_level, args.pixel_codecs, args.study)
+    knobs = Knobs(
+        args.limits, args.compression_level, args.pixel_codecs, args.study, args.spare_association
+    )
     try:
         out = run(
             workdir, make_pki(workdir / "pki"), runs=args.runs, count=args.count,

@@ -55,13 +55,15 @@ _SUBOPS: Final = re.compile(r"Number of (\w+) Suboperations\s*:\s*(\d+)")
 class Knobs:
     """Config that the benchmark may vary: `limits` (a YAML flow mapping for the limits:
     section of all three relay processes), the agent's zstd level and its pixel codecs
-    (`pacs.pixel_codecs`: auto, off, jpegls, htj2k; issue 14), and the PACS's study
-    (`tests.bench.wan_pacs.STUDIES`: the phantom, or one real CT slice in every instance)."""
+    (`pacs.pixel_codecs`: auto, off, jpegls, htj2k; issue 14), the PACS's study
+    (`tests.bench.wan_pacs.STUDIES`: the phantom, or one real CT slice in every instance)
+    and `pacs.spare_association` (a duration; empty: the default)."""
 
     limits: str = ""
     compression_level: int = 3
     pixel_codecs: str = "auto"
     study: str = "phantom"
+    spare_association: str = ""
 
     def describe(self) -> str:
         parts = [f"limits {self.limits}" if self.limits else "default limits"]
@@ -69,6 +71,8 @@ class Knobs:
         parts.append(f"pixel_codecs {self.pixel_codecs}")
         if self.study != "phantom":
             parts.append(f"study {self.study}")
+        if self.spare_association:
+            parts.append(f"spare_association {self.spare_association}")
         return ", ".join(parts)
 
 
@@ -136,7 +140,9 @@ def start_hospital(
         f"state_dir: {workdir / 'agent-state'}\n"
         f"metrics_listen: {HOST}:0\n"
         f"pacs: {{ae_title: {PACS_AE}, host: {HOST}, port: {pacs_port}, "
-        f"calling_ae_title: {NODE_AE}, pixel_codecs: '{knobs.pixel_codecs}'}}\n"
+        f"calling_ae_title: {NODE_AE}, pixel_codecs: '{knobs.pixel_codecs}'"
+        + (f", spare_association: {knobs.spare_association}" if knobs.spare_association else "")
+        + "}\n"
         f"compression_level: {knobs.compression_level}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"
