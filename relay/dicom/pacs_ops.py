@@ -195,8 +195,8 @@ class PacsOperation:
         bursts), unless this one could not reach the PACS."""
         if self.spare is None or self.request.op not in ("find", "retrieve"):
             return
-        if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED):
-            return
+        if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED) or not self.spare.vacant():
+            return  # (the contexts cost building: not for a spare held, or none wanted)
         self.spare.refill(self.pacs, *spare_contexts(self.pacs, self.memory))
 
     def _count_final(self, final: FinalResponse) -> None:

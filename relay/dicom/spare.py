@@ -85,11 +85,16 @@ class SpareAssociation:
         _release(assoc)
         return None
 
+    def vacant(self) -> bool:
+        """Whether `refill` would open one now (ask before building its contexts)."""
+        with self._lock:
+            return self._vacant()
+
     def refill(self, pacs: PacsTarget, cxs: Sequence[Any], ext_neg: Sequence[Any] = ()) -> None:
         """Open a spare proposing `cxs` (and `ext_neg`) on a thread of its own, unless one
         is held or opening."""
         with self._lock:
-            if not self.enabled or self._closed or self._opening or self._assoc is not None:
+            if not self._vacant():
                 return
             self._opening = True
         threading.Thread(
@@ -131,6 +136,9 @@ class SpareAssociation:
                 keep = True
         if not keep and assoc is not None and assoc.is_established:
             _release(assoc)
+
+    def _vacant(self) -> bool:
+        return self.enabled and not self._closed and not self._opening and self._assoc is None
 
     def _expire(self, assoc: Association) -> None:
         with self._lock:

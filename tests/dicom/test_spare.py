@@ -107,6 +107,7 @@ async def test_never_more_than_one_spare(pacs: EmbeddedPacs) -> None:
     await until(lambda: spare.counts()["opened"] == 1)
     await asyncio.sleep(0.2)  # a second opener would have associated by now
     assert pacs.events.associations == 1 and pacs.held() == 1
+    assert not spare.vacant()  # held: a request's end builds no contexts for another
     spare.close()
     spare.refill(pacs_target, *spare_contexts(pacs_target, None))  # closed: opens no more
     await until(lambda: pacs.held() == 0)
@@ -181,7 +182,8 @@ async def test_zero_seconds_means_no_spare(pacs: EmbeddedPacs) -> None:
         await through_agent(agent, find())
         await asyncio.sleep(0.2)  # a spare would have been opened by now
         assert pacs.events.associations == 1 and pacs.held() == 0
-        assert not agent.spare.enabled and agent.spare.counts()["opened"] == 0
+        assert not agent.spare.enabled and not agent.spare.vacant()
+        assert agent.spare.counts()["opened"] == 0
     finally:
         await agent.stop()
 
