@@ -26,10 +26,11 @@ one behind when it ends; a spare the PACS had closed is replaced by a new associ
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -224,13 +225,16 @@ class PacsOperation:
         self,
         cxs: Sequence[Any],
         *,
-        ext_neg: list[Any] | None = None,
+        storage: Callable[[], list[Any]] | None = None,
         handlers: list[Any] | None = None,
         main: bool = True,
         spare_for: str = "",
     ) -> Association | FinalResponse:
         """`main`: the operation's association, the one cancel() and abort() act on.
-        `spare_for`: take the spare association if it accepted this abstract syntax."""
+        `spare_for`: take the spare association if it accepted this abstract syntax.
+        `storage`: a C-GET's storage contexts (we take the SCP role), built only when
+        associating afresh: a spare has its own, and building ~60 costs a millisecond
+        before the first instance."""
         assoc = self.spare.take(spare_for) if spare_for and self.spare is not None else None
         if assoc is not None:
             for event, handler in handlers or []:
@@ -240,8 +244,11 @@ class PacsOperation:
         if main:
             self._took_spare = assoc is not None
         if assoc is None:
+            extra = storage() if storage is not None else []
             try:
-                assoc = associate(self.pacs, cxs, ext_neg=ext_neg or (), handlers=handlers or ())
+                assoc = associate(
+                    self.pacs, [*cxs, *extra], ext_neg=scp_roles(extra), handlers=handlers or ()
+                )
             except Exception as exc:
                 return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
         if assoc.is_established:
@@ -395,7 +402,7 @@ class PacsOperation:
         try:
             if kind == "move":
                 return self._move(base, model, identifier)
-            storage = remembered_storage(self.memory, len(base))
+            storage = functools.partial(remembered_storage, self.memory, len(base))
             final, accepted = self._get(base, model, identifier, storage, spare=True)
             if self._spare_was_stale(final):
                 final, accepted = self._get(base, model, identifier, storage)
@@ -412,11 +419,11 @@ class PacsOperation:
             # Some of the study is in SOP classes or syntaxes the first association could
             # not carry: again, with the study's own, passing over what already came.
             log.info("retrieving again with the study's own storage contexts")
-            storage = contexts.storage_proposals(
-                survey.sop_classes, survey.transfer_syntaxes,
+            own = functools.partial(
+                contexts.storage_proposals, survey.sop_classes, survey.transfer_syntaxes,
                 budget=contexts.MAX_CONTEXTS - len(base),
             )  # fmt: skip
-            return self._get(base, model, identifier, storage)[0]
+            return self._get(base, model, identifier, own)[0]
         finally:
             if self.memory is not None:
                 self.memory.remember_seen(self.intake.seen_classes(), self.intake.seen_syntaxes())
@@ -428,15 +435,15 @@ class PacsOperation:
         base: list[Any],
         model: str,
         identifier: Dataset,
-        storage: list[Any],
+        storage: Callable[[], list[Any]],
         *,
         spare: bool = False,
     ) -> tuple[FinalResponse, set[tuple[str, str]]]:
         """One C-GET; its final response and the (class, syntax) pairs it could carry.
         `spare`: on the spare association if there is one (its own storage contexts)."""
         assoc = self._associate(
-            [*base, *storage],
-            ext_neg=scp_roles(storage),
+            base,
+            storage=storage,
             handlers=[(evt.EVT_C_STORE, self.intake.on_store)],
             spare_for=model if spare else "",
         )

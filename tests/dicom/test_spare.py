@@ -4,15 +4,17 @@ never more than one, released when idle or unsuited, replaced when the PACS had 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from pydicom.uid import UID
 from pynetdicom import _config, build_context
 from pynetdicom.association import Association
 
-from relay.dicom import contexts
+from relay.dicom import contexts, pacs_ops
 from relay.dicom.agent import DicomAgent
 from relay.dicom.codec import FinalResponse, Instance, Pending, Request
 from relay.dicom.pacs_ops import spare_contexts
@@ -186,6 +188,34 @@ async def test_zero_seconds_means_no_spare(pacs: EmbeddedPacs) -> None:
         assert agent.spare.counts()["opened"] == 0
     finally:
         await agent.stop()
+
+
+@pytest.mark.parametrize("seconds", [5.0, 0.0])
+async def test_a_c_get_on_a_spare_builds_no_storage_contexts(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> None:
+    """The spare carries its own storage contexts: a C-GET that takes it must not build
+    another ~60 before its request goes (a millisecond before the first instance). Without
+    a spare the C-GET builds them to associate."""
+    built_by: list[str] = []
+    remembered = pacs_ops.remembered_storage
+
+    def counting(memory: StorageMemory | None, used: int) -> list[Any]:
+        built_by.append(sys._getframe(1).f_code.co_name)  # who asked for them
+        return remembered(memory, used)
+
+    monkeypatch.setattr(pacs_ops, "remembered_storage", counting)
+    spare = SpareAssociation(seconds)
+    await run(target(pacs), find(), spare=spare)
+    if seconds:
+        await until(lambda: spare.counts()["opened"] == 1)
+    built_by.clear()
+    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=CT_STUDY), spare=spare)
+    assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == len(CT)
+    assert spare.counts()["used"] == (1 if seconds else 0)
+    for_the_get = [caller for caller in built_by if caller != "spare_contexts"]  # not refills
+    assert bool(for_the_get) == (not seconds), built_by
+    spare.close()
 
 
 async def test_no_spare_after_the_pacs_was_unreachable() -> None:
