@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 _PACKAGES = ("relay", "gateway")
 # Pass-through frames that only hand over to pynetdicom: what pynetdicom then calls is
@@ -195,9 +197,12 @@ async def measure_get(instances: int = 4, *, agent_retrieve: str = "get") -> Tra
                     )
                 )
                 await chain.settle()
-                async with asyncio.timeout(10):  # the spare opens on a thread of its own
-                    while spare.counts()["opened"] < len(results):  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
+                try:
+                    async with asyncio.timeout(10):  # the spare opens on a thread of its own
+                        while spare.counts()["opened"] < len(results):  # noqa: ASYNC110
+                            await asyncio.sleep(0.01)
+                except TimeoutError:
+                    pytest.fail(f"no spare opened after retrieve {len(results)}: {spare.counts()}")
         finally:
             await chain.stop()
             spare.close()
