@@ -245,3 +245,12 @@ def test_uids_are_checked_once_and_still_checked() -> None:
     assert check.cache_info().maxsize == contexts.MAX_REMEMBERED_UIDS  # type: ignore[attr-defined]
     assert check(UID("1.2.840.10008.1.2"))[0]
     assert not check(UID("1.2.x" + "1" * 70))[0]
+    # pydicom's own UID.is_valid, which pynetdicom asks again: remembered, same answers.
+    is_valid = UID.__dict__["is_valid"].fget
+    assert is_valid.cache_info().maxsize == contexts.MAX_REMEMBERED_UIDS
+    hits = is_valid.cache_info().hits
+    assert UID("1.2.840.10008.1.2.1").is_valid and UID("1.2.840.10008.1.2.1").is_valid
+    assert is_valid.cache_info().hits > hits
+    assert not UID("1.2.x").is_valid
+    assert not UID("1." + "2" * 63).is_valid  # 65 characters
+    assert not UID("1.02.3").is_valid  # a component with a leading zero
