@@ -354,6 +354,11 @@ def _s(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
+def _ms(values: Sequence[float]) -> str:
+    """Seconds as whole milliseconds: first instances differ by a few at 1 Gbit/s."""
+    return ", ".join(f"{v * 1000:.0f}" for v in values)
+
+
 _CPU_NAMES: Final = ("pacs", "agent", "gateway", "workstation", "getscu")
 
 
@@ -472,8 +477,8 @@ def section(
             [
                 res.profile.label,
                 f"{check.rate / MBIT:.1f} Mbit/s, {check.rtt * 1000:.1f} ms" if check else "—",
-                f"{res.med('direct', 'first'):.2f} / {res.med('direct', 'last'):.2f}",
-                f"{res.med('relay', 'first'):.2f} / {res.med('relay', 'last'):.2f}",
+                f"{res.med('direct', 'first'):.3f} / {res.med('direct', 'last'):.2f}",
+                f"{res.med('relay', 'first'):.3f} / {res.med('relay', 'last'):.2f}",
                 f"**{res.speedup:.2f}x**",
                 f"{res.compressed / MB:.1f} ({res.compressed / raw:.0%})",
                 "—" if limit is None else f"{limit:.2f}",
@@ -528,9 +533,9 @@ def section(
     for res in results:
         notes.append(
             f"{res.profile.label}, per run: direct first "
-            f"{_s([r.first for r in res.runs['direct']])} s, last "
+            f"{_ms([r.first for r in res.runs['direct']])} ms, last "
             f"{_s([r.last for r in res.runs['direct']])} s; relay first "
-            f"{_s([r.first for r in res.runs['relay']])} s, last "
+            f"{_ms([r.first for r in res.runs['relay']])} ms, last "
             f"{_s([r.last for r in res.runs['relay']])} s; other load direct "
             f"{_s([r.other_load for r in res.runs['direct']])}, relay "
             f"{_s([r.other_load for r in res.runs['relay']])} cores; the agent's C-GET "
