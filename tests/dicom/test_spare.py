@@ -206,16 +206,18 @@ async def test_a_c_get_on_a_spare_builds_no_storage_contexts(
 
     monkeypatch.setattr(pacs_ops, "remembered_storage", counting)
     spare = SpareAssociation(seconds)
-    await run(target(pacs), find(), spare=spare)
-    if seconds:
-        await until(lambda: spare.counts()["opened"] == 1)
-    built_by.clear()
-    msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=CT_STUDY), spare=spare)
+    try:
+        await run(target(pacs), find(), spare=spare)
+        if seconds:
+            await until(lambda: spare.counts()["opened"] == 1)
+        built_by.clear()
+        msgs, _ = await run(target(pacs), retrieve(StudyInstanceUID=CT_STUDY), spare=spare)
+    finally:
+        spare.close()
     assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == len(CT)
     assert spare.counts()["used"] == (1 if seconds else 0)
     for_the_get = [caller for caller in built_by if caller != "spare_contexts"]  # not refills
     assert bool(for_the_get) == (not seconds), built_by
-    spare.close()
 
 
 async def test_no_spare_after_the_pacs_was_unreachable() -> None:
