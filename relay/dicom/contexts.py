@@ -303,7 +303,10 @@ def check_uids_once() -> None:
     check = _config.VALIDATORS["UI"]
     if not hasattr(check, "cache_info"):
         _config.VALIDATORS["UI"] = functools.lru_cache(maxsize=MAX_REMEMBERED_UIDS)(check)
-    is_valid = UID.__dict__["is_valid"]
-    if not hasattr(is_valid.fget, "cache_info"):
-        remembered = functools.lru_cache(maxsize=MAX_REMEMBERED_UIDS)(is_valid.fget)
+    # Not a documented hook: the property is wrapped (pydicom's own getter, so the same
+    # answers), and left as it is if a pydicom release changes its shape.
+    is_valid = UID.__dict__.get("is_valid")
+    getter = is_valid.fget if isinstance(is_valid, property) else None
+    if getter is not None and not hasattr(getter, "cache_info"):
+        remembered = functools.lru_cache(maxsize=MAX_REMEMBERED_UIDS)(getter)
         setattr(UID, "is_valid", property(remembered))  # noqa: B010 - a property, replaced
