@@ -279,7 +279,8 @@ def parse_address(value: str | tuple[str, int], what: str = "address") -> tuple[
     return host, int(port)
 
 
-# UIDs whose check pynetdicom remembers (check_uids_once): a C-GET's contexts are about 2000.
+# UIDs whose checks are remembered (check_uids_once: pynetdicom's validator and pydicom's
+# UID.is_valid, an LRU each): a C-GET's contexts are about 2000.
 MAX_REMEMBERED_UIDS: Final = 4096
 
 
