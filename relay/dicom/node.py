@@ -57,7 +57,7 @@ from relay.dicom.codec import (
     Skip,
 )
 from relay.dicom.offer import CodecOffer
-from relay.dicom.session import OpenStream, Session, SessionEnded
+from relay.dicom.session import MAX_RESUME_WINDOW, RESUME_WINDOW, OpenStream, Session, SessionEnded
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
 from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
@@ -70,7 +70,6 @@ _POLL: Final = 0.1  # how often a handler pausing between resumes looks at the v
 # came a moment before pynetdicom recorded the C-CANCEL.
 _LOOK: Final = 1.0
 _C_CANCEL: Final = 0x0FFF  # Command Field of C-CANCEL-RQ
-RESUME_WINDOW: Final = 30.0  # how long a broken retrieve may take to find a new stream
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
@@ -136,8 +135,8 @@ class DicomNode:
         `resume_window` bounds how long a retrieve whose stream broke waits for a new one
         (0 disables resuming); `offer`: the pixel codecs to announce (the workstation's,
         shared with its other paths)."""
-        if resume_window < 0:
-            raise ValueError("resume_window must not be negative")
+        if not 0 <= resume_window <= MAX_RESUME_WINDOW:
+            raise ValueError(f"resume_window must be 0-{MAX_RESUME_WINDOW:.0f} s")
         self.resume_window = resume_window
         self.cache = cache
         self.offer = offer or CodecOffer()

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 OpenStream = Callable[[Mapping[str, str]], Awaitable[ByteStream]]
 RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
+# How long a retrieve whose stream broke may look for a new one (the workstation's
+# dicom.resume_window), by default and at most.
+RESUME_WINDOW: Final = 30.0
+MAX_RESUME_WINDOW: Final = 3600.0
 
 
 # Resets that say something about the request or the device, not about the path: a

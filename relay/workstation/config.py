@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 import platformdirs
 
+from relay.dicom.session import MAX_RESUME_WINDOW, RESUME_WINDOW
 from relay.ops.config import (
     DEFAULT_LOG_LEVEL,
     RESERVED_SERVICE_NAMES,
@@ -87,11 +88,14 @@ class DicomNodeConfig:
     """The local DICOM node that viewers talk to.
 
     `destinations` maps C-MOVE destination AE titles to DICOM nodes on this PC.
+    `resume_window`: how long a retrieval whose link broke waits for a new one before it
+    ends in failure (seconds; 0: at once, no resuming).
     """
 
     listen: Address
     ae_title: str = "RELAY"
     destinations: Mapping[str, Address] = field(default_factory=lambda: MappingProxyType({}))
+    resume_window: float = RESUME_WINDOW
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ def _read_dicom(r: Reader) -> DicomNodeConfig | None:
         except ValueError as exc:
             raise d.error(title, str(exc)) from None
         destinations[title] = d.address(title)
-    return DicomNodeConfig(listen, ae_title, MappingProxyType(destinations))
+    resume_window = s.duration("resume_window", RESUME_WINDOW, hi=MAX_RESUME_WINDOW)
+    return DicomNodeConfig(listen, ae_title, MappingProxyType(destinations), resume_window)
 
 
 def _read_forward(r: Reader) -> Mapping[Address, str]:

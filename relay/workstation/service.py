@@ -336,6 +336,7 @@ async def dicom_node(
         stats=metrics.dicom if metrics is not None else None,
         cache=cache.server if cache is not None else None,
         offer=offer,
+        resume_window=dicom.resume_window,
     )
     with listen_errors(config.path, "dicom.listen", dicom.listen):
         await node.start()

@@ -17,6 +17,7 @@ from relay.dicom.codec import DicomLimits
 from relay.dicom.intake import MoveReceiver
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.session import RESUME_WINDOW
 from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomCounters
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
@@ -69,7 +70,7 @@ class Chain:
     limits: DicomLimits | None = None
     drop_after: int | None = None  # bytes read by the workstation before the link drops
     drop_streams: int | None = None  # how many streams drop (None: every one)
-    resume_window: float = 30.0
+    resume_window: float = RESUME_WINDOW
     max_streams: int | None = None  # later opens fail as if the link never came back
     link_up: bool = True
     move_receiver: MoveReceiver | None = None

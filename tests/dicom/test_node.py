@@ -22,6 +22,7 @@ from relay.dicom import status as st
 from relay.dicom.codec import VERSION, DicomLimits
 from relay.dicom.node import DicomNode
 from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.session import MAX_RESUME_WINDOW
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ports import dead_port
@@ -461,6 +462,9 @@ async def test_node_settings_are_checked() -> None:
         DicomNode(never, destinations={"X": "nohostport"})
     with pytest.raises(ValueError, match="max_associations"):
         DicomNode(never, max_associations=0)
+    for window in (-1.0, MAX_RESUME_WINDOW + 1):
+        with pytest.raises(ValueError, match="resume_window"):
+            DicomNode(never, resume_window=window)
 
 
 async def test_queue_depth_limit_is_used(pacs: EmbeddedPacs) -> None:

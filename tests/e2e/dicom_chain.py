@@ -176,6 +176,7 @@ class DicomChain:
     pacs_timeout: str = "10s"
     reserved: dict[str, socket.socket] = field(default_factory=dict)
     ws_extra: str = ""  # more workstation YAML (cache:, prefetch:)
+    resume_window: str = ""  # the workstation's dicom.resume_window ("": its default)
     agent_extra: str = ""  # more agent YAML (pki: for revocation)
     pacs_extra: str = ""  # more keys of the agent's pacs: mapping (", pixel_codecs: htj2k")
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -249,7 +250,8 @@ class DicomChain:
             f"  listen: {HOST}:0\n"
             f"  ae_title: {RELAY_AE}\n"
             f"  destinations: {{{dests}}}\n"
-            "reconnect: {initial: 0.1s, max: 1s}\n"
+            + (f"  resume_window: {self.resume_window}\n" if self.resume_window else "")
+            + "reconnect: {initial: 0.1s, max: 1s}\n"
             "drain_grace: 2s\n" + LIMITS + self.ws_extra
         )
         for role, command in (("gateway", "gateway"), ("agent", "agent"), ("ws1", "workstation")):

@@ -664,6 +664,7 @@ def test_workstation_example_loads(tmp_path: Path) -> None:
     assert config.dicom.listen == Address("127.0.0.1", 11112)
     assert config.dicom.ae_title == "RELAY"
     assert dict(config.dicom.destinations) == {"VIEWER": Address("127.0.0.1", 11113)}
+    assert config.dicom.resume_window == 30.0
     assert dict(config.forward) == {Address("127.0.0.1", 18080): "ris-web"}
     assert config.limits == LinkSettings()
     assert config.reconnect == Backoff()
@@ -686,6 +687,17 @@ def test_workstation_minimal_config(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("90s", 90.0), ("1h", 3600.0)])
+def test_workstation_resume_window(tmp_path: Path, text: str, seconds: float) -> None:
+    path = rewrite(
+        example_tree(tmp_path) / "config" / "workstation.yaml",
+        _set("dicom", "resume_window", text),
+    )
+    config = load_workstation_config(path)
+    assert config.dicom is not None
+    assert config.dicom.resume_window == seconds
+
+
 WORKSTATION_ERRORS = [
     (_set("colour", "blue"), "colour", "unknown key"),
     (_set("dicom", "aetitle", "X"), "dicom.aetitle", "did you mean 'ae_title'"),
@@ -705,6 +717,8 @@ WORKSTATION_ERRORS = [
         "AE title",
     ),
     (_set("dicom", "destinations", "VIEWER", "127.0.0.1"), "dicom.destinations.VIEWER", "no port"),
+    (_set("dicom", "resume_window", "2h"), "dicom.resume_window", "duration 0s to 1h"),
+    (_set("dicom", "resume_window", "-1s"), "dicom.resume_window", "expected a duration"),
     (
         _set("forward", {"192.168.1.5:18080": "ris-web"}),
         'forward["192.168.1.5:18080"]',
