@@ -262,58 +262,32 @@ async def serve_enroll_stream(
                 extra={"device": identity.uri, "serial": serial, "user": user or ""},
             )
             return EnrollOutcome("ok", "enrolled", identity.uri, serial)
-    except RequestRefused as refusal:
-        return await _refuse(
-            stream,
-            audit=audit,
-            now=now,
-            refusal=refusal,
-            claimed=claimed,
-            token_id=token_id,
-            peer=peer,
-            user=user,
-        )
+    except RequestRefused as exc:
+        refusal, answer, severe = exc, True, False
     except TimeoutError:
-        return await _refuse(
-            stream,
-            audit=audit,
-            now=now,
-            refusal=RequestRefused("timeout", "the enrollment took too long"),
-            claimed=claimed,
-            token_id=token_id,
-            peer=peer,
-            user=user,
-            answer=False,
-        )
+        refusal = RequestRefused("timeout", "the enrollment took too long")
+        answer, severe = False, False
     except StreamResetError:
-        outcome = RequestRefused("aborted", "the PC or the gateway aborted the enrollment")
-        return await _refuse(
-            stream,
-            audit=audit,
-            now=now,
-            refusal=outcome,
-            claimed=claimed,
-            token_id=token_id,
-            peer=peer,
-            user=user,
-            answer=False,
-        )
+        refusal = RequestRefused("aborted", "the PC or the gateway aborted the enrollment")
+        answer, severe = False, False
     except (RegistryError, pki.PkiError) as exc:
         log.error("enrollment failed", extra={"error": str(exc)})
-        outcome = RequestRefused(
+        refusal = RequestRefused(
             "internal", "the agent could not complete the enrollment; try again"
         )
-        return await _refuse(
-            stream,
-            audit=audit,
-            now=now,
-            refusal=outcome,
-            claimed=claimed,
-            token_id=token_id,
-            peer=peer,
-            user=user,
-            severe=True,
-        )
+        answer, severe = True, True
+    return await _refuse(
+        stream,
+        audit=audit,
+        now=now,
+        refusal=refusal,
+        claimed=claimed,
+        token_id=token_id,
+        peer=peer,
+        user=user,
+        answer=answer,
+        severe=severe,
+    )
 
 
 async def _refuse(

@@ -26,7 +26,7 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -582,18 +582,10 @@ def issue_agent(
     directory: Path, site: str, out: Path, lifetime: timedelta = SERVER_LIFETIME
 ) -> None:
     """Re-issue OUT/agent.crt agent.key ca.crt from DIR's CA (renewal)."""
-    ca_key, ca_cert = load_ca(directory)
-    check_ca_site(ca_cert, site, str(directory / CA_CERT))
-    try:
-        identity = Identity.agent(trust_domain_of_ca(ca_cert), site)
-    except IdentityError as exc:
-        raise PkiError(str(exc)) from None
-    key = generate_key()
-    cert = issue_certificate(ca_key, ca_cert, key.public_key(), identity, lifetime)
-    out = Path(out)
-    _mkdir(out)
-    _write_pair(out, "agent", key, cert, exclusive=False)
-    write_cert(out / CA_CERT, ca_cert)
+    _issue_for_site(
+        directory, site, out, stem="agent", identity_in=lambda td: Identity.agent(td, site),
+        lifetime=lifetime,
+    )  # fmt: skip
 
 
 def issue_device(
@@ -608,15 +600,32 @@ def issue_device(
     The trust domain comes from the CA certificate. Existing files in OUT are replaced
     atomically (a re-issue), never left half-written.
     """
+    _issue_for_site(
+        directory, site, out, stem="device",
+        identity_in=lambda td: Identity.device(td, site, device), lifetime=lifetime,
+    )  # fmt: skip
+
+
+def _issue_for_site(
+    directory: Path,
+    site: str,
+    out: Path,
+    *,
+    stem: str,
+    identity_in: Callable[[str], Identity],
+    lifetime: timedelta,
+) -> None:
+    """OUT/STEM.crt STEM.key ca.crt for `identity_in(trust domain)`, signed by DIR's CA
+    once it is checked to be SITE's; existing files are replaced atomically."""
     ca_key, ca_cert = load_ca(directory)
     check_ca_site(ca_cert, site, str(directory / CA_CERT))
     try:
-        identity = Identity.device(trust_domain_of_ca(ca_cert), site, device)
+        identity = identity_in(trust_domain_of_ca(ca_cert))
     except IdentityError as exc:
         raise PkiError(str(exc)) from None
     key = generate_key()
     cert = issue_certificate(ca_key, ca_cert, key.public_key(), identity, lifetime)
     out = Path(out)
     _mkdir(out)
-    _write_pair(out, "device", key, cert, exclusive=False)
+    _write_pair(out, stem, key, cert, exclusive=False)
     write_cert(out / CA_CERT, ca_cert)

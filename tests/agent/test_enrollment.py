@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -307,3 +308,29 @@ async def test_pc_that_aborts(agent: Agent) -> None:
     pc.reset(7)
     outcome = await asyncio.wait_for(task, WAIT)
     assert outcome.result == "aborted"
+
+
+async def test_registry_that_cannot_be_written(tmp_path: Path) -> None:
+    """Another process holds the registry's write lock: the PC is told to try again, and
+    the audit records a serious failure (the agent's fault, not the PC's)."""
+    site = make_pki(tmp_path / "pki")
+    path = tmp_path / REGISTRY_FILE
+    with DeviceRegistry(path, site="main", busy_timeout=0.2) as registry:
+        audit = AuditLog(
+            tmp_path / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main", site="main"
+        )
+        agent = Agent(site, registry, audit)
+        token = agent.token()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            outcome, answer = await exchange(agent, request(token))
+        finally:
+            other.close()
+        assert outcome.result == "internal"
+        assert answer is not None and answer["status"] == "refused"
+        assert "try again" in answer["reason"] and str(path) not in answer["reason"]
+        event = agent.events()[-1]
+        assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+        assert event["EventIdentification"]["EventOutcomeDescription"].startswith("internal")
+        assert registry.redeem_token(token[0], token[1], "ws1", agent.clock()).ok  # unspent
