@@ -50,6 +50,7 @@ async def default_handlers(
         yield handlers
         return
     # Imported here, not at the top: an agent without `pacs:` never loads pynetdicom.
+    from relay.agent import pacs_memory
     from relay.agent.codec_metrics import PixelCodecMetrics
     from relay.agent.dicom_audit import DicomAuditor
     from relay.agent.spare_metrics import SpareAssociationMetrics
@@ -57,42 +58,44 @@ async def default_handlers(
 
     target = dataclasses.replace(config.pacs, compression_level=config.compression_level)
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
-    await dicom.start()
-    collectors = (
-        PixelCodecMetrics(dicom.rates.tallies),
-        SpareAssociationMetrics(dicom.spare.counts),
-    )
-    registry = metrics.registry if metrics is not None else None
-    if registry is not None:
-        for collector in collectors:
-            registry.register(collector)
-
-    auditor = DicomAuditor(audit) if audit is not None else None
-
-    async def serve_dicom(stream: Stream) -> None:
-        peer = sealed_peer(stream)  # the inner certificate's identity
-        device = peer.uri if peer is not None else ""
-        begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
-        summary = await dicom.serve(stream, on_request=begin)
-        if auditor is not None:
-            auditor.end(device, summary)
-        log.info(
-            "dicom operation",
-            extra={
-                "stream": stream.stream_id,
-                "device": device,
-                "op": summary.op,
-                "status": summary.status,
-                "instances": summary.instances,
-                "seconds": round(summary.seconds, 3),
-            },
+    # Loaded before the first request, saved after the last (dicom.stop() included).
+    async with pacs_memory.kept(config.state_dir, target, dicom.memory):
+        await dicom.start()
+        collectors = (
+            PixelCodecMetrics(dicom.rates.tallies),
+            SpareAssociationMetrics(dicom.spare.counts),
         )
-
-    handlers[TARGET_DICOM] = serve_dicom
-    try:
-        yield handlers
-    finally:
+        registry = metrics.registry if metrics is not None else None
         if registry is not None:
             for collector in collectors:
-                registry.unregister(collector)
-        await dicom.stop()
+                registry.register(collector)
+
+        auditor = DicomAuditor(audit) if audit is not None else None
+
+        async def serve_dicom(stream: Stream) -> None:
+            peer = sealed_peer(stream)  # the inner certificate's identity
+            device = peer.uri if peer is not None else ""
+            begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
+            summary = await dicom.serve(stream, on_request=begin)
+            if auditor is not None:
+                auditor.end(device, summary)
+            log.info(
+                "dicom operation",
+                extra={
+                    "stream": stream.stream_id,
+                    "device": device,
+                    "op": summary.op,
+                    "status": summary.status,
+                    "instances": summary.instances,
+                    "seconds": round(summary.seconds, 3),
+                },
+            )
+
+        handlers[TARGET_DICOM] = serve_dicom
+        try:
+            yield handlers
+        finally:
+            if registry is not None:
+                for collector in collectors:
+                    registry.unregister(collector)
+            await dicom.stop()

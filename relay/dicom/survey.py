@@ -20,10 +20,11 @@ CPU. Should such a retrieve come without a count after all, its survey starts th
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -38,6 +39,8 @@ __all__ = ["MAX_QUERIES", "StorageMemory", "Survey", "uncovered", "walk"]
 MAX_QUERIES: Final = 2000  # C-FINDs one survey may send (a patient with many studies)
 _PENDING: Final = (0xFF00, 0xFF01)
 _LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*")
+_KINDS: Final = frozenset({"get", "move"})
 
 
 @dataclass
@@ -107,6 +110,38 @@ class StorageMemory:
     def syntaxes(self) -> list[str]:
         with self._lock:
             return list(reversed(self._syntaxes))
+
+    def snapshot(self) -> dict[str, list[str]]:
+        """What an agent keeps across restarts (relay.agent.pacs_memory): the UIDs, least
+        recent first, and the retrieve kinds that count. No patient data."""
+        with self._lock:
+            return {
+                "classes": list(self._classes),
+                "syntaxes": list(self._syntaxes),
+                "counting": sorted(self._counting),
+            }
+
+    def restore(self, saved: Mapping[str, object]) -> None:
+        """Take back a `snapshot()` (the most recent within the bounds); raises ValueError,
+        changing nothing, for anything else."""
+        classes = _uid_list(saved.get("classes"), "classes")[-self.max_classes :]
+        syntaxes = _uid_list(saved.get("syntaxes"), "syntaxes")[-self.max_syntaxes :]
+        counting = saved.get("counting")
+        if not isinstance(counting, list) or not all(k in _KINDS for k in counting):
+            raise ValueError("counting: expected a list of 'get' and 'move'")
+        with self._lock:
+            self._classes = OrderedDict.fromkeys(classes)
+            self._syntaxes = OrderedDict.fromkeys(syntaxes)
+            self._counting = set(counting)
+
+
+def _uid_list(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_COUNT:
+        raise ValueError(f"{what}: expected a list of UIDs")
+    for uid in value:
+        if not isinstance(uid, str) or len(uid) > 64 or not _UID.fullmatch(uid):
+            raise ValueError(f"{what}: an entry is not a UID")
+    return value
 
 
 def _touch(seen: OrderedDict[str, None], items: Iterable[str], limit: int) -> None:
