@@ -256,6 +256,14 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
         await response.prepare(request)
         item: HeldInstance | None = first
         while item is not None:
+            if item is not first:
+                try:  # the first instance's syntax was accepted; each must be
+                    media.negotiate(ranges, True, ("application/dicom",), item.transfer_syntax)
+                except media.AcceptError:
+                    log.warning("an instance in %s, which the client did not accept: answer "
+                                "cut", item.transfer_syntax)  # fmt: skip
+                    response.force_close()
+                    raise ConnectionResetError("transfer syntax not accepted") from None
             ctype = media.part_type_with_ts(part, item.transfer_syntax)
             await response.write(media.part_head(boundary, ctype))
             await response.write(part10.wrap(item.sop_class, item.sop_instance,
@@ -455,12 +463,10 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     boundary = media.new_boundary()
     part = choice.part_type
     ctype = media.part_type_with_ts(part, ts)
-    body = bytearray()
-    for chunk in chunks:
-        body += media.part_head(boundary, ctype)
-        body += chunk
-    body += media.closing(boundary)
-    return web.Response(body=bytes(body),
+    head = media.part_head(boundary, ctype)
+    body = b"".join([*(piece for chunk in chunks for piece in (head, chunk)),
+                     media.closing(boundary)])  # fmt: skip
+    return web.Response(body=body,
                         headers={"Content-Type": media.multipart_type(boundary, part)})  # fmt: skip
 
 
@@ -630,23 +636,38 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
     failed: list[Dataset] = []
     upstream: list[str] = []
     parts = 0
+
+    def refuse_rest(code: int, text: str, reason: int) -> web.StreamResponse:
+        """The request goes wrong part way: before anything was stored, `code`; after,
+        what was stored and failed so far (202), the rest refused in a Warning header."""
+        if not referenced:
+            return _text(code, text)
+        failed.append(_stow_item("", "", FailureReason=reason))
+        return _stow_answer(request, study, referenced, failed, warning=text)
+
     try:
         while True:
             part = await reader.next()
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
-                return _text(400, "nested multipart bodies are not supported")
+                return refuse_rest(
+                    400, "nested multipart bodies are not supported", st.STORE_CANNOT_UNDERSTAND
+                )
             parts += 1
             if parts > MAX_STOW_PARTS:
-                return _text(413, f"more than {MAX_STOW_PARTS} parts")
-            data = await _read_part(part, budget)
+                return refuse_rest(
+                    413, f"more than {MAX_STOW_PARTS} parts", st.STORE_OUT_OF_RESOURCES
+                )
             if (
                 not part.headers.get("Content-Type", "application/dicom")
                 .lower()
                 .startswith("application/dicom")
             ):
-                return _text(415, "only application/dicom parts are accepted")
+                return refuse_rest(
+                    415, "only application/dicom parts are accepted", st.STORE_CANNOT_UNDERSTAND
+                )
+            data = await _read_part(part, budget)
             try:
                 meta, offset = part10.split(data)
             except part10.Part10Error as exc:
@@ -685,13 +706,25 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
                     upstream.append(final.comment or f"status 0x{final.status:04X}")
                 failed.append(_stow_item(sop_class, sop_instance, FailureReason=status))
     except _TooLarge:
-        return _text(413, f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)")
+        too_large = f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)"
+        return refuse_rest(413, too_large, st.STORE_OUT_OF_RESOURCES)
     except ValueError as exc:
-        return _text(400, f"malformed multipart body: {exc}")
+        return refuse_rest(400, f"malformed multipart body: {exc}", st.STORE_CANNOT_UNDERSTAND)
     if not referenced and not failed:
         return _text(400, "no instances in the request")
     if not referenced and failed and len(upstream) == len(failed):
         return _text(502, f"the PACS could not be reached: {upstream[0]}")
+    return _stow_answer(request, study, referenced, failed)
+
+
+def _stow_answer(
+    request: web.Request,
+    study: str | None,
+    referenced: list[Dataset],
+    failed: list[Dataset],
+    warning: str = "",
+) -> web.Response:
+    """PS3.18 10.5.3: 200 all stored, 202 some, 409 none; the store instances response."""
     doc = Dataset()
     if study is not None:
         doc.RetrieveURL = f"{_base(request)}/studies/{study}"
@@ -701,8 +734,9 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
         doc.FailedSOPSequence = failed
     status_code = 200 if not failed else 202 if referenced else 409
     body = dicomjson.to_json(doc)
+    headers = {"Warning": f'299 dmz-relay "{warning}"'} if warning else None
     return web.Response(status=status_code, body=json.dumps(body).encode(),
-                        content_type=DICOM_JSON)  # fmt: skip
+                        content_type=DICOM_JSON, headers=headers)  # fmt: skip
 
 
 # -- the application ------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class ScriptedSource:
         self.old_agent = False  # ignore headers_only: send whole instances
         self.header_sent = 0
         self.ahead: list[tuple[str, Priority | None]] = []  # IMAGE-level retrievals
+        self.syntax: dict[str, str] = {}  # SOP Instance UID -> the syntax it is sent as
 
     async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
         if self.down:
@@ -108,7 +109,8 @@ class ScriptedSource:
             if headers_only and self.header_error is not None:
                 raise self.header_error
             sent += 1
-            msg = Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+            ts = self.syntax.get(inst.sop_instance, inst.transfer_syntax)
+            msg = Instance(inst.sop_class, inst.sop_instance, ts, inst.data)
             if headers_only and not self.old_agent:
                 msg = headers_only_.strip_instance(msg)  # what the agent does
             if headers_only:
@@ -310,6 +312,75 @@ async def test_stow_stores_and_answers_with_the_response_document(
     source.down = True
     status, body = await post(f"{srv.url}/studies", stow_body([files[0]]))
     assert status == 502 and b"relay link unavailable" in body
+
+
+async def post_chunked(url: str, body: bytes) -> tuple[int, bytes, str]:
+    """As `post`, without a Content-Length (the server counts the bytes as they come),
+    and the answer's Warning header."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for at in range(0, len(body), 1 << 20):
+            yield body[at : at + (1 << 20)]
+
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
+    async with aiohttp.ClientSession() as s, s.post(url, data=chunks(), headers=headers) as r:
+        return r.status, await r.read(), r.headers.get("Warning", "")
+
+
+@pytest.mark.parametrize(
+    ("bad", "status", "text"),
+    [
+        (media.part_head("stowb", "text/plain") + b"hello", 415, "application/dicom"),
+        (media.part_head("stowb", "application/dicom") + b"\0" * (5 << 20), 413, "max_upload"),
+    ],
+    ids=["not-dicom", "too-large"],
+)
+async def test_stow_refused_part_way_still_reports_what_was_stored(
+    server: tuple[DicomwebServer, ScriptedSource], bad: bytes, status: int, text: str
+) -> None:
+    """A request that goes wrong after an instance was stored: 202 with that instance and
+    a failure for the rest (never a 4xx that says nothing was stored), the reason in a
+    Warning header; before any was stored, the 4xx itself."""
+    srv, source = server
+    good = media.part_head("stowb", "application/dicom") + part10.wrap(
+        CT[0].sop_class, CT[0].sop_instance, CT[0].transfer_syntax, CT[0].data
+    )
+    got, answer, warning = await post_chunked(
+        f"{srv.url}/studies", good + bad + media.closing("stowb")
+    )
+    assert got == 202, answer
+    assert warning.startswith("299 ") and text in warning
+    doc = Dataset.from_json(json.loads(answer))
+    assert [x.ReferencedSOPInstanceUID for x in doc.ReferencedSOPSequence] == [CT[0].sop_instance]
+    assert len(doc.FailedSOPSequence) == 1
+    assert [d for _, d in source.stored] == [CT[0].data]
+    got, answer, _ = await post_chunked(f"{srv.url}/studies", bad + good + media.closing("stowb"))
+    assert got == status and text.encode() in answer
+    assert len(source.stored) == 1  # nothing more stored
+
+
+async def test_an_instance_in_a_syntax_not_accepted_cuts_the_answer(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """The Accept header allows Explicit VR Little Endian; the series' second instance
+    is in another syntax: the answer is cut there, never completed without it."""
+    srv, source = server
+    source.syntax[CT[1].sop_instance] = "1.2.840.10008.1.2.4.80"  # JPEG-LS, as stored
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    async with aiohttp.ClientSession() as s, s.get(url, headers={"Accept": accept}) as r:
+        assert r.status == 200  # the first instance was acceptable, and went
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+
+
+async def test_frames_asked_twice_are_refused(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = server
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}/frames"
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/1,1") as r:
+        assert r.status == 400 and "twice" in await r.text()
 
 
 async def test_stow_beyond_max_upload_is_413(server: tuple[DicomwebServer, ScriptedSource]) -> None:

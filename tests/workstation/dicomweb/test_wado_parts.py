@@ -73,7 +73,7 @@ def test_multiframe_native_and_encapsulated_frames() -> None:
     assert frames.get_frames(ds, "1.2.840.10008.1.2.4.50", [2]) == [b"BB"]
 
 
-@pytest.mark.parametrize("text", ["0", "a", "1,,2", "-1", "1" * 12])
+@pytest.mark.parametrize("text", ["0", "a", "1,,2", "-1", "1" * 12, "1,2,1"])
 def test_malformed_frame_lists(text: str) -> None:
     with pytest.raises(ValueError):
         frames.frame_numbers(text)
