@@ -26,7 +26,7 @@ from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.codestreams import CodestreamCache
-from relay.workstation.dicomweb.guard import allowed_origins, host_allowed
+from relay.workstation.dicomweb.guard import allowed_origins, fetch_allowed, host_allowed
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
@@ -83,6 +83,8 @@ def _guard(service: DicomwebService) -> Any:
         origin = request.headers.get("Origin")
         if origin is not None and origin.lower() not in allowed_origins(service.allowed_hosts):
             return _text(403, "cross-origin requests are not allowed")
+        if not fetch_allowed(request.headers.get("Sec-Fetch-Site")):
+            return _text(403, "requests from other web sites are not allowed")
         if len(request.query_string) > MAX_QUERY:
             return _text(414, f"query string longer than {MAX_QUERY} characters")
         return await handler(request)

@@ -4,7 +4,11 @@ A page on any web site can make the browser send requests to 127.0.0.1; DNS rebi
 lets it read the answers by naming 127.0.0.1 with its own host name. So every request
 must name the loopback host and our port in its Host header (403 otherwise), and a
 request from another origin (an `Origin` header that is not ours) is refused (403):
-there is no CORS at all, wildcard or not. Query strings are bounded (414).
+there is no CORS at all, wildcard or not. A page cannot read our answers then, but its
+`<img>` and links still send GETs without an `Origin`, each of which could start a
+series retrieval at the PACS: browsers mark those `Sec-Fetch-Site: cross-site`, and
+they are refused too (403; viewers that are not browsers send no such header). Query
+strings are bounded (414).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["LOOPBACK_NAMES", "allowed_hosts", "allowed_origins", "host_allowed"]
+__all__ = ["LOOPBACK_NAMES", "allowed_hosts", "allowed_origins", "fetch_allowed", "host_allowed"]
 
 LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
 
@@ -41,3 +45,9 @@ def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
         return True
     name, sep, port = host.rpartition(":")
     return bool(sep) and name.endswith(".") and f"{name[:-1]}:{port}" in allowed
+
+
+def fetch_allowed(sec_fetch_site: str | None) -> bool:
+    """Whether the browser says the request comes from our pages, a typed address or a
+    bookmark (`same-origin`, `same-site`, `none`), or it is not a browser (no header)."""
+    return (sec_fetch_site or "").strip().lower() != "cross-site"

@@ -52,6 +52,7 @@ class ScriptedSource:
         self.old_agent = False  # ignore headers_only: send whole instances
         self.header_sent = 0
         self.ahead: list[tuple[str, Priority | None]] = []  # IMAGE-level retrievals
+        self.missing: set[str] = set()  # series the PACS has no instance of (yet)
         self.syntax: dict[str, str] = {}  # SOP Instance UID -> the syntax it is sent as
 
     async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
@@ -103,7 +104,8 @@ class ScriptedSource:
         sent = 0
         for inst in CT:
             ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
-            if ds.SeriesInstanceUID != identifier.SeriesInstanceUID:
+            series = str(ds.SeriesInstanceUID)
+            if series != identifier.SeriesInstanceUID or series in self.missing:
                 continue
             await release.wait()
             if headers_only and self.header_error is not None:
@@ -264,7 +266,7 @@ async def test_unknown_things_are_404_and_a_pacs_down_is_502_with_the_reason(
 async def test_dns_rebinding_cross_origin_and_long_queries_are_refused(
     server: tuple[DicomwebServer, ScriptedSource],
 ) -> None:
-    srv, _ = server
+    srv, source = server
     port = srv.address.port  # type: ignore[union-attr]
     status, headers, _ = await get(f"{srv.url}/studies", headers={"Host": f"evil.example:{port}"})
     assert status == 403
@@ -274,6 +276,13 @@ async def test_dns_rebinding_cross_origin_and_long_queries_are_refused(
         f"{srv.url}/studies", headers={"Origin": f"http://localhost:{port}"}
     )
     assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    # an <img> or a link on another site: no Origin, but the browser says where from
+    frame = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}/frames/1"
+    retrieves = source.retrieves
+    assert (await get(frame, headers={"Sec-Fetch-Site": "cross-site"}))[0] == 403
+    assert source.retrieves == retrieves  # nothing was asked of the PACS
+    for ours in ("same-origin", "same-site", "none"):
+        assert (await get(f"{srv.url}/studies", headers={"Sec-Fetch-Site": ours}))[0] == 200
     assert (await get(f"{srv.url}/studies?PatientName={'A' * 9000}"))[0] in (400, 414)
     assert (await get(f"{srv.url}/studies", headers={"X-Big": "x" * 10000}))[0] == 400
     assert (await get(f"http://127.0.0.1:{port}/"))[0] == 404  # no listing, no viewer here
