@@ -146,9 +146,11 @@ class Workstation:
 
     def _revoked(self, reason: str) -> None:
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
-        if self.cache is not None:
-            self.cache.wipe("revoked")  # a revoked PC keeps no studies
-        self.revoked.set()
+        try:
+            if self.cache is not None:
+                self.cache.wipe("revoked")  # a revoked PC keeps no studies
+        finally:
+            self.revoked.set()  # whatever the wipe met
 
     def readiness(self) -> tuple[bool, str]:
         if self.session.up.is_set():

@@ -91,10 +91,14 @@ class WorkstationCache:
             await asyncio.to_thread(self.store.purge_expired)
 
     def wipe(self, reason: str) -> int:
-        n = self.store.wipe(reason)
-        if reason == "revoked":
-            forget_master_key(self.key_mode, self.account)
-        return n
+        """Erase the cache; for a revocation also forget the key, whatever the wipe meets:
+        the keyring's, and this process's (a file left on disk opens no more)."""
+        try:
+            return self.store.wipe(reason)
+        finally:
+            if reason == "revoked":
+                self.store.sealer = Sealer(Sealer.new_key())
+                forget_master_key(self.key_mode, self.account)
 
     # -- what `relay prefetch` and `relay cache` ask (control handlers) --------------
 

@@ -16,6 +16,13 @@ one log line; the study is then incomplete and is not served from the cache.
 A study is complete when the prefetcher filled it (`finish`). A series can be complete on
 its own (`finish_series`, the DICOMweb server writing a browser's retrieval through): then
 that series is served from the cache even while its study is incomplete.
+
+Removing a file can fail while another program holds it open (Windows: a read being
+served, a prefetch's write, a virus scanner). A wipe then goes on: the index goes first
+(nothing is read back), every other file is tried REMOVE_TRIES times, and one warning
+counts what is left. A file an eviction cannot remove stays counted in `max_size` on a
+list (at most MAX_LEFTOVER) that the next eviction and the expiry sweep try again; the
+next start removes whatever no index names.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ OBJECTS: Final = "objects"
 INDEX_ID: Final = "index"
 INDEX_FILE: Final = "index.bin"
 MAX_STUDIES: Final = 100_000  # index entries, whatever the sizes
+REMOVE_TRIES: Final = 3  # a wipe's tries of a file another program holds open (Windows)
+REMOVE_PAUSE: Final = 0.15  # seconds between them
+MAX_LEFTOVER: Final = 1_000  # files an eviction could not remove, kept counted to retry
 
 
 @dataclass
@@ -105,6 +115,8 @@ class CacheStore:
         self.on_drop = on_drop or (lambda reason, n: None)
         self.studies: dict[str, CachedStudy] = {}
         self.total = 0
+        # object files that could not be removed (in use): path -> bytes `total` counts
+        self._leftover: dict[Path, int] = {}
         self._lock = threading.RLock()
         self._seq = 0
 
@@ -117,14 +129,26 @@ class CacheStore:
             removed = self._remove_files()
             if removed:
                 log.info("cache: removed %d files a previous run left (unreadable now)", removed)
+        else:
+            with self._lock:
+                named = {
+                    self.sealer.name(i.sop_instance)
+                    for s in self.studies.values()
+                    for i in s.instances.values()
+                }
+            removed = self._remove([p for p in self.objects.glob("*") if p.name not in named])
+            if removed:
+                log.info("cache: removed %d files no study in the index names", removed)
         self.purge_expired()
 
     def wipe(self, reason: str) -> int:
-        """Erase every study and file now; the number of studies erased."""
+        """Erase every study and file now; the number of studies erased. The index in
+        memory is emptied first, and a file in use never stops the wipe (see above)."""
         with self._lock:
             n = len(self.studies)
             self.studies.clear()
             self.total = 0
+            self._leftover.clear()
             self._remove_files()
         log.warning("cache wiped (%s): %d studies", reason, n)
         if n:
@@ -136,20 +160,82 @@ class CacheStore:
         with self._lock:
             self.studies.clear()
             self.total = 0
+            self._leftover.clear()
             self._remove_files()
         with contextlib.suppress(OSError):
             self.objects.rmdir()
 
     def _remove_files(self) -> int:
+        """Remove the sealed index first, then its temporary files and every object file;
+        the number removed."""
+        return self._remove(
+            [self.dir / INDEX_FILE, *self.dir.glob(".*.tmp"), *self.objects.glob("*")]
+        )
+
+    def _remove(self, paths: list[Path]) -> int:
+        """Remove `paths` in order, trying those in use again; the number removed. What is
+        left is logged (a count: the names derive from UIDs) and object files left stay
+        counted on the leftover list."""
         removed = 0
-        for path in [*list(self.objects.glob("*")), self.dir / INDEX_FILE]:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        for attempt in range(REMOVE_TRIES):
+            if attempt:
+                time.sleep(REMOVE_PAUSE)
+            left = []
+            for path in paths:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    left.append(path)
+                    continue
                 removed += 1
-        for tmp in self.dir.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            paths = left
+            if not paths:
+                return removed
+        index = self.dir / INDEX_FILE
+        log.warning(
+            "cache: %d files could not be removed from %s%s (in use by another program?); "
+            "tried again later and at the next start",
+            len(paths), self.dir, ", the index among them" if index in paths else "",
+        )  # fmt: skip
+        with self._lock:
+            for path in paths:
+                if path.parent == self.objects and len(self._leftover) < MAX_LEFTOVER:
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        size = 0
+                    self._leftover[path] = self._leftover.get(path, 0) + size
+                    self.total += size
         return removed
+
+    def _discard(self, path: Path, size: int) -> int:
+        """Remove one object file of `size` bytes (under the lock); the bytes gone from the
+        disk. One that cannot be removed now (in use) returns 0 and stays counted on the
+        leftover list, tried again by `_retry_leftover`; past MAX_LEFTOVER it is no longer
+        counted and the next start removes it."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            if len(self._leftover) < MAX_LEFTOVER:
+                self._leftover[path] = self._leftover.get(path, 0) + size
+                return 0
+        return size
+
+    def _retry_leftover(self) -> None:
+        """Try again to remove the files left in use (under the lock)."""
+        for path, size in list(self._leftover.items()):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            del self._leftover[path]
+            self.total -= size
 
     # -- index -----------------------------------------------------------------------
 
@@ -243,18 +329,23 @@ class CacheStore:
         """Seal and write one instance; CacheFull or OSError (entry not added) on failure."""
         sealed = self.sealer.seal(inst.sop_instance, dataset)
         inst.size = len(sealed)
+        path = self.objects / self.sealer.name(inst.sop_instance)
         with self._lock:
             study = self.studies.get(study_uid)
             if study is None:
                 raise CacheFull("study no longer in the cache")
             old = study.instances.get(inst.sop_instance)
             need = inst.size - (old.size if old else 0)
+            if self._leftover and self.total + need > self.max_size:
+                self._retry_leftover()
             while self.total + need > self.max_size:
                 if not self._evict_one(keep=study_uid):
                     raise CacheFull(
                         f"an instance of {inst.size} bytes does not fit in cache.max_size"
                     )
-        path = self.objects / self.sealer.name(inst.sop_instance)
+            # a file left in use under this name is replaced below (or kept on failure)
+            stale = self._leftover.pop(path, 0)
+            self.total -= stale
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             tmp.write_bytes(sealed)
@@ -262,12 +353,14 @@ class CacheStore:
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if stale:
+                with self._lock:
+                    self.total += stale - self._discard(path, stale)
             raise
         with self._lock:
             study = self.studies.get(study_uid)
             if study is None:  # wiped meanwhile
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                self.total += inst.size - self._discard(path, inst.size)
                 return
             old = study.instances.get(inst.sop_instance)
             self.total += inst.size - (old.size if old else 0)
@@ -295,10 +388,12 @@ class CacheStore:
                 study.complete = False
                 if inst is not None:
                     study.series_done.pop(inst.series, None)
+            path = self.objects / self.sealer.name(sop_instance)
             if inst is not None:
-                self.total -= inst.size
-        with contextlib.suppress(OSError):
-            (self.objects / self.sealer.name(sop_instance)).unlink()
+                self.total -= self._discard(path, inst.size)
+            elif path not in self._leftover:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         self.on_drop(reason, 1)
 
     # -- bounds ---------------------------------------------------------------------------
@@ -317,6 +412,7 @@ class CacheStore:
     def purge_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         with self._lock:
+            self._retry_leftover()
             old = [u for u, s in self.studies.items() if now - s.created > self.max_age]
         n = self.evict(old, "expired")
         if n:
@@ -340,9 +436,8 @@ class CacheStore:
         if study is None:
             return False
         for inst in study.instances.values():
-            self.total -= inst.size
-            with contextlib.suppress(OSError):
-                (self.objects / self.sealer.name(inst.sop_instance)).unlink()
+            self.total -= self._discard(self.objects / self.sealer.name(inst.sop_instance),
+                                        inst.size)  # fmt: skip
         return True
 
     # -- the sealed index (keyring mode only) ------------------------------------------------
