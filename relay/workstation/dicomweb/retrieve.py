@@ -3,10 +3,20 @@ through the agent once, shared by every request that wants it (single-flight).
 
 A `SeriesFlight` collects a series's instances as they arrive; any number of requests
 read it at the same time (`instances()` yields each instance as soon as it is there, so
-answers stream). Finished series stay in a holding area bounded by `hold_size` bytes
-(least recently used first out); a series that alone outgrows it fails with 507 rather
-than grow memory without bound. At most `max_flights` retrievals run at once (503 above).
-A failed retrieval is forgotten at once, so that the next request tries again.
+answers stream). Finished series stay in a holding area bounded by `hold_size` bytes and
+`max_held` series (least recently used first out); a series retrieved through the agent
+that alone outgrows it fails with 507 rather than grow memory without bound, and one read
+from the cache that does (it is read whole, within `max_flights`) is served to the
+requests that share its flight and then not kept. At most `max_flights` retrievals and
+cache reads run at once (503 above). A failed retrieval is forgotten at once, so that the
+next request tries again; so is a series that came without instances (404 now, asked
+again next time: it may reach the PACS later).
+
+Nothing half-received is served as complete: a retrieve whose final response counts
+failed sub-operations or does not say (0xB000 so, 0xA702 after some completed;
+`source.retrieve_failure`) ends its flight with that 502 after the instances that came,
+so a WADO-RS answer under way is cut without its closing delimiter, one not yet begun
+gets the 502, and the partial series is not kept for the next request.
 
 Jump ahead (issue 14: what the viewer asks for next goes first): a series comes in the
 PACS's order, so the slice a radiologist scrolls to may be far behind. When the viewport
@@ -38,7 +48,7 @@ from relay.dicom import rawds
 from relay.dicom.codec import FinalResponse
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
-from relay.workstation.dicomweb.source import DicomSource, UpstreamError
+from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
 from relay.workstation.dicomweb.writethrough import WriteThrough
 
 __all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
@@ -46,6 +56,7 @@ __all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
 log = logging.getLogger(__name__)
 
 MAX_FLIGHTS: Final = 8
+MAX_HELD: Final = 256  # finished series in the holding area (hold_size bounds their bytes)
 JUMP_AFTER: Final = 0.2  # s the viewport's instance may wait for its series to bring it
 MAX_JUMPS: Final = 2  # single-instance retrievals ahead of one series, at once
 
@@ -149,11 +160,13 @@ class Retriever:
         *,
         hold_size: int,
         max_flights: int = MAX_FLIGHTS,
+        max_held: int = MAX_HELD,
     ) -> None:
         self.source = source
         self.cache = cache
         self.hold_size = hold_size
         self.max_flights = max_flights
+        self.max_held = max(1, max_held)
         self.flights: OrderedDict[tuple[str, str], SeriesFlight] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.writer = WriteThrough(cache.store, source, on_complete=self._cached) if cache else None
@@ -284,10 +297,16 @@ class Retriever:
         except Exception as exc:
             log.exception("series retrieval failed")
             error = UpstreamError(502, f"retrieval failed: {type(exc).__name__}")
-        if error is not None:
-            self._forget(flight)
         flight.final = outcome[0] if outcome else None
+        if error is None:  # the source raises for these too; the flight checks for itself
+            if flight.final is None:
+                error = UpstreamError(502, "the retrieve ended without its final response")
+            else:
+                error = retrieve_failure(flight.final)
+        if error is not None or not flight.items:
+            self._forget(flight)  # failed, partial or empty: the next request asks again
         flight.finish(error)
+        self._bound(flight)
 
     def _cached(self, study: str, series: str) -> None:
         """The series is complete in the disk cache: later requests read it there."""
@@ -296,16 +315,23 @@ class Retriever:
             self._forget(flight)
 
     def _bound(self, growing: SeriesFlight) -> None:
-        """Evict finished series (least recently used first) until the holding fits."""
+        """Evict finished series (least recently used first) until the holding fits in
+        `hold_size` bytes and `max_held` series. `growing` (the flight that changed) goes
+        last; finished and alone larger than `hold_size` (read from the cache), it goes
+        first, keeping the others; still retrieving and too large, it fails (507)."""
+        if growing.done and growing.size > self.hold_size:
+            self._forget(growing)  # its requests have it; the next reads the cache again
         total = self.held
+        kept = sum(f.done for f in self.flights.values())
         for key in list(self.flights):
-            if total <= self.hold_size:
-                return
+            if total <= self.hold_size and kept <= self.max_held:
+                break
             other = self.flights[key]
             if other is growing or not other.done:
                 continue
             del self.flights[key]
             total -= other.size
+            kept -= 1
         if total > self.hold_size and not growing.done:
             self._forget(growing)
             growing.finish(UpstreamError(507, "the series is larger than dicomweb.hold_size"))

@@ -7,6 +7,10 @@ the link down, C-FIND is answered from the cache's index (as the DICOM node does
 
 Failures become `UpstreamError` with the HTTP status to answer: 502 when the PACS or the
 relay path failed (with the reason), 504 when nothing came in time, 404 for no match.
+A retrieve whose final response does not vouch for every instance (a failed
+sub-operation, or a count of them missing: 0xB000 so, 0xA702 after some completed) fails
+with 502 after the instances that came (`retrieve_failure`): nothing half-received is
+served as complete.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from relay.wire import (
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 
-__all__ = ["DicomSource", "FindResult", "UpstreamError"]
+__all__ = ["DicomSource", "FindResult", "UpstreamError", "retrieve_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,28 @@ def _failure(final: FinalResponse, what: str) -> UpstreamError:
     if final.comment:
         reason = f"{reason}: {final.comment}"
     return UpstreamError(502, reason)
+
+
+def retrieve_failure(final: FinalResponse) -> UpstreamError | None:
+    """None when a retrieve's final response vouches for every instance (success with no
+    failed sub-operation, or 0xB000 that counts none failed: warnings only); else the 502
+    to end the retrieval with, after the instances that came."""
+    if final.status == st.SUCCESS and not final.failed:
+        return None
+    if final.status == st.WARNING_SUBOPS and final.failed == 0:
+        return None  # every sub-operation completed, some with warnings
+    if final.status in (st.SUCCESS, st.WARNING_SUBOPS) or (
+        final.status == st.SUBOPS_FAILED and final.completed
+    ):
+        told = (("completed", final.completed), ("failed", final.failed),
+                ("with warnings", final.warning))  # fmt: skip
+        counts = ", ".join(f"{n} {name}" for name, n in told if n is not None)
+        reason = f"the retrieve ended incomplete (status 0x{final.status:04X}"
+        reason += f"; {counts})" if counts else ")"
+        if final.comment:
+            reason = f"{reason}: {final.comment}"
+        return UpstreamError(502, reason)
+    return _failure(final, "the retrieve")
 
 
 class DicomSource:
@@ -199,7 +225,8 @@ class DicomSource:
         priority: Priority | None = None,
     ) -> AsyncIterator[Instance]:
         """The instances of a retrieve identifier as they arrive (the PACS's bytes); the
-        final response is appended to `outcome` (its counts decide cache completeness).
+        final response is appended to `outcome` (its counts decide cache completeness), then
+        one that does not vouch for every instance raises (`retrieve_failure`).
         `headers_only`: ask the agent to leave each Pixel Data value out (headfirst.py);
         `priority`: the stream's, when not a viewer's default (priorities.py)."""
         request = Request(
@@ -218,10 +245,9 @@ class DicomSource:
                     clean[0] = True
                     if outcome is not None:
                         outcome.append(msg)
-                    if msg.status not in (st.SUCCESS, st.WARNING_SUBOPS) and not (
-                        msg.status == st.SUBOPS_FAILED and msg.completed
-                    ):
-                        raise _failure(msg, "the retrieve")
+                    failure = retrieve_failure(msg)
+                    if failure is not None:
+                        raise failure
                     return
 
     async def store(

@@ -1,0 +1,340 @@
+"""Series flights and their holding area (relay.workstation.dicomweb.retrieve): a partial
+retrieve is never served or kept as complete, a series read from the cache is bounded by
+`hold_size` like one retrieved, and a series without instances is not kept. The real
+DicomwebServer over HTTP where the browser sees the difference (the scripted source of
+test_server, the real disk cache of test_writethrough); the Retriever alone for what only
+its holding area shows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import status as st
+from relay.dicom.codec import (
+    DicomLimits,
+    FinalResponse,
+    Instance,
+    MessageCodec,
+    Request,
+    read_message,
+    write_message,
+)
+from relay.dicom.offer import CodecOffer
+from relay.net.bytestream import ByteStream, pipe
+from relay.workstation.cache.serve import CachedItem
+from relay.workstation.dicomweb.retrieve import Retriever
+from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
+
+from .test_server import CT, SERIES, STUDY, ScriptedSource, get, server
+from .test_writethrough import datasets, make_cache, start, writer
+
+__all__ = ["server"]  # the fixture
+
+WAIT = 30.0  # seconds: a bound on waiting for a background step, not a measurement
+Server = tuple[DicomwebServer, ScriptedSource]
+LE = "1.2.840.10008.1.2.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+PARTIAL = [
+    FinalResponse(st.WARNING_SUBOPS, completed=len(CT), failed=1),
+    FinalResponse(st.SUBOPS_FAILED, completed=len(CT), failed=1),
+    FinalResponse(st.SUCCESS, completed=len(CT), failed=1),
+]
+
+
+def series_url(srv: DicomwebServer, series: str = SERIES) -> str:
+    return f"{srv.url}/studies/{STUDY}/series/{series}"
+
+
+# -- A: a partial retrieve ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", PARTIAL, ids=["0xB000", "0xA702", "success-failed"])
+async def test_a_partial_retrieve_is_cut_not_completed_and_not_kept(
+    server: Server, final: FinalResponse
+) -> None:
+    srv, source = server
+    source.final = source.header_final = final  # the headers-only retrieval says so too
+    url = series_url(srv)
+    for what in (url, f"{url}/metadata"):
+        # every instance came, then the final said some failed: no closing delimiter
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get(what)
+        assert srv.service.retriever.flights == {}  # not kept for the next request
+    asked = source.retrieves
+    assert asked >= 2  # each request asked the PACS again
+    source.final = source.header_final = None  # the PACS has them all now
+    status, headers, body = await get(url)
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    assert source.retrieves == asked + 1
+    assert len(srv.service.retriever.flights) == 1  # a complete series is held
+
+
+async def test_a_partial_retrieve_without_instances_is_502_not_404(server: Server) -> None:
+    srv, source = server
+    source.final = source.header_final = FinalResponse(st.WARNING_SUBOPS, completed=0, failed=2)
+    source.missing.add(SERIES)
+    for what in ("", "/metadata", f"/instances/{CT[0].sop_instance}"):
+        status, _, body = await get(series_url(srv) + what)
+        assert status == 502 and b"incomplete" in body, what
+    assert srv.service.retriever.flights == {}
+
+
+async def test_an_instance_that_came_is_served_from_a_partial_series(server: Server) -> None:
+    """One instance is whole when it came, whatever became of the rest of its series."""
+    srv, source = server
+    source.final = FinalResponse(st.WARNING_SUBOPS, completed=len(CT), failed=1)
+    status, headers, body = await get(f"{series_url(srv)}/instances/{CT[1].sop_instance}")
+    assert status == 200 and datasets(headers, body) == [CT[1].data]
+
+
+def agent_answering(
+    codec: MessageCodec, final: FinalResponse, opened: list[asyncio.Task[None]]
+) -> Any:
+    """An open_stream whose far end is an agent sending two CT instances, then `final`."""
+
+    async def agent(end: ByteStream) -> None:
+        assert isinstance(await read_message(end, codec), Request)
+        for inst in CT[:2]:
+            msg = Instance(inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.data)
+            await write_message(end, codec, msg)
+        await write_message(end, codec, final)
+
+    async def open_stream(headers: dict[str, str]) -> ByteStream:
+        near, far = pipe(headers)
+        opened.append(asyncio.ensure_future(agent(far)))
+        return near
+
+    return open_stream
+
+
+@pytest.mark.parametrize(
+    ("final", "fails"),
+    [
+        (FinalResponse(st.WARNING_SUBOPS, completed=2, failed=1), True),
+        (FinalResponse(st.SUBOPS_FAILED, completed=2, failed=1, comment="disk full"), True),
+        (FinalResponse(st.SUCCESS, completed=2, failed=1), True),
+        (FinalResponse(st.SUCCESS, completed=2, failed=0), False),
+    ],
+    ids=["0xB000", "0xA702", "success-failed", "success"],
+)
+async def test_the_source_fails_a_partial_retrieve_after_its_instances(
+    final: FinalResponse, fails: bool
+) -> None:
+    codec = MessageCodec(DicomLimits())
+    opened: list[asyncio.Task[None]] = []
+    source = DicomSource(agent_answering(codec, final, opened), codec, timeout=WAIT,
+                         offer=CodecOffer(()))  # fmt: skip
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = STUDY
+    ident.SeriesInstanceUID = SERIES
+    outcome: list[FinalResponse] = []
+    got: list[str] = []
+    try:
+        async for msg in source.retrieve(ident, outcome):
+            got.append(msg.sop_instance)
+    except UpstreamError as exc:
+        assert fails and exc.http_status == 502 and "incomplete" in exc.reason
+        assert "0x" in exc.reason and "failed" in exc.reason
+    else:
+        assert not fails
+    assert got == [i.sop_instance for i in CT[:2]]  # every instance that came, first
+    assert outcome == [final]  # the counts are still told
+    await asyncio.gather(*opened)
+
+
+def test_retrieve_failure_vouches_only_for_success_without_failures() -> None:
+    assert retrieve_failure(FinalResponse(st.SUCCESS, completed=3, failed=0)) is None
+    assert retrieve_failure(FinalResponse(st.SUCCESS)) is None
+    # every sub-operation completed, some with warnings: nothing is missing
+    assert (
+        retrieve_failure(FinalResponse(st.WARNING_SUBOPS, completed=3, failed=0, warning=1)) is None
+    )
+    for final in (
+        FinalResponse(st.WARNING_SUBOPS, completed=3),  # failures not counted: cannot tell
+        FinalResponse(st.WARNING_SUBOPS, completed=2, failed=1),
+        FinalResponse(st.SUBOPS_FAILED, completed=2, failed=1),
+        FinalResponse(st.SUBOPS_FAILED, completed=0, failed=3),
+        FinalResponse(st.CANCEL, completed=1),
+        FinalResponse(st.PACS_UNREACHABLE),
+    ):
+        error = retrieve_failure(final)
+        assert error is not None and error.http_status == 502, final
+    unreachable = retrieve_failure(FinalResponse(st.PACS_UNREACHABLE))
+    assert unreachable is not None and unreachable.reason == "the PACS is unreachable"
+
+
+# -- B: a series read from the cache -------------------------------------------------------
+
+
+async def test_a_cached_series_larger_than_hold_size_is_served_then_not_kept(
+    tmp_path: Path,
+) -> None:
+    cache, _ = make_cache(tmp_path)
+    srv, source = await start(cache)
+    retriever = srv.service.retriever
+    try:
+        status, _, _ = await get(series_url(srv))  # retrieved, written through
+        assert status == 200
+        await writer(srv).drain()
+        assert writer(srv).written == 1 and retriever.flights == {}
+        retriever.hold_size = len(CT[0].data) + 10  # one instance, not the series
+        for n in (1, 2):
+            status, headers, body = await get(series_url(srv))
+            assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+            assert retriever.from_cache == n  # read from the cache each time ...
+            assert retriever.flights == {} and retriever.held == 0  # ... and not kept
+        status, _, body = await get(f"{series_url(srv)}/metadata")
+        assert status == 200 and body.count(b'"00080018"') == len(CT)
+        assert retriever.flights == {} and source.retrieves == 1
+        retriever.hold_size = 4 * 1024 * 1024  # the series fits: held (LRU) as before
+        for _ in range(2):
+            status, headers, body = await get(series_url(srv))
+            assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+        assert retriever.from_cache == 4 and len(retriever.flights) == 1
+    finally:
+        await srv.stop()
+
+
+class Pacs:
+    """A retrieve per series from `series`: its number of instances of `size` bytes each."""
+
+    def __init__(self, series: dict[str, int], size: int = 100) -> None:
+        self.series = series
+        self.size = size
+        self.retrieves = 0
+
+    async def retrieve(
+        self, identifier: Dataset, outcome: list[FinalResponse] | None = None, **_: Any
+    ) -> AsyncIterator[Instance]:
+        self.retrieves += 1
+        uid = str(identifier.SeriesInstanceUID)
+        count = self.series.get(uid, 0)
+        for i in range(count):
+            yield Instance(CT_IMAGE, f"{uid}.{i}", LE, bytes(self.size))
+        if outcome is not None:
+            outcome.append(FinalResponse(st.SUCCESS, completed=count, failed=0))
+
+
+class Cache:
+    """A cache with one complete series of `count` instances of `size` bytes; `gate` holds
+    its plan() (a slow disk)."""
+
+    def __init__(self, series: str, count: int, size: int) -> None:
+        self.series, self.count, self.size = series, count, size
+        self.gate = threading.Event()
+        self.gate.set()
+        self.reads = 0
+
+    def plan(self, identifier: Dataset) -> list[CachedItem] | None:
+        if str(identifier.SeriesInstanceUID) != self.series:
+            return None
+        assert self.gate.wait(WAIT)
+        return [CachedItem(CT_IMAGE, f"{self.series}.{i}", LE, self.read)
+                for i in range(self.count)]  # fmt: skip
+
+    def read(self) -> bytes:
+        self.reads += 1
+        return b"\1" * self.size
+
+
+def retriever(
+    pacs: Pacs,
+    cache: Cache | None = None,
+    *,
+    hold_size: int = 10_000,
+    max_flights: int = 8,
+    max_held: int = 256,
+) -> Retriever:
+    r = Retriever(pacs, None, hold_size=hold_size, max_flights=max_flights,  # type: ignore[arg-type]
+                  max_held=max_held)  # fmt: skip
+    r.cache = cache  # type: ignore[assignment]  # the read path only: no write-through
+    return r
+
+
+async def uids(r: Retriever, series: str) -> list[str]:
+    flight = await r.series("1.2", series)
+    return [i.sop_instance async for i in flight.instances()]
+
+
+async def test_an_oversize_cached_series_does_not_push_out_the_held_ones() -> None:
+    cache = Cache("1.2.9", count=50, size=1_000)  # 50 KB from the cache, 10 KB holding
+    r = retriever(Pacs({"1.2.1": 2, "1.2.2": 3}), cache)
+    try:
+        assert await uids(r, "1.2.1") == ["1.2.1.0", "1.2.1.1"]
+        assert len(await uids(r, "1.2.2")) == 3
+        assert await uids(r, "1.2.9") == [f"1.2.9.{i}" for i in range(50)]  # served whole
+        assert list(r.flights) == [("1.2", "1.2.1"), ("1.2", "1.2.2")]
+        assert r.held == 500 <= r.hold_size
+    finally:
+        await r.close()
+
+
+async def test_cache_reads_at_once_stay_bounded() -> None:
+    cache = Cache("1.2.9", count=5, size=1_000)
+    cache.gate.clear()
+    r = retriever(Pacs({"1.2.1": 1}), cache, hold_size=1_000, max_flights=1)
+    try:
+        reading = await r.series("1.2", "1.2.9")
+        with pytest.raises(UpstreamError) as refused:
+            await r.series("1.2", "1.2.1")
+        assert refused.value.http_status == 503
+        cache.gate.set()
+        await asyncio.wait_for(reading.finished(), WAIT)
+        assert reading.error is None and len(reading.items) == 5
+        assert r.flights == {}  # larger than hold_size: served, not kept
+        assert await uids(r, "1.2.1") == ["1.2.1.0"]
+    finally:
+        cache.gate.set()
+        await r.close()
+
+
+# -- C: series without instances, and the number held ----------------------------------------
+
+
+async def test_a_series_without_instances_is_not_kept_and_asked_again(server: Server) -> None:
+    srv, source = server
+    source.missing.add(SERIES)  # not at the PACS yet
+    status, _, _ = await get(series_url(srv))
+    assert status == 404 and srv.service.retriever.flights == {}
+    source.missing.clear()  # it arrives there
+    status, headers, body = await get(series_url(srv))
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    assert source.retrieves == 2
+
+
+async def test_unknown_series_leave_nothing_held() -> None:
+    pacs = Pacs({})
+    r = retriever(pacs)
+    try:
+        for n in range(200):
+            assert await uids(r, f"9.{n}") == []
+        assert r.flights == {} and pacs.retrieves == 200
+    finally:
+        await r.close()
+
+
+async def test_held_series_are_bounded_in_number() -> None:
+    pacs = Pacs({f"1.2.{n}": 1 for n in range(10)}, size=10)
+    r = retriever(pacs, max_held=3)
+    try:
+        for n in range(10):
+            assert await uids(r, f"1.2.{n}") == [f"1.2.{n}.0"]
+            assert len(r.flights) <= 3
+        assert list(r.flights) == [("1.2", f"1.2.{n}") for n in (7, 8, 9)]  # LRU
+        await uids(r, "1.2.7")  # used again: the least recently used goes next
+        await uids(r, "1.2.0")
+        assert list(r.flights) == [("1.2", f"1.2.{n}") for n in (9, 7, 0)]
+        assert pacs.retrieves == 11
+    finally:
+        await r.close()
