@@ -97,6 +97,13 @@ _REDEEM_MESSAGES: Final = {
         "revoked",
         "this device is revoked; ask IT to enroll it under a new name",
     ),
+    # No result of its own (the gateway counts ENROLL_RESULTS): the code cannot be used
+    # for this device name any more, as for a code issued for another name.
+    RedeemStatus.IN_USE: (
+        "wrong_device",
+        "this device name was enrolled for another user since the code was made; ask IT "
+        "for a code for another name",
+    ),
 }
 
 

@@ -107,6 +107,7 @@ class RedeemStatus(enum.StrEnum):
     REUSED = "reused"  # already redeemed once
     WRONG_DEVICE = "wrong_device"  # issued for another device name
     REVOKED = "revoked"  # the device was revoked after the token was made
+    IN_USE = "in_use"  # the name was enrolled for another user after the token was made
 
 
 @dataclass(frozen=True)
@@ -288,8 +289,9 @@ class DeviceRegistry:
         `user`: the directory user the device will be bound to (checked at enrollment).
 
         Refuses a revoked device name (its identity stays revoked at every gateway; enroll
-        the PC under a new name), a TTL outside (0, MAX_TTL], and more than
-        MAX_OPEN_TOKENS open tokens. Prunes tokens that have been dead for a while.
+        the PC under a new name), a name in use by another user (`_held_by_another`), a TTL
+        outside (0, MAX_TTL], and more than MAX_OPEN_TOKENS open tokens. Prunes tokens
+        that have been dead for a while.
         """
         _check_device(device)
         if not timedelta(0) < ttl <= MAX_TTL:
@@ -302,10 +304,19 @@ class DeviceRegistry:
                 "DELETE FROM tokens WHERE expires_at < ? OR (used_at IS NOT NULL AND used_at < ?)",
                 (horizon, horizon),
             )
-            row = db.execute("SELECT revoked_at FROM devices WHERE name = ?", (device,)).fetchone()
+            row = db.execute(
+                "SELECT revoked_at, user FROM devices WHERE name = ?", (device,)
+            ).fetchone()
             if row is not None and row[0] is not None:
                 raise RegistryError(
                     f"device {device!r} is revoked; enroll the PC under a new device name"
+                )
+            if _held_by_another(row, user):
+                assert row is not None
+                holder = f"user {row[1]!r}" if row[1] is not None else "no directory user"
+                raise RegistryError(
+                    f"device {device!r} is enrolled ({holder}) and not revoked: revoke it "
+                    "first or choose another device name"
                 )
             (open_tokens,) = db.execute(
                 "SELECT COUNT(*) FROM tokens WHERE used_at IS NULL AND expires_at > ?", (t,)
@@ -340,7 +351,8 @@ class DeviceRegistry:
 
         The secret is checked before anything else, so that without it one learns nothing
         about a token (expired, used, which device) beyond whether its id exists. A
-        refused attempt does not consume the token.
+        refused attempt does not consume the token. A code for a device name now held by
+        another user is IN_USE (`_held_by_another`), spending nothing.
         """
         t = _ts(now)
         with self._op(), self._write() as db:
@@ -361,11 +373,16 @@ class DeviceRegistry:
                 return _with_status(result, RedeemStatus.EXPIRED)
             if device != token_device:
                 return _with_status(result, RedeemStatus.WRONG_DEVICE)
-            revoked = db.execute(
-                "SELECT revoked_at FROM devices WHERE name = ?", (token_device,)
+            known = db.execute(
+                "SELECT revoked_at, user FROM devices WHERE name = ?", (token_device,)
             ).fetchone()
-            if revoked is not None and revoked[0] is not None:
+            if known is not None and known[0] is not None:
                 return _with_status(result, RedeemStatus.REVOKED)
+            # A code made before another user's enrollment took the name (two codes for
+            # one new name, or a code older than this check) must not move the device:
+            # enrollment records the code's user on the device.
+            if _held_by_another(known, user):
+                return _with_status(result, RedeemStatus.IN_USE)
             if consume:
                 db.execute("UPDATE tokens SET used_at = ? WHERE id = ?", (t, token_id))
             return result
@@ -533,6 +550,20 @@ class DeviceRegistry:
         with self._op():
             (version,) = self._db.execute("PRAGMA data_version").fetchone()
         return int(version)
+
+
+def _held_by_another(row: tuple[object, object] | None, user: str | None) -> bool:
+    """Whether a device (`row`: its revoked_at and user, None if unknown) is in use by
+    someone other than `user`.
+
+    Any device row not revoked stands for a certificate that may still work (enrolled,
+    or issued offline and seen), and enrollment records the code's user on the device:
+    a code for another user (or for none, against a device that has one, and the other
+    way round) would rebind the name while the old certificate keeps working. The same
+    user enrolling the PC again (a lost identity) is fine, and so is a name that never
+    had a user, again without one (no directory).
+    """
+    return row is not None and row[1] != user
 
 
 def _with_status(result: Redeemed, status: RedeemStatus) -> Redeemed:

@@ -465,3 +465,29 @@ def test_every_event_of_a_bound_device_names_its_user(audit: AuditLog) -> None:
     assert [e.get("user") for e in events] == ["alice", "alice", None, "bob"]
     device = events[0]["ActiveParticipant"][0]
     assert device["UserID"] == dev and device["UserName"] == "alice"
+
+
+#: What str.splitlines() splits on besides "\n" (JSON leaves them raw unless escaped).
+LINE_BREAKS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c\r"
+
+
+def test_line_separators_in_text_neither_hide_nor_forge_events(audit: AuditLog) -> None:
+    """An outsider's text (the IT login's user name, a device name) with Unicode line
+    separators: one event, read back intact, and no raw separator in the file."""
+    forged = f'bob{LINE_BREAKS}{{"kind":"forged"}}{LINE_BREAKS}x'
+    audit.it_login(
+        now=T0, admin=forged, peer="10.0.0.9", outcome=Outcome.MINOR_FAILURE, description=forged
+    )
+    audit.enrollment(now=T0, device=forged, token_id=None, peer=None, outcome=Outcome.MINOR_FAILURE)
+    raw = audit.path.read_bytes()
+    assert raw.count(b"\n") == 2
+    assert raw.isascii()  # the escapes: no reader can split an event on them
+    events = read_events(audit.path)
+    assert [e["kind"] for e in events] == ["it_login", "enrollment"]
+    assert events[0]["ActiveParticipant"][0]["UserID"] == f"it:{forged}"
+    assert events[1]["ActiveParticipant"][0]["UserID"] == forged
+    # A file written before (raw separators in it) is read by lines of "\n" only.
+    audit.path.write_text(
+        json.dumps({"kind": "it_login", "user": forged}, ensure_ascii=False) + "\n", "utf-8"
+    )
+    assert [e["user"] for e in read_events(audit.path)] == [forged]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.directory import Directory
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.agent.signer import Signer
@@ -28,6 +29,8 @@ from relay.trust import pki
 from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import ENROLL_RESULTS
+from tests.agent.directory.conftest import directory_section, read_settings
+from tests.interop.harness.slapd import PASSWORDS, start_slapd
 from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -334,3 +337,36 @@ async def test_registry_that_cannot_be_written(tmp_path: Path) -> None:
         assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
         assert event["EventIdentification"]["EventOutcomeDescription"].startswith("internal")
         assert registry.redeem_token(token[0], token[1], "ws1", agent.clock()).ok  # unspent
+
+
+async def test_a_code_never_moves_an_enrolled_device_to_another_user(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """Two codes for one new name, for two users: the first enrollment takes the name,
+    and the other code cannot bind the device to its user afterwards (nothing signed,
+    the code not spent, the device still the first user's)."""
+    server = start_slapd(tmp_path / "slapd")
+    directory = Directory(read_settings(directory_section(server, tmp_path), tmp_path))
+    try:
+        now = agent.clock()
+        daves = agent.registry.create_token("ws1", timedelta(hours=24), now, user="dave")
+        alices = agent.registry.create_token("ws1", timedelta(hours=24), now, user="alice")
+        first, _ = await exchange(
+            agent, {**request(alices), "password": PASSWORDS["alice"]}, directory=directory
+        )
+        assert first.ok and agent.registry.device_user("ws1") == "alice"
+        outcome, answer = await exchange(
+            agent, {**request(daves), "password": PASSWORDS["dave"]}, directory=directory
+        )
+        assert outcome.result == "wrong_device" and answer is not None
+        assert answer["status"] == "refused" and "another user" in answer["reason"]
+        assert agent.registry.device_user("ws1") == "alice"
+        row = agent.registry.get_device("ws1")
+        assert row is not None and row.certificates == 1
+        (used,) = agent.registry._db.execute(
+            "SELECT used_at FROM tokens WHERE id = ?", (daves[0],)
+        ).fetchone()
+        assert used is None
+    finally:
+        directory.close()
+        server.close()

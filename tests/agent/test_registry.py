@@ -313,3 +313,31 @@ def test_a_schema_1_registry_gains_the_user_columns(tmp_path: Path) -> None:
         r.record_certificate("old", 1, T0, T0 + DAY, T0, user="bob")
         assert r.device_user("old") == "bob"
         assert r._db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_an_active_device_is_never_bound_to_another_user(reg: DeviceRegistry) -> None:
+    """A code for a name in use (enrolled, not revoked) is refused unless it is for the
+    same user (a PC enrolled again, e.g. after losing its identity); and a code made
+    before the name was taken cannot take it at redemption either."""
+    early, early_secret = reg.create_token("ws1", DAY, T0, user="bob")  # made first
+    token_id, secret = reg.create_token("ws1", DAY, T0, user="alice")
+    assert reg.redeem_token(token_id, secret, "ws1", T0).ok
+    reg.record_certificate("ws1", 1, T0, T0 + DAY, T0, user="alice")
+    with pytest.raises(RegistryError, match=r"'ws1' is enrolled.*revoke it first or choose"):
+        reg.create_token("ws1", DAY, T0, user="bob")
+    with pytest.raises(RegistryError, match="revoke it first"):
+        reg.create_token("ws1", DAY, T0)  # no user is another user too
+    assert reg.redeem_token(early, early_secret, "ws1", T0, consume=False).status == "in_use"
+    assert reg.redeem_token(early, early_secret, "ws1", T0).status == "in_use"
+    assert reg.device_user("ws1") == "alice"
+    # alice enrolls the PC again (a new disk): her own code is fine
+    again, again_secret = reg.create_token("ws1", DAY, T0, user="alice")
+    assert reg.redeem_token(again, again_secret, "ws1", T0).ok
+    # without a directory (no user at all), a name in use may get a new code as before
+    reg.record_certificate("ws2", 2, T0, T0 + DAY, T0)
+    plain, plain_secret = reg.create_token("ws2", DAY, T0)
+    assert reg.redeem_token(plain, plain_secret, "ws2", T0).ok
+    # a device issued offline and seen (no user) is in use as well
+    reg.touch("offline", T0)
+    with pytest.raises(RegistryError, match="revoke it first"):
+        reg.create_token("offline", DAY, T0, user="bob")

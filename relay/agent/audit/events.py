@@ -240,15 +240,24 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _dumps(data: dict[str, object]) -> str:
+    # ASCII only: every non-ASCII character is a \uXXXX escape. Outsiders' text (an IT
+    # login's user name, a device name) reaches events, and raw U+2028, U+2029 or U+0085
+    # would be line breaks to readers that split with str.splitlines(): one event hidden,
+    # others forged. Escaped, an event is one line by any definition of a line.
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+
+
 def encode_event(event: AuditEvent, source_id: str, site: str | None = None) -> str:
-    """One JSON line (no newline), at most MAX_LINE_BYTES: bulk fields go first if needed."""
-    line = json.dumps(event.to_json(source_id, site), separators=(",", ":"), ensure_ascii=False)
-    if len(line.encode("utf-8")) <= MAX_LINE_BYTES:
+    """One JSON line of ASCII (no newline), at most MAX_LINE_BYTES: bulk fields go first
+    if needed."""
+    line = _dumps(event.to_json(source_id, site))
+    if len(line) <= MAX_LINE_BYTES:
         return line
     data = event.to_json(source_id, site, with_bulk=False)
     data["truncated"] = True
-    line = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    if len(line.encode("utf-8")) <= MAX_LINE_BYTES:
+    line = _dumps(data)
+    if len(line) <= MAX_LINE_BYTES:
         return line
     data.pop("ParticipantObjectIdentification", None)
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(data)

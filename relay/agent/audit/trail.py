@@ -515,7 +515,8 @@ def _study_objects(
 def read_events(path: Path, *, limit: int = 100_000) -> list[dict[str, Any]]:
     """The events of `path` and its rotated files, oldest first (for tests and tools).
 
-    A line that is not JSON (a torn write after a crash) is skipped.
+    A line that is not JSON (a torn write after a crash) is skipped. Lines end at "\n"
+    only (a file written before events were all ASCII may hold raw U+2028 in text).
     """
     path = Path(path)
     numbered = sorted(
@@ -529,7 +530,7 @@ def read_events(path: Path, *, limit: int = 100_000) -> list[dict[str, Any]]:
             text = file.read_text("utf-8")
         except FileNotFoundError:
             continue
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): U+2028 etc. are no line end
             try:
                 value = json.loads(line)
             except json.JSONDecodeError:

@@ -2,6 +2,12 @@
 threads, at most `max_connections` at a time, each operation on its own TLS connection
 (ldaps:// or StartTLS, the server's certificate checked against `ca` and its name).
 
+The periodic re-check (`lookup`, `check`) takes at most `max_connections - 1` of them,
+so a person waiting (an IT login, an enrollment: `authenticate`, `is_admin`) always
+finds one free, whatever the re-check is doing. A slot is held until its worker thread
+is done, also when the caller stopped waiting (cancelled, timed out): the operation runs
+out its own timeout in the thread, and the next one must not queue behind it unseen.
+
 Every network operation is bounded by `timeout` (connect and each answer). Anything
 that keeps the directory from answering is DirectoryUnavailable; a directory that
 answers something we cannot trust (the user or group twice, a group that does not
@@ -102,6 +108,11 @@ class UserStatus(enum.Enum):
     NOT_IN_GROUP = "not_in_group"
 
 
+def _release(held: list[asyncio.Semaphore]) -> None:
+    for slots in held:
+        slots.release()
+
+
 def _close(conn: ldap3.Connection) -> None:
     """Unbind and close; a connection that broke half-way may fail to, harmlessly."""
     with contextlib.suppress(LDAPException, OSError):
@@ -118,24 +129,38 @@ class Directory:
     def __init__(self, settings: DirectorySettings) -> None:
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.max_connections)
+        # What the re-check may hold of them: one fewer (none fewer with only one).
+        self._background = asyncio.Semaphore(self.background_slots)
         # Its own threads: a slow directory never takes the default executor's threads
         # (the registry's SQLite calls use those).
         self._threads = ThreadPoolExecutor(settings.max_connections, "directory")
         # ldap3 packs its socket timeouts as whole seconds (struct 'LL').
         self._seconds = max(1, math.ceil(settings.timeout))
-        tls = ldap3.Tls(
+        self._tls = ldap3.Tls(
             validate=ssl.CERT_REQUIRED,
             ca_certs_file=str(settings.ca) if settings.ca is not None else None,
             sni=settings.host,
         )
-        self._server = ldap3.Server(
-            settings.host,
-            port=settings.port,
-            use_ssl=settings.use_ssl,
-            tls=tls if settings.encrypted else None,
+
+    def _new_server(self) -> ldap3.Server:
+        """A Server for one connection. Not one shared: ldap3 marks an address that
+        failed as unavailable and refuses it ("invalid server address") for the next
+        seconds, so a directory back from an outage looked down a while longer (and the
+        shared object was changed from several threads)."""
+        s = self.settings
+        return ldap3.Server(
+            s.host,
+            port=s.port,
+            use_ssl=s.use_ssl,
+            tls=self._tls if s.encrypted else None,
             get_info=ldap3.NONE,
             connect_timeout=self._seconds,
         )
+
+    @property
+    def background_slots(self) -> int:
+        """How many operations the re-check may have under way at once."""
+        return max(1, self.settings.max_connections - 1)
 
     # -- public, async
 
@@ -167,7 +192,7 @@ class Directory:
             name = check_username(user)
         except ValueError:
             return UserStatus.DELETED  # no such name can exist in the directory
-        return await self._run(lambda: self._lookup(name))
+        return await self._run(lambda: self._lookup(name), background=True)
 
     async def is_admin(self, user: str) -> bool:
         """Whether `user` exists, is not disabled and is in admin_group now."""
@@ -181,13 +206,31 @@ class Directory:
 
     async def check(self) -> None:
         """The service bind alone (for readiness). Raises DirectoryUnavailable."""
-        await self._run(self._check)
+        await self._run(self._check, background=True)
 
-    async def _run(self, job: Callable[[], T]) -> T:
-        # The semaphore bounds threads and connections; ldap3's connect and receive
-        # timeouts bound how long each holds its slot.
-        async with self._slots:
-            return await asyncio.get_running_loop().run_in_executor(self._threads, job)
+    async def _run(self, job: Callable[[], T], *, background: bool = False) -> T:
+        """`job` in a worker thread once a slot is free (`background`: one the re-check
+        may take). The semaphores bound threads and connections; ldap3's connect and
+        receive timeouts bound how long each holds its slot."""
+        held: list[asyncio.Semaphore] = []
+        try:
+            for slots in (self._background, self._slots) if background else (self._slots,):
+                await slots.acquire()
+                held.append(slots)
+            done = self._threads.submit(job)
+        except BaseException:
+            for slots in held:
+                slots.release()
+            raise
+        loop = asyncio.get_running_loop()
+
+        def free(_: object) -> None:
+            # In the worker thread (or here, if cancelled before it started).
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+                loop.call_soon_threadsafe(_release, held)
+
+        done.add_done_callback(free)
+        return await asyncio.wrap_future(done)
 
     def close(self) -> None:
         """Stop the worker threads (an operation under way ends within its timeout)."""
@@ -199,7 +242,7 @@ class Directory:
         """An open, bound connection; DirectoryUnavailable if the server cannot be used
         for any reason but the credentials (then the result code is left on it)."""
         conn = ldap3.Connection(
-            self._server,
+            self._new_server(),
             user=dn,
             password=password,
             authentication=ldap3.SIMPLE,

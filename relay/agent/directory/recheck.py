@@ -9,7 +9,9 @@ What it never does:
 
 - act on a directory it cannot reach, or that answers something odd (the user base or
   the group gone, a user twice): the whole check changes nothing, `relay_directory_up`
-  goes to 0 and one line is logged (one per failed check);
+  goes to 0 and one line is logged (one per failed check). The first failed lookup
+  ends the check at once: no lookup starts after it, the ones under way are dropped
+  (and it never holds the directory's last connection: see client.py);
 - revoke more users' devices in one check than `max_revocations_per_check`: a directory
   that suddenly "loses" many users (a wrong base after a migration, a group emptied by
   mistake) is more likely broken than a mass departure. Then nothing is revoked, an error
@@ -123,7 +125,7 @@ class Recheck:
                 self.metrics.up = 1
                 return self._count("ok")
             users = sorted(held)
-            statuses = await asyncio.gather(*(self.directory.lookup(u) for u in users))
+            statuses = await self._lookup_all(users)
         except DirectoryUnavailable as exc:
             self.metrics.up = 0
             log.warning(
@@ -147,6 +149,33 @@ class Recheck:
             return self._count("guard")
         await asyncio.to_thread(self._revoke, leaving, held)
         return self._count("revoked")
+
+    async def _lookup_all(self, users: list[str]) -> list[UserStatus]:
+        """Every user's standing, or the first DirectoryError, which ends the lookups.
+
+        As many workers as the re-check may hold connections, each taking the next user
+        when its lookup is done: after a failure no lookup starts, and the ones under way
+        are cancelled (their threads run out their own timeout). asyncio.gather left
+        every lookup running after the first failure, each waiting for a connection and
+        then its timeout, so an outage grew a backlog past the next check that IT logins
+        and enrollments queued behind.
+        """
+        statuses: dict[str, UserStatus] = {}
+        todo = iter(users)  # shared: each user once
+
+        async def worker() -> None:
+            for user in todo:
+                statuses[user] = await self.directory.lookup(user)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(self.directory.background_slots, len(users))):
+                    group.create_task(worker())
+        except BaseExceptionGroup as failed:
+            if all(isinstance(e, DirectoryError) for e in failed.exceptions):
+                raise failed.exceptions[0] from None  # the first to fail ended the check
+            raise  # a bug among them: run() logs it with its traceback
+        return [statuses[u] for u in users]
 
     def _refuse_mass_revocation(
         self, leaving: Mapping[str, UserStatus], held: Mapping[str, list[str]]

@@ -10,6 +10,13 @@ browser's /favicon.ico) are 404 without a redirect.
 The pre-login token is signed with a per-process key and kept while it is valid: a
 browser that loads /login again (another tab, or a request the page triggers, which
 used to be redirected to /login) keeps the token of the form it already shows.
+
+A login attempt counts against the failed-login limit from before its password is
+checked (parallel guesses cannot all slip through), and gives up after `login_timeout`
+(503: the directory did not answer in time). Of the logins refused while blocked, the
+first of each block is audited and the rest counted in one later event. A session whose
+user is no longer an IT admin (checked again every sessions.RECHECK_INTERVAL) ends at
+its next request.
 """
 
 from __future__ import annotations
@@ -24,18 +31,26 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
 import segno
 from aiohttp import web
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from relay.agent.audit import Outcome
 from relay.agent.authority import DeviceAuthority
 from relay.agent.itpages import views
 from relay.agent.itpages.auditview import KINDS, MAX_FILTER_CHARS, AuditFilter, query_audit
-from relay.agent.itpages.auth import Authenticator, LoginLimiter
+from relay.agent.itpages.auth import (
+    Authenticator,
+    LoginLimiter,
+    LoginResult,
+    RefusalSampler,
+    Suppressed,
+)
 from relay.agent.itpages.html import Html
 from relay.agent.itpages.sessions import Session, SessionStore
 from relay.agent.registry import RegistryError, RevokeResult
@@ -45,7 +60,7 @@ from relay.trust.codes import CodeError, EnrollmentCode
 from relay.trust.identity import check_name
 from relay.trust.users import check_username
 
-__all__ = ["ItPages", "ItPagesMetrics", "make_app"]
+__all__ = ["ItPages", "ItPagesMetrics", "allowed_hosts", "host_allowed", "make_app"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +71,8 @@ CSP: Final = (
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 SESSION_KEY: Final = web.RequestKey("session", Session)
+#: Seconds a login (or a session's re-check) waits for the directory or the password file.
+LOGIN_TIMEOUT: Final = 15.0
 
 
 class ItPagesMetrics:
@@ -91,6 +108,30 @@ class ItPages:
     metrics: ItPagesMetrics
     now: Callable[[], datetime] = _utcnow
     login_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    login_timeout: float = LOGIN_TIMEOUT
+    #: Host header values answered (`allowed_hosts`); None: any (before the server
+    #: knows its port). Anything else is refused: DNS rebinding.
+    hosts: frozenset[str] | None = None
+    #: Which rate-limited refusals are audited (the limiter's window and clock).
+    refusals: RefusalSampler = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.refusals = RefusalSampler(window=self.limiter.window, clock=self.limiter.clock)
+
+    def audit_suppressed(self, blocks: list[Suppressed]) -> None:
+        """One it_login event per block: how many refusals were not audited one by one."""
+        for block in blocks:
+            self.authority.audit.it_login(
+                now=self.now(),
+                admin=block.user,
+                peer=block.peer,
+                outcome=Outcome.MINOR_FAILURE,
+                description=block.describe(self.refusals.window),
+            )
+
+    def flush_refusals(self, *, everything: bool = False) -> None:
+        """Audit the counts of blocks whose window has ended (`everything`: all, at stop)."""
+        self.audit_suppressed(self.refusals.drain() if everything else self.refusals.due())
 
     def login_token(self) -> str:
         """A new pre-login CSRF token: a random nonce and its MAC under `login_key`."""
@@ -134,6 +175,57 @@ def _peer(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def allowed_hosts(listen: Address, port: int, *, cert: Path | None = None) -> frozenset[str]:
+    """The Host header values of this site: the listen address (unless a wildcard), the
+    loopback names on a loopback address, and the names and addresses of the TLS
+    certificate (what a browser accepts for it; `*.x` names as they are), each with
+    the port, and without it on the scheme's default port."""
+    names: set[str] = set()
+    if listen.host not in ("0.0.0.0", "::", ""):
+        names.add(listen.host.lower().rstrip("."))
+    if listen.is_loopback:
+        names.update(("127.0.0.1", "localhost", "::1"))
+    if cert is not None:
+        names.update(_certificate_names(cert))
+    default = 443 if cert is not None else 80
+    hosts: set[str] = set()
+    for name in names:
+        shown = f"[{name}]" if ":" in name else name
+        hosts.add(f"{shown}:{port}")
+        if port == default:
+            hosts.add(shown)
+    return frozenset(hosts)
+
+
+def _certificate_names(path: Path) -> set[str]:
+    first = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    try:
+        san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    names = {n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)}
+    return names | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+
+
+def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a Host header names this site (case-insensitive, a trailing dot
+    tolerated, `*.x` certificate names matching one label)."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6] or [v6]:port
+        name, _, rest = host.partition("]")
+        name, port = name + "]", rest.removeprefix(":")
+    else:
+        name, _, port = host.partition(":")
+    name = name.rstrip(".")
+    suffix = f":{port}" if port else ""
+    if f"{name}{suffix}" in allowed:
+        return True
+    label, dot, parent = name.partition(".")
+    return bool(label and dot and not name.startswith("[")) and f"*.{parent}{suffix}" in allowed
+
+
 def _same_origin(request: web.Request, tls: bool) -> bool:
     """The POST comes from a page of this site: Origin, else Referer, names it."""
     expected = f"{'https' if tls else 'http'}://{request.host}"
@@ -162,10 +254,15 @@ def _set_cookie(response: web.StreamResponse, it: ItPages, name: str, value: str
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     it = request.app[APP_KEY]
-    if request.method == "POST" and not _same_origin(request, it.tls):
+    it.flush_refusals()  # cheap: looks at the oldest block only, unless some ended
+    if it.hosts is not None and not host_allowed(request.headers.get("Host"), it.hosts):
+        # A page of another site whose name was made to point at us (DNS rebinding)
+        # would otherwise be same-origin with its own name in Host, Origin and Referer.
         response: web.StreamResponse = _forbidden(
-            request, "the request did not come from this site"
+            request, "this address does not name the IT pages (Host header)"
         )
+    elif request.method == "POST" and not _same_origin(request, it.tls):
+        response = _forbidden(request, "the request did not come from this site")
     elif request.match_info.http_exception is not None:
         # no such page (e.g. /favicon.ico): 404/405 as is; a redirect to /login here
         # would only hand the browser a new login page it never shows
@@ -179,6 +276,14 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = _forbidden(request, "not logged in (or the session expired)")
             else:
                 response = _see_other("/login")
+        elif it.sessions.due(session) and not await _still_admin(request, it, session):
+            it.sessions.drop(session.id)
+            why = "you are no longer an IT admin; the session has ended"
+            if request.method == "POST":
+                response = _forbidden(request, why)
+            else:
+                response = _see_other("/login")
+            response.del_cookie(it.cookie, path="/")
         else:
             if request.method == "POST":
                 form = await request.post()
@@ -189,6 +294,33 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             request[SESSION_KEY] = session
             response = await handler(request)
     return _headers(response)
+
+
+async def _still_admin(request: web.Request, it: ItPages, session: Session) -> bool:
+    """Whether the session's user is still an IT admin; ends nothing it cannot tell."""
+    try:
+        async with asyncio.timeout(it.login_timeout):
+            verdict = await it.authenticator.still_admin(session.user)
+    except TimeoutError:
+        verdict = None
+    if verdict is None:
+        # The directory (or the admins file) cannot say now: keep the session and ask
+        # again after the interval. Ending sessions on an outage would lock IT out of the
+        # pages just when they may need them (revoking a device by hand, say).
+        log.warning(
+            "IT page session kept: cannot check now whether its user is still an IT admin",
+            extra={"user": session.user},
+        )
+        return True
+    if not verdict:
+        it.authority.audit.it_logout(
+            now=it.now(),
+            admin=session.user,
+            peer=_peer(request),
+            description="session ended: no longer an IT admin (checked again after login)",
+        )
+        log.warning("IT page session ended: no longer an IT admin", extra={"user": session.user})
+    return verdict
 
 
 def _origin_of(request: web.Request) -> str:
@@ -265,19 +397,32 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
     if not user or not password:
         return again("user and password are required", 400)
-    if it.limiter.blocked(peer, user):
+    # Counted as failed now, before the check, so that concurrent attempts see it.
+    attempt = it.limiter.reserve(peer, user)
+    if attempt is None:
         it.metrics.logins.labels("rate_limited").inc()
-        audit.it_login(
-            now=it.now(),
-            admin=user,
-            peer=peer,
-            outcome=Outcome.MINOR_FAILURE,
-            description="rate_limited: too many failed logins",
-        )
+        key = it.limiter.blocking(peer, user) or ("user", user.lower())
+        first, ended = it.refusals.refused(key, user=user, peer=peer, at=it.now())
+        it.audit_suppressed(ended)
+        if first:  # the others of this block are counted, audited in one event later
+            audit.it_login(
+                now=it.now(),
+                admin=user,
+                peer=peer,
+                outcome=Outcome.MINOR_FAILURE,
+                description="rate_limited: too many failed logins",
+            )
         return again("too many failed logins: wait a few minutes", 429)
-    result = await it.authenticator.authenticate(user, password)
+    late = False
+    try:
+        async with asyncio.timeout(it.login_timeout):
+            result = await it.authenticator.authenticate(user, password)
+    except TimeoutError:
+        late = True
+        result = LoginResult("unavailable", user, f"no answer within {it.login_timeout:g} s")
     it.metrics.logins.labels(result.result).inc()
     if result.result == "unavailable":
+        it.limiter.release(attempt)  # not a failed login: an outage must not lock IT out
         audit.it_login(
             now=it.now(),
             admin=user,
@@ -285,9 +430,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
             outcome=Outcome.SERIOUS_FAILURE,
             description=f"unavailable: {result.detail}",
         )
+        if late:
+            what = it.authenticator.what
+            return again(f"{what} did not answer in time; try again later", 503)
         return again("the login service is unavailable; try again later", 503)
-    if not result.ok:
-        it.limiter.failed(peer, user)
+    if not result.ok:  # counted by reserve() already
         audit.it_login(
             now=it.now(),
             admin=user,
@@ -299,6 +446,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
             "IT page login refused", extra={"user": user, "peer": peer, "result": result.result}
         )
         return again("login refused: wrong user or password, or not an IT admin", 401)
+    it.limiter.release(attempt)
     it.limiter.succeeded(user)
     session = it.sessions.create(result.user)  # a new id at each login: no fixation
     audit.it_login(

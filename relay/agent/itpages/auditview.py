@@ -67,7 +67,9 @@ def _lines_newest_first(path: Path) -> Iterator[str]:
             text = file.read_text("utf-8", errors="replace")
         except OSError:
             continue
-        yield from reversed(text.splitlines())
+        # "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085..., which
+        # older files may hold raw inside an event's text.
+        yield from (line for line in reversed(text.split("\n")) if line)
 
 
 def _when(event: dict[str, Any]) -> datetime | None:

@@ -1,5 +1,6 @@
-"""Who may log in to the IT pages: one `Authenticator` protocol, two back-ends, and the
-failed-login limiter that sits in front of both.
+"""Who may log in to the IT pages: one `Authenticator` protocol, two back-ends, the
+failed-login limiter that sits in front of both (`LoginLimiter`), and which of the
+logins it refuses reach the audit trail (`RefusalSampler`).
 
 - `DirectoryAuthenticator`: bind as the user and require the directory's admin_group
   (relay.agent.directory; the same client that checks device holders);
@@ -7,27 +8,34 @@ failed-login limiter that sits in front of both.
 
 Results carry a stable `result` for metrics and audit ("ok", "refused", "not_admin",
 "unavailable"); the page itself never says which of refused/not_admin it was.
+`still_admin(user)` answers again for a logged-in admin (True, False, or None: cannot
+tell now).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Final, Protocol
 
-from relay.agent.directory import Directory, Refusal, RefusalReason
+from relay.agent.directory import Directory, DirectoryError, Refusal, RefusalReason
 from relay.agent.itpages.passwords import PasswordFileError, read_admins, verify_password
 
 __all__ = [
+    "Attempt",
     "Authenticator",
     "DirectoryAuthenticator",
     "LocalAuthenticator",
     "LoginLimiter",
     "LoginResult",
+    "RefusalSampler",
+    "Suppressed",
 ]
 
 #: Concurrent scrypt checks (32 MiB each): bounds the memory a login burst can take.
@@ -50,11 +58,21 @@ class LoginResult:
 class Authenticator(Protocol):
     """Checks an IT admin's name and password. Never raises for what the user typed."""
 
+    #: What answers, for messages: "the directory", "the password check".
+    what: str
+
     async def authenticate(self, user: str, password: str) -> LoginResult: ...
+
+    async def still_admin(self, user: str) -> bool | None:
+        """Whether `user` (logged in earlier) is still an IT admin; None when that
+        cannot be told now (the directory or the file unavailable)."""
+        ...
 
 
 class LocalAuthenticator:
     """The admins file, re-read at each login (a new entry needs no restart)."""
+
+    what = "the password check"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -65,16 +83,31 @@ class LocalAuthenticator:
             admins = read_admins(self.path)
         except PasswordFileError as exc:
             return LoginResult("unavailable", user, str(exc))
-        async with self._slots:
-            ok = await asyncio.to_thread(verify_password, admins.get(user), password)
+        await self._slots.acquire()
+        # The slot is free again when the thread is, not when the caller stops waiting
+        # (a login that timed out): the scrypt checks at once stay bounded.
+        check = asyncio.ensure_future(
+            asyncio.to_thread(verify_password, admins.get(user), password)
+        )
+        check.add_done_callback(lambda _: self._slots.release())
+        ok = await asyncio.shield(check)
         if ok:
             return LoginResult("ok", user, "local admin password")
         detail = "wrong password" if user in admins else "no such admin"
         return LoginResult("refused", user, detail)
 
+    async def still_admin(self, user: str) -> bool | None:
+        """`user` still has a line in the file (None: the file cannot be read now)."""
+        try:
+            return user in read_admins(self.path)
+        except PasswordFileError:
+            return None
+
 
 class DirectoryAuthenticator:
     """The directory: the user's own bind, then membership of `admin_group`."""
+
+    what = "the directory"
 
     def __init__(self, directory: Directory) -> None:
         self.directory = directory
@@ -89,12 +122,35 @@ class DirectoryAuthenticator:
             return LoginResult("not_admin", user, answer.detail)
         return LoginResult("refused", user, f"{answer.reason.code}: {answer.detail}")
 
+    async def still_admin(self, user: str) -> bool | None:
+        """In admin_group, not disabled, not deleted (None: the directory did not
+        answer, or answered something not to act on)."""
+        try:
+            return await self.directory.is_admin(user)
+        except DirectoryError:
+            return None
+
+
+@dataclass(eq=False)
+class Attempt:
+    """A login attempt counted as failed from before its check (`LoginLimiter.reserve`)."""
+
+    source: str
+    user: str  # lower case
+    entry: tuple[float, int]  # (time, sequence number): its place in the counts
+    released: bool = False
+
 
 class LoginLimiter:
     """Failed logins per source address and per user name in a sliding window.
 
     Blocked once either has `max_per_user` / `max_per_source` failures within `window`
-    seconds. Bounded: at most `max_keys` addresses and names are tracked (the oldest are
+    seconds. An attempt counts as failed from the moment it is let through (`reserve`),
+    before its password is checked, and is taken back if it did not fail (`release`):
+    attempts in flight at the same time thus count against each other, so a burst of
+    parallel guesses cannot all pass the check before the first failure is recorded.
+
+    Bounded: at most `max_keys` addresses and names are tracked (the oldest are
     forgotten first), each with at most its limit of timestamps.
     """
 
@@ -112,28 +168,65 @@ class LoginLimiter:
         self.window = window
         self.max_keys = max_keys
         self.clock = clock
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._failures: OrderedDict[tuple[str, str], deque[tuple[float, int]]] = OrderedDict()
+        self._sequence = itertools.count()
 
     def _recent(self, key: tuple[str, str]) -> int:
         times = self._failures.get(key)
         if times is None:
             return 0
         horizon = self.clock() - self.window
-        while times and times[0] <= horizon:
+        while times and times[0][0] <= horizon:
             times.popleft()
         if not times:
             del self._failures[key]
             return 0
         return len(times)
 
+    def blocking(self, source: str, user: str) -> tuple[str, str] | None:
+        """What blocks a login of `user` from `source`: ("source", address) or ("user",
+        name in lower case); None if nothing does."""
+        if self._recent(("source", source)) >= self.max_per_source:
+            return ("source", source)
+        name = user.lower()
+        if self._recent(("user", name)) >= self.max_per_user:
+            return ("user", name)
+        return None
+
     def blocked(self, source: str, user: str) -> bool:
-        return (
-            self._recent(("source", source)) >= self.max_per_source
-            or self._recent(("user", user.lower())) >= self.max_per_user
-        )
+        return self.blocking(source, user) is not None
+
+    def reserve(self, source: str, user: str) -> Attempt | None:
+        """None if blocked; else the attempt, already counted as failed.
+
+        Check and count are one step (no await between), so concurrent attempts see
+        each other. Call `release()` when the attempt did not fail; an attempt that
+        never gets a result (its request cancelled) stays counted, on the safe side.
+        """
+        if self.blocked(source, user):
+            return None
+        return Attempt(source, user.lower(), self._add(source, user))
+
+    def release(self, attempt: Attempt) -> None:
+        """Take back a reserved attempt that did not fail (a success, a directory that
+        did not answer). Twice is once."""
+        if attempt.released:
+            return
+        attempt.released = True
+        for key in (("source", attempt.source), ("user", attempt.user)):
+            times = self._failures.get(key)
+            if times is None:
+                continue
+            if attempt.entry in times:
+                times.remove(attempt.entry)
+            if not times:
+                del self._failures[key]
 
     def failed(self, source: str, user: str) -> None:
-        now = self.clock()
+        self._add(source, user)
+
+    def _add(self, source: str, user: str) -> tuple[float, int]:
+        entry = (self.clock(), next(self._sequence))
         for key, limit in (
             (("source", source), self.max_per_source),
             (("user", user.lower()), self.max_per_user),
@@ -145,7 +238,8 @@ class LoginLimiter:
                 times = self._failures[key] = deque(maxlen=limit)
             else:
                 self._failures.move_to_end(key)
-            times.append(now)
+            times.append(entry)
+        return entry
 
     def succeeded(self, user: str) -> None:
         """A good login clears the user's count (not the address's)."""
@@ -153,3 +247,92 @@ class LoginLimiter:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+@dataclass
+class Suppressed:
+    """Refused logins of one block not audited one by one: `count` of them after the one
+    audited at `since`; `user` and `peer` of the last."""
+
+    key: tuple[str, str]  # what blocked: ("source", address) or ("user", name)
+    since: datetime
+    started: float  # the clock's time of the audited refusal
+    user: str
+    peer: str
+    count: int = 0
+
+    def describe(self, window: float) -> str:
+        what = (
+            f"from address {self.key[1]}" if self.key[0] == "source" else f"for user {self.key[1]}"
+        )
+        return (
+            f"rate_limited: {self.count} more refused logins {what} within "
+            f"{window / 60:g} min of the one audited at {self.since.isoformat()}, "
+            f"not audited one by one (the last as {self.user!r} from {self.peer})"
+        )
+
+
+class RefusalSampler:
+    """Which rate-limited login refusals reach the audit trail: the first of a block,
+    then one count.
+
+    A blocked login is refused (429) whatever it brings, at no cost to the sender, so
+    auditing each would let anyone write audit events as fast as they send requests,
+    and rotation would then drop the oldest files (patient transfers with them). Keyed
+    by what blocks (`LoginLimiter.blocking`: the address, else the user name), not by
+    the (address, name) pair, which a blocked address could vary at will. The first
+    refusal of a key is audited; the ones after it within `window` seconds are counted,
+    and `due()` hands the count over once the window has ended. At most `max_keys`
+    keys: a new one past that pushes out the oldest, whose count is handed over then.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: float,
+        max_keys: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.max_keys = max_keys
+        self.clock = clock
+        self._blocks: OrderedDict[tuple[str, str], Suppressed] = OrderedDict()  # oldest first
+
+    def refused(
+        self, key: tuple[str, str], *, user: str, peer: str, at: datetime
+    ) -> tuple[bool, list[Suppressed]]:
+        """A refusal of `key`: (audit it?, counts to audit first)."""
+        ended = self.due()
+        block = self._blocks.get(key)
+        if block is not None:
+            block.count += 1
+            block.user, block.peer = user, peer
+            return False, ended
+        while len(self._blocks) >= self.max_keys:
+            _, oldest = self._blocks.popitem(last=False)
+            if oldest.count:
+                ended.append(oldest)
+        self._blocks[key] = Suppressed(key, at, self.clock(), user, peer)
+        return True, ended
+
+    def due(self) -> list[Suppressed]:
+        """The counts (above zero) of the blocks whose window has ended, forgotten now."""
+        horizon = self.clock() - self.window
+        ended: list[Suppressed] = []
+        while self._blocks:
+            key, block = next(iter(self._blocks.items()))
+            if block.started > horizon:
+                break
+            del self._blocks[key]
+            if block.count:
+                ended.append(block)
+        return ended
+
+    def drain(self) -> list[Suppressed]:
+        """Every count above zero, ended or not (at shutdown), forgotten now."""
+        blocks = [b for b in self._blocks.values() if b.count]
+        self._blocks.clear()
+        return blocks
+
+    def __len__(self) -> int:
+        return len(self._blocks)

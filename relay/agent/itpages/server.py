@@ -3,15 +3,18 @@ HTTPS with `it_pages.tls` (required off loopback), never anything on the gateway
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
+from typing import Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay.agent.authority import DeviceAuthority
 from relay.agent.config import AgentConfig
-from relay.agent.itpages.app import ItPages, ItPagesMetrics, make_app
+from relay.agent.itpages.app import ItPages, ItPagesMetrics, allowed_hosts, make_app
 from relay.agent.itpages.auth import (
     Authenticator,
     DirectoryAuthenticator,
@@ -24,6 +27,10 @@ from relay.ops.config import ConfigError
 from relay.ops.listening import announce
 
 __all__ = ["ItPagesServer", "server_context"]
+
+#: How often the counts of rate-limited logins whose window ended are audited, when no
+#: request comes to do it (every request does it too).
+FLUSH_INTERVAL: Final = 60.0
 
 
 def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
@@ -77,6 +84,7 @@ class ItPagesServer:
             metrics=ItPagesMetrics(registry, sessions),
         )
         self._runner: web.AppRunner | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -87,10 +95,23 @@ class ItPagesServer:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else address.port
+        self.pages.hosts = allowed_hosts(address, self.port, cert=self.settings.cert)
         for sock in sockets:
             announce("it-pages", sock.getsockname())
+        self._flusher = asyncio.create_task(self._flush_refusals(), name="it-pages refusals")
+
+    async def _flush_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.pages.flush_refusals()
 
     async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self.pages.flush_refusals(everything=True)  # counts not audited yet: now

@@ -105,6 +105,23 @@ async def test_an_outage_is_unavailable_never_a_verdict(
     assert result.message == "directory unavailable"
 
 
+async def test_a_directory_back_from_an_outage_answers_at_once(
+    slapd: Slapd, settings: DirectorySettings
+) -> None:
+    """ldap3 marks an address that failed as unavailable for the next seconds; one
+    Server object shared by every operation made a directory that was back look down
+    ("invalid server address") a while longer."""
+    directory = Directory(replace(settings, timeout=2.0))
+    assert await directory.is_admin("carol")
+    slapd.kill()
+    with pytest.raises(DirectoryUnavailable):
+        await directory.is_admin("carol")
+    slapd.start()
+    assert await directory.is_admin("carol")
+    assert await directory.lookup("alice") is UserStatus.ACTIVE
+    directory.close()
+
+
 async def test_a_missing_group_is_an_error_not_a_verdict(settings: DirectorySettings) -> None:
     directory = Directory(replace(settings, group="cn=gone,ou=groups,dc=hospital,dc=test"))
     with pytest.raises(DirectoryError):

@@ -3,6 +3,7 @@ devices, and what never causes a revocation (an outage, an odd answer, too many)
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from relay.agent.audit import AuditLog, read_events
-from relay.agent.directory import Directory, DirectorySettings
+from relay.agent.directory import Directory, DirectorySettings, Refusal, RefusalReason
 from relay.agent.directory.recheck import DirectoryMetrics, Recheck
 from relay.agent.registry import DeviceRegistry
-from tests.interop.harness.slapd import Slapd
+from tests.interop.harness.slapd import PASSWORDS, Slapd
+
+from .blackhole import BlackHole
 
 T0 = datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
 AGENT = "spiffe://hospital.test/agent/main"
@@ -129,3 +132,36 @@ async def test_no_devices_still_checks_the_directory(
     slapd.kill()
     assert await empty.recheck(timeout=2.0).check() == "unavailable"
     assert empty.metrics.up == 0
+
+
+async def test_an_outage_ends_the_check_at_once_and_leaves_logins_a_slot(
+    slapd: Slapd, f: Fixture
+) -> None:
+    """A directory that stops answering (each operation waits its whole timeout): the
+    first failed lookup ends the check and the lookups not yet done are dropped, not
+    left to run for minutes behind it; and an IT login or enrollment meanwhile gets a
+    connection of its own instead of queueing behind the re-check's lookups."""
+    for i in range(36):
+        f.hold(f"x{i}", f"user{i:02d}")  # 40 users with devices
+    hole = await BlackHole().start()
+    try:
+        settings = hole.settings(f.settings, timeout=1.0)
+        directory = Directory(replace(settings, max_connections=4))
+        recheck = Recheck(directory, f.registry, f.audit, agent=AGENT, device_uri=uri,
+                          now=lambda: T0, on_revoked=f.note, metrics=f.metrics)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        check = asyncio.create_task(recheck.check())
+        await asyncio.sleep(0.2)  # the re-check holds every connection it may
+        t0 = loop.time()
+        login = await directory.authenticate("carol", PASSWORDS["carol"], admin=True)
+        assert isinstance(login, Refusal) and login.reason is RefusalReason.UNAVAILABLE
+        assert loop.time() - t0 < 2.5  # its own timeout, not 40 lookups' worth
+        assert await check == "unavailable"
+        assert loop.time() - t0 < 2.5
+        opened = hole.connections
+        await asyncio.sleep(1.5)  # the lookups not started stay unstarted
+        assert hole.connections == opened <= 4
+        assert all(f.status(d) == "active" for d in ("a1", "a2", "c1", "d1", "x0"))
+        directory.close()
+    finally:
+        await hole.close()

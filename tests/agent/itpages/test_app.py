@@ -5,11 +5,12 @@ through the agent's revocation path (bodies pushed), the audit trail page, metri
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +22,23 @@ from prometheus_client import CollectorRegistry
 
 from relay.agent.audit import read_events
 from relay.agent.authority import DeviceAuthority
+from relay.agent.directory import Directory
 from relay.agent.itpages import passwords
-from relay.agent.itpages.app import ItPages, ItPagesMetrics, make_app
-from relay.agent.itpages.auth import LocalAuthenticator, LoginLimiter
+from relay.agent.itpages.app import ItPages, ItPagesMetrics, allowed_hosts, make_app
+from relay.agent.itpages.auditview import AuditFilter, query_audit
+from relay.agent.itpages.auth import (
+    Authenticator,
+    DirectoryAuthenticator,
+    LocalAuthenticator,
+    LoginLimiter,
+)
 from relay.agent.itpages.sessions import SessionStore
 from relay.ops.config import Address
 from relay.trust.codes import parse_code
 from relay.trust.revocation import decode_revocations
+from tests.agent.directory.blackhole import BlackHole
+from tests.agent.directory.conftest import directory_section, read_settings
+from tests.interop.harness.slapd import ADMIN_GROUP, PASSWORDS, Slapd, start_slapd, user_dn
 from tests.pki_helpers import HOST, SitePki, make_pki
 
 PASSWORD = "correct horse battery"
@@ -48,7 +59,13 @@ class Pages:
         return self.registry.get_sample_value(name, labels) or 0.0
 
 
-async def _serve(tmp_path: Path, tls: bool) -> AsyncIterator[Pages]:
+async def _serve(
+    tmp_path: Path,
+    tls: bool,
+    *,
+    limiter: LoginLimiter | None = None,
+    authenticator: Authenticator | None = None,
+) -> AsyncIterator[Pages]:
     site: SitePki = make_pki(tmp_path / "pki")
     authority = DeviceAuthority.open(
         site="main", state_dir=tmp_path / "state", ca_cert=site.ca,
@@ -62,9 +79,9 @@ async def _serve(tmp_path: Path, tls: bool) -> AsyncIterator[Pages]:
     it = ItPages(
         authority=authority,
         push=pushed.append,
-        authenticator=LocalAuthenticator(admins),
+        authenticator=LocalAuthenticator(admins) if authenticator is None else authenticator,
         sessions=sessions,
-        limiter=LoginLimiter(max_per_user=3),
+        limiter=LoginLimiter(max_per_user=3) if limiter is None else limiter,
         gateway=Address("relay.example.org", 443),
         tls=tls,
         directory=False,
@@ -79,12 +96,22 @@ async def _serve(tmp_path: Path, tls: bool) -> AsyncIterator[Pages]:
     server = web.TCPSite(runner, HOST, 0, ssl_context=ctx)
     await server.start()
     port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    it.hosts = allowed_hosts(Address(HOST, port), port, cert=site.gateway.cert if tls else None)
     scheme = "https" if tls else "http"
     try:
         yield Pages(f"{scheme}://{HOST}:{port}", it, authority, registry, pushed)
     finally:
         await runner.cleanup()
         authority.close()
+
+
+@pytest.fixture
+def slapd(tmp_path: Path) -> Iterator[Slapd]:
+    server = start_slapd(tmp_path / "slapd")
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -369,3 +396,188 @@ async def test_https_cookies_are_secure_and_host_only(tmp_path: Path) -> None:
             assert r.status == 403  # http:// is another origin than https://
         finally:
             await b.close()
+
+
+async def test_line_separators_in_a_login_name_neither_hide_nor_forge_events(
+    pages: Pages, browser: Browser
+) -> None:
+    """The user field of the login form is anyone's: U+2028/U+2029/U+0085 in it must not
+    split its audit event (the audit page and read_events used str.splitlines())."""
+    name = 'bob\u2028{"kind":"forged"}\u2029x\x85y'
+    assert (await browser.login(user=name, password="not the password")).status == 401
+    [event] = read_events(pages.authority.audit.path)
+    assert event["kind"] == "it_login"
+    assert event["ActiveParticipant"][0]["UserID"] == f"it:{name}"
+    await browser.login()
+    status, body = await browser.get("/audit?kind=it_login")
+    assert status == 200 and len(re.findall(r'<tr class="event">', body)) == 2
+    page = query_audit(pages.authority.audit.path, AuditFilter())
+    assert [e.get("kind") for e in page.events] == ["it_login", "it_login"]
+
+
+async def test_concurrent_guesses_cannot_outrun_the_rate_limit(
+    pages: Pages, browser: Browser
+) -> None:
+    """The limit is 3 failures for a name here: of 40 guesses sent at once, 3 are checked
+    and the rest refused with 429, not all 40 checked before the first failure counts."""
+    _, body = await browser.get("/login")
+    csrf = token(body)
+
+    async def guess(i: int) -> int:
+        form = {"csrf": csrf, "user": "carol", "password": f"guess number {i}"}
+        return (await browser.post("/login", form)).status
+
+    statuses = await asyncio.gather(*(guess(i) for i in range(40)))
+    assert sorted(statuses) == [401] * 3 + [429] * 37
+    assert pages.metric("relay_it_logins_total", result="refused") == 3
+    assert (await browser.login()).status == 429  # the right password: too late
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def descriptions(pages: Pages, kind: str = "it_login") -> list[str]:
+    return [str(e["EventIdentification"]["EventOutcomeDescription"]) for e in pages.audit(kind)]  # type: ignore[index]
+
+
+async def test_refused_logins_while_blocked_are_audited_once_then_counted(
+    tmp_path: Path,
+) -> None:
+    """Each 429 used to write an audit event: anyone could fill the trail and push the
+    oldest files (patient transfers) out of the rotation. The first refusal of a block
+    is audited, the others are counted in one event when the window ends."""
+    clock = Clock()
+    limiter = LoginLimiter(max_per_user=3, window=900, clock=clock)
+    async for pages in _serve(tmp_path, tls=False, limiter=limiter):
+        b = Browser(pages)
+        try:
+            for _ in range(3):
+                assert (await b.login(password="not the password")).status == 401
+            for _ in range(30):
+                assert (await b.login(password="still not it")).status == 429
+            assert pages.metric("relay_it_logins_total", result="rate_limited") == 30
+            limited = [d for d in descriptions(pages) if d.startswith("rate_limited")]
+            assert limited == ["rate_limited: too many failed logins"]
+            clock.t += 901  # the window ends: the next request writes the count
+            assert (await b.get("/login"))[0] == 200
+            summary = descriptions(pages)[-1]
+            assert summary.startswith("rate_limited: 29 more refused logins"), summary
+            assert "user carol" in summary
+            assert len(pages.audit("it_login")) == 5
+            assert (await b.login()).status == 303  # the failures are 15 minutes old
+        finally:
+            await b.close()
+
+
+async def test_a_directory_that_does_not_answer_in_time_is_a_503(tmp_path: Path) -> None:
+    """The login used to wait as long as the directory (and whatever queued before it)
+    took; now it gives up after `login_timeout`, says so, and the page is a 503."""
+    hole = await BlackHole().start()
+    section = {"url": f"ldap://{HOST}:1", "start_tls": True, "bind_dn": "cn=relay",
+               "user_base": "ou=people", "group": "cn=g", "admin_group": "cn=it"}  # fmt: skip
+    (tmp_path / "directory.pw").write_text("secret\n")
+    section["bind_password_file"] = str(tmp_path / "directory.pw")
+    directory = Directory(hole.settings(read_settings(section, tmp_path), timeout=5.0))
+    try:
+        async for pages in _serve(
+            tmp_path, tls=False, authenticator=DirectoryAuthenticator(directory)
+        ):
+            pages.it.login_timeout = 0.5
+            b = Browser(pages)
+            try:
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                r = await b.login("carol", "carol's password")
+                assert loop.time() - t0 < 3.0  # not the directory's 5 s
+                assert r.status == 503
+                assert "the directory did not answer in time" in await r.text()
+                assert pages.metric("relay_it_logins_total", result="unavailable") == 1
+                [event] = pages.audit("it_login")
+                assert event["EventIdentification"]["EventOutcomeIndicator"] == 8  # type: ignore[index]
+                # not a failed login: the limit (3 here) is not spent by an outage
+                for _ in range(3):
+                    assert (await b.login("carol", "carol's password")).status == 503
+                assert pages.metric("relay_it_logins_total", result="rate_limited") == 0
+            finally:
+                await b.close()
+    finally:
+        directory.close()
+        await hole.close()
+
+
+async def test_an_admin_removed_from_the_admin_group_loses_the_session(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """Sessions are checked again against the directory (here at every request): out of
+    the admin group, the session ends at the next request; a directory that cannot be
+    reached ends nothing (IT would be locked out by an outage)."""
+    settings = read_settings(directory_section(slapd, tmp_path, timeout="2s"), tmp_path)
+    directory = Directory(settings)
+    try:
+        async for pages in _serve(
+            tmp_path, tls=False, authenticator=DirectoryAuthenticator(directory)
+        ):
+            pages.it.sessions.recheck = 0.0
+            b = Browser(pages)
+            try:
+                assert (await b.login("carol", PASSWORDS["carol"])).status == 303
+                assert (await b.get("/devices"))[0] == 200  # checked: still an admin
+                slapd.kill()
+                assert (await b.get("/devices"))[0] == 200  # unreachable: kept
+                slapd.start()
+                csrf = await b.csrf()
+                # (a groupOfNames keeps at least one member)
+                slapd.modify(f"dn: {ADMIN_GROUP}\nchangetype: modify\nadd: member\n"
+                             f"member: {user_dn('dave')}\n")  # fmt: skip
+                slapd.remove_member("carol", ADMIN_GROUP)
+                r = await b.post("/codes", {"device": "ws1", "ttl": "1h", "csrf": csrf})
+                assert r.status == 403 and "no longer an IT admin" in await r.text()
+                assert pages.audit("token_created") == []
+                assert (await b.get("/devices"))[0] == 303  # the session is gone
+                assert len(pages.it.sessions) == 0
+                [ended] = descriptions(pages, "it_logout")
+                assert "no longer an IT admin" in ended
+            finally:
+                await b.close()
+    finally:
+        directory.close()
+
+
+async def test_a_local_admin_removed_from_the_admins_file_loses_the_session(
+    pages: Pages, browser: Browser, tmp_path: Path
+) -> None:
+    await browser.login()
+    pages.it.sessions.recheck = 0.0
+    assert (await browser.get("/devices"))[0] == 200
+    admins = tmp_path / "admins"
+    admins.write_text("")  # carol's line removed (as by hand)
+    passwords.set_password(admins, "dave", "dave's long password", log2_n=10)
+    assert (await browser.get("/devices"))[0] == 303
+    assert len(pages.it.sessions) == 0
+    assert "no longer an IT admin" in descriptions(pages, "it_logout")[0]
+
+
+async def test_a_request_naming_another_host_is_refused(pages: Pages, browser: Browser) -> None:
+    """DNS rebinding: a page of evil.example whose name is made to resolve to the agent
+    is same-origin with itself (Host, Origin and Referer all say evil.example); only the
+    Host check tells it is not the IT pages' address."""
+    port = pages.base.rsplit(":", 1)[1]
+    evil = f"evil.example:{port}"
+    async with browser.session.get(
+        pages.base + "/login", headers={"Host": evil}, allow_redirects=False
+    ) as r:
+        assert r.status == 403 and "Host header" in await r.text()
+    _, body = await browser.get("/login")
+    form = {"csrf": token(body), "user": "carol", "password": PASSWORD}
+    r = await browser.session.post(pages.base + "/login", data=form, allow_redirects=False,
+                                   headers={"Host": evil, "Origin": f"http://{evil}"})  # fmt: skip
+    assert r.status == 403 and len(pages.it.sessions) == 0
+    for host in (f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}"):
+        async with browser.session.get(pages.base + "/login", headers={"Host": host}) as ok:
+            assert ok.status == 200, host
+    assert (await browser.login()).status == 303

@@ -5,6 +5,7 @@ limiter, the scrypt password file, escaping, the audit view's filters and bounds
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 import stat
@@ -12,17 +13,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from relay.agent.itpages import passwords
 from relay.agent.itpages.admin_cli import passwd
+from relay.agent.itpages.app import allowed_hosts, host_allowed
 from relay.agent.itpages.auditview import AuditFilter, query_audit
-from relay.agent.itpages.auth import LocalAuthenticator, LoginLimiter
+from relay.agent.itpages.auth import LocalAuthenticator, LoginLimiter, RefusalSampler
 from relay.agent.itpages.html import Html, esc, render
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import read_it_pages_settings
 from relay.agent.itpages.views import audit_page, code_form, devices_page, login_page
 from relay.agent.registry import DeviceRow
-from relay.ops.config import ConfigError, Reader
+from relay.ops.config import Address, ConfigError, Reader
 
 FAST = 10  # log2 N for test hashes: the format allows it, the checks take a millisecond
 
@@ -106,11 +112,93 @@ def test_limiter_blocks_a_source_trying_many_users_and_success_clears_the_user()
     assert not limiter.blocked("10.0.0.4", "x")
 
 
+def test_limiter_counts_an_attempt_from_before_its_check() -> None:
+    """reserve() counts the attempt as failed at once, so attempts in flight together
+    cannot all pass; release() takes it back when it did not fail."""
+    clock = Clock()
+    limiter = LoginLimiter(max_per_user=2, max_per_source=3, window=60, clock=clock)
+    first = limiter.reserve("10.0.0.1", "carol")
+    second = limiter.reserve("10.0.0.2", "Carol")
+    assert first is not None and second is not None
+    assert limiter.reserve("10.0.0.3", "carol") is None  # two in flight: the limit
+    limiter.release(first)  # it succeeded (or the directory did not answer)
+    limiter.release(first)  # twice: still one
+    assert limiter.reserve("10.0.0.3", "carol") is not None
+    assert limiter.reserve("10.0.0.4", "carol") is None
+    assert limiter.reserve("10.0.0.9", "u1") and limiter.reserve("10.0.0.9", "u2")
+    last = limiter.reserve("10.0.0.9", "u3")
+    assert last is not None
+    assert limiter.reserve("10.0.0.9", "u4") is None  # the address's 3 are taken
+    limiter.release(last)
+    assert limiter.reserve("10.0.0.9", "u4") is not None
+    clock.t += 61
+    assert limiter.reserve("10.0.0.4", "carol") is not None
+
+
 def test_limiter_tracks_a_bounded_number_of_keys() -> None:
     limiter = LoginLimiter(max_keys=50, clock=Clock())
     for i in range(1000):
         limiter.failed(f"10.0.{i // 256}.{i % 256}", f"u{i}")
     assert len(limiter) <= 50
+
+
+def test_refusal_sampler_audits_one_per_block_and_is_bounded() -> None:
+    clock = Clock()
+    at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    sampler = RefusalSampler(window=60, max_keys=3, clock=clock)
+    assert sampler.refused(("user", "carol"), user="carol", peer="10.0.0.1", at=at) == (True, [])
+    for i in range(5):
+        assert sampler.refused(("user", "carol"), user="Carol", peer=f"10.0.0.{i}", at=at) == (
+            False,
+            [],
+        )
+    for i in range(3):  # more blocks than it keeps: the oldest goes, with its count
+        first, ended = sampler.refused(("source", f"10.9.0.{i}"), user="x", peer="p", at=at)
+        assert first
+    assert [b.count for b in ended] == [5] and len(sampler) == 3
+    assert "5 more refused logins for user carol" in ended[0].describe(60)
+    assert "the last as 'Carol' from 10.0.0.4" in ended[0].describe(60)
+    sampler.refused(("source", "10.9.0.2"), user="y", peer="p", at=at)
+    clock.t += 61
+    [ended_block] = sampler.due()
+    assert ended_block.key == ("source", "10.9.0.2") and ended_block.count == 1
+    assert len(sampler) == 0 and sampler.due() == [] and sampler.drain() == []
+    sampler.refused(("user", "dave"), user="dave", peer="p", at=at)
+    sampler.refused(("user", "dave"), user="dave", peer="p", at=at)
+    assert [b.count for b in sampler.drain()] == [1] and len(sampler) == 0
+
+
+def test_the_host_names_answered_are_the_address_and_the_certificate_names(
+    tmp_path: Path,
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "it pages")])
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("IT.hospital.example"),
+            x509.DNSName("*.agents.hospital.example"),
+            x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    path = tmp_path / "it.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    hosts = allowed_hosts(Address("0.0.0.0", 443), 443, cert=path)
+    for ok in ("it.hospital.example", "IT.Hospital.Example.:443", "10.1.2.3",
+               "a1.agents.hospital.example:443"):  # fmt: skip
+        assert host_allowed(ok, hosts), ok
+    for refused in ("evil.example", "it.hospital.example:444", "0.0.0.0", "a.b.agents.hospital"
+                    ".example", "agents.hospital.example", "127.0.0.1", "", None):  # fmt: skip
+        assert not host_allowed(refused, hosts), refused
+    local = allowed_hosts(Address("127.0.0.1", 9180), 9180)
+    assert {"127.0.0.1:9180", "localhost:9180", "[::1]:9180"} == local
+    assert host_allowed("[::1]:9180", local) and not host_allowed("[::1]", local)
 
 
 # -- the password file
