@@ -7,6 +7,10 @@ connections that have not finished the TLS handshake. `DeviceLedger` and `Source
 count; the server, router and splice ask them before they admit, and each refusal is
 counted in `relay_limit_hits_total{limit=...}` (the `hit` callback).
 
+Sessions are also opened at a bounded rate per device (a token bucket, kept while the
+device holds a link): a device that opens and resets sessions in a loop (HTTP/2's rapid
+reset) would cost its agent a TLS handshake each.
+
 An agent link's streams are shared fairly: a device may take another stream on an agent
 link only while more than `agent_reserve` of that link's streams are free, unless it has
 none there yet (the router then tries the site's other agent links first). So one device
@@ -24,6 +28,8 @@ from relay.proto.settings import FieldError, format_size
 
 __all__ = [
     "LIMITS",
+    "SESSION_OPENS_PER_SECOND",
+    "SESSION_OPEN_BURST",
     "DeviceLedger",
     "DeviceLimits",
     "DeviceUsage",
@@ -38,9 +44,18 @@ LIMITS: Final = (
     "device_buffered",
     "agent_share",
     "source_handshakes",
+    "device_opens",
 )
 
 MiB: Final = 1024 * 1024
+
+#: Sessions one device may open: SESSION_OPEN_BURST at once, then SESSION_OPENS_PER_SECOND.
+#: A workstation opens one per link and, refused, retries with backoff (full jitter, at
+#: most 5 s apart: 0.4 a second on average, a few quick ones first); a reconnect opens a
+#: handful, and a device at its caps (4 links of 8 sessions) holds 32. Not a config key:
+#: no honest device comes near it.
+SESSION_OPENS_PER_SECOND: Final = 1.0
+SESSION_OPEN_BURST: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +99,8 @@ class DeviceUsage:
     streams: int = 0
     buffered: int = 0
     by_agent: dict[object, int] = field(default_factory=dict)  # agent link -> streams
+    opens: float = SESSION_OPEN_BURST  # session opens left (a token bucket) ...
+    opens_at: float | None = None  # ... as of this time
 
 
 class DeviceLedger:
@@ -131,6 +148,23 @@ class DeviceLedger:
             self._forget_if_idle(device)
 
     # -- streams
+
+    def spend_open(self, device: str, now: float) -> bool:
+        """Take one of `device`'s session opens, or False (counted) if it has none left:
+        SESSION_OPEN_BURST, refilled at SESSION_OPENS_PER_SECOND. `now` is the caller's
+        clock (monotonic seconds)."""
+        usage = self.usage(device)
+        if usage.opens_at is not None:
+            refill = max(0.0, now - usage.opens_at) * SESSION_OPENS_PER_SECOND
+            usage.opens = min(float(SESSION_OPEN_BURST), usage.opens + refill)
+        usage.opens_at = now
+        allowed = usage.opens >= 1.0
+        if allowed:
+            usage.opens -= 1.0
+        else:
+            self._hit("device_opens")
+        self._forget_if_idle(device)
+        return allowed
 
     def stream_refusal(self, device: str, agent: object, free: int) -> str | None:
         """Why `device` may not open one more stream on `agent`, which has `free` stream

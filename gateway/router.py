@@ -11,25 +11,48 @@ FORBIDDEN and counted. Sessions are spread over the site's agent links by device
 stable (its TLS resumption ticket stays useful), and devices spread evenly.
 
 A device's sessions are counted against its caps (gateway.limits): over its session cap,
-its queued-bytes cap or its share of the agent link, its stream is reset with
-LIMIT_EXCEEDED, never another device's.
+its rate of session opens, its queued-bytes cap or its share of the agent link, its
+stream is reset with LIMIT_EXCEEDED, never another device's.
+
+The agent stream carries the device's OPEN headers but for the reserved `x-relay-*` and
+`priority`: every device's sessions share the agent link, and no device may order its own
+ahead of the others' there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 
 from gateway.limits import DeviceLedger
 from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
 from relay.net.aio import Link, Stream
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
-from relay.wire import HEADER_PEER, HEADER_TARGET, RESERVED_PREFIX, TARGET_SESSION
+from relay.wire import (
+    HEADER_PEER,
+    HEADER_PRIORITY,
+    HEADER_TARGET,
+    RESERVED_PREFIX,
+    TARGET_SESSION,
+)
 
 log = logging.getLogger(__name__)
 
-# Headers the gateway sets on streams it opens towards an agent; a device may not set them.
+# Headers of a device's stream that are not passed on to the agent stream: the reserved
+# `x-relay-*` (only the gateway sets them), and `priority`, because every device's sessions
+# share the agent link, where both cores schedule by it: a device must not put its session
+# ahead of every other device's. The stream the gateway opens goes at the default (u=3, i);
+# the real priorities are those of the inner streams, inside the sealed session.
+_DROPPED = (HEADER_PRIORITY,)
+
+
+def _passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    """What of a device's OPEN headers the gateway copies onto the agent stream."""
+    return {
+        k: v for k, v in headers.items() if not k.startswith(RESERVED_PREFIX) and k not in _DROPPED
+    }
 
 
 class Router:
@@ -89,6 +112,9 @@ class Router:
         if stream.headers.get(HEADER_TARGET) != TARGET_SESSION:
             self._refuse(stream, site, ErrorCode.FORBIDDEN, "forbidden")
             return
+        if not self.devices.spend_open(device, stream.link.loop.time()):
+            self._refuse(stream, site, ErrorCode.LIMIT_EXCEEDED, "device_opens")
+            return
         self.route(site, stream, {}, agent=self._pick_for(site, device), device=device)
 
     def route(
@@ -103,8 +129,9 @@ class Router:
         """Splice a new stream to an agent of `site`, or reset it with a code.
 
         `origin` are the x-relay-* headers the gateway adds (the enrolling PC's address);
-        the agent bases no identity on them. `device` (its SPIFFE ID) is whose caps the
-        stream counts against.
+        the agent bases no identity on them. Of the stream's own headers, `x-relay-*` and
+        `priority` are not passed on (`_passed_on`). `device` (its SPIFFE ID) is whose
+        caps the stream counts against.
         """
         agent = agent or self._pick(site)
         if agent is None:
@@ -115,7 +142,7 @@ class Router:
             if refusal is not None:
                 self._refuse(stream, site, ErrorCode.LIMIT_EXCEEDED, refusal)
                 return
-        headers = {k: v for k, v in stream.headers.items() if not k.startswith(RESERVED_PREFIX)}
+        headers = _passed_on(stream.headers)
         headers.update(origin)
         try:
             upstream = agent.open_stream(headers)

@@ -89,13 +89,17 @@ class Splice:
     def on_reset(self, stream: Stream, code: int) -> None:
         if self._done:
             return
+        # Done before the other side is reset: its reset comes back here (its listener is
+        # this splice), and must find the pair finished, or it would count the reset and
+        # release the device's stream a second time.
+        self._done = True
         for d in self._dirs.values():
             self._dequeued(d, d.queued)
             d.queue.clear()
             if d.src is not stream:
                 d.src.reset(code)
         self._on_reset(code)
-        self._finish()
+        self._on_done()
 
     # internals
 

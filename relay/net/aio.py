@@ -50,6 +50,24 @@ log = logging.getLogger(__name__)
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 WRITE_HARD = 32 * 1024 * 1024
+# Answers to the peer (PING ACKs, RESETs of streams it opened: the core's replies_queued)
+# that may sit in the transport's buffer unsent. They go out whatever the buffer holds,
+# like every control frame, so a peer that sends PINGs or doomed OPENs and never reads
+# would otherwise make us buffer its answers up to WRITE_HARD per link (CVE-2019-9512 and
+# 9514 for HTTP/2). Beyond it the link is aborted. The buffer is a FIFO: an answer has
+# left it once bytes_out less the buffer's size has passed the offset it was written at.
+#
+# Why this cannot deadlock: reading never stops, and nothing here waits on the peer.
+# (Pausing reading while writing is paused would: two peers both sending bulk DATA,
+# upload and download at once, would each wait for the other to read.) Why it cannot
+# abort a legitimate transfer: DATA is not counted (and goes in only while the buffer
+# holds at most WRITE_HIGH), nor are our own OPENs, WINDOW_UPDATEs, CONTROL messages or
+# GOAWAY; an answer counts only until the peer has read up to it, at most one buffer
+# (about WRITE_HIGH) later. A peer PINGs once per keepalive interval when it received
+# nothing, and RESETs answer the streams it opens: 1 MiB is 52,428 PONGs or 65,536
+# RESETs that it asked for and left unread.
+CONTROL_REPLIES = 1024 * 1024
+_REPLY_MARKS = 32  # (offset, bytes) marks kept per link; beyond, the newest absorb more
 # DATA a writer may queue in the core beyond what the transport takes: per stream, and in
 # all at its urgency or a more urgent one (so a prefetch filling the queue never blocks a
 # viewer's writer). Bounds the core's memory per link to about URGENCY_LEVELS x QUEUE_LINK;
@@ -306,6 +324,12 @@ class Link(asyncio.Protocol):
         self.bytes_out = 0
         self._flush_scheduled = False
         self._closed_by_us: tuple[int, str] | None = None
+        # The core's replies_queued already written, and those still in the transport's
+        # buffer: their sum, and (bytes_out after the write, bytes) per write, made only
+        # once answers are written (a deque is 600 bytes). See CONTROL_REPLIES.
+        self._replies_seen = 0
+        self._replies_unread = 0
+        self._reply_marks: deque[tuple[int, int]] | None = None
         self._queue_blocked: set[Stream] = set()  # writers waiting for the core's queue
         # Extra receive window for the streams this side opens at the default urgency or
         # a more urgent one (0: none). The workstation's inner Link sets it, so that a
@@ -468,9 +492,14 @@ class Link(asyncio.Protocol):
         conn = self.conn
         room = None if everything else WRITE_HIGH + 1 - transport.get_write_buffer_size()
         data = conn.data_to_send(room if room is None else max(room, 0))
+        replies = conn.replies_queued - self._replies_seen  # all of them are in `data`
+        self._replies_seen = conn.replies_queued
         if data and not transport.is_closing():
             self.bytes_out += len(data)
             transport.write(data)
+            if replies and self._unread_replies(replies, transport) > CONTROL_REPLIES:
+                self._abort_unread()
+                return
             if transport.get_write_buffer_size() > WRITE_HARD:
                 log.warning("link %s: peer does not read, aborting", self.name)
                 transport.abort()
@@ -485,6 +514,33 @@ class Link(asyncio.Protocol):
         if self._queue_blocked:
             self._wake_queue_blocked()
         self._note_activity()
+
+    def _unread_replies(self, replies: int, transport: asyncio.Transport) -> int:
+        """Count `replies` bytes of answers just written; forget those the transport has
+        sent since; return how many are still in its buffer."""
+        marks = self._reply_marks
+        if marks is None:
+            marks = self._reply_marks = deque()
+        sent = self.bytes_out - transport.get_write_buffer_size()
+        while marks and marks[0][0] <= sent:
+            self._replies_unread -= marks.popleft()[1]
+        self._replies_unread += replies
+        if len(marks) >= _REPLY_MARKS:  # merged: counted until the later offset is sent
+            replies += marks.pop()[1]
+        marks.append((self.bytes_out, replies))
+        return self._replies_unread
+
+    def _abort_unread(self) -> None:
+        """The peer asks (PINGs, OPENs we refuse) and does not read the answers."""
+        reason = (
+            f"peer does not read: {self._replies_unread} bytes of answers to its PINGs "
+            f"and refused streams unread (CONTROL_REPLIES {CONTROL_REPLIES})"
+        )
+        log.warning("link %s: %s, aborting", self.name, reason)
+        if self._closed_by_us is None:
+            self._closed_by_us = (ErrorCode.LIMIT_EXCEEDED, reason)
+        assert self.transport is not None
+        self.transport.abort()
 
     def busier(self, urgency: int) -> bool:
         """A more urgent stream than `urgency` sent DATA within ACTIVE_FOR seconds."""

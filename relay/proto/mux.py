@@ -48,6 +48,9 @@ from relay.proto.settings import LinkSettings
 
 __all__ = ["Connection", "LinkSettings", "Priority"]
 
+_RESET_SIZE = fr.HEADER_SIZE + 4
+_PING_SIZE = fr.HEADER_SIZE + 8
+
 
 class _Stream:
     __slots__ = ("id", "local_closed", "priority", "recv", "remote_closed", "send", "unacked")
@@ -92,6 +95,10 @@ class Connection:
         self._ping_sent_at: float | None = None
         self._ping_counter = 0
         self.rtt: float | None = None
+        # Bytes of frames queued only in answer to the peer: PING ACKs and RESETs of
+        # streams it opened. A counter the adapter watches, to bound what a peer that
+        # asks and does not read can make us buffer (CVE-2019-9512/9514 for HTTP/2).
+        self.replies_queued = 0
         self._out: list[bytes | memoryview] = [
             fr.encode_settings(
                 {
@@ -274,6 +281,8 @@ class Connection:
             return
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
+        if not self._is_local(stream_id):
+            self.replies_queued += _RESET_SIZE
 
     def grow_window(self, stream_id: int, extra: int) -> None:
         """Widen one stream's receive window by `extra` bytes for good (WINDOW_UPDATE),
@@ -536,9 +545,11 @@ class Connection:
             headers = fr.decode_headers(frame.payload)
         except (ValueError, UnicodeDecodeError):
             self._out.append(fr.encode_u32(FrameType.RESET, stream_id, ErrorCode.HEADERS_TOO_LARGE))
+            self.replies_queued += _RESET_SIZE
             return
         if self.goaway_sent or self._remote_open >= self.settings.max_streams:
             self._out.append(fr.encode_u32(FrameType.RESET, stream_id, ErrorCode.REFUSED_STREAM))
+            self.replies_queued += _RESET_SIZE
             return
         self._add_stream(stream_id, parse_priority(headers.get(HEADER_PRIORITY)))
         self._remote_open += 1
@@ -579,6 +590,7 @@ class Connection:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
         if not frame.flags & Flags.ACK:
             self._out.append(fr.encode(FrameType.PING, Flags.ACK, 0, frame.payload))
+            self.replies_queued += _PING_SIZE
             return
         expected = self._ping_counter.to_bytes(8, "big")
         if self._ping_sent_at is not None and frame.payload == expected:

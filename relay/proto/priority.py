@@ -54,9 +54,15 @@ class Priority:
 DEFAULT_PRIORITY: Final = Priority()
 
 
+# The urgencies as RFC 9218 spells them: one ASCII digit. Not str.isdigit() or int(),
+# which also take other scripts' digits ("٣") and, for isdigit, ones int() refuses ("²").
+_URGENCIES: Final = {str(u): u for u in range(URGENCY_LEVELS)}
+
+
 def parse_priority(value: str | None, default: Priority = DEFAULT_PRIORITY) -> Priority:
     """Parse an RFC 9218 priority field; members missing or malformed keep `default`'s
-    value and unknown members are ignored (RFC 9218 section 4), so it never raises."""
+    value and unknown members are ignored (RFC 9218 section 4), so it never raises: the
+    value comes from the peer (an OPEN header, a PRIORITY_UPDATE)."""
     if not value or len(value) > MAX_PRIORITY_FIELD:
         return default
     urgency, incremental = default.urgency, default.incremental
@@ -65,8 +71,7 @@ def parse_priority(value: str | None, default: Priority = DEFAULT_PRIORITY) -> P
         key = key.strip()
         params = raw.split(";", 1)[0].strip()  # parameters are ignored
         if key == "u":
-            if params.isdigit() and len(params) == 1 and int(params) < URGENCY_LEVELS:
-                urgency = int(params)
+            urgency = _URGENCIES.get(params, urgency)
         elif key == "i":
             if not raw:
                 incremental = True  # bare key: boolean true

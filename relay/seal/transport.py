@@ -237,7 +237,11 @@ class SealTransport(asyncio.Transport):
             match event:
                 case PlaintextReceived(data=data):
                     if self._protocol is not None and not self._lost:
-                        self._protocol.data_received(data)
+                        try:
+                            self._protocol.data_received(data)
+                        except Exception as exc:
+                            self._protocol_failed("data_received", exc)
+                            return
                 case HandshakeComplete():
                     try:
                         protocol = self._factory(event)
@@ -252,7 +256,11 @@ class SealTransport(asyncio.Transport):
                     protocol.connection_made(self)
                 case SessionClosed():
                     if self._protocol is not None and not self._lost:
-                        self._protocol.eof_received()
+                        try:
+                            self._protocol.eof_received()
+                        except Exception as exc:
+                            self._protocol_failed("eof_received", exc)
+                            return
                     self.close()
                 case SessionFailed():
                     self._fail(event)
@@ -260,6 +268,16 @@ class SealTransport(asyncio.Transport):
                     self._closing = True
                     self._wake.set()
                     self._lose(self._error())
+
+    def _protocol_failed(self, call: str, exc: Exception) -> None:
+        """The inner protocol raised on what the peer sent (a bug the peer can reach):
+        fail and abort this session, as asyncio's own transports do, instead of letting
+        the exception end the reader and leave the session open until its keepalive.
+        Logged once, with the exception's type only: its text may quote the peer's bytes."""
+        what = f"inner protocol {call}() raised {type(exc).__name__}"
+        log.error("session %s: %s; aborting the session", self.name, what)
+        self._fail(SessionFailed("other", what))
+        self.abort()
 
     def _fail(self, failure: SessionFailed) -> None:
         if self.failure is None:

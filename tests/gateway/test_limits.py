@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.limits import DeviceLedger, DeviceLimits, SourceLedger, SourceLimits
+from gateway.limits import (
+    SESSION_OPEN_BURST,
+    SESSION_OPENS_PER_SECOND,
+    DeviceLedger,
+    DeviceLimits,
+    SourceLedger,
+    SourceLimits,
+)
 from relay.proto.settings import FieldError
 
 DEV = "spiffe://td/device/main/ws1"
@@ -55,3 +62,28 @@ def test_device_limits_bounds(kwargs: dict[str, int], field: str) -> None:
     with pytest.raises(FieldError) as info:
         DeviceLimits(**kwargs)
     assert info.value.field == field
+
+
+def test_session_opens_are_a_token_bucket_per_device_kept_while_it_is_linked() -> None:
+    """A device that opens sessions in a loop (and resets them: HTTP/2's rapid reset)
+    costs the agent a TLS handshake each: SESSION_OPEN_BURST at once, then
+    SESSION_OPENS_PER_SECOND. Another device is not touched."""
+    hits: list[str] = []
+    ledger = DeviceLedger(DeviceLimits(), hits.append)
+    other = "spiffe://td/device/main/ws2"
+    assert ledger.add_link(DEV) and ledger.add_link(other)
+    for _ in range(SESSION_OPEN_BURST):
+        assert ledger.spend_open(DEV, 100.0)
+    assert not ledger.spend_open(DEV, 100.0)
+    assert ledger.spend_open(other, 100.0)
+    assert hits == ["device_opens"]
+    assert ledger.spend_open(DEV, 100.0 + 1.0 / SESSION_OPENS_PER_SECOND)  # refilled one
+    assert not ledger.spend_open(DEV, 100.0 + 1.0 / SESSION_OPENS_PER_SECOND)
+    # Reconnect retries with backoff (a request every 2 s at worst) never run dry.
+    now = 200.0
+    for _ in range(1000):
+        now += 2.0
+        assert ledger.spend_open(DEV, now)
+    ledger.remove_link(DEV)
+    ledger.remove_link(other)
+    assert len(ledger) == 0

@@ -416,3 +416,25 @@ def test_events_before_the_error_in_the_same_read_are_kept() -> None:
     events = conn.receive_data(open_frame(1) + data(1, b"ok", fin=True) + ping(b""), 1.0)
     assert events[:3] == [StreamOpened(1, {"t": "x"}), DataReceived(1, b"ok"), StreamEnded(1)]
     assert terminated(events) is not None
+
+
+def test_replies_queued_counts_the_answers_a_peer_can_ask_for() -> None:
+    """PING ACKs and RESETs of the peer's streams (refused, malformed, or reset by the
+    application) are counted, so the adapter can bound those the peer leaves unread;
+    what this side starts (its PINGs, OPENs, its own streams' RESETs) is not."""
+    conn = raw_peer(local=LinkSettings(max_streams=1))
+    assert conn.replies_queued == 0
+    conn.receive_data(ping(), 1.0)
+    assert conn.replies_queued == 20
+    conn.receive_data(ping(ack=True), 1.0)  # an answer is not answered
+    assert conn.replies_queued == 20
+    conn.receive_data(fr.encode(FrameType.OPEN, 0, 1, b"\xff"), 1.0)  # malformed: RESET
+    assert conn.replies_queued == 36
+    conn.receive_data(open_frame(3) + open_frame(5), 1.0)  # 5 is over MAX_STREAMS: RESET
+    assert conn.replies_queued == 52
+    conn.reset_stream(3, ErrorCode.FORBIDDEN)  # the application refuses the peer's stream
+    assert conn.replies_queued == 68
+    ours = conn.open_stream({"t": "x"})
+    conn.reset_stream(ours)
+    conn.handle_timer(20.0)  # our keepalive PING: not an answer
+    assert conn.replies_queued == 68

@@ -153,6 +153,43 @@ async def test_outer_reset_fails_the_session_and_its_streams(pkis: Pkis) -> None
     await asyncio.wait_for(agent.link.wait_closed(), WAIT)
 
 
+SECRET = "PATIENT^SECRET"
+
+
+async def test_an_exception_in_the_inner_protocol_fails_and_aborts_the_session(
+    pkis: Pkis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever raises out of the inner Link on received data (a bug a peer can reach)
+    must not kill the reader silently and leave the session behind: the session fails
+    (reason `other`), its outer stream is reset, it is logged once, without the text of
+    the exception (it may hold what the peer sent)."""
+
+    def on_stream(stream: Stream) -> None:
+        raise ValueError(f"bad value {SECRET}")
+
+    a, b = pipe({"target": "session"})
+    device, agent = await _pair(pkis, on_stream, outer=(a, b))
+    caplog.set_level("DEBUG", logger="relay.seal.transport")
+    device.link.open_stream({"target": "dicom"})
+    await asyncio.wait_for(agent.link.wait_closed(), WAIT)
+    failed = await asyncio.wait_for(agent.transport.finished, WAIT)
+    assert failed is not None and failed.reason == "other"
+    assert SECRET not in failed.detail
+    await asyncio.wait_for(device.link.wait_closed(), WAIT)
+    for _ in range(100):  # reader and writer end (cancelled, or at the reset): none lingers
+        if not agent.transport._tasks:
+            break
+        await asyncio.sleep(0.01)
+    assert not agent.transport._tasks
+    # The outer stream was reset (at a gateway: the splice and the device's caps freed).
+    assert device.transport.failure is not None
+    assert device.transport.failure.reason == "outer_reset"
+    records = [r for r in caplog.records if r.name == "relay.seal.transport"]
+    assert len(records) == 1 and "ValueError" in records[0].getMessage()
+    assert records[0].exc_info is None
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
+
+
 async def test_revoked_device_gets_a_sealed_goaway(pkis: Pkis) -> None:
     a, b = pipe({"target": "session"})
     goaways: list[tuple[int, str]] = []

@@ -1,0 +1,130 @@
+"""The router and the splice on Links without sockets: which headers reach the agent, and
+how a spliced reset is counted.
+
+A device is hostile: nothing it sends may order its session ahead of another device's on
+the shared agent link (the `priority` header is the opener's, and on an outer `session`
+stream the gateway is the opener towards the agent).
+"""
+
+from __future__ import annotations
+
+from gateway.limits import SESSION_OPEN_BURST, DeviceLedger, DeviceLimits
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router
+from relay.net.aio import Link, Stream
+from relay.proto import DEFAULT_PRIORITY, ErrorCode, LinkSettings, StreamReset
+from relay.proto import frames as fr
+from relay.wire import HEADER_PEER, HEADER_PRIORITY, HEADER_SITE, HEADER_TARGET
+
+EVIL = "spiffe://td/device/main/evil"
+GOOD = "spiffe://td/device/main/good"
+
+
+def _world() -> tuple[Router, GatewayMetrics, Link, Link]:
+    metrics = GatewayMetrics()
+    router = Router(metrics, DeviceLedger(DeviceLimits(), lambda _: None))
+    agent = Link(client=False, settings=LinkSettings(), name="agent@x", autostart=False)
+    agent.conn._settings_received = True  # as if the agent's SETTINGS had arrived
+    router.add_agent("main", agent)
+    device = Link(client=False, settings=LinkSettings(), name="dev", autostart=False)
+    return router, metrics, agent, device
+
+
+def _device_stream(device: Link, stream_id: int, headers: dict[str, str]) -> Stream:
+    stream = device.streams[stream_id] = Stream(device, stream_id, headers)
+    return stream
+
+
+def _opens_sent(agent: Link) -> list[dict[str, str]]:
+    """The header blocks of the OPEN frames the gateway wrote towards the agent."""
+    frames = fr.FrameDecoder(1 << 20).feed(agent.conn.data_to_send())
+    return [fr.decode_headers(f.payload) for f in frames if f.type == fr.FrameType.OPEN]
+
+
+def _resets(metrics: GatewayMetrics, code: str) -> float:
+    value = metrics.registry.get_sample_value("relay_stream_resets_total", {"code": code})
+    return value or 0.0
+
+
+# --------------------------------------------------------------------------- priority
+
+
+async def test_a_devices_priority_header_never_reaches_the_agent_link() -> None:
+    router, _, agent, device = _world()
+    hostile = _device_stream(
+        device, 2, {HEADER_TARGET: "session", HEADER_PRIORITY: "u=0", "x-relay-peer": "1.2.3.4"}
+    )
+    honest = _device_stream(device, 4, {HEADER_TARGET: "session"})
+    router.route_session("main", hostile, EVIL)
+    router.route_session("main", honest, GOOD)
+    assert len(agent.streams) == 2
+    for upstream in agent.streams.values():
+        assert dict(upstream.headers) == {HEADER_TARGET: "session"}
+        assert upstream.priority == DEFAULT_PRIORITY  # the gateway's own core
+    opens = _opens_sent(agent)  # and what the agent's core will parse
+    assert opens == [{HEADER_TARGET: "session"}, {HEADER_TARGET: "session"}]
+
+
+async def test_an_enrollment_streams_priority_header_is_dropped_too() -> None:
+    router, _, agent, device = _world()
+    stream = _device_stream(
+        device, 2, {HEADER_TARGET: "enroll", HEADER_SITE: "main", HEADER_PRIORITY: "u=0, i=?0"}
+    )
+    router.route("main", stream, {HEADER_PEER: "10.0.0.9"})
+    assert _opens_sent(agent) == [
+        {HEADER_TARGET: "enroll", HEADER_SITE: "main", HEADER_PEER: "10.0.0.9"}
+    ]
+    (upstream,) = agent.streams.values()
+    assert upstream.priority == DEFAULT_PRIORITY
+
+
+# --------------------------------------------------------------------------- resets
+
+
+async def test_a_device_reset_is_counted_once_and_frees_the_session() -> None:
+    router, metrics, agent, device = _world()
+    stream = _device_stream(device, 2, {HEADER_TARGET: "session"})
+    router.route_session("main", stream, GOOD)
+    (upstream,) = agent.streams.values()
+    device._dispatch([StreamReset(2, ErrorCode.CANCEL, remote=True)])  # the device's RESET
+    assert _resets(metrics, "cancel") == 1
+    assert upstream.reset_code == ErrorCode.CANCEL
+    assert metrics.registry.get_sample_value("relay_streams_open", {"site": "main"}) == 0
+    assert router.devices.usage(GOOD).streams == 0
+
+
+async def test_an_agent_reset_is_counted_once() -> None:
+    router, metrics, agent, device = _world()
+    stream = _device_stream(device, 2, {HEADER_TARGET: "session"})
+    router.route_session("main", stream, GOOD)
+    (sid,) = agent.streams
+    agent._dispatch([StreamReset(sid, ErrorCode.REVOKED, remote=True)])
+    assert _resets(metrics, "revoked") == 1
+    assert stream.reset_code == ErrorCode.REVOKED
+    assert metrics.registry.get_sample_value("relay_streams_open", {"site": "main"}) == 0
+
+
+# --------------------------------------------------------------------------- session opens
+
+
+async def test_a_device_opening_sessions_in_a_loop_is_limited_others_are_not() -> None:
+    router, metrics, _agent, device = _world()
+    for who in (EVIL, GOOD):
+        assert router.devices.add_link(who)
+    codes = []
+    for i in range(SESSION_OPEN_BURST + 5):
+        stream = _device_stream(device, 2 + 2 * i, {HEADER_TARGET: "session"})
+        router.route_session("main", stream, EVIL)
+        stream.reset(ErrorCode.CANCEL)  # and at once reset: the rapid reset
+        codes.append(stream.reset_code)
+    assert codes[:SESSION_OPEN_BURST] == [ErrorCode.CANCEL] * SESSION_OPEN_BURST
+    assert codes[SESSION_OPEN_BURST:] == [ErrorCode.LIMIT_EXCEEDED] * 5
+    assert (
+        metrics.registry.get_sample_value(
+            "relay_streams_total", {"site": "main", "outcome": "device_opens"}
+        )
+        == 5
+    )
+    honest = _device_stream(device, 1000, {HEADER_TARGET: "session"})
+    router.route_session("main", honest, GOOD)
+    assert honest.reset_code is None
