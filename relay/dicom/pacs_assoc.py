@@ -16,7 +16,7 @@ from pynetdicom.association import Association
 from relay.dicom import contexts
 from relay.dicom.pacs_target import PacsTarget
 
-__all__ = ["associate", "scp_roles"]
+__all__ = ["allow_move_stalls", "associate", "scp_roles"]
 
 
 def associate(
@@ -47,6 +47,18 @@ def associate(
         ext_neg=list(ext_neg) or None,
         evt_handlers=[contexts.NODELAY, *handlers],
     )
+
+
+def allow_move_stalls(assoc: Association, pacs: PacsTarget) -> None:
+    """Bear the silence of a C-MOVE's association: the PACS's next response waits for its
+    C-STORE at our MoveReceiver, which the intake holds while the stream's channel is full
+    (up to `pacs.stall_timeout`: a slow viewer, not a failing PACS), so the wait for it is
+    bounded by that plus `pacs.timeout`, like the connection's silence.
+
+    A C-GET needs no such wait: its C-STOREs come on its own association and are answered
+    on the thread that waits for its responses, which counts only while the PACS is the
+    one to act. Nor does a C-FIND: its matches queue while the channel is full."""
+    assoc.dimse_timeout = pacs.timeout + pacs.stall_timeout
 
 
 def scp_roles(storage: Sequence[Any]) -> list[Any]:

@@ -45,6 +45,7 @@ from relay.dicom import survey as survey_mod
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import (
     MAX_COUNT,
+    DicomProtocolError,
     FinalResponse,
     Message,
     MessageCodec,
@@ -52,7 +53,7 @@ from relay.dicom.codec import (
     Request,
 )
 from relay.dicom.intake import Intake, MoveReceiver
-from relay.dicom.pacs_assoc import associate, scp_roles
+from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.spare import SpareAssociation
@@ -118,7 +119,9 @@ class PacsOperation:
         self._lock = threading.Lock()
         self._assoc: Association | None = None
         self._msg_id = contexts.next_message_id()
-        self._model = ""
+        self._model = ""  # the request sent on `_assoc` (a C-CANCEL may follow it)
+        self._aborting: Association | None = None  # handed to a thread to A-ABORT
+        self._abort_sent = threading.Event()  # that thread is done
         self.survey: Survey | None = None
         self._beside: _Beside | None = None
         self._survey_for: tuple[str, Dataset] | None = None  # (find model, identifier)
@@ -141,6 +144,8 @@ class PacsOperation:
             assoc = self._assoc
             if assoc is None or not self._model or self.cancel_sent.is_set():
                 return
+            if assoc is self._aborting:
+                return  # an A-ABORT ends it: nothing may follow that
             if self.request.op not in ("find", "retrieve"):
                 return
             try:
@@ -151,24 +156,43 @@ class PacsOperation:
                 log.debug("C-CANCEL not sent: %s", exc)
 
     def abort(self) -> None:
-        """The stream is gone: abort the PACS association and stop producing."""
-        self._aborted.set()
-        self._cancel.set()
+        """The stream is gone: abort the PACS association and stop producing.
+
+        Returns at once (the agent calls it on its event loop): pynetdicom's A-ABORT
+        blocks, stopping the association's thread and sleeping 0.1 s, and longer while
+        the PACS keeps the connection, so it runs on a thread of its own, which always
+        runs to the end. An association established after this is aborted by
+        `_associate`, which looks at the flag once it has published the association."""
         with self._lock:
             assoc = self._assoc
             beside = self._beside
+            if assoc is not None and assoc is not self._aborting:
+                self._aborting = assoc  # set first: what sees the flags sees this too
+            else:
+                assoc = None  # none, or already being aborted
+            self._aborted.set()
+            self._cancel.set()
         if beside is not None:
             beside.stop.set()  # its association ends when the operation's final is queued
-        if assoc is not None and assoc.is_established:
-            try:
-                assoc.abort()
-            except Exception as exc:
-                log.debug("A-ABORT failed: %s", exc)
         if assoc is not None:
-            # pynetdicom does not wake a thread blocked waiting for the next DIMSE message
-            # when *we* abort; (None, None) is what it returns for an aborted association.
-            with contextlib.suppress(Exception):
-                assoc.dimse.msg_queue.put((None, None))
+            threading.Thread(
+                target=self._abort_aside, args=(assoc,), name="pacs-abort", daemon=True
+            ).start()
+
+    def _abort_aside(self, assoc: Association) -> None:
+        try:
+            _abort(assoc)
+        finally:
+            self._abort_sent.set()
+
+    def _on_store(self, event: Any) -> int:
+        """A C-GET's C-STORE sub-operation, for the intake. Its answer waits while abort()
+        aborts this association on its own thread: pynetdicom's state machine raises (in
+        the association's thread) on a message sent after the A-ABORT was."""
+        status = self.intake.on_store(event)
+        if self._aborting is event.assoc:
+            self._abort_sent.wait(self.pacs.timeout)
+        return status
 
     # -- thread body ----------------------------------------------------------------
 
@@ -193,12 +217,16 @@ class PacsOperation:
 
     def _refill(self, final: FinalResponse) -> None:
         """Leave a spare association for the next query or retrieve (viewers ask in
-        bursts), unless this one could not reach the PACS."""
+        bursts), unless this one could not reach the PACS. Never raises: it runs after
+        the final response, and a spare is only a head start."""
         if self.spare is None or self.request.op not in ("find", "retrieve"):
             return
         if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED) or not self.spare.vacant():
             return  # (the contexts cost building: not for a spare held, or none wanted)
-        self.spare.refill(self.pacs, *spare_contexts(self.pacs, self.memory))
+        try:
+            self.spare.refill(self.pacs, *spare_contexts(self.pacs, self.memory))
+        except Exception:
+            log.exception("no spare association left for the next request")
 
     def _count_final(self, final: FinalResponse) -> None:
         """Failed and warning counts for the audit trail; a store is one sub-operation."""
@@ -244,7 +272,14 @@ class PacsOperation:
         if main:
             self._took_spare = assoc is not None
         if assoc is None:
-            extra = storage() if storage is not None else []
+            try:
+                extra = storage() if storage is not None else []
+            except Exception as exc:  # nothing asked of the PACS yet
+                log.exception("cannot build the C-GET's storage contexts")
+                return FinalResponse(
+                    st.PACS_NO_RESPONSE,
+                    f"agent error: cannot build the storage contexts ({type(exc).__name__})",
+                )
             try:
                 assoc = associate(
                     self.pacs, [*cxs, *extra], ext_neg=scp_roles(extra), handlers=handlers or ()
@@ -252,11 +287,14 @@ class PacsOperation:
             except Exception as exc:
                 return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
         if assoc.is_established:
-            if main:
-                with self._lock:
+            with self._lock:
+                if main:
                     self._assoc = assoc
-            if self._aborted.is_set():
-                assoc.abort()
+                aborted = self._aborted.is_set()
+                handed = self._aborting is assoc  # abort() saw it: its thread aborts it
+            if aborted:
+                if not handed:
+                    assoc.abort()
                 return FinalResponse(st.LINK_LOST, "relay stream closed")
             return assoc
         where = f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
@@ -269,6 +307,9 @@ class PacsOperation:
     def _release(self, assoc: Association) -> None:
         with self._lock:
             self._assoc = None
+            self._model = ""  # a cancel now waits for the next request (`_sent`)
+            if self._aborting is assoc:
+                return  # abort() has it aborted on a thread of its own
         try:
             if self._aborted.is_set():
                 assoc.abort()
@@ -363,9 +404,7 @@ class PacsOperation:
             responses = assoc.send_c_find(
                 identifier, model, msg_id=self._msg_id, priority=self.request.priority
             )
-            self._model = model
-            if self._cancel.is_set():
-                self.cancel()
+            self._sent(model)
             for status, match in responses:
                 if not status:
                     return FinalResponse(st.PACS_NO_RESPONSE, "PACS stopped answering C-FIND")
@@ -444,7 +483,7 @@ class PacsOperation:
         assoc = self._associate(
             base,
             storage=storage,
-            handlers=[(evt.EVT_C_STORE, self.intake.on_store)],
+            handlers=[(evt.EVT_C_STORE, self._on_store)],
             spare_for=model if spare else "",
         )
         if isinstance(assoc, FinalResponse):
@@ -487,6 +526,7 @@ class PacsOperation:
     ) -> FinalResponse:
         if isinstance(assoc, FinalResponse):
             return assoc
+        allow_move_stalls(assoc, self.pacs)
         if self._wants_estimate():
             self._survey_now()
         try:
@@ -510,13 +550,12 @@ class PacsOperation:
             self._release(assoc)
 
     def _follow(self, model: str, responses: Iterator[tuple[Dataset, Any]]) -> FinalResponse:
-        """Relay the PACS's C-GET/C-MOVE responses; sub-operations go to the intake."""
-        self._model = model
+        """Relay the PACS's C-GET/C-MOVE responses (their request has just been sent);
+        sub-operations go to the intake."""
+        self._sent(model)
         counts: Counts = (None, None, None, None)
         counted = False  # the workstation has the PACS's count of sub-operations
         try:
-            if self._cancel.is_set():
-                self.cancel()
             for status, ident in responses:
                 if self._aborted.is_set():
                     return FinalResponse(st.LINK_LOST, "relay stream closed")
@@ -557,6 +596,16 @@ class PacsOperation:
         except (ChannelClosed, TimeoutError):
             self.abort()
             return FinalResponse(st.LINK_LOST, "relay stream closed")
+
+    def _sent(self, model: str) -> None:
+        """The request has gone on the main association: a C-CANCEL may follow it now.
+        A cancel that came while no request was in flight (before this one, or between
+        a request and its retry) sent nothing (`cancel()` looks at `_model`): it goes now.
+        """
+        with self._lock:
+            self._model = model
+        if self._cancel.is_set():
+            self.cancel()
 
     def _spare_was_stale(self, final: FinalResponse) -> bool:
         """The spare association had ended at the PACS before our request reached it: no
@@ -680,6 +729,12 @@ class _Beside:
             estimate = None
             if not self.stop.is_set():
                 estimate = self.op._survey(assoc, self.find_model, self.identifier, self.stop)
+            if estimate is not None:
+                try:  # the estimate is only a fallback: one the stream cannot carry is left out
+                    self.op.codec.validate(estimate)
+                except DicomProtocolError as exc:  # (its text names no UID)
+                    log.info("survey estimate left out: %s", exc)
+                    estimate = None
             with self._lock:  # finish() stops us under it: nothing is queued after that
                 if estimate is not None and not self.stop.is_set():
                     self.op.out.put_sync(estimate, 0)  # an estimate never waits for room
@@ -732,16 +787,26 @@ def spare_contexts(pacs: PacsTarget, memory: StorageMemory | None) -> tuple[list
     return [*base, *storage], scp_roles(storage)
 
 
+def _abort(assoc: Association) -> None:
+    """A-ABORT `assoc` (blocking), then wake a thread waiting on it for the next message:
+    pynetdicom does not when *we* abort; (None, None) is what it returns for an aborted
+    association."""
+    try:
+        if assoc.is_established:
+            assoc.abort()
+    except Exception as exc:
+        log.debug("A-ABORT failed: %s", exc)
+    with contextlib.suppress(Exception):
+        assoc.dimse.msg_queue.put((None, None))
+
+
 def _end(assoc: Association, *, abort: bool) -> None:
     """Release (or abort) an association that is not the operation's main one."""
+    if abort or not assoc.is_established:
+        _abort(assoc)
+        return
     try:
-        if abort or not assoc.is_established:
-            if assoc.is_established:
-                assoc.abort()
-            with contextlib.suppress(Exception):
-                assoc.dimse.msg_queue.put((None, None))  # wake a reader (see abort())
-        else:
-            assoc.release()
+        assoc.release()
     except Exception as exc:
         log.debug("survey association not ended cleanly: %s", exc)
 

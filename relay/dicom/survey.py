@@ -85,7 +85,12 @@ class StorageMemory:
         self.remember_seen(survey.sop_classes, survey.transfer_syntaxes)
 
     def remember_seen(self, classes: Iterable[str], syntaxes: Iterable[str]) -> None:
-        """Classes and syntaxes a survey found, or a retrieve brought (first: most used)."""
+        """Classes and syntaxes a survey found, or a retrieve brought (first: most used).
+
+        Only UIDs are taken (what `restore` accepts): every C-GET's presentation contexts
+        are built from them, and pynetdicom refuses a context with anything else."""
+        classes = [uid for uid in classes if _is_uid(uid)]
+        syntaxes = [uid for uid in syntaxes if _is_uid(uid)]
         with self._lock:
             _touch(self._classes, classes, self.max_classes)
             _touch(self._syntaxes, syntaxes, self.max_syntaxes)
@@ -138,10 +143,29 @@ class StorageMemory:
 def _uid_list(value: object, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_COUNT:
         raise ValueError(f"{what}: expected a list of UIDs")
-    for uid in value:
-        if not isinstance(uid, str) or len(uid) > 64 or not _UID.fullmatch(uid):
-            raise ValueError(f"{what}: an entry is not a UID")
+    if not all(_is_uid(uid) for uid in value):
+        raise ValueError(f"{what}: an entry is not a UID")
     return value
+
+
+def _is_uid(value: object) -> bool:
+    """A UID as DICOM writes one: digits in dot-separated parts, at most 64 characters
+    (stricter than the stream's codec, which takes any digits and dots)."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def _values(value: Any) -> list[str]:
+    """The values of an element: pydicom gives several (VM 1-n) as a list, whose str()
+    is no value at all; a string it did not split may still hold backslashes."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [str(u) for part in items for u in str(part).split("\\") if str(u).strip()]
+
+
+def _uids(value: Any) -> list[str]:
+    """The UIDs among an element's values; anything else a PACS put there is left out."""
+    return [u for u in (v.strip(" \0") for v in _values(value)) if _is_uid(u)]
 
 
 def _touch(seen: OrderedDict[str, None], items: Iterable[str], limit: int) -> None:
@@ -192,12 +216,6 @@ def walk(
             return out if code == 0 else None
         return None
 
-    def uids(value: Any) -> list[str]:
-        if value is None:
-            return []
-        items = [value] if isinstance(value, str) else list(value)
-        return [str(u) for part in items for u in str(part).split("\\") if str(u).strip()]
-
     def with_patient(keys: dict[str, str]) -> dict[str, str]:
         return {"PatientID": patient_id, **keys} if patient_id else keys
 
@@ -208,9 +226,9 @@ def walk(
         found = query("STUDY", {"PatientID": patient_id, "StudyInstanceUID": ""})
         if found is None:
             return None
-        studies = [str(m.StudyInstanceUID) for m in found if m.get("StudyInstanceUID")]
+        studies = [uid for m in found for uid in _values(m.get("StudyInstanceUID"))]
     else:
-        studies = uids(identifier.get("StudyInstanceUID"))
+        studies = _values(identifier.get("StudyInstanceUID"))
     series: list[tuple[str, str]] = []
     if level in ("PATIENT", "STUDY"):
         for study in studies:
@@ -218,12 +236,12 @@ def walk(
                                                   "SeriesInstanceUID": ""}))  # fmt: skip
             if found is None:
                 return None
-            series += [(study, str(m.SeriesInstanceUID)) for m in found
-                       if m.get("SeriesInstanceUID")]  # fmt: skip
+            series += [(study, uid) for m in found
+                       for uid in _values(m.get("SeriesInstanceUID"))]  # fmt: skip
     elif level == "SERIES":
         if len(studies) != 1:
             return None
-        series = [(studies[0], s) for s in uids(identifier.get("SeriesInstanceUID"))]
+        series = [(studies[0], s) for s in _values(identifier.get("SeriesInstanceUID"))]
     survey = Survey()
     classes: dict[str, None] = {}
     syntaxes: dict[str, None] = {}
@@ -231,10 +249,10 @@ def walk(
     if level == "IMAGE":
         if len(studies) != 1:
             return None
-        found_series = uids(identifier.get("SeriesInstanceUID"))
+        found_series = _values(identifier.get("SeriesInstanceUID"))
         if len(found_series) != 1:
             return None
-        wanted = "\\".join(uids(identifier.get("SOPInstanceUID")))
+        wanted = "\\".join(_values(identifier.get("SOPInstanceUID")))
         groups = [(studies[0], found_series[0], wanted)]
     else:
         groups = [(study, s, "") for study, s in series]
@@ -247,14 +265,13 @@ def walk(
             return None
         survey.count += len(found)
         for m in found:
-            sop = str(m.get("SOPClassUID", "") or "")
-            if sop:
-                classes.setdefault(sop, None)
-            ts = str(m.get("AvailableTransferSyntaxUID", "") or "")
-            if ts:
+            # Each value on its own (AvailableTransferSyntaxUID is VM 1-n), UIDs only:
+            # they go into the estimate (the codec takes UIDs) and the StorageMemory.
+            sops = _uids(m.get("SOPClassUID"))
+            classes.update(dict.fromkeys(sops))
+            for ts in _uids(m.get("AvailableTransferSyntaxUID")):
                 syntaxes.setdefault(ts, None)
-                if sop:
-                    survey.pairs.add((sop, ts))
+                survey.pairs.update((sop, ts) for sop in sops)
     survey.sop_classes = list(classes)
     survey.transfer_syntaxes = list(syntaxes)
     return survey

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from pynetdicom.association import Association
 
 from relay.dicom import rawds
 from relay.dicom import status as st
@@ -46,6 +50,10 @@ MR_STUDY = str(rawds.decode_dataset(MR[0].data, EXPLICIT).StudyInstanceUID)
 def pacs() -> Iterator[EmbeddedPacs]:
     with EmbeddedPacs(MemoryStore(CT + MR)) as p:
         yield p
+
+
+def study_uid(study: list[samples.EncodedInstance]) -> str:
+    return str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
 
 
 def target(pacs: EmbeddedPacs, **kw: object) -> PacsTarget:
@@ -480,3 +488,83 @@ async def test_reset_of_the_pump_side_is_handled(pacs: EmbeddedPacs) -> None:
     assert summary.status in (st.LINK_LOST, 0)
     with pytest.raises(StreamResetError):
         await a.read()
+
+
+async def test_a_move_waits_for_a_viewer_slower_than_the_pacs_timeout() -> None:
+    """C-MOVE: the PACS's next response waits for its C-STORE at our receiver, which waits
+    (up to `stall_timeout`) while the viewer reads nothing. A pause longer than
+    `pacs.timeout` is the viewer's, not the PACS's failing: every instance comes."""
+    study = samples.make_study(24, rows=128, cols=128, seed=26)
+    with EmbeddedPacs(MemoryStore(study)) as p:
+        agent = DicomAgent(
+            target(
+                p, timeout=1, stall_timeout=30, survey=False, spare_association=0,
+                retrieve="move", move_ae_title="RELAYMOVE", move_listen=Address("127.0.0.1", 0),
+            ),
+            limits=DicomLimits(queue_depth=2),
+        )  # fmt: skip
+        await agent.start()
+        try:
+            assert agent.move_receiver is not None
+            p.destinations["RELAYMOVE"] = ("127.0.0.1", agent.move_receiver.port)
+            a, b = pipe(limit=16 * 1024)
+            server = asyncio.create_task(agent.serve(b))
+            ws = Workstation(a)
+            await ws.send(retrieve(StudyInstanceUID=study_uid(study)))
+            got = 0
+            while got < 3:
+                got += isinstance(await ws.recv(), Instance)
+            await asyncio.sleep(2.5)  # the viewer pauses: longer than pacs.timeout
+            assert p.events.instances_sent < len(study)  # the PACS waited on us
+            msgs = await ws.all()
+            summary = await asyncio.wait_for(server, 20)
+        finally:
+            await agent.stop()
+    assert got + len([m for m in msgs if isinstance(m, Instance)]) == len(study)
+    assert final_of(msgs).status == 0 and summary.status == 0
+
+
+async def test_aborting_the_pacs_association_never_holds_up_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pynetdicom's A-ABORT blocks (it stops the association's thread and sleeps, longer
+    while the PACS keeps the connection): the stream's end must not wait for it on the
+    loop, where every other stream of the agent runs."""
+    loop_thread = threading.current_thread()
+    aborted_on: list[threading.Thread] = []
+    abort = Association._abort_blocking  # what `abort()` runs (pynetdicom sets it)
+
+    def slow_abort(self: Association, block: bool = True) -> None:
+        aborted_on.append(threading.current_thread())
+        time.sleep(0.5)  # as a PACS that holds on to the connection makes it
+        abort(self, block)
+
+    monkeypatch.setattr(Association, "_abort_blocking", slow_abort)
+    study = samples.make_study(30, rows=32, cols=32, seed=27)
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.005)
+            gaps.append(time.monotonic() - started)
+
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.02) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow, survey=False)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=study_uid(study)))
+        while not isinstance(await ws.recv(), Instance):
+            pass
+        tick = asyncio.create_task(ticker())
+        a.reset(7)  # the viewer goes away mid-retrieve
+        summary = await asyncio.wait_for(server, 20)
+        await until(lambda: bool(aborted_on))
+        await asyncio.sleep(0.1)
+        tick.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tick
+        await until(lambda: not slow._server.active_associations)
+    assert summary.status == st.LINK_LOST
+    assert loop_thread not in aborted_on
+    assert max(gaps) < 0.4  # the abort itself takes 0.5 s

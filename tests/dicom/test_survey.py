@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -17,19 +18,21 @@ from relay.dicom.agent import DicomAgent
 from relay.dicom.bridge import Channel
 from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Pending
 from relay.dicom.contexts import COMMON_STORAGE
-from relay.dicom.pacs_ops import FIRST_CONTEXTS, PacsOperation
+from relay.dicom.pacs_ops import FIRST_CONTEXTS, PacsOperation, remembered_storage
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.survey import StorageMemory, Survey, uncovered
 from relay.net.bytestream import pipe
 from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT
-from relay_dev import samples
+from relay_dev import matching, samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
 from .helpers import EXPLICIT
 from .test_agent import Workstation, retrieve, run
 
 VL_PHOTO = "1.2.840.10008.5.1.4.1.1.77.1.4"  # not among the common classes
+JPEG = "1.2.840.10008.1.2.4.70"
+J2K = "1.2.840.10008.1.2.4.90"
 CT = samples.make_study(4, rows=32, cols=32, seed=7)
 STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
 
@@ -64,12 +67,80 @@ def test_uncovered_judges_pairs_and_classes() -> None:
 
 def test_storage_memory_is_bounded_most_recent_first() -> None:
     memory = StorageMemory(max_classes=3, max_syntaxes=2)
-    memory.remember(Survey(sop_classes=["1", "2"], transfer_syntaxes=["a"]))
-    memory.remember(Survey(sop_classes=["3", "4"], transfer_syntaxes=["b", "c"]))
+    memory.remember(Survey(sop_classes=["1", "2"], transfer_syntaxes=["1.1"]))
+    memory.remember(Survey(sop_classes=["3", "4"], transfer_syntaxes=["1.2", "1.3"]))
     assert memory.classes() == ["3", "4", "1"]  # "2" was the oldest
-    assert memory.syntaxes() == ["b", "c"]
+    assert memory.syntaxes() == ["1.2", "1.3"]
     memory.remember(Survey(sop_classes=["2"]))
     assert memory.classes() == ["2", "3", "4"]
+
+
+def test_storage_memory_refuses_what_is_not_a_uid() -> None:
+    """What it holds becomes presentation contexts of every C-GET (pynetdicom refuses a
+    bad UID there) and goes to disk: a survey's or a retrieve's odd value stays out."""
+    memory = StorageMemory()
+    odd = [f"['{EXPLICIT}', '{J2K}']", f"{EXPLICIT}\\{J2K}", "1.2.x", "1." + "2" * 64, "", " "]
+    memory.remember_seen([samples.CT_IMAGE_STORAGE, *odd], [*odd, EXPLICIT])
+    memory.remember(Survey(sop_classes=odd, transfer_syntaxes=odd))
+    assert memory.classes() == [samples.CT_IMAGE_STORAGE]
+    assert memory.syntaxes() == [EXPLICIT]
+    assert remembered_storage(memory, 2)  # a C-GET's contexts can be built from it
+
+
+class _Answers:
+    """An association whose C-FIND answers one series of one instance, listing the
+    instance's SOP class and syntaxes as a PACS may (values of a VM 1-n element)."""
+
+    def __init__(self, sop_class: object, syntaxes: object) -> None:
+        self.sop_class = sop_class
+        self.syntaxes = syntaxes
+
+    def send_c_find(
+        self, q: Dataset, model: str, msg_id: int = 1
+    ) -> Iterator[tuple[Dataset, Dataset | None]]:
+        match = Dataset()
+        if q.QueryRetrieveLevel == "SERIES":
+            match.SeriesInstanceUID = "1.2.3.4"
+            yield _status(0xFF00, None), match
+        elif q.QueryRetrieveLevel == "IMAGE":
+            match.SOPInstanceUID = "1.2.3.4.5"
+            match.SOPClassUID = self.sop_class
+            match.AvailableTransferSyntaxUID = self.syntaxes
+            yield _status(0xFF00, None), match
+        yield _status(0, None), None
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "syntaxes"),
+    [
+        (samples.CT_IMAGE_STORAGE, [EXPLICIT, JPEG, J2K]),  # what pydicom makes of 1-n
+        (samples.CT_IMAGE_STORAGE, f"{EXPLICIT}\\{JPEG}\\{J2K}"),  # backslashes, as sent
+        (f"{samples.CT_IMAGE_STORAGE}\\1.2.x", [EXPLICIT, "", JPEG, "1.2.x", J2K]),
+    ],
+)
+def test_the_survey_takes_each_value_of_a_multi_valued_answer(
+    sop_class: object, syntaxes: object
+) -> None:
+    """AvailableTransferSyntaxUID is VM 1-n: each value is one syntax (pydicom's str() of
+    several is no UID), and what is not a UID is left out."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    model = contexts.MODELS[("study", "find")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the odd values we give it
+        found = survey.walk(
+            _Answers(sop_class, syntaxes),  # type: ignore[arg-type]
+            model, query, timeout=5, stopped=threading.Event(),
+        )  # fmt: skip
+    assert found is not None and found.count == 1
+    assert found.sop_classes == [samples.CT_IMAGE_STORAGE]
+    assert found.transfer_syntaxes == [EXPLICIT, JPEG, J2K]
+    assert found.pairs == {(samples.CT_IMAGE_STORAGE, ts) for ts in (EXPLICIT, JPEG, J2K)}
+    MessageCodec().validate(
+        Pending(0, 0, 0, 0, sop_classes=tuple(found.sop_classes),
+                transfer_syntaxes=tuple(found.transfer_syntaxes), estimate=True)
+    )  # fmt: skip
 
 
 async def test_the_retrieve_does_not_wait_for_the_survey(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,3 +315,61 @@ async def test_a_retrieve_without_counts_starts_the_survey_at_once(
         assert op._beside is not None
         found = await asyncio.to_thread(op._beside.finish, wait=True)
         assert found is not None and found.count == 4 and pacs.events.finds > 0
+
+
+async def test_a_multi_valued_survey_answer_spoils_no_retrieve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PACS that lists three Available Transfer Syntax UIDs per instance: the estimate
+    names each, the retrieve completes, and so do the next ones (what the survey taught
+    the memory builds their contexts and the spare's)."""
+    find = matching.find
+
+    def listing(records: list[matching.Record], identifier: Dataset) -> list[Dataset]:
+        found = find(records, identifier)
+        if str(identifier.get("QueryRetrieveLevel")) == "IMAGE":
+            for match in found:
+                match.AvailableTransferSyntaxUID = [EXPLICIT, JPEG, J2K]
+        return found
+
+    monkeypatch.setattr(matching, "find", listing)
+    with EmbeddedPacs(MemoryStore(CT), send_delay=0.1) as pacs:
+        agent = DicomAgent(target(pacs))
+        await agent.start()
+        try:
+            for attempt in range(3):
+                a, b = pipe()
+                server = asyncio.create_task(agent.serve(b))
+                ws = Workstation(a)
+                await ws.send(retrieve(StudyInstanceUID=STUDY))
+                msgs = await ws.all()
+                summary = await asyncio.wait_for(server, 20)
+                assert summary.status == 0, (attempt, summary.comment)
+                got = [m.sop_instance for m in msgs if isinstance(m, Instance)]
+                assert got == [i.sop_instance for i in CT]
+                assert isinstance(msgs[-1], FinalResponse) and msgs[-1].completed == len(CT)
+                if attempt == 0:
+                    (estimate,) = [m for m in msgs if isinstance(m, Pending) and m.estimate]
+                    assert set(estimate.transfer_syntaxes) == {EXPLICIT, JPEG, J2K}
+                    assert pacs.events.finds > 0
+            assert {JPEG, J2K} <= set(agent.memory.syntaxes())
+        finally:
+            await agent.stop()
+
+
+async def test_an_estimate_the_stream_cannot_carry_is_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The estimate is only the viewer's fallback: one the codec would refuse is dropped,
+    and the retrieve goes on (it used to end the stream and abort the PACS operation)."""
+
+    def odd(*_: object, **__: object) -> Survey:
+        return Survey(count=4, sop_classes=["1.2.x"], transfer_syntaxes=[EXPLICIT])
+
+    monkeypatch.setattr(survey, "walk", odd)
+    with EmbeddedPacs(MemoryStore(CT), send_delay=0.1) as pacs:
+        msgs, summary = await run(target(pacs), retrieve(StudyInstanceUID=STUDY))
+        assert pacs.events.finds == 0 and pacs.events.gets == 1
+    assert summary.status == 0
+    assert [m.sop_instance for m in msgs if isinstance(m, Instance)] == [i.sop_instance for i in CT]
+    assert not any(isinstance(m, Pending) and m.estimate for m in msgs)
