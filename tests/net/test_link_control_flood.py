@@ -23,6 +23,7 @@ from relay.net.bytestream import read_exactly
 from relay.proto import Connection, ErrorCode, LinkSettings
 from relay.proto import frames as fr
 from relay.proto.frames import FrameType
+from tests.net.link_pair import small_buffer_pair
 
 PING = fr.encode(FrameType.PING, 0, 0, bytes(8))
 # Bounds of the transport's buffer when the link is aborted: WRITE_HIGH (answers written
@@ -109,33 +110,10 @@ async def test_a_flood_of_refused_opens_that_is_never_read_aborts_the_link_early
 
 WIDE = LinkSettings(stream_window=8 * 1024 * 1024, link_window=64 * 1024 * 1024)
 TOTAL = 24 * 1024 * 1024
-SOCKBUF = 64 * 1024  # small kernel buffers: the transports pause again and again
 
 
 async def _pair(on_stream: Callable[[Stream], None]) -> tuple[Link, Link, asyncio.Server]:
-    loop = asyncio.get_running_loop()
-    accepted: asyncio.Future[Link] = loop.create_future()
-
-    def server_link() -> Link:
-        link = Link(client=False, settings=WIDE, on_stream=on_stream)
-        accepted.set_result(link)
-        return link
-
-    server = await loop.create_server(server_link, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKBUF)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKBUF)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    _, client = await loop.create_connection(lambda: Link(client=True, settings=WIDE), sock=sock)
-    peer = await accepted
-    assert peer.transport is not None
-    peer_sock = peer.transport.get_extra_info("socket")
-    peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKBUF)
-    peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKBUF)
-    await asyncio.sleep(0.05)  # SETTINGS exchanged: the wide windows apply
-    return client, peer, server
+    return await small_buffer_pair(WIDE, on_stream)
 
 
 async def test_bulk_both_ways_at_once_with_pings_is_never_aborted(

@@ -10,7 +10,6 @@ below it (counted by `Link.bytes_out`) may come first. No timing is asserted.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
@@ -18,9 +17,9 @@ from relay.net import aio
 from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, WRITE_HIGH, Link, Stream
 from relay.proto import LinkSettings, Priority
 from relay.wire import HEADER_PRIORITY
+from tests.net.link_pair import small_buffer_pair
 
 WIDE = LinkSettings(stream_window=64 * 1024 * 1024, link_window=64 * 1024 * 1024)
-SOCKBUF = 64 * 1024
 CHUNK = bytes(64 * 1024)
 URGENT = 200 * 1024  # within QUEUE_STREAM: it all waits in the core
 
@@ -59,28 +58,7 @@ class _Recorder:
 
 
 async def _pair(recorder: _Recorder) -> tuple[Link, Link, asyncio.Server]:
-    loop = asyncio.get_running_loop()
-    accepted: asyncio.Future[Link] = loop.create_future()
-
-    def server_link() -> Link:
-        link = Link(client=False, settings=WIDE, on_stream=recorder.accept)
-        accepted.set_result(link)
-        return link
-
-    server = await loop.create_server(server_link, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKBUF)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKBUF)
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    _, client = await loop.create_connection(lambda: Link(client=True, settings=WIDE), sock=sock)
-    peer = await accepted
-    assert peer.transport is not None
-    peer_sock = peer.transport.get_extra_info("socket")
-    peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKBUF)
-    await asyncio.sleep(0.1)  # SETTINGS exchanged: the wide windows apply
-    return client, peer, server
+    return await small_buffer_pair(WIDE, recorder.accept, peer_sends_small=False)
 
 
 async def _until(predicate: object, what: str) -> None:

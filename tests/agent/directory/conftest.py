@@ -1,8 +1,7 @@
-"""A real slapd per test (started in ~0.2 s), and directory settings that point at it."""
+"""Directory settings that point at the slapd of the test (tests/agent/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,7 @@ from tests.interop.harness.slapd import (
     SERVICE_DN,
     SERVICE_PW,
     Slapd,
-    start_slapd,
 )
-
-
-@pytest.fixture
-def slapd(tmp_path: Path) -> Iterator[Slapd]:
-    server = start_slapd(tmp_path / "slapd")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def directory_section(server: Slapd, tmp_path: Path, **overrides: object) -> dict[str, object]:

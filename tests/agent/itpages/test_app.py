@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from relay.trust.codes import parse_code
 from relay.trust.revocation import decode_revocations
 from tests.agent.directory.blackhole import BlackHole
 from tests.agent.directory.conftest import directory_section, read_settings
-from tests.interop.harness.slapd import ADMIN_GROUP, PASSWORDS, Slapd, start_slapd, user_dn
+from tests.interop.harness.slapd import ADMIN_GROUP, PASSWORDS, Slapd, user_dn
 from tests.pki_helpers import HOST, SitePki, make_pki
 
 PASSWORD = "correct horse battery"
@@ -103,15 +103,6 @@ async def _serve(
     finally:
         await runner.cleanup()
         authority.close()
-
-
-@pytest.fixture
-def slapd(tmp_path: Path) -> Iterator[Slapd]:
-    server = start_slapd(tmp_path / "slapd")
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
