@@ -80,7 +80,7 @@ def servers() -> Iterator[Servers]:
         html = (
             f'<html><body><img id="a" src="{frame}/frames/1/rendered">'
             f'<script>fetch("{dicomweb}/studies/{STUDY}/series/{SERIES}", {{mode: "no-cors"}})'
-            '.catch(() => {});</script></body></html>'
+            ".catch(() => {});</script></body></html>"
         )
 
         async def page(request: web.Request) -> web.Response:
