@@ -83,7 +83,9 @@ def _guard(service: DicomwebService) -> Any:
         origin = request.headers.get("Origin")
         if origin is not None and origin.lower() not in allowed_origins(service.allowed_hosts):
             return _text(403, "cross-origin requests are not allowed")
-        if not fetch_allowed(request.headers.get("Sec-Fetch-Site")):
+        if request.path.startswith(PREFIX) and not fetch_allowed(
+            request.headers.get("Sec-Fetch-Site")
+        ):
             return _text(403, "requests from other web sites are not allowed")
         if len(request.query_string) > MAX_QUERY:
             return _text(414, f"query string longer than {MAX_QUERY} characters")

@@ -7,8 +7,10 @@ request from another origin (an `Origin` header that is not ours) is refused (40
 there is no CORS at all, wildcard or not. A page cannot read our answers then, but its
 `<img>` and links still send GETs without an `Origin`, each of which could start a
 series retrieval at the PACS: browsers mark those `Sec-Fetch-Site: cross-site`, and
-they are refused too (403; viewers that are not browsers send no such header). Query
-strings are bounded (414).
+DICOMweb refuses them too (403; viewers that are not browsers send no such header). The
+viewer's page stays open to them: a RIS or worklist on another site links to it (and
+the viewer starts no warm-up for such a navigation, viewer/warmup.py). Query strings
+are bounded (414).
 """
 
 from __future__ import annotations
