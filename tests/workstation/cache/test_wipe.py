@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import keyring
 import pytest
 
 from relay.dicom.session import OpenStream
@@ -25,7 +23,7 @@ from relay.workstation.cache.service import WorkstationCache
 from relay.workstation.cache.settings import CacheConfig, PrefetchConfig
 from relay.workstation.cache.store import INDEX_FILE, CachedInstance, CacheStore
 from relay.workstation.service import Workstation
-from tests.workstation.cache.test_keys import MemoryKeyring
+from tests.workstation.cache.conftest import MemoryKeyring
 
 UID = "1.2.826.0.1.3680043.10.1341.4242"
 DATA = b"DOE^CANARY RELAY0042 " * 50
@@ -60,15 +58,6 @@ def busy(monkeypatch: pytest.MonkeyPatch) -> Busy:
 
     monkeypatch.setattr(Path, "unlink", unlink)
     return state
-
-
-@pytest.fixture
-def memory_keyring() -> Iterator[MemoryKeyring]:
-    previous = keyring.get_keyring()
-    backend = MemoryKeyring()
-    keyring.set_keyring(backend)
-    yield backend
-    keyring.set_keyring(previous)
 
 
 def new_store(tmp_path: Path, *, key: bytes | None = None, max_size: int = 1 << 20,
