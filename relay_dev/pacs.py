@@ -192,12 +192,14 @@ class EmbeddedPacs:
         port: int = 0,
         destinations: dict[str, tuple[str, int]] | None = None,
         send_delay: float = 0.0,
+        find_delay: float = 0.0,
         timeout: float = 30.0,
         max_associations: int = 16,
         require_called_aet: bool = False,
     ) -> None:
         """`require_called_aet` makes it reject associations addressed to another AE title
-        (as strict PACS do); `send_delay` slows every sent instance (for cancel tests)."""
+        (as strict PACS do); `send_delay` slows every sent instance, `find_delay` every
+        C-FIND match (for cancel tests)."""
         rawds.install()
         self.store: InstanceStore = store if store is not None else MemoryStore()
         self.ae_title = ae_title
@@ -205,6 +207,7 @@ class EmbeddedPacs:
         self._port = port
         self.destinations = dict(destinations or {})
         self.send_delay = send_delay
+        self.find_delay = find_delay
         self.timeout = timeout
         self.max_associations = max_associations
         self.require_called_aet = require_called_aet
@@ -322,6 +325,8 @@ class EmbeddedPacs:
             yield status, None
             return
         for rsp in responses:
+            if self.find_delay:
+                time.sleep(self.find_delay)
             if event.is_cancelled:
                 self._cancelled()
                 yield 0xFE00, None

@@ -665,7 +665,12 @@ class PacsOperation:
         return beside
 
     def _survey(
-        self, assoc: Association, find_model: str, identifier: Dataset, stopped: threading.Event
+        self,
+        assoc: Association,
+        find_model: str,
+        identifier: Dataset,
+        stopped: threading.Event,
+        querying: Callable[[int | None], bool],
     ) -> Pending | None:
         """Survey the study, if the PACS lets us; what to tell the workstation of it."""
         try:
@@ -675,6 +680,7 @@ class PacsOperation:
                 identifier,
                 timeout=self.pacs.timeout,
                 stopped=stopped,
+                querying=querying,
             )
         except Exception as exc:
             # Only the type: pydicom's and pynetdicom's texts may quote the query's values.
@@ -703,7 +709,10 @@ class _Beside:
     """One survey running beside its retrieve; `finish()` ends it and returns its result.
 
     Its estimate cannot follow the operation's final response: `finish` (always called
-    before that is queued) stops it under the lock the estimate is queued with.
+    before that is queued) stops it under the lock the estimate is queued with. Only the
+    survey's own thread ends its association: another thread's A-ABORT while this one
+    sends the next C-FIND breaks pynetdicom's state machine (Evt9 in Sta13), so `finish`
+    C-CANCELs the C-FIND in flight instead, under the same lock.
     """
 
     def __init__(self, op: PacsOperation, find_model: str, identifier: Dataset) -> None:
@@ -712,11 +721,21 @@ class _Beside:
         self.identifier = identifier
         self.stop = threading.Event()
         self._assoc: Association | None = None
+        self._query: int | None = None  # message ID of the C-FIND in flight
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="dicom-survey", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _querying(self, msg_id: int | None) -> bool:
+        """`walk` is about to send C-FIND `msg_id` (False: stopped, send none), or None:
+        its C-FIND ended."""
+        with self._lock:
+            if msg_id is not None and self.stop.is_set():
+                return False
+            self._query = msg_id
+            return True
 
     def _run(self) -> None:
         assoc = self.op._associate([build_context(self.find_model)], main=False)
@@ -728,7 +747,9 @@ class _Beside:
         try:
             estimate = None
             if not self.stop.is_set():
-                estimate = self.op._survey(assoc, self.find_model, self.identifier, self.stop)
+                estimate = self.op._survey(
+                    assoc, self.find_model, self.identifier, self.stop, self._querying
+                )
             if estimate is not None:
                 try:  # the estimate is only a fallback: one the stream cannot carry is left out
                     self.op.codec.validate(estimate)
@@ -741,22 +762,25 @@ class _Beside:
         except (ChannelClosed, TimeoutError):
             pass  # the stream is gone or full: the estimate is only a fallback
         finally:
-            with self._lock:
+            with self._lock:  # no C-CANCEL is sent once it is None
                 self._assoc = None
             _end(assoc, abort=self.stop.is_set())
 
     def finish(self, *, wait: bool) -> Survey | None:
         """With `wait`, the survey once done (None if it failed or took longer than the
-        PACS timeout). Without, stopped at once and not waited for: its association is
-        aborted (a C-FIND with thousands of matches would otherwise run on) and it ends on
-        its own thread; one still associating must not hold up the operation's end."""
+        PACS timeout). Without, stopped at once and not waited for: a C-FIND in flight is
+        cancelled (one with thousands of matches would otherwise run on) and the survey's
+        thread ends its association; one still associating must not hold up the
+        operation's end."""
         if wait:
             self._thread.join(self.op.pacs.timeout + 1)
-        with self._lock:  # nothing is queued once stopped
+        with self._lock:  # nothing is queued or sent once stopped
             self.stop.set()
-            assoc = self._assoc
-        if not wait and assoc is not None:
-            _end(assoc, abort=True)
+            if not wait and self._assoc is not None and self._query is not None:
+                try:
+                    self._assoc.send_c_cancel(self._query, query_model=self.find_model)
+                except Exception as exc:  # the association is ending anyway
+                    log.debug("survey C-CANCEL not sent: %s", exc)
         return self.op.survey if wait else None
 
 

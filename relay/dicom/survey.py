@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -183,10 +183,15 @@ def walk(
     *,
     timeout: float,
     stopped: threading.Event,
+    querying: Callable[[int | None], bool] = lambda msg_id: True,
 ) -> Survey | None:
     """Walk the retrieve's identifier down to image level with C-FIND; None if not possible.
 
-    `stopped` is looked at between queries (the retrieve ended, or the viewer cancelled)."""
+    `stopped` is looked at before each query and each answer (the retrieve ended, or the
+    viewer cancelled). `querying` is told the message ID of each C-FIND before it is sent
+    (False: send none) and None once it ended, so that another thread may C-CANCEL it:
+    only this thread may end the association, as pynetdicom's state machine fails a
+    C-FIND sent after another thread's A-ABORT."""
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in _LEVELS:
         return None
@@ -202,9 +207,18 @@ def walk(
         q.QueryRetrieveLevel = lvl
         for kw, value in keys.items():
             setattr(q, kw, value)
+        msg_id = next_message_id()
+        if not querying(msg_id):
+            return None
+        try:
+            return answers(assoc.send_c_find(q, model, msg_id=msg_id))
+        finally:
+            querying(None)
+
+    def answers(responses: Iterable[tuple[Dataset, Dataset | None]]) -> list[Dataset] | None:
         out: list[Dataset] = []
-        for status, match in assoc.send_c_find(q, model, msg_id=next_message_id()):
-            if not status:
+        for status, match in responses:
+            if not status or stopped.is_set():
                 return None
             code = int(status.Status)
             if code in _PENDING:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import build_context
 
 from relay.dicom import contexts, rawds, survey
 from relay.dicom.agent import DicomAgent
@@ -373,3 +374,58 @@ async def test_an_estimate_the_stream_cannot_carry_is_left_out(
     assert summary.status == 0
     assert [m.sop_instance for m in msgs if isinstance(m, Instance)] == [i.sop_instance for i in CT]
     assert not any(isinstance(m, Pending) and m.estimate for m in msgs)
+
+
+@pytest.mark.parametrize("after", [0.0, 0.02, 0.07, 0.12, 0.2, 0.3])
+async def test_a_survey_stopped_mid_walk_is_cancelled_and_ends_on_its_own_thread(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch, after: float
+) -> None:
+    """`finish` without waiting, at any point of the walk: the C-FIND in flight is
+    cancelled and the survey's own thread ends its association. An A-ABORT from the
+    finishing thread used to race the walk's next C-FIND (pynetdicom raised Evt9 in
+    Sta13 on the association's thread)."""
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    pacs.find_delay = 0.05  # 4 image matches: the image query takes 0.2 s
+    out: Channel[Message] = Channel(asyncio.get_running_loop(), 8)
+    op = PacsOperation(target(pacs), retrieve(StudyInstanceUID=STUDY), MessageCodec(), out)
+    identifier = rawds.decode_dataset(op.request.dataset, op.request.transfer_syntax)
+    beside = op._survey_beside(contexts.MODELS[("study", "find")], identifier)
+    assert beside is not None
+    await asyncio.sleep(after)
+    assert beside.finish(wait=False) is None
+    await asyncio.to_thread(beside._thread.join, 5)
+    assert not beside._thread.is_alive()  # ended well before the 0.2 s query would have
+    assert raised == []
+    if op.survey is None and pacs.events.finds == 2:  # stopped during the image query
+        assert pacs.events.cancelled.wait(2)
+    else:  # stopped before its first query, or after its last
+        assert pacs.events.finds in (0, 1) or (op.survey is not None and op.survey.count == 4)
+
+
+async def test_a_stopped_survey_sends_no_query_after_it(pacs: EmbeddedPacs) -> None:
+    """The walk asks before each C-FIND: once stopped, it sends no more."""
+    out: Channel[Message] = Channel(asyncio.get_running_loop(), 8)
+    op = PacsOperation(target(pacs), retrieve(StudyInstanceUID=STUDY), MessageCodec(), out)
+    identifier = rawds.decode_dataset(op.request.dataset, op.request.transfer_syntax)
+    asked: list[int | None] = []
+
+    def querying(msg_id: int | None) -> bool:
+        asked.append(msg_id)
+        return False
+
+    stopped = threading.Event()
+    assoc = await asyncio.to_thread(
+        op._associate, [build_context(contexts.MODELS[("study", "find")])], main=False
+    )
+    assert not isinstance(assoc, FinalResponse)
+    try:
+        found = await asyncio.to_thread(
+            survey.walk, assoc, contexts.MODELS[("study", "find")], identifier,
+            timeout=10, stopped=stopped, querying=querying,
+        )  # fmt: skip
+    finally:
+        await asyncio.to_thread(assoc.release)
+    assert found is None
+    assert len(asked) == 1 and asked[0] is not None
+    assert pacs.events.finds == 0
