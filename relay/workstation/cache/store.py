@@ -119,6 +119,11 @@ class CacheStore:
         self._leftover: dict[Path, int] = {}
         self._lock = threading.RLock()
         self._seq = 0
+        # index saves: each takes a number under the lock; one older than the last on
+        # disk, or taken before a wipe, is not put in place (it ran outside the lock)
+        self._saves = 0
+        self._saved = 0
+        self._wiped_at = 0
 
     # -- start, wipe ---------------------------------------------------------------
 
@@ -146,9 +151,7 @@ class CacheStore:
         memory is emptied first, and a file in use never stops the wipe (see above)."""
         with self._lock:
             n = len(self.studies)
-            self.studies.clear()
-            self.total = 0
-            self._leftover.clear()
+            self._forget_all()
             self._remove_files()
         log.warning("cache wiped (%s): %d studies", reason, n)
         if n:
@@ -158,12 +161,18 @@ class CacheStore:
     def close_temporary(self) -> None:
         """At a clean stop with an in-memory key: erase everything, directories included."""
         with self._lock:
-            self.studies.clear()
-            self.total = 0
-            self._leftover.clear()
+            self._forget_all()
             self._remove_files()
         with contextlib.suppress(OSError):
             self.objects.rmdir()
+
+    def _forget_all(self) -> None:
+        """Empty the index in memory (under the lock); an index save already under way
+        is not put in place after this."""
+        self.studies.clear()
+        self.total = 0
+        self._leftover.clear()
+        self._wiped_at = self._saves
 
     def _remove_files(self) -> int:
         """Remove the sealed index first, then its temporary files and every object file;
@@ -443,9 +452,15 @@ class CacheStore:
     # -- the sealed index (keyring mode only) ------------------------------------------------
 
     def _save_index(self) -> None:
+        """Write the sealed index: made under the lock, sealed and written outside it
+        (pynetdicom's serving threads wait on the lock), then put in place under it only
+        if no later save is already there and no wipe came since: a wipe's index must not
+        come back, and two threads' saves must not land in the wrong order."""
         if not self.persist_index:
             return
         with self._lock:
+            self._saves += 1
+            number = self._saves
             data = json.dumps(
                 {"seq": self._seq, "studies": [asdict(s) for s in self.studies.values()]}
             ).encode()
@@ -454,11 +469,15 @@ class CacheStore:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             tmp.write_bytes(sealed)
-            os.replace(tmp, path)
+            with self._lock:
+                if number > max(self._saved, self._wiped_at):
+                    os.replace(tmp, path)
+                    self._saved = number
         except OSError as exc:
             log.error("cache: cannot write the index (%s)", type(exc).__name__)
+        finally:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                tmp.unlink(missing_ok=True)
 
     def _load_index(self) -> bool:
         if not self.persist_index:

@@ -226,3 +226,52 @@ def test_files_left_are_tracked_up_to_a_bound(
     s.evict(["1.1"])
     assert len(s._leftover) == 2  # the other two: removed by the next start
     assert s.total == 2 * file_of(s, "1.1.0").stat().st_size
+
+
+def test_an_index_save_under_way_does_not_bring_back_a_wiped_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is sealed and written outside the lock: a wipe that comes meanwhile
+    (`relay cache wipe`, a revocation) must not find it back on disk afterwards."""
+    key = Sealer.new_key()
+    s = new_store(tmp_path, key=key)
+    fill(s, UID, 2)
+    real_seal = s.sealer.seal
+    wiped: list[int] = []
+
+    def seal_then_wipe(item_id: str, data: bytes) -> bytes:
+        sealed = real_seal(item_id, data)
+        if item_id == "index" and not wiped:
+            wiped.append(s.wipe("wiped"))  # while the save is under way
+        return sealed
+
+    monkeypatch.setattr(s.sealer, "seal", seal_then_wipe)
+    s.touch(UID)
+    s.finish(UID, complete=True)  # saves the index
+    assert wiped == [1]
+    assert not (tmp_path / INDEX_FILE).exists()
+    assert files(tmp_path) == set()  # nor a temporary file
+    again = new_store(tmp_path, key=key)
+    assert again.studies == {}
+
+
+def test_an_older_index_save_does_not_replace_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads' saves: the one that took its copy first and wrote last loses."""
+    key = Sealer.new_key()
+    s = new_store(tmp_path, key=key)
+    fill(s, UID, 1)
+    real_seal = s.sealer.seal
+    nested: list[bool] = []
+
+    def seal_after_a_newer_save(item_id: str, data: bytes) -> bytes:
+        if item_id == "index" and not nested:
+            nested.append(True)
+            fill(s, UID + ".7", 1)  # a newer save, which lands first
+        return real_seal(item_id, data)
+
+    monkeypatch.setattr(s.sealer, "seal", seal_after_a_newer_save)
+    s.finish(UID, complete=True)
+    again = new_store(tmp_path, key=key)
+    assert set(again.studies) == {UID, UID + ".7"}
