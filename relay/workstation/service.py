@@ -74,9 +74,11 @@ COMPRESSION_LEVEL = 3
 EXIT_REVOKED = 3  # the gateway says this device is revoked; only a new enrollment helps
 REVOKED_MESSAGE = "this device was revoked by the hospital; enroll it again with `relay enroll`"
 # Read once at start-up (the dialled address, local listeners, the renewal loop's
-# directory): a reload keeps their running values and says that they need a restart.
+# directory, the cache's key, place and bounds, the prefetcher): a reload keeps their
+# running values and says that they need a restart.
 RESTART_ONLY = (
     "gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward", "dicomweb",
+    "cache", "prefetch",
 )  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from relay.agent import service as agent_service
+from relay.agent.config import AgentConfig
 from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
@@ -17,6 +19,8 @@ from relay.ops.reloading import (
     keep_restart_only,
 )
 from relay.trust.identity import Identity
+from relay.workstation import service as ws_service
+from relay.workstation.config import WorkstationConfig
 from tests.pki_helpers import SitePki, make_pki
 
 
@@ -101,3 +105,22 @@ def test_reload_counter_exports_both_results() -> None:
     text = generate_latest(registry).decode()
     assert 'relay_reloads_total{result="ok"} 1.0' in text
     assert 'relay_reloads_total{result="error"} 2.0' in text
+
+
+# What each role's reload applies at once (relay.agent.service.Agent.reload,
+# relay.workstation.service.Workstation.reload); every other key must be restart-only.
+AGENT_APPLIED = {"path", "gateways", "tls", "limits", "reconnect", "resolve_interval",
+                 "compression_level", "drain_grace", "log_level", "services"}  # fmt: skip
+WORKSTATION_APPLIED = {"path", "limits", "reconnect", "drain_grace", "log_level"}
+
+
+def test_every_config_key_is_applied_by_a_reload_or_said_to_need_a_restart() -> None:
+    """A key neither applied nor restart-only is silently ignored: a reload that lowers
+    cache.max_age (a privacy bound) said "reloaded" and the cache kept its old bounds."""
+    for config, applied, restart_only in (
+        (AgentConfig, AGENT_APPLIED, agent_service.RESTART_ONLY),
+        (WorkstationConfig, WORKSTATION_APPLIED, ws_service.RESTART_ONLY),
+    ):
+        keys = {f.name for f in fields(config)}
+        assert keys == applied | set(restart_only), config.__name__
+        assert not applied & set(restart_only), config.__name__
