@@ -17,16 +17,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from relay import __version__
-from relay.agent.registry import RegistryError
 from relay.net.tls import TlsConfigError
 from relay.ops.config import ConfigError, parse_duration
 from relay.ops.control import ControlError
 from relay.ops.privatefiles import PrivateFileError
 from relay.trust.codes import CodeError
-from relay.trust.enroll import EnrollError
 from relay.trust.identity import IdentityError
 from relay.trust.pki import PkiError
-from relay_dev.demo import DemoError
 
 # Errors a user can fix: one line on stderr, exit status 2, no traceback. Our own types
 # only: a ValueError or OSError from inside is a bug and keeps its traceback (status 1).
@@ -35,13 +32,29 @@ USER_ERRORS = (
     PkiError,
     TlsConfigError,
     IdentityError,
-    RegistryError,
-    EnrollError,
     CodeError,
-    DemoError,
     PrivateFileError,
     ControlError,
 )
+# ... and these, named rather than imported: importing them would load the sealed
+# sessions, SQLite and the demo into `relay gateway` (which must not load relay.seal).
+# One raised has had its module loaded.
+LAZY_USER_ERRORS = (
+    ("relay.agent.registry", "RegistryError"),
+    ("relay.trust.enroll", "EnrollError"),
+    ("relay_dev.demo", "DemoError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, USER_ERRORS):
+        return True
+    for module, name in LAZY_USER_ERRORS:
+        loaded = sys.modules.get(module)
+        error = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(error, type) and isinstance(exc, error):
+            return True
+    return False
 
 
 def duration(text: str) -> timedelta:
@@ -340,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if isinstance(exc, USER_ERRORS):
+        if is_user_error(exc):
             print(f"relay: {exc}", file=sys.stderr)
             return 2
         raise

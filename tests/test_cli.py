@@ -168,3 +168,17 @@ def test_workstation_dicom_port_taken_names_file_and_key(tmp_path: Path, taken_p
     )
     done = relay("workstation", "--config", str(config))
     assert_user_error(done, f"{config}: dicom.listen: cannot listen on {HOST}:{taken_port}")
+
+
+def test_errors_of_modules_the_cli_does_not_import_are_still_user_errors() -> None:
+    """RegistryError, EnrollError and DemoError are named, not imported, by relay.cli (so
+    `relay gateway` loads no sealed sessions, SQLite or demo): each is still one line and
+    exit 2, and a bug's ValueError still is not."""
+    from relay.agent.registry import RegistryError
+    from relay.cli import is_user_error
+    from relay.trust.enroll import EnrollError
+    from relay_dev.demo import DemoError
+
+    for error in (RegistryError, EnrollError, DemoError):
+        assert is_user_error(error("x"))
+    assert not is_user_error(ValueError("x"))

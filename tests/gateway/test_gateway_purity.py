@@ -1,4 +1,5 @@
-"""The gateway stays opaque to payload: no DICOM or compression code, no file writes."""
+"""The gateway stays opaque to payload: no DICOM, compression or sealed-session code (it
+must not be able to open a session), no database, no file writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 from tests.pki_helpers import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "relay.dicom", "relay.net.compression")
+FORBIDDEN_MODULES = ("pydicom", "pynetdicom", "zstandard", "imagecodecs", "sqlite3", "relay_dev")
+FORBIDDEN_PACKAGES = ("relay.dicom", "relay.codecs", "relay.net.compression", "relay.seal",
+                      "relay.agent", "relay.workstation")  # fmt: skip
 FORBIDDEN_CALLS = {"open", "write_text", "write_bytes", "mkdir", "touch", "unlink", "rename"}
 
 
@@ -55,7 +58,7 @@ def test_running_gateway_loads_no_dicom_or_compression_code(tmp_path: Path) -> N
     bad = sorted(
         m for m in loaded if m.split(".")[0] in FORBIDDEN_MODULES or m in FORBIDDEN_MODULES
     )
-    bad += sorted(m for m in loaded if m.startswith(("relay.dicom", "relay.net.compression")))
+    bad += sorted(m for m in loaded if m.startswith(FORBIDDEN_PACKAGES))
     assert bad == []
 
 
@@ -94,7 +97,8 @@ def test_gateway_source_neither_imports_payload_code_nor_writes_files() -> None:
                     else [node.module or ""]
                 )
                 for name in names:
-                    assert not name.startswith(FORBIDDEN_MODULES), f"{path.name} imports {name}"
+                    forbidden = (*FORBIDDEN_MODULES, *FORBIDDEN_PACKAGES)
+                    assert not name.startswith(forbidden), f"{path.name} imports {name}"
             if isinstance(node, ast.Call):
                 func = node.func
                 called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
