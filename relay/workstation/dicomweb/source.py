@@ -113,6 +113,18 @@ def retrieve_failure(final: FinalResponse) -> UpstreamError | None:
     return _failure(final, "the retrieve")
 
 
+def _fewer_came(final: FinalResponse, came: int) -> UpstreamError | None:
+    """The 502 for a final response that vouches for more instances than came (a PACS
+    that counts what it did not send): the viewer must not take the rest as all."""
+    if final.completed is None or came >= final.completed:
+        return None
+    return UpstreamError(
+        502,
+        f"the retrieve ended incomplete (status 0x{final.status:04X}; "
+        f"{came} of {final.completed} completed instances came)",
+    )
+
+
 class DicomSource:
     """The relay's DICOM operations as coroutines; `cache` answers C-FIND offline."""
 
@@ -236,16 +248,18 @@ class DicomSource:
             dataset=rawds.encode_dataset(identifier),
             calling_ae=CALLING_AE,
         )
+        came = 0
         async with self._stream(request, headers_only, priority) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, Instance):
+                    came += 1
                     yield msg
                 elif isinstance(msg, FinalResponse):
                     clean[0] = True
                     if outcome is not None:
                         outcome.append(msg)
-                    failure = retrieve_failure(msg)
+                    failure = retrieve_failure(msg) or _fewer_came(msg, came)
                     if failure is not None:
                         raise failure
                     return
