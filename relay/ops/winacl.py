@@ -45,9 +45,16 @@ _ALIASES = {
     "S-1-5-11": "Authenticated Users",
     "S-1-5-32-545": "BUILTIN\\Users",
 }
-# Rights that let a trustee read a file's data.
-_READ_CODES = frozenset({"GA", "GR", "FA", "FR", "CC"})  # CC: bit 0x1, FILE_READ_DATA
-_READ_BITS = 0x1 | 0x80000000 | 0x10000000  # FILE_READ_DATA, GENERIC_READ, GENERIC_ALL
+# Rights that let a trustee read a file's data, or give itself that right: FILE_READ_DATA,
+# WRITE_DAC (grant itself read), WRITE_OWNER (take ownership, then WRITE_DAC),
+# MAXIMUM_ALLOWED, GENERIC_ALL, GENERIC_READ.
+_READ_BITS = 0x1 | 0x40000 | 0x80000 | 0x2000000 | 0x10000000 | 0x80000000
+# SDDL codes that do none of that (on a file: write, execute, delete, attributes, EAs).
+# Any other code counts as read, the known ones (GA GR FA FR KA KR KX WD WO, CC = bit
+# 0x1) and the unknown alike: a privacy check trusts only what it understands.
+_NO_READ_CODES = frozenset(
+    {"GW", "GX", "RC", "SD", "FW", "FX", "KW", "DC", "LC", "SW", "RP", "WP", "DT", "LO", "CR"}
+)
 _ACE = re.compile(r"\(([^()]*)\)")
 
 # advapi32 constants
@@ -76,8 +83,11 @@ class Ace:
         if self.kind != "A" or "IO" in _pairs(self.flags):  # inherit-only: not this file
             return False
         if self.rights.lower().startswith("0x"):
-            return bool(int(self.rights, 16) & _READ_BITS)
-        return bool(_READ_CODES & set(_pairs(self.rights)))
+            try:
+                return bool(int(self.rights, 16) & _READ_BITS)
+            except ValueError:
+                return True  # not a mask we can read: not trusted
+        return any(code not in _NO_READ_CODES for code in _pairs(self.rights))
 
 
 def describe(trustee: str) -> str:
@@ -114,8 +124,9 @@ def parse_sddl_dacl(sddl: str) -> tuple[str | None, list[Ace] | None]:
 
 def other_readers(sddl: str, user_sid: str) -> list[str]:
     """Who besides `user_sid`, SYSTEM and Administrators may read: trustees of allow
-    entries granting read, or `*` for a NULL DACL, or `owner:X` when someone else owns it
-    (an owner can rewrite the DACL)."""
+    entries granting read or the rights to take it (WRITE_DAC, WRITE_OWNER...), or `*`
+    for a NULL DACL, or `owner:X` when someone else owns it (an owner can rewrite the
+    DACL)."""
     owner, aces = parse_sddl_dacl(sddl)
     allowed = TRUSTED | {user_sid}
     found: list[str] = []

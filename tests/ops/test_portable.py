@@ -159,6 +159,34 @@ def test_another_owner_a_null_dacl_and_a_sacl() -> None:
     assert winacl.other_readers(sddl, USER) == [other]
 
 
+@pytest.mark.parametrize(
+    "rights",
+    [
+        "WD",  # WRITE_DAC: grants itself read
+        "WO",  # WRITE_OWNER: takes ownership, then WRITE_DAC
+        "0x40000",
+        "0x80000",
+        "0x2000000",  # MAXIMUM_ALLOWED: as much as the DACL allows, read included
+        "KA",  # 0xf003f (KEY_ALL_ACCESS), as SDDL may spell a file's mask
+        "KR",  # 0x20019 (KEY_READ): bit 0x1 is FILE_READ_DATA
+        "KX",  # the same mask as KR
+        "RCWD",  # codes combine
+        "XY",  # a code the check does not know: counted, not trusted
+        "0xZZ",  # a mask it cannot read: the same
+        "1179817",  # SDDL writes masks in hex; anything else is not trusted either
+    ],
+)
+def test_rights_that_can_take_read_access_count_as_read(rights: str) -> None:
+    sddl = f"O:{USER}D:P(A;;FA;;;{USER})(A;;{rights};;;BU)"
+    assert winacl.other_readers(sddl, USER) == ["BU"]
+
+
+@pytest.mark.parametrize("rights", ["RC", "SD", "FW", "FX", "GW", "GX", "KW", "0x120116"])
+def test_rights_that_neither_read_nor_rewrite_the_dacl_do_not_count(rights: str) -> None:
+    sddl = f"O:{USER}D:P(A;;FA;;;{USER})(A;;{rights};;;BU)"
+    assert winacl.other_readers(sddl, USER) == []
+
+
 def test_trustees_are_described_for_people() -> None:
     assert winacl.describe("BU") == "BUILTIN\\Users"
     assert winacl.describe("S-1-1-0") == "Everyone"
