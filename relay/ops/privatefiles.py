@@ -3,15 +3,18 @@ protected and checked by each platform's own means.
 
 POSIX: mode 0600 (0700 for a directory); a file that group or others may read, write
 or run is refused. Windows: mode bits protect nothing, so the file gets a protected DACL
-with one entry, the current user (relay.ops.winacl); a file that another account than
-the user, SYSTEM or Administrators may read is refused. This is the only module of the
+with one entry, the current user (relay.ops.winacl), from its creation on (it is born in
+a private staging folder); a file that another account than the user, SYSTEM or
+Administrators may read, or give itself read, is refused. This is the only module of the
 project that touches POSIX modes (the portable lane of the tests enforces it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
 import sys
 from pathlib import Path
@@ -52,15 +55,50 @@ def protect(path: Path, *, directory: bool = False) -> None:
 def create_private(path: Path) -> int:
     """Create `path` (it must not exist), private before anything is written to it, and
     return a file descriptor open for writing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     if _WINDOWS:  # os.open's mode only sets the read-only flag there
-        try:
-            protect(path)
-        except PrivateFileError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
+        return _create_private_windows(Path(path))
+    return os.open(path, _CREATE, 0o600)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _create_private_windows(path: Path) -> int:
+    """Windows checks access when a handle is opened, and a new file gets the DACL its
+    folder passes on (e.g. "Users: read" under C:\\ProgramData): restricted only after
+    os.open, it could be opened by another account in between and read through that handle
+    once written. So the file is born in a staging folder made private while still empty,
+    given its own protected DACL there, moved into place (a move within the volume keeps
+    the DACL) and opened again by name: a file open through os.open (no FILE_SHARE_DELETE)
+    cannot be moved."""
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(6)}.private")
+    staged = staging / path.name
+    os.mkdir(staging)
+    try:
+        protect(staging, directory=True)  # before anything is created in it
+        os.close(os.open(staged, _CREATE, 0o600))  # inherits the user-only DACL
+        protect(staged)  # its own, which no later inheritance from `path`'s folder rewrites
+        born = os.stat(staged)
+        os.rename(staged, path)  # refuses an existing `path` on Windows
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(staging)
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (born.st_dev, born.st_ino):  # someone swapped it
+        os.close(fd)
+        raise PrivateFileError(f"{path} was replaced while it was being created; not using it")
     return fd
 
 

@@ -13,11 +13,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.ops import privatefiles, runtime, winacl
+from relay.ops import control, privatefiles, runtime, winacl
 from relay.ops.signals import handling_signals
+from relay.trust import pki
 from tests.ends_helpers import write_readable_by_others as _readable_by_others
 
 LANE = os.environ.get("RELAY_PORTABLE_LANE_ACTIVE") == "1"
@@ -127,6 +129,115 @@ def test_a_private_directory(tmp_path: Path) -> None:
     directory.mkdir()
     privatefiles.protect(directory, directory=True)
     privatefiles.check_private(directory, "state directory")
+
+
+# --- private files on Windows, simulated -----------------------------------------------
+
+
+class SimulatedAcls:
+    """What matters of NTFS here, on any platform: a new file takes the DACL its folder
+    passes on (readable by others, unless the folder was made private first), keeps its
+    DACL when moved, and Windows checks access when a handle is opened."""
+
+    def __init__(self) -> None:
+        self.private_dirs: set[tuple[int, int]] = set()
+        self.protected: set[tuple[int, int]] = set()
+        self.born_readable: list[str] = []  # files another account could have opened
+
+    @staticmethod
+    def key(path: str | Path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def restrict_to_user(self, path: Path, *, directory: bool = False) -> None:
+        (self.private_dirs if directory else self.protected).add(self.key(path))
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_open = os.open
+
+        def opening(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+            fd = real_open(path, flags, mode, **kwargs)
+            if flags & os.O_CREAT and self.key(Path(path).parent) not in self.private_dirs:
+                self.born_readable.append(Path(path).name)
+            return fd
+
+        monkeypatch.setattr(privatefiles, "_WINDOWS", True)
+        monkeypatch.setattr(winacl, "restrict_to_user", self.restrict_to_user)
+        monkeypatch.setattr(os, "open", opening)
+
+
+@pytest.fixture
+def windows(monkeypatch: pytest.MonkeyPatch) -> SimulatedAcls:
+    acls = SimulatedAcls()
+    acls.install(monkeypatch)
+    return acls
+
+
+def test_windows_a_private_file_is_never_readable_by_others(
+    windows: SimulatedAcls, tmp_path: Path
+) -> None:
+    path = tmp_path / "device.key"
+    fd = privatefiles.create_private(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"key")
+    assert windows.born_readable == []
+    assert windows.key(path) in windows.protected  # its own DACL, not an inherited one
+    assert path.read_bytes() == b"key"
+    assert os.listdir(tmp_path) == ["device.key"]  # no staging folder left
+
+
+def test_windows_keys_and_the_control_file_are_written_private(
+    windows: SimulatedAcls, tmp_path: Path
+) -> None:
+    """The callers: a key written in place or replaced, and control.json."""
+    key = pki.generate_key()
+    pki.write_key(tmp_path / "device.key", key, exclusive=True)
+    pki.write_key(tmp_path / "device.key", key)  # replaced through a temporary file
+    control._write_endpoint(tmp_path, control.Endpoint(1234, "secret", 1))
+    assert windows.born_readable == []
+    for name in ("device.key", control.CONTROL_FILE):
+        assert windows.key(tmp_path / name) in windows.protected
+    assert sorted(os.listdir(tmp_path)) == [control.CONTROL_FILE, "device.key"]
+
+
+def test_windows_an_existing_file_is_left_alone(windows: SimulatedAcls, tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+    path.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        privatefiles.create_private(path)
+    assert path.read_bytes() == b"theirs"
+    assert os.listdir(tmp_path) == ["device.key"]
+
+
+def test_windows_a_folder_that_cannot_be_made_private_leaves_nothing(
+    windows: SimulatedAcls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(path: Path, *, directory: bool = False) -> None:
+        raise winacl.AclError("access denied")
+
+    monkeypatch.setattr(winacl, "restrict_to_user", refuse)
+    with pytest.raises(privatefiles.PrivateFileError, match=r"cannot make .* private"):
+        privatefiles.create_private(tmp_path / "device.key")
+    assert os.listdir(tmp_path) == []
+
+
+def test_windows_a_file_swapped_before_it_is_opened_is_not_written(
+    windows: SimulatedAcls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the move into place and the opening by name, someone with delete rights on
+    the folder puts a file of theirs there: the key is not written into it."""
+    path = tmp_path / "device.key"
+    real_rename = os.rename
+
+    def rename_then_swap(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        theirs = Path(f"{dst}.theirs")
+        theirs.write_bytes(b"")
+        os.replace(theirs, dst)  # created while ours exists: another file id
+
+    monkeypatch.setattr(os, "rename", rename_then_swap)
+    with pytest.raises(privatefiles.PrivateFileError, match="was replaced"):
+        privatefiles.create_private(path)
 
 
 # --- Windows ACLs: the judgement, on every platform -------------------------------------
