@@ -77,6 +77,10 @@ def default_state_dir(config_path: str | os.PathLike[str]) -> Path:
     return user_data_dir() / "workstation" / f"{stem}-{digest}"
 
 
+_DESTINATION_HERE = (
+    "a C-MOVE destination must be on this PC, a loopback address (127.0.0.1, [::1] or "
+    "localhost): the instances go to it as cleartext DICOM"
+)
 _LOOPBACK_ONLY = (
     "must be a loopback address (127.0.0.1, [::1] or localhost): whoever reaches it "
     "reaches the hospital with this device's identity"
@@ -166,7 +170,9 @@ def _read_dicom(r: Reader) -> DicomNodeConfig | None:
             check_ae_title(title)
         except ValueError as exc:
             raise d.error(title, str(exc)) from None
-        destinations[title] = d.address(title)
+        destinations[title] = address = d.address(title)
+        if not address.is_loopback:  # a C-MOVE sends it the PACS's images in the clear
+            raise d.error(title, f"{_DESTINATION_HERE}, got {address}")
     resume_window = s.duration("resume_window", RESUME_WINDOW, hi=MAX_RESUME_WINDOW)
     return DicomNodeConfig(listen, ae_title, MappingProxyType(destinations), resume_window)
 

@@ -717,6 +717,11 @@ WORKSTATION_ERRORS = [
         "AE title",
     ),
     (_set("dicom", "destinations", "VIEWER", "127.0.0.1"), "dicom.destinations.VIEWER", "no port"),
+    (
+        _set("dicom", "destinations", "VIEWER", "10.1.2.3:104"),
+        "dicom.destinations.VIEWER",
+        "must be on this PC",
+    ),
     (_set("dicom", "resume_window", "2h"), "dicom.resume_window", "duration 0s to 1h"),
     (_set("dicom", "resume_window", "-1s"), "dicom.resume_window", "expected a duration"),
     (
