@@ -6,7 +6,9 @@
   connect with CONNECT_FAILED.
 - any other target (``dicom``...): the handler registered under that name, if any; no
   handler means FORBIDDEN. Handlers are plain coroutines taking the stream, so the DICOM
-  code plugs in without this module knowing it.
+  code plugs in without this module knowing it. A handler the drain cuts short resets
+  its stream with SHUTDOWN (the workstation resumes a retrieval elsewhere or once the
+  agent is back); one that returns leaving the stream open, with CANCEL.
 
 Streams arrive here from inside a device's sealed session (relay.agent.sessions); the
 device's identity, from the session's inner certificate, is logged with the outcome,
@@ -192,7 +194,10 @@ class StreamDispatcher:
         try:
             await handler(stream)
         except asyncio.CancelledError:
-            stream.reset(ErrorCode.CANCEL)
+            # Only the drain (or the loop's end) cancels us: the agent is stopping, not
+            # giving up on the request, so the workstation may resume it elsewhere or
+            # once we are back. CANCEL is kept for a handler that gave up by itself.
+            stream.reset(ErrorCode.SHUTDOWN if self._stopping() else ErrorCode.CANCEL)
             raise
         except Exception:
             log.exception("stream handler failed", extra=context)
@@ -208,9 +213,15 @@ class StreamDispatcher:
 
     # -- shutdown
 
+    def _stopping(self) -> bool:
+        """Whether our own task was cancelled: the drain, or the loop ending."""
+        task = asyncio.current_task()
+        return self._closing or (task is not None and task.cancelling() > 0)
+
     async def drain(self, grace: float) -> int:
         """Refuse new streams, let the ones in flight finish within `grace` seconds, then
-        cancel the rest (their streams are reset). Returns how many were cancelled."""
+        cancel the rest (a handler's stream is reset with SHUTDOWN). Returns how many
+        were cancelled."""
         self._closing = True
         return await drain_tasks(self._tasks, grace, "streams")
 

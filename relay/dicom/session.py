@@ -47,6 +47,8 @@ MAX_RESUME_WINDOW: Final = 3600.0
 
 # Resets that say something about the request or the device, not about the path: a
 # retrieve is not resumed after these (CANCEL is also what the agent sends when it gives up).
+# SHUTDOWN is not among them: an agent that drains (a restart, an upgrade) resets with it,
+# and the retrieve carries on once an agent takes the stream again.
 NOT_RESUMABLE: Final = frozenset(
     {
         ErrorCode.CANCEL,

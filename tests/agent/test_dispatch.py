@@ -292,3 +292,27 @@ async def test_connects_are_limited_but_all_served(
     async with asyncio.timeout(WAIT):
         await asyncio.gather(*(one(i) for i in range(6)))
     assert peak == 2
+
+
+async def test_a_drain_resets_a_handlers_stream_with_shutdown(world: World) -> None:
+    """A handler cut by the drain (agent restart) resets with SHUTDOWN, which the
+    workstation resumes; CANCEL would say the agent gave up on the request."""
+
+    async def hang(stream: Stream) -> None:
+        await asyncio.Event().wait()
+
+    world.agent.dispatcher.handlers["hang"] = hang
+    stream = world.open({"target": "hang"})
+    await wait_until(lambda: world.agent.dispatcher.active == 1)
+    assert await world.agent.dispatcher.drain(0.05) == 1
+    assert await expect_reset(stream) == ErrorCode.SHUTDOWN
+
+
+async def test_a_handler_that_leaves_its_stream_open_resets_with_cancel(world: World) -> None:
+    async def leave(stream: Stream) -> None:
+        return None
+
+    world.agent.dispatcher.handlers["leave"] = leave
+    stream = world.open({"target": "leave"})
+    assert await expect_reset(stream) == ErrorCode.CANCEL
+    await wait_until(lambda: world.agent.dispatcher.stats.outcomes["handled"] == 1)

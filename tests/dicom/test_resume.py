@@ -273,6 +273,18 @@ async def test_an_agent_giving_up_is_not_resumed() -> None:
     assert len(result.order) == 2
 
 
+async def test_an_agent_shutting_down_is_resumed() -> None:
+    """SHUTDOWN is the drain of a restarting agent (relay.agent.dispatch): resumed."""
+    agents = Scripted(
+        [counts(3, 0), inst(0), int(ErrorCode.SHUTDOWN)],
+        [inst(1), inst(2), FinalResponse(0, completed=3, failed=0, warning=0)],
+    )
+    result = await agents.get()
+    assert result.order == [STUDY[i].sop_instance for i in range(3)]
+    assert result.statuses[-1].Status == st.SUCCESS
+    assert len(agents.requests) == 2
+
+
 # -- pixels that do not decode exactly: again, without that codec -------------------------
 
 

@@ -513,6 +513,45 @@ def test_tunnel_dropped_mid_retrieval_is_resumed(
     assert sorted(map(dataset_bytes, result.files)) == sorted(map(dataset_bytes, want.files))
 
 
+def test_agent_restart_mid_retrieval_is_resumed(tmp_path: Path) -> None:
+    """SIGTERM the agent while getscu receives (an upgrade: its drain_grace, 2 s, ends
+    before the retrieve does), start it again: the stream it cut is reset with SHUTDOWN,
+    which the workstation resumes, and getscu gets every instance exactly once."""
+    require_tools("findscu", "getscu")
+    # 0.2 s per instance: the MR study's 24 outlast the agent's drain grace.
+    server = PacsProcess(tmp_path / "pacs", send_delay=0.2).start()
+    try:
+        found = dcmtk.findscu(direct(server), "STUDY", {"PatientID": MR_PATIENT},
+                              timeout=TIMEOUT)  # fmt: skip
+        keys = {"StudyInstanceUID": found.values("StudyInstanceUID")[0]}
+        c = DicomChain(tmp_path / "chain", server.port, resume_window="20s")
+        with running_dicom_chain(c), concurrent.futures.ThreadPoolExecutor(1) as pool:
+            out = tmp_path / "relay"
+            out.mkdir()
+            future = pool.submit(dcmtk.getscu, c.node, out, "STUDY", keys, extra_args=["+B"],
+                                 timeout=TIMEOUT, check=False)  # fmt: skip
+            assert wait_for(lambda: len(list(out.iterdir())) >= 3, within=30), "no instance"
+            agent = c.procs["agent"]
+            agent.send_signal(signal.SIGTERM)
+            assert agent.popen is not None
+            assert agent.popen.wait(15) == 0
+            before_restart = len(list(out.iterdir()))
+            c.start("agent")
+            result = future.result(timeout=TIMEOUT + 10)
+        want = dcmtk.getscu(direct(server), tmp_path / "direct", "STUDY", keys,
+                            extra_args=["+B"], timeout=TIMEOUT)  # fmt: skip
+    finally:
+        server.stop()
+    print(f"\ngetscu after an agent restart: {result.status}, {result.suboperations}, "
+          f"{before_restart} instances before the restart")  # fmt: skip
+    assert before_restart < 24, "the drain let the retrieve finish: nothing was cut"
+    assert result.ok, result.output[-3000:]
+    assert result.status is not None and result.status.startswith("Success")
+    assert result.suboperations.get("Completed") == 24
+    assert len(result.files) == 24  # one file per instance: none twice
+    assert sorted(map(dataset_bytes, result.files)) == sorted(map(dataset_bytes, want.files))
+
+
 def test_pacs_down_is_a_failure_status_within_a_bounded_time(
     tmp_path: Path,
 ) -> None:
