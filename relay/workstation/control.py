@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from relay.workstation.service import Workstation
 
 __all__ = ["COMMANDS", "control_endpoint", "handlers", "run_command"]
+
+log = logging.getLogger(__name__)
 
 COMMANDS = ("reload", "stop", "status")
 PROBE_TIMEOUT = 5.0
@@ -58,9 +61,15 @@ def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, 
 
 
 async def _refuse_a_second_instance(state_dir: Path) -> None:
-    """Two workstations on one state directory would fight over it: refuse the second."""
+    """Two workstations on one state directory would fight over it: refuse the second.
+    Only an endpoint that proves it holds the secret of control.json is one; anything
+    else on its port (a stranger after a crash) must not keep the workstation from
+    starting."""
     try:
         answer = await control.call(state_dir, "status", timeout=PROBE_TIMEOUT)
+    except control.ForeignEndpoint as exc:
+        log.warning("replacing a stale or foreign control endpoint", extra={"why": str(exc)})
+        return
     except control.ControlError:
         return  # none, or a stale file from a process that is gone
     raise control.ControlError(

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from relay.ops import control, privatefiles
 from relay.ops.control import ControlError, ControlServer
@@ -29,11 +30,20 @@ async def server(tmp_path: Path) -> AsyncIterator[ControlServer]:
 
 
 async def raw_post(
-    port: int, path: str, *, token: str | None, body: bytes = b"{}", host: str | None = None
+    port: int,
+    path: str,
+    *,
+    token: str | None,
+    body: bytes = b"{}",
+    host: str | None = None,
+    nonce: str | None = "n" * 32,
 ) -> tuple[int, dict[str, Any]]:
+    """`token`: what goes after Bearer (the key derived from the secret, to be let in)."""
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    if nonce is not None:
+        headers[control.NONCE_HEADER] = nonce
     if host is not None:
         headers["Host"] = host
     async with (
@@ -68,7 +78,7 @@ async def test_no_or_a_wrong_secret_is_refused(server: ControlServer) -> None:
 async def test_a_foreign_host_header_is_refused(server: ControlServer, tmp_path: Path) -> None:
     """A browser page on evil.example rebinding its name to 127.0.0.1 sends its own Host."""
     assert server.port is not None
-    token = control.read_endpoint(tmp_path).token
+    token = control._client_key(control.read_endpoint(tmp_path).token)
     status, _ = await raw_post(server.port, "/v1/echo", token=token, host="evil.example")
     assert status == 403
     local = f"localhost:{server.port}"
@@ -78,7 +88,7 @@ async def test_a_foreign_host_header_is_refused(server: ControlServer, tmp_path:
 
 async def test_unknown_commands_and_bad_bodies(server: ControlServer, tmp_path: Path) -> None:
     assert server.port is not None
-    token = control.read_endpoint(tmp_path).token
+    token = control._client_key(control.read_endpoint(tmp_path).token)
     assert (await raw_post(server.port, "/v1/nope", token=token))[0] == 404
     assert (await raw_post(server.port, "/v1/echo", token=token, body=b"{not json"))[0] == 400
     assert (await raw_post(server.port, "/v1/echo", token=token, body=b"[1]"))[0] == 400
@@ -88,7 +98,7 @@ async def test_unknown_commands_and_bad_bodies(server: ControlServer, tmp_path: 
 
 async def test_a_request_over_the_limit_is_refused(server: ControlServer, tmp_path: Path) -> None:
     assert server.port is not None
-    token = control.read_endpoint(tmp_path).token
+    token = control._client_key(control.read_endpoint(tmp_path).token)
     fits = json.dumps({"x": "a" * (control.MAX_REQUEST - 100)}).encode()
     assert (await raw_post(server.port, "/v1/echo", token=token, body=fits))[0] == 200
     over = json.dumps({"x": "a" * control.MAX_REQUEST}).encode()
@@ -156,4 +166,172 @@ async def test_stop_withdraws_the_file_and_a_stale_file_says_so(tmp_path: Path) 
 async def test_a_garbled_endpoint_file(tmp_path: Path) -> None:
     (tmp_path / control.CONTROL_FILE).write_text("not json")
     with pytest.raises(ControlError, match="is not a control endpoint file"):
+        control.read_endpoint(tmp_path)
+
+
+# --- who answers: the server proves it holds the secret ---------------------------------
+
+Seen = list[tuple[str, dict[str, str], bytes]]
+
+
+async def listen(port: int, handle: Any) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_post("/v1/{command}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@pytest.fixture
+async def impostor(tmp_path: Path) -> AsyncIterator[Seen]:
+    """A process died and left control.json; another local user now listens on its port
+    and answers every command with success."""
+    srv = ControlServer(tmp_path, {"echo": echo})
+    await srv.start()
+    assert srv.port is not None
+    saved = (tmp_path / control.CONTROL_FILE).read_bytes()
+    await srv.stop()
+    fd = privatefiles.create_private(tmp_path / control.CONTROL_FILE)  # as a crash leaves it
+    os.write(fd, saved)
+    os.close(fd)
+    seen: Seen = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append((request.match_info["command"], dict(request.headers), await request.read()))
+        return web.json_response({"ok": True, "wiped": 12, "pid": 4242})
+
+    runner = await listen(srv.port, anything)
+    yield seen
+    await runner.cleanup()
+
+
+async def test_an_answer_that_does_not_prove_the_secret_is_not_trusted(
+    impostor: Seen, tmp_path: Path
+) -> None:
+    with pytest.raises(ControlError, match="cannot prove it holds the secret") as info:
+        await control.call(tmp_path, "cache-wipe")
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / control.CONTROL_FILE) in message
+    assert "stale" in message
+
+
+async def test_an_impostor_learns_neither_the_secret_nor_the_command(
+    impostor: Seen, tmp_path: Path
+) -> None:
+    token = control.read_endpoint(tmp_path).token
+    with pytest.raises(ControlError):
+        await control.call(tmp_path, "prefetch", {"studies": ["1.2.840.999.123"]})
+    assert impostor  # it was asked something...
+    for command, headers, body in impostor:  # ...but nothing worth having
+        assert command != "prefetch" and b"1.2.840.999.123" not in body
+        assert all(token not in value for value in headers.values())
+
+
+Tamper = Any  # (command, status, body, proof, earlier answers) -> (status, body, proof)
+
+
+@pytest.fixture
+async def on_path(server: ControlServer, tmp_path: Path) -> AsyncIterator[list[Tamper]]:
+    """A relay between the client and the real server (control.json points at it), that
+    passes requests on and may change the answers: `on_path.append(tamper)`."""
+    assert server.port is not None
+    endpoint = control.read_endpoint(tmp_path)
+    tampers: list[Tamper] = []
+    earlier: list[tuple[int, bytes, str]] = []
+
+    async def relay(request: web.Request) -> web.Response:
+        command = request.match_info["command"]
+        headers = {k: v for k, v in request.headers.items() if k.lower().startswith(("x-", "a"))}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"http://127.0.0.1:{server.port}/v1/{command}",
+                data=await request.read(),
+                headers={**headers, "Content-Type": "application/json"},
+            ) as r,
+        ):
+            status, body = r.status, await r.read()
+            proof = r.headers.get(control.PROOF_HEADER, "")
+        answer = (status, body, proof)
+        for tamper in tampers:
+            answer = tamper(command, *answer, earlier)
+        earlier.append((status, body, proof))
+        return web.Response(
+            status=answer[0], body=answer[1], headers={control.PROOF_HEADER: answer[2]}
+        )
+
+    sock_runner = await listen(0, relay)
+    port = sock_runner.addresses[0][1]
+    control._write_endpoint(tmp_path, control.Endpoint(port, endpoint.token, endpoint.pid))
+    yield tampers
+    await sock_runner.cleanup()
+
+
+async def test_a_proven_answer_passes_a_faithful_relay(
+    on_path: list[Tamper], tmp_path: Path
+) -> None:
+    assert await control.call(tmp_path, "echo", {"n": 1}) == {"ok": True, "got": {"n": 1}}
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda c, s, b, p, e: (s, b.replace(b'"n": 1', b'"n": 2'), p),  # another body
+        lambda c, s, b, p, e: (400, b, p),  # another status
+        lambda c, s, b, p, e: e[0] if c == "echo" else (s, b, p),  # the hello's answer
+        lambda c, s, b, p, e: (s, b, ""),  # no proof
+    ],
+    ids=["body", "status", "replayed", "none"],
+)
+async def test_a_changed_or_replayed_answer_is_refused(
+    on_path: list[Tamper], tmp_path: Path, tamper: Tamper
+) -> None:
+    on_path.append(tamper)
+    with pytest.raises(ControlError, match="cannot prove it holds the secret"):
+        await control.call(tmp_path, "echo", {"n": 1})
+
+
+async def test_the_secret_itself_never_travels(server: ControlServer, tmp_path: Path) -> None:
+    """The client sends a key derived from the secret, and a refused request gets no proof:
+    nobody can make the server sign without the secret."""
+    assert server.port is not None
+    token = control.read_endpoint(tmp_path).token
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"http://127.0.0.1:{server.port}/v1/echo",
+            json={},
+            headers={"Authorization": f"Bearer {token}", control.NONCE_HEADER: "n" * 32},
+        ) as r,
+    ):
+        assert r.status == 401
+        assert control.PROOF_HEADER not in r.headers
+
+
+async def test_the_nonce_is_required_and_bounded(server: ControlServer, tmp_path: Path) -> None:
+    assert server.port is not None
+    bearer = control._client_key(control.read_endpoint(tmp_path).token)
+    for nonce, status in [
+        (None, 400),
+        ("n" * (control.MIN_NONCE - 1), 400),
+        ("n" * control.MIN_NONCE, 200),
+        ("n" * control.MAX_NONCE, 200),
+        ("n" * (control.MAX_NONCE + 1), 400),
+        ("n" * 31 + "/", 400),
+    ]:
+        code, answer = await raw_post(server.port, "/v1/echo", token=bearer, nonce=nonce)
+        assert code == status, (nonce, answer)
+
+
+def test_a_handler_may_not_take_the_name_of_the_hello(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        ControlServer(tmp_path, {control.HELLO: echo})
+
+
+async def test_an_endpoint_file_of_another_version(tmp_path: Path) -> None:
+    (tmp_path / control.CONTROL_FILE).write_text(
+        '{"version": 1, "port": 1, "token": "t", "pid": 2}'
+    )
+    with pytest.raises(ControlError, match="another version of relay"):
         control.read_endpoint(tmp_path)
