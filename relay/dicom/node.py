@@ -41,6 +41,7 @@ from typing import Any, Final, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom import contexts, move_check, rawds
@@ -669,7 +670,7 @@ class _Retrieval:
                 self.end is None and not self.buffered and not self.syntaxes and (self.total or 0)
             ):
                 self._take(waiter)
-            cxs = contexts.storage_proposals(list(self.classes), list(self.syntaxes))
+            cxs = move_proposals(list(self.classes), list(self.syntaxes))
             yield (
                 self.destination[0],
                 self.destination[1],
@@ -745,6 +746,26 @@ class _Retrieval:
             inst.sop_class, inst.sop_instance, inst.transfer_syntax, inst.dataset
         )
         return 0xFF00, ds
+
+
+def move_proposals(classes: Sequence[str], syntaxes: Sequence[str]) -> list[PresentationContext]:
+    """The contexts a C-MOVE proposes to its destination, at most 128.
+
+    What is known first: the survey's classes, or only the first instance's when the PACS
+    gave counts and the agent surveyed nothing; every syntax for those. Then the common
+    classes in what is left, their likeliest syntaxes first: the study may hold others
+    (a screen capture, a report, a presentation state) that nobody listed. An instance
+    whose class still has no context fails its own sub-operation (pynetdicom counts it
+    and lists it in the Failed SOP Instance UID List; the final status is 0xB000). No
+    second association is opened for it: a destination that serves one association at a
+    time (storescp without --fork) would not answer it while the first is open.
+    """
+    known = contexts.storage_proposals(classes, syntaxes) if classes else []
+    rest = [c for c in contexts.COMMON_STORAGE if c not in set(classes)]
+    left = contexts.MAX_CONTEXTS - len(known)
+    if left <= 0 or not rest:
+        return known
+    return known + contexts.storage_proposals(rest, syntaxes, budget=left)
 
 
 def _ok(code: int) -> bool:

@@ -265,6 +265,50 @@ async def test_movescu_to_storescp(pacs: EmbeddedPacs, tmp_path: Path) -> None:
     assert sorted(dataset_bytes(p) for p in files) == sorted(i.data for i in MR)
 
 
+def _as_class(inst: samples.EncodedInstance, sop_class: str, n: int) -> samples.EncodedInstance:
+    """`inst` as another SOP class, in a series of its own (a screen capture, a GSPS)."""
+    ds = rawds.decode_dataset(inst.data, EXPLICIT)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = f"2.25.{4400 + n}"
+    ds.SeriesInstanceUID = f"2.25.{4500 + n}"
+    return samples.EncodedInstance(
+        sop_class, str(ds.SOPInstanceUID), EXPLICIT, rawds.encode_dataset(ds, EXPLICIT)
+    )
+
+
+async def test_movescu_of_a_study_with_several_sop_classes(tmp_path: Path) -> None:
+    """The PACS gives counts, so the agent surveys nothing: the classes after the first
+    instance's must still have contexts at the destination (C-GET had them already)."""
+    require_root()
+    ct = samples.make_study(3, rows=16, cols=16, seed=44)
+    study = [
+        *ct,
+        _as_class(ct[0], "1.2.840.10008.5.1.4.1.1.7", 1),  # Secondary Capture
+        _as_class(ct[0], "1.2.840.10008.5.1.4.1.1.11.1", 2),  # Grayscale Softcopy PS
+    ]
+    uid = _attr(ct[0], "StudyInstanceUID")
+    with (
+        EmbeddedPacs(MemoryStore(study)) as p,
+        NetNS() as ns,
+        dcmtk.storescp(
+            tmp_path / "dest", ns=ns, port=11113, ae_title="STORESCP", extra_args=["+B"]
+        ) as scp,
+    ):
+        async with Forwarder(ns, 11113) as fwd_port:
+            c = Chain(target(p), destinations={"STORESCP": ("127.0.0.1", fwd_port)})
+            await c.start()
+            try:
+                result = await asyncio.to_thread(
+                    dcmtk.movescu, node_of(c), "STORESCP", "STUDY",
+                    {"StudyInstanceUID": uid}, timeout=TOOL_TIMEOUT, check=False,
+                )  # fmt: skip
+                assert result.status == "Success", result.output
+                files = await asyncio.to_thread(scp.wait_for_files, len(study), timeout=30)
+            finally:
+                await c.stop()
+    assert sorted(dataset_bytes(f) for f in files) == sorted(i.data for i in study)
+
+
 async def test_movescu_unknown_destination_is_a801(chain: Chain) -> None:
     result = await asyncio.to_thread(
         dcmtk.movescu,

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+from pydicom.dataset import Dataset
 
+from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
     DicomLimits,
@@ -26,13 +28,13 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.node import DicomNode
+from relay.dicom.node import DicomNode, move_proposals
 from relay.net.bytestream import ByteStream, pipe
 from relay_dev import samples
 
 from . import viewer
 from .chain import until
-from .helpers import EXPLICIT, query
+from .helpers import EXPLICIT, capturing_scp, query
 
 STUDY = samples.make_study(4, rows=16, cols=16, seed=61)
 CLASSES = [samples.CT_IMAGE_STORAGE]
@@ -41,6 +43,13 @@ CLASSES = [samples.CT_IMAGE_STORAGE]
 def inst(i: int) -> Instance:
     x = STUDY[i]
     return Instance(x.sop_class, x.sop_instance, x.transfer_syntax, x.data)
+
+
+def as_class(i: int, sop_class: str, uid: str) -> Instance:
+    """STUDY[i] as an instance of another SOP class."""
+    ds = rawds.decode_dataset(STUDY[i].data, EXPLICIT)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    return Instance(sop_class, uid, EXPLICIT, rawds.encode_dataset(ds, EXPLICIT))
 
 
 Script = Callable[[ByteStream, MessageCodec, Request], Awaitable[None]]
@@ -62,8 +71,11 @@ def playing(*msgs: Message | bytes, close: bool = True) -> Script:
 T = TypeVar("T")
 
 
-async def with_agent(script: Script, call: Callable[[int], T], limit: float = 20) -> T:
-    """Run `call(port)` (a blocking viewer) against a node whose agent plays `script`."""
+async def with_agent(
+    script: Script, call: Callable[[int], T], limit: float = 20, **options: Any
+) -> T:
+    """Run `call(port)` (a blocking viewer) against a node whose agent plays `script`;
+    `options` go to the DicomNode."""
     requests: list[Request] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -82,7 +94,7 @@ async def with_agent(script: Script, call: Callable[[int], T], limit: float = 20
         task.add_done_callback(tasks.discard)
         return a
 
-    node = DicomNode(open_stream, listen=("127.0.0.1", 0), timeout=limit)
+    node = DicomNode(open_stream, listen=("127.0.0.1", 0), timeout=limit, **options)
     await node.start()
     try:
         return await asyncio.wait_for(asyncio.to_thread(call, node.address[1]), 60)
@@ -195,6 +207,79 @@ async def test_a_silent_agent_times_out() -> None:
     assert isinstance(result, viewer.GetResult)
     assert result.final.Status == st.LINK_LOST
     assert "no response" in str(result.final.get("ErrorComment", ""))
+
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"  # not among contexts.COMMON_STORAGE
+
+
+async def move_to_capture(
+    script: Script, identifiers: list[Dataset | None]
+) -> tuple[list[Dataset], dict[str, tuple[str, bytes]]]:
+    """A C-MOVE to a capturing storage SCP; the statuses and what the SCP received."""
+    with capturing_scp("DEST") as (captured, port):
+        statuses = await with_agent(
+            script,
+            lambda p: viewer.move(
+                p, query("STUDY", StudyInstanceUID="1.2.3"), "DEST", identifiers=identifiers
+            ),
+            destinations={"DEST": ("127.0.0.1", port)},
+        )
+        return statuses, captured.by_uid()
+
+
+async def test_a_move_proposes_more_than_the_first_instance_s_class() -> None:
+    """The PACS gives counts, so the agent sends no class list: the destination must still
+    get a context for a class that comes after the first instance."""
+    other = as_class(1, SECONDARY_CAPTURE, "2.25.6101")
+    script = playing(
+        Pending(remaining=3, completed=0, failed=0, warning=0),
+        inst(0),
+        other,
+        inst(2),
+        FinalResponse(0, completed=3, failed=0, warning=0),
+    )
+    statuses, received = await move_to_capture(script, [])
+    final = statuses[-1]
+    assert final.Status == 0 and final.NumberOfCompletedSuboperations == 3
+    assert set(received) == {STUDY[0].sop_instance, other.sop_instance, STUDY[2].sop_instance}
+
+
+async def test_a_move_instance_of_a_class_without_a_context_fails_that_sub_operation() -> None:
+    """A class neither announced nor common has no context on the destination association:
+    that sub-operation fails (0xB000, listed), the others arrive, nothing waits. A second
+    association is not opened for it: a destination that serves one association at a time
+    (storescp without --fork) would keep it waiting for as long as the first is open."""
+    odd = as_class(1, RT_STRUCTURE_SET, "2.25.6102")
+    script = playing(
+        Pending(remaining=3, completed=0, failed=0, warning=0),
+        inst(0),
+        odd,
+        inst(2),
+        FinalResponse(0, completed=3, failed=0, warning=0),
+    )
+    identifiers: list[Dataset | None] = []
+    statuses, received = await move_to_capture(script, identifiers)
+    final, failed = statuses[-1], identifiers[-1]
+    assert final.Status == st.WARNING_SUBOPS
+    assert final.NumberOfCompletedSuboperations == 2 and final.NumberOfFailedSuboperations == 1
+    assert failed is not None and failed.FailedSOPInstanceUIDList == odd.sop_instance
+    assert set(received) == {STUDY[0].sop_instance, STUDY[2].sop_instance}
+
+
+def test_move_proposals_put_the_known_classes_first_then_the_common_ones() -> None:
+    mr, j2k = samples.MR_IMAGE_STORAGE, "1.2.840.10008.1.2.4.90"
+    cxs = move_proposals([mr], [j2k])
+    assert len(cxs) == contexts.MAX_CONTEXTS
+    assert all(len(cx.transfer_syntax) == 1 for cx in cxs)
+    first = [cx for cx in cxs if cx.abstract_syntax == mr]
+    assert cxs[: len(first)] == first and str(first[0].transfer_syntax[0]) == j2k
+    assert len(first) >= 10  # every likely syntax of the known class
+    proposed = {str(cx.abstract_syntax) for cx in cxs}
+    assert set(contexts.COMMON_STORAGE) <= proposed
+    many = list(contexts.STORAGE_CLASSES[:40])
+    assert {str(cx.abstract_syntax) for cx in move_proposals(many, [])} <= set(many)
+    assert len(move_proposals(many, [])) == contexts.MAX_CONTEXTS
 
 
 async def test_find_passes_matches_and_the_final_status() -> None:

@@ -115,17 +115,22 @@ def move(
     *,
     msg_id: int = 1,
     on_pending: Callable[[Any, int, Dataset], None] | None = None,
+    identifiers: list[Dataset | None] | None = None,
 ) -> list[Dataset]:
+    """C-MOVE; each response's identifier (the Failed SOP Instance UID List) goes to
+    `identifiers` if given."""
     model = MODELS[(root, "move")]
     assoc = scu("VIEWER").associate(
         "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
     )
     assert assoc.is_established
     statuses = []
-    for n, (status, _ident) in enumerate(
+    for n, (status, answer) in enumerate(
         assoc.send_c_move(ident, destination, model, msg_id=msg_id)
     ):
         statuses.append(status)
+        if identifiers is not None:
+            identifiers.append(answer)
         if on_pending is not None:
             on_pending(assoc, n, status)
     assoc.release()
