@@ -38,6 +38,7 @@ __all__ = [
     "MAX_OPEN_TOKENS",
     "MAX_TTL",
     "REGISTRY_FILE",
+    "CertificateRow",
     "DeviceRegistry",
     "DeviceRow",
     "RedeemStatus",
@@ -149,6 +150,16 @@ class DeviceRow:
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    """One certificate issued to a device, as the registry recorded it."""
+
+    serial: str  # hex
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
 
 
 def _ts(when: datetime) -> float:
@@ -427,6 +438,20 @@ class DeviceRegistry:
                 " ORDER BY not_after DESC, issued_at DESC LIMIT ?)",
                 (device, device, KEEP_CERTIFICATES),
             )
+
+    def newest_certificates(self, device: str, count: int = 2) -> list[CertificateRow]:
+        """The last `count` certificates issued to `device`, newest first (by issue time,
+        not expiry: a shorter lifetime makes the newest end before older ones)."""
+        with self._op():
+            rows = self._db.execute(
+                "SELECT serial, not_before, not_after, issued_at FROM certificates"
+                " WHERE device = ? ORDER BY issued_at DESC, rowid DESC LIMIT ?",
+                (device, count),
+            ).fetchall()
+        return [
+            CertificateRow(str(serial), *(datetime.fromtimestamp(t, dt.UTC) for t in (nb, na, at)))
+            for serial, nb, na, at in rows
+        ]
 
     def _ensure_device(self, db: sqlite3.Connection, device: str) -> bool:
         """Insert the device row if missing; True if it was created."""

@@ -2,38 +2,84 @@
 
 The exchange and the device's half are in relay.trust.renewal. The agent signs only for
 the identity that the sealed session's inner TLS authenticated (relay.seal: never for
-one a gateway names), and only if that device is not revoked.
+one a gateway names), only if that device is not revoked, and only when the device's own
+schedule would ask: every enrolled device may be hostile, and each signature costs the
+agent a signature, a registry write and an audit line that all devices share.
+
+- Due: the newest certificate issued to the device (by issue time: once
+  pki.device_lifetime is shortened it ends before older ones) has reached two thirds of
+  its lifetime (relay.trust.renewal.next_renewal_time), less DUE_SLACK for clocks that
+  disagree. Once per certificate the one before it (or, for the first one recorded, an
+  offline one never recorded) may stand in: the answer that carried the newest may have
+  been lost, and the device then still renews the one it holds.
+- At least MIN_INTERVAL between two certificates of one device (the registry's issue
+  times, so it holds across restarts), and one renewal of a device at a time
+  (`RenewalPace`, in memory, one per registry).
+- Refusals of one device are audited once per REFUSAL_AUDIT_INTERVAL, the rest counted in
+  the next audited one, so a device that insists does not rotate the trail away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay.agent.audit import Outcome
-from relay.agent.registry import RegistryError
+from relay.agent.registry import CertificateRow, DeviceRegistry, RegistryError
 from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_csr, read_request
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import write_json
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.identity import Identity
-from relay.trust.renewal import EXCHANGE_TIMEOUT, MAX_REQUEST, PROTOCOL_VERSION
+from relay.trust.renewal import (
+    EXCHANGE_TIMEOUT,
+    MAX_REQUEST,
+    PROTOCOL_VERSION,
+    next_renewal_time,
+)
 
-__all__ = ["RenewOutcome", "serve_renew_stream"]
+__all__ = [
+    "DUE_SLACK",
+    "MAX_PACED",
+    "MIN_INTERVAL",
+    "REFUSAL_AUDIT_INTERVAL",
+    "RenewOutcome",
+    "RenewalPace",
+    "check_due",
+    "serve_renew_stream",
+]
 
 log = logging.getLogger(__name__)
+
+#: A certificate counts as due this much before the device's own schedule says so (its
+#: clock may be ahead of ours); at most a tenth of the certificate's lifetime.
+DUE_SLACK: Final = timedelta(hours=1)
+#: Between two certificates issued to one device, at least this long; at most a tenth of
+#: the site's device lifetime, so that short lifetimes (tests, seconds) still renew.
+MIN_INTERVAL: Final = timedelta(minutes=10)
+#: One refusal of a device is audited per this long; the others are counted in the next.
+REFUSAL_AUDIT_INTERVAL: Final = timedelta(minutes=10)
+#: Devices whose refusals are remembered; the one refused longest ago is forgotten first
+#: (at worst, its next refusal is audited sooner).
+MAX_PACED: Final = 10_000
 
 
 @dataclass(frozen=True)
 class RenewOutcome:
     """How a renewal request ended (`result` is a short stable code, for metrics)."""
 
-    result: str  # ok, not_device, revoked, wrong_identity, bad_csr, oversized, malformed, ...
+    # ok, not_device, busy, revoked, not_due, too_soon, wrong_identity, bad_csr, oversized,
+    # malformed, timeout, aborted, internal
+    result: str
     message: str
     device: str | None = None
     serial: str | None = None
@@ -41,6 +87,99 @@ class RenewOutcome:
     @property
     def ok(self) -> bool:
         return self.result == "ok"
+
+
+@dataclass
+class _Refusals:
+    audited_at: datetime
+    unaudited: int = 0
+
+
+class RenewalPace:
+    """What the agent keeps in memory about each device's renewals: the one in flight
+    (so that concurrent requests cannot all pass the due check before one is recorded)
+    and when a refusal was last audited. Bounded: MAX_PACED devices."""
+
+    _of_registry: weakref.WeakKeyDictionary[DeviceRegistry, RenewalPace] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, *, max_devices: int = MAX_PACED) -> None:
+        self.max_devices = max_devices
+        self._in_flight: set[str] = set()
+        self._refusals: OrderedDict[str, _Refusals] = OrderedDict()
+
+    @classmethod
+    def of(cls, registry: DeviceRegistry) -> RenewalPace:
+        """The pace of the devices `registry` records: one per registry, whoever serves
+        the stream, kept as long as the registry."""
+        pace = cls._of_registry.get(registry)
+        if pace is None:
+            pace = cls._of_registry[registry] = cls()
+        return pace
+
+    @property
+    def remembered(self) -> int:
+        return len(self._refusals)
+
+    def begin(self, device: str) -> bool:
+        """Start a renewal of `device`; False while another one is in flight."""
+        if device in self._in_flight:
+            return False
+        self._in_flight.add(device)  # at most one entry per device: bounded by them
+        return True
+
+    def end(self, device: str) -> None:
+        self._in_flight.discard(device)
+
+    def refused(self, device: str, now: datetime) -> int | None:
+        """A refusal of `device` at `now`: None to leave it out of the audit trail, or how
+        many refusals of it were left out since the last audited one (audit this one)."""
+        noted = self._refusals.get(device)
+        if noted is not None and timedelta(0) <= now - noted.audited_at < REFUSAL_AUDIT_INTERVAL:
+            noted.unaudited += 1
+            return None
+        self._refusals.pop(device, None)
+        while len(self._refusals) >= self.max_devices:
+            self._refusals.popitem(last=False)
+        self._refusals[device] = _Refusals(now)
+        return 0 if noted is None else noted.unaudited
+
+
+def check_due(
+    device: str, newest: list[CertificateRow], now: datetime, lifetime: timedelta
+) -> None:
+    """Refuse a renewal that the device's own schedule would not ask for yet.
+
+    `newest`: the device's last certificates, newest issued first (none: issued offline by
+    `relay pki issue`, never recorded); `lifetime`: the site's, for MIN_INTERVAL. Raises
+    RequestRefused ("too_soon" or "not_due") with a line the device logs.
+    """
+    if not newest:
+        return
+    interval = min(MIN_INTERVAL, lifetime / 10)
+    since = now - newest[0].issued_at
+    if timedelta(0) <= since < interval:
+        raise RequestRefused(
+            "too_soon",
+            f"too soon: a certificate was issued to {device} {since.total_seconds():.0f} s "
+            f"ago, and one is issued at most every {interval.total_seconds():.0f} s",
+        )
+    # The newest, or once the one before it (or one never recorded): the answer that
+    # carried the newest may not have reached the device, which still holds that one.
+    if len(newest) < 2 or any(now >= _due_at(cert) for cert in newest[:2]):
+        return
+    raise RequestRefused(
+        "not_due",
+        f"not due: the newest certificate of {device} is due for renewal from "
+        f"{_due_at(newest[0]):%Y-%m-%d %H:%M:%S}Z (the agent's clock)",
+    )
+
+
+def _due_at(cert: CertificateRow) -> datetime:
+    """When the agent takes `cert` as due: the device's schedule less the slack."""
+    slack = min(DUE_SLACK, (cert.not_after - cert.not_before) / 10)
+    return next_renewal_time(cert.not_before, cert.not_after) - slack
 
 
 async def serve_renew_stream(
@@ -53,15 +192,22 @@ async def serve_renew_stream(
     """Serve one renewal stream for `peer`, the identity that the sealed session's inner
     TLS authenticated (None: not inside a session). Never raises for what the device does."""
     audit, now = signer.audit, signer.now
+    pace = RenewalPace.of(signer.registry)
     device_uri = peer.uri if peer is not None else ""
+    began = ""
     try:
         async with asyncio.timeout(timeout):
             identity = _vouched_device(peer, signer.ca_cert, signer.site)
+            if not pace.begin(identity.name):
+                raise RequestRefused("busy", "busy: another renewal of this device is under way")
+            began = identity.name
             if await asyncio.to_thread(signer.registry.is_revoked, identity.name):
                 raise RequestRefused("revoked", "this device is revoked")
             request = await read_request(
                 stream, limit=MAX_REQUEST, version=PROTOCOL_VERSION, what="renewal"
             )
+            newest = await asyncio.to_thread(signer.registry.newest_certificates, identity.name)
+            check_due(identity.name, newest, now(), signer.lifetime)
             csr, public_key = load_csr(request.get("csr_pem"))
             asked = csr_identity_uri(csr)
             if asked != identity.uri:
@@ -107,13 +253,20 @@ async def serve_renew_stream(
             True,
             True,
         )
-    audit.renewal(
-        now=now(),
-        device=device_uri or "unknown",
-        outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
-        description=f"{result}: {message}",
-    )
-    log.warning("renewal refused", extra={"result": result, "device": device_uri})
+    finally:
+        if began:
+            pace.end(began)
+    at = now()
+    unaudited = 0 if severe else pace.refused(device_uri, at)
+    if unaudited is not None:
+        more = f" ({unaudited} more refused since the last audited)" if unaudited else ""
+        audit.renewal(
+            now=at,
+            device=device_uri or "unknown",
+            outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
+            description=f"{result}: {message}{more}",
+        )
+        log.warning("renewal refused", extra={"result": result, "device": device_uri})
     if answer:
         try:
             async with asyncio.timeout(5.0):

@@ -106,7 +106,12 @@ async def link_to(
 
 async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
-    authority = open_authority(site, tmp_path / "state")
+    ahead = [timedelta(0)]  # the renewal happens when due: 20 of 30 days on
+
+    def clock() -> datetime:
+        return utcnow() + ahead[0]
+
+    authority = open_authority(site, tmp_path / "state", now=clock)
     tasks: list[asyncio.Task[Any]] = []
     outcomes: list[Any] = []
 
@@ -153,7 +158,8 @@ async def test_enroll_then_renew_through_the_gateway(tmp_path: Path) -> None:
             async with link_to(gateway.port, device_ctx, wire.ALPN_DEVICE) as device_link:
                 pair = Pair(out / "device.crt", out / "device.key")
                 inner = await sealed(device_link, site, pair)
-                assert await renew(inner.open_stream, out, now=utcnow, force=True)
+                ahead[0] = timedelta(days=20)
+                assert await renew(inner.open_stream, out, now=clock)
                 inner.close()
             outcomes += await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
     assert [o.result for o in outcomes] == ["ok", "ok"]

@@ -20,9 +20,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
-from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
-from relay.agent.renewal import RenewOutcome, serve_renew_stream
-from relay.agent.signer import Signer
+from relay.agent.registry import REGISTRY_FILE, CertificateRow, DeviceRegistry
+from relay.agent.renewal import (
+    DUE_SLACK,
+    MIN_INTERVAL,
+    REFUSAL_AUDIT_INTERVAL,
+    RenewalPace,
+    RenewOutcome,
+    check_due,
+    serve_renew_stream,
+)
+from relay.agent.signer import RequestRefused, Signer
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import ByteStream, pipe
@@ -279,6 +287,147 @@ async def test_no_answer_in_time(site: Site) -> None:
 
     with pytest.raises(RenewalError, match="no renewal answer"):
         await renew(open_stream, site.identity_dir, now=site.clock, force=True, timeout=0.05)
+
+
+# --- how often one device may renew (the agent's side) ---------------------------------
+
+
+async def ask(site: Site, peer: Identity = WS1) -> tuple[dict[str, object], RenewOutcome]:
+    """One renewal request for `peer` with a fresh key, served by the agent's code."""
+    near, far = pipe({"target": "renew"})
+    task = asyncio.create_task(site.serve(far, peer))
+    csr = pki.make_csr(pki.generate_key(), peer)
+    await write_json(
+        near, {"v": 1, "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    )
+    answer = await read_json(near)
+    return answer, await task
+
+
+def enrolled(site: Site) -> None:
+    """Record the device's certificate, as its enrollment did."""
+    cert = pki.load_cert(site.identity_dir / "device.crt")
+    serial, nb, na = cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc
+    site.registry.record_certificate("ws1", serial, nb, na, nb)
+
+
+def results(site: Site) -> list[str]:
+    return [o.result for o in site.outcomes]
+
+
+def renewal_events(site: Site) -> list[dict[str, Any]]:
+    return [e for e in site.events() if e["kind"] == "renewal"]
+
+
+async def test_a_device_renews_only_when_its_newest_certificate_is_due(site: Site) -> None:
+    """A flood of renewals from one device: one is signed (and once more later, in case
+    its answer was lost), the others are refused with a one-line reason the device logs,
+    and the audit trail gets one line per refusal interval."""
+    enrolled(site)
+    site.clock.now = T0 + 20 * DAY
+    assert await renew(site.opener(), site.identity_dir, now=site.clock)
+    held = pki.load_cert(site.identity_dir / "device.crt")
+    for _ in range(20):
+        answer, outcome = await ask(site)
+        assert answer["status"] == "refused" and outcome.result == "too_soon"
+        assert "too soon" in str(answer["reason"])
+    site.clock.now += MIN_INTERVAL
+    assert (await ask(site))[0]["status"] == "ok"  # the one before stands in, once
+    site.clock.now += timedelta(hours=1)
+    with pytest.raises(RenewalError, match=r"renewal refused: not due: .* is due for renewal"):
+        await renew(site.opener(), site.identity_dir, now=site.clock, force=True)
+    assert pki.load_cert(site.identity_dir / "device.crt") == held
+    row = site.registry.get_device("ws1")
+    assert row is not None and row.certificates == 3
+    # Due by the device's own schedule (2/3 of its lifetime): renewed again.
+    site.clock.now = next_renewal_time(held.not_valid_before_utc, held.not_valid_after_utc)
+    assert await renew(site.opener(), site.identity_dir, now=site.clock)
+    assert results(site).count("ok") == 3
+    outcomes = [e["EventIdentification"]["EventOutcomeIndicator"] for e in renewal_events(site)]
+    assert outcomes == [0, 4, 0, 4, 0]
+    described = renewal_events(site)[3]["EventIdentification"]["EventOutcomeDescription"]
+    assert "19 more refused" in described
+
+
+def recorded(serial: str, not_before: datetime, lifetime: timedelta) -> CertificateRow:
+    return CertificateRow(serial, not_before, not_before + lifetime, not_before)
+
+
+@pytest.mark.parametrize("lifetime", [30 * DAY, timedelta(seconds=30)])
+def test_due_allows_for_a_device_clock_ahead_of_the_agents(lifetime: timedelta) -> None:
+    """Due on the agent: the device's schedule, less DUE_SLACK (a tenth of a short life)."""
+    newest = recorded("2", T0, lifetime)
+    before = recorded("1", T0 - timedelta(seconds=1), 3 * lifetime)  # not due either
+    due = next_renewal_time(newest.not_before, newest.not_after)
+    slack = min(DUE_SLACK, lifetime / 10)
+    with pytest.raises(RequestRefused, match="not due") as info:
+        check_due("ws1", [newest, before], due - slack - timedelta(milliseconds=1), lifetime)
+    assert info.value.result == "not_due"
+    check_due("ws1", [newest, before], due - slack, lifetime)
+
+
+async def test_concurrent_renewals_of_one_device_sign_once(site: Site) -> None:
+    site.clock.now = T0 + 20 * DAY
+    asked = await asyncio.gather(*(ask(site) for _ in range(16)))
+    assert sorted(str(a["status"]) for a, _ in asked) == ["ok"] + ["refused"] * 15
+    assert {o.result for _, o in asked} - {"ok"} <= {"busy", "too_soon"}
+    row = site.registry.get_device("ws1")
+    assert row is not None and row.certificates == 1
+
+
+async def test_a_lost_answer_is_made_up_for_once(site: Site) -> None:
+    """The agent signed, but the answer never reached the device (the link dropped): the
+    device still holds its due certificate and must get another before it expires,
+    after the minimum interval; only once per certificate."""
+    enrolled(site)
+    site.clock.now = T0 + 20 * DAY
+    answer, _ = await ask(site)  # the device never installs it
+    assert answer["status"] == "ok"
+    site.clock.now += MIN_INTERVAL - timedelta(seconds=1)
+    with pytest.raises(RenewalError, match="too soon"):
+        await renew(site.opener(), site.identity_dir, now=site.clock)
+    site.clock.now += timedelta(seconds=1)
+    assert await renew(site.opener(), site.identity_dir, now=site.clock)
+    site.clock.now += DAY
+    answer, outcome = await ask(site)
+    assert answer["status"] == "refused" and outcome.result == "not_due"
+    assert results(site).count("ok") == 2
+
+
+async def test_refusals_are_audited_once_per_interval_and_device(site: Site) -> None:
+    """A device that insists fills neither the audit trail nor another device's way."""
+    ws2 = Identity.device("hospital.test", "main", "ws2")
+    enrolled(site)
+    site.clock.now = T0 + 20 * DAY
+    assert (await ask(site))[0]["status"] == "ok"
+    for _ in range(50):
+        site.clock.now += timedelta(seconds=1)
+        assert (await ask(site))[0]["status"] == "refused"
+    assert (await ask(site, ws2))[0]["status"] == "ok"
+    assert (await ask(site, ws2))[0]["status"] == "refused"
+    users = [
+        (e["ActiveParticipant"][0]["UserID"], e["EventIdentification"]["EventOutcomeIndicator"])
+        for e in renewal_events(site)
+    ]
+    assert users == [(WS1.uri, 0), (WS1.uri, 4), (ws2.uri, 0), (ws2.uri, 4)]
+    site.clock.now += REFUSAL_AUDIT_INTERVAL
+    assert (await ask(site))[0]["status"] == "ok"  # the one before stands in, once
+    assert (await ask(site))[0]["status"] == "refused"
+    last = renewal_events(site)[-1]
+    assert last["ActiveParticipant"][0]["UserID"] == WS1.uri
+    assert "49 more refused" in last["EventIdentification"]["EventOutcomeDescription"]
+
+
+def test_the_pace_remembers_a_bounded_number_of_devices() -> None:
+    pace = RenewalPace(max_devices=3)
+    for i in range(10):
+        assert pace.refused(f"ws{i}", T0) == 0  # each device's first refusal: audited
+        assert pace.remembered <= 3
+    assert pace.refused("ws9", T0) is None  # remembered: not audited again at once
+    assert pace.refused("ws0", T0) == 0  # forgotten (the oldest): audited again
+    assert pace.begin("ws1") and not pace.begin("ws1")
+    pace.end("ws1")
+    assert pace.begin("ws1")
 
 
 # --- crash safety ---------------------------------------------------------------------
