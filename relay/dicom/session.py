@@ -6,6 +6,12 @@ request on the loop, then copies each received message payload into a bounded `C
 The handler thread takes payloads out and decodes them (zstd work stays off the loop). When
 the handler is slow (the viewer is slow), the channel fills, the loop stops reading, tunnel
 credit stops, and the agent and then the PACS wait: memory stays at a few instances.
+
+Everything the workstation writes on the stream (the request, a resumed retrieve's Skip,
+a Cancel, the half-close) goes under one lock, so that no frame lands inside another
+while a large one waits for credit. A viewer's cancel that comes before the request is
+out (the tunnel may wait for the link, above all for a resumed retrieve) is remembered
+and written right after it.
 """
 
 from __future__ import annotations
@@ -108,6 +114,10 @@ class Session:
         self._final_seen = False
         self._closed = False
         self._task: asyncio.Future[None] | None = None
+        self._writing = asyncio.Lock()  # one writer at a time: frames never interleave
+        self._sent = False  # the request (and `follow`) are written: a Cancel may go
+        self._cancel_wanted = False  # set by cancel(), from the handler's thread
+        self._cancel_sent = False
         self.error_reason = ""
 
     # -- loop side ----------------------------------------------------------------
@@ -123,9 +133,14 @@ class Session:
                 async with asyncio.timeout(self._open_timeout):
                     stream = await self._open_stream(self._headers)
                     self._stream = stream
-                    await write_message(stream, self.codec, self.request)
-                    for extra in self._follow:
-                        await write_message(stream, self.codec, extra)
+                    async with self._writing:
+                        await write_message(stream, self.codec, self.request)
+                        for extra in self._follow:
+                            await write_message(stream, self.codec, extra)
+                        self._sent = True
+                        if self._cancel_wanted:  # the viewer cancelled while we opened
+                            self._cancel_sent = True
+                            await write_message(stream, self.codec, Cancel())
             except StreamResetError as exc:
                 reason = SessionEnded(
                     st.LINK_LOST,
@@ -172,20 +187,29 @@ class Session:
             self._end = reason
             self.inbox.close("stream ended")
 
-    async def _send(self, msg: Message) -> None:
+    async def _send_cancel(self) -> None:
+        """Write the Cancel, once; until the request is out, `_run` writes it after."""
         stream = self._stream
-        if stream is None or self._closed:
+        if stream is None or not self._sent or self._cancel_sent or self._closed:
             return
-        with contextlib.suppress(StreamResetError, DicomProtocolError):
-            async with asyncio.timeout(self._open_timeout):
-                await write_message(stream, self.codec, msg)
+        async with self._writing:
+            if self._cancel_sent or self._closed:
+                return
+            self._cancel_sent = True
+            try:
+                async with asyncio.timeout(self._open_timeout):
+                    await write_message(stream, self.codec, Cancel())
+            except TimeoutError:
+                stream.reset(RESET_CANCEL)  # a frame cut short: the stream is unusable
+            except (StreamResetError, DicomProtocolError):
+                pass  # the stream ended anyway: `_run` reports it
 
     async def _finish(self, clean: bool) -> None:
         stream = self._stream
         if stream is not None:
             if clean:
                 try:
-                    async with asyncio.timeout(self._open_timeout):
+                    async with asyncio.timeout(self._open_timeout), self._writing:
                         await stream.write_eof()
                 except (StreamResetError, TimeoutError):
                     stream.reset(RESET_CANCEL)
@@ -235,9 +259,11 @@ class Session:
         self.inbox.wake()
 
     def cancel(self) -> None:
-        """Ask the agent to C-CANCEL at the PACS."""
+        """Ask the agent to C-CANCEL at the PACS: now, or right after the request if the
+        stream is still opening (the flag is never lost, whatever the timing)."""
+        self._cancel_wanted = True
         with contextlib.suppress(RuntimeError):
-            asyncio.run_coroutine_threadsafe(self._send(Cancel()), self.loop)
+            asyncio.run_coroutine_threadsafe(self._send_cancel(), self.loop)
 
     def close(self) -> None:
         """End the session: a clean half-close after the final, a reset otherwise."""
