@@ -422,10 +422,17 @@ class DicomNode:
 
     def _serve_cached(
         self,
+        event: Any,
         items: Sequence[CachedInstanceItem],
         destination: tuple[str, int] | None,
     ) -> Iterator[Any]:
-        """A complete, verified study from the cache: the PACS's bytes, at disk speed."""
+        """A complete, verified study from the cache: the PACS's bytes, at disk speed.
+
+        The viewer's C-CANCEL is looked for before each instance (pynetdicom leaves that to
+        the handler): the answer is then Cancel, with pynetdicom's counts (those not sent
+        are Remaining) and its list of the sub-operations that failed (PS3.4 C.4.2.3.1,
+        C.4.3.3.1).
+        """
         started = time.monotonic()
         op = "move" if destination else "get"
         if destination is not None:
@@ -435,27 +442,43 @@ class DicomNode:
             )
             yield destination[0], destination[1], {"contexts": cxs,
                                                    "evt_handlers": [contexts.NODELAY]}  # fmt: skip
-        yield len(items)
-        code = st.SUCCESS
-        for n, item in enumerate(items):
-            try:
-                data = item.read()
-            except Exception as exc:
-                log.error("cache file unreadable while serving (%s)", type(exc).__name__)
-                code = st.WARNING_SUBOPS
+        # pynetdicom stops asking for more after a final status, or when the viewer (or the
+        # C-MOVE destination) is gone: the metrics then count what was set last.
+        code = st.MOVE_DESTINATION_UNREACHABLE if destination else st.LINK_LOST
+        sent = 0
+        try:
+            yield len(items)
+            code = st.LINK_LOST
+            for n, item in enumerate(items):
+                if event.is_cancelled:
+                    log.info("viewer cancelled after %d of %d cached instances", n, len(items))
+                    code = st.CANCEL
+                    yield _status(code), None
+                    return
+                try:
+                    data = item.read()
+                except Exception as exc:
+                    log.error("cache file unreadable while serving (%s)", type(exc).__name__)
+                    code = st.WARNING_SUBOPS
+                    yield (
+                        _status(code, "cache file damaged while serving"),
+                        _failed_list([i.sop_instance for i in items[n:]]),
+                    )
+                    return
+                self.stats.instance_relayed(len(data))
+                sent += 1
                 yield (
-                    _status(code, "cache file damaged while serving"),
-                    _failed_list([i.sop_instance for i in items[n:]]),
+                    0xFF00,
+                    rawds.EncodedDataset(
+                        item.sop_class, item.sop_instance, item.transfer_syntax, data
+                    ),
                 )
-                break
-            self.stats.instance_relayed(len(data))
-            yield (
-                0xFF00,
-                rawds.EncodedDataset(item.sop_class, item.sop_instance, item.transfer_syntax, data),
-            )
-        elapsed = time.monotonic() - started
-        log.info("%s of %d instances served from the cache in %.3f s", op, len(items), elapsed)
-        self.stats.operation_done(op, code, elapsed)
+            code = st.SUCCESS
+        finally:
+            elapsed = time.monotonic() - started
+            log.info("%s of %d of %d instances served from the cache in %.3f s",
+                     op, sent, len(items), elapsed)  # fmt: skip
+            self.stats.operation_done(op, code, elapsed)
 
     def _on_get(self, event: Any) -> Iterator[Any]:
         request = self._request_for(event, "retrieve")
@@ -465,7 +488,7 @@ class DicomNode:
             return
         cached = self._cached(event)
         if cached:
-            yield from self._serve_cached(cached, None)
+            yield from self._serve_cached(event, cached, None)
             return
         yield from _Retrieval(self, event, request, None).run()
 
@@ -485,7 +508,7 @@ class DicomNode:
             return
         cached = self._cached(event)
         if cached:
-            yield from self._serve_cached(cached, destination)
+            yield from self._serve_cached(event, cached, destination)
             return
         yield from _Retrieval(self, event, request, destination).run()
 

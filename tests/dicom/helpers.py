@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,12 +96,15 @@ class Captured:
 
 @contextmanager
 def capturing_scp(
-    ae_title: str = "CAPTURE", syntaxes: list[str] | None = None
+    ae_title: str = "CAPTURE", syntaxes: list[str] | None = None, *, delay: float = 0.0
 ) -> Iterator[tuple[Captured, int]]:
-    """A pynetdicom storage SCP on 127.0.0.1 that records each dataset's raw bytes."""
+    """A pynetdicom storage SCP on 127.0.0.1 that records each dataset's raw bytes;
+    `delay` seconds before each answer play a slow destination."""
     captured = Captured()
 
     def on_store(event: Any) -> int:
+        if delay:
+            time.sleep(delay)
         with captured.lock:
             captured.items.append(
                 (
