@@ -11,9 +11,11 @@ session (the agent takes the identity from the session's inner TLS certificate o
                        or {"v": 1, "status": "refused", "reason": "<one line>"}
 
 The agent signs only for the identity that the inner TLS authenticated (never for one a
-gateway names), and only if that device is not revoked. The workstation checks the new
-certificate against the CA it already has (not the one in the answer), then replaces device.key
-and device.crt crash-safely (see `install`).
+gateway names), only if that device is not revoked, and only when this schedule makes its
+newest certificate due (relay.agent.renewal). The workstation checks the new certificate
+against the CA it already has (not the one in the answer) and takes it if it is valid now
+and not due itself, even if it ends before the current one (a shortened
+pki.device_lifetime), then replaces device.key and device.crt crash-safely (see `install`).
 
 The live link is kept: TLS authenticated it at its handshake and nothing on a link
 depends on the certificate afterwards, so renewing interrupts no transfer. The new
@@ -271,10 +273,16 @@ def _check_renewed(
         raise RenewalError(f"the renewed certificate carries no identity: {exc}") from None
     if identity != current.identity:
         raise RenewalError(f"the renewed certificate is for {identity.uri}")
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not nb <= now < na:
         raise RenewalError("the renewed certificate is not valid now (check the clocks)")
-    if cert.not_valid_after_utc < current.cert.not_valid_after_utc:
-        raise RenewalError("the renewed certificate ends before the current one")
+    # Not "ends after the current one": a shortened pki.device_lifetime ends it sooner,
+    # and refusing it would renew again every minute. Not due yet is what matters.
+    if renewal_due(nb, na, now):
+        raise RenewalError(
+            f"the renewed certificate is due for renewal already (it ends {na:%Y-%m-%d %H:%M}Z;"
+            " check the clocks)"
+        )
 
 
 MIN_RETRY = 1.0  # seconds between failed renewal attempts, at least

@@ -43,6 +43,8 @@ from relay.trust.renewal import (
     PENDING_CERT,
     PENDING_KEY,
     RenewalError,
+    _check_renewed,
+    _load_current,
     complete_pending_renewal,
     install,
     next_renewal_time,
@@ -428,6 +430,84 @@ def test_the_pace_remembers_a_bounded_number_of_devices() -> None:
     assert pace.begin("ws1") and not pace.begin("ws1")
     pace.end("ws1")
     assert pace.begin("ws1")
+
+
+# --- a shortened pki.device_lifetime ---------------------------------------------------
+
+
+async def test_a_shortened_lifetime_is_accepted(site: Site) -> None:
+    """IT lowers the lifetime (30 -> 7 days): the due device takes the shorter certificate,
+    although it ends before the one it replaces."""
+    site.lifetime = 7 * DAY
+    site.clock.now = T0 + 20 * DAY
+    assert await renew(site.opener(), site.identity_dir, now=site.clock)
+    cert = pki.load_cert(site.identity_dir / "device.crt")
+    assert cert.not_valid_after_utc == T0 + 27 * DAY
+    assert results(site) == ["ok"]
+
+
+async def test_a_shortened_lifetime_starts_no_storm(site: Site) -> None:
+    """The loop renews once at day 20, then on the new certificate's own schedule."""
+    enrolled(site)
+    site.lifetime = 7 * DAY
+    site.clock.now = T0 + 20 * DAY
+    renewed: list[datetime] = []
+    errors: list[str] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        site.clock.now += timedelta(seconds=seconds)
+        if len(renewed) == 2 or len(site.outcomes) > 10:
+            raise asyncio.CancelledError
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(
+            renewal_loop(
+                site.opener,
+                site.identity_dir,
+                now=site.clock,
+                sleep=fake_sleep,
+                on_renewed=lambda: renewed.append(site.clock()),
+                on_error=errors.append,
+            ),
+            WAIT,
+        )
+    assert errors == [] and results(site) == ["ok", "ok"]
+    assert renewed[0] == T0 + 20 * DAY
+    first_end = T0 + 27 * DAY
+    assert renewed[1] == next_renewal_time(first_end - 7 * DAY - pki.BACKDATE, first_end)
+
+
+async def test_a_device_that_refuses_shorter_certificates_costs_the_agent_little(
+    site: Site,
+) -> None:
+    """A device still running the old rule (it threw away any certificate ending before
+    its current one) asks every minute: the agent's due rule, by issue time, stops it."""
+    enrolled(site)
+    site.lifetime = 7 * DAY
+    site.clock.now = T0 + 20 * DAY
+    while site.clock.now < T0 + 24 * DAY:
+        await ask(site)  # its answer is thrown away
+        early = site.clock.now < T0 + 20 * DAY + timedelta(hours=1)
+        site.clock.now += timedelta(minutes=1 if early else 30)
+    assert results(site).count("ok") == 2  # the first, and the stand-in for a lost answer
+    row = site.registry.get_device("ws1")
+    assert row is not None and row.certificates == 3
+
+
+def test_the_renewed_certificate_must_not_be_due_already(site: Site) -> None:
+    """Valid now and ending later than a third of its own life from now; else the device
+    would ask again at once."""
+    current = _load_current(site.identity_dir)
+    key = pki.generate_key()
+    for start, life, ok in ((T0, 30 * DAY, True), (T0 - 20 * DAY, 30 * DAY, False)):
+        cert = pki.issue_certificate(
+            site.pki.ca_key, site.pki.ca_cert, key.public_key(), WS1, life, not_before=start
+        )
+        if ok:
+            _check_renewed(cert, key, current, T0 + DAY)
+        else:
+            with pytest.raises(RenewalError, match="due for renewal already"):
+                _check_renewed(cert, key, current, T0 + DAY)
 
 
 # --- crash safety ---------------------------------------------------------------------
