@@ -14,7 +14,8 @@ matches the fingerprint pinned in its code and that the gateway's TLS certificat
 issued by it: a man in the middle gets nothing it could replay.
 
 Every attempt ends in one audit event and one EnrollOutcome (for the caller's metrics).
-A refused attempt never consumes the code; only a successful one does.
+A refused attempt never consumes the code; only a successful one does, or the wrong
+password that uses a code's last try (below).
 
 With a directory (`directory:`), every code names a directory user and the request must
 carry that user's password (inside the sealed session, like the secret; never logged
@@ -22,6 +23,14 @@ or audited): the agent checks the code without spending it, binds as the user an
 checks the group, and only then redeems the code. The refusal says one of "wrong
 password", "account disabled", "not in group", "directory unavailable"; the audit event
 names the user and the directory's detail.
+
+Whoever holds a code (an intercepted e-mail, a photo of the QR) must not get an online
+oracle for its user's password, nor lock the user out of Active Directory: each bind is
+counted on the code before it is made, and the MAX_PASSWORD_FAILURES-th wrong password
+burns the code ("too many wrong passwords: ask IT for a new code"; audited as a major
+failure). Only a wrong password (or an unknown user, which the PC is told the same way)
+keeps its try: a directory outage, a disabled account or a user outside the group gives
+it back.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from cryptography.hazmat.primitives import serialization
 
 from relay.agent.audit import AuditLog, Outcome
 from relay.agent.directory import Directory, Refusal, RefusalReason
-from relay.agent.registry import Redeemed, RedeemStatus, RegistryError
+from relay.agent.registry import MAX_PASSWORD_FAILURES, Redeemed, RedeemStatus, RegistryError
 from relay.agent.signer import (
     RequestRefused,
     Signer,
@@ -62,6 +71,8 @@ PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
 #: The whole exchange, agent side; below the gateway's 30 s enrollment link lifetime.
 EXCHANGE_TIMEOUT: Final = 20.0
+#: The PC's line once a code's password tries are spent (registry.MAX_PASSWORD_FAILURES).
+BURNT_MESSAGE: Final = "too many wrong passwords: ask IT for a new code"
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,8 @@ _REDEEM_MESSAGES: Final = {
         "this device name was enrolled for another user since the code was made; ask IT "
         "for a code for another name",
     ),
+    # No result of its own either: the code is spent, as a used one is.
+    RedeemStatus.BURNT: ("reused", BURNT_MESSAGE),
 }
 
 
@@ -114,16 +127,28 @@ _DIRECTORY_RESULTS: Final = {
     RefusalReason.NOT_IN_GROUP: "not_in_group",
     RefusalReason.UNAVAILABLE: "directory_unavailable",
 }
+#: What spends one of a code's password tries: what the PC is told is a wrong password.
+_WRONG_PASSWORD: Final = frozenset({RefusalReason.WRONG_PASSWORD, RefusalReason.UNKNOWN_USER})
 
 
 class UserRefused(RequestRefused):
     """A refusal for a code's directory user: `detail` (for the audit trail) may say more
-    than the PC is told (e.g. that the user does not exist)."""
+    than the PC is told (e.g. that the user does not exist). `burnt`: this attempt spent
+    the code's last password try (audited as a major failure: the code is gone)."""
 
-    def __init__(self, result: str, message: str, *, user: str, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        result: str,
+        message: str,
+        *,
+        user: str,
+        detail: str | None = None,
+        burnt: bool = False,
+    ) -> None:
         super().__init__(result, message)
         self.user = user
         self.detail = f"user {user}: {detail or message}"
+        self.burnt = burnt
 
 
 async def _check_user(
@@ -136,7 +161,8 @@ async def _check_user(
     device: str,
 ) -> str | None:
     """The directory user the code binds the device to, once the directory accepted the
-    password (None: no directory, a code without a user). Spends nothing."""
+    password (None: no directory, a code without a user). Spends nothing but, for a
+    wrong password, one of the code's tries (the last one burns it)."""
     checked = await asyncio.to_thread(
         signer.registry.redeem_token, token_id, secret, device, signer.now(), consume=False
     )
@@ -162,10 +188,30 @@ async def _check_user(
             "(relay enroll asks for it)",
             user=user,
         )
-    result = await directory.authenticate(user, password)
-    if isinstance(result, Refusal):
+    registry = signer.registry
+    started = await asyncio.to_thread(registry.start_password_attempt, token_id)
+    if started is not RedeemStatus.OK:
+        result, message = _REDEEM_MESSAGES[started]
+        raise UserRefused(result, message, user=user)
+    # Cancelled here (the PC gone, the exchange's timeout), the try stays spent: the
+    # bind may still be made, and a try given back would be a free guess.
+    answer = await directory.authenticate(user, password)
+    wrong = isinstance(answer, Refusal) and answer.reason in _WRONG_PASSWORD
+    burnt = await asyncio.to_thread(
+        registry.end_password_attempt, token_id, signer.now(), wrong=wrong
+    )
+    if isinstance(answer, Refusal):
+        if burnt:
+            raise UserRefused(
+                "wrong_password",
+                BURNT_MESSAGE,
+                user=user,
+                detail=f"{answer.detail}; the code is burnt (too many wrong passwords, "
+                f"limit {MAX_PASSWORD_FAILURES})",
+                burnt=True,
+            )
         raise UserRefused(
-            _DIRECTORY_RESULTS[result.reason], result.message, user=user, detail=result.detail
+            _DIRECTORY_RESULTS[answer.reason], answer.message, user=user, detail=answer.detail
         )
     return user
 
@@ -311,14 +357,17 @@ async def _refuse(
     severe: bool = False,
 ) -> EnrollOutcome:
     detail = refusal.message
+    outcome = Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE
     if isinstance(refusal, UserRefused):
         detail, user = refusal.detail, refusal.user
+        if refusal.burnt:
+            outcome = Outcome.MAJOR_FAILURE
     audit.enrollment(
         now=now(),
         device=claimed,
         token_id=token_id,
         peer=peer,
-        outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
+        outcome=outcome,
         description=f"{refusal.result}: {detail}",
         user=user,
     )

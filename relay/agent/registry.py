@@ -8,7 +8,8 @@ and `relay device` commands. It is safe for them to write at the same time:
   failing with "database is locked";
 - every operation is its own short transaction, and every read-modify-write starts with
   BEGIN IMMEDIATE (the write lock is taken before reading), so e.g. two redemptions of
-  the same token cannot both succeed.
+  the same token cannot both succeed, nor concurrent password attempts on one code
+  exceed MAX_PASSWORD_FAILURES.
 
 Time is always passed in (timezone-aware datetimes); nothing here reads a clock. Every
 table is bounded: old tokens and old certificate rows are pruned, open tokens and
@@ -36,8 +37,10 @@ __all__ = [
     "BUSY_TIMEOUT",
     "MAX_DEVICES",
     "MAX_OPEN_TOKENS",
+    "MAX_PASSWORD_FAILURES",
     "MAX_TTL",
     "REGISTRY_FILE",
+    "SCHEMA_VERSION",
     "CertificateRow",
     "DeviceRegistry",
     "DeviceRow",
@@ -50,11 +53,15 @@ __all__ = [
 
 REGISTRY_FILE: Final = "registry.sqlite3"
 #: 2: tokens.user and devices.user (the directory user a device is bound to).
-SCHEMA_VERSION: Final = 2
+#: 3: tokens.password_failures (wrong passwords given with a code).
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 5.0  # seconds a writer waits for another's transaction
 MAX_TTL: Final = timedelta(days=30)
 MAX_OPEN_TOKENS: Final = 1000  # unused, unexpired tokens at once
 MAX_DEVICES: Final = 100_000
+#: The wrong directory password that burns a code bound to a user: whoever holds a code
+#: gets this many guesses at its user's password, not an oracle.
+MAX_PASSWORD_FAILURES: Final = 5
 KEEP_CERTIFICATES: Final = 20  # certificate rows kept per device (the newest)
 #: Used or expired tokens are deleted this long after they stopped being usable.
 TOKEN_RETENTION: Final = timedelta(days=30)
@@ -70,7 +77,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     used_at REAL,
-    user TEXT
+    user TEXT,
+    password_failures INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tokens_device ON tokens (device);
 CREATE TABLE IF NOT EXISTS devices (
@@ -91,7 +99,11 @@ CREATE TABLE IF NOT EXISTS certificates (
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates (device, not_after);
 """
 #: Columns added since schema 1: (table, column, type), added to a registry made before.
-_ADDED_COLUMNS: Final = (("tokens", "user", "TEXT"), ("devices", "user", "TEXT"))
+_ADDED_COLUMNS: Final = (
+    ("tokens", "user", "TEXT"),
+    ("devices", "user", "TEXT"),
+    ("tokens", "password_failures", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class RegistryError(Exception):
@@ -109,6 +121,7 @@ class RedeemStatus(enum.StrEnum):
     WRONG_DEVICE = "wrong_device"  # issued for another device name
     REVOKED = "revoked"  # the device was revoked after the token was made
     IN_USE = "in_use"  # the name was enrolled for another user after the token was made
+    BURNT = "burnt"  # spent by MAX_PASSWORD_FAILURES wrong passwords
 
 
 @dataclass(frozen=True)
@@ -362,24 +375,29 @@ class DeviceRegistry:
 
         The secret is checked before anything else, so that without it one learns nothing
         about a token (expired, used, which device) beyond whether its id exists. A
-        refused attempt does not consume the token. A code for a device name now held by
-        another user is IN_USE (`_held_by_another`), spending nothing.
+        refused attempt does not consume the token (wrong passwords are counted apart:
+        `start_password_attempt`). A code for a device name now held by another user is
+        IN_USE (`_held_by_another`), spending nothing. A code burnt by wrong passwords is
+        BURNT.
         """
         t = _ts(now)
         with self._op(), self._write() as db:
             row = db.execute(
-                "SELECT secret_hash, device, site, expires_at, used_at, user FROM tokens"
-                " WHERE id = ?",
+                "SELECT secret_hash, device, site, expires_at, used_at, user,"
+                " password_failures FROM tokens WHERE id = ?",
                 (token_id,),
             ).fetchone()
             if row is None:
                 return Redeemed(RedeemStatus.UNKNOWN, token_id)
-            stored_hash, token_device, site, expires_at, used_at, user = row
+            stored_hash, token_device, site, expires_at, used_at, user, failures = row
             if not secret_matches(token_id, secret, bytes(stored_hash)):
                 return Redeemed(RedeemStatus.FORGED, token_id)
             result = Redeemed(RedeemStatus.OK, token_id, token_device, site, _dt(expires_at), user)
             if used_at is not None:
-                return _with_status(result, RedeemStatus.REUSED)
+                spent = (
+                    RedeemStatus.BURNT if failures >= MAX_PASSWORD_FAILURES else RedeemStatus.REUSED
+                )
+                return _with_status(result, spent)
             if t >= expires_at:
                 return _with_status(result, RedeemStatus.EXPIRED)
             if device != token_device:
@@ -397,6 +415,58 @@ class DeviceRegistry:
             if consume:
                 db.execute("UPDATE tokens SET used_at = ? WHERE id = ?", (t, token_id))
             return result
+
+    def start_password_attempt(self, token_id: str) -> RedeemStatus:
+        """Count a password attempt with this code before the directory is asked: OK, or
+        BURNT (no tries left), REUSED or UNKNOWN (spent or deleted since it was checked).
+
+        Counted up front, under the write lock that checks the limit, so that attempts
+        under way at once (one code, many streams) cannot ask the directory more than
+        MAX_PASSWORD_FAILURES times between them: each bind is a guess, and a step towards
+        the user's lockout. `end_password_attempt` gives the try back unless the password
+        was wrong; one never ended (the PC gone, the agent stopped) stays spent.
+        """
+        with self._op(), self._write() as db:
+            row = db.execute(
+                "SELECT used_at, password_failures FROM tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                return RedeemStatus.UNKNOWN
+            used_at, failures = row
+            if failures >= MAX_PASSWORD_FAILURES:
+                return RedeemStatus.BURNT
+            if used_at is not None:
+                return RedeemStatus.REUSED
+            db.execute(
+                "UPDATE tokens SET password_failures = password_failures + 1 WHERE id = ?",
+                (token_id,),
+            )
+            return RedeemStatus.OK
+
+    def end_password_attempt(self, token_id: str, now: datetime, *, wrong: bool) -> bool:
+        """The directory answered an attempt counted by `start_password_attempt`.
+
+        A wrong password keeps its try; once the tries are all spent the code is burnt
+        (marked used, so it is neither open nor redeemable): True for the attempt that
+        burnt it, once. Anything else (the password right, the account disabled, the
+        user outside the group, the directory unavailable) gives the try back, unless the
+        code is spent already.
+        """
+        t = _ts(now)
+        with self._op(), self._write() as db:
+            if not wrong:
+                db.execute(
+                    "UPDATE tokens SET password_failures = password_failures - 1"
+                    " WHERE id = ? AND used_at IS NULL AND password_failures > 0",
+                    (token_id,),
+                )
+                return False
+            burnt = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE id = ? AND used_at IS NULL"
+                " AND password_failures >= ?",
+                (t, token_id, MAX_PASSWORD_FAILURES),
+            )
+            return burnt.rowcount == 1
 
     # -- devices and certificates
 

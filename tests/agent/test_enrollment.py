@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
-from relay.agent.directory import Directory
+from relay.agent.directory import Directory, DirectoryUser, Refusal
 from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
-from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.registry import MAX_PASSWORD_FAILURES, REGISTRY_FILE, DeviceRegistry
 from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream, pipe
 from relay.net.jsonframes import encode_json, read_json, write_json
@@ -30,7 +30,7 @@ from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import ENROLL_RESULTS
 from tests.agent.directory.conftest import directory_section, read_settings
-from tests.interop.harness.slapd import PASSWORDS, start_slapd
+from tests.interop.harness.slapd import PASSWORDS, Slapd, start_slapd
 from tests.pki_helpers import SitePki, make_pki
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -370,3 +370,119 @@ async def test_a_code_never_moves_an_enrolled_device_to_another_user(
     finally:
         directory.close()
         server.close()
+
+
+class CountingDirectory(Directory):
+    """The real directory, counting the binds asked of it (each one a guess, and a step
+    towards the user's lockout in Active Directory)."""
+
+    binds = 0
+
+    async def authenticate(
+        self, user: str, password: str, *, admin: bool = False
+    ) -> DirectoryUser | Refusal:
+        self.binds += 1
+        return await super().authenticate(user, password, admin=admin)
+
+
+@pytest.fixture
+def directory(slapd: Slapd, tmp_path: Path) -> Iterator[CountingDirectory]:
+    counting = CountingDirectory(
+        read_settings(directory_section(slapd, tmp_path, timeout="2s"), tmp_path)
+    )
+    yield counting
+    counting.close()
+
+
+BURNT = "too many wrong passwords: ask IT for a new code"
+
+
+def with_password(token: tuple[str, bytes], password: str) -> dict[str, Any]:
+    return {**request(token), "password": password}
+
+
+def user_token(agent: Agent, user: str) -> tuple[str, bytes]:
+    return agent.registry.create_token("ws1", timedelta(hours=24), agent.clock(), user=user)
+
+
+async def test_wrong_passwords_burn_a_code_bound_to_a_user(
+    agent: Agent, directory: CountingDirectory
+) -> None:
+    """Whoever holds a code (an intercepted e-mail, a photo of the QR) gets a few
+    guesses at its user's password, not an oracle: the code burns, audited as such."""
+    token = user_token(agent, "carol")
+    for _ in range(MAX_PASSWORD_FAILURES - 1):
+        outcome, answer = await exchange(agent, with_password(token, "guess"), directory=directory)
+        assert_refused(agent, outcome, answer, "wrong_password", "wrong password")
+    outcome, answer = await exchange(agent, with_password(token, "guess"), directory=directory)
+    assert outcome.result == "wrong_password"
+    assert answer is not None and answer["reason"] == BURNT
+    event = agent.events()[-1]
+    assert event["user"] == "carol"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 12
+    assert "burnt" in event["EventIdentification"]["EventOutcomeDescription"]
+    assert directory.binds == MAX_PASSWORD_FAILURES
+    # The right password comes too late, and the directory is not asked again.
+    for password in (PASSWORDS["carol"], "guess"):
+        outcome, answer = await exchange(agent, with_password(token, password), directory=directory)
+        assert_refused(agent, outcome, answer, "reused", BURNT)
+    assert directory.binds == MAX_PASSWORD_FAILURES
+    assert agent.registry.get_device("ws1") is None
+
+
+async def test_concurrent_guesses_ask_the_directory_at_most_the_limit(
+    agent: Agent, directory: CountingDirectory
+) -> None:
+    """Many attempts at once on one code: each is counted before its bind, so they
+    cannot all pass the check while the first binds are still under way."""
+    token = user_token(agent, "carol")
+    attempts = 3 * MAX_PASSWORD_FAILURES
+    results = await asyncio.gather(
+        *(
+            exchange(agent, with_password(token, f"guess{i}"), directory=directory)
+            for i in range(attempts)
+        )
+    )
+    assert directory.binds <= MAX_PASSWORD_FAILURES
+    reasons = [answer["reason"] for _, answer in results if answer is not None]
+    assert len(reasons) == attempts
+    assert set(reasons) == {"wrong password", BURNT}
+    assert reasons.count("wrong password") < MAX_PASSWORD_FAILURES
+    burnt = [e for e in agent.events() if e["EventIdentification"]["EventOutcomeIndicator"] == 12]
+    assert len(burnt) == 1
+    outcome, answer = await exchange(
+        agent, with_password(token, PASSWORDS["carol"]), directory=directory
+    )
+    assert_refused(agent, outcome, answer, "reused", BURNT)
+
+
+async def test_a_directory_outage_is_not_a_wrong_password(
+    agent: Agent, directory: CountingDirectory, slapd: Slapd
+) -> None:
+    token = user_token(agent, "carol")
+    for _ in range(MAX_PASSWORD_FAILURES - 1):
+        outcome, answer = await exchange(agent, with_password(token, "guess"), directory=directory)
+        assert_refused(agent, outcome, answer, "wrong_password", "wrong password")
+    slapd.kill()
+    for _ in range(MAX_PASSWORD_FAILURES + 1):
+        outcome, answer = await exchange(agent, with_password(token, "guess"), directory=directory)
+        assert_refused(agent, outcome, answer, "directory_unavailable", "directory unavailable")
+    slapd.start()
+    outcome, _ = await exchange(
+        agent, with_password(token, PASSWORDS["carol"]), directory=directory
+    )
+    assert outcome.ok  # one try was left, and the right password takes it
+
+
+async def test_a_user_outside_the_group_does_not_spend_tries(
+    agent: Agent, directory: CountingDirectory
+) -> None:
+    """Only a wrong password counts: bob (right password, not in the group) may try
+    again once IT has added him."""
+    token = user_token(agent, "bob")
+    for _ in range(MAX_PASSWORD_FAILURES + 1):
+        outcome, answer = await exchange(
+            agent, with_password(token, PASSWORDS["bob"]), directory=directory
+        )
+        assert_refused(agent, outcome, answer, "not_in_group", "not in group")
+    assert directory.binds == MAX_PASSWORD_FAILURES + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -16,14 +17,17 @@ import pytest
 
 from relay.agent import registry as registry_module
 from relay.agent.registry import (
+    MAX_PASSWORD_FAILURES,
     MAX_TTL,
     REGISTRY_FILE,
+    SCHEMA_VERSION,
     DeviceRegistry,
     RedeemStatus,
     RegistryError,
     RevocationWatcher,
     RevokeResult,
 )
+from relay.trust.codes import hash_secret, new_secret, new_token_id
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 DAY = timedelta(days=1)
@@ -186,8 +190,6 @@ def test_not_a_database(tmp_path: Path) -> None:
 def test_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / REGISTRY_FILE
     DeviceRegistry(path, site="main").close()
-    import sqlite3
-
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.commit()
@@ -297,22 +299,83 @@ def test_a_token_for_a_user_binds_the_device(reg: DeviceRegistry) -> None:
     assert row is not None and row.user == "alice"
 
 
-def test_a_schema_1_registry_gains_the_user_columns(tmp_path: Path) -> None:
-    import sqlite3
+#: The schema as relay wrote it before the password count (schema 2), frozen here: the
+#: registry files in the field were made by it.
+_SCHEMA_2 = """
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    device TEXT NOT NULL,
+    site TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    user TEXT
+);
+CREATE INDEX tokens_device ON tokens (device);
+CREATE TABLE devices (
+    name TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    enrolled_at REAL,
+    revoked_at REAL,
+    last_seen REAL,
+    user TEXT
+);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE INDEX certificates_device ON certificates (device, not_after);
+"""
 
-    path = tmp_path / "old.sqlite3"
+
+def _old_registry(path: Path, schema: str, version: int) -> None:
     db = sqlite3.connect(path)
-    for statement in registry_module._SCHEMA.replace(",\n    user TEXT", "").split(";"):
-        db.execute(statement)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(schema)
     db.execute("INSERT INTO devices (name, site) VALUES ('old', 'main')")
-    db.execute("PRAGMA user_version = 1")
+    db.execute(f"PRAGMA user_version = {version}")
     db.commit()
     db.close()
+
+
+def test_a_schema_1_registry_gains_the_user_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    _old_registry(path, _SCHEMA_2.replace(",\n    user TEXT", ""), 1)
     with DeviceRegistry(path, site="main") as r:
         assert r.device_user("old") is None
         r.record_certificate("old", 1, T0, T0 + DAY, T0, user="bob")
         assert r.device_user("old") == "bob"
-        assert r._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert r._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_schema_2_registry_gains_the_password_count(tmp_path: Path) -> None:
+    """A registry file from before the count opens; a code made then starts with every
+    try left and still burns after MAX_PASSWORD_FAILURES wrong passwords."""
+    path = tmp_path / "old.sqlite3"
+    _old_registry(path, _SCHEMA_2, 2)
+    token_id, secret = new_token_id(), new_secret()
+    db = sqlite3.connect(path)
+    db.execute(
+        "INSERT INTO tokens (id, secret_hash, device, site, created_at, expires_at, user)"
+        " VALUES (?, ?, 'ws1', 'main', ?, ?, 'alice')",
+        (token_id, hash_secret(token_id, secret), T0.timestamp(), (T0 + DAY).timestamp()),
+    )
+    db.commit()
+    db.close()
+    with DeviceRegistry(path, site="main") as r:
+        assert r._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert r.redeem_token(token_id, secret, "ws1", T0, consume=False).user == "alice"
+        for _ in range(MAX_PASSWORD_FAILURES):
+            assert r.start_password_attempt(token_id) is RedeemStatus.OK
+            r.end_password_attempt(token_id, T0, wrong=True)
+        assert r.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.BURNT
+        assert r.get_device("old") is not None
+    with DeviceRegistry(path, site="main") as again:  # opening it twice changes nothing
+        assert again.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.BURNT
 
 
 def test_an_active_device_is_never_bound_to_another_user(reg: DeviceRegistry) -> None:
@@ -341,3 +404,85 @@ def test_an_active_device_is_never_bound_to_another_user(reg: DeviceRegistry) ->
     reg.touch("offline", T0)
     with pytest.raises(RegistryError, match="revoke it first"):
         reg.create_token("offline", DAY, T0, user="bob")
+
+
+def test_wrong_passwords_burn_a_code(reg: DeviceRegistry) -> None:
+    token_id, secret = reg.create_token("ws1", DAY, T0, user="alice")
+    for _ in range(MAX_PASSWORD_FAILURES - 1):
+        assert reg.start_password_attempt(token_id) is RedeemStatus.OK
+        assert reg.end_password_attempt(token_id, T0, wrong=True) is False
+    assert reg.redeem_token(token_id, secret, "ws1", T0, consume=False).ok
+    assert reg.start_password_attempt(token_id) is RedeemStatus.OK
+    assert reg.end_password_attempt(token_id, T0, wrong=True) is True  # this one burnt it
+    for consume in (False, True):
+        burnt = reg.redeem_token(token_id, secret, "ws1", T0, consume=consume)
+        assert burnt.status is RedeemStatus.BURNT and burnt.user == "alice"
+    assert reg.start_password_attempt(token_id) is RedeemStatus.BURNT
+    # An attempt that was under way and now finds the directory down gives back nothing.
+    assert reg.end_password_attempt(token_id, T0, wrong=False) is False
+    assert reg.redeem_token(token_id, secret, "ws1", T0).status is RedeemStatus.BURNT
+    # Without the secret one still learns nothing; a burnt code is no longer open.
+    assert reg.redeem_token(token_id, b"\x00" * 20, "ws1", T0).status is RedeemStatus.FORGED
+    (still_open,) = reg._db.execute("SELECT COUNT(*) FROM tokens WHERE used_at IS NULL").fetchone()
+    assert still_open == 0
+
+
+def test_only_a_wrong_password_spends_a_try(reg: DeviceRegistry) -> None:
+    """The directory down, the account disabled, the user outside the group, or the
+    password right: the try is given back."""
+    token_id, secret = reg.create_token("ws1", DAY, T0, user="alice")
+    for _ in range(3 * MAX_PASSWORD_FAILURES):
+        assert reg.start_password_attempt(token_id) is RedeemStatus.OK
+        assert reg.end_password_attempt(token_id, T0, wrong=False) is False
+    assert reg.redeem_token(token_id, secret, "ws1", T0).ok
+    assert reg.start_password_attempt(token_id) is RedeemStatus.REUSED
+    assert reg.start_password_attempt("0" * 16) is RedeemStatus.UNKNOWN
+
+
+def test_attempts_under_way_count_against_the_limit(reg: DeviceRegistry) -> None:
+    """Counted when they start: attempts whose directory answer is still to come cannot
+    ask the directory more than MAX_PASSWORD_FAILURES times between them."""
+    token_id, secret = reg.create_token("ws1", DAY, T0, user="alice")
+    for _ in range(MAX_PASSWORD_FAILURES):
+        assert reg.start_password_attempt(token_id) is RedeemStatus.OK
+    assert reg.start_password_attempt(token_id) is RedeemStatus.BURNT
+    assert reg.end_password_attempt(token_id, T0, wrong=False) is False  # one was right
+    assert reg.redeem_token(token_id, secret, "ws1", T0).ok
+
+
+def test_concurrent_password_attempts_never_exceed_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / REGISTRY_FILE
+    with DeviceRegistry(path, site="main") as setup:
+        token_id, _ = setup.create_token("ws1", DAY, T0, user="alice")
+    results: list[RedeemStatus] = []
+    burnt: list[bool] = []
+    workers = 3 * MAX_PASSWORD_FAILURES
+    barrier = threading.Barrier(workers)
+
+    def worker() -> None:
+        with DeviceRegistry(path, site="main") as own:  # one connection each, like processes
+            barrier.wait()
+            status = own.start_password_attempt(token_id)
+            results.append(status)
+            if status is RedeemStatus.OK:
+                burnt.append(own.end_password_attempt(token_id, T0, wrong=True))
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results.count(RedeemStatus.OK) == MAX_PASSWORD_FAILURES
+    assert results.count(RedeemStatus.BURNT) == workers - MAX_PASSWORD_FAILURES
+    assert burnt.count(True) == 1  # burnt once: one audit event
+
+
+def test_a_burnt_code_does_not_hold_an_open_slot(
+    reg: DeviceRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "MAX_OPEN_TOKENS", 1)
+    token_id, _ = reg.create_token("ws1", DAY, T0, user="alice")
+    for _ in range(MAX_PASSWORD_FAILURES):
+        reg.start_password_attempt(token_id)
+        reg.end_password_attempt(token_id, T0, wrong=True)
+    reg.create_token("ws1", DAY, T0, user="alice")  # IT's new code: the only open one
