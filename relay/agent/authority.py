@@ -8,7 +8,8 @@ the certificate lifetime, and offers exactly what the agent's links need:
 - `revocation_snapshot()`: the "revoke" bodies to send first on every new gateway link;
 - `poll_revocations()`: incremental "revoke" bodies for devices revoked since the last
   call (by `relay device revoke` in another process), to send on every link;
-- `record_refusal(body, reporter)`: audit a link refusal reported by a gateway;
+- `record_refusal(refusal, reporter=...)`: audit a link refusal reported by a gateway
+  (relay.agent.linktrust decodes and rate-limits the reports);
 - `touch(device_uri)`: the device's last-seen time, on each stream it opens;
 - with a `directory:`, enrollment checks the code's user there, every audit event of a
   device names its user, and `run_directory_recheck()` revokes the devices of users who
@@ -56,13 +57,12 @@ from relay.trust import pki
 from relay.trust.identity import Identity, IdentityError, parse_spiffe_uri
 from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
-    RevocationError,
-    decode_refusal,
+    Refusal,
     encode_enroll_result,
     encode_revocations,
 )
 
-__all__ = ["DEFAULT_DEVICE_LIFETIME", "DeviceAuthority"]
+__all__ = ["DEFAULT_DEVICE_LIFETIME", "CaSiteError", "DeviceAuthority"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ DEFAULT_DEVICE_LIFETIME: Final = pki.DEVICE_LIFETIME
 
 def _utcnow() -> datetime:
     return datetime.now(dt.UTC)
+
+
+class CaSiteError(pki.PkiError):
+    """The `pki:` CA issues for another site than the agent's `site:` (so every gateway
+    would refuse the certificates it signs)."""
 
 
 def load_ca_pair(
@@ -148,9 +153,14 @@ class DeviceAuthority:
     ) -> DeviceAuthority:
         """From the agent's config: `pki.ca_cert`, `pki.ca_key`, `state_dir` (created 0700).
 
-        Raises pki.PkiError or RegistryError with one line naming the file.
+        Raises pki.PkiError (CaSiteError for a CA of another site) or RegistryError with
+        one line naming the file.
         """
         key, cert = load_ca_pair(ca_cert, ca_key)
+        try:  # before anything is created or any code is spent
+            pki.check_ca_site(cert, site, str(ca_cert))
+        except pki.PkiError as exc:
+            raise CaSiteError(str(exc)) from None
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -279,16 +289,17 @@ class DeviceAuthority:
 
     # -- refusals reported by gateways
 
-    def record_refusal(self, body: bytes, reporter: str) -> bool:
-        """Audit a "refusal" control message from gateway `reporter`; False if malformed."""
-        try:
-            refusal = decode_refusal(body)
-        except RevocationError as exc:
-            log.warning("malformed refusal report", extra={"error": str(exc)})
-            return False
+    def record_refusal(self, refusal: Refusal, *, reporter: str, rate_limited: int = 0) -> None:
+        """Audit a refusal reported by gateway `reporter`; `rate_limited` counts the earlier
+        refusals from that gateway which the agent's limit kept out of the trail."""
         description = refusal.reason
         if refusal.suppressed:
             description += f" ({refusal.suppressed} similar refusals not reported)"
+        if rate_limited:
+            description += (
+                f" ({rate_limited} earlier refusals from this gateway rate-limited,"
+                " not audited one by one)"
+            )
         self.audit.auth_refused(
             now=self.now(),
             identity=refusal.identity or None,
@@ -297,7 +308,6 @@ class DeviceAuthority:
             reporter=reporter,
             outcome=Outcome.MINOR_FAILURE,
         )
-        return True
 
     async def run_revocation_push(
         self, send_all: Callable[[list[bytes]], None], interval: float = 0.5
@@ -321,8 +331,9 @@ class DeviceAuthority:
 async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority | None]:
     """The DeviceAuthority of `pki:` (None without it), with its optional syslog copy.
 
-    A CA pair that does not load or match, or a state_dir that cannot be used, is a
-    ConfigError naming the file and key. Closes the registry, then flushes syslog.
+    A CA pair that does not load or match, a CA of another site, or a state_dir that
+    cannot be used, is a ConfigError naming the file and key. Closes the registry, then
+    flushes syslog.
     """
     if config.pki is None:
         if config.directory is not None:
@@ -350,6 +361,8 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
             audit_sink=sender,
             directory=Directory(config.directory) if config.directory is not None else None,
         )
+    except CaSiteError as exc:
+        raise ConfigError(config.path, "pki.ca_cert", str(exc)) from None
     except pki.PkiError as exc:
         raise ConfigError(config.path, "pki", str(exc)) from None
     except RegistryError as exc:

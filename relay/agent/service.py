@@ -125,6 +125,7 @@ class Agent:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self.metrics.registry.register(self.trust.metrics)
         self._recheck_task: asyncio.Task[None] | None = None
         if authority is not None and authority.recheck is not None:
             self.metrics.registry.register(authority.recheck.metrics)
@@ -230,6 +231,7 @@ class Agent:
         await self.dispatcher.drain(grace)
         await self.sessions.close(min(grace, 2.0))
         await self.gateways.close()
+        self.trust.close()  # refusal reports still held back by the limit, counted
         log.info("agent stopped")
 
 

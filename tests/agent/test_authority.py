@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,13 +40,13 @@ from relay.trust.revocation import (
     RevocationList,
     decode_enroll_result,
     decode_revocations,
-    encode_refusal,
 )
 from tests.ends_helpers import running_gateway
 from tests.pki_helpers import HOST, Pair, SitePki, make_pki
 from tests.session_helpers import sealed
 
 WAIT = 10.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def utcnow() -> datetime:
@@ -75,6 +77,47 @@ def test_open_creates_state_and_checks_the_ca(tmp_path: Path) -> None:
             ca_cert=site.directory / "ca.crt",
             ca_key=other.directory / "ca.key",
         )
+
+
+def test_open_refuses_the_ca_of_another_site(tmp_path: Path) -> None:
+    """An agent of site `east` holding site `main`'s CA would spend enrollment codes on
+    certificates that every gateway refuses (issuer of another site): it must not open."""
+    site = make_pki(tmp_path / "pki")
+    with pytest.raises(pki.PkiError, match="CA of site 'main'; it cannot issue for site 'east'"):
+        DeviceAuthority.open(
+            site="east",
+            state_dir=tmp_path / "state",
+            ca_cert=site.ca,
+            ca_key=site.directory / "ca.key",
+        )
+    assert not (tmp_path / "state").exists()  # refused before anything is created
+
+
+def test_agent_with_the_ca_of_another_site_does_not_start(tmp_path: Path) -> None:
+    """`relay agent` exits 2 with one line naming the config file and `pki.ca_cert`."""
+    site = make_pki(tmp_path / "pki")
+    d = site.directory
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "site: east\n"
+        f"gateways: ['{HOST}:9']\n"
+        f"tls: {{cert: {d}/agent.crt, key: {d}/agent.key, ca: {d}/ca.crt}}\n"
+        f"pki: {{ca_cert: {d}/ca.crt, ca_key: {d}/ca.key}}\n"
+        "state_dir: state/\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "agent", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"{config}: pki.ca_cert: " in line
+    assert "site 'main'" in line and "site 'east'" in line
+    assert not (tmp_path / "state").exists()
 
 
 @contextlib.asynccontextmanager
@@ -243,12 +286,10 @@ async def test_push_loop_sends_new_revocations(tmp_path: Path) -> None:
 def test_refusal_reports_are_audited(tmp_path: Path) -> None:
     site = make_pki(tmp_path / "pki")
     authority = open_authority(site, tmp_path / "state")
-    body = encode_refusal(
-        Refusal("revoked", "spiffe://hospital.test/device/main/ws1", "203.0.113.9:4000", 2)
-    )
-    assert authority.record_refusal(body, reporter="spiffe://hospital.test/gateway/gw1")
-    assert not authority.record_refusal(b"garbage", reporter="gw")
-    (event,) = read_events(tmp_path / "state" / AUDIT_FILE)
+    refusal = Refusal("revoked", "spiffe://hospital.test/device/main/ws1", "203.0.113.9:4000", 2)
+    authority.record_refusal(refusal, reporter="spiffe://hospital.test/gateway/gw1")
+    authority.record_refusal(refusal, reporter="gw", rate_limited=40)
+    event, folded = read_events(tmp_path / "state" / AUDIT_FILE)
     assert event["kind"] == "auth_refused"
     assert event["EventIdentification"]["EventOutcomeDescription"] == (
         "revoked (2 similar refusals not reported)"
@@ -256,6 +297,10 @@ def test_refusal_reports_are_audited(tmp_path: Path) -> None:
     device, reporter = event["ActiveParticipant"]
     assert device["NetworkAccessPointID"] == "203.0.113.9"
     assert reporter["UserID"] == "spiffe://hospital.test/gateway/gw1"
+    assert folded["EventIdentification"]["EventOutcomeDescription"] == (
+        "revoked (2 similar refusals not reported) (40 earlier refusals from this gateway"
+        " rate-limited, not audited one by one)"
+    )
     authority.touch("not a uri")  # ignored, no error
     authority.touch("spiffe://hospital.test/device/other/x")  # other site: ignored
     assert authority.registry.list_devices() == []

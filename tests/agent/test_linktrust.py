@@ -1,0 +1,328 @@
+"""LinkTrust against a hostile gateway: a TLS listener on 127.0.0.1 holding the site's
+gateway certificate, which sends whatever "refusal" reports it likes on the agent's link.
+
+The threat model says the DMZ gateway may be compromised: its reports reach the audit
+trail, so they are limited per gateway link (a burst, then a steady rate) and the rest
+are counted into one event, never written one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay import wire
+from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, Outcome, read_events
+from relay.agent.authority import DeviceAuthority
+from relay.agent.config import PkiFiles
+from relay.agent.linktrust import REFUSAL_BURST, LinkTrust
+from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.service import Agent, run_agent
+from relay.net import tls
+from relay.net.aio import Link
+from relay.net.dialer import dial
+from relay.ops.config import Address
+from relay.proto import LinkSettings
+from relay.trust.revocation import Refusal, encode_refusal
+from relay.wire import KIND_REFUSAL, KIND_REVOKE
+from tests.ends_helpers import agent_config, wait_until
+from tests.pki_helpers import HOST, SitePki, make_pki
+
+WAIT = 10.0
+DONE = "test-done"  # a control kind LinkTrust ignores: every report before it was handled
+DEVICE = "spiffe://hospital.test/device/main/"
+EARLIER = re.compile(r"\((\d+) earlier refusals from this gateway rate-limited")
+SUPPRESSED = re.compile(r"\((\d+) similar refusals not reported\)")
+
+
+class HostileGateway:
+    """The gateway end of each agent link that reaches the listener, in arrival order."""
+
+    def __init__(self) -> None:
+        self.links: asyncio.Queue[Link] = asyncio.Queue()
+        self.revoked: asyncio.Queue[bytes] = asyncio.Queue()  # "revoke" bodies from agents
+        self.port = 0
+
+    def factory(self) -> Link:
+        link = Link(client=False, settings=LinkSettings(), name="hostile gateway")
+        link.on_control = lambda kind, body: (
+            self.revoked.put_nowait(body) if kind == KIND_REVOKE else None
+        )
+        self.links.put_nowait(link)
+        return link
+
+
+@contextlib.asynccontextmanager
+async def hostile_gateway(site: SitePki) -> AsyncIterator[HostileGateway]:
+    gateway = HostileGateway()
+    ctx = tls.server_context(site.gateway.cert, site.gateway.key, site.ca)
+    server = await asyncio.get_running_loop().create_server(gateway.factory, HOST, 0, ssl=ctx)
+    gateway.port = server.sockets[0].getsockname()[1]
+    try:
+        yield gateway
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def agent_link(
+    site: SitePki, gateway: HostileGateway, trust: LinkTrust
+) -> AsyncIterator[tuple[Link, Link, asyncio.Event]]:
+    """The agent's link to `gateway` (named as the agent names a gateway address) with
+    LinkTrust attached as on link-up; the gateway's end; an Event set when DONE arrives."""
+    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
+    link = await dial(
+        Address(HOST, gateway.port),
+        ctx,
+        LinkSettings(),
+        alpn=wire.ALPN_AGENT,
+        name=f"gateway {HOST}:{gateway.port} at {HOST}",
+        timeout=WAIT,
+    )
+    trust.on_link_up(link)
+    handled = link.on_control
+    assert handled is not None
+    done = asyncio.Event()
+
+    def on_control(kind: str, body: bytes) -> None:
+        handled(kind, body)
+        if kind == DONE:
+            done.set()
+
+    link.on_control = on_control
+    far = await asyncio.wait_for(gateway.links.get(), WAIT)
+    try:
+        yield link, far, done
+    finally:
+        link.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(link.wait_closed(), WAIT)
+
+
+async def flood(far: Link, done: asyncio.Event, refusals: list[Refusal]) -> None:
+    """Send every report, then wait until the agent has handled them all."""
+    for refusal in refusals:
+        far.send_control(KIND_REFUSAL, encode_refusal(refusal))
+    far.send_control(DONE, b"")
+    await asyncio.wait_for(done.wait(), WAIT)
+
+
+def authority_with_trail(site: SitePki, state: Path, audit: AuditLog) -> DeviceAuthority:
+    state.mkdir(exist_ok=True)
+    registry = DeviceRegistry(state / REGISTRY_FILE, site="main")
+    return DeviceAuthority(
+        site="main", ca_key=site.ca_key, ca_cert=site.ca_cert, registry=registry, audit=audit
+    )
+
+
+def refused_events(path: Path) -> list[dict[str, object]]:
+    return [e for e in read_events(path) if e["kind"] == "auth_refused"]
+
+
+def description(event: dict[str, object]) -> str:
+    identification = event["EventIdentification"]
+    assert isinstance(identification, dict)
+    text = identification["EventOutcomeDescription"]
+    assert isinstance(text, str)
+    return text
+
+
+def refused_identity(event: dict[str, object]) -> str:
+    participants = event["ActiveParticipant"]
+    assert isinstance(participants, list)
+    user = participants[0]["UserID"]
+    assert isinstance(user, str)
+    return user
+
+
+def refusals_in(event: dict[str, object]) -> int:
+    """The refusals one audit event stands for: its own, the gateway's suppressed ones,
+    and the earlier ones rate-limited into it."""
+    text = description(event)
+    counts = [int(m.group(1)) for m in (EARLIER.search(text), SUPPRESSED.search(text)) if m]
+    return 1 + sum(counts)
+
+
+async def test_a_refusal_flood_cannot_rotate_the_trail_away(tmp_path: Path) -> None:
+    """2,000 reports (the defaults: a burst of REFUSAL_BURST, then one a minute) leave
+    the agent's own enrollment event in a trail that holds ~160 events, and every
+    report is counted in the one event written for the rest."""
+    site = make_pki(tmp_path / "pki")
+    state = tmp_path / "state"
+    audit = AuditLog(
+        state / AUDIT_FILE,
+        source_id="spiffe://hospital.test/agent/main",
+        max_bytes=MAX_LINE_BYTES,  # the smallest trail there is: 64 KiB and one older file
+        keep=1,
+    )
+    authority = authority_with_trail(site, state, audit)
+    victim = DEVICE + "victim"
+    audit.enrollment(
+        now=dt.datetime.now(dt.UTC),
+        device=victim,
+        token_id="00" * 8,
+        peer=None,
+        outcome=Outcome.SUCCESS,
+        description="the agent's own event",
+    )
+    trust = LinkTrust(authority, list)
+    reports = 2000
+    forged = Refusal("revoked", DEVICE + "radiologist-7", "203.0.113.9:1")
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (_, far, done):
+        await flood(far, done, [forged] * reports)
+        events = read_events(audit.path)
+        assert [e for e in events if e["kind"] == "enrollment"], "the flood rotated it away"
+        assert len(refused_events(audit.path)) == REFUSAL_BURST
+    registry = CollectorRegistry()
+    registry.register(trust.metrics)
+    counted = {
+        result: registry.get_sample_value("relay_refusal_reports_total", {"result": result})
+        for result in ("recorded", "rate_limited", "malformed")
+    }
+    assert counted == {
+        "recorded": REFUSAL_BURST,
+        "rate_limited": reports - REFUSAL_BURST,
+        "malformed": 0,
+    }
+    trust.close()  # at shutdown: what was held back is written, as one event
+    refused = refused_events(audit.path)
+    assert len(refused) == REFUSAL_BURST + 1
+    assert sum(refusals_in(e) for e in refused) == reports
+    assert description(refused[-1]) == (
+        f"revoked ({reports - REFUSAL_BURST - 1} earlier refusals from this gateway"
+        " rate-limited, not audited one by one)"
+    )
+    authority.close()
+
+
+async def test_held_reports_are_written_once_the_bucket_refills(tmp_path: Path) -> None:
+    """No report after the flood: the count still reaches the trail, on a timer, within
+    the bucket (never more events than burst + rate x time)."""
+    site = make_pki(tmp_path / "pki")
+    state = tmp_path / "state"
+    audit = AuditLog(state / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main")
+    authority = authority_with_trail(site, state, audit)
+    per_second = 20.0
+    trust = LinkTrust(authority, list, burst=2, per_second=per_second)
+    loop = asyncio.get_running_loop()
+    reports = [
+        Refusal("revoked", f"{DEVICE}d{i}", "203.0.113.9:1", suppressed=1) for i in range(10)
+    ]
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (_, far, done):
+        started = loop.time()
+        await flood(far, done, reports)
+        await wait_until(
+            lambda: any(refused_identity(e) == f"{DEVICE}d9" for e in refused_events(audit.path))
+        )
+        elapsed = loop.time() - started
+    refused = refused_events(audit.path)
+    assert sum(refusals_in(e) for e in refused) == 2 * len(reports)
+    assert len(refused) <= 2 + per_second * elapsed + 1
+    assert refused_identity(refused[-1]) == f"{DEVICE}d9"  # the last one is the one written
+    trust.close()
+    assert len(refused_events(audit.path)) == len(refused)  # nothing left to write
+    authority.close()
+
+
+async def test_a_redialled_link_gets_no_new_burst(tmp_path: Path) -> None:
+    """The bucket belongs to the gateway address (the link's name), so a gateway that
+    closes its link to be dialled again does not refill it."""
+    site = make_pki(tmp_path / "pki")
+    state = tmp_path / "state"
+    audit = AuditLog(state / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main")
+    authority = authority_with_trail(site, state, audit)
+    trust = LinkTrust(authority, list, burst=3, per_second=1 / 3600)
+    forged = Refusal("revoked", DEVICE + "ws1", "203.0.113.9:1")
+    async with hostile_gateway(site) as gateway:
+        for _ in range(3):
+            async with agent_link(site, gateway, trust) as (_, far, done):
+                await flood(far, done, [forged] * 10)
+    assert len(refused_events(audit.path)) == 3
+    trust.close()
+    (*_, folded) = refused_events(audit.path)
+    assert refusals_in(folded) == 30 - 3
+    authority.close()
+
+
+async def test_without_pki_the_log_is_limited_the_same_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = make_pki(tmp_path / "pki")
+    trust = LinkTrust(None, list, burst=3, per_second=1 / 3600)
+    forged = Refusal("revoked", DEVICE + "ws1", "203.0.113.9:1", suppressed=5)
+    caplog.set_level(logging.WARNING, logger="relay.agent.linktrust")
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (_, far, done):
+        await flood(far, done, [forged] * 100)
+    trust.close()
+    lines = [r for r in caplog.records if r.getMessage() == "a gateway refused a link of this site"]
+    assert [getattr(r, "rate_limited", None) for r in lines] == [0, 0, 0, 96 * 6]
+    assert all(getattr(r, "suppressed", None) == 5 for r in lines)
+
+
+async def test_malformed_reports_are_counted_and_logged_within_the_bucket(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = make_pki(tmp_path / "pki")
+    state = tmp_path / "state"
+    audit = AuditLog(state / AUDIT_FILE, source_id="spiffe://hospital.test/agent/main")
+    authority = authority_with_trail(site, state, audit)
+    trust = LinkTrust(authority, list, burst=2, per_second=1 / 3600)
+    caplog.set_level(logging.WARNING, logger="relay.agent.linktrust")
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (_, far, done):
+        for _ in range(50):
+            far.send_control(KIND_REFUSAL, b"\xff not a report")
+        await flood(far, done, [])
+    trust.close()
+    assert trust.metrics.reports == {"recorded": 0, "rate_limited": 0, "malformed": 50}
+    assert [r.getMessage() for r in caplog.records] == ["malformed refusal report"] * 2
+    assert refused_events(audit.path) == []
+    authority.close()
+
+
+async def test_the_agent_exports_the_counts_and_writes_what_is_held_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    """The whole agent (`run_agent`, `pki:` set) dialling the hostile gateway."""
+    site = make_pki(tmp_path / "pki")
+    reports = 100
+    forged = Refusal("revoked", DEVICE + "ws1", "203.0.113.9:1")
+    async with hostile_gateway(site) as gateway:
+        config = replace(
+            agent_config(site, tmp_path, [gateway.port], {}),
+            pki=PkiFiles(site.ca, site.directory / "ca.key"),
+        )
+        stop = asyncio.Event()
+        started: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            run_agent(config, stop=stop, started=started.set_result, handle_signals=False)
+        )
+        try:
+            agent = await asyncio.wait_for(started, WAIT)
+            far = await asyncio.wait_for(gateway.links.get(), WAIT)
+            await asyncio.wait_for(gateway.revoked.get(), WAIT)  # LinkTrust is on the link
+            for _ in range(reports):
+                far.send_control(KIND_REFUSAL, encode_refusal(forged))
+            metrics = agent.metrics.registry
+
+            def counted(result: str) -> float:
+                value = metrics.get_sample_value("relay_refusal_reports_total", {"result": result})
+                return float(value or 0.0)
+
+            await wait_until(lambda: counted("recorded") + counted("rate_limited") == reports)
+            assert counted("recorded") == REFUSAL_BURST
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+    refused = refused_events(config.state_dir / AUDIT_FILE)
+    assert len(refused) == REFUSAL_BURST + 1
+    assert sum(refusals_in(e) for e in refused) == reports
