@@ -12,6 +12,11 @@ a Cancel, the half-close) goes under one lock, so that no frame lands inside ano
 while a large one waits for credit. A viewer's cancel that comes before the request is
 out (the tunnel may wait for the link, above all for a resumed retrieve) is remembered
 and written right after it.
+
+Time limits follow progress, not size: opening the stream has `open_timeout`; writing the
+request has it per step (each `WRITE_STEP` bytes must find credit within it, however long
+a large upload over a slow uplink takes in all); the final answer's deadline
+(`next_final`) starts once the request is written.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from relay.dicom.codec import (
     PixelMismatchError,
     Request,
     read_payload,
-    write_message,
 )
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
@@ -49,6 +53,9 @@ RESET_CANCEL = int(ErrorCode.CANCEL)  # how we abandon a stream
 # dicom.resume_window), by default and at most.
 RESUME_WINDOW: Final = 30.0
 MAX_RESUME_WINDOW: Final = 3600.0
+# The request is written in steps of this many bytes, each within the session's timeout:
+# a stall fails it, a slow uplink does not.
+WRITE_STEP: Final = 64 * 1024
 
 
 # Resets that say something about the request or the device, not about the path: a
@@ -100,7 +107,9 @@ class Session:
         open_timeout: float,
         follow: Sequence[Message] = (),
     ) -> None:
-        """`follow`: messages written right after the request (a resumed retrieve's Skip)."""
+        """`follow`: messages written right after the request (a resumed retrieve's Skip);
+        `open_timeout` bounds opening the stream, then each step of writing (no credit for
+        that long is a stall), not the whole write."""
         self.loop = loop
         self._follow = tuple(follow)
         self.codec = codec
@@ -115,7 +124,7 @@ class Session:
         self._closed = False
         self._task: asyncio.Future[None] | None = None
         self._writing = asyncio.Lock()  # one writer at a time: frames never interleave
-        self._sent = False  # the request (and `follow`) are written: a Cancel may go
+        self._sent_at: float | None = None  # when the request (and `follow`) were written
         self._cancel_wanted = False  # set by cancel(), from the handler's thread
         self._cancel_sent = False
         self.error_reason = ""
@@ -128,19 +137,20 @@ class Session:
 
     async def _run(self) -> None:
         reason = SessionEnded(st.LINK_LOST, "relay stream ended before the final response")
+        opened: ByteStream | None = None
         try:
             try:
                 async with asyncio.timeout(self._open_timeout):
-                    stream = await self._open_stream(self._headers)
-                    self._stream = stream
-                    async with self._writing:
-                        await write_message(stream, self.codec, self.request)
-                        for extra in self._follow:
-                            await write_message(stream, self.codec, extra)
-                        self._sent = True
-                        if self._cancel_wanted:  # the viewer cancelled while we opened
-                            self._cancel_sent = True
-                            await write_message(stream, self.codec, Cancel())
+                    opened = await self._open_stream(self._headers)
+                stream = self._stream = opened
+                async with self._writing:
+                    for msg in (self.request, *self._follow):
+                        await self._write(stream, msg)
+                    self._sent_at = time.monotonic()
+                    self.inbox.wake()  # next_final's deadline starts now
+                    if self._cancel_wanted:  # the viewer cancelled while we opened
+                        self._cancel_sent = True
+                        await self._write(stream, Cancel())
             except StreamResetError as exc:
                 reason = SessionEnded(
                     st.LINK_LOST,
@@ -148,7 +158,15 @@ class Session:
                     resumable=exc.code not in NOT_RESUMABLE,
                 )
                 return
-            except (TimeoutError, OSError, ConnectionError) as exc:
+            except TimeoutError:
+                if opened is None:
+                    why = f"relay link unavailable: no stream within {self._open_timeout:g} s"
+                else:
+                    opened.reset(RESET_CANCEL)  # a message cut short: the stream is unusable
+                    why = f"relay stream stalled: no credit for {self._open_timeout:g} s"
+                reason = SessionEnded(st.LINK_LOST, why, resumable=True)
+                return
+            except (OSError, ConnectionError) as exc:
                 reason = SessionEnded(
                     st.LINK_LOST, f"relay link unavailable: {_why(exc)}", resumable=True
                 )
@@ -187,18 +205,32 @@ class Session:
             self._end = reason
             self.inbox.close("stream ended")
 
+    async def _write(self, stream: ByteStream, msg: Message) -> None:
+        """Write `msg` (the caller holds `_writing`) within the timeout per `WRITE_STEP`
+        bytes: bounded by progress, so a large upload over a slow uplink goes through
+        and a stream that gets no credit fails."""
+        data = self.codec.encode(msg)
+        limit = self._open_timeout
+        async with asyncio.timeout(limit) as deadline:
+            if len(data) <= WRITE_STEP:
+                await stream.write(data)
+                return
+            view = memoryview(data)
+            for start in range(0, len(data), WRITE_STEP):
+                await stream.write(bytes(view[start : start + WRITE_STEP]))
+                deadline.reschedule(self.loop.time() + limit)
+
     async def _send_cancel(self) -> None:
         """Write the Cancel, once; until the request is out, `_run` writes it after."""
         stream = self._stream
-        if stream is None or not self._sent or self._cancel_sent or self._closed:
+        if stream is None or self._sent_at is None or self._cancel_sent or self._closed:
             return
         async with self._writing:
             if self._cancel_sent or self._closed:
                 return
             self._cancel_sent = True
             try:
-                async with asyncio.timeout(self._open_timeout):
-                    await write_message(stream, self.codec, Cancel())
+                await self._write(stream, Cancel())
             except TimeoutError:
                 stream.reset(RESET_CANCEL)  # a frame cut short: the stream is unusable
             except (StreamResetError, DicomProtocolError):
@@ -241,14 +273,16 @@ class Session:
         return msg
 
     def next_final(self, timeout: float) -> FinalResponse:
-        """Skip to the final response (for echo and store), within `timeout` overall."""
-        deadline = time.monotonic() + timeout
+        """Skip to the final response (for echo and store), within `timeout` of the request
+        being written: the write has its own bound (by progress, in `_run`), so an upload
+        is not cut for taking long to send."""
         while True:
-            left = deadline - time.monotonic()
+            sent = self._sent_at
+            left = timeout if sent is None else sent + timeout - time.monotonic()
             if left <= 0:
                 raise SessionEnded(st.LINK_LOST, "no response from the agent in time")
             try:
-                msg = self.next(left)
+                msg = self.next(left)  # woken when the request is out: the deadline starts
             except TimeoutError:
                 continue
             if isinstance(msg, FinalResponse):

@@ -1,5 +1,6 @@
 """The workstation's side of one relayed operation (relay.dicom.session): a viewer's
-C-CANCEL is never lost, writes on the stream never interleave.
+C-CANCEL is never lost, writes on the stream never interleave, and an upload is bounded by
+its progress, not by its size.
 
 A pynetdicom viewer talks to the node over loopback; the agent is a coroutine at the far
 end of an in-memory stream (relay.net.bytestream.pipe) whose opening can be held back, as
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +40,7 @@ from relay.net.bytestream import ByteStream, pipe
 from relay.proto.errors import ErrorCode
 from relay_dev import samples
 
+from . import viewer
 from .chain import until
 from .helpers import EXPLICIT, query, scu
 
@@ -249,3 +252,135 @@ async def test_a_cancel_during_a_large_request_is_written_after_it_whole() -> No
     final = await asyncio.to_thread(session.next_final, WAIT)
     assert final.status == st.CANCEL
     session.close()
+
+
+# -- uploads: bounded by progress, not by size --------------------------------------------
+
+UPLOAD = samples.make_study(1, rows=1024, cols=1024, seed=3)[0]  # 2 MB, 0.8 MB on the wire
+LIMIT = 1.0  # the node's timeout in these tests (120 s in production)
+# The stream's window: the request is written once its end is in it, up to 0.2 s before
+# the slow agent below has read it.
+WINDOW = 64 * 1024
+
+
+class SlowReader:
+    """The agent's end behind a slow uplink: it takes `piece` bytes every 50 ms, so the
+    workstation gets credit (progress) in small steps."""
+
+    def __init__(self, inner: ByteStream, piece: int) -> None:
+        self.inner = inner
+        self.piece = piece
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.inner.headers
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        await asyncio.sleep(0.05)
+        return await self.inner.read(min(max_bytes, self.piece))
+
+    async def write(self, data: bytes) -> None:
+        await self.inner.write(data)
+
+    async def write_eof(self) -> None:
+        await self.inner.write_eof()
+
+    def reset(self, code: int) -> None:
+        self.inner.reset(code)
+
+
+class StoreAgent:
+    """Reads the upload at `piece` bytes per 50 ms (0: never), then answers after
+    `answer_after` seconds (None: never)."""
+
+    def __init__(self, piece: int, answer_after: float | None) -> None:
+        self.piece = piece
+        self.answer_after = answer_after
+        self.received: float | None = None  # when the whole request had arrived
+        self.request: Request | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def open_stream(self, headers: Mapping[str, str]) -> ByteStream:
+        a, b = pipe(headers, limit=WINDOW)
+        task = asyncio.create_task(self.serve(b))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return a
+
+    async def serve(self, stream: ByteStream) -> None:
+        if not self.piece:
+            await asyncio.Event().wait()  # never reads: no credit, ever
+        codec = MessageCodec()
+        req = await read_message(SlowReader(stream, self.piece), codec)
+        assert isinstance(req, Request)
+        self.request, self.received = req, time.monotonic()
+        if self.answer_after is None:
+            await asyncio.Event().wait()  # never answers
+            return
+        await asyncio.sleep(self.answer_after)
+        await write_message(stream, codec, FinalResponse(st.SUCCESS))
+        await stream.write_eof()
+
+
+async def store(agent: StoreAgent) -> tuple[int, str, float]:
+    """The viewer's C-STORE of UPLOAD: status, comment, and when the answer came."""
+    node = DicomNode(agent.open_stream, listen=("127.0.0.1", 0), timeout=LIMIT)
+    await node.start()
+    try:
+        status = await asyncio.wait_for(
+            asyncio.to_thread(viewer.store, node.address[1], UPLOAD.sop_class,
+                              UPLOAD.sop_instance, UPLOAD.data),
+            60,
+        )  # fmt: skip
+        return int(status.Status), str(status.get("ErrorComment", "")), time.monotonic()
+    finally:
+        await node.stop()
+
+
+async def test_an_upload_longer_than_the_timeout_goes_through_while_it_progresses() -> None:
+    """About 2.5 s of upload with a 1 s timeout, then an answer 0.4 s later: the write is
+    bounded by its progress, and the answer's deadline starts once the request is out."""
+    agent = StoreAgent(piece=16 * 1024, answer_after=LIMIT * 0.4)
+    started = time.monotonic()
+    status, comment, _ = await store(agent)
+    assert (status, comment) == (st.SUCCESS, "")
+    assert agent.received is not None and agent.received - started > 2 * LIMIT
+    assert agent.request is not None and agent.request.dataset == UPLOAD.data
+
+
+async def test_an_upload_without_credit_fails_after_the_timeout() -> None:
+    started = time.monotonic()
+    status, comment, ended = await store(StoreAgent(piece=0, answer_after=None))
+    assert status == st.STORE_OUT_OF_RESOURCES
+    assert comment == "relay stream stalled: no credit for 1 s"
+    assert LIMIT <= ended - started < LIMIT + 3
+
+
+async def test_an_agent_that_never_answers_an_upload_fails_a_timeout_after_it_is_written() -> None:
+    agent = StoreAgent(piece=16 * 1024, answer_after=None)
+    status, comment, ended = await store(agent)
+    assert status == st.STORE_OUT_OF_RESOURCES
+    assert comment == "no response from the agent in time"
+    assert agent.received is not None
+    assert LIMIT * 0.7 <= ended - agent.received < LIMIT + 3
+
+
+async def test_a_stream_that_does_not_open_fails_after_the_timeout() -> None:
+    async def never(headers: Mapping[str, str]) -> ByteStream:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    node = DicomNode(never, listen=("127.0.0.1", 0), timeout=LIMIT)
+    await node.start()
+    started = time.monotonic()
+    try:
+        status = await asyncio.wait_for(
+            asyncio.to_thread(viewer.store, node.address[1], UPLOAD.sop_class,
+                              UPLOAD.sop_instance, UPLOAD.data),
+            60,
+        )  # fmt: skip
+    finally:
+        await node.stop()
+    assert status.Status == st.STORE_OUT_OF_RESOURCES
+    assert status.ErrorComment == "relay link unavailable: no stream within 1 s"
+    assert LIMIT <= time.monotonic() - started < LIMIT + 3
