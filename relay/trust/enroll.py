@@ -14,9 +14,11 @@
    id and secret inside that TLS (and, for a code bound to a directory user, that user's
    password, asked before dialling: getpass, --password-file or --password-stdin),
    and receive the certificate;
-6. check the certificate (our key, our identity, signed by the pinned CA) and write
+6. check the certificate (our key, our identity, signed by the pinned CA) and install
    OUT/device.key (private: 0600, or a user-only ACL on Windows), OUT/device.crt and
-   OUT/ca.crt, each atomically.
+   OUT/ca.crt as one set, the way renewal does (relay.trust.renewal.install): with
+   --force an interruption leaves the identity that was there or, once the new files
+   are all written, the new one completed at the next start; never a mix.
 
 Every failure is an EnrollError whose str() is one line for the user.
 """
@@ -53,6 +55,14 @@ from relay.seal.transport import SealError
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode, encode_secret, parse_code
 from relay.trust.identity import Identity, IdentityError, check_name, identity_from_certificate
+from relay.trust.renewal import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    RenewalError,
+    complete_pending_renewal,
+    install,
+)
 from relay.wire import ALPN_ENROLL, ALPN_ENROLL_SEAL, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 
 __all__ = [
@@ -67,7 +77,7 @@ __all__ = [
 DEFAULT_TIMEOUT: Final = 30.0
 MAX_RESPONSE: Final = 64 * 1024
 MAX_REASON: Final = 300
-IDENTITY_FILES: Final = ("device.crt", "device.key", "ca.crt")
+IDENTITY_FILES: Final = (CERT_FILE, KEY_FILE, CA_FILE)
 PROTOCOL_VERSION: Final = 1
 PINNED_CA_MISMATCH: Final = "the gateway's certificate is not from the pinned CA"
 #: Longest directory password read from a file, stdin or the terminal (characters).
@@ -149,7 +159,12 @@ def verify_gateway(
 def _prepare_dir(out_dir: Path, force: bool) -> None:
     """Create OUT (private: 0700, a user-only ACL on Windows) and prove it is writable
     before the code is spent; refuse to replace an identity already there unless `force`
-    (it may be the one in use)."""
+    (it may be the one in use). An install that was interrupted is finished first, so the
+    identity it leaves counts as present."""
+    try:
+        complete_pending_renewal(out_dir)
+    except OSError as exc:
+        raise EnrollError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     present = [name for name in IDENTITY_FILES if (out_dir / name).exists()]
     if present and not force:
         raise EnrollError(
@@ -345,12 +360,10 @@ async def _exchange(
     cert = _load_pem_cert(answer.get("cert_pem"), "certificate")
     _check_issued(cert, key.public_key(), identity, ca)
     try:
-        pki.write_key(out_dir / "device.key", key)
-        pki.write_cert(out_dir / "device.crt", cert)
-        pki.write_cert(out_dir / "ca.crt", ca)
-    except pki.PkiError as exc:
+        install(out_dir, key, cert, ca)
+    except RenewalError as exc:
         raise EnrollError(str(exc)) from None
-    return out_dir / "device.crt"
+    return out_dir / CERT_FILE
 
 
 async def _seal(outer: ByteStream, ca: x509.Certificate, trust_domain: str, site: str) -> Stream:

@@ -74,8 +74,9 @@ EXCHANGE_TIMEOUT: Final = 30.0
 CERT_FILE: Final = "device.crt"
 KEY_FILE: Final = "device.key"
 CA_FILE: Final = "ca.crt"
-# Written completely before either real file is replaced (see `install`).
+# Written completely before any real file is replaced (see `install`).
 PENDING_KEY: Final = ".device.key.pending"
+PENDING_CA: Final = ".ca.crt.pending"
 PENDING_CERT: Final = ".device.crt.pending"
 
 #: Opens a stream on the current link (relay.net.aio.Link.open_stream fits).
@@ -123,37 +124,53 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def install(identity_dir: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-    """Replace device.key and device.crt so that a crash at any point leaves a usable pair.
+def install(
+    identity_dir: Path,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    ca: x509.Certificate | None = None,
+) -> None:
+    """Replace device.key, device.crt and (given `ca`: enrollment) ca.crt as one set, so
+    that a crash at any point leaves a usable identity: renewal and `relay enroll` share it.
 
-    Both new files are first written completely (and fsynced) under pending names; then
-    the key is renamed into place, then the certificate. A crash between the two renames
-    leaves the new key with the old certificate and the pending certificate beside
-    them: `complete_pending_renewal` (called before every load) finishes the job.
+    All new files are first written completely (and fsynced) under pending names, the
+    certificate last; then the key is renamed into place, then the CA, then the
+    certificate. A crash between the renames leaves the new key beside the old
+    certificate and the pending certificate: `complete_pending_renewal` (called before
+    every load, and by `relay workstation` at start) finishes the job.
     """
     d = Path(identity_dir)
     try:
         pki.write_key(d / PENDING_KEY, key)
+        if ca is not None:
+            pki.write_cert(d / PENDING_CA, ca)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (d / PENDING_CA).unlink()  # not part of this set
         pki.write_cert(d / PENDING_CERT, cert)
         os.replace(d / PENDING_KEY, d / KEY_FILE)
+        if ca is not None:
+            os.replace(d / PENDING_CA, d / CA_FILE)
         os.replace(d / PENDING_CERT, d / CERT_FILE)
     except (pki.PkiError, OSError) as exc:
-        raise RenewalError(f"cannot install the renewed certificate in {d}: {exc}") from None
+        raise RenewalError(f"cannot install the new identity in {d}: {exc}") from None
     _fsync_dir(d)
 
 
 def complete_pending_renewal(identity_dir: Path) -> str | None:
-    """Finish or undo an `install` that a crash interrupted.
+    """Finish or undo an `install` (renewal or enrollment) that a crash interrupted.
 
     Returns "completed", "discarded" or None (nothing pending). Safe to call always.
     """
     d = Path(identity_dir)
-    pending_key, pending_cert = d / PENDING_KEY, d / PENDING_CERT
-    if not pending_cert.exists():
-        with contextlib.suppress(FileNotFoundError):
-            pending_key.unlink()  # the crash came before the certificate was written
-            return "discarded"
-        return None
+    pending_key, pending_ca, pending_cert = d / PENDING_KEY, d / PENDING_CA, d / PENDING_CERT
+    if not pending_cert.exists():  # the crash came before the certificate was written
+        discarded = False
+        for path in (pending_key, pending_ca):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                discarded = True
+        return "discarded" if discarded else None
     try:
         cert = pki.load_cert(pending_cert)
         key = pki.load_key(pending_key if pending_key.exists() else d / KEY_FILE)
@@ -161,12 +178,14 @@ def complete_pending_renewal(identity_dir: Path) -> str | None:
     except (pki.PkiError, AssertionError):
         matches = False
     if not matches:
-        for path in (pending_key, pending_cert):
+        for path in (pending_key, pending_ca, pending_cert):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return "discarded"
     if pending_key.exists():
         os.replace(pending_key, d / KEY_FILE)
+    if pending_ca.exists():
+        os.replace(pending_ca, d / CA_FILE)
     os.replace(pending_cert, d / CERT_FILE)
     _fsync_dir(d)
     return "completed"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +42,7 @@ from relay.trust import pki
 from relay.trust.codes import EnrollmentCode, new_secret
 from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
 from relay.trust.identity import Identity, identity_from_certificate
+from relay.trust.renewal import complete_pending_renewal
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
 from tests.ends_helpers import running_gateway
 from tests.pki_helpers import HOST, SitePki, make_pki
@@ -319,6 +322,73 @@ def test_run_enroll_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("relay enroll: ")
+
+
+# --- --force replaces the identity as a set -------------------------------------------
+
+
+def identity_files(directory: Path) -> dict[str, bytes]:
+    return {n: (directory / n).read_bytes() for n in ("device.crt", "device.key", "ca.crt")}
+
+
+async def test_force_interrupted_while_writing_keeps_the_identity_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new certificate cannot be written (disk full): the identity already there is
+    kept whole (not the new key beside the old certificate), and nothing is left over."""
+    async with stand_in(tmp_path) as server:
+        out = tmp_path / "identity"
+        await enroll(server.code(), out, timeout=WAIT)
+        before = identity_files(out)
+        write_cert = pki.write_cert
+
+        def disk_full(path: Path, cert: Any, **kwargs: Any) -> None:
+            if "device.crt" in Path(path).name:
+                raise pki.PkiError(f"cannot write {path}: No space left on device")
+            write_cert(path, cert, **kwargs)
+
+        monkeypatch.setattr(pki, "write_cert", disk_full)
+        with pytest.raises(EnrollError, match="No space left on device"):
+            await enroll(server.code(), out, timeout=WAIT, force=True)
+        monkeypatch.undo()
+        assert complete_pending_renewal(out) in (None, "discarded")  # the next start
+        assert identity_files(out) == before
+        assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "device.crt", "device.key"]
+        tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
+
+
+async def test_force_interrupted_between_renames_is_completed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enrolling at another site with --force, stopped after the new key (and CA) were
+    renamed into place but before the certificate: the code is spent, and the next start
+    puts the new certificate beside them, never a mixed identity."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out = tmp_path / "identity"
+    async with stand_in(tmp_path / "a") as first:
+        await enroll(first.code(), out, timeout=WAIT)
+    replace = os.replace
+
+    def interrupted(src: Any, dst: Any) -> None:
+        if Path(dst).name == "device.crt":
+            raise OSError(errno.EIO, "interrupted")
+        replace(src, dst)
+
+    async with stand_in(tmp_path / "b") as second:
+        monkeypatch.setattr(os, "replace", interrupted)
+        with pytest.raises(EnrollError):
+            await enroll(second.code(), out, timeout=WAIT, force=True)
+        monkeypatch.undo()
+        assert [o.result for o in second.outcomes] == ["ok"]
+        assert complete_pending_renewal(out) == "completed"  # what the next start does
+        cert = pki.load_cert(out / "device.crt")
+        assert pki.load_key(out / "device.key").public_key() == cert.public_key()
+        assert pki.load_cert(out / "ca.crt") == second.site.ca_cert
+        cert.verify_directly_issued_by(second.site.ca_cert)
+        row = second.registry.get_device("ws1")
+        assert row is not None and row.serial == format(cert.serial_number, "x")
+        tls.client_context(out / "device.crt", out / "device.key", out / "ca.crt")
 
 
 # --- through the real gateway -----------------------------------------------------------

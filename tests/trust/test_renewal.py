@@ -40,6 +40,7 @@ from relay.proto import LinkSettings
 from relay.trust import pki
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.renewal import (
+    PENDING_CA,
     PENDING_CERT,
     PENDING_KEY,
     RenewalError,
@@ -558,6 +559,36 @@ def test_install_and_recovery_states(site: Site) -> None:
     pki.write_cert(d / PENDING_CERT, stray)
     assert complete_pending_renewal(d) == "discarded"
     assert files(d) == current
+
+
+def test_install_with_a_ca_and_its_recovery(site: Site, tmp_path: Path) -> None:
+    """Enrollment installs ca.crt in the same set (relay enroll --force at another site)."""
+    d = site.identity_dir
+    other = make_pki(tmp_path / "other")
+    key = pki.generate_key()
+    cert = pki.issue_certificate(other.ca_key, other.ca_cert, key.public_key(), WS1, 30 * DAY)
+    current = files(d)
+
+    # Crash before the certificate was written: the new key and CA are dropped.
+    pki.write_key(d / PENDING_KEY, key)
+    pki.write_cert(d / PENDING_CA, other.ca_cert)
+    assert complete_pending_renewal(d) == "discarded"
+    assert files(d) == current and sorted(p.name for p in d.iterdir()) == sorted(current)
+
+    # Crash after the key was renamed: the CA and the certificate follow it.
+    pki.write_key(d / "device.key", key)
+    pki.write_cert(d / PENDING_CA, other.ca_cert)
+    pki.write_cert(d / PENDING_CERT, cert)
+    assert complete_pending_renewal(d) == "completed"
+    assert pki.load_cert(d / "device.crt") == cert and pki.load_cert(d / "ca.crt") == other.ca_cert
+
+    # A whole install; then a renewal's install (no CA) leaves ca.crt alone.
+    install(d, key, cert, other.ca_cert)
+    assert sorted(p.name for p in d.iterdir()) == sorted(current)
+    key2, cert2 = _new_pair(site)
+    pki.write_cert(d / PENDING_CA, site.pki.ca_cert)  # a stray from another attempt
+    install(d, key2, cert2)
+    assert pki.load_cert(d / "ca.crt") == other.ca_cert and not (d / PENDING_CA).exists()
 
 
 async def test_renew_completes_an_interrupted_install_first(site: Site) -> None:
