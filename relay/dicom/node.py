@@ -24,6 +24,10 @@ each instance once. An instance cut by the drop was never decoded, so it is fetc
 whole. If no stream carries the retrieve on within `resume_window` seconds, the operation
 ends with a failure status and failed counts (never success for a partial retrieval), and
 every wait is bounded. A DICOM failure from the PACS is reported, never resumed.
+
+Stopping drains (`drain(grace)`, from the workstation's shutdown while its session still
+carries streams): new associations are refused at once, the requests already received
+run to their last response within the grace, and only what is left is aborted.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ _POLL: Final = 0.1  # how often a handler pausing between resumes looks at the v
 # came a moment before pynetdicom recorded the C-CANCEL.
 _LOOK: Final = 1.0
 _C_CANCEL: Final = 0x0FFF  # Command Field of C-CANCEL-RQ
+# Command Fields of the requests a viewer sends us (C-STORE, C-GET, C-FIND, C-MOVE,
+# C-ECHO); each one's response has bit 15 set.
+_REQUESTS: Final = frozenset({0x0001, 0x0010, 0x0020, 0x0021, 0x0030})
+_RESPONSE: Final = 0x8000
+_PENDING: Final = frozenset({0xFF00, 0xFF01})
+_DRAIN_POLL: Final = 0.05  # how often a drain looks whether the operations are done
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
@@ -167,10 +177,14 @@ class DicomNode:
         }
         self._ae: AE | None = None
         self._server: Any = None
+        self._listening = False  # until drain() closes the listener
         # The sessions of running operations, for stop(); a session leaves the set when
         # its handler lets go of it (no callback from the session back into the node).
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
+        # The viewers' requests not yet finally answered, per association (for drain()):
+        # from pynetdicom's receipt of the request to its sending of the last response.
+        self._requests: dict[Any, set[int]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -199,9 +213,10 @@ class DicomNode:
         handlers: list[Any] = [
             contexts.NODELAY,
             (evt.EVT_DIMSE_RECV, self._on_dimse),
-            (evt.EVT_ABORTED, self._wake),
-            (evt.EVT_RELEASED, self._wake),
-            (evt.EVT_CONN_CLOSE, self._wake),
+            (evt.EVT_DIMSE_SENT, self._on_sent),
+            (evt.EVT_ABORTED, self._ended),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_CONN_CLOSE, self._ended),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
@@ -216,9 +231,37 @@ class DicomNode:
         self._server = await asyncio.to_thread(
             ae.start_server, self.listen, block=False, evt_handlers=handlers, contexts=supported
         )
+        self._listening = True
         announce("dicom", self.address, ae_title=self.ae_title)
 
+    async def drain(self, grace: float) -> None:
+        """Stop as a drain should: refuse new associations at once, let the requests
+        already received run to their last response within `grace` seconds, then stop
+        (which aborts what is left). The relay session must still take streams meanwhile:
+        a retrieval may need to resume, a viewer to send its next request."""
+        server = self._server if self._listening else None
+        self._listening = False
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)  # the listener; associations stay
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, grace)
+        # Polled: the count changes on pynetdicom's threads, which stay free of loop calls.
+        while self.requests_open() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_DRAIN_POLL)
+        left = self.requests_open()
+        if left:
+            log.warning("drain grace over: aborting %d DICOM operations", left)
+        await self.stop()
+
+    def requests_open(self) -> int:
+        """Viewers' requests received and not yet finally answered."""
+        with self._sessions_lock:
+            for assoc in [a for a in self._requests if not a.is_established]:
+                del self._requests[assoc]
+            return sum(len(ids) for ids in self._requests.values())
+
     async def stop(self) -> None:
+        """Abort every operation and association now (drain() first waits for them)."""
         with self._sessions_lock:
             sessions = list(self._sessions)
         for s in sessions:
@@ -271,10 +314,38 @@ class DicomNode:
     # -- handlers (pynetdicom threads) --------------------------------------------
 
     def _on_dimse(self, event: Any) -> None:
-        """A viewer's C-CANCEL: wake the handlers waiting on the agent (they check whose)."""
+        """A viewer's request: count it open (for drain). Its C-CANCEL: wake the handlers
+        waiting on the agent (they check whose)."""
         command = getattr(event.message, "command_set", None)
-        if command is not None and command.get("CommandField") == _C_CANCEL:
+        if command is None:
+            return
+        field = command.get("CommandField")
+        if field == _C_CANCEL:
             self._wake(event)
+        elif field in _REQUESTS and event.assoc.is_acceptor:
+            with self._sessions_lock:
+                self._requests.setdefault(event.assoc, set()).add(int(command.MessageID))
+
+    def _on_sent(self, event: Any) -> None:
+        """Our last response to a viewer's request (not Pending): no longer open."""
+        command = getattr(event.message, "command_set", None)
+        if command is None:
+            return
+        field = command.get("CommandField")
+        if not isinstance(field, int) or not field & _RESPONSE:
+            return
+        if (field & ~_RESPONSE) not in _REQUESTS or command.get("Status") in _PENDING:
+            return
+        with self._sessions_lock:
+            ids = self._requests.get(event.assoc)
+            if ids is not None:
+                ids.discard(int(command.MessageIDBeingRespondedTo))
+
+    def _ended(self, event: Any) -> None:
+        """A viewer's association ended: nothing more to answer on it; wake its handlers."""
+        with self._sessions_lock:
+            self._requests.pop(event.assoc, None)
+        self._wake(event)
 
     def _wake(self, event: Any) -> None:
         """Some viewer cancelled or left: every waiting handler looks whether it was its own."""

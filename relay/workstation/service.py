@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.dicom.offer import CodecOffer
 from relay.net.backoff import ExponentialBackoff, Uniform
@@ -62,8 +62,10 @@ from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from relay.dicom.node import DicomNode
     from relay.ops.control import ControlServer
     from relay.workstation.cache.service import WorkstationCache
+    from relay.workstation.dicomweb.server import DicomwebServer
 
 __all__ = ["Workstation", "dicom_node", "dicomweb_server", "run", "run_workstation"]
 
@@ -80,6 +82,12 @@ RESTART_ONLY = (
     "gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward", "dicomweb",
     "cache", "prefetch",
 )  # fmt: skip
+
+
+class Draining(Protocol):
+    """A local server that can drain: refuse new work, finish what runs within `grace`."""
+
+    async def drain(self, grace: float) -> None: ...
 
 
 class Workstation:
@@ -145,6 +153,7 @@ class Workstation:
         self.metrics.registry.register(self.reloads)
         self.reload_error: str | None = None  # why the last reload failed
         self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
+        self._drain_deadline: float | None = None  # loop time: one grace for every drain
 
     def _revoked(self, reason: str) -> None:
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
@@ -264,8 +273,26 @@ class Workstation:
         log.info("reloaded configuration and certificates")
         return True
 
+    def _grace_left(self, grace: float) -> float:
+        """The drain's grace, counted once from its start, whichever part starts it."""
+        now = asyncio.get_running_loop().time()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + grace
+            log.info("workstation draining", extra={"grace_s": grace})
+        return max(0.0, self._drain_deadline - now)
+
+    async def drain(self, grace: float, *servers: Draining | None) -> None:
+        """Stop accepting anywhere, and drain the local servers (DICOM node, DICOMweb)
+        within `grace` while the sealed session still carries their streams (a retrieval
+        that resumes, a viewer's next request on its open association). run_workstation
+        calls this before it stops those servers, which abort what is left; shutdown()
+        then drains the port forwards in the rest of the same grace."""
+        grace = self._grace_left(grace)
+        await self.forwarder.stop_accepting()
+        await asyncio.gather(*(s.drain(grace) for s in servers if s is not None))
+
     async def shutdown(self, grace: float) -> None:
-        log.info("workstation draining", extra={"grace_s": grace})
+        grace = self._grace_left(grace)
         if self._renewal_task is not None:
             self._renewal_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -324,7 +351,7 @@ async def dicom_node(
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
     offer: CodecOffer | None = None,
-) -> AsyncIterator[object | None]:
+) -> AsyncIterator[DicomNode | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
         yield None
@@ -357,7 +384,7 @@ async def dicomweb_server(
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
     offer: CodecOffer | None = None,
-) -> AsyncIterator[object | None]:
+) -> AsyncIterator[DicomwebServer | None]:
     """The DICOMweb server (and the viewer) when `dicomweb:` is configured, else None."""
     if config.dicomweb is None:
         yield None
@@ -410,8 +437,13 @@ async def run_workstation(
         if with_dicom:
             cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
             paths = (workstation.tunnel, workstation.metrics, cache, workstation.codec_offer)
-            await stack.enter_async_context(dicom_node(config, *paths))
-            await stack.enter_async_context(dicomweb_server(config, *paths))
+            node = await stack.enter_async_context(dicom_node(config, *paths))
+            web = await stack.enter_async_context(dicomweb_server(config, *paths))
+            # Exits run last first: this drain comes before the node and the server stop
+            # (they abort what is left) and before shutdown stops the sealed session.
+            stack.push_async_callback(
+                lambda: workstation.drain(workstation.config.drain_grace, node, web)
+            )
         if config.metrics_listen is not None:
             admin = AdminServer(
                 config.metrics_listen, workstation.metrics.registry, workstation.readiness

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.codecs import CODECS
@@ -450,6 +450,68 @@ async def test_stopping_the_node_mid_retrieval_does_not_hang() -> None:
     assert result.statuses, "the viewer got no answer at all"
     assert "Status" not in result.final or result.final.Status != 0
     assert len(result.received) < len(study)
+
+
+async def test_a_drain_refuses_new_associations_and_lets_a_retrieval_finish() -> None:
+    study = samples.make_study(16, rows=16, cols=16, seed=38)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.05) as slow:
+        c = Chain(pacs_target(slow))
+        node = await c.start()
+        try:
+            task = asyncio.create_task(
+                asyncio.to_thread(
+                    viewer.get, c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES
+                )
+            )
+            await until(lambda: slow.events.instances_sent >= 2)
+            drained = asyncio.create_task(node.drain(30.0))
+            await until(lambda: not viewer.associates(c.port))  # the listener is closed at once
+            result = await asyncio.wait_for(task, 30)
+            await asyncio.wait_for(drained, 5)  # and the drain ends with the retrieval
+        finally:
+            await c.stop()
+    assert result.final.Status == 0 and len(result.received) == len(study)
+    assert slow.events.instances_sent < len(study) + 2  # not started again
+
+
+async def test_a_drain_aborts_what_is_left_when_the_grace_runs_out() -> None:
+    study = samples.make_study(30, rows=16, cols=16, seed=39)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.1) as slow:
+        c = Chain(pacs_target(slow))
+        node = await c.start()
+        try:
+            task = asyncio.create_task(
+                asyncio.to_thread(
+                    viewer.get, c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES
+                )
+            )
+            await until(lambda: slow.events.instances_sent >= 2)
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(node.drain(0.5), 10)
+            assert asyncio.get_running_loop().time() - started < 3
+            result = await asyncio.wait_for(task, 30)
+        finally:
+            await c.stop()
+    assert "Status" not in result.final or result.final.Status != 0  # never a success
+    assert len(result.received) < len(study)
+
+
+async def test_a_drain_does_not_wait_for_an_idle_association(chain: Chain) -> None:
+    """A viewer that keeps its association open between requests does not hold the drain:
+    nothing of it is unanswered, so the drain ends at once and the association is cut."""
+    node = chain.node
+    assert node is not None
+    assoc = AE(ae_title="VIEWER").associate(
+        "127.0.0.1", chain.port, contexts=[build_context(Verification)], ae_title="RELAY"
+    )
+    assert assoc.is_established
+    assert (await asyncio.to_thread(assoc.send_c_echo)).Status == 0
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(node.drain(30.0), 5)
+    assert asyncio.get_running_loop().time() - started < 2
+    await until(lambda: not assoc.is_established)
 
 
 async def test_node_settings_are_checked() -> None:

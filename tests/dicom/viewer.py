@@ -32,6 +32,17 @@ class GetResult:
         return [s for s in self.statuses if s.Status == 0xFF00]
 
 
+def associates(port: int) -> bool:
+    """Whether the node accepts an association now (released at once)."""
+    assoc = scu("VIEWER", timeout=5).associate(
+        "127.0.0.1", port, contexts=[build_context(Verification)], ae_title="RELAY"
+    )
+    if not assoc.is_established:
+        return False
+    assoc.release()
+    return True
+
+
 def echo(port: int) -> Dataset:
     assoc = scu("VIEWER").associate(
         "127.0.0.1", port, contexts=[build_context(Verification)], ae_title="RELAY"

@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 
 from relay.agent.service import run_agent
+from relay.dicom import rawds
 from relay.dicom.pacs_target import PacsTarget
 from relay.ops.config import Address
 from relay.workstation.config import DicomNodeConfig
+from relay.workstation.service import run_workstation
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from tests.dicom import viewer
+from tests.dicom.helpers import EXPLICIT, query
 from tests.ends_helpers import (
     WAIT,
     agent_config,
@@ -126,3 +132,59 @@ async def test_c_echo_from_a_viewer_reaches_the_pacs(tmp_path: Path) -> None:
                 await asyncio.wait_for(agent, WAIT)
     finally:
         pacs.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_a_stop_lets_a_dicom_retrieval_finish_within_the_drain_grace(
+    tmp_path: Path,
+) -> None:
+    """Stopping the workstation mid C-GET: new associations are refused at once, the
+    retrieval runs to its end over the sealed session (the README's "open streams finish
+    within drain_grace"), and only then does the workstation exit 0."""
+    study = samples.make_study(12, rows=16, cols=16, seed=91)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    pki = make_pki(tmp_path / "pki")
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.1) as pacs:
+        async with running_gateway(pki, tmp_path) as gw:
+            a_config = dataclasses.replace(
+                agent_config(pki, tmp_path, [gw.port], {}),
+                pacs=PacsTarget("RELAYPACS", HOST, pacs.port, move_listen=None, timeout=10.0),
+            )
+            stop_agent = asyncio.Event()
+            agent = asyncio.create_task(run_agent(a_config, stop=stop_agent, handle_signals=False))
+            w_config = dataclasses.replace(
+                workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port,
+                                   drain_grace=20.0),
+                dicom=DicomNodeConfig(Address(HOST, 0), "RELAY"),
+            )  # fmt: skip
+            stop = asyncio.Event()
+            started: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            try:
+                with announced() as seen:
+                    ws = asyncio.create_task(
+                        run_workstation(
+                            w_config, stop=stop, started=started.set_result, handle_signals=False
+                        )
+                    )
+                    await asyncio.wait_for(started, WAIT)
+                    port = seen.bound("dicom", ae_title="RELAY").port
+                await wait_until(lambda: gw.server.router.sites() == ["main"])
+                get = asyncio.create_task(
+                    asyncio.to_thread(
+                        viewer.get,
+                        port,
+                        query("STUDY", StudyInstanceUID=uid),
+                        classes=[samples.CT_IMAGE_STORAGE],
+                    )
+                )
+                await wait_until(lambda: pacs.events.instances_sent >= 2)
+                stop.set()
+                await wait_until(lambda: not viewer.associates(port))
+                assert not ws.done()
+                result = await asyncio.wait_for(get, WAIT)
+                assert await asyncio.wait_for(ws, WAIT) == 0
+            finally:
+                stop.set()
+                stop_agent.set()
+                await asyncio.wait_for(agent, WAIT)
+    assert result.final.Status == 0 and len(result.received) == len(study)

@@ -114,6 +114,20 @@ class DicomwebServer:
         self.service.base_url = self.url
         announce("dicomweb", self.address)
 
+    async def drain(self, grace: float) -> None:
+        """Stop as a drain should: refuse new connections at once, let the requests under
+        way finish within `grace` seconds (their retrievals keep running meanwhile), then
+        stop, which cancels what is left. Idle keep-alive connections close at once."""
+        runner = self._runner
+        if runner is not None:
+            for site in list(runner.sites):
+                await site.stop()
+            server = runner.server
+            if server is not None:
+                server.pre_shutdown()  # each connection closes once its response is sent
+                await server.shutdown(max(0.0, grace))  # then cancels the handlers left
+        await self.stop()
+
     async def stop(self) -> None:
         if self.service.headfirst is not None:
             await self.service.headfirst.close()

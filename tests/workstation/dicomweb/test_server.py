@@ -424,3 +424,40 @@ async def test_a_series_larger_than_the_holding_area_fails_507(
             await get(what)
     assert srv.service.retriever.flights == {}  # failed flights are forgotten
     assert srv.service.retriever.held <= srv.service.retriever.hold_size
+
+
+async def test_a_drain_refuses_new_connections_and_lets_a_retrieval_finish(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """Stopping the workstation: the series a browser is receiving still comes whole
+    (stop() alone would cancel its retrieval: 503), new connections are refused."""
+    srv, source = server
+    source.release.clear()
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    answer = asyncio.ensure_future(get(url))
+    await asyncio.sleep(0.2)  # the request is in, its retrieval waits for the PACS
+    drained = asyncio.ensure_future(srv.drain(10.0))
+    await asyncio.sleep(0.2)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(f"{srv.url}/studies?PatientName=X")
+    assert not drained.done()
+    source.release.set()
+    status, headers, body = await asyncio.wait_for(answer, 10)
+    await asyncio.wait_for(drained, 5)
+    assert status == 200
+    assert [p[part10.split(p)[1] :] for _, p in parts(headers, body)] == [i.data for i in CT]
+
+
+async def test_a_drain_cancels_what_is_left_when_the_grace_runs_out(
+    server: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = server
+    source.release.clear()
+    answer = asyncio.ensure_future(get(f"{srv.url}/studies/{STUDY}/series/{SERIES}"))
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(srv.drain(0.3), 10)
+    assert asyncio.get_running_loop().time() - started < 3
+    with contextlib.suppress(aiohttp.ClientError):
+        status, _, _ = await asyncio.wait_for(answer, 10)
+        assert status != 200  # never a whole answer
