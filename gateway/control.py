@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import RateLimiter
 from gateway.router import Router
 from relay.net.aio import Link
+from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode, LinkClosedError
 from relay.trust.identity import Identity
 from relay.trust.revocation import (

@@ -11,9 +11,9 @@ import logging
 import re
 
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import RateLimiter
 from gateway.router import Router
 from relay.net.aio import Link, Stream
+from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode
 from relay.wire import HEADER_PEER, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
 

@@ -27,10 +27,10 @@ from typing import Final
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.ratelimit import RateLimiter
 from relay.agent.authority import DeviceAuthority
 from relay.agent.registry import RegistryError
 from relay.net.aio import Link
+from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode, LinkClosedError
 from relay.trust.revocation import Refusal, RevocationError, decode_refusal, encode_revocations
 from relay.wire import KIND_REFUSAL, KIND_REVOKE

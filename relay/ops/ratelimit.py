@@ -1,4 +1,5 @@
-"""Per-key token buckets with a bounded table: enrollment attempts per source address.
+"""Per-key token buckets with a bounded table: enrollment attempts per source address (the
+gateway), refusal reports per gateway (the agent).
 
 Time is passed in. When the table is full the least recently seen key is forgotten, so
 a flood of addresses costs bounded memory (and at worst forgives an old address).

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.ratelimit import RateLimiter
+from relay.ops.ratelimit import RateLimiter
 
 
 def test_burst_then_refill() -> None:
