@@ -56,6 +56,13 @@ class ReceiveWindow:
             return self.flush()
         return 0
 
+    def return_now(self, n: int) -> int:
+        """Credit for n bytes to grant at once, with what was batched: bytes the
+        receiver keeps but does not count against this window (the link's window, for
+        what a widened stream holds beyond its base window)."""
+        self.pending += n
+        return self.flush()
+
     def flush(self) -> int:
         granted, self.pending = self.pending, 0
         self.available += granted

@@ -8,6 +8,11 @@ The application drives it with `receive_data(data, now)` and the `send_*`/`open_
 calls, and after each call writes `data_to_send()` to its transport. Received data
 is credit the peer spent; it comes back only through `acknowledge_received_data`, so
 an application that stops reading stops its peer, and a buffer never grows past a window.
+
+A stream widened with `grow_window` holds link credit for at most one base stream window
+of unread data; the link credit of its unread bytes beyond that is returned on arrival,
+and `extra_window_limit` bounds what all widened streams may hold beyond it. So a few
+stalled wide streams cannot take the whole link window from the others (see grow_window).
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ class Connection:
         self._peer_max_streams = fr.DEFAULT_MAX_STREAMS
         self._send_link = SendWindow(fr.DEFAULT_LINK_WINDOW)
         self._recv_link = ReceiveWindow.of(self.settings.link_window)
+        # Extra receive window given with grow_window, per stream, until the stream can
+        # hold no more than its base window unread (see _settle_extra); at most
+        # extra_window_limit in all, so the memory of a link's unread data stays below
+        # link_window + extra_window_limit.
+        self._extra: dict[int, int] = {}
+        self.extra_window_limit = self.settings.link_window
         self._decoder = fr.FrameDecoder(self.settings.max_frame)
         self._settings_received = False
         # DATA waits here, per stream, until data_to_send() takes it in priority order.
@@ -126,6 +137,12 @@ class Connection:
         if stream is None or stream.local_closed or self.terminated:
             return 0
         return min(stream.send.credit, self._send_link.credit)
+
+    @property
+    def extra_window_held(self) -> int:
+        """Extra window (grow_window) of the streams that may still hold more than their
+        base window unread: what extra_window_limit is measured against."""
+        return sum(self._extra.values())
 
     @property
     def free_local_streams(self) -> int:
@@ -276,28 +293,40 @@ class Connection:
             # Closed both ways already: nothing to tell the peer, but unread data's
             # credit must still come back.
             unread = self._closed_unacked.pop(stream_id, 0)
+            self._extra.pop(stream_id, None)
             if unread:
-                self._return_link_credit(unread)
+                self._return_link_credit(self._charged(unread))
             return
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
         if not self._is_local(stream_id):
             self.replies_queued += _RESET_SIZE
 
-    def grow_window(self, stream_id: int, extra: int) -> None:
+    def grow_window(self, stream_id: int, extra: int) -> bool:
         """Widen one stream's receive window by `extra` bytes for good (WINDOW_UPDATE),
         so that a stream that must not wait on credit (a viewer's, behind a full link)
-        has more in flight than the link's buffers hold. Capped at the protocol maximum;
-        a stream not open, or closed for receiving, is ignored."""
+        has more in flight than the link's buffers hold. True if granted.
+
+        The extra is the stream's own: link credit is held for at most one base stream
+        window (`settings.stream_window`) of its unread bytes and returned on arrival for
+        the rest, so a wide stream whose reader stalls takes no more of the link window
+        than any other, and the others keep their share. What that lets the peer buffer
+        here beyond the link window is bounded: all-or-nothing, only while the extra of
+        the wide streams still open (or closed with more than a base window unread) stays
+        within `extra_window_limit`. Refused (False) beyond it, beyond the protocol
+        maximum, and for a stream not open or closed for receiving."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_closed or self.terminated or extra <= 0:
-            return
-        extra = min(extra, fr.MAX_WINDOW - stream.recv.size)
-        if extra <= 0:
-            return
+            return False
+        if extra > fr.MAX_WINDOW - stream.recv.size:
+            return False
+        if self.extra_window_held + extra > self.extra_window_limit:
+            return False
+        self._extra[stream_id] = self._extra.get(stream_id, 0) + extra
         stream.recv.size += extra
         stream.recv.available += extra
         self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, extra))
+        return True
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """The application consumed `size` bytes of the stream: return that credit."""
@@ -305,11 +334,14 @@ class Connection:
             return
         stream = self._streams.get(stream_id)
         if stream is not None:
-            size = min(size, stream.unacked)
+            left = stream.unacked
+            size = min(size, left)
             stream.unacked -= size
             grant = stream.recv.consume(size)
             if grant and not stream.remote_closed:
                 self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, grant))
+            if stream.remote_closed:
+                self._settle_extra(stream_id, stream.unacked)
         elif stream_id in self._closed_unacked:
             left = self._closed_unacked[stream_id]
             size = min(size, left)
@@ -317,9 +349,11 @@ class Connection:
                 del self._closed_unacked[stream_id]
             else:
                 self._closed_unacked[stream_id] = left - size
+            self._settle_extra(stream_id, left - size)
         else:
             return
-        self._return_link_credit(size)
+        # Only the part that held link credit: the rest went back on arrival (_on_data).
+        self._return_link_credit(self._charged(left) - self._charged(left - size))
 
     def send_control(self, kind: str, body: bytes) -> None:
         if self.terminated:
@@ -413,9 +447,28 @@ class Connection:
         return stream_id <= self._highest_remote_id
 
     def _return_link_credit(self, size: int) -> None:
+        if size <= 0:
+            return
         grant = self._recv_link.consume(size)
         if grant:
             self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
+
+    def _refund_link_credit(self, size: int) -> None:
+        """Link credit for bytes that a widened stream holds beyond its base window: at
+        once, not batched, so that what stalled wide streams hold never waits here."""
+        grant = self._recv_link.return_now(size)
+        self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
+
+    def _charged(self, unacked: int) -> int:
+        """Of a stream's unread bytes, those that hold link credit: at most one base
+        stream window (only a stream widened by grow_window can hold more)."""
+        return min(unacked, self.settings.stream_window)
+
+    def _settle_extra(self, stream_id: int, unacked: int) -> None:
+        """A stream that receives no more: once its unread bytes fit its base window it
+        can never again hold more than that, and its extra leaves extra_window_limit."""
+        if unacked <= self.settings.stream_window:
+            self._extra.pop(stream_id, None)
 
     def _drop(self, stream: _Stream) -> None:
         """Forget a reset stream; the application discards its unread data, and DATA not
@@ -426,8 +479,9 @@ class Connection:
             self._send_link.credit += unsent
         if not self._is_local(stream.id):
             self._remote_open -= 1
+        self._extra.pop(stream.id, None)
         if stream.unacked:
-            self._return_link_credit(stream.unacked)
+            self._return_link_credit(self._charged(stream.unacked))
 
     def _forget_if_done(self, stream: _Stream) -> None:
         """A stream closed in both directions: keep only its unread byte count."""
@@ -452,6 +506,7 @@ class Connection:
         self._streams.clear()
         self._sched.clear()
         self._closed_unacked.clear()
+        self._extra.clear()
         self._remote_open = 0
         self.terminated = ConnectionTerminated(code, reason, remote)
         events.append(self.terminated)
@@ -510,11 +565,16 @@ class Connection:
         if not stream.recv.receive(size):
             raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream.id} window exceeded")
         if size:
+            before = stream.unacked
             stream.unacked += size
             events.append(DataReceived(stream.id, frame.payload))
+            beyond = size - (self._charged(stream.unacked) - self._charged(before))
+            if beyond:  # a widened stream's own: its link credit goes back now
+                self._refund_link_credit(beyond)
         if frame.flags & Flags.FIN:
             stream.remote_closed = True
             events.append(StreamEnded(stream.id))
+            self._settle_extra(stream.id, stream.unacked)
             self._forget_if_done(stream)
 
     def _on_window_update(self, frame: fr.Frame, events: list[Event]) -> None:

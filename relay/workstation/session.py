@@ -24,19 +24,20 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from relay.net.aio import Link
+from relay.net.aio import Link, Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.ops.config import Address
-from relay.proto import ErrorCode, LinkClosedError, LinkSettings, StreamStateError
+from relay.proto import ErrorCode, LinkClosedError, LinkSettings, Priority, StreamStateError
 from relay.seal.core import SealCore
 from relay.seal.policy import agent_check
 from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
 from relay.seal.transport import SealError, SealTransport
-from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_SESSION
+from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_DICOM, TARGET_SESSION
 from relay.workstation import priorities
 
 __all__ = ["SessionKeeper", "SessionStats"]
@@ -68,7 +69,20 @@ class _SessionLink(Link):
         self.first_data: asyncio.Future[None] = self.loop.create_future()
         self.goaway_reason: tuple[int, str] | None = None
         self.on_goaway = self._goaway
-        self.urgent_window = priorities.VIEWER_WINDOW
+        self.conn.extra_window_limit = priorities.VIEWER_WINDOW * priorities.VIEWER_WINDOW_STREAMS
+
+    def open_stream(self, headers: Mapping[str, str], priority: Priority | None = None) -> Stream:
+        """As Link's, and a viewer's DICOM stream (u<=3) gets priorities.VIEWER_WINDOW more
+        window while fewer than VIEWER_WINDOW_STREAMS hold it. Not every stream at that
+        urgency (Link.urgent_window): a forwarded connection, kept alive for minutes,
+        would hold one of those few for as long as it lives."""
+        stream = super().open_stream(headers, priority)
+        prio = stream.priority
+        viewer = prio is not None and prio.urgency <= priorities.VIEWER.urgency
+        if viewer and headers.get(HEADER_TARGET) == TARGET_DICOM:
+            self.conn.grow_window(stream.stream_id, priorities.VIEWER_WINDOW)
+            self.flush()
+        return stream
 
     def _goaway(self, code: int, reason: str) -> None:
         self.goaway_reason = (code, reason)

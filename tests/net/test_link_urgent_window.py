@@ -1,6 +1,7 @@
 """`Link.urgent_window`: the streams a Link opens at the default urgency or a more urgent
-one get that much more receive window (the workstation's inner Link, for a viewer's
-streams); background streams, and Links that do not set it, keep the announced window."""
+one get that much more receive window; background streams, and Links that do not set it,
+keep the announced window. (The workstation's inner Link widens only a viewer's DICOM
+streams: tests/workstation/test_session_windows.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import asyncio
 from relay.net.aio import Link
 from relay.proto import LinkSettings, Priority
 from relay.workstation import priorities
-from relay.workstation.session import _SessionLink
 
 SETTINGS = LinkSettings()
 EXTRA = 3 * 1024 * 1024
@@ -73,11 +73,3 @@ async def test_links_without_it_keep_the_announced_window() -> None:
         client.abort()
         peer.abort()
         server.close()
-
-
-def test_the_workstations_inner_link_widens_viewer_streams() -> None:
-
-    async def make() -> int:
-        return _SessionLink(client=True, settings=SETTINGS).urgent_window
-
-    assert asyncio.run(make()) == priorities.VIEWER_WINDOW > 0
