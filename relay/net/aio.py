@@ -331,11 +331,6 @@ class Link(asyncio.Protocol):
         self._replies_unread = 0
         self._reply_marks: deque[tuple[int, int]] | None = None
         self._queue_blocked: set[Stream] = set()  # writers waiting for the core's queue
-        # Extra receive window for the streams this side opens at the default urgency or
-        # a more urgent one (0: none). The workstation's inner Link sets it, so that a
-        # viewer's stream has more in flight than the buffers below the agent's core hold
-        # and is never held back by credit while a prefetch fills those buffers.
-        self.urgent_window = 0
         # When each urgency last had DATA go out (loop time), from the core's counters.
         self._emitted_seen: list[int] = []
         self._active_at: list[float] = []
@@ -425,9 +420,6 @@ class Link(asyncio.Protocol):
         stream_id = self.conn.open_stream(headers)
         stream = Stream(self, stream_id, headers)
         self.streams[stream_id] = stream
-        prio = self.conn.priority(stream_id)
-        if self.urgent_window and prio is not None and prio.urgency <= DEFAULT_URGENCY:
-            self.conn.grow_window(stream_id, self.urgent_window)
         self.flush()
         return stream
 

@@ -74,8 +74,8 @@ class _SessionLink(Link):
     def open_stream(self, headers: Mapping[str, str], priority: Priority | None = None) -> Stream:
         """As Link's, and a viewer's DICOM stream (u<=3) gets priorities.VIEWER_WINDOW more
         window while fewer than VIEWER_WINDOW_STREAMS hold it. Not every stream at that
-        urgency (Link.urgent_window): a forwarded connection, kept alive for minutes,
-        would hold one of those few for as long as it lives."""
+        urgency: a forwarded connection, kept alive for minutes, would hold one of those
+        few for as long as it lives."""
         stream = super().open_stream(headers, priority)
         prio = stream.priority
         viewer = prio is not None and prio.urgency <= priorities.VIEWER.urgency
