@@ -45,7 +45,7 @@ from relay.agent.registry import (
     RevocationWatcher,
     RevokeResult,
 )
-from relay.agent.renewal import RenewOutcome, serve_renew_stream
+from relay.agent.renewal import RenewalPace, RenewOutcome, serve_renew_stream
 from relay.agent.signer import Signer
 from relay.agent.syslog import SyslogSender
 from relay.agent.syslog import client_context as syslog_context
@@ -118,6 +118,7 @@ class DeviceAuthority:
         self.now = now
         self.identity = Identity.agent(self.trust_domain, site)
         self.signer = Signer(registry, ca_key, ca_cert, site, lifetime, audit, now)
+        self.renewal_pace = RenewalPace()  # each device's renewal in flight, refusals audited
         self._watcher = RevocationWatcher(registry)
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
         self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
@@ -208,7 +209,9 @@ class DeviceAuthority:
     async def serve_renew(self, stream: ByteStream) -> RenewOutcome:
         """Target handler for `renew`, inside a device's sealed session."""
         # The identity of the session's inner certificate, never a gateway's word.
-        outcome = await serve_renew_stream(stream, self.signer, sealed_peer(stream))
+        outcome = await serve_renew_stream(
+            stream, self.signer, sealed_peer(stream), self.renewal_pace
+        )
         self.renewals[outcome.result] = self.renewals.get(outcome.result, 0) + 1
         return outcome
 

@@ -14,7 +14,7 @@ agent a signature, a registry write and an audit line that all devices share.
   been lost, and the device then still renews the one it holds.
 - At least MIN_INTERVAL between two certificates of one device (the registry's issue
   times, so it holds across restarts), and one renewal of a device at a time
-  (`RenewalPace`, in memory, one per registry).
+  (`RenewalPace`, in memory, the DeviceAuthority's).
 - Refusals of one device are audited once per REFUSAL_AUDIT_INTERVAL, the rest counted in
   the next audited one, so a device that insists does not rotate the trail away.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from relay.agent.audit import Outcome
-from relay.agent.registry import CertificateRow, DeviceRegistry, RegistryError
+from relay.agent.registry import CertificateRow, RegistryError
 from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_csr, read_request
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import write_json
@@ -100,23 +99,10 @@ class RenewalPace:
     (so that concurrent requests cannot all pass the due check before one is recorded)
     and when a refusal was last audited. Bounded: MAX_PACED devices."""
 
-    _of_registry: weakref.WeakKeyDictionary[DeviceRegistry, RenewalPace] = (
-        weakref.WeakKeyDictionary()
-    )
-
     def __init__(self, *, max_devices: int = MAX_PACED) -> None:
         self.max_devices = max_devices
         self._in_flight: set[str] = set()
         self._refusals: OrderedDict[str, _Refusals] = OrderedDict()
-
-    @classmethod
-    def of(cls, registry: DeviceRegistry) -> RenewalPace:
-        """The pace of the devices `registry` records: one per registry, whoever serves
-        the stream, kept as long as the registry."""
-        pace = cls._of_registry.get(registry)
-        if pace is None:
-            pace = cls._of_registry[registry] = cls()
-        return pace
 
     @property
     def remembered(self) -> int:
@@ -186,13 +172,14 @@ async def serve_renew_stream(
     stream: ByteStream,
     signer: Signer,
     peer: Identity | None,
+    pace: RenewalPace,
     *,
     timeout: float = EXCHANGE_TIMEOUT,  # noqa: ASYNC109 - bounds the whole exchange
 ) -> RenewOutcome:
     """Serve one renewal stream for `peer`, the identity that the sealed session's inner
-    TLS authenticated (None: not inside a session). Never raises for what the device does."""
+    TLS authenticated (None: not inside a session); `pace`: the agent's one RenewalPace.
+    Never raises for what the device does."""
     audit, now = signer.audit, signer.now
-    pace = RenewalPace.of(signer.registry)
     device_uri = peer.uri if peer is not None else ""
     began = ""
     try:

@@ -100,6 +100,7 @@ class Site:
     clock: Clock = field(default_factory=Clock)
     lifetime: timedelta = 30 * DAY
     outcomes: list[RenewOutcome] = field(default_factory=list)
+    pace: RenewalPace = field(default_factory=RenewalPace)  # the agent's, across streams
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.audit.path)
@@ -117,6 +118,7 @@ class Site:
                 self.clock,
             ),
             peer,
+            self.pace,
         )
         self.outcomes.append(outcome)
         return outcome
