@@ -419,12 +419,15 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         return item
     ranges = media.parse_accept(_frames_accept(request))
     ds = await asyncio.to_thread(item.dataset)
-    native = not frames.is_encapsulated(item.transfer_syntax)  # raw little-endian bytes
+    # Uncompressed pixel data (big endian and encapsulated uncompressed included) comes out
+    # of get_frames as little-endian values: served as Explicit VR LE, or HTJ2K from them.
+    served = frames.frame_syntax(item.transfer_syntax)
+    native = frames.uncompressed(item.transfer_syntax)
     try:
-        choice = htj2k.choose(ranges, media.frame_media_type(item.transfer_syntax),
-                              item.transfer_syntax, native, htj2k.encodable(ds),
-                              one_frame=len(numbers) == 1)  # fmt: skip
-    except media.AcceptError as exc:
+        frames.check(ds, item.transfer_syntax)
+        choice = htj2k.choose(ranges, media.frame_media_type(served), served, native,
+                              htj2k.encodable(ds), one_frame=len(numbers) == 1)  # fmt: skip
+    except (frames.Unservable, media.AcceptError) as exc:
         return _text(406, str(exc))
     if choice.encode_to is not None and len(numbers) > htj2k.MAX_FRAMES:
         return _text(400, f"frames: at most {htj2k.MAX_FRAMES} per HTJ2K request")
@@ -444,6 +447,8 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
             codestream = await service.codestreams.obtain(key, encode)
         except frames.FrameError as exc:
             return _text(404, str(exc))
+        except frames.Unservable as exc:
+            return _text(406, str(exc))
         except htj2k.Unsupported as exc:
             return _text(406, f"cannot serve HTJ2K: {exc}")
         return _codestream_answer(request, service, codestream, choice.encode_to)
@@ -455,7 +460,9 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         chunks = await asyncio.to_thread(cut)
     except frames.FrameError as exc:
         return _text(404, str(exc))
-    ts = media.EXPLICIT_LE if native else item.transfer_syntax
+    except frames.Unservable as exc:
+        return _text(406, str(exc))
+    ts = served
     if choice.encode_to is not None:
         try:
             async with service.encoders:
@@ -508,13 +515,38 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(item, web.Response):
         return item
     tag = int(text, 16)
-    value = await asyncio.to_thread(lambda: dicomjson.bulk_value(item.dataset(), tag))
-    if value is None:
+    try:
+        values = await asyncio.to_thread(_bulk_parts, item, tag)
+    except (frames.FrameError, frames.Unservable) as exc:
+        return _text(406, f"cannot serve the bulk data exactly: {exc}")
+    if values is None:
         return _text(404, "no such bulk data")
     boundary = media.new_boundary()
     part = "application/octet-stream"
-    body = media.part_head(boundary, part) + value + media.closing(boundary)
+    body = b"".join([*(piece for ctype, value in values
+                       for piece in (media.part_head(boundary, ctype), value)),
+                     media.closing(boundary)])  # fmt: skip
     return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
+
+
+def _bulk_parts(item: HeldInstance, tag: int) -> list[tuple[str, bytes]] | None:
+    """A bulk value's parts (content type, bytes) as PS3.18 8.7.3.3 has them: uncompressed
+    data little endian (Pixel Data in one part, Explicit VR LE), compressed Pixel Data one
+    part per frame in its stored syntax, without fragment delimiters; None: no such value."""
+    ds = item.dataset()
+    value = dicomjson.bulk_value(ds, tag)
+    if value is None:
+        return None
+    octets = "application/octet-stream"
+    ts = item.transfer_syntax
+    if tag != dicomjson.PIXEL_DATA:
+        return [(octets, frames.little_endian(ds, tag, value, ts))]
+    if frames.uncompressed(ts):
+        ctype = media.part_type_with_ts(octets, frames.frame_syntax(ts))
+        return [(ctype, frames.native_pixels(ds, ts))]
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    ctype = media.part_type_with_ts(octets, ts)
+    return [(ctype, f) for f in frames.get_frames(ds, ts, list(range(1, count + 1)))]
 
 
 def _render_type(request: web.Request) -> str | None:

@@ -1,27 +1,67 @@
-"""Frames out of an instance's Pixel Data, as stored (sans-I/O; PS3.18 section 8.3.5.1.3).
+"""Frames out of an instance's Pixel Data (sans-I/O; PS3.18 section 8.3.5.1.3).
 
-Native pixel data is cut into frames of Rows x Columns x SamplesPerPixel x
-BitsAllocated/8 bytes (the bytes as the PACS stored them, little endian); encapsulated
-pixel data yields each frame's compressed bytes. Frame numbers are 1-based; a number
-past the last frame is a `FrameError` (the HTTP layer answers 404), a malformed list 400.
+Which syntaxes hold what (PS3.5 section 8 and annex A):
+- native little endian (Implicit and Explicit VR LE; Deflated Explicit VR LE, whose
+  dataset `rawds.decode_dataset` has inflated): the value is the frames back to back,
+  Rows x Columns x SamplesPerPixel x BitsAllocated/8 bytes each, cut as they are;
+- Explicit VR Big Endian (retired, still held by PACS): the same layout with each sample
+  most significant byte first; 16-bit samples (and 8-bit ones in OW words, annex D) are
+  swapped back. 1-, 32- and 64-bit samples in big endian OW are read differently by
+  toolkits (pydicom swaps whole samples, DCMTK 16-bit words): refused (`Unservable`)
+  rather than guessed, since a viewer must never be shown wrong pixels;
+- Encapsulated Uncompressed Explicit VR LE (1.2.840.10008.1.2.1.98): each fragment is
+  one native frame, plus a pad byte when its length is odd;
+- every other syntax, unknown ones included: encapsulated, one frame per fragment or as
+  the Basic Offset Table says (pydicom's frame generator), served only as stored.
+
+The first three are `uncompressed`: their frames come out as little-endian pixel values,
+served as Explicit VR LE (`frame_syntax`) and encodable as HTJ2K. Frame numbers are
+1-based; a number past the last frame is a `FrameError` (the HTTP layer answers 404), a
+malformed list 400, frames that cannot be given exactly `Unservable` (406).
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from relay.workstation.dicomweb.media import FRAME_TYPES
+from relay.workstation.dicomweb.media import EXPLICIT_LE, IMPLICIT_LE
 
-__all__ = ["FrameError", "frame_numbers", "get_frames"]
+__all__ = [
+    "BIG_ENDIAN",
+    "ENCAPSULATED_UNCOMPRESSED",
+    "FrameError",
+    "Unservable",
+    "check",
+    "frame_numbers",
+    "frame_syntax",
+    "get_frames",
+    "is_encapsulated",
+    "little_endian",
+    "native_pixels",
+    "uncompressed",
+]
 
 MAX_FRAMES_PER_REQUEST: Final = 4096
+DEFLATED_LE: Final = "1.2.840.10008.1.2.1.99"
+BIG_ENDIAN: Final = "1.2.840.10008.1.2.2"
+ENCAPSULATED_UNCOMPRESSED: Final = "1.2.840.10008.1.2.1.98"
+# Pixel Data a value of little-endian frames back to back, once the dataset is read.
+_NATIVE_LE: Final = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
+# Bytes a value's numbers have, by VR (PS3.5 6.2): what big endian swaps in bulk data.
+_WORD: Final = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
 
 class FrameError(ValueError):
     """No such frame (404), or no pixel data."""
+
+
+class Unservable(ValueError):
+    """The frames exist but cannot be given exactly as the syntax they would be served in
+    says (406): never a guess at pixel values."""
 
 
 def frame_numbers(text: str) -> list[int]:
@@ -41,23 +81,38 @@ def frame_numbers(text: str) -> list[int]:
     return list(out)
 
 
+def uncompressed(transfer_syntax: str) -> bool:
+    """Frames of this syntax come out of `get_frames` as little-endian pixel values."""
+    return transfer_syntax in _NATIVE_LE or transfer_syntax in (
+        BIG_ENDIAN,
+        ENCAPSULATED_UNCOMPRESSED,
+    )
+
+
 def is_encapsulated(transfer_syntax: str) -> bool:
-    return transfer_syntax in FRAME_TYPES or transfer_syntax.startswith("1.2.840.10008.1.2.4.")
+    """Pixel Data of this syntax is fragments (every syntax not known to be native)."""
+    return not (transfer_syntax in _NATIVE_LE or transfer_syntax == BIG_ENDIAN)
 
 
-def get_frames(ds: Dataset, transfer_syntax: str, numbers: list[int]) -> list[bytes]:
-    """The frames `numbers` of the dataset's Pixel Data, in that order."""
+def frame_syntax(transfer_syntax: str) -> str:
+    """The syntax `get_frames`' frames are in: Explicit VR LE for uncompressed pixel data
+    (what every viewer decodes), else the stored syntax (the relay does not transcode)."""
+    return EXPLICIT_LE if uncompressed(transfer_syntax) else transfer_syntax
+
+
+def _pixel_value(ds: Dataset) -> bytes:
     value = ds.get("PixelData")
     if not isinstance(value, bytes | bytearray) or not value:
         raise FrameError("the instance has no pixel data")
-    data = bytes(value)
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    for n in numbers:
-        if n > count:
-            raise FrameError(f"frame {n} is past the last frame ({count})")
-    if is_encapsulated(transfer_syntax):
-        frames = list(generate_frames(data, number_of_frames=count))
-        return [frames[n - 1] for n in numbers]
+    return bytes(value)
+
+
+def _frame_count(ds: Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _frame_size(ds: Dataset, count: int) -> int:
+    """Bytes of one native frame; frames of 1 bit must end on a byte boundary."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.BitsAllocated)
@@ -67,9 +122,101 @@ def get_frames(ds: Dataset, transfer_syntax: str, numbers: list[int]) -> list[by
         size_bits = rows * cols * samples
         if count > 1 and size_bits % 8:
             raise FrameError("1-bit frames that do not end on a byte boundary")
-        size = (size_bits + 7) // 8
-    else:
-        size = rows * cols * samples * bits // 8
+        return (size_bits + 7) // 8
+    return rows * cols * samples * bits // 8
+
+
+def _big_endian_word(ds: Dataset) -> int:
+    """Bytes swapped together to make big endian Pixel Data little endian: 1 (none) or 2;
+    Unservable for the layouts toolkits disagree on."""
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    vr = ds["PixelData"].VR if "PixelData" in ds else "OB"
+    if bits == 8 and vr == "OB":
+        return 1
+    if bits == 16 or (bits == 8 and vr == "OW"):  # 8-bit samples in 16-bit words: annex D
+        return 2
+    raise Unservable(
+        f"{bits}-bit pixel data in big endian {vr} is read differently by DICOM toolkits; "
+        "the relay does not guess (ask the PACS for a little-endian syntax)"
+    )
+
+
+def _from_big_endian(ds: Dataset, data: bytes) -> bytes:
+    """The Pixel Data value of an Explicit VR Big Endian dataset as little endian."""
+    if _big_endian_word(ds) == 1:
+        return data
+    even = data + b"\0" * (len(data) % 2)
+    return np.frombuffer(even, dtype=">u2").astype("<u2").tobytes()[: len(data)]
+
+
+def check(ds: Dataset, transfer_syntax: str) -> None:
+    """Unservable when no frame of this instance can be given exactly (before choosing
+    what to answer with, so that the refusal says why)."""
+    if transfer_syntax == BIG_ENDIAN and "PixelData" in ds:
+        _big_endian_word(ds)
+
+
+def _fragments(ds: Dataset, data: bytes, transfer_syntax: str, count: int) -> list[bytes]:
+    """Each frame of encapsulated pixel data, as stored; Unservable when the fragments do
+    not say where `count` frames are (a video stream, a missing offset table)."""
+    try:
+        out = list(generate_frames(data, number_of_frames=count))
+    except Exception as exc:  # pydicom raises ValueError, struct.error, ...
+        raise Unservable(f"the fragments do not divide into {count} frames: {exc}") from None
+    if len(out) != count:
+        raise Unservable(f"the fragments hold {len(out)} frames, not {count}")
+    if transfer_syntax != ENCAPSULATED_UNCOMPRESSED:
+        return out
+    size = _frame_size(ds, 1)  # each fragment a frame, so 1-bit frames end on a byte
+    padded = size + size % 2
+    if any(len(f) != padded for f in out):
+        raise Unservable(f"a fragment is not one frame of {size} bytes")
+    return [f[:size] for f in out]
+
+
+def get_frames(ds: Dataset, transfer_syntax: str, numbers: list[int]) -> list[bytes]:
+    """The frames `numbers` of the dataset's Pixel Data, in that order, in
+    `frame_syntax(transfer_syntax)`."""
+    data = _pixel_value(ds)
+    count = _frame_count(ds)
+    for n in numbers:
+        if n > count:
+            raise FrameError(f"frame {n} is past the last frame ({count})")
+    if is_encapsulated(transfer_syntax):
+        frames = _fragments(ds, data, transfer_syntax, count)
+        return [frames[n - 1] for n in numbers]
+    size = _frame_size(ds, count)
     if size <= 0 or len(data) < size * count:
         raise FrameError("the pixel data is shorter than its frames")
+    if transfer_syntax == BIG_ENDIAN:  # the whole value: an odd length's pad byte moves
+        data = _from_big_endian(ds, data)
     return [data[(n - 1) * size : n * size] for n in numbers]
+
+
+def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes:
+    """The whole Pixel Data of an `uncompressed` syntax as a native Explicit VR LE value
+    (for bulk data and rendering); Unservable when frames would not join into one."""
+    data = _pixel_value(ds)
+    if transfer_syntax in _NATIVE_LE:
+        return data
+    count = _frame_count(ds)
+    if transfer_syntax == BIG_ENDIAN:
+        return _from_big_endian(ds, data)
+    try:
+        _frame_size(ds, count)  # frames that would not join into one native value
+    except FrameError as exc:
+        raise Unservable(str(exc)) from None
+    return b"".join(_fragments(ds, data, transfer_syntax, count))
+
+
+def little_endian(ds: Dataset, tag: int, value: bytes, transfer_syntax: str) -> bytes:
+    """A bulk value other than Pixel Data as PS3.18 8.7.3.3.1 serves uncompressed bulk
+    data: little endian (its VR says the size of the numbers to swap)."""
+    if transfer_syntax != BIG_ENDIAN:
+        return value
+    word = _WORD.get(ds[tag].VR, 1)
+    if word == 1:
+        return value
+    if len(value) % word:
+        raise Unservable(f"a {ds[tag].VR} value of {len(value)} bytes")
+    return np.frombuffer(value, dtype=f">u{word}").astype(f"<u{word}").tobytes()

@@ -2,12 +2,13 @@
 
 The relay otherwise serves the PACS's bytes as stored. When a request for frames asks for
 an HTJ2K transfer syntax (1.2.840.10008.1.2.4.201 lossless, .202 lossless RPCL, .203) and
-the stored pixel data is native, each frame is encoded with imagecodecs (OpenJPH):
-reversible 5/3 wavelet, RPCL order with TLM markers, which is a valid codestream for all
-three syntaxes. Every frame is decoded again and compared with the stored pixels before
-it is sent; a pixel format the codec does not take exactly (1-bit, 32-bit, float,
-planar colour...) is `Unsupported` and the request falls back to what else it accepts,
-or 406.
+the stored pixel data is uncompressed (frames.py: native, big endian or encapsulated
+uncompressed, whose frames it gives as little-endian values), each frame is encoded with
+imagecodecs (OpenJPH): reversible 5/3 wavelet, RPCL order with TLM markers, which is a
+valid codestream for all three syntaxes. Every frame is decoded again and compared with
+the stored pixels before it is sent; a pixel format the codec does not take exactly
+(1-bit, 32-bit, float, planar colour...) is `Unsupported` and the request falls back to
+what else it accepts, or 406.
 
 `choose` walks the Accept ranges best first: native when a range accepts the stored
 syntax (OHIF's default `transfer-syntax=*` stays native), HTJ2K when a range asks for it.
@@ -62,6 +63,7 @@ def choose(ranges: list[MediaRange], native_types: tuple[str, ...], stored: str,
            native: bool, encodable: bool, *, one_frame: bool = False) -> Choice:  # fmt: skip
     """What to answer a frames request with; AcceptError (406) when nothing fits.
 
+    `stored`: the syntax frames are served in as they are (frames.frame_syntax);
     `native`: the stored syntax is uncompressed; `encodable`: its pixels can be HTJ2K;
     `one_frame`: one frame is asked for, so a single-part `image/jphc` range can be met."""
     for r in ranges:

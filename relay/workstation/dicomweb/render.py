@@ -1,7 +1,9 @@
 """Rendered frames (PS3.18 section 8.3.5.1.4): one frame as image/jpeg or image/png.
 
 For thumbnails and simple viewers. The frame is decoded by pydicom (native data; the
-compressed syntaxes pydicom can decode with the plug-ins installed), the VOI window of
+compressed syntaxes pydicom can decode with the plug-ins installed; Encapsulated
+Uncompressed, which pydicom 3.0 cannot, from its fragments joined into a native value by
+frames.py; big endian layouts frames.py refuses are refused here too), the VOI window of
 the dataset is applied (Window Center/Width, else the frame's min..max), and Pillow
 encodes it. Pillow: the maintained standard imaging library for Python, wheels for
 Windows, macOS and Linux, JPEG and PNG built in; nothing else we have encodes either.
@@ -15,8 +17,11 @@ from typing import Final
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.processing import apply_voi_lut
+from pydicom.uid import UID
+
+from relay.workstation.dicomweb import frames
 
 __all__ = ["MAX_SIDE", "RenderError", "render_frame", "viewport"]
 
@@ -50,6 +55,14 @@ def render_frame(
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= number <= count:
         raise RenderError(f"frame {number} is past the last frame ({count})")
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    try:
+        frames.check(ds, ts)
+        if ts == frames.ENCAPSULATED_UNCOMPRESSED:
+            ds = _as_native(ds, ts)
+    except (frames.FrameError, frames.Unservable) as exc:
+        raise RenderError(f"cannot decode the pixel data: {exc}") from None
     try:
         arr = ds.pixel_array
     except Exception as exc:
@@ -69,6 +82,20 @@ def render_frame(
     out = io.BytesIO()
     image.save(out, FORMATS[media_type])
     return out.getvalue()
+
+
+def _as_native(ds: Dataset, transfer_syntax: str) -> Dataset:
+    """A copy of `ds` with its Pixel Data as one native Explicit VR LE value (the caller's
+    dataset and its elements are left as they are)."""
+    out = Dataset()
+    for elem in ds:
+        if elem.tag != 0x7FE00010:
+            out.add(elem)
+    out.add_new(0x7FE00010, "OB" if int(ds.BitsAllocated) <= 8 else "OW",
+                frames.native_pixels(ds, transfer_syntax))  # fmt: skip
+    out.file_meta = FileMetaDataset()
+    out.file_meta.TransferSyntaxUID = UID(frames.frame_syntax(transfer_syntax))
+    return out
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
