@@ -32,9 +32,11 @@ from relay.dicom.codec import (
     Instance,
     Message,
     MessageCodec,
+    MessageType,
     Pending,
     Request,
     Skip,
+    UnexpectedMessage,
     read_message,
     write_message,
 )
@@ -109,6 +111,7 @@ class Refused:
 
 
 _First = TypeVar("_First", Request, Skip)
+_TYPES: dict[type[Message], MessageType] = {Request: MessageType.REQUEST, Skip: MessageType.SKIP}
 
 
 async def _expect(
@@ -116,12 +119,16 @@ async def _expect(
 ) -> _First | Refused:
     """The next message, which must be a `kind` (the request, the skip list), within
     `within` seconds; anything else is refused on the stream (where it can still be
-    heard)."""
+    heard) from its first bytes, its body unread: a device's message is decoded only
+    once it is what may come (and an upload's big body off the loop)."""
     try:
         async with asyncio.timeout(within):
-            msg = await read_message(stream, codec)
+            msg = await read_message(stream, codec, offload=True, expect=(_TYPES[kind],))
     except (DicomProtocolError, TimeoutError) as exc:
-        reason = str(exc) or f"no {what} within the timeout"
+        if isinstance(exc, UnexpectedMessage):
+            reason = f"expected the {what}, got {exc.got.name.title()}"
+        else:
+            reason = str(exc) or f"no {what} within the timeout"
         await _refuse(stream, codec, reason)
         return Refused(st.RELAY_PROTOCOL, reason)
     except StreamResetError:
@@ -302,10 +309,11 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
 async def _watch(
     stream: ByteStream, codec: MessageCodec, op: PacsOperation, out: Channel[Message]
 ) -> None:
-    """Read what the workstation sends during the operation: only Cancel is expected."""
+    """Read what the workstation sends during the operation: only Cancel is expected
+    (anything else is refused from its first bytes, unread, and abandons the operation)."""
     try:
         while True:
-            msg = await read_message(stream, codec)
+            msg = await read_message(stream, codec, expect=(MessageType.CANCEL,))
             if isinstance(msg, Cancel):
                 await asyncio.to_thread(op.cancel)
                 continue

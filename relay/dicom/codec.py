@@ -18,7 +18,7 @@ import json
 import struct
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final, Literal, Protocol
@@ -45,6 +45,9 @@ MAX_AE: Final = 16
 
 # Bodies smaller than this are not worth a zstd frame header.
 MIN_COMPRESS: Final = 256
+# Bodies that take this many bytes to rebuild are decoded off the loop when asked
+# (`read_message(offload=True)`): inflating or copying a MiB takes about a millisecond.
+OFFLOAD_BYTES: Final = 1 << 20
 
 
 class DicomProtocolError(ValueError):
@@ -60,6 +63,15 @@ class PixelMismatchError(DicomProtocolError):
     def __init__(self, codec: str, reason: str) -> None:
         super().__init__(reason)
         self.codec = codec
+
+
+class UnexpectedMessage(DicomProtocolError):
+    """A message of a type the reader does not expect at this point (`got`), refused
+    before its header and body are decoded."""
+
+    def __init__(self, got: MessageType, expected: Collection[MessageType]) -> None:
+        super().__init__(f"expected {' or '.join(k.name for k in expected)}, got {got.name}")
+        self.got = got
 
 
 class MessageType(IntEnum):
@@ -250,7 +262,12 @@ class CodecCounters:
 
 
 class MessageCodec:
-    """Encodes and decodes messages; thread-safe (zstd contexts are per thread)."""
+    """Encodes and decodes messages; thread-safe (zstd contexts are per thread).
+
+    `accept_pixels`: decode instances with encoded pixels (FLAG_PIXELS). Only the
+    workstation's receiving paths set it: encoded pixels travel agent -> workstation
+    only, and the agent must never feed an image decoder what a device sent.
+    """
 
     def __init__(
         self,
@@ -258,11 +275,13 @@ class MessageCodec:
         *,
         level: int = 3,
         stats: ByteCounter | None = None,
+        accept_pixels: bool = False,
     ) -> None:
         if not -7 <= level <= 22:
             raise ValueError("zstd level must be between -7 and 22")
         self.limits = limits or DicomLimits()
         self.level = level
+        self.accept_pixels = accept_pixels
         self.counters = CodecCounters()
         self._stats = stats
         self._local = threading.local()
@@ -291,8 +310,7 @@ class MessageCodec:
             return body, False  # does not shrink: send as is
         return packed, True
 
-    def _decompress(self, packed: bytes | memoryview) -> bytes:
-        limit = self.limits.max_dataset
+    def _decompress(self, packed: bytes | memoryview, limit: int) -> bytes:
         try:
             size = zstandard.frame_content_size(packed)
         except zstandard.ZstdError as exc:
@@ -438,7 +456,9 @@ class MessageCodec:
         ):
             raise DicomProtocolError("encoded pixels: lengths do not match the body")
         rest_wire = wire_body[:rest_len]
-        rest = self._decompress(rest_wire) if spec["rz"] else bytes(rest_wire)
+        rest = (
+            self._decompress(rest_wire, self.limits.max_dataset) if spec["rz"] else bytes(rest_wire)
+        )
         if at > len(rest) or len(rest) + fmt.nbytes > self.limits.max_dataset:
             raise DicomProtocolError(
                 f"dataset of {len(rest) + fmt.nbytes} bytes exceeds limit "
@@ -467,19 +487,51 @@ class MessageCodec:
                 f"message of {length} bytes exceeds limit {self.limits.max_message}"
             )
 
-    def decode(self, payload: bytes | bytearray | memoryview) -> Message:
-        """One message from its payload (the bytes after the length prefix)."""
-        view = memoryview(payload)
-        self.check_length(len(view))
-        version, mtype, flags, hlen = _FIXED.unpack_from(view, 0)
+    def check_start(
+        self, fixed: bytes | bytearray | memoryview, expect: Collection[MessageType] | None = None
+    ) -> tuple[MessageType, int, int]:
+        """(type, flags, header length) from a payload's first bytes, or DicomProtocolError.
+
+        Everything that needs no more than these bytes is refused here, before the header
+        and the body are read or looked at: an unknown version, flag, or type, a type the
+        reader does not `expect` at this point, encoded pixels where they are not accepted.
+        """
+        version, mtype, flags, hlen = _FIXED.unpack_from(fixed, 0)
         if version != VERSION:
             raise DicomProtocolError(f"unsupported DICOM stream version {version}")
         if flags & ~_KNOWN_FLAGS:
             raise DicomProtocolError(f"unknown flags 0x{flags:02x}")
+        if flags & FLAG_PIXELS and not self.accept_pixels:
+            raise DicomProtocolError("encoded pixels are not accepted here (agent to workstation)")
+        try:
+            kind = MessageType(mtype)
+        except ValueError:
+            raise DicomProtocolError(f"unknown message type {mtype}") from None
+        if expect is not None and kind not in expect:
+            raise UnexpectedMessage(kind, expect)
         if hlen > self.limits.max_header:
             raise DicomProtocolError(
                 f"header of {hlen} bytes exceeds limit {self.limits.max_header}"
             )
+        return kind, flags, hlen
+
+    def _body_limit(self, kind: MessageType) -> int:
+        """The largest body a message of this type can have once decoded."""
+        if kind in (MessageType.REQUEST, MessageType.PENDING, MessageType.INSTANCE):
+            return self.limits.max_dataset
+        if kind is MessageType.SKIP:
+            # its UIDs and their newlines
+            return min(self.limits.max_skip * (MAX_UID + 1), self.limits.max_dataset)
+        return 0
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> Message:
+        """One message from its payload (the bytes after the length prefix).
+
+        Its type bounds its body before any is decompressed (none for a Cancel, a
+        Final or an Error)."""
+        view = memoryview(payload)
+        self.check_length(len(view))
+        kind, flags, hlen = self.check_start(view)
         start = _FIXED.size
         if start + hlen > len(view):
             raise DicomProtocolError("header runs past the end of the message")
@@ -490,23 +542,20 @@ class MessageCodec:
         if not isinstance(header, dict):
             raise DicomProtocolError("header is not a JSON object")
         wire_body = view[start + hlen :]
+        limit = self._body_limit(kind)
+        if wire_body and not limit:
+            raise DicomProtocolError(f"{kind.name} message with a body")
         compressed = bool(flags & (FLAG_ZSTD | FLAG_PIXELS))
         if flags & FLAG_PIXELS:
-            if mtype != MessageType.INSTANCE or flags & FLAG_ZSTD:
+            if kind is not MessageType.INSTANCE or flags & FLAG_ZSTD:
                 raise DicomProtocolError("encoded pixels outside a plain instance message")
             body = self._decode_pixels(header, wire_body)
         elif flags & FLAG_ZSTD:
-            body = self._decompress(wire_body)
+            body = self._decompress(wire_body, limit)
         else:
-            if len(wire_body) > self.limits.max_dataset:
-                raise DicomProtocolError(
-                    f"dataset of {len(wire_body)} bytes exceeds limit {self.limits.max_dataset}"
-                )
+            if len(wire_body) > limit:
+                raise DicomProtocolError(f"dataset of {len(wire_body)} bytes exceeds limit {limit}")
             body = bytes(wire_body)
-        try:
-            kind = MessageType(mtype)
-        except ValueError:
-            raise DicomProtocolError(f"unknown message type {mtype}") from None
         msg = _from_wire(kind, header, body, self.limits)
         raw = _PREFIX.size + len(view) - len(wire_body) + len(body)
         self._count("in", raw, _PREFIX.size + len(view), compressed)
@@ -531,11 +580,15 @@ class MessageCodec:
 # -- stream helpers -------------------------------------------------------------------
 
 
-async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | None:
+async def read_payload(
+    stream: ByteStream, codec: MessageCodec, expect: Collection[MessageType] | None = None
+) -> bytearray | None:
     """The next message payload, or None on a clean end of stream between messages.
 
     Raises DicomProtocolError for a stream that ends inside a message or announces one
-    larger than the limit; StreamResetError passes through.
+    larger than the limit, and (`MessageCodec.check_start`) for a message refused by its
+    first bytes (with `expect`, a type not expected), before its body is read or memory
+    is spent on it; StreamResetError passes through.
     """
     prefix = bytearray()
     while len(prefix) < _PREFIX.size:
@@ -547,9 +600,17 @@ async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | N
         prefix += chunk
     (length,) = _PREFIX.unpack(prefix)
     codec.check_length(length)
+    fixed = bytearray()
+    while len(fixed) < _FIXED.size:
+        chunk = await stream.read(_FIXED.size - len(fixed))
+        if not chunk:
+            raise DicomProtocolError(f"stream ended after {len(fixed)} of {length} message bytes")
+        fixed += chunk
+    codec.check_start(fixed, expect)
     buf = bytearray(length)
     view = memoryview(buf)
-    have = 0
+    view[: _FIXED.size] = fixed
+    have = _FIXED.size
     while have < length:
         chunk = await stream.read(min(length - have, 1 << 20))
         if not chunk:
@@ -560,17 +621,22 @@ async def read_payload(stream: ByteStream, codec: MessageCodec) -> bytearray | N
 
 
 async def read_message(
-    stream: ByteStream, codec: MessageCodec, *, offload: bool = False
+    stream: ByteStream,
+    codec: MessageCodec,
+    *,
+    offload: bool = False,
+    expect: Collection[MessageType] | None = None,
 ) -> Message | None:
     """The next decoded message, or None on a clean end of stream.
 
-    `offload`: decode an instance with encoded pixels on a worker thread (the image
-    codecs release the GIL), so that a few milliseconds of decoding per instance never
-    hold up the event loop's other streams."""
-    payload = await read_payload(stream, codec)
+    `offload`: decode an instance with encoded pixels, or a body of OFFLOAD_BYTES or more,
+    on a worker thread (the image codecs and zstd release the GIL), so that decoding never
+    holds up the event loop's other streams. `expect`: the types that may come now; any
+    other is refused from its first bytes (`read_payload`)."""
+    payload = await read_payload(stream, codec, expect)
     if payload is None:
         return None
-    if offload and has_pixels(payload):
+    if offload and (has_pixels(payload) or _big_body(payload)):
         return await asyncio.to_thread(codec.decode, payload)
     return codec.decode(payload)
 
@@ -578,6 +644,22 @@ async def read_message(
 def has_pixels(payload: bytes | bytearray | memoryview) -> bool:
     """Whether a message payload carries encoded pixels (decoding them takes a while)."""
     return len(payload) >= _FIXED.size and bool(_FIXED.unpack_from(payload, 0)[2] & FLAG_PIXELS)
+
+
+def _big_body(payload: bytes | bytearray | memoryview) -> bool:
+    """Whether a payload's body is OFFLOAD_BYTES or more once decoded (zstd: as declared)."""
+    if len(payload) >= OFFLOAD_BYTES:
+        return True
+    if len(payload) < _FIXED.size:
+        return False
+    _, _, flags, hlen = _FIXED.unpack_from(payload, 0)
+    if not flags & FLAG_ZSTD:
+        return False
+    try:
+        size = zstandard.frame_content_size(memoryview(payload)[_FIXED.size + hlen :])
+    except zstandard.ZstdError:
+        return False  # decode refuses it at once
+    return size >= OFFLOAD_BYTES
 
 
 async def write_message(stream: ByteStream, codec: MessageCodec, msg: Message) -> None:

@@ -169,7 +169,7 @@ class DicomNode:
         self.timeout = timeout
         self.stats: DicomStats = stats or NullStats()
         self.limits = limits or DicomLimits()
-        self.codec = MessageCodec(self.limits, stats=self.stats)
+        self.codec = MessageCodec(self.limits, stats=self.stats, accept_pixels=True)
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
             HEADER_DICOM_VERSION: str(VERSION),

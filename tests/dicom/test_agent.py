@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 from pynetdicom.association import Association
 
+from relay.codecs import pixels as px
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.agent import DicomAgent, OperationSummary, serve_dicom_stream
@@ -24,6 +25,7 @@ from relay.dicom.codec import (
     Message,
     MessageCodec,
     Pending,
+    PixelPart,
     Request,
     read_message,
     write_message,
@@ -424,6 +426,54 @@ async def test_a_resumed_retrieve_must_bring_its_skip_list(pacs: EmbeddedPacs) -
     summary = await asyncio.wait_for(server, 20)
     assert (summary.status, summary.comment) == (st.LINK_LOST, "stream closed before the skip list")
     assert pacs.events.associations == 0
+
+
+def _device_pixels() -> bytes:
+    """An instance with HTJ2K-encoded pixels, as a hostile device could frame one."""
+    layout = px.find_pixels(CT[0].data, EXPLICIT)
+    assert layout is not None
+    enc = px.encode(layout.fmt, CT[0].data[layout.offset : layout.end], "htj2k")
+    assert enc is not None
+    msg = Instance(CT[0].sop_class, CT[0].sop_instance, EXPLICIT, CT[0].data)
+    return MessageCodec().encode(msg, PixelPart(enc, layout.offset))
+
+
+async def test_a_device_never_gets_the_agent_to_decode_pixels(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoded pixels go only from the agent to a workstation: sent by a device, first
+    or instead of a Cancel, they are refused before a codestream is looked at (an image
+    decoder fed by a device can crash the agent, hang its loop, or build 500 MiB)."""
+    decoded: list[px.EncodedPixels] = []
+    decode = px.decode
+
+    def recording(enc: px.EncodedPixels) -> bytes:
+        decoded.append(enc)
+        return decode(enc)
+
+    frame = _device_pixels()
+    monkeypatch.setattr(px, "decode", recording)
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+    await a.write(frame)
+    msgs = await Workstation(a).all()
+    summary = await asyncio.wait_for(server, 20)
+    assert isinstance(msgs[0], ErrorMessage) and "encoded pixels" in msgs[0].reason
+    assert (summary.op, summary.status) == ("invalid", st.RELAY_PROTOCOL)
+
+    study = samples.make_study(30, rows=32, cols=32, seed=24)
+    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
+    with EmbeddedPacs(MemoryStore(study), send_delay=0.02) as slow:
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, target(slow)))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=uid))
+        await a.write(frame)  # where only a Cancel may come: the device gave up
+        with contextlib.suppress(StreamResetError):
+            await ws.all()
+        summary = await asyncio.wait_for(server, 20)
+        assert summary.instances < 30
+    assert decoded == []
 
 
 @pytest.mark.parametrize("data", [b"\x08\x00\x52\x00CS\xff\xff", b"garbage!!", b""])

@@ -45,7 +45,7 @@ async def get_study(pacs: EmbeddedPacs, headers: dict[str, str], pixel_codecs: s
     pacs_target = replace(base, pixel_codecs=cast(PixelCodecs, pixel_codecs))
     a, b = pipe(headers)
     server = asyncio.create_task(serve_dicom_stream(b, pacs_target))
-    codec = MessageCodec()
+    codec = MessageCodec(accept_pixels=True)  # the workstation end
     ident = encode_dataset(query("STUDY", StudyInstanceUID=STUDY), EXPLICIT)
     await write_message(a, codec, Request(op="retrieve", root="study", transfer_syntax=EXPLICIT,
                                           dataset=ident))  # fmt: skip

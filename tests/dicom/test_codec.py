@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import struct
+import threading
 
 import pytest
 import zstandard
@@ -383,3 +384,64 @@ def test_validate_checks_without_compressing() -> None:
     with pytest.raises(DicomProtocolError, match="sop_instance"):
         codec.validate(Instance("1.2", "1.2.3 ", EXPLICIT, b""))
     assert codec.counters.sent_wire == 0
+
+
+@pytest.mark.parametrize(
+    ("mtype", "header", "why"),
+    [
+        (MessageType.CANCEL, {}, "with a body"),
+        (MessageType.FINAL, {"status": 0}, "with a body"),
+        (MessageType.ERROR, {"reason": "x"}, "with a body"),
+        (MessageType.SKIP, {"n": 1}, "exceeds limit"),
+    ],
+)
+def test_a_zstd_body_is_bounded_by_its_message_type_before_decompressing(
+    monkeypatch: pytest.MonkeyPatch, mtype: MessageType, header: dict[str, object], why: str
+) -> None:
+    """The type says how big a body may be (none for a Cancel, a Final or an Error; a
+    skip list's UIDs for a Skip): a zstd frame claiming more is refused undecompressed,
+    so a device cannot make the agent inflate a dataset-sized body it would then drop."""
+
+    def decompressing(*_args: object) -> None:
+        raise AssertionError("decompressed")
+
+    monkeypatch.setattr(MessageCodec, "_decompressor", decompressing)
+    packed = zstandard.ZstdCompressor().compress(b"1" * 10_000_000)
+    with pytest.raises(DicomProtocolError, match=why):
+        MessageCodec().decode(_payload(mtype, header, packed, flags=FLAG_ZSTD))
+
+
+async def test_an_unexpected_message_is_refused_from_its_fixed_header() -> None:
+    """A reader that knows what may come (the agent: a Request first, then only a
+    Cancel) refuses anything else once the type is read, before the body arrives."""
+    a, b = pipe()
+    await a.write(struct.pack(">I", 100_000_000) + struct.pack(">BBBH", VERSION, 1, 0, 2))
+    with pytest.raises(DicomProtocolError, match="REQUEST"):
+        await asyncio.wait_for(read_message(b, MessageCodec(), expect=(MessageType.CANCEL,)), 5)
+    a, b = pipe()
+    await write_message(a, MessageCodec(), Cancel())
+    got = await read_message(b, MessageCodec(), expect=(MessageType.CANCEL,))
+    assert got == Cancel()
+
+
+async def test_a_big_body_is_decoded_off_the_loop_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`offload`: a body that inflates to a MiB or more (an upload) is decompressed on a
+    worker thread, not on the loop every stream shares."""
+    threads: list[int] = []
+    decode = MessageCodec.decode
+
+    def recording(self: MessageCodec, payload: bytes | bytearray | memoryview) -> Message:
+        threads.append(threading.get_ident())
+        return decode(self, payload)
+
+    monkeypatch.setattr(MessageCodec, "decode", recording)
+    codec = MessageCodec()
+    upload = Request(op="store", transfer_syntax=EXPLICIT, sop_class="1.2", sop_instance="1.3",
+                     dataset=bytes(2 << 20))  # fmt: skip
+    for msg in (upload, Cancel()):
+        a, b = pipe()
+        await write_message(a, codec, msg)
+        assert await read_message(b, codec, offload=True) == msg
+    assert threads[0] != threading.get_ident() and threads[1] == threading.get_ident()

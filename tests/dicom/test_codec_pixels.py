@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as s
 
 from relay.codecs import CODECS, encode, find_pixels
+from relay.codecs import pixels as px
 from relay.dicom.codec import (
     FLAG_PIXELS,
     FLAG_ZSTD,
@@ -42,6 +43,11 @@ def _part(msg: Instance, codec: str = "jpegls") -> PixelPart:
     return PixelPart(enc, layout.offset)
 
 
+def _ws(limits: DicomLimits | None = None) -> MessageCodec:
+    """The workstation's codec: the only one that decodes encoded pixels."""
+    return MessageCodec(limits, accept_pixels=True)
+
+
 def _split(frame: bytes) -> tuple[int, int, dict[str, object], bytes]:
     """(type, flags, header, body) of a frame."""
     _v, mtype, flags, hlen = _FIXED.unpack_from(frame, _PREFIX.size)
@@ -65,7 +71,7 @@ def test_encoded_instance_round_trips_and_is_smaller_than_zstd(codec: str) -> No
     px = header["px"]
     assert isinstance(px, dict)
     assert px["v"] == PIXELS_VERSION and px["c"] == codec
-    assert MessageCodec().decode_frame(frame) == msg
+    assert _ws().decode_frame(frame) == msg
     assert len(frame) < len(MessageCodec().encode(msg))
     # The byte counts say what the instance was, and what it cost on the wire.
     assert c.counters.sent_raw >= len(msg.dataset) and c.counters.sent_wire == len(frame)
@@ -77,11 +83,11 @@ def test_an_older_reader_refuses_a_newer_pixel_version_clearly() -> None:
     px = header["px"]
     assert isinstance(px, dict)
     with pytest.raises(DicomProtocolError, match="px"):
-        MessageCodec().decode_frame(_join(mtype, flags, {**header, "px": {**px, "v": 2}}, body))
+        _ws().decode_frame(_join(mtype, flags, {**header, "px": {**px, "v": 2}}, body))
     with pytest.raises(DicomProtocolError, match="unknown codec"):
-        MessageCodec().decode_frame(_join(mtype, flags, {**header, "px": {**px, "c": "jxl"}}, body))
+        _ws().decode_frame(_join(mtype, flags, {**header, "px": {**px, "c": "jxl"}}, body))
     with pytest.raises(DicomProtocolError, match="px"):
-        MessageCodec().decode_frame(_join(mtype, flags, {k: v for k, v in header.items()
+        _ws().decode_frame(_join(mtype, flags, {k: v for k, v in header.items()
                                                          if k != "px"}, body))  # fmt: skip
 
 
@@ -89,9 +95,9 @@ def test_pixels_flag_only_on_a_plain_instance() -> None:
     msg = _ct()
     mtype, _flags, header, body = _split(MessageCodec().encode(msg, _part(msg)))
     with pytest.raises(DicomProtocolError, match="outside a plain instance"):
-        MessageCodec().decode_frame(_join(mtype, FLAG_PIXELS | FLAG_ZSTD, header, body))
+        _ws().decode_frame(_join(mtype, FLAG_PIXELS | FLAG_ZSTD, header, body))
     with pytest.raises(DicomProtocolError, match="outside a plain instance"):
-        MessageCodec().decode_frame(_join(MessageType.PENDING, FLAG_PIXELS, header, body))
+        _ws().decode_frame(_join(MessageType.PENDING, FLAG_PIXELS, header, body))
     with pytest.raises(DicomProtocolError, match="only an instance"):
         MessageCodec().encode(FinalResponse(0), _part(msg))
 
@@ -102,7 +108,7 @@ def test_a_flipped_codestream_bit_is_caught_by_the_checksum() -> None:
     frame = bytearray(MessageCodec().encode(msg, _part(msg, "htj2k")))
     frame[-40] ^= 0x01  # inside the last frame's codestream, past its headers
     with pytest.raises(DicomProtocolError, match="decode"):
-        MessageCodec().decode_frame(bytes(frame))
+        _ws().decode_frame(bytes(frame))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # ojph reports
@@ -113,7 +119,7 @@ def test_truncated_or_corrupted_encoded_instances_fail_cleanly(data: s.DataObjec
     frame = bytearray(MessageCodec().encode(msg, _part(msg, data.draw(s.sampled_from(CODECS)))))
     cut = data.draw(s.integers(0, len(frame) - 1))
     with pytest.raises(DicomProtocolError):
-        MessageCodec().decode_frame(bytes(frame[:cut]))
+        _ws().decode_frame(bytes(frame[:cut]))
     # Any change inside the codestreams: refused, or (a bit the codec ignores) exact.
     _, _, header, _ = _split(bytes(frame))
     px = header["px"]
@@ -121,7 +127,7 @@ def test_truncated_or_corrupted_encoded_instances_fail_cleanly(data: s.DataObjec
     pos = data.draw(s.integers(len(frame) - sum(px["fl"]), len(frame) - 1))
     frame[pos] ^= data.draw(s.integers(1, 255))
     try:
-        got = MessageCodec().decode_frame(bytes(frame))
+        got = _ws().decode_frame(bytes(frame))
     except DicomProtocolError:
         return
     assert got == msg
@@ -156,7 +162,7 @@ def test_a_lying_px_header_is_refused_before_memory_is_spent(
     changes: dict[str, object], why: str
 ) -> None:
     with pytest.raises(DicomProtocolError, match=why):
-        MessageCodec().decode_frame(_tampered(**changes))
+        _ws().decode_frame(_tampered(**changes))
 
 
 def test_decoded_size_is_bounded_by_the_dataset_limit() -> None:
@@ -164,7 +170,7 @@ def test_decoded_size_is_bounded_by_the_dataset_limit() -> None:
     frame = MessageCodec().encode(msg, _part(msg))
     small = DicomLimits(max_dataset=len(msg.dataset) - 1)
     with pytest.raises(DicomProtocolError, match="exceeds limit"):
-        MessageCodec(small).decode_frame(frame)
+        _ws(small).decode_frame(frame)
     with pytest.raises(DicomProtocolError, match="exceeds limit"):
         MessageCodec(small).encode(msg, _part(msg))
 
@@ -174,3 +180,27 @@ def test_pixels_that_do_not_fit_the_dataset_are_not_encoded() -> None:
     part = _part(msg)
     with pytest.raises(DicomProtocolError, match="do not fit"):
         MessageCodec().encode(msg, PixelPart(part.encoded, len(msg.dataset) - 10))
+
+
+def test_a_codec_that_does_not_accept_pixels_refuses_them_unread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Encoded pixels only travel agent -> workstation: every other reader (the agent,
+    reading what a device sends) refuses them from the fixed header alone, before the
+    JSON header, the rest's zstd or a codestream is looked at (an image decoder fed by a
+    hostile device can crash, hang, or build 500 MiB from a few KB)."""
+    msg = _ct()
+    frame = MessageCodec().encode(msg, _part(msg, "htj2k"))
+
+    def touched(*_args: object) -> bytes:
+        raise AssertionError("pixels decoded")
+
+    with monkeypatch.context() as m:
+        m.setattr(px, "decode", touched)
+        m.setattr(MessageCodec, "_decompressor", touched)
+        with pytest.raises(DicomProtocolError, match="encoded pixels"):
+            MessageCodec().decode_frame(frame)
+        bad_header = _FIXED.pack(VERSION, MessageType.INSTANCE, FLAG_PIXELS, 2) + b"\xff\xfe"
+        with pytest.raises(DicomProtocolError, match="encoded pixels"):
+            MessageCodec().decode(bad_header)
+    assert _ws().decode_frame(frame) == msg

@@ -43,7 +43,7 @@ class Recording(MessageCodec):
     not give back the agent's pixels."""
 
     def __init__(self) -> None:
-        super().__init__(DicomLimits())
+        super().__init__(DicomLimits(), accept_pixels=True)
         self.pixel_threads: list[int] = []
         self.flip = 0
 

@@ -56,7 +56,7 @@ class WorkstationCache:
         self._fresh = fresh
         self.link_up = link_up
         self.fetcher = StudyFetcher(
-            open_stream, self.store, MessageCodec(DicomLimits()), offer=offer
+            open_stream, self.store, MessageCodec(DicomLimits(), accept_pixels=True), offer=offer
         )
         self.prefetcher = Prefetcher(self.fetcher, self.store, prefetch, link_up)
         self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch,

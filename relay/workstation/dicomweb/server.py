@@ -50,8 +50,8 @@ class DicomwebServer:
         if not config.listen.is_loopback:
             raise ValueError(f"dicomweb.listen must be a loopback address, got {config.listen}")
         self.config = config
-        source = DicomSource(open_stream, MessageCodec(DicomLimits()), timeout=config.timeout,
-                             cache=cache, offer=offer)  # fmt: skip
+        source = DicomSource(open_stream, MessageCodec(DicomLimits(), accept_pixels=True),
+                             timeout=config.timeout, cache=cache, offer=offer)  # fmt: skip
         retriever = Retriever(source, cache, hold_size=config.hold_size)
         headfirst = HeadFirst(lambda: retriever.source)  # tests swap the retriever's source
         metrics = DicomwebMetrics(
