@@ -103,7 +103,7 @@ def measure(instances: Sequence[tuple[bytes, str]]) -> dict[str, tuple[float, fl
     dec_s = _cpu(lambda: [dec.decompress(p) for p in packed])
     out["zstd"] = (raw / sum(map(len, packed)), raw / enc_s / 1e6, raw / dec_s / 1e6)
     for codec in CODECS:
-        mc = MessageCodec(level=LEVEL)
+        mc = MessageCodec(level=LEVEL, accept_pixels=True)  # encodes and decodes
         frames = _encode_all(mc, instances, codec)
         enc_s = _cpu(lambda mc=mc, codec=codec: _encode_all(mc, instances, codec))
         dec_s = _cpu(lambda mc=mc, frames=frames: [mc.decode_frame(f) for f in frames])
