@@ -33,10 +33,19 @@ class PixelCodecMetrics(Collector):
             "relay_pixel_codec_wire_bytes", "Bytes written to the stream for them, by codec",
             labels=["codec"],
         )  # fmt: skip
+        fallbacks = CounterMetricFamily(
+            "relay_pixel_codec_fallbacks",
+            "Instances tried in a pixel codec that went as zstd: codestreams no smaller "
+            "than the pixels, or the frame over a limit",
+            labels=["codec"],
+        )
         for codec, t in sorted(self.tallies().items()):
             instances.add_metric([codec], t.instances)
             raw.add_metric([codec], t.raw_bytes)
             wire.add_metric([codec], t.wire_bytes)
+            if codec != "zstd":
+                fallbacks.add_metric([codec], t.fallbacks)
         yield instances
         yield raw
         yield wire
+        yield fallbacks

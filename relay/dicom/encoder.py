@@ -5,9 +5,10 @@ and zstd release the GIL): for an instance, and when the workstation decodes the
 the current `Choice` names, it locates the native pixel data, encodes it, checks that it
 decodes to the same bytes (for a codec `proven` exact on the format, only the first of
 each kind and then one in SPOT_CHECK: `RateBook.needs_check`), and frames it with
-FLAG_PIXELS; anything else is framed as before. Each result carries what it cost, and the
-loop feeds that, and how long each write took, into the rates `relay.codecs.choice`
-decides from.
+FLAG_PIXELS; anything else is framed as before, and so is an instance the codec does not
+pay for (codestreams no smaller than the pixels, or a frame over a limit: a fallback).
+Each result carries what it cost, and the loop feeds that, and how long each write took,
+into the rates `relay.codecs.choice` decides from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Final
 
 from relay import codecs
 from relay.codecs import choice as ch
-from relay.dicom.codec import Instance, Message, MessageCodec, PixelPart
+from relay.dicom.codec import DicomProtocolError, Instance, Message, MessageCodec, PixelPart
 
 _POOL_LOCK = threading.Lock()
 _POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
@@ -57,6 +58,7 @@ class CodecTally:
     instances: int = 0
     raw_bytes: int = 0  # the datasets as the PACS sent them
     wire_bytes: int = 0  # the frames written to the stream
+    fallbacks: int = 0  # instances tried in this codec that went as zstd: it did not pay
 
 
 class RateBook:
@@ -105,6 +107,11 @@ class RateBook:
             t.raw_bytes += raw
             t.wire_bytes += wire
 
+    def fallback(self, codec: str) -> None:
+        """An instance tried in `codec` went as zstd (no smaller, or over a limit)."""
+        with self._lock:
+            self._tallies.setdefault(codec, CodecTally()).fallbacks += 1
+
     def tallies(self) -> dict[str, CodecTally]:
         """A copy, for a scrape on another thread."""
         with self._lock:
@@ -128,6 +135,7 @@ class Encoded:
     codec: str  # what it went as: ch.ZSTD, or a pixel codec
     raw: int
     cpu: float
+    fell_back: str = ""  # the pixel codec tried that did not pay (it went as zstd)
 
 
 class StreamEncoder:
@@ -167,32 +175,47 @@ class StreamEncoder:
     def encode(self, msg: Message) -> Encoded:
         chosen = self.choice.codec
         started = time.thread_time()
+        fell_back = ""
         if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
-            layout = codecs.find_pixels(
-                msg.dataset, msg.transfer_syntax, max_bytes=self.codec.limits.max_dataset
-            )
-            if layout is not None:
-                pixels = memoryview(msg.dataset)[layout.offset : layout.end]
-                enc = codecs.encode(layout.fmt, pixels, chosen, verify=False)
-                if (
-                    enc is not None
-                    and self.book.needs_check(chosen, layout.fmt)
-                    and not codecs.round_trips(enc, pixels)
-                ):
-                    self.book.disprove(chosen, layout.fmt)
-                    enc = None
-                if enc is not None:
-                    frame = self.codec.encode(msg, PixelPart(enc, layout.offset))
-                    return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
+            frame, no_gain = self._with_pixels(msg, chosen)
+            if frame is not None:
+                return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
+            fell_back = chosen if no_gain else ""
         frame = self.codec.encode(msg)
         raw = len(msg.dataset) if isinstance(msg, Instance) else 0
-        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started)
+        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started, fell_back)
+
+    def _with_pixels(self, msg: Instance, codec: str) -> tuple[bytes | None, bool]:
+        """`msg` framed with its pixels as `codec` codestreams, or None for zstd; True
+        with None when the codec took the pixels but does not pay: codestreams no smaller
+        than the pixels (noise), or a frame over a limit where the plain one may fit (a
+        stream reset there would end the retrieve, and its resume would choose the same)."""
+        layout = codecs.find_pixels(
+            msg.dataset, msg.transfer_syntax, max_bytes=self.codec.limits.max_dataset
+        )
+        if layout is None:
+            return None, False
+        pixels = memoryview(msg.dataset)[layout.offset : layout.end]
+        enc = codecs.encode(layout.fmt, pixels, codec, verify=False)
+        if enc is None:
+            return None, False
+        if enc.nbytes >= len(pixels):
+            return None, True  # before the check: no decode spent on what is not sent
+        if self.book.needs_check(codec, layout.fmt) and not codecs.round_trips(enc, pixels):
+            self.book.disprove(codec, layout.fmt)
+            return None, False
+        try:
+            return self.codec.encode(msg, PixelPart(enc, layout.offset)), False
+        except DicomProtocolError:
+            return None, True
 
     def encoded(self, result: Encoded) -> None:
         """On the loop: learn from an encoded instance."""
         if result.raw:
             self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
             self.book.tally(result.codec, result.raw, len(result.frame))
+            if result.fell_back:
+                self.book.fallback(result.fell_back)
             self.rates = ch.observe_encode(
                 self.rates, result.codec, result.raw, len(result.frame), result.cpu
             )

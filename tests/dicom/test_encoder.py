@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
+from relay.agent.codec_metrics import PixelCodecMetrics
 from relay.codecs import PixelFormat
 from relay.codecs.choice import ZSTD
-from relay.dicom.codec import Instance, MessageCodec
+from relay.dicom.codec import DicomLimits, Instance, MessageCodec
 from relay.dicom.encoder import (
     PHASE_MEASURE,
     PHASE_SKIP,
@@ -121,7 +123,7 @@ def test_a_codec_caught_inexact_is_checked_every_time_after(
 def test_checked_or_not_every_instance_decodes_to_the_pacs_bytes() -> None:
     """The agent's encoder over more instances than one spot-check period: what the
     workstation's codec rebuilds is each dataset exactly."""
-    codec = MessageCodec()
+    codec = MessageCodec(accept_pixels=True)  # the agent's encoder, the workstation's decoder
     enc = StreamEncoder(codec, ("jpegls",), 1, adaptive=False)
     study = samples.make_study(SPOT_CHECK + 2, rows=128, cols=128)
     for inst in study:
@@ -130,3 +132,60 @@ def test_checked_or_not_every_instance_decodes_to_the_pacs_bytes() -> None:
         assert result.codec == "jpegls"
         got = codec.decode_frame(result.frame)
         assert isinstance(got, Instance) and got.dataset == inst.data
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    tag = group.to_bytes(2, "little") + elem.to_bytes(2, "little")
+    return tag + vr + len(value).to_bytes(2, "little") + value
+
+
+def _noise(side: int = 256) -> Instance:
+    """A 16-bit image of random values over the whole range: no lossless codec shrinks it
+    (HTJ2K's codestream is about 7% larger than the pixels)."""
+    pixels = np.random.default_rng(0).integers(0, 65536, (side, side), dtype="<u2").tobytes()
+
+    def us(elem: int, value: int) -> bytes:
+        return _element(0x28, elem, b"US", value.to_bytes(2, "little"))
+
+    head = us(0x0002, 1) + _element(0x28, 0x0004, b"CS", b"MONOCHROME2 ")
+    head += us(0x0010, side) + us(0x0011, side) + us(0x0100, 16) + us(0x0101, 16)
+    head += us(0x0103, 0)
+    data = head + b"\xe0\x7f\x10\x00OW\x00\x00" + len(pixels).to_bytes(4, "little") + pixels
+    return Instance("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", data)
+
+
+def _fallbacks(book: RateBook) -> dict[str, float]:
+    """The `relay_pixel_codec_fallbacks` counter's samples, by codec."""
+    family = next(
+        m for m in PixelCodecMetrics(book.tallies).collect()
+        if m.name == "relay_pixel_codec_fallbacks"
+    )  # fmt: skip
+    return {s.labels["codec"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_pixels_a_codec_does_not_shrink_go_as_zstd() -> None:
+    """A codestream no smaller than the native pixels is dropped: the instance goes as
+    zstd would send it, and the metrics count the codec's fallback."""
+    codec = MessageCodec()
+    msg = _noise()
+    enc = StreamEncoder(codec, ("htj2k",), 1, adaptive=False)
+    result = enc.encode(msg)
+    assert result.codec == ZSTD
+    assert result.frame == codec.encode(msg)
+    enc.encoded(result)
+    assert _fallbacks(enc.book) == {"htj2k": 1}
+    assert enc.book.tallies()[ZSTD].instances == 1
+
+
+def test_an_instance_too_big_in_its_codec_goes_as_zstd_if_that_fits() -> None:
+    """Framing with encoded pixels that exceeds a limit (here the header, with the `px`
+    keys) is not the stream's failure: the instance goes plainly, the retrieve goes on."""
+    ct = samples.make_study(1, rows=128, cols=128)[0]
+    msg = Instance(ct.sop_class, ct.sop_instance, ct.transfer_syntax, ct.data)
+    codec = MessageCodec(DicomLimits(max_header=200))  # fits the plain header only
+    enc = StreamEncoder(codec, ("jpegls",), 1, adaptive=False)
+    result = enc.encode(msg)
+    assert result.codec == ZSTD
+    assert codec.decode_frame(result.frame) == msg
+    enc.encoded(result)
+    assert _fallbacks(enc.book) == {"jpegls": 1}
