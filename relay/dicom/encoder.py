@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 MIN_PIXELS_BYTES: Final = 16 * 1024  # smaller instances: zstd, not worth a codestream
 SPOT_CHECK: Final = 16  # a proven codec's instances: every this many is still checked
-# A phase: PHASE_SKIP instances written while the previous phase's bytes drain (they were
-# encoded ahead, or sit in the stream's window), then PHASE_MEASURE timed ones.
+# A phase: PHASE_SKIP instances written while the previous phase's bytes drain from the
+# stream's window, then PHASE_MEASURE timed ones; only instances encoded in the phase
+# count (the pump encodes up to workers + 1 ahead: those went in the previous choice).
 PHASE_SKIP: Final = 4
 PHASE_MEASURE: Final = 8
 # Phases a stream starts with unmeasured, encoding what the model says: the PACS, the
@@ -135,6 +136,7 @@ class Encoded:
     codec: str  # what it went as: ch.ZSTD, or a pixel codec
     raw: int
     cpu: float
+    epoch: int  # the encoder's phase when it was encoded: its write is timed in that one only
     fell_back: str = ""  # the pixel codec tried that did not pay (it went as zstd)
 
 
@@ -158,6 +160,8 @@ class StreamEncoder:
         # Not adaptive (the config names one codec): that codec for every instance it
         # can take, whatever the link (fewest bytes, e.g. a metered link).
         self.adaptive = adaptive or not offered
+        # Phases begun, warm-ups included: each Encoded carries the one it was encoded in.
+        self.epoch = 0
         self.model = ch.choose(self.rates, offered, workers)
         self.choice = self.model
         if not self.adaptive:
@@ -167,23 +171,37 @@ class StreamEncoder:
         self.measured: dict[str, float] = {}
         self.phase = 0
         self.phase_codec = self.choice.codec
+        self._new_phase = True  # its codec not picked yet
         self._phase_writes = 0
         self._phase_raw = 0
         self._phase_start = 0.0
         self._warmups = WARMUP_PHASES  # phases left before measuring starts
 
+    @property
+    def choice(self) -> ch.Choice:
+        """What the next instance is encoded as (and how many workers encode ahead)."""
+        return self._under[1]
+
+    @choice.setter
+    def choice(self, value: ch.Choice) -> None:
+        # One attribute with the epoch: a worker thread reads both at once, never a new
+        # phase's epoch with the old phase's choice.
+        self._under = (self.epoch, value)
+
     def encode(self, msg: Message) -> Encoded:
-        chosen = self.choice.codec
+        epoch, choice = self._under
+        chosen = choice.codec
         started = time.thread_time()
         fell_back = ""
         if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
             frame, no_gain = self._with_pixels(msg, chosen)
             if frame is not None:
-                return Encoded(frame, chosen, len(msg.dataset), time.thread_time() - started)
+                cpu = time.thread_time() - started
+                return Encoded(frame, chosen, len(msg.dataset), cpu, epoch)
             fell_back = chosen if no_gain else ""
         frame = self.codec.encode(msg)
         raw = len(msg.dataset) if isinstance(msg, Instance) else 0
-        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started, fell_back)
+        return Encoded(frame, ch.ZSTD, raw, time.thread_time() - started, epoch, fell_back)
 
     def _with_pixels(self, msg: Instance, codec: str) -> tuple[bytes | None, bool]:
         """`msg` framed with its pixels as `codec` codestreams, or None for zstd; True
@@ -225,10 +243,13 @@ class StreamEncoder:
         """On the loop: the write of `result` took `seconds` to be accepted (ended `now`)."""
         self.rates = ch.observe_link(self.rates, len(result.frame), seconds)
         if result.raw and self.adaptive and self.offered:
-            self._phase_step(result.raw, time.monotonic() if now is None else now)
+            self._phase_step(result, time.monotonic() if now is None else now)
         self._decide()
 
-    def _phase_step(self, raw: int, now: float) -> None:
+    def _phase_step(self, result: Encoded, now: float) -> None:
+        if result.epoch != self.epoch:
+            return  # encoded ahead, in the previous phase's choice: not this one's to time
+        raw = result.raw
         self._phase_writes += 1
         if self._phase_writes == PHASE_SKIP:
             self._phase_start, self._phase_raw = now, 0
@@ -237,6 +258,8 @@ class StreamEncoder:
         if self._phase_writes < PHASE_SKIP + PHASE_MEASURE:
             return
         self._phase_writes = 0
+        self.epoch += 1  # _decide, right after, stamps the next phase's choice with it
+        self._new_phase = True
         if self._warmups:
             self._warmups -= 1
             return
@@ -252,7 +275,8 @@ class StreamEncoder:
         if not self.adaptive:
             return
         self.model = ch.choose(self.rates, self.offered, self.workers)
-        if self._phase_writes == 0:  # a new phase: which codec it tries
+        if self._new_phase:  # which codec it tries, once: all its instances go in it
+            self._new_phase = False
             ranked = ch.contenders(self.rates, self.offered, self.workers)
             ranked = [self.model.codec, *(c for c in ranked if c != self.model.codec)]
             self.phase_codec = ch.trial(ranked, self.measured, self.phase)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 
 import numpy as np
@@ -30,7 +31,7 @@ def run_phase(enc: StreamEncoder, now: float, seconds_per_instance: float) -> fl
     for _ in range(PHASE):
         codec = enc.choice.codec
         wire = 200_000 if codec == ZSTD else 150_000  # ratios 2.5 and 3.3, as on CT
-        result = Encoded(b"x" * wire, codec, 500_000, 0.001)
+        result = Encoded(b"x" * wire, codec, 500_000, 0.001, enc.epoch)
         enc.encoded(result)
         now += seconds_per_instance
         enc.written(result, seconds_per_instance, now)
@@ -189,3 +190,26 @@ def test_an_instance_too_big_in_its_codec_goes_as_zstd_if_that_fits() -> None:
     assert codec.decode_frame(result.frame) == msg
     enc.encoded(result)
     assert _fallbacks(enc.book) == {"jpegls": 1}
+
+
+def test_a_phase_times_only_what_was_encoded_under_its_choice() -> None:
+    """The pump encodes up to workers + 1 instances ahead of the writes (codec_workers
+    may be up to 16): with 8 workers, the first writes of a phase went in the previous
+    phase's codec, and timing them would credit this phase's codec with that one's rate.
+    Here JPEG-LS writes take 50 ms, zstd ones 25 ms: each measures exactly its own."""
+    ct = samples.make_study(1, rows=128, cols=128)[0]
+    msg = Instance(ct.sop_class, ct.sop_instance, ct.transfer_syntax, ct.data)
+    workers = 8
+    enc = StreamEncoder(MessageCodec(), ("jpegls",), workers)
+    ahead: deque[Encoded] = deque()
+    now = 0.0
+    for _ in range((WARMUP_PHASES + 6) * PHASE):
+        while len(ahead) < workers + 1:  # a slot frees: encode with the current choice
+            ahead.append(enc.encode(msg))
+        result = ahead.popleft()
+        enc.encoded(result)
+        seconds = 0.05 if result.codec == "jpegls" else 0.025
+        now += seconds
+        enc.written(result, seconds, now)
+    raw = len(msg.dataset)
+    assert enc.measured == {"jpegls": pytest.approx(raw / 0.05), ZSTD: pytest.approx(raw / 0.025)}
