@@ -670,7 +670,7 @@ class PacsOperation:
         find_model: str,
         identifier: Dataset,
         stopped: threading.Event,
-        querying: Callable[[int | None], bool],
+        gate: survey_mod.QueryGate,
     ) -> Pending | None:
         """Survey the study, if the PACS lets us; what to tell the workstation of it."""
         try:
@@ -680,7 +680,7 @@ class PacsOperation:
                 identifier,
                 timeout=self.pacs.timeout,
                 stopped=stopped,
-                querying=querying,
+                gate=gate,
             )
         except Exception as exc:
             # Only the type: pydicom's and pynetdicom's texts may quote the query's values.
@@ -710,9 +710,8 @@ class _Beside:
 
     Its estimate cannot follow the operation's final response: `finish` (always called
     before that is queued) stops it under the lock the estimate is queued with. Only the
-    survey's own thread ends its association: another thread's A-ABORT while this one
-    sends the next C-FIND breaks pynetdicom's state machine (Evt9 in Sta13), so `finish`
-    C-CANCELs the C-FIND in flight instead, under the same lock.
+    survey's own thread ends its association (survey.QueryGate): `finish` C-CANCELs the
+    C-FIND in flight instead.
     """
 
     def __init__(self, op: PacsOperation, find_model: str, identifier: Dataset) -> None:
@@ -720,22 +719,13 @@ class _Beside:
         self.find_model = find_model
         self.identifier = identifier
         self.stop = threading.Event()
+        self.gate = survey_mod.QueryGate()
         self._assoc: Association | None = None
-        self._query: int | None = None  # message ID of the C-FIND in flight
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="dicom-survey", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-
-    def _querying(self, msg_id: int | None) -> bool:
-        """`walk` is about to send C-FIND `msg_id` (False: stopped, send none), or None:
-        its C-FIND ended."""
-        with self._lock:
-            if msg_id is not None and self.stop.is_set():
-                return False
-            self._query = msg_id
-            return True
 
     def _run(self) -> None:
         assoc = self.op._associate([build_context(self.find_model)], main=False)
@@ -748,7 +738,7 @@ class _Beside:
             estimate = None
             if not self.stop.is_set():
                 estimate = self.op._survey(
-                    assoc, self.find_model, self.identifier, self.stop, self._querying
+                    assoc, self.find_model, self.identifier, self.stop, self.gate
                 )
             if estimate is not None:
                 try:  # the estimate is only a fallback: one the stream cannot carry is left out
@@ -762,7 +752,7 @@ class _Beside:
         except (ChannelClosed, TimeoutError):
             pass  # the stream is gone or full: the estimate is only a fallback
         finally:
-            with self._lock:  # no C-CANCEL is sent once it is None
+            with self._lock:
                 self._assoc = None
             _end(assoc, abort=self.stop.is_set())
 
@@ -774,13 +764,10 @@ class _Beside:
         operation's end."""
         if wait:
             self._thread.join(self.op.pacs.timeout + 1)
-        with self._lock:  # nothing is queued or sent once stopped
+        with self._lock:  # nothing is queued once stopped
             self.stop.set()
-            if not wait and self._assoc is not None and self._query is not None:
-                try:
-                    self._assoc.send_c_cancel(self._query, query_model=self.find_model)
-                except Exception as exc:  # the association is ending anyway
-                    log.debug("survey C-CANCEL not sent: %s", exc)
+            assoc = self._assoc
+        self.gate.stop(None if wait else assoc, self.find_model)  # no more C-FINDs
         return self.op.survey if wait else None
 
 

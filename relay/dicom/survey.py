@@ -20,11 +20,12 @@ CPU. Should such a retrieve come without a count after all, its survey starts th
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,7 +35,7 @@ from pynetdicom.association import Association
 from relay.dicom.codec import MAX_COUNT
 from relay.dicom.contexts import next_message_id
 
-__all__ = ["MAX_QUERIES", "StorageMemory", "Survey", "uncovered", "walk"]
+__all__ = ["MAX_QUERIES", "QueryGate", "StorageMemory", "Survey", "uncovered", "walk"]
 
 MAX_QUERIES: Final = 2000  # C-FINDs one survey may send (a patient with many studies)
 _PENDING: Final = (0xFF00, 0xFF01)
@@ -52,6 +53,39 @@ class Survey:
     transfer_syntaxes: list[str] = field(default_factory=list)
     # (SOP class, transfer syntax) of instances whose syntax the PACS named
     pairs: set[tuple[str, str]] = field(default_factory=set)
+
+
+class QueryGate:
+    """The C-FIND a walk has in flight, for another thread to C-CANCEL (`stop`); once
+    stopped, the walk sends no more. Only the walk's own thread ends its association:
+    pynetdicom's state machine fails a C-FIND sent after another thread's A-ABORT (Evt9
+    in Sta13), and a C-CANCEL sent under this lock always precedes the walk's end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._in_flight: int | None = None  # message ID
+
+    def begin(self, msg_id: int) -> bool:
+        """The walk is about to send C-FIND `msg_id`; False: stopped, send none."""
+        with self._lock:
+            if self._stopped:
+                return False
+            self._in_flight = msg_id
+            return True
+
+    def end(self) -> None:
+        with self._lock:
+            self._in_flight = None
+
+    def stop(self, assoc: Association | None, model: str) -> None:
+        """No more C-FINDs; the one in flight on `assoc` (if any) is cancelled."""
+        with self._lock:
+            self._stopped = True
+            if assoc is None or self._in_flight is None:
+                return
+            with contextlib.suppress(Exception):  # the association is ending anyway
+                assoc.send_c_cancel(self._in_flight, query_model=model)
 
 
 def uncovered(survey: Survey, accepted: Iterable[tuple[str, str]]) -> bool:
@@ -183,15 +217,13 @@ def walk(
     *,
     timeout: float,
     stopped: threading.Event,
-    querying: Callable[[int | None], bool] = lambda msg_id: True,
+    gate: QueryGate | None = None,
 ) -> Survey | None:
     """Walk the retrieve's identifier down to image level with C-FIND; None if not possible.
 
     `stopped` is looked at before each query and each answer (the retrieve ended, or the
-    viewer cancelled). `querying` is told the message ID of each C-FIND before it is sent
-    (False: send none) and None once it ended, so that another thread may C-CANCEL it:
-    only this thread may end the association, as pynetdicom's state machine fails a
-    C-FIND sent after another thread's A-ABORT."""
+    viewer cancelled); `gate` is told of each C-FIND, for another thread to cancel it."""
+    gate = gate if gate is not None else QueryGate()
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in _LEVELS:
         return None
@@ -208,12 +240,12 @@ def walk(
         for kw, value in keys.items():
             setattr(q, kw, value)
         msg_id = next_message_id()
-        if not querying(msg_id):
+        if not gate.begin(msg_id):
             return None
         try:
             return answers(assoc.send_c_find(q, model, msg_id=msg_id))
         finally:
-            querying(None)
+            gate.end()
 
     def answers(responses: Iterable[tuple[Dataset, Dataset | None]]) -> list[Dataset] | None:
         out: list[Dataset] = []
