@@ -100,7 +100,10 @@ class Workstation:
         except OSError as exc:
             raise ConfigError(config.path, "identity_dir", f"{exc.strerror or exc}") from None
         if finished is not None:
-            log.warning("an interrupted certificate renewal was " + finished)
+            log.warning(  # relay enroll and the renewal install the same way
+                "an interrupted install of the device identity (enrollment or renewal) was "
+                + finished
+            )
         files = config.identity_files()
         privatefiles.check_private(files.key, "device key")
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
