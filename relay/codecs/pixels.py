@@ -17,6 +17,7 @@ frames than `max_frames`, and values outside BitsStored (garbage in the high bit
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -58,6 +59,7 @@ _UNDEFINED: Final = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from
+_U16BE = struct.Struct(">H").unpack_from
 _TAG = struct.Struct("<HH").unpack_from
 
 
@@ -335,7 +337,11 @@ def round_trips(encoded: EncodedPixels, pixels: bytes | memoryview) -> bool:
 
 
 def decode(encoded: EncodedPixels) -> bytes:
-    """The native pixel bytes back; PixelCodecError if a codestream is not what it claims."""
+    """The native pixel bytes back; PixelCodecError if a codestream is not what it claims.
+
+    Each frame's header is checked first (`_check_header`): the decoders run in this
+    process and some of their failures on bad input are not errors but signals or loops.
+    """
     import numpy
 
     fmt = encoded.fmt
@@ -348,6 +354,7 @@ def decode(encoded: EncodedPixels) -> bytes:
         # Decode into an array of the announced shape: a codestream claiming more pixels
         # fails here instead of making the decoder allocate what it claims.
         out = numpy.empty(shape, dtype)
+        _check_header(data, encoded.codec, fmt)
         try:
             got = _decode_frame(data, encoded.codec, out)
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -412,3 +419,183 @@ def _decode_frame(data: bytes, codec: str, out: np.ndarray) -> Any:
     if codec == JPEGXL:
         return imagecodecs.jpegxl_decode(data, numthreads=1, out=out)
     return imagecodecs.htj2k_decode(data, out=out)
+
+
+# -- headers: what our encoder writes, and nothing else ------------------------------
+#
+# The workstation decodes in its own process, and the decoders are not safe on any input:
+# OpenJPH 0.26 divides by a zero tile size (SIGFPE), reads before its quantisation table
+# when QCD has no exponents (SIGSEGV, fixed upstream in 0.27), and loops for minutes on
+# image offsets past the image; CharLS 2.4 reads about 2**31 zero bits (5 s of CPU) past
+# the end of a scan that is not closed by a marker. A frame comes from the agent through
+# the sealed session, so this is defence in depth against a broken or hostile agent: each
+# frame must have the header our own encoder writes for the announced format, checked in
+# Python before the decoder sees a byte. JPEG XL is left to libjxl (fuzzed upstream; no
+# crash or hang in ours).
+
+_J2K_SIZ: Final = struct.Struct(">HHHIIIIIIIIH")  # marker, Lsiz, Rsiz, Xsiz .. YTOsiz, Csiz
+_J2K_COD: Final = struct.Struct(">HHBBHBBBBBB")  # ..., Scod, order, layers, MCT, levels, xcb, ..
+_J2K_SOT: Final = struct.Struct(">HHHIBBH")  # marker, Lsot, Isot, Psot, TPsot, TNsot, then SOD
+_HT_RSIZ: Final = 0x4000  # Part 15 (HTJ2K), no profile
+_HT_PCAP: Final = 0x00020000  # CAP: Part 15 only
+_HT_RPCL: Final = 2  # OpenJPH's default progression order
+_HT_LEVELS: Final = 5  # OpenJPH's default decomposition levels (whatever the image size)
+_HT_BLOCK: Final = 4  # 64x64 code blocks (2**(4+2))
+_HT_STYLE: Final = 0x40  # HT code blocks, no other option
+_HT_REVERSIBLE: Final = 1  # the 5/3 integer wavelet
+_HT_GUARD_NO_QUANT: Final = 0x20  # one guard bit, no quantisation (reversible)
+_HT_COD: Final = (12, 0, _HT_RPCL, 1, _HT_LEVELS, _HT_BLOCK, _HT_BLOCK, _HT_STYLE, _HT_REVERSIBLE)
+"""COD but its colour transform: Lcod (no precincts), Scod, order, layers, levels, xcb, ycb,
+style, wavelet."""
+_SOC, _SIZ, _CAP, _COD, _QCD, _COM = 0xFF4F, 0xFF51, 0xFF50, 0xFF52, 0xFF5C, 0xFF64
+_SOT, _SOD, _EOC = 0xFF90, 0xFF93, b"\xff\xd9"
+_HT_MAIN: Final = {_CAP: 1, _COD: 1, _QCD: 1}  # and at most one COM: the library's version
+
+_JLS_SOI, _JLS_EOI = b"\xff\xd8", b"\xff\xd9"
+_JLS_APP8, _JLS_SOF55, _JLS_LSE, _JLS_SOS = 0xE8, 0xF7, 0xF8, 0xDA
+_JLS_MARKER: Final = re.compile(b"\xff[\x80-\xff]")  # in a JPEG-LS scan, FF 0xxxxxxx is data
+
+
+def _check_header(data: bytes, codec: str, fmt: PixelFormat) -> None:
+    """Raise PixelCodecError unless `data` is laid out as our encoder writes `fmt`."""
+    try:
+        if codec == HTJ2K:
+            _check_htj2k(data, fmt)
+        elif codec == JPEGLS:
+            _check_jpegls(data, fmt)
+    except (struct.error, IndexError):
+        raise PixelCodecError(f"{codec} codestream: header cut short") from None
+
+
+def _refuse(codec: str, what: str) -> PixelCodecError:
+    return PixelCodecError(f"{codec} codestream: {what}")
+
+
+def _segments(data: bytes, pos: int, stop: int, codec: str) -> dict[int, list[int]]:
+    """Offsets of the marker segments from `pos` up to the marker `stop` (by marker)."""
+    found: dict[int, list[int]] = {}
+    while True:
+        marker, length = struct.unpack_from(">HH", data, pos)
+        if marker == stop:
+            found.setdefault(stop, []).append(pos)
+            return found
+        if marker >> 8 != 0xFF or length < 2 or pos + 2 + length > len(data):
+            raise _refuse(codec, f"no marker segment at byte {pos}")
+        found.setdefault(marker, []).append(pos)
+        pos += 2 + length
+
+
+def _check_htj2k(data: bytes, fmt: PixelFormat) -> None:
+    """One tile and one tile-part covering the image, OpenJPH's defaults, reversible.
+
+    That is what `htj2k_encode(frame, reversible=True)` writes: SIZ (the image, one
+    tile, no offsets, each component of the allocated bits, unsigned since signed
+    samples go as offset binary), CAP, COD, QCD, one COM (the library's version), then
+    the tile-part up to EOC. Anything else (another tiling, offsets, subsampling, more
+    levels, precincts, POC, per-component COC/QCC) is refused before OpenJPH reads it.
+    """
+    codec, mct = HTJ2K, int(fmt.samples == 3)
+    (soc,) = struct.unpack_from(">H", data, 0)
+    siz = _J2K_SIZ.unpack_from(data, 2)
+    marker, lsiz, rsiz, xsiz, ysiz, xo, yo, xt, yt, xto, yto, csiz = siz
+    if soc != _SOC or marker != _SIZ or lsiz != 38 + 3 * fmt.samples or csiz != fmt.samples:
+        raise _refuse(codec, "no SIZ of the announced components after SOC")
+    if rsiz != _HT_RSIZ:
+        raise _refuse(codec, f"Rsiz {rsiz:#06x} is not plain HTJ2K")
+    if (xsiz, ysiz, xt, yt) != (fmt.columns, fmt.rows, fmt.columns, fmt.rows):
+        raise _refuse(codec, f"image {xsiz}x{ysiz} in tiles of {xt}x{yt}, not one tile")
+    if xo or yo or xto or yto:
+        raise _refuse(codec, "image or tile offsets")
+    component = bytes((fmt.bits - 1, 1, 1))  # unsigned, no subsampling
+    if data[2 + _J2K_SIZ.size : 2 + _J2K_SIZ.size + 3 * csiz] != component * csiz:
+        raise _refuse(codec, "components are not unsigned, full size, of the allocated bits")
+    found = _segments(data, 2 + _J2K_SIZ.size + 3 * csiz, _SOT, codec)
+    sot = found.pop(_SOT)[0]
+    counts = {m: len(v) for m, v in found.items()}
+    if counts not in (_HT_MAIN, {**_HT_MAIN, _COM: 1}):
+        raise _refuse(codec, "main header is not SIZ, CAP, COD, QCD and at most one COM")
+    cap = found[_CAP][0]
+    if data[cap + 2 : cap + 8] != b"\x00\x08" + _HT_PCAP.to_bytes(4, "big"):
+        raise _refuse(codec, "CAP is not HTJ2K's")
+    _, lcod, scod, order, layers, cmct, levels, xcb, ycb, style, wavelet = _J2K_COD.unpack_from(
+        data, found[_COD][0]
+    )
+    if (lcod, scod, order, layers, levels, xcb, ycb, style, wavelet) != _HT_COD:
+        raise _refuse(codec, "COD is not reversible HT coding with OpenJPH's defaults")
+    if cmct != mct:
+        raise _refuse(codec, "colour transform " + ("missing" if mct else "on one component"))
+    qcd = found[_QCD][0]
+    lqcd, sqcd = struct.unpack_from(">HB", data, qcd + 2)
+    exponents = data[qcd + 5 : qcd + 2 + lqcd]
+    low, high = fmt.bits + mct - 1, fmt.bits + mct + 2  # B + gain - guard, gains 0..3
+    if (
+        lqcd != 4 + 3 * _HT_LEVELS
+        or sqcd != _HT_GUARD_NO_QUANT
+        or any(e & 7 or not low <= e >> 3 <= high for e in exponents)
+    ):
+        raise _refuse(codec, "QCD is not one exponent per subband, unquantised, in range")
+    _, lsot, isot, psot, tpsot, tnsot, sod = _J2K_SOT.unpack_from(data, sot)
+    if (lsot, isot, tpsot, tnsot, sod) != (10, 0, 0, 1, _SOD) or sot + psot != len(data) - 2:
+        raise _refuse(codec, "not one tile-part that runs to EOC")
+    if data[-2:] != _EOC:
+        raise _refuse(codec, "no EOC at the end")
+
+
+def _check_jpegls(data: bytes, fmt: PixelFormat) -> None:
+    """SOI, SPIFF, SOF55 of the announced format, default LSE, one lossless scan, EOI.
+
+    CharLS checks that its bit reader did not run dry only where the scan meets a marker,
+    not at the end of the buffer: a scan cut short costs seconds. So the scan must end at
+    the EOI that closes the frame, with no marker before it (no restarts, no second
+    scan), and the header may hold nothing our encoder does not write: no restart
+    interval, mapping tables, near-lossless or point transform, subsampling.
+    """
+    codec = JPEGLS
+    if data[:2] != _JLS_SOI:
+        raise _refuse(codec, "no SOI")
+    found: dict[int, list[int]] = {}
+    pos = 2
+    while data[pos + 1] != _JLS_SOS:
+        marker, length = data[pos + 1], int(_U16BE(data, pos + 2)[0])
+        if data[pos] != 0xFF or length < 2:
+            raise _refuse(codec, f"no marker segment at byte {pos}")
+        found.setdefault(marker, []).append(pos)
+        pos += 2 + length
+    sos = pos
+    counts = {m: len(v) for m, v in found.items()}
+    if counts.get(_JLS_SOF55) != 1 or counts.get(_JLS_LSE, 0) > 1 or counts.get(_JLS_APP8, 0) > 2:
+        raise _refuse(codec, "header is not SPIFF, SOF55 and at most one LSE")
+    if set(counts) - {_JLS_SOF55, _JLS_LSE, _JLS_APP8} or data[sos] != 0xFF:
+        raise _refuse(codec, "header has markers our encoder never writes")
+    sof = found[_JLS_SOF55][0]
+    lf, bits, rows, columns, nf = struct.unpack_from(">HBHHB", data, sof + 2)
+    want = (8 + 3 * fmt.samples, fmt.bits, fmt.rows, fmt.columns, fmt.samples)
+    if (lf, bits, rows, columns, nf) != want:
+        raise _refuse(codec, f"SOF55 says {columns}x{rows}, {nf} components of {bits} bits")
+    if any(data[sof + 11 + 3 * c : sof + 13 + 3 * c] != b"\x11\x00" for c in range(nf)):
+        raise _refuse(codec, "SOF55 components are subsampled")
+    if _JLS_LSE in found:
+        lse = found[_JLS_LSE][0]
+        if data[lse + 2 : lse + 15] != _jls_default_presets(fmt.bits):
+            raise _refuse(codec, "LSE is not the default coding parameters")
+    ls, ns = struct.unpack_from(">HB", data, sos + 2)
+    near, ilv, al = struct.unpack_from(">BBB", data, sos + 5 + 2 * ns)
+    if ls != 6 + 2 * ns or ns != fmt.samples or near or al:
+        raise _refuse(codec, "SOS is not one lossless scan of every component")
+    if any(data[sos + 6 + 2 * c] for c in range(ns)):
+        raise _refuse(codec, "SOS asks for a mapping table")
+    if ilv not in ((0,) if ns == 1 else (1, 2)):
+        raise _refuse(codec, f"interleave mode {ilv} for {ns} components")
+    end = _JLS_MARKER.search(data, sos + 2 + ls)
+    if end is None or end.start() != len(data) - 2 or data[-2:] != _JLS_EOI:
+        raise _refuse(codec, "the scan does not run to the EOI that ends the frame")
+
+
+def _jls_default_presets(bits: int) -> bytes:
+    """The LSE (type 1) CharLS writes: Ll, ID, MAXVAL and ISO 14495-1's default T1..RESET."""
+    maxval = (1 << bits) - 1
+    factor = (min(maxval, 4095) + 128) >> 8  # C.2.4.1.1.1, NEAR 0, MAXVAL >= 128
+    t1 = min(max(factor * (3 - 2) + 2, 1), maxval)
+    t2 = min(max(factor * (7 - 3) + 3, t1), maxval)
+    t3 = min(max(factor * (21 - 4) + 4, t2), maxval)
+    return struct.pack(">HBHHHHH", 13, 1, maxval, t1, t2, t3, 64)
