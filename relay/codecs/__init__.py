@@ -24,6 +24,7 @@ from relay.codecs.pixels import (
     proven,
     round_trips,
     supports,
+    takes,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "proven",
     "round_trips",
     "supports",
+    "takes",
 ]

@@ -29,6 +29,11 @@ JPEGLS: Final = "jpegls"
 HTJ2K: Final = "htj2k"
 JPEGXL: Final = "jpegxl"
 CODECS: Final = (JPEGLS, HTJ2K, JPEGXL)
+# libjxl's effort-1 lossless encoder (imagecodecs 2026.3.6) corrupts the heap and aborts
+# the process on noise-like 16-bit frames whose values span 2**14 or more (128x128 and
+# 256x256 every time; "free(): invalid next size"), whatever their offset; 2**13 never
+# did over 88 sizes from 1x1 to 512x700. Wider frames go by another codec.
+JPEGXL_MAX_SPAN: Final = 1 << 13
 """Codec names on the wire (the workstation's `dicom-pixels` header lists those it decodes)."""
 PROVEN_CODECS: Final = frozenset({JPEGLS, HTJ2K})
 """Lossless by construction: on grayscale, `proven` lets the agent skip its check."""
@@ -319,13 +324,32 @@ def encode(
     frames = []
     try:
         for index in range(fmt.frames):
-            frames.append(_encode_frame(_to_codec(arr[index], fmt), codec))
+            frame = _to_codec(arr[index], fmt)
+            if not _within_limits(frame, codec):
+                return None
+            frames.append(_encode_frame(frame, codec))
         out = EncodedPixels(codec, fmt, tuple(frames))
         if verify and not round_trips(out, pixels):
             return None
     except (PixelCodecError, RuntimeError, ValueError):  # imagecodecs errors are RuntimeErrors
         return None
     return out
+
+
+def takes(fmt: PixelFormat, pixels: bytes | memoryview, codec: str) -> bool:
+    """Whether `encode` tries `codec` on these pixels: `supports` for the format, and the
+    codec's own limits on the values (JPEG XL: JPEGXL_MAX_SPAN)."""
+    if len(pixels) != fmt.nbytes or not supports(fmt, codec):
+        return False
+    arr = _samples(pixels, fmt)
+    return all(_within_limits(_to_codec(arr[i], fmt), codec) for i in range(fmt.frames))
+
+
+def _within_limits(frame: np.ndarray, codec: str) -> bool:
+    """A codec-ready frame's values within what `codec` encodes safely."""
+    if codec != JPEGXL or frame.dtype.itemsize == 1 or frame.size == 0:
+        return True
+    return int(frame.max()) - int(frame.min()) < JPEGXL_MAX_SPAN
 
 
 def round_trips(encoded: EncodedPixels, pixels: bytes | memoryview) -> bool:
