@@ -3,10 +3,12 @@ and the readiness check of that PACS."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Protocol
 
 from relay.agent.audit import AuditLog
 from relay.agent.config import AgentConfig
@@ -17,9 +19,47 @@ from relay.ops.metrics import EndMetrics
 from relay.seal.transport import sealed_peer
 from relay.wire import TARGET_DICOM
 
-__all__ = ["default_handlers", "pacs_check"]
+if TYPE_CHECKING:  # the DICOM package loads only with `pacs:` (below)
+    from relay.agent.dicom_audit import DicomAuditor
+    from relay.dicom.agent import OperationSummary
+
+__all__ = ["default_handlers", "pacs_check", "serve_audited"]
 
 log = logging.getLogger(__name__)
+
+
+class _Serves(Protocol):
+    async def serve(
+        self, stream: Stream, *, on_request: Callable[[OperationSummary], None] | None = None
+    ) -> OperationSummary: ...
+
+
+async def serve_audited(
+    dicom: _Serves, stream: Stream, auditor: DicomAuditor | None, device: str
+) -> OperationSummary:
+    """Serve one DICOM stream, audited: its begin when the request is read, its end when
+    it ends, also when it is cut (the drain cancels it, or it raises): the trail then
+    says the transfer ended in failure rather than leaving its begin without an end."""
+    begun: list[OperationSummary] = []
+
+    def begin(summary: OperationSummary) -> None:
+        begun.append(summary)
+        if auditor is not None:
+            auditor.begin(device, summary)
+
+    try:
+        summary = await dicom.serve(stream, on_request=begin)
+    except BaseException as exc:
+        if auditor is not None and begun:
+            from relay.dicom.status import LINK_LOST  # only ever with `pacs:` (loaded)
+
+            why = "the agent stopped" if isinstance(exc, asyncio.CancelledError) else "failed"
+            comment = f"cut: {why} ({type(exc).__name__})"
+            auditor.end(device, dataclasses.replace(begun[0], status=LINK_LOST, comment=comment))
+        raise
+    if auditor is not None:
+        auditor.end(device, summary)
+    return summary
 
 
 def pacs_check(config: AgentConfig) -> PacsCheck | None:
@@ -75,10 +115,7 @@ async def default_handlers(
         async def serve_dicom(stream: Stream) -> None:
             peer = sealed_peer(stream)  # the inner certificate's identity
             device = peer.uri if peer is not None else ""
-            begin = (lambda s: auditor.begin(device, s)) if auditor is not None else None
-            summary = await dicom.serve(stream, on_request=begin)
-            if auditor is not None:
-                auditor.end(device, summary)
+            summary = await serve_audited(dicom, stream, auditor, device)
             log.info(
                 "dicom operation",
                 extra={

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from relay.agent.audit import AuditLog, read_events
 from relay.agent.dicom_audit import DicomAuditor
+from relay.agent.handlers import serve_audited
 from relay.dicom import rawds
 from relay.dicom.agent import OperationSummary
 from relay.dicom.codec import Request
@@ -137,3 +141,40 @@ async def test_a_refused_upload_is_audited_as_one_failed_instance(tmp_path: Path
     study_object = _object(_transfer_end(read_events(log.path)), "110180")
     details = {d["type"]: d["value"] for d in study_object["ParticipantObjectDetail"]}
     assert details == {"Completed": "0", "Failed": "1", "Warning": "0"}
+
+
+class _Hangs:
+    """A DICOM agent whose operation starts (its request read) and never ends."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+    async def serve(
+        self, stream: Any, *, on_request: Callable[[OperationSummary], None] | None = None
+    ) -> OperationSummary:
+        if on_request is not None:
+            on_request(OperationSummary("get", 0xFF00, "started", 0.0, request=self.request))
+        await asyncio.Event().wait()
+        raise AssertionError("never")
+
+
+async def test_a_transfer_cut_by_the_drain_is_audited_as_ended_in_failure(
+    tmp_path: Path,
+) -> None:
+    """The drain cancels a handler after drain_grace: its begin event used to stay
+    without an end, so the trail could not show that the transfer was cut."""
+    log = AuditLog(tmp_path / "audit.jsonl", source_id="agent")
+    auditor = DicomAuditor(log, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    uid = "1.2.826.0.1.3680043.2.1125.43"
+    request = Request(op="retrieve", root="study", transfer_syntax="1.2.840.10008.1.2.1",
+                      dataset=identifier(uid))  # fmt: skip
+    task = asyncio.create_task(serve_audited(_Hangs(request), cast(Any, None), auditor, DEVICE))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    events = read_events(log.path)
+    assert [e["kind"] for e in events] == ["transfer_begin", "transfer_end"]
+    end = _transfer_end(events)
+    assert end["EventIdentification"]["EventOutcomeIndicator"] != 0  # a failure
+    assert uid in json.dumps(end) and "cut: the agent stopped" in json.dumps(end)
