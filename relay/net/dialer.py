@@ -10,10 +10,14 @@ only starts speaking once it has accepted our identity.
 goaway, back off (full jitter, see relay.net.backoff), dial again. After a goaway the old link
 keeps draining its streams while a new one is dialled, so new streams need not wait.
 
-One refusal ends the supervision instead: the gateway's GOAWAY with code REVOKED (at the
-dial or on a live link). Dialling again cannot help a revoked device, so `dial` raises
-`Revoked` and `KeptLink` stops and tells its owner through `on_revoked`; anything else
-that learns of a revocation (a refused session, say) calls `KeptLink.revoked_by_peer`.
+One refusal may end the supervision instead: the gateway's GOAWAY with code REVOKED (at
+the dial or on a live link); `dial` raises `Revoked`. The gateway revokes devices only,
+so only a device's link (ALPN_DEVICE: dialling again cannot help a revoked device) stops
+and tells its owner through `on_revoked`; anything else that learns of a revocation (a
+refused session, say) calls `KeptLink.revoked_by_peer`. On any other link (the agent's:
+gateways do not revoke agents, and a gateway may be compromised) REVOKED is one more
+goaway, unauthenticated: the link is left and the next dial waits REVOKED_BACKOFF of the
+backoff's cap, never a permanent stop.
 """
 
 from __future__ import annotations
@@ -32,12 +36,18 @@ from relay.net.tls import classify_handshake_error, peer_identity
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.trust.identity import IdentityError
+from relay.wire import ALPN_DEVICE
 
 __all__ = ["DialError", "KeptLink", "LinkStats", "Revoked", "dial"]
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # how long close() waits for a link to finish sending its goaway
+# Delay before dialling again after an unheeded REVOKED (a link other than a device's):
+# uniform over this fraction of the backoff's cap up to the cap. Long, so a gateway that
+# says it again and again costs one dial per cap, as a gateway refusing TLS would; never
+# forever, so a compromised gateway cannot make us stop dialling it.
+REVOKED_BACKOFF = (0.5, 1.0)
 
 
 class DialError(Exception):
@@ -184,6 +194,8 @@ class KeptLink:
     `link` is the current usable link or None; `up` is set while there is one. `start()`
     launches the supervisor; `goaway()` stops dialling and asks the gateway for no new
     streams; `close()` closes every link and ends the supervisor (no task survives).
+    The gateway's GOAWAY REVOKED is final only on a device's link (`alpn` ALPN_DEVICE),
+    which then calls `on_revoked`; see the module docstring.
     """
 
     def __init__(
@@ -251,7 +263,7 @@ class KeptLink:
                 code: int, reason: str, mark_lost: Callable[..., None] = mark_lost
             ) -> None:
                 if code == ErrorCode.REVOKED:
-                    self.revoked_by_peer(reason)
+                    self._gateway_says_revoked(reason)
                 mark_lost()
 
             try:
@@ -269,8 +281,11 @@ class KeptLink:
                 )
             except Revoked as exc:
                 self.stats.failures += 1
-                self.revoked_by_peer(exc.peer_reason)
-                return
+                self._gateway_says_revoked(exc.peer_reason)
+                if self._stopping:
+                    return
+                await asyncio.sleep(self._revoked_delay())
+                continue
             except DialError as exc:
                 self.stats.failures += 1
                 self.stats.last_error = exc.reason
@@ -333,15 +348,37 @@ class KeptLink:
             log.info("gateway sent goaway; dialling a new link", extra=self._log)
         if not self._stopping:
             # Even after a goaway: a gateway that keeps sending them must not make us spin.
-            # After a long-lived link the backoff was reset, so this is at most `base`.
-            await asyncio.sleep(self.backoff.next_delay())
+            # After a long-lived link the backoff was reset, so this is at most `base`;
+            # after an unheeded REVOKED, REVOKED_BACKOFF.
+            revoked = isinstance(link, _DialedLink) and link.revoked
+            await asyncio.sleep(self._revoked_delay() if revoked else self.backoff.next_delay())
+
+    def _gateway_says_revoked(self, reason: str) -> None:
+        """The gateway's GOAWAY REVOKED: final for a device's link, the only role the
+        gateway revokes. Otherwise a goaway like another: unauthenticated, it must not
+        stop an agent's dialling for good."""
+        if self.alpn == ALPN_DEVICE:
+            self.revoked_by_peer(reason)
+            return
+        self.stats.last_error = "revoked"
+        log.warning(
+            "the gateway says this identity is revoked; not heeded (gateways revoke only "
+            "devices), dialling again after a long backoff",
+            extra={**self._log, "reason": reason},
+        )
+
+    def _revoked_delay(self) -> float:
+        """REVOKED_BACKOFF of the cap, jittered; counts as one attempt of the backoff."""
+        self.backoff.next_delay()
+        low, high = REVOKED_BACKOFF
+        return self.backoff.rng.uniform(low * self.backoff.cap, high * self.backoff.cap)
 
     def revoked_by_peer(self, reason: str) -> None:
         """The peer says our identity is revoked: stop dialling, tell the owner once.
 
-        Called on the gateway's GOAWAY REVOKED (at the dial or on a live link), and by
-        anything else that learns it (a session refused as revoked). Open links are left
-        to the peer, which closes them.
+        Called on the gateway's GOAWAY REVOKED on a device's link (at the dial or on a
+        live link), and by anything else that learns it (a session refused
+        as revoked). Open links are left to the peer, which closes them.
         """
         if self.revoked is not None:
             return

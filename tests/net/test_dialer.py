@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 import ssl
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay import wire
-from relay.net import tls
+from relay.net import dialer, tls
 from relay.net.aio import Link
 from relay.net.backoff import ExponentialBackoff
 from relay.net.dialer import DialError, KeptLink, dial
@@ -219,3 +220,83 @@ async def test_revoked_by_peer_stops_dialling_and_tells_the_owner_once(pki: Site
         assert keeper.stats.last_error == "revoked"
         assert not keeper.up.is_set()
         await keeper.close()
+
+
+async def test_a_gateways_revoked_does_not_stop_an_agent(pki: SitePki, tmp_path: Path) -> None:
+    """Gateways do not revoke agents, and one may be compromised: its GOAWAY REVOKED on a
+    live link is a goaway like another (long backoff), never the end of the dialling."""
+    told: list[str] = []
+    async with running_gateway(pki, tmp_path) as gw:
+        k = kept(pki, gw.port)
+        k.on_revoked = told.append  # even an agent owner that listens is not stopped
+        k.start()
+        await asyncio.wait_for(k.up.wait(), WAIT)
+        await wait_until(lambda: len(gw.server.links.agents) == 1)
+        (server_side,) = gw.server.links.agents
+        server_side.goaway(ErrorCode.REVOKED, "a hostile gateway says so")
+        await wait_until(lambda: k.stats.connects == 2 and k.up.is_set())
+        assert k.revoked is None and not k._stopping and told == []
+        assert k.stats.goaways == 1
+        await k.close()
+
+
+async def test_a_revoked_at_the_dial_does_not_stop_an_agent(
+    pki: SitePki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same refusal during the dial: the next dial comes, after REVOKED_BACKOFF."""
+    calls: list[float] = []
+
+    async def refuse(*_: object, **__: object) -> Link:
+        calls.append(asyncio.get_running_loop().time())
+        raise dialer.Revoked("the gateway refused us: revoked", "a hostile gateway says so")
+
+    monkeypatch.setattr(dialer, "dial", refuse)
+    k = kept(pki, 1)
+    k.start()
+    await wait_until(lambda: len(calls) >= 3)
+    assert k.revoked is None and k.stats.last_error == "revoked"
+    low = dialer.REVOKED_BACKOFF[0] * k.backoff.cap
+    assert all(b - a >= low * 0.9 for a, b in itertools.pairwise(calls))
+    await k.close()
+
+
+async def test_a_gateways_revoked_stops_a_device(
+    pki: SitePki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's link (the workstation's) keeps the refusal final, told once."""
+    told: list[str] = []
+
+    async def refuse(*_: object, **__: object) -> Link:
+        raise dialer.Revoked("the gateway refused us: revoked", "revoked by the site")
+
+    monkeypatch.setattr(dialer, "dial", refuse)
+    device = pki.device("ws1")
+    k = KeptLink(
+        Address(HOST, 1),
+        tls.client_context(device.cert, device.key, pki.ca, alpn=wire.ALPN_DEVICE),
+        SETTINGS,
+        alpn=wire.ALPN_DEVICE,
+        name="device",
+        backoff=ExponentialBackoff(0.01, 0.1),
+        on_revoked=told.append,
+    )
+    k.start()
+    assert k._task is not None
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(k._task, WAIT)
+    assert told == ["revoked by the site"] and k.revoked == "revoked by the site"
+    assert k.stats.attempts == 1
+    await k.close()
+
+
+def test_the_revoked_delay_is_long_and_bounded() -> None:
+    k = KeptLink(
+        Address(HOST, 1),
+        ssl.create_default_context(),
+        SETTINGS,
+        alpn=wire.ALPN_AGENT,
+        name="t",
+        backoff=ExponentialBackoff(0.5, 30.0),
+    )
+    delays = [k._revoked_delay() for _ in range(200)]
+    assert all(15.0 <= d <= 30.0 for d in delays)
