@@ -12,7 +12,9 @@ Both directions run at once and keep TCP's semantics across the tunnel:
   reader on either side stops the credit (or the TCP window) of its writer.
 
 `splice` returns when both directions are done and leaves no task behind, also when
-cancelled (then the stream is reset and the socket aborted).
+cancelled (then the stream is reset and the socket aborted). The socket is closed when
+it returns: one whose peer does not take the FIN and our last bytes within
+CLOSE_TIMEOUT is aborted.
 """
 
 from __future__ import annotations
@@ -73,14 +75,16 @@ def tune_socket(writer: asyncio.StreamWriter) -> None:
 
 
 def abort_socket(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST rather than a FIN, so the peer sees an abort, not an end."""
-    transport = writer.transport
-    if not transport.is_closing():
-        with contextlib.suppress(OSError, ValueError):
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
+    """Close with an RST rather than a FIN, so the peer sees an abort, not an end; also
+    after close(), whose buffered bytes and FIN the peer never took (the kernel drops
+    them at once instead of keeping them for a peer that does not read)."""
+    # A socket the transport has closed already: EBADF (OSError), or uvloop's
+    # placeholder with fd -1 (ValueError); then abort() has nothing left to do.
+    with contextlib.suppress(OSError, ValueError):
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def _tcp_to_stream(
@@ -122,12 +126,17 @@ async def _stream_to_tcp(
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close; a peer that has not taken our last bytes and FIN within CLOSE_TIMEOUT (one
+    that half-closed and stopped reading) gets an RST: close() alone would keep the
+    socket and its buffer for as long as that peer lives."""
     writer.close()
+    closed = False
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await writer.wait_closed()
-    if not writer.transport.is_closing():  # pragma: no cover - close() always marks it
-        writer.transport.abort()
+        closed = True
+    if not closed:
+        abort_socket(writer)
 
 
 async def splice(

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+from relay.net import tcpsplice
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.net.compression import CodecStream
 from relay.net.tcpsplice import WRITE_HIGH, SpliceResult, SpliceStats, splice
@@ -75,11 +76,18 @@ async def make_rig(
     port: int,
     accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
     codec: bool = False,
+    *,
+    rcvbuf: int | None = None,
 ) -> Rig:
     near, far = pipe({"codec": "zstd"} if codec else {})
     if codec:
         near, far = CodecStream(near, True), CodecStream(far, True)
-    reader, writer = await asyncio.open_connection(HOST, port)
+    sock = socket.socket()
+    if rcvbuf is not None:  # before connecting: the TCP window follows it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s_reader, s_writer = await asyncio.wait_for(accepted.get(), WAIT)
     stats = SpliceStats()
@@ -289,4 +297,37 @@ async def test_a_client_that_does_not_read_stops_the_stream_writer() -> None:
         writer.cancel()
         rig.task.cancel()
         await asyncio.gather(writer, rig.task, return_exceptions=True)
+        rig.writer.close()
+
+
+async def _fill_socket(rig: Rig, level: int = WRITE_HIGH) -> None:
+    """The far end writes until the splice's socket buffer holds `level` bytes (the client
+    reads nothing): bytes wait for the TCP peer (and, past WRITE_HIGH, the splice too)."""
+    transport = rig.server_writer.transport
+    async with asyncio.timeout(WAIT):
+        while transport.get_write_buffer_size() < level:
+            await rig.stream.write(bytes(16384))
+            await asyncio.sleep(0)
+
+
+@on_both_loops
+async def test_socket_closed_when_a_half_closed_peer_does_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that half-closed and stopped reading used to keep our socket and its buffer
+    after splice returned (close() marks the transport closing, so the abort meant for
+    after CLOSE_TIMEOUT never ran): the fd was gone only when that peer went away."""
+    monkeypatch.setattr(tcpsplice, "CLOSE_TIMEOUT", 0.2)
+    async with listener() as (port, accepted):
+        rig = await make_rig(port, accepted, rcvbuf=4096)
+        rig.writer.write_eof()  # the client's request is complete; it reads no answer
+        assert await asyncio.wait_for(rig.stream.read(), WAIT) == b""
+        await _fill_socket(rig, WRITE_HIGH // 2)  # below the mark: the splice can end
+        await rig.stream.write_eof()
+        assert await asyncio.wait_for(rig.task, WAIT) is SpliceResult.CLOSED
+        sock = rig.server_writer.get_extra_info("socket")
+        await wait_until(lambda: sock.fileno() == -1)  # closed: fd and buffer freed
+        assert rig.server_writer.transport.get_write_buffer_size() == 0
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(rig.reader.read(), WAIT)  # aborted, not a late FIN
         rig.writer.close()
