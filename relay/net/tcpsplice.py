@@ -9,7 +9,11 @@ Both directions run at once and keep TCP's semantics across the tunnel:
   aborts the socket with an RST (SO_LINGER 0), so neither side mistakes it for an end;
 - bounded memory: one read of at most `read_size` per direction in flight, and writes
   to the socket wait on drain() above the transport's high-water mark, so a slow
-  reader on either side stops the credit (or the TCP window) of its writer.
+  reader on either side stops the credit (or the TCP window) of its writer;
+- optional bounds in time (the workstation's forwards use them): a TCP peer that takes
+  nothing for `stall_timeout` while our bytes wait for it is reset (STALLED), and a
+  connection with no byte either way for `idle_timeout` is closed (IDLE: the stream
+  reset, a FIN towards the peer), so neither holds its stream's window or a slot forever.
 
 `splice` returns when both directions are done and leaves no task behind, also when
 cancelled (then the stream is reset and the socket aborted). The socket is closed when
@@ -43,6 +47,8 @@ class SpliceResult(Enum):
     CLOSED = "closed"  # both directions ended cleanly
     STREAM_RESET = "stream_reset"  # the stream was reset (by the peer or a codec)
     TCP_ERROR = "tcp_error"  # the TCP connection failed; the stream was reset
+    STALLED = "stalled"  # the TCP peer took nothing for stall_timeout; both reset
+    IDLE = "idle"  # nothing moved either way for idle_timeout; stream reset, FIN sent
 
 
 @dataclass
@@ -62,6 +68,21 @@ class _StreamGone(Exception):
 
 class _TcpGone(Exception):
     pass
+
+
+class _Stalled(Exception):
+    pass
+
+
+class _Moved:
+    """When bytes last moved, either way (loop time): what idle_timeout is measured on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.at = loop.time()
+
+    def now(self) -> None:
+        self.at = self.loop.time()
 
 
 def tune_socket(writer: asyncio.StreamWriter) -> None:
@@ -88,13 +109,18 @@ def abort_socket(writer: asyncio.StreamWriter) -> None:
 
 
 async def _tcp_to_stream(
-    reader: asyncio.StreamReader, stream: ByteStream, read_size: int, stats: SpliceStats
+    reader: asyncio.StreamReader,
+    stream: ByteStream,
+    read_size: int,
+    stats: SpliceStats,
+    moved: _Moved,
 ) -> None:
     while True:
         try:
             data = await reader.read(read_size)
         except (ConnectionError, OSError) as exc:
             raise _TcpGone(str(exc)) from None
+        moved.now()
         try:
             if not data:
                 await stream.write_eof()
@@ -106,23 +132,54 @@ async def _tcp_to_stream(
 
 
 async def _stream_to_tcp(
-    stream: ByteStream, writer: asyncio.StreamWriter, read_size: int, stats: SpliceStats
+    stream: ByteStream,
+    writer: asyncio.StreamWriter,
+    read_size: int,
+    stats: SpliceStats,
+    *,
+    moved: _Moved,
+    stall_timeout: float | None,
 ) -> None:
     while True:
         try:
             data = await stream.read(read_size)
         except StreamResetError as exc:
             raise _StreamGone(exc.code) from None
+        moved.now()
         try:
             if not data:
                 if writer.can_write_eof() and not writer.is_closing():
                     writer.write_eof()
                 return
             writer.write(data)
-            await writer.drain()
+            await _drain(writer, moved, stall_timeout)
         except (ConnectionError, OSError, RuntimeError) as exc:
             raise _TcpGone(str(exc)) from None
         stats.stream_to_tcp += len(data)
+
+
+async def _drain(writer: asyncio.StreamWriter, moved: _Moved, stall_timeout: float | None) -> None:
+    """writer.drain(), but a peer that takes none of our buffered bytes for
+    `stall_timeout` raises _Stalled. Taking any counts (the buffer shrank), so a slow
+    reader is not a stalled one; looked at four times per timeout."""
+    if stall_timeout is None:
+        await writer.drain()
+        return
+    transport = writer.transport
+    left = transport.get_write_buffer_size()
+    taken_at = moved.loop.time()
+    while True:
+        try:
+            async with asyncio.timeout(stall_timeout / 4):
+                await writer.drain()
+            return
+        except TimeoutError:
+            now_left = transport.get_write_buffer_size()
+            if now_left < left:
+                left, taken_at = now_left, moved.loop.time()
+                moved.now()
+            elif moved.loop.time() - taken_at >= stall_timeout:
+                raise _Stalled from None
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -146,21 +203,44 @@ async def splice(
     *,
     read_size: int = READ_SIZE,
     stats: SpliceStats | None = None,
+    stall_timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> SpliceResult:
     """Move bytes both ways until both directions end; see the module docstring."""
     stats = stats if stats is not None else SpliceStats()
     tune_socket(writer)
     with contextlib.suppress(AttributeError, NotImplementedError):
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
-    up = asyncio.ensure_future(_tcp_to_stream(reader, stream, read_size, stats))
-    down = asyncio.ensure_future(_stream_to_tcp(stream, writer, read_size, stats))
+    moved = _Moved(asyncio.get_running_loop())
+    up = asyncio.ensure_future(_tcp_to_stream(reader, stream, read_size, stats, moved))
+    down = asyncio.ensure_future(
+        _stream_to_tcp(stream, writer, read_size, stats, moved=moved, stall_timeout=stall_timeout)
+    )
     tasks = {up, down}
     result = SpliceResult.CLOSED
     try:
         pending = tasks
         while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            timeout = None
+            if idle_timeout is not None:
+                timeout = max(0.0, moved.at + idle_timeout - moved.loop.time())
+            done, pending = await asyncio.wait(
+                pending, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION
+            )
+            if idle_timeout is not None and not done:
+                if moved.loop.time() - moved.at < idle_timeout:
+                    continue
+                stats.reset_code = ErrorCode.CANCEL
+                result = SpliceResult.IDLE
+                stream.reset(ErrorCode.CANCEL)
+                break  # _close sends the peer a FIN
             error = next((t.exception() for t in done if t.exception() is not None), None)
+            if isinstance(error, _Stalled):
+                stats.reset_code = ErrorCode.CANCEL
+                result = SpliceResult.STALLED
+                stream.reset(ErrorCode.CANCEL)
+                abort_socket(writer)
+                break
             if isinstance(error, _StreamGone):
                 stats.reset_code = error.code
                 result = SpliceResult.STREAM_RESET

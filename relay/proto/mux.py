@@ -13,6 +13,8 @@ A stream widened with `grow_window` holds link credit for at most one base strea
 of unread data; the link credit of its unread bytes beyond that is returned on arrival,
 and `extra_window_limit` bounds what all widened streams may hold beyond it. So a few
 stalled wide streams cannot take the whole link window from the others (see grow_window).
+`hold_link_credit` lowers that hold below a base window for streams the application
+keeps many of (the workstation's forwarded connections), for the same reason.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ class Connection:
         # link_window + extra_window_limit.
         self._extra: dict[int, int] = {}
         self.extra_window_limit = self.settings.link_window
+        # Streams whose unread bytes hold less link credit than a base window
+        # (hold_link_credit), until the stream is forgotten with its unread bytes.
+        self._holds: dict[int, int] = {}
         self._decoder = fr.FrameDecoder(self.settings.max_frame)
         self._settings_received = False
         # DATA waits here, per stream, until data_to_send() takes it in priority order.
@@ -295,7 +300,8 @@ class Connection:
             unread = self._closed_unacked.pop(stream_id, 0)
             self._extra.pop(stream_id, None)
             if unread:
-                self._return_link_credit(self._charged(unread))
+                self._return_link_credit(self._charged(stream_id, unread))
+            self._holds.pop(stream_id, None)
             return
         self._drop(stream)
         self._out.append(fr.encode_u32(FrameType.RESET, stream_id, code))
@@ -328,6 +334,27 @@ class Connection:
         self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, stream_id, extra))
         return True
 
+    def hold_link_credit(self, stream_id: int, at_most: int) -> bool:
+        """Let the stream's unread bytes hold link credit for at most `at_most` bytes
+        (less than a base window; link credit of the rest goes back on arrival), so that
+        many such streams whose readers stall cannot take the link window from the
+        others. True if set; only lowers, for a stream open for receiving.
+
+        The stream still holds its own window of unread bytes, which then count against
+        no link window: the application bounds how many such streams it keeps (the
+        workstation's forwards: their connection limits and stall timeout)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_closed or self.terminated or at_most < 0:
+            return False
+        before = self._charged(stream_id, stream.unacked)
+        if at_most >= self._holds.get(stream_id, self.settings.stream_window):
+            return False
+        self._holds[stream_id] = at_most
+        refund = before - self._charged(stream_id, stream.unacked)
+        if refund:
+            self._refund_link_credit(refund)
+        return True
+
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """The application consumed `size` bytes of the stream: return that credit."""
         if size <= 0 or self.terminated:
@@ -353,7 +380,10 @@ class Connection:
         else:
             return
         # Only the part that held link credit: the rest went back on arrival (_on_data).
-        self._return_link_credit(self._charged(left) - self._charged(left - size))
+        charged = self._charged(stream_id, left) - self._charged(stream_id, left - size)
+        self._return_link_credit(charged)
+        if stream is None and stream_id not in self._closed_unacked:
+            self._holds.pop(stream_id, None)
 
     def send_control(self, kind: str, body: bytes) -> None:
         if self.terminated:
@@ -454,15 +484,17 @@ class Connection:
             self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
 
     def _refund_link_credit(self, size: int) -> None:
-        """Link credit for bytes that a widened stream holds beyond its base window: at
-        once, not batched, so that what stalled wide streams hold never waits here."""
+        """Link credit for unread bytes that hold none (a widened stream's beyond its base
+        window, a held stream's beyond its hold): at once, not batched, so that what
+        stalled streams hold never waits here."""
         grant = self._recv_link.return_now(size)
         self._out.append(fr.encode_u32(FrameType.WINDOW_UPDATE, 0, grant))
 
-    def _charged(self, unacked: int) -> int:
+    def _charged(self, stream_id: int, unacked: int) -> int:
         """Of a stream's unread bytes, those that hold link credit: at most one base
-        stream window (only a stream widened by grow_window can hold more)."""
-        return min(unacked, self.settings.stream_window)
+        stream window (only a stream widened by grow_window can hold more), or less
+        (hold_link_credit)."""
+        return min(unacked, self._holds.get(stream_id, self.settings.stream_window))
 
     def _settle_extra(self, stream_id: int, unacked: int) -> None:
         """A stream that receives no more: once its unread bytes fit its base window it
@@ -481,7 +513,8 @@ class Connection:
             self._remote_open -= 1
         self._extra.pop(stream.id, None)
         if stream.unacked:
-            self._return_link_credit(self._charged(stream.unacked))
+            self._return_link_credit(self._charged(stream.id, stream.unacked))
+        self._holds.pop(stream.id, None)
 
     def _forget_if_done(self, stream: _Stream) -> None:
         """A stream closed in both directions: keep only its unread byte count."""
@@ -492,6 +525,8 @@ class Connection:
                 self._remote_open -= 1
             if stream.unacked:
                 self._closed_unacked[stream.id] = stream.unacked
+            else:
+                self._holds.pop(stream.id, None)
 
     def _terminate(
         self, code: int, reason: str, *, remote: bool, send_goaway: bool = True
@@ -507,6 +542,7 @@ class Connection:
         self._sched.clear()
         self._closed_unacked.clear()
         self._extra.clear()
+        self._holds.clear()
         self._remote_open = 0
         self.terminated = ConnectionTerminated(code, reason, remote)
         events.append(self.terminated)
@@ -568,8 +604,9 @@ class Connection:
             before = stream.unacked
             stream.unacked += size
             events.append(DataReceived(stream.id, frame.payload))
-            beyond = size - (self._charged(stream.unacked) - self._charged(before))
-            if beyond:  # a widened stream's own: its link credit goes back now
+            charged = self._charged(stream.id, stream.unacked) - self._charged(stream.id, before)
+            beyond = size - charged
+            if beyond:  # a widened or held stream's own: its link credit goes back now
                 self._refund_link_credit(beyond)
         if frame.flags & Flags.FIN:
             stream.remote_closed = True

@@ -5,6 +5,14 @@ Each accepted connection becomes one stream ``{"target": "tcp:<service>", "codec
 compresses its direction if the service is configured so, and we compress ours once an
 earlier stream to the same service came back compressed (the per-service cache below,
 learned from the agent's marker byte, see relay.net.compression).
+
+Bounds, so that one local program cannot hurt another: at most MAX_CONNECTIONS at once in
+all and a share of them per forward (`share`), so one program's kept-alive connections to
+one service do not make every other forward refuse; a connection whose program takes
+nothing for STALL_TIMEOUT while data waits for it is reset, and one idle both ways for
+IDLE_TIMEOUT is closed. Each connection's unread data holds little of the session's link
+window (relay.workstation.session.FORWARD_LINK_CREDIT), so stalled ones, before their
+timeout, do not stop the session's other streams.
 """
 
 from __future__ import annotations
@@ -31,7 +39,16 @@ __all__ = ["MAX_CONNECTIONS", "ForwardListenError", "ForwardStats", "Forwarder"]
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS: Final = 256  # forwarded connections at once, all ports together
+MIN_SHARE: Final = 16  # each forward may hold max(MIN_SHARE, MAX_CONNECTIONS // forwards)
 OPEN_TIMEOUT: Final = 10.0  # how long a new connection waits for a routed stream
+STALL_TIMEOUT: Final = 60.0
+"""A connection whose local program takes none of the bytes waiting for it for this long
+is reset: it would hold its stream's window (1 MiB at the workstation) and its slot for
+as long as the program lives. Long enough for a program that pauses (a paused download)."""
+IDLE_TIMEOUT: Final = 300.0
+"""A connection with no byte either way for this long is closed (a FIN to the program, the
+stream reset towards the service): kept-alive connections a program forgot would
+otherwise hold their forward's share for good."""
 
 
 class ForwardListenError(OSError):
@@ -48,7 +65,7 @@ class ForwardStats:
 
     connections: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)  # no stream could be opened
-    refused: int = 0  # over MAX_CONNECTIONS
+    refused: int = 0  # over MAX_CONNECTIONS, or over the forward's share
     outcomes: Counter[str] = field(default_factory=Counter)
     bytes_up: int = 0  # local client -> service
     bytes_down: int = 0  # service -> local client
@@ -66,12 +83,20 @@ class Forwarder:
         compression_level: int = 3,
         open_timeout: float = OPEN_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        stall_timeout: float = STALL_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.tunnel = tunnel
         self.forwards = dict(forwards)
         self.compression_level = compression_level
         self.open_timeout = open_timeout
         self.max_connections = max_connections
+        # Connections one forward may hold at once: a fair part of the whole, never less
+        # than MIN_SHARE (a browser alone opens 6 per host), never more than the whole.
+        self.share = min(max_connections, max(MIN_SHARE, max_connections // max(1, len(forwards))))
+        self.stall_timeout = stall_timeout
+        self.idle_timeout = idle_timeout
+        self._per_forward: Counter[Address] = Counter()
         self.compresses: dict[str, bool] = {}  # learned per service from the agent's marker
         self.stats = ForwardStats()
         self.bound: dict[Address, Address] = {}  # configured -> actual (port 0 resolved)
@@ -88,7 +113,7 @@ class Forwarder:
             for address, service in self.forwards.items():
                 try:
                     server = await asyncio.start_server(
-                        functools.partial(self._accepted, service=service),
+                        functools.partial(self._accepted, service=service, address=address),
                         address.host,
                         address.port,
                     )
@@ -108,20 +133,31 @@ class Forwarder:
         self._servers.clear()
 
     async def _accepted(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, service: str
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        service: str,
+        address: Address,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._tasks) >= self.max_connections:
+        full = len(self._tasks) >= self.max_connections
+        if full or self._per_forward[address] >= self.share:
             self.stats.refused += 1
-            log.warning("too many forwarded connections", extra={"service": service})
+            log.warning(
+                "too many forwarded connections",
+                extra={"service": service, "limit": "all" if full else "forward"},
+            )
             abort_socket(writer)
             return
         self._tasks.add(task)
+        self._per_forward[address] += 1
         try:
             await self._forward(reader, writer, service)
         finally:
             self._tasks.discard(task)
+            self._per_forward[address] -= 1
 
     async def _forward(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, service: str
@@ -155,7 +191,14 @@ class Forwarder:
         )
         stats = SpliceStats()
         try:
-            result = await splice(codec, reader, writer, stats=stats)
+            result = await splice(
+                codec,
+                reader,
+                writer,
+                stats=stats,
+                stall_timeout=self.stall_timeout,
+                idle_timeout=self.idle_timeout,
+            )
         finally:
             stream.release()
             self.stats.bytes_up += stats.tcp_to_stream

@@ -37,7 +37,13 @@ from relay.seal.core import SealCore
 from relay.seal.policy import agent_check
 from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
 from relay.seal.transport import SealError, SealTransport
-from relay.wire import ALPN_SESSION, HEADER_TARGET, TARGET_DICOM, TARGET_SESSION
+from relay.wire import (
+    ALPN_SESSION,
+    HEADER_TARGET,
+    TARGET_DICOM,
+    TARGET_SESSION,
+    TCP_TARGET_PREFIX,
+)
 from relay.workstation import priorities
 
 __all__ = ["SessionKeeper", "SessionStats"]
@@ -48,6 +54,12 @@ RETRY_BASE: Final = 0.05
 RETRY_CAP: Final = 5.0
 WATCH: Final = 0.5  # how often an open session checks that its gateway link is current
 DRAIN_POLL: Final = 0.1
+FORWARD_LINK_CREDIT: Final = 16 * 1024
+"""Link credit a forwarded connection's unread bytes hold at most (of its 1 MiB stream
+window; relay.proto.Connection.hold_link_credit). Local programs keep many forwarded
+connections (relay.workstation.forward.MAX_CONNECTIONS, 256) and one that stops reading
+them used to hold 1 MiB each: sixteen took the whole 16 MiB link window and froze the
+session (DICOM, DICOMweb, renewal). 256 x 16 KiB is a quarter of it."""
 
 
 @dataclass
@@ -75,13 +87,17 @@ class _SessionLink(Link):
         """As Link's, and a viewer's DICOM stream (u<=3) gets priorities.VIEWER_WINDOW more
         window while fewer than VIEWER_WINDOW_STREAMS hold it. Not every stream at that
         urgency: a forwarded connection, kept alive for minutes, would hold one of those
-        few for as long as it lives."""
+        few for as long as it lives. A forwarded connection's unread bytes hold at most
+        FORWARD_LINK_CREDIT of the link window."""
         stream = super().open_stream(headers, priority)
         prio = stream.priority
         viewer = prio is not None and prio.urgency <= priorities.VIEWER.urgency
-        if viewer and headers.get(HEADER_TARGET) == TARGET_DICOM:
+        target = headers.get(HEADER_TARGET, "")
+        if viewer and target == TARGET_DICOM:
             self.conn.grow_window(stream.stream_id, priorities.VIEWER_WINDOW)
             self.flush()
+        elif target.startswith(TCP_TARGET_PREFIX):
+            self.conn.hold_link_credit(stream.stream_id, FORWARD_LINK_CREDIT)
         return stream
 
     def _goaway(self, code: int, reason: str) -> None:

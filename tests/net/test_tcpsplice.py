@@ -77,6 +77,8 @@ async def make_rig(
     accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
     codec: bool = False,
     *,
+    stall_timeout: float | None = None,
+    idle_timeout: float | None = None,
     rcvbuf: int | None = None,
 ) -> Rig:
     near, far = pipe({"codec": "zstd"} if codec else {})
@@ -91,7 +93,16 @@ async def make_rig(
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s_reader, s_writer = await asyncio.wait_for(accepted.get(), WAIT)
     stats = SpliceStats()
-    task = asyncio.create_task(splice(near, s_reader, s_writer, stats=stats))
+    task = asyncio.create_task(
+        splice(
+            near,
+            s_reader,
+            s_writer,
+            stats=stats,
+            stall_timeout=stall_timeout,
+            idle_timeout=idle_timeout,
+        )
+    )
     return Rig(far, reader, writer, task, stats, s_writer)
 
 
@@ -330,4 +341,59 @@ async def test_socket_closed_when_a_half_closed_peer_does_not_read(
         assert rig.server_writer.transport.get_write_buffer_size() == 0
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(rig.reader.read(), WAIT)  # aborted, not a late FIN
+        rig.writer.close()
+
+
+@on_both_loops
+async def test_a_peer_that_takes_nothing_is_reset_after_the_stall_timeout() -> None:
+    async with listener() as (port, accepted):
+        rig = await make_rig(port, accepted, stall_timeout=0.4, rcvbuf=4096)
+        await _fill_socket(rig)
+        assert await asyncio.wait_for(rig.task, WAIT) is SpliceResult.STALLED
+        assert rig.stats.reset_code == ErrorCode.CANCEL
+        with pytest.raises(StreamResetError):
+            async with asyncio.timeout(WAIT):
+                while True:  # the far end's writes fail once the reset arrives
+                    await rig.stream.write(bytes(16384))
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(WAIT):
+                while await rig.reader.read(65536):
+                    pass
+        rig.writer.close()
+
+
+@on_both_loops
+async def test_a_slow_reader_is_not_a_stalled_one() -> None:
+    """Taking anything restarts the stall timeout: a program that reads slowly keeps its
+    connection, however long the whole takes."""
+    async with listener() as (port, accepted):
+        rig = await make_rig(port, accepted, stall_timeout=0.4, rcvbuf=4096)
+        total = 3 * 1024 * 1024
+        sender = asyncio.create_task(write_stream(rig.stream, bytes(total), 65536))
+        got = 0
+        async with asyncio.timeout(WAIT * 3):
+            while chunk := await rig.reader.read(8192):
+                got += len(chunk)
+                await asyncio.sleep(0.004)  # about 2 MB/s: each stall check sees progress
+        assert got == total
+        await sender
+        rig.writer.write_eof()
+        assert await asyncio.wait_for(rig.task, WAIT) is SpliceResult.CLOSED
+        rig.writer.close()
+
+
+@on_both_loops
+async def test_a_connection_idle_both_ways_is_closed() -> None:
+    async with listener() as (port, accepted):
+        rig = await make_rig(port, accepted, idle_timeout=0.3)
+        async with asyncio.timeout(WAIT):
+            for _ in range(6):  # 0.6 s in all, but never 0.3 s without a byte
+                rig.writer.write(b"k")
+                assert await rig.stream.read() == b"k"
+                await asyncio.sleep(0.1)
+            assert not rig.task.done()
+            assert await rig.task is SpliceResult.IDLE  # now idle
+            assert await rig.reader.read() == b""  # a FIN: a kept-alive client reconnects
+            with pytest.raises(StreamResetError):
+                await rig.stream.read()
         rig.writer.close()

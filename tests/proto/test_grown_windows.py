@@ -6,7 +6,8 @@ credit for at most one base window (`stream_window`), and `extra_window_limit` b
 what all widened streams may hold beyond the link window. Unit tests, then a Hypothesis
 state machine over a receiver that widens, reads, stalls, ends and resets streams,
 checked against the harness's wire model (which allows a stream exactly the extra the
-test gave it, and never more link credit than the link window).
+test gave it, and never more link credit than the link window). Streams held below a base
+window (`hold_link_credit`, the workstation's forwards) are part of the same machine.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WINDOW = MIB  # the defaults: stream window 1 MiB, link window 16 MiB
 LINK = 16 * MIB
 EXTRA = 3 * MIB  # relay.workstation.priorities.VIEWER_WINDOW
 CHUNK = 256 * 1024
+HOLD = 16 * 1024  # relay.workstation.session.FORWARD_LINK_CREDIT
 # A link window of 4 MiB: reading one base window (a quarter of it) returns link credit
 # at once instead of batching it.
 NARROW = LinkSettings(link_window=4 * WINDOW)
@@ -69,6 +71,12 @@ def _link_grants(raw: bytes) -> int:
         for f in frames
         if f.type == FrameType.WINDOW_UPDATE and f.stream_id == 0
     )
+
+
+def _batched(link: Link) -> int:
+    """Link credit the client returned but batches until a quarter of the link window."""
+    pending: int = link.client._recv_link.pending
+    return pending
 
 
 def _received(events: list[Event], sid: int) -> int:
@@ -144,6 +152,50 @@ def test_extra_window_is_bounded_and_comes_back_when_a_stream_is_done() -> None:
     assert link.credit[SERVER].link_credit() == NARROW.link_window
 
 
+def test_many_stalled_held_streams_leave_the_link_to_the_others() -> None:
+    """Sixteen forwarded connections whose programs stop reading used to hold 16 x 1 MiB,
+    the whole link window; held to 16 KiB each, they hold a sixty-fourth of it."""
+    link = Link()
+    _settle(link)
+    stalled = [link.client.open_stream({"t": "tcp:x"}) for _ in range(16)]
+    other = link.client.open_stream({"t": "find"})
+    for sid in stalled:
+        assert link.client.hold_link_credit(sid, HOLD)
+    _settle(link)
+    for sid in stalled:
+        assert _fill(link, sid) == WINDOW  # the stream's own window, never read
+    assert link.credit[SERVER].link_credit() == LINK - 16 * HOLD
+    assert link.server.send_credit(other) == WINDOW
+    # Read late, exactly the hold comes back; reset, too (batched: below a quarter link).
+    link.client.acknowledge_received_data(stalled[0], WINDOW)
+    link.client.reset_stream(stalled[1])
+    _settle(link)
+    assert _batched(link) == 2 * HOLD
+
+
+def test_a_hold_set_late_gives_back_what_is_beyond_it_at_once() -> None:
+    link = Link(NARROW, NARROW)
+    _settle(link)
+    sid = link.client.open_stream({"t": "tcp:x"})
+    _settle(link)
+    _fill(link, sid)
+    assert link.credit[SERVER].link_credit() == NARROW.link_window - WINDOW
+    assert link.client.hold_link_credit(sid, HOLD)
+    _settle(link)
+    assert link.credit[SERVER].link_credit() == NARROW.link_window - HOLD
+    assert not link.client.hold_link_credit(sid, HOLD)  # only lowers
+    assert not link.client.hold_link_credit(sid, -1)
+    assert not link.client.hold_link_credit(999, 0)
+    link.server.end_stream(sid)
+    _settle(link)
+    assert not link.client.hold_link_credit(sid, 0)  # closed for receiving
+    link.client.end_stream(sid)
+    link.client.acknowledge_received_data(sid, WINDOW)  # closed both ways: the rest
+    _settle(link)
+    assert link.credit[SERVER].link_credit() + _batched(link) == NARROW.link_window
+    assert not link.client._holds
+
+
 def test_grow_window_refuses_what_it_cannot_give() -> None:
     conn = Connection(client=True, settings=LinkSettings(), now=0.0)
     sid = conn.open_stream({"t": "x"})
@@ -165,6 +217,7 @@ SMALL = LinkSettings(
     keepalive_timeout=1e9,
 )
 SMALL_EXTRA = (16 * 1024, 64 * 1024, 192 * 1024)
+SMALL_HOLDS = (0, 4 * 1024, 20 * 1024)
 LIMIT = 512 * 1024
 
 
@@ -178,6 +231,7 @@ class Held:
     fin_sent: bool = False  # the server half-closed
     client_fin: bool = False  # the client half-closed
     wide: bool = False
+    hold: int = SMALL.stream_window  # link credit its unread bytes may hold
 
 
 class WideStreams(RuleBasedStateMachine):
@@ -208,8 +262,8 @@ class WideStreams(RuleBasedStateMachine):
     def start(self) -> None:
         _settle(self.link)
 
-    @rule(extra=st.sampled_from((0, *SMALL_EXTRA)))
-    def open_stream(self, extra: int) -> None:
+    @rule(extra=st.sampled_from((0, *SMALL_EXTRA)), hold=st.sampled_from((None, *SMALL_HOLDS)))
+    def open_stream(self, extra: int, hold: int | None) -> None:
         if not self.link.client.can_open_stream():
             return
         sid = self.link.client.open_stream({"t": "x"})
@@ -217,7 +271,26 @@ class WideStreams(RuleBasedStateMachine):
         self.link.flush()
         if extra:
             self.held[sid].wide = _grow(self.link, sid, extra)
+        if hold is not None:
+            self._hold(sid, hold)
         self.link.deliver(CLIENT)  # the server knows the stream (and its window) now
+
+    def _hold(self, sid: int, hold: int) -> None:
+        held = self.held[sid]
+        granted = self.link.client.hold_link_credit(sid, hold)
+        assert granted == (hold < held.hold and not held.ended and not held.gone)
+        if granted:
+            held.hold = hold
+        self.link.flush()
+
+    @rule(data=st.data(), hold=st.sampled_from(SMALL_HOLDS))
+    def hold_later(self, data: st.DataObject, hold: int) -> None:
+        """A hold set on a stream that has unread bytes already."""
+        sids = [s for s in self._live() if self.link.client.is_open(s)]
+        sids = [s for s in sids if not self.held[s].ended]
+        if not sids:
+            return
+        self._hold(data.draw(st.sampled_from(sids), label="stream"), hold)
 
     @rule(data=st.data(), fin=st.booleans())
     def send(self, data: st.DataObject, fin: bool) -> None:
@@ -286,7 +359,7 @@ class WideStreams(RuleBasedStateMachine):
         receiver has not yet granted back."""
         conn = self.link.client
         assert conn.terminated is None, conn.terminated
-        charged = sum(min(h.unread, SMALL.stream_window) for h in self.held.values())
+        charged = sum(min(h.unread, h.hold) for h in self.held.values())
         credit = self.link.credit[SERVER].link_credit()
         on_the_way = self.link.pending(SERVER)  # an upper bound on the DATA bytes in it
         granted = _link_grants(bytes(self.link.pipes[CLIENT].pending))
@@ -320,6 +393,7 @@ class WideStreams(RuleBasedStateMachine):
             self.link.deliver(CLIENT)
         assert self.link.client.extra_window_held == 0
         assert self.link.client.open_streams == 0
+        assert not self.link.client._holds
         # The batch not yet granted back is less than a quarter window: a probe forces it.
         sid = self.link.server.open_stream({"t": "probe"})
         _settle(self.link)
