@@ -20,6 +20,7 @@ from typing import Any, Protocol, cast
 from relay.net.bytestream import StreamResetError
 from relay.proto import (
     DEFAULT_PRIORITY,
+    QUEUED_VIEW_COST,
     URGENCY_LEVELS,
     Connection,
     ConnectionTerminated,
@@ -70,8 +71,12 @@ CONTROL_REPLIES = 1024 * 1024
 _REPLY_MARKS = 32  # (offset, bytes) marks kept per link; beyond, the newest absorb more
 # DATA a writer may queue in the core beyond what the transport takes: per stream, and in
 # all at its urgency or a more urgent one (so a prefetch filling the queue never blocks a
-# viewer's writer). Bounds the core's memory per link to about URGENCY_LEVELS x QUEUE_LINK;
-# flow-control credit bounds it too. Writers are woken at half of each.
+# viewer's writer). Counted as the core's queued_cost, payload plus a per-frame cost
+# (relay.proto.priority.frame_cost), and a write is admitted only if it fits even split
+# into frames of the worst cost: so each is a bound on memory, whatever the size of the
+# writes (counted in payload bytes, 1-byte writes held ~110 times it). Bounds the core's
+# memory per link to URGENCY_LEVELS x QUEUE_LINK; flow-control credit bounds it too.
+# Writers are woken at half of each.
 QUEUE_STREAM = 256 * 1024
 QUEUE_LINK = 512 * 1024
 DEFAULT_URGENCY = DEFAULT_PRIORITY.urgency
@@ -85,6 +90,15 @@ ACTIVE_FOR = 0.25
 # Bytes a link accepts before it is started (identity checked): a SETTINGS frame and a
 # little more; anything bigger is a misbehaving peer.
 PRESTART_LIMIT = 256 * 1024
+
+
+def fits_in(room: int, max_frame: int) -> int:
+    """The largest write whose queued cost stays within `room` bytes of cost: split into
+    frames of `max_frame`, each costing at most its payload plus QUEUED_VIEW_COST."""
+    if room <= QUEUED_VIEW_COST:
+        return 0
+    frames = -(-room // (max_frame + QUEUED_VIEW_COST))
+    return room - frames * QUEUED_VIEW_COST
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -181,11 +195,12 @@ class Stream:
     # -- non-blocking interface (gateway)
 
     def send_credit(self) -> int:
-        """Bytes send_nowait() may take now: flow-control credit, less what is already
-        queued in the core (QUEUE_STREAM, QUEUE_LINK), and for a background stream while
-        a more urgent one is busy, BACKGROUND_IN_FLIGHT less its bytes in flight. At 0
-        because of the queue, the stream is woken (`_on_credit`) once the link has sent
-        half of it; held as background, after ACTIVE_FOR or when credit comes back."""
+        """Bytes send_nowait() may take now: flow-control credit, and what fits in the
+        room left in the core's queue (QUEUE_STREAM, QUEUE_LINK, counted by cost: see
+        fits_in), and for a background stream while a more urgent one is busy,
+        BACKGROUND_IN_FLIGHT less its bytes in flight. At 0 because of the queue, the
+        stream is woken (`_on_credit`) once the link has sent half of it; held as
+        background, after ACTIVE_FOR or when credit comes back."""
         if self.reset_code is not None or self.local_closed:
             return 0
         link = self.link
@@ -194,8 +209,11 @@ class Stream:
         if credit <= 0:
             return 0
         prio = conn.priority(self.stream_id)
-        ahead = conn.queued_ahead_of(prio.urgency) if prio is not None else conn.queued_data
-        room = min(QUEUE_STREAM - conn.queued_on(self.stream_id), QUEUE_LINK - ahead)
+        ahead = conn.queued_cost_ahead_of(prio.urgency) if prio is not None else conn.queued_cost
+        room = fits_in(
+            min(QUEUE_STREAM - conn.queued_cost_on(self.stream_id), QUEUE_LINK - ahead),
+            conn.peer_max_frame,
+        )
         if room <= 0:
             link._queue_blocked.add(self)
             return 0
@@ -209,8 +227,8 @@ class Stream:
     def _queue_drained(self) -> bool:
         conn = self.link.conn
         prio = conn.priority(self.stream_id)
-        ahead = conn.queued_ahead_of(prio.urgency) if prio is not None else 0
-        return conn.queued_on(self.stream_id) <= QUEUE_STREAM // 2 and ahead <= QUEUE_LINK // 2
+        ahead = conn.queued_cost_ahead_of(prio.urgency) if prio is not None else 0
+        return conn.queued_cost_on(self.stream_id) <= QUEUE_STREAM // 2 and ahead <= QUEUE_LINK // 2
 
     def send_nowait(self, data: bytes, end_stream: bool = False) -> None:
         """Send within send_credit(); the caller checked it."""

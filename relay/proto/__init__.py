@@ -21,11 +21,19 @@ from relay.proto.events import (
 )
 from relay.proto.frames import VERSION
 from relay.proto.mux import Connection
-from relay.proto.priority import DEFAULT_PRIORITY, URGENCY_LEVELS, Priority
+from relay.proto.priority import (
+    DEFAULT_PRIORITY,
+    QUEUED_FRAME_COST,
+    QUEUED_VIEW_COST,
+    URGENCY_LEVELS,
+    Priority,
+)
 from relay.proto.settings import FieldError, LinkSettings
 
 __all__ = [
     "DEFAULT_PRIORITY",
+    "QUEUED_FRAME_COST",
+    "QUEUED_VIEW_COST",
     "URGENCY_LEVELS",
     "VERSION",
     "Connection",

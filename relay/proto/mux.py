@@ -209,6 +209,21 @@ class Connection:
         """Of queued_data, the bytes that a new frame at `urgency` would wait behind."""
         return self._sched.queued_up_to(urgency)
 
+    @property
+    def queued_cost(self) -> int:
+        """What the queued DATA holds in memory: payload bytes plus a per-frame cost
+        (relay.proto.priority.frame_cost). Bounds on the queue count this, not bytes,
+        or many small frames would hold many times the bound."""
+        return self._sched.cost
+
+    def queued_cost_on(self, stream_id: int) -> int:
+        """Of queued_cost, this stream's frames."""
+        return self._sched.cost_on(stream_id)
+
+    def queued_cost_ahead_of(self, urgency: int) -> int:
+        """Of queued_cost, the frames a new frame at `urgency` would wait behind."""
+        return self._sched.cost_up_to(urgency)
+
     # ------------------------------------------------------------------ output
 
     def data_to_send(self, limit: int | None = None) -> bytes:

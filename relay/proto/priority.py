@@ -23,9 +23,12 @@ __all__ = [
     "DEFAULT_URGENCY",
     "HEADER_PRIORITY",
     "MAX_PRIORITY_FIELD",
+    "QUEUED_FRAME_COST",
+    "QUEUED_VIEW_COST",
     "URGENCY_LEVELS",
     "Priority",
     "Scheduler",
+    "frame_cost",
     "parse_priority",
 ]
 
@@ -33,6 +36,20 @@ HEADER_PRIORITY: Final = "priority"  # the OPEN header; relay.wire.HEADER_PRIORI
 URGENCY_LEVELS: Final = 8  # urgency 0 (first) .. 7 (last)
 DEFAULT_URGENCY: Final = 3
 MAX_PRIORITY_FIELD: Final = 64  # bytes of a priority field value; PRIORITY_UPDATE payload
+# Memory a queued DATA frame holds beyond its payload bytes, so that a bound on the queue
+# (relay.net.aio's QUEUE_STREAM, QUEUE_LINK) bounds memory and not only data: 1-byte
+# writes would otherwise hold ~110 times the bound. Measured (CPython 3.11, tracemalloc):
+# the encoded header, the (header, payload) tuple and its deque slot take 105-109 bytes,
+# a bytes payload's object header 33-48 more; a memoryview payload (a slice of a write
+# larger than a frame) is a 193-byte object instead.
+QUEUED_FRAME_COST: Final = 160
+QUEUED_VIEW_COST: Final = 320  # any payload that is not bytes: a memoryview, a bytearray
+
+
+def frame_cost(payload: bytes | memoryview) -> int:
+    """What one queued DATA frame with this payload counts against the queue bounds."""
+    extra = QUEUED_FRAME_COST if type(payload) is bytes else QUEUED_VIEW_COST
+    return len(payload) + extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +98,15 @@ def parse_priority(value: str | None, default: Priority = DEFAULT_PRIORITY) -> P
 
 
 class _Queue:
-    """One stream's queued DATA frames (header already encoded) and their payload bytes."""
+    """One stream's queued DATA frames (header already encoded), their payload bytes and
+    their cost (frame_cost)."""
 
-    __slots__ = ("finished", "frames", "order", "priority", "size")
+    __slots__ = ("cost", "finished", "frames", "order", "priority", "size")
 
     def __init__(self, priority: Priority, order: int) -> None:
         self.frames: deque[tuple[bytes, bytes | memoryview]] = deque()
         self.size = 0
+        self.cost = 0
         self.finished = False  # the core forgot the stream: drop the queue once empty
         self.priority = priority
         self.order = order
@@ -95,7 +114,8 @@ class _Queue:
 
 class Scheduler:
     """Per-stream DATA queues and the order they are emitted in. Sans-I/O, no limits of
-    its own: what it holds was paid for with flow-control credit, which bounds it."""
+    its own: what it holds was paid for with flow-control credit, which bounds it; the
+    adapter bounds it tighter by cost (frame_cost: payload and per-frame memory)."""
 
     def __init__(self) -> None:
         self._queues: dict[int, _Queue] = {}
@@ -107,6 +127,8 @@ class Scheduler:
         self._rr: list[dict[int, None]] = [{} for _ in range(URGENCY_LEVELS)]
         self._bytes = [0] * URGENCY_LEVELS
         self._total = 0
+        self._costs = [0] * URGENCY_LEVELS
+        self._total_cost = 0
         self._frames = 0
         self.emitted = [0] * URGENCY_LEVELS  # payload bytes ever emitted, by urgency
 
@@ -131,6 +153,19 @@ class Scheduler:
         `urgency` would have to wait behind."""
         return sum(self._bytes[: urgency + 1])
 
+    @property
+    def cost(self) -> int:
+        """frame_cost of every queued frame: payload bytes plus per-frame memory."""
+        return self._total_cost
+
+    def cost_on(self, stream_id: int) -> int:
+        queue = self._queues.get(stream_id)
+        return queue.cost if queue is not None else 0
+
+    def cost_up_to(self, urgency: int) -> int:
+        """The cost of the frames a new frame at `urgency` would wait behind."""
+        return sum(self._costs[: urgency + 1])
+
     def priority_of(self, stream_id: int) -> Priority | None:
         queue = self._queues.get(stream_id)
         return queue.priority if queue is not None else None
@@ -148,9 +183,11 @@ class Scheduler:
         if queue.frames:
             self._unready(stream_id, queue)
             self._bytes[queue.priority.urgency] -= queue.size
+            self._costs[queue.priority.urgency] -= queue.cost
         queue.priority = priority
         if queue.frames:
             self._bytes[priority.urgency] += queue.size
+            self._costs[priority.urgency] += queue.cost
             self._ready(stream_id, queue)
 
     def finish(self, stream_id: int) -> None:
@@ -173,6 +210,8 @@ class Scheduler:
         self._frames -= len(queue.frames)
         self._bytes[queue.priority.urgency] -= dropped
         self._total -= dropped
+        self._costs[queue.priority.urgency] -= queue.cost
+        self._total_cost -= queue.cost
         return dropped
 
     def clear(self) -> None:
@@ -183,7 +222,9 @@ class Scheduler:
             self._rr[urgency].clear()
             self._head[urgency] = None
             self._bytes[urgency] = 0
+            self._costs[urgency] = 0
         self._total = 0
+        self._total_cost = 0
         self._frames = 0
 
     # -- data
@@ -199,6 +240,10 @@ class Scheduler:
         queue.size += size
         self._bytes[queue.priority.urgency] += size
         self._total += size
+        cost = frame_cost(payload)
+        queue.cost += cost
+        self._costs[queue.priority.urgency] += cost
+        self._total_cost += cost
 
     def pop(self, limit: int | None, out: list[bytes | memoryview]) -> int:
         """Append frames to `out` in priority order until at least `limit` bytes
@@ -233,6 +278,10 @@ class Scheduler:
         self._bytes[queue.priority.urgency] -= size
         self.emitted[queue.priority.urgency] += size
         self._total -= size
+        cost = frame_cost(payload)
+        queue.cost -= cost
+        self._costs[queue.priority.urgency] -= cost
+        self._total_cost -= cost
         out.append(header)
         if size:
             out.append(payload)

@@ -7,12 +7,16 @@ sender's transport buffer passes WRITE_HIGH and asyncio pauses the Link.
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from relay.net.aio import Link, Stream
+from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, Link, Stream, fits_in
 from relay.net.bytestream import StreamResetError
-from relay.proto import LinkSettings
+from relay.proto import QUEUED_VIEW_COST, LinkSettings
+from relay.proto import frames as fr
 
 WIDE = LinkSettings(stream_window=64 * 1024 * 1024, link_window=64 * 1024 * 1024)
 CHUNK = bytes(64 * 1024)
@@ -81,3 +85,68 @@ async def test_a_writer_waiting_on_a_paused_link_is_released_when_it_closes() ->
         await asyncio.wait_for(writer, 10)
     assert client.writable
     server.close()
+
+
+async def _fill_paused(client: Link, peer: Link) -> Stream:
+    """Pause `peer`'s reading and write big chunks until `client`'s transport pauses."""
+    assert peer.transport is not None
+    await asyncio.sleep(0.1)
+    peer.transport.pause_reading()
+    filler = client.open_stream({"target": "t"})
+    while client.writable:
+        await filler.write(CHUNK)
+        await asyncio.sleep(0)
+    return filler
+
+
+async def _write_until_blocked(stream: Stream, size: int) -> int:
+    """Small writes while send_credit() takes them (none waits): the bytes written."""
+    written = 0
+    while stream.send_credit() >= size:
+        await stream.write(b"\x01" * size)
+        written += size
+    return written
+
+
+async def test_small_writes_hold_no_more_memory_than_the_queue_bound() -> None:
+    """QUEUE_STREAM bounds memory: 1-byte writes, one queued frame each, held ~110 times
+    it when only their bytes were counted (28 MB for 256 KiB)."""
+    client, peer, server = await _pair()
+    await _fill_paused(client, peer)
+    stream = client.open_stream({"target": "small"})
+    await asyncio.sleep(0)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for size in (1, 2):  # 1-byte bytes objects are CPython singletons; 2-byte are not
+            await _write_until_blocked(stream, size)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert client.conn.queued_cost_on(stream.stream_id) <= QUEUE_STREAM
+    assert 0 < held <= QUEUE_STREAM, held
+    client.abort()
+    server.close()
+
+
+async def test_small_writes_of_many_streams_keep_within_the_link_bound() -> None:
+    client, peer, server = await _pair()
+    await _fill_paused(client, peer)
+    streams = [client.open_stream({"target": f"s{i}"}) for i in range(4)]
+    for stream in streams:
+        await _write_until_blocked(stream, 2)
+    # The filler's chunks were admitted by the same bounds; all of it is QUEUE_LINK's.
+    assert 0 < client.conn.queued_cost <= QUEUE_LINK
+    client.abort()
+    server.close()
+
+
+@given(st.integers(-1, 4 * QUEUE_LINK), st.integers(fr.MIN_MAX_FRAME, fr.MAX_MAX_FRAME))
+def test_fits_in_admits_the_largest_write_whose_worst_cost_fits(room: int, frame: int) -> None:
+    def worst(n: int) -> int:
+        return n + -(-n // frame) * QUEUED_VIEW_COST
+
+    n = fits_in(room, frame)
+    assert n >= 0 and worst(n) <= max(room, 0)
+    if n:
+        assert worst(n + QUEUED_VIEW_COST + 1) > room  # within one frame's cost of the most

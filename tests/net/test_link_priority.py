@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from relay.net import aio
-from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, WRITE_HIGH, Link, Stream
+from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, WRITE_HIGH, Link, Stream, fits_in
 from relay.proto import LinkSettings, Priority
 from relay.wire import HEADER_PRIORITY
 from tests.net.link_pair import small_buffer_pair
@@ -89,9 +89,9 @@ async def test_urgent_data_passes_everything_still_queued_in_the_core() -> None:
         # one frame, the core at most QUEUE_STREAM for the stream (at least half of it:
         # the writer is woken at half).
         assert not writer.done() and not client.writable
-        assert conn.queued_on(bulk.stream_id) >= QUEUE_STREAM // 2
+        assert conn.queued_cost_on(bulk.stream_id) >= QUEUE_STREAM // 2
         assert client.transport.get_write_buffer_size() <= WRITE_HIGH + conn.peer_max_frame
-        assert conn.queued_on(bulk.stream_id) <= QUEUE_STREAM
+        assert conn.queued_cost_on(bulk.stream_id) <= QUEUE_STREAM
 
         urgent = client.open_stream({"target": "urgent"})  # default u=3
         assert urgent.send_credit() > 0  # the bulk's queue does not block a more urgent one
@@ -125,12 +125,15 @@ async def test_queue_bound_per_urgency_leaves_room_for_more_urgent_streams() -> 
         conn = client.conn
         await _until(lambda: all(s in client._queue_blocked for s in streams), "all wait")
         await asyncio.sleep(0.05)
-        queued = conn.queued_data
+        queued = conn.queued_cost  # the bounds count cost: payload and per-frame memory
         assert QUEUE_LINK // 2 <= queued <= QUEUE_LINK and not any(w.done() for w in writers)
         # A more urgent stream has the whole of its own queue; a less urgent one only
         # what is left of the link's.
-        assert client.open_stream({"target": "u"}, Priority(5)).send_credit() == QUEUE_STREAM
-        assert client.open_stream({"target": "v"}, Priority(7)).send_credit() == QUEUE_LINK - queued
+        frame = conn.peer_max_frame
+        u = client.open_stream({"target": "u"}, Priority(5))
+        assert u.send_credit() == fits_in(QUEUE_STREAM, frame)
+        v = client.open_stream({"target": "v"}, Priority(7))
+        assert v.send_credit() == fits_in(QUEUE_LINK - queued, frame)
         for writer in writers:
             writer.cancel()
     finally:
@@ -173,7 +176,8 @@ async def test_background_in_flight_is_capped_while_a_more_urgent_stream_is_busy
     assert peer.transport is not None
     try:
         background = client.open_stream({"target": "bulk"}, Priority(6))
-        assert background.send_credit() == QUEUE_STREAM  # nothing urgent yet: its queue
+        # Nothing urgent yet: its queue.
+        assert background.send_credit() == fits_in(QUEUE_STREAM, client.conn.peer_max_frame)
         assert not client.busier(6)
         urgent = client.open_stream({"target": "viewer"})
         await urgent.write(b"v" * 1000)

@@ -3,10 +3,14 @@
 The property test drives two Connections against each other and decodes every byte the
 sender emits: a DATA frame of urgency u must never leave while a stream of a lower
 urgency number has bytes queued (they were accepted by send_data(), so they have
-credit), and every stream's bytes must still arrive whole and in order.
+credit), and every stream's bytes must still arrive whole and in order. It also follows
+each queued frame's cost (payload plus QUEUED_FRAME_COST, or QUEUED_VIEW_COST for a slice
+of a write split into frames), which the adapter's queue bounds count.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +21,15 @@ from relay.proto.errors import ErrorCode
 from relay.proto.events import ConnectionTerminated, DataReceived, StreamOpened
 from relay.proto.frames import FrameType
 from relay.proto.mux import Connection, LinkSettings
-from relay.proto.priority import DEFAULT_PRIORITY, Priority, Scheduler, parse_priority
+from relay.proto.priority import (
+    DEFAULT_PRIORITY,
+    QUEUED_FRAME_COST,
+    QUEUED_VIEW_COST,
+    Priority,
+    Scheduler,
+    frame_cost,
+    parse_priority,
+)
 from relay.wire import HEADER_PRIORITY
 from tests.proto.harness import CLIENT, SERVER, Link, open_frame, raw_peer
 
@@ -144,6 +156,27 @@ def test_reprioritising_moves_queued_bytes() -> None:
     assert sched.queued_up_to(1) == 200
     assert _order(sched) == [3, 3, 1, 1]
     assert sched.remove(3) == 0 and sched.remove(99) == 0
+
+
+def test_queued_cost_counts_each_frame_not_only_its_bytes() -> None:
+    """What the adapter's queue bounds count: 1-byte frames cost far more than a byte."""
+    sched = _sched((1, Priority(3)), (3, Priority(6)))
+    _queue(sched, 1, 1000, size=1)
+    assert sched.queued_on(1) == 1000
+    assert sched.cost_on(1) == 1000 * (1 + QUEUED_FRAME_COST)
+    view = memoryview(bytes(2000))
+    sched.push(3, fr.encode_header(FrameType.DATA, 0, 3, 1000), view[:1000])
+    assert sched.cost_on(3) == 1000 + QUEUED_VIEW_COST == frame_cost(view[1000:])
+    assert sched.cost_up_to(3) == sched.cost_on(1) and sched.cost_up_to(6) == sched.cost
+    sched.set_priority(3, Priority(0))
+    assert sched.cost_up_to(0) == sched.cost_on(3)
+    _order(sched, limit=fr.HEADER_SIZE + 1000)  # stream 3's frame, now the most urgent
+    assert sched.cost_on(3) == 0 and sched.cost == sched.cost_on(1)
+    sched.remove(1)
+    assert sched.cost == 0 and sched.cost_up_to(7) == 0
+    _queue(sched, 3, 2)
+    sched.clear()
+    assert sched.cost == 0
 
 
 def test_removed_and_finished_streams_leave_nothing_behind() -> None:
@@ -282,6 +315,7 @@ def test_no_data_leaves_while_a_more_urgent_stream_has_some_queued(
     ids = [client.open_stream({"t": "x"}, Priority(u)) for u in urgencies]
     urgency = dict(zip(ids, urgencies, strict=True))
     queued = dict.fromkeys(ids, 0)
+    costs: dict[int, deque[int]] = {sid: deque() for sid in ids}  # per queued frame
     sent: dict[int, bytearray] = {sid: bytearray() for sid in ids}
     received: dict[int, bytearray] = {sid: bytearray() for sid in ids}
     decoder = fr.FrameDecoder(fr.MAX_MAX_FRAME)
@@ -298,6 +332,10 @@ def test_no_data_leaves_while_a_more_urgent_stream_has_some_queued(
             waiting = [urgency[t] for t, n in queued.items() if n and t != sid]
             assert not waiting or urgency[sid] <= min(waiting), (sid, urgency, queued)
             queued[sid] -= len(frame.payload)
+            assert costs[sid].popleft() - len(frame.payload) in (
+                QUEUED_FRAME_COST,
+                QUEUED_VIEW_COST,
+            )
         for event in server.receive_data(raw, 0.0):
             if isinstance(event, DataReceived):
                 received[event.stream_id] += event.data
@@ -313,13 +351,27 @@ def test_no_data_leaves_while_a_more_urgent_stream_has_some_queued(
             client.send_data(sid, payload)
             sent[sid] += payload
             queued[sid] += n
+            step = client.peer_max_frame
+            if n <= step:
+                costs[sid].append(n + QUEUED_FRAME_COST)
+            else:
+                costs[sid].extend(
+                    len(payload[i : i + step]) + QUEUED_VIEW_COST for i in range(0, n, step)
+                )
         elif op == "update":
             prio = Priority(size % 8, bool(size & 8))
             client.set_priority(sid, prio)
             urgency[sid] = prio.urgency
         else:
             pump(size)
+        for sid in ids:
+            assert client.queued_cost_on(sid) == sum(costs[sid]), (sid, costs[sid])
+        for u in range(8):
+            ahead = sum(sum(costs[t]) for t in ids if urgency[t] <= u)
+            assert client.queued_cost_ahead_of(u) == ahead
+        assert client.queued_cost == sum(sum(c) for c in costs.values())
     pump(None)
+    assert client.queued_cost == 0
     assert all(n == 0 for n in queued.values())
     assert received == sent
     for sid in ids:
