@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.limits import SESSION_OPEN_BURST, DeviceLedger, DeviceLimits
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
+from gateway.splice import CHUNK_COST
 from relay.net.aio import Link, Stream
 from relay.proto import DEFAULT_PRIORITY, ErrorCode, LinkSettings, StreamReset
 from relay.proto import frames as fr
@@ -128,3 +129,33 @@ async def test_a_device_opening_sessions_in_a_loop_is_limited_others_are_not() -
     honest = _device_stream(device, 1000, {HEADER_TARGET: "session"})
     router.route_session("main", honest, GOOD)
     assert honest.reset_code is None
+
+
+# --------------------------------------------------------------------------- buffered
+
+
+async def test_tiny_chunks_count_their_overhead_against_the_devices_budget() -> None:
+    """A device whose agent stream takes nothing more, sending 1-byte DATA frames: each
+    queued chunk holds ~41 bytes of the gateway's memory besides its byte, so the budget
+    must count that (splice.CHUNK_COST), or the device holds ~40 times its cap."""
+    budget = 64 * 1024
+    metrics = GatewayMetrics()
+    router = Router(metrics, DeviceLedger(DeviceLimits(buffered=budget), lambda _: None))
+    agent = Link(client=False, settings=LinkSettings(), name="agent@x", autostart=False)
+    agent.conn._settings_received = True
+    router.add_agent("main", agent)
+    device = Link(client=False, settings=LinkSettings(), name="dev", autostart=False)
+    stream = _device_stream(device, 2, {HEADER_TARGET: "session"})
+    router.route_session("main", stream, GOOD)
+    (upstream,) = agent.streams.values()
+    splice = stream.listener
+    assert splice is not None
+    while upstream.send_credit() > 0:  # the agent's side takes nothing more
+        upstream.send_nowait(bytes(min(upstream.send_credit(), 16384)))
+    sent = 0
+    while stream.reset_code is None and sent < budget:
+        splice.on_data(stream, b"x")
+        sent += 1
+    assert stream.reset_code == ErrorCode.LIMIT_EXCEEDED
+    assert sent * (1 + CHUNK_COST) <= budget + 2 * (1 + CHUNK_COST)
+    assert router.devices.usage(GOOD).buffered == 0  # all given back at the reset
