@@ -452,10 +452,15 @@ async def test_stopping_the_node_mid_retrieval_does_not_hang() -> None:
     assert len(result.received) < len(study)
 
 
-async def test_a_drain_refuses_new_associations_and_lets_a_retrieval_finish() -> None:
-    study = samples.make_study(16, rows=16, cols=16, seed=38)
+@contextlib.asynccontextmanager
+async def _slow_retrieval(
+    count: int, seed: int, send_delay: float
+) -> AsyncIterator[tuple[EmbeddedPacs, Chain, DicomNode, asyncio.Task[viewer.GetResult]]]:
+    """A viewer's C-GET of a study of `count` instances from a PACS sending one every
+    `send_delay` s, two of them sent already: what a drain finds under way."""
+    study = samples.make_study(count, rows=16, cols=16, seed=seed)
     uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
-    with EmbeddedPacs(MemoryStore(study), send_delay=0.05) as slow:
+    with EmbeddedPacs(MemoryStore(study), send_delay=send_delay) as slow:
         c = Chain(pacs_target(slow))
         node = await c.start()
         try:
@@ -465,37 +470,29 @@ async def test_a_drain_refuses_new_associations_and_lets_a_retrieval_finish() ->
                 )
             )
             await until(lambda: slow.events.instances_sent >= 2)
-            drained = asyncio.create_task(node.drain(30.0))
-            await until(lambda: not viewer.associates(c.port))  # the listener is closed at once
-            result = await asyncio.wait_for(task, 30)
-            await asyncio.wait_for(drained, 5)  # and the drain ends with the retrieval
+            yield slow, c, node, task
         finally:
             await c.stop()
-    assert result.final.Status == 0 and len(result.received) == len(study)
-    assert slow.events.instances_sent < len(study) + 2  # not started again
+
+
+async def test_a_drain_refuses_new_associations_and_lets_a_retrieval_finish() -> None:
+    async with _slow_retrieval(16, seed=38, send_delay=0.05) as (slow, c, node, task):
+        drained = asyncio.create_task(node.drain(30.0))
+        await until(lambda: not viewer.associates(c.port))  # the listener is closed at once
+        result = await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(drained, 5)  # and the drain ends with the retrieval
+    assert result.final.Status == 0 and len(result.received) == 16
+    assert slow.events.instances_sent < 16 + 2  # not started again
 
 
 async def test_a_drain_aborts_what_is_left_when_the_grace_runs_out() -> None:
-    study = samples.make_study(30, rows=16, cols=16, seed=39)
-    uid = str(rawds.decode_dataset(study[0].data, EXPLICIT).StudyInstanceUID)
-    with EmbeddedPacs(MemoryStore(study), send_delay=0.1) as slow:
-        c = Chain(pacs_target(slow))
-        node = await c.start()
-        try:
-            task = asyncio.create_task(
-                asyncio.to_thread(
-                    viewer.get, c.port, query("STUDY", StudyInstanceUID=uid), classes=CLASSES
-                )
-            )
-            await until(lambda: slow.events.instances_sent >= 2)
-            started = asyncio.get_running_loop().time()
-            await asyncio.wait_for(node.drain(0.5), 10)
-            assert asyncio.get_running_loop().time() - started < 3
-            result = await asyncio.wait_for(task, 30)
-        finally:
-            await c.stop()
+    async with _slow_retrieval(30, seed=39, send_delay=0.1) as (_, _, node, task):
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(node.drain(0.5), 10)
+        assert asyncio.get_running_loop().time() - started < 3
+        result = await asyncio.wait_for(task, 30)
     assert "Status" not in result.final or result.final.Status != 0  # never a success
-    assert len(result.received) < len(study)
+    assert len(result.received) < 30
 
 
 async def test_a_drain_does_not_wait_for_an_idle_association(chain: Chain) -> None:

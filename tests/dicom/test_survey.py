@@ -376,17 +376,17 @@ async def test_an_estimate_the_stream_cannot_carry_is_left_out(
     assert not any(isinstance(m, Pending) and m.estimate for m in msgs)
 
 
-@pytest.mark.parametrize("after", [0.0, 0.25, 0.7])
+@pytest.mark.parametrize("after", [0.0, 0.5, 1.5])
 async def test_a_survey_stopped_mid_walk_ends_on_its_own_thread_at_once(
     pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch, after: float
 ) -> None:
-    """`finish` without waiting, before or during either C-FIND of the walk (series: 0.5 s,
-    image: 2 s): the survey's own thread ends its association long before the walk would
+    """`finish` without waiting, before or during either C-FIND of the walk (series: 1 s,
+    image: 4 s): the survey's own thread ends its association long before the walk would
     have ended, and nothing raises on any thread. An A-ABORT from the finishing thread
     used to race the walk's next C-FIND (pynetdicom raised Evt9 in Sta13)."""
     raised: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
-    pacs.find_delay = 0.5  # per match: 1 series, 4 instances
+    pacs.find_delay = 1.0  # per match: 1 series, 4 instances
     out: Channel[Message] = Channel(asyncio.get_running_loop(), 8)
     op = PacsOperation(target(pacs), retrieve(StudyInstanceUID=STUDY), MessageCodec(), out)
     identifier = rawds.decode_dataset(op.request.dataset, op.request.transfer_syntax)
@@ -394,7 +394,7 @@ async def test_a_survey_stopped_mid_walk_ends_on_its_own_thread_at_once(
     assert beside is not None
     await asyncio.sleep(after)
     assert beside.finish(wait=False) is None
-    await asyncio.to_thread(beside._thread.join, 1.2)  # the rest of the walk: 1.8 s or more
+    await asyncio.to_thread(beside._thread.join, 2.5)  # the rest of the walk: 3.5 s or more
     assert not beside._thread.is_alive()
     assert raised == []
     assert op.survey is None  # a stopped survey tells nothing
