@@ -4,7 +4,9 @@ From an agent: `revoke` (full snapshot on link-up, then increments) and `enroll-
 To the agents of a site: `refusal`, when the gateway refused a link that claimed an
 identity of that site, rate-limited so a flood of bad handshakes cannot flood agents.
 Revocations live in memory only; a restarted gateway relearns them from each agent's
-snapshot before it routes that agent's site.
+snapshot before it routes that agent's site. Each comes with the agent's signed notice,
+kept as an opaque string for the revoked device (the gateway does not verify it); an
+older agent's list has none, which is logged once per site.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class AgentControl:
         update = self.assembler.feed(decode_revocations(body))
         if update is None:
             return
+        if update.version == 1 and update.devices and self.site not in self.revoked.unsigned_sites:
+            self.revoked.unsigned_sites.add(self.site)
+            log.warning(
+                "an agent of this site revokes devices without signed notices (an older "
+                "agent): current workstations will not heed their revocation from a "
+                "gateway; upgrade the agent",
+                extra={"site": self.site},
+            )
         for uri in self.revoked.apply(self.site, update):
             log.info("device revoked", extra={"identity": uri})
             self.close_device(uri)

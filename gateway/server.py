@@ -37,12 +37,11 @@ from relay.ops.listening import announce
 from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
-from relay.trust.revocation import RevocationList
+from relay.trust.revocation import RevocationList, goaway_reason
 from relay.wire import ALPN_ENROLL, TUNNEL_ALPNS
 
 log = logging.getLogger(__name__)
 
-REVOKED_REASON = "this device was revoked; enroll it again"
 REVOKED_CLOSE_BOUND = 1.0  # seconds a revoked device has to read its GOAWAY
 
 
@@ -238,7 +237,8 @@ class GatewayServer:
             reason = "revoked"
         if reason == "revoked":
             self._refused(reason, peer, identity)
-            self._tell_revoked(link)
+            assert identity is not None
+            self._tell_revoked(link, self.revoked.notice(identity.uri))
             return
         device_over_cap = (
             reason is None
@@ -255,11 +255,12 @@ class GatewayServer:
         self._attach(link, identity, peer)
 
     @staticmethod
-    def _tell_revoked(link: Link) -> None:
-        """Say why instead of dropping the connection: the device stops dialling and tells
-        its user to enroll again. The link never routes; it is aborted if it lingers."""
+    def _tell_revoked(link: Link, notice: str) -> None:
+        """Say why instead of dropping the connection, with the agent's notice: the device
+        verifies it, then stops dialling and tells its user to enroll again. The link
+        never routes; it is aborted if it lingers."""
         link.start()
-        _close_revoked(link)
+        _close_revoked(link, notice)
 
     def _attach(self, link: Link, identity: Identity, peer: str) -> None:
         site = identity.site or ""
@@ -288,9 +289,10 @@ class GatewayServer:
         link.start()
 
     def close_device(self, uri: str) -> None:
-        """Close every live link of a revoked device at once."""
+        """Close every live link of a revoked device at once, passing on its notice."""
+        notice = self.revoked.notice(uri)
         for link in list(self.links.devices.get(uri, ())):
-            _close_revoked(link)
+            _close_revoked(link, notice)
 
     def _detach(self, link: Link, identity: Identity, peer: str) -> None:
         site = identity.site or ""
@@ -311,10 +313,11 @@ class GatewayServer:
         )
 
 
-def _close_revoked(link: Link) -> None:
-    """GOAWAY REVOKED, then close; abort within REVOKED_CLOSE_BOUND if the device does not
-    read it (a stalled reader would otherwise hold the link, and its buffers, for good)."""
-    link.close(ErrorCode.REVOKED, REVOKED_REASON)
+def _close_revoked(link: Link, notice: str) -> None:
+    """GOAWAY REVOKED with the agent's notice (opaque here; "" from an older agent), then
+    close; abort within REVOKED_CLOSE_BOUND if the device does not read it (a stalled
+    reader would otherwise hold the link, and its buffers, for good)."""
+    link.close(ErrorCode.REVOKED, goaway_reason(notice))
     link.loop.call_later(REVOKED_CLOSE_BOUND, link.abort)
 
 

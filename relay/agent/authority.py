@@ -5,9 +5,11 @@ the certificate lifetime, and offers exactly what the agent's links need:
 
 - `serve_enroll(stream)` / `serve_renew(stream)`: target handlers for `enroll` and
   `renew` streams (they also tell the gateway the enrollment result, for its metrics);
-- `revocation_snapshot()`: the "revoke" bodies to send first on every new gateway link;
+- `revocation_snapshot()`: the "revoke" bodies to send first on every new gateway link
+  (blocking: it may sign many notices; the caller runs it in a worker thread);
 - `poll_revocations()`: incremental "revoke" bodies for devices revoked since the last
   call (by `relay device revoke` in another process), to send on every link;
+  both carry each device's notice signed with the site CA key (relay.agent.notices);
 - `record_refusal(refusal, reporter=...)`: audit a link refusal reported by a gateway
   (relay.agent.linktrust decodes and rate-limits the reports);
 - `touch(device_uri)`: the device's last-seen time, on each stream it opens;
@@ -38,6 +40,7 @@ from relay.agent.config import AgentConfig
 from relay.agent.directory import Directory
 from relay.agent.directory.recheck import DirectoryMetrics, Recheck
 from relay.agent.enrollment import EnrollOutcome, serve_enroll_stream
+from relay.agent.notices import NoticeSigner
 from relay.agent.registry import (
     REGISTRY_FILE,
     DeviceRegistry,
@@ -118,6 +121,7 @@ class DeviceAuthority:
         self.now = now
         self.identity = Identity.agent(self.trust_domain, site)
         self.signer = Signer(registry, ca_key, ca_cert, site, lifetime, audit, now)
+        self.notices = NoticeSigner(ca_key)
         self.renewal_pace = RenewalPace()  # each device's renewal in flight, refusals audited
         self._watcher = RevocationWatcher(registry)
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
@@ -254,12 +258,17 @@ class DeviceAuthority:
         Independent of poll_revocations(): a device revoked just before a link comes up
         is in this list and also in the next incremental push (harmless twice).
         """
-        names = self.registry.revoked_devices()
-        return encode_revocations([self._uri(n) for n in names], full=True)
+        return self._bodies(self.registry.revocations(), full=True)
+
+    def _bodies(self, revocations: dict[str, datetime], *, full: bool) -> list[bytes]:
+        """ "revoke" bodies for these devices (name -> revocation time), with notices."""
+        times = {self._uri(name): at for name, at in revocations.items()}
+        return encode_revocations(times, full=full, notices=self.notices.notices(times))
 
     def poll_revocations(self) -> list[bytes]:
         """Bodies of an incremental "revoke" for devices revoked since the last call
-        (empty if none); audits each as pushed. Cheap when nothing changed."""
+        (empty if none); audits each as pushed. Cheap when nothing changed; signs the
+        new ones' notices inline (a few, ~50 µs each)."""
         names = self._watcher.poll()
         if not names:
             return []
@@ -271,7 +280,8 @@ class DeviceAuthority:
                 actor=self.identity.uri,
                 description=f"revocation of {name} pushed to the gateways",
             )
-        return encode_revocations([self._uri(n) for n in names], full=False)
+        times = self.registry.revocations()
+        return self._bodies({n: times[n] for n in names if n in times}, full=False)
 
     def revoke(self, name: str) -> list[bytes]:
         """Revoke in-process (an admin API of the agent); returns bodies to push."""

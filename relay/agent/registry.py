@@ -565,6 +565,14 @@ class DeviceRegistry:
             ).fetchall()
         return [name for (name,) in rows]
 
+    def revocations(self) -> dict[str, datetime]:
+        """Every revoked device's name and when it was revoked (its notice signs that)."""
+        with self._op():
+            rows = self._db.execute(
+                "SELECT name, revoked_at FROM devices WHERE revoked_at IS NOT NULL ORDER BY name"
+            ).fetchall()
+        return {name: datetime.fromtimestamp(at, dt.UTC) for name, at in rows}
+
     def device_user(self, device: str) -> str | None:
         """The directory user `device` is bound to (None: none, or no such device)."""
         with self._op():

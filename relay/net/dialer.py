@@ -11,13 +11,16 @@ goaway, back off (full jitter, see relay.net.backoff), dial again. After a goawa
 keeps draining its streams while a new one is dialled, so new streams need not wait.
 
 One refusal may end the supervision instead: the gateway's GOAWAY with code REVOKED (at
-the dial or on a live link); `dial` raises `Revoked`. The gateway revokes devices only,
-so only a device's link (ALPN_DEVICE: dialling again cannot help a revoked device) stops
-and tells its owner through `on_revoked`; anything else that learns of a revocation (a
-refused session, say) calls `KeptLink.revoked_by_peer`. On any other link (the agent's:
-gateways do not revoke agents, and a gateway may be compromised) REVOKED is one more
-goaway, unauthenticated: the link is left and the next dial waits REVOKED_BACKOFF of the
-backoff's cap, never a permanent stop.
+the dial or on a live link); `dial` raises `Revoked`. A gateway may be compromised, so
+its word alone proves nothing: the supervision stops only on a device's link (ALPN_DEVICE:
+gateways revoke devices only) and only if the owner's `check_revoked(reason)` accepts
+the reason (the workstation verifies the agent's signed notice in it); then it tells its
+owner through `on_revoked`. Anything else that learns of a revocation in a way it trusts
+(a session the agent refused inside its TLS) calls `KeptLink.revoked_by_peer`. Otherwise
+(an agent's link, no checker, a reason the checker refuses) REVOKED is one more goaway:
+the link is left, one warning says why (at most one per REVOKED_LOG_INTERVAL, the others
+counted in it), and the next dial waits REVOKED_BACKOFF of the backoff's cap, never a
+permanent stop. The dialer holds no trust policy of its own.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ CLOSE_TIMEOUT = 5.0  # how long close() waits for a link to finish sending its g
 # says it again and again costs one dial per cap, as a gateway refusing TLS would; never
 # forever, so a compromised gateway cannot make us stop dialling it.
 REVOKED_BACKOFF = (0.5, 1.0)
+# Seconds between two warnings about an unheeded REVOKED on one supervised address.
+REVOKED_LOG_INTERVAL = 600.0
 
 
 class DialError(Exception):
@@ -185,6 +190,7 @@ class LinkStats:
     failures: int = 0
     reconnects: int = 0  # connects after the first
     goaways: int = 0
+    unheeded_revocations: int = 0  # REVOKED goaways not heeded (see the module docstring)
     last_error: str = ""
 
 
@@ -194,8 +200,9 @@ class KeptLink:
     `link` is the current usable link or None; `up` is set while there is one. `start()`
     launches the supervisor; `goaway()` stops dialling and asks the gateway for no new
     streams; `close()` closes every link and ends the supervisor (no task survives).
-    The gateway's GOAWAY REVOKED is final only on a device's link (`alpn` ALPN_DEVICE),
-    which then calls `on_revoked`; see the module docstring.
+    The gateway's GOAWAY REVOKED is final only on a device's link (`alpn` ALPN_DEVICE)
+    whose `check_revoked(reason)` returns None (proven); it then calls `on_revoked`.
+    Otherwise `check_revoked` returns why not, in one line; see the module docstring.
     """
 
     def __init__(
@@ -212,6 +219,7 @@ class KeptLink:
         on_control: Callable[[str, bytes], None] | None = None,
         on_up: Callable[[Link], None] | None = None,
         on_revoked: Callable[[str], None] | None = None,
+        check_revoked: Callable[[str], str | None] | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         self.address = address
@@ -225,6 +233,7 @@ class KeptLink:
         self.on_control = on_control
         self.on_up = on_up
         self.on_revoked = on_revoked
+        self.check_revoked = check_revoked
         self.connect_timeout = connect_timeout
         self.link: Link | None = None
         self.up = asyncio.Event()
@@ -233,6 +242,8 @@ class KeptLink:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.revoked: str | None = None  # the peer's reason, once it said we are revoked
+        self._unheeded_logged_at: float | None = None  # loop time of the last warning
+        self._unheeded_unlogged = 0  # unheeded REVOKED since that warning
 
     def __repr__(self) -> str:
         return f"<KeptLink {self.name} {self.address}>"
@@ -354,18 +365,38 @@ class KeptLink:
             await asyncio.sleep(self._revoked_delay() if revoked else self.backoff.next_delay())
 
     def _gateway_says_revoked(self, reason: str) -> None:
-        """The gateway's GOAWAY REVOKED: final for a device's link, the only role the
-        gateway revokes. Otherwise a goaway like another: unauthenticated, it must not
-        stop an agent's dialling for good."""
-        if self.alpn == ALPN_DEVICE:
+        """The gateway's GOAWAY REVOKED: final for a device's link whose owner's check
+        accepts it. Otherwise a goaway like another: unproven, it must not stop the
+        dialling for good."""
+        why = self._why_not_heeded(reason)
+        if why is None:
             self.revoked_by_peer(reason)
             return
         self.stats.last_error = "revoked"
+        self.stats.unheeded_revocations += 1
+        now = asyncio.get_running_loop().time()
+        last = self._unheeded_logged_at
+        if last is not None and now - last < REVOKED_LOG_INTERVAL:
+            self._unheeded_unlogged += 1
+            return
         log.warning(
-            "the gateway says this identity is revoked; not heeded (gateways revoke only "
-            "devices), dialling again after a long backoff",
-            extra={**self._log, "reason": reason},
+            "the gateway says this identity is revoked; not heeded, dialling again after "
+            "a long backoff",
+            extra={**self._log, "why": why, "not_logged_since": self._unheeded_unlogged},
         )
+        self._unheeded_logged_at, self._unheeded_unlogged = now, 0
+
+    def _why_not_heeded(self, reason: str) -> str | None:
+        """None if the gateway's REVOKED is proven for us, else why not (one line)."""
+        if self.alpn != ALPN_DEVICE:
+            return "gateways revoke only devices"
+        if self.check_revoked is None:
+            return "no way to check a gateway's word here"
+        try:
+            return self.check_revoked(reason)
+        except Exception:
+            log.exception("check_revoked callback failed", extra=self._log)
+            return "the check failed"
 
     def _revoked_delay(self) -> float:
         """REVOKED_BACKOFF of the cap, jittered; counts as one attempt of the backoff."""

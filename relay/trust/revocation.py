@@ -3,9 +3,18 @@
 Shared by both sides; imports only the standard library and relay.trust.identity, so the
 gateway may import it (no DICOM, compression or SQLite).
 
-kind "revoke" (agent -> gateway), body JSON:
+kind "revoke" (agent -> gateway), body JSON, version 2 (agents since signed notices):
 
-    {"v": 1, "full": bool, "part": i, "parts": n, "devices": ["spiffe://TD/device/SITE/NAME", ...]}
+    {"v": 2, "full": bool, "part": i, "parts": n,
+     "devices": [["spiffe://TD/device/SITE/NAME", "rn1.<time>.<signature>"], ...]}
+
+Each device comes with its revocation notice: a short string the agent signed with the
+site CA key (relay.trust.notice). The gateway does not verify it (it cannot be trusted
+to, and it must not need the means): it checks only its form (NOTICE_RE, at most
+MAX_NOTICE characters), keeps it beside the id and hands it to the revoked device in its
+GOAWAY REVOKED reason (`goaway_reason`), where the device verifies it. Version 1 (older
+agents) has "devices": ["spiffe://...", ...] and no notices; a gateway still takes it,
+and its devices are told in the old plain words, which a current workstation does not heed.
 
 - full = false: an incremental update; these devices are now revoked (parts = 1).
 - full = true: the complete list of the site's revoked devices, sent by the agent as
@@ -31,7 +40,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,8 +53,10 @@ __all__ = [
     "KIND_REFUSAL",
     "KIND_REVOKE",
     "MAX_BODY",
+    "MAX_NOTICE",
     "MAX_PARTS",
     "MAX_REVOKED",
+    "REVOKED_REASON",
     "Refusal",
     "RevocationAssembler",
     "RevocationError",
@@ -57,15 +68,27 @@ __all__ = [
     "encode_enroll_result",
     "encode_refusal",
     "encode_revocations",
+    "goaway_reason",
+    "notice_in_reason",
 ]
 
-VERSION: Final = 1
+VERSION: Final = 1  # refusal, enroll-result, and "revoke" without notices (older agents)
+REVOKE_VERSION: Final = 2  # "revoke" with a signed notice per device
 #: Largest body we produce or accept: fits the protocol's minimum MAX_FRAME (16 KiB)
 #: with the frame header and the kind, so it can be sent before the peer's SETTINGS.
 MAX_BODY: Final = 15 * 1024
 MAX_PARTS: Final = 4096
-#: Revoked devices per site a gateway holds (about 100 bytes each: a few MB at most).
+#: Revoked devices per site a gateway holds. Each costs about 270 bytes with its notice
+#: (an id of ~55 characters, a 102-character notice, a dict slot; tracemalloc, see
+#: tests/trust/test_revocation.py, which holds it under 400): ~27 MB per site at this
+#: bound, twice that while a new snapshot replaces the old; ~3 MB for 10,000.
 MAX_REVOKED: Final = 100_000
+#: Longest notice a gateway stores and forwards (today's are NOTICE_LENGTH characters).
+MAX_NOTICE: Final = 128
+#: What a gateway checks of a notice: its alphabet and length, nothing else.
+NOTICE_RE: Final = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_NOTICE}}}")
+#: The words of a gateway's GOAWAY REVOKED; a notice follows after one space.
+REVOKED_REASON: Final = "this device was revoked; enroll it again"
 MAX_PEER: Final = 64
 MAX_IDENTITY: Final = 512
 _REASON_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -106,7 +129,7 @@ def _dumps(value: dict[str, object]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def _loads(body: bytes, what: str) -> dict[str, object]:
+def _loads(body: bytes, what: str, versions: tuple[int, ...] = (VERSION,)) -> dict[str, object]:
     if len(body) > MAX_BODY:
         raise RevocationError(f"{what} message larger than {MAX_BODY} bytes")
     try:
@@ -115,7 +138,8 @@ def _loads(body: bytes, what: str) -> dict[str, object]:
         raise RevocationError(f"{what} message is not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise RevocationError(f"{what} message is not a JSON object")
-    if value.get("v") != VERSION:
+    version = value.get("v")
+    if isinstance(version, bool) or version not in versions:
         raise RevocationError(f"{what} message has unsupported version {value.get('v')!r}")
     return value
 
@@ -138,12 +162,17 @@ def _int(value: object, what: str) -> int:
 
 @dataclass(frozen=True)
 class RevocationUpdate:
-    """One decoded "revoke" message."""
+    """One decoded "revoke" message.
+
+    `notices` is empty (version 1: none) or one per device, in the same order.
+    """
 
     devices: tuple[str, ...]
     full: bool
     part: int = 0
     parts: int = 1
+    notices: tuple[str, ...] = ()
+    version: int = VERSION
 
 
 def _check_device_uri(uri: object) -> str:
@@ -158,32 +187,54 @@ def _check_device_uri(uri: object) -> str:
     return uri
 
 
+def _check_notice(notice: object) -> str:
+    if not isinstance(notice, str) or not NOTICE_RE.fullmatch(notice):
+        raise RevocationError(
+            f"a revocation notice must be 1-{MAX_NOTICE} characters of A-Z a-z 0-9 . _ -"
+        )
+    return notice
+
+
 def encode_revocations(
-    devices: Iterable[str], *, full: bool, max_body: int = MAX_BODY
+    devices: Iterable[str],
+    *,
+    full: bool,
+    max_body: int = MAX_BODY,
+    notices: Mapping[str, str] | None = None,
 ) -> list[bytes]:
     """Bodies of "revoke" messages carrying `devices` (SPIFFE ids), in order.
 
-    An incremental update is split into several independent messages if needed; a full
-    list into the parts of one snapshot. A full list of no devices is one message (it
-    still tells a gateway that the site revokes nothing).
+    With `notices` (id -> notice, one for every device) they are version 2, else version
+    1 (what older agents send). An incremental update is split into several independent
+    messages if needed; a full list into the parts of one snapshot. A full list of no
+    devices is one message (it still tells a gateway that the site revokes nothing).
     """
     ids = sorted({_check_device_uri(d) for d in devices})
     if full and len(ids) > MAX_REVOKED:
         raise RevocationError(f"more than {MAX_REVOKED} revoked devices")
-    chunks: list[list[str]] = [[]]
-    # Room for the envelope with the largest counters, then each id with quotes and comma.
+    version = VERSION if notices is None else REVOKE_VERSION
+    entries: list[object] = []
+    for uri in ids:
+        if notices is None:
+            entries.append(uri)
+        elif uri not in notices:
+            raise RevocationError(f"no revocation notice for {uri[:80]!r}")
+        else:
+            entries.append([uri, _check_notice(notices[uri])])
+    chunks: list[list[object]] = [[]]
+    # Room for the envelope with the largest counters, then each entry with its comma.
     envelope = len(
-        _dumps({"v": VERSION, "full": full, "part": MAX_PARTS, "parts": MAX_PARTS, "devices": []})
+        _dumps({"v": version, "full": full, "part": MAX_PARTS, "parts": MAX_PARTS, "devices": []})
     )
     size = envelope
-    for uri in ids:
-        item = len(uri) + 3
+    for entry in entries:
+        item = len(_dumps({"e": entry})) - len(b'{"e":}') + 1
         if envelope + item > max_body:
-            raise RevocationError(f"device id too long for one message: {uri[:80]!r}")
+            raise RevocationError(f"device id too long for one message: {str(entry)[:80]!r}")
         if size + item > max_body and chunks[-1]:
             chunks.append([])
             size = envelope
-        chunks[-1].append(uri)
+        chunks[-1].append(entry)
         size += item
     if not full:
         chunks = [c for c in chunks if c]
@@ -193,17 +244,28 @@ def encode_revocations(
     for i, chunk in enumerate(chunks):
         parts = len(chunks) if full else 1
         body = _dumps(
-            {"v": VERSION, "full": full, "part": i if full else 0, "parts": parts, "devices": chunk}
+            {"v": version, "full": full, "part": i if full else 0, "parts": parts, "devices": chunk}
         )
         assert len(body) <= max_body
         bodies.append(body)
     return bodies
 
 
+def _entry(entry: object, version: int) -> tuple[str, str]:
+    """(id, notice) of one "devices" entry; the notice is "" in version 1."""
+    if version == VERSION:
+        return _check_device_uri(entry), ""
+    if not isinstance(entry, list) or len(entry) != 2:
+        raise RevocationError("revoke message: each device is an [id, notice] pair")
+    return _check_device_uri(entry[0]), _check_notice(entry[1])
+
+
 def decode_revocations(body: bytes) -> RevocationUpdate:
-    """Parse and strictly validate one "revoke" body; RevocationError otherwise."""
-    value = _loads(body, "revoke")
+    """Parse and strictly validate one "revoke" body (version 1 or 2); RevocationError
+    with one line otherwise."""
+    value = _loads(body, "revoke", (VERSION, REVOKE_VERSION))
     _exact_keys(value, {"v", "full", "part", "parts", "devices"}, "revoke")
+    version = _int(value["v"], "v")
     full = value["full"]
     if not isinstance(full, bool):
         raise RevocationError("revoke message: 'full' must be true or false")
@@ -215,22 +277,27 @@ def decode_revocations(body: bytes) -> RevocationUpdate:
     devices = value["devices"]
     if not isinstance(devices, list):
         raise RevocationError("revoke message: 'devices' must be a list")
-    ids = tuple(_check_device_uri(d) for d in devices)
+    pairs = [_entry(d, version) for d in devices]
+    ids = tuple(uri for uri, _ in pairs)
     if len(set(ids)) != len(ids):
         raise RevocationError("revoke message: duplicate device ids")
-    return RevocationUpdate(ids, full, part, parts)
+    notices = tuple(n for _, n in pairs) if version == REVOKE_VERSION else ()
+    return RevocationUpdate(ids, full, part, parts, notices, version)
 
 
 class RevocationAssembler:
     """Joins the parts of a full snapshot arriving on one agent link (one per link).
 
     `feed()` returns an update to apply: incremental ones at once, a snapshot once its
-    last part arrives (as one RevocationUpdate with parts = 1). A part out of order is
-    an error (messages on a link are ordered, so it means a broken peer).
+    last part arrives (as one RevocationUpdate with parts = 1). A part out of order, or
+    of another version than the first, is an error (messages on a link are ordered, so
+    it means a broken peer).
     """
 
     def __init__(self) -> None:
         self._parts: list[str] | None = None
+        self._notices: list[str] = []
+        self._version = VERSION
         self._expected = 0
         self._total = 0
 
@@ -238,34 +305,45 @@ class RevocationAssembler:
         if not update.full:
             return update
         if update.part == 0:
-            self._parts, self._expected, self._total = [], 0, update.parts
-        if self._parts is None or update.part != self._expected or update.parts != self._total:
+            self._parts, self._notices, self._expected, self._total = [], [], 0, update.parts
+            self._version = update.version
+        if (
+            self._parts is None
+            or update.part != self._expected
+            or update.parts != self._total
+            or update.version != self._version
+        ):
             self._parts = None
             raise RevocationError(
                 f"revoke snapshot part {update.part} of {update.parts} arrived out of order"
             )
         self._parts.extend(update.devices)
+        self._notices.extend(update.notices)
         if len(self._parts) > MAX_REVOKED:
             self._parts = None
             raise RevocationError(f"revoke snapshot of more than {MAX_REVOKED} devices")
         self._expected += 1
         if self._expected < self._total:
             return None
-        devices, self._parts = tuple(self._parts), None
-        return RevocationUpdate(devices, True)
+        devices, notices = tuple(self._parts), tuple(self._notices)
+        self._parts, self._notices = None, []
+        return RevocationUpdate(devices, True, notices=notices, version=self._version)
 
 
 class RevocationList:
-    """What a gateway holds in memory: revoked device ids, by site.
+    """What a gateway holds in memory: revoked device ids and their notices, by site.
 
     An agent may only speak for its own site and trust domain: anything else in its
-    update is refused as a whole (RevocationError), nothing is applied.
+    update is refused as a whole (RevocationError), nothing is applied. A notice is
+    opaque here: the revoked device verifies it, never the gateway.
     """
 
     def __init__(self, trust_domain: str) -> None:
         self.trust_domain = trust_domain
-        self._by_site: dict[str, set[str]] = {}
+        self._by_site: dict[str, dict[str, str]] = {}  # site -> id -> notice ("" if none)
         self._complete: set[str] = set()
+        #: Sites whose agent sent devices without notices (an older agent), logged once.
+        self.unsigned_sites: set[str] = set()
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._by_site.values())
@@ -273,14 +351,21 @@ class RevocationList:
     def __contains__(self, uri: object) -> bool:
         return self.is_revoked(uri)
 
-    def is_revoked(self, uri: object) -> bool:
+    def _site_of(self, uri: object) -> dict[str, str]:
         if not isinstance(uri, str):
-            return False
+            return {}
         try:
             site = parse_spiffe_uri(uri).site
         except IdentityError:
-            return False
-        return uri in self._by_site.get(site or "", ())
+            return {}
+        return self._by_site.get(site or "", {})
+
+    def is_revoked(self, uri: object) -> bool:
+        return uri in self._site_of(uri)
+
+    def notice(self, uri: str) -> str:
+        """The agent's notice for a revoked device ("" if it sent none or it is not revoked)."""
+        return self._site_of(uri).get(uri, "")
 
     def has_snapshot(self, site: str) -> bool:
         """Whether a full list for `site` has arrived since this gateway started."""
@@ -294,26 +379,48 @@ class RevocationList:
 
         Returns the ids revoked by it that were not revoked before, sorted: the gateway
         closes their live links. A snapshot replaces the site's set (so a device removed
-        from the agent's list is let in again).
+        from the agent's list is let in again). An incremental update without notices
+        (an older agent) keeps a notice already held for the same device.
         """
         for uri in update.devices:
             identity = parse_spiffe_uri(uri)
             if identity.trust_domain != self.trust_domain or identity.site != site:
                 raise RevocationError(f"an agent of site {site!r} may not revoke {uri}")
-        current = self._by_site.get(site, set())
+        if update.notices and len(update.notices) != len(update.devices):
+            raise RevocationError("revoke update: one notice per device")
+        notices = update.notices or ("",) * len(update.devices)
+        current = self._by_site.get(site, {})
         if update.full:
-            new = set(update.devices)
+            new = dict(zip(update.devices, notices, strict=True))
             self._complete.add(site)
         else:
-            new = current | set(update.devices)
+            new = dict(current)
+            for uri, notice in zip(update.devices, notices, strict=True):
+                new[uri] = notice or current.get(uri, "")
         if len(new) > MAX_REVOKED:
             raise RevocationError(f"more than {MAX_REVOKED} revoked devices for site {site!r}")
-        added = sorted(new - current)
+        added = sorted(new.keys() - current.keys())
         if new:
             self._by_site[site] = new
         else:
             self._by_site.pop(site, None)
         return added
+
+
+def goaway_reason(notice: str) -> str:
+    """The reason of a gateway's GOAWAY REVOKED: the plain words, then the agent's notice
+    (if it sent one) after one space. At most 40 + 1 + MAX_NOTICE bytes, within the
+    protocol's 256."""
+    return f"{REVOKED_REASON} {notice}" if notice else REVOKED_REASON
+
+
+def notice_in_reason(reason: str) -> str | None:
+    """The notice a GOAWAY REVOKED reason carries (`goaway_reason`'s form), else None.
+    What the notice is worth is for relay.trust.notice to say."""
+    head, _, notice = reason.rpartition(" ")
+    if head != REVOKED_REASON or not NOTICE_RE.fullmatch(notice):
+        return None
+    return notice
 
 
 # --- refusal --------------------------------------------------------------------------

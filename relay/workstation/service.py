@@ -7,6 +7,11 @@ the local DICOM node. SIGTERM/SIGINT (and Ctrl-Break on Windows; relay.ops.signa
 within `drain_grace`, close, exit 0. The device key must be private (relay.ops.privatefiles):
 a key that others may read stops start-up with one line saying what to run.
 
+A gateway's GOAWAY REVOKED stops the workstation (the study cache wiped, exit 3) only
+when it carries the agent's signed notice for this device (relay.workstation.revocation);
+the agent's own verdict inside the sealed session needs none. The wipe runs in a worker
+thread, and the run ends once it is done.
+
 The device certificate renews itself over the live link once two thirds of its
 lifetime have passed (relay.trust.renewal). The link is kept: the new identity is handed to
 the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
@@ -58,6 +63,7 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
+from relay.workstation.revocation import RevocationCheck
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
 
@@ -108,6 +114,7 @@ class Workstation:
         privatefiles.check_private(files.key, "device key")
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
         self.identity = identity_from_certificate(load_cert(files.cert))
+        self.revocation_check = RevocationCheck.from_files(files.cert, files.ca)
         self.rng = rng
         self.kept = KeptLink(
             config.gateway,
@@ -117,8 +124,10 @@ class Workstation:
             name=f"gateway {config.gateway}",
             backoff=ExponentialBackoff.from_config(config.reconnect, rng=rng),
             on_revoked=self._revoked,
+            check_revoked=self._check_revoked,
         )
-        self.revoked = asyncio.Event()  # set once: the run ends with EXIT_REVOKED
+        self.revoked = asyncio.Event()  # set once the wipe is done: the run ends with EXIT_REVOKED
+        self._revoking: asyncio.Task[None] | None = None
         self.session = SessionKeeper(
             self.kept,
             session_client_context(files.cert, files.key, files.ca),
@@ -158,13 +167,32 @@ class Workstation:
         self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
         self._drain_deadline: float | None = None  # loop time: one grace for every drain
 
+    def _check_revoked(self, reason: str) -> str | None:
+        """The dialer asks before it heeds a gateway's REVOKED (see RevocationCheck)."""
+        return self.revocation_check(reason)
+
     def _revoked(self, reason: str) -> None:
+        """Revoked for good (a verified notice, or the agent's own verdict): wipe the
+        cache off the loop, then end the run."""
         log.error(REVOKED_MESSAGE, extra={"gateway_reason": reason})
+        if self._revoking is None:
+            self._revoking = asyncio.get_running_loop().create_task(
+                self._wipe_then_stop(), name="revocation wipe"
+            )
+
+    async def _wipe_then_stop(self) -> None:
         try:
             if self.cache is not None:
-                self.cache.wipe("revoked")  # a revoked PC keeps no studies
+                await self.cache.wipe_revoked()  # a revoked PC keeps no studies
+        except Exception:
+            log.exception("the cache wipe on revocation failed")
         finally:
             self.revoked.set()  # whatever the wipe met
+
+    async def revocation_done(self) -> None:
+        """Wait for a wipe under way (a stop during it must not cut it short)."""
+        if self._revoking is not None:
+            await asyncio.shield(self._revoking)
 
     def readiness(self) -> tuple[bool, str]:
         if self.session.up.is_set():
@@ -208,6 +236,7 @@ class Workstation:
         try:
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
             session_ctx = session_client_context(files.cert, files.key, files.ca)
+            check = RevocationCheck.from_files(files.cert, files.ca)
         except (TlsConfigError, PkiError, OSError, ValueError) as exc:
             # The files were checked before they were installed; keep dialling with the
             # old context (still valid for a third of its lifetime) and say so.
@@ -217,6 +246,7 @@ class Workstation:
         self.ctx = ctx
         self.kept.ctx = ctx
         self.session.ctx = session_ctx  # the next session presents the new certificate
+        self.revocation_check = check  # notices older than the new certificate prove nothing
 
     def _renewal_failed(self, message: str) -> None:
         self.renewal_failures += 1
@@ -242,6 +272,7 @@ class Workstation:
             )
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
             session_ctx = session_client_context(files.cert, files.key, files.ca)
+            check = RevocationCheck.from_files(files.cert, files.ca)
         except (
             ConfigError,
             ReloadError,
@@ -262,6 +293,7 @@ class Workstation:
         self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
         self.kept.settings = new.limits
         self.session.ctx, self.session.settings = session_ctx, new.limits
+        self.revocation_check = check
         if new.reconnect != old.reconnect:
             self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
         if new.log_level != old.log_level:
@@ -458,6 +490,7 @@ async def run_workstation(
         if started is not None:
             started(workstation)
         await _first(stop.wait(), workstation.revoked.wait())
+        await workstation.revocation_done()  # before anything stops: the wipe completes
     return EXIT_REVOKED if workstation.revoked.is_set() else 0
 
 

@@ -21,6 +21,7 @@ import pytest
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
+from relay.agent.notices import NoticeSigner
 from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
 from relay.agent.sessions import SessionServer
 from relay.net import tls
@@ -32,6 +33,7 @@ from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
 from relay.trust.codes import EnrollmentCode
 from relay.trust.enroll import enroll
+from relay.trust.notice import NoticeError, verify_notice
 from relay.trust.renewal import renew
 from relay.trust.revocation import (
     KIND_ENROLL_RESULT,
@@ -266,6 +268,52 @@ def test_revocations_for_the_gateways(tmp_path: Path) -> None:
     pushed = [e for e in read_events(tmp_path / "state" / AUDIT_FILE) if e["kind"] == "revocation"]
     assert len(pushed) == 2
     authority.close()
+
+
+def test_each_revocation_carries_a_notice_the_device_verifies(tmp_path: Path) -> None:
+    """Snapshot and increments alike: version 2, a notice per device signed with the site
+    CA for that device and its revocation time; a second snapshot signs nothing again."""
+    site = make_pki(tmp_path / "pki")
+    (tmp_path / "state").mkdir()
+    at = utcnow() - timedelta(hours=1)
+    with DeviceRegistry(tmp_path / "state" / REGISTRY_FILE, site="main") as cli:
+        cli.revoke("old", at)
+    authority = open_authority(site, tmp_path / "state")
+    old = "spiffe://hospital.test/device/main/old"
+    (body,) = authority.revocation_snapshot()
+    update = decode_revocations(body)
+    assert update.version == 2 and update.devices == (old,)
+    keys = [site.ca_cert.public_key()]
+    when = verify_notice(update.notices[0], ca_keys=keys, uri=old, not_before=at)
+    assert when == at.replace(microsecond=0)
+    signed = authority.notices.signed
+    assert authority.revocation_snapshot() == [body]  # the cached notice, not a new one
+    assert authority.notices.signed == signed == 1
+
+    (pushed,) = authority.revoke("ws2")
+    increment = decode_revocations(pushed)
+    ws2 = "spiffe://hospital.test/device/main/ws2"
+    assert increment.version == 2 and increment.devices == (ws2,)
+    row = authority.registry.get_device("ws2")
+    assert row is not None and row.revoked_at is not None
+    assert verify_notice(increment.notices[0], ca_keys=keys, uri=ws2, not_before=row.revoked_at)
+    with pytest.raises(NoticeError):  # bound to its device
+        verify_notice(increment.notices[0], ca_keys=keys, uri=old, not_before=at)
+    authority.close()
+
+
+def test_the_notice_cache_is_bounded(tmp_path: Path) -> None:
+    site = make_pki(tmp_path / "pki")
+    signer = NoticeSigner(site.ca_key, max_entries=3)
+    at = utcnow()
+    first = signer.notice("spiffe://hospital.test/device/main/d0", at)
+    for i in range(1, 5):
+        signer.notice(f"spiffe://hospital.test/device/main/d{i}", at)
+    assert len(signer) == 3 and signer.signed == 5
+    again = signer.notice("spiffe://hospital.test/device/main/d0", at)  # evicted: signed anew
+    assert signer.signed == 6 and again != first  # ECDSA: another, equally valid, signature
+    signer.notice("spiffe://hospital.test/device/main/d4", at)
+    assert signer.signed == 6
 
 
 async def test_push_loop_sends_new_revocations(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from relay.net.aio import Link
 from relay.net.dialer import dial
 from relay.ops.config import Address
 from relay.proto import LinkSettings
-from relay.trust.revocation import Refusal, encode_refusal
+from relay.trust.revocation import Refusal, decode_revocations, encode_refusal
 from relay.wire import KIND_REFUSAL, KIND_REVOKE
 from tests.ends_helpers import agent_config, wait_until
 from tests.pki_helpers import HOST, SitePki, make_pki
@@ -326,3 +327,39 @@ async def test_the_agent_exports_the_counts_and_writes_what_is_held_at_shutdown(
     refused = refused_events(config.state_dir / AUDIT_FILE)
     assert len(refused) == REFUSAL_BURST + 1
     assert sum(refusals_in(e) for e in refused) == reports
+
+
+async def test_the_list_is_built_off_the_loop_and_increments_follow_it(tmp_path: Path) -> None:
+    """The full list signs a notice per device: it is built in a worker thread while the
+    loop runs on, and an increment pushed meanwhile reaches that link after it, never
+    before (a snapshot read before the revocation would otherwise undo it)."""
+    site = make_pki(tmp_path / "pki")
+    audit = AuditLog(tmp_path / "audit.log", source_id="a", site="main")
+    authority = authority_with_trail(site, tmp_path / "state", audit)
+    authority.registry.revoke("old", dt.datetime.now(dt.UTC))
+    building, release = threading.Event(), threading.Event()
+    real = authority.revocation_snapshot
+
+    def slow_snapshot() -> list[bytes]:
+        building.set()
+        assert release.wait(WAIT)
+        return real()
+
+    authority.revocation_snapshot = slow_snapshot  # type: ignore[method-assign]
+    links: list[Link] = []
+    trust = LinkTrust(authority, lambda: links)
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (link, _, _):
+        links.append(link)
+        await asyncio.to_thread(building.wait, WAIT)  # the loop is free meanwhile
+        (increment,) = authority.revoke("ws1")
+        trust.push([increment])
+        await asyncio.sleep(0.05)
+        assert gateway.revoked.empty()  # held back behind the list
+        release.set()
+        first = await asyncio.wait_for(gateway.revoked.get(), WAIT)
+        second = await asyncio.wait_for(gateway.revoked.get(), WAIT)
+    assert decode_revocations(first).full and decode_revocations(first).version == 2
+    increment_seen = decode_revocations(second)
+    assert not increment_seen.full and DEVICE + "ws1" in increment_seen.devices
+    trust.close()
+    authority.close()

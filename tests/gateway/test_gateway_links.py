@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -31,7 +33,15 @@ from relay.net.bytestream import StreamResetError
 from relay.ops.config import Address, TlsFiles
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust.identity import Identity
-from relay.trust.revocation import KIND_REFUSAL, KIND_REVOKE, decode_refusal, encode_revocations
+from relay.trust.notice import sign_notice
+from relay.trust.revocation import (
+    KIND_REFUSAL,
+    KIND_REVOKE,
+    REVOKED_REASON,
+    decode_refusal,
+    encode_revocations,
+    goaway_reason,
+)
 from tests.pki_helpers import HOST, Pair, SitePki, make_pki
 
 WAIT = 10.0
@@ -397,6 +407,100 @@ async def test_revocation_closes_live_links_refuses_new_ones_and_is_reported(
     assert await asyncio.wait_for(roundtrip(again, b"back"), WAIT) == b"back"
     for link in (again, bystander, agent):
         link.close()
+
+
+async def goaway_of(world: World, name: str) -> tuple[Link, asyncio.Future[tuple[int, str]]]:
+    """A device link of `name` and the GOAWAY (code, reason) the gateway sends it."""
+    loop = asyncio.get_running_loop()
+    said: asyncio.Future[tuple[int, str]] = loop.create_future()
+
+    def on_goaway(code: int, reason: str) -> None:
+        if not said.done():
+            said.set_result((code, reason))
+
+    pair = world.pki.device(name)
+    _, link = await loop.create_connection(
+        lambda: Link(client=True, settings=SETTINGS, on_goaway=on_goaway),
+        HOST,
+        world.port,
+        ssl=tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_DEVICE),
+        server_hostname=HOST,
+    )
+    return link, said
+
+
+def announce_signed(agent: Link, notices: dict[str, str], *, full: bool = True) -> None:
+    """What a current agent sends: version 2, each device with its notice."""
+    for body in encode_revocations(notices, full=full, notices=notices):
+        agent.send_control(KIND_REVOKE, body)
+
+
+async def test_a_revoked_device_is_handed_the_agents_notice(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Live link and new dial alike, the GOAWAY REVOKED carries the notice untouched; an
+    older agent's list (none) gets the plain words, and one warning for the site."""
+    uri = Identity.device("hospital.test", "main", "ws1").uri
+    notice = sign_notice(world.pki.ca_key, uri, datetime.now(UTC))
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
+    await wait_for_agents(world, "main")
+    live, said = await goaway_of(world, "ws1")
+    assert await asyncio.wait_for(roundtrip(live, b"up"), WAIT) == b"up"
+
+    announce_signed(agent, {uri: notice}, full=False)
+    assert await asyncio.wait_for(said, WAIT) == (ErrorCode.REVOKED, goaway_reason(notice))
+    assert world.server.revoked.notice(uri) == notice
+    _, again = await goaway_of(world, "ws1")
+    assert await asyncio.wait_for(again, WAIT) == (ErrorCode.REVOKED, goaway_reason(notice))
+
+    # An older agent of the same site: version 1, no notice for ws2.
+    caplog.set_level(logging.WARNING, logger="gateway.control")
+    ws2 = Identity.device("hospital.test", "main", "ws2").uri
+    announce(agent, (ws2,), full=False)
+    announce(agent, (ws2,), full=False)
+    _, plain = await goaway_of(world, "ws2")
+    assert await asyncio.wait_for(plain, WAIT) == (ErrorCode.REVOKED, REVOKED_REASON)
+    assert world.server.revoked.notice(uri) == notice  # kept
+    unsigned = [r for r in caplog.records if "without signed notices" in r.getMessage()]
+    assert len(unsigned) == 1
+    agent.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "notice",  # a notice the gateway cannot store as is
+        "pair",  # a version-2 entry without its notice
+        "second part",  # a snapshot whose second part is broken
+    ],
+)
+async def test_a_malformed_list_keeps_the_old_set(
+    world: World, bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway refuses the whole message (closing the agent link, as for any bad
+    control) and keeps every device and notice it held."""
+    uri = Identity.device("hospital.test", "main", "ws1").uri
+    notice = sign_notice(world.pki.ca_key, uri, datetime.now(UTC))
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=False)
+    announce_signed(agent, {uri: notice})
+    await wait_for_agents(world, "main")
+    ws2 = Identity.device("hospital.test", "main", "ws2").uri
+    base = {"v": 2, "full": False, "part": 0, "parts": 1}
+    if bad == "notice":
+        bodies = [json.dumps({**base, "devices": [[ws2, "x" * 200]]}).encode()]
+    elif bad == "pair":
+        bodies = [json.dumps({**base, "devices": [ws2]}).encode()]
+    else:
+        many = {f"{uri}-{i:04d}-{'x' * 40}": notice for i in range(300)}
+        first, second, *_ = encode_revocations(many, full=True, notices=many)
+        bodies = [first, second.replace(b'"rn1.', b'"rn1 ', 1)]
+    for body in bodies:
+        agent.send_control(KIND_REVOKE, body)
+    await asyncio.wait_for(agent.wait_closed(), WAIT)
+    (error,) = [r for r in caplog.records if r.getMessage().startswith("agent sent a bad control")]
+    assert ("notice must be" if bad != "pair" else "[id, notice] pair") in error.__dict__["error"]
+    assert world.server.revoked.devices("main") == {uri}
+    assert world.server.revoked.notice(uri) == notice
 
 
 async def test_revoked_device_that_stops_reading_is_aborted(world: World) -> None:

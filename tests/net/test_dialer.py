@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,32 +262,77 @@ async def test_a_revoked_at_the_dial_does_not_stop_an_agent(
     await k.close()
 
 
-async def test_a_gateways_revoked_stops_a_device(
-    pki: SitePki, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A device's link (the workstation's) keeps the refusal final, told once."""
-    told: list[str] = []
-
-    async def refuse(*_: object, **__: object) -> Link:
-        raise dialer.Revoked("the gateway refused us: revoked", "revoked by the site")
-
-    monkeypatch.setattr(dialer, "dial", refuse)
+def device_kept(pki: SitePki, **kwargs: Any) -> KeptLink:
     device = pki.device("ws1")
-    k = KeptLink(
+    return KeptLink(
         Address(HOST, 1),
         tls.client_context(device.cert, device.key, pki.ca, alpn=wire.ALPN_DEVICE),
         SETTINGS,
         alpn=wire.ALPN_DEVICE,
         name="device",
         backoff=ExponentialBackoff(0.01, 0.1),
-        on_revoked=told.append,
+        **kwargs,
     )
+
+
+async def test_a_gateways_revoked_stops_a_device_whose_owner_checks_it(
+    pki: SitePki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device's link (the workstation's) whose check accepts the reason: final, told once."""
+    told: list[str] = []
+    asked: list[str] = []
+
+    async def refuse(*_: object, **__: object) -> Link:
+        raise dialer.Revoked("the gateway refused us: revoked", "revoked by the site")
+
+    def proven(reason: str) -> str | None:
+        asked.append(reason)
+        return None
+
+    monkeypatch.setattr(dialer, "dial", refuse)
+    k = device_kept(pki, on_revoked=told.append, check_revoked=proven)
     k.start()
     assert k._task is not None
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(k._task, WAIT)
     assert told == ["revoked by the site"] and k.revoked == "revoked by the site"
-    assert k.stats.attempts == 1
+    assert asked == ["revoked by the site"] and k.stats.attempts == 1
+    await k.close()
+
+
+@pytest.mark.parametrize("check", ["refuses", "missing", "crashes"])
+async def test_an_unproven_revoked_does_not_stop_a_device(
+    pki: SitePki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, check: str
+) -> None:
+    """A gateway's word the owner's check refuses (or cannot check): one warning with
+    the check's reason, then the next dial after REVOKED_BACKOFF; never the end."""
+    told: list[str] = []
+    calls: list[float] = []
+
+    async def refuse(*_: object, **__: object) -> Link:
+        calls.append(asyncio.get_running_loop().time())
+        raise dialer.Revoked("the gateway refused us: revoked", "a hostile gateway says so")
+
+    def refuses(reason: str) -> str | None:
+        return "no notice in it"
+
+    def crashes(reason: str) -> str | None:
+        raise RuntimeError("a bug")
+
+    checks = {"refuses": refuses, "missing": None, "crashes": crashes}
+    monkeypatch.setattr(dialer, "dial", refuse)
+    caplog.set_level(logging.WARNING, logger="relay.net.dialer")
+    k = device_kept(pki, on_revoked=told.append, check_revoked=checks[check])
+    k.start()
+    await wait_until(lambda: len(calls) >= 3)
+    assert k.revoked is None and not k._stopping and told == []
+    assert k.stats.last_error == "revoked" and k.stats.unheeded_revocations >= 2
+    low = dialer.REVOKED_BACKOFF[0] * k.backoff.cap
+    assert all(b - a >= low * 0.9 for a, b in itertools.pairwise(calls))
+    warnings = [r for r in caplog.records if r.getMessage().startswith("the gateway says")]
+    assert len(warnings) == 1  # rate-limited: one per REVOKED_LOG_INTERVAL
+    why = {"refuses": "no notice in it", "missing": "no way to check", "crashes": "check failed"}
+    assert why[check] in warnings[0].__dict__["why"]
     await k.close()
 
 

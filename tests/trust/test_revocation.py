@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +19,8 @@ from relay.trust.revocation import (
     KIND_REFUSAL,
     KIND_REVOKE,
     MAX_BODY,
+    MAX_NOTICE,
+    REVOKED_REASON,
     Refusal,
     RevocationAssembler,
     RevocationError,
@@ -28,9 +32,13 @@ from relay.trust.revocation import (
     encode_enroll_result,
     encode_refusal,
     encode_revocations,
+    goaway_reason,
+    notice_in_reason,
 )
 
 TD = "hospital.test"
+#: The form of a notice (relay.trust.notice); the gateway treats it as opaque text.
+NOTICE = "rn1.AAAAAGsWQwA." + "s" * 86
 
 
 def dev(name: str, site: str = "main", td: str = TD) -> str:
@@ -103,7 +111,8 @@ def _body(**fields: object) -> bytes:
     [
         (b"\xff", "not UTF-8 JSON"),
         (b"[]", "not a JSON object"),
-        (_body(v=2), "version"),
+        (_body(v=3), "version"),
+        (_body(v=True), "version"),
         (_body(extra=1), "unexpected keys"),
         (_body(full="yes"), "true or false"),
         (_body(part=1, parts=1), "out of range"),
@@ -166,6 +175,169 @@ def test_an_agent_speaks_only_for_its_site_and_domain() -> None:
     # A full list from "main" leaves the other site's set alone.
     revoked.apply("main", RevocationUpdate((), True))
     assert revoked.is_revoked(dev("x", "other"))
+
+
+# --- version 2: a signed notice per device -------------------------------------------
+
+
+def notices_for(devices: list[str] | set[str]) -> dict[str, str]:
+    return {d: NOTICE[:-8] + f"{i:08d}" for i, d in enumerate(sorted(devices))}
+
+
+def test_v2_round_trip_carries_each_notice() -> None:
+    devices = [dev("b"), dev("a")]
+    notices = notices_for(devices)
+    (body,) = encode_revocations(devices, full=False, notices=notices)
+    update = decode_revocations(body)
+    assert update.version == 2 and update.devices == (dev("a"), dev("b"))
+    assert update.notices == (notices[dev("a")], notices[dev("b")])
+    assert json.loads(body)["devices"][0] == [dev("a"), notices[dev("a")]]
+
+
+def test_v2_snapshot_is_split_within_the_part_limit_and_reassembled() -> None:
+    devices = [dev(f"device-{i:05d}-" + "x" * 40) for i in range(2000)]
+    notices = notices_for(devices)
+    bodies = encode_revocations(devices, full=True, notices=notices)
+    assert len(bodies) > 10 and all(len(b) <= MAX_BODY for b in bodies)
+    (whole,) = assemble(bodies)
+    assert dict(zip(whole.devices, whole.notices, strict=True)) == notices
+
+
+def test_the_largest_v2_list_fits_the_part_limit() -> None:
+    """MAX_REVOKED devices with the longest names still make at most MAX_PARTS parts."""
+    name = "n" * 64
+    devices = [dev(f"{i:06d}{name[6:]}", "s" * 30) for i in range(100_000)]
+    bodies = encode_revocations(devices, full=True, notices=notices_for(devices))
+    assert len(bodies) <= 4096
+
+
+def test_every_device_needs_a_notice_in_v2() -> None:
+    with pytest.raises(RevocationError, match="no revocation notice"):
+        encode_revocations([dev("a"), dev("b")], full=True, notices={dev("a"): NOTICE})
+    with pytest.raises(RevocationError, match="notice must be"):
+        encode_revocations([dev("a")], full=True, notices={dev("a"): "has space"})
+
+
+def _v2(**fields: object) -> bytes:
+    base: dict[str, object] = {"v": 2, "full": False, "part": 0, "parts": 1, "devices": []}
+    base.update(fields)
+    return json.dumps(base).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_v2(devices=[dev("a")]), r"\[id, notice\] pair"),
+        (_v2(devices=[[dev("a")]]), r"\[id, notice\] pair"),
+        (_v2(devices=[[dev("a"), NOTICE, "x"]]), r"\[id, notice\] pair"),
+        (_v2(devices=[[dev("a"), ""]]), "notice must be"),
+        (_v2(devices=[[dev("a"), 7]]), "notice must be"),
+        (_v2(devices=[[dev("a"), "x" * (MAX_NOTICE + 1)]]), "notice must be"),
+        (_v2(devices=[[dev("a"), "rn1.a b"]]), "notice must be"),
+        (_v2(devices=[[dev("a"), "rn1.\u00e9"]]), "notice must be"),
+        (_v2(devices=[[7, NOTICE]]), "must be strings"),
+        (_v2(devices=[[dev("a"), NOTICE], [dev("a"), NOTICE]]), "duplicate"),
+        (_v2(devices={dev("a"): NOTICE}), "must be a list"),
+    ],
+)
+def test_v2_decode_is_strict(body: bytes, message: str) -> None:
+    with pytest.raises(RevocationError, match=message):
+        decode_revocations(body)
+
+
+_ENTRY = st.one_of(
+    st.lists(st.one_of(st.text(max_size=140), st.integers(), st.none()), max_size=3),
+    st.text(max_size=40),
+    st.integers(),
+)
+
+
+@given(st.lists(_ENTRY, max_size=5), st.integers(-2, 4), st.booleans())
+def test_v2_decode_never_raises_anything_else(devices: list[object], v: int, full: bool) -> None:
+    with contextlib.suppress(RevocationError):
+        update = decode_revocations(_v2(v=v, full=full, devices=devices))
+        assert len(update.notices) == (len(update.devices) if v == 2 else 0)
+
+
+@settings(max_examples=50)
+@given(st.sets(st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True), max_size=300), st.booleans())
+def test_v2_round_trip_any_set(names: set[str], full: bool) -> None:
+    devices = {dev(n) for n in names}
+    notices = notices_for(devices)
+    got: dict[str, str] = {}
+    for update in assemble(encode_revocations(devices, full=full, notices=notices)):
+        assert update.full == full and update.version == 2
+        got.update(zip(update.devices, update.notices, strict=True))
+    assert got == notices
+
+
+def test_a_snapshot_does_not_mix_versions() -> None:
+    devices = [dev(f"device-{i:05d}-" + "x" * 40) for i in range(1000)]
+    v2 = encode_revocations(devices, full=True, notices=notices_for(devices))
+    v1 = encode_revocations(devices, full=True)
+    assembler = RevocationAssembler()
+    assembler.feed(decode_revocations(v2[0]))
+    with pytest.raises(RevocationError, match="out of order"):
+        assembler.feed(decode_revocations(v1[1]))
+
+
+def test_the_list_keeps_each_notice_beside_its_device() -> None:
+    revoked = RevocationList(TD)
+    a, b = NOTICE[:-1] + "a", NOTICE[:-1] + "b"
+    revoked.apply("main", RevocationUpdate((dev("a"), dev("b")), True, notices=(a, b), version=2))
+    assert revoked.notice(dev("a")) == a and revoked.notice(dev("b")) == b
+    assert revoked.notice(dev("c")) == "" and revoked.notice("garbage") == ""
+    # An older agent's increment (no notice) keeps the notice held; a new one replaces it.
+    assert revoked.apply("main", RevocationUpdate((dev("a"), dev("c")), False)) == [dev("c")]
+    assert revoked.notice(dev("a")) == a and revoked.notice(dev("c")) == ""
+    new = NOTICE[:-1] + "n"
+    assert revoked.apply("main", RevocationUpdate((dev("c"),), False, notices=(new,))) == []
+    assert revoked.notice(dev("c")) == new
+    # A snapshot replaces the site's notices with its own.
+    revoked.apply("main", RevocationUpdate((dev("a"),), True))
+    assert revoked.notice(dev("a")) == "" and not revoked.is_revoked(dev("b"))
+    with pytest.raises(RevocationError, match="one notice per device"):
+        revoked.apply("main", RevocationUpdate((dev("a"), dev("b")), True, notices=(a,)))
+
+
+def test_a_gateway_holds_a_notice_in_bounded_memory() -> None:
+    """The per-entry cost MAX_REVOKED's comment states (measured as a gateway builds it)."""
+    count = 5000
+    devices = [f"spiffe://{TD}/device/main/radiology-pc-{i:06d}" for i in range(count)]
+    bodies = encode_revocations(devices, full=True, notices=notices_for(devices))
+    del devices
+    gc.collect()
+    tracemalloc.start()
+    try:
+        revoked, assembler = RevocationList(TD), RevocationAssembler()
+        for body in bodies:
+            update = assembler.feed(decode_revocations(body))
+            if update is not None:
+                revoked.apply("main", update)
+        del update
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(revoked) == count
+    assert held / count < 400
+
+
+def test_the_goaway_reason_carries_the_notice_within_the_frame_limit() -> None:
+    longest = "x" * MAX_NOTICE
+    assert len(goaway_reason(longest).encode()) <= 256  # relay/proto MAX_GOAWAY_REASON
+    assert notice_in_reason(goaway_reason(NOTICE)) == NOTICE
+    assert goaway_reason("") == REVOKED_REASON
+    assert notice_in_reason(REVOKED_REASON) is None  # an older gateway or agent: no notice
+    assert notice_in_reason("session refused by the agent: revoked") is None
+    assert notice_in_reason(f"something else {NOTICE}") is None
+    assert notice_in_reason(f"{REVOKED_REASON} {NOTICE} ") is None
+
+
+@given(st.text(max_size=300))
+def test_notice_in_reason_takes_any_text(reason: str) -> None:
+    notice = notice_in_reason(reason)
+    assert notice is None or goaway_reason(notice) == reason
 
 
 def test_refusal_round_trip_and_validation() -> None:

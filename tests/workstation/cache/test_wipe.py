@@ -9,6 +9,7 @@ with) to raise PermissionError for chosen paths, for a number of tries or for go
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,14 +156,66 @@ def test_revocation_forgets_the_key_whatever_the_wipe_meets(
     assert memory_keyring.items == {}
 
 
-def test_the_revoked_event_is_set_whatever_the_wipe_meets() -> None:
-    def broken(reason: str) -> int:
+async def test_the_revoked_event_is_set_whatever_the_wipe_meets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken() -> int:
         raise RuntimeError("a bug")
 
-    owner = SimpleNamespace(cache=SimpleNamespace(wipe=broken), revoked=asyncio.Event())
-    with pytest.raises(RuntimeError):
-        Workstation._revoked(cast(Workstation, owner), "revoked by the hospital")
-    assert owner.revoked.is_set()
+    owner = SimpleNamespace(
+        cache=SimpleNamespace(wipe_revoked=broken), revoked=asyncio.Event(), _revoking=None
+    )
+    owner._wipe_then_stop = lambda: Workstation._wipe_then_stop(cast(Workstation, owner))
+    Workstation._revoked(cast(Workstation, owner), "revoked by the hospital")
+    await asyncio.wait_for(owner.revoked.wait(), 10.0)
+    assert "the cache wipe on revocation failed" in caplog.text
+
+
+async def test_the_revocation_wipe_runs_off_the_event_loop(
+    tmp_path: Path, busy: Busy, memory_keyring: MemoryKeyring
+) -> None:
+    """A wipe that takes a while (a file in use, tried again) leaves the loop free, stops
+    the prefetcher first, and still ends with the files gone and the key forgotten."""
+
+    async def no_stream(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("no network in this test")
+
+    cache = WorkstationCache(
+        CacheConfig(dir=tmp_path, key="keyring"), PrefetchConfig(), cast(OpenStream, no_stream),
+        asyncio.Event, account="ws1 /cfg",
+    )  # fmt: skip
+    cache.store.open(fresh_key=True)
+    fill(cache.store, UID, 3)
+    busy.hold(file_of(cache.store, f"{UID}.1"), tries=2)  # two pauses of REMOVE_PAUSE
+    stopped: list[bool] = []
+    real_stop = cache.prefetcher.stop
+
+    async def stop_prefetcher() -> None:
+        stopped.append(True)
+        await real_stop()
+
+    cache.prefetcher.stop = stop_prefetcher  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(loop.time())
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    started = loop.time()
+    try:
+        assert await cache.wipe_revoked() == 1
+    finally:
+        ticker.cancel()
+    took = loop.time() - started
+    assert took >= 2 * store_module.REMOVE_PAUSE
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert len(ticks) > 10 and max(gaps) < 0.1, f"the loop stalled {max(gaps):.3f}s"
+    assert stopped == [True]
+    assert files(tmp_path) == set() and cache.store.studies == {}
+    assert memory_keyring.items == {}
 
 
 def test_eviction_keeps_counting_a_file_it_could_not_remove(tmp_path: Path, busy: Busy) -> None:

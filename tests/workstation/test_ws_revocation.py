@@ -1,0 +1,197 @@
+"""A gateway's REVOKED against a real workstation: heeded only with the agent's notice.
+
+The real gateway in-process, an agent-shaped link that sends it whatever "revoke" list a
+test chooses (as a compromised gateway could make up), and the real workstation with its
+study cache on disk. A genuine notice wipes the cache and ends the run with exit 3; a
+forged one (none, another device's, another CA's, an old one) leaves the cache intact
+and the workstation dialling again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay import wire
+from relay.net import tls
+from relay.net.aio import Link
+from relay.net.dialer import dial
+from relay.ops.config import Address
+from relay.trust import pki
+from relay.trust.identity import Identity
+from relay.trust.notice import sign_notice
+from relay.trust.revocation import KIND_REVOKE, encode_revocations
+from relay.workstation.cache.settings import CacheConfig
+from relay.workstation.cache.store import CachedInstance
+from relay.workstation.config import DicomNodeConfig
+from relay.workstation.service import EXIT_REVOKED, REVOKED_MESSAGE, Workstation, run_workstation
+from tests.ends_helpers import (
+    LIMITS,
+    WAIT,
+    GatewayHandle,
+    device_identity_dir,
+    running_gateway,
+    wait_until,
+    workstation_config,
+)
+from tests.pki_helpers import HOST, SitePki, make_pki
+
+STUDY = "1.2.826.0.1.3680043.10.1341.777"
+DATA = b"DOE^CANARY " * 100
+
+
+def device_uri(site: SitePki, name: str) -> str:
+    return Identity.device(site.trust_domain, site.site, name).uri
+
+
+@contextlib.asynccontextmanager
+async def agent_link(site: SitePki, gw: GatewayHandle) -> AsyncIterator[Link]:
+    """An agent-shaped link that announces an empty list (so the site is routed)."""
+    ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
+    link = await dial(
+        Address(HOST, gw.port), ctx, LIMITS, alpn=wire.ALPN_AGENT, name="agent", timeout=WAIT
+    )
+    for body in encode_revocations((), full=True):
+        link.send_control(KIND_REVOKE, body)
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+def send(link: Link, devices: dict[str, str | None]) -> None:
+    """An incremental list: with notices (version 2) unless one is None (version 1)."""
+    if any(n is None for n in devices.values()):
+        bodies = encode_revocations(devices, full=False)
+    else:
+        notices = {uri: n for uri, n in devices.items() if n is not None}
+        bodies = encode_revocations(devices, full=False, notices=notices)
+    for body in bodies:
+        link.send_control(KIND_REVOKE, body)
+
+
+@contextlib.asynccontextmanager
+async def workstation_with_a_study(
+    site: SitePki, tmp: Path, gw: GatewayHandle
+) -> AsyncIterator[tuple[Workstation, asyncio.Task[int]]]:
+    """The workstation (DICOM node on, so its cache is too) with one study cached."""
+    config = dataclasses.replace(
+        workstation_config(device_identity_dir(site, tmp), tmp, gw.port),
+        dicom=DicomNodeConfig(Address(HOST, 0), "RELAY"),
+        cache=CacheConfig(dir=tmp / "cache"),
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[Workstation] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_workstation(config, stop=stop, started=started.set_result, handle_signals=False)
+    )
+    ws = await asyncio.wait_for(started, WAIT)
+    try:
+        assert ws.cache is not None
+        store = ws.cache.store
+        store.begin(STUDY, {"PatientName": "DOE^CANARY"}, 1, "test")
+        inst = CachedInstance("1.2.840.10008.5.1.4.1.1.2", f"{STUDY}.1", f"{STUDY}.9",
+                              "1.2.840.10008.1.2.1", 0)  # fmt: skip
+        store.put(STUDY, inst, DATA)
+        store.finish(STUDY, complete=True)
+        await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+        yield ws, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+def cached_files(tmp: Path) -> list[Path]:
+    return [p for p in (tmp / "cache").rglob("*") if p.is_file()]
+
+
+async def test_a_genuine_notice_wipes_the_cache_and_ends_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = make_pki(tmp_path / "pki")
+    async with (
+        running_gateway(site, tmp_path) as gw,
+        agent_link(site, gw) as agent,
+        workstation_with_a_study(site, tmp_path, gw) as (ws, task),
+    ):
+        assert cached_files(tmp_path)
+        uri = device_uri(site, "ws1")
+        send(agent, {uri: sign_notice(site.ca_key, uri, datetime.now(UTC))})
+        assert await asyncio.wait_for(task, WAIT) == EXIT_REVOKED
+        # The run ended only once the wipe (in a worker thread) was done.
+        assert ws.revoked.is_set() and cached_files(tmp_path) == []
+        assert ws.kept.stats.unheeded_revocations == 0
+    assert REVOKED_MESSAGE in caplog.text
+    assert "cache wiped (revoked): 1 studies" in caplog.text
+
+
+FORGERIES = ["no notice", "another device's", "another CA's", "an old one", "garbage"]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+async def test_a_forged_revocation_leaves_the_workstation_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, forgery: str
+) -> None:
+    """What a compromised gateway can make up: nothing wiped, no exit, one warning with
+    the reason, and the workstation dials again (and is told again) after its backoff."""
+    site = make_pki(tmp_path / "pki")
+    uri = device_uri(site, "ws1")
+    now = datetime.now(UTC)
+    notices: dict[str, str | None] = {
+        "no notice": None,
+        "another device's": sign_notice(site.ca_key, device_uri(site, "ws2"), now),
+        "another CA's": sign_notice(make_pki(tmp_path / "other").ca_key, uri, now),
+        # a revocation before this certificate (a device enrolled again since)
+        "an old one": sign_notice(site.ca_key, uri, now - timedelta(days=1)),
+        "garbage": "rn1.not-a-notice",
+    }
+    caplog.set_level(logging.WARNING)
+    async with (
+        running_gateway(site, tmp_path) as gw,
+        agent_link(site, gw) as agent,
+        workstation_with_a_study(site, tmp_path, gw) as (ws, task),
+    ):
+        before = cached_files(tmp_path)
+        assert before
+        send(agent, {uri: notices[forgery]})
+        await wait_until(lambda: ws.kept.stats.unheeded_revocations >= 3)
+        assert not task.done() and not ws.revoked.is_set() and ws.kept.revoked is None
+        assert cached_files(tmp_path) == before
+        assert ws.cache is not None and STUDY in ws.cache.store.studies
+        # The agent lets it in again: the link comes back up, nothing was lost.
+        for body in encode_revocations((), full=True):
+            agent.send_control(KIND_REVOKE, body)
+        await wait_until(lambda: ws.kept.up.is_set() and ws.kept.link is not None)
+    warnings = [r for r in caplog.records if r.getMessage().startswith("the gateway says")]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    why = warnings[0].__dict__["why"]
+    assert why.startswith("the gateway's")
+    assert "CANARY" not in caplog.text and STUDY not in caplog.text
+    assert REVOKED_MESSAGE not in caplog.text
+    assert "cache wiped" not in caplog.text
+
+
+async def test_a_renewed_certificate_moves_the_bar(tmp_path: Path) -> None:
+    """After a renewal (or reload) the check uses the new certificate's notBefore."""
+    site = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(site, tmp_path)
+    config = workstation_config(identity, tmp_path, 1)
+    ws = Workstation(config)
+    uri = device_uri(site, "ws1")
+    start = pki.load_cert(identity / "device.crt").not_valid_before_utc
+    between = sign_notice(site.ca_key, uri, start + timedelta(minutes=30))
+    reason = f"this device was revoked; enroll it again {between}"
+    assert ws._check_revoked(reason) is None
+    later = site.device("ws1", not_before=start + timedelta(hours=1))  # the renewed one
+    (identity / "device.crt").write_bytes(later.cert.read_bytes())
+    (identity / "device.key").write_bytes(later.key.read_bytes())
+    ws._renewed()
+    why = ws._check_revoked(reason)
+    assert why is not None and "predates" in why
