@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from relay import __version__
 from relay.ops import control, privatefiles
 from relay.ops.config import ConfigError
+from relay.ops.instancelock import InstanceLock, InstanceLocked
 
 if TYPE_CHECKING:
     from relay.workstation.service import Workstation
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("reload", "stop", "status")
 PROBE_TIMEOUT = 5.0
+LOCK_FILE = "workstation.lock"
 
 
 def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, control.Handler]:
@@ -60,6 +62,14 @@ def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, 
     return {"reload": reload, "stop": stop_command, "status": status}
 
 
+def _already_runs(state_dir: Path, pid: object) -> control.ControlError:
+    who = f"a workstation (pid {pid})" if pid is not None else "another workstation"
+    return control.ControlError(
+        f"{who} already runs with the state directory {state_dir}; "
+        "stop it (relay workstation stop --config FILE) or set another state_dir"
+    )
+
+
 async def _refuse_a_second_instance(state_dir: Path) -> None:
     """Two workstations on one state directory would fight over it: refuse the second.
     Only an endpoint that proves it holds the secret of control.json is one; anything
@@ -72,10 +82,25 @@ async def _refuse_a_second_instance(state_dir: Path) -> None:
         return
     except control.ControlError:
         return  # none, or a stale file from a process that is gone
-    raise control.ControlError(
-        f"a workstation (pid {answer.get('pid')}) already runs with the state directory "
-        f"{state_dir}; stop it (relay workstation stop --config FILE) or set another state_dir"
-    )
+    raise _already_runs(state_dir, answer.get("pid"))
+
+
+async def _lock_the_state_dir(state_dir: Path) -> InstanceLock:
+    """The OS lock that closes the race the probe leaves open (two started at the same
+    instant, neither endpoint written yet: relay.ops.instancelock). Refused, it names the
+    holder's pid if its endpoint answers already."""
+    lock = InstanceLock(state_dir / LOCK_FILE)
+    try:
+        lock.acquire()
+    except InstanceLocked:
+        try:
+            answer = await control.call(state_dir, "status", timeout=PROBE_TIMEOUT)
+        except control.ControlError:
+            answer = {}  # still starting (or stopping): no endpoint to name it by
+        raise _already_runs(state_dir, answer.get("pid")) from None
+    except OSError as exc:
+        raise control.ControlError(f"cannot lock {lock.path}: {exc.strerror or exc}") from None
+    return lock
 
 
 def _prepare(config_path: Path, state_dir: Path) -> None:
@@ -100,13 +125,17 @@ async def control_endpoint(
         yield None
         return
     _prepare(workstation.config.path, state_dir)
-    await _refuse_a_second_instance(state_dir)
-    server = control.ControlServer(state_dir, handlers(workstation, stop))
-    await server.start()
+    lock = await _lock_the_state_dir(state_dir)
     try:
-        yield server
+        await _refuse_a_second_instance(state_dir)  # one of a version without the lock
+        server = control.ControlServer(state_dir, handlers(workstation, stop))
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
+        lock.release()  # last: the next workstation may start once this one is gone
 
 
 def run_command(config_path: Path, command: str, *, as_json: bool = False) -> int:

@@ -3,17 +3,22 @@ only an endpoint that proves it holds the secret of control.json is a running wo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from aiohttp import web
 
 from relay.ops import control, privatefiles
 from relay.workstation import control as wscontrol
+
+if TYPE_CHECKING:
+    from relay.workstation.service import Workstation
 
 
 async def status(body: dict[str, Any]) -> dict[str, Any]:
@@ -70,3 +75,32 @@ async def test_no_endpoint_file_says_nothing(
     with caplog.at_level(logging.WARNING):
         await wscontrol._refuse_a_second_instance(tmp_path)
     assert caplog.records == []
+
+
+async def test_two_workstations_started_at_the_same_instant_are_one(tmp_path: Path) -> None:
+    """Neither has written control.json when the other probes: only the lock tells."""
+    config = SimpleNamespace(state_dir=tmp_path, path=tmp_path / "ws.yaml")
+    workstation = cast("Workstation", SimpleNamespace(config=config))
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def start() -> None:
+        async with wscontrol.control_endpoint(workstation, release.set):
+            entered.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(start()), asyncio.create_task(start())]
+    done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    [refused] = [t.exception() for t in done]
+    assert isinstance(refused, control.ControlError), refused
+    assert "already runs with the state directory" in str(refused)
+    await asyncio.wait_for(entered.wait(), 10)
+    release.set()  # the one that runs stops
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    entered.clear()
+    # the first one to leave lets the next start
+    release.clear()
+    task = asyncio.create_task(start())
+    await asyncio.wait_for(entered.wait(), 10)
+    release.set()
+    await asyncio.wait_for(task, 10)
