@@ -27,7 +27,10 @@ every wait is bounded. A DICOM failure from the PACS is reported, never resumed.
 
 Stopping drains (`drain(grace)`, from the workstation's shutdown while its session still
 carries streams): new associations are refused at once, the requests already received
-run to their last response within the grace, and only what is left is aborted.
+run to their last response within the grace, and only what is left is aborted: each
+operation still running is answered with a failure first, and its viewer, like one
+answered during the drain, has a moment to release its association before the
+associations still open are aborted (see `stop`).
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ _REQUESTS: Final = frozenset({0x0001, 0x0010, 0x0020, 0x0021, 0x0030})
 _RESPONSE: Final = 0x8000
 _PENDING: Final = frozenset({0xFF00, 0xFF01})
 _DRAIN_POLL: Final = 0.05  # how often a drain looks whether the operations are done
+# When stopping, how long operations cut short have to send their final (failure)
+# response, and how long after its last answer a viewer has to release its association,
+# before what is still open is aborted (see DicomNode.stop).
+_LEAVE: Final = 1.0
+_STOP_POLL: Final = 0.01
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
@@ -185,6 +193,11 @@ class DicomNode:
         # The viewers' requests not yet finally answered, per association (for drain()):
         # from pynetdicom's receipt of the request to its sending of the last response.
         self._requests: dict[Any, set[int]] = {}
+        # When each association's last request was finally answered (time.monotonic()),
+        # and when the drain began: who stop() gives a moment to release.
+        self._answered: dict[Any, float] = {}
+        self._draining_since: float | None = None
+        self._stopping = False  # a request that comes now is answered with a failure
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -204,6 +217,8 @@ class DicomNode:
     async def start(self) -> None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._draining_since = None
         contexts.check_uids_once()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
@@ -241,6 +256,8 @@ class DicomNode:
         a retrieval may need to resume, a viewer to send its next request."""
         server = self._server if self._listening else None
         self._listening = False
+        if self._draining_since is None:
+            self._draining_since = time.monotonic()
         if server is not None:
             await asyncio.to_thread(server.shutdown)  # the listener; associations stay
         loop = asyncio.get_running_loop()
@@ -256,20 +273,65 @@ class DicomNode:
     def requests_open(self) -> int:
         """Viewers' requests received and not yet finally answered."""
         with self._sessions_lock:
-            for assoc in [a for a in self._requests if not a.is_established]:
-                del self._requests[assoc]
+            self._forget_ended()
             return sum(len(ids) for ids in self._requests.values())
 
+    def _forget_ended(self) -> None:
+        """(With `_sessions_lock` held.) Drop the associations that are over."""
+        for assoc in [a for a in self._requests if not a.is_established]:
+            del self._requests[assoc]
+            self._answered.pop(assoc, None)
+
     async def stop(self) -> None:
-        """Abort every operation and association now (drain() first waits for them)."""
+        """End every operation now, then every association (drain() first waits for the
+        operations).
+
+        The operations still running are cut short and answered with a failure; the
+        associations are aborted only once those answers are sent and their viewers have
+        had `_LEAVE` seconds after their last answer to release, as a viewer does after
+        its answer: an A-ABORT sent with (or just after) an answer collides with the
+        viewer's A-RELEASE-RQ, and pynetdicom's SCU then waits its whole ACSE timeout for
+        a release reply that never comes (its reactor takes the A-ABORT that its
+        release() waits for). A viewer idle since before the drain is aborted at once, an
+        operation that does not answer within `_LEAVE` too.
+        """
+        self._stopping = True
+        started = time.monotonic()
+        since = started if self._draining_since is None else self._draining_since
+        self._abort_sessions()
+        if self._ae is None:
+            return
+        while self._leaving(since, started):  # noqa: ASYNC110 (pynetdicom's threads)
+            await asyncio.sleep(_STOP_POLL)
+        self._abort_sessions()
+        ae, self._ae = self._ae, None
+        self._server = None
+        await asyncio.to_thread(ae.shutdown)
+
+    def _abort_sessions(self) -> None:
         with self._sessions_lock:
             sessions = list(self._sessions)
         for s in sessions:
             s.abort_now()
-        if self._ae is not None:
-            await asyncio.to_thread(self._ae.shutdown)
-            self._ae = None
-            self._server = None
+
+    def _leaving(self, since: float, started: float) -> bool:
+        """Whether stop() still waits: for an operation to send its final answer (until
+        `_LEAVE` after `started`), or for a viewer answered since `since` to release
+        (until `_LEAVE` after that answer, at most `2 * _LEAVE` after `started`)."""
+        now = time.monotonic()
+        with self._sessions_lock:
+            self._forget_ended()
+            for assoc, ids in self._requests.items():
+                if ids:
+                    if now < started + _LEAVE:
+                        return True
+                    continue
+                answered = self._answered.get(assoc)
+                if answered is None or answered < since:
+                    continue  # idle since before the drain: aborted at once
+                if now < min(answered + _LEAVE, started + 2 * _LEAVE):
+                    return True
+        return False
 
     async def __aenter__(self) -> DicomNode:
         await self.start()
@@ -298,7 +360,10 @@ class DicomNode:
         )
         with self._sessions_lock:
             self._sessions.add(session)
-        session.start()
+        if self._stopping:  # answered at once with a failure; no stream is opened
+            session.abort_now()
+        else:
+            session.start()
         return session
 
     def _unary(self, request: Request) -> FinalResponse:
@@ -340,11 +405,13 @@ class DicomNode:
             ids = self._requests.get(event.assoc)
             if ids is not None:
                 ids.discard(int(command.MessageIDBeingRespondedTo))
+                self._answered[event.assoc] = time.monotonic()
 
     def _ended(self, event: Any) -> None:
         """A viewer's association ended: nothing more to answer on it; wake its handlers."""
         with self._sessions_lock:
             self._requests.pop(event.assoc, None)
+            self._answered.pop(event.assoc, None)
         self._wake(event)
 
     def _wake(self, event: Any) -> None:

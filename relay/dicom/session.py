@@ -202,7 +202,8 @@ class Session:
             log.exception("DICOM session failed")
             reason = SessionEnded(st.LINK_LOST, f"relay error: {_why(exc)}")
         finally:
-            self._end = reason
+            if self._end is None:  # abort_now() may have said why first
+                self._end = reason
             self.inbox.close("stream ended")
 
     async def _write(self, stream: ByteStream, msg: Message) -> None:
@@ -309,8 +310,11 @@ class Session:
             asyncio.run_coroutine_threadsafe(self._finish(clean), self.loop)
 
     def abort_now(self) -> None:
-        """From the loop (node shutdown): reset at once."""
+        """From the loop, or from any thread before `start()` (node shutdown): reset at
+        once; the handler's wait ends with a failure that says why."""
         self._closed = True
+        if self._end is None:
+            self._end = SessionEnded(st.LINK_LOST, "the workstation is stopping")
         if self._stream is not None:
             self._stream.reset(RESET_CANCEL)
         self.inbox.abort("node stopping")
