@@ -97,10 +97,12 @@ def decode_dataset(data: bytes, transfer_syntax: str, *, max_inflated: int = 1 <
 
 
 def inflate(data: bytes, limit: int) -> bytes:
+    """The inflated bytes of a deflated dataset; InflatedTooLarge past `limit` bytes (a
+    small body may inflate a thousandfold: the limit bounds memory and time)."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     out = d.decompress(data, limit)
-    if d.unconsumed_tail:
-        raise MalformedDataset(f"deflated dataset larger than {limit} bytes")
+    if d.unconsumed_tail or (len(out) >= limit and not d.eof and d.decompress(b"", 1)):
+        raise InflatedTooLarge(f"deflated dataset larger than {limit} bytes")
     return out
 
 
@@ -133,6 +135,10 @@ def install() -> None:
 
 class MalformedDataset(ValueError):
     """Encoded bytes that are not a well-formed DICOM dataset."""
+
+
+class InflatedTooLarge(MalformedDataset):
+    """A deflated dataset that inflates past the caller's limit."""
 
 
 _LONG_VRS: Final = frozenset(
@@ -285,14 +291,27 @@ def check_dataset(
     return walker.captured
 
 
-def check_instance(data: bytes, transfer_syntax: str, sop_class: str, sop_instance: str) -> None:
-    """check_dataset, and the dataset's own SOP UIDs agree with the DIMSE command's."""
-    seen = check_dataset(data, transfer_syntax)
+def check_instance(
+    data: bytes,
+    transfer_syntax: str,
+    sop_class: str,
+    sop_instance: str,
+    *,
+    max_inflated: int = 1 << 30,
+    capture: Mapping[int, str] = _CAPTURE,
+) -> dict[str, str]:
+    """check_dataset, and the dataset's own SOP UIDs agree with the DIMSE command's.
+
+    Returns what check_dataset captured: `capture` may name more top-level elements than
+    the SOP UIDs (which it must keep as "sop_class" and "sop_instance"), so a caller that
+    needs one more value (STOW-RS: the study) does not decode (or inflate) the data again."""
+    seen = check_dataset(data, transfer_syntax, max_inflated=max_inflated, capture=capture)
     for key, expected in (("sop_class", sop_class), ("sop_instance", sop_instance)):
         got = seen.get(key)
         if got is not None and got != expected:
             # Not the UIDs: they identify a patient's images, and this text reaches logs.
             raise MalformedDataset(f"dataset {key} differs from the command's")
+    return seen
 
 
 def encode_dataset(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:

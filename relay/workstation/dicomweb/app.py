@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader, MultipartReader
 from pydicom.dataset import Dataset
 
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "/dicom-web"
 DICOM_JSON: Final = "application/dicom+json"
 MAX_STOW_PARTS: Final = 10_000
+# STOW-RS parts checked at once (in threads): each may inflate a deflated dataset up to
+# max_upload bytes, so this bounds that memory; the other requests keep a core.
+STOW_CHECKS: Final = 2
+STOW_WRONG_STUDY: Final = 0xA900  # FailureReason: not of the study in the URL (PS3.18)
+# What the STOW check reads from each dataset's top level (rawds.check_instance).
+_STOW_CAPTURE: Final = {0x00080016: "sop_class", 0x00080018: "sop_instance",
+                        0x0020000D: "study"}  # fmt: skip
 KEY_SERVICE: Final = web.AppKey("dicomweb", object)
 ExtraRoutes = Callable[[web.Application], None]
 
@@ -66,6 +74,7 @@ class DicomwebService:
     frames_whole: int = 0  # bare codestreams answered whole (no Range)
     frame_ranges_refused: int = 0  # 416
     headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
+    stow_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STOW_CHECKS))
 
 
 # -- middlewares ------------------------------------------------------------------------
@@ -645,6 +654,47 @@ async def _read_part(part: BodyPartReader, budget: list[int]) -> bytes:
     return bytes(out)
 
 
+def _check_stow_part(
+    dataset: bytes, ts: str, sop_class: str, sop_instance: str, *, study: str | None, limit: int
+) -> int | None:
+    """None if the part may be stored, else its FailureReason (PS3.18 10.5.3.1): one walk
+    of the dataset (a deflated one inflated once, within `limit`) checks its structure and
+    SOP UIDs and finds its study. CPU-bound: run in a thread."""
+    try:
+        seen = rawds.check_instance(dataset, ts, sop_class, sop_instance,
+                                    max_inflated=limit, capture=_STOW_CAPTURE)  # fmt: skip
+    except rawds.InflatedTooLarge:
+        return st.STORE_OUT_OF_RESOURCES
+    except Exception:
+        return st.STORE_CANNOT_UNDERSTAND
+    if study is not None and seen.get("study", "") != study:
+        return STOW_WRONG_STUDY
+    return None
+
+
+async def _check_part(
+    service: DicomwebService,
+    dataset: bytes,
+    ts: str,
+    sop_class: str,
+    sop_instance: str,
+    *,
+    study: str | None,
+) -> int | None:
+    """_check_stow_part off the event loop, at most STOW_CHECKS at once (each may inflate
+    up to max_upload bytes)."""
+    async with service.stow_checks:
+        return await asyncio.to_thread(_check_stow_part, dataset, ts, sop_class, sop_instance,
+                                       study=study, limit=service.max_upload)  # fmt: skip
+
+
+def _short(exc: Exception) -> str:
+    """An exception's text for an answer: one line, at most 200 characters (aiohttp's
+    header errors quote the offending line)."""
+    text = str(exc).replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _stow_item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
     ds = Dataset()
     ds.ReferencedSOPClassUID = sop_class
@@ -713,16 +763,9 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
             sop_class, sop_instance = meta[0x00020002], meta[0x00020003]
             ts = meta[0x00020010]
             dataset = data[offset:]
-            try:
-                rawds.check_instance(dataset, ts, sop_class, sop_instance)
-                if study is not None:
-                    got = str(rawds.decode_dataset(dataset, ts).get("StudyInstanceUID", ""))
-                    if got != study:
-                        failed.append(_stow_item(sop_class, sop_instance, FailureReason=0xA900))
-                        continue
-            except Exception:
-                failed.append(_stow_item(sop_class, sop_instance,
-                                         FailureReason=st.STORE_CANNOT_UNDERSTAND))  # fmt: skip
+            refused = await _check_part(service, dataset, ts, sop_class, sop_instance, study=study)
+            if refused is not None:
+                failed.append(_stow_item(sop_class, sop_instance, FailureReason=refused))
                 continue
             try:
                 final = await service.source.store(sop_class, sop_instance, ts, dataset)
@@ -744,8 +787,9 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
     except _TooLarge:
         too_large = f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)"
         return refuse_rest(413, too_large, st.STORE_OUT_OF_RESOURCES)
-    except ValueError as exc:
-        return refuse_rest(400, f"malformed multipart body: {exc}", st.STORE_CANNOT_UNDERSTAND)
+    except (ValueError, HttpProcessingError) as exc:  # aiohttp's part header parser: the latter
+        return refuse_rest(400, f"malformed multipart body: {_short(exc)}",
+                           st.STORE_CANNOT_UNDERSTAND)  # fmt: skip
     if not referenced and not failed:
         return _text(400, "no instances in the request")
     if not referenced and failed and len(upstream) == len(failed):
