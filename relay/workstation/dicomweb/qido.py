@@ -13,6 +13,7 @@ Every refusal is a `QueryError` naming the parameter (the HTTP layer answers 400
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Final
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+
+from relay.dicom import rawds
 
 __all__ = [
     "LEVEL_KEYS",
@@ -63,6 +66,28 @@ ALL_EXTRA: Final = {
 _TAG_RE: Final = re.compile(r"[0-9A-Fa-f]{8}")
 _UID_RE: Final = re.compile(r"[0-9.]{1,64}")
 _DATE_RE: Final = re.compile(r"(\d{8})?-?(\d{8})?")
+# VRs of bulk data: never a matching key nor a return key (a C-FIND has none)
+_BULK_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_INT_RANGES: Final = {
+    "US": (0, 0xFFFF), "SS": (-0x8000, 0x7FFF), "UL": (0, 0xFFFFFFFF),
+    "SL": (-0x80000000, 0x7FFFFFFF), "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1),
+}  # fmt: skip
+_BINARY_NUMBERS: Final = frozenset({*_INT_RANGES, "FL", "FD"})
+_TM: Final = r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"
+_DT: Final = r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"
+# Text VRs with a fixed form (PS3.5 table 6.2-1): the form, and how a refusal names it.
+# Dates, times and datetimes may be ranges (PS3.4 C.2.2.2.5); wildcards are for text.
+_TEXT_FORMS: Final = {
+    "DA": (re.compile(r"\d{8}|\d{8}-(\d{8})?|-\d{8}"),
+           "a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD"),
+    "TM": (re.compile(rf"{_TM}|{_TM}-({_TM})?|-{_TM}"), "a time HHMMSS[.F] or a range"),
+    "DT": (re.compile(rf"{_DT}|{_DT}-({_DT})?|-{_DT}"),
+           "a datetime YYYYMMDDHHMMSS[.F][+ZZZZ] or a range"),
+    "AS": (re.compile(r"\d{3}[DWMY]"), "an age such as 045Y"),
+    "IS": (re.compile(r" *[+-]?\d{1,11} *"), "a whole number (IS)"),
+    "DS": (re.compile(r" *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)? *"), "a decimal number (DS)"),
+}  # fmt: skip
+MatchValue = str | int | float | None
 
 
 class QueryError(ValueError):
@@ -88,17 +113,26 @@ class Query:
 
 
 def _keyword(param: str) -> str:
-    """An attribute keyword from a parameter name (a keyword or 8 hex digits)."""
+    """An attribute keyword from a parameter name (a keyword or 8 hex digits) that names
+    an attribute a C-FIND identifier can carry (no bulk data: its VR is not binary)."""
     if _TAG_RE.fullmatch(param):
         keyword = keyword_for_tag(Tag(int(param, 16)))
-        if not keyword:
+        if not keyword or tag_for_keyword(keyword) is None:  # repeating groups: no keyword
             raise QueryError(param, "unknown attribute tag")
-        return str(keyword)
-    if "." in param:
+    elif "." in param:
         raise QueryError(param, "sequence matching is not supported")
-    if tag_for_keyword(param) is None:
+    elif tag_for_keyword(param) is None:
         raise QueryError(param, "unknown attribute keyword")
-    return param
+    else:
+        keyword = param
+    if _vrs(keyword) & _BULK_VRS:
+        raise QueryError(param, "bulk data (a binary VR) cannot be queried or returned")
+    return str(keyword)
+
+
+def _vrs(keyword: str) -> set[str]:
+    """The attribute's possible VRs ("US or SS" is two)."""
+    return set(dictionary_VR(keyword).split(" or "))
 
 
 def _int(param: str, value: str, hi: int) -> int:
@@ -110,21 +144,54 @@ def _int(param: str, value: str, hi: int) -> int:
     return n
 
 
-def _check_value(param: str, keyword: str, value: str) -> str:
-    vr = dictionary_VR(keyword)
+def _check_value(param: str, keyword: str, value: str) -> MatchValue:
+    """The matching value for the identifier, checked against the attribute's VR as
+    PS3.4 C.2.2.2 matches it (PS3.18 8.3.4.1): UID lists; date, time and datetime ranges;
+    wildcards only in text VRs; numbers for the numeric VRs. Empty: universal matching."""
+    if "\x00" in value or any(ord(c) < 0x20 for c in value):
+        raise QueryError(param, "control characters are not allowed")
+    vrs = _vrs(keyword)
+    vr = next(iter(vrs))
+    if vr == "SQ":
+        raise QueryError(param, "sequence matching is not supported")
+    if vr == "AT":
+        raise QueryError(param, "matching on an attribute tag value is not supported")
     if vr == "UI":
         uids = [u.strip() for u in value.replace("\\", ",").split(",")]
         for uid in uids:
             if not _UID_RE.fullmatch(uid):
                 raise QueryError(param, "expected UIDs (digits and dots) separated by commas")
         return "\\".join(uids)
-    if vr == "DA" and value not in ("", "*"):
-        m = _DATE_RE.fullmatch(value)
-        if m is None or not (m.group(1) or m.group(2)):
-            raise QueryError(param, "expected a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
-    if "\x00" in value or any(ord(c) < 0x20 for c in value):
-        raise QueryError(param, "control characters are not allowed")
+    if vrs <= _BINARY_NUMBERS:
+        return _binary_number(param, vrs, value)
+    if vr == "DA" and value in ("", "*"):
+        return value
+    pattern = _TEXT_FORMS.get(vr)
+    if pattern is not None and value and not pattern[0].fullmatch(value):
+        raise QueryError(param, f"expected {pattern[1]}, got {value[:40]!r}")
     return value
+
+
+def _binary_number(param: str, vrs: set[str], value: str) -> int | float | None:
+    """A US/SS/UL/SL/UV/SV (whole) or FL/FD value, within its VR's range; None for ""."""
+    if not value:
+        return None
+    if vrs <= {"FL", "FD"}:
+        try:
+            number = float(value)
+        except ValueError:
+            raise QueryError(param, f"expected a number, got {value[:40]!r}") from None
+        if not math.isfinite(number):
+            raise QueryError(param, "expected a finite number")
+        return number
+    if not re.fullmatch(r"[+-]?\d{1,20}", value):
+        raise QueryError(param, f"expected a whole number, got {value[:40]!r}")
+    whole = int(value)
+    lo = min(_INT_RANGES[v][0] for v in vrs)
+    hi = max(_INT_RANGES[v][1] for v in vrs)
+    if not lo <= whole <= hi:
+        raise QueryError(param, f"must be between {lo} and {hi}")
+    return whole
 
 
 def _field_keywords(param: str, value: str) -> list[str]:
@@ -150,7 +217,7 @@ def parse_query(
         wanted += STUDY_KEYS  # /series and /instances: say which study
     if level == "IMAGE" and "SeriesInstanceUID" not in uids:
         wanted += SERIES_KEYS
-    matching: dict[str, str] = {}
+    matching: dict[str, MatchValue] = {}
     for seen, (param, value) in enumerate(params, 1):
         if seen > MAX_PARAMS:
             raise QueryError(param, f"more than {MAX_PARAMS} query parameters")
@@ -190,6 +257,19 @@ def parse_query(
     for keyword in dict.fromkeys(wanted):
         if keyword not in matching and keyword != "QueryRetrieveLevel":
             setattr(identifier, keyword, None if dictionary_VR(keyword) != "SQ" else [])
-    for keyword, value in matching.items():
-        setattr(identifier, keyword, value)
+    for keyword, match in matching.items():
+        setattr(identifier, keyword, match)
+        if isinstance(match, int) and _vrs(keyword) == {"US", "SS"}:
+            identifier[keyword].VR = "SS" if match < 0 else "US"  # pydicom's default: US
+    _check_encodes(identifier)
     return query
+
+
+def _check_encodes(identifier: Dataset) -> None:
+    """A backstop behind the VR checks: an identifier that cannot be encoded is the
+    client's bad query (400), not a failure later on the way to the agent."""
+    try:
+        rawds.encode_dataset(identifier)
+    except Exception as exc:
+        raise QueryError("query", f"cannot be sent as a C-FIND identifier "
+                                  f"({type(exc).__name__})") from None  # fmt: skip

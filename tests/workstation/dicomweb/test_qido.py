@@ -93,3 +93,49 @@ def test_a_parameter_contradicting_the_path_is_refused() -> None:
     with pytest.raises(QueryError) as info:
         parse_query("SERIES", [("StudyInstanceUID", "1.3")], {"StudyInstanceUID": "1.2"})
     assert info.value.param == "StudyInstanceUID"
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ([("Rows", "abc")], "Rows"),
+        ([("Rows", "70000")], "Rows"),
+        ([("00280010", "abc")], "00280010"),
+        ([("NumberOfFrames", "x")], "NumberOfFrames"),
+        ([("SeriesNumber", "zz")], "SeriesNumber"),
+        ([("SliceThickness", "thick")], "SliceThickness"),
+        ([("StudyTime", "noon")], "StudyTime"),
+        ([("AcquisitionDateTime", "2024-01")], "AcquisitionDateTime"),
+        ([("PatientAge", "45")], "PatientAge"),
+        ([("SmallestImagePixelValue", "-70000")], "SmallestImagePixelValue"),
+        ([("ReferencedSeriesSequence", "x")], "ReferencedSeriesSequence"),
+        ([("PixelData", "abc")], "PixelData"),
+        ([("7FE00010", "abc")], "7FE00010"),
+        ([("includefield", "PixelData")], "PixelData"),
+        ([("60003000", "x")], "60003000"),
+        ([("FrameIncrementPointer", "00181063")], "FrameIncrementPointer"),
+    ],
+)
+def test_values_that_do_not_fit_their_vr_are_refused(
+    params: list[tuple[str, str]], named: str
+) -> None:
+    """PS3.18 8.3.4.1: each matching value in its VR's form; no sequence or bulk data
+    matching; no bulk data returned (else the identifier fails to encode later: 500)."""
+    with pytest.raises(QueryError) as info:
+        parse_query("IMAGE", params, {})
+    assert named in info.value.param
+
+
+def test_values_in_their_vr_form_make_an_identifier_that_encodes() -> None:
+    q = parse_query(
+        "IMAGE",
+        [("Rows", "512"), ("SmallestImagePixelValue", "-5"), ("SeriesNumber", "3"),
+         ("SliceThickness", "1.25"), ("StudyTime", "0800-1200"), ("PatientAge", "045Y"),
+         ("AcquisitionDateTime", "20240101120000-"), ("StudyDate", "-20240131"),
+         ("PatientName", "DO?E*"), ("Columns", ""), ("includefield", "ReferencedSeriesSequence")],
+        {},
+    )  # fmt: skip
+    ds = q.identifier
+    assert ds.Rows == 512 and ds.SmallestImagePixelValue == -5 and ds.Columns is None
+    assert ds.StudyTime == "0800-1200" and ds.ReferencedSeriesSequence == []
+    rawds.encode_dataset(ds)
