@@ -140,6 +140,9 @@ def _service(request: web.Request) -> DicomwebService:
 
 
 def _upstream(exc: UpstreamError) -> web.Response:
+    """The answer to a failed operation: its reason goes to the client (the local viewer)
+    but never to a log: it may quote the PACS's ErrorComment, which may name a patient.
+    Log `exc.http_status` and a fixed text instead."""
     return _text(exc.http_status, exc.reason)
 
 
@@ -285,9 +288,9 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
                 item = await _first(it)
             except UpstreamError as exc:
                 # Nothing half-received is served as complete: no closing delimiter.
-                log.warning("retrieval failed mid-answer: %s", exc.reason)
+                log.warning("retrieval failed mid-answer (%d)", exc.http_status)  # _upstream
                 response.force_close()
-                raise ConnectionResetError(exc.reason) from None
+                raise ConnectionResetError("failed mid-answer") from None  # no reason: logged
         await response.write(media.closing(boundary))
         await response.write_eof()
         return response
@@ -370,9 +373,9 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
         except UpstreamError as exc:
             if response is None:
                 return _upstream(exc)
-            log.warning("metadata failed mid-answer: %s", exc.reason)
+            log.warning("metadata failed mid-answer (%d)", exc.http_status)  # _upstream
             response.force_close()
-            raise ConnectionResetError(exc.reason) from None
+            raise ConnectionResetError("failed mid-answer") from None  # no reason: logged
         if response is None:
             return _text(404, f"no such {_what(series, sop)}")
         await response.write(b"]")

@@ -187,7 +187,8 @@ class HeadFirst:
         except _Stop as exc:
             reason = str(exc)
         except UpstreamError as exc:
-            reason = exc.reason
+            # The reason may quote the PACS's ErrorComment (patient data): not logged.
+            reason = f"the retrieval failed ({exc.http_status})"
         except Exception as exc:
             reason = f"failed: {type(exc).__name__}"
         if not reason and not counts_match(outcome[0] if outcome else None, len(hs.items)):
