@@ -2,9 +2,13 @@
 retrieve of only what is missing (a `Skip` of what the cache already holds).
 
 A study is marked complete only when the PACS's final status is a success, no
-sub-operation failed, and the cache holds at least as many instances as the PACS counts.
-A write that fails (a full disk, the size cap) abandons the study: it is dropped, with
-one log line, and the viewer's requests for it go to the network.
+sub-operation failed, and a count of the PACS's says everything came: the cache holds (new
+or skipped as held already) at least the instances the final response counts completed,
+and at least the C-FIND's NumberOfStudyRelatedInstances. Both counts are optional in
+DICOM; a study for which the PACS gives neither is kept incomplete (fetched again, served
+through the agent), never taken as whole. An instance of another study (a PACS that adds
+one) is not cached. A write that fails (a full disk, the size cap) abandons the study: it
+is dropped, with one log line, and the viewer's requests for it go to the network.
 """
 
 from __future__ import annotations
@@ -135,11 +139,12 @@ class StudyFetcher:
             self.store.finish(study_uid, complete=True)
             return FetchResult(study.label, len(have), 0, time.monotonic() - started, True)
         try:
-            new_bytes, ok = await self._retrieve(study_uid, have)
+            new_bytes, final = await self._retrieve(study_uid, have)
         except BaseException:
             self.store.finish(study_uid, complete=False)
             raise
-        self.store.finish(study_uid, complete=ok)
+        ok = final.status == st.SUCCESS and not final.failed
+        self.store.finish(study_uid, complete=ok, counted=final.completed)
         study = self.store.study(study_uid) or study
         result = FetchResult(study.label, len(study.instances), new_bytes,
                              time.monotonic() - started, study.complete)  # fmt: skip
@@ -150,7 +155,9 @@ class StudyFetcher:
         )  # fmt: skip
         return result
 
-    async def _retrieve(self, study_uid: str, have: tuple[str, ...]) -> tuple[int, bool]:
+    async def _retrieve(self, study_uid: str, have: tuple[str, ...]) -> tuple[int, FinalResponse]:
+        """The new bytes cached and the retrieve's final response (CacheStore.finish
+        weighs its counts against the instances held)."""
         ident = Dataset()
         ident.QueryRetrieveLevel = "STUDY"
         ident.StudyInstanceUID = study_uid
@@ -178,13 +185,17 @@ class StudyFetcher:
                     new_bytes += await self._store(study_uid, msg)
                 elif isinstance(msg, FinalResponse):
                     done = True
-                    ok = msg.status == st.SUCCESS and not msg.failed
-                    return new_bytes, ok
+                    return new_bytes, msg
         finally:
             await end_stream(stream, done)
 
     async def _store(self, study_uid: str, msg: Instance) -> int:
-        series, series_attrs = _series_of(msg)
+        study_of, series, series_attrs = await asyncio.to_thread(_series_of, msg)
+        if study_of != study_uid:
+            study = self.store.study(study_uid)
+            log.warning("prefetch of %s: the PACS sent an instance of another study; "
+                        "not cached", study.label if study else "a study")  # fmt: skip
+            return 0
         inst = CachedInstance(msg.sop_class, msg.sop_instance, series, msg.transfer_syntax, 0)
         try:
             await asyncio.to_thread(self.store.put, study_uid, inst, bytes(msg.dataset))
@@ -199,7 +210,8 @@ class StudyFetcher:
         return len(msg.dataset)
 
 
-def _series_of(msg: Instance) -> tuple[str, dict[str, str]]:
+def _series_of(msg: Instance) -> tuple[str, str, dict[str, str]]:
+    """The instance's own Study and Series Instance UIDs, and its series attributes."""
     ds = rawds.decode_dataset(bytes(msg.dataset), msg.transfer_syntax)
     attrs = {k: _text(ds.get(k)) for k in SERIES_KEYS}
-    return str(ds.get("SeriesInstanceUID", "")), attrs
+    return str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), attrs

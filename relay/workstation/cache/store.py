@@ -13,9 +13,10 @@ was cached; `purge_expired()` removes older ones. Damage (a file that does not
 authenticate, is missing, or a write that fails, e.g. a full disk) drops that entry with
 one log line; the study is then incomplete and is not served from the cache.
 
-A study is complete when the prefetcher filled it (`finish`). A series can be complete on
-its own (`finish_series`, the DICOMweb server writing a browser's retrieval through): then
-that series is served from the cache even while its study is incomplete.
+A study is complete when the prefetcher filled it (`finish`) and a count of the PACS's
+(the C-FIND's, the retrieve's final response's) vouches for what is here. A series can be
+complete on its own (`finish_series`, the DICOMweb server writing a browser's retrieval
+through): then that series is served from the cache even while its study is incomplete.
 
 Removing a file can fail while another program holds it open (Windows: a read being
 served, a prefetch's write, a virus scanner). A wipe then goes on: the index goes first
@@ -306,15 +307,18 @@ class CacheStore:
         self._save_index()
         return True
 
-    def finish(self, uid: str, *, complete: bool) -> None:
+    def finish(self, uid: str, *, complete: bool, counted: int | None = None) -> None:
+        """The fill is over; the study is complete when `complete` (the retrieve ended in
+        success, none failed) and a count of the PACS's is reached: `counted` (its final
+        response's completed sub-operations) and the C-FIND's `expected`, whichever were
+        given, at least one of them. Neither given: incomplete, whatever came."""
         with self._lock:
             study = self.studies.get(uid)
             if study is None:
                 return
             study.filling = False
-            study.complete = complete and (
-                study.expected is None or len(study.instances) >= study.expected
-            )
+            counts = [n for n in (study.expected, counted) if n is not None]
+            study.complete = complete and bool(counts) and len(study.instances) >= max(1, *counts)
         self._save_index()
 
     def states(self) -> dict[str, int]:
