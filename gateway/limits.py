@@ -7,9 +7,10 @@ connections that have not finished the TLS handshake. `DeviceLedger` and `Source
 count; the server, router and splice ask them before they admit, and each refusal is
 counted in `relay_limit_hits_total{limit=...}` (the `hit` callback).
 
-Sessions are also opened at a bounded rate per device (a token bucket, kept while the
-device holds a link): a device that opens and resets sessions in a loop (HTTP/2's rapid
-reset) would cost its agent a TLS handshake each.
+Sessions are also opened at a bounded rate per device (a token bucket): a device that
+opens and resets sessions in a loop (HTTP/2's rapid reset) would cost its agent a TLS
+handshake each. The buckets outlive the device's links (a reconnect must not refill
+them), in a table of their own bounded by OPEN_BUCKETS.
 
 An agent link's streams are shared fairly: a device may take another stream on an agent
 link only while more than `agent_reserve` of that link's streams are free, unless it has
@@ -24,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from relay.ops.ratelimit import RateLimiter
 from relay.proto.settings import FieldError, format_size
 
 __all__ = [
     "LIMITS",
+    "OPEN_BUCKETS",
     "SESSION_OPENS_PER_SECOND",
     "SESSION_OPEN_BURST",
     "DeviceLedger",
@@ -56,6 +59,13 @@ MiB: Final = 1024 * 1024
 #: no honest device comes near it.
 SESSION_OPENS_PER_SECOND: Final = 1.0
 SESSION_OPEN_BURST: Final = 64
+
+#: Devices whose session-open buckets are remembered, least recently used forgotten first.
+#: A bucket is kept after the device's last link is gone (else each reconnect would bring
+#: a fresh burst); an empty one is full again SESSION_OPEN_BURST / SESSION_OPENS_PER_SECOND
+#: (64 s) after its last use, so forgetting one early takes this many other devices
+#: opening sessions within that time. An entry, its key included, is about 300 bytes: 3 MB.
+OPEN_BUCKETS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,21 +109,25 @@ class DeviceUsage:
     streams: int = 0
     buffered: int = 0
     by_agent: dict[object, int] = field(default_factory=dict)  # agent link -> streams
-    opens: float = SESSION_OPEN_BURST  # session opens left (a token bucket) ...
-    opens_at: float | None = None  # ... as of this time
 
 
 class DeviceLedger:
     """Links, streams and queued bytes per device identity (its SPIFFE ID).
 
     An entry lives while the device holds a link or a stream, so the table is bounded by
-    the gateway's `max_links` times `per_device.streams` at worst.
+    the gateway's `max_links` times `per_device.streams` at worst. The session-open
+    buckets are kept apart, longer (`open_buckets` devices at most).
     """
 
-    def __init__(self, limits: DeviceLimits, hit: Callable[[str], None]) -> None:
+    def __init__(
+        self, limits: DeviceLimits, hit: Callable[[str], None], open_buckets: int = OPEN_BUCKETS
+    ) -> None:
         self.limits = limits
         self._hit = hit
         self._devices: dict[str, DeviceUsage] = {}
+        self._opens = RateLimiter(
+            rate=SESSION_OPENS_PER_SECOND, burst=SESSION_OPEN_BURST, max_keys=open_buckets
+        )
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -151,20 +165,17 @@ class DeviceLedger:
 
     def spend_open(self, device: str, now: float) -> bool:
         """Take one of `device`'s session opens, or False (counted) if it has none left:
-        SESSION_OPEN_BURST, refilled at SESSION_OPENS_PER_SECOND. `now` is the caller's
-        clock (monotonic seconds)."""
-        usage = self.usage(device)
-        if usage.opens_at is not None:
-            refill = max(0.0, now - usage.opens_at) * SESSION_OPENS_PER_SECOND
-            usage.opens = min(float(SESSION_OPEN_BURST), usage.opens + refill)
-        usage.opens_at = now
-        allowed = usage.opens >= 1.0
-        if allowed:
-            usage.opens -= 1.0
-        else:
+        SESSION_OPEN_BURST, refilled at SESSION_OPENS_PER_SECOND, whatever its links did
+        meanwhile. `now` is the caller's clock (monotonic seconds)."""
+        allowed = self._opens.allow(device, now)
+        if not allowed:
             self._hit("device_opens")
-        self._forget_if_idle(device)
         return allowed
+
+    @property
+    def open_buckets(self) -> int:
+        """Devices whose session-open buckets are remembered now."""
+        return len(self._opens)
 
     def stream_refusal(self, device: str, agent: object, free: int) -> str | None:
         """Why `device` may not open one more stream on `agent`, which has `free` stream

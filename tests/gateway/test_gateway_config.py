@@ -196,4 +196,5 @@ def test_gateway_config_imports_no_dicom_or_compression_code() -> None:
     proto += ["relay.proto.mux", "relay.proto.priority", "relay.proto.settings"]
     expected = ["gateway", "gateway.config", "relay", "relay.ops", "relay.ops.config", *proto]
     expected.append("gateway.limits")  # per_device:, per_source: (no I/O)
+    expected.append("relay.ops.ratelimit")  # gateway.limits' session-open buckets (no I/O)
     assert out[1] == str(sorted(expected))

@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from gateway.lifecycle import reload
-from gateway.limits import DeviceLimits, SourceLimits
+from gateway.limits import (
+    SESSION_OPEN_BURST,
+    SESSION_OPENS_PER_SECOND,
+    DeviceLimits,
+    SourceLimits,
+)
 from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
@@ -160,6 +165,47 @@ async def test_streams_per_device_refuse_that_device_only(tmp_path: Path) -> Non
         polite.close()
         agent.close()
         await until(lambda: len(world.server.devices) == 0, "ledger emptied")
+
+
+async def test_a_reconnect_brings_no_new_burst_of_session_opens(tmp_path: Path) -> None:
+    """A device spends its burst of session opens, drops its link (the gateway then holds
+    nothing of it) and links again: its next opens are still refused, at the refill rate;
+    another device opens as usual."""
+    limits = DeviceLimits(streams=SESSION_OPEN_BURST + 8)  # the burst held open at once
+    async with start_world(tmp_path, per_device=limits) as world:
+        loop = asyncio.get_running_loop()
+        agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
+        await wait_for_agents(world, "main")
+        greedy = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
+        burst = [greedy.open_stream({"target": "session"}) for _ in range(SESSION_OPEN_BURST)]
+        await until(
+            lambda: world.server.devices.usage(pair_uri(world)).streams == SESSION_OPEN_BURST,
+            "the burst routed",
+        )
+        spent_at = loop.time()
+        greedy.close()
+        await until(lambda: len(world.server.devices) == 0, "the device forgotten")
+        again = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
+        outcomes = [await open_outcome(again) for _ in range(3)]
+        elapsed = loop.time() - spent_at
+        assert outcomes.count("routed") <= 1 + int(elapsed * SESSION_OPENS_PER_SECOND)
+        assert hits(world, "device_opens") == outcomes.count("refused") >= 1
+        polite = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
+        assert await asyncio.wait_for(roundtrip(polite, b"ok"), WAIT) == b"ok"
+        assert len(burst) == SESSION_OPEN_BURST
+        for link in (again, polite, agent):
+            link.close()
+
+
+async def open_outcome(device: Link) -> str:
+    """Open one session and say what became of it: echoed ("routed") or "refused"."""
+    try:
+        got = await asyncio.wait_for(roundtrip(device, b"x"), WAIT)
+    except StreamResetError as exc:
+        assert exc.code == ErrorCode.LIMIT_EXCEEDED
+        return "refused"
+    assert got == b"x"
+    return "routed"
 
 
 async def test_agent_link_keeps_a_reserve_for_other_devices(tmp_path: Path) -> None:

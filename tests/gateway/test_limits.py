@@ -64,7 +64,7 @@ def test_device_limits_bounds(kwargs: dict[str, int], field: str) -> None:
     assert info.value.field == field
 
 
-def test_session_opens_are_a_token_bucket_per_device_kept_while_it_is_linked() -> None:
+def test_session_opens_are_a_token_bucket_per_device() -> None:
     """A device that opens sessions in a loop (and resets them: HTTP/2's rapid reset)
     costs the agent a TLS handshake each: SESSION_OPEN_BURST at once, then
     SESSION_OPENS_PER_SECOND. Another device is not touched."""
@@ -87,3 +87,34 @@ def test_session_opens_are_a_token_bucket_per_device_kept_while_it_is_linked() -
     ledger.remove_link(DEV)
     ledger.remove_link(other)
     assert len(ledger) == 0
+
+
+def test_a_reconnect_does_not_refill_the_session_open_bucket() -> None:
+    """The bucket outlives the device's links: dropping every link (the ledger forgets the
+    device) and linking again within the same second brings no new burst."""
+    hits: list[str] = []
+    ledger = DeviceLedger(DeviceLimits(), hits.append)
+    now = 100.0
+    assert ledger.add_link(DEV)
+    for _ in range(SESSION_OPEN_BURST):
+        assert ledger.spend_open(DEV, now)
+    ledger.remove_link(DEV)
+    assert len(ledger) == 0  # nothing held: the usage entry is gone, the bucket is not
+    assert ledger.open_buckets == 1
+    for _ in range(10):  # ten reconnects
+        assert ledger.add_link(DEV)
+        assert not ledger.spend_open(DEV, now)
+        ledger.remove_link(DEV)
+    assert hits == ["device_opens"] * 10
+    assert ledger.add_link(DEV)
+    assert ledger.spend_open(DEV, now + 1.0 / SESSION_OPENS_PER_SECOND)  # the rate holds
+    ledger.remove_link(DEV)
+
+
+def test_session_open_buckets_are_bounded() -> None:
+    """One bucket per device that opened a session, the least recently used forgotten
+    first: a flood of identities costs bounded memory."""
+    ledger = DeviceLedger(DeviceLimits(), lambda _: None, open_buckets=3)
+    for i in range(10):
+        assert ledger.spend_open(f"spiffe://td/device/main/ws{i}", 100.0)
+    assert ledger.open_buckets == 3

@@ -131,6 +131,30 @@ async def test_a_device_opening_sessions_in_a_loop_is_limited_others_are_not() -
     assert honest.reset_code is None
 
 
+async def test_reconnecting_brings_no_new_burst_of_session_opens() -> None:
+    """Linked, unlinked and linked again as the server does (add_link on accept,
+    remove_link on close): the device's bucket is the same one, so ten quick reconnects
+    open SESSION_OPEN_BURST sessions at the agent in all, not ten bursts."""
+    router, _metrics, agent, _device = _world()
+    agent.conn._peer_max_streams = 1 << 20  # as if the agent announced room for all
+    admitted = 0
+    stream_id = 2
+    for _ in range(10):
+        assert router.devices.add_link(EVIL)
+        device = Link(client=False, settings=LinkSettings(), name="dev", autostart=False)
+        for _ in range(SESSION_OPEN_BURST + 2):
+            stream = _device_stream(device, stream_id, {HEADER_TARGET: "session"})
+            stream_id += 2
+            router.route_session("main", stream, EVIL)
+            if stream.reset_code is None:
+                admitted += 1
+                stream.reset(ErrorCode.CANCEL)
+        router.devices.remove_link(EVIL)
+        assert len(router.devices) == 0
+    assert admitted <= SESSION_OPEN_BURST + 1  # a second at most may pass meanwhile
+    assert len(_opens_sent(agent)) == admitted
+
+
 # --------------------------------------------------------------------------- buffered
 
 
