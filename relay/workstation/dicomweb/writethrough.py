@@ -6,7 +6,9 @@ as the prefetcher's), while the request is answered from memory. The study's ind
 gets the PACS's own study-level C-FIND attributes and count (as the prefetcher does).
 
 The series counts as complete in the cache only when the retrieve ended in success with
-no failed sub-operation and every instance the PACS completed was written; then the next
+no failed sub-operation and the PACS's own count of completed sub-operations is given and
+no more than the instances written (a final response without counts vouches for nothing:
+the series stays uncached, the browser is served from memory); then the next
 request (and a DIMSE C-GET/C-MOVE at series level) is served from the cache, also with the
 link down, and its study becomes complete once each of its series is. A write that fails
 (a full disk, the size cap, a wipe meanwhile) stops the write-through with one log line:
@@ -43,10 +45,12 @@ SOURCE: Final = "browser"  # the cache's `source` label for these studies
 
 def complete_by(final: FinalResponse | None, written: int) -> bool:
     """Whether a series retrieve's final response vouches for `written` instances as the
-    whole series: success, no failed sub-operation, nothing completed that is not here."""
-    if final is None or final.status != st.SUCCESS or final.failed or written <= 0:
+    whole series: success, no failed sub-operation, and its count of completed
+    sub-operations given (optional in DICOM; without it nothing says all came), not zero,
+    and no more than `written` (headfirst.counts_match asks the same)."""
+    if final is None or final.status != st.SUCCESS or final.failed or final.completed is None:
         return False
-    return written >= (final.completed or 0)
+    return 0 < final.completed <= written
 
 
 class WriteThrough:

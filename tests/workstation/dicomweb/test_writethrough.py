@@ -23,7 +23,14 @@ from relay.workstation.dicomweb import part10
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.writethrough import WriteThrough, complete_by
-from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, parts
+from tests.workstation.dicomweb.test_server import (
+    CT,
+    SERIES,
+    STUDY,
+    ScriptedSource,
+    get,
+    parts,
+)
 
 Setup = tuple[DicomwebServer, ScriptedSource, CacheServer, list[bool]]
 
@@ -35,14 +42,16 @@ def make_cache(tmp_path: Path, max_size: int = 64 << 20) -> tuple[CacheServer, l
     return CacheServer(store, lambda: offline[0], lambda uid: None), offline
 
 
-async def start(cache: CacheServer) -> tuple[DicomwebServer, ScriptedSource]:
+async def start(
+    cache: CacheServer, source: ScriptedSource | None = None
+) -> tuple[DicomwebServer, ScriptedSource]:
     config = DicomwebConfig(Address("127.0.0.1", 0), hold_size=4 * 1024 * 1024)
 
     async def no_link(headers: Any) -> Any:
         raise OSError("no link")
 
     srv = DicomwebServer(config, no_link, cache=cache)
-    source = ScriptedSource()
+    source = source or ScriptedSource()
     srv.service.source = source  # type: ignore[assignment]
     srv.service.retriever.source = source  # type: ignore[assignment]
     assert srv.service.retriever.writer is not None
@@ -182,9 +191,25 @@ async def test_write_throughs_at_once_are_bounded(setup: Setup) -> None:
 
 def test_complete_by_the_final_response() -> None:
     assert complete_by(FinalResponse(st.SUCCESS, completed=3, failed=0), 3)
-    assert complete_by(FinalResponse(st.SUCCESS), 3)  # no counts given: status vouches
+    assert not complete_by(FinalResponse(st.SUCCESS), 3)  # no counts: nothing vouches
+    assert not complete_by(FinalResponse(st.SUCCESS, completed=0, failed=0), 3)
+    assert complete_by(FinalResponse(st.SUCCESS, completed=2, failed=0), 3)  # all it counts is here
     assert not complete_by(FinalResponse(st.SUCCESS, completed=4, failed=0), 3)
     assert not complete_by(FinalResponse(st.SUCCESS, completed=3, failed=1), 3)
     assert not complete_by(FinalResponse(st.WARNING_SUBOPS, completed=3), 3)
     assert not complete_by(FinalResponse(st.SUCCESS), 0)
     assert not complete_by(None, 3)
+
+
+async def test_a_success_without_counts_is_not_cached_as_complete(setup: Setup) -> None:
+    """The counts of a final response are optional in DICOM: without them nothing says
+    every instance came (headfirst.counts_match refuses the same answer)."""
+    srv, source, cache, _ = setup
+    source.final = FinalResponse(st.SUCCESS)
+    url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    status, headers, body = await get(url)
+    assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+    await writer(srv).drain()
+    study = cache.store.study(STUDY)
+    assert study is not None and study.series_done == {} and not study.complete
+    assert cache.plan(series_ident()) is None and writer(srv).written == 0
