@@ -5,6 +5,10 @@ in relay.workstation.cache (the same store, sealing and `cache.max_size`/`max_ag
 as the prefetcher's), while the request is answered from memory. The study's index entry
 gets the PACS's own study-level C-FIND attributes and count (as the prefetcher does).
 
+Only an instance whose own Study and Series Instance UIDs are the series' is written (a
+PACS that matches a retrieve on the SOP Instance UID alone can bring another series'
+instance, e.g. to a jump ahead): any other is refused, with one log line per series.
+
 The series counts as complete in the cache only when the retrieve ended in success with
 no failed sub-operation and the PACS's own count of completed sub-operations is given and
 no more than the instances written (a final response without counts vouches for nothing:
@@ -53,6 +57,14 @@ def complete_by(final: FinalResponse | None, written: int) -> bool:
     return 0 < final.completed <= written
 
 
+def identify(data: bytes, transfer_syntax: str) -> tuple[str, str, dict[str, str]]:
+    """An instance's own Study and Series Instance UIDs and its series attributes (to
+    check it belongs where it is cached; a worker thread's job: it decodes the dataset)."""
+    ds = rawds.decode_dataset(data, transfer_syntax)
+    attrs = {k: dicom_text(ds.get(k)) for k in SERIES_KEYS}
+    return str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), attrs
+
+
 class WriteThrough:
     """Writers of retrieved series into `store`; `on_complete(study, series)` is told when
     a series is complete in the cache (the retriever then frees its memory copy)."""
@@ -73,6 +85,7 @@ class WriteThrough:
         self.written = 0  # series now complete in the cache
         self.failed = 0  # write-throughs given up (disk full, size cap, cache errors)
         self.skipped = 0  # not attempted: max_running writers busy
+        self.refused = 0  # instances not cached: of another series or study
 
     def start(self, flight: SeriesFlight) -> None:
         """Write the series of `flight` as it arrives."""
@@ -123,14 +136,17 @@ class WriteThrough:
         await asyncio.to_thread(self.store.adopt, flight.study, attrs, expected, SOURCE)
         entry = self.store.study(flight.study)
         label = entry.label if entry is not None else "a study"
-        written = 0
+        written = refused = 0
         try:
             async for item in flight.instances():
-                if written == 0 and entry is not None:
-                    ds = rawds.decode_dataset(item.data, item.transfer_syntax)
-                    entry.series_attrs.setdefault(
-                        flight.series, {k: dicom_text(ds.get(k)) for k in SERIES_KEYS}
-                    )
+                study, series, series_attrs = await asyncio.to_thread(
+                    identify, item.data, item.transfer_syntax
+                )
+                if (study, series) != (flight.study, flight.series):
+                    refused += 1
+                    continue
+                if entry is not None:
+                    entry.series_attrs.setdefault(flight.series, series_attrs)
                 inst = CachedInstance(item.sop_class, item.sop_instance, flight.series,
                                       item.transfer_syntax, 0)  # fmt: skip
                 await asyncio.to_thread(self.store.put, flight.study, inst, item.data)
@@ -145,6 +161,8 @@ class WriteThrough:
                 label, written, type(exc).__name__, exc,
             )  # fmt: skip
             return
+        finally:
+            self._note_refused(refused, label)
         if not complete_by(flight.final, written):
             log.info("cache: a series of %s written through incomplete (%d instances)",
                      label, written)  # fmt: skip
@@ -154,6 +172,13 @@ class WriteThrough:
             self.written += 1
             log.info("cache: a series of %s written through (%d instances)", label, written)
             self.on_complete(flight.study, flight.series)
+
+    def _note_refused(self, refused: int, label: str) -> None:
+        """Count and log (once per series, without UIDs) the instances not cached."""
+        if refused:
+            self.refused += refused
+            log.warning("cache: %d instance(s) retrieved with a series of %s belong to "
+                        "another series or study; not cached", refused, label)  # fmt: skip
 
     async def drain(self) -> None:
         """Wait for the writers running now (tests; a clean stop could use it)."""

@@ -3,9 +3,10 @@ over real HTTP with a real CacheStore on disk and the scripted source of test_se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import aiohttp
 import pytest
 from pydicom.dataset import Dataset
 
+from relay.dicom import rawds
 from relay.dicom import status as st
-from relay.dicom.codec import FinalResponse
+from relay.dicom.codec import FinalResponse, Instance
 from relay.ops.config import Address
+from relay.proto import Priority
 from relay.workstation.cache.sealing import Sealer
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.cache.store import CacheStore
@@ -23,8 +26,10 @@ from relay.workstation.dicomweb import part10
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.writethrough import WriteThrough, complete_by
+from relay_dev import samples
 from tests.workstation.dicomweb.test_server import (
     CT,
+    INSTANCES,
     SERIES,
     STUDY,
     ScriptedSource,
@@ -213,3 +218,70 @@ async def test_a_success_without_counts_is_not_cached_as_complete(setup: Setup) 
     study = cache.store.study(STUDY)
     assert study is not None and study.series_done == {} and not study.complete
     assert cache.plan(series_ident()) is None and writer(srv).written == 0
+
+
+def other_series_of_this_study() -> samples.EncodedInstance:
+    """A CT instance moved to another series of the same study."""
+    ds = rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax)
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1341.9.1"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1341.9.2"
+    return samples.encode_instance(ds, CT[0].transfer_syntax)
+
+
+class LooseSource(ScriptedSource):
+    """A PACS that matches an IMAGE-level retrieve on the SOP Instance UID alone, so a
+    jump ahead can bring an instance of another series or study."""
+
+    def __init__(self, others: Sequence[samples.EncodedInstance]) -> None:
+        super().__init__()
+        self.others = others
+
+    async def retrieve(
+        self,
+        identifier: Dataset,
+        outcome: list[FinalResponse] | None = None,
+        *,
+        headers_only: bool = False,
+        priority: Priority | None = None,
+    ) -> AsyncIterator[Instance]:
+        if identifier.QueryRetrieveLevel == "IMAGE":
+            for i in self.others:
+                if i.sop_instance == identifier.SOPInstanceUID:
+                    yield Instance(i.sop_class, i.sop_instance, i.transfer_syntax, i.data)
+        async for msg in super().retrieve(
+            identifier, outcome, headers_only=headers_only, priority=priority
+        ):
+            yield msg
+
+
+@pytest.mark.parametrize("where", ["series", "study"])
+async def test_an_instance_of_another_series_is_not_cached_under_this_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    foreign = other_series_of_this_study() if where == "series" else INSTANCES[-1]
+    assert foreign.sop_instance not in {i.sop_instance for i in CT}
+    cache, _ = make_cache(tmp_path)
+    source = LooseSource([foreign])
+    srv, _ = await start(cache, source)
+    try:
+        caplog.set_level(logging.INFO)
+        source.release.clear()  # the series waits: the viewport's instance jumps ahead
+        frame = (f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/"
+                 f"{foreign.sop_instance}/frames/1")  # fmt: skip
+        await asyncio.wait_for(get(frame, headers={"Range": "bytes=0-1023"}), 20)
+        assert [uid for uid, _ in source.ahead] == [foreign.sop_instance]
+        source.release.set()
+        url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+        assert (await get(url))[0] == 200
+        await writer(srv).drain()
+        study = cache.store.study(STUDY)
+        assert study is not None
+        assert set(study.instances) == {i.sop_instance for i in CT}
+        assert study.series_done == {SERIES: len(CT)} and writer(srv).refused == 1
+        items = cache.plan(series_ident())  # the series' own instances, from the cache
+        assert items is not None and sorted(i.read() for i in items) == sorted(i.data for i in CT)
+        assert "another series or study" in caplog.text
+        assert foreign.sop_instance not in caplog.text and SERIES not in caplog.text
+        assert STUDY not in caplog.text
+    finally:
+        await srv.stop()
