@@ -18,6 +18,8 @@ link down, and its study becomes complete once each of its series is. A write th
 (a full disk, the size cap, a wipe meanwhile) stops the write-through with one log line:
 the browser's answer never depends on it. At most `max_running` series are written at
 once (a writer holds its series in memory until written); beyond that, one is skipped.
+Log lines name a study "study N" and an upstream failure by its HTTP status only (a
+PACS's error comment, which the reason carries, may quote patient data).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import FinalResponse
 from relay.workstation.cache.query import SERIES_KEYS, STUDY_KEYS, dicom_text
-from relay.workstation.cache.store import CachedInstance, CacheStore
+from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError
 
 if TYPE_CHECKING:
@@ -119,8 +121,9 @@ class WriteThrough:
         ident.StudyInstanceUID = study
         try:
             found = await self.source.find(ident, 1)
-        except UpstreamError as exc:
-            log.warning("cache write-through skipped: no study attributes (%s)", exc.reason)
+        except UpstreamError as exc:  # its reason may quote the PACS: the status only
+            log.warning("cache write-through skipped: the study's C-FIND failed (HTTP %d)",
+                        exc.http_status)  # fmt: skip
             return None
         if not found.matches or found.from_cache:
             return None
@@ -156,9 +159,9 @@ class WriteThrough:
         except Exception as exc:
             self.failed += 1
             log.error(
-                "cache: writing a series of %s through failed after %d instances (%s: %s); "
+                "cache: writing a series of %s through failed after %d instances (%s); "
                 "the browser is served from memory, the series is not cached",
-                label, written, type(exc).__name__, exc,
+                label, written, _why(exc),
             )  # fmt: skip
             return
         finally:
@@ -188,3 +191,11 @@ class WriteThrough:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _why(exc: Exception) -> str:
+    """A write's failure for the log: the cache's own texts (a size, a path of sealed
+    names), only the type of anything else (a decoder's text may quote values)."""
+    if isinstance(exc, (CacheFull, OSError)):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

@@ -16,8 +16,9 @@ most `max_series` series per study, never more than half the retriever's flight 
 held (a warm-up must not evict what the radiologist is reading). Only a navigation the
 user made (the address bar, a bookmark, a RIS link: `Sec-Fetch-Site` none or
 same-origin, or absent) warms up: a page of another site that navigates here fetches
-nothing. Failures are logged at INFO without identifiers and cost nothing else: OHIF's
-requests report their own errors.
+nothing. Failures are logged at INFO without identifiers (an upstream failure by its HTTP
+status only: the reason may carry the PACS's error comment, which may quote patient data)
+and cost nothing else: OHIF's requests report their own errors.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ class Warmup:
                 await self._headers(flight)
                 async for _ in flight.instances():  # wait: one series at a time
                     pass
-        except UpstreamError as exc:
-            log.info("viewer warm-up stopped: %s (%d)", exc.reason, exc.http_status)
+        except UpstreamError as exc:  # its reason may quote the PACS: the status only
+            log.info("viewer warm-up stopped: the relay or the PACS failed (HTTP %d)",
+                     exc.http_status)  # fmt: skip
         except Exception as exc:  # never let a background fetch take the server down
             log.info("viewer warm-up failed: %s", type(exc).__name__)
 

@@ -25,6 +25,7 @@ from relay.workstation.cache.store import CacheStore
 from relay.workstation.dicomweb import part10
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.source import FindResult, UpstreamError
 from relay.workstation.dicomweb.writethrough import WriteThrough, complete_by
 from relay_dev import samples
 from tests.workstation.dicomweb.test_server import (
@@ -283,5 +284,30 @@ async def test_an_instance_of_another_series_is_not_cached_under_this_one(
         assert "another series or study" in caplog.text
         assert foreign.sop_instance not in caplog.text and SERIES not in caplog.text
         assert STUDY not in caplog.text
+    finally:
+        await srv.stop()
+
+
+class QuotingSource(ScriptedSource):
+    """A PACS whose C-FIND fails with an error comment quoting a patient ID (the agent
+    forwards the comment verbatim)."""
+
+    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+        raise UpstreamError(502, "C-FIND failed with status 0xC001: no such patient RELAY0001")
+
+
+async def test_an_upstream_reason_never_reaches_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache, _ = make_cache(tmp_path)
+    srv, _ = await start(cache, QuotingSource())
+    try:
+        caplog.set_level(logging.DEBUG)
+        status, _, _ = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}")
+        assert status == 200  # the browser is served; only the cache goes without
+        await writer(srv).drain()
+        assert "write-through skipped" in caplog.text and "HTTP 502" in caplog.text
+        assert "RELAY0001" not in caplog.text
+        assert cache.store.study(STUDY) is None
     finally:
         await srv.stop()

@@ -14,11 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydicom.dataset import Dataset
 
 from relay.ops.config import Address
 from relay.workstation.dicomweb import viewer_routes
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.source import FindResult, UpstreamError
 from relay.workstation.viewer.warmup import KEY_WARMUP, Warmup, study_uids
 from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource
 from tests.workstation.viewer.test_routes import install
@@ -129,11 +131,28 @@ async def test_a_pacs_down_costs_the_page_nothing(
         assert await page(f"{base}/viewer?StudyInstanceUIDs={STUDY}") == 200
         await until("the warm-up to give up", lambda: not warmup_of(srv)._running)
     [record] = [r for r in caplog.records if "warm-up" in r.getMessage()]
-    assert "unreachable" in record.getMessage() and STUDY not in record.getMessage()
+    assert "HTTP 502" in record.getMessage() and STUDY not in record.getMessage()
     source.down = False
     url = f"{srv.url}/studies/{STUDY}/series/{SERIES}/metadata"
     async with aiohttp.ClientSession() as session, session.get(url) as r:
         assert r.status == 200  # the viewer's own request still works
+
+
+async def test_the_pacs_error_comment_never_reaches_the_log(
+    server: tuple[DicomwebServer, ScriptedSource, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent forwards the PACS's ErrorComment verbatim; a PACS may quote a patient ID."""
+    srv, source, base = server
+
+    async def quoting(identifier: Dataset, max_matches: int) -> FindResult:
+        raise UpstreamError(502, "C-FIND failed with status 0xC001: no patient RELAY0001")
+
+    source.find = quoting  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG):
+        assert await page(f"{base}/viewer?StudyInstanceUIDs={STUDY}") == 200
+        await until("the warm-up to give up", lambda: not warmup_of(srv)._running)
+    assert "viewer warm-up stopped" in caplog.text and "HTTP 502" in caplog.text
+    assert "RELAY0001" not in caplog.text
 
 
 async def test_the_warmup_leaves_half_the_flight_slots_to_the_viewer(
