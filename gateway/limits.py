@@ -12,6 +12,9 @@ opens and resets sessions in a loop (HTTP/2's rapid reset) would cost its agent 
 handshake each. The buckets outlive the device's links (a reconnect must not refill
 them), in a table of their own bounded by OPEN_BUCKETS.
 
+An enrollment stream belongs to no device (its PC is not authenticated): its splice has a
+budget of its own, ENROLL_BUFFERED.
+
 An agent link's streams are shared fairly: a device may take another stream on an agent
 link only while more than `agent_reserve` of that link's streams are free, unless it has
 none there yet (the router then tries the site's other agent links first). So one device
@@ -29,6 +32,7 @@ from relay.ops.ratelimit import RateLimiter
 from relay.proto.settings import FieldError, format_size
 
 __all__ = [
+    "ENROLL_BUFFERED",
     "LIMITS",
     "OPEN_BUCKETS",
     "SESSION_OPENS_PER_SECOND",
@@ -48,6 +52,7 @@ LIMITS: Final = (
     "agent_share",
     "source_handshakes",
     "device_opens",
+    "enroll_buffered",
 )
 
 MiB: Final = 1024 * 1024
@@ -66,6 +71,14 @@ SESSION_OPEN_BURST: Final = 64
 #: (64 s) after its last use, so forgetting one early takes this many other devices
 #: opening sessions within that time. An entry, its key included, is about 300 bytes: 3 MB.
 OPEN_BUCKETS: Final = 10_000
+
+#: Bytes the gateway may queue for one enrollment stream, both directions, each chunk
+#: counted with splice.CHUNK_COST: over it the stream is reset with LIMIT_EXCEEDED. The
+#: PC is anyone, and may send 1-byte DATA frames to an agent link that takes nothing more.
+#: A whole enrollment is about 5 KiB (measured: 1 KiB PC -> agent, 4 KiB back), and
+#: nothing queues while the agent link has credit. An enrollment link routes one stream,
+#: and there are at most enroll.MAX_OPEN (100) links: 6.25 MiB for all of them.
+ENROLL_BUFFERED: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +232,14 @@ class DeviceLedger:
         """True (and counted) when `usage` queues more than the device may."""
         if usage.buffered > self.limits.buffered:
             self._hit("device_buffered")
+            return True
+        return False
+
+    def over_enroll_buffered(self, usage: DeviceUsage) -> bool:
+        """True (and counted) when an enrollment stream's own budget `usage` queues more
+        than ENROLL_BUFFERED. Counted here with the devices' limits; no device is charged."""
+        if usage.buffered > ENROLL_BUFFERED:
+            self._hit("enroll_buffered")
             return True
         return False
 

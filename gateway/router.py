@@ -12,7 +12,8 @@ stable (its TLS resumption ticket stays useful), and devices spread evenly.
 
 A device's sessions are counted against its caps (gateway.limits): over its session cap,
 its rate of session opens, its queued-bytes cap or its share of the agent link, its
-stream is reset with LIMIT_EXCEEDED, never another device's.
+stream is reset with LIMIT_EXCEEDED, never another device's. An enrollment stream (no
+device) has a queued-bytes budget of its own, `limits.ENROLL_BUFFERED`.
 
 The agent stream carries the device's OPEN headers but for the reserved `x-relay-*` and
 `priority`: every device's sessions share the agent link, and no device may order its own
@@ -25,7 +26,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 
-from gateway.limits import DeviceLedger
+from gateway.limits import DeviceLedger, DeviceUsage
 from gateway.metrics import GatewayMetrics
 from gateway.splice import Splice
 from relay.net.aio import Link, Stream
@@ -131,7 +132,8 @@ class Router:
         `origin` are the x-relay-* headers the gateway adds (the enrolling PC's address);
         the agent bases no identity on them. Of the stream's own headers, `x-relay-*` and
         `priority` are not passed on (`_passed_on`). `device` (its SPIFFE ID) is whose
-        caps the stream counts against.
+        caps the stream counts against; without one (an enrollment, from anyone) the
+        splice gets a budget of its own, ENROLL_BUFFERED.
         """
         agent = agent or self._pick(site)
         if agent is None:
@@ -156,10 +158,13 @@ class Router:
         m.streams.labels(site, "routed").inc()
         gauge = m.streams_open.labels(site)
         gauge.inc()
-        budget = None
         if device is not None:
             self.devices.add_stream(device, agent)
             budget = self.devices.usage(device)
+            over_budget = self.devices.over_buffered
+        else:
+            budget = DeviceUsage()  # this stream's alone
+            over_budget = self.devices.over_enroll_buffered
 
         def on_done() -> None:
             gauge.dec()
@@ -183,7 +188,7 @@ class Router:
             on_reset=lambda code: m.stream_resets.labels(ErrorCode.name_of(code)).inc(),
             on_done=on_done,
             budget=budget,
-            over_budget=self.devices.over_buffered,
+            over_budget=over_budget,
         )
 
     def _refuse(self, stream: Stream, site: str, code: ErrorCode, outcome: str) -> None:

@@ -10,7 +10,8 @@ its streams): a chunk that takes it over `per_device.buffered` resets that strea
 LIMIT_EXCEEDED, so no device can hold more of the gateway's memory, or of an agent
 link's window, than its cap. Each queued chunk counts CHUNK_COST bytes besides its data
 (the bytes object and its queue slot): a device sending 1-byte DATA frames would
-otherwise hold about 40 times what the budget counts.
+otherwise hold about 40 times what the budget counts. An enrollment stream (its PC is not
+authenticated) has a budget of its own (`limits.ENROLL_BUFFERED`): no splice is unbudgeted.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Splice:
         downstream: Tally,
         on_reset: Callable[[int], None],
         on_done: Callable[[], None],
-        budget: DeviceUsage | None = None,
-        over_budget: Callable[[DeviceUsage], bool] = lambda _: False,
+        budget: DeviceUsage,
+        over_budget: Callable[[DeviceUsage], bool],
     ) -> None:
         self._dirs = {
             device: _Direction(device, agent, upstream),
@@ -74,11 +75,10 @@ class Splice:
         cost = len(data) + CHUNK_COST
         d.queued += cost
         budget = self._budget
-        if budget is not None:
-            budget.buffered += cost
+        budget.buffered += cost
         if len(d.queue) == 1:
             self._pump(d)
-        if budget is not None and d.queued and self._over_budget(budget):
+        if d.queued and self._over_budget(budget):
             stream.reset(ErrorCode.LIMIT_EXCEEDED)  # on_reset resets the other side
 
     def on_end(self, stream: Stream) -> None:
@@ -134,8 +134,7 @@ class Splice:
 
     def _dequeued(self, d: _Direction, size: int) -> None:
         d.queued -= size
-        if self._budget is not None:
-            self._budget.buffered -= size
+        self._budget.buffered -= size
 
     def _finish(self) -> None:
         if not self._done:

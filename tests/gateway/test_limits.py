@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from gateway.limits import (
+    ENROLL_BUFFERED,
     SESSION_OPEN_BURST,
     SESSION_OPENS_PER_SECOND,
     DeviceLedger,
     DeviceLimits,
+    DeviceUsage,
     SourceLedger,
     SourceLimits,
 )
@@ -118,3 +120,13 @@ def test_session_open_buckets_are_bounded() -> None:
     for i in range(10):
         assert ledger.spend_open(f"spiffe://td/device/main/ws{i}", 100.0)
     assert ledger.open_buckets == 3
+
+
+def test_an_enrollment_budget_is_counted_as_its_own_limit() -> None:
+    hits: list[str] = []
+    ledger = DeviceLedger(DeviceLimits(), hits.append)
+    budget = DeviceUsage(buffered=ENROLL_BUFFERED)  # the router makes one per stream
+    assert not ledger.over_enroll_buffered(budget)
+    budget.buffered += 1
+    assert ledger.over_enroll_buffered(budget)
+    assert hits == ["enroll_buffered"]

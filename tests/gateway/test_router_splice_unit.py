@@ -8,7 +8,7 @@ stream the gateway is the opener towards the agent).
 
 from __future__ import annotations
 
-from gateway.limits import SESSION_OPEN_BURST, DeviceLedger, DeviceLimits
+from gateway.limits import ENROLL_BUFFERED, SESSION_OPEN_BURST, DeviceLedger, DeviceLimits
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from gateway.splice import CHUNK_COST
@@ -183,3 +183,34 @@ async def test_tiny_chunks_count_their_overhead_against_the_devices_budget() -> 
     assert stream.reset_code == ErrorCode.LIMIT_EXCEEDED
     assert sent * (1 + CHUNK_COST) <= budget + 2 * (1 + CHUNK_COST)
     assert router.devices.usage(GOOD).buffered == 0  # all given back at the reset
+
+
+async def test_an_enrollment_stream_has_a_budget_of_its_own() -> None:
+    """An enrollment stream belongs to no device and its PC is anyone: with the agent's
+    side taking nothing more, 1-byte DATA frames are queued only up to ENROLL_BUFFERED
+    (chunks counted with CHUNK_COST), then the stream is reset with LIMIT_EXCEEDED, both
+    sides, and counted."""
+    hits: list[str] = []
+    metrics = GatewayMetrics()
+    router = Router(metrics, DeviceLedger(DeviceLimits(), hits.append))
+    agent = Link(client=False, settings=LinkSettings(), name="agent@x", autostart=False)
+    agent.conn._settings_received = True
+    router.add_agent("main", agent)
+    pc = Link(client=False, settings=LinkSettings(), name="enroll@10.0.0.9", autostart=False)
+    stream = _device_stream(pc, 1, {HEADER_TARGET: "enroll", HEADER_SITE: "main"})
+    router.route("main", stream, {HEADER_PEER: "10.0.0.9"})
+    (upstream,) = agent.streams.values()
+    splice = stream.listener
+    assert splice is not None
+    while upstream.send_credit() > 0:  # the agent's side takes nothing more
+        upstream.send_nowait(bytes(min(upstream.send_credit(), 16384)))
+    sent = 0
+    while stream.reset_code is None and sent < LinkSettings().stream_window:
+        splice.on_data(stream, b"x")
+        sent += 1
+    assert stream.reset_code == ErrorCode.LIMIT_EXCEEDED
+    assert upstream.reset_code == ErrorCode.LIMIT_EXCEEDED
+    assert sent * (1 + CHUNK_COST) <= ENROLL_BUFFERED + 2 * (1 + CHUNK_COST)
+    assert hits == ["enroll_buffered"]
+    assert len(router.devices) == 0  # no device was charged
+    assert metrics.registry.get_sample_value("relay_streams_open", {"site": "main"}) == 0

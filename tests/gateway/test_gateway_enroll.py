@@ -1,0 +1,88 @@
+"""Enrollment links through the gateway in-process, over real TLS: what a PC that is not
+authenticated (anyone may open an enrollment link) can make the gateway hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from gateway.limits import ENROLL_BUFFERED
+from relay import wire
+from relay.net import tls
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import StreamResetError
+from relay.proto import ErrorCode, LinkSettings
+from tests.gateway.test_gateway_limits import hits, reset_code, until
+from tests.gateway.test_gateway_links import WAIT, World, announce, connect, wait_for_agents, world
+from tests.pki_helpers import HOST
+
+__all__ = ["world"]  # the fixture, shared with test_gateway_links
+
+ENROLL = {wire.HEADER_TARGET: wire.TARGET_ENROLL, wire.HEADER_SITE: "main"}
+
+
+async def stalled_agent(world: World, held: list[Stream]) -> Link:
+    """An agent link that takes its streams and never reads them: the gateway may send
+    one stream window (64 KiB, the least a link may announce) on each, no more."""
+    loop = asyncio.get_running_loop()
+    pair = world.pki.agent
+    ctx = tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_AGENT)
+    settings = LinkSettings(stream_window=64 * 1024, link_window=64 * 1024)
+    _, link = await loop.create_connection(
+        lambda: Link(client=True, settings=settings, on_stream=held.append),
+        HOST,
+        world.port,
+        ssl=ctx,
+        server_hostname=HOST,
+    )
+    announce(link)
+    await wait_for_agents(world, "main")
+    return link
+
+
+async def test_an_enrollment_stream_queues_no_more_than_its_budget(world: World) -> None:
+    """The PC sends four budgets' worth towards an agent that reads nothing: what the
+    agent's window cannot take queues in the gateway until ENROLL_BUFFERED, then the
+    stream is reset with LIMIT_EXCEEDED on both sides and counted. The next PC enrolls."""
+    held: list[Stream] = []
+    agent = await stalled_agent(world, held)
+    pc = await connect(world, None, wire.ALPN_ENROLL)
+    stream = pc.open_stream(ENROLL)
+    sent = asyncio.ensure_future(stream.write(bytes(4 * ENROLL_BUFFERED)))
+    assert await reset_code(stream) == ErrorCode.LIMIT_EXCEEDED
+    with contextlib.suppress(StreamResetError):
+        await asyncio.wait_for(sent, WAIT)
+    assert hits(world, "enroll_buffered") == 1
+    await until(lambda: held and held[0].reset_code == ErrorCode.LIMIT_EXCEEDED, "agent reset")
+    assert len(world.server.devices) == 0  # no device was charged
+    streams_open = world.server.metrics.registry.get_sample_value(
+        "relay_streams_open", {"site": "main"}
+    )
+    assert streams_open == 0
+
+    honest = await connect(world, None, wire.ALPN_ENROLL)
+    second = honest.open_stream(ENROLL)
+    await second.write(b'{"v": 1}')
+    await until(lambda: len(held) == 2, "the next enrollment reaches the agent")
+    assert await asyncio.wait_for(held[1].read(), WAIT) == b'{"v": 1}'
+    for link in (pc, honest, agent):
+        link.close()
+
+
+async def test_an_enrollment_link_routes_one_stream(world: World) -> None:
+    """The budget is per stream; an enrollment link gets one, so it is the link's."""
+    held: list[Stream] = []
+    agent = await stalled_agent(world, held)
+    pc = await connect(world, None, wire.ALPN_ENROLL)
+    first = pc.open_stream(ENROLL)
+    await first.write(b"x")
+    await until(lambda: len(held) == 1, "the first stream routed")
+    second = pc.open_stream(ENROLL)
+    with pytest.raises(StreamResetError) as info:
+        await asyncio.wait_for(second.read(), WAIT)
+    assert info.value.code == ErrorCode.FORBIDDEN
+    assert len(held) == 1
+    pc.close()
+    agent.close()
