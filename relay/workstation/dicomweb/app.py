@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "/dicom-web"
 DICOM_JSON: Final = "application/dicom+json"
 MAX_STOW_PARTS: Final = 10_000
+# Requests in progress at once (503 beyond). A browser opens at most 6 HTTP/1.1
+# connections to one host (the viewer may be open as 127.0.0.1 and as localhost: 12),
+# however many requests OHIF queues (viewer/site.py maxNumRequests): viewing never nears it.
+MAX_REQUESTS: Final = 64
+RETRY_AFTER: Final = 1  # s: the Retry-After of a 503 (busy)
 # STOW-RS parts checked at once (in threads): each may inflate a deflated dataset up to
 # max_upload bytes, so this bounds that memory; the other requests keep a core.
 STOW_CHECKS: Final = 2
@@ -75,6 +80,9 @@ class DicomwebService:
     frame_ranges_refused: int = 0  # 416
     headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
     stow_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STOW_CHECKS))
+    max_requests: int = MAX_REQUESTS
+    in_progress: int = 0  # requests being handled (answers being written included)
+    requests_refused: int = 0  # 503: max_requests in progress
 
 
 # -- middlewares ------------------------------------------------------------------------
@@ -101,6 +109,30 @@ def _guard(service: DicomwebService) -> Any:
         return await handler(request)
 
     return guard
+
+
+def _bounded(service: DicomwebService) -> Any:
+    """At most `service.max_requests` requests in progress (503 beyond, with Retry-After):
+    memory, threads and agent streams stay bounded whatever a local client sends."""
+
+    @web.middleware
+    async def bounded(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
+        if service.in_progress >= service.max_requests:
+            service.requests_refused += 1
+            return _busy(f"more than {service.max_requests} requests in progress")
+        service.in_progress += 1
+        try:
+            return await handler(request)
+        finally:
+            service.in_progress -= 1
+
+    return bounded
+
+
+def _busy(message: str) -> web.Response:
+    response = _text(503, message)
+    response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
 
 
 def _metered(service: DicomwebService) -> Any:
@@ -142,7 +174,9 @@ def _service(request: web.Request) -> DicomwebService:
 def _upstream(exc: UpstreamError) -> web.Response:
     """The answer to a failed operation: its reason goes to the client (the local viewer)
     but never to a log: it may quote the PACS's ErrorComment, which may name a patient.
-    Log `exc.http_status` and a fixed text instead."""
+    Log `exc.http_status` and a fixed text instead. 503 (busy) says when to try again."""
+    if exc.http_status == 503:
+        return _busy(exc.reason)
     return _text(exc.http_status, exc.reason)
 
 
@@ -860,7 +894,7 @@ def build_app(
     """The web application: guards and metrics on every route, DICOMweb under PREFIX,
     then each of `extra_routes(app)` (the viewer)."""
     app = web.Application(
-        middlewares=[_metered(service), _guard(service)],  # refusals are counted too
+        middlewares=[_metered(service), _bounded(service), _guard(service)],  # refusals counted
         client_max_size=1024 * 1024,  # non-streamed bodies; STOW streams within max_upload
     )
     app[KEY_SERVICE] = service

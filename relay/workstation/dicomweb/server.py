@@ -8,11 +8,13 @@ Header lines and fields are bounded by aiohttp's parser (`HEADER_LIMITS`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Final
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from relay.dicom.codec import DicomLimits, MessageCodec
 from relay.dicom.offer import CodecOffer
@@ -33,6 +35,30 @@ __all__ = ["HEADER_LIMITS", "DicomwebServer"]
 log = logging.getLogger(__name__)
 
 HEADER_LIMITS: Final = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 64}
+# Open connections (idle keep-alive ones included): a browser holds at most 6 per host;
+# past this a new connection gets a 503 and is closed, before any request is read.
+MAX_CONNECTIONS: Final = 128
+_BUSY_TEXT: Final = b"too many connections to this DICOMweb server\n"
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT)
+)
+
+
+def _cap_connections(runner: web.AppRunner, cap: int) -> None:
+    """Refuse connections beyond `cap` as they open: aiohttp has no such limit, so the
+    server's connection_made (called by each new connection's handler) is wrapped."""
+    server = runner.server
+    assert server is not None
+    opened = server.connection_made
+
+    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        opened(handler, transport)
+        if len(server.connections) > cap:
+            transport.write(_BUSY)
+            transport.close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 class DicomwebServer:
@@ -98,6 +124,7 @@ class DicomwebServer:
     async def start(self) -> None:
         runner = web.AppRunner(self.app, access_log=None, **HEADER_LIMITS)  # type: ignore[arg-type]
         await runner.setup()
+        _cap_connections(runner, MAX_CONNECTIONS)
         listen = self.config.listen
         host = "127.0.0.1" if listen.host.lower().rstrip(".") == "localhost" else listen.host
         site = web.TCPSite(runner, host, listen.port)

@@ -54,7 +54,14 @@ from relay.wire import (
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 
-__all__ = ["DicomSource", "FindResult", "UpstreamError", "retrieve_failure"]
+__all__ = [
+    "MAX_AGENT_FINDS",
+    "MAX_AGENT_STORES",
+    "DicomSource",
+    "FindResult",
+    "UpstreamError",
+    "retrieve_failure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,14 @@ _REASONS: Final = {
     st.LINK_LOST: "the relay link was lost",
     st.RELAY_UNSUPPORTED: "the agent cannot do this",
 }
+
+
+# Operations towards the agent at once (each is a relay stream and a PACS association):
+# a burst of browser requests waits AGENT_QUEUE_WAIT for a slot, then is refused (503).
+# Retrievals are bounded by the retriever's flights (retrieve.MAX_FLIGHTS).
+MAX_AGENT_FINDS: Final = 8
+MAX_AGENT_STORES: Final = 4
+AGENT_QUEUE_WAIT: Final = 5.0  # s
 
 
 class UpstreamError(Exception):
@@ -144,6 +159,9 @@ class DicomSource:
         self.cache = cache
         self.offer = offer or CodecOffer()
         self.offer.load()  # now, not in the browser's first request (numpy: ~60 ms)
+        self.finds = asyncio.Semaphore(MAX_AGENT_FINDS)
+        self.stores = asyncio.Semaphore(MAX_AGENT_STORES)
+        self.queue_wait = AGENT_QUEUE_WAIT
         # A browser viewer's request is a viewer's own: the default urgency, ahead of prefetch.
         self.headers = {
             HEADER_TARGET: TARGET_DICOM,
@@ -153,6 +171,19 @@ class DicomSource:
 
     def offline(self) -> bool:
         return self.cache is not None and self.cache.offline()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, slots: asyncio.Semaphore, what: str) -> AsyncIterator[None]:
+        """One of `slots` for the operation's time, waited for at most `queue_wait`."""
+        try:
+            async with asyncio.timeout(self.queue_wait):
+                await slots.acquire()
+        except TimeoutError:
+            raise UpstreamError(503, f"too many {what} under way; try again") from None
+        try:
+            yield
+        finally:
+            slots.release()
 
     @contextlib.asynccontextmanager
     async def _stream(
@@ -213,7 +244,7 @@ class DicomSource:
             calling_ae=CALLING_AE,
         )
         result = FindResult([])
-        async with self._stream(request) as (stream, clean):
+        async with self._slot(self.finds, "queries"), self._stream(request) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, Pending) and msg.dataset:
@@ -277,7 +308,7 @@ class DicomSource:
             sop_instance=sop_instance,
             calling_ae=CALLING_AE,
         )
-        async with self._stream(request) as (stream, clean):
+        async with self._slot(self.stores, "stores"), self._stream(request) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, FinalResponse):
