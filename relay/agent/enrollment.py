@@ -21,16 +21,16 @@ With a directory (`directory:`), every code names a directory user and the reque
 carry that user's password (inside the sealed session, like the secret; never logged
 or audited): the agent checks the code without spending it, binds as the user and
 checks the group, and only then redeems the code. The refusal says one of "wrong
-password", "account disabled", "not in group", "directory unavailable"; the audit event
-names the user and the directory's detail.
+password", "account disabled", "not in group", "directory unavailable; try again later";
+the audit event names the user and the directory's detail.
 
 Whoever holds a code (an intercepted e-mail, a photo of the QR) must not get an online
 oracle for its user's password, nor lock the user out of Active Directory: each bind is
 counted on the code before it is made, and the MAX_PASSWORD_FAILURES-th wrong password
 burns the code ("too many wrong passwords: ask IT for a new code"; audited as a major
 failure). Only a wrong password (or an unknown user, which the PC is told the same way)
-keeps its try: a directory outage, a disabled account or a user outside the group gives
-it back.
+keeps its try: a directory outage (also one that answers the bind busy or unavailable),
+a disabled account or a user outside the group gives it back.
 """
 
 from __future__ import annotations
@@ -210,8 +210,11 @@ async def _check_user(
                 f"limit {MAX_PASSWORD_FAILURES})",
                 burnt=True,
             )
+        message = answer.message
+        if answer.reason is RefusalReason.UNAVAILABLE:  # nothing spent: worth trying again
+            message = f"{message}; try again later"
         raise UserRefused(
-            _DIRECTORY_RESULTS[answer.reason], answer.message, user=user, detail=answer.detail
+            _DIRECTORY_RESULTS[answer.reason], message, user=user, detail=answer.detail
         )
     return user
 

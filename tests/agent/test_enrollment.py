@@ -30,6 +30,7 @@ from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.revocation import ENROLL_RESULTS
 from tests.agent.directory.conftest import directory_section, read_settings
+from tests.agent.directory.fakeldap import FakeLdap
 from tests.interop.harness.slapd import PASSWORDS, Slapd, start_slapd
 from tests.pki_helpers import SitePki, make_pki
 
@@ -472,6 +473,30 @@ async def test_a_directory_outage_is_not_a_wrong_password(
         agent, with_password(token, PASSWORDS["carol"]), directory=directory
     )
     assert outcome.ok  # one try was left, and the right password takes it
+
+
+async def test_a_directory_answering_busy_does_not_spend_tries(agent: Agent) -> None:
+    """A bind answered busy (51) used to be a wrong password: the user was told so with
+    the right password, and after MAX_PASSWORD_FAILURES such answers the code burnt."""
+    ldap = await FakeLdap(51, "server busy").start()
+    directory = Directory(ldap.settings())
+    try:
+        token = user_token(agent, "alice")
+        for _ in range(MAX_PASSWORD_FAILURES + 1):
+            outcome, answer = await exchange(
+                agent, with_password(token, "the right password"), directory=directory
+            )
+            assert_refused(agent, outcome, answer, "directory_unavailable", "directory unavailable")
+            assert answer is not None and "try again later" in answer["reason"]
+        assert ldap.user_binds == MAX_PASSWORD_FAILURES + 1
+        ldap.user_bind = (0, "")  # back: no try was spent
+        outcome, _ = await exchange(
+            agent, with_password(token, "the right password"), directory=directory
+        )
+        assert outcome.ok and agent.registry.device_user("ws1") == "alice"
+    finally:
+        directory.close()
+        await ldap.close()
 
 
 async def test_a_user_outside_the_group_does_not_spend_tries(

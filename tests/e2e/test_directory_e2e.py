@@ -283,7 +283,7 @@ def test_an_outage_revokes_nothing(site: DirectorySite) -> None:
         done = enroll_admitted(
             code, site.tmp / "id-dave-2", "--password-file", str(password_file(site, "dave"))
         )
-        refused(done, "directory unavailable")
+        refused(done, "directory unavailable; try again later")
     finally:
         site.slapd.start()
     wait_for(lambda: agent_metric(site, "relay_directory_up") == 1, "the directory back")

@@ -9,8 +9,10 @@ is done, also when the caller stopped waiting (cancelled, timed out): the operat
 out its own timeout in the thread, and the next one must not queue behind it unseen.
 
 Every network operation is bounded by `timeout` (connect and each answer). Anything
-that keeps the directory from answering is DirectoryUnavailable; a directory that
-answers something we cannot trust (the user or group twice, a group that does not
+that keeps the directory from answering is DirectoryUnavailable, and so is a user bind
+answered with anything but success or invalidCredentials (49): busy (51), unavailable
+(52), unwillingToPerform (53), other (80)... say nothing about the password. A directory
+that answers something we cannot trust (the user or group twice, a group that does not
 exist) is DirectoryError. The re-check changes nothing on either.
 """
 
@@ -21,6 +23,7 @@ import contextlib
 import enum
 import logging
 import math
+import re
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +55,21 @@ T = TypeVar("T")
 MAX_PASSWORD: Final = 1024
 _NO_SUCH_OBJECT: Final = 32
 _INVALID_CREDENTIALS: Final = 49
+#: The sub-code in Active Directory's diagnostic message for a refused bind (49).
+_AD_DATA: Final = re.compile(r"\bdata ([0-9a-fA-F]{3,8})\b")
+#: What those sub-codes mean, for the audit trail (Microsoft's "LDAP error 49" list).
+_AD_DATA_MEANINGS: Final = {
+    "525": "user not found",
+    "52e": "invalid credentials",
+    "530": "not permitted to log on at this time",
+    "531": "not permitted to log on at this workstation",
+    "532": "password expired",
+    "533": "account disabled",
+    "568": "too many security identifiers",
+    "701": "account expired",
+    "773": "password must be reset",
+    "775": "account locked",
+}
 
 
 class DirectoryError(Exception):
@@ -121,6 +139,33 @@ def _close(conn: ldap3.Connection) -> None:
 
 def _one_line(text: object, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
+
+
+def _bind_refusal(dn: str, result: dict[str, Any]) -> Refusal:
+    """What a user bind that failed means. Only invalidCredentials (49) is the
+    directory's no; Active Directory also answers 49 for a disabled, expired or locked
+    account (with "data 533", "data 701", "data 775"... in the diagnostic message), a
+    refusal as well, the data code kept for the audit trail. Any other code (51 busy,
+    52 unavailable, 53 unwillingToPerform, 80 other...) says nothing about the password:
+    DirectoryUnavailable, so that an outage is never counted as a wrong password (the IT
+    pages' login limit, an enrollment code's tries)."""
+    code = result.get("result")
+    if code == _INVALID_CREDENTIALS:
+        return Refusal(RefusalReason.WRONG_PASSWORD, f"bind as {dn} refused{_ad_data(result)}")
+    description = _one_line(result.get("description") or "no result", 60)
+    raise DirectoryUnavailable(
+        f"the directory answered the bind as {dn} with {description} ({code}), not a verdict "
+        "on the password"
+    )
+
+
+def _ad_data(result: dict[str, Any]) -> str:
+    """Active Directory's reason for a 49 (", data 775: account locked"), or ""."""
+    found = _AD_DATA.search(str(result.get("message") or ""))
+    if found is None:
+        return ""
+    data = found.group(1).lower()
+    return f", data {data}: {_AD_DATA_MEANINGS.get(data, 'unknown reason')}"
 
 
 class Directory:
@@ -333,14 +378,12 @@ class Directory:
                 return Refusal(RefusalReason.UNKNOWN_USER, f"no user {name!r} in the directory")
             user_conn = self._connect(dn, password)
             bound = user_conn.bound
-            code = (user_conn.result or {}).get("result")
+            result = user_conn.result or {}
             _close(user_conn)
             if not bound:
                 if self._disabled(conn, dn):  # a locked account's bind fails too
                     return Refusal(RefusalReason.DISABLED, f"{dn} matches the disabled filter")
-                if code == _INVALID_CREDENTIALS:
-                    return Refusal(RefusalReason.WRONG_PASSWORD, f"bind as {dn} refused")
-                return Refusal(RefusalReason.WRONG_PASSWORD, f"bind as {dn} refused ({code})")
+                return _bind_refusal(dn, result)
             if self._disabled(conn, dn):
                 return Refusal(RefusalReason.DISABLED, f"{dn} matches the disabled filter")
             in_group = self._member(conn, self.settings.group, dn)

@@ -12,11 +12,12 @@ browser that loads /login again (another tab, or a request the page triggers, wh
 used to be redirected to /login) keeps the token of the form it already shows.
 
 A login attempt counts against the failed-login limit from before its password is
-checked (parallel guesses cannot all slip through), and gives up after `login_timeout`
-(503: the directory did not answer in time). Of the logins refused while blocked, the
-first of each block is audited and the rest counted in one later event. A session whose
-user is no longer an IT admin (checked again every sessions.RECHECK_INTERVAL) ends at
-its next request.
+checked (parallel guesses cannot all slip through), and gives up after `login_timeout`.
+A directory that did not answer in time, or answered busy or unavailable, is a 503 and
+the attempt is given back (an outage must not lock IT out). Of the logins refused while
+blocked, the first of each block is audited and the rest counted in one later event. A
+session whose user is no longer an IT admin (checked again every
+sessions.RECHECK_INTERVAL) ends at its next request.
 """
 
 from __future__ import annotations
@@ -433,7 +434,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
         if late:
             what = it.authenticator.what
             return again(f"{what} did not answer in time; try again later", 503)
-        return again("the login service is unavailable; try again later", 503)
+        return again(f"{it.authenticator.what} is unavailable; try again later", 503)
     if not result.ok:  # counted by reserve() already
         audit.it_login(
             now=it.now(),

@@ -27,6 +27,7 @@ from tests.interop.harness.slapd import (
 )
 
 from .conftest import directory_section, read_settings
+from .fakeldap import FakeLdap
 
 
 def refusal(result: DirectoryUser | Refusal) -> RefusalReason:
@@ -164,3 +165,69 @@ async def test_the_server_name_is_checked(tmp_path: Path, ldaps: bool) -> None:
 
 def test_group_fixture_is_the_configured_group(settings: DirectorySettings) -> None:
     assert settings.group == GROUP
+
+
+async def test_a_locked_account_is_a_refusal_without_the_disabled_filter(
+    slapd: Slapd, settings: DirectorySettings
+) -> None:
+    """slapd answers a locked account's bind with 49, as Active Directory does (with
+    "data 775"): a refusal, never the directory's outage."""
+    slapd.lock("alice")
+    directory = Directory(replace(settings, disabled_filter=None))
+    result = refused(await directory.authenticate("alice", PASSWORDS["alice"]))
+    assert result.reason is RefusalReason.WRONG_PASSWORD
+    directory.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [(51, "busy"), (52, "unavailable"), (53, "unwillingToPerform"), (80, "other"), (1, "")],
+)
+async def test_a_bind_answered_busy_is_unavailable_not_a_wrong_password(
+    code: int, name: str
+) -> None:
+    """Only 49 is the directory's no to a password: a user bind answered busy,
+    unavailable, unwilling, other (or anything unexpected) used to be a wrong password,
+    which locked IT out of its pages and spent an enrollment code's tries in an outage."""
+    ldap = await FakeLdap(code, "server busy").start()
+    directory = Directory(ldap.settings())
+    try:
+        for admin in (False, True):
+            result = refused(await directory.authenticate("alice", "right", admin=admin))
+            assert result.reason is RefusalReason.UNAVAILABLE, result
+            assert result.message == "directory unavailable"
+            assert f"({code})" in result.detail and name in result.detail
+        assert ldap.user_binds == 2
+        # As a control: the fake server's own success is a user.
+        ldap.user_bind = (0, "")
+        assert isinstance(await directory.authenticate("alice", "right"), DirectoryUser)
+    finally:
+        directory.close()
+        await ldap.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "detail"),
+    [
+        ("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 52e, v4563",
+         "data 52e: invalid credentials"),
+        ("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 533, v4563",
+         "data 533: account disabled"),
+        ("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data 775, v4563",
+         "data 775: account locked"),
+        ("", "refused"),
+    ],
+)  # fmt: skip
+async def test_active_directorys_49_stays_a_refusal(message: str, detail: str) -> None:
+    """Active Directory refuses a disabled, expired or locked account with 49 and a data
+    code: a refusal (counted as a wrong password), the data code in the audit detail."""
+    ldap = await FakeLdap(49, message).start()
+    directory = Directory(ldap.settings())
+    try:
+        result = refused(await directory.authenticate("alice", "whatever"))
+        assert result.reason is RefusalReason.WRONG_PASSWORD
+        assert result.message == "wrong password"
+        assert result.detail.endswith(detail), result.detail
+    finally:
+        directory.close()
+        await ldap.close()

@@ -38,6 +38,7 @@ from relay.trust.codes import parse_code
 from relay.trust.revocation import decode_revocations
 from tests.agent.directory.blackhole import BlackHole
 from tests.agent.directory.conftest import directory_section, read_settings
+from tests.agent.directory.fakeldap import FakeLdap
 from tests.interop.harness.slapd import ADMIN_GROUP, PASSWORDS, Slapd, user_dn
 from tests.pki_helpers import HOST, SitePki, make_pki
 
@@ -499,6 +500,40 @@ async def test_a_directory_that_does_not_answer_in_time_is_a_503(tmp_path: Path)
     finally:
         directory.close()
         await hole.close()
+
+
+async def test_a_directory_that_answers_busy_is_a_503_not_a_failed_login(
+    tmp_path: Path,
+) -> None:
+    """A directory answering the admin's bind with busy (51) used to be a wrong
+    password: 401, counted by the failed-login limit, and after it IT was locked out
+    (429) for the window, with the right password every time."""
+    ldap = await FakeLdap(51, "server busy").start()
+    directory = Directory(ldap.settings())
+    limiter = LoginLimiter(max_per_user=3)
+    try:
+        async for pages in _serve(
+            tmp_path, tls=False, limiter=limiter, authenticator=DirectoryAuthenticator(directory)
+        ):
+            b = Browser(pages)
+            try:
+                for _ in range(5):
+                    r = await b.login("alice", "the right password")
+                    assert r.status == 503
+                    assert "the directory is unavailable; try again later" in await r.text()
+                assert not limiter.blocked(HOST, "alice") and len(limiter) == 0
+                assert pages.metric("relay_it_logins_total", result="unavailable") == 5
+                assert pages.metric("relay_it_logins_total", result="rate_limited") == 0
+                event = pages.audit("it_login")[-1]
+                assert event["EventIdentification"]["EventOutcomeIndicator"] == 8  # type: ignore[index]
+                assert "busy (51)" in descriptions(pages)[-1]
+                ldap.user_bind = (0, "")  # the directory is back: the login goes through
+                assert (await b.login("alice", "the right password")).status == 303
+            finally:
+                await b.close()
+    finally:
+        directory.close()
+        await ldap.close()
 
 
 async def test_an_admin_removed_from_the_admin_group_loses_the_session(
