@@ -15,7 +15,14 @@ from gateway.router import Router
 from relay.net.aio import Link, Stream
 from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode
-from relay.wire import HEADER_PEER, HEADER_SITE, HEADER_TARGET, TARGET_ENROLL
+from relay.trust.revocation import ENROLL_RESULTS_VERSION
+from relay.wire import (
+    HEADER_ENROLL_RESULTS,
+    HEADER_PEER,
+    HEADER_SITE,
+    HEADER_TARGET,
+    TARGET_ENROLL,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,8 @@ class EnrollmentDesk:
                 self._refuse(stream, "no_route", ErrorCode.NO_ROUTE)
             else:
                 self.metrics.enrollments.labels("forwarded").inc()
-                self.router.route(site, stream, {HEADER_PEER: host})
+                origin = {HEADER_PEER: host, HEADER_ENROLL_RESULTS: str(ENROLL_RESULTS_VERSION)}
+                self.router.route(site, stream, origin)
 
         link.on_stream = on_stream
         self.open += 1

@@ -71,6 +71,9 @@ that does not know the header sends full instances, which the workstation notice
 RESERVED_PREFIX: Final = "x-relay-"
 HEADER_PEER: Final = "x-relay-peer"
 """Enrollment: the PC's source address, for the agent's audit trail and rate reports."""
+HEADER_ENROLL_RESULTS: Final = "x-relay-enroll-results"
+"""Enrollment: the version of the enroll-result labels the forwarding gateway counts
+(relay/trust/revocation.py ENROLL_RESULTS_VERSION); absent: 1, an older gateway."""
 
 # -- CONTROL message kinds (relay/trust/revocation.py has their bodies).
 KIND_REVOKE: Final = "revoke"

@@ -63,7 +63,9 @@ from relay.trust.revocation import (
     Refusal,
     encode_enroll_result,
     encode_revocations,
+    enroll_result_for_gateway,
 )
+from relay.wire import HEADER_ENROLL_RESULTS
 
 __all__ = ["DEFAULT_DEVICE_LIFETIME", "CaSiteError", "DeviceAuthority"]
 
@@ -207,7 +209,10 @@ class DeviceAuthority:
         send = getattr(link, "send_control", None)
         if send is not None:
             with contextlib.suppress(LinkClosedError, ValueError):
-                send(KIND_ENROLL_RESULT, encode_enroll_result(outcome.result))
+                # An older gateway closes this link on a label it does not know.
+                announced = stream.headers.get(HEADER_ENROLL_RESULTS)
+                label = enroll_result_for_gateway(outcome.result, announced)
+                send(KIND_ENROLL_RESULT, encode_enroll_result(label))
         return outcome
 
     async def serve_renew(self, stream: ByteStream) -> RenewOutcome:

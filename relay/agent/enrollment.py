@@ -27,10 +27,12 @@ the audit event names the user and the directory's detail.
 Whoever holds a code (an intercepted e-mail, a photo of the QR) must not get an online
 oracle for its user's password, nor lock the user out of Active Directory: each bind is
 counted on the code before it is made, and the MAX_PASSWORD_FAILURES-th wrong password
-burns the code ("too many wrong passwords: ask IT for a new code"; audited as a major
-failure). Only a wrong password (or an unknown user, which the PC is told the same way)
-keeps its try: a directory outage (also one that answers the bind busy or unavailable),
-a disabled account or a user outside the group gives it back.
+burns the code (the PC is told it can no longer be used, too many wrong passwords, and
+to ask IT for a new one; audited as a major failure); every later attempt with it is
+refused the same way, result `burnt`, without asking the directory. Only a wrong
+password (or an unknown user, which the PC is told the same way) keeps its try: a
+directory outage (also one that answers the bind busy or unavailable), a disabled
+account or a user outside the group gives it back.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ MAX_REQUEST: Final = 16 * 1024
 #: The whole exchange, agent side; below the gateway's 30 s enrollment link lifetime.
 EXCHANGE_TIMEOUT: Final = 20.0
 #: The PC's line once a code's password tries are spent (registry.MAX_PASSWORD_FAILURES).
-BURNT_MESSAGE: Final = "too many wrong passwords: ask IT for a new code"
+BURNT_MESSAGE: Final = (
+    "this enrollment code can no longer be used (too many wrong passwords); ask IT for a new one"
+)
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,9 @@ _REDEEM_MESSAGES: Final = {
         "this device name was enrolled for another user since the code was made; ask IT "
         "for a code for another name",
     ),
-    # No result of its own either: the code is spent, as a used one is.
-    RedeemStatus.BURNT: ("reused", BURNT_MESSAGE),
+    # Tried again after its wrong passwords burnt it (the attempt that burnt it was a
+    # `wrong_password`): the directory is not asked any more.
+    RedeemStatus.BURNT: ("burnt", BURNT_MESSAGE),
 }
 
 
@@ -166,6 +171,9 @@ async def _check_user(
     checked = await asyncio.to_thread(
         signer.registry.redeem_token, token_id, secret, device, signer.now(), consume=False
     )
+    if checked.status is RedeemStatus.BURNT and checked.user is not None:
+        result, message = _REDEEM_MESSAGES[RedeemStatus.BURNT]
+        raise UserRefused(result, message, user=checked.user)  # the audit names whose
     if not checked.ok:
         raise _redeem_refusal(checked, device)
     user = checked.user

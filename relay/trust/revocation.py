@@ -33,7 +33,11 @@ refusals the gateway did not report since the previous one (it rate-limits repor
 
 kind "enroll-result" (agent -> the gateway that carried the enrollment stream), body
 JSON {"v": 1, "result": "expired"}: lets the gateway count enrollment outcomes by result
-in its metrics, since the exchange itself is opaque to it.
+in its metrics, since the exchange itself is opaque to it. A gateway closes the link on
+a result it does not know, so a gateway announces the version of ENROLL_RESULTS it
+counts on each enrollment stream it forwards (header `x-relay-enroll-results`), and the
+agent sends a newer label only to a gateway that announced it
+(`enroll_result_for_gateway`: "burnt" is "reused" for an older gateway).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from relay.wire import KIND_ENROLL_RESULT, KIND_REFUSAL, KIND_REVOKE
 
 __all__ = [
     "ENROLL_RESULTS",
+    "ENROLL_RESULTS_VERSION",
     "KIND_ENROLL_RESULT",
     "KIND_REFUSAL",
     "KIND_REVOKE",
@@ -68,6 +73,7 @@ __all__ = [
     "encode_enroll_result",
     "encode_refusal",
     "encode_revocations",
+    "enroll_result_for_gateway",
     "goaway_reason",
     "notice_in_reason",
 ]
@@ -117,8 +123,17 @@ ENROLL_RESULTS: Final = frozenset(
         "not_in_group",
         "directory_unavailable",
         "no_user",
+        # since labels version 2: a code burnt by wrong passwords, tried again
+        "burnt",
     }
 )
+#: The version of ENROLL_RESULTS this gateway counts, announced to the agent in the
+#: HEADER_ENROLL_RESULTS of each enrollment stream it forwards. A gateway without the
+#: header (version 1) closes the agent link on a label it does not know.
+ENROLL_RESULTS_VERSION: Final = 2
+#: Labels added after version 1, and the version-1 label a gateway that does not
+#: announce a newer version is sent instead.
+_STAND_INS_V1: Final = {"burnt": "reused"}
 
 
 class RevocationError(ValueError):
@@ -483,6 +498,19 @@ def encode_enroll_result(result: str) -> bytes:
     if result not in ENROLL_RESULTS:
         raise RevocationError(f"unknown enrollment result {result!r}")
     return _dumps({"v": VERSION, "result": result})
+
+
+def enroll_result_for_gateway(result: str, announced: str | None) -> str:
+    """The label to report `result` to a gateway that announced `announced` (the value
+    of its HEADER_ENROLL_RESULTS, None without one): a label it knows, since a gateway
+    closes the agent link on one it does not (all the site's sessions through it)."""
+    try:
+        version = int(announced) if announced is not None else 1
+    except ValueError:
+        version = 1
+    if version >= ENROLL_RESULTS_VERSION:
+        return result
+    return _STAND_INS_V1.get(result, result)
 
 
 def decode_enroll_result(body: bytes) -> str:

@@ -9,30 +9,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from relay import wire
 from relay.agent.audit import AUDIT_FILE, read_events
 from relay.agent.authority import DeviceAuthority
 from relay.agent.notices import NoticeSigner
-from relay.agent.registry import REGISTRY_FILE, DeviceRegistry
+from relay.agent.registry import MAX_PASSWORD_FAILURES, REGISTRY_FILE, DeviceRegistry, RedeemStatus
 from relay.agent.sessions import SessionServer
 from relay.net import tls
 from relay.net.aio import Link, Stream
+from relay.net.bytestream import pipe
 from relay.net.dialer import dial
+from relay.net.jsonframes import read_json, write_json
 from relay.ops.config import Address
-from relay.proto import LinkSettings
+from relay.proto import ErrorCode, LinkSettings
 from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
-from relay.trust.codes import EnrollmentCode
-from relay.trust.enroll import enroll
+from relay.trust.codes import EnrollmentCode, encode_secret
+from relay.trust.enroll import EnrollError, enroll
+from relay.trust.identity import Identity
 from relay.trust.notice import NoticeError, verify_notice
 from relay.trust.renewal import renew
 from relay.trust.revocation import (
@@ -236,6 +242,104 @@ async def test_enroll_result_is_reported_on_the_link(tmp_path: Path) -> None:
     await pc.write_eof()
     outcome = await authority.serve_enroll(agent_end)
     assert outcome.result == "malformed" and received == ["malformed"]
+    authority.close()
+
+
+def burnt_code(authority: DeviceAuthority, user: str = "alice") -> tuple[str, bytes]:
+    """A code whose wrong passwords burnt it (as enrollment counts them)."""
+    registry = authority.registry
+    token_id, secret = registry.create_token("ws1", timedelta(hours=1), utcnow(), user=user)
+    for _ in range(MAX_PASSWORD_FAILURES):
+        assert registry.start_password_attempt(token_id) is RedeemStatus.OK
+        registry.end_password_attempt(token_id, utcnow(), wrong=True)
+    return token_id, secret
+
+
+async def test_a_burnt_code_is_counted_as_burnt_by_the_gateway(tmp_path: Path) -> None:
+    """Attempts on a burnt code used to be counted as `reused` (agent, audit trail,
+    gateway metric). Through a real gateway: `burnt` everywhere, the agent link kept."""
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    outcomes: list[Any] = []
+
+    async def serve_enroll(stream: Any) -> None:
+        outcomes.append(await authority.serve_enroll(stream))
+
+    on_stream = SessionServer(
+        site="main",
+        trust_domain=site.trust_domain,
+        session_ctx=session_server_context(site.agent.cert, site.agent.key, site.ca),
+        enroll_ctx=enroll_server_context(site.agent.cert, site.agent.key),
+        settings=LinkSettings(),
+        dispatch=lambda stream: stream.reset(ErrorCode.FORBIDDEN),
+        serve_enroll=serve_enroll,
+        ca_pem=site.ca.read_text(),
+    ).on_stream
+    token_id, secret = burnt_code(authority)
+    code = EnrollmentCode(
+        Address(HOST, 0), pki.ca_fingerprint(site.ca_cert), "main", "ws1", token_id, secret
+    )
+    async with running_gateway(site, tmp_path) as gateway:
+        code = replace(code, gateway=Address(HOST, gateway.port))
+        registry = gateway.server.metrics.registry
+
+        def counted(result: str) -> float:
+            return registry.get_sample_value("relay_enrollments_total", {"result": result}) or 0.0
+
+        agent_ctx = tls.client_context(site.agent.cert, site.agent.key, site.ca, wire.ALPN_AGENT)
+        async with link_to(gateway.port, agent_ctx, wire.ALPN_AGENT, on_stream=on_stream) as agent:
+            for body in authority.revocation_snapshot():  # as the agent does on link-up
+                agent.send_control("revoke", body)
+            with pytest.raises(EnrollError, match="too many wrong passwords"):
+                await enroll(code.encode(), tmp_path / "out", timeout=WAIT, password="pw")
+            async with asyncio.timeout(WAIT):
+                while counted("burnt") == 0:  # noqa: ASYNC110 - a control message, later
+                    await asyncio.sleep(0.01)
+            assert counted("burnt") == 1 and counted("reused") == 0
+            assert not agent.closed.done()  # the gateway took the label
+    assert [o.result for o in outcomes] == ["burnt"] and authority.enrollments == {"burnt": 1}
+    (event,) = read_events(tmp_path / "state" / AUDIT_FILE)
+    assert event["EventIdentification"]["EventOutcomeDescription"].startswith("burnt: ")
+    assert event["user"] == "alice"
+    authority.close()
+
+
+@pytest.mark.parametrize(
+    ("announced", "sent"), [(None, "reused"), ("1", "reused"), ("2", "burnt"), ("x", "reused")]
+)
+async def test_a_gateway_is_sent_only_the_labels_it_announced(
+    tmp_path: Path, announced: str | None, sent: str
+) -> None:
+    """An older gateway (no x-relay-enroll-results header) closes the agent link on a
+    label it does not know: it is sent `reused` for `burnt`, as before."""
+    site = make_pki(tmp_path / "pki")
+    authority = open_authority(site, tmp_path / "state")
+    token_id, secret = burnt_code(authority)
+    received: list[str] = []
+
+    class FakeLink:
+        def send_control(self, kind: str, body: bytes) -> None:
+            assert kind == KIND_ENROLL_RESULT
+            received.append(json.loads(body)["result"])
+
+    headers = {"target": "enroll"}
+    if announced is not None:
+        headers[wire.HEADER_ENROLL_RESULTS] = announced
+    pc, agent_end = pipe(headers)
+    agent_end.link = FakeLink()  # type: ignore[attr-defined]
+    served = asyncio.create_task(authority.serve_enroll(agent_end))
+    async with asyncio.timeout(WAIT):
+        await read_json(pc)  # the CA
+        key = pki.generate_key()
+        csr = pki.make_csr(key, Identity.device(site.trust_domain, "main", "ws1"))
+        await write_json(
+            pc,
+            {"v": 1, "token_id": token_id, "secret": encode_secret(secret), "device": "ws1",
+             "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode(), "password": "pw"},
+        )  # fmt: skip
+        await pc.write_eof()
+        outcome = await served
+    assert outcome.result == "burnt" and received == [sent]
     authority.close()
 
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
 from relay.agent.directory import Directory, DirectoryUser, Refusal
-from relay.agent.enrollment import MAX_REQUEST, EnrollOutcome, serve_enroll_stream
+from relay.agent.enrollment import BURNT_MESSAGE, MAX_REQUEST, EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import MAX_PASSWORD_FAILURES, REGISTRY_FILE, DeviceRegistry
 from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream, pipe
@@ -395,7 +395,7 @@ def directory(slapd: Slapd, tmp_path: Path) -> Iterator[CountingDirectory]:
     counting.close()
 
 
-BURNT = "too many wrong passwords: ask IT for a new code"
+BURNT = BURNT_MESSAGE
 
 
 def with_password(token: tuple[str, bytes], password: str) -> dict[str, Any]:
@@ -423,10 +423,15 @@ async def test_wrong_passwords_burn_a_code_bound_to_a_user(
     assert event["EventIdentification"]["EventOutcomeIndicator"] == 12
     assert "burnt" in event["EventIdentification"]["EventOutcomeDescription"]
     assert directory.binds == MAX_PASSWORD_FAILURES
-    # The right password comes too late, and the directory is not asked again.
+    # The right password comes too late, and the directory is not asked again. The
+    # attempt is a `burnt` of its own (it used to be counted as a used code, `reused`).
     for password in (PASSWORDS["carol"], "guess"):
         outcome, answer = await exchange(agent, with_password(token, password), directory=directory)
-        assert_refused(agent, outcome, answer, "reused", BURNT)
+        assert_refused(agent, outcome, answer, "burnt", BURNT)
+        assert "no longer be used" in BURNT and "too many wrong passwords" in BURNT
+        assert "ask IT for a new one" in BURNT
+        description = agent.events()[-1]["EventIdentification"]["EventOutcomeDescription"]
+        assert description == f"burnt: user carol: {BURNT}"
     assert directory.binds == MAX_PASSWORD_FAILURES
     assert agent.registry.get_device("ws1") is None
 
@@ -454,7 +459,7 @@ async def test_concurrent_guesses_ask_the_directory_at_most_the_limit(
     outcome, answer = await exchange(
         agent, with_password(token, PASSWORDS["carol"]), directory=directory
     )
-    assert_refused(agent, outcome, answer, "reused", BURNT)
+    assert_refused(agent, outcome, answer, "burnt", BURNT)
 
 
 async def test_a_directory_outage_is_not_a_wrong_password(
