@@ -43,6 +43,8 @@ from relay.trust.identity import check_name
 
 __all__ = [
     "DEFAULT_DEVICE_LIFETIME",
+    "DEFAULT_PACS_OPERATIONS",
+    "MAX_PACS_OPERATIONS",
     "AgentConfig",
     "PkiFiles",
     "ServiceConfig",
@@ -88,6 +90,14 @@ class PkiFiles:
 # holds. Raise it with the number of devices per gateway.
 AGENT_LINK_SETTINGS = LinkSettings(max_streams=4096)
 
+DEFAULT_PACS_OPERATIONS = 64
+"""`pacs.max_operations`: DICOM operations (streams served against the PACS, each with its
+own association once its request is read) at once, all devices together; more are
+refused with LIMIT_EXCEEDED. Keep it below the PACS's association limit for our calling
+AE title, less the spare association and, with `retrieve: move`, the PACS's own
+associations to our storage SCP. One device gets at most half (relay.agent.dispatch)."""
+MAX_PACS_OPERATIONS = 1024  # a thread each: far above what a PACS accepts from one AE
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -106,6 +116,7 @@ class AgentConfig:
     state_dir: Path
     metrics_listen: Address | None
     pacs: PacsTarget | None
+    max_pacs_operations: int = DEFAULT_PACS_OPERATIONS  # YAML `pacs.max_operations`
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
     limits: LinkSettings = field(default_factory=lambda: AGENT_LINK_SETTINGS)
     reconnect: Backoff = field(default_factory=Backoff)
@@ -118,11 +129,13 @@ class AgentConfig:
     it_pages: ItPagesSettings | None = None
 
 
-def _read_pacs(r: Reader) -> PacsTarget | None:
+def _read_pacs(r: Reader) -> tuple[PacsTarget | None, int]:
+    """The `pacs:` section, and its `max_operations` (the agent's, not the PACS target's)."""
     s = r.optional_section("pacs")
     if s is None:
-        return None
-    return s.build(
+        return None, DEFAULT_PACS_OPERATIONS
+    operations = s.integer("max_operations", DEFAULT_PACS_OPERATIONS, lo=1, hi=MAX_PACS_OPERATIONS)
+    target = s.build(
         PacsTarget,
         ae_title=s.text("ae_title", check=check_ae_title),
         host=s.text("host", check=check_host),
@@ -144,6 +157,7 @@ def _read_pacs(r: Reader) -> PacsTarget | None:
             "spare_association", PacsTarget.spare_association, hi=MAX_SPARE_ASSOCIATION
         ),
     )
+    return target, operations
 
 
 def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
@@ -191,6 +205,7 @@ def read_agent_config(r: Reader) -> AgentConfig:
             ),
         )
     directory = read_directory_settings(r)
+    pacs, max_pacs_operations = _read_pacs(r)
     return AgentConfig(
         path=Path(os.path.abspath(r.file)),
         site=site,
@@ -199,7 +214,8 @@ def read_agent_config(r: Reader) -> AgentConfig:
         pki=pki,
         state_dir=r.path("state_dir"),
         metrics_listen=r.optional_address("metrics_listen", listen=True),
-        pacs=_read_pacs(r),
+        pacs=pacs,
+        max_pacs_operations=max_pacs_operations,
         services=_read_services(r),
         limits=read_limits(r, AGENT_LINK_SETTINGS),
         reconnect=read_backoff(r),

@@ -13,6 +13,14 @@
 Streams arrive here from inside a device's sealed session (relay.agent.sessions); the
 device's identity, from the session's inner certificate, is logged with the outcome,
 never any payload.
+
+What a stream costs here is bounded per device (its identity URI, over all its sessions
+and gateways): `tcp:` streams (a socket and a task each) by MAX_DEVICE_TCP_STREAMS, and
+`dicom` streams (a thread and a PACS association each) by a per-device share of the
+site's `pacs.max_operations`, which also bounds them for all devices together, so that
+the PACS's own association limit is not met by the sum. A stream over a cap is reset at
+once with LIMIT_EXCEEDED and counted; its count is given back when its task ends,
+however it ends (see `Quota`, `stream_quotas`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from relay.agent.config import ServiceConfig
+from relay.agent.config import DEFAULT_PACS_OPERATIONS, ServiceConfig
 from relay.net.aio import Stream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import CodecStats, CodecStream, offers_zstd
@@ -33,16 +41,22 @@ from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode
 from relay.seal.transport import sealed_peer
-from relay.wire import HEADER_TARGET, TCP_TARGET_PREFIX
+from relay.wire import HEADER_TARGET, TARGET_DICOM, TCP_TARGET_PREFIX
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "HEADER_TARGET",
     "MAX_CONNECTS",
+    "MAX_DEVICE_PACS_OPERATIONS",
+    "MAX_DEVICE_TCP_STREAMS",
+    "QUOTA_TCP",
     "TCP_TARGET_PREFIX",
     "DispatchStats",
+    "Quota",
+    "QuotaUsage",
     "StreamDispatcher",
     "TargetHandler",
+    "stream_quotas",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +64,21 @@ log = logging.getLogger(__name__)
 MAX_CONNECTS: Final = 64  # TCP connects to services in progress at once
 CONNECT_TIMEOUT: Final = 10.0  # waiting for a connect slot plus the connect itself
 _MAX_LOGGED = 256  # header values are logged truncated
+
+QUOTA_TCP: Final = "tcp"
+"""The quota of every `tcp:<service>` stream (handler targets have their own, by name)."""
+MAX_DEVICE_TCP_STREAMS: Final = 256
+"""`tcp:` streams one device may have served at once (connecting or spliced), over all its
+sessions and gateways. Each holds a socket to the service and a task here. It is the
+workstation's own cap on forwarded connections, all ports together
+(relay.workstation.forward.MAX_CONNECTIONS): an honest workstation never meets it."""
+MAX_DEVICE_PACS_OPERATIONS: Final = 32
+"""`dicom` streams one device may have served at once (each a thread and, once its request
+is read, a PACS association). A workstation's peak: its DICOM node's 8 associations
+(relay.dicom.node) plus the browser viewer's 8 series retrievals
+(relay.workstation.dicomweb.retrieve.MAX_FLIGHTS) and their single-instance jumps, with
+prefetch and queries beside them. Never more than half of `pacs.max_operations`
+(`stream_quotas`), so one device cannot take every PACS slot of the site."""
 
 TargetHandler = Callable[[Stream], Awaitable[object]]
 
@@ -67,6 +96,54 @@ class DispatchStats:
     codec: CodecStats = field(default_factory=CodecStats)  # raw and compressed bytes
 
 
+@dataclass(frozen=True)
+class Quota:
+    """How many streams of one kind may be served at once: per device (its identity URI,
+    over all its sessions and gateways) and, unless `total` is None, for all devices."""
+
+    per_device: int
+    total: int | None = None
+
+
+def stream_quotas(pacs_operations: int = DEFAULT_PACS_OPERATIONS) -> dict[str, Quota]:
+    """The agent's quotas for `pacs.max_operations` = `pacs_operations`: `tcp:` streams per
+    device; `dicom` streams per device and in all. A device's share is at most half of
+    the total (and MAX_DEVICE_PACS_OPERATIONS): one device never starves the others."""
+    per_device = min(MAX_DEVICE_PACS_OPERATIONS, max(1, pacs_operations // 2))
+    return {
+        QUOTA_TCP: Quota(MAX_DEVICE_TCP_STREAMS),
+        TARGET_DICOM: Quota(per_device, pacs_operations),
+    }
+
+
+class QuotaUsage:
+    """Streams being served under one quota, counted by device. Entries exist only while a
+    device has a stream counted, so the table is bounded by the streams open."""
+
+    def __init__(self, quota: Quota) -> None:
+        self.quota = quota
+        self.total = 0
+        self.by_device: Counter[str] = Counter()
+
+    def take(self, device: str) -> str | None:
+        """Count one more stream of `device`: None if admitted, else which cap refused it
+        ("per_device" or "total"); a refused stream is not counted."""
+        if self.by_device[device] >= self.quota.per_device:
+            return "per_device"
+        if self.quota.total is not None and self.total >= self.quota.total:
+            return "total"
+        self.by_device[device] += 1
+        self.total += 1
+        return None
+
+    def give_back(self, device: str) -> None:
+        """The end of a stream that `take` admitted."""
+        self.total -= 1
+        self.by_device[device] -= 1
+        if self.by_device[device] <= 0:
+            del self.by_device[device]
+
+
 class StreamDispatcher:
     """Serves incoming streams, one task each; `on_stream` is the links' callback."""
 
@@ -78,15 +155,28 @@ class StreamDispatcher:
         compression_level: int = 3,
         max_connects: int = MAX_CONNECTS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        quotas: Mapping[str, Quota] | None = None,
     ) -> None:
+        """`quotas`: by QUOTA_TCP or a handler's target name (default `stream_quotas()`);
+        a handler target without one is not counted."""
         self.services = services
         self.handlers = dict(handlers or {})
         self.compression_level = compression_level
         self.connect_timeout = connect_timeout
         self.stats = DispatchStats()
+        self.usage = {kind: QuotaUsage(q) for kind, q in (quotas or stream_quotas()).items()}
         self._connects = asyncio.Semaphore(max_connects)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+
+    def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
+        """New caps for new streams (a reload); the streams in flight stay counted."""
+        for kind, quota in quotas.items():
+            usage = self.usage.get(kind)
+            if usage is None:
+                self.usage[kind] = QuotaUsage(quota)
+            else:
+                usage.quota = quota
 
     @property
     def active(self) -> int:
@@ -99,10 +189,11 @@ class StreamDispatcher:
         headers = stream.headers
         target = headers.get(HEADER_TARGET, "")
         peer = sealed_peer(stream)  # the inner certificate's identity (relay.seal)
-        context = {
+        device = peer.uri if peer is not None else ""
+        context: dict[str, object] = {
             "stream": stream.stream_id,
             "link": stream.link.name,
-            "device": peer.uri if peer is not None else "",
+            "device": device,
             "target": target[:_MAX_LOGGED],
         }
         if self._closing:
@@ -113,13 +204,29 @@ class StreamDispatcher:
             if service is None:
                 self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_service", context)
                 return
-            self._spawn(self._serve_tcp(stream, service, context), stream)
+            if self._admit(stream, QUOTA_TCP, device, context):
+                self._spawn(self._serve_tcp(stream, service, context), stream, QUOTA_TCP, device)
             return
         handler = self.handlers.get(target)
         if handler is None:
             self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_target", context)
             return
-        self._spawn(self._serve_handler(handler, stream, context), stream)
+        if self._admit(stream, target, device, context):
+            self._spawn(self._serve_handler(handler, stream, context), stream, target, device)
+
+    def _admit(self, stream: Stream, kind: str, device: str, context: dict[str, object]) -> bool:
+        """Count the stream under its quota, if `kind` has one; over it, refuse it now."""
+        usage = self.usage.get(kind)
+        if usage is None:
+            return True
+        over = usage.take(device)
+        if over is None:
+            return True
+        limit = usage.quota.per_device if over == "per_device" else usage.quota.total
+        self._refuse(
+            stream, ErrorCode.LIMIT_EXCEEDED, f"{kind}_{over}", {**context, "limit": limit}
+        )
+        return False
 
     def _refuse(
         self, stream: Stream, code: ErrorCode, reason: str, context: dict[str, object]
@@ -128,11 +235,16 @@ class StreamDispatcher:
         self.stats.refused[reason] += 1
         log.warning("stream refused", extra={**context, "reason": reason})
 
-    def _spawn(self, coro: Awaitable[None], stream: Stream) -> None:
+    def _spawn(self, coro: Awaitable[None], stream: Stream, kind: str, device: str) -> None:
         self.stats.streams[stream.headers.get(HEADER_TARGET, "")] += 1
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        usage = self.usage.get(kind)
+        if usage is not None:
+            # However the task ends (returns, raises, is cancelled before it ran), the
+            # count is given back: the stream's reset or the link's loss end it too.
+            task.add_done_callback(lambda _: usage.give_back(device))
 
     # -- serving
 

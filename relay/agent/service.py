@@ -36,7 +36,7 @@ from pathlib import Path
 
 from relay.agent.authority import DeviceAuthority, open_authority
 from relay.agent.config import AgentConfig, load_agent_config
-from relay.agent.dispatch import StreamDispatcher, TargetHandler
+from relay.agent.dispatch import StreamDispatcher, TargetHandler, stream_quotas
 from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
 from relay.agent.handlers import default_handlers, pacs_check
 from relay.agent.linktrust import LinkTrust
@@ -95,7 +95,10 @@ class Agent:
         if authority is not None:
             targets[TARGET_RENEW] = authority.serve_renew
         self.dispatcher = StreamDispatcher(
-            config.services, handlers=targets, compression_level=config.compression_level
+            config.services,
+            handlers=targets,
+            compression_level=config.compression_level,
+            quotas=stream_quotas(config.max_pacs_operations),
         )
         self.sessions = session_server(config, authority, self.dispatcher.on_stream)
         self.gateways = GatewayLinks(
@@ -198,6 +201,7 @@ class Agent:
         self.sessions.settings = new.limits
         self.dispatcher.services = new.services  # new streams; those open go on
         self.dispatcher.compression_level = new.compression_level
+        self.dispatcher.set_quotas(stream_quotas(new.max_pacs_operations))
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
         self.reloads.record(True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,11 +53,22 @@ from relay.wire import (
     TARGET_SESSION,
 )
 
-__all__ = ["SessionServer", "session_server"]
+__all__ = ["SESSION_MAX_STREAMS", "SessionServer", "session_server"]
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS: Final = 10_000  # sessions served at once (each is one device)
+SESSION_MAX_STREAMS: Final = 512
+"""The MAX_STREAMS that the inner Link of a session (or a sealed enrollment) announces:
+what one device may have open at once in one session. The agent's `limits.max_streams`
+(4,096) sizes a gateway's link, which carries every device of the site; one device needs
+far fewer. A workstation's peak: 256 port-forwarded connections (its own cap,
+relay.workstation.forward.MAX_CONNECTIONS), its DICOM node's 8 associations, the browser
+viewer's 8 series retrievals (relay.workstation.dicomweb.retrieve.MAX_FLIGHTS) with up to
+2 single-instance jumps each, prefetch and warm-up, queries, a renewal: about 300.
+512 leaves room for streams still closing. A workstation at the cap waits for a free
+stream (relay.workstation.tunnel), it is not refused. What these streams cost the agent
+is capped per device besides, over all its sessions (relay.agent.dispatch)."""
 
 
 class _WithHeaders:
@@ -138,6 +150,12 @@ class SessionServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
+    @property
+    def inner_settings(self) -> LinkSettings:
+        """The settings of the Link inside a session: the configured windows and timers,
+        with the per-device stream cap (SESSION_MAX_STREAMS) instead of the gateway link's."""
+        return dataclasses.replace(self.settings, max_streams=SESSION_MAX_STREAMS)
+
     # -- the gateway links' callback
 
     def on_stream(self, outer: Stream) -> None:
@@ -177,7 +195,7 @@ class SessionServer:
                 server_side=True,
                 alpn=ALPN_SESSION,
                 check_peer=check,
-                settings=self.settings,
+                settings=self.inner_settings,
                 name=f"session via {outer.link.name}",
                 on_stream=self._on_inner_stream,
                 timeout=self.handshake_timeout,
@@ -267,7 +285,7 @@ class SessionServer:
                 server_side=True,
                 alpn=ALPN_ENROLL_SEAL,
                 check_peer=no_client_check,
-                settings=self.settings,
+                settings=self.inner_settings,
                 name=f"enrollment via {outer.link.name}",
                 on_stream=on_stream,
                 timeout=self.handshake_timeout,
