@@ -27,6 +27,9 @@ from relay.wire import (
 log = logging.getLogger(__name__)
 
 LINK_LIFETIME = 30.0  # seconds an enrollment link may stay open
+# Seconds after that close before the link is aborted: a PC that reads nothing never
+# answers the TLS close, and would hold one of MAX_OPEN until TLS gives up on its own.
+CLOSE_BOUND = 1.0
 ATTEMPTS_PER_MINUTE = 10
 BURST = 5
 MAX_OPEN = 100  # concurrent enrollment links
@@ -66,7 +69,7 @@ class EnrollmentDesk:
         link.on_stream = on_stream
         self.open += 1
         link.closed.add_done_callback(lambda _: self._closed())
-        link.loop.call_later(LINK_LIFETIME, link.close, ErrorCode.NO_ERROR, "enrollment time over")
+        link.loop.call_later(LINK_LIFETIME, _time_over, link)
         link.start()
 
     def _closed(self) -> None:
@@ -75,3 +78,10 @@ class EnrollmentDesk:
     def _refuse(self, stream: Stream, result: str, code: ErrorCode) -> None:
         self.metrics.enrollments.labels(result).inc()
         stream.reset(code)
+
+
+def _time_over(link: Link) -> None:
+    """Close at the end of the attempt's time; abort CLOSE_BOUND later if still open."""
+    link.close(ErrorCode.NO_ERROR, "enrollment time over")
+    if not link.closed.done():
+        link.loop.call_later(CLOSE_BOUND, link.abort)

@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 
+from gateway import enroll
 from gateway.limits import ENROLL_BUFFERED
 from relay import wire
 from relay.net import tls
@@ -86,3 +87,22 @@ async def test_an_enrollment_link_routes_one_stream(world: World) -> None:
     assert len(held) == 1
     pc.close()
     agent.close()
+
+
+async def test_an_enrollment_link_that_stops_reading_frees_its_slot(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At LINK_LIFETIME the desk closes the link; a PC that reads nothing more never
+    answers the TLS close, so the desk aborts it CLOSE_BOUND later: the slot (one of
+    MAX_OPEN) comes back instead of waiting for TLS's own shutdown timeout."""
+    monkeypatch.setattr(enroll, "LINK_LIFETIME", 0.2)
+    monkeypatch.setattr(enroll, "CLOSE_BOUND", 0.3)
+    desk = world.server.enrollment
+    pc = await connect(world, None, wire.ALPN_ENROLL)
+    await until(lambda: desk.open == 1, "the enrollment link is counted")
+    assert pc.transport is not None
+    pc.transport.pause_reading()  # reads nothing, answers nothing from now on
+    start = asyncio.get_running_loop().time()
+    await until(lambda: desk.open == 0, "the slot comes back")
+    assert asyncio.get_running_loop().time() - start < 5.0
+    pc.abort()
