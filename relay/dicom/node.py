@@ -739,7 +739,8 @@ class _Retrieval:
         except SessionEnded as exc:
             if self._resume(waiter, exc):
                 return
-            self.end = FinalResponse(exc.status, waiter.reason(exc)[: self.node.limits.max_text])
+            status = st.for_retrieve(exc.status)
+            self.end = FinalResponse(status, waiter.reason(exc)[: self.node.limits.max_text])
             return
         self.answered = True
         if isinstance(msg, Instance):

@@ -74,6 +74,9 @@ NOT_RESUMABLE: Final = frozenset(
 )
 
 
+AGENT_BUSY_REASON: Final = "the agent is busy (its limit for this device); try again later"
+
+
 class SessionEnded(Exception):
     """The stream ended without a final response: `status` and `reason` say why.
 
@@ -152,11 +155,7 @@ class Session:
                         self._cancel_sent = True
                         await self._write(stream, Cancel())
             except StreamResetError as exc:
-                reason = SessionEnded(
-                    st.LINK_LOST,
-                    f"relay link unavailable: {_why(exc)}",
-                    resumable=exc.code not in NOT_RESUMABLE,
-                )
+                reason = _reset_ended(exc, f"relay link unavailable: {_why(exc)}")
                 return
             except TimeoutError:
                 if opened is None:
@@ -187,11 +186,7 @@ class Session:
                 if self._final_seen:
                     return
         except StreamResetError as exc:
-            reason = SessionEnded(
-                st.LINK_LOST,
-                f"relay stream reset (code {exc.code})",
-                resumable=exc.code not in NOT_RESUMABLE,
-            )
+            reason = _reset_ended(exc, f"relay stream reset (code {exc.code})")
         except DicomProtocolError as exc:
             reason = SessionEnded(st.RELAY_PROTOCOL, f"bad message from the agent: {exc}")
             if self._stream is not None:
@@ -332,6 +327,15 @@ async def end_stream(stream: ByteStream, clean: bool) -> None:
                 await stream.write_eof()
                 return
     stream.reset(RESET_CANCEL)
+
+
+def _reset_ended(exc: StreamResetError, reason: str) -> SessionEnded:
+    """How a reset stream ends the operation. LIMIT_EXCEEDED is the agent's own refusal
+    for its limits (relay.agent.dispatch): out of resources, try again later; anything
+    else is the path failing (resumable unless it says something about the request)."""
+    if exc.code == ErrorCode.LIMIT_EXCEEDED:
+        return SessionEnded(st.AGENT_BUSY, AGENT_BUSY_REASON, resumable=False)
+    return SessionEnded(st.LINK_LOST, reason, resumable=exc.code not in NOT_RESUMABLE)
 
 
 def _why(exc: BaseException) -> str:

@@ -26,6 +26,11 @@ RELAY_PROTOCOL: Final = 0xC005  # a malformed message between workstation and ag
 RELAY_UNSUPPORTED: Final = 0xC006  # the agent cannot do this (e.g. retrieve: move not set up)
 BAD_IDENTIFIER: Final = 0xC007  # the identifier could not be decoded
 MOVE_DESTINATION_UNREACHABLE: Final = 0xC008  # a known C-MOVE destination does not answer
+# The agent refused the stream for its limits (LIMIT_EXCEEDED: this device's share of the
+# PACS operations, or all of them, are in use): C-FIND's "Refused: Out of resources";
+# a retrieve says it as SUBOPS_FAILED (for_retrieve), a store as STORE_OUT_OF_RESOURCES.
+# Viewers treat these as "try again later", which is what the agent means.
+AGENT_BUSY: Final = 0xA700
 NO_COUNTS: Final = 0xA701  # out of resources: unable to calculate number of matches
 SUBOPS_FAILED: Final = 0xA702  # out of resources: unable to perform sub-operations
 MOVE_DESTINATION_UNKNOWN: Final = 0xA801  # not in the node's destinations (PS3.4 C.4.2)
@@ -41,11 +46,23 @@ STORE_NOT_AUTHORIZED: Final = 0x0124
 
 def for_store(status: int) -> int:
     """Map a relay Q/R failure to its storage equivalent (see module docstring)."""
-    if status in (PACS_UNREACHABLE, PACS_REFUSED, PACS_NO_RESPONSE, LINK_LOST, RELAY_UNSUPPORTED):
+    if status in (
+        PACS_UNREACHABLE,
+        PACS_REFUSED,
+        PACS_NO_RESPONSE,
+        LINK_LOST,
+        RELAY_UNSUPPORTED,
+        AGENT_BUSY,
+    ):
         return STORE_OUT_OF_RESOURCES
     if status in (RELAY_PROTOCOL, BAD_IDENTIFIER):
         return STORE_CANNOT_UNDERSTAND
     return status
+
+
+def for_retrieve(status: int) -> int:
+    """C-GET and C-MOVE have no plain 0xA700: out of resources is 0xA701/0xA702 there."""
+    return SUBOPS_FAILED if status == AGENT_BUSY else status
 
 
 def for_echo(status: int) -> int:

@@ -262,7 +262,8 @@ async def test_a_refused_operation_fails_at_the_workstation_without_a_retry(
     with pytest.raises(SessionEnded) as info:
         await asyncio.to_thread(session.next_final, WAIT)
     session.close()
-    assert info.value.status == st.LINK_LOST
+    assert info.value.status == st.AGENT_BUSY
+    assert "busy" in info.value.reason
     assert st.for_store(info.value.status) == st.STORE_OUT_OF_RESOURCES
     assert not info.value.resumable
 

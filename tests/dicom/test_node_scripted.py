@@ -30,6 +30,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.node import DicomNode, move_proposals
 from relay.net.bytestream import ByteStream, pipe
+from relay.proto import ErrorCode
 from relay_dev import samples
 
 from . import viewer
@@ -280,6 +281,26 @@ def test_move_proposals_put_the_known_classes_first_then_the_common_ones() -> No
     many = list(contexts.STORAGE_CLASSES[:40])
     assert {str(cx.abstract_syntax) for cx in move_proposals(many, [])} <= set(many)
     assert len(move_proposals(many, [])) == contexts.MAX_CONTEXTS
+
+
+async def refused_for_limits(stream: ByteStream, codec: MessageCodec, request: Request) -> None:
+    """What the agent's dispatcher does over its per-device caps (relay.agent.dispatch)."""
+    stream.reset(ErrorCode.LIMIT_EXCEEDED)
+
+
+async def test_an_agent_at_its_limits_is_out_of_resources_for_a_get() -> None:
+    result = await with_agent(refused_for_limits, get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.final.Status == st.SUBOPS_FAILED  # C-GET's "Refused: Out of resources"
+    assert "busy" in str(result.final.ErrorComment)
+
+
+async def test_an_agent_at_its_limits_is_out_of_resources_for_a_find() -> None:
+    matches, final = await with_agent(
+        refused_for_limits, lambda port: viewer.find(port, query("STUDY", StudyInstanceUID=""))
+    )
+    assert matches == []
+    assert final.Status == st.AGENT_BUSY == 0xA700  # C-FIND's "Refused: Out of resources"
 
 
 async def test_find_passes_matches_and_the_final_status() -> None:
