@@ -10,11 +10,12 @@ multipart answers are written instance by instance as the series arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -32,7 +33,7 @@ from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
 from relay.workstation.dicomweb.retrieve import HeldInstance, Retriever, SeriesFlight
-from relay.workstation.dicomweb.settings import MAX_QUERY
+from relay.workstation.dicomweb.settings import DEFAULT_TIMEOUT, MAX_QUERY
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, is_uid
 
 __all__ = ["PREFIX", "DicomwebService", "build_app"]
@@ -81,6 +82,7 @@ class DicomwebService:
     headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
     stow_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STOW_CHECKS))
     max_requests: int = MAX_REQUESTS
+    write_timeout: float = DEFAULT_TIMEOUT  # s a streamed answer waits for the client (config)
     in_progress: int = 0  # requests being handled (answers being written included)
     requests_refused: int = 0  # 503: max_requests in progress
 
@@ -189,6 +191,22 @@ def _base(request: web.Request) -> str:
     return _service(request).base_url
 
 
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes | None) -> None:
+    """Write part of a streamed answer (None: its end). A client that reads nothing for
+    `write_timeout` seconds loses its connection: its handler, and the series memory the
+    answer holds (counted against hold_size meanwhile), must not wait forever."""
+    try:
+        async with asyncio.timeout(_service(request).write_timeout):
+            if data is None:
+                await response.write_eof()
+            else:
+                await response.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading") from None
+
+
 def _json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON,
                         headers=headers)  # fmt: skip
@@ -223,15 +241,17 @@ async def _flights(
 
 async def _instances(
     service: DicomwebService, study: str, series: str | None, sop: str | None
-) -> AsyncIterator[HeldInstance]:
+) -> AsyncGenerator[HeldInstance, None]:
     async for flight in _flights(service, study, series):
         if sop is not None:
             item = await flight.get(sop)
             if item is not None:
                 yield item
             return
-        async for item in flight.instances():
-            yield item
+        # closed at once when the answer ends: the flight counts its readers' memory
+        async with contextlib.aclosing(flight.instances()) as items:
+            async for item in items:
+                yield item
 
 
 async def _first(it: AsyncIterator[HeldInstance]) -> HeldInstance | None:
@@ -288,48 +308,60 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
         sop = _uid(request, "instance") if with_sop else None
         ranges = media.parse_accept(request.headers.get("Accept"))
         it = _instances(service, study, series, sop)
-        try:
-            first = await _first(it)
-        except UpstreamError as exc:
-            return _upstream(exc)
-        if first is None:
-            return _text(404, f"no such {_what(series, sop)}")
-        try:
-            part = media.negotiate(ranges, True, ("application/dicom",), first.transfer_syntax)
-        except media.AcceptError as exc:
-            return _text(406, str(exc))
-        boundary = media.new_boundary()
-        response = web.StreamResponse(
-            headers={"Content-Type": media.multipart_type(boundary, part)}
-        )
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        item: HeldInstance | None = first
-        while item is not None:
-            if item is not first:
-                try:  # the first instance's syntax was accepted; each must be
-                    media.negotiate(ranges, True, ("application/dicom",), item.transfer_syntax)
-                except media.AcceptError:
-                    log.warning("an instance in %s, which the client did not accept: answer "
-                                "cut", item.transfer_syntax)  # fmt: skip
-                    response.force_close()
-                    raise ConnectionResetError("transfer syntax not accepted") from None
-            ctype = media.part_type_with_ts(part, item.transfer_syntax)
-            await response.write(media.part_head(boundary, ctype))
-            await response.write(part10.wrap(item.sop_class, item.sop_instance,
-                                             item.transfer_syntax, item.data))  # fmt: skip
-            try:
-                item = await _first(it)
-            except UpstreamError as exc:
-                # Nothing half-received is served as complete: no closing delimiter.
-                log.warning("retrieval failed mid-answer (%d)", exc.http_status)  # _upstream
-                response.force_close()
-                raise ConnectionResetError("failed mid-answer") from None  # no reason: logged
-        await response.write(media.closing(boundary))
-        await response.write_eof()
-        return response
+        try:  # closed at once, whatever happens: a flight counts its readers' memory
+            return await _answer_instances(request, it, ranges, series, sop)
+        finally:
+            await it.aclose()
 
     return handler
+
+
+async def _answer_instances(
+    request: web.Request,
+    it: AsyncIterator[HeldInstance],
+    ranges: list[media.MediaRange],
+    series: str | None,
+    sop: str | None,
+) -> web.StreamResponse:
+    """The WADO-RS multipart answer, instance by instance as `it` brings them."""
+    try:
+        first = await _first(it)
+    except UpstreamError as exc:
+        return _upstream(exc)
+    if first is None:
+        return _text(404, f"no such {_what(series, sop)}")
+    try:
+        part = media.negotiate(ranges, True, ("application/dicom",), first.transfer_syntax)
+    except media.AcceptError as exc:
+        return _text(406, str(exc))
+    boundary = media.new_boundary()
+    response = web.StreamResponse(headers={"Content-Type": media.multipart_type(boundary, part)})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    item: HeldInstance | None = first
+    while item is not None:
+        if item is not first:
+            try:  # the first instance's syntax was accepted; each must be
+                media.negotiate(ranges, True, ("application/dicom",), item.transfer_syntax)
+            except media.AcceptError:
+                log.warning("an instance in %s, which the client did not accept: answer "
+                            "cut", item.transfer_syntax)  # fmt: skip
+                response.force_close()
+                raise ConnectionResetError("transfer syntax not accepted") from None
+        ctype = media.part_type_with_ts(part, item.transfer_syntax)
+        await _write(request, response, media.part_head(boundary, ctype))
+        wrapped = part10.wrap(item.sop_class, item.sop_instance, item.transfer_syntax, item.data)
+        await _write(request, response, wrapped)
+        try:
+            item = await _first(it)
+        except UpstreamError as exc:
+            # Nothing half-received is served as complete: no closing delimiter.
+            log.warning("retrieval failed mid-answer (%d)", exc.http_status)  # _upstream
+            response.force_close()
+            raise ConnectionResetError("failed mid-answer") from None  # no reason: logged
+    await _write(request, response, media.closing(boundary))
+    await _write(request, response, None)
+    return response
 
 
 def _metadata_of(item: HeldInstance, base: str, study: str, series: str) -> dict[str, Any]:
@@ -400,10 +432,10 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
                         response = web.StreamResponse(headers={"Content-Type": DICOM_JSON})
                         response.enable_chunked_encoding()
                         await response.prepare(request)
-                        await response.write(b"[")
+                        await _write(request, response, b"[")
                     else:
-                        await response.write(b",")
-                    await response.write(json.dumps(doc).encode())
+                        await _write(request, response, b",")
+                    await _write(request, response, json.dumps(doc).encode())
         except UpstreamError as exc:
             if response is None:
                 return _upstream(exc)
@@ -412,8 +444,8 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
             raise ConnectionResetError("failed mid-answer") from None  # no reason: logged
         if response is None:
             return _text(404, f"no such {_what(series, sop)}")
-        await response.write(b"]")
-        await response.write_eof()
+        await _write(request, response, b"]")
+        await _write(request, response, None)
         return response
 
     return handler

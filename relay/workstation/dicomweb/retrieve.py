@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -91,6 +91,7 @@ class SeriesFlight:
     final: FinalResponse | None = None  # the retrieve's final response (its counts)
     retrieving: bool = False  # not in the cache: being retrieved through the agent
     jumping: set[str] = field(default_factory=set)  # instances retrieved ahead (<= MAX_JUMPS)
+    readers: int = 0  # instances() iterations under way (answers being written, cache writes)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, item: HeldInstance) -> None:
@@ -110,18 +111,22 @@ class SeriesFlight:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def instances(self) -> AsyncIterator[HeldInstance]:
+    async def instances(self) -> AsyncGenerator[HeldInstance, None]:
         """Every instance, as soon as it is there; the flight's error at its end."""
         i = 0
-        while True:
-            while i < len(self.items):
-                yield self.items[i]
-                i += 1
-            if self.done:
-                if self.error is not None:
-                    raise self.error
-                return
-            await self._changed.wait()
+        self.readers += 1  # while read, its memory counts against hold_size (Retriever.held)
+        try:
+            while True:
+                while i < len(self.items):
+                    yield self.items[i]
+                    i += 1
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._changed.wait()
+        finally:
+            self.readers -= 1
 
     def mark_retrieving(self) -> None:
         self.retrieving = True
@@ -168,6 +173,9 @@ class Retriever:
         self.max_flights = max_flights
         self.max_held = max(1, max_held)
         self.flights: OrderedDict[tuple[str, str], SeriesFlight] = OrderedDict()
+        # Flights no longer held but still read (a slow viewer's answer): their memory
+        # counts against hold_size until their last reader ends (at most the request bound).
+        self.unlisted: list[SeriesFlight] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.writer = WriteThrough(cache.store, source, on_complete=self._cached) if cache else None
         self.retrievals = 0  # series retrieved through the agent
@@ -178,7 +186,13 @@ class Retriever:
 
     @property
     def held(self) -> int:
-        return sum(f.size for f in self.flights.values())
+        """Bytes of series in memory: held, and no longer held but still being read."""
+        return sum(f.size for f in self.flights.values()) + self.pinned()
+
+    def pinned(self) -> int:
+        """Bytes of flights no longer held that requests still read."""
+        self.unlisted = [f for f in self.unlisted if f.readers > 0]
+        return sum(f.size for f in self.unlisted)
 
     def running(self) -> int:
         return sum(not f.done for f in self.flights.values())
@@ -193,6 +207,8 @@ class Retriever:
             return flight
         if self.running() >= self.max_flights:
             raise UpstreamError(503, f"{self.max_flights} series retrievals already running")
+        if self.pinned() >= self.hold_size:
+            raise UpstreamError(503, "dicomweb.hold_size is taken by answers still being read")
         # Registered before the first await: a request arriving meanwhile joins this one.
         flight = SeriesFlight(study, series)
         self.flights[key] = flight
@@ -315,31 +331,40 @@ class Retriever:
             self._forget(flight)
 
     def _bound(self, growing: SeriesFlight) -> None:
-        """Evict finished series (least recently used first) until the holding fits in
-        `hold_size` bytes and `max_held` series. `growing` (the flight that changed) goes
-        last; finished and alone larger than `hold_size` (read from the cache), it goes
-        first, keeping the others; still retrieving and too large, it fails (507)."""
+        """Evict finished series no request reads (least recently used first) until the
+        memory (`held`: read ones included) fits in `hold_size` bytes and `max_held`
+        series. `growing` (the flight that changed) goes last; finished and alone larger
+        than `hold_size` (read from the cache), it goes first, keeping the others; still
+        retrieving and too large, it fails: 507 alone too large, else 503 (the memory is
+        taken by answers being read: the write timeout ends a stalled one)."""
+        total = self.held
         if growing.done and growing.size > self.hold_size:
             self._forget(growing)  # its requests have it; the next reads the cache again
-        total = self.held
+            total -= growing.size  # and it does not push the held ones out meanwhile
         kept = sum(f.done for f in self.flights.values())
         for key in list(self.flights):
             if total <= self.hold_size and kept <= self.max_held:
                 break
             other = self.flights[key]
-            if other is growing or not other.done:
-                continue
-            del self.flights[key]
+            if other is growing or not other.done or other.readers > 0:
+                continue  # a flight being read stays in memory held or not: kept to share
+            self._forget(other)
             total -= other.size
             kept -= 1
         if total > self.hold_size and not growing.done:
             self._forget(growing)
-            growing.finish(UpstreamError(507, "the series is larger than dicomweb.hold_size"))
+            if growing.size > self.hold_size:
+                growing.finish(UpstreamError(507, "the series is larger than dicomweb.hold_size"))
+            else:
+                growing.finish(UpstreamError(503, "dicomweb.hold_size is taken by answers "
+                                                  "still being read"))  # fmt: skip
 
     def _forget(self, flight: SeriesFlight) -> None:
         key = (flight.study, flight.series)
         if self.flights.get(key) is flight:
             del self.flights[key]
+            if flight.readers > 0:
+                self.unlisted.append(flight)
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -351,3 +376,4 @@ class Retriever:
             if not flight.done:
                 flight.finish(UpstreamError(503, "the workstation is stopping"))
         self.flights.clear()
+        self.unlisted.clear()

@@ -107,7 +107,7 @@ class DicomwebServer:
         )
         used = headfirst if config.headers_first else None
         self.service = DicomwebService(source, retriever, metrics, config.max_upload,
-                                       headfirst=used)  # fmt: skip
+                                       headfirst=used, write_timeout=config.timeout)  # fmt: skip
         self.app = build_app(self.service, extra_routes)
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
