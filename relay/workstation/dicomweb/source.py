@@ -72,6 +72,7 @@ _REASONS: Final = {
     st.PACS_NO_RESPONSE: "the PACS did not answer",
     st.LINK_LOST: "the relay link was lost",
     st.RELAY_UNSUPPORTED: "the agent cannot do this",
+    st.AGENT_BUSY: "the agent is busy",
 }
 
 
@@ -100,10 +101,12 @@ class FindResult:
 
 
 def _failure(final: FinalResponse, what: str) -> UpstreamError:
+    """502 (the PACS or the path failed), or 503 when the agent refused the operation for
+    its limits (st.AGENT_BUSY): the viewer may try again shortly (Retry-After)."""
     reason = _REASONS.get(final.status, f"{what} failed with status 0x{final.status:04X}")
     if final.comment:
         reason = f"{reason}: {final.comment}"
-    return UpstreamError(502, reason)
+    return UpstreamError(503 if final.status == st.AGENT_BUSY else 502, reason)
 
 
 def retrieve_failure(final: FinalResponse) -> UpstreamError | None:

@@ -173,6 +173,9 @@ def test_retrieve_failure_vouches_only_for_success_without_failures() -> None:
         assert error is not None and error.http_status == 502, final
     unreachable = retrieve_failure(FinalResponse(st.PACS_UNREACHABLE))
     assert unreachable is not None and unreachable.reason == "the PACS is unreachable"
+    busy = retrieve_failure(FinalResponse(st.AGENT_BUSY, comment="try again later"))
+    assert busy is not None and busy.http_status == 503  # the agent's limits: retry soon
+    assert busy.reason == "the agent is busy: try again later"
 
 
 # -- B: a series read from the cache -------------------------------------------------------
