@@ -82,3 +82,6 @@ KIND_REFUSAL: Final = "refusal"
 """Gateway -> agent: a refused device link, for the audit trail."""
 KIND_ENROLL_RESULT: Final = "enroll-result"
 """Agent -> gateway: the outcome of an enrollment, for the gateway's metrics."""
+KIND_HELLO: Final = "hello"
+"""Agent <-> gateway: the "revoke" versions each end speaks (the agent first, the gateway
+answers once); an end that does not know the kind ignores it."""

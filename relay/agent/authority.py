@@ -5,8 +5,9 @@ the certificate lifetime, and offers exactly what the agent's links need:
 
 - `serve_enroll(stream)` / `serve_renew(stream)`: target handlers for `enroll` and
   `renew` streams (they also tell the gateway the enrollment result, for its metrics);
-- `revocation_snapshot()`: the "revoke" bodies to send first on every new gateway link
-  (blocking: it may sign many notices; the caller runs it in a worker thread);
+- `revocation_snapshot(signed=...)`: the "revoke" bodies to send first on every new
+  gateway link, version 1, then version 2 to a gateway that takes it (blocking: it may
+  sign many notices; the caller runs it in a worker thread);
 - `poll_revocations()`: incremental "revoke" bodies for devices revoked since the last
   call (by `relay device revoke` in another process), to send on every link;
   both carry each device's notice signed with the site CA key (relay.agent.notices);
@@ -257,13 +258,18 @@ class DeviceAuthority:
     def _uri(self, name: str) -> str:
         return Identity.device(self.trust_domain, self.site, name).uri
 
-    def revocation_snapshot(self) -> list[bytes]:
+    def revocation_snapshot(self, *, signed: bool = True) -> list[bytes]:
         """Bodies of a full "revoke" list: send them, in order, first on every new link.
+        `signed`: version 2, with notices; else version 1 (ids only: what any gateway
+        takes, and cheap: nothing to sign).
 
         Independent of poll_revocations(): a device revoked just before a link comes up
         is in this list and also in the next incremental push (harmless twice).
         """
-        return self._bodies(self.registry.revocations(), full=True)
+        revocations = self.registry.revocations()
+        if not signed:
+            return encode_revocations([self._uri(name) for name in revocations], full=True)
+        return self._bodies(revocations, full=True)
 
     def _bodies(self, revocations: dict[str, datetime], *, full: bool) -> list[bytes]:
         """ "revoke" bodies for these devices (name -> revocation time), with notices."""

@@ -33,11 +33,23 @@ refusals the gateway did not report since the previous one (it rate-limits repor
 
 kind "enroll-result" (agent -> the gateway that carried the enrollment stream), body
 JSON {"v": 1, "result": "expired"}: lets the gateway count enrollment outcomes by result
-in its metrics, since the exchange itself is opaque to it. A gateway closes the link on
-a result it does not know, so a gateway announces the version of ENROLL_RESULTS it
-counts on each enrollment stream it forwards (header `x-relay-enroll-results`), and the
-agent sends a newer label only to a gateway that announced it
-(`enroll_result_for_gateway`: "burnt" is "reused" for an older gateway).
+in its metrics, since the exchange itself is opaque to it. An older gateway closes the
+link on a result it does not know, so a gateway announces the version of ENROLL_RESULTS
+it counts on each enrollment stream it forwards (header `x-relay-enroll-results`), and
+the agent sends a newer label only to a gateway that announced it
+(`enroll_result_for_gateway`: "burnt" is "reused" for an older gateway). A current
+gateway counts a label it does not know as ENROLL_RESULT_OTHER and keeps the link.
+
+kind "hello" (both ways on an agent link), body JSON {"v": 1, "revoke": [1, 2]}: the
+"revoke" versions the sender speaks. The agent sends it first on every link, before its
+version-1 full list (which any gateway takes, so the site is routed at once); a current
+gateway answers it once with the versions it accepts, and from then on the agent sends
+that link the highest version both speak: a version-2 full list, then version-2
+increments (relay/agent/linktrust.py). An older gateway ignores the unknown kind and
+never answers, so it gets version 1 for as long as the link lives; an older agent never
+says hello and ignores the answer. At most MAX_HELLO bytes; unknown keys, and versions
+it does not know in "revoke", are ignored, so a later hello may say more (a later "v"
+keeps "revoke").
 """
 
 from __future__ import annotations
@@ -49,37 +61,52 @@ from dataclasses import dataclass
 from typing import Final
 
 from relay.trust.identity import IdentityError, parse_spiffe_uri
-from relay.wire import KIND_ENROLL_RESULT, KIND_REFUSAL, KIND_REVOKE
+from relay.wire import KIND_ENROLL_RESULT, KIND_HELLO, KIND_REFUSAL, KIND_REVOKE
 
 __all__ = [
     "ENROLL_RESULTS",
     "ENROLL_RESULTS_VERSION",
+    "ENROLL_RESULT_OTHER",
     "KIND_ENROLL_RESULT",
+    "KIND_HELLO",
     "KIND_REFUSAL",
     "KIND_REVOKE",
     "MAX_BODY",
+    "MAX_HELLO",
     "MAX_NOTICE",
     "MAX_PARTS",
     "MAX_REVOKED",
     "REVOKED_REASON",
+    "REVOKE_VERSION",
+    "REVOKE_VERSIONS",
+    "Hello",
     "Refusal",
     "RevocationAssembler",
     "RevocationError",
     "RevocationList",
     "RevocationUpdate",
     "decode_enroll_result",
+    "decode_hello",
     "decode_refusal",
     "decode_revocations",
     "encode_enroll_result",
+    "encode_hello",
     "encode_refusal",
     "encode_revocations",
     "enroll_result_for_gateway",
+    "enroll_result_label",
     "goaway_reason",
+    "increment_without_notices",
     "notice_in_reason",
 ]
 
 VERSION: Final = 1  # refusal, enroll-result, and "revoke" without notices (older agents)
 REVOKE_VERSION: Final = 2  # "revoke" with a signed notice per device
+#: The "revoke" versions this code sends and takes, announced in its "hello".
+REVOKE_VERSIONS: Final = (VERSION, REVOKE_VERSION)
+#: Largest "hello" body taken (today's is 22 bytes), and most versions read from it.
+MAX_HELLO: Final = 1024
+MAX_HELLO_VERSIONS: Final = 16
 #: Largest body we produce or accept: fits the protocol's minimum MAX_FRAME (16 KiB)
 #: with the frame header and the kind, so it can be sent before the peer's SETTINGS.
 MAX_BODY: Final = 15 * 1024
@@ -134,6 +161,9 @@ ENROLL_RESULTS_VERSION: Final = 2
 #: Labels added after version 1, and the version-1 label a gateway that does not
 #: announce a newer version is sent instead.
 _STAND_INS_V1: Final = {"burnt": "reused"}
+#: The metric label a gateway counts a well-formed result it does not know under (a
+#: newer agent's): a label is only a metric, not worth the agent link.
+ENROLL_RESULT_OTHER: Final = "other"
 
 
 class RevocationError(ValueError):
@@ -144,15 +174,21 @@ def _dumps(value: dict[str, object]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def _loads(body: bytes, what: str, versions: tuple[int, ...] = (VERSION,)) -> dict[str, object]:
-    if len(body) > MAX_BODY:
-        raise RevocationError(f"{what} message larger than {MAX_BODY} bytes")
+def _object(body: bytes, what: str, limit: int) -> dict[str, object]:
+    """The JSON object of a body of at most `limit` bytes; RevocationError otherwise."""
+    if len(body) > limit:
+        raise RevocationError(f"{what} message larger than {limit} bytes")
     try:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise RevocationError(f"{what} message is not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise RevocationError(f"{what} message is not a JSON object")
+    return value
+
+
+def _loads(body: bytes, what: str, versions: tuple[int, ...] = (VERSION,)) -> dict[str, object]:
+    value = _object(body, what, MAX_BODY)
     version = value.get("v")
     if isinstance(version, bool) or version not in versions:
         raise RevocationError(f"{what} message has unsupported version {value.get('v')!r}")
@@ -300,6 +336,17 @@ def decode_revocations(body: bytes) -> RevocationUpdate:
     return RevocationUpdate(ids, full, part, parts, notices, version)
 
 
+def increment_without_notices(body: bytes) -> list[bytes]:
+    """The version-1 form of an incremental "revoke" body, for a gateway that did not
+    announce version 2 (the same devices, no notices; a version-1 body as it is)."""
+    update = decode_revocations(body)
+    if update.full:
+        raise RevocationError("a full list is rebuilt for its version, not converted")
+    if update.version == VERSION:
+        return [body]
+    return encode_revocations(update.devices, full=False)
+
+
 class RevocationAssembler:
     """Joins the parts of a full snapshot arriving on one agent link (one per link).
 
@@ -394,8 +441,9 @@ class RevocationList:
 
         Returns the ids revoked by it that were not revoked before, sorted: the gateway
         closes their live links. A snapshot replaces the site's set (so a device removed
-        from the agent's list is let in again). An incremental update without notices
-        (an older agent) keeps a notice already held for the same device.
+        from the agent's list is let in again). An update without notices (version 1: an
+        older agent, or a current one before its version-2 list, or another link of the
+        site's agents still on version 1) keeps a notice already held for the same device.
         """
         for uri in update.devices:
             identity = parse_spiffe_uri(uri)
@@ -405,13 +453,11 @@ class RevocationList:
             raise RevocationError("revoke update: one notice per device")
         notices = update.notices or ("",) * len(update.devices)
         current = self._by_site.get(site, {})
+        new: dict[str, str] = {} if update.full else dict(current)
+        for uri, notice in zip(update.devices, notices, strict=True):
+            new[uri] = notice or current.get(uri, "")
         if update.full:
-            new = dict(zip(update.devices, notices, strict=True))
             self._complete.add(site)
-        else:
-            new = dict(current)
-            for uri, notice in zip(update.devices, notices, strict=True):
-                new[uri] = notice or current.get(uri, "")
         if len(new) > MAX_REVOKED:
             raise RevocationError(f"more than {MAX_REVOKED} revoked devices for site {site!r}")
         added = sorted(new.keys() - current.keys())
@@ -513,10 +559,60 @@ def enroll_result_for_gateway(result: str, announced: str | None) -> str:
     return _STAND_INS_V1.get(result, result)
 
 
+class UnknownEnrollResult(RevocationError):
+    """A well-formed enroll-result whose label this side does not know (a newer agent's)."""
+
+
 def decode_enroll_result(body: bytes) -> str:
     value = _loads(body, "enroll-result")
     _exact_keys(value, {"v", "result"}, "enroll-result")
     result = value["result"]
-    if not isinstance(result, str) or result not in ENROLL_RESULTS:
-        raise RevocationError(f"unknown enrollment result {result!r}")
+    if not isinstance(result, str) or not _REASON_RE.fullmatch(result):
+        raise RevocationError("enroll-result: 'result' must be 1-32 of a-z 0-9 _")
+    if result not in ENROLL_RESULTS:
+        raise UnknownEnrollResult(f"unknown enrollment result {result!r}")
     return result
+
+
+def enroll_result_label(body: bytes) -> str:
+    """The metric label of an enroll-result: its result, or ENROLL_RESULT_OTHER for a
+    label this gateway does not know. RevocationError only if the body is malformed."""
+    try:
+        return decode_enroll_result(body)
+    except UnknownEnrollResult:
+        return ENROLL_RESULT_OTHER
+
+
+# --- hello ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the other end of an agent link said it speaks: its "revoke" versions."""
+
+    revoke: frozenset[int]
+
+    def revoke_version(self) -> int:
+        """The highest "revoke" version both ends speak (VERSION if none in common)."""
+        common = self.revoke & set(REVOKE_VERSIONS)
+        return max(common, default=VERSION)
+
+
+def encode_hello(revoke: Iterable[int] = REVOKE_VERSIONS) -> bytes:
+    return _dumps({"v": VERSION, "revoke": sorted(set(revoke))})
+
+
+def decode_hello(body: bytes) -> Hello:
+    """Parse a "hello": "v" an integer >= 1 (a later one keeps "revoke"), "revoke" a list
+    of at most MAX_HELLO_VERSIONS positive integers; other keys are ignored."""
+    value = _object(body, "hello", MAX_HELLO)
+    version = value.get("v")
+    if isinstance(version, bool) or not isinstance(version, int) or version < VERSION:
+        raise RevocationError(f"hello message has unsupported version {version!r}")
+    revoke = value.get("revoke")
+    if not isinstance(revoke, list) or len(revoke) > MAX_HELLO_VERSIONS:
+        raise RevocationError(f"hello: 'revoke' must be a list of at most {MAX_HELLO_VERSIONS}")
+    for item in revoke:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item < 2**31:
+            raise RevocationError("hello: 'revoke' versions must be positive integers")
+    return Hello(frozenset(revoke))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import re
 import threading
@@ -32,9 +33,17 @@ from relay.net import tls
 from relay.net.aio import Link
 from relay.net.dialer import dial
 from relay.ops.config import Address
-from relay.proto import LinkSettings
-from relay.trust.revocation import Refusal, decode_revocations, encode_refusal
-from relay.wire import KIND_REFUSAL, KIND_REVOKE
+from relay.proto import ErrorCode, LinkSettings
+from relay.trust.revocation import (
+    Refusal,
+    RevocationAssembler,
+    RevocationList,
+    decode_hello,
+    decode_revocations,
+    encode_hello,
+    encode_refusal,
+)
+from relay.wire import KIND_HELLO, KIND_REFUSAL, KIND_REVOKE
 from tests.ends_helpers import agent_config, wait_until
 from tests.pki_helpers import HOST, SitePki, make_pki
 
@@ -46,25 +55,40 @@ SUPPRESSED = re.compile(r"\((\d+) similar refusals not reported\)")
 
 
 class HostileGateway:
-    """The gateway end of each agent link that reaches the listener, in arrival order."""
+    """The gateway end of each agent link that reaches the listener, in arrival order.
 
-    def __init__(self) -> None:
+    `speaks`: "anything" takes every "revoke" and never answers a hello (the test may,
+    on `far`); "old" is a gateway of the release before signed notices (52fd8a6): it
+    never answers a hello (an unknown kind, ignored) and closes the agent link with
+    PROTOCOL_ERROR on a "revoke" of any version but 1, as its AgentControl did.
+    """
+
+    def __init__(self, speaks: str = "anything") -> None:
+        self.speaks = speaks
         self.links: asyncio.Queue[Link] = asyncio.Queue()
         self.revoked: asyncio.Queue[bytes] = asyncio.Queue()  # "revoke" bodies from agents
+        self.hellos: asyncio.Queue[bytes] = asyncio.Queue()  # "hello" bodies from agents
         self.port = 0
 
     def factory(self) -> Link:
         link = Link(client=False, settings=LinkSettings(), name="hostile gateway")
-        link.on_control = lambda kind, body: (
-            self.revoked.put_nowait(body) if kind == KIND_REVOKE else None
-        )
+        link.on_control = functools.partial(self._on_control, link)
         self.links.put_nowait(link)
         return link
 
+    def _on_control(self, link: Link, kind: str, body: bytes) -> None:
+        if kind == wire.KIND_HELLO:
+            self.hellos.put_nowait(body)
+        elif kind == KIND_REVOKE:
+            if self.speaks == "old" and decode_revocations(body).version != 1:
+                link.close(ErrorCode.PROTOCOL_ERROR, "bad control message")
+                return
+            self.revoked.put_nowait(body)
+
 
 @contextlib.asynccontextmanager
-async def hostile_gateway(site: SitePki) -> AsyncIterator[HostileGateway]:
-    gateway = HostileGateway()
+async def hostile_gateway(site: SitePki, speaks: str = "anything") -> AsyncIterator[HostileGateway]:
+    gateway = HostileGateway(speaks)
     ctx = tls.server_context(site.gateway.cert, site.gateway.key, site.ca)
     server = await asyncio.get_running_loop().create_server(gateway.factory, HOST, 0, ssl=ctx)
     gateway.port = server.sockets[0].getsockname()[1]
@@ -330,9 +354,10 @@ async def test_the_agent_exports_the_counts_and_writes_what_is_held_at_shutdown(
 
 
 async def test_the_list_is_built_off_the_loop_and_increments_follow_it(tmp_path: Path) -> None:
-    """The full list signs a notice per device: it is built in a worker thread while the
-    loop runs on, and an increment pushed meanwhile reaches that link after it, never
-    before (a snapshot read before the revocation would otherwise undo it)."""
+    """The full list is built in a worker thread while the loop runs on, and an increment
+    pushed meanwhile reaches that link after it, never before (a snapshot read before
+    the revocation would otherwise undo it). A gateway that never answers the hello gets
+    both in version 1."""
     site = make_pki(tmp_path / "pki")
     audit = AuditLog(tmp_path / "audit.log", source_id="a", site="main")
     authority = authority_with_trail(site, tmp_path / "state", audit)
@@ -340,10 +365,10 @@ async def test_the_list_is_built_off_the_loop_and_increments_follow_it(tmp_path:
     building, release = threading.Event(), threading.Event()
     real = authority.revocation_snapshot
 
-    def slow_snapshot() -> list[bytes]:
+    def slow_snapshot(*, signed: bool = True) -> list[bytes]:
         building.set()
         assert release.wait(WAIT)
-        return real()
+        return real(signed=signed)
 
     authority.revocation_snapshot = slow_snapshot  # type: ignore[method-assign]
     links: list[Link] = []
@@ -358,8 +383,140 @@ async def test_the_list_is_built_off_the_loop_and_increments_follow_it(tmp_path:
         release.set()
         first = await asyncio.wait_for(gateway.revoked.get(), WAIT)
         second = await asyncio.wait_for(gateway.revoked.get(), WAIT)
-    assert decode_revocations(first).full and decode_revocations(first).version == 2
+    assert decode_revocations(first).full and decode_revocations(first).version == 1
     increment_seen = decode_revocations(second)
     assert not increment_seen.full and DEVICE + "ws1" in increment_seen.devices
+    assert increment_seen.version == 1
+    trust.close()
+    authority.close()
+
+
+async def test_an_old_gateway_gets_version_1_and_keeps_the_site_routed(tmp_path: Path) -> None:
+    """The whole agent against a gateway of the release before signed notices, which
+    closes the agent link on a version-2 list: the agent's site is routed at once (a
+    version-1 full list first) and stays so; a revocation reaches it in version 1, on
+    the same link (no PROTOCOL_ERROR close, no redial)."""
+    site = make_pki(tmp_path / "pki")
+    async with hostile_gateway(site, speaks="old") as gateway:
+        config = replace(
+            agent_config(site, tmp_path, [gateway.port], {}),
+            pki=PkiFiles(site.ca, site.directory / "ca.key"),
+        )
+        stop = asyncio.Event()
+        started: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            run_agent(config, stop=stop, started=started.set_result, handle_signals=False)
+        )
+        try:
+            agent = await asyncio.wait_for(started, WAIT)
+            far = await asyncio.wait_for(gateway.links.get(), WAIT)
+            hello = decode_hello(await asyncio.wait_for(gateway.hellos.get(), WAIT))
+            assert hello.revoke == {1, 2}  # said, and ignored by this gateway
+            first = decode_revocations(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+            assert first.full and first.version == 1
+            assert agent.authority is not None
+            agent.trust.push(agent.authority.revoke("ws1"))
+            pushed = decode_revocations(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+            assert (pushed.full, pushed.version, pushed.devices) == (False, 1, (DEVICE + "ws1",))
+            assert not far.closed.done()
+            assert gateway.links.empty()  # never dialled again
+            (stats,) = [kept.stats for kept in agent.gateways.links.values()]
+            assert (stats.connects, stats.failures) == (1, 0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+
+
+def held_by_a_gateway(bodies: list[bytes]) -> RevocationList:
+    """What a gateway of the current code holds after these "revoke" bodies, in order."""
+    revoked, assembler = RevocationList("hospital.test"), RevocationAssembler()
+    for body in bodies:
+        update = assembler.feed(decode_revocations(body))
+        if update is not None:
+            revoked.apply("main", update)
+    return revoked
+
+
+async def test_the_switch_to_version_2_loses_no_increment(tmp_path: Path) -> None:
+    """Version 1 until the gateway answers the hello, then a version-2 full list built in
+    a worker thread: an increment sent in version 1 before is in that list (read after
+    it), one pushed while it is built follows it; the gateway ends with the union, every
+    device with its notice."""
+    site = make_pki(tmp_path / "pki")
+    audit = AuditLog(tmp_path / "audit.log", source_id="a", site="main")
+    authority = authority_with_trail(site, tmp_path / "state", audit)
+    authority.registry.revoke("old", dt.datetime.now(dt.UTC))
+    building, release = threading.Event(), threading.Event()
+    real = authority.revocation_snapshot
+
+    def slow_signed_snapshot(*, signed: bool = True) -> list[bytes]:
+        if signed:
+            building.set()
+            assert release.wait(WAIT)
+        return real(signed=signed)
+
+    authority.revocation_snapshot = slow_signed_snapshot  # type: ignore[method-assign]
+    links: list[Link] = []
+    trust = LinkTrust(authority, lambda: links)
+    received: list[bytes] = []
+    async with hostile_gateway(site) as gateway, agent_link(site, gateway, trust) as (link, far, _):
+        links.append(link)
+        assert decode_hello(await asyncio.wait_for(gateway.hellos.get(), WAIT)).revoke == {1, 2}
+        received.append(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+        trust.push(authority.revoke("ws1"))  # before the gateway answered: version 1
+        received.append(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+        far.send_control(KIND_HELLO, encode_hello())
+        await asyncio.to_thread(building.wait, WAIT)  # the version-2 list is being read
+        trust.push(authority.revoke("ws2"))  # must follow that list, not precede it
+        release.set()
+        received.append(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+        received.append(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+    updates = [decode_revocations(body) for body in received]
+    assert [(u.full, u.version) for u in updates] == [(True, 1), (False, 1), (True, 2), (False, 2)]
+    assert DEVICE + "ws2" in updates[3].devices
+    held = held_by_a_gateway(received)
+    for name in ("old", "ws1", "ws2"):
+        assert held.is_revoked(DEVICE + name) and held.notice(DEVICE + name), name
+    trust.close()
+    authority.close()
+
+
+async def test_the_agent_ignores_what_it_does_not_know_from_a_gateway(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A control kind it does not know, a malformed hello and a hello with no version in
+    common: the link stays up, and the gateway keeps getting version 1."""
+    site = make_pki(tmp_path / "pki")
+    audit = AuditLog(tmp_path / "audit.log", source_id="a", site="main")
+    authority = authority_with_trail(site, tmp_path / "state", audit)
+    links: list[Link] = []
+    trust = LinkTrust(authority, lambda: links)
+    caplog.set_level(logging.DEBUG, logger="relay.agent.linktrust")
+    async with (
+        hostile_gateway(site) as gateway,
+        agent_link(site, gateway, trust) as (
+            link,
+            far,
+            done,
+        ),
+    ):
+        links.append(link)
+        first = decode_revocations(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+        assert first.version == 1
+        far.send_control("capabilities", b'{"v": 9, "anything": [1, 2]}')
+        far.send_control(KIND_HELLO, b"\xff not a hello")
+        far.send_control(KIND_HELLO, encode_hello([7]))
+        far.send_control(DONE, b"")
+        await asyncio.wait_for(done.wait(), WAIT)
+        trust.push(authority.revoke("ws1"))  # after a version-2 list, had one been started
+        pushed = decode_revocations(await asyncio.wait_for(gateway.revoked.get(), WAIT))
+        assert (pushed.full, pushed.version) == (False, 1)
+        assert not link.closed.done() and not far.closed.done()
+    messages = [r.getMessage() for r in caplog.records]
+    assert "unknown control message ignored" in messages
+    assert (
+        messages.count("gateway sent a malformed hello; it keeps getting version-1 revocations")
+        == 1
+    )
     trust.close()
     authority.close()

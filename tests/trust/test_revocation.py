@@ -1,4 +1,5 @@
-"""The agent <-> gateway control messages: revoke (incremental and full), refusal, enroll-result."""
+"""The agent <-> gateway control messages: revoke (incremental and full), refusal,
+enroll-result, hello."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from hypothesis import strategies as st
 
 from relay.proto import Connection, ControlReceived, LinkSettings
 from relay.trust.revocation import (
+    ENROLL_RESULT_OTHER,
     ENROLL_RESULTS,
     KIND_REFUSAL,
     KIND_REVOKE,
     MAX_BODY,
+    MAX_HELLO,
     MAX_NOTICE,
     REVOKED_REASON,
     Refusal,
@@ -27,12 +30,16 @@ from relay.trust.revocation import (
     RevocationList,
     RevocationUpdate,
     decode_enroll_result,
+    decode_hello,
     decode_refusal,
     decode_revocations,
     encode_enroll_result,
+    encode_hello,
     encode_refusal,
     encode_revocations,
+    enroll_result_label,
     goaway_reason,
+    increment_without_notices,
     notice_in_reason,
 )
 
@@ -293,9 +300,13 @@ def test_the_list_keeps_each_notice_beside_its_device() -> None:
     new = NOTICE[:-1] + "n"
     assert revoked.apply("main", RevocationUpdate((dev("c"),), False, notices=(new,))) == []
     assert revoked.notice(dev("c")) == new
-    # A snapshot replaces the site's notices with its own.
+    # A snapshot replaces the site's set; one without notices (version 1: a current
+    # agent's first list on a new link, before its version 2) keeps those held.
     revoked.apply("main", RevocationUpdate((dev("a"),), True))
-    assert revoked.notice(dev("a")) == "" and not revoked.is_revoked(dev("b"))
+    assert revoked.notice(dev("a")) == a and not revoked.is_revoked(dev("b"))
+    assert not revoked.is_revoked(dev("c"))
+    revoked.apply("main", RevocationUpdate((dev("a"),), True, notices=(new,), version=2))
+    assert revoked.notice(dev("a")) == new
     with pytest.raises(RevocationError, match="one notice per device"):
         revoked.apply("main", RevocationUpdate((dev("a"), dev("b")), True, notices=(a,)))
 
@@ -368,6 +379,62 @@ def test_enroll_result_round_trip() -> None:
         encode_enroll_result("made_up")
     with pytest.raises(RevocationError):
         decode_enroll_result(b'{"v":1,"result":"made_up"}')
+
+
+def test_a_gateway_counts_a_label_it_does_not_know_as_other() -> None:
+    """A newer agent's label is a metric the gateway cannot name, not a broken peer."""
+    assert enroll_result_label(encode_enroll_result("burnt")) == "burnt"
+    assert enroll_result_label(b'{"v":1,"result":"made_up"}') == ENROLL_RESULT_OTHER
+    assert ENROLL_RESULT_OTHER not in ENROLL_RESULTS
+    for malformed in (b"\xff", b'{"v":1,"result":"Not A Label"}', b'{"v":1,"result":7}'):
+        with pytest.raises(RevocationError):
+            enroll_result_label(malformed)
+
+
+def test_hello_round_trip_and_what_each_end_speaks() -> None:
+    hello = decode_hello(encode_hello())
+    assert hello.revoke == {1, 2} and hello.revoke_version() == 2
+    assert json.loads(encode_hello()) == {"v": 1, "revoke": [1, 2]}
+    assert decode_hello(encode_hello([1])).revoke_version() == 1
+    assert decode_hello(encode_hello([7])).revoke_version() == 1  # nothing in common
+    # A later hello: another "v", more keys, versions we do not speak; read what we know.
+    later = decode_hello(b'{"v": 4, "revoke": [2, 3, 9], "compress": ["zstd"]}')
+    assert later.revoke_version() == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff",
+        b"[1, 2]",
+        b'{"revoke": [1, 2]}',
+        b'{"v": true, "revoke": [1]}',
+        b'{"v": 0, "revoke": [1]}',
+        b'{"v": "1", "revoke": [1]}',
+        b'{"v": 1}',
+        b'{"v": 1, "revoke": 2}',
+        b'{"v": 1, "revoke": [true]}',
+        b'{"v": 1, "revoke": [0]}',
+        b'{"v": 1, "revoke": [1.5]}',
+        b'{"v": 1, "revoke": [' + b",".join([b"1"] * 17) + b"]}",
+        b'{"v": 1, "revoke": [1], "pad": "' + b"x" * MAX_HELLO + b'"}',
+    ],
+)
+def test_a_malformed_hello_is_refused(body: bytes) -> None:
+    with pytest.raises(RevocationError):
+        decode_hello(body)
+
+
+def test_an_increment_for_an_older_gateway_drops_the_notices() -> None:
+    notices = {dev("a"): NOTICE, dev("b"): NOTICE}
+    (signed,) = encode_revocations(notices, full=False, notices=notices)
+    (plain,) = increment_without_notices(signed)
+    update = decode_revocations(plain)
+    assert (update.version, update.full, update.devices) == (1, False, (dev("a"), dev("b")))
+    assert increment_without_notices(plain) == [plain]
+    (full,) = encode_revocations(notices, full=True, notices=notices)
+    with pytest.raises(RevocationError, match="full list"):
+        increment_without_notices(full)
 
 
 def test_module_imports_nothing_the_gateway_must_not_load() -> None:
