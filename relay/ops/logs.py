@@ -10,7 +10,8 @@ value (as a log record and as a Python warning). Unless the role runs at debug,
 later), drops their records below warning and withholds the text of the others (a few
 fixed messages pass). Any record's exception that went through their code keeps only its
 type, and another library's message about such an exception (asyncio's) is withheld.
-Python warnings are routed into logging so that the filter sees them too.
+Python warnings and exceptions that end a thread are routed into logging so that the
+filter sees them too.
 At debug everything passes: debug logs may contain patient data (README says so).
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from typing import Any, Final, TextIO
 
@@ -153,6 +155,19 @@ def set_level(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.INFO if debug else logging.WARNING)
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (pynetdicom's, our workers'): through the filtered
+    handler, not printed whole to stderr, where its text could quote a value."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("relay.threads").error(
+        "a thread ended with an exception",
+        exc_info=args.exc_value,
+        extra={"thread_name": name[:64]},
+    )
+
+
 def setup_logging(role: str, level: str = "info", stream: TextIO | None = None) -> None:
     """Replace root handlers with one filtered JSON handler on stdout (or `stream`)."""
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
@@ -160,4 +175,5 @@ def setup_logging(role: str, level: str = "info", stream: TextIO | None = None) 
     handler.addFilter(PatientDataFilter())
     logging.getLogger().handlers[:] = [handler]
     logging.captureWarnings(True)  # pydicom warns with values: through the filter, not stderr
+    threading.excepthook = _log_thread_exception  # and threads' deaths too
     set_level(level)

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Start]:
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored after
 
     def start(level: str) -> Captured:
         out = io.StringIO()
@@ -202,3 +204,23 @@ def test_warning_level_drops_library_info_and_keeps_the_rest(setup: Start, canar
         "TCP Initialisation Error: [Errno 111] Connection refused",
         "gateway link lost",
     ]
+
+
+def test_a_thread_that_dies_of_a_value_is_logged_by_type_not_printed(
+    setup: Start, canary: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python prints a thread's uncaught exception, text and all, to stderr, past every
+    filter; pynetdicom and our workers are threads."""
+    captured = setup("info")
+
+    def dies() -> None:
+        valuerep.IS(canary)  # pydicom's ValueError quotes the value
+
+    worker = threading.Thread(target=dies, name="worker")
+    worker.start()
+    worker.join()
+    (entry,) = [e for e in captured.entries() if e["logger"] == "relay.threads"]
+    assert entry["level"] == "error" and entry["thread_name"] == "worker"
+    assert entry["error"] == "ValueError (text withheld below debug)"
+    assert canary not in captured.text()
+    assert canary not in capsys.readouterr().err
