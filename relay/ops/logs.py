@@ -44,6 +44,10 @@ _SAFE_MESSAGES: Final = re.compile(
     r"|No accepted presentation contexts"
     r"|Move SCP: Unable to associate with destination AE"
 )
+# asyncio's report of a failed call_soon/call_later callback: "Exception in callback
+# f(arg, ...)" quotes the arguments (a study UID, say); the traceback that follows does not.
+_CALLBACK_HEAD: Final = "Exception in callback "
+CALLBACK_FAILED: Final = "Exception in a callback (its arguments withheld below debug)"
 # What logging.captureWarnings logs: "path:lineno: Category: text...".
 _WARNING_HEAD: Final = re.compile(r"(?:.*/)?([^/:]+):(\d+): (\w+):")
 
@@ -85,6 +89,8 @@ class PatientDataFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
             return True
+        if record.name == "asyncio" and _message(record).startswith(_CALLBACK_HEAD):
+            record.msg, record.args = CALLBACK_FAILED, ()  # its arguments' reprs
         if _is_value_logger(record.name):
             if record.levelno < logging.WARNING:
                 return False

@@ -7,6 +7,7 @@ text pynetdicom writes (its `pretty_dataset` dump of a real dataset).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -224,3 +225,21 @@ def test_a_thread_that_dies_of_a_value_is_logged_by_type_not_printed(
     assert entry["error"] == "ValueError (text withheld below debug)"
     assert canary not in captured.text()
     assert canary not in capsys.readouterr().err
+
+
+def test_a_failed_callback_is_logged_without_its_arguments(setup: Start, canary: str) -> None:
+    """asyncio names a failed callback with the reprs of its arguments (a study UID)."""
+    captured = setup("info")
+
+    def requeue(study_uid: str) -> None:
+        raise RuntimeError("no room")
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(requeue, canary)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    (entry,) = [e for e in captured.entries() if e["logger"] == "asyncio"]
+    assert entry["msg"] == logs.CALLBACK_FAILED
+    assert entry["error"] == "RuntimeError: no room"  # the exception itself is kept
+    assert canary not in captured.text()
