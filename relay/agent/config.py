@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,6 +131,15 @@ class AgentConfig:
     it_pages: ItPagesSettings | None = None
 
 
+def check_move_sender(value: object) -> str:
+    """A `pacs.move_senders` entry: a host name, an address or a network (CIDR)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_network(value.strip(), strict=False)
+            return value.strip()
+    return check_host(value)
+
+
 def _read_pacs(r: Reader) -> tuple[PacsTarget | None, int]:
     """The `pacs:` section, and its `max_operations` (the agent's, not the PACS target's)."""
     s = r.optional_section("pacs")
@@ -146,6 +157,8 @@ def _read_pacs(r: Reader) -> tuple[PacsTarget | None, int]:
         retrieve=cast(Retrieve, s.choice("retrieve", RETRIEVE_CHOICES, PacsTarget.retrieve)),
         move_ae_title=s.text("move_ae_title", PacsTarget.move_ae_title, check=check_ae_title),
         move_listen=s.optional_address("move_listen", listen=True),
+        move_senders=tuple(s.sequence("move_senders", check_move_sender)),
+        move_sender_ae_titles=tuple(s.sequence("move_sender_ae_titles", check_ae_title)),
         timeout=s.duration("timeout", PacsTarget.timeout, hi=MAX_PACS_TIMEOUT, above_lo=True),
         pixel_codecs=cast(
             PixelCodecs, s.choice("pixel_codecs", PIXEL_CODEC_CHOICES, PacsTarget.pixel_codecs)

@@ -10,10 +10,11 @@ one transfer syntax per context, before falling back to common classes and synta
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
-import itertools
+import secrets
 import socket
 import threading
 from collections.abc import Iterable, Sequence
@@ -46,14 +47,43 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-_ids = itertools.count(1)
+# Message IDs are random: the C-STORE sub-operations of a C-MOVE name the C-MOVE by its
+# Message ID, and the agent's storage SCP routes them by it, so a sequential counter would
+# let a sender guess the ID of a running retrieve. DIMSE IDs are 16 bits (1..65535), so a
+# guess still hits 1 in 65535: the storage SCP's sender check (relay.dicom.intake) is the
+# protection, the random ID only keeps one from being predictable.
+RECENT_IDS: Final = 1024  # IDs handed out lately, not given again until this many more are
+_recent: collections.deque[int] = collections.deque(maxlen=RECENT_IDS)
+_held: set[int] = set()  # IDs that a running C-MOVE holds (MoveReceiver.register)
 _ids_lock = threading.Lock()
+_random = secrets.SystemRandom()
 
 
 def next_message_id() -> int:
-    """Message IDs unique across concurrent operations (C-MOVE sub-operations name them)."""
+    """A message ID unpredictable to other hosts and unique across concurrent operations:
+    none handed out in the last RECENT_IDS, none a running C-MOVE holds."""
     with _ids_lock:
-        return (next(_ids) - 1) % 0xFFFF + 1
+        taken = set(_recent) | _held
+        while True:
+            msg_id = _random.randint(1, 0xFFFF)
+            if msg_id not in taken:
+                _recent.append(msg_id)
+                return msg_id
+
+
+def hold_message_id(msg_id: int) -> bool:
+    """Keep `msg_id` from being handed out while its C-MOVE runs; False if held already."""
+    with _ids_lock:
+        if msg_id in _held:
+            return False
+        _held.add(msg_id)
+        return True
+
+
+def release_message_id(msg_id: int) -> None:
+    """The C-MOVE that held `msg_id` is over."""
+    with _ids_lock:
+        _held.discard(msg_id)
 
 
 MAX_CONTEXTS: Final = 128  # PS3.8: presentation context IDs are odd numbers 1..255

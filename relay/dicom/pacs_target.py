@@ -14,6 +14,7 @@ from relay.ops.config import Address, FieldError
 __all__ = [
     "DEFAULT_MOVE_LISTEN",
     "MAX_CODEC_WORKERS",
+    "MAX_MOVE_SENDERS",
     "MAX_PACS_TIMEOUT",
     "MAX_SPARE_ASSOCIATION",
     "PIXEL_CODEC_CHOICES",
@@ -31,6 +32,7 @@ RETRIEVE_CHOICES: Final[tuple[Retrieve, ...]] = ("get", "move")
 # Where the storage SCP for `retrieve: move` listens unless set: any free loopback port.
 DEFAULT_MOVE_LISTEN: Final = Address("127.0.0.1", 0)
 MAX_PACS_TIMEOUT: Final = 3600.0
+MAX_MOVE_SENDERS: Final = 64  # entries in move_senders and in move_sender_ae_titles
 # A spare association idles at most this long: PACSes close idle associations (Orthanc
 # after 30 s by default), and one held longer helps no burst of requests.
 MAX_SPARE_ASSOCIATION: Final = 60.0
@@ -42,12 +44,14 @@ class PacsTarget:
 
     `retrieve` "move" makes the agent ask the PACS for a C-MOVE to `move_ae_title`, which
     the agent's own storage SCP answers on `move_listen` (the PACS must know that AE
-    title and address; unset, any free loopback port). With "get", `move_listen` is None
-    unless set. `timeout` is seconds for every wait on the PACS: connect, association,
-    each response. The last three fields are not `pacs:` keys: `compression_level` is the
-    agent's top-level key, `stall_timeout` bounds how long a retrieve waits for the
-    workstation to read, `survey` C-FINDs a study beside retrieving it (counts, SOP
-    classes; relay.dicom.survey).
+    title and address; unset, any free loopback port), and takes C-STOREs there only from
+    `move_senders` calling as `move_sender_ae_titles` (unset: the PACS's `host` and
+    `ae_title`). With "get", `move_listen` is None unless set. `timeout` is seconds for
+    every wait on the PACS: connect, association, each response. The last three fields
+    are not `pacs:` keys: `compression_level` is the agent's top-level key,
+    `stall_timeout` bounds how long a retrieve waits for the workstation to read,
+    `survey` C-FINDs a study beside retrieving it (counts, SOP classes;
+    relay.dicom.survey).
     """
 
     ae_title: str
@@ -57,6 +61,11 @@ class PacsTarget:
     retrieve: Retrieve = "get"
     move_ae_title: str = "RELAYAGENT"
     move_listen: Address | None = None
+    # Who may send the C-MOVE's C-STOREs to `move_listen` (relay.dicom.intake): host
+    # names, addresses or networks, and calling AE titles. Empty: `host` and `ae_title`,
+    # for a PACS that sends from another address or AE title than it is queried at.
+    move_senders: tuple[str, ...] = ()
+    move_sender_ae_titles: tuple[str, ...] = ()
     timeout: float = 30.0
     compression_level: int = 3
     stall_timeout: float = 120.0
@@ -98,6 +107,9 @@ class PacsTarget:
                 raise FieldError("move_ae_title", "retrieve: move needs an AE title")
             if self.move_listen is None:
                 object.__setattr__(self, "move_listen", DEFAULT_MOVE_LISTEN)
+        for name in ("move_senders", "move_sender_ae_titles"):
+            if len(getattr(self, name)) > MAX_MOVE_SENDERS:
+                raise FieldError(name, f"expected at most {MAX_MOVE_SENDERS} entries")
 
     @property
     def address(self) -> Address:

@@ -234,16 +234,23 @@ async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
 
         inst = CT[0]
 
-        def push() -> int:
+        def push(called: str) -> int | None:
             assoc = scu().associate(
-                "127.0.0.1", port, contexts=[build_context(inst.sop_class, [EXPLICIT])]
+                "127.0.0.1",
+                port,
+                contexts=[build_context(inst.sop_class, [EXPLICIT])],
+                ae_title=called,
             )
+            if not assoc.is_established:
+                return None
             ds = rawds.EncodedDataset(inst.sop_class, inst.sop_instance, EXPLICIT, inst.data)
             status = int(assoc.send_c_store(ds).Status)
             assoc.release()
             return status
 
-        assert await asyncio.to_thread(push) == st.STORE_NOT_AUTHORIZED
+        # Not our AE title: no association; ours, but no C-MOVE of ours named: refused.
+        assert await asyncio.to_thread(push, "ANY-SCP") is None
+        assert await asyncio.to_thread(push, "RELAYMOVE") == st.STORE_NOT_AUTHORIZED
     finally:
         await agent.stop()
 

@@ -374,6 +374,24 @@ def test_agent_retrieve_move_gets_a_storage_scp(tmp_path: Path) -> None:
     assert (pacs.move_listen, pacs.move_ae_title) == (Address("127.0.0.1", 11119), "AG")
 
 
+def test_agent_move_senders_parse_and_are_checked(tmp_path: Path) -> None:
+    path = example_tree(tmp_path) / "config" / "agent.yaml"
+    rewrite(path, lambda d: d["pacs"].update(retrieve="move"))
+    pacs = load_agent_config(path).pacs
+    assert pacs is not None and (pacs.move_senders, pacs.move_sender_ae_titles) == ((), ())
+    senders = ["pacs-node2.example.org", "10.1.2.0/24", "2001:db8::7"]
+    rewrite(path, lambda d: d["pacs"].update(move_senders=senders, move_sender_ae_titles=["N2"]))
+    pacs = load_agent_config(path).pacs
+    assert pacs is not None
+    assert (pacs.move_senders, pacs.move_sender_ae_titles) == (tuple(senders), ("N2",))
+    rewrite(path, lambda d: d["pacs"].update(move_senders=["bad host!"]))
+    with pytest.raises(ConfigError, match=r"pacs\.move_senders\[0\]"):
+        load_agent_config(path)
+    rewrite(path, lambda d: d["pacs"].update(move_senders=[f"10.0.0.{i}" for i in range(65)]))
+    with pytest.raises(ConfigError, match="move_senders"):
+        load_agent_config(path)
+
+
 def test_agent_limits_and_durations_parse(tmp_path: Path) -> None:
     path = example_tree(tmp_path) / "config" / "agent.yaml"
 

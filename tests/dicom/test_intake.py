@@ -1,0 +1,272 @@
+"""The agent's C-MOVE storage SCP takes C-STOREs from the PACS only, into the C-MOVE that
+asked for them, bounded while they arrive (relay.dicom.intake)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pynetdicom import AE, build_context
+from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+from relay.dicom import contexts, rawds
+from relay.dicom import status as st
+from relay.dicom.agent import serve_dicom_stream
+from relay.dicom.bridge import Channel
+from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Request
+from relay.dicom.intake import STORE_NOT_REQUESTED, Intake, MoveReceiver, MoveSenders
+from relay.dicom.pacs_target import PacsTarget
+from relay.dicom.stats import NullStats
+from relay.net.bytestream import pipe
+from relay_dev import samples
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+
+from .helpers import EXPLICIT, query
+from .test_agent import Workstation, ident
+
+CT = samples.make_study(5, rows=64, cols=64)
+CT_STUDY = str(rawds.decode_dataset(CT[0].data, EXPLICIT).StudyInstanceUID)
+OTHER = samples.make_study(1, modality="MR", rows=32, cols=32, seed=99)[0]  # another patient
+PACS_AE = "RELAYPACS"
+MOVE_AE = "RELAYMOVE"
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore(CT), ae_title=PACS_AE, send_delay=0.3) as p:
+        yield p
+
+
+def move_target(pacs: EmbeddedPacs) -> PacsTarget:
+    return PacsTarget(
+        ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10,
+        retrieve="move", move_ae_title=MOVE_AE, survey=False,
+    )  # fmt: skip
+
+
+def store(
+    port: int,
+    inst: samples.EncodedInstance,
+    *,
+    calling: str = PACS_AE,
+    called: str = MOVE_AE,
+    originator: tuple[str, int] | None = None,
+    source: str = "127.0.0.1",
+) -> int | None:
+    """One C-STORE to the receiver; its status, None if no association, -1 if cut."""
+    assoc = AE(ae_title=calling).associate(
+        "127.0.0.1",
+        port,
+        contexts=[build_context(inst.sop_class, [EXPLICIT])],
+        ae_title=called,
+        bind_address=(source, 0),
+    )
+    if not assoc.is_established:
+        return None
+    ds = rawds.EncodedDataset(inst.sop_class, inst.sop_instance, EXPLICIT, inst.data)
+    kw: dict[str, Any] = {}
+    if originator is not None:
+        kw = {"originator_aet": originator[0], "originator_id": originator[1]}
+    status = assoc.send_c_store(ds, **kw)
+    assoc.release()
+    return int(status.Status) if "Status" in status else -1
+
+
+async def move_with_injection(
+    pacs: EmbeddedPacs, receiver: MoveReceiver, inject: Any
+) -> tuple[list[Message], Any]:
+    """A C-MOVE of CT through `receiver`; `inject(msg_id)` runs (on a thread) while it is
+    running, with the Move Originator Message ID of that C-MOVE."""
+    tgt = move_target(pacs)
+    receiver.start()
+    try:
+        pacs.destinations[MOVE_AE] = ("127.0.0.1", receiver.port)
+        a, b = pipe()
+        server = asyncio.create_task(serve_dicom_stream(b, tgt, move_receiver=receiver))
+        ws = Workstation(a)
+        await ws.send(
+            Request(op="retrieve", root="study", transfer_syntax=EXPLICIT,
+                    dataset=ident("STUDY", StudyInstanceUID=CT_STUDY))
+        )  # fmt: skip
+        for _ in range(250):  # the C-MOVE is registered
+            if receiver._routes:
+                break
+            await asyncio.sleep(0.02)
+        (msg_id,) = receiver._routes
+        injected = await asyncio.to_thread(inject, msg_id)
+        msgs = await ws.all()
+        await server
+    finally:
+        receiver.stop()
+    return msgs, injected
+
+
+def delivered(msgs: list[Message]) -> list[str]:
+    return [m.sop_instance for m in msgs if isinstance(m, Instance)]
+
+
+def assert_only_the_study(msgs: list[Message]) -> None:
+    assert sorted(delivered(msgs)) == sorted(i.sop_instance for i in CT)
+    final = msgs[-1]
+    assert isinstance(final, FinalResponse) and final.status == 0 and final.completed == 5
+
+
+async def test_a_store_naming_no_move_is_not_routed_to_the_only_running_one(
+    pacs: EmbeddedPacs,
+) -> None:
+    receiver = MoveReceiver(MOVE_AE, ("127.0.0.1", 0), timeout=10)
+    msgs, status = await move_with_injection(
+        pacs, receiver, lambda _id: store(receiver.port, OTHER)
+    )
+    assert status == st.STORE_NOT_AUTHORIZED
+    assert_only_the_study(msgs)
+    assert receiver.refused == 1
+
+
+async def test_a_store_not_from_the_pacs_ae_is_refused_even_naming_the_running_move(
+    pacs: EmbeddedPacs,
+) -> None:
+    receiver = MoveReceiver(
+        MOVE_AE, ("127.0.0.1", 0), timeout=10, senders=MoveSenders.for_pacs(move_target(pacs))
+    )
+
+    def inject(msg_id: int) -> list[int | None]:
+        return [
+            store(receiver.port, OTHER, calling="EVILHOST", originator=("RELAY", msg_id)),
+            store(receiver.port, OTHER, called="ANY-SCP", originator=("RELAY", msg_id)),
+            store(receiver.port, OTHER, originator=("WHOEVER", msg_id)),
+        ]
+
+    msgs, statuses = await move_with_injection(pacs, receiver, inject)
+    assert statuses == [None, None, st.STORE_NOT_AUTHORIZED]
+    assert_only_the_study(msgs)
+
+
+def test_a_connection_from_another_address_is_closed_before_it_associates() -> None:
+    receiver = MoveReceiver(
+        MOVE_AE, ("127.0.0.1", 0), timeout=5, senders=MoveSenders(["127.0.0.1"], [PACS_AE])
+    )
+    receiver.start()
+    try:
+        # Linux routes all of 127/8 to the loopback: 127.0.0.2 is another host here.
+        assert store(receiver.port, OTHER, source="127.0.0.2") is None
+        assert receiver.strangers == 1
+        # The PACS itself associates (its store names no C-MOVE of ours: refused).
+        assert store(receiver.port, OTHER) == st.STORE_NOT_AUTHORIZED
+    finally:
+        receiver.stop()
+
+
+def test_move_senders_are_names_addresses_and_networks() -> None:
+    senders = MoveSenders(["localhost", "10.1.2.0/24", "2001:db8::7"], ["PACS"], ["RELAY"])
+    assert senders.admits("127.0.0.1") and senders.admits("::ffff:127.0.0.1")
+    assert senders.admits("10.1.2.200") and senders.admits("2001:db8::7")
+    assert not senders.admits("10.1.3.1") and not senders.admits("not an address")
+    assert senders.originators == {"PACS", "RELAY"}
+
+
+def test_message_ids_are_unpredictable_and_not_reused() -> None:
+    ids = [contexts.next_message_id() for _ in range(200)]
+    assert len(set(ids)) == len(ids) and all(1 <= i <= 0xFFFF for i in ids)
+    steps = {b - a for a, b in itertools.pairwise(ids)}
+    assert len(steps) > 100  # not a counter
+    assert contexts.hold_message_id(ids[0]) and not contexts.hold_message_id(ids[0])
+    contexts.release_message_id(ids[0])
+
+
+async def test_instances_outside_the_retrieve_or_beyond_its_count_are_not_delivered() -> None:
+    out: Channel[Message] = Channel(asyncio.get_running_loop(), 16)
+    intake = Intake(
+        out, MessageCodec(), NullStats(), stall_timeout=5,
+        aborted=threading.Event(), cancel=threading.Event(),
+    )  # fmt: skip
+    intake.limit_to(query("STUDY", StudyInstanceUID=CT_STUDY))
+
+    def deliver(inst: samples.EncodedInstance) -> int:
+        return intake.deliver(inst.sop_class, inst.sop_instance, EXPLICIT, inst.data)
+
+    assert await asyncio.to_thread(deliver, OTHER) == STORE_NOT_REQUESTED  # another study
+    intake.announce(3)  # the PACS says 3 sub-operations (the refused one was the first)
+    assert await asyncio.to_thread(deliver, CT[0]) == st.SUCCESS
+    assert await asyncio.to_thread(deliver, CT[1]) == st.SUCCESS
+    assert await asyncio.to_thread(deliver, CT[2]) == STORE_NOT_REQUESTED  # a fourth
+    assert len(out) == 2 and intake.unrequested == 2
+    intake.limit_to(query("SERIES", StudyInstanceUID=CT_STUDY, SeriesInstanceUID="1.2.3"))
+    assert await asyncio.to_thread(deliver, CT[3]) == STORE_NOT_REQUESTED  # not that series
+
+
+_CHILD = r"""
+import sys, time
+from relay.dicom.intake import MoveReceiver, MoveSenders
+r = MoveReceiver("RELAYMOVE", ("127.0.0.1", 0), timeout=10, max_dataset=1 << 20,
+                 senders=MoveSenders(["127.0.0.1"], ["RELAYPACS"], ["RELAY"]))
+r.start()
+print(r.port, flush=True)
+sys.stdin.read()
+print(r.strangers, r.oversized, flush=True)
+"""
+BIG = 96 << 20
+
+
+def _big_instance() -> samples.EncodedInstance:
+    cls, iuid = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5"
+    data = (
+        struct.pack("<HH2sH", 8, 0x16, b"UI", 26) + cls.encode() + b"\0"
+        + struct.pack("<HH2sH", 8, 0x18, b"UI", 10) + iuid.encode() + b"\0"
+        + struct.pack("<HH2sHI", 0x7FE0, 0x10, b"OB", 0, BIG) + bytes(BIG)
+    )  # fmt: skip
+    return samples.EncodedInstance(cls, iuid, EXPLICIT, data)
+
+
+def _peak_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmHWM"))
+
+
+def _one_pdu_store(port: int, inst: samples.EncodedInstance) -> int | None:
+    """A C-STORE from the PACS's address and AE that ignores our maximum PDU length."""
+    assoc = AE(ae_title=PACS_AE).associate(
+        "127.0.0.1", port, contexts=[build_context(inst.sop_class, [EXPLICIT])], ae_title=MOVE_AE
+    )
+    assert assoc.is_established
+    for item in assoc.acceptor.user_information:  # as if we had announced no limit: one PDU
+        if isinstance(item, MaximumLengthNotification):
+            item.maximum_length_received = 0
+    ds = rawds.EncodedDataset(inst.sop_class, inst.sop_instance, EXPLICIT, inst.data)
+    status = assoc.send_c_store(ds, originator_aet="RELAY", originator_id=7)
+    assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory from /proc")
+def test_big_stores_are_cut_while_they_arrive() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        port = int(child.stdout.readline())
+        before = _peak_mib(child.pid)
+        big = _big_instance()
+        # A stranger: closed before it associates, nothing read.
+        assert store(port, big, source="127.0.0.2") is None
+        # The PACS, over max_dataset: fragments of our maximum PDU length, cut past it.
+        assert store(port, big, originator=("RELAY", 7)) == -1
+        # The PACS, in one PDU of BIG bytes: cut at its header.
+        assert _one_pdu_store(port, big) is None
+        peak = _peak_mib(child.pid)
+        child.stdin.close()
+        strangers, oversized = map(int, child.stdout.readline().split())
+    finally:
+        child.kill()
+        child.wait()
+    assert (strangers, oversized) == (1, 1)
+    assert peak - before < (BIG >> 20) // 3, (before, peak)
