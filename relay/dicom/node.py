@@ -13,7 +13,15 @@ Study Root, all levels), C-STORE and C-CANCEL. Each viewer request becomes one r
   is known but does not accept an association gets 0xC008 naming it, and the agent is
   never asked. The PACS never connects to the workstation.
 - C-STORE from the viewer (an upload) is checked and forwarded to the PACS.
-- C-CANCEL from the viewer is forwarded; the agent cancels at the PACS.
+- C-CANCEL from the viewer is forwarded; the agent cancels at the PACS. A C-STORE to a
+  C-MOVE destination still unanswered `_CUT_AFTER` seconds after it is cut (pynetdicom
+  would wait for it up to `timeout`).
+- A C-MOVE destination that stops answering (a C-STORE unanswered within `timeout`:
+  pynetdicom aborts its association) ends the C-MOVE at once with 0xC008, the agent's
+  retrieve cancelled and the rest counted failed, instead of pulling the whole study
+  only to count it failed.
+- A final failure, warning or cancel lists the sub-operations that failed at the viewer
+  or destination, then the agent's (`_SubOps`, bounded by `_failed_list`).
 
 If the relay drops mid-retrieval (the link is lost, or the stream is reset for a
 link-level reason), a C-GET or C-MOVE is resumed: the node opens a new stream (the tunnel
@@ -28,7 +36,8 @@ every wait is bounded. A DICOM failure from the PACS is reported, never resumed.
 Stopping drains (`drain(grace)`, from the workstation's shutdown while its session still
 carries streams): new associations are refused at once, the requests already received
 run to their last response within the grace, and only what is left is aborted: each
-operation still running is answered with a failure first, and its viewer, like one
+operation still running is answered with a failure first (one served from the cache, or
+pausing before it resumes, looks at the node's stopping itself), and its viewer, like one
 answered during the drain, has a moment to release its association before the
 associations still open are aborted (see `stop`).
 """
@@ -37,12 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, Protocol
 
@@ -65,7 +75,14 @@ from relay.dicom.codec import (
     Skip,
 )
 from relay.dicom.offer import CodecOffer
-from relay.dicom.session import MAX_RESUME_WINDOW, RESUME_WINDOW, OpenStream, Session, SessionEnded
+from relay.dicom.session import (
+    MAX_RESUME_WINDOW,
+    RESUME_WINDOW,
+    STOPPING_REASON,
+    OpenStream,
+    Session,
+    SessionEnded,
+)
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
 from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
@@ -83,6 +100,10 @@ _C_CANCEL: Final = 0x0FFF  # Command Field of C-CANCEL-RQ
 _REQUESTS: Final = frozenset({0x0001, 0x0010, 0x0020, 0x0021, 0x0030})
 _RESPONSE: Final = 0x8000
 _PENDING: Final = frozenset({0xFF00, 0xFF01})
+_RETRIEVE_RESPONSES: Final = frozenset({0x8010, 0x8021})  # C-GET-RSP, C-MOVE-RSP
+# A Failed SOP Instance UID List holds at most DicomLimits.max_list UIDs, and at most this
+# many characters (UIDs and separators): an explicit VR UI value has a 16-bit length.
+_MAX_LIST_CHARS: Final = 0xFFFE
 _DRAIN_POLL: Final = 0.05  # how often a drain looks whether the operations are done
 # When stopping, how long operations cut short have to send their final (failure)
 # response, and how long after its last answer a viewer has to release its association,
@@ -92,6 +113,11 @@ _STOP_POLL: Final = 0.01
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
+_DESTINATION_LOST: Final = "move destination stopped answering"
+# After a viewer's C-CANCEL, a C-STORE to a C-MOVE destination still unanswered this long
+# is cut (see _SubOps.cancelled): a destination answers in milliseconds, a large
+# instance over a slow network in seconds.
+_CUT_AFTER: Final = 2.0
 
 
 class CachedInstanceItem(Protocol):
@@ -123,10 +149,92 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-def _failed_list(uids: tuple[str, ...] | list[str]) -> Dataset:
+def _failed_list(uids: Iterable[str], limit: int) -> Dataset:
+    """The identifier of a final response: the failed UIDs, once each, the first `limit`
+    (and `_MAX_LIST_CHARS`): the counts say how many failed, the list cannot always."""
+    kept: dict[str, None] = {}
+    chars = 0
+    for uid in uids:
+        if uid in kept:
+            continue
+        if len(kept) >= limit or chars + len(uid) + 1 > _MAX_LIST_CHARS:
+            break
+        kept[uid] = None
+        chars += len(uid) + 1
     ds = Dataset()
-    ds.FailedSOPInstanceUIDList = list(uids)
+    ds.FailedSOPInstanceUIDList = list(kept)
     return ds
+
+
+class _SubOps:
+    """What pynetdicom did with the instances a C-GET or C-MOVE handler yielded.
+
+    pynetdicom sends each as a C-STORE sub-operation and tells the handler nothing, and it
+    lists the failed ones in the final response only when the handler's final carries no
+    list; ours always does (the agent's failures), so it must hold these too (PS3.4
+    C.4.2.1.4.2, C.4.3.1.3.2). Its pending response after each sub-operation carries its
+    count of failures, and is sent on the handler's thread before the handler resumes
+    (DicomNode._on_sent sets `reported`): one more than before means the instance last
+    yielded failed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.reported = 0  # pynetdicom's count of failed sub-operations
+        self._counted = 0
+        self.failed: list[str] = []  # the first `limit` that failed here
+        self.in_flight: str | None = None  # yielded, pynetdicom has not resumed us yet
+        self._yields = 0
+        self.destination: Any = None  # a C-MOVE's association with its destination
+
+    def yielded(self, uid: str) -> None:
+        self.in_flight = uid
+        self._yields += 1
+
+    def settle(self) -> bool:
+        """Once the handler resumes: whether the instance it yielded last failed."""
+        uid, self.in_flight = self.in_flight, None
+        if uid is None or self.reported <= self._counted:
+            return False
+        self._counted = self.reported
+        if len(self.failed) < self.limit:
+            self.failed.append(uid)
+        return True
+
+    def destination_opened(self, event: Any) -> None:
+        """EVT_CONN_OPEN of the association pynetdicom opens to a C-MOVE destination."""
+        self.destination = event.assoc
+
+    def destination_lost(self) -> bool:
+        """Whether that association is over: every later sub-operation would fail at once
+        (pynetdicom aborts it when a C-STORE gets no answer within the node's timeout)."""
+        return self.destination is not None and not self.destination.is_established
+
+    def cancelled(self) -> None:
+        """The viewer cancelled: a C-STORE to the destination still unanswered
+        `_CUT_AFTER` seconds later is cut (pynetdicom would wait for its answer up to the
+        node's timeout before it looks at the C-CANCEL). One answered by then counts as
+        it should: it arrived."""
+        if self.in_flight is None or self.destination is None:
+            return
+        timer = threading.Timer(_CUT_AFTER, self._cut_stalled_store, args=(self._yields,))
+        timer.daemon = True
+        timer.start()
+
+    def _cut_stalled_store(self, ticket: int) -> None:
+        """End pynetdicom's wait for the answer to the C-STORE yielded as `ticket`.
+
+        The (None, None) its DIMSE queue gets when the peer aborts ends that wait now:
+        pynetdicom then aborts the association itself, and the sub-operation fails
+        (counted and listed). (An abort from here would not do: it restarts the
+        association's reactor, which may take that (None, None) first.)
+        """
+        assoc = self.destination
+        if ticket != self._yields or self.in_flight is None or not assoc.is_established:
+            return
+        log.info("viewer cancelled; cutting the unanswered C-STORE to the move destination")
+        with contextlib.suppress(Exception):
+            assoc.dimse.msg_queue.put((None, None))
 
 
 class DicomNode:
@@ -198,6 +306,9 @@ class DicomNode:
         self._answered: dict[Any, float] = {}
         self._draining_since: float | None = None
         self._stopping = False  # a request that comes now is answered with a failure
+        # The C-GET and C-MOVE handlers running, by (viewer association, message ID): what
+        # pynetdicom's responses say of their sub-operations (see _SubOps).
+        self._subops: dict[tuple[Any, int], _SubOps] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -386,6 +497,11 @@ class DicomNode:
             return
         field = command.get("CommandField")
         if field == _C_CANCEL:
+            with self._sessions_lock:
+                key = (event.assoc, command.get("MessageIDBeingRespondedTo"))
+                subops = self._subops.get(key)
+            if subops is not None:
+                subops.cancelled()
             self._wake(event)
         elif field in _REQUESTS and event.assoc.is_acceptor:
             with self._sessions_lock:
@@ -399,6 +515,9 @@ class DicomNode:
         field = command.get("CommandField")
         if not isinstance(field, int) or not field & _RESPONSE:
             return
+        if field in _RETRIEVE_RESPONSES and command.get("Status") in _PENDING:
+            self._count_failed(event.assoc, command)
+            return
         if (field & ~_RESPONSE) not in _REQUESTS or command.get("Status") in _PENDING:
             return
         with self._sessions_lock:
@@ -407,11 +526,35 @@ class DicomNode:
                 ids.discard(int(command.MessageIDBeingRespondedTo))
                 self._answered[event.assoc] = time.monotonic()
 
+    def _count_failed(self, assoc: Any, command: Dataset) -> None:
+        """A pending C-GET/C-MOVE response: pynetdicom's count of failed sub-operations."""
+        with self._sessions_lock:
+            subops = self._subops.get((assoc, command.get("MessageIDBeingRespondedTo")))
+        failed = command.get("NumberOfFailedSuboperations")
+        if subops is not None and isinstance(failed, int):
+            subops.reported = failed
+
+    @contextlib.contextmanager
+    def _tracking(self, event: Any) -> Iterator[_SubOps]:
+        """The sub-operations of a C-GET or C-MOVE, followed while its handler runs."""
+        subops = _SubOps(self.limits.max_list)
+        key = (event.assoc, int(event.request.MessageID))
+        with self._sessions_lock:
+            self._subops[key] = subops
+        try:
+            yield subops
+        finally:
+            with self._sessions_lock:
+                if self._subops.get(key) is subops:
+                    del self._subops[key]
+
     def _ended(self, event: Any) -> None:
         """A viewer's association ended: nothing more to answer on it; wake its handlers."""
         with self._sessions_lock:
             self._requests.pop(event.assoc, None)
             self._answered.pop(event.assoc, None)
+            for key in [k for k in self._subops if k[0] is event.assoc]:
+                del self._subops[key]
         self._wake(event)
 
     def _wake(self, event: Any) -> None:
@@ -535,19 +678,31 @@ class DicomNode:
             self.stats.operation_done("find", code, time.monotonic() - started)
 
     def _find_in_cache(self, event: Any, started: float) -> Iterator[Any]:
-        """The link is down: answer from the cache's index, and say so in the log."""
+        """The link is down: answer from the cache's index, and say so in the log.
+
+        The viewer's C-CANCEL is looked for before each match (pynetdicom leaves that to
+        the handler): the answer is then Cancel, with no more matches."""
         assert self.cache is not None
+        code = 0xC000
         try:
-            found = self.cache.find(event.identifier)
-        except Exception as exc:
-            log.error("C-FIND from the cache failed: %s", type(exc).__name__)
-            yield _status(0xC000, "relay link down; cache query failed"), None
-            return
-        log.info("C-FIND answered from the cache (relay link down): %d matches", len(found))
-        for match in found:
-            yield 0xFF00, match
-        yield _status(st.SUCCESS), None
-        self.stats.operation_done("find", st.SUCCESS, time.monotonic() - started)
+            try:
+                found = self.cache.find(event.identifier)
+            except Exception as exc:
+                log.error("C-FIND from the cache failed: %s", type(exc).__name__)
+                yield _status(code, "relay link down; cache query failed"), None
+                return
+            log.info("C-FIND answered from the cache (relay link down): %d matches", len(found))
+            for n, match in enumerate(found):
+                if event.is_cancelled:
+                    log.info("viewer cancelled after %d of %d cached matches", n, len(found))
+                    code = st.CANCEL
+                    yield _status(code), None
+                    return
+                yield 0xFF00, match
+            code = st.SUCCESS
+            yield _status(code), None
+        finally:
+            self.stats.operation_done("find", code, time.monotonic() - started)
 
     def _cached(self, event: Any) -> Sequence[CachedInstanceItem] | None:
         if self.cache is None:
@@ -563,23 +718,36 @@ class DicomNode:
         event: Any,
         items: Sequence[CachedInstanceItem],
         destination: tuple[str, int] | None,
+        subops: _SubOps,
     ) -> Iterator[Any]:
         """A complete, verified study from the cache: the PACS's bytes, at disk speed.
 
         The viewer's C-CANCEL is looked for before each instance (pynetdicom leaves that to
         the handler): the answer is then Cancel, with pynetdicom's counts (those not sent
         are Remaining) and its list of the sub-operations that failed (PS3.4 C.4.2.3.1,
-        C.4.3.3.1).
+        C.4.3.3.1). So is the node's stopping (no session tells this handler): the answer
+        is then the failure every operation cut short gets, the instances not sent
+        counted and listed as failed; and a C-MOVE destination gone (see _SubOps).
         """
         started = time.monotonic()
         op = "move" if destination else "get"
+        limit = self.limits.max_list
         if destination is not None:
             cxs = contexts.storage_proposals(
                 list(dict.fromkeys(i.sop_class for i in items)),
                 list(dict.fromkeys(i.transfer_syntax for i in items)),
             )
-            yield destination[0], destination[1], {"contexts": cxs,
-                                                   "evt_handlers": [contexts.NODELAY]}  # fmt: skip
+            yield (
+                destination[0],
+                destination[1],
+                {
+                    "contexts": cxs,
+                    "evt_handlers": [
+                        contexts.NODELAY,
+                        (evt.EVT_CONN_OPEN, subops.destination_opened),
+                    ],
+                },
+            )
         # pynetdicom stops asking for more after a final status, or when the viewer (or the
         # C-MOVE destination) is gone: the metrics then count what was set last.
         code = st.MOVE_DESTINATION_UNREACHABLE if destination else st.LINK_LOST
@@ -588,10 +756,22 @@ class DicomNode:
             yield len(items)
             code = st.LINK_LOST
             for n, item in enumerate(items):
+                lost = subops.settle() and subops.destination_lost()
+                unsent = (i.sop_instance for i in items[n:])
                 if event.is_cancelled:
                     log.info("viewer cancelled after %d of %d cached instances", n, len(items))
                     code = st.CANCEL
                     yield _status(code), None
+                    return
+                if self._stopping or lost:
+                    code = st.MOVE_DESTINATION_UNREACHABLE if lost else st.LINK_LOST
+                    why = _DESTINATION_LOST if lost else STOPPING_REASON
+                    log.warning("cached %s stopped after %d of %d instances: %s",
+                                op, n, len(items), why)  # fmt: skip
+                    yield (
+                        _status(code, why),
+                        _failed_list(itertools.chain(subops.failed, unsent), limit),
+                    )
                     return
                 try:
                     data = item.read()
@@ -600,18 +780,20 @@ class DicomNode:
                     code = st.WARNING_SUBOPS
                     yield (
                         _status(code, "cache file damaged while serving"),
-                        _failed_list([i.sop_instance for i in items[n:]]),
+                        _failed_list(itertools.chain(subops.failed, unsent), limit),
                     )
                     return
                 self.stats.instance_relayed(len(data))
                 sent += 1
+                subops.yielded(item.sop_instance)
                 yield (
                     0xFF00,
                     rawds.EncodedDataset(
                         item.sop_class, item.sop_instance, item.transfer_syntax, data
                     ),
                 )
-            code = st.SUCCESS
+            subops.settle()
+            code = st.WARNING_SUBOPS if subops.reported else st.SUCCESS
         finally:
             elapsed = time.monotonic() - started
             log.info("%s of %d of %d instances served from the cache in %.3f s",
@@ -625,10 +807,11 @@ class DicomNode:
             yield request, None
             return
         cached = self._cached(event)
-        if cached:
-            yield from self._serve_cached(event, cached, None)
-            return
-        yield from _Retrieval(self, event, request, None).run()
+        with self._tracking(event) as subops:
+            if cached:
+                yield from self._serve_cached(event, cached, None, subops)
+                return
+            yield from _Retrieval(self, event, request, None, subops).run()
 
     def _on_move(self, event: Any) -> Iterator[Any]:
         dest_name = str(event.move_destination or "").strip()
@@ -645,10 +828,11 @@ class DicomNode:
             yield request, None
             return
         cached = self._cached(event)
-        if cached:
-            yield from self._serve_cached(event, cached, destination)
-            return
-        yield from _Retrieval(self, event, request, destination).run()
+        with self._tracking(event) as subops:
+            if cached:
+                yield from self._serve_cached(event, cached, destination, subops)
+                return
+            yield from _Retrieval(self, event, request, destination, subops).run()
 
 
 def _calling(event: Any) -> str:
@@ -701,8 +885,12 @@ class _Retrieval:
         event: Any,
         request: Request,
         destination: tuple[str, int] | None,
+        subops: _SubOps,
     ) -> None:
         self.node = node
+        self.subops = subops
+        self.destination_lost = False  # a C-MOVE's destination went away mid-retrieve
+        self.stopped = False  # the node stopped while a broken stream waited to resume
         self.event = event
         self.request = request
         self.destination = destination
@@ -739,6 +927,9 @@ class _Retrieval:
         except SessionEnded as exc:
             if self._resume(waiter, exc):
                 return
+            if self.stopped:
+                self.end = FinalResponse(st.LINK_LOST, STOPPING_REASON)
+                return
             status = st.for_retrieve(exc.status)
             self.end = FinalResponse(status, waiter.reason(exc)[: self.node.limits.max_text])
             return
@@ -774,7 +965,8 @@ class _Retrieval:
 
         Returns once a new session is started (whether it works is seen on the next read),
         or with False when the break is not the relay's fault, the first stream never got
-        an answer, the viewer cancelled or left,
+        an answer, the viewer cancelled or left, the node is stopping (`stopped`: the
+        pause ends at once, for stop() gives an operation only `_LEAVE` to answer),
         everything announced is already here, or the resume window has passed.
         """
         node = self.node
@@ -794,6 +986,9 @@ class _Retrieval:
         pause = min(_RESUME_PAUSE[1], _RESUME_PAUSE[0] * 2 ** min(self.resumes, 8))
         while time.monotonic() < min(now + pause, self.resume_deadline):
             if waiter.check_cancel() or not self.event.assoc.is_established:
+                return False
+            if node._stopping:
+                self.stopped = True
                 return False
             time.sleep(_POLL)
         left = self.resume_deadline - time.monotonic()
@@ -833,12 +1028,13 @@ class _Retrieval:
             ):
                 self._take(waiter)
             cxs = move_proposals(list(self.classes), list(self.syntaxes))
+            opened = (evt.EVT_CONN_OPEN, self.subops.destination_opened)
             yield (
                 self.destination[0],
                 self.destination[1],
                 {
                     "contexts": cxs,
-                    "evt_handlers": [contexts.NODELAY],
+                    "evt_handlers": [contexts.NODELAY, opened],
                 },
             )
         # 3. A failure before any count: one notional sub-operation, so that pynetdicom
@@ -849,7 +1045,7 @@ class _Retrieval:
                 yield 1
                 yield (
                     _status(self.end.status, self.end.comment),
-                    _failed_list(self.end.failed_instances),
+                    _failed_list(self.end.failed_instances, self.node.limits.max_list),
                 )
                 return
             self.code = st.SUCCESS
@@ -866,23 +1062,38 @@ class _Retrieval:
         #    itself once every announced sub-operation is done, so only while one is held
         #    back can a bad end, or more instances than announced, still be reported.
         overflow = False
-        while True:
+        while not self.destination_lost:
             if waiter.check_cancel():
                 self.buffered.clear()
             while self.buffered and self.delivered < self.total - 1:
                 yield self._deliver(self.buffered.popleft())
+                if self._lost_destination():
+                    break
+            if self.destination_lost:
+                break
             if self.delivered + len(self.buffered) > self.total:
                 overflow = True
                 break
             if self.end is not None:
                 break
             self._take(waiter)
-        # 5. The end: never success unless everything announced was delivered.
+        # 5. The end: never success unless everything announced was delivered. The list
+        #    of failures: those here (at the viewer or destination), then the agent's.
         end = self.end or FinalResponse(st.WARNING_SUBOPS)
-        failed = _failed_list(end.failed_instances)
-        if waiter.cancelled or end.status == st.CANCEL:
+        failed = _failed_list(
+            itertools.chain(self.subops.failed, end.failed_instances), self.node.limits.max_list
+        )
+        if waiter.check_cancel() or end.status == st.CANCEL:
             self.code = st.CANCEL
             yield _status(st.CANCEL), failed
+        elif self.destination_lost:
+            self.code = st.MOVE_DESTINATION_UNREACHABLE
+            waiter.session.cancel()  # the rest of the study would only be counted failed
+            held = (i.sop_instance for i in self.buffered)
+            yield (
+                _status(self.code, _DESTINATION_LOST),
+                _failed_list(itertools.chain(self.subops.failed, held), self.node.limits.max_list),
+            )
         elif overflow:
             self.code = st.WARNING_SUBOPS
             yield (
@@ -901,7 +1112,17 @@ class _Retrieval:
             self.code = end.status
             yield _status(end.status, end.comment), failed
 
+    def _lost_destination(self) -> bool:
+        """Once pynetdicom resumes us after a sub-operation: True (and `destination_lost`)
+        if it failed because the C-MOVE destination's association is over."""
+        if self.subops.settle() and self.subops.destination_lost():
+            log.warning("C-MOVE destination gone after %d of %d instances; "
+                        "cancelling the retrieve", self.delivered, self.total)  # fmt: skip
+            self.destination_lost = True
+        return self.destination_lost
+
     def _deliver(self, inst: Instance) -> tuple[int, rawds.EncodedDataset]:
+        self.subops.yielded(inst.sop_instance)
         self.delivered += 1
         self.node.stats.instance_relayed(len(inst.dataset))
         ds = rawds.EncodedDataset(

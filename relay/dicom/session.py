@@ -75,6 +75,9 @@ NOT_RESUMABLE: Final = frozenset(
 
 
 AGENT_BUSY_REASON: Final = "the agent is busy (its limit for this device); try again later"
+# Why an operation the node cut short when it stopped failed (the node's own operations
+# that have no session, such as those served from the cache, say the same).
+STOPPING_REASON: Final = "the workstation is stopping"
 
 
 class SessionEnded(Exception):
@@ -309,7 +312,7 @@ class Session:
         once; the handler's wait ends with a failure that says why."""
         self._closed = True
         if self._end is None:
-            self._end = SessionEnded(st.LINK_LOST, "the workstation is stopping")
+            self._end = SessionEnded(st.LINK_LOST, STOPPING_REASON)
         if self._stream is not None:
             self._stream.reset(RESET_CANCEL)
         self.inbox.abort("node stopping")

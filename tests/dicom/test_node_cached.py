@@ -4,17 +4,20 @@ disk): the viewer's C-CANCEL is honoured as on the network path."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import build_context
 
 from relay.dicom import status as st
 from relay.dicom.contexts import MODELS
 from relay.dicom.node import DicomNode
+from relay.dicom.session import STOPPING_REASON
 from relay.dicom.stats import DicomCounters
 from relay.net.bytestream import ByteStream
 from relay.workstation.cache.sealing import Sealer
@@ -23,7 +26,7 @@ from relay.workstation.cache.store import CachedInstance, CacheStore
 from relay_dev import samples
 
 from . import viewer
-from .helpers import capturing_scp, query
+from .helpers import capturing_scp, query, scu
 
 N = 40
 STUDY = samples.make_study(N, rows=16, cols=16, seed=71)
@@ -150,3 +153,107 @@ async def test_a_cached_get_without_cancel_is_whole(node: DicomNode) -> None:
     assert isinstance(node.stats, DicomCounters)
     assert await until_counted(node.stats) == {("get", "success"): 1}
     assert result.received == {x.sop_instance: (x.transfer_syntax, x.data) for x in STUDY}
+
+
+class _Matches(list[Dataset]):
+    """Matches that take a millisecond each to come (a large index): the viewer's
+    C-CANCEL arrives while they are still being sent."""
+
+    def __iter__(self) -> Iterator[Dataset]:
+        for match in super().__iter__():
+            time.sleep(0.001)
+            yield match
+
+
+class _OfflineIndex:
+    """A cache whose index has many matches, with the relay link down."""
+
+    def __init__(self, matches: int) -> None:
+        self.matches = matches
+
+    def offline(self) -> bool:
+        return True
+
+    def plan(self, identifier: Dataset) -> None:
+        return None
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        return _Matches(query("STUDY", StudyInstanceUID=f"1.2.3.{i}") for i in range(self.matches))
+
+
+async def test_a_c_find_answered_from_the_cache_stops_at_the_viewer_s_cancel() -> None:
+    """With the link down, C-FIND is answered from the cache's index; the viewer's
+    C-CANCEL must stop the matches there too (pynetdicom leaves the check to the handler)."""
+    matches = 2000
+    model = MODELS[("study", "find")]
+
+    def find_then_cancel(port: int) -> tuple[int, int]:
+        assoc = scu("VIEWER").associate(
+            "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
+        )
+        assert assoc.is_established
+        got, final = 0, -1
+        for status, _match in assoc.send_c_find(
+            query("STUDY", StudyInstanceUID=""), model, msg_id=7
+        ):
+            if status.Status in (0xFF00, 0xFF01):
+                got += 1
+                if got == 1:
+                    assoc.send_c_cancel(7, query_model=model)
+            else:
+                final = int(status.Status)
+        assoc.release()
+        return got, final
+
+    stats = DicomCounters()
+    n = DicomNode(no_stream, listen=("127.0.0.1", 0), timeout=20, cache=_OfflineIndex(matches),
+                  stats=stats)  # fmt: skip
+    await n.start()
+    try:
+        got, final = await asyncio.wait_for(asyncio.to_thread(find_then_cancel, n.address[1]), 60)
+    finally:
+        await n.stop()
+    assert final == st.CANCEL
+    assert got < matches
+    assert await until_counted(stats) == {("find", "cancel"): 1}
+
+
+async def test_stopping_the_node_answers_a_cached_get_it_cuts_short(
+    tmp_cache: CacheServer,
+) -> None:
+    """A retrieve served from the cache has no relay session for stop() to end: it looks
+    at the node's stopping itself, and answers with the failure every operation cut
+    short gets, the instances not sent counted and listed as failed."""
+    n = DicomNode(no_stream, listen=("127.0.0.1", 0), timeout=20, cache=tmp_cache,
+                  stats=DicomCounters())  # fmt: skip
+    await n.start()
+    sent = threading.Event()
+
+    def slow_viewer() -> None:
+        sent.set()
+        time.sleep(0.05)
+
+    try:
+        task = asyncio.create_task(
+            asyncio.to_thread(
+                viewer.get,
+                n.address[1],
+                query("STUDY", StudyInstanceUID=STUDY_UID),
+                classes=[samples.CT_IMAGE_STORAGE],
+                before_store=slow_viewer,
+            )
+        )
+        await asyncio.to_thread(sent.wait, 20)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await n.stop()
+        assert loop.time() - started < 1.0 + 0.5
+        result = await asyncio.wait_for(task, 30)
+    finally:
+        await n.stop()
+    final = result.final
+    assert "Status" in final, "the viewer got no final response"
+    assert final.Status == st.LINK_LOST and final.ErrorComment == STOPPING_REASON
+    completed = int(final.NumberOfCompletedSuboperations)
+    assert completed == len(result.received) < N
+    assert completed + int(final.NumberOfFailedSuboperations) == N

@@ -8,12 +8,16 @@ pynetdicom viewer is told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import AE, build_context, build_role, evt
 
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
@@ -28,14 +32,16 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.node import DicomNode, move_proposals
+from relay.dicom.contexts import MODELS
+from relay.dicom.node import DicomNode, _failed_list, move_proposals
+from relay.dicom.session import STOPPING_REASON
 from relay.net.bytestream import ByteStream, pipe
 from relay.proto import ErrorCode
 from relay_dev import samples
 
 from . import viewer
 from .chain import until
-from .helpers import EXPLICIT, capturing_scp, query
+from .helpers import EXPLICIT, capturing_scp, query, scu
 
 STUDY = samples.make_study(4, rows=16, cols=16, seed=61)
 CLASSES = [samples.CT_IMAGE_STORAGE]
@@ -73,15 +79,19 @@ T = TypeVar("T")
 
 
 async def with_agent(
-    script: Script, call: Callable[[int], T], limit: float = 20, **options: Any
+    script: Script,
+    call: Callable[[int], T],
+    limit: float = 20,
+    pipe_limit: int = 256 * 1024,
+    **options: Any,
 ) -> T:
-    """Run `call(port)` (a blocking viewer) against a node whose agent plays `script`;
-    `options` go to the DicomNode."""
+    """Run `call(port)` (a blocking viewer) against a node whose agent plays `script`
+    over a stream buffering `pipe_limit` bytes; `options` go to the DicomNode."""
     requests: list[Request] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def open_stream(headers: Mapping[str, str]) -> ByteStream:
-        a, b = pipe(headers)
+        a, b = pipe(headers, limit=pipe_limit)
 
         async def agent() -> None:
             codec = MessageCodec()
@@ -468,3 +478,241 @@ async def test_a_viewer_cancel_reaches_a_silent_agent_at_once(
 
     codes = await with_agent(script, find_then_cancel, limit=60)
     assert codes == [st.PENDING, st.CANCEL]
+
+
+def failed_uids(identifier: Dataset | None) -> list[str]:
+    """The Failed SOP Instance UID List of a final response's identifier."""
+    assert identifier is not None and "FailedSOPInstanceUIDList" in identifier
+    value = identifier.FailedSOPInstanceUIDList
+    return [str(v) for v in value] if isinstance(value, list | MultiValue) else [str(value)]
+
+
+async def test_a_move_cut_by_the_link_lists_what_failed_at_the_destination() -> None:
+    """The node's failure final carries a list (the agent's), so pynetdicom does not add
+    its own: the node must list the sub-operations that failed at the destination itself,
+    or the list and NumberOfFailedSuboperations disagree (PS3.4 C.4.2.1.4.2)."""
+    odd = as_class(1, RT_STRUCTURE_SET, "2.25.6102")  # no context at DEST: its store fails
+    script = playing(Pending(remaining=4, completed=0, failed=0, warning=0), inst(0), odd, inst(2))
+    identifiers: list[Dataset | None] = []
+    statuses, received = await move_to_capture(script, identifiers)
+    final = statuses[-1]
+    assert final.Status == st.LINK_LOST
+    assert final.NumberOfCompletedSuboperations == 2 and final.NumberOfFailedSuboperations == 2
+    assert failed_uids(identifiers[-1]) == [odd.sop_instance]  # the 4th: never received
+    assert set(received) == {STUDY[0].sop_instance, STUDY[2].sop_instance}
+
+
+async def test_a_move_ending_in_a_warning_lists_the_destination_s_and_the_agent_s_failures() -> (
+    None
+):
+    odd = as_class(1, RT_STRUCTURE_SET, "2.25.6103")
+    script = playing(
+        Pending(remaining=4, completed=0, failed=0, warning=0),
+        inst(0),
+        odd,
+        inst(2),
+        FinalResponse(0xB000, completed=3, failed=1, warning=0, failed_instances=("1.2.3.9",)),
+    )
+    identifiers: list[Dataset | None] = []
+    statuses, _received = await move_to_capture(script, identifiers)
+    final = statuses[-1]
+    assert final.Status == st.WARNING_SUBOPS
+    assert final.NumberOfCompletedSuboperations == 2 and final.NumberOfFailedSuboperations == 2
+    assert failed_uids(identifiers[-1]) == [odd.sop_instance, "1.2.3.9"]
+
+
+async def test_a_get_cut_by_the_link_lists_what_the_viewer_refused() -> None:
+    """The same for a C-GET: the viewer's own refusals are listed (PS3.4 C.4.3.1.3.2)."""
+    script = playing(Pending(remaining=4, completed=0, failed=0, warning=0), inst(0), inst(1))
+    model = MODELS[("study", "get")]
+
+    def refusing_get(port: int) -> list[tuple[Dataset, Dataset | None]]:
+        assoc = scu("VIEWER").associate(
+            "127.0.0.1",
+            port,
+            contexts=[build_context(model), build_context(CLASSES[0], [EXPLICIT])],
+            ae_title="RELAY",
+            ext_neg=[build_role(CLASSES[0], scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)],  # out of resources
+        )
+        assert assoc.is_established
+        answers = list(assoc.send_c_get(query("STUDY", StudyInstanceUID="1.2.3"), model))
+        assoc.release()
+        return answers
+
+    answers = await with_agent(script, refusing_get)
+    final, identifier = answers[-1]
+    assert final.Status == st.LINK_LOST
+    assert final.NumberOfCompletedSuboperations == 0 and final.NumberOfFailedSuboperations == 4
+    assert failed_uids(identifier) == [STUDY[0].sop_instance, STUDY[1].sop_instance]
+
+
+def test_the_failed_list_is_bounded() -> None:
+    uids = [f"1.2.826.0.1.3680043.10.1341.{i:030d}" for i in range(3000)]
+    assert _failed_list(uids + uids[:5], 10).FailedSOPInstanceUIDList == uids[:10]
+    listed = _failed_list(uids, 5000).FailedSOPInstanceUIDList
+    assert len("\\".join(listed)) <= 0xFFFE  # an explicit VR UI value's 16-bit length
+    assert listed == uids[: len(listed)] and len(listed) > 1000
+    assert _failed_list(["1.2", "1.2", "1.3"], 10).FailedSOPInstanceUIDList == ["1.2", "1.3"]
+
+
+@contextlib.contextmanager
+def stalling_scp(ae_title: str = "DEST") -> Iterator[tuple[threading.Event, int]]:
+    """A storage SCP that takes each C-STORE and never answers (until the test ends);
+    the event is set once one has arrived."""
+    arrived, done = threading.Event(), threading.Event()
+
+    def on_store(event: Any) -> int:
+        arrived.set()
+        done.wait(60)
+        return 0xA700
+
+    ae = AE(ae_title=ae_title)
+    ae.maximum_pdu_size = 0
+    for sop in contexts.STORAGE_CLASSES[:100]:
+        ae.add_supported_context(sop, [EXPLICIT])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None
+    try:
+        yield arrived, int(server.server_address[1])
+    finally:
+        done.set()
+        server.shutdown()
+        server.server_close()
+
+
+BIG_STUDY = samples.make_study(40, rows=16, cols=16, seed=71)
+
+
+def streaming(study: Sequence[samples.EncodedInstance], written: list[int]) -> Script:
+    """An agent sending `study` with its counts, as fast as the stream takes it."""
+
+    async def play(stream: ByteStream, codec: MessageCodec, request: Request) -> None:
+        n = len(study)
+        await write_message(stream, codec, Pending(remaining=n, completed=0, failed=0, warning=0))
+        for x in study:
+            inst = Instance(x.sop_class, x.sop_instance, x.transfer_syntax, x.data)
+            await write_message(stream, codec, inst)
+            written[0] += 1
+        await write_message(stream, codec, FinalResponse(0, completed=n, failed=0, warning=0))
+        await stream.write_eof()
+
+    return play
+
+
+async def test_a_move_whose_destination_stalls_stops_pulling_the_study() -> None:
+    """The first C-STORE gets no answer within the node's timeout: pynetdicom aborts the
+    destination's association, and every later sub-operation would fail at once. The
+    node stops the retrieve at the agent then, and fails with the true counts."""
+    written = [0]
+    identifiers: list[Dataset | None] = []
+    with stalling_scp() as (_arrived, port):
+        statuses = await with_agent(
+            streaming(BIG_STUDY, written),
+            lambda p: viewer.move(
+                p, query("STUDY", StudyInstanceUID="1.2.3"), "DEST", identifiers=identifiers
+            ),
+            limit=1,
+            pipe_limit=64,
+            destinations={"DEST": ("127.0.0.1", port)},
+        )
+    final = statuses[-1]
+    assert final.Status == st.MOVE_DESTINATION_UNREACHABLE
+    assert "stopped answering" in str(final.ErrorComment)
+    assert final.NumberOfCompletedSuboperations == 0
+    assert final.NumberOfFailedSuboperations == len(BIG_STUDY)
+    listed = failed_uids(identifiers[-1])
+    assert listed[0] == BIG_STUDY[0].sop_instance
+    assert set(listed) <= {x.sop_instance for x in BIG_STUDY}
+    # The one at the destination, the node's queue, and what the stream held.
+    assert written[0] < 10, f"the agent sent {written[0]} of {len(BIG_STUDY)}"
+
+
+async def test_a_cancel_cuts_a_c_store_the_destination_does_not_answer() -> None:
+    """A viewer's C-CANCEL while the destination sits on a C-STORE takes effect at once,
+    not after the node's timeout (pynetdicom waits that long for the C-STORE's answer)."""
+    model = MODELS[("study", "move")]
+    cancelled_at: list[float] = []
+
+    with stalling_scp() as (arrived, port):
+
+        def move_then_cancel(p: int) -> tuple[list[Dataset], float]:
+            assoc = scu("VIEWER").associate(
+                "127.0.0.1", p, contexts=[build_context(model)], ae_title="RELAY"
+            )
+            assert assoc.is_established
+
+            def cancel() -> None:
+                assert arrived.wait(20)
+                cancelled_at.append(time.monotonic())
+                assoc.send_c_cancel(7, query_model=model)
+
+            canceller = threading.Thread(target=cancel)
+            canceller.start()
+            ident = query("STUDY", StudyInstanceUID="1.2.3")
+            statuses = [s for s, _ in assoc.send_c_move(ident, "DEST", model, msg_id=7)]
+            done = time.monotonic()
+            canceller.join(20)
+            assoc.release()
+            return statuses, done
+
+        statuses, done = await with_agent(
+            streaming(STUDY, [0]),
+            move_then_cancel,
+            limit=30,
+            destinations={"DEST": ("127.0.0.1", port)},
+        )
+    final = statuses[-1]
+    assert final.Status == st.CANCEL
+    assert done - cancelled_at[0] < 5, f"the cancel took {done - cancelled_at[0]:.1f} s"
+    assert final.NumberOfCompletedSuboperations == 0
+
+
+async def test_stopping_while_a_retrieve_pauses_to_resume_answers_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retrieve whose stream broke pauses before it asks again (up to 2 s); stop()
+    gives an operation `_LEAVE` (1 s) to answer before it aborts the association. The
+    pause ends at the stop, and the viewer gets the stopping failure, not an abort."""
+    from relay.dicom import node as node_module
+
+    monkeypatch.setattr(node_module, "_RESUME_PAUSE", (5.0, 5.0))
+    tasks: set[asyncio.Task[None]] = set()
+    opened: list[int] = []
+
+    async def open_stream(headers: Mapping[str, str]) -> ByteStream:
+        a, b = pipe(headers)
+        opened.append(1)
+
+        async def agent() -> None:
+            codec = MessageCodec()
+            assert isinstance(await read_message(b, codec), Request)
+            await write_message(b, codec, Pending(remaining=4, completed=0, failed=0, warning=0))
+            await write_message(b, codec, inst(0))
+            await until(lambda: not a._inbox)  # type: ignore[attr-defined]  # a reset drops the unread
+            b.reset(int(ErrorCode.INTERNAL_ERROR))  # a link-level break: resumable
+
+        task = asyncio.create_task(agent())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return a
+
+    node = DicomNode(open_stream, listen=("127.0.0.1", 0), timeout=20)
+    await node.start()
+    try:
+        call = asyncio.create_task(asyncio.to_thread(get, node.address[1]))
+        await until(lambda: bool(opened) and not tasks)
+        await asyncio.sleep(0.3)  # the node has seen the break and pauses
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await node.stop()
+        assert loop.time() - started < 1.0 + 0.5
+        result = await asyncio.wait_for(call, 30)
+    finally:
+        await node.stop()
+    assert len(opened) == 1
+    assert result.final.Status == st.LINK_LOST
+    assert result.final.ErrorComment == STOPPING_REASON
+    assert result.final.NumberOfFailedSuboperations == 4 - len(result.received)
