@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from relay.codecs.choice import ZSTD
 from relay.dicom import contexts, headers_only, rawds
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
@@ -29,6 +30,7 @@ from relay.dicom.codec import (
     DicomProtocolError,
     ErrorMessage,
     FinalResponse,
+    IdentifierTooLarge,
     Instance,
     Message,
     MessageCodec,
@@ -40,7 +42,14 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.encoder import Encoded, RateBook, StreamEncoder, offered_codecs, shared_pool
+from relay.dicom.encoder import (
+    MIN_PIXELS_BYTES,
+    Encoded,
+    RateBook,
+    StreamEncoder,
+    offered_codecs,
+    shared_pool,
+)
 from relay.dicom.intake import MoveReceiver
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
@@ -58,7 +67,49 @@ _AUDIT_KEYS = (
     "QueryRetrieveLevel", "PatientID", "AccessionNumber",
     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
 )  # fmt: skip
-_OFFLOAD = 64 * 1024  # bodies at least this big are encoded on a worker thread
+# Bodies at least this big are encoded on a worker thread (zstd takes ~0.1 ms per 64 KiB);
+# an instance that may get a pixel codec (`_heavy`) is from encoder.MIN_PIXELS_BYTES on.
+_OFFLOAD = 64 * 1024
+
+
+class RequestKeys:
+    """A request's audit keys, worked out once (at its begin) for every summary of it,
+    within the codec's limits: a device's deflated dataset is inflated at most to
+    `max_dataset` (an instance) or `max_identifier` (an identifier)."""
+
+    def __init__(self, request: Request, limits: DicomLimits) -> None:
+        self.request = request
+        self.limits = limits
+        self._keys: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, str]:
+        with self._lock:
+            if self._keys is None:
+                self._keys = _request_keys(self.request, self.limits)
+            return dict(self._keys)
+
+
+def _request_keys(req: Request, limits: DicomLimits) -> dict[str, str]:
+    """What the request was about: level and UIDs (see `OperationSummary.keys`)."""
+    if req.op == "store":
+        keys = {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_instance}
+        try:
+            found = rawds.check_dataset(
+                req.dataset, req.transfer_syntax, capture=rawds.AUDIT_TAGS,
+                max_inflated=limits.max_dataset,
+            )  # fmt: skip
+        except rawds.MalformedDataset:
+            return keys
+        return {**{k: v[:1024] for k, v in found.items() if v}, **keys}
+    if req.op == "echo" or not req.dataset:
+        return {}
+    try:
+        data, ts = rawds.readable(req.dataset, req.transfer_syntax, limits.max_identifier)
+        ds = rawds.decode_dataset(data, ts)
+        return {kw: str(ds.get(kw, ""))[:1024] for kw in _AUDIT_KEYS if ds.get(kw)}
+    except Exception:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -75,31 +126,18 @@ class OperationSummary:
     request: Request | None = None
     failed: int = 0
     warning: int = 0
+    request_keys: RequestKeys | None = None  # the agent's: shared by the stream's summaries
 
     def keys(self) -> dict[str, str]:
         """What the request was about, for the audit trail (PS3.15): level and UIDs.
 
         Patient identifiers appear here; they belong in the agent's audit log only.
         """
-        req = self.request
-        if req is None:
+        if self.request is None:
             return {}
-        if req.op == "store":
-            keys = {"SOPClassUID": req.sop_class, "SOPInstanceUID": req.sop_instance}
-            try:
-                found = rawds.check_dataset(
-                    req.dataset, req.transfer_syntax, capture=rawds.AUDIT_TAGS
-                )
-            except rawds.MalformedDataset:
-                return keys
-            return {**{k: v[:1024] for k, v in found.items() if v}, **keys}
-        if req.op == "echo" or not req.dataset:
-            return {}
-        try:
-            ds = rawds.decode_dataset(req.dataset, req.transfer_syntax)
-            return {kw: str(ds.get(kw, ""))[:1024] for kw in _AUDIT_KEYS if ds.get(kw)}
-        except Exception:
-            return {}
+        if self.request_keys is not None:
+            return self.request_keys.get()
+        return _request_keys(self.request, DicomLimits())
 
 
 @dataclass(frozen=True)
@@ -124,6 +162,9 @@ async def _expect(
     try:
         async with asyncio.timeout(within):
             msg = await read_message(stream, codec, offload=True, expect=(_TYPES[kind],))
+    except IdentifierTooLarge as exc:  # not the stream's fault: the viewer's request's
+        await _refuse(stream, codec, str(exc), st.BAD_IDENTIFIER)
+        return Refused(st.BAD_IDENTIFIER, str(exc))
     except (DicomProtocolError, TimeoutError) as exc:
         if isinstance(exc, UnexpectedMessage):
             reason = f"expected the {what}, got {exc.got.name.title()}"
@@ -175,6 +216,7 @@ async def serve_dicom_stream(
     msg = await _expect(stream, codec, pacs.timeout, Request, "request")
     if isinstance(msg, Refused):
         return summary("invalid", msg.status, msg.reason)
+    keys = RequestKeys(msg, codec.limits)
     skip: frozenset[str] = frozenset()
     if msg.resume:
         # A resumed retrieve: the instances the viewer already has come next.
@@ -192,7 +234,8 @@ async def serve_dicom_stream(
         memory=memory, estimate=not strip, spare=spare,
     )  # fmt: skip
     if on_request is not None:
-        on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae, request=msg))
+        on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae,
+                           request=msg, request_keys=keys))  # fmt: skip
     thread = threading.Thread(target=op.run, name=f"dicom-{op.op_name}", daemon=True)
     thread.start()
     watcher = asyncio.create_task(_watch(stream, codec, op, out))
@@ -221,6 +264,7 @@ async def serve_dicom_stream(
         request=msg,
         failed=op.failed,
         warning=op.warnings,
+        request_keys=keys,
     )
 
 
@@ -257,7 +301,7 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
                 break
             if strip and isinstance(msg, Instance):
                 msg = headers_only.strip_instance(msg)
-            if isinstance(msg, (Instance, Pending)) and len(msg.dataset) >= _OFFLOAD:
+            if _heavy(msg, encoder):
                 # zstd and the pixel codecs release the GIL: encode off the loop,
                 # alongside the PACS transfer and the writes of earlier instances, with
                 # as many workers as the current choice wants.
@@ -306,6 +350,19 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
             log.info("instances sent per codec: %s", encoder.counts)
 
 
+def _heavy(msg: Message, encoder: StreamEncoder) -> bool:
+    """Whether encoding `msg` may take long enough to hold up the event loop: a big
+    body, or an instance the encoder's current choice would encode with an image codec
+    (3-5 ms for 16-64 KiB of pixels). Small messages stay inline: a thread hop costs
+    more than their zstd."""
+    if not isinstance(msg, (Instance, Pending)):
+        return False
+    size = len(msg.dataset)
+    if size >= _OFFLOAD:
+        return True
+    return isinstance(msg, Instance) and size >= MIN_PIXELS_BYTES and encoder.choice.codec != ZSTD
+
+
 async def _watch(
     stream: ByteStream, codec: MessageCodec, op: PacsOperation, out: Channel[Message]
 ) -> None:
@@ -329,14 +386,17 @@ async def _watch(
         out.abort("stream lost")
 
 
-async def _refuse(stream: ByteStream, codec: MessageCodec, reason: str) -> None:
-    """Tell the workstation why, then close; never raises."""
+async def _refuse(
+    stream: ByteStream, codec: MessageCodec, reason: str, status: int = st.RELAY_PROTOCOL
+) -> None:
+    """Tell the workstation why, then close; never raises. A protocol error comes with
+    an ERROR message first; any other `status` is the operation's own failure."""
+    reason = reason[: codec.limits.max_text]
     try:
         async with asyncio.timeout(5):
-            await write_message(stream, codec, ErrorMessage(reason[: codec.limits.max_text]))
-            await write_message(
-                stream, codec, FinalResponse(st.RELAY_PROTOCOL, reason[: codec.limits.max_text])
-            )
+            if status == st.RELAY_PROTOCOL:
+                await write_message(stream, codec, ErrorMessage(reason))
+            await write_message(stream, codec, FinalResponse(status, reason))
             await stream.write_eof()
     except (StreamResetError, TimeoutError, DicomProtocolError):
         stream.reset(RESET_CANCEL)

@@ -14,6 +14,7 @@ and easy to fuzz.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import struct
 import threading
@@ -43,6 +44,15 @@ MAX_COUNT: Final = 0xFFFF  # DIMSE sub-operation counts are US
 MAX_UID: Final = 64
 MAX_AE: Final = 16
 
+# The default cap on a find/retrieve identifier (DicomLimits.max_identifier). A viewer's
+# C-FIND with every return key it shows is a few KiB; the largest DICOMweb QIDO the
+# workstation turns into one (qido.MAX_PARAMS values of qido.MAX_VALUE characters) is
+# about 66 KiB; a retrieve by a list of 2,000 SOP Instance UIDs is 130 KiB. The agent
+# decodes an identifier with pydicom and pynetdicom encodes it again, about 12 times its
+# size in memory, for each of up to pacs.max_operations streams: 128 KiB keeps that to
+# 1.5 MiB a stream, where the dataset limit (512 MiB) let a 10 KB zstd frame cost GiBs.
+MAX_IDENTIFIER: Final = 128 * 1024
+
 # Bodies smaller than this are not worth a zstd frame header.
 MIN_COMPRESS: Final = 256
 # Bodies that take this many bytes to rebuild are decoded off the loop when asked
@@ -63,6 +73,12 @@ class PixelMismatchError(DicomProtocolError):
     def __init__(self, codec: str, reason: str) -> None:
         super().__init__(reason)
         self.codec = codec
+
+
+class IdentifierTooLarge(DicomProtocolError):
+    """A query/retrieve identifier (the body of a find, retrieve or echo REQUEST) larger
+    than `DicomLimits.max_identifier`, refused before its body is read or inflated: the
+    agent answers 0xC007 (status.BAD_IDENTIFIER), not a protocol error."""
 
 
 class UnexpectedMessage(DicomProtocolError):
@@ -90,6 +106,8 @@ class DicomLimits:
 
     max_message: int = 512 * 1024 * 1024  # one payload on the wire (compressed form)
     max_dataset: int = 512 * 1024 * 1024  # one dataset once decompressed
+    # A query/retrieve identifier once decompressed or inflated (MAX_IDENTIFIER).
+    max_identifier: int = MAX_IDENTIFIER
     max_header: int = 16 * 1024  # JSON header of one message
     max_list: int = 1024  # entries in a list field (failed UIDs, SOP classes)
     max_text: int = 1024  # characters in a free-text field (comments, reasons)
@@ -100,6 +118,7 @@ class DicomLimits:
         for name in (
             "max_message",
             "max_dataset",
+            "max_identifier",
             "max_header",
             "max_list",
             "max_text",
@@ -310,7 +329,14 @@ class MessageCodec:
             return body, False  # does not shrink: send as is
         return packed, True
 
-    def _decompress(self, packed: bytes | memoryview, limit: int) -> bytes:
+    def _decompress(
+        self,
+        packed: bytes | memoryview,
+        limit: int,
+        too_large: type[DicomProtocolError] = DicomProtocolError,
+    ) -> bytes:
+        """One zstd frame's content, refused (`too_large`) from its declared size past
+        `limit` before any is decompressed (the decoder never writes past that size)."""
         try:
             size = zstandard.frame_content_size(packed)
         except zstandard.ZstdError as exc:
@@ -318,7 +344,7 @@ class MessageCodec:
         if size < 0:
             raise DicomProtocolError("zstd frame without content size")
         if size > limit:
-            raise DicomProtocolError(f"dataset of {size} bytes exceeds limit {limit}")
+            raise too_large(f"{_what(too_large)} of {size} bytes exceeds limit {limit}")
         try:
             # Streaming, so memory follows the real output, not the size the frame claims.
             dobj = self._decompressor().decompressobj()
@@ -365,6 +391,26 @@ class MessageCodec:
                 f"message of {len(body)} bytes exceeds limit {self.limits.max_message}"
             )
         self._header_bytes(header)
+
+    def fit_final(self, final: FinalResponse) -> FinalResponse:
+        """`final` with as many of its failed UIDs as its header holds (max_header: 1,024
+        UIDs of 64 characters would not fit 16 KiB), the rest left out (the failed count
+        says how many failed). Its UIDs and text must be valid already."""
+        uids = final.failed_instances
+        if not uids:
+            return final
+        bare = dataclasses.replace(final, failed_instances=())
+        _, header, _, _ = self._wire_parts(bare)
+        room = self.limits.max_header - len(self._header_bytes(header)) - len(',"failed_uids":[]')
+        kept = 0
+        for uid in uids:
+            room -= len(uid) + 3  # its quotes and a comma (UIDs are ASCII)
+            if room < 0:
+                break
+            kept += 1
+        return (
+            final if kept == len(uids) else dataclasses.replace(final, failed_instances=uids[:kept])
+        )
 
     def encode(self, msg: Message, pixels: PixelPart | None = None) -> bytes:
         """The bytes to write for `msg`: length prefix, fixed header, JSON header, body.
@@ -515,8 +561,32 @@ class MessageCodec:
             )
         return kind, flags, hlen
 
-    def _body_limit(self, kind: MessageType) -> int:
-        """The largest body a message of this type can have once decoded."""
+    def check_request_size(self, header: bytes | bytearray, body_length: int) -> None:
+        """Refuse a REQUEST whose body cannot fit its op's limit from its JSON header,
+        before the body is read (`read_payload`): an identifier announced larger than
+        `max_identifier` raises IdentifierTooLarge. A header that does not parse is left
+        for `decode` to refuse."""
+        try:
+            parsed = json.loads(bytes(header).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(parsed, dict):
+            return
+        limit, too_large = self._body_limit(MessageType.REQUEST, parsed)
+        if body_length > limit:  # a zstd body is never larger than what it holds
+            raise too_large(f"{_what(too_large)} of {body_length} bytes exceeds limit {limit}")
+
+    def _body_limit(
+        self, kind: MessageType, header: Mapping[str, Any]
+    ) -> tuple[int, type[DicomProtocolError]]:
+        """The largest body a message of this type can have once decoded, and what a
+        larger one raises. A REQUEST's depends on its `op`: only a store carries a
+        dataset; any other carries an identifier (an unknown op is refused after)."""
+        if kind is MessageType.REQUEST and header.get("op") != "store":
+            return self.limits.max_identifier, IdentifierTooLarge
+        return self._plain_limit(kind), DicomProtocolError
+
+    def _plain_limit(self, kind: MessageType) -> int:
         if kind in (MessageType.REQUEST, MessageType.PENDING, MessageType.INSTANCE):
             return self.limits.max_dataset
         if kind is MessageType.SKIP:
@@ -542,7 +612,7 @@ class MessageCodec:
         if not isinstance(header, dict):
             raise DicomProtocolError("header is not a JSON object")
         wire_body = view[start + hlen :]
-        limit = self._body_limit(kind)
+        limit, too_large = self._body_limit(kind, header)
         if wire_body and not limit:
             raise DicomProtocolError(f"{kind.name} message with a body")
         compressed = bool(flags & (FLAG_ZSTD | FLAG_PIXELS))
@@ -551,10 +621,12 @@ class MessageCodec:
                 raise DicomProtocolError("encoded pixels outside a plain instance message")
             body = self._decode_pixels(header, wire_body)
         elif flags & FLAG_ZSTD:
-            body = self._decompress(wire_body, limit)
+            body = self._decompress(wire_body, limit, too_large)
         else:
             if len(wire_body) > limit:
-                raise DicomProtocolError(f"dataset of {len(wire_body)} bytes exceeds limit {limit}")
+                raise too_large(
+                    f"{_what(too_large)} of {len(wire_body)} bytes exceeds limit {limit}"
+                )
             body = bytes(wire_body)
         msg = _from_wire(kind, header, body, self.limits)
         raw = _PREFIX.size + len(view) - len(wire_body) + len(body)
@@ -588,7 +660,8 @@ async def read_payload(
     Raises DicomProtocolError for a stream that ends inside a message or announces one
     larger than the limit, and (`MessageCodec.check_start`) for a message refused by its
     first bytes (with `expect`, a type not expected), before its body is read or memory
-    is spent on it; StreamResetError passes through.
+    is spent on it; a REQUEST is also refused from its JSON header (IdentifierTooLarge:
+    `MessageCodec.check_request_size`). StreamResetError passes through.
     """
     prefix = bytearray()
     while len(prefix) < _PREFIX.size:
@@ -606,11 +679,17 @@ async def read_payload(
         if not chunk:
             raise DicomProtocolError(f"stream ended after {len(fixed)} of {length} message bytes")
         fixed += chunk
-    codec.check_start(fixed, expect)
+    kind, _, hlen = codec.check_start(fixed, expect)
+    if kind is MessageType.REQUEST:
+        # The header says what the body holds: an identifier is refused from its size
+        # before the rest is read (the reads that bring the header bring what follows).
+        end = _FIXED.size + hlen
+        await _read_at_least(stream, fixed, min(end, length), length)
+        codec.check_request_size(fixed[_FIXED.size : end], length - end)
     buf = bytearray(length)
     view = memoryview(buf)
-    view[: _FIXED.size] = fixed
-    have = _FIXED.size
+    view[: len(fixed)] = fixed
+    have = len(fixed)
     while have < length:
         chunk = await stream.read(min(length - have, 1 << 20))
         if not chunk:
@@ -618,6 +697,20 @@ async def read_payload(
         view[have : have + len(chunk)] = chunk
         have += len(chunk)
     return buf
+
+
+async def _read_at_least(stream: ByteStream, buf: bytearray, want: int, length: int) -> None:
+    """Read into `buf` (the start of a message of `length` bytes) until it holds `want`,
+    in reads of up to 64 KiB, never past the message."""
+    while len(buf) < want:
+        chunk = await stream.read(min(length - len(buf), 1 << 16))
+        if not chunk:
+            raise DicomProtocolError(f"stream ended after {len(buf)} of {length} message bytes")
+        buf += chunk
+
+
+def _what(too_large: type[DicomProtocolError]) -> str:
+    return "identifier" if too_large is IdentifierTooLarge else "dataset"
 
 
 async def read_message(
@@ -902,6 +995,11 @@ def _check_text(value: str, name: str, limits: DicomLimits) -> None:
 
 
 _UID_CHARS: Final = frozenset("0123456789.")
+
+
+def is_uid(value: str) -> bool:
+    """Whether `value` is a DICOM UID as a stream message may carry it."""
+    return 0 < len(value) <= MAX_UID and set(value) <= _UID_CHARS
 
 
 def _check_uid(value: str, name: str, *, empty_ok: bool = False) -> None:

@@ -26,6 +26,7 @@ one behind when it ends; a spare the PACS had closed is replaced by a new associ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -51,6 +52,7 @@ from relay.dicom.codec import (
     MessageCodec,
     Pending,
     Request,
+    is_uid,
 )
 from relay.dicom.intake import Intake, MoveReceiver
 from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
@@ -64,6 +66,16 @@ log = logging.getLogger(__name__)
 
 _PENDING: Final = (0xFF00, 0xFF01)
 FIRST_CONTEXTS: Final = 64  # storage contexts of a C-GET once the PACS's studies are known
+# C-FIND matches the PACS has sent that wait, unread, at pynetdicom (whose DIMSE queue has
+# no bound: the PACS streams on while the viewer's channel is full). Past this many, the
+# query is cancelled at the PACS and ends with FIND_BACKLOG_STATUS: a viewer that reads
+# nothing (or far slower than the PACS answers) would otherwise hold the whole result set
+# in the agent's memory for up to `stall_timeout`, on each of its streams. A match is a
+# few hundred bytes to a few KiB there: 2,000 hold a few MiB. An honest viewer reads its
+# matches as they come (the workstation's own C-FINDs take up to 10,000).
+MAX_FIND_BACKLOG: Final = 2000
+FIND_BACKLOG_STATUS: Final = 0xA700  # C-FIND "Refused: Out of resources"
+_BACKLOG_LOOK: Final = 0.05  # seconds between looks at that backlog while the channel is full
 
 
 class PacsOperation:
@@ -207,6 +219,7 @@ class PacsOperation:
             final = FinalResponse(st.for_store(final.status), final.comment)
         elif self.request.op == "echo":
             final = FinalResponse(st.for_echo(final.status), final.comment)
+        final = self._encodable(final)
         self.final = final
         self._count_final(final)
         self.stats.operation_done(self.op_name, final.status, time.monotonic() - started)
@@ -214,6 +227,17 @@ class PacsOperation:
             self._emit(final)
         self.out.close("operation finished")
         self._refill(final)
+
+    def _encodable(self, final: FinalResponse) -> FinalResponse:
+        """`final`, or its status and counts alone if the stream could not carry the rest:
+        the viewer always gets the operation's status (a FINAL that fails to encode
+        resets the stream, and the status is lost)."""
+        try:
+            self.codec.validate(final)
+        except DicomProtocolError as exc:
+            log.warning("final response cut to its status: %s", exc)
+            return dataclasses.replace(final, comment="", failed_instances=())
+        return final
 
     def _refill(self, final: FinalResponse) -> None:
         """Leave a spare association for the next query or retrieve (viewers ask in
@@ -324,15 +348,32 @@ class PacsOperation:
             return self._echo()
         if op == "store":
             return self._store()
-        try:
-            rawds.check_dataset(self.request.dataset, self.request.transfer_syntax)
-            identifier = rawds.decode_dataset(self.request.dataset, self.request.transfer_syntax)
-            _ = list(identifier)  # force decoding of every element now
-        except Exception as exc:
-            return FinalResponse(st.BAD_IDENTIFIER, f"cannot decode the identifier: {exc}"[:200])
+        identifier = self._identifier()
+        if isinstance(identifier, FinalResponse):
+            return identifier
         if op == "find":
             return self._find(identifier)
         return self._retrieve(identifier)
+
+    def _identifier(self) -> Dataset | FinalResponse:
+        """The request's identifier, decoded, or why not (0xC007). A deflated one is
+        inflated once, at most to `max_identifier` (the codec bounded the others)."""
+        req = self.request
+        limit = self.codec.limits.max_identifier
+        try:
+            data, ts = rawds.readable(req.dataset, req.transfer_syntax, limit)
+            rawds.check_dataset(data, ts, max_inflated=limit)
+            identifier = rawds.decode_dataset(data, ts, max_inflated=limit)
+            _ = list(identifier)  # force decoding of every element now
+        except rawds.InflatedTooLarge:
+            return FinalResponse(st.BAD_IDENTIFIER, f"identifier inflates past {limit} bytes")
+        except rawds.MalformedDataset as exc:  # (our texts name offsets, never values)
+            return FinalResponse(st.BAD_IDENTIFIER, f"malformed identifier: {exc}"[:200])
+        except Exception as exc:
+            # Only the type: pydicom's texts may quote the identifier's values.
+            why = type(exc).__name__
+            return FinalResponse(st.BAD_IDENTIFIER, f"cannot decode the identifier ({why})")
+        return identifier
 
     # -- C-ECHO -----------------------------------------------------------------------
 
@@ -344,7 +385,7 @@ class PacsOperation:
             status = assoc.send_c_echo(msg_id=self._msg_id)
             if not status:
                 return FinalResponse(st.PACS_NO_RESPONSE, "PACS did not answer C-ECHO")
-            return FinalResponse(int(status.Status), str(status.get("ErrorComment", "")))
+            return FinalResponse(int(status.Status), self._comment(status))
         finally:
             self._release(assoc)
 
@@ -352,8 +393,12 @@ class PacsOperation:
 
     def _store(self) -> FinalResponse:
         req = self.request
+        limit = self.codec.limits.max_dataset
         try:
-            rawds.check_instance(req.dataset, req.transfer_syntax, req.sop_class, req.sop_instance)
+            rawds.check_instance(
+                req.dataset, req.transfer_syntax, req.sop_class, req.sop_instance,
+                max_inflated=limit,
+            )  # fmt: skip
         except rawds.MalformedDataset as exc:
             return FinalResponse(st.STORE_CANNOT_UNDERSTAND, f"malformed dataset: {exc}"[:200])
         syntaxes = [req.transfer_syntax] + [
@@ -365,8 +410,9 @@ class PacsOperation:
             return assoc
         try:
             ds = rawds.EncodedDataset(
-                req.sop_class, req.sop_instance, req.transfer_syntax, req.dataset
-            )
+                req.sop_class, req.sop_instance, req.transfer_syntax, req.dataset,
+                max_inflated=limit,
+            )  # fmt: skip
             try:
                 status = assoc.send_c_store(
                     ds,
@@ -380,7 +426,7 @@ class PacsOperation:
             if not status:
                 return FinalResponse(st.PACS_NO_RESPONSE, "PACS did not answer C-STORE")
             self.stats.instance_relayed(len(req.dataset))
-            return FinalResponse(int(status.Status), str(status.get("ErrorComment", "")))
+            return FinalResponse(int(status.Status), self._comment(status))
         finally:
             self._release(assoc)
 
@@ -411,15 +457,16 @@ class PacsOperation:
                 self._answered = True
                 code = int(status.Status)
                 if code in _PENDING:
-                    if match is not None:
-                        self._emit(
-                            Pending(
-                                transfer_syntax=ExplicitVRLittleEndian,
-                                dataset=encode_dataset(match, ExplicitVRLittleEndian),
-                            )
-                        )
+                    if match is None:
+                        continue
+                    pending = Pending(
+                        transfer_syntax=ExplicitVRLittleEndian,
+                        dataset=encode_dataset(match, ExplicitVRLittleEndian),
+                    )
+                    if not self._emit_match(assoc, pending):
+                        return self._cancel_backlog(assoc, model, responses)
                     continue
-                return FinalResponse(code, str(status.get("ErrorComment", "")))
+                return FinalResponse(code, self._comment(status))
             return FinalResponse(st.PACS_NO_RESPONSE, "C-FIND ended without a final response")
         except (ChannelClosed, TimeoutError):
             self.abort()
@@ -428,6 +475,52 @@ class PacsOperation:
             return FinalResponse(st.PACS_NO_RESPONSE, "the PACS ended the association")
         finally:
             self._release(assoc)
+
+    def _emit_match(self, assoc: Association, match: Pending) -> bool:
+        """Queue a C-FIND match like `_emit` (TimeoutError after `stall_timeout`), looking
+        at pynetdicom's backlog while the channel is full: False (not queued) once more
+        than MAX_FIND_BACKLOG of the PACS's responses wait there."""
+        deadline = time.monotonic() + self.pacs.stall_timeout
+        while True:
+            if self._aborted.is_set():
+                raise ChannelClosed("aborted")
+            try:
+                self.out.put_sync(match, max(0.0, min(_BACKLOG_LOOK, deadline - time.monotonic())))
+                return True
+            except TimeoutError:
+                if backlog(assoc) > MAX_FIND_BACKLOG:
+                    return False
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _cancel_backlog(
+        self, assoc: Association, model: str, responses: Iterator[tuple[Dataset, Any]]
+    ) -> FinalResponse:
+        """The viewer is not taking the matches the PACS sends: C-CANCEL, then take the
+        responses still coming (dropped, so that nothing piles up) until the PACS's
+        final, within `pacs.timeout`; a PACS that answers on past that is aborted."""
+        log.info("C-FIND: more than %d matches unread; cancelling at the PACS", MAX_FIND_BACKLOG)
+        final = FinalResponse(
+            FIND_BACKLOG_STATUS,
+            f"out of resources: more than {MAX_FIND_BACKLOG} matches waited for the viewer",
+        )
+        try:
+            assoc.send_c_cancel(self._msg_id, query_model=model)
+        except Exception as exc:  # the association may be ending under us
+            log.debug("C-CANCEL not sent: %s", type(exc).__name__)
+        deadline = time.monotonic() + self.pacs.timeout
+        with contextlib.suppress(Exception):  # pynetdicom's own errors end it too
+            for status, _ in responses:
+                if not status or int(status.Status) not in _PENDING:
+                    return final
+                if time.monotonic() > deadline or self._aborted.is_set():
+                    break
+        _abort(assoc)
+        return final
+
+    def _comment(self, status: Dataset) -> str:
+        """The PACS's Error Comment as a stream message can carry it (`clean_text`)."""
+        return clean_text(status.get("ErrorComment", ""), self.codec.limits.max_text)
 
     # -- retrieve -----------------------------------------------------------------------
 
@@ -582,13 +675,7 @@ class PacsOperation:
                         counted = counts[0] is not None
                         self._counted(counted)
                     continue
-                failed_uids: tuple[str, ...] = ()
-                if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                    value = ident.FailedSOPInstanceUIDList
-                    uids = [value] if isinstance(value, str) else list(value)
-                    failed_uids = tuple(str(u) for u in uids if u)[: self.codec.limits.max_list]
-                comment = str(status.get("ErrorComment", ""))[: self.codec.limits.max_text]
-                return _final(code, comment, counts, failed_uids)
+                return self._retrieve_final(code, status, ident, counts)
             return _final(
                 st.PACS_NO_RESPONSE, "retrieve ended without a final response",
                 _carry(counts, self.instances),
@@ -596,6 +683,25 @@ class PacsOperation:
         except (ChannelClosed, TimeoutError):
             self.abort()
             return FinalResponse(st.LINK_LOST, "relay stream closed")
+
+    def _retrieve_final(
+        self, code: int, status: Dataset, ident: Dataset | None, counts: Counts
+    ) -> FinalResponse:
+        """The PACS's final C-GET/C-MOVE response as a FINAL that always encodes: what
+        would not (a Failed SOP Instance UID that is no UID, more UIDs than the header
+        holds, an over-long comment) is left out, never the status or its counts."""
+        failed_uids: tuple[str, ...] = ()
+        if ident is not None:
+            try:
+                value = ident.get("FailedSOPInstanceUIDList")
+            except Exception:  # a value pydicom cannot decode: the list is left out
+                value = None
+            failed_uids = clean_uids(value, self.codec.limits.max_list)
+        final = _final(code, self._comment(status), counts, failed_uids)
+        try:
+            return self.codec.fit_final(final)
+        except DicomProtocolError:  # (not expected: every part was made to fit)
+            return _final(code, "", counts)
 
     def _sent(self, model: str) -> None:
         """The request has gone on the main association: a C-CANCEL may follow it now.
@@ -796,6 +902,30 @@ def spare_contexts(pacs: PacsTarget, memory: StorageMemory | None) -> tuple[list
             for root in ("study", "patient") for op in (pacs.retrieve, "find")]  # fmt: skip
     storage = remembered_storage(memory, len(base)) if pacs.retrieve == "get" else []
     return [*base, *storage], scp_roles(storage)
+
+
+def backlog(assoc: Association) -> int:
+    """DIMSE messages received on `assoc` that pynetdicom holds, not yet taken."""
+    try:
+        return int(assoc.dimse.msg_queue.qsize())
+    except Exception:  # (an association without its DIMSE provider: nothing held)
+        return 0
+
+
+def clean_text(value: object, limit: int) -> str:
+    """A PACS's free text (an Error Comment) as a FINAL can carry it: printable
+    characters only (no control characters, no lone surrogates that would not encode),
+    at most `limit` of them."""
+    text = str(value) if value is not None else ""
+    return "".join(ch for ch in text if ch.isprintable())[:limit]
+
+
+def clean_uids(values: object, limit: int) -> tuple[str, ...]:
+    """A PACS's Failed SOP Instance UID List as a FINAL can carry it: values that are
+    not DICOM UIDs (over 64 characters, not digits and dots) dropped (the failed count
+    stays the PACS's), at most `limit` of them."""
+    items = [values] if isinstance(values, str) else list(values or ())  # type: ignore[call-overload]
+    return tuple(u for u in (str(v).strip("\x00 ") for v in items) if is_uid(u))[:limit]
 
 
 def _abort(assoc: Association) -> None:

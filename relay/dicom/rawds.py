@@ -31,6 +31,10 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 _EncodeFn = Callable[..., bytes | None]
+# What a deflated dataset may inflate to when the caller names no limit: only for bytes
+# from the PACS or a local file. What a device sent is inflated with its codec's limit
+# (DicomLimits.max_dataset for an instance, max_identifier for an identifier).
+DEFAULT_MAX_INFLATED: Final = 1 << 30
 _lock = threading.Lock()
 _original_encode: _EncodeFn | None = None
 
@@ -51,7 +55,15 @@ class EncodedDataset(Dataset):
     pynetdicom reads them to pick a presentation context; nothing else is decoded.
     """
 
-    def __init__(self, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes):
+    def __init__(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        data: bytes,
+        *,
+        max_inflated: int = DEFAULT_MAX_INFLATED,
+    ):
         # Without the hook pynetdicom would encode only the two UIDs below and the peer
         # would store an empty instance with a success status: make sure it is in place
         # in every process that sends one (the agent's C-STORE path had no other caller).
@@ -66,6 +78,7 @@ class EncodedDataset(Dataset):
         self.file_meta = meta
         self._relay_raw = data
         self._relay_ts = transfer_syntax
+        self._relay_max_inflated = max_inflated  # if it must be decoded (`encoded_as`)
 
     @property
     def raw_bytes(self) -> bytes:
@@ -84,16 +97,31 @@ class EncodedDataset(Dataset):
         if ts_encoding(self._relay_ts) == (implicit, little, deflated):
             return self.raw_bytes
         # pynetdicom only converts between uncompressed syntaxes; decode, then re-encode.
-        ds = decode_dataset(self.raw_bytes, self._relay_ts)
+        limit: int = self._relay_max_inflated
+        ds = decode_dataset(self.raw_bytes, self._relay_ts, max_inflated=limit)
         return fallback(ds, implicit, little, deflated)
 
 
-def decode_dataset(data: bytes, transfer_syntax: str, *, max_inflated: int = 1 << 30) -> Dataset:
+def decode_dataset(
+    data: bytes, transfer_syntax: str, *, max_inflated: int = DEFAULT_MAX_INFLATED
+) -> Dataset:
     """A pydicom Dataset from encoded bytes (inflating a deflated syntax, bounded)."""
     implicit, little, deflated = ts_encoding(transfer_syntax)
     if deflated:
         data = inflate(data, max_inflated)
     return read_dataset(BytesIO(data), implicit, little)
+
+
+def readable(data: bytes, transfer_syntax: str, max_inflated: int) -> tuple[bytes, str]:
+    """(bytes, syntax) a dataset is read in: a deflated one inflated (InflatedTooLarge
+    past `max_inflated`, MalformedDataset for a bad deflate stream) and read as the
+    explicit VR little endian it holds, so that checking and decoding it inflate once."""
+    if not ts_encoding(transfer_syntax)[2]:
+        return data, transfer_syntax
+    try:
+        return inflate(data, max_inflated), ExplicitVRLittleEndian
+    except zlib.error as exc:
+        raise MalformedDataset(f"bad deflate stream: {exc}") from None
 
 
 def inflate(data: bytes, limit: int) -> bytes:
@@ -267,7 +295,7 @@ def check_dataset(
     data: bytes,
     transfer_syntax: str,
     *,
-    max_inflated: int = 1 << 30,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
     capture: Mapping[int, str] = _CAPTURE,
 ) -> dict[str, str]:
     """Raise MalformedDataset unless `data` is a structurally sound dataset.
@@ -278,12 +306,8 @@ def check_dataset(
     Class and Instance UIDs (keys "sop_class", "sop_instance"). Pixel data is never read,
     so `capture=AUDIT_TAGS` is how an instance's audit keys are found cheaply.
     """
-    implicit, little, deflated = ts_encoding(transfer_syntax)
-    if deflated:
-        try:
-            data = inflate(data, max_inflated)
-        except zlib.error as exc:
-            raise MalformedDataset(f"bad deflate stream: {exc}") from None
+    data, transfer_syntax = readable(data, transfer_syntax, max_inflated)
+    implicit, little, _ = ts_encoding(transfer_syntax)
     if not data:
         raise MalformedDataset("empty dataset")
     walker = _Walker(data, implicit, little, capture)
@@ -297,7 +321,7 @@ def check_instance(
     sop_class: str,
     sop_instance: str,
     *,
-    max_inflated: int = 1 << 30,
+    max_inflated: int = DEFAULT_MAX_INFLATED,
     capture: Mapping[int, str] = _CAPTURE,
 ) -> dict[str, str]:
     """check_dataset, and the dataset's own SOP UIDs agree with the DIMSE command's.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import cast
@@ -14,12 +15,13 @@ from relay.dicom.agent import serve_dicom_stream
 from relay.dicom.codec import (
     FLAG_PIXELS,
     Instance,
+    Message,
     MessageCodec,
     Request,
     read_payload,
     write_message,
 )
-from relay.dicom.encoder import offered_codecs
+from relay.dicom.encoder import Encoded, StreamEncoder, offered_codecs
 from relay.dicom.pacs_target import PacsTarget, PixelCodecs
 from relay.dicom.rawds import encode_dataset
 from relay.net.bytestream import pipe
@@ -84,6 +86,30 @@ async def test_no_common_codec_means_the_old_framing(
 ) -> None:
     flags = await get_study(pacs, {HEADER_DICOM_PIXELS: announced}, pixel_codecs=config)
     assert not any(f & FLAG_PIXELS for f in flags)
+
+
+@pytest.mark.parametrize(("announced", "off_loop"), [("jpegls,htj2k,jpegxl", True), ("", False)])
+async def test_an_instance_that_may_get_a_pixel_codec_is_encoded_off_the_loop(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch, announced: str, off_loop: bool
+) -> None:
+    """Instances of 16-64 KiB were encoded on the event loop: 3-5 ms of image codec each,
+    every other stream held up meanwhile. Without an image codec in play they stay
+    inline (zstd of 32 KiB costs less than a thread hop)."""
+    loop_thread = threading.get_ident()
+    threads: list[bool] = []  # per instance encoded: on the loop's thread
+    real = StreamEncoder.encode
+
+    def encode(self: StreamEncoder, msg: Message) -> Encoded:
+        if isinstance(msg, Instance):
+            threads.append(threading.get_ident() == loop_thread)
+        return real(self, msg)
+
+    monkeypatch.setattr(StreamEncoder, "encode", encode)
+    headers = {HEADER_DICOM_PIXELS: announced} if announced else {}
+    flags = await get_study(pacs, headers, pixel_codecs="jpegls")
+    assert len(threads) == len(CT) and all(16 << 10 < len(i.data) < 64 << 10 for i in CT)
+    assert threads == [not off_loop] * len(CT)
+    assert all(bool(f & FLAG_PIXELS) == off_loop for f in flags)
 
 
 def test_offered_codecs_are_what_both_ends_and_the_config_allow() -> None:

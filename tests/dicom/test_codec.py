@@ -22,6 +22,7 @@ from relay.dicom.codec import (
     DicomProtocolError,
     ErrorMessage,
     FinalResponse,
+    IdentifierTooLarge,
     Instance,
     Message,
     MessageCodec,
@@ -393,6 +394,8 @@ def test_validate_checks_without_compressing() -> None:
         (MessageType.FINAL, {"status": 0}, "with a body"),
         (MessageType.ERROR, {"reason": "x"}, "with a body"),
         (MessageType.SKIP, {"n": 1}, "exceeds limit"),
+        (MessageType.REQUEST, {"op": "find", "root": "study", "ts": EXPLICIT}, "identifier of"),
+        (MessageType.REQUEST, {"op": "retrieve", "root": "study", "ts": EXPLICIT}, "identifier"),
     ],
 )
 def test_a_zstd_body_is_bounded_by_its_message_type_before_decompressing(
@@ -445,3 +448,33 @@ async def test_a_big_body_is_decoded_off_the_loop_when_asked(
         await write_message(a, codec, msg)
         assert await read_message(b, codec, offload=True) == msg
     assert threads[0] != threading.get_ident() and threads[1] == threading.get_ident()
+
+
+@pytest.mark.parametrize("zstd", [False, True])
+def test_an_identifier_is_bounded_by_max_identifier_and_an_upload_by_max_dataset(
+    zstd: bool,
+) -> None:
+    """A find's or retrieve's body is an identifier (a few KiB from a real viewer): it
+    has its own limit, far below a stored instance's."""
+    codec = MessageCodec(DicomLimits(max_identifier=1000))
+    body = b"\x00" * 1001
+    packed = zstandard.ZstdCompressor().compress(body) if zstd else body
+    flags = FLAG_ZSTD if zstd else 0
+    find = {"op": "find", "root": "study", "ts": EXPLICIT}
+    with pytest.raises(IdentifierTooLarge, match="identifier of 1001 bytes exceeds limit 1000"):
+        codec.decode(_payload(MessageType.REQUEST, find, packed, flags))
+    store = {"op": "store", "ts": EXPLICIT, "cls": "1.2", "iuid": "1.2.3"}
+    msg = codec.decode(_payload(MessageType.REQUEST, store, packed, flags))
+    assert isinstance(msg, Request) and msg.dataset == body
+
+
+async def test_a_big_identifier_is_refused_from_the_request_header_before_its_body() -> None:
+    """`read_payload` would otherwise allocate and wait for the whole announced body."""
+    a, b = pipe()
+    header = json.dumps({"op": "retrieve", "root": "study", "ts": EXPLICIT}).encode()
+    length = 5 + len(header) + (200 << 20)
+    await a.write(struct.pack(">IBBBH", length, VERSION, MessageType.REQUEST, 0, len(header)))
+    await a.write(header)  # no body, no end of stream
+    async with asyncio.timeout(5):
+        with pytest.raises(IdentifierTooLarge, match="exceeds limit 131072"):
+            await read_payload(b, MessageCodec())

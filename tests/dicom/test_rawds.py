@@ -189,6 +189,23 @@ def test_deflated_datasets_are_inflated_with_a_bound() -> None:
         rawds.check_dataset(b"\xff" * 50, "1.2.840.10008.1.2.1.99")
 
 
+def test_readable_inflates_a_deflated_dataset_once_within_its_bound() -> None:
+    """What the agent checks and decodes from one inflate (it inflated twice, up to
+    1 GiB each, whatever its limits)."""
+    import zlib
+
+    inst = make_study(1, rows=16, cols=16)[0]
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = c.compress(inst.data) + c.flush()
+    data, ts = rawds.readable(deflated, "1.2.840.10008.1.2.1.99", len(inst.data))
+    assert (data, ts) == (inst.data, EXPLICIT)
+    assert rawds.readable(inst.data, EXPLICIT, 10) == (inst.data, EXPLICIT)  # as it is
+    with pytest.raises(rawds.InflatedTooLarge):
+        rawds.readable(deflated, "1.2.840.10008.1.2.1.99", len(inst.data) - 1)
+    with pytest.raises(rawds.MalformedDataset, match="deflate"):
+        rawds.readable(b"\xff" * 50, "1.2.840.10008.1.2.1.99", 1000)
+
+
 _VALID = quirky_instance().data
 
 
