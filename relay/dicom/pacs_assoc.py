@@ -57,7 +57,9 @@ def allow_move_stalls(assoc: Association, pacs: PacsTarget) -> None:
 
     A C-GET needs no such wait: its C-STOREs come on its own association and are answered
     on the thread that waits for its responses, which counts only while the PACS is the
-    one to act. Nor does a C-FIND: its matches queue while the channel is full."""
+    one to act. Nor does a C-FIND: the PACS sends its matches on while the channel is
+    full (pynetdicom queues them), and past `pacs_ops.MAX_FIND_BACKLOG` unread the
+    query is cancelled, so a C-FIND never waits on the viewer for long."""
     assoc.dimse_timeout = pacs.timeout + pacs.stall_timeout
 
 
