@@ -50,7 +50,7 @@ from relay.dicom.encoder import (
     offered_codecs,
     shared_pool,
 )
-from relay.dicom.intake import MoveReceiver
+from relay.dicom.intake import MoveReceiver, MoveSenders
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.spare import SpareAssociation
@@ -430,6 +430,8 @@ class DicomAgent:
                 (listen.host, listen.port),
                 timeout=self.pacs.timeout,
                 stall_timeout=self.pacs.stall_timeout,
+                senders=MoveSenders.for_pacs(self.pacs),  # the PACS only (intake.py)
+                max_dataset=self.limits.max_dataset,
             )
             await asyncio.to_thread(receiver.start)
             self.move_receiver = receiver

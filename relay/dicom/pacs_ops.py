@@ -137,6 +137,8 @@ class PacsOperation:
         self.survey: Survey | None = None
         self._beside: _Beside | None = None
         self._survey_for: tuple[str, Dataset] | None = None  # (find model, identifier)
+        # A C-MOVE: its C-STOREs come on other associations, past the first count refused
+        self._move_announces = False
         self._took_spare = False  # the main association is the spare
         self._answered = False  # the PACS answered the main association's request
 
@@ -581,6 +583,7 @@ class PacsOperation:
         )
         if isinstance(assoc, FinalResponse):
             return assoc, set()
+        self.intake.limit_to(identifier)  # what the PACS sends must be what was asked for
         if self._wants_estimate():
             self._survey_now()
         accepted = {
@@ -622,6 +625,10 @@ class PacsOperation:
         allow_move_stalls(assoc, self.pacs)
         if self._wants_estimate():
             self._survey_now()
+        # The sub-operations reach our storage SCP on associations of their own: only
+        # instances of what was asked for, and (move_announces) no more than announced.
+        self.intake.limit_to(identifier)
+        self._move_announces = True
         try:
             receiver.register(self._msg_id, self.intake)
             try:
@@ -674,6 +681,8 @@ class PacsOperation:
                         self._emit(_pending(counts))
                         counted = counts[0] is not None
                         self._counted(counted)
+                        if counted and self._move_announces:
+                            self.intake.announce(sum(n or 0 for n in counts))
                     continue
                 return self._retrieve_final(code, status, ident, counts)
             return _final(

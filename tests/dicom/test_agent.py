@@ -36,6 +36,7 @@ from relay.dicom.stats import DicomCounters
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.ops.config import Address
 from relay_dev import samples
+from relay_dev.matching import Record
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ports import dead_port
 
@@ -234,8 +235,8 @@ async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
 
         inst = CT[0]
 
-        def push(called: str) -> int | None:
-            assoc = scu().associate(
+        def push(called: str, calling: str = pacs.ae_title) -> int | None:
+            assoc = scu(calling).associate(
                 "127.0.0.1",
                 port,
                 contexts=[build_context(inst.sop_class, [EXPLICIT])],
@@ -248,8 +249,10 @@ async def test_move_receiver_refuses_strangers(pacs: EmbeddedPacs) -> None:
             assoc.release()
             return status
 
-        # Not our AE title: no association; ours, but no C-MOVE of ours named: refused.
+        # Not our AE title, or not the PACS calling: no association; the PACS calling
+        # us, but naming no C-MOVE of ours: refused.
         assert await asyncio.to_thread(push, "ANY-SCP") is None
+        assert await asyncio.to_thread(push, "RELAYMOVE", "STRANGER") is None
         assert await asyncio.to_thread(push, "RELAYMOVE") == st.STORE_NOT_AUTHORIZED
     finally:
         await agent.stop()
@@ -625,3 +628,45 @@ async def test_aborting_the_pacs_association_never_holds_up_the_loop(
     assert summary.status == st.LINK_LOST
     assert loop_thread not in aborted_on
     assert max(gaps) < 0.4  # the abort itself takes 0.5 s
+
+
+class _StrayStore(MemoryStore):
+    """A PACS that, asked for CT[1], sends it under another study (a mis-indexed
+    archive, or one that matches a retrieve loosely)."""
+
+    def read(self, record: Record) -> bytes:
+        data = super().read(record)
+        if record.sop_instance != CT[1].sop_instance:
+            return data
+        ds = rawds.decode_dataset(data, EXPLICIT)
+        ds.StudyInstanceUID = MR_STUDY
+        return encode_dataset(ds, EXPLICIT)
+
+
+@pytest.mark.parametrize("kind", ["get", "move"])
+async def test_an_instance_of_another_study_is_not_relayed(kind: str) -> None:
+    """What the PACS sends for a retrieve must be what was asked for (intake.limit_to)."""
+    with EmbeddedPacs(_StrayStore(CT)) as p:
+        if kind == "get":
+            msgs, _ = await run(target(p), retrieve(StudyInstanceUID=CT_STUDY))
+        else:
+            agent = DicomAgent(
+                target(p, retrieve="move", move_ae_title="RELAYMOVE",
+                       move_listen=Address("127.0.0.1", 0))
+            )  # fmt: skip
+            await agent.start()
+            try:
+                assert agent.move_receiver is not None
+                p.destinations["RELAYMOVE"] = ("127.0.0.1", agent.move_receiver.port)
+                a, b = pipe()
+                server = asyncio.create_task(agent.serve(b))
+                ws = Workstation(a)
+                await ws.send(retrieve(StudyInstanceUID=CT_STUDY))
+                msgs = await ws.all()
+                await server
+            finally:
+                await agent.stop()
+    relayed = {m.sop_instance for m in msgs if isinstance(m, Instance)}
+    assert relayed == {i.sop_instance for i in CT} - {CT[1].sop_instance}
+    final = final_of(msgs)
+    assert final.status != st.SUCCESS and final.failed == 1, final
