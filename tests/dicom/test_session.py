@@ -362,7 +362,10 @@ async def test_an_agent_that_never_answers_an_upload_fails_a_timeout_after_it_is
     assert status == st.STORE_OUT_OF_RESOURCES
     assert comment == "no response from the agent in time"
     assert agent.received is not None
-    assert LIMIT * 0.7 <= ended - agent.received < LIMIT + 3
+    # The deadline starts once the request is written, which is up to WINDOW (0.2 s of
+    # reads, more on a loaded machine) before the agent has read it all; an upload of
+    # several seconds timed from its start would end before the agent had it.
+    assert LIMIT * 0.5 <= ended - agent.received < LIMIT + 3
 
 
 async def test_a_stream_that_does_not_open_fails_after_the_timeout() -> None:

@@ -110,7 +110,8 @@ def test_reload_counter_exports_both_results() -> None:
 # What each role's reload applies at once (relay.agent.service.Agent.reload,
 # relay.workstation.service.Workstation.reload); every other key must be restart-only.
 AGENT_APPLIED = {"path", "gateways", "tls", "limits", "reconnect", "resolve_interval",
-                 "compression_level", "drain_grace", "log_level", "services"}  # fmt: skip
+                 "compression_level", "drain_grace", "log_level", "services",
+                 "max_pacs_operations"}  # fmt: skip
 WORKSTATION_APPLIED = {"path", "limits", "reconnect", "drain_grace", "log_level"}
 
 
