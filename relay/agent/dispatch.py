@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from relay.net.aio import Stream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import CodecStats, CodecStream, offers_zstd
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
+from relay.ops.loglimit import LogLimiter
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode
 from relay.seal.transport import sealed_peer
@@ -168,6 +170,7 @@ class StreamDispatcher:
         self._connects = asyncio.Semaphore(max_connects)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.log_limit = LogLimiter()  # refusals and failed connects, per device
 
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """New caps for new streams (a reload); the streams in flight stay counted."""
@@ -233,7 +236,13 @@ class StreamDispatcher:
     ) -> None:
         stream.reset(code)
         self.stats.refused[reason] += 1
-        log.warning("stream refused", extra={**context, "reason": reason})
+        self._warn("stream refused", {**context, "reason": reason})
+
+    def _warn(self, message: str, context: dict[str, object]) -> None:
+        """A warning a device causes per stream, limited per device (relay.ops.loglimit)."""
+        held = self.log_limit.allow(str(context.get("device", "")), time.monotonic())
+        if held is not None:
+            log.warning(message, extra={**context, "suppressed": held} if held else context)
 
     def _spawn(self, coro: Awaitable[None], stream: Stream, kind: str, device: str) -> None:
         self.stats.streams[stream.headers.get(HEADER_TARGET, "")] += 1
@@ -258,9 +267,9 @@ class StreamDispatcher:
         except (OSError, TimeoutError) as exc:
             stream.reset(ErrorCode.CONNECT_FAILED)
             self.stats.refused["connect_failed"] += 1
-            log.warning(
+            self._warn(
                 "service connect failed",
-                extra={**context, "service": service.name, "error": str(exc) or "timeout"},
+                {**context, "service": service.name, "error": str(exc) or "timeout"},
             )
             return
         tune_socket(writer)

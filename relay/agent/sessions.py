@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
@@ -33,6 +34,7 @@ from relay.net.aio import Link, Stream
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import write_json
 from relay.net.tls import trust_domain_of
+from relay.ops.loglimit import LogLimiter
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.seal.policy import (
@@ -146,6 +148,7 @@ class SessionServer:
         self.max_sessions = max_sessions
         self.stats = SealStats()
         self.refused: dict[str, int] = {}
+        self.log_limit = LogLimiter()  # per gateway link and reason
         self.sessions: dict[Link, Identity] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -175,7 +178,16 @@ class SessionServer:
     def _refuse(self, outer: Stream, code: ErrorCode, reason: str) -> None:
         outer.reset(code)
         self.refused[reason] = self.refused.get(reason, 0) + 1
-        log.warning("outer stream refused", extra={"link": outer.link.name, "reason": reason})
+        self._warn("outer stream refused", outer, {"reason": reason})
+
+    def _warn(self, message: str, outer: Stream, context: dict[str, object]) -> None:
+        """A warning each stream from a gateway may cause (a device's session attempts
+        included), limited per gateway link and reason (relay.ops.loglimit)."""
+        key = f"{outer.link.name} {context.get('reason', '')}"
+        held = self.log_limit.allow(key, time.monotonic())
+        if held is not None:
+            extra = {"link": outer.link.name, **context}
+            log.warning(message, extra={**extra, "suppressed": held} if held else extra)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -202,10 +214,7 @@ class SessionServer:
                 stats=self.stats,
             )
         except SealError as exc:
-            log.warning(
-                "session refused",
-                extra={"link": outer.link.name, "reason": exc.reason, "detail": exc.detail},
-            )
+            self._warn("session refused", outer, {"reason": exc.reason, "detail": exc.detail})
             return
         await self._run_session(sealed)
 
@@ -293,7 +302,7 @@ class SessionServer:
         except SealError as exc:
             # The PC went no further (say its check of the gateway failed): account for
             # the attempt like one aborted after the hello, audit and gateway metric.
-            log.warning("sealed enrollment failed", extra={"reason": exc.reason})
+            self._warn("sealed enrollment failed", outer, {"reason": exc.reason})
             await serve_enroll(_Aborted(outer))
             return
         try:

@@ -27,6 +27,7 @@ from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
 from relay.net.dialer import dial
 from relay.ops.config import Address
+from relay.ops.loglimit import LOG_BURST
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.transport import sealed_peer
 from tests.ends_helpers import (
@@ -316,3 +317,33 @@ async def test_a_handler_that_leaves_its_stream_open_resets_with_cancel(world: W
     stream = world.open({"target": "leave"})
     assert await expect_reset(stream) == ErrorCode.CANCEL
     await wait_until(lambda: world.agent.dispatcher.stats.outcomes["handled"] == 1)
+
+
+async def test_a_devices_refused_streams_cannot_flood_the_log(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every refusal is counted, but one device gets LOG_BURST lines at once, the next
+    saying how many were held back; another device's refusals are still logged."""
+    caplog.set_level(logging.WARNING, logger="relay.agent.dispatch")
+    flood = 3 * LOG_BURST
+    for _ in range(flood):
+        assert await expect_reset(world.open({"target": "smtp"})) == ErrorCode.FORBIDDEN
+    await wait_until(lambda: world.agent.dispatcher.stats.refused["unknown_target"] == flood)
+    lines = [r for r in caplog.records if r.getMessage() == "stream refused"]
+    assert len(lines) == LOG_BURST
+    assert all(getattr(r, "device", "").endswith("/ws1") for r in lines)
+
+    outer = await device_link(world.pki, world.gateway.port, "ws2")
+    other = await sealed(outer, world.pki, world.pki.device("ws2"))
+    try:
+        assert await expect_reset(other.open_stream({"target": "smtp"})) == ErrorCode.FORBIDDEN
+        await wait_until(
+            lambda: any(
+                getattr(r, "device", "").endswith("/ws2")
+                for r in caplog.records
+                if r.getMessage() == "stream refused"
+            )
+        )
+    finally:
+        other.close()
+        outer.close()
