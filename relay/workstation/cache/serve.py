@@ -1,9 +1,16 @@
-"""What the DICOM node asks of the cache: a verified retrieval plan, or C-FIND matches.
+"""What the DICOM node and the DICOMweb server ask of the cache: a verified retrieval plan,
+an index to read from, or C-FIND matches.
 
-`plan()` serves only a complete study (or, at series and image level, series complete on
-their own: see CacheStore.finish_series), and only after every file it would send has been
-opened and authenticated: a damaged file drops that entry (one log line), the study goes
-back to the network and is queued to be fetched again, and nothing is half-served.
+`plan()` (the node's C-GET/C-MOVE) serves only a complete study (or, at series and image
+level, series complete on their own: see CacheStore.finish_series), and only after every
+file it would send has been opened and authenticated: a damaged file drops that entry (one
+log line), the study goes back to the network and is queued to be fetched again, and
+nothing is half-served.
+
+`index()` (the DICOMweb server's series flights) answers the same question, complete or
+not, without reading any file; `read()` then opens and authenticates one instance when a
+request needs it. A file found damaged there is dropped exactly as plan() drops it, and
+the caller must not serve what it has begun as complete (retrieve.py cuts the answer).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from relay.workstation.cache.query import find_matches
 from relay.workstation.cache.sealing import SealError
-from relay.workstation.cache.store import CachedInstance, CacheStore
+from relay.workstation.cache.store import CachedInstance, CachedStudy, CacheStore
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,67 @@ class CacheServer:
 
     def plan(self, identifier: Dataset) -> list[CachedItem] | None:
         """The instances of a C-GET/C-MOVE identifier if all are cached and intact, else None."""
+        found = self._chosen(identifier)
+        if found is None:
+            return None
+        study_uid, study, chosen = found
+        started = time.monotonic()
+        hold = sum(i.size for i in chosen) <= self.serve_buffer
+        held: dict[str, bytes] = {}
+        for inst in chosen:
+            data = self._intact(study_uid, inst)
+            if data is None:
+                self.counters.misses += 1
+                return None
+            if hold:
+                held[inst.sop_instance] = data
+        self.store.touch(study_uid)
+        self.counters.hits += 1
+        log.info(
+            "serving %s from the cache: %d instances verified in %.3f s",
+            study.label, len(chosen), time.monotonic() - started,
+        )  # fmt: skip
+        return [
+            CachedItem(i.sop_class, i.sop_instance, i.transfer_syntax, self._reader(i, held))
+            for i in chosen
+        ]
+
+    def index(self, identifier: Dataset) -> list[CachedInstance] | None:
+        """The index entries of a retrieve identifier if all are cached (as plan() decides),
+        else None; no file is read: `read()` authenticates each one when it is needed."""
+        found = self._chosen(identifier)
+        if found is None:
+            return None
+        study_uid, study, chosen = found
+        self.store.touch(study_uid)
+        self.counters.hits += 1
+        log.info("serving %s from the cache: %d instances, read as asked", study.label,
+                 len(chosen))  # fmt: skip
+        return chosen
+
+    def holds(self, study_uid: str, series: str) -> bool:
+        """Whether the series is still complete in the cache (not evicted, wiped or damaged
+        since index() answered)."""
+        study = self.store.study(study_uid)
+        return study is not None and (study.complete or series in study.series_done)
+
+    def read(self, study_uid: str, inst: CachedInstance) -> bytes | None:
+        """One instance of an index() answer, opened and authenticated; None when it can no
+        longer be served: damaged (its entry dropped and the study fetched again, as plan()
+        does) or evicted or wiped since."""
+        try:
+            data = self.store.read(inst)
+        except (SealError, OSError) as exc:
+            study = self.store.study(study_uid)
+            if study is None or inst.sop_instance not in study.instances:
+                return None  # evicted or wiped meanwhile: no damage to report
+            self._damaged(study_uid, inst, exc)
+            return None
+        self.counters.served_bytes += len(data)
+        return data
+
+    def _chosen(self, identifier: Dataset) -> tuple[str, CachedStudy, list[CachedInstance]] | None:
+        """The study and its instances an identifier names, if all are in the cache."""
         study_uid = str(identifier.get("StudyInstanceUID", "") or "").strip()
         if not study_uid or "\\" in study_uid or "*" in study_uid:
             return None
@@ -87,26 +155,7 @@ class CacheServer:
         ):
             self.counters.misses += 1
             return None
-        started = time.monotonic()
-        hold = sum(i.size for i in chosen) <= self.serve_buffer
-        held: dict[str, bytes] = {}
-        for inst in chosen:
-            data = self._intact(study_uid, inst)
-            if data is None:
-                self.counters.misses += 1
-                return None
-            if hold:
-                held[inst.sop_instance] = data
-        self.store.touch(study_uid)
-        self.counters.hits += 1
-        log.info(
-            "serving %s from the cache: %d instances verified in %.3f s",
-            study.label, len(chosen), time.monotonic() - started,
-        )  # fmt: skip
-        return [
-            CachedItem(i.sop_class, i.sop_instance, i.transfer_syntax, self._reader(i, held))
-            for i in chosen
-        ]
+        return study_uid, study, chosen
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         self.counters.offline_finds += 1
@@ -116,15 +165,19 @@ class CacheServer:
         try:
             return self.store.read(inst)
         except (SealError, OSError) as exc:
-            label = self.store.study(study_uid)
-            log.error(
-                "cache: a file of %s is damaged (%s); entry dropped, served from the network "
-                "and fetched again", label.label if label else "a study", type(exc).__name__,
-            )  # fmt: skip
-            self.counters.damaged += 1
-            self.store.drop_instance(study_uid, inst.sop_instance, "damaged")
-            self.refetch(study_uid)
+            self._damaged(study_uid, inst, exc)
             return None
+
+    def _damaged(self, study_uid: str, inst: CachedInstance, exc: Exception) -> None:
+        """Drop a damaged file's entry (one log line, no patient data); fetch it again."""
+        label = self.store.study(study_uid)
+        log.error(
+            "cache: a file of %s is damaged (%s); entry dropped, served from the network "
+            "and fetched again", label.label if label else "a study", type(exc).__name__,
+        )  # fmt: skip
+        self.counters.damaged += 1
+        self.store.drop_instance(study_uid, inst.sop_instance, "damaged")
+        self.refetch(study_uid)
 
     def _reader(self, inst: CachedInstance, held: dict[str, bytes]) -> Callable[[], bytes]:
         def read() -> bytes:

@@ -32,7 +32,7 @@ from relay.workstation.dicomweb.guard import allowed_origins, fetch_allowed, hos
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
-from relay.workstation.dicomweb.retrieve import HeldInstance, Retriever, SeriesFlight
+from relay.workstation.dicomweb.retrieve import Retriever, SeriesFlight, SeriesItem, decode
 from relay.workstation.dicomweb.settings import DEFAULT_TIMEOUT, MAX_QUERY
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, is_uid
 
@@ -241,7 +241,7 @@ async def _flights(
 
 async def _instances(
     service: DicomwebService, study: str, series: str | None, sop: str | None
-) -> AsyncGenerator[HeldInstance, None]:
+) -> AsyncGenerator[SeriesItem, None]:
     async for flight in _flights(service, study, series):
         if sop is not None:
             item = await flight.get(sop)
@@ -254,7 +254,7 @@ async def _instances(
                 yield item
 
 
-async def _first(it: AsyncIterator[HeldInstance]) -> HeldInstance | None:
+async def _first(it: AsyncIterator[SeriesItem]) -> SeriesItem | None:
     try:
         return await it.__anext__()
     except StopAsyncIteration:
@@ -318,14 +318,16 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
 
 async def _answer_instances(
     request: web.Request,
-    it: AsyncIterator[HeldInstance],
+    it: AsyncIterator[SeriesItem],
     ranges: list[media.MediaRange],
     series: str | None,
     sop: str | None,
 ) -> web.StreamResponse:
-    """The WADO-RS multipart answer, instance by instance as `it` brings them."""
+    """The WADO-RS multipart answer, instance by instance as `it` brings them (each one's
+    bytes loaded before its part begins: a cached file that cannot be read cuts it)."""
     try:
         first = await _first(it)
+        data = await first.load() if first is not None else b""
     except UpstreamError as exc:
         return _upstream(exc)
     if first is None:
@@ -338,7 +340,7 @@ async def _answer_instances(
     response = web.StreamResponse(headers={"Content-Type": media.multipart_type(boundary, part)})
     response.enable_chunked_encoding()
     await response.prepare(request)
-    item: HeldInstance | None = first
+    item: SeriesItem | None = first
     while item is not None:
         if item is not first:
             try:  # the first instance's syntax was accepted; each must be
@@ -350,10 +352,12 @@ async def _answer_instances(
                 raise ConnectionResetError("transfer syntax not accepted") from None
         ctype = media.part_type_with_ts(part, item.transfer_syntax)
         await _write(request, response, media.part_head(boundary, ctype))
-        wrapped = part10.wrap(item.sop_class, item.sop_instance, item.transfer_syntax, item.data)
+        wrapped = part10.wrap(item.sop_class, item.sop_instance, item.transfer_syntax, data)
         await _write(request, response, wrapped)
+        del wrapped
         try:
             item = await _first(it)
+            data = await item.load() if item is not None else b""
         except UpstreamError as exc:
             # Nothing half-received is served as complete: no closing delimiter.
             log.warning("retrieval failed mid-answer (%d)", exc.http_status)  # _upstream
@@ -364,8 +368,10 @@ async def _answer_instances(
     return response
 
 
-def _metadata_of(item: HeldInstance, base: str, study: str, series: str) -> dict[str, Any]:
-    ds = item.dataset()
+def _metadata_of(
+    item: SeriesItem, data: bytes, base: str, study: str, series: str
+) -> dict[str, Any]:
+    ds = decode(data, item.transfer_syntax)
     url = f"{base}/studies/{study}/series/{series}/instances/{item.sop_instance}"
     return dicomjson.to_json(ds, bulk_base=url)
 
@@ -399,7 +405,7 @@ async def _headers_first(
     items = list(headers.items)
 
     def docs() -> bytes:
-        return json.dumps([_metadata_of(i, base, study, series) for i in items]).encode()
+        return json.dumps([_metadata_of(i, i.data, base, study, series) for i in items]).encode()
 
     body = await asyncio.to_thread(docs)
     headfirst.answered += 1
@@ -420,14 +426,17 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
         response: web.StreamResponse | None = None
         try:
             async for flight in _flights(service, study, series):
-                items: AsyncIterator[HeldInstance] | list[HeldInstance]
+                items: AsyncIterator[SeriesItem] | list[SeriesItem]
                 if sop is not None:
                     found = await flight.get(sop)
                     items = [found] if found is not None else []
                 else:
                     items = flight.instances()
                 async for item in _aiter(items):
-                    doc = await asyncio.to_thread(_metadata_of, item, base, study, flight.series)
+                    data = await item.load()
+                    doc = await asyncio.to_thread(_metadata_of, item, data, base, study,
+                                                  flight.series)  # fmt: skip
+                    del data
                     if response is None:
                         response = web.StreamResponse(headers={"Content-Type": DICOM_JSON})
                         response.enable_chunked_encoding()
@@ -452,8 +461,8 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
 
 
 async def _aiter(
-    items: AsyncIterator[HeldInstance] | list[HeldInstance],
-) -> AsyncIterator[HeldInstance]:
+    items: AsyncIterator[SeriesItem] | list[SeriesItem],
+) -> AsyncIterator[SeriesItem]:
     if isinstance(items, list):
         for item in items:
             yield item
@@ -462,7 +471,7 @@ async def _aiter(
             yield item
 
 
-async def _one(request: web.Request, *, viewport: bool = False) -> HeldInstance | web.Response:
+async def _one(request: web.Request, *, viewport: bool = False) -> SeriesItem | web.Response:
     """The request's instance; `viewport`: the viewer shows it now, so it may be
     retrieved ahead of its series (retrieve.py, jump ahead)."""
     service = _service(request)
@@ -478,6 +487,15 @@ async def _one(request: web.Request, *, viewport: bool = False) -> HeldInstance 
     if item is None:
         return _text(404, "no such instance")
     return item
+
+
+async def _decoded(item: SeriesItem) -> Dataset | web.Response:
+    """The item's dataset (its bytes loaded: read from the cache if need be), or the 502."""
+    try:
+        data = await item.load()
+    except UpstreamError as exc:
+        return _upstream(exc)
+    return await asyncio.to_thread(decode, data, item.transfer_syntax)
 
 
 def _frames_accept(request: web.Request) -> str | None:
@@ -496,7 +514,9 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(item, web.Response):
         return item
     ranges = media.parse_accept(_frames_accept(request))
-    ds = await asyncio.to_thread(item.dataset)
+    ds = await _decoded(item)
+    if isinstance(ds, web.Response):
+        return ds
     # Uncompressed pixel data (big endian and encapsulated uncompressed included) comes out
     # of get_frames as little-endian values: served as Explicit VR LE, or HTJ2K from them.
     served = frames.frame_syntax(item.transfer_syntax)
@@ -593,8 +613,11 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(item, web.Response):
         return item
     tag = int(text, 16)
+    ds = await _decoded(item)
+    if isinstance(ds, web.Response):
+        return ds
     try:
-        values = await asyncio.to_thread(_bulk_parts, item, tag)
+        values = await asyncio.to_thread(_bulk_parts, ds, item.transfer_syntax, tag)
     except (frames.FrameError, frames.Unservable) as exc:
         return _text(406, f"cannot serve the bulk data exactly: {exc}")
     if values is None:
@@ -607,16 +630,14 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
 
 
-def _bulk_parts(item: HeldInstance, tag: int) -> list[tuple[str, bytes]] | None:
+def _bulk_parts(ds: Dataset, ts: str, tag: int) -> list[tuple[str, bytes]] | None:
     """A bulk value's parts (content type, bytes) as PS3.18 8.7.3.3 has them: uncompressed
     data little endian (Pixel Data in one part, Explicit VR LE), compressed Pixel Data one
     part per frame in its stored syntax, without fragment delimiters; None: no such value."""
-    ds = item.dataset()
     value = dicomjson.bulk_value(ds, tag)
     if value is None:
         return None
     octets = "application/octet-stream"
-    ts = item.transfer_syntax
     if tag != dicomjson.PIXEL_DATA:
         return [(octets, frames.little_endian(ds, tag, value, ts))]
     if frames.uncompressed(ts):
@@ -641,7 +662,7 @@ def _render_type(request: web.Request) -> str | None:
 
 async def _pick_frame(
     request: web.Request, level: str, frame_in_path: bool
-) -> tuple[HeldInstance, int] | web.Response:
+) -> tuple[SeriesItem, int] | web.Response:
     """The instance and frame a rendered answer shows: the one named (instance, frame),
     else the middle image of the series, else of the study's first series with one."""
     from relay.workstation.dicomweb import thumbs
@@ -664,8 +685,14 @@ async def _pick_frame(
     tried = 0
     try:
         async for flight in _flights(service, study, series):
-            items = [item async for item in flight.instances()]
-            chosen = await asyncio.to_thread(thumbs.middle_frame, items)
+            images: list[tuple[SeriesItem, int, int]] = []
+            async with contextlib.aclosing(flight.instances()) as items:
+                async for item in items:  # one instance's bytes at a time (a cached series)
+                    data = await item.load()
+                    found = await asyncio.to_thread(thumbs.image_of, data, item.transfer_syntax)
+                    if found is not None:
+                        images.append((item, *found))
+            chosen = thumbs.middle_frame(images)
             if chosen is not None:
                 return chosen
             tried += 1
@@ -695,10 +722,11 @@ def _rendered(level: str, frame_in_path: bool = False, thumbnail: bool = False) 
         if isinstance(picked, web.Response):
             return picked
         item, number = picked
+        ds = await _decoded(item)
+        if isinstance(ds, web.Response):
+            return ds
         try:
-            body = await asyncio.to_thread(
-                lambda: render.render_frame(item.dataset(), number, chosen, size)
-            )
+            body = await asyncio.to_thread(render.render_frame, ds, number, chosen, size)
         except render.RenderError as exc:
             return _text(404 if "past the last" in str(exc) else 406, str(exc))
         return web.Response(body=body, content_type=chosen)

@@ -5,18 +5,35 @@ A `SeriesFlight` collects a series's instances as they arrive; any number of req
 read it at the same time (`instances()` yields each instance as soon as it is there, so
 answers stream). Finished series stay in a holding area bounded by `hold_size` bytes and
 `max_held` series (least recently used first out); a series retrieved through the agent
-that alone outgrows it fails with 507 rather than grow memory without bound, and one read
-from the cache that does (it is read whole, within `max_flights`) is served to the
-requests that share its flight and then not kept. At most `max_flights` retrievals and
-cache reads run at once (503 above). A failed retrieval is forgotten at once, so that the
-next request tries again; so is a series that came without instances (404 now, asked
-again next time: it may reach the PACS later).
+that alone outgrows it fails with 507 rather than grow memory without bound. At most
+`max_flights` retrievals and cache look-ups run at once (503 above). A failed retrieval
+is forgotten at once, so that the next request tries again; so is a series that came
+without instances (404 now, asked again next time: it may reach the PACS later).
+
+Two kinds of instance, one interface (`SeriesItem`: `await item.load()` gives the
+dataset bytes): a `HeldInstance` retrieved through the agent holds its bytes; a
+`DiskInstance` of a series complete in the disk cache holds only its index entry
+(`CacheServer.index`: nothing read when the flight is made), and its bytes are read and
+authenticated (`CacheServer.read`, in a worker thread) when a request needs them. So a
+cached series costs the holding area only its index (`INDEX_COST` per instance) and
+stays there however large it is, and its first frame waits for one file, not the series.
+The instances read are kept in `Retriever.reads`, an LRU of `read_budget(hold_size)`
+bytes (min(hold_size // 8, 64 MiB)), so OHIF's metadata, frames and repeated requests of
+one instance decrypt it once; requests for one instance at the same moment share one
+read. Memory for cached series: their indexes (in `held`), the LRU, and the instance each
+answer is writing (bounded by the requests in progress).
 
 Nothing half-received is served as complete: a retrieve whose final response counts
 failed sub-operations or does not say (0xB000 so, 0xA702 after some completed;
 `source.retrieve_failure`) ends its flight with that 502 after the instances that came,
 so a WADO-RS answer under way is cut without its closing delimiter, one not yet begun
-gets the 502, and the partial series is not kept for the next request.
+gets the 502, and the partial series is not kept for the next request. A cached file
+that does not authenticate when read (or has gone: evicted, wiped) fails its flight the
+same way: that request gets a 502 (an answer under way is cut), the flight's other
+readers end with it, the damaged entry is dropped and the study fetched again
+(`CacheServer.read`, as plan() does), and the flight is forgotten so that the next
+request goes to the network. A held cached flight whose series left the cache meanwhile
+is not reused (`CacheServer.holds`).
 
 Jump ahead (issue 14: what the viewer asks for next goes first): a series comes in the
 PACS's order, so the slice a radiologist scrolls to may be far behind. When the viewport
@@ -35,11 +52,12 @@ area is the only copy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeAlias
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
@@ -48,10 +66,12 @@ from relay.dicom import rawds
 from relay.dicom.codec import FinalResponse
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
+from relay.workstation.cache.store import CachedInstance
+from relay.workstation.dicomweb.kept import KeptBytes
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
 from relay.workstation.dicomweb.writethrough import WriteThrough
 
-__all__ = ["HeldInstance", "Retriever", "SeriesFlight"]
+__all__ = ["DiskInstance", "HeldInstance", "Retriever", "SeriesFlight", "SeriesItem", "decode"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +79,30 @@ MAX_FLIGHTS: Final = 8
 MAX_HELD: Final = 256  # finished series in the holding area (hold_size bounds their bytes)
 JUMP_AFTER: Final = 0.2  # s the viewport's instance may wait for its series to bring it
 MAX_JUMPS: Final = 2  # single-instance retrievals ahead of one series, at once
+# What one cached instance's index entry is counted in the holding area: its three UIDs,
+# syntax and objects (about 0.5 KB in CPython; a 2,000-slice CT's index: ~1 MB).
+INDEX_COST: Final = 512
+# Cached instances read and kept for their next request (Retriever.reads): a viewer asks
+# for an instance's metadata, then its frames, and again as the user scrolls; a 64 MiB
+# LRU keeps ~120 CT slices of 0.5 MB, far more than the 6-12 requests a browser has in
+# flight at once. At most an eighth of hold_size: it stays a small share of the memory
+# granted for the browser (128 KiB at the 1 MiB minimum: larger instances are read per
+# request, not kept).
+MAX_READS_KEPT: Final = 64 * 1024 * 1024
+MAX_READS_ENTRIES: Final = 4096
+
+
+def read_budget(hold_size: int) -> int:
+    """The bytes of cached instances kept read (see MAX_READS_KEPT)."""
+    return max(1, min(hold_size // 8, MAX_READS_KEPT))
+
+
+def decode(data: bytes, transfer_syntax: str) -> Dataset:
+    """The decoded dataset, with the transfer syntax where pydicom's pixel code looks."""
+    ds = rawds.decode_dataset(data, transfer_syntax)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    return ds
 
 
 @dataclass
@@ -70,20 +114,43 @@ class HeldInstance:
     transfer_syntax: str
     data: bytes
 
-    def dataset(self) -> Dataset:
-        """The decoded dataset, with the transfer syntax where pydicom's pixel code looks."""
-        ds = rawds.decode_dataset(self.data, self.transfer_syntax)
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = UID(self.transfer_syntax)
-        return ds
+    @property
+    def footprint(self) -> int:
+        """Bytes it keeps in memory (counted against hold_size)."""
+        return len(self.data)
+
+    async def load(self) -> bytes:
+        return self.data
+
+
+@dataclass
+class DiskInstance:
+    """One instance of a series complete in the disk cache: its index entry only; `load`
+    reads and authenticates it (Retriever.read_cached, through the LRU of reads)."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    reader: Callable[[], Awaitable[bytes]] = field(repr=False)
+
+    @property
+    def footprint(self) -> int:
+        return INDEX_COST
+
+    async def load(self) -> bytes:
+        """The dataset bytes; UpstreamError (502) if the file cannot be served."""
+        return await self.reader()
+
+
+SeriesItem: TypeAlias = HeldInstance | DiskInstance
 
 
 @dataclass
 class SeriesFlight:
     study: str
     series: str
-    items: list[HeldInstance] = field(default_factory=list)
-    by_uid: dict[str, HeldInstance] = field(default_factory=dict)
+    items: list[SeriesItem] = field(default_factory=list)
+    by_uid: dict[str, SeriesItem] = field(default_factory=dict)
     size: int = 0
     done: bool = False
     error: UpstreamError | None = None
@@ -94,12 +161,12 @@ class SeriesFlight:
     readers: int = 0  # instances() iterations under way (answers being written, cache writes)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def add(self, item: HeldInstance) -> None:
+    def add(self, item: SeriesItem) -> None:
         if item.sop_instance in self.by_uid:
             return
         self.items.append(item)
         self.by_uid[item.sop_instance] = item
-        self.size += len(item.data)
+        self.size += item.footprint
         self._wake()
 
     def finish(self, error: UpstreamError | None = None) -> None:
@@ -107,11 +174,18 @@ class SeriesFlight:
         self.error = error
         self._wake()
 
+    def fail(self, error: UpstreamError) -> None:
+        """A finished flight found wrong (a cached file unreadable): its readers end with
+        `error` instead of completing."""
+        if self.error is None:
+            self.error = error
+        self._wake()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def instances(self) -> AsyncGenerator[HeldInstance, None]:
+    async def instances(self) -> AsyncGenerator[SeriesItem, None]:
         """Every instance, as soon as it is there; the flight's error at its end."""
         i = 0
         self.readers += 1  # while read, its memory counts against hold_size (Retriever.held)
@@ -142,7 +216,7 @@ class SeriesFlight:
         while not self.done:
             await self._changed.wait()
 
-    async def get(self, sop_instance: str) -> HeldInstance | None:
+    async def get(self, sop_instance: str) -> SeriesItem | None:
         """One instance, waiting for it while the series is arriving; None if not in it."""
         while True:
             found = self.by_uid.get(sop_instance)
@@ -178,8 +252,11 @@ class Retriever:
         self.unlisted: list[SeriesFlight] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.writer = WriteThrough(cache.store, source, on_complete=self._cached) if cache else None
+        # cached instances read, kept for their next request (see MAX_READS_KEPT)
+        self.reads: KeptBytes[str] = KeptBytes(MAX_READS_ENTRIES, read_budget(hold_size))
         self.retrievals = 0  # series retrieved through the agent
         self.from_cache = 0  # series read from the cache
+        self.cache_failures = 0  # cached instances that could not be read (damaged, gone)
         self.shared = 0  # requests that joined a flight already there
         self.jumps = 0  # instances retrieved ahead of their series
         self.jumps_first = 0  # ... that came before the series brought them
@@ -201,6 +278,9 @@ class Retriever:
         """The flight of one series: held, from the cache, or a new retrieval."""
         key = (study, series)
         flight = self.flights.get(key)
+        if flight is not None and flight.from_cache and not self._still_cached(flight):
+            self._forget(flight)  # evicted, wiped or damaged since: look again
+            flight = None
         if flight is not None:
             self.flights.move_to_end(key)
             self.shared += 1
@@ -217,7 +297,7 @@ class Retriever:
         task.add_done_callback(self._tasks.discard)
         return flight
 
-    async def instance(self, flight: SeriesFlight, sop_instance: str) -> HeldInstance | None:
+    async def instance(self, flight: SeriesFlight, sop_instance: str) -> SeriesItem | None:
         """One instance the viewport waits for: from its series, or retrieved ahead of it
         when the series has not brought it within JUMP_AFTER (see the module's text)."""
         waiting = asyncio.ensure_future(flight.get(sop_instance))
@@ -264,6 +344,7 @@ class Retriever:
             flight.jumping.discard(sop_instance)
 
     async def _from_cache(self, flight: SeriesFlight) -> bool:
+        """The series' index from the cache if it is complete there (no file read yet)."""
         if self.cache is None:
             return False
         ident = Dataset()
@@ -271,21 +352,52 @@ class Retriever:
         ident.StudyInstanceUID = flight.study
         ident.SeriesInstanceUID = flight.series
         try:
-            plan = await asyncio.to_thread(self.cache.plan, ident)
-            if plan is None:
-                return False
-            # plan() verified every file; read them all before any reader sees one
-            held = [HeldInstance(i.sop_class, i.sop_instance, i.transfer_syntax,
-                                 await asyncio.to_thread(i.read)) for i in plan]  # fmt: skip
+            entries = await asyncio.to_thread(self.cache.index, ident)
         except Exception as exc:  # a cache fault must never cost the viewer its images
             log.error("cache lookup failed (%s); using the network", type(exc).__name__)
             return False
-        for item in held:
-            flight.add(item)
+        if entries is None:
+            return False
+        for entry in entries:
+            read = functools.partial(self.read_cached, flight, entry)
+            flight.add(DiskInstance(entry.sop_class, entry.sop_instance, entry.transfer_syntax,
+                                    read))  # fmt: skip
         flight.from_cache = True
         self.from_cache += 1
         flight.finish()
         return True
+
+    async def read_cached(self, flight: SeriesFlight, entry: CachedInstance) -> bytes:
+        """One cached instance's bytes: kept, being read for another request, or read and
+        authenticated now. Unreadable (damaged: dropped by the cache; or gone): the flight
+        fails and is forgotten, and this request gets a 502 (see the module's text)."""
+        if flight.error is not None:
+            raise flight.error
+        cache = self.cache
+        if cache is None:
+            raise UpstreamError(502, "the cache is off")
+
+        async def read() -> bytes:
+            try:
+                data = await asyncio.to_thread(cache.read, flight.study, entry)
+            except Exception as exc:
+                log.error("cache read failed (%s)", type(exc).__name__)
+                data = None
+            if data is None:
+                self.cache_failures += 1
+                raise UpstreamError(502, "an instance could not be read from the cache; "
+                                         "the next request asks the PACS")  # fmt: skip
+            return data
+
+        try:
+            return await self.reads.obtain(entry.sop_instance, read)
+        except UpstreamError as exc:
+            self._forget(flight)
+            flight.fail(exc)
+            raise
+
+    def _still_cached(self, flight: SeriesFlight) -> bool:
+        return self.cache is not None and self.cache.holds(flight.study, flight.series)
 
     async def _fill(self, flight: SeriesFlight) -> None:
         if await self._from_cache(flight):
@@ -334,12 +446,13 @@ class Retriever:
         """Evict finished series no request reads (least recently used first) until the
         memory (`held`: read ones included) fits in `hold_size` bytes and `max_held`
         series. `growing` (the flight that changed) goes last; finished and alone larger
-        than `hold_size` (read from the cache), it goes first, keeping the others; still
-        retrieving and too large, it fails: 507 alone too large, else 503 (the memory is
-        taken by answers being read: the write timeout ends a stalled one)."""
+        than `hold_size` (a cached series whose index alone is: only with a tiny
+        hold_size), it goes first, keeping the others; still retrieving and too large, it
+        fails: 507 alone too large, else 503 (the memory is taken by answers being read:
+        the write timeout ends a stalled one)."""
         total = self.held
         if growing.done and growing.size > self.hold_size:
-            self._forget(growing)  # its requests have it; the next reads the cache again
+            self._forget(growing)  # its requests have it; the next looks in the cache again
             total -= growing.size  # and it does not push the held ones out meanwhile
         kept = sum(f.done for f in self.flights.values())
         for key in list(self.flights):
@@ -377,3 +490,4 @@ class Retriever:
                 flight.finish(UpstreamError(503, "the workstation is stopping"))
         self.flights.clear()
         self.unlisted.clear()
+        self.reads = KeptBytes(MAX_READS_ENTRIES, read_budget(self.hold_size))

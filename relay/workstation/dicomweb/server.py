@@ -86,10 +86,12 @@ class DicomwebServer:
                 "retrievals_running": float(retriever.running()),
                 "cache_writes_running": float(w.running() if (w := retriever.writer) else 0),
                 "codestreams_held_bytes": float(self.service.codestreams.bytes),
+                "cache_reads_held_bytes": float(retriever.reads.bytes),
             },
             lambda: {
                 "series_retrievals": float(retriever.retrievals),
                 "series_from_cache": float(retriever.from_cache),
+                "cache_read_failures": float(retriever.cache_failures),
                 "series_shared": float(retriever.shared),
                 "instances_ahead": float(retriever.jumps),
                 "instances_ahead_first": float(retriever.jumps_first),

@@ -14,19 +14,18 @@ from typing import Final, Protocol, TypeVar
 
 from relay.dicom import rawds
 
-__all__ = ["DEFAULT_THUMBNAIL", "MAX_SERIES_TRIED", "middle_frame"]
+__all__ = ["DEFAULT_THUMBNAIL", "MAX_SERIES_TRIED", "image_of", "middle_frame"]
 
 MAX_SERIES_TRIED: Final = 3
 DEFAULT_THUMBNAIL: Final = (128, 128)  # /thumbnail without a viewport
 
 
-class Encoded(Protocol):
-    sop_instance: str
-    transfer_syntax: str
-    data: bytes
+class Named(Protocol):
+    @property
+    def sop_instance(self) -> str: ...
 
 
-T = TypeVar("T", bound=Encoded)
+T = TypeVar("T", bound=Named)
 
 
 def _number(value: object) -> int:
@@ -36,21 +35,24 @@ def _number(value: object) -> int:
         return 0
 
 
-def middle_frame(items: Sequence[T]) -> tuple[T, int] | None:
-    """The instance and frame number (1-based) in the middle of `items`; None without any
-    image (a series of reports, say)."""
-    images: list[tuple[int, str, T, int]] = []
-    for item in items:
-        try:
-            ds = rawds.decode_dataset(item.data, item.transfer_syntax)
-        except Exception:  # an undecodable instance is no candidate
-            continue
-        if "PixelData" not in ds:
-            continue
-        frames = max(1, _number(ds.get("NumberOfFrames", 1) or 1))
-        images.append((_number(ds.get("InstanceNumber")), item.sop_instance, item, frames))
+def image_of(data: bytes, transfer_syntax: str) -> tuple[int, int] | None:
+    """(Instance Number, number of frames) of an instance with pixel data; None for one
+    without (a report, say) or that does not decode. Called per instance, so that a large
+    series is looked at one instance's bytes at a time."""
+    try:
+        ds = rawds.decode_dataset(data, transfer_syntax)
+    except Exception:  # an undecodable instance is no candidate
+        return None
+    if "PixelData" not in ds:
+        return None
+    return _number(ds.get("InstanceNumber")), max(1, _number(ds.get("NumberOfFrames", 1) or 1))
+
+
+def middle_frame(images: Sequence[tuple[T, int, int]]) -> tuple[T, int] | None:
+    """The instance and frame number (1-based) in the middle of `images` (each: the item,
+    its Instance Number and frames, from image_of); None without any."""
     if not images:
         return None
-    images.sort(key=lambda x: (x[0], x[1]))
-    _, _, chosen, frames = images[len(images) // 2]
+    ordered = sorted(images, key=lambda x: (x[1], x[0].sop_instance))
+    chosen, _, frames = ordered[len(ordered) // 2]
     return chosen, frames // 2 + 1

@@ -142,8 +142,9 @@ class WriteThrough:
         written = refused = 0
         try:
             async for item in flight.instances():
+                data = await item.load()  # retrieved: held in the flight
                 study, series, series_attrs = await asyncio.to_thread(
-                    identify, item.data, item.transfer_syntax
+                    identify, data, item.transfer_syntax
                 )
                 if (study, series) != (flight.study, flight.series):
                     refused += 1
@@ -152,7 +153,7 @@ class WriteThrough:
                     entry.series_attrs.setdefault(flight.series, series_attrs)
                 inst = CachedInstance(item.sop_class, item.sop_instance, flight.series,
                                       item.transfer_syntax, 0)  # fmt: skip
-                await asyncio.to_thread(self.store.put, flight.study, inst, item.data)
+                await asyncio.to_thread(self.store.put, flight.study, inst, data)
                 written += 1
         except UpstreamError:
             return  # the retrieval failed: the requests say so; nothing marked complete

@@ -158,3 +158,40 @@ def test_series_done_survives_a_restart_with_a_keyring_key(tmp_path: Path) -> No
     again.open(fresh_key=False)
     study = again.study(STUDY)
     assert study is not None and study.series_done == {f"{STUDY}.0": 1} and not study.complete
+
+
+def test_index_reads_nothing_and_read_drops_a_damaged_file_as_plan_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DICOMweb server's path: the index without opening a file, then one file read and
+    authenticated as asked; a damaged one is dropped (the study fetched again)."""
+    srv, refetched = server(tmp_path, buffer=1 << 20)
+    opened: list[str] = []
+    read = srv.store.read
+
+    def counting(inst: CachedInstance) -> bytes:
+        opened.append(inst.sop_instance)
+        return read(inst)
+
+    monkeypatch.setattr(srv.store, "read", counting)
+    corrupt(srv, f"{STUDY}.3")  # index() does not notice: it reads nothing
+    entries = srv.index(ident("SERIES", SeriesInstanceUID=f"{STUDY}.1"))
+    assert entries is not None and opened == []
+    assert [e.sop_instance for e in entries] == [f"{STUDY}.1", f"{STUDY}.3"]
+    assert srv.holds(STUDY, f"{STUDY}.1")
+    assert srv.read(STUDY, entries[0]) == b"dataset 1" and opened == [f"{STUDY}.1"]
+    assert srv.read(STUDY, entries[1]) is None  # damaged
+    assert refetched == [STUDY] and srv.counters.damaged == 1
+    study = srv.store.study(STUDY)
+    assert study is not None and f"{STUDY}.3" not in study.instances
+    assert not srv.holds(STUDY, f"{STUDY}.1")  # incomplete now: a held index is stale
+    assert srv.index(ident("SERIES", SeriesInstanceUID=f"{STUDY}.1")) is None
+
+
+def test_a_read_after_an_eviction_is_not_counted_as_damage(tmp_path: Path) -> None:
+    srv, refetched = server(tmp_path, buffer=1 << 20)
+    entries = srv.index(ident())
+    assert entries is not None
+    srv.store.evict([STUDY])
+    assert srv.read(STUDY, entries[0]) is None and not srv.holds(STUDY, entries[0].series)
+    assert refetched == [] and srv.counters.damaged == 0

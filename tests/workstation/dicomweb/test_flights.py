@@ -1,6 +1,7 @@
 """Series flights and their holding area (relay.workstation.dicomweb.retrieve): a partial
-retrieve is never served or kept as complete, a series read from the cache is bounded by
-`hold_size` like one retrieved, and a series without instances is not kept. The real
+retrieve is never served or kept as complete, a series complete in the cache is held by
+its index and read per instance as asked (bounded memory, a damaged file cuts the answer
+and sends the next request to the network), and a series without instances is not kept. The real
 DicomwebServer over HTTP where the browser sees the difference (the scripted source of
 test_server, the real disk cache of test_writethrough); the Retriever alone for what only
 its holding area shows."""
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from pydicom.dataset import Dataset
 
+from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
     DicomLimits,
@@ -29,9 +31,12 @@ from relay.dicom.codec import (
 )
 from relay.dicom.offer import CodecOffer
 from relay.net.bytestream import ByteStream, pipe
-from relay.workstation.cache.serve import CachedItem
-from relay.workstation.dicomweb.retrieve import Retriever
+from relay.workstation.cache.serve import CacheServer
+from relay.workstation.cache.store import CachedInstance
+from relay.workstation.dicomweb.kept import KeptBytes
+from relay.workstation.dicomweb.retrieve import INDEX_COST, Retriever, read_budget
 from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.settings import DEFAULT_HOLD_SIZE
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
 
 from .test_server import CT, SERIES, STUDY, ScriptedSource, get, server
@@ -181,31 +186,127 @@ def test_retrieve_failure_vouches_only_for_success_without_failures() -> None:
 # -- B: a series read from the cache -------------------------------------------------------
 
 
-async def test_a_cached_series_larger_than_hold_size_is_served_then_not_kept(
-    tmp_path: Path,
+def count_reads(cache: CacheServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The store's reads (each one opens and authenticates a file), by SOP Instance UID."""
+    reads: dict[str, int] = {}
+    read = cache.store.read
+
+    def counting(inst: CachedInstance) -> bytes:
+        reads[inst.sop_instance] = reads.get(inst.sop_instance, 0) + 1
+        return read(inst)
+
+    monkeypatch.setattr(cache.store, "read", counting)
+    return reads
+
+
+async def cached_series(srv: DicomwebServer) -> None:
+    """Retrieve the series once: written through, it is then complete in the cache."""
+    status, _, _ = await get(series_url(srv))
+    assert status == 200
+    await writer(srv).drain()
+    assert writer(srv).written == 1 and srv.service.retriever.flights == {}
+
+
+async def test_a_cached_series_larger_than_hold_size_is_served_from_disk_per_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache, _ = make_cache(tmp_path)
     srv, source = await start(cache)
     retriever = srv.service.retriever
     try:
-        status, _, _ = await get(series_url(srv))  # retrieved, written through
+        await cached_series(srv)
+        reads = count_reads(cache, monkeypatch)
+        retriever.hold_size = 300_000  # not one instance of the series (3 x 525 KB)
+        retriever.reads = KeptBytes(64, 2 * len(CT[0].data))  # two of its instances
+        series_size = sum(len(i.data) for i in CT)
+        assert series_size > retriever.hold_size
+
+        def within_bounds() -> None:
+            assert retriever.held <= retriever.hold_size  # the index only
+            assert retriever.reads.bytes <= retriever.reads.max_bytes
+            assert retriever.held + retriever.reads.bytes < series_size
+
+        status, headers, body = await get(series_url(srv))
+        assert status == 200 and datasets(headers, body) == [i.data for i in CT]  # bit-exact
+        assert reads == {i.sop_instance: 1 for i in CT}
+        within_bounds()
+        # OHIF: each instance's metadata, then its frames, one request each
+        for inst in CT:
+            url = f"{series_url(srv)}/instances/{inst.sop_instance}"
+            for what in ("/metadata", "/frames/1", "/frames/1", ""):
+                status, headers, body = await get(url + what)
+                assert status == 200, what
+                within_bounds()
+            assert datasets(headers, body) == [inst.data]
+        # each instance read once more at most (the LRU holds two of the three), never the
+        # series per request: 12 requests after the series' own answer
+        assert sum(reads.values()) <= 2 * len(CT)
+        assert retriever.from_cache == 1 and len(retriever.flights) == 1  # indexed once, held
+        assert source.retrieves == 1  # never the network
+    finally:
+        await srv.stop()
+
+
+async def test_the_first_frame_of_a_cached_series_reads_only_its_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, _ = make_cache(tmp_path)
+    srv, _source = await start(cache)
+    try:
+        await cached_series(srv)
+        reads = count_reads(cache, monkeypatch)
+        # the default hold_size's (this server's 4 MiB keeps 512 KiB: not one CT slice)
+        srv.service.retriever.reads = KeptBytes(64, read_budget(DEFAULT_HOLD_SIZE))
+        url = f"{series_url(srv)}/instances/{CT[1].sop_instance}/frames/1"
+        status, _, _ = await get(url)
         assert status == 200
-        await writer(srv).drain()
-        assert writer(srv).written == 1 and retriever.flights == {}
-        retriever.hold_size = len(CT[0].data) + 10  # one instance, not the series
-        for n in (1, 2):
-            status, headers, body = await get(series_url(srv))
-            assert status == 200 and datasets(headers, body) == [i.data for i in CT]
-            assert retriever.from_cache == n  # read from the cache each time ...
-            assert retriever.flights == {} and retriever.held == 0  # ... and not kept
-        status, _, body = await get(f"{series_url(srv)}/metadata")
-        assert status == 200 and body.count(b'"00080018"') == len(CT)
-        assert retriever.flights == {} and source.retrieves == 1
-        retriever.hold_size = 4 * 1024 * 1024  # the series fits: held (LRU) as before
-        for _ in range(2):
-            status, headers, body = await get(series_url(srv))
-            assert status == 200 and datasets(headers, body) == [i.data for i in CT]
-        assert retriever.from_cache == 4 and len(retriever.flights) == 1
+        assert reads == {CT[1].sop_instance: 1}  # not the series, not twice
+        status, _, _ = await get(url)  # again (OHIF's repeated frame request): kept
+        assert status == 200 and reads == {CT[1].sop_instance: 1}
+    finally:
+        await srv.stop()
+
+
+def flip_a_byte(cache: CacheServer, sop_instance: str) -> None:
+    path = cache.store.objects / cache.store.sealer.name(sop_instance)
+    sealed = bytearray(path.read_bytes())
+    sealed[len(sealed) // 2] ^= 0x01
+    path.write_bytes(bytes(sealed))
+
+
+@pytest.mark.parametrize("what", ["series", "frames"])
+async def test_a_damaged_cached_file_fails_its_answer_and_the_next_goes_to_the_network(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, what: str
+) -> None:
+    cache, _ = make_cache(tmp_path)
+    refetched: list[str] = []
+    cache.refetch = refetched.append
+    srv, source = await start(cache)
+    retriever = srv.service.retriever
+    try:
+        await cached_series(srv)
+        flip_a_byte(cache, CT[1].sop_instance)
+        caplog.clear()
+        if what == "series":
+            # CT[0] is sent, then CT[1] does not authenticate: cut, no closing delimiter
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await get(series_url(srv))
+        else:  # nothing sent yet: the HTTP error
+            url = f"{series_url(srv)}/instances/{CT[1].sop_instance}/frames/1"
+            status, _, _ = await get(url)
+            assert status == 502
+        study = cache.store.study(STUDY)
+        assert study is not None and CT[1].sop_instance not in study.instances  # dropped
+        assert SERIES not in study.series_done and not study.complete
+        assert cache.counters.damaged == 1 and refetched == [STUDY]
+        damaged = [r for r in caplog.records if "damaged" in r.getMessage()]
+        assert len(damaged) == 1  # one line, without patient data
+        patient = str(rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax).PatientID)
+        assert patient not in caplog.text
+        assert retriever.flights == {}  # forgotten: the next request goes to the network
+        status, headers, body = await get(series_url(srv))
+        assert status == 200 and datasets(headers, body) == [i.data for i in CT]
+        assert source.retrieves == 2
     finally:
         await srv.stop()
 
@@ -232,22 +333,28 @@ class Pacs:
 
 class Cache:
     """A cache with one complete series of `count` instances of `size` bytes; `gate` holds
-    its plan() (a slow disk)."""
+    its index() (a slow disk); `present` False: the series left the cache."""
 
     def __init__(self, series: str, count: int, size: int) -> None:
         self.series, self.count, self.size = series, count, size
         self.gate = threading.Event()
         self.gate.set()
+        self.present = True
+        self.indexed = 0
         self.reads = 0
 
-    def plan(self, identifier: Dataset) -> list[CachedItem] | None:
-        if str(identifier.SeriesInstanceUID) != self.series:
+    def index(self, identifier: Dataset) -> list[CachedInstance] | None:
+        if str(identifier.SeriesInstanceUID) != self.series or not self.present:
             return None
         assert self.gate.wait(WAIT)
-        return [CachedItem(CT_IMAGE, f"{self.series}.{i}", LE, self.read)
+        self.indexed += 1
+        return [CachedInstance(CT_IMAGE, f"{self.series}.{i}", self.series, LE, self.size)
                 for i in range(self.count)]  # fmt: skip
 
-    def read(self) -> bytes:
+    def holds(self, study: str, series: str) -> bool:
+        return self.present and series == self.series
+
+    def read(self, study: str, inst: CachedInstance) -> bytes | None:
         self.reads += 1
         return b"\1" * self.size
 
@@ -271,23 +378,43 @@ async def uids(r: Retriever, series: str) -> list[str]:
     return [i.sop_instance async for i in flight.instances()]
 
 
-async def test_an_oversize_cached_series_does_not_push_out_the_held_ones() -> None:
-    cache = Cache("1.2.9", count=50, size=1_000)  # 50 KB from the cache, 10 KB holding
-    r = retriever(Pacs({"1.2.1": 2, "1.2.2": 3}), cache)
+async def test_a_cached_series_larger_than_hold_size_is_held_by_its_index() -> None:
+    cache = Cache("1.2.9", count=50, size=1_000)  # 50 KB in the cache, 40 KB holding
+    r = retriever(Pacs({"1.2.1": 2, "1.2.2": 3}), cache, hold_size=40_000)
     try:
         assert await uids(r, "1.2.1") == ["1.2.1.0", "1.2.1.1"]
         assert len(await uids(r, "1.2.2")) == 3
-        assert await uids(r, "1.2.9") == [f"1.2.9.{i}" for i in range(50)]  # served whole
-        assert list(r.flights) == [("1.2", "1.2.1"), ("1.2", "1.2.2")]
-        assert r.held == 500 <= r.hold_size
+        assert await uids(r, "1.2.9") == [f"1.2.9.{i}" for i in range(50)]
+        assert cache.reads == 0  # the index only: nothing read before it is asked for
+        # held, and the retrieved series not pushed out
+        assert list(r.flights) == [("1.2", "1.2.1"), ("1.2", "1.2.2"), ("1.2", "1.2.9")]
+        assert r.held == 500 + 50 * INDEX_COST <= r.hold_size
+        flight = await r.series("1.2", "1.2.9")
+        assert [await i.load() async for i in flight.instances()] == [b"\1" * 1_000] * 50
+        assert cache.reads == 50 and cache.indexed == 1
+        assert r.reads.max_bytes == read_budget(40_000) == 5_000
+        assert r.reads.bytes <= 5_000 and len(r.reads) == 5  # the LRU's byte bound
+        # the last ones read are kept, the first read again
+        await flight.by_uid["1.2.9.49"].load()
+        assert cache.reads == 50
+        await flight.by_uid["1.2.9.0"].load()
+        assert cache.reads == 51 and r.reads.bytes <= 5_000
+        cache.present = False  # evicted: the held index is not used again
+        assert await uids(r, "1.2.9") == [] and ("1.2", "1.2.9") not in r.flights
     finally:
         await r.close()
 
 
-async def test_cache_reads_at_once_stay_bounded() -> None:
+def test_the_reads_kept_are_an_eighth_of_hold_size_up_to_64_mib() -> None:
+    assert read_budget(1 << 20) == 128 << 10
+    assert read_budget(256 << 20) == 32 << 20
+    assert read_budget(1 << 30) == read_budget(64 << 30) == 64 << 20
+
+
+async def test_cache_lookups_at_once_stay_bounded() -> None:
     cache = Cache("1.2.9", count=5, size=1_000)
     cache.gate.clear()
-    r = retriever(Pacs({"1.2.1": 1}), cache, hold_size=1_000, max_flights=1)
+    r = retriever(Pacs({"1.2.1": 1}), cache, hold_size=10_000, max_flights=1)
     try:
         reading = await r.series("1.2", "1.2.9")
         with pytest.raises(UpstreamError) as refused:
@@ -296,7 +423,7 @@ async def test_cache_reads_at_once_stay_bounded() -> None:
         cache.gate.set()
         await asyncio.wait_for(reading.finished(), WAIT)
         assert reading.error is None and len(reading.items) == 5
-        assert r.flights == {}  # larger than hold_size: served, not kept
+        assert list(r.flights) == [("1.2", "1.2.9")] and cache.reads == 0
         assert await uids(r, "1.2.1") == ["1.2.1.0"]
     finally:
         cache.gate.set()

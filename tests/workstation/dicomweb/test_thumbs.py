@@ -10,9 +10,9 @@ import pytest
 
 from relay.dicom import rawds
 from relay.workstation.dicomweb import render
-from relay.workstation.dicomweb.retrieve import HeldInstance
+from relay.workstation.dicomweb.retrieve import decode
 from relay.workstation.dicomweb.server import DicomwebServer
-from relay.workstation.dicomweb.thumbs import DEFAULT_THUMBNAIL, middle_frame
+from relay.workstation.dicomweb.thumbs import DEFAULT_THUMBNAIL, image_of, middle_frame
 from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
 
 
@@ -35,9 +35,19 @@ def item(number: int, *, pixels: bool = True, frames: int = 1) -> Item:
     return Item(ds.SOPInstanceUID, base.transfer_syntax, rawds.encode_dataset(ds))
 
 
+def middle(items: list[Item]) -> tuple[Item, int] | None:
+    """middle_frame over the items that image_of finds an image in, as app.py calls it."""
+    images = []
+    for i in items:
+        found = image_of(i.data, i.transfer_syntax)
+        if found is not None:
+            images.append((i, *found))
+    return middle_frame(images)
+
+
 def test_the_middle_image_by_instance_number() -> None:
     items = [item(n) for n in (5, 1, 3, 2, 4)]
-    chosen = middle_frame(items)
+    chosen = middle(items)
     assert chosen is not None and chosen[0].sop_instance == "1.2.3.3" and chosen[1] == 1
 
 
@@ -45,14 +55,14 @@ def test_the_middle_image_by_instance_number() -> None:
 @pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")
 def test_instances_without_pixels_are_skipped_and_none_is_none() -> None:
     items = [item(1), item(2, pixels=False), item(3, pixels=False)]
-    chosen = middle_frame(items)
+    chosen = middle(items)
     assert chosen is not None and chosen[0].sop_instance == "1.2.3.1"
-    assert middle_frame([item(1, pixels=False)]) is None
-    assert middle_frame([Item("1.2", "1.2.840.10008.1.2.1", b"\xff" * 10)]) is None
+    assert middle([item(1, pixels=False)]) is None
+    assert middle([Item("1.2", "1.2.840.10008.1.2.1", b"\xff" * 10)]) is None
 
 
 def test_a_multi_frame_instance_shows_its_middle_frame() -> None:
-    chosen = middle_frame([item(1, frames=5)])
+    chosen = middle([item(1, frames=5)])
     assert chosen is not None and chosen[1] == 3
 
 
@@ -61,8 +71,7 @@ def _expected(size: tuple[int, int] | None) -> bytes:
         CT, key=lambda i: int(rawds.decode_dataset(i.data, i.transfer_syntax).InstanceNumber)
     )
     mid = by_number[len(by_number) // 2]
-    held = HeldInstance(mid.sop_class, mid.sop_instance, mid.transfer_syntax, mid.data)
-    return render.render_frame(held.dataset(), 1, "image/png", size)
+    return render.render_frame(decode(mid.data, mid.transfer_syntax), 1, "image/png", size)
 
 
 @pytest.fixture
