@@ -849,6 +849,49 @@ def test_kustomize_builds(name: str) -> None:
     assert "Deployment" in kinds
 
 
+def kustomize(name: str) -> list[dict[str, Any]]:
+    """What `kubectl kustomize deploy/kubernetes/<name>` renders."""
+    require_tools("kubectl")
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize(("name", "job"), [("gateway", "relay-gateway"), ("agent", "relay-agent")])
+def test_prometheus_finds_pods_that_are_not_ready(name: str, job: str) -> None:
+    """A pod failing /readyz (agent: PACS down) must stay a scrape target, or its `up`
+    vanishes and the `up == 0` alerts never fire: the Service that Prometheus resolves
+    publishes not-ready addresses, selects the role's pods and leads to the metrics port."""
+    docs = kustomize(name)
+    config = yaml.safe_load((PROMETHEUS / "prometheus-kubernetes.yml").read_text())
+    [scrape] = [j for j in config["scrape_configs"] if j["job_name"] == job]
+    [dns] = scrape["dns_sd_configs"]
+    [fqdn] = dns["names"]
+    service_name, namespace, *_ = fqdn.split(".")
+    service = only(docs, "Service", service_name)
+    assert service["metadata"]["namespace"] == namespace
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None" and spec["publishNotReadyAddresses"] is True
+    [port] = spec["ports"]
+    assert port["targetPort"] == "metrics" and port["port"] == dns["port"]
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"].items() <= pod_labels.items()
+
+
+@pytest.mark.interop
+def test_agents_still_resolve_only_ready_gateways() -> None:
+    """The agents' Service must keep leaving out a draining gateway."""
+    service = only(kustomize("gateway"), "Service", "relay-gateway-agents")
+    assert service["spec"]["publishNotReadyAddresses"] is False
+
+
 def test_kustomize_check_fails_in_ci_without_kubectl(monkeypatch: pytest.MonkeyPatch) -> None:
     """CI must install kubectl: its absence fails the check there instead of skipping it."""
     monkeypatch.setenv("CI", "true")
@@ -1029,6 +1072,8 @@ def test_haproxy_example_in_front_of_two_real_gateways(tmp_path: Path, gateways:
 PROMETHEUS = DEPLOY / "prometheus"
 REQUIRED_ALERTS = {
     "RelayGatewayDown",
+    "RelayGatewayTargetMissing",
+    "RelayAgentTargetMissing",
     "RelaySiteNoAgentLink",
     "RelayCertificateExpiringSoon",
     "RelayRefusalsSpiking",
@@ -1096,6 +1141,9 @@ def test_promtool_rule_unit_tests_pass() -> None:
     ("old", "new"),
     [
         ('up{job="relay-gateway"} == 0', 'up{job="relay-gateway"} == 2'),  # never fires
+        # what the Kubernetes discovery cannot see: no target is no `up`, not `up == 0`
+        ('absent(up{job="relay-agent"})', 'up{job="relay-agent"} == 0'),
+        ('absent(up{job="relay-gateway"})', 'up{job="relay-gateway"} == 0'),
         ("< 7 * 86400", "< 1 * 86400"),  # fires too late
         ('status!~"success|warning|cancel"', 'status!~"success"'),  # counts warnings
     ],
