@@ -192,8 +192,13 @@ class ControlServer:
         log.info("control endpoint listening", extra={"port": self.port})
 
     async def stop(self) -> None:
-        """Withdraw control.json (if it is still ours), then stop serving."""
-        with contextlib.suppress(ControlError):
+        """Withdraw control.json (if it is still ours), then stop serving.
+
+        A file left behind is harmless (a client's proof check refuses whoever answers at
+        a stale port), so failing to delete it, as Windows does while any reader (`relay
+        workstation status`, a monitoring script) has it open, must not fail the stop.
+        """
+        with contextlib.suppress(ControlError, OSError):
             if read_endpoint(self.state_dir).token == self._token:
                 _endpoint_file(self.state_dir).unlink(missing_ok=True)
         if self._runner is not None:

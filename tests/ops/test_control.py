@@ -163,6 +163,26 @@ async def test_stop_withdraws_the_file_and_a_stale_file_says_so(tmp_path: Path) 
         await control.call(tmp_path, "echo", timeout=5)
 
 
+async def test_stop_stops_even_if_the_file_cannot_be_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: a reader holding control.json open makes the delete fail (sharing violation)."""
+    srv = ControlServer(tmp_path, {"echo": echo})
+    await srv.start()
+    port = srv.port
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(32, "The process cannot access the file", str(self))
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    await srv.stop()
+    monkeypatch.undo()
+    assert (tmp_path / control.CONTROL_FILE).exists()  # left behind: the proof check's job
+    with pytest.raises(aiohttp.ClientConnectionError):  # and no longer serving
+        async with aiohttp.ClientSession() as session:
+            await session.post(f"http://127.0.0.1:{port}/v1/echo")
+
+
 async def test_a_garbled_endpoint_file(tmp_path: Path) -> None:
     (tmp_path / control.CONTROL_FILE).write_text("not json")
     with pytest.raises(ControlError, match="is not a control endpoint file"):
