@@ -44,11 +44,20 @@ def status(config_path: Path, *, as_json: bool, names: bool) -> int:
     return 0
 
 
+def _replace_unencodable() -> None:
+    """A patient's name need not fit the output's code page (cp1252 when redirected on
+    Windows): show `?` for what does not, rather than fail the whole listing."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")
+
+
 def _render(reply: dict[str, Any], names: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.table import Table
 
+    _replace_unencodable()
     console = Console()
     table = Table(title=f"cache: {_size(reply['bytes'])} of {_size(reply['max_bytes'])}, "
                         f"{reply['queued']} queued")  # fmt: skip
