@@ -103,3 +103,7 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        # Both exported from 0: a series born at 1 by the first failed reload has no
+        # increase() for RelayReloadFailed to see.
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
