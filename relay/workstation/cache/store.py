@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from relay.ops import replacing
 from relay.workstation.cache.sealing import OVERHEAD, Sealer, SealError
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,7 @@ class CacheStore:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             tmp.write_bytes(sealed)
-            os.replace(tmp, path)
+            replacing.replace(tmp, path)  # Windows: a scanner may hold `path` a moment
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from relay.ops import replacing
 from relay.workstation.config import user_data_dir
 from relay.workstation.viewer.pin import OHIF, ViewerRelease
 
@@ -227,9 +228,9 @@ def _swap_in(dist: Path, target: Path, staging: Path) -> None:
     """Move the complete `dist` to `target`; an older install there is replaced."""
     old = staging / "old"
     try:
-        if target.exists():
-            os.replace(target, old)
-        os.replace(dist, target)
+        if target.exists():  # Windows: a scanner may be reading a fresh file a moment
+            replacing.replace(target, old)
+        replacing.replace(dist, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             if old.exists() and not target.exists():

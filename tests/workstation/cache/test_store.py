@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 
 from relay.workstation.cache.sealing import Sealer, SealError
 from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
+from tests.ops.test_replacing import flaky_replace
 
 UID = "1.2.826.0.1.3680043.10.1341.4242"
 SECRET = b"DOE^CANARY RELAY0042 " * 50
@@ -124,3 +126,16 @@ def test_states_count_studies_without_copying_the_index(tmp_path: Path) -> None:
     assert s.states() == {"complete": 1, "filling": 1, "incomplete": 0}
     s.finish("1.2", complete=True)  # nothing arrived: not complete
     assert s.states() == {"complete": 1, "filling": 0, "incomplete": 1}
+
+
+def test_a_scanner_holding_a_fresh_file_a_moment_loses_no_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: an antivirus or the indexer makes the rename fail twice, then it works."""
+    s = store(tmp_path)
+    monkeypatch.setattr(sys, "platform", "win32")
+    calls = flaky_replace(monkeypatch, failures=2)
+    fill(s, UID, 1)
+    study = s.study(UID)
+    assert study is not None and s.read(study.instances[f"{UID}.0"]) == SECRET[:1000]
+    assert len(calls) == 3

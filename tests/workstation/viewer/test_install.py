@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import os
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from relay.workstation.viewer.install import (
     installed_release,
 )
 from relay.workstation.viewer.pin import OHIF
+from tests.ops.test_replacing import flaky_replace
 from tests.workstation.viewer.tarballs import INDEX, make_tarball, member, release_for
 
 
@@ -72,6 +74,22 @@ def test_a_failed_upgrade_keeps_the_installed_viewer(tmp_path: Path) -> None:
         install_viewer(target, release=wrong_pin, tarball=new, force=True)
     assert installed_release(target) is not None
     assert not (target / "a.js").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_an_upgrade_rides_out_a_scanner_holding_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: an antivirus still reading the old install refuses the first renames."""
+    old = make_tarball(tmp_path / "old.tgz")
+    target = tmp_path / "viewer"
+    install_viewer(target, release=release_for(old), tarball=old)
+    new = make_tarball(tmp_path / "new.tgz", [("package/dist/a.js", b"1")])
+    monkeypatch.setattr(sys, "platform", "win32")
+    calls = flaky_replace(monkeypatch, failures=2)
+    release = dataclasses.replace(release_for(new), version="2")
+    install_viewer(target, release=release, tarball=new, force=True)
+    assert (target / "a.js").read_bytes() == b"1" and len(calls) == 4
     assert leftovers(tmp_path) == []
 
 
