@@ -436,9 +436,13 @@ async def dicomweb_server(
         await server.start()
     if metrics is not None:
         metrics.registry.register(server.metrics)
+    if cache is not None:
+        cache.on_wiped.append(server.forget_cached)
     try:
         yield server
     finally:
+        if cache is not None:
+            cache.on_wiped.remove(server.forget_cached)
         if metrics is not None:
             metrics.registry.unregister(server.metrics)
         await server.stop()

@@ -178,6 +178,21 @@ def test_a_browser_retrieval_is_cached_and_read_with_the_link_cut(
         time.sleep(0.3)
         assert pacs.events().get("gets", 0) - gets == 1  # the one retrieval in step 1
 
+        # 5. `relay cache wipe`: no decrypted copy of it stays in the server's memory
+        # either (the instances read and kept, the cached series' index): with the link
+        # still cut, the series is gone.
+        assert chain.metric("ws", "relay_dicomweb_cache_reads_held_bytes") > 0
+        config = str(chain.tmp / "ws1.yaml")
+        wipe = subprocess.run(
+            [*RELAY, "cache", "wipe", "--config", config],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )  # fmt: skip
+        assert wipe.returncode == 0, wipe.stderr
+        assert chain.metric("ws", "relay_dicomweb_cache_reads_held_bytes") == 0
+        r = requests.get(f"{url}/studies/{MR_STUDY}/series/{MR_SERIES}/instances/"
+                         f"{inst.sop_instance}", timeout=TIMEOUT, headers=accept)  # fmt: skip
+        assert r.status_code == 502, r.text
+
 
 def test_a_full_cache_never_fails_the_browser(pacs: PacsProcess, tmp_path: Path) -> None:
     """A cache too small for the series (1 MiB; the MR is ~9 MiB): the write-through

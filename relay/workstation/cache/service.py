@@ -62,6 +62,8 @@ class WorkstationCache:
         self.server = CacheServer(self.store, self.offline, self.prefetcher.refetch,
                                   serve_buffer=config.serve_buffer)  # fmt: skip
         self._sweeper: asyncio.Task[None] | None = None
+        # called on the loop after `relay cache wipe`: copies held elsewhere in memory go too
+        self.on_wiped: list[Callable[[], None]] = []
 
     def offline(self) -> bool:
         return not self.link_up().is_set()
@@ -147,7 +149,12 @@ class WorkstationCache:
         }
 
     async def cmd_wipe(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "wiped": await asyncio.to_thread(self.wipe, "wiped")}
+        try:
+            wiped = await asyncio.to_thread(self.wipe, "wiped")
+        finally:
+            for forget in self.on_wiped:
+                forget()
+        return {"ok": True, "wiped": wiped}
 
     async def cmd_evict(self, args: dict[str, Any]) -> dict[str, Any]:
         labels = {str(x) for x in args.get("studies", [])}

@@ -34,6 +34,7 @@ class KeptBytes(Generic[K]):
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.generation = 0  # clear() moves it on: a maker started before puts nothing
 
     def __len__(self) -> int:
         return len(self._items)
@@ -65,6 +66,13 @@ class KeptBytes(Generic[K]):
         if old is not None:
             self.bytes -= len(old)
 
+    def clear(self) -> None:
+        """Forget everything kept, and what makers under way would keep (a cache wipe:
+        no decrypted copy outlives it here)."""
+        self._items.clear()
+        self.bytes = 0
+        self.generation += 1
+
     async def obtain(self, key: K, make: Callable[[], Awaitable[bytes]]) -> bytes:
         """The kept bytes, else the ones being made for another request, else `make()`'s
         (kept). `make`'s exception reaches every request that waited for it; a request
@@ -84,6 +92,7 @@ class KeptBytes(Generic[K]):
                     raise  # this request itself was cancelled
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._making[key] = future
+        generation = self.generation
         try:
             data = await make()
         except asyncio.CancelledError:
@@ -95,6 +104,7 @@ class KeptBytes(Generic[K]):
             raise
         finally:
             del self._making[key]
-        self.put(key, data)
+        if generation == self.generation:
+            self.put(key, data)
         future.set_result(data)
         return data

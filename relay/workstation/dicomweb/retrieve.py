@@ -472,6 +472,13 @@ class Retriever:
                 growing.finish(UpstreamError(503, "dicomweb.hold_size is taken by answers "
                                                   "still being read"))  # fmt: skip
 
+    def forget_cached(self) -> None:
+        """The disk cache was wiped: drop the instances read from it and the flights of
+        cached series (answers under way end with their reads: the files are gone)."""
+        self.reads.clear()
+        for flight in [f for f in self.flights.values() if f.from_cache]:
+            self._forget(flight)
+
     def _forget(self, flight: SeriesFlight) -> None:
         key = (flight.study, flight.series)
         if self.flights.get(key) is flight:

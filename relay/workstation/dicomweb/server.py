@@ -114,6 +114,13 @@ class DicomwebServer:
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
 
+    def forget_cached(self) -> None:
+        """After `relay cache wipe`: no decrypted copy of a cached instance stays in this
+        server's memory (the reads kept, the cached series' flights, the HTJ2K
+        codestreams, which may come from cached series)."""
+        self.service.retriever.forget_cached()
+        self.service.codestreams.clear()
+
     @property
     def metrics(self) -> DicomwebMetrics:
         return self.service.metrics

@@ -469,3 +469,23 @@ async def test_held_series_are_bounded_in_number() -> None:
         assert pacs.retrieves == 11
     finally:
         await r.close()
+
+
+async def test_a_clear_forgets_what_is_kept_and_what_a_read_under_way_would_keep() -> None:
+    """A cache wipe clears the reads kept (DicomwebServer.forget_cached): a read that
+    started before it serves its request but keeps nothing."""
+    kept: KeptBytes[str] = KeptBytes(8, 1000)
+    kept.put("a", b"x" * 10)
+    release = asyncio.Event()
+
+    async def slow_read() -> bytes:
+        await release.wait()
+        return b"y" * 10
+
+    reading = asyncio.ensure_future(kept.obtain("b", slow_read))
+    await asyncio.sleep(0)
+    kept.clear()
+    release.set()
+    assert await reading == b"y" * 10
+    assert len(kept) == 0 and kept.bytes == 0
+    assert kept.get("a") is None and kept.get("b") is None
