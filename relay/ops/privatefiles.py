@@ -21,7 +21,14 @@ from pathlib import Path
 
 from relay.ops import winacl
 
-__all__ = ["PrivateFileError", "check_private", "create_private", "fix_command", "protect"]
+__all__ = [
+    "PrivateFileError",
+    "check_private",
+    "create_private",
+    "fix_command",
+    "fix_shell",
+    "protect",
+]
 
 _WINDOWS = sys.platform == "win32"
 
@@ -32,13 +39,39 @@ class PrivateFileError(Exception):
 
 
 def fix_command(path: Path) -> str:
-    """What the user runs to make `path` private again, on this platform."""
-    if _WINDOWS:  # no inherited entries, and this user alone (by name: cmd or PowerShell)
-        user = os.environ.get("USERNAME", "%USERNAME%")
-        if os.environ.get("USERDOMAIN"):
-            user = f"{os.environ['USERDOMAIN']}\\{user}"
-        return f'icacls "{path}" /inheritance:r /grant:r "{user}:F"'
+    """What the user runs to make `path` private again, on this platform (on Windows, in
+    PowerShell: `fix_shell`).
+
+    Windows: the whole access list is replaced by a new one, protected from inheritance,
+    with one entry for the user (by name), as `protect` does. icacls cannot say that in
+    one command: `/inheritance:r /grant:r` keeps other accounts' explicit entries, so the
+    check would still refuse; `/reset` first would let the folder's readers in between.
+    """
+    if _WINDOWS:
+        account = "[Security.Principal.WindowsIdentity]::GetCurrent().User"  # who runs it
+        if os.environ.get("USERNAME"):  # better: the user this check ran as, by name
+            user = os.environ["USERNAME"]
+            if os.environ.get("USERDOMAIN"):
+                user = f"{os.environ['USERDOMAIN']}\\{user}"
+            account = _ps_quote(user)
+        return (
+            "$a = New-Object Security.AccessControl.FileSecurity; "
+            "$a.SetAccessRuleProtection($true, $false); "
+            "$a.AddAccessRule((New-Object Security.AccessControl.FileSystemAccessRule("
+            f"{account}, 'FullControl', 'Allow'))); "
+            f"Set-Acl -LiteralPath {_ps_quote(str(path))} -AclObject $a"
+        )
     return f"chmod 600 '{path}'"
+
+
+def _ps_quote(text: str) -> str:
+    """A PowerShell single-quoted string: nothing in it is expanded."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def fix_shell() -> str:
+    """Where `fix_command` runs: PowerShell on Windows, any POSIX shell elsewhere."""
+    return "PowerShell" if _WINDOWS else "a shell"
 
 
 def protect(path: Path, *, directory: bool = False) -> None:
@@ -117,5 +150,6 @@ def check_private(path: Path, what: str = "private key") -> None:
         raise PrivateFileError(f"cannot check {path}: {exc.strerror or exc}") from None
     if detail:
         raise PrivateFileError(
-            f"the {what} {path} is not private ({detail}); to fix it run: {fix_command(path)}"
+            f"the {what} {path} is not private ({detail}); "
+            f"to fix it run in {fix_shell()}: {fix_command(path)}"
         )

@@ -112,16 +112,51 @@ def test_a_key_others_may_read_is_refused_naming_it_and_the_fix(tmp_path: Path) 
     assert "\n" not in message
     assert f"the device key {path} is not private" in message
     assert message.endswith(privatefiles.fix_command(path))
-    assert ("icacls" if WINDOWS else "chmod 600") in message
+    assert ("Set-Acl" if WINDOWS else "chmod 600") in message
 
 
 def test_the_fix_command_works(tmp_path: Path) -> None:
     path = tmp_path / "device.key"
     _readable_by_others(path)
     command = privatefiles.fix_command(path)
-    shell = ["cmd", "/c", command] if WINDOWS else ["sh", "-c", command]
+    shell = ["powershell", "-NoProfile", "-Command", command] if WINDOWS else ["sh", "-c", command]
     subprocess.run(shell, check=True, capture_output=True)
     privatefiles.check_private(path)
+
+
+@pytest.mark.skipif(not WINDOWS, reason="Windows access lists")
+def test_the_fix_command_removes_other_accounts_explicit_entries(tmp_path: Path) -> None:
+    """`icacls /inheritance:r /grant:r` kept this entry, and the check refused again."""
+    path = tmp_path / "device.key"
+    path.write_bytes(b"secret")
+    subprocess.run(["icacls", str(path), "/grant", "*S-1-5-32-545:R"], check=True)
+    with pytest.raises(privatefiles.PrivateFileError):
+        privatefiles.check_private(path)
+    command = privatefiles.fix_command(path)
+    subprocess.run(["powershell", "-NoProfile", "-Command", command], check=True)
+    privatefiles.check_private(path)
+
+
+def test_the_windows_fix_replaces_the_whole_access_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new protected list with one entry: not icacls, which keeps explicit entries."""
+    monkeypatch.setattr(privatefiles, "_WINDOWS", True)
+    monkeypatch.setenv("USERNAME", "ana")
+    monkeypatch.setenv("USERDOMAIN", "HOSP")
+    path = tmp_path / "it's" / "device.key"
+    command = privatefiles.fix_command(path)
+    assert "icacls" not in command and "Get-Acl" not in command  # nothing of the old list
+    assert command.startswith("$a = New-Object Security.AccessControl.FileSecurity; ")
+    assert "$a.SetAccessRuleProtection($true, $false); " in command  # inheritance cut off
+    assert command.count("AddAccessRule(") == 1
+    assert "FileSystemAccessRule('HOSP\\ana', 'FullControl', 'Allow')" in command
+    assert command.endswith(
+        f"Set-Acl -LiteralPath '{str(path).replace(chr(39), 2 * chr(39))}' -AclObject $a"
+    )
+    assert privatefiles.fix_shell() == "PowerShell"
+    monkeypatch.delenv("USERNAME")
+    assert "WindowsIdentity]::GetCurrent().User, 'FullControl'" in privatefiles.fix_command(path)
 
 
 def test_a_private_directory(tmp_path: Path) -> None:
