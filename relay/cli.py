@@ -101,8 +101,9 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
 
         return run_command(Path(args.config), args.action, as_json=args.json)
     if args.log_file:  # no console (a scheduled task, pythonw): JSON lines to a file
-        log = open(args.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        sys.stdout = sys.stderr = log
+        from relay.ops.logfile import open_log_file  # rotated by us: Windows cannot, open
+
+        sys.stdout = sys.stderr = open_log_file(args.log_file)
     from relay.workstation.service import run
 
     return run(Path(args.config))
@@ -236,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
     ws.add_argument(
         "--log-file",
         metavar="FILE",
-        help="run: append the JSON log lines (and any error) to FILE instead of stdout",
+        help="run: append the JSON log lines (and any error) to FILE instead of stdout; "
+        "FILE is rotated at 10 MiB (FILE.1 ... FILE.5 kept)",
     )
     ws.set_defaults(func=_cmd_workstation)
 

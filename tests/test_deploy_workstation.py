@@ -11,9 +11,11 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.test_deploy import parse_unit, single
+from relay.workstation.service import EXIT_REVOKED
+from tests.test_deploy import DEPLOY, parse_unit, single
 
 ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "deploy" / "workstation"
@@ -34,6 +36,17 @@ def test_systemd_user_unit() -> None:
     assert int(single(service, "TimeoutStopSec").rstrip("s")) > DRAIN_GRACE_DEFAULT
     assert single(unit["Install"], "WantedBy") == "default.target"  # at login
     assert "User" not in dict(service)  # a user unit runs as its user
+
+
+@pytest.mark.parametrize(
+    "unit", [WS / "relay-workstation.service", DEPLOY / "systemd" / "relay-workstation.service"]
+)
+def test_systemd_units_do_not_restart_a_revoked_or_misconfigured_workstation(unit: Path) -> None:
+    """Exit 3 (revoked) and 2 (a user error) are not fixed by restarting."""
+    service = parse_unit(unit)["Service"]
+    assert single(service, "Restart") == "on-failure"
+    prevented = single(service, "RestartPreventExitStatus").split()
+    assert {str(EXIT_REVOKED), "2"} <= set(prevented)
 
 
 def test_launchd_agent() -> None:
@@ -112,3 +125,20 @@ def test_log_file_takes_the_output_and_the_errors(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert (done.stdout, done.stderr) == ("", "")
     assert "identity_dir: device.crt not found in" in log.read_text()
+
+
+def test_log_file_is_rotated_by_the_process(tmp_path: Path) -> None:
+    """Windows cannot rotate a file a process holds open: the workstation does it."""
+    log = tmp_path / "ws.log"
+    log.write_bytes(b"{}\n" * (10 * 1024 * 1024 // 3 + 1))  # 10 MiB from earlier runs
+    config = tmp_path / "ws.yaml"
+    config.write_text("gateway: 127.0.0.1:1\nidentity_dir: nowhere\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "workstation", "--config", str(config),
+         "--log-file", str(log)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert (tmp_path / "ws.log.1").stat().st_size >= 10 * 1024 * 1024
+    assert "identity_dir: device.crt not found in" in log.read_text()
+    assert log.stat().st_size < 4096
