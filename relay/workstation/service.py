@@ -10,7 +10,9 @@ a key that others may read stops start-up with one line saying what to run.
 A gateway's GOAWAY REVOKED stops the workstation (the study cache wiped, exit 3) only
 when it carries the agent's signed notice for this device (relay.workstation.revocation);
 the agent's own verdict inside the sealed session needs none. The wipe runs in a worker
-thread, and the run ends once it is done.
+thread, and the run ends once it is done. The revocation is recorded in `state_dir`
+(relay.workstation.revocation): a start with the same certificate exits 3 at once, before
+it listens or dials, since launchd and Task Scheduler restart it whatever its status.
 
 The device certificate renews itself over the live link once two thirds of its
 lifetime have passed (relay.trust.renewal). The link is kept: the new identity is handed to
@@ -63,7 +65,7 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
-from relay.workstation.revocation import RevocationCheck
+from relay.workstation.revocation import RevocationCheck, record_revoked, revoked_since
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
 
@@ -81,6 +83,8 @@ COMPRESSION_LEVEL = 3
 # `relay workstation` exit statuses besides 0 (drained), 1 (a bug) and 2 (bad config):
 EXIT_REVOKED = 3  # the gateway says this device is revoked; only a new enrollment helps
 REVOKED_MESSAGE = "this device was revoked by the hospital; enroll it again with `relay enroll`"
+#: At a start with the certificate that was revoked ({at}: when it was recorded).
+REVOKED_AT_START = "this device was revoked at {at}; enroll it again with `relay enroll`"
 # Read once at start-up (the dialled address, local listeners, the renewal loop's
 # directory, the cache's key, place and bounds, the prefetcher): a reload keeps their
 # running values and says that they need a restart.
@@ -187,7 +191,23 @@ class Workstation:
         except Exception:
             log.exception("the cache wipe on revocation failed")
         finally:
+            self._record_revoked()
             self.revoked.set()  # whatever the wipe met
+
+    def _record_revoked(self) -> None:
+        """The marker that stops the next start (relay.workstation.revocation)."""
+        if self.config.state_dir is None:  # embedded: nobody restarts it
+            return
+        try:
+            record_revoked(self.config.state_dir, self.config.identity_files().cert)
+        except (OSError, PkiError) as exc:  # the next start dials and is told again
+            log.error("cannot record the revocation", extra={"error": str(exc)})
+
+    def revoked_at_start(self) -> str | None:
+        """When the certificate this run would present was revoked, if it was."""
+        if self.config.state_dir is None:
+            return None
+        return revoked_since(self.config.state_dir, self.config.identity_files().cert)
 
     async def revocation_done(self) -> None:
         """Wait for a wipe under way (a stop during it must not cut it short)."""
@@ -465,6 +485,10 @@ async def run_workstation(
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     workstation = Workstation(config)
+    at = workstation.revoked_at_start()
+    if at is not None:  # before listening or dialling: the gateway would only say it again
+        log.error(REVOKED_AT_START.format(at=at))
+        return EXIT_REVOKED
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
             stack.enter_context(handling_signals(loop, stop=stop.set, reload=workstation.reload))

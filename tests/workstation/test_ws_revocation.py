@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 
 from relay import wire
 from relay.net import tls
@@ -31,6 +34,7 @@ from relay.trust.revocation import KIND_REVOKE, encode_revocations
 from relay.workstation.cache.settings import CacheConfig
 from relay.workstation.cache.store import CachedInstance
 from relay.workstation.config import DicomNodeConfig
+from relay.workstation.revocation import MARKER_FILE, record_revoked
 from relay.workstation.service import EXIT_REVOKED, REVOKED_MESSAGE, Workstation, run_workstation
 from tests.ends_helpers import (
     LIMITS,
@@ -44,6 +48,8 @@ from tests.ends_helpers import (
 from tests.pki_helpers import HOST, SitePki, make_pki
 
 STUDY = "1.2.826.0.1.3680043.10.1341.777"
+RELAY = [sys.executable, "-m", "relay.cli"]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = b"DOE^CANARY " * 100
 
 
@@ -195,3 +201,82 @@ async def test_a_renewed_certificate_moves_the_bar(tmp_path: Path) -> None:
     ws._renewed()
     why = ws._check_revoked(reason)
     assert why is not None and "predates" in why
+
+
+def handshakes(gw: GatewayHandle) -> float:
+    """Every TLS handshake the gateway saw, whatever its result."""
+    return sum(
+        sample.value
+        for family in gw.server.metrics.registry.collect()
+        if family.name == "relay_handshakes"
+        for sample in family.samples
+        if sample.name == "relay_handshakes_total"
+    )
+
+
+async def test_a_revoked_workstation_restarted_exits_3_at_once_without_dialling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """launchd and Task Scheduler restart it whatever its status: the revocation is
+    recorded in state_dir, and `relay workstation` (a real process) with the same
+    certificate exits 3 with one line, before the gateway sees any handshake."""
+    site = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(site, tmp_path)
+    state = tmp_path / "state"
+    async with running_gateway(site, tmp_path) as gw, agent_link(site, gw) as agent:
+        config = dataclasses.replace(
+            workstation_config(identity, tmp_path, gw.port), state_dir=state
+        )
+        task = asyncio.create_task(run_workstation(config, handle_signals=False))
+        await wait_until(lambda: handshakes(gw) >= 2)  # the agent's link and ours
+        uri = device_uri(site, "ws1")
+        send(agent, {uri: sign_notice(site.ca_key, uri, datetime.now(UTC))})
+        assert await asyncio.wait_for(task, WAIT) == EXIT_REVOKED
+        marker = json.loads((state / MARKER_FILE).read_text())
+        cert = pki.load_cert(identity / "device.crt")
+        assert marker["certificate_sha256"] == cert.fingerprint(hashes.SHA256()).hex()
+        assert set(marker) == {"certificate_sha256", "serial", "revoked_at"}  # nothing else
+
+        yaml_file = tmp_path / "workstation.yaml"
+        yaml_file.write_text(
+            f"gateway: {HOST}:{gw.port}\nidentity_dir: {identity.as_posix()}\n"
+            f"state_dir: {state.as_posix()}\nlog_level: info\n"
+        )
+        before = handshakes(gw)
+        proc = await asyncio.create_subprocess_exec(
+            *RELAY, "workstation", "--config", str(yaml_file),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == EXIT_REVOKED, out.decode()
+        lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        said = [e["msg"] for e in lines]
+        assert said[-1].startswith(f"this device was revoked at {marker['revoked_at']}"), said
+        assert "workstation started" not in said
+        assert not any(e.get("event") == "listening" for e in lines), said
+        await asyncio.sleep(0.5)  # a dial would have reached the gateway by now
+        assert handshakes(gw) == before
+
+
+async def test_a_new_enrollment_is_not_stopped_by_the_old_marker(tmp_path: Path) -> None:
+    """Enrolled again: another certificate, so the marker no longer matches; it is
+    removed and the workstation starts and links."""
+    site = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(site, tmp_path)
+    state = tmp_path / "state"
+    record_revoked(state, identity / "device.crt")
+    identity = device_identity_dir(site, tmp_path)  # the new enrollment: a new pair
+    async with running_gateway(site, tmp_path) as gw:
+        config = dataclasses.replace(
+            workstation_config(identity, tmp_path, gw.port), state_dir=state
+        )
+        stop = asyncio.Event()
+        started: asyncio.Future[Workstation] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            run_workstation(config, stop=stop, started=started.set_result, handle_signals=False)
+        )
+        ws = await asyncio.wait_for(started, WAIT)
+        await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+        assert not (state / MARKER_FILE).exists()
+        stop.set()
+        assert await asyncio.wait_for(task, WAIT) == 0
