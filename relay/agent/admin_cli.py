@@ -73,13 +73,43 @@ def _agent_identity(config: AgentConfig) -> str:
         return f"agent/{config.site}"
 
 
+def _user_name(uid: int) -> str:
+    import pwd  # POSIX only: the caller checked
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _check_owner(state: Path) -> None:
+    """Refuse to write into another user's state_dir (POSIX): files created there (the
+    audit trail and its lock, the registry and its WAL) would belong to this user, and
+    the agent, running as the owner (User=relay-agent), could no longer write them."""
+    if not hasattr(os, "geteuid"):  # Windows: no owner to keep
+        return
+    try:
+        owner = state.stat().st_uid
+    except OSError as exc:
+        raise RegistryError(f"cannot read state_dir {state}: {exc.strerror}") from None
+    if owner != os.geteuid():
+        name = _user_name(owner)
+        raise RegistryError(
+            f"state_dir {state} belongs to {name}, not to {_user_name(os.geteuid())}: run "
+            f"this as {name} (e.g. runuser -u {name} -- relay ...), so that the agent can "
+            "still write what it creates"
+        )
+
+
 def open_state(config: AgentConfig) -> tuple[DeviceRegistry, AuditLog]:
-    """The registry and audit log of an agent config, creating state_dir (0700) if needed."""
+    """The registry and audit log of an agent config, creating state_dir (0700) if needed;
+    RegistryError if state_dir belongs to another user (POSIX)."""
     state = config.state_dir
     try:
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise RegistryError(f"cannot create state_dir {state}: {exc.strerror}") from None
+    _check_owner(state)
     registry = DeviceRegistry(state / REGISTRY_FILE, site=config.site)
 
     def user_of(device_uri: str) -> str | None:

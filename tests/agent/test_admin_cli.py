@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -178,3 +179,44 @@ def test_revoke_of_an_unknown_name_from_the_cli(setup: tuple[Path, SitePki]) -> 
     assert "revoked spiffe://hospital.test/device/main/wsx" in done.stdout
     with DeviceRegistry(config.parent / "state" / REGISTRY_FILE, site="main") as registry:
         assert registry.is_revoked("wsx")
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown state_dir"
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["token", "create", "--device", "ws9"],
+        ["device", "revoke", "ws9", "--force"],
+        ["device", "list"],
+    ],
+)
+def test_root_is_refused_in_the_agents_state_dir(
+    setup: tuple[Path, SitePki], command: list[str]
+) -> None:
+    """Run as root beside a systemd agent (User=relay-agent), the commands would leave
+    root-owned 0600 files that the agent cannot open: refused, one line, status 2, nothing
+    created, and the line says whom to run it as."""
+    config, _ = setup
+    state = config.parent / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.cli", *command, "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    owner = _user_name(65534)
+    assert f"run this as {owner}" in done.stderr and f"runuser -u {owner}" in done.stderr
+    assert list(state.iterdir()) == []
+
+
+def _user_name(uid: int) -> str:
+    import pwd  # POSIX: the only caller is skipped elsewhere
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
