@@ -9,7 +9,8 @@ run. Ctrl-C or SIGTERM stops the roles in order (workstation, agent, gateway: ea
 drains) and exits 0.
 
 Everything lives in one directory (default `./demo-state`, which is git-ignored): the PKI,
-the three config files, the agent's state (device registry, audit trail), the logs of
+the three config files, the agent's state (device registry, audit trail), the
+workstation's (`workstation-state/`: its lock, control.json, study cache), the logs of
 each role (`logs/*.log`) and `demo.json`, the addresses and study UIDs for scripts. It is
 wiped at the next start, and only if an earlier demo made it (it holds `.relay-demo`);
 a directory in use by a running demo is refused.
@@ -211,6 +212,9 @@ def write_configs(directory: Path, ports: DemoPorts) -> dict[str, Path]:
         "workstation": (
             f"gateway: {HOST}:{ports.gateway}\n"
             "identity_dir: workstation-identity/\n"
+            # in the demo's directory (lock, control.json, study cache), wiped with it;
+            # the default is the user's data directory, which no demo run would clean
+            "state_dir: workstation-state/\n"
             f"metrics_listen: {HOST}:{ports.workstation_metrics}\n"
             "dicom:\n"
             f"  listen: {HOST}:{ports.dicom}\n"
