@@ -18,13 +18,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import yaml
+from prometheus_client import Metric
 
 from gateway.configfile import load_gateway_config
 from gateway.metrics import GatewayMetrics
@@ -1230,3 +1231,32 @@ def test_dashboard_shows_what_operations_needs() -> None:
     assert re.search(r"by \([^)]*stage[^)]*\)", joined)
     assert re.search(r"by \([^)]*site[^)]*\) \(relay_links", joined)
     assert "histogram_quantile(" in joined
+
+
+# --------------------------------------------------------------------------- README tables
+
+README = (ROOT / "README.md").read_text()
+
+
+def _exported(families: Iterable[Metric]) -> set[str]:
+    return {f.name + ("_total" if f.type == "counter" else "") for f in families}
+
+
+def test_readme_gateway_table_names_every_gateway_metric() -> None:
+    """README's gateway table lists each metric a gateway exports."""
+    table = README[
+        README.index("Gateway metrics (") : README.index("The agent and the workstation export")
+    ]
+    missing = {n for n in _exported(GatewayMetrics().registry.collect()) if f"`{n}`" not in table}
+    assert not missing, missing
+
+
+def test_readme_lists_the_agents_pixel_codec_metrics() -> None:
+    """Each family of relay.agent.codec_metrics (fallbacks only exist for a pixel codec)."""
+    from relay.agent.codec_metrics import PixelCodecMetrics
+    from relay.dicom.encoder import CodecTally
+
+    collector = PixelCodecMetrics(lambda: {"jpegls": CodecTally()})
+    table = README[README.index("The agent and the workstation export") :]
+    missing = {n for n in _exported(collector.collect()) if f"`{n}`" not in table}
+    assert not missing, missing
