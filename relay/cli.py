@@ -116,18 +116,25 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from relay.trust.enroll import run_enroll
+    from relay.trust.codes import MAX_CODE_CHARS
+    from relay.trust.enroll import SecretReader, run_enroll
 
+    # stdin's bytes, decoded by their BOM: text-mode stdin is the ANSI code page on Windows
+    stdin = SecretReader(sys.stdin.buffer)
     code: str = args.code
     if code == "-":  # from stdin: keeps the secret out of the process list and history
-        code = sys.stdin.readline().strip()
+        try:
+            code = stdin.readline(MAX_CODE_CHARS + 2).strip()
+        except UnicodeDecodeError:
+            print("relay enroll: the code on stdin is not UTF-8 or UTF-16 text", file=sys.stderr)
+            return 2
     return run_enroll(
         code,
         Path(args.dir),
         device=args.device,
         force=args.force,
         password_file=Path(args.password_file) if args.password_file else None,
-        password_stdin=sys.stdin if args.password_stdin else None,
+        password_stdin=stdin if args.password_stdin else None,
     )
 
 

@@ -182,3 +182,27 @@ def test_errors_of_modules_the_cli_does_not_import_are_still_user_errors() -> No
     for error in (RegistryError, EnrollError, DemoError):
         assert is_user_error(error("x"))
     assert not is_user_error(ValueError("x"))
+
+
+def test_enroll_reads_the_code_and_password_on_stdin_as_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: text-mode stdin decodes a pipe with the ANSI code page (cp1252), so a
+    UTF-8 "Passwört1" arrived as "PasswÃ¶rt1": a wrong password that spends an attempt."""
+    import io
+
+    from relay import cli
+    from relay.trust import enroll
+
+    piped = "\ufeffDMZR-CODE\r\nPassw\u00f6rt1\r\n".encode("utf-16-le")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="cp1252"))
+    got: dict[str, str] = {}
+
+    def run_enroll(code: str, out_dir: Path, **kwargs: object) -> int:
+        got["code"] = code
+        got["password"] = enroll.read_password("alice", stdin=kwargs["password_stdin"])  # type: ignore[arg-type]
+        return 0
+
+    monkeypatch.setattr(enroll, "run_enroll", run_enroll)
+    assert cli.main(["enroll", "-", "--dir", str(tmp_path), "--password-stdin"]) == 0
+    assert got == {"code": "DMZR-CODE", "password": "Passw\u00f6rt1"}

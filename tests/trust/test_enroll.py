@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
+import io
 import os
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -38,9 +40,17 @@ from relay.ops import privatefiles
 from relay.ops.config import Address
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.policy import enroll_server_context, session_server_context
+from relay.trust import enroll as enroll_module
 from relay.trust import pki
-from relay.trust.codes import EnrollmentCode, new_secret
-from relay.trust.enroll import PINNED_CA_MISMATCH, EnrollError, enroll, run_enroll
+from relay.trust.codes import EnrollmentCode, new_secret, new_token_id
+from relay.trust.enroll import (
+    PINNED_CA_MISMATCH,
+    EnrollError,
+    SecretReader,
+    enroll,
+    read_password,
+    run_enroll,
+)
 from relay.trust.identity import Identity, identity_from_certificate
 from relay.trust.renewal import complete_pending_renewal
 from relay.trust.revocation import KIND_REVOKE, encode_revocations
@@ -476,3 +486,90 @@ async def test_enroll_through_the_real_gateway(tmp_path: Path) -> None:
             assert seen_headers[0]["target"] == "enroll"
             (event,) = read_events(audit.path)
             assert event["ActiveParticipant"][0]["NetworkAccessPointID"] == HOST
+
+
+# --- a password or a code from a Windows file or pipe ---------------------------------
+
+
+def user_code(port: int = 9) -> str:
+    return EnrollmentCode(
+        Address(HOST, port), "ab" * 32, "main", "ws1", new_token_id(), new_secret(), user="alice"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "password"),
+    [
+        (b"S3cret!\n", "S3cret!"),
+        ("\ufeffS3cret!\r\n".encode(), "S3cret!"),  # PowerShell 5.1 Out-File -Encoding utf8
+        ("\ufeffS3cret!\r\n".encode("utf-16-le"), "S3cret!"),  # PowerShell 5.1 `>`
+        ("\ufeffPassw\u00f6rt1\r\n".encode("utf-16-be"), "Passw\u00f6rt1"),
+        ("Passw\u00f6rt1".encode(), "Passw\u00f6rt1"),  # no newline at all
+        (b" two  spaces \r\nsecond line\n", " two  spaces "),  # only the newline goes
+    ],
+)
+def test_a_password_file_from_any_windows_tool_reads_as_typed(
+    tmp_path: Path, data: bytes, password: str
+) -> None:
+    path = tmp_path / "pw.txt"
+    path.write_bytes(data)
+    assert read_password("alice", password_file=path) == password
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ("Passw\u00f6rt1\r\n".encode("cp1252"), "is not UTF-8 or UTF-16 text"),  # Notepad ANSI
+        ("\ufeff\ufeffS3cret!\n".encode(), "contains U+FEFF"),  # a BOM that is not the mark
+        (b"S3cret!\r\r\n", "contains U+000D"),
+        (b"S3\tcret!\n", "contains U+0009"),
+        (b"S3cret!\x00\n", "contains U+0000"),
+        ("S3cret\ufffd\n".encode(), "contains U+FFFD"),  # garbled on its way into the file
+    ],
+)
+def test_a_password_that_cannot_be_what_was_typed_is_refused_before_dialling(
+    tmp_path: Path, data: bytes, error: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Each wrong try spends one of the code's attempts and a directory bad-password count."""
+    path = tmp_path / "pw.txt"
+    path.write_bytes(data)
+    with pytest.raises(EnrollError, match=re.escape(error)):
+        read_password("alice", password_file=path)
+
+    async def dialled(*args: Any, **kwargs: Any) -> Path:
+        raise AssertionError("dialled with a garbled password")
+
+    monkeypatch.setattr(enroll_module, "enroll", dialled)
+    assert run_enroll(user_code(), tmp_path / "out", password_file=path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("relay enroll: ") and error in err
+
+
+def test_the_password_on_stdin_is_decoded_from_its_bytes() -> None:
+    """Windows: text-mode stdin decodes with the ANSI code page (cp1252): 'PasswÃ¶rt1'."""
+    stdin = SecretReader(io.BytesIO("CODE\r\nPassw\u00f6rt1\r\n".encode()))
+    assert stdin.readline(100) == "CODE\r\n"
+    assert read_password("alice", stdin=stdin) == "Passw\u00f6rt1"
+    utf16 = SecretReader(io.BytesIO("\ufeffCODE\r\nPassw\u00f6rt1\r\n".encode("utf-16-le")))
+    assert utf16.readline(100).strip() == "CODE"
+    assert read_password("alice", stdin=utf16) == "Passw\u00f6rt1"
+    with pytest.raises(EnrollError, match="not UTF-8 or UTF-16"):
+        read_password("alice", stdin=SecretReader(io.BytesIO(b"Passw\xf6rt1\r\n")))
+
+
+async def test_a_code_with_a_byte_order_mark_is_the_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+
+    async def dialled(code: str, *args: Any, **kwargs: Any) -> Path:
+        seen.append(code)
+        raise EnrollError("stop here")
+
+    monkeypatch.setattr(enroll_module, "enroll", dialled)
+    code = EnrollmentCode(
+        Address(HOST, 9), "ab" * 32, "main", "ws1", new_token_id(), new_secret()
+    ).encode()
+    assert await asyncio.to_thread(run_enroll, "\ufeff" + code + "\r\n", tmp_path / "out") == 2
+    assert seen == [code]
