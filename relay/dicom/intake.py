@@ -44,7 +44,6 @@ from typing import Any, Final, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
 
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
@@ -57,6 +56,7 @@ from relay.dicom.codec import (
     Message,
     MessageCodec,
 )
+from relay.dicom.exclusive import ExclusiveAssociationServer
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce
@@ -393,7 +393,7 @@ class _GuardedSocket(socket.socket):
             self.shutdown(socket.SHUT_RD)
 
 
-class _MoveServer(ThreadedAssociationServer):
+class _MoveServer(ExclusiveAssociationServer):
     """pynetdicom's server, closing connections from other hosts than the senders before
     they are read or take a thread, and guarding the PDUs of the others."""
 

@@ -74,6 +74,7 @@ from relay.dicom.codec import (
     Request,
     Skip,
 )
+from relay.dicom.exclusive import start_exclusive_server
 from relay.dicom.offer import CodecOffer
 from relay.dicom.session import (
     MAX_RESUME_WINDOW,
@@ -354,8 +355,8 @@ class DicomNode:
         supported = contexts.scp_contexts(
             storage_role_selection=True, extra=list(contexts.MODELS.values())
         )
-        self._server = await asyncio.to_thread(
-            ae.start_server, self.listen, block=False, evt_handlers=handlers, contexts=supported
+        self._server = await asyncio.to_thread(  # Windows: a port no other process shares
+            start_exclusive_server, ae, self.listen, evt_handlers=handlers, contexts=supported
         )
         self._listening = True
         announce("dicom", self.address, ae_title=self.ae_title)
