@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
     "WorkstationConfig",
     "default_state_dir",
     "load_workstation_config",
+    "path_key",
     "read_workstation_config",
     "state_dir_of",
     "user_data_dir",
@@ -69,12 +71,35 @@ def user_data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
+def path_key(path: str | os.PathLike[str]) -> str:
+    """`path` as the file system tells names apart: absolute, and case-folded where names
+    are case-insensitive (Windows; macOS, whose APFS and HFS+ are by default, and where
+    os.path.normcase folds nothing). Two spellings of one file give one key."""
+    key = os.path.normcase(os.path.abspath(path))
+    return key.casefold() if sys.platform in ("win32", "darwin") else key
+
+
+def _state_dir_name(key: str) -> str:
+    """`<config name>-<8 hex digits of key>`, the name as spelled in `key`."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(key).stem)[:40]
+    return f"{stem or 'config'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 def default_state_dir(config_path: str | os.PathLike[str]) -> Path:
-    """`user_data_dir()/workstation/<config name>-<8 hex digits of its absolute path>`."""
-    absolute = os.path.abspath(config_path)
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(absolute).stem)[:40] or "config"
-    digest = hashlib.sha256(os.path.normcase(absolute).encode()).hexdigest()[:8]
-    return user_data_dir() / "workstation" / f"{stem}-{digest}"
+    """`user_data_dir()/workstation/<config name>-<8 hex digits of its path_key>`: one per
+    config file, whichever spelling of its path a command is given (`--config Site.yaml`
+    and `site.yaml` must find the same running workstation, lock and cache).
+
+    A directory made before macOS folded case (its digest of the path as spelled) is kept
+    while it exists and the folded one does not: an upgrade neither loses the cache nor
+    stops finding a workstation that the previous version started."""
+    workstation = user_data_dir() / "workstation"
+    folded = workstation / _state_dir_name(path_key(config_path))
+    if sys.platform == "darwin" and not folded.exists():
+        legacy = workstation / _state_dir_name(os.path.abspath(config_path))
+        if legacy.exists():
+            return legacy
+    return folded
 
 
 _DESTINATION_HERE = (
@@ -132,6 +157,18 @@ class WorkstationConfig:
         return CacheConfig(
             dir=self.state_dir / "cache" if self.state_dir else default_cache_dir(self.path)
         )
+
+    def keyring_account(self, identity: object) -> str:
+        """The cache key's account in the OS keyring: this device at this state directory,
+        by its path_key, so a start under another spelling of the config's path finds the
+        key (a new key would make the cache unreadable: wiped)."""
+        where = self.state_dir if self.state_dir is not None else self.path
+        return f"{identity} {path_key(where)}"
+
+    def legacy_keyring_account(self, identity: object) -> str:
+        """The account before keyring_account (the config path as given): a key found
+        there is moved to keyring_account."""
+        return f"{identity} {self.path}"
 
     def identity_files(self) -> TlsFiles:
         """The device's certificate, key and the pinned site CA in `identity_dir`."""

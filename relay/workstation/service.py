@@ -379,7 +379,8 @@ async def workstation_cache(
     try:
         cache = WorkstationCache(
             settings, config.prefetch, workstation.tunnel.open_stream,
-            lambda: workstation.kept.up, account=f"{workstation.identity} {config.path}",
+            lambda: workstation.kept.up, account=config.keyring_account(workstation.identity),
+            legacy_account=config.legacy_keyring_account(workstation.identity),
             offer=workstation.codec_offer,
         )  # fmt: skip
         await cache.start()

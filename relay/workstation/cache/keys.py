@@ -24,8 +24,13 @@ class KeyUnavailable(Exception):
     """The configured key store cannot give or keep a key; one line."""
 
 
-def load_master_key(mode: KeyMode, account: str) -> tuple[bytes, bool]:
-    """The master key and whether it is new (a new key: nothing old is readable)."""
+def load_master_key(
+    mode: KeyMode, account: str, legacy_account: str | None = None
+) -> tuple[bytes, bool]:
+    """The master key and whether it is new (a new key: nothing old is readable).
+
+    A key kept under `legacy_account` (an older version's name for the same cache) and
+    none under `account` is moved there: a new key would wipe the cache it opens."""
     if mode == "memory":
         return Sealer.new_key(), True
     try:
@@ -35,6 +40,12 @@ def load_master_key(mode: KeyMode, account: str) -> tuple[bytes, bool]:
         raise KeyUnavailable(f"cache.key: keyring needs the keyring package ({exc})") from None
     try:
         stored = keyring.get_password(KEYRING_SERVICE, account)
+        if not stored and legacy_account is not None and legacy_account != account:
+            stored = keyring.get_password(KEYRING_SERVICE, legacy_account)
+            if stored:
+                keyring.set_password(KEYRING_SERVICE, account, stored)
+                keyring.delete_password(KEYRING_SERVICE, legacy_account)
+                log.info("the cache key moved to this state directory's keyring entry")
         if stored:
             key = base64.b64decode(stored)
             if len(key) == KEY_BYTES:

@@ -41,13 +41,15 @@ class WorkstationCache:
         link_up: Callable[[], asyncio.Event],
         *,
         account: str,
+        legacy_account: str | None = None,
         offer: CodecOffer | None = None,
     ) -> None:
-        """`offer`: the pixel codecs the prefetcher announces (the workstation's)."""
+        """`offer`: the pixel codecs the prefetcher announces (the workstation's);
+        `legacy_account`: where an older version kept the keyring key (moved to `account`)."""
         self.config = config
         self.account = account
         self.key_mode: KeyMode = "keyring" if config.key == "keyring" else "memory"
-        key, fresh = load_master_key(self.key_mode, account)
+        key, fresh = load_master_key(self.key_mode, account, legacy_account)
         self.metrics = CacheMetrics(self)
         self.store = CacheStore(
             config.dir, Sealer(key), max_size=config.max_size, max_age=config.max_age,

@@ -25,3 +25,13 @@ def test_a_keyring_key_is_kept_and_forgotten_on_revocation(
     forget_master_key("keyring", "ws1 /cfg")
     assert memory_keyring.items == {}
     assert load_master_key("keyring", "ws1 /cfg")[0] != first
+
+
+def test_a_key_under_the_old_account_is_moved_not_replaced(memory_keyring: MemoryKeyring) -> None:
+    """The account was the config path as spelled; a new key would wipe the cache."""
+    old, _ = load_master_key("keyring", "ws1 C:\\Users\\Ana\\Site.yaml")
+    key, fresh = load_master_key("keyring", "ws1 c:\\state", "ws1 C:\\Users\\Ana\\Site.yaml")
+    assert key == old and not fresh
+    assert set(memory_keyring.items) == {(KEYRING_SERVICE, "ws1 c:\\state")}
+    again, fresh = load_master_key("keyring", "ws1 c:\\state", "ws1 C:\\Users\\Ana\\Site.yaml")
+    assert again == old and not fresh
