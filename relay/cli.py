@@ -173,6 +173,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return cli.evict(config, args.studies)
 
 
+def _cmd_self_check(args: argparse.Namespace) -> int:
+    from relay.selfcheck import run
+
+    return run()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from relay_dev.demo import run
 
@@ -347,6 +353,11 @@ def _parser() -> argparse.ArgumentParser:
     vinstall.add_argument("--tarball", help="a local copy of the npm tarball (offline PCs)")
     vinstall.add_argument("--force", action="store_true", help="reinstall even if present")
     vinstall.set_defaults(func=_cmd_viewer_install)
+
+    check = sub.add_parser(
+        "self-check", help="load the workstation's modules and try each pixel codec (a build)"
+    )
+    check.set_defaults(func=_cmd_self_check)
 
     demo = sub.add_parser("demo", help="the whole chain on loopback with an embedded PACS")
     demo.add_argument("--dir", help="where to keep the demo's certificates and configs")

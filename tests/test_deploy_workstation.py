@@ -3,6 +3,7 @@ build), the hosted workflow, and `relay workstation --log-file` that the Windows
 
 from __future__ import annotations
 
+import ast
 import plistlib
 import re
 import shlex
@@ -142,3 +143,60 @@ def test_log_file_is_rotated_by_the_process(tmp_path: Path) -> None:
     assert (tmp_path / "ws.log.1").stat().st_size >= 10 * 1024 * 1024
     assert "identity_dir: device.crt not found in" in log.read_text()
     assert log.stat().st_size < 4096
+
+
+def _spec_call_keyword(name: str) -> list[str]:
+    """A list-of-strings keyword of the spec's Analysis(...) call."""
+    tree = ast.parse((ROOT / "deploy" / "windows" / "relay.spec").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Analysis":
+            for keyword in node.keywords:
+                if keyword.arg == name:
+                    value = ast.literal_eval(keyword.value)
+                    assert isinstance(value, list)
+                    return [str(v) for v in value]
+    raise AssertionError(f"no {name}= in the spec's Analysis call")
+
+
+CLOSURE = """
+import importlib, pkgutil, sys
+import relay.workstation
+from relay.selfcheck import MODULES
+names = ["relay.cli", "relay.selfcheck", "relay.trust.enroll", "relay.codecs.pixels", *MODULES]
+names += [m.name for m in pkgutil.walk_packages(relay.workstation.__path__, "relay.workstation.")]
+for name in names:
+    importlib.import_module(name)
+print("\\n".join(sorted({n.split(".")[0] for n, m in sys.modules.items() if m is not None})))
+"""
+
+
+def test_the_single_file_build_excludes_nothing_the_workstation_imports() -> None:
+    """numpy was excluded: `relayw.exe workstation` with dicomweb: failed at start with
+    ModuleNotFoundError, and without it the pixel codecs offered silently dropped to none."""
+    excludes = set(_spec_call_keyword("excludes"))
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSURE], capture_output=True, text=True, timeout=120,
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+    imported = set(done.stdout.split())
+    assert {"relay", "numpy", "imagecodecs", "PIL", "pynetdicom"} <= imported
+    assert not excludes & imported, excludes & imported
+    spec = (ROOT / "deploy" / "windows" / "relay.spec").read_text()
+    assert 'for package in ("imagecodecs", "PIL"):' in spec and "collect_all(package)" in spec
+
+
+def test_the_built_executables_check_themselves_in_the_workflow() -> None:
+    workflow = yaml.safe_load((ROOT / ".github/workflows/ends-windows-macos.yml").read_text())
+    runs = " ".join(step.get("run", "") for step in workflow["jobs"]["single-file"]["steps"])
+    assert "dist\\relay.exe self-check" in runs
+    assert "relayw.exe -ArgumentList self-check" in runs
+
+
+def test_self_check_passes_here() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "self-check"], capture_output=True, text=True,
+        timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert "ok   import relay.workstation.dicomweb.server" in done.stdout
+    assert all(f"ok   pixel codec {c}" in done.stdout for c in ("jpegls", "htj2k", "jpegxl"))

@@ -63,7 +63,6 @@ def _guard(name: str, real: Any) -> Any:
     return guarded
 
 
-_REPO = str(_ROOT) + os.sep
 _RELAY = str(_ROOT / "relay") + os.sep
 _STAND_INS = (str(_ROOT / "relay_dev") + os.sep, str(_ROOT / "tests") + os.sep)
 _PYNETDICOM = os.sep + "pynetdicom" + os.sep
@@ -77,10 +76,12 @@ def _shares_the_port(frame: Any) -> bool:
         return True
     if _PYNETDICOM not in caller:
         return False
-    while frame is not None:  # whose server: the nearest frame of this repository
+    while frame is not None:  # whose server: the nearest frame of our code or a stand-in
         name = frame.f_code.co_filename
-        if name.startswith(_REPO):
-            return not name.startswith(_STAND_INS)
+        if name.startswith(_RELAY):
+            return True
+        if name.startswith(_STAND_INS):
+            return False
         frame = frame.f_back
     return True  # a worker thread (asyncio.to_thread): only relay/ starts servers so
 
