@@ -18,6 +18,7 @@ from relay.ops.binding import listen_errors
 from relay.ops.heap import keep_trimmed
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
+from relay.ops.reloading import check_certificate_at_start
 from relay.ops.runtime import run_loop
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     metrics = GatewayMetrics()
+    check_certificate_at_start(
+        config.path, "tls.cert", config.tls.cert, config.tls.ca, role="gateway"
+    )
     context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
     server = GatewayServer(config, context, load_ca_sites(config.tls.ca), metrics)
     with listen_errors(config.path, "listen", config.listen):

@@ -15,6 +15,7 @@ from relay.agent.config import AgentConfig
 from relay.agent.dispatch import TargetHandler
 from relay.agent.pacs_check import ECHO_TIMEOUT, PacsCheck
 from relay.net.aio import Stream
+from relay.ops.binding import listen_errors
 from relay.ops.metrics import EndMetrics
 from relay.seal.transport import sealed_peer
 from relay.wire import TARGET_DICOM
@@ -100,7 +101,9 @@ async def default_handlers(
     dicom = DicomAgent(target, stats=metrics.dicom if metrics is not None else None)
     # Loaded before the first request, saved after the last (dicom.stop() included).
     async with pacs_memory.kept(config.state_dir, target, dicom.memory):
-        await dicom.start()
+        # binds the C-MOVE receiver (retrieve: move): a taken port is the key to fix
+        with listen_errors(config.path, "pacs.move_listen", target.move_listen):
+            await dicom.start()
         collectors = (
             PixelCodecMetrics(dicom.rates.tallies),
             SpareAssociationMetrics(dicom.spare.counts),

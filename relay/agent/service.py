@@ -20,7 +20,8 @@ SIGHUP (`Agent.reload`): re-read the config file and the TLS files. A new certif
 key or CA bundle goes to every link supervisor for its next dial; links that are up stay
 up. The service allow-list, compression level, gateways (re-resolved at once), limits and
 backoff of new links, drain grace, resolve interval and log level take effect; the keys
-in RESTART_ONLY keep their running values and are logged as needing a restart. Anything
+in RESTART_ONLY keep their running values and are logged as needing a restart; new
+values that the next start would refuse (`check_start`) are logged as an error. Anything
 that does not load or check out keeps the whole running configuration: one error line,
 counted in `relay_reloads_total{result="error"}`.
 """
@@ -34,7 +35,7 @@ import signal
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from relay.agent.authority import DeviceAuthority, open_authority
+from relay.agent.authority import DeviceAuthority, load_ca_pair, open_authority
 from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.dispatch import StreamDispatcher, TargetHandler, stream_quotas
 from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
@@ -52,6 +53,7 @@ from relay.ops.metrics import EndMetrics, Sources
 from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
+    check_certificate_at_start,
     check_own_certificate,
     keep_restart_only,
     set_log_level,
@@ -61,7 +63,7 @@ from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import pki
 from relay.wire import ALPN_AGENT, TARGET_RENEW
 
-__all__ = ["Agent", "agent_metrics", "run", "run_agent"]
+__all__ = ["Agent", "agent_metrics", "check_start", "run", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class Agent:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self.next_start_error: str | None = None  # why the next start fails (last reload)
         self.metrics.registry.register(self.trust.metrics)
         self._recheck_task: asyncio.Task[None] | None = None
         if authority is not None and authority.recheck is not None:
@@ -172,8 +175,8 @@ class Agent:
         On any error the running configuration stays as it was (one error line, counted).
         """
         try:
-            new = load_agent_config(self.config.path)
-            new, restart = keep_restart_only(self.config, new, RESTART_ONLY)
+            from_file = load_agent_config(self.config.path)
+            new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
             tls = new.tls
             check_own_certificate(tls.cert, tls.ca, role="agent", site=self.config.site)
             ctx = client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
@@ -186,6 +189,12 @@ class Agent:
                 extra={"config": str(self.config.path), "error": str(exc)},
             )
             return False
+        self.next_start_error = None
+        if restart:  # the next start reads them: it must not be the first to find them bad
+            try:
+                check_start(from_file)
+            except ConfigError as exc:
+                self.next_start_error = str(exc)
         old, self.config = self.config, new
         self.gateways.reconfigure(
             gateways=new.gateways,
@@ -205,7 +214,13 @@ class Agent:
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
         self.reloads.record(True)
-        if restart:
+        if self.next_start_error is not None:
+            log.error(
+                "reloaded; these settings need a restart, and the next start will fail: "
+                + self.next_start_error,
+                extra={"keys": ",".join(restart)},
+            )
+        elif restart:
             log.warning(
                 "reloaded; these settings need a restart and keep their running values",
                 extra={"keys": ",".join(restart)},
@@ -255,6 +270,7 @@ async def run_agent(
     `handlers` replaces the default target handlers (DICOM when `pacs:` is set); with
     `pki:` the `enroll` and `renew` targets are added to them.
     """
+    check_start(config)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
@@ -302,6 +318,44 @@ async def run_agent(
                 loop.remove_signal_handler(signal.SIGINT)
                 loop.remove_signal_handler(signal.SIGHUP)
             await agent.shutdown(agent.config.drain_grace)  # as last reloaded
+
+
+def check_start(config: AgentConfig) -> None:
+    """The certificate checks a reload makes, before the agent starts (ConfigError naming
+    the key, exit 2): every gateway would refuse an agent certificate of another role,
+    site or CA. With `pki:`, its CA must also be one that `tls.ca` trusts, of the agent's
+    trust domain: the devices it signs present their certificates to this agent (and
+    their codes name that CA), so another CA fails every enrollment at the PC."""
+    tls = config.tls
+    identity = check_certificate_at_start(
+        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site
+    )
+    if config.pki is None:
+        return
+    try:
+        ca = pki.load_cert(config.pki.ca_cert)
+        pki.check_ca_site(ca, config.site, str(config.pki.ca_cert))
+        trusted = pki.load_certs(tls.ca)
+    except pki.PkiError as exc:
+        raise ConfigError(config.path, "pki.ca_cert", str(exc)) from None
+    if ca not in trusted:
+        raise ConfigError(
+            config.path,
+            "pki.ca_cert",
+            f"{config.pki.ca_cert} is not one of the CAs of tls.ca ({tls.ca}): the agent "
+            "would refuse the devices it enrols",
+        )
+    if pki.trust_domain_of_ca(ca) != identity.trust_domain:
+        raise ConfigError(
+            config.path,
+            "pki.ca_cert",
+            f"{config.pki.ca_cert} is of the trust domain {pki.trust_domain_of_ca(ca)!r}, "
+            f"the agent's certificate of {identity.trust_domain!r}",
+        )
+    try:
+        load_ca_pair(config.pki.ca_cert, config.pki.ca_key)
+    except pki.PkiError as exc:
+        raise ConfigError(config.path, "pki.ca_key", str(exc)) from None
 
 
 def agent_metrics(config: AgentConfig) -> EndMetrics:

@@ -203,6 +203,8 @@ class KeptLink:
     The gateway's GOAWAY REVOKED is final only on a device's link (`alpn` ALPN_DEVICE)
     whose `check_revoked(reason)` returns None (proven); it then calls `on_revoked`.
     Otherwise `check_revoked` returns why not, in one line; see the module docstring.
+    `on_dial_error` hears of each failed dial (its owner may know why, e.g. its own
+    certificate has expired).
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class KeptLink:
         on_up: Callable[[Link], None] | None = None,
         on_revoked: Callable[[str], None] | None = None,
         check_revoked: Callable[[str], str | None] | None = None,
+        on_dial_error: Callable[[DialError], None] | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         self.address = address
@@ -234,6 +237,7 @@ class KeptLink:
         self.on_up = on_up
         self.on_revoked = on_revoked
         self.check_revoked = check_revoked
+        self.on_dial_error = on_dial_error
         self.connect_timeout = connect_timeout
         self.link: Link | None = None
         self.up = asyncio.Event()
@@ -305,6 +309,11 @@ class KeptLink:
                     "dial failed",
                     extra={**self._log, "reason": exc.reason, "error": str(exc), "retry_s": delay},
                 )
+                if self.on_dial_error is not None:
+                    try:
+                        self.on_dial_error(exc)
+                    except Exception:
+                        log.exception("on_dial_error callback failed", extra=self._log)
                 await asyncio.sleep(delay)
                 continue
             except Exception as exc:  # a bug must not end the supervision: log, back off

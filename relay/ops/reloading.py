@@ -24,12 +24,14 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay.ops import logs
+from relay.ops.config import ConfigError
 from relay.trust.identity import Identity, IdentityError, identity_from_certificate
 from relay.trust.pki import PkiError, load_certs, trust_domain_of_ca
 
 __all__ = [
     "ReloadCounter",
     "ReloadError",
+    "check_certificate_at_start",
     "check_own_certificate",
     "keep_restart_only",
     "set_log_level",
@@ -75,8 +77,9 @@ def check_own_certificate(
     site: str | None = None,
     name: str | None = None,
     now: datetime | None = None,
+    reloading: bool = True,
 ) -> Identity:
-    """The identity of the certificate a reload is about to present, once checked.
+    """The identity of the certificate a reload (or a start) is about to present, checked.
 
     Raises ReloadError unless the certificate is signed by a CA in `ca_path`, is valid
     `now`, and carries a `role` identity of that CA's trust domain (and of `site` and
@@ -113,12 +116,26 @@ def check_own_certificate(
         "name": identity.name,
     }
     for what, value in wanted.items():
-        if found[what] != value:
+        if found[what] != value and reloading:
             raise ReloadError(
                 f"{cert_path}: is for {identity.uri}; a reload keeps the {what} {value!r} "
                 "(restart to change it)"
             )
+        if found[what] != value:
+            raise ReloadError(f"{cert_path}: is for {identity.uri}, not of the {what} {value!r}")
     return identity
+
+
+def check_certificate_at_start(
+    file: Path, key: str, cert_path: Path, ca_path: Path, *, role: str, site: str | None = None
+) -> Identity:
+    """`check_own_certificate` before a role starts: the checks a reload makes, so that a
+    process does not start with a certificate every peer refuses (and report ready while
+    each handshake fails). A ConfigError naming `file` and `key` (exit 2)."""
+    try:
+        return check_own_certificate(cert_path, ca_path, role=role, site=site, reloading=False)
+    except ReloadError as exc:
+        raise ConfigError(file, key, str(exc)) from None
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

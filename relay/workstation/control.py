@@ -41,6 +41,8 @@ def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, 
         answer: dict[str, Any] = {"ok": ok, "restart_needed": list(workstation.restart_needed)}
         if not ok:
             answer["error"] = workstation.reload_error
+        elif workstation.next_start_error is not None:  # applied, but a restart would fail
+            answer["next_start_error"] = workstation.next_start_error
         return answer
 
     async def stop_command(body: dict[str, Any]) -> dict[str, Any]:
@@ -139,7 +141,8 @@ async def control_endpoint(
 
 
 def run_command(config_path: Path, command: str, *, as_json: bool = False) -> int:
-    """`relay workstation reload|stop|status`: 0 done, 1 refused by the workstation."""
+    """`relay workstation reload|stop|status`: 0 done, 1 refused by the workstation (or a
+    reload applied whose restart-only settings the next start would refuse)."""
     from relay.workstation.config import state_dir_of
 
     answer = asyncio.run(control.call(state_dir_of(config_path), command))
@@ -148,12 +151,18 @@ def run_command(config_path: Path, command: str, *, as_json: bool = False) -> in
     if not answer.get("ok"):
         print(f"relay workstation {command}: {answer.get('error', 'failed')}", file=sys.stderr)
         return 1
+    next_start = answer.get("next_start_error")
     if as_json:
-        return 0
+        return 1 if next_start else 0
     if command == "reload":
         restart = answer.get("restart_needed") or []
         extra = f"; these need a restart: {', '.join(restart)}" if restart else ""
         print(f"reloaded configuration and certificates{extra}")
+        if next_start:  # IT must fix the file before the next start, not find out then
+            print(
+                f"relay workstation reload: the next start will fail: {next_start}", file=sys.stderr
+            )
+            return 1
     elif command == "stop":
         print(f"stopping (draining for up to {answer.get('grace_s')} s)")
     else:

@@ -34,12 +34,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.dicom.offer import CodecOffer
 from relay.net.backoff import ExponentialBackoff, Uniform
-from relay.net.dialer import KeptLink
+from relay.net.dialer import DialError, KeptLink
 from relay.net.tls import TlsConfigError, client_context
 from relay.ops import privatefiles
 from relay.ops.binding import listen_errors
@@ -65,6 +66,7 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
+from relay.workstation.ownidentity import check_identity, expired_message, not_after
 from relay.workstation.revocation import RevocationCheck, record_revoked, revoked_since
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
@@ -115,7 +117,7 @@ class Workstation:
                 + finished
             )
         files = config.identity_files()
-        privatefiles.check_private(files.key, "device key")
+        check_identity(config)  # what a reload checks, and an expired certificate
         self.ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
         self.identity = identity_from_certificate(load_cert(files.cert))
         self.revocation_check = RevocationCheck.from_files(files.cert, files.ca)
@@ -129,7 +131,10 @@ class Workstation:
             backoff=ExponentialBackoff.from_config(config.reconnect, rng=rng),
             on_revoked=self._revoked,
             check_revoked=self._check_revoked,
+            on_dial_error=self._dial_failed,
         )
+        self.not_after = not_after(files.cert)  # of the certificate the next dial presents
+        self.expired: str | None = None  # EXPIRED_MESSAGE once a refusal met it (readiness)
         self.revoked = asyncio.Event()  # set once the wipe is done: the run ends with EXIT_REVOKED
         self._revoking: asyncio.Task[None] | None = None
         self.session = SessionKeeper(
@@ -169,7 +174,18 @@ class Workstation:
         self.metrics.registry.register(self.reloads)
         self.reload_error: str | None = None  # why the last reload failed
         self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
+        self.next_start_error: str | None = None  # why the next start fails (last reload)
         self._drain_deadline: float | None = None  # loop time: one grace for every drain
+
+    def _dial_failed(self, error: DialError) -> None:
+        """A refused dial with an expired certificate: only the gateway's log said why, and
+        retrying cannot help (renewal needs the link). Say it here, once."""
+        if error.reason in ("connect", "timeout"):  # not the gateway's refusal
+            return
+        message = expired_message(self.config.identity_dir, self.not_after, datetime.now(UTC))
+        if message is not None and self.expired is None:
+            log.error(message, extra={"reason": error.reason})
+        self.expired = message
 
     def _check_revoked(self, reason: str) -> str | None:
         """The dialer asks before it heeds a gateway's REVOKED (see RevocationCheck)."""
@@ -217,6 +233,8 @@ class Workstation:
     def readiness(self) -> tuple[bool, str]:
         if self.session.up.is_set():
             return True, "sealed session to the agent up"
+        if self.expired is not None:
+            return False, self.expired
         if self.kept.up.is_set():
             return False, f"no session ({self.session.stats.last_error or 'connecting'})"
         return False, f"no gateway link ({self.kept.stats.last_error or 'connecting'})"
@@ -265,6 +283,7 @@ class Workstation:
             return
         self.ctx = ctx
         self.kept.ctx = ctx
+        self.not_after, self.expired = not_after(files.cert), None
         self.session.ctx = session_ctx  # the next session presents the new certificate
         self.revocation_check = check  # notices older than the new certificate prove nothing
 
@@ -279,8 +298,8 @@ class Workstation:
         On any error the running configuration stays as it was (one error line, counted).
         """
         try:
-            new = load_workstation_config(self.config.path)
-            new, restart = keep_restart_only(self.config, new, RESTART_ONLY)
+            from_file = load_workstation_config(self.config.path)
+            new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
             files = new.identity_files()
             privatefiles.check_private(files.key, "device key")
             check_own_certificate(
@@ -309,8 +328,15 @@ class Workstation:
                 extra={"config": str(self.config.path), "error": str(exc)},
             )
             return False
+        self.next_start_error = None
+        if "identity_dir" in restart:  # the next start must not be the first to refuse it
+            try:
+                check_identity(from_file)
+            except (ConfigError, privatefiles.PrivateFileError) as exc:
+                self.next_start_error = str(exc)
         old, self.config = self.config, new
         self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
+        self.not_after, self.expired = not_after(files.cert), None
         self.kept.settings = new.limits
         self.session.ctx, self.session.settings = session_ctx, new.limits
         self.revocation_check = check
@@ -320,7 +346,13 @@ class Workstation:
             set_log_level(new.log_level)
         self.reloads.record(True)
         self.reload_error, self.restart_needed = None, tuple(restart)
-        if restart:
+        if self.next_start_error is not None:
+            log.error(
+                "reloaded; these settings need a restart, and the next start will fail: "
+                + self.next_start_error,
+                extra={"keys": ",".join(restart)},
+            )
+        elif restart:
             log.warning(
                 "reloaded; these settings need a restart and keep their running values",
                 extra={"keys": ",".join(restart)},

@@ -246,3 +246,34 @@ async def test_relay_agent_process_exits_0_on_sigterm(pki: SitePki, tmp_path: Pa
         messages = [entry["msg"] for entry in lines]
         assert "link up" in messages and "agent stopped" in messages
         assert all(entry["role"] == "agent" for entry in lines)
+
+
+async def test_a_reload_says_when_the_next_start_would_refuse_a_restart_only_setting(
+    pki: SitePki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pki.ca_key` of another CA: the reload applies what it can (and keeps the running
+    `pki`), but says as an error that the next start will refuse it, not only "needs a
+    restart" (which IT reads as: restart to apply)."""
+    from relay.agent.config import load_agent_config
+
+    other = make_pki(tmp_path / "other")
+    config = tmp_path / "agent.yaml"
+    text = (
+        "site: main\n"
+        f"gateways: ['{HOST}:1']\n"
+        f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"pki: {{ca_cert: {pki.ca}, ca_key: %s}}\n"
+    )
+    config.write_text(text % (pki.directory / "ca.key"))
+    async with agent_running(load_agent_config(config)) as (agent, _, _):
+        config.write_text(text % (other.directory / "ca.key") + "drain_grace: 3s\n")
+        with caplog.at_level("ERROR"):
+            assert agent.reload()
+        assert agent.config.drain_grace == 3.0  # applied
+        assert agent.config.pki is not None and agent.config.pki.ca_key == pki.directory / "ca.key"
+        assert agent.next_start_error is not None
+        assert f"{config}: pki.ca_key:" in agent.next_start_error
+        assert any("the next start will fail" in r.getMessage() for r in caplog.records)
+        config.write_text(text % (pki.directory / "ca.key"))  # fixed: no error any more
+        assert agent.reload() and agent.next_start_error is None

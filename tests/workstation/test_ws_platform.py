@@ -238,3 +238,36 @@ async def test_without_state_dir_the_workstation_uses_the_users_data_dir(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_reload_says_when_the_next_start_would_refuse_the_identity_dir(
+    site: Site,
+) -> None:
+    """A new identity_dir with a key others may read: "reloaded; these need a restart"
+    and status 0 told IT to restart, and the restart then refused. Now: status 1 and
+    the reason the next start will fail, while what a reload applies still applies."""
+    import shutil
+
+    config = site.write_config()
+    async with workstation(config) as ws:
+        await until_ready(config, ws)
+        copy = site.tmp / "identity-copy"
+        shutil.copytree(site.identity, copy)
+        key = copy / "device.key"
+        data = key.read_bytes()
+        key.unlink()
+        write_readable_by_others(key, data)
+        site.write_config(identity_dir=str(copy), drain_grace="2s")
+        code, out, err = await cli("workstation", "reload", "--config", str(config))
+        assert code == 1, err
+        assert "these need a restart: identity_dir" in out
+        assert err.count("\n") == 1, err
+        assert "the next start will fail" in err and f"the device key {key} is not private" in err
+        assert "Traceback" not in err
+        await until_ready(config, ws)  # still running on the old identity
+        code, _, _ = await cli("workstation", "stop", "--config", str(config))
+        assert code == 0
+        assert await asyncio.wait_for(ws.proc.wait(), PROCESS_WAIT) == 0
+        assert any("the next start will fail" in m for m in ws.messages())
+    code, _, err = await cli("workstation", "--config", str(config))
+    assert code == 2 and f"the device key {key} is not private" in err

@@ -188,3 +188,41 @@ async def test_a_stop_lets_a_dicom_retrieval_finish_within_the_drain_grace(
                 stop_agent.set()
                 await asyncio.wait_for(agent, WAIT)
     assert result.final.Status == 0 and len(result.received) == len(study)
+
+
+async def test_a_certificate_that_expired_while_running_is_said_once_and_in_readiness(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway refuses an expired device certificate with a TLS alert after the
+    handshake, which asyncio does not hand to the protocol: only the gateway's log said
+    `reason: expired`, the workstation "refused us" at every retry. Now one error says to
+    enroll again, and readiness (what `relay workstation status` shows) says it too."""
+    from datetime import UTC, datetime, timedelta
+
+    from relay.workstation.service import Workstation
+    from tests.ends_helpers import device_identity_dir, running_gateway, wait_until
+
+    pki = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(pki, tmp_path)
+    now = datetime.now(UTC)
+    short = pki.device("short", lifetime=timedelta(seconds=2), not_before=now)
+    (identity / "device.crt").write_bytes(short.cert.read_bytes())
+    (identity / "device.key").write_bytes(short.key.read_bytes())
+    async with running_gateway(pki, tmp_path) as gw:
+        ws = Workstation(workstation_config(identity, tmp_path, gw.port))  # valid: it starts
+        await asyncio.sleep(
+            max(0.0, (now + timedelta(seconds=2.2) - datetime.now(UTC)).total_seconds())
+        )
+        with caplog.at_level("ERROR", logger="relay.workstation.service"):
+            await ws.start()
+            try:
+                await wait_until(lambda: ws.kept.stats.failures >= 3)
+            finally:
+                await ws.shutdown(0.1)
+        assert ws.kept.stats.last_error == "refused"
+        assert ws.not_after is not None
+        said = [r.getMessage() for r in caplog.records if "expired at" in r.getMessage()]
+        assert said == [f"device certificate expired at {ws.not_after.isoformat()}; enroll "
+                        f"again: relay enroll CODE --dir {identity}"]  # fmt: skip
+        ready, why = ws.readiness()
+        assert not ready and why == said[0]
