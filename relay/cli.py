@@ -18,12 +18,12 @@ from pathlib import Path
 
 from relay import __version__
 from relay.net.tls import TlsConfigError
-from relay.ops.config import ConfigError, parse_duration
+from relay.ops.config import ConfigError, format_duration, parse_duration
 from relay.ops.control import ControlError
 from relay.ops.privatefiles import PrivateFileError
 from relay.trust.codes import CodeError
 from relay.trust.identity import IdentityError
-from relay.trust.pki import PkiError
+from relay.trust.pki import MAX_DEVICE_LIFETIME, PkiError
 
 # Errors a user can fix: one line on stderr, exit status 2, no traceback. Our own types
 # only: a ValueError or OSError from inside is a bug and keeps its traceback (status 1).
@@ -57,12 +57,26 @@ def is_user_error(exc: BaseException) -> bool:
     return False
 
 
-def duration(text: str) -> timedelta:
-    """argparse type for --lifetime/--ttl: a bad value is argparse's usage error (exit 2)."""
-    try:
-        return timedelta(seconds=parse_duration(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def duration(most: timedelta) -> Callable[[str], timedelta]:
+    """argparse type for --lifetime/--ttl, above 0 and at most `most`: a bad value is
+    argparse's usage error (exit 2), never an OverflowError's traceback from timedelta."""
+
+    def parse(text: str) -> timedelta:
+        try:
+            value = timedelta(seconds=parse_duration(text))
+        except (ValueError, OverflowError) as exc:
+            message = str(exc) if isinstance(exc, ValueError) else f"{text!r} is too long"
+            raise argparse.ArgumentTypeError(message) from None
+        if not timedelta(0) < value <= most:
+            limit = format_duration(most.total_seconds())
+            raise argparse.ArgumentTypeError(f"must be above 0s and at most {limit}, got {text}")
+        return value
+
+    return parse
+
+
+# What the agent accepts: relay.agent.registry.MAX_TTL (not imported: that loads SQLite).
+MAX_CODE_TTL = timedelta(days=30)
 
 
 def _cmd_pki_init(args: argparse.Namespace) -> int:
@@ -77,7 +91,9 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
 def _cmd_pki_issue(args: argparse.Namespace) -> int:
     from relay.trust.pki import issue_device
 
-    issue_device(Path(args.dir), args.site, args.device, Path(args.out), args.lifetime)
+    issue_device(
+        Path(args.dir), args.site, args.device, Path(args.out), args.lifetime, force=args.force
+    )
     print(f"wrote {args.out}/device.crt device.key ca.crt")
     return 0
 
@@ -226,8 +242,12 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--device", required=True)
     issue.add_argument("--out", required=True)
     issue.add_argument(
-        "--lifetime", type=duration, default="30d", help="e.g. 30d, 12h (default 30d)"
+        "--lifetime",
+        type=duration(MAX_DEVICE_LIFETIME),
+        default="30d",
+        help="e.g. 30d, 12h (default 30d, at most 366d)",
     )
+    issue.add_argument("--force", action="store_true", help="replace the identity in --out")
     issue.set_defaults(func=_cmd_pki_issue)
 
     for role, func in (("gateway", _cmd_gateway), ("agent", _cmd_agent)):
@@ -267,7 +287,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the directory user who will hold the device (required with directory:)",
     )
     create.add_argument(
-        "--ttl", type=duration, default="24h", help="how long the code stays valid (default 24h)"
+        "--ttl",
+        type=duration(MAX_CODE_TTL),
+        default="24h",
+        help="how long the code stays valid (default 24h, at most 30d)",
     )
     create.add_argument(
         "--gateway",

@@ -65,6 +65,36 @@ def test_bad_duration_is_argparse_usage_error(args: tuple[str, ...]) -> None:
     assert "expected a duration" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "limit"),
+    [
+        ("--lifetime", "0s", "at most 366d"),
+        ("--lifetime", "400d", "at most 366d"),
+        ("--lifetime", "1e300d", "is too long"),  # OverflowError: a traceback, exit 1
+        ("--ttl", "31d", "at most 30d"),
+        ("--ttl", "99999999999d", "is too long"),
+    ],
+)
+def test_a_duration_out_of_bounds_is_a_usage_error(option: str, value: str, limit: str) -> None:
+    args: tuple[str, ...]
+    if option == "--ttl":
+        args = ("token", "create", "--config", "x.yaml", "--device", "d", f"--ttl={value}")
+    else:
+        args = ("pki", "issue", "--dir", "x", "--site", "s", "--device", "d", "--out", "o",
+                f"--lifetime={value}")  # fmt: skip
+    done = relay(*args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "usage: relay" in done.stderr and limit in done.stderr and value in done.stderr
+
+
+def test_the_cli_bounds_a_code_ttl_as_the_agent_does() -> None:
+    from relay.agent.registry import MAX_TTL
+    from relay.cli import MAX_CODE_TTL
+
+    assert MAX_CODE_TTL == MAX_TTL
+
+
 def test_gateway_listen_port_taken_names_file_and_key(tmp_path: Path, taken_port: int) -> None:
     pki = make_pki(tmp_path / "pki")
     config = tmp_path / "gateway.yaml"

@@ -50,6 +50,9 @@ from relay.trust.users import check_username
 CA_LIFETIME: Final = timedelta(days=3650)
 SERVER_LIFETIME: Final = timedelta(days=730)  # gateway and agent certificates
 DEVICE_LIFETIME: Final = timedelta(days=30)
+# The longest a device certificate may live: the agent's `pki.device_lifetime` bound
+# (relay.agent.config.MAX_DEVICE_LIFETIME). A lost PC's certificate must end some day.
+MAX_DEVICE_LIFETIME: Final = timedelta(days=366)
 #: Leaf certificates start this long before "now", so small clock skew between the agent
 #: and a device does not make a fresh certificate "not yet valid".
 BACKDATE: Final = timedelta(minutes=5)
@@ -594,12 +597,24 @@ def issue_device(
     device: str,
     out: Path,
     lifetime: timedelta = DEVICE_LIFETIME,
+    *,
+    force: bool = False,
 ) -> None:
     """`relay pki issue`: OUT/device.crt device.key ca.crt, signed offline by DIR's CA.
 
-    The trust domain comes from the CA certificate. Existing files in OUT are replaced
-    atomically (a re-issue), never left half-written.
+    The trust domain comes from the CA certificate. An identity already in OUT is kept
+    unless `force` (as `relay enroll` does: replacing it cuts that PC off); forced, its
+    files are replaced atomically, never left half-written.
     """
+    if not timedelta(0) < lifetime <= MAX_DEVICE_LIFETIME:
+        raise PkiError(
+            f"a device certificate lives above 0s and at most {MAX_DEVICE_LIFETIME.days}d"
+        )
+    held = [name for name in ("device.crt", "device.key") if (Path(out) / name).exists()]
+    if held and not force:
+        raise PkiError(
+            f"{out} already holds a device identity ({', '.join(held)}); pass --force to replace it"
+        )
     _issue_for_site(
         directory, site, out, stem="device",
         identity_in=lambda td: Identity.device(td, site, device), lifetime=lifetime,

@@ -251,9 +251,30 @@ def test_reissue_replaces_files_atomically(pki_dir: Path, tmp_path: Path) -> Non
     out = tmp_path / "ws1"
     pki.issue_device(pki_dir, "main", "ws1", out)
     first = (out / "device.crt").read_bytes()
-    pki.issue_device(pki_dir, "main", "ws1", out)
+    pki.issue_device(pki_dir, "main", "ws1", out, force=True)
     assert (out / "device.crt").read_bytes() != first
     assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "device.crt", "device.key"]
+
+
+def test_issue_keeps_an_identity_already_in_out_without_force(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """It silently replaced it (that PC then cut off), unlike `relay enroll` and `pki init`."""
+    out = tmp_path / "ws1"
+    pki.issue_device(pki_dir, "main", "ws1", out)
+    first = (out / "device.crt").read_bytes(), (out / "device.key").read_bytes()
+    with pytest.raises(pki.PkiError, match=r"already holds a device identity .*--force"):
+        pki.issue_device(pki_dir, "main", "ws2", out)
+    assert ((out / "device.crt").read_bytes(), (out / "device.key").read_bytes()) == first
+
+
+@pytest.mark.parametrize("lifetime", [timedelta(0), timedelta(days=367)])
+def test_issue_refuses_a_lifetime_out_of_bounds(
+    pki_dir: Path, tmp_path: Path, lifetime: timedelta
+) -> None:
+    with pytest.raises(pki.PkiError, match="at most 366d"):
+        pki.issue_device(pki_dir, "main", "ws1", tmp_path / "o", lifetime)
+    assert not (tmp_path / "o").exists()
 
 
 def test_issue_device_errors(pki_dir: Path, tmp_path: Path) -> None:
