@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 from gateway.metrics import GatewayMetrics
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 REFUSALS_PER_SECOND = 5.0
 REFUSAL_BURST = 20
+MAX_SITES = 1000  # sites whose refusal reports are paced (and their held-back counts kept)
 
 
 class AgentControl:
@@ -154,8 +156,10 @@ class RefusalReporter:
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.limiter = RateLimiter(REFUSALS_PER_SECOND, REFUSAL_BURST, max_keys=1000)
-        self.suppressed: dict[str, int] = {}
+        self.limiter = RateLimiter(REFUSALS_PER_SECOND, REFUSAL_BURST, max_keys=MAX_SITES)
+        # held-back counts by site, bounded as the limiter's table (sites come from
+        # refused certificates: an agent CA could name any number)
+        self.suppressed: OrderedDict[str, int] = OrderedDict()
 
     def report(self, reason: str, identity: Identity | None, peer: str, now: float) -> None:
         """To the agents of the identity's site; without an identity (an enrollment
@@ -163,7 +167,9 @@ class RefusalReporter:
         site = identity.site if identity is not None else None
         key = site or "*"
         if not self.limiter.allow(key, now):
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            self.suppressed[key] = self.suppressed.pop(key, 0) + 1
+            while len(self.suppressed) > MAX_SITES:
+                self.suppressed.popitem(last=False)
             return
         uri = identity.uri if identity is not None else ""
         try:

@@ -18,6 +18,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import Final
 
 from gateway.casites import CaSites
 from gateway.config import GatewayConfig
@@ -34,6 +35,7 @@ from relay.net.tls import (
     refusal_for_identity,
 )
 from relay.ops.listening import announce
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
@@ -43,6 +45,9 @@ from relay.wire import ALPN_ENROLL, TUNNEL_ALPNS
 log = logging.getLogger(__name__)
 
 REVOKED_CLOSE_BOUND = 1.0  # seconds a revoked device has to read its GOAWAY
+# "connection refused" lines: per source address the default LOG_BURST then one per
+# 10 s; all sources together 200 at once, then 5 a second.
+REFUSAL_LINES_TOTAL: Final = (5.0, 200)
 
 
 @dataclass
@@ -79,6 +84,7 @@ class GatewayServer:
         self.links = LinkTable()
         self.revoked = RevocationList(self.trust_domain)  # memory only, relearned from agents
         self.refusal_reporter = RefusalReporter(self.router)
+        self.refusal_lines = LogLimiter(total=REFUSAL_LINES_TOTAL)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -164,12 +170,18 @@ class GatewayServer:
 
     def _refused(self, reason: str, peer: str | None, identity: Identity | None = None) -> None:
         self.metrics.refusals.labels(reason).inc()
-        log.warning(
-            "connection refused",
-            extra={"reason": reason, "peer": peer or "", "identity": str(identity or "")},
-        )
+        # Anyone can open connections that fail: the line is limited per source address
+        # and overall (relay.ops.loglimit); relay_refusals_total counts every one.
+        source = peer.rsplit(":", 1)[0] if peer else "early"
+        now = asyncio.get_running_loop().time()
+        held = self.refusal_lines.allow(source, now)
+        if held is not None:
+            extra: dict[str, object] = {"reason": reason, "peer": peer or ""}
+            extra["identity"] = str(identity or "")
+            if held:
+                extra["suppressed"] = held
+            log.warning("connection refused", extra=extra)
         if identity is not None and identity.trust_domain == self.trust_domain:
-            now = asyncio.get_running_loop().time()
             self.refusal_reporter.report(reason, identity, peer or "", now)
 
     async def _admit(self, conn: socket.socket, host: str) -> None:

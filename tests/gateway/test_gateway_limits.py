@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -17,19 +18,24 @@ from pathlib import Path
 
 import pytest
 
+from gateway.control import MAX_SITES, REFUSAL_BURST, RefusalReporter
 from gateway.lifecycle import reload
 from gateway.limits import (
     SESSION_OPEN_BURST,
     SESSION_OPENS_PER_SECOND,
+    DeviceLedger,
     DeviceLimits,
     SourceLimits,
 )
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router
 from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
+from relay.ops.loglimit import LOG_BURST
 from relay.proto import ErrorCode, LinkSettings
-from relay.trust.identity import Identity
+from relay.trust.identity import Identity, parse_spiffe_uri
 from tests.gateway.test_gateway_links import (
     WAIT,
     World,
@@ -346,3 +352,50 @@ async def test_unfinished_handshakes_per_source(tmp_path: Path) -> None:
             device.close()
         await until(lambda: len(world.server.sources) == 0, "pending handshakes forgotten")
         agent.close()
+
+
+async def test_junk_connections_cannot_flood_the_log(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can open connections that fail their handshake: each is counted, but one
+    address gets LOG_BURST lines; another address is still logged."""
+    caplog.set_level(logging.WARNING, logger="gateway.server")
+    loop = asyncio.get_running_loop()
+    flood = 3 * LOG_BURST
+
+    async def junk(source: str) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        try:
+            await loop.sock_connect(sock, (HOST, world.port))
+            await loop.sock_sendall(sock, b"GET / HTTP/1.0\r\n\r\n" * 4)
+            await asyncio.wait_for(loop.sock_recv(sock, 100), WAIT)  # closed on us
+        finally:
+            sock.close()
+
+    for _ in range(flood):
+        await junk("127.0.0.2")
+    await until(lambda: world.refusals("protocol") == flood, "every refusal counted")
+    lines = [r for r in caplog.records if r.getMessage() == "connection refused"]
+    assert len(lines) == LOG_BURST
+    await junk("127.0.0.3")
+    await until(
+        lambda: any(
+            str(getattr(r, "peer", "")).startswith("127.0.0.3:")
+            for r in caplog.records
+            if r.getMessage() == "connection refused"
+        ),
+        "another address logged",
+    )
+
+
+def test_held_back_refusal_reports_are_bounded_by_site() -> None:
+    """A CA naming ever new sites in refused certificates cannot grow the gateway."""
+    router = Router(GatewayMetrics(), DeviceLedger(DeviceLimits(), lambda _: None))
+    reporter = RefusalReporter(router)
+    for i in range(MAX_SITES + 500):
+        identity = parse_spiffe_uri(f"spiffe://hospital.test/device/site{i}/ws")
+        for _ in range(REFUSAL_BURST + 2):
+            reporter.report("revoked", identity, "10.0.0.1:5", 0.0)
+    assert len(reporter.suppressed) <= MAX_SITES

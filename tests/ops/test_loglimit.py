@@ -28,3 +28,10 @@ def test_the_keys_it_remembers_are_bounded() -> None:
         limit.allow(f"k{i}", 0.0)  # held: counted
     assert len(limit._held) <= 10
     assert len(limit._limiter) <= 10
+
+
+def test_a_total_over_all_keys_limits_many_sources_together() -> None:
+    limit = LogLimiter(rate=0.1, burst=2, total=(1.0, 5))
+    allowed = [limit.allow(f"10.0.0.{i}", 0.0) for i in range(20)]
+    assert sum(a is not None for a in allowed) == 5  # each key had a token; the total, 5
+    assert limit.allow("10.0.0.19", 1.0) == 1  # a second later: its held line is counted
