@@ -27,11 +27,89 @@ def call(config_path: Path, command: str, body: dict[str, Any]) -> dict[str, Any
     return answer
 
 
+MAX_PREFETCH = 1000  # study UIDs one `relay prefetch` (and one control request) may name
+# What one control request carries at most (relay.ops.control.MAX_REQUEST is 64 KiB; 1000
+# UIDs of 64 characters, quoted, are 67 KB): a longer list goes as two requests.
+BATCH_BYTES = 60_000
+
+
+def bad_uid(value: str) -> str | None:
+    """Why `value` is not a study UID (None when it is): shown truncated and quoted, so a
+    long or odd argument stays one line."""
+    from relay.dicom.survey import _is_uid  # the UID pattern of the storage survey
+
+    if _is_uid(value):
+        return None
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return f"not a DICOM UID (digits in dot-separated parts, at most 64): {shown}"
+
+
 def prefetch(config_path: Path, studies: list[str]) -> int:
-    reply = call(config_path, "prefetch", {"studies": studies})
-    print(f"queued {reply['queued']} studies" + (f", {reply['refused']} refused (queue full)"
-                                                  if reply["refused"] else ""))  # fmt: skip
-    return 0 if not reply["refused"] else 1
+    """Queue `studies` in the running workstation's cache: 2 before asking it when an
+    argument is not a UID or there are over MAX_PREFETCH; 1 when it refused some (its
+    queue was full), which are named on stderr, so a script notices."""
+    for uid in studies:
+        problem = bad_uid(uid)
+        if problem is not None:
+            print(f"relay: prefetch: {problem}; nothing was queued", file=sys.stderr)
+            return 2
+    unique = list(dict.fromkeys(studies))
+    if len(unique) > MAX_PREFETCH:
+        print(f"relay: prefetch: {len(unique)} studies at once, at most {MAX_PREFETCH}; "
+              "nothing was queued (split the list)", file=sys.stderr)  # fmt: skip
+        return 2
+    total: dict[str, Any] = {"queued": 0, "already": 0, "refused": 0, "invalid": 0,
+                             "over_limit": 0, "queue_full": []}  # fmt: skip
+    sent = 0
+    for batch in _batches(unique):
+        try:
+            reply = call(config_path, "prefetch", {"studies": batch})
+        except ControlError as exc:
+            if not sent:
+                raise
+            raise ControlError(
+                f"{exc}; the first {sent} of {len(unique)} studies were sent "
+                f"({total['queued']} queued), the other {len(unique) - sent} were not"
+            ) from None
+        sent += len(batch)
+        for key in ("queued", "already", "refused", "invalid", "over_limit"):
+            total[key] += int(reply.get(key, 0))
+        total["queue_full"] += [str(u) for u in reply.get("queue_full", [])]
+    full: list[str] = total["queue_full"]
+    refused: int = total["refused"]
+    parts = [f"queued {total['queued']} {_studies(total['queued'])}"]
+    if total["already"]:
+        parts.append(f"{total['already']} already queued or cached")
+    if len(studies) > len(unique):
+        parts.append(f"{len(studies) - len(unique)} named twice")
+    if refused:
+        parts.append(f"{refused} refused")
+    print(", ".join(parts))
+    for uid in full:
+        print(f"refused (the workstation's prefetch queue is full): {uid}", file=sys.stderr)
+    if refused > len(full):
+        print(f"refused by the workstation, not named: {refused - len(full)} "
+              f"({total['invalid']} not a study UID, {total['over_limit']} over its limit "
+              f"of {MAX_PREFETCH} at once)", file=sys.stderr)  # fmt: skip
+    return 1 if refused else 0
+
+
+def _batches(studies: list[str]) -> list[list[str]]:
+    """`studies` in requests of at most BATCH_BYTES of JSON each."""
+    batches: list[list[str]] = [[]]
+    size = 0
+    for uid in studies:
+        entry = len(json.dumps(uid)) + 2
+        if batches[-1] and size + entry > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(uid)
+        size += entry
+    return batches
+
+
+def _studies(n: int) -> str:
+    return "study" if n == 1 else "studies"
 
 
 def status(config_path: Path, *, as_json: bool, names: bool) -> int:

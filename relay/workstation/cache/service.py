@@ -17,7 +17,9 @@ from typing import Any
 from relay.dicom.codec import DicomLimits, MessageCodec
 from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream
+from relay.dicom.survey import _is_uid
 from relay.ops.control import Handler
+from relay.workstation.cache.cli import MAX_PREFETCH
 from relay.workstation.cache.fetch import StudyFetcher
 from relay.workstation.cache.keys import KeyMode, forget_master_key, load_master_key
 from relay.workstation.cache.metrics import CacheMetrics
@@ -118,9 +120,52 @@ class WorkstationCache:
     # -- what `relay prefetch` and `relay cache` ask (control handlers) --------------
 
     async def cmd_prefetch(self, args: dict[str, Any]) -> dict[str, Any]:
-        uids = [str(u) for u in args.get("studies", [])][:1000]
-        queued = sum(self.prefetcher.add(u, "command") for u in uids)
-        return {"ok": True, "queued": queued, "refused": len(uids) - queued}
+        """Queue the named studies, each once; counted truthfully: `queued` (new in the
+        queue), `already` (queued, being fetched, or complete in the cache), `refused`
+        (not a UID, beyond MAX_PREFETCH distinct ones, or the queue full; those last named
+        in `queue_full`), `duplicates` (named again, not counted otherwise)."""
+        studies = args.get("studies", [])
+        if not isinstance(studies, list):
+            return {"ok": False, "error": "studies: not a list of study UIDs"}
+        unique: dict[str, None] = {}
+        invalid = duplicates = 0
+        for uid in studies:
+            if not _is_uid(uid):
+                invalid += 1
+            elif uid in unique:
+                duplicates += 1
+            else:
+                unique[uid] = None
+        chosen = list(unique)[:MAX_PREFETCH]
+        over_limit = len(unique) - len(chosen)
+        queued = already = 0
+        full: list[str] = []
+        p = self.prefetcher
+        for uid in chosen:
+            if uid in p.pending or uid == p.current:
+                already += 1
+                continue
+            study = self.store.study(uid)
+            cached = study is not None and study.complete
+            added = p.add(uid, "command")  # a cached one too: its touch, its priors
+            if cached:  # held whether or not that fitted the queue
+                already += 1
+            elif added:
+                queued += 1
+            else:
+                full.append(uid)
+        refused = invalid + over_limit + len(full)
+        if refused:
+            log.warning("relay prefetch: %d of %d studies refused (%d not a UID, %d over %d "
+                        "at once, %d with the queue full)", refused, len(studies), invalid,
+                        over_limit, MAX_PREFETCH, len(full))  # fmt: skip
+        log.info("relay prefetch: %d studies queued, %d already queued or cached", queued,
+                 already)  # fmt: skip
+        return {
+            "ok": True, "queued": queued, "already": already, "refused": refused,
+            "queue_full": full, "invalid": invalid, "over_limit": over_limit,
+            "duplicates": duplicates,
+        }  # fmt: skip
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         names = bool(args.get("names"))
