@@ -21,6 +21,16 @@ site's `pacs.max_operations`, which also bounds them for all devices together, s
 the PACS's own association limit is not met by the sum. A stream over a cap is reset at
 once with LIMIT_EXCEEDED and counted; its count is given back when its task ends,
 however it ends (see `Quota`, `stream_quotas`).
+
+The caps bound what a device holds, not how fast it churns: a device closing each stream
+as soon as it is open would make the agent open thousands of connections a second into
+the hospital's services (or queries at the PACS, each an audit event). So each device
+also has a token bucket for the streams we would serve (STREAM_OPEN_BURST at once, then
+STREAM_OPEN_RATE a second); over it a stream is reset with LIMIT_EXCEEDED and counted
+(`<kind>_rate`). Refused streams (unknown targets) cost nothing to speak of and spend no
+token. The per-stream INFO lines ("stream open", "stream closed") are limited per device
+too, by their own budget (STREAM_LOG_BURST, STREAM_LOG_RATE), so a churning device fills
+neither the log nor the refusal warnings' budget.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import CodecStats, CodecStream, offers_zstd
 from relay.net.tcpsplice import SpliceStats, abort_socket, splice, tune_socket
 from relay.ops.loglimit import LogLimiter
+from relay.ops.ratelimit import RateLimiter
 from relay.ops.tasks import drain_tasks
 from relay.proto import ErrorCode
 from relay.seal.transport import sealed_peer
@@ -52,6 +63,10 @@ __all__ = [
     "MAX_DEVICE_PACS_OPERATIONS",
     "MAX_DEVICE_TCP_STREAMS",
     "QUOTA_TCP",
+    "STREAM_LOG_BURST",
+    "STREAM_LOG_RATE",
+    "STREAM_OPEN_BURST",
+    "STREAM_OPEN_RATE",
     "TCP_TARGET_PREFIX",
     "DispatchStats",
     "Quota",
@@ -81,6 +96,26 @@ is read, a PACS association). A workstation's peak: its DICOM node's 8 associati
 (relay.workstation.dicomweb.retrieve.MAX_FLIGHTS) and their single-instance jumps, with
 prefetch and queries beside them. Never more than half of `pacs.max_operations`
 (`stream_quotas`), so one device cannot take every PACS slot of the site."""
+
+STREAM_OPEN_BURST: Final = MAX_DEVICE_TCP_STREAMS + 2 * MAX_DEVICE_PACS_OPERATIONS
+"""Streams one device may have admitted at once before its rate applies (320): both of its
+caps filled together (a browser opening the workstation's 256 forwarded connections at
+once while the viewer holds its 32 DICOM operations), and the DICOM ones turned over once
+more (the C-FINDs of a study being opened end in milliseconds and are followed by the
+next). An honest workstation cannot hold more than 288 at once, so a burst of those is
+never refused."""
+STREAM_OPEN_RATE: Final = 50.0
+"""Streams per second one device may open after the burst (3,000 a minute). A workstation
+opens streams as a person works: a C-FIND per query, a C-GET per series (at most 8 series
+and 16 single-instance jumps in flight, each lasting seconds), prefetch one study at a
+time, forwarded connections that a browser keeps alive. Bursts beyond that are what the
+bucket's depth is for. A device churning streams gets 50 connections or queries a
+second, where it had as many as the loop could open (2,500 a second in a test)."""
+STREAM_LOG_BURST: Final = 100
+"""Per-stream INFO lines ("stream open", "stream closed") one device may write at once."""
+STREAM_LOG_RATE: Final = 1.0
+"""...and per second after that; the next line let through says how many were held back
+(`suppressed`). The stream counters in the metrics count every stream."""
 
 TargetHandler = Callable[[Stream], Awaitable[object]]
 
@@ -158,9 +193,12 @@ class StreamDispatcher:
         max_connects: int = MAX_CONNECTS,
         connect_timeout: float = CONNECT_TIMEOUT,
         quotas: Mapping[str, Quota] | None = None,
+        open_burst: int = STREAM_OPEN_BURST,
+        open_rate: float = STREAM_OPEN_RATE,
     ) -> None:
         """`quotas`: by QUOTA_TCP or a handler's target name (default `stream_quotas()`);
-        a handler target without one is not counted."""
+        a handler target without one is not counted. `open_burst`, `open_rate`: each
+        device's bucket of streams to serve (every target we serve, quota or not)."""
         self.services = services
         self.handlers = dict(handlers or {})
         self.compression_level = compression_level
@@ -171,6 +209,12 @@ class StreamDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.log_limit = LogLimiter()  # refusals and failed connects, per device
+        # Keyed by the device's identity: enrolled devices, so the table's bound (the
+        # least recently seen forgotten first) is never met by one device alone.
+        self.open_limit = RateLimiter(open_rate, open_burst)
+        # The per-stream INFO lines, per device: a budget of their own, so that a device
+        # churning admitted streams does not silence the warnings about its refusals.
+        self.stream_log_limit = LogLimiter(STREAM_LOG_RATE, STREAM_LOG_BURST)
 
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """New caps for new streams (a reload); the streams in flight stay counted."""
@@ -218,7 +262,16 @@ class StreamDispatcher:
             self._spawn(self._serve_handler(handler, stream, context), stream, target, device)
 
     def _admit(self, stream: Stream, kind: str, device: str, context: dict[str, object]) -> bool:
-        """Count the stream under its quota, if `kind` has one; over it, refuse it now."""
+        """Spend one of the device's stream tokens, then count the stream under its quota,
+        if `kind` has one; over either, refuse it now."""
+        if not self.open_limit.allow(device, time.monotonic()):
+            self._refuse(
+                stream,
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{kind}_rate",
+                {**context, "limit": f"{self.open_limit.burst} at once, {self.open_limit.rate}/s"},
+            )
+            return False
         usage = self.usage.get(kind)
         if usage is None:
             return True
@@ -243,6 +296,12 @@ class StreamDispatcher:
         held = self.log_limit.allow(str(context.get("device", "")), time.monotonic())
         if held is not None:
             log.warning(message, extra={**context, "suppressed": held} if held else context)
+
+    def _info(self, message: str, context: dict[str, object]) -> None:
+        """A per-stream INFO line, limited per device by its own budget."""
+        held = self.stream_log_limit.allow(str(context.get("device", "")), time.monotonic())
+        if held is not None:
+            log.info(message, extra={**context, "suppressed": held} if held else context)
 
     def _spawn(self, coro: Awaitable[None], stream: Stream, kind: str, device: str) -> None:
         self.stats.streams[stream.headers.get(HEADER_TARGET, "")] += 1
@@ -287,7 +346,7 @@ class StreamDispatcher:
                 abort_socket(writer)
                 writer.close()
                 return
-        log.info("stream open", extra={**context, "service": service.name})
+        self._info("stream open", {**context, "service": service.name})
         stats = SpliceStats()
         try:
             result = await splice(app, reader, writer, stats=stats)
@@ -296,9 +355,9 @@ class StreamDispatcher:
             self.stats.tcp_bytes_out += stats.stream_to_tcp
             stream.release()
         self.stats.outcomes[result.value] += 1
-        log.info(
+        self._info(
             "stream closed",
-            extra={
+            {
                 **context,
                 "service": service.name,
                 "outcome": result.value,
@@ -311,7 +370,7 @@ class StreamDispatcher:
     async def _serve_handler(
         self, handler: TargetHandler, stream: Stream, context: dict[str, object]
     ) -> None:
-        log.info("stream open", extra=context)
+        self._info("stream open", context)
         try:
             await handler(stream)
         except asyncio.CancelledError:
@@ -330,7 +389,7 @@ class StreamDispatcher:
         if not stream.local_closed and stream.reset_code is None:
             stream.reset(ErrorCode.CANCEL)  # the handler left it open: do not leak it
         self.stats.outcomes["handled"] += 1
-        log.info("stream closed", extra=context)
+        self._info("stream closed", context)
 
     # -- shutdown
 

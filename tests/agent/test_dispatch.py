@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,14 @@ import pytest
 
 from relay import wire
 from relay.agent.config import AgentConfig, ServiceConfig
-from relay.agent.dispatch import TargetHandler
+from relay.agent.dispatch import (
+    MAX_DEVICE_PACS_OPERATIONS,
+    MAX_DEVICE_TCP_STREAMS,
+    STREAM_OPEN_BURST,
+    STREAM_OPEN_RATE,
+    StreamDispatcher,
+    TargetHandler,
+)
 from relay.agent.service import Agent, run_agent
 from relay.net import tls
 from relay.net.aio import Link, Stream
@@ -27,7 +35,8 @@ from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.compression import MARKER_RAW, MARKER_ZSTD, CodecStream
 from relay.net.dialer import dial
 from relay.ops.config import Address
-from relay.ops.loglimit import LOG_BURST
+from relay.ops.loglimit import LOG_BURST, LogLimiter
+from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.transport import sealed_peer
 from tests.ends_helpers import (
@@ -344,6 +353,120 @@ async def test_a_devices_refused_streams_cannot_flood_the_log(
                 if r.getMessage() == "stream refused"
             )
         )
+    finally:
+        other.close()
+        outer.close()
+
+
+WS1 = "spiffe://hospital.test/device/main/ws1"
+
+
+async def echoed(stream: Stream, payload: bytes = b"ping") -> bytes:
+    """Send `payload`, half-close, and read the whole answer."""
+    await stream.write(payload)
+    await stream.write_eof()
+    async with asyncio.timeout(WAIT):
+        return await read_all(stream)
+
+
+async def test_a_device_opening_streams_faster_than_its_rate_is_refused(world: World) -> None:
+    """The caps bound streams held, not churn: beyond its burst a device's streams are
+    reset with LIMIT_EXCEEDED, counted by kind, and reach no service; another device is
+    not refused for it, and a refused target is still FORBIDDEN, spending no token."""
+    dispatcher = world.agent.dispatcher
+    dispatcher.open_limit = RateLimiter(rate=0.001, burst=4)
+    assert await expect_reset(world.open({"target": "smtp"})) == ErrorCode.FORBIDDEN
+    for _ in range(3):
+        assert await echoed(world.open({"target": "tcp:echo"})) == b"ping"
+    assert await echoed(world.open({"target": "dicom"})) == b"dicom handler got ping"
+    assert world.echo.connections == 3
+    over = [world.open({"target": "tcp:echo"}) for _ in range(5)]
+    over.append(world.open({"target": "dicom"}))
+    for stream in over:
+        assert await expect_reset(stream) == ErrorCode.LIMIT_EXCEEDED
+    await wait_until(lambda: dispatcher.stats.refused["tcp_rate"] == 5)
+    assert dispatcher.stats.refused["dicom_rate"] == 1
+    assert world.echo.connections == 3 and len(world.seen) == 1
+
+    outer = await device_link(world.pki, world.gateway.port, "ws2")
+    other = await sealed(outer, world.pki, world.pki.device("ws2"))
+    try:
+        assert await echoed(other.open_stream({"target": "tcp:echo"})) == b"ping"
+        assert await echoed(other.open_stream({"target": "dicom"})) == b"dicom handler got ping"
+    finally:
+        other.close()
+        outer.close()
+    assert dispatcher.stats.refused["tcp_rate"] == 5
+
+
+async def test_a_devices_stream_budget_refills_at_its_rate(world: World) -> None:
+    world.agent.dispatcher.open_limit = RateLimiter(rate=2.0, burst=2)
+    first = [world.open({"target": "tcp:echo"}) for _ in range(3)]
+    assert await echoed(first[0]) == b"ping"
+    assert await echoed(first[1]) == b"ping"
+    assert await expect_reset(first[2]) == ErrorCode.LIMIT_EXCEEDED
+    await asyncio.sleep(0.6)  # one token back
+    assert await echoed(world.open({"target": "tcp:echo"})) == b"ping"
+
+
+async def test_the_default_stream_rate_admits_a_workstations_largest_burst(
+    world: World,
+) -> None:
+    """A workstation at its peak: 256 forwarded connections opened at once by a browser
+    (relay.workstation.forward.MAX_CONNECTIONS) while its viewer holds its 32 DICOM
+    operations, all on the same instant. None is refused."""
+    dispatcher = world.agent.dispatcher
+    assert (dispatcher.open_limit.burst, dispatcher.open_limit.rate) == (
+        STREAM_OPEN_BURST,
+        STREAM_OPEN_RATE,
+    )
+    assert STREAM_OPEN_BURST >= MAX_DEVICE_TCP_STREAMS + MAX_DEVICE_PACS_OPERATIONS
+    fresh = StreamDispatcher({}, open_burst=7, open_rate=3.0)
+    assert (fresh.open_limit.burst, fresh.open_limit.rate) == (7, 3.0)
+    streams = [world.open({"target": "tcp:echo"}) for _ in range(MAX_DEVICE_TCP_STREAMS)]
+    streams += [world.open({"target": "dicom"}) for _ in range(MAX_DEVICE_PACS_OPERATIONS)]
+    async with asyncio.timeout(WAIT * 4):
+        answers = await asyncio.gather(*(echoed(s, b"n%d" % i) for i, s in enumerate(streams)))
+    tcp = MAX_DEVICE_TCP_STREAMS
+    assert answers[:tcp] == [b"n%d" % i for i in range(tcp)]
+    assert answers[tcp:] == [b"dicom handler got n%d" % i for i in range(tcp, len(streams))]
+    assert not dispatcher.stats.refused
+
+
+async def test_a_devices_stream_lines_are_limited_by_their_own_budget(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device churning admitted streams writes a bounded number of INFO lines (the
+    rest held back and counted), and its refusal warnings still have their own budget;
+    another device's lines are still written."""
+    caplog.set_level(logging.INFO, logger="relay.agent.dispatch")
+    dispatcher = world.agent.dispatcher
+    dispatcher.stream_log_limit = LogLimiter(rate=0.001, burst=6)
+    for _ in range(5):
+        assert await echoed(world.open({"target": "tcp:echo"})) == b"ping"
+    assert await echoed(world.open({"target": "dicom"})) == b"dicom handler got ping"
+    await wait_until(lambda: dispatcher.stats.outcomes["handled"] == 1)
+
+    def lines(device: str) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if r.getMessage() in ("stream open", "stream closed")
+            and getattr(r, "device", "") == device
+        ]
+
+    await wait_until(lambda: dispatcher.stats.outcomes["closed"] == 5)
+    assert len(lines(WS1)) == 6  # of 12
+    assert dispatcher.stream_log_limit.allow(WS1, time.monotonic() + 3600) == 6
+    assert await expect_reset(world.open({"target": "smtp"})) == ErrorCode.FORBIDDEN
+    await wait_until(lambda: any(r.getMessage() == "stream refused" for r in caplog.records))
+
+    outer = await device_link(world.pki, world.gateway.port, "ws2")
+    other = await sealed(outer, world.pki, world.pki.device("ws2"))
+    try:
+        assert await echoed(other.open_stream({"target": "tcp:echo"})) == b"ping"
+        ws2 = WS1.replace("/ws1", "/ws2")
+        await wait_until(lambda: len(lines(ws2)) == 2)
     finally:
         other.close()
         outer.close()
