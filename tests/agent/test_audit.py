@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import pytest
 
 from relay.agent.audit import (
     AUDIT_FILE,
+    DEFAULT_KEEP,
+    DEFAULT_MAX_BYTES,
     MAX_LINE_BYTES,
     AuditEvent,
     AuditLog,
@@ -32,6 +35,7 @@ from relay.agent.audit import (
     read_audit_settings,
     read_events,
 )
+from relay.agent.audit.events import MAX_QUERY_BYTES, MAX_QUERY_DETAIL
 from relay.agent.syslog import (
     SyslogSender,
     client_context,
@@ -190,6 +194,63 @@ def test_field_sizes_are_bounded(audit: AuditLog) -> None:
     (line,) = read_events(audit.path)
     assert len(line["ActiveParticipant"]) == 8
     assert len(line["EventIdentification"]["EventOutcomeDescription"]) == 1024
+
+
+QUERY_KEYS = (
+    "QueryRetrieveLevel",
+    "PatientID",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+)
+
+
+def test_a_query_event_stays_small_whatever_the_device_sends(audit: AuditLog) -> None:
+    """A device's C-FINDs must not rotate the other devices' records away: the event keeps
+    the first MAX_QUERY_BYTES of the identifier and the SHA-256 and length of the whole,
+    and details of at most MAX_QUERY_DETAIL characters. Before: ~17 KB an event."""
+    identifier = os.urandom(100_000)
+    details: dict[str, object] = {k: "9" * 5000 for k in QUERY_KEYS}
+    audit.query(
+        now=T0,
+        device=DEVICE,
+        sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1",
+        outcome=Outcome.SUCCESS,
+        query=identifier,
+        details={**details, "Matches": 12, "Status": "0x0000"},
+    )
+    raw = audit.path.read_bytes()
+    assert len(raw) <= 4 * 1024
+    (event,) = read_events(audit.path)
+    (obj,) = event["ParticipantObjectIdentification"]
+    assert base64.b64decode(obj["ParticipantObjectQuery"]) == identifier[:MAX_QUERY_BYTES]
+    assert MAX_QUERY_BYTES == 512
+    got = {d["type"]: d["value"] for d in obj["ParticipantObjectDetail"]}
+    assert got["QuerySHA256"] == hashlib.sha256(identifier).hexdigest()
+    assert got["QueryLength"] == "100000"
+    assert list(got)[:2] == ["QuerySHA256", "QueryLength"]
+    assert all(len(got[k]) == MAX_QUERY_DETAIL for k in QUERY_KEYS)
+    assert (got["Matches"], got["Status"]) == ("12", "0x0000")
+    # The default trail holds 30,000 of one device's largest queries (before: ~18 KB each,
+    # 6,500 of them; ~9,500 of smaller ones); the stream rate (relay.agent.dispatch) bounds how
+    # fast they come.
+    assert DEFAULT_MAX_BYTES * (DEFAULT_KEEP + 1) // len(raw) > 30_000
+
+
+def test_a_short_query_is_stored_whole_with_its_hash(audit: AuditLog) -> None:
+    identifier = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "
+    audit.query(
+        now=T0, device=DEVICE, sop_class_uid="1.2", outcome=Outcome.SUCCESS, query=identifier
+    )
+    (event,) = read_events(audit.path)
+    (obj,) = event["ParticipantObjectIdentification"]
+    assert base64.b64decode(obj["ParticipantObjectQuery"]) == identifier
+    got = {d["type"]: d["value"] for d in obj["ParticipantObjectDetail"]}
+    assert got == {
+        "QuerySHA256": hashlib.sha256(identifier).hexdigest(),
+        "QueryLength": str(len(identifier)),
+    }
 
 
 def test_naive_time_is_refused(audit: AuditLog) -> None:

@@ -24,6 +24,11 @@ Events and codes (PS3.15 A.5.3, CID 403 for the Security Alert type codes):
 
 Patient identifiers may appear in events (transfers name the patient): they stay inside
 the hospital.
+
+A query's identifier is stored as its first MAX_QUERY_BYTES (ParticipantObjectQuery,
+base64) with the SHA-256 and length of the whole (details `QuerySHA256`, `QueryLength`),
+its other details at most MAX_QUERY_DETAIL characters each: a device runs C-FINDs as
+often as its stream rate allows, and their events must not rotate the others' away.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import enum
+import hashlib
 import ipaddress
 import json
 from collections.abc import Mapping, Sequence
@@ -43,7 +49,17 @@ MAX_TEXT: Final = 1024  # characters of any one string field
 MAX_PARTICIPANTS: Final = 8
 MAX_OBJECTS: Final = 16
 MAX_DETAILS: Final = 16
-MAX_QUERY_BYTES: Final = 8 * 1024  # of a query dataset, before base64
+MAX_QUERY_BYTES: Final = 512
+"""Of a query's identifier stored (before base64), with the SHA-256 and length of the whole
+(ParticipantObjectDetail `QuerySHA256`, `QueryLength`). Enough to see what was searched
+(a viewer's identifier is mostly a few hundred bytes; the level, patient and UIDs are
+details of their own), and the hash says whether a full identifier found elsewhere (the
+device, a capture, the PACS's log) is the one that was sent. Storing 8 KiB made each
+C-FIND event 11 KB: one device's queries rotated every other device's records out of
+the trail after ~9,500 of them."""
+MAX_QUERY_DETAIL: Final = 256
+"""Characters of each detail of a query event (a UID or patient ID is at most 64; a list
+match is in the identifier, which the hash covers), so that the event stays small."""
 
 
 class Code(NamedTuple):
@@ -156,14 +172,22 @@ class ParticipantObject:
             out["ParticipantObjectTypeCodeRole"] = self.role
         if self.name:
             out["ParticipantObjectName"] = _text(self.name)
-        if with_bulk and self.query is not None:
-            out["ParticipantObjectQuery"] = base64.b64encode(self.query[:MAX_QUERY_BYTES]).decode(
-                "ascii"
-            )
-        if with_bulk and self.details:
+        details = dict(self.details)
+        if self.query is not None:
+            if with_bulk:
+                out["ParticipantObjectQuery"] = base64.b64encode(
+                    self.query[:MAX_QUERY_BYTES]
+                ).decode("ascii")
+            # First, so that MAX_DETAILS never drops them.
+            details = {
+                "QuerySHA256": hashlib.sha256(self.query).hexdigest(),
+                "QueryLength": len(self.query),
+                **{k: v for k, v in details.items() if k not in ("QuerySHA256", "QueryLength")},
+            }
+        if with_bulk and details:
             out["ParticipantObjectDetail"] = [
                 {"type": _text(k), "value": _text(v)}
-                for k, v in list(self.details.items())[:MAX_DETAILS]
+                for k, v in list(details.items())[:MAX_DETAILS]
             ]
         return out
 

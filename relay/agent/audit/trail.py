@@ -36,6 +36,7 @@ from relay.agent.audit.events import (
     ID_SOP_CLASS_UID,
     ID_STUDY_UID,
     MAX_LINE_BYTES,
+    MAX_QUERY_DETAIL,
     OBJ_PERSON,
     ROLE_APPLICATION,
     ROLE_DESTINATION,
@@ -57,6 +58,15 @@ from relay.agent.audit.events import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _short(value: object) -> object:
+    """A query detail cut to MAX_QUERY_DETAIL characters (numbers kept as they are)."""
+    if isinstance(value, int | float):
+        return value
+    text = str(value)
+    return text if len(text) <= MAX_QUERY_DETAIL else text[: MAX_QUERY_DETAIL - 1] + "…"
+
 
 AUDIT_FILE: Final = "audit.jsonl"
 DEFAULT_MAX_BYTES: Final = 10 * 1024 * 1024
@@ -405,8 +415,11 @@ class AuditLog:
     ) -> AuditEvent:
         """A C-FIND by `device` (the agent performs it at the PACS).
 
-        `query` is the encoded identifier dataset (stored base64, as PS3.15 asks);
-        `details` e.g. {"QueryRetrieveLevel": "STUDY", "Matches": 12}.
+        `query` is the encoded identifier dataset (its first MAX_QUERY_BYTES stored
+        base64, as PS3.15 asks, with the SHA-256 and length of the whole); `details` e.g.
+        {"QueryRetrieveLevel": "STUDY", "Matches": 12}, each at most MAX_QUERY_DETAIL
+        characters: a device's queries are many and small events keep the trail's
+        rotation from dropping other devices' records.
         """
         return self._record(
             "query",
@@ -423,7 +436,7 @@ class AuditLog:
                     ID_SOP_CLASS_UID,
                     role=ROLE_REPORT,
                     query=query,
-                    details=dict(details or {}),
+                    details={k: _short(v) for k, v in (details or {}).items()},
                 ),
             ),
         )
