@@ -99,6 +99,7 @@ refused with LIMIT_EXCEEDED. Keep it below the PACS's association limit for our 
 AE title, less the spare association and, with `retrieve: move`, the PACS's own
 associations to our storage SCP. One device gets at most half (relay.agent.dispatch)."""
 MAX_PACS_OPERATIONS = 1024  # a thread each: far above what a PACS accepts from one AE
+MAX_STREAM_BUCKET = 1_000_000  # per_device.stream_burst and stream_rate: any real need
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class AgentConfig:
     metrics_listen: Address | None
     pacs: PacsTarget | None
     max_pacs_operations: int = DEFAULT_PACS_OPERATIONS  # YAML `pacs.max_operations`
+    # YAML `per_device.stream_burst` / `per_device.stream_rate` (streams a second): each
+    # device's bucket of streams served; None: relay.agent.dispatch's defaults (320, 50)
+    stream_burst: int | None = None
+    stream_rate: int | None = None
     services: Mapping[str, ServiceConfig] = field(default_factory=lambda: MappingProxyType({}))
     limits: LinkSettings = field(default_factory=lambda: AGENT_LINK_SETTINGS)
     reconnect: Backoff = field(default_factory=Backoff)
@@ -219,6 +224,13 @@ def read_agent_config(r: Reader) -> AgentConfig:
         )
     directory = read_directory_settings(r)
     pacs, max_pacs_operations = _read_pacs(r)
+    per_device = r.optional_section("per_device")
+    stream_burst = stream_rate = None
+    if per_device is not None:
+        if "stream_burst" in per_device.present_keys():
+            stream_burst = per_device.integer("stream_burst", lo=1, hi=MAX_STREAM_BUCKET)
+        if "stream_rate" in per_device.present_keys():
+            stream_rate = per_device.integer("stream_rate", lo=1, hi=MAX_STREAM_BUCKET)
     return AgentConfig(
         path=Path(os.path.abspath(r.file)),
         site=site,
@@ -229,6 +241,8 @@ def read_agent_config(r: Reader) -> AgentConfig:
         metrics_listen=r.optional_address("metrics_listen", listen=True),
         pacs=pacs,
         max_pacs_operations=max_pacs_operations,
+        stream_burst=stream_burst,
+        stream_rate=stream_rate,
         services=_read_services(r),
         limits=read_limits(r, AGENT_LINK_SETTINGS),
         reconnect=read_backoff(r),

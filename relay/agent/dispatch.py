@@ -216,6 +216,12 @@ class StreamDispatcher:
         # churning admitted streams does not silence the warnings about its refusals.
         self.stream_log_limit = LogLimiter(STREAM_LOG_RATE, STREAM_LOG_BURST)
 
+    def set_open_limit(self, burst: int | None, rate: float | None) -> None:
+        """Each device's bucket of streams (`per_device.stream_burst`, `stream_rate`; None:
+        STREAM_OPEN_BURST, STREAM_OPEN_RATE), from now on; the buckets keep their tokens."""
+        self.open_limit.burst = burst if burst is not None else STREAM_OPEN_BURST
+        self.open_limit.rate = float(rate) if rate is not None else STREAM_OPEN_RATE
+
     def set_quotas(self, quotas: Mapping[str, Quota]) -> None:
         """New caps for new streams (a reload); the streams in flight stay counted."""
         for kind, quota in quotas.items():

@@ -102,6 +102,7 @@ class Agent:
             compression_level=config.compression_level,
             quotas=stream_quotas(config.max_pacs_operations),
         )
+        self.dispatcher.set_open_limit(config.stream_burst, config.stream_rate)
         self.sessions = session_server(config, authority, self.dispatcher.on_stream)
         self.gateways = GatewayLinks(
             config.gateways,
@@ -211,6 +212,7 @@ class Agent:
         self.dispatcher.services = new.services  # new streams; those open go on
         self.dispatcher.compression_level = new.compression_level
         self.dispatcher.set_quotas(stream_quotas(new.max_pacs_operations))
+        self.dispatcher.set_open_limit(new.stream_burst, new.stream_rate)
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
         self.reloads.record(True)

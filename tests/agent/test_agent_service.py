@@ -277,3 +277,32 @@ async def test_a_reload_says_when_the_next_start_would_refuse_a_restart_only_set
         assert any("the next start will fail" in r.getMessage() for r in caplog.records)
         config.write_text(text % (pki.directory / "ca.key"))  # fixed: no error any more
         assert agent.reload() and agent.next_start_error is None
+
+
+async def test_per_device_stream_buckets_are_configured_and_reloaded(
+    pki: SitePki, tmp_path: Path
+) -> None:
+    """`per_device.stream_burst` / `stream_rate` set each device's bucket of streams (a
+    fleet test with one certificate for many links raises them); a reload applies them."""
+    from relay.agent.config import load_agent_config
+    from relay.agent.dispatch import STREAM_OPEN_BURST, STREAM_OPEN_RATE
+    from relay.ops.config import ConfigError
+
+    config = tmp_path / "agent.yaml"
+    text = (
+        "site: main\n"
+        f"gateways: ['{HOST}:1']\n"
+        f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+    )
+    config.write_text(text)
+    async with agent_running(load_agent_config(config)) as (agent, _, _):
+        limit = agent.dispatcher.open_limit
+        assert (limit.burst, limit.rate) == (STREAM_OPEN_BURST, STREAM_OPEN_RATE)
+        config.write_text(text + "per_device: {stream_burst: 5000, stream_rate: 2000}\n")
+        assert agent.reload()
+        assert (limit.burst, limit.rate) == (5000, 2000.0)
+    for bad in ("{stream_rate: 0}", "{stream_burst: lots}", "{streams: 3}"):
+        config.write_text(text + f"per_device: {bad}\n")
+        with pytest.raises(ConfigError, match=r"per_device\."):
+            load_agent_config(config)

@@ -146,6 +146,9 @@ def start_hospital(
         f"compression_level: {knobs.compression_level}\n"
         "reconnect: {initial: 0.1s, max: 1s}\n"
         "drain_grace: 1s\n"
+        # The load benchmark's links all present the one bench device certificate: lift
+        # the per-device stream bucket a real fleet (a certificate per device) has.
+        "per_device: {stream_burst: 1000000, stream_rate: 1000000}\n"
         "log_level: warning\n" + _limits_line(knobs)
     )
     agent = group.process("agent", [str(VENV_BIN / "relay"), "agent", "--config", str(config)],
