@@ -207,8 +207,10 @@ class Workstation:
         except Exception:
             log.exception("the cache wipe on revocation failed")
         finally:
-            self._record_revoked()
-            self.revoked.set()  # whatever the wipe met
+            try:
+                self._record_revoked()
+            finally:
+                self.revoked.set()  # whatever the wipe and the record met
 
     def _record_revoked(self) -> None:
         """The marker that stops the next start (relay.workstation.revocation)."""

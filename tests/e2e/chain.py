@@ -146,10 +146,11 @@ class Chain:
         ):  # fmt: skip
             done = relay_cli(*args)
             assert done.returncode == 0, done.stderr
-        # The gateway trusts both site CAs; wsb checks the gateway against main's CA.
+        # The gateway trusts both site CAs; wsb checks the gateway against main's CA (and
+        # keeps its own issuer's, which its start-up check of its certificate wants).
         main_ca, b_ca = (pki / "ca.crt").read_bytes(), (self.tmp / "pki-b" / "ca.crt").read_bytes()
         (self.tmp / "bundle.crt").write_bytes(main_ca + b_ca)
-        (self.tmp / "wsb" / "ca.crt").write_bytes(main_ca)
+        (self.tmp / "wsb" / "ca.crt").write_bytes(main_ca + b_ca)
         limits = "limits: {keepalive_interval: 1s, keepalive_timeout: 3s}\n"
         (self.tmp / "gateway.yaml").write_text(
             f"listen: {HOST}:{self.gateway_port}\n"  # reserved

@@ -162,13 +162,18 @@ async def test_the_revoked_event_is_set_whatever_the_wipe_meets(
     async def broken() -> int:
         raise RuntimeError("a bug")
 
+    recorded: list[bool] = []
     owner = SimpleNamespace(
-        cache=SimpleNamespace(wipe_revoked=broken), revoked=asyncio.Event(), _revoking=None
+        cache=SimpleNamespace(wipe_revoked=broken),
+        revoked=asyncio.Event(),
+        _revoking=None,
+        _record_revoked=lambda: recorded.append(True),
     )
     owner._wipe_then_stop = lambda: Workstation._wipe_then_stop(cast(Workstation, owner))
     Workstation._revoked(cast(Workstation, owner), "revoked by the hospital")
     await asyncio.wait_for(owner.revoked.wait(), 10.0)
     assert "the cache wipe on revocation failed" in caplog.text
+    assert recorded == [True]  # the revocation is recorded whatever the wipe met
 
 
 async def test_the_revocation_wipe_runs_off_the_event_loop(
