@@ -171,10 +171,12 @@ class GatewayServer:
     def _refused(self, reason: str, peer: str | None, identity: Identity | None = None) -> None:
         self.metrics.refusals.labels(reason).inc()
         # Anyone can open connections that fail: the line is limited per source address
-        # and overall (relay.ops.loglimit); relay_refusals_total counts every one.
+        # (per identity once a certificate named one: those are scarce) and overall
+        # (relay.ops.loglimit); relay_refusals_total counts every one.
         source = peer.rsplit(":", 1)[0] if peer else "early"
+        key = identity.uri if identity is not None else source
         now = asyncio.get_running_loop().time()
-        held = self.refusal_lines.allow(source, now)
+        held = self.refusal_lines.allow(key, now)
         if held is not None:
             extra: dict[str, object] = {"reason": reason, "peer": peer or ""}
             extra["identity"] = str(identity or "")

@@ -303,7 +303,11 @@ def issue(ca_dir: Path, identity: Identity, out: Path, ca_for_gateway: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     pki.write_key(out / "device.key", key)
     pki.write_cert(out / "device.crt", cert)
-    (out / "ca.crt").write_bytes(ca_for_gateway.read_bytes())
+    # the gateway's CA, and the issuer's (the workstation checks its own certificate
+    # against ca.crt at start-up, as enrollment installs it)
+    issuer = (ca_dir / "ca.crt").read_bytes()
+    gateway_ca = ca_for_gateway.read_bytes()
+    (out / "ca.crt").write_bytes(gateway_ca + (b"" if issuer == gateway_ca else issuer))
     return out
 
 
