@@ -111,7 +111,7 @@ def test_reload_counter_exports_both_results() -> None:
 # relay.workstation.service.Workstation.reload); every other key must be restart-only.
 AGENT_APPLIED = {"path", "gateways", "tls", "limits", "reconnect", "resolve_interval",
                  "compression_level", "drain_grace", "log_level", "services",
-                 "max_pacs_operations"}  # fmt: skip
+                 "max_pacs_operations", "stream_burst", "stream_rate"}  # fmt: skip
 WORKSTATION_APPLIED = {"path", "limits", "reconnect", "drain_grace", "log_level"}
 
 
