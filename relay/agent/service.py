@@ -56,6 +56,7 @@ from relay.ops.reloading import (
     check_certificate_at_start,
     check_own_certificate,
     keep_restart_only,
+    log_restart_needed,
     set_log_level,
 )
 from relay.ops.runtime import run_loop
@@ -216,17 +217,7 @@ class Agent:
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
         self.reloads.record(True)
-        if self.next_start_error is not None:
-            log.error(
-                "reloaded; these settings need a restart, and the next start will fail: "
-                + self.next_start_error,
-                extra={"keys": ",".join(restart)},
-            )
-        elif restart:
-            log.warning(
-                "reloaded; these settings need a restart and keep their running values",
-                extra={"keys": ",".join(restart)},
-            )
+        log_restart_needed(log, restart, self.next_start_error)
         log.info(
             "reloaded configuration and certificates",
             extra={"links": len(self.gateways.links), "services": len(new.services)},

@@ -13,6 +13,7 @@ changed so the caller can log that they need a restart. Results are counted in
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "check_certificate_at_start",
     "check_own_certificate",
     "keep_restart_only",
+    "log_restart_needed",
     "set_log_level",
 ]
 
@@ -154,6 +156,25 @@ def keep_restart_only(running: T, new: T, keys: Sequence[str]) -> tuple[T, list[
         return new, []
     kept = dataclasses.replace(new, **{key: getattr(running, key) for key in changed})
     return kept, changed
+
+
+def log_restart_needed(
+    log: logging.Logger, restart: Sequence[str], next_start_error: str | None
+) -> None:
+    """Say, after a reload, which changed settings wait for a restart, and as an error when
+    the next start would refuse them: a reload that looks fine must not hide a broken
+    start. `log` is the role's logger, so the line names the role that reloaded."""
+    keys = {"keys": ",".join(restart)}
+    if next_start_error is not None:
+        log.error(
+            "reloaded; these settings need a restart, and the next start will fail: "
+            + next_start_error,
+            extra=keys,
+        )
+    elif restart:
+        log.warning(
+            "reloaded; these settings need a restart and keep their running values", extra=keys
+        )
 
 
 def set_log_level(level: str) -> None:

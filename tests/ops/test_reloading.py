@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from relay.ops.reloading import (
     ReloadError,
     check_own_certificate,
     keep_restart_only,
+    log_restart_needed,
 )
 from relay.trust.identity import Identity
 from relay.workstation import service as ws_service
@@ -93,6 +95,22 @@ def test_keep_restart_only_keeps_running_values_and_names_them() -> None:
     kept, changed = keep_restart_only(running, _Config(9, 5.0, "debug"), ["listen", "level"])
     assert kept == _Config(1, 5.0, "info")
     assert changed == ["listen", "level"]
+
+
+def test_a_restart_is_asked_for_as_a_warning_and_a_failing_next_start_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    role = logging.getLogger("relay.test.role")
+    with caplog.at_level(logging.INFO, logger="relay.test.role"):
+        log_restart_needed(role, [], None)
+        log_restart_needed(role, ["listen", "state_dir"], None)
+        log_restart_needed(role, ["identity_dir"], "identity_dir: no such directory")
+    warned, error = caplog.records  # nothing for a reload that needs no restart
+    assert (warned.levelno, warned.name, warned.__dict__["keys"]) == (
+        logging.WARNING, "relay.test.role", "listen,state_dir"
+    )  # fmt: skip
+    assert error.levelno == logging.ERROR and error.__dict__["keys"] == "identity_dir"
+    assert error.getMessage().endswith("the next start will fail: identity_dir: no such directory")
 
 
 def test_reload_counter_exports_both_results() -> None:
