@@ -183,7 +183,7 @@ def _read_services(r: Reader) -> Mapping[str, ServiceConfig]:
     services: dict[str, ServiceConfig] = {}
     for name in s.present_keys():
         try:
-            check_name(name, "a service name")
+            check_name(name, "service name")
         except ValueError as exc:
             raise s.error(name, str(exc)) from None
         if name in RESERVED_SERVICE_NAMES:
@@ -206,7 +206,7 @@ def load_agent_config(path: str | os.PathLike[str]) -> AgentConfig:
 
 def read_agent_config(r: Reader) -> AgentConfig:
     """The agent's schema, applied to a parsed config file."""
-    site = r.text("site", check=lambda v: check_name(v, "a site name"))
+    site = r.text("site", check=lambda v: check_name(v, "site name"))
     gateways = r.addresses("gateways", min_len=1)
     tls = read_tls(r)
     pki_section = r.optional_section("pki")

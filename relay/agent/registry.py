@@ -187,7 +187,7 @@ def _dt(value: float | None) -> datetime | None:
 
 def _check_device(name: str) -> str:
     try:
-        return check_name(name, "a device name")
+        return check_name(name, "device name")
     except ValueError as exc:
         raise RegistryError(str(exc)) from None
 
@@ -212,7 +212,7 @@ class DeviceRegistry:
 
     def __init__(self, path: Path, *, site: str, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = Path(path)
-        self.site = check_name(site, "a site name")
+        self.site = check_name(site, "site name")
         self._lock = threading.Lock()
         self._touched: dict[str, float] = {}
         try:

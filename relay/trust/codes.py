@@ -145,8 +145,8 @@ class EnrollmentCode:
         if not _FINGERPRINT_RE.fullmatch(self.ca_fingerprint):
             raise CodeError("the CA fingerprint must be 64 lowercase hex digits")
         try:
-            check_name(self.site, "a site name")
-            check_name(self.device, "a device name")
+            check_name(self.site, "site name")
+            check_name(self.device, "device name")
         except ValueError as exc:
             raise CodeError(str(exc)) from None
         check_token_id(self.token_id)

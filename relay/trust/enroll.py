@@ -272,7 +272,7 @@ async def enroll(
         raise EnrollError(str(exc)) from None
     name = parsed.device if device is None else device
     try:
-        check_name(name, "a device name")
+        check_name(name, "device name")
     except ValueError as exc:
         raise EnrollError(str(exc)) from None
     out_dir = Path(out_dir)

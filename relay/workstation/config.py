@@ -225,7 +225,7 @@ def _read_forward(r: Reader) -> Mapping[Address, str]:
         _check_loopback(s, text, address)
         if address in forward:
             raise s.error(text, f"{address} is forwarded twice")
-        service = s.text(text, check=lambda v: check_name(v, "a service name"))
+        service = s.text(text, check=lambda v: check_name(v, "service name"))
         if service in RESERVED_SERVICE_NAMES:
             raise s.error(text, f"{service!r} is not a TCP service; use the dicom: section")
         forward[address] = service

@@ -533,10 +533,14 @@ AGENT_ERRORS = [
     (_set("drain_grace", "2h"), "drain_grace", "expected a duration 0s to 1h"),
     (_set("resolve_interval", "0.5s"), "resolve_interval", "1s to 1d"),
     (_set("compression_level", 20), "compression_level", "expected an integer 1-19"),
-    (_set("site", "main site"), "site", "site name"),
+    (_set("site", "main site"), "site", "invalid site name 'main site'"),
     (_set("site", False), "site", "quote it"),
     (_set("services", "dicom", "127.0.0.1:1"), "services.dicom", "reserved"),
-    (_set("services", "bad name", "127.0.0.1:1"), 'services["bad name"]', "service name"),
+    (
+        _set("services", "bad name", "127.0.0.1:1"),
+        'services["bad name"]',
+        "invalid service name 'bad name'",
+    ),
     (_set("services", "ris-web", "127.0.0.1"), "services.ris-web", "no port"),
     (
         _set("services", "reports", "compress", "yes please"),
@@ -751,7 +755,7 @@ WORKSTATION_ERRORS = [
     (
         _set("forward", {"127.0.0.1:18080": "bad name"}),
         'forward["127.0.0.1:18080"]',
-        "service name",
+        "invalid service name 'bad name'",
     ),
     (
         _set("forward", {"127.0.0.1:18080": "dicom"}),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 from relay.trust.identity import (
     Identity,
     IdentityError,
+    check_name,
     identity_from_certificate,
     identity_from_der,
     parse_spiffe_uri,
@@ -238,3 +242,40 @@ def test_certificate_with_malformed_uri_is_refused() -> None:
 def test_garbage_der_is_refused() -> None:
     with pytest.raises(IdentityError, match="unreadable certificate"):
         identity_from_der(b"\x30\x03\x02\x01\x00")
+
+
+# --- the callers' wording -----------------------------------------------------------------
+
+
+def _check_name_nouns() -> list[tuple[str, int, str]]:
+    """Every literal `what` given to check_name in the product: (file, line, text)."""
+    root = Path(__file__).resolve().parents[2]
+    found: list[tuple[str, int, str]] = []
+    for package in ("relay", "gateway"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id == "check_name"
+                    and len(node.args) == 2
+                    and isinstance(node.args[1], ast.Constant)
+                    and isinstance(node.args[1].value, str)
+                ):
+                    found.append((str(path.relative_to(root)), node.lineno, node.args[1].value))
+    return found
+
+
+def test_check_name_callers_give_a_bare_noun() -> None:
+    """check_name writes "invalid {what} ...": an article in `what` reads "invalid a site
+    name"."""
+    nouns = _check_name_nouns()
+    assert len(nouns) >= 8  # the scan finds the callers
+    wrong = [n for n in nouns if re.match(r"(a|an|the) ", n[2])]
+    assert not wrong
+
+
+def test_check_name_message() -> None:
+    with pytest.raises(IdentityError) as info:
+        check_name("main site", "site name")
+    assert str(info.value).startswith("invalid site name 'main site': expected 1-64 characters")

@@ -558,7 +558,7 @@ async def _code_create(request: web.Request) -> web.StreamResponse:
         return _html(page, 400)
 
     try:
-        check_name(device, "a device name")
+        check_name(device, "device name")
         if it.directory:
             check_username(holder)
     except ValueError as exc:
