@@ -387,6 +387,15 @@ class Workstation:
         log.info("workstation stopped")
 
 
+def cache_dir_problem(directory: Path, exc: OSError) -> str:
+    """Why `cache.dir` cannot be used: the directory as configured (what the user wrote
+    and can fix) and, when it differs, the file inside it that failed."""
+    text = f"cannot use {directory}: {exc.strerror or type(exc).__name__}"
+    if exc.filename is not None and Path(exc.filename) != directory:
+        text += f" ({exc.filename})"
+    return text
+
+
 @contextlib.asynccontextmanager
 async def workstation_cache(
     workstation: Workstation, endpoint: ControlServer | None = None
@@ -409,8 +418,10 @@ async def workstation_cache(
             offer=workstation.codec_offer,
         )  # fmt: skip
         await cache.start()
-    except (KeyUnavailable, OSError) as exc:
-        raise ConfigError(config.path, "cache", str(exc)) from None
+    except KeyUnavailable as exc:
+        raise ConfigError(config.path, "cache.key", str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(config.path, "cache.dir", cache_dir_problem(settings.dir, exc)) from None
     commands = cache.handlers()
     if endpoint is not None:
         endpoint.handlers.update(commands)

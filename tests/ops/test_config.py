@@ -777,6 +777,13 @@ WORKSTATION_ERRORS = [
     (_set("reconnect", "maximum", "1s"), "reconnect.maximum", "did you mean 'max'"),
     (_set("drain_grace", "soon"), "drain_grace", "expected a duration"),
     (_set("log_level", "INFO"), "log_level", "expected one of"),
+    (_set("cache", "dir", 5), "cache.dir", "expected a path"),
+    (_set("cache", "max_size", "512KiB"), "cache.max_size", "at least 1MiB"),
+    (_set("cache", "max_age", "0s"), "cache.max_age", "expected a duration"),
+    (_set("cache", "key", "file"), "cache.key", "expected one of memory, keyring"),
+    (_set("cache", "enabled", "yes"), "cache.enabled", "expected true or false"),
+    (_set("cache", "serve_buffer", "lots"), "cache.serve_buffer", "expected a size"),
+    (_set("cache", "max_sise", "1GiB"), "cache.max_sise", "did you mean 'max_size'"),
 ]
 
 

@@ -21,7 +21,8 @@ KEYRING_SERVICE: Final = "dmz-relay-cache"
 
 
 class KeyUnavailable(Exception):
-    """The configured key store cannot give or keep a key; one line."""
+    """The configured key store cannot give or keep a key; one line, without the key's
+    name (start-up reports it as the config file's `cache.key`)."""
 
 
 def load_master_key(
@@ -37,7 +38,7 @@ def load_master_key(
         import keyring
         import keyring.errors
     except ImportError as exc:  # pragma: no cover - a dependency
-        raise KeyUnavailable(f"cache.key: keyring needs the keyring package ({exc})") from None
+        raise KeyUnavailable(f"keyring needs the keyring package ({exc})") from None
     try:
         stored = keyring.get_password(KEYRING_SERVICE, account)
         if not stored and legacy_account is not None and legacy_account != account:
@@ -55,7 +56,7 @@ def load_master_key(
         keyring.set_password(KEYRING_SERVICE, account, base64.b64encode(key).decode())
         return key, True
     except (keyring.errors.KeyringError, ValueError) as exc:
-        raise KeyUnavailable(f"cache.key: keyring: {type(exc).__name__}: {exc}") from None
+        raise KeyUnavailable(f"keyring: {type(exc).__name__}: {exc}") from None
 
 
 def forget_master_key(mode: KeyMode, account: str) -> None:
