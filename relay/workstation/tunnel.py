@@ -5,8 +5,9 @@ still backing off) refuses a new stream with NO_ROUTE. Opening a stream costs no
 trip, so that verdict arrives after `open_stream()` has returned and the caller may
 already have written its request. The stream returned is therefore a `RoutedStream`:
 until the first byte (or EOF) comes back from the agent, it keeps a copy of what was
-written (at most `replay_limit` bytes); on NO_ROUTE or REFUSED_STREAM (our OPEN crossed
-the gateway's goaway) it opens a new stream after a jittered pause and replays that copy,
+written (at most `replay_limit` bytes, each write counted with `REPLAY_CHUNK_COST` more,
+and only until the open deadline); on NO_ROUTE or REFUSED_STREAM (our OPEN crossed the
+gateway's goaway) it opens a new stream after a jittered pause and replays that copy,
 until the open deadline. Neither code can come once the agent has answered, and neither
 means the agent saw anything, so the replay never duplicates work. Other resets, and
 these ones after the deadline or beyond the replay limit, reach the caller unchanged.
@@ -27,6 +28,7 @@ from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 
 __all__ = [
     "DEFAULT_OPEN_TIMEOUT",
+    "REPLAY_CHUNK_COST",
     "REPLAY_LIMIT",
     "RETRY_CODES",
     "RoutedStream",
@@ -36,7 +38,14 @@ __all__ = [
 ]
 
 DEFAULT_OPEN_TIMEOUT: Final = 15.0
+#: Bytes of one stream kept for a replay until the agent answers: a DICOM request, or a
+#: forwarded program's first exchange, fits; a larger upload is not replayed (its NO_ROUTE
+#: reaches the caller). A peer that never answers holds this much per stream, and only
+#: until the open deadline.
 REPLAY_LIMIT: Final = 256 * 1024
+#: What one kept write costs besides its bytes (a bytes object and its list slot, ~41 B
+#: measured), so a caller writing a byte at a time cannot hold 40 times REPLAY_LIMIT.
+REPLAY_CHUNK_COST: Final = 64
 RETRY_CODES: Final = frozenset({ErrorCode.NO_ROUTE, ErrorCode.REFUSED_STREAM})
 # Pauses between attempts: short (an agent usually reconnects within seconds), jittered.
 RETRY_BASE: Final = 0.05
@@ -154,11 +163,13 @@ class RoutedStream:
         self._generation = 0
         self._confirmed = False
         self._replay: list[bytes] | None = []  # None: replay no longer possible
-        self._replay_size = 0
+        self._replay_size = 0  # its bytes, and REPLAY_CHUNK_COST per chunk
         self._eof_written = False
         self._lock = asyncio.Lock()
         self._backoff = tunnel._backoff()
         self.attempts = 1
+        # Past the deadline no replay can happen: the copy must not outlive it.
+        self._expiry = asyncio.get_running_loop().call_at(deadline, self._drop_replay)
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -170,6 +181,11 @@ class RoutedStream:
         return self._stream
 
     @property
+    def replay_held(self) -> int:
+        """Bytes kept for a replay (chunk costs included); 0 once none can happen."""
+        return self._replay_size
+
+    @property
     def confirmed(self) -> bool:
         """True once the agent has sent something: no replay is possible or needed."""
         return self._confirmed
@@ -177,19 +193,24 @@ class RoutedStream:
     def _confirm(self) -> None:
         if not self._confirmed:
             self._confirmed = True
-            self._replay = None
-            self._replay_size = 0
+            self._drop_replay()
+
+    def _drop_replay(self) -> None:
+        """No replay from now on (confirmed, too much to keep, or past the deadline)."""
+        self._replay = None
+        self._replay_size = 0
+        self._expiry.cancel()
 
     def _record(self, data: bytes) -> bool:
         """Keep a copy for a possible replay; False once that is no longer possible."""
         if self._confirmed or self._replay is None:
             return False
-        if self._replay_size + len(data) > self._tunnel.replay_limit:
-            self._replay = None  # too much to keep: a NO_ROUTE now reaches the caller
-            self._replay_size = 0
+        cost = len(data) + REPLAY_CHUNK_COST
+        if self._replay_size + cost > self._tunnel.replay_limit:
+            self._drop_replay()  # too much to keep: a NO_ROUTE now reaches the caller
             return False
         self._replay.append(data)
-        self._replay_size += len(data)
+        self._replay_size += cost
         return True
 
     async def read(self, max_bytes: int = 65536) -> bytes:
@@ -252,10 +273,14 @@ class RoutedStream:
                     stream = await self._tunnel._open(self._headers, self._deadline, self._backoff)
                 except TunnelUnavailable:
                     return False
+                replay = self._replay
+                if self._confirmed or replay is None:  # the deadline passed while opening
+                    stream.reset(ErrorCode.CANCEL)
+                    return False
                 self.attempts += 1
                 self._tunnel.stats.rerouted += 1
                 try:
-                    for chunk in list(self._replay or ()):
+                    for chunk in list(replay):
                         await stream.write(chunk)
                     if self._eof_written:
                         await stream.write_eof()

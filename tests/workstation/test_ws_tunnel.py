@@ -13,7 +13,7 @@ from relay.net.bytestream import StreamResetError
 from relay.proto import ErrorCode
 from relay.workstation.config import WorkstationConfig
 from relay.workstation.service import Workstation
-from relay.workstation.tunnel import RoutedStream, Tunnel, TunnelUnavailable
+from relay.workstation.tunnel import REPLAY_CHUNK_COST, RoutedStream, Tunnel, TunnelUnavailable
 from tests.ends_helpers import (
     WAIT,
     agent_config,
@@ -132,3 +132,40 @@ async def test_a_request_before_the_agent_waits_for_the_session(tmp_path: Path) 
             async with agent_up(a_config):
                 assert await asyncio.wait_for(task, WAIT) == b"part one, part two"
             assert echo.connections == 1
+
+
+async def test_the_replay_copy_is_dropped_at_the_open_deadline(tmp_path: Path) -> None:
+    """A stream the agent never answers (nothing read: nothing confirms it) keeps its
+    copy only while a replay can still happen."""
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with linked(config) as ws:
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            tunnel = Tunnel(ws.kept)  # the raw gateway link: NO_ROUTE, as above
+            stream = await tunnel.open_stream({"target": "session"}, timeout=0.2)
+            await stream.write(b"request")
+            assert stream.replay_held == len(b"request") + REPLAY_CHUNK_COST
+            await wait_until(lambda: stream.replay_held == 0)
+            with pytest.raises(StreamResetError):  # the NO_ROUTE, not retried past the deadline
+                await asyncio.wait_for(stream.read(), WAIT)
+            assert stream.attempts == 1
+
+
+async def test_each_kept_write_costs_its_chunk_too(tmp_path: Path) -> None:
+    """Bytes written one at a time count their per-chunk cost against the replay limit."""
+    pki = make_pki(tmp_path / "pki")
+    async with running_gateway(pki, tmp_path) as gw:
+        config = workstation_config(device_identity_dir(pki, tmp_path), tmp_path, gw.port)
+        async with linked(config) as ws:
+            await asyncio.wait_for(ws.kept.up.wait(), WAIT)
+            tunnel = Tunnel(ws.kept, replay_limit=10 * REPLAY_CHUNK_COST)
+            stream = await tunnel.open_stream({"target": "session"}, timeout=WAIT)
+            for _ in range(20):  # 20 bytes, twice the chunks the limit holds
+                with contextlib.suppress(StreamResetError):
+                    await stream.write(b"x")
+            assert stream.replay_held == 0
+            with pytest.raises(StreamResetError) as info:
+                await asyncio.wait_for(stream.read(), WAIT)
+            assert info.value.code == ErrorCode.NO_ROUTE
+            assert tunnel.stats.rerouted == 0 and stream.attempts == 1
