@@ -9,12 +9,13 @@ the event's outcome (success: notice; minor failure: warning; serious: error; ma
 critical). MSGID is the event kind. Over TLS each message is framed by octet counting
 (RFC 5425 section 4.3): "LEN SP MSG".
 
-The sender never blocks the agent: events wait in a bounded queue, and when it is full
-(the collector is away for long) new events are dropped and counted. The audit file is
-the record of reference; syslog is a best-effort copy: a message whose write is known
-to have failed is sent again after reconnecting (so a collector may see it twice), but
-syslog over TLS has no acknowledgements, so one written just as the collector dies
-can be lost.
+The sender never blocks the agent: events wait in a queue bounded in events (`queue`) and
+in bytes (`MAX_QUEUED_BYTES`), and when it is full (the collector is away or slow, or a
+flood of events) new events are dropped, counted, and said in one warning a minute.
+The audit file is the record of reference; syslog is a best-effort copy: a message whose
+write is known to have failed is sent again after reconnecting (so a collector may see
+it twice), but syslog over TLS has no acknowledgements, so one written just as the
+collector dies can be lost.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import re
 import socket
 import ssl
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -36,8 +40,10 @@ from relay.net.backoff import ExponentialBackoff
 from relay.ops.config import Address
 
 __all__ = [
+    "DROP_LOG_INTERVAL",
     "FACILITY_AUTHPRIV",
     "MAX_MESSAGE_BYTES",
+    "MAX_QUEUED_BYTES",
     "SyslogSender",
     "SyslogStats",
     "client_context",
@@ -46,9 +52,19 @@ __all__ = [
     "severity_for",
 ]
 
+log = logging.getLogger(__name__)
+
 FACILITY_AUTHPRIV: Final = 10
 #: RFC 5425 receivers must accept 2 KiB and should accept 8 KiB; ours are usually < 2 KiB.
 MAX_MESSAGE_BYTES: Final = 64 * 1024
+#: Framed bytes queued for the collector, whatever the event count allows: the default
+#: 1,000 events of the usual size fit eight times over, but a flood of events near
+#: MAX_MESSAGE_BYTES (or a large `queue`: up to 1,000,000) would otherwise hold up to
+#: `queue` times 64 KiB in the agent for a best-effort copy of the audit file.
+MAX_QUEUED_BYTES: Final = 16 * 1024 * 1024
+#: Events dropped because the queue is full are said in one warning line at most this
+#: often (seconds), with how many; a dead collector must not fill the agent's own log.
+DROP_LOG_INTERVAL: Final = 60.0
 _BOM: Final = b"\xef\xbb\xbf"
 _PRINTUSASCII: Final = re.compile(r"[!-~]+")
 _SEVERITY: Final = {
@@ -130,20 +146,25 @@ class SyslogSender:
         server_hostname: str | None = None,
         queue_size: int = 1000,
         max_message: int = MAX_MESSAGE_BYTES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
         connect_timeout: float = 10.0,
         write_timeout: float = 10.0,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         hostname: str | None = None,
         app_name: str = "dmzrelay",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if queue_size < 1 or max_message < 64:
-            raise ValueError("queue_size >= 1 and max_message >= 64 required")
+        if queue_size < 1 or max_message < 64 or max_queued_bytes < max_message + 16:
+            raise ValueError(
+                "queue_size >= 1, max_message >= 64 and max_queued_bytes > max_message required"
+            )
         self.address = address
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname if server_hostname is not None else address.host
         self.queue_size = queue_size
         self.max_message = max_message
+        self.max_queued_bytes = max_queued_bytes
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self.hostname = hostname if hostname is not None else socket.gethostname()
@@ -151,6 +172,10 @@ class SyslogSender:
         self.procid = str(os.getpid())
         self.stats = SyslogStats()
         self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._clock = clock
+        self._drop_logged_at: float | None = None
+        self._drops_unlogged = 0
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever the queue becomes empty
         self._backoff = ExponentialBackoff(retry_initial, retry_max)
@@ -178,16 +203,44 @@ class SyslogSender:
         if len(message) > self.max_message:
             self.stats.oversized += 1
             return False
-        if len(self._queue) >= self.queue_size:
-            self.stats.dropped += 1
+        frame = octet_frame(message)
+        if (
+            len(self._queue) >= self.queue_size
+            or self._queued_bytes + len(frame) > self.max_queued_bytes
+        ):
+            self._dropped()
             return False
-        self._queue.append(octet_frame(message))
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
         self._ready.set()
         return True
+
+    def _dropped(self) -> None:
+        """Count a dropped event; say so at once, then at most every DROP_LOG_INTERVAL."""
+        self.stats.dropped += 1
+        self._drops_unlogged += 1
+        now = self._clock()
+        last = self._drop_logged_at
+        if last is not None and now - last < DROP_LOG_INTERVAL:
+            return
+        self._drop_logged_at = now
+        count, self._drops_unlogged = self._drops_unlogged, 0
+        log.warning(
+            "syslog queue for %s full: %d audit event(s) not copied to syslog "
+            "(%d dropped in all; the audit file has them)",
+            self.address,
+            count,
+            self.stats.dropped,
+        )
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Framed bytes waiting for the collector (at most max_queued_bytes)."""
+        return self._queued_bytes
 
     # -- sending
 
@@ -246,6 +299,7 @@ class SyslogSender:
                 continue
             if self._queue and self._queue[0] is frame:
                 self._queue.popleft()
+                self._queued_bytes -= len(frame)
             self.stats.sent += 1
             if not self._queue:
                 self._drained.set()

@@ -37,6 +37,7 @@ from relay.agent.audit import (
 )
 from relay.agent.audit.events import MAX_QUERY_BYTES, MAX_QUERY_DETAIL
 from relay.agent.syslog import (
+    DROP_LOG_INTERVAL,
     SyslogSender,
     client_context,
     format_rfc5424,
@@ -460,6 +461,46 @@ async def test_full_queue_drops_and_counts(
     await coll.wait_for(5)
     await sender.close()
     assert coll.messages == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+
+
+async def test_queued_bytes_are_bounded_whatever_the_event_count(
+    collector: tuple[Collector, ssl.SSLContext],
+) -> None:
+    """A flood of large events fills the byte budget long before the event count."""
+    coll, ctx = collector
+    sender = SyslogSender(
+        Address(HOST, coll.port), ctx, queue_size=1000, max_message=100, max_queued_bytes=300
+    )
+    for i in range(10):  # not started: nothing leaves the queue
+        sender.submit(b"%02d" % i + b"x" * 88)  # 90 bytes, framed 93
+    assert sender.queued == 3 and sender.queued_bytes == 279 and sender.stats.dropped == 7
+    sender.start()
+    await coll.wait_for(3)
+    await sender.close()
+    assert sender.queued_bytes == 0
+    assert [m[:2] for m in coll.messages] == [b"00", b"01", b"02"]
+
+
+def test_drops_are_logged_once_a_minute_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    sender = SyslogSender(
+        Address(HOST, 6514), ssl.create_default_context(), queue_size=1, clock=lambda: now[0]
+    )
+    assert sender.submit(b"kept")
+    with caplog.at_level("WARNING", logger="relay.agent.syslog"):
+        for _ in range(500):  # a flood while the collector is away
+            assert not sender.submit(b"dropped")
+        now[0] += DROP_LOG_INTERVAL / 2
+        sender.submit(b"dropped")
+        assert len(caplog.records) == 1 and "1 audit event(s)" in caplog.records[0].getMessage()
+        now[0] += DROP_LOG_INTERVAL / 2
+        sender.submit(b"dropped")
+    assert len(caplog.records) == 2
+    assert "501 audit event(s)" in caplog.records[1].getMessage()
+    assert "502 dropped in all" in caplog.records[1].getMessage()
+    assert sender.stats.dropped == 502
 
 
 async def test_collector_restart_loses_nothing_known_to_have_failed(
