@@ -50,7 +50,7 @@ def load_ca_sites(path: Path) -> CaSites:
     try:
         certs = load_certs(Path(path))
     except PkiError as exc:
-        raise TlsConfigError(str(exc)) from None
+        raise TlsConfigError(str(exc), "ca") from None
     sites: dict[bytes, str] = {}
     domains: set[str] = set()
     for cert in certs:
@@ -59,18 +59,21 @@ def load_ca_sites(path: Path) -> CaSites:
             domains.add(trust_domain_of_ca(cert))
             site = site_of_ca(cert)
         except PkiError as exc:
-            raise TlsConfigError(f"{path}: CA {name!r}: {exc}") from None
+            raise TlsConfigError(f"{path}: CA {name!r}: {exc}", "ca") from None
         if site is None:
             raise TlsConfigError(
                 f"{path}: CA {name!r} names no site (a CA made before sites were recorded); "
-                "make a new one with `relay pki init` so that its site is known"
+                "make a new one with `relay pki init` so that its site is known",
+                "ca",
             )
         ski = key_identifier(cert, authority=False)
         if ski is None:
-            raise TlsConfigError(f"{path}: CA {name!r} has no Subject Key Identifier")
+            raise TlsConfigError(f"{path}: CA {name!r} has no Subject Key Identifier", "ca")
         if sites.get(ski, site) != site:
-            raise TlsConfigError(f"{path}: two CAs with one key name different sites")
+            raise TlsConfigError(f"{path}: two CAs with one key name different sites", "ca")
         sites[ski] = site
     if len(domains) != 1:
-        raise TlsConfigError(f"{path}: CAs of several trust domains ({', '.join(sorted(domains))})")
+        raise TlsConfigError(
+            f"{path}: CAs of several trust domains ({', '.join(sorted(domains))})", "ca"
+        )
     return CaSites(domains.pop(), sites)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.casites import load_ca_sites
+from gateway.casites import CaSites, load_ca_sites
 from gateway.config import GatewayConfig, GatewayConfigLoader
 from gateway.lifecycle import drain, reload
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
-from relay.net.tls import server_context
+from relay.net.tls import TlsConfigError, server_context, tls_config_error
 from relay.ops.binding import listen_errors
 from relay.ops.heap import keep_trimmed
 from relay.ops.http import AdminServer
@@ -22,6 +23,21 @@ from relay.ops.reloading import check_certificate_at_start
 from relay.ops.runtime import run_loop
 
 log = logging.getLogger(__name__)
+
+
+def tls_at_start(config: GatewayConfig) -> tuple[ssl.SSLContext, CaSites]:
+    """The listener's TLS context and the CA bundle's sites, or a ConfigError naming the
+    config file, the `tls.*` key at fault and its path (exit 2)."""
+    check_certificate_at_start(
+        config.path, "tls.cert", config.tls.cert, config.tls.ca, role="gateway", ca_key="tls.ca"
+    )
+    try:
+        return (
+            server_context(config.tls.cert, config.tls.key, config.tls.ca),
+            load_ca_sites(config.tls.ca),
+        )
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path) from None
 
 
 async def run_gateway(
@@ -39,11 +55,8 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     metrics = GatewayMetrics()
-    check_certificate_at_start(
-        config.path, "tls.cert", config.tls.cert, config.tls.ca, role="gateway"
-    )
-    context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
-    server = GatewayServer(config, context, load_ca_sites(config.tls.ca), metrics)
+    context, ca_sites = tls_at_start(config)
+    server = GatewayServer(config, context, ca_sites, metrics)
     with listen_errors(config.path, "listen", config.listen):
         await server.start()
     # Handshake floods free memory mid-heap that glibc would otherwise keep (relay.ops.heap).

@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from relay.trust.identity import Identity
 from relay.workstation.config import load_workstation_config
 from relay.workstation.service import Workstation
@@ -95,6 +97,67 @@ def test_agent_whose_pki_key_is_not_its_ca_does_not_start(tmp_path: Path) -> Non
     config = _agent_config(tmp_path, pki, pki.agent.cert, pki.agent.key, mixed)
     done = relay("agent", "--config", str(config))
     assert_user_error(done, f"{config}: pki.ca_key:", "does not match")
+
+
+def _junk(tmp: Path) -> Path:
+    junk = tmp / "junk.pem"
+    junk.write_text("not PEM\n")
+    return junk
+
+
+@pytest.mark.parametrize("fault", ["mismatch", "ca"])
+def test_gateway_tls_file_errors_name_the_key_and_the_path(tmp_path: Path, fault: str) -> None:
+    """A key of another certificate, a CA bundle that does not load: the line names tls.key
+    or tls.ca (it named no key, or tls.cert for a CA bundle). A key file that does not
+    load: tests/net/test_tls.py (the same TlsConfigError.part)."""
+    pki, junk = make_pki(tmp_path / "pki"), _junk(tmp_path)
+    gw = pki.gateway
+    cert, key, ca, expected = {
+        "mismatch": (gw.cert, pki.agent.key, pki.ca, f"tls.key: {pki.agent.key} does not match"),
+        "ca": (gw.cert, gw.key, junk, f"tls.ca: {junk}: "),
+    }[fault]
+    config = _gateway_config(tmp_path, cert, key, ca)
+    assert_user_error(relay("gateway", "--config", str(config)), f"{config}: {expected}")
+
+
+@pytest.mark.parametrize("fault", ["mismatch", "ca"])
+def test_agent_tls_file_errors_name_the_key_and_the_path(tmp_path: Path, fault: str) -> None:
+    pki, junk = make_pki(tmp_path / "pki"), _junk(tmp_path)
+    if fault == "mismatch":
+        config = _agent_config(tmp_path, pki, pki.agent.cert, pki.gateway.key, pki)
+        expected = f"tls.key: {pki.gateway.key} does not match the certificate {pki.agent.cert}"
+    else:
+        config = _agent_config(tmp_path, pki, pki.agent.cert, pki.agent.key, pki)
+        config.write_text(config.read_text().replace(f"ca: {pki.ca}}}", f"ca: {junk}}}"))
+        expected = f"tls.ca: {junk}: "
+    assert_user_error(relay("agent", "--config", str(config)), f"{config}: {expected}")
+
+
+def test_agent_it_pages_key_that_does_not_match_names_it_pages_tls_key(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    config = _agent_config(tmp_path, pki, pki.agent.cert, pki.agent.key, pki)
+    (tmp_path / "it-admins").write_text("")
+    with config.open("a") as out:
+        out.write(
+            f"it_pages: {{listen: '{HOST}:0', admins_file: {tmp_path / 'it-admins'}, "
+            f"tls: {{cert: {pki.gateway.cert}, key: {pki.agent.key}}}}}\n"
+        )
+    done = relay("agent", "--config", str(config))
+    assert_user_error(
+        done, f"{config}: it_pages.tls.key: {pki.agent.key} does not match the certificate"
+    )
+
+
+def test_workstation_key_that_does_not_load_names_it(tmp_path: Path) -> None:
+    """identity_dir is the key; the line names device.key, not "device.crt / device.key"."""
+    pki = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(pki, tmp_path)
+    (identity / "device.key").write_text("not PEM\n")
+    config = _workstation_config(tmp_path, identity)
+    done = relay("workstation", "--config", str(config))
+    assert_user_error(
+        done, f"{config}: identity_dir: {identity / 'device.key'}: cannot load the private key"
+    )
 
 
 def test_workstation_with_an_expired_certificate_says_enroll_again(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from relay.agent.linktrust import LinkTrust
 from relay.agent.sessions import session_server
 from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
-from relay.net.tls import TlsConfigError, client_context
+from relay.net.tls import TlsConfigError, client_context, tls_config_error
 from relay.ops.binding import listen_errors
 from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
@@ -321,8 +321,12 @@ def check_start(config: AgentConfig) -> None:
     their codes name that CA), so another CA fails every enrollment at the PC."""
     tls = config.tls
     identity = check_certificate_at_start(
-        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site
+        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site, ca_key="tls.ca"
     )
+    try:  # the key: it loads and matches the certificate (the contexts are made later)
+        client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path) from None
     if config.pki is None:
         return
     try:

@@ -24,8 +24,9 @@ import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final, TypeVar, cast
+from typing import Final, Literal, TypeVar, cast
 
+from relay.ops.config import ConfigError
 from relay.trust.identity import Identity, identity_from_der
 from relay.trust.pki import PkiError, load_cert, trust_domain_of_ca
 from relay.wire import ALPN_AGENT, ALPN_DEVICE, ALPN_ENROLL
@@ -51,8 +52,25 @@ IDENTITY_REFUSALS: Final = ("no_certificate", "wrong_domain", "wrong_role")
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
+#: Which file of a TLS endpoint a TlsConfigError is about: the names of the config keys
+#: (`tls.cert`, `tls.key`, `tls.ca`), so that start-up can name the key to fix.
+TlsPart = Literal["cert", "key", "ca"]
+
+
 class TlsConfigError(Exception):
-    """A certificate, key or CA file cannot be used; the message names the file."""
+    """A certificate, key or CA file cannot be used; the message names the file, `part`
+    which of the three it is (None: not known)."""
+
+    def __init__(self, message: str, part: TlsPart | None = None) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+def tls_config_error(exc: TlsConfigError, file: Path, section: str = "tls") -> ConfigError:
+    """A role's start-up error for `exc`: the config file, the key of the file at fault
+    (`tls.key`), and the message, which names the path."""
+    key = f"{section}.{exc.part}" if exc.part is not None else section
+    return ConfigError(file, key, str(exc))
 
 
 def _base_context(protocol: int) -> ssl.SSLContext:
@@ -71,23 +89,34 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except FileNotFoundError:
-        raise TlsConfigError(f"{ca}: CA file not found") from None
+        raise TlsConfigError(f"{ca}: CA file not found", "ca") from None
     except (ssl.SSLError, OSError, ValueError) as exc:
-        raise TlsConfigError(f"{ca}: cannot load CA certificates ({exc})") from None
+        raise TlsConfigError(f"{ca}: cannot load CA certificates ({exc})", "ca") from None
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
-    for path, what in ((cert, "certificate"), (key, "private key")):
-        if not Path(path).is_file():
-            raise TlsConfigError(f"{path}: {what} file not found")
+    if not Path(cert).is_file():
+        raise TlsConfigError(f"{cert}: certificate file not found", "cert")
+    if not Path(key).is_file():
+        raise TlsConfigError(f"{key}: private key file not found", "key")
     try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
-            raise TlsConfigError(f"{key} does not match {cert}") from None
-        raise TlsConfigError(f"{cert} / {key}: cannot load ({exc})") from None
+            raise TlsConfigError(f"{key} does not match the certificate {cert}", "key") from None
+        raise _unloadable(cert, key, exc) from None
     except OSError as exc:
-        raise TlsConfigError(f"{cert} / {key}: cannot load ({exc})") from None
+        raise _unloadable(cert, key, exc) from None
+
+
+def _unloadable(cert: Path, key: Path, exc: Exception) -> TlsConfigError:
+    """OpenSSL's error for a pair that does not load ("PEM lib") does not say which file
+    is at fault: the certificate is, if it does not load alone."""
+    try:
+        ssl.create_default_context(cafile=str(cert))
+    except (ssl.SSLError, OSError, ValueError):
+        return TlsConfigError(f"{cert}: cannot load the certificate ({exc})", "cert")
+    return TlsConfigError(f"{key}: cannot load the private key ({exc})", "key")
 
 
 def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

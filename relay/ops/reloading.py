@@ -129,11 +129,23 @@ def check_own_certificate(
 
 
 def check_certificate_at_start(
-    file: Path, key: str, cert_path: Path, ca_path: Path, *, role: str, site: str | None = None
+    file: Path,
+    key: str,
+    cert_path: Path,
+    ca_path: Path,
+    *,
+    role: str,
+    site: str | None = None,
+    ca_key: str | None = None,
 ) -> Identity:
     """`check_own_certificate` before a role starts: the checks a reload makes, so that a
     process does not start with a certificate every peer refuses (and report ready while
-    each handshake fails). A ConfigError naming `file` and `key` (exit 2)."""
+    each handshake fails). A ConfigError naming `file` and `key` (exit 2), or `ca_key`
+    (when given) for a CA file that does not load: the key the user has to fix."""
+    try:
+        load_certs(ca_path)
+    except PkiError as exc:
+        raise ConfigError(file, ca_key or key, str(exc)) from None
     try:
         return check_own_certificate(cert_path, ca_path, role=role, site=site, reloading=False)
     except ReloadError as exc:

@@ -346,6 +346,28 @@ def test_context_errors_name_the_file(world: World, tmp_path: Path) -> None:
         tls.client_context(world.device.cert, None, world.site.ca)
 
 
+def test_context_errors_say_which_file_is_at_fault(world: World, tmp_path: Path) -> None:
+    """`part` is the config key's last name (tls.cert, tls.key, tls.ca): OpenSSL's "PEM
+    lib" for a pair that does not load says neither."""
+    gw, site = world.site.gateway, world.site
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk")
+    cases = [
+        ((junk, gw.key, site.ca), "cert", f"{junk}: cannot load the certificate"),
+        ((gw.cert, junk, site.ca), "key", f"{junk}: cannot load the private key"),
+        ((gw.cert, site.agent.key, site.ca), "key", f"{site.agent.key} does not match"),
+        ((gw.cert, gw.key, junk), "ca", f"{junk}: cannot load CA certificates"),
+        ((tmp_path / "no.crt", gw.key, site.ca), "cert", f"{tmp_path / 'no.crt'}: certificate"),
+        ((gw.cert, tmp_path / "no.key", site.ca), "key", f"{tmp_path / 'no.key'}: private key"),
+    ]
+    for (cert, key, ca), part, text in cases:
+        with pytest.raises(tls.TlsConfigError) as info:
+            tls.server_context(cert, key, ca)
+        assert (info.value.part, str(info.value).startswith(text)) == (part, True), info.value
+        error = tls.tls_config_error(info.value, tmp_path / "gw.yaml")
+        assert str(error) == f"{tmp_path / 'gw.yaml'}: tls.{part}: {info.value}"
+
+
 def test_trust_domain_of(world: World) -> None:
     assert tls.trust_domain_of(world.site.ca) == TD
     with pytest.raises(tls.TlsConfigError, match="no trust domain"):

@@ -23,7 +23,7 @@ from relay.agent.itpages.auth import (
 )
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import ItPagesSettings
-from relay.ops.config import ConfigError
+from relay.net.tls import TlsConfigError, _load_chain, tls_config_error
 from relay.ops.listening import announce
 
 __all__ = ["ItPagesServer", "server_context"]
@@ -39,7 +39,7 @@ def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.cert, settings.key)
+    _load_chain(ctx, settings.cert, settings.key)  # TlsConfigError: which file, why
     return ctx
 
 
@@ -59,8 +59,8 @@ class ItPagesServer:
         self.settings = settings
         try:
             self.ctx = server_context(settings)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(config.path, "it_pages.tls", str(exc)) from None
+        except TlsConfigError as exc:
+            raise tls_config_error(exc, config.path, "it_pages.tls") from None
         authenticator: Authenticator
         if settings.admins_file is not None:
             authenticator = LocalAuthenticator(settings.admins_file)
