@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -21,12 +23,15 @@ from relay.agent.itpages.auth import (
     LocalAuthenticator,
     LoginLimiter,
 )
+from relay.agent.itpages.passwords import PasswordFileError, read_admins
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import ItPagesSettings
 from relay.net.tls import TlsConfigError, _load_chain, tls_config_error
 from relay.ops.listening import announce
 
-__all__ = ["ItPagesServer", "server_context"]
+__all__ = ["ItPagesServer", "admins_file_problem", "server_context"]
+
+log = logging.getLogger(__name__)
 
 #: How often the counts of rate-limited logins whose window ended are audited, when no
 #: request comes to do it (every request does it too).
@@ -41,6 +46,30 @@ def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(ctx, settings.cert, settings.key)  # TlsConfigError: which file, why
     return ctx
+
+
+def admins_file_problem(path: Path) -> str | None:
+    """Why no one can log in with the admins file as it is now (None: someone can)."""
+    if not path.exists():
+        return f"{path} does not exist"
+    try:
+        admins = read_admins(path)
+    except PasswordFileError as exc:
+        return str(exc)
+    return None if admins else f"{path} holds no admin"
+
+
+def warn_if_no_admin(config_path: Path, path: Path) -> None:
+    """One warning at start when no one could log in. Not a start-up error: the file is
+    re-read at each login, so `relay it-admin passwd` fixes it without a restart (and
+    the agent's devices, links and DICOM do not depend on the IT pages)."""
+    problem = admins_file_problem(path)
+    if problem is not None:
+        log.warning(
+            f"{config_path}: it_pages.admins_file: {problem}; no one can log in to the IT "
+            f"pages until `relay it-admin passwd --file {path} --user NAME` writes an admin "
+            "(no restart needed)"
+        )
 
 
 class ItPagesServer:
@@ -63,6 +92,7 @@ class ItPagesServer:
             raise tls_config_error(exc, config.path, "it_pages.tls") from None
         authenticator: Authenticator
         if settings.admins_file is not None:
+            warn_if_no_admin(config.path, settings.admins_file)
             authenticator = LocalAuthenticator(settings.admins_file)
         else:
             assert authority.directory is not None  # the config reader made sure

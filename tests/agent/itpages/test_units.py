@@ -17,18 +17,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
 
+from relay.agent.authority import DeviceAuthority
+from relay.agent.config import load_agent_config
 from relay.agent.itpages import passwords
 from relay.agent.itpages.admin_cli import passwd
 from relay.agent.itpages.app import allowed_hosts, host_allowed
 from relay.agent.itpages.auditview import AuditFilter, query_audit
 from relay.agent.itpages.auth import LocalAuthenticator, LoginLimiter, RefusalSampler
 from relay.agent.itpages.html import Html, esc, render
+from relay.agent.itpages.server import ItPagesServer
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import read_it_pages_settings
 from relay.agent.itpages.views import audit_page, code_form, devices_page, login_page
 from relay.agent.registry import DeviceRow
 from relay.ops.config import Address, ConfigError, Reader
+from tests.pki_helpers import make_pki
 
 FAST = 10  # log2 N for test hashes: the format allows it, the checks take a millisecond
 
@@ -393,3 +398,56 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
         directory=True,
     )  # fmt: skip
     assert tls is not None
+
+
+# -- the admins file at start
+
+
+def _pages_server_with(tmp_path: Path, admins: Path) -> None:
+    """Build the IT pages as the agent does at start (nothing listens)."""
+    pki = make_pki(tmp_path / "pki")
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text(
+        "site: main\ngateways: ['127.0.0.1:1']\n"
+        f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
+        f"pki: {{ca_cert: {pki.ca}, ca_key: {pki.directory / 'ca.key'}}}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"it_pages: {{listen: '127.0.0.1:0', admins_file: {admins}}}\n"
+    )
+    config = load_agent_config(config_file)
+    assert config.pki is not None
+    authority = DeviceAuthority.open(
+        site="main", state_dir=config.state_dir, ca_cert=config.pki.ca_cert,
+        ca_key=config.pki.ca_key,
+    )  # fmt: skip
+    try:
+        ItPagesServer(config, authority, lambda _: None, CollectorRegistry())
+    finally:
+        authority.close()
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "malformed"])
+def test_an_admins_file_no_one_can_log_in_with_is_one_warning_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, state: str
+) -> None:
+    """Not a start-up error: the file is re-read at each login, so `relay it-admin passwd`
+    fixes it without a restart. But IT must learn why its logins fail (503) at start."""
+    admins = tmp_path / "it-admins"
+    if state != "missing":
+        admins.write_text("# no one yet\n" if state == "empty" else "anna\n")
+    with caplog.at_level("WARNING", logger="relay.agent.itpages.server"):
+        _pages_server_with(tmp_path, admins)
+    said = [r.getMessage() for r in caplog.records if r.name == "relay.agent.itpages.server"]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{tmp_path / 'agent.yaml'}: it_pages.admins_file: {admins}")
+    assert f"relay it-admin passwd --file {admins} --user NAME" in said[0]
+
+
+def test_an_admins_file_with_an_admin_starts_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    admins = tmp_path / "it-admins"
+    passwords.set_password(admins, "carol", "correct horse battery", log2_n=FAST)
+    with caplog.at_level("WARNING", logger="relay.agent.itpages.server"):
+        _pages_server_with(tmp_path, admins)
+    assert not [r for r in caplog.records if r.name == "relay.agent.itpages.server"]
