@@ -24,6 +24,11 @@ patient's instances into a viewer's retrieval, so it takes C-STOREs from the PAC
   C-STORE's bytes by the agent's max_dataset: past either the connection is closed while
   the data is arriving, not after it has all been gathered in memory.
 
+Its own tables are bounded too: the C-MOVEs it routes at once (MAX_MOVES; one more is
+refused 0xA702 before its request reaches the PACS), and its warnings about what others
+send (strangers, unrouted C-STOREs, cut associations: `relay.ops.loglimit`, per kind), so
+a host that keeps connecting cannot fill the agent's log.
+
 The operation (pacs_ops) creates an intake and registers it here; the intake and the
 receiver never call back into the operation: what they share with it are the channel and
 two threading events.
@@ -38,7 +43,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -60,6 +65,7 @@ from relay.dicom.exclusive import ExclusiveAssociationServer
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce
+from relay.ops.loglimit import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,11 @@ STORE_NOT_REQUESTED: Final = 0xC0F1
 MOVE_MAX_PDU: Final = 256 * 1024
 PDU_SLACK: Final = 64 * 1024  # over MOVE_MAX_PDU: senders that count headers in, and A-ASSOCIATE
 MESSAGE_SLACK: Final = 64 * 1024  # a C-STORE's command and headers beyond max_dataset
+#: C-MOVEs routed at once (Move Originator Message IDs held). The agent's
+#: pacs.max_operations allows at most 1,024 operations in all (relay.agent.config
+#: MAX_PACS_OPERATIONS), so this is never reached through the dispatcher; it bounds the
+#: table, and the IDs contexts.next_message_id must avoid (of 65,535), whoever registers.
+MAX_MOVES: Final = 1024
 # How often the storage SCP may look the PACS's host names up again, when an address it
 # does not know connects (the PACS moved, or did not resolve when the agent started).
 RESOLVE_INTERVAL: Final = 60.0
@@ -350,6 +361,10 @@ def _resolve(name: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     return out
 
 
+class MoveRoutesFull(Exception):
+    """MAX_MOVES C-MOVEs are routed already: this one cannot be (0xA702, try later)."""
+
+
 class _GuardedSocket(socket.socket):
     """An accepted connection whose PDUs are bounded as they arrive.
 
@@ -359,11 +374,12 @@ class _GuardedSocket(socket.socket):
     bytes, or `refuse()` was called, reads nothing more: pynetdicom sees the connection
     closed and aborts the association."""
 
-    def __init__(self, raw: socket.socket, max_pdu: int) -> None:
+    def __init__(self, raw: socket.socket, max_pdu: int, warn: Callable[[str, str], None]) -> None:
         timeout = raw.gettimeout()
         super().__init__(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.settimeout(timeout)
         self.max_pdu = max_pdu
+        self._warn = warn
         self.message_bytes = 0  # PDV bytes of the DIMSE message being received
         self.refused = False
         self._header = b""
@@ -382,7 +398,7 @@ class _GuardedSocket(socket.socket):
             self._body_left = int.from_bytes(self._header[2:6], "big")
             self._header = b""
             if self._body_left > self.max_pdu:
-                log.warning("C-MOVE storage peer sent a PDU over the maximum length: closed")
+                self._warn("pdu", "C-MOVE storage peer sent a PDU over the maximum length: closed")
                 self.refuse()
         return data
 
@@ -400,10 +416,11 @@ class _MoveServer(ExclusiveAssociationServer):
     senders: MoveSenders
     max_pdu: int
     on_stranger: Any
+    warn: Callable[[str, str], None]
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         raw, address = super().get_request()
-        return _GuardedSocket(raw, self.max_pdu), address
+        return _GuardedSocket(raw, self.max_pdu, self.warn), address
 
     def shutdown(self) -> None:
         """Stop serving and close (the AE did not start this server: nothing to tell it)."""
@@ -436,7 +453,10 @@ class MoveReceiver:
         senders: MoveSenders | None = None,
         max_dataset: int = DicomLimits.max_dataset,
         max_pdu: int = MOVE_MAX_PDU,
+        max_moves: int = MAX_MOVES,
     ) -> None:
+        if not 1 <= max_moves <= MAX_MOVES:
+            raise ValueError(f"max_moves must be 1-{MAX_MOVES}")
         rawds.install()
         self.ae_title = ae_title
         self.host, self._port = listen
@@ -446,8 +466,11 @@ class MoveReceiver:
         self.senders = senders if senders is not None else MoveSenders.loopback()
         self.max_message = max_dataset + MESSAGE_SLACK
         self.max_pdu = max_pdu
+        self.max_moves = max_moves
         self._routes: dict[int, Intake] = {}
         self._lock = threading.Lock()
+        self._log_limit = LogLimiter()  # per kind of warning (strangers, unrouted, cut)
+        self._log_lock = threading.Lock()  # warnings come from the server's and DUL threads
         self._server: Any = None
         self.refused = 0  # C-STOREs refused: no running C-MOVE of ours, or not from its PACS
         self.strangers = 0  # connections closed unread: not from the PACS
@@ -483,6 +506,7 @@ class MoveReceiver:
         server.senders = self.senders
         server.max_pdu = self.max_pdu + PDU_SLACK if self.max_pdu else 0xFFFFFFFF  # 0: none
         server.on_stranger = self._on_stranger
+        server.warn = self._warn
         threading.Thread(target=server.serve_forever, name="move-receiver", daemon=True).start()
         self._server = server
         announce("move", (self.host, self.port), ae_title=self.ae_title)
@@ -494,10 +518,13 @@ class MoveReceiver:
             self._server = None
 
     def register(self, msg_id: int, intake: Intake) -> None:
-        """C-STOREs naming `msg_id` as their Move Originator Message ID go to `intake`."""
+        """C-STOREs naming `msg_id` as their Move Originator Message ID go to `intake`.
+        Raises MoveRoutesFull when `max_moves` C-MOVEs are routed already."""
         with self._lock:
             if msg_id in self._routes:  # next_message_id holds it: cannot happen
                 raise ValueError(f"C-MOVE message ID {msg_id} is in use")
+            if len(self._routes) >= self.max_moves:
+                raise MoveRoutesFull(f"{self.max_moves} C-MOVEs are running already")
             contexts.hold_message_id(msg_id)
             self._routes[msg_id] = intake
 
@@ -522,14 +549,23 @@ class MoveReceiver:
         intake = self._route(event.request)
         if intake is None:
             self.refused += 1
-            log.warning("refused a C-STORE that belongs to no running C-MOVE of ours")
+            self._warn("unrouted", "refused a C-STORE that belongs to no running C-MOVE of ours")
             return st.STORE_NOT_AUTHORIZED
         return intake.on_store(event)
 
     def _on_stranger(self) -> None:
         self.strangers += 1
-        # The address is the hospital's network, not patient data.
-        log.warning("closed a connection to the C-MOVE storage SCP from a host not the PACS")
+        self._warn(
+            "stranger", "closed a connection to the C-MOVE storage SCP from a host not the PACS"
+        )
+
+    def _warn(self, kind: str, message: str) -> None:
+        """A warning about what another host sent, limited per kind (the counters count
+        every one): 20 at once, then one per 10 s saying how many were held back."""
+        with self._log_lock:
+            held = self._log_limit.allow(kind, time.monotonic())
+        if held is not None:
+            log.warning(message, extra={"suppressed": held} if held else None)
 
     def _on_pdu(self, event: Any) -> None:
         """Count the bytes of the C-STORE being received; past max_dataset (and slack), cut
@@ -543,8 +579,9 @@ class MoveReceiver:
             guard.message_bytes += len(pdv) - 1
             if guard.message_bytes > self.max_message:
                 self.oversized += 1
-                log.warning(
-                    "C-STORE at the C-MOVE storage SCP over %d bytes: cut", self.max_message
+                self._warn(
+                    "oversized",
+                    f"C-STORE at the C-MOVE storage SCP over {self.max_message} bytes: cut",
                 )
                 guard.refuse()
                 return

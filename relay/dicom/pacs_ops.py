@@ -54,7 +54,7 @@ from relay.dicom.codec import (
     Request,
     is_uid,
 )
-from relay.dicom.intake import Intake, MoveReceiver
+from relay.dicom.intake import Intake, MoveReceiver, MoveRoutesFull
 from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
@@ -630,7 +630,10 @@ class PacsOperation:
         self.intake.limit_to(identifier)
         self._move_announces = True
         try:
-            receiver.register(self._msg_id, self.intake)
+            try:
+                receiver.register(self._msg_id, self.intake)
+            except MoveRoutesFull as exc:
+                return FinalResponse(st.SUBOPS_FAILED, str(exc))
             try:
                 return self._follow(
                     model,

@@ -6,26 +6,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pynetdicom import AE, build_context
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 
+from relay.agent.config import MAX_PACS_OPERATIONS
 from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.agent import serve_dicom_stream
 from relay.dicom.bridge import Channel
 from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Request
-from relay.dicom.intake import STORE_NOT_REQUESTED, Intake, MoveReceiver, MoveSenders
+from relay.dicom.intake import (
+    MAX_MOVES,
+    STORE_NOT_REQUESTED,
+    Intake,
+    MoveReceiver,
+    MoveRoutesFull,
+    MoveSenders,
+)
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import NullStats
 from relay.net.bytestream import pipe
+from relay.ops.loglimit import LOG_BURST
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 
@@ -163,6 +173,76 @@ def test_a_connection_from_another_address_is_closed_before_it_associates() -> N
         assert store(receiver.port, OTHER) == st.STORE_NOT_AUTHORIZED
     finally:
         receiver.stop()
+
+
+def test_strangers_are_counted_each_and_logged_in_a_limited_number_of_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A host that keeps connecting to the storage SCP cannot fill the agent's log."""
+    receiver = MoveReceiver(
+        MOVE_AE, ("127.0.0.1", 0), timeout=5, senders=MoveSenders(["127.0.0.1"], [PACS_AE])
+    )
+    receiver.start()
+    tries = 3 * LOG_BURST
+    try:
+        with caplog.at_level("WARNING", logger="relay.dicom.intake"):
+            for _ in range(tries):
+                with socket.create_connection(
+                    ("127.0.0.1", receiver.port), timeout=5, source_address=("127.0.0.2", 0)
+                ) as conn:
+                    assert conn.recv(1) == b""  # closed unread
+            assert receiver.strangers == tries
+    finally:
+        receiver.stop()
+    lines = [r for r in caplog.records if "not the PACS" in r.getMessage()]
+    assert len(lines) == LOG_BURST  # the rest counted, said by the next line let through
+
+
+def test_the_moves_routed_at_once_are_bounded() -> None:
+    receiver = MoveReceiver(MOVE_AE, ("127.0.0.1", 0), max_moves=2)
+    ids = [contexts.next_message_id() for _ in range(3)]
+    receiver.register(ids[0], cast(Intake, None))
+    receiver.register(ids[1], cast(Intake, None))
+    with pytest.raises(MoveRoutesFull):
+        receiver.register(ids[2], cast(Intake, None))
+    assert not contexts.hold_message_id(ids[0]) and contexts.hold_message_id(ids[2])
+    contexts.release_message_id(ids[2])  # not held by the refused registration
+    receiver.unregister(ids[0])
+    receiver.register(ids[2], cast(Intake, None))
+    for msg_id in ids[1:]:
+        receiver.unregister(msg_id)
+    assert MAX_MOVES >= MAX_PACS_OPERATIONS  # never reached through the dispatcher
+    with pytest.raises(ValueError):
+        MoveReceiver(MOVE_AE, ("127.0.0.1", 0), max_moves=MAX_MOVES + 1)
+
+
+async def test_a_move_beyond_the_routes_is_refused_before_the_pacs_sees_it(
+    pacs: EmbeddedPacs,
+) -> None:
+    receiver = MoveReceiver(MOVE_AE, ("127.0.0.1", 0), timeout=10, max_moves=1)
+    other = contexts.next_message_id()
+    receiver.register(other, cast(Intake, None))  # another C-MOVE holds the one route
+    receiver.start()
+    try:
+        pacs.destinations[MOVE_AE] = ("127.0.0.1", receiver.port)
+        a, b = pipe()
+        server = asyncio.create_task(
+            serve_dicom_stream(b, move_target(pacs), move_receiver=receiver)
+        )
+        ws = Workstation(a)
+        await ws.send(
+            Request(op="retrieve", root="study", transfer_syntax=EXPLICIT,
+                    dataset=ident("STUDY", StudyInstanceUID=CT_STUDY))
+        )  # fmt: skip
+        msgs = await ws.all()
+        await server
+    finally:
+        receiver.stop()
+        receiver.unregister(other)
+    assert delivered(msgs) == []
+    final = msgs[-1]
+    assert isinstance(final, FinalResponse) and final.status == st.SUBOPS_FAILED
+    assert receiver._routes == {}
 
 
 def test_move_senders_are_names_addresses_and_networks() -> None:

@@ -42,7 +42,8 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
     upwards = [(a, b) for a, b in trace.within("relay.dicom") if LAYERS[a] >= LAYERS[b]]
     assert upwards == []
     # Outside relay/dicom the DICOM layer touches the stream it is given and, when it
-    # starts, what announces its listening ports and the settings' address type; and the
+    # starts, what announces its listening ports and the settings' address type, and what
+    # limits the C-MOVE receiver's warnings about other hosts (relay.ops.loglimit); and the
     # pixel codecs (relay/codecs: which codec, and the codecs themselves).
     assert trace.modules() - dicom <= {
         "relay.codecs.choice",
@@ -50,4 +51,6 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
         "relay.net.bytestream",
         "relay.ops.listening",
         "relay.ops.config",
+        "relay.ops.loglimit",
+        "relay.ops.ratelimit",
     }
