@@ -181,6 +181,7 @@ class DeviceAuthority:
             site=site,
             max_bytes=settings.max_bytes,
             keep=settings.keep,
+            max_devices=settings.max_devices,
             sink=audit_sink,
         )
         registry = DeviceRegistry(state_dir / REGISTRY_FILE, site=site)

@@ -32,6 +32,7 @@ from relay.agent.audit import (
     Outcome,
     Participant,
     ParticipantObject,
+    device_dir,
     read_audit_settings,
     read_events,
 )
@@ -221,7 +222,7 @@ def test_a_query_event_stays_small_whatever_the_device_sends(audit: AuditLog) ->
         query=identifier,
         details={**details, "Matches": 12, "Status": "0x0000"},
     )
-    raw = audit.path.read_bytes()
+    raw = audit.devices.path_of(DEVICE).read_bytes()
     assert len(raw) <= 4 * 1024
     (event,) = read_events(audit.path)
     (obj,) = event["ParticipantObjectIdentification"]
@@ -233,9 +234,8 @@ def test_a_query_event_stays_small_whatever_the_device_sends(audit: AuditLog) ->
     assert list(got)[:2] == ["QuerySHA256", "QueryLength"]
     assert all(len(got[k]) == MAX_QUERY_DETAIL for k in QUERY_KEYS)
     assert (got["Matches"], got["Status"]) == ("12", "0x0000")
-    # The default trail holds 30,000 of one device's largest queries (before: ~18 KB each,
-    # 6,500 of them; ~9,500 of smaller ones); the stream rate (relay.agent.dispatch) bounds how
-    # fast they come.
+    # The device's own default set holds 30,000 of its largest queries (before: ~18 KB
+    # each, 6,500 of them; ~9,500 of smaller ones); they rotate only that device's records.
     assert DEFAULT_MAX_BYTES * (DEFAULT_KEEP + 1) // len(raw) > 30_000
 
 
@@ -288,15 +288,34 @@ def test_write_failure_is_counted_not_raised(tmp_path: Path) -> None:
 _APPENDER = """
 import sys, datetime as dt
 from pathlib import Path
-from relay.agent.audit import AuditLog
+from relay.agent.audit import AuditLog, Outcome
 audit = AuditLog(Path(sys.argv[1]), source_id=sys.argv[2], max_bytes=65536, keep=1000)
 t0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 for i in range(int(sys.argv[3])):
     audit.revocation(now=t0, device=f"{sys.argv[2]}-{i}", actor="y" * 200)
+    audit.query(now=t0, device="spiffe://h/device/main/shared", sop_class_uid="1.2",
+                outcome=Outcome.SUCCESS, query=b"q" * 500, details={"Seq": f"{sys.argv[2]}-{i}"})
 """
 
 
+def _numbers(events: list[dict[str, Any]], name: str, kind: str) -> list[int]:
+    """The sequence numbers of process `name`'s events of `kind`, in the order read."""
+    out = []
+    for e in events:
+        if e["kind"] != kind or e["AuditSourceIdentification"]["AuditSourceID"] != name:
+            continue
+        obj = e["ParticipantObjectIdentification"][0]
+        ident = (
+            obj["ParticipantObjectID"]
+            if kind == "revocation"
+            else obj["ParticipantObjectDetail"][-1]["value"]
+        )
+        out.append(int(str(ident).rsplit("-", 1)[1]))
+    return out
+
+
 def test_processes_append_and_rotate_concurrently(tmp_path: Path) -> None:
+    """Three processes write to the security set and to one device's set at once."""
     path = tmp_path / AUDIT_FILE
     n = 300
     procs = [
@@ -306,18 +325,11 @@ def test_processes_append_and_rotate_concurrently(tmp_path: Path) -> None:
     for proc in procs:
         assert proc.wait(120) == 0
     events = read_events(path)
-    assert len(events) == 3 * n  # nothing lost at any rotation, no torn line
+    assert len(events) == 2 * 3 * n  # nothing lost at any rotation, no torn line
+    assert len(list(device_dir(path).glob("main_shared-*.jsonl.*"))) > 3  # it rotated
     for name in ("p1", "p2", "p3"):
-        mine = [e for e in events if e["AuditSourceIdentification"]["AuditSourceID"] == name]
-        order = [
-            int(
-                str(e["ParticipantObjectIdentification"][0]["ParticipantObjectID"]).rsplit("-", 1)[
-                    1
-                ]
-            )
-            for e in mine
-        ]
-        assert order == list(range(n))
+        assert _numbers(events, name, "revocation") == list(range(n))
+        assert _numbers(events, name, "query") == list(range(n))
 
 
 def test_settings_from_config(tmp_path: Path) -> None:
@@ -563,9 +575,10 @@ def test_every_event_of_a_bound_device_names_its_user(audit: AuditLog) -> None:
     audit.token_created(
         now=T0, device="ws3", token_id="00" * 8, expires_at=T0, actor="cli:it", user="bob"
     )
-    events = read_events(audit.path)
-    assert [e.get("user") for e in events] == ["alice", "alice", None, "bob"]
-    device = events[0]["ActiveParticipant"][0]
+    events = {e["kind"]: e for e in read_events(audit.path)}  # one time: any order
+    got = {kind: e.get("user") for kind, e in events.items()}
+    assert got == {"query": "alice", "revocation": "alice", "renewal": None, "token_created": "bob"}
+    device = events["query"]["ActiveParticipant"][0]
     assert device["UserID"] == dev and device["UserName"] == "alice"
 
 

@@ -58,7 +58,7 @@ def test_retrieval_is_audited_at_begin_and_end_and_queries_once(tmp_path: Path) 
     events = read_events(log.path)
     kinds = [e.get("kind") or e.get("Kind") or e["EventID"]["csd-code"] for e in events]
     assert len(events) == 3, kinds  # begin, end, query: a query has no begin event
-    text = (tmp_path / "audit.jsonl").read_text()
+    text = log.devices.path_of(DEVICE).read_text()  # the device's own set
     assert uid in text and "PID-42" in text and DEVICE in text
     assert "110102" in text and "110104" in text and "110112" in text
 

@@ -1,5 +1,6 @@
 """The agent's audit trail (DICOM PS3.15 events as JSON lines): the event model (`events`),
-the file it is written to (`trail`) and its config section (`settings`)."""
+the writer (`trail`), its files (`files`: the security set and one set per device) and
+its config section (`settings`)."""
 
 from relay.agent.audit.events import (
     MAX_LINE_BYTES,
@@ -9,11 +10,13 @@ from relay.agent.audit.events import (
     Participant,
     ParticipantObject,
 )
+from relay.agent.audit.files import DEFAULT_MAX_DEVICES, device_dir
 from relay.agent.audit.settings import AuditSettings, SyslogSettings, read_audit_settings
 from relay.agent.audit.trail import (
     AUDIT_FILE,
     DEFAULT_KEEP,
     DEFAULT_MAX_BYTES,
+    DEVICE_KINDS,
     AuditLog,
     AuditSink,
     read_events,
@@ -23,6 +26,8 @@ __all__ = [
     "AUDIT_FILE",
     "DEFAULT_KEEP",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_DEVICES",
+    "DEVICE_KINDS",
     "MAX_LINE_BYTES",
     "AuditEvent",
     "AuditLog",
@@ -33,6 +38,7 @@ __all__ = [
     "Participant",
     "ParticipantObject",
     "SyslogSettings",
+    "device_dir",
     "read_audit_settings",
     "read_events",
 ]

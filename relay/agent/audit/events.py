@@ -28,7 +28,8 @@ the hospital.
 A query's identifier is stored as its first MAX_QUERY_BYTES (ParticipantObjectQuery,
 base64) with the SHA-256 and length of the whole (details `QuerySHA256`, `QueryLength`),
 its other details at most MAX_QUERY_DETAIL characters each: a device runs C-FINDs as
-often as its stream rate allows, and their events must not rotate the others' away.
+often as its stream rate allows, and the smaller its events the longer its own set (see
+`files`) keeps them.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ MAX_QUERY_BYTES: Final = 512
 (a viewer's identifier is mostly a few hundred bytes; the level, patient and UIDs are
 details of their own), and the hash says whether a full identifier found elsewhere (the
 device, a capture, the PACS's log) is the one that was sent. Storing 8 KiB made each
-C-FIND event 11 KB: one device's queries rotated every other device's records out of
-the trail after ~9,500 of them."""
+C-FIND event 11 KB: ~9,500 of them filled a trail of the default size (then shared by
+every device; now each device has a set of its own)."""
 MAX_QUERY_DETAIL: Final = 256
 """Characters of each detail of a query event (a UID or patient ID is at most 64; a list
 match is in the identifier, which the hash covers), so that the event stays small."""

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from relay.agent.audit.events import MAX_LINE_BYTES
+from relay.agent.audit.files import DEFAULT_MAX_DEVICES
 from relay.agent.audit.trail import DEFAULT_KEEP, DEFAULT_MAX_BYTES
+
+MAX_DEVICE_SETS: Final = 100_000
+"""The most `audit.max_devices` may be: the registry's device limit."""
 
 if TYPE_CHECKING:
     from relay.ops.config import Address, Reader
@@ -28,8 +32,12 @@ class SyslogSettings:
 class AuditSettings:
     """The agent's `audit:` config section (all optional)."""
 
+    #: each set (the security set, and each device's) rotates at this size
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: rotated files each set keeps
     keep: int = DEFAULT_KEEP
+    #: device sets kept: on disk at most (max_devices + 1) x max_bytes x (keep + 1)
+    max_devices: int = DEFAULT_MAX_DEVICES
     syslog: SyslogSettings | None = None
 
 
@@ -38,8 +46,9 @@ def read_audit_settings(r: Reader) -> AuditSettings:
 
     ```yaml
     audit:
-      max_size: 10MiB        # rotate audit.jsonl at this size
-      keep: 10               # rotated files kept
+      max_size: 10MiB        # rotate each set (audit.jsonl, each device's) at this size
+      keep: 10               # rotated files each set keeps
+      max_devices: 256       # device sets (audit-devices/); a new one beyond prunes the idlest
       syslog:                # optional: also send RFC 5424 over TLS
         address: siem.hospital.local:6514
         ca: siem-ca.crt
@@ -62,6 +71,7 @@ def read_audit_settings(r: Reader) -> AuditSettings:
 
     settings_max = s.get("max_size", max_size, DEFAULT_MAX_BYTES)
     keep = s.integer("keep", DEFAULT_KEEP, lo=1, hi=1000)
+    max_devices = s.integer("max_devices", DEFAULT_MAX_DEVICES, lo=1, hi=MAX_DEVICE_SETS)
     syslog = None
     sys_section = s.optional_section("syslog")
     if sys_section is not None:
@@ -76,4 +86,4 @@ def read_audit_settings(r: Reader) -> AuditSettings:
             key=key,
             queue=sys_section.integer("queue", 1000, lo=1, hi=1_000_000),
         )
-    return AuditSettings(max_bytes=settings_max, keep=keep, syslog=syslog)
+    return AuditSettings(max_bytes=settings_max, keep=keep, max_devices=max_devices, syslog=syslog)

@@ -1,27 +1,23 @@
-"""The agent's audit trail on disk: JSON lines, rotated, safe for several writers.
+"""The agent's audit trail on disk: JSON lines in rotated sets, safe for several writers.
 
-Several processes append to the same file (the agent and the `relay token` / `relay
-device` commands): each event is one write() under an flock, which also serializes
-rotation, so lines never interleave and none is lost at a rotation. The file is mode
-0600 and stays inside the hospital: patient identifiers may appear in it.
+The security and administrative events (enrollment, renewal, codes, revocation, refused
+links, IT logins) go to `audit.jsonl`; each device's DICOM events (query, transfers) to
+a set of its own under `audit-devices/` (see `files`), so that no device's traffic
+rotates another's records or the security events away. Several processes append (the
+agent and the `relay token` / `relay device` commands): each event is one write() under
+an flock, which also serializes rotation, so lines never interleave and none is lost at
+a rotation. Files are mode 0600 and stay inside the hospital: patient identifiers may
+appear in them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
-
-try:
-    import fcntl
-except ImportError:  # Windows: the agent runs on Linux; there only the ends' tests load it
-    fcntl = None  # type: ignore[assignment]
 
 from relay.agent.audit.events import (
     EV_BEGIN_TRANSFER,
@@ -56,6 +52,15 @@ from relay.agent.audit.events import (
     encode_event,
     iso_time,
 )
+from relay.agent.audit.files import (
+    DEFAULT_MAX_DEVICES,
+    DeviceSets,
+    RotatedFile,
+    device_dir,
+    flocked,
+    merged_events,
+    trail_sets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,9 @@ _KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
     # Action R: the agent is not the receiver of the instances.
     "transfer_end": (EV_INSTANCES_TRANSFERRED, "R", ()),
 }
+DEVICE_KINDS: Final = frozenset({"query", "transfer_begin", "transfer_end"})
+"""Caused by one device's DICOM traffic: written to that device's own set. Every other
+kind is a security/administrative event, in the security set no device traffic rotates."""
 
 
 class AuditSink(Protocol):
@@ -95,8 +103,10 @@ class AuditSink(Protocol):
 
 
 class AuditLog:
-    """Appends events to `path` (JSON lines), rotating at `max_bytes` and keeping `keep`
-    older files (path.1 newest ... path.KEEP oldest).
+    """Appends events to rotated sets of JSON lines: the security set `path` and one set
+    per device for its DICOM events (DEVICE_KINDS) in `device_dir(path)`, each rotating
+    at `max_bytes` and keeping `keep` older files (path.1 newest ... path.KEEP oldest),
+    at most `max_devices` device sets (the one idle longest is pruned for a new device).
 
     `source_id` identifies this agent (its SPIFFE ID) as the AuditSource and as the
     agent participant. Writing never raises: a failure is logged and counted in
@@ -111,6 +121,7 @@ class AuditLog:
         site: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         keep: int = DEFAULT_KEEP,
+        max_devices: int = DEFAULT_MAX_DEVICES,
         sink: AuditSink | None = None,
         user_of: Callable[[str], str | None] | None = None,
     ) -> None:
@@ -128,14 +139,18 @@ class AuditLog:
         self.user_of = user_of
         self.written = 0
         self.failures = 0
+        self._security = RotatedFile(self.path, max_bytes, keep)
         self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self.devices = DeviceSets(
+            device_dir(self.path), max_bytes=max_bytes, keep=keep, max_sets=max_devices
+        )
 
     # -- writing
 
     def log(self, event: AuditEvent) -> bool:
-        """Append one event; True if it reached the file."""
+        """Append one event to its set; True if it reached the file."""
         line = encode_event(event, self.source_id, self.site)
-        ok = self._append((line + "\n").encode("utf-8"))
+        ok = self._append(device_of(event), (line + "\n").encode("utf-8"))
         if self.sink is not None:
             try:
                 self.sink.emit(event, line)
@@ -143,45 +158,18 @@ class AuditLog:
                 log.exception("audit sink failed")
         return ok
 
-    def _append(self, data: bytes) -> bool:
+    def _append(self, device: str | None, data: bytes) -> bool:
+        """To `device`'s set, or the security set if None."""
         try:
-            lock_fd = os.open(self._lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            if device is None:
+                with flocked(self._lock_path):
+                    self._security.append(data)
+            else:
+                self.devices.append(device, data)
         except OSError as exc:
             return self._failed(exc)
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            try:
-                size = os.stat(self.path).st_size
-            except FileNotFoundError:
-                size = 0
-            if size > 0 and size + len(data) > self.max_bytes:
-                self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            return self._failed(exc)
-        finally:
-            os.close(lock_fd)  # releases the flock
         self.written += 1
         return True
-
-    def _rotate(self) -> None:
-        """path -> path.1 -> ... -> path.KEEP (the oldest is dropped). Called under flock."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._numbered(self.keep))
-        for n in range(self.keep - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self._numbered(n), self._numbered(n + 1))
-        os.replace(self.path, self._numbered(1))
-
-    def _numbered(self, n: int) -> Path:
-        return self.path.with_name(f"{self.path.name}.{n}")
 
     def _failed(self, exc: OSError) -> bool:
         self.failures += 1
@@ -418,8 +406,8 @@ class AuditLog:
         `query` is the encoded identifier dataset (its first MAX_QUERY_BYTES stored
         base64, as PS3.15 asks, with the SHA-256 and length of the whole); `details` e.g.
         {"QueryRetrieveLevel": "STUDY", "Matches": 12}, each at most MAX_QUERY_DETAIL
-        characters: a device's queries are many and small events keep the trail's
-        rotation from dropping other devices' records.
+        characters: a device's queries are many, and small events keep more of them in
+        its own set.
         """
         return self._record(
             "query",
@@ -525,31 +513,28 @@ def _study_objects(
     return (study, patient)
 
 
+def device_of(event: AuditEvent) -> str | None:
+    """The device whose set `event` goes to (its requestor), or None: the security set.
+    A DICOM event without a device (no peer identity) goes to the set "unknown"."""
+    if event.kind not in DEVICE_KINDS:
+        return None
+    for p in event.participants:
+        if p.requestor:
+            return p.user_id or "unknown"
+    return "unknown"
+
+
 def read_events(path: Path, *, limit: int = 100_000) -> list[dict[str, Any]]:
-    """The events of `path` and its rotated files, oldest first (for tests and tools).
+    """The events of the trail whose security set is `path` (its rotated files and every
+    device set), oldest first across the sets (for tests and tools).
 
     A line that is not JSON (a torn write after a crash) is skipped. Lines end at "\n"
     only (a file written before events were all ASCII may hold raw U+2028 in text).
     """
-    path = Path(path)
-    numbered = sorted(
-        (p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
-        key=lambda p: int(p.suffix[1:]),
-        reverse=True,
-    )
     events: list[dict[str, Any]] = []
-    for file in [*numbered, path]:
-        try:
-            text = file.read_text("utf-8")
-        except FileNotFoundError:
-            continue
-        for line in text.split("\n"):  # not splitlines(): U+2028 etc. are no line end
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                events.append(value)
-                if len(events) >= limit:
-                    return events
+    for event in merged_events(trail_sets(Path(path)), newest_first=False):
+        if event is not None:
+            events.append(event)
+            if len(events) >= limit:
+                break
     return events

@@ -1,18 +1,22 @@
 """The audit trail as the IT pages show it: filtered, newest first, paginated, bounded.
 
-It reads the agent's JSON-lines files (audit.jsonl, then .1, .2 ... the oldest) from the
-newest line backwards and stops after MAX_SCAN lines, whatever the filters, so a page
-costs at most that much work however large the trail (the rotation bounds it anyway).
+It reads the agent's sets of JSON-lines files (the security set audit.jsonl, .1, .2 ...,
+and each device's set in audit-devices/) from the newest line backwards, merged in time
+order, and stops after MAX_SCAN lines, whatever the filters, so a page costs at most
+that much work however large the trail (the rotation bounds it anyway). A filter on a
+kind reads only the sets that kind is written to: one device's flood of queries does
+not push the security events beyond the scan bound.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
+
+from relay.agent.audit.files import event_time, merged_events, trail_sets
+from relay.agent.audit.trail import DEVICE_KINDS
 
 __all__ = ["MAX_SCAN", "PAGE_SIZE", "AuditFilter", "AuditPage", "query_audit"]
 
@@ -53,34 +57,13 @@ class AuditPage:
     truncated: bool  # MAX_SCAN lines read before the page was complete
 
 
-def _files(path: Path) -> list[Path]:
-    numbered = sorted(
-        (p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
-        key=lambda p: int(p.suffix[1:]),
-    )
-    return [path, *numbered]
-
-
-def _lines_newest_first(path: Path) -> Iterator[str]:
-    for file in _files(path):
-        try:
-            text = file.read_text("utf-8", errors="replace")
-        except OSError:
-            continue
-        # "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085..., which
-        # older files may hold raw inside an event's text.
-        yield from (line for line in reversed(text.split("\n")) if line)
-
-
-def _when(event: dict[str, Any]) -> datetime | None:
-    ident = event.get("EventIdentification")
-    raw = ident.get("EventDateTime") if isinstance(ident, dict) else None
-    if not isinstance(raw, str):
-        return None
-    try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+def _sets(path: Path, kind: str) -> list[Path]:
+    """The sets events of `kind` are in: a security kind only in the security set; a
+    DICOM kind in the device sets and the security set (where every event went before
+    the trail was split)."""
+    if not kind:
+        return trail_sets(path)
+    return trail_sets(path, devices=kind in DEVICE_KINDS)
 
 
 def _ids(event: dict[str, Any]) -> list[str]:
@@ -98,7 +81,7 @@ def matches(event: dict[str, Any], f: AuditFilter) -> bool:
     if f.kind and event.get("kind") != f.kind:
         return False
     if f.since is not None or f.until is not None:
-        at = _when(event)
+        at = event_time(event)
         if at is None or (f.since and at < f.since) or (f.until and at >= f.until):
             return False
     if f.device and not any(f.device in i for i in _ids(event)):
@@ -116,15 +99,11 @@ def query_audit(path: Path, f: AuditFilter, *, page_size: int = PAGE_SIZE) -> Au
     skip = (page - 1) * page_size
     found: list[dict[str, Any]] = []
     scanned = 0
-    for line in _lines_newest_first(path):
+    for event in merged_events(_sets(path, f.kind), newest_first=True):
         if scanned >= MAX_SCAN:
             return AuditPage(found[:page_size], page, False, scanned, True)
         scanned += 1
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(event, dict) or not matches(event, f):
+        if event is None or not matches(event, f):
             continue
         if skip:
             skip -= 1

@@ -1,0 +1,276 @@
+"""The audit trail's sets: the security events and each device's DICOM events rotate
+apart, the device sets are bounded, readers (read_events, the IT pages' view) merge them
+in time order, and a trail of the old layout (one file set for everything) still reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.agent.audit import (
+    AUDIT_FILE,
+    DEFAULT_MAX_DEVICES,
+    MAX_LINE_BYTES,
+    AuditLog,
+    Outcome,
+    device_dir,
+    read_audit_settings,
+    read_events,
+)
+from relay.agent.audit import files as audit_files
+from relay.agent.audit.files import device_set_name, list_sets, merged_events
+from relay.agent.itpages import auditview
+from relay.agent.itpages.auditview import AuditFilter, query_audit
+from relay.ops.configfile import open_config
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+AGENT = "spiffe://hospital.test/agent/main"
+HOSTILE = "spiffe://hospital.test/device/main/hostile"
+OTHER = "spiffe://hospital.test/device/main/ws2"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def at(i: int) -> datetime:
+    return T0 + timedelta(seconds=i)
+
+
+def small_trail(tmp_path: Path, *, keep: int = 2, max_devices: int = 8) -> AuditLog:
+    return AuditLog(
+        tmp_path / AUDIT_FILE,
+        source_id=AGENT,
+        site="main",
+        max_bytes=MAX_LINE_BYTES,
+        keep=keep,
+        max_devices=max_devices,
+    )
+
+
+def query(audit: AuditLog, device: str, i: int) -> None:
+    audit.query(
+        now=at(i),
+        device=device,
+        sop_class_uid=FIND,
+        outcome=Outcome.SUCCESS,
+        query=b"q" * 400,
+        details={"QueryRetrieveLevel": "STUDY", "Seq": i},
+    )
+
+
+def security_events(audit: AuditLog, i: int) -> None:
+    """One of each security kind a device's flood used to rotate away."""
+    audit.enrollment(now=at(i), device=OTHER, token_id="00" * 8, peer=None, outcome=Outcome.SUCCESS)
+    audit.token_created(now=at(i), device="ws3", token_id="11" * 8, expires_at=T0, actor="it:a")
+    audit.renewal(now=at(i), device=OTHER, outcome=Outcome.SUCCESS)
+    audit.revocation(now=at(i), device=OTHER, actor="cli:it")
+    audit.auth_refused(now=at(i), identity=None, peer="198.51.100.7:1", reason="x", reporter="g")
+
+
+def seq(event: dict[str, Any]) -> int:
+    (obj,) = event["ParticipantObjectIdentification"]
+    return int({d["type"]: d["value"] for d in obj["ParticipantObjectDetail"]}["Seq"])
+
+
+def requestor(event: dict[str, Any]) -> str:
+    return str(event["ActiveParticipant"][0]["UserID"])
+
+
+def queries_of(events: list[dict[str, Any]], device: str) -> list[int]:
+    return [seq(e) for e in events if e["kind"] == "query" and requestor(e) == device]
+
+
+def set_sizes(directory: Path, name: str) -> list[int]:
+    return [p.stat().st_size for p in directory.iterdir() if p.name.startswith(name)]
+
+
+def test_one_devices_flood_rotates_neither_another_devices_records_nor_the_security_events(
+    tmp_path: Path,
+) -> None:
+    """The hostile device's queries (three sets' worth) rotate only its own set."""
+    audit = small_trail(tmp_path)
+    security_events(audit, 0)
+    for i in range(1, 6):
+        query(audit, OTHER, i)
+    flood = 3 * 3 * MAX_LINE_BYTES // 900  # each event ~900 bytes: three full sets
+    for i in range(10, 10 + flood):
+        query(audit, HOSTILE, i)
+    assert audit.failures == 0
+
+    events = read_events(audit.path)
+    kinds = [e["kind"] for e in events if e["kind"] != "query"]
+    assert kinds == ["enrollment", "token_created", "renewal", "revocation", "auth_refused"]
+    assert queries_of(events, OTHER) == [1, 2, 3, 4, 5]
+    mine = queries_of(events, HOSTILE)
+    assert mine[-1] == 10 + flood - 1 and mine[0] > 10  # its own oldest rotated away
+    assert mine == list(range(mine[0], mine[-1] + 1))  # nothing lost in between
+    # Its set holds at most 1 + keep files, each at most max_bytes.
+    sizes = set_sizes(device_dir(audit.path), device_set_name(HOSTILE))
+    assert len(sizes) == 3 and max(sizes) <= MAX_LINE_BYTES
+
+
+def test_device_events_go_to_a_private_set_named_by_the_device_not_the_patient(
+    tmp_path: Path,
+) -> None:
+    audit = small_trail(tmp_path)
+    audit.transfer_begin(now=T0, device=OTHER, study_uid="1.2.3", patient_id="PID-777")
+    directory = device_dir(audit.path)
+    (file,) = [p for p in directory.iterdir() if p.name != audit_files.DEVICE_LOCK]
+    assert file.name.startswith("main_ws2-") and file.name.endswith(".jsonl")
+    assert "PID-777" in file.read_text() and not audit.path.exists()
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    # Two IDs that make the same readable part still get sets of their own.
+    assert device_set_name("spiffe://a/device/main/w s") != device_set_name(
+        "spiffe://a/device/main/w_s"
+    )
+    assert device_set_name("spiffe://a/device/../../etc").startswith("_.._etc-")
+
+
+def test_the_device_sets_are_bounded_and_the_set_idle_longest_is_pruned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = small_trail(tmp_path, max_devices=3)
+    directory = device_dir(audit.path)
+    devices = [f"spiffe://hospital.test/device/main/ws{n}" for n in range(5)]
+    for n, device in enumerate(devices[:3]):
+        query(audit, device, n)
+        os.utime(audit.devices.path_of(device), (1000 + n, 1000 + n))  # ws0 idlest
+    query(audit, devices[0], 3)  # ws0 written again: ws1 is now the idlest
+    security_events(audit, 4)
+    with caplog.at_level(logging.WARNING, logger="relay.agent.audit.files"):
+        query(audit, devices[3], 5)
+    assert sorted(list_sets(directory)) == sorted(
+        device_set_name(d) for d in (devices[0], devices[2], devices[3])
+    )
+    assert audit.devices.pruned == 1
+    assert any("audit.max_devices" in r.getMessage() for r in caplog.records)
+    query(audit, devices[0], 6)  # an existing set: nothing pruned
+    assert audit.devices.pruned == 1 and len(list_sets(directory)) == 3
+    events = read_events(audit.path)
+    assert len([e for e in events if e["kind"] != "query"]) == 5  # never pruned
+    assert {requestor(e) for e in events if e["kind"] == "query"} == {
+        devices[0],
+        devices[2],
+        devices[3],
+    }
+
+
+def test_read_events_merges_the_sets_in_time_order(tmp_path: Path) -> None:
+    audit = small_trail(tmp_path)
+    for i in range(30):
+        if i % 3 == 0:
+            audit.revocation(
+                now=at(i), device=f"spiffe://hospital.test/device/main/r{i}", actor="x"
+            )
+        else:
+            query(audit, OTHER if i % 3 == 1 else HOSTILE, i)
+    events = read_events(audit.path)
+    assert [e["EventIdentification"]["EventDateTime"] for e in events] == [
+        at(i).isoformat(timespec="microseconds").replace("+00:00", "Z") for i in range(30)
+    ]
+    assert len(read_events(audit.path, limit=7)) == 7
+
+
+def _old_event(i: int, kind: str, device: str) -> str:
+    return json.dumps(
+        {
+            "kind": kind,
+            "EventIdentification": {"EventDateTime": at(i).isoformat().replace("+00:00", "Z")},
+            "ActiveParticipant": [{"UserID": device, "UserIsRequestor": True}],
+        }
+    )
+
+
+def test_a_trail_of_the_old_layout_is_still_read_with_the_new_sets(tmp_path: Path) -> None:
+    """Before the split, every event was in audit.jsonl(.N): those files are the
+    security set now, read (and merged) as they are."""
+    path = tmp_path / AUDIT_FILE
+    old = [_old_event(i, "query" if i % 2 else "enrollment", HOSTILE) for i in range(10)]
+    (tmp_path / f"{AUDIT_FILE}.1").write_text("\n".join(old[:5]) + "\n")
+    path.write_text("\n".join(old[5:]) + "\n")
+    audit = small_trail(tmp_path)
+    query(audit, OTHER, 10)
+    audit.revocation(now=at(11), device=OTHER, actor="x")
+    events = read_events(path)
+    assert [e["kind"] for e in events] == [json.loads(x)["kind"] for x in old] + [
+        "query",
+        "revocation",
+    ]
+    page = query_audit(path, AuditFilter(kind="query"), page_size=100)
+    assert [requestor(e) for e in page.events] == [OTHER] + [HOSTILE] * 5
+    everything = query_audit(path, AuditFilter(), page_size=100)
+    assert len(everything.events) == 12 and everything.events[0]["kind"] == "revocation"
+
+
+def test_the_view_merges_the_sets_newest_first_and_pages_across_them(tmp_path: Path) -> None:
+    audit = small_trail(tmp_path)
+    for i in range(40):
+        if i % 4 == 0:
+            audit.renewal(now=at(i), device=OTHER, outcome=Outcome.SUCCESS)
+        else:
+            query(audit, [OTHER, HOSTILE, "spiffe://hospital.test/device/main/ws9"][i % 3], i)
+    times = []
+    for page in range(1, 5):
+        result = query_audit(audit.path, AuditFilter(page=page), page_size=10)
+        assert result.has_more == (page < 4)
+        times += [e["EventIdentification"]["EventDateTime"] for e in result.events]
+    assert times == sorted(times, reverse=True) and len(set(times)) == 40
+    ws2 = query_audit(audit.path, AuditFilter(device="/ws2", kind="query"), page_size=100)
+    assert ws2.events and all(requestor(e) == OTHER for e in ws2.events)
+
+
+def test_a_flood_does_not_push_the_security_events_beyond_the_views_scan_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filtering on a security kind reads the security set only: the hostile device's
+    newer queries, more than MAX_SCAN of them, are not in the way."""
+    monkeypatch.setattr(auditview, "MAX_SCAN", 50)
+    audit = small_trail(tmp_path)
+    audit.revocation(now=at(0), device=OTHER, actor="x")
+    for i in range(1, 101):
+        query(audit, HOSTILE, i)
+    result = query_audit(audit.path, AuditFilter(kind="revocation"))
+    assert [e["kind"] for e in result.events] == ["revocation"] and not result.truncated
+    merged = query_audit(audit.path, AuditFilter())
+    assert merged.truncated and merged.scanned == 50  # the bound still holds
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+def test_readers_take_small_chunks_skip_an_oversized_line_and_follow_a_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, newest_first: bool
+) -> None:
+    monkeypatch.setattr(audit_files, "READ_CHUNK", 1000)  # lines span several chunks
+    audit = AuditLog(tmp_path / AUDIT_FILE, source_id=AGENT, max_bytes=MAX_LINE_BYTES, keep=50)
+    for i in range(200):
+        audit.revocation(now=at(i), device=f"spiffe://h/device/main/r{i}", actor="a" * 300)
+    with audit.path.open("ab") as f:  # a damaged line, far longer than any event
+        f.write(b"x" * (audit_files.MAX_READ_LINE + 500) + b"\n")
+    audit.revocation(now=at(200), device="spiffe://h/device/main/r200", actor="a")
+    reader: Iterator[dict[str, Any] | None] = merged_events([audit.path], newest_first=newest_first)
+    first = next(reader)
+    for i in range(201, 400):  # rotations while the reader is half way
+        audit.revocation(now=at(i), device=f"spiffe://h/device/main/r{i}", actor="a" * 300)
+    seen = [first, *reader]
+    assert None not in seen  # the long line skipped, no fragment of it read as a line
+    names = [str(e["ParticipantObjectIdentification"][0]["ParticipantObjectID"]) for e in seen if e]
+    expected = [f"spiffe://h/device/main/r{i}" for i in range(201)]
+    assert names == (expected[::-1] if newest_first else expected)
+
+
+def test_max_devices_is_read_from_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("audit:\n  max_devices: 12\n")
+    assert read_audit_settings(open_config(cfg)).max_devices == 12
+    cfg.write_text("audit:\n  keep: 3\n")
+    assert read_audit_settings(open_config(cfg)).max_devices == DEFAULT_MAX_DEVICES
+    cfg.write_text("audit:\n  max_devices: 0\n")
+    with pytest.raises(Exception, match=r"audit\.max_devices"):
+        read_audit_settings(open_config(cfg))
