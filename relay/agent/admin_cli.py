@@ -120,6 +120,10 @@ def open_state(config: AgentConfig) -> tuple[DeviceRegistry, AuditLog]:
         state / AUDIT_FILE,
         source_id=_agent_identity(config),
         site=config.site,
+        # the agent's bounds: the CLI writes to the same sets and rotates them too
+        max_bytes=config.audit.max_bytes,
+        keep=config.audit.keep,
+        max_devices=config.audit.max_devices,
         user_of=user_of if config.directory is not None else None,
     )
     return registry, audit

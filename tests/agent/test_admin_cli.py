@@ -67,6 +67,24 @@ def test_token_create_prints_the_code_alone(
     )
 
 
+def test_the_cli_rotates_the_audit_trail_at_the_configured_size(
+    setup: tuple[Path, SitePki],
+) -> None:
+    """The CLI appends to the agent's security set: it must rotate it at the config's
+    `audit.max_size`, not at the default 10 MiB (it did, whatever the config said)."""
+    config, _ = setup
+    with config.open("a") as f:
+        f.write("audit: {max_size: 64KiB, keep: 2}\n")
+    state = config.parent / "state"
+    state.mkdir(mode=0o700)
+    filler = json.dumps({"kind": "it_login", "n": "x" * 900})
+    (state / AUDIT_FILE).write_text((filler + "\n") * 70)  # ~64 KiB: the next event rotates
+    assert token_create(config, "ws1", "2h", now=lambda: T0) == 0
+    assert (state / f"{AUDIT_FILE}.1").stat().st_size > 60_000
+    assert [e["kind"] for e in read_events(state / AUDIT_FILE)][-1] == "token_created"
+    assert (state / AUDIT_FILE).stat().st_size < 4096
+
+
 def test_gateway_override(setup: tuple[Path, SitePki]) -> None:
     config, _ = setup
     out = io.StringIO()
