@@ -132,8 +132,9 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
+    from relay.ops.secretinput import SecretReader
     from relay.trust.codes import MAX_CODE_CHARS
-    from relay.trust.enroll import SecretReader, run_enroll
+    from relay.trust.enroll import run_enroll
 
     # stdin's bytes, decoded by their BOM: text-mode stdin is the ANSI code page on Windows
     stdin = SecretReader(sys.stdin.buffer)
@@ -168,8 +169,11 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_it_admin_passwd(args: argparse.Namespace) -> int:
     from relay.agent.itpages.admin_cli import passwd
+    from relay.ops.secretinput import SecretReader
 
-    return passwd(Path(args.file), args.user, stdin=sys.stdin if args.password_stdin else None)
+    # stdin's bytes, decoded by their BOM, as `relay enroll` reads them (relay.ops.secretinput)
+    stdin = SecretReader(sys.stdin.buffer) if args.password_stdin else None
+    return passwd(Path(args.file), args.user, stdin=stdin)
 
 
 def _cmd_prefetch(args: argparse.Namespace) -> int:

@@ -236,3 +236,63 @@ def test_enroll_reads_the_code_and_password_on_stdin_as_bytes(
     monkeypatch.setattr(enroll, "run_enroll", run_enroll)
     assert cli.main(["enroll", "-", "--dir", str(tmp_path), "--password-stdin"]) == 0
     assert got == {"code": "DMZR-CODE", "password": "Passw\u00f6rt1"}
+
+
+IT_PASSWORD = "Passw\u00f6rt-lang-genug"
+
+
+@pytest.mark.parametrize(
+    "piped",
+    [
+        ("\ufeff" + IT_PASSWORD + "\r\n").encode("utf-16-le"),  # PowerShell 5.1's pipe, `>`
+        ("\ufeff" + IT_PASSWORD + "\r\n").encode("utf-16-be"),
+        ("\ufeff" + IT_PASSWORD + "\r\n").encode("utf-8"),  # Notepad's "UTF-8 with BOM"
+        (IT_PASSWORD + "\n").encode("utf-8"),
+    ],
+    ids=["utf-16-le", "utf-16-be", "utf-8-bom", "utf-8"],
+)
+def test_it_admin_passwd_reads_stdin_as_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piped: bytes
+) -> None:
+    """As `relay enroll` does: text-mode stdin decodes with the ANSI code page on Windows
+    (cp1252 here), which turned the password into another one that IT could never type."""
+    import io
+
+    from relay import cli
+    from relay.agent.itpages import passwords
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="cp1252"))
+    admins = tmp_path / "it-admins"
+    argv = ["it-admin", "passwd", "--file", str(admins), "--user", "anna", "--password-stdin"]
+    assert cli.main(argv) == 0
+    assert passwords.verify_password(passwords.read_admins(admins)["anna"], IT_PASSWORD)
+
+
+@pytest.mark.parametrize(
+    ("piped", "why"),
+    [
+        (IT_PASSWORD.encode("cp1252") + b"\r\n", "is not UTF-8 or UTF-16 text"),  # ANSI
+        (("\ufeff\ufeff" + IT_PASSWORD + "\n").encode(), "contains U+FEFF"),
+        (b"a long\tenough password\n", "contains U+0009"),
+    ],
+    ids=["ansi", "two-boms", "tab"],
+)
+def test_it_admin_passwd_refuses_a_garbled_password_on_stdin(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    piped: bytes,
+    why: str,
+) -> None:
+    import io
+
+    from relay import cli
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="cp1252"))
+    admins = tmp_path / "it-admins"
+    argv = ["it-admin", "passwd", "--file", str(admins), "--user", "anna", "--password-stdin"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relay it-admin passwd: the password from stdin ") and why in err
+    assert err.rstrip().endswith("nothing written")
+    assert not admins.exists()

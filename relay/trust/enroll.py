@@ -26,7 +26,6 @@ Every failure is an EnrollError whose str() is one line for the user.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import datetime as dt
 import getpass
@@ -34,11 +33,10 @@ import ipaddress
 import os
 import ssl
 import sys
-import unicodedata
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -50,6 +48,14 @@ from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import MessageError, read_json, write_json
 from relay.net.tls import classify_handshake_error
 from relay.ops import privatefiles
+from relay.ops.secretinput import (
+    Lines,
+    SecretInputError,
+    SecretReader,
+    read_secret_line,
+    refuse_garbled,
+    without_newline,
+)
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.seal.policy import ENROLL_HELLO_SEALED, agent_check, enroll_client_context
 from relay.seal.session import establish
@@ -417,83 +423,6 @@ def _check_issued(
         raise EnrollError(f"the certificate received is for {got.uri}, not {identity.uri}")
 
 
-class Lines(Protocol):
-    """What a password or a code is read from: `SecretReader`, or a text stream."""
-
-    def readline(self, size: int = -1, /) -> str: ...
-
-
-_BOMS: Final = (
-    (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le"),
-    (codecs.BOM_UTF16_BE, "utf-16-be"),
-)
-
-
-class SecretReader:
-    """Lines of text from bytes (a password file, stdin), decoded by their byte order
-    mark: UTF-8 without one, UTF-8, UTF-16 LE or BE with one (what Windows tools write:
-    PowerShell 5.1's `>` and Out-File write UTF-16 or UTF-8 with a BOM). Not the console's
-    code page, which text-mode stdin would use on Windows: a password altered on the way
-    costs one of the code's attempts and counts as a bad password in the directory.
-
-    Reads a byte at a time (a few hundred at most) so that the code and the password can
-    come one after the other from the same stdin. Undecodable bytes raise
-    UnicodeDecodeError."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
-        self._decoder: codecs.IncrementalDecoder | None = None
-        self._pending = ""
-
-    def readline(self, size: int = -1, /) -> str:
-        """The next line with its newline; at most `size` characters (all if negative)."""
-        if self._decoder is None:
-            self._decoder = self._start()
-        while "\n" not in self._pending and (size < 0 or len(self._pending) < size):
-            byte = self._raw.read(1)
-            self._pending += self._decoder.decode(byte, final=not byte)
-            if not byte:
-                break
-        end = self._pending.find("\n") + 1 or len(self._pending)
-        if size >= 0:
-            end = min(end, size)
-        line, self._pending = self._pending[:end], self._pending[end:]
-        return line
-
-    def _start(self) -> codecs.IncrementalDecoder:
-        head = b""
-        for bom, encoding in _BOMS:
-            while len(head) < len(bom) and bom.startswith(head):
-                byte = self._raw.read(1)
-                if not byte:
-                    break
-                head += byte
-            if head == bom:
-                return codecs.getincrementaldecoder(encoding)("strict")
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        self._pending = decoder.decode(head)
-        return decoder
-
-
-def _without_newline(text: str) -> str:
-    """Only the line's end ("\n" or "\r\n"): the rest is the secret, as typed."""
-    text = text.removesuffix("\n")
-    return text.removesuffix("\r")
-
-
-def _refuse_garbled(password: str, where: str) -> None:
-    """A password that cannot be what the user typed is not sent: each try spends one of
-    the code's attempts and counts as a bad password in the directory."""
-    for char in password:
-        if char in ("\ufeff", "\ufffd") or unicodedata.category(char) == "Cc":
-            raise EnrollError(
-                f"the password from {where} contains U+{ord(char):04X} (a control character, "
-                "a byte order mark or an undecodable byte): not sent; write it as UTF-8 or "
-                "UTF-16 text, on one line"
-            )
-
-
 def read_password(
     user: str,
     *,
@@ -504,41 +433,41 @@ def read_password(
     `stdin` (--password-stdin; a SecretReader over the bytes), or asked on the terminal
     (getpass: not echoed; works on Windows too). Never from the command line. A password
     with a control character, a BOM or U+FFFD is refused here, before anything is
-    dialled. Raises EnrollError."""
-    where = "the terminal"
-    if password_file is not None:
-        where = f"the password file {password_file}"
-        try:
-            with password_file.open("rb") as f:
-                text = SecretReader(f).readline(MAX_PASSWORD + 2)
-        except UnicodeDecodeError:
-            raise EnrollError(
-                f"the password file {password_file} is not UTF-8 or UTF-16 text (save it as UTF-8)"
-            ) from None
-        except OSError as exc:
-            raise EnrollError(f"cannot read the password file {password_file}: {exc}") from None
-    elif stdin is not None:
-        where = "stdin"
-        try:
-            text = stdin.readline(MAX_PASSWORD + 2)
-        except UnicodeDecodeError:
-            raise EnrollError("the password on stdin is not UTF-8 or UTF-16 text") from None
-    else:
-        if not sys.stdin.isatty():
-            raise EnrollError(
-                f"this code is for directory user {user!r} and there is no terminal to ask "
-                "for the password: use --password-file FILE or --password-stdin"
-            )
-        try:
-            text = getpass.getpass(f"Directory password for {user}: ")
-        except (EOFError, KeyboardInterrupt):
-            raise EnrollError("no password entered") from None
-    password = _without_newline(text)
+    dialled (relay.ops.secretinput). Raises EnrollError."""
+    try:
+        if password_file is not None:
+            where = f"the password file {password_file}"
+            try:
+                with password_file.open("rb") as f:
+                    password = read_secret_line(SecretReader(f), where, MAX_PASSWORD)
+            except OSError as exc:
+                raise EnrollError(f"cannot read the password file {password_file}: {exc}") from None
+        elif stdin is not None:
+            password = read_secret_line(stdin, "stdin", MAX_PASSWORD)
+        else:
+            password = _ask_password(user)
+    except SecretInputError as exc:
+        raise EnrollError(str(exc)) from None
     if not password:
         raise EnrollError(f"no password given for directory user {user!r}")
+    return password
+
+
+def _ask_password(user: str) -> str:
+    """The password typed on the terminal, checked as one read from a file."""
+    if not sys.stdin.isatty():
+        raise EnrollError(
+            f"this code is for directory user {user!r} and there is no terminal to ask "
+            "for the password: use --password-file FILE or --password-stdin"
+        )
+    try:
+        text = getpass.getpass(f"Directory password for {user}: ")
+    except (EOFError, KeyboardInterrupt):
+        raise EnrollError("no password entered") from None
+    password = without_newline(text)
     if len(password) > MAX_PASSWORD:
         raise EnrollError(f"the password is longer than {MAX_PASSWORD} characters")
-    _refuse_garbled(password, where)
+    refuse_garbled(password, "the terminal")
     return password
 
 

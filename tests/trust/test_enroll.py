@@ -38,6 +38,7 @@ from relay.net.bytestream import ByteStream
 from relay.net.dialer import dial
 from relay.ops import privatefiles
 from relay.ops.config import Address
+from relay.ops.secretinput import SecretReader
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.policy import enroll_server_context, session_server_context
 from relay.trust import enroll as enroll_module
@@ -46,7 +47,6 @@ from relay.trust.codes import EnrollmentCode, new_secret, new_token_id
 from relay.trust.enroll import (
     PINNED_CA_MISMATCH,
     EnrollError,
-    SecretReader,
     enroll,
     read_password,
     run_enroll,

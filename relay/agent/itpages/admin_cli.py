@@ -1,8 +1,11 @@
 """`relay it-admin passwd --file F --user U`: add or change a local IT admin's password.
 
 The password is asked twice on the terminal (getpass), or read from one line of stdin
-with `--password-stdin` (scripts); only its scrypt hash is written (relay.agent.itpages
-.passwords). Exit 0 done, 2 a user error as one line on stderr.
+with `--password-stdin` (scripts): stdin's bytes, decoded by their byte order mark and
+refused if garbled, as `relay enroll` reads a password (relay.ops.secretinput: a password
+piped from PowerShell or a Windows file arrives as UTF-16 or with a BOM). Only its scrypt
+hash is written (relay.agent.itpages.passwords). Exit 0 done, 2 a user error as one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import getpass
 import sys
 from pathlib import Path
-from typing import TextIO
 
-from relay.agent.itpages.passwords import PasswordFileError, set_password
+from relay.agent.itpages.passwords import MAX_PASSWORD_BYTES, PasswordFileError, set_password
+from relay.ops.secretinput import Lines, SecretInputError, read_secret_line
 
 __all__ = ["passwd"]
 
@@ -22,9 +25,13 @@ def _fail(message: object) -> int:
     return 2
 
 
-def passwd(path: Path, user: str, *, stdin: TextIO | None = None) -> int:
+def passwd(path: Path, user: str, *, stdin: Lines | None = None) -> int:
+    """`stdin`: a SecretReader over stdin's bytes (--password-stdin); None asks twice."""
     if stdin is not None:
-        password = stdin.readline().rstrip("\r\n")
+        try:
+            password = read_secret_line(stdin, "stdin", MAX_PASSWORD_BYTES)
+        except SecretInputError as exc:
+            return _fail(f"{exc}; nothing written")
     else:
         try:
             password = getpass.getpass(f"new IT admin password for {user}: ")
