@@ -285,6 +285,21 @@ def test_unit_stop_timeout_exceeds_drain_grace(role: str, tmp_path: Path) -> Non
     assert parse_duration(single(service, "TimeoutStopSec")) > config.drain_grace
 
 
+@pytest.mark.parametrize("role", ["gateway", "agent"])
+def test_unit_does_not_restart_a_bad_config(role: str, tmp_path: Path) -> None:
+    """What a bad config exits with (here a missing file) is not restarted in a loop,
+    as the workstation's units do; a crash (1, a traceback) still is."""
+    from relay import cli
+
+    service = parse_unit(unit_path(role))["Service"]
+    assert single(service, "Restart") == "on-failure"
+    prevented = single(service, "RestartPreventExitStatus").split()
+    bad_config = cli.main([role, "--config", str(tmp_path / "missing.yaml")])
+    assert bad_config == 2
+    assert str(bad_config) in prevented
+    assert "1" not in prevented and "0" not in prevented
+
+
 def test_gateway_unit_has_no_writable_path() -> None:
     service = parse_unit(unit_path("gateway"))["Service"]
     for key in WRITABLE_KEYS:
