@@ -783,6 +783,7 @@ WORKSTATION_ERRORS = [
     (_set("cache", "key", "file"), "cache.key", "expected one of memory, keyring"),
     (_set("cache", "enabled", "yes"), "cache.enabled", "expected true or false"),
     (_set("cache", "serve_buffer", "lots"), "cache.serve_buffer", "expected a size"),
+    (_set("cache", "serve_buffer", "17GiB"), "cache.serve_buffer", "at most 16GiB"),
     (_set("cache", "max_sise", "1GiB"), "cache.max_sise", "did you mean 'max_size'"),
 ]
 

@@ -18,6 +18,9 @@ __all__ = ["CacheConfig", "PrefetchConfig", "PrefetchRule", "read_cache", "read_
 DEFAULT_MAX_SIZE: Final = 20 * GiB
 DEFAULT_MAX_AGE: Final = 72 * 3600.0
 MAX_RULES: Final = 64
+# A DICOM node's read within serve_buffer is held decrypted in memory until sent: a
+# typo (a T for a G) must not let one viewer's retrieve take the PC's memory.
+MAX_SERVE_BUFFER: Final = 16 * GiB
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,16 @@ def read_cache(r: Reader, state_dir: Path | None = None) -> CacheConfig:
     max_size = s.size("max_size", DEFAULT_MAX_SIZE)
     if max_size < 1024 * 1024:
         raise s.error("max_size", "must be at least 1MiB")
+    serve_buffer = s.size("serve_buffer", CacheConfig.serve_buffer)
+    if serve_buffer > MAX_SERVE_BUFFER:
+        raise s.error("serve_buffer", "must be at most 16GiB")
     return CacheConfig(
         dir=directory,
         enabled=s.boolean("enabled", True),
         max_size=max_size,
         max_age=s.duration("max_age", DEFAULT_MAX_AGE, lo=1.0, above_lo=False),
         key=s.choice("key", ("memory", "keyring"), "memory"),
-        serve_buffer=s.size("serve_buffer", CacheConfig.serve_buffer),
+        serve_buffer=serve_buffer,
     )
 
 
