@@ -31,6 +31,24 @@ from relay.trust.identity import Identity, identity_from_der
 from relay.trust.pki import PkiError, load_cert, trust_domain_of_ca
 from relay.wire import ALPN_AGENT, ALPN_DEVICE, ALPN_ENROLL
 
+__all__ = [
+    "HANDSHAKE_REFUSALS",
+    "IDENTITY_CACHE_SIZE",
+    "IDENTITY_REFUSALS",
+    "TlsConfigError",
+    "TlsPart",
+    "accept_tls",
+    "classify_handshake_error",
+    "client_context",
+    "load_cert_and_key",
+    "load_trusted_cas",
+    "peer_identity",
+    "refusal_for_identity",
+    "server_context",
+    "tls_config_error",
+    "trust_domain_of",
+]
+
 # One ALPN per endpoint, so that a certificate of one role offered on the other's endpoint
 # is refused (an agent process started with a device certificate, say).
 
@@ -85,7 +103,8 @@ def _base_context(protocol: int) -> ssl.SSLContext:
     return ctx
 
 
-def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
+def load_trusted_cas(ctx: ssl.SSLContext, ca: Path) -> None:
+    """Trust the CAs of `ca` in `ctx`; a TlsConfigError ("ca") naming the file and why."""
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except FileNotFoundError:
@@ -94,7 +113,9 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
         raise TlsConfigError(f"{ca}: cannot load CA certificates ({exc})", "ca") from None
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+def load_cert_and_key(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """Present `cert` with `key` from `ctx`; a TlsConfigError naming the file at fault
+    ("cert" or "key": missing, unloadable, or a key of another certificate) and why."""
     if not Path(cert).is_file():
         raise TlsConfigError(f"{cert}: certificate file not found", "cert")
     if not Path(key).is_file():
@@ -124,8 +145,8 @@ def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.num_tickets = 0
-    _load_chain(ctx, cert, key)
-    _load_ca(ctx, ca)
+    load_cert_and_key(ctx, cert, key)
+    load_trusted_cas(ctx, ca)
     ctx.set_alpn_protocols([ALPN_DEVICE, ALPN_AGENT, ALPN_ENROLL])
     return ctx
 
@@ -143,9 +164,9 @@ def client_context(
     ctx = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_ca(ctx, ca)
+    load_trusted_cas(ctx, ca)
     if cert is not None and key is not None:
-        _load_chain(ctx, cert, key)
+        load_cert_and_key(ctx, cert, key)
     ctx.set_alpn_protocols([alpn])
     return ctx
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from relay.net.tls import _load_ca, _load_chain
+from relay.net.tls import load_cert_and_key, load_trusted_cas
 from relay.seal.core import PeerCheck
 from relay.trust.identity import Identity
 from relay.wire import ALPN_ENROLL_SEAL, ALPN_SESSION, TARGET_ENROLL, TARGET_SESSION
@@ -66,8 +66,8 @@ def session_client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ALPN_SESSION)
     ctx.check_hostname = False  # replaced by agent_check (URI SAN: role, site, domain)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_ca(ctx, ca)
-    _load_chain(ctx, cert, key)
+    load_trusted_cas(ctx, ca)
+    load_cert_and_key(ctx, cert, key)
     return ctx
 
 
@@ -76,8 +76,8 @@ def session_server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ALPN_SESSION)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.num_tickets = 1
-    _load_ca(ctx, ca)
-    _load_chain(ctx, cert, key)
+    load_trusted_cas(ctx, ca)
+    load_cert_and_key(ctx, cert, key)
     return ctx
 
 
@@ -91,7 +91,7 @@ def enroll_client_context(pinned_ca: Path | str) -> ssl.SSLContext:
     if isinstance(pinned_ca, str):
         ctx.load_verify_locations(cadata=pinned_ca)
     else:
-        _load_ca(ctx, pinned_ca)
+        load_trusted_cas(ctx, pinned_ca)
     return ctx
 
 
@@ -100,7 +100,7 @@ def enroll_server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ALPN_ENROLL_SEAL)
     ctx.verify_mode = ssl.CERT_NONE
     ctx.num_tickets = 0
-    _load_chain(ctx, cert, key)
+    load_cert_and_key(ctx, cert, key)
     return ctx
 
 

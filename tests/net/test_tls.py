@@ -6,6 +6,7 @@ client may finish its handshake before the server rejects the client certificate
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import ssl
 from dataclasses import dataclass
@@ -366,6 +367,20 @@ def test_context_errors_say_which_file_is_at_fault(world: World, tmp_path: Path)
         assert (info.value.part, str(info.value).startswith(text)) == (part, True), info.value
         error = tls.tls_config_error(info.value, tmp_path / "gw.yaml")
         assert str(error) == f"{tmp_path / 'gw.yaml'}: tls.{part}: {info.value}"
+
+
+def test_the_file_loaders_are_public_and_no_module_imports_a_private_name() -> None:
+    """The IT pages and the sealed sessions load their files with relay.net.tls's
+    loaders: those are its API (named in `__all__`), not private names reached into."""
+    assert {"load_cert_and_key", "load_trusted_cas"} <= set(tls.__all__)
+    assert all(hasattr(tls, name) for name in tls.__all__)
+    root = Path(__file__).resolve().parents[2]
+    private = []
+    for source in [*(root / "relay").rglob("*.py"), *(root / "gateway").rglob("*.py")]:
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "relay.net.tls":
+                private += [f"{source}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
 
 
 def test_trust_domain_of(world: World) -> None:

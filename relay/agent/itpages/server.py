@@ -26,7 +26,7 @@ from relay.agent.itpages.auth import (
 from relay.agent.itpages.passwords import PasswordFileError, read_admins
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import ItPagesSettings
-from relay.net.tls import TlsConfigError, _load_chain, tls_config_error
+from relay.net.tls import TlsConfigError, load_cert_and_key, tls_config_error
 from relay.ops.listening import announce
 
 __all__ = ["ItPagesServer", "admins_file_problem", "server_context"]
@@ -44,7 +44,7 @@ def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, settings.cert, settings.key)  # TlsConfigError: which file, why
+    load_cert_and_key(ctx, settings.cert, settings.key)  # TlsConfigError: which file, why
     return ctx
 
 
