@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
-from gateway.casites import load_ca_sites
-from gateway.config import GatewayConfigLoader
+from gateway.casites import CaSites, load_ca_sites
+from gateway.config import GatewayConfig, GatewayConfigLoader
 from gateway.server import GatewayServer
-from relay.net.tls import TlsConfigError, server_context
+from relay.net.tls import TlsConfigError, server_context, tls_config_error
 from relay.ops.config import ConfigError
-from relay.ops.reloading import ReloadError, check_own_certificate, keep_restart_only, set_log_level
+from relay.ops.reloading import (
+    ReloadError,
+    check_certificate_on_reload,
+    keep_restart_only,
+    set_log_level,
+)
 from relay.proto import ErrorCode
 from relay.trust.pki import PkiError
 
@@ -59,21 +65,12 @@ def _streams_open(server: GatewayServer) -> int:
 
 def reload(server: GatewayServer, load: GatewayConfigLoader) -> bool:
     """Re-read the config file (through `load`) and certificates; on any error keep the
-    running ones."""
+    running ones. The error line names the file, the key at fault and its path, as a
+    failed start does."""
     path = server.config.path
     try:
         config, restart = keep_restart_only(server.config, load(path), RESTART_ONLY)
-        ca_sites = load_ca_sites(config.tls.ca)
-        trust_domain = ca_sites.trust_domain
-        if trust_domain != server.trust_domain:
-            # Every device and agent certificate names the running one: they would all
-            # be refused. A new trust domain is a new deployment: restart.
-            raise ReloadError(
-                f"{config.tls.ca}: trust domain {trust_domain!r}, running with "
-                f"{server.trust_domain!r} (restart to change it)"
-            )
-        check_own_certificate(config.tls.cert, config.tls.ca, role="gateway")
-        context = server_context(config.tls.cert, config.tls.key, config.tls.ca)
+        context, ca_sites = reloaded_tls(server, config)
     except (ConfigError, ReloadError, TlsConfigError, PkiError, OSError, ValueError) as exc:
         server.metrics.reloads.labels("error").inc()
         log.error("reload failed, keeping the running configuration", extra={"error": str(exc)})
@@ -90,3 +87,30 @@ def reload(server: GatewayServer, load: GatewayConfigLoader) -> bool:
         )
     log.info("reloaded configuration and certificates")
     return True
+
+
+def reloaded_tls(server: GatewayServer, config: GatewayConfig) -> tuple[ssl.SSLContext, CaSites]:
+    """The listener's TLS context and the CA bundle's sites of a reloaded `tls:`, checked
+    as at start-up (gateway.service.tls_at_start) and failing as start-up fails: a
+    ConfigError naming the config file, the `tls.*` key at fault and its path."""
+    tls = config.tls
+    try:
+        ca_sites = load_ca_sites(tls.ca)
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path) from None
+    if ca_sites.trust_domain != server.trust_domain:
+        # Every device and agent certificate names the running one: they would all be
+        # refused. A new trust domain is a new deployment: restart.
+        raise ConfigError(
+            config.path,
+            "tls.ca",
+            f"{tls.ca}: trust domain {ca_sites.trust_domain!r}, running with "
+            f"{server.trust_domain!r} (restart to change it)",
+        )
+    check_certificate_on_reload(
+        config.path, "tls.cert", tls.cert, tls.ca, role="gateway", ca_key="tls.ca"
+    )
+    try:
+        return server_context(tls.cert, tls.key, tls.ca), ca_sites
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path) from None

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -54,7 +55,7 @@ from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
     check_certificate_at_start,
-    check_own_certificate,
+    check_certificate_on_reload,
     keep_restart_only,
     log_restart_needed,
     set_log_level,
@@ -179,11 +180,7 @@ class Agent:
         try:
             from_file = load_agent_config(self.config.path)
             new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
-            tls = new.tls
-            check_own_certificate(tls.cert, tls.ca, role="agent", site=self.config.site)
-            ctx = client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
-            session_ctx = session_server_context(tls.cert, tls.key, tls.ca)
-            enroll_ctx = enroll_server_context(tls.cert, tls.key)
+            ctx, session_ctx, enroll_ctx = reloaded_contexts(new, self.config.site)
         except (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError) as exc:
             self.reloads.record(False)
             log.error(
@@ -311,6 +308,26 @@ async def run_agent(
                 loop.remove_signal_handler(signal.SIGINT)
                 loop.remove_signal_handler(signal.SIGHUP)
             await agent.shutdown(agent.config.drain_grace)  # as last reloaded
+
+
+def reloaded_contexts(
+    config: AgentConfig, site: str
+) -> tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]:
+    """The TLS contexts of a reloaded `tls:` (links, sealed sessions, enrollment), checked
+    as at start-up and failing as start-up fails: a ConfigError naming the config file,
+    the `tls.*` key at fault and its path."""
+    tls = config.tls
+    check_certificate_on_reload(
+        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=site, ca_key="tls.ca"
+    )
+    try:
+        return (
+            client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT),
+            session_server_context(tls.cert, tls.key, tls.ca),
+            enroll_server_context(tls.cert, tls.key),
+        )
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path) from None
 
 
 def check_start(config: AgentConfig) -> None:

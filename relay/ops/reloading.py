@@ -33,6 +33,7 @@ __all__ = [
     "ReloadCounter",
     "ReloadError",
     "check_certificate_at_start",
+    "check_certificate_on_reload",
     "check_own_certificate",
     "keep_restart_only",
     "log_restart_needed",
@@ -142,12 +143,46 @@ def check_certificate_at_start(
     process does not start with a certificate every peer refuses (and report ready while
     each handshake fails). A ConfigError naming `file` and `key` (exit 2), or `ca_key`
     (when given) for a CA file that does not load: the key the user has to fix."""
+    return _check_configured_certificate(
+        file, key, cert_path, ca_path, role=role, site=site, ca_key=ca_key, reloading=False
+    )
+
+
+def check_certificate_on_reload(
+    file: Path,
+    key: str,
+    cert_path: Path,
+    ca_path: Path,
+    *,
+    role: str,
+    site: str | None = None,
+    ca_key: str | None = None,
+) -> Identity:
+    """`check_own_certificate` for a reload, failing as start-up fails: a ConfigError
+    naming `file`, the key at fault and the path, so that the reload's error line says
+    which setting to fix as a failed start would."""
+    return _check_configured_certificate(
+        file, key, cert_path, ca_path, role=role, site=site, ca_key=ca_key, reloading=True
+    )
+
+
+def _check_configured_certificate(
+    file: Path,
+    key: str,
+    cert_path: Path,
+    ca_path: Path,
+    *,
+    role: str,
+    site: str | None,
+    ca_key: str | None,
+    reloading: bool,
+) -> Identity:
     try:
         load_certs(ca_path)
     except PkiError as exc:
         raise ConfigError(file, ca_key or key, str(exc)) from None
     try:
-        return check_own_certificate(cert_path, ca_path, role=role, site=site, reloading=False)
+        return check_own_certificate(cert_path, ca_path, role=role, site=site, reloading=reloading)
     except ReloadError as exc:
         raise ConfigError(file, key, str(exc)) from None
 

@@ -306,3 +306,40 @@ async def test_per_device_stream_buckets_are_configured_and_reloaded(
         config.write_text(text + f"per_device: {bad}\n")
         with pytest.raises(ConfigError, match=r"per_device\."):
             load_agent_config(config)
+
+
+async def test_a_failed_reload_names_the_file_the_key_and_the_path_as_start_up_does(
+    pki: SitePki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGHUP with a broken `tls.*` file keeps the running configuration and says what a
+    failed start says: "CONFIG: tls.key: PATH ...", not the bare TLS error."""
+    from relay.agent.config import load_agent_config
+    from relay.agent.service import check_start
+    from relay.ops.config import ConfigError
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk")
+    config = tmp_path / "agent.yaml"
+    text = (
+        f"site: main\ngateways: ['{HOST}:1']\nstate_dir: {tmp_path / 'state'}\n"
+        "tls: {{cert: {}, key: {}, ca: {}}}\n"
+    )
+    config.write_text(text.format(pki.agent.cert, pki.agent.key, pki.ca))
+    broken = {
+        "tls.key": (pki.agent.cert, pki.gateway.key, pki.ca),  # another certificate's key
+        "tls.cert": (junk, pki.agent.key, pki.ca),
+        "tls.ca": (pki.agent.cert, pki.agent.key, junk),
+    }
+    async with agent_running(load_agent_config(config)) as (agent, _, _):
+        for key, (cert, tls_key, ca) in broken.items():
+            config.write_text(text.format(cert, tls_key, ca))
+            with pytest.raises(ConfigError) as at_start:
+                check_start(load_agent_config(config))
+            caplog.clear()
+            with caplog.at_level("ERROR", logger="relay.agent.service"):
+                assert not agent.reload()
+            (line,) = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
+            said = line.__dict__["error"]
+            assert said == str(at_start.value), key
+            assert said.startswith(f"{config}: {key}: {junk if key != 'tls.key' else tls_key}")
+        assert agent.reloads.error == len(broken) and agent.config.tls.cert == pki.agent.cert
