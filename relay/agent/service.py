@@ -335,7 +335,8 @@ def check_start(config: AgentConfig) -> None:
     the key, exit 2): every gateway would refuse an agent certificate of another role,
     site or CA. With `pki:`, its CA must also be one that `tls.ca` trusts, of the agent's
     trust domain: the devices it signs present their certificates to this agent (and
-    their codes name that CA), so another CA fails every enrollment at the PC."""
+    their codes name that CA), so another CA fails every enrollment at the PC; and the IT
+    pages' TLS files (`check_it_pages_tls`)."""
     tls = config.tls
     identity = check_certificate_at_start(
         config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site, ca_key="tls.ca"
@@ -370,6 +371,21 @@ def check_start(config: AgentConfig) -> None:
         load_ca_pair(config.pki.ca_cert, config.pki.ca_key)
     except pki.PkiError as exc:
         raise ConfigError(config.path, "pki.ca_key", str(exc)) from None
+    check_it_pages_tls(config)
+
+
+def check_it_pages_tls(config: AgentConfig) -> None:
+    """`it_pages.tls.*` loads and matches, before any gateway link is dialled: the IT pages
+    start after the links, and a bad file found then stopped an agent that had already
+    dialled out (ConfigError naming the key and the path, exit 2)."""
+    if config.it_pages is None:
+        return
+    from relay.agent.itpages.server import server_context  # aiohttp: only with it_pages
+
+    try:
+        server_context(config.it_pages)
+    except TlsConfigError as exc:
+        raise tls_config_error(exc, config.path, "it_pages.tls") from None
 
 
 def agent_metrics(config: AgentConfig) -> EndMetrics:

@@ -343,3 +343,34 @@ async def test_a_failed_reload_names_the_file_the_key_and_the_path_as_start_up_d
             assert said == str(at_start.value), key
             assert said.startswith(f"{config}: {key}: {junk if key != 'tls.key' else tls_key}")
         assert agent.reloads.error == len(broken) and agent.config.tls.cert == pki.agent.cert
+
+
+async def test_a_bad_it_pages_key_stops_the_start_before_any_gateway_is_dialled(
+    pki: SitePki, tmp_path: Path
+) -> None:
+    """The IT pages start after the links: their TLS files are checked with the others,
+    before the agent resolves (and dials) a single gateway."""
+    from relay.agent.config import load_agent_config
+    from relay.ops.config import ConfigError
+
+    (tmp_path / "it-admins").write_text("")
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"site: main\ngateways: ['{HOST}:1']\nstate_dir: {tmp_path / 'state'}\n"
+        f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
+        f"pki: {{ca_cert: {pki.ca}, ca_key: {pki.directory / 'ca.key'}}}\n"
+        f"it_pages: {{listen: '{HOST}:0', admins_file: {tmp_path / 'it-admins'}, "
+        f"tls: {{cert: {pki.gateway.cert}, key: {pki.agent.key}}}}}\n"
+    )
+    looked_up: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return [HOST]
+
+    with pytest.raises(ConfigError) as failed:
+        await run_agent(
+            load_agent_config(config), handlers={}, resolver=resolver, handle_signals=False
+        )
+    assert str(failed.value).startswith(f"{config}: it_pages.tls.key: {pki.agent.key}")
+    assert looked_up == []  # no gateway resolved, none dialled
