@@ -374,12 +374,12 @@ class _GuardedSocket(socket.socket):
     bytes, or `refuse()` was called, reads nothing more: pynetdicom sees the connection
     closed and aborts the association."""
 
-    def __init__(self, raw: socket.socket, max_pdu: int, warn: Callable[[str, str], None]) -> None:
+    def __init__(self, raw: socket.socket, max_pdu: int, on_oversized: Callable[[], None]) -> None:
         timeout = raw.gettimeout()
         super().__init__(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.settimeout(timeout)
         self.max_pdu = max_pdu
-        self._warn = warn
+        self._on_oversized = on_oversized
         self.message_bytes = 0  # PDV bytes of the DIMSE message being received
         self.refused = False
         self._header = b""
@@ -398,7 +398,7 @@ class _GuardedSocket(socket.socket):
             self._body_left = int.from_bytes(self._header[2:6], "big")
             self._header = b""
             if self._body_left > self.max_pdu:
-                self._warn("pdu", "C-MOVE storage peer sent a PDU over the maximum length: closed")
+                self._on_oversized()
                 self.refuse()
         return data
 
@@ -416,11 +416,11 @@ class _MoveServer(ExclusiveAssociationServer):
     senders: MoveSenders
     max_pdu: int
     on_stranger: Any
-    warn: Callable[[str, str], None]
+    on_oversized_pdu: Callable[[], None]
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         raw, address = super().get_request()
-        return _GuardedSocket(raw, self.max_pdu, self.warn), address
+        return _GuardedSocket(raw, self.max_pdu, self.on_oversized_pdu), address
 
     def shutdown(self) -> None:
         """Stop serving and close (the AE did not start this server: nothing to tell it)."""
@@ -506,7 +506,7 @@ class MoveReceiver:
         server.senders = self.senders
         server.max_pdu = self.max_pdu + PDU_SLACK if self.max_pdu else 0xFFFFFFFF  # 0: none
         server.on_stranger = self._on_stranger
-        server.warn = self._warn
+        server.on_oversized_pdu = self._on_oversized_pdu
         threading.Thread(target=server.serve_forever, name="move-receiver", daemon=True).start()
         self._server = server
         announce("move", (self.host, self.port), ae_title=self.ae_title)
@@ -558,6 +558,12 @@ class MoveReceiver:
         self._warn(
             "stranger", "closed a connection to the C-MOVE storage SCP from a host not the PACS"
         )
+
+    def _on_oversized_pdu(self) -> None:
+        """A PDU header over the maximum length: the socket reads no more of it (cut),
+        counted with the C-STOREs cut over max_dataset."""
+        self.oversized += 1
+        self._warn("pdu", "C-MOVE storage peer sent a PDU over the maximum length: closed")
 
     def _warn(self, kind: str, message: str) -> None:
         """A warning about what another host sent, limited per kind (the counters count

@@ -26,6 +26,7 @@ from relay.dicom.bridge import Channel
 from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Request
 from relay.dicom.intake import (
     MAX_MOVES,
+    PDU_SLACK,
     STORE_NOT_REQUESTED,
     Intake,
     MoveReceiver,
@@ -296,12 +297,12 @@ print(r.strangers, r.oversized, flush=True)
 BIG = 96 << 20
 
 
-def _big_instance() -> samples.EncodedInstance:
+def _big_instance(size: int = BIG) -> samples.EncodedInstance:
     cls, iuid = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.5"
     data = (
         struct.pack("<HH2sH", 8, 0x16, b"UI", 26) + cls.encode() + b"\0"
         + struct.pack("<HH2sH", 8, 0x18, b"UI", 10) + iuid.encode() + b"\0"
-        + struct.pack("<HH2sHI", 0x7FE0, 0x10, b"OB", 0, BIG) + bytes(BIG)
+        + struct.pack("<HH2sHI", 0x7FE0, 0x10, b"OB", 0, size) + bytes(size)
     )  # fmt: skip
     return samples.EncodedInstance(cls, iuid, EXPLICIT, data)
 
@@ -326,6 +327,21 @@ def _one_pdu_store(port: int, inst: samples.EncodedInstance) -> int | None:
     return int(status.Status) if "Status" in status else None
 
 
+def test_a_pdu_over_the_maximum_length_is_cut_at_its_header_and_counted() -> None:
+    """Counted in `oversized` as a C-STORE over max_dataset is: both cut an association."""
+    max_pdu = 16 * 1024
+    receiver = MoveReceiver(
+        MOVE_AE, ("127.0.0.1", 0), timeout=5, max_pdu=max_pdu,
+        senders=MoveSenders(["127.0.0.1"], [PACS_AE], ["RELAY"]),
+    )  # fmt: skip
+    receiver.start()
+    try:  # one PDU past max_pdu and its slack, far below max_dataset
+        assert _one_pdu_store(receiver.port, _big_instance(max_pdu + PDU_SLACK + 1024)) is None
+        assert receiver.oversized == 1
+    finally:
+        receiver.stop()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory from /proc")
 def test_big_stores_are_cut_while_they_arrive() -> None:
     child = subprocess.Popen(
@@ -348,5 +364,5 @@ def test_big_stores_are_cut_while_they_arrive() -> None:
     finally:
         child.kill()
         child.wait()
-    assert (strangers, oversized) == (1, 1)
+    assert (strangers, oversized) == (1, 2)  # over max_dataset, and one PDU over the maximum
     assert peak - before < (BIG >> 20) // 3, (before, peak)
