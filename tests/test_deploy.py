@@ -1275,3 +1275,16 @@ def test_readme_lists_the_agents_pixel_codec_metrics() -> None:
     table = README[README.index("The agent and the workstation export") :]
     missing = {n for n in _exported(collector.collect()) if f"`{n}`" not in table}
     assert not missing, missing
+
+
+def test_readme_lists_the_agents_syslog_metrics() -> None:
+    """Each family of relay.agent.syslog.SyslogMetrics (an agent with `audit.syslog`)."""
+    import ssl
+
+    from relay.agent.syslog import SyslogMetrics, SyslogSender
+    from relay.ops.config import Address
+
+    sender = SyslogSender(Address("127.0.0.1", 6514), ssl.create_default_context())
+    table = README[README.index("The agent and the workstation export") :]
+    missing = {n for n in _exported(SyslogMetrics(sender).collect()) if f"`{n}`" not in table}
+    assert not missing, missing

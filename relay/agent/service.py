@@ -43,6 +43,7 @@ from relay.agent.gateways import GatewayLinks, Resolver, resolve_all
 from relay.agent.handlers import default_handlers, pacs_check
 from relay.agent.linktrust import LinkTrust
 from relay.agent.sessions import session_server
+from relay.agent.syslog import SyslogMetrics, SyslogSender
 from relay.net.aio import Link, Stream
 from relay.net.backoff import Uniform
 from relay.net.tls import TlsConfigError, client_context, tls_config_error
@@ -138,6 +139,8 @@ class Agent:
         self._recheck_task: asyncio.Task[None] | None = None
         if authority is not None and authority.recheck is not None:
             self.metrics.registry.register(authority.recheck.metrics)
+        if authority is not None and isinstance(authority.audit.sink, SyslogSender):
+            self.metrics.registry.register(SyslogMetrics(authority.audit.sink))
 
     async def readiness(self) -> tuple[bool, str]:
         """Ready with at least one gateway link and, with `pacs:`, a PACS that answers

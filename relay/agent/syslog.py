@@ -12,6 +12,11 @@ critical). MSGID is the event kind. Over TLS each message is framed by octet cou
 The sender never blocks the agent: events wait in a queue bounded in events (`queue`) and
 in bytes (`MAX_QUEUED_BYTES`), and when it is full (the collector is away or slow, or a
 flood of events) new events are dropped, counted, and said in one warning a minute.
+A collector that cannot be reached or refuses (connect, TLS or write failures) is said
+at once in one warning with the reason (never an event's content), and its recovery in
+one info line: at most one such warning per FAILURE_LOG_INTERVAL, however it flaps, and
+never one line per event. The counters are exported by `SyslogMetrics`
+(`relay_syslog_*`).
 The audit file is the record of reference; syslog is a best-effort copy: a message whose
 write is known to have failed is sent again after reconnecting (so a collector may see
 it twice), but syslog over TLS has no acknowledgements, so one written just as the
@@ -30,10 +35,13 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay.agent.audit import AuditEvent, Outcome
 from relay.net.backoff import ExponentialBackoff
@@ -42,8 +50,10 @@ from relay.ops.config import Address
 __all__ = [
     "DROP_LOG_INTERVAL",
     "FACILITY_AUTHPRIV",
+    "FAILURE_LOG_INTERVAL",
     "MAX_MESSAGE_BYTES",
     "MAX_QUEUED_BYTES",
+    "SyslogMetrics",
     "SyslogSender",
     "SyslogStats",
     "client_context",
@@ -65,6 +75,9 @@ MAX_QUEUED_BYTES: Final = 16 * 1024 * 1024
 #: Events dropped because the queue is full are said in one warning line at most this
 #: often (seconds), with how many; a dead collector must not fill the agent's own log.
 DROP_LOG_INTERVAL: Final = 60.0
+#: A collector that starts failing is said in one warning at most this often (seconds):
+#: one that accepts and drops each connection must not write a warning per event.
+FAILURE_LOG_INTERVAL: Final = 60.0
 _BOM: Final = b"\xef\xbb\xbf"
 _PRINTUSASCII: Final = re.compile(r"[!-~]+")
 _SEVERITY: Final = {
@@ -176,6 +189,9 @@ class SyslogSender:
         self._clock = clock
         self._drop_logged_at: float | None = None
         self._drops_unlogged = 0
+        self.failing = False  # the last connect or write failed, none succeeded since
+        self._failure_said = False  # that failure was logged (its recovery will be)
+        self._failure_logged_at: float | None = None
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever the queue becomes empty
         self._backoff = ExponentialBackoff(retry_initial, retry_max)
@@ -273,8 +289,8 @@ class SyslogSender:
             if self._writer is None:
                 try:
                     await self._connect()
-                except (OSError, ssl.SSLError, TimeoutError):
-                    self.stats.errors += 1
+                except (OSError, ssl.SSLError, TimeoutError) as exc:
+                    self._failed(f"connect: {_reason(exc)}")
                     await asyncio.sleep(self._backoff.next_delay())
                     continue
                 self._backoff.reset()
@@ -285,8 +301,8 @@ class SyslogSender:
                 writer.write(frame)
                 async with asyncio.timeout(self.write_timeout):
                     await writer.drain()
-            except (OSError, ssl.SSLError, TimeoutError):
-                self.stats.errors += 1
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                self._failed(f"write: {_reason(exc)}")
                 self._disconnect()
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
@@ -294,15 +310,44 @@ class SyslogSender:
             if not self._alive():
                 # Written into a dead connection: send it again on the next one (a
                 # collector may see a message twice, never miss one we know failed).
-                self.stats.errors += 1
+                self._failed("write: the collector closed the connection")
                 self._disconnect()
                 continue
             if self._queue and self._queue[0] is frame:
                 self._queue.popleft()
                 self._queued_bytes -= len(frame)
             self.stats.sent += 1
+            self._recovered()
             if not self._queue:
                 self._drained.set()
+
+    def _failed(self, reason: str) -> None:
+        """Count a connect or write failure; say the first of a run of them in a warning,
+        at most every FAILURE_LOG_INTERVAL (a later one of the run is said once the
+        interval has passed, so a collector down for good is always said)."""
+        self.stats.errors += 1
+        self.failing = True
+        if self._failure_said:
+            return
+        now = self._clock()
+        last = self._failure_logged_at
+        if last is not None and now - last < FAILURE_LOG_INTERVAL:
+            return
+        self._failure_logged_at = now
+        self._failure_said = True
+        log.warning(
+            "syslog collector %s unreachable or refusing (%s): audit events wait in the "
+            "queue and are retried (the audit file has them)",
+            self.address,
+            reason,
+        )
+
+    def _recovered(self) -> None:
+        """A message reached the collector: say so once if its failure was said."""
+        self.failing = False
+        if self._failure_said:
+            self._failure_said = False
+            log.info("syslog collector %s reachable again: sending audit events", self.address)
 
     async def _connect(self) -> None:
         async with asyncio.timeout(self.connect_timeout):
@@ -335,6 +380,57 @@ class SyslogSender:
         if self._writer is not None:
             self._writer.transport.abort()
         self._writer = self._reader = None
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connect or write failed, for the log: the error, never what was being sent."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"TLS: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's text for a refused connect names no cause
+    return str(exc) or type(exc).__name__
+
+
+class SyslogMetrics(Collector):
+    """The sender's counters, read at scrape time: `relay_syslog_events_total{result}`
+    (sent, dropped: queue full, oversized), `relay_syslog_errors_total` (connect or write
+    failures), `relay_syslog_queued_events` / `relay_syslog_queued_bytes`, and
+    `relay_syslog_up` (0 while the collector cannot be reached or refuses)."""
+
+    def __init__(self, sender: SyslogSender) -> None:
+        self.sender = sender
+
+    def collect(self) -> Iterator[Metric]:
+        sender, stats = self.sender, self.sender.stats
+        events = CounterMetricFamily(
+            "relay_syslog_events", "Audit events copied to syslog, by result", labels=["result"]
+        )
+        events.add_metric(["sent"], stats.sent)
+        events.add_metric(["dropped"], stats.dropped)
+        events.add_metric(["oversized"], stats.oversized)
+        yield events
+        yield CounterMetricFamily(
+            "relay_syslog_errors",
+            "Connect or write failures to the syslog collector",
+            value=stats.errors,
+        )
+        yield GaugeMetricFamily(
+            "relay_syslog_queued_events", "Audit events waiting for the collector", sender.queued
+        )
+        yield GaugeMetricFamily(
+            "relay_syslog_queued_bytes",
+            "Framed bytes waiting for the collector",
+            sender.queued_bytes,
+        )
+        yield GaugeMetricFamily(
+            "relay_syslog_up",
+            "0 while the syslog collector cannot be reached or refuses, else 1",
+            0 if sender.failing else 1,
+        )
 
 
 def client_context(
