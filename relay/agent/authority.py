@@ -125,7 +125,7 @@ class DeviceAuthority:
         self.identity = Identity.agent(self.trust_domain, site)
         self.signer = Signer(registry, ca_key, ca_cert, site, lifetime, audit, now)
         self.notices = NoticeSigner(ca_key)
-        self.renewal_pace = RenewalPace()  # each device's renewal in flight, refusals audited
+        self.renewal_pace = RenewalPace()  # each device's renewal in flight
         self._watcher = RevocationWatcher(registry)
         self._watcher.snapshot()  # poll_revocations() reports what changes from now on
         self.enrollments: dict[str, int] = {}  # result -> count, for the agent's metrics
@@ -197,6 +197,7 @@ class DeviceAuthority:
         )
 
     def close(self) -> None:
+        self.audit.close()  # aggregated refusals not written yet: now
         self.registry.close()
         if self.directory is not None:
             self.directory.close()

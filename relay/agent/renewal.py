@@ -15,15 +15,17 @@ agent a signature, a registry write and an audit line that all devices share.
 - At least MIN_INTERVAL between two certificates of one device (the registry's issue
   times, so it holds across restarts), and one renewal of a device at a time
   (`RenewalPace`, in memory, the DeviceAuthority's).
-- Refusals of one device are audited once per REFUSAL_AUDIT_INTERVAL, the rest counted in
-  the next audited one, so a device that insists does not rotate the trail away.
+- Every refusal goes to the audit trail, whose budget (relay.agent.audit.budget) writes
+  the first ones of a device in full and counts the rest into one aggregate an hour, so
+  a device that insists does not rotate the trail away; the log's "renewal refused"
+  lines are limited per device (relay.ops.loglimit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -36,6 +38,7 @@ from relay.agent.registry import CertificateRow, RegistryError
 from relay.agent.signer import RequestRefused, Signer, csr_identity_uri, load_csr, read_request
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import write_json
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.identity import Identity
@@ -48,9 +51,7 @@ from relay.trust.renewal import (
 
 __all__ = [
     "DUE_SLACK",
-    "MAX_PACED",
     "MIN_INTERVAL",
-    "REFUSAL_AUDIT_INTERVAL",
     "RenewOutcome",
     "RenewalPace",
     "check_due",
@@ -65,11 +66,8 @@ DUE_SLACK: Final = timedelta(hours=1)
 #: Between two certificates issued to one device, at least this long; at most a tenth of
 #: the site's device lifetime, so that short lifetimes (tests, seconds) still renew.
 MIN_INTERVAL: Final = timedelta(minutes=10)
-#: One refusal of a device is audited per this long; the others are counted in the next.
-REFUSAL_AUDIT_INTERVAL: Final = timedelta(minutes=10)
-#: Devices whose refusals are remembered; the one refused longest ago is forgotten first
-#: (at worst, its next refusal is audited sooner).
-MAX_PACED: Final = 10_000
+#: "renewal refused" log lines, per device (a hostile one asks in a loop).
+_refusal_lines = LogLimiter()
 
 
 @dataclass(frozen=True)
@@ -88,25 +86,12 @@ class RenewOutcome:
         return self.result == "ok"
 
 
-@dataclass
-class _Refusals:
-    audited_at: datetime
-    unaudited: int = 0
-
-
 class RenewalPace:
-    """What the agent keeps in memory about each device's renewals: the one in flight
-    (so that concurrent requests cannot all pass the due check before one is recorded)
-    and when a refusal was last audited. Bounded: MAX_PACED devices."""
+    """The renewal in flight of each device, in memory, so that concurrent requests
+    cannot all pass the due check before one is recorded. Bounded by the devices."""
 
-    def __init__(self, *, max_devices: int = MAX_PACED) -> None:
-        self.max_devices = max_devices
+    def __init__(self) -> None:
         self._in_flight: set[str] = set()
-        self._refusals: OrderedDict[str, _Refusals] = OrderedDict()
-
-    @property
-    def remembered(self) -> int:
-        return len(self._refusals)
 
     def begin(self, device: str) -> bool:
         """Start a renewal of `device`; False while another one is in flight."""
@@ -117,19 +102,6 @@ class RenewalPace:
 
     def end(self, device: str) -> None:
         self._in_flight.discard(device)
-
-    def refused(self, device: str, now: datetime) -> int | None:
-        """A refusal of `device` at `now`: None to leave it out of the audit trail, or how
-        many refusals of it were left out since the last audited one (audit this one)."""
-        noted = self._refusals.get(device)
-        if noted is not None and timedelta(0) <= now - noted.audited_at < REFUSAL_AUDIT_INTERVAL:
-            noted.unaudited += 1
-            return None
-        self._refusals.pop(device, None)
-        while len(self._refusals) >= self.max_devices:
-            self._refusals.popitem(last=False)
-        self._refusals[device] = _Refusals(now)
-        return 0 if noted is None else noted.unaudited
 
 
 def check_due(
@@ -243,17 +215,17 @@ async def serve_renew_stream(
     finally:
         if began:
             pace.end(began)
-    at = now()
-    unaudited = 0 if severe else pace.refused(device_uri, at)
-    if unaudited is not None:
-        more = f" ({unaudited} more refused since the last audited)" if unaudited else ""
-        audit.renewal(
-            now=at,
-            device=device_uri or "unknown",
-            outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
-            description=f"{result}: {message}{more}",
+    audit.renewal(
+        now=now(),
+        device=device_uri or "unknown",
+        outcome=Outcome.SERIOUS_FAILURE if severe else Outcome.MINOR_FAILURE,
+        description=f"{result}: {message}",
+    )
+    held = _refusal_lines.allow(device_uri, time.monotonic())
+    if held is not None:
+        log.warning(
+            "renewal refused", extra={"result": result, "device": device_uri, "held_back": held}
         )
-        log.warning("renewal refused", extra={"result": result, "device": device_uri})
     if answer:
         try:
             async with asyncio.timeout(5.0):

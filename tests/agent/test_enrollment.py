@@ -18,7 +18,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, read_events
+from relay.agent.audit.budget import (
+    AGGREGATE_INTERVAL,
+    KIND_BURST,
+    MAX_AGGREGATES,
+    SOURCE_BURST,
+    SOURCE_REFILL,
+)
 from relay.agent.directory import Directory, DirectoryUser, Refusal
 from relay.agent.enrollment import BURNT_MESSAGE, MAX_REQUEST, EnrollOutcome, serve_enroll_stream
 from relay.agent.registry import MAX_PASSWORD_FAILURES, REGISTRY_FILE, DeviceRegistry
@@ -456,6 +463,7 @@ async def test_concurrent_guesses_ask_the_directory_at_most_the_limit(
     assert reasons.count("wrong password") < MAX_PASSWORD_FAILURES
     burnt = [e for e in agent.events() if e["EventIdentification"]["EventOutcomeIndicator"] == 12]
     assert len(burnt) == 1
+    agent.clock.now += SOURCE_REFILL  # 15 refusals from one address: one more in full now
     outcome, answer = await exchange(
         agent, with_password(token, PASSWORDS["carol"]), directory=directory
     )
@@ -516,3 +524,74 @@ async def test_a_user_outside_the_group_does_not_spend_tries(
         )
         assert_refused(agent, outcome, answer, "not_in_group", "not in group")
     assert directory.binds == MAX_PASSWORD_FAILURES + 1
+
+
+def enrollment_refusals(agent: Agent) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in agent.events()
+        if e["kind"] == "enrollment" and e["EventIdentification"]["EventOutcomeIndicator"]
+    ]
+
+
+def refusals_in(events: list[dict[str, Any]]) -> int:
+    return sum(e["aggregate"]["count"] if "aggregate" in e else 1 for e in events)
+
+
+async def test_a_flood_of_refused_enrollments_cannot_rotate_the_security_set(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """Anyone at the gateway's enrollment door, and a compromised gateway making up a
+    peer address for each request, is refused at no cost: 400 refusals (~240 KB of
+    events) used to rotate the smallest security set (64 KiB and one older file) twice
+    over. Now the first ones of each source are written, the rest counted: the earlier
+    enrollment stays, and the aggregates say how many."""
+    (tmp_path / "small").mkdir()
+    agent.audit = AuditLog(
+        tmp_path / "small" / AUDIT_FILE,
+        source_id="spiffe://hospital.test/agent/main",
+        max_bytes=MAX_LINE_BYTES,
+        keep=1,
+    )
+    assert (await exchange(agent, request(agent.token())))[0].ok
+    bad = {"v": 1, "device": "ws9"}  # no code: refused as malformed before anything else
+    for _ in range(200):  # one source
+        outcome, _ = await exchange(agent, bad)
+        assert outcome.result == "malformed"
+    for i in range(200):  # a source made up for each request
+        await exchange(agent, bad, {"x-relay-peer": f"198.51.100.{i % 250}:{1000 + i}"})
+    agent.audit.close()
+    first = next(e for e in agent.events() if e["kind"] == "enrollment")
+    assert first["EventIdentification"]["EventOutcomeIndicator"] == 0, "rotated away"
+    refused = enrollment_refusals(agent)
+    assert refusals_in(refused) == 400
+    assert len(refused) <= KIND_BURST + MAX_AGGREGATES + 1
+    one = [e["aggregate"] for e in refused if e.get("aggregate", {}).get("source") == "203.0.113.9"]
+    assert one == [
+        {
+            "count": 200 - SOURCE_BURST,
+            "first": "2030-01-01T12:00:00.000000Z",
+            "last": "2030-01-01T12:00:00.000000Z",
+            "source": "203.0.113.9",
+            "sources": ["203.0.113.9"],
+        }
+    ]
+    [others] = [e["aggregate"] for e in refused if e.get("aggregate", {}).get("source") == "*"]
+    assert len(others["sources"]) == 8 and others["sources"][0].startswith("198.51.100.")
+
+
+async def test_a_refused_enrollment_over_the_budget_is_written_once_due(agent: Agent) -> None:
+    bad = {"v": 1, "device": "ws9"}
+    for _ in range(SOURCE_BURST + 5):
+        await exchange(agent, bad)
+    assert len(enrollment_refusals(agent)) == SOURCE_BURST
+    agent.clock.now = T0 + AGGREGATE_INTERVAL  # the next event writes what is due first
+    assert (await exchange(agent, request(agent.token())))[0].ok
+    *_, aggregate, ok = [e for e in agent.events() if e["kind"] == "enrollment"]
+    assert aggregate["aggregate"]["count"] == 5
+    assert aggregate["EventIdentification"]["EventOutcomeIndicator"] == 4
+    assert (
+        "aggregated: 5 enrollment refusals from 203.0.113.9"
+        in (aggregate["EventIdentification"]["EventOutcomeDescription"])
+    )
+    assert ok["EventIdentification"]["EventOutcomeIndicator"] == 0

@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.agent.audit import AUDIT_FILE, AuditLog, read_events
+from relay.agent.audit.budget import AGGREGATE_INTERVAL, SOURCE_BURST
 from relay.agent.registry import REGISTRY_FILE, CertificateRow, DeviceRegistry
 from relay.agent.renewal import (
     DUE_SLACK,
     MIN_INTERVAL,
-    REFUSAL_AUDIT_INTERVAL,
     RenewalPace,
     RenewOutcome,
     check_due,
@@ -327,7 +327,7 @@ def renewal_events(site: Site) -> list[dict[str, Any]]:
 async def test_a_device_renews_only_when_its_newest_certificate_is_due(site: Site) -> None:
     """A flood of renewals from one device: one is signed (and once more later, in case
     its answer was lost), the others are refused with a one-line reason the device logs,
-    and the audit trail gets one line per refusal interval."""
+    and the audit trail gets the first SOURCE_BURST refusals, then one aggregate."""
     enrolled(site)
     site.clock.now = T0 + 20 * DAY
     assert await renew(site.opener(), site.identity_dir, now=site.clock)
@@ -349,9 +349,9 @@ async def test_a_device_renews_only_when_its_newest_certificate_is_due(site: Sit
     assert await renew(site.opener(), site.identity_dir, now=site.clock)
     assert results(site).count("ok") == 3
     outcomes = [e["EventIdentification"]["EventOutcomeIndicator"] for e in renewal_events(site)]
-    assert outcomes == [0, 4, 0, 4, 0]
-    described = renewal_events(site)[3]["EventIdentification"]["EventOutcomeDescription"]
-    assert "19 more refused" in described
+    assert outcomes == [0] + [4] * SOURCE_BURST + [0, 4, 4, 0]
+    aggregate = renewal_events(site)[SOURCE_BURST + 2]["aggregate"]
+    assert aggregate["count"] == 20 - SOURCE_BURST and aggregate["source"] == WS1.uri
 
 
 def recorded(serial: str, not_before: datetime, lifetime: timedelta) -> CertificateRow:
@@ -399,12 +399,15 @@ async def test_a_lost_answer_is_made_up_for_once(site: Site) -> None:
     assert results(site).count("ok") == 2
 
 
-async def test_refusals_are_audited_once_per_interval_and_device(site: Site) -> None:
-    """A device that insists fills neither the audit trail nor another device's way."""
+async def test_refusals_are_audited_within_a_budget_per_device(site: Site) -> None:
+    """A device that insists fills neither the audit trail nor another device's way, and
+    the refusals not written one by one are counted in an aggregate that is written even
+    when the device stops (it used to wait for the device's next refusal, for ever)."""
     ws2 = Identity.device("hospital.test", "main", "ws2")
     enrolled(site)
     site.clock.now = T0 + 20 * DAY
     assert (await ask(site))[0]["status"] == "ok"
+    first_refusal = site.clock.now + timedelta(seconds=1)
     for _ in range(50):
         site.clock.now += timedelta(seconds=1)
         assert (await ask(site))[0]["status"] == "refused"
@@ -414,23 +417,43 @@ async def test_refusals_are_audited_once_per_interval_and_device(site: Site) -> 
         (e["ActiveParticipant"][0]["UserID"], e["EventIdentification"]["EventOutcomeIndicator"])
         for e in renewal_events(site)
     ]
-    assert users == [(WS1.uri, 0), (WS1.uri, 4), (ws2.uri, 0), (ws2.uri, 4)]
-    site.clock.now += REFUSAL_AUDIT_INTERVAL
-    assert (await ask(site))[0]["status"] == "ok"  # the one before stands in, once
-    assert (await ask(site))[0]["status"] == "refused"
+    assert users == [(WS1.uri, 0)] + [(WS1.uri, 4)] * SOURCE_BURST + [(ws2.uri, 0), (ws2.uri, 4)]
+    site.audit.close()  # at shutdown, before the aggregate is due: written all the same
     last = renewal_events(site)[-1]
     assert last["ActiveParticipant"][0]["UserID"] == WS1.uri
-    assert "49 more refused" in last["EventIdentification"]["EventOutcomeDescription"]
+    assert last["aggregate"]["count"] == 50 - SOURCE_BURST
+    assert last["aggregate"]["first"] == iso(first_refusal + SOURCE_BURST * timedelta(seconds=1))
+    assert last["aggregate"]["last"] == iso(first_refusal + 49 * timedelta(seconds=1))
+    assert (
+        "aggregated: 40 renewal refusals from " + WS1.uri
+        in (last["EventIdentification"]["EventOutcomeDescription"])
+    )
+    site.audit.close()
+    assert len(renewal_events(site)) == len(users) + 1  # written once
 
 
-def test_the_pace_remembers_a_bounded_number_of_devices() -> None:
-    pace = RenewalPace(max_devices=3)
-    for i in range(10):
-        assert pace.refused(f"ws{i}", T0) == 0  # each device's first refusal: audited
-        assert pace.remembered <= 3
-    assert pace.refused("ws9", T0) is None  # remembered: not audited again at once
-    assert pace.refused("ws0", T0) == 0  # forgotten (the oldest): audited again
+async def test_an_aggregate_is_written_when_due_by_the_next_event(site: Site) -> None:
+    enrolled(site)
+    site.clock.now = T0 + 20 * DAY
+    assert (await ask(site))[0]["status"] == "ok"
+    for _ in range(SOURCE_BURST + 3):
+        assert (await ask(site))[0]["status"] == "refused"
+    site.clock.now += AGGREGATE_INTERVAL
+    assert (await ask(site))[0]["status"] == "ok"  # the one before stands in, once
+    *_, aggregate, ok = renewal_events(site)
+    assert aggregate["aggregate"]["count"] == 3
+    assert aggregate["EventIdentification"]["EventDateTime"] == iso(site.clock.now)
+    assert ok["EventIdentification"]["EventOutcomeIndicator"] == 0
+
+
+def iso(at: datetime) -> str:
+    return at.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def test_the_pace_lets_one_renewal_of_a_device_run_at_a_time() -> None:
+    pace = RenewalPace()
     assert pace.begin("ws1") and not pace.begin("ws1")
+    assert pace.begin("ws2")
     pace.end("ws1")
     assert pace.begin("ws1")
 

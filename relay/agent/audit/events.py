@@ -145,7 +145,7 @@ class Participant:
         if self.role is not None:
             out["RoleIDCode"] = self.role.to_json()
         if self.address:
-            host = _host_of(self.address)
+            host = host_of(self.address)
             out["NetworkAccessPointTypeCode"] = NAP_IP_ADDRESS if _is_ip(host) else NAP_MACHINE_NAME
             out["NetworkAccessPointID"] = _text(host)
         return out
@@ -208,6 +208,12 @@ class AuditEvent:
     objects: Sequence[ParticipantObject] = ()
     #: The directory user of the device concerned (a device bound at enrollment).
     user: str | None = None
+    #: Refusals this event stands for: more than 1 for a limiter's summary (the IT
+    #: login's, the gateway refusal reports'), so that an aggregate counts them all.
+    refusals: int = 1
+    #: Set on the one record of refusals aggregated by `budget` (count, first, last,
+    #: source, sources): written as the event's `aggregate`.
+    aggregate: Mapping[str, object] | None = None
 
     def to_json(
         self, source_id: str, site: str | None = None, *, with_bulk: bool = True
@@ -241,14 +247,25 @@ class AuditEvent:
             out["ParticipantObjectIdentification"] = [
                 o.to_json(with_bulk=with_bulk) for o in self.objects[:MAX_OBJECTS]
             ]
+        if self.aggregate is not None:
+            out["aggregate"] = {k: _bounded(v) for k, v in self.aggregate.items()}
         return out
+
+
+def _bounded(value: object) -> object:
+    """A number as it is; text (or a list of it) cut to MAX_TEXT characters."""
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, list):
+        return [_text(v) for v in value[:MAX_DETAILS]]
+    return _text(value)
 
 
 def iso_time(when: datetime) -> str:
     return when.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _host_of(address: str) -> str:
+def host_of(address: str) -> str:
     """'1.2.3.4:5' -> '1.2.3.4'; '[::1]:5' -> '::1'; anything else unchanged."""
     if address.startswith("["):
         return address[1:].split("]", 1)[0]

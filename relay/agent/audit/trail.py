@@ -12,6 +12,7 @@ appear in them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -19,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from relay.agent.audit.budget import RefusalBudget, budgeted
 from relay.agent.audit.events import (
     EV_BEGIN_TRANSFER,
     EV_INSTANCES_TRANSFERRED,
@@ -144,11 +146,53 @@ class AuditLog:
         self.devices = DeviceSets(
             device_dir(self.path), max_bytes=max_bytes, keep=keep, max_sets=max_devices
         )
+        #: Refusals bound for the security set beyond their source's budget are counted
+        #: into aggregates (see `budget`), so that no sender can rotate it away.
+        self.budget = RefusalBudget()
+        self._timers: set[datetime] = set()  # due times a timer is set for (a few)
 
     # -- writing
 
     def log(self, event: AuditEvent) -> bool:
-        """Append one event to its set; True if it reached the file."""
+        """Append one event to its set (a refusal over its source's budget: counted into
+        an aggregate, written later); True if it reached the file or an aggregate."""
+        self.flush_aggregates(event.at)
+        if device_of(event) is None and budgeted(event):
+            due = self.budget.admit(event)
+            if due is not None:
+                self._flush_at(due, event.at)
+                return True
+        return self._write(event)
+
+    def flush_aggregates(self, now: datetime) -> None:
+        """Write the aggregates due at `now` (each later event calls this, and a timer
+        set when an aggregate opens)."""
+        for record in self.budget.due(now):
+            self._write(record)
+
+    def close(self) -> None:
+        """Write every aggregate not yet due (at shutdown): counted refusals are never
+        lost with the process."""
+        for record in self.budget.drain():
+            self._write(record)
+
+    def _flush_at(self, due: datetime, now: datetime) -> None:
+        """Have `flush_aggregates(due)` called when `due` comes, if an event loop runs
+        here (the agent); without one (a CLI), the next event or close() writes it."""
+        if due in self._timers:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timers.add(due)
+        loop.call_later(max(0.0, (due - now).total_seconds()), self._on_timer, due)
+
+    def _on_timer(self, due: datetime) -> None:
+        self._timers.discard(due)
+        self.flush_aggregates(due)
+
+    def _write(self, event: AuditEvent) -> bool:
         line = encode_event(event, self.source_id, self.site)
         ok = self._append(device_of(event), (line + "\n").encode("utf-8"))
         if self.sink is not None:
@@ -186,6 +230,7 @@ class AuditLog:
         objects: Sequence[ParticipantObject] = (),
         description: str = "",
         user: str | None = None,
+        refusals: int = 1,
     ) -> AuditEvent:
         """Build the event of `kind` from the table, append it, and return it.
 
@@ -211,6 +256,7 @@ class AuditLog:
             participants=tuple(participants),
             objects=tuple(objects),
             user=user,
+            refusals=refusals,
         )
         self.log(event)
         return event
@@ -343,15 +389,24 @@ class AuditLog:
         )
 
     def it_login(
-        self, *, now: datetime, admin: str, peer: str | None, outcome: Outcome, description: str
+        self,
+        *,
+        now: datetime,
+        admin: str,
+        peer: str | None,
+        outcome: Outcome,
+        description: str,
+        refusals: int = 1,
     ) -> AuditEvent:
-        """An IT admin logged in to the IT pages, or was refused (User Authentication)."""
+        """An IT admin logged in to the IT pages, or was refused (User Authentication);
+        `refusals`: how many refused logins this event stands for (a limiter's count)."""
         return self._record(
             "it_login",
             now,
             outcome,
             description=description,
             participants=(Participant(f"it:{admin}", requestor=True, address=peer), self._agent()),
+            refusals=refusals,
         )
 
     def it_logout(

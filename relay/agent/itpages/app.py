@@ -128,6 +128,7 @@ class ItPages:
                 peer=block.peer,
                 outcome=Outcome.MINOR_FAILURE,
                 description=block.describe(self.refusals.window),
+                refusals=block.count,
             )
 
     def flush_refusals(self, *, everything: bool = False) -> None:

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +21,8 @@ import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay.agent.audit import read_events
+from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, read_events
+from relay.agent.audit.budget import KIND_BURST, MAX_AGGREGATES, SOURCE_BURST
 from relay.agent.authority import DeviceAuthority
 from relay.agent.directory import Directory
 from relay.agent.itpages import passwords
@@ -31,6 +33,7 @@ from relay.agent.itpages.auth import (
     DirectoryAuthenticator,
     LocalAuthenticator,
     LoginLimiter,
+    LoginResult,
 )
 from relay.agent.itpages.sessions import SessionStore
 from relay.ops.config import Address
@@ -607,3 +610,67 @@ async def test_a_request_naming_another_host_is_refused(pages: Pages, browser: B
         async with browser.session.get(pages.base + "/login", headers={"Host": host}) as ok:
             assert ok.status == 200, host
     assert (await browser.login()).status == 303
+
+
+class Refusing:
+    """Refuses every login at once (no scrypt): a flood costs the test nothing."""
+
+    what = "the password check"
+
+    async def authenticate(self, user: str, password: str) -> LoginResult:
+        return LoginResult("refused", user, "wrong password")
+
+    async def still_admin(self, user: str) -> bool | None:
+        return False
+
+
+def refusals_in(events: list[dict[str, Any]]) -> int:
+    return sum(
+        int(e["aggregate"]["count"]) if "aggregate" in e else 1
+        for e in events
+        if e["EventIdentification"]["EventOutcomeIndicator"]
+    )
+
+
+async def test_a_flood_of_failed_logins_cannot_rotate_the_security_set(tmp_path: Path) -> None:
+    """From 20 addresses (the limiter lets each fail 20 times a window, varying the user
+    name), 420 refused logins used to be 420 events: twice the smallest security set (64
+    KiB and one older file), the earlier events rotated away. Now each address writes its
+    first ones and every address together at most the kind's budget; the rest are
+    counted into aggregates."""
+    async for pages in _serve(tmp_path, tls=False, authenticator=Refusing()):
+        (tmp_path / "small").mkdir()
+        audit = pages.authority.audit = AuditLog(
+            tmp_path / "small" / AUDIT_FILE,
+            source_id="spiffe://hospital.test/agent/main",
+            max_bytes=MAX_LINE_BYTES,
+            keep=1,
+        )
+        at = dt.datetime.now(dt.UTC)
+        audit.token_created(
+            now=at, device="ws1", token_id="00" * 8, expires_at=at, actor="it:carol"
+        )
+        for n in range(20):
+            connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{n + 2}", 0))
+            async with aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True), connector=connector
+            ) as client:
+                async with client.get(pages.base + "/login") as r:
+                    csrf = token(await r.text())
+                statuses = []
+                for i in range(21):
+                    form = {"csrf": csrf, "user": f"user{n}-{i}", "password": "guess"}
+                    async with client.post(
+                        pages.base + "/login", data=form, headers={"Origin": pages.base}
+                    ) as r:
+                        statuses.append(r.status)
+                assert statuses == [401] * 20 + [429]
+        pages.it.flush_refusals(everything=True)
+        audit.close()
+        events = read_events(audit.path)
+        assert events[0]["kind"] == "token_created", "rotated away"
+        logins = [e for e in events if e["kind"] == "it_login"]
+        assert refusals_in(logins) == 20 * 21
+        assert len(logins) <= KIND_BURST + MAX_AGGREGATES + 1
+        first = next(e for e in logins if "aggregate" in e)["aggregate"]
+        assert first["source"] == "127.0.0.2" and first["count"] == 21 - SOURCE_BURST
