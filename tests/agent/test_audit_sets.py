@@ -274,3 +274,28 @@ def test_max_devices_is_read_from_the_config(tmp_path: Path) -> None:
     cfg.write_text("audit:\n  max_devices: 0\n")
     with pytest.raises(Exception, match=r"audit\.max_devices"):
         read_audit_settings(open_config(cfg))
+
+
+def test_a_device_filter_naming_one_device_reads_its_set_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another device's flood, newer and more than MAX_SCAN lines, used to be in the way
+    of a device filter (a substring over every set). Naming one device (its ID) reads
+    that device's set and the security set only, and matches that device exactly."""
+    monkeypatch.setattr(auditview, "MAX_SCAN", 50)
+    audit = small_trail(tmp_path)
+    audit.revocation(now=at(0), device=OTHER, actor="x")
+    query(audit, OTHER, 1)
+    query(audit, OTHER + "0", 2)  # ws20: its ID holds ws2's
+    for i in range(3, 103):
+        query(audit, HOSTILE, i)
+    named = query_audit(audit.path, AuditFilter(device=OTHER))
+    assert [(e["kind"], requestor(e)) for e in named.events] == [
+        ("query", OTHER),
+        ("revocation", "x"),
+    ]
+    assert not named.truncated and named.scanned == 2  # the security set and ws2's
+    only_queries = query_audit(audit.path, AuditFilter(device=OTHER, kind="query"))
+    assert [requestor(e) for e in only_queries.events] == [OTHER]
+    substring = query_audit(audit.path, AuditFilter(device="/ws2"))  # not one device
+    assert substring.truncated and substring.scanned == 50 and not substring.events

@@ -30,7 +30,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -44,7 +44,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from relay.agent.audit import Outcome
 from relay.agent.authority import DeviceAuthority
 from relay.agent.itpages import views
-from relay.agent.itpages.auditview import KINDS, MAX_FILTER_CHARS, AuditFilter, query_audit
+from relay.agent.itpages.auditview import (
+    KINDS,
+    MAX_FILTER_CHARS,
+    AuditFilter,
+    AuditPage,
+    device_named,
+    query_audit,
+)
 from relay.agent.itpages.auth import (
     Authenticator,
     LoginLimiter,
@@ -58,7 +65,7 @@ from relay.agent.registry import RegistryError, RevokeResult
 from relay.ops.config import Address
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode
-from relay.trust.identity import check_name
+from relay.trust.identity import Identity, check_name
 from relay.trust.users import check_username
 
 __all__ = ["ItPages", "ItPagesMetrics", "allowed_hosts", "host_allowed", "make_app"]
@@ -616,6 +623,20 @@ def _time(value: str) -> datetime | None:
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 
+def _query_audit(authority: DeviceAuthority, f: AuditFilter) -> AuditPage:
+    """The page of `f`; a device filter that is the name of a registered device names
+    that device (its set only is read: see auditview). In a worker thread."""
+    if f.device and not device_named(f.device):
+        try:
+            known = authority.registry.get_device(f.device) is not None
+        except RegistryError:
+            known = False  # the substring filter still works without the registry
+        if known:
+            uri = Identity.device(authority.trust_domain, authority.site, f.device).uri
+            f = replace(f, device_id=uri)
+    return query_audit(authority.audit.path, f)
+
+
 async def _audit(request: web.Request) -> web.StreamResponse:
     it = request.app[APP_KEY]
     s = request[SESSION_KEY]
@@ -633,7 +654,7 @@ async def _audit(request: web.Request) -> web.StreamResponse:
         until=_time(q.get("until", "")),
         page=number,
     )
-    result = await asyncio.to_thread(query_audit, it.authority.audit.path, f)
+    result = await asyncio.to_thread(_query_audit, it.authority, f)
     it.metrics.actions.labels("audit_view").inc()
     return _html(views.audit_page(result, f, user=s.user, csrf=s.csrf))
 

@@ -5,20 +5,38 @@ and each device's set in audit-devices/) from the newest line backwards, merged 
 order, and stops after MAX_SCAN lines, whatever the filters, so a page costs at most
 that much work however large the trail (the rotation bounds it anyway). A filter on a
 kind reads only the sets that kind is written to: one device's flood of queries does
-not push the security events beyond the scan bound.
+not push the security events beyond the scan bound. A device filter that names one
+device (its SPIFFE ID, or the name of a device the registry knows: `device_id`) reads
+only that device's set and the security set, and matches events naming that device by
+its ID or name exactly: another device's flood is not in the way. Any other device
+filter is a substring of a participant's or object's ID or name, over every set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from relay.agent.audit.files import event_time, merged_events, trail_sets
+from relay.agent.audit.files import (
+    device_dir,
+    device_set_name,
+    event_time,
+    merged_events,
+    trail_sets,
+)
 from relay.agent.audit.trail import DEVICE_KINDS
+from relay.trust.identity import IdentityError, parse_spiffe_uri
 
-__all__ = ["MAX_SCAN", "PAGE_SIZE", "AuditFilter", "AuditPage", "query_audit"]
+__all__ = [
+    "MAX_SCAN",
+    "PAGE_SIZE",
+    "AuditFilter",
+    "AuditPage",
+    "device_named",
+    "query_audit",
+]
 
 PAGE_SIZE: Final = 50
 MAX_PAGE: Final = 200
@@ -41,6 +59,8 @@ KINDS: Final = (
 @dataclass(frozen=True)
 class AuditFilter:
     device: str = ""  # substring of a participant or object id/name
+    #: The one device `device` names (its SPIFFE ID), if it names one: see device_named.
+    device_id: str = ""
     user: str = ""  # the directory user of the event, or a participant's id/name
     kind: str = ""
     since: datetime | None = None
@@ -57,13 +77,24 @@ class AuditPage:
     truncated: bool  # MAX_SCAN lines read before the page was complete
 
 
-def _sets(path: Path, kind: str) -> list[Path]:
-    """The sets events of `kind` are in: a security kind only in the security set; a
-    DICOM kind in the device sets and the security set (where every event went before
-    the trail was split)."""
-    if not kind:
-        return trail_sets(path)
-    return trail_sets(path, devices=kind in DEVICE_KINDS)
+def device_named(text: str) -> str:
+    """The device ID `text` is (spiffe://TD/device/SITE/NAME), else ""."""
+    try:
+        identity = parse_spiffe_uri(text)
+    except IdentityError:
+        return ""
+    return identity.uri if identity.role == "device" else ""
+
+
+def _sets(path: Path, f: AuditFilter) -> list[Path]:
+    """The sets events of `f.kind` (and of device `f.device_id`) are in: a security kind
+    only in the security set; a DICOM kind in the device sets (that device's only) and
+    the security set (where every event went before the trail was split)."""
+    devices = not f.kind or f.kind in DEVICE_KINDS
+    if f.device_id:
+        own = device_dir(path) / device_set_name(f.device_id)
+        return [path, own] if devices else [path]
+    return trail_sets(path, devices=devices)
 
 
 def _ids(event: dict[str, Any]) -> list[str]:
@@ -84,7 +115,11 @@ def matches(event: dict[str, Any], f: AuditFilter) -> bool:
         at = event_time(event)
         if at is None or (f.since and at < f.since) or (f.until and at >= f.until):
             return False
-    if f.device and not any(f.device in i for i in _ids(event)):
+    if f.device_id:
+        # The device's ID, or its name (an enrollment code names the device by it).
+        if not {f.device_id, f.device_id.rsplit("/", 1)[-1]} & set(_ids(event)):
+            return False
+    elif f.device and not any(f.device in i for i in _ids(event)):
         return False
     if f.user:
         users = [str(event.get("user", "")), *_ids(event)]
@@ -95,11 +130,13 @@ def matches(event: dict[str, Any], f: AuditFilter) -> bool:
 
 def query_audit(path: Path, f: AuditFilter, *, page_size: int = PAGE_SIZE) -> AuditPage:
     """Page `f.page` (from 1) of the events matching `f`, newest first."""
+    if f.device and not f.device_id:
+        f = replace(f, device_id=device_named(f.device))
     page = max(1, min(f.page, MAX_PAGE))
     skip = (page - 1) * page_size
     found: list[dict[str, Any]] = []
     scanned = 0
-    for event in merged_events(_sets(path, f.kind), newest_first=True):
+    for event in merged_events(_sets(path, f), newest_first=True):
         if scanned >= MAX_SCAN:
             return AuditPage(found[:page_size], page, False, scanned, True)
         scanned += 1

@@ -21,11 +21,11 @@ import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, read_events
+from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, Outcome, read_events
 from relay.agent.audit.budget import KIND_BURST, MAX_AGGREGATES, SOURCE_BURST
 from relay.agent.authority import DeviceAuthority
 from relay.agent.directory import Directory
-from relay.agent.itpages import passwords
+from relay.agent.itpages import auditview, passwords
 from relay.agent.itpages.app import ItPages, ItPagesMetrics, allowed_hosts, make_app
 from relay.agent.itpages.auditview import AuditFilter, query_audit
 from relay.agent.itpages.auth import (
@@ -674,3 +674,30 @@ async def test_a_flood_of_failed_logins_cannot_rotate_the_security_set(tmp_path:
         assert len(logins) <= KIND_BURST + MAX_AGGREGATES + 1
         first = next(e for e in logins if "aggregate" in e)["aggregate"]
         assert first["source"] == "127.0.0.2" and first["count"] == 21 - SOURCE_BURST
+
+
+async def test_the_audit_page_reads_one_devices_set_for_its_name(
+    pages: Pages, browser: Browser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered device's name in the device filter names that device: its set and
+    the security set are read, not another device's newer flood (more than MAX_SCAN)."""
+    monkeypatch.setattr(auditview, "MAX_SCAN", 50)
+    await browser.login()
+    csrf = await browser.csrf()
+    await browser.post("/codes", {"device": "ws2", "ttl": "1h", "csrf": csrf})
+    at = dt.datetime.now(dt.UTC)
+    pages.authority.registry.record_certificate("ws2", 1, at, at, at)
+    audit = pages.authority.audit
+    ws2 = "spiffe://hospital.test/device/main/ws2"
+    audit.query(now=at, device=ws2, sop_class_uid="1.2", outcome=Outcome.SUCCESS)
+    for _ in range(60):
+        audit.query(
+            now=at, device=ws2 + "0", sop_class_uid="1.2", outcome=Outcome.SUCCESS
+        )  # ws20, whose name holds ws2's
+    status, body = await browser.get("/audit?device=ws2")
+    assert status == 200
+    rows = re.findall(r'<tr class="event">.*?</tr>', body, re.S)
+    kinds = [re.search(r'class="kind">(\w+)<', r).group(1) for r in rows]  # type: ignore[union-attr]
+    assert kinds == ["query", "token_created"], kinds
+    status, body = await browser.get("/audit?device=ws9")  # no such device: a substring
+    assert status == 200 and not re.findall(r'<tr class="event">', body)
