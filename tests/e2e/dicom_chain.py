@@ -145,6 +145,9 @@ def _serve_pacs(args: argparse.Namespace) -> int:
         counters = {name: getattr(pacs.events, name) for name in names}
         events_tmp.write_text(json.dumps(counters))
         events_tmp.replace(args.events_file)
+    # Stopped, a PACS's associations end with it (the agent's spare one would otherwise
+    # keep this process alive until its idle timeout, and the caller waits for that).
+    pacs.abort_all()
     pacs.stop()
     return 0
 
