@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,6 +60,7 @@ from relay.agent.signer import (
 )
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import write_json
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode
 from relay.trust import pki
 from relay.trust.codes import CodeError, check_token_id, decode_secret
@@ -68,6 +70,13 @@ from relay.wire import HEADER_PEER
 __all__ = ["EXCHANGE_TIMEOUT", "MAX_REQUEST", "EnrollOutcome", "serve_enroll_stream"]
 
 log = logging.getLogger(__name__)
+
+#: "enrollment refused" lines: per source address, and over all sources (the gateway
+#: names the address, and a compromised gateway can make up as many as it likes), so a
+#: flood at the enrollment door cannot fill the agent's log. The audit trail keeps its
+#: own budget (relay.agent.audit.budget); the metrics count every refusal.
+REFUSAL_LINES_TOTAL: Final = (5.0, 200)
+_refusal_lines = LogLimiter(total=REFUSAL_LINES_TOTAL)
 
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST: Final = 16 * 1024
@@ -382,10 +391,13 @@ async def _refuse(
         description=f"{refusal.result}: {detail}",
         user=user,
     )
-    log.warning(
-        "enrollment refused",
-        extra={"result": refusal.result, "device": claimed, "peer": peer or ""},
-    )
+    held = _refusal_lines.allow(peer or "", time.monotonic())
+    if held is not None:
+        log.warning(
+            "enrollment refused",
+            extra={"result": refusal.result, "device": claimed, "peer": peer or "",
+                   "held_back": held},
+        )  # fmt: skip
     if answer:
         try:
             async with asyncio.timeout(5.0):

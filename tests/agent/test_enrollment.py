@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import sqlite3
 import struct
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from relay.agent import enrollment
 from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, read_events
 from relay.agent.audit.budget import (
     AGGREGATE_INTERVAL,
@@ -27,11 +29,18 @@ from relay.agent.audit.budget import (
     SOURCE_REFILL,
 )
 from relay.agent.directory import Directory, DirectoryUser, Refusal
-from relay.agent.enrollment import BURNT_MESSAGE, MAX_REQUEST, EnrollOutcome, serve_enroll_stream
+from relay.agent.enrollment import (
+    BURNT_MESSAGE,
+    MAX_REQUEST,
+    REFUSAL_LINES_TOTAL,
+    EnrollOutcome,
+    serve_enroll_stream,
+)
 from relay.agent.registry import MAX_PASSWORD_FAILURES, REGISTRY_FILE, DeviceRegistry
 from relay.agent.signer import Signer
 from relay.net.bytestream import ByteStream, pipe
 from relay.net.jsonframes import encode_json, read_json, write_json
+from relay.ops.loglimit import LOG_BURST, LogLimiter
 from relay.trust import pki
 from relay.trust.codes import encode_secret
 from relay.trust.identity import Identity, identity_from_certificate
@@ -539,7 +548,7 @@ def refusals_in(events: list[dict[str, Any]]) -> int:
 
 
 async def test_a_flood_of_refused_enrollments_cannot_rotate_the_security_set(
-    agent: Agent, tmp_path: Path
+    agent: Agent, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Anyone at the gateway's enrollment door, and a compromised gateway making up a
     peer address for each request, is refused at no cost: 400 refusals (~240 KB of
@@ -554,10 +563,15 @@ async def test_a_flood_of_refused_enrollments_cannot_rotate_the_security_set(
         keep=1,
     )
     assert (await exchange(agent, request(agent.token())))[0].ok
+    monkeypatch.setattr(enrollment, "_refusal_lines", LogLimiter(total=REFUSAL_LINES_TOTAL))
     bad = {"v": 1, "device": "ws9"}  # no code: refused as malformed before anything else
-    for _ in range(200):  # one source
-        outcome, _ = await exchange(agent, bad)
-        assert outcome.result == "malformed"
+    with caplog.at_level(logging.WARNING, logger="relay.agent.enrollment"):
+        for _ in range(200):  # one source
+            outcome, _ = await exchange(agent, bad)
+            assert outcome.result == "malformed"
+    # ... and its log lines are limited too (they were one a refusal).
+    lines = [r for r in caplog.records if r.getMessage() == "enrollment refused"]
+    assert LOG_BURST <= len(lines) <= LOG_BURST + 2
     for i in range(200):  # a source made up for each request
         await exchange(agent, bad, {"x-relay-peer": f"198.51.100.{i % 250}:{1000 + i}"})
     agent.audit.close()
