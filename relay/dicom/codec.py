@@ -27,6 +27,7 @@ from typing import Any, Final, Literal, Protocol
 import zstandard
 
 from relay.codecs import pixels as px
+from relay.dicom.uids import MAX_UID, is_uid
 from relay.net.bytestream import ByteStream
 
 VERSION: Final = 1
@@ -41,7 +42,6 @@ _KNOWN_FLAGS: Final = FLAG_ZSTD | FLAG_PIXELS
 PIXELS_VERSION: Final = 1
 
 MAX_COUNT: Final = 0xFFFF  # DIMSE sub-operation counts are US
-MAX_UID: Final = 64
 MAX_AE: Final = 16
 
 # The default cap on a find/retrieve identifier (DicomLimits.max_identifier). A viewer's
@@ -994,20 +994,12 @@ def _check_text(value: str, name: str, limits: DicomLimits) -> None:
         raise ValueError(f"{name} longer than {limits.max_text} characters")
 
 
-_UID_CHARS: Final = frozenset("0123456789.")
-
-
-def is_uid(value: str) -> bool:
-    """Whether `value` is a DICOM UID as a stream message may carry it."""
-    return 0 < len(value) <= MAX_UID and set(value) <= _UID_CHARS
-
-
 def _check_uid(value: str, name: str, *, empty_ok: bool = False) -> None:
     if not value:
         if empty_ok:
             return
         raise ValueError(f"{name} is empty")
-    if len(value) > MAX_UID or not set(value) <= _UID_CHARS:
+    if not is_uid(value):
         # Not the value: a UID identifies a patient's study, and this text reaches logs.
         raise ValueError(f"{name} is not a DICOM UID ({len(value)} characters)")
 

@@ -52,7 +52,6 @@ from relay.dicom.codec import (
     MessageCodec,
     Pending,
     Request,
-    is_uid,
 )
 from relay.dicom.intake import Intake, MoveReceiver, MoveRoutesFull
 from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
@@ -61,6 +60,7 @@ from relay.dicom.rawds import encode_dataset
 from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomStats, NullStats, status_category
 from relay.dicom.survey import StorageMemory, Survey
+from relay.dicom.uids import is_uid
 
 log = logging.getLogger(__name__)
 

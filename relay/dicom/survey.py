@@ -21,7 +21,6 @@ CPU. Should such a retrieve come without a count after all, its survey starts th
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -34,13 +33,13 @@ from pynetdicom.association import Association
 
 from relay.dicom.codec import MAX_COUNT
 from relay.dicom.contexts import next_message_id
+from relay.dicom.uids import is_conformant_uid
 
 __all__ = ["MAX_QUERIES", "QueryGate", "StorageMemory", "Survey", "uncovered", "walk"]
 
 MAX_QUERIES: Final = 2000  # C-FINDs one survey may send (a patient with many studies)
 _PENDING: Final = (0xFF00, 0xFF01)
 _LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-_UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*")
 _KINDS: Final = frozenset({"get", "move"})
 
 
@@ -123,8 +122,8 @@ class StorageMemory:
 
         Only UIDs are taken (what `restore` accepts): every C-GET's presentation contexts
         are built from them, and pynetdicom refuses a context with anything else."""
-        classes = [uid for uid in classes if _is_uid(uid)]
-        syntaxes = [uid for uid in syntaxes if _is_uid(uid)]
+        classes = [uid for uid in classes if is_conformant_uid(uid)]
+        syntaxes = [uid for uid in syntaxes if is_conformant_uid(uid)]
         with self._lock:
             _touch(self._classes, classes, self.max_classes)
             _touch(self._syntaxes, syntaxes, self.max_syntaxes)
@@ -177,15 +176,9 @@ class StorageMemory:
 def _uid_list(value: object, what: str) -> list[str]:
     if not isinstance(value, list) or len(value) > MAX_COUNT:
         raise ValueError(f"{what}: expected a list of UIDs")
-    if not all(_is_uid(uid) for uid in value):
+    if not all(is_conformant_uid(uid) for uid in value):
         raise ValueError(f"{what}: an entry is not a UID")
     return value
-
-
-def _is_uid(value: object) -> bool:
-    """A UID as DICOM writes one: digits in dot-separated parts, at most 64 characters
-    (stricter than the stream's codec, which takes any digits and dots)."""
-    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def _values(value: Any) -> list[str]:
@@ -199,7 +192,7 @@ def _values(value: Any) -> list[str]:
 
 def _uids(value: Any) -> list[str]:
     """The UIDs among an element's values; anything else a PACS put there is left out."""
-    return [u for u in (v.strip(" \0") for v in _values(value)) if _is_uid(u)]
+    return [u for u in (v.strip(" \0") for v in _values(value)) if is_conformant_uid(u)]
 
 
 def _touch(seen: OrderedDict[str, None], items: Iterable[str], limit: int) -> None:

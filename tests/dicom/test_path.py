@@ -30,6 +30,7 @@ LAYERS = {
     "relay.dicom.status": 5,
     "relay.dicom.pacs_target": 5,  # the `pacs:` settings, a value
     "relay.dicom.exclusive": 5,  # how the node and the C-MOVE SCP bind their port
+    "relay.dicom.uids": 5,  # what counts as a UID
 }
 
 

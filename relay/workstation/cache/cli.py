@@ -36,9 +36,9 @@ BATCH_BYTES = 60_000
 def bad_uid(value: str) -> str | None:
     """Why `value` is not a study UID (None when it is): shown truncated and quoted, so a
     long or odd argument stays one line."""
-    from relay.dicom.survey import _is_uid  # the UID pattern of the storage survey
+    from relay.dicom.uids import is_conformant_uid
 
-    if _is_uid(value):
+    if is_conformant_uid(value):
         return None
     shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
     return f"not a DICOM UID (digits in dot-separated parts, at most 64): {shown}"

@@ -17,7 +17,7 @@ from typing import Any
 from relay.dicom.codec import DicomLimits, MessageCodec
 from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream
-from relay.dicom.survey import _is_uid
+from relay.dicom.uids import is_conformant_uid
 from relay.ops.control import Handler
 from relay.workstation.cache.cli import MAX_PREFETCH
 from relay.workstation.cache.fetch import StudyFetcher
@@ -130,7 +130,7 @@ class WorkstationCache:
         unique: dict[str, None] = {}
         invalid = duplicates = 0
         for uid in studies:
-            if not _is_uid(uid):
+            if not is_conformant_uid(uid):
                 invalid += 1
             elif uid in unique:
                 duplicates += 1

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.dicom import status as st
+from relay.dicom.uids import is_uid
 from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.codestreams import CodestreamCache
 from relay.workstation.dicomweb.guard import allowed_origins, fetch_allowed, host_allowed
@@ -34,7 +35,7 @@ from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
 from relay.workstation.dicomweb.retrieve import Retriever, SeriesFlight, SeriesItem, decode
 from relay.workstation.dicomweb.settings import DEFAULT_TIMEOUT, MAX_QUERY
-from relay.workstation.dicomweb.source import DicomSource, UpstreamError, is_uid
+from relay.workstation.dicomweb.source import DicomSource, UpstreamError
 
 __all__ = ["PREFIX", "DicomwebService", "build_app"]
 

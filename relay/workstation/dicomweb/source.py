@@ -317,7 +317,3 @@ class DicomSource:
                 if isinstance(msg, FinalResponse):
                     clean[0] = True
                     return msg
-
-
-def is_uid(text: str) -> bool:
-    return 0 < len(text) <= 64 and all(c.isdigit() or c == "." for c in text)

@@ -32,9 +32,10 @@ from typing import Final
 from aiohttp import web
 from pydicom.dataset import Dataset
 
+from relay.dicom.uids import is_uid
 from relay.workstation.dicomweb.app import DicomwebService
 from relay.workstation.dicomweb.retrieve import SeriesFlight
-from relay.workstation.dicomweb.source import UpstreamError, is_uid
+from relay.workstation.dicomweb.source import UpstreamError
 
 __all__ = ["KEY_WARMUP", "Warmup", "study_uids"]
 
