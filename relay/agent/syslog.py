@@ -78,6 +78,11 @@ DROP_LOG_INTERVAL: Final = 60.0
 #: A collector that starts failing is said in one warning at most this often (seconds):
 #: one that accepts and drops each connection must not write a warning per event.
 FAILURE_LOG_INTERVAL: Final = 60.0
+#: A connection the collector closes sooner than this after we opened it counts as a
+#: failure (retried after the backoff), and only a send on an older one resets the
+#: backoff: a collector that takes each connection and drops it (one that rejects our
+#: frames, a proxy without its backend) must not have us handshake in a tight loop.
+MIN_CONNECTION_LIFE: Final = 1.0
 _BOM: Final = b"\xef\xbb\xbf"
 _PRINTUSASCII: Final = re.compile(r"[!-~]+")
 _SEVERITY: Final = {
@@ -187,6 +192,7 @@ class SyslogSender:
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._clock = clock
+        self._connected_at = 0.0
         self._drop_logged_at: float | None = None
         self._drops_unlogged = 0
         self.failing = False  # the last connect or write failed, none succeeded since
@@ -285,7 +291,12 @@ class SyslogSender:
                 await self._ready.wait()
                 continue
             if self._writer is not None and not self._alive():
+                short = self._clock() - self._connected_at < MIN_CONNECTION_LIFE
                 self._disconnect()  # the collector went away since the last write
+                if short:
+                    self._failed("the collector closed the connection")
+                    await asyncio.sleep(self._backoff.next_delay())
+                    continue
             if self._writer is None:
                 try:
                     await self._connect()
@@ -293,7 +304,6 @@ class SyslogSender:
                     self._failed(f"connect: {_reason(exc)}")
                     await asyncio.sleep(self._backoff.next_delay())
                     continue
-                self._backoff.reset()
             writer = self._writer
             assert writer is not None
             frame = self._queue[0]
@@ -312,10 +322,15 @@ class SyslogSender:
                 # collector may see a message twice, never miss one we know failed).
                 self._failed("write: the collector closed the connection")
                 self._disconnect()
+                # Not at once: a collector that takes each connection and drops it would
+                # have us reconnect in a tight loop.
+                await asyncio.sleep(self._backoff.next_delay())
                 continue
             if self._queue and self._queue[0] is frame:
                 self._queue.popleft()
                 self._queued_bytes -= len(frame)
+            if self._clock() - self._connected_at >= MIN_CONNECTION_LIFE:
+                self._backoff.reset()  # a connection that lasts, not just one that opens
             self.stats.sent += 1
             self._recovered()
             if not self._queue:
@@ -365,6 +380,7 @@ class SyslogSender:
         # connection is gone: the TLS transport's is_closing() does not (Python 3.11).
         self._reader = reader
         self._writer = writer
+        self._connected_at = self._clock()
 
     def _alive(self) -> bool:
         writer, reader = self._writer, self._reader

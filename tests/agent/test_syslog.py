@@ -135,3 +135,38 @@ async def test_a_collector_that_fails_verification_is_said_with_the_tls_reason(
     await coll.stop()
     (line,) = said(caplog)
     assert "connect: TLS: certificate verify failed" in line[1], line
+
+
+async def test_a_collector_that_drops_every_connection_is_retried_with_backoff(
+    tmp_path: Path,
+) -> None:
+    """It takes a frame, then closes the connection (a collector that rejects our frames,
+    a proxy without its backend). Each connect succeeds, so each was retried at once:
+    a tight loop of handshakes while the queue lasted (50 events, 50 in a row)."""
+    site = make_pki(tmp_path / "pki")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(site.gateway.cert, site.gateway.key)
+    accepted = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        size = int((await reader.readuntil(b" "))[:-1])
+        await reader.readexactly(size)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(drop, HOST, 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    sender = SyslogSender(
+        Address(HOST, port), client_context(site.ca), retry_initial=0.3, retry_max=0.5
+    )
+    sender.start()
+    for _ in range(50):
+        sender.submit(SECRET)
+    await asyncio.sleep(1.0)
+    await sender.close(timeout=0.1)
+    server.close()
+    await server.wait_closed()
+    assert sender.stats.errors >= 2
+    # One per backoff delay (jittered, at most 0.3 s then 0.5 s), not one per event.
+    assert 2 <= accepted <= 8, accepted
