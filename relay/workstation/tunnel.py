@@ -11,6 +11,8 @@ gateway's goaway) it opens a new stream after a jittered pause and replays that 
 until the open deadline. Neither code can come once the agent has answered, and neither
 means the agent saw anything, so the replay never duplicates work. Other resets, and
 these ones after the deadline or beyond the replay limit, reach the caller unchanged.
+Every write is either carried, in order, by the attempt that is finally answered, or
+fails (and so does every call after it): see `RoutedStream`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, NoReturn, Protocol
 
 from relay.net.aio import Link, Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
@@ -151,7 +153,12 @@ class Tunnel:
 
 
 class RoutedStream:
-    """A ByteStream over the current attempt; see the module docstring."""
+    """A ByteStream over the current attempt; see the module docstring.
+
+    Writes, the EOF and replays run one at a time under one lock: a write that comes
+    while a replay is under way waits for it and then goes, after the copy, to the new
+    attempt (or fails with the replay). Once a reset has reached the caller, every later
+    call meets it: no write can succeed past one that failed."""
 
     def __init__(
         self, tunnel: Tunnel, headers: Mapping[str, str], stream: Stream, deadline: float
@@ -165,7 +172,9 @@ class RoutedStream:
         self._replay: list[bytes] | None = []  # None: replay no longer possible
         self._replay_size = 0  # its bytes, and REPLAY_CHUNK_COST per chunk
         self._eof_written = False
-        self._lock = asyncio.Lock()
+        self._replaying: Stream | None = None  # the new attempt a replay is writing to
+        self._failed: int | None = None  # the reset code every call meets from now on
+        self._lock = asyncio.Lock()  # writes, EOF and replays, one at a time
         self._backoff = tunnel._backoff()
         self.attempts = 1
         # Past the deadline no replay can happen: the copy must not outlive it.
@@ -201,95 +210,131 @@ class RoutedStream:
         self._replay_size = 0
         self._expiry.cancel()
 
-    def _record(self, data: bytes) -> bool:
-        """Keep a copy for a possible replay; False once that is no longer possible."""
-        if self._confirmed or self._replay is None:
-            return False
+    def _replayable(self) -> bool:
+        return not self._confirmed and self._replay is not None and self._failed is None
+
+    def _record(self, data: bytes) -> None:
+        """Keep a copy for a possible replay, while one is possible."""
+        if self._replay is None:
+            return
         cost = len(data) + REPLAY_CHUNK_COST
         if self._replay_size + cost > self._tunnel.replay_limit:
             self._drop_replay()  # too much to keep: a NO_ROUTE now reaches the caller
-            return False
+            return
         self._replay.append(data)
         self._replay_size += cost
-        return True
+
+    def _raise_if_failed(self) -> None:
+        if self._failed is not None:
+            raise StreamResetError(self._failed)
+
+    def _fail(self, exc: StreamResetError) -> NoReturn:
+        """This reset reaches the caller, now and at every later call (the first one
+        recorded wins: the caller's own reset, if it came first)."""
+        self._drop_replay()
+        if self._failed is None:
+            self._failed = exc.code
+        if exc.code == self._failed:
+            raise exc
+        raise StreamResetError(self._failed)
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         while True:
+            self._raise_if_failed()
             stream, generation = self._stream, self._generation
             try:
                 data = await stream.read(max_bytes)
             except StreamResetError as exc:
-                if await self._reroute(exc, generation):
-                    continue
-                raise
+                if self._generation == generation:  # else a writer moved us on already
+                    async with self._lock:
+                        if self._generation == generation:
+                            await self._recover(exc)
+                continue
             self._confirm()
             return data
 
     async def write(self, data: bytes) -> None:
-        recorded = self._record(data)
-        stream, generation = self._stream, self._generation
-        try:
-            await stream.write(data)
-        except StreamResetError as exc:
-            if recorded and await self._reroute(exc, generation):
-                return  # the replay on the new stream included `data`
-            raise
+        async with self._lock:
+            self._raise_if_failed()
+            if self._eof_written:
+                raise StreamResetError(ErrorCode.STREAM_CLOSED, "write after write_eof")
+            self._record(data)
+            try:
+                await self._stream.write(data)
+            except StreamResetError as exc:
+                await self._recover(exc)  # the replay on the new stream included `data`
 
     async def write_eof(self) -> None:
-        self._eof_written = True
-        stream, generation = self._stream, self._generation
-        try:
-            await stream.write_eof()
-        except StreamResetError as exc:
-            if await self._reroute(exc, generation):
-                return  # the replay ended with the EOF
-            raise
+        async with self._lock:
+            self._raise_if_failed()
+            self._eof_written = True
+            try:
+                await self._stream.write_eof()
+            except StreamResetError as exc:
+                await self._recover(exc)  # the replay ended with the EOF
 
     def reset(self, code: int) -> None:
         self._confirm()  # no retry after the caller gave up
+        if self._failed is None:
+            self._failed = code
         self._stream.reset(code)
+        if self._replaying is not None:
+            self._replaying.reset(code)  # it would carry the request to the agent
 
     def release(self) -> None:
         """Return the credit of unread data (the caller is done reading)."""
         self._stream.release()
 
-    async def _reroute(self, exc: StreamResetError, generation: int) -> bool:
-        """After a retryable reset of attempt `generation`: True once a newer attempt
-        carries everything written so far; False if the reset must reach the caller."""
+    async def _recover(self, exc: StreamResetError) -> None:
+        """After a reset of the current attempt, with the lock held: returns once a new
+        attempt carries everything written so far; else raises the reset for the caller."""
         if exc.code not in RETRY_CODES:
-            return False
+            self._fail(exc)
+        while True:
+            stream, replay = await self._next_attempt(exc)
+            try:
+                await self._replay_onto(stream, replay)
+            except StreamResetError as again:
+                if again.code in RETRY_CODES:
+                    continue
+                self._switch_to(stream)
+                self._fail(again)
+            self._switch_to(stream)
+            return
+
+    async def _next_attempt(self, exc: StreamResetError) -> tuple[Stream, tuple[bytes, ...]]:
+        """A new stream, after the backoff's pause, and the copy to replay on it; raises
+        `exc` for the caller once no replay can happen (deadline, caller's reset, no link)."""
         loop = asyncio.get_running_loop()
-        async with self._lock:
-            if self._generation != generation:
-                return True  # another reader/writer already moved us on
-            while True:
-                if self._confirmed or self._replay is None:
-                    return False
-                delay = self._backoff.next_delay()
-                if loop.time() + delay >= self._deadline:
-                    return False
-                await asyncio.sleep(delay)
-                try:
-                    stream = await self._tunnel._open(self._headers, self._deadline, self._backoff)
-                except TunnelUnavailable:
-                    return False
-                replay = self._replay
-                if self._confirmed or replay is None:  # the deadline passed while opening
-                    stream.reset(ErrorCode.CANCEL)
-                    return False
-                self.attempts += 1
-                self._tunnel.stats.rerouted += 1
-                try:
-                    for chunk in list(replay):
-                        await stream.write(chunk)
-                    if self._eof_written:
-                        await stream.write_eof()
-                except StreamResetError as again:
-                    if again.code in RETRY_CODES:
-                        continue
-                    self._stream = stream
-                    self._generation += 1
-                    return True  # the caller meets this new reset on its next call
-                self._stream = stream
-                self._generation += 1
-                return True
+        delay = self._backoff.next_delay()
+        if not self._replayable() or loop.time() + delay >= self._deadline:
+            self._fail(exc)
+        await asyncio.sleep(delay)
+        try:
+            stream = await self._tunnel._open(self._headers, self._deadline, self._backoff)
+        except TunnelUnavailable:
+            self._fail(exc)
+        replay = self._replay
+        if replay is None or not self._replayable():  # past the deadline, or reset, meanwhile
+            stream.reset(ErrorCode.CANCEL)
+            self._fail(exc)
+        return stream, tuple(replay)
+
+    def _switch_to(self, stream: Stream) -> None:
+        """Make `stream` the current attempt: readers and writers of the old one move on."""
+        self._stream = stream
+        self._generation += 1
+
+    async def _replay_onto(self, stream: Stream, replay: tuple[bytes, ...]) -> None:
+        """Write the copy, and the EOF if the caller wrote it, to a new attempt (a reset
+        of the caller's stops it: see reset)."""
+        self.attempts += 1
+        self._tunnel.stats.rerouted += 1
+        self._replaying = stream
+        try:
+            for chunk in replay:
+                await stream.write(chunk)
+            if self._eof_written:
+                await stream.write_eof()
+        finally:
+            self._replaying = None

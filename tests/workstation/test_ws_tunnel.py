@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from relay.net.bytestream import StreamResetError
-from relay.proto import ErrorCode
+from relay.net.aio import Link, Stream
+from relay.net.bytestream import StreamResetError, read_exactly
+from relay.ops.config import Address
+from relay.proto import ErrorCode, LinkSettings
+from relay.proto.frames import DEFAULT_STREAM_WINDOW
 from relay.workstation.config import WorkstationConfig
 from relay.workstation.service import Workstation
-from relay.workstation.tunnel import REPLAY_CHUNK_COST, RoutedStream, Tunnel, TunnelUnavailable
+from relay.workstation.tunnel import (
+    REPLAY_CHUNK_COST,
+    REPLAY_LIMIT,
+    RoutedStream,
+    Tunnel,
+    TunnelUnavailable,
+)
 from tests.ends_helpers import (
     WAIT,
     agent_config,
@@ -23,7 +33,7 @@ from tests.ends_helpers import (
     wait_until,
     workstation_config,
 )
-from tests.pki_helpers import make_pki
+from tests.pki_helpers import HOST, make_pki
 from tests.ports import dead_port
 from tests.workstation.test_ws_forward import agent_up
 
@@ -169,3 +179,192 @@ async def test_each_kept_write_costs_its_chunk_too(tmp_path: Path) -> None:
                 await asyncio.wait_for(stream.read(), WAIT)
             assert info.value.code == ErrorCode.NO_ROUTE
             assert tunnel.stats.rerouted == 0 and stream.attempts == 1
+
+
+# -- Replays against writes, EOF and resets that land meanwhile. Two real Links over
+# loopback, no gateway: the test plays the far end, refusing and accepting each attempt.
+
+WINDOW = DEFAULT_STREAM_WINDOW  # the far end's stream window: what a replay sends unread
+FIRST = bytes(range(256)) * (100 * 1024 // 256)  # more than WINDOW: its replay waits for credit
+LATE = b"written while the copy was being replayed"
+NARROW = LinkSettings(stream_window=WINDOW)  # the far end's
+
+
+@dataclass
+class _Stats:
+    last_error: str = ""
+
+
+class _OneLink:
+    """The Tunnel's LinkSource over one Link that stays up (the session, in the service)."""
+
+    def __init__(self, link: Link) -> None:
+        self.up = asyncio.Event()
+        self.up.set()
+        self._link = link
+        self._stats = _Stats()
+
+    @property
+    def link(self) -> Link | None:
+        return self._link
+
+    @property
+    def address(self) -> Address:
+        return Address(HOST, 0)
+
+    @property
+    def stats(self) -> _Stats:
+        return self._stats
+
+
+@dataclass
+class FarEnd:
+    tunnel: Tunnel
+    attempts: asyncio.Queue[Stream]  # each stream the tunnel opens, as the far end sees it
+
+
+@contextlib.asynccontextmanager
+async def far_end() -> AsyncIterator[FarEnd]:
+    loop = asyncio.get_running_loop()
+    attempts: asyncio.Queue[Stream] = asyncio.Queue()
+    accepted: asyncio.Future[Link] = loop.create_future()
+
+    def server_link() -> Link:
+        link = Link(client=False, settings=NARROW, on_stream=attempts.put_nowait)
+        accepted.set_result(link)
+        return link
+
+    server = await loop.create_server(server_link, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(
+        lambda: Link(client=True, settings=LinkSettings()), HOST, port
+    )
+    peer = await asyncio.wait_for(accepted, WAIT)
+    try:
+        yield FarEnd(Tunnel(_OneLink(client), open_timeout=WAIT), attempts)
+    finally:
+        client.abort()
+        peer.abort()
+        server.close()
+
+
+async def read_to_eof(stream: Stream) -> bytes:
+    parts = []
+    while chunk := await stream.read():
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@dataclass
+class Replaying:
+    stream: RoutedStream
+    reader: asyncio.Task[bytes]  # reading it, as the forwarder does: it met the refusal
+    second: Stream  # the second attempt, as the far end sees it
+
+
+async def replay_waiting_for_credit(far: FarEnd) -> Replaying:
+    """A stream whose first attempt was refused after FIRST, and whose replay of FIRST on
+    the second attempt has taken its copy and waits for credit (the far end reads none)."""
+    stream = await far.tunnel.open_stream({"target": "tcp:echo"})
+    first = asyncio.create_task(stream.write(FIRST))  # beyond the window: the far end reads
+    refused = await asyncio.wait_for(far.attempts.get(), WAIT)
+    assert await asyncio.wait_for(read_exactly(refused, len(FIRST)), WAIT) == FIRST
+    await first
+    reader = asyncio.create_task(read_all(stream))
+    refused.reset(ErrorCode.NO_ROUTE)
+    second = await asyncio.wait_for(far.attempts.get(), WAIT)
+    await wait_until(lambda: second.buffered == WINDOW)  # the rest of FIRST waits for credit
+    assert stream.attempts == 2 and not reader.done()
+    return Replaying(stream, reader, second)
+
+
+async def write_then_eof(stream: RoutedStream, data: bytes) -> None:
+    await stream.write(data)
+    await stream.write_eof()
+
+
+async def test_a_write_and_eof_during_a_replay_follow_it_on_the_new_stream() -> None:
+    """The copy was taken; a write and the EOF land before the new stream is confirmed.
+    They reached no stream, yet the write returned as if replayed (its bytes lost)."""
+    async with far_end() as far:
+        r = await replay_waiting_for_credit(far)
+        late = asyncio.create_task(write_then_eof(r.stream, LATE))
+        await asyncio.sleep(0)  # the write and the EOF are under way
+        async with asyncio.timeout(WAIT):
+            received = await read_to_eof(r.second)  # in order, once, then EOF
+            assert (len(received), received[len(FIRST) :]) == (len(FIRST + LATE), LATE)
+            assert received == FIRST + LATE
+            await r.second.write(b"answer")
+            await r.second.write_eof()
+            await late
+            assert await r.reader == b"answer"
+        assert r.stream.attempts == 2 and r.stream.confirmed
+
+
+async def test_a_second_no_route_during_a_replay_carries_the_late_write_too() -> None:
+    async with far_end() as far:
+        r = await replay_waiting_for_credit(far)
+        late = asyncio.create_task(write_then_eof(r.stream, LATE))
+        await asyncio.sleep(0)
+        r.second.reset(ErrorCode.NO_ROUTE)  # refused again: a third attempt replays
+        async with asyncio.timeout(WAIT):
+            third = await far.attempts.get()
+            received = await read_to_eof(third)
+            assert (len(received), received[len(FIRST) :]) == (len(FIRST + LATE), LATE)
+            assert received == FIRST + LATE
+            await third.write_eof()
+            await late
+            assert await r.reader == b""
+        assert r.stream.attempts == 3
+
+
+async def test_another_reset_during_a_replay_reaches_a_late_write() -> None:
+    """The new stream is reset with a code not retried while the replay waits: the write
+    that waited for the replay was reported as sent on a stream that never carried it."""
+    async with far_end() as far:
+        r = await replay_waiting_for_credit(far)
+        late = asyncio.create_task(r.stream.write(LATE))
+        await asyncio.sleep(0)
+        r.second.reset(ErrorCode.FORBIDDEN)
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(StreamResetError) as wrote:
+                await late
+            with pytest.raises(StreamResetError) as read:
+                await r.reader
+        assert wrote.value.code == read.value.code == ErrorCode.FORBIDDEN
+        with pytest.raises(StreamResetError):  # and every later call
+            await r.stream.write(b"more")
+
+
+async def test_the_callers_reset_during_a_replay_stops_it() -> None:
+    """The caller gives up while the replay waits: the new stream is reset too (it went on
+    to carry the request to the agent), and the write waiting behind the replay fails."""
+    async with far_end() as far:
+        r = await replay_waiting_for_credit(far)
+        late = asyncio.create_task(r.stream.write(LATE))
+        await asyncio.sleep(0)
+        r.stream.reset(ErrorCode.CANCEL)
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(StreamResetError) as seen:
+                await read_to_eof(r.second)
+            assert seen.value.code == ErrorCode.CANCEL
+            with pytest.raises(StreamResetError):
+                await late
+            with pytest.raises(StreamResetError):
+                await r.reader
+        assert r.stream.attempts == 2
+
+
+async def test_a_write_beyond_the_replay_limit_during_a_replay_follows_it() -> None:
+    """A write too large to keep, landing during the replay: it failed with the NO_ROUTE
+    the replay was riding out, while the stream lived on and took the next write."""
+    big = bytes(REPLAY_LIMIT)
+    async with far_end() as far:
+        r = await replay_waiting_for_credit(far)
+        late = asyncio.create_task(write_then_eof(r.stream, big))
+        await asyncio.sleep(0)
+        async with asyncio.timeout(WAIT):
+            received = await read_to_eof(r.second)
+            await late
+        assert (len(received), received[len(FIRST) :] == big) == (len(FIRST + big), True)
+        assert received[: len(FIRST)] == FIRST
