@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay.agent.audit import AuditEvent, Outcome
+from relay.agent.audit.trail import device_of
 from relay.net.backoff import ExponentialBackoff
 from relay.ops.config import Address
 
@@ -83,6 +84,11 @@ FAILURE_LOG_INTERVAL: Final = 60.0
 #: backoff: a collector that takes each connection and drops it (one that rejects our
 #: frames, a proxy without its backend) must not have us handshake in a tight loop.
 MIN_CONNECTION_LIFE: Final = 1.0
+#: One device's DICOM events may fill at most this share of the queue (1/4): while the
+#: collector is slow or away, one device's flood must not keep every other device's
+#: events, and the security events, out of the SIEM. Security events have no share
+#: of their own: only the queue's bounds hold them.
+DEVICE_SHARE: Final = 4
 _BOM: Final = b"\xef\xbb\xbf"
 _PRINTUSASCII: Final = re.compile(r"[!-~]+")
 _SEVERITY: Final = {
@@ -189,8 +195,11 @@ class SyslogSender:
         self.app_name = app_name
         self.procid = str(os.getpid())
         self.stats = SyslogStats()
-        self._queue: deque[bytes] = deque()
+        # (the device whose DICOM event it is, or None; the frame)
+        self._queue: deque[tuple[str | None, bytes]] = deque()
         self._queued_bytes = 0
+        self._per_device: dict[str, int] = {}  # events queued per device
+        self.device_share = max(1, queue_size // DEVICE_SHARE)
         self._clock = clock
         self._connected_at = 0.0
         self._drop_logged_at: float | None = None
@@ -218,10 +227,11 @@ class SyslogSender:
             procid=self.procid,
             msgid=event.kind,
         )
-        self.submit(message)
+        self.submit(message, device=device_of(event))
 
-    def submit(self, message: bytes) -> bool:
-        """Queue one RFC 5424 message; False (and counted) if dropped."""
+    def submit(self, message: bytes, *, device: str | None = None) -> bool:
+        """Queue one RFC 5424 message (`device`: whose DICOM event it is, held to its
+        share of the queue); False (and counted) if dropped."""
         if len(message) > self.max_message:
             self.stats.oversized += 1
             return False
@@ -229,13 +239,25 @@ class SyslogSender:
         if (
             len(self._queue) >= self.queue_size
             or self._queued_bytes + len(frame) > self.max_queued_bytes
+            or (device is not None and self._per_device.get(device, 0) >= self.device_share)
         ):
             self._dropped()
             return False
-        self._queue.append(frame)
+        self._queue.append((device, frame))
         self._queued_bytes += len(frame)
+        if device is not None:
+            self._per_device[device] = self._per_device.get(device, 0) + 1
         self._ready.set()
         return True
+
+    def _sent(self) -> None:
+        """The queue's first frame reached the collector: it leaves the queue."""
+        device, frame = self._queue.popleft()
+        self._queued_bytes -= len(frame)
+        if device is not None:
+            left = self._per_device.pop(device) - 1
+            if left:
+                self._per_device[device] = left
 
     def _dropped(self) -> None:
         """Count a dropped event; say so at once, then at most every DROP_LOG_INTERVAL."""
@@ -306,7 +328,8 @@ class SyslogSender:
                     continue
             writer = self._writer
             assert writer is not None
-            frame = self._queue[0]
+            head = self._queue[0]
+            frame = head[1]
             try:
                 writer.write(frame)
                 async with asyncio.timeout(self.write_timeout):
@@ -326,9 +349,8 @@ class SyslogSender:
                 # have us reconnect in a tight loop.
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
-            if self._queue and self._queue[0] is frame:
-                self._queue.popleft()
-                self._queued_bytes -= len(frame)
+            if self._queue and self._queue[0] is head:
+                self._sent()
             if self._clock() - self._connected_at >= MIN_CONNECTION_LIFE:
                 self._backoff.reset()  # a connection that lasts, not just one that opens
             self.stats.sent += 1

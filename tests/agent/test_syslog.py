@@ -4,6 +4,7 @@ and the agent exports its counters (relay.agent.syslog)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import ssl
 from pathlib import Path
@@ -11,8 +12,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from relay.agent.audit import AuditEvent, Outcome, Participant
+from relay.agent.audit.events import EV_QUERY
 from relay.agent.config import load_agent_config
-from relay.agent.syslog import FAILURE_LOG_INTERVAL, SyslogMetrics, SyslogSender, client_context
+from relay.agent.syslog import (
+    DEVICE_SHARE,
+    FAILURE_LOG_INTERVAL,
+    SyslogMetrics,
+    SyslogSender,
+    client_context,
+)
 from relay.ops.config import Address
 from tests.agent.test_agent_service import agent_running
 from tests.agent.test_audit import WAIT, Collector, collector
@@ -170,3 +179,31 @@ async def test_a_collector_that_drops_every_connection_is_retried_with_backoff(
     assert sender.stats.errors >= 2
     # One per backoff delay (jittered, at most 0.3 s then 0.5 s), not one per event.
     assert 2 <= accepted <= 8, accepted
+
+
+def _query_of(device: str) -> AuditEvent:
+    return AuditEvent(
+        kind="query",
+        event_id=EV_QUERY,
+        action="E",
+        at=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+        outcome=Outcome.SUCCESS,
+        participants=(Participant(user_id=device, requestor=True),),
+    )
+
+
+def test_one_devices_flood_takes_only_its_share_of_the_queue() -> None:
+    """The collector is away: a device's DICOM events fill a quarter of the queue, and
+    then another device's events and the security events still find room."""
+    sender = SyslogSender(Address(HOST, 9), ssl.create_default_context(), queue_size=8)
+    assert sender.device_share == 8 // DEVICE_SHARE
+    flood = "spiffe://hospital.test/device/main/ws1"
+    for _ in range(100):
+        sender.emit(_query_of(flood), '{"kind": "query"}')
+    assert sender.queued == sender.device_share
+    assert sender.stats.dropped == 100 - sender.device_share
+    assert sender.submit(b"<13>1 - - - - - - another device", device="spiffe://x/device/main/ws2")
+    for _ in range(8 - sender.device_share - 1):  # security events: the queue's bounds only
+        assert sender.submit(b"<13>1 - - - - - - enrollment")
+    assert sender.queued == 8
+    assert not sender.submit(b"<13>1 - - - - - - one too many")
