@@ -51,6 +51,7 @@ from relay.dicom.encoder import (
     shared_pool,
 )
 from relay.dicom.intake import MoveReceiver, MoveSenders
+from relay.dicom.pacs_assoc import ABORT_LINGER, OpenAssociations
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.spare import SpareAssociation
@@ -196,12 +197,15 @@ async def serve_dicom_stream(
     rates: RateBook | None = None,
     memory: StorageMemory | None = None,
     spare: SpareAssociation | None = None,
+    associations: OpenAssociations | None = None,
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
 
     `rates`: what earlier streams learned about the pixel codecs (the agent keeps one);
     `memory`: the SOP classes and syntaxes earlier surveys found at the PACS (likewise);
-    `spare`: the association left open by an earlier request (likewise).
+    `spare`: the association left open by an earlier request (likewise);
+    `associations`: every association with the PACS open, ended at the agent's stop
+    (likewise).
 
     `on_request` sees the request as soon as it is read, before the PACS is contacted
     (the audit trail's "transfer begins").
@@ -231,7 +235,7 @@ async def serve_dicom_stream(
     strip = stream.headers.get(HEADER_DICOM_CONTENT) == DICOM_CONTENT_HEADERS
     op = PacsOperation(
         pacs, msg, codec, out, stats=stats, move_receiver=move_receiver, skip=skip,
-        memory=memory, estimate=not strip, spare=spare,
+        memory=memory, estimate=not strip, spare=spare, associations=associations,
     )  # fmt: skip
     if on_request is not None:
         on_request(summary(op.op_name, 0xFF00, "started", calling_ae=msg.calling_ae,
@@ -418,7 +422,8 @@ class DicomAgent:
         self.move_receiver: MoveReceiver | None = None
         self.rates = RateBook()
         self.memory = StorageMemory()
-        self.spare = SpareAssociation(pacs.spare_association)
+        self.associations = OpenAssociations()  # with the PACS, ended at stop
+        self.spare = SpareAssociation(pacs.spare_association, associations=self.associations)
 
     async def start(self) -> None:
         contexts.check_uids_once()
@@ -437,10 +442,20 @@ class DicomAgent:
             self.move_receiver = receiver
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.spare.close)
+        """End every association with the PACS within a bound, whatever the PACS does:
+        the spare is released (given `ABORT_LINGER` for the PACS's answer), then what is
+        left, an operation the drain cut, one being requested, the C-MOVE receiver's, is
+        aborted and cut (`pacs_assoc.end_all`). pynetdicom's connection threads are not
+        daemons: one left to a PACS that does not let go held the process's exit."""
+        releasing = threading.Thread(target=self.spare.close, name="pacs-spare-close", daemon=True)
+        releasing.start()
+        await asyncio.to_thread(releasing.join, ABORT_LINGER)
         if self.move_receiver is not None:
             await asyncio.to_thread(self.move_receiver.stop)
             self.move_receiver = None
+        ended = await asyncio.to_thread(self.associations.end_all)
+        if ended:
+            log.info("ended %d PACS associations still open at stop", ended)
 
     async def serve(
         self,
@@ -457,4 +472,5 @@ class DicomAgent:
             rates=self.rates,
             memory=self.memory,
             spare=self.spare,
+            associations=self.associations,
         )

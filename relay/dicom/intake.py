@@ -62,6 +62,7 @@ from relay.dicom.codec import (
     MessageCodec,
 )
 from relay.dicom.exclusive import ExclusiveAssociationServer
+from relay.dicom.pacs_assoc import OpenAssociations
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce
@@ -472,6 +473,7 @@ class MoveReceiver:
         self._log_limit = LogLimiter()  # per kind of warning (strangers, unrouted, cut)
         self._log_lock = threading.Lock()  # warnings come from the server's and DUL threads
         self._server: Any = None
+        self.associations = OpenAssociations()  # the PACS's, ended at stop
         self.refused = 0  # C-STOREs refused: no running C-MOVE of ours, or not from its PACS
         self.strangers = 0  # connections closed unread: not from the PACS
         self.oversized = 0  # associations cut: a PDU or a C-STORE over the limits
@@ -496,6 +498,7 @@ class MoveReceiver:
                     contexts.NODELAY,
                     (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_PDU_RECV, self._on_pdu),
+                    *self.associations.handlers(),
                 ],
                 contexts=contexts.scp_contexts(
                     storage_role_selection=False, preference=contexts.PACS_PREFERENCE
@@ -512,10 +515,13 @@ class MoveReceiver:
         announce("move", (self.host, self.port), ae_title=self.ae_title)
 
     def stop(self) -> None:
+        """Stop listening, then end the PACS's associations still open (aborted, and cut
+        if the PACS does not close them: their threads would hold the agent's exit)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self.associations.end_all()
 
     def register(self, msg_id: int, intake: Intake) -> None:
         """C-STOREs naming `msg_id` as their Move Originator Message ID go to `intake`.

@@ -3,20 +3,39 @@
 Every association the agent opens towards the PACS (a query or retrieve, the survey
 beside it, the spare left for the next request, the readiness C-ECHO) is requested here,
 with TCP_NODELAY and every wait bounded. Blocking: call it on a thread, never the loop.
+
+And ended here: `abort_within` gives the PACS `ABORT_LINGER` to close a connection after
+our A-ABORT, then closes it itself; `OpenAssociations` keeps an owner's open ones (the
+agent's DICOM service, one operation) so that its stop (or an abandoned operation) ends
+all of them, also one a stalled PACS never answers, within a bound whatever the PACS
+does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 
 from relay.dicom import contexts
 from relay.dicom.pacs_target import PacsTarget
 
-__all__ = ["allow_move_stalls", "associate", "scp_roles"]
+__all__ = [
+    "ABORT_LINGER",
+    "OpenAssociations",
+    "abort_within",
+    "allow_move_stalls",
+    "associate",
+    "cut",
+    "end_all",
+    "scp_roles",
+]
 
 
 def associate(
@@ -26,11 +45,13 @@ def associate(
     ext_neg: Sequence[Any] = (),
     handlers: Sequence[Any] = (),
     timeout: float | None = None,
+    keep: Sequence[OpenAssociations | None] = (),
 ) -> Association:
     """Request an association (raises if the PACS cannot be reached; check
     `is_established`). Waits are bounded by `pacs.timeout`, and silence on an established
     association by that plus `pacs.stall_timeout` (a full channel blocks the agent, and
-    the PACS then waits on us by design); `timeout` bounds them all instead (a probe)."""
+    the PACS then waits on us by design); `timeout` bounds them all instead (a probe).
+    `keep`: the owners that hold it from its connection on (`OpenAssociations`)."""
     ae = AE(ae_title=pacs.calling_ae_title)
     wait = pacs.timeout if timeout is None else timeout
     ae.acse_timeout = wait
@@ -45,7 +66,11 @@ def associate(
         ae_title=pacs.ae_title,
         max_pdu=0,
         ext_neg=list(ext_neg) or None,
-        evt_handlers=[contexts.NODELAY, *handlers],
+        evt_handlers=[
+            contexts.NODELAY,
+            *handlers,
+            *(h for owner in keep if owner is not None for h in owner.handlers()),
+        ],
     )
 
 
@@ -67,3 +92,130 @@ def scp_roles(storage: Sequence[Any]) -> list[Any]:
     """SCP/SCU role selection for a C-GET: we take the storage role for its classes."""
     classes = sorted({str(cx.abstract_syntax) for cx in storage})
     return [build_role(sop, scp_role=True) for sop in classes]
+
+
+# -- ending associations whatever the PACS does -----------------------------------------
+#
+# pynetdicom's A-ABORT waits for the PACS to close the connection, up to its ARTIM timer
+# (`pacs.timeout`), and its A-RELEASE for the PACS's answer as long; its DUL thread is
+# not a daemon thread, so an association a PACS does not let go of held the thread that
+# ended it, and the agent's exit after "agent stopped", that long (and a stalled PACS for
+# `pacs.timeout`). Here an abort gives the PACS a moment to close, then closes itself.
+
+# Seconds the PACS has to close a connection after our A-ABORT (PS3.8 leaves the closing
+# to it) before the agent shuts the socket down itself.
+ABORT_LINGER: Final = 0.5
+# Seconds pynetdicom's threads of a closed connection get to end (they end at once once
+# it is closed: a bound, not a wait).
+STOP_JOIN: Final = 1.0
+_STEP: Final = 0.01  # seconds between looks at pynetdicom's state while ending (as it does)
+
+
+def idle(assoc: Association) -> bool:
+    """Whether the association's connection is closed and its state machine idle (Sta1,
+    or its DUL thread never ran or has ended): nothing of it holds the process."""
+    dul = assoc.dul
+    return not dul.is_alive() or dul.state_machine.current_state == "Sta1"
+
+
+def cut(assoc: Association) -> None:
+    """Shut the association's socket down, whatever its state: pynetdicom's reader sees
+    the connection closed (PS3.8 Evt17) and its state machine goes idle. Non-blocking."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is not None:
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
+
+def _wait(done: Callable[[], bool], deadline: float) -> bool:
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_STEP)
+    return True
+
+
+def _stop_threads(assocs: Sequence[Association], deadline: float) -> None:
+    """Stop the DUL threads of associations whose state machine is idle (pynetdicom's
+    `kill`, which returns at once then), within `deadline`."""
+    for assoc in assocs:
+        if _wait(lambda a=assoc: idle(a), deadline):  # type: ignore[misc]
+            with contextlib.suppress(Exception):
+                assoc.kill()
+
+
+def abort_within(assoc: Association, linger: float = ABORT_LINGER) -> None:
+    """A-ABORT `assoc` and have its connection closed within `linger` seconds (blocking):
+    the PACS's own close if it comes, else ours (`cut`)."""
+    end_all([assoc], linger)
+
+
+def end_all(assocs: Sequence[Association], linger: float = ABORT_LINGER) -> None:
+    """End every association in `assocs` within about `linger` + STOP_JOIN seconds
+    (blocking), whatever the peer does: an A-ABORT to each that is established, `linger`
+    for the peers to close, then `cut` what they left open."""
+    for assoc in assocs:
+        with contextlib.suppress(Exception):
+            if assoc.is_established:
+                assoc.abort(block=False)  # queued for the DUL thread: returns at once
+    _wait(lambda: all(map(idle, assocs)), time.monotonic() + linger)
+    for assoc in assocs:
+        if not idle(assoc):
+            cut(assoc)
+    _stop_threads(assocs, time.monotonic() + STOP_JOIN)
+
+
+class OpenAssociations:
+    """The associations of one owner (the agent's DICOM service, one operation) whose
+    connection is open, from EVT_CONN_OPEN (before the A-ASSOCIATE-RQ: one a stalled PACS
+    never answers is here too) to its close: so that all of them can be ended at once.
+    Holds only what is open (the owner's limits bound that); after `close()`, a
+    connection that opens is cut at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Association] = set()
+        self._closed = False
+
+    def handlers(self) -> list[tuple[Any, Callable[[Any], None]]]:
+        """pynetdicom event handlers to pass to the associations to keep."""
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_CONN_CLOSE, self._gone)]
+
+    def _opened(self, event: Any) -> None:
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._open.add(event.assoc)
+        if closed:
+            cut(event.assoc)
+
+    def _gone(self, event: Any) -> None:
+        with self._lock:
+            self._open.discard(event.assoc)
+
+    def held(self) -> list[Association]:
+        """Those whose connection is still open (or whose threads still run)."""
+        with self._lock:
+            self._open = {a for a in self._open if not idle(a)}
+            return list(self._open)
+
+    def close(self) -> None:
+        """Keep no more: a connection that opens from now on is cut at once."""
+        with self._lock:
+            self._closed = True
+
+    def cut_requests(self) -> None:
+        """`close()`, and cut the associations still being requested (non-blocking):
+        their requester is waiting for an A-ASSOCIATE answer that may never come."""
+        self.close()
+        for assoc in self.held():
+            if not assoc.is_established:
+                cut(assoc)
+
+    def end_all(self, linger: float = ABORT_LINGER) -> int:
+        """`close()`, then end every association held (`end_all`, blocking, bounded);
+        how many there were."""
+        self.close()
+        assocs = self.held()
+        end_all(assocs, linger)
+        return len(assocs)

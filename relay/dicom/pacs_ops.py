@@ -54,7 +54,13 @@ from relay.dicom.codec import (
     Request,
 )
 from relay.dicom.intake import Intake, MoveReceiver, MoveRoutesFull
-from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
+from relay.dicom.pacs_assoc import (
+    OpenAssociations,
+    abort_within,
+    allow_move_stalls,
+    associate,
+    scp_roles,
+)
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.spare import SpareAssociation
@@ -94,6 +100,7 @@ class PacsOperation:
         memory: StorageMemory | None = None,
         estimate: bool = True,
         spare: SpareAssociation | None = None,
+        associations: OpenAssociations | None = None,
     ) -> None:
         """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
         taken from the PACS (which counts them as done) but not sent on. `memory`: what
@@ -101,7 +108,8 @@ class PacsOperation:
         `estimate`: survey beside the retrieve, for the viewer's fallback count; without
         it (a headers-only retrieve, whose reader uses the final counts) the study is
         surveyed only when a C-GET's contexts may have missed something. `spare`: the
-        agent's spare association, taken if it suits and refilled at the end."""
+        agent's spare association, taken if it suits and refilled at the end.
+        `associations`: the agent's, which ends ours at its stop."""
         self.pacs = pacs
         self.request = request
         self.codec = codec
@@ -141,6 +149,8 @@ class PacsOperation:
         self._move_announces = False
         self._took_spare = False  # the main association is the spare
         self._answered = False  # the PACS answered the main association's request
+        self.associations = associations
+        self._own = OpenAssociations()  # ours: abort() cuts those still being requested
 
     @property
     def instances(self) -> int:
@@ -188,6 +198,7 @@ class PacsOperation:
             self._cancel.set()
         if beside is not None:
             beside.stop.set()  # its association ends when the operation's final is queued
+        self._own.cut_requests()  # a PACS that never answers them must not hold us
         if assoc is not None:
             threading.Thread(
                 target=self._abort_aside, args=(assoc,), name="pacs-abort", daemon=True
@@ -243,10 +254,12 @@ class PacsOperation:
 
     def _refill(self, final: FinalResponse) -> None:
         """Leave a spare association for the next query or retrieve (viewers ask in
-        bursts), unless this one could not reach the PACS. Never raises: it runs after
+        bursts), unless this one could not reach the PACS or was cut. Never raises: it runs after
         the final response, and a spare is only a head start."""
         if self.spare is None or self.request.op not in ("find", "retrieve"):
             return
+        if self._aborted.is_set():
+            return  # the stream was cut: by its viewer, or by the agent's stop (no more)
         if final.status in (st.PACS_UNREACHABLE, st.PACS_REFUSED) or not self.spare.vacant():
             return  # (the contexts cost building: not for a spare held, or none wanted)
         try:
@@ -308,7 +321,11 @@ class PacsOperation:
                 )
             try:
                 assoc = associate(
-                    self.pacs, [*cxs, *extra], ext_neg=scp_roles(extra), handlers=handlers or ()
+                    self.pacs,
+                    [*cxs, *extra],
+                    ext_neg=scp_roles(extra),
+                    handlers=handlers or (),
+                    keep=(self._own, self.associations),
                 )
             except Exception as exc:
                 return FinalResponse(st.PACS_UNREACHABLE, f"cannot reach the PACS: {exc}"[:200])
@@ -320,9 +337,11 @@ class PacsOperation:
                 handed = self._aborting is assoc  # abort() saw it: its thread aborts it
             if aborted:
                 if not handed:
-                    assoc.abort()
+                    abort_within(assoc)
                 return FinalResponse(st.LINK_LOST, "relay stream closed")
             return assoc
+        if self._aborted.is_set():  # abort() cut it while it was being requested
+            return FinalResponse(st.LINK_LOST, "relay stream closed")
         where = f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
         if assoc.is_rejected:
             return FinalResponse(st.PACS_REFUSED, f"PACS {where} rejected the association")
@@ -338,7 +357,7 @@ class PacsOperation:
                 return  # abort() has it aborted on a thread of its own
         try:
             if self._aborted.is_set():
-                assoc.abort()
+                abort_within(assoc)
             elif assoc.is_established:
                 assoc.release()
         except Exception as exc:
@@ -941,12 +960,12 @@ def clean_uids(values: object, limit: int) -> tuple[str, ...]:
 
 
 def _abort(assoc: Association) -> None:
-    """A-ABORT `assoc` (blocking), then wake a thread waiting on it for the next message:
+    """A-ABORT `assoc` (blocking, for at most about `pacs_assoc.ABORT_LINGER`: a PACS that
+    keeps the connection is cut), then wake a thread waiting on it for the next message:
     pynetdicom does not when *we* abort; (None, None) is what it returns for an aborted
     association."""
     try:
-        if assoc.is_established:
-            assoc.abort()
+        abort_within(assoc)
     except Exception as exc:
         log.debug("A-ABORT failed: %s", exc)
     with contextlib.suppress(Exception):

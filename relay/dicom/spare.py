@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from pynetdicom.association import Association
 
-from relay.dicom.pacs_assoc import associate
+from relay.dicom.pacs_assoc import OpenAssociations, associate
 from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["OUTCOMES", "SpareAssociation"]
@@ -41,9 +41,16 @@ OUTCOMES: Final = ("opened", "used", "expired", "stale", "unsuited", "failed")
 class SpareAssociation:
     """One slot for an idle association, refilled after requests, released when idle."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
-        """`seconds`: how long a spare may stay idle (0: never open one)."""
+    def __init__(
+        self,
+        seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        associations: OpenAssociations | None = None,
+    ) -> None:
+        """`seconds`: how long a spare may stay idle (0: never open one); `associations`:
+        the owner's, which ends the spare (one opening too) at its stop."""
         self.seconds = seconds
+        self.associations = associations
         self._clock = clock
         self._lock = threading.Lock()
         self._assoc: Association | None = None
@@ -115,7 +122,7 @@ class SpareAssociation:
     def _open(self, pacs: PacsTarget, cxs: Sequence[Any], ext_neg: Sequence[Any]) -> None:
         assoc: Association | None
         try:
-            assoc = associate(pacs, cxs, ext_neg=ext_neg)
+            assoc = associate(pacs, cxs, ext_neg=ext_neg, keep=(self.associations,))
         except Exception as exc:  # the request that follows reports; a spare never crashes
             log.debug("spare association failed: %s", type(exc).__name__)
             assoc = None
