@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 
 from relay.agent.audit import AuditEvent, Outcome
 from relay.agent.audit.trail import device_of
-from relay.net.backoff import ExponentialBackoff
+from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.ops.config import Address
 
 __all__ = [
@@ -175,6 +175,7 @@ class SyslogSender:
         write_timeout: float = 10.0,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
+        rng: Uniform | None = None,
         hostname: str | None = None,
         app_name: str = "dmzrelay",
         clock: Callable[[], float] = time.monotonic,
@@ -209,7 +210,7 @@ class SyslogSender:
         self._failure_logged_at: float | None = None
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever the queue becomes empty
-        self._backoff = ExponentialBackoff(retry_initial, retry_max)
+        self._backoff = ExponentialBackoff(retry_initial, retry_max, rng=rng)
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._task: asyncio.Task[None] | None = None
