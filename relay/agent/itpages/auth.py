@@ -70,7 +70,8 @@ class Authenticator(Protocol):
 
 
 class LocalAuthenticator:
-    """The admins file, re-read at each login (a new entry needs no restart)."""
+    """The admins file, re-read at each login (a new entry needs no restart). A file
+    that is missing, does not read or holds no admin answers "unavailable" (503)."""
 
     what = "the password check"
 
@@ -83,6 +84,10 @@ class LocalAuthenticator:
             admins = read_admins(self.path)
         except PasswordFileError as exc:
             return LoginResult("unavailable", user, str(exc))
+        if not admins:
+            # No one can log in: not the user's failure (not a failed login for the
+            # limiter), as for a missing file, until `relay it-admin passwd` writes one.
+            return LoginResult("unavailable", user, f"{self.path} holds no admin")
         await self._slots.acquire()
         # The slot is free again when the thread is, not when the caller stops waiting
         # (a login that timed out): the scrypt checks at once stay bounded.

@@ -591,6 +591,32 @@ async def test_a_local_admin_removed_from_the_admins_file_loses_the_session(
     assert "no longer an IT admin" in descriptions(pages, "it_logout")[0]
 
 
+@pytest.mark.parametrize("content", ["", "# IT admins: none yet\n\n"])
+async def test_an_admins_file_with_no_admin_is_a_503_not_a_failed_login(
+    tmp_path: Path, content: str
+) -> None:
+    """As a missing admins file: an empty or comment-only one was every login refused
+    (401), counted by the failed-login limit (IT locked out, 429, once an admin was
+    written) and audited as a refusal."""
+    limiter = LoginLimiter(max_per_user=3)
+    async for pages in _serve(tmp_path, tls=False, limiter=limiter):
+        (tmp_path / "admins").write_text(content)
+        b = Browser(pages)
+        try:
+            for _ in range(4):
+                r = await b.login()
+                assert r.status == 503
+                assert "the password check is unavailable; try again later" in await r.text()
+            assert not limiter.blocked(HOST, "carol") and len(limiter) == 0
+            assert pages.metric("relay_it_logins_total", result="unavailable") == 4
+            assert pages.metric("relay_it_logins_total", result="refused") == 0
+            assert all("holds no admin" in d for d in descriptions(pages))
+            passwords.set_password(tmp_path / "admins", "carol", PASSWORD, log2_n=10)
+            assert (await b.login()).status == 303
+        finally:
+            await b.close()
+
+
 async def test_a_request_naming_another_host_is_refused(pages: Pages, browser: Browser) -> None:
     """DNS rebinding: a page of evil.example whose name is made to resolve to the agent
     is same-origin with itself (Host, Origin and Referer all say evil.example); only the
