@@ -30,9 +30,12 @@ from relay.agent.audit import files as audit_files
 from relay.agent.audit.files import device_set_name, list_sets, merged_events
 from relay.agent.itpages import auditview
 from relay.agent.itpages.auditview import AuditFilter, query_audit
+from relay.ops.config import ConfigError
 from relay.ops.configfile import open_config
 
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+# Events are written as they happen, before their files' last write: a newest-first
+# merge opens a set once it reaches that time (files.MTIME_SLACK), so not in the future.
+T0 = datetime.now(dt.UTC).replace(microsecond=0) - timedelta(days=1)
 AGENT = "spiffe://hospital.test/agent/main"
 HOSTILE = "spiffe://hospital.test/device/main/hostile"
 OTHER = "spiffe://hospital.test/device/main/ws2"
@@ -271,9 +274,12 @@ def test_max_devices_is_read_from_the_config(tmp_path: Path) -> None:
     assert read_audit_settings(open_config(cfg)).max_devices == 12
     cfg.write_text("audit:\n  keep: 3\n")
     assert read_audit_settings(open_config(cfg)).max_devices == DEFAULT_MAX_DEVICES
-    cfg.write_text("audit:\n  max_devices: 0\n")
-    with pytest.raises(Exception, match=r"audit\.max_devices"):
-        read_audit_settings(open_config(cfg))
+    for bad in (0, 4097, 100_000):  # 4,096 at most: every page lists every set
+        cfg.write_text(f"audit:\n  max_devices: {bad}\n")
+        with pytest.raises(ConfigError, match=r"audit\.max_devices"):
+            read_audit_settings(open_config(cfg))
+    cfg.write_text("audit:\n  max_devices: 4096\n")
+    assert read_audit_settings(open_config(cfg)).max_devices == 4096
 
 
 def test_a_device_filter_naming_one_device_reads_its_set_only(
@@ -299,3 +305,118 @@ def test_a_device_filter_naming_one_device_reads_its_set_only(
     assert [requestor(e) for e in only_queries.events] == [OTHER]
     substring = query_audit(audit.path, AuditFilter(device="/ws2"))  # not one device
     assert substring.truncated and substring.scanned == 50 and not substring.events
+
+
+def write_device_sets(
+    path: Path, count: int, *, lines: int = 1, start: datetime, step: timedelta, pad: int = 0
+) -> None:
+    """`count` device sets written as the trail writes them, fast: event `seq` = j *
+    count + n (the sets interleaved) is line j of set n, at start + seq x step, and each
+    file's last write is its last event's time."""
+    directory = device_dir(path)
+    directory.mkdir(mode=0o700)
+    for n in range(count):
+        device = f"spiffe://hospital.test/device/main/ws{n}"
+        seqs = [j * count + n for j in range(lines)]
+        body = "".join(
+            json.dumps(
+                {
+                    "kind": "query",
+                    "EventIdentification": {
+                        "EventDateTime": (start + s * step).isoformat().replace("+00:00", "Z")
+                    },
+                    "ActiveParticipant": [{"UserID": device, "UserIsRequestor": True}],
+                    "seq": s,
+                    "pad": "p" * pad,
+                }
+            )
+            + "\n"
+            for s in seqs
+        )
+        file = directory / device_set_name(device)
+        file.write_text(body)
+        last = (start + seqs[-1] * step).timestamp()
+        os.utime(file, (last, last))
+
+
+def sets_read_by(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names of the sets whose files are read from now on."""
+    names: set[str] = set()
+    real = audit_files._read_if
+
+    def reading(path: Path, *args: Any) -> bytes | None:
+        names.add(path.name.split(".jsonl")[0])
+        return real(path, *args)
+
+    monkeypatch.setattr(audit_files, "_read_if", reading)
+    return names
+
+
+def test_a_page_over_thousands_of_device_sets_reads_the_recent_ones_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view used to glob the device directory once per set (sets x entries) and open
+    every set at once: 2,000 sets took 13 s and 267 MiB a page. A set is opened only
+    once the merge reaches its last write, at most MAX_OPEN_SETS at once."""
+    import tracemalloc
+
+    path = tmp_path / AUDIT_FILE
+    start = datetime.now(dt.UTC) - timedelta(days=3)
+    write_device_sets(path, 2000, start=start, step=timedelta(minutes=1))
+    read = sets_read_by(monkeypatch)
+    tracemalloc.start()
+    try:
+        page = query_audit(path, AuditFilter(), page_size=50)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e["seq"] for e in page.events] == list(range(1999, 1949, -1)) and page.has_more
+    # The 51 newest and those written within MTIME_SLACK (10 min) of the 51st: not 2,000.
+    assert len(read) <= 51 + 10 + 1, len(read)
+    assert peak < 4 * 1024 * 1024, peak  # ~1 MiB: the listing, a few numbers a set
+
+
+def test_a_scan_of_every_set_holds_at_most_max_open_sets_of_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter that matches nothing reads every set to the end, their events
+    interleaved: every set at once, each with a 64 KiB chunk and its lines, was ~134
+    KiB a set in memory."""
+    import tracemalloc
+
+    path = tmp_path / AUDIT_FILE
+    start = datetime.now(dt.UTC) - timedelta(days=1)
+    sets, lines = 96, 66  # ~1 KiB lines: each set more than READ_CHUNK
+    write_device_sets(path, sets, lines=lines, start=start, step=timedelta(seconds=1), pad=900)
+    tracemalloc.start()
+    try:
+        page = query_audit(path, AuditFilter(kind="transfer_end"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert page.scanned == sets * lines and not page.events and not page.truncated
+    # MAX_OPEN_SETS x (READ_CHUNK + MAX_READ_LINE): 32 x 192 KiB (~1.3 MiB measured)
+    assert peak < 6 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("newest_first", [True, False])
+def test_a_merge_that_parks_sets_keeps_the_time_order_and_every_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, newest_first: bool
+) -> None:
+    """Three sets read at once out of twelve, small chunks, rotated files, a torn line:
+    each parked set is resumed at the line it had not merged yet."""
+    monkeypatch.setattr(audit_files, "MAX_OPEN_SETS", 3)
+    monkeypatch.setattr(audit_files, "READ_CHUNK", 700)
+    monkeypatch.setattr(audit_files, "FIRST_CHUNK", 300)
+    path = tmp_path / AUDIT_FILE
+    start = datetime.now(dt.UTC) - timedelta(days=1)
+    write_device_sets(path, 12, lines=30, start=start, step=timedelta(seconds=1), pad=100)
+    directory = device_dir(path)
+    for file in sorted(directory.iterdir())[:4]:  # its first half rotated into .1
+        content = file.read_bytes().splitlines(keepends=True)
+        file.with_name(file.name + ".1").write_bytes(b"".join(content[:15]))
+        file.write_bytes(b"".join(content[15:]) + b'{"torn\n')
+    events = list(merged_events(audit_files.trail_sets(path), newest_first=newest_first))
+    assert events.count(None) == 4
+    seqs = [e["seq"] for e in events if e is not None]
+    assert seqs == sorted(range(12 * 30), reverse=newest_first)

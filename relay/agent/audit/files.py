@@ -18,16 +18,16 @@ it prunes the set idle longest, with a warning.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +55,20 @@ HASH_CHARS: Final = 16
 READ_CHUNK: Final = 64 * 1024
 """Bytes a reader takes at a time; it reopens the file for each, so a merge of many sets
 holds no file descriptor between chunks."""
+FIRST_CHUNK: Final = 4 * 1024
+"""A reader's first read of a file (opened, or resumed after being parked), doubling up
+to READ_CHUNK: a set the merge takes one event from costs one small read."""
+MAX_OPEN_SETS: Final = 32
+"""Sets a merge reads from at once, each holding at most READ_CHUNK + MAX_READ_LINE of
+buffers (~6 MiB in all whatever the number of sets): opening one more parks the open
+set whose next line merges last (its buffers dropped, its place kept) until the merge
+reaches it."""
+MTIME_SLACK: Final = timedelta(minutes=10)
+"""A set's events are no newer than its last write (each event is written as it
+happens) plus this (coarse file clocks, a clock stepped back a little): a newest-first
+merge opens a set only once its front reaches that time, so a page opens the sets
+written recently, not every one. An event stamped later still (a clock stepped back
+further) comes later in the order than its time says; none is lost."""
 MAX_READ_LINE: Final = 2 * MAX_LINE_BYTES
 """A longer line (none is written: events are at most MAX_LINE_BYTES) is skipped by the
 readers, so that a damaged file cannot make them buffer without bound."""
@@ -163,64 +177,23 @@ class DeviceSets:
     def _make_room(self, name: str) -> None:
         """Before set `name` is created: prune the sets idle longest until there is room
         for it. Under the flock."""
-        sets = list_sets(self.directory)
+        sets = scan_sets(self.directory)
         if name in sets:  # its current file was rotated away but the set exists
             return
-        for victim in sorted(sets, key=lambda n: sets[n])[: max(0, len(sets) - self.max_sets + 1)]:
+        idlest = sorted(sets.values(), key=lambda s: s.mtime or 0.0)
+        for victim in idlest[: max(0, len(sets) - self.max_sets + 1)]:
             self._prune(victim)
 
-    def _prune(self, name: str) -> None:
-        for file in set_files(self.directory / name):
+    def _prune(self, victim: SetListing) -> None:
+        for file in victim.paths():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(file)
         self.pruned += 1
         log.warning(
             "audit: the device set idle longest was deleted to make room for a new device;"
             " raise audit.max_devices to keep more",
-            extra={"audit_set": name, "max_devices": self.max_sets},
+            extra={"audit_set": victim.name, "max_devices": self.max_sets},
         )
-
-
-def list_sets(directory: Path) -> dict[str, float]:
-    """The device sets in `directory`: set name -> the time of its last write."""
-    sets: dict[str, float] = {}
-    try:
-        with os.scandir(directory) as listing:
-            entries = list(listing)
-    except (FileNotFoundError, NotADirectoryError):
-        return sets
-    for entry in entries:
-        match = _NUMBERED.fullmatch(entry.name)
-        if match is None:
-            continue
-        try:
-            mtime = entry.stat().st_mtime
-        except OSError:
-            continue
-        base = match["base"]
-        sets[base] = max(sets.get(base, mtime), mtime)
-    return sets
-
-
-def set_files(base: Path) -> list[Path]:
-    """The files of the set `base` as they are now, newest first (base, base.1 ...)."""
-    numbered = sorted(
-        (p for p in base.parent.glob(glob.escape(base.name) + ".*") if p.suffix[1:].isdigit()),
-        key=lambda p: int(p.suffix[1:]),
-    )
-    return [base, *numbered]
-
-
-def trail_sets(path: Path, *, security: bool = True, devices: bool = True) -> list[Path]:
-    """The sets of the trail whose security set is `path` (that one first)."""
-    out = [path] if security else []
-    if devices:
-        directory = device_dir(path)
-        out += [directory / name for name in sorted(list_sets(directory))]
-    return out
-
-
-# -- reading
 
 
 _Ident = tuple[int, int]
@@ -230,15 +203,135 @@ def _ident(st: os.stat_result) -> _Ident:
     return (st.st_dev, st.st_ino)
 
 
-def _read_chunk(base: Path, path: Path, ident: _Ident, pos: int, size: int) -> bytes | None:
-    """`size` bytes at `pos` of the file `ident` of set `base`, found again among the
-    set's files if a rotation renamed it since; None once it is gone."""
-    chunk = _read_if(path, ident, pos, size)
+@dataclass(frozen=True, slots=True)
+class SetListing:
+    """One set as a single directory listing found it: its current file's identity,
+    size and last write (None if it has none now), and its rotated files' numbers.
+    Small: a page lists every set, and reads (stats) only those the merge opens."""
+
+    directory: Path
+    name: str
+    current: tuple[_Ident, int] | None = None
+    mtime: float | None = None  # the time of its last write (its newest file's mtime)
+    numbers: tuple[int, ...] = ()  # ascending: newest first
+
+    @property
+    def base(self) -> Path:
+        return self.directory / self.name
+
+    def numbered(self, n: int) -> Path:
+        return self.directory / f"{self.name}.{n}"
+
+    def paths(self) -> list[Path]:
+        """The set's files as listed, newest first (base, base.1 ...)."""
+        return [self.base, *(self.numbered(n) for n in self.numbers)]
+
+    def snapshot(self) -> list[_FileRef]:
+        """The files to read, newest first: the current file as listed (a reader stops at
+        its listed size) and the rotated ones as they are now. A rotation since the
+        listing renamed the current file (kept once, by identity) and shifted the
+        others up a number: the numbers past the listed ones are looked at too."""
+        out: list[_FileRef] = []
+        seen: set[_Ident] = set()
+        if self.current is not None:
+            ident, size = self.current
+            out.append(_FileRef(self.base, ident, size))
+            seen.add(ident)
+        last = max(self.numbers, default=0)
+        for n in itertools.count(1):
+            path = self.numbered(n)
+            try:
+                st = os.stat(path)
+            except OSError:
+                if n > last:  # past the listed numbers, and no file shifted there
+                    break
+                continue
+            if _ident(st) not in seen:
+                seen.add(_ident(st))
+                out.append(_FileRef(path, _ident(st), st.st_size))
+        return out
+
+
+def scan_sets(directory: Path, *, only: str | None = None) -> dict[str, SetListing]:
+    """The sets in `directory` (only set `only` if given) from one scandir: each set's
+    current file is stat'ed, its rotated files only if it has no current file."""
+    names: dict[str, list[int]] = {}
+    try:
+        with os.scandir(directory) as listing:
+            for entry in listing:
+                match = _NUMBERED.fullmatch(entry.name)
+                if match is None or (only is not None and match["base"] != only):
+                    continue
+                numbers = names.setdefault(match["base"], [])
+                if match["n"] is not None:
+                    numbers.append(int(match["n"]))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {name: _listed(directory, name, sorted(numbers)) for name, numbers in names.items()}
+
+
+def _listed(directory: Path, name: str, numbers: list[int]) -> SetListing:
+    listing = SetListing(directory, name, numbers=tuple(numbers))
+    try:
+        st = os.stat(listing.base)
+    except OSError:
+        mtimes = []
+        for n in numbers:  # no current file (rare): its last write is a rotated one's
+            with contextlib.suppress(OSError):
+                mtimes.append(os.stat(listing.numbered(n)).st_mtime)
+        return SetListing(directory, name, None, max(mtimes, default=None), tuple(numbers))
+    return SetListing(directory, name, (_ident(st), st.st_size), st.st_mtime, tuple(numbers))
+
+
+def listing_of(base: Path) -> SetListing:
+    """The set `base` as it is now (one scandir of its directory)."""
+    found = scan_sets(base.parent, only=base.name).get(base.name)
+    return found if found is not None else SetListing(base.parent, base.name)
+
+
+def list_sets(directory: Path) -> dict[str, float]:
+    """The device sets in `directory`: set name -> the time of its last write."""
+    return {name: s.mtime or 0.0 for name, s in scan_sets(directory).items()}
+
+
+def set_files(base: Path) -> list[Path]:
+    """The files of the set `base` as they are now, newest first (base, base.1 ...)."""
+    return listing_of(base).paths()
+
+
+def trail_sets(path: Path, *, security: bool = True, devices: bool = True) -> list[SetListing]:
+    """The sets of the trail whose security set is `path` (that one first), listed by
+    one scandir of each directory."""
+    out = [listing_of(path)] if security else []
+    if devices:
+        found = scan_sets(device_dir(path))
+        out += [found[name] for name in sorted(found)]
+    return out
+
+
+# -- reading
+
+
+@dataclass(slots=True)
+class _FileRef:
+    """A file of a set being read: followed by identity, read up to `size` (what it
+    held when listed); `path` is updated when a rotation renamed it."""
+
+    path: Path
+    ident: _Ident
+    size: int
+
+
+def _read_chunk(base: Path, ref: _FileRef, pos: int, size: int) -> bytes | None:
+    """`size` bytes at `pos` of file `ref` of set `base`, found again among the set's
+    files if a rotation renamed it since; None once it is gone."""
+    chunk = _read_if(ref.path, ref.ident, pos, size)
     if chunk is not None:
         return chunk
     for candidate in set_files(base):
-        chunk = _read_if(candidate, ident, pos, size)
+        chunk = _read_if(candidate, ref.ident, pos, size)
         if chunk is not None:
+            ref.path = candidate  # the next chunks: read there at once
             return chunk
     return None
 
@@ -255,65 +348,63 @@ def _read_if(path: Path, ident: _Ident, pos: int, size: int) -> bytes | None:
         return None
 
 
-def _snapshot(base: Path) -> list[tuple[Path, _Ident, int]]:
-    """The files of set `base` now, newest first, each with its identity and size: a
-    reader follows each file by identity through rotations and reads what it held."""
-    out = []
-    for path in set_files(base):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        out.append((path, _ident(st), st.st_size))
-    return out
+def _steps() -> Iterator[int]:
+    """Bytes a reader takes at each read: FIRST_CHUNK, doubling up to READ_CHUNK."""
+    step = min(FIRST_CHUNK, READ_CHUNK)
+    while True:
+        yield step
+        step = min(2 * step, READ_CHUNK)
 
 
-def _forward(base: Path, path: Path, ident: _Ident, size: int) -> Iterator[bytes]:
-    pos, tail, skipping = 0, b"", False
-    while pos < size:
-        chunk = _read_chunk(base, path, ident, pos, min(READ_CHUNK, size - pos))
+def _forward(base: Path, ref: _FileRef, start: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of `ref` from offset `start` on, each with its start offset (where a
+    parked reader resumes to read it again)."""
+    pos, tail, tail_at, skipping = start, b"", start, False
+    steps = _steps()
+    while pos < ref.size:
+        chunk = _read_chunk(base, ref, pos, min(next(steps), ref.size - pos))
         if not chunk:
             return
         pos += len(chunk)
         parts = (tail + chunk).split(b"\n")
         tail = parts.pop()
+        at = tail_at
         for part in parts:
             if not skipping and 0 < len(part) <= MAX_READ_LINE:
-                yield part
+                yield part, at
             skipping = False
+            at += len(part) + 1
+        tail_at = at
         if len(tail) > MAX_READ_LINE:
-            tail, skipping = b"", True
+            tail, tail_at, skipping = b"", pos, True
     if tail and not skipping:
-        yield tail
+        yield tail, tail_at
 
 
-def _backward(base: Path, path: Path, ident: _Ident, size: int) -> Iterator[bytes]:
-    pos, head, skipping = size, b"", False
+def _backward(base: Path, ref: _FileRef, end: int) -> Iterator[tuple[bytes, int]]:
+    """The lines of `ref` before offset `end`, last first, each with its end offset
+    (where a parked reader resumes to read it again)."""
+    pos, head, head_end, skipping = end, b"", end, False
+    steps = _steps()
     while pos > 0:
-        step = min(READ_CHUNK, pos)
-        chunk = _read_chunk(base, path, ident, pos - step, step)
+        step = min(next(steps), pos)
+        chunk = _read_chunk(base, ref, pos - step, step)
         if chunk is None or len(chunk) != step:
             return
         pos -= step
         parts = (chunk + head).split(b"\n")
         head = parts.pop(0)
+        at = head_end
         for part in reversed(parts):
             if not skipping and 0 < len(part) <= MAX_READ_LINE:
-                yield part
+                yield part, at
             skipping = False
+            at -= len(part) + 1
+        head_end = at
         if len(head) > MAX_READ_LINE:
-            head, skipping = b"", True
+            head, head_end, skipping = b"", pos, True
     if head and not skipping:
-        yield head
-
-
-def _set_lines(base: Path, *, newest_first: bool) -> Iterator[bytes]:
-    files = _snapshot(base)
-    for path, ident, size in files if newest_first else reversed(files):
-        if newest_first:
-            yield from _backward(base, path, ident, size)
-        else:
-            yield from _forward(base, path, ident, size)
+        yield head, head_end
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -339,21 +430,143 @@ def event_time(event: dict[str, Any] | None) -> datetime | None:
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _LATEST: Final = datetime.max.replace(tzinfo=UTC)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 
-def _keyed(base: Path, *, newest_first: bool) -> Iterator[tuple[datetime, dict[str, Any] | None]]:
-    """(time, event) of each line of a set; a line without a time (not JSON: a torn
-    write) takes the time before it, so that it does not hold its set back in a merge."""
-    last = _LATEST if newest_first else _EARLIEST
-    for line in _set_lines(base, newest_first=newest_first):
-        event = _parse(line)
-        last = event_time(event) or last
-        yield last, event
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A reader's next line, read but not yet merged, and where to read it again."""
+
+    at: datetime
+    event: dict[str, Any] | None
+    index: int  # its file in the reader's snapshot
+    resume: int  # its offset: where a resumed reader reads it again
+    before: datetime  # the time carried to it (from the line before)
 
 
-def merged_events(sets: Iterable[Path], *, newest_first: bool) -> Iterator[dict[str, Any] | None]:
+class _SetReader:
+    """One set's lines in merge order, each keyed by its time. It can be parked (its
+    buffers dropped, its place kept: a few numbers) and resumed there, so a merge of
+    any number of sets holds at most MAX_OPEN_SETS sets' buffers."""
+
+    __slots__ = ("_files", "_index", "_last", "_lines", "_resume", "head", "listing", "newest")
+
+    def __init__(self, listing: SetListing, *, newest_first: bool) -> None:
+        self.listing = listing
+        self.newest = newest_first
+        self.head: _Head | None = None
+        self._files: list[_FileRef] | None = None  # taken when first opened
+        self._index = 0
+        self._resume: int | None = None
+        self._lines: Iterator[tuple[bytes, int]] | None = None
+        # A line without a time (not JSON: a torn write) takes the time before it, so
+        # that it does not hold its set back in a merge.
+        self._last = _LATEST if newest_first else _EARLIEST
+
+    def bound(self) -> datetime:
+        """No line of the set not yet merged is beyond this (newer, in a newest-first
+        merge): its head's time, else (never opened) its last write + MTIME_SLACK."""
+        if self.head is not None:
+            return self.head.at
+        if not self.newest:
+            return _EARLIEST
+        mtime = self.listing.mtime
+        if mtime is None:
+            return _LATEST
+        return datetime.fromtimestamp(mtime, UTC) + MTIME_SLACK
+
+    def advance(self) -> bool:
+        """Read the next line into `head` (opening or resuming the set); False at its end."""
+        if self._files is None:
+            files = self.listing.snapshot()
+            self._files = files if self.newest else files[::-1]
+        while self._index < len(self._files):
+            if self._lines is None:
+                self._lines = self._open(self._files[self._index], self._resume)
+                self._resume = None
+            found = next(self._lines, None)
+            if found is not None:
+                line, resume = found
+                event = _parse(line)
+                before, self._last = self._last, event_time(event) or self._last
+                self.head = _Head(self._last, event, self._index, resume, before)
+                return True
+            self._lines = None
+            self._index += 1
+        self.head = None
+        return False
+
+    def _open(self, ref: _FileRef, resume: int | None) -> Iterator[tuple[bytes, int]]:
+        base = self.listing.base
+        if self.newest:
+            return _backward(base, ref, ref.size if resume is None else resume)
+        return _forward(base, ref, 0 if resume is None else resume)
+
+    def park(self) -> None:
+        """Drop the buffers; the head, not merged yet, is read again when resumed."""
+        head = self.head
+        if head is None:
+            return
+        self._index, self._resume, self._last = head.index, head.resume, head.before
+        self._lines = None
+        self.head = None
+
+
+def _rank(at: datetime, newest_first: bool) -> int:
+    """An exact integer order of times: smaller merges first."""
+    micros = (at - _EPOCH) // _MICROSECOND
+    return -micros if newest_first else micros
+
+
+def merged_events(
+    sets: Iterable[Path | SetListing], *, newest_first: bool
+) -> Iterator[dict[str, Any] | None]:
     """Every line of `sets` as an event (None for a line that is not a JSON object), in
-    time order across the sets (equal times: in the order of `sets`)."""
-    streams = [_keyed(base, newest_first=newest_first) for base in sets]
-    for _, event in heapq.merge(*streams, key=lambda pair: pair[0], reverse=newest_first):
+    time order across the sets (equal times: in the order of `sets`).
+
+    A set is opened only when the merge reaches its bound (`_SetReader.bound`: in a
+    newest-first merge, its last write), and at most MAX_OPEN_SETS are read at once:
+    opening one more parks the open set whose next line merges last. Memory and reads
+    per line do not grow with the number of sets, only the listing (a few numbers a set).
+    """
+    readers = [
+        _SetReader(s if isinstance(s, SetListing) else listing_of(s), newest_first=newest_first)
+        for s in sets
+    ]
+    # (rank, order, reader): `pending` by bound (not open, or parked), `active` by head.
+    pending = [(_rank(r.bound(), newest_first), n, r) for n, r in enumerate(readers)]
+    heapq.heapify(pending)
+    active: list[tuple[int, int, _SetReader]] = []
+    while True:
+        while pending and (not active or pending[0][:2] <= active[0][:2]):
+            _, order, reader = heapq.heappop(pending)
+            if reader.advance():
+                _push_active(active, pending, (_rank(reader.bound(), newest_first), order, reader))
+        if not active:
+            return
+        _, order, reader = heapq.heappop(active)
+        assert reader.head is not None
+        event = reader.head.event
+        if reader.advance():
+            heapq.heappush(active, (_rank(reader.bound(), newest_first), order, reader))
         yield event
+
+
+def _push_active(
+    active: list[tuple[int, int, _SetReader]],
+    pending: list[tuple[int, int, _SetReader]],
+    entry: tuple[int, int, _SetReader],
+) -> None:
+    """Add a reader to the open ones; beyond MAX_OPEN_SETS, park the one that merges
+    last (its head is its exact bound in `pending`)."""
+    heapq.heappush(active, entry)
+    if len(active) <= MAX_OPEN_SETS:
+        return
+    last = max(range(len(active)), key=lambda i: active[i][:2])
+    rank, order, reader = active[last]
+    active[last] = active[-1]
+    active.pop()
+    heapq.heapify(active)
+    reader.park()
+    heapq.heappush(pending, (rank, order, reader))

@@ -10,8 +10,11 @@ from relay.agent.audit.events import MAX_LINE_BYTES
 from relay.agent.audit.files import DEFAULT_MAX_DEVICES
 from relay.agent.audit.trail import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 
-MAX_DEVICE_SETS: Final = 100_000
-"""The most `audit.max_devices` may be: the registry's device limit."""
+MAX_DEVICE_SETS: Final = 4096
+"""The most `audit.max_devices` may be. A hospital's radiologist workstations are tens
+to hundreds; each set is listed by every audit page (a few numbers a set in memory, one
+stat) and may fill max_size x (keep + 1) on disk (4,097 x 110 MiB, ~440 GiB, at the
+defaults): more than this is a typo or no longer one relay's site."""
 
 if TYPE_CHECKING:
     from relay.ops.config import Address, Reader

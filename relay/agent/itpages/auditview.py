@@ -2,8 +2,10 @@
 
 It reads the agent's sets of JSON-lines files (the security set audit.jsonl, .1, .2 ...,
 and each device's set in audit-devices/) from the newest line backwards, merged in time
-order, and stops after MAX_SCAN lines, whatever the filters, so a page costs at most
-that much work however large the trail (the rotation bounds it anyway). A filter on a
+order, and stops after MAX_SCAN lines, whatever the filters. The sets are listed by one
+scandir; a set is opened only when the merge reaches its last write, and at most
+`files.MAX_OPEN_SETS` are read at once, so a page costs at most MAX_SCAN lines and that
+many sets' buffers however large the trail and however many devices. A filter on a
 kind reads only the sets that kind is written to: one device's flood of queries does
 not push the security events beyond the scan bound. A device filter that names one
 device (its SPIFFE ID, or the name of a device the registry knows: `device_id`) reads
@@ -20,9 +22,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from relay.agent.audit.files import (
+    SetListing,
     device_dir,
     device_set_name,
     event_time,
+    listing_of,
     merged_events,
     trail_sets,
 )
@@ -86,14 +90,14 @@ def device_named(text: str) -> str:
     return identity.uri if identity.role == "device" else ""
 
 
-def _sets(path: Path, f: AuditFilter) -> list[Path]:
+def _sets(path: Path, f: AuditFilter) -> list[SetListing]:
     """The sets events of `f.kind` (and of device `f.device_id`) are in: a security kind
     only in the security set; a DICOM kind in the device sets (that device's only) and
     the security set (where every event went before the trail was split)."""
     devices = not f.kind or f.kind in DEVICE_KINDS
     if f.device_id:
         own = device_dir(path) / device_set_name(f.device_id)
-        return [path, own] if devices else [path]
+        return [listing_of(path), listing_of(own)] if devices else [listing_of(path)]
     return trail_sets(path, devices=devices)
 
 
