@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -92,10 +92,18 @@ def _move_scp(service: QueryRetrieveServiceClass, req: C_MOVE, context: Any) -> 
     service.dimse.send_msg(rsp, int(context.context_id))
 
 
-def probe(calling_ae: str, called_ae: str, address: tuple[str, int], timeout: float) -> str | None:
+def probe(
+    calling_ae: str,
+    called_ae: str,
+    address: tuple[str, int],
+    timeout: float,
+    handlers: Sequence[Any] = (),
+) -> str | None:
     """None if `called_ae` at `address` accepts an association from us, else why not.
 
     An acceptor that takes none of the proposed contexts still answered: it is up.
+    `handlers`: pynetdicom event handlers added to the association's (the node's hold on
+    it, so that its stop ends a probe of a destination that never answers).
     """
     accepted = threading.Event()
     ae = AE(ae_title=calling_ae)
@@ -107,7 +115,11 @@ def probe(calling_ae: str, called_ae: str, address: tuple[str, int], timeout: fl
             address[1],
             contexts=[build_context(Verification)],
             ae_title=called_ae,
-            evt_handlers=[contexts.NODELAY, (evt.EVT_ACCEPTED, lambda _e: accepted.set())],
+            evt_handlers=[
+                contexts.NODELAY,
+                (evt.EVT_ACCEPTED, lambda _e: accepted.set()),
+                *handlers,
+            ],
         )
     except Exception as exc:
         return f"cannot associate: {type(exc).__name__}"

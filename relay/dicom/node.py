@@ -39,7 +39,12 @@ run to their last response within the grace, and only what is left is aborted: e
 operation still running is answered with a failure first (one served from the cache, or
 pausing before it resumes, looks at the node's stopping itself), and its viewer, like one
 answered during the drain, has a moment to release its association before the
-associations still open are aborted (see `stop`).
+associations still open are aborted (see `stop`). Every association of the node (the
+viewers', a C-MOVE's with its destination, the destination check's) is then ended
+within about a second and a half whatever its peer does (`pacs_assoc.end_all`: an
+A-ABORT, a moment for the peer to close, then the socket shut down): pynetdicom's
+connection threads are not daemons, and one blocked on a hung peer's socket held the
+workstation's exit for ever.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from relay.dicom.codec import (
 )
 from relay.dicom.exclusive import start_exclusive_server
 from relay.dicom.offer import CodecOffer
+from relay.dicom.pacs_assoc import OpenAssociations, cut
 from relay.dicom.session import (
     MAX_RESUME_WINDOW,
     RESUME_WINDOW,
@@ -294,6 +300,9 @@ class DicomNode:
         }
         self._ae: AE | None = None
         self._server: Any = None
+        # Every association open (viewers', C-MOVE destinations', the destination check's),
+        # ended at stop whatever the peer does; a new one per start (it ends closed).
+        self._open = OpenAssociations()
         self._listening = False  # until drain() closes the listener
         # The sessions of running operations, for stop(); a session leaves the set when
         # its handler lets go of it (no callback from the session back into the node).
@@ -331,6 +340,7 @@ class DicomNode:
             self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._draining_since = None
+        self._open = OpenAssociations()
         contexts.check_uids_once()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
@@ -349,6 +359,7 @@ class DicomNode:
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_STORE, self._on_store),
+            *self._open.handlers(),
         ]
         self._ae = ae
         move_check.register(ae, self._check_move)
@@ -417,8 +428,26 @@ class DicomNode:
             await asyncio.sleep(_STOP_POLL)
         self._abort_sessions()
         ae, self._ae = self._ae, None
-        self._server = None
-        await asyncio.to_thread(ae.shutdown)
+        server = self._server if self._listening else None  # (drain() closed it before)
+        self._server, self._listening = None, False
+        await asyncio.to_thread(self._end_associations, ae, server)
+
+    def _end_associations(self, ae: AE, server: Any) -> None:
+        """Stop listening, then end every association still open within about
+        `pacs_assoc.ABORT_LINGER` + `STOP_JOIN` seconds, whatever its peer does (blocking).
+
+        Not pynetdicom's `ae.shutdown()`: it aborts one association after another, each
+        waiting for its DUL thread to go idle, and a DUL thread blocked on the socket of a
+        hung viewer or destination (a PDU cut short, a send it no longer reads: sockets
+        pynetdicom leaves without a timeout) never does; those threads are not daemons,
+        so they held the workstation's exit too."""
+        if server is not None:
+            server.shutdown()
+        ended = self._open.end_all()
+        for assoc in ae.active_associations:  # accepted as the listener closed: not yet held
+            cut(assoc)
+        if ended:
+            log.info("ended %d DICOM associations still open at stop", ended)
 
     def _abort_sessions(self) -> None:
         with self._sessions_lock:
@@ -453,6 +482,11 @@ class DicomNode:
         await self.stop()
 
     # -- sessions -----------------------------------------------------------------
+
+    def _kept(self, *handlers: Any) -> list[Any]:
+        """The event handlers of an association the node requests (to a C-MOVE
+        destination): `handlers`, and the node's hold on it (ended at stop)."""
+        return [contexts.NODELAY, *handlers, *self._open.handlers()]
 
     def _session(
         self,
@@ -613,7 +647,13 @@ class DicomNode:
         if destination is None:
             return None  # unknown: the handler answers 0xA801
         started = time.monotonic()
-        why = move_check.probe(self.ae_title, name, destination, min(self.timeout, PROBE_TIMEOUT))
+        why = move_check.probe(
+            self.ae_title,
+            name,
+            destination,
+            min(self.timeout, PROBE_TIMEOUT),
+            handlers=self._open.handlers(),
+        )
         if why is None:
             return None
         host, port = destination
@@ -743,10 +783,7 @@ class DicomNode:
                 destination[1],
                 {
                     "contexts": cxs,
-                    "evt_handlers": [
-                        contexts.NODELAY,
-                        (evt.EVT_CONN_OPEN, subops.destination_opened),
-                    ],
+                    "evt_handlers": self._kept((evt.EVT_CONN_OPEN, subops.destination_opened)),
                 },
             )
         # pynetdicom stops asking for more after a final status, or when the viewer (or the
@@ -824,7 +861,11 @@ class DicomNode:
             return
         request = self._request_for(event, "retrieve")
         if isinstance(request, Dataset):
-            yield destination[0], destination[1], {"contexts": [build_context(Verification)]}
+            yield (
+                destination[0],
+                destination[1],
+                {"contexts": [build_context(Verification)], "evt_handlers": self._kept()},
+            )
             yield 1
             yield request, None
             return
@@ -1033,10 +1074,7 @@ class _Retrieval:
             yield (
                 self.destination[0],
                 self.destination[1],
-                {
-                    "contexts": cxs,
-                    "evt_handlers": [contexts.NODELAY, opened],
-                },
+                {"contexts": cxs, "evt_handlers": self.node._kept(opened)},
             )
         # 3. A failure before any count: one notional sub-operation, so that pynetdicom
         #    sends our failure status instead of "Success, 0 sub-operations".
