@@ -52,6 +52,7 @@ from relay.dicom.encoder import (
 )
 from relay.dicom.intake import MoveReceiver, MoveSenders
 from relay.dicom.pacs_assoc import ABORT_LINGER, OpenAssociations
+from relay.dicom.pacs_echo import end_echoes
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.spare import SpareAssociation
@@ -444,16 +445,22 @@ class DicomAgent:
     async def stop(self) -> None:
         """End every association with the PACS within a bound, whatever the PACS does:
         the spare is released (given `ABORT_LINGER` for the PACS's answer), then what is
-        left, an operation the drain cut, one being requested, the C-MOVE receiver's, is
-        aborted and cut (`pacs_assoc.end_all`). pynetdicom's connection threads are not
-        daemons: one left to a PACS that does not let go held the process's exit."""
+        left, an operation the drain cut, one being requested or still connecting, the
+        C-MOVE receiver's, the readiness C-ECHO's, is aborted and cut, together
+        (`pacs_assoc.end_all`). pynetdicom's connection threads are not daemons: one left
+        to a PACS that does not let go, or does not answer the connect, held the
+        process's exit."""
         releasing = threading.Thread(target=self.spare.close, name="pacs-spare-close", daemon=True)
         releasing.start()
         await asyncio.to_thread(releasing.join, ABORT_LINGER)
         if self.move_receiver is not None:
             await asyncio.to_thread(self.move_receiver.stop)
             self.move_receiver = None
-        ended = await asyncio.to_thread(self.associations.end_all)
+        ended = sum(
+            await asyncio.gather(
+                asyncio.to_thread(self.associations.end_all), asyncio.to_thread(end_echoes)
+            )
+        )
         if ended:
             log.info("ended %d PACS associations still open at stop", ended)
 

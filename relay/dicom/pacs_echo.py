@@ -7,10 +7,24 @@ from typing import Any
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom.pacs_assoc import associate
+from relay.dicom.pacs_assoc import OpenAssociations, associate
 from relay.dicom.pacs_target import PacsTarget
 
-__all__ = ["echo_pacs"]
+__all__ = ["echo_pacs", "end_echoes"]
+
+# The readiness C-ECHOs' associations, from their creation (before the TCP connect) to
+# their close: the agent's stop ends them (`end_echoes`), as pynetdicom's threads of one
+# still connecting or waiting, and the worker thread that waits for them, would hold the
+# process's exit up to ECHO_TIMEOUT per wait. Holds at most the one echo the readiness
+# check runs at a time (`relay.agent.pacs_check`); never closed: an echo after a stop is
+# bounded by its timeout alone.
+_ECHOES: OpenAssociations = OpenAssociations()
+
+
+def end_echoes() -> int:
+    """End the readiness C-ECHOs' associations open or being opened (blocking, bounded
+    like `pacs_assoc.end_all`); how many there were."""
+    return _ECHOES.end_held()
 
 
 def echo_pacs(pacs: PacsTarget, timeout: float) -> tuple[bool, str]:
@@ -21,7 +35,9 @@ def echo_pacs(pacs: PacsTarget, timeout: float) -> tuple[bool, str]:
     """
     where = f"PACS {pacs.ae_title}@{pacs.host}:{pacs.port}"
     try:
-        assoc: Any = associate(pacs, [build_context(Verification)], timeout=timeout)
+        assoc: Any = associate(
+            pacs, [build_context(Verification)], timeout=timeout, keep=(_ECHOES,)
+        )
     except Exception as exc:  # pynetdicom raises little, but a readiness probe must not
         return False, f"{where} unreachable ({type(exc).__name__})"
     if not assoc.is_established:

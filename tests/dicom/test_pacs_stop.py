@@ -1,7 +1,8 @@
 """The agent's DICOM service stops within a bound whatever the PACS does: every
 association with the PACS is ended (A-ABORT, then cut), also one the PACS stopped
-answering on and one it never answered, and none of pynetdicom's connection threads
-(not daemons: they hold the process's exit) is left."""
+answering on, one it never answered and one whose TCP connect it never answered, and
+none of pynetdicom's connection threads (not daemons: they hold the process's exit) is
+left."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 
 import pytest
+from pynetdicom import build_context
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom.agent import DicomAgent, OperationSummary
 from relay.dicom.codec import Instance
-from relay.dicom.pacs_assoc import ABORT_LINGER, STOP_JOIN
+from relay.dicom.pacs_assoc import ABORT_LINGER, STOP_JOIN, OpenAssociations, associate
+from relay.dicom.pacs_echo import echo_pacs
+from relay.dicom.pacs_target import PacsTarget
 from relay.net.bytestream import pipe
 from relay_dev import samples
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
@@ -84,14 +90,72 @@ class StallingPacs:
             await asyncio.gather(pipe_(reader, up_writer), pipe_(up_reader, writer))
 
 
-def agent_connections() -> list[DULServiceProvider]:
-    """pynetdicom's connection threads of the associations we requested (the embedded
-    PACS's, in this process too, are acceptors)."""
-    return [
+def _requestor_threads() -> set[DULServiceProvider]:
+    return {
         t
         for t in threading.enumerate()
         if isinstance(t, DULServiceProvider) and t.is_alive() and t.assoc.is_requestor
-    ]
+    }
+
+
+_LEFT_BEFORE: set[DULServiceProvider] = set()
+
+
+@pytest.fixture(autouse=True)
+def _left_by_earlier_tests() -> None:
+    """The connection threads alive when the test starts (an earlier test's agent never
+    stopped, its spare still open): not the test's to count."""
+    _LEFT_BEFORE.clear()
+    _LEFT_BEFORE.update(_requestor_threads())
+
+
+def agent_connections() -> list[DULServiceProvider]:
+    """pynetdicom's connection threads of the associations the test requested (the
+    embedded PACS's, in this process too, are acceptors)."""
+    return list(_requestor_threads() - _LEFT_BEFORE)
+
+
+# Connections that may fill a listen backlog (Linux queues backlog + 1), and how long a
+# connect gets to tell it is queued (loopback: at once) from dropped.
+MAX_FILLERS = 16
+FILL_WAIT = 0.2
+
+
+@pytest.fixture
+def silent_pacs() -> Iterator[PacsTarget]:
+    """A PACS that never answers the TCP connect: its listener never accepts and its
+    listen backlog is full, so our SYNs are dropped (as a PACS overwhelmed, or behind a
+    firewall that drops). Its timeouts (10 s) are far beyond what a stop may take."""
+    fillers: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        try:
+            for _ in range(MAX_FILLERS):
+                filler = socket.socket()
+                fillers.append(filler)
+                filler.settimeout(FILL_WAIT)
+                try:
+                    filler.connect(address)
+                except TimeoutError:
+                    break  # dropped: the backlog is full
+            else:
+                pytest.skip("this system does not leave a connect to a full backlog pending")
+            yield PacsTarget(ae_title="SILENT", host="127.0.0.1", port=address[1], timeout=10)
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def wait_for(predicate: Callable[[], bool], limit: float) -> bool:
+    """Poll `predicate` (from a test's thread) until true or `limit` seconds pass."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.fixture
@@ -173,4 +237,90 @@ async def test_stop_ends_a_spare_the_pacs_no_longer_answers(stalling: StallingPa
     started = time.monotonic()
     await asyncio.wait_for(agent.stop(), 30)
     assert time.monotonic() - started < 2 * ABORT_LINGER + STOP_JOIN + SLACK
+    assert agent_connections() == []
+
+
+def test_end_all_cuts_a_connect_the_pacs_never_answers(silent_pacs: PacsTarget) -> None:
+    """An association whose TCP connect the PACS leaves unanswered is held from its
+    creation: `end_all` cuts the connect (its DUL thread ended at once), rather than
+    leaving it to `pacs.timeout`."""
+    owner = OpenAssociations()
+    results: list[bool] = []
+
+    def request() -> None:
+        assoc = associate(silent_pacs, [build_context(Verification)], keep=(owner,))
+        results.append(assoc.is_established)
+
+    requester = threading.Thread(target=request, daemon=True)
+    requester.start()
+    assert wait_for(lambda: bool(agent_connections()), 5), "no connect under way"
+    started = time.monotonic()
+    assert owner.end_all() == 1
+    assert wait_for(lambda: not agent_connections(), ABORT_LINGER + STOP_JOIN + SLACK)
+    requester.join(SLACK)
+    assert results == [False]
+    assert time.monotonic() - started < ABORT_LINGER + STOP_JOIN + SLACK
+    assert owner.held() == []
+
+
+def test_an_association_created_after_the_end_is_not_connected(
+    silent_pacs: PacsTarget,
+) -> None:
+    """An owner that has ended has an association created after its end cut before it
+    connects: it fails at once, nothing left waiting on the PACS."""
+    owner = OpenAssociations()
+    owner.end_all()
+    started = time.monotonic()
+    assoc = associate(silent_pacs, [build_context(Verification)], keep=(owner,))
+    assert not assoc.is_established
+    assert time.monotonic() - started < SLACK
+    assert agent_connections() == []
+    assert owner.held() == []
+
+
+def test_a_failed_connect_is_not_held() -> None:
+    """An association whose connect failed is let go of by its owner (it holds only what
+    is open or being opened: a PACS that refuses for hours would grow it otherwise)."""
+    owner = OpenAssociations()
+    refused = PacsTarget(ae_title="NONE", host="127.0.0.1", port=free_port(), timeout=10)
+    assoc = associate(refused, [build_context(Verification)], keep=(owner,))
+    assert not assoc.is_established
+    assert owner.held() == []
+    assert owner._open == set()
+
+
+def free_port() -> int:
+    """A loopback port with no listener (a connect to it is refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_stop_while_the_connect_to_the_pacs_is_pending(silent_pacs: PacsTarget) -> None:
+    """A retrieve's connect the PACS never answers: the drain's cut and the stop end it at
+    once, and no connection thread is left to hold the process `pacs.timeout` (10 s)."""
+    agent = DicomAgent(replace(silent_pacs, survey=False))
+    await agent.start()
+    a, b = pipe()
+    server = asyncio.create_task(agent.serve(b))
+    await Workstation(a).send(retrieve(StudyInstanceUID="1.2.3.4"))
+    await until(lambda: bool(agent_connections()), 5)
+    took = await _cut_and_stop(agent, server)
+    assert took < ABORT_LINGER + STOP_JOIN + SLACK
+    assert agent_connections() == []
+    assert agent.associations.held() == []
+
+
+async def test_stop_ends_a_readiness_echo_still_connecting(silent_pacs: PacsTarget) -> None:
+    """The readiness C-ECHO's connect the PACS never answers: the agent's stop cuts it,
+    and the echo reports the PACS not ready at once rather than after its timeout."""
+    agent = DicomAgent(replace(silent_pacs, survey=False))
+    echo = asyncio.ensure_future(asyncio.to_thread(echo_pacs, silent_pacs, 10.0))
+    await until(lambda: bool(agent_connections()), 5)
+    started = time.monotonic()
+    await asyncio.wait_for(agent.stop(), 30)
+    ready, why = await asyncio.wait_for(echo, 30)
+    assert time.monotonic() - started < ABORT_LINGER + STOP_JOIN + SLACK
+    assert not ready
+    assert "unreachable or did not answer" in why
     assert agent_connections() == []
