@@ -17,7 +17,7 @@ import functools
 import secrets
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from pydicom.uid import (
@@ -290,6 +290,23 @@ def set_nodelay(event: Any) -> None:
 
 
 NODELAY: Final = (evt.EVT_CONN_OPEN, set_nodelay)
+
+
+def bounded_stalls(seconds: float) -> tuple[Any, Callable[[Any], None]]:
+    """An EVT_CONN_OPEN handler: a peer that stops in the middle of a PDU, or stops
+    taking what we send, for `seconds` ends the connection (PS3.8 Evt17). pynetdicom
+    leaves the sockets of established associations without a timeout (it reads a PDU
+    only once select says one is coming, so silence between PDUs is unaffected), and its
+    connection thread, not a daemon, would wait in that recv or send for ever."""
+
+    def bound(event: Any) -> None:
+        sock = getattr(getattr(event.assoc, "dul", None), "socket", None)
+        raw = getattr(sock, "socket", None)
+        if isinstance(raw, socket.socket):
+            with contextlib.suppress(OSError):
+                raw.settimeout(seconds)
+
+    return (evt.EVT_CONN_OPEN, bound)
 
 
 def parse_address(value: str | tuple[str, int], what: str = "address") -> tuple[str, int]:

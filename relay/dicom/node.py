@@ -117,6 +117,12 @@ _DRAIN_POLL: Final = 0.05  # how often a drain looks whether the operations are 
 # before what is still open is aborted (see DicomNode.stop).
 _LEAVE: Final = 1.0
 _STOP_POLL: Final = 0.01
+# Seconds beyond the node's timeout that a viewer may be silent between messages (it
+# waits on us while we wait on the agent), and that any peer, a viewer or a C-MOVE
+# destination, may stall in the middle of a PDU or stop taking what we send before its
+# connection is ended (contexts.bounded_stalls): a hung peer must not hold a connection
+# thread and an association slot for ever.
+STALL_SLACK: Final = 60.0
 MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
@@ -346,9 +352,10 @@ class DicomNode:
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = 0
         ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = self.timeout
-        ae.network_timeout = self.timeout + 60  # the viewer is silent while we wait on the agent
+        ae.network_timeout = self.timeout + STALL_SLACK  # silent while we wait on the agent
         handlers: list[Any] = [
             contexts.NODELAY,
+            contexts.bounded_stalls(ae.network_timeout),
             (evt.EVT_DIMSE_RECV, self._on_dimse),
             (evt.EVT_DIMSE_SENT, self._on_sent),
             (evt.EVT_ABORTED, self._ended),
@@ -486,7 +493,8 @@ class DicomNode:
     def _kept(self, *handlers: Any) -> list[Any]:
         """The event handlers of an association the node requests (to a C-MOVE
         destination): `handlers`, and the node's hold on it (ended at stop)."""
-        return [contexts.NODELAY, *handlers, *self._open.handlers()]
+        stalls = contexts.bounded_stalls(self.timeout + STALL_SLACK)
+        return [contexts.NODELAY, stalls, *handlers, *self._open.handlers()]
 
     def _session(
         self,

@@ -72,6 +72,7 @@ def associate(
             ext_neg=list(ext_neg) or None,
             evt_handlers=[
                 contexts.NODELAY,
+                contexts.bounded_stalls(ae.network_timeout),  # a PACS hung mid-PDU
                 *handlers,
                 *(h for owner in owners for h in owner.handlers()),
             ],

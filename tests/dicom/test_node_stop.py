@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pytest
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 from relay.dicom import contexts
+from relay.dicom import node as node_mod
 from relay.dicom.codec import MessageCodec, Request, read_message
 from relay.dicom.contexts import MODELS
 from relay.dicom.node import _LEAVE, DicomNode
@@ -98,6 +100,31 @@ async def test_stop_ends_the_association_of_a_viewer_hung_mid_pdu() -> None:
         took = await _drained(node)
         assert took < GRACE + ABORT_LINGER + STOP_JOIN + SLACK
         assert node_connections() == []
+    finally:
+        if raw is not None:
+            raw.close()
+        await node.stop()
+
+
+async def test_a_viewer_hung_mid_pdu_is_cut_while_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only at stop: a viewer that hangs in the middle of a PDU holds a connection
+    thread and an association slot only for the node's timeout + STALL_SLACK (its
+    connection had no timeout at all)."""
+    monkeypatch.setattr(node_mod, "STALL_SLACK", 0.5)
+    node = DicomNode(silent, listen=("127.0.0.1", 0), ae_title=NODE, timeout=0.5)
+    await node.start()
+    raw: socket.socket | None = None
+    try:
+        assoc = await asyncio.to_thread(
+            scu("VIEWER").associate,
+            "127.0.0.1",
+            node.address[1],
+            contexts=[build_context(MODELS[("study", "find")])],
+            ae_title=NODE,
+        )
+        assert assoc.is_established
+        raw = hang(assoc, PDU_CUT_SHORT)
+        await until(lambda: node_connections() == [], 10)
     finally:
         if raw is not None:
             raw.close()
