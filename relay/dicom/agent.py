@@ -50,8 +50,8 @@ from relay.dicom.encoder import (
     offered_codecs,
     shared_pool,
 )
+from relay.dicom.ending import ABORT_LINGER, OpenAssociations
 from relay.dicom.intake import MoveReceiver, MoveSenders
-from relay.dicom.pacs_assoc import ABORT_LINGER, OpenAssociations
 from relay.dicom.pacs_echo import end_echoes
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
@@ -447,7 +447,7 @@ class DicomAgent:
         the spare is released (given `ABORT_LINGER` for the PACS's answer), then what is
         left, an operation the drain cut, one being requested or still connecting, the
         C-MOVE receiver's, the readiness C-ECHO's, is aborted and cut, together
-        (`pacs_assoc.end_all`). pynetdicom's connection threads are not daemons: one left
+        (`ending.end_all`). pynetdicom's connection threads are not daemons: one left
         to a PACS that does not let go, or does not answer the connect, held the
         process's exit."""
         releasing = threading.Thread(target=self.spare.close, name="pacs-spare-close", daemon=True)

@@ -61,8 +61,8 @@ from relay.dicom.codec import (
     Message,
     MessageCodec,
 )
+from relay.dicom.ending import OpenAssociations
 from relay.dicom.exclusive import ExclusiveAssociationServer
-from relay.dicom.pacs_assoc import OpenAssociations
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats
 from relay.ops.listening import announce

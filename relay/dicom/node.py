@@ -41,7 +41,7 @@ pausing before it resumes, looks at the node's stopping itself), and its viewer,
 answered during the drain, has a moment to release its association before the
 associations still open are aborted (see `stop`). Every association of the node (the
 viewers', a C-MOVE's with its destination, the destination check's) is then ended
-within about a second and a half whatever its peer does (`pacs_assoc.end_all`: an
+within about a second and a half whatever its peer does (`ending.end_all`: an
 A-ABORT, a moment for the peer to close, then the socket shut down): pynetdicom's
 connection threads are not daemons, and one blocked on a hung peer's socket held the
 workstation's exit for ever.
@@ -79,9 +79,9 @@ from relay.dicom.codec import (
     Request,
     Skip,
 )
+from relay.dicom.ending import OpenAssociations, cut
 from relay.dicom.exclusive import start_exclusive_server
 from relay.dicom.offer import CodecOffer
-from relay.dicom.pacs_assoc import OpenAssociations, cut
 from relay.dicom.session import (
     MAX_RESUME_WINDOW,
     RESUME_WINDOW,
@@ -441,7 +441,7 @@ class DicomNode:
 
     def _end_associations(self, ae: AE, server: Any) -> None:
         """Stop listening, then end every association still open within about
-        `pacs_assoc.ABORT_LINGER` + `STOP_JOIN` seconds, whatever its peer does (blocking).
+        `ending.ABORT_LINGER` + `STOP_JOIN` seconds, whatever its peer does (blocking).
 
         Not pynetdicom's `ae.shutdown()`: it aborts one association after another, each
         waiting for its DUL thread to go idle, and a DUL thread blocked on the socket of a

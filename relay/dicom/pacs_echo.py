@@ -7,7 +7,8 @@ from typing import Any
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom.pacs_assoc import OpenAssociations, associate
+from relay.dicom.ending import OpenAssociations
+from relay.dicom.pacs_assoc import associate
 from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["echo_pacs", "end_echoes"]
@@ -23,7 +24,7 @@ _ECHOES: OpenAssociations = OpenAssociations()
 
 def end_echoes() -> int:
     """End the readiness C-ECHOs' associations open or being opened (blocking, bounded
-    like `pacs_assoc.end_all`); how many there were."""
+    like `ending.end_all`); how many there were."""
     return _ECHOES.end_held()
 
 

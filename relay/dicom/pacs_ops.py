@@ -53,14 +53,9 @@ from relay.dicom.codec import (
     Pending,
     Request,
 )
+from relay.dicom.ending import OpenAssociations, abort_within
 from relay.dicom.intake import Intake, MoveReceiver, MoveRoutesFull
-from relay.dicom.pacs_assoc import (
-    OpenAssociations,
-    abort_within,
-    allow_move_stalls,
-    associate,
-    scp_roles,
-)
+from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.rawds import encode_dataset
 from relay.dicom.spare import SpareAssociation
@@ -960,7 +955,7 @@ def clean_uids(values: object, limit: int) -> tuple[str, ...]:
 
 
 def _abort(assoc: Association) -> None:
-    """A-ABORT `assoc` (blocking, for at most about `pacs_assoc.ABORT_LINGER`: a PACS that
+    """A-ABORT `assoc` (blocking, for at most about `ending.ABORT_LINGER`: a PACS that
     keeps the connection is cut), then wake a thread waiting on it for the next message:
     pynetdicom does not when *we* abort; (None, None) is what it returns for an aborted
     association."""

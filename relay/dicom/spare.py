@@ -25,7 +25,8 @@ from typing import Any, Final
 
 from pynetdicom.association import Association
 
-from relay.dicom.pacs_assoc import OpenAssociations, associate
+from relay.dicom.ending import OpenAssociations
+from relay.dicom.pacs_assoc import associate
 from relay.dicom.pacs_target import PacsTarget
 
 __all__ = ["OUTCOMES", "SpareAssociation"]

@@ -23,8 +23,8 @@ from relay.dicom import contexts
 from relay.dicom import node as node_mod
 from relay.dicom.codec import MessageCodec, Request, read_message
 from relay.dicom.contexts import MODELS
+from relay.dicom.ending import ABORT_LINGER, STOP_JOIN
 from relay.dicom.node import _LEAVE, DicomNode
-from relay.dicom.pacs_assoc import ABORT_LINGER, STOP_JOIN
 from relay.net.bytestream import ByteStream, pipe
 
 from . import viewer

@@ -21,7 +21,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.dicom.agent import DicomAgent, OperationSummary
 from relay.dicom.codec import Instance
-from relay.dicom.pacs_assoc import ABORT_LINGER, STOP_JOIN, OpenAssociations, associate
+from relay.dicom.ending import ABORT_LINGER, STOP_JOIN, OpenAssociations
+from relay.dicom.pacs_assoc import associate
 from relay.dicom.pacs_echo import echo_pacs
 from relay.dicom.pacs_target import PacsTarget
 from relay.net.bytestream import pipe

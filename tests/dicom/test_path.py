@@ -21,16 +21,17 @@ LAYERS = {
     "relay.dicom.survey": 2,  # the study's C-FIND beside a retrieve
     "relay.dicom.spare": 2,  # the association left for the next request
     "relay.dicom.pacs_assoc": 3,  # requests an association with the PACS
-    "relay.dicom.bridge": 4,
-    "relay.dicom.codec": 4,
-    "relay.dicom.offer": 4,  # the pixel codecs the workstation announces
-    "relay.dicom.contexts": 4,
-    "relay.dicom.rawds": 4,
-    "relay.dicom.stats": 5,
-    "relay.dicom.status": 5,
-    "relay.dicom.pacs_target": 5,  # the `pacs:` settings, a value
-    "relay.dicom.exclusive": 5,  # how the node and the C-MOVE SCP bind their port
-    "relay.dicom.uids": 5,  # what counts as a UID
+    "relay.dicom.ending": 4,  # ends associations whatever the peer does (both ends)
+    "relay.dicom.bridge": 5,
+    "relay.dicom.codec": 5,
+    "relay.dicom.offer": 5,  # the pixel codecs the workstation announces
+    "relay.dicom.contexts": 5,
+    "relay.dicom.rawds": 5,
+    "relay.dicom.stats": 6,
+    "relay.dicom.status": 6,
+    "relay.dicom.pacs_target": 6,  # the `pacs:` settings, a value
+    "relay.dicom.exclusive": 6,  # how the node and the C-MOVE SCP bind their port
+    "relay.dicom.uids": 6,  # what counts as a UID
 }
 
 
