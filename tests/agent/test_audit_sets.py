@@ -192,6 +192,19 @@ def _old_event(i: int, kind: str, device: str) -> str:
     )
 
 
+def test_a_security_set_of_any_name_is_read_with_its_rotated_files(tmp_path: Path) -> None:
+    """The security set is the path the caller gives: a name without the device sets'
+    suffix (`audit.log`) is listed too, and its rotated files with it."""
+    audit = AuditLog(tmp_path / "audit.log", source_id=AGENT, max_bytes=MAX_LINE_BYTES, keep=2)
+    for i in range(20):  # 100 events (5 kinds), over 100 KB: more than one file
+        security_events(audit, i)
+    assert (tmp_path / "audit.log.1").exists()
+    events = read_events(tmp_path / "audit.log")
+    assert len(events) == 100
+    assert [e["kind"] for e in events[:4]] == ["enrollment", "token_created", "renewal",
+                                               "revocation"]  # fmt: skip
+
+
 def test_a_trail_of_the_old_layout_is_still_read_with_the_new_sets(tmp_path: Path) -> None:
     """Before the split, every event was in audit.jsonl(.N): those files are the
     security set now, read (and merged) as they are."""

@@ -259,15 +259,33 @@ def scan_sets(directory: Path, *, only: str | None = None) -> dict[str, SetListi
     try:
         with os.scandir(directory) as listing:
             for entry in listing:
-                match = _NUMBERED.fullmatch(entry.name)
-                if match is None or (only is not None and match["base"] != only):
+                found = _member(entry.name, only)
+                if found is None:
                     continue
-                numbers = names.setdefault(match["base"], [])
-                if match["n"] is not None:
-                    numbers.append(int(match["n"]))
+                base, n = found
+                numbers = names.setdefault(base, [])
+                if n is not None:
+                    numbers.append(n)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {name: _listed(directory, name, sorted(numbers)) for name, numbers in names.items()}
+
+
+def _member(name: str, only: str | None) -> tuple[str, int | None] | None:
+    """(set, rotation number or None) of a directory entry, or None if it is none of
+    ours. `only` names the one set wanted, whatever its name ends with (the security
+    set is a path the caller gives); without it, sets end with SET_SUFFIX."""
+    if only is None:
+        match = _NUMBERED.fullmatch(name)
+        if match is None:
+            return None
+        return match["base"], int(match["n"]) if match["n"] is not None else None
+    if name == only:
+        return only, None
+    rest = name.removeprefix(only + ".")
+    if rest != name and rest.isdigit() and rest.isascii():
+        return only, int(rest)
+    return None
 
 
 def _listed(directory: Path, name: str, numbers: list[int]) -> SetListing:
