@@ -66,7 +66,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom import contexts, move_check, rawds
+from relay.dicom import checkpoint, contexts, move_check, rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
     VERSION,
@@ -494,7 +494,8 @@ class DicomNode:
         """The event handlers of an association the node requests (to a C-MOVE
         destination): `handlers`, and the node's hold on it (ended at stop)."""
         stalls = contexts.bounded_stalls(self.timeout + STALL_SLACK)
-        return [contexts.NODELAY, stalls, *handlers, *self._open.handlers()]
+        pause = (evt.EVT_CONN_OPEN, checkpoint.install)  # its C-STORE answers never stolen
+        return [contexts.NODELAY, stalls, pause, *handlers, *self._open.handlers()]
 
     def _session(
         self,
