@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -79,11 +79,11 @@ async def _drained(node: DicomNode) -> float:
     return time.monotonic() - started
 
 
-async def test_stop_ends_the_association_of_a_viewer_hung_mid_pdu() -> None:
-    """A viewer hangs after the start of a PDU: the node's connection thread waits in a
-    recv for the rest (the accepted socket has no timeout); the stop cuts it at once
-    rather than waiting for ever."""
-    node = DicomNode(silent, listen=("127.0.0.1", 0), ae_title=NODE, timeout=20)
+@contextlib.asynccontextmanager
+async def node_with_a_viewer_hung_mid_pdu(node_timeout: float) -> AsyncIterator[DicomNode]:
+    """A running node (its `node_timeout`) whose viewer hung after the start of a PDU: the
+    node's connection thread waits in a recv for the rest. The node is stopped after."""
+    node = DicomNode(silent, listen=("127.0.0.1", 0), ae_title=NODE, timeout=node_timeout)
     await node.start()
     raw: socket.socket | None = None
     try:
@@ -96,14 +96,21 @@ async def test_stop_ends_the_association_of_a_viewer_hung_mid_pdu() -> None:
         )
         assert assoc.is_established
         raw = hang(assoc, PDU_CUT_SHORT)
-        await asyncio.sleep(0.1)  # the node reads the PDU's header (loopback: well within)
-        took = await _drained(node)
-        assert took < GRACE + ABORT_LINGER + STOP_JOIN + SLACK
-        assert node_connections() == []
+        yield node
     finally:
         if raw is not None:
             raw.close()
         await node.stop()
+
+
+async def test_stop_ends_the_association_of_a_viewer_hung_mid_pdu() -> None:
+    """The accepted socket has no timeout: the stop cuts the hung viewer's connection at
+    once rather than waiting for ever."""
+    async with node_with_a_viewer_hung_mid_pdu(node_timeout=20) as node:
+        await asyncio.sleep(0.1)  # the node reads the PDU's header (loopback: well within)
+        took = await _drained(node)
+        assert took < GRACE + ABORT_LINGER + STOP_JOIN + SLACK
+        assert node_connections() == []
 
 
 async def test_a_viewer_hung_mid_pdu_is_cut_while_running(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,24 +118,8 @@ async def test_a_viewer_hung_mid_pdu_is_cut_while_running(monkeypatch: pytest.Mo
     thread and an association slot only for the node's timeout + STALL_SLACK (its
     connection had no timeout at all)."""
     monkeypatch.setattr(node_mod, "STALL_SLACK", 0.5)
-    node = DicomNode(silent, listen=("127.0.0.1", 0), ae_title=NODE, timeout=0.5)
-    await node.start()
-    raw: socket.socket | None = None
-    try:
-        assoc = await asyncio.to_thread(
-            scu("VIEWER").associate,
-            "127.0.0.1",
-            node.address[1],
-            contexts=[build_context(MODELS[("study", "find")])],
-            ae_title=NODE,
-        )
-        assert assoc.is_established
-        raw = hang(assoc, PDU_CUT_SHORT)
+    async with node_with_a_viewer_hung_mid_pdu(node_timeout=0.5):
         await until(lambda: node_connections() == [], 10)
-    finally:
-        if raw is not None:
-            raw.close()
-        await node.stop()
 
 
 @contextlib.contextmanager
