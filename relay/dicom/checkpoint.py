@@ -11,9 +11,11 @@ message") and the sender waits for it until its DIMSE timeout: a viewer's C-MOVE
 with instances to go (seen under load, about once in a few hundred C-MOVEs in the test
 suite).
 
-`Checkpoint` stands in for that Event on the associations the node requests to C-MOVE
-destinations: its `clear()` returns only once the reactor is waiting on it (or is the
-caller, or has ended), so that `_is_paused` is then true and stays so until `set()`.
+`Checkpoint` stands in for that Event on every association we request: the node's to
+C-MOVE destinations and the agent's to the PACS (every `send_*` pauses the same way; a
+C-FIND match taken so is lost). Its `clear()` returns only once the reactor is waiting on
+it (or is the caller, or has ended), so that `_is_paused` is then true and stays so until
+`set()`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ with TCP_NODELAY and every wait bounded. Blocking: call it on a thread, never th
 
 Each is held by its owners (`relay.dicom.ending.OpenAssociations`: the agent's DICOM
 service, one operation) from its creation, before its TCP connect, so that their end
-ends it within a bound whatever the PACS does.
+ends it within a bound whatever the PACS does. Each pauses its reactor with
+`relay.dicom.checkpoint.Checkpoint`: with pynetdicom's own pause, a C-FIND's match or a
+C-GET's final response can be taken by the reactor (lost, or the query hangs until its
+DIMSE timeout), as a C-MOVE destination's C-STORE answers were at the workstation.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pynetdicom import build_role
+from pynetdicom import build_role, evt
 from pynetdicom.association import Association
 
-from relay.dicom import contexts
+from relay.dicom import checkpoint, contexts
 from relay.dicom.ending import KeptAE, OpenAssociations
 from relay.dicom.pacs_target import PacsTarget
 
@@ -58,6 +61,7 @@ def associate(
             evt_handlers=[
                 contexts.NODELAY,
                 contexts.bounded_stalls(ae.network_timeout),  # a PACS hung mid-PDU
+                (evt.EVT_CONN_OPEN, checkpoint.install),  # its responses never stolen
                 *handlers,
                 *(h for owner in owners for h in owner.handlers()),
             ],

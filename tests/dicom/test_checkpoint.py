@@ -7,7 +7,13 @@ import threading
 import time
 from typing import Any
 
+from pynetdicom import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
 from relay.dicom.checkpoint import Checkpoint
+from relay.dicom.pacs_assoc import associate
+from relay.dicom.pacs_target import PacsTarget
+from relay_dev.pacs import EmbeddedPacs
 
 CYCLES = 3000
 
@@ -94,11 +100,14 @@ def test_clear_from_the_reactor_itself_or_after_its_end_returns_at_once() -> Non
 
 
 def test_set_releases_a_waiting_reactor_and_wait_returns_true() -> None:
-    reactor = threading.Thread(target=lambda: None)
-    checkpoint = Checkpoint(reactor)
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    checkpoint = Checkpoint(ended)
     assert checkpoint.is_set() and checkpoint.wait()
     out: list[bool] = []
-    checkpoint._flag = False  # cleared without waiting for a parked reactor
+    checkpoint.clear()  # returns at once: its reactor has ended
+    assert not checkpoint.is_set()
     waiter = threading.Thread(target=lambda: out.append(checkpoint.wait()), daemon=True)
     waiter.start()
     time.sleep(0.05)
@@ -106,3 +115,19 @@ def test_set_releases_a_waiting_reactor_and_wait_returns_true() -> None:
     checkpoint.set()
     waiter.join(5)
     assert out == [True]
+
+
+def test_the_agents_associations_with_the_pacs_pause_with_a_checkpoint() -> None:
+    """Every association the agent requests (relay.dicom.pacs_assoc) has its reactor
+    paused by a Checkpoint, from before its first `send_*`, and its messages still flow:
+    a C-FIND's matches or a C-GET's responses are never taken by its reactor."""
+    with EmbeddedPacs() as pacs:
+        target = PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
+        assoc = associate(target, [build_context(Verification)])
+        try:
+            assert assoc.is_established
+            assert isinstance(assoc._reactor_checkpoint, Checkpoint)  # pynetdicom's hook
+            statuses = [assoc.send_c_echo().Status for _ in range(50)]
+            assert statuses == [0x0000] * 50
+        finally:
+            assoc.release()
