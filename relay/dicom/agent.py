@@ -464,6 +464,13 @@ class DicomAgent:
         if ended:
             log.info("ended %d PACS associations still open at stop", ended)
 
+    async def __aenter__(self) -> DicomAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def serve(
         self,
         stream: ByteStream,

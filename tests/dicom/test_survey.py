@@ -201,7 +201,8 @@ async def test_no_survey_for_headers_only_or_one_instance() -> None:
     (the viewport's, retrieved ahead) cost the PACS no C-FIND; a study retrieve for a
     viewer does, beside it (slowed here, so that the survey finishes first)."""
     with EmbeddedPacs(MemoryStore(CT)) as pacs:
-        await _no_survey(pacs, DicomAgent(target(pacs)))
+        async with DicomAgent(target(pacs)) as agent:  # its spare association ended
+            await _no_survey(pacs, agent)
 
 
 async def _no_survey(pacs: EmbeddedPacs, agent: DicomAgent) -> None:
@@ -230,11 +231,12 @@ async def test_a_headers_only_retrieve_surveys_when_its_contexts_missed(
     """No survey beside it, but after failed sub-operations one is made, and the class
     the first contexts missed comes in a second C-GET."""
     a, b = pipe({HEADER_DICOM_CONTENT: DICOM_CONTENT_HEADERS})
-    server = asyncio.create_task(DicomAgent(target(pacs)).serve(b))
-    ws = Workstation(a)
-    await ws.send(retrieve(StudyInstanceUID=STUDY))
-    msgs = await ws.all()
-    await asyncio.wait_for(server, 20)
+    async with DicomAgent(target(pacs)) as agent:
+        server = asyncio.create_task(agent.serve(b))
+        ws = Workstation(a)
+        await ws.send(retrieve(StudyInstanceUID=STUDY))
+        msgs = await ws.all()
+        await asyncio.wait_for(server, 20)
     assert sorted(m.sop_instance for m in msgs if isinstance(m, Instance)) == sorted(
         i.sop_instance for i in RARE
     )
