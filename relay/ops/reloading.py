@@ -144,8 +144,9 @@ def check_certificate_at_start(
     each handshake fails). A ConfigError naming `file` and `key` (exit 2), or `ca_key`
     (when given) for a CA file that does not load: the key the user has to fix."""
     return _check_configured_certificate(
-        file, key, cert_path, ca_path, role=role, site=site, ca_key=ca_key, reloading=False
-    )
+        file, key, cert_path, ca_path, role=role, site=site, name=None, ca_key=ca_key,
+        reloading=False,
+    )  # fmt: skip
 
 
 def check_certificate_on_reload(
@@ -156,14 +157,16 @@ def check_certificate_on_reload(
     *,
     role: str,
     site: str | None = None,
+    name: str | None = None,
     ca_key: str | None = None,
 ) -> Identity:
     """`check_own_certificate` for a reload, failing as start-up fails: a ConfigError
     naming `file`, the key at fault and the path, so that the reload's error line says
     which setting to fix as a failed start would."""
     return _check_configured_certificate(
-        file, key, cert_path, ca_path, role=role, site=site, ca_key=ca_key, reloading=True
-    )
+        file, key, cert_path, ca_path, role=role, site=site, name=name, ca_key=ca_key,
+        reloading=True,
+    )  # fmt: skip
 
 
 def _check_configured_certificate(
@@ -174,6 +177,7 @@ def _check_configured_certificate(
     *,
     role: str,
     site: str | None,
+    name: str | None,
     ca_key: str | None,
     reloading: bool,
 ) -> Identity:
@@ -182,7 +186,9 @@ def _check_configured_certificate(
     except PkiError as exc:
         raise ConfigError(file, ca_key or key, str(exc)) from None
     try:
-        return check_own_certificate(cert_path, ca_path, role=role, site=site, reloading=reloading)
+        return check_own_certificate(
+            cert_path, ca_path, role=role, site=site, name=name, reloading=reloading
+        )
     except ReloadError as exc:
         raise ConfigError(file, key, str(exc)) from None
 

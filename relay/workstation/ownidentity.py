@@ -16,13 +16,19 @@ from pathlib import Path
 from relay.net.tls import TlsConfigError, client_context
 from relay.ops import privatefiles
 from relay.ops.config import ConfigError
-from relay.ops.reloading import check_certificate_at_start
+from relay.ops.reloading import check_certificate_at_start, check_certificate_on_reload
 from relay.trust.identity import Identity
 from relay.trust.pki import PkiError, load_cert
 from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig
 
-__all__ = ["EXPIRED_MESSAGE", "check_identity", "expired_message", "not_after"]
+__all__ = [
+    "EXPIRED_MESSAGE",
+    "check_identity",
+    "check_reloaded_identity",
+    "expired_message",
+    "not_after",
+]
 
 #: An expired device certificate, at start or when the gateway refuses it while running.
 EXPIRED_MESSAGE = "device certificate expired at {at}; enroll again: relay enroll CODE --dir {dir}"
@@ -63,3 +69,25 @@ def check_identity(config: WorkstationConfig, *, now: datetime | None = None) ->
     except TlsConfigError as exc:
         raise ConfigError(config.path, "identity_dir", str(exc)) from None
     return identity
+
+
+def check_reloaded_identity(config: WorkstationConfig, running: Identity) -> None:
+    """The identity files a reload is about to present, checked as at start-up and failing
+    as start-up fails (a ConfigError naming the config file and `identity_dir`, or a
+    PrivateFileError), and still the `running` device: a reload may renew the
+    certificate, not change which device this is (restart for that)."""
+    files = config.identity_files()
+    privatefiles.check_private(files.key, "device key")
+    check_certificate_on_reload(
+        config.path,
+        "identity_dir",
+        files.cert,
+        files.ca,
+        role="device",
+        site=running.site,
+        name=running.name,
+    )
+    try:
+        client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
+    except TlsConfigError as exc:
+        raise ConfigError(config.path, "identity_dir", str(exc)) from None

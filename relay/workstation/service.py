@@ -50,8 +50,6 @@ from relay.ops.logs import setup_logging
 from relay.ops.metrics import EndMetrics, Sources
 from relay.ops.reloading import (
     ReloadCounter,
-    ReloadError,
-    check_own_certificate,
     keep_restart_only,
     log_restart_needed,
     set_log_level,
@@ -67,7 +65,12 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
-from relay.workstation.ownidentity import check_identity, expired_message, not_after
+from relay.workstation.ownidentity import (
+    check_identity,
+    check_reloaded_identity,
+    expired_message,
+    not_after,
+)
 from relay.workstation.revocation import RevocationCheck, record_revoked, revoked_since
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
@@ -304,20 +307,12 @@ class Workstation:
             from_file = load_workstation_config(self.config.path)
             new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
             files = new.identity_files()
-            privatefiles.check_private(files.key, "device key")
-            check_own_certificate(
-                files.cert,
-                files.ca,
-                role="device",
-                site=self.identity.site,
-                name=self.identity.name,
-            )
+            check_reloaded_identity(new, self.identity)  # errors name identity_dir
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
             session_ctx = session_client_context(files.cert, files.key, files.ca)
             check = RevocationCheck.from_files(files.cert, files.ca)
         except (
             ConfigError,
-            ReloadError,
             TlsConfigError,
             PkiError,
             privatefiles.PrivateFileError,
