@@ -23,7 +23,7 @@ from relay.net.tls import TlsConfigError, server_context, tls_config_error
 from relay.ops.config import ConfigError
 from relay.ops.reloading import (
     ReloadError,
-    check_certificate_on_reload,
+    check_configured_certificate,
     keep_restart_only,
     set_log_level,
 )
@@ -107,8 +107,8 @@ def reloaded_tls(server: GatewayServer, config: GatewayConfig) -> tuple[ssl.SSLC
             f"{tls.ca}: trust domain {ca_sites.trust_domain!r}, running with "
             f"{server.trust_domain!r} (restart to change it)",
         )
-    check_certificate_on_reload(
-        config.path, "tls.cert", tls.cert, tls.ca, role="gateway", ca_key="tls.ca"
+    check_configured_certificate(
+        config.path, "tls.cert", tls.cert, tls.ca, role="gateway", ca_key="tls.ca", reloading=True
     )
     try:
         return server_context(tls.cert, tls.key, tls.ca), ca_sites

@@ -19,7 +19,7 @@ from relay.ops.binding import listen_errors
 from relay.ops.heap import keep_trimmed
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
-from relay.ops.reloading import check_certificate_at_start
+from relay.ops.reloading import check_configured_certificate
 from relay.ops.runtime import run_loop
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def tls_at_start(config: GatewayConfig) -> tuple[ssl.SSLContext, CaSites]:
     """The listener's TLS context and the CA bundle's sites, or a ConfigError naming the
     config file, the `tls.*` key at fault and its path (exit 2)."""
-    check_certificate_at_start(
+    check_configured_certificate(
         config.path, "tls.cert", config.tls.cert, config.tls.ca, role="gateway", ca_key="tls.ca"
     )
     try:

@@ -55,8 +55,7 @@ from relay.ops.metrics import EndMetrics, Sources
 from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
-    check_certificate_at_start,
-    check_certificate_on_reload,
+    check_configured_certificate,
     keep_restart_only,
     log_restart_needed,
     set_log_level,
@@ -320,9 +319,10 @@ def reloaded_contexts(
     as at start-up and failing as start-up fails: a ConfigError naming the config file,
     the `tls.*` key at fault and its path."""
     tls = config.tls
-    check_certificate_on_reload(
-        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=site, ca_key="tls.ca"
-    )
+    check_configured_certificate(
+        config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=site, ca_key="tls.ca",
+        reloading=True,
+    )  # fmt: skip
     try:
         return (
             client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT),
@@ -341,7 +341,7 @@ def check_start(config: AgentConfig) -> None:
     their codes name that CA), so another CA fails every enrollment at the PC; and the IT
     pages' TLS files (`check_it_pages_tls`)."""
     tls = config.tls
-    identity = check_certificate_at_start(
+    identity = check_configured_certificate(
         config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site, ca_key="tls.ca"
     )
     try:  # the key: it loads and matches the certificate (the contexts are made later)

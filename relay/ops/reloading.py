@@ -32,8 +32,7 @@ from relay.trust.pki import PkiError, load_certs, trust_domain_of_ca
 __all__ = [
     "ReloadCounter",
     "ReloadError",
-    "check_certificate_at_start",
-    "check_certificate_on_reload",
+    "check_configured_certificate",
     "check_own_certificate",
     "keep_restart_only",
     "log_restart_needed",
@@ -129,27 +128,7 @@ def check_own_certificate(
     return identity
 
 
-def check_certificate_at_start(
-    file: Path,
-    key: str,
-    cert_path: Path,
-    ca_path: Path,
-    *,
-    role: str,
-    site: str | None = None,
-    ca_key: str | None = None,
-) -> Identity:
-    """`check_own_certificate` before a role starts: the checks a reload makes, so that a
-    process does not start with a certificate every peer refuses (and report ready while
-    each handshake fails). A ConfigError naming `file` and `key` (exit 2), or `ca_key`
-    (when given) for a CA file that does not load: the key the user has to fix."""
-    return _check_configured_certificate(
-        file, key, cert_path, ca_path, role=role, site=site, name=None, ca_key=ca_key,
-        reloading=False,
-    )  # fmt: skip
-
-
-def check_certificate_on_reload(
+def check_configured_certificate(
     file: Path,
     key: str,
     cert_path: Path,
@@ -159,28 +138,13 @@ def check_certificate_on_reload(
     site: str | None = None,
     name: str | None = None,
     ca_key: str | None = None,
+    reloading: bool = False,
 ) -> Identity:
-    """`check_own_certificate` for a reload, failing as start-up fails: a ConfigError
-    naming `file`, the key at fault and the path, so that the reload's error line says
-    which setting to fix as a failed start would."""
-    return _check_configured_certificate(
-        file, key, cert_path, ca_path, role=role, site=site, name=name, ca_key=ca_key,
-        reloading=True,
-    )  # fmt: skip
-
-
-def _check_configured_certificate(
-    file: Path,
-    key: str,
-    cert_path: Path,
-    ca_path: Path,
-    *,
-    role: str,
-    site: str | None,
-    name: str | None,
-    ca_key: str | None,
-    reloading: bool,
-) -> Identity:
+    """`check_own_certificate` of the certificate a role is about to present, failing as
+    a bad config does: a ConfigError naming `file` and `key`, or `ca_key` (when given) for
+    a CA file that does not load: the key the user has to fix, in the same words before
+    a start (exit 2: a process must not start with a certificate every peer refuses, and
+    report ready while each handshake fails) and in a refused reload's error line."""
     try:
         load_certs(ca_path)
     except PkiError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 from relay.net.tls import TlsConfigError, client_context
 from relay.ops import privatefiles
 from relay.ops.config import ConfigError
-from relay.ops.reloading import check_certificate_at_start, check_certificate_on_reload
+from relay.ops.reloading import check_configured_certificate
 from relay.trust.identity import Identity
 from relay.trust.pki import PkiError, load_cert
 from relay.wire import ALPN_DEVICE
@@ -61,7 +61,7 @@ def check_identity(config: WorkstationConfig, *, now: datetime | None = None) ->
     expired = expired_message(config.identity_dir, not_after(files.cert), now or datetime.now(UTC))
     if expired is not None:
         raise ConfigError(config.path, "identity_dir", expired)
-    identity = check_certificate_at_start(
+    identity = check_configured_certificate(
         config.path, "identity_dir", files.cert, files.ca, role="device"
     )
     try:
@@ -78,7 +78,7 @@ def check_reloaded_identity(config: WorkstationConfig, running: Identity) -> Non
     certificate, not change which device this is (restart for that)."""
     files = config.identity_files()
     privatefiles.check_private(files.key, "device key")
-    check_certificate_on_reload(
+    check_configured_certificate(
         config.path,
         "identity_dir",
         files.cert,
@@ -86,6 +86,7 @@ def check_reloaded_identity(config: WorkstationConfig, running: Identity) -> Non
         role="device",
         site=running.site,
         name=running.name,
+        reloading=True,
     )
     try:
         client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
