@@ -21,6 +21,8 @@ from relay.seal.transport import sealed_peer
 from relay.wire import TARGET_DICOM
 
 if TYPE_CHECKING:  # the DICOM package loads only with `pacs:` (below)
+    from prometheus_client.registry import Collector
+
     from relay.agent.dicom_audit import DicomAuditor
     from relay.dicom.agent import OperationSummary
 
@@ -94,6 +96,7 @@ async def default_handlers(
     from relay.agent import pacs_memory
     from relay.agent.codec_metrics import PixelCodecMetrics
     from relay.agent.dicom_audit import DicomAuditor
+    from relay.agent.move_metrics import MoveReceiverMetrics
     from relay.agent.spare_metrics import SpareAssociationMetrics
     from relay.dicom.agent import DicomAgent
 
@@ -104,10 +107,12 @@ async def default_handlers(
         # binds the C-MOVE receiver (retrieve: move): a taken port is the key to fix
         with listen_errors(config.path, "pacs.move_listen", target.move_listen):
             await dicom.start()
-        collectors = (
+        collectors: list[Collector] = [
             PixelCodecMetrics(dicom.rates.tallies),
             SpareAssociationMetrics(dicom.spare.counts),
-        )
+        ]
+        if dicom.move_receiver is not None:
+            collectors.append(MoveReceiverMetrics(dicom.move_receiver.counts))
         registry = metrics.registry if metrics is not None else None
         if registry is not None:
             for collector in collectors:

@@ -523,6 +523,11 @@ class MoveReceiver:
             self._server = None
         self.associations.end_all()
 
+    def counts(self) -> dict[str, int]:
+        """What others sent that the receiver turned away, by kind (the agent's
+        `relay_pacs_move_receiver_refused_total`)."""
+        return {"store": self.refused, "stranger": self.strangers, "oversized": self.oversized}
+
     def register(self, msg_id: int, intake: Intake) -> None:
         """C-STOREs naming `msg_id` as their Move Originator Message ID go to `intake`.
         Raises MoveRoutesFull when `max_moves` C-MOVEs are routed already."""

@@ -274,6 +274,7 @@ def test_retrieve_by_move_at_the_agent(
             got = dcmtk.getscu(c.node, tmp_path / "relay", "STUDY", keys, extra_args=["+B"],
                                timeout=TIMEOUT)  # fmt: skip
             agent_log = c.procs["agent"].output()
+            _, metrics = c.http_get(c.ports["agent_metrics"], "/metrics")
         finally:
             orthanc_module.remove_modality("RELAYAGENT")
     want = dcmtk.getscu(orthanc_module.node, tmp_path / "direct", "STUDY", keys,
@@ -281,6 +282,8 @@ def test_retrieve_by_move_at_the_agent(
     assert got.status == "Success" and got.suboperations.get("Completed") == len(MR)
     assert sorted(map(dataset_bytes, got.files)) == sorted(map(dataset_bytes, want.files))
     assert '"op":"move"' in agent_log.replace(" ", "")
+    # Orthanc's C-STOREs all belonged to the C-MOVE: the receiver's refusals are exported
+    assert 'relay_pacs_move_receiver_refused_total{kind="store"} 0.0' in metrics
 
 
 def _read_back(orthanc: Orthanc, study_uid: str, out: Path) -> list[bytes]:
