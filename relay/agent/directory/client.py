@@ -54,6 +54,9 @@ T = TypeVar("T")
 #: Longest password we pass on to the directory (bytes of UTF-8).
 MAX_PASSWORD: Final = 1024
 _NO_SUCH_OBJECT: Final = 32
+_SIZE_LIMIT_EXCEEDED: Final = 4
+#: Entries a search asks for: two tell "more than one" from "one".
+_SIZE_LIMIT: Final = 2
 _INVALID_CREDENTIALS: Final = 49
 #: The sub-code in Active Directory's diagnostic message for a refused bind (49).
 _AD_DATA: Final = re.compile(r"\bdata ([0-9a-fA-F]{3,8})\b")
@@ -336,16 +339,27 @@ class Directory:
         """Entries found, or None when `base` does not exist. DirectoryUnavailable on
         anything else but success."""
         try:
-            conn.search(base, query, search_scope=scope, attributes=attributes, size_limit=2)
+            conn.search(
+                base, query, search_scope=scope, attributes=attributes, size_limit=_SIZE_LIMIT
+            )
         except LDAPException as exc:
             raise DirectoryUnavailable(f"directory search failed: {_one_line(exc)}") from None
         code = (conn.result or {}).get("result")
         if code == _NO_SUCH_OBJECT:
             return None
-        if code not in (0, 4):  # success, sizeLimitExceeded (we asked for 2 at most)
+        if code not in (0, _SIZE_LIMIT_EXCEEDED):  # we asked for 2 entries at most
             description = (conn.result or {}).get("description", code)
             raise DirectoryUnavailable(f"directory search failed ({description})")
-        return [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+        entries = [e for e in conn.response or [] if e.get("type") == "searchResEntry"]
+        if code == _SIZE_LIMIT_EXCEEDED and len(entries) < _SIZE_LIMIT:
+            # The server's own limit cut the answer shorter than ours: "no user" (a
+            # deleted user for the re-check, whose devices it revokes) or "one user"
+            # would be a guess.
+            raise DirectoryError(
+                f"the directory cut its answer short at {len(entries)} entries "
+                "(its own size limit): not an answer to act on"
+            )
+        return entries
 
     def _find_user(self, conn: ldap3.Connection, name: str) -> str | None:
         """The user's DN, None if there is none. Two entries: DirectoryError."""

@@ -1,12 +1,14 @@
 """A minimal LDAP server speaking real LDAP (BER over plain TCP on 127.0.0.1), for the
 result codes a real slapd cannot be made to give a user's bind: busy (51),
 unavailable (52), unwillingToPerform (53), other (80), or Active Directory's 49 with
-"data 775" in its diagnostic message.
+"data 775" in its diagnostic message; and searches cut short by the server's own size
+limit (4).
 
 It knows one service account (SERVICE_DN, any password) and one user (USER_DN, found
-by any search under PEOPLE). The user's bind is answered with `user_bind` (result code,
-diagnostic message); a membership search (base GROUP) finds the user; any other search
-finds nothing. Plain LDAP: the settings it gives say `insecure_plaintext`.
+by any search under PEOPLE, as many times and with the result code `user_search`
+says). The user's bind is answered with `user_bind` (result code, diagnostic message);
+a membership search (base GROUP) finds the user; any other search finds nothing. Plain
+LDAP: the settings it gives say `insecure_plaintext`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class FakeLdap:
     def __init__(self, code: int, message: str = "") -> None:
         self.user_bind = (code, message)
         self.user_binds = 0
+        #: How a search under PEOPLE is answered: (entries, result code).
+        self.user_search = (1, 0)
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -107,13 +111,14 @@ class FakeLdap:
         if op == _SEARCH:  # the base object first
             _, base_start, base_end = _read_tlv(body, start)
             base = body[base_start:base_end].decode()
+            entries, code = self.user_search if base == PEOPLE else (1, 0)
             found = b""
             if base in (PEOPLE, GROUP, ADMIN_GROUP):
                 dn = USER_DN if base == PEOPLE else base
-                found = _message(
+                found = entries * _message(
                     message_id, _tlv(_SEARCH_ENTRY, _tlv(0x04, dn.encode()) + _tlv(0x30, b""))
                 )
-            return found + _message(message_id, _result(_SEARCH_DONE, 0))
+            return found + _message(message_id, _result(_SEARCH_DONE, code))
         return b""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

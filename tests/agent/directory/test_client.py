@@ -231,3 +231,24 @@ async def test_active_directorys_49_stays_a_refusal(message: str, detail: str) -
     finally:
         directory.close()
         await ldap.close()
+
+
+@pytest.mark.parametrize("entries", [0, 1])
+async def test_an_answer_cut_short_by_the_servers_size_limit_is_no_verdict(entries: int) -> None:
+    """sizeLimitExceeded (4) with fewer entries than we asked for is the server's own
+    limit cutting the answer: with none, the user was taken as deleted (the re-check
+    revokes their devices); with one, as the only one."""
+    ldap = await FakeLdap(0).start()
+    directory = Directory(ldap.settings())
+    try:
+        assert await directory.lookup("alice") is UserStatus.ACTIVE  # as a control
+        ldap.user_search = (entries, 4)
+        with pytest.raises(DirectoryError, match="cut its answer short"):
+            await directory.lookup("alice")
+        assert refusal(await directory.authenticate("alice", "x")) is RefusalReason.UNAVAILABLE
+        ldap.user_search = (2, 4)  # two of more: "more than one", an error as before
+        with pytest.raises(DirectoryError, match="more than one"):
+            await directory.lookup("alice")
+    finally:
+        directory.close()
+        await ldap.close()
