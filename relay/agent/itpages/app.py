@@ -148,11 +148,13 @@ class ItPages:
         return f"{nonce}.{self._mac(nonce)}"
 
     def issued(self, token: str | None) -> bool:
-        """`token` is a pre-login token this process made (not one a client chose)."""
-        if token is None or len(token) > 128:
+        """`token` is a pre-login token this process made (not one a client chose).
+        Compared as bytes: hmac.compare_digest raises TypeError for a str that is not
+        ASCII, and a cookie is whatever the client sent (a 500 on /login, before)."""
+        if token is None or len(token) > 128 or not token.isascii():
             return False
         nonce, dot, mac = token.partition(".")
-        return bool(nonce and dot) and hmac.compare_digest(mac, self._mac(nonce))
+        return bool(nonce and dot) and hmac.compare_digest(mac.encode(), self._mac(nonce).encode())
 
     def _mac(self, nonce: str) -> str:
         digest = hmac.new(self.login_key, nonce.encode(), hashlib.sha256).digest()
@@ -249,11 +251,17 @@ def _same_origin(request: web.Request, tls: bool) -> bool:
 
 
 def _token_ok(presented: object, expected: str | None) -> bool:
+    """Constant-time; any text the client sent (lone surrogates from an undecodable
+    cookie included) is compared, never an exception."""
     return (
         isinstance(presented, str)
         and expected is not None
-        and hmac.compare_digest(presented.encode(), expected.encode())
+        and hmac.compare_digest(_utf8(presented), _utf8(expected))
     )
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _set_cookie(response: web.StreamResponse, it: ItPages, name: str, value: str) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import aiohttp
 import pytest
@@ -727,3 +728,44 @@ async def test_the_audit_page_reads_one_devices_set_for_its_name(
     assert kinds == ["query", "token_created"], kinds
     status, body = await browser.get("/audit?device=ws9")  # no such device: a substring
     assert status == 200 and not re.findall(r'<tr class="event">', body)
+
+
+async def raw_status(pages: Pages, request: bytes) -> tuple[int, bytes]:
+    """The status and the whole answer of `request` sent as bytes on its own connection
+    (what no client library sends: bytes that are not UTF-8 in a header)."""
+    host, port = pages.base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("cookie", [b"abc.\xff\xfe", b"\xfe.\xff"])
+async def test_a_login_cookie_that_is_not_ascii_is_refused_not_a_500(
+    pages: Pages, browser: Browser, cookie: bytes
+) -> None:
+    """hmac.compare_digest raises TypeError for a str that is not ASCII: a pre-login
+    cookie of bytes that are not UTF-8 (aiohttp keeps them as lone surrogates) made
+    /login itself (and the login post) a 500."""
+    host = pages.base.removeprefix("http://").encode()
+    header = b"Cookie: " + pages.it.login_cookie.encode() + b"=" + cookie + b"\r\n"
+    status, answer = await raw_status(
+        pages, b"GET /login HTTP/1.1\r\nHost: " + host + b"\r\n" + header
+        + b"Connection: close\r\n\r\n",
+    )  # fmt: skip
+    assert status == 200, answer
+    issued = token(answer.decode())
+    assert pages.it.issued(issued) and issued.encode() != cookie
+    body = b"csrf=" + quote_from_bytes(cookie).encode() + b"&user=carol&password=x"
+    status, answer = await raw_status(
+        pages, b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\n" + header
+        + b"Origin: " + pages.base.encode() + b"\r\n"
+        + b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body,
+    )  # fmt: skip
+    assert status == 403, answer
+    assert not pages.audit("it_login") and len(pages.it.sessions) == 0
