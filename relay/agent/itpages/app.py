@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import segno
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -284,6 +285,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         # no such page (e.g. /favicon.ico): 404/405 as is; a redirect to /login here
         # would only hand the browser a new login page it never shows
         response = await handler(request)
+    elif request.method == "POST" and (unread := await _unreadable_form(request)) is not None:
+        response = unread
     elif request.path == "/login":
         response = await handler(request)
     else:
@@ -311,6 +314,26 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             request[SESSION_KEY] = session
             response = await handler(request)
     return _headers(response)
+
+
+async def _unreadable_form(request: web.Request) -> web.Response | None:
+    """Reads a POST's form once, here (handlers then get aiohttp's cached copy): a
+    refusal page for a body that is too big (413) or is no form we can read (400:
+    bytes that are not UTF-8, an unknown charset, a multipart body without boundary or
+    field name...), with this site's headers; None when it reads. Those bodies were a
+    500, and a 413 without the security headers."""
+    try:
+        await request.post()
+    except web.HTTPException as exc:  # too large, too many fields
+        why = f"the request is too large (at most {MAX_BODY} bytes of form fields)"
+        return _refused(request, exc.status, why, exc.text or "")
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError) as exc:
+        return _refused(request, 400, "the form could not be read", _one_line(exc))
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 async def _still_admin(request: web.Request, it: ItPages, session: Session) -> bool:
@@ -347,6 +370,11 @@ def _origin_of(request: web.Request) -> str:
 def _forbidden(request: web.Request, why: str, detail: str = "") -> web.Response:
     """403 with `why` on the page; at debug also what the request brought (no values
     of tokens or cookies: only whether they were there)."""
+    return _refused(request, 403, why, detail)
+
+
+def _refused(request: web.Request, status: int, why: str, detail: str = "") -> web.Response:
+    """`status` with `why` on the page, logged at debug as _forbidden says."""
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "IT page %s %s refused: %s (%s; host %r; cookies %s)",
@@ -357,7 +385,7 @@ def _forbidden(request: web.Request, why: str, detail: str = "") -> web.Response
             request.host,
             sorted(request.cookies),
         )
-    return _html(views.message_page("Refused", why), 403)
+    return _html(views.message_page("Refused", why), status)
 
 
 def _headers(response: web.StreamResponse) -> web.StreamResponse:

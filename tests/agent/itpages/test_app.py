@@ -26,7 +26,7 @@ from relay.agent.audit import AUDIT_FILE, MAX_LINE_BYTES, AuditLog, Outcome, rea
 from relay.agent.audit.budget import KIND_BURST, MAX_AGGREGATES, SOURCE_BURST
 from relay.agent.authority import DeviceAuthority
 from relay.agent.directory import Directory
-from relay.agent.itpages import auditview, passwords
+from relay.agent.itpages import app, auditview, passwords
 from relay.agent.itpages.app import ItPages, ItPagesMetrics, allowed_hosts, make_app
 from relay.agent.itpages.auditview import AuditFilter, query_audit
 from relay.agent.itpages.auth import (
@@ -769,3 +769,43 @@ async def test_a_login_cookie_that_is_not_ascii_is_refused_not_a_500(
     )  # fmt: skip
     assert status == 403, answer
     assert not pages.audit("it_login") and len(pages.it.sessions) == 0
+
+
+async def test_a_form_that_does_not_read_is_a_400_and_a_big_one_a_413_with_the_headers(
+    pages: Pages, browser: Browser
+) -> None:
+    """request.post() raised for bytes that are not UTF-8, an unknown charset, a
+    multipart body without boundary or field name: a 500. And the 413 of a body too
+    big came without the pages' headers (no CSP, no frame-ancestors)."""
+    await browser.login()
+    csrf = await browser.csrf()
+    form = "application/x-www-form-urlencoded"
+    bad: list[tuple[str, bytes]] = [
+        (form, f"csrf={csrf}&device=\xff&ttl=1h".encode("latin-1")),
+        (form + "; charset=no-such-charset", f"csrf={csrf}&device=ws1&ttl=1h".encode()),
+        ("multipart/form-data", b"--x\r\n\r\nws1\r\n--x--\r\n"),  # no boundary
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data\r\n\r\nws1\r\n--x--\r\n'),  # no name
+        ("multipart/form-data; boundary=x",
+         b'--x\r\nContent-Disposition: form-data; name="device"\r\n'
+         b"Content-Type: text/plain\r\n\r\n\xff\xfe\r\n--x--\r\n"),
+    ]  # fmt: skip
+    for path in ("/codes", "/login"):
+        for content_type, body in bad:
+            r = await browser.session.post(
+                pages.base + path,
+                data=body,
+                headers={"Content-Type": content_type, "Origin": pages.base},
+                allow_redirects=False,
+            )
+            text = await r.text()
+            assert r.status == 400, (path, content_type, r.status, text)
+            assert "the form could not be read" in text
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    big = {"csrf": csrf, "device": "ws1", "ttl": "1h", "pad": "x" * (app.MAX_BODY + 1)}
+    r = await browser.post("/codes", big)
+    assert r.status == 413 and "too large" in await r.text()
+    assert r.headers["X-Frame-Options"] == "DENY" and "Content-Security-Policy" in r.headers
+    assert pages.audit("token_created") == []
+    ok = await browser.post("/codes", {"csrf": csrf, "device": "ws1", "ttl": "1h"})
+    assert ok.status == 200  # as a control
