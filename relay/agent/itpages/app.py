@@ -298,7 +298,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = _see_other("/login")
         elif it.sessions.due(session) and not await _still_admin(request, it, session):
             it.sessions.drop(session.id)
-            why = "you are no longer an IT admin; the session has ended"
+            why = "you are no longer an IT admin, or your password changed: the session ended"
             if request.method == "POST":
                 response = _forbidden(request, why)
             else:
@@ -340,7 +340,7 @@ async def _still_admin(request: web.Request, it: ItPages, session: Session) -> b
     """Whether the session's user is still an IT admin; ends nothing it cannot tell."""
     try:
         async with asyncio.timeout(it.login_timeout):
-            verdict = await it.authenticator.still_admin(session.user)
+            verdict = await it.authenticator.still_admin(session.user, session.stamp)
     except TimeoutError:
         verdict = None
     if verdict is None:
@@ -357,9 +357,15 @@ async def _still_admin(request: web.Request, it: ItPages, session: Session) -> b
             now=it.now(),
             admin=session.user,
             peer=_peer(request),
-            description="session ended: no longer an IT admin (checked again after login)",
+            description=(
+                "session ended: no longer an IT admin, or the password changed (checked "
+                "again after login)"
+            ),
         )
-        log.warning("IT page session ended: no longer an IT admin", extra={"user": session.user})
+        log.warning(
+            "IT page session ended: no longer an IT admin, or the password changed",
+            extra={"user": session.user},
+        )
     return verdict
 
 
@@ -493,7 +499,12 @@ async def _login(request: web.Request) -> web.StreamResponse:
         return again("login refused: wrong user or password, or not an IT admin", 401)
     it.limiter.release(attempt)
     it.limiter.succeeded(user)
-    session = it.sessions.create(result.user)  # a new id at each login: no fixation
+    # A new id at each login (no fixation), and the one this browser held before ends
+    # here: a copy of it (taken earlier) must not outlive the login that replaced it.
+    previous = request.cookies.get(it.cookie)
+    if previous:
+        it.sessions.drop(previous)
+    session = it.sessions.create(result.user, stamp=result.stamp)
     audit.it_login(
         now=it.now(),
         admin=result.user,

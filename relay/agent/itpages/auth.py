@@ -8,13 +8,16 @@ logins it refuses reach the audit trail (`RefusalSampler`).
 
 Results carry a stable `result` for metrics and audit ("ok", "refused", "not_admin",
 "unavailable"); the page itself never says which of refused/not_admin it was.
-`still_admin(user)` answers again for a logged-in admin (True, False, or None: cannot
-tell now).
+`still_admin(user, stamp)` answers again for a logged-in admin (True, False, or None:
+cannot tell now); `stamp` is the login's `LoginResult.stamp`, so that a local admin's
+new password (`relay it-admin passwd`) ends the sessions opened with the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import itertools
 import time
 from collections import OrderedDict, deque
@@ -49,6 +52,9 @@ class LoginResult:
     result: str
     user: str
     detail: str = ""
+    #: What the credentials were at login (the local admins file: a digest of the
+    #: user's entry), handed back to `still_admin`; "" when nothing is to compare.
+    stamp: str = ""
 
     @property
     def ok(self) -> bool:
@@ -63,9 +69,10 @@ class Authenticator(Protocol):
 
     async def authenticate(self, user: str, password: str) -> LoginResult: ...
 
-    async def still_admin(self, user: str) -> bool | None:
-        """Whether `user` (logged in earlier) is still an IT admin; None when that
-        cannot be told now (the directory or the file unavailable)."""
+    async def still_admin(self, user: str, stamp: str = "") -> bool | None:
+        """Whether `user` (logged in earlier, `stamp` from that login) is still an IT
+        admin with the same credentials; None when that cannot be told now (the
+        directory or the file unavailable)."""
         ...
 
 
@@ -97,16 +104,28 @@ class LocalAuthenticator:
         check.add_done_callback(lambda _: self._slots.release())
         ok = await asyncio.shield(check)
         if ok:
-            return LoginResult("ok", user, "local admin password")
+            return LoginResult("ok", user, "local admin password", entry_stamp(admins[user]))
         detail = "wrong password" if user in admins else "no such admin"
         return LoginResult("refused", user, detail)
 
-    async def still_admin(self, user: str) -> bool | None:
-        """`user` still has a line in the file (None: the file cannot be read now)."""
+    async def still_admin(self, user: str, stamp: str = "") -> bool | None:
+        """`user` still has a line in the file, the one it logged in with (`stamp`): a
+        new password ends the sessions of the old one, as removing the line does
+        (None: the file cannot be read now)."""
         try:
-            return user in read_admins(self.path)
+            stored = read_admins(self.path).get(user)
         except PasswordFileError:
             return None
+        if stored is None:
+            return False
+        return not stamp or hmac.compare_digest(entry_stamp(stored), stamp)
+
+
+def entry_stamp(stored: str) -> str:
+    """A digest of an admins file entry (its salt changes at every `relay it-admin
+    passwd`): what a session remembers of the password it was opened with, without
+    keeping the hash itself."""
+    return hashlib.sha256(stored.encode()).hexdigest()
 
 
 class DirectoryAuthenticator:
@@ -127,9 +146,10 @@ class DirectoryAuthenticator:
             return LoginResult("not_admin", user, answer.detail)
         return LoginResult("refused", user, f"{answer.reason.code}: {answer.detail}")
 
-    async def still_admin(self, user: str) -> bool | None:
+    async def still_admin(self, user: str, stamp: str = "") -> bool | None:
         """In admin_group, not disabled, not deleted (None: the directory did not
-        answer, or answered something not to act on)."""
+        answer, or answered something not to act on). A password changed in the
+        directory is not seen here (`stamp` is unused): disabling the account is."""
         try:
             return await self.directory.is_admin(user)
         except DirectoryError:

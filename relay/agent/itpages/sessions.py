@@ -32,6 +32,7 @@ class Session:
     last_used: float
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     checked: float = 0.0  # when the user was last found to be an IT admin (or tried)
+    stamp: str = ""  # the login's LoginResult.stamp, for the re-check
 
 
 class SessionStore:
@@ -53,12 +54,12 @@ class SessionStore:
         self.clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # LRU order
 
-    def create(self, user: str) -> Session:
+    def create(self, user: str, *, stamp: str = "") -> Session:
         now = self.clock()
         self._prune(now)
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)
-        session = Session(secrets.token_urlsafe(32), user, now, now, checked=now)
+        session = Session(secrets.token_urlsafe(32), user, now, now, checked=now, stamp=stamp)
         self._sessions[session.id] = session
         return session
 

@@ -647,7 +647,7 @@ class Refusing:
     async def authenticate(self, user: str, password: str) -> LoginResult:
         return LoginResult("refused", user, "wrong password")
 
-    async def still_admin(self, user: str) -> bool | None:
+    async def still_admin(self, user: str, stamp: str = "") -> bool | None:
         return False
 
 
@@ -809,3 +809,40 @@ async def test_a_form_that_does_not_read_is_a_400_and_a_big_one_a_413_with_the_h
     assert pages.audit("token_created") == []
     ok = await browser.post("/codes", {"csrf": csrf, "device": "ws1", "ttl": "1h"})
     assert ok.status == 200  # as a control
+
+
+async def test_a_login_ends_the_session_the_browser_held_before(
+    pages: Pages, browser: Browser
+) -> None:
+    """A new id at each login, and the old one ended: it stayed valid (up to
+    session_max) for whoever had copied it."""
+    await browser.login()
+    old = next(iter(pages.it.sessions._sessions))
+    assert (await browser.login()).status == 303
+    assert len(pages.it.sessions) == 1 and old not in pages.it.sessions._sessions
+    thief = Browser(pages)
+    try:
+        thief.session.cookie_jar.update_cookies(
+            {pages.it.cookie: old}, response_url=yarl.URL(pages.base)
+        )
+        assert (await thief.get("/devices"))[0] == 303
+    finally:
+        await thief.close()
+    assert (await browser.get("/devices"))[0] == 200
+
+
+async def test_a_new_password_ends_the_sessions_opened_with_the_old_one(
+    pages: Pages, browser: Browser, tmp_path: Path
+) -> None:
+    """`relay it-admin passwd` for a leaked password left every session opened with it
+    alive for up to session_max: the re-check only asked whether the name was there."""
+    await browser.login()
+    pages.it.sessions.recheck = 0.0
+    assert (await browser.get("/devices"))[0] == 200  # re-checked: the same password
+    new = "a brand new password"
+    passwords.set_password(tmp_path / "admins", "carol", new, log2_n=10)
+    assert (await browser.get("/devices"))[0] == 303
+    assert len(pages.it.sessions) == 0
+    assert "password changed" in descriptions(pages, "it_logout")[0]
+    assert (await browser.login(password=new)).status == 303
+    assert (await browser.get("/devices"))[0] == 200  # the new one's session is kept
