@@ -661,13 +661,16 @@ async def _code_create(request: web.Request) -> web.StreamResponse:
 
 
 def _time(value: str) -> datetime | None:
+    """A filter time in UTC (without an offset, it is UTC). Converted, not kept with its
+    offset: the form and the page links show it without one, so a time with an offset
+    became another time on the next page. None for what does not read as a time."""
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value[:32])
-    except ValueError:
+        return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError):  # 0001-01-01T00:00+01:00 is before year 1 in UTC
         return None
-    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 
 def _query_audit(authority: DeviceAuthority, f: AuditFilter) -> AuditPage:

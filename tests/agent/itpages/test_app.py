@@ -846,3 +846,18 @@ async def test_a_new_password_ends_the_sessions_opened_with_the_old_one(
     assert "password changed" in descriptions(pages, "it_logout")[0]
     assert (await browser.login(password=new)).status == 303
     assert (await browser.get("/devices"))[0] == 200  # the new one's session is kept
+
+
+async def test_an_audit_filter_time_with_an_offset_is_shown_and_paged_in_utc(
+    pages: Pages, browser: Browser
+) -> None:
+    """The form and the Newer/Older links show the times without an offset (read back
+    as UTC): 10:00+02:00 came back as 10:00, i.e. 10:00 UTC, on the next page."""
+    await browser.login()
+    status, body = await browser.get("/audit?since=2026-01-01T10:00%2B02:00&page=2")
+    assert status == 200
+    assert 'name="since" value="2026-01-01T08:00"' in body
+    assert "since=2026-01-01T08%3A00" in body  # the Newer link
+    for value in ("0001-01-01T00:00%2B01:00", "9999-12-31T23:59-01:00", "junk", "2026-13-01"):
+        status, body = await browser.get(f"/audit?since={value}&until={value}")
+        assert status == 200 and 'name="since" value=""' in body, value
