@@ -208,6 +208,14 @@ async def _write(request: web.Request, response: web.StreamResponse, data: bytes
         raise ConnectionResetError("the client stopped reading") from None
 
 
+async def _head_answered(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """A HEAD's streamed answer ends with its headers (the GET's status and Content-Type):
+    aiohttp sends no chunked framing for HEAD, so each part written would go out raw
+    after them, and a keep-alive client would read it as its next answer."""
+    await _write(request, response, None)
+    return response
+
+
 def _json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON,
                         headers=headers)  # fmt: skip
@@ -341,6 +349,8 @@ async def _answer_instances(
     response = web.StreamResponse(headers={"Content-Type": media.multipart_type(boundary, part)})
     response.enable_chunked_encoding()
     await response.prepare(request)
+    if request.method == "HEAD":
+        return await _head_answered(request, response)
     item: SeriesItem | None = first
     while item is not None:
         if item is not first:
@@ -442,6 +452,8 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
                         response = web.StreamResponse(headers={"Content-Type": DICOM_JSON})
                         response.enable_chunked_encoding()
                         await response.prepare(request)
+                        if request.method == "HEAD":
+                            return await _head_answered(request, response)
                         await _write(request, response, b"[")
                     else:
                         await _write(request, response, b",")

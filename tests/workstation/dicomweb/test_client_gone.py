@@ -1,0 +1,93 @@
+"""Clients that do not behave, over real HTTP on loopback: one that asks with HEAD, one
+that stops reading a whole (not streamed) answer, one that goes away while its request
+waits for the PACS. Each must end without a body where none belongs, without holding its
+connection, memory or request slot for ever, and its own upstream operation stops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.dicom import rawds
+from relay.workstation.dicomweb import app, media, part10
+from relay.workstation.dicomweb.server import DicomwebServer
+from relay.workstation.dicomweb.source import FindResult
+from relay_dev.samples import EncodedInstance
+from tests.workstation.dicomweb import test_server
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource
+from tests.workstation.dicomweb.test_stalled import closed_by_server, stalled_get
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+BIG_SOP = "1.2.9.77"
+BIG_FRAMES = 8  # of 1024 x 1024 x 16 bits: 16 MiB, far more than loopback socket buffers
+
+
+def big_multiframe() -> EncodedInstance:
+    ds = Dataset()
+    ds.SOPClassUID = CT_CLASS
+    ds.SOPInstanceUID = BIG_SOP
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = SERIES
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = BIG_FRAMES
+    ds.Rows = ds.Columns = 1024
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.arange(BIG_FRAMES * 1024 * 1024, dtype="<u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    ts = "1.2.840.10008.1.2.1"
+    return EncodedInstance(CT_CLASS, BIG_SOP, ts, rawds.encode_dataset(ds, ts))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    async with test_server.scripted() as both:
+        yield both
+
+
+async def _until(check: Any, seconds: float = 5.0) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(check())
+
+
+async def test_head_answers_headers_only_and_the_connection_stays_usable(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """HEAD of a streamed answer (a series, its metadata) is its GET's status and
+    Content-Type, nothing after them: a keep-alive client's next answer is read right."""
+    srv, _ = served
+    assert srv.address is not None
+    port = srv.address.port
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        series = f"/dicom-web/studies/{STUDY}/series/{SERIES}"
+        for path, ctype in ((series, b"multipart/related"),
+                            (f"{series}/metadata", b"application/dicom+json")):  # fmt: skip
+            writer.write(f"HEAD {path} HTTP/1.1\r\n{host}\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+            assert ctype in head
+        writer.write(f"GET /dicom-web/studies HTTP/1.1\r\n{host}\r\n".encode())
+        after = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert after.startswith(b"HTTP/1.1 200 "), after[:200]  # not a part's bytes
+    finally:
+        writer.close()
+
+
+def _stow_headers() -> dict[str, str]:
+    return {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
