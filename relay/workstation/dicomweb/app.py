@@ -125,11 +125,29 @@ def _bounded(service: DicomwebService) -> Any:
             return _busy(f"more than {service.max_requests} requests in progress")
         service.in_progress += 1
         try:
-            return await handler(request)
+            response = await handler(request)
+            if not response.prepared:  # a whole body (frames, bulk, rendered, JSON)
+                await _send_whole(request, response)
+            return response
         finally:
             service.in_progress -= 1
 
     return bounded
+
+
+async def _send_whole(request: web.Request, response: web.StreamResponse) -> None:
+    """Send an answer that is not streamed (headers and body) here, within the write
+    timeout, as `_write` does for streamed ones: left to aiohttp after the handler, a
+    client that stops reading a large frames or bulk answer held its connection and the
+    body's memory for ever, uncounted in `max_requests`."""
+    try:
+        async with asyncio.timeout(_service(request).write_timeout):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading") from None
 
 
 def _busy(message: str) -> web.Response:

@@ -89,5 +89,26 @@ async def test_head_answers_headers_only_and_the_connection_stays_usable(
         writer.close()
 
 
+async def test_a_whole_answer_the_client_does_not_read_is_cut_after_the_write_timeout() -> None:
+    """A frames answer of 16 MiB, written whole after its handler: a client that reads
+    none of it loses the connection after the write timeout, and the request slot is
+    given back (it counted until then)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_server, "CT", [big_multiframe()])
+        async with test_server.scripted() as (srv, _):
+            assert srv.address is not None
+            srv.service.write_timeout = 0.5
+            numbers = ",".join(str(n) for n in range(1, BIG_FRAMES + 1))
+            path = (f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/{BIG_SOP}"
+                    f"/frames/{numbers}")  # fmt: skip
+            stalled = stalled_get(srv.address.port, path)
+            try:  # read nothing until the request is over (the metrics count it then)
+                assert await _until(lambda: sum(srv.metrics.requests.values()) == 1, 8.0)
+                assert srv.service.in_progress == 0
+                assert await _until(lambda: closed_by_server(stalled), 2.0), "still open"
+            finally:
+                stalled.close()
+
+
 def _stow_headers() -> dict[str, str]:
     return {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
