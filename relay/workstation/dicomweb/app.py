@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -58,6 +59,7 @@ _STOW_CAPTURE: Final = {0x00080016: "sop_class", 0x00080018: "sop_instance",
                         0x0020000D: "study"}  # fmt: skip
 KEY_SERVICE: Final = web.AppKey("dicomweb", object)
 ExtraRoutes = Callable[[web.Application], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -279,6 +281,30 @@ async def _instances(
         async with contextlib.aclosing(flight.instances()) as items:
             async for item in items:
                 yield item
+
+
+async def _in_thread(slots: asyncio.Semaphore, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` in a worker thread, holding one of `slots` until the thread ends:
+    a handler cancelled (its client gone) stops waiting, but the thread runs on, and
+    releasing its slot then would let more than the bound run at once (each HTJ2K
+    encoding or STOW check may hold a large buffer)."""
+    await slots.acquire()
+    try:
+        running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    except BaseException:
+        slots.release()
+        raise
+    running.add_done_callback(_released(slots))
+    return await asyncio.shield(running)
+
+
+def _released(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[Any]], None]:
+    def done(running: asyncio.Future[Any]) -> None:
+        slots.release()
+        if not running.cancelled():
+            running.exception()  # retrieved: no warning when nobody waits any more
+
+    return done
 
 
 async def _first(it: AsyncIterator[SeriesItem]) -> SeriesItem | None:
@@ -567,8 +593,7 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         async def encode() -> bytes:
             [raw] = await asyncio.to_thread(frames.get_frames, ds, item.transfer_syntax,
                                             numbers)  # fmt: skip
-            async with service.encoders:
-                [stream] = await asyncio.to_thread(htj2k.encode_frames, ds, [raw])
+            [stream] = await _in_thread(service.encoders, htj2k.encode_frames, ds, [raw])
             service.frames_encoded += 1
             return stream
 
@@ -594,8 +619,7 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     ts = served
     if choice.encode_to is not None:
         try:
-            async with service.encoders:
-                chunks = await asyncio.to_thread(htj2k.encode_frames, ds, chunks)
+            chunks = await _in_thread(service.encoders, htj2k.encode_frames, ds, chunks)
         except htj2k.Unsupported as exc:
             return _text(406, f"cannot serve HTJ2K: {exc}")
         service.frames_encoded += len(chunks)
@@ -811,9 +835,9 @@ async def _check_part(
 ) -> int | None:
     """_check_stow_part off the event loop, at most STOW_CHECKS at once (each may inflate
     up to max_upload bytes)."""
-    async with service.stow_checks:
-        return await asyncio.to_thread(_check_stow_part, dataset, ts, sop_class, sop_instance,
-                                       study=study, limit=service.max_upload)  # fmt: skip
+    check = functools.partial(_check_stow_part, dataset, ts, sop_class, sop_instance,
+                              study=study, limit=service.max_upload)  # fmt: skip
+    return await _in_thread(service.stow_checks, check)
 
 
 def _short(exc: Exception) -> str:

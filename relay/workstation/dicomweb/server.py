@@ -131,7 +131,12 @@ class DicomwebServer:
         return f"http://{self.address}{PREFIX}"
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, access_log=None, **HEADER_LIMITS)  # type: ignore[arg-type]
+        # handler_cancellation: a client that goes away (the browser closed, a request
+        # aborted) cancels its handler, which gives back its request slot and ends its
+        # own upstream operation (a C-FIND's stream is reset); series flights are shared
+        # tasks and go on. aiohttp's default left the handler running to its end.
+        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
+                               **HEADER_LIMITS)  # type: ignore[arg-type]  # fmt: skip
         await runner.setup()
         _cap_connections(runner, MAX_CONNECTIONS)
         listen = self.config.listen

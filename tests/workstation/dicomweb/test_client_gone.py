@@ -110,5 +110,64 @@ async def test_a_whole_answer_the_client_does_not_read_is_cut_after_the_write_ti
                 stalled.close()
 
 
+async def test_a_client_gone_cancels_its_request_and_its_c_find(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """The browser goes away while its query waits for the PACS: the handler is
+    cancelled, so the C-FIND (its relay stream) ends and the request slot is free,
+    rather than both waiting for the PACS's answer that nobody will read."""
+    srv, source = served
+    assert srv.address is not None
+    entered = asyncio.Event()
+    ended: list[str] = []
+
+    async def find(identifier: Dataset, max_matches: int) -> FindResult:
+        entered.set()
+        try:
+            await asyncio.sleep(30)  # the PACS is slow
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        ended.append("answered")
+        return FindResult([])
+
+    source.find = find  # type: ignore[method-assign]
+    _, writer = await asyncio.open_connection("127.0.0.1", srv.address.port)
+    writer.write(f"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{srv.address.port}"
+                 "\r\n\r\n".encode())  # fmt: skip
+    await asyncio.wait_for(entered.wait(), 5)
+    assert srv.service.in_progress == 1
+    writer.close()
+    assert await _until(lambda: bool(ended), 3.0)
+    assert ended == ["cancelled"]
+    assert await _until(lambda: srv.service.in_progress == 0)
+
+
+async def test_a_stow_check_keeps_its_slot_while_its_thread_runs_after_a_cancel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A STOW check runs in a thread that a cancel cannot stop: its slot stays taken
+    until the thread ends, so no more than STOW_CHECKS inflate a dataset at once."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def check(*args: Any, **kwargs: Any) -> int | None:
+        started.set()
+        release.wait(10)
+        return None
+
+    monkeypatch.setattr(app, "_check_stow_part", check)
+    service = SimpleNamespace(stow_checks=asyncio.Semaphore(1), max_upload=1 << 20)
+    task = asyncio.ensure_future(app._check_part(service, b"", "1.2", "1.2", "1.2",  # type: ignore[arg-type]
+                                                 study=None))  # fmt: skip
+    assert await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert service.stow_checks.locked()  # the thread still runs
+    release.set()
+    assert await _until(lambda: not service.stow_checks.locked())
+
+
 def _stow_headers() -> dict[str, str]:
     return {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
