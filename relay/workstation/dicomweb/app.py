@@ -53,6 +53,10 @@ RETRY_AFTER: Final = 1  # s: the Retry-After of a 503 (busy)
 # STOW-RS parts checked at once (in threads): each may inflate a deflated dataset up to
 # max_upload bytes, so this bounds that memory; the other requests keep a core.
 STOW_CHECKS: Final = 2
+# STOW-RS requests received at once (503 + Retry-After beyond): each holds a part of up to
+# max_upload bytes in memory (and its dataset's copy while checked), so 64 requests at
+# once could hold 64 times that; a viewer or dicomweb-client stores one request at a time.
+STOW_UPLOADS: Final = 2
 STOW_WRONG_STUDY: Final = 0xA900  # FailureReason: not of the study in the URL (PS3.18)
 # What the STOW check reads from each dataset's top level (rawds.check_instance).
 _STOW_CAPTURE: Final = {0x00080016: "sop_class", 0x00080018: "sop_instance",
@@ -84,8 +88,10 @@ class DicomwebService:
     frame_ranges_refused: int = 0  # 416
     headfirst: HeadFirst | None = None  # series metadata from headers (headfirst.py)
     stow_checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STOW_CHECKS))
+    stow_uploads: int = 0  # STOW-RS requests being received (at most STOW_UPLOADS)
     max_requests: int = MAX_REQUESTS
-    write_timeout: float = DEFAULT_TIMEOUT  # s a streamed answer waits for the client (config)
+    # s an answer waits for the client to take it, and an upload for its next bytes (config)
+    write_timeout: float = DEFAULT_TIMEOUT
     in_progress: int = 0  # requests being handled (answers being written included)
     requests_refused: int = 0  # 503: max_requests in progress
 
@@ -796,9 +802,23 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_part(part: BodyPartReader, budget: list[int]) -> bytes:
+class _Stalled(Exception):
+    pass
+
+
+async def _received(what: Awaitable[T], within: float) -> T:
+    """The next piece of an upload, waited for at most `within` seconds: a client that
+    stops sending must not hold its request (and an upload slot) for ever."""
+    try:
+        async with asyncio.timeout(within):
+            return await what
+    except TimeoutError:
+        raise _Stalled from None
+
+
+async def _read_part(part: BodyPartReader, budget: list[int], within: float) -> bytes:
     out = bytearray()
-    while chunk := await part.read_chunk(256 * 1024):
+    while chunk := await _received(part.read_chunk(256 * 1024), within):
         budget[0] -= len(chunk)
         if budget[0] < 0:
             raise _TooLarge
@@ -858,6 +878,16 @@ def _stow_item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
 
 async def stow_handler(request: web.Request) -> web.StreamResponse:
     service = _service(request)
+    if service.stow_uploads >= STOW_UPLOADS:
+        return _busy(f"more than {STOW_UPLOADS} uploads (STOW-RS) at once")
+    service.stow_uploads += 1
+    try:
+        return await _stow(request, service)
+    finally:
+        service.stow_uploads -= 1
+
+
+async def _stow(request: web.Request, service: DicomwebService) -> web.StreamResponse:
     study = _uid(request, "study") if "study" in request.match_info else None
     length = request.content_length
     if length is not None and length > service.max_upload:
@@ -885,7 +915,7 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
 
     try:
         while True:
-            part = await reader.next()
+            part = await _received(reader.next(), service.write_timeout)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -905,7 +935,7 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
                 return refuse_rest(
                     415, "only application/dicom parts are accepted", st.STORE_CANNOT_UNDERSTAND
                 )
-            data = await _read_part(part, budget)
+            data = await _read_part(part, budget, service.write_timeout)
             try:
                 meta, offset = part10.split(data)
             except part10.Part10Error as exc:
@@ -939,6 +969,11 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
     except _TooLarge:
         too_large = f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)"
         return refuse_rest(413, too_large, st.STORE_OUT_OF_RESOURCES)
+    except _Stalled:
+        stalled = f"the upload stalled: nothing received for {service.write_timeout:g} s"
+        answer = refuse_rest(408, stalled, st.STORE_OUT_OF_RESOURCES)
+        answer.force_close()  # the rest of the body is not waited for
+        return answer
     except (ValueError, HttpProcessingError) as exc:  # aiohttp's part header parser: the latter
         return refuse_rest(400, f"malformed multipart body: {_short(exc)}",
                            st.STORE_CANNOT_UNDERSTAND)  # fmt: skip

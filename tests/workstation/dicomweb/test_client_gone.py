@@ -171,3 +171,59 @@ async def test_a_stow_check_keeps_its_slot_while_its_thread_runs_after_a_cancel(
 
 def _stow_headers() -> dict[str, str]:
     return {"Content-Type": 'multipart/related; type="application/dicom"; boundary=stowb'}
+
+
+async def test_uploads_at_once_are_bounded_then_503(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """Each STOW-RS request may hold max_upload bytes: past STOW_UPLOADS at once, 503
+    with Retry-After (nothing read, nothing stored); the ones under way complete."""
+    srv, source = served
+    gate = asyncio.Event()
+    good = media.part_head("stowb", "application/dicom") + part10.wrap(
+        CT[0].sop_class, CT[0].sop_instance, CT[0].transfer_syntax, CT[0].data
+    )
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield good
+        await gate.wait()
+        yield media.closing("stowb")
+
+    async with aiohttp.ClientSession() as http:
+
+        async def upload() -> tuple[int, str | None]:
+            async with http.post(f"{srv.url}/studies", data=held_body(),
+                                 headers=_stow_headers()) as r:  # fmt: skip
+                await r.read()
+                return r.status, r.headers.get("Retry-After")
+
+        held = [asyncio.ensure_future(upload()) for _ in range(app.STOW_UPLOADS)]
+        assert await _until(lambda: srv.service.stow_uploads == app.STOW_UPLOADS)
+        assert await upload() == (503, "1")
+        gate.set()
+        assert [status for status, _ in await asyncio.gather(*held)] == [200] * app.STOW_UPLOADS
+    assert len(source.stored) == app.STOW_UPLOADS
+
+
+async def test_an_upload_that_stops_sending_is_408_after_the_timeout(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """A STOW-RS body that stops coming part way ends with 408 once nothing came for the
+    timeout, rather than holding its request and upload slot for ever."""
+    srv, source = served
+    srv.service.write_timeout = 0.5
+    never = asyncio.Event()
+
+    async def stalled_body() -> AsyncIterator[bytes]:
+        yield media.part_head("stowb", "application/dicom") + b"\0" * 1000
+        await never.wait()
+        yield b""
+
+    async with aiohttp.ClientSession() as http:
+        post = http.post(f"{srv.url}/studies", data=stalled_body(), headers=_stow_headers())
+        async with asyncio.timeout(5):
+            async with post as r:
+                assert r.status == 408
+                assert "stalled" in await r.text()
+    assert srv.service.stow_uploads == 0
+    assert source.stored == []
