@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "/dicom-web"
 DICOM_JSON: Final = "application/dicom+json"
 MAX_STOW_PARTS: Final = 10_000
+# Query parameters about the answer, not the match (PS3.18 8.3.3): `accept` is _accept's,
+# `charset` is UTF-8 whatever it asks (DICOM JSON is UTF-8); not attributes to match on.
+ANSWER_PARAMS: Final = frozenset({"accept", "charset"})
+_PLUS_READ_AS_SPACE: Final = re.compile(r"(?<=[\w.*-]) (?=[\w.*-])")
 # Requests in progress at once (503 beyond). A browser opens at most 6 HTTP/1.1
 # connections to one host (the viewer may be open as 127.0.0.1 and as localhost: 12),
 # however many requests OHIF queues (viewer/site.py maxNumRequests): viewing never nears it.
@@ -242,6 +247,26 @@ async def _head_answered(request: web.Request, response: web.StreamResponse) -> 
     return response
 
 
+def _accept(request: web.Request) -> list[media.MediaRange]:
+    """The request's Accept: the `accept` query parameter (PS3.18 8.3.3.1) in place of
+    the header when given: a viewer that cannot set the header (cornerstone's loader
+    always sends `transfer-syntax=*`) asks for HTJ2K by URL. A `+` left unencoded in it
+    (`application/dicom+json`) was read as a space, which no media range has between
+    two characters of a token: it is put back."""
+    given = request.query.get("accept")
+    if given:
+        return media.parse_accept(_PLUS_READ_AS_SPACE.sub("+", given))
+    return media.parse_accept(request.headers.get("Accept"))
+
+
+def _not_json(request: web.Request) -> web.Response | None:
+    """The 406 for a QIDO-RS or metadata request that does not accept DICOM JSON, before
+    anything is asked of the PACS; None: JSON it is."""
+    if media.accepts_json(_accept(request)):
+        return None
+    return _text(406, "answered as application/dicom+json only (no XML)")
+
+
 def _json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON,
                         headers=headers)  # fmt: skip
@@ -331,8 +356,12 @@ def _qido(level: str, path_uids: Iterable[tuple[str, str]]) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         service = _service(request)
         uids = {keyword: _uid(request, name) for name, keyword in path_uids}
+        refused = _not_json(request)
+        if refused is not None:
+            return refused
+        params = [(k, v) for k, v in request.query.items() if k not in ANSWER_PARAMS]
         try:
-            query = parse_query(level, request.query.items(), uids)
+            query = parse_query(level, params, uids)
         except QueryError as exc:
             return _text(400, str(exc))
         try:
@@ -365,7 +394,7 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
         study = _uid(request, "study")
         series = _uid(request, "series") if with_series else None
         sop = _uid(request, "instance") if with_sop else None
-        ranges = media.parse_accept(request.headers.get("Accept"))
+        ranges = _accept(request)
         it = _instances(service, study, series, sop)
         try:  # closed at once, whatever happens: a flight counts its readers' memory
             return await _answer_instances(request, it, ranges, series, sop)
@@ -479,6 +508,9 @@ def _metadata(with_series: bool, with_sop: bool) -> Any:
         study = _uid(request, "study")
         series = _uid(request, "series") if with_series else None
         sop = _uid(request, "instance") if with_sop else None
+        refused = _not_json(request)
+        if refused is not None:
+            return refused
         base = _base(request)
         if series is not None and sop is None:
             early = await _headers_first(service, study, series, base)
@@ -561,13 +593,6 @@ async def _decoded(item: SeriesItem) -> Dataset | web.Response:
     return await asyncio.to_thread(decode, data, item.transfer_syntax)
 
 
-def _frames_accept(request: web.Request) -> str | None:
-    """The Accept of a frames request: the `accept` query parameter (PS3.18 8.3.3.1) in
-    place of the header when given: a viewer that cannot set the header (cornerstone's
-    loader always sends `transfer-syntax=*`) asks for HTJ2K by URL."""
-    return request.query.get("accept") or request.headers.get("Accept")
-
-
 async def frames_handler(request: web.Request) -> web.StreamResponse:
     try:
         numbers = frames.frame_numbers(request.match_info["frames"])
@@ -576,7 +601,7 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
     item = await _one(request, viewport=byterange.first_chunk(request.headers.get("Range")))
     if isinstance(item, web.Response):
         return item
-    ranges = media.parse_accept(_frames_accept(request))
+    ranges = _accept(request)
     ds = await _decoded(item)
     if isinstance(ds, web.Response):
         return ds
@@ -713,7 +738,7 @@ def _render_type(request: web.Request) -> str | None:
     """image/jpeg or image/png from the Accept header (JPEG for anything); None: 406."""
     from relay.workstation.dicomweb import render
 
-    for r in media.parse_accept(request.headers.get("Accept")):
+    for r in _accept(request):
         if r.type in render.FORMATS:
             return r.type
         if r.type in ("*/*", "image/*"):

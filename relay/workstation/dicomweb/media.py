@@ -18,6 +18,7 @@ __all__ = [
     "MAX_ACCEPT",
     "AcceptError",
     "MediaRange",
+    "accepts_json",
     "closing",
     "frame_media_type",
     "multipart_type",
@@ -46,6 +47,12 @@ FRAME_TYPES: Final = {
     "1.2.840.10008.1.2.5": "image/x-dicom-rle",
 }
 _UNCOMPRESSED: Final = frozenset({EXPLICIT_LE, IMPLICIT_LE, "1.2.840.10008.1.2.2"})
+
+
+# What DICOM JSON (QIDO-RS answers, WADO-RS metadata: the one representation the relay
+# gives of them, no XML) is acceptable as: application/json for clients that ask so.
+JSON_RANGES: Final = frozenset({"application/dicom+json", "application/json", "application/*",
+                                "*/*"})  # fmt: skip
 
 
 class AcceptError(ValueError):
@@ -110,6 +117,12 @@ def parse_accept(header: str | None) -> list[MediaRange]:
             ranges.append(MediaRange(parts[0].lower(), params, q))
     ranges.sort(key=lambda r: -r.q)
     return ranges
+
+
+def accepts_json(ranges: list[MediaRange]) -> bool:
+    """Whether DICOM JSON is acceptable (else 406: PS3.18 says so of an Accept that no
+    representation meets; answering JSON to an XML client passed for success)."""
+    return any(r.type in JSON_RANGES for r in ranges)
 
 
 def _matches(pattern: str, media_type: str) -> bool:

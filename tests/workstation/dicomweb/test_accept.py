@@ -1,0 +1,72 @@
+"""Accept negotiation of the DICOM JSON answers (QIDO-RS, WADO-RS metadata) over real
+HTTP: what is not JSON is 406 before anything is asked of the PACS, and the `accept`
+query parameter (PS3.18 8.3.3.1) is the Accept, not an attribute to match on."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from relay.workstation.dicomweb.server import DicomwebServer
+from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
+
+XML = "application/dicom+xml"
+MULTIPART_XML = 'multipart/related; type="application/dicom+xml"'
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    async with scripted() as both:
+        yield both
+
+
+@pytest.mark.parametrize("accept", [XML, MULTIPART_XML, "text/html",
+                                    "application/dicom+json;q=0, text/html"])  # fmt: skip
+async def test_what_does_not_accept_json_is_406_and_asks_nothing_of_the_pacs(
+    served: tuple[DicomwebServer, ScriptedSource], accept: str
+) -> None:
+    srv, source = served
+    asked: list[str] = []
+    find = source.find
+
+    async def counted(identifier: object, max_matches: int) -> object:
+        asked.append("find")
+        return await find(identifier, max_matches)  # type: ignore[arg-type]
+
+    source.find = counted  # type: ignore[method-assign,assignment]
+    series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    for url in (f"{srv.url}/studies", f"{series}/metadata", f"{srv.url}/studies/{STUDY}/metadata"):
+        status, _, body = await get(url, headers={"Accept": accept})
+        assert status == 406, (url, body)
+        status, _, _ = await get(f"{url}?accept={accept.replace(' ', '%20')}")
+        assert status == 406, url
+    assert asked == [] and source.retrieves == 0
+
+
+@pytest.mark.parametrize("accept", [None, "application/dicom+json", "application/json",
+                                    "text/html, */*;q=0.8"])  # fmt: skip
+async def test_json_or_anything_is_answered(
+    served: tuple[DicomwebServer, ScriptedSource], accept: str | None
+) -> None:
+    srv, _ = served
+    headers = {"Accept": accept} if accept else {}
+    status, _, body = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}/metadata",
+                                headers=headers)  # fmt: skip
+    assert status == 200 and len(json.loads(body)) == len(CT)
+    status, _, body = await get(f"{srv.url}/studies", headers=headers)
+    assert status == 200 and len(json.loads(body)) == 1
+
+
+async def test_the_accept_and_charset_parameters_are_no_matching_keys(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = served
+    status, _, body = await get(f"{srv.url}/studies?accept=application/dicom%2Bjson"
+                                "&charset=utf-8&PatientID=*")  # fmt: skip
+    assert status == 200, body
+    assert len(json.loads(body)) == 1
+    # its + left unencoded (a space once decoded) still names DICOM JSON
+    status, _, body = await get(f"{srv.url}/studies?accept=application/dicom+json")
+    assert status == 200, body
