@@ -41,7 +41,8 @@ asks for an instance (`Retriever.instance`) that its series has not brought with
 `JUMP_AFTER`, that one instance is retrieved alone, at `priorities.VIEWPORT_NEXT`, ahead of
 the series' stream, which carries on behind it. At most `MAX_JUMPS` run per series at
 once; the series still brings the instance again later (its bytes cross the link twice:
-the price of not waiting), and the flight keeps the first copy.
+the price of not waiting), and the flight keeps the first copy. An instance of another
+series (a PACS matching the retrieve on its SOP Instance UID alone) is not added.
 
 With the cache enabled, a retrieved series is also written through to it
 (relay.workstation.dicomweb.writethrough); once complete there, its memory copy leaves the
@@ -63,13 +64,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from relay.dicom import rawds
-from relay.dicom.codec import FinalResponse
+from relay.dicom.codec import FinalResponse, Instance
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.cache.store import CachedInstance
 from relay.workstation.dicomweb.kept import KeptBytes
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
-from relay.workstation.dicomweb.writethrough import WriteThrough
+from relay.workstation.dicomweb.writethrough import WriteThrough, identify
 
 __all__ = ["DiskInstance", "HeldInstance", "Retriever", "SeriesFlight", "SeriesItem", "decode"]
 
@@ -103,6 +104,18 @@ def decode(data: bytes, transfer_syntax: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     return ds
+
+
+async def _of_series(msg: Instance, flight: SeriesFlight) -> bool:
+    """Whether an instance's own Study and Series Instance UIDs are the flight's: a PACS
+    that matches an IMAGE-level retrieve on the SOP Instance UID alone sends the instance
+    the URL named under another series, and added to this flight it would be served as
+    one of its instances (in its WADO-RS answer and metadata) to every viewer of it."""
+    try:
+        study, series, _ = await asyncio.to_thread(identify, msg.dataset, msg.transfer_syntax)
+    except Exception:  # undecodable: not shown as anything
+        return False
+    return (study, series) == (flight.study, flight.series)
 
 
 @dataclass
@@ -330,6 +343,10 @@ class Retriever:
             async for msg in self.source.retrieve(ident, priority=priorities.VIEWPORT_NEXT):
                 if msg.sop_instance != sop_instance or flight.done:
                     continue  # only what was asked; a finished series has its own copy
+                if not await _of_series(msg, flight):
+                    log.warning("an instance retrieved ahead of its series belongs to "
+                                "another series or study; not served as of this one")  # fmt: skip
+                    continue
                 if sop_instance not in flight.by_uid:
                     self.jumps_first += 1
                 flight.add(HeldInstance(msg.sop_class, msg.sop_instance,

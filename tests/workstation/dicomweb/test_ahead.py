@@ -8,12 +8,16 @@ import asyncio
 from urllib.parse import quote
 
 import aiohttp
+import pytest
 
+from relay.dicom import rawds
 from relay.workstation import priorities
+from relay.workstation.dicomweb import part10
 from relay.workstation.dicomweb.retrieve import JUMP_AFTER
 from relay.workstation.dicomweb.server import DicomwebServer
 
-from .test_server import CT, SERIES, STUDY, ScriptedSource, server
+from . import test_server
+from .test_server import CT, SERIES, STUDY, ScriptedSource, get, parts, server
 
 __all__ = ["server"]  # the fixture
 
@@ -58,3 +62,35 @@ async def test_whole_frames_wait_for_their_series(
     status, body = await asyncio.wait_for(whole, 20)
     assert status == 200 and body[:2] == b"\xff\x4f"  # an HTJ2K codestream (SOC marker)
     assert source.ahead == [] and srv.service.retriever.jumps == 0
+
+
+async def test_an_instance_of_another_series_retrieved_ahead_is_not_served_with_this_one() -> None:
+    """A PACS that matches an IMAGE-level retrieve on the SOP Instance UID alone (as the
+    scripted one does) sends the instance a URL names under a series it is not in: it
+    must not join that series' flight, whose answers every viewer of the series reads."""
+    mr = [i for i in test_server.INSTANCES if i not in CT]
+    first = rawds.decode_dataset(mr[0].data, mr[0].transfer_syntax)
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    stranger = CT[0].sop_instance
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(test_server, "CT", test_server.INSTANCES)  # the PACS holds both
+        async with test_server.scripted() as (srv, source):
+            source.release.clear()  # the MR series brings nothing until released
+            url = (f"{srv.url}/studies/{study}/series/{series}/instances/{stranger}"
+                   f"/frames/1?accept={ACCEPT}")  # fmt: skip
+            asked = asyncio.ensure_future(fetch(url, {"Range": "bytes=0-1023"}))
+            flights = srv.service.retriever.flights
+            for _ in range(250):
+                flight = flights.get((study, series))
+                if source.ahead and flight is not None and not flight.jumping:
+                    break
+                await asyncio.sleep(0.02)
+            assert source.ahead == [(stranger, priorities.VIEWPORT_NEXT)]
+            assert flight is not None and stranger not in flight.by_uid
+            source.release.set()
+            status, _ = await asyncio.wait_for(asked, 10)
+            assert status == 404  # not in this series
+            status, headers, body = await get(f"{srv.url}/studies/{study}/series/{series}")
+            assert status == 200
+            sops = [part10.split(p)[0][0x00020003] for _, p in parts(headers, body)]
+            assert sops == [i.sop_instance for i in mr]
