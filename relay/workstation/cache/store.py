@@ -8,6 +8,9 @@ process (keyring). Callers are the event loop (fetching) and pynetdicom's thread
 
 Bounds: `max_size` counts the sealed bytes on disk; when a new file would pass it, the
 studies read least recently are evicted first (the study being filled last of all). A
+write takes its room under the lock before the file is written, so writers at once (a
+prefetch and the browser's write-throughs) cannot each find room for one file and pass
+the cap together. A
 study that alone is larger than the cap is abandoned. `max_age` counts from when a study
 was cached; `purge_expired()` removes older ones. Damage (a file that does not
 authenticate, is missing, or a write that fails, e.g. a full disk) drops that entry with
@@ -126,6 +129,7 @@ class CacheStore:
         self._saves = 0
         self._saved = 0
         self._wiped_at = 0
+        self._epoch = 0  # wipes so far: a write begun before one adds nothing after it
 
     # -- start, wipe ---------------------------------------------------------------
 
@@ -175,6 +179,7 @@ class CacheStore:
         self.total = 0
         self._leftover.clear()
         self._wiped_at = self._saves
+        self._epoch += 1  # a write under way: its room was in the `total` just emptied
 
     def _remove_files(self) -> int:
         """Remove the sealed index first, then its temporary files and every object file;
@@ -360,6 +365,10 @@ class CacheStore:
             # a file left in use under this name is replaced below (or kept on failure)
             stale = self._leftover.pop(path, 0)
             self.total -= stale
+            # the room is taken now, under the lock: another writer's check counts it
+            reserved = max(need, 0)
+            self.total += reserved
+            epoch = self._epoch
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             tmp.write_bytes(sealed)
@@ -367,13 +376,17 @@ class CacheStore:
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if stale:
-                with self._lock:
+            with self._lock:
+                if epoch == self._epoch:
+                    self.total -= reserved
+                if stale:
                     self.total += stale - self._discard(path, stale)
             raise
         with self._lock:
+            if epoch == self._epoch:
+                self.total -= reserved
             study = self.studies.get(study_uid)
-            if study is None:  # wiped meanwhile
+            if study is None or epoch != self._epoch:  # evicted or wiped meanwhile
                 self.total += inst.size - self._discard(path, inst.size)
                 return
             old = study.instances.get(inst.sop_instance)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from relay.ops import replacing
 from relay.workstation.cache.sealing import Sealer, SealError
 from relay.workstation.cache.store import CachedInstance, CacheFull, CacheStore
 from tests.ops.test_replacing import flaky_replace
@@ -139,3 +141,34 @@ def test_a_scanner_holding_a_fresh_file_a_moment_loses_no_instance(
     study = s.study(UID)
     assert study is not None and s.read(study.instances[f"{UID}.0"]) == SECRET[:1000]
     assert len(calls) == 3
+
+
+def test_two_writers_at_once_stay_within_the_size_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's room is taken when it is checked: a second writer checking while the
+    first is still writing its file sees it, and evicts (or is refused) instead of both
+    landing past `max_size` (a prefetch and the browser's write-through, say)."""
+    s = store(tmp_path, max_size=2500)
+    fill(s, "1.1", 1)  # 1,048 bytes sealed: room for one more, not two
+    s.begin("1.2", {}, None, "test")
+    s.begin("1.3", {}, None, "test")
+    real = replacing.replace
+    first_writing, second_done = threading.Event(), threading.Event()
+
+    def slow_first(src: Path, dst: Path) -> None:
+        if not first_writing.is_set():
+            first_writing.set()
+            assert second_done.wait(5)
+        real(src, dst)
+
+    monkeypatch.setattr(replacing, "replace", slow_first)
+    first = threading.Thread(target=s.put, args=("1.2", inst("1.2.0"), SECRET[:1000]))
+    first.start()
+    assert first_writing.wait(5)
+    s.put("1.3", inst("1.3.0"), SECRET[:1000])
+    second_done.set()
+    first.join(5)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "objects").iterdir())
+    assert on_disk == s.total <= 2500
+    assert "1.1" not in s.studies  # evicted for the second writer
