@@ -326,7 +326,7 @@ def reloaded_contexts(
     try:
         return (
             client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT),
-            session_server_context(tls.cert, tls.key, tls.ca),
+            session_server_context(tls.cert, tls.key, tls.ca, site=site),
             enroll_server_context(tls.cert, tls.key),
         )
     except TlsConfigError as exc:
@@ -344,8 +344,9 @@ def check_start(config: AgentConfig) -> None:
     identity = check_configured_certificate(
         config.path, "tls.cert", tls.cert, tls.ca, role="agent", site=config.site, ca_key="tls.ca"
     )
-    try:  # the key: it loads and matches the certificate (the contexts are made later)
+    try:  # the key and tls.ca's CAs of our site (the contexts are made later)
         client_context(tls.cert, tls.key, tls.ca, alpn=ALPN_AGENT)
+        session_server_context(tls.cert, tls.key, tls.ca, site=config.site)
     except TlsConfigError as exc:
         raise tls_config_error(exc, config.path) from None
     if config.pki is None:

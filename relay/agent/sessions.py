@@ -353,7 +353,7 @@ def session_server(
     return SessionServer(
         site=config.site,
         trust_domain=trust_domain_of(tls.ca),
-        session_ctx=session_server_context(tls.cert, tls.key, tls.ca),
+        session_ctx=session_server_context(tls.cert, tls.key, tls.ca, site=config.site),
         enroll_ctx=enroll_ctx,
         settings=config.limits,
         dispatch=dispatch,

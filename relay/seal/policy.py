@@ -22,8 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from relay.net.tls import load_cert_and_key, load_trusted_cas
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from relay.net.tls import TlsConfigError, load_cert_and_key, load_trusted_cas
 from relay.seal.core import PeerCheck
+from relay.trust import pki
 from relay.trust.identity import Identity
 from relay.wire import ALPN_ENROLL_SEAL, ALPN_SESSION, TARGET_ENROLL, TARGET_SESSION
 
@@ -71,14 +75,53 @@ def session_client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-def session_server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """The agent's context: a device certificate is required and verified."""
+def session_server_context(
+    cert: Path, key: Path, ca: Path, *, site: str | None = None
+) -> ssl.SSLContext:
+    """The agent's context: a device certificate is required and verified, against the
+    CAs of `site` in `ca` only (`load_site_cas`); None: every CA of `ca`."""
     ctx = _context(ssl.PROTOCOL_TLS_SERVER, ALPN_SESSION)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.num_tickets = 1
-    load_trusted_cas(ctx, ca)
+    if site is None:
+        load_trusted_cas(ctx, ca)
+    else:
+        load_site_cas(ctx, ca, site)
     load_cert_and_key(ctx, cert, key)
     return ctx
+
+
+def _site_of(ca_cert: x509.Certificate) -> str | None:
+    """The site a CA of the bundle issues for (None: a CA older than sites); "" for a CA
+    that is not one of ours (no SPIFFE URI)."""
+    try:
+        return pki.site_of_ca(ca_cert)
+    except pki.PkiError:
+        return ""
+
+
+def load_site_cas(ctx: ssl.SSLContext, ca: Path, site: str) -> None:
+    """Trust, of the CAs in the bundle `ca`, only those that issue for `site`.
+
+    The agent's `tls.ca` may hold other sites' CAs (the one that issued a gateway's
+    certificate, in a gateway shared by sites), and the inner TLS would take a device
+    certificate from any of them: a CA of site B could mint `device/A/NAME`, which the
+    identity check passes, and a compromised gateway would not stop it (the gateway's
+    `wrong_site` check is not ours to rely on). A CA made before CAs named their site
+    (`spiffe://TD` only) is used only when no CA names `site`. A TlsConfigError ("ca")
+    when none is left."""
+    try:
+        certs = pki.load_certs(ca)
+    except pki.PkiError as exc:
+        raise TlsConfigError(f"{ca}: cannot load CA certificates ({exc})", "ca") from None
+    own = [cert for cert in certs if _site_of(cert) == site]
+    if not own:
+        own = [cert for cert in certs if _site_of(cert) is None]
+    if not own:
+        raise TlsConfigError(
+            f"{ca}: no CA of site {site!r}: the agent would refuse every device", "ca"
+        )
+    ctx.load_verify_locations(cadata="".join(c.public_bytes(Encoding.PEM).decode() for c in own))
 
 
 def enroll_client_context(pinned_ca: Path | str) -> ssl.SSLContext:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relay.agent.sessions import SessionServer
+from relay.agent.sessions import SessionServer, session_server
 from relay.net.bytestream import StreamResetError, pipe
+from relay.ops.config import TlsFiles
 from relay.proto import ErrorCode, LinkSettings
-from relay.seal.policy import session_server_context
-from tests.pki_helpers import SitePki, make_pki
+from relay.seal.core import SealCore
+from relay.seal.policy import (
+    ALPN_SESSION,
+    agent_check,
+    device_check,
+    session_client_context,
+    session_server_context,
+)
+from relay.trust.identity import Identity
+from tests.ends_helpers import agent_config
+from tests.pki_helpers import Pair, SitePki, make_pki
 
 
 class _Named:
@@ -93,3 +105,48 @@ async def test_no_new_session_while_draining(site: SitePki) -> None:
     near, far = pipe({"target": "session"})
     server.on_stream(_Outer(far))  # type: ignore[arg-type]
     assert await _expect_reset(near) == ErrorCode.REFUSED_STREAM
+
+
+def _handshake(server_ctx: ssl.SSLContext, device: Pair, ca: Path) -> SealCore:
+    """The agent's end of one sealed handshake with `device` (in memory), as it ends."""
+    server = SealCore(
+        server_ctx,
+        server_side=True,
+        alpn=ALPN_SESSION,
+        check_peer=device_check("hospital.test", "main"),
+    )
+    client = SealCore(
+        session_client_context(device.cert, device.key, ca),
+        server_side=False,
+        alpn=ALPN_SESSION,
+        check_peer=agent_check("hospital.test", "main"),
+    )
+    for _ in range(20):
+        up = client.data_to_send()
+        if up:
+            server.receive_data(up)
+        down = server.data_to_send()
+        if down:
+            client.receive_data(down)
+        if not up and not down:
+            break
+    return server
+
+
+def test_a_device_minted_by_another_sites_ca_is_refused(tmp_path: Path) -> None:
+    """tls.ca may hold other sites' CAs (one issued a shared gateway's certificate): the
+    sealed session takes a device only from a CA of the agent's own site, whatever the
+    gateway let through (north's CA minting `device/main/x` passed before)."""
+    main = make_pki(tmp_path / "main")
+    north = make_pki(tmp_path / "north", site="north")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(main.ca.read_bytes() + north.ca.read_bytes())
+    config = agent_config(main, tmp_path, [], {})
+    config = dataclasses.replace(config, tls=TlsFiles(main.agent.cert, main.agent.key, bundle))
+    server = session_server(config, None, lambda s: s.reset(ErrorCode.FORBIDDEN))
+    forged = north.issue("forged", Identity.device(main.trust_domain, "main", "x"))
+    refused = _handshake(server.session_ctx, forged, main.ca)
+    assert refused.failure is not None and refused.failure.reason == "unknown_ca"
+    assert refused.peer is None
+    own = _handshake(server.session_ctx, main.device("ws1"), main.ca)
+    assert own.state == "open" and own.peer == Identity.device(main.trust_domain, "main", "ws1")
