@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -489,7 +488,7 @@ class CacheStore:
             tmp.write_bytes(sealed)
             with self._lock:
                 if number > max(self._saved, self._wiped_at):
-                    os.replace(tmp, path)
+                    replacing.replace(tmp, path)  # Windows: a scanner may hold the index
                     self._saved = number
         except OSError as exc:
             log.error("cache: cannot write the index (%s)", type(exc).__name__)

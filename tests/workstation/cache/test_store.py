@@ -172,3 +172,22 @@ def test_two_writers_at_once_stay_within_the_size_cap(
     on_disk = sum(p.stat().st_size for p in (tmp_path / "objects").iterdir())
     assert on_disk == s.total <= 2500
     assert "1.1" not in s.studies  # evicted for the second writer
+
+
+def test_a_scanner_holding_the_index_a_moment_loses_no_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: the sealed index is put in place as an instance is, riding out a scanner
+    that holds the old one a moment (else the save is lost and a restart forgets it)."""
+    key = Sealer.new_key()
+    s = store(tmp_path, key=key, persist=True)
+    s.begin(UID, {}, 1, "test")
+    s.put(UID, inst(f"{UID}.0"), SECRET[:1000])
+    monkeypatch.setattr(sys, "platform", "win32")
+    calls = flaky_replace(monkeypatch, failures=2)
+    s.finish(UID, complete=True)  # saves the index
+    assert len(calls) == 3
+    monkeypatch.undo()
+    again = store(tmp_path, key=key, persist=True)
+    study = again.study(UID)
+    assert study is not None and study.complete
