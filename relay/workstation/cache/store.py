@@ -140,16 +140,43 @@ class CacheStore:
             if removed:
                 log.info("cache: removed %d files a previous run left (unreadable now)", removed)
         else:
-            with self._lock:
-                named = {
-                    self.sealer.name(i.sop_instance)
-                    for s in self.studies.values()
-                    for i in s.instances.values()
-                }
-            removed = self._remove([p for p in self.objects.glob("*") if p.name not in named])
+            on_disk = {p.name: p for p in self.objects.glob("*")}
+            named = self._keep_present(on_disk)
+            removed = self._remove([p for n, p in on_disk.items() if n not in named])
             if removed:
                 log.info("cache: removed %d files no study in the index names", removed)
         self.purge_expired()
+
+    def _keep_present(self, on_disk: dict[str, Path]) -> set[str]:
+        """Drop from a loaded index every instance whose file is missing or not the size
+        it was written at (a crash after an eviction or a write the index had not been
+        saved for, a file cut short by a power loss): its study and series become
+        incomplete, so nothing is served as complete that is not all here. The names of
+        the files kept."""
+        named: set[str] = set()
+        dropped = 0
+        with self._lock:
+            for study in self.studies.values():
+                for sop, inst in list(study.instances.items()):
+                    name = self.sealer.name(inst.sop_instance)
+                    path = on_disk.get(name)
+                    try:
+                        intact = path is not None and path.stat().st_size == inst.size
+                    except OSError:
+                        intact = False
+                    if intact:
+                        named.add(name)
+                        continue
+                    del study.instances[sop]
+                    study.complete = False
+                    study.series_done.pop(inst.series, None)
+                    self.total -= inst.size
+                    dropped += 1
+        if dropped:
+            log.warning("cache: %d files the index names are missing or cut short (a crash "
+                        "before the index was saved?); their studies are incomplete",
+                        dropped)  # fmt: skip
+        return named
 
     def wipe(self, reason: str) -> int:
         """Erase every study and file now; the number of studies erased. The index in

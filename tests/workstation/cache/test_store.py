@@ -191,3 +191,24 @@ def test_a_scanner_holding_the_index_a_moment_loses_no_save(
     again = store(tmp_path, key=key, persist=True)
     study = again.study(UID)
     assert study is not None and study.complete
+
+
+def test_a_reloaded_index_keeps_only_the_files_that_are_whole(tmp_path: Path) -> None:
+    """The index is saved at a study's end, not at each write or size eviction: after a
+    crash it can name a file gone since (evicted) or cut short (a power loss). Those
+    entries go at start, their studies incomplete: never complete with a file missing."""
+    key = Sealer.new_key()
+    s = store(tmp_path, key=key, persist=True)
+    fill(s, "1.1", 2)
+    fill(s, "1.2", 2)
+    one = s.total // 4
+    (tmp_path / "objects" / s.sealer.name("1.1.1")).unlink()
+    cut = tmp_path / "objects" / s.sealer.name("1.2.0")
+    cut.write_bytes(cut.read_bytes()[:100])
+    again = store(tmp_path, key=key, persist=True)
+    for uid, kept in (("1.1", "1.1.0"), ("1.2", "1.2.1")):
+        study = again.study(uid)
+        assert study is not None and not study.complete
+        assert list(study.instances) == [kept]
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "objects").iterdir())
+    assert again.total == on_disk == 2 * one
