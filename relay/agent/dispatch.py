@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -60,6 +60,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "HEADER_TARGET",
     "MAX_CONNECTS",
+    "MAX_DEVICE_CONNECTS",
     "MAX_DEVICE_PACS_OPERATIONS",
     "MAX_DEVICE_TCP_STREAMS",
     "QUOTA_TCP",
@@ -68,6 +69,7 @@ __all__ = [
     "STREAM_OPEN_BURST",
     "STREAM_OPEN_RATE",
     "TCP_TARGET_PREFIX",
+    "ConnectSlots",
     "DispatchStats",
     "Quota",
     "QuotaUsage",
@@ -80,6 +82,13 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTS: Final = 64  # TCP connects to services in progress at once
 CONNECT_TIMEOUT: Final = 10.0  # waiting for a connect slot plus the connect itself
+MAX_DEVICE_CONNECTS: Final = MAX_CONNECTS // 4
+"""Of the MAX_CONNECTS, those one device may have in progress at once (16); its others
+wait their turn, within CONNECT_TIMEOUT. A device opening streams to a service whose
+connects hang (a host that drops SYNs) held every slot for CONNECT_TIMEOUT, again and
+again within its stream rate, and every other device's forwards waited and failed. A
+browser opening many forwarded connections at once still gets them all: a connect to a
+live service takes milliseconds."""
 _MAX_LOGGED = 256  # header values are logged truncated
 
 QUOTA_TCP: Final = "tcp"
@@ -181,6 +190,36 @@ class QuotaUsage:
             del self.by_device[device]
 
 
+class ConnectSlots:
+    """Connects in progress per device, at most `per_device` each (the others wait). An
+    entry lives while its device has a connect waiting or in progress, so the table is
+    bounded by the `tcp:` streams being served."""
+
+    def __init__(self, per_device: int) -> None:
+        self.per_device = per_device
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, device: str) -> AsyncIterator[None]:
+        """Hold one of `device`'s connect slots (waiting for one if need be)."""
+        semaphore, users = self._slots.get(device, (None, 0))
+        if semaphore is None:
+            semaphore = asyncio.Semaphore(self.per_device)
+        self._slots[device] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._slots[device]
+            if users <= 1:
+                del self._slots[device]
+            else:
+                self._slots[device] = (semaphore, users - 1)
+
+
 class StreamDispatcher:
     """Serves incoming streams, one task each; `on_stream` is the links' callback."""
 
@@ -191,6 +230,7 @@ class StreamDispatcher:
         handlers: Mapping[str, TargetHandler] | None = None,
         compression_level: int = 3,
         max_connects: int = MAX_CONNECTS,
+        max_device_connects: int = MAX_DEVICE_CONNECTS,
         connect_timeout: float = CONNECT_TIMEOUT,
         quotas: Mapping[str, Quota] | None = None,
         open_burst: int = STREAM_OPEN_BURST,
@@ -206,6 +246,7 @@ class StreamDispatcher:
         self.stats = DispatchStats()
         self.usage = {kind: QuotaUsage(q) for kind, q in (quotas or stream_quotas()).items()}
         self._connects = asyncio.Semaphore(max_connects)
+        self.device_connects = ConnectSlots(max_device_connects)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self.log_limit = LogLimiter()  # refusals and failed connects, per device
@@ -258,7 +299,8 @@ class StreamDispatcher:
                 self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_service", context)
                 return
             if self._admit(stream, QUOTA_TCP, device, context):
-                self._spawn(self._serve_tcp(stream, service, context), stream, QUOTA_TCP, device)
+                serving = self._serve_tcp(stream, service, device, context)
+                self._spawn(serving, stream, QUOTA_TCP, device)
             return
         handler = self.handlers.get(target)
         if handler is None:
@@ -323,11 +365,15 @@ class StreamDispatcher:
     # -- serving
 
     async def _serve_tcp(
-        self, stream: Stream, service: ServiceConfig, context: dict[str, object]
+        self, stream: Stream, service: ServiceConfig, device: str, context: dict[str, object]
     ) -> None:
         address = service.address
         try:
-            async with asyncio.timeout(self.connect_timeout), self._connects:
+            async with (
+                asyncio.timeout(self.connect_timeout),
+                self.device_connects.slot(device),  # first: one device waits on its own
+                self._connects,
+            ):
                 reader, writer = await asyncio.open_connection(address.host, address.port)
         except (OSError, TimeoutError) as exc:
             stream.reset(ErrorCode.CONNECT_FAILED)

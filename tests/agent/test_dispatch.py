@@ -304,6 +304,46 @@ async def test_connects_are_limited_but_all_served(
     assert peak == 2
 
 
+async def test_a_device_whose_connects_hang_leaves_connect_slots_to_the_others(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One device opening streams to a service whose connects hang (a host dropping SYNs)
+    holds at most its share of the connect slots: another device's forward still
+    connects (it used to wait for a slot until its connect timeout, then fail)."""
+    real = asyncio.open_connection
+    echo_port = world.echo.port
+    answer = asyncio.Event()
+
+    async def connect(
+        host: str, port: int, **kwargs: object
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if port != echo_port:
+            await answer.wait()  # tcp:dead hangs until the test ends it (then refused)
+        return await real(host, port)
+
+    monkeypatch.setattr(asyncio, "open_connection", connect)
+    dispatcher = world.agent.dispatcher
+    dispatcher._connects = asyncio.Semaphore(4)
+    dispatcher.device_connects.per_device = 1  # of the 4 (a quarter, as the defaults)
+    hanging = [world.open({"target": "tcp:dead"}) for _ in range(4)]
+    await wait_until(lambda: dispatcher.active == 4)
+    dispatcher.connect_timeout = 1.5  # for ws2's forward (ws1's began with the default)
+    outer = await device_link(world.pki, world.gateway.port, "ws2")
+    other = await sealed(outer, world.pki, world.pki.device("ws2"))
+    try:
+        stream = other.open_stream({"target": "tcp:echo"})
+        await stream.write(b"through")
+        await stream.write_eof()
+        assert await read_all(stream) == b"through"
+        answer.set()
+        for held in hanging:
+            assert await expect_reset(held) == ErrorCode.CONNECT_FAILED
+        await wait_until(lambda: len(dispatcher.device_connects) == 0)
+    finally:
+        other.close()
+        outer.close()
+
+
 async def test_a_drain_resets_a_handlers_stream_with_shutdown(world: World) -> None:
     """A handler cut by the drain (agent restart) resets with SHUTDOWN, which the
     workstation resumes; CANCEL would say the agent gave up on the request."""
