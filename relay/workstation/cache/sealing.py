@@ -5,8 +5,9 @@ so a counter nonce could repeat after a restart and random 96-bit nonces need a 
 count. Each file instead gets a random 128-bit salt; HKDF(master, salt) gives that file's
 own AES-256 key, used once. A repeated (key, nonce) pair would need a salt collision.
 
-The associated data is the object's identity (an instance's SOP Instance UID, or "index"),
-so a file swapped for another one, renamed, truncated or edited fails authentication.
+The associated data is the object's identity (an instance's Study and SOP Instance UIDs,
+relay.workstation.cache.store.instance_id, or "index"), so a file swapped for another
+one (another study's too), renamed, truncated or edited fails authentication.
 File names are an HMAC of the identity under a subkey: they reveal no UID.
 """
 

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 OBJECTS: Final = "objects"
 INDEX_ID: Final = "index"
 INDEX_FILE: Final = "index.bin"
+# 2: instance files named and sealed under their study and SOP Instance UIDs together; an
+# index of another format is not loaded (its files are named otherwise): the cache starts empty
+INDEX_FORMAT: Final = 2
 MAX_STUDIES: Final = 100_000  # index entries, whatever the sizes
 REMOVE_TRIES: Final = 3  # a wipe's tries of a file another program holds open (Windows)
 REMOVE_PAUSE: Final = 0.15  # seconds between them
@@ -63,6 +66,7 @@ class CachedInstance:
     series: str
     transfer_syntax: str
     size: int  # sealed bytes on disk
+    study: str = ""  # its study's UID, set by CacheStore.put: the file is sealed under both
 
 
 @dataclass
@@ -158,7 +162,7 @@ class CacheStore:
         with self._lock:
             for study in self.studies.values():
                 for sop, inst in list(study.instances.items()):
-                    name = self.sealer.name(inst.sop_instance)
+                    name = self.sealer.name(instance_id(study.uid, inst.sop_instance))
                     path = on_disk.get(name)
                     try:
                         intact = path is not None and path.stat().st_size == inst.size
@@ -372,9 +376,10 @@ class CacheStore:
 
     def put(self, study_uid: str, inst: CachedInstance, dataset: bytes) -> None:
         """Seal and write one instance; CacheFull or OSError (entry not added) on failure."""
-        sealed = self.sealer.seal(inst.sop_instance, dataset)
+        inst.study = study_uid
+        sealed = self.sealer.seal(instance_id(study_uid, inst.sop_instance), dataset)
         inst.size = len(sealed)
-        path = self.objects / self.sealer.name(inst.sop_instance)
+        path = self.path_of(study_uid, inst.sop_instance)
         with self._lock:
             study = self.studies.get(study_uid)
             if study is None:
@@ -423,8 +428,12 @@ class CacheStore:
 
     def read(self, inst: CachedInstance) -> bytes:
         """The instance's dataset bytes; SealError or OSError when the file is damaged."""
-        sealed = (self.objects / self.sealer.name(inst.sop_instance)).read_bytes()
-        return self.sealer.open(inst.sop_instance, sealed)
+        sealed = self.path_of(inst.study, inst.sop_instance).read_bytes()
+        return self.sealer.open(instance_id(inst.study, inst.sop_instance), sealed)
+
+    def path_of(self, study_uid: str, sop_instance: str) -> Path:
+        """The file of one instance of one study (a name that reveals neither UID)."""
+        return self.objects / self.sealer.name(instance_id(study_uid, sop_instance))
 
     def touch(self, uid: str) -> None:
         with self._lock:
@@ -441,7 +450,7 @@ class CacheStore:
                 study.complete = False
                 if inst is not None:
                     study.series_done.pop(inst.series, None)
-            path = self.objects / self.sealer.name(sop_instance)
+            path = self.path_of(study_uid, sop_instance)
             if inst is not None:
                 self.total -= self._discard(path, inst.size)
             elif path not in self._leftover:
@@ -489,8 +498,7 @@ class CacheStore:
         if study is None:
             return False
         for inst in study.instances.values():
-            self.total -= self._discard(self.objects / self.sealer.name(inst.sop_instance),
-                                        inst.size)  # fmt: skip
+            self.total -= self._discard(self.path_of(uid, inst.sop_instance), inst.size)
         return True
 
     # -- the sealed index (keyring mode only) ------------------------------------------------
@@ -506,7 +514,11 @@ class CacheStore:
             self._saves += 1
             number = self._saves
             data = json.dumps(
-                {"seq": self._seq, "studies": [asdict(s) for s in self.studies.values()]}
+                {
+                    "format": INDEX_FORMAT,
+                    "seq": self._seq,
+                    "studies": [_saved(s) for s in self.studies.values()],
+                }
             ).encode()
         sealed = self.sealer.seal(INDEX_ID, data)
         path = self.dir / INDEX_FILE
@@ -534,15 +546,36 @@ class CacheStore:
         except (OSError, SealError, ValueError) as exc:
             log.error("cache: the index is unreadable (%s); wiping the cache", type(exc).__name__)
             return False
+        if data.get("format") != INDEX_FORMAT:
+            log.info("cache: the index is an older version's; starting an empty cache")
+            return False
         with self._lock:
             self._seq = int(data.get("seq", 0))
             for raw in data.get("studies", []):
                 insts = {k: CachedInstance(**v) for k, v in raw.pop("instances").items()}
                 study = CachedStudy(**raw, instances=insts)  # series_done: {} if absent
+                for inst in insts.values():
+                    inst.study = study.uid
                 study.filling = False
                 self.studies[study.uid] = study
                 self.total += study.size
         return True
+
+
+def _saved(study: CachedStudy) -> dict[str, Any]:
+    """A study's entry as the index keeps it (its instances' `study` is the entry's)."""
+    entry = asdict(study)
+    for inst in entry["instances"].values():
+        del inst["study"]
+    return entry
+
+
+def instance_id(study_uid: str, sop_instance: str) -> str:
+    """What an instance file is sealed and named under: its study and its SOP Instance
+    UID together, so a file of one study never opens as another's (a PACS that gives two
+    studies one SOP Instance UID gets two files). The length keeps the pair unambiguous,
+    and no instance's identity is the index's."""
+    return f"{len(study_uid)}:{study_uid}:{sop_instance}"
 
 
 def sealed_size(plain: int) -> int:

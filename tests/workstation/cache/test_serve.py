@@ -37,7 +37,7 @@ def ident(level: str = "STUDY", **keys: str) -> Dataset:
 
 
 def corrupt(srv: CacheServer, sop: str) -> None:
-    path = srv.store.objects / srv.store.sealer.name(sop)
+    path = srv.store.path_of(STUDY, sop)
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))

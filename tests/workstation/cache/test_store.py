@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -202,8 +203,8 @@ def test_a_reloaded_index_keeps_only_the_files_that_are_whole(tmp_path: Path) ->
     fill(s, "1.1", 2)
     fill(s, "1.2", 2)
     one = s.total // 4
-    (tmp_path / "objects" / s.sealer.name("1.1.1")).unlink()
-    cut = tmp_path / "objects" / s.sealer.name("1.2.0")
+    s.path_of("1.1", "1.1.1").unlink()
+    cut = s.path_of("1.2", "1.2.0")
     cut.write_bytes(cut.read_bytes()[:100])
     again = store(tmp_path, key=key, persist=True)
     for uid, kept in (("1.1", "1.1.0"), ("1.2", "1.2.1")):
@@ -212,3 +213,36 @@ def test_a_reloaded_index_keeps_only_the_files_that_are_whole(tmp_path: Path) ->
         assert list(study.instances) == [kept]
     on_disk = sum(p.stat().st_size for p in (tmp_path / "objects").iterdir())
     assert again.total == on_disk == 2 * one
+
+
+def test_one_sop_instance_uid_in_two_studies_never_opens_as_the_other(tmp_path: Path) -> None:
+    """Files are named and sealed under the study and the SOP Instance UID together: a
+    PACS that gives one SOP Instance UID to two patients' studies gets two files, and a
+    file of one study moved to another's name does not authenticate."""
+    s = store(tmp_path)
+    s.begin("1.1", {}, 1, "test")
+    s.put("1.1", inst("9.9"), b"the first patient's image")
+    s.begin("1.2", {}, 1, "test")
+    s.put("1.2", inst("9.9"), b"the second patient's image")
+    first, second = s.study("1.1"), s.study("1.2")
+    assert first is not None and second is not None
+    assert s.read(first.instances["9.9"]) == b"the first patient's image"
+    assert s.read(second.instances["9.9"]) == b"the second patient's image"
+    s.path_of("1.2", "9.9").write_bytes(s.path_of("1.1", "9.9").read_bytes())
+    with pytest.raises(SealError):
+        s.read(second.instances["9.9"])
+    s.evict(["1.2"])
+    assert s.read(first.instances["9.9"]) == b"the first patient's image"
+
+
+def test_an_older_versions_index_starts_an_empty_cache(tmp_path: Path) -> None:
+    """Its files are named otherwise (by the SOP Instance UID alone): nothing of it is
+    loaded, and its files go."""
+    key = Sealer.new_key()
+    s = store(tmp_path, key=key, persist=True)
+    fill(s, UID, 1)
+    index = json.loads(s.sealer.open("index", (tmp_path / "index.bin").read_bytes()))
+    del index["format"]
+    (tmp_path / "index.bin").write_bytes(s.sealer.seal("index", json.dumps(index).encode()))
+    again = store(tmp_path, key=key, persist=True)
+    assert again.studies == {} and list((tmp_path / "objects").iterdir()) == []

@@ -22,7 +22,7 @@ from relay.workstation.cache import store as store_module
 from relay.workstation.cache.sealing import Sealer, SealError
 from relay.workstation.cache.service import WorkstationCache
 from relay.workstation.cache.settings import CacheConfig, PrefetchConfig
-from relay.workstation.cache.store import INDEX_FILE, CachedInstance, CacheStore
+from relay.workstation.cache.store import INDEX_FILE, CachedInstance, CacheStore, instance_id
 from relay.workstation.service import Workstation
 from tests.workstation.cache.conftest import MemoryKeyring
 
@@ -79,7 +79,8 @@ def fill(s: CacheStore, study: str, count: int) -> None:
 
 
 def file_of(s: CacheStore, sop: str) -> Path:
-    return s.objects / s.sealer.name(sop)
+    """The file of `sop`, an instance of the study its UID extends (as `fill` names them)."""
+    return s.path_of(sop.rsplit(".", 1)[0], sop)
 
 
 def files(root: Path) -> set[Path]:
@@ -142,7 +143,7 @@ def test_revocation_forgets_the_key_whatever_the_wipe_meets(
     assert memory_keyring.items == {}  # the next start cannot read what is left
     assert files(tmp_path) == {held} and cache.store.studies == {}
     with pytest.raises(SealError):  # nor can this process
-        cache.store.sealer.open(f"{UID}.0", held.read_bytes())
+        cache.store.sealer.open(instance_id(UID, f"{UID}.0"), held.read_bytes())
 
     # Even a wipe that fails outright (a bug) leaves the key forgotten.
     memory_keyring.set_password("dmz-relay-cache", "ws1 /cfg", "a key")

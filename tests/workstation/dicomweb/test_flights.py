@@ -268,7 +268,7 @@ async def test_the_first_frame_of_a_cached_series_reads_only_its_instance(
 
 
 def flip_a_byte(cache: CacheServer, sop_instance: str) -> None:
-    path = cache.store.objects / cache.store.sealer.name(sop_instance)
+    path = cache.store.path_of(STUDY, sop_instance)
     sealed = bytearray(path.read_bytes())
     sealed[len(sealed) // 2] ^= 0x01
     path.write_bytes(bytes(sealed))
