@@ -48,6 +48,13 @@ REVOKED_CLOSE_BOUND = 1.0  # seconds a revoked device has to read its GOAWAY
 # "connection refused" lines: per source address the default LOG_BURST then one per
 # 10 s; all sources together 200 at once, then 5 a second.
 REFUSAL_LINES_TOTAL: Final = (5.0, 200)
+# "link up" / "link down" lines, per identity: LINK_LINE_BURST at once, then
+# LINK_LINE_RATE a second (the next line let through says how many were held back). A
+# device reconnecting in a loop (a TLS handshake each, nothing refused) wrote two INFO
+# lines a reconnect, as fast as it could handshake; a device that keeps its link, or
+# reconnects now and then, has every line written. relay_links counts every link.
+LINK_LINE_BURST: Final = 40
+LINK_LINE_RATE: Final = 1.0
 
 
 @dataclass
@@ -85,6 +92,7 @@ class GatewayServer:
         self.revoked = RevocationList(self.trust_domain)  # memory only, relearned from agents
         self.refusal_reporter = RefusalReporter(self.router)
         self.refusal_lines = LogLimiter(total=REFUSAL_LINES_TOTAL)
+        self.link_lines = LogLimiter(LINK_LINE_RATE, LINK_LINE_BURST)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -298,7 +306,7 @@ class GatewayServer:
             link.on_stream = lambda stream: self.router.route_session(site, stream, uri)
             self.links.devices.setdefault(uri, set()).add(link)
         gauge.inc()
-        log.info("link up", extra={"identity": identity.uri, "peer": peer})
+        self._link_line("link up", identity, {"identity": identity.uri, "peer": peer})
         link.closed.add_done_callback(lambda _: self._detach(link, identity, peer))
         link.start()
 
@@ -321,10 +329,18 @@ class GatewayServer:
             if not links:
                 self.links.devices.pop(identity.uri, None)
         code = link.conn.terminated.code if link.conn.terminated else 0
-        log.info(
-            "link down",
-            extra={"identity": identity.uri, "peer": peer, "code": ErrorCode.name_of(code)},
-        )
+        context: dict[str, object] = {
+            "identity": identity.uri,
+            "peer": peer,
+            "code": ErrorCode.name_of(code),
+        }
+        self._link_line("link down", identity, context)
+
+    def _link_line(self, message: str, identity: Identity, context: dict[str, object]) -> None:
+        """An INFO line of a link's life, limited per identity (LINK_LINE_BURST)."""
+        held = self.link_lines.allow(identity.uri, asyncio.get_running_loop().time())
+        if held is not None:
+            log.info(message, extra={**context, "suppressed": held} if held else context)
 
 
 def _close_revoked(link: Link, notice: str) -> None:

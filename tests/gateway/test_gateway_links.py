@@ -31,6 +31,7 @@ from relay.net import tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
 from relay.ops.config import Address, TlsFiles
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings
 from relay.trust.identity import Identity
 from relay.trust.notice import sign_notice
@@ -579,3 +580,26 @@ async def test_agent_revoking_another_sites_device_is_disconnected(world: World)
     announce(agent, (Identity.device("hospital.test", "other", "x").uri,), full=False)
     await asyncio.wait_for(agent.wait_closed(), WAIT)
     assert world.server.router.agent_links("main") == []
+
+
+async def test_a_device_reconnecting_in_a_loop_cannot_fill_the_log(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "link up" / "link down" lines are limited per identity: a device reconnecting
+    as fast as it can handshake wrote two INFO lines a reconnect; another device's lines
+    are its own (relay.ops.loglimit: the next line let through says how many were held)."""
+    caplog.set_level(logging.INFO, logger="gateway.server")
+    world.server.link_lines = LogLimiter(rate=0.001, burst=4)
+    device = world.pki.device("ws1")
+    for _ in range(6):
+        link = await connect(world, device, wire.ALPN_DEVICE)
+        link.close()
+        await link.wait_closed()
+    await until(lambda: not world.server.links.devices)
+    lines = [r for r in caplog.records if r.getMessage() in ("link up", "link down")]
+    assert len(lines) == 4
+    assert all(getattr(r, "identity", "").endswith("/ws1") for r in lines)
+    other = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
+    await until(lambda: any(getattr(r, "identity", "").endswith("/ws2") for r in caplog.records))
+    other.close()
+    await other.wait_closed()
