@@ -204,9 +204,7 @@ class StudyFetcher:
             label = study.label if study else "a study"
             self.store.evict([study_uid], "abandoned")
             raise FetchError(f"cannot cache {label}: {type(exc).__name__}: {exc}") from None
-        study = self.store.study(study_uid)
-        if study is not None and series not in study.series_attrs:
-            study.series_attrs[series] = series_attrs
+        self.store.note_series(study_uid, series, series_attrs)
         return len(msg.dataset)
 
 

@@ -321,6 +321,15 @@ class CacheStore:
         study.attrs.update(attrs)
         return study
 
+    def note_series(self, uid: str, series: str, attrs: dict[str, str]) -> None:
+        """A series' attributes for C-FIND, the first given kept; under the lock, since
+        index saves and C-FIND snapshots copy them on other threads (a dict changing size
+        while copied fails the copy)."""
+        with self._lock:
+            study = self.studies.get(uid)
+            if study is not None:
+                study.series_attrs.setdefault(series, attrs)
+
     def finish_series(self, uid: str, series: str, count: int) -> bool:
         """Mark one series complete when `count` (the PACS's) instances of it are here; the
         study too when every instance it counts is here and each of its series is complete.

@@ -149,8 +149,7 @@ class WriteThrough:
                 if (study, series) != (flight.study, flight.series):
                     refused += 1
                     continue
-                if entry is not None:
-                    entry.series_attrs.setdefault(flight.series, series_attrs)
+                self.store.note_series(flight.study, flight.series, series_attrs)
                 inst = CachedInstance(item.sop_class, item.sop_instance, flight.series,
                                       item.transfer_syntax, 0)  # fmt: skip
                 await asyncio.to_thread(self.store.put, flight.study, inst, data)

@@ -176,3 +176,31 @@ async def test_an_instance_of_another_study_is_not_cached(
     assert "another study" in caplog.text
     assert STUDY not in caplog.text and MR[0].sop_instance not in caplog.text
     assert PATIENT not in caplog.text
+
+
+class LockedOnly(dict[str, dict[str, str]]):
+    """A study's `series_attrs` that must be written only under the store's lock: index
+    saves and C-FIND snapshots copy it on other threads."""
+
+    def __init__(self, store: CacheStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def _check(self) -> None:
+        assert self.store._lock._is_owned(), "series attributes written outside the lock"  # type: ignore[attr-defined]
+
+    def __setitem__(self, key: str, value: dict[str, str]) -> None:
+        self._check()
+        super().__setitem__(key, value)
+
+    def setdefault(self, key: str, default: dict[str, str]) -> dict[str, str]:
+        self._check()
+        return super().setdefault(key, default)
+
+
+async def test_series_attributes_are_written_under_the_stores_lock(tmp_path: Path) -> None:
+    server = cache(tmp_path)
+    study = server.store.begin(STUDY, {}, None, "test")
+    study.series_attrs = LockedOnly(server.store)
+    assert await fill(server, ScriptedAgent(None, CT, success(len(CT))))
+    assert set(study.series_attrs) == {SERIES}

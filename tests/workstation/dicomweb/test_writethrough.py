@@ -28,6 +28,7 @@ from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.source import FindResult, UpstreamError
 from relay.workstation.dicomweb.writethrough import WriteThrough, complete_by
 from relay_dev import samples
+from tests.workstation.cache.test_fetch import LockedOnly
 from tests.workstation.dicomweb.test_server import (
     CT,
     INSTANCES,
@@ -317,3 +318,18 @@ async def test_an_upstream_reason_never_reaches_the_log(
         assert cache.store.study(STUDY) is None
     finally:
         await srv.stop()
+
+
+async def test_series_attributes_are_written_through_under_the_stores_lock(
+    setup: Setup,
+) -> None:
+    """Index saves and C-FIND snapshots copy them on other threads."""
+    srv, _, cache, _ = setup
+    cache.store.adopt(STUDY, {}, None, "browser")
+    study = cache.store.study(STUDY)
+    assert study is not None
+    study.series_attrs = LockedOnly(cache.store)
+    status, _, _ = await get(f"{srv.url}/studies/{STUDY}/series/{SERIES}")
+    assert status == 200
+    await writer(srv).drain()
+    assert writer(srv).written == 1 and set(study.series_attrs) == {SERIES}
