@@ -60,6 +60,12 @@ __all__ = ["SESSION_MAX_STREAMS", "SessionServer", "session_server"]
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS: Final = 10_000  # sessions served at once (each is one device)
+SESSION_LINE_BURST: Final = 40
+SESSION_LINE_RATE: Final = 1.0
+"""The "session open" / "session closed" INFO lines, per device: this many at once, then
+this many a second (the next line let through says how many were held back). Honest
+gateways let a device open a session a second after a burst, per gateway; a compromised
+one lets it open as many as it can handshake, two lines each."""
 SESSION_MAX_STREAMS: Final = 512
 """The MAX_STREAMS that the inner Link of a session (or a sealed enrollment) announces:
 what one device may have open at once in one session. The agent's `limits.max_streams`
@@ -149,6 +155,7 @@ class SessionServer:
         self.stats = SealStats()
         self.refused: dict[str, int] = {}
         self.log_limit = LogLimiter()  # per gateway link and reason
+        self.session_lines = LogLimiter(SESSION_LINE_RATE, SESSION_LINE_BURST)  # per device
         self.sessions: dict[Link, Identity] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -224,9 +231,9 @@ class SessionServer:
         self.sessions[link] = peer
         if self.touch is not None:
             self.touch(peer)
-        log.info(
+        self._session_line(
             "session open",
-            extra={"device": peer.uri, "resumed": sealed.handshake.resumed, "link": link.name},
+            {"device": peer.uri, "resumed": sealed.handshake.resumed, "link": link.name},
         )
         try:
             if self._closing:
@@ -238,10 +245,16 @@ class SessionServer:
         finally:
             self.sessions.pop(link, None)
             failure = sealed.transport.failure
-            log.info(
+            self._session_line(
                 "session closed",
-                extra={"device": peer.uri, "reason": failure.reason if failure else "closed"},
+                {"device": peer.uri, "reason": failure.reason if failure else "closed"},
             )
+
+    def _session_line(self, message: str, context: dict[str, object]) -> None:
+        """An INFO line of a session's life, limited per device (SESSION_LINE_BURST)."""
+        held = self.session_lines.allow(str(context["device"]), time.monotonic())
+        if held is not None:
+            log.info(message, extra={**context, "suppressed": held} if held else context)
 
     def _on_inner_stream(self, stream: Stream) -> None:
         peer = stream.link.peer

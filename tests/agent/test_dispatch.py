@@ -344,6 +344,31 @@ async def test_a_device_whose_connects_hang_leaves_connect_slots_to_the_others(
         outer.close()
 
 
+async def test_a_devices_session_lines_are_limited(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "session open" / "session closed" lines are limited per device: a device
+    opening sessions in a loop (as a compromised gateway lets it) wrote two a session."""
+    caplog.set_level(logging.INFO, logger="relay.agent.sessions")
+    world.agent.sessions.session_lines = LogLimiter(0.001, 4)
+    outer = await device_link(world.pki, world.gateway.port, "ws2")
+    try:
+        for _ in range(4):
+            inner = await sealed(outer, world.pki, world.pki.device("ws2"))
+            inner.close()
+            await inner.wait_closed()
+        await wait_until(lambda: len(world.agent.sessions.sessions) == 1)  # ws1's
+        lines = [
+            r
+            for r in caplog.records
+            if r.getMessage() in ("session open", "session closed")
+            and getattr(r, "device", "").endswith("/ws2")
+        ]
+        assert len(lines) == 4
+    finally:
+        outer.close()
+
+
 async def test_a_drain_resets_a_handlers_stream_with_shutdown(world: World) -> None:
     """A handler cut by the drain (agent restart) resets with SHUTDOWN, which the
     workstation resumes; CANCEL would say the agent gave up on the request."""
