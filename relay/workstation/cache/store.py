@@ -137,8 +137,10 @@ class CacheStore:
     # -- start, wipe ---------------------------------------------------------------
 
     def open(self, *, fresh_key: bool) -> None:
-        """Create the directory; with a fresh key wipe what is there (unreadable anyway)."""
+        """Create the directory; with a fresh key wipe what is there (unreadable anyway).
+        OSError when a file cannot be written there (start-up names `cache.dir`)."""
         self.objects.mkdir(parents=True, exist_ok=True)
+        self._probe_writable()
         if fresh_key or not self._load_index():
             removed = self._remove_files()
             if removed:
@@ -150,6 +152,16 @@ class CacheStore:
             if removed:
                 log.info("cache: removed %d files no study in the index names", removed)
         self.purge_expired()
+
+    def _probe_writable(self) -> None:
+        """Write and remove one empty file: a read-only directory (which `mkdir` accepts
+        when it exists) refuses start-up here, once, rather than every write later
+        failing one by one. A probe left behind (a Windows scanner holding it) is removed
+        with the temporary files at the next start."""
+        probe = self.objects / f".probe.{secrets.token_hex(4)}.tmp"
+        probe.write_bytes(b"")
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
     def _keep_present(self, on_disk: dict[str, Path]) -> set[str]:
         """Drop from a loaded index every instance whose file is missing or not the size

@@ -76,3 +76,28 @@ async def test_a_keyring_that_refuses_names_cache_key(tmp_path: Path) -> None:
         f"{ws.config.path}: cache.key: keyring: KeyringLocked: the keyring is locked"
     )
     assert not (tmp_path / "cache").exists()  # refused before anything is written
+
+
+async def test_a_cache_dir_that_refuses_writes_names_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only directory that exists (mkdir accepts it): refused at start, not one
+    failed write per study later. (The refusal is simulated: tests may run as root.)"""
+    directory = tmp_path / "cache"
+    (directory / "objects").mkdir(parents=True)
+    real = Path.write_bytes
+
+    def read_only(path: Path, data: bytes) -> int:
+        if path.is_relative_to(directory):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    ws = _workstation(tmp_path, CacheConfig(dir=directory))
+    with pytest.raises(ConfigError) as info:
+        async with workstation_cache(ws):
+            pass
+    assert info.value.key == "cache.dir"
+    assert str(info.value).startswith(
+        f"{ws.config.path}: cache.dir: cannot use {directory}: Permission denied"
+    )
