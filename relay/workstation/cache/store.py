@@ -551,7 +551,9 @@ class CacheStore:
                     replacing.replace(tmp, path)  # Windows: a scanner may hold the index
                     self._saved = number
         except OSError as exc:
-            log.error("cache: cannot write the index (%s)", type(exc).__name__)
+            log.error("cache: cannot write the index in cache.dir %s (%s: %s); a restart "
+                      "may not find the studies cached since", self.dir, type(exc).__name__,
+                      exc.strerror or "")  # fmt: skip
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -565,7 +567,9 @@ class CacheStore:
         except FileNotFoundError:
             return False
         except (OSError, SealError, ValueError) as exc:
-            log.error("cache: the index is unreadable (%s); wiping the cache", type(exc).__name__)
+            log.error("cache: the index in cache.dir %s does not open (%s: damaged, or sealed "
+                      "under another cache.key); wiping the cache", self.dir,
+                      type(exc).__name__)  # fmt: skip
             return False
         if data.get("format") != INDEX_FORMAT:
             log.info("cache: the index is an older version's; starting an empty cache")

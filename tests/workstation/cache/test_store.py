@@ -246,3 +246,15 @@ def test_an_older_versions_index_starts_an_empty_cache(tmp_path: Path) -> None:
     (tmp_path / "index.bin").write_bytes(s.sealer.seal("index", json.dumps(index).encode()))
     again = store(tmp_path, key=key, persist=True)
     assert again.studies == {} and list((tmp_path / "objects").iterdir()) == []
+
+
+def test_an_index_under_another_key_is_one_line_naming_cache_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keyring entry replaced (another key): the user is told which setting and where."""
+    fill(store(tmp_path, key=Sealer.new_key(), persist=True), UID, 1)
+    with caplog.at_level(logging.INFO):
+        again = store(tmp_path, key=Sealer.new_key(), persist=True)
+    assert again.studies == {}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cache.key" in errors[0] and str(tmp_path) in errors[0]
