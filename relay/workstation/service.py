@@ -227,9 +227,15 @@ class Workstation:
 
     def revoked_at_start(self) -> str | None:
         """When the certificate this run would present was revoked, if it was."""
-        if self.config.state_dir is None:
+        state_dir = self.config.state_dir
+        if state_dir is None:
             return None
-        return revoked_since(self.config.state_dir, self.config.identity_files().cert)
+        try:
+            return revoked_since(state_dir, self.config.identity_files().cert)
+        except OSError as exc:  # state_dir a file, the marker unreadable: the operator's fix
+            where = exc.filename or state_dir
+            message = f"cannot read {where}: {exc.strerror or exc}"
+            raise ConfigError(self.config.path, "state_dir", message) from None
 
     async def revocation_done(self) -> None:
         """Wait for a wipe under way (a stop during it must not cut it short)."""

@@ -26,7 +26,7 @@ from relay import wire
 from relay.net import tls
 from relay.net.aio import Link
 from relay.net.dialer import dial
-from relay.ops.config import Address
+from relay.ops.config import Address, ConfigError
 from relay.trust import pki
 from relay.trust.identity import Identity
 from relay.trust.notice import sign_notice
@@ -280,3 +280,21 @@ async def test_a_new_enrollment_is_not_stopped_by_the_old_marker(tmp_path: Path)
         assert not (state / MARKER_FILE).exists()
         stop.set()
         assert await asyncio.wait_for(task, WAIT) == 0
+
+
+@pytest.mark.parametrize("kind", ["state_dir_is_a_file", "marker_is_a_directory"])
+def test_a_state_dir_that_cannot_be_read_is_one_config_line(tmp_path: Path, kind: str) -> None:
+    """A state_dir that is a file (or a marker that is a directory) is the operator's to
+    fix: one line naming state_dir and the path, not a NotADirectoryError's traceback."""
+    site = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(site, tmp_path)
+    state = tmp_path / "state"
+    if kind == "state_dir_is_a_file":
+        state.write_text("not a directory")
+    else:
+        (state / MARKER_FILE).mkdir(parents=True)
+    config = dataclasses.replace(workstation_config(identity, tmp_path, 1), state_dir=state)
+    with pytest.raises(ConfigError) as raised:
+        Workstation(config).revoked_at_start()
+    assert raised.value.key == "state_dir"
+    assert str(state) in str(raised.value)
