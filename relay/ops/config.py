@@ -538,6 +538,8 @@ class Reader:
         def convert(value: object) -> Path:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected a path, got {_show(value)}")
+            if "\0" in value:  # no OS takes one: open() and mkdir() raise ValueError
+                raise ValueError(f"a path cannot contain a NUL character, got {_show(value)}")
             return _resolve(self.base_dir, value)
 
         if not isinstance(default, _Required):

@@ -550,6 +550,7 @@ AGENT_ERRORS = [
     (_drop("services", "reports", "address"), "services.reports.address", "missing required"),
     (_set("services", ["a"]), "services", "expected a mapping"),
     (_set("state_dir", 5), "state_dir", "expected a path"),
+    (_set("state_dir", "st\0ate"), "state_dir", "cannot contain a NUL"),
 ]
 
 
@@ -726,6 +727,7 @@ WORKSTATION_ERRORS = [
     (_drop("gateway"), "gateway", "missing required key"),
     (_drop("identity_dir"), "identity_dir", "missing required key"),
     (_set("state_dir", 5), "state_dir", "expected a path"),
+    (_set("state_dir", "st\0ate"), "state_dir", "cannot contain a NUL"),
     (_drop("dicom", "listen"), "dicom.listen", "missing required key"),
     (_set("gateway", "gw.example.org"), "gateway", "no port"),
     (_set("gateway", "127.0.0.1:0"), "gateway", "port 1-65535"),
