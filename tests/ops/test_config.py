@@ -710,6 +710,16 @@ def test_workstation_minimal_config(tmp_path: Path) -> None:
     }
 
 
+def test_workstation_prefetch_match_takes_text_numbers_and_lists(tmp_path: Path) -> None:
+    match = {"ModalitiesInStudy": ["CT", "MR"], "StudyID": 42, "PatientID": "P*"}
+    path = rewrite(
+        example_tree(tmp_path) / "config" / "workstation.yaml",
+        _set("prefetch", "rules", [{"name": "ct", "match": match}]),
+    )
+    (rule,) = load_workstation_config(path).prefetch.rules
+    assert dict(rule.match) == {"ModalitiesInStudy": "CT\\MR", "StudyID": "42", "PatientID": "P*"}
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("90s", 90.0), ("1h", 3600.0)])
 def test_workstation_resume_window(tmp_path: Path, text: str, seconds: float) -> None:
     path = rewrite(
@@ -728,6 +738,14 @@ WORKSTATION_ERRORS = [
     (_drop("identity_dir"), "identity_dir", "missing required key"),
     (_set("state_dir", 5), "state_dir", "expected a path"),
     (_set("state_dir", "st\0ate"), "state_dir", "cannot contain a NUL"),
+    *(
+        (
+            _set("prefetch", "rules", [{"name": "ct", "match": {"ModalitiesInStudy": bad}}]),
+            "prefetch.rules[0]",
+            f"match: ModalitiesInStudy: expected text or a number, got {shown}",
+        )
+        for bad, shown in ((None, "null"), (True, "true"), ({"CT": 1}, "a mapping"))
+    ),
     (_drop("dicom", "listen"), "dicom.listen", "missing required key"),
     (_set("gateway", "gw.example.org"), "gateway", "no port"),
     (_set("gateway", "127.0.0.1:0"), "gateway", "port 1-65535"),

@@ -113,6 +113,31 @@ def read_cache(r: Reader, state_dir: Path | None = None) -> CacheConfig:
     )
 
 
+def _match_text(keyword: str, value: object) -> str:
+    """One criterion as C-FIND text: YAML text or a number; anything else is a typo that
+    str() would turn into a criterion matching nothing ('None', 'True', "{'a': 1}")."""
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return str(value)
+    raise ValueError(f"match: {keyword}: expected text or a number, got {_show_kind(value)}")
+
+
+def _match_value(keyword: str, raw: object) -> str:
+    """A criterion, or a list of them (DICOM multiple values, joined by a backslash)."""
+    if isinstance(raw, list):
+        return "\\".join(_match_text(keyword, item) for item in raw)
+    return _match_text(keyword, raw)
+
+
+def _show_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a YAML boolean; quote it if you meant text)"
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a nested list"
+    return f"a YAML {type(value).__name__} (quote it if you meant text)"  # 2024-01-01: a date
+
+
 def _rule(value: object) -> PrefetchRule:
     if not isinstance(value, dict):
         raise ValueError("a rule is a mapping {name, every, match}")
@@ -133,7 +158,7 @@ def _rule(value: object) -> PrefetchRule:
     for keyword, raw in match.items():
         if not isinstance(keyword, str) or tag_for_keyword(keyword) is None:
             raise ValueError(f"match: {keyword!r} is not a DICOM keyword")
-        text = "\\".join(map(str, raw)) if isinstance(raw, list) else str(raw)
+        text = _match_value(keyword, raw)
         if dictionary_VR(keyword) == "DA":
             resolve_dates(text, today)  # checked now, resolved at each evaluation
         pairs.append((keyword, text))
