@@ -214,6 +214,11 @@ class _SubOps:
             self.failed.append(uid)
         return True
 
+    def none_completed(self, yielded: int) -> bool:
+        """Whether none of the `yielded` sub-operations completed: each one failed
+        (pynetdicom's count of failures, once every one has been settled)."""
+        return yielded <= self.reported
+
     def destination_opened(self, event: Any) -> None:
         """EVT_CONN_OPEN of the association pynetdicom opens to a C-MOVE destination."""
         self.destination = event.assoc
@@ -824,7 +829,8 @@ class DicomNode:
                     data = item.read()
                 except Exception as exc:
                     log.error("cache file unreadable while serving (%s)", type(exc).__name__)
-                    code = st.WARNING_SUBOPS
+                    none = subops.none_completed(sent)  # then a failure: PS3.4 C.4.3.3.1
+                    code = st.SUBOPS_FAILED if none else st.WARNING_SUBOPS
                     yield (
                         _status(code, "cache file damaged while serving"),
                         _failed_list(itertools.chain(subops.failed, unsent), limit),
@@ -1143,22 +1149,27 @@ class _Retrieval:
                 _failed_list(itertools.chain(self.subops.failed, held), self.node.limits.max_list),
             )
         elif overflow:
-            self.code = st.WARNING_SUBOPS
-            yield (
-                _status(st.WARNING_SUBOPS, "the PACS sent more instances than it announced"),
-                failed,
-            )
+            self.code = self._partial()
+            yield _status(self.code, "the PACS sent more instances than it announced"), failed
         elif self.buffered and self.delivered + len(self.buffered) == self.total:
             # Everything announced has arrived intact, whatever happened afterwards.
             self.code = st.SUCCESS
             yield self._deliver(self.buffered.popleft())
         elif _ok(end.status):
-            self.code = st.WARNING_SUBOPS
+            self.code = self._partial()
             comment = end.comment or "fewer instances than announced"
-            yield _status(st.WARNING_SUBOPS, comment), failed
+            yield _status(self.code, comment), failed
         else:
             self.code = end.status
             yield _status(end.status, end.comment), failed
+
+    def _partial(self) -> int:
+        """The status of a retrieve that ran but did not deliver everything announced:
+        Warning if some sub-operation completed at the viewer (or destination), Failure
+        (0xA702) if none did (PS3.4 C.4.2.3.1, C.4.3.3.1), whatever the PACS called it."""
+        if self.subops.none_completed(self.delivered):
+            return st.SUBOPS_FAILED
+        return st.WARNING_SUBOPS
 
     def _lost_destination(self) -> bool:
         """Once pynetdicom resumes us after a sub-operation: True (and `destination_lost`)

@@ -257,3 +257,57 @@ async def test_stopping_the_node_answers_a_cached_get_it_cuts_short(
     completed = int(final.NumberOfCompletedSuboperations)
     assert completed == len(result.received) < N
     assert completed + int(final.NumberOfFailedSuboperations) == N
+
+
+class _Unreadable:
+    """A cached instance whose file can no longer be read (damaged while serving)."""
+
+    def __init__(self, x: samples.EncodedInstance, readable: bool) -> None:
+        self.sop_class, self.sop_instance = x.sop_class, x.sop_instance
+        self.transfer_syntax = x.transfer_syntax
+        self._data = x.data if readable else None
+
+    def read(self) -> bytes:
+        if self._data is None:
+            raise OSError("damaged")
+        return self._data
+
+
+class _DamagedCache:
+    """A cache whose plan holds instances of which the first `readable` can be read."""
+
+    def __init__(self, readable: int) -> None:
+        self.items = [_Unreadable(x, n < readable) for n, x in enumerate(STUDY[:3])]
+
+    def offline(self) -> bool:
+        return False
+
+    def plan(self, identifier: Dataset) -> list[_Unreadable]:
+        return self.items
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        return []
+
+
+@pytest.mark.parametrize(("readable", "status"), [(0, st.SUBOPS_FAILED), (1, st.WARNING_SUBOPS)])
+async def test_a_cached_get_whose_files_fail_is_a_failure_when_nothing_completed(
+    readable: int, status: int
+) -> None:
+    """Warning when some sub-operations completed, Failure (0xA702) when none did
+    (PS3.4 C.4.3.3.1)."""
+    n = DicomNode(no_stream, listen=("127.0.0.1", 0), timeout=20, cache=_DamagedCache(readable))
+    await n.start()
+    try:
+        result = await asyncio.to_thread(
+            viewer.get,
+            n.address[1],
+            query("STUDY", StudyInstanceUID=STUDY_UID),
+            classes=[samples.CT_IMAGE_STORAGE],
+        )
+    finally:
+        await n.stop()
+    assert len(result.received) == readable
+    assert result.final.Status == status
+    final = result.final
+    completed, failed = final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations
+    assert (completed, failed) == (readable, 3 - readable)

@@ -716,3 +716,40 @@ async def test_stopping_while_a_retrieve_pauses_to_resume_answers_it(
     assert result.final.Status == st.LINK_LOST
     assert result.final.ErrorComment == STOPPING_REASON
     assert result.final.NumberOfFailedSuboperations == 4 - len(result.received)
+
+
+async def test_a_get_whose_every_sub_operation_failed_is_a702_not_a_warning() -> None:
+    """PS3.4 C.4.3.3.1: Warning when some sub-operations completed and some failed,
+    Failure when all failed. A PACS that calls an all-failed retrieve 0xB000 is not
+    passed on as a warning with nothing completed."""
+    script = playing(
+        Pending(remaining=2, completed=0, failed=0, warning=0),
+        FinalResponse(0xB000, completed=0, failed=2, warning=0, failed_instances=("1.2.3.4",)),
+    )
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.received == {}
+    assert result.final.Status == st.SUBOPS_FAILED
+    assert int(result.final.NumberOfCompletedSuboperations) == 0
+    assert int(result.final.NumberOfFailedSuboperations) == 2
+
+
+async def test_a_get_that_brought_nothing_of_what_was_announced_is_a702() -> None:
+    script = playing(Pending(remaining=3, completed=0, failed=0, warning=0), FinalResponse(0))
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.final.Status == st.SUBOPS_FAILED
+    assert int(result.final.NumberOfFailedSuboperations) == 3
+
+
+async def test_a_get_with_some_completed_and_some_failed_stays_a_warning() -> None:
+    script = playing(
+        Pending(remaining=2, completed=0, failed=0, warning=0),
+        inst(0),
+        FinalResponse(0xB000, completed=1, failed=1, warning=0),
+    )
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    assert len(result.received) == 1
+    assert result.final.Status == st.WARNING_SUBOPS
+
