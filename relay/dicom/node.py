@@ -709,7 +709,11 @@ class DicomNode:
                 msg = waiter.next()
                 if isinstance(msg, FinalResponse):
                     code = msg.status
-                    yield _status(msg.status, msg.comment), None
+                    if waiter.cancelled and _ok(code):
+                        # The matches that came after the viewer's C-CANCEL were dropped:
+                        # Success would claim a complete result set (PS3.4 C.4.1.3.1).
+                        code = st.CANCEL
+                    yield _status(code, msg.comment), None
                     return
                 if isinstance(msg, Pending) and msg.dataset:
                     if waiter.cancelled:

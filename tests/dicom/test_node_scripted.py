@@ -753,3 +753,40 @@ async def test_a_get_with_some_completed_and_some_failed_stays_a_warning() -> No
     assert len(result.received) == 1
     assert result.final.Status == st.WARNING_SUBOPS
 
+
+async def test_a_cancelled_find_ends_in_cancel_even_if_the_pacs_says_success() -> None:
+    """Once the viewer cancelled, the node drops the matches that still come: a
+    Success after that would claim a complete result set the viewer never got
+    (PS3.4 C.4.1.3.1: a cancelled C-FIND ends with status Cancel)."""
+    from relay.dicom.codec import Cancel
+
+    match = rawds.encode_dataset(query("STUDY", StudyInstanceUID="1.2.3", PatientName="X^Y"))
+
+    async def script(stream: ByteStream, codec: MessageCodec, req: Request) -> None:
+        await write_message(stream, codec, Pending(transfer_syntax=EXPLICIT, dataset=match))
+        async with asyncio.timeout(20):
+            assert isinstance(await read_message(stream, codec), Cancel)
+        # The PACS had finished before the cancel reached it: more matches, then Success.
+        await write_message(stream, codec, Pending(transfer_syntax=EXPLICIT, dataset=match))
+        await write_message(stream, codec, FinalResponse(st.SUCCESS))
+        await stream.write_eof()
+
+    model = MODELS[("study", "find")]
+
+    def find_then_cancel(port: int) -> list[int]:
+        assoc = scu("VIEWER").associate(
+            "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
+        )
+        assert assoc.is_established
+        codes = []
+        for n, (status, _match) in enumerate(
+            assoc.send_c_find(query("STUDY", StudyInstanceUID=""), model, msg_id=7)
+        ):
+            codes.append(int(status.Status))
+            if n == 0:
+                assoc.send_c_cancel(7, query_model=model)
+        assoc.release()
+        return codes
+
+    codes = await with_agent(script, find_then_cancel)
+    assert codes == [st.PENDING, st.CANCEL]
