@@ -18,6 +18,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def read_admins(path: Path) -> dict[str, str]:
     """name -> stored hash. Blank lines and # comments are skipped; anything else that is
     not an entry is an error naming the line (a typo must not silently lock IT out)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO's open() would wait forever
+            raise PasswordFileError(f"{path}: not a regular file")
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:

@@ -247,6 +247,19 @@ def test_password_file_errors_name_the_line(tmp_path: Path) -> None:
         passwords.set_password(tmp_path / "new", "<carol>", "long enough password")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_an_admins_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """A FIFO: open() waited forever (the agent's start, each login, `relay it-admin
+    passwd`); a device such as /dev/null was replaced by a regular file by passwd."""
+    fifo = tmp_path / "admins"
+    os.mkfifo(fifo)
+    with pytest.raises(passwords.PasswordFileError, match="admins: not a regular file"):
+        passwords.read_admins(fifo)
+    with pytest.raises(passwords.PasswordFileError, match="not a regular file"):
+        passwords.set_password(fifo, "carol", "correct horse battery", log2_n=FAST)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # left as it was
+
+
 async def test_local_authenticator(tmp_path: Path) -> None:
     path = tmp_path / "admins"
     passwords.set_password(path, "carol", "correct horse battery", log2_n=FAST)
