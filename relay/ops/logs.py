@@ -10,6 +10,8 @@ value (as a log record and as a Python warning). Unless the role runs at debug,
 later), drops their records below warning and withholds the text of the others (a few
 fixed messages pass). Any record's exception that went through their code keeps only its
 type, and another library's message about such an exception (asyncio's) is withheld.
+aiohttp's exceptions keep only their type too: a malformed request's holds its request
+line (a study UID or a patient name in the path or query).
 Python warnings and exceptions that end a thread are routed into logging so that the
 filter sees them too.
 At debug everything passes: debug logs may contain patient data (README says so).
@@ -33,6 +35,10 @@ VALUE_LOGGERS: Final = ("pynetdicom", "pydicom", "py.warnings")
 OUR_LOGGERS: Final = ("relay", "gateway", "relay_dev")
 #: Packages whose exceptions' text may quote data element values.
 VALUE_PACKAGES: Final = ("pynetdicom", "pydicom")
+#: Loggers whose records' exception text may quote a request: aiohttp's server logs a
+#: malformed request at error with the bad line in the exception (a path or query with a
+#: study UID or a patient name), and an unhandled handler exception with its text.
+REQUEST_LOGGERS: Final = ("aiohttp",)
 WITHHELD: Final = "message withheld: it may quote patient data (log_level debug shows it)"
 
 # pynetdicom's fixed operational messages, worth keeping at info: no value can be in them.
@@ -97,6 +103,8 @@ class PatientDataFilter(logging.Filter):
             if record.exc_info is None and _SAFE_MESSAGES.fullmatch(_message(record)):
                 return True
             self._withhold(record)
+        elif record.exc_info is not None and record.name.split(".", 1)[0] in REQUEST_LOGGERS:
+            self._strip_exception(record)
         elif record.exc_info is not None and _from_value_package(record.exc_info[1]):
             if record.name.split(".", 1)[0] in OUR_LOGGERS:
                 self._strip_exception(record)

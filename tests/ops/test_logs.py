@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pydicom.config
 import pytest
+from aiohttp import web
 from pydicom import valuerep
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import pretty_dataset
@@ -242,4 +243,29 @@ def test_a_failed_callback_is_logged_without_its_arguments(setup: Start, canary:
     (entry,) = [e for e in captured.entries() if e["logger"] == "asyncio"]
     assert entry["msg"] == logs.CALLBACK_FAILED
     assert entry["error"] == "RuntimeError: no room"  # the exception itself is kept
+    assert canary not in captured.text()
+
+
+async def test_a_malformed_request_is_logged_without_its_request_line(
+    setup: Start, canary: str
+) -> None:
+    """aiohttp's server logs a malformed request at error, the bad request line (a QIDO
+    query with a patient name, a study UID in the path) in its exception's text."""
+    captured = setup("info")
+    app = web.Application()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)  # as our servers
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /dicom-web/studies?PatientName={canary} HTTP/9.9\r\n\r\n".encode())
+        assert b" 400 Bad Request" in await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    (entry,) = [e for e in captured.entries() if e["logger"] == "aiohttp.server"]
+    assert entry["level"] == "error"
+    assert entry["error"] == "BadStatusLine (text withheld below debug)"
     assert canary not in captured.text()
