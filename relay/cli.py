@@ -119,7 +119,12 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
     if args.log_file:  # no console (a scheduled task, pythonw): JSON lines to a file
         from relay.ops.logfile import open_log_file  # rotated by us: Windows cannot, open
 
-        sys.stdout = sys.stderr = open_log_file(args.log_file)
+        try:
+            sys.stdout = sys.stderr = open_log_file(args.log_file)
+        except OSError as exc:  # a directory, a missing parent: the operator's to fix
+            why = exc.strerror or exc
+            print(f"relay workstation: --log-file {args.log_file}: {why}", file=sys.stderr)
+            return 2
     from relay.workstation.service import run
 
     return run(Path(args.config))

@@ -296,3 +296,20 @@ def test_it_admin_passwd_refuses_a_garbled_password_on_stdin(
     assert err.startswith("relay it-admin passwd: the password from stdin ") and why in err
     assert err.rstrip().endswith("nothing written")
     assert not admins.exists()
+
+
+@pytest.mark.parametrize("where", ["a_directory", "missing/parent/log"])
+def test_a_log_file_that_cannot_be_opened_is_one_line(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 and one line naming --log-file, not an IsADirectoryError's traceback."""
+    from relay.cli import main
+
+    log_file = tmp_path / where
+    if where == "a_directory":
+        log_file.mkdir()
+    argv = ["workstation", "--config", str(tmp_path / "ws.yaml"), "--log-file", str(log_file)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"relay workstation: --log-file {log_file}: ")
+    assert err.count("\n") == 1
