@@ -991,7 +991,7 @@ class _Retrieval:
             if self.stopped:
                 self.end = FinalResponse(st.LINK_LOST, STOPPING_REASON)
                 return
-            status = st.for_retrieve(exc.status)
+            status = st.for_retrieve(exc.status, move=self.destination is not None)
             self.end = FinalResponse(status, waiter.reason(exc)[: self.node.limits.max_text])
             return
         self.answered = True
@@ -1019,7 +1019,8 @@ class _Retrieval:
             elif self.total is None:
                 self.total = sum(counts)
         elif isinstance(msg, FinalResponse):
-            self.end = msg
+            status = st.for_retrieve(msg.status, move=self.destination is not None)
+            self.end = replace(msg, status=status)  # one pynetdicom sends as it should
 
     def _resume(self, waiter: _Waiter, exc: SessionEnded) -> bool:
         """After the stream broke: carry on over a new one if we may; False to give up.

@@ -60,9 +60,32 @@ def for_store(status: int) -> int:
     return status
 
 
-def for_retrieve(status: int) -> int:
-    """C-GET and C-MOVE have no plain 0xA700: out of resources is 0xA701/0xA702 there."""
-    return SUBOPS_FAILED if status == AGENT_BUSY else status
+# The statuses PS3.4 defines for C-GET (C.4.3.1.4) besides the 0xC000-0xCFFF "unable to
+# process" range, with the general ones of PS3.7 C (0x01xx, 0x02xx); C-MOVE adds 0xA801.
+_GENERAL: Final = frozenset(range(0x0105, 0x0125)) | frozenset(range(0x0210, 0x0214))
+_GET_STATUSES: Final = _GENERAL | frozenset(
+    {SUCCESS, CANCEL, PENDING, NO_COUNTS, SUBOPS_FAILED, 0xA900, WARNING_SUBOPS}
+    | set(range(0xAA00, 0xAA05))  # Composite Instance Retrieve Without Bulk Data
+)
+_MOVE_STATUSES: Final = _GET_STATUSES | {MOVE_DESTINATION_UNKNOWN}
+UNABLE_TO_PROCESS: Final = 0xC000
+
+
+def for_retrieve(status: int, *, move: bool = False) -> int:
+    """A C-GET's (`move`: C-MOVE's) final status as the service defines it.
+
+    Out of resources is 0xA701/0xA702 there, not 0xA700, which many PACS answer anyway;
+    pynetdicom sends a status its tables lack with the last pending response's counts
+    (Remaining in a final, the undelivered not counted failed) and no Failed SOP
+    Instance UID List. So: another 0xAxxx failure is 0xA702, another warning 0xB000,
+    anything else 0xC000 (unable to process)."""
+    if status in (_MOVE_STATUSES if move else _GET_STATUSES) or 0xC000 <= status <= 0xCFFF:
+        return status
+    if 0xA000 <= status <= 0xAFFF:
+        return SUBOPS_FAILED
+    if 0xB000 <= status <= 0xBFFF or status == 0x0001:
+        return WARNING_SUBOPS
+    return UNABLE_TO_PROCESS
 
 
 def for_echo(status: int) -> int:

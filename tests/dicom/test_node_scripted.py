@@ -790,3 +790,43 @@ async def test_a_cancelled_find_ends_in_cancel_even_if_the_pacs_says_success() -
 
     codes = await with_agent(script, find_then_cancel)
     assert codes == [st.PENDING, st.CANCEL]
+
+
+@pytest.mark.parametrize(
+    ("pacs_status", "viewer_status"),
+    [(0xA700, st.SUBOPS_FAILED), (0xA801, st.SUBOPS_FAILED), (0xD123, 0xC000)],
+)
+async def test_a_pacs_status_a_c_get_does_not_have_reaches_the_viewer_as_one_it_does(
+    pacs_status: int, viewer_status: int
+) -> None:
+    """PS3.4 C.4.3.1.4 lists the C-GET statuses; many PACS answer 0xA700 (C-FIND's and
+    C-STORE's out of resources). pynetdicom sends a status its tables lack with the
+    last pending response's counts (the undelivered not counted failed) and no Failed
+    SOP Instance UID List: the node maps it first."""
+    script = playing(
+        Pending(remaining=3, completed=0, failed=0, warning=0),
+        inst(0),
+        FinalResponse(pacs_status, comment="no more"),
+    )
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    final = result.final
+    assert final.Status == viewer_status and final.ErrorComment == "no more"
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 2)
+
+
+async def test_a_pacs_status_a_c_get_does_not_have_before_any_count_is_mapped_too() -> None:
+    result = await with_agent(playing(FinalResponse(0xA700, comment="busy")), get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.final.Status == st.SUBOPS_FAILED
+    assert result.final.NumberOfFailedSuboperations == 1
+
+
+def test_retrieve_statuses_keep_what_the_service_defines() -> None:
+    for code in (0x0000, 0xFE00, 0xA701, 0xA702, 0xA900, 0xB000, 0xC000, 0xC311, 0x0122):
+        assert st.for_retrieve(code) == code
+    assert st.for_retrieve(0xA801) == st.SUBOPS_FAILED  # a C-GET has no destination
+    assert st.for_retrieve(0xA801, move=True) == st.MOVE_DESTINATION_UNKNOWN
+    assert st.for_retrieve(0xB007) == st.WARNING_SUBOPS
+    assert st.for_retrieve(0x0001) == st.WARNING_SUBOPS
+    assert st.for_retrieve(st.AGENT_BUSY) == st.SUBOPS_FAILED
