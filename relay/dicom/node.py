@@ -162,6 +162,16 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+def _retrieve_end(code: int, comment: str = "") -> Dataset:
+    """The status of a C-GET's or C-MOVE's final response, Cancel aside: without Number
+    of Remaining Sub-operations, which a Warning, Failure or Success shall not contain
+    (PS3.4 C.4.2.1.6, C.4.3.1.5). pynetdicom's final keeps the value of its last
+    pending response unless the handler's status clears it (None: left out)."""
+    ds = _status(code, comment)
+    ds.NumberOfRemainingSuboperations = None
+    return ds
+
+
 def _failed_list(uids: Iterable[str], limit: int) -> Dataset:
     """The identifier of a final response: the failed UIDs, once each, the first `limit`
     (and `_MAX_LIST_CHARS`): the counts say how many failed, the list cannot always."""
@@ -825,7 +835,7 @@ class DicomNode:
                     log.warning("cached %s stopped after %d of %d instances: %s",
                                 op, n, len(items), why)  # fmt: skip
                     yield (
-                        _status(code, why),
+                        _retrieve_end(code, why),
                         _failed_list(itertools.chain(subops.failed, unsent), limit),
                     )
                     return
@@ -836,7 +846,7 @@ class DicomNode:
                     none = subops.none_completed(sent)  # then a failure: PS3.4 C.4.3.3.1
                     code = st.SUBOPS_FAILED if none else st.WARNING_SUBOPS
                     yield (
-                        _status(code, "cache file damaged while serving"),
+                        _retrieve_end(code, "cache file damaged while serving"),
                         _failed_list(itertools.chain(subops.failed, unsent), limit),
                     )
                     return
@@ -1103,7 +1113,7 @@ class _Retrieval:
                 self.code = self.end.status
                 yield 1
                 yield (
-                    _status(self.end.status, self.end.comment),
+                    _retrieve_end(self.end.status, self.end.comment),
                     _failed_list(self.end.failed_instances, self.node.limits.max_list),
                 )
                 return
@@ -1150,12 +1160,12 @@ class _Retrieval:
             waiter.session.cancel()  # the rest of the study would only be counted failed
             held = (i.sop_instance for i in self.buffered)
             yield (
-                _status(self.code, _DESTINATION_LOST),
+                _retrieve_end(self.code, _DESTINATION_LOST),
                 _failed_list(itertools.chain(self.subops.failed, held), self.node.limits.max_list),
             )
         elif overflow:
             self.code = self._partial()
-            yield _status(self.code, "the PACS sent more instances than it announced"), failed
+            yield _retrieve_end(self.code, "the PACS sent more instances than it announced"), failed
         elif self.buffered and self.delivered + len(self.buffered) == self.total:
             # Everything announced has arrived intact, whatever happened afterwards.
             self.code = st.SUCCESS
@@ -1163,10 +1173,10 @@ class _Retrieval:
         elif _ok(end.status):
             self.code = self._partial()
             comment = end.comment or "fewer instances than announced"
-            yield _status(self.code, comment), failed
+            yield _retrieve_end(self.code, comment), failed
         else:
             self.code = end.status
-            yield _status(end.status, end.comment), failed
+            yield _retrieve_end(end.status, end.comment), failed
 
     def _partial(self) -> int:
         """The status of a retrieve that ran but did not deliver everything announced:

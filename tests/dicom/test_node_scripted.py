@@ -830,3 +830,26 @@ def test_retrieve_statuses_keep_what_the_service_defines() -> None:
     assert st.for_retrieve(0xB007) == st.WARNING_SUBOPS
     assert st.for_retrieve(0x0001) == st.WARNING_SUBOPS
     assert st.for_retrieve(st.AGENT_BUSY) == st.SUBOPS_FAILED
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        FinalResponse(0xB000, completed=1, failed=2, warning=0),  # warning
+        FinalResponse(0xC311, comment="PACS failed"),  # failure
+        None,  # the link lost: the node's own failure
+    ],
+)
+async def test_a_retrieve_s_warning_or_failure_final_has_no_remaining_count(
+    end: FinalResponse | None,
+) -> None:
+    """PS3.4 C.4.3.1.5: a C-GET response with Warning, Failure or Success shall not
+    contain Number of Remaining Sub-operations. pynetdicom's final kept its last pending
+    response's (2 here, beside 2 failed: five of three sub-operations)."""
+    msgs: list[Message] = [Pending(remaining=3, completed=0, failed=0, warning=0), inst(0)]
+    result = await with_agent(playing(*msgs, *([end] if end else [])), get)
+    assert isinstance(result, viewer.GetResult)
+    final = result.final
+    assert final.Status not in (st.SUCCESS, st.PENDING, st.CANCEL)
+    assert "NumberOfRemainingSuboperations" not in final
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 2)
