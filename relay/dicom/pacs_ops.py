@@ -144,6 +144,9 @@ class PacsOperation:
         self._move_announces = False
         self._took_spare = False  # the main association is the spare
         self._answered = False  # the PACS answered the main association's request
+        # The PACS accepted the association but none of the presentation contexts proposed
+        # (pynetdicom then aborts it): what was asked is not supported there.
+        self._contexts_refused = False
         self.associations = associations
         self._own = OpenAssociations()  # ours: abort() cuts those still being requested
 
@@ -340,6 +343,11 @@ class PacsOperation:
         where = f"{self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port}"
         if assoc.is_rejected:
             return FinalResponse(st.PACS_REFUSED, f"PACS {where} rejected the association")
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            self._contexts_refused = True
+            return FinalResponse(
+                st.PACS_REFUSED, f"PACS {where} does not accept the presentation contexts"
+            )
         if assoc.is_aborted and getattr(assoc.dul.socket, "_is_connected", False):
             return FinalResponse(st.PACS_NO_RESPONSE, f"PACS {where} aborted the association")
         return FinalResponse(st.PACS_UNREACHABLE, f"PACS {where} unreachable")
@@ -423,6 +431,8 @@ class PacsOperation:
         cxs = [build_context(req.sop_class, [ts]) for ts in syntaxes]
         assoc = self._associate(cxs)
         if isinstance(assoc, FinalResponse):
+            if self._contexts_refused:  # will be every time: not "out of resources"
+                return FinalResponse(st.STORE_SOP_CLASS_NOT_SUPPORTED, assoc.comment)
             return assoc
         try:
             ds = rawds.EncodedDataset(

@@ -42,6 +42,9 @@ PROCESSING_FAILURE: Final = 0x0110
 STORE_OUT_OF_RESOURCES: Final = 0xA700
 STORE_CANNOT_UNDERSTAND: Final = 0xC000
 STORE_NOT_AUTHORIZED: Final = 0x0124
+# The PACS accepted none of the upload's presentation contexts: it will refuse the SOP
+# class every time, which "out of resources" (try again later) would not say.
+STORE_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
 
 
 def for_store(status: int) -> int:

@@ -670,3 +670,49 @@ async def test_an_instance_of_another_study_is_not_relayed(kind: str) -> None:
     assert relayed == {i.sop_instance for i in CT} - {CT[1].sop_instance}
     final = final_of(msgs)
     assert final.status != st.SUCCESS and final.failed == 1, final
+
+
+@contextlib.contextmanager
+def ct_only_pacs() -> Iterator[int]:
+    """A PACS (pynetdicom) that stores CT images only, in any syntax."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+
+    ae = AE(ae_title="CTONLY")
+    ae.add_supported_context(samples.CT_IMAGE_STORAGE, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)]
+    )
+    assert server is not None
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+async def test_an_upload_of_a_class_the_pacs_does_not_store_is_0122() -> None:
+    """0xA700 tells the viewer to try again later; a PACS that rejected the SOP class's
+    presentation context will refuse it every time: 0x0122, SOP Class not supported
+    (PS3.7 C.5.9)."""
+    mr = MR[0]
+    req = Request(op="store", transfer_syntax=EXPLICIT, dataset=mr.data,
+                  sop_class=mr.sop_class, sop_instance=mr.sop_instance)  # fmt: skip
+    with ct_only_pacs() as port:
+        t = PacsTarget(ae_title="CTONLY", host="127.0.0.1", port=port, timeout=5)
+        msgs, summary = await run(t, req)
+    final = final_of(msgs)
+    assert final.status == st.STORE_SOP_CLASS_NOT_SUPPORTED == 0x0122
+    assert "does not accept the presentation contexts" in final.comment
+    assert summary.status == 0x0122
+
+
+async def test_a_query_the_pacs_has_no_model_for_is_refused_not_aborted() -> None:
+    """A PACS that accepts the association but none of its contexts refused the query
+    (0xC002, status.PACS_REFUSED); it did not abort or fail to answer (0xC003)."""
+    req = Request(op="find", root="study", transfer_syntax=EXPLICIT,
+                  dataset=ident("STUDY", StudyInstanceUID=""))  # fmt: skip
+    with ct_only_pacs() as port:
+        t = PacsTarget(ae_title="CTONLY", host="127.0.0.1", port=port, timeout=5)
+        msgs, _ = await run(t, req)
+    final = final_of(msgs)
+    assert final.status == st.PACS_REFUSED
+    assert "does not accept the presentation contexts" in final.comment
