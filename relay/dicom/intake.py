@@ -37,6 +37,7 @@ two threading events.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -47,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
@@ -94,6 +96,7 @@ MAX_MOVES: Final = 1024
 RESOLVE_INTERVAL: Final = 60.0
 # The elements an intake reads from each instance to check it against the retrieve's keys.
 _SCOPE_CAPTURE: Final = {
+    0x00080005: "charset",  # Specific Character Set: how the Patient ID's bytes read
     0x00080016: "sop_class",
     0x00080018: "sop_instance",
     0x00100020: "patient",
@@ -131,7 +134,30 @@ class RetrieveScope:
 
     def admits(self, seen: Mapping[str, str]) -> bool:
         """Whether an instance whose elements are `seen` is what was asked for."""
-        return all(seen.get(name, "").strip() in allowed for name, allowed in self.keys.items())
+        return all(self._matches(name, allowed, seen) for name, allowed in self.keys.items())
+
+    @staticmethod
+    def _matches(name: str, allowed: frozenset[str], seen: Mapping[str, str]) -> bool:
+        value = seen.get(name, "").strip()
+        if value in allowed:
+            return True
+        # A Patient ID (LO) outside ASCII: the identifier's is text, decoded in its own
+        # character set; the instance's was read as UTF-8. Compare the identifier's as
+        # the instance's character set writes it, read the same way.
+        charset = seen.get("charset", "")
+        return any(_as_read(a, charset) == value for a in allowed if not a.isascii())
+
+
+@functools.lru_cache(maxsize=64)  # once per retrieve's key and study, not per instance
+def _as_read(text: str, charset: str) -> str | None:
+    """`text` as `rawds` captures it from an instance in `charset` (Specific Character
+    Set): encoded there, then read as UTF-8 (None if that character set cannot hold it)."""
+    try:
+        encodings = convert_encodings([t.strip() for t in charset.split("\\")] or [""])
+        data = encode_string(text, encodings)
+    except (LookupError, ValueError):
+        return None
+    return data.strip(b"\x00 ").decode("utf-8", "replace").strip()
 
 
 def _values(value: Any) -> frozenset[str]:

@@ -716,3 +716,23 @@ async def test_a_query_the_pacs_has_no_model_for_is_refused_not_aborted() -> Non
     final = final_of(msgs)
     assert final.status == st.PACS_REFUSED
     assert "does not accept the presentation contexts" in final.comment
+
+
+async def test_a_patient_id_in_the_study_s_character_set_is_what_was_asked_for() -> None:
+    """The intake checks each instance against the retrieve's keys; a Patient ID with a
+    character outside ASCII (ISO_IR 100 in the samples) is compared as text in each
+    side's own character set, not as the instance's bytes read as UTF-8 (every
+    instance was refused 0xC0F1: a patient-level retrieve brought nothing)."""
+    spec = samples.StudySpec(patient_id="MÜLLER01")
+    study = samples.make_study(2, rows=16, cols=16, seed=81, spec=spec)
+    identifier = query("PATIENT", PatientID="MÜLLER01")
+    identifier.SpecificCharacterSet = "ISO_IR 100"
+    req = Request(op="retrieve", root="patient", transfer_syntax=EXPLICIT,
+                  dataset=encode_dataset(identifier, EXPLICIT))  # fmt: skip
+    with EmbeddedPacs(MemoryStore(study)) as p:
+        msgs, _ = await run(target(p), req)
+    assert {m.sop_instance for m in msgs if isinstance(m, Instance)} == {
+        i.sop_instance for i in study
+    }
+    final = final_of(msgs)
+    assert (final.status, final.completed, final.failed) == (0, 2, 0)
