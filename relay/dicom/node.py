@@ -643,7 +643,7 @@ class DicomNode:
             try:
                 rawds.check_instance(data, ts, sop_class, sop_instance)
             except rawds.MalformedDataset as exc:
-                final = FinalResponse(st.STORE_CANNOT_UNDERSTAND, f"malformed dataset: {exc}")
+                final = FinalResponse(_store_refusal(exc), f"malformed dataset: {exc}")
             else:
                 final = self._unary(
                     Request(
@@ -904,6 +904,14 @@ class DicomNode:
                 yield from self._serve_cached(event, cached, destination, subops)
                 return
             yield from _Retrieval(self, event, request, destination, subops).run()
+
+
+def _store_refusal(exc: rawds.MalformedDataset) -> int:
+    """A C-STORE refused for its dataset: 0xA900 if the dataset is of another SOP class
+    than the command names, 0xC000 (cannot understand) otherwise (PS3.4 B.2.3)."""
+    if isinstance(exc, rawds.SopClassMismatch):
+        return st.STORE_DATASET_MISMATCH
+    return st.STORE_CANNOT_UNDERSTAND
 
 
 def _calling(event: Any) -> str:

@@ -424,7 +424,12 @@ class PacsOperation:
                 max_inflated=limit,
             )  # fmt: skip
         except rawds.MalformedDataset as exc:
-            return FinalResponse(st.STORE_CANNOT_UNDERSTAND, f"malformed dataset: {exc}"[:200])
+            code = (
+                st.STORE_DATASET_MISMATCH
+                if isinstance(exc, rawds.SopClassMismatch)
+                else st.STORE_CANNOT_UNDERSTAND
+            )
+            return FinalResponse(code, f"malformed dataset: {exc}"[:200])
         syntaxes = [req.transfer_syntax] + [
             ts for ts in contexts.UNCOMPRESSED[:2] if ts != req.transfer_syntax
         ]

@@ -165,6 +165,11 @@ class MalformedDataset(ValueError):
     """Encoded bytes that are not a well-formed DICOM dataset."""
 
 
+class SopClassMismatch(MalformedDataset):
+    """A dataset whose SOP Class UID is not the one its DIMSE command names (a C-STORE's
+    "Data Set does not match SOP Class", PS3.4 B.2.3)."""
+
+
 class InflatedTooLarge(MalformedDataset):
     """A deflated dataset that inflates past the caller's limit."""
 
@@ -334,7 +339,8 @@ def check_instance(
         got = seen.get(key)
         if got is not None and got != expected:
             # Not the UIDs: they identify a patient's images, and this text reaches logs.
-            raise MalformedDataset(f"dataset {key} differs from the command's")
+            error = SopClassMismatch if key == "sop_class" else MalformedDataset
+            raise error(f"dataset {key} differs from the command's")
     return seen
 
 

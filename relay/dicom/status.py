@@ -41,6 +41,7 @@ PROCESSING_FAILURE: Final = 0x0110
 # Storage
 STORE_OUT_OF_RESOURCES: Final = 0xA700
 STORE_CANNOT_UNDERSTAND: Final = 0xC000
+STORE_DATASET_MISMATCH: Final = 0xA900  # the dataset's SOP Class UID is not the command's
 STORE_NOT_AUTHORIZED: Final = 0x0124
 # The PACS accepted none of the upload's presentation contexts: it will refuse the SOP
 # class every time, which "out of resources" (try again later) would not say.

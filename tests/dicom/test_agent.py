@@ -736,3 +736,14 @@ async def test_a_patient_id_in_the_study_s_character_set_is_what_was_asked_for()
     }
     final = final_of(msgs)
     assert (final.status, final.completed, final.failed) == (0, 2, 0)
+
+
+async def test_an_upload_of_another_sop_class_than_its_command_is_a900(
+    pacs: EmbeddedPacs,
+) -> None:
+    mr = MR[1]
+    req = Request(op="store", transfer_syntax=EXPLICIT, dataset=mr.data,
+                  sop_class=samples.CT_IMAGE_STORAGE, sop_instance=mr.sop_instance)  # fmt: skip
+    msgs, _ = await run(target(pacs), req)
+    assert final_of(msgs).status == st.STORE_DATASET_MISMATCH == 0xA900
+    assert pacs.events.stores == 0

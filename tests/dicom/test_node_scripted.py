@@ -853,3 +853,18 @@ async def test_a_retrieve_s_warning_or_failure_final_has_no_remaining_count(
     assert final.Status not in (st.SUCCESS, st.PENDING, st.CANCEL)
     assert "NumberOfRemainingSuboperations" not in final
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 2)
+
+
+async def test_an_upload_whose_dataset_is_of_another_sop_class_is_a900() -> None:
+    """PS3.4 B.2.3: a C-STORE whose dataset's SOP Class UID is not the command's is
+    0xA900 "Data Set does not match SOP Class", refused before the agent is asked."""
+    mr = samples.make_study(1, modality="MR", rows=16, cols=16, seed=62)[0]
+
+    async def never(stream: ByteStream, codec: MessageCodec, req: Request) -> None:
+        raise AssertionError("the agent must not be asked")
+
+    status = await with_agent(
+        never,
+        lambda port: viewer.store(port, samples.CT_IMAGE_STORAGE, mr.sop_instance, mr.data),
+    )
+    assert status.Status == st.STORE_DATASET_MISMATCH == 0xA900
