@@ -482,6 +482,7 @@ class PacsOperation:
                 identifier, model, msg_id=self._msg_id, priority=self.request.priority
             )
             self._sent(model)
+            garbled = False  # a match pynetdicom could not decode (it gives None for it)
             for status, match in responses:
                 if not status:
                     return FinalResponse(st.PACS_NO_RESPONSE, "PACS stopped answering C-FIND")
@@ -489,6 +490,7 @@ class PacsOperation:
                 code = int(status.Status)
                 if code in _PENDING:
                     if match is None:
+                        garbled = True
                         continue
                     pending = Pending(
                         transfer_syntax=ExplicitVRLittleEndian,
@@ -497,6 +499,9 @@ class PacsOperation:
                     if not self._emit_match(assoc, pending):
                         return self._cancel_backlog(assoc, model, responses)
                     continue
+                if garbled and status_category(code) in ("success", "warning"):
+                    # Not a complete result set: say so rather than pass on its Success.
+                    return FinalResponse(st.PACS_GARBLED, "PACS matches could not be decoded")
                 return FinalResponse(code, self._comment(status))
             return FinalResponse(st.PACS_NO_RESPONSE, "C-FIND ended without a final response")
         except (ChannelClosed, TimeoutError):

@@ -26,6 +26,7 @@ RELAY_PROTOCOL: Final = 0xC005  # a malformed message between workstation and ag
 RELAY_UNSUPPORTED: Final = 0xC006  # the agent cannot do this (e.g. retrieve: move not set up)
 BAD_IDENTIFIER: Final = 0xC007  # the identifier could not be decoded
 MOVE_DESTINATION_UNREACHABLE: Final = 0xC008  # a known C-MOVE destination does not answer
+PACS_GARBLED: Final = 0xC009  # the PACS sent C-FIND matches that could not be decoded
 # The agent refused the stream for its limits (LIMIT_EXCEEDED: this device's share of the
 # PACS operations, or all of them, are in use): C-FIND's "Refused: Out of resources";
 # a retrieve says it as SUBOPS_FAILED (for_retrieve), a store as STORE_OUT_OF_RESOURCES.

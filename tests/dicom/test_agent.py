@@ -747,3 +747,31 @@ async def test_an_upload_of_another_sop_class_than_its_command_is_a900(
     msgs, _ = await run(target(pacs), req)
     assert final_of(msgs).status == st.STORE_DATASET_MISMATCH == 0xA900
     assert pacs.events.stores == 0
+
+
+async def test_a_find_match_the_pacs_garbled_is_not_a_complete_success(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom gives a pending C-FIND response whose identifier it cannot decode as
+    (status, None); the agent passed over it, and the PACS's Success then claimed a
+    complete result set one match short."""
+    import pynetdicom.association
+
+    real = pynetdicom.association.decode  # type: ignore[attr-defined]
+    calls = 0
+
+    def garbling(*args: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ValueError("garbled identifier")
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pynetdicom.association, "decode", garbling)
+    req = Request(op="find", root="study", transfer_syntax=EXPLICIT,
+                  dataset=ident("STUDY", StudyInstanceUID=""))  # fmt: skip
+    msgs, _ = await run(target(pacs, spare_association=0), req)
+    assert len([m for m in msgs if isinstance(m, Pending)]) == 1  # of the 2 studies
+    final = final_of(msgs)
+    assert final.status == st.PACS_GARBLED
+    assert "could not be decoded" in final.comment  # (no value of theirs)
