@@ -23,8 +23,6 @@ from relay.workstation.cache.store import CacheStore
 
 log = logging.getLogger(__name__)
 
-RETRY_PAUSE = 5.0  # seconds before a failed fetch's study may be queued again by a rule
-
 
 @dataclass
 class PrefetchCounters:
@@ -110,9 +108,9 @@ class Prefetcher:
         while True:
             job = await self.queue.get()
             self.pending.discard(job.study_uid)
-            await self.link_up().wait()
-            self.current = job.study_uid
+            self.current = job.study_uid  # while it waits for the link too: not queued twice
             try:
+                await self.link_up().wait()
                 await self._one(job)
             except asyncio.CancelledError:
                 raise

@@ -63,3 +63,26 @@ def test_the_queue_is_bounded_and_counts_refusals(tmp_path: Path) -> None:
 
     p = asyncio.run(run())
     assert p.counters.queued == 2 and p.counters.refused == 1
+
+
+def test_a_study_taken_while_the_link_is_down_is_not_queued_again(tmp_path: Path) -> None:
+    """The worker holds a job until the link is up: a rule or `relay prefetch` naming the
+    same study meanwhile must not queue it a second time."""
+
+    async def run() -> Prefetcher:
+        p = prefetcher(tmp_path)
+        p.start()
+        try:
+            assert p.add("1.1", "test")
+            for _ in range(100):  # the worker takes it, then waits for the link
+                if not p.pending:
+                    break
+                await asyncio.sleep(0.01)
+            assert p.add("1.1", "test")
+            assert p.queue.qsize() == 0
+        finally:
+            await p.stop()
+        return p
+
+    p = asyncio.run(run())
+    assert p.counters.queued == 1
