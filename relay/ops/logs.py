@@ -25,7 +25,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, TextIO
+
+from relay.ops.loglimit import LogLimiter
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
@@ -182,10 +185,37 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     )
 
 
+class PeerErrorLimit(logging.Filter):
+    """aiohttp's server errors, limited: it logs each malformed request at error level,
+    and whoever reaches a listener (the IT pages from the hospital's network, the
+    DICOMweb server from the PC) could send them as fast as it can connect, filling the
+    log and rotating everything else out of it. Per kind of error: `LOG_BURST` lines,
+    then one per 10 s, the next line saying how many were held back (`suppressed`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._limit = LogLimiter()
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == "aiohttp.server" or record.name.startswith("aiohttp.server.")):
+            return True
+        kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        with self._lock:
+            held = self._limit.allow(kind, self._clock())
+        if held is None:
+            return False
+        if held:
+            record.__dict__["suppressed"] = held
+        return True
+
+
 def setup_logging(role: str, level: str = "info", stream: TextIO | None = None) -> None:
     """Replace root handlers with one filtered JSON handler on stdout (or `stream`)."""
     handler = logging.StreamHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(JsonFormatter(role))
+    handler.addFilter(PeerErrorLimit())
     handler.addFilter(PatientDataFilter())
     logging.getLogger().handlers[:] = [handler]
     logging.captureWarnings(True)  # pydicom warns with values: through the filter, not stderr

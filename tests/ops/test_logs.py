@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import pretty_dataset
 
 from relay.ops import logs
+from relay.ops.loglimit import LOG_BURST
+from relay.ops.logs import PeerErrorLimit
 from relay.ops.reloading import set_log_level
 
 
@@ -269,3 +272,47 @@ async def test_a_malformed_request_is_logged_without_its_request_line(
     assert entry["level"] == "error"
     assert entry["error"] == "BadStatusLine (text withheld below debug)"
     assert canary not in captured.text()
+
+
+async def test_malformed_requests_in_a_flood_are_limited_and_counted(setup: Start) -> None:
+    """Whoever reaches a listener (the IT pages from the hospital's network) sends bad
+    requests as fast as it connects: aiohttp logs each at error, and the log would be
+    filled with them. LOG_BURST lines, then the rest held back and counted on the next."""
+    captured = setup("info")
+    app = web.Application()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    tries = 3 * LOG_BURST
+    try:
+        port = runner.addresses[0][1]
+        for _ in range(tries):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/9.9\r\n\r\n")
+            assert b" 400 Bad Request" in await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+    finally:
+        await runner.cleanup()
+    lines = [e for e in captured.entries() if e["logger"] == "aiohttp.server"]
+    assert len(lines) == LOG_BURST  # the rest within the same 10 s: held back
+
+
+def test_the_line_after_a_held_back_flood_says_how_many() -> None:
+    now = [0.0]
+    limit = PeerErrorLimit(clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        try:
+            raise ValueError("bad request line")
+        except ValueError:
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                     "Error handling request", (), sys.exc_info())  # fmt: skip
+
+    let = [limit.filter(record()) for _ in range(LOG_BURST + 5)]
+    assert let.count(True) == LOG_BURST
+    now[0] += 10.0
+    after = record()
+    assert limit.filter(after) and after.__dict__["suppressed"] == 5
+    other = logging.LogRecord("relay.x", logging.ERROR, __file__, 1, "ours", (), None)
+    assert all(limit.filter(other) for _ in range(3 * LOG_BURST))  # only aiohttp's limited
