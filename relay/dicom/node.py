@@ -1098,9 +1098,8 @@ class _Retrieval:
                     self.total = max(self.estimate, len(self.buffered))
                 else:
                     self.end = FinalResponse(st.NO_COUNTS, "the PACS gave no sub-operation counts")
-        if self.total is None and self.end is not None and _ok(self.end.status):
-            done = [self.end.completed, self.end.failed, self.end.warning]
-            self.total = max(len(self.buffered), sum(c for c in done if c is not None))
+        if self.total is None and self.end is not None:
+            self.total = self._counted_by_final(self.end)
         # 2. For a C-MOVE, know the SOP classes and syntaxes before associating.
         if self.destination is not None:
             while (
@@ -1185,6 +1184,19 @@ class _Retrieval:
         else:
             self.code = end.status
             yield _retrieve_end(end.status, end.comment), failed
+
+    def _counted_by_final(self, end: FinalResponse) -> int | None:
+        """The sub-operations of a retrieve that ended before any count: the final's
+        (success, or a failure or cancel that counts them: a PACS that sends no pending
+        response), or None for a failure that counts nothing, which gets one notional
+        sub-operation (step 3). What came meanwhile is delivered either way."""
+        if _ok(end.status):
+            done = [end.completed, end.failed, end.warning]
+            return max(len(self.buffered), sum(c for c in done if c is not None))
+        counts = [c for c in (end.remaining, end.completed, end.failed, end.warning) if c]
+        if not counts or end.status == st.NO_COUNTS:
+            return None
+        return max(len(self.buffered), sum(counts))
 
     def _partial(self) -> int:
         """The status of a retrieve that ran but did not deliver everything announced:

@@ -868,3 +868,55 @@ async def test_an_upload_whose_dataset_is_of_another_sop_class_is_a900() -> None
         lambda port: viewer.store(port, samples.CT_IMAGE_STORAGE, mr.sop_instance, mr.data),
     )
     assert status.Status == st.STORE_DATASET_MISMATCH == 0xA900
+
+
+async def test_a_failure_before_any_pending_keeps_the_pacs_counts_and_its_instances() -> None:
+    """A PACS that sends no pending response: its final's counts are the retrieve's. The
+    node announced one notional sub-operation instead: the instances that had come were
+    dropped, and 3 failed UIDs were listed beside NumberOfFailedSuboperations 1."""
+    lost = ("1.2.3.7", "1.2.3.8", "1.2.3.9")
+    script = playing(inst(0), inst(1),
+                     FinalResponse(0xC311, "PACS failed", completed=2, failed=3, warning=0,
+                                   failed_instances=lost))  # fmt: skip
+    identifiers: list[Any] = []
+
+    def get_noting(port: int) -> viewer.GetResult:
+        """A C-GET like viewer.get's, noting each response's identifier (the failed list)."""
+        model = MODELS[("study", "get")]
+        result = viewer.GetResult()
+
+        def on_store(event: Any) -> int:
+            result.received[str(event.request.AffectedSOPInstanceUID)] = (EXPLICIT, b"")
+            return 0
+
+        assoc = scu("VIEWER").associate(
+            "127.0.0.1",
+            port,
+            contexts=[build_context(model), build_context(CLASSES[0], [EXPLICIT])],
+            ae_title="RELAY",
+            ext_neg=[build_role(CLASSES[0], scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        assert assoc.is_established
+        for status, identifier in assoc.send_c_get(query("STUDY", StudyInstanceUID="1"), model):
+            result.statuses.append(status)
+            identifiers.append(identifier)
+        assoc.release()
+        return result
+
+    result = await with_agent(script, get_noting)
+    final = result.final
+    assert set(result.received) == {STUDY[0].sop_instance, STUDY[1].sop_instance}
+    assert final.Status == 0xC311
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 3)
+    assert failed_uids(identifiers[-1]) == list(lost)
+
+
+async def test_a_pacs_a702_without_pending_counts_every_failure() -> None:
+    lost = ("1.2.3.7", "1.2.3.8", "1.2.3.9")
+    script = playing(FinalResponse(st.SUBOPS_FAILED, completed=0, failed=3, warning=0,
+                                   failed_instances=lost))  # fmt: skip
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.final.Status == st.SUBOPS_FAILED
+    assert result.final.NumberOfFailedSuboperations == 3
