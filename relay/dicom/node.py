@@ -1114,14 +1114,17 @@ class _Retrieval:
                 {"contexts": cxs, "evt_handlers": self.node._kept(opened)},
             )
         # 3. A failure before any count: one notional sub-operation, so that pynetdicom
-        #    sends our failure status instead of "Success, 0 sub-operations".
+        #    sends our failure status instead of "Success, 0 sub-operations". A warning
+        #    that counts nothing delivered nothing: a failure too (step 5's rule).
         if not self.total:
-            if self.end is not None and not _ok(self.end.status):
-                self.code = self.end.status
+            end = self.end
+            if end is not None and (not _ok(end.status) or 0xB000 <= end.status <= 0xBFFF):
+                status = st.SUBOPS_FAILED if _ok(end.status) else end.status
+                self.code = status
                 yield 1
                 yield (
-                    _retrieve_end(self.end.status, self.end.comment),
-                    _failed_list(self.end.failed_instances, self.node.limits.max_list),
+                    _retrieve_end(status, end.comment),
+                    _failed_list(end.failed_instances, self.node.limits.max_list),
                 )
                 return
             self.code = st.SUCCESS

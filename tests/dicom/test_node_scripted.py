@@ -912,6 +912,16 @@ async def test_a_failure_before_any_pending_keeps_the_pacs_counts_and_its_instan
     assert failed_uids(identifiers[-1]) == list(lost)
 
 
+async def test_a_pacs_warning_that_counts_nothing_is_a_failure_not_success() -> None:
+    """A PACS's 0xB000 final with no counts and no instance before it delivered nothing:
+    0xA702, not pynetdicom's "Success, 0 sub-operations"."""
+    script = playing(FinalResponse(st.WARNING_SUBOPS))
+    result = await with_agent(script, get)
+    assert isinstance(result, viewer.GetResult)
+    assert result.final.Status == st.SUBOPS_FAILED
+    assert not result.received
+
+
 async def test_a_pacs_a702_without_pending_counts_every_failure() -> None:
     lost = ("1.2.3.7", "1.2.3.8", "1.2.3.9")
     script = playing(FinalResponse(st.SUBOPS_FAILED, completed=0, failed=3, warning=0,
