@@ -46,7 +46,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from relay.ops import privatefiles
+from relay.ops import privatefiles, replacing
 
 __all__ = [
     "CONTROL_FILE",
@@ -141,7 +141,8 @@ def read_endpoint(state_dir: Path) -> Endpoint:
 
 
 def _write_endpoint(state_dir: Path, endpoint: Endpoint) -> None:
-    """control.json, private from creation on and replaced atomically."""
+    """control.json, private from creation on and replaced atomically (on Windows, riding
+    out a scanner that holds the fresh file a moment: relay.ops.replacing)."""
     path = _endpoint_file(state_dir)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     data = json.dumps(
@@ -151,7 +152,7 @@ def _write_endpoint(state_dir: Path, endpoint: Endpoint) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        replacing.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from relay.ops import privatefiles
+from relay.ops import privatefiles, replacing
 from relay.trust.identity import (
     Identity,
     IdentityError,
@@ -356,7 +356,7 @@ def _write_file(path: Path, data: bytes, mode: int, exclusive: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         if target != path:
-            os.replace(target, path)
+            replacing.replace(target, path)  # Windows: a scanner may hold the fresh file
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(target)

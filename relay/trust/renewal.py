@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.net.jsonframes import MessageError, read_json, write_json
+from relay.ops import replacing
 from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 from relay.trust import pki
 from relay.trust.identity import (
@@ -137,7 +138,9 @@ def install(
     certificate last; then the key is renamed into place, then the CA, then the
     certificate. A crash between the renames leaves the new key beside the old
     certificate and the pending certificate: `complete_pending_renewal` (called before
-    every load, and by `relay workstation` at start) finishes the job.
+    every load, and by `relay workstation` at start) finishes the job. Renames go through
+    relay.ops.replacing: a Windows scanner holding a fresh pending file a moment is ridden
+    out, not taken for a failed install.
     """
     d = Path(identity_dir)
     try:
@@ -148,10 +151,10 @@ def install(
             with contextlib.suppress(FileNotFoundError):
                 (d / PENDING_CA).unlink()  # not part of this set
         pki.write_cert(d / PENDING_CERT, cert)
-        os.replace(d / PENDING_KEY, d / KEY_FILE)
+        replacing.replace(d / PENDING_KEY, d / KEY_FILE)
         if ca is not None:
-            os.replace(d / PENDING_CA, d / CA_FILE)
-        os.replace(d / PENDING_CERT, d / CERT_FILE)
+            replacing.replace(d / PENDING_CA, d / CA_FILE)
+        replacing.replace(d / PENDING_CERT, d / CERT_FILE)
     except (pki.PkiError, OSError) as exc:
         raise RenewalError(f"cannot install the new identity in {d}: {exc}") from None
     _fsync_dir(d)
@@ -183,10 +186,10 @@ def complete_pending_renewal(identity_dir: Path) -> str | None:
                 path.unlink()
         return "discarded"
     if pending_key.exists():
-        os.replace(pending_key, d / KEY_FILE)
+        replacing.replace(pending_key, d / KEY_FILE)
     if pending_ca.exists():
-        os.replace(pending_ca, d / CA_FILE)
-    os.replace(pending_cert, d / CERT_FILE)
+        replacing.replace(pending_ca, d / CA_FILE)
+    replacing.replace(pending_cert, d / CERT_FILE)
     _fsync_dir(d)
     return "completed"
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from relay.ops import control, privatefiles
 from relay.ops.control import ControlError, ControlServer
+from tests.replacing_helpers import scanner_holds_each_fresh_file_once
 
 
 async def echo(body: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +182,17 @@ async def test_stop_stops_even_if_the_file_cannot_be_deleted(
     with pytest.raises(aiohttp.ClientConnectionError):  # and no longer serving
         async with aiohttp.ClientSession() as session:
             await session.post(f"http://127.0.0.1:{port}/v1/echo")
+
+
+def test_the_endpoint_file_rides_out_a_scanner_holding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: an antivirus scanner opens the fresh file a moment and the rename into
+    control.json fails once: that failed the workstation's start."""
+    refused = scanner_holds_each_fresh_file_once(monkeypatch)
+    control._write_endpoint(tmp_path, control.Endpoint(4242, "secret", 7))
+    assert refused and control.read_endpoint(tmp_path) == control.Endpoint(4242, "secret", 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [control.CONTROL_FILE]
 
 
 async def test_a_garbled_endpoint_file(tmp_path: Path) -> None:

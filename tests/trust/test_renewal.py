@@ -54,6 +54,7 @@ from relay.trust.renewal import (
     renewal_loop,
 )
 from tests.pki_helpers import HOST, SitePki, make_pki
+from tests.replacing_helpers import scanner_holds_each_fresh_file_once
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 WS1 = Identity.device("hospital.test", "main", "ws1")
@@ -614,6 +615,27 @@ def test_install_with_a_ca_and_its_recovery(site: Site, tmp_path: Path) -> None:
     pki.write_cert(d / PENDING_CA, site.pki.ca_cert)  # a stray from another attempt
     install(d, key2, cert2)
     assert pki.load_cert(d / "ca.crt") == other.ca_cert and not (d / PENDING_CA).exists()
+
+
+def test_install_rides_out_a_scanner_holding_the_fresh_files(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows: an antivirus scanner opens each freshly written file a moment; renaming it
+    then fails once. That was a failed renewal (or enrollment), retried only later."""
+    d = site.identity_dir
+    other = make_pki(tmp_path / "other")
+    key = pki.generate_key()
+    cert = pki.issue_certificate(other.ca_key, other.ca_cert, key.public_key(), WS1, 30 * DAY)
+    refused = scanner_holds_each_fresh_file_once(monkeypatch)
+    install(d, key, cert, other.ca_cert)
+    assert pki.load_cert(d / "device.crt") == cert and pki.load_cert(d / "ca.crt") == other.ca_cert
+    assert {Path(r).name for r in refused} >= {PENDING_KEY, PENDING_CA, PENDING_CERT}
+
+    key, cert = _new_pair(site)  # and the completion of an interrupted install
+    pki.write_key(d / PENDING_KEY, key)
+    pki.write_cert(d / PENDING_CERT, cert)
+    assert complete_pending_renewal(d) == "completed"
+    assert pki.load_cert(d / "device.crt") == cert and not (d / PENDING_CERT).exists()
 
 
 async def test_renew_completes_an_interrupted_install_first(site: Site) -> None:
