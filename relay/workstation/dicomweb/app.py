@@ -31,7 +31,12 @@ from relay.dicom import status as st
 from relay.dicom.uids import is_uid
 from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10
 from relay.workstation.dicomweb.codestreams import CodestreamCache
-from relay.workstation.dicomweb.guard import allowed_origins, fetch_allowed, host_allowed
+from relay.workstation.dicomweb.guard import (
+    allowed_origins,
+    fetch_allowed,
+    host_allowed,
+    security_headers,
+)
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
@@ -125,6 +130,13 @@ def _guard(service: DicomwebService) -> Any:
         return await handler(request)
 
     return guard
+
+
+async def _secured(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer of the listener gets guard.security_headers,
+    the refusals and aiohttp's own error pages included (a middleware would miss those
+    raised as exceptions)."""
+    security_headers(response.headers)
 
 
 def _bounded(service: DicomwebService) -> Any:
@@ -1073,6 +1085,7 @@ def build_app(
         client_max_size=1024 * 1024,  # non-streamed bodies; STOW streams within max_upload
     )
     app[KEY_SERVICE] = service
+    app.on_response_prepare.append(_secured)
     _routes(app)
     for add in extra_routes:
         add(app)

@@ -11,16 +11,32 @@ DICOMweb refuses them too (403; viewers that are not browsers send no such heade
 viewer's page stays open to them: a RIS or worklist on another site links to it (and
 the viewer starts no warm-up for such a navigation, viewer/warmup.py). Query strings
 are bounded (414).
+
+Every answer of the listener (DICOMweb, the viewer, the refusals, aiohttp's own error
+pages) says `X-Content-Type-Options: nosniff`, so none is read as another type than it
+says; an HTML one also gets HTML_CSP (no framing by another page: clickjacking) and
+`X-Frame-Options: DENY` for older browsers (security_headers, app.py applies it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Final
 
-__all__ = ["LOOPBACK_NAMES", "allowed_hosts", "allowed_origins", "fetch_allowed", "host_allowed"]
+__all__ = [
+    "HTML_CSP",
+    "LOOPBACK_NAMES",
+    "allowed_hosts",
+    "allowed_origins",
+    "fetch_allowed",
+    "host_allowed",
+    "security_headers",
+]
 
 LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
+# What OHIF's page needs to be allowed is left to the defaults (its scripts, workers and
+# wasm are its own origin's); only what no page of ours uses is closed.
+HTML_CSP: Final = "frame-ancestors 'none'; object-src 'none'; base-uri 'self'; form-action 'self'"
 
 
 def allowed_hosts(ports: Iterable[int]) -> frozenset[str]:
@@ -53,3 +69,12 @@ def fetch_allowed(sec_fetch_site: str | None) -> bool:
     """Whether the browser says the request comes from our pages, a typed address or a
     bookmark (`same-origin`, `same-site`, `none`), or it is not a browser (no header)."""
     return (sec_fetch_site or "").strip().lower() != "cross-site"
+
+
+def security_headers(headers: MutableMapping[str, str]) -> None:
+    """Add nosniff to an answer's headers, and the CSP and frame refusal to an HTML one
+    (headers the handler set itself are kept)."""
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    if headers.get("Content-Type", "").lower().startswith("text/html"):
+        headers.setdefault("Content-Security-Policy", HTML_CSP)
+        headers.setdefault("X-Frame-Options", "DENY")

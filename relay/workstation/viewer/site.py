@@ -10,6 +10,9 @@ Static files from the installed dist (relay.workstation.viewer.install), with:
   anything the resolved path does not keep inside the root are 404);
 - COOP/COEP (same-origin, require-corp): cross-origin isolation lets OHIF's workers use
   SharedArrayBuffer, and nothing of another origin can be embedded;
+- HTML (the page, the install page) with guard.HTML_CSP: `frame-ancestors 'none'`, so
+  no other site can frame the viewer (clickjacking); the listener adds nosniff and it to
+  every answer, this site's 404s included;
 - without a dist: one log line at start and, for every page, a 503 saying how to install
   it. DICOMweb works either way;
 - `on_open`: called with the request when the viewer's page is served for a `/viewer`
@@ -29,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.workstation.dicomweb.guard import HTML_CSP
 from relay.workstation.viewer.install import default_viewer_dir, installed_release
 
 __all__ = ["MIME_TYPES", "ViewerSite", "app_config_js"]
@@ -69,6 +73,7 @@ SECURITY_HEADERS: Mapping[str, str] = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+HTML_HEADERS: Mapping[str, str] = {"Content-Security-Policy": HTML_CSP}  # no framing
 NO_CACHE = {"Cache-Control": "no-cache"}  # index.html and app-config.js: always fresh
 BAD_CHARACTERS = frozenset('\\:*?"<>|\0')
 MAX_PATH = 1024
@@ -244,6 +249,8 @@ class ViewerSite:
     def _file(self, file: Path) -> web.StreamResponse:
         headers = dict(SECURITY_HEADERS)
         headers["Content-Type"] = content_type(file.name)
+        if headers["Content-Type"].startswith("text/html"):
+            headers.update(HTML_HEADERS)
         if file.name == "index.html":
             headers.update(NO_CACHE)
         return web.FileResponse(file, headers=headers)
@@ -265,4 +272,5 @@ class ViewerSite:
         )
         headers = dict(SECURITY_HEADERS)
         headers.update(NO_CACHE)
+        headers.update(HTML_HEADERS)
         return web.Response(status=503, text=page, content_type="text/html", headers=headers)

@@ -93,6 +93,27 @@ async def test_the_listeners_guards_cover_the_viewer(
         assert "Access-Control-Allow-Origin" not in answer
 
 
+async def test_every_answer_says_nosniff_and_the_page_cannot_be_framed(
+    server: tuple[str, int],
+) -> None:
+    base, _ = server
+    status, headers, _ = await fetch(base + "/viewer?StudyInstanceUIDs=1.2.3")
+    assert status == 200 and "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    cases: list[tuple[str, dict[str, str], int]] = [
+        ("/", {"Host": "rebound.example.com"}, 403),  # the guard's refusals
+        ("/dicom-web/studies", {"Sec-Fetch-Site": "cross-site"}, 403),
+        ("/missing.js", {}, 404),  # the site's
+        ("/dicom-web/no-such-thing", {}, 404),
+        ("/dicom-web/studies/not-a-uid/metadata", {}, 400),  # DICOMweb's
+        ("/app.js", {}, 200),
+    ]
+    for path, extra, expected in cases:
+        status, headers, _ = await fetch(base + path, **extra)
+        assert status == expected, path
+        assert headers.get("X-Content-Type-Options") == "nosniff", path
+        assert "Access-Control-Allow-Origin" not in headers
+
+
 async def test_a_missing_viewer_leaves_dicomweb_working(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -89,6 +89,8 @@ async def test_files_with_their_types(
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
         assert "Access-Control-Allow-Origin" not in response.headers
+        if kind.startswith("text/html"):  # no other site may frame the viewer
+            assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
         assert await response.read() == body
 
 
