@@ -88,7 +88,8 @@ class DicomwebService:
     max_upload: int
     allowed_hosts: frozenset[str] = frozenset()
     base_url: str = ""  # http://127.0.0.1:PORT/dicom-web once listening
-    # HTJ2K encodings at once (CPU-bound, in threads): the other requests keep a core
+    # HTJ2K encodings and rendered frames at once (CPU-bound, in threads): the other
+    # requests keep a core
     encoders: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
     frames_encoded: int = 0
     # encoded frames kept for a viewer's next byte range (codestreams.py), bounded
@@ -811,6 +812,10 @@ def _rendered(level: str, frame_in_path: bool = False, thumbnail: bool = False) 
             size = render.viewport(request.query.get("viewport"))
         except ValueError as exc:
             return _text(400, f"viewport: {exc}")
+        try:
+            jpeg_quality = render.quality(request.query.get("quality"))
+        except ValueError as exc:
+            return _text(400, f"quality: {exc}")
         if size is None and thumbnail:
             size = thumbs.DEFAULT_THUMBNAIL
         chosen = _render_type(request)
@@ -823,8 +828,9 @@ def _rendered(level: str, frame_in_path: bool = False, thumbnail: bool = False) 
         ds = await _decoded(item)
         if isinstance(ds, web.Response):
             return ds
-        try:
-            body = await asyncio.to_thread(render.render_frame, ds, number, chosen, size)
+        try:  # CPU-bound: at most as many at once as HTJ2K encodings, sharing their slots
+            body = await _in_thread(_service(request).encoders, render.render_frame, ds,
+                                    number, chosen, size, jpeg_quality)  # fmt: skip
         except render.RenderError as exc:
             return _text(404 if "past the last" in str(exc) else 406, str(exc))
         return web.Response(body=body, content_type=chosen)

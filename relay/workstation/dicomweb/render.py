@@ -7,7 +7,10 @@ frames.py; big endian layouts frames.py refuses are refused here too), the VOI w
 the dataset is applied (Window Center/Width, else the frame's min..max), and Pillow
 encodes it. Pillow: the maintained standard imaging library for Python, wheels for
 Windows, macOS and Linux, JPEG and PNG built in; nothing else we have encodes either.
-`viewport=W,H` scales down (never up), within MAX_SIDE.
+`viewport=W,H` scales down (never up), within MAX_SIDE; without one, a frame larger than
+MAX_SIDE is scaled down to it too. Only the frame asked for is decoded, and a frame of
+more than MAX_FRAME_VALUES values is refused before decoding: a compressed frame whose
+header claims a huge image (a decompression bomb) costs nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.processing import apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from relay.workstation.dicomweb import frames
 
-__all__ = ["MAX_SIDE", "RenderError", "render_frame", "viewport"]
+__all__ = ["MAX_FRAME_VALUES", "MAX_SIDE", "RenderError", "quality", "render_frame", "viewport"]
 
-MAX_SIDE: Final = 4096
+MAX_SIDE: Final = 4096  # px: the largest side of a rendered image (asked for or not)
+# Rows x Columns x Samples per Pixel of a frame we decode to render (a 5.6k x 5.6k grey
+# or 3.2k x 3.2k colour frame; mammograms are ~24 M): each value becomes 8 bytes
+# (float64) while windowed, so at most 256 MiB per render.
+MAX_FRAME_VALUES: Final = 1 << 25
 FORMATS: Final = {"image/jpeg": "JPEG", "image/png": "PNG"}
 
 
@@ -46,15 +54,31 @@ def viewport(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
+def quality(text: str | None) -> int | None:
+    """`quality=Q` (PS3.18 8.3.5.1.3: 1 to 100, for a lossy format) -> Q; ValueError when
+    malformed."""
+    if text is None:
+        return None
+    if not text.strip().isdigit() or not 1 <= int(text) <= 100:
+        raise ValueError("expected quality=1 to 100")
+    return int(text)
+
+
 def render_frame(
-    ds: Dataset, number: int, media_type: str, size: tuple[int, int] | None = None
+    ds: Dataset,
+    number: int,
+    media_type: str,
+    size: tuple[int, int] | None = None,
+    jpeg_quality: int | None = None,
 ) -> bytes:
-    """Frame `number` (1-based) as `media_type` (image/jpeg or image/png)."""
+    """Frame `number` (1-based) as `media_type` (image/jpeg or image/png); `jpeg_quality`
+    for JPEG (Pillow's default without)."""
     if "PixelData" not in ds:
         raise RenderError("the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= number <= count:
         raise RenderError(f"frame {number} is past the last frame ({count})")
+    _check_frame_size(ds)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     try:
@@ -63,11 +87,10 @@ def render_frame(
             ds = _as_native(ds, ts)
     except (frames.FrameError, frames.Unservable) as exc:
         raise RenderError(f"cannot decode the pixel data: {exc}") from None
-    try:
-        arr = ds.pixel_array
+    try:  # this frame only: a multi-frame instance is not decoded whole for one of them
+        frame = pixel_array(ds, index=number - 1 if count > 1 else None)
     except Exception as exc:
         raise RenderError(f"cannot decode the pixel data: {type(exc).__name__}") from None
-    frame = arr[number - 1] if count > 1 else arr
     colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
     if colour:
         image = Image.fromarray(_to_uint8(frame.astype(np.float64)), "RGB")
@@ -77,11 +100,24 @@ def render_frame(
         if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
             grey = 255 - grey
         image = Image.fromarray(grey, "L")
-    if size is not None:
-        image.thumbnail(size)
+    image.thumbnail(size or (MAX_SIDE, MAX_SIDE))
     out = io.BytesIO()
-    image.save(out, FORMATS[media_type])
+    if media_type == "image/jpeg" and jpeg_quality is not None:
+        image.save(out, FORMATS[media_type], quality=jpeg_quality)
+    else:
+        image.save(out, FORMATS[media_type])
     return out.getvalue()
+
+
+def _check_frame_size(ds: Dataset) -> None:
+    """Refuse a frame too large to decode, from its header alone (before any decoding)."""
+    try:
+        values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise RenderError("the instance has no usable Rows/Columns") from None
+    if values > MAX_FRAME_VALUES:
+        raise RenderError(f"a frame of {values} values is more than {MAX_FRAME_VALUES}: "
+                          "not rendered")  # fmt: skip
 
 
 def _as_native(ds: Dataset, transfer_syntax: str) -> Dataset:

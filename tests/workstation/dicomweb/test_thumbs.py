@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -107,3 +108,39 @@ async def test_series_and_study_rendered_and_thumbnails(
     assert (await get(f"{srv.url}/studies/{STUDY}/series/1.2.3/thumbnail"))[0] == 404
     source.down = True
     assert (await get(f"{srv.url}/studies/{STUDY}/series/9.9/rendered"))[0] == 502
+
+
+async def test_renders_wait_for_a_cpu_slot(web: tuple[DicomwebServer, ScriptedSource]) -> None:
+    """Rendering is CPU-bound: it takes one of the encoders' slots, so renders at once
+    are bounded whoever asks for how many."""
+    srv, _ = web
+    inst = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
+    assert (await get(f"{inst}/rendered"))[0] == 200  # retrieved: the next one is quick
+    slots = srv.service.encoders
+    taken = 0
+    while not slots.locked():
+        await slots.acquire()
+        taken += 1
+    pending = asyncio.ensure_future(get(f"{inst}/rendered"))
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pending), 0.3)
+    finally:
+        for _ in range(taken):
+            slots.release()
+    status, _, body = await pending
+    assert status == 200 and body[:2] == b"\xff\xd8"  # a JPEG
+
+
+async def test_quality_is_taken_and_checked(web: tuple[DicomwebServer, ScriptedSource]) -> None:
+    srv, _ = web
+    inst = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
+    sizes = []
+    for q in (5, 95):
+        status, headers, body = await get(f"{inst}/rendered?quality={q}")
+        assert status == 200 and headers["Content-Type"] == "image/jpeg"
+        sizes.append(len(body))
+    assert sizes[0] < sizes[1]
+    for bad in ("0", "101", "high", ""):
+        status, _, body = await get(f"{inst}/thumbnail?quality={bad}")
+        assert status == 400 and b"quality" in body, bad

@@ -110,6 +110,25 @@ def test_rendered_frames_are_images_of_the_frame(ct: samples.EncodedInstance) ->
         render.viewport("0,10")
 
 
+def test_a_frame_too_large_to_render_is_refused_from_its_header(
+    ct: samples.EncodedInstance,
+) -> None:
+    """A decompression bomb (a small instance claiming a huge frame) is refused before
+    anything is decoded or allocated."""
+    ds = decoded(ct)
+    ds.Rows = ds.Columns = 6000  # 36 M values
+    with pytest.raises(render.RenderError, match="more than"):
+        render.render_frame(ds, 1, "image/png")
+
+
+def test_without_a_viewport_a_rendered_frame_is_within_max_side(
+    ct: samples.EncodedInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(render, "MAX_SIDE", 100)
+    png = render.render_frame(decoded(ct), 1, "image/png")
+    assert max(Image.open(io.BytesIO(png)).size) == 100
+
+
 def test_the_host_header_must_name_loopback() -> None:
     allowed = allowed_hosts([8042])
     for ok in ("127.0.0.1:8042", "localhost:8042", "LOCALHOST:8042", "[::1]:8042", "127.0.0.1"):
