@@ -11,10 +11,12 @@ lock is on the open file, not its contents.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 __all__ = ["InstanceLock", "InstanceLocked"]
 
@@ -35,7 +37,8 @@ class InstanceLock:
         return self._fd is not None
 
     def acquire(self) -> None:
-        """Take the lock without waiting; InstanceLocked if another process has it."""
+        """Take the lock without waiting; InstanceLocked if another process has it,
+        OSError if none can be taken on this file system."""
         if self._fd is not None:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
@@ -43,6 +46,8 @@ class InstanceLock:
             _lock(fd)
         except OSError as exc:
             os.close(fd)
+            if exc.errno not in HELD:  # no lock to be had here: not "another process"
+                raise
             raise InstanceLocked(f"{self.path} is locked by another process") from exc
         self._fd = fd
 
@@ -74,6 +79,10 @@ class InstanceLock:
 if sys.platform == "win32":  # a literal test: mypy checks each branch on its platform
     import msvcrt
 
+    # msvcrt.locking: EACCES when another handle holds the byte (LK_NBLCK), EDEADLOCK
+    # after LK_LOCK's retries
+    HELD: Final = frozenset({errno.EACCES, errno.EDEADLOCK})
+
     def _lock(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # OSError if another handle holds it
@@ -84,6 +93,11 @@ if sys.platform == "win32":  # a literal test: mypy checks each branch on its pl
 
 else:
     import fcntl
+
+    # flock: EWOULDBLOCK when another open file holds it. Anything else (ENOLCK,
+    # EOPNOTSUPP: a network home directory whose file system has no such locks) means no
+    # lock can be had here, which is not another workstation running.
+    HELD: Final = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 
     def _lock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if held

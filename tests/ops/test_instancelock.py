@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from relay.ops import instancelock
 from relay.ops.instancelock import InstanceLock, InstanceLocked
 
 HOLD = """
@@ -52,3 +54,21 @@ def test_the_lock_of_a_process_that_died_is_free_at_once(tmp_path: Path) -> None
     with InstanceLock(path) as lock:
         assert lock.held
     assert path.exists()  # the file stays; only the lock is gone
+
+
+def test_a_file_system_without_locks_is_not_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A home directory on a network share whose file system refuses flock (ENOLCK,
+    EOPNOTSUPP): that was "locked by another process", and the user looked for a second
+    workstation that did not exist."""
+
+    def no_locks_here(fd: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(instancelock, "_lock", no_locks_here)
+    lock = InstanceLock(tmp_path / "x.lock")
+    with pytest.raises(OSError) as info:
+        lock.acquire()
+    assert not isinstance(info.value, InstanceLocked) and info.value.errno == errno.ENOLCK
+    assert not lock.held
