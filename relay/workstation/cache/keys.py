@@ -36,7 +36,6 @@ def load_master_key(
         return Sealer.new_key(), True
     try:
         import keyring
-        import keyring.errors
     except ImportError as exc:  # pragma: no cover - a dependency
         raise KeyUnavailable(f"keyring needs the keyring package ({exc})") from None
     try:
@@ -55,7 +54,12 @@ def load_master_key(
         key = Sealer.new_key()
         keyring.set_password(KEYRING_SERVICE, account, base64.b64encode(key).decode())
         return key, True
-    except (keyring.errors.KeyringError, ValueError) as exc:
+    # Each backend raises its own: keyring's Windows backend lets pywin32's
+    # `pywintypes.error` through (CredWrite refused by a policy, no logon session, a name
+    # over Credential Manager's limits), not a KeyringError as macOS's and Secret
+    # Service's do; a garbled entry's base64 raises ValueError. To the cache they all mean
+    # one thing: no key from the store, said in one line.
+    except Exception as exc:
         raise KeyUnavailable(f"keyring: {type(exc).__name__}: {exc}") from None
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relay.workstation.cache.keys import KEYRING_SERVICE, forget_master_key, load_master_key
+import pytest
+
+from relay.workstation.cache.keys import (
+    KEYRING_SERVICE,
+    KeyUnavailable,
+    forget_master_key,
+    load_master_key,
+)
 from tests.workstation.cache.conftest import MemoryKeyring
 
 
@@ -35,3 +42,27 @@ def test_a_key_under_the_old_account_is_moved_not_replaced(memory_keyring: Memor
     assert set(memory_keyring.items) == {(KEYRING_SERVICE, "ws1 c:\\state")}
     again, fresh = load_master_key("keyring", "ws1 c:\\state", "ws1 C:\\Users\\Ana\\Site.yaml")
     assert again == old and not fresh
+
+
+class error(Exception):  # pywin32's pywintypes.error, by its name
+    """What keyring's Windows backend lets through when Credential Manager refuses: not a
+    KeyringError (win32ctypes.pywintypes.error: winerror, funcname, strerror)."""
+
+
+@pytest.mark.parametrize("refused", ["get_password", "set_password"])
+def test_a_windows_credential_manager_refusal_is_a_one_line_key_error(
+    memory_keyring: MemoryKeyring, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """It escaped load_master_key, and the workstation's start ended in a traceback
+    instead of `cache.key: keyring: ...`."""
+
+    def refuse(*args: object) -> None:
+        raise error(1312, "CredWrite", "A specified logon session does not exist.")
+
+    monkeypatch.setattr(memory_keyring, refused, refuse)
+    with pytest.raises(KeyUnavailable) as info:
+        load_master_key("keyring", "ws1 c:\\state")
+    assert str(info.value) == (
+        "keyring: error: (1312, 'CredWrite', 'A specified logon session does not exist.')"
+    )
+    assert memory_keyring.items == {}
