@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,10 @@ async def test_gateway_restart_then_forwarding_works_again(tmp_path: Path) -> No
     async with tcp_service() as echo:
         kept = reserve()  # the gateway's port, the same after its restart
         port = kept.getsockname()[1]
+        if sys.platform == "win32":
+            # Windows refuses a bind without SO_REUSEADDR (the gateway's, by
+            # socket.create_server) on a port a socket with it holds: given back, a race
+            kept.close()
         gw = await start_gateway(pki, tmp_path, port)
         a_config = agent_config(pki, tmp_path, [port], {"echo": (echo.port, False)})
         w_config = workstation_config(

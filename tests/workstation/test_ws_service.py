@@ -39,7 +39,11 @@ from tests.workstation.test_ws_forward import workstation_up
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+async def test_relay_workstation_process_forwards_and_exits_0_on_a_stop_signal(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM where it is a signal; on Windows it is TerminateProcess (exit status 1, no
+    drain): there Ctrl-Break, to the process's own console group."""
     pki = make_pki(tmp_path / "pki")
     identity = device_identity_dir(pki, tmp_path)
     async with running_gateway(pki, tmp_path) as gw, tcp_service() as echo:
@@ -61,6 +65,7 @@ async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_pat
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay.cli", "workstation", "--config", str(config),
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0),
             )  # fmt: skip
         try:
             alive = lambda: proc.returncode is None  # noqa: E731
@@ -69,7 +74,7 @@ async def test_relay_workstation_process_forwards_and_exits_0_on_sigterm(tmp_pat
             await wait_until(lambda: len(gw.server.links.devices) == 1, within=30)
             payload = b"through a real workstation process " * 1000
             assert await asyncio.wait_for(tcp_exchange(fwd, payload), WAIT) == payload
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(getattr(signal, "CTRL_BREAK_EVENT", signal.SIGTERM))
             code = await asyncio.wait_for(proc.wait(), 30)
         finally:
             if proc.returncode is None:
