@@ -14,11 +14,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -43,6 +45,9 @@ DIST_PREFIX = "package/dist/"
 LICENSE_MEMBER = "package/LICENSE"  # MIT: the notice goes with the copy
 CHUNK = 1 << 16
 DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before the download is given up
+# seconds the whole download may take: a registry (or proxy) sending a byte a minute must
+# not hold `relay viewer install` for days (the release at 256 kbit/s: ~27 minutes)
+DOWNLOAD_DEADLINE = 3600.0
 
 
 class ViewerInstallError(Exception):
@@ -57,6 +62,10 @@ class InstallLimits:
     tarball_bytes: int = 256 << 20
     dist_bytes: int = 1 << 30
     dist_files: int = 10_000
+    # every member, also those skipped (outside dist/, directories): each is held in
+    # memory by tarfile and read through, so their count and declared sizes are bounded
+    members: int = 50_000
+    member_bytes: int = 4 << 30
 
 
 def default_viewer_dir(release: ViewerRelease = OHIF) -> Path:
@@ -87,16 +96,28 @@ def _sri_digest(integrity: str) -> bytes:
     return base64.b64decode(encoded)
 
 
-def _copy_hashing(source: IO[bytes], sink: IO[bytes], limit: int) -> bytes:
+def _copy_hashing(
+    source: IO[bytes], sink: IO[bytes], limit: int, deadline: float | None = None
+) -> tuple[bytes, int]:
+    """Copy `source` into `sink` (at most `limit` bytes, until the monotonic `deadline`);
+    its sha512 and length."""
     digest = hashlib.sha512()
     total = 0
-    while chunk := source.read(CHUNK):
+    # read1: what has arrived, so that a registry dripping bytes meets the deadline (read
+    # waits for a whole CHUNK, each byte restarting the socket's timeout)
+    read = getattr(source, "read1", source.read)
+    while chunk := read(CHUNK):
         total += len(chunk)
         if total > limit:
             raise ViewerInstallError(f"the tarball is larger than {limit} bytes: refused")
+        if deadline is not None and time.monotonic() > deadline:
+            raise ViewerInstallError(
+                f"the download took more than {DOWNLOAD_DEADLINE:.0f} s: given up (a slow "
+                "link? copy the file here and use `relay viewer install --tarball FILE`)"
+            )
         digest.update(chunk)
         sink.write(chunk)
-    return digest.digest()
+    return digest.digest(), total
 
 
 def _fetch(release: ViewerRelease, tarball: Path | None, sink: IO[bytes], limit: int) -> bytes:
@@ -104,22 +125,31 @@ def _fetch(release: ViewerRelease, tarball: Path | None, sink: IO[bytes], limit:
     if tarball is not None:
         try:
             with tarball.open("rb") as source:
-                return _copy_hashing(source, sink, limit)
+                return _copy_hashing(source, sink, limit)[0]
         except OSError as exc:
             raise ViewerInstallError(f"cannot read {tarball}: {exc.strerror or exc}") from None
     request = urllib.request.Request(release.tarball, headers={"User-Agent": "dmz-relay"})
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE
     try:
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limit:
                 raise ViewerInstallError(f"the tarball is larger than {limit} bytes: refused")
-            return _copy_hashing(response, sink, limit)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
+            digest, total = _copy_hashing(response, sink, limit, deadline)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        # HTTPException: a chunked answer cut short (IncompleteRead), a garbled status line
+        reason = getattr(exc, "reason", None) or repr(exc)
         raise ViewerInstallError(
             f"cannot download {release.tarball}: {reason} (no internet? copy the file here "
             "and use `relay viewer install --tarball FILE`)"
         ) from None
+    if length is not None and length.isdigit() and total != int(length):
+        # urllib ends a body cut short without an error: not a tampered tarball, a lost link
+        raise ViewerInstallError(
+            f"the download of {release.tarball} was cut short ({total} of {length} bytes): "
+            "try again"
+        )
+    return digest
 
 
 def _member_path(name: str) -> str | None:
@@ -142,9 +172,18 @@ def _member_path(name: str) -> str | None:
 def _unpack(archive: Path, staging: Path, limits: InstallLimits) -> int:
     files = 0
     written = 0
+    members = 0
+    declared = 0
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
+                members += 1
+                declared += max(0, member.size)
+                if members > limits.members or declared > limits.member_bytes:
+                    raise ViewerInstallError(
+                        f"more than {limits.members} members or {limits.member_bytes} bytes "
+                        "in the tarball: refused"
+                    )
                 relative = _member_path(member.name)
                 if relative is None or member.isdir():
                     continue
@@ -193,6 +232,7 @@ def install_viewer(
     target = Path(directory) if directory is not None else default_viewer_dir(release)
     if not force and _is_current(target, release):
         return target, False
+    _check_replaceable(target)
     expected = _sri_digest(release.integrity)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +262,23 @@ def install_viewer(
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return target, True
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse a target the install would wipe out that is not ours: the swap replaces the
+    whole directory, and `--dir ~/Documents` must not delete the radiologist's files."""
+    try:
+        if not target.exists() or (target / MARKER).is_file():
+            return
+        if not target.is_dir():
+            raise ViewerInstallError(f"{target} is a file, not a directory: refused")
+        if any(target.iterdir()):
+            raise ViewerInstallError(
+                f"{target} is not empty and holds no viewer: refused (name a new or empty "
+                "directory; nothing in it was changed)"
+            )
+    except OSError as exc:
+        raise ViewerInstallError(f"cannot read {target}: {exc.strerror or exc}") from None
 
 
 def _swap_in(dist: Path, target: Path, staging: Path) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
 import os
+import socket
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from relay.cli import main
+from relay.workstation.viewer import install
 from relay.workstation.viewer.install import (
     MARKER,
     InstallLimits,
@@ -211,3 +215,99 @@ def test_cli_refuses_a_tarball_that_is_not_the_pinned_release(
 def test_default_directory_is_per_version_in_the_users_data_dir() -> None:
     assert default_viewer_dir().name == f"ohif-{OHIF.version}"
     assert default_viewer_dir().parent.name == "viewer"
+
+
+def test_every_member_counts_toward_the_limits(tmp_path: Path) -> None:
+    """Members outside dist/ are skipped but still read and held by tarfile: counted."""
+    tgz = make_tarball(
+        tmp_path / "many.tgz", [(f"package/src/{i}.js", b"0" * 500) for i in range(20)]
+    )
+    release = release_for(tgz)
+    for limits, message in [
+        (InstallLimits(members=10), "more than 10 members"),
+        (InstallLimits(member_bytes=5000), "or 5000 bytes in the tarball"),
+    ]:
+        with pytest.raises(ViewerInstallError, match=message):
+            install_viewer(tmp_path / "v", release=release, tarball=tgz, limits=limits)
+        assert not (tmp_path / "v").exists() and leftovers(tmp_path) == []
+
+
+@contextlib.contextmanager
+def raw_registry(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A registry on loopback that reads one request and lets `answer` write raw bytes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            with contextlib.suppress(OSError):
+                answer(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/app.tgz"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def cut_at_length(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+
+
+def cut_in_a_chunk(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"x" * 100)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [(cut_at_length, r"cut short \(1000 of 100000 bytes\)"), (cut_in_a_chunk, "IncompleteRead")],
+)
+def test_a_download_cut_short_is_one_clear_line(
+    tmp_path: Path, answer: Callable[[socket.socket], None], why: str
+) -> None:
+    """Not a traceback (a chunked answer cut short), not 'tampered' (a short body)."""
+    with raw_registry(answer) as url:
+        release = dataclasses.replace(OHIF, tarball=url)
+        with pytest.raises(ViewerInstallError, match=why) as caught:
+            install_viewer(tmp_path / "v", release=release)
+    assert "\n" not in str(caught.value) and "tampered" not in str(caught.value)
+    assert not (tmp_path / "v").exists() and leftovers(tmp_path) == []
+
+
+def test_a_dripping_download_is_given_up_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(install, "DOWNLOAD_DEADLINE", 0.3, raising=False)
+
+    def drip(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n")
+        for _ in range(40):  # 2 s in all
+            conn.sendall(b"x" * 100)
+            time.sleep(0.05)
+
+    with raw_registry(drip) as url:
+        started = time.monotonic()
+        with pytest.raises(ViewerInstallError, match="took more than"):
+            install_viewer(tmp_path / "v", release=dataclasses.replace(OHIF, tarball=url))
+        assert time.monotonic() - started < 1.5
+    assert not (tmp_path / "v").exists() and leftovers(tmp_path) == []
+
+
+def test_a_directory_that_is_not_a_viewer_is_never_replaced(tmp_path: Path) -> None:
+    """`--dir` naming a folder of the user's: refused, not swapped out and deleted."""
+    tgz = make_tarball(tmp_path / "app.tgz")
+    release = release_for(tgz)
+    documents = tmp_path / "Documents"
+    documents.mkdir()
+    (documents / "report.docx").write_bytes(b"precious")
+    with pytest.raises(ViewerInstallError, match="not empty and holds no viewer"):
+        install_viewer(documents, release=release, tarball=tgz, force=True)
+    assert (documents / "report.docx").read_bytes() == b"precious"
+    assert leftovers(tmp_path) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()  # made beforehand by the user: fine
+    assert install_viewer(empty, release=release, tarball=tgz) == (empty, True)
+    assert install_viewer(empty, release=release, tarball=tgz, force=True) == (empty, True)
