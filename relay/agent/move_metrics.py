@@ -11,24 +11,18 @@ C-STORE over the limits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from relay.ops.metrics import LabelledCounts
 
 __all__ = ["MoveReceiverMetrics"]
 
 
-class MoveReceiverMetrics(Collector):
+class MoveReceiverMetrics(LabelledCounts):
     def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
-        self.counts = counts
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
+        super().__init__(
             "relay_pacs_move_receiver_refused",
             "What the agent's C-MOVE storage SCP turned away, by kind",
-            labels=["kind"],
+            "kind",
+            counts,
         )
-        for kind, n in self.counts().items():
-            family.add_metric([kind], n)
-        yield family

@@ -9,24 +9,18 @@ associating; "stale" counts spares the PACS had closed first (shorten
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
+from relay.ops.metrics import LabelledCounts
 
 __all__ = ["SpareAssociationMetrics"]
 
 
-class SpareAssociationMetrics(Collector):
+class SpareAssociationMetrics(LabelledCounts):
     def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
-        self.counts = counts
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
+        super().__init__(
             "relay_pacs_spare_associations",
             "Spare associations with the PACS, by what became of them",
-            labels=["outcome"],
+            "outcome",
+            counts,
         )
-        for outcome, n in self.counts().items():
-            family.add_metric([outcome], n)
-        yield family

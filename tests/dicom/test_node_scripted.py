@@ -430,20 +430,34 @@ async def test_a_slow_viewer_holds_the_agent_at_the_node_s_queue_depth(depth: in
     assert len(result.received) == len(study) and result.final.Status == 0
 
 
+def find_then_cancel(port: int) -> list[int]:
+    """A viewer's study C-FIND, cancelled after its first answer: the statuses it got."""
+    model = MODELS[("study", "find")]
+    assoc = scu("VIEWER").associate(
+        "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
+    )
+    assert assoc.is_established
+    codes = []
+    for n, (status, _match) in enumerate(
+        assoc.send_c_find(query("STUDY", StudyInstanceUID=""), model, msg_id=7)
+    ):
+        codes.append(int(status.Status))
+        if n == 0:
+            assoc.send_c_cancel(7, query_model=model)
+    assoc.release()
+    return codes
+
+
 async def test_a_viewer_cancel_reaches_a_silent_agent_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The node does not poll for the viewer's C-CANCEL: pynetdicom's receipt of it wakes
     the waiting handler. With the handler's own look-around pushed out to a minute, the
     cancel must still reach an agent that has gone quiet."""
-    from pynetdicom import build_context
 
     from relay.dicom import node as node_module
     from relay.dicom.codec import Cancel
-    from relay.dicom.contexts import MODELS
     from relay.dicom.rawds import encode_dataset
-
-    from .helpers import scu
 
     monkeypatch.setattr(node_module, "_LOOK", 60.0)
     match = encode_dataset(query("STUDY", StudyInstanceUID="1.2.3", PatientName="X^Y"))
@@ -458,23 +472,6 @@ async def test_a_viewer_cancel_reaches_a_silent_agent_at_once(
         status = st.CANCEL if isinstance(got, Cancel) else st.SUCCESS
         await write_message(stream, codec, FinalResponse(status))
         await stream.write_eof()
-
-    model = MODELS[("study", "find")]
-
-    def find_then_cancel(port: int) -> list[int]:
-        assoc = scu("VIEWER").associate(
-            "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
-        )
-        assert assoc.is_established
-        codes = []
-        for n, (status, _match) in enumerate(
-            assoc.send_c_find(query("STUDY", StudyInstanceUID=""), model, msg_id=7)
-        ):
-            codes.append(int(status.Status))
-            if n == 0:
-                assoc.send_c_cancel(7, query_model=model)
-        assoc.release()
-        return codes
 
     codes = await with_agent(script, find_then_cancel, limit=60)
     assert codes == [st.PENDING, st.CANCEL]
@@ -770,23 +767,6 @@ async def test_a_cancelled_find_ends_in_cancel_even_if_the_pacs_says_success() -
         await write_message(stream, codec, Pending(transfer_syntax=EXPLICIT, dataset=match))
         await write_message(stream, codec, FinalResponse(st.SUCCESS))
         await stream.write_eof()
-
-    model = MODELS[("study", "find")]
-
-    def find_then_cancel(port: int) -> list[int]:
-        assoc = scu("VIEWER").associate(
-            "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
-        )
-        assert assoc.is_established
-        codes = []
-        for n, (status, _match) in enumerate(
-            assoc.send_c_find(query("STUDY", StudyInstanceUID=""), model, msg_id=7)
-        ):
-            codes.append(int(status.Status))
-            if n == 0:
-                assoc.send_c_cancel(7, query_model=model)
-        assoc.release()
-        return codes
 
     codes = await with_agent(script, find_then_cancel)
     assert codes == [st.PENDING, st.CANCEL]
