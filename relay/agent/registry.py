@@ -47,6 +47,7 @@ __all__ = [
     "RedeemStatus",
     "Redeemed",
     "RegistryError",
+    "RegistryUnavailable",
     "RevocationWatcher",
     "RevokeResult",
 ]
@@ -108,6 +109,12 @@ _ADDED_COLUMNS: Final = (
 
 class RegistryError(Exception):
     """The registry cannot do what was asked; str() is one line naming the file."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry file itself failed (SQLite: unreadable, corrupt, disk full, locked
+    past the busy timeout), not the request: callers answer "try later" (an IT page's
+    503), not "bad input"."""
 
 
 class RedeemStatus(enum.StrEnum):
@@ -292,7 +299,7 @@ class DeviceRegistry:
             raise self._busy(exc) from None
 
     def _busy(self, exc: sqlite3.OperationalError) -> RegistryError:
-        return RegistryError(f"{self.path}: registry busy or unwritable ({exc})")
+        return RegistryUnavailable(f"{self.path}: registry busy or unwritable ({exc})")
 
     @contextlib.contextmanager
     def _op(self) -> Iterator[None]:
@@ -301,7 +308,7 @@ class DeviceRegistry:
             try:
                 yield
             except sqlite3.Error as exc:
-                raise RegistryError(f"{self.path}: {exc}") from None
+                raise RegistryUnavailable(f"{self.path}: {exc}") from None
 
     # -- tokens
 

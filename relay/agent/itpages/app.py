@@ -17,7 +17,8 @@ A directory that did not answer in time, or answered busy or unavailable, is a 5
 the attempt is given back (an outage must not lock IT out). Of the logins refused while
 blocked, the first of each block is audited and the rest counted in one later event. A
 session whose user is no longer an IT admin (checked again every
-sessions.RECHECK_INTERVAL) ends at its next request.
+sessions.RECHECK_INTERVAL) ends at its next request. A device registry that fails
+(RegistryUnavailable) is a 503 page naming what failed, logged in one line.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from relay.agent.itpages.auth import (
 )
 from relay.agent.itpages.html import Html
 from relay.agent.itpages.sessions import Session, SessionStore
-from relay.agent.registry import RegistryError, RevokeResult
+from relay.agent.registry import RegistryError, RegistryUnavailable, RevokeResult
 from relay.ops.config import Address
 from relay.trust import pki
 from relay.trust.codes import CodeError, EnrollmentCode
@@ -273,6 +274,33 @@ def _set_cookie(response: web.StreamResponse, it: ItPages, name: str, value: str
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     it = request.app[APP_KEY]
     it.flush_refusals()  # cheap: looks at the oldest block only, unless some ended
+    try:
+        response = await _checked(request, it, handler)
+    except RegistryUnavailable as exc:
+        response = _registry_failed(request, exc)
+    return _headers(response)
+
+
+def _registry_failed(request: web.Request, exc: RegistryUnavailable) -> web.Response:
+    """503 naming what failed in one line (a registry file unreadable, corrupt, on a full
+    disk): it was aiohttp's bare 500 with a traceback in the log and none of this site's
+    headers. Logged once, as one line: the registry's message names its file and
+    SQLite's reason, never a device's data or a patient's."""
+    what = " ".join(str(exc).split())[:300]
+    log.error("IT page %s %s: the device registry failed: %s", request.method, request.path, what)
+    session = request.get(SESSION_KEY)
+    page = views.message_page(
+        "Unavailable",
+        f"the device registry cannot be used now ({what}); try again later",
+        user=session.user if session is not None else None,
+        csrf=session.csrf if session is not None else None,
+    )
+    return _html(page, 503)
+
+
+async def _checked(request: web.Request, it: ItPages, handler: Handler) -> web.StreamResponse:
+    """The request through the guard's checks (Host, origin, session, CSRF), then its
+    handler; without the security headers, which _guard adds to every answer."""
     if it.hosts is not None and not host_allowed(request.headers.get("Host"), it.hosts):
         # A page of another site whose name was made to point at us (DNS rebinding)
         # would otherwise be same-origin with its own name in Host, Origin and Referer.
@@ -309,11 +337,10 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 form = await request.post()
                 if not _token_ok(form.get("csrf"), session.csrf):
                     why = "missing" if form.get("csrf") is None else "wrong"
-                    response = _forbidden(request, f"{why} CSRF token: reload the page")
-                    return _headers(response)
+                    return _forbidden(request, f"{why} CSRF token: reload the page")
             request[SESSION_KEY] = session
             response = await handler(request)
-    return _headers(response)
+    return response
 
 
 async def _unreadable_form(request: web.Request) -> web.Response | None:
@@ -567,6 +594,8 @@ async def _revoke(request: web.Request) -> web.StreamResponse:
         )
     try:
         result, bodies = it.authority.revoke_by(name, f"it:{s.user}")
+    except RegistryUnavailable:
+        raise  # the guard's 503
     except RegistryError as exc:
         return _html(views.message_page("Error", str(exc), user=s.user, csrf=s.csrf), 500)
     if bodies:
@@ -633,6 +662,8 @@ async def _code_create(request: web.Request) -> web.StreamResponse:
             secret,
             holder or None,
         )
+    except RegistryUnavailable:
+        raise  # the guard's 503: not the form's fault
     except (RegistryError, CodeError) as exc:
         return error(str(exc))
     authority.audit.token_created(

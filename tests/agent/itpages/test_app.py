@@ -861,3 +861,48 @@ async def test_an_audit_filter_time_with_an_offset_is_shown_and_paged_in_utc(
     for value in ("0001-01-01T00:00%2B01:00", "9999-12-31T23:59-01:00", "junk", "2026-13-01"):
         status, body = await browser.get(f"/audit?since={value}&until={value}")
         assert status == 200 and 'name="since" value=""' in body, value
+
+
+def _corrupt(database: Path) -> None:
+    """Garbage over the registry's files (the database, its WAL and shared memory)."""
+    for part in database.parent.glob(database.name + "*"):
+        size = part.stat().st_size
+        with part.open("r+b") as f:
+            f.write(b"\xa5" * size)
+
+
+async def test_a_registry_that_fails_is_a_503_page_logged_in_one_line(
+    pages: Pages, browser: Browser, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registry file that is corrupt (or unreadable, or on a full disk) was aiohttp's
+    bare 500: a traceback in the log, a page without this site's headers. Now each page
+    that needs the registry says in one line what failed, with the headers, and the
+    log has one line for it, without a traceback."""
+    now = dt.datetime.now(dt.UTC)
+    pages.authority.registry.record_certificate("ws1", 7, now, now + dt.timedelta(days=1), now)
+    await browser.login()
+    csrf = await browser.csrf()
+    _corrupt(pages.authority.registry.path)
+    caplog.set_level(logging.INFO)
+    answers = [
+        await browser.get("/devices"),
+        await browser.get("/devices/revoke?device=ws1"),
+    ]
+    for path, data in [
+        ("/codes", {"device": "ws2", "ttl": "1h"}),
+        ("/devices/revoke", {"device": "ws1"}),
+    ]:
+        r = await browser.post(path, {**data, "csrf": csrf})
+        answers.append((r.status, await r.text()))
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
+    for status, body in answers:
+        assert status == 503, body
+        assert "the device registry cannot be used now" in body
+        assert "file is not a database" in body and "Traceback" not in body
+        assert 'name="csrf"' in body  # still logged in: the page keeps its logout button
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failed) == len(answers), [r.getMessage() for r in failed]
+    assert all(r.name == "relay.agent.itpages.app" and r.exc_info is None for r in failed)
+    assert all("the device registry failed" in r.getMessage() for r in failed)
+    assert pages.audit("token_created") == []
