@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
@@ -55,11 +56,20 @@ from relay.wire import (
     TARGET_SESSION,
 )
 
-__all__ = ["SESSION_MAX_STREAMS", "SessionServer", "session_server"]
+__all__ = ["MAX_DEVICE_SESSIONS", "SESSION_MAX_STREAMS", "SessionServer", "session_server"]
 
 log = logging.getLogger(__name__)
 
-MAX_SESSIONS: Final = 10_000  # sessions served at once (each is one device)
+MAX_SESSIONS: Final = 10_000  # sessions served at once (handshakes included), all devices
+MAX_DEVICE_SESSIONS: Final = 8
+"""Established sessions of one device at once, over all gateways. A workstation holds
+one, two while it replaces one, and for a while one more whose gateway has not yet seen
+its old link die (keepalive); an honest gateway lets a device hold 8 (its
+`per_device.streams`), but a compromised one need not stop it, and without this cap one
+device could hold all of MAX_SESSIONS and lock every other device out. Beyond it the
+handshake is refused inside the TLS (a sealed GOAWAY, LIMIT_EXCEEDED,
+"too_many_sessions"): the device logs the reason and tries again after its backoff."""
+TOO_MANY_SESSIONS: Final = "too_many_sessions"  # the refusal's reason (metric label)
 SESSION_LINE_BURST: Final = 40
 SESSION_LINE_RATE: Final = 1.0
 """The "session open" / "session closed" INFO lines, per device: this many at once, then
@@ -139,6 +149,7 @@ class SessionServer:
         touch: Callable[[Identity], None] | None = None,
         handshake_timeout: float = 15.0,
         max_sessions: int = MAX_SESSIONS,
+        max_device_sessions: int = MAX_DEVICE_SESSIONS,
     ) -> None:
         self.site = site
         self.trust_domain = trust_domain
@@ -152,10 +163,13 @@ class SessionServer:
         self.touch = touch
         self.handshake_timeout = handshake_timeout
         self.max_sessions = max_sessions
+        self.max_device_sessions = max_device_sessions
+        self.device_sessions: Counter[str] = Counter()  # by device URI, only while > 0
         self.stats = SealStats()
         self.refused: dict[str, int] = {}
         self.log_limit = LogLimiter()  # per gateway link and reason
         self.session_lines = LogLimiter(SESSION_LINE_RATE, SESSION_LINE_BURST)  # per device
+        self.device_refusals = LogLimiter()  # "session refused" over a device's cap, per device
         self.sessions: dict[Link, Identity] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -204,26 +218,64 @@ class SessionServer:
     # -- sessions
 
     async def _serve_session(self, outer: Stream) -> None:
+        admitted: list[Identity] = []  # the device, once its session counts against its cap
+
         def check(peer: Identity | None) -> str | None:
-            return device_check(self.trust_domain, self.site, self.is_revoked)(peer)
+            reason = device_check(self.trust_domain, self.site, self.is_revoked)(peer)
+            if reason is None and peer is not None:
+                reason = self._admit_device(peer)
+                if reason is None:
+                    admitted.append(peer)
+            return reason
 
         try:
-            sealed = await establish(
-                outer,
-                self.session_ctx,
-                server_side=True,
-                alpn=ALPN_SESSION,
-                check_peer=check,
-                settings=self.inner_settings,
-                name=f"session via {outer.link.name}",
-                on_stream=self._on_inner_stream,
-                timeout=self.handshake_timeout,
-                stats=self.stats,
-            )
-        except SealError as exc:
-            self._warn("session refused", outer, {"reason": exc.reason, "detail": exc.detail})
-            return
-        await self._run_session(sealed)
+            try:
+                sealed = await establish(
+                    outer,
+                    self.session_ctx,
+                    server_side=True,
+                    alpn=ALPN_SESSION,
+                    check_peer=check,
+                    settings=self.inner_settings,
+                    name=f"session via {outer.link.name}",
+                    on_stream=self._on_inner_stream,
+                    timeout=self.handshake_timeout,
+                    stats=self.stats,
+                )
+            except SealError as exc:
+                if exc.reason != TOO_MANY_SESSIONS:  # that one is logged per device
+                    self._warn(
+                        "session refused", outer, {"reason": exc.reason, "detail": exc.detail}
+                    )
+                return
+            await self._run_session(sealed)
+        finally:
+            for peer in admitted:
+                self._release_device(peer)
+
+    def _admit_device(self, peer: Identity) -> str | None:
+        """Count one more session of `peer` (checked during its handshake, so that two
+        completing at once cannot both pass); TOO_MANY_SESSIONS if it holds its cap."""
+        if self.device_sessions[peer.uri] >= self.max_device_sessions:
+            held = self.device_refusals.allow(peer.uri, time.monotonic())
+            if held is not None:
+                context = {
+                    "device": peer.uri,
+                    "reason": TOO_MANY_SESSIONS,
+                    "limit": self.max_device_sessions,
+                }
+                log.warning(
+                    "session refused", extra={**context, "suppressed": held} if held else context
+                )
+            return TOO_MANY_SESSIONS
+        self.device_sessions[peer.uri] += 1
+        return None
+
+    def _release_device(self, peer: Identity) -> None:
+        """The session of `peer` ended (or never got going): give its count back."""
+        self.device_sessions[peer.uri] -= 1
+        if self.device_sessions[peer.uri] <= 0:
+            del self.device_sessions[peer.uri]
 
     async def _run_session(self, sealed: SealedLink) -> None:
         link, peer = sealed.link, sealed.handshake.peer

@@ -48,6 +48,7 @@ FAILURE_REASONS: Final = (
     "wrong_role",
     "wrong_site",
     "revoked",
+    "too_many_sessions",  # the agent's cap on one device's sessions (relay.agent.sessions)
     "version",  # no common session ALPN: the peer speaks another protocol version
     "protocol",
     "eof",  # the outer stream ended without a TLS close_notify (truncation)

@@ -5,9 +5,10 @@ server) accepts it. Both then run the relay/proto `Link` over a `SealTransport`:
 inner request streams (dicom, tcp:..., renew) are opened and dispatched exactly as they
 were on the outer link before, with the peer's identity taken from the inner TLS only.
 
-When the agent refuses an authenticated device (revoked, wrong site), it says so inside
-the TLS with an inner GOAWAY (code REVOKED or FORBIDDEN and a one-line reason) before its
-close_notify: the device can trust that verdict, which the gateway cannot forge.
+When the agent refuses an authenticated device (revoked, wrong site, too many sessions of
+it open), it says so inside the TLS with an inner GOAWAY (code REVOKED, LIMIT_EXCEEDED or
+FORBIDDEN and a one-line reason) before its close_notify: the device can trust that
+verdict, which the gateway cannot forge.
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT: Final = 15.0
 BYTE_KEYS: Final = ("plain_in", "plain_out", "sealed_in", "sealed_out")
-_REFUSAL_CODES: Final = {"revoked": ErrorCode.REVOKED}
+_REFUSAL_CODES: Final = {
+    "revoked": ErrorCode.REVOKED,
+    "too_many_sessions": ErrorCode.LIMIT_EXCEEDED,
+}
+_REFUSAL_TEXTS: Final = {
+    "too_many_sessions": "this device has as many sessions open at the agent as it may",
+}
 
 
 def refusal_goaway(reason: str, detail: str) -> bytes:
     """The inner protocol's first bytes when the agent refuses a device: SETTINGS, GOAWAY."""
     conn = Connection(client=False, settings=LinkSettings(), now=0.0)
     code = _REFUSAL_CODES.get(reason, ErrorCode.FORBIDDEN)
-    conn.goaway(code, f"session refused by the agent: {reason}")
+    why = _REFUSAL_TEXTS.get(reason)
+    conn.goaway(code, f"session refused by the agent: {reason}" + (f" ({why})" if why else ""))
     return conn.data_to_send()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from relay.agent.sessions import SessionServer, session_server
 from relay.net.bytestream import StreamResetError, pipe
 from relay.ops.config import TlsFiles
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode, LinkSettings
 from relay.seal.core import SealCore
 from relay.seal.policy import (
@@ -22,8 +24,9 @@ from relay.seal.policy import (
     session_client_context,
     session_server_context,
 )
+from relay.seal.session import SealedLink, establish
 from relay.trust.identity import Identity
-from tests.ends_helpers import agent_config
+from tests.ends_helpers import agent_config, wait_until
 from tests.pki_helpers import Pair, SitePki, make_pki
 
 
@@ -54,7 +57,7 @@ class _Outer:
         self._end.reset(code)
 
 
-def _server(site: SitePki, max_sessions: int = 10) -> SessionServer:
+def _server(site: SitePki, max_sessions: int = 10, max_device_sessions: int = 8) -> SessionServer:
     agent = site.agent
     return SessionServer(
         site="main",
@@ -65,6 +68,7 @@ def _server(site: SitePki, max_sessions: int = 10) -> SessionServer:
         dispatch=lambda s: s.reset(ErrorCode.FORBIDDEN),
         handshake_timeout=0.5,
         max_sessions=max_sessions,
+        max_device_sessions=max_device_sessions,
     )
 
 
@@ -105,6 +109,67 @@ async def test_no_new_session_while_draining(site: SitePki) -> None:
     near, far = pipe({"target": "session"})
     server.on_stream(_Outer(far))  # type: ignore[arg-type]
     assert await _expect_reset(near) == ErrorCode.REFUSED_STREAM
+
+
+async def _device_session(
+    server: SessionServer, site: SitePki, device: Pair, goaways: list[tuple[int, str]]
+) -> SealedLink:
+    """A session of `device` through an in-memory 'gateway' to `server` (the device's end)."""
+    near, far = pipe({"target": "session"})
+    server.on_stream(_Outer(far))  # type: ignore[arg-type]
+    return await establish(
+        near,
+        session_client_context(device.cert, device.key, site.ca),
+        server_side=False,
+        alpn=ALPN_SESSION,
+        check_peer=agent_check(site.trust_domain, "main"),
+        settings=LinkSettings(),
+        name="device",
+        timeout=10,
+        on_goaway=lambda code, reason: goaways.append((code, reason)),
+    )
+
+
+async def test_one_device_holds_at_most_its_cap_of_sessions(
+    site: SitePki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compromised gateway need not honour per_device.streams: past its cap a device's
+    next session is refused inside the TLS (LIMIT_EXCEEDED, one line saying why), counted
+    and logged per device; another device still gets in, and a closed session gives its
+    place back."""
+    server = _server(site, max_device_sessions=2)
+    server.device_refusals = LogLimiter(burst=1)
+    greedy, other = site.device("greedy"), site.device("other")
+    greedy_uri = Identity.device(site.trust_domain, "main", "greedy").uri
+    other_uri = Identity.device(site.trust_domain, "main", "other").uri
+    goaways: list[tuple[int, str]] = []
+    held = [await _device_session(server, site, greedy, goaways) for _ in range(2)]
+    await wait_until(lambda: server.device_sessions[greedy_uri] == 2, 10)
+    caplog.set_level(logging.WARNING, "relay.agent.sessions")
+    for _ in range(2):
+        refused = await _device_session(server, site, greedy, goaways)
+        await asyncio.wait_for(refused.link.wait_closed(), 10)
+    assert [code for code, _ in goaways] == [ErrorCode.LIMIT_EXCEEDED] * 2
+    assert "too_many_sessions" in goaways[0][1] and "\n" not in goaways[0][1]
+    assert server.stats.handshakes[("failed", "too_many_sessions")] == 2
+    lines = [r for r in caplog.records if r.getMessage() == "session refused"]
+    assert len(lines) == 1  # limited per device
+    assert lines[0].__dict__["device"] == greedy_uri
+    assert lines[0].__dict__["reason"] == "too_many_sessions"
+
+    welcome = await _device_session(server, site, other, goaways)
+    await wait_until(lambda: server.device_sessions[other_uri] == 1, 10)
+    assert len(goaways) == 2 and server.device_sessions[greedy_uri] == 2
+
+    held[0].link.close()
+    await wait_until(lambda: server.device_sessions[greedy_uri] == 1, 10)
+    again = await _device_session(server, site, greedy, goaways)
+    await wait_until(lambda: server.device_sessions[greedy_uri] == 2, 10)
+    assert len(goaways) == 2
+    for session in (held[1], welcome, again):
+        session.link.close()
+    await server.close(1.0)
+    assert not server.device_sessions
 
 
 def _handshake(server_ctx: ssl.SSLContext, device: Pair, ca: Path) -> SealCore:
