@@ -7,6 +7,9 @@ that the gateway's service, which only receives a loader, never imports the YAML
 from __future__ import annotations
 
 import os
+import select
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,12 +18,19 @@ import yaml
 
 from relay.ops.config import ConfigError, Reader, format_size
 
-__all__ = ["MAX_CONFIG_BYTES", "load_config", "open_config"]
+__all__ = ["MAX_CONFIG_BYTES", "PIPE_DEADLINE", "load_config", "open_config"]
 
 T = TypeVar("T")
 
 # A config file is a few kilobytes; refuse to parse anything absurd.
 MAX_CONFIG_BYTES = 1024 * 1024
+# Seconds a config that is a pipe (`--config <(sops -d agent.yaml)`, a named FIFO) may take
+# to arrive whole: a FIFO that no process writes would otherwise hold start-up (or a
+# reload) for ever, and a writer that stops half-way must not pass for a whole file.
+PIPE_DEADLINE = 10.0
+# A FIFO whose writer has not opened it yet reads as end-of-file on some systems (BSD,
+# macOS): look again this often until the deadline rather than take it for an empty file.
+_PIPE_POLL = 0.05
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -58,12 +68,62 @@ def _yaml_error(file: Path, exc: yaml.YAMLError) -> ConfigError:
     return ConfigError(file, None, f"{where}{kind}: {problem}")
 
 
+def _read_bytes(file: Path) -> bytes:
+    """At most MAX_CONFIG_BYTES + 1 bytes of `file`. Opened without blocking where the OS
+    has O_NONBLOCK, so that a FIFO with no writer cannot hold the open itself; a pipe is
+    then read against PIPE_DEADLINE, anything else as usual."""
+    if not hasattr(os, "O_NONBLOCK"):  # Windows: no FIFOs among files
+        with open(file, "rb") as f:
+            return f.read(MAX_CONFIG_BYTES + 1)
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return _read_pipe(fd, file)
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _read_pipe(fd: int, file: Path) -> bytes:
+    """A pipe's bytes up to its end-of-file, which must come within PIPE_DEADLINE: never a
+    part of the file taken for the whole, never a wait without end."""
+    deadline = time.monotonic() + PIPE_DEADLINE
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_CONFIG_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise _pipe_timeout(file, size)
+        try:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+        except BlockingIOError:
+            continue
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+        elif size:
+            break  # end-of-file after the content: the writer is done
+        else:
+            time.sleep(min(_PIPE_POLL, max(0.0, deadline - time.monotonic())))
+    return b"".join(chunks)
+
+
+def _pipe_timeout(file: Path, size: int) -> ConfigError:
+    limit = f"{PIPE_DEADLINE:g}s"
+    if size:
+        why = f"a pipe whose writer did not finish within {limit} ({size} bytes came): not used"
+    else:
+        why = f"a pipe (FIFO) that nothing wrote to within {limit}: not used"
+    return ConfigError(file, None, why)
+
+
 def open_config(path: str | os.PathLike[str]) -> Reader:
     """Read and parse one config file; its top level must be a mapping."""
     file = Path(path)
     try:
-        with open(file, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        raw = _read_bytes(file)
     except OSError as exc:
         raise ConfigError(file, None, f"cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_BYTES:
