@@ -6,6 +6,7 @@ that the gateway's service, which only receives a loader, never imports the YAML
 
 from __future__ import annotations
 
+import codecs
 import os
 import select
 import stat
@@ -31,6 +32,16 @@ PIPE_DEADLINE = 10.0
 # A FIFO whose writer has not opened it yet reads as end-of-file on some systems (BSD,
 # macOS): look again this often until the deadline rather than take it for an empty file.
 _PIPE_POLL = 0.05
+# Windows editors save "Unicode" as UTF-16 with a byte order mark (Notepad, PowerShell 5.1's
+# Out-File and `>`), or UTF-8 with one: a file is decoded by its BOM, as relay.ops.secretinput
+# decodes a password (UTF-32 first: its little-endian BOM begins with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -119,6 +130,28 @@ def _pipe_timeout(file: Path, size: int) -> ConfigError:
     return ConfigError(file, None, why)
 
 
+def _decode(file: Path, raw: bytes) -> str:
+    """The text of a config file: by its byte order mark, UTF-8 without one."""
+    encoding, body = "utf-8", raw
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            encoding, body = name, raw[len(bom) :]
+            break
+    if encoding == "utf-8" and b"\0" in body:  # no YAML has one: UTF-16 that lost its BOM
+        raise ConfigError(
+            file,
+            None,
+            f"a NUL byte (byte {raw.index(0)}; UTF-16 without a byte order mark?): "
+            "save it as UTF-8",
+        )
+    try:
+        return body.decode(encoding)
+    except UnicodeDecodeError as exc:
+        shown = encoding.upper().removesuffix("-LE").removesuffix("-BE")
+        at = exc.start + len(raw) - len(body)
+        raise ConfigError(file, None, f"not {shown} text (byte {at}): save it as UTF-8") from None
+
+
 def open_config(path: str | os.PathLike[str]) -> Reader:
     """Read and parse one config file; its top level must be a mapping."""
     file = Path(path)
@@ -128,10 +161,7 @@ def open_config(path: str | os.PathLike[str]) -> Reader:
         raise ConfigError(file, None, f"cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(file, None, f"larger than {format_size(MAX_CONFIG_BYTES)}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(file, None, f"not UTF-8 text (byte {exc.start})") from None
+    text = _decode(file, raw)
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:

@@ -108,3 +108,44 @@ def test_a_process_substitution_still_loads() -> None:
         os.close(read_end)
     assert isinstance(reader, Reader), reader
     assert reader.text("site") == "main"
+
+
+NOTEPAD_TEXT = "site: main\r\nname: Zürich\r\n"  # Notepad: CRLF, one non-ASCII letter
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"\xff\xfe" + NOTEPAD_TEXT.encode("utf-16-le"),  # Notepad's "Unicode"
+        b"\xfe\xff" + NOTEPAD_TEXT.encode("utf-16-be"),  # "Unicode big endian"
+        b"\xef\xbb\xbf" + NOTEPAD_TEXT.encode(),  # "UTF-8 with BOM", PowerShell 5.1
+        b"\xff\xfe\x00\x00" + NOTEPAD_TEXT.encode("utf-32-le"),
+        NOTEPAD_TEXT.encode(),
+    ],
+    ids=["utf-16-le", "utf-16-be", "utf-8-bom", "utf-32-le", "utf-8"],
+)
+def test_a_config_is_decoded_by_its_byte_order_mark(tmp_path: Path, encoded: bytes) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(encoded)
+    reader = open_config(path)
+    assert (reader.text("site"), reader.text("name")) == ("main", "Zürich")
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [
+        (NOTEPAD_TEXT.encode("utf-16-le"), "a NUL byte (byte 1; UTF-16 without a"),
+        (b"\xff\xfe" + NOTEPAD_TEXT.encode("utf-16-le")[:-1], "not UTF-16 text (byte 52)"),
+        (b"site: \xff\n", "not UTF-8 text (byte 6)"),
+    ],
+    ids=["utf-16-without-bom", "utf-16-cut-short", "latin-1"],
+)
+def test_text_that_cannot_be_read_says_save_it_as_utf8(
+    tmp_path: Path, encoded: bytes, message: str
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(encoded)
+    with pytest.raises(ConfigError) as info:
+        open_config(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert str(info.value).endswith(": save it as UTF-8")
