@@ -436,3 +436,44 @@ def test_emitted_counts_by_urgency_and_in_flight_follows_grants() -> None:
     link.exchange()
     assert client.in_flight(sid) == 0
     assert client.in_flight(999) == 0
+
+
+def test_a_flooding_session_does_not_starve_a_small_one_on_the_same_link() -> None:
+    """Two devices' sessions on one gateway link, as the gateway opens them (their
+    `priority` header dropped: u=3, incremental). Device A reads a huge C-GET as fast as
+    it can, so the agent keeps A's queue full; device B asks small things, one answer
+    per round. The transport takes one frame's worth per round (the worst case for B).
+    Counted, not timed: each of B's answers leaves in the round it was queued or the next,
+    with at most one of A's frames between two of B's, while A's backlog never drains."""
+    agent = Connection(client=False, settings=SETTINGS, now=0.0)
+    gateway = Connection(client=True, settings=SETTINGS, now=0.0)
+    flood = gateway.open_stream({"target": "session"})
+    small = gateway.open_stream({"target": "session"})
+    agent.receive_data(gateway.data_to_send(), 0.0)
+    gateway.receive_data(agent.data_to_send(), 0.0)
+    answer = b"b" * 300
+    queued_at: deque[int] = deque()
+    waits: list[int] = []
+    flood_between: list[int] = []
+    flood_since = flood_total = 0
+    for round_ in range(200):
+        while agent.queued_on(flood) < 4 * FRAME:  # A's writer keeps its queue full
+            agent.send_data(flood, b"a" * FRAME)
+        agent.send_data(small, answer)
+        queued_at.append(round_)
+        for event in gateway.receive_data(agent.data_to_send(limit=FRAME), 0.0):
+            if not isinstance(event, DataReceived):
+                continue
+            gateway.acknowledge_received_data(event.stream_id, len(event.data))
+            if event.stream_id == small:
+                waits.append(round_ - queued_at.popleft())
+                flood_between.append(flood_since)
+                flood_since = 0
+            else:
+                flood_since += len(event.data)
+                flood_total += len(event.data)
+        agent.receive_data(gateway.data_to_send(), 0.0)  # A's and B's credit back
+        assert agent.queued_on(flood) > 0  # A still has a backlog: contention throughout
+    assert len(waits) >= 199 and max(waits) <= 1
+    assert max(flood_between) <= FRAME
+    assert flood_total >= 100 * FRAME  # and A is not starved either: it gets the rest
