@@ -24,7 +24,9 @@ import enum
 import logging
 import math
 import re
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,6 +129,59 @@ class UserStatus(enum.Enum):
     DISABLED = "disabled"
     DELETED = "deleted"
     NOT_IN_GROUP = "not_in_group"
+
+
+class _Operation:
+    """The connections one operation (one `_run` job) opened, so that a caller who stops
+    waiting (a login past its 15 s, a re-check past its deadline, a task cancelled) can
+    cut them: ldap3's timeouts bound each read, not the whole, so a directory that
+    trickles a byte now and then held the worker thread, and its slot, for ever.
+
+    Cutting is a shutdown() of each socket (portable; the file descriptor stays the
+    thread's to close): the thread's read returns at once, its operation fails
+    (DirectoryUnavailable) and the slot is free. A connection opened after the cut is
+    refused before it sends anything. `opened` registers before connecting and `check`
+    looks after: a cut between the two is seen by one of them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: list[ldap3.Connection] = []
+        self.cut = False
+
+    def opened(self, conn: ldap3.Connection) -> None:
+        with self._lock:
+            self.check()
+            self._connections.append(conn)
+
+    def check(self) -> None:
+        if self.cut:
+            raise DirectoryUnavailable("the directory operation was given up (too slow)")
+
+    def cut_all(self) -> None:
+        """From the event loop: end the operation's reads now."""
+        with self._lock:
+            self.cut = True
+            connections = list(self._connections)
+        for conn in connections:
+            sock = conn.socket
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # socket.socket's own shutdown also on a TLS socket: SSLSocket's
+                    # would change its TLS state under the reading thread.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+#: The operation of the job a worker thread runs (set by `Directory._run`).
+_current = threading.local()
+
+
+def _in_operation(operation: _Operation, job: Callable[[], T]) -> T:
+    _current.operation = operation
+    try:
+        return job()
+    finally:
+        _current.operation = None
 
 
 def _release(held: list[asyncio.Semaphore]) -> None:
@@ -259,13 +314,16 @@ class Directory:
     async def _run(self, job: Callable[[], T], *, background: bool = False) -> T:
         """`job` in a worker thread once a slot is free (`background`: one the re-check
         may take). The semaphores bound threads and connections; ldap3's connect and
-        receive timeouts bound how long each holds its slot."""
+        receive timeouts bound each read, and a caller that stops waiting (cancelled:
+        a timeout around this call) cuts the job's connections (`_Operation`), so a
+        directory that trickles bytes holds the slot no longer than the caller waits."""
         held: list[asyncio.Semaphore] = []
+        operation = _Operation()
         try:
             for slots in (self._background, self._slots) if background else (self._slots,):
                 await slots.acquire()
                 held.append(slots)
-            done = self._threads.submit(job)
+            done = self._threads.submit(_in_operation, operation, job)
         except BaseException:
             for slots in held:
                 slots.release()
@@ -278,7 +336,11 @@ class Directory:
                 loop.call_soon_threadsafe(_release, held)
 
         done.add_done_callback(free)
-        return await asyncio.wrap_future(done)
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            operation.cut_all()  # the thread ends now, not when the directory is done
+            raise
 
     def close(self) -> None:
         """Stop the worker threads (an operation under way ends within its timeout)."""
@@ -302,8 +364,13 @@ class Directory:
             # Never follow a referral: it would send our credentials to another server.
             auto_referrals=False,
         )
+        operation: _Operation | None = getattr(_current, "operation", None)
         try:
+            if operation is not None:
+                operation.opened(conn)
             conn.open()
+            if operation is not None:
+                operation.check()
             if self.settings.start_tls and not conn.start_tls():
                 raise DirectoryUnavailable("StartTLS refused by the directory")
             conn.bind()

@@ -12,6 +12,11 @@ What it never does:
   goes to 0 and one line is logged (one per failed check). The first failed lookup
   ends the check at once: no lookup starts after it, the ones under way are dropped
   (and it never holds the directory's last connection: see client.py);
+- run longer than `RECHECK_DEADLINE`: ldap3's timeout bounds each read, so a directory
+  that trickles bytes would hold the check (and its connections) for ever. At the
+  deadline the lookups are given up, their connections cut, and the check is
+  "unavailable": nothing is revoked (no revocation starts before every lookup is in,
+  and a lookup that did not finish says nothing about the user);
 - revoke more users' devices in one check than `max_revocations_per_check`: a directory
   that suddenly "loses" many users (a wrong base after a migration, a group emptied by
   mistake) is more likely broken than a mass departure. Then nothing is revoked, an error
@@ -40,10 +45,16 @@ from relay.agent.directory.client import (
 )
 from relay.agent.registry import DeviceRegistry, RegistryError, RevokeResult
 
-__all__ = ["CHECK_RESULTS", "DirectoryMetrics", "Recheck"]
+__all__ = ["CHECK_RESULTS", "RECHECK_DEADLINE", "DirectoryMetrics", "Recheck"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds one re-check may spend on the directory, waiting for connections included
+#: (the revocations after it are registry writes, not bounded by it). Logins wait at most
+#: 15 s (itpages.app.LOGIN_TIMEOUT); a re-check looks up every user holding devices,
+#: about 0.05 s each on a healthy directory with up to 3 at once: 5 minutes is far above
+#: what thousands of users take, and below the default 15-minute interval.
+RECHECK_DEADLINE: Final = 300.0
 #: `relay_directory_checks_total{result}`: all exported from zero.
 CHECK_RESULTS: Final = ("ok", "revoked", "unavailable", "error", "guard")
 _REASONS: Final = {
@@ -97,6 +108,7 @@ class Recheck:
         now: Callable[[], datetime],
         on_revoked: Callable[[], None],
         metrics: DirectoryMetrics | None = None,
+        deadline: float = RECHECK_DEADLINE,
     ) -> None:
         self.directory = directory
         self.registry = registry
@@ -107,6 +119,7 @@ class Recheck:
         self.on_revoked = on_revoked  # the registry changed under the revocation watcher
         self.metrics = metrics or DirectoryMetrics()
         self.limit = directory.settings.max_revocations_per_check
+        self.deadline = deadline
 
     def _count(self, result: str) -> str:
         self.metrics.checks[result] += 1
@@ -119,13 +132,22 @@ class Recheck:
         except RegistryError as exc:
             log.error("directory re-check: cannot read the registry", extra={"error": str(exc)})
             return self._count("error")
+        users = sorted(held)
         try:
-            if not held:
-                await self.directory.check()  # keeps relay_directory_up meaningful
-                self.metrics.up = 1
-                return self._count("ok")
-            users = sorted(held)
-            statuses = await self._lookup_all(users)
+            async with asyncio.timeout(self.deadline):
+                if not held:
+                    await self.directory.check()  # keeps relay_directory_up meaningful
+                    self.metrics.up = 1
+                    return self._count("ok")
+                statuses = await self._lookup_all(users)
+        except TimeoutError:
+            self.metrics.up = 0
+            log.warning(
+                "directory re-check did not finish within %g s; given up, nothing revoked",
+                self.deadline,
+                extra={"directory": self.directory.settings.url},
+            )
+            return self._count("unavailable")
         except DirectoryUnavailable as exc:
             self.metrics.up = 0
             log.warning(

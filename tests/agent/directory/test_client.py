@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.interop.harness.slapd import (
     user_dn,
 )
 
+from .blackhole import Trickle
 from .conftest import directory_section, read_settings
 from .fakeldap import FakeLdap
 
@@ -252,3 +254,25 @@ async def test_an_answer_cut_short_by_the_servers_size_limit_is_no_verdict(entri
     finally:
         directory.close()
         await ldap.close()
+
+
+async def test_a_caller_that_stops_waiting_frees_its_connection(
+    settings: DirectorySettings,
+) -> None:
+    """An IT login gives up after 15 s, but its worker thread went on reading a
+    directory that trickles bytes (ldap3's timeout is per read) and held its slot for
+    ever: four such logins and no one could log in. Now the caller's timeout cuts the
+    operation's connection and the slot is free again at once."""
+    trickle = await Trickle(every=0.2).start()
+    try:
+        directory = Directory(replace(trickle.settings(settings, timeout=1.0), max_connections=1))
+        for _ in range(2):  # the second gets the one slot the first had
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await directory.authenticate("carol", PASSWORDS["carol"], admin=True)
+            async with asyncio.timeout(1.0):  # cut, not left dripping
+                await trickle.idle.wait()
+        assert trickle.connections == 2
+        directory.close()
+    finally:
+        await trickle.close()

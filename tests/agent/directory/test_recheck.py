@@ -17,7 +17,7 @@ from relay.agent.directory.recheck import DirectoryMetrics, Recheck
 from relay.agent.registry import DeviceRegistry
 from tests.interop.harness.slapd import PASSWORDS, Slapd
 
-from .blackhole import BlackHole
+from .blackhole import BlackHole, Trickle
 
 T0 = datetime(2030, 1, 1, 12, tzinfo=dt.UTC)
 AGENT = "spiffe://hospital.test/agent/main"
@@ -165,3 +165,31 @@ async def test_an_outage_ends_the_check_at_once_and_leaves_logins_a_slot(
         directory.close()
     finally:
         await hole.close()
+
+
+async def test_a_directory_that_trickles_is_given_up_at_the_deadline_revoking_nothing(
+    f: Fixture,
+) -> None:
+    """ldap3's timeout bounds each read: a directory sending a byte every 0.2 s held the
+    re-check, and its connections, for ever. Now the check ends at its deadline as
+    "unavailable", revokes nothing, and its connections are cut at once."""
+    trickle = await Trickle(every=0.2).start()
+    try:
+        settings = trickle.settings(f.settings, timeout=1.0)
+        directory = Directory(replace(settings, max_connections=4))
+        recheck = Recheck(directory, f.registry, f.audit, agent=AGENT, device_uri=uri,
+                          now=lambda: T0, on_revoked=f.note, metrics=f.metrics,
+                          deadline=0.8)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await asyncio.wait_for(recheck.check(), 5.0) == "unavailable"
+        assert loop.time() - t0 < 1.5
+        assert f.metrics.up == 0 and f.metrics.checks["unavailable"] == 1
+        assert trickle.connections == 3  # the re-check's slots were all in use
+        async with asyncio.timeout(1.0):  # cut, not left dripping
+            await trickle.idle.wait()
+        assert all(f.status(d) == "active" for d in ("a1", "a2", "c1", "d1"))
+        assert f.changed == 0 and not read_events(f.path)
+        directory.close()
+    finally:
+        await trickle.close()
