@@ -720,6 +720,15 @@ def test_workstation_prefetch_match_takes_text_numbers_and_lists(tmp_path: Path)
     assert dict(rule.match) == {"ModalitiesInStudy": "CT\\MR", "StudyID": "42", "PatientID": "P*"}
 
 
+def test_workstation_cache_and_rule_bounds_take_their_edges(tmp_path: Path) -> None:
+    path = example_tree(tmp_path) / "config" / "workstation.yaml"
+    rules = [{"name": n, "every": e, "match": {"StudyID": 1}} for n, e in (("a", 10), ("b", "7d"))]
+    rewrite(path, _set("cache", "max_size", "65536GiB"))
+    config = load_workstation_config(rewrite(path, _set("prefetch", "rules", rules)))
+    assert config.cache is not None and config.cache.max_size == 64 << 40
+    assert [rule.every for rule in config.prefetch.rules] == [10.0, 7 * 86400.0]
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("0s", 0.0), ("90s", 90.0), ("1h", 3600.0)])
 def test_workstation_resume_window(tmp_path: Path, text: str, seconds: float) -> None:
     path = rewrite(
@@ -799,6 +808,24 @@ WORKSTATION_ERRORS = [
     (_set("log_level", "INFO"), "log_level", "expected one of"),
     (_set("cache", "dir", 5), "cache.dir", "expected a path"),
     (_set("cache", "max_size", "512KiB"), "cache.max_size", "at least 1MiB"),
+    (
+        _set("cache", "max_size", "65537GiB"),
+        "cache.max_size",
+        f"must be at most 65536GiB (64 TiB), got {65537 << 30}",
+    ),
+    *(
+        (
+            _set("prefetch", "rules", [{"name": "ct", "every": every, "match": {"StudyID": 1}}]),
+            "prefetch.rules[0]",
+            f"every: expected a duration 10s to 7d, got {every!r}",
+        )
+        for every in ("9s", "8d", "30d", 1e300)
+    ),
+    (
+        _set("prefetch", "rules", [{"name": "ct", "every": "soon", "match": {"StudyID": 1}}]),
+        "prefetch.rules[0]",
+        "every: expected a duration (30, 90s, 15m, 24h, 30d), got 'soon'",
+    ),
     (_set("cache", "max_age", "0s"), "cache.max_age", "expected a duration"),
     (_set("cache", "key", "file"), "cache.key", "expected one of memory, keyring"),
     (_set("cache", "enabled", "yes"), "cache.enabled", "expected true or false"),

@@ -11,11 +11,20 @@ from typing import Final
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
-from relay.ops.config import GiB, Reader, parse_duration
+from relay.ops.config import GiB, Reader, format_duration, format_size, parse_duration
 
 __all__ = ["CacheConfig", "PrefetchConfig", "PrefetchRule", "read_cache", "read_prefetch"]
 
 DEFAULT_MAX_SIZE: Final = 20 * GiB
+MIN_MAX_SIZE: Final = 1024 * 1024
+# Far beyond any PC's disk: a bigger cache.max_size is a slip of the unit or of a digit,
+# and would let the cache fill the disk before it evicted anything.
+MAX_MAX_SIZE: Final = 65536 * GiB  # 64 TiB
+# A rule runs at start, then every `every`: below MIN_RULE_EVERY it would query the PACS
+# without pause; above MAX_RULE_EVERY (a week, which still covers a `-7d..today` rule)
+# it is a slip of the unit (30d for 30m) and the rule would sit idle unnoticed.
+MIN_RULE_EVERY: Final = 10.0
+MAX_RULE_EVERY: Final = 7 * 86400.0
 DEFAULT_MAX_AGE: Final = 72 * 3600.0
 MAX_RULES: Final = 64
 # A DICOM node's read within serve_buffer is held decrypted in memory until sent: a
@@ -98,8 +107,12 @@ def read_cache(r: Reader, state_dir: Path | None = None) -> CacheConfig:
     default = state_dir / "cache" if state_dir else default_cache_dir(Path(r.file).resolve())
     directory = s.path("dir") if s.has("dir") else default
     max_size = s.size("max_size", DEFAULT_MAX_SIZE)
-    if max_size < 1024 * 1024:
-        raise s.error("max_size", "must be at least 1MiB")
+    if max_size < MIN_MAX_SIZE:
+        raise s.error("max_size", f"must be at least {format_size(MIN_MAX_SIZE)}")
+    if max_size > MAX_MAX_SIZE:
+        raise s.error(
+            "max_size", f"must be at most {format_size(MAX_MAX_SIZE)} (64 TiB), got {max_size}"
+        )
     serve_buffer = s.size("serve_buffer", CacheConfig.serve_buffer)
     if serve_buffer > MAX_SERVE_BUFFER:
         raise s.error("serve_buffer", "must be at most 16GiB")
@@ -138,6 +151,18 @@ def _show_kind(value: object) -> str:
     return f"a YAML {type(value).__name__} (quote it if you meant text)"  # 2024-01-01: a date
 
 
+def _rule_every(value: object) -> float:
+    """A rule's `every`, MIN_RULE_EVERY to MAX_RULE_EVERY."""
+    try:
+        every = parse_duration(value)
+    except ValueError as exc:
+        raise ValueError(f"every: {exc}") from None
+    if not MIN_RULE_EVERY <= every <= MAX_RULE_EVERY:
+        low, high = format_duration(MIN_RULE_EVERY), format_duration(MAX_RULE_EVERY)
+        raise ValueError(f"every: expected a duration {low} to {high}, got {value!r}")
+    return every
+
+
 def _rule(value: object) -> PrefetchRule:
     if not isinstance(value, dict):
         raise ValueError("a rule is a mapping {name, every, match}")
@@ -147,9 +172,7 @@ def _rule(value: object) -> PrefetchRule:
     name = value.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("a rule needs a name")
-    every = parse_duration(value.get("every", "5m"))
-    if every < 10:
-        raise ValueError("every must be at least 10s")
+    every = _rule_every(value.get("every", "5m"))
     match = value.get("match")
     if not isinstance(match, dict) or not match:
         raise ValueError("a rule needs match: {DICOM keyword: value}")
