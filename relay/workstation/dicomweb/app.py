@@ -751,11 +751,17 @@ def _render_type(request: web.Request) -> str | None:
     """image/jpeg or image/png from the Accept header (JPEG for anything); None: 406."""
     from relay.workstation.dicomweb import render
 
-    for r in _accept(request):
+    ranges = _accept(request)
+    for r in media.acceptable(ranges):
         if r.type in render.FORMATS:
-            return r.type
-        if r.type in ("*/*", "image/*"):
-            return "image/jpeg"
+            named: tuple[str, ...] = (r.type,)
+        elif r.type in ("*/*", "image/*"):
+            named = ("image/jpeg", "image/png")
+        else:
+            continue
+        for media_type in named:
+            if media.quality(ranges, media_type) > 0:  # `image/jpeg;q=0, */*`: PNG
+                return media_type
     return None
 
 

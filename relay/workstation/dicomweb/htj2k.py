@@ -19,15 +19,31 @@ syntax is .202 (RPCL) unless the range names another of the three.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from relay.workstation.dicomweb.media import AcceptError, MediaRange, negotiate
+from relay.workstation.dicomweb.media import (
+    AcceptError,
+    MediaRange,
+    acceptable,
+    candidate,
+    negotiate,
+    quality,
+)
 
-__all__ = ["HTJ2K", "MAX_FRAMES", "RPCL", "Choice", "Unsupported", "choose", "encode_frames"]
+__all__ = [
+    "HTJ2K",
+    "MAX_FRAMES",
+    "RPCL",
+    "Choice",
+    "Unsupported",
+    "choose",
+    "encode_frames",
+]
 
 HTJ2K: Final = frozenset({
     "1.2.840.10008.1.2.4.201",  # HTJ2K Image Compression (Lossless Only)
@@ -65,31 +81,45 @@ def choose(ranges: list[MediaRange], native_types: tuple[str, ...], stored: str,
 
     `stored`: the syntax frames are served in as they are (frames.frame_syntax);
     `native`: the stored syntax is uncompressed; `encodable`: its pixels can be HTJ2K;
-    `one_frame`: one frame is asked for, so a single-part `image/jphc` range can be met."""
-    for r in ranges:
-        if r.type == MEDIA_TYPE:  # single part: only the bare codestream of one frame
-            if one_frame and native and encodable and _asks_htj2k(r):
-                return Choice(MEDIA_TYPE, r.params.get("transfer-syntax", RPCL), single=True)
-            continue
-        try:
-            return Choice(negotiate([r], True, native_types, stored))
-        except AcceptError:
-            pass
-        wanted = r.params.get("transfer-syntax")
-        if not (native and encodable and wanted in HTJ2K):
-            continue
-        if r.type not in ("multipart/related", "multipart/*", "*/*"):
-            continue
-        inner = r.inner or "*/*"
-        for part in _PART_TYPES:
-            if inner in ("*/*", "image/*", part):
-                return Choice(part, wanted)
-    if native and not encodable and any(_asks_htj2k(r) for r in ranges):
+    `one_frame`: one frame is asked for, so a single-part `image/jphc` range can be met.
+    An answer the most specific range matching it gives q=0 is never chosen."""
+    for r in acceptable(ranges):
+        choices = _choices_of(r, native_types, stored, native=native, encodable=encodable,
+                              one_frame=one_frame)  # fmt: skip
+        for found in choices:
+            syntax = found.encode_to or stored
+            if quality(ranges, *candidate(not found.single, found.part_type, syntax)) > 0:
+                return found
+    if native and not encodable and any(_asks_htj2k(r) for r in acceptable(ranges)):
         raise AcceptError("this pixel format cannot be encoded as HTJ2K exactly")
     raise AcceptError(
         f"the stored transfer syntax is {stored}; frames are served as stored or, from "
         "native pixel data, as HTJ2K (transfer-syntax=1.2.840.10008.1.2.4.201/202/203)"
     )
+
+
+def _choices_of(r: MediaRange, native_types: tuple[str, ...], stored: str, *, native: bool,
+                encodable: bool, one_frame: bool) -> Iterator[Choice]:  # fmt: skip
+    """What range `r` alone allows answering with, preferred first (choose's arguments)."""
+    if r.type == MEDIA_TYPE:  # single part: only the bare codestream of one frame
+        if one_frame and native and encodable and _asks_htj2k(r):
+            yield Choice(MEDIA_TYPE, r.params.get("transfer-syntax", RPCL), single=True)
+        return
+    for part in native_types:  # as stored, when this range alone allows it
+        try:
+            negotiate([r], True, (part,), stored)
+        except AcceptError:
+            continue
+        yield Choice(part)
+    wanted = r.params.get("transfer-syntax")
+    if not (native and encodable and wanted in HTJ2K):
+        return
+    if r.type not in ("multipart/related", "multipart/*", "*/*"):
+        return
+    inner = r.inner or "*/*"
+    for part in _PART_TYPES:
+        if inner in ("*/*", "image/*", part):
+            yield Choice(part, wanted)
 
 
 def _layout(ds: Dataset) -> tuple[np.dtype[np.generic], tuple[int, ...]]:

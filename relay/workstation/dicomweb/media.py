@@ -10,7 +10,9 @@ answer streams as instances arrive.
 
 from __future__ import annotations
 
+import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -18,7 +20,9 @@ __all__ = [
     "MAX_ACCEPT",
     "AcceptError",
     "MediaRange",
+    "acceptable",
     "accepts_json",
+    "candidate",
     "closing",
     "frame_media_type",
     "multipart_type",
@@ -26,6 +30,7 @@ __all__ = [
     "new_boundary",
     "parse_accept",
     "part_head",
+    "quality",
 ]
 
 MAX_ACCEPT: Final = 32  # media ranges in one Accept header
@@ -51,8 +56,9 @@ _UNCOMPRESSED: Final = frozenset({EXPLICIT_LE, IMPLICIT_LE, "1.2.840.10008.1.2.2
 
 # What DICOM JSON (QIDO-RS answers, WADO-RS metadata: the one representation the relay
 # gives of them, no XML) is acceptable as: application/json for clients that ask so.
-JSON_RANGES: Final = frozenset({"application/dicom+json", "application/json", "application/*",
-                                "*/*"})  # fmt: skip
+DICOM_JSON: Final = "application/dicom+json"
+PLAIN_JSON: Final = "application/json"
+_NONE: Final[Mapping[str, str]] = {}
 
 
 class AcceptError(ValueError):
@@ -93,7 +99,9 @@ def _split(text: str, sep: str) -> list[str]:
 
 
 def parse_accept(header: str | None) -> list[MediaRange]:
-    """The media ranges of an Accept header, best first; absent: `*/*`."""
+    """The media ranges of an Accept header, best first; absent: `*/*`. Ranges with q=0
+    are kept (last): they refuse what they match when they are its most specific range
+    (`quality`), so they are not ranges to answer with (`acceptable`)."""
     if not header or not header.strip():
         return [MediaRange("*/*")]
     ranges: list[MediaRange] = []
@@ -102,27 +110,90 @@ def parse_accept(header: str | None) -> list[MediaRange]:
         if not parts[0]:
             continue
         params: dict[str, str] = {}
-        q = 1.0
+        q: float | None = 1.0
         for p in parts[1:]:
             name, _, value = p.partition("=")
             name, value = name.strip().lower(), value.strip().strip('"')
             if name == "q":
-                try:
-                    q = max(0.0, min(1.0, float(value)))
-                except ValueError:
-                    q = 0.0
+                q = _weight(value)
             elif name:
                 params[name] = value
-        if q > 0:
+        if q is not None:  # a malformed weight: the range says nothing, for or against
             ranges.append(MediaRange(parts[0].lower(), params, q))
     ranges.sort(key=lambda r: -r.q)
     return ranges
 
 
+def _weight(text: str) -> float | None:
+    """A q value, within 0..1; None when it is no number (or NaN)."""
+    try:
+        q = float(text)
+    except ValueError:
+        return None
+    return max(0.0, min(1.0, q)) if not math.isnan(q) else None
+
+
+def acceptable(ranges: list[MediaRange]) -> list[MediaRange]:
+    """The ranges that may be answered with (q > 0), best first."""
+    return [r for r in ranges if r.q > 0]
+
+
+def _specificity(
+    r: MediaRange, media_type: str, params: Mapping[str, str]
+) -> tuple[int, int] | None:
+    """How specifically range `r` names `media_type` with `params` (RFC 9110 12.5.1: a
+    type beats `type/*`, which beats `*/*`; more parameters beat fewer); None: it does not
+    match. A `type` parameter may be a range itself (`application/*`), `transfer-syntax=*`
+    matches any syntax without counting, and a parameter the answer has no value for
+    (`charset`: DICOM JSON is UTF-8 whatever is asked) is not compared."""
+    if r.type == media_type:
+        level = 2
+    elif r.type == "*/*":
+        level = 0
+    elif r.type.endswith("/*") and media_type.startswith(r.type[:-1]):
+        level = 1
+    else:
+        return None
+    counted = 0
+    for name, value in r.params.items():
+        given = params.get(name)
+        if given is None:  # not a parameter of this answer (charset, say): not compared
+            continue
+        if name == "type":
+            if not _matches(value.lower(), given):
+                return None
+        elif value not in ("*", given):
+            return None
+        counted += value != "*"
+    return level, counted
+
+
+def quality(ranges: list[MediaRange], media_type: str, params: Mapping[str, str] = _NONE) -> float:
+    """The quality the client gives `media_type` with `params` (RFC 9110 12.5.1): that of
+    the most specific range matching it, so `application/dicom+json;q=0, */*` refuses
+    DICOM JSON and accepts the rest; 0: not acceptable (also when no range matches)."""
+    best: tuple[int, int] | None = None
+    q = 0.0
+    for r in ranges:
+        rank = _specificity(r, media_type, params)
+        if rank is None:
+            continue
+        if best is None or rank > best:
+            best, q = rank, r.q
+        elif rank == best:
+            q = max(q, r.q)
+    return q
+
+
 def accepts_json(ranges: list[MediaRange]) -> bool:
     """Whether DICOM JSON is acceptable (else 406: PS3.18 says so of an Accept that no
-    representation meets; answering JSON to an XML client passed for success)."""
-    return any(r.type in JSON_RANGES for r in ranges)
+    representation meets; answering JSON to an XML client passed for success). It is
+    answered as application/dicom+json; `application/json` is taken for it only when a
+    range names it, so `application/dicom+json;q=0, */*` is 406, not the same JSON."""
+    if quality(ranges, DICOM_JSON) > 0:
+        return True
+    named = any(r.type == PLAIN_JSON for r in ranges)
+    return named and quality(ranges, PLAIN_JSON) > 0
 
 
 def _matches(pattern: str, media_type: str) -> bool:
@@ -132,12 +203,21 @@ def _matches(pattern: str, media_type: str) -> bool:
     return minor == "*" and media_type.startswith(major + "/")
 
 
+def candidate(multipart: bool, part: str, transfer_syntax: str) -> tuple[str, dict[str, str]]:
+    """The media type and parameters of an answer (for `quality`): a multipart body of
+    `part`s, or one `part`, in `transfer_syntax`."""
+    if multipart:
+        return "multipart/related", {"type": part, "transfer-syntax": transfer_syntax}
+    return part, {"transfer-syntax": transfer_syntax}
+
+
 def negotiate(
     ranges: list[MediaRange], multipart: bool, part_types: tuple[str, ...], transfer_syntax: str
 ) -> str:
     """The part media type to answer with, given the stored `transfer_syntax`; AcceptError
-    when no range allows it. `part_types`: what the resource can be (first preferred)."""
-    for r in ranges:
+    when no range allows it (or the most specific range matching it has q=0).
+    `part_types`: what the resource can be (first preferred)."""
+    for r in acceptable(ranges):
         if multipart and r.type not in ("multipart/related", "multipart/*", "*/*"):
             continue
         if not multipart and r.type.startswith("multipart/"):
@@ -146,9 +226,9 @@ def negotiate(
             if not _matches(r.inner, part):
                 continue
             wanted = r.params.get("transfer-syntax")
-            if wanted in (None, "*", transfer_syntax):
-                return part
-            if wanted in _UNCOMPRESSED and transfer_syntax == wanted:
+            if wanted not in (None, "*", transfer_syntax):
+                continue
+            if quality(ranges, *candidate(multipart, part, transfer_syntax)) > 0:
                 return part
     raise AcceptError(
         f"the stored transfer syntax is {transfer_syntax}; the relay does not transcode "

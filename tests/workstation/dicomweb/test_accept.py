@@ -23,7 +23,8 @@ async def served() -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
 
 
 @pytest.mark.parametrize("accept", [XML, MULTIPART_XML, "text/html",
-                                    "application/dicom+json;q=0, text/html"])  # fmt: skip
+                                    "application/dicom+json;q=0, text/html",
+                                    "application/dicom+json;q=0, */*"])  # fmt: skip
 async def test_what_does_not_accept_json_is_406_and_asks_nothing_of_the_pacs(
     served: tuple[DicomwebServer, ScriptedSource], accept: str
 ) -> None:
@@ -70,3 +71,14 @@ async def test_the_accept_and_charset_parameters_are_no_matching_keys(
     # its + left unencoded (a space once decoded) still names DICOM JSON
     status, _, body = await get(f"{srv.url}/studies?accept=application/dicom+json")
     assert status == 200, body
+
+
+async def test_a_rendered_type_refused_with_q0_is_not_answered(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = served
+    inst = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
+    status, headers, _ = await get(f"{inst}/rendered", headers={"Accept": "image/jpeg;q=0, */*"})
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    refused = "image/*;q=0, */*"
+    assert (await get(f"{inst}/rendered", headers={"Accept": refused}))[0] == 406

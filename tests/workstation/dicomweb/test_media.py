@@ -6,8 +6,10 @@ import email
 import email.policy
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 
-from relay.workstation.dicomweb import media
+from relay.workstation.dicomweb import htj2k, media
 
 ELE = "1.2.840.10008.1.2.1"
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -22,7 +24,8 @@ def test_accept_is_parsed_with_quoted_parameters_and_q_order() -> None:
     assert ranges[0].params["transfer-syntax"] == "*"
     assert ranges[1].inner == "application/dicom" and ranges[1].q == 0.5
     assert media.parse_accept(None)[0].type == "*/*"
-    assert media.parse_accept("a/b;q=0") == []
+    assert media.acceptable(media.parse_accept("a/b;q=0")) == []  # kept, but refuses only
+    assert media.parse_accept("a/b;q=x") == []  # a malformed weight says nothing
 
 
 @pytest.mark.parametrize(
@@ -63,6 +66,79 @@ def test_frames_of_a_compressed_instance_may_be_octet_stream_or_their_image_type
     jpeg = 'multipart/related; type="image/jpeg"'
     assert media.negotiate(media.parse_accept(jpeg), True, types, JPEG) == "image/jpeg"
     assert media.frame_media_type(ELE) == ("application/octet-stream",)
+
+
+DCM = "application/dicom"
+PART = 'multipart/related; type="application/dicom"'
+
+
+# RFC 9110 12.5.1: the most specific range matching an answer gives its quality.
+@pytest.mark.parametrize(
+    ("accept", "media_type", "params", "q"),
+    [
+        ("application/dicom+json;q=0, */*", "application/dicom+json", {}, 0.0),
+        ("application/dicom+json;q=0, */*", "application/json", {}, 1.0),
+        ("application/*;q=0, */*", "application/json", {}, 0.0),
+        ("application/*;q=0, application/json;q=0.4, */*", "application/json", {}, 0.4),
+        ("*/*;q=0, application/dicom+json", "application/dicom+json", {}, 1.0),
+        ("*/*;q=0.2, application/*;q=0.5", "image/png", {}, 0.2),
+        ("text/html", "application/dicom+json", {}, 0.0),  # no range: not acceptable
+        ("application/dicom+json; charset=utf-8", "application/dicom+json", {}, 1.0),
+        (f"{PART}; q=0, */*", "multipart/related", {"type": DCM, "transfer-syntax": ELE}, 0.0),
+        (f"{PART}; q=0, */*", "multipart/related", {"type": "image/jpeg"}, 1.0),
+        (f"{PART}; transfer-syntax={JPEG}; q=0, {PART}; transfer-syntax=*",
+         "multipart/related", {"type": DCM, "transfer-syntax": JPEG}, 0.0),
+        (f"{PART}; transfer-syntax={JPEG}; q=0, {PART}; transfer-syntax=*",
+         "multipart/related", {"type": DCM, "transfer-syntax": ELE}, 1.0),
+        ('multipart/related; type="application/*"; q=0.3, multipart/*',
+         "multipart/related", {"type": DCM, "transfer-syntax": ELE}, 0.3),
+        ("image/jpeg;q=0, image/*;q=0.5", "image/png", {}, 0.5),
+    ],
+)  # fmt: skip
+def test_the_most_specific_range_decides_the_quality(
+    accept: str, media_type: str, params: dict[str, str], q: float
+) -> None:
+    assert media.quality(media.parse_accept(accept), media_type, params) == q
+
+
+def test_a_q0_range_refuses_what_a_broader_one_accepts() -> None:
+    assert not media.accepts_json(media.parse_accept("application/dicom+json;q=0, */*"))
+    assert not media.accepts_json(media.parse_accept("application/*;q=0, */*"))
+    assert media.accepts_json(media.parse_accept("application/*;q=0, application/json"))
+    assert media.accepts_json(media.parse_accept("application/dicom+json;q=0, application/json"))
+    with pytest.raises(media.AcceptError):
+        media.negotiate(media.parse_accept(f"{PART};q=0, */*"), True, (DCM,), ELE)
+    refused_jpeg = f"{PART}; transfer-syntax={JPEG}; q=0, {PART}; transfer-syntax=*"
+    assert media.negotiate(media.parse_accept(refused_jpeg), True, (DCM,), ELE) == DCM
+    with pytest.raises(media.AcceptError):
+        media.negotiate(media.parse_accept(refused_jpeg), True, (DCM,), JPEG)
+    # frames: octet-stream refused more specifically than */* accepts it: 406
+    refused = media.parse_accept('*/*, multipart/related; type="application/octet-stream";q=0')
+    with pytest.raises(media.AcceptError):
+        htj2k.choose(refused, media.frame_media_type(ELE), ELE, True, True)
+
+
+SPECIFIC = ["application/dicom+json", "application/json", "image/jpeg", "image/png",
+            "text/html", "application/octet-stream"]  # fmt: skip
+WIDER = ["*/*", "application/*", "image/*", "text/*"]
+
+
+@given(
+    hs.sampled_from(SPECIFIC),
+    hs.lists(
+        hs.tuples(hs.sampled_from(WIDER + SPECIFIC), hs.sampled_from([0, 0.1, 0.5, 1])), max_size=6
+    ),
+)
+def test_a_q0_range_naming_the_type_always_refuses_it(
+    media_type: str, others: list[tuple[str, float]]
+) -> None:
+    """Whatever wider ranges say (and in whatever order), the type named with q=0 (and
+    not named again with a weight) is not acceptable; named with a weight, that weight."""
+    others = [(t, q) for t, q in others if t != media_type]
+    header = ", ".join([*(f"{t};q={q}" for t, q in others), f"{media_type};q=0"])
+    assert media.quality(media.parse_accept(header), media_type) == 0.0
+    header = ", ".join([*(f"{t};q={q}" for t, q in others), f"{media_type};q=0.7"])
+    assert media.quality(media.parse_accept(header), media_type) == 0.7
 
 
 def test_the_multipart_writer_is_read_back_part_for_part() -> None:
