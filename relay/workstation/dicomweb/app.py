@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 
 PREFIX: Final = "/dicom-web"
 DICOM_JSON: Final = "application/dicom+json"
+INSTANCE_PARTS: Final = ("application/dicom",)  # what a WADO-RS instance part can be
+# The 406s of an Accept no answer could ever meet, sent before anything is retrieved.
+NO_INSTANCE_ANSWER: Final = (
+    'instances are answered as multipart/related; type="application/'
+    'dicom" in their stored transfer syntax (or transfer-syntax=*)'
+)
+NO_FRAMES_ANSWER: Final = (
+    "frames are answered as stored or as HTJ2K: multipart/related of "
+    "application/octet-stream or an image type, or one image/jphc"
+)
 MAX_STOW_PARTS: Final = 10_000
 # Query parameters about the answer, not the match (PS3.18 8.3.3): `accept` is _accept's,
 # `charset` is UTF-8 whatever it asks (DICOM JSON is UTF-8); not attributes to match on.
@@ -408,6 +418,8 @@ def _retrieve(with_series: bool, with_sop: bool) -> Any:
         series = _uid(request, "series") if with_series else None
         sop = _uid(request, "instance") if with_sop else None
         ranges = _accept(request)
+        if not media.negotiable(ranges, True, INSTANCE_PARTS):  # before any retrieval
+            return _text(406, NO_INSTANCE_ANSWER)
         it = _instances(service, study, series, sop)
         try:  # closed at once, whatever happens: a flight counts its readers' memory
             return await _answer_instances(request, it, ranges, series, sop)
@@ -434,7 +446,7 @@ async def _answer_instances(
     if first is None:
         return _text(404, f"no such {_what(series, sop)}")
     try:
-        part = media.negotiate(ranges, True, ("application/dicom",), first.transfer_syntax)
+        part = media.negotiate(ranges, True, INSTANCE_PARTS, first.transfer_syntax)
     except media.AcceptError as exc:
         return _text(406, str(exc))
     boundary = media.new_boundary()
@@ -447,7 +459,7 @@ async def _answer_instances(
     while item is not None:
         if item is not first:
             try:  # the first instance's syntax was accepted; each must be
-                media.negotiate(ranges, True, ("application/dicom",), item.transfer_syntax)
+                media.negotiate(ranges, True, INSTANCE_PARTS, item.transfer_syntax)
             except media.AcceptError:
                 log.warning("an instance in %s, which the client did not accept: answer "
                             "cut", item.transfer_syntax)  # fmt: skip
@@ -611,10 +623,12 @@ async def frames_handler(request: web.Request) -> web.StreamResponse:
         numbers = frames.frame_numbers(request.match_info["frames"])
     except ValueError as exc:
         return _text(400, f"frames: {exc}")
+    ranges = _accept(request)
+    if not htj2k.satisfiable(ranges, one_frame=len(numbers) == 1):  # before any retrieval
+        return _text(406, NO_FRAMES_ANSWER)
     item = await _one(request, viewport=byterange.first_chunk(request.headers.get("Range")))
     if isinstance(item, web.Response):
         return item
-    ranges = _accept(request)
     ds = await _decoded(item)
     if isinstance(ds, web.Response):
         return ds

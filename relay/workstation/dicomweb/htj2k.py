@@ -27,12 +27,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from relay.workstation.dicomweb.media import (
+    FRAME_TYPES,
     AcceptError,
     MediaRange,
     acceptable,
     candidate,
+    frame_media_type,
     negotiate,
     quality,
+    syntaxes_to_try,
 )
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "Unsupported",
     "choose",
     "encode_frames",
+    "satisfiable",
 ]
 
 HTJ2K: Final = frozenset({
@@ -106,11 +110,8 @@ def _choices_of(r: MediaRange, native_types: tuple[str, ...], stored: str, *, na
             yield Choice(MEDIA_TYPE, r.params.get("transfer-syntax", RPCL), single=True)
         return
     for part in native_types:  # as stored, when this range alone allows it
-        try:
-            negotiate([r], True, (part,), stored)
-        except AcceptError:
-            continue
-        yield Choice(part)
+        if _allows([r], part, stored):
+            yield Choice(part)
     wanted = r.params.get("transfer-syntax")
     if not (native and encodable and wanted in HTJ2K):
         return
@@ -120,6 +121,29 @@ def _choices_of(r: MediaRange, native_types: tuple[str, ...], stored: str, *, na
     for part in _PART_TYPES:
         if inner in ("*/*", "image/*", part):
             yield Choice(part, wanted)
+
+
+def _allows(ranges: list[MediaRange], part: str, stored: str) -> bool:
+    try:
+        negotiate(ranges, True, (part,), stored)
+    except AcceptError:
+        return False
+    return True
+
+
+def satisfiable(ranges: list[MediaRange], one_frame: bool) -> bool:
+    """Whether a frames request with these ranges could be answered for some stored
+    syntax and pixel format: one that never could is 406 before anything is retrieved."""
+    # every syntax with a frame type of its own stands for itself: `*/*` takes its image/jpeg
+    for stored in dict.fromkeys((*syntaxes_to_try(ranges), *FRAME_TYPES)):
+        types = frame_media_type(stored)
+        for native, can in ((True, True), (False, False)):
+            try:
+                choose(ranges, types, stored, native, can, one_frame=one_frame)
+            except AcceptError:
+                continue
+            return True
+    return False
 
 
 def _layout(ds: Dataset) -> tuple[np.dtype[np.generic], tuple[int, ...]]:

@@ -26,11 +26,13 @@ __all__ = [
     "closing",
     "frame_media_type",
     "multipart_type",
+    "negotiable",
     "negotiate",
     "new_boundary",
     "parse_accept",
     "part_head",
     "quality",
+    "syntaxes_to_try",
 ]
 
 MAX_ACCEPT: Final = 32  # media ranges in one Accept header
@@ -52,6 +54,8 @@ FRAME_TYPES: Final = {
     "1.2.840.10008.1.2.5": "image/x-dicom-rle",
 }
 _UNCOMPRESSED: Final = frozenset({EXPLICIT_LE, IMPLICIT_LE, "1.2.840.10008.1.2.2"})
+# A syntax no Accept names (not a UID): what `negotiable` tries for all the unnamed ones.
+UNNAMED_SYNTAX: Final = "unnamed"
 
 
 # What DICOM JSON (QIDO-RS answers, WADO-RS metadata: the one representation the relay
@@ -234,6 +238,25 @@ def negotiate(
         f"the stored transfer syntax is {transfer_syntax}; the relay does not transcode "
         "(ask with transfer-syntax=* or that syntax)"
     )
+
+
+def syntaxes_to_try(ranges: list[MediaRange]) -> tuple[str, ...]:
+    """The stored syntaxes that stand for every one before it is known: those the ranges
+    name, and one they do not (every other syntax is answered as that one is)."""
+    named = {r.params["transfer-syntax"] for r in ranges if "transfer-syntax" in r.params}
+    return (*sorted(named - {"*"}), UNNAMED_SYNTAX)
+
+
+def negotiable(ranges: list[MediaRange], multipart: bool, part_types: tuple[str, ...]) -> bool:
+    """Whether some stored syntax could be answered (`negotiate`): a request for which
+    none could is refused (406) before anything is retrieved."""
+    for ts in syntaxes_to_try(ranges):
+        try:
+            negotiate(ranges, multipart, part_types, ts)
+        except AcceptError:
+            continue
+        return True
+    return False
 
 
 def frame_media_type(transfer_syntax: str) -> tuple[str, ...]:

@@ -73,6 +73,71 @@ async def test_the_accept_and_charset_parameters_are_no_matching_keys(
     assert status == 200, body
 
 
+def _counting_finds(source: ScriptedSource) -> list[str]:
+    asked: list[str] = []
+    find = source.find
+
+    async def counted(identifier: object, max_matches: int) -> object:
+        asked.append("find")
+        return await find(identifier, max_matches)  # type: ignore[arg-type]
+
+    source.find = counted  # type: ignore[method-assign,assignment]
+    return asked
+
+
+DICOM_PART = 'multipart/related; type="application/dicom"'
+
+
+@pytest.mark.parametrize("accept", [
+    "application/dicom+json", MULTIPART_XML, "text/html, image/*",
+    f"{DICOM_PART}; q=0, */*",  # the most specific range refuses what */* would take
+])  # fmt: skip
+async def test_an_accept_no_instance_answer_can_meet_is_406_before_any_retrieval(
+    served: tuple[DicomwebServer, ScriptedSource], accept: str
+) -> None:
+    srv, source = served
+    asked = _counting_finds(source)
+    series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    inst = f"{series}/instances/{CT[0].sop_instance}"
+    for url in (f"{srv.url}/studies/{STUDY}", series, inst):
+        status, _, body = await get(url, headers={"Accept": accept})
+        assert status == 406, (url, body)
+    assert asked == [] and source.retrieves == 0 and source.ahead == []
+
+
+@pytest.mark.parametrize("accept", [
+    "application/dicom+json", "text/html", "multipart/*;q=0, */*",
+    'multipart/related; type="image/png"',
+])  # fmt: skip
+async def test_an_accept_no_frames_answer_can_meet_is_406_before_any_retrieval(
+    served: tuple[DicomwebServer, ScriptedSource], accept: str
+) -> None:
+    srv, source = served
+    frame = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}/frames/1"
+    status, _, body = await get(frame, headers={"Accept": accept, "Range": "bytes=0-99"})
+    assert status == 406, body
+    assert source.retrieves == 0 and source.ahead == []
+
+
+async def test_an_accept_some_stored_syntax_meets_is_still_answered(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """What could be answered for some syntax is retrieved and negotiated as before:
+    answered when the series is stored so, 406 (after the retrieval) when not."""
+    srv, source = served
+    series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    ts = CT[0].transfer_syntax
+    as_stored = {"Accept": f"{DICOM_PART}; transfer-syntax={ts}"}
+    status, headers, _ = await get(series, headers=as_stored)
+    assert status == 200 and 'type="application/dicom"' in headers["Content-Type"]
+    jpeg = "1.2.840.10008.1.2.4.50"
+    status, _, _ = await get(series, headers={"Accept": f"{DICOM_PART}; transfer-syntax={jpeg}"})
+    assert status == 406
+    refused = f"{DICOM_PART}; transfer-syntax={ts}; q=0, {DICOM_PART}"
+    assert (await get(series, headers={"Accept": refused}))[0] == 406
+    assert source.retrieves == 1  # one flight, held: the later requests joined it
+
+
 async def test_a_rendered_type_refused_with_q0_is_not_answered(
     served: tuple[DicomwebServer, ScriptedSource],
 ) -> None:

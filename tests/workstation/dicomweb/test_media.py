@@ -116,6 +116,25 @@ def test_a_q0_range_refuses_what_a_broader_one_accepts() -> None:
     refused = media.parse_accept('*/*, multipart/related; type="application/octet-stream";q=0')
     with pytest.raises(media.AcceptError):
         htj2k.choose(refused, media.frame_media_type(ELE), ELE, True, True)
+    assert htj2k.satisfiable(refused, one_frame=True)  # stored as JPEG: its image/jpeg
+
+
+@pytest.mark.parametrize(
+    ("accept", "one_frame", "possible"),
+    [
+        ("*/*", False, True),
+        ("text/html, application/dicom+json", True, False),
+        ("multipart/*;q=0, */*", True, False),  # and */* alone never means one codestream
+        ("multipart/*;q=0, image/jphc", True, True),
+        ("multipart/*;q=0, image/jphc", False, False),  # a codestream is one frame
+        ('multipart/related; type="image/jpeg"', False, True),  # if stored as JPEG
+        ('multipart/related; type="image/png"', False, False),  # never stored so
+    ],
+)  # fmt: skip
+def test_whether_a_frames_request_could_be_answered(
+    accept: str, one_frame: bool, possible: bool
+) -> None:
+    assert htj2k.satisfiable(media.parse_accept(accept), one_frame=one_frame) is possible
 
 
 SPECIFIC = ["application/dicom+json", "application/json", "image/jpeg", "image/png",
@@ -139,6 +158,23 @@ def test_a_q0_range_naming_the_type_always_refuses_it(
     assert media.quality(media.parse_accept(header), media_type) == 0.0
     header = ", ".join([*(f"{t};q={q}" for t, q in others), f"{media_type};q=0.7"])
     assert media.quality(media.parse_accept(header), media_type) == 0.7
+
+
+@pytest.mark.parametrize(
+    ("accept", "possible"),
+    [
+        ("application/dicom+json", False),
+        ('multipart/related; type="application/dicom+xml"', False),
+        ("text/html, image/*", False),
+        (f"{PART};q=0, */*", False),
+        (f"{PART}; transfer-syntax={JPEG}", True),  # if the series is stored so
+        (f"{PART}; transfer-syntax={JPEG}; q=0, {PART}", True),  # any other syntax
+        ("*/*", True),
+        (PART, True),
+    ],
+)  # fmt: skip
+def test_whether_some_stored_syntax_could_be_answered(accept: str, possible: bool) -> None:
+    assert media.negotiable(media.parse_accept(accept), True, (DCM,)) is possible
 
 
 def test_the_multipart_writer_is_read_back_part_for_part() -> None:
