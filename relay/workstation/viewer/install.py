@@ -50,6 +50,17 @@ DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before the download is given
 DOWNLOAD_DEADLINE = 3600.0
 
 
+# What Windows refuses in a file or directory name (besides the separators / and \\):
+# these characters, control characters, and device names, whatever the extension or case
+# ("nul.js", "Com1.txt"; COM0/LPT0 and the superscript digits too, as recent Windows
+# documentation lists them).
+WINDOWS_FORBIDDEN = frozenset('<>:"|?*\\')
+WINDOWS_DEVICE_NAMES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"}
+)
+
+
 class ViewerInstallError(Exception):
     """The viewer could not be installed; the message says why and what to do."""
 
@@ -152,9 +163,22 @@ def _fetch(release: ViewerRelease, tarball: Path | None, sink: IO[bytes], limit:
     return digest
 
 
+def _windows_name_problem(part: str) -> str | None:
+    """Why Windows cannot create a file or directory named `part`, or None: checked on
+    every platform, since a release that installs on Linux but not on the radiologist's
+    PC is found only there."""
+    if any(c in WINDOWS_FORBIDDEN or ord(c) < 32 for c in part):
+        return 'a character Windows forbids (<>:"|?*\\ or a control character)'
+    if part[-1] in ". ":
+        return "a name ending in a dot or a space"
+    if part.partition(".")[0].rstrip(" ").upper() in WINDOWS_DEVICE_NAMES:
+        return "a Windows device name (CON, PRN, AUX, NUL, COM0-9, LPT0-9, with any extension)"
+    return None
+
+
 def _member_path(name: str) -> str | None:
     """The path inside dist/ a member is unpacked to; None: not ours (skipped).
-    Raises for anything that could land outside the target."""
+    Raises for anything that could land outside the target, or that Windows cannot create."""
     if name == LICENSE_MEMBER:
         return "LICENSE"
     if not name.startswith(DIST_PREFIX):
@@ -162,10 +186,15 @@ def _member_path(name: str) -> str | None:
     relative = name[len(DIST_PREFIX) :].rstrip("/")
     if not relative:
         return None
-    parts = relative.split("/")
-    for part in parts:
-        if part in ("", ".", "..") or any(c in part for c in '\\:*?"<>|\0') or part[-1] in ". ":
+    for part in relative.split("/"):
+        if part in ("", ".", "..") or any(c in part for c in "\\:\0"):
             raise ViewerInstallError(f"unsafe path in the tarball: {name!r}: refused")
+        problem = _windows_name_problem(part)
+        if problem is not None:
+            raise ViewerInstallError(
+                f"{name!r} in the tarball is not a name Windows can create ({problem}): "
+                "refused on every platform"
+            )
     return relative
 
 

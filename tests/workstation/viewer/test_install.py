@@ -124,6 +124,45 @@ def test_members_that_could_escape_are_refused(
     assert leftovers(tmp_path / "sub") == []
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        *((f"package/dist/{device}", "device name") for device in ("CON", "aux", "Nul")),
+        ("package/dist/nul.tar.gz", "device name"),
+        ("package/dist/Com1.js", "device name"),
+        ("package/dist/LPT9.txt", "device name"),
+        ("package/dist/com\u00b2.js", "device name"),
+        ("package/dist/CON .js", "device name"),
+        ("package/dist/assets/prn/logo.svg", "device name"),  # a directory too
+        ("package/dist/app.js.", "ending in a dot or a space"),
+        ("package/dist/fonts /a.woff", "ending in a dot or a space"),
+        *((f"package/dist/a{c}b.js", "a character Windows forbids") for c in '<>"|?*'),
+        ("package/dist/a\x01b.js", "a character Windows forbids"),
+        ("package/dist/tab\there.js", "a character Windows forbids"),
+    ],
+)
+def test_members_windows_cannot_create_are_refused_everywhere(
+    tmp_path: Path, name: str, why: str
+) -> None:
+    """A release that installs on Linux but not on the radiologist's PC is a support call."""
+    tgz = make_tarball(tmp_path / "a.tgz", [(name, b"x")])
+    target = tmp_path / "viewer"
+    with pytest.raises(ViewerInstallError) as info:
+        install_viewer(target, release=release_for(tgz), tarball=tgz)
+    assert str(info.value).startswith(f"{name!r} in the tarball is not a name Windows can create")
+    assert why in str(info.value) and str(info.value).endswith(": refused on every platform")
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_names_that_only_look_like_windows_devices_install(tmp_path: Path) -> None:
+    names = ["console.js", "CONFIG.json", "com10.js", "lpt.css", "aux-panel/nul_icon.svg"]
+    tgz = make_tarball(tmp_path / "a.tgz", [(f"package/dist/{n}", b"x") for n in names])
+    target = tmp_path / "viewer"
+    install_viewer(target, release=release_for(tgz), tarball=tgz)
+    assert all((target / n).read_bytes() == b"x" for n in names)
+
+
 def test_limits_on_size_and_count_are_enforced(tmp_path: Path) -> None:
     tgz = make_tarball(
         tmp_path / "big.tgz", [(f"package/dist/{i}.js", b"0" * 4000) for i in range(5)]
