@@ -7,6 +7,13 @@ staging directory beside the target (regular files only; no absolute paths, `..`
 devices; bounded in count and bytes), write the marker last and move the staging
 directory into place. Any failure removes the staging directory: there is never a
 half-installed viewer, and an installed one stays as it was.
+
+A process that is killed (or a PC that loses power) cannot remove its staging directory,
+which may hold the tarball and the unpacked dist (hundreds of MB). So installs into one
+target take a lock (`.NAME.install-lock` beside it): the one holding it knows that any
+staging directory of that target is a dead install's, and removes it first, if it is
+exactly what we make (`.NAME.partial-` and mkdtemp's 8 characters, a real directory,
+holding nothing but our entries). A second install at the same time is refused.
 """
 
 from __future__ import annotations
@@ -17,17 +24,21 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from relay.ops import replacing
+from relay.ops.instancelock import InstanceLock, InstanceLocked
 from relay.workstation.config import user_data_dir
 from relay.workstation.viewer.pin import OHIF, ViewerRelease
 
@@ -48,6 +59,11 @@ DOWNLOAD_TIMEOUT = 60.0  # seconds without progress before the download is given
 # seconds the whole download may take: a registry (or proxy) sending a byte a minute must
 # not hold `relay viewer install` for days (the release at 256 kbit/s: ~27 minutes)
 DOWNLOAD_DEADLINE = 3600.0
+STAGING_INFIX = ".partial-"  # .NAME.partial-XXXXXXXX: an install's staging directory
+LOCK_SUFFIX = ".install-lock"  # .NAME.install-lock: held by the install into NAME
+# what a staging directory may hold (_install): only such a directory is removed as dead
+STAGING_ENTRIES = frozenset({"download.tgz", "dist", "old"})
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkdtemp's random name
 
 
 # What Windows refuses in a file or directory name (besides the separators / and \\):
@@ -265,7 +281,25 @@ def install_viewer(
     expected = _sri_digest(release.integrity)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise ViewerInstallError(f"cannot write to {target.parent}: {exc.strerror}") from None
+    with _installing(target) as alone:
+        if alone:
+            _remove_dead_staging(target)
+        return _install(target, release, tarball, limits, expected), True
+
+
+def _install(
+    target: Path,
+    release: ViewerRelease,
+    tarball: Path | None,
+    limits: InstallLimits,
+    expected: bytes,
+) -> Path:
+    """Fetch, check, unpack and swap in, through a staging directory removed whatever
+    happens (install_viewer's steps once the target may be written)."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     except OSError as exc:
         raise ViewerInstallError(f"cannot write to {target.parent}: {exc.strerror}") from None
     try:
@@ -290,7 +324,66 @@ def install_viewer(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(staging, ignore_errors=True)
-    return target, True
+    return target
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}{STAGING_INFIX}"
+
+
+@contextlib.contextmanager
+def _installing(target: Path) -> Iterator[bool]:
+    """Hold the install lock of `target` meanwhile; yields whether it is held (False: this
+    file system has no locks, so a staging directory may be a live install's). Another
+    install holding it: ViewerInstallError."""
+    lock = InstanceLock(target.parent / f".{target.name}{LOCK_SUFFIX}")
+    try:
+        lock.acquire()
+    except InstanceLocked:
+        raise ViewerInstallError(
+            f"another `relay viewer install` into {target} is running: wait for it to end"
+        ) from None
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Remove what installs into `target` that were killed left behind (the lock is held,
+    so none of them is running): only directories named as ours and holding only our
+    entries; anything else beside the target is left as it is."""
+    prefix = _staging_prefix(target)
+    try:
+        names = [e.name for e in os.scandir(target.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        path = target.parent / name
+        if _RANDOM_PART.fullmatch(name[len(prefix) :]) and _is_our_staging(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_our_staging(path: Path) -> bool:
+    """A real directory (not a link or a Windows junction to somewhere else) holding
+    nothing but what _install writes into its staging directory."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or _is_reparse_point(info):
+            return False
+        with os.scandir(path) as entries:
+            return {e.name for e in entries} <= STAGING_ENTRIES
+    except OSError:
+        return False
+
+
+def _is_reparse_point(info: os.stat_result) -> bool:
+    """A Windows junction or symbolic link (lstat calls a junction a directory)."""
+    attributes = getattr(info, "st_file_attributes", 0)
+    return bool(attributes & getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0x400))
 
 
 def _check_replaceable(target: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main
+from relay.ops.instancelock import InstanceLock
 from relay.workstation.viewer import install
 from relay.workstation.viewer.install import (
     MARKER,
@@ -350,3 +351,52 @@ def test_a_directory_that_is_not_a_viewer_is_never_replaced(tmp_path: Path) -> N
     empty.mkdir()  # made beforehand by the user: fine
     assert install_viewer(empty, release=release, tarball=tgz) == (empty, True)
     assert install_viewer(empty, release=release, tarball=tgz, force=True) == (empty, True)
+
+
+def _staging_left_by_a_killed_install(parent: Path, name: str) -> Path:
+    """What an install killed while unpacking leaves: its tarball and part of the dist."""
+    staging = parent / name
+    (staging / "dist" / "js").mkdir(parents=True)
+    (staging / "download.tgz").write_bytes(b"\x1f\x8b" + b"x" * 1000)
+    (staging / "dist" / "js" / "app.js").write_bytes(b"half")
+    return staging
+
+
+def test_an_interrupted_install_s_leftovers_go_at_the_next_install(tmp_path: Path) -> None:
+    """Only what our installs into this target make goes: every look-alike stays."""
+    tgz = make_tarball(tmp_path / "app.tgz")
+    parent = tmp_path / "viewers"
+    parent.mkdir()
+    dead = [_staging_left_by_a_killed_install(parent, n)
+            for n in (".viewer.partial-ab12_xyz", ".viewer.partial-00000000")]  # fmt: skip
+    kept = [
+        _staging_left_by_a_killed_install(parent, ".viewer.partial-abc"),  # not mkdtemp's
+        _staging_left_by_a_killed_install(parent, ".other.partial-ab12_xyz"),  # another target
+        _staging_left_by_a_killed_install(parent, ".viewer.partial-ABCD1234"),  # not mkdtemp's
+    ]
+    foreign = _staging_left_by_a_killed_install(parent, ".viewer.partial-users000")
+    (foreign / "notes.txt").write_text("not ours")  # holds what we never write
+    (parent / ".viewer.partial-file0000").write_bytes(b"a file")
+    outside = tmp_path / "elsewhere"
+    (outside / "dist").mkdir(parents=True)
+    with contextlib.suppress(OSError):  # Windows without the right to make links
+        os.symlink(outside, parent / ".viewer.partial-link0000", target_is_directory=True)
+    assert install_viewer(parent / "viewer", release=release_for(tgz), tarball=tgz)[1]
+    assert not any(d.exists() for d in dead)
+    assert all((k / "dist" / "js" / "app.js").read_bytes() == b"half" for k in kept)
+    assert (foreign / "notes.txt").exists() and (parent / ".viewer.partial-file0000").exists()
+    assert (outside / "dist").is_dir()
+    assert (parent / "viewer" / "index.html").read_bytes() == INDEX
+
+
+def test_a_second_install_at_the_same_time_is_refused_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    tgz = make_tarball(tmp_path / "app.tgz")
+    running = _staging_left_by_a_killed_install(tmp_path, ".viewer.partial-running0")
+    with InstanceLock(tmp_path / f".viewer{install.LOCK_SUFFIX}"):  # the first install's
+        with pytest.raises(ViewerInstallError, match="another `relay viewer install`"):
+            install_viewer(tmp_path / "viewer", release=release_for(tgz), tarball=tgz)
+        assert (running / "download.tgz").exists()
+    assert install_viewer(tmp_path / "viewer", release=release_for(tgz), tarball=tgz)[1]
+    assert not running.exists()  # the lock was free: that install is dead
