@@ -6,8 +6,10 @@ must name the loopback host and our port in its Host header (403 otherwise), and
 request from another origin (an `Origin` header that is not ours) is refused (403):
 there is no CORS at all, wildcard or not. A page cannot read our answers then, but its
 `<img>` and links still send GETs without an `Origin`, each of which could start a
-series retrieval at the PACS: browsers mark those `Sec-Fetch-Site: cross-site`, and
-DICOMweb refuses them too (403; viewers that are not browsers send no such header). The
+series retrieval at the PACS: browsers mark those `Sec-Fetch-Site: cross-site`, or
+`same-site` when the page is another web app on a loopback name of ours on another port
+(a site ignores the port), and DICOMweb refuses both (403; the viewer's own requests are
+`same-origin`; viewers that are not browsers send no such header). The
 viewer's page stays open to them: a RIS or worklist on another site links to it (and
 the viewer starts no warm-up for such a navigation, viewer/warmup.py). Query strings
 are bounded (414).
@@ -24,6 +26,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Final
 
 __all__ = [
+    "FETCH_SITES_ALLOWED",
     "HTML_CSP",
     "LOOPBACK_NAMES",
     "allowed_hosts",
@@ -37,6 +40,9 @@ LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "[::1]")
 # What OHIF's page needs to be allowed is left to the defaults (its scripts, workers and
 # wasm are its own origin's); only what no page of ours uses is closed.
 HTML_CSP: Final = "frame-ancestors 'none'; object-src 'none'; base-uri 'self'; form-action 'self'"
+# Sec-Fetch-Site values a DICOMweb request may carry: our page (the viewer is served from
+# the same origin), the address bar or a bookmark, or no browser at all ("").
+FETCH_SITES_ALLOWED: Final = frozenset({"", "same-origin", "none"})
 
 
 def allowed_hosts(ports: Iterable[int]) -> frozenset[str]:
@@ -66,9 +72,11 @@ def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
 
 
 def fetch_allowed(sec_fetch_site: str | None) -> bool:
-    """Whether the browser says the request comes from our pages, a typed address or a
-    bookmark (`same-origin`, `same-site`, `none`), or it is not a browser (no header)."""
-    return (sec_fetch_site or "").strip().lower() != "cross-site"
+    """Whether the browser says the request comes from our own pages (`same-origin`), a
+    typed address or a bookmark (`none`), or it is not a browser (no header). Not
+    `same-site`: a site is the host without its port, so any other web app on localhost
+    or 127.0.0.1 (another port) is same-site, and its `<img>` would start retrievals."""
+    return (sec_fetch_site or "").strip().lower() in FETCH_SITES_ALLOWED
 
 
 def security_headers(headers: MutableMapping[str, str]) -> None:

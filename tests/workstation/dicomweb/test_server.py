@@ -280,8 +280,11 @@ async def test_dns_rebinding_cross_origin_and_long_queries_are_refused(
     frame = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}/frames/1"
     retrieves = source.retrieves
     assert (await get(frame, headers={"Sec-Fetch-Site": "cross-site"}))[0] == 403
+    # same-site: another web app on localhost or 127.0.0.1, on another port
+    assert (await get(frame, headers={"Sec-Fetch-Site": "same-site"}))[0] == 403
+    assert (await get(f"{srv.url}/studies", headers={"Sec-Fetch-Site": "same-site"}))[0] == 403
     assert source.retrieves == retrieves  # nothing was asked of the PACS
-    for ours in ("same-origin", "same-site", "none"):
+    for ours in ("same-origin", "none", "SAME-ORIGIN"):
         assert (await get(f"{srv.url}/studies", headers={"Sec-Fetch-Site": ours}))[0] == 200
     assert (await get(f"{srv.url}/studies?PatientName={'A' * 9000}"))[0] in (400, 414)
     assert (await get(f"{srv.url}/studies", headers={"X-Big": "x" * 10000}))[0] == 400
