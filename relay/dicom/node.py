@@ -209,6 +209,9 @@ class _SubOps:
         self.in_flight: str | None = None  # yielded, pynetdicom has not resumed us yet
         self._yields = 0
         self.destination: Any = None  # a C-MOVE's association with its destination
+        # The retrieve ends in Cancel before any count of its sub-operations was known:
+        # how many remain is unknown, so its Cancel response must not say (_on_sent).
+        self.remaining_unknown = False
 
     def yielded(self, uid: str) -> None:
         self.in_flight = uid
@@ -577,6 +580,8 @@ class DicomNode:
         if field in _RETRIEVE_RESPONSES and command.get("Status") in _PENDING:
             self._count_failed(event.assoc, command)
             return
+        if field in _RETRIEVE_RESPONSES and command.get("Status") == st.CANCEL:
+            self._unknown_remaining(event.assoc, event.message)
         if (field & ~_RESPONSE) not in _REQUESTS or command.get("Status") in _PENDING:
             return
         with self._sessions_lock:
@@ -592,6 +597,24 @@ class DicomNode:
         failed = command.get("NumberOfFailedSuboperations")
         if subops is not None and isinstance(failed, int):
             subops.reported = failed
+
+    def _unknown_remaining(self, assoc: Any, message: Any) -> None:
+        """A C-GET's or C-MOVE's Cancel response, about to be encoded: without Number of
+        Remaining Sub-operations when the retrieve never learnt how many there are.
+
+        pynetdicom's Cancel always says its own count, which is then the one notional
+        sub-operation the handler announced (_Retrieval step 3), not the true number
+        (PS3.4 C.4.2.1.6, C.4.3.1.5: in a Cancel response it may be left out). EVT_DIMSE_SENT
+        comes after the command set is built and before it is encoded, the only place
+        it can still be changed."""
+        command = message.command_set
+        with self._sessions_lock:
+            subops = self._subops.get((assoc, command.get("MessageIDBeingRespondedTo")))
+        if subops is None or not subops.remaining_unknown:
+            return
+        if "NumberOfRemainingSuboperations" in command:
+            del command.NumberOfRemainingSuboperations
+            message._set_command_group_length()  # pynetdicom 3.0's (pinned <3.1)
 
     @contextlib.contextmanager
     def _tracking(self, event: Any) -> Iterator[_SubOps]:
@@ -1115,12 +1138,14 @@ class _Retrieval:
             )
         # 3. A failure before any count: one notional sub-operation, so that pynetdicom
         #    sends our failure status instead of "Success, 0 sub-operations". A warning
-        #    that counts nothing delivered nothing: a failure too (step 5's rule).
+        #    that counts nothing delivered nothing: a failure too (step 5's rule). A
+        #    cancel's response then leaves out how many remain (unknown, not 1).
         if not self.total:
             end = self.end
             if end is not None and (not _ok(end.status) or 0xB000 <= end.status <= 0xBFFF):
                 status = st.SUBOPS_FAILED if _ok(end.status) else end.status
                 self.code = status
+                self.subops.remaining_unknown = status == st.CANCEL
                 yield 1
                 yield (
                     _retrieve_end(status, end.comment),

@@ -910,3 +910,66 @@ async def test_a_pacs_a702_without_pending_counts_every_failure() -> None:
     assert isinstance(result, viewer.GetResult)
     assert result.final.Status == st.SUBOPS_FAILED
     assert result.final.NumberOfFailedSuboperations == 3
+
+
+def retrieve_cancelled_at_once(port: int, kind: str, asked: threading.Event) -> Dataset:
+    """A C-GET or C-MOVE (to DEST) cancelled as soon as the agent has its request, before
+    any response; its final response. (pynetdicom drops a C-CANCEL that comes before its
+    handler starts.)"""
+    model = MODELS[("study", kind)]
+    cxs = [build_context(model)]
+    roles: list[Any] = []
+    if kind == "get":
+        cxs.append(build_context(CLASSES[0], [EXPLICIT]))
+        roles.append(build_role(CLASSES[0], scp_role=True))
+    assoc = scu("VIEWER").associate(
+        "127.0.0.1", port, contexts=cxs, ae_title="RELAY", ext_neg=roles or None
+    )
+    assert assoc.is_established
+    ident = query("STUDY", StudyInstanceUID="1.2.3")
+    if kind == "get":
+        responses = assoc.send_c_get(ident, model, msg_id=5)
+    else:
+        responses = assoc.send_c_move(ident, "DEST", model, msg_id=5)
+    assert asked.wait(20)
+    assoc.send_c_cancel(5, query_model=model)
+    statuses = [status for status, _ in responses]
+    assoc.release()
+    return statuses[-1]
+
+
+@pytest.mark.parametrize("kind", ["get", "move"])
+@pytest.mark.parametrize(
+    ("end", "remaining"),
+    [
+        (FinalResponse(st.CANCEL), None),  # the PACS counted nothing: unknown
+        (FinalResponse(st.CANCEL, remaining=4, completed=0, failed=0, warning=0), 4),
+    ],
+)
+async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remaining(
+    kind: str, end: FinalResponse, remaining: int | None
+) -> None:
+    """PS3.4 C.4.2.1.6, C.4.3.1.5: a Cancel response's Number of Remaining
+    Sub-operations is the number not done, or absent. Cancelled before any count, the
+    node announced one notional sub-operation to pynetdicom, whose Cancel then said 1
+    remaining of a study of any size; a count the PACS's cancel gives is kept."""
+    from relay.dicom.codec import Cancel
+
+    asked = threading.Event()
+
+    async def script(stream: ByteStream, codec: MessageCodec, req: Request) -> None:
+        asked.set()
+        async with asyncio.timeout(20):
+            assert isinstance(await read_message(stream, codec), Cancel)
+        await write_message(stream, codec, end)
+        await stream.write_eof()
+
+    with capturing_scp("DEST") as (_, dest_port):
+        final = await with_agent(
+            script,
+            lambda port: retrieve_cancelled_at_once(port, kind, asked),
+            destinations={"DEST": ("127.0.0.1", dest_port)},
+        )
+    assert final.Status == st.CANCEL
+    assert final.get("NumberOfRemainingSuboperations") == remaining
+    assert final.NumberOfCompletedSuboperations == 0
