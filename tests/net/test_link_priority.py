@@ -14,7 +14,16 @@ import asyncio
 import pytest
 
 from relay.net import aio
-from relay.net.aio import QUEUE_LINK, QUEUE_STREAM, WRITE_HIGH, Link, Stream, fits_in
+from relay.net.aio import (
+    QUEUE_LINK,
+    QUEUE_RESERVE,
+    QUEUE_STREAM,
+    WRITE_HIGH,
+    Link,
+    Stream,
+    fits_in,
+    queue_room,
+)
 from relay.proto import LinkSettings, Priority
 from relay.wire import HEADER_PRIORITY
 from tests.net.link_pair import small_buffer_pair
@@ -140,6 +149,52 @@ async def test_queue_bound_per_urgency_leaves_room_for_more_urgent_streams() -> 
         client.abort()
         peer.abort()
         server.close()
+
+
+async def test_two_full_queues_leave_room_for_a_small_writer() -> None:
+    """Two sessions of a gateway link keep their queues full (devices reading C-GETs as
+    fast as they can) and a third has small answers, all at the default urgency, as the
+    gateway opens them. The two fill the core's queue first (as when they are woken
+    before the third, each time it drained to half): the third still has room
+    (QUEUE_RESERVE). Before, the two held all of QUEUE_LINK and the third found it full
+    again after every drain, for as long as they wrote. Then its answers arrive while the
+    two go on writing."""
+    recorder = _Recorder()
+    client, peer, server = await _pair(recorder)
+    try:
+        floods = [client.open_stream({"target": f"session{i}"}) for i in range(2)]
+        small = client.open_stream({"target": "session2"})
+        conn = client.conn
+        for flood in floods:  # no await: nothing is flushed meanwhile
+            while (credit := flood.send_credit()) > 0:
+                flood.send_nowait(bytes(credit))
+        assert conn.queued_cost >= QUEUE_LINK - QUEUE_RESERVE - conn.peer_max_frame
+        assert small.send_credit() >= fits_in(QUEUE_RESERVE, conn.peer_max_frame)
+        answers = 50
+        for i in range(answers):
+            small.send_nowait(bytes([i]) * 300)
+        assert all(f.send_credit() == 0 for f in floods)  # the reserve is not theirs
+        assert conn.queued_cost <= QUEUE_LINK  # still the bound on memory
+        writers = [asyncio.create_task(_bulk(s)) for s in floods]
+        await _until(lambda: recorder.received(small.stream_id) == 300 * answers, "answers")
+        assert not any(w.done() for w in writers)  # while the two still write
+        for writer in writers:
+            writer.cancel()
+    finally:
+        client.abort()
+        peer.abort()
+        server.close()
+
+
+def test_queue_room_keeps_the_reserve_for_streams_holding_little() -> None:
+    frame_room = QUEUE_LINK - QUEUE_RESERVE
+    assert queue_room(0, 0) == QUEUE_STREAM  # an idle link: the stream's own bound
+    assert queue_room(QUEUE_STREAM, frame_room) == 0  # a full flood: nothing more
+    assert queue_room(100_000, frame_room) == 0  # past the reserve, no share of it
+    assert queue_room(0, frame_room) == QUEUE_RESERVE  # a newcomer: the reserve
+    assert queue_room(1_000, frame_room + 1_000) == QUEUE_RESERVE - 1_000  # up to it
+    assert queue_room(0, QUEUE_LINK) == 0  # the link's bound holds whatever
+    assert queue_room(0, QUEUE_LINK - 10) == 10
 
 
 async def test_priority_is_announced_and_reprioritise_reaches_the_peer() -> None:
