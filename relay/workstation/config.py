@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
     "DicomNodeConfig",
     "WorkstationConfig",
     "default_state_dir",
+    "fold_name",
     "load_workstation_config",
     "path_key",
     "read_workstation_config",
@@ -71,12 +73,57 @@ def user_data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
-def path_key(path: str | os.PathLike[str]) -> str:
-    """`path` as the file system tells names apart: absolute, and case-folded where names
-    are case-insensitive (Windows; macOS, whose APFS and HFS+ are by default, and where
-    os.path.normcase folds nothing). Two spellings of one file give one key."""
-    key = os.path.normcase(os.path.abspath(path))
-    return key.casefold() if sys.platform in ("win32", "darwin") else key
+def path_key(path: str | os.PathLike[str], platform: str | None = None) -> str:
+    """`path` as the file system of `platform` (default: this one) tells names apart:
+    absolute, then folded by `fold_name`. Two spellings of one file give one key, and two
+    files never share one."""
+    return fold_name(os.path.abspath(path), platform or sys.platform)
+
+
+def fold_name(name: str, platform: str) -> str:
+    """`name` as the default file system of `platform` compares names.
+
+    Windows (NTFS): each UTF-16 character by the volume's upcase table, a simple
+    one-to-one uppercase mapping with no Unicode normalisation (`_ntfs_fold`): `ß` stays
+    `ß`, not `ss` as str.casefold() makes it, so "Straße" and "STRASSE" stay two files.
+    macOS (APFS, HFS+): case-insensitive and normalisation-insensitive, so a name typed
+    in NFC and the same name listed in NFD (as HFS+ stores it) are one file: the
+    canonical caseless form, NFC of casefold of NFD. Elsewhere: the name as it is."""
+    if platform == "win32":
+        return "".join(map(_ntfs_fold, name))
+    if platform == "darwin":
+        return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+    return name
+
+
+def _simple_upper(char: str) -> str:
+    """`char`'s uppercase if it is one character, else `char` itself: Python has only the
+    full mapping (ß -> SS), NTFS only a one-to-one table."""
+    upper = char.upper()
+    return upper if len(upper) == 1 else char
+
+
+def _ntfs_fold(char: str) -> str:
+    """One character's key as NTFS compares it: its simple uppercase, written lowercase
+    where that lowercase comes back to the same uppercase (so plain names keep the
+    lowercase keys they always had), else the uppercase itself (the Kelvin sign is not
+    `k` to NTFS). Beyond the BMP (surrogate pairs to NTFS) nothing is folded."""
+    if ord(char) > 0xFFFF:
+        return char
+    upper = _simple_upper(char)
+    lower = upper.lower()
+    return lower if len(lower) == 1 and _simple_upper(lower) == upper else upper
+
+
+def _previous_keys(config_path: str | os.PathLike[str], platform: str) -> list[str]:
+    """The keys earlier versions gave this path: the path as spelled (macOS before it
+    folded case), and str.casefold() of it (Windows and macOS before fold_name)."""
+    spelled = os.path.abspath(config_path)
+    if platform == "darwin":
+        return [spelled, spelled.casefold()]
+    if platform == "win32":
+        return [os.path.normcase(spelled).casefold()]
+    return []
 
 
 def _state_dir_name(key: str) -> str:
@@ -90,15 +137,18 @@ def default_state_dir(config_path: str | os.PathLike[str]) -> Path:
     config file, whichever spelling of its path a command is given (`--config Site.yaml`
     and `site.yaml` must find the same running workstation, lock and cache).
 
-    A directory made before macOS folded case (its digest of the path as spelled) is kept
-    while it exists and the folded one does not: an upgrade neither loses the cache nor
-    stops finding a workstation that the previous version started."""
+    A directory an earlier version made under another key (`_previous_keys`) is kept
+    while it exists and the current one does not: an upgrade neither loses the cache and
+    the revocation marker nor stops finding a workstation that the previous version
+    started."""
     workstation = user_data_dir() / "workstation"
-    folded = workstation / _state_dir_name(path_key(config_path))
-    if sys.platform == "darwin" and not folded.exists():
-        legacy = workstation / _state_dir_name(os.path.abspath(config_path))
-        if legacy.exists():
-            return legacy
+    key = path_key(config_path)
+    folded = workstation / _state_dir_name(key)
+    if not folded.exists():
+        for previous in _previous_keys(config_path, sys.platform):
+            legacy = workstation / _state_dir_name(previous)
+            if previous != key and legacy.exists():
+                return legacy
     return folded
 
 
