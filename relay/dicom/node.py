@@ -53,11 +53,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, Protocol
 
@@ -93,6 +94,9 @@ from relay.dicom.session import (
 from relay.dicom.stats import DicomStats, NullStats
 from relay.ops.listening import announce
 from relay.wire import HEADER_DICOM_VERSION, HEADER_TARGET, TARGET_DICOM
+
+#: Whether a viewer's connection (its address, ours) may be served; blocking.
+Admit = Callable[[tuple[str, int], tuple[str, int]], bool]
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +291,16 @@ class DicomNode:
         resume_window: float = RESUME_WINDOW,
         cache: LocalCache | None = None,
         offer: CodecOffer | None = None,
+        admit: Admit | None = None,
     ) -> None:
         """`timeout` bounds every wait on the agent (a silent agent fails the operation
         after that long) and on the viewer; `headers` are added to each stream's headers;
         `resume_window` bounds how long a retrieve whose stream broke waits for a new one
         (0 disables resuming); `offer`: the pixel codecs to announce (the workstation's,
-        shared with its other paths)."""
+        shared with its other paths); `admit(peer, local)`: whether a viewer's connection
+        may be served (called on its connection's thread; False ends it before its
+        association is read)."""
+        self.admit = admit
         if not 0 <= resume_window <= MAX_RESUME_WINDOW:
             raise ValueError(f"resume_window must be 0-{MAX_RESUME_WINDOW:.0f} s")
         self.resume_window = resume_window
@@ -372,6 +380,7 @@ class DicomNode:
         ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = self.timeout
         ae.network_timeout = self.timeout + STALL_SLACK  # silent while we wait on the agent
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._admit),  # first: nothing is read from a refused one
             contexts.NODELAY,
             contexts.bounded_stalls(ae.network_timeout),
             (evt.EVT_DIMSE_RECV, self._on_dimse),
@@ -396,6 +405,23 @@ class DicomNode:
         )
         self._listening = True
         announce("dicom", self.address, ae_title=self.ae_title)
+
+    def _admit(self, event: Any) -> None:
+        """EVT_CONN_OPEN of a viewer's connection: one `admit` refuses is shut down at
+        once, so pynetdicom ends it (PS3.8 Evt17) without reading its A-ASSOCIATE-RQ."""
+        if self.admit is None:
+            return
+        raw = getattr(getattr(getattr(event.assoc, "dul", None), "socket", None), "socket", None)
+        if not isinstance(raw, socket.socket):
+            return
+        try:
+            peer, local = raw.getpeername()[:2], raw.getsockname()[:2]
+            admitted = self.admit((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+        except OSError:  # gone already
+            admitted = False
+        if not admitted:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)
 
     async def drain(self, grace: float) -> None:
         """Stop as a drain should: refuse new associations at once, let the requests

@@ -39,6 +39,7 @@ from relay.ops.config import (
 )
 from relay.ops.configfile import load_config, open_config
 from relay.trust.identity import check_name
+from relay.workstation import localpeer
 from relay.workstation.cache.settings import (
     CacheConfig,
     PrefetchConfig,
@@ -47,6 +48,7 @@ from relay.workstation.cache.settings import (
     read_prefetch,
 )
 from relay.workstation.dicomweb.settings import DicomwebConfig, read_dicomweb
+from relay.workstation.localpeer import ACCESS_CHOICES, DEFAULT_ACCESS, LocalAccess
 
 __all__ = [
     "IDENTITY_FILES",
@@ -200,6 +202,7 @@ class WorkstationConfig:
     cache: CacheConfig | None = None  # None: the default (on, platform data dir)
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     dicomweb: DicomwebConfig | None = None  # None: no DICOMweb server
+    local_access: LocalAccess = DEFAULT_ACCESS  # who on this PC may use the listeners
 
     def cache_settings(self) -> CacheConfig:
         if self.cache is not None:
@@ -282,6 +285,13 @@ def _read_forward(r: Reader) -> Mapping[Address, str]:
     return MappingProxyType(forward)
 
 
+def _read_local_access(r: Reader) -> LocalAccess:
+    access = r.choice("local_access", ACCESS_CHOICES, DEFAULT_ACCESS)
+    if access == "same-user" and not localpeer.is_supported():
+        raise r.error("local_access", f"same-user is not available on {sys.platform}")
+    return "same-user" if access == "same-user" else "any"
+
+
 def _check_listeners_distinct(r: Reader, config: WorkstationConfig) -> None:
     """Two listeners on one fixed port would fail only at start-up: say which keys."""
     seen: dict[Address, str] = {}
@@ -324,6 +334,7 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
         cache=read_cache(r, state_dir),
         prefetch=read_prefetch(r),
         dicomweb=read_dicomweb(r),
+        local_access=_read_local_access(r),
     )
     _check_listeners_distinct(r, config)
     return config

@@ -32,6 +32,7 @@ from relay.ops.config import Address
 from relay.ops.listening import announce
 from relay.ops.tasks import drain_tasks
 from relay.wire import CODEC_ZSTD, HEADER_CODEC, HEADER_TARGET, tcp_target
+from relay.workstation.localpeer import AccountGate
 from relay.workstation.tunnel import Tunnel, TunnelUnavailable
 
 __all__ = ["MAX_CONNECTIONS", "ForwardListenError", "ForwardStats", "Forwarder"]
@@ -85,8 +86,11 @@ class Forwarder:
         max_connections: int = MAX_CONNECTIONS,
         stall_timeout: float = STALL_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        accounts: AccountGate | None = None,
     ) -> None:
+        """`accounts`: who on this PC may connect (`local_access`); None: anyone."""
         self.tunnel = tunnel
+        self.accounts = accounts or AccountGate()
         self.forwards = dict(forwards)
         self.compression_level = compression_level
         self.open_timeout = open_timeout
@@ -154,10 +158,21 @@ class Forwarder:
         self._tasks.add(task)
         self._per_forward[address] += 1
         try:
+            if not self.accounts.anyone and not await self._admitted(writer):
+                abort_socket(writer)
+                return
             await self._forward(reader, writer, service)
         finally:
             self._tasks.discard(task)
             self._per_forward[address] -= 1
+
+    async def _admitted(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the program at the far end runs as our account (checked in a thread:
+        the lookup reads the system's socket table)."""
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if not peer or not local:
+            return False
+        return await asyncio.to_thread(self.accounts.admit, "forward", peer[:2], local[:2])
 
     async def _forward(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, service: str

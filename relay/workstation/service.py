@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
@@ -65,6 +66,7 @@ from relay.wire import ALPN_DEVICE
 from relay.workstation.config import WorkstationConfig, load_workstation_config
 from relay.workstation.control import control_endpoint
 from relay.workstation.forward import Forwarder, ForwardListenError
+from relay.workstation.localpeer import AccountGate
 from relay.workstation.ownidentity import (
     check_identity,
     check_reloaded_identity,
@@ -157,8 +159,14 @@ class Workstation:
         self.renewals = 0
         self.renewal_failures = 0
         self._renewal_task: asyncio.Task[None] | None = None
-        self.forwarder = Forwarder(self.tunnel, config.forward, compression_level=COMPRESSION_LEVEL)
+        # Who on this PC may use the listeners (local_access); a reload changes it for
+        # the connections opened after it.
+        self.accounts = AccountGate(config.local_access)
+        self.forwarder = Forwarder(
+            self.tunnel, config.forward, compression_level=COMPRESSION_LEVEL, accounts=self.accounts
+        )
         stats = self.forwarder.stats
+        accounts = self.accounts
         self.metrics = EndMetrics(
             "workstation",
             self.identity.site or "",
@@ -169,6 +177,7 @@ class Workstation:
                 refusals=lambda: {
                     "no_stream": sum(stats.failed.values()),
                     "capacity": stats.refused,
+                    "other_account": sum(accounts.refused.values()),
                 },
                 certificate=lambda: files.cert,
                 seal=lambda: self.session.seal,
@@ -348,6 +357,9 @@ class Workstation:
             self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
         if new.log_level != old.log_level:
             set_log_level(new.log_level)
+        if new.local_access != old.local_access:
+            self.accounts.access = new.local_access
+            log.info("local_access is now %s (for new connections)", new.local_access)
         self.reloads.record(True)
         self.reload_error, self.restart_needed = None, tuple(restart)
         log_restart_needed(log, restart, self.next_start_error)
@@ -444,6 +456,8 @@ async def dicom_node(
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
     offer: CodecOffer | None = None,
+    *,
+    accounts: AccountGate | None = None,
 ) -> AsyncIterator[DicomNode | None]:
     """The local DICOM node when `dicom:` is configured (relay.dicom.node), else None."""
     if config.dicom is None:
@@ -461,6 +475,7 @@ async def dicom_node(
         cache=cache.server if cache is not None else None,
         offer=offer,
         resume_window=dicom.resume_window,
+        admit=functools.partial(accounts.admit, "dicom") if accounts is not None else None,
     )
     with listen_errors(config.path, "dicom.listen", dicom.listen):
         await node.start()
@@ -477,6 +492,8 @@ async def dicomweb_server(
     metrics: EndMetrics | None = None,
     cache: WorkstationCache | None = None,
     offer: CodecOffer | None = None,
+    *,
+    accounts: AccountGate | None = None,
 ) -> AsyncIterator[DicomwebServer | None]:
     """The DICOMweb server (and the viewer) when `dicomweb:` is configured, else None."""
     if config.dicomweb is None:
@@ -488,7 +505,7 @@ async def dicomweb_server(
     web = config.dicomweb
     server = DicomwebServer(
         web, tunnel.open_stream, cache=cache.server if cache is not None else None,
-        extra_routes=viewer_routes(web), offer=offer,
+        extra_routes=viewer_routes(web), offer=offer, accounts=accounts,
     )  # fmt: skip
     with listen_errors(config.path, "dicomweb.listen", web.listen):
         await server.start()
@@ -538,8 +555,11 @@ async def run_workstation(
         if with_dicom:
             cache = await stack.enter_async_context(workstation_cache(workstation, endpoint))
             paths = (workstation.tunnel, workstation.metrics, cache, workstation.codec_offer)
-            node = await stack.enter_async_context(dicom_node(config, *paths))
-            web = await stack.enter_async_context(dicomweb_server(config, *paths))
+            accounts = workstation.accounts
+            node = await stack.enter_async_context(dicom_node(config, *paths, accounts=accounts))
+            web = await stack.enter_async_context(
+                dicomweb_server(config, *paths, accounts=accounts)
+            )
             # Exits run last first: this drain comes before the node and the server stop
             # (they abort what is left) and before shutdown stops the sealed session.
             stack.push_async_callback(

@@ -58,3 +58,18 @@ def test_identity_errors_on_reload_name_the_key_as_at_start(
     (identity / "device.key").write_bytes(renewed.key.read_bytes())
     assert ws.reload()
     assert ws.reloads.error == 2 and ws.reloads.ok == 1
+
+
+def test_local_access_changes_at_reload_for_every_listener(tmp_path: Path) -> None:
+    """The one AccountGate the node, DICOMweb and the forwards share follows a reload."""
+    pki = make_pki(tmp_path / "pki")
+    identity = device_identity_dir(pki, tmp_path)
+    config_path = tmp_path / "workstation.yaml"
+    base = f"gateway: '{HOST}:1'\nidentity_dir: {identity}\n"
+    config_path.write_text(base)
+    ws = Workstation(load_workstation_config(config_path))
+    assert ws.accounts.anyone and ws.forwarder.accounts is ws.accounts
+    config_path.write_text(base + "local_access: same-user\n")
+    assert ws.reload()
+    assert ws.accounts.access == "same-user" and not ws.forwarder.accounts.anyone
+    assert "local_access" not in ws.restart_needed

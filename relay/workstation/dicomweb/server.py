@@ -29,6 +29,7 @@ from relay.workstation.dicomweb.metrics import DicomwebMetrics
 from relay.workstation.dicomweb.retrieve import Retriever
 from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.source import DicomSource
+from relay.workstation.localpeer import REFUSAL, AccountGate
 
 __all__ = ["HEADER_LIMITS", "DicomwebServer"]
 
@@ -61,6 +62,48 @@ def _cap_connections(runner: web.AppRunner, cap: int) -> None:
     server.connection_made = connection_made  # type: ignore[method-assign]
 
 
+_FORBIDDEN_TEXT: Final = f"refused: {REFUSAL}\n".encode()
+_FORBIDDEN: Final = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_FORBIDDEN_TEXT), _FORBIDDEN_TEXT)
+)
+
+
+def _check_accounts(
+    runner: web.AppRunner, gate: AccountGate, pending: set[asyncio.Task[None]]
+) -> None:
+    """Admit a connection only once `gate` says its far end runs as our account: reading
+    is paused until then (the lookup runs in a thread), so no request of another account
+    is read, let alone answered; a refused connection gets a 403 and is closed."""
+    server = runner.server
+    assert server is not None
+    opened = server.connection_made
+
+    async def admit(transport: asyncio.Transport) -> None:
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        ok = bool(peer and local) and await asyncio.to_thread(
+            gate.admit, "dicomweb", peer[:2], local[:2]
+        )
+        if transport.is_closing():
+            return
+        if ok:
+            transport.resume_reading()
+        else:
+            transport.write(_FORBIDDEN)
+            transport.close()
+
+    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+        opened(handler, transport)
+        if gate.anyone or transport.is_closing():
+            return
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(admit(transport))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
 class DicomwebServer:
     """`start()` listens; `url` is the DICOMweb root once started; `stop()` closes."""
 
@@ -72,7 +115,9 @@ class DicomwebServer:
         cache: CacheServer | None = None,
         extra_routes: Iterable[ExtraRoutes] = (),
         offer: CodecOffer | None = None,
+        accounts: AccountGate | None = None,
     ) -> None:
+        """`accounts`: who on this PC may connect (`local_access`); None: anyone."""
         if not config.listen.is_loopback:
             raise ValueError(f"dicomweb.listen must be a loopback address, got {config.listen}")
         self.config = config
@@ -113,6 +158,8 @@ class DicomwebServer:
         self.app = build_app(self.service, extra_routes)
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
+        self.accounts = accounts or AccountGate()
+        self._admitting: set[asyncio.Task[None]] = set()
 
     def forget_cached(self) -> None:
         """After `relay cache wipe`: no decrypted copy of a cached instance stays in this
@@ -139,6 +186,7 @@ class DicomwebServer:
                                **HEADER_LIMITS)  # type: ignore[arg-type]  # fmt: skip
         await runner.setup()
         _cap_connections(runner, MAX_CONNECTIONS)
+        _check_accounts(runner, self.accounts, self._admitting)
         listen = self.config.listen
         host = "127.0.0.1" if listen.host.lower().rstrip(".") == "localhost" else listen.host
         site = web.TCPSite(runner, host, listen.port)
@@ -170,6 +218,8 @@ class DicomwebServer:
         await self.stop()
 
     async def stop(self) -> None:
+        for task in list(self._admitting):
+            task.cancel()
         if self.service.headfirst is not None:
             await self.service.headfirst.close()
         await self.service.retriever.close()
