@@ -3,13 +3,10 @@ sets that carry no patient data (sites and roles come from CA-signed certificate
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from gateway.limits import LIMITS
+from relay.ops.labelled import LabelledCounts
 
 
 class Tally:
@@ -21,19 +18,6 @@ class Tally:
 
     def __init__(self) -> None:
         self.value = 0
-
-
-class _TallyCollector(Collector):
-    def __init__(self, name: str, documentation: str, label: str, tallies: dict[str, Tally]):
-        self._family = (name, documentation, label)
-        self._tallies = tallies
-
-    def collect(self) -> Iterator[Metric]:
-        name, documentation, label = self._family
-        family = CounterMetricFamily(name, documentation, labels=[label])
-        for value, tally in self._tallies.items():
-            family.add_metric([value], tally.value)
-        yield family
 
 
 class GatewayMetrics:
@@ -69,11 +53,11 @@ class GatewayMetrics:
         #: Payload bytes relayed by direction (relay_bytes_total), bumped by gateway.splice.
         self.bytes = {"device_to_agent": Tally(), "agent_to_device": Tally()}
         r.register(
-            _TallyCollector(
+            LabelledCounts(
                 "relay_bytes",
                 "Payload bytes relayed (opaque, as sent by the ends)",
                 "direction",
-                self.bytes,
+                lambda: {direction: tally.value for direction, tally in self.bytes.items()},
             )
         )
         self.enrollments = Counter(

@@ -32,16 +32,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
-
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from relay.agent.authority import DeviceAuthority
 from relay.agent.registry import RegistryError
 from relay.net.aio import Link
+from relay.ops.labelled import LabelledCounts
 from relay.ops.ratelimit import RateLimiter
 from relay.proto import ErrorCode, LinkClosedError
 from relay.trust.revocation import (
@@ -77,23 +75,19 @@ REFUSALS_PER_SECOND: Final = 1 / 60
 REPORT_RESULTS: Final = ("recorded", "rate_limited", "malformed")
 
 
-@dataclass(eq=False)  # a prometheus registry keys its collectors by identity
-class RefusalMetrics(Collector):
+class RefusalMetrics(LabelledCounts):
     """`relay_refusal_reports_total{result}`: refusal reports from gateways, by what
-    became of them."""
+    became of them (`reports`, bumped by LinkTrust)."""
 
-    reports: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REPORT_RESULTS, 0))
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
+    def __init__(self) -> None:
+        self.reports: dict[str, int] = dict.fromkeys(REPORT_RESULTS, 0)
+        super().__init__(
             "relay_refusal_reports",
             "Refusal reports from gateways: recorded, rate_limited (counted in a later"
             " event) or malformed",
-            labels=["result"],
+            "result",
+            lambda: self.reports,
         )
-        for result, count in self.reports.items():
-            family.add_metric([result], count)
-        yield family
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from relay.ops.metrics import LabelledCounts
+from relay.ops.labelled import LabelledCounts
 
 __all__ = ["MoveReceiverMetrics"]
 

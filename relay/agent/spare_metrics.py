@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from relay.ops.metrics import LabelledCounts
+from relay.ops.labelled import LabelledCounts
 
 __all__ = ["SpareAssociationMetrics"]
 

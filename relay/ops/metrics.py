@@ -84,23 +84,6 @@ class Sources:
     seal: Callable[[], SealStats | None] = lambda: None  # sealed sessions (relay.seal)
 
 
-class LabelledCounts(Collector):
-    """One counter family read at scrape time from `counts()`, a {label value: count}
-    mapping kept by code that does not import prometheus_client (relay.dicom)."""
-
-    def __init__(
-        self, name: str, documentation: str, label: str, counts: Callable[[], Mapping[str, int]]
-    ) -> None:
-        self.name, self.documentation, self.label = name, documentation, label
-        self.counts = counts
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
-        for value, n in self.counts().items():
-            family.add_metric([value], n)
-        yield family
-
-
 class EndCollector(Collector):
     def __init__(self, role: str, site: str, sources: Sources, dicom: DicomMetrics) -> None:
         self.role = role
