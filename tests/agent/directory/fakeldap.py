@@ -69,11 +69,12 @@ def _read_tlv(data: bytes, i: int) -> tuple[int, int, int]:
 
 
 class FakeLdap:
-    """`user_binds`: how many binds as the user it answered."""
+    """`user_binds`: how many binds as the user it answered; `bound`: the DNs of those."""
 
     def __init__(self, code: int, message: str = "") -> None:
         self.user_bind = (code, message)
         self.user_binds = 0
+        self.bound: list[str] = []
         #: How a search under PEOPLE is answered: (entries, result code).
         self.user_search = (1, 0)
         self.port = 0
@@ -106,6 +107,7 @@ class FakeLdap:
             if body[name_start:name_end].decode() == SERVICE_DN:
                 return _message(message_id, _result(_BIND_RESPONSE, 0))
             self.user_binds += 1
+            self.bound.append(body[name_start:name_end].decode())
             code, text = self.user_bind
             return _message(message_id, _result(_BIND_RESPONSE, code, text))
         if op == _SEARCH:  # the base object first

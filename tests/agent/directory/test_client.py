@@ -29,7 +29,7 @@ from tests.interop.harness.slapd import (
 
 from .blackhole import Trickle
 from .conftest import directory_section, read_settings
-from .fakeldap import FakeLdap
+from .fakeldap import PEOPLE, USER_DN, FakeLdap
 
 
 def refusal(result: DirectoryUser | Refusal) -> RefusalReason:
@@ -276,3 +276,27 @@ async def test_a_caller_that_stops_waiting_frees_its_connection(
         directory.close()
     finally:
         await trickle.close()
+
+
+async def test_an_unknown_user_costs_the_bind_a_wrong_password_costs() -> None:
+    """A login for a name the directory does not have was refused without a user bind,
+    in half the time of a wrong password: the time told which names exist. Now it binds
+    too, as a throwaway DN (no account's lockout counts it), and is still refused as a
+    wrong password."""
+    ldap = await FakeLdap(49).start()
+    directory = Directory(ldap.settings(disabled_filter="(pwdAccountLockedTime=*)"))
+    try:
+        wrong = refused(await directory.authenticate("alice", "wrong", admin=True))
+        assert wrong.reason is RefusalReason.WRONG_PASSWORD and ldap.bound == [USER_DN]
+        ldap.user_search = (0, 0)  # no such user
+        for _ in range(2):
+            unknown = refused(await directory.authenticate("mallory", "wrong", admin=True))
+            assert unknown.reason is RefusalReason.UNKNOWN_USER
+            assert unknown.message == wrong.message
+        assert ldap.user_binds == 3
+        first, second = ldap.bound[1:]
+        assert first != second and first.startswith("cn=relay-no-such-user-")
+        assert first.endswith(f",{PEOPLE}") and "mallory" not in first
+    finally:
+        directory.close()
+        await ldap.close()
