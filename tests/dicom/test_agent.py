@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from pynetdicom.association import Association
 
 from relay.codecs import pixels as px
-from relay.dicom import rawds
+from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.agent import DicomAgent, OperationSummary, serve_dicom_stream
 from relay.dicom.codec import (
@@ -775,3 +778,95 @@ async def test_a_find_match_the_pacs_garbled_is_not_a_complete_success(
     final = final_of(msgs)
     assert final.status == st.PACS_GARBLED
     assert "could not be decoded" in final.comment  # (no value of theirs)
+
+
+_COUNT_TAGS = (0x1020, 0x1021, 0x1022, 0x1023)  # Remaining, Completed, Failed, Warning
+_SENTINEL = 0xBEEF
+
+
+def _odd_counts(pdv: bytes) -> bytes:
+    """A command fragment (one PDV: its header byte, then the implicit VR command set)
+    whose counts, encoded as _SENTINEL, are 3 bytes long instead (Command Group Length
+    made to match): what pydicom cannot read as US."""
+    grown = 0
+    for elem in _COUNT_TAGS:
+        tag = struct.pack("<HH", 0, elem)
+        old = tag + struct.pack("<I", 2) + struct.pack("<H", _SENTINEL)
+        if old in pdv:
+            pdv = pdv.replace(old, tag + struct.pack("<I", 3) + b"\x01\x02\x03")
+            grown += 1
+    length = struct.unpack_from("<I", pdv, 9)[0]  # (0000,0000) UL, after the PDV's byte
+    return pdv[:9] + struct.pack("<I", length + grown) + pdv[13:]
+
+
+@contextlib.contextmanager
+def pacs_with_malformed_counts(study: list[samples.EncodedInstance], how: str) -> Iterator[int]:
+    """A PACS (pynetdicom) whose C-GET responses carry every sub-operation count
+    malformed: two values each (`how` "values"), or 3 bytes long ("odd")."""
+    from pynetdicom import AE, evt
+
+    def on_get(event: object) -> Iterator[object]:
+        yield len(study)
+        for x in study:
+            yield (
+                0xFF00,
+                rawds.EncodedDataset(x.sop_class, x.sop_instance, x.transfer_syntax, x.data),
+            )
+
+    def tamper(event: Any) -> None:
+        msg = event.message
+        cs = msg.command_set
+        if cs.CommandField != 0x8010:
+            return
+        for elem in _COUNT_TAGS:
+            if (0, elem) in cs:
+                cs[0, elem].value = [3, 3] if how == "values" else _SENTINEL
+        msg._set_command_group_length()
+        if how == "odd":
+            encode = msg.encode_msg
+
+            def encode_odd(context_id: int, max_pdu: int) -> Iterator[Any]:
+                for n, pdata in enumerate(encode(context_id, max_pdu)):
+                    if n == 0:
+                        cid, pdv = pdata.presentation_data_value_list[0]
+                        pdata.presentation_data_value_list[0] = (cid, _odd_counts(pdv))
+                    yield pdata
+
+            msg.encode_msg = encode_odd
+
+    server = AE(ae_title="ODDPACS").start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_GET, on_get), (evt.EVT_DIMSE_SENT, tamper)],
+        contexts=contexts.scp_contexts(
+            storage_role_selection=True, extra=[contexts.MODELS[("study", "get")]]
+        ),
+    )
+    assert server is not None
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("how", ["values", "odd"])
+async def test_a_pacs_s_malformed_sub_operation_counts_are_ignored(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A count that is not one US value: pynetdicom took the first of several (a count
+    the PACS did not mean) and aborted the association on one pydicom cannot read (the
+    retrieve ended 0xC003 as if the PACS had aborted, after pacs.timeout). It is left
+    out, as from a PACS that gives none, and said once in the log without patient data."""
+    caplog.set_level(logging.INFO)
+    with pacs_with_malformed_counts(CT, how) as port:
+        t = PacsTarget(ae_title="ODDPACS", host="127.0.0.1", port=port, timeout=5, survey=False)
+        msgs, summary = await run(t, retrieve(StudyInstanceUID=CT_STUDY))
+    final = final_of(msgs)
+    assert final.status == st.SUCCESS and summary.status == st.SUCCESS
+    assert (final.remaining, final.completed, final.failed, final.warning) == (None,) * 4
+    assert len([m for m in msgs if isinstance(m, Instance)]) == len(CT)
+    counts = [m for m in msgs if isinstance(m, Pending)]
+    assert counts and all(m.remaining is None and m.completed is None for m in counts)
+    warned = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warned) == 1 and "Number of Remaining Sub-operations" in warned[0]
+    assert CT_STUDY not in warned[0] and "RELAY0001" not in caplog.text
