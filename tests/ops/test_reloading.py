@@ -130,7 +130,7 @@ def test_reload_counter_exports_both_results() -> None:
 AGENT_APPLIED = {"path", "gateways", "tls", "limits", "reconnect", "resolve_interval",
                  "compression_level", "drain_grace", "log_level", "services",
                  "max_pacs_operations", "stream_burst", "stream_rate"}  # fmt: skip
-WORKSTATION_APPLIED = {"path", "limits", "reconnect", "drain_grace", "log_level"}
+WORKSTATION_APPLIED = {"path", "limits", "reconnect", "drain_grace", "log_level", "local_access"}
 
 
 def test_every_config_key_is_applied_by_a_reload_or_said_to_need_a_restart() -> None:
