@@ -66,7 +66,7 @@ class FakePacs:
                           if i.sop_class.endswith(".1.2")]  # fmt: skip
         self.datasets = [rawds.decode_dataset(i.data, i.transfer_syntax) for i in self.instances]
 
-    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+    async def find(self, identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         level = str(identifier.QueryRetrieveLevel)
         out: dict[str, Dataset] = {}
         for ds in self.datasets:
@@ -83,7 +83,8 @@ class FakePacs:
             if level == "STUDY":
                 match.ModalitiesInStudy = ds.Modality
         found = list(out.values())
-        return FindResult(found[:max_matches], False, len(found) > max_matches)
+        page = found[skip : skip + max_matches]
+        return FindResult(page, False, len(found) > skip + max_matches)
 
     async def retrieve(self, identifier: Dataset, outcome: list[FinalResponse] | None = None,
                        *, headers_only: bool = False) -> AsyncIterator[Instance]:  # fmt: skip

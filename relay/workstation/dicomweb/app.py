@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.uids import is_uid
-from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10
+from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10, qido
 from relay.workstation.dicomweb.codestreams import CodestreamCache
 from relay.workstation.dicomweb.guard import (
     allowed_origins,
@@ -39,7 +39,7 @@ from relay.workstation.dicomweb.guard import (
 )
 from relay.workstation.dicomweb.headfirst import HeadFirst
 from relay.workstation.dicomweb.metrics import DicomwebMetrics
-from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
+from relay.workstation.dicomweb.qido import QueryError, parse_query
 from relay.workstation.dicomweb.retrieve import Retriever, SeriesFlight, SeriesItem, decode
 from relay.workstation.dicomweb.settings import DEFAULT_TIMEOUT, MAX_QUERY
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError
@@ -237,6 +237,11 @@ def _upstream(exc: UpstreamError) -> web.Response:
     return _text(exc.http_status, exc.reason)
 
 
+def _host(request: web.Request) -> str:
+    """Our host as the client named it (checked: a loopback name), for a Warning's agent."""
+    return request.headers.get("Host", "") or "dmz-relay"
+
+
 def _base(request: web.Request) -> str:
     """Our DICOMweb root as the client named it (the Host was checked: a loopback name),
     with our own address when the client left the port out."""
@@ -301,7 +306,10 @@ async def _series_of_study(service: DicomwebService, study: str) -> list[str]:
     ident.StudyInstanceUID = study
     ident.SeriesInstanceUID = None
     ident.SeriesNumber = None
-    found = await service.source.find(ident, MAX_LIMIT)
+    found = await service.source.find(ident, qido.MAX_LIMIT)
+    if found.truncated:  # never a study answered as complete without some of its series
+        raise UpstreamError(507, f"the study has more than {qido.MAX_LIMIT} series: not "
+                                 "answered whole (retrieve it series by series)")  # fmt: skip
     uids = [str(ds.get("SeriesInstanceUID", "") or "") for ds in found.matches]
 
     def number(ds: Dataset) -> int:
@@ -388,18 +396,18 @@ def _qido(level: str, path_uids: Iterable[tuple[str, str]]) -> Any:
         except QueryError as exc:
             return _text(400, str(exc))
         try:
-            found = await service.source.find(query.identifier, query.offset + query.limit)
+            found = await service.source.find(query.identifier, query.limit, skip=query.offset)
         except UpstreamError as exc:
             return _upstream(exc)
         headers: dict[str, str] = {}
         warnings = list(query.warnings)
         if found.from_cache:
             warnings.append('299 relay "answered from the cache: the relay link is down"')
-        if found.truncated:
-            warnings.append('299 relay "more matches than the limit; some not returned"')
+        if found.truncated and query.at_maximum:
+            warnings.append(f"299 {_host(request)} {qido.CUT_WARNING}")
         if warnings:
             headers["Warning"] = ", ".join(warnings)
-        page = query.page(found.matches)
+        page = found.matches
         if not page:
             return web.Response(status=204, headers=headers)
         body = await asyncio.to_thread(dicomjson.to_json_list, page)

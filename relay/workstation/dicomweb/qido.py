@@ -26,14 +26,22 @@ from pydicom.tag import Tag
 from relay.dicom import rawds
 
 __all__ = [
+    "CUT_WARNING",
     "LEVEL_KEYS",
     "MAX_LIMIT",
+    "MAX_OFFSET",
     "Query",
     "QueryError",
     "parse_query",
 ]
 
-MAX_LIMIT: Final = 10_000  # matches in one answer (and offset + limit in one C-FIND)
+MAX_LIMIT: Final = 10_000  # matches in one answer (a larger or absent limit is cut to it)
+# matches an `offset` may pass over: they are counted as the PACS sends them, not kept
+MAX_OFFSET: Final = 1_000_000
+MAX_ASKED: Final = 999_999_999  # the largest limit taken (and cut to MAX_LIMIT)
+# PS3.18 8.3.4.4: the Warning of an answer the server's maximum cut (with its host)
+CUT_WARNING: Final = ('"The number of results exceeded the maximum supported by the server. '
+                      'Additional results can be requested."')  # fmt: skip
 MAX_PARAMS: Final = 64
 MAX_VALUE: Final = 1024  # characters in one parameter's value
 
@@ -107,9 +115,9 @@ class Query:
     offset: int = 0
     fuzzy: bool = False
     warnings: list[str] = field(default_factory=list)
-
-    def page(self, matches: list[Dataset]) -> list[Dataset]:
-        return matches[self.offset : self.offset + self.limit]
+    # the server's maximum is the limit (none asked, or more than MAX_LIMIT): an answer it
+    # cuts says so (CUT_WARNING); one the client's own limit cuts does not (PS3.18 8.3.4.4)
+    at_maximum: bool = True
 
 
 def _keyword(param: str) -> str:
@@ -211,7 +219,7 @@ def parse_query(
     """The C-FIND for a QIDO-RS request at `level`, with `uids` from the URL path."""
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
-    query = Query(level, identifier)
+    query = Query(level, identifier, limit=MAX_LIMIT)
     wanted: list[str] = list(LEVEL_KEYS[level])
     if level != "STUDY" and "StudyInstanceUID" not in uids:
         wanted += STUDY_KEYS  # /series and /instances: say which study
@@ -224,9 +232,10 @@ def parse_query(
         if len(value) > MAX_VALUE:
             raise QueryError(param, f"value longer than {MAX_VALUE} characters")
         if param == "limit":
-            query.limit = _int(param, value, MAX_LIMIT)
+            asked = _int(param, value, MAX_ASKED)
+            query.limit, query.at_maximum = min(asked, MAX_LIMIT), asked > MAX_LIMIT
         elif param == "offset":
-            query.offset = _int(param, value, MAX_LIMIT)
+            query.offset = _int(param, value, MAX_OFFSET)
         elif param == "fuzzymatching":
             if value not in ("true", "false"):
                 raise QueryError(param, "expected true or false")
@@ -248,8 +257,6 @@ def parse_query(
             if keyword in matching:
                 raise QueryError(param, "given twice")
             matching[keyword] = _check_value(param, keyword, value)
-    if query.offset + query.limit > MAX_LIMIT:
-        query.limit = MAX_LIMIT - query.offset
     for keyword, value in uids.items():
         if keyword in matching and matching[keyword] != value:
             raise QueryError(keyword, "contradicts the UID in the URL")

@@ -233,12 +233,15 @@ class DicomSource:
             raise UpstreamError(502, f"the agent refused: {msg.reason}")
         return msg
 
-    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
-        """A study-root C-FIND; the link down and a cache: the cache's index answers."""
+    async def find(self, identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
+        """A study-root C-FIND: the matches after the first `skip` (counted, not decoded or
+        kept), at most `max_matches` of them (`truncated`: more came); the link down and a
+        cache: the cache's index answers."""
         if self.offline():
             assert self.cache is not None
             found = await asyncio.to_thread(self.cache.find, identifier)
-            return FindResult(found[:max_matches], True, len(found) > max_matches)
+            page = found[skip : skip + max_matches]
+            return FindResult(page, True, len(found) > skip + max_matches)
         request = Request(
             op="find",
             root="study",
@@ -247,11 +250,14 @@ class DicomSource:
             calling_ae=CALLING_AE,
         )
         result = FindResult([])
+        passed = 0
         async with self._slot(self.finds, "queries"), self._stream(request) as (stream, clean):
             while True:
                 msg = await self._next(stream)
                 if isinstance(msg, Pending) and msg.dataset:
-                    if len(result.matches) < max_matches:
+                    if passed < skip:
+                        passed += 1
+                    elif len(result.matches) < max_matches:
                         ds = rawds.decode_dataset(msg.dataset, msg.transfer_syntax)
                         result.matches.append(ds)
                     else:

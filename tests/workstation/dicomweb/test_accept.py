@@ -32,9 +32,9 @@ async def test_what_does_not_accept_json_is_406_and_asks_nothing_of_the_pacs(
     asked: list[str] = []
     find = source.find
 
-    async def counted(identifier: object, max_matches: int) -> object:
+    async def counted(identifier: object, max_matches: int, *, skip: int = 0) -> object:
         asked.append("find")
-        return await find(identifier, max_matches)  # type: ignore[arg-type]
+        return await find(identifier, max_matches, skip=skip)  # type: ignore[arg-type]
 
     source.find = counted  # type: ignore[method-assign,assignment]
     series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
@@ -77,9 +77,9 @@ def _counting_finds(source: ScriptedSource) -> list[str]:
     asked: list[str] = []
     find = source.find
 
-    async def counted(identifier: object, max_matches: int) -> object:
+    async def counted(identifier: object, max_matches: int, *, skip: int = 0) -> object:
         asked.append("find")
-        return await find(identifier, max_matches)  # type: ignore[arg-type]
+        return await find(identifier, max_matches, skip=skip)  # type: ignore[arg-type]
 
     source.find = counted  # type: ignore[method-assign,assignment]
     return asked

@@ -36,7 +36,7 @@ async def test_requests_beyond_max_requests_are_503_with_retry_after() -> None:
         peak = 0
         gate = asyncio.Event()
 
-        async def find(identifier: Dataset, max_matches: int) -> FindResult:
+        async def find(identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
             nonlocal inside, peak
             inside += 1
             peak = max(peak, inside)

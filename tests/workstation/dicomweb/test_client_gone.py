@@ -121,7 +121,7 @@ async def test_a_client_gone_cancels_its_request_and_its_c_find(
     entered = asyncio.Event()
     ended: list[str] = []
 
-    async def find(identifier: Dataset, max_matches: int) -> FindResult:
+    async def find(identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         entered.set()
         try:
             await asyncio.sleep(30)  # the PACS is slow

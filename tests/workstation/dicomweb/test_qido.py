@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
-from relay.workstation.dicomweb.qido import MAX_LIMIT, QueryError, parse_query
+from relay.workstation.dicomweb.qido import MAX_LIMIT, MAX_OFFSET, QueryError, parse_query
 
 
 def test_matching_parameters_by_keyword_and_by_tag() -> None:
@@ -51,10 +50,17 @@ def test_includefield_adds_keys_and_all_widens() -> None:
     assert "BodyPartExamined" in q.identifier and "PatientName" in q.identifier
 
 
-def test_limit_offset_page_the_matches() -> None:
+def test_limit_and_offset_are_the_page_and_the_server_maximum_caps_the_limit() -> None:
     q = parse_query("STUDY", [("limit", "2"), ("offset", "1")], {})
-    matches = [Dataset() for _ in range(5)]
-    assert q.page(matches) == matches[1:3]
+    assert (q.limit, q.offset, q.at_maximum) == (2, 1, False)
+    # no limit, or one above the maximum: the maximum, and a cut there is to be told
+    assert parse_query("STUDY", [], {}).at_maximum
+    q = parse_query("STUDY", [("limit", str(MAX_LIMIT + 1))], {})
+    assert (q.limit, q.at_maximum) == (MAX_LIMIT, True)
+    # past the maximum with offset: what a client told of the cut asks next
+    q = parse_query("STUDY", [("offset", str(MAX_LIMIT))], {})
+    assert (q.offset, q.limit) == (MAX_LIMIT, MAX_LIMIT)
+    assert parse_query("STUDY", [("offset", str(MAX_OFFSET))], {}).offset == MAX_OFFSET
 
 
 def test_fuzzymatching_true_warns_that_matching_is_exact() -> None:
@@ -69,7 +75,8 @@ def test_fuzzymatching_true_warns_that_matching_is_exact() -> None:
         ([("NoSuchKeyword", "x")], "NoSuchKeyword"),
         ([("FFFF0001", "x")], "FFFF0001"),
         ([("limit", "ten")], "limit"),
-        ([("limit", str(MAX_LIMIT + 1))], "limit"),
+        ([("offset", str(MAX_OFFSET + 1))], "offset"),
+        ([("limit", "1" * 10)], "limit"),
         ([("offset", "-1")], "offset"),
         ([("fuzzymatching", "maybe")], "fuzzymatching"),
         ([("StudyDate", "2024")], "StudyDate"),

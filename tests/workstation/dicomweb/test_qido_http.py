@@ -1,16 +1,39 @@
 """QIDO-RS over real HTTP: a malformed matching value is the client's 400 with the
-parameter named, never a 500 from the identifier failing to encode on its way out."""
+parameter named, never a 500 from the identifier failing to encode on its way out; an
+answer the server's maximum cuts says so (PS3.18 8.3.4.4) and `offset` gets the rest; a
+study with more series than that is never answered as complete."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from pydicom.dataset import Dataset
 
+from relay.dicom import rawds
+from relay.dicom import status as st
+from relay.dicom.codec import (
+    DicomLimits,
+    FinalResponse,
+    MessageCodec,
+    Pending,
+    Request,
+    read_message,
+    write_message,
+)
+from relay.net.bytestream import ByteStream, pipe
 from relay.ops.config import Address
+from relay.workstation.dicomweb import qido
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
+from relay.workstation.dicomweb.source import DicomSource, FindResult
+from tests.workstation.dicomweb.test_server import STUDY, ScriptedSource, get, scripted
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 @pytest.mark.parametrize(
@@ -34,3 +57,103 @@ async def test_a_malformed_value_is_400_naming_the_parameter(query: str) -> None
             assert r.status == 502  # well formed: on to the (absent) link
     finally:
         await srv.stop()
+
+
+SERIES_IN_STUDY = 7
+MAXIMUM = 5  # qido.MAX_LIMIT for these tests: 7 series are more than one answer holds
+
+
+def _series_match(n: int) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = STUDY
+    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.2.1143.9.{n}"
+    ds.SeriesNumber = n
+    return ds
+
+
+@pytest.fixture
+async def many_series(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[DicomwebServer, ScriptedSource]]:
+    """A study of SERIES_IN_STUDY series, with MAX_LIMIT at MAXIMUM."""
+    monkeypatch.setattr(qido, "MAX_LIMIT", MAXIMUM)
+    async with scripted() as (srv, source):
+
+        async def find(identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
+            found = [_series_match(n) for n in range(1, SERIES_IN_STUDY + 1)]
+            page = found[skip : skip + max_matches]
+            return FindResult(page, False, len(found) > skip + max_matches)
+
+        source.find = find  # type: ignore[method-assign]
+        yield srv, source
+
+
+async def _series_page(srv: DicomwebServer, query: str = "") -> tuple[list[int], str | None]:
+    status, headers, body = await get(f"{srv.url}/studies/{STUDY}/series{query}")
+    assert status == 200, body
+    numbers = [doc["00200011"]["Value"][0] for doc in json.loads(body)]
+    return numbers, headers.get("Warning")
+
+
+async def test_a_series_list_cut_at_the_maximum_says_so_and_offset_gets_the_rest(
+    many_series: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, _ = many_series
+    assert srv.address is not None
+    numbers, warning = await _series_page(srv)
+    assert numbers == [1, 2, 3, 4, 5]
+    assert warning == f"299 127.0.0.1:{srv.address.port} {qido.CUT_WARNING}"
+    assert "Additional results can be requested" in warning
+    numbers, warning = await _series_page(srv, f"?offset={MAXIMUM}")
+    assert numbers == [6, 7] and warning is None  # the rest, complete
+    numbers, warning = await _series_page(srv, "?limit=100")  # above the maximum: cut too
+    assert numbers == [1, 2, 3, 4, 5] and warning is not None
+    numbers, warning = await _series_page(srv, "?limit=3&offset=2")  # the client's own page
+    assert numbers == [3, 4, 5] and warning is None
+
+
+async def test_a_study_with_more_series_than_the_maximum_is_not_answered_as_complete(
+    many_series: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    srv, source = many_series
+    for what in ("", "/metadata"):
+        status, _, body = await get(f"{srv.url}/studies/{STUDY}{what}")
+        assert status == 507 and f"more than {MAXIMUM} series".encode() in body, what
+    assert source.retrieves == 0
+
+
+def _agent_sending(codec: MessageCodec, matches: int, seen: list[Request]) -> Any:
+    """An open_stream whose far end is an agent answering a C-FIND with `matches` series."""
+
+    async def agent(end: ByteStream) -> None:
+        request = await read_message(end, codec)
+        assert isinstance(request, Request)
+        seen.append(request)
+        for n in range(1, matches + 1):
+            match = rawds.encode_dataset(_series_match(n))
+            await write_message(end, codec, Pending(transfer_syntax=EXPLICIT_LE, dataset=match))
+        await write_message(end, codec, FinalResponse(st.SUCCESS))
+
+    async def open_stream(headers: dict[str, str]) -> ByteStream:
+        near, far = pipe(headers)
+        asyncio.get_running_loop().create_task(agent(far))
+        return near
+
+    return open_stream
+
+
+@pytest.mark.parametrize(
+    ("skip", "limit", "numbers", "truncated"),
+    [(0, 3, [1, 2, 3], True), (3, 3, [4, 5, 6], True), (5, 3, [6, 7], False),
+     (7, 3, [], False), (0, 7, [1, 2, 3, 4, 5, 6, 7], False)],
+)  # fmt: skip
+async def test_the_source_passes_over_skip_matches_and_keeps_a_page(
+    skip: int, limit: int, numbers: list[int], truncated: bool
+) -> None:
+    codec = MessageCodec(DicomLimits())
+    seen: list[Request] = []
+    source = DicomSource(_agent_sending(codec, SERIES_IN_STUDY, seen), codec, timeout=10.0)
+    found = await source.find(_series_match(0), limit, skip=skip)
+    assert [int(ds.SeriesNumber) for ds in found.matches] == numbers
+    assert found.truncated is truncated and len(seen) == 1

@@ -55,7 +55,7 @@ class ScriptedSource:
         self.missing: set[str] = set()  # series the PACS has no instance of (yet)
         self.syntax: dict[str, str] = {}  # SOP Instance UID -> the syntax it is sent as
 
-    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+    async def find(self, identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         if self.down:
             raise UpstreamError(502, "the PACS is unreachable: connection refused")
         level = identifier.QueryRetrieveLevel
@@ -75,7 +75,7 @@ class ScriptedSource:
             out.append(match)
             if level != "IMAGE":
                 break
-        return FindResult(out[:max_matches], False, len(out) > max_matches)
+        return FindResult(out[skip : skip + max_matches], False, len(out) > skip + max_matches)
 
     async def retrieve(
         self,

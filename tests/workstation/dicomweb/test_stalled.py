@@ -27,7 +27,7 @@ PER_SERIES = 20  # instances of ~0.5 MB: ~10 MB a series, more than the socket b
 class ManySeries:
     """Any series UID under STUDY has PER_SERIES instances (the CT slices' bytes)."""
 
-    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+    async def find(self, identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         return FindResult([])
 
     async def retrieve(self, identifier: Dataset, outcome: Any = None, *,

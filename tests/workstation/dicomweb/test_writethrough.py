@@ -299,7 +299,7 @@ class QuotingSource(ScriptedSource):
     """A PACS whose C-FIND fails with an error comment quoting a patient ID (the agent
     forwards the comment verbatim)."""
 
-    async def find(self, identifier: Dataset, max_matches: int) -> FindResult:
+    async def find(self, identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         raise UpstreamError(502, "C-FIND failed with status 0xC001: no such patient RELAY0001")
 
 
