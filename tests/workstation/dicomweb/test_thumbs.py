@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from pydicom.pixels.utils import pixel_array
 
 from relay.dicom import rawds
 from relay.workstation.dicomweb import render
 from relay.workstation.dicomweb.retrieve import decode
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.thumbs import DEFAULT_THUMBNAIL, image_of, middle_frame
+from tests.workstation.dicomweb import test_server as server_module
 from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
 
 
@@ -144,3 +147,54 @@ async def test_quality_is_taken_and_checked(web: tuple[DicomwebServer, ScriptedS
     for bad in ("0", "101", "high", ""):
         status, _, body = await get(f"{inst}/thumbnail?quality={bad}")
         assert status == 400 and b"quality" in body, bad
+
+
+async def test_thumbnails_are_bounded_as_rendered_frames_are(
+    web: tuple[DicomwebServer, ScriptedSource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series whose images claim a frame over MAX_FRAME_VALUES: every thumbnail and
+    rendering of it is refused from the header (406), nothing decoded; a multi-frame
+    instance's thumbnail decodes its middle frame only."""
+    srv, _ = web
+    decoded: list[int | None] = []
+    real = pixel_array
+
+    def counted(ds: object, index: int | None = None) -> object:
+        decoded.append(index)
+        return real(ds, index=index)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(render, "pixel_array", counted)
+    huge = []
+    for inst in server_module.CT:
+        ds = rawds.decode_dataset(inst.data, inst.transfer_syntax)
+        ds.Rows = ds.Columns = 6000  # 36 M values claimed by a few KB
+        huge.append(dataclasses.replace(inst, data=rawds.encode_dataset(ds)))
+    monkeypatch.setattr(server_module, "CT", huge)
+    series = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
+    for url in (f"{srv.url}/studies/{STUDY}/thumbnail", f"{series}/thumbnail",
+                f"{series}/instances/{CT[0].sop_instance}/frames/1/thumbnail"):  # fmt: skip
+        status, _, body = await get(url)
+        assert status == 406 and b"more than" in body, (url, body)
+    assert decoded == []
+
+
+def test_a_multi_frame_thumbnail_decodes_its_middle_frame_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[int | None] = []
+    real = pixel_array
+
+    def counted(ds: object, index: int | None = None) -> object:
+        decoded.append(index)
+        return real(ds, index=index)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(render, "pixel_array", counted)
+    base = rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax)
+    base.NumberOfFrames = 5
+    base.PixelData = base.PixelData * 5
+    multi = Item("1.2.3.9", CT[0].transfer_syntax, rawds.encode_dataset(base))
+    chosen = middle([multi])
+    assert chosen is not None and chosen[1] == 3
+    ds = decode(multi.data, multi.transfer_syntax)
+    png = render.render_frame(ds, chosen[1], "image/png", DEFAULT_THUMBNAIL)
+    assert png.startswith(b"\x89PNG") and decoded == [2]
