@@ -119,6 +119,10 @@ class Query:
     # cuts says so (CUT_WARNING); one the client's own limit cuts does not (PS3.18 8.3.4.4)
     at_maximum: bool = True
 
+    def page(self, matches: list[Dataset]) -> list[Dataset]:
+        """What the answer holds of all the `matches` (DicomSource.find pages as they come)."""
+        return matches[self.offset : self.offset + self.limit]
+
 
 def _keyword(param: str) -> str:
     """An attribute keyword from a parameter name (a keyword or 8 hex digits) that names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.workstation.dicomweb.qido import MAX_LIMIT, MAX_OFFSET, QueryError, parse_query
@@ -53,6 +54,8 @@ def test_includefield_adds_keys_and_all_widens() -> None:
 def test_limit_and_offset_are_the_page_and_the_server_maximum_caps_the_limit() -> None:
     q = parse_query("STUDY", [("limit", "2"), ("offset", "1")], {})
     assert (q.limit, q.offset, q.at_maximum) == (2, 1, False)
+    matches = [Dataset() for _ in range(5)]
+    assert q.page(matches) == matches[1:3]
     # no limit, or one above the maximum: the maximum, and a cut there is to be told
     assert parse_query("STUDY", [], {}).at_maximum
     q = parse_query("STUDY", [("limit", str(MAX_LIMIT + 1))], {})

@@ -144,7 +144,7 @@ async def test_the_pacs_error_comment_never_reaches_the_log(
     """The agent forwards the PACS's ErrorComment verbatim; a PACS may quote a patient ID."""
     srv, source, base = server
 
-    async def quoting(identifier: Dataset, max_matches: int) -> FindResult:
+    async def quoting(identifier: Dataset, max_matches: int, *, skip: int = 0) -> FindResult:
         raise UpstreamError(502, "C-FIND failed with status 0xC001: no patient RELAY0001")
 
     source.find = quoting  # type: ignore[method-assign]
