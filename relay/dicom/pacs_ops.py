@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -440,6 +440,9 @@ class PacsOperation:
                 return FinalResponse(st.STORE_SOP_CLASS_NOT_SUPPORTED, assoc.comment)
             return assoc
         try:
+            refused = _syntax_refused(assoc, req)
+            if refused is not None:
+                return refused
             ds = rawds.EncodedDataset(
                 req.sop_class, req.sop_instance, req.transfer_syntax, req.dataset,
                 max_inflated=limit,
@@ -996,6 +999,34 @@ def _end(assoc: Association, *, abort: bool) -> None:
         assoc.release()
     except Exception as exc:
         log.debug("survey association not ended cleanly: %s", exc)
+
+
+def _syntax_refused(assoc: Association, req: Request) -> FinalResponse | None:
+    """An upload that no context the PACS accepted for its SOP class can carry (it took
+    another: an uncompressed one, proposed beside the upload's): 0xC0F2, which a viewer
+    does not retry, as it would "out of resources" (the PACS would refuse it every
+    time). pynetdicom converts between uncompressed syntaxes of one byte order (deflated
+    too); a compressed one goes only as it is: the relay does not transcode pixels."""
+    taken = [
+        UID(str(cx.transfer_syntax[0]))
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == req.sop_class and cx.transfer_syntax
+    ]
+    ts = UID(req.transfer_syntax)
+    if not taken or any(_carries(cx, ts) for cx in taken):
+        return None  # (none at all: the SOP class is refused, 0x0122)
+    return FinalResponse(st.STORE_SYNTAX_NOT_ACCEPTED, f"PACS does not accept transfer syntax {ts}")
+
+
+def _carries(context: UID, ts: UID) -> bool:
+    """Whether pynetdicom sends a dataset in `ts` on a context of syntax `context`
+    (its Association._get_valid_context: the same, or both uncompressed and of one
+    byte order)."""
+    if context == ts:
+        return True
+    if context.is_compressed or ts.is_compressed:
+        return False
+    return bool(context.is_little_endian == ts.is_little_endian)
 
 
 def _retry_worthy(final: FinalResponse) -> bool:

@@ -44,6 +44,12 @@ STORE_OUT_OF_RESOURCES: Final = 0xA700
 STORE_CANNOT_UNDERSTAND: Final = 0xC000
 STORE_DATASET_MISMATCH: Final = 0xA900  # the dataset's SOP Class UID is not the command's
 STORE_NOT_AUTHORIZED: Final = 0x0124
+# "Cannot understand" with our low byte: the PACS takes the SOP class, but not in the
+# upload's transfer syntax (it accepted the class's other contexts). The relay sends
+# the viewer's bytes as they are, so the PACS refuses it every time: "out of resources"
+# (0xA700) made viewers retry for ever. A viewer that has the instance in another
+# syntax can send it so. (Not in for_store's list: it passes unchanged.)
+STORE_SYNTAX_NOT_ACCEPTED: Final = 0xC0F2
 # The PACS accepted none of the upload's presentation contexts: it will refuse the SOP
 # class every time, which "out of resources" (try again later) would not say.
 STORE_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122

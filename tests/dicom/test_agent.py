@@ -8,11 +8,14 @@ import logging
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 from pynetdicom.association import Association
 
 from relay.codecs import pixels as px
@@ -870,3 +873,57 @@ async def test_a_pacs_s_malformed_sub_operation_counts_are_ignored(
     warned = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
     assert len(warned) == 1 and "Number of Remaining Sub-operations" in warned[0]
     assert CT_STUDY not in warned[0] and "RELAY0001" not in caplog.text
+
+
+@contextlib.contextmanager
+def uncompressed_only_pacs() -> Iterator[int]:
+    """A PACS (pynetdicom) that stores CT images in Explicit or Implicit VR Little
+    Endian only."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="PLAIN")
+    ae.add_supported_context(CTImageStorage, list(contexts.UNCOMPRESSED[:2]))
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)]
+    )
+    assert server is not None
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+def in_syntax(instance: samples.EncodedInstance, ts: str) -> bytes:
+    """`instance`'s dataset in RLE Lossless or Deflated Explicit VR Little Endian."""
+    if ts == DeflatedExplicitVRLittleEndian:
+        packer = zlib.compressobj(wbits=-15)
+        return packer.compress(instance.data) + packer.flush()
+    ds = rawds.decode_dataset(instance.data, EXPLICIT)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT)
+    ds.compress(ts, generate_instance_uid=False)
+    return encode_dataset(ds, EXPLICIT)
+
+
+@pytest.mark.parametrize(
+    ("ts", "status"),
+    [(RLELossless, st.STORE_SYNTAX_NOT_ACCEPTED), (DeflatedExplicitVRLittleEndian, st.SUCCESS)],
+)
+async def test_an_upload_in_a_syntax_the_pacs_does_not_take_is_not_out_of_resources(
+    ts: str, status: int
+) -> None:
+    """The PACS takes the class, in other syntaxes: a compressed upload it will refuse
+    every time. 0xA700 (out of resources) made viewers retry it for ever; 0xC0F2 (cannot
+    understand) is a failure they report. One pynetdicom converts (deflated to explicit
+    VR) is stored as before."""
+    req = Request(op="store", transfer_syntax=ts, dataset=in_syntax(CT[0], ts),
+                  sop_class=CT[0].sop_class, sop_instance=CT[0].sop_instance)  # fmt: skip
+    with uncompressed_only_pacs() as port:
+        t = PacsTarget(ae_title="PLAIN", host="127.0.0.1", port=port, timeout=5)
+        msgs, summary = await run(t, req)
+    final = final_of(msgs)
+    assert final.status == summary.status == status
+    if status != st.SUCCESS:
+        assert final.comment == f"PACS does not accept transfer syntax {ts}"
+        assert st.for_store(final.status) == final.status == 0xC0F2  # what the node passes on
