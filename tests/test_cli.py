@@ -262,6 +262,7 @@ def test_it_admin_passwd_reads_stdin_as_bytes(
     from relay.agent.itpages import passwords
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped), encoding="cp1252"))
+    monkeypatch.setattr(passwords, "LOG2_N", 10)  # the real N=2^17 is 0.5-1 s a hash
     admins = tmp_path / "it-admins"
     argv = ["it-admin", "passwd", "--file", str(admins), "--user", "anna", "--password-stdin"]
     assert cli.main(argv) == 0

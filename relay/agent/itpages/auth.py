@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from relay.agent.directory import Directory, DirectoryError, Refusal, RefusalReason
-from relay.agent.itpages.passwords import PasswordFileError, read_admins, verify_password
+from relay.agent.itpages.passwords import (
+    PasswordFileError,
+    dummy_like,
+    read_admins,
+    verify_password,
+)
 
 __all__ = [
     "Attempt",
@@ -41,7 +46,9 @@ __all__ = [
     "Suppressed",
 ]
 
-#: Concurrent scrypt checks (32 MiB each): bounds the memory a login burst can take.
+#: Concurrent scrypt checks (passwords.MAX_HASH_MEMORY, 128 MiB, each at most): bounds
+#: the memory (256 MiB) and the cores a login burst can take; a login waits for a slot
+#: within its LOGIN_TIMEOUT (15 s: at ~0.3-0.9 s a check, dozens queued get through).
 MAX_CONCURRENT_HASHES: Final = 2
 
 
@@ -98,8 +105,9 @@ class LocalAuthenticator:
         await self._slots.acquire()
         # The slot is free again when the thread is, not when the caller stops waiting
         # (a login that timed out): the scrypt checks at once stay bounded.
+        dummy = dummy_like(admins.values())  # an unknown name costs what a known one does
         check = asyncio.ensure_future(
-            asyncio.to_thread(verify_password, admins.get(user), password)
+            asyncio.to_thread(verify_password, admins.get(user), password, dummy=dummy)
         )
         check.add_done_callback(lambda _: self._slots.release())
         ok = await asyncio.shield(check)

@@ -221,7 +221,8 @@ def test_password_file_round_trip_and_no_plaintext(tmp_path: Path) -> None:
     assert set(admins) == {"carol", "dave"}
     assert passwords.verify_password(admins["carol"], "another long secret")
     assert not passwords.verify_password(admins["carol"], "correct horse battery")
-    assert not passwords.verify_password(None, "anything at all")
+    dummy = passwords.dummy_like(admins.values())
+    assert not passwords.verify_password(None, "anything at all", dummy=dummy)
     # the same password hashes differently each time (salt)
     assert passwords.hash_password("x" * 12, log2_n=FAST) != passwords.hash_password(
         "x" * 12, log2_n=FAST
@@ -272,9 +273,12 @@ async def test_local_authenticator(tmp_path: Path) -> None:
     assert (await auth.authenticate("carol", "correct horse battery")).result == "unavailable"
 
 
-def test_passwd_command_reads_stdin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_passwd_command_reads_stdin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import io
 
+    monkeypatch.setattr(passwords, "LOG2_N", FAST)  # N=2^17 is 0.5-1 s a hash
     path = tmp_path / "admins"
     assert passwd(path, "carol", stdin=io.StringIO("a long enough password\n")) == 0
     assert "added IT admin 'carol'" in capsys.readouterr().out
@@ -464,3 +468,50 @@ def test_an_admins_file_with_an_admin_starts_without_a_warning(
     with caplog.at_level("WARNING", logger="relay.agent.itpages.server"):
         _pages_server_with(tmp_path, admins)
     assert not [r for r in caplog.records if r.name == "relay.agent.itpages.server"]
+
+
+#: Entries as `relay it-admin passwd` writes them now (N=2^17) and wrote them before
+#: 2026-12 (N=2^15), both for "correct horse battery".
+ENTRY_2_17 = "scrypt$17$8$1$Wq1p7jfMbG50q4xPraOeJg$928yk4LKZqdkfGboUm404iyoJMxzvvnGMknZWzaMxK0"
+ENTRY_2_15 = "scrypt$15$8$1$dQ1t4fsM/jD7dHAiMEoh/Q$wb/xaU0E8XrTq67wL4giZa8HnkWXSpyb9YR4a13vsmk"
+
+
+async def test_entries_at_n_2_17_log_in_and_older_ones_still_do(tmp_path: Path) -> None:
+    """N=2^17 (OWASP's scrypt minimum) takes 128 MiB: above hashlib's maxmem of the old
+    code (64 MiB), whose check raised there. Entries written with N=2^15 keep working:
+    each names its parameters."""
+    path = tmp_path / "admins"
+    path.write_text(f"carol:{ENTRY_2_17}\ndave:{ENTRY_2_15}\n")
+    auth = LocalAuthenticator(path)
+    assert (await auth.authenticate("carol", "correct horse battery")).ok
+    assert (await auth.authenticate("dave", "correct horse battery")).ok
+    assert passwords.LOG2_N == 17 and passwords.MAX_HASH_MEMORY == 128 << 20
+
+
+def test_an_entry_costlier_than_a_check_may_be_is_refused_when_read(tmp_path: Path) -> None:
+    """N=2^18 passed the old bounds (2^10-2^20) but not hashlib's maxmem: every login of
+    that admin raised (a 500). Now the file says which line asks too much (503)."""
+    path = tmp_path / "admins"
+    path.write_text("carol:scrypt$18$8$1$AAAA$AAAA\n")
+    with pytest.raises(passwords.PasswordFileError, match=r"admins:1: .* at most 128 MiB"):
+        passwords.read_admins(path)
+    path.write_text("carol:scrypt$20$1$1$AAAA$AAAA\n")  # 128 * r * N = 128 MiB: accepted
+    assert set(passwords.read_admins(path)) == {"carol"}
+
+
+def test_an_unknown_name_is_checked_at_the_cost_of_the_files_entries() -> None:
+    """The dummy an unknown name's password is checked against: the parameters most of
+    the file's entries have (a tie: the costliest), so a file of N=2^15 entries does not
+    answer an unknown name 4 times slower at the new N=2^17."""
+
+    def params(dummy: str) -> tuple[str, ...]:
+        return tuple(dummy.split("$")[1:4])
+
+    assert params(passwords.dummy_like([])) == ("17", "8", "1")
+    assert params(passwords.dummy_like([ENTRY_2_15, ENTRY_2_15, ENTRY_2_17])) == ("15", "8", "1")
+    assert params(passwords.dummy_like([ENTRY_2_15, ENTRY_2_17])) == ("17", "8", "1")
+    fast = passwords.hash_password("x" * 12, log2_n=FAST)
+    dummy = passwords.dummy_like([fast, "not an entry"])
+    assert params(dummy) == (str(FAST), "8", "1")
+    assert not passwords.verify_password(None, "x" * 12, dummy=dummy)
+    assert not passwords.verify_password(dummy, "x" * 12)  # no password matches it
