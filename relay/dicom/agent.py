@@ -427,7 +427,7 @@ class DicomAgent:
         self.spare = SpareAssociation(pacs.spare_association, associations=self.associations)
 
     async def start(self) -> None:
-        contexts.check_uids_once()
+        contexts.prepare_pynetdicom()
         if self.pacs.retrieve == "move" and self.move_receiver is None:
             listen = self.pacs.move_listen
             assert listen is not None  # PacsTarget sets it for retrieve: move

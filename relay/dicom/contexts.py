@@ -47,6 +47,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from relay.ops import logs
+
 # Message IDs are random: the C-STORE sub-operations of a C-MOVE name the C-MOVE by its
 # Message ID, and the agent's storage SCP routes them by it, so a sequential counter would
 # let a sender guess the ID of a running retrieve. DIMSE IDs are 16 bits (1..65535), so a
@@ -326,12 +328,19 @@ def parse_address(value: str | tuple[str, int], what: str = "address") -> tuple[
     return host, int(port)
 
 
-# UIDs whose checks are remembered (check_uids_once: pynetdicom's validator and pydicom's
+# UIDs whose checks are remembered (prepare_pynetdicom: pynetdicom's validator and pydicom's
 # UID.is_valid, an LRU each): a C-GET's contexts are about 2000.
 MAX_REMEMBERED_UIDS: Final = 4096
 
 
-def check_uids_once() -> None:
+def prepare_pynetdicom() -> None:
+    """At the start of a DICOM end: each UID checked once (below), and pynetdicom's
+    standard log handlers only where its log shows them (relay.ops.logs)."""
+    _check_uids_once()
+    logs.pynetdicom_handlers_follow_level()
+
+
+def _check_uids_once() -> None:
     """Check each UID once, not four times: the A-ASSOCIATE-RQ of a viewer that proposes
     every storage class (getscu: 17 KB, 120 contexts) creates some 2000 UIDs, each checked
     by pydicom's regular expressions when made and again by pynetdicom; that was 9 of the

@@ -373,7 +373,7 @@ class DicomNode:
         self._stopping = False
         self._draining_since = None
         self._open = OpenAssociations()
-        contexts.check_uids_once()
+        contexts.prepare_pynetdicom()
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = 0

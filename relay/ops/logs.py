@@ -170,6 +170,21 @@ def set_level(level: str) -> None:
     root.setLevel(level.upper())
     debug = root.level <= logging.DEBUG
     logging.getLogger("pynetdicom").setLevel(logging.INFO if debug else logging.WARNING)
+    pynetdicom_handlers_follow_level()
+
+
+def pynetdicom_handlers_follow_level() -> None:
+    """pynetdicom's "standard" event handlers, bound to each association it creates,
+    format every PDU and DIMSE message they see (for getscu's A-ASSOCIATE-RQ, 120
+    contexts, about 6 ms of the 15 our node took to accept it) into lines that only its
+    info and debug show: bound only where the pynetdicom logger shows info. Whichever of
+    set_level and the DICOM ends' start (relay.dicom.contexts.prepare_pynetdicom) comes
+    last sets it; without pynetdicom imported (the gateway never does) there is nothing
+    to set."""
+    config = sys.modules.get("pynetdicom._config")
+    if config is not None:
+        shown = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        config.LOG_HANDLER_LEVEL = "standard" if shown else "none"  # type: ignore[attr-defined]
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:

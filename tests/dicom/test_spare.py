@@ -240,9 +240,9 @@ async def test_a_spare_that_cannot_be_opened_is_counted_not_raised() -> None:
 
 
 def test_uids_are_checked_once_and_still_checked() -> None:
-    contexts.check_uids_once()
+    contexts.prepare_pynetdicom()
     check = _config.VALIDATORS["UI"]
-    contexts.check_uids_once()
+    contexts.prepare_pynetdicom()
     assert _config.VALIDATORS["UI"] is check  # not wrapped twice
     assert check.cache_info().maxsize == contexts.MAX_REMEMBERED_UIDS  # type: ignore[attr-defined]
     assert check(UID("1.2.840.10008.1.2"))[0]

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from pydicom import valuerep
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.dsutils import pretty_dataset
 
 from relay.ops import logs
@@ -58,7 +59,7 @@ Start = Callable[[str], Captured]
 def setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[Start]:
     """setup_logging into a buffer; the process's logging as it was afterwards. pydicom
     warns as it does for any library user (the relay's DICOM ends turn its reading checks
-    off, relay.dicom.contexts.check_uids_once, and other tests here start those ends)."""
+    off, relay.dicom.contexts.prepare_pynetdicom, and other tests here start those ends)."""
     monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
@@ -316,3 +317,28 @@ def test_the_line_after_a_held_back_flood_says_how_many() -> None:
     assert limit.filter(after) and after.__dict__["suppressed"] == 5
     other = logging.LogRecord("relay.x", logging.ERROR, __file__, 1, "ours", (), None)
     assert all(limit.filter(other) for _ in range(3 * LOG_BURST))  # only aiohttp's limited
+
+
+def test_pynetdicom_formats_its_standard_lines_only_where_they_are_shown(
+    setup: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below debug its standard handlers built every PDU's and DIMSE message's lines for
+    nothing (6 ms of accepting getscu's request); they follow the level, reloads too."""
+    from pynetdicom import AE, _config
+    from pynetdicom._handlers import standard_pdu_recv_handler
+    from pynetdicom.association import Association
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+
+    def bound() -> bool:
+        assoc = Association(AE(), "requestor")
+        handlers = assoc.get_handlers(evt.EVT_PDU_RECV)
+        assert isinstance(handlers, list)  # a notification event's
+        return any(h == standard_pdu_recv_handler for h, _ in handlers)
+
+    setup("info")
+    assert _config.LOG_HANDLER_LEVEL == "none" and not bound()
+    logs.set_level("debug")
+    assert _config.LOG_HANDLER_LEVEL == "standard" and bound()
+    logs.set_level("warning")
+    assert not bound()
