@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import weakref
 
 import pytest
 
@@ -106,3 +108,31 @@ async def test_an_enrollment_link_that_stops_reading_frees_its_slot(
     await until(lambda: desk.open == 0, "the slot comes back")
     assert asyncio.get_running_loop().time() - start < 5.0
     pc.abort()
+
+
+async def test_a_closed_enrollment_link_is_not_held_until_its_lifetime(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PC that closes its enrollment link at once frees all of it: the desk's
+    LINK_LIFETIME timer held the closed link (with its TLS transport's buffers, about
+    270 KB each under uvloop) for 30 s, and MAX_OPEN counts only open links, so
+    attempts from many addresses piled up memory without bound."""
+    desk = world.server.enrollment
+    attached: list[weakref.ref[Link]] = []
+    attach = desk.attach
+
+    def recording(link: Link, host: str) -> None:
+        attached.append(weakref.ref(link))
+        attach(link, host)
+
+    monkeypatch.setattr(desk, "attach", recording)
+    for _ in range(3):
+        pc = await connect(world, None, wire.ALPN_ENROLL)
+        await until(lambda: desk.open == 1, "the enrollment link is counted")
+        pc.abort()
+        await until(lambda: desk.open == 0, "its slot comes back")
+    assert len(attached) == 3
+    await until(
+        lambda: gc.collect() >= 0 and all(ref() is None for ref in attached),
+        "the closed links are freed well before LINK_LIFETIME",
+    )
