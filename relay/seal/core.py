@@ -2,10 +2,18 @@
 
 `SealCore` takes the ciphertext that arrived (`receive_data`) and returns events; takes
 plaintext to send (`send`); and collects ciphertext to write (`data_to_send`). It never
-touches a socket, a clock or an event loop, so two cores can be driven against each
-other in memory (tests/seal). The handshake and the record layer are the stdlib `ssl`
-module's (OpenSSL): we add no cryptography of our own, only the checks of who the peer
-is (`check_peer`) and of the protocol version (the ALPN).
+touches a socket or an event loop, and reads the time only through its `clock`, so two
+cores can be driven against each other in memory (tests/seal). The handshake and the
+record layer are the stdlib `ssl` module's (OpenSSL): we add no cryptography of our own,
+only the checks of who the peer is (`check_peer`), of the protocol version (the ALPN),
+and of the validity of a resumed session's certificate (below).
+
+Resumption. OpenSSL checks the peer's certificate (chain, dates) at a full handshake
+only; a resumed session brings the certificate of that first handshake along unchecked,
+and the ticket each resumption issues starts a new ticket lifetime. So a peer could
+resume, ticket after ticket, long after its certificate expired (and a device could
+then renew it). The core therefore checks the resumed certificate's dates against
+`clock` itself and refuses one not valid now ("expired", sealed like any refusal).
 
 Every buffer is bounded (`SealLimits`): received ciphertext is decrypted as it arrives,
 so the incoming BIO holds at most one partial record; plaintext sent before the
@@ -18,13 +26,17 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final, Literal
+
+from cryptography import x509
 
 from relay.net.tls import classify_handshake_error
 from relay.trust.identity import Identity, IdentityError, identity_from_der
 
 __all__ = [
     "FAILURE_REASONS",
+    "Clock",
     "HandshakeComplete",
     "PeerCheck",
     "PlaintextReceived",
@@ -35,6 +47,7 @@ __all__ = [
     "SealStateError",
     "SessionClosed",
     "SessionFailed",
+    "resumed_certificate_problem",
 ]
 
 #: Why a session failed: a fixed set, so the values can be Prometheus labels.
@@ -106,6 +119,8 @@ class SessionFailed:
 SealEvent = HandshakeComplete | PlaintextReceived | SessionClosed | SessionFailed
 #: Decides whether the authenticated peer may use this session: None, or a reason.
 PeerCheck = Callable[[Identity | None], str | None]
+#: The time a resumed session's certificate is checked against (aware, UTC).
+Clock = Callable[[], datetime]
 State = Literal["handshake", "open", "closed", "failed"]
 
 
@@ -118,6 +133,24 @@ class SealBufferFull(Exception):
 
 
 _INTEGRITY_MARKERS: Final = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "BAD_DECRYPT")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def resumed_certificate_problem(der: bytes, now: datetime) -> str | None:
+    """Why the certificate `der` that a resumed session carries is not valid at `now`
+    (one line), or None. OpenSSL checked it only at the session's full handshake."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "the resumed session's certificate cannot be read"
+    if now < cert.not_valid_before_utc:
+        return f"the resumed session's certificate is not valid before {cert.not_valid_before_utc}"
+    if now > cert.not_valid_after_utc:
+        return f"the resumed session's certificate expired at {cert.not_valid_after_utc}"
+    return None
 
 
 def _classify_record_error(exc: ssl.SSLError) -> str:
@@ -142,8 +175,10 @@ class SealCore:
         session: ssl.SSLSession | None = None,
         limits: SealLimits | None = None,
         refusal_message: Callable[[str, str], bytes] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.limits = limits or SealLimits()
+        self._clock = clock or _utcnow  # a resumed session's certificate is checked at it
         self.alpn = alpn
         self.server_side = server_side
         self._check_peer = check_peer
@@ -273,6 +308,11 @@ class SealCore:
         except IdentityError as exc:
             self._refuse(events, "bad_certificate", f"peer certificate: {exc}")
             return
+        if der and self._ssl.session_reused:
+            problem = resumed_certificate_problem(der, self._clock())
+            if problem is not None:
+                self._refuse(events, "expired", f"peer {peer}: {problem}")
+                return
         refusal = self._check_peer(peer)
         if refusal is not None:
             self._refuse(events, refusal, f"peer {peer or 'without a certificate'} refused")

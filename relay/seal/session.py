@@ -44,6 +44,7 @@ _REFUSAL_CODES: Final = {
 }
 _REFUSAL_TEXTS: Final = {
     "too_many_sessions": "this device has as many sessions open at the agent as it may",
+    "expired": "the certificate of the resumed session is not valid now",
 }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from relay.seal.core import SealCore, SealEvent, SealLimits
+from relay.seal.core import Clock, SealCore, SealEvent, SealLimits
 from relay.seal.policy import (
     ALPN_SESSION,
     agent_check,
@@ -99,6 +99,8 @@ def duplex(
     limits: SealLimits | None = None,
     session: ssl.SSLSession | None = None,
     refusal: Callable[[str, str], bytes] | None = None,
+    server_clock: Clock | None = None,
+    client_clock: Clock | None = None,
 ) -> Duplex:
     server = SealCore(
         server_ctx or pkis.server_ctx(),
@@ -107,6 +109,7 @@ def duplex(
         check_peer=device_check(TD, server_site, is_revoked),
         limits=limits,
         refusal_message=refusal,
+        clock=server_clock,
     )
     client = SealCore(
         client_ctx or pkis.client_ctx(),
@@ -115,5 +118,6 @@ def duplex(
         check_peer=agent_check(TD, client_site),
         limits=limits,
         session=session,
+        clock=client_clock,
     )
     return Duplex(client, server)

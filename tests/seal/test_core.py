@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from relay.seal.core import (
     SessionFailed,
 )
 from relay.seal.policy import ALPN_SESSION, agent_check, session_client_context
+from relay.seal.session import refusal_goaway
+from relay.trust.identity import Identity
 
 from .helpers import SITE, TD, Pkis, duplex, make_pkis
 
@@ -190,6 +193,67 @@ def test_resumption_skips_the_certificates_but_keeps_the_identity(pkis: Pkis) ->
     )
     third.run()
     assert _failure(third.server_events).reason == "revoked"
+
+
+def _ticket(pkis: Pkis, client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> ssl.SSLSession:
+    """A full handshake between the two contexts; the ticket the client got."""
+    first = duplex(pkis, client_ctx=client_ctx, server_ctx=server_ctx)
+    first.run()
+    first.server.send(b"x")  # the ticket arrives with the first server records
+    first.run()
+    assert first.client.session is not None
+    return first.client.session
+
+
+def test_a_resumed_session_of_an_expired_certificate_is_refused(pkis: Pkis) -> None:
+    """OpenSSL checks a certificate's dates at the full handshake only, and every
+    resumption issues a fresh ticket: a device whose certificate has expired since
+    resumed its session for ever (a hostile one, or its stolen key and ticket, carried by
+    any device's outer link), and could then renew it. Each end now checks the resumed
+    certificate against its clock; within the validity, resumption works as before."""
+    now = datetime.now(UTC)
+    soon = pkis.main.device("soon", lifetime=timedelta(hours=1), not_before=now)
+    server_ctx = pkis.server_ctx()
+    client_ctx = pkis.client_ctx(soon)
+    ticket = _ticket(pkis, client_ctx, server_ctx)
+    later = now + timedelta(hours=1, seconds=1)
+
+    ok = duplex(pkis, client_ctx=client_ctx, server_ctx=server_ctx, session=ticket)
+    ok.run()
+    (hs,) = [e for e in ok.server_events if isinstance(e, HandshakeComplete)]
+    assert hs.resumed and hs.peer is not None and hs.peer.name == "soon"
+
+    refused = duplex(
+        pkis,
+        client_ctx=client_ctx,
+        server_ctx=server_ctx,
+        session=ticket,
+        server_clock=lambda: later,
+        refusal=refusal_goaway,
+    )
+    refused.run()
+    failure = _failure(refused.server_events)
+    assert failure.reason == "expired" and "expired at" in failure.detail
+    assert refused.server.peer is None
+    assert b"session refused by the agent: expired" in _plain(refused.client_events)
+
+    # The device's end likewise: an agent certificate that expired since is refused.
+    short_agent = pkis.main.issue(
+        "agent-soon", Identity.agent(TD, SITE), lifetime=timedelta(hours=1), not_before=now
+    )
+    agent_ctx = pkis.server_ctx(short_agent)
+    device_ctx = pkis.client_ctx()
+    ticket = _ticket(pkis, device_ctx, agent_ctx)
+    stale = duplex(
+        pkis,
+        client_ctx=device_ctx,
+        server_ctx=agent_ctx,
+        session=ticket,
+        client_clock=lambda: later,
+    )
+    stale.run()
+    assert _failure(stale.client_events).reason == "expired"
+    assert not any(isinstance(e, HandshakeComplete) for e in stale.client_events)
 
 
 def test_eof_without_close_notify_is_a_failure(pkis: Pkis) -> None:
