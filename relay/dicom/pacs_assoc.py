@@ -81,6 +81,7 @@ def associate(
                 contexts.NODELAY,
                 contexts.bounded_stalls(ae.network_timeout),  # a PACS hung mid-PDU
                 (evt.EVT_CONN_OPEN, checkpoint.install),  # its responses never stolen
+                (evt.EVT_DIMSE_RECV, drop_malformed_counts),
                 (evt.EVT_CONN_OPEN, _counts_checked_first),
                 *handlers,
                 *(h for owner in owners for h in owner.handlers()),
@@ -140,11 +141,14 @@ def drop_malformed_counts(event: Any) -> None:
 
 
 def _counts_checked_first(event: Any) -> None:
-    """EVT_CONN_OPEN: bind `drop_malformed_counts` ahead of every other EVT_DIMSE_RECV
-    handler. pynetdicom's own (it logs each message) reads the counts, and its exception
-    on one it cannot decode ends the handlers after it."""
-    handlers = event.assoc.get_handlers(evt.EVT_DIMSE_RECV)  # (its list, in order)
-    handlers.insert(0, (drop_malformed_counts, None))
+    """EVT_CONN_OPEN: `drop_malformed_counts` ahead of every other EVT_DIMSE_RECV handler.
+    pynetdicom's own (bound at debug, relay.ops.logs: it logs each message) reads the
+    counts, and its exception on one it cannot decode ends the handlers after it."""
+    handlers = event.assoc.get_handlers(evt.EVT_DIMSE_RECV)  # (the bound list, in order)
+    mine = (drop_malformed_counts, None)
+    if mine in handlers:
+        handlers.remove(mine)
+        handlers.insert(0, mine)
 
 
 def _malformed(elem: Any) -> str | None:

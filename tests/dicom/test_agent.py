@@ -852,14 +852,25 @@ def pacs_with_malformed_counts(study: list[samples.EncodedInstance], how: str) -
         server.shutdown()
 
 
+@pytest.mark.parametrize("standard_handlers", [False, True])
 @pytest.mark.parametrize("how", ["values", "odd"])
 async def test_a_pacs_s_malformed_sub_operation_counts_are_ignored(
-    how: str, caplog: pytest.LogCaptureFixture
+    how: str,
+    standard_handlers: bool,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A count that is not one US value: pynetdicom took the first of several (a count
     the PACS did not mean) and aborted the association on one pydicom cannot read (the
     retrieve ended 0xC003 as if the PACS had aborted, after pacs.timeout). It is left
-    out, as from a PACS that gives none, and said once in the log without patient data."""
+    out, as from a PACS that gives none, and said once in the log without patient data.
+    Also where pynetdicom's own DIMSE log handler is bound (at debug), which reads the
+    counts first."""
+    import pynetdicom._config
+
+    monkeypatch.setattr(
+        pynetdicom._config, "LOG_HANDLER_LEVEL", "standard" if standard_handlers else "none"
+    )
     caplog.set_level(logging.INFO)
     with pacs_with_malformed_counts(CT, how) as port:
         t = PacsTarget(ae_title="ODDPACS", host="127.0.0.1", port=port, timeout=5, survey=False)
