@@ -42,6 +42,12 @@ _KNOWN_FLAGS: Final = FLAG_ZSTD | FLAG_PIXELS
 PIXELS_VERSION: Final = 1
 
 MAX_COUNT: Final = 0xFFFF  # DIMSE sub-operation counts are US
+# A PENDING's DIMSE status: 0xFF00, or 0xFF01 (a C-FIND match the PACS warns of: optional
+# keys it did not support). Only 0xFF01 is written (header `status`), so a PENDING
+# without one is 0xFF00, as from an agent that predates it; a workstation that predates
+# it ignores the key (unknown keys are) and says 0xFF00, as before.
+PENDING_STATUS: Final = 0xFF00
+PENDING_STATUSES: Final = frozenset({PENDING_STATUS, 0xFF01})
 MAX_AE: Final = 16
 
 # The default cap on a find/retrieve identifier (DicomLimits.max_identifier). A viewer's
@@ -178,6 +184,7 @@ class Pending:
     sop_classes: tuple[str, ...] = ()
     transfer_syntaxes: tuple[str, ...] = ()
     estimate: bool = False  # counts from the agent's survey, not from the PACS
+    status: int = PENDING_STATUS  # the PACS's: 0xFF01 for a match with a warning
 
 
 @dataclass(frozen=True)
@@ -786,6 +793,9 @@ def _to_wire(msg: Message, limits: DicomLimits) -> tuple[int, dict[str, Any], by
         _check_uid(msg.transfer_syntax, "transfer_syntax", empty_ok=True)
         _check_uids(msg.sop_classes, "sop_classes", limits)
         _check_uids(msg.transfer_syntaxes, "transfer_syntaxes", limits)
+        _check_pending_status(msg.status)
+        if msg.status != PENDING_STATUS:
+            header["status"] = msg.status
         _put_counts(header, msg.remaining, msg.completed, msg.failed, msg.warning)
         _put(header, "ts", msg.transfer_syntax)
         if msg.sop_classes:
@@ -866,7 +876,9 @@ def _from_wire(
             sop_classes=_get_strs(header, "classes", limits),
             transfer_syntaxes=_get_strs(header, "tss", limits),
             estimate=_get_bool(header, "est"),
+            status=_pending_status(header),
         )
+        _wrap(_check_pending_status, pending.status)
         _wrap(_check_uid, pending.transfer_syntax, "transfer_syntax", empty_ok=True)
         _wrap(_check_uids, pending.sop_classes, "sop_classes", limits)
         _wrap(_check_uids, pending.transfer_syntaxes, "transfer_syntaxes", limits)
@@ -981,6 +993,17 @@ def _get_strs(header: Mapping[str, Any], key: str, limits: DicomLimits) -> tuple
 def _check_int(value: int, name: str, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], not {value!r}")
+
+
+def _pending_status(header: Mapping[str, Any]) -> int:
+    """A PENDING's `status`: 0xFF00 when absent (an agent that predates it)."""
+    status = _get_int(header, "status", 0, 0xFFFF)
+    return PENDING_STATUS if status is None else status
+
+
+def _check_pending_status(status: int) -> None:
+    if status not in PENDING_STATUSES:
+        raise ValueError(f"pending status must be 0xFF00 or 0xFF01, not {status!r}")
 
 
 def _check_counts(*counts: int | None) -> None:

@@ -783,7 +783,7 @@ class DicomNode:
                         code = st.RELAY_PROTOCOL
                         yield _status(code, f"bad match from the agent: {exc}"), None
                         return
-                    yield 0xFF00, match
+                    yield msg.status, match  # the PACS's: 0xFF01 with a warning
                 elif isinstance(msg, Instance):
                     code = st.RELAY_PROTOCOL
                     yield _status(code, "unexpected instance in a C-FIND"), None

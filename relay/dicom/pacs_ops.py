@@ -498,6 +498,7 @@ class PacsOperation:
                     pending = Pending(
                         transfer_syntax=ExplicitVRLittleEndian,
                         dataset=encode_dataset(match, ExplicitVRLittleEndian),
+                        status=code,  # 0xFF01: optional keys the PACS did not support
                     )
                     if not self._emit_match(assoc, pending):
                         return self._cancel_backlog(assoc, model, responses)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 from pynetdicom.association import Association
 
@@ -938,3 +938,33 @@ async def test_an_upload_in_a_syntax_the_pacs_does_not_take_is_not_out_of_resour
     if status != st.SUCCESS:
         assert final.comment == f"PACS does not accept transfer syntax {ts}"
         assert st.for_store(final.status) == final.status == 0xC0F2  # what the node passes on
+
+
+async def test_a_find_match_the_pacs_warns_of_keeps_its_ff01() -> None:
+    """0xFF01: matches are continuing, optional keys not supported (PS3.4 C.4.1.1.4). It
+    reached the viewer as 0xFF00: the agent's PENDING had no status."""
+    from pynetdicom import AE, evt
+
+    def on_find(event: object) -> Iterator[tuple[int, Dataset | None]]:
+        yield 0xFF01, query("STUDY", StudyInstanceUID="1.2.3")
+        yield 0xFF00, query("STUDY", StudyInstanceUID="1.2.4")
+
+    server = AE(ae_title="WARNPACS").start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_FIND, on_find)],
+        contexts=contexts.scp_contexts(
+            storage_role_selection=False, extra=[contexts.MODELS[("study", "find")]]
+        ),
+    )
+    assert server is not None
+    req = Request(op="find", root="study", transfer_syntax=EXPLICIT,
+                  dataset=ident("STUDY", StudyInstanceUID="", PatientComments=""))  # fmt: skip
+    try:
+        t = PacsTarget(ae_title="WARNPACS", host="127.0.0.1", port=server.server_address[1],
+                       timeout=5, spare_association=0)  # fmt: skip
+        msgs, _ = await run(t, req)
+    finally:
+        server.shutdown()
+    assert [m.status for m in msgs if isinstance(m, Pending)] == [0xFF01, 0xFF00]
+    assert final_of(msgs).status == st.SUCCESS

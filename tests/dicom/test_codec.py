@@ -87,6 +87,7 @@ messages: s.SearchStrategy[Message] = s.one_of(
         sop_classes=s.lists(uids, max_size=5).map(tuple),
         transfer_syntaxes=s.lists(uids, max_size=5).map(tuple),
         estimate=s.booleans(),
+        status=s.sampled_from([0xFF00, 0xFF01]),
     ),
     s.builds(Instance, sop_class=uids, sop_instance=uids, transfer_syntax=uids, dataset=datasets),
     s.builds(
@@ -318,6 +319,8 @@ def _payload(
         (_payload(MessageType.REQUEST, {"op": "delete"}), "unknown operation"),
         (_payload(MessageType.PENDING, {"rem": -1}), "rem"),
         (_payload(MessageType.PENDING, {"classes": "1.2"}), "classes"),
+        (_payload(MessageType.PENDING, {"status": 0}), "pending status"),
+        (_payload(MessageType.PENDING, {"status": 0xFE00}), "pending status"),
         (struct.pack(">BBBH", VERSION, MessageType.CANCEL, 0, 50) + b"{}", "past the end"),
         (struct.pack(">BBBH", VERSION, MessageType.CANCEL, 0, 2) + b"\xff\xfe", "bad header"),
         (b"\x01\x05", "shorter than its header"),
@@ -478,3 +481,30 @@ async def test_a_big_identifier_is_refused_from_the_request_header_before_its_bo
     async with asyncio.timeout(5):
         with pytest.raises(IdentifierTooLarge, match="exceeds limit 131072"):
             await read_payload(b, MessageCodec())
+
+
+def _header(payload: bytes) -> dict[str, object]:
+    """The JSON header of an encoded message (length prefix included)."""
+    hlen = struct.unpack_from(">H", payload, 4 + 3)[0]
+    header: dict[str, object] = json.loads(payload[4 + 5 : 4 + 5 + hlen])
+    return header
+
+
+def test_a_pending_s_warning_status_travels_and_older_peers_are_unaffected() -> None:
+    """A C-FIND match's 0xFF01 (optional keys the PACS did not support) reached the
+    viewer as 0xFF00: PENDING had no status. It is an optional header key: written only
+    for 0xFF01, so a plain PENDING is what an older workstation always read; one from
+    an older agent (no key) is 0xFF00; and an older workstation ignores the key, as
+    this codec ignores every key it does not know."""
+    codec = MessageCodec()
+    warned = Pending(transfer_syntax=EXPLICIT, dataset=b"\x08\x00", status=0xFF01)
+    assert _header(codec.encode(warned))["status"] == 0xFF01
+    assert codec.decode(codec.encode(warned)[4:]) == warned
+    plain = Pending(transfer_syntax=EXPLICIT, dataset=b"\x08\x00")
+    assert "status" not in _header(codec.encode(plain))
+    older = _payload(MessageType.PENDING, {"ts": EXPLICIT, "rem": 2})
+    assert codec.decode(older) == Pending(remaining=2, transfer_syntax=EXPLICIT)
+    newer = _payload(MessageType.PENDING, {"ts": EXPLICIT, "status": 0xFF01, "later": [1]})
+    assert codec.decode(newer) == Pending(transfer_syntax=EXPLICIT, status=0xFF01)
+    with pytest.raises(DicomProtocolError, match="pending status"):
+        codec.encode(Pending(status=0xC000))

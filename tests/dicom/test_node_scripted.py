@@ -973,3 +973,26 @@ async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remainin
     assert final.Status == st.CANCEL
     assert final.get("NumberOfRemainingSuboperations") == remaining
     assert final.NumberOfCompletedSuboperations == 0
+
+
+async def test_a_match_the_pacs_warns_of_reaches_the_viewer_as_ff01() -> None:
+    """The agent's PENDING says 0xFF01 (optional keys the PACS did not support); the node
+    answered every match 0xFF00."""
+    match = rawds.encode_dataset(query("STUDY", StudyInstanceUID="1.2.3", PatientName="X^Y"))
+    script = playing(
+        Pending(transfer_syntax=EXPLICIT, dataset=match, status=0xFF01),
+        Pending(transfer_syntax=EXPLICIT, dataset=match),
+        FinalResponse(st.SUCCESS),
+    )
+
+    def find(port: int) -> list[int]:
+        model = MODELS[("study", "find")]
+        assoc = scu("VIEWER").associate(
+            "127.0.0.1", port, contexts=[build_context(model)], ae_title="RELAY"
+        )
+        assert assoc.is_established
+        codes = [int(s.Status) for s, _ in assoc.send_c_find(query("STUDY"), model)]
+        assoc.release()
+        return codes
+
+    assert await with_agent(script, find) == [0xFF01, st.PENDING, st.SUCCESS]
