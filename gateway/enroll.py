@@ -1,8 +1,9 @@
 """Enrollment links: TLS without a client certificate, one stream, passed to an agent.
 
 The gateway only checks the shape (ALPN, one `enroll` stream naming a site it has an
-agent for) and rate-limits attempts per source address; the agent judges the code and
-the CSR. Nothing is stored: the attempt lives as long as its link, at most LINK_LIFETIME.
+agent for) and rate-limits attempts per source (an IPv4 address, an IPv6 /64); the agent
+judges the code and the CSR. Nothing is stored: the attempt lives as long as its link,
+at most LINK_LIFETIME.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import re
 
+from gateway.limits import source_key
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from relay.net.aio import Link, Stream
@@ -45,7 +47,9 @@ class EnrollmentDesk:
         self.open = 0
 
     def admit(self, host: str, now: float) -> bool:
-        allowed = self.open < MAX_OPEN and self.limiter.allow(host, now)
+        """Whether an enrollment link from `host` may start: one of MAX_OPEN is free and
+        its source (`limits.source_key`: an IPv6 address's /64) has an attempt left."""
+        allowed = self.open < MAX_OPEN and self.limiter.allow(source_key(host), now)
         if not allowed:
             self.metrics.enrollments.labels("rate_limited").inc()
         return allowed

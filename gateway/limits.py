@@ -24,6 +24,7 @@ finds one.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -37,11 +38,13 @@ __all__ = [
     "OPEN_BUCKETS",
     "SESSION_OPENS_PER_SECOND",
     "SESSION_OPEN_BURST",
+    "SOURCE_PREFIX_V6",
     "DeviceLedger",
     "DeviceLimits",
     "DeviceUsage",
     "SourceLedger",
     "SourceLimits",
+    "source_key",
 ]
 
 #: Values of the `limit` label of relay_limit_hits_total.
@@ -79,6 +82,28 @@ OPEN_BUCKETS: Final = 10_000
 #: nothing queues while the agent link has credit. An enrollment link routes one stream,
 #: and there are at most enroll.MAX_OPEN (100) links: 6.25 MiB for all of them.
 ENROLL_BUFFERED: Final = 64 * 1024
+
+#: What counts as one source for the per-source limits (unfinished handshakes,
+#: enrollment attempts, the refusal lines): an IPv4 address, or an IPv6 address's /64.
+#: One host is handed a whole /64 (SLAAC on any LAN, a cloud VM, a home line), so keyed
+#: by the full address it was 2^64 sources: it could hold every handshake slot up to
+#: `max_links` and enroll without a rate. A site's PCs in one /64 share the limits, as
+#: PCs behind one IPv4 NAT address always have.
+SOURCE_PREFIX_V6: Final = 64
+
+
+def source_key(host: str) -> str:
+    """The per-source limits' key for the address `host` (see SOURCE_PREFIX_V6); an
+    IPv4-mapped IPv6 address is its IPv4 address; a string that is no address, itself."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # no zone: fe80::1%eth0
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, SOURCE_PREFIX_V6), strict=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +270,8 @@ class DeviceLedger:
 
 
 class SourceLedger:
-    """Connections per source address that have not finished the handshake."""
+    """Connections per source (`source_key`: an IPv4 address, an IPv6 /64) that have not
+    finished the handshake."""
 
     def __init__(self, limits: SourceLimits, hit: Callable[[str], None]) -> None:
         self.limits = limits
@@ -256,17 +282,19 @@ class SourceLedger:
         return len(self._pending)
 
     def begin(self, host: str) -> bool:
-        """Count a handshake from `host`, or False (counted) if it has its cap open."""
-        pending = self._pending.get(host, 0)
+        """Count a handshake from `host`, or False (counted) if its source has its cap open."""
+        key = source_key(host)
+        pending = self._pending.get(key, 0)
         if pending >= self.limits.handshakes:
             self._hit("source_handshakes")
             return False
-        self._pending[host] = pending + 1
+        self._pending[key] = pending + 1
         return True
 
     def end(self, host: str) -> None:
-        pending = self._pending.get(host, 0) - 1
+        key = source_key(host)
+        pending = self._pending.get(key, 0) - 1
         if pending > 0:
-            self._pending[host] = pending
+            self._pending[key] = pending
         else:
-            self._pending.pop(host, None)
+            self._pending.pop(key, None)

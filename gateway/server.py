@@ -24,7 +24,7 @@ from gateway.casites import CaSites
 from gateway.config import GatewayConfig
 from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
-from gateway.limits import DeviceLedger, SourceLedger
+from gateway.limits import DeviceLedger, SourceLedger, source_key
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from relay.net.aio import Link
@@ -200,10 +200,11 @@ class GatewayServer:
 
     def _refused(self, reason: str, peer: str | None, identity: Identity | None = None) -> None:
         self.metrics.refusals.labels(reason).inc()
-        # Anyone can open connections that fail: the line is limited per source address
-        # (per identity once a certificate named one: those are scarce) and overall
-        # (relay.ops.loglimit); relay_refusals_total counts every one.
-        source = peer.rsplit(":", 1)[0] if peer else "early"
+        # Anyone can open connections that fail: the line is limited per source
+        # (limits.source_key: an IPv6 address's /64), per identity once a certificate
+        # named one (those are scarce), and overall (relay.ops.loglimit);
+        # relay_refusals_total counts every one.
+        source = source_key(peer.rsplit(":", 1)[0]) if peer else "early"
         key = identity.uri if identity is not None else source
         now = asyncio.get_running_loop().time()
         held = self.refusal_lines.allow(key, now)

@@ -11,7 +11,9 @@ import weakref
 import pytest
 
 from gateway import enroll
-from gateway.limits import ENROLL_BUFFERED
+from gateway.limits import ENROLL_BUFFERED, DeviceLedger, DeviceLimits
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router
 from relay import wire
 from relay.net import tls
 from relay.net.aio import Link, Stream
@@ -136,3 +138,22 @@ async def test_a_closed_enrollment_link_is_not_held_until_its_lifetime(
         lambda: gc.collect() >= 0 and all(ref() is None for ref in attached),
         "the closed links are freed well before LINK_LIFETIME",
     )
+
+
+def test_addresses_of_one_ipv6_slash_64_share_the_enrollment_attempts() -> None:
+    """Enrollment attempts are paced per source, an IPv6 address's /64: keyed by the full
+    address, one host made as many attempts as it had addresses (2^64). Another /64 and
+    the next minute's attempts are admitted."""
+    metrics = GatewayMetrics()
+    desk = enroll.EnrollmentDesk(
+        Router(metrics, DeviceLedger(DeviceLimits(), lambda _: None)), metrics
+    )
+    one_host = [f"2001:db8:0:1::{i:x}" for i in range(1, enroll.BURST + 2)]
+    admitted = [desk.admit(host, 0.0) for host in one_host]
+    assert admitted == [True] * enroll.BURST + [False]
+    assert desk.admit("2001:db8:0:2::1", 0.0)
+    assert desk.admit(one_host[-1], 60.0 / enroll.ATTEMPTS_PER_MINUTE)
+    refused = metrics.registry.get_sample_value(
+        "relay_enrollments_total", {"result": "rate_limited"}
+    )
+    assert refused == 1

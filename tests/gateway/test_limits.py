@@ -13,6 +13,7 @@ from gateway.limits import (
     DeviceUsage,
     SourceLedger,
     SourceLimits,
+    source_key,
 )
 from relay.proto.settings import FieldError
 
@@ -54,6 +55,40 @@ def test_source_ledger() -> None:
     for host in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
         ledger.end(host)
     assert (len(ledger), hits) == (0, ["source_handshakes"])
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack socket's IPv4 client
+        ("::1", "::/64"),
+        ("?", "?"),  # no address (getpeername failed): a key of its own
+    ],
+)
+def test_a_source_is_an_ipv4_address_or_an_ipv6_slash_64(host: str, key: str) -> None:
+    assert source_key(host) == key
+
+
+def test_addresses_of_one_ipv6_slash_64_share_the_handshake_cap() -> None:
+    """A host holds a whole /64: keyed by the full address it had 2^64 sources' worth of
+    handshake slots, every one up to max_links. Another /64 and IPv4 are not affected,
+    and each address's end gives back its /64's slot."""
+    hits: list[str] = []
+    ledger = SourceLedger(SourceLimits(handshakes=3), hits.append)
+    one_host = [f"2001:db8:0:1::{i:x}" for i in range(1, 5)]
+    assert [ledger.begin(host) for host in one_host] == [True, True, True, False]
+    assert ledger.begin("2001:db8:0:2::1") and ledger.begin("192.0.2.1")
+    assert hits == ["source_handshakes"]
+    ledger.end(one_host[0])
+    assert ledger.begin(one_host[3])
+    for host in (*one_host[1:], "2001:db8:0:2::1", "192.0.2.1"):
+        ledger.end(host)
+    assert len(ledger) == 0
 
 
 @pytest.mark.parametrize(
