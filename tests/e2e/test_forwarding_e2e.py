@@ -8,9 +8,9 @@ import hashlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from tests.e2e.chain import (
     HOST,
@@ -98,10 +98,14 @@ class SlowReader:
 Services = dict[str, tuple[asyncio.Server, bool]]
 SLOW = SlowReader(1_000_000)
 
+# One chain for the module: starting the three processes (and the PKI) took 3-7 s per
+# test. The tests do not disturb each other: each opens its own streams and compares
+# metrics before and after; the one that kills the gateway runs last and brings it back.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def services() -> AsyncIterator[Services]:
-    SLOW.received = 0
     handlers: dict[str, tuple[Handler, bool]] = {
         "echo": (echo_handler, False),
         "zecho": (echo_handler, True),
@@ -118,10 +122,12 @@ async def services() -> AsyncIterator[Services]:
         server.close()
 
 
-@pytest.fixture
-async def chain(tmp_path: Path, services: Services) -> AsyncIterator[Chain]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chain(
+    tmp_path_factory: pytest.TempPathFactory, services: Services
+) -> AsyncIterator[Chain]:
     ports = {n: (s.sockets[0].getsockname()[1], c) for n, (s, c) in services.items()}
-    with running_chain(tmp_path, ports) as c:
+    with running_chain(tmp_path_factory.mktemp("chain"), ports) as c:
         c.start()
         await until_echo_works(c, "echo")
         yield c
@@ -180,6 +186,7 @@ async def test_device_of_another_site_cannot_reach_the_service(chain: Chain) -> 
 
 
 async def test_slow_reader_keeps_gateway_memory_bounded(chain: Chain) -> None:
+    SLOW.received = 0
     gateway_pid = chain.procs["gateway"].pid
     before = rss_kb(gateway_pid)
     _, writer = await open_forward(chain, "slow")
@@ -198,18 +205,6 @@ async def test_slow_reader_keeps_gateway_memory_bounded(chain: Chain) -> None:
     assert (peak - before) < 64 * 1024, f"gateway grew by {(peak - before) // 1024} MB"
 
 
-async def test_gateway_restart_reconnects_both_ends(chain: Chain) -> None:
-    gateway = chain.procs["gateway"]
-    assert gateway.stop(signal.SIGKILL) is not None
-    reply = b""
-    with contextlib.suppress(OSError, ConnectionError, TimeoutError):
-        reply = await asyncio.wait_for(echo_once(chain, "echo", b"ping"), 5)
-    assert reply == b""  # nothing gets through while the gateway is down
-    await asyncio.sleep(1.0)
-    gateway.start()
-    await until_echo_works(chain, "echo", within=30)
-
-
 def sample(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text format (0 if absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -226,22 +221,36 @@ async def test_metrics_of_all_three_roles_move_with_traffic(chain: Chain) -> Non
     assert await asyncio.wait_for(echo_once(chain, "zecho", payload), 30) == payload
     after = {role: await scrape(chain, role) for role in ("gateway", "agent", "ws1")}
 
+    def moved_by(role: str, name: str, **labels: str) -> float:
+        """How far a counter moved during this test (the chain is the module's)."""
+        return sample(after[role], name, **labels) - sample(before[role], name, **labels)
+
     gw = after["gateway"]
     assert sample(gw, "relay_links", role="agent", site="main") == 1
     assert sample(gw, "relay_links", role="device", site="main") == 1
-    moved = sample(gw, "relay_bytes_total", direction="agent_to_device") - sample(
-        before["gateway"], "relay_bytes_total", direction="agent_to_device"
-    )
+    moved = moved_by("gateway", "relay_bytes_total", direction="agent_to_device")
     assert 0 < moved < len(payload) // 10  # compressed by the agent: the gateway saw less
 
     agent = after["agent"]
     assert sample(agent, "relay_links", role="gateway", site="main") == 1
-    assert sample(agent, "relay_streams_total", target="tcp:zecho") >= 1
-    sent_raw = sample(agent, "relay_bytes_total", direction="sent", stage="raw")
-    sent_wire = sample(agent, "relay_bytes_total", direction="sent", stage="compressed")
+    assert moved_by("agent", "relay_streams_total", target="tcp:zecho") >= 1
+    sent_raw = moved_by("agent", "relay_bytes_total", direction="sent", stage="raw")
+    sent_wire = moved_by("agent", "relay_bytes_total", direction="sent", stage="compressed")
     assert sent_raw >= len(payload) > sent_wire > 0
     assert sample(agent, "relay_certificate_expiry_timestamp_seconds", role="agent") > 0
 
     ws = after["ws1"]
     assert sample(ws, "relay_links", role="gateway", site="main") == 1
-    assert sample(ws, "relay_bytes_total", direction="received", stage="raw") >= len(payload)
+    assert moved_by("ws1", "relay_bytes_total", direction="received", stage="raw") >= len(payload)
+
+
+async def test_gateway_restart_reconnects_both_ends(chain: Chain) -> None:
+    gateway = chain.procs["gateway"]
+    assert gateway.stop(signal.SIGKILL) is not None
+    reply = b""
+    with contextlib.suppress(OSError, ConnectionError, TimeoutError):
+        reply = await asyncio.wait_for(echo_once(chain, "echo", b"ping"), 2)
+    assert reply == b""  # nothing gets through while the gateway is down
+    await asyncio.sleep(1.0)
+    gateway.start()
+    await until_echo_works(chain, "echo", within=30)
