@@ -65,12 +65,19 @@ def _context(protocol: int, alpn: str) -> ssl.SSLContext:
     return ctx
 
 
-def session_client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """The device's context: its certificate; the agent verified against the site CA."""
+def session_client_context(
+    cert: Path, key: Path, ca: Path, *, site: str | None = None
+) -> ssl.SSLContext:
+    """The device's context: its certificate; the agent verified against the CAs of
+    `site` in `ca` only (`load_site_cas`, as the agent does for devices); None: every CA
+    of `ca`."""
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT, ALPN_SESSION)
     ctx.check_hostname = False  # replaced by agent_check (URI SAN: role, site, domain)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    load_trusted_cas(ctx, ca)
+    if site is None:
+        load_trusted_cas(ctx, ca)
+    else:
+        load_site_cas(ctx, ca, site, peer="agent")
     load_cert_and_key(ctx, cert, key)
     return ctx
 
@@ -100,16 +107,18 @@ def _site_of(ca_cert: x509.Certificate) -> str | None:
         return ""
 
 
-def load_site_cas(ctx: ssl.SSLContext, ca: Path, site: str) -> None:
+def load_site_cas(ctx: ssl.SSLContext, ca: Path, site: str, *, peer: str = "device") -> None:
     """Trust, of the CAs in the bundle `ca`, only those that issue for `site`.
 
     The agent's `tls.ca` may hold other sites' CAs (the one that issued a gateway's
     certificate, in a gateway shared by sites), and the inner TLS would take a device
     certificate from any of them: a CA of site B could mint `device/A/NAME`, which the
     identity check passes, and a compromised gateway would not stop it (the gateway's
-    `wrong_site` check is not ours to rely on). A CA made before CAs named their site
-    (`spiffe://TD` only) is used only when no CA names `site`. A TlsConfigError ("ca")
-    when none is left."""
+    `wrong_site` check is not ours to rely on). The device's `ca.crt` likewise (that CA
+    could mint `agent/A`, read the session and answer it, a sealed REVOKED included).
+    A CA made before CAs named their site (`spiffe://TD` only) is used only when no CA
+    names `site`. A TlsConfigError ("ca") when none is left; `peer` names whom it would
+    refuse."""
     try:
         certs = pki.load_certs(ca)
     except pki.PkiError as exc:
@@ -118,9 +127,7 @@ def load_site_cas(ctx: ssl.SSLContext, ca: Path, site: str) -> None:
     if not own:
         own = [cert for cert in certs if _site_of(cert) is None]
     if not own:
-        raise TlsConfigError(
-            f"{ca}: no CA of site {site!r}: the agent would refuse every device", "ca"
-        )
+        raise TlsConfigError(f"{ca}: no CA of site {site!r}: every {peer} would be refused", "ca")
     ctx.load_verify_locations(cadata="".join(c.public_bytes(Encoding.PEM).decode() for c in own))
 
 

@@ -47,17 +47,20 @@ MARKER_FILE = "revoked.json"
 def _ca_keys(
     cas: list[x509.Certificate], site: str | None
 ) -> tuple[ec.EllipticCurvePublicKey, ...]:
-    """The keys of the pinned CAs that may speak for `site` (a legacy CA names none)."""
-    keys = []
+    """The keys of the pinned CAs that may speak for `site`: the CAs that name it, or,
+    only when none does, the legacy CAs (which name no site), the rule the sealed
+    session's TLS follows (relay.seal.policy.load_site_cas). A legacy CA beside the
+    site's own is some other issuer's, whose word about this device proves nothing."""
+    by_site: dict[str | None, list[ec.EllipticCurvePublicKey]] = {}
     for ca in cas:
         try:
             ca_site = pki.site_of_ca(ca)
         except pki.PkiError:
             continue
         key = ca.public_key()
-        if ca_site in (None, site) and isinstance(key, ec.EllipticCurvePublicKey):
-            keys.append(key)
-    return tuple(keys)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            by_site.setdefault(ca_site, []).append(key)
+    return tuple(by_site.get(site) or by_site.get(None) or ())
 
 
 @dataclass(frozen=True)

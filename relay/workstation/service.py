@@ -145,7 +145,7 @@ class Workstation:
         self._revoking: asyncio.Task[None] | None = None
         self.session = SessionKeeper(
             self.kept,
-            session_client_context(files.cert, files.key, files.ca),
+            session_client_context(files.cert, files.key, files.ca, site=self.identity.site),
             trust_domain=self.identity.trust_domain,
             site=self.identity.site or "",
             settings=config.limits,
@@ -294,7 +294,9 @@ class Workstation:
         files = self.config.identity_files()
         try:
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-            session_ctx = session_client_context(files.cert, files.key, files.ca)
+            session_ctx = session_client_context(
+                files.cert, files.key, files.ca, site=self.identity.site
+            )
             check = RevocationCheck.from_files(files.cert, files.ca)
         except (TlsConfigError, PkiError, OSError, ValueError) as exc:
             # The files were checked before they were installed; keep dialling with the
@@ -324,7 +326,9 @@ class Workstation:
             files = new.identity_files()
             check_reloaded_identity(new, self.identity)  # errors name identity_dir
             ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-            session_ctx = session_client_context(files.cert, files.key, files.ca)
+            session_ctx = session_client_context(
+                files.cert, files.key, files.ca, site=self.identity.site
+            )
             check = RevocationCheck.from_files(files.cert, files.ca)
         except (
             ConfigError,

@@ -14,19 +14,26 @@ import contextlib
 import dataclasses
 import json
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from relay import wire
 from relay.net import tls
 from relay.net.aio import Link
 from relay.net.dialer import dial
 from relay.ops.config import Address, ConfigError
+from relay.seal.core import SealCore
+from relay.seal.policy import ALPN_SESSION, agent_check, device_check, session_server_context
 from relay.trust import pki
 from relay.trust.identity import Identity
 from relay.trust.notice import sign_notice
@@ -45,7 +52,7 @@ from tests.ends_helpers import (
     wait_until,
     workstation_config,
 )
-from tests.pki_helpers import HOST, SitePki, make_pki
+from tests.pki_helpers import HOST, Pair, SitePki, make_pki
 
 STUDY = "1.2.826.0.1.3680043.10.1341.777"
 RELAY = [sys.executable, "-m", "relay.cli"]
@@ -298,3 +305,97 @@ def test_a_state_dir_that_cannot_be_read_is_one_config_line(tmp_path: Path, kind
         Workstation(config).revoked_at_start()
     assert raised.value.key == "state_dir"
     assert str(state) in str(raised.value)
+
+
+def _legacy_ca(trust_domain: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A CA made before CAs named their site: its one URI SAN is `spiffe://TD`."""
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _open_session(ctx: ssl.SSLContext, agent: Pair, site: SitePki) -> SealCore:
+    """The workstation's end of one sealed handshake (in memory) with `agent`, which
+    trusts `site`'s CA for the device: a gateway carrying the session to whoever it likes."""
+    server = SealCore(
+        session_server_context(agent.cert, agent.key, site.ca),
+        server_side=True,
+        alpn=ALPN_SESSION,
+        check_peer=device_check(site.trust_domain, site.site),
+    )
+    client = SealCore(
+        ctx, server_side=False, alpn=ALPN_SESSION, check_peer=agent_check(site.trust_domain, "main")
+    )
+    for _ in range(20):
+        up = client.data_to_send()
+        if up:
+            server.receive_data(up)
+        down = server.data_to_send()
+        if down:
+            client.receive_data(down)
+        if not up and not down:
+            break
+    return client
+
+
+def test_only_the_sites_own_ca_speaks_for_its_agent_and_its_notices(tmp_path: Path) -> None:
+    """ca.crt may hold other CAs than the site's (another site's, that issued a shared
+    gateway's certificate; a legacy one). None of them may vouch for our agent in the
+    sealed session (north's CA minting `agent/main`, carried there by a compromised
+    gateway, read the session and could send a sealed REVOKED: it was taken before), nor
+    sign a revocation notice for us (the legacy CA's was heeded). At start, after a
+    renewal alike; the site's own CA still does both."""
+    site = make_pki(tmp_path / "pki")
+    north = make_pki(tmp_path / "north", site="north")
+    legacy_key, legacy_ca = _legacy_ca(site.trust_domain)
+    identity = device_identity_dir(site, tmp_path)
+    ca = identity / "ca.crt"
+    legacy_pem = legacy_ca.public_bytes(Encoding.PEM)
+    ca.write_bytes(site.ca.read_bytes() + north.ca.read_bytes() + legacy_pem)
+    impostor = north.issue("impostor", Identity.agent(site.trust_domain, "main"))
+    old_style = Pair(tmp_path / "old-agent.crt", tmp_path / "old-agent.key")
+    old_key = pki.generate_key()
+    old_cert = pki.issue_certificate(
+        legacy_key, legacy_ca, old_key.public_key(), Identity.agent(site.trust_domain, "main"),
+        timedelta(days=1),
+    )  # fmt: skip
+    pki.write_key(old_style.key, old_key)
+    pki.write_cert(old_style.cert, old_cert)
+    uri = device_uri(site, "ws1")
+    start = pki.load_cert(identity / "device.crt").not_valid_before_utc
+    at = start + timedelta(minutes=1)
+    forged = f"this device was revoked; enroll it again {sign_notice(legacy_key, uri, at)}"
+    genuine = f"this device was revoked; enroll it again {sign_notice(site.ca_key, uri, at)}"
+
+    ws = Workstation(workstation_config(identity, tmp_path, 1))
+
+    def check() -> None:
+        for agent in (impostor, old_style):
+            refused = _open_session(ws.session.ctx, agent, site)
+            assert refused.failure is not None and refused.failure.reason == "unknown_ca"
+        assert _open_session(ws.session.ctx, site.agent, site).state == "open"
+        why = ws._check_revoked(forged)
+        assert why is not None and "not signed by this site's CA" in why
+        assert ws._check_revoked(genuine) is None
+
+    check()
+    ws._renewed()  # a reload builds both the same way
+    check()
