@@ -281,6 +281,10 @@ class SessionServer:
         link, peer = sealed.link, sealed.handshake.peer
         assert peer is not None  # CERT_REQUIRED
         self.sessions[link] = peer
+        if self.is_revoked is not None and self.is_revoked(peer):
+            # Revoked between its handshake's check and now: close_revoked may have run
+            # in between, before the session was here to be closed.
+            link.close(ErrorCode.REVOKED, "device revoked")
         if self.touch is not None:
             self.touch(peer)
         self._session_line(

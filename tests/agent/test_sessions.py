@@ -215,3 +215,28 @@ def test_a_device_minted_by_another_sites_ca_is_refused(tmp_path: Path) -> None:
     assert refused.peer is None
     own = _handshake(server.session_ctx, main.device("ws1"), main.ca)
     assert own.state == "open" and own.peer == Identity.device(main.trust_domain, "main", "ws1")
+
+
+async def test_a_device_revoked_during_its_handshake_loses_the_session(site: SitePki) -> None:
+    """A revocation pushed (close_revoked) after the handshake's check passed but before
+    the session was registered found nothing to close, and the session then lived on
+    until some later push. The agent checks again once the session is registered."""
+    server = _server(site)
+    revoked: set[str] = set()
+    checks: list[str] = []
+
+    def is_revoked(peer: Identity) -> bool:
+        checks.append(peer.name)
+        if len(checks) == 1:  # the handshake's check passes; the revocation lands now
+            revoked.add(peer.name)
+            asyncio.get_running_loop().call_soon(server.close_revoked)
+            return False
+        return peer.name in revoked
+
+    server.is_revoked = is_revoked
+    goaways: list[tuple[int, str]] = []
+    session = await _device_session(server, site, site.device("late"), goaways)
+    await asyncio.wait_for(session.link.wait_closed(), 10)
+    assert goaways and goaways[0][0] == ErrorCode.REVOKED
+    await wait_until(lambda: not server.sessions, 10)
+    await server.close(1.0)
