@@ -109,7 +109,10 @@ def read_per_source(r: Reader) -> SourceLimits:
     s = r.section("per_source")
     d = SourceLimits()
     return s.build(
-        SourceLimits, handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000)
+        SourceLimits,
+        handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000),
+        handshake_rate=s.integer("handshake_rate", d.handshake_rate, lo=1, hi=1_000_000),
+        handshake_burst=s.integer("handshake_burst", d.handshake_burst, lo=1, hi=1_000_000),
     )
 
 

@@ -130,13 +130,28 @@ class DeviceLimits:
 
 @dataclass(frozen=True, slots=True)
 class SourceLimits:
-    """YAML `per_source:`: connections from one address still in their TLS handshake."""
+    """YAML `per_source:`: connections from one source still in their TLS handshake, and
+    how fast it may start new ones (a bucket of `handshake_burst`, refilled at
+    `handshake_rate` a second): a TLS handshake costs the gateway a key exchange and a
+    signature, so a source reconnecting as fast as it can is a CPU flood even when each
+    connection ends at once. The burst is generous: a hospital's PCs behind one NAT
+    address all reconnect after a gateway restart."""
 
     handshakes: int = 32
+    handshake_rate: int = 50
+    handshake_burst: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.handshakes <= 1_000_000:
             raise FieldError("handshakes", f"expected an integer 1-1000000, got {self.handshakes}")
+        if not 1 <= self.handshake_rate <= 1_000_000:
+            raise FieldError(
+                "handshake_rate", f"expected an integer 1-1000000, got {self.handshake_rate}"
+            )
+        if not 1 <= self.handshake_burst <= 1_000_000:
+            raise FieldError(
+                "handshake_burst", f"expected an integer 1-1000000, got {self.handshake_burst}"
+            )
 
 
 @dataclass(slots=True)
@@ -271,25 +286,56 @@ class DeviceLedger:
 
 class SourceLedger:
     """Connections per source (`source_key`: an IPv4 address, an IPv6 /64) that have not
-    finished the handshake."""
+    finished the handshake, and each source's bucket of new handshakes (the
+    `source_buckets` sources seen last are remembered: a forgotten one starts full)."""
 
-    def __init__(self, limits: SourceLimits, hit: Callable[[str], None]) -> None:
-        self.limits = limits
+    def __init__(
+        self, limits: SourceLimits, hit: Callable[[str], None], source_buckets: int = OPEN_BUCKETS
+    ) -> None:
         self._hit = hit
         self._pending: dict[str, int] = {}
+        self._source_buckets = source_buckets
+        self.limits = limits
+
+    @property
+    def limits(self) -> SourceLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: SourceLimits) -> None:
+        """A reload that changes the rate starts every source's bucket full again."""
+        old = getattr(self, "_limits", None)
+        self._limits = limits
+        if old is None or (old.handshake_rate, old.handshake_burst) != (
+            limits.handshake_rate,
+            limits.handshake_burst,
+        ):
+            self._rates = RateLimiter(
+                limits.handshake_rate, limits.handshake_burst, self._source_buckets
+            )
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def begin(self, host: str) -> bool:
-        """Count a handshake from `host`, or False (counted) if its source has its cap open."""
+    @property
+    def rate_buckets(self) -> int:
+        """Sources whose handshake buckets are remembered now."""
+        return len(self._rates)
+
+    def begin(self, host: str, now: float) -> str | None:
+        """Count a handshake from `host`; else why not (counted): its source has its cap
+        of handshakes open (`source_handshakes`), or started its burst's worth too fast
+        (`source_rate`). `now`: the caller's clock, monotonic seconds."""
         key = source_key(host)
         pending = self._pending.get(key, 0)
         if pending >= self.limits.handshakes:
             self._hit("source_handshakes")
-            return False
+            return "source_handshakes"
+        if not self._rates.allow(key, now):
+            self._hit("source_rate")
+            return "source_rate"
         self._pending[key] = pending + 1
-        return True
+        return None
 
     def end(self, host: str) -> None:
         key = source_key(host)

@@ -186,8 +186,9 @@ class GatewayServer:
                 self._refuse_early(conn, "capacity")
                 continue
             host = _source_of(conn)
-            if not self.sources.begin(host):
-                self._refuse_early(conn, "source_handshakes")
+            refusal = self.sources.begin(host, loop.time())
+            if refusal is not None:
+                self._refuse_early(conn, refusal)
                 continue
             task = loop.create_task(self._admit(conn, host))
             self._handshakes.add(task)

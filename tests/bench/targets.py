@@ -102,10 +102,11 @@ def start_gateway(
         "handshake_timeout: 30s\n"
         f"max_links: {max_links}\n"
         # Every benchmark link presents the one bench device certificate from 127.0.0.1:
-        # lift the per-device and per-source caps a real fleet (a certificate per device)
-        # never notices.
+        # lift the per-device and per-source caps (and the source's handshake rate) a real
+        # fleet (a certificate per device, PCs at many addresses) never notices.
         f"per_device: {{links: {min(max_links, 10_000)}, streams: 65535}}\n"
-        f"per_source: {{handshakes: {max_links}}}\n"
+        f"per_source: {{handshakes: {max_links}, handshake_rate: 1000000, "
+        "handshake_burst: 1000000}\n"
         "log_level: warning\n" + extra_config
     )
     proc = group.process("gateway", [*gateway_command(bench_pki), "--config", str(config)], env=env)

@@ -104,13 +104,13 @@ def test_per_device_and_per_source(tmp_path: Path) -> None:
     path = edit(
         path,
         per_device={"links": 2, "streams": 8, "buffered": "8MiB", "agent_reserve": 16},
-        per_source={"handshakes": 5},
+        per_source={"handshakes": 5, "handshake_rate": 7, "handshake_burst": 9},
     )
     config = load_gateway_config(path)
     assert config.per_device == DeviceLimits(
         links=2, streams=8, buffered=8 * 1024 * 1024, agent_reserve=16
     )
-    assert config.per_source == SourceLimits(handshakes=5)
+    assert config.per_source == SourceLimits(handshakes=5, handshake_rate=7, handshake_burst=9)
 
 
 ERRORS: list[tuple[dict[str, Any], str, str]] = [
@@ -137,6 +137,8 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"per_device": {"buffered": "1MiB"}}, "per_device.buffered", "2 x limits.stream_window"),
     ({"per_device": {"buffered": "16MiB"}}, "per_device.buffered", "below limits.link_window"),
     ({"per_source": {"handshakes": 0}}, "per_source.handshakes", "expected an integer 1-"),
+    ({"per_source": {"handshake_rate": 0}}, "per_source.handshake_rate", "expected an integer 1-"),
+    ({"per_source": {"handshake_burst": "x"}}, "per_source.handshake_burst", "expected an integer"),
 ]
 
 

@@ -354,6 +354,21 @@ async def test_unfinished_handshakes_per_source(tmp_path: Path) -> None:
         agent.close()
 
 
+async def test_a_source_beyond_its_handshake_rate_is_refused(tmp_path: Path) -> None:
+    """Connections that each end at once never fill the handshake slots; the rate stops
+    one source asking the gateway for handshakes faster than per_source allows."""
+    limits = SourceLimits(handshakes=1000, handshake_rate=1, handshake_burst=3)
+    async with start_world(tmp_path, per_source=limits) as world:
+        async with silent_connections(world.port, 6, "127.0.0.3") as socks:
+            await until(lambda: hits(world, "source_rate") == 3, "3 refused")
+            assert world.refusals("source_rate") == 3
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(socks[-1], 1), WAIT) == b""
+            device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
+            device.close()  # another source: its own bucket
+        assert hits(world, "source_rate") == 3
+
+
 async def test_junk_connections_cannot_flood_the_log(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:

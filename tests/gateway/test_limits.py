@@ -47,14 +47,48 @@ def test_device_ledger_counts_refuses_and_forgets() -> None:
 def test_source_ledger() -> None:
     hits: list[str] = []
     ledger = SourceLedger(SourceLimits(handshakes=2), hits.append)
-    assert ledger.begin("10.0.0.1") and ledger.begin("10.0.0.1")
-    assert not ledger.begin("10.0.0.1")
-    assert ledger.begin("10.0.0.2")
+    assert ledger.begin("10.0.0.1", 0) is None and ledger.begin("10.0.0.1", 0) is None
+    assert ledger.begin("10.0.0.1", 0) == "source_handshakes"
+    assert ledger.begin("10.0.0.2", 0) is None
     ledger.end("10.0.0.1")
-    assert ledger.begin("10.0.0.1")
+    assert ledger.begin("10.0.0.1", 0) is None
     for host in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
         ledger.end(host)
     assert (len(ledger), hits) == (0, ["source_handshakes"])
+
+
+def test_a_source_starts_handshakes_at_its_rate_after_its_burst() -> None:
+    """Each handshake ending at once (a TLS CPU flood) never held a slot for long, so the
+    concurrency cap alone let one source make the gateway sign as fast as it could ask."""
+    hits: list[str] = []
+    limits = SourceLimits(handshakes=1000, handshake_rate=10, handshake_burst=5)
+    ledger = SourceLedger(limits, hits.append, source_buckets=2)
+
+    def started(host: str, now: float) -> bool:
+        refusal = ledger.begin(host, now)
+        if refusal is None:
+            ledger.end(host)
+        return refusal is None
+
+    assert [started("10.0.0.1", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert hits == ["source_rate", "source_rate"]
+    assert started("2001:db8::1", 0.0)  # another source: its own bucket
+    assert started("10.0.0.1", 0.1) and not started("10.0.0.1", 0.1)  # 10 a second
+    assert [started("2001:db8::1", 0.1) for _ in range(6)] == [True] * 5 + [False]
+    assert ledger.rate_buckets == 2  # bounded: the third source forgets the oldest
+    assert started("10.0.0.3", 0.1) and ledger.rate_buckets == 2
+    ledger.limits = SourceLimits(handshakes=1000, handshake_rate=10, handshake_burst=5)
+    assert not started("2001:db8::1", 0.1)  # the same rate: buckets kept
+    ledger.limits = SourceLimits(handshakes=1000, handshake_rate=20, handshake_burst=5)
+    assert started("2001:db8::1", 0.1)  # a new rate: every bucket starts full
+    assert len(ledger) == 0
+
+
+def test_source_limits_are_checked() -> None:
+    for key, value in (("handshake_rate", 0), ("handshake_burst", 0), ("handshake_rate", 10**7)):
+        with pytest.raises(FieldError) as bad:
+            SourceLimits(**{key: value})
+        assert bad.value.field == key
 
 
 @pytest.mark.parametrize(
@@ -81,11 +115,11 @@ def test_addresses_of_one_ipv6_slash_64_share_the_handshake_cap() -> None:
     hits: list[str] = []
     ledger = SourceLedger(SourceLimits(handshakes=3), hits.append)
     one_host = [f"2001:db8:0:1::{i:x}" for i in range(1, 5)]
-    assert [ledger.begin(host) for host in one_host] == [True, True, True, False]
-    assert ledger.begin("2001:db8:0:2::1") and ledger.begin("192.0.2.1")
+    assert [ledger.begin(host, 0) for host in one_host] == [None, None, None, "source_handshakes"]
+    assert ledger.begin("2001:db8:0:2::1", 0) is None and ledger.begin("192.0.2.1", 0) is None
     assert hits == ["source_handshakes"]
     ledger.end(one_host[0])
-    assert ledger.begin(one_host[3])
+    assert ledger.begin(one_host[3], 0) is None
     for host in (*one_host[1:], "2001:db8:0:2::1", "192.0.2.1"):
         ledger.end(host)
     assert len(ledger) == 0
