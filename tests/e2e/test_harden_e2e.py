@@ -8,7 +8,8 @@ opens connections and never starts TLS, and certificates whose site is not the s
 the CA that issued them.
 
 The gateway runs with small caps so the test stays small: an agent link of 24 streams,
-12 streams per device, 8 of every agent link kept in reserve, 16 unfinished handshakes
+8 streams per device (the agent's own cap of sealed sessions per device is 8 too), 8 of
+every agent link kept in reserve, 16 unfinished handshakes
 per address.
 """
 
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.interop
 
 TIMEOUT = 60.0
 AGENT_STREAMS = 24
-DEVICE_STREAMS = 12
+DEVICE_STREAMS = 8  # no more than the agent's own cap, sessions.MAX_DEVICE_SESSIONS
 RESERVE = 8
 SOURCE_HANDSHAKES = 16
 DEVICE_LINKS = 4  # the default
@@ -225,7 +226,7 @@ def test_devices_at_their_caps_leave_the_others_working(chain: HardenedChain) ->
     and C-FIND succeed throughout, and each refusal is counted."""
     streams_before, share_before = chain.hits("device_streams"), chain.hits("agent_share")
     with Greedy(chain, "greedy1", 30) as first:
-        # The device cap bites first: 12 held, 18 refused.
+        # The device cap bites first: 8 held, 22 refused.
         wait_for(lambda: first.refused == 30 - DEVICE_STREAMS, "greedy1 refused over its cap")
         wait_for(lambda: first.held == DEVICE_STREAMS, "greedy1's sessions established")
         # greedy2 may take the agent link's free streams down to the reserve (ws1's
@@ -303,11 +304,12 @@ def issue(ca_dir: Path, identity: Identity, out: Path, ca_for_gateway: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     pki.write_key(out / "device.key", key)
     pki.write_cert(out / "device.crt", cert)
-    # the gateway's CA, and the issuer's (the workstation checks its own certificate
-    # against ca.crt at start-up, as enrollment installs it)
+    # the gateway's CAs, and the issuer's (the workstation checks its own certificate
+    # against ca.crt at start-up, as enrollment installs it, and needs a CA of its own
+    # site there for its sealed session)
     issuer = (ca_dir / "ca.crt").read_bytes()
     gateway_ca = ca_for_gateway.read_bytes()
-    (out / "ca.crt").write_bytes(gateway_ca + (b"" if issuer == gateway_ca else issuer))
+    (out / "ca.crt").write_bytes(gateway_ca + (b"" if issuer in gateway_ca else issuer))
     return out
 
 
@@ -322,17 +324,13 @@ def refused_in_log(chain: DicomChain, uri: str) -> bool:
 def test_a_certificate_of_another_site_is_refused(chain: HardenedChain) -> None:
     """main's CA mints a device of site north, north's CA one of site main: both refused,
     while north's own device is linked (two site CAs of one trust domain in the bundle)."""
-    main_ca = chain.tmp / "pki" / "ca.crt"
+    cas = chain.tmp / "bundle.crt"  # main's and north's CAs, as the gateway holds them
     td = "hospital.test"
     forged = [
-        issue(chain.tmp / "pki", Identity.device(td, "north", "x1"), chain.tmp / "x1", main_ca),
-        issue(
-            chain.tmp / "pki-north", Identity.device(td, "main", "x2"), chain.tmp / "x2", main_ca
-        ),
+        issue(chain.tmp / "pki", Identity.device(td, "north", "x1"), chain.tmp / "x1", cas),
+        issue(chain.tmp / "pki-north", Identity.device(td, "main", "x2"), chain.tmp / "x2", cas),
     ]
-    own = issue(
-        chain.tmp / "pki-north", Identity.device(td, "north", "n1"), chain.tmp / "n1", main_ca
-    )
+    own = issue(chain.tmp / "pki-north", Identity.device(td, "north", "n1"), chain.tmp / "n1", cas)
     before = chain.gateway_metric("relay_refusals_total", 'reason="wrong_site"')
     procs = [workstation(chain, p.name, p) for p in (*forged, own)]
     try:
