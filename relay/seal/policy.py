@@ -39,7 +39,6 @@ __all__ = [
     "TARGET_SESSION",
     "agent_check",
     "device_check",
-    "enroll_agent_check",
     "enroll_client_context",
     "enroll_server_context",
     "no_client_check",
@@ -181,16 +180,6 @@ def device_check(
         if reason is None and peer is not None and is_revoked is not None and is_revoked(peer):
             return "revoked"
         return reason
-
-    return check
-
-
-def enroll_agent_check(trust_domain: str) -> PeerCheck:
-    """`relay enroll`: the peer is an agent of the pinned CA's trust domain (any site: the
-    CA pins the site, and the code names the device only)."""
-
-    def check(peer: Identity | None) -> str | None:
-        return _expect(peer, trust_domain, "agent", peer.site or "" if peer else "")
 
     return check
 

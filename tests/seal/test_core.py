@@ -308,7 +308,6 @@ def test_send_after_close_is_an_error(pkis: Pkis) -> None:
 def test_enrollment_core_needs_no_client_certificate(pkis: Pkis) -> None:
     from relay.seal.policy import (
         ALPN_ENROLL_SEAL,
-        enroll_agent_check,
         enroll_client_context,
         enroll_server_context,
         no_client_check,
@@ -325,7 +324,7 @@ def test_enrollment_core_needs_no_client_certificate(pkis: Pkis) -> None:
         enroll_client_context(pkis.main.ca),
         server_side=False,
         alpn=ALPN_ENROLL_SEAL,
-        check_peer=enroll_agent_check(TD),
+        check_peer=agent_check(TD, "main"),  # as relay enroll: the code's site
     )
     from .helpers import Duplex
 
@@ -338,7 +337,7 @@ def test_enrollment_core_needs_no_client_certificate(pkis: Pkis) -> None:
         enroll_client_context(pkis.foreign.ca),
         server_side=False,
         alpn=ALPN_ENROLL_SEAL,
-        check_peer=enroll_agent_check(TD),
+        check_peer=agent_check(TD, "main"),  # as relay enroll: the code's site
     )
     server2 = SealCore(
         enroll_server_context(agent.cert, agent.key),
