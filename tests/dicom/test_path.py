@@ -22,6 +22,7 @@ LAYERS = {
     "relay.dicom.spare": 2,  # the association left for the next request
     "relay.dicom.pacs_assoc": 3,  # requests an association with the PACS
     "relay.dicom.ending": 4,  # ends associations whatever the peer does (both ends)
+    "relay.dicom.counts": 5,  # the PACS's sub-operation counts, checked (pynetdicom calls it)
     "relay.dicom.bridge": 5,
     "relay.dicom.codec": 5,
     "relay.dicom.offer": 5,  # the pixel codecs the workstation announces
@@ -46,8 +47,9 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
     assert upwards == []
     # Outside relay/dicom the DICOM layer touches the stream it is given and, when it
     # starts, what announces its listening ports and the settings' address type, and what
-    # limits the C-MOVE receiver's warnings about other hosts (relay.ops.loglimit); and the
-    # pixel codecs (relay/codecs: which codec, and the codecs themselves).
+    # limits the C-MOVE receiver's warnings about other hosts (relay.ops.loglimit), and
+    # where pynetdicom's standard log handlers follow the log level (relay.ops.logs); and
+    # the pixel codecs (relay/codecs: which codec, and the codecs themselves).
     assert trace.modules() - dicom <= {
         "relay.codecs.choice",
         "relay.codecs.pixels",
@@ -55,5 +57,6 @@ async def test_a_c_get_crosses_the_dicom_modules_downwards_only(agent_retrieve: 
         "relay.ops.listening",
         "relay.ops.config",
         "relay.ops.loglimit",
+        "relay.ops.logs",
         "relay.ops.ratelimit",
     }
