@@ -1162,14 +1162,15 @@ class _Retrieval:
                 self.destination[1],
                 {"contexts": cxs, "evt_handlers": self.node._kept(opened)},
             )
-        # 3. A failure before any count: one notional sub-operation, so that pynetdicom
-        #    sends our failure status instead of "Success, 0 sub-operations". A warning
-        #    that counts nothing delivered nothing: a failure too (step 5's rule). A
-        #    cancel's response then leaves out how many remain (unknown, not 1).
+        # 3. A failure or cancel before any count: one notional sub-operation, so that
+        #    pynetdicom sends our status instead of "Success, 0 sub-operations". A
+        #    warning that counts nothing delivered nothing: a failure too (step 5's
+        #    rule). The viewer's C-CANCEL wins over whatever the agent ended with, as in
+        #    step 5. A cancel's response then leaves out how many remain (unknown, not 1).
         if not self.total:
-            end = self.end
-            if end is not None and (not _ok(end.status) or 0xB000 <= end.status <= 0xBFFF):
-                status = st.SUBOPS_FAILED if _ok(end.status) else end.status
+            status = self._uncounted_status(waiter)
+            if status != st.SUCCESS:
+                end = self.end or FinalResponse(status)
                 self.code = status
                 self.subops.remaining_unknown = status == st.CANCEL
                 yield 1
@@ -1238,6 +1239,18 @@ class _Retrieval:
         else:
             self.code = end.status
             yield _retrieve_end(end.status, end.comment), failed
+
+    def _uncounted_status(self, waiter: _Waiter) -> int:
+        """The end of a retrieve with no sub-operations counted: Cancel once the viewer
+        cancelled (PS3.4 C.4.2.1.6, C.4.3.1.5: a cancelled retrieve never ends in
+        Success), the agent's failure, Failure for a warning that delivered nothing, and
+        Success only for a PACS that found nothing to send."""
+        end = self.end
+        if waiter.check_cancel() or (end is not None and end.status == st.CANCEL):
+            return st.CANCEL
+        if end is None or (_ok(end.status) and not 0xB000 <= end.status <= 0xBFFF):
+            return st.SUCCESS
+        return st.SUBOPS_FAILED if _ok(end.status) else end.status
 
     def _counted_by_final(self, end: FinalResponse) -> int | None:
         """The sub-operations of a retrieve that ended before any count: the final's

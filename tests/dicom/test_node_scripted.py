@@ -975,6 +975,43 @@ async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remainin
     assert final.NumberOfCompletedSuboperations == 0
 
 
+@pytest.mark.parametrize(
+    ("kind", "end"),
+    [
+        ("get", FinalResponse(st.SUCCESS)),  # the agent's final counts nothing
+        ("move", FinalResponse(st.SUCCESS)),
+        ("get", FinalResponse(st.WARNING_SUBOPS)),
+        ("get", FinalResponse(0xA700, "out of resources")),
+    ],
+)
+async def test_a_retrieve_the_viewer_cancelled_before_any_count_ends_in_cancel(
+    kind: str, end: FinalResponse
+) -> None:
+    """PS3.4 C.4.2.1.6, C.4.3.1.5: a cancelled retrieve ends in Cancel. The viewer's
+    C-CANCEL reached the agent, whose final then counted nothing: the node answered
+    "Success, 0 sub-operations" (or the agent's failure) instead."""
+    from relay.dicom.codec import Cancel
+
+    asked = threading.Event()
+
+    async def script(stream: ByteStream, codec: MessageCodec, req: Request) -> None:
+        asked.set()
+        async with asyncio.timeout(20):
+            assert isinstance(await read_message(stream, codec), Cancel)
+        await write_message(stream, codec, end)
+        await stream.write_eof()
+
+    with capturing_scp("DEST") as (_, dest_port):
+        final = await with_agent(
+            script,
+            lambda port: retrieve_cancelled_at_once(port, kind, asked),
+            destinations={"DEST": ("127.0.0.1", dest_port)},
+        )
+    assert final.Status == st.CANCEL
+    assert final.get("NumberOfRemainingSuboperations") is None
+    assert final.NumberOfCompletedSuboperations == 0
+
+
 async def test_a_match_the_pacs_warns_of_reaches_the_viewer_as_ff01() -> None:
     """The agent's PENDING says 0xFF01 (optional keys the PACS did not support); the node
     answered every match 0xFF00."""
