@@ -54,8 +54,10 @@ LIMITS: Final = (
     "device_buffered",
     "agent_share",
     "source_handshakes",
+    "source_rate",
     "device_opens",
     "enroll_buffered",
+    "peer_unread",
 )
 
 MiB: Final = 1024 * 1024

@@ -18,6 +18,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 from gateway.casites import CaSites
@@ -55,6 +56,12 @@ REFUSAL_LINES_TOTAL: Final = (5.0, 200)
 # reconnects now and then, has every line written. relay_links counts every link.
 LINK_LINE_BURST: Final = 40
 LINK_LINE_RATE: Final = 1.0
+# "link aborted, the peer does not read" lines (relay.net.aio: CONTROL_REPLIES of answers
+# or WRITE_HARD left unread): anyone can cause one per enrollment link, so they are
+# limited as the refusal lines are: per source (per identity on an authenticated link),
+# the default LOG_BURST then one per 10 s, and over all together REFUSAL_LINES_TOTAL.
+# relay_limit_hits_total{limit="peer_unread"} counts every one.
+UNREAD_LINES_TOTAL: Final = REFUSAL_LINES_TOTAL
 
 
 @dataclass
@@ -115,6 +122,7 @@ class GatewayServer:
         self.refusal_reporter = RefusalReporter(self.router)
         self.refusal_lines = LogLimiter(total=REFUSAL_LINES_TOTAL)
         self.link_lines = LogLimiter(LINK_LINE_RATE, LINK_LINE_BURST)
+        self.unread_lines = LogLimiter(total=UNREAD_LINES_TOTAL)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -263,6 +271,7 @@ class GatewayServer:
                 self.refusal_reporter.report("rate_limited", None, peer, now)
                 return
             self.enrollment.attach(link, host)
+            link.on_unread = partial(self.peer_unread, source_key(host), link.name)
             return
         role = TUNNEL_ALPNS.get(alpn or "")
         if role is None:
@@ -284,6 +293,7 @@ class GatewayServer:
         if reason == "revoked":
             self._refused(reason, peer, identity)
             assert identity is not None
+            link.on_unread = partial(self.peer_unread, identity.uri, f"revoked@{peer}")
             self._tell_revoked(link, self.revoked.notice(identity.uri))
             return
         device_over_cap = (
@@ -300,6 +310,18 @@ class GatewayServer:
             return
         self._attach(link, identity, peer)
 
+    def peer_unread(self, key: str, name: str, reason: str) -> None:
+        """Link `name` is aborted: its peer leaves our answers unread (Link.on_unread).
+        Counted always; the line limited per `key` (a source, or an identity) and
+        overall (UNREAD_LINES_TOTAL)."""
+        self._limit_hit("peer_unread")
+        held = self.unread_lines.allow(key, asyncio.get_running_loop().time())
+        if held is not None:
+            extra: dict[str, object] = {"link": name, "reason": reason}
+            if held:
+                extra["suppressed"] = held
+            log.warning("link aborted: the peer does not read", extra=extra)
+
     @staticmethod
     def _tell_revoked(link: Link, notice: str) -> None:
         """Say why instead of dropping the connection, with the agent's notice: the device
@@ -312,6 +334,7 @@ class GatewayServer:
         site = identity.site or ""
         link.peer = identity
         link.name = f"{identity.role}:{site}/{identity.name}@{peer}"
+        link.on_unread = partial(self.peer_unread, identity.uri, link.name)
         gauge = self.metrics.links.labels(identity.role, site)
         if identity.role == "agent":
             link.on_stream = lambda stream: stream.reset(ErrorCode.FORBIDDEN)

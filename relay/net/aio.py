@@ -342,6 +342,10 @@ class Link(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None  # set by the owner: an Identity, for logs and routing
+        # Set by an owner whose peers are many (the gateway): told, instead of a warning
+        # logged here, why the link is aborted because the peer does not read, so that
+        # it can count every one and limit the lines per source (relay.ops.loglimit).
+        self.on_unread: Callable[[str], None] | None = None
         self.closed: asyncio.Future[ConnectionTerminated] = self.loop.create_future()
         self._autostart = autostart
         self._prestart: list[bytes] | None = [] if not autostart else None
@@ -525,7 +529,7 @@ class Link(asyncio.Protocol):
                 self._abort_unread()
                 return
             if transport.get_write_buffer_size() > WRITE_HARD:
-                log.warning("link %s: peer does not read, aborting", self.name)
+                self._report_unread(f"peer does not read (WRITE_HARD {WRITE_HARD} buffered)")
                 transport.abort()
         if conn.terminated is not None and not transport.is_closing():
             transport.close()
@@ -560,11 +564,19 @@ class Link(asyncio.Protocol):
             f"peer does not read: {self._replies_unread} bytes of answers to its PINGs "
             f"and refused streams unread (CONTROL_REPLIES {CONTROL_REPLIES})"
         )
-        log.warning("link %s: %s, aborting", self.name, reason)
+        self._report_unread(reason)
         if self._closed_by_us is None:
             self._closed_by_us = (ErrorCode.LIMIT_EXCEEDED, reason)
         assert self.transport is not None
         self.transport.abort()
+
+    def _report_unread(self, reason: str) -> None:
+        """The link is aborted: the peer does not read. Its owner's `on_unread` if set
+        (a peer could otherwise write one line per link it opens), else one warning."""
+        if self.on_unread is not None:
+            self.on_unread(reason)
+        else:
+            log.warning("link %s: %s, aborting", self.name, reason)
 
     def busier(self, urgency: int) -> bool:
         """A more urgent stream than `urgency` sent DATA within ACTIVE_FOR seconds."""

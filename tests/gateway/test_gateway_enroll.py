@@ -6,19 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import socket
 import weakref
 
 import pytest
 
-from gateway import enroll
+from gateway import enroll, server
 from gateway.limits import ENROLL_BUFFERED, DeviceLedger, DeviceLimits
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from relay import wire
-from relay.net import tls
+from relay.net import aio, tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode, LinkSettings
+from relay.proto import frames as fr
+from relay.proto.frames import FrameType
 from tests.gateway.test_gateway_limits import hits, reset_code, until
 from tests.gateway.test_gateway_links import WAIT, World, announce, connect, wait_for_agents, world
 from tests.pki_helpers import HOST
@@ -157,3 +162,46 @@ def test_addresses_of_one_ipv6_slash_64_share_the_enrollment_attempts() -> None:
         "relay_enrollments_total", {"result": "rate_limited"}
     )
     assert refused == 1
+
+
+PING = fr.encode(FrameType.PING, 0, 0, bytes(8))
+
+
+async def unread_enrollment(world: World) -> None:
+    """An enrollment link that sends PINGs and never reads the PONGs, until the gateway
+    aborts it (its receive buffer small, so that the answers pile up in the gateway)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (HOST, world.port))
+    ctx = tls.client_context(None, None, world.pki.ca, wire.ALPN_ENROLL)
+    transport, pc = await loop.create_connection(
+        lambda: Link(client=True, settings=LinkSettings()), sock=sock, ssl=ctx, server_hostname=HOST
+    )
+    await asyncio.sleep(0.05)  # SETTINGS exchanged
+    transport.pause_reading()
+    async with asyncio.timeout(WAIT):
+        while not pc.closed.done():
+            transport.write(PING * 1024)
+            await asyncio.sleep(0)
+    pc.abort()
+
+
+async def test_enrollment_links_left_unread_are_counted_and_their_lines_limited(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone may open enrollment links, PING on each and read nothing: each is aborted
+    (aio.CONTROL_REPLIES), and each wrote a warning, without limit. Now every one is
+    counted (relay_limit_hits_total{limit="peer_unread"}) and the lines are limited per
+    source as the refusal lines are (a burst of 1 here, the default LOG_BURST)."""
+    monkeypatch.setattr(aio, "CONTROL_REPLIES", 16 * 1024)  # aborted sooner, same path
+    lines = LogLimiter(burst=1, total=server.REFUSAL_LINES_TOTAL)
+    monkeypatch.setattr(world.server, "unread_lines", lines, raising=False)
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        await unread_enrollment(world)
+    unread = [r for r in caplog.records if "does not read" in r.getMessage()]
+    assert len(unread) == 1
+    assert getattr(unread[0], "link", "") == f"enroll@{HOST}"
+    assert hits(world, "peer_unread") == 3
