@@ -46,6 +46,12 @@ from relay.wire import ALPN_ENROLL, TUNNEL_ALPNS
 log = logging.getLogger(__name__)
 
 REVOKED_CLOSE_BOUND = 1.0  # seconds a revoked device has to read its GOAWAY
+# Revoked devices' links being told so (GOAWAY REVOKED, then closed, within
+# REVOKED_CLOSE_BOUND) at once; each counts against max_links while it lives. Beyond,
+# a revoked device's link is aborted untold (counted as refused "revoked" all the same):
+# it hears it on a later dial. Without it, how many lived at once (a revoked certificate
+# is anyone's to dial with, from any source) was bounded only by handshake speed.
+REVOKED_CLOSING_MAX: Final = 64
 # "connection refused" lines: per source address the default LOG_BURST then one per
 # 10 s; all sources together 200 at once, then 5 a second.
 REFUSAL_LINES_TOTAL: Final = (5.0, 200)
@@ -127,6 +133,7 @@ class GatewayServer:
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._revoked_closing: set[Link] = set()  # at most REVOKED_CLOSING_MAX
         self.port: int | None = None
         # Label children looked up once: `.labels()` per handshake shows in its profile.
         self._handshake_ok = metrics.handshakes.labels("ok")
@@ -190,7 +197,7 @@ class GatewayServer:
                 log.warning("accept failed", extra={"error": str(exc)})
                 await asyncio.sleep(0.1)
                 continue
-            if len(self.links) + len(self._handshakes) >= self.config.max_links:
+            if self._links_held() >= self.config.max_links:
                 self._refuse_early(conn, "capacity")
                 continue
             host = _source_of(conn)
@@ -201,6 +208,11 @@ class GatewayServer:
             task = loop.create_task(self._admit(conn, host))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+
+    def _links_held(self) -> int:
+        """What counts against max_links: links up, handshakes under way, and revoked
+        devices' links being closed."""
+        return len(self.links) + len(self._handshakes) + len(self._revoked_closing)
 
     def _refuse_early(self, conn: socket.socket, reason: str) -> None:
         with contextlib.suppress(OSError):
@@ -291,10 +303,8 @@ class GatewayServer:
         if reason is None and identity is not None and identity.uri in self.revoked:
             reason = "revoked"
         if reason == "revoked":
-            self._refused(reason, peer, identity)
             assert identity is not None
-            link.on_unread = partial(self.peer_unread, identity.uri, f"revoked@{peer}")
-            self._tell_revoked(link, self.revoked.notice(identity.uri))
+            self._turn_away_revoked(link, identity, peer)
             return
         device_over_cap = (
             reason is None
@@ -321,6 +331,18 @@ class GatewayServer:
             if held:
                 extra["suppressed"] = held
             log.warning("link aborted: the peer does not read", extra=extra)
+
+    def _turn_away_revoked(self, link: Link, identity: Identity, peer: str) -> None:
+        """Refuse a revoked device's link, telling it why while fewer than
+        REVOKED_CLOSING_MAX are being told (each held against max_links until closed)."""
+        self._refused("revoked", peer, identity)
+        if len(self._revoked_closing) >= REVOKED_CLOSING_MAX:
+            link.abort()
+            return
+        link.on_unread = partial(self.peer_unread, identity.uri, f"revoked@{peer}")
+        self._revoked_closing.add(link)
+        link.closed.add_done_callback(lambda _: self._revoked_closing.discard(link))
+        self._tell_revoked(link, self.revoked.notice(identity.uri))
 
     @staticmethod
     def _tell_revoked(link: Link, notice: str) -> None:

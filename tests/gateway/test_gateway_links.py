@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
 
+from gateway import server as gateway_server
 from gateway.config import GatewayConfig
 from gateway.limits import DeviceLimits
 from gateway.server import GatewayServer
@@ -603,3 +604,73 @@ async def test_a_device_reconnecting_in_a_loop_cannot_fill_the_log(
     await until(lambda: any(getattr(r, "identity", "").endswith("/ws2") for r in caplog.records))
     other.close()
     await other.wait_closed()
+
+
+class DeafLink(Link):
+    """A device that reads nothing once its TLS handshake is done: not its GOAWAY, nor
+    the TLS close, so the gateway's side lives until it aborts it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        cast(asyncio.Transport, transport).pause_reading()
+
+
+async def revoking_agent(world: World, name: str) -> Link:
+    """An agent of site main whose revocation list names device `name`."""
+    agent = await connect(world, world.pki.agent, wire.ALPN_AGENT, serve=True)
+    announce(agent, (Identity.device("hospital.test", "main", name).uri,))
+    await wait_for_agents(world, "main")
+    return agent
+
+
+async def dial_deaf(world: World, name: str) -> Link:
+    pair = world.pki.device(name)
+    _, link = await asyncio.get_running_loop().create_connection(
+        lambda: DeafLink(client=True, settings=SETTINGS),
+        HOST,
+        world.port,
+        ssl=tls.client_context(pair.cert, pair.key, world.pki.ca, wire.ALPN_DEVICE),
+        server_hostname=HOST,
+    )
+    await until(lambda: world.refusals("revoked") >= 1)
+    return link
+
+
+async def test_revoked_links_being_closed_count_against_max_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoked device's link lives up to REVOKED_CLOSE_BOUND while it is told; it was
+    counted nowhere, so links beyond max_links could live at once. Now it holds a place
+    of max_links while it lives: the next dial finds the gateway full."""
+    monkeypatch.setattr(gateway_server, "REVOKED_CLOSE_BOUND", 5.0)
+    async with start_world(tmp_path, max_links=2) as world:
+        agent = await revoking_agent(world, "ws1")
+        deaf = await dial_deaf(world, "ws1")
+        honest = connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
+        await expect_refused(world, "capacity", honest)
+        deaf.abort()
+        await until(lambda: not world.server._revoked_closing)
+        again = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
+        assert await asyncio.wait_for(roundtrip(again, b"room"), WAIT) == b"room"
+        for link in (again, agent):
+            link.close()
+
+
+async def test_revoked_links_told_at_once_are_bounded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond REVOKED_CLOSING_MAX revoked links being told, the next is aborted untold
+    (still counted as refused "revoked"); once one is gone, the next is told again."""
+    monkeypatch.setattr(gateway_server, "REVOKED_CLOSE_BOUND", 5.0)
+    monkeypatch.setattr(gateway_server, "REVOKED_CLOSING_MAX", 1, raising=False)
+    agent = await revoking_agent(world, "ws1")
+    deaf = await dial_deaf(world, "ws1")
+    untold, said = await goaway_of(world, "ws1")
+    await asyncio.wait_for(untold.wait_closed(), WAIT)
+    assert not said.done()
+    assert world.refusals("revoked") == 2
+    deaf.abort()
+    await until(lambda: not world.server._revoked_closing)
+    _, told = await goaway_of(world, "ws1")
+    assert (await asyncio.wait_for(told, WAIT))[0] == ErrorCode.REVOKED
+    agent.close()
