@@ -438,9 +438,17 @@ async def test_a_drain_refuses_new_connections_and_lets_a_retrieval_finish(
     source.release.clear()
     url = f"{srv.url}/studies/{STUDY}/series/{SERIES}"
     answer = asyncio.ensure_future(get(url))
-    await asyncio.sleep(0.2)  # the request is in, its retrieval waits for the PACS
+    for _ in range(500):  # the request is in (not a fixed sleep: a busy machine), its
+        if srv.service.in_progress:  # retrieval waits for the PACS
+            break
+        await asyncio.sleep(0.02)
+    assert srv.service.in_progress == 1
     drained = asyncio.ensure_future(srv.drain(10.0))
-    await asyncio.sleep(0.2)
+    assert srv._runner is not None
+    for _ in range(500):  # the listener closed
+        if not srv._runner.sites:
+            break
+        await asyncio.sleep(0.02)
     with pytest.raises(aiohttp.ClientConnectionError):
         await get(f"{srv.url}/studies?PatientName=X")
     assert not drained.done()
