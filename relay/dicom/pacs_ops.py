@@ -53,7 +53,7 @@ from relay.dicom.codec import (
     Pending,
     Request,
 )
-from relay.dicom.ending import OpenAssociations, abort_within
+from relay.dicom.ending import STOP_JOIN, OpenAssociations, abort_within
 from relay.dicom.intake import Intake, MoveReceiver, MoveRoutesFull
 from relay.dicom.pacs_assoc import allow_move_stalls, associate, scp_roles
 from relay.dicom.pacs_target import PacsTarget
@@ -987,6 +987,19 @@ def _abort(assoc: Association) -> None:
         abort_within(assoc)
     except Exception as exc:
         log.debug("A-ABORT failed: %s", exc)
+    _wake_waiter(assoc)
+
+
+def _wake_waiter(assoc: Association) -> None:
+    """Put the (None, None) that ends a wait for `assoc`'s next message, once its reactor
+    thread has ended. pynetdicom's kill() (the abort's end) restarts that paused reactor
+    for one last turn, which takes a waiting message without blocking and drops a
+    (None, None): when it was scheduled late, it took our wake-up, and the operation's
+    thread (a C-GET or C-MOVE awaiting its next response) waited out the whole DIMSE
+    timeout (pacs.timeout + stall_timeout), holding its stream, before ending."""
+    with contextlib.suppress(Exception):  # (never started, or it is our own thread)
+        if assoc is not threading.current_thread():
+            assoc.join(STOP_JOIN)
     with contextlib.suppress(Exception):
         assoc.dimse.msg_queue.put((None, None))
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import build_context
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from relay.dicom import pacs_ops
+from relay.dicom import pacs_assoc, pacs_ops
 from relay.dicom import status as st
 from relay.dicom.bridge import Channel, ChannelClosed
 from relay.dicom.codec import FinalResponse, Message, MessageCodec, Request
@@ -144,3 +148,48 @@ async def test_a_cancel_as_a_request_is_retried_follows_that_request(
     assert op.sent == [op_name, "cancel"]
     assert op.cancel_sent.is_set()
     assert isinstance(msgs[-1], FinalResponse)
+
+
+class LateReactor(threading.Event):
+    """An association's reactor checkpoint; once `late`, the reactor's next turn (the
+    one kill() starts) goes on only once a message waits (at most 0.3 s): a reactor
+    thread scheduled late, as on a loaded machine, which then takes that message."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self.assoc = assoc
+        self.late = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        if self.late and threading.current_thread() is self.assoc:
+            deadline = time.monotonic() + 0.3
+            while not self.assoc.dimse.msg_queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return woke
+
+
+def test_an_abort_wakes_the_operation_waiting_for_the_pacs_however_late_the_reactor(
+    pacs: EmbeddedPacs,
+) -> None:
+    """The operation's thread, awaiting a C-GET's next response, was woken by the
+    (None, None) put after the abort; pynetdicom's reactor, restarted by kill() for a
+    last turn, could take it first, and the thread (with the agent's stream task) waited
+    out the whole DIMSE timeout after the workstation had gone: seen as a 10 s teardown
+    of test_the_dicomweb_source_answers_502_then_goes_without_the_codec."""
+    assoc = pacs_assoc.associate(target(pacs), [build_context(Verification)])
+    assert assoc.is_established
+    assoc.dimse_timeout = 5
+    checkpoint = LateReactor(assoc)
+    checkpoint.set()
+    assoc._reactor_checkpoint = checkpoint  # taken up on the reactor's next turn
+    time.sleep(0.02)
+    checkpoint.clear()  # paused, as during a C-GET (pynetdicom's send_c_get)
+    checkpoint.late = True
+    aborter = threading.Thread(target=pacs_ops._abort, args=(assoc,))
+    aborter.start()
+    assoc.join(2)  # the reactor's last turn is over: whatever it took is gone
+    started = time.monotonic()
+    assert assoc.dimse.get_msg(block=True) == (None, None)
+    assert time.monotonic() - started < 2
+    aborter.join(2)
