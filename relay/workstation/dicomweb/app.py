@@ -56,6 +56,12 @@ NO_INSTANCE_ANSWER: Final = (
     'instances are answered as multipart/related; type="application/'
     'dicom" in their stored transfer syntax (or transfer-syntax=*)'
 )
+BULK_PARTS: Final = ("application/octet-stream",)  # what a bulk data part is
+NO_BULK_ANSWER: Final = (
+    'bulk data is answered as multipart/related; type="application/octet-stream": '
+    "uncompressed values in Explicit VR Little Endian, compressed pixel data per frame "
+    "as stored (or transfer-syntax=*)"
+)
 NO_FRAMES_ANSWER: Final = (
     "frames are answered as stored or as HTJ2K: multipart/related of "
     "application/octet-stream or an image type, or one image/jphc"
@@ -730,10 +736,17 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     text = request.match_info["tag"]
     if len(text) != 8 or any(c not in "0123456789abcdefABCDEF" for c in text):
         return _text(400, "tag: expected 8 hex digits")
+    ranges = _accept(request)
+    if not media.negotiable(ranges, True, BULK_PARTS):  # before any retrieval
+        return _text(406, NO_BULK_ANSWER)
     item = await _one(request)
     if isinstance(item, web.Response):
         return item
     tag = int(text, 16)
+    try:  # the syntax the parts are in, now that the stored one is known
+        part = media.negotiate(ranges, True, BULK_PARTS, _bulk_syntax(tag, item.transfer_syntax))
+    except media.AcceptError as exc:
+        return _text(406, str(exc))
     ds = await _decoded(item)
     if isinstance(ds, web.Response):
         return ds
@@ -744,11 +757,16 @@ async def bulk_handler(request: web.Request) -> web.StreamResponse:
     if values is None:
         return _text(404, "no such bulk data")
     boundary = media.new_boundary()
-    part = "application/octet-stream"
     body = b"".join([*(piece for ctype, value in values
                        for piece in (media.part_head(boundary, ctype), value)),
                      media.closing(boundary)])  # fmt: skip
     return web.Response(body=body, headers={"Content-Type": media.multipart_type(boundary, part)})
+
+
+def _bulk_syntax(tag: int, ts: str) -> str:
+    """The transfer syntax a bulk value is answered in (`_bulk_parts`): Explicit VR LE
+    for uncompressed values, compressed Pixel Data as stored."""
+    return frames.frame_syntax(ts) if tag == dicomjson.PIXEL_DATA else media.EXPLICIT_LE
 
 
 def _bulk_parts(ds: Dataset, ts: str, tag: int) -> list[tuple[str, bytes]] | None:

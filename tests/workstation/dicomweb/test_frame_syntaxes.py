@@ -291,3 +291,31 @@ def test_fragments_that_are_not_one_per_frame_are_refused() -> None:
     ds.PixelData = encapsulate([b"AAAA", b"BB"], has_bot=False)
     with pytest.raises(frames.Unservable):
         frames.get_frames(ds, DEFLATED_FRAMES, [3])
+
+
+async def test_bulk_data_follows_the_accept_header(
+    web: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """It was always multipart octet-stream whatever was asked: an Accept that no bulk
+    answer can meet is 406 before any retrieval, and one naming another syntax than the
+    answer's is 406 too (the relay does not transcode)."""
+    srv, source = web
+    plain, packed = UNCOMPRESSED[0], sorted(COMPRESSED)[0]
+    before = source.retrieves
+    status, _, body = await get(f"{url(srv, plain)}/bulk/7FE00010",
+                                headers={"Accept": "application/dicom+json"})  # fmt: skip
+    assert status == 406 and b"application/octet-stream" in body
+    assert source.retrieves == before  # refused before anything was asked of the PACS
+    as_ele = f'multipart/related; type="application/octet-stream"; transfer-syntax={ELE}'
+    for sop, accept, expected in (
+        (plain, OHIF, 200),
+        (plain, as_ele, 200),
+        (packed, OHIF, 200),
+        (packed, as_ele, 406),  # stored compressed: answered as stored or not at all
+        (plain, f"{as_ele}; q=0, */*", 406),  # the most specific range refuses it
+    ):
+        status, headers, body = await get(f"{url(srv, sop)}/bulk/7FE00010",
+                                          headers={"Accept": accept})  # fmt: skip
+        assert status == expected, (sop, accept, body)
+        if status == 200:
+            assert headers["Content-Type"].startswith("multipart/related")
