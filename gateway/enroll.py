@@ -44,7 +44,11 @@ class EnrollmentDesk:
         self.router = router
         self.metrics = metrics
         self.limiter = RateLimiter(rate=ATTEMPTS_PER_MINUTE / 60.0, burst=BURST)
-        self.open = 0
+        self.links: set[Link] = set()  # open (at most MAX_OPEN): a drain tells and closes them
+
+    @property
+    def open(self) -> int:
+        return len(self.links)
 
     def admit(self, host: str, now: float) -> bool:
         """Whether an enrollment link from `host` may start: one of MAX_OPEN is free and
@@ -72,17 +76,17 @@ class EnrollmentDesk:
                 self.router.route(site, stream, origin)
 
         link.on_stream = on_stream
-        self.open += 1
+        self.links.add(link)
         lifetime = link.loop.call_later(LINK_LIFETIME, _time_over, link)
-        link.closed.add_done_callback(lambda _: self._closed(lifetime))
+        link.closed.add_done_callback(lambda _: self._closed(link, lifetime))
         link.start()
 
-    def _closed(self, lifetime: asyncio.TimerHandle) -> None:
+    def _closed(self, link: Link, lifetime: asyncio.TimerHandle) -> None:
         """The link is over: its slot comes back, and its lifetime timer goes, which
         would otherwise hold the closed link (and its TLS transport's buffers, about
         270 KB under uvloop) until LINK_LIFETIME: links that close at once, admitted
         from many addresses, are not bounded by MAX_OPEN."""
-        self.open -= 1
+        self.links.discard(link)
         lifetime.cancel()
 
     def _refuse(self, stream: Stream, result: str, code: ErrorCode) -> None:

@@ -1,8 +1,9 @@
 """Drain on SIGTERM, reload on SIGHUP.
 
 Draining stops accepting, sends goaway on every link (devices then reconnect to another
-gateway; agents stop expecting streams here), lets spliced streams finish within the
-grace period, then closes what is left. Reloading swaps the TLS context and the limits
+gateway; agents stop expecting streams here; a PC enrolling is told that the gateway is
+shutting down, and its enrollment under way may finish), lets spliced streams finish
+within the grace period, then closes what is left. Reloading swaps the TLS context and the limits
 used for new links; links already up keep theirs. A reloaded certificate must be signed
 by the new CA bundle, be valid now and stay a gateway certificate of the same trust
 domain (relay.ops.reloading); otherwise, or if anything fails to load, the running
@@ -19,6 +20,7 @@ import ssl
 from gateway.casites import CaSites, load_ca_sites
 from gateway.config import GatewayConfig, GatewayConfigLoader
 from gateway.server import GatewayServer
+from relay.net.aio import Link
 from relay.net.tls import TlsConfigError, server_context, tls_config_error
 from relay.ops.config import ConfigError
 from relay.ops.reloading import (
@@ -39,7 +41,7 @@ async def drain(server: GatewayServer, grace: float) -> None:
     loop = asyncio.get_running_loop()
     server.metrics.draining.set(1)
     await server.stop_accepting()
-    links = server.links.all()
+    links = _every_link(server)
     log.info("draining", extra={"links": len(links), "grace_s": grace})
     for link in links:
         link.goaway(ErrorCode.SHUTDOWN, "gateway shutting down")
@@ -50,13 +52,19 @@ async def drain(server: GatewayServer, grace: float) -> None:
     left = _streams_open(server)
     if left:
         log.warning("grace period over, closing streams", extra={"streams": left})
-    for link in server.links.all():
+    for link in _every_link(server):
         link.close(ErrorCode.SHUTDOWN, "gateway shutting down")
-    closing = [link.wait_closed() for link in server.links.all()]
+    closing = [link.wait_closed() for link in _every_link(server)]
     if closing:
         await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=2.0)
-    for link in server.links.all():
+    for link in _every_link(server):
         link.abort()
+
+
+def _every_link(server: GatewayServer) -> list[Link]:
+    """Tunnel links and enrollment links: a PC enrolling hears SHUTDOWN too, not a bare
+    end of its connection, which `relay enroll` could only read as a refusal."""
+    return [*server.links.all(), *server.enrollment.links]
 
 
 def _streams_open(server: GatewayServer) -> int:

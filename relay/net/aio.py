@@ -339,6 +339,7 @@ class Link(asyncio.Protocol):
         self.on_stream = on_stream
         self.on_control = on_control
         self.on_goaway = on_goaway
+        self.goaway_code: int | None = None  # the peer's GOAWAY, once it sent one
         self.streams: dict[int, Stream] = {}
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None  # set by the owner: an Identity, for logs and routing
@@ -648,6 +649,7 @@ class Link(asyncio.Protocol):
                     if self.on_control is not None:
                         self.on_control(kind, body)
                 case GoAwayReceived(code=code, reason=reason):
+                    self.goaway_code = code
                     if self.on_goaway is not None:
                         self.on_goaway(code, reason)
                 case ConnectionTerminated():

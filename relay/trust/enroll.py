@@ -233,7 +233,14 @@ async def _dial(
     return link, ssl_object.getpeercert(binary_form=True)
 
 
-def _closed_error(code: EnrollmentCode) -> EnrollError:
+def _closed_error(code: EnrollmentCode, link: Link | None = None) -> EnrollError:
+    """The gateway ended the link: because it is shutting down (its GOAWAY said so), or,
+    saying nothing, because this address made too many attempts."""
+    if link is not None and link.goaway_code == ErrorCode.SHUTDOWN:
+        return EnrollError(
+            f"the gateway {code.gateway} is shutting down (a restart or an update); "
+            "try again in a minute"
+        )
     return EnrollError(
         f"the gateway {code.gateway} closed the connection (too many attempts from this "
         "address? wait a minute and retry)"
@@ -302,10 +309,12 @@ async def enroll(
         ) from None
     except StreamResetError as exc:
         if link is not None and link.closed.done() and exc.code == ErrorCode.INTERNAL_ERROR:
-            raise _closed_error(parsed) from None
+            raise _closed_error(parsed, link) from None
+        if link is not None and link.goaway_code == ErrorCode.SHUTDOWN:
+            raise _closed_error(parsed, link) from None
         raise _stream_error(exc, parsed) from None
     except LinkClosedError:
-        raise _closed_error(parsed) from None
+        raise _closed_error(parsed, link) from None
     finally:
         if link is not None:
             link.close()
@@ -330,7 +339,7 @@ async def _exchange(
         hello = await read_json(outer, limit=MAX_RESPONSE)
     except MessageError as exc:
         if link.conn.terminated is not None or link.closed.done():
-            raise _closed_error(code) from None
+            raise _closed_error(code, link) from None
         raise EnrollError(f"the site did not answer properly: {exc}") from None
     if hello.get("v") != ENROLL_HELLO_SEALED:
         raise EnrollError(

@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 
-from gateway import enroll, server
+from gateway import enroll, lifecycle, server
 from gateway.limits import ENROLL_BUFFERED, DeviceLedger, DeviceLimits
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
@@ -20,10 +20,13 @@ from relay import wire
 from relay.net import aio, tls
 from relay.net.aio import Link, Stream
 from relay.net.bytestream import StreamResetError
+from relay.ops.config import Address
 from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode, LinkSettings
 from relay.proto import frames as fr
 from relay.proto.frames import FrameType
+from relay.trust import enroll as enrolling
+from relay.trust.codes import EnrollmentCode, new_secret, new_token_id
 from tests.gateway.test_gateway_limits import hits, reset_code, until
 from tests.gateway.test_gateway_links import WAIT, World, announce, connect, wait_for_agents, world
 from tests.pki_helpers import HOST
@@ -205,3 +208,26 @@ async def test_enrollment_links_left_unread_are_counted_and_their_lines_limited(
     assert len(unread) == 1
     assert getattr(unread[0], "link", "") == f"enroll@{HOST}"
     assert hits(world, "peer_unread") == 3
+
+
+async def test_a_draining_gateway_tells_an_enrolling_pc_it_is_shutting_down(world: World) -> None:
+    """A PC enrolling while the gateway drains hears GOAWAY SHUTDOWN at once, its
+    enrollment under way may go on, and its link is closed at the end of the grace. It
+    was told nothing and left to the process's exit: a bare end of the connection, which
+    `relay enroll` read as 'too many attempts from this address?'."""
+    held: list[Stream] = []
+    agent = await stalled_agent(world, held)
+    pc = await connect(world, None, wire.ALPN_ENROLL)
+    stream = pc.open_stream(ENROLL)
+    await stream.write(b"x")
+    await until(lambda: len(held) == 1, "the enrollment reaches the agent")
+    drained = asyncio.ensure_future(lifecycle.drain(world.server, 0.5))
+    await until(lambda: pc.goaway_code == ErrorCode.SHUTDOWN, "the PC is told")
+    assert not pc.closed.done()  # the enrollment under way may still finish
+    await asyncio.wait_for(drained, WAIT)
+    await asyncio.wait_for(pc.wait_closed(), WAIT)
+    assert world.server.enrollment.open == 0
+    code = EnrollmentCode(Address(HOST, world.port), "0" * 64, "main", "ws1",
+                          new_token_id(), new_secret())  # fmt: skip
+    assert "is shutting down" in str(enrolling._closed_error(code, pc))
+    agent.close()
