@@ -24,6 +24,7 @@ ms, its per-process scan 200-320 ms), so callers on the event loop run it in a t
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import os
 import sys
@@ -127,8 +128,7 @@ def _uid_of_peer_linux(peer: Endpoint, local: Endpoint) -> int | None:
     for table in _PROC_TABLES:
         try:
             with table.open(encoding="ascii", errors="replace") as f:
-                lines = (line for n, line in enumerate(f) if n < MAX_PROC_LINES)
-                for entry in parse_proc_tcp(lines):
+                for entry in parse_proc_tcp(itertools.islice(f, MAX_PROC_LINES)):
                     if entry.local == (peer_ip, peer[1]) and entry.remote == (local_ip, local[1]):
                         return entry.uid
         except FileNotFoundError:  # no IPv6 in this kernel

@@ -198,6 +198,22 @@ async def test_every_listener_serves_our_own_account_under_same_user() -> None:
     assert gate.refused == {}
 
 
+def test_the_proc_tables_are_read_up_to_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_PROC_LINES bounds the read (a table of a busy server is long); an entry past it
+    is not found, so the connection is refused rather than the read running on."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux's /proc")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            conn, peer = server.accept()
+            with conn:
+                local = conn.getsockname()[:2]
+                assert localpeer.same_user(peer[:2], local)
+                monkeypatch.setattr(localpeer, "MAX_PROC_LINES", 1)  # the header line only
+                assert not localpeer.same_user(peer[:2], local)
+
+
 def test_a_connection_that_is_gone_is_not_ours() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
