@@ -938,21 +938,9 @@ def retrieve_cancelled_at_once(port: int, kind: str, asked: threading.Event) -> 
     return statuses[-1]
 
 
-@pytest.mark.parametrize("kind", ["get", "move"])
-@pytest.mark.parametrize(
-    ("end", "remaining"),
-    [
-        (FinalResponse(st.CANCEL), None),  # the PACS counted nothing: unknown
-        (FinalResponse(st.CANCEL, remaining=4, completed=0, failed=0, warning=0), 4),
-    ],
-)
-async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remaining(
-    kind: str, end: FinalResponse, remaining: int | None
-) -> None:
-    """PS3.4 C.4.2.1.6, C.4.3.1.5: a Cancel response's Number of Remaining
-    Sub-operations is the number not done, or absent. Cancelled before any count, the
-    node announced one notional sub-operation to pynetdicom, whose Cancel then said 1
-    remaining of a study of any size; a count the PACS's cancel gives is kept."""
+async def cancelled_at_once(kind: str, end: FinalResponse) -> Dataset:
+    """The viewer's final for a retrieve it cancels as soon as the agent has it, whose
+    agent answers the C-CANCEL with `end`."""
     from relay.dicom.codec import Cancel
 
     asked = threading.Event()
@@ -970,6 +958,25 @@ async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remainin
             lambda port: retrieve_cancelled_at_once(port, kind, asked),
             destinations={"DEST": ("127.0.0.1", dest_port)},
         )
+    return final
+
+
+@pytest.mark.parametrize("kind", ["get", "move"])
+@pytest.mark.parametrize(
+    ("end", "remaining"),
+    [
+        (FinalResponse(st.CANCEL), None),  # the PACS counted nothing: unknown
+        (FinalResponse(st.CANCEL, remaining=4, completed=0, failed=0, warning=0), 4),
+    ],
+)
+async def test_a_retrieve_cancelled_before_any_count_does_not_claim_one_remaining(
+    kind: str, end: FinalResponse, remaining: int | None
+) -> None:
+    """PS3.4 C.4.2.1.6, C.4.3.1.5: a Cancel response's Number of Remaining
+    Sub-operations is the number not done, or absent. Cancelled before any count, the
+    node announced one notional sub-operation to pynetdicom, whose Cancel then said 1
+    remaining of a study of any size; a count the PACS's cancel gives is kept."""
+    final = await cancelled_at_once(kind, end)
     assert final.Status == st.CANCEL
     assert final.get("NumberOfRemainingSuboperations") == remaining
     assert final.NumberOfCompletedSuboperations == 0
@@ -990,23 +997,7 @@ async def test_a_retrieve_the_viewer_cancelled_before_any_count_ends_in_cancel(
     """PS3.4 C.4.2.1.6, C.4.3.1.5: a cancelled retrieve ends in Cancel. The viewer's
     C-CANCEL reached the agent, whose final then counted nothing: the node answered
     "Success, 0 sub-operations" (or the agent's failure) instead."""
-    from relay.dicom.codec import Cancel
-
-    asked = threading.Event()
-
-    async def script(stream: ByteStream, codec: MessageCodec, req: Request) -> None:
-        asked.set()
-        async with asyncio.timeout(20):
-            assert isinstance(await read_message(stream, codec), Cancel)
-        await write_message(stream, codec, end)
-        await stream.write_eof()
-
-    with capturing_scp("DEST") as (_, dest_port):
-        final = await with_agent(
-            script,
-            lambda port: retrieve_cancelled_at_once(port, kind, asked),
-            destinations={"DEST": ("127.0.0.1", dest_port)},
-        )
+    final = await cancelled_at_once(kind, end)
     assert final.Status == st.CANCEL
     assert final.get("NumberOfRemainingSuboperations") is None
     assert final.NumberOfCompletedSuboperations == 0
