@@ -44,24 +44,6 @@ _BUSY: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT)
 )
-
-
-def _cap_connections(runner: web.AppRunner, cap: int) -> None:
-    """Refuse connections beyond `cap` as they open: aiohttp has no such limit, so the
-    server's connection_made (called by each new connection's handler) is wrapped."""
-    server = runner.server
-    assert server is not None
-    opened = server.connection_made
-
-    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-        opened(handler, transport)
-        if len(server.connections) > cap:
-            transport.write(_BUSY)
-            transport.close()
-
-    server.connection_made = connection_made  # type: ignore[method-assign]
-
-
 _FORBIDDEN_TEXT: Final = f"refused: {REFUSAL}\n".encode()
 _FORBIDDEN: Final = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
@@ -69,39 +51,63 @@ _FORBIDDEN: Final = (
 )
 
 
-def _check_accounts(
-    runner: web.AppRunner, gate: AccountGate, pending: set[asyncio.Task[None]]
-) -> None:
-    """Admit a connection only once `gate` says its far end runs as our account: reading
-    is paused until then (the lookup runs in a thread), so no request of another account
-    is read, let alone answered; a refused connection gets a 403 and is closed."""
-    server = runner.server
-    assert server is not None
-    opened = server.connection_made
+def _refuse(transport: asyncio.Transport, answer: bytes) -> None:
+    """A raw HTTP answer, then the connection closed: nothing of it is read."""
+    transport.write(answer)
+    transport.close()
 
-    async def admit(transport: asyncio.Transport) -> None:
+
+class _Admission:
+    """Who may open a connection, decided once per connection as it opens (aiohttp has no
+    hook for it: the server's `connection_made`, called by each new connection's handler,
+    is wrapped once). In order, each refusal answered and counted once:
+    1. the cap (`over_cap`): past `cap` open connections, a 503; no account lookup is
+       spent on a connection refused anyway (a local flood costs no threads);
+    2. the account (`gate`, `local_access`): reading is paused until the lookup (in a
+       thread) says the far end runs as our account, so no request of another account
+       is read, let alone answered; another account's connection gets a 403 (counted
+       by the gate, under "dicomweb")."""
+
+    def __init__(self, runner: web.AppRunner, cap: int, gate: AccountGate) -> None:
+        server = runner.server
+        assert server is not None
+        self._server = server
+        self._opened = server.connection_made
+        self.cap = cap
+        self.gate = gate
+        self.over_cap = 0  # connections refused with a 503
+        self.pending: set[asyncio.Task[None]] = set()  # account lookups under way
+        server.connection_made = self.connection_made  # type: ignore[method-assign]
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        self._opened(handler, transport)
+        if len(self._server.connections) > self.cap:
+            self.over_cap += 1
+            _refuse(transport, _BUSY)
+            return
+        if self.gate.anyone or transport.is_closing():
+            return
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._check_account(transport))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _check_account(self, transport: asyncio.Transport) -> None:
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         ok = bool(peer and local) and await asyncio.to_thread(
-            gate.admit, "dicomweb", peer[:2], local[:2]
+            self.gate.admit, "dicomweb", peer[:2], local[:2]
         )
         if transport.is_closing():
             return
         if ok:
             transport.resume_reading()
         else:
-            transport.write(_FORBIDDEN)
-            transport.close()
+            _refuse(transport, _FORBIDDEN)
 
-    def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-        opened(handler, transport)
-        if gate.anyone or transport.is_closing():
-            return
-        transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(admit(transport))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    server.connection_made = connection_made  # type: ignore[method-assign]
+    def cancel(self) -> None:
+        """Stop the lookups under way (the server is stopping)."""
+        for task in list(self.pending):
+            task.cancel()
 
 
 class DicomwebServer:
@@ -150,6 +156,7 @@ class DicomwebServer:
                 "series_metadata_from_headers": float(headfirst.answered),
                 "series_headers_unused": float(headfirst.fell_back),
                 "series_headers_complete": float(headfirst.completed),
+                "connections_over_limit": float(a.over_cap if (a := self._admission) else 0),
             },
         )
         used = headfirst if config.headers_first else None
@@ -159,7 +166,7 @@ class DicomwebServer:
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
         self.accounts = accounts or AccountGate()
-        self._admitting: set[asyncio.Task[None]] = set()
+        self._admission: _Admission | None = None
 
     def forget_cached(self) -> None:
         """After `relay cache wipe`: no decrypted copy of a cached instance stays in this
@@ -185,8 +192,7 @@ class DicomwebServer:
         runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
                                **HEADER_LIMITS)  # type: ignore[arg-type]  # fmt: skip
         await runner.setup()
-        _cap_connections(runner, MAX_CONNECTIONS)
-        _check_accounts(runner, self.accounts, self._admitting)
+        self._admission = _Admission(runner, MAX_CONNECTIONS, self.accounts)
         listen = self.config.listen
         host = "127.0.0.1" if listen.host.lower().rstrip(".") == "localhost" else listen.host
         site = web.TCPSite(runner, host, listen.port)
@@ -218,8 +224,8 @@ class DicomwebServer:
         await self.stop()
 
     async def stop(self) -> None:
-        for task in list(self._admitting):
-            task.cancel()
+        if self._admission is not None:
+            self._admission.cancel()
         if self.service.headfirst is not None:
             await self.service.headfirst.close()
         await self.service.retriever.close()

@@ -20,6 +20,7 @@ from relay.workstation.dicomweb.source import (
     UpstreamError,
 )
 from tests.workstation.dicomweb.test_server import scripted
+from tests.workstation.test_localpeer import NOBODY, _needs_other_account, client, received
 
 
 async def _until(check: Any) -> None:
@@ -81,6 +82,44 @@ async def test_connections_beyond_max_connections_are_refused_at_once() -> None:
             assert r.status == 200
         for _, w in idle[8:]:
             w.close()
+
+
+async def test_over_the_cap_another_account_is_refused_once_as_busy() -> None:
+    """One admission step, the cap before the account: a connection over the cap from
+    another account gets the 503 alone (no 403 after it, no account lookup spent on it),
+    counted once as over the limit and not as another account's; under the cap, the
+    same client gets the 403, counted once by the gate."""
+    _needs_other_account()
+    async with scripted() as (srv, _):
+        assert srv.address is not None and srv._runner is not None
+        port, server = srv.address.port, srv._runner.server
+        assert server is not None
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
+        await _until(lambda: len(server.connections) == MAX_CONNECTIONS)
+        srv.accounts.access = "same-user"  # for connections opened from now on
+        looked_up = 0
+        check = srv.accounts._check
+
+        def counted(peer: tuple[str, int], local: tuple[str, int]) -> bool:
+            nonlocal looked_up
+            looked_up += 1
+            return check(peer, local)
+
+        srv.accounts._check = counted
+        request = b"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        with client(port, user=NOBODY, send=request) as other:
+            answer = await asyncio.to_thread(received, other)
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.count(b"HTTP/1.1") == 1
+        assert (looked_up, srv.accounts.refused) == (0, {})
+        assert srv.metrics.counters()["connections_over_limit"] == 1
+        for _, w in idle:
+            w.close()
+        await _until(lambda: len(server.connections) == 0)
+        with client(port, user=NOBODY, send=request) as other:
+            answer = await asyncio.to_thread(received, other)
+        assert answer.startswith(b"HTTP/1.1 403 ") and answer.count(b"HTTP/1.1") == 1
+        assert (looked_up, srv.accounts.refused) == (1, {"dicomweb": 1})
+        assert srv.metrics.counters()["connections_over_limit"] == 1
 
 
 async def test_c_finds_towards_the_agent_are_bounded_then_503() -> None:
