@@ -22,6 +22,8 @@ malformed list 400, frames that cannot be given exactly `Unservable` (406).
 
 from __future__ import annotations
 
+import itertools
+import struct
 from typing import Final
 
 import numpy as np
@@ -100,11 +102,16 @@ def frame_syntax(transfer_syntax: str) -> str:
     return EXPLICIT_LE if uncompressed(transfer_syntax) else transfer_syntax
 
 
-def _pixel_value(ds: Dataset) -> bytes:
+def _pixel_bytes(ds: Dataset) -> bytes | bytearray:
     value = ds.get("PixelData")
     if not isinstance(value, bytes | bytearray) or not value:
         raise FrameError("the instance has no pixel data")
-    return bytes(value)
+    return value
+
+
+def _pixel_value(ds: Dataset) -> memoryview:
+    """The Pixel Data value as a view: frames are cut out of it, never the whole copied."""
+    return memoryview(_pixel_bytes(ds))
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -141,12 +148,34 @@ def _big_endian_word(ds: Dataset) -> int:
     )
 
 
-def _from_big_endian(ds: Dataset, data: bytes) -> bytes:
-    """The Pixel Data value of an Explicit VR Big Endian dataset as little endian."""
-    if _big_endian_word(ds) == 1:
-        return data
-    even = data + b"\0" * (len(data) % 2)
+def _swapped(data: memoryview) -> bytes:
+    """16-bit words of big endian data as little endian (an odd last byte: a zero pad
+    byte is swapped in before it and cut off after, as the whole value's pad would be)."""
+    even: bytes | memoryview = bytes(data) + b"\0" if len(data) % 2 else data
     return np.frombuffer(even, dtype=">u2").astype("<u2").tobytes()[: len(data)]
+
+
+def _big_endian_frame(ds: Dataset, data: memoryview, first: int, size: int) -> bytes:
+    """Bytes first..first+size of the Pixel Data as little endian: the words around
+    them alone are swapped (a frame of odd size starts or ends inside a word)."""
+    if _big_endian_word(ds) == 1:
+        return bytes(data[first : first + size])
+    start = first - first % 2
+    end = min(len(data), first + size + (first + size) % 2)
+    return _swapped(data[start:end])[first - start : first - start + size]
+
+
+def _from_big_endian(ds: Dataset, data: memoryview) -> bytes | bytearray:
+    """The Pixel Data value of an Explicit VR Big Endian dataset as little endian, made
+    in one copy (swapped in place)."""
+    out = bytearray(data)
+    if _big_endian_word(ds) == 1:
+        return out
+    if len(out) % 2:
+        out.append(0)
+    np.frombuffer(out, dtype="<u2").byteswap(inplace=True)
+    del out[len(data) :]
+    return out
 
 
 def check(ds: Dataset, transfer_syntax: str) -> None:
@@ -156,49 +185,103 @@ def check(ds: Dataset, transfer_syntax: str) -> None:
         _big_endian_word(ds)
 
 
-def _fragments(ds: Dataset, data: bytes, transfer_syntax: str, count: int) -> list[bytes]:
-    """Each frame of encapsulated pixel data, as stored; Unservable when the fragments do
-    not say where `count` frames are (a video stream, a missing offset table)."""
-    try:
-        out = list(generate_frames(data, number_of_frames=count))
-    except Exception as exc:  # pydicom raises ValueError, struct.error, ...
-        raise Unservable(f"the fragments do not divide into {count} frames: {exc}") from None
-    if len(out) != count:
-        raise Unservable(f"the fragments hold {len(out)} frames, not {count}")
+_ITEM: Final = 0xFFFEE000
+_SEQUENCE_END: Final = 0xFFFEE0DD
+
+
+def _items(value: memoryview) -> list[memoryview] | None:
+    """The items of an encapsulated value (the Basic Offset Table first) as views of it;
+    None when it does not parse as items (left to pydicom to judge)."""
+    out: list[memoryview] = []
+    pos = 0
+    while pos + 8 <= len(value):
+        group, element, length = struct.unpack_from("<HHL", value, pos)
+        if (group << 16 | element) == _SEQUENCE_END:
+            break
+        pos += 8
+        if (group << 16 | element) != _ITEM or length > len(value) - pos:
+            return None
+        out.append(value[pos : pos + length])
+        pos += length
+    return out if out else None
+
+
+def _one_per_fragment(value: memoryview, count: int) -> list[memoryview] | None:
+    """Each frame as a view of its one fragment, when the value holds `count` fragments
+    and its offset table, if any, says one frame each (Encapsulated Uncompressed always;
+    most compressed multi-frame data); else None."""
+    items = _items(value)
+    if items is None or len(items) - 1 != count or len(items[0]) % 4:
+        return None
+    if len(items[0]):
+        table = struct.unpack(f"<{len(items[0]) // 4}L", items[0])
+        starts = itertools.accumulate((len(f) + 8 for f in items[1:-1]), initial=0)
+        if list(table) != list(starts):
+            return None
+    return items[1:]
+
+
+def _wanted(ds: Dataset, data: memoryview, transfer_syntax: str, count: int,
+            numbers: list[int]) -> list[bytes]:  # fmt: skip
+    """Frames `numbers` of encapsulated pixel data, as stored, each copied alone (the
+    others are neither copied nor joined); Unservable when the fragments do not say
+    where `count` frames are (a video stream, a missing offset table)."""
+    views = _one_per_fragment(data, count)
+    if views is None:
+        if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
+            raise Unservable(f"the fragments are not {count} frames of one fragment each")
+        return _by_pydicom(bytes(_pixel_bytes(ds)), count, numbers)  # bytes: no copy
     if transfer_syntax != ENCAPSULATED_UNCOMPRESSED:
-        return out
+        return [bytes(views[n - 1]) for n in numbers]
     size = _frame_size(ds, 1)  # each fragment a frame, so 1-bit frames end on a byte
     padded = size + size % 2
-    if any(len(f) != padded for f in out):
+    if any(len(f) != padded for f in views):
         raise Unservable(f"a fragment is not one frame of {size} bytes")
-    return [f[:size] for f in out]
+    return [bytes(views[n - 1][:size]) for n in numbers]
+
+
+def _by_pydicom(data: bytes, count: int, numbers: list[int]) -> list[bytes]:
+    """Frames of fragments grouped otherwise (an offset table of several fragments a
+    frame, or none): pydicom's frame generator, keeping only the frames asked for."""
+    wanted = set(numbers)
+    kept: dict[int, bytes] = {}
+    found = 0
+    try:
+        for found, frame in enumerate(generate_frames(data, number_of_frames=count), 1):
+            if found in wanted:
+                kept[found] = frame
+    except Exception as exc:  # pydicom raises ValueError, struct.error, ...
+        raise Unservable(f"the fragments do not divide into {count} frames: {exc}") from None
+    if found != count:
+        raise Unservable(f"the fragments hold {found} frames, not {count}")
+    return [kept[n] for n in numbers]
 
 
 def get_frames(ds: Dataset, transfer_syntax: str, numbers: list[int]) -> list[bytes]:
     """The frames `numbers` of the dataset's Pixel Data, in that order, in
-    `frame_syntax(transfer_syntax)`."""
+    `frame_syntax(transfer_syntax)`; only those frames are copied out of the value."""
     data = _pixel_value(ds)
     count = _frame_count(ds)
     for n in numbers:
         if n > count:
             raise FrameError(f"frame {n} is past the last frame ({count})")
     if is_encapsulated(transfer_syntax):
-        frames = _fragments(ds, data, transfer_syntax, count)
-        return [frames[n - 1] for n in numbers]
+        return _wanted(ds, data, transfer_syntax, count, numbers)
     size = _frame_size(ds, count)
     if size <= 0 or len(data) < size * count:
         raise FrameError("the pixel data is shorter than its frames")
-    if transfer_syntax == BIG_ENDIAN:  # the whole value: an odd length's pad byte moves
-        data = _from_big_endian(ds, data)
-    return [data[(n - 1) * size : n * size] for n in numbers]
+    if transfer_syntax == BIG_ENDIAN:
+        return [_big_endian_frame(ds, data, (n - 1) * size, size) for n in numbers]
+    return [bytes(data[(n - 1) * size : n * size]) for n in numbers]
 
 
-def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes:
+def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes | bytearray:
     """The whole Pixel Data of an `uncompressed` syntax as a native Explicit VR LE value
-    (for bulk data and rendering); Unservable when frames would not join into one."""
-    data = _pixel_value(ds)
+    (for bulk data), made in at most one copy; Unservable when frames would not join
+    into one."""
     if transfer_syntax in _NATIVE_LE:
-        return data
+        return _pixel_bytes(ds)
+    data = _pixel_value(ds)
     count = _frame_count(ds)
     if transfer_syntax == BIG_ENDIAN:
         return _from_big_endian(ds, data)
@@ -206,7 +289,13 @@ def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes:
         _frame_size(ds, count)  # frames that would not join into one native value
     except FrameError as exc:
         raise Unservable(str(exc)) from None
-    return b"".join(_fragments(ds, data, transfer_syntax, count))
+    views = _one_per_fragment(data, count)
+    if views is None:
+        raise Unservable(f"the fragments are not {count} frames of one fragment each")
+    size = _frame_size(ds, 1)
+    if any(len(f) != size + size % 2 for f in views):
+        raise Unservable(f"a fragment is not one frame of {size} bytes")
+    return b"".join(f[:size] for f in views)
 
 
 def little_endian(ds: Dataset, tag: int, value: bytes, transfer_syntax: str) -> bytes:

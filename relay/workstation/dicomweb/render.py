@@ -2,11 +2,12 @@
 
 For thumbnails and simple viewers. The frame is decoded by pydicom (native data; the
 compressed syntaxes pydicom can decode with the plug-ins installed; Encapsulated
-Uncompressed, which pydicom 3.0 cannot, from its fragments joined into a native value by
-frames.py; big endian layouts frames.py refuses are refused here too), the VOI window of
-the dataset is applied (Window Center/Width, else the frame's min..max), and Pillow
-encodes it. Pillow: the maintained standard imaging library for Python, wheels for
-Windows, macOS and Linux, JPEG and PNG built in; nothing else we have encodes either.
+Uncompressed, which pydicom 3.0 cannot, from the one fragment of the frame asked, as a
+native single-frame value: frames.py; big endian layouts frames.py refuses are refused
+here too), the VOI window of the dataset is applied (Window Center/Width, else the
+frame's min..max), and Pillow encodes it. Pillow: the maintained standard imaging library
+for Python, wheels for Windows, macOS and Linux, JPEG and PNG built in; nothing else we
+have encodes either.
 `viewport=W,H` scales down (never up), within MAX_SIDE; without one, a frame larger than
 MAX_SIDE is scaled down to it too. Only the frame asked for is decoded, and a frame of
 more than MAX_FRAME_VALUES values is refused before decoding: a compressed frame whose
@@ -35,6 +36,8 @@ MAX_SIDE: Final = 4096  # px: the largest side of a rendered image (asked for or
 # (float64) while windowed, so at most 256 MiB per render.
 MAX_FRAME_VALUES: Final = 1 << 25
 FORMATS: Final = {"image/jpeg": "JPEG", "image/png": "PNG"}
+_PIXEL_DATA: Final = 0x7FE00010
+_NUMBER_OF_FRAMES: Final = 0x00280008
 
 
 class RenderError(ValueError):
@@ -84,7 +87,7 @@ def render_frame(
     try:
         frames.check(ds, ts)
         if ts == frames.ENCAPSULATED_UNCOMPRESSED:
-            ds = _as_native(ds, ts)
+            ds, number, count = _one_native_frame(ds, ts, number), 1, 1
     except (frames.FrameError, frames.Unservable) as exc:
         raise RenderError(f"cannot decode the pixel data: {exc}") from None
     try:  # this frame only: a multi-frame instance is not decoded whole for one of them
@@ -120,15 +123,17 @@ def _check_frame_size(ds: Dataset) -> None:
                           "not rendered")  # fmt: skip
 
 
-def _as_native(ds: Dataset, transfer_syntax: str) -> Dataset:
-    """A copy of `ds` with its Pixel Data as one native Explicit VR LE value (the caller's
-    dataset and its elements are left as they are)."""
+def _one_native_frame(ds: Dataset, transfer_syntax: str, number: int) -> Dataset:
+    """A copy of `ds` whose Pixel Data is its frame `number` alone, as a native Explicit
+    VR LE value (pydicom 3.0 cannot decode Encapsulated Uncompressed): the other frames
+    are neither copied nor joined. The caller's dataset and its elements are left as
+    they are."""
+    [frame] = frames.get_frames(ds, transfer_syntax, [number])
     out = Dataset()
     for elem in ds:
-        if elem.tag != 0x7FE00010:
+        if elem.tag not in (_PIXEL_DATA, _NUMBER_OF_FRAMES):
             out.add(elem)
-    out.add_new(0x7FE00010, "OB" if int(ds.BitsAllocated) <= 8 else "OW",
-                frames.native_pixels(ds, transfer_syntax))  # fmt: skip
+    out.add_new(_PIXEL_DATA, "OB" if int(ds.BitsAllocated) <= 8 else "OW", frame)
     out.file_meta = FileMetaDataset()
     out.file_meta.TransferSyntaxUID = UID(frames.frame_syntax(transfer_syntax))
     return out
