@@ -17,8 +17,10 @@ then renew it). The core therefore checks the resumed certificate's dates agains
 
 Every buffer is bounded (`SealLimits`): received ciphertext is decrypted as it arrives,
 so the incoming BIO holds at most one partial record; plaintext sent before the
-handshake completes is queued up to `max_early_plaintext`; ciphertext not yet collected
-is refused above `max_outgoing` (the caller must drain `data_to_send()` first).
+handshake completes is queued up to `max_early_plaintext`, in one buffer (a list of the
+caller's writes cost ~40 bytes of objects per write besides its bytes: 2-byte writes held
+1.4 MB under a 64 KiB bound); ciphertext not yet collected is refused above
+`max_outgoing` (the caller must drain `data_to_send()` first).
 """
 
 from __future__ import annotations
@@ -194,8 +196,7 @@ class SealCore:
         self.state: State = "handshake"
         self.failure: SessionFailed | None = None
         self.peer: Identity | None = None
-        self._early: list[bytes] = []
-        self._early_size = 0
+        self._early = bytearray()  # plaintext sent before the handshake completed
         self.sealed_in = 0  # ciphertext bytes received
         self.sealed_out = 0  # ciphertext bytes collected
         self.plain_in = 0  # plaintext bytes delivered
@@ -244,10 +245,9 @@ class SealCore:
         if not data:
             return
         if self.state == "handshake":
-            if self._early_size + len(data) > self.limits.max_early_plaintext:
+            if len(self._early) + len(data) > self.limits.max_early_plaintext:
                 raise SealBufferFull("plaintext queued before the handshake over its limit")
-            self._early.append(bytes(data))
-            self._early_size += len(data)
+            self._early += data
             return
         if self._outgoing.pending > self.limits.max_outgoing:
             raise SealBufferFull("ciphertext not collected over its limit")
@@ -274,7 +274,7 @@ class SealCore:
 
     # -- internals
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:  # pragma: no cover - OpenSSL refuses writes only after failure
@@ -321,9 +321,9 @@ class SealCore:
         self.state = "open"
         if events is not None:
             events.append(HandshakeComplete(peer, alpn, self._ssl.session_reused))
-        early, self._early, self._early_size = self._early, [], 0
-        for chunk in early:
-            self._write(chunk)
+        early, self._early = self._early, bytearray()
+        if early:
+            self._write(early)
 
     def _read(self, events: list[SealEvent]) -> None:
         while True:
@@ -359,8 +359,7 @@ class SealCore:
         out = events if events is not None else []
         if self.state != "failed":
             self.state = "failed"
-            self._early.clear()
-            self._early_size = 0
+            self._early = bytearray()  # and its memory
             self.failure = SessionFailed(reason if reason in FAILURE_REASONS else "other", detail)
             out.append(self.failure)
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import tracemalloc
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -268,6 +269,27 @@ def test_early_plaintext_is_bounded(pkis: Pkis) -> None:
     d.client.send(b"a" * 1000)
     with pytest.raises(SealBufferFull):
         d.client.send(b"b")
+
+
+def test_early_plaintext_in_small_writes_holds_no_more_than_its_bound(pkis: Pkis) -> None:
+    """The bound is on memory, not only on bytes: 2-byte writes up to it used to be kept
+    as one bytes object each (~43 bytes of objects per 2 bytes: 21 times the bound)."""
+    bound = 64 * 1024
+    d = duplex(pkis, limits=SealLimits(max_early_plaintext=bound))
+    chunks = range(bound // 2)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in chunks:
+            d.client.send(n.to_bytes(2, "big"))  # a new object each, as a caller's are
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(SealBufferFull):
+        d.client.send(b"z")
+    assert held <= bound * 1.25, held
+    d.run()  # and all of it arrives, in order, once the handshake completes
+    assert _plain(d.server_events) == b"".join(n.to_bytes(2, "big") for n in chunks)
 
 
 def test_uncollected_ciphertext_is_bounded(pkis: Pkis) -> None:
