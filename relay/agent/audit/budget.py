@@ -39,12 +39,25 @@ A sustained flood of one kind, from any number of sources, thus writes about KIN
 then at most 720 refusals a day in full and (MAX_AGGREGATES + 1) x 24 = 216 aggregates:
 ~0.7 MB a day a kind, ~2 MB for the three; the default security set (10 MiB x 11)
 holds about two months of it.
+
+The buckets live in memory, and a new process used to start with every bucket full: an
+agent that restarts (a crash, systemd's `Restart=on-failure` 2 s later) wrote KIND_BURST
+more refusals of each kind in full each time, so a sender able to crash it in a loop
+would have had the budget's bound times the restarts. The file is the memory instead:
+before its first refusal, a process `recall`s the refusals written in full to the
+security set in the last RECALL_WINDOW (read newest first, at most MAX_RECALL_LINES
+lines), and each bucket they name starts empty at the window's start and takes one token
+per refusal, in time order. That can only be less than the bucket truly held (it held at
+least nothing then), and a bucket with no refusal in the window is full, as it truly is
+by then. A crash still loses the aggregates not yet written (counted refusals of at most
+AGGREGATE_INTERVAL, at most MAX_AGGREGATES + 1 a kind): a clean stop writes them.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final
@@ -57,13 +70,16 @@ __all__ = [
     "KIND_REFILL",
     "LIMITED_UPSTREAM",
     "MAX_AGGREGATES",
+    "MAX_RECALL_LINES",
     "MAX_SOURCES",
     "OTHER_SOURCES",
+    "RECALL_WINDOW",
     "SOURCE_BURST",
     "SOURCE_REFILL",
     "RefusalBudget",
     "budgeted",
     "source_of",
+    "written_refusal",
 ]
 
 SOURCE_BURST: Final = 10
@@ -86,6 +102,14 @@ MAX_NAMED_SOURCES: Final = 8
 MAX_SOURCES: Final = 10_000
 """Source buckets remembered, the one used longest ago forgotten first (its source then
 starts a new burst; the kind's bucket still holds)."""
+RECALL_WINDOW: Final = KIND_BURST * KIND_REFILL
+"""How far back a new process reads the refusals written in full (200 min): an empty kind
+bucket is full again after this long, a source's (SOURCE_BURST x SOURCE_REFILL, 100 min)
+sooner."""
+MAX_RECALL_LINES: Final = 20_000
+"""Lines of the security set read back at most (a few MB at its usual ~1 KB a line): the
+window holds ~1,000 budgeted lines under a flood of all three kinds, besides successes
+and gateways' reports. Past it, the window starts at the oldest line read."""
 OTHER_SOURCES: Final = "*"
 LIMITED_UPSTREAM: Final = frozenset({"auth_refused"})
 """Kinds limited where they arrive, by their true source: a gateway's refusal reports
@@ -114,6 +138,25 @@ def source_of(event: AuditEvent) -> str:
     return "unknown"
 
 
+def written_refusal(event: Mapping[str, object]) -> tuple[str, str] | None:
+    """(kind, source) of a line of the security set that took a token when it was
+    written (a refusal written in full, not an aggregate), else None: what `recall`
+    charges. The source is read as `source_of` made it (the address is stored as
+    host_of gave it)."""
+    ident = event.get("EventIdentification")
+    outcome = ident.get("EventOutcomeIndicator") if isinstance(ident, dict) else None
+    kind = event.get("kind")
+    if not isinstance(kind, str) or not isinstance(outcome, int) or "aggregate" in event:
+        return None
+    if outcome in UNBUDGETED_OUTCOMES or kind in LIMITED_UPSTREAM:
+        return None
+    participants = event.get("ActiveParticipant")
+    for p in participants if isinstance(participants, list) else []:
+        if isinstance(p, dict) and p.get("UserIsRequestor"):
+            return kind, str(p.get("NetworkAccessPointID") or p.get("UserID") or "unknown")
+    return kind, "unknown"
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -129,6 +172,13 @@ class _Bucket:
             return False
         self.tokens -= 1
         return True
+
+    def charge(self, now: datetime, burst: int, refill: timedelta) -> None:
+        """A token the past took (`recall`): refill, then one less, never below none.
+        Charged from a bucket that held no more than the past's, it holds no more after
+        (the past's had a token to take), so a recalled bucket is never too generous."""
+        if not self.take(now, burst, refill):
+            self.tokens = 0.0  # less than one, less one, is none
 
 
 @dataclass
@@ -203,6 +253,21 @@ class RefusalBudget:
             aggregate = self._aggregates.get(key) or self._open(key, event)
             aggregate.add(event, source)
             return aggregate.due
+
+    def recall(self, written: Iterable[tuple[str, str, datetime]], since: datetime) -> None:
+        """Charge the buckets with refusals an earlier process wrote in full, (kind,
+        source, time) oldest first, all since `since`: each bucket they name starts
+        empty at `since` (see the module docstring)."""
+        with self._lock:
+            for kind, source, at in written:
+                key = (kind, source)
+                bucket = self._sources.pop(key, None) or _Bucket(0.0, since)
+                self._sources[key] = bucket
+                while len(self._sources) > MAX_SOURCES:
+                    self._sources.popitem(last=False)
+                bucket.charge(at, SOURCE_BURST, SOURCE_REFILL)
+                kind_bucket = self._kinds.setdefault(kind, _Bucket(0.0, since))
+                kind_bucket.charge(at, KIND_BURST, KIND_REFILL)
 
     def _take(self, key: tuple[str, str], now: datetime) -> bool:
         """A token from both the source's and the kind's buckets, or from neither."""

@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from relay.agent.audit.budget import RefusalBudget, budgeted
+from relay.agent.audit.budget import (
+    MAX_RECALL_LINES,
+    RECALL_WINDOW,
+    RefusalBudget,
+    budgeted,
+    written_refusal,
+)
 from relay.agent.audit.events import (
     EV_BEGIN_TRANSFER,
     EV_INSTANCES_TRANSFERRED,
@@ -59,6 +66,7 @@ from relay.agent.audit.files import (
     DeviceSets,
     RotatedFile,
     device_dir,
+    event_time,
     flocked,
     merged_events,
     trail_sets,
@@ -149,6 +157,8 @@ class AuditLog:
         #: Refusals bound for the security set beyond their source's budget are counted
         #: into aggregates (see `budget`), so that no sender can rotate it away.
         self.budget = RefusalBudget()
+        self._recalled = False  # the budget has been charged with the file's refusals
+        self._recall_lock = threading.Lock()
         self._timers: set[datetime] = set()  # due times a timer is set for (a few)
 
     # -- writing
@@ -158,11 +168,46 @@ class AuditLog:
         an aggregate, written later); True if it reached the file or an aggregate."""
         self.flush_aggregates(event.at)
         if device_of(event) is None and budgeted(event):
+            self._recall_budget(event.at)
             due = self.budget.admit(event)
             if due is not None:
                 self._flush_at(due, event.at)
                 return True
         return self._write(event)
+
+    def _recall_budget(self, now: datetime) -> None:
+        """Once per process, before its first refusal: charge the budget with those the
+        security set got in full in the last RECALL_WINDOW, so that a restart does not
+        give every sender a new burst (budget's docstring). A file that cannot be read
+        leaves the budget as it is (logged): the trail must not fail for it."""
+        with self._recall_lock:
+            if self._recalled:
+                return
+            self._recalled = True
+            since = now - RECALL_WINDOW
+            written: list[tuple[str, str, datetime]] = []
+            try:
+                sets = trail_sets(self.path, devices=False)
+                for n, line in enumerate(merged_events(sets, newest_first=True)):
+                    at = event_time(line)
+                    if line is None or at is None or at > now:
+                        continue  # torn, or from a clock ahead of ours: charged by neither
+                    if at < since:
+                        break
+                    if n >= MAX_RECALL_LINES:
+                        since = at  # read no further: the window starts here
+                        break
+                    refusal = written_refusal(line)
+                    if refusal is not None and line.get("kind") not in DEVICE_KINDS:
+                        written.append((*refusal, at))
+            except OSError as exc:
+                log.warning(
+                    "audit: cannot read the security set back for the refusal budget",
+                    extra={"file": str(self.path), "error": str(exc)},
+                )
+                return
+            written.reverse()
+            self.budget.recall(written, since)
 
     def flush_aggregates(self, now: datetime) -> None:
         """Write the aggregates due at `now` (each later event calls this, and a timer
