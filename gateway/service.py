@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.casites import CaSites, load_ca_sites
 from gateway.config import GatewayConfig, GatewayConfigLoader
-from gateway.lifecycle import drain, reload
+from gateway.lifecycle import drain, reloader
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
 from relay.net.tls import TlsConfigError, server_context, tls_config_error
@@ -74,17 +74,22 @@ async def run_gateway(
         admin = AdminServer(config.metrics_listen, metrics.registry, ready)
         with listen_errors(config.path, "metrics_listen", config.metrics_listen):
             await admin.start()
+    reloads = reloader(server, load) if load is not None else None
     if handle_signals:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        if load is not None:
-            loop.add_signal_handler(signal.SIGHUP, reload, server, load)
+        if reloads is not None:
+            loop.add_signal_handler(signal.SIGHUP, reloads.request)
     if started is not None:
         started(server)
     try:
         await stop.wait()
+        if reloads is not None:  # a prepare under way is abandoned: it must not hold the stop
+            reloads.close()
         await drain(server, server.config.drain_grace)
     finally:
+        if reloads is not None:
+            reloads.close()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

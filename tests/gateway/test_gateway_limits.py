@@ -141,7 +141,7 @@ async def test_a_reload_changes_the_caps_for_new_links(tmp_path: Path) -> None:
         first = await connect(world, pair, wire.ALPN_DEVICE)
         await expect_refused(world, "device_links", connect(world, pair, wire.ALPN_DEVICE))
         config = dataclasses.replace(world.server.config, per_device=DeviceLimits(links=2))
-        assert reload(world.server, lambda _: config)
+        assert await reload(world.server, lambda _: config)
         second = await connect(world, pair, wire.ALPN_DEVICE)
         await until(lambda: world.server.devices.usage(pair_uri(world)).links == 2, "2 links")
         first.close()

@@ -36,7 +36,7 @@ async def test_a_failed_reload_names_the_file_the_key_and_the_path_as_start_up_d
             tls_at_start(config)
         caplog.clear()
         with caplog.at_level(logging.ERROR, logger="gateway.lifecycle"):
-            assert not reload(world.server, lambda _, c=config: c)  # type: ignore[misc]
+            assert not await reload(world.server, lambda _, c=config: c)  # type: ignore[misc]
         (line,) = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
         said = line.__dict__["error"]
         assert said == str(at_start.value), key
@@ -48,7 +48,7 @@ async def test_a_failed_reload_names_the_file_the_key_and_the_path_as_start_up_d
     )
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="gateway.lifecycle"):
-        assert not reload(world.server, lambda _: config)
+        assert not await reload(world.server, lambda _: config)
     assert caplog.records[-1].__dict__["error"].startswith(f"{running.path}: tls.ca: {other.ca}")
     assert world.server.config is running
     assert (
