@@ -16,6 +16,14 @@ with backoff; the retrievals that broke resume as before (relay.dicom). When the
 says goaway (it drains), or the gateway link is replaced, a new session is opened at once
 and the old one closes when its streams are done. Reconnects resume the TLS session
 (ticket) where the agent still knows it: no certificate exchange.
+
+A ticket is dropped when an attempt that offered it is refused, by the agent (a sealed
+GOAWAY: "expired", when the agent's clock is past the certificate the ticket carries,
+revoked, ...) or by us (the agent's resumed certificate expired): the next attempt is a
+full handshake with the certificate of the current context, which OpenSSL checks. Kept,
+the ticket was offered again at every attempt and refused again each time, until it
+aged out (2 h) or the context changed. An attempt that fails on the way (the outer
+stream reset, its end, a timeout) says nothing of the ticket and keeps it.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ RETRY_BASE: Final = 0.05
 RETRY_CAP: Final = 5.0
 WATCH: Final = 0.5  # how often an open session checks that its gateway link is current
 DRAIN_POLL: Final = 0.1
+#: Failures of an attempt that say nothing about the ticket it offered (the path broke).
+PATH_FAILURES: Final = frozenset({"outer_reset", "eof", "timeout"})
 FORWARD_LINK_CREDIT: Final = 16 * 1024
 """Link credit a forwarded connection's unread bytes hold at most (of its 1 MiB stream
 window; relay.proto.Connection.hold_link_credit). Local programs keep many forwarded
@@ -70,6 +80,8 @@ class SessionStats:
     opened: int = 0
     failures: int = 0
     refusals: int = 0  # the agent refused us (revoked, ...)
+    resumed: int = 0  # sessions opened from a ticket (no certificate exchange)
+    tickets_dropped: int = 0  # tickets refused (see the module docstring)
     last_error: str = ""
 
 
@@ -203,6 +215,7 @@ class SessionKeeper:
         """One attempt: a session on `outer_link`, accepted by the agent; None if not."""
         assert outer_link is not None
         self.stats.attempts += 1
+        offered = self._resumable()
         try:
             outer = outer_link.open_stream({HEADER_TARGET: TARGET_SESSION})
         except (LinkClosedError, StreamStateError) as exc:
@@ -217,7 +230,7 @@ class SessionKeeper:
                 check_peer=agent_check(self.trust_domain, self.site),
                 settings=self.settings,
                 name="session",
-                session=self._resumable(),
+                session=offered,
                 timeout=self.handshake_timeout,
                 stats=self.seal,
                 link_class=_SessionLink,
@@ -231,6 +244,8 @@ class SessionKeeper:
             self.stats.failures += 1
             self.stats.last_error = f"session: {exc.reason}: {exc.detail}"
             log.warning("session failed", extra={"reason": exc.reason, "detail": exc.detail})
+            if offered is not None and exc.reason not in PATH_FAILURES:
+                self._drop_ticket(offered)
             return None
         except TimeoutError:
             self.stats.failures += 1
@@ -243,12 +258,15 @@ class SessionKeeper:
             self.stats.last_error = f"{ErrorCode.name_of(code)}: {reason}"
             log.error("the agent refused the session", extra={"reason": reason})
             sealed.link.abort()
+            if offered is not None:
+                self._drop_ticket(offered)
             if code == ErrorCode.REVOKED:  # the agent's own, sealed verdict: stop for good
                 self._stopping = True
                 self.kept.revoked_by_peer(reason)
             return None
         self._keep_ticket(sealed.transport.core)
         self.stats.opened += 1
+        self.stats.resumed += sealed.handshake.resumed
         self.links.add(holder)
         holder.closed.add_done_callback(lambda _: self.links.discard(holder))
         log.info(
@@ -290,6 +308,14 @@ class SessionKeeper:
         if self._ticket is not None and self._ticket[0] is self.ctx:
             return self._ticket[1]
         return None
+
+    def _drop_ticket(self, refused: ssl.SSLSession) -> None:
+        """Forget `refused` (not a newer ticket kept meanwhile): the next attempt is a
+        full handshake."""
+        if self._ticket is not None and self._ticket[1] is refused:
+            self._ticket = None
+            self.stats.tickets_dropped += 1
+            log.info("session ticket dropped; the next session presents the certificate")
 
     def _keep_ticket(self, core: SealCore) -> None:
         ticket = core.session
