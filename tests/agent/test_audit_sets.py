@@ -166,6 +166,20 @@ def test_the_device_sets_are_bounded_and_the_set_idle_longest_is_pruned(
     }
 
 
+def test_a_devices_own_traffic_never_prunes_another_devices_set(tmp_path: Path) -> None:
+    """Sets are pruned only when a set is created, for an identity with none (named by
+    the inner certificate, which a device cannot choose): with the sets at their bound, a
+    device writing three sets' worth, rotating its own, prunes nothing, however idle the
+    other device's set is."""
+    audit = small_trail(tmp_path, max_devices=2)
+    query(audit, OTHER, 0)
+    os.utime(audit.devices.path_of(OTHER), (1000, 1000))  # idle since long ago
+    for i in range(1, 1 + 3 * 3 * MAX_LINE_BYTES // 900):
+        query(audit, HOSTILE, i)
+    assert audit.devices.pruned == 0
+    assert queries_of(read_events(audit.path), OTHER) == [0]
+
+
 def test_read_events_merges_the_sets_in_time_order(tmp_path: Path) -> None:
     audit = small_trail(tmp_path)
     for i in range(30):

@@ -7,12 +7,13 @@ import asyncio
 import datetime as dt
 import socket
 import ssl
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.agent.audit import AuditEvent, Outcome, Participant
+from relay.agent.audit import AuditEvent, AuditLog, Outcome, Participant
 from relay.agent.audit.events import EV_QUERY
 from relay.agent.config import load_agent_config
 from relay.agent.syslog import (
@@ -218,3 +219,30 @@ def test_one_devices_flood_takes_only_its_share_of_the_queue() -> None:
         assert sender.submit(b"<13>1 - - - - - - enrollment")
     assert sender.queued == 8
     assert not sender.submit(b"<13>1 - - - - - - one too many")
+
+
+def test_the_queue_holds_little_more_than_its_byte_bound_in_memory(tmp_path: Path) -> None:
+    """The byte bound counts framed bytes; each queued event also costs ~150 bytes of
+    objects (a tuple, a bytes object, a deque slot). With the smallest events the agent
+    writes (~0.8 KB framed) that stays within a quarter more, whatever `queue` allows."""
+    bound = 1024 * 1024
+    sender = SyslogSender(
+        Address(HOST, 9),
+        ssl.create_default_context(),
+        queue_size=1_000_000,
+        max_queued_bytes=bound,
+        hostname="agent.hospital.test",
+    )
+    audit = AuditLog(tmp_path / "audit.jsonl", source_id="spiffe://hospital.test/agent/main")
+    audit.sink = sender
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        while sender.stats.dropped == 0:  # not started: the queue only fills
+            audit.it_logout(now=now, admin="a", peer=None, description="")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert sender.queued_bytes <= bound and sender.queued > 1000
+    assert held <= bound * 1.25, (held, sender.queued)
