@@ -16,7 +16,9 @@ report (optionally copying the audit trail to syslog over TLS).
 SIGTERM/SIGINT: goaway on every link (no new streams), wait for streams in flight up to
 `drain_grace`, close, exit 0.
 
-SIGHUP (`Agent.reload`): re-read the config file and the TLS files. A new certificate,
+SIGHUP (`Agent.reloader`): re-read the config file and the TLS files, in a worker thread
+(relay.ops.reloader: the links' heartbeats and streams go on meanwhile; reloads run one
+at a time, a burst of signals makes at most one more), then swap on the loop. A new certificate,
 key or CA bundle goes to every link supervisor for its next dial; links that are up stay
 up. The service allow-list, compression level, gateways (re-resolved at once), limits and
 backoff of new links, drain grace, resolve interval and log level take effect; the keys
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -52,6 +55,7 @@ from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
 from relay.ops.metrics import EndMetrics, Sources
+from relay.ops.reloader import Reloader
 from relay.ops.reloading import (
     ReloadCounter,
     ReloadError,
@@ -75,6 +79,18 @@ REVOCATION_POLL = 0.5  # seconds between looks at the registry for new revocatio
 RESTART_ONLY = (
     "site", "pki", "state_dir", "metrics_listen", "pacs", "audit", "directory", "it_pages",
 )  # fmt: skip
+
+
+RELOAD_ERRORS = (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedReload:
+    """What a reload read and built in its worker thread; applying it is only a swap."""
+
+    from_file: AgentConfig  # as the file says: restart-only keys are kept when applied
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]  # reloaded_contexts
+    next_start_error: str | None  # check_start of the file, when restart-only keys changed
 
 
 class Agent:
@@ -134,6 +150,9 @@ class Agent:
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
         self.next_start_error: str | None = None  # why the next start fails (last reload)
+        self.reloader = Reloader(
+            self._prepare_reload, self._apply_reload, self._refuse_reload, RELOAD_ERRORS
+        )
         self.metrics.registry.register(self.trust.metrics)
         self._recheck_task: asyncio.Task[None] | None = None
         if authority is not None and authority.recheck is not None:
@@ -174,28 +193,33 @@ class Agent:
         """A gateway opened a stream: a sealed session or enrollment, nothing else."""
         self.sessions.on_stream(stream)
 
-    def reload(self) -> bool:
-        """SIGHUP: re-read the config file and TLS files; apply what is safe, keep links up.
+    async def reload(self) -> bool:
+        """One reload, awaited (SIGHUP calls `reloader.request`): True once applied."""
+        return await self.reloader.reload()
 
-        On any error the running configuration stays as it was (one error line, counted).
+    def _prepare_reload(self) -> PreparedReload:
+        """Worker thread: re-read the config file and the TLS files and build the contexts.
+
+        Reads of the agent only its running config: only an apply changes it, and the
+        reloader runs each apply after its own prepare, one at a time.
         """
-        try:
-            from_file = load_agent_config(self.config.path)
-            new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
-            ctx, session_ctx, enroll_ctx = reloaded_contexts(new, self.config.site)
-        except (ConfigError, ReloadError, TlsConfigError, pki.PkiError, OSError, ValueError) as exc:
-            self.reloads.record(False)
-            log.error(
-                "reload failed; keeping the running configuration and certificates",
-                extra={"config": str(self.config.path), "error": str(exc)},
-            )
-            return False
-        self.next_start_error = None
+        running = self.config
+        from_file = load_agent_config(running.path)
+        new, restart = keep_restart_only(running, from_file, RESTART_ONLY)
+        contexts = reloaded_contexts(new, running.site)
+        next_start_error = None
         if restart:  # the next start reads them: it must not be the first to find them bad
             try:
                 check_start(from_file)
             except ConfigError as exc:
-                self.next_start_error = str(exc)
+                next_start_error = str(exc)
+        return PreparedReload(from_file, contexts, next_start_error)
+
+    def _apply_reload(self, prepared: PreparedReload) -> bool:
+        """On the loop: swap in what `_prepare_reload` built, keep the links up."""
+        new, restart = keep_restart_only(self.config, prepared.from_file, RESTART_ONLY)
+        self.next_start_error = prepared.next_start_error if restart else None
+        ctx, session_ctx, enroll_ctx = prepared.contexts
         old, self.config = self.config, new
         self.gateways.reconfigure(
             gateways=new.gateways,
@@ -222,6 +246,15 @@ class Agent:
             extra={"links": len(self.gateways.links), "services": len(new.services)},
         )
         return True
+
+    def _refuse_reload(self, exc: Exception) -> bool:
+        """The running configuration stays as it was (one error line, counted)."""
+        self.reloads.record(False)
+        log.error(
+            "reload failed; keeping the running configuration and certificates",
+            extra={"config": str(self.config.path), "error": str(exc)},
+        )
+        return False
 
     async def shutdown(self, grace: float) -> None:
         """Goaway everywhere, let streams finish within `grace`, close every link."""
@@ -282,7 +315,7 @@ async def run_agent(
         if handle_signals:
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, agent.reload)
+            loop.add_signal_handler(signal.SIGHUP, agent.reloader.request)
         try:
             await agent.start()
             if config.metrics_listen is not None:
@@ -305,6 +338,7 @@ async def run_agent(
                 started(agent)
             await stop.wait()
         finally:
+            agent.reloader.close()  # a prepare under way is abandoned: it must not hold the stop
             if handle_signals:
                 loop.remove_signal_handler(signal.SIGTERM)
                 loop.remove_signal_handler(signal.SIGINT)

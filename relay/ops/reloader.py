@@ -67,6 +67,11 @@ class Reloader(Generic[P]):
     def running(self) -> bool:
         return self._task is not None
 
+    @property
+    def waiting(self) -> bool:
+        """A round is asked for after the one under way."""
+        return self._current is not None and self._next is not None
+
     def request(self) -> asyncio.Future[bool]:
         """Reload soon (SIGHUP); the future is the outcome of the round that will read the
         files after this call: the next one if a round is under way. Loop thread only."""

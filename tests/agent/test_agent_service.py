@@ -269,14 +269,14 @@ async def test_a_reload_says_when_the_next_start_would_refuse_a_restart_only_set
     async with agent_running(load_agent_config(config)) as (agent, _, _):
         config.write_text(text % (other.directory / "ca.key") + "drain_grace: 3s\n")
         with caplog.at_level("ERROR"):
-            assert agent.reload()
+            assert await agent.reload()
         assert agent.config.drain_grace == 3.0  # applied
         assert agent.config.pki is not None and agent.config.pki.ca_key == pki.directory / "ca.key"
         assert agent.next_start_error is not None
         assert f"{config}: pki.ca_key:" in agent.next_start_error
         assert any("the next start will fail" in r.getMessage() for r in caplog.records)
         config.write_text(text % (pki.directory / "ca.key"))  # fixed: no error any more
-        assert agent.reload() and agent.next_start_error is None
+        assert await agent.reload() and agent.next_start_error is None
 
 
 async def test_per_device_stream_buckets_are_configured_and_reloaded(
@@ -300,7 +300,7 @@ async def test_per_device_stream_buckets_are_configured_and_reloaded(
         limit = agent.dispatcher.open_limit
         assert (limit.burst, limit.rate) == (STREAM_OPEN_BURST, STREAM_OPEN_RATE)
         config.write_text(text + "per_device: {stream_burst: 5000, stream_rate: 2000}\n")
-        assert agent.reload()
+        assert await agent.reload()
         assert (limit.burst, limit.rate) == (5000, 2000.0)
     for bad in ("{stream_rate: 0}", "{stream_burst: lots}", "{streams: 3}"):
         config.write_text(text + f"per_device: {bad}\n")
@@ -337,7 +337,7 @@ async def test_a_failed_reload_names_the_file_the_key_and_the_path_as_start_up_d
                 check_start(load_agent_config(config))
             caplog.clear()
             with caplog.at_level("ERROR", logger="relay.agent.service"):
-                assert not agent.reload()
+                assert not await agent.reload()
             (line,) = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
             said = line.__dict__["error"]
             assert said == str(at_start.value), key
