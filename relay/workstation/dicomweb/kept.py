@@ -66,6 +66,13 @@ class KeptBytes(Generic[K]):
         if old is not None:
             self.bytes -= len(old)
 
+    def drop(self) -> None:
+        """Give the memory back (room is needed elsewhere); makers under way still keep
+        what they make, unlike `clear`."""
+        self.evictions += len(self._items)
+        self._items.clear()
+        self.bytes = 0
+
     def clear(self) -> None:
         """Forget everything kept, and what makers under way would keep (a cache wipe:
         no decrypted copy outlives it here)."""

@@ -20,8 +20,12 @@ stays there however large it is, and its first frame waits for one file, not the
 The instances read are kept in `Retriever.reads`, an LRU of `read_budget(hold_size)`
 bytes (min(hold_size // 8, 64 MiB)), so OHIF's metadata, frames and repeated requests of
 one instance decrypt it once; requests for one instance at the same moment share one
-read. Memory for cached series: their indexes (in `held`), the LRU, and the instance each
-answer is writing (bounded by the requests in progress).
+read. One instance larger than that budget (a multi-frame one, whose frames OHIF asks
+for one request each) is kept too (`Retriever.large`), counted in `held`: kept only
+while it fits within hold_size with the series held, given back first when a series
+needs the room (without it each frame request read and decrypted the whole file).
+Memory for cached series: their indexes and the large instance (in `held`), the LRU,
+and the instance each answer is writing (bounded by the requests in progress).
 
 Nothing half-received is served as complete: a retrieve whose final response counts
 failed sub-operations or does not say (0xB000 so, 0xA702 after some completed;
@@ -267,6 +271,8 @@ class Retriever:
         self.writer = WriteThrough(cache.store, source, on_complete=self._cached) if cache else None
         # cached instances read, kept for their next request (see MAX_READS_KEPT)
         self.reads: KeptBytes[str] = KeptBytes(MAX_READS_ENTRIES, read_budget(hold_size))
+        # the last cached instance read that is larger than `reads` keeps, within hold_size
+        self.large: KeptBytes[str] = KeptBytes(1, hold_size)
         self.retrievals = 0  # series retrieved through the agent
         self.from_cache = 0  # series read from the cache
         self.cache_failures = 0  # cached instances that could not be read (damaged, gone)
@@ -276,8 +282,9 @@ class Retriever:
 
     @property
     def held(self) -> int:
-        """Bytes of series in memory: held, and no longer held but still being read."""
-        return sum(f.size for f in self.flights.values()) + self.pinned()
+        """Bytes of series in memory: held, no longer held but still being read, and the
+        large cached instance kept."""
+        return sum(f.size for f in self.flights.values()) + self.pinned() + self.large.bytes
 
     def pinned(self) -> int:
         """Bytes of flights no longer held that requests still read."""
@@ -395,6 +402,7 @@ class Retriever:
             raise UpstreamError(502, "the cache is off")
 
         async def read() -> bytes:
+            generation = self.reads.generation
             try:
                 data = await asyncio.to_thread(cache.read, flight.study, entry)
             except Exception as exc:
@@ -404,14 +412,27 @@ class Retriever:
                 self.cache_failures += 1
                 raise UpstreamError(502, "an instance could not be read from the cache; "
                                          "the next request asks the PACS")  # fmt: skip
+            if generation == self.reads.generation:  # no wipe meanwhile
+                self._keep_large(entry.sop_instance, data)
             return data
 
+        kept = self.large.get(entry.sop_instance)
+        if kept is not None:
+            return kept
         try:
             return await self.reads.obtain(entry.sop_instance, read)
         except UpstreamError as exc:
             self._forget(flight)
             flight.fail(exc)
             raise
+
+    def _keep_large(self, sop_instance: str, data: bytes) -> None:
+        """Keep an instance too large for `reads` if it fits in hold_size with what is
+        held (it replaces the one kept before); else it is read per request, as before."""
+        if len(data) <= self.reads.max_bytes:
+            return  # `reads` keeps it
+        if self.held - self.large.bytes + len(data) <= self.hold_size:
+            self.large.put(sop_instance, data)
 
     def _still_cached(self, flight: SeriesFlight) -> bool:
         return self.cache is not None and self.cache.holds(flight.study, flight.series)
@@ -468,6 +489,9 @@ class Retriever:
         fails: 507 alone too large, else 503 (the memory is taken by answers being read:
         the write timeout ends a stalled one)."""
         total = self.held
+        if total > self.hold_size and self.large.bytes:  # a cache of one read: goes first
+            total -= self.large.bytes
+            self.large.drop()
         if growing.done and growing.size > self.hold_size:
             self._forget(growing)  # its requests have it; the next looks in the cache again
             total -= growing.size  # and it does not push the held ones out meanwhile
@@ -493,6 +517,7 @@ class Retriever:
         """The disk cache was wiped: drop the instances read from it and the flights of
         cached series (answers under way end with their reads: the files are gone)."""
         self.reads.clear()
+        self.large.drop()
         for flight in [f for f in self.flights.values() if f.from_cache]:
             self._forget(flight)
 
@@ -515,3 +540,4 @@ class Retriever:
         self.flights.clear()
         self.unlisted.clear()
         self.reads = KeptBytes(MAX_READS_ENTRIES, read_budget(self.hold_size))
+        self.large = KeptBytes(1, self.hold_size)

@@ -267,6 +267,33 @@ async def test_the_first_frame_of_a_cached_series_reads_only_its_instance(
         await srv.stop()
 
 
+async def test_an_instance_larger_than_the_reads_kept_is_read_once_within_hold_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OHIF asks for a multi-frame instance's frames one request each: an instance larger
+    than the LRU of reads (an eighth of hold_size) was read and decrypted for each."""
+    cache, _ = make_cache(tmp_path)
+    srv, source = await start(cache)
+    retriever = srv.service.retriever
+    try:
+        await cached_series(srv)
+        reads = count_reads(cache, monkeypatch)
+        size = len(CT[1].data)
+        retriever.hold_size = 3 * size  # the LRU keeps 3/8 of one instance: none
+        retriever.reads = KeptBytes(64, read_budget(retriever.hold_size))
+        url = f"{series_url(srv)}/instances/{CT[1].sop_instance}"
+        for what in ("/metadata", "/frames/1", "/frames/1", ""):
+            status, headers, body = await get(url + what)
+            assert status == 200, what
+            assert retriever.held <= retriever.hold_size
+        assert datasets(headers, body) == [CT[1].data]
+        assert reads == {CT[1].sop_instance: 1}  # was 4: once per request
+        assert retriever.reads.bytes == 0 and retriever.large.bytes == size
+        assert source.retrieves == 1
+    finally:
+        await srv.stop()
+
+
 def flip_a_byte(cache: CacheServer, sop_instance: str) -> None:
     path = cache.store.path_of(STUDY, sop_instance)
     sealed = bytearray(path.read_bytes())
@@ -401,6 +428,31 @@ async def test_a_cached_series_larger_than_hold_size_is_held_by_its_index() -> N
         assert cache.reads == 51 and r.reads.bytes <= 5_000
         cache.present = False  # evicted: the held index is not used again
         assert await uids(r, "1.2.9") == [] and ("1.2", "1.2.9") not in r.flights
+    finally:
+        await r.close()
+
+
+async def test_the_large_instance_kept_gives_its_room_to_a_series() -> None:
+    """hold_size stays a cap: the large instance is kept only when it fits with the
+    series held, and is the first to go when a retrieved series needs the room."""
+    cache = Cache("1.2.9", count=3, size=6_000)  # each larger than the LRU (1,250 B)
+    r = retriever(Pacs({"1.2.1": 4}, size=1_000), cache, hold_size=10_000)
+    try:
+        flight = await r.series("1.2", "1.2.9")
+        await flight.finished()
+        for _ in range(3):
+            assert await flight.by_uid["1.2.9.0"].load() == b"\1" * 6_000
+        assert cache.reads == 1 and r.held == 3 * INDEX_COST + 6_000 <= r.hold_size
+        await flight.by_uid["1.2.9.1"].load()  # replaces it: one is kept
+        assert cache.reads == 2 and r.held == 3 * INDEX_COST + 6_000
+        assert await uids(r, "1.2.1") == [f"1.2.1.{i}" for i in range(4)]  # needs 4,000
+        assert r.large.bytes == 0 and r.held == 3 * INDEX_COST + 4_000 <= r.hold_size
+        assert ("1.2", "1.2.9") in r.flights  # the cached series' index stays held
+        await flight.by_uid["1.2.9.1"].load()  # no room for it now: read, not kept
+        await flight.by_uid["1.2.9.1"].load()
+        assert cache.reads == 4 and r.large.bytes == 0 and r.held <= r.hold_size
+        r.forget_cached()
+        assert r.large.bytes == 0
     finally:
         await r.close()
 
