@@ -24,6 +24,12 @@ full handshake with the certificate of the current context, which OpenSSL checks
 the ticket was offered again at every attempt and refused again each time, until it
 aged out (2 h) or the context changed. An attempt that fails on the way (the outer
 stream reset, its end, a timeout) says nothing of the ticket and keeps it.
+
+Offline. `offline()` says the link is known down: no session for `OFFLINE_AFTER` seconds
+and at least one attempt (a dial of the gateway, or a session) failed since it went.
+The Tunnel then fails new opens at once instead of waiting its open timeout (15 s a
+click for a radiologist working offline); a blip (the session just lost, its first
+reconnect in flight) still waits. Time comes from `clock`, so tests drive it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -54,7 +61,7 @@ from relay.wire import (
 )
 from relay.workstation import priorities
 
-__all__ = ["SessionKeeper", "SessionStats"]
+__all__ = ["OFFLINE_AFTER", "SessionKeeper", "SessionStats", "known_down"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,10 @@ RETRY_BASE: Final = 0.05
 RETRY_CAP: Final = 5.0
 WATCH: Final = 0.5  # how often an open session checks that its gateway link is current
 DRAIN_POLL: Final = 0.1
+OFFLINE_AFTER: Final = 3.0
+"""Seconds without a session, with a failed attempt among them, after which the link is
+known down (`offline`): longer than a gateway restart's first failed redials, short
+against the Tunnel's 15 s open timeout."""
 #: Failures of an attempt that say nothing about the ticket it offered (the path broke).
 PATH_FAILURES: Final = frozenset({"outer_reset", "eof", "timeout"})
 FORWARD_LINK_CREDIT: Final = 16 * 1024
@@ -83,6 +94,12 @@ class SessionStats:
     resumed: int = 0  # sessions opened from a ticket (no certificate exchange)
     tickets_dropped: int = 0  # tickets refused (see the module docstring)
     last_error: str = ""
+
+
+def known_down(*, down_for: float, failed: int, after: float = OFFLINE_AFTER) -> bool:
+    """Whether a link without a session for `down_for` seconds, `failed` attempts having
+    failed since, is known down (rather than in a blip that a reconnect will end)."""
+    return failed > 0 and down_for >= after
 
 
 class _SessionLink(Link):
@@ -134,6 +151,8 @@ class SessionKeeper:
         settings: LinkSettings,
         rng: Uniform | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        offline_after: float = OFFLINE_AFTER,
     ) -> None:
         self.kept = kept
         self.ctx = ctx
@@ -154,6 +173,10 @@ class SessionKeeper:
         self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.clock = clock
+        self.offline_after = offline_after
+        self._down_since = clock()  # when the last session ended (or we started)
+        self._failed_at_down = self._failed_attempts()
 
     @property
     def address(self) -> Address:
@@ -175,6 +198,23 @@ class SessionKeeper:
         if outer.is_closing or self.kept.link is not outer:
             return None
         return link
+
+    def _failed_attempts(self) -> int:
+        """Failed attempts so far: the gateway link's dials and our sessions."""
+        return self.kept.stats.failures + self.stats.failures + self.stats.refusals
+
+    def offline(self) -> str | None:
+        """Why the link is known down (see the module docstring), or None: a session is
+        up, or it went too recently, or no attempt has failed since."""
+        if self.up.is_set():
+            return None
+        failed = self._failed_attempts() - self._failed_at_down
+        if not known_down(
+            down_for=self.clock() - self._down_since, failed=failed, after=self.offline_after
+        ):
+            return None
+        why = self.stats.last_error if self.kept.up.is_set() else self.kept.stats.last_error
+        return f"offline: no session with the agent through {self.address} ({why or 'down'})"
 
     def start(self) -> None:
         if self._task is None:
@@ -207,6 +247,7 @@ class SessionKeeper:
                 await self._watch(link, outer_link)
             finally:
                 self.up.clear()
+                self._down_since, self._failed_at_down = self.clock(), self._failed_attempts()
                 if self._link is link:
                     self._link = self._outer = None
             self._retire(link)

@@ -13,6 +13,12 @@ means the agent saw anything, so the replay never duplicates work. Other resets,
 these ones after the deadline or beyond the replay limit, reach the caller unchanged.
 Every write is either carried, in order, by the attempt that is finally answered, or
 fails (and so does every call after it): see `RoutedStream`.
+
+Offline: a source that can tell the link is known down (`OfflineAware`: the
+SessionKeeper's `offline()`, reconnect attempts failing for a while) makes an open fail
+at once with `TunnelOffline`, whose message says so, instead of waiting the whole open
+timeout; an open already waiting looks again every `OFFLINE_POLL`. A brief blip (no
+attempt failed yet) still waits for the link.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, NoReturn, Protocol
+from typing import Final, NoReturn, Protocol, runtime_checkable
 
 from relay.net.aio import Link, Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
@@ -30,11 +36,13 @@ from relay.proto import ErrorCode, LinkClosedError, StreamStateError
 
 __all__ = [
     "DEFAULT_OPEN_TIMEOUT",
+    "OFFLINE_POLL",
     "REPLAY_CHUNK_COST",
     "REPLAY_LIMIT",
     "RETRY_CODES",
     "RoutedStream",
     "Tunnel",
+    "TunnelOffline",
     "TunnelStats",
     "TunnelUnavailable",
 ]
@@ -52,10 +60,16 @@ RETRY_CODES: Final = frozenset({ErrorCode.NO_ROUTE, ErrorCode.REFUSED_STREAM})
 # Pauses between attempts: short (an agent usually reconnects within seconds), jittered.
 RETRY_BASE: Final = 0.05
 RETRY_CAP: Final = 2.0
+#: How often an open waiting for the link asks whether it is known down meanwhile.
+OFFLINE_POLL: Final = 0.25
 
 
 class TunnelUnavailable(ConnectionError):
     """No stream could be opened before the deadline (no link, or no route to the agent)."""
+
+
+class TunnelOffline(TunnelUnavailable):
+    """No stream, at once: the link is known down (its message says why)."""
 
 
 @dataclass
@@ -65,6 +79,7 @@ class TunnelStats:
     opened: int = 0  # streams handed to callers
     rerouted: int = 0  # NO_ROUTE / REFUSED_STREAM retried transparently
     unavailable: int = 0  # opens that gave up
+    offline: int = 0  # of those, failed at once: the link known down
 
 
 class LinkSource(Protocol):
@@ -84,6 +99,13 @@ class LinkSource(Protocol):
 
 class _HasLastError(Protocol):
     last_error: str
+
+
+@runtime_checkable
+class OfflineAware(Protocol):
+    """A source that can tell the link is known down (the SessionKeeper)."""
+
+    def offline(self) -> str | None: ...
 
 
 class Tunnel:
@@ -118,8 +140,9 @@ class Tunnel:
         deadline = loop.time() + (self.open_timeout if timeout is None else timeout)
         try:
             stream = await self._open(headers, deadline, self._backoff())
-        except TunnelUnavailable:
+        except TunnelUnavailable as exc:
             self.stats.unavailable += 1
+            self.stats.offline += isinstance(exc, TunnelOffline)
             raise
         self.stats.opened += 1
         return RoutedStream(self, headers, stream, deadline)
@@ -132,14 +155,18 @@ class Tunnel:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TunnelUnavailable("no link to the gateway within the open timeout")
-            try:
-                async with asyncio.timeout(remaining):
-                    await self.kept.up.wait()
-            except TimeoutError:
-                raise TunnelUnavailable(
-                    f"no link to the gateway {self.kept.address} "
-                    f"({self.kept.stats.last_error or 'down'})"
-                ) from None
+            if not self.kept.up.is_set():
+                self._raise_if_offline()
+                try:
+                    async with asyncio.timeout(min(remaining, OFFLINE_POLL)):
+                        await self.kept.up.wait()
+                except TimeoutError:
+                    if remaining > OFFLINE_POLL:
+                        continue  # known down meanwhile?
+                    raise TunnelUnavailable(
+                        f"no link to the gateway {self.kept.address} "
+                        f"({self.kept.stats.last_error or 'down'})"
+                    ) from None
             link = self.kept.link
             if link is not None:
                 try:
@@ -150,6 +177,12 @@ class Tunnel:
             if loop.time() + delay >= deadline:
                 raise TunnelUnavailable("no usable link to the gateway within the open timeout")
             await asyncio.sleep(delay)
+
+    def _raise_if_offline(self) -> None:
+        if isinstance(self.kept, OfflineAware):
+            why = self.kept.offline()
+            if why is not None:
+                raise TunnelOffline(why)
 
 
 class RoutedStream:

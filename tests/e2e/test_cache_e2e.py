@@ -176,6 +176,11 @@ def test_prefetched_study_is_served_with_the_link_down(
             assert evicted.returncode == 0, evicted.stderr
             assert status(chain)["studies"] == [] and files_under(cache_dir / "objects") == []
             assert cli(chain, "prefetch", ct_uid).returncode == 0  # queued: the link is down
+            # Not cached now, and the link is known down: the C-GET fails at once (it
+            # waited the tunnel's open timeout, 15 s, first; this bound is under it).
+            gone = dcmtk.getscu(chain.node, tmp_path / "gone", "STUDY",
+                                {"StudyInstanceUID": ct_uid}, timeout=10, check=False)  # fmt: skip
+            assert gone.status == "Failed: UnableToProcess" and not gone.files
         # A clean stop with the in-memory key erases the cache.
         assert files_under(cache_dir) == []
     finally:

@@ -53,6 +53,7 @@ from relay.wire import (
 )
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
+from relay.workstation.tunnel import TunnelOffline
 
 __all__ = [
     "MAX_AGENT_FINDS",
@@ -204,6 +205,8 @@ class DicomSource:
                 await write_message(stream, self.codec, request)
         except TimeoutError:
             raise UpstreamError(504, "no relay stream within the timeout") from None
+        except TunnelOffline as exc:  # the link is known down: 503 and Retry-After, at once
+            raise UpstreamError(503, str(exc)) from None
         except (StreamResetError, OSError, ConnectionError) as exc:
             raise UpstreamError(502, f"relay link unavailable: {type(exc).__name__}") from None
         except Exception as exc:  # TunnelUnavailable and kin
