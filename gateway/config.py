@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.limits import DeviceLimits, SourceLimits
+from gateway.limits import AllSourcesLimits, DeviceLimits, SourceLimits
 from relay.ops.config import (
     DEFAULT_LOG_LEVEL,
     Address,
@@ -53,6 +53,7 @@ class GatewayConfig:
     log_level: str = DEFAULT_LOG_LEVEL
     per_device: DeviceLimits = field(default_factory=DeviceLimits)
     per_source: SourceLimits = field(default_factory=SourceLimits)
+    all_sources: AllSourcesLimits = field(default_factory=AllSourcesLimits)
 
 
 def read_gateway_config(r: Reader) -> GatewayConfig:
@@ -77,6 +78,7 @@ def read_gateway_config(r: Reader) -> GatewayConfig:
         log_level=read_log_level(r),
         per_device=read_per_device(r, limits),
         per_source=read_per_source(r),
+        all_sources=read_all_sources(r),
     )
 
 
@@ -110,6 +112,18 @@ def read_per_source(r: Reader) -> SourceLimits:
     d = SourceLimits()
     return s.build(
         SourceLimits,
+        handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000),
+        handshake_rate=s.integer("handshake_rate", d.handshake_rate, lo=1, hi=1_000_000),
+        handshake_burst=s.integer("handshake_burst", d.handshake_burst, lo=1, hi=1_000_000),
+    )
+
+
+def read_all_sources(r: Reader) -> AllSourcesLimits:
+    """`all_sources:` the handshakes all sources together may start and hold."""
+    s = r.section("all_sources")
+    d = AllSourcesLimits()
+    return s.build(
+        AllSourcesLimits,
         handshakes=s.integer("handshakes", d.handshakes, lo=1, hi=1_000_000),
         handshake_rate=s.integer("handshake_rate", d.handshake_rate, lo=1, hi=1_000_000),
         handshake_burst=s.integer("handshake_burst", d.handshake_burst, lo=1, hi=1_000_000),

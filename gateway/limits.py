@@ -3,9 +3,11 @@
 Every enrolled device is a potential attacker, so each has caps: links, open streams
 (its sealed sessions: all a device may open through the gateway), and
 bytes queued in the gateway's splices on its behalf. A source address has a cap on
-connections that have not finished the TLS handshake. `DeviceLedger` and `SourceLedger`
-count; the server, router and splice ask them before they admit, and each refusal is
-counted in `relay_limit_hits_total{limit=...}` (the `hit` callback).
+connections that have not finished the TLS handshake and a rate of new ones; all sources
+together have both too (`AllSourcesLimits`: the handshakes run on the event loop, so a
+flood from many sources would otherwise starve every established link). `DeviceLedger`
+and `SourceLedger` count; the server, router and splice ask them before they admit, and
+each refusal is counted in `relay_limit_hits_total{limit=...}` (the `hit` callback).
 
 Sessions are also opened at a bounded rate per device (a token bucket): a device that
 opens and resets sessions in a loop (HTTP/2's rapid reset) would cost its agent a TLS
@@ -33,17 +35,21 @@ from relay.ops.ratelimit import RateLimiter
 from relay.proto.settings import FieldError, format_size
 
 __all__ = [
+    "ALL_SOURCES_LIMITS",
     "ENROLL_BUFFERED",
     "LIMITS",
     "OPEN_BUCKETS",
+    "QUIET_SOURCE_RESERVE",
     "SESSION_OPENS_PER_SECOND",
     "SESSION_OPEN_BURST",
     "SOURCE_PREFIX_V6",
+    "AllSourcesLimits",
     "DeviceLedger",
     "DeviceLimits",
     "DeviceUsage",
     "SourceLedger",
     "SourceLimits",
+    "TokenBucket",
     "source_key",
 ]
 
@@ -58,7 +64,19 @@ LIMITS: Final = (
     "device_opens",
     "enroll_buffered",
     "peer_unread",
+    "all_sources_handshakes",
+    "all_sources_rate",
 )
+
+#: The limits of all sources together (also `relay_refusals_total` reasons): their
+#: refusals are logged on a line of their own, not once per source.
+ALL_SOURCES_LIMITS: Final = ("all_sources_handshakes", "all_sources_rate")
+
+#: The part (1 / this) of the gateway-wide handshake slots and tokens that a source with a
+#: handshake already under way may not take: when a flood has spent the rest, a device
+#: dialling from a quiet source still finds some. A source's own handshakes under way are
+#: counted anyway (the per-source cap), so telling busy from quiet costs nothing.
+QUIET_SOURCE_RESERVE: Final = 8
 
 MiB: Final = 1024 * 1024
 
@@ -154,6 +172,54 @@ class SourceLimits:
             raise FieldError(
                 "handshake_burst", f"expected an integer 1-1000000, got {self.handshake_burst}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class AllSourcesLimits:
+    """YAML `all_sources:`: handshakes under way and new ones a second, all sources
+    together. The TLS handshake runs on the event loop that relays every established link
+    (about 1.2-1.5 ms of CPU for a full mTLS one, tests/bench/handshakes.py), so many
+    sources each within their `per_source` limits could still take the whole loop: 300 a
+    second is at most about half of it. 1,024 under way is ten times what 300 a second
+    over a slow WAN needs, and bounds what half-done handshakes hold (their TLS state and
+    read buffers) far below `max_links` of them. The burst (2 s of the rate) exceeds one
+    source's, so one source alone never empties it."""
+
+    handshakes: int = 1024
+    handshake_rate: int = 300
+    handshake_burst: int = 600
+
+    def __post_init__(self) -> None:
+        for name in ("handshakes", "handshake_rate", "handshake_burst"):
+            value = getattr(self, name)
+            if not 1 <= value <= 1_000_000:
+                raise FieldError(name, f"expected an integer 1-1000000, got {value}")
+
+
+class TokenBucket:
+    """One bucket of `burst` tokens refilled at `rate` a second, which can be looked at
+    without spending (relay.ops.ratelimit's keyed table spends when asked): the
+    gateway-wide handshake budget must not be spent on a connection that its source's own
+    limits then refuse, nor the source's on one the gateway-wide budget refuses."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last: float | None = None
+
+    def level(self, now: float) -> float:
+        """Tokens there are at `now` (the caller's clock, monotonic seconds)."""
+        if self._last is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        return self._tokens
+
+    def take(self) -> None:
+        """Spend one token (after `level` said there was one)."""
+        self._tokens -= 1.0
 
 
 @dataclass(slots=True)
@@ -289,15 +355,27 @@ class DeviceLedger:
 class SourceLedger:
     """Connections per source (`source_key`: an IPv4 address, an IPv6 /64) that have not
     finished the handshake, and each source's bucket of new handshakes (the
-    `source_buckets` sources seen last are remembered: a forgotten one starts full)."""
+    `source_buckets` sources seen last are remembered: a forgotten one starts full); and
+    the same two for all sources together (`all_sources`).
+
+    The order is fair: a source over its own limits spends nothing of the gateway-wide
+    budget, a refusal by the gateway-wide budget spends nothing of the source's, and a
+    source with a handshake under way may not take the last 1 / QUIET_SOURCE_RESERVE of
+    the gateway-wide slots or tokens, so a flood leaves quiet sources some."""
 
     def __init__(
-        self, limits: SourceLimits, hit: Callable[[str], None], source_buckets: int = OPEN_BUCKETS
+        self,
+        limits: SourceLimits,
+        hit: Callable[[str], None],
+        source_buckets: int = OPEN_BUCKETS,
+        all_sources: AllSourcesLimits | None = None,
     ) -> None:
         self._hit = hit
         self._pending: dict[str, int] = {}
+        self._pending_total = 0
         self._source_buckets = source_buckets
         self.limits = limits
+        self.all_sources = all_sources or AllSourcesLimits()
 
     @property
     def limits(self) -> SourceLimits:
@@ -316,8 +394,28 @@ class SourceLedger:
                 limits.handshake_rate, limits.handshake_burst, self._source_buckets
             )
 
+    @property
+    def all_sources(self) -> AllSourcesLimits:
+        return self._all_sources
+
+    @all_sources.setter
+    def all_sources(self, limits: AllSourcesLimits) -> None:
+        """A reload that changes the gateway-wide rate starts its bucket full again."""
+        old = getattr(self, "_all_sources", None)
+        self._all_sources = limits
+        if old is None or (old.handshake_rate, old.handshake_burst) != (
+            limits.handshake_rate,
+            limits.handshake_burst,
+        ):
+            self._all_rate = TokenBucket(limits.handshake_rate, limits.handshake_burst)
+
     def __len__(self) -> int:
         return len(self._pending)
+
+    @property
+    def pending(self) -> int:
+        """Handshakes under way, all sources together."""
+        return self._pending_total
 
     @property
     def rate_buckets(self) -> int:
@@ -326,23 +424,47 @@ class SourceLedger:
 
     def begin(self, host: str, now: float) -> str | None:
         """Count a handshake from `host`; else why not (counted): its source has its cap
-        of handshakes open (`source_handshakes`), or started its burst's worth too fast
+        of handshakes open (`source_handshakes`), all sources have theirs
+        (`all_sources_handshakes`), the gateway-wide bucket is empty
+        (`all_sources_rate`), or the source started its burst's worth too fast
         (`source_rate`). `now`: the caller's clock, monotonic seconds."""
         key = source_key(host)
         pending = self._pending.get(key, 0)
+        reason: str | None = None
         if pending >= self.limits.handshakes:
-            self._hit("source_handshakes")
-            return "source_handshakes"
-        if not self._rates.allow(key, now):
-            self._hit("source_rate")
-            return "source_rate"
+            reason = "source_handshakes"
+        else:
+            reason = self._all_sources_refusal(busy=pending > 0, now=now)
+            if reason is None and not self._rates.allow(key, now):
+                reason = "source_rate"
+        if reason is not None:
+            self._hit(reason)
+            return reason
+        self._all_rate.take()
         self._pending[key] = pending + 1
+        self._pending_total += 1
+        return None
+
+    def _all_sources_refusal(self, *, busy: bool, now: float) -> str | None:
+        """Whether all sources' budget refuses one more handshake (nothing spent); a
+        `busy` source (one with a handshake under way) leaves the reserve alone."""
+        total = self.all_sources
+        slots, tokens = total.handshakes, total.handshake_burst
+        reserve_slots = slots // QUIET_SOURCE_RESERVE if busy else 0
+        reserve_tokens = tokens // QUIET_SOURCE_RESERVE if busy else 0
+        if self._pending_total >= slots - reserve_slots:
+            return "all_sources_handshakes"
+        if self._all_rate.level(now) < 1.0 + reserve_tokens:
+            return "all_sources_rate"
         return None
 
     def end(self, host: str) -> None:
         key = source_key(host)
-        pending = self._pending.get(key, 0) - 1
-        if pending > 0:
-            self._pending[key] = pending
+        pending = self._pending.get(key, 0)
+        if not pending:
+            return
+        self._pending_total -= 1
+        if pending > 1:
+            self._pending[key] = pending - 1
         else:
-            self._pending.pop(key, None)
+            del self._pending[key]

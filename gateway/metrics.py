@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.limits import LIMITS
+from gateway.limits import ALL_SOURCES_LIMITS, LIMITS
 from relay.ops.labelled import LabelledCounts
 
 
@@ -33,9 +33,13 @@ class GatewayMetrics:
         self.refusals = Counter(
             "relay_refusals_total", "Connections refused, by reason", ["reason"], registry=r
         )
+        # Exported from 0: all sources' budget bites first in a flood, and a series born
+        # at 1 has no increase() for an alert to see.
+        for reason in ALL_SOURCES_LIMITS:
+            self.refusals.labels(reason)
         self.limit_hits = Counter(
             "relay_limit_hits_total",
-            "Times a per-device or per-source limit refused something, by limit",
+            "Times a per-device, per-source or all-sources limit refused something, by limit",
             ["limit"],
             registry=r,
         )

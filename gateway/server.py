@@ -2,7 +2,8 @@
 
 Every connection is checked in this order, each failure counted by reason and logged
 without payload: capacity, handshakes pending from its source address (`per_source`),
-TLS handshake (certificate chain, expiry, TLS 1.3), ALPN (one per endpoint role),
+the handshake budget of all sources together (`all_sources`) and the source's rate, TLS
+handshake (certificate chain, expiry, TLS 1.3), ALPN (one per endpoint role),
 identity (exactly one SPIFFE URI SAN, our trust domain, the role that belongs on that
 endpoint), issuer (a CA of the identity's own site, gateway.casites), revocation, and
 for a device its link cap (`per_device.links`). Only then does the link speak the
@@ -25,7 +26,7 @@ from gateway.casites import CaSites
 from gateway.config import GatewayConfig
 from gateway.control import AgentControl, RefusalReporter
 from gateway.enroll import EnrollmentDesk
-from gateway.limits import DeviceLedger, SourceLedger, source_key
+from gateway.limits import ALL_SOURCES_LIMITS, DeviceLedger, SourceLedger, source_key
 from gateway.metrics import GatewayMetrics
 from gateway.router import Router
 from relay.net.aio import Link
@@ -36,7 +37,7 @@ from relay.net.tls import (
     refusal_for_identity,
 )
 from relay.ops.listening import announce
-from relay.ops.loglimit import LogLimiter
+from relay.ops.loglimit import LOG_RATE, LogLimiter
 from relay.proto import ErrorCode
 from relay.trust.identity import Identity, IdentityError
 from relay.trust.pki import PkiError, load_cert
@@ -68,6 +69,10 @@ LINK_LINE_RATE: Final = 1.0
 # the default LOG_BURST then one per 10 s, and over all together REFUSAL_LINES_TOTAL.
 # relay_limit_hits_total{limit="peer_unread"} counts every one.
 UNREAD_LINES_TOTAL: Final = REFUSAL_LINES_TOTAL
+# "connection refused: all sources' handshake budget is spent" lines (limits.
+# ALL_SOURCES_LIMITS): one per reason, then one per 10 s saying how many were held back.
+# A flood from many sources would otherwise write a line per source; it is one event.
+BUDGET_LINE_BURST: Final = 1
 
 
 @dataclass
@@ -121,7 +126,7 @@ class GatewayServer:
         self.metrics = metrics
         hit = self._limit_hit
         self.devices = DeviceLedger(config.per_device, hit)
-        self.sources = SourceLedger(config.per_source, hit)
+        self.sources = SourceLedger(config.per_source, hit, all_sources=config.all_sources)
         self.router = Router(metrics, self.devices)
         self.links = LinkTable()
         self.revoked = RevocationList(self.trust_domain)  # memory only, relearned from agents
@@ -129,6 +134,7 @@ class GatewayServer:
         self.refusal_lines = LogLimiter(total=REFUSAL_LINES_TOTAL)
         self.link_lines = LogLimiter(LINK_LINE_RATE, LINK_LINE_BURST)
         self.unread_lines = LogLimiter(total=UNREAD_LINES_TOTAL)
+        self.budget_lines = LogLimiter(LOG_RATE, BUDGET_LINE_BURST)
         self.enrollment = EnrollmentDesk(self.router, metrics)
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -151,6 +157,7 @@ class GatewayServer:
         self.ca_sites = ca
         self.devices.limits = config.per_device
         self.sources.limits = config.per_source
+        self.sources.all_sources = config.all_sources
 
     def note_certificate(self) -> None:
         """Export when our own certificate expires (alerting renews it in time)."""
@@ -217,7 +224,21 @@ class GatewayServer:
     def _refuse_early(self, conn: socket.socket, reason: str) -> None:
         with contextlib.suppress(OSError):
             conn.close()
-        self._refused(reason, None)
+        if reason in ALL_SOURCES_LIMITS:
+            self._budget_spent(reason)
+        else:
+            self._refused(reason, None)
+
+    def _budget_spent(self, reason: str) -> None:
+        """A connection refused by all sources' handshake budget: counted, and one line
+        for the whole flood (BUDGET_LINE_BURST), whatever the sources."""
+        self.metrics.refusals.labels(reason).inc()
+        held = self.budget_lines.allow(reason, asyncio.get_running_loop().time())
+        if held is not None:
+            extra: dict[str, object] = {"reason": reason, "pending": self.sources.pending}
+            if held:
+                extra["suppressed"] = held
+            log.warning("connection refused: all sources' handshake budget is spent", extra=extra)
 
     def _refused(self, reason: str, peer: str | None, identity: Identity | None = None) -> None:
         self.metrics.refusals.labels(reason).inc()

@@ -87,6 +87,8 @@ async def test_gateway_rss_returns_to_baseline_after_handshake_floods(tmp_path: 
         f"listen: {HOST}:0\nmetrics_listen: {HOST}:0\n"  # it says which ports it got
         "tls: {cert: pki/gateway.crt, key: pki/gateway.key, ca: pki/ca.crt}\n"
         f"handshake_timeout: {HANDSHAKE_TIMEOUT}s\nlog_level: error\n"
+        # Every wave must reach the TLS layer: lift all sources' handshake budget.
+        "all_sources: {handshakes: 100000, handshake_rate: 100000, handshake_burst: 100000}\n"
     )
     gateway = Proc(
         "gateway", [*RELAY, "gateway", "--config", str(tmp_path / "gateway.yaml")],

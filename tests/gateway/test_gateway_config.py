@@ -13,7 +13,7 @@ import yaml
 
 from gateway.config import GatewayConfig
 from gateway.configfile import load_gateway_config
-from gateway.limits import DeviceLimits, SourceLimits
+from gateway.limits import AllSourcesLimits, DeviceLimits, SourceLimits
 from relay.ops.config import Address, ConfigError, LinkSettings, TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +113,16 @@ def test_per_device_and_per_source(tmp_path: Path) -> None:
     assert config.per_source == SourceLimits(handshakes=5, handshake_rate=7, handshake_burst=9)
 
 
+def test_all_sources(tmp_path: Path) -> None:
+    path = example(tmp_path)
+    assert load_gateway_config(path).all_sources == AllSourcesLimits()
+    path = edit(path, all_sources={"handshakes": 50, "handshake_rate": 70, "handshake_burst": 90})
+    config = load_gateway_config(path)
+    assert config.all_sources == AllSourcesLimits(
+        handshakes=50, handshake_rate=70, handshake_burst=90
+    )
+
+
 ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"listn": "127.0.0.1:1"}, "listn", "did you mean 'listen'"),
     ({"tls": {**TLS, "chain": "../certs/dev/ca.crt"}}, "tls.chain", "unknown key"),
@@ -139,6 +149,11 @@ ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"per_source": {"handshakes": 0}}, "per_source.handshakes", "expected an integer 1-"),
     ({"per_source": {"handshake_rate": 0}}, "per_source.handshake_rate", "expected an integer 1-"),
     ({"per_source": {"handshake_burst": "x"}}, "per_source.handshake_burst", "expected an integer"),
+    ({"all_sources": {"handshakes": 0}}, "all_sources.handshakes", "expected an integer 1-"),
+    ({"all_sources": {"handshake_rate": 1.5}}, "all_sources.handshake_rate", "got 1.5"),
+    ({"all_sources": {"handshake_burst": 10**7}}, "all_sources.handshake_burst", "1-1000000"),
+    ({"all_sources": {"rate": 5}}, "all_sources.rate", "unknown key"),
+    ({"all_sources": 300}, "all_sources", "expected a mapping"),
 ]
 
 

@@ -8,6 +8,7 @@ from gateway.limits import (
     ENROLL_BUFFERED,
     SESSION_OPEN_BURST,
     SESSION_OPENS_PER_SECOND,
+    AllSourcesLimits,
     DeviceLedger,
     DeviceLimits,
     DeviceUsage,
@@ -88,6 +89,114 @@ def test_source_limits_are_checked() -> None:
     for key, value in (("handshake_rate", 0), ("handshake_burst", 0), ("handshake_rate", 10**7)):
         with pytest.raises(FieldError) as bad:
             SourceLimits(**{key: value})
+        assert bad.value.field == key
+
+
+def all_sources_ledger(total: AllSourcesLimits, hits: list[str]) -> SourceLedger:
+    """A ledger whose per-source limits never bite: only all sources' budget does."""
+    generous = SourceLimits(handshakes=1000, handshake_rate=1000, handshake_burst=1000)
+    return SourceLedger(generous, hits.append, all_sources=total)
+
+
+def test_all_sources_together_start_handshakes_at_their_rate() -> None:
+    """Each source within its own limits, many sources together still made the gateway
+    handshake as fast as they asked: the event loop that relays every link did nothing
+    else. Quiet sources (nothing under way) may take every token."""
+    hits: list[str] = []
+    ledger = all_sources_ledger(AllSourcesLimits(handshake_rate=10, handshake_burst=20), hits)
+
+    def started(host: str, now: float) -> bool:
+        refusal = ledger.begin(host, now)
+        if refusal is None:
+            ledger.end(host)
+        return refusal is None
+
+    hosts = [f"10.0.{i}.1" for i in range(40)]
+    assert sum(started(host, 0.0) for host in hosts) == 20
+    assert hits == ["all_sources_rate"] * 20
+    assert sum(started(host, 1.0) for host in hosts) == 10  # 10 a second
+    assert sum(started(host, 1.0) for host in hosts) == 0
+    assert ledger.pending == 0 and len(ledger) == 0
+
+
+def test_all_sources_together_hold_at_most_their_handshakes() -> None:
+    hits: list[str] = []
+    ledger = all_sources_ledger(AllSourcesLimits(handshakes=16), hits)
+    hosts = [f"10.0.{i}.1" for i in range(20)]
+    assert [ledger.begin(host, 0.0) for host in hosts] == [None] * 16 + [
+        "all_sources_handshakes"
+    ] * 4
+    assert ledger.pending == 16
+    ledger.end(hosts[0])
+    assert ledger.begin(hosts[19], 0.0) is None  # a slot given back is usable again
+    ledger.end(hosts[19])  # and one that was refused gives nothing back
+    ledger.end(hosts[18])
+    assert ledger.pending == 15
+    for host in hosts[1:16]:
+        ledger.end(host)
+    assert (ledger.pending, len(ledger)) == (0, 0)
+
+
+def test_a_busy_source_leaves_all_sources_reserve_to_quiet_ones() -> None:
+    """One source within its own (generous) limits took the whole gateway-wide budget,
+    and a device dialling from anywhere else was refused: a source with a handshake under
+    way may not take the last eighth of the slots, nor of the tokens."""
+    hits: list[str] = []
+    ledger = all_sources_ledger(AllSourcesLimits(handshakes=16, handshake_burst=1000), hits)
+    busy = [ledger.begin("10.0.0.1", 0.0) for _ in range(20)]
+    assert busy == [None] * 14 + ["all_sources_handshakes"] * 6  # 16 - 16 // 8
+    assert ledger.begin("10.0.0.2", 0.0) is None and ledger.begin("10.0.0.3", 0.0) is None
+    assert ledger.begin("10.0.0.4", 0.0) == "all_sources_handshakes"  # all 16 now
+
+    ledger = all_sources_ledger(AllSourcesLimits(handshake_rate=1, handshake_burst=80), hits)
+    busy = [ledger.begin("10.0.0.1", 0.0) for _ in range(100)]
+    assert busy.count(None) == 70  # 80 - 80 // 8
+    assert set(busy[70:]) == {"all_sources_rate"}
+    quiet = [ledger.begin(f"10.0.1.{i}", 0.0) for i in range(20)]
+    assert quiet.count(None) == 10
+
+
+def test_neither_budget_is_spent_on_what_the_other_refuses() -> None:
+    """A source over its own rate spends none of all sources' tokens, and a refusal by
+    all sources' budget spends none of the source's."""
+    hits: list[str] = []
+    own = SourceLimits(handshakes=1000, handshake_rate=1, handshake_burst=2)
+    ledger = SourceLedger(own, hits.append, all_sources=AllSourcesLimits(handshake_burst=3))
+
+    def started(host: str, now: float) -> str | None:
+        refusal = ledger.begin(host, now)
+        if refusal is None:
+            ledger.end(host)
+        return refusal
+
+    assert [started("10.0.0.1", 0.0) for _ in range(5)] == [None, None] + ["source_rate"] * 3
+    assert started("10.0.0.2", 0.0) is None  # the third token of all sources is left
+    assert [started("10.0.0.3", 0.0) for _ in range(3)] == ["all_sources_rate"] * 3
+    # 10.0.0.3 still has its own burst once all sources' bucket has refilled.
+    assert [started("10.0.0.3", 0.01) for _ in range(3)] == [None, None, "source_rate"]
+
+
+def test_a_reload_of_all_sources_limits() -> None:
+    hits: list[str] = []
+    ledger = all_sources_ledger(AllSourcesLimits(handshake_rate=1, handshake_burst=2), hits)
+    for host in ("10.0.0.1", "10.0.0.2"):
+        assert ledger.begin(host, 0.0) is None
+    assert ledger.begin("10.0.0.3", 0.0) == "all_sources_rate"
+    ledger.all_sources = AllSourcesLimits(handshake_rate=1, handshake_burst=2)
+    assert ledger.begin("10.0.0.3", 0.0) == "all_sources_rate"  # the same: bucket kept
+    ledger.all_sources = AllSourcesLimits(handshakes=2, handshake_rate=2, handshake_burst=2)
+    assert ledger.begin("10.0.0.3", 0.0) == "all_sources_handshakes"  # 2 under way
+    ledger.end("10.0.0.1")
+    assert ledger.begin("10.0.0.3", 0.0) is None  # a new rate: the bucket starts full
+
+
+def test_all_sources_limits_are_checked() -> None:
+    assert AllSourcesLimits() == AllSourcesLimits(
+        handshakes=1024, handshake_rate=300, handshake_burst=600
+    )
+    for key, value in (("handshakes", 0), ("handshake_rate", 0), ("handshake_burst", 10**7)):
+        with pytest.raises(FieldError) as bad:
+            AllSourcesLimits(**{key: value})
         assert bad.value.field == key
 
 
