@@ -12,10 +12,19 @@ ALPN and identity), then close. Servers, each a single process with one thread:
 - baseline/haproxy: HAProxy (`nbthread 1`) terminating mTLS (`verify required`) and
   answering a one-line HTTP request itself (`http-request return`), which the clients send
   in place of SETTINGS.
+
+Then an established link during a flood (FLOOD_CASES): a device-shaped sender writing one
+stream as fast as credit allows through `relay gateway` to an agent-shaped sink, alone,
+then with the same clients flooding the gateway with handshakes, with all sources'
+handshake budget (`all_sources:`) lifted, at its defaults and tight. The link's rate in each
+flood over its rate alone says how much of the event loop the handshakes left it.
+`python -m tests.bench.handshakes [seconds]` runs only these, once.
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +42,13 @@ from tests.bench.procs import (
 )
 from tests.bench.report import Section, machine_line, median
 from tests.bench.targets import (
+    ALL_SOURCES_LIFTED,
     SHIM_NOTE,
     BenchPki,
+    Gateway,
     gateway_needs_shim,
     haproxy_version,
+    make_pki,
     start_gateway,
     start_haproxy,
 )
@@ -47,6 +59,16 @@ SERVERS: Final = ("gateway", "baseline/python", "baseline/haproxy")
 CLIENT_PROCS: Final = 2
 CONCURRENCY: Final = 16
 HTTP_HELLO: Final = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+#: The established link alone, then flooded with all sources' handshake budget lifted,
+#: at its defaults (300 a second), and tight (50 a second: bites even where the clients
+#: cannot ask for 300, as on a small shared machine). Case name -> `all_sources:` value.
+FLOOD_CASES: Final = {
+    "alone": None,
+    "flood, unbounded": None,
+    "flood, all_sources defaults": "{}",
+    "flood, all_sources 50/s": "{handshake_rate: 50, handshake_burst: 100}",
+}
+MB: Final = 1e6
 
 
 @dataclass
@@ -93,6 +115,95 @@ def _measure(server: Process, clients: list[Worker], warmup: float, duration: fl
         seconds=seconds,
         other_load=max(0.0, (busy2 - busy - (ours2 - ours)) / seconds),
     )
+
+
+@dataclass
+class FloodSample:
+    link_rate: float  # bytes/s the established link delivered at its sink
+    handshakes: float  # flood links/s the gateway accepted
+    refused: float  # flood connections/s closed on the clients (refused, or failed)
+    gateway_cpu: float  # the gateway's CPU seconds per second
+    other_load: float
+
+
+def _routed(gateway: Gateway) -> None:
+    deadline = time.monotonic() + 10
+    while not gateway.routes():
+        if time.monotonic() > deadline:
+            raise BenchError(f"the gateway never routed the sink: {gateway.proc.log_tail()}")
+        time.sleep(0.05)
+
+
+def run_flood_case(
+    case: str, bench_pki: BenchPki, workdir: Path, warmup: float, duration: float
+) -> FloodSample:
+    """One of FLOOD_CASES: the established link's rate, and what the flood got."""
+    args: dict[str, Any] = worker_args(bench_pki, warmup + duration + 60)
+    bound = FLOOD_CASES[case] or ALL_SOURCES_LIFTED
+    with ProcessGroup(workdir) as group:
+        gateway = start_gateway(group, bench_pki, workdir, all_sources=bound)
+        sink = group.worker("sink", "link-sink", port=gateway.port, **args)
+        sink.expect("ready", 30)
+        _routed(gateway)
+        sender = group.worker("sender", "link-sender", port=gateway.port, **args)
+        sender.expect("ready", 30)
+        clients = [
+            group.worker(
+                f"clients{i}",
+                "handshake-client",
+                port=gateway.port,
+                hello=client_hello_bytes(),
+                concurrency=CONCURRENCY,
+                **args,
+            )
+            for i in range(CLIENT_PROCS if case != "alone" else 0)
+        ]
+        for client in clients:
+            client.expect("ready", 30)
+        procs: list[Process | Worker] = [gateway.proc, sink, sender, *clients]
+        time.sleep(warmup)
+        first, flood = sink.ask("stats"), [c.ask("stats") for c in clients]
+        cpu, ours, busy = gateway.proc.cpu(), sum(p.cpu() for p in procs), system_busy_seconds()
+        time.sleep(duration)
+        last, flood2 = sink.ask("stats"), [c.ask("stats") for c in clients]
+        cpu2, ours2 = gateway.proc.cpu(), sum(p.cpu() for p in procs)
+        busy2 = system_busy_seconds()
+        seconds = float(last["t"] - first["t"])
+
+        def flood_rate(key: str) -> float:
+            total: float = sum(b[key] - a[key] for a, b in zip(flood, flood2, strict=True))
+            return total / seconds
+
+        return FloodSample(
+            link_rate=(last["bytes"] - first["bytes"]) / seconds,
+            handshakes=flood_rate("ok"),
+            refused=flood_rate("errors"),
+            gateway_cpu=(cpu2 - cpu) / seconds,
+            other_load=max(0.0, (busy2 - busy - (ours2 - ours)) / seconds),
+        )
+
+
+def flood_notes(samples: dict[str, list[FloodSample]]) -> list[str]:
+    """The flood cases' medians, each link rate as a share of the link's rate alone."""
+    alone = median([s.link_rate for s in samples["alone"]])
+    parts = []
+    for case in FLOOD_CASES:
+        runs = samples[case]
+        rate = median([s.link_rate for s in runs])
+        parts.append(
+            f"{case}: **{rate / MB:.0f} MB/s ({rate / alone:.2f}x alone)**, flood "
+            f"{median([s.handshakes for s in runs]):.0f} handshakes/s accepted and "
+            f"{median([s.refused for s in runs]):.0f}/s refused, gateway CPU "
+            f"{median([s.gateway_cpu for s in runs]):.0%}, other load "
+            f"{', '.join(f'{s.other_load:.2f}' for s in runs)} cores"
+        )
+    return [
+        "An established link (one device stream, sender -> gateway -> sink) during a flood "
+        f"of handshakes ({CLIENT_PROCS} x {CONCURRENCY} in flight, full mTLS, each closed "
+        "once accepted; medians): " + "; ".join(parts) + ". The flood's clients share the "
+        "machine's 2 cores with the link's ends and the gateway, so the ratios, not the "
+        "rates, are the result."
+    ]
 
 
 def _haproxy(group: ProcessGroup, workdir: Path, bench_pki: BenchPki) -> tuple[Process, int]:
@@ -149,6 +260,7 @@ def run(
     tries: int = 3,
 ) -> Section:
     results = {name: ServerResult(name) for name in SERVERS}
+    floods: dict[str, list[FloodSample]] = {case: [] for case in FLOOD_CASES}
     for i in range(runs):
         for name in SERVERS:
 
@@ -165,6 +277,15 @@ def run(
                 f"errors {sample.errors}, other load {sample.other_load:.2f} cores",
                 flush=True,
             )
+        for case in FLOOD_CASES:
+
+            def flooded(case: str = case) -> FloodSample:
+                wait_for_quiet(patience=patience)
+                return run_flood_case(case, bench_pki, workdir, warmup, duration)
+
+            found = quietest(flooded, lambda s: s.other_load, tries)
+            floods[case].append(found)
+            print(f"handshakes run {i + 1}/{runs} {case}: {found}", flush=True)
     names = {
         "gateway": "`relay gateway`",
         "baseline/python": "minimal uvloop TLS server (baseline)",
@@ -233,6 +354,7 @@ def run(
         "server CPU' is 1000 / 'server CPU s per 1000', the rate one dedicated core would "
         "sustain.",
     ]
+    notes.extend(flood_notes(floods))
     if gateway_needs_shim(bench_pki):
         notes.append(SHIM_NOTE)
     return Section(
@@ -242,3 +364,20 @@ def run(
         table,
         notes,
     )
+
+
+def main(argv: list[str]) -> int:
+    """The flood cases only, once each, `argv[0]` seconds measured (default 5)."""
+    duration = float(argv[0]) if argv else 5.0
+    with tempfile.TemporaryDirectory(prefix="bench-flood-") as tmp:
+        workdir = Path(tmp)
+        bench_pki = make_pki(workdir / "pki")
+        samples = {
+            case: [run_flood_case(case, bench_pki, workdir, 2.0, duration)] for case in FLOOD_CASES
+        }
+    print("\n".join(flood_notes(samples)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
