@@ -30,6 +30,11 @@ class GatewayMetrics:
         self.handshakes = Counter(
             "relay_handshakes_total", "TLS handshakes by result", ["result"], registry=r
         )
+        self.handshakes_pending = Gauge(
+            "relay_handshakes_pending",
+            "Connections accepted that have not finished the TLS handshake, all sources",
+            registry=r,
+        )
         self.refusals = Counter(
             "relay_refusals_total", "Connections refused, by reason", ["reason"], registry=r
         )

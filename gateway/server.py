@@ -144,6 +144,8 @@ class GatewayServer:
         # Label children looked up once: `.labels()` per handshake shows in its profile.
         self._handshake_ok = metrics.handshakes.labels("ok")
         self._handshake_failed = metrics.handshakes.labels("failed")
+        # Read at scrape time: what `all_sources.handshakes` is sized against.
+        metrics.handshakes_pending.set_function(lambda: self.sources.pending)
 
     # -- lifecycle
 

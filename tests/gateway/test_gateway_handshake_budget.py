@@ -43,6 +43,10 @@ EXCHANGES = 30  # round trips the established link makes while the flood runs
 CHUNK = 64 * 1024
 
 
+def pending_metric(world: World) -> float | None:
+    return world.server.metrics.registry.get_sample_value("relay_handshakes_pending")
+
+
 def handshakes_done(world: World) -> float:
     registry = world.server.metrics.registry
     return sum(
@@ -160,6 +164,7 @@ async def test_all_sources_handshake_slots_leave_a_reserve_for_quiet_sources(
             busy = await stack.enter_async_context(silent_connections(world.port, 20, "127.0.2.1"))
             await until(lambda: world.refusals("all_sources_handshakes") == 6, "6 refused")
             assert world.server.sources.pending == 14  # 16 - 16 // 8
+            assert pending_metric(world) == 14
             assert await asyncio.wait_for(loop.sock_recv(busy[-1], 1), WAIT) == b""
             device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
             assert await asyncio.wait_for(roundtrip(device, b"ok"), WAIT) == b"ok"
@@ -174,6 +179,7 @@ async def test_all_sources_handshake_slots_leave_a_reserve_for_quiet_sources(
             )
             assert hits(world, "all_sources_handshakes") == 9
         await until(lambda: world.server.sources.pending == 0, "the slots are given back")
+        assert pending_metric(world) == 0
         device = await connect(world, world.pki.device("ws2"), wire.ALPN_DEVICE)
         assert await asyncio.wait_for(roundtrip(device, b"ok"), WAIT) == b"ok"
         device.close()
