@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -95,6 +97,13 @@ _TEXT_FORMS: Final = {
     "IS": (re.compile(r" *[+-]?\d{1,11} *"), "a whole number (IS)"),
     "DS": (re.compile(r" *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)? *"), "a decimal number (DS)"),
 }  # fmt: skip
+# Characters a value may have at most, by VR (PS3.5 table 6.2-1; PN: per component
+# group); dates, times and datetimes are bounded by their forms (ranges are longer).
+_MAX_CHARS: Final = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "IS": 12, "DS": 16,
+                     "ST": 1024, "LT": 10240}  # fmt: skip
+_SINGLE_VALUED: Final = frozenset({"ST", "LT", "UT", "UR"})  # a backslash is text in these
+# CS: upper case letters, digits, space and underscore, and the wildcards * and ?
+_CS_RE: Final = re.compile(r"[A-Z0-9 _*?]*")
 MatchValue = str | int | float | None
 
 
@@ -181,7 +190,27 @@ def _check_value(param: str, keyword: str, value: str) -> MatchValue:
     pattern = _TEXT_FORMS.get(vr)
     if pattern is not None and value and not pattern[0].fullmatch(value):
         raise QueryError(param, f"expected {pattern[1]}, got {value[:40]!r}")
+    _check_text(param, vr, value)
     return value
+
+
+def _check_text(param: str, vr: str, value: str) -> None:
+    """Each value of a text VR within its VR's length and, for CS and PN, its form: a
+    value the PACS's C-FIND would refuse or never match is the client's 400 (pydicom
+    sent it on, and logged it: `Invalid value for VR CS: '...'`)."""
+    values = [value] if vr in _SINGLE_VALUED else value.split("\\")
+    for one in values:
+        if vr == "CS" and not _CS_RE.fullmatch(one):
+            raise QueryError(param, "a code string is upper case letters, digits, space and _")
+        groups = one.split("=") if vr == "PN" else [one]
+        if len(groups) > 3:
+            raise QueryError(param, "a person name has at most 3 component groups")
+        for group in groups:
+            if vr == "PN" and group.count("^") > 4:
+                raise QueryError(param, "a person name has at most 5 components")
+            if len(group) > _MAX_CHARS.get(vr, MAX_VALUE):
+                raise QueryError(param, f"longer than its VR ({vr}) allows: "
+                                        f"{_MAX_CHARS[vr]} characters")  # fmt: skip
 
 
 def _binary_number(param: str, vrs: set[str], value: str) -> int | float | None:
@@ -269,9 +298,13 @@ def parse_query(
         if keyword not in matching and keyword != "QueryRetrieveLevel":
             setattr(identifier, keyword, None if dictionary_VR(keyword) != "SQ" else [])
     for keyword, match in matching.items():
-        setattr(identifier, keyword, match)
-        if isinstance(match, int) and _vrs(keyword) == {"US", "SS"}:
-            identifier[keyword].VR = "SS" if match < 0 else "US"  # pydicom's default: US
+        vr = dictionary_VR(keyword)
+        if _vrs(keyword) == {"US", "SS"}:
+            vr = "SS" if isinstance(match, int) and match < 0 else "US"
+        # checked above, and wildcards (`CT*`) are not the VR's form: pydicom's own check
+        # would log the value (a query's value may name a patient)
+        identifier.add(DataElement(Tag(keyword), vr, match,
+                                   validation_mode=config.IGNORE))  # fmt: skip
     _check_encodes(identifier)
     return query
 

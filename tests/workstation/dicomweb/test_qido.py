@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 from pydicom.dataset import Dataset
 
@@ -148,4 +151,48 @@ def test_values_in_their_vr_form_make_an_identifier_that_encodes() -> None:
     ds = q.identifier
     assert ds.Rows == 512 and ds.SmallestImagePixelValue == -5 and ds.Columns is None
     assert ds.StudyTime == "0800-1200" and ds.ReferencedSeriesSequence == []
+    rawds.encode_dataset(ds)
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("PatientID", "A" * 65),  # LO: 64
+        ("StudyDescription", "x" * 65),
+        ("AccessionNumber", "A" * 17),  # SH: 16
+        ("ModalitiesInStudy", "ct"),  # CS: upper case
+        ("ModalitiesInStudy", "CT\\" + "A" * 17),  # each value within CS's 16
+        ("PatientSex", "m"),
+        ("PatientName", "A=B=C=D"),  # at most 3 component groups
+        ("PatientName", "A^B^C^D^E^F"),  # at most 5 components
+        ("PatientName", "X" * 65),  # 64 a component group
+    ],
+)
+def test_text_values_beyond_their_vr_are_refused(param: str, value: str) -> None:
+    """They were sent on to the PACS (which refuses them or never matches them), and
+    pydicom logged the value."""
+    with pytest.raises(QueryError) as info:
+        parse_query("STUDY", [(param, value)], {})
+    assert info.value.param == param
+
+
+def test_wildcards_and_values_within_their_vr_log_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`CT*` is no code string (CS) by its form, but a C-FIND matches it (PS3.4
+    C.2.2.2.4): it was sent, and pydicom logged `Invalid value for VR CS: 'CT*'` at
+    WARNING, the value of a query in the log."""
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        q = parse_query(
+            "STUDY",
+            [("ModalitiesInStudy", "C*\\MR"), ("PatientSex", "?"), ("PatientName", "DOE^J*=A=B"),
+             ("PatientID", "P" * 64), ("AccessionNumber", "A?C*"), ("StudyDescription", "")],
+            {},
+        )  # fmt: skip
+    assert [str(w.message) for w in warned] == [] and caplog.records == []
+    ds = q.identifier
+    assert ds.ModalitiesInStudy == ["C*", "MR"] and ds.PatientSex == "?"
+    assert str(ds.PatientName) == "DOE^J*=A=B" and ds.PatientID == "P" * 64
     rawds.encode_dataset(ds)
