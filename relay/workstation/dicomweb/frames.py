@@ -68,14 +68,16 @@ class Unservable(ValueError):
 
 def frame_numbers(text: str) -> list[int]:
     """`1,2,3` -> [1, 2, 3]; ValueError naming what is wrong (a repeat included: an answer
-    holds each frame at most once, so it is never larger than the instance's pixels)."""
+    holds each frame at most once, so it is never larger than the instance's pixels).
+    ASCII digits only: str.isdigit() also takes other scripts' digits (which int() reads)
+    and superscripts (which it refuses)."""
     items = text.split(",")
     if len(items) > MAX_FRAMES_PER_REQUEST:
         raise ValueError(f"more than {MAX_FRAMES_PER_REQUEST} frames in one request")
     out: dict[int, None] = {}
     for raw in items:
         item = raw.strip()
-        if not item.isdigit() or len(item) > 9 or int(item) < 1:
+        if not (item.isascii() and item.isdigit()) or len(item) > 9 or int(item) < 1:
             raise ValueError(f"frame numbers are whole numbers from 1, got {item[:20]!r}")
         if int(item) in out:  # each would be a copy of the frame in one answer
             raise ValueError(f"frame {int(item)} is asked for twice")

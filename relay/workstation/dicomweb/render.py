@@ -49,7 +49,7 @@ def viewport(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     parts = text.split(",")
-    if len(parts) < 2 or not all(p.strip().isdigit() for p in parts[:2]):
+    if len(parts) < 2 or not all(_whole(p) for p in parts[:2]):
         raise ValueError("expected viewport=WIDTH,HEIGHT")
     w, h = (int(p) for p in parts[:2])
     if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE):
@@ -57,12 +57,19 @@ def viewport(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
+def _whole(text: str) -> bool:
+    """A whole number in ASCII digits (str.isdigit() also takes `²`, which int() refuses,
+    and other scripts' digits), of a size int() reads at once."""
+    digits = text.strip()
+    return digits.isascii() and digits.isdigit() and len(digits) <= 9
+
+
 def quality(text: str | None) -> int | None:
     """`quality=Q` (PS3.18 8.3.5.1.3: 1 to 100, for a lossy format) -> Q; ValueError when
     malformed."""
     if text is None:
         return None
-    if not text.strip().isdigit() or not 1 <= int(text) <= 100:
+    if not _whole(text) or not 1 <= int(text) <= 100:
         raise ValueError("expected quality=1 to 100")
     return int(text)
 

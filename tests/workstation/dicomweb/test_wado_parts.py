@@ -80,6 +80,23 @@ def test_malformed_frame_lists(text: str) -> None:
     assert frames.frame_numbers("3, 1") == [3, 1]
 
 
+# Digits str.isdigit() takes besides ASCII's: Arabic-Indic one (int() reads it as 1, so
+# frame 1 was served), superscript two (int() refuses it: its Python error was the 400's
+# text), fullwidth five.
+OTHER_DIGITS = ["\u0661", "\u00b2", "\uff15", "1,\u0662"]
+
+
+@pytest.mark.parametrize("text", OTHER_DIGITS)
+def test_numbers_in_urls_are_ascii_digits(text: str) -> None:
+    with pytest.raises(ValueError, match="whole numbers from 1"):
+        frames.frame_numbers(text)
+    with pytest.raises(ValueError, match="expected viewport"):
+        render.viewport(f"{text},10")
+    with pytest.raises(ValueError, match="expected quality"):
+        render.quality(text)
+    assert render.viewport("10, 20") == (10, 20) and render.quality("75") == 75
+
+
 def test_metadata_has_every_attribute_and_bulk_uris_for_pixel_data(
     ct: samples.EncodedInstance,
 ) -> None:
