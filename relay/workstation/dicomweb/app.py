@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader, MultipartReader
+from aiohttp.web_protocol import RequestPayloadError
 from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
@@ -956,6 +957,12 @@ def _short(exc: Exception) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+def _is_dicom_part(content_type: str) -> bool:
+    """A part of DICOM (PS3.18 10.5: `application/dicom`, parameters aside): the prefix
+    test took `application/dicom+json` and `+xml` metadata parts for Part 10 files."""
+    return content_type.split(";", 1)[0].strip().lower() == "application/dicom"
+
+
 def _stow_item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
     ds = Dataset()
     ds.ReferencedSOPClassUID = sop_class
@@ -1016,11 +1023,7 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
                 return refuse_rest(
                     413, f"more than {MAX_STOW_PARTS} parts", st.STORE_OUT_OF_RESOURCES
                 )
-            if (
-                not part.headers.get("Content-Type", "application/dicom")
-                .lower()
-                .startswith("application/dicom")
-            ):
+            if not _is_dicom_part(part.headers.get("Content-Type", "application/dicom")):
                 return refuse_rest(
                     415, "only application/dicom parts are accepted", st.STORE_CANNOT_UNDERSTAND
                 )
@@ -1066,6 +1069,12 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
     except (ValueError, HttpProcessingError) as exc:  # aiohttp's part header parser: the latter
         return refuse_rest(400, f"malformed multipart body: {_short(exc)}",
                            st.STORE_CANNOT_UNDERSTAND)  # fmt: skip
+    except RequestPayloadError as exc:  # the body itself: a Content-Encoding that does not
+        # decode, a broken chunked framing (it was a 500); the rest cannot be read
+        answer = refuse_rest(400, f"malformed request body: {_short(exc)}",
+                             st.STORE_CANNOT_UNDERSTAND)  # fmt: skip
+        answer.force_close()
+        return answer
     if not referenced and not failed:
         return _text(400, "no instances in the request")
     if not referenced and failed and len(upstream) == len(failed):

@@ -9,6 +9,7 @@ import struct
 import time
 import zlib
 
+import aiohttp
 import pytest
 from pydicom.dataset import Dataset
 
@@ -106,3 +107,30 @@ async def test_a_part_with_malformed_headers_is_400(extra: str) -> None:
         assert status == 400, answer
         assert answer.startswith(b"malformed multipart body") and len(answer) < 400
         assert source.stored == []
+
+
+async def test_a_body_whose_content_encoding_does_not_decode_is_400() -> None:
+    """aiohttp decodes a Content-Encoding as the body is read; one that does not decode
+    raised out of the handler: a 500, "Server got itself in trouble"."""
+    async with scripted() as (srv, source):
+        headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=x',
+                   "Content-Encoding": "gzip"}  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{srv.url}/studies", data=b"\x1f\x8b not gzip", headers=headers) as r,
+        ):
+            assert r.status == 400
+            assert (await r.read()).startswith(b"malformed request body")
+        assert source.stored == [] and srv.service.stow_uploads == 0
+
+
+@pytest.mark.parametrize("ctype", ["application/dicom+json", "application/dicom+xml",
+                                   "application/dicomx"])  # fmt: skip
+async def test_parts_of_another_type_than_application_dicom_are_415(ctype: str) -> None:
+    """The prefix test took JSON and XML metadata parts (STOW-RS of metadata and bulk
+    data, which the relay does not take) for Part 10 files: 409, "cannot understand"."""
+    async with scripted() as (srv, source):
+        body = f"--stowb\r\nContent-Type: {ctype}\r\n\r\n[{{}}]\r\n--stowb--\r\n".encode()
+        status, answer = await post(f"{srv.url}/studies", body)
+        assert status == 415, answer
+        assert answer.startswith(b"only application/dicom parts") and source.stored == []
