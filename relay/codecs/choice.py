@@ -49,6 +49,9 @@ class Rates:
     """What the agent knows: per codec, ratio and rates; the link in wire bytes/s."""
 
     link: float | None = None  # None: nothing measured yet
+    # What the previous stream on the same path (the device's sealed session) measured
+    # last: the first instance's guess instead of PRIOR_LINK. Never used once `link` is.
+    expected_link: float | None = None
     # The link estimate is a ratio of averages: (average bytes per write) / (average
     # seconds a write was blocked). Writes that the stream took at once (window credit
     # left) add bytes but no time; an average of per-write speeds would count each of
@@ -85,13 +88,15 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     """The codec (ZSTD or one of `offered`) and worker count with the least cost.
 
     Before the link has been measured (the stream's first instance, which the viewer
-    waits for), the option that gets one instance across soonest at PRIOR_LINK:
-    encoding, wire and decoding add up for a lone instance. From the first write on, the
-    link is measured.
+    waits for), the option that gets one instance across soonest at the link the path's
+    previous stream measured (`expected_link`), or PRIOR_LINK on a new path: encoding,
+    wire and decoding add up for a lone instance. From the first write on, the link is
+    measured.
     """
     max_workers = max(1, max_workers)
     if offered and rates.link is None:
-        best = min((*offered, ZSTD), key=lambda c: latency(rates, c, PRIOR_LINK))
+        link = rates.expected_link or PRIOR_LINK
+        best = min((*offered, ZSTD), key=lambda c: latency(rates, c, link))
         return Choice(best, max_workers)
     ranked = contenders(rates, offered, max_workers, limit=len(offered))
     return plan(rates, ranked[0], max_workers)

@@ -247,8 +247,9 @@ async def serve_dicom_stream(
     try:
         offered = offered_codecs(stream.headers.get(HEADER_DICOM_PIXELS), pacs.allowed_codecs)
         encoder = StreamEncoder(
-            codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto"
-        )
+            codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto",
+            path=getattr(stream, "link", None),  # the device's sealed session, if any
+        )  # fmt: skip
         await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
     finally:
         watcher.cancel()

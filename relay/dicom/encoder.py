@@ -17,6 +17,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -40,6 +41,10 @@ PHASE_MEASURE: Final = 8
 # be flattered (one such phase was not enough: 48 MB/s measured for zstd where the link
 # carries 31).
 WARMUP_PHASES: Final = 2
+# Paths (a device's sealed session: the stream's `link`) whose last measured link rate is
+# remembered for their next stream's first instance; held weakly, so an ended session
+# leaves by itself, and at most this many at once (the oldest makes room).
+MAX_PATHS: Final = 1024
 
 
 def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -73,6 +78,10 @@ class RateBook:
         # Proven codecs per (codec, bits, signed): instances seen, and those disproven.
         self._spot: dict[tuple[str, int, bool], int] = {}
         self._disproven: set[tuple[str, int, bool]] = set()
+        # The link rate each path's last stream measured (bytes/s), for its next first
+        # instance: a device on a fast link then gets zstd, whose decode is 4x cheaper,
+        # instead of what PRIOR_LINK's 100 Mbit/s would pick.
+        self._paths: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
 
     def needs_check(self, codec: str, fmt: codecs.PixelFormat) -> bool:
         """Whether this instance's encoding must be decoded and compared before it goes:
@@ -118,14 +127,37 @@ class RateBook:
         with self._lock:
             return {k: replace(v) for k, v in self._tallies.items()}
 
-    def start(self) -> ch.Rates:
-        """Rates for a new stream: learned codec rates, the link not measured yet."""
+    def start(self, path: object | None = None) -> ch.Rates:
+        """Rates for a new stream: learned codec rates, the link not measured yet, and
+        what `path`'s previous stream measured of it (None: not known)."""
         with self._lock:
-            return replace(self._rates, link=None, link_bytes=0.0, link_seconds=0.0)
+            try:
+                expected = self._paths.get(path) if path is not None else None
+            except TypeError:  # a path that cannot be weakly referenced: never remembered
+                expected = None
+            return replace(
+                self._rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=expected
+            )
 
-    def keep(self, rates: ch.Rates) -> None:
+    def keep(self, rates: ch.Rates, path: object | None = None) -> None:
+        """A stream ended: keep its codec rates for all, and its link rate for `path`."""
         with self._lock:
-            self._rates = replace(rates, link=None, link_bytes=0.0, link_seconds=0.0)
+            self._rates = replace(
+                rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=None
+            )
+            if path is None or rates.link is None:
+                return
+            try:
+                if path not in self._paths and len(self._paths) >= MAX_PATHS:
+                    del self._paths[next(iter(self._paths))]
+                self._paths[path] = rates.link
+            except TypeError:  # a path that cannot be weakly referenced: not remembered
+                pass
+
+    def paths(self) -> int:
+        """How many paths' link rates are remembered (for tests)."""
+        with self._lock:
+            return len(self._paths)
 
 
 @dataclass(frozen=True)
@@ -151,12 +183,16 @@ class StreamEncoder:
         book: RateBook | None = None,
         *,
         adaptive: bool = True,
+        path: object | None = None,
     ) -> None:
+        """`path`: what the stream rides on (a device's sealed session), whose last
+        measured link rate chooses the first instance's codec (RateBook.start)."""
         self.codec = codec
         self.offered = offered
         self.workers = workers
         self.book = book or RateBook()
-        self.rates = self.book.start()
+        self.path = path
+        self.rates = self.book.start(path)
         # Not adaptive (the config names one codec): that codec for every instance it
         # can take, whatever the link (fewest bytes, e.g. a metered link).
         self.adaptive = adaptive or not offered
@@ -269,7 +305,7 @@ class StreamEncoder:
         self.phase += 1
 
     def finish(self) -> None:
-        self.book.keep(self.rates)
+        self.book.keep(self.rates, self.path)
 
     def _decide(self) -> None:
         if not self.adaptive:

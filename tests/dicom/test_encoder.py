@@ -13,6 +13,7 @@ from relay.codecs import PixelFormat
 from relay.codecs.choice import ZSTD
 from relay.dicom.codec import DicomLimits, Instance, MessageCodec
 from relay.dicom.encoder import (
+    MAX_PATHS,
     PHASE_MEASURE,
     PHASE_SKIP,
     SPOT_CHECK,
@@ -213,3 +214,50 @@ def test_a_phase_times_only_what_was_encoded_under_its_choice() -> None:
         enc.written(result, seconds, now)
     raw = len(msg.dataset)
     assert enc.measured == {"jpegls": pytest.approx(raw / 0.05), ZSTD: pytest.approx(raw / 0.025)}
+
+
+class _Path:
+    """Stands for what a stream rides on (a device's sealed session: `stream.link`)."""
+
+
+def test_a_paths_next_stream_sends_its_first_instance_for_the_link_it_measured() -> None:
+    """The first instance waits for nothing measured. On a path whose last stream saw a
+    fast link it goes as zstd (its decode costs the workstation a quarter of HTJ2K's,
+    and the bytes it adds take no time there); on a new path, or one whose last stream
+    saw a slow link, as what PRIOR_LINK (100 Mbit/s) or that link says."""
+    book = RateBook()
+    fast, slow, new = _Path(), _Path(), _Path()
+    offered = ("htj2k", "jpegls")
+    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec == "htj2k"
+    for path, seconds in ((fast, 0.0004), (slow, 0.08)):  # 200 kB: 500 MB/s, 2.5 MB/s
+        enc = StreamEncoder(MessageCodec(), offered, 2, book, path=path)
+        warm_up(enc, 0.0, seconds)
+        enc.finish()
+    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec == ZSTD
+    assert StreamEncoder(MessageCodec(), offered, 2, book, path=slow).choice.codec == "jpegls"
+    assert StreamEncoder(MessageCodec(), offered, 2, book, path=new).choice.codec == "htj2k"
+    assert StreamEncoder(MessageCodec(), offered, 2, book).choice.codec == "htj2k"
+
+
+def _fast_stream(book: RateBook, path: _Path) -> None:
+    enc = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
+    enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # 500 MB/s
+    enc.finish()
+
+
+def test_the_remembered_paths_are_bounded_and_leave_with_their_session() -> None:
+    book = RateBook()
+    paths = [_Path() for _ in range(MAX_PATHS + 10)]
+    for path in paths:
+        _fast_stream(book, path)
+    del path
+    assert book.paths() == MAX_PATHS  # the oldest made room
+    assert book.start(paths[0]).expected_link is None
+    assert book.start(paths[-1]).expected_link == pytest.approx(500e6)
+    del paths
+    assert book.paths() == 0  # an ended session is forgotten with it
+    unmeasured = _Path()
+    StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=unmeasured).finish()
+    assert book.paths() == 0  # a stream that measured nothing leaves nothing
+    _fast_stream(book, 1)  # type: ignore[arg-type]  # no weak reference: not remembered
+    assert book.paths() == 0 and book.start(1).expected_link is None
