@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.lifecycle import reload
 from gateway.limits import AllSourcesLimits, SourceLimits
 from relay import wire
 from relay.net import tls
@@ -204,3 +206,19 @@ async def test_a_source_over_its_own_rate_spends_nothing_of_all_sources_budget(
         device = await connect(world, world.pki.device("ws1"), wire.ALPN_DEVICE)
         device.close()
         assert world.refusals("all_sources_rate") == 0
+
+
+async def test_a_reload_changes_all_sources_budget(tmp_path: Path) -> None:
+    """SIGHUP applies `all_sources:` to new connections; the handshakes under way stay
+    counted."""
+    total = AllSourcesLimits(handshakes=2)
+    async with start_world(tmp_path, all_sources=total, handshake_timeout=30.0) as world:
+        async with silent_connections(world.port, 3, "127.0.5.1"):
+            await until(lambda: world.refusals("all_sources_handshakes") == 1, "1 refused")
+            wider = AllSourcesLimits(handshakes=4)
+            config = dataclasses.replace(world.server.config, all_sources=wider)
+            assert await reload(world.server, lambda _: config)
+            async with silent_connections(world.port, 3, "127.0.5.2"):
+                await until(lambda: world.refusals("all_sources_handshakes") == 2, "2 refused")
+                assert world.server.sources.pending == 4
+        await until(lambda: world.server.sources.pending == 0, "the slots are given back")
