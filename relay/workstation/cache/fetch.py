@@ -136,7 +136,8 @@ class StudyFetcher:
         study = self.store.begin(study_uid, attrs, expected, source)
         have = tuple(study.instances)
         if expected is not None and len(have) >= expected:
-            self.store.finish(study_uid, complete=True)
+            # finish saves the index (synced to disk): a worker thread, not the loop
+            await asyncio.to_thread(self.store.finish, study_uid, complete=True)
             return FetchResult(study.label, len(have), 0, time.monotonic() - started, True)
         try:
             new_bytes, final = await self._retrieve(study_uid, have)
@@ -144,7 +145,7 @@ class StudyFetcher:
             self.store.finish(study_uid, complete=False)
             raise
         ok = final.status == st.SUCCESS and not final.failed
-        self.store.finish(study_uid, complete=ok, counted=final.completed)
+        await asyncio.to_thread(self.store.finish, study_uid, complete=ok, counted=final.completed)
         study = self.store.study(study_uid) or study
         result = FetchResult(study.label, len(study.instances), new_bytes,
                              time.monotonic() - started, study.complete)  # fmt: skip
@@ -202,7 +203,7 @@ class StudyFetcher:
         except (CacheFull, OSError) as exc:
             study = self.store.study(study_uid)
             label = study.label if study else "a study"
-            self.store.evict([study_uid], "abandoned")
+            await asyncio.to_thread(self.store.evict, [study_uid], "abandoned")
             raise FetchError(f"cannot cache {label}: {type(exc).__name__}: {exc}") from None
         self.store.note_series(study_uid, series, series_attrs)
         return len(msg.dataset)

@@ -27,6 +27,18 @@ served, a prefetch's write, a virus scanner). A wipe then goes on: the index goe
 counts what is left. A file an eviction cannot remove stays counted in `max_size` on a
 list (at most MAX_LEFTOVER) that the next eviction and the expiry sweep try again; the
 next start removes whatever no index names.
+
+Durability (a persisted index, keyring mode; with the key in memory nothing outlives the
+process, so nothing is synced): an instance file is written to a temp file and renamed
+into place; before an index is written (a study or series complete, an eviction), the
+files written since the last one are synced, in one batch (at most MAX_UNSYNCED waiting:
+beyond, a file is synced as it is written), then the objects directory (their renames),
+then the index, renamed, and its directory (relay.workstation.cache.durable). Synced one
+by one as they were written, a 200-image CT took about twice as long to write here. A
+power cut can therefore leave only whole files under an index; one that is not (a disk
+that lied, a file cut short after the fact) is dropped at start when its size is not the
+one the index recorded (zero length, short), or when it fails authentication as it is
+read (sealed: AES-GCM), and then served from the network and fetched again.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from relay.ops import replacing
+from relay.workstation.cache.durable import sync_directory, sync_file, write_file
 from relay.workstation.cache.sealing import OVERHEAD, Sealer, SealError
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,7 @@ MAX_STUDIES: Final = 100_000  # index entries, whatever the sizes
 REMOVE_TRIES: Final = 3  # a wipe's tries of a file another program holds open (Windows)
 REMOVE_PAUSE: Final = 0.15  # seconds between them
 MAX_LEFTOVER: Final = 1_000  # files an eviction could not remove, kept counted to retry
+MAX_UNSYNCED: Final = 10_000  # files written and not yet synced, kept to sync at the commit
 
 
 @dataclass
@@ -133,6 +147,7 @@ class CacheStore:
         self._saved = 0
         self._wiped_at = 0
         self._epoch = 0  # wipes so far: a write begun before one adds nothing after it
+        self._unsynced: set[Path] = set()  # written since the last index (persisted only)
 
     # -- start, wipe ---------------------------------------------------------------
 
@@ -222,6 +237,7 @@ class CacheStore:
         self._leftover.clear()
         self._wiped_at = self._saves
         self._epoch += 1  # a write under way: its room was in the `total` just emptied
+        self._unsynced.clear()
 
     def _remove_files(self) -> int:
         """Remove the sealed index first, then its temporary files and every object file;
@@ -422,8 +438,10 @@ class CacheStore:
             self.total += reserved
             epoch = self._epoch
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        with self._lock:  # synced at the next commit, or now if too many wait
+            batched = self.persist_index and len(self._unsynced) < MAX_UNSYNCED
         try:
-            tmp.write_bytes(sealed)
+            write_file(tmp, sealed, sync=self.persist_index and not batched)
             replacing.replace(tmp, path)  # Windows: a scanner may hold `path` a moment
         except OSError:
             with contextlib.suppress(OSError):
@@ -444,6 +462,8 @@ class CacheStore:
             old = study.instances.get(inst.sop_instance)
             self.total += inst.size - (old.size if old else 0)
             study.instances[inst.sop_instance] = inst
+            if batched:
+                self._unsynced.add(path)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -545,11 +565,18 @@ class CacheStore:
         path = self.dir / INDEX_FILE
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            tmp.write_bytes(sealed)
+            # The files it names were written and renamed before it was made: their bytes
+            # and renames on disk first, then the index, then its own rename.
+            self._sync_written()
+            sync_directory(self.objects)
+            write_file(tmp, sealed, sync=True)
             with self._lock:
-                if number > max(self._saved, self._wiped_at):
+                replaced = number > max(self._saved, self._wiped_at)
+                if replaced:
                     replacing.replace(tmp, path)  # Windows: a scanner may hold the index
                     self._saved = number
+            if replaced:
+                sync_directory(self.dir)
         except OSError as exc:
             log.error("cache: cannot write the index in cache.dir %s (%s: %s); a restart "
                       "may not find the studies cached since", self.dir, type(exc).__name__,
@@ -557,6 +584,21 @@ class CacheStore:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+    def _sync_written(self) -> None:
+        """Sync the files written since the last index (OSError: they wait for the next)."""
+        with self._lock:
+            waiting, self._unsynced = self._unsynced, set()
+        done: set[Path] = set()
+        try:
+            for path in waiting:
+                with contextlib.suppress(FileNotFoundError):  # evicted since
+                    sync_file(path)
+                done.add(path)
+        except OSError:
+            with self._lock:
+                self._unsynced |= waiting - done
+            raise
 
     def _load_index(self) -> bool:
         if not self.persist_index:

@@ -1,0 +1,164 @@
+"""A committed cache entry survives a power cut; a torn one is dropped, never served.
+
+The store wrote each instance to a temp file and renamed it, and the index the same way,
+with no fsync anywhere: a PC switched off at the end of a shift could keep a file
+renamed into place with none of its bytes, or an index naming files whose renames were
+never written. With a persisted index (keyring mode) the bytes are now synced before
+each rename, and the objects directory before an index names its files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from relay.ops import replacing
+from relay.workstation.cache import durable
+from relay.workstation.cache import store as store_module
+from relay.workstation.cache.sealing import Sealer
+from relay.workstation.cache.serve import CacheServer
+from tests.workstation.cache.test_store import UID, fill, inst, store
+
+Event = tuple[str, int]  # ("fsync" | "replace", inode)
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
+    """Every fsync and every rename into place, in order, by the inode they touch."""
+    seen: list[Event] = []
+    real_fsync, real_replace = os.fsync, replacing.replace
+
+    def fsync(fd: int) -> None:
+        seen.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        ino = os.stat(src).st_ino
+        real_replace(src, dst)
+        seen.append(("replace", ino))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(replacing, "replace", replace)
+    return seen
+
+
+def _ino(path: Path) -> int:
+    return path.stat().st_ino
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="inodes and directory fsync are POSIX")
+def test_a_committed_entry_is_on_disk_before_the_index_names_it(
+    tmp_path: Path, events: list[Event]
+) -> None:
+    """The files written since the last index, in one batch at the commit, then their
+    directory, then the index's bytes, its rename, and that rename made durable."""
+    s = store(tmp_path, key=Sealer.new_key(), persist=True)
+    events.clear()  # the start's own writes (none are synced: nothing to commit yet)
+    fill(s, UID, 3)
+    files = [s.path_of(UID, f"{UID}.{n}") for n in range(3)]
+    index, objects = tmp_path / "index.bin", tmp_path / "objects"
+    order = events.index
+    synced_objects = order(("fsync", _ino(objects)))
+    for path in files:
+        assert order(("replace", _ino(path))) < order(("fsync", _ino(path))) < synced_objects
+    assert synced_objects < order(("fsync", _ino(index))) < order(("replace", _ino(index)))
+    assert order(("replace", _ino(index))) < order(("fsync", _ino(tmp_path)))
+    assert len([e for e in events if e[0] == "fsync"]) == 3 + 3  # nothing synced twice
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="inodes and directory fsync are POSIX")
+def test_past_the_bound_of_waiting_files_a_file_is_synced_as_it_is_written(
+    tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "MAX_UNSYNCED", 1)
+    s = store(tmp_path, key=Sealer.new_key(), persist=True)
+    s.begin(UID, {}, 3, "test")
+    for n in range(3):
+        s.put(UID, inst(f"{UID}.{n}"), b"image")
+    first, *rest = (s.path_of(UID, f"{UID}.{n}") for n in range(3))
+    assert ("fsync", _ino(first)) not in events  # waits for the commit
+    for path in rest:  # one waits already: synced before their rename
+        assert events.index(("fsync", _ino(path))) < events.index(("replace", _ino(path)))
+    assert len(s._unsynced) == 1
+
+
+def test_a_file_that_cannot_be_synced_keeps_the_index_from_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit fails as an index write fails (one error line); the files wait for the
+    next commit, and the index on disk still names only what was synced."""
+    key = Sealer.new_key()
+    s = store(tmp_path, key=key, persist=True)
+    fill(s, "1.1", 1)
+
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "sync_file", broken)
+    with caplog.at_level(logging.ERROR):
+        fill(s, "1.2", 1)
+    assert any("cannot write the index" in r.getMessage() for r in caplog.records)
+    assert len(s._unsynced) == 1
+    assert list(store(tmp_path, key=key, persist=True).studies) == ["1.1"]
+
+
+def test_with_the_key_in_memory_nothing_is_synced(tmp_path: Path, events: list[Event]) -> None:
+    """Nothing of such a cache outlives the process (the next start wipes it): no cost."""
+    s = store(tmp_path)
+    fill(s, UID, 3)
+    assert [e for e in events if e[0] == "fsync"] == []
+    assert len([e for e in events if e[0] == "replace"]) == 3
+
+
+def test_a_directory_is_not_opened_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> int:
+        raise AssertionError("a directory cannot be opened for syncing on Windows")
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "open", refuse)
+    durable.sync_directory(Path("."))
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [
+        pytest.param(lambda p: p.write_bytes(b""), id="zero-length"),
+        pytest.param(lambda p: p.write_bytes(p.read_bytes()[:-1]), id="short"),
+    ],
+)
+def test_a_torn_file_is_dropped_at_start(tmp_path: Path, tear: Callable[[Path], None]) -> None:
+    key = Sealer.new_key()
+    fill(store(tmp_path, key=key, persist=True), UID, 3)
+    victim = store(tmp_path, key=key, persist=True).path_of(UID, f"{UID}.1")
+    tear(victim)
+    again = store(tmp_path, key=key, persist=True)
+    study = again.study(UID)
+    assert study is not None and not study.complete  # not served as complete
+    assert sorted(study.instances) == [f"{UID}.0", f"{UID}.2"]
+    assert not victim.exists()  # no study names it now: removed
+
+
+def test_a_same_size_torn_file_fails_authentication_and_is_not_served(tmp_path: Path) -> None:
+    """A file of the right size with other bytes (zeros where the data never came) passes
+    the size check at start; sealed, it fails authentication when the node plans to serve
+    the study: dropped, the study fetched again, the viewer served from the network."""
+    key = Sealer.new_key()
+    fill(store(tmp_path, key=key, persist=True), UID, 3)
+    again = store(tmp_path, key=key, persist=True)
+    victim = again.path_of(UID, f"{UID}.1")
+    victim.write_bytes(bytes(victim.stat().st_size))
+    refetched: list[str] = []
+    server = CacheServer(again, lambda: False, refetched.append)
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = UID
+    assert server.plan(ident) is None  # not served from the cache
+    study = again.study(UID)
+    assert study is not None and not study.complete and f"{UID}.1" not in study.instances
+    assert refetched == [UID] and not victim.exists()
