@@ -92,7 +92,7 @@ class PreparedReload:
     certificate_expiry: float | None  # of the new certificate, for its gauge
 
 
-def reloader(server: GatewayServer, load: GatewayConfigLoader) -> Reloader[PreparedReload]:
+def reloader(server: GatewayServer, load: GatewayConfigLoader) -> Reloader[PreparedReload, bool]:
     """The gateway's reloads (SIGHUP): one at a time, the file work off the loop, where it
     would stall every hospital's links and streams (relay.ops.reloader)."""
     return Reloader(

@@ -31,7 +31,8 @@ __all__ = ["ReloadStopped", "Reloader", "in_daemon_thread"]
 
 log = logging.getLogger(__name__)
 
-P = TypeVar("P")
+P = TypeVar("P")  # what a prepare built
+R = TypeVar("R")  # a round's outcome, as apply or refuse gives it
 T = TypeVar("T")
 
 
@@ -39,7 +40,7 @@ class ReloadStopped(Exception):
     """The process stopped before the reload awaited was applied."""
 
 
-class Reloader(Generic[P]):
+class Reloader(Generic[P, R]):
     """Serialised, coalesced reloads: `prepare` in a thread, `apply` or `refuse` on the loop.
 
     `request` is for a signal handler (fire and forget); `reload` awaits the outcome of a
@@ -49,8 +50,8 @@ class Reloader(Generic[P]):
     def __init__(
         self,
         prepare: Callable[[], P],
-        apply: Callable[[P], bool],
-        refuse: Callable[[Exception], bool],
+        apply: Callable[[P], R],
+        refuse: Callable[[Exception], R],
         errors: tuple[type[Exception], ...],
     ) -> None:
         self._prepare = prepare
@@ -58,8 +59,8 @@ class Reloader(Generic[P]):
         self._refuse = refuse
         self._errors = errors
         self._task: asyncio.Task[None] | None = None
-        self._current: asyncio.Future[bool] | None = None  # the round under way
-        self._next: asyncio.Future[bool] | None = None  # at most one round waits for it
+        self._current: asyncio.Future[R] | None = None  # the round under way
+        self._next: asyncio.Future[R] | None = None  # at most one round waits for it
         self._closed = False
         self.prepares = 0  # rounds started: coalescing bounds it, tests count it
 
@@ -72,12 +73,12 @@ class Reloader(Generic[P]):
         """A round is asked for after the one under way."""
         return self._current is not None and self._next is not None
 
-    def request(self) -> asyncio.Future[bool]:
+    def request(self) -> asyncio.Future[R]:
         """Reload soon (SIGHUP); the future is the outcome of the round that will read the
         files after this call: the next one if a round is under way. Loop thread only."""
         loop = asyncio.get_running_loop()
         if self._closed:
-            stopped: asyncio.Future[bool] = loop.create_future()
+            stopped: asyncio.Future[R] = loop.create_future()
             self._fail(stopped)
             return stopped
         if self._next is None:
@@ -86,7 +87,7 @@ class Reloader(Generic[P]):
             self._task = loop.create_task(self._rounds(), name="reload")
         return self._next
 
-    async def reload(self) -> bool:
+    async def reload(self) -> R:
         """Request a reload and wait for its outcome; ReloadStopped if the process stops
         first."""
         return await asyncio.shield(self.request())
@@ -115,7 +116,7 @@ class Reloader(Generic[P]):
             if self._task is asyncio.current_task():
                 self._task = None
 
-    async def _round(self) -> bool:
+    async def _round(self) -> R:
         self.prepares += 1
         log.info("reloading configuration and certificates")
         try:
@@ -127,19 +128,19 @@ class Reloader(Generic[P]):
             return self._refuse(exc)
         try:
             return self._apply(prepared)
-        except Exception:
+        except Exception as exc:  # a bug, perhaps half applied: said, and counted
             log.exception("reload: unexpected error while applying")
-            return False
+            return self._refuse(exc)
 
     @staticmethod
-    def _fail(waiting: asyncio.Future[bool]) -> None:
+    def _fail(waiting: asyncio.Future[Any]) -> None:
         if not waiting.done():
             waiting.set_exception(ReloadStopped("stopping: the reload was not applied"))
             # Nobody may await it (a signal's request): no "never retrieved" warning.
             waiting.add_done_callback(_consume)
 
 
-def _consume(future: asyncio.Future[bool]) -> None:
+def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

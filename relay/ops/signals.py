@@ -38,7 +38,8 @@ def handling_signals(
     reload: Callable[[], object] | None = None,
 ) -> Iterator[list[str]]:
     """Call `stop` on a stop signal and `reload` on SIGHUP while inside; yield the names
-    of the signals handled. Previous handlers come back on exit."""
+    of the signals handled. Previous handlers come back on exit. Both run on the loop, so
+    they must return at once: `reload` only asks for one (relay.ops.reloader.Reloader)."""
     plan: list[tuple[signal.Signals, Callable[[], object]]] = [
         (sig, stop) for sig in _present(STOP_SIGNALS)
     ]

@@ -22,6 +22,7 @@ from relay import __version__
 from relay.ops import control, privatefiles
 from relay.ops.config import ConfigError
 from relay.ops.instancelock import InstanceLock, InstanceLocked
+from relay.ops.reloader import ReloadStopped
 
 if TYPE_CHECKING:
     from relay.workstation.service import Workstation
@@ -37,12 +38,17 @@ LOCK_FILE = "workstation.lock"
 
 def handlers(workstation: Workstation, stop: Callable[[], object]) -> dict[str, control.Handler]:
     async def reload(body: dict[str, Any]) -> dict[str, Any]:
-        ok = workstation.reload()
-        answer: dict[str, Any] = {"ok": ok, "restart_needed": list(workstation.restart_needed)}
-        if not ok:
-            answer["error"] = workstation.reload_error
-        elif workstation.next_start_error is not None:  # applied, but a restart would fail
-            answer["next_start_error"] = workstation.next_start_error
+        """The outcome of a reload that reads the files after this request (prepared in
+        a worker thread: the workstation serves meanwhile; relay.ops.reloader)."""
+        try:
+            outcome = await workstation.reload()
+        except ReloadStopped as exc:
+            return {"ok": False, "restart_needed": [], "error": str(exc)}
+        answer: dict[str, Any] = {"ok": outcome.ok, "restart_needed": list(outcome.restart_needed)}
+        if not outcome.ok:
+            answer["error"] = outcome.error
+        elif outcome.next_start_error is not None:  # applied, but a restart would fail
+            answer["next_start_error"] = outcome.next_start_error
         return answer
 
     async def stop_command(body: dict[str, Any]) -> dict[str, Any]:

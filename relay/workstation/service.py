@@ -20,20 +20,25 @@ the dialer for its next dial, so renewing interrupts no transfer. A renewal that
 crash interrupted is completed before the identity is loaded.
 
 SIGHUP, or `relay workstation reload` on every platform (the control endpoint,
-relay.workstation.control; `Workstation.reload`): re-read the config file and the
-identity files. The new certificate, key and CA go to the link supervisor for its next
-dial (the link that is up stays up), with the new limits and backoff; drain grace and
-log level apply at once. The keys in RESTART_ONLY keep their running values and are
-logged as needing a restart. Files that do not load or check out keep everything as it
-was: one error line, counted in `relay_reloads_total{result="error"}`.
+relay.workstation.control; `Workstation.reloader`): re-read the config file and the
+identity files, in a worker thread (relay.ops.reloader: the session, the DICOM node and
+the forwards go on meanwhile; one reload at a time, a burst makes at most one more), then
+swap on the loop; a renewal that lands meanwhile keeps its newer identity. The new
+certificate, key and CA go to the link supervisor for its next dial (the link that is up
+stays up), with the new limits and backoff; drain grace and log level apply at once. The
+keys in RESTART_ONLY keep their running values and are logged as needing a restart. Files
+that do not load or check out keep everything as it was: one error line, counted in
+`relay_reloads_total{result="error"}`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +54,7 @@ from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
 from relay.ops.metrics import EndMetrics, Sources
+from relay.ops.reloader import Reloader
 from relay.ops.reloading import (
     ReloadCounter,
     keep_restart_only,
@@ -100,6 +106,34 @@ RESTART_ONLY = (
     "gateway", "identity_dir", "state_dir", "metrics_listen", "dicom", "forward", "dicomweb",
     "cache", "prefetch",
 )  # fmt: skip
+
+
+RELOAD_ERRORS = (
+    ConfigError, TlsConfigError, PkiError, privatefiles.PrivateFileError, OSError, ValueError,
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedReload:
+    """What a reload read and built in its worker thread; applying it is only a swap."""
+
+    from_file: WorkstationConfig  # as the file says: restart-only keys kept when applied
+    ctx: ssl.SSLContext  # the link's, for the next dial
+    session_ctx: ssl.SSLContext
+    revocation_check: RevocationCheck
+    not_after: datetime | None  # of the certificate the next dial presents
+    next_start_error: str | None  # check_identity of the file, when identity_dir changed
+    renewals: int  # Workstation.renewals when the prepare began
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadOutcome:
+    """What `relay workstation reload` answers: of this reload, whatever came after."""
+
+    ok: bool
+    restart_needed: tuple[str, ...]  # keys that keep their running values
+    error: str | None  # why it failed
+    next_start_error: str | None  # applied, but the next start will refuse the file
 
 
 class Draining(Protocol):
@@ -188,6 +222,9 @@ class Workstation:
         self.reload_error: str | None = None  # why the last reload failed
         self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
         self.next_start_error: str | None = None  # why the next start fails (last reload)
+        self.reloader = Reloader(
+            self._prepare_reload, self._apply_reload, self._refuse_reload, RELOAD_ERRORS
+        )
         self._drain_deadline: float | None = None  # loop time: one grace for every drain
 
     def _dial_failed(self, error: DialError) -> None:
@@ -315,48 +352,58 @@ class Workstation:
 
     # -- reload (SIGHUP)
 
-    def reload(self) -> bool:
-        """Re-read the config file and identity files; apply what is safe, keep the link.
+    async def reload(self) -> ReloadOutcome:
+        """One reload, awaited (`relay workstation reload`; SIGHUP calls `reloader.request`).
 
         On any error the running configuration stays as it was (one error line, counted).
+        ReloadStopped if the workstation stops first.
         """
-        try:
-            from_file = load_workstation_config(self.config.path)
-            new, restart = keep_restart_only(self.config, from_file, RESTART_ONLY)
-            files = new.identity_files()
-            check_reloaded_identity(new, self.identity)  # errors name identity_dir
-            ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-            session_ctx = session_client_context(
-                files.cert, files.key, files.ca, site=self.identity.site
-            )
-            check = RevocationCheck.from_files(files.cert, files.ca)
-        except (
-            ConfigError,
-            TlsConfigError,
-            PkiError,
-            privatefiles.PrivateFileError,
-            OSError,
-            ValueError,
-        ) as exc:
-            self.reloads.record(False)
-            self.reload_error = str(exc)
-            log.error(
-                "reload failed; keeping the running configuration and certificates",
-                extra={"config": str(self.config.path), "error": str(exc)},
-            )
-            return False
-        self.next_start_error = None
+        return await self.reloader.reload()
+
+    def _prepare_reload(self) -> PreparedReload:
+        """Worker thread: re-read the config file and the identity files, check them and
+        build the contexts.
+
+        Reads of the workstation only its running config and identity: only an apply
+        changes the config, and the reloader runs each apply after its own prepare, one at
+        a time. A renewal may land meanwhile: `renewals` tells the apply.
+        """
+        renewals = self.renewals  # first: files read after it are at least this new
+        running = self.config
+        from_file = load_workstation_config(running.path)
+        new, restart = keep_restart_only(running, from_file, RESTART_ONLY)
+        files = new.identity_files()
+        check_reloaded_identity(new, self.identity)  # errors name identity_dir
+        next_start_error = None
         if "identity_dir" in restart:  # the next start must not be the first to refuse it
             try:
                 check_identity(from_file)
             except (ConfigError, privatefiles.PrivateFileError) as exc:
-                self.next_start_error = str(exc)
+                next_start_error = str(exc)
+        return PreparedReload(
+            from_file=from_file,
+            ctx=client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE),
+            session_ctx=session_client_context(
+                files.cert, files.key, files.ca, site=self.identity.site
+            ),
+            revocation_check=RevocationCheck.from_files(files.cert, files.ca),
+            not_after=not_after(files.cert),
+            next_start_error=next_start_error,
+            renewals=renewals,
+        )
+
+    def _apply_reload(self, prepared: PreparedReload) -> ReloadOutcome:
+        """On the loop: swap in what `_prepare_reload` built, keep the link."""
+        new, restart = keep_restart_only(self.config, prepared.from_file, RESTART_ONLY)
+        self.next_start_error = prepared.next_start_error if "identity_dir" in restart else None
         old, self.config = self.config, new
-        self.ctx = self.kept.ctx = ctx  # the next dial; the link that is up stays
-        self.not_after, self.expired = not_after(files.cert), None
+        if self.renewals == prepared.renewals:  # else a renewal since loaded newer files
+            self.ctx = self.kept.ctx = prepared.ctx  # the next dial; the link that is up stays
+            self.not_after, self.expired = prepared.not_after, None
+            self.session.ctx = prepared.session_ctx
+            self.revocation_check = prepared.revocation_check
         self.kept.settings = new.limits
-        self.session.ctx, self.session.settings = session_ctx, new.limits
-        self.revocation_check = check
+        self.session.settings = new.limits
         if new.reconnect != old.reconnect:
             self.kept.backoff = ExponentialBackoff.from_config(new.reconnect, rng=self.rng)
         if new.log_level != old.log_level:
@@ -368,7 +415,17 @@ class Workstation:
         self.reload_error, self.restart_needed = None, tuple(restart)
         log_restart_needed(log, restart, self.next_start_error)
         log.info("reloaded configuration and certificates")
-        return True
+        return ReloadOutcome(True, self.restart_needed, None, self.next_start_error)
+
+    def _refuse_reload(self, exc: Exception) -> ReloadOutcome:
+        """The running configuration stays as it was (one error line, counted)."""
+        self.reloads.record(False)
+        self.reload_error = str(exc)
+        log.error(
+            "reload failed; keeping the running configuration and certificates",
+            extra={"config": str(self.config.path), "error": str(exc)},
+        )
+        return ReloadOutcome(False, (), self.reload_error, None)
 
     def _grace_left(self, grace: float) -> float:
         """The drain's grace, counted once from its start, whichever part starts it."""
@@ -550,7 +607,9 @@ async def run_workstation(
         return EXIT_REVOKED
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
-            stack.enter_context(handling_signals(loop, stop=stop.set, reload=workstation.reload))
+            stack.enter_context(
+                handling_signals(loop, stop=stop.set, reload=workstation.reloader.request)
+            )
         # First, so that a second workstation on the same state directory stops here.
         endpoint = await stack.enter_async_context(control_endpoint(workstation, stop.set))
         # The drain grace as last reloaded, read when the drain starts.
@@ -576,6 +635,9 @@ async def run_workstation(
             with listen_errors(config.path, "metrics_listen", config.metrics_listen):
                 await admin.start()
             stack.push_async_callback(admin.stop)
+        # First out: a prepare under way is abandoned (it must not hold the stop) and a
+        # `relay workstation reload` waiting for it is answered.
+        stack.callback(workstation.reloader.close)
         log.info("workstation started", extra={"gateway": str(config.gateway)})
         if started is not None:
             started(workstation)

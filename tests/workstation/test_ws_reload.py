@@ -21,7 +21,7 @@ def _error_line(caplog: pytest.LogCaptureFixture) -> str:
     return str(line.__dict__["error"])
 
 
-def test_identity_errors_on_reload_name_the_key_as_at_start(
+async def test_identity_errors_on_reload_name_the_key_as_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pki = make_pki(tmp_path / "pki")
@@ -38,7 +38,7 @@ def test_identity_errors_on_reload_name_the_key_as_at_start(
     with pytest.raises(ConfigError) as at_start:
         check_identity(load_workstation_config(config_path))
     with caplog.at_level("ERROR", logger="relay.workstation.service"):
-        assert not ws.reload()
+        assert not (await ws.reload()).ok
     said = _error_line(caplog)
     assert said == str(at_start.value)
     assert said.startswith(f"{config_path}: identity_dir: {cert}: not signed by a CA in")
@@ -48,7 +48,7 @@ def test_identity_errors_on_reload_name_the_key_as_at_start(
     (identity / "device.key").write_bytes(other.key.read_bytes())
     caplog.clear()
     with caplog.at_level("ERROR", logger="relay.workstation.service"):
-        assert not ws.reload()
+        assert not (await ws.reload()).ok
     said = _error_line(caplog)
     assert said.startswith(f"{config_path}: identity_dir: {cert}: is for ")
     assert "a reload keeps the name 'ws1'" in said
@@ -56,11 +56,11 @@ def test_identity_errors_on_reload_name_the_key_as_at_start(
     renewed = pki.device("ws1")
     cert.write_bytes(renewed.cert.read_bytes())
     (identity / "device.key").write_bytes(renewed.key.read_bytes())
-    assert ws.reload()
+    assert (await ws.reload()).ok
     assert ws.reloads.error == 2 and ws.reloads.ok == 1
 
 
-def test_local_access_changes_at_reload_for_every_listener(tmp_path: Path) -> None:
+async def test_local_access_changes_at_reload_for_every_listener(tmp_path: Path) -> None:
     """The one AccountGate the node, DICOMweb and the forwards share follows a reload."""
     pki = make_pki(tmp_path / "pki")
     identity = device_identity_dir(pki, tmp_path)
@@ -70,6 +70,6 @@ def test_local_access_changes_at_reload_for_every_listener(tmp_path: Path) -> No
     ws = Workstation(load_workstation_config(config_path))
     assert ws.accounts.anyone and ws.forwarder.accounts is ws.accounts
     config_path.write_text(base + "local_access: same-user\n")
-    assert ws.reload()
+    assert (await ws.reload()).ok
     assert ws.accounts.access == "same-user" and not ws.forwarder.accounts.anyone
     assert "local_access" not in ws.restart_needed
