@@ -67,6 +67,7 @@ from relay.dicom.ending import OpenAssociations
 from relay.dicom.exclusive import ExclusiveAssociationServer
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import DicomStats
+from relay.dicom.uidset import DIGEST_SIZE, UidSet, uid_digest
 from relay.ops.listening import announce
 from relay.ops.loglimit import LogLimiter
 
@@ -179,20 +180,24 @@ class Intake:
         stall_timeout: float,
         aborted: threading.Event,
         cancel: threading.Event,
-        skip: frozenset[str] = frozenset(),
+        skip: UidSet | None = None,
     ) -> None:
         """`aborted` is set by the operation when the stream is gone, and by us when the
-        channel refuses an instance (then `cancel` too, so the operation stops)."""
+        channel refuses an instance (then `cancel` too, so the operation stops). `skip`:
+        the UIDs a resumed retrieve passes over (the device's skip list)."""
         self.out = out
         self.codec = codec
         self.stats = stats
         self.stall_timeout = stall_timeout
         self.aborted = aborted
         self.cancel = cancel
-        self.skip = skip
-        # Sent on, for a second retrieve to pass over; None once more than a retrieve's
-        # sub-operations can count (then there is no second retrieve).
-        self._delivered: set[str] | None = set()
+        self.skip = skip if skip is not None else UidSet()
+        # The digests of what was sent on (uidset.py), for a second retrieve to pass over;
+        # None once they and the skip list together are more than a retrieve's
+        # sub-operations can count (then there is no second retrieve). An honest skip list
+        # and the instances delivered after it are different instances of one retrieve,
+        # so together at most MAX_COUNT: one retrieve holds at most MAX_COUNT digests.
+        self._delivered: bytearray | None = bytearray()
         # What came, for the agent's StorageMemory (bounded like it: a few UIDs each).
         self._classes: dict[str, None] = {}
         self._syntaxes: dict[str, None] = {}
@@ -263,8 +268,8 @@ class Intake:
         if len(self._syntaxes) < MAX_SEEN:
             self._syntaxes.setdefault(ts, None)
         if self._delivered is not None:
-            self._delivered.add(sop_instance)
-            if len(self._delivered) > MAX_COUNT:
+            self._delivered += uid_digest(sop_instance)
+            if len(self.skip) + len(self._delivered) // DIGEST_SIZE > MAX_COUNT:
                 self._delivered = None
         self.stats.instance_relayed(len(data))
         return st.SUCCESS
@@ -295,7 +300,8 @@ class Intake:
         (the same retrieve, run a second time); False if that list was not kept."""
         if self._delivered is None:
             return False
-        self.skip = self.skip | self._delivered
+        self.skip = self.skip.with_digests(self._delivered)
+        self._delivered = bytearray()  # in the skip list now, and counted there
         return True
 
 

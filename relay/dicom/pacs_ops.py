@@ -62,6 +62,7 @@ from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomStats, NullStats, status_category
 from relay.dicom.survey import StorageMemory, Survey
 from relay.dicom.uids import is_uid
+from relay.dicom.uidset import UidSet
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,16 @@ class PacsOperation:
         *,
         stats: DicomStats | None = None,
         move_receiver: MoveReceiver | None = None,
-        skip: frozenset[str] = frozenset(),
+        skip: UidSet | None = None,
         memory: StorageMemory | None = None,
         estimate: bool = True,
         spare: SpareAssociation | None = None,
         associations: OpenAssociations | None = None,
     ) -> None:
-        """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve); they are
-        taken from the PACS (which counts them as done) but not sent on. `memory`: what
-        this PACS's recent studies held (the agent keeps one), for a C-GET's contexts.
+        """`skip`: SOP Instance UIDs the viewer already has (a resumed retrieve), as
+        digests (uidset.py); they are taken from the PACS (which counts them as done) but
+        not sent on. `memory`: what this PACS's recent studies held (the agent keeps
+        one), for a C-GET's contexts.
         `estimate`: survey beside the retrieve, for the viewer's fallback count; without
         it (a headers-only retrieve, whose reader uses the final counts) the study is
         surveyed only when a C-GET's contexts may have missed something. `spare`: the

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from relay.dicom import contexts, rawds
 from relay.dicom import status as st
 from relay.dicom.agent import serve_dicom_stream
 from relay.dicom.bridge import Channel
-from relay.dicom.codec import FinalResponse, Instance, Message, MessageCodec, Request
+from relay.dicom.codec import MAX_COUNT, FinalResponse, Instance, Message, MessageCodec, Request
 from relay.dicom.intake import (
     MAX_MOVES,
     PDU_SLACK,
@@ -35,6 +36,7 @@ from relay.dicom.intake import (
 )
 from relay.dicom.pacs_target import PacsTarget
 from relay.dicom.stats import NullStats
+from relay.dicom.uidset import UidSet
 from relay.net.bytestream import pipe
 from relay.ops.loglimit import LOG_BURST
 from relay_dev import samples
@@ -366,3 +368,81 @@ def test_big_stores_are_cut_while_they_arrive() -> None:
         child.wait()
     assert (strangers, oversized) == (1, 2)  # over max_dataset, and one PDU over the maximum
     assert peak - before < (BIG >> 20) // 3, (before, peak)
+
+
+# -- what a retrieve holds of the UIDs it skips and delivers ------------------------------
+
+_TINY_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _tiny(uid: str) -> bytes:
+    """The smallest instance an intake takes: its SOP class and instance (`uid`, even)."""
+    return (
+        struct.pack("<HH2sH", 8, 0x16, b"UI", 26) + _TINY_CLASS.encode() + b"\0"
+        + struct.pack("<HH2sH", 8, 0x18, b"UI", len(uid)) + uid.encode()
+    )  # fmt: skip
+
+
+def _uids(n: int, start: int = 0) -> list[str]:
+    return [f"1.2.826.0.1.3680043.8.498.{i:038d}" for i in range(start, start + n)]  # 64 each
+
+
+def _intake(depth: int, skip: UidSet | None = None) -> tuple[Intake, Channel[Message]]:
+    loop = asyncio.new_event_loop()  # the channel's loop side is not used: threads only
+    loop.close()
+    out: Channel[Message] = Channel(loop, depth)
+    intake = Intake(
+        out, MessageCodec(), NullStats(), stall_timeout=5,
+        aborted=threading.Event(), cancel=threading.Event(), skip=skip or UidSet(),
+    )  # fmt: skip
+    return intake, out
+
+
+def test_the_uids_delivered_are_held_as_16_byte_digests() -> None:
+    """A retrieve notes every UID it sends on, for a second retrieve to pass over: 5,000
+    of them hold 16 bytes each (a set of the strings held 218 bytes a UID here, 145 at
+    the 65,535 a retrieve may deliver: 9.5 MiB; one device runs 32 retrieves)."""
+    sent = [_tiny(u) for u in _uids(5_000)]
+    intake, out = _intake(depth=100)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(sent), 100):
+            for i in range(start, start + 100):  # each UID a new string, as pynetdicom's
+                uid = _uids(1, start=i)[0]
+                assert intake.deliver(_TINY_CLASS, uid, EXPLICIT, sent[i]) == st.SUCCESS
+            for _ in range(100):
+                out.get_sync(1)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert intake.instances == len(sent)
+    assert held / len(sent) < 24, f"{held / len(sent):.1f} bytes a UID"
+
+
+def test_what_was_delivered_is_passed_over_by_the_next_retrieve() -> None:
+    """A C-GET run again with the study's own contexts (pacs_ops) sends on only what the
+    first run did not: the skip list and the first run's deliveries are passed over."""
+    skipped, first, later = _uids(3), _uids(3, start=3), _uids(3, start=6)
+    intake, out = _intake(depth=16, skip=UidSet.of(skipped))
+    for uid in skipped + first:
+        assert intake.deliver(_TINY_CLASS, uid, EXPLICIT, _tiny(uid)) == st.SUCCESS
+    assert (len(out), intake.skipped) == (3, 3)
+    assert intake.pass_over_delivered()  # the same retrieve, run again
+    for uid in skipped + first + later:
+        assert intake.deliver(_TINY_CLASS, uid, EXPLICIT, _tiny(uid)) == st.SUCCESS
+    assert (len(out), intake.skipped) == (6, 9)  # only the later ones went on
+    assert len(intake.skip) == 6
+
+
+def test_a_skip_list_and_the_uids_delivered_together_are_bounded() -> None:
+    """An honest skip list and what a retrieve then delivers are different instances of
+    one retrieve, so at most MAX_COUNT together: past that the delivered ones are not
+    kept (no second retrieve), and a retrieve holds at most MAX_COUNT digests, 1 MiB."""
+    skip = UidSet.of(_uids(MAX_COUNT - 1))
+    for delivered, kept in ((1, True), (2, False)):
+        intake, _ = _intake(depth=4, skip=skip)
+        for uid in _uids(delivered, start=MAX_COUNT):
+            assert intake.deliver(_TINY_CLASS, uid, EXPLICIT, _tiny(uid)) == st.SUCCESS
+        assert intake.pass_over_delivered() is kept
+    assert len(intake.skip) == MAX_COUNT - 1 and intake.skip.nbytes == (MAX_COUNT - 1) * 16

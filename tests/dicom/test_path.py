@@ -33,6 +33,7 @@ LAYERS = {
     "relay.dicom.pacs_target": 6,  # the `pacs:` settings, a value
     "relay.dicom.exclusive": 6,  # how the node and the C-MOVE SCP bind their port
     "relay.dicom.uids": 6,  # what counts as a UID
+    "relay.dicom.uidset": 6,  # a retrieve's UIDs as keyed digests (skip list, delivered)
     "relay.dicom.checkpoint": 6,  # pynetdicom's reactor pause, without its race
 }
 
