@@ -12,7 +12,9 @@ one service do not make every other forward refuse; a connection whose program t
 nothing for STALL_TIMEOUT while data waits for it is reset, and one idle both ways for
 IDLE_TIMEOUT is closed. Each connection's unread data holds little of the session's link
 window (relay.workstation.session.FORWARD_LINK_CREDIT), so stalled ones, before their
-timeout, do not stop the session's other streams.
+timeout, do not stop the session's other streams; and all of it together is bounded by
+the session's ForwardBudget (relay.workstation.forwardbudget, 16 MiB: the longest unread
+connection is reset beyond it), not 1 MiB a connection (256 MiB at worst).
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from relay.net.aio import Link, Stream
 from relay.net.backoff import ExponentialBackoff, Uniform
 from relay.net.dialer import KeptLink
 from relay.ops.config import Address
+from relay.ops.loglimit import LogLimiter
 from relay.proto import ErrorCode, LinkClosedError, LinkSettings, Priority, StreamStateError
 from relay.seal.core import SealCore
 from relay.seal.policy import agent_check
@@ -54,12 +55,14 @@ from relay.seal.session import HANDSHAKE_TIMEOUT, SealStats, establish
 from relay.seal.transport import SealError, SealTransport
 from relay.wire import (
     ALPN_SESSION,
+    HEADER_PRIORITY,
     HEADER_TARGET,
     TARGET_DICOM,
     TARGET_SESSION,
     TCP_TARGET_PREFIX,
 )
 from relay.workstation import priorities
+from relay.workstation.forwardbudget import ForwardBudget
 
 __all__ = ["OFFLINE_AFTER", "SessionKeeper", "SessionStats", "known_down"]
 
@@ -80,7 +83,8 @@ FORWARD_LINK_CREDIT: Final = 16 * 1024
 window; relay.proto.Connection.hold_link_credit). Local programs keep many forwarded
 connections (relay.workstation.forward.MAX_CONNECTIONS, 256) and one that stops reading
 them used to hold 1 MiB each: sixteen took the whole 16 MiB link window and froze the
-session (DICOM, DICOMweb, renewal). 256 x 16 KiB is a quarter of it."""
+session (DICOM, DICOMweb, renewal). 256 x 16 KiB is a quarter of it. What they hold
+beyond it counts against the keeper's ForwardBudget (16 MiB for all together)."""
 
 
 @dataclass
@@ -102,11 +106,52 @@ def known_down(*, down_for: float, failed: int, after: float = OFFLINE_AFTER) ->
     return failed > 0 and down_for >= after
 
 
+_BUDGET_LINES = LogLimiter()  # one key: a wave of resets is a few lines, then a count
+
+
+def _budget_reset_line(budget: ForwardBudget) -> None:
+    held = _BUDGET_LINES.allow("forward budget", time.monotonic())
+    if held is not None:
+        log.warning(
+            "forwarded connections whose programs read nothing hold too much: the longest "
+            "unread reset",
+            extra={"limit": budget.limit, "evicted": budget.evicted, "suppressed": held},
+        )
+
+
+class _ForwardStream(Stream):
+    """A forwarded connection's stream: its unread bytes count in the link's
+    `forward_budget`, which resets the longest-unread stream when they are too many."""
+
+    def __init__(self, link: _SessionLink, stream_id: int, headers: Mapping[str, str]) -> None:
+        super().__init__(link, stream_id, headers)
+        self._budget = link.forward_budget
+
+    def _on_data(self, data: bytes) -> None:
+        super()._on_data(data)
+        if self.reset_code is None and data:
+            evicted = self._budget.evicted
+            self._budget.arrived(self, len(data))
+            if self._budget.evicted != evicted:
+                _budget_reset_line(self._budget)
+
+    def acknowledge(self, size: int) -> None:
+        self._budget.taken(self, size)
+        super().acknowledge(size)
+
+    def _on_reset(self, code: int) -> None:
+        if self.reset_code is None:
+            self._budget.gone(self, self.buffered)
+        super()._on_reset(code)
+
+
 class _SessionLink(Link):
     """The inner link; `first_data` resolves when the agent speaks (it accepted us)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # the keeper's, shared by its sessions (set before any forward is opened)
+        self.forward_budget = ForwardBudget(reset_code=ErrorCode.CANCEL)
         self.first_data: asyncio.Future[None] = self.loop.create_future()
         self.goaway_reason: tuple[int, str] | None = None
         self.on_goaway = self._goaway
@@ -118,15 +163,27 @@ class _SessionLink(Link):
         urgency: a forwarded connection, kept alive for minutes, would hold one of those
         few for as long as it lives. A forwarded connection's unread bytes hold at most
         FORWARD_LINK_CREDIT of the link window."""
-        stream = super().open_stream(headers, priority)
+        target = headers.get(HEADER_TARGET, "")
+        if target.startswith(TCP_TARGET_PREFIX):
+            stream: Stream = self._open_forward(headers, priority)
+        else:
+            stream = super().open_stream(headers, priority)
         prio = stream.priority
         viewer = prio is not None and prio.urgency <= priorities.VIEWER.urgency
-        target = headers.get(HEADER_TARGET, "")
         if viewer and target == TARGET_DICOM:
             self.conn.grow_window(stream.stream_id, priorities.VIEWER_WINDOW)
             self.flush()
         elif target.startswith(TCP_TARGET_PREFIX):
             self.conn.hold_link_credit(stream.stream_id, FORWARD_LINK_CREDIT)
+        return stream
+
+    def _open_forward(self, headers: Mapping[str, str], priority: Priority | None) -> Stream:
+        """Link.open_stream, with a stream whose unread bytes count in forward_budget."""
+        if priority is not None:
+            headers = {**headers, HEADER_PRIORITY: priority.field()}
+        stream_id = self.conn.open_stream(headers)
+        stream = self.streams[stream_id] = _ForwardStream(self, stream_id, headers)
+        self.flush()
         return stream
 
     def _goaway(self, code: int, reason: str) -> None:
@@ -177,6 +234,8 @@ class SessionKeeper:
         self.offline_after = offline_after
         self._down_since = clock()  # when the last session ended (or we started)
         self._failed_at_down = self._failed_attempts()
+        # What all forwarded connections may hold unread, over every session of ours.
+        self.forward_budget = ForwardBudget(reset_code=ErrorCode.CANCEL)
 
     @property
     def address(self) -> Address:
@@ -306,6 +365,7 @@ class SessionKeeper:
                 self.kept.revoked_by_peer(reason)
             return None
         self._keep_ticket(sealed.transport.core)
+        holder.forward_budget = self.forward_budget
         self.stats.opened += 1
         self.stats.resumed += sealed.handshake.resumed
         self.links.add(holder)
