@@ -36,6 +36,7 @@ PRIOR_LINK: Final = 12.5e6  # bytes/s (100 Mbit/s) assumed for the first instanc
 MARGIN: Final = 0.1  # a measured rate must beat the model's pick by this much to replace it
 MAX_CONTENDERS: Final = 2  # image codecs tried against zstd on one stream
 _WEIGHT: Final = 0.3  # of a new measurement in the running average
+MIN_LINK_SAMPLE: Final = 4096  # bytes: a smaller write says nothing about the link
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck:
 
 def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:
     """A write of `wire_bytes` that took `seconds` to be accepted by the stream."""
-    if wire_bytes < 4096:
+    if wire_bytes < MIN_LINK_SAMPLE:
         return rates  # too small to say anything about the link
     if rates.link is None:
         nbytes, secs = float(wire_bytes), max(seconds, 0.0)

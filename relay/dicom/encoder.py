@@ -139,18 +139,19 @@ class RateBook:
                 self._rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=expected
             )
 
-    def keep(self, rates: ch.Rates, path: object | None = None) -> None:
-        """A stream ended: keep its codec rates for all, and its link rate for `path`."""
+    def keep(self, rates: ch.Rates, path: object | None = None, link: float | None = None) -> None:
+        """A stream ended: keep its codec rates for all, and the link rate it measured
+        (bytes/s; None: nothing measured) for `path`."""
         with self._lock:
             self._rates = replace(
                 rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=None
             )
-            if path is None or rates.link is None:
+            if path is None or link is None:
                 return
             try:
                 if path not in self._paths and len(self._paths) >= MAX_PATHS:
                     del self._paths[next(iter(self._paths))]
-                self._paths[path] = rates.link
+                self._paths[path] = link
             except TypeError:  # a path that cannot be weakly referenced: not remembered
                 pass
 
@@ -212,6 +213,12 @@ class StreamEncoder:
         self._phase_raw = 0
         self._phase_start = 0.0
         self._warmups = WARMUP_PHASES  # phases left before measuring starts
+        # The whole stream's writes (those observe_link counts): bytes, and seconds they
+        # were blocked. Their ratio is what the path's next stream expects of the link:
+        # steadier than the running estimate, which one late stall can pull under the
+        # first instance's crossover on a fast link.
+        self._wire = 0
+        self._blocked = 0.0
 
     @property
     def choice(self) -> ch.Choice:
@@ -278,6 +285,9 @@ class StreamEncoder:
     def written(self, result: Encoded, seconds: float, now: float | None = None) -> None:
         """On the loop: the write of `result` took `seconds` to be accepted (ended `now`)."""
         self.rates = ch.observe_link(self.rates, len(result.frame), seconds)
+        if len(result.frame) >= ch.MIN_LINK_SAMPLE:
+            self._wire += len(result.frame)
+            self._blocked += max(seconds, 0.0)
         if result.raw and self.adaptive and self.offered:
             self._phase_step(result, time.monotonic() if now is None else now)
         self._decide()
@@ -305,7 +315,8 @@ class StreamEncoder:
         self.phase += 1
 
     def finish(self) -> None:
-        self.book.keep(self.rates, self.path)
+        link = self._wire / max(self._blocked, 1e-6) if self._wire else None
+        self.book.keep(self.rates, self.path, link)
 
     def _decide(self) -> None:
         if not self.adaptive:

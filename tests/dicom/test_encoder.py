@@ -239,6 +239,23 @@ def test_a_paths_next_stream_sends_its_first_instance_for_the_link_it_measured()
     assert StreamEncoder(MessageCodec(), offered, 2, book).choice.codec == "htj2k"
 
 
+def test_a_late_stall_does_not_make_a_fast_path_look_slow() -> None:
+    """What the path's next stream expects is the whole stream's bytes per second
+    blocked, not the running estimate at its end: 100 writes taken at 500 MB/s, then
+    three that waited 50 ms each (the viewer paused, say) leave the running estimate at
+    6 MB/s, under the first instance's crossover, and the stream's own at 108 MB/s."""
+    book, path = RateBook(), _Path()
+    enc = StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path)
+    for seconds in [0.0004] * 100 + [0.05] * 3:
+        enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), seconds)
+    assert enc.rates.link is not None and enc.rates.link < 8e6
+    enc.finish()
+    assert book.start(path).expected_link == pytest.approx(20.6e6 / 0.19)
+    assert (
+        StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path).choice.codec == ZSTD
+    )
+
+
 def _fast_stream(book: RateBook, path: _Path) -> None:
     enc = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
     enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # 500 MB/s
