@@ -39,10 +39,9 @@ class Kept:
         self.revoked = reason
 
 
-async def _agent(site: SitePki) -> tuple[SessionServer, Kept, asyncio.Server]:
+async def _agent(site: SitePki, agent: Pair) -> tuple[SessionServer, Kept, asyncio.Server]:
     """The agent's session server behind a loopback link; the keeper's side of it."""
     loop = asyncio.get_running_loop()
-    agent = site.agent
     server = SessionServer(
         site=site.site,
         trust_domain=site.trust_domain,
@@ -66,9 +65,12 @@ def context(site: SitePki, pair: Pair) -> ssl.SSLContext:
 
 
 @asynccontextmanager
-async def running_agent(site: SitePki) -> AsyncIterator[tuple[SessionServer, Kept]]:
-    """The session server and the keeper's link to it; both closed at the end."""
-    server, kept, listener = await _agent(site)
+async def running_agent(
+    site: SitePki, agent: Pair | None = None
+) -> AsyncIterator[tuple[SessionServer, Kept]]:
+    """The session server (with `agent`'s certificate, else the site's agent's) and the
+    keeper's link to it; both closed at the end."""
+    server, kept, listener = await _agent(site, agent or site.agent)
     try:
         yield server, kept
     finally:

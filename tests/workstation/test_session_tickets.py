@@ -90,3 +90,33 @@ async def test_a_renewed_certificate_is_presented_by_a_full_handshake(
         assert der == ssl.PEM_cert_to_DER_cert(renewed.cert.read_text())
     finally:
         await keeper.close(0.5)
+
+
+async def test_a_ticket_we_refuse_is_dropped_too(
+    site: SitePki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our own end checks the agent's resumed certificate the same way: a ticket whose
+    agent certificate our clock says has expired is refused by us ("expired"), and must
+    not be offered again either: the next attempt is a full handshake, which sees the
+    agent's current certificate (here the same, valid by OpenSSL's clock)."""
+    now = datetime.now(UTC)
+    agent = site.issue(
+        "agent-soon",
+        Identity.agent(site.trust_domain, site.site),
+        lifetime=timedelta(hours=1),
+        not_before=now - timedelta(minutes=5),
+    )
+    async with running_agent(site, agent) as (server, kept):
+        keeper = keeper_for(kept, context(site, site.device("checking")), site)
+        keeper.start()
+        try:
+            await wait_until(keeper.up.is_set)
+            await next_session(keeper, server)
+            assert keeper.stats.resumed == 1
+            later = now + timedelta(hours=2)  # past the agent's certificate, not the device's
+            monkeypatch.setattr(relay.seal.core, "_utcnow", lambda: later)
+            await next_session(keeper, server)
+            assert keeper.stats.failures == 1 and "expired" in keeper.stats.last_error
+            assert keeper.stats.tickets_dropped == 1 and keeper.stats.resumed == 1
+        finally:
+            await keeper.close(0.5)
