@@ -770,7 +770,7 @@ def _bulk_syntax(tag: int, ts: str) -> str:
     return frames.frame_syntax(ts) if tag == dicomjson.PIXEL_DATA else media.EXPLICIT_LE
 
 
-def _bulk_parts(ds: Dataset, ts: str, tag: int) -> list[tuple[str, bytes | bytearray]] | None:
+def _bulk_parts(ds: Dataset, ts: str, tag: int) -> list[tuple[str, frames.Octets]] | None:
     """A bulk value's parts (content type, bytes) as PS3.18 8.7.3.3 has them: uncompressed
     data little endian (Pixel Data in one part, Explicit VR LE), compressed Pixel Data one
     part per frame in its stored syntax, without fragment delimiters; None: no such value."""

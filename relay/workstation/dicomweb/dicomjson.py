@@ -57,12 +57,15 @@ def to_json_list(datasets: list[Dataset]) -> list[dict[str, Any]]:
     return [to_json(ds) for ds in datasets]
 
 
-def bulk_value(ds: Dataset, tag: int) -> bytes | None:
-    """The raw bytes behind a BulkDataURI (a top-level binary value), or None."""
+def bulk_value(ds: Dataset, tag: int) -> bytes | memoryview | None:
+    """The raw bytes behind a BulkDataURI (a top-level binary value), or None; Pixel
+    Data read by pixelview is a view of the instance's bytes."""
     elem = ds.get(tag)
     if elem is None or not isinstance(elem, DataElement):
         return None
     value = elem.value
+    if isinstance(value, memoryview):
+        return value
     if isinstance(value, bytes | bytearray):
         return bytes(value)
     return None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import Final
+from typing import Final, TypeAlias
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -36,6 +36,7 @@ __all__ = [
     "BIG_ENDIAN",
     "ENCAPSULATED_UNCOMPRESSED",
     "FrameError",
+    "Octets",
     "Unservable",
     "check",
     "frame_numbers",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 MAX_FRAMES_PER_REQUEST: Final = 4096
+# A value's bytes: held, made, or a view of the held ones (pixelview.py)
+Octets: TypeAlias = bytes | bytearray | memoryview
 DEFLATED_LE: Final = "1.2.840.10008.1.2.1.99"
 BIG_ENDIAN: Final = "1.2.840.10008.1.2.2"
 ENCAPSULATED_UNCOMPRESSED: Final = "1.2.840.10008.1.2.1.98"
@@ -104,9 +107,10 @@ def frame_syntax(transfer_syntax: str) -> str:
     return EXPLICIT_LE if uncompressed(transfer_syntax) else transfer_syntax
 
 
-def _pixel_bytes(ds: Dataset) -> bytes | bytearray:
+def _pixel_bytes(ds: Dataset) -> Octets:
+    """The Pixel Data value: a view of the instance's bytes when read by pixelview."""
     value = ds.get("PixelData")
-    if not isinstance(value, bytes | bytearray) or not value:
+    if not isinstance(value, bytes | bytearray | memoryview) or not len(value):
         raise FrameError("the instance has no pixel data")
     return value
 
@@ -232,7 +236,9 @@ def _wanted(ds: Dataset, data: memoryview, transfer_syntax: str, count: int,
     if views is None:
         if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
             raise Unservable(f"the fragments are not {count} frames of one fragment each")
-        return _by_pydicom(bytes(_pixel_bytes(ds)), count, numbers)  # bytes: no copy
+        # pydicom's generator wants bytes: a copy of a view (this path is rare: several
+        # fragments a frame, or no offset table and not one fragment a frame)
+        return _by_pydicom(bytes(_pixel_bytes(ds)), count, numbers)
     if transfer_syntax != ENCAPSULATED_UNCOMPRESSED:
         return [bytes(views[n - 1]) for n in numbers]
     size = _frame_size(ds, 1)  # each fragment a frame, so 1-bit frames end on a byte
@@ -277,7 +283,7 @@ def get_frames(ds: Dataset, transfer_syntax: str, numbers: list[int]) -> list[by
     return [bytes(data[(n - 1) * size : n * size]) for n in numbers]
 
 
-def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes | bytearray:
+def native_pixels(ds: Dataset, transfer_syntax: str) -> Octets:
     """The whole Pixel Data of an `uncompressed` syntax as a native Explicit VR LE value
     (for bulk data), made in at most one copy; Unservable when frames would not join
     into one."""
@@ -300,7 +306,7 @@ def native_pixels(ds: Dataset, transfer_syntax: str) -> bytes | bytearray:
     return b"".join(f[:size] for f in views)
 
 
-def little_endian(ds: Dataset, tag: int, value: bytes, transfer_syntax: str) -> bytes:
+def little_endian(ds: Dataset, tag: int, value: Octets, transfer_syntax: str) -> Octets:
     """A bulk value other than Pixel Data as PS3.18 8.7.3.3.1 serves uncompressed bulk
     data: little endian (its VR says the size of the numbers to swap)."""
     if transfer_syntax != BIG_ENDIAN:

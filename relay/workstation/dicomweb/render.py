@@ -1,13 +1,13 @@
 """Rendered frames (PS3.18 section 8.3.5.1.4): one frame as image/jpeg or image/png.
 
-For thumbnails and simple viewers. The frame is decoded by pydicom (native data; the
-compressed syntaxes pydicom can decode with the plug-ins installed; Encapsulated
-Uncompressed, which pydicom 3.0 cannot, from the one fragment of the frame asked, as a
-native single-frame value: frames.py; big endian layouts frames.py refuses are refused
-here too), the VOI window of the dataset is applied (Window Center/Width, else the
-frame's min..max), and Pillow encodes it. Pillow: the maintained standard imaging library
-for Python, wheels for Windows, macOS and Linux, JPEG and PNG built in; nothing else we
-have encodes either.
+For thumbnails and simple viewers. The frame asked for is cut out by frames.py into a
+dataset of its own (every uncompressed syntax as a native single frame: Encapsulated
+Uncompressed too, which pydicom 3.0 cannot decode; big endian layouts frames.py refuses
+are refused here too) and decoded by pydicom (native data; the compressed syntaxes
+pydicom can decode with the plug-ins installed), the VOI window of the dataset is
+applied (Window Center/Width, else the frame's min..max), and Pillow encodes it. Pillow:
+the maintained standard imaging library for Python, wheels for Windows, macOS and
+Linux, JPEG and PNG built in; nothing else we have encodes either.
 `viewport=W,H` scales down (never up), within MAX_SIDE; without one, a frame larger than
 MAX_SIDE is scaled down to it too. Only the frame asked for is decoded, and a frame of
 more than MAX_FRAME_VALUES values is refused before decoding: a compressed frame whose
@@ -22,6 +22,7 @@ from typing import Final
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels.processing import apply_voi_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
@@ -91,14 +92,13 @@ def render_frame(
     _check_frame_size(ds)
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    try:
+    try:  # this frame only: a multi-frame instance is not decoded whole for one of them
         frames.check(ds, ts)
-        if ts == frames.ENCAPSULATED_UNCOMPRESSED:
-            ds, number, count = _one_native_frame(ds, ts, number), 1, 1
+        ds = _one_frame(ds, ts, number)
     except (frames.FrameError, frames.Unservable) as exc:
         raise RenderError(f"cannot decode the pixel data: {exc}") from None
-    try:  # this frame only: a multi-frame instance is not decoded whole for one of them
-        frame = pixel_array(ds, index=number - 1 if count > 1 else None)
+    try:
+        frame = pixel_array(ds)
     except Exception as exc:
         raise RenderError(f"cannot decode the pixel data: {type(exc).__name__}") from None
     colour = int(ds.get("SamplesPerPixel", 1) or 1) > 1
@@ -130,19 +130,24 @@ def _check_frame_size(ds: Dataset) -> None:
                           "not rendered")  # fmt: skip
 
 
-def _one_native_frame(ds: Dataset, transfer_syntax: str, number: int) -> Dataset:
-    """A copy of `ds` whose Pixel Data is its frame `number` alone, as a native Explicit
-    VR LE value (pydicom 3.0 cannot decode Encapsulated Uncompressed): the other frames
-    are neither copied nor joined. The caller's dataset and its elements are left as
-    they are."""
+def _one_frame(ds: Dataset, transfer_syntax: str, number: int) -> Dataset:
+    """A copy of `ds` whose Pixel Data is its frame `number` alone: uncompressed, as a
+    native Explicit VR LE value (pydicom 3.0 cannot decode Encapsulated Uncompressed);
+    compressed, as one encapsulated frame in its syntax. The other frames are neither
+    copied nor joined, and pydicom decodes bytes, never the view of the held instance
+    (pixelview.py) that `ds` may hold. The caller's dataset is left as it is."""
     [frame] = frames.get_frames(ds, transfer_syntax, [number])
     out = Dataset()
     for elem in ds:
         if elem.tag not in (_PIXEL_DATA, _NUMBER_OF_FRAMES):
             out.add(elem)
-    out.add_new(_PIXEL_DATA, "OB" if int(ds.BitsAllocated) <= 8 else "OW", frame)
     out.file_meta = FileMetaDataset()
     out.file_meta.TransferSyntaxUID = UID(frames.frame_syntax(transfer_syntax))
+    if frames.uncompressed(transfer_syntax):
+        out.add_new(_PIXEL_DATA, "OB" if int(ds.BitsAllocated) <= 8 else "OW", frame)
+    else:
+        out.add_new(_PIXEL_DATA, "OB", encapsulate([frame]))
+        out[_PIXEL_DATA].is_undefined_length = True
     return out
 
 

@@ -67,11 +67,11 @@ from typing import Final, TypeAlias
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from relay.dicom import rawds
 from relay.dicom.codec import FinalResponse, Instance
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.cache.store import CachedInstance
+from relay.workstation.dicomweb import pixelview
 from relay.workstation.dicomweb.kept import KeptBytes
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
 from relay.workstation.dicomweb.writethrough import WriteThrough, identify
@@ -103,8 +103,9 @@ def read_budget(hold_size: int) -> int:
 
 
 def decode(data: bytes, transfer_syntax: str) -> Dataset:
-    """The decoded dataset, with the transfer syntax where pydicom's pixel code looks."""
-    ds = rawds.decode_dataset(data, transfer_syntax)
+    """The decoded dataset, with the transfer syntax where pydicom's pixel code looks;
+    its Pixel Data a view of `data`, not a copy (pixelview.py)."""
+    ds = pixelview.read(data, transfer_syntax)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     return ds

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, Protocol, TypeVar
 
-from relay.dicom import rawds
+from relay.workstation.dicomweb import pixelview
 
 __all__ = ["DEFAULT_THUMBNAIL", "MAX_SERIES_TRIED", "image_of", "middle_frame"]
 
@@ -39,8 +39,8 @@ def image_of(data: bytes, transfer_syntax: str) -> tuple[int, int] | None:
     """(Instance Number, number of frames) of an instance with pixel data; None for one
     without (a report, say) or that does not decode. Called per instance, so that a large
     series is looked at one instance's bytes at a time."""
-    try:
-        ds = rawds.decode_dataset(data, transfer_syntax)
+    try:  # Pixel Data as a view: looking at a series copies none of its images
+        ds = pixelview.read(data, transfer_syntax)
     except Exception:  # an undecodable instance is no candidate
         return None
     if "PixelData" not in ds:

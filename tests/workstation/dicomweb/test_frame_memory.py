@@ -16,7 +16,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
-from relay.workstation.dicomweb import frames, render
+from relay.workstation.dicomweb import dicomjson, frames, render, thumbs
+from relay.workstation.dicomweb.retrieve import decode
 from relay_dev.samples import EncodedInstance
 from tests.workstation.dicomweb.test_frame_syntaxes import (
     BE,
@@ -38,8 +39,8 @@ VALUES = (
 FRAME = VALUES[0].nbytes
 
 
-def instance(ts: str) -> Dataset:
-    """The 64 frames stored as `ts`, decoded as the server decodes an instance."""
+def held(ts: str) -> bytes:
+    """The 64 frames stored as `ts`: the bytes the server holds of the instance."""
     ds = image("1.2.9.50", 16)
     ds.NumberOfFrames = COUNT
     ds.Rows = ds.Columns = SIDE
@@ -51,8 +52,12 @@ def instance(ts: str) -> Dataset:
         order = ">u2" if ts == BE else "<u2"
         ds.PixelData = VALUES.astype(order).tobytes()
         ds["PixelData"].VR = "OW"
-    data = rawds.encode_dataset(ds, BE if ts == BE else ELE)
-    return decoded(EncodedInstance(CT_CLASS, "1.2.9.50", ts, data))
+    return rawds.encode_dataset(ds, BE if ts == BE else ELE)
+
+
+def instance(ts: str) -> Dataset:
+    """The 64 frames stored as `ts`, decoded as the server decodes an instance."""
+    return decode(held(ts), ts)
 
 
 def peak(work: Callable[[], Any]) -> int:
@@ -76,6 +81,28 @@ def test_one_frame_costs_about_one_frame(ts: str) -> None:
     size = len(frame)
     # was: every frame copied (Encapsulated Uncompressed twice, big endian swapped whole)
     assert peak(lambda: frames.get_frames(ds, ts, [37])) < 3 * size
+
+
+@pytest.mark.parametrize("ts", [ENCAPS, BE, ELE, DEFLATED_FRAMES])
+def test_a_frame_comes_out_of_the_held_bytes(ts: str) -> None:
+    """From the bytes held to the frame, as the frames route goes: the decoded dataset's
+    Pixel Data is a view of them (pixelview.py), so the instance is not copied once
+    more per request either (pydicom's read did: 1x the instance for one frame)."""
+    data = held(ts)
+    [frame] = frames.get_frames(decode(data, ts), ts, [37])
+    size = len(frame)
+    assert peak(lambda: frames.get_frames(decode(data, ts), ts, [37])) < 3 * size + 64 * 1024
+    doc = dicomjson.to_json(decode(data, ts), bulk_base="http://127.0.0.1/x")
+    assert "BulkDataURI" in doc["7FE00010"]
+    assert peak(lambda: dicomjson.to_json(decode(data, ts), bulk_base="x")) < len(data) / 20
+
+
+def test_looking_for_a_series_thumbnail_copies_no_image() -> None:
+    """thumbs.image_of reads each instance of a series for its Instance Number and
+    frames: pydicom's read copied each one's Pixel Data to look at its header."""
+    data = held(ELE)
+    assert thumbs.image_of(data, ELE) == (1, COUNT)
+    assert peak(lambda: thumbs.image_of(data, ELE)) < len(data) / 20
 
 
 def test_rendering_one_encapsulated_uncompressed_frame_copies_no_other() -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
 from relay.dicom import rawds
@@ -156,12 +157,13 @@ async def test_thumbnails_are_bounded_as_rendered_frames_are(
     rendering of it is refused from the header (406), nothing decoded; a multi-frame
     instance's thumbnail decodes its middle frame only."""
     srv, _ = web
-    decoded: list[int | None] = []
+    decoded: list[bytes] = []  # the Pixel Data of each dataset decoded
     real = pixel_array
 
-    def counted(ds: object, index: int | None = None) -> object:
-        decoded.append(index)
-        return real(ds, index=index)  # type: ignore[arg-type]
+    def counted(ds: Dataset, index: int | None = None) -> object:
+        assert index is None and "NumberOfFrames" not in ds  # a dataset of that frame
+        decoded.append(bytes(ds.PixelData))
+        return real(ds, index=index)
 
     monkeypatch.setattr(render, "pixel_array", counted)
     huge = []
@@ -181,20 +183,22 @@ async def test_thumbnails_are_bounded_as_rendered_frames_are(
 def test_a_multi_frame_thumbnail_decodes_its_middle_frame_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    decoded: list[int | None] = []
+    decoded: list[bytes] = []  # the Pixel Data of each dataset decoded
     real = pixel_array
 
-    def counted(ds: object, index: int | None = None) -> object:
-        decoded.append(index)
-        return real(ds, index=index)  # type: ignore[arg-type]
+    def counted(ds: Dataset, index: int | None = None) -> object:
+        assert index is None and "NumberOfFrames" not in ds  # a dataset of that frame
+        decoded.append(bytes(ds.PixelData))
+        return real(ds, index=index)
 
     monkeypatch.setattr(render, "pixel_array", counted)
     base = rawds.decode_dataset(CT[0].data, CT[0].transfer_syntax)
     base.NumberOfFrames = 5
-    base.PixelData = base.PixelData * 5
+    one = len(base.PixelData)
+    base.PixelData = b"".join(bytes([n]) * one for n in range(5))  # frame n: bytes of n
     multi = Item("1.2.3.9", CT[0].transfer_syntax, rawds.encode_dataset(base))
     chosen = middle([multi])
     assert chosen is not None and chosen[1] == 3
     ds = decode(multi.data, multi.transfer_syntax)
     png = render.render_frame(ds, chosen[1], "image/png", DEFAULT_THUMBNAIL)
-    assert png.startswith(b"\x89PNG") and decoded == [2]
+    assert png.startswith(b"\x89PNG") and decoded == [bytes([2]) * one]
