@@ -289,9 +289,12 @@ def _accept(request: web.Request) -> list[media.MediaRange]:
     (`application/dicom+json`) was read as a space, which no media range has between
     two characters of a token: it is put back."""
     given = request.query.get("accept")
-    if given:
-        return media.parse_accept(_PLUS_READ_AS_SPACE.sub("+", given))
-    return media.parse_accept(request.headers.get("Accept"))
+    try:
+        if given:
+            return media.parse_accept(_PLUS_READ_AS_SPACE.sub("+", given))
+        return media.parse_accept(request.headers.get("Accept"))
+    except media.AcceptTooLong as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
 
 
 def _not_json(request: web.Request) -> web.Response | None:

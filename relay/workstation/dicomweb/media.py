@@ -19,6 +19,7 @@ from typing import Final
 __all__ = [
     "MAX_ACCEPT",
     "AcceptError",
+    "AcceptTooLong",
     "MediaRange",
     "acceptable",
     "accepts_json",
@@ -69,6 +70,11 @@ class AcceptError(ValueError):
     """Nothing the client accepts can be served as the PACS stored it (406)."""
 
 
+class AcceptTooLong(ValueError):
+    """More than MAX_ACCEPT media ranges (400): the ranges past the bound were dropped,
+    and the 406 that followed blamed the ranges kept for what the others asked."""
+
+
 @dataclass(frozen=True)
 class MediaRange:
     """One range of an Accept header: `multipart/related; type="application/dicom"; ...`."""
@@ -103,13 +109,17 @@ def _split(text: str, sep: str) -> list[str]:
 
 
 def parse_accept(header: str | None) -> list[MediaRange]:
-    """The media ranges of an Accept header, best first; absent: `*/*`. Ranges with q=0
+    """The media ranges of an Accept header, best first; absent: `*/*`; AcceptTooLong
+    past MAX_ACCEPT ranges. Ranges with q=0
     are kept (last): they refuse what they match when they are its most specific range
     (`quality`), so they are not ranges to answer with (`acceptable`)."""
     if not header or not header.strip():
         return [MediaRange("*/*")]
+    items = [item for item in _split(header, ",") if item.strip()]
+    if len(items) > MAX_ACCEPT:
+        raise AcceptTooLong(f"Accept: more than {MAX_ACCEPT} media ranges")
     ranges: list[MediaRange] = []
-    for item in _split(header, ",")[:MAX_ACCEPT]:
+    for item in items:
         parts = [p.strip() for p in _split(item, ";")]
         if not parts[0]:
             continue

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from relay.workstation.dicomweb.media import MAX_ACCEPT
 from relay.workstation.dicomweb.server import DicomwebServer
 from tests.workstation.dicomweb.test_server import CT, SERIES, STUDY, ScriptedSource, get, scripted
 
@@ -147,3 +148,22 @@ async def test_a_rendered_type_refused_with_q0_is_not_answered(
     assert status == 200 and headers["Content-Type"] == "image/png"
     refused = "image/*;q=0, */*"
     assert (await get(f"{inst}/rendered", headers={"Accept": refused}))[0] == 406
+
+
+async def test_an_accept_of_more_ranges_than_are_read_is_400_saying_so(
+    served: tuple[DicomwebServer, ScriptedSource],
+) -> None:
+    """Ranges past media.MAX_ACCEPT were dropped: DICOM JSON named 33rd was 406, "no
+    XML", though the client asked for it; now the bound is the answer."""
+    srv, source = served
+    many = ", ".join([*(f"text/x-{i}" for i in range(MAX_ACCEPT)), "application/dicom+json"])
+    instance = f"{srv.url}/studies/{STUDY}/series/{SERIES}/instances/{CT[0].sop_instance}"
+    for url in (f"{srv.url}/studies", f"{instance}/metadata", f"{instance}/frames/1"):
+        status, _, body = await get(url, headers={"Accept": many})
+        assert status == 400 and body == f"Accept: more than {MAX_ACCEPT} media ranges\n".encode()
+    status, _, _ = await get(f"{srv.url}/studies?accept={many.replace('+', '%2B')}")
+    assert status == 400
+    assert source.retrieves == 0
+    fewer = ", ".join([*(f"text/x-{i}" for i in range(MAX_ACCEPT - 1)), "application/dicom+json"])
+    status, _, _ = await get(f"{srv.url}/studies", headers={"Accept": fewer + ", , "})
+    assert status == 200  # empty items are no ranges
