@@ -16,7 +16,7 @@ from typing import Final
 
 __all__ = ["Unsatisfiable", "content_range", "first_chunk", "parse_range"]
 
-_ONE: Final = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_ONE: Final = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE | re.ASCII)
 _MAX_DIGITS: Final = 18  # no range of ours has more; longer is not parsed as a number
 
 

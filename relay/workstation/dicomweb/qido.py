@@ -75,7 +75,7 @@ ALL_EXTRA: Final = {
 }  # fmt: skip
 _TAG_RE: Final = re.compile(r"[0-9A-Fa-f]{8}")
 _UID_RE: Final = re.compile(r"[0-9.]{1,64}")
-_DATE_RE: Final = re.compile(r"(\d{8})?-?(\d{8})?")
+_DATE_RE: Final = re.compile(r"(\d{8})?-?(\d{8})?", re.ASCII)
 # VRs of bulk data: never a matching key nor a return key (a C-FIND has none)
 _BULK_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _INT_RANGES: Final = {
@@ -88,14 +88,16 @@ _DT: Final = r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{
 # Text VRs with a fixed form (PS3.5 table 6.2-1): the form, and how a refusal names it.
 # Dates, times and datetimes may be ranges (PS3.4 C.2.2.2.5); wildcards are for text.
 _TEXT_FORMS: Final = {
-    "DA": (re.compile(r"\d{8}|\d{8}-(\d{8})?|-\d{8}"),
+    "DA": (re.compile(r"\d{8}|\d{8}-(\d{8})?|-\d{8}", re.ASCII),
            "a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD"),
-    "TM": (re.compile(rf"{_TM}|{_TM}-({_TM})?|-{_TM}"), "a time HHMMSS[.F] or a range"),
-    "DT": (re.compile(rf"{_DT}|{_DT}-({_DT})?|-{_DT}"),
+    "TM": (re.compile(rf"{_TM}|{_TM}-({_TM})?|-{_TM}", re.ASCII),
+           "a time HHMMSS[.F] or a range"),
+    "DT": (re.compile(rf"{_DT}|{_DT}-({_DT})?|-{_DT}", re.ASCII),
            "a datetime YYYYMMDDHHMMSS[.F][+ZZZZ] or a range"),
-    "AS": (re.compile(r"\d{3}[DWMY]"), "an age such as 045Y"),
-    "IS": (re.compile(r" *[+-]?\d{1,11} *"), "a whole number (IS)"),
-    "DS": (re.compile(r" *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)? *"), "a decimal number (DS)"),
+    "AS": (re.compile(r"\d{3}[DWMY]", re.ASCII), "an age such as 045Y"),
+    "IS": (re.compile(r" *[+-]?\d{1,11} *", re.ASCII), "a whole number (IS)"),
+    "DS": (re.compile(r" *[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)? *", re.ASCII),
+           "a decimal number (DS)"),
 }  # fmt: skip
 # Characters a value may have at most, by VR (PS3.5 table 6.2-1; PN: per component
 # group); dates, times and datetimes are bounded by their forms (ranges are longer).
@@ -157,7 +159,7 @@ def _vrs(keyword: str) -> set[str]:
 
 
 def _int(param: str, value: str, hi: int) -> int:
-    if not value.isdigit() or len(value) > 9:
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
         raise QueryError(param, f"expected a whole number, got {value[:40]!r}")
     n = int(value)
     if n > hi:
@@ -219,13 +221,15 @@ def _binary_number(param: str, vrs: set[str], value: str) -> int | float | None:
         return None
     if vrs <= {"FL", "FD"}:
         try:
+            if not value.isascii():  # float() reads other scripts' digits too
+                raise ValueError(value)
             number = float(value)
         except ValueError:
             raise QueryError(param, f"expected a number, got {value[:40]!r}") from None
         if not math.isfinite(number):
             raise QueryError(param, "expected a finite number")
         return number
-    if not re.fullmatch(r"[+-]?\d{1,20}", value):
+    if not re.fullmatch(r"[+-]?\d{1,20}", value, re.ASCII):
         raise QueryError(param, f"expected a whole number, got {value[:40]!r}")
     whole = int(value)
     lo = min(_INT_RANGES[v][0] for v in vrs)

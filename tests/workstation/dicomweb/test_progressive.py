@@ -52,6 +52,8 @@ def test_one_range_is_parsed_and_clipped() -> None:
         "bytes=-",
         "bytes=a-b",
         "bytes=0-" + "9" * 30,
+        "bytes=\u0663-\u0665",  # Arabic-Indic 3-5: no DIGIT of RFC 9110 (it was 3-5)
+        "bytes=\uff10-\uff19",  # fullwidth 0-9
     ],
 )
 def test_what_is_not_one_range_is_ignored(header: str | None) -> None:

@@ -196,3 +196,23 @@ def test_wildcards_and_values_within_their_vr_log_nothing(
     assert ds.ModalitiesInStudy == ["C*", "MR"] and ds.PatientSex == "?"
     assert str(ds.PatientName) == "DOE^J*=A=B" and ds.PatientID == "P" * 64
     rawds.encode_dataset(ds)
+
+
+ARABIC = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [("limit", "10"), ("offset", "5"), ("Rows", "512"), ("StudyDate", "20240101"),
+     ("InstanceNumber", "7"), ("SliceThickness", "1.5"), ("PatientAge", "045Y"),
+     ("StudyTime", "12"), ("SamplesPerPixel", "1"), ("ImagerPixelSpacing", "0.5"),
+     ("EffectiveEchoTime", "1.5")],
+)  # fmt: skip
+def test_numbers_are_ascii_digits(param: str, value: str) -> None:
+    """int(), float() and the regular expressions' \\d read every script's digits: a
+    `limit` or `Rows` in Arabic-Indic digits was taken, a date went on to fail encoding
+    (400 without saying why); now each is refused, naming the parameter."""
+    parse_query("IMAGE", [(param, value)], {})  # in ASCII digits: taken
+    with pytest.raises(QueryError) as info:
+        parse_query("IMAGE", [(param, value.translate(ARABIC))], {})
+    assert info.value.param == param and "cannot be sent" not in str(info.value)
