@@ -148,6 +148,7 @@ class CacheStore:
         self._wiped_at = 0
         self._epoch = 0  # wipes so far: a write begun before one adds nothing after it
         self._unsynced: set[Path] = set()  # written since the last index (persisted only)
+        self._commit = threading.Lock()  # index saves' syncs and writes, one at a time
 
     # -- start, wipe ---------------------------------------------------------------
 
@@ -566,17 +567,20 @@ class CacheStore:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             # The files it names were written and renamed before it was made: their bytes
-            # and renames on disk first, then the index, then its own rename.
-            self._sync_written()
-            sync_directory(self.objects)
-            write_file(tmp, sealed, sync=True)
-            with self._lock:
-                replaced = number > max(self._saved, self._wiped_at)
+            # and renames on disk first, then the index, then its own rename. One save at
+            # a time: another's sync may have taken a file this one names, and this one
+            # must not be in place before that sync is done.
+            with self._commit:
+                self._sync_written()
+                sync_directory(self.objects)
+                write_file(tmp, sealed, sync=True)
+                with self._lock:
+                    replaced = number > max(self._saved, self._wiped_at)
+                    if replaced:
+                        replacing.replace(tmp, path)  # Windows: a scanner may hold the index
+                        self._saved = number
                 if replaced:
-                    replacing.replace(tmp, path)  # Windows: a scanner may hold the index
-                    self._saved = number
-            if replaced:
-                sync_directory(self.dir)
+                    sync_directory(self.dir)
         except OSError as exc:
             log.error("cache: cannot write the index in cache.dir %s (%s: %s); a restart "
                       "may not find the studies cached since", self.dir, type(exc).__name__,

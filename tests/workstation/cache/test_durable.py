@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from relay.workstation.cache.serve import CacheServer
 from tests.workstation.cache.test_store import UID, fill, inst, store
 
 Event = tuple[str, int]  # ("fsync" | "replace", inode)
+WAIT = 10.0
 
 
 @pytest.fixture
@@ -162,3 +164,41 @@ def test_a_same_size_torn_file_fails_authentication_and_is_not_served(tmp_path: 
     study = again.study(UID)
     assert study is not None and not study.complete and f"{UID}.1" not in study.instances
     assert refetched == [UID] and not victim.exists()
+
+
+def test_two_commits_at_once_never_put_an_index_before_its_files_are_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit's sync takes the files waiting, another's index names one of them too:
+    that index must wait for the sync (it was put in place while the sync still ran)."""
+    s = store(tmp_path, key=Sealer.new_key(), persist=True)
+    s.begin(UID, {}, 2, "test")
+    s.put(UID, inst(f"{UID}.0"), b"image")
+    slow = s.path_of(UID, f"{UID}.0")
+    seen: list[str] = []
+    syncing, go_on = threading.Event(), threading.Event()
+    real_sync, real_replace = store_module.sync_file, replacing.replace
+
+    def sync_file(path: Path) -> None:
+        if path == slow:
+            syncing.set()
+            assert go_on.wait(WAIT)
+        real_sync(path)
+        seen.append(f"synced {path.name}")
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        seen.append(f"replaced {Path(dst).name}")
+
+    monkeypatch.setattr(store_module, "sync_file", sync_file)
+    monkeypatch.setattr(replacing, "replace", replace)
+    first = threading.Thread(target=s.finish, args=(UID,), kwargs={"complete": False})
+    first.start()
+    assert syncing.wait(WAIT)
+    second = threading.Thread(target=s.finish, args=(UID,), kwargs={"complete": False})
+    second.start()
+    second.join(1.0)  # it waits for the first (before: it went ahead, its index in place)
+    go_on.set()
+    first.join(WAIT)
+    second.join(WAIT)
+    assert seen.index(f"synced {slow.name}") < seen.index("replaced index.bin")
