@@ -177,7 +177,7 @@ def test_two_commits_at_once_never_put_an_index_before_its_files_are_synced(
     slow = s.path_of(UID, f"{UID}.0")
     seen: list[str] = []
     syncing, go_on = threading.Event(), threading.Event()
-    real_sync, real_replace = store_module.sync_file, replacing.replace
+    real_sync, real_replace = durable.sync_file, replacing.replace
 
     def sync_file(path: Path) -> None:
         if path == slow:
