@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BodyPartReader, MultipartReader
 from aiohttp.web_protocol import RequestPayloadError
@@ -131,21 +131,25 @@ def _text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", content_type="text/plain")
 
 
+def _guard_refusal(request: web.Request, service: DicomwebService) -> web.Response | None:
+    """The guard's refusal of a request (guard.py), or None: it may go on."""
+    if not host_allowed(request.headers.get("Host"), service.allowed_hosts):
+        return _text(403, "Host header does not name this workstation's loopback address")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() not in allowed_origins(service.allowed_hosts):
+        return _text(403, "cross-origin requests are not allowed")
+    if request.path.startswith(PREFIX) and not fetch_allowed(request.headers.get("Sec-Fetch-Site")):
+        return _text(403, "requests from other web sites are not allowed")
+    if len(request.query_string) > MAX_QUERY:
+        return _text(414, f"query string longer than {MAX_QUERY} characters")
+    return None
+
+
 def _guard(service: DicomwebService) -> Any:
     @web.middleware
     async def guard(request: web.Request, handler: Callable[..., Awaitable[Any]]) -> Any:
-        if not host_allowed(request.headers.get("Host"), service.allowed_hosts):
-            return _text(403, "Host header does not name this workstation's loopback address")
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.lower() not in allowed_origins(service.allowed_hosts):
-            return _text(403, "cross-origin requests are not allowed")
-        if request.path.startswith(PREFIX) and not fetch_allowed(
-            request.headers.get("Sec-Fetch-Site")
-        ):
-            return _text(403, "requests from other web sites are not allowed")
-        if len(request.query_string) > MAX_QUERY:
-            return _text(414, f"query string longer than {MAX_QUERY} characters")
-        return await handler(request)
+        refused = _guard_refusal(request, service)
+        return refused if refused is not None else await handler(request)
 
     return guard
 
@@ -975,10 +979,43 @@ def _stow_item(sop_class: str, sop_instance: str, **extra: Any) -> Dataset:
     return ds
 
 
-async def stow_handler(request: web.Request) -> web.StreamResponse:
-    service = _service(request)
+def _stow_refusal(request: web.Request, service: DicomwebService) -> web.Response | None:
+    """An upload's refusal from its request line and headers alone (nothing of its body
+    read), or None."""
+    if "study" in request.match_info and not is_uid(request.match_info["study"]):
+        return _text(400, "study: not a UID")
     if service.stow_uploads >= STOW_UPLOADS:
         return _busy(f"more than {STOW_UPLOADS} uploads (STOW-RS) at once")
+    length = request.content_length
+    if length is not None and length > service.max_upload:
+        return _text(413, f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)")
+    ctype = request.headers.get("Content-Type", "")
+    if not ctype.lower().startswith("multipart/related"):
+        return _text(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    return None
+
+
+async def stow_expect(request: web.Request) -> None:
+    """`Expect: 100-continue` (curl's uploads over 1 MB): `100 Continue` only to an upload
+    that will be taken. One refused from its headers gets the refusal alone (the handler
+    answers it), and the client sends no body; aiohttp's default said 100 Continue to
+    every upload, and then read and discarded the refused body for up to 10 s."""
+    if request.version != HttpVersion11:
+        return  # no 100 Continue in HTTP/1.0
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Expect: only 100-continue, got {expect[:40]!r}\n")
+    service = _service(request)
+    if _guard_refusal(request, service) is None and _stow_refusal(request, service) is None:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's: the answer has not begun
+
+
+async def stow_handler(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    refused = _stow_refusal(request, service)
+    if refused is not None:
+        return refused
     service.stow_uploads += 1
     try:
         return await _stow(request, service)
@@ -988,12 +1025,6 @@ async def stow_handler(request: web.Request) -> web.StreamResponse:
 
 async def _stow(request: web.Request, service: DicomwebService) -> web.StreamResponse:
     study = _uid(request, "study") if "study" in request.match_info else None
-    length = request.content_length
-    if length is not None and length > service.max_upload:
-        return _text(413, f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)")
-    ctype = request.headers.get("Content-Type", "")
-    if not ctype.lower().startswith("multipart/related"):
-        return _text(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     try:
         reader = MultipartReader(request.headers, request.content)
     except (AssertionError, ValueError) as exc:
@@ -1135,8 +1166,8 @@ def _routes(app: web.Application) -> None:
         get(f"{base}/thumbnail", _rendered(level, thumbnail=True))
     get(f"{i}/frames/{{frames}}/rendered", _rendered("instance", frame_in_path=True))
     get(f"{i}/frames/{{frames}}/thumbnail", _rendered("instance", True, thumbnail=True))
-    app.router.add_post(f"{PREFIX}/studies", stow_handler)
-    app.router.add_post(s, stow_handler)
+    app.router.add_post(f"{PREFIX}/studies", stow_handler, expect_handler=stow_expect)
+    app.router.add_post(s, stow_handler, expect_handler=stow_expect)
 
 
 def build_app(

@@ -134,3 +134,57 @@ async def test_parts_of_another_type_than_application_dicom_are_415(ctype: str) 
         status, answer = await post(f"{srv.url}/studies", body)
         assert status == 415, answer
         assert answer.startswith(b"only application/dicom parts") and source.stored == []
+
+
+async def _expecting(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+def _upload_head(path: str, length: int, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=stowb\r\n'
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "status"),
+    [
+        ("/dicom-web/studies", "", b"413"),  # Content-Length over max_upload
+        ("/dicom-web/studies/not-a-uid", "", b"400"),
+        ("/dicom-web/studies", "Sec-Fetch-Site: cross-site\r\n", b"403"),
+    ],
+)
+async def test_an_upload_refused_from_its_headers_gets_no_100_continue(
+    path: str, extra: str, status: bytes
+) -> None:
+    """aiohttp's default said `100 Continue` to every upload, so curl sent a body of any
+    size to be refused (read and discarded by the server for up to 10 s)."""
+    async with scripted(DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * MiB)) as (srv, _):
+        assert srv.address is not None
+        length = 10 * 1024 * MiB if status == b"413" else 100
+        reader, writer = await _expecting(srv.address.port, _upload_head(path, length, extra))
+        try:
+            first = await asyncio.wait_for(reader.readline(), 10)
+            assert first.startswith(b"HTTP/1.1 " + status), first
+        finally:
+            writer.close()
+
+
+async def test_an_upload_that_will_be_taken_gets_100_continue_then_is_stored() -> None:
+    body = stow_body([deflated_instance(1024)])
+    async with scripted() as (srv, source):
+        assert srv.address is not None
+        reader, writer = await _expecting(srv.address.port, _upload_head("/dicom-web/studies",
+                                                                         len(body)))  # fmt: skip
+        try:
+            assert await asyncio.wait_for(reader.readline(), 10) == b"HTTP/1.1 100 Continue\r\n"
+            assert await asyncio.wait_for(reader.readline(), 10) == b"\r\n"
+            writer.write(body)
+            answer = await asyncio.wait_for(reader.readline(), 10)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        finally:
+            writer.close()
+        assert [sop for sop, _ in source.stored] == [SOP]
