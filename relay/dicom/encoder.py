@@ -236,7 +236,15 @@ class StreamEncoder:
         chosen = choice.codec
         started = time.thread_time()
         fell_back = ""
-        if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
+        if chosen == ch.ZSTD_FAST and isinstance(msg, Instance):
+            fast = self.codec.encode(msg, level=min(self.codec.level, ch.FAST_LEVEL))
+            cpu = time.thread_time() - started
+            return Encoded(fast, ch.ZSTD_FAST, len(msg.dataset), cpu, epoch)
+        if (
+            chosen not in (ch.ZSTD, ch.ZSTD_FAST)
+            and isinstance(msg, Instance)
+            and len(msg.dataset) >= MIN_PIXELS_BYTES
+        ):
             frame, no_gain = self._with_pixels(msg, chosen)
             if frame is not None:
                 cpu = time.thread_time() - started
@@ -273,8 +281,9 @@ class StreamEncoder:
     def encoded(self, result: Encoded) -> None:
         """On the loop: learn from an encoded instance."""
         if result.raw:
-            self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
-            self.book.tally(result.codec, result.raw, len(result.frame))
+            shown = ch.ZSTD if result.codec == ch.ZSTD_FAST else result.codec  # zstd all the same
+            self.counts[shown] = self.counts.get(shown, 0) + 1
+            self.book.tally(shown, result.raw, len(result.frame))
             if result.fell_back:
                 self.book.fallback(result.fell_back)
             self.rates = ch.observe_encode(
@@ -325,7 +334,8 @@ class StreamEncoder:
         if self._new_phase:  # which codec it tries, once: all its instances go in it
             self._new_phase = False
             ranked = ch.contenders(self.rates, self.offered, self.workers)
-            ranked = [self.model.codec, *(c for c in ranked if c != self.model.codec)]
+            lead = ch.ZSTD if self.model.codec == ch.ZSTD_FAST else self.model.codec
+            ranked = [lead, *(c for c in ranked if c != lead)]
             self.phase_codec = ch.trial(ranked, self.measured, self.phase)
         if self._warmups or self.phase_codec == self.model.codec:
             self.choice = self.model

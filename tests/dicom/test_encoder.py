@@ -10,7 +10,7 @@ import pytest
 
 from relay.agent.codec_metrics import PixelCodecMetrics
 from relay.codecs import PixelFormat
-from relay.codecs.choice import ZSTD
+from relay.codecs.choice import FAST_LEVEL, ZSTD, ZSTD_FAST
 from relay.dicom.codec import DicomLimits, Instance, MessageCodec
 from relay.dicom.encoder import (
     MAX_PATHS,
@@ -25,6 +25,7 @@ from relay.dicom.encoder import (
 from relay_dev import samples
 
 PHASE = PHASE_SKIP + PHASE_MEASURE
+ZSTDS = (ZSTD, ZSTD_FAST)
 
 
 def run_phase(enc: StreamEncoder, now: float, seconds_per_instance: float) -> float:
@@ -233,7 +234,8 @@ def test_a_paths_next_stream_sends_its_first_instance_for_the_link_it_measured()
         enc = StreamEncoder(MessageCodec(), offered, 2, book, path=path)
         warm_up(enc, 0.0, seconds)
         enc.finish()
-    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec == ZSTD
+    # zstd at either level (these fake instances taught the book a fast level 3)
+    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec in ZSTDS
     assert StreamEncoder(MessageCodec(), offered, 2, book, path=slow).choice.codec == "jpegls"
     assert StreamEncoder(MessageCodec(), offered, 2, book, path=new).choice.codec == "htj2k"
     assert StreamEncoder(MessageCodec(), offered, 2, book).choice.codec == "htj2k"
@@ -251,9 +253,8 @@ def test_a_late_stall_does_not_make_a_fast_path_look_slow() -> None:
     assert enc.rates.link is not None and enc.rates.link < 8e6
     enc.finish()
     assert book.start(path).expected_link == pytest.approx(20.6e6 / 0.19)
-    assert (
-        StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path).choice.codec == ZSTD
-    )
+    next_stream = StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path)
+    assert next_stream.choice.codec == ZSTD_FAST
 
 
 def _fast_stream(book: RateBook, path: _Path) -> None:
@@ -278,3 +279,28 @@ def test_the_remembered_paths_are_bounded_and_leave_with_their_session() -> None
     assert book.paths() == 0  # a stream that measured nothing leaves nothing
     _fast_stream(book, 1)  # type: ignore[arg-type]  # no weak reference: not remembered
     assert book.paths() == 0 and book.start(1).expected_link is None
+
+
+def test_a_first_instance_at_the_fast_level_is_zstd_all_the_same() -> None:
+    """Before the link is measured, on a fast path, the instance goes as zstd at
+    FAST_LEVEL: the same dataset when decoded, more bytes than at the codec's level 3,
+    counted as zstd, and its encode speed kept apart from level 3's (the model's zstd
+    would otherwise look twice as fast as it is)."""
+    ct = samples.make_study(1, rows=128, cols=128)[0]
+    msg = Instance(ct.sop_class, ct.sop_instance, ct.transfer_syntax, ct.data)
+    book, path = RateBook(), _Path()
+    _fast_stream(book, path)
+    codec = MessageCodec()
+    enc = StreamEncoder(codec, ("htj2k",), 2, book, path=path)
+    assert enc.choice.codec == ZSTD_FAST
+    zstd_rate = enc.rates.encode[ZSTD]
+    result = enc.encode(msg)
+    assert result.codec == ZSTD_FAST and result.raw == len(ct.data)
+    assert codec.decode(bytearray(result.frame[4:])) == msg
+    assert len(result.frame) > len(codec.encode(msg))  # level 1: more bytes than 3
+    assert result.frame == codec.encode(msg, level=FAST_LEVEL)
+    enc.encoded(result)
+    assert enc.counts == {ZSTD: 1} and book.tallies()[ZSTD].instances == 1
+    assert enc.rates.encode[ZSTD] == zstd_rate
+    enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # the link: 500 MB/s
+    assert enc.choice.codec == ZSTD  # measured: level 3 from now on
