@@ -210,7 +210,9 @@ def _check_text(param: str, vr: str, value: str) -> None:
         for group in groups:
             if vr == "PN" and group.count("^") > 4:
                 raise QueryError(param, "a person name has at most 5 components")
-            if len(group) > _MAX_CHARS.get(vr, MAX_VALUE):
+            # `*` matches any run, so it is not counted: OHIF asks for `*{text}*`, and
+            # a whole 16-character accession number so asked is 18 characters
+            if len(group) - group.count("*") > _MAX_CHARS.get(vr, MAX_VALUE):
                 raise QueryError(param, f"longer than its VR ({vr}) allows: "
                                         f"{_MAX_CHARS[vr]} characters")  # fmt: skip
 
