@@ -127,7 +127,7 @@ _STOP_POLL: Final = 0.01
 # connection is ended (contexts.bounded_stalls): a hung peer must not hold a connection
 # thread and an association slot for ever.
 STALL_SLACK: Final = 60.0
-MAX_RESUMES: Final = 32  # resumes of one retrieve, whatever the window
+MAX_RESUMES: Final = 32  # resumes of one retrieve that got a stream, whatever the window
 _RESUME_PAUSE: Final = (0.1, 2.0)  # first and longest pause between attempts to reopen
 PROBE_TIMEOUT: Final = 10.0  # at most this long to find a C-MOVE destination down
 _DESTINATION_LOST: Final = "move destination stopped answering"
@@ -1031,7 +1031,9 @@ class _Retrieval:
         self.classes: dict[str, None] = {}
         self.syntaxes: dict[str, None] = {}
         self.seen: set[str] = set()  # every intact instance received: delivered or buffered
-        self.resumes = 0
+        self.resumes = 0  # resumes that got a stream (at most MAX_RESUMES)
+        self.tries = 0  # attempts to resume, the pause between them growing with each
+        self.unresumable = False  # more instances than max_skip: a break cannot resume
         self.resume_deadline: float | None = None  # set while a broken stream is replaced
         self.answered = False  # the agent has said something: the retrieve had begun
         # What the metrics count if pynetdicom closes us early (the viewer left, or the
@@ -1070,7 +1072,7 @@ class _Retrieval:
             if len(self.seen) < self.node.limits.max_skip:
                 self.seen.add(msg.sop_instance)
             else:
-                self.resumes = MAX_RESUMES  # too many to list: a break can no longer resume
+                self.unresumable = True  # too many to list: a break can no longer resume
             self.buffered.append(msg)
             self.classes.setdefault(msg.sop_class, None)
             self.syntaxes.setdefault(msg.transfer_syntax, None)
@@ -1101,7 +1103,17 @@ class _Retrieval:
         node = self.node
         if exc.failed_codec:
             node.offer.distrust(exc.failed_codec)
-        if not exc.resumable or node.resume_window <= 0 or self.resumes >= MAX_RESUMES:
+        if exc.unopened and self.resumes:
+            # The last resume found no stream (the link is down; the tunnel fails such
+            # opens at once while it knows that): it carried nothing, so it used no try,
+            # and an outage within resume_window is waited out however many tries it takes.
+            self.resumes -= 1
+        if (
+            not exc.resumable
+            or self.unresumable
+            or node.resume_window <= 0
+            or self.resumes >= MAX_RESUMES
+        ):
             return False
         if not self.answered and not exc.failed_codec:
             return False  # never reached the agent: the tunnel already waited its own time
@@ -1112,7 +1124,7 @@ class _Retrieval:
             self.resume_deadline = now + node.resume_window
             log.warning("retrieve interrupted (%s); resuming with %d instances already "
                         "received", exc.reason, len(self.seen))  # fmt: skip
-        pause = min(_RESUME_PAUSE[1], _RESUME_PAUSE[0] * 2 ** min(self.resumes, 8))
+        pause = min(_RESUME_PAUSE[1], _RESUME_PAUSE[0] * 2 ** min(self.tries, 8))
         while time.monotonic() < min(now + pause, self.resume_deadline):
             if waiter.check_cancel() or not self.event.assoc.is_established:
                 return False
@@ -1126,6 +1138,7 @@ class _Retrieval:
             return False
         waiter.session.close()
         self.resumes += 1
+        self.tries += 1
         self.skipped = frozenset(self.seen)
         waiter.session = node._session(
             replace(self.request, resume=True),

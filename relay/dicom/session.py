@@ -86,17 +86,26 @@ class SessionEnded(Exception):
     `resumable` is True when the relay path failed (the link dropped, a stream reset with
     a link-level code, no stream could be opened): trying again may succeed. It is also
     True when an instance's pixels failed to decode exactly (`failed_codec` names the
-    codec): trying again without that codec will.
+    codec): trying again without that codec will. `unopened` is True when no stream was
+    opened at all (the link is down): nothing was carried, so a resume that ends so has not
+    used up one of the retrieve's tries (relay.dicom.node.MAX_RESUMES).
     """
 
     def __init__(
-        self, status: int, reason: str, *, resumable: bool = False, failed_codec: str = ""
+        self,
+        status: int,
+        reason: str,
+        *,
+        resumable: bool = False,
+        failed_codec: str = "",
+        unopened: bool = False,
     ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.resumable = resumable
         self.failed_codec = failed_codec
+        self.unopened = unopened
 
 
 class Session:
@@ -166,11 +175,14 @@ class Session:
                 else:
                     opened.reset(RESET_CANCEL)  # a message cut short: the stream is unusable
                     why = f"relay stream stalled: no credit for {self._open_timeout:g} s"
-                reason = SessionEnded(st.LINK_LOST, why, resumable=True)
+                reason = SessionEnded(st.LINK_LOST, why, resumable=True, unopened=opened is None)
                 return
             except (OSError, ConnectionError) as exc:
                 reason = SessionEnded(
-                    st.LINK_LOST, f"relay link unavailable: {_why(exc)}", resumable=True
+                    st.LINK_LOST,
+                    f"relay link unavailable: {_why(exc)}",
+                    resumable=True,
+                    unopened=opened is None,
                 )
                 return
             except Exception as exc:  # the tunnel refused the stream, or similar

@@ -15,6 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from relay.codecs import encode, find_pixels
+from relay.dicom import node as node_module
 from relay.dicom import rawds
 from relay.dicom import status as st
 from relay.dicom.codec import (
@@ -31,7 +32,7 @@ from relay.dicom.codec import (
     read_message,
     write_message,
 )
-from relay.dicom.node import DicomNode
+from relay.dicom.node import MAX_RESUMES, DicomNode
 from relay.dicom.pacs_target import PacsTarget
 from relay.net.bytestream import ByteStream, pipe
 from relay.proto.errors import ErrorCode
@@ -280,6 +281,42 @@ async def test_an_agent_shutting_down_is_resumed() -> None:
         [inst(1), inst(2), FinalResponse(0, completed=3, failed=0, warning=0)],
     )
     result = await agents.get()
+    assert result.order == [STUDY[i].sop_instance for i in range(3)]
+    assert result.statuses[-1].Status == st.SUCCESS
+    assert len(agents.requests) == 2
+
+
+class Offline(Scripted):
+    """Scripted agents behind a link that goes down after the first stream: the next
+    `down` opens fail at once, as the workstation's tunnel fails them while it knows the
+    link is down (relay.workstation.tunnel.TunnelOffline is a ConnectionError)."""
+
+    def __init__(self, down: int, *scripts: list[Message | bytes | int]) -> None:
+        super().__init__(*scripts)
+        self.down = down
+        self.refused = 0
+
+    async def open_stream(self, headers: Mapping[str, str]) -> ByteStream:
+        if self.headers and self.refused < self.down:
+            self.refused += 1
+            raise ConnectionError("offline (test): the link is known down")
+        return await super().open_stream(headers)
+
+
+async def test_an_outage_longer_than_the_tries_is_waited_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Opens that fail at once while the link is down use none of MAX_RESUMES: the
+    retrieve waits for the link as long as its resume_window allows, however many opens
+    that takes (the old code gave up after MAX_RESUMES of them, about a minute)."""
+    monkeypatch.setattr(node_module, "_RESUME_PAUSE", (0.001, 0.001))
+    agents = Offline(
+        MAX_RESUMES + 3,
+        [counts(3, 0), inst(0), int(ErrorCode.INTERNAL_ERROR)],
+        [inst(1), inst(2), FinalResponse(0, completed=3, failed=0, warning=0)],
+    )
+    result = await agents.get()
+    assert agents.refused == MAX_RESUMES + 3  # every failed open was answered by another
     assert result.order == [STUDY[i].sop_instance for i in range(3)]
     assert result.statuses[-1].Status == st.SUCCESS
     assert len(agents.requests) == 2
