@@ -142,7 +142,9 @@ class StudyFetcher:
         try:
             new_bytes, final = await self._retrieve(study_uid, have)
         except BaseException:
-            self.store.finish(study_uid, complete=False)
+            # Off the loop too: this save syncs every file the fill wrote. Shielded, so a
+            # second cancel cannot leave the study marked filling: the save runs to its end.
+            await asyncio.shield(asyncio.to_thread(self.store.finish, study_uid, complete=False))
             raise
         ok = final.status == st.SUCCESS and not final.failed
         await asyncio.to_thread(self.store.finish, study_uid, complete=ok, counted=final.completed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,14 @@ from relay.dicom.codec import (
     write_message,
 )
 from relay.net.bytestream import ByteStream, pipe
-from relay.workstation.cache.fetch import StudyFetcher
+from relay.workstation.cache import durable
+from relay.workstation.cache import store as store_module
+from relay.workstation.cache.fetch import FetchError, StudyFetcher
 from relay.workstation.cache.sealing import Sealer
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.cache.store import CachedInstance, CacheStore
 from relay_dev import samples
+from tests.ends_helpers import wait_until
 
 INSTANCES = samples.demo_studies(ct_slices=3, mr_slices=1)
 CT = [i for i in INSTANCES if i.sop_class.endswith(".1.2")]
@@ -204,3 +208,78 @@ async def test_series_attributes_are_written_under_the_stores_lock(tmp_path: Pat
     study.series_attrs = LockedOnly(server.store)
     assert await fill(server, ScriptedAgent(None, CT, success(len(CT))))
     assert set(study.series_attrs) == {SERIES}
+
+
+@dataclass
+class CutShort(ScriptedAgent):
+    """The retrieve sends `sends` and then its stream ends without a final response (the
+    link dropped), or, `hang`, sends nothing more and never ends."""
+
+    hang: bool = False
+
+    async def _serve(self, end: ByteStream) -> None:
+        codec = MessageCodec(DicomLimits())
+        req = await read_message(end, codec)
+        assert isinstance(req, Request)
+        if req.op == "find":
+            await self._find(end, codec)
+            await end.write_eof()
+            return
+        for i in self.sends:
+            msg = Instance(i.sop_class, i.sop_instance, i.transfer_syntax, i.data)
+            await write_message(end, codec, msg)
+        if self.hang:
+            await asyncio.Event().wait()  # cancelled with the test's loop
+        await end.write_eof()
+
+
+def persisted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[CacheStore, list[str]]:
+    """A keyring-mode store (its index persisted, so an index save syncs the files written
+    since the last), and the name of the thread each of those syncs ran in."""
+    store = CacheStore(tmp_path, Sealer(Sealer.new_key()), max_size=1 << 30, max_age=3600,
+                       persist_index=True)  # fmt: skip
+    store.open(fresh_key=True)
+    synced_in: list[str] = []
+
+    def sync_file(path: Path) -> None:
+        synced_in.append(threading.current_thread().name)
+        durable.sync_file(path)
+
+    monkeypatch.setattr(store_module, "sync_file", sync_file)
+    return store, synced_in
+
+
+async def test_a_fill_the_link_cuts_short_syncs_its_files_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its index save syncs every file it wrote (up to store.MAX_UNSYNCED: seconds of
+    disk work for a large study) in a worker thread, as a fill that ends does; it ran on
+    the event loop, and the session, DICOMweb and the forwards waited for the disk."""
+    store, synced_in = persisted(tmp_path, monkeypatch)
+    fetcher = StudyFetcher(CutShort(None, CT, success(len(CT))).open_stream, store,
+                           MessageCodec(DicomLimits(), accept_pixels=True), timeout=10)  # fmt: skip
+    with pytest.raises(FetchError, match="before the final response"):
+        await asyncio.wait_for(fetcher.fill(STUDY, "test"), 20)
+    study = store.study(STUDY)
+    assert study is not None and not study.filling and len(study.instances) == len(CT)
+    assert len(synced_in) == len(CT)  # all of them, at that save
+    assert threading.current_thread().name not in synced_in
+
+
+async def test_a_cancelled_fill_saves_its_index_off_the_event_loop_before_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefetcher's stop cancels a fill under way: its index is saved (synced) in a
+    worker thread, and saved by the time the cancelled fill has ended."""
+    store, synced_in = persisted(tmp_path, monkeypatch)
+    fetcher = StudyFetcher(CutShort(None, CT, success(len(CT)), hang=True).open_stream, store,
+                           MessageCodec(DicomLimits(), accept_pixels=True), timeout=10)  # fmt: skip
+    task = asyncio.create_task(fetcher.fill(STUDY, "test"))
+    await wait_until(lambda: len(getattr(store.study(STUDY), "instances", ())) == len(CT))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    study = store.study(STUDY)
+    assert study is not None and not study.filling
+    assert len(synced_in) == len(CT)
+    assert threading.current_thread().name not in synced_in
