@@ -4,11 +4,14 @@ restart, or a crash loop, is no way around the budget."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from relay.agent.audit import AUDIT_FILE, AuditLog, Outcome, read_events
+import pytest
+
+from relay.agent.audit import AUDIT_FILE, AuditLog, Outcome, read_events, trail
 from relay.agent.audit.budget import (
     KIND_BURST,
     KIND_REFILL,
@@ -18,6 +21,7 @@ from relay.agent.audit.budget import (
     written_refusal,
 )
 from relay.agent.audit.events import AuditEvent, Participant
+from relay.agent.audit.files import merged_events
 from relay.agent.audit.trail import _KINDS
 
 AGENT = "spiffe://hospital.test/agent/main"
@@ -145,3 +149,31 @@ def test_a_recalled_bucket_never_holds_more_than_a_full_one() -> None:
         for n in range(KIND_BURST + 10)
     )
     assert admitted == KIND_BURST - 1
+
+
+def test_the_recall_reads_no_more_than_its_bound_whatever_the_lines_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines the recall skips (dated ahead of our clock, after it was set back; torn) are
+    read too, and count against MAX_RECALL_LINES: they were not counted, so a security set
+    written an hour ahead was read whole (110 MiB at the defaults) before the first
+    refusal, on the agent's event loop."""
+    bound = 40
+    monkeypatch.setattr(trail, "MAX_RECALL_LINES", bound)
+    ahead = _open(tmp_path)
+    for n in range(5 * bound):  # written while the clock was an hour ahead
+        ahead.enrollment(now=T0 + timedelta(hours=1, seconds=n), device="ws1", token_id=None,
+                         peer=_source(n), outcome=Outcome.SUCCESS)  # fmt: skip
+    pulled = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any] | None]:
+        nonlocal pulled
+        for line in merged_events(*args, **kwargs):
+            pulled += 1
+            yield line
+
+    monkeypatch.setattr(trail, "merged_events", counted)
+    restarted = _open(tmp_path)  # the clock set back to T0
+    _refuse(restarted, T0, "192.0.2.7:40000")
+    assert 0 < pulled <= bound + 1
+    assert restarted.budget.pending == 0  # nothing in the window: written in full

@@ -185,18 +185,20 @@ class AuditLog:
                 return
             self._recalled = True
             since = now - RECALL_WINDOW
+            oldest = now  # the time of the oldest line read in the window
             written: list[tuple[str, str, datetime]] = []
             try:
                 sets = trail_sets(self.path, devices=False)
                 for n, line in enumerate(merged_events(sets, newest_first=True)):
+                    if n >= MAX_RECALL_LINES:  # every line read counts, skipped ones too
+                        since = oldest  # read no further: the window starts here
+                        break
                     at = event_time(line)
                     if line is None or at is None or at > now:
                         continue  # torn, or from a clock ahead of ours: charged by neither
                     if at < since:
                         break
-                    if n >= MAX_RECALL_LINES:
-                        since = at  # read no further: the window starts here
-                        break
+                    oldest = at
                     refusal = written_refusal(line)
                     if refusal is not None and line.get("kind") not in DEVICE_KINDS:
                         written.append((*refusal, at))
