@@ -45,6 +45,11 @@ WARMUP_PHASES: Final = 2
 # remembered for their next stream's first instance; held weakly, so an ended session
 # leaves by itself, and at most this many at once (the oldest makes room).
 MAX_PATHS: Final = 1024
+# A stream that wrote less leaves its path's expectation as it was: within the stream's
+# window (1 MiB by default) writes are taken at once whatever the link, so a short
+# stream (one instance, a few) reads as a fast link even at 20 Mbit/s. Eight windows'
+# worth must have waited for the far end's credit on any link slower than the agent.
+MIN_PATH_BYTES: Final = 8 * 1024 * 1024
 
 
 def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -324,7 +329,7 @@ class StreamEncoder:
         self.phase += 1
 
     def finish(self) -> None:
-        link = self._wire / max(self._blocked, 1e-6) if self._wire else None
+        link = self._wire / max(self._blocked, 1e-6) if self._wire >= MIN_PATH_BYTES else None
         self.book.keep(self.rates, self.path, link)
 
     def _decide(self) -> None:

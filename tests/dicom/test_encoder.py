@@ -14,6 +14,7 @@ from relay.codecs.choice import FAST_LEVEL, ZSTD, ZSTD_FAST
 from relay.dicom.codec import DicomLimits, Instance, MessageCodec
 from relay.dicom.encoder import (
     MAX_PATHS,
+    MIN_PATH_BYTES,
     PHASE_MEASURE,
     PHASE_SKIP,
     SPOT_CHECK,
@@ -232,7 +233,8 @@ def test_a_paths_next_stream_sends_its_first_instance_for_the_link_it_measured()
     assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec == "htj2k"
     for path, seconds in ((fast, 0.0004), (slow, 0.08)):  # 200 kB: 500 MB/s, 2.5 MB/s
         enc = StreamEncoder(MessageCodec(), offered, 2, book, path=path)
-        warm_up(enc, 0.0, seconds)
+        for _ in range(PATH_WRITES):
+            enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), seconds)
         enc.finish()
     # zstd at either level (these fake instances taught the book a fast level 3)
     assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec in ZSTDS
@@ -257,10 +259,30 @@ def test_a_late_stall_does_not_make_a_fast_path_look_slow() -> None:
     assert next_stream.choice.codec == ZSTD_FAST
 
 
-def _fast_stream(book: RateBook, path: _Path) -> None:
+PATH_WRITES = MIN_PATH_BYTES // 200_000 + 1  # of 200 kB: enough for the path to learn
+
+
+def _fast_stream(book: RateBook, path: _Path, writes: int = PATH_WRITES) -> None:
     enc = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
-    enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # 500 MB/s
+    for _ in range(writes):
+        enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # 500 MB/s
     enc.finish()
+
+
+def test_a_short_stream_says_nothing_about_its_path() -> None:
+    """Within the stream's window every write is taken at once, whatever the link: a
+    stream of a few instances (one viewport's, say) reads as fast even at 20 Mbit/s,
+    and would send the next stream's first instance as zstd there. It leaves the path's
+    expectation as it was: none, or what a long stream measured."""
+    book, path = RateBook(), _Path()
+    _fast_stream(book, path, writes=PATH_WRITES - 2)
+    assert book.start(path).expected_link is None
+    slow = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
+    for _ in range(PATH_WRITES):
+        slow.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.08)  # 2.5 MB/s
+    slow.finish()
+    _fast_stream(book, path, writes=3)
+    assert book.start(path).expected_link == pytest.approx(2.5e6)
 
 
 def test_the_remembered_paths_are_bounded_and_leave_with_their_session() -> None:
