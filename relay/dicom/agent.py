@@ -52,6 +52,7 @@ from relay.dicom.encoder import (
 )
 from relay.dicom.ending import ABORT_LINGER, OpenAssociations
 from relay.dicom.intake import MoveReceiver, MoveSenders
+from relay.dicom.pace import MIN_REQUEST_RATE, PacedReader
 from relay.dicom.pacs_echo import end_echoes
 from relay.dicom.pacs_ops import PacsOperation
 from relay.dicom.pacs_target import PacsTarget
@@ -119,7 +120,7 @@ def _request_keys(req: Request, limits: DicomLimits) -> dict[str, str]:
 class OperationSummary:
     """What happened on one stream, for the audit trail (PS3.15) and logs."""
 
-    op: str  # echo, find, get, move, store, or "invalid"
+    op: str  # echo, find, get, move, store, "invalid", or "refused" (no slot free)
     status: int
     comment: str
     seconds: float
@@ -156,15 +157,15 @@ _TYPES: dict[type[Message], MessageType] = {Request: MessageType.REQUEST, Skip: 
 
 
 async def _expect(
-    stream: ByteStream, codec: MessageCodec, within: float, kind: type[_First], what: str
+    stream: PacedReader, codec: MessageCodec, kind: type[_First], what: str
 ) -> _First | Refused:
-    """The next message, which must be a `kind` (the request, the skip list), within
-    `within` seconds; anything else is refused on the stream (where it can still be
-    heard) from its first bytes, its body unread: a device's message is decoded only
-    once it is what may come (and an upload's big body off the loop)."""
+    """The next message, which must be a `kind` (the request, the skip list), at the
+    stream's pace (pace.py: a stall limit and a minimum rate); anything else is refused
+    on the stream (where it can still be heard) from its first bytes, its body unread: a
+    device's message is decoded only once it is what may come (and an upload's big body
+    off the loop)."""
     try:
-        async with asyncio.timeout(within):
-            msg = await read_message(stream, codec, offload=True, expect=(_TYPES[kind],))
+        msg = await read_message(stream, codec, offload=True, expect=(_TYPES[kind],))
     except IdentifierTooLarge as exc:  # not the stream's fault: the viewer's request's
         await _refuse(stream, codec, str(exc), st.BAD_IDENTIFIER)
         return Refused(st.BAD_IDENTIFIER, str(exc))
@@ -188,11 +189,11 @@ async def _expect(
     return msg
 
 
-async def _skip_list(stream: ByteStream, codec: MessageCodec, within: float) -> UidSet | Refused:
+async def _skip_list(stream: PacedReader, codec: MessageCodec) -> UidSet | Refused:
     """A resumed retrieve's skip list, as the digests the retrieve holds (uidset.py): its
     message (up to `max_skip` UIDs as strings, ~8 MiB) is let go once read, not held for
     as long as the retrieve runs; hashed off the loop (~1 us a UID)."""
-    got = await _expect(stream, codec, within, Skip, "skip list")
+    got = await _expect(stream, codec, Skip, "skip list")
     if isinstance(got, Refused):
         return got
     return await asyncio.to_thread(UidSet.of, got.uids)
@@ -210,6 +211,8 @@ async def serve_dicom_stream(
     memory: StorageMemory | None = None,
     spare: SpareAssociation | None = None,
     associations: OpenAssociations | None = None,
+    admit: Callable[[], bool] | None = None,
+    min_rate: float = MIN_REQUEST_RATE,
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
 
@@ -221,6 +224,12 @@ async def serve_dicom_stream(
 
     `on_request` sees the request as soon as it is read, before the PACS is contacted
     (the audit trail's "transfer begins").
+
+    The request (and a resumed retrieve's skip list) is read at a pace: no read waits
+    more than `pacs.timeout`, and the bytes keep `min_rate` after that (pace.py). Only
+    once it is wholly read does `admit` (the dispatcher's `admit_request`) take one of
+    the site's operation slots; refused (False: it has reset the stream with
+    LIMIT_EXCEEDED), the PACS is not contacted.
     """
     stats = stats or NullStats()
     codec = MessageCodec(limits, level=pacs.compression_level, stats=stats)
@@ -229,18 +238,21 @@ async def serve_dicom_stream(
     def summary(op: str, status: int, comment: str, **kw: object) -> OperationSummary:
         return OperationSummary(op, status, comment, time.monotonic() - started, **kw)  # type: ignore[arg-type]
 
-    msg = await _expect(stream, codec, pacs.timeout, Request, "request")
+    paced = PacedReader(stream, pacs.timeout, min_rate)
+    msg = await _expect(paced, codec, Request, "request")
     if isinstance(msg, Refused):
         return summary("invalid", msg.status, msg.reason)
     keys = RequestKeys(msg, codec.limits)
     skip: UidSet | None = None
     if msg.resume:
         # A resumed retrieve: the instances the viewer already has come next.
-        got = await _skip_list(stream, codec, pacs.timeout)
+        got = await _skip_list(paced, codec)
         if isinstance(got, Refused):
             return summary("invalid", got.status, got.reason)
         skip = got
         log.info("resuming a retrieve: %d instances already delivered", len(skip))
+    if admit is not None and not admit():
+        return summary("refused", st.AGENT_BUSY, "the agent's PACS operations are all taken")
 
     loop = asyncio.get_running_loop()
     out: Channel[Message] = Channel(loop, codec.limits.queue_depth)
@@ -487,6 +499,7 @@ class DicomAgent:
         self,
         stream: ByteStream,
         on_request: Callable[[OperationSummary], None] | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> OperationSummary:
         return await serve_dicom_stream(
             stream,
@@ -499,4 +512,5 @@ class DicomAgent:
             memory=self.memory,
             spare=self.spare,
             associations=self.associations,
+            admit=admit,
         )

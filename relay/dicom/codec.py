@@ -671,6 +671,9 @@ class MessageCodec:
 # -- stream helpers -------------------------------------------------------------------
 
 
+_FIRST_BUFFER: Final = 1 << 20  # a message's buffer before it grows with what comes
+
+
 async def read_payload(
     stream: ByteStream, codec: MessageCodec, expect: Collection[MessageType] | None = None
 ) -> bytearray | None:
@@ -705,16 +708,23 @@ async def read_payload(
         end = _FIXED.size + hlen
         await _read_at_least(stream, fixed, min(end, length), length)
         codec.check_request_size(fixed[_FIXED.size : end], length - end)
-    buf = bytearray(length)
-    view = memoryview(buf)
-    view[: len(fixed)] = fixed
+    # The buffer grows with what came (doubling, up to the declared length), not to the
+    # declared length at once: a peer that announces 512 MiB and sends a trickle holds
+    # about what it sent, not 512 MiB from its first bytes.
+    buf = bytearray(min(length, max(len(fixed), _FIRST_BUFFER)))
+    buf[: len(fixed)] = fixed
     have = len(fixed)
     while have < length:
         chunk = await stream.read(min(length - have, 1 << 20))
         if not chunk:
             raise DicomProtocolError(f"stream ended after {have} of {length} message bytes")
-        view[have : have + len(chunk)] = chunk
-        have += len(chunk)
+        end = have + len(chunk)
+        if end > len(buf):
+            grown = bytearray(min(length, max(end, 2 * len(buf))))
+            grown[:have] = memoryview(buf)[:have]
+            buf = grown
+        buf[have:end] = chunk
+        have = end
     return buf
 
 

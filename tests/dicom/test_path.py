@@ -35,6 +35,7 @@ LAYERS = {
     "relay.dicom.uids": 6,  # what counts as a UID
     "relay.dicom.uidset": 6,  # a retrieve's UIDs as keyed digests (skip list, delivered)
     "relay.dicom.checkpoint": 6,  # pynetdicom's reactor pause, without its race
+    "relay.dicom.pace": 6,  # the pace a device's request is read at (the codec reads it)
 }
 
 

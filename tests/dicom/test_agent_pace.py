@@ -1,0 +1,162 @@
+"""A device sending its request slowly, against the embedded PACS over a pipe: what the
+agent holds while it reads (memory for what came, not what was announced), that an
+upload slower than `pacs.timeout` but above the minimum rate is stored, that a trickle or
+a silence is cut by the pace (relay/dicom/pace.py), and that an operation slot is taken
+only once the request is wholly read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+
+from relay.dicom import status as st
+from relay.dicom.agent import serve_dicom_stream
+from relay.dicom.codec import MessageCodec, MessageType, Request
+from relay.dicom.pace import pace_deadline
+from relay.net.bytestream import ByteStream, pipe
+from relay.proto import ErrorCode
+from relay_dev.pacs import EmbeddedPacs, MemoryStore
+
+from .helpers import EXPLICIT
+from .test_agent import CT, Workstation, final_of, target
+
+
+@pytest.fixture
+def pacs() -> Iterator[EmbeddedPacs]:
+    with EmbeddedPacs(MemoryStore(CT)) as p:
+        yield p
+
+
+def store_request(extra: int = 0) -> Request:
+    """CT[0] as an upload, with `extra` random bytes in a private OB element (no codec
+    squeezes them: the wire carries them all)."""
+    inst = CT[0]
+    data = inst.data
+    if extra:
+        data += struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, extra) + os.urandom(extra)
+    return Request(op="store", transfer_syntax=EXPLICIT, dataset=data,
+                   sop_class=inst.sop_class, sop_instance=inst.sop_instance)  # fmt: skip
+
+
+def store_head(length: int) -> bytes:
+    """A store REQUEST's first bytes, announcing a message of `length` bytes."""
+    inst = CT[0]
+    header = (
+        f'{{"op":"store","ts":"{EXPLICIT}","cls":"{inst.sop_class}","iuid":"{inst.sop_instance}"}}'
+    ).encode()
+    return struct.pack(">IBBBH", length, 1, MessageType.REQUEST, 0, len(header)) + header
+
+
+async def send_slowly(stream: ByteStream, data: bytes, step: int, pause: float) -> int:
+    """Write `data` `step` bytes at a time, `pause` seconds apart (the device's uplink);
+    returns what went before the agent stopped taking it."""
+    sent = 0
+    try:
+        while sent < len(data):
+            await stream.write(data[sent : sent + step])
+            sent += len(data[sent : sent + step])
+            await asyncio.sleep(pause)
+    except Exception:
+        return sent
+    return sent
+
+
+async def test_an_announced_upload_holds_what_came_not_what_it_announced(
+    pacs: EmbeddedPacs,
+) -> None:
+    """A store REQUEST announcing 256 MiB made the agent allocate (and zero) 256 MiB at its
+    first bytes, held for the whole request deadline: 32 such streams of one device were
+    16 GiB at 512 MiB each. Now the buffer grows with what the device sent."""
+    a, b = pipe()
+    tracemalloc.start()
+    try:
+        server = asyncio.create_task(serve_dicom_stream(b, target(pacs)))
+        await a.write(store_head(256 << 20) + os.urandom(64 << 10))
+        await a.write_eof()  # the message ends short
+        msgs = await Workstation(a).all()
+        await asyncio.wait_for(server, 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert final_of(msgs).status == st.RELAY_PROTOCOL
+    assert peak < 16 << 20, f"peak {peak >> 20} MiB"
+    assert pacs.events.associations == 0
+
+
+async def test_an_upload_longer_than_the_timeout_but_at_a_fair_rate_is_stored(
+    pacs: EmbeddedPacs,
+) -> None:
+    """The whole request had to come within `pacs.timeout`: an upload over a slow uplink
+    that needed longer was refused (the 30 s timeout, here 0.5 s, is one read's stall)."""
+    frame = MessageCodec().encode(store_request(extra=256 << 10))
+    a, b = pipe()
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs, timeout=0.5)))
+    # ~270 KiB in 17 steps 50 ms apart: about 1 s, well above MIN_REQUEST_RATE
+    sender = asyncio.create_task(send_slowly(a, frame, 16 << 10, 0.05))
+    msgs = await Workstation(a).all()
+    assert await sender == len(frame)
+    summary = await asyncio.wait_for(server, 20)
+    assert final_of(msgs).status == 0, final_of(msgs)
+    assert summary.seconds > 0.5  # longer than the old deadline, and not cut
+    assert pacs.events.stores == 1
+
+
+@pytest.mark.parametrize(("step", "reason"), [(64, "slower than"), (0, "nothing sent for")])
+async def test_a_trickled_or_silent_request_is_cut_at_its_pace(
+    pacs: EmbeddedPacs, step: int, reason: str
+) -> None:
+    """64 bytes every 20 ms (3 KiB/s) against a 64 KiB/s minimum; or its first bytes and
+    then nothing. The PACS is never asked."""
+    frame = MessageCodec().encode(store_request(extra=1 << 20))
+    a, b = pipe()
+    server = asyncio.create_task(
+        serve_dicom_stream(b, target(pacs, timeout=0.5), min_rate=64 << 10)
+    )
+    await a.write(frame[:512])
+    sender = asyncio.create_task(send_slowly(a, frame[512:], step, 0.02)) if step else None
+    msgs = await Workstation(a).all()
+    summary = await asyncio.wait_for(server, 20)
+    final = final_of(msgs)
+    assert final.status == st.RELAY_PROTOCOL and reason in final.comment, final
+    assert summary.op == "invalid"
+    assert pacs.events.associations == 0
+    if sender is not None:
+        sender.cancel()
+
+
+async def test_a_slot_is_taken_only_once_the_request_is_read(pacs: EmbeddedPacs) -> None:
+    """`admit` (the dispatcher's admit_request) is asked after the last byte of the
+    request; refused, the PACS is not asked and the stream is not answered."""
+    asked: list[int] = []
+    frame = MessageCodec().encode(store_request())
+    a, b = pipe()
+    sent = 0
+
+    def admit() -> bool:
+        asked.append(sent)
+        b.reset(ErrorCode.LIMIT_EXCEEDED)  # what the dispatcher does
+        return False
+
+    server = asyncio.create_task(serve_dicom_stream(b, target(pacs), admit=admit))
+    for sent in range(0, len(frame), 4096):
+        assert not asked
+        await a.write(frame[sent : sent + 4096])
+    sent = len(frame)
+    summary = await asyncio.wait_for(server, 20)
+    assert asked == [len(frame)]
+    assert (summary.op, summary.status) == ("refused", st.AGENT_BUSY)
+    assert pacs.events.associations == 0
+
+
+def test_the_pace_deadline_grows_with_what_came() -> None:
+    """The first `stall` is grace; then each byte buys 1 / min_rate seconds, so a request
+    of n bytes is done by stall + n / min_rate at worst."""
+    assert pace_deadline(100.0, 0, 30.0, 1024.0) == 130.0
+    assert pace_deadline(100.0, 1024 * 60, 30.0, 1024.0) == 190.0
+    big = 512 << 20
+    assert pace_deadline(0.0, big, 30.0, 16 * 1024) == 30.0 + big / (16 * 1024)
