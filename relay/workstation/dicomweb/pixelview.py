@@ -46,6 +46,12 @@ def read(data: bytes, transfer_syntax: str) -> Dataset:
         data = rawds.inflate(data, rawds.DEFAULT_MAX_INFLATED)
     fp = BytesIO(data)
     ds = read_dataset(fp, implicit, little, stop_when=_at_pixel_data)
+    # The VR encoding pydicom found, not the one the syntax names: it reads a dataset
+    # of explicit VRs sent as implicit (or the reverse) by the VRs it finds, and the
+    # header read with the other gave the length of another value (wrong pixels served).
+    as_read = ds.original_encoding[0]
+    if as_read is not None:
+        implicit = as_read
     start = fp.tell()
     if start >= len(data):
         return ds  # no Pixel Data

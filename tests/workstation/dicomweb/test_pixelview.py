@@ -3,6 +3,7 @@ a view of the instance's bytes instead of a copy, in every syntax the server mee
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from relay.dicom import rawds
@@ -10,6 +11,9 @@ from relay.workstation.dicomweb import pixelview
 from relay_dev import samples
 from relay_dev.samples import EncodedInstance
 from tests.workstation.dicomweb.test_frame_syntaxes import BE32, CASES, COMPRESSED
+
+ELE = "1.2.840.10008.1.2.1"
+ILE = "1.2.840.10008.1.2"
 
 INSTANCES = {
     **{sop: inst for sop, (inst, _) in CASES.items()},
@@ -67,3 +71,23 @@ def test_an_instance_without_pixel_data_is_read_whole() -> None:
     inst = EncodedInstance("1.2.3", "1.2.4", "1.2.840.10008.1.2", data)
     got = pixelview.read(inst.data, inst.transfer_syntax)
     assert [e.tag for e in got] == [e.tag for e in ds]
+
+
+@pytest.mark.parametrize(("written", "labelled"), [(ELE, ILE), (ILE, ELE)])
+def test_a_dataset_in_the_other_vr_encoding_than_its_syntax_says_is_read_as_pydicom_reads_it(
+    written: str, labelled: str
+) -> None:
+    """pydicom reads explicit VRs sent as implicit (and the reverse) by what it finds; the
+    Pixel Data header read as the syntax says took `OW` and two pad bytes for its length:
+    a 22,351-byte Pixel Data starting with its own length field (served as bulk data)."""
+    ds = rawds.decode_dataset(CASES["1.2.9.8"][0].data, ILE)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 256, 256, 1
+    ds.PixelData = np.arange(256 * 256, dtype="<u2").tobytes()
+    data = rawds.encode_dataset(ds, written)
+    with pytest.warns(UserWarning, match="Expected"):  # pydicom says so
+        want = rawds.decode_dataset(data, labelled)
+        got = pixelview.read(data, labelled)
+    assert [(e.tag, e.VR) for e in got] == [(e.tag, e.VR) for e in want]
+    for mine, theirs in zip(got, want, strict=True):
+        assert _value(mine.value) == _value(theirs.value), mine.tag
+    assert isinstance(got.PixelData, memoryview) and got.PixelData.obj is data
