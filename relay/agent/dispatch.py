@@ -20,7 +20,9 @@ and gateways): `tcp:` streams (a socket and a task each) by MAX_DEVICE_TCP_STREA
 site's `pacs.max_operations`, which also bounds them for all devices together, so that
 the PACS's own association limit is not met by the sum. A stream over a cap is reset at
 once with LIMIT_EXCEEDED and counted; its count is given back when its task ends,
-however it ends (see `Quota`, `stream_quotas`).
+however it ends (see `Quota`, `stream_quotas`). A `dicom` stream counts against the
+all-devices cap only once its handler has read the whole request (`admit_request`): a
+device trickling its requests holds its own share, never the site's PACS slots.
 
 The caps bound what a device holds, not how fast it churns: a device closing each stream
 as soon as it is open would make the agent open thousands of connections a second into
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import Counter
@@ -75,6 +78,7 @@ __all__ = [
     "QuotaUsage",
     "StreamDispatcher",
     "TargetHandler",
+    "admit_request",
     "stream_quotas",
 ]
 
@@ -145,10 +149,16 @@ class DispatchStats:
 @dataclass(frozen=True)
 class Quota:
     """How many streams of one kind may be served at once: per device (its identity URI,
-    over all its sessions and gateways) and, unless `total` is None, for all devices."""
+    over all its sessions and gateways) and, unless `total` is None, for all devices.
+
+    `total_on_request`: a stream counts against `total` only once its handler calls
+    `admit_request` (its request wholly read), not from its open: what the total guards
+    (PACS associations) is taken only then, so a device sending its requests slowly
+    holds its own share while it does, not the site's slots."""
 
     per_device: int
     total: int | None = None
+    total_on_request: bool = False
 
 
 def stream_quotas(pacs_operations: int = DEFAULT_PACS_OPERATIONS) -> dict[str, Quota]:
@@ -158,8 +168,23 @@ def stream_quotas(pacs_operations: int = DEFAULT_PACS_OPERATIONS) -> dict[str, Q
     per_device = min(MAX_DEVICE_PACS_OPERATIONS, max(1, pacs_operations // 2))
     return {
         QUOTA_TCP: Quota(MAX_DEVICE_TCP_STREAMS),
-        TARGET_DICOM: Quota(per_device, pacs_operations),
+        TARGET_DICOM: Quota(per_device, pacs_operations, total_on_request=True),
     }
+
+
+_ADMISSION: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "stream_admission", default=None
+)
+
+
+def admit_request() -> bool:
+    """For a handler, once it has read its stream's whole request and before it takes what
+    its quota's total guards: count the stream against that total. False if the total is
+    full: the stream is then reset with LIMIT_EXCEEDED and the refusal counted
+    (`<kind>_total`), and the handler must give up. True outside a dispatcher's task, for
+    a target without a total, and when called again."""
+    admission = _ADMISSION.get()
+    return True if admission is None else admission()
 
 
 class QuotaUsage:
@@ -173,18 +198,32 @@ class QuotaUsage:
 
     def take(self, device: str) -> str | None:
         """Count one more stream of `device`: None if admitted, else which cap refused it
-        ("per_device" or "total"); a refused stream is not counted."""
+        ("per_device" or "total"); a refused stream is not counted. With
+        `total_on_request` the total is left to `take_total`."""
         if self.by_device[device] >= self.quota.per_device:
             return "per_device"
+        if self.quota.total_on_request:
+            self.by_device[device] += 1
+            return None
         if self.quota.total is not None and self.total >= self.quota.total:
             return "total"
         self.by_device[device] += 1
         self.total += 1
         return None
 
-    def give_back(self, device: str) -> None:
-        """The end of a stream that `take` admitted."""
-        self.total -= 1
+    def take_total(self) -> bool:
+        """Count a stream `take` admitted against the total (`total_on_request`): False,
+        not counted, if the total is full."""
+        if self.quota.total is not None and self.total >= self.quota.total:
+            return False
+        self.total += 1
+        return True
+
+    def give_back(self, device: str, *, total: bool = True) -> None:
+        """The end of a stream that `take` admitted; `total`: whether it was counted
+        against the total (always, unless `total_on_request`)."""
+        if total:
+            self.total -= 1
         self.by_device[device] -= 1
         if self.by_device[device] <= 0:
             del self.by_device[device]
@@ -307,7 +346,24 @@ class StreamDispatcher:
             self._refuse(stream, ErrorCode.FORBIDDEN, "unknown_target", context)
             return
         if self._admit(stream, target, device, context):
-            self._spawn(self._serve_handler(handler, stream, context), stream, target, device)
+            usage = self.usage.get(target)
+            deferred = usage is not None and usage.quota.total_on_request
+            counted = [not deferred]  # whether the stream holds a count of the total
+
+            def admission() -> bool:
+                if counted[0] or usage is None:
+                    return True
+                counted[0] = usage.take_total()
+                if not counted[0]:
+                    limit = usage.quota.total
+                    self._refuse(
+                        stream, ErrorCode.LIMIT_EXCEEDED, f"{target}_total",
+                        {**context, "limit": limit},
+                    )  # fmt: skip
+                return counted[0]
+
+            serving = self._serve_handler(handler, stream, context, admission)
+            self._spawn(serving, stream, target, device, counted)
 
     def _admit(self, stream: Stream, kind: str, device: str, context: dict[str, object]) -> bool:
         """Spend one of the device's stream tokens, then count the stream under its quota,
@@ -351,7 +407,16 @@ class StreamDispatcher:
         if held is not None:
             log.info(message, extra={**context, "suppressed": held} if held else context)
 
-    def _spawn(self, coro: Awaitable[None], stream: Stream, kind: str, device: str) -> None:
+    def _spawn(
+        self,
+        coro: Awaitable[None],
+        stream: Stream,
+        kind: str,
+        device: str,
+        counted: list[bool] | None = None,
+    ) -> None:
+        """`counted`: whether the stream holds a count of its quota's total (set by its
+        admission; None: it does from its open)."""
         self.stats.streams[stream.headers.get(HEADER_TARGET, "")] += 1
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -360,7 +425,9 @@ class StreamDispatcher:
         if usage is not None:
             # However the task ends (returns, raises, is cancelled before it ran), the
             # count is given back: the stream's reset or the link's loss end it too.
-            task.add_done_callback(lambda _: usage.give_back(device))
+            task.add_done_callback(
+                lambda _: usage.give_back(device, total=counted is None or counted[0])
+            )
 
     # -- serving
 
@@ -420,8 +487,14 @@ class StreamDispatcher:
         )
 
     async def _serve_handler(
-        self, handler: TargetHandler, stream: Stream, context: dict[str, object]
+        self,
+        handler: TargetHandler,
+        stream: Stream,
+        context: dict[str, object],
+        admission: Callable[[], bool] | None = None,
     ) -> None:
+        """`admission`: what the handler's `admit_request` calls (this task's context)."""
+        _ADMISSION.set(admission)
         self._info("stream open", context)
         try:
             await handler(stream)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from relay.agent.audit import AuditLog
 from relay.agent.config import AgentConfig
-from relay.agent.dispatch import TargetHandler
+from relay.agent.dispatch import TargetHandler, admit_request
 from relay.agent.pacs_check import ECHO_TIMEOUT, PacsCheck
 from relay.net.aio import Stream
 from relay.ops.binding import listen_errors
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 class _Serves(Protocol):
     async def serve(
-        self, stream: Stream, *, on_request: Callable[[OperationSummary], None] | None = None
+        self,
+        stream: Stream,
+        *,
+        on_request: Callable[[OperationSummary], None] | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> OperationSummary: ...
 
 
@@ -51,7 +55,8 @@ async def serve_audited(
             auditor.begin(device, summary)
 
     try:
-        summary = await dicom.serve(stream, on_request=begin)
+        # The site's operation slot is taken once the request is read (dispatch.py).
+        summary = await dicom.serve(stream, on_request=begin, admit=admit_request)
     except BaseException as exc:
         if auditor is not None and begun:
             from relay.dicom.status import LINK_LOST  # only ever with `pacs:` (loaded)

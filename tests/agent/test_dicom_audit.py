@@ -150,7 +150,11 @@ class _Hangs:
         self.request = request
 
     async def serve(
-        self, stream: Any, *, on_request: Callable[[OperationSummary], None] | None = None
+        self,
+        stream: Any,
+        *,
+        on_request: Callable[[OperationSummary], None] | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> OperationSummary:
         if on_request is not None:
             on_request(OperationSummary("get", 0xFF00, "started", 0.0, request=self.request))

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from relay.agent.config import DEFAULT_PACS_OPERATIONS, ServiceConfig, load_agent_config
-from relay.agent.dispatch import QUOTA_TCP, Quota, QuotaUsage, stream_quotas
+from relay.agent.dispatch import QUOTA_TCP, Quota, QuotaUsage, admit_request, stream_quotas
 from relay.agent.service import Agent
 from relay.agent.sessions import SESSION_MAX_STREAMS
 from relay.dicom import status as st
@@ -93,6 +93,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         if stream.headers.get("mode") == RAISE:
             raise RuntimeError("the handler failed (test)")
         with contextlib.suppress(StreamResetError):  # the device reset it, or left
+            if await stream.read() and not admit_request():  # its "request", then a slot
+                return
             await stream.read()  # until the device half-closes
             await stream.write(b"done")
             await stream.write_eof()
@@ -122,10 +124,15 @@ async def _connected(world: World, inner: Link, count: int) -> Stream:
     return stream
 
 
-async def _handling(world: World, inner: Link, count: int, **headers: str) -> Stream:
-    """A `dicom` stream, once the handler has it (`count` handled in all)."""
+async def _handling(
+    world: World, inner: Link, count: int, *, request: bool = True, **headers: str
+) -> Stream:
+    """A `dicom` stream, once the handler has it (`count` handled in all); with `request`,
+    its request sent (the stand-in then takes a slot of the total)."""
     stream = inner.open_stream({"target": TARGET_DICOM, **headers})
     await wait_until(lambda: len(world.handled) == count)
+    if request:
+        await stream.write(b"request")
     return stream
 
 
@@ -170,7 +177,7 @@ async def test_tcp_streams_are_capped_per_device_over_all_its_sessions(world: Wo
 
 async def test_pacs_operations_are_capped_per_device_and_for_all_devices(world: World) -> None:
     """pacs.max_operations = 4: a device may hold 2 (half), all devices 4."""
-    assert world.usage(TARGET_DICOM).quota == Quota(per_device=2, total=PACS_OPERATIONS)
+    assert world.usage(TARGET_DICOM).quota == Quota(2, PACS_OPERATIONS, total_on_request=True)
     ws1 = await world.session("ws1")
     ws1_ops = [await _handling(world, ws1, 1), await _handling(world, ws1, 2)]
     refused = ws1.open_stream({"target": TARGET_DICOM})
@@ -178,18 +185,43 @@ async def test_pacs_operations_are_capped_per_device_and_for_all_devices(world: 
     ws2, ws3 = await world.session("ws2"), await world.session("ws3")
     await _handling(world, ws2, 3)
     await _handling(world, ws2, 4)
-    # ws3 has none, but the PACS's slots are all taken.
-    late = ws3.open_stream({"target": TARGET_DICOM})
+    await wait_until(lambda: world.usage(TARGET_DICOM).total == PACS_OPERATIONS)
+    # ws3 has none, but the PACS's slots are all taken: refused once its request is read.
+    late = await _handling(world, ws3, 5)
     assert await _refused(late) == ErrorCode.LIMIT_EXCEEDED
     refusals = world.agent.dispatcher.stats.refused
     assert (refusals["dicom_per_device"], refusals["dicom_total"]) == (1, 1)
-    assert len(world.handled) == 4
     # One of ws1's operations ends normally: its slot is free for ws3.
     await ws1_ops[0].write_eof()
     async with asyncio.timeout(WAIT):
         assert await ws1_ops[0].read() == b"done"
     await wait_until(lambda: world.usage(TARGET_DICOM).total == 3)
-    await _handling(world, ws3, 5)
+    await _handling(world, ws3, 6)
+    await wait_until(lambda: world.usage(TARGET_DICOM).total == PACS_OPERATIONS)
+
+
+async def test_requests_still_coming_hold_no_slot_of_the_site(world: World) -> None:
+    """Two devices with both their streams open and their requests not yet sent (a device
+    trickling them) held all 4 of the site's slots: a third device was refused for as
+    long as they took (the request's timeout, then again). Now a slot is taken once the
+    request is read; the trickling devices hold their own shares only."""
+    ws1, ws2, ws3 = [await world.session(name) for name in ("ws1", "ws2", "ws3")]
+    slow = [await _handling(world, ws, n + 1, request=False)
+            for n, ws in enumerate((ws1, ws1, ws2, ws2))]  # fmt: skip
+    usage = world.usage(TARGET_DICOM)
+    assert (usage.total, sum(usage.by_device.values())) == (0, 4)
+    ops = [await _handling(world, ws3, 5), await _handling(world, ws3, 6)]
+    await wait_until(lambda: usage.total == 2)
+    # The slow ones' requests come: two get the slots left, two are refused.
+    for stream in slow:
+        await stream.write(b"request")
+    await wait_until(lambda: world.agent.dispatcher.stats.refused["dicom_total"] == 2)
+    assert usage.total == PACS_OPERATIONS
+    for stream in ops:
+        await stream.write_eof()
+        async with asyncio.timeout(WAIT):
+            assert await stream.read() == b"done"
+    await wait_until(lambda: usage.total == 2 and usage.by_device[world.uri("ws3")] == 0)
 
 
 async def _paths_end(world: World, kind: str) -> None:
@@ -207,7 +239,9 @@ async def _paths_end(world: World, kind: str) -> None:
         opened += 1
         if kind == QUOTA_TCP:
             return await _connected(world, link, opened)
-        return await _handling(world, link, opened, **headers)
+        return await _handling(
+            world, link, opened, request=RAISE not in headers.values(), **headers
+        )
 
     stream = await one(inner)  # the device ends it
     await stream.write_eof()
