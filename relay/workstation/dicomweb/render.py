@@ -39,6 +39,11 @@ MAX_FRAME_VALUES: Final = 1 << 25
 FORMATS: Final = {"image/jpeg": "JPEG", "image/png": "PNG"}
 _PIXEL_DATA: Final = 0x7FE00010
 _NUMBER_OF_FRAMES: Final = 0x00280008
+# What describes the instance's whole Pixel Data: not kept with one frame of it. Kept,
+# pydicom cut the one frame by the whole value's Extended Offset Table (which it prefers
+# to the value's own offsets), and no frame of such an instance rendered.
+_WHOLE_VALUE: Final = frozenset({_PIXEL_DATA, _NUMBER_OF_FRAMES,
+                                 0x7FE00001, 0x7FE00002, 0x7FE00003})  # fmt: skip
 
 
 class RenderError(ValueError):
@@ -139,7 +144,7 @@ def _one_frame(ds: Dataset, transfer_syntax: str, number: int) -> Dataset:
     [frame] = frames.get_frames(ds, transfer_syntax, [number])
     out = Dataset()
     for elem in ds:
-        if elem.tag not in (_PIXEL_DATA, _NUMBER_OF_FRAMES):
+        if elem.tag not in _WHOLE_VALUE:  # the Extended Offset Table too
             out.add(elem)
     out.file_meta = FileMetaDataset()
     out.file_meta.TransferSyntaxUID = UID(frames.frame_syntax(transfer_syntax))
