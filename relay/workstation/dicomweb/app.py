@@ -89,6 +89,10 @@ STOW_WRONG_STUDY: Final = 0xA900  # FailureReason: not of the study in the URL (
 _STOW_CAPTURE: Final = {0x00080016: "sop_class", 0x00080018: "sop_instance",
                         0x0020000D: "study"}  # fmt: skip
 KEY_SERVICE: Final = web.AppKey("dicomweb", object)
+#: An upload answered without `100 Continue` (stow_expect): its refusal, decided from its
+#: headers. Its client sends no body, so that answer closes the connection (`_unsent_body`):
+#: kept open, the client's next request was read as the refused body and never answered.
+KEY_REFUSED_UNSENT: Final = web.RequestKey("refused_unsent", web.Response)
 ExtraRoutes = Callable[[web.Application], None]
 T = TypeVar("T")
 
@@ -159,6 +163,15 @@ async def _secured(request: web.Request, response: web.StreamResponse) -> None:
     the refusals and aiohttp's own error pages included (a middleware would miss those
     raised as exceptions)."""
     security_headers(response.headers)
+
+
+async def _unsent_body(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the answer to an upload refused before its body was sent
+    (`KEY_REFUSED_UNSENT`) closes the connection, whoever gives it (the guard, the
+    handler, `_bounded`): what the client sends next is not that body (RFC 9110 10.1.1)."""
+    if KEY_REFUSED_UNSENT in request:
+        response.force_close()  # the connection ends after this answer ...
+        response.headers["Connection"] = "close"  # ... and it says so (set before the hook)
 
 
 def _bounded(service: DicomwebService) -> Any:
@@ -1006,14 +1019,21 @@ async def stow_expect(request: web.Request) -> None:
     if expect.lower() != "100-continue":
         raise web.HTTPExpectationFailed(text=f"Expect: only 100-continue, got {expect[:40]!r}\n")
     service = _service(request)
-    if _guard_refusal(request, service) is None and _stow_refusal(request, service) is None:
+    refused = _guard_refusal(request, service)
+    if refused is None:
+        refused = _stow_refusal(request, service)
+    if refused is None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's: the answer has not begun
+    else:  # answered as decided here (no body comes), and the connection closed
+        request[KEY_REFUSED_UNSENT] = refused
 
 
 async def stow_handler(request: web.Request) -> web.StreamResponse:
     service = _service(request)
-    refused = _stow_refusal(request, service)
+    refused = request.get(KEY_REFUSED_UNSENT)  # no 100 Continue: the client sends no body
+    if refused is None:
+        refused = _stow_refusal(request, service)
     if refused is not None:
         return refused
     service.stow_uploads += 1
@@ -1181,6 +1201,7 @@ def build_app(
     )
     app[KEY_SERVICE] = service
     app.on_response_prepare.append(_secured)
+    app.on_response_prepare.append(_unsent_body)
     _routes(app)
     for add in extra_routes:
         add(app)

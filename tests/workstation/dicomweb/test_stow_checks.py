@@ -161,7 +161,9 @@ async def test_an_upload_refused_from_its_headers_gets_no_100_continue(
     path: str, extra: str, status: bytes
 ) -> None:
     """aiohttp's default said `100 Continue` to every upload, so curl sent a body of any
-    size to be refused (read and discarded by the server for up to 10 s)."""
+    size to be refused (read and discarded by the server for up to 10 s). The refusal
+    closes the connection: the client sends no body, and on a connection kept open its
+    next request was read as the refused body and never answered."""
     async with scripted(DicomwebConfig(Address("127.0.0.1", 0), max_upload=4 * MiB)) as (srv, _):
         assert srv.address is not None
         length = 10 * 1024 * MiB if status == b"413" else 100
@@ -169,6 +171,8 @@ async def test_an_upload_refused_from_its_headers_gets_no_100_continue(
         try:
             first = await asyncio.wait_for(reader.readline(), 10)
             assert first.startswith(b"HTTP/1.1 " + status), first
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"\r\nconnection: close\r\n" in b"\r\n" + head.lower(), head
         finally:
             writer.close()
 
