@@ -38,6 +38,7 @@ class _Serves(Protocol):
         *,
         on_request: Callable[[OperationSummary], None] | None = None,
         admit: Callable[[], bool] | None = None,
+        device: str = "",
     ) -> OperationSummary: ...
 
 
@@ -56,7 +57,7 @@ async def serve_audited(
 
     try:
         # The site's operation slot is taken once the request is read (dispatch.py).
-        summary = await dicom.serve(stream, on_request=begin, admit=admit_request)
+        summary = await dicom.serve(stream, on_request=begin, admit=admit_request, device=device)
     except BaseException as exc:
         if auditor is not None and begun:
             from relay.dicom.status import LINK_LOST  # only ever with `pacs:` (loaded)

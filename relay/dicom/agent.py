@@ -60,6 +60,7 @@ from relay.dicom.spare import SpareAssociation
 from relay.dicom.stats import DicomStats, NullStats
 from relay.dicom.survey import StorageMemory
 from relay.dicom.uidset import UidSet
+from relay.dicom.uploads import UploadBudget, UploadBudgetFull
 from relay.net.bytestream import ByteStream, StreamResetError
 from relay.proto.errors import ErrorCode
 from relay.wire import DICOM_CONTENT_HEADERS, HEADER_DICOM_CONTENT, HEADER_DICOM_PIXELS
@@ -178,6 +179,10 @@ async def _expect(
         return Refused(st.RELAY_PROTOCOL, reason)
     except StreamResetError:
         return Refused(st.LINK_LOST, f"stream reset before the {what}")
+    except UploadBudgetFull as exc:  # the agent's limit: "busy", as the dispatcher's caps
+        log.warning("DICOM request refused: %s", exc)
+        stream.reset(ErrorCode.LIMIT_EXCEEDED)
+        return Refused(st.AGENT_BUSY, str(exc))
     if msg is None:
         with contextlib.suppress(StreamResetError):
             await stream.write_eof()
@@ -213,6 +218,8 @@ async def serve_dicom_stream(
     associations: OpenAssociations | None = None,
     admit: Callable[[], bool] | None = None,
     min_rate: float = MIN_REQUEST_RATE,
+    uploads: UploadBudget | None = None,
+    device: str = "",
 ) -> OperationSummary:
     """Serve the DICOM request on `stream` against `pacs`; returns once the stream is done.
 
@@ -229,8 +236,37 @@ async def serve_dicom_stream(
     more than `pacs.timeout`, and the bytes keep `min_rate` after that (pace.py). Only
     once it is wholly read does `admit` (the dispatcher's `admit_request`) take one of
     the site's operation slots; refused (False: it has reset the stream with
-    LIMIT_EXCEEDED), the PACS is not contacted.
+    LIMIT_EXCEEDED), the PACS is not contacted. `uploads`: the bytes of requests the
+    agent holds, charged for `device` as they come and given back when this returns
+    (past it, the stream is reset with LIMIT_EXCEEDED).
     """
+    paced = PacedReader(stream, pacs.timeout, min_rate, budget=uploads, device=device)
+    try:
+        return await _serve(
+            stream, paced, pacs, stats=stats, limits=limits, move_receiver=move_receiver,
+            on_request=on_request, rates=rates, memory=memory, spare=spare,
+            associations=associations, admit=admit,
+        )  # fmt: skip
+    finally:
+        paced.release()
+
+
+async def _serve(
+    stream: ByteStream,
+    paced: PacedReader,
+    pacs: PacsTarget,
+    *,
+    stats: DicomStats | None,
+    limits: DicomLimits | None,
+    move_receiver: MoveReceiver | None,
+    on_request: Callable[[OperationSummary], None] | None,
+    rates: RateBook | None,
+    memory: StorageMemory | None,
+    spare: SpareAssociation | None,
+    associations: OpenAssociations | None,
+    admit: Callable[[], bool] | None,
+) -> OperationSummary:
+    """serve_dicom_stream, its request read through `paced`."""
     stats = stats or NullStats()
     codec = MessageCodec(limits, level=pacs.compression_level, stats=stats)
     started = time.monotonic()
@@ -238,17 +274,18 @@ async def serve_dicom_stream(
     def summary(op: str, status: int, comment: str, **kw: object) -> OperationSummary:
         return OperationSummary(op, status, comment, time.monotonic() - started, **kw)  # type: ignore[arg-type]
 
-    paced = PacedReader(stream, pacs.timeout, min_rate)
     msg = await _expect(paced, codec, Request, "request")
     if isinstance(msg, Refused):
-        return summary("invalid", msg.status, msg.reason)
+        return summary("refused" if msg.status == st.AGENT_BUSY else "invalid", msg.status,
+                       msg.reason)  # fmt: skip
     keys = RequestKeys(msg, codec.limits)
     skip: UidSet | None = None
     if msg.resume:
         # A resumed retrieve: the instances the viewer already has come next.
         got = await _skip_list(paced, codec)
         if isinstance(got, Refused):
-            return summary("invalid", got.status, got.reason)
+            return summary("refused" if got.status == st.AGENT_BUSY else "invalid",
+                           got.status, got.reason)  # fmt: skip
         skip = got
         log.info("resuming a retrieve: %d instances already delivered", len(skip))
     if admit is not None and not admit():
@@ -449,6 +486,7 @@ class DicomAgent:
         self.memory = StorageMemory()
         self.associations = OpenAssociations()  # with the PACS, ended at stop
         self.spare = SpareAssociation(pacs.spare_association, associations=self.associations)
+        self.uploads = UploadBudget()  # the bytes of devices' requests held
 
     async def start(self) -> None:
         contexts.prepare_pynetdicom()
@@ -500,6 +538,7 @@ class DicomAgent:
         stream: ByteStream,
         on_request: Callable[[OperationSummary], None] | None = None,
         admit: Callable[[], bool] | None = None,
+        device: str = "",
     ) -> OperationSummary:
         return await serve_dicom_stream(
             stream,
@@ -513,4 +552,6 @@ class DicomAgent:
             spare=self.spare,
             associations=self.associations,
             admit=admit,
+            uploads=self.uploads,
+            device=device,
         )

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Final
 
+from relay.dicom.uploads import UploadBudget
 from relay.net.bytestream import ByteStream
 
 MIN_REQUEST_RATE: Final = 16 * 1024
@@ -36,13 +37,26 @@ class PacedReader:
     """`stream` for reading a request: every read is bounded by the stall and by the
     minimum-rate deadline (TimeoutError, saying which); writes and resets pass through."""
 
-    def __init__(self, stream: ByteStream, stall: float, min_rate: float = MIN_REQUEST_RATE):
+    def __init__(
+        self,
+        stream: ByteStream,
+        stall: float,
+        min_rate: float = MIN_REQUEST_RATE,
+        *,
+        budget: UploadBudget | None = None,
+        device: str = "",
+    ) -> None:
+        """`budget`: charged for `device` with every byte read (UploadBudgetFull beyond:
+        the read's bytes are not charged), until `release`."""
         if stall <= 0 or min_rate <= 0:
             raise ValueError("stall and min_rate must be positive")
         self.stream = stream
         self.stall = stall
         self.min_rate = min_rate
+        self.budget = budget
+        self.device = device
         self.received = 0
+        self.charged = 0
         self._loop = asyncio.get_running_loop()
         self.started = self._loop.time()
 
@@ -66,7 +80,16 @@ class PacedReader:
                 raise TimeoutError(f"nothing sent for {self.stall:g} s") from None
             raise TimeoutError(self._slow()) from None
         self.received += len(data)
+        if self.budget is not None and data:
+            self.budget.charge(self.device, len(data))
+            self.charged += len(data)
         return data
+
+    def release(self) -> None:
+        """Give back what the reads charged (the request is no longer held)."""
+        if self.budget is not None:
+            self.budget.release(self.device, self.charged)
+        self.charged = 0
 
     def _slow(self) -> str:
         return (

@@ -155,6 +155,7 @@ class _Hangs:
         *,
         on_request: Callable[[OperationSummary], None] | None = None,
         admit: Callable[[], bool] | None = None,
+        device: str = "",
     ) -> OperationSummary:
         if on_request is not None:
             on_request(OperationSummary("get", 0xFF00, "started", 0.0, request=self.request))

@@ -15,12 +15,14 @@ from collections.abc import Iterator
 import pytest
 
 from relay.dicom import status as st
-from relay.dicom.agent import serve_dicom_stream
+from relay.dicom.agent import DicomAgent, serve_dicom_stream
 from relay.dicom.codec import MessageCodec, MessageType, Request
 from relay.dicom.pace import pace_deadline
-from relay.net.bytestream import ByteStream, pipe
+from relay.dicom.uploads import UploadBudget, UploadBudgetFull
+from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.proto import ErrorCode
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
+from tests.ends_helpers import wait_until
 
 from .helpers import EXPLICIT
 from .test_agent import CT, Workstation, final_of, target
@@ -151,6 +153,47 @@ async def test_a_slot_is_taken_only_once_the_request_is_read(pacs: EmbeddedPacs)
     assert asked == [len(frame)]
     assert (summary.op, summary.status) == ("refused", st.AGENT_BUSY)
     assert pacs.events.associations == 0
+
+
+async def test_a_devices_requests_are_held_within_its_upload_budget(pacs: EmbeddedPacs) -> None:
+    """Each stream's request bytes were bounded (max_message) but not their sum: a device
+    uploading on its 32 streams at once made the agent hold 32 x 512 MiB. Here the
+    device's budget is 400 KiB: a second upload of ~300 KiB while the first is held is
+    reset LIMIT_EXCEEDED (the workstation: agent busy), the first is stored, and the
+    budget is given back whatever happened."""
+    agent = DicomAgent(target(pacs))
+    agent.uploads = UploadBudget(total=1 << 20, per_device=400 << 10)
+    frame = MessageCodec().encode(store_request(extra=300 << 10))
+    first_a, first_b = pipe()
+    first = asyncio.create_task(agent.serve(first_b))
+    await first_a.write(frame[: 200 << 10])
+    await wait_until(lambda: agent.uploads.held >= 200 << 10)
+    second_a, second_b = pipe()
+    second = asyncio.create_task(agent.serve(second_b))
+    with pytest.raises(StreamResetError) as info:
+        await second_a.write(frame)
+        await Workstation(second_a).all()
+    assert info.value.code == ErrorCode.LIMIT_EXCEEDED
+    refused = await asyncio.wait_for(second, 20)
+    assert (refused.op, refused.status) == ("refused", st.AGENT_BUSY)
+    await first_a.write(frame[200 << 10 :])
+    assert final_of(await Workstation(first_a).all()).status == 0
+    await asyncio.wait_for(first, 20)
+    assert pacs.events.stores == 1
+    assert (agent.uploads.held, dict(agent.uploads.by_device), agent.uploads.refused) == (0, {}, 1)
+
+
+def test_the_upload_budget_holds_per_device_and_in_all() -> None:
+    budget = UploadBudget(total=100, per_device=60)
+    budget.charge("a", 60)
+    with pytest.raises(UploadBudgetFull, match="this device"):
+        budget.charge("a", 1)
+    budget.charge("b", 40)
+    with pytest.raises(UploadBudgetFull, match="all devices"):
+        budget.charge("c", 1)
+    budget.release("a", 60)
+    budget.charge("c", 60)
+    assert (budget.held, budget.by_device) == (100, {"b": 40, "c": 60})
 
 
 def test_the_pace_deadline_grows_with_what_came() -> None:

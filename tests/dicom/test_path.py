@@ -36,6 +36,7 @@ LAYERS = {
     "relay.dicom.uidset": 6,  # a retrieve's UIDs as keyed digests (skip list, delivered)
     "relay.dicom.checkpoint": 6,  # pynetdicom's reactor pause, without its race
     "relay.dicom.pace": 6,  # the pace a device's request is read at (the codec reads it)
+    "relay.dicom.uploads": 7,  # the bytes of devices' requests held (pace charges it)
 }
 
 
