@@ -278,6 +278,12 @@ async def _serve(
     if isinstance(msg, Refused):
         return summary("refused" if msg.status == st.AGENT_BUSY else "invalid", msg.status,
                        msg.reason)  # fmt: skip
+    try:
+        paced.hold(len(msg.dataset))  # decoded, it may be far more than came
+    except UploadBudgetFull as exc:
+        log.warning("DICOM request refused: %s", exc)
+        stream.reset(ErrorCode.LIMIT_EXCEEDED)
+        return summary("refused", st.AGENT_BUSY, str(exc))
     keys = RequestKeys(msg, codec.limits)
     skip: UidSet | None = None
     if msg.resume:

@@ -85,6 +85,15 @@ class PacedReader:
             self.charged += len(data)
         return data
 
+    def hold(self, size: int) -> None:
+        """Charge the budget up to `size` bytes in all: what the request holds once
+        decoded, which a compressed one's wire bytes (all that `read` charged) understate
+        (zeros squeeze 1,000 to 1). UploadBudgetFull beyond."""
+        more = size - self.charged
+        if self.budget is not None and more > 0:
+            self.budget.charge(self.device, more)
+            self.charged += more
+
     def release(self) -> None:
         """Give back what the reads charged (the request is no longer held)."""
         if self.budget is not None:

@@ -183,6 +183,31 @@ async def test_a_devices_requests_are_held_within_its_upload_budget(pacs: Embedd
     assert (agent.uploads.held, dict(agent.uploads.by_device), agent.uploads.refused) == (0, {}, 1)
 
 
+async def test_a_compressed_upload_is_charged_for_what_it_decodes_to(pacs: EmbeddedPacs) -> None:
+    """zstd squeezes zeros ~1,000 to 1: charged only for its wire bytes, a device's 32
+    uploads of 512 MiB each came in ~16 MB and were held decoded. Here 512 KiB of zeros
+    (a few hundred bytes on the wire) against a 256 KiB budget."""
+    agent = DicomAgent(target(pacs))
+    agent.uploads = UploadBudget(total=1 << 20, per_device=256 << 10)
+    inst = CT[0]
+    data = inst.data + struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, 512 << 10)
+    data += bytes(512 << 10)
+    request = Request(op="store", transfer_syntax=EXPLICIT, dataset=data,
+                      sop_class=inst.sop_class, sop_instance=inst.sop_instance)  # fmt: skip
+    frame = MessageCodec().encode(request)
+    assert len(frame) < 64 << 10
+    a, b = pipe()
+    server = asyncio.create_task(agent.serve(b))
+    await a.write(frame)
+    with pytest.raises(StreamResetError) as info:
+        await Workstation(a).all()
+    assert info.value.code == ErrorCode.LIMIT_EXCEEDED
+    summary = await asyncio.wait_for(server, 20)
+    assert (summary.op, summary.status) == ("refused", st.AGENT_BUSY)
+    assert pacs.events.associations == 0
+    assert agent.uploads.held == 0
+
+
 def test_the_upload_budget_holds_per_device_and_in_all() -> None:
     budget = UploadBudget(total=100, per_device=60)
     budget.charge("a", 60)
