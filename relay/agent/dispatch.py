@@ -66,6 +66,7 @@ __all__ = [
     "MAX_DEVICE_CONNECTS",
     "MAX_DEVICE_PACS_OPERATIONS",
     "MAX_DEVICE_TCP_STREAMS",
+    "QUIET_DEVICE_RESERVE",
     "QUOTA_TCP",
     "STREAM_LOG_BURST",
     "STREAM_LOG_RATE",
@@ -109,6 +110,14 @@ is read, a PACS association). A workstation's peak: its DICOM node's 8 associati
 (relay.workstation.dicomweb.retrieve.MAX_FLIGHTS) and their single-instance jumps, with
 prefetch and queries beside them. Never more than half of `pacs.max_operations`
 (`stream_quotas`), so one device cannot take every PACS slot of the site."""
+
+QUIET_DEVICE_RESERVE: Final = 4
+"""A device holding any of a quota's total (`pacs.max_operations`) may not take its last
+1 / QUIET_DEVICE_RESERVE (16 of 64): a device holding none finds one there however the
+others fill the rest. Each device's share (half) alone let two devices hold every PACS
+slot for as long as their operations lasted; now two take at most three quarters, and
+each device of the reserve one slot of it (as the gateway's QUIET_SOURCE_RESERVE for
+handshakes)."""
 
 STREAM_OPEN_BURST: Final = MAX_DEVICE_TCP_STREAMS + 2 * MAX_DEVICE_PACS_OPERATIONS
 """Streams one device may have admitted at once before its rate applies (320): both of its
@@ -189,12 +198,26 @@ def admit_request() -> bool:
 
 class QuotaUsage:
     """Streams being served under one quota, counted by device. Entries exist only while a
-    device has a stream counted, so the table is bounded by the streams open."""
+    device has a stream counted, so the table is bounded by the streams open.
+
+    Of the total, the last 1 / QUIET_DEVICE_RESERVE is for devices holding none of it:
+    a device's share alone (half) let two devices take every slot, for as long as their
+    operations lasted (a retrieve whose answers a device reads slowly lasts)."""
 
     def __init__(self, quota: Quota) -> None:
         self.quota = quota
         self.total = 0
-        self.by_device: Counter[str] = Counter()
+        self.by_device: Counter[str] = Counter()  # streams counted, total or not
+        self.holding: Counter[str] = Counter()  # streams counted against the total
+
+    def _total_refuses(self, device: str) -> bool:
+        """Whether one more stream of `device` against the total is refused: the total is
+        full, or `device` already holds some and only the quiet devices' reserve is left."""
+        total = self.quota.total
+        if total is None:
+            return False
+        reserve = total // QUIET_DEVICE_RESERVE if self.holding[device] else 0
+        return self.total >= total - reserve
 
     def take(self, device: str) -> str | None:
         """Count one more stream of `device`: None if admitted, else which cap refused it
@@ -205,17 +228,19 @@ class QuotaUsage:
         if self.quota.total_on_request:
             self.by_device[device] += 1
             return None
-        if self.quota.total is not None and self.total >= self.quota.total:
+        if self._total_refuses(device):
             return "total"
         self.by_device[device] += 1
+        self.holding[device] += 1
         self.total += 1
         return None
 
-    def take_total(self) -> bool:
-        """Count a stream `take` admitted against the total (`total_on_request`): False,
-        not counted, if the total is full."""
-        if self.quota.total is not None and self.total >= self.quota.total:
+    def take_total(self, device: str) -> bool:
+        """Count a stream of `device` that `take` admitted against the total
+        (`total_on_request`): False, not counted, if refused (`_total_refuses`)."""
+        if self._total_refuses(device):
             return False
+        self.holding[device] += 1
         self.total += 1
         return True
 
@@ -224,6 +249,9 @@ class QuotaUsage:
         against the total (always, unless `total_on_request`)."""
         if total:
             self.total -= 1
+            self.holding[device] -= 1
+            if self.holding[device] <= 0:
+                del self.holding[device]
         self.by_device[device] -= 1
         if self.by_device[device] <= 0:
             del self.by_device[device]
@@ -353,7 +381,7 @@ class StreamDispatcher:
             def admission() -> bool:
                 if counted[0] or usage is None:
                     return True
-                counted[0] = usage.take_total()
+                counted[0] = usage.take_total(device)
                 if not counted[0]:
                     limit = usage.quota.total
                     self._refuse(

@@ -176,28 +176,55 @@ async def test_tcp_streams_are_capped_per_device_over_all_its_sessions(world: Wo
 
 
 async def test_pacs_operations_are_capped_per_device_and_for_all_devices(world: World) -> None:
-    """pacs.max_operations = 4: a device may hold 2 (half), all devices 4."""
+    """pacs.max_operations = 4: a device may hold 2 (half), all devices 4, and the last one
+    (a quarter) only a device that holds none."""
     assert world.usage(TARGET_DICOM).quota == Quota(2, PACS_OPERATIONS, total_on_request=True)
     ws1 = await world.session("ws1")
     ws1_ops = [await _handling(world, ws1, 1), await _handling(world, ws1, 2)]
     refused = ws1.open_stream({"target": TARGET_DICOM})
     assert await _refused(refused) == ErrorCode.LIMIT_EXCEEDED
-    ws2, ws3 = await world.session("ws2"), await world.session("ws3")
+    ws2, ws3, ws4 = [await world.session(name) for name in ("ws2", "ws3", "ws4")]
     await _handling(world, ws2, 3)
-    await _handling(world, ws2, 4)
+    await wait_until(lambda: world.usage(TARGET_DICOM).total == 3)
+    # ws2 holds one: the last slot is the quiet devices' reserve.
+    assert await _refused(await _handling(world, ws2, 4)) == ErrorCode.LIMIT_EXCEEDED
+    await _handling(world, ws3, 5)
     await wait_until(lambda: world.usage(TARGET_DICOM).total == PACS_OPERATIONS)
-    # ws3 has none, but the PACS's slots are all taken: refused once its request is read.
-    late = await _handling(world, ws3, 5)
+    # ws4 has none, but the PACS's slots are all taken: refused once its request is read.
+    late = await _handling(world, ws4, 6)
     assert await _refused(late) == ErrorCode.LIMIT_EXCEEDED
     refusals = world.agent.dispatcher.stats.refused
-    assert (refusals["dicom_per_device"], refusals["dicom_total"]) == (1, 1)
-    # One of ws1's operations ends normally: its slot is free for ws3.
+    assert (refusals["dicom_per_device"], refusals["dicom_total"]) == (1, 2)
+    # One of ws1's operations ends normally: its slot is free for ws4.
     await ws1_ops[0].write_eof()
     async with asyncio.timeout(WAIT):
         assert await ws1_ops[0].read() == b"done"
     await wait_until(lambda: world.usage(TARGET_DICOM).total == 3)
-    await _handling(world, ws3, 6)
+    await _handling(world, ws4, 7)
     await wait_until(lambda: world.usage(TARGET_DICOM).total == PACS_OPERATIONS)
+
+
+def test_the_last_quarter_of_the_pacs_operations_is_for_devices_holding_none() -> None:
+    """pacs.max_operations = 8, 4 a device: two devices took all 8 (4 each) for as long as
+    their operations lasted. Now the second stops at 2 (the last 2 are the reserve), and
+    two more devices get one each there; a device holding none may always take a free one."""
+    usage = QuotaUsage(Quota(4, 8, total_on_request=True))
+
+    def run(device: str) -> bool:
+        return usage.take(device) is None and usage.take_total(device)
+
+    assert [run("a") for _ in range(4)] == [True] * 4
+    assert [run("b") for _ in range(4)] == [True, True, False, False]
+    assert (run("c"), run("c"), run("d"), run("e")) == (True, False, True, False)
+    assert usage.total == 8
+    assert usage.holding == {"a": 4, "b": 2, "c": 1, "d": 1}
+    usage.give_back("a")
+    assert not run("a")  # in the reserve, a holds 3
+    assert run("f")
+    for device, held in {"a": 3, "b": 2, "c": 1, "d": 1, "f": 1}.items():
+        for _ in range(held):
+            usage.give_back(device)
+    assert usage.total == 0 and not usage.holding
 
 
 async def test_requests_still_coming_hold_no_slot_of_the_site(world: World) -> None:
@@ -212,7 +239,8 @@ async def test_requests_still_coming_hold_no_slot_of_the_site(world: World) -> N
     assert (usage.total, sum(usage.by_device.values())) == (0, 4)
     ops = [await _handling(world, ws3, 5), await _handling(world, ws3, 6)]
     await wait_until(lambda: usage.total == 2)
-    # The slow ones' requests come: two get the slots left, two are refused.
+    # The slow ones' requests come: one of each device gets a slot (the last one is the
+    # quiet devices' reserve, and each holds none yet), the others are refused.
     for stream in slow:
         await stream.write(b"request")
     await wait_until(lambda: world.agent.dispatcher.stats.refused["dicom_total"] == 2)
