@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pydicom import config
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -187,6 +187,8 @@ def _check_value(param: str, keyword: str, value: str) -> MatchValue:
         return "\\".join(uids)
     if vrs <= _BINARY_NUMBERS:
         return _binary_number(param, vrs, value)
+    if vr == "CS" and "," in value:
+        value = _code_list(param, keyword, value)
     if vr == "DA" and value in ("", "*"):
         return value
     pattern = _TEXT_FORMS.get(vr)
@@ -194,6 +196,22 @@ def _check_value(param: str, keyword: str, value: str) -> MatchValue:
         raise QueryError(param, f"expected {pattern[1]}, got {value[:40]!r}")
     _check_text(param, vr, value)
     return value
+
+
+def _code_list(param: str, keyword: str, value: str) -> str:
+    """A comma list of code strings (`ModalitiesInStudy=CT,MR`, as dicomweb-client and
+    OHIF send a selection) as the C-FIND's multiple values (`CT\\MR`). PS3.18 8.3.4.1
+    defines comma lists for UID List Matching only, but a code string holds no comma, so
+    the list cannot be read otherwise (Orthanc's QIDO-RS takes it too); only attributes
+    of several values (VM 1-n) take one: a VM 1 attribute has nothing to match it against.
+    How the PACS matches several values (any, or all: PS3.4 C.2.2.2.8) is its own."""
+    if dictionary_VM(keyword) == "1":
+        raise QueryError(param, "one value only: a comma list is for attributes of "
+                                "several values (such as ModalitiesInStudy)")  # fmt: skip
+    items = [item.strip() for item in value.split(",")]
+    if not all(items):
+        raise QueryError(param, "an empty value in a comma list")
+    return "\\".join(items)
 
 
 def _check_text(param: str, vr: str, value: str) -> None:

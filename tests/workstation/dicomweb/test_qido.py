@@ -217,3 +217,40 @@ def test_numbers_are_ascii_digits(param: str, value: str) -> None:
     with pytest.raises(QueryError) as info:
         parse_query("IMAGE", [(param, value.translate(ARABIC))], {})
     assert info.value.param == param and "cannot be sent" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [("CT,MR", ["CT", "MR"]), ("CT, MR,US", ["CT", "MR", "US"]), ("C*,MR", ["C*", "MR"]),
+     ("CT", "CT")],
+)  # fmt: skip
+def test_a_comma_list_of_code_strings_is_the_c_finds_multiple_values(
+    value: str, sent: list[str] | str
+) -> None:
+    """dicomweb-client and OHIF send a selection of modalities as `CT,MR`: since 734c6e0
+    made code strings strict, the comma (no CS character) was a 400."""
+    ds = parse_query("STUDY", [("ModalitiesInStudy", value)], {}).identifier
+    assert ds.ModalitiesInStudy == sent
+    rawds.encode_dataset(ds)
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "says"),
+    [("ModalitiesInStudy", "CT,,MR", "empty value"), ("ModalitiesInStudy", "CT,", "empty value"),
+     ("ModalitiesInStudy", "CT,mr", "code string"), ("ModalitiesInStudy", "CT," + "A" * 17, "16"),
+     ("Modality", "CT,MR", "one value only"), ("PatientSex", "M,F", "one value only")],
+)  # fmt: skip
+def test_each_value_of_a_comma_list_is_checked(param: str, value: str, says: str) -> None:
+    """Each value as its VR says; a list where the attribute has one value (VM 1) or
+    with an empty value is the client's 400, naming the parameter."""
+    with pytest.raises(QueryError) as info:
+        parse_query("SERIES" if param == "Modality" else "STUDY", [(param, value)], {})
+    assert info.value.param == param and says in info.value.message
+
+
+def test_a_comma_stays_text_where_a_value_may_hold_one() -> None:
+    """Only code strings (which hold no comma) are split: a description or a name with a
+    comma is one value, as it was."""
+    ds = parse_query("STUDY", [("StudyDescription", "HEAD, NECK*"),
+                               ("PatientName", "DOE, J*")], {}).identifier  # fmt: skip
+    assert ds.StudyDescription == "HEAD, NECK*" and str(ds.PatientName) == "DOE, J*"

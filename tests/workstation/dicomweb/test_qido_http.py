@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
@@ -31,6 +32,8 @@ from relay.workstation.dicomweb import qido
 from relay.workstation.dicomweb.server import DicomwebServer
 from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.source import DicomSource, FindResult
+from relay_dev import matching, samples
+from relay_dev.pacs import MemoryStore
 from tests.workstation.dicomweb.test_server import STUDY, ScriptedSource, get, scripted
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -157,3 +160,54 @@ async def test_the_source_passes_over_skip_matches_and_keeps_a_page(
     found = await source.find(_series_match(0), limit, skip=skip)
     assert [int(ds.SeriesNumber) for ds in found.matches] == numbers
     assert found.truncated is truncated and len(seen) == 1
+
+
+def _pacs_answering(codec: MessageCodec, store: MemoryStore, seen: list[Dataset]) -> Any:
+    """An open_stream whose far end answers a C-FIND as the embedded PACS matches it."""
+
+    async def agent(end: ByteStream) -> None:
+        request = await read_message(end, codec)
+        assert isinstance(request, Request)
+        identifier = rawds.decode_dataset(request.dataset, request.transfer_syntax)
+        seen.append(identifier)
+        for match in matching.find(store.records(), identifier):
+            pending = Pending(transfer_syntax=EXPLICIT_LE, dataset=rawds.encode_dataset(match))
+            await write_message(end, codec, pending)
+        await write_message(end, codec, FinalResponse(st.SUCCESS))
+
+    async def open_stream(headers: dict[str, str]) -> ByteStream:
+        near, far = pipe(headers)
+        asyncio.get_running_loop().create_task(agent(far))
+        return near
+
+    return open_stream
+
+
+def _study_of(inst: samples.EncodedInstance) -> str:
+    return str(rawds.decode_dataset(inst.data, inst.transfer_syntax).StudyInstanceUID)
+
+
+async def test_dicomweb_clients_comma_list_of_modalities_reaches_the_pacs_as_values() -> None:
+    """dicomweb-client (as OHIF's study list) asks `ModalitiesInStudy=CT,MR`: a 400 since
+    734c6e0; now the PACS gets CT and MR as the two values of the key, and matches them."""
+    ct = samples.make_study(1, modality="CT", rows=8, cols=8, seed=71)
+    mr = samples.make_study(1, modality="MR", rows=8, cols=8, seed=72)
+    seen: list[Dataset] = []
+    codec = MessageCodec(DicomLimits())
+    srv = DicomwebServer(DicomwebConfig(Address("127.0.0.1", 0)),
+                         _pacs_answering(codec, MemoryStore(ct + mr), seen))  # fmt: skip
+    await srv.start()
+    try:
+        client = DICOMwebClient(srv.url)
+
+        def studies(modalities: str) -> set[str]:
+            found = client.search_for_studies(search_filters={"ModalitiesInStudy": modalities})
+            return {doc["0020000D"]["Value"][0] for doc in found}
+
+        ct_study, mr_study = (str(_study_of(s[0])) for s in (ct, mr))
+        both = await asyncio.to_thread(studies, "CT,MR")
+        assert both == {ct_study, mr_study}
+        assert list(seen[-1].ModalitiesInStudy) == ["CT", "MR"]
+        assert await asyncio.to_thread(studies, "MR,PT") == {mr_study}
+    finally:
+        await srv.stop()
