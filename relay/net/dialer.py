@@ -246,6 +246,9 @@ class KeptLink:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.revoked: str | None = None  # the peer's reason, once it said we are revoked
+        # Loop time of the next dial while backing off, else None (the workstation's
+        # offline 503 says when to try again: relay.workstation.session.retry_in).
+        self.retry_at: float | None = None
         self._unheeded_logged_at: float | None = None  # loop time of the last warning
         self._unheeded_unlogged = 0  # unheeded REVOKED since that warning
 
@@ -299,7 +302,7 @@ class KeptLink:
                 self._gateway_says_revoked(exc.peer_reason)
                 if self._stopping:
                     return
-                await asyncio.sleep(self._revoked_delay())
+                await self._pause(self._revoked_delay())
                 continue
             except DialError as exc:
                 self.stats.failures += 1
@@ -314,13 +317,13 @@ class KeptLink:
                         self.on_dial_error(exc)
                     except Exception:
                         log.exception("on_dial_error callback failed", extra=self._log)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
             except Exception as exc:  # a bug must not end the supervision: log, back off
                 self.stats.failures += 1
                 self.stats.last_error = "internal"
                 log.exception("dial crashed", extra={**self._log, "error": str(exc)})
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._pause(self.backoff.next_delay())
                 continue
             await self._serve(link, lost, mark_lost)
 
@@ -371,7 +374,15 @@ class KeptLink:
             # After a long-lived link the backoff was reset, so this is at most `base`;
             # after an unheeded REVOKED, REVOKED_BACKOFF.
             revoked = isinstance(link, _DialedLink) and link.revoked
-            await asyncio.sleep(self._revoked_delay() if revoked else self.backoff.next_delay())
+            await self._pause(self._revoked_delay() if revoked else self.backoff.next_delay())
+
+    async def _pause(self, delay: float) -> None:
+        """The backoff's pause before the next dial, with `retry_at` saying when it ends."""
+        self.retry_at = asyncio.get_running_loop().time() + delay
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.retry_at = None
 
     def _gateway_says_revoked(self, reason: str) -> None:
         """The gateway's GOAWAY REVOKED: final for a device's link whose owner's check

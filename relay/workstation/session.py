@@ -29,7 +29,9 @@ Offline. `offline()` says the link is known down: no session for `OFFLINE_AFTER`
 and at least one attempt (a dial of the gateway, or a session) failed since it went.
 The Tunnel then fails new opens at once instead of waiting its open timeout (15 s a
 click for a radiologist working offline); a blip (the session just lost, its first
-reconnect in flight) still waits. Time comes from `clock`, so tests drive it.
+reconnect in flight) still waits. Time comes from `clock`, so tests drive it. `retry_in()`
+says when the next attempt is due (our backoff's pause, or the gateway link's before its
+next dial): the offline 503's Retry-After.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ class SessionKeeper:
         self.clock = clock
         self.offline_after = offline_after
         self._down_since = clock()  # when the last session ended (or we started)
+        self._retry_at: float | None = None  # loop time our backoff's pause ends (retry_in)
         self._failed_at_down = self._failed_attempts()
         # What all forwarded connections may hold unread, over every session of ours.
         self.forward_budget = ForwardBudget(reset_code=ErrorCode.CANCEL)
@@ -275,6 +278,23 @@ class SessionKeeper:
         why = self.stats.last_error if self.kept.up.is_set() else self.kept.stats.last_error
         return f"offline: no session with the agent through {self.address} ({why or 'down'})"
 
+    def retry_in(self) -> float | None:
+        """Seconds until the next reconnect attempt, if one is scheduled: our next session
+        while the gateway link is up, else the gateway link's next dial (its backoff). None
+        while an attempt is under way, or nothing says when."""
+        at = self._retry_at if self.kept.up.is_set() else getattr(self.kept, "retry_at", None)
+        if not isinstance(at, float):
+            return None
+        return max(0.0, at - asyncio.get_running_loop().time())
+
+    async def _pause(self, delay: float) -> None:
+        """The backoff's pause before the next session attempt; `retry_in` tells it."""
+        self._retry_at = asyncio.get_running_loop().time() + delay
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._retry_at = None
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="session")
@@ -297,7 +317,7 @@ class SessionKeeper:
                 self.stats.last_error = "session: internal error (see the log)"
                 link = None
             if link is None or outer_link is None:
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._pause(self.backoff.next_delay())
                 continue
             self.backoff.reset()
             self._link, self._outer = link, outer_link

@@ -18,12 +18,15 @@ Offline: a source that can tell the link is known down (`OfflineAware`: the
 SessionKeeper's `offline()`, reconnect attempts failing for a while) makes an open fail
 at once with `TunnelOffline`, whose message says so, instead of waiting the whole open
 timeout; an open already waiting looks again every `OFFLINE_POLL`. A brief blip (no
-attempt failed yet) still waits for the link.
+attempt failed yet) still waits for the link. `TunnelOffline.retry_after` says when to
+try again: the source's next reconnect attempt (`RetryAware`, the keeper's backoff) if it
+knows it, bounded to RETRY_AFTER_MIN..RETRY_AFTER_MAX seconds, else RETRY_AFTER_MIN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, NoReturn, Protocol, runtime_checkable
@@ -39,12 +42,16 @@ __all__ = [
     "OFFLINE_POLL",
     "REPLAY_CHUNK_COST",
     "REPLAY_LIMIT",
+    "RETRY_AFTER_MAX",
+    "RETRY_AFTER_MIN",
     "RETRY_CODES",
+    "RetryAware",
     "RoutedStream",
     "Tunnel",
     "TunnelOffline",
     "TunnelStats",
     "TunnelUnavailable",
+    "retry_after",
 ]
 
 DEFAULT_OPEN_TIMEOUT: Final = 15.0
@@ -62,6 +69,11 @@ RETRY_BASE: Final = 0.05
 RETRY_CAP: Final = 2.0
 #: How often an open waiting for the link asks whether it is known down meanwhile.
 OFFLINE_POLL: Final = 0.25
+#: Bounds of an offline failure's `retry_after` (s): at least the busy 503's 1 s; at most
+#: 30 s, so a viewer that honours it is never told to wait out a long backoff's whole cap
+#: (the session may come back sooner: a gateway dial that succeeds early).
+RETRY_AFTER_MIN: Final = 1
+RETRY_AFTER_MAX: Final = 30
 
 
 class TunnelUnavailable(ConnectionError):
@@ -69,7 +81,20 @@ class TunnelUnavailable(ConnectionError):
 
 
 class TunnelOffline(TunnelUnavailable):
-    """No stream, at once: the link is known down (its message says why)."""
+    """No stream, at once: the link is known down (its message says why);
+    `retry_after`: whole seconds until the next reconnect attempt, bounded."""
+
+    def __init__(self, why: str, retry_after: int = RETRY_AFTER_MIN) -> None:
+        super().__init__(why)
+        self.retry_after = retry_after
+
+
+def retry_after(seconds: float | None) -> int:
+    """Whole seconds a client should wait (rounded up, so it never comes before the
+    attempt), within RETRY_AFTER_MIN..RETRY_AFTER_MAX; RETRY_AFTER_MIN when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return RETRY_AFTER_MIN
+    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(seconds)))
 
 
 @dataclass
@@ -106,6 +131,13 @@ class OfflineAware(Protocol):
     """A source that can tell the link is known down (the SessionKeeper)."""
 
     def offline(self) -> str | None: ...
+
+
+@runtime_checkable
+class RetryAware(Protocol):
+    """A source that can tell when its next reconnect attempt is due (the SessionKeeper)."""
+
+    def retry_in(self) -> float | None: ...
 
 
 class Tunnel:
@@ -182,7 +214,8 @@ class Tunnel:
         if isinstance(self.kept, OfflineAware):
             why = self.kept.offline()
             if why is not None:
-                raise TunnelOffline(why)
+                due = self.kept.retry_in() if isinstance(self.kept, RetryAware) else None
+                raise TunnelOffline(why, retry_after(due))
 
 
 class RoutedStream:

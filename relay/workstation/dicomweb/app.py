@@ -210,9 +210,9 @@ async def _send_whole(request: web.Request, response: web.StreamResponse) -> Non
         raise ConnectionResetError("the client stopped reading") from None
 
 
-def _busy(message: str) -> web.Response:
+def _busy(message: str, retry_after: int = RETRY_AFTER) -> web.Response:
     response = _text(503, message)
-    response.headers["Retry-After"] = str(RETRY_AFTER)
+    response.headers["Retry-After"] = str(retry_after)
     return response
 
 
@@ -255,9 +255,10 @@ def _service(request: web.Request) -> DicomwebService:
 def _upstream(exc: UpstreamError) -> web.Response:
     """The answer to a failed operation: its reason goes to the client (the local viewer)
     but never to a log: it may quote the PACS's ErrorComment, which may name a patient.
-    Log `exc.http_status` and a fixed text instead. 503 (busy) says when to try again."""
+    Log `exc.http_status` and a fixed text instead. 503 (busy, offline) says when to try
+    again: the error's own `retry_after` if it knows (offline: the next reconnect)."""
     if exc.http_status == 503:
-        return _busy(exc.reason)
+        return _busy(exc.reason, exc.retry_after or RETRY_AFTER)
     return _text(exc.http_status, exc.reason)
 
 

@@ -86,12 +86,14 @@ AGENT_QUEUE_WAIT: Final = 5.0  # s
 
 
 class UpstreamError(Exception):
-    """An operation failed; `http_status` says how to answer, `reason` why (no patient data)."""
+    """An operation failed; `http_status` says how to answer, `reason` why (no patient data);
+    `retry_after`: a 503's Retry-After when it is known (offline: the next reconnect)."""
 
-    def __init__(self, http_status: int, reason: str) -> None:
+    def __init__(self, http_status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.http_status = http_status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -206,7 +208,7 @@ class DicomSource:
         except TimeoutError:
             raise UpstreamError(504, "no relay stream within the timeout") from None
         except TunnelOffline as exc:  # the link is known down: 503 and Retry-After, at once
-            raise UpstreamError(503, str(exc)) from None
+            raise UpstreamError(503, str(exc), exc.retry_after) from None
         except (StreamResetError, OSError, ConnectionError) as exc:
             raise UpstreamError(502, f"relay link unavailable: {type(exc).__name__}") from None
         except Exception as exc:  # TunnelUnavailable and kin
