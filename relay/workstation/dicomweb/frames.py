@@ -3,7 +3,8 @@
 Which syntaxes hold what (PS3.5 section 8 and annex A):
 - native little endian (Implicit and Explicit VR LE; Deflated Explicit VR LE, whose
   dataset `rawds.decode_dataset` has inflated): the value is the frames back to back,
-  Rows x Columns x SamplesPerPixel x BitsAllocated/8 bytes each, cut as they are;
+  Rows x Columns x SamplesPerPixel x BitsAllocated/8 bytes each (two thirds of that in
+  YBR_FULL_422; `_frame_size`, the one place), cut as they are;
 - Explicit VR Big Endian (retired, still held by PACS): the same layout with each sample
   most significant byte first; 16-bit samples (and 8-bit ones in OW words, annex D) are
   swapped back. 1-, 32- and 64-bit samples in big endian OW are read differently by
@@ -35,9 +36,11 @@ from relay.workstation.dicomweb.media import EXPLICIT_LE, IMPLICIT_LE
 __all__ = [
     "BIG_ENDIAN",
     "ENCAPSULATED_UNCOMPRESSED",
+    "BitPacked",
     "FrameError",
     "Octets",
     "Unservable",
+    "bit_packed_frame",
     "check",
     "frame_numbers",
     "frame_syntax",
@@ -62,6 +65,11 @@ _WORD: Final = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
 class FrameError(ValueError):
     """No such frame (404), or no pixel data."""
+
+
+class BitPacked(FrameError):
+    """1-bit frames that do not each start on a byte: no frame is a run of the value's
+    bytes (rendering cuts one by its bits instead: `bit_packed_frame`)."""
 
 
 class Unservable(ValueError):
@@ -125,7 +133,9 @@ def _frame_count(ds: Dataset) -> int:
 
 
 def _frame_size(ds: Dataset, count: int) -> int:
-    """Bytes of one native frame; frames of 1 bit must end on a byte boundary."""
+    """Bytes of one native frame, as pydicom's get_expected_length counts them: native
+    YBR_FULL_422 holds two samples a pixel, not three (Y Y Cb Cr for two pixels, PS3.3
+    C.7.6.3.1.2); frames of 1 bit must end on a byte boundary (`BitPacked` else)."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.BitsAllocated)
@@ -134,9 +144,29 @@ def _frame_size(ds: Dataset, count: int) -> int:
             raise FrameError(f"cannot cut frames of {bits} bits allocated")
         size_bits = rows * cols * samples
         if count > 1 and size_bits % 8:
-            raise FrameError("1-bit frames that do not end on a byte boundary")
+            raise BitPacked("1-bit frames that do not end on a byte boundary")
         return (size_bits + 7) // 8
-    return rows * cols * samples * bits // 8
+    size = rows * cols * samples * bits // 8
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        size = size // 3 * 2
+    return size
+
+
+def bit_packed_frame(ds: Dataset, number: int) -> bytes:
+    """Frame `number` of native 1-bit data whose frames do not start on a byte (`BitPacked`)
+    as a value of that frame alone, its first pixel in bit 0: its bits unpacked from the
+    bytes around them only (pydicom 3.0's `pixel_array(index=)` fails on such frames, and
+    decoding them all for one costs every frame)."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    bits = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1)
+    data = _pixel_value(ds)
+    start = (number - 1) * bits
+    first, end = start // 8, (start + bits + 7) // 8
+    if end > len(data):
+        raise FrameError("the pixel data is shorter than its frames")
+    around = np.unpackbits(np.frombuffer(data[first:end], np.uint8), bitorder="little")
+    own = around[start - first * 8 : start - first * 8 + bits]
+    return np.packbits(own, bitorder="little").tobytes()
 
 
 def _big_endian_word(ds: Dataset) -> int:

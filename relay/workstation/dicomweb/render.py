@@ -99,7 +99,11 @@ def render_frame(
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     try:  # this frame only: a multi-frame instance is not decoded whole for one of them
         frames.check(ds, ts)
-        ds = _one_frame(ds, ts, number)
+        try:
+            [raw] = frames.get_frames(ds, ts, [number])
+        except frames.BitPacked:  # pydicom 3.0's index= cannot cut these either
+            raw = frames.bit_packed_frame(ds, number)
+        ds = _one_frame(ds, ts, raw)
     except (frames.FrameError, frames.Unservable) as exc:
         raise RenderError(f"cannot decode the pixel data: {exc}") from None
     try:
@@ -135,13 +139,12 @@ def _check_frame_size(ds: Dataset) -> None:
                           "not rendered")  # fmt: skip
 
 
-def _one_frame(ds: Dataset, transfer_syntax: str, number: int) -> Dataset:
-    """A copy of `ds` whose Pixel Data is its frame `number` alone: uncompressed, as a
+def _one_frame(ds: Dataset, transfer_syntax: str, frame: bytes) -> Dataset:
+    """A copy of `ds` whose Pixel Data is one `frame` of it alone: uncompressed, as a
     native Explicit VR LE value (pydicom 3.0 cannot decode Encapsulated Uncompressed);
     compressed, as one encapsulated frame in its syntax. The other frames are neither
     copied nor joined, and pydicom decodes bytes, never the view of the held instance
     (pixelview.py) that `ds` may hold. The caller's dataset is left as it is."""
-    [frame] = frames.get_frames(ds, transfer_syntax, [number])
     out = Dataset()
     for elem in ds:
         if elem.tag not in _WHOLE_VALUE:  # the Extended Offset Table too
