@@ -82,6 +82,7 @@ from relay.workstation.ownidentity import (
 from relay.workstation.revocation import RevocationCheck, record_revoked, revoked_since
 from relay.workstation.session import SessionKeeper
 from relay.workstation.tunnel import Tunnel
+from relay.workstation.tunnelmetrics import TunnelMetrics
 
 if TYPE_CHECKING:
     from relay.dicom.node import DicomNode
@@ -219,6 +220,7 @@ class Workstation:
         )
         self.reloads = ReloadCounter()
         self.metrics.registry.register(self.reloads)
+        self.metrics.registry.register(TunnelMetrics(self.tunnel.stats))
         self.reload_error: str | None = None  # why the last reload failed
         self.restart_needed: tuple[str, ...] = ()  # keys the last reload could not apply
         self.next_start_error: str | None = None  # why the next start fails (last reload)
