@@ -6,19 +6,57 @@ never written. Before an index names files, the cache syncs them (`sync_file`, i
 batch at the commit: the kernel has written most of them back by then) and their
 directory (`sync_directory`), then writes the index (`write_file`, synced) and renames it.
 
-Portability: `os.fsync` on a file works everywhere (FlushFileBuffers on Windows). A
+Portability: every sync goes through `sync_fd`, chosen once by `choose_sync` for the
+platform. `os.fsync` on a file works everywhere (FlushFileBuffers on Windows). On macOS
+`fsync` only hands the data to the drive, whose own cache a power cut loses:
+`fcntl(F_FULLFSYNC)` flushes that too, so it is used where fcntl has it (a file system
+that refuses it, a network share, falls back to fsync). Windows has no fcntl module. A
 directory cannot be opened for syncing on Windows (NTFS journals the rename itself), so
-`sync_directory` does nothing there. On macOS `fsync` leaves the drive's own cache
-unflushed (F_FULLFSYNC would); the ordering it gives is what the cache relies on.
+`sync_directory` does nothing there.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["sync_directory", "sync_file", "write_file"]
+__all__ = ["choose_sync", "sync_directory", "sync_fd", "sync_file", "write_file"]
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def choose_sync(platform: str, fcntl_module: object | None) -> Callable[[int], None]:
+    """The call that puts an open file's bytes on the medium on `platform`, given its
+    fcntl module (None where there is none): F_FULLFSYNC where fcntl has it (macOS; an
+    fsync there leaves them in the drive's cache), else fsync."""
+    full = getattr(fcntl_module, "F_FULLFSYNC", None) if platform != "win32" else None
+    control = getattr(fcntl_module, "fcntl", None)
+    if not isinstance(full, int) or control is None:
+        return _fsync
+
+    def full_fsync(fd: int) -> None:
+        try:
+            control(fd, full)
+        except OSError:  # a file system that cannot (SMB, FAT): fsync's ordering at least
+            os.fsync(fd)
+
+    return full_fsync
+
+
+def _platform_fcntl() -> object | None:
+    if sys.platform == "win32":
+        return None
+    import fcntl  # POSIX only: Windows has no fcntl module
+
+    return fcntl
+
+
+#: This platform's sync (choose_sync): what write_file, sync_file and sync_directory call.
+sync_fd = choose_sync(sys.platform, _platform_fcntl())
 
 
 def write_file(path: Path, data: bytes, *, sync: bool) -> None:
@@ -27,7 +65,7 @@ def write_file(path: Path, data: bytes, *, sync: bool) -> None:
         f.write(data)
         if sync:
             f.flush()
-            os.fsync(f.fileno())
+            sync_fd(f.fileno())
 
 
 def sync_file(path: Path) -> None:
@@ -36,7 +74,7 @@ def sync_file(path: Path) -> None:
     flags = os.O_RDWR | getattr(os, "O_BINARY", 0) if sys.platform == "win32" else os.O_RDONLY
     fd = os.open(path, flags)
     try:
-        os.fsync(fd)
+        sync_fd(fd)
     finally:
         os.close(fd)
 
@@ -47,6 +85,6 @@ def sync_directory(path: Path) -> None:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        sync_fd(fd)
     finally:
         os.close(fd)

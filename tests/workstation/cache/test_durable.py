@@ -32,22 +32,97 @@ WAIT = 10.0
 
 @pytest.fixture
 def events(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
-    """Every fsync and every rename into place, in order, by the inode they touch."""
+    """Every sync (durable.sync_fd: fsync, or F_FULLFSYNC on macOS) and every rename into
+    place, in order, by the inode they touch."""
     seen: list[Event] = []
-    real_fsync, real_replace = os.fsync, replacing.replace
+    real_sync, real_replace = durable.sync_fd, replacing.replace
 
-    def fsync(fd: int) -> None:
+    def sync_fd(fd: int) -> None:
         seen.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
+        real_sync(fd)
 
     def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         ino = os.stat(src).st_ino
         real_replace(src, dst)
         seen.append(("replace", ino))
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(durable, "sync_fd", sync_fd)
     monkeypatch.setattr(replacing, "replace", replace)
     return seen
+
+
+class FakeFcntl:
+    """An fcntl module as `choose_sync` sees it: with or without F_FULLFSYNC, recording
+    its calls, refusing them when told (a file system without F_FULLFSYNC)."""
+
+    def __init__(self, *, full: bool, refuse: bool = False) -> None:
+        if full:
+            self.F_FULLFSYNC = 51  # macOS's value
+        self.refuse = refuse
+        self.calls: list[tuple[int, int]] = []
+
+    def fcntl(self, fd: int, op: int) -> int:
+        self.calls.append((fd, op))
+        if self.refuse:
+            raise OSError(45, "Operation not supported")
+        return 0
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fds os.fsync was called with (and really synced)."""
+    seen: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("platform", "fcntl", "full"),
+    [
+        ("darwin", FakeFcntl(full=True), True),  # fsync leaves the drive's cache: F_FULLFSYNC
+        ("linux", FakeFcntl(full=False), False),  # no such call: fsync flushes the drive
+        ("win32", None, False),  # no fcntl module: fsync (FlushFileBuffers)
+        ("win32", FakeFcntl(full=True), False),  # never fcntl on Windows
+    ],
+)
+def test_each_platform_gets_its_sync_call(
+    tmp_path: Path, fsyncs: list[int], platform: str, fcntl: FakeFcntl | None, full: bool
+) -> None:
+    sync = durable.choose_sync(platform, fcntl)
+    with (tmp_path / "f").open("wb") as f:
+        f.write(b"data")
+        f.flush()
+        sync(f.fileno())
+        if full:
+            assert fcntl is not None and fcntl.calls == [(f.fileno(), 51)] and fsyncs == []
+        else:
+            assert fsyncs == [f.fileno()] and (fcntl is None or fcntl.calls == [])
+
+
+def test_a_file_system_that_refuses_f_fullfsync_gets_fsync(
+    tmp_path: Path, fsyncs: list[int]
+) -> None:
+    fcntl = FakeFcntl(full=True, refuse=True)
+    with (tmp_path / "f").open("wb") as f:
+        durable.choose_sync("darwin", fcntl)(f.fileno())
+        assert fcntl.calls == [(f.fileno(), 51)] and fsyncs == [f.fileno()]
+
+
+def test_this_platform_syncs_with_its_own_call() -> None:
+    full = sys.platform == "darwin"  # the only platform whose fcntl has F_FULLFSYNC
+    assert durable.sync_fd.__name__ == ("full_fsync" if full else "_fsync")
+
+
+def test_every_write_goes_through_the_platforms_sync(tmp_path: Path, events: list[Event]) -> None:
+    durable.write_file(tmp_path / "a", b"a", sync=True)
+    durable.sync_file(tmp_path / "a")
+    assert events == [("fsync", _ino(tmp_path / "a"))] * 2
 
 
 def _ino(path: Path) -> int:
