@@ -12,6 +12,7 @@ wait: a wait would hold what the stream has already sent.
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from typing import Final
 
@@ -24,6 +25,28 @@ DEVICE_UPLOAD_BYTES: Final = UPLOAD_BYTES // 2
 """...and for one device (1 GiB: two of the largest instances, or the workstation's own
 two STOW-RS uploads at once at `dicomweb.max_upload`), over all its streams: no device
 takes the whole budget."""
+
+
+_INFLATE_STEP: Final = 1 << 20
+
+
+def inflated_size(data: bytes, limit: int) -> int:
+    """How many bytes a deflated dataset inflates to, counted in steps of 1 MiB and never
+    held whole; at most `limit` + 1 (past the limit the operation refuses it). A deflated
+    upload of 500 KB inflates to 512 MiB of zeros wherever it is read (its check, its audit
+    keys): the budget is charged that before anything inflates it. A bad stream counts as
+    its own size (its check refuses it)."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, rest = 0, data
+    try:
+        while size <= limit:
+            size += len(d.decompress(rest, _INFLATE_STEP))
+            rest = d.unconsumed_tail
+            if d.eof or not rest:
+                break
+    except zlib.error:
+        return len(data)
+    return min(size, limit + 1)
 
 
 class UploadBudgetFull(Exception):

@@ -9,23 +9,28 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import threading
 import tracemalloc
+import zlib
 from collections.abc import Iterator
 
 import pytest
 
+from relay.dicom import rawds
 from relay.dicom import status as st
-from relay.dicom.agent import DicomAgent, serve_dicom_stream
+from relay.dicom.agent import DicomAgent, OperationSummary, serve_dicom_stream
 from relay.dicom.codec import MessageCodec, MessageType, Request
 from relay.dicom.pace import pace_deadline
-from relay.dicom.uploads import UploadBudget, UploadBudgetFull
+from relay.dicom.uploads import UploadBudget, UploadBudgetFull, inflated_size
 from relay.net.bytestream import ByteStream, StreamResetError, pipe
 from relay.proto import ErrorCode
 from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ends_helpers import wait_until
 
 from .helpers import EXPLICIT
-from .test_agent import CT, Workstation, final_of, target
+from .test_agent import CT, Workstation, final_of, run, target
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @pytest.fixture
@@ -206,6 +211,60 @@ async def test_a_compressed_upload_is_charged_for_what_it_decodes_to(pacs: Embed
     assert (summary.op, summary.status) == ("refused", st.AGENT_BUSY)
     assert pacs.events.associations == 0
     assert agent.uploads.held == 0
+
+
+async def test_a_deflated_upload_is_charged_for_what_it_inflates_to_before_it_is(
+    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deflated upload of 512 KiB of zeros is ~500 bytes on the wire and after zstd: its
+    check and its audit keys inflated it (512 MiB from ~500 KB, seconds of CPU), the audit
+    keys on the event loop. Now the budget is charged its inflated size, counted without
+    holding it, before anything inflates it; within the budget, the keys are read off the
+    loop."""
+    inflates: list[bool] = []  # whether each ran on the event loop's thread
+    loop_thread = threading.get_ident()
+    real = rawds.inflate
+
+    def recording(data: bytes, limit: int) -> bytes:
+        inflates.append(threading.get_ident() == loop_thread)
+        return real(data, limit)
+
+    monkeypatch.setattr(rawds, "inflate", recording)
+    inst = CT[0]
+    data = inst.data + struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, 512 << 10)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = c.compress(data + bytes(512 << 10)) + c.flush()
+    request = Request(op="store", transfer_syntax=DEFLATED, dataset=deflated,
+                      sop_class=inst.sop_class, sop_instance=inst.sop_instance)  # fmt: skip
+    agent = DicomAgent(target(pacs))
+    agent.uploads = UploadBudget(total=1 << 20, per_device=256 << 10)
+    a, b = pipe()
+    server = asyncio.create_task(agent.serve(b))
+    await Workstation(a).send(request)
+    with pytest.raises(StreamResetError) as info:
+        await Workstation(a).all()
+    assert info.value.code == ErrorCode.LIMIT_EXCEEDED
+    assert (await asyncio.wait_for(server, 20)).status == st.AGENT_BUSY
+    assert inflates == [] and pacs.events.associations == 0
+    assert agent.uploads.held == 0
+    # Within the budget: stored, and nothing inflated on the loop.
+    agent.uploads = UploadBudget(total=4 << 20, per_device=2 << 20)
+    # (on_request reads the keys, as the audit trail's "transfer begins" does)
+    msgs, _ = await run(target(pacs), request, uploads=agent.uploads, on_request=_keys_of)
+    assert final_of(msgs).status == 0
+    assert inflates and not any(inflates)
+
+
+def _keys_of(summary: OperationSummary) -> None:
+    summary.keys()
+
+
+def test_the_inflated_size_is_counted_within_its_limit() -> None:
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = c.compress(bytes(5 << 20)) + c.flush()
+    assert inflated_size(data, 64 << 20) == 5 << 20
+    assert inflated_size(data, 1 << 20) == (1 << 20) + 1
+    assert inflated_size(b"not deflate", 100) == len(b"not deflate")
 
 
 def test_the_upload_budget_holds_per_device_and_in_all() -> None:
