@@ -14,9 +14,10 @@ is dropped, with one log line, and the viewer's requests for it go to the networ
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -137,17 +138,19 @@ class StudyFetcher:
         have = tuple(study.instances)
         if expected is not None and len(have) >= expected:
             # finish saves the index (synced to disk): a worker thread, not the loop
-            await asyncio.to_thread(self.store.finish, study_uid, complete=True)
+            await _to_its_end(functools.partial(self.store.finish, study_uid, complete=True))
             return FetchResult(study.label, len(have), 0, time.monotonic() - started, True)
         try:
             new_bytes, final = await self._retrieve(study_uid, have)
         except BaseException:
-            # Off the loop too: this save syncs every file the fill wrote. Shielded, so a
-            # second cancel cannot leave the study marked filling: the save runs to its end.
-            await asyncio.shield(asyncio.to_thread(self.store.finish, study_uid, complete=False))
+            # Off the loop too: this save syncs every file the fill wrote. Awaited to its
+            # end through any further cancel: the study is never left marked filling, and
+            # whoever awaits the fill (a stop, then a wipe) goes on only after the save.
+            await _to_its_end(functools.partial(self.store.finish, study_uid, complete=False))
             raise
         ok = final.status == st.SUCCESS and not final.failed
-        await asyncio.to_thread(self.store.finish, study_uid, complete=ok, counted=final.completed)
+        done = functools.partial(self.store.finish, study_uid, complete=ok, counted=final.completed)
+        await _to_its_end(done)  # as above: a cancel meanwhile ends the fill after its save
         study = self.store.study(study_uid) or study
         result = FetchResult(study.label, len(study.instances), new_bytes,
                              time.monotonic() - started, study.complete)  # fmt: skip
@@ -209,6 +212,22 @@ class StudyFetcher:
             raise FetchError(f"cannot cache {label}: {type(exc).__name__}: {exc}") from None
         self.store.note_series(study_uid, series, series_attrs)
         return len(msg.dataset)
+
+
+async def _to_its_end(work: Callable[[], None]) -> None:
+    """`work()` in a worker thread, awaited until it has returned even if this task is
+    cancelled meanwhile (once or more: the cancel is raised afterwards). `shield` alone
+    let a second cancel end the task while the work still ran."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.wait({running})
+        except asyncio.CancelledError:
+            cancelled = True
+    running.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _series_of(msg: Instance) -> tuple[str, str, dict[str, str]]:

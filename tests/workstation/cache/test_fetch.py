@@ -283,3 +283,43 @@ async def test_a_cancelled_fill_saves_its_index_off_the_event_loop_before_it_end
     assert study is not None and not study.filling
     assert len(synced_in) == len(CT)
     assert threading.current_thread().name not in synced_in
+
+
+async def test_a_fill_cancelled_twice_still_ends_only_once_its_save_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that cancels again (a second stop, the run's end cancelling what is left)
+    must not end the fill before its save: whoever awaited the fill (the prefetcher's
+    stop, then a revocation's wipe, or the cache's stop) would go on while the save, its
+    syncs and the index's rename still ran in the thread. Shielded only, the second
+    cancel ended the fill at once."""
+    store, _ = persisted(tmp_path, monkeypatch)
+    saving, go_on = threading.Event(), threading.Event()
+    real_finish = store.finish
+    finished: list[str] = []
+
+    def held_finish(uid: str, *, complete: bool, counted: int | None = None) -> None:
+        saving.set()
+        assert go_on.wait(20), "the test never let the save go"
+        real_finish(uid, complete=complete, counted=counted)
+        finished.append(threading.current_thread().name)
+
+    monkeypatch.setattr(store, "finish", held_finish)
+    fetcher = StudyFetcher(CutShort(None, CT, success(len(CT)), hang=True).open_stream, store,
+                           MessageCodec(DicomLimits(), accept_pixels=True), timeout=10)  # fmt: skip
+    task = asyncio.create_task(fetcher.fill(STUDY, "test"))
+    await wait_until(lambda: len(getattr(store.study(STUDY), "instances", ())) == len(CT))
+    task.cancel()
+    try:
+        assert await asyncio.to_thread(saving.wait, 20)  # the save is under way, in a thread
+        task.cancel()  # again
+        for _ in range(20):  # the loop runs on, and the fill waits for its save
+            await asyncio.sleep(0)
+        assert not task.done() and finished == []
+    finally:
+        go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    assert finished and finished[0] != threading.current_thread().name
+    study = store.study(STUDY)
+    assert study is not None and not study.filling
