@@ -651,7 +651,7 @@ async def _decoded(item: SeriesItem) -> Dataset | web.Response:
         data = await item.load()
     except UpstreamError as exc:
         return _upstream(exc)
-    return await asyncio.to_thread(decode, data, item.transfer_syntax)
+    return await asyncio.to_thread(decode, data, item.transfer_syntax, item.fragments)
 
 
 async def frames_handler(request: web.Request) -> web.StreamResponse:

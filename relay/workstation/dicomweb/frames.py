@@ -23,14 +23,13 @@ malformed list 400, frames that cannot be given exactly `Unservable` (406).
 
 from __future__ import annotations
 
-import itertools
-import struct
 from typing import Final, TypeAlias
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
+from relay.workstation.dicomweb import fragments
 from relay.workstation.dicomweb.media import EXPLICIT_LE, IMPLICIT_LE
 
 __all__ = [
@@ -221,40 +220,23 @@ def check(ds: Dataset, transfer_syntax: str) -> None:
         _big_endian_word(ds)
 
 
-_ITEM: Final = 0xFFFEE000
-_SEQUENCE_END: Final = 0xFFFEE0DD
+def _table(ds: Dataset, value: memoryview, count: int) -> fragments.FrameTable | None:
+    """The value's frame table: the held instance's (walked once for all its requests),
+    else walked for this request (a dataset decoded without its instance's index)."""
+    index = fragments.index_of(ds)
+    if index is None:
+        return fragments.one_per_fragment(value, count)
+    return index.table(value, count)
 
 
-def _items(value: memoryview) -> list[memoryview] | None:
-    """The items of an encapsulated value (the Basic Offset Table first) as views of it;
-    None when it does not parse as items (left to pydicom to judge)."""
-    out: list[memoryview] = []
-    pos = 0
-    while pos + 8 <= len(value):
-        group, element, length = struct.unpack_from("<HHL", value, pos)
-        if (group << 16 | element) == _SEQUENCE_END:
-            break
-        pos += 8
-        if (group << 16 | element) != _ITEM or length > len(value) - pos:
-            return None
-        out.append(value[pos : pos + length])
-        pos += length
-    return out if out else None
-
-
-def _one_per_fragment(value: memoryview, count: int) -> list[memoryview] | None:
-    """Each frame as a view of its one fragment, when the value holds `count` fragments
-    and its offset table, if any, says one frame each (Encapsulated Uncompressed always;
-    most compressed multi-frame data); else None."""
-    items = _items(value)
-    if items is None or len(items) - 1 != count or len(items[0]) % 4:
+def _views(table: fragments.FrameTable | None, value: memoryview,
+           numbers: list[int]) -> list[memoryview] | None:  # fmt: skip
+    """Frames `numbers` as views of their fragments, each where the table says; None
+    without a table (not one fragment a frame) or when one is not there."""
+    if table is None:
         return None
-    if len(items[0]):
-        table = struct.unpack(f"<{len(items[0]) // 4}L", items[0])
-        starts = itertools.accumulate((len(f) + 8 for f in items[1:-1]), initial=0)
-        if list(table) != list(starts):
-            return None
-    return items[1:]
+    views = [table.frame(value, n) for n in numbers]
+    return None if any(v is None for v in views) else [v for v in views if v is not None]
 
 
 def _wanted(ds: Dataset, data: memoryview, transfer_syntax: str, count: int,
@@ -262,7 +244,8 @@ def _wanted(ds: Dataset, data: memoryview, transfer_syntax: str, count: int,
     """Frames `numbers` of encapsulated pixel data, as stored, each copied alone (the
     others are neither copied nor joined); Unservable when the fragments do not say
     where `count` frames are (a video stream, a missing offset table)."""
-    views = _one_per_fragment(data, count)
+    table = _table(ds, data, count)
+    views = _views(table, data, numbers)
     if views is None:
         if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
             raise Unservable(f"the fragments are not {count} frames of one fragment each")
@@ -270,12 +253,11 @@ def _wanted(ds: Dataset, data: memoryview, transfer_syntax: str, count: int,
         # fragments a frame, or no offset table and not one fragment a frame)
         return _by_pydicom(bytes(_pixel_bytes(ds)), count, numbers)
     if transfer_syntax != ENCAPSULATED_UNCOMPRESSED:
-        return [bytes(views[n - 1]) for n in numbers]
+        return [bytes(view) for view in views]
     size = _frame_size(ds, 1)  # each fragment a frame, so 1-bit frames end on a byte
-    padded = size + size % 2
-    if any(len(f) != padded for f in views):
+    if table is None or table.uniform != size + size % 2:  # every fragment, not just these
         raise Unservable(f"a fragment is not one frame of {size} bytes")
-    return [bytes(views[n - 1][:size]) for n in numbers]
+    return [bytes(view[:size]) for view in views]
 
 
 def _by_pydicom(data: bytes, count: int, numbers: list[int]) -> list[bytes]:
@@ -327,11 +309,12 @@ def native_pixels(ds: Dataset, transfer_syntax: str) -> Octets:
         _frame_size(ds, count)  # frames that would not join into one native value
     except FrameError as exc:
         raise Unservable(str(exc)) from None
-    views = _one_per_fragment(data, count)
-    if views is None:
+    table = _table(ds, data, count)
+    views = _views(table, data, list(range(1, count + 1)))
+    if table is None or views is None:
         raise Unservable(f"the fragments are not {count} frames of one fragment each")
     size = _frame_size(ds, 1)
-    if any(len(f) != size + size % 2 for f in views):
+    if table.uniform != size + size % 2:
         raise Unservable(f"a fragment is not one frame of {size} bytes")
     return b"".join(f[:size] for f in views)
 

@@ -25,7 +25,10 @@ for one request each) is kept too (`Retriever.large`), counted in `held`: kept o
 while it fits within hold_size with the series held, given back first when a series
 needs the room (without it each frame request read and decrypted the whole file).
 Memory for cached series: their indexes and the large instance (in `held`), the LRU,
-and the instance each answer is writing (bounded by the requests in progress).
+and the instance each answer is writing (bounded by the requests in progress). An
+instance's frame table (fragments.py: where each frame of encapsulated pixel data is,
+made by its first frame request, 12 bytes a frame) is held with it and added to its
+flight's size when made (`SeriesFlight.grow`, which runs the bound).
 
 Nothing half-received is served as complete: a retrieve whose final response counts
 failed sub-operations or does not say (0xB000 so, 0xA702 after some completed;
@@ -57,6 +60,7 @@ area is the only copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import OrderedDict
@@ -71,7 +75,8 @@ from relay.dicom.codec import FinalResponse, Instance
 from relay.workstation import priorities
 from relay.workstation.cache.serve import CacheServer
 from relay.workstation.cache.store import CachedInstance
-from relay.workstation.dicomweb import pixelview
+from relay.workstation.dicomweb import fragments, pixelview
+from relay.workstation.dicomweb.fragments import FragmentIndex
 from relay.workstation.dicomweb.kept import KeptBytes
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError, retrieve_failure
 from relay.workstation.dicomweb.writethrough import WriteThrough, identify
@@ -102,12 +107,15 @@ def read_budget(hold_size: int) -> int:
     return max(1, min(hold_size // 8, MAX_READS_KEPT))
 
 
-def decode(data: bytes, transfer_syntax: str) -> Dataset:
+def decode(data: bytes, transfer_syntax: str, index: FragmentIndex | None = None) -> Dataset:
     """The decoded dataset, with the transfer syntax where pydicom's pixel code looks;
-    its Pixel Data a view of `data`, not a copy (pixelview.py)."""
+    its Pixel Data a view of `data`, not a copy (pixelview.py); carrying `index`, its
+    instance's frame table (`SeriesItem.fragments`), if given."""
     ds = pixelview.read(data, transfer_syntax)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    if index is not None:
+        fragments.attach(ds, index)
     return ds
 
 
@@ -131,10 +139,13 @@ class HeldInstance:
     sop_instance: str
     transfer_syntax: str
     data: bytes
+    # where its frames are, once a frame request looked (counted in its flight's size)
+    fragments: FragmentIndex = field(default_factory=FragmentIndex, repr=False, compare=False)
 
     @property
     def footprint(self) -> int:
-        """Bytes it keeps in memory (counted against hold_size)."""
+        """Bytes it keeps in memory when added (counted against hold_size; its frame
+        table's are added to its flight's size when made)."""
         return len(self.data)
 
     async def load(self) -> bytes:
@@ -150,6 +161,7 @@ class DiskInstance:
     sop_instance: str
     transfer_syntax: str
     reader: Callable[[], Awaitable[bytes]] = field(repr=False)
+    fragments: FragmentIndex = field(default_factory=FragmentIndex, repr=False, compare=False)
 
     @property
     def footprint(self) -> int:
@@ -177,6 +189,9 @@ class SeriesFlight:
     retrieving: bool = False  # not in the cache: being retrieved through the agent
     jumping: set[str] = field(default_factory=set)  # instances retrieved ahead (<= MAX_JUMPS)
     readers: int = 0  # instances() iterations under way (answers being written, cache writes)
+    # the holding area's bound, run when the flight grows after its instances came (a
+    # frame table made: Retriever._bound)
+    on_grow: Callable[[SeriesFlight], None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, item: SeriesItem) -> None:
@@ -185,7 +200,21 @@ class SeriesFlight:
         self.items.append(item)
         self.by_uid[item.sop_instance] = item
         self.size += item.footprint
+        loop = asyncio.get_running_loop()
+
+        def built(nbytes: int) -> None:  # in the worker thread that cut a frame
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to count
+                loop.call_soon_threadsafe(self.grow, nbytes)
+
+        item.fragments.on_built = built
         self._wake()
+
+    def grow(self, nbytes: int) -> None:
+        """An instance's frame table was made (`fragments.FragmentIndex.on_built`, here on
+        the loop): its bytes count as the flight's, within hold_size."""
+        self.size += nbytes
+        if self.on_grow is not None:
+            self.on_grow(self)
 
     def finish(self, error: UpstreamError | None = None) -> None:
         self.done = True
@@ -311,7 +340,7 @@ class Retriever:
         if self.pinned() >= self.hold_size:
             raise UpstreamError(503, "dicomweb.hold_size is taken by answers still being read")
         # Registered before the first await: a request arriving meanwhile joins this one.
-        flight = SeriesFlight(study, series)
+        flight = SeriesFlight(study, series, on_grow=self._bound)
         self.flights[key] = flight
         task = asyncio.get_running_loop().create_task(self._fill(flight), name="series flight")
         self._tasks.add(task)
