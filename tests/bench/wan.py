@@ -104,7 +104,14 @@ FINDINGS: Final = (
     "first, and the PACS sends it 10-12 ms after its first C-STORE. At 1 Gbit/s and 5 ms "
     "the relay's first instance is level with direct within this machine's noise (a mean "
     "of 3 ms behind in an A/B of three rounds), not ahead. Left alone: pynetdicom's PDU "
-    "decoding and its reactor's 1 ms polling at both ends.",
+    "decoding and its reactor's 1 ms polling at both ends. Since 2026-12-07 a session's "
+    "next stream sends its first instance for the link its last stream measured (zstd at "
+    "level 1 on a fast one: 1.3 ms to encode and 0.7 to decode, against HTJ2K's 2.8 and "
+    "3.5); traced hop by hop, that takes about 4 ms off the instance's own path, and the "
+    "PACS's count, which pynetdicom's C-GET SCP at the workstation must have first, then "
+    "arrives a median 5.8 ms after the instance: the count's path (our C-STORE answer, the "
+    "PACS's pending response, a ~100-byte message through both ends' loops, the gateway and "
+    "the link) is what holds the first image now (docs/BENCHMARKS.md, 2026-12-07).",
     "4. Per-instance cost in Python at both ends: pynetdicom's reactor threads poll (1 ms "
     "sleeps) and handle every P-DATA PDU in Python; py-spy (by hand, not part of the "
     "benchmark) shows them and zstd as the agent's and the workstation's top costs (the "
