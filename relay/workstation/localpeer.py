@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -205,7 +206,9 @@ class AccountGate:
     """The workstation's admission by account, shared by its listeners: `admit(listener,
     peer, local)` (blocking) says yes or no and logs refusals, limited per listener (a
     local program retrying in a loop must not fill the log). `access` may change at a
-    reload; it applies to connections opened after it."""
+    reload; it applies to connections opened after it. `admit` runs in worker threads,
+    several at once (the lookups block): the count and the log limiter are updated under
+    a lock (unlocked, refusals were lost from both); the lookup runs outside it."""
 
     def __init__(
         self,
@@ -217,6 +220,7 @@ class AccountGate:
         self._check = check
         self._clock = clock
         self._lines = LogLimiter()
+        self._counting = threading.Lock()  # guards `refused` and `_lines`
         self.refused: Counter[str] = Counter()  # by listener
 
     @property
@@ -235,8 +239,9 @@ class AccountGate:
         else:
             reason = REFUSAL
         if not ok:
-            self.refused[listener] += 1
-            held = self._lines.allow(listener, self._clock())
+            with self._counting:
+                self.refused[listener] += 1
+                held = self._lines.allow(listener, self._clock())
             if held is not None:
                 more = f" ({held} more not logged)" if held else ""
                 log.warning("%s: refused a connection from %s:%d: %s%s",

@@ -10,9 +10,11 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,3 +366,40 @@ def test_local_access_is_read_and_checked(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(localpeer, "is_supported", lambda: False)
     with pytest.raises(ConfigError, match=r"local_access.*same-user is not available"):
         load_workstation_config(_config(tmp_path, "local_access: same-user\n"))
+
+
+def test_refusals_counted_from_many_threads_at_once_are_all_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Lookups run in worker threads (one per connection being admitted): the count and
+    the log limiter's held-back lines were updated from them at once, unlocked, and
+    refusals were lost. Every refusal counts, in `refused` and in the log's lines plus
+    those they say were not logged."""
+    threads, each = 8, 5_000
+    now = [0.0]
+    gate = AccountGate("same-user", check=lambda peer, local: False, clock=lambda: now[0])
+    start = threading.Barrier(threads)
+
+    def refuse() -> None:
+        start.wait()
+        for _ in range(each):
+            gate.admit("dicomweb", ("127.0.0.1", 5000), ("127.0.0.1", 8080))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        with caplog.at_level(logging.WARNING, logger=localpeer.__name__):
+            workers = [threading.Thread(target=refuse) for _ in range(threads)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            now[0] += 3600  # the next line is let through and says how many were held
+            gate.admit("dicomweb", ("127.0.0.1", 5000), ("127.0.0.1", 8080))
+    finally:
+        sys.setswitchinterval(interval)
+    total = threads * each + 1
+    assert gate.refused == {"dicomweb": total}
+    lines = [r.getMessage() for r in caplog.records]
+    held = [re.search(r"\((\d+) more not logged\)", line) for line in lines]
+    assert len(lines) + sum(int(m.group(1)) for m in held if m) == total
