@@ -89,6 +89,26 @@ def test_qido_equals_orthancs_c_find(
     )
 
 
+@pytest.mark.parametrize(("modalities", "found"), [("CT,MR", 1), ("MR,PT", 0)])
+def test_a_comma_list_of_modalities_is_orthancs_c_find_of_those_values(
+    url: str,
+    orthanc_module: Orthanc,
+    inside: Callable[[Callable[[], Any]], Any],
+    modalities: str,
+    found: int,
+) -> None:
+    """`ModalitiesInStudy=CT,MR` (dicomweb-client, OHIF's study list) was a 400 since
+    734c6e0: it goes to Orthanc as the C-FIND's values CT and MR, and the matches are
+    those of findscu's own C-FIND with them."""
+    got = inside(lambda: DICOMwebClient(url).search_for_studies(
+        search_filters={"ModalitiesInStudy": modalities}))  # fmt: skip
+    direct = dcmtk.findscu(orthanc_module.node, "STUDY",
+                           {"ModalitiesInStudy": modalities.replace(",", "\\")},
+                           timeout=TIMEOUT)  # fmt: skip
+    assert len(got) == len(direct.matches) == found
+    assert [Dataset.from_json(m).StudyInstanceUID for m in got] == [STUDY] * found
+
+
 def _orthanc_file(orthanc: Orthanc, sop_instance: str) -> bytes:
     query = {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance}}
     [found] = orthanc.rest("POST", "/tools/find", query)
