@@ -16,7 +16,9 @@ it listens or dials, since launchd and Task Scheduler restart it whatever its st
 
 The device certificate renews itself over the live link once two thirds of its
 lifetime have passed (relay.trust.renewal). The link is kept: the new identity is handed to
-the dialer for its next dial, so renewing interrupts no transfer. A renewal that a
+the dialer for its next dial, so renewing interrupts no transfer. The new files are read
+and their contexts built in a worker thread (as a reload's), then swapped in on the loop,
+unless a later renewal came meanwhile (its files are newer). A renewal that a
 crash interrupted is completed before the identity is loaded.
 
 SIGHUP, or `relay workstation reload` on every platform (the control endpoint,
@@ -54,7 +56,7 @@ from relay.ops.config import ConfigError
 from relay.ops.http import AdminServer
 from relay.ops.logs import setup_logging
 from relay.ops.metrics import EndMetrics, Sources
-from relay.ops.reloader import Reloader
+from relay.ops.reloader import Reloader, in_daemon_thread
 from relay.ops.reloading import (
     ReloadCounter,
     keep_restart_only,
@@ -128,6 +130,16 @@ class PreparedReload:
 
 
 @dataclasses.dataclass(frozen=True)
+class RenewedIdentity:
+    """What a renewal's files give, built in a worker thread; applying it is a swap."""
+
+    ctx: ssl.SSLContext  # the link's, for the next dial
+    session_ctx: ssl.SSLContext
+    revocation_check: RevocationCheck
+    not_after: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ReloadOutcome:
     """What `relay workstation reload` answers: of this reload, whatever came after."""
 
@@ -194,6 +206,7 @@ class Workstation:
         self.renewals = 0
         self.renewal_failures = 0
         self._renewal_task: asyncio.Task[None] | None = None
+        self._renewed_loads: set[asyncio.Task[None]] = set()  # renewals' builds under way
         # Who on this PC may use the listeners (local_access); a reload changes it for
         # the connections opened after it.
         self.accounts = AccountGate(config.local_access)
@@ -328,26 +341,49 @@ class Workstation:
         return link.open_stream
 
     def _renewed(self) -> None:
-        """New files are in place: the next dial presents them; the live link stays."""
+        """New files are in place: their contexts are built in a worker thread (reading
+        the files and the key on the loop held every link and association meanwhile), then
+        swapped in; the next dial presents them, the live link stays.
+
+        `renewals` moves now, before the build: a reload that prepared before it keeps
+        this renewal's contexts, whichever is applied first (see _apply_reload)."""
         self.renewals += 1
+        task = asyncio.get_running_loop().create_task(
+            self._load_renewed(self.renewals), name="renewed identity"
+        )
+        self._renewed_loads.add(task)
+        task.add_done_callback(self._renewed_loads.discard)
+
+    def _build_renewed(self) -> RenewedIdentity:
+        """Worker thread: the renewed files' contexts (the files were checked before they
+        were installed)."""
         files = self.config.identity_files()
-        try:
-            ctx = client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE)
-            session_ctx = session_client_context(
+        return RenewedIdentity(
+            ctx=client_context(files.cert, files.key, files.ca, alpn=ALPN_DEVICE),
+            session_ctx=session_client_context(
                 files.cert, files.key, files.ca, site=self.identity.site
-            )
-            check = RevocationCheck.from_files(files.cert, files.ca)
+            ),
+            revocation_check=RevocationCheck.from_files(files.cert, files.ca),
+            not_after=not_after(files.cert),
+        )
+
+    async def _load_renewed(self, renewal: int) -> None:
+        """Build renewal number `renewal`'s contexts off the loop; swap them in on it unless
+        a later renewal came meanwhile (its own build reads newer files)."""
+        try:
+            built = await in_daemon_thread(self._build_renewed)
         except (TlsConfigError, PkiError, OSError, ValueError) as exc:
-            # The files were checked before they were installed; keep dialling with the
-            # old context (still valid for a third of its lifetime) and say so.
+            # Keep dialling with the old context (still valid for a third of its
+            # lifetime) and say so.
             self.renewal_failures += 1
             log.error("cannot load the renewed identity", extra={"error": str(exc)})
             return
-        self.ctx = ctx
-        self.kept.ctx = ctx
-        self.not_after, self.expired = not_after(files.cert), None
-        self.session.ctx = session_ctx  # the next session presents the new certificate
-        self.revocation_check = check  # notices older than the new certificate prove nothing
+        if renewal != self.renewals:
+            return
+        self.ctx = self.kept.ctx = built.ctx
+        self.not_after, self.expired = built.not_after, None
+        self.session.ctx = built.session_ctx  # the next session presents the new certificate
+        self.revocation_check = built.revocation_check  # older notices prove nothing now
 
     def _renewal_failed(self, message: str) -> None:
         self.renewal_failures += 1
@@ -399,7 +435,7 @@ class Workstation:
         new, restart = keep_restart_only(self.config, prepared.from_file, RESTART_ONLY)
         self.next_start_error = prepared.next_start_error if "identity_dir" in restart else None
         old, self.config = self.config, new
-        if self.renewals == prepared.renewals:  # else a renewal since loaded newer files
+        if self.renewals == prepared.renewals:  # else a renewal since, loading newer files
             self.ctx = self.kept.ctx = prepared.ctx  # the next dial; the link that is up stays
             self.not_after, self.expired = prepared.not_after, None
             self.session.ctx = prepared.session_ctx
@@ -454,6 +490,9 @@ class Workstation:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal_task
             self._renewal_task = None
+        for load in list(self._renewed_loads):  # their threads are abandoned (daemons)
+            load.cancel()
+        await asyncio.gather(*self._renewed_loads, return_exceptions=True)
         await self.forwarder.stop_accepting()
         self.session.stop()  # no new streams; those open finish inside the session
         await self.forwarder.drain(grace)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from relay.net.tls import client_context
 from relay.ops import control
 from relay.workstation import service
 from relay.workstation.config import WorkstationConfig, load_workstation_config
@@ -144,6 +146,7 @@ async def test_a_renewal_during_a_reload_keeps_its_newer_identity(tmp_path: Path
         signal.raise_signal(signal.SIGHUP)
         writer = await held_reader_async(running.config)  # began before the renewal
         ws._renewed()  # new files installed: the next dial's contexts, built from them
+        await asyncio.gather(*ws._renewed_loads)
         renewed = (ws.kept.ctx, ws.session.ctx, ws.revocation_check)
         feed(writer, running.text.replace("1s\n", "2s\n"))
         await wait_until(lambda: ws.reloads.ok == 1)
@@ -199,3 +202,98 @@ async def test_a_stop_during_a_held_reload_answers_it_on_every_platform(
             held.gate.set()  # the abandoned prepare ends
         assert not answer["ok"] and "stopping" in answer["error"]
         assert (running.ws.reloads.ok, running.ws.reloads.error) == (0, 0)
+
+
+class HeldBuild:
+    """The workstation's TLS context builder (service.client_context), held in each call
+    until the test lets it go; the contexts built, in the order of the calls."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.began = threading.Semaphore(0)
+        self.built: list[ssl.SSLContext] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        with self._lock:
+            slot = len(self.built)
+            self.built.append(None)  # type: ignore[arg-type]  # filled below
+        self.began.release()
+        assert self.gate.wait(WAIT), "the test never let the build go"
+        ctx = client_context(*args, **kwargs)
+        self.built[slot] = ctx
+        return ctx
+
+    async def building(self) -> None:
+        assert await asyncio.to_thread(self.began.acquire, True, WAIT)
+
+
+async def test_a_renewal_builds_its_contexts_off_the_loop_on_every_platform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewed files are read and their contexts built in a worker thread: the
+    control endpoint answers meanwhile, and the contexts are swapped in once built. They
+    were built on the loop, which held every link and association for that time."""
+    async with workstation_with_signals(tmp_path) as running:
+        ws = running.ws
+        held = HeldBuild()
+        monkeypatch.setattr(service, "client_context", held)
+        old = (ws.kept.ctx, ws.session.ctx)
+        try:
+            ws._renewed()  # the old code built here, on the loop, and met the held build
+            await held.building()
+            status = await running.call("status")  # answered meanwhile
+            assert status["ok"] and (ws.kept.ctx, ws.session.ctx) == old
+        finally:
+            held.gate.set()
+        await asyncio.gather(*ws._renewed_loads)
+        assert ws.kept.ctx is ws.ctx is held.built[0] and ws.session.ctx is not old[1]
+
+
+async def test_a_reload_prepared_before_a_renewal_keeps_the_renewals_identity_whichever_lands_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c90e2af's rule, now that a renewal's contexts are built off the loop too: a reload
+    that read the files before the renewal does not replace its contexts, even when the
+    reload applies while the renewal's build is still under way."""
+    async with workstation_with_signals(tmp_path) as running:
+        ws = running.ws
+        load, build = HeldLoad(), HeldBuild()
+        monkeypatch.setattr(service, "load_workstation_config", load)
+        monkeypatch.setattr(service, "client_context", build)
+        running.config.write_text(running.text.replace("1s\n", "2s\n"))
+        asked = asyncio.ensure_future(running.call("reload"))
+        try:
+            await load.reading()  # the reload began before the renewal
+            ws._renewed()
+            await build.building()  # the renewal's build (the first), held
+            load.gate.set()
+            await build.building()  # the reload's own build, held too
+        finally:
+            load.gate.set()
+            build.gate.set()
+        answer = await asyncio.wait_for(asked, WAIT)
+        await asyncio.gather(*ws._renewed_loads)
+        assert answer["ok"] and ws.config.drain_grace == 2.0  # the rest of the reload applied
+        assert ws.kept.ctx is ws.ctx is build.built[0]  # the renewal's, not the reload's
+
+
+async def test_an_earlier_renewals_late_build_does_not_replace_a_later_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with workstation_with_signals(tmp_path) as running:
+        ws = running.ws
+        first = HeldBuild()
+        monkeypatch.setattr(service, "client_context", first)
+        try:
+            ws._renewed()
+            await first.building()  # renewal 1's build, held
+            monkeypatch.setattr(service, "client_context", client_context)
+            ws._renewed()  # renewal 2, built at once from the newer files
+            await wait_until(lambda: len(ws._renewed_loads) == 1)
+            latest = ws.kept.ctx
+            assert latest is not None and ws.renewals == 2
+        finally:
+            first.gate.set()
+        await asyncio.gather(*ws._renewed_loads)
+        assert ws.kept.ctx is latest and first.built[0] is not latest

@@ -191,6 +191,12 @@ async def test_a_forged_revocation_leaves_the_workstation_running(
     assert "cache wiped" not in caplog.text
 
 
+async def renewed(ws: Workstation) -> None:
+    """A renewal's files are in place: its contexts built (in their thread), swapped in."""
+    ws._renewed()
+    await asyncio.gather(*ws._renewed_loads)
+
+
 async def test_a_renewed_certificate_moves_the_bar(tmp_path: Path) -> None:
     """After a renewal (or reload) the check uses the new certificate's notBefore."""
     site = make_pki(tmp_path / "pki")
@@ -205,7 +211,7 @@ async def test_a_renewed_certificate_moves_the_bar(tmp_path: Path) -> None:
     later = site.device("ws1", not_before=start + timedelta(hours=1))  # the renewed one
     (identity / "device.crt").write_bytes(later.cert.read_bytes())
     (identity / "device.key").write_bytes(later.key.read_bytes())
-    ws._renewed()
+    await renewed(ws)
     why = ws._check_revoked(reason)
     assert why is not None and "predates" in why
 
@@ -356,7 +362,7 @@ def _open_session(ctx: ssl.SSLContext, agent: Pair, site: SitePki) -> SealCore:
     return client
 
 
-def test_only_the_sites_own_ca_speaks_for_its_agent_and_its_notices(tmp_path: Path) -> None:
+async def test_only_the_sites_own_ca_speaks_for_its_agent_and_its_notices(tmp_path: Path) -> None:
     """ca.crt may hold other CAs than the site's (another site's, that issued a shared
     gateway's certificate; a legacy one). None of them may vouch for our agent in the
     sealed session (north's CA minting `agent/main`, carried there by a compromised
@@ -397,5 +403,5 @@ def test_only_the_sites_own_ca_speaks_for_its_agent_and_its_notices(tmp_path: Pa
         assert ws._check_revoked(genuine) is None
 
     check()
-    ws._renewed()  # a reload builds both the same way
+    await renewed(ws)  # a reload builds both the same way
     check()
