@@ -66,14 +66,15 @@ class FrameError(ValueError):
     """No such frame (404), or no pixel data."""
 
 
-class BitPacked(FrameError):
-    """1-bit frames that do not each start on a byte: no frame is a run of the value's
-    bytes (rendering cuts one by its bits instead: `bit_packed_frame`)."""
-
-
 class Unservable(ValueError):
     """The frames exist but cannot be given exactly as the syntax they would be served in
     says (406): never a guess at pixel values."""
+
+
+class BitPacked(Unservable):
+    """1-bit frames that do not each start on a byte: no frame is a run of the value's
+    bytes, so none is served as one (406); rendering cuts one by its bits instead
+    (`bit_packed_frame`)."""
 
 
 def frame_numbers(text: str) -> list[int]:
@@ -143,7 +144,10 @@ def _frame_size(ds: Dataset, count: int) -> int:
             raise FrameError(f"cannot cut frames of {bits} bits allocated")
         size_bits = rows * cols * samples
         if count > 1 and size_bits % 8:
-            raise BitPacked("1-bit frames that do not end on a byte boundary")
+            raise BitPacked(
+                "1-bit frames that do not end on a byte boundary are not served "
+                "as frames (ask for the rendered frame)"
+            )
         return (size_bits + 7) // 8
     size = rows * cols * samples * bits // 8
     if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":

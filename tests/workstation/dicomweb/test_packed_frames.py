@@ -136,3 +136,12 @@ async def test_one_bit_frames_not_on_a_byte_boundary_render(web: DicomwebServer)
         got = await rendered(web, BITS_SOP, number)
         assert got.shape == (BIT_ROWS, BIT_COLS)
         assert np.array_equal(got, pydicoms(BITS, number - 1))
+
+
+async def test_one_bit_frames_not_on_a_byte_boundary_are_406_as_frames(
+    web: DicomwebServer,
+) -> None:
+    """No such frame is a run of the value's bytes: a 406 saying so (it was a 404, as if
+    the frame did not exist)."""
+    status, _, body = await get(f"{url(web, BITS_SOP)}/frames/2")
+    assert status == 406 and b"byte boundary" in body
