@@ -326,7 +326,7 @@ async def _serve(
             codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto",
             path=getattr(stream, "link", None),  # the device's sealed session, if any
         )  # fmt: skip
-        await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
+        taken = await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -336,11 +336,17 @@ async def _serve(
         out.abort("stream finished")
         await asyncio.to_thread(thread.join, pacs.timeout + pacs.stall_timeout)
     final = op.final or FinalResponse(st.LINK_LOST, "operation did not finish")
+    instances = op.instances
+    if taken is not None:
+        # The workstation did not take every answer (it stopped reading, or reset): what
+        # the PACS finished is not what the device got, and the audit trail says so.
+        final = FinalResponse(st.LINK_LOST, f"the stream ended early: {taken.why}")
+        instances = min(instances, taken.instances)
     return summary(
         op.op_name,
         final.status,
         final.comment,
-        instances=op.instances,
+        instances=instances,
         calling_ae=msg.calling_ae,
         cancelled=op.cancel_sent.is_set(),
         request=msg,
@@ -348,6 +354,14 @@ async def _serve(
         warning=op.warnings,
         request_keys=keys,
     )
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """How a pump that did not write everything ended: why, and the instances written."""
+
+    why: str
+    instances: int
 
 
 async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
@@ -359,8 +373,9 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
     encoder: StreamEncoder,
     *,
     strip: bool = False,
-) -> None:
+) -> _Cut | None:
     """Encode and write what the operation produces, in order; end the stream after it.
+    None once all is written, else how it was cut.
 
     `strip`: instances go without their Pixel Data value (`dicom-content: headers`).
 
@@ -370,7 +385,8 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
     """
     loop = asyncio.get_running_loop()
     pool = shared_pool(encoder.workers)
-    ready: asyncio.Queue[asyncio.Future[Encoded] | None] = asyncio.Queue()
+    # each encoding, and whether it is an instance (counted once written)
+    ready: asyncio.Queue[tuple[asyncio.Future[Encoded], bool] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(encoder.workers + 1)
 
     async def produce() -> None:
@@ -399,22 +415,26 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
                     fut.set_result(encoder.encode(msg))
                 except DicomProtocolError as exc:
                     fut.set_exception(exc)
-            await ready.put(fut)
+            await ready.put((fut, isinstance(msg, Instance)))
         await ready.put(None)
 
     producer = asyncio.create_task(produce())
+    written, every = 0, False  # instances written; whether every answer was
     try:
         while True:
-            fut = await ready.get()
-            if fut is None:
+            item = await ready.get()
+            if item is None:
                 break
+            fut, instance = item
             result = await fut
             encoder.encoded(result)
             started = time.monotonic()
             async with asyncio.timeout(stall_timeout):
                 await stream.write(result.frame)
             encoder.written(result, time.monotonic() - started)
+            written += instance
             slots.release()
+        every = True  # every answer is written: a failing half-close takes nothing away
         async with asyncio.timeout(stall_timeout):
             await stream.write_eof()
     except (StreamResetError, TimeoutError, DicomProtocolError) as exc:
@@ -423,6 +443,11 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
         out.abort("stream lost")
         if not isinstance(exc, StreamResetError):
             stream.reset(RESET_CANCEL)
+        why = {
+            StreamResetError: "the workstation reset it",
+            TimeoutError: f"the workstation took nothing for {stall_timeout:g} s",
+        }.get(type(exc), "an answer could not be encoded")
+        return None if every else _Cut(why, written)
     finally:
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -430,6 +455,7 @@ async def _pump(  # noqa: PLR0917  (one stream's parts, all needed)
         encoder.finish()
         if encoder.counts:
             log.info("instances sent per codec: %s", encoder.counts)
+    return None
 
 
 def _heavy(msg: Message, encoder: StreamEncoder) -> bool:

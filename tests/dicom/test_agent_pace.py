@@ -28,7 +28,7 @@ from relay_dev.pacs import EmbeddedPacs, MemoryStore
 from tests.ends_helpers import wait_until
 
 from .helpers import EXPLICIT
-from .test_agent import CT, Workstation, final_of, run, target
+from .test_agent import CT, Workstation, final_of, retrieve, run, study_uid, target
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -253,6 +253,27 @@ async def test_a_deflated_upload_is_charged_for_what_it_inflates_to_before_it_is
     msgs, _ = await run(target(pacs), request, uploads=agent.uploads, on_request=_keys_of)
     assert final_of(msgs).status == 0
     assert inflates and not any(inflates)
+
+
+async def test_a_reader_that_stalls_is_cut_and_its_association_let_go(pacs: EmbeddedPacs) -> None:
+    """The other way round: a retrieve whose device takes its first answer and then nothing
+    (the pipe holds 64 bytes) is cut after `pacs.stall_timeout` (here 0.5 s): the stream
+    reset, the PACS association ended, and the summary says what the device got."""
+    a, b = pipe(limit=64)
+    pacing = target(pacs, stall_timeout=0.5, survey=False, spare_association=0)
+    server = asyncio.create_task(serve_dicom_stream(b, pacing))
+    ws = Workstation(a)
+    await ws.send(retrieve(StudyInstanceUID=study_uid(CT)))
+    assert await ws.recv() is not None  # then it reads no more
+    summary = await asyncio.wait_for(server, 20)
+    # The PACS had finished (the answers were queued here): the summary, and so the audit
+    # trail, said success with every instance sent, which the device never got.
+    assert summary.status == st.LINK_LOST and "took nothing for 0.5 s" in summary.comment
+    assert summary.instances < len(CT)
+    await wait_until(lambda: pacs.held() == 0)
+    with pytest.raises(StreamResetError):
+        while await a.read():
+            pass
 
 
 def _keys_of(summary: OperationSummary) -> None:
