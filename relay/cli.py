@@ -115,7 +115,11 @@ def _cmd_workstation(args: argparse.Namespace) -> int:
     if args.action != "run":  # a command to the running workstation
         from relay.workstation.control import run_command
 
-        return run_command(Path(args.config), args.action, as_json=args.json)
+        state_dir = Path(args.state_dir) if args.state_dir is not None else None
+        return run_command(Path(args.config), args.action, as_json=args.json, state_dir=state_dir)
+    if args.state_dir is not None:  # run takes it from the config file, as it always did
+        print("relay workstation: --state-dir is for reload|stop|status", file=sys.stderr)
+        return 2
     if args.log_file:  # no console (a scheduled task, pythonw): JSON lines to a file
         from relay.ops.logfile import open_log_file  # rotated by us: Windows cannot, open
 
@@ -276,6 +280,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ws.add_argument("--config", required=True)
     ws.add_argument("--json", action="store_true", help="reload|stop|status: the answer as JSON")
+    ws.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="reload|stop|status: the running workstation's state_dir, so that --config is "
+        "not read (needed when it is not a regular file, e.g. a FIFO)",
+    )
     ws.add_argument(
         "--log-file",
         metavar="FILE",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import sys
 import unicodedata
 from collections.abc import Mapping
@@ -342,5 +343,21 @@ def read_workstation_config(r: Reader) -> WorkstationConfig:
 
 def state_dir_of(path: str | os.PathLike[str]) -> Path:
     """Only the `state_dir` of a config file: how `relay workstation reload|stop|status`
-    finds the running workstation, which judges the rest of the file itself."""
+    finds the running workstation, which judges the rest of the file itself.
+
+    Only a regular file is read: a FIFO (a config fed by a secrets tool) would give this
+    lookup the contents meant for the workstation's own reload, which then read nothing,
+    or hold it until the FIFO's deadline. Anything else is a ConfigError naming
+    `--state-dir`; `os.stat` opens nothing, so it cannot wait on a FIFO."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG  # missing, unreadable: open_config says why, as before
+    if not stat.S_ISREG(mode):
+        raise ConfigError(
+            path,
+            None,
+            "not a regular file (a FIFO?): reading it here would take what the workstation "
+            "is to read; name the workstation's state directory with --state-dir DIR",
+        )
     return open_config(path).path("state_dir", str(default_state_dir(path)))

@@ -146,12 +146,17 @@ async def control_endpoint(
         lock.release()  # last: the next workstation may start once this one is gone
 
 
-def run_command(config_path: Path, command: str, *, as_json: bool = False) -> int:
+def run_command(
+    config_path: Path, command: str, *, as_json: bool = False, state_dir: Path | None = None
+) -> int:
     """`relay workstation reload|stop|status`: 0 done, 1 refused by the workstation (or a
-    reload applied whose restart-only settings the next start would refuse)."""
+    reload applied whose restart-only settings the next start would refuse). The
+    workstation is found by `state_dir` if given (`--state-dir`: the config file is then
+    not read at all), else by the config file's `state_dir` (a regular file only)."""
     from relay.workstation.config import state_dir_of
 
-    answer = asyncio.run(control.call(state_dir_of(config_path), command))
+    where = state_dir if state_dir is not None else state_dir_of(config_path)
+    answer = asyncio.run(control.call(where, command))
     if as_json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     if not answer.get("ok"):
