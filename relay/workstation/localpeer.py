@@ -247,3 +247,10 @@ class AccountGate:
                 log.warning("%s: refused a connection from %s:%d: %s%s",
                             listener, peer[0], peer[1], reason, more)  # fmt: skip
         return ok
+
+    def refused_total(self) -> int:
+        """Refusals over every listener, read under the lock: a scrape on the loop sums
+        while lookup threads may add a listener's first count (iterating `refused`
+        unlocked could raise "dictionary changed size during iteration")."""
+        with self._counting:
+            return sum(self.refused.values())

@@ -225,7 +225,7 @@ class Workstation:
                 refusals=lambda: {
                     "no_stream": sum(stats.failed.values()),
                     "capacity": stats.refused,
-                    "other_account": sum(accounts.refused.values()),
+                    "other_account": accounts.refused_total(),
                 },
                 certificate=lambda: files.cert,
                 seal=lambda: self.session.seal,

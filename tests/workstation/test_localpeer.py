@@ -403,3 +403,36 @@ def test_refusals_counted_from_many_threads_at_once_are_all_counted(
     lines = [r.getMessage() for r in caplog.records]
     held = [re.search(r"\((\d+) more not logged\)", line) for line in lines]
     assert len(lines) + sum(int(m.group(1)) for m in held if m) == total
+
+
+def test_the_refusal_total_is_read_while_threads_add_listeners() -> None:
+    """The metrics scrape sums the refusals on the loop while lookup threads may add a
+    listener's first count: the sum is taken under the gate's lock (summing `refused`
+    unlocked could raise "dictionary changed size during iteration"), never fails, and
+    ends exact."""
+    threads, each = 4, 300
+    gate = AccountGate("same-user", check=lambda peer, local: False)
+    done = threading.Event()
+
+    def refuse(n: int) -> None:
+        for i in range(each):
+            gate.admit(f"listener-{n}-{i}", ("127.0.0.1", 5000), ("127.0.0.1", 8080))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=refuse, args=(n,)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        seen = 0
+        while not done.is_set():
+            total = gate.refused_total()
+            assert total >= seen  # counts only grow
+            seen = total
+            if not any(worker.is_alive() for worker in workers):
+                done.set()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert gate.refused_total() == threads * each
