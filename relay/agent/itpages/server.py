@@ -1,5 +1,6 @@
 """The IT pages' listener: its own address on the agent's inside (`it_pages.listen`),
-HTTPS with `it_pages.tls` (required off loopback), never anything on the gateway side."""
+HTTPS with `it_pages.tls` (required off loopback), never anything on the gateway side.
+Its connections, TLS handshakes included, go through relay.ops.admission (`LIMITS`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from relay.agent.authority import DeviceAuthority
@@ -27,15 +27,21 @@ from relay.agent.itpages.passwords import PasswordFileError, read_admins
 from relay.agent.itpages.sessions import SessionStore
 from relay.agent.itpages.settings import ItPagesSettings
 from relay.net.tls import TlsConfigError, load_cert_and_key, tls_config_error
+from relay.ops.admission import Admission, AdmissionMetrics, ConnectionLimits
 from relay.ops.listening import announce
 
-__all__ = ["ItPagesServer", "admins_file_problem", "server_context"]
+__all__ = ["LIMITS", "ItPagesServer", "admins_file_problem", "server_context"]
 
 log = logging.getLogger(__name__)
 
 #: How often the counts of rate-limited logins whose window ended are audited, when no
 #: request comes to do it (every request does it too).
 FLUSH_INTERVAL: Final = 60.0
+
+#: A few IT staff, a browser holding up to 6 connections each: 32 open at once; past
+#: that a new connection is closed at once (before its TLS handshake). 15 s from accept
+#: to a request head, TLS handshake included, and at most 15 s idle between requests.
+LIMITS: Final = ConnectionLimits(max_connections=32, head_timeout=15.0)
 
 
 def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:
@@ -82,6 +88,8 @@ class ItPagesServer:
         authority: DeviceAuthority,
         push: Callable[[list[bytes]], None],
         registry: CollectorRegistry | None,
+        *,
+        limits: ConnectionLimits = LIMITS,
     ) -> None:
         settings = config.it_pages
         assert settings is not None
@@ -113,21 +121,25 @@ class ItPagesServer:
             directory=authority.directory is not None,
             metrics=ItPagesMetrics(registry, sessions),
         )
-        self._runner: web.AppRunner | None = None
+        self.limits = limits
+        self.registry = registry
+        self.admission: Admission | None = None
+        self._exported: AdmissionMetrics | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(make_app(self.pages), access_log=None, handle_signals=False)
-        await self._runner.setup()
+        admission = Admission(make_app(self.pages), self.limits, ssl_context=self.ctx)
         address = self.settings.listen
-        site = web.TCPSite(self._runner, address.host, address.port, ssl_context=self.ctx)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else address.port
+        bound = await admission.start(address.host, address.port)
+        self.admission = admission
+        if self.registry is not None:
+            self._exported = AdmissionMetrics("it", admission)
+            self.registry.register(self._exported)
+        self.port = bound[0].port if bound else address.port
         self.pages.hosts = allowed_hosts(address, self.port, cert=self.settings.cert)
-        for sock in sockets:
-            announce("it-pages", sock.getsockname())
+        for bound_address in bound:
+            announce("it-pages", bound_address)
         self._flusher = asyncio.create_task(self._flush_refusals(), name="it-pages refusals")
 
     async def _flush_refusals(self) -> None:
@@ -141,7 +153,10 @@ class ItPagesServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._exported is not None and self.registry is not None:
+            self.registry.unregister(self._exported)
+            self._exported = None
+        if self.admission is not None:
+            await self.admission.stop()
+            self.admission = None
         self.pages.flush_refusals(everything=True)  # counts not audited yet: now
