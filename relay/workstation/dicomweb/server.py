@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from typing import Final
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from relay.dicom.codec import DicomLimits, MessageCodec
 from relay.dicom.offer import CodecOffer
 from relay.dicom.session import OpenStream
+from relay.ops.admission import Admission, ConnectionLimits, Vet
 from relay.ops.config import Address
 from relay.ops.listening import announce
 from relay.workstation.cache.serve import CacheServer
@@ -31,7 +31,7 @@ from relay.workstation.dicomweb.settings import DicomwebConfig
 from relay.workstation.dicomweb.source import DicomSource
 from relay.workstation.localpeer import REFUSAL, AccountGate
 
-__all__ = ["HEADER_LIMITS", "DicomwebServer"]
+__all__ = ["HEADER_LIMITS", "LIMITS", "MAX_CONNECTIONS", "DicomwebServer"]
 
 log = logging.getLogger(__name__)
 
@@ -49,65 +49,25 @@ _FORBIDDEN: Final = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(_FORBIDDEN_TEXT), _FORBIDDEN_TEXT)
 )
+# relay.ops.admission: the cap first (a 503, no account lookup spent on it), then
+# `local_access`; 75 s from accept to a request head and between requests (browsers
+# drop idle connections sooner: Firefox at 115 s, Chrome at 300 s, and reconnect).
+LIMITS: Final = ConnectionLimits(MAX_CONNECTIONS, head_timeout=75.0, busy=_BUSY)
 
 
-def _refuse(transport: asyncio.Transport, answer: bytes) -> None:
-    """A raw HTTP answer, then the connection closed: nothing of it is read."""
-    transport.write(answer)
-    transport.close()
+def _account_vet(gate: AccountGate) -> Vet:
+    """`local_access` as relay.ops.admission's vetting: the lookup (in a thread) says
+    whether the far end runs as our account, before a byte of it is read; another
+    account's connection gets a 403 (counted by the gate, under "dicomweb"). None while
+    anyone may connect (checked per connection: tests switch it on a running server)."""
 
+    async def vet(peer: tuple[str, int], local: tuple[str, int]) -> bytes | None:
+        if gate.anyone:
+            return None
+        ok = await asyncio.to_thread(gate.admit, "dicomweb", peer, local)
+        return None if ok else _FORBIDDEN
 
-class _Admission:
-    """Who may open a connection, decided once per connection as it opens (aiohttp has no
-    hook for it: the server's `connection_made`, called by each new connection's handler,
-    is wrapped once). In order, each refusal answered and counted once:
-    1. the cap (`over_cap`): past `cap` open connections, a 503; no account lookup is
-       spent on a connection refused anyway (a local flood costs no threads);
-    2. the account (`gate`, `local_access`): reading is paused until the lookup (in a
-       thread) says the far end runs as our account, so no request of another account
-       is read, let alone answered; another account's connection gets a 403 (counted
-       by the gate, under "dicomweb")."""
-
-    def __init__(self, runner: web.AppRunner, cap: int, gate: AccountGate) -> None:
-        server = runner.server
-        assert server is not None
-        self._server = server
-        self._opened = server.connection_made
-        self.cap = cap
-        self.gate = gate
-        self.over_cap = 0  # connections refused with a 503
-        self.pending: set[asyncio.Task[None]] = set()  # account lookups under way
-        server.connection_made = self.connection_made  # type: ignore[method-assign]
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        self._opened(handler, transport)
-        if len(self._server.connections) > self.cap:
-            self.over_cap += 1
-            _refuse(transport, _BUSY)
-            return
-        if self.gate.anyone or transport.is_closing():
-            return
-        transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._check_account(transport))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-
-    async def _check_account(self, transport: asyncio.Transport) -> None:
-        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        ok = bool(peer and local) and await asyncio.to_thread(
-            self.gate.admit, "dicomweb", peer[:2], local[:2]
-        )
-        if transport.is_closing():
-            return
-        if ok:
-            transport.resume_reading()
-        else:
-            _refuse(transport, _FORBIDDEN)
-
-    def cancel(self) -> None:
-        """Stop the lookups under way (the server is stopping)."""
-        for task in list(self.pending):
-            task.cancel()
+    return vet
 
 
 class DicomwebServer:
@@ -138,6 +98,7 @@ class DicomwebServer:
                 "cache_writes_running": float(w.running() if (w := retriever.writer) else 0),
                 "codestreams_held_bytes": float(self.service.codestreams.bytes),
                 "cache_reads_held_bytes": float(retriever.reads.bytes),
+                "connections_open": float(a.open if (a := self._admission) else 0),
             },
             lambda: {
                 "series_retrievals": float(retriever.retrievals),
@@ -157,6 +118,7 @@ class DicomwebServer:
                 "series_headers_unused": float(headfirst.fell_back),
                 "series_headers_complete": float(headfirst.completed),
                 "connections_over_limit": float(a.over_cap if (a := self._admission) else 0),
+                "connections_timed_out": float(a.timed_out if (a := self._admission) else 0),
             },
         )
         used = headfirst if config.headers_first else None
@@ -166,7 +128,8 @@ class DicomwebServer:
         self._runner: web.AppRunner | None = None
         self.address: Address | None = None
         self.accounts = accounts or AccountGate()
-        self._admission: _Admission | None = None
+        self.limits = LIMITS
+        self._admission: Admission | None = None
 
     def forget_cached(self) -> None:
         """After `relay cache wipe`: no decrypted copy of a cached instance stays in this
@@ -189,19 +152,14 @@ class DicomwebServer:
         # aborted) cancels its handler, which gives back its request slot and ends its
         # own upstream operation (a C-FIND's stream is reset); series flights are shared
         # tasks and go on. aiohttp's default left the handler running to its end.
-        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
-                               **HEADER_LIMITS)  # type: ignore[arg-type]  # fmt: skip
-        await runner.setup()
-        self._admission = _Admission(runner, MAX_CONNECTIONS, self.accounts)
+        admission = Admission(self.app, self.limits, vet=_account_vet(self.accounts),
+                              handler_cancellation=True,
+                              **HEADER_LIMITS)  # type: ignore[arg-type]  # fmt: skip
         listen = self.config.listen
         host = "127.0.0.1" if listen.host.lower().rstrip(".") == "localhost" else listen.host
-        site = web.TCPSite(runner, host, listen.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        await admission.start(host, listen.port)
+        self._admission = admission
+        runner = self._runner = admission.runner
         ports = {int(a[1]) for a in runner.addresses}
         port = next(iter(ports)) if ports else listen.port
         self.address = Address(host, port)
@@ -224,11 +182,9 @@ class DicomwebServer:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._admission is not None:
-            self._admission.cancel()
         if self.service.headfirst is not None:
             await self.service.headfirst.close()
         await self.service.retriever.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._admission is not None and self._runner is not None:
+            await self._admission.stop()  # its counts stay readable
+        self._runner = None
