@@ -98,7 +98,7 @@ async def _scrape(admin: AdminServer) -> bytes:
 async def test_half_a_head_then_silence_is_closed_at_the_deadline(conns: list[Conn]) -> None:
     """A slowloris: the request line and one header, then nothing. Closed once the head
     is overdue; an honest request is served meanwhile."""
-    admin = await started(ConnectionLimits(max_connections=4, head_timeout=0.5))
+    admin = await started(ConnectionLimits(max_connections=4, head_timeout=1.0))
     try:
         assert admin.admission is not None
         reader, writer = await asyncio.open_connection(HOST, admin.port)
@@ -118,7 +118,7 @@ async def test_half_a_head_then_silence_is_closed_at_the_deadline(conns: list[Co
 async def test_a_later_head_on_a_kept_alive_connection_has_the_same_deadline(
     conns: list[Conn],
 ) -> None:
-    admin = await started(ConnectionLimits(max_connections=4, head_timeout=0.5))
+    admin = await started(ConnectionLimits(max_connections=4, head_timeout=1.0))
     try:
         reader, writer = await asyncio.open_connection(HOST, admin.port)
         conns.append((reader, writer))

@@ -32,7 +32,7 @@ class Served:
 
 @pytest.fixture
 def limits() -> ConnectionLimits:
-    return ConnectionLimits(max_connections=3, head_timeout=0.5)
+    return ConnectionLimits(max_connections=3, head_timeout=1.0)
 
 
 @pytest.fixture
