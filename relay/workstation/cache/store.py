@@ -38,12 +38,15 @@ by one as they were written, a 200-image CT took about twice as long to write he
 power cut can therefore leave only whole files under an index; one that is not (a disk
 that lied, a file cut short after the fact) is dropped at start when its size is not the
 one the index recorded (zero length, short), or when it fails authentication as it is
-read (sealed: AES-GCM), and then served from the network and fetched again.
+read (sealed: AES-GCM), and then served from the network and fetched again. A file
+whose sync fails is dropped from the cache (`abandoned`) and the index made without it:
+kept for the next commit, it would fail every later one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import secrets
@@ -70,6 +73,7 @@ MAX_STUDIES: Final = 100_000  # index entries, whatever the sizes
 REMOVE_TRIES: Final = 3  # a wipe's tries of a file another program holds open (Windows)
 REMOVE_PAUSE: Final = 0.15  # seconds between them
 MAX_LEFTOVER: Final = 1_000  # files an eviction could not remove, kept counted to retry
+SYNC_ROUNDS: Final = 3  # makings of one index whose files failed to sync, before it gives up
 MAX_UNSYNCED: Final = 10_000  # files written and not yet synced, kept to sync at the commit
 
 
@@ -147,7 +151,8 @@ class CacheStore:
         self._saved = 0
         self._wiped_at = 0
         self._epoch = 0  # wipes so far: a write begun before one adds nothing after it
-        self._unsynced: set[Path] = set()  # written since the last index (persisted only)
+        #: Files written since the last index (persisted only), with the instance each holds.
+        self._unsynced: dict[Path, tuple[str, str]] = {}
         self._commit = threading.Lock()  # index saves' syncs and writes, one at a time
 
     # -- start, wipe ---------------------------------------------------------------
@@ -464,7 +469,7 @@ class CacheStore:
             self.total += inst.size - (old.size if old else 0)
             study.instances[inst.sop_instance] = inst
             if batched:
-                self._unsynced.add(path)
+                self._unsynced[path] = (study_uid, inst.sop_instance)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -552,35 +557,27 @@ class CacheStore:
         come back, and two threads' saves must not land in the wrong order."""
         if not self.persist_index:
             return
-        with self._lock:
-            self._saves += 1
-            number = self._saves
-            data = json.dumps(
-                {
-                    "format": INDEX_FORMAT,
-                    "seq": self._seq,
-                    "studies": [_saved(s) for s in self.studies.values()],
-                }
-            ).encode()
-        sealed = self.sealer.seal(INDEX_ID, data)
         path = self.dir / INDEX_FILE
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             # The files it names were written and renamed before it was made: their bytes
-            # and renames on disk first, then the index, then its own rename. One save at
-            # a time: another's sync may have taken a file this one names, and this one
-            # must not be in place before that sync is done.
+            # and renames on disk first, then the index, then its own rename. Made and
+            # synced one save at a time: another's sync may have taken a file this one
+            # names, and this one must not be made before that sync is done. Sealed and
+            # written outside (a save nested in another is no deadlock); the numbers keep
+            # an older save from replacing a newer one.
             with self._commit:
-                self._sync_written()
+                number, data = self._index_synced()
                 sync_directory(self.objects)
-                write_file(tmp, sealed, sync=True)
-                with self._lock:
-                    replaced = number > max(self._saved, self._wiped_at)
-                    if replaced:
-                        replacing.replace(tmp, path)  # Windows: a scanner may hold the index
-                        self._saved = number
+            sealed = self.sealer.seal(INDEX_ID, data)
+            write_file(tmp, sealed, sync=True)
+            with self._lock:
+                replaced = number > max(self._saved, self._wiped_at)
                 if replaced:
-                    sync_directory(self.dir)
+                    replacing.replace(tmp, path)  # Windows: a scanner may hold the index
+                    self._saved = number
+            if replaced:
+                sync_directory(self.dir)
         except OSError as exc:
             log.error("cache: cannot write the index in cache.dir %s (%s: %s); a restart "
                       "may not find the studies cached since", self.dir, type(exc).__name__,
@@ -589,20 +586,51 @@ class CacheStore:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
-    def _sync_written(self) -> None:
-        """Sync the files written since the last index (OSError: they wait for the next)."""
-        with self._lock:
-            waiting, self._unsynced = self._unsynced, set()
-        done: set[Path] = set()
-        try:
-            for path in waiting:
-                with contextlib.suppress(FileNotFoundError):  # evicted since
-                    sync_file(path)
-                done.add(path)
-        except OSError:
+    def _index_synced(self) -> tuple[int, bytes]:
+        """The index to write (made under the lock, numbered in save order) once every
+        file it names is synced. A file that cannot be synced is dropped and the index made
+        again without it (files written meanwhile are synced in that round); a disk that
+        keeps failing fails the save (OSError)."""
+        for _ in range(SYNC_ROUNDS):
             with self._lock:
-                self._unsynced |= waiting - done
-            raise
+                self._saves += 1
+                number = self._saves
+                data = json.dumps(
+                    {
+                        "format": INDEX_FORMAT,
+                        "seq": self._seq,
+                        "studies": [_saved(s) for s in self.studies.values()],
+                    }
+                ).encode()
+            if not self._sync_written():
+                return number, data
+        raise OSError(errno.EIO, f"files still failing to sync after {SYNC_ROUNDS} rounds")
+
+    def _sync_written(self) -> int:
+        """Sync the files written since the last index; the number that could not be, each
+        dropped from the cache ("abandoned"), not kept for the next commit: after a failed
+        sync the kernel may have let the bytes go and a later sync succeed all the same,
+        and one file the disk refuses must not keep every later index from being saved
+        (all that was cached after it would be lost at the next start)."""
+        with self._lock:
+            waiting, self._unsynced = self._unsynced, {}
+        failed: list[tuple[str, str]] = []
+        error: OSError | None = None
+        for path, held in waiting.items():
+            try:
+                sync_file(path)
+            except FileNotFoundError:  # evicted since
+                continue
+            except OSError as exc:
+                failed.append(held)
+                error = exc
+        for study_uid, sop_instance in failed:
+            self.drop_instance(study_uid, sop_instance, "abandoned")
+        if error is not None:
+            log.error("cache: %d file(s) in cache.dir %s could not be synced to disk (%s: %s); "
+                      "dropped from the cache, fetched again when next asked for", len(failed),
+                      self.dir, type(error).__name__, error.strerror or "")  # fmt: skip
+        return len(failed)
 
     def _load_index(self) -> bool:
         if not self.persist_index:

@@ -165,24 +165,38 @@ def test_past_the_bound_of_waiting_files_a_file_is_synced_as_it_is_written(
     assert len(s._unsynced) == 1
 
 
-def test_a_file_that_cannot_be_synced_keeps_the_index_from_naming_it(
+def test_a_file_that_cannot_be_synced_is_dropped_and_later_commits_still_land(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The commit fails as an index write fails (one error line); the files wait for the
-    next commit, and the index on disk still names only what was synced."""
+    """One file the disk refuses to sync (EIO): that instance is dropped (one error line,
+    counted as abandoned) and the index is saved without it; the commits after it land
+    too. Kept for the next commit instead, it failed every later one, and everything
+    cached after it was gone at the next start."""
     key = Sealer.new_key()
+    dropped: list[tuple[str, int]] = []
     s = store(tmp_path, key=key, persist=True)
+    s.on_drop = lambda reason, n: dropped.append((reason, n))
     fill(s, "1.1", 1)
+    bad = s.path_of("1.2", "1.2.0")
+    synced = durable.sync_file
 
-    def broken(path: Path) -> None:
-        raise OSError(5, "Input/output error")
+    def refuses_one(path: Path) -> None:
+        if path == bad:
+            raise OSError(5, "Input/output error")
+        synced(path)
 
-    monkeypatch.setattr(store_module, "sync_file", broken)
+    monkeypatch.setattr(store_module, "sync_file", refuses_one)
     with caplog.at_level(logging.ERROR):
-        fill(s, "1.2", 1)
-    assert any("cannot write the index" in r.getMessage() for r in caplog.records)
-    assert len(s._unsynced) == 1
-    assert list(store(tmp_path, key=key, persist=True).studies) == ["1.1"]
+        fill(s, "1.2", 2)
+        fill(s, "1.3", 1)
+    assert any("could not be synced" in r.getMessage() for r in caplog.records)
+    assert not any("cannot write the index" in r.getMessage() for r in caplog.records)
+    assert dropped == [("abandoned", 1)]
+    assert not bad.exists() and not s._unsynced
+    again = store(tmp_path, key=key, persist=True)
+    assert sorted(again.studies) == ["1.1", "1.2", "1.3"]
+    assert list(again.studies["1.2"].instances) == ["1.2.1"]
+    assert not again.studies["1.2"].complete and again.studies["1.3"].complete
 
 
 def test_with_the_key_in_memory_nothing_is_synced(tmp_path: Path, events: list[Event]) -> None:
