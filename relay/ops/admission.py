@@ -29,7 +29,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -334,7 +333,10 @@ class _Site(web.BaseSite):
 
 async def _bind(host: str, port: int) -> list[socket.socket]:
     """A listening socket per address `host` resolves to, as asyncio's create_server binds
-    them (SO_REUSEADDR off Windows, IPv6 sockets IPv6 only)."""
+    them (SO_REUSEADDR on POSIX, IPv6 sockets IPv6 only), but SO_EXCLUSIVEADDRUSE where
+    the OS has it (Windows, where a socket with SO_REUSEADDR may bind a port in use and
+    take some of its connections: relay.dicom.exclusive)."""
+    exclusive: int | None = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
     infos = await asyncio.get_running_loop().getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -343,7 +345,9 @@ async def _bind(host: str, port: int) -> list[socket.socket]:
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
-            if sys.platform != "win32":
+            if exclusive is not None:  # Windows: no other socket may bind this port
+                sock.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+            else:  # POSIX: a restart binds over TIME_WAIT; a second listener is refused
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
