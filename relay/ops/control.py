@@ -21,8 +21,10 @@ Surface: `POST /v1/<command>` with a JSON object, answered with a JSON object (2
 `{"error": ...}` with 400 (bad request, no or bad nonce), 401 (no or wrong key), 403 (a
 Host that is not loopback: DNS rebinding from a browser), 404 (unknown command), 413
 (body over MAX_REQUEST), 503 (more than MAX_CONCURRENT commands at once); 401 and 403
-and a bad nonce are not signed. Handlers register by name; they never see the secret.
-The client (`call`) bounds what it reads to MAX_RESPONSE.
+and a bad nonce are not signed. Connections go through relay.ops.admission (`LIMITS`):
+any local account reaches the port, so idle or half-sent connections are closed after a
+deadline and at most 2 x MAX_CONCURRENT are open at once. Handlers register by name;
+they never see the secret. The client (`call`) bounds what it reads to MAX_RESPONSE.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.ops import privatefiles, replacing
+from relay.ops.admission import Admission, ConnectionLimits
 
 __all__ = [
     "CONTROL_FILE",
@@ -73,6 +75,10 @@ HOST: Final = "127.0.0.1"
 MAX_REQUEST: Final = 64 * 1024
 MAX_RESPONSE: Final = 4 * 1024 * 1024
 MAX_CONCURRENT: Final = 8
+#: Connections open at once, and the deadline for each request head (and idle keep-alive):
+#: any local account can reach the port, and idle or half-sent connections must not hold
+#: the endpoint that `relay workstation reload|stop` and `relay cache wipe` need.
+LIMITS: Final = ConnectionLimits(max_connections=2 * MAX_CONCURRENT, head_timeout=10.0)
 MAX_ENDPOINT_FILE: Final = 4096
 VERSION: Final = 2  # 2: the server proves the secret; the secret itself stays home
 HELLO: Final = "hello"  # the client's first request: is this the server of control.json?
@@ -162,7 +168,13 @@ def _write_endpoint(state_dir: Path, endpoint: Endpoint) -> None:
 class ControlServer:
     """The endpoint of one process; `handlers` maps command names to coroutines."""
 
-    def __init__(self, state_dir: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        handlers: Mapping[str, Handler],
+        *,
+        limits: ConnectionLimits = LIMITS,
+    ) -> None:
         if HELLO in handlers:
             raise ValueError(f"the command name {HELLO!r} is reserved")
         self.state_dir = Path(state_dir)
@@ -170,25 +182,18 @@ class ControlServer:
         self._token = secrets.token_urlsafe(32)
         self._key = f"Bearer {_client_key(self._token)}"
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
-        self._runner: web.AppRunner | None = None
+        self.limits = limits
+        self.admission: Admission | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
         """Bind 127.0.0.1 port 0, then publish the port and secret in control.json."""
         app = web.Application(client_max_size=MAX_REQUEST)
         app.router.add_post("/v1/{command}", self._command)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind((HOST, 0))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            sock.close()
-            raise
-        site = web.SockSite(self._runner, sock)
-        await site.start()
-        self.port = sock.getsockname()[1]
+        admission = Admission(app, self.limits)
+        bound = await admission.start(HOST, 0)
+        self.admission = admission
+        self.port = bound[0].port
         _write_endpoint(self.state_dir, Endpoint(self.port, self._token, os.getpid()))
         log.info("control endpoint listening", extra={"port": self.port})
 
@@ -202,9 +207,9 @@ class ControlServer:
         with contextlib.suppress(ControlError, OSError):
             if read_endpoint(self.state_dir).token == self._token:
                 _endpoint_file(self.state_dir).unlink(missing_ok=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self.admission is not None:
+            await self.admission.stop()
+            self.admission = None
 
     def _refusal(self, request: web.Request) -> web.Response | None:
         host = (request.host or "").rsplit(":", 1)[0].strip("[]").lower()

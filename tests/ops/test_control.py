@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from relay.ops import control, privatefiles
+from relay.ops.admission import ConnectionLimits
 from relay.ops.control import ControlError, ControlServer
 from tests.replacing_helpers import scanner_holds_each_fresh_file_once
 
@@ -367,3 +368,34 @@ async def test_an_endpoint_file_of_another_version(tmp_path: Path) -> None:
     )
     with pytest.raises(ControlError, match="another version of relay"):
         control.read_endpoint(tmp_path)
+
+
+async def test_idle_and_half_sent_connections_are_bounded_and_closed(tmp_path: Path) -> None:
+    """Any local account reaches the port: connections over the cap are closed at once,
+    one that sends half a request head is closed at the deadline, and the command a
+    radiologist runs still gets through once they are gone."""
+    srv = ControlServer(
+        tmp_path, {"echo": echo}, limits=ConnectionLimits(max_connections=3, head_timeout=1.0)
+    )
+    await srv.start()
+    assert srv.port is not None and srv.admission is not None
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(3):  # each sends half a head and stalls
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            writer.write(b"POST /v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            await writer.drain()
+            held.append((reader, writer))
+        over_r, over_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        assert await asyncio.wait_for(over_r.read(), 5) == b""  # over the cap: closed at once
+        over_w.close()
+        assert srv.admission.over_cap == 1
+        # the stalled ones end at the deadline (read sees their end), then a command works
+        for reader, _ in held:
+            assert b"200" not in await asyncio.wait_for(reader.read(), 10)
+        assert srv.admission.timed_out == 3
+        assert await control.call(tmp_path, "echo", {"x": 1}) == {"ok": True, "got": {"x": 1}}
+    finally:
+        for _, writer in held:
+            writer.close()
+        await srv.stop()
