@@ -24,29 +24,18 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 
 ZSTD: Final = "zstd"
-# zstd at FAST_LEVEL (or the configured level if lower): never offered nor traded in
-# phases, only a candidate for what goes before the link is measured. On a lone 512x512
-# CT slice it encodes in 1.3 ms where level 3 takes 3.0, for 15% more bytes: sooner
-# from about 150 Mbit/s on (docs/internals/codecs.md).
-ZSTD_FAST: Final = "zstd-fast"
-FAST_LEVEL: Final = 1
 
 # Priors (one core of the development machine, synthetic 512x512 CT, 16-bit): ratio and
 # raw bytes per CPU second, encode and decode. Encode includes the agent's check where it
 # runs on every instance (JPEG XL); JPEG-LS and HTJ2K are proven exact on grayscale and
 # checked on a sample (relay.dicom.encoder.SPOT_CHECK).
-PRIOR_RATIO: Final = {ZSTD: 2.5, ZSTD_FAST: 2.2, "jpegls": 3.3, "htj2k": 2.9, "jpegxl": 3.07}
-PRIOR_ENCODE: Final = {
-    ZSTD: 150e6, ZSTD_FAST: 400e6, "jpegls": 75e6, "htj2k": 150e6, "jpegxl": 110e6
-}  # fmt: skip
-PRIOR_DECODE: Final = {
-    ZSTD: 800e6, ZSTD_FAST: 800e6, "jpegls": 120e6, "htj2k": 280e6, "jpegxl": 215e6
-}  # fmt: skip
+PRIOR_RATIO: Final = {ZSTD: 2.5, "jpegls": 3.3, "htj2k": 2.9, "jpegxl": 3.07}
+PRIOR_ENCODE: Final = {ZSTD: 150e6, "jpegls": 75e6, "htj2k": 150e6, "jpegxl": 110e6}
+PRIOR_DECODE: Final = {ZSTD: 800e6, "jpegls": 120e6, "htj2k": 280e6, "jpegxl": 215e6}
 PRIOR_LINK: Final = 12.5e6  # bytes/s (100 Mbit/s) assumed for the first instance
 MARGIN: Final = 0.1  # a measured rate must beat the model's pick by this much to replace it
 MAX_CONTENDERS: Final = 2  # image codecs tried against zstd on one stream
 _WEIGHT: Final = 0.3  # of a new measurement in the running average
-MIN_LINK_SAMPLE: Final = 4096  # bytes: a smaller write says nothing about the link
 
 
 @dataclass(frozen=True)
@@ -60,9 +49,6 @@ class Rates:
     """What the agent knows: per codec, ratio and rates; the link in wire bytes/s."""
 
     link: float | None = None  # None: nothing measured yet
-    # What the previous stream on the same path (the device's sealed session) measured
-    # last: the first instance's guess instead of PRIOR_LINK. Never used once `link` is.
-    expected_link: float | None = None
     # The link estimate is a ratio of averages: (average bytes per write) / (average
     # seconds a write was blocked). Writes that the stream took at once (window credit
     # left) add bytes but no time; an average of per-write speeds would count each of
@@ -99,15 +85,13 @@ def choose(rates: Rates, offered: tuple[str, ...], max_workers: int) -> Choice:
     """The codec (ZSTD or one of `offered`) and worker count with the least cost.
 
     Before the link has been measured (the stream's first instance, which the viewer
-    waits for), the option that gets one instance across soonest at the link the path's
-    previous stream measured (`expected_link`), or PRIOR_LINK on a new path: encoding,
-    wire and decoding add up for a lone instance; ZSTD_FAST is one of the options then,
-    and only then. From the first write on, the link is measured.
+    waits for), the option that gets one instance across soonest at PRIOR_LINK:
+    encoding, wire and decoding add up for a lone instance. From the first write on, the
+    link is measured.
     """
     max_workers = max(1, max_workers)
-    if rates.link is None:
-        link = rates.expected_link or PRIOR_LINK
-        best = min((*offered, ZSTD, ZSTD_FAST), key=lambda c: latency(rates, c, link))
+    if offered and rates.link is None:
+        best = min((*offered, ZSTD), key=lambda c: latency(rates, c, PRIOR_LINK))
         return Choice(best, max_workers)
     ranked = contenders(rates, offered, max_workers, limit=len(offered))
     return plan(rates, ranked[0], max_workers)
@@ -163,7 +147,7 @@ def trial(ranked: list[str], measured: Mapping[str, float], phase: int, recheck:
 
 def observe_link(rates: Rates, wire_bytes: int, seconds: float) -> Rates:
     """A write of `wire_bytes` that took `seconds` to be accepted by the stream."""
-    if wire_bytes < MIN_LINK_SAMPLE:
+    if wire_bytes < 4096:
         return rates  # too small to say anything about the link
     if rates.link is None:
         nbytes, secs = float(wire_bytes), max(seconds, 0.0)

@@ -324,7 +324,6 @@ async def _serve(
         offered = offered_codecs(stream.headers.get(HEADER_DICOM_PIXELS), pacs.allowed_codecs)
         encoder = StreamEncoder(
             codec, offered, pacs.codec_workers, rates, adaptive=pacs.pixel_codecs == "auto",
-            path=getattr(stream, "link", None),  # the device's sealed session, if any
         )  # fmt: skip
         taken = await _pump(stream, codec, out, op, pacs.stall_timeout, encoder, strip=strip)
     finally:

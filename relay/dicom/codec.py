@@ -314,16 +314,11 @@ class MessageCodec:
 
     # -- zstd -------------------------------------------------------------------------
 
-    def _compressor(self, level: int | None = None) -> zstandard.ZstdCompressor:
-        """This thread's compressor at `level` (default: the codec's own); one per level
-        used, of the 30 zstd has."""
-        level = self.level if level is None else level
-        kept: dict[int, zstandard.ZstdCompressor] | None = getattr(self._local, "c", None)
-        if kept is None:
-            kept = self._local.c = {}
-        c = kept.get(level)
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
         if c is None:
-            c = kept[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+            c = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            self._local.c = c
         return c
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
@@ -333,12 +328,10 @@ class MessageCodec:
             self._local.d = d
         return d
 
-    def _maybe_compress(
-        self, body: bytes, transfer_syntax: str, level: int | None = None
-    ) -> tuple[bytes, bool]:
+    def _maybe_compress(self, body: bytes, transfer_syntax: str) -> tuple[bytes, bool]:
         if len(body) < MIN_COMPRESS or is_precompressed(transfer_syntax):
             return body, False
-        packed = self._compressor(level).compress(body)
+        packed = self._compressor().compress(body)
         if len(packed) >= len(body):
             return body, False  # does not shrink: send as is
         return packed, True
@@ -426,24 +419,19 @@ class MessageCodec:
             final if kept == len(uids) else dataclasses.replace(final, failed_instances=uids[:kept])
         )
 
-    def encode(
-        self, msg: Message, pixels: PixelPart | None = None, *, level: int | None = None
-    ) -> bytes:
+    def encode(self, msg: Message, pixels: PixelPart | None = None) -> bytes:
         """The bytes to write for `msg`: length prefix, fixed header, JSON header, body.
 
         With `pixels` (an Instance only), the pixel values at `pixels.offset` travel as
-        the codestreams and the rest of the dataset as zstd (FLAG_PIXELS). `level`: zstd's
-        for this message instead of the codec's (any level decodes the same way).
+        the codestreams and the rest of the dataset as zstd (FLAG_PIXELS).
         """
-        if level is not None and not -7 <= level <= 22:
-            raise ValueError("zstd level must be between -7 and 22")
         mtype, header, body, ts = self._wire_parts(msg)
         if pixels is not None:
             if mtype != MessageType.INSTANCE:
                 raise DicomProtocolError("only an instance carries encoded pixels")
             return self._encode_pixels(header, body, ts, pixels)
         hbytes = self._header_bytes(header)
-        wire_body, compressed = self._maybe_compress(body, ts, level)
+        wire_body, compressed = self._maybe_compress(body, ts)
         flags = FLAG_ZSTD if compressed else 0
         length = _FIXED.size + len(hbytes) + len(wire_body)
         if length > self.limits.max_message:

@@ -17,7 +17,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-import weakref
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -41,15 +40,6 @@ PHASE_MEASURE: Final = 8
 # be flattered (one such phase was not enough: 48 MB/s measured for zstd where the link
 # carries 31).
 WARMUP_PHASES: Final = 2
-# Paths (a device's sealed session: the stream's `link`) whose last measured link rate is
-# remembered for their next stream's first instance; held weakly, so an ended session
-# leaves by itself, and at most this many at once (the oldest makes room).
-MAX_PATHS: Final = 1024
-# A stream that wrote less leaves its path's expectation as it was: within the stream's
-# window (1 MiB by default) writes are taken at once whatever the link, so a short
-# stream (one instance, a few) reads as a fast link even at 20 Mbit/s. Eight windows'
-# worth must have waited for the far end's credit on any link slower than the agent.
-MIN_PATH_BYTES: Final = 8 * 1024 * 1024
 
 
 def shared_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -83,10 +73,6 @@ class RateBook:
         # Proven codecs per (codec, bits, signed): instances seen, and those disproven.
         self._spot: dict[tuple[str, int, bool], int] = {}
         self._disproven: set[tuple[str, int, bool]] = set()
-        # The link rate each path's last stream measured (bytes/s), for its next first
-        # instance: a device on a fast link then gets zstd, whose decode is 4x cheaper,
-        # instead of what PRIOR_LINK's 100 Mbit/s would pick.
-        self._paths: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
 
     def needs_check(self, codec: str, fmt: codecs.PixelFormat) -> bool:
         """Whether this instance's encoding must be decoded and compared before it goes:
@@ -132,38 +118,14 @@ class RateBook:
         with self._lock:
             return {k: replace(v) for k, v in self._tallies.items()}
 
-    def start(self, path: object | None = None) -> ch.Rates:
-        """Rates for a new stream: learned codec rates, the link not measured yet, and
-        what `path`'s previous stream measured of it (None: not known)."""
+    def start(self) -> ch.Rates:
+        """Rates for a new stream: learned codec rates, the link not measured yet."""
         with self._lock:
-            try:
-                expected = self._paths.get(path) if path is not None else None
-            except TypeError:  # a path that cannot be weakly referenced: never remembered
-                expected = None
-            return replace(
-                self._rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=expected
-            )
+            return replace(self._rates, link=None, link_bytes=0.0, link_seconds=0.0)
 
-    def keep(self, rates: ch.Rates, path: object | None = None, link: float | None = None) -> None:
-        """A stream ended: keep its codec rates for all, and the link rate it measured
-        (bytes/s; None: nothing measured) for `path`."""
+    def keep(self, rates: ch.Rates) -> None:
         with self._lock:
-            self._rates = replace(
-                rates, link=None, link_bytes=0.0, link_seconds=0.0, expected_link=None
-            )
-            if path is None or link is None:
-                return
-            try:
-                if path not in self._paths and len(self._paths) >= MAX_PATHS:
-                    del self._paths[next(iter(self._paths))]
-                self._paths[path] = link
-            except TypeError:  # a path that cannot be weakly referenced: not remembered
-                pass
-
-    def paths(self) -> int:
-        """How many paths' link rates are remembered (for tests)."""
-        with self._lock:
-            return len(self._paths)
+            self._rates = replace(rates, link=None, link_bytes=0.0, link_seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -189,16 +151,12 @@ class StreamEncoder:
         book: RateBook | None = None,
         *,
         adaptive: bool = True,
-        path: object | None = None,
     ) -> None:
-        """`path`: what the stream rides on (a device's sealed session), whose last
-        measured link rate chooses the first instance's codec (RateBook.start)."""
         self.codec = codec
         self.offered = offered
         self.workers = workers
         self.book = book or RateBook()
-        self.path = path
-        self.rates = self.book.start(path)
+        self.rates = self.book.start()
         # Not adaptive (the config names one codec): that codec for every instance it
         # can take, whatever the link (fewest bytes, e.g. a metered link).
         self.adaptive = adaptive or not offered
@@ -218,12 +176,6 @@ class StreamEncoder:
         self._phase_raw = 0
         self._phase_start = 0.0
         self._warmups = WARMUP_PHASES  # phases left before measuring starts
-        # The whole stream's writes (those observe_link counts): bytes, and seconds they
-        # were blocked. Their ratio is what the path's next stream expects of the link:
-        # steadier than the running estimate, which one late stall can pull under the
-        # first instance's crossover on a fast link.
-        self._wire = 0
-        self._blocked = 0.0
 
     @property
     def choice(self) -> ch.Choice:
@@ -241,15 +193,7 @@ class StreamEncoder:
         chosen = choice.codec
         started = time.thread_time()
         fell_back = ""
-        if chosen == ch.ZSTD_FAST and isinstance(msg, Instance):
-            fast = self.codec.encode(msg, level=min(self.codec.level, ch.FAST_LEVEL))
-            cpu = time.thread_time() - started
-            return Encoded(fast, ch.ZSTD_FAST, len(msg.dataset), cpu, epoch)
-        if (
-            chosen not in (ch.ZSTD, ch.ZSTD_FAST)
-            and isinstance(msg, Instance)
-            and len(msg.dataset) >= MIN_PIXELS_BYTES
-        ):
+        if chosen != ch.ZSTD and isinstance(msg, Instance) and len(msg.dataset) >= MIN_PIXELS_BYTES:
             frame, no_gain = self._with_pixels(msg, chosen)
             if frame is not None:
                 cpu = time.thread_time() - started
@@ -286,9 +230,8 @@ class StreamEncoder:
     def encoded(self, result: Encoded) -> None:
         """On the loop: learn from an encoded instance."""
         if result.raw:
-            shown = ch.ZSTD if result.codec == ch.ZSTD_FAST else result.codec  # zstd all the same
-            self.counts[shown] = self.counts.get(shown, 0) + 1
-            self.book.tally(shown, result.raw, len(result.frame))
+            self.counts[result.codec] = self.counts.get(result.codec, 0) + 1
+            self.book.tally(result.codec, result.raw, len(result.frame))
             if result.fell_back:
                 self.book.fallback(result.fell_back)
             self.rates = ch.observe_encode(
@@ -299,9 +242,6 @@ class StreamEncoder:
     def written(self, result: Encoded, seconds: float, now: float | None = None) -> None:
         """On the loop: the write of `result` took `seconds` to be accepted (ended `now`)."""
         self.rates = ch.observe_link(self.rates, len(result.frame), seconds)
-        if len(result.frame) >= ch.MIN_LINK_SAMPLE:
-            self._wire += len(result.frame)
-            self._blocked += max(seconds, 0.0)
         if result.raw and self.adaptive and self.offered:
             self._phase_step(result, time.monotonic() if now is None else now)
         self._decide()
@@ -329,8 +269,7 @@ class StreamEncoder:
         self.phase += 1
 
     def finish(self) -> None:
-        link = self._wire / max(self._blocked, 1e-6) if self._wire >= MIN_PATH_BYTES else None
-        self.book.keep(self.rates, self.path, link)
+        self.book.keep(self.rates)
 
     def _decide(self) -> None:
         if not self.adaptive:
@@ -339,8 +278,7 @@ class StreamEncoder:
         if self._new_phase:  # which codec it tries, once: all its instances go in it
             self._new_phase = False
             ranked = ch.contenders(self.rates, self.offered, self.workers)
-            lead = ch.ZSTD if self.model.codec == ch.ZSTD_FAST else self.model.codec
-            ranked = [lead, *(c for c in ranked if c != lead)]
+            ranked = [self.model.codec, *(c for c in ranked if c != self.model.codec)]
             self.phase_codec = ch.trial(ranked, self.measured, self.phase)
         if self._warmups or self.phase_codec == self.model.codec:
             self.choice = self.model

@@ -13,7 +13,6 @@ from relay.codecs.choice import (
     PRIOR_LINK,
     PRIOR_RATIO,
     ZSTD,
-    ZSTD_FAST,
     Choice,
     Rates,
     choose,
@@ -47,24 +46,6 @@ def test_before_the_link_is_measured_what_crosses_soonest_goes_first() -> None:
     # An agent that has measured its JPEG-LS encoder at 200 MB/s sends the first with it.
     fast = replace(Rates(), encode={**PRIOR_ENCODE, "jpegls": 200e6})
     assert choose(fast, ("jpegls",), 2).codec == "jpegls"
-
-
-def test_the_first_instance_follows_the_link_its_path_measured_last() -> None:
-    """A device whose previous stream measured its link: the first instance of the next
-    is chosen for that link, not for PRIOR_LINK. At 1 Gbit/s zstd at its fast level
-    crosses soonest (its decode is a quarter of HTJ2K's, its encode under half of level
-    3's; the bytes it adds take no time there), at 20 Mbit/s the best ratio; once this
-    stream measures its own link, the path's guess is moot and the fast level is never
-    chosen."""
-    assert choose(Rates(expected_link=1000 * MBIT), BOTH, 2) == Choice(ZSTD_FAST, 2)
-    assert choose(Rates(expected_link=1000 * MBIT), (), 2) == Choice(ZSTD_FAST, 2)
-    assert choose(Rates(expected_link=100 * MBIT), (), 2) == Choice(ZSTD, 2)
-    assert choose(Rates(expected_link=20 * MBIT), BOTH, 2) == Choice("jpegls", 2)
-    assert choose(Rates(expected_link=100 * MBIT), BOTH, 2) == choose(Rates(), BOTH, 2)
-    measured = Rates(link=20 * MBIT, expected_link=1000 * MBIT)
-    assert choose(measured, BOTH, 4) == choose(Rates(link=20 * MBIT), BOTH, 4)
-    assert choose(Rates(link=1000 * MBIT, expected_link=1000 * MBIT), BOTH, 2).codec == ZSTD
-    assert ZSTD_FAST not in contenders(Rates(link=10_000 * MBIT), BOTH, 2)
 
 
 def test_a_slow_link_takes_the_best_ratio_with_few_workers() -> None:

@@ -10,7 +10,7 @@ from typing import cast
 
 import pytest
 
-from relay.dicom import encoder, rawds
+from relay.dicom import rawds
 from relay.dicom.agent import serve_dicom_stream
 from relay.dicom.codec import (
     FLAG_PIXELS,
@@ -21,7 +21,7 @@ from relay.dicom.codec import (
     read_payload,
     write_message,
 )
-from relay.dicom.encoder import Encoded, RateBook, StreamEncoder, offered_codecs
+from relay.dicom.encoder import Encoded, StreamEncoder, offered_codecs
 from relay.dicom.pacs_target import PacsTarget, PixelCodecs
 from relay.dicom.rawds import encode_dataset
 from relay.net.bytestream import pipe
@@ -118,43 +118,3 @@ def test_offered_codecs_are_what_both_ends_and_the_config_allow() -> None:
     assert offered_codecs("jpegls,htj2k", ()) == ()
     assert offered_codecs(" htj2k , jpegls", ("jpegls", "htj2k")) == ("jpegls", "htj2k")
     assert offered_codecs("htj2k,zstd,../../x", ("jpegls", "htj2k")) == ("htj2k",)
-
-
-class Session:
-    """What a stream rides on at the agent (`stream.link`: a device's sealed session)."""
-
-
-async def first_flags(pacs: EmbeddedPacs, book: RateBook, session: Session) -> int:
-    """Retrieve the study on a stream of `session`; the flags of its first instance."""
-    target = PacsTarget(ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.port, timeout=10)
-    a, b = pipe({HEADER_DICOM_PIXELS: "htj2k,jpegls"})
-    b.link = session  # type: ignore[attr-defined]
-    server = asyncio.create_task(serve_dicom_stream(b, target, rates=book))
-    codec = MessageCodec(accept_pixels=True)
-    ident = encode_dataset(query("STUDY", StudyInstanceUID=STUDY), EXPLICIT)
-    await write_message(a, codec, Request(op="retrieve", root="study", transfer_syntax=EXPLICIT,
-                                          dataset=ident))  # fmt: skip
-    flags = []
-    while (payload := await asyncio.wait_for(read_payload(a, codec), 20)) is not None:
-        if isinstance(codec.decode(payload), Instance):
-            flags.append(payload[2])
-    await a.write_eof()
-    await asyncio.wait_for(server, 20)
-    assert len(flags) == len(CT)
-    return flags[0]
-
-
-async def test_the_next_stream_of_a_session_on_a_fast_link_sends_its_first_instance_as_zstd(
-    pacs: EmbeddedPacs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The first instance is chosen before this stream has measured anything: at 100
-    Mbit/s (PRIOR_LINK) on a new session, HTJ2K; on a session whose last stream found
-    the link fast (this in-memory one takes every write at once), zstd, whose decode
-    costs the workstation a quarter of HTJ2K's on the first image's path. (The study
-    here is small: the bytes a stream must write to speak for its path are lowered.)"""
-    monkeypatch.setattr(encoder, "MIN_PATH_BYTES", 1)
-    book = RateBook()
-    fast = Session()
-    assert await first_flags(pacs, book, fast) & FLAG_PIXELS
-    assert not await first_flags(pacs, book, fast) & FLAG_PIXELS
-    assert book.paths() == 1 and book.start(Session()).expected_link is None  # not another's

@@ -508,14 +508,3 @@ def test_a_pending_s_warning_status_travels_and_older_peers_are_unaffected() -> 
     assert codec.decode(newer) == Pending(transfer_syntax=EXPLICIT, status=0xFF01)
     with pytest.raises(DicomProtocolError, match="pending status"):
         codec.encode(Pending(status=0xC000))
-
-
-def test_a_message_may_take_another_zstd_level_and_decodes_the_same() -> None:
-    """The agent's first instance on a fast path goes at zstd's fast level
-    (relay.codecs.choice.ZSTD_FAST): a level of its own for one message, any of zstd's."""
-    codec = MessageCodec(level=3)
-    msg = Instance("1.2.3", "1.2.3.4", EXPLICIT, bytes(range(256)) * 400)
-    for level in (-7, 1, 3, 22):
-        assert codec.decode(bytearray(codec.encode(msg, level=level)[4:])) == msg
-    with pytest.raises(ValueError, match="zstd level"):
-        codec.encode(msg, level=23)

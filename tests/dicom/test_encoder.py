@@ -10,11 +10,9 @@ import pytest
 
 from relay.agent.codec_metrics import PixelCodecMetrics
 from relay.codecs import PixelFormat
-from relay.codecs.choice import FAST_LEVEL, ZSTD, ZSTD_FAST
+from relay.codecs.choice import ZSTD
 from relay.dicom.codec import DicomLimits, Instance, MessageCodec
 from relay.dicom.encoder import (
-    MAX_PATHS,
-    MIN_PATH_BYTES,
     PHASE_MEASURE,
     PHASE_SKIP,
     SPOT_CHECK,
@@ -26,7 +24,6 @@ from relay.dicom.encoder import (
 from relay_dev import samples
 
 PHASE = PHASE_SKIP + PHASE_MEASURE
-ZSTDS = (ZSTD, ZSTD_FAST)
 
 
 def run_phase(enc: StreamEncoder, now: float, seconds_per_instance: float) -> float:
@@ -216,113 +213,3 @@ def test_a_phase_times_only_what_was_encoded_under_its_choice() -> None:
         enc.written(result, seconds, now)
     raw = len(msg.dataset)
     assert enc.measured == {"jpegls": pytest.approx(raw / 0.05), ZSTD: pytest.approx(raw / 0.025)}
-
-
-class _Path:
-    """Stands for what a stream rides on (a device's sealed session: `stream.link`)."""
-
-
-def test_a_paths_next_stream_sends_its_first_instance_for_the_link_it_measured() -> None:
-    """The first instance waits for nothing measured. On a path whose last stream saw a
-    fast link it goes as zstd (its decode costs the workstation a quarter of HTJ2K's,
-    and the bytes it adds take no time there); on a new path, or one whose last stream
-    saw a slow link, as what PRIOR_LINK (100 Mbit/s) or that link says."""
-    book = RateBook()
-    fast, slow, new = _Path(), _Path(), _Path()
-    offered = ("htj2k", "jpegls")
-    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec == "htj2k"
-    for path, seconds in ((fast, 0.0004), (slow, 0.08)):  # 200 kB: 500 MB/s, 2.5 MB/s
-        enc = StreamEncoder(MessageCodec(), offered, 2, book, path=path)
-        for _ in range(PATH_WRITES):
-            enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), seconds)
-        enc.finish()
-    # zstd at either level (these fake instances taught the book a fast level 3)
-    assert StreamEncoder(MessageCodec(), offered, 2, book, path=fast).choice.codec in ZSTDS
-    assert StreamEncoder(MessageCodec(), offered, 2, book, path=slow).choice.codec == "jpegls"
-    assert StreamEncoder(MessageCodec(), offered, 2, book, path=new).choice.codec == "htj2k"
-    assert StreamEncoder(MessageCodec(), offered, 2, book).choice.codec == "htj2k"
-
-
-def test_a_late_stall_does_not_make_a_fast_path_look_slow() -> None:
-    """What the path's next stream expects is the whole stream's bytes per second
-    blocked, not the running estimate at its end: 100 writes taken at 500 MB/s, then
-    three that waited 50 ms each (the viewer paused, say) leave the running estimate at
-    6 MB/s, under the first instance's crossover, and the stream's own at 108 MB/s."""
-    book, path = RateBook(), _Path()
-    enc = StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path)
-    for seconds in [0.0004] * 100 + [0.05] * 3:
-        enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), seconds)
-    assert enc.rates.link is not None and enc.rates.link < 8e6
-    enc.finish()
-    assert book.start(path).expected_link == pytest.approx(20.6e6 / 0.19)
-    next_stream = StreamEncoder(MessageCodec(), ("htj2k", "jpegls"), 2, book, path=path)
-    assert next_stream.choice.codec == ZSTD_FAST
-
-
-PATH_WRITES = MIN_PATH_BYTES // 200_000 + 1  # of 200 kB: enough for the path to learn
-
-
-def _fast_stream(book: RateBook, path: _Path, writes: int = PATH_WRITES) -> None:
-    enc = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
-    for _ in range(writes):
-        enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # 500 MB/s
-    enc.finish()
-
-
-def test_a_short_stream_says_nothing_about_its_path() -> None:
-    """Within the stream's window every write is taken at once, whatever the link: a
-    stream of a few instances (one viewport's, say) reads as fast even at 20 Mbit/s,
-    and would send the next stream's first instance as zstd there. It leaves the path's
-    expectation as it was: none, or what a long stream measured."""
-    book, path = RateBook(), _Path()
-    _fast_stream(book, path, writes=PATH_WRITES - 2)
-    assert book.start(path).expected_link is None
-    slow = StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=path)
-    for _ in range(PATH_WRITES):
-        slow.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.08)  # 2.5 MB/s
-    slow.finish()
-    _fast_stream(book, path, writes=3)
-    assert book.start(path).expected_link == pytest.approx(2.5e6)
-
-
-def test_the_remembered_paths_are_bounded_and_leave_with_their_session() -> None:
-    book = RateBook()
-    paths = [_Path() for _ in range(MAX_PATHS + 10)]
-    for path in paths:
-        _fast_stream(book, path)
-    del path
-    assert book.paths() == MAX_PATHS  # the oldest made room
-    assert book.start(paths[0]).expected_link is None
-    assert book.start(paths[-1]).expected_link == pytest.approx(500e6)
-    del paths
-    assert book.paths() == 0  # an ended session is forgotten with it
-    unmeasured = _Path()
-    StreamEncoder(MessageCodec(), ("htj2k",), 1, book, path=unmeasured).finish()
-    assert book.paths() == 0  # a stream that measured nothing leaves nothing
-    _fast_stream(book, 1)  # type: ignore[arg-type]  # no weak reference: not remembered
-    assert book.paths() == 0 and book.start(1).expected_link is None
-
-
-def test_a_first_instance_at_the_fast_level_is_zstd_all_the_same() -> None:
-    """Before the link is measured, on a fast path, the instance goes as zstd at
-    FAST_LEVEL: the same dataset when decoded, more bytes than at the codec's level 3,
-    counted as zstd, and its encode speed kept apart from level 3's (the model's zstd
-    would otherwise look twice as fast as it is)."""
-    ct = samples.make_study(1, rows=128, cols=128)[0]
-    msg = Instance(ct.sop_class, ct.sop_instance, ct.transfer_syntax, ct.data)
-    book, path = RateBook(), _Path()
-    _fast_stream(book, path)
-    codec = MessageCodec()
-    enc = StreamEncoder(codec, ("htj2k",), 2, book, path=path)
-    assert enc.choice.codec == ZSTD_FAST
-    zstd_rate = enc.rates.encode[ZSTD]
-    result = enc.encode(msg)
-    assert result.codec == ZSTD_FAST and result.raw == len(ct.data)
-    assert codec.decode(bytearray(result.frame[4:])) == msg
-    assert len(result.frame) > len(codec.encode(msg))  # level 1: more bytes than 3
-    assert result.frame == codec.encode(msg, level=FAST_LEVEL)
-    enc.encoded(result)
-    assert enc.counts == {ZSTD: 1} and book.tallies()[ZSTD].instances == 1
-    assert enc.rates.encode[ZSTD] == zstd_rate
-    enc.written(Encoded(b"x" * 200_000, ZSTD, 0, 0.0, 0), 0.0004)  # the link: 500 MB/s
-    assert enc.choice.codec == ZSTD  # measured: level 3 from now on
