@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from relay.agent.authority import DeviceAuthority
 from relay.agent.config import load_agent_config
 from relay.agent.itpages.server import LIMITS, ItPagesServer
 from relay.ops.admission import ConnectionLimits
+from tests.ops.test_http import closed, until
 from tests.pki_helpers import HOST, make_pki
 
 WAIT = 10.0  # an upper bound on every wait; never an assertion on time
@@ -61,22 +62,6 @@ async def served(tmp_path: Path, limits: ConnectionLimits) -> AsyncIterator[Serv
     finally:
         await server.stop()
         authority.close()
-
-
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
-async def closed(reader: asyncio.StreamReader) -> bytes:
-    async with asyncio.timeout(WAIT):
-        try:
-            return await reader.read()
-        except ConnectionResetError:
-            return b""
 
 
 async def honest(served: Served) -> int:
