@@ -15,6 +15,13 @@ connections itself (`loop.sock_accept`, as the gateway does) and:
    request head, TLS handshake and vetting included; past it the connection is aborted
    and counted (`timed_out`). aiohttp's `keepalive_timeout`, set to the same value,
    bounds every later head and the idle time between requests.
+4. where the listener's bodies are small (forms, JSON commands: `body_timeout` set), gives
+   each request `body_timeout` seconds from its head to the end of its body; past it the
+   connection is aborted and counted (`timed_out`). aiohttp reads a body only when the
+   handler asks, with no deadline: a complete head and then a body byte every few
+   seconds held a connection, and its handler, for as long as the client liked. Large
+   bodies (DICOMweb uploads) are paced by their handler instead; a body no handler reads
+   is aiohttp's (read and dropped for at most its `lingering_time`, then the close).
 TLS goes through `loop.connect_accepted_socket(ssl=...)`, so the TLS protocol owns the
 socket before its first read (a plain transport then `start_tls` loses the ClientHello
 under uvloop, whose transports start reading right after `connection_made`: a
@@ -56,18 +63,23 @@ Vet = Callable[[tuple[str, int], tuple[str, int]], Awaitable[bytes | None]]
 @dataclass(frozen=True)
 class ConnectionLimits:
     """`max_connections` open at once (accepted, not yet closed); `head_timeout` seconds
-    from accept (or the end of the last response) to the end of a request head; `busy`:
-    what a connection over the cap is told before it is closed (None: nothing)."""
+    from accept (or the end of the last response) to the end of a request head;
+    `body_timeout` seconds from a head to the end of its body (None: no deadline, for
+    listeners whose handlers pace their own large bodies); `busy`: what a connection over
+    the cap is told before it is closed (None: nothing)."""
 
     max_connections: int
     head_timeout: float
     busy: bytes | None = None
+    body_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {self.max_connections}")
         if not self.head_timeout > 0:
             raise ValueError(f"head_timeout must be positive, got {self.head_timeout}")
+        if self.body_timeout is not None and not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be positive, got {self.body_timeout}")
 
 
 #: What a refused connection may already have sent, read and dropped before the close.
@@ -136,7 +148,9 @@ class Admission:
             **runner_args,
         )
         self.over_cap = 0  # connections refused over max_connections
-        self.timed_out = 0  # connections aborted for a first head not in within head_timeout
+        # connections aborted for a first head not in within head_timeout, or a body not
+        # in within body_timeout
+        self.timed_out = 0
         self._open = 0
         self._slots: dict[RequestHandler, _Slot] = {}
         self._entering: set[asyncio.Task[None]] = set()
@@ -168,6 +182,8 @@ class Admission:
             slot = self._slots.get(protocol)
             if slot is not None and not slot.head.done():
                 slot.head.set_result(None)
+            if self.limits.body_timeout is not None and not payload.is_eof():
+                self._watch_body(protocol, payload, self.limits.body_timeout)
             return made(message, payload, protocol, *args)
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
@@ -196,6 +212,22 @@ class Admission:
         waits: list[Awaitable[Any]] = [listener.wait_closed() for listener in self._listeners]
         await asyncio.gather(*waits, *self._entering, return_exceptions=True)
         await self.runner.cleanup()
+
+    def _watch_body(self, handler: RequestHandler, payload: Any, timeout: float) -> None:
+        """Abort `handler`'s connection unless `payload` (aiohttp's StreamReader) has all of
+        its body within `timeout` seconds; the timer goes once it has."""
+
+        def late() -> None:
+            transport = handler.transport
+            if payload.is_eof() or transport is None or transport.is_closing():
+                return
+            self.timed_out += 1
+            log.info("request body not received in time: connection closed",
+                     extra={"timeout": timeout, "received": payload.total_bytes})  # fmt: skip
+            transport.abort()
+
+        timer = asyncio.get_running_loop().call_later(timeout, late)
+        payload.on_eof(timer.cancel)
 
     # -- the way in
 
@@ -374,4 +406,5 @@ class AdmissionMetrics(Collector):
         yield CounterMetricFamily(f"{prefix}_over_limit", "connections refused over the cap",
                                   value=a.over_cap)  # fmt: skip
         yield CounterMetricFamily(f"{prefix}_timed_out", "connections aborted: no request "
-                                  "head within the deadline", value=a.timed_out)  # fmt: skip
+                                  "head, or no whole small body, within its deadline",
+                                  value=a.timed_out)  # fmt: skip

@@ -75,10 +75,13 @@ HOST: Final = "127.0.0.1"
 MAX_REQUEST: Final = 64 * 1024
 MAX_RESPONSE: Final = 4 * 1024 * 1024
 MAX_CONCURRENT: Final = 8
-#: Connections open at once, and the deadline for each request head (and idle keep-alive):
-#: any local account can reach the port, and idle or half-sent connections must not hold
-#: the endpoint that `relay workstation reload|stop` and `relay cache wipe` need.
-LIMITS: Final = ConnectionLimits(max_connections=2 * MAX_CONCURRENT, head_timeout=10.0)
+#: Connections open at once, and the deadlines for each request head (and idle keep-alive)
+#: and body (at most MAX_REQUEST bytes): any local account can reach the port, and idle or
+#: half-sent connections must not hold the endpoint, or a command slot, that `relay
+#: workstation reload|stop` and `relay cache wipe` need.
+LIMITS: Final = ConnectionLimits(
+    max_connections=2 * MAX_CONCURRENT, head_timeout=10.0, body_timeout=10.0
+)
 MAX_ENDPOINT_FILE: Final = 4096
 VERSION: Final = 2  # 2: the server proves the secret; the secret itself stays home
 HELLO: Final = "hello"  # the client's first request: is this the server of control.json?

@@ -1,6 +1,7 @@
 """relay.ops.admission on both event loops the roles run on (uvloop in production, the
-stdlib's where uvloop is missing): vetting happens before a byte is read, and TLS keeps
-its ClientHello (under uvloop a pause_reading() in connection_made holds nothing)."""
+stdlib's where uvloop is missing): vetting happens before a byte is read, TLS keeps its
+ClientHello (under uvloop a pause_reading() in connection_made holds nothing), and a body
+that does not arrive in time ends its connection."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from relay.ops.admission import Admission, ConnectionLimits
+from tests.ops.test_http import closed
 from tests.pki_helpers import HOST, LOOP_KINDS, LoopKind, make_pki, run
 
 WAIT = 10.0  # an upper bound on every wait; never an assertion on time
@@ -24,8 +26,14 @@ def _app(seen: list[str]) -> web.Application:
         seen.append(request.path)
         return web.Response(text="hello\n")
 
+    async def form(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append(f"POST {len(body)}")
+        return web.Response(text="got it\n")
+
     app = web.Application()
     app.router.add_get("/", hello)
+    app.router.add_post("/", form)
     return app
 
 
@@ -34,6 +42,42 @@ def test_limits_are_checked() -> None:
         ConnectionLimits(max_connections=0, head_timeout=1.0)
     with pytest.raises(ValueError, match="head_timeout"):
         ConnectionLimits(max_connections=1, head_timeout=0)
+    with pytest.raises(ValueError, match="body_timeout"):
+        ConnectionLimits(max_connections=1, head_timeout=1.0, body_timeout=0)
+
+
+@pytest.mark.parametrize("kind", LOOP_KINDS)
+def test_a_body_dripped_past_its_deadline_ends_the_connection(kind: LoopKind) -> None:
+    """A complete head, then part of the body and silence: the connection is aborted once
+    `body_timeout` has passed since the head, the handler never answers, and it counts;
+    a whole body on a kept-alive connection is served, and that connection outlives the
+    deadline."""
+    limits = ConnectionLimits(max_connections=4, head_timeout=30.0, body_timeout=0.5)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+
+    async def main() -> None:
+        seen: list[str] = []
+        admission = Admission(_app(seen), limits)
+        [bound] = await admission.start(HOST, 0)
+        try:
+            kept = await asyncio.open_connection(HOST, bound.port)
+            kept[1].write(head + bytes(100))
+            async with asyncio.timeout(WAIT):
+                assert (await kept[0].readuntil(b"got it\n")).startswith(b"HTTP/1.1 200 ")
+            reader, writer = await asyncio.open_connection(HOST, bound.port)
+            writer.write(head + bytes(10))
+            assert await closed(reader) == b""  # nothing answered
+            writer.close()
+            assert admission.timed_out == 1 and seen == ["POST 100"]
+            kept[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # past the first deadline
+            async with asyncio.timeout(WAIT):
+                assert (await kept[0].readuntil(b"hello\n")).startswith(b"HTTP/1.1 200 ")
+            kept[1].close()
+            assert admission.timed_out == 1 and seen == ["POST 100", "/"]
+        finally:
+            await admission.stop()
+
+    run(kind, main())
 
 
 @pytest.mark.parametrize("kind", LOOP_KINDS)

@@ -40,8 +40,9 @@ FLUSH_INTERVAL: Final = 60.0
 
 #: A few IT staff, a browser holding up to 6 connections each: 32 open at once; past
 #: that a new connection is closed at once (before its TLS handshake). 15 s from accept
-#: to a request head, TLS handshake included, and at most 15 s idle between requests.
-LIMITS: Final = ConnectionLimits(max_connections=32, head_timeout=15.0)
+#: to a request head, TLS handshake included, at most 15 s idle between requests, and 15 s
+#: from a head to the end of its form (at most app.MAX_BODY bytes).
+LIMITS: Final = ConnectionLimits(max_connections=32, head_timeout=15.0, body_timeout=15.0)
 
 
 def server_context(settings: ItPagesSettings) -> ssl.SSLContext | None:

@@ -79,6 +79,35 @@ def metric(served: Served, name: str) -> float:
 
 def test_the_it_pages_defaults_are_a_few_tens_of_connections() -> None:
     assert 16 <= LIMITS.max_connections <= 64 and LIMITS.head_timeout <= 30
+    assert LIMITS.body_timeout is not None and LIMITS.body_timeout <= 30
+
+
+@pytest.mark.parametrize(
+    "limits", [ConnectionLimits(max_connections=3, head_timeout=60.0, body_timeout=1.0)]
+)
+async def test_a_login_form_dripped_after_its_head_is_closed_at_the_deadline(
+    served: Served,
+) -> None:
+    """No login needed to POST /login: a head, then a few bytes of the form and silence,
+    held the connection (and, 32 times over, the IT pages) for as long as the client
+    liked. Closed once the body is overdue, counted; a browser is served meanwhile."""
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(HOST, served.server.port, ssl=client)
+    port = served.server.port
+    writer.write(
+        f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Origin: https://127.0.0.1:{port}\r\n".encode()
+        + b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 4000\r\n\r\n"
+        b"user=it"
+    )
+    try:
+        assert await honest(served) in (200, 303)
+        assert await closed(reader) == b""
+    finally:
+        writer.close()
+    assert served.server.admission is not None and served.server.admission.timed_out == 1
+    assert metric(served, "relay_it_connections_timed_out_total") == 1
 
 
 async def test_tls_handshakes_never_finished_are_closed_and_an_honest_one_is_served(
