@@ -27,6 +27,8 @@ from relay.agent.audit import (
     read_events,
 )
 from relay.agent.audit import files as audit_files
+from relay.agent.audit.budget import budgeted, written_refusal
+from relay.agent.audit.events import AuditEvent
 from relay.agent.audit.files import device_set_name, list_sets, merged_events
 from relay.agent.itpages import auditview
 from relay.agent.itpages.auditview import AuditFilter, query_audit
@@ -158,12 +160,124 @@ def test_the_device_sets_are_bounded_and_the_set_idle_longest_is_pruned(
     query(audit, devices[0], 6)  # an existing set: nothing pruned
     assert audit.devices.pruned == 1 and len(list_sets(directory)) == 3
     events = read_events(audit.path)
-    assert len([e for e in events if e["kind"] != "query"]) == 5  # never pruned
+    kinds = [e["kind"] for e in events if e["kind"] != "query"]
+    assert len(kinds) == 5 + 1 and kinds.count("audit_pruned") == 1  # the 5: never pruned
     assert {requestor(e) for e in events if e["kind"] == "query"} == {
         devices[0],
         devices[2],
         devices[3],
     }
+
+
+class Sink:
+    """A sink that keeps what it is given (the syslog sender's place)."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[AuditEvent, str]] = []
+
+    def emit(self, event: AuditEvent, line: str) -> None:
+        self.got.append((event, line))
+
+
+def test_a_pruned_set_is_audited_in_the_security_set_and_reaches_the_sink(
+    tmp_path: Path,
+) -> None:
+    """max_devices=2, three devices write: the first device's set (two files: it rotated)
+    is deleted, and the security set says so, naming the set and its device, the files
+    and the reason, and no line of it (its patient ID stays where it was: gone). The
+    record reaches the sink too, and is no refusal the budget counts. It used to be only
+    a warning in the operational log."""
+    sink = Sink()
+    audit = AuditLog(
+        tmp_path / AUDIT_FILE,
+        source_id=AGENT,
+        site="main",
+        max_bytes=MAX_LINE_BYTES,
+        keep=2,
+        max_devices=2,
+        sink=sink,
+    )
+    devices = [f"spiffe://hospital.test/device/main/ws{n}" for n in range(3)]
+    audit.transfer_begin(now=at(0), device=devices[0], study_uid="1.2.3", patient_id="PID-777")
+    first = audit.devices.path_of(devices[0])
+    i = 1
+    while not first.with_name(first.name + ".1").exists():  # until it rotates once
+        query(audit, devices[0], i)
+        i += 1
+    victim = device_set_name(devices[0])
+    directory = device_dir(audit.path)
+    assert len([p for p in directory.iterdir() if p.name.startswith(victim)]) == 2
+    os.utime(first, (1000, 1000))  # the idlest
+    query(audit, devices[1], 500)
+    assert not audit.path.exists()  # two sets: nothing pruned, nothing said
+
+    query(audit, devices[2], 501)
+    assert [p for p in directory.iterdir() if p.name.startswith(victim)] == []
+    assert sorted(list_sets(directory)) == sorted(device_set_name(d) for d in devices[1:])
+    text = audit.path.read_text()
+    assert "PID-777" not in text
+    (record,) = [json.loads(line) for line in text.splitlines()]
+    assert record["kind"] == "audit_pruned"
+    ident = record["EventIdentification"]
+    assert ident["EventID"]["csd-code"] == "110113"  # Security Alert
+    assert [c["csd-code"] for c in ident["EventTypeCode"]] == ["110133"]  # Recording Stopped
+    assert ident["EventOutcomeIndicator"] == 0
+    assert "audit.max_devices (2) reached" in ident["EventOutcomeDescription"]
+    assert record["ActiveParticipant"] == [
+        {
+            "UserID": AGENT,
+            "UserIsRequestor": True,
+            "RoleIDCode": {
+                "csd-code": "110150",
+                "codeSystemName": "DCM",
+                "originalText": "Application",
+            },
+        }
+    ]
+    (obj,) = record["ParticipantObjectIdentification"]
+    assert obj["ParticipantObjectID"] == victim
+    assert obj["ParticipantObjectName"] == devices[0]
+    details = {d["type"]: d["value"] for d in obj["ParticipantObjectDetail"]}
+    assert details == {"Files": "2", "MaxDevices": "2", "LastWrite": "1970-01-01T00:16:40.000000Z"}
+    # The sink got it after the event whose set made room, the same line as the file's.
+    assert [event.kind for event, _ in sink.got[-2:]] == ["query", "audit_pruned"]
+    pruned_event, line = sink.got[-1]
+    assert json.loads(line) == record
+    assert not budgeted(pruned_event) and written_refusal(record) is None
+    assert audit.devices.pruned == 1 and audit.failures == 0 and audit.budget.pending == 0
+
+
+def test_a_set_whose_first_line_names_another_device_is_named_by_its_set_alone(
+    tmp_path: Path,
+) -> None:
+    """The device a pruned set is said to be of is the one its name is made from: a line
+    naming another ID (damaged, or put there) names nothing."""
+    audit = small_trail(tmp_path, max_devices=1)
+    query(audit, OTHER, 0)
+    path = audit.devices.path_of(OTHER)
+    path.write_text(path.read_text().replace(OTHER, HOSTILE))
+    query(audit, HOSTILE, 1)
+    (record,) = [json.loads(line) for line in audit.path.read_text().splitlines()]
+    (obj,) = record["ParticipantObjectIdentification"]
+    assert obj["ParticipantObjectID"] == device_set_name(OTHER)
+    assert "ParticipantObjectName" not in obj
+
+
+def test_a_set_pruned_in_part_is_still_audited(tmp_path: Path) -> None:
+    """A file of the set that cannot be deleted (here a directory where its oldest file
+    would be) fails the write that needed the room, as before; the files that did go
+    are audited all the same."""
+    audit = small_trail(tmp_path, max_devices=1)
+    query(audit, OTHER, 0)
+    first = audit.devices.path_of(OTHER)
+    first.with_name(first.name + ".1").write_bytes(first.read_bytes())
+    (first.with_name(first.name + ".2") / "stuck").mkdir(parents=True)
+    query(audit, HOSTILE, 1)
+    assert audit.failures == 1 and not first.exists()
+    (record,) = [json.loads(line) for line in audit.path.read_text().splitlines()]
+    (obj,) = record["ParticipantObjectIdentification"]
+    assert obj["ParticipantObjectID"] == first.name and obj["ParticipantObjectName"] == OTHER
+    assert {d["type"]: d["value"] for d in obj["ParticipantObjectDetail"]}["Files"] == "2"
 
 
 def test_a_devices_own_traffic_never_prunes_another_devices_set(tmp_path: Path) -> None:

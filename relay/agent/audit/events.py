@@ -18,12 +18,18 @@ Events and codes (PS3.15 A.5.3, CID 403 for the Security Alert type codes):
 | auth_refused   | 110113 Security Alert                     | 110126 Node Authentication       |
 | it_login       | 110114 User Authentication                | 110122 Login                     |
 | it_logout      | 110114 User Authentication                | 110123 Logout                    |
+| audit_pruned   | 110113 Security Alert                     | 110133 Audit Recording Stopped   |
 | query          | 110112 Query                              |                                  |
 | transfer_begin | 110102 Begin Transferring DICOM Instances |                                  |
 | transfer_end   | 110104 DICOM Instances Transferred        |                                  |
 
 Patient identifiers may appear in events (transfers name the patient): they stay inside
 the hospital.
+
+`audit_pruned` says a device's set was deleted to make room for a new device
+(`audit.max_devices`): that device's recorded history stops being kept, which a SIEM
+must see as audit records lost, hence Audit Recording Stopped rather than Security
+Configuration (no setting changed). It names the set and its device, never a line of it.
 
 A query's identifier is stored as its first MAX_QUERY_BYTES (ParticipantObjectQuery,
 base64) with the SHA-256 and length of the whole (details `QuerySHA256`, `QueryLength`),
@@ -84,6 +90,7 @@ EV_USER_AUTHENTICATION: Final = Code("110114", "DCM", "User Authentication")
 TYPE_LOGIN: Final = Code("110122", "DCM", "Login")
 TYPE_LOGOUT: Final = Code("110123", "DCM", "Logout")
 TYPE_NODE_AUTHENTICATION: Final = Code("110126", "DCM", "Node Authentication")
+TYPE_AUDIT_RECORDING_STOPPED: Final = Code("110133", "DCM", "Audit Recording Stopped")
 TYPE_USER_SECURITY_ATTRIBUTES: Final = Code("110137", "DCM", "User security Attributes Changed")
 # RoleIDCode
 ROLE_APPLICATION: Final = Code("110150", "DCM", "Application")
@@ -97,6 +104,7 @@ ID_NODE: Final = Code("110182", "DCM", "Node ID")
 # Ours, for objects DICOM has no code for.
 ID_CERTIFICATE_SERIAL: Final = Code("certificate-serial", "DMZR", "Certificate Serial Number")
 ID_ENROLLMENT_TOKEN: Final = Code("enrollment-token", "DMZR", "Enrollment Token ID")
+ID_AUDIT_SET: Final = Code("audit-set", "DMZR", "Audit Set")
 
 # ParticipantObjectTypeCode / ...TypeCodeRole (RFC 3881)
 OBJ_PERSON: Final = 1

@@ -12,7 +12,8 @@ A device's set is named by its SPIFFE ID (never a patient identifier): the part 
 `/device/` made filename-safe, and a hash of the whole ID so that two IDs never share a
 set. Each set rotates at its own `max_bytes`, so one device's traffic only ever rotates
 its own records; the number of device sets is bounded (`max_sets`): a new device beyond
-it prunes the set idle longest, with a warning.
+it prunes the set idle longest, with a warning, and hands the writer what it pruned
+(`PrunedSet`) to audit in the security set once the device sets' flock is released.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ DEVICE_LOCK: Final = "lock"
 DEFAULT_MAX_DEVICES: Final = 256
 """Device sets kept (config `audit.max_devices`). With the default 10 MiB x 11 files a
 set, at most 257 x 110 MiB (~28 GiB) on disk if every device filled its own: size it to
-the disk. A device beyond it prunes the set idle longest (logged as a warning)."""
+the disk. A device beyond it prunes the set idle longest (logged as a warning, and
+audited in the security set: `AuditLog`'s "audit_pruned")."""
 MAX_LABEL_CHARS: Final = 48
 """Of the readable part of a device set's name (the device ID after `/device/`)."""
 HASH_CHARS: Final = 16
@@ -101,6 +103,19 @@ def flocked(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+@dataclass(frozen=True, slots=True)
+class PrunedSet:
+    """A device set deleted to make room for a new device: what its audit record says
+    (names and counts only, never a line of it)."""
+
+    name: str
+    #: The device ID its newest file's first event names, if that ID is the one the
+    #: set is named for (else None: the name alone says which set went).
+    device: str | None
+    files: int  # files deleted
+    last_write: float | None  # the set's last write (epoch seconds), as listed
 
 
 @dataclass(frozen=True)
@@ -163,18 +178,19 @@ class DeviceSets:
         """The file `device`'s events are appended to now."""
         return self.directory / device_set_name(device)
 
-    def append(self, device: str, data: bytes) -> None:
-        """Append `data` to `device`'s set (created, within the bound, if new). Raises
-        OSError."""
+    def append(self, device: str, data: bytes, pruned: list[PrunedSet] | None = None) -> None:
+        """Append `data` to `device`'s set (created, within the bound, if new). Sets
+        pruned to make room are added to `pruned` as they go, even if this then raises,
+        for the caller to audit after the flock is released. Raises OSError."""
         with contextlib.suppress(FileExistsError):
             self.directory.mkdir(mode=0o700)
         target = RotatedFile(self.path_of(device), self.max_bytes, self.keep)
         with flocked(self.directory / DEVICE_LOCK):
             if not target.path.exists():
-                self._make_room(target.path.name)
+                self._make_room(target.path.name, [] if pruned is None else pruned)
             target.append(data)
 
-    def _make_room(self, name: str) -> None:
+    def _make_room(self, name: str, pruned: list[PrunedSet]) -> None:
         """Before set `name` is created: prune the sets idle longest until there is room
         for it. Under the flock."""
         sets = scan_sets(self.directory)
@@ -182,18 +198,49 @@ class DeviceSets:
             return
         idlest = sorted(sets.values(), key=lambda s: s.mtime or 0.0)
         for victim in idlest[: max(0, len(sets) - self.max_sets + 1)]:
-            self._prune(victim)
+            self._prune(victim, pruned)
 
-    def _prune(self, victim: SetListing) -> None:
-        for file in victim.paths():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(file)
-        self.pruned += 1
+    def _prune(self, victim: SetListing, pruned: list[PrunedSet]) -> None:
+        """Delete `victim`'s files; what went is added to `pruned` even if a file cannot
+        be deleted (the OSError then goes on up)."""
+        device = device_of_set(victim)
+        deleted = 0
+        try:
+            for file in victim.paths():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(file)
+                    deleted += 1
+        finally:
+            if deleted:
+                self.pruned += 1
+                pruned.append(PrunedSet(victim.name, device, deleted, victim.mtime))
         log.warning(
             "audit: the device set idle longest was deleted to make room for a new device;"
             " raise audit.max_devices to keep more",
-            extra={"audit_set": victim.name, "max_devices": self.max_sets},
+            extra={"audit_set": victim.name, "files": deleted, "max_devices": self.max_sets},
         )
+
+
+def device_of_set(listing: SetListing) -> str | None:
+    """The device whose set `listing` is: the requestor of its newest file's first event,
+    if `device_set_name` of it is the set's name (a damaged or foreign line names none).
+    One read of at most MAX_READ_LINE bytes; nothing else of the line is kept."""
+    for path in listing.paths():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(MAX_READ_LINE)
+        except OSError:
+            continue  # gone since the listing: the next (older) file
+        event = _parse(head.split(b"\n", 1)[0])
+        participants = event.get("ActiveParticipant") if event is not None else None
+        for p in participants if isinstance(participants, list) else []:
+            if isinstance(p, dict) and p.get("UserIsRequestor"):
+                user = p.get("UserID")
+                if isinstance(user, str) and device_set_name(user) == listing.name:
+                    return user
+                return None
+        return None
+    return None
 
 
 _Ident = tuple[int, int]

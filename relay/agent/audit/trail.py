@@ -1,13 +1,13 @@
 """The agent's audit trail on disk: JSON lines in rotated sets, safe for several writers.
 
 The security and administrative events (enrollment, renewal, codes, revocation, refused
-links, IT logins) go to `audit.jsonl`; each device's DICOM events (query, transfers) to
-a set of its own under `audit-devices/` (see `files`), so that no device's traffic
-rotates another's records or the security events away. Several processes append (the
-agent and the `relay token` / `relay device` commands): each event is one write() under
-an flock, which also serializes rotation, so lines never interleave and none is lost at
-a rotation. Files are mode 0600 and stay inside the hospital: patient identifiers may
-appear in them.
+links, IT logins, a device set pruned) go to `audit.jsonl`; each device's DICOM events
+(query, transfers) to a set of its own under `audit-devices/` (see `files`), so that no
+device's traffic rotates another's records or the security events away. Several
+processes append (the agent and the `relay token` / `relay device` commands): each event
+is one write() under an flock, which also serializes rotation, so lines never interleave
+and none is lost at a rotation. Files are mode 0600 and stay inside the hospital: patient
+identifiers may appear in them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -34,6 +34,7 @@ from relay.agent.audit.events import (
     EV_QUERY,
     EV_SECURITY_ALERT,
     EV_USER_AUTHENTICATION,
+    ID_AUDIT_SET,
     ID_CERTIFICATE_SERIAL,
     ID_ENROLLMENT_TOKEN,
     ID_NODE,
@@ -49,6 +50,7 @@ from relay.agent.audit.events import (
     ROLE_REPORT,
     ROLE_SECURITY_RESOURCE,
     ROLE_SOURCE,
+    TYPE_AUDIT_RECORDING_STOPPED,
     TYPE_LOGIN,
     TYPE_LOGOUT,
     TYPE_NODE_AUTHENTICATION,
@@ -64,6 +66,7 @@ from relay.agent.audit.events import (
 from relay.agent.audit.files import (
     DEFAULT_MAX_DEVICES,
     DeviceSets,
+    PrunedSet,
     RotatedFile,
     device_dir,
     event_time,
@@ -96,6 +99,7 @@ _KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
     "auth_refused": (EV_SECURITY_ALERT, "E", (TYPE_NODE_AUTHENTICATION,)),
     "it_login": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGIN,)),
     "it_logout": (EV_USER_AUTHENTICATION, "E", (TYPE_LOGOUT,)),
+    "audit_pruned": (EV_SECURITY_ALERT, "E", (TYPE_AUDIT_RECORDING_STOPPED,)),
     "query": (EV_QUERY, "E", ()),
     "transfer_begin": (EV_BEGIN_TRANSFER, "E", ()),
     # Action R: the agent is not the receiver of the instances.
@@ -116,7 +120,8 @@ class AuditLog:
     """Appends events to rotated sets of JSON lines: the security set `path` and one set
     per device for its DICOM events (DEVICE_KINDS) in `device_dir(path)`, each rotating
     at `max_bytes` and keeping `keep` older files (path.1 newest ... path.KEEP oldest),
-    at most `max_devices` device sets (the one idle longest is pruned for a new device).
+    at most `max_devices` device sets (the one idle longest is pruned for a new device,
+    and that is audited: `set_pruned`).
 
     `source_id` identifies this agent (its SPIFFE ID) as the AuditSource and as the
     agent participant. Writing never raises: a failure is logged and counted in
@@ -241,22 +246,26 @@ class AuditLog:
 
     def _write(self, event: AuditEvent) -> bool:
         line = encode_event(event, self.source_id, self.site)
-        ok = self._append(device_of(event), (line + "\n").encode("utf-8"))
+        pruned: list[PrunedSet] = []
+        ok = self._append(device_of(event), (line + "\n").encode("utf-8"), pruned)
         if self.sink is not None:
             try:
                 self.sink.emit(event, line)
             except Exception:  # a sink must never break auditing to the file
                 log.exception("audit sink failed")
+        for gone in pruned:  # the device sets' flock is released by now
+            self.set_pruned(now=event.at, pruned=gone)
         return ok
 
-    def _append(self, device: str | None, data: bytes) -> bool:
-        """To `device`'s set, or the security set if None."""
+    def _append(self, device: str | None, data: bytes, pruned: list[PrunedSet]) -> bool:
+        """To `device`'s set (device sets pruned for it: into `pruned`), or the security
+        set if None."""
         try:
             if device is None:
                 with flocked(self._lock_path):
                     self._security.append(data)
             else:
-                self.devices.append(device, data)
+                self.devices.append(device, data, pruned)
         except OSError as exc:
             return self._failed(exc)
         self.written += 1
@@ -329,6 +338,36 @@ class AuditLog:
 
     def _agent(self, role: Code | None = None) -> Participant:
         return Participant(self.source_id, requestor=False, role=role or ROLE_APPLICATION)
+
+    def set_pruned(self, *, now: datetime, pruned: PrunedSet) -> AuditEvent:
+        """A device's set was deleted to make room for a new device (Security Alert /
+        Audit Recording Stopped), written to the security set (and the sink): which set,
+        whose, how many files, why. A success (the deletion was done), so never a
+        refusal the budget counts; and a security event, so it can prune nothing."""
+        whose = f" of {pruned.device}" if pruned.device else ""
+        details: dict[str, object] = {"Files": pruned.files, "MaxDevices": self.devices.max_sets}
+        if pruned.last_write is not None:
+            details["LastWrite"] = iso_time(datetime.fromtimestamp(pruned.last_write, UTC))
+        return self._record(
+            "audit_pruned",
+            now,
+            Outcome.SUCCESS,
+            description=(
+                f"audit set {pruned.name}{whose} deleted ({pruned.files} files): "
+                f"audit.max_devices ({self.devices.max_sets}) reached, a new device's set "
+                "replaced the one idle longest"
+            ),
+            participants=(Participant(self.source_id, requestor=True, role=ROLE_APPLICATION),),
+            objects=(
+                ParticipantObject(
+                    pruned.name,
+                    ID_AUDIT_SET,
+                    role=ROLE_SECURITY_RESOURCE,
+                    name=pruned.device,
+                    details=details,
+                ),
+            ),
+        )
 
     def enrollment(
         self,
