@@ -358,8 +358,9 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
     """The DeviceAuthority of `pki:` (None without it), with its optional syslog copy.
 
     A CA pair that does not load or match, a CA of another site, or a state_dir that
-    cannot be used, is a ConfigError naming the file and key. Closes the registry, then
-    flushes syslog.
+    cannot be used, is a ConfigError naming the file and key. Before it yields, the audit
+    trail's refusal budget is read back in a worker thread (`AuditLog.recall_budget`).
+    Closes the registry, then flushes syslog.
     """
     if config.pki is None:
         if config.directory is not None:
@@ -406,6 +407,8 @@ async def open_authority(config: AgentConfig) -> AsyncIterator[DeviceAuthority |
         },
     )
     try:
+        # Off the loop, before any link or page can bring a refusal (`recall_budget`).
+        await asyncio.to_thread(authority.audit.recall_budget, authority.now())
         yield authority
     finally:
         authority.close()

@@ -4,7 +4,11 @@ restart, or a crash loop, is no way around the budget."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,12 @@ from relay.agent.audit.budget import (
     written_refusal,
 )
 from relay.agent.audit.events import AuditEvent, Participant
-from relay.agent.audit.files import merged_events
+from relay.agent.audit.files import SetListing, merged_events, trail_sets
 from relay.agent.audit.trail import _KINDS
+from relay.agent.config import PkiFiles
+from relay.agent.service import Agent, run_agent
+from tests.ends_helpers import WAIT, agent_config
+from tests.pki_helpers import HOST, make_pki
 
 AGENT = "spiffe://hospital.test/agent/main"
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -177,3 +185,105 @@ def test_the_recall_reads_no_more_than_its_bound_whatever_the_lines_say(
     _refuse(restarted, T0, "192.0.2.7:40000")
     assert 0 < pulled <= bound + 1
     assert restarted.budget.pending == 0  # nothing in the window: written in full
+
+
+def test_a_refusal_logged_while_the_read_back_runs_waits_for_it_and_is_charged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent reads the budget back in a worker thread (`recall_budget`); a refusal
+    logged meanwhile (another thread) waits on the recall lock until the read is done,
+    then is admitted against the charged budget: counted, not written in full, and the
+    security set is not read a second time."""
+    first = _open(tmp_path)
+    for n in range(KIND_BURST):
+        _refuse(first, T0 + timedelta(seconds=n / 10), _source(n))
+    restarted = _open(tmp_path)
+    reading, release = threading.Event(), threading.Event()
+    reads = 0
+
+    def held(*args: Any, **kwargs: Any) -> list[SetListing]:
+        nonlocal reads
+        reads += 1
+        reading.set()
+        assert release.wait(WAIT)
+        return trail_sets(*args, **kwargs)
+
+    monkeypatch.setattr(trail, "trail_sets", held)
+    waiting = threading.Event()
+    lock = restarted._recall_lock
+
+    class NotedLock:
+        """The recall lock, noting a second thread's arrival at it."""
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is refusal:
+                waiting.set()
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            lock.release()
+
+    restarted._recall_lock = NotedLock()  # type: ignore[assignment]
+    at = T0 + timedelta(seconds=30)
+    recall = threading.Thread(target=restarted.recall_budget, args=(at,))
+    refusal = threading.Thread(target=_refuse, args=(restarted, at, "192.0.2.7:40000"))
+    recall.start()
+    assert reading.wait(WAIT)
+    refusal.start()
+    assert waiting.wait(WAIT)  # it reached the lock while the read holds it
+    release.set()
+    recall.join(WAIT)
+    refusal.join(WAIT)
+    assert not recall.is_alive() and not refusal.is_alive()
+    assert reads == 1
+    assert _written_in_full(tmp_path) == KIND_BURST and restarted.budget.pending == 1
+
+
+async def test_the_agent_reads_the_budget_back_off_its_loop_before_it_takes_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole agent (`run_agent`, `pki:` set) restarted after a flood of refusals:
+    by the time it has started (before any link, page or refusal) the security set was
+    read back, once, in a thread other than the loop's, and the next refusal is counted
+    into an aggregate at once. It used to be read by the first refusal, on the loop."""
+    site = make_pki(tmp_path / "pki")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    now = datetime.now(UTC)
+    earlier = _open(state)
+    for n in range(KIND_BURST + 50):  # the earlier process's flood, just now; it crashed
+        _refuse(earlier, now - timedelta(seconds=30 - n / 10), _source(n))
+    assert _written_in_full(state) == KIND_BURST
+    del earlier
+    threads: list[int] = []
+    real = AuditLog.recall_budget
+
+    def recording(self: AuditLog, at: datetime) -> None:
+        threads.append(threading.get_ident())
+        real(self, at)
+
+    monkeypatch.setattr(AuditLog, "recall_budget", recording)
+    with socket.socket() as unused:  # a gateway address nothing listens on
+        unused.bind((HOST, 0))
+        port = unused.getsockname()[1]
+    config = replace(
+        agent_config(site, tmp_path, [port], {}),
+        pki=PkiFiles(site.ca, site.directory / "ca.key"),
+    )
+    stop = asyncio.Event()
+    started: asyncio.Future[Agent] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_agent(config, stop=stop, handlers={}, started=started.set_result, handle_signals=False)
+    )
+    try:
+        agent = await asyncio.wait_for(started, WAIT)
+        assert agent.authority is not None
+        audit = agent.authority.audit
+        assert audit._recalled and len(threads) == 1
+        assert threads[0] != threading.get_ident()  # not the loop's thread
+        _refuse(audit, datetime.now(UTC), "192.0.2.7:40000")
+        assert audit.budget.pending == 1 and _written_in_full(state) == KIND_BURST
+        assert len(threads) == 2  # the refusal's call found it done (read nothing)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)

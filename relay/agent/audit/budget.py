@@ -44,13 +44,14 @@ The buckets live in memory, and a new process used to start with every bucket fu
 agent that restarts (a crash, systemd's `Restart=on-failure` 2 s later) wrote KIND_BURST
 more refusals of each kind in full each time, so a sender able to crash it in a loop
 would have had the budget's bound times the restarts. The file is the memory instead:
-before its first refusal, a process `recall`s the refusals written in full to the
-security set in the last RECALL_WINDOW (read newest first, at most MAX_RECALL_LINES
-lines), and each bucket they name starts empty at the window's start and takes one token
-per refusal, in time order. That can only be less than the bucket truly held (it held at
-least nothing then), and a bucket with no refusal in the window is full, as it truly is
-by then. A crash still loses the aggregates not yet written (counted refusals of at most
-AGGREGATE_INTERVAL, at most MAX_AGGREGATES + 1 a kind): a clean stop writes them.
+before its first refusal (the agent: as it starts, off its loop), a process `recall`s
+the refusals written in full to the security set in the last RECALL_WINDOW (read newest
+first, at most MAX_RECALL_LINES lines), and each bucket they name starts empty at the
+window's start and takes one token per refusal, in time order. That can only be less
+than the bucket truly held (it held at least nothing then), and a bucket with no refusal
+in the window is full, as it truly is by then. A crash still loses the aggregates not
+yet written (counted refusals of at most AGGREGATE_INTERVAL, at most MAX_AGGREGATES + 1
+a kind): a clean stop writes them.
 """
 
 from __future__ import annotations

@@ -173,18 +173,24 @@ class AuditLog:
         an aggregate, written later); True if it reached the file or an aggregate."""
         self.flush_aggregates(event.at)
         if device_of(event) is None and budgeted(event):
-            self._recall_budget(event.at)
+            self.recall_budget(event.at)
             due = self.budget.admit(event)
             if due is not None:
                 self._flush_at(due, event.at)
                 return True
         return self._write(event)
 
-    def _recall_budget(self, now: datetime) -> None:
+    def recall_budget(self, now: datetime) -> None:
         """Once per process, before its first refusal: charge the budget with those the
         security set got in full in the last RECALL_WINDOW, so that a restart does not
         give every sender a new burst (budget's docstring). A file that cannot be read
-        leaves the budget as it is (logged): the trail must not fail for it."""
+        leaves the budget as it is (logged): the trail must not fail for it.
+
+        Reads up to MAX_RECALL_LINES (~0.2 s): the agent calls it in a worker thread at
+        start (`authority.open_authority`), so that no refusal reads it on the event
+        loop; a CLI process leaves it to its first refusal (`log`). A refusal logged
+        while it reads waits on the lock for it, then is admitted against the charged
+        budget; a second call does nothing."""
         with self._recall_lock:
             if self._recalled:
                 return
