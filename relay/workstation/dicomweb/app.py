@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from relay.dicom import rawds
 from relay.dicom import status as st
+from relay.dicom.pace import MIN_REQUEST_RATE
 from relay.dicom.uids import is_uid
 from relay.workstation.dicomweb import byterange, dicomjson, frames, htj2k, media, part10, qido
 from relay.workstation.dicomweb.codestreams import CodestreamCache
@@ -44,6 +45,7 @@ from relay.workstation.dicomweb.qido import QueryError, parse_query
 from relay.workstation.dicomweb.retrieve import Retriever, SeriesFlight, SeriesItem, decode
 from relay.workstation.dicomweb.settings import DEFAULT_TIMEOUT, MAX_QUERY
 from relay.workstation.dicomweb.source import DicomSource, UpstreamError
+from relay.workstation.dicomweb.stowpace import UploadPace, UploadStalled, UploadTooSlow
 
 __all__ = ["PREFIX", "DicomwebService", "build_app"]
 
@@ -124,6 +126,8 @@ class DicomwebService:
     max_requests: int = MAX_REQUESTS
     # s an answer waits for the client to take it, and an upload for its next bytes (config)
     write_timeout: float = DEFAULT_TIMEOUT
+    # bytes a second an upload must average after its first write_timeout (stowpace.py)
+    stow_min_rate: float = MIN_REQUEST_RATE
     in_progress: int = 0  # requests being handled (answers being written included)
     requests_refused: int = 0  # 503: max_requests in progress
 
@@ -913,23 +917,11 @@ class _TooLarge(Exception):
     pass
 
 
-class _Stalled(Exception):
-    pass
-
-
-async def _received(what: Awaitable[T], within: float) -> T:
-    """The next piece of an upload, waited for at most `within` seconds: a client that
-    stops sending must not hold its request (and an upload slot) for ever."""
-    try:
-        async with asyncio.timeout(within):
-            return await what
-    except TimeoutError:
-        raise _Stalled from None
-
-
-async def _read_part(part: BodyPartReader, budget: list[int], within: float) -> bytes:
+async def _read_part(part: BodyPartReader, budget: list[int], pace: UploadPace) -> bytes:
+    """A part's bytes, each read within the upload's pace (a client that stops sending,
+    or trickles, must not hold its request and an upload slot for ever)."""
     out = bytearray()
-    while chunk := await _received(part.read_chunk(256 * 1024), within):
+    while chunk := await pace.read(lambda: part.read_chunk(256 * 1024)):
         budget[0] -= len(chunk)
         if budget[0] < 0:
             raise _TooLarge
@@ -1051,6 +1043,9 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
     except (AssertionError, ValueError) as exc:
         return _text(400, f"Content-Type: {exc}")
     budget = [service.max_upload]
+    body = request.content  # its bytes so far: the pace's count (stowpace.py)
+    pace = UploadPace(service.write_timeout, service.stow_min_rate,
+                      arrived=lambda: body.total_bytes)  # fmt: skip
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     upstream: list[str] = []
@@ -1066,7 +1061,7 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
 
     try:
         while True:
-            part = await _received(reader.next(), service.write_timeout)
+            part = await pace.read(reader.next)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -1082,7 +1077,7 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
                 return refuse_rest(
                     415, "only application/dicom parts are accepted", st.STORE_CANNOT_UNDERSTAND
                 )
-            data = await _read_part(part, budget, service.write_timeout)
+            data = await _read_part(part, budget, pace)
             try:
                 meta, offset = part10.split(data)
             except part10.Part10Error as exc:
@@ -1116,10 +1111,14 @@ async def _stow(request: web.Request, service: DicomwebService) -> web.StreamRes
     except _TooLarge:
         too_large = f"upload larger than dicomweb.max_upload ({service.max_upload} bytes)"
         return refuse_rest(413, too_large, st.STORE_OUT_OF_RESOURCES)
-    except _Stalled:
-        stalled = f"the upload stalled: nothing received for {service.write_timeout:g} s"
-        answer = refuse_rest(408, stalled, st.STORE_OUT_OF_RESOURCES)
-        answer.force_close()  # the rest of the body is not waited for
+    except (UploadStalled, UploadTooSlow) as exc:
+        slow = isinstance(exc, UploadTooSlow)
+        service.metrics.cut_upload("too_slow" if slow else "stalled")
+        cut = str(exc) if slow else f"the upload stalled: {exc}"
+        answer = refuse_rest(408, cut, st.STORE_OUT_OF_RESOURCES)
+        # the connection ends after the answer: what is left of the body is never read as
+        # a request (aiohttp reads and drops it for at most its lingering time, 10 s)
+        answer.force_close()
         return answer
     except (ValueError, HttpProcessingError) as exc:  # aiohttp's part header parser: the latter
         return refuse_rest(400, f"malformed multipart body: {_short(exc)}",

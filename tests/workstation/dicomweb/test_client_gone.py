@@ -227,3 +227,4 @@ async def test_an_upload_that_stops_sending_is_408_after_the_timeout(
                 assert "stalled" in await r.text()
     assert srv.service.stow_uploads == 0
     assert source.stored == []
+    assert srv.metrics.uploads_cut == {"stalled": 1, "too_slow": 0}
