@@ -31,7 +31,7 @@ from relay.agent.audit.budget import budgeted, written_refusal
 from relay.agent.audit.events import AuditEvent
 from relay.agent.audit.files import device_set_name, list_sets, merged_events
 from relay.agent.itpages import auditview
-from relay.agent.itpages.auditview import AuditFilter, query_audit
+from relay.agent.itpages.auditview import KINDS, AuditFilter, query_audit
 from relay.ops.config import ConfigError
 from relay.ops.configfile import open_config
 
@@ -245,6 +245,10 @@ def test_a_pruned_set_is_audited_in_the_security_set_and_reaches_the_sink(
     assert json.loads(line) == record
     assert not budgeted(pruned_event) and written_refusal(record) is None
     assert audit.devices.pruned == 1 and audit.failures == 0 and audit.budget.pending == 0
+    # The IT pages' audit view offers the kind as a filter, and finds it.
+    assert "audit_pruned" in KINDS
+    found = query_audit(audit.path, AuditFilter(kind="audit_pruned"), page_size=10)
+    assert [e["kind"] for e in found.events] == ["audit_pruned"]
 
 
 def test_a_set_whose_first_line_names_another_device_is_named_by_its_set_alone(

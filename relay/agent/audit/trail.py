@@ -105,6 +105,8 @@ _KINDS: Final[dict[str, tuple[Code, str, tuple[Code, ...]]]] = {
     # Action R: the agent is not the receiver of the instances.
     "transfer_end": (EV_INSTANCES_TRANSFERRED, "R", ()),
 }
+EVENT_KINDS: Final = tuple(_KINDS)
+"""Every kind of event the trail writes, in the table's order (the IT pages' filter)."""
 DEVICE_KINDS: Final = frozenset({"query", "transfer_begin", "transfer_end"})
 """Caused by one device's DICOM traffic: written to that device's own set. Every other
 kind is a security/administrative event, in the security set no device traffic rotates."""

@@ -30,7 +30,7 @@ from relay.agent.audit.files import (
     merged_events,
     trail_sets,
 )
-from relay.agent.audit.trail import DEVICE_KINDS
+from relay.agent.audit.trail import DEVICE_KINDS, EVENT_KINDS
 from relay.trust.identity import IdentityError, parse_spiffe_uri
 
 __all__ = [
@@ -46,18 +46,7 @@ PAGE_SIZE: Final = 50
 MAX_PAGE: Final = 200
 MAX_SCAN: Final = 200_000
 MAX_FILTER_CHARS: Final = 200
-KINDS: Final = (
-    "enrollment",
-    "renewal",
-    "token_created",
-    "revocation",
-    "auth_refused",
-    "it_login",
-    "it_logout",
-    "query",
-    "transfer_begin",
-    "transfer_end",
-)
+KINDS: Final = EVENT_KINDS  # the filter offers every kind the trail writes
 
 
 @dataclass(frozen=True)
