@@ -24,7 +24,8 @@ MIN_REQUEST_RATE: Final = 16 * 1024
 128 kbit/s uplink). Eight uploads at once, the workstation's DICOM node's associations,
 each get that over a 1 Mbit/s uplink; a 512 MiB instance (`max_message`) may take up to
 9 h at it, and holds the device's own operation slot (never the site's: those are taken
-once the request is read, relay.agent.dispatch.admit_request) and memory for what came."""
+once the request is read, relay.agent.dispatch.admit_request) and memory for what came.
+The workstation holds a STOW-RS upload to the same pace (relay.workstation.dicomweb.stowpace)."""
 
 
 def pace_deadline(started: float, received: int, stall: float, min_rate: float) -> float:
