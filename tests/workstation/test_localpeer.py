@@ -71,7 +71,10 @@ def client(
         "end = 'closed' if not got else 'open'\n"
         "sys.stdout.write(repr(data) + '\\n' + end + '\\n'); sys.stdout.flush()\n"
     )
-    proc = subprocess.Popen([CLIENT, "-c", code], user=user, stdout=subprocess.PIPE)
+    # Unbuffered: a buffered readline() below may read ahead all the client wrote (when
+    # the far end closed at once), and received()'s communicate() reads the pipe itself,
+    # past that buffer: it got nothing (seen once in CI).
+    proc = subprocess.Popen([CLIENT, "-c", code], user=user, stdout=subprocess.PIPE, bufsize=0)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"connected\n"
