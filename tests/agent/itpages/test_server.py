@@ -14,12 +14,11 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay.agent.authority import DeviceAuthority
-from relay.agent.config import load_agent_config
 from relay.agent.itpages.server import LIMITS, ItPagesServer
 from relay.ops.admission import ConnectionLimits
+from tests.agent.itpages.test_units import agent_with_pages
 from tests.ops.test_http import closed, until
-from tests.pki_helpers import HOST, make_pki
+from tests.pki_helpers import HOST
 
 WAIT = 10.0  # an upper bound on every wait; never an assertion on time
 
@@ -38,22 +37,14 @@ def limits() -> ConnectionLimits:
 
 @pytest.fixture
 async def served(tmp_path: Path, limits: ConnectionLimits) -> AsyncIterator[Served]:
-    pki = make_pki(tmp_path / "pki")
-    config_file = tmp_path / "agent.yaml"
-    config_file.write_text(
-        "site: main\ngateways: ['127.0.0.1:1']\n"
-        f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
-        f"pki: {{ca_cert: {pki.ca}, ca_key: {pki.directory / 'ca.key'}}}\n"
-        f"state_dir: {tmp_path / 'state'}\n"
-        f"it_pages: {{listen: '{HOST}:0', admins_file: {tmp_path / 'admins'},\n"
-        f"  tls: {{cert: {pki.gateway.cert}, key: {pki.gateway.key}}}}}\n"  # names 127.0.0.1
+    config, authority = agent_with_pages(
+        tmp_path,
+        lambda pki: (
+            f"{{listen: '{HOST}:0', admins_file: {tmp_path / 'admins'}, "
+            # the gateway's certificate names 127.0.0.1
+            f"tls: {{cert: {pki.gateway.cert}, key: {pki.gateway.key}}}}}"
+        ),
     )
-    config = load_agent_config(config_file)
-    assert config.pki is not None
-    authority = DeviceAuthority.open(
-        site="main", state_dir=config.state_dir, ca_cert=config.pki.ca_cert,
-        ca_key=config.pki.ca_key,
-    )  # fmt: skip
     registry = CollectorRegistry()
     server = ItPagesServer(config, authority, lambda _: None, registry, limits=limits)
     await server.start()

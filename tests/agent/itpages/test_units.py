@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
 from relay.agent.authority import DeviceAuthority
-from relay.agent.config import load_agent_config
+from relay.agent.config import AgentConfig, load_agent_config
 from relay.agent.itpages import passwords
 from relay.agent.itpages.admin_cli import passwd
 from relay.agent.itpages.app import allowed_hosts, host_allowed
@@ -33,7 +34,7 @@ from relay.agent.itpages.settings import read_it_pages_settings
 from relay.agent.itpages.views import audit_page, code_form, devices_page, login_page
 from relay.agent.registry import DeviceRow
 from relay.ops.config import Address, ConfigError, Reader
-from tests.pki_helpers import make_pki
+from tests.pki_helpers import SitePki, make_pki
 
 FAST = 10  # log2 N for test hashes: the format allows it, the checks take a millisecond
 
@@ -420,8 +421,11 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
 # -- the admins file at start
 
 
-def _pages_server_with(tmp_path: Path, admins: Path) -> None:
-    """Build the IT pages as the agent does at start (nothing listens)."""
+def agent_with_pages(
+    tmp_path: Path, it_pages: Callable[[SitePki], str]
+) -> tuple[AgentConfig, DeviceAuthority]:
+    """An agent's config (site main, a new PKI under tmp_path) with `it_pages(pki)` as its
+    `it_pages:` value, and its DeviceAuthority, open (the caller closes it)."""
     pki = make_pki(tmp_path / "pki")
     config_file = tmp_path / "agent.yaml"
     config_file.write_text(
@@ -429,7 +433,7 @@ def _pages_server_with(tmp_path: Path, admins: Path) -> None:
         f"tls: {{cert: {pki.agent.cert}, key: {pki.agent.key}, ca: {pki.ca}}}\n"
         f"pki: {{ca_cert: {pki.ca}, ca_key: {pki.directory / 'ca.key'}}}\n"
         f"state_dir: {tmp_path / 'state'}\n"
-        f"it_pages: {{listen: '127.0.0.1:0', admins_file: {admins}}}\n"
+        f"it_pages: {it_pages(pki)}\n"
     )
     config = load_agent_config(config_file)
     assert config.pki is not None
@@ -437,6 +441,14 @@ def _pages_server_with(tmp_path: Path, admins: Path) -> None:
         site="main", state_dir=config.state_dir, ca_cert=config.pki.ca_cert,
         ca_key=config.pki.ca_key,
     )  # fmt: skip
+    return config, authority
+
+
+def _pages_server_with(tmp_path: Path, admins: Path) -> None:
+    """Build the IT pages as the agent does at start (nothing listens)."""
+    config, authority = agent_with_pages(
+        tmp_path, lambda _: f"{{listen: '127.0.0.1:0', admins_file: {admins}}}"
+    )
     try:
         ItPagesServer(config, authority, lambda _: None, CollectorRegistry())
     finally:
